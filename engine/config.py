@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.scheduler import SchedulerConfig
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # local HF directory; None = the embedded default model
+    dtype: str = "float32"
+    device: str = "cpu"
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: sized from kv_cache_memory_mb
+    kv_cache_memory_mb: int = 1024
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.block_size < 1 or (self.num_kv_blocks is not None and self.num_kv_blocks < 1):
+            raise ValueError("block_size and num_kv_blocks must be >= 1")
+        if self.kv_cache_memory_mb < 1:
+            raise ValueError("kv_cache_memory_mb must be >= 1")
+
+    @property
+    def torch_dtype_name(self) -> str:
+        return self.dtype

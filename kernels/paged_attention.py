@@ -1,0 +1,134 @@
+"""Attention over a paged KV cache, plugged into transformers' attention-function registry.
+
+The model runs one flattened batch: input_ids (1, T) holds the new tokens of every scheduled
+request back to back. Every attention layer calls `paged_attention_forward`, which
+1. writes the new keys/values into the cache slots given by `slot_mapping`, and
+2. attends each request's queries to its own context: decode queries (one token each) in one
+   batched call over their gathered blocks, prefill chunks one request at a time with a causal
+   mask that is offset by the tokens already in the cache.
+
+KV cache layout, per engine (or per pipeline stage / tensor-parallel rank later):
+    kv_cache: (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
+so a layer range or a KV-head range of a request's blocks is one slice (see kv_blocks.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_NAME = "splitserve_paged"
+
+
+@dataclass
+class PrefillSpan:
+    query_start: int  # index of the first query token in the flattened batch
+    query_len: int
+    context_len: int  # tokens in the cache after this step (cached prefix + query_len)
+    block_table: torch.Tensor  # (num_blocks_of_request,) long
+
+
+@dataclass
+class AttentionMetadata:
+    kv_cache: torch.Tensor  # (L, 2, num_blocks, block_size, Hkv, D)
+    slot_mapping: torch.Tensor  # (T,) long: flat cache slot of each new token
+    prefills: list[PrefillSpan]
+    decode_token_idx: torch.Tensor  # (Bd,) long: where each decode query sits in the batch
+    decode_block_tables: torch.Tensor  # (Bd, max_blocks) long, padded with 0
+    decode_valid: torch.Tensor  # (Bd, 1, 1, max_blocks * block_size) bool: slot < context_len
+    layer_offset: int = 0  # first model layer held by this cache (pipeline stages)
+
+    @property
+    def num_decodes(self) -> int:
+        return int(self.decode_token_idx.numel())
+
+
+def write_kv(layer_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor):
+    """layer_cache (2, nb, bs, Hkv, D); key/value (T, Hkv, D); slots (T,)."""
+    hkv, d = key.shape[1], key.shape[2]
+    layer_cache[0].view(-1, hkv, d).index_copy_(0, slots, key)
+    layer_cache[1].view(-1, hkv, d).index_copy_(0, slots, value)
+
+
+def gather_context(layer_cache: torch.Tensor, block_table: torch.Tensor, context_len: int):
+    """-> keys, values (Hkv, context_len, D) of one request."""
+    nb, bs, hkv, d = layer_cache.shape[1:]
+    k = layer_cache[0][block_table].view(-1, hkv, d)[:context_len]  # (C, Hkv, D)
+    v = layer_cache[1][block_table].view(-1, hkv, d)[:context_len]
+    return k.transpose(0, 1), v.transpose(0, 1)
+
+
+def decode_attention(
+    q: torch.Tensor, layer_cache: torch.Tensor, block_tables: torch.Tensor, valid: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """q (Bd, H, D) -> (Bd, H, D), each query over its own blocks."""
+    bd, h, d = q.shape
+    hkv = layer_cache.shape[3]
+    k = layer_cache[0][block_tables].view(bd, -1, hkv, d).transpose(1, 2)  # (Bd, Hkv, L, D)
+    v = layer_cache[1][block_tables].view(bd, -1, hkv, d).transpose(1, 2)
+    # The G query heads that share a KV head act as G query rows: no repeat of K/V needed.
+    qg = q.view(bd, hkv, h // hkv, d)  # (Bd, Hkv, G, D)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=valid, scale=scale)
+    return out.reshape(bd, h, d)
+
+
+def prefill_attention(
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, layer_cache: torch.Tensor,
+    span: PrefillSpan, scale: float,
+) -> torch.Tensor:
+    """q (n, H, D), k_new/v_new (n, Hkv, D) of one request -> (n, H, D)."""
+    n, h, _ = q.shape
+    qh = q.transpose(0, 1)  # (H, n, D)
+    if span.context_len == span.query_len:  # nothing cached before: plain causal attention
+        k, v = k_new.transpose(0, 1), v_new.transpose(0, 1)
+        out = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    else:  # chunk after a cached prefix: query i sits at position (context_len - n + i)
+        k, v = gather_context(layer_cache, span.block_table, span.context_len)
+        q_pos = torch.arange(span.context_len - n, span.context_len, device=q.device)
+        k_pos = torch.arange(span.context_len, device=q.device)
+        mask = k_pos[None, :] <= q_pos[:, None]  # (n, C)
+        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(0, 1)
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # (1, H, T, D)
+    key: torch.Tensor,  # (1, Hkv, T, D)
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    attn_metadata: AttentionMetadata | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    if attn_metadata is None:
+        raise RuntimeError(f"{ATTENTION_NAME} attention needs attn_metadata (run via ModelRunner)")
+    meta = attn_metadata
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    q = query[0].transpose(0, 1)  # (T, H, D)
+    k = key[0].transpose(0, 1)  # (T, Hkv, D)
+    v = value[0].transpose(0, 1)
+    layer_cache = meta.kv_cache[module.layer_idx - meta.layer_offset]  # (2, nb, bs, Hkv, D)
+    write_kv(layer_cache, k, v, meta.slot_mapping)
+
+    out = torch.empty_like(q)
+    if meta.num_decodes:
+        idx = meta.decode_token_idx
+        out[idx] = decode_attention(q[idx], layer_cache, meta.decode_block_tables,
+                                    meta.decode_valid, scale)
+    for span in meta.prefills:
+        sl = slice(span.query_start, span.query_start + span.query_len)
+        out[sl] = prefill_attention(q[sl], k[sl], v[sl], layer_cache, span, scale)
+    return out.unsqueeze(0), None  # (1, T, H, D)
+
+
+def register() -> str:
+    """Register with transformers once; returns the attn_implementation name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)
+    return ATTENTION_NAME

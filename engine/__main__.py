@@ -1,0 +1,54 @@
+"""`python -m engine generate --prompt TEXT [--chat] [--max-tokens N] [--model PATH]`: a quick look, no Ray."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from engine import EngineConfig, InvalidRequestError, LLMEngine, SamplingParams
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="print the completion of one prompt")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--model", default=None, help="local HF directory (default: embedded model)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[])
+    gen.add_argument("--dtype", default="float32")
+    gen.add_argument("--threads", type=int, default=None)
+    gen.add_argument("--stream", action="store_true", help="print text as it is generated")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
+        )
+        engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, num_threads=args.threads))
+        prompt = engine.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+        engine.add_request("cli", prompt, params)
+    except (InvalidRequestError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    while engine.has_unfinished:
+        for out in engine.step():
+            print(out.new_text, end="", flush=args.stream)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

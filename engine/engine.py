@@ -1,0 +1,285 @@
+"""The engine: requests in, tokens and text out, one `step()` at a time.
+
+`step()` is three calls: `scheduler.schedule()` -> `runner.execute(...)` ->
+`scheduler.postprocess(...)`, then sampling results are detokenized and checked for stop
+strings. Besides the combined path (`add_request` + `step`, or `generate`), the engine serves
+both halves of disaggregation:
+- prefill side: `add_request(..., prefill_only=True)`; once its output says `prefilled`, the
+  request's KV stays allocated until `export_kv` has copied it and `release` frees it;
+- decode side: `import_request(handoff, buffer)` scatters the blocks into this cache and the
+  request joins the running batch directly.
+The engine is single-threaded: callers serialize `step`, `abort`, `import_request`, etc.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.detokenizer import DetokenizerState, IncrementalDetokenizer
+from engine.model_runner import ModelInput, ModelRunner, SeqInput
+from engine.model_store import resolve_model
+from engine.outputs import Completion, EngineStats, KVHandoff, RequestOutput
+from engine.request import Request, RequestStatus
+from engine.sampler import sample
+from engine.sampling_params import InvalidRequestError, SamplingParams
+from engine.scheduler import Scheduler, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Tracked:
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+
+
+class LLMEngine:
+    def __init__(
+        self, config: EngineConfig | None = None, *, runner: ModelRunner | None = None,
+        tokenizer=None,
+    ) -> None:
+        self.config = config = config or EngineConfig()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        if runner is None or tokenizer is None:
+            path = resolve_model(config.model)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        if runner is None:
+            runner = ModelRunner.from_pretrained(
+                path, dtype=config.dtype, device=config.device, block_size=config.block_size,
+                num_kv_blocks=config.num_kv_blocks, kv_cache_memory_mb=config.kv_cache_memory_mb,
+            )
+        self.tokenizer = tokenizer
+        self.runner = runner
+        self.blocks = BlockManager(runner.num_kv_blocks, runner.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.blocks)
+        self.max_model_len = min(
+            config.max_model_len or runner.shape.max_position_embeddings,
+            runner.shape.max_position_embeddings,
+        )
+        self.eos_token_id = tokenizer.eos_token_id
+        self._tracked: dict[str, _Tracked] = {}
+        self._ids = itertools.count()
+        self.num_preemptions = 0
+
+    # ---- requests in -------------------------------------------------------------------------
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt).input_ids
+        return list(prompt)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequestError for a request this engine can never serve."""
+        n = len(prompt_ids)
+        if n == 0:
+            raise InvalidRequestError("prompt is empty")
+        vocab = self.runner.shape.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
+        if n >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {n} tokens; the context window is {self.max_model_len} tokens"
+            )
+        if n + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
+                f"window of {self.max_model_len} tokens"
+            )
+        capacity = self.blocks.num_blocks * self.blocks.block_size
+        if n + params.max_tokens > capacity:
+            raise InvalidRequestError(
+                f"prompt + max_tokens ({n + params.max_tokens} tokens) exceeds this engine's "
+                f"KV cache of {capacity} tokens"
+            )
+
+    def add_request(
+        self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None,
+        *, prefill_only: bool = False,
+    ) -> str:
+        params = params or SamplingParams()
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._tracked:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        prompt_ids = self.encode(prompt)
+        self.validate(prompt_ids, params)
+        request = Request(request_id, prompt_ids, params, self.eos_token_id, prefill_only)
+        state = DetokenizerState.for_prompt(len(prompt_ids))
+        self._track(request, state, None)
+        self.scheduler.add(request)
+        return request_id
+
+    def _track(self, request: Request, state: DetokenizerState, gen_state: bytes | None) -> None:
+        p = request.sampling_params
+        generator = None
+        if p.seed is not None:
+            generator = torch.Generator().manual_seed(p.seed)
+            if gen_state is not None:
+                generator.set_state(torch.frombuffer(bytearray(gen_state), dtype=torch.uint8))
+        detok = IncrementalDetokenizer(self.tokenizer, p.stop, p.include_stop_str_in_output, state)
+        self._tracked[request.request_id] = _Tracked(request, detok, generator)
+
+    # ---- the step ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        self.num_preemptions += len(sched.preempted)
+        if sched.is_empty:
+            return []
+        sampled = self._execute(sched)
+        outputs = []
+        for request, token in self.scheduler.postprocess(sched, sampled):
+            if token is not None:
+                outputs.append(self._emit(request, token))
+        return outputs
+
+    def _execute(self, sched: SchedulerOutput) -> dict[str, int]:
+        seqs = [
+            SeqInput(
+                s.request.token_ids(s.start, s.end), s.start,
+                self.blocks.block_table(s.request.request_id), s.samples,
+            )
+            for s in sched.scheduled
+        ]
+        logits = self.runner.execute(ModelInput(seqs))  # (S, V)
+        sampling = [s.request for s in sched.scheduled if s.samples]
+        tracked = [self._tracked[r.request_id] for r in sampling]
+        tokens = sample(logits, [r.sampling_params for r in sampling], [t.generator for t in tracked])
+        return {r.request_id: t for r, t in zip(sampling, tokens, strict=True)}
+
+    def _emit(self, request: Request, token: int) -> RequestOutput:
+        tracked = self._tracked[request.request_id]
+        prompt_and_output = request.prompt_token_ids + request.output_token_ids
+        if tracked.detokenizer.add_token(prompt_and_output) and not request.status.is_finished:
+            self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
+        finished = request.status.is_finished
+        if finished:
+            del self._tracked[request.request_id]
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=[token],
+            new_text=tracked.detokenizer.take_new_text(finished),
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=request.num_output_tokens,
+            finish_reason=request.status.value if finished else None,
+            prefilled=request.status is RequestStatus.PREFILLED,
+        )
+
+    # ---- abort, stats ------------------------------------------------------------------------
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request in any state (queued, prefilling, decoding, prefilled); frees its blocks."""
+        tracked = self._tracked.pop(request_id, None)
+        if tracked is None:
+            return False
+        self.scheduler.finish(tracked.request, RequestStatus.FINISHED_ABORTED)
+        return True
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    @property
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            num_prefilled=len(self.scheduler.prefilled),
+            num_kv_blocks=self.blocks.num_blocks,
+            num_free_blocks=self.blocks.num_free_blocks,
+            num_preemptions=self.num_preemptions,
+        )
+
+    # ---- disaggregation ----------------------------------------------------------------------
+
+    def export_kv(self, request_id: str) -> tuple[KVHandoff, torch.Tensor]:
+        """-> (handoff, buffer (L, 2, n_blocks, bs, Hkv, D)) of a prefilled request; keeps its blocks."""
+        request = self.scheduler.prefilled.get(request_id)
+        if request is None:
+            raise KeyError(f"request {request_id!r} is not a prefilled request of this engine")
+        tracked = self._tracked[request_id]
+        table = self.blocks.block_table(request_id)
+        handoff = KVHandoff(
+            request_id=request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=list(request.output_token_ids),
+            sampling_params=request.sampling_params,
+            num_computed_tokens=request.num_computed_tokens,
+            layout=self.runner.kv_layout,
+            block_ids=tuple(table),
+            detokenizer=DetokenizerState(**vars(tracked.detokenizer.state)),
+            generator_state=(
+                bytes(tracked.generator.get_state().numpy()) if tracked.generator else None
+            ),
+        )
+        return handoff, self.runner.export_blocks(table)
+
+    def release(self, request_id: str) -> bool:
+        """Free a prefilled request after its KV has been handed off."""
+        tracked = self._tracked.pop(request_id, None)
+        if tracked is None:
+            return False
+        self.scheduler.finish(tracked.request, RequestStatus.FINISHED_STOPPED)
+        return True
+
+    def can_import(self, num_tokens: int) -> bool:
+        return (
+            len(self.scheduler.running) < self.config.scheduler.max_num_seqs
+            # +1: room for the token the first decode step writes
+            and self.blocks.blocks_for(num_tokens + 1) <= self.blocks.num_free_blocks
+        )
+
+    def import_request(self, handoff: KVHandoff, buffer: torch.Tensor) -> bool:
+        """Continue a request prefilled elsewhere; False (nothing changed) when no room now."""
+        if handoff.layout != self.runner.kv_layout:
+            raise ValueError(f"KV layout {handoff.layout} does not match {self.runner.kv_layout}")
+        if handoff.request_id in self._tracked:
+            raise InvalidRequestError(f"request id {handoff.request_id!r} is already in use")
+        if not self.can_import(handoff.num_computed_tokens):
+            return False
+        request = Request(
+            handoff.request_id, list(handoff.prompt_token_ids), handoff.sampling_params,
+            self.eos_token_id, output_token_ids=list(handoff.output_token_ids),
+            num_computed_tokens=handoff.num_computed_tokens,
+        )
+        blocks = self.blocks.allocate(request.request_id, handoff.num_computed_tokens)
+        self.runner.import_blocks(blocks, buffer)
+        self._track(request, DetokenizerState(**vars(handoff.detokenizer)), handoff.generator_state)
+        self.scheduler.add_running(request)
+        return True
+
+    # ---- offline convenience -----------------------------------------------------------------
+
+    def generate(
+        self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[Completion]:
+        param_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(None, p, sp) for p, sp in zip(prompts, param_list, strict=True)]
+        texts = {i: [] for i in ids}
+        tokens = {i: [] for i in ids}
+        reasons: dict[str, str] = {}
+        while len(reasons) < len(ids):
+            for out in self.step():
+                texts[out.request_id].append(out.new_text)
+                tokens[out.request_id].extend(out.new_token_ids)
+                if out.finished:
+                    reasons[out.request_id] = out.finish_reason
+        prompts_ids = [self.encode(p) for p in prompts]
+        return [
+            Completion(i, pi, tokens[i], "".join(texts[i]), reasons[i])
+            for i, pi in zip(ids, prompts_ids, strict=True)
+        ]

@@ -1,0 +1,72 @@
+"""Objects that leave the engine: per-step outputs, finished completions, the prefill->decode handoff."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.detokenizer import DetokenizerState
+from engine.sampling_params import SamplingParams
+from kernels.kv_blocks import KVLayout
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request (a delta, as streamed)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    num_prompt_tokens: int
+    num_output_tokens: int
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    prefilled: bool = False  # a prefill-only request now waits for export
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class Completion:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class KVHandoff:
+    """Everything a decode engine needs to continue a request, except the KV buffer itself."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    num_computed_tokens: int  # tokens whose KV is in the buffer
+    layout: KVLayout
+    block_ids: tuple[int, ...]  # sender's blocks, in order (for transports that read in place)
+    detokenizer: DetokenizerState
+    generator_state: bytes | None = None  # seeded sampling continues where prefill left off
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_ids)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_waiting: int
+    num_running: int
+    num_prefilled: int
+    num_kv_blocks: int
+    num_free_blocks: int
+    num_preemptions: int
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_kv_blocks - self.num_free_blocks
+
+    @property
+    def kv_usage(self) -> float:
+        return self.num_used_blocks / self.num_kv_blocks

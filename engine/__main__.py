@@ -1,4 +1,7 @@
-"""`python -m engine generate --prompt TEXT [--chat] [--max-tokens N] [--model PATH]`: a quick look, no Ray."""
+"""A quick look without Ray.
+
+`python -m engine generate --prompt TEXT [--chat] [--max-tokens N] [--model PATH]`
+"""
 
 from __future__ import annotations
 
@@ -34,11 +37,21 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     try:
         params = SamplingParams(
-            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            stop=tuple(args.stop),
         )
-        engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, num_threads=args.threads))
-        prompt = engine.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+        engine = LLMEngine(
+            EngineConfig(model=args.model, dtype=args.dtype, num_threads=args.threads)
+        )
+        prompt = (
+            engine.encode_chat([{"role": "user", "content": args.prompt}])
+            if args.chat
+            else args.prompt
+        )
         engine.add_request("cli", prompt, params)
     except (InvalidRequestError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

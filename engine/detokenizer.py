@@ -28,7 +28,9 @@ class DetokenizerState:
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: tuple[str, ...], include_stop: bool, state: DetokenizerState):
+    def __init__(
+        self, tokenizer, stop: tuple[str, ...], include_stop: bool, state: DetokenizerState
+    ):
         self.tokenizer = tokenizer
         self.stop = stop
         self.include_stop = include_stop
@@ -63,7 +65,11 @@ class IncrementalDetokenizer:
     def take_new_text(self, finished: bool) -> str:
         """Characters not yet returned, minus the stop-string hold-back unless finished."""
         st = self.state
-        end = len(st.output_text) if finished or not self.stop else len(st.output_text) - self.holdback
+        end = (
+            len(st.output_text)
+            if finished or not self.stop
+            else len(st.output_text) - self.holdback
+        )
         if end <= st.num_emitted:
             return ""
         piece = st.output_text[st.num_emitted : end]

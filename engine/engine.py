@@ -42,7 +42,10 @@ class _Tracked:
 
 class LLMEngine:
     def __init__(
-        self, config: EngineConfig | None = None, *, runner: ModelRunner | None = None,
+        self,
+        config: EngineConfig | None = None,
+        *,
+        runner: ModelRunner | None = None,
         tokenizer=None,
     ) -> None:
         self.config = config = config or EngineConfig()
@@ -56,8 +59,12 @@ class LLMEngine:
             tokenizer = AutoTokenizer.from_pretrained(path)
         if runner is None:
             runner = ModelRunner.from_pretrained(
-                path, dtype=config.dtype, device=config.device, block_size=config.block_size,
-                num_kv_blocks=config.num_kv_blocks, kv_cache_memory_mb=config.kv_cache_memory_mb,
+                path,
+                dtype=config.dtype,
+                device=config.device,
+                block_size=config.block_size,
+                num_kv_blocks=config.num_kv_blocks,
+                kv_cache_memory_mb=config.kv_cache_memory_mb,
             )
         self.tokenizer = tokenizer
         self.runner = runner
@@ -80,7 +87,9 @@ class LLMEngine:
         return list(prompt)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        out = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True
+        )
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -108,8 +117,12 @@ class LLMEngine:
             )
 
     def add_request(
-        self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None,
-        *, prefill_only: bool = False,
+        self,
+        request_id: str | None,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        *,
+        prefill_only: bool = False,
     ) -> str:
         params = params or SamplingParams()
         request_id = request_id or f"req-{next(self._ids)}"
@@ -150,15 +163,19 @@ class LLMEngine:
     def _execute(self, sched: SchedulerOutput) -> dict[str, int]:
         seqs = [
             SeqInput(
-                s.request.token_ids(s.start, s.end), s.start,
-                self.blocks.block_table(s.request.request_id), s.samples,
+                s.request.token_ids(s.start, s.end),
+                s.start,
+                self.blocks.block_table(s.request.request_id),
+                s.samples,
             )
             for s in sched.scheduled
         ]
         logits = self.runner.execute(ModelInput(seqs))  # (S, V)
         sampling = [s.request for s in sched.scheduled if s.samples]
         tracked = [self._tracked[r.request_id] for r in sampling]
-        tokens = sample(logits, [r.sampling_params for r in sampling], [t.generator for t in tracked])
+        tokens = sample(
+            logits, [r.sampling_params for r in sampling], [t.generator for t in tracked]
+        )
         return {r.request_id: t for r, t in zip(sampling, tokens, strict=True)}
 
     def _emit(self, request: Request, token: int) -> RequestOutput:
@@ -182,7 +199,7 @@ class LLMEngine:
     # ---- abort, stats ------------------------------------------------------------------------
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request in any state (queued, prefilling, decoding, prefilled); frees its blocks."""
+        """Stop a request in any state (queued, running, prefilled); frees its blocks."""
         tracked = self._tracked.pop(request_id, None)
         if tracked is None:
             return False
@@ -207,7 +224,7 @@ class LLMEngine:
     # ---- disaggregation ----------------------------------------------------------------------
 
     def export_kv(self, request_id: str) -> tuple[KVHandoff, torch.Tensor]:
-        """-> (handoff, buffer (L, 2, n_blocks, bs, Hkv, D)) of a prefilled request; keeps its blocks."""
+        """-> (handoff, buffer (L, 2, n_blocks, bs, Hkv, D)); the blocks stay allocated."""
         request = self.scheduler.prefilled.get(request_id)
         if request is None:
             raise KeyError(f"request {request_id!r} is not a prefilled request of this engine")
@@ -252,8 +269,11 @@ class LLMEngine:
         if not self.can_import(handoff.num_computed_tokens):
             return False
         request = Request(
-            handoff.request_id, list(handoff.prompt_token_ids), handoff.sampling_params,
-            self.eos_token_id, output_token_ids=list(handoff.output_token_ids),
+            handoff.request_id,
+            list(handoff.prompt_token_ids),
+            handoff.sampling_params,
+            self.eos_token_id,
+            output_token_ids=list(handoff.output_token_ids),
             num_computed_tokens=handoff.num_computed_tokens,
         )
         blocks = self.blocks.allocate(request.request_id, handoff.num_computed_tokens)

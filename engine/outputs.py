@@ -1,4 +1,4 @@
-"""Objects that leave the engine: per-step outputs, finished completions, the prefill->decode handoff."""
+"""Objects that leave the engine: step outputs, completions, the prefill->decode handoff."""
 
 from __future__ import annotations
 

@@ -30,13 +30,17 @@ class SamplingParams:
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise InvalidRequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            raise InvalidRequestError(
+                f"max_tokens must be an integer >= 1, got {self.max_tokens!r}"
+            )
         if self.temperature < 0:
             raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise InvalidRequestError(f"top_k must be -1, 0 or a positive integer, got {self.top_k}")
+            raise InvalidRequestError(
+                f"top_k must be -1, 0 or a positive integer, got {self.top_k}"
+            )
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty")
 

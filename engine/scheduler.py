@@ -69,7 +69,9 @@ class PrefillManager:
         self.blocks = blocks
         self.waiting: deque[Request] = deque()
 
-    def schedule_next_batch(self, token_budget: int, seq_budget: int) -> list[ScheduledRequest] | None:
+    def schedule_next_batch(
+        self, token_budget: int, seq_budget: int
+    ) -> list[ScheduledRequest] | None:
         batch: list[ScheduledRequest] = []
         for request in self.waiting:
             if token_budget <= 0 or seq_budget <= 0:
@@ -101,7 +103,7 @@ class DecodeManager:
     def schedule_next_batch(
         self, token_budget: int, preempt: callable
     ) -> list[ScheduledRequest] | None:
-        """One token for each running request, oldest first; preempts the newest when out of blocks."""
+        """One token per running request, oldest first; preempts the newest when out of blocks."""
         batch: list[ScheduledRequest] = []
         i = 0
         while i < len(self.running) and len(batch) < token_budget:
@@ -155,7 +157,9 @@ class Scheduler:
         self._preempted = []
         cfg = self.config
         if cfg.chunked_prefill:
-            decodes = self.decode.schedule_next_batch(cfg.max_num_batched_tokens, self._preempt) or []
+            decodes = (
+                self.decode.schedule_next_batch(cfg.max_num_batched_tokens, self._preempt) or []
+            )
             budget = cfg.max_num_batched_tokens - len(decodes)
             seqs = cfg.max_num_seqs - len(self.running)
             prefills = self.prefill.schedule_next_batch(budget, seqs) or []
@@ -179,7 +183,7 @@ class Scheduler:
     def postprocess(
         self, output: SchedulerOutput, sampled: dict[str, int]
     ) -> list[tuple[Request, int | None]]:
-        """Apply one step's results; returns (request, new token or None) for every scheduled one."""
+        """Apply one step's results; -> (request, new token or None) per scheduled request."""
         results = []
         for item in output.scheduled:
             request = item.request

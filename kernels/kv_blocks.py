@@ -38,6 +38,8 @@ def unpack_blocks(kv_cache: torch.Tensor, block_ids: list[int], buffer: torch.Te
     """Scatter a packed buffer into the given blocks of `kv_cache` (same layout, any device)."""
     expected = (*kv_cache.shape[:2], len(block_ids), *kv_cache.shape[3:])
     if tuple(buffer.shape) != expected:
-        raise ValueError(f"KV buffer shape {tuple(buffer.shape)} does not fit cache, want {expected}")
+        raise ValueError(
+            f"KV buffer shape {tuple(buffer.shape)} does not fit cache, want {expected}"
+        )
     ids = torch.as_tensor(block_ids, dtype=torch.long, device=kv_cache.device)
     kv_cache.index_copy_(2, ids, buffer.to(device=kv_cache.device, dtype=kv_cache.dtype))

@@ -45,7 +45,9 @@ class AttentionMetadata:
         return int(self.decode_token_idx.numel())
 
 
-def write_kv(layer_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor):
+def write_kv(
+    layer_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor
+):
     """layer_cache (2, nb, bs, Hkv, D); key/value (T, Hkv, D); slots (T,)."""
     hkv, d = key.shape[1], key.shape[2]
     layer_cache[0].view(-1, hkv, d).index_copy_(0, slots, key)
@@ -61,7 +63,10 @@ def gather_context(layer_cache: torch.Tensor, block_table: torch.Tensor, context
 
 
 def decode_attention(
-    q: torch.Tensor, layer_cache: torch.Tensor, block_tables: torch.Tensor, valid: torch.Tensor,
+    q: torch.Tensor,
+    layer_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    valid: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
     """q (Bd, H, D) -> (Bd, H, D), each query over its own blocks."""
@@ -76,8 +81,12 @@ def decode_attention(
 
 
 def prefill_attention(
-    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, layer_cache: torch.Tensor,
-    span: PrefillSpan, scale: float,
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    layer_cache: torch.Tensor,
+    span: PrefillSpan,
+    scale: float,
 ) -> torch.Tensor:
     """q (n, H, D), k_new/v_new (n, Hkv, D) of one request -> (n, H, D)."""
     n, h, _ = q.shape
@@ -118,8 +127,9 @@ def paged_attention_forward(
     out = torch.empty_like(q)
     if meta.num_decodes:
         idx = meta.decode_token_idx
-        out[idx] = decode_attention(q[idx], layer_cache, meta.decode_block_tables,
-                                    meta.decode_valid, scale)
+        out[idx] = decode_attention(
+            q[idx], layer_cache, meta.decode_block_tables, meta.decode_valid, scale
+        )
     for span in meta.prefills:
         sl = slice(span.query_start, span.query_start + span.query_len)
         out[sl] = prefill_attention(q[sl], k[sl], v[sl], layer_cache, span, scale)

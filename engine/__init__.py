@@ -1,19 +1,28 @@
-"""The model runtime: paged KV cache, schedulers, model runner, sampler, detokenizer."""
+"""The model runtime: paged KV cache, schedulers, model runner, sampler, detokenizer.
 
-from engine.config import EngineConfig
-from engine.engine import LLMEngine
-from engine.outputs import Completion, EngineStats, KVHandoff, RequestOutput
-from engine.sampling_params import InvalidRequestError, SamplingParams
-from engine.scheduler import SchedulerConfig
+Names are imported lazily so that the pure-Python parts (scheduler, block manager) load
+without torch.
+"""
 
-__all__ = [
-    "Completion",
-    "EngineConfig",
-    "EngineStats",
-    "InvalidRequestError",
-    "KVHandoff",
-    "LLMEngine",
-    "RequestOutput",
-    "SamplingParams",
-    "SchedulerConfig",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Completion": "engine.outputs",
+    "EngineConfig": "engine.config",
+    "EngineStats": "engine.outputs",
+    "InvalidRequestError": "engine.sampling_params",
+    "KVHandoff": "engine.outputs",
+    "LLMEngine": "engine.engine",
+    "RequestOutput": "engine.outputs",
+    "SamplingParams": "engine.sampling_params",
+    "SchedulerConfig": "engine.scheduler",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

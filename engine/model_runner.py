@@ -165,6 +165,7 @@ class ModelRunner:
                 len(padded), max_blocks
             ),
             decode_valid=valid[:, None, None, :],
+            decode_context_lens=lens,
         )
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)  # (1, T)
         positions = torch.tensor([pos], dtype=torch.long, device=dev)  # (1, T)

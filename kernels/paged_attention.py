@@ -38,6 +38,7 @@ class AttentionMetadata:
     decode_token_idx: torch.Tensor  # (Bd,) long: where each decode query sits in the batch
     decode_block_tables: torch.Tensor  # (Bd, max_blocks) long, padded with 0
     decode_valid: torch.Tensor  # (Bd, 1, 1, max_blocks * block_size) bool: slot < context_len
+    decode_context_lens: torch.Tensor  # (Bd,) long
     layer_offset: int = 0  # first model layer held by this cache (pipeline stages)
 
     @property
@@ -69,7 +70,7 @@ def decode_attention(
     valid: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """q (Bd, H, D) -> (Bd, H, D), each query over its own blocks."""
+    """q (Bd, H, D) -> (Bd, H, D), each query over its own blocks; valid (Bd, 1, 1, L)."""
     bd, h, d = q.shape
     hkv = layer_cache.shape[3]
     k = layer_cache[0][block_tables].view(bd, -1, hkv, d).transpose(1, 2)  # (Bd, Hkv, L, D)
@@ -80,6 +81,14 @@ def decode_attention(
     return out.reshape(bd, h, d)
 
 
+def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """(n, C) bool: key j is visible to query i; a sliding window keeps the last `window` keys."""
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask &= k_pos[None, :] > q_pos[:, None] - window
+    return mask
+
+
 def prefill_attention(
     q: torch.Tensor,
     k_new: torch.Tensor,
@@ -87,19 +96,25 @@ def prefill_attention(
     layer_cache: torch.Tensor,
     span: PrefillSpan,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """q (n, H, D), k_new/v_new (n, Hkv, D) of one request -> (n, H, D)."""
-    n, h, _ = q.shape
+    n = q.shape[0]
     qh = q.transpose(0, 1)  # (H, n, D)
-    if span.context_len == span.query_len:  # nothing cached before: plain causal attention
+    fresh = span.context_len == span.query_len  # nothing cached before this chunk
+    if fresh and (window is None or window >= n):
         k, v = k_new.transpose(0, 1), v_new.transpose(0, 1)
         out = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=True)
-    else:  # chunk after a cached prefix: query i sits at position (context_len - n + i)
+        return out.transpose(0, 1)
+    if fresh:
+        k, v = k_new.transpose(0, 1), v_new.transpose(0, 1)
+    else:
         k, v = gather_context(layer_cache, span.block_table, span.context_len)
-        q_pos = torch.arange(span.context_len - n, span.context_len, device=q.device)
-        k_pos = torch.arange(span.context_len, device=q.device)
-        mask = k_pos[None, :] <= q_pos[:, None]  # (n, C)
-        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    # query i sits at position (context_len - n + i)
+    q_pos = torch.arange(span.context_len - n, span.context_len, device=q.device)
+    k_pos = torch.arange(span.context_len, device=q.device)
+    mask = causal_mask(q_pos, k_pos, window)
+    out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.transpose(0, 1)
 
 
@@ -112,6 +127,7 @@ def paged_attention_forward(
     scaling: float | None = None,
     dropout: float = 0.0,
     attn_metadata: AttentionMetadata | None = None,
+    sliding_window: int | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     if attn_metadata is None:
@@ -127,12 +143,17 @@ def paged_attention_forward(
     out = torch.empty_like(q)
     if meta.num_decodes:
         idx = meta.decode_token_idx
-        out[idx] = decode_attention(
-            q[idx], layer_cache, meta.decode_block_tables, meta.decode_valid, scale
-        )
+        valid = meta.decode_valid
+        if (
+            sliding_window is not None
+        ):  # keep the last `sliding_window` keys, the query's own included
+            slots = torch.arange(valid.shape[-1], device=valid.device)
+            oldest = meta.decode_context_lens - sliding_window  # (Bd,)
+            valid = valid & (slots[None, :] > oldest[:, None] - 1)[:, None, None, :]
+        out[idx] = decode_attention(q[idx], layer_cache, meta.decode_block_tables, valid, scale)
     for span in meta.prefills:
         sl = slice(span.query_start, span.query_start + span.query_len)
-        out[sl] = prefill_attention(q[sl], k[sl], v[sl], layer_cache, span, scale)
+        out[sl] = prefill_attention(q[sl], k[sl], v[sl], layer_cache, span, scale, sliding_window)
     return out.unsqueeze(0), None  # (1, T, H, D)
 
 

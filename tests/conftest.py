@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import EngineConfig, LLMEngine, SchedulerConfig
+from engine.model_runner import ModelRunner
+from engine.model_store import resolve_model
+from kernels import paged_attention
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    # The suite must stay quick on 2 cores; one intra-op thread avoids oversubscription.
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def default_model_path():
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_path)
+
+
+@pytest.fixture(scope="session")
+def paged_model(default_model_path):
+    """The default model with our paged attention, fp32; engines share its weights."""
+    from transformers import AutoModelForCausalLM
+
+    name = paged_attention.register()
+    model = AutoModelForCausalLM.from_pretrained(
+        default_model_path, dtype=torch.float32, attn_implementation=name
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_model(default_model_path):
+    """The same weights through transformers' own attention: the reference."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        default_model_path, dtype=torch.float32, attn_implementation="eager"
+    )
+    return model.eval()
+
+
+@pytest.fixture
+def make_engine(paged_model, tokenizer):
+    """Factory: an engine on the shared default-model weights with its own KV cache."""
+
+    def make(num_kv_blocks: int = 256, block_size: int = 16, **scheduler) -> LLMEngine:
+        config = EngineConfig(block_size=block_size, scheduler=SchedulerConfig(**scheduler))
+        runner = ModelRunner(paged_model, num_kv_blocks=num_kv_blocks, block_size=block_size)
+        return LLMEngine(config, runner=runner, tokenizer=tokenizer)
+
+    return make
+
+
+def hf_greedy(hf_model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = hf_model.generate(
+            ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id
+        )
+    return out[0, ids.shape[1] :].tolist()
+
+
+def drain(engine: LLMEngine, max_steps: int = 10_000) -> dict[str, list]:
+    """Run until idle; -> request id -> list of RequestOutput."""
+    outs: dict[str, list] = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished:
+            return outs
+        for out in engine.step():
+            outs.setdefault(out.request_id, []).append(out)
+    raise AssertionError("engine did not finish")

@@ -1,0 +1,175 @@
+"""Scheduler policies on hand-built requests and fake sampled tokens (no torch, no model)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from engine.block_manager import BlockManager
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig
+
+pytestmark = pytest.mark.unit
+
+
+def make(num_blocks=16, block_size=4, **cfg) -> Scheduler:
+    return Scheduler(SchedulerConfig(**cfg), BlockManager(num_blocks, block_size))
+
+
+def req(rid: str, n: int, max_tokens: int = 4, **kw) -> Request:
+    return Request(rid, list(range(1, n + 1)), SamplingParams(max_tokens=max_tokens), 0, **kw)
+
+
+def run_step(s: Scheduler, token: int = 7):
+    out = s.schedule()
+    sampled = {i.request.request_id: token for i in out.scheduled if i.samples}
+    s.postprocess(out, sampled)
+    return out
+
+
+def test_pure_python_no_torch_or_ray():
+    code = (
+        "import sys, engine.scheduler, engine.block_manager;"
+        "assert 'torch' not in sys.modules and 'ray' not in sys.modules, sorted(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_prefill_is_fcfs_within_token_budget():
+    s = make(max_num_batched_tokens=10)
+    for rid, n in [("a", 4), ("b", 5), ("c", 3)]:
+        s.add(req(rid, n))
+    out = run_step(s)
+    assert [(i.request.request_id, i.num_tokens) for i in out.scheduled] == [("a", 4), ("b", 5)]
+    assert [r.request_id for r in s.running] == ["a", "b"]
+    assert [r.request_id for r in s.waiting] == ["c"]
+
+
+def test_whole_prompt_mode_alternates_prefill_then_decode():
+    s = make(max_num_batched_tokens=64)
+    s.add(req("a", 6))
+    assert run_step(s).num_tokens == 6  # prefill
+    s.add(req("b", 3))
+    out = run_step(s)  # a waiting prefill goes first: no decode in this step
+    assert [(i.request.request_id, i.num_tokens) for i in out.scheduled] == [("b", 3)]
+    out = run_step(s)
+    assert sorted((i.request.request_id, i.num_tokens) for i in out.scheduled) == [
+        ("a", 1),
+        ("b", 1),
+    ]
+
+
+def test_chunked_mode_mixes_decodes_and_prefill_chunks():
+    s = make(max_num_batched_tokens=4, chunked_prefill=True, num_blocks=32)
+    s.add(req("a", 2))
+    run_step(s)
+    s.add(req("b", 9))
+    out = run_step(s)  # 1 decode of a + 3 prompt tokens of b
+    assert [(i.request.request_id, i.start, i.num_tokens) for i in out.scheduled] == [
+        ("a", 2, 1),
+        ("b", 0, 3),
+    ]
+    assert not out.scheduled[1].samples and s.waiting[0].num_computed_tokens == 3
+    out = run_step(s)
+    assert [(i.request.request_id, i.start, i.num_tokens) for i in out.scheduled] == [
+        ("a", 3, 1),
+        ("b", 3, 3),
+    ]
+
+
+def test_admission_waits_for_free_blocks():
+    s = make(num_blocks=3, block_size=4)
+    s.add(req("a", 8))  # 2 blocks
+    s.add(req("b", 8))  # 2 more: does not fit next to a
+    out = run_step(s)
+    assert [i.request.request_id for i in out.scheduled] == ["a"]
+    assert [r.request_id for r in s.waiting] == ["b"]
+
+
+def test_decode_preempts_newest_by_recompute_and_finishes_all():
+    s = make(num_blocks=4)
+    s.add(req("a", 4, max_tokens=6))
+    s.add(req("b", 4, max_tokens=6))
+    s.add(req("c", 4, max_tokens=6))
+    preempted = []
+    finished = set()
+    for _ in range(100):
+        if not s.num_unfinished:
+            break
+        out = run_step(s)
+        preempted += out.preempted
+        finished |= {
+            r.request_id for r in (i.request for i in out.scheduled) if r.status.is_finished
+        }
+        s.blocks.check_integrity()
+    assert finished == {"a", "b", "c"}
+    assert preempted and preempted[0] == "c"  # newest first
+    assert s.blocks.num_free_blocks == 4
+
+
+def test_preempted_request_recomputes_prompt_and_outputs():
+    s = make(num_blocks=2, block_size=4)
+    a, b = req("a", 3, max_tokens=8), req("b", 3, max_tokens=8)
+    s.add(a)
+    s.add(b)
+    run_step(s)  # prefill: 3 prompt tokens + 1 sampled each, one block each
+    assert run_step(s).preempted == []  # token 4 still fits the first block
+    out = run_step(s)  # token 5 needs a second block each: only one is free
+    assert out.preempted == ["b"]
+    assert b.status is RequestStatus.WAITING and b.num_computed_tokens == 0
+    assert b.output_token_ids == [7, 7]  # outputs are kept and recomputed with the prompt
+    assert b.num_pending_tokens == 5
+    assert s.blocks.block_table("a") == [0, 1]
+
+
+def test_max_num_seqs_limits_running():
+    s = make(max_num_seqs=2)
+    for rid in "abc":
+        s.add(req(rid, 2))
+    run_step(s)
+    assert len(s.running) == 2 and len(s.waiting) == 1
+
+
+def test_prefill_only_request_parks_in_prefilled_holding_blocks():
+    s = make()
+    r = req("a", 5, max_tokens=4, prefill_only=True)
+    s.add(r)
+    run_step(s)
+    assert r.status is RequestStatus.PREFILLED and s.prefilled == {"a": r}
+    assert s.blocks.owns("a") and not s.running
+    s.finish(r, RequestStatus.FINISHED_STOPPED)
+    assert s.blocks.num_free_blocks == 16 and not s.prefilled
+
+
+@pytest.mark.parametrize("when", ["waiting", "partial", "running"])
+def test_finish_frees_blocks_in_every_state(when):
+    s = make(max_num_batched_tokens=4, chunked_prefill=True)
+    r = req("a", 10)
+    s.add(r)
+    if when != "waiting":
+        run_step(s)  # 4 of 10 prompt tokens
+    if when == "running":
+        run_step(s)
+        run_step(s)
+        assert r.status is RequestStatus.RUNNING
+    s.finish(r, RequestStatus.FINISHED_ABORTED)
+    assert s.num_unfinished == 0 and s.blocks.num_free_blocks == 16
+    s.blocks.check_integrity()
+
+
+def test_stop_token_and_length_finish():
+    s = make()
+    r = Request("a", [1, 2], SamplingParams(max_tokens=3, stop_token_ids=(9,)), eos_token_id=5)
+    s.add(r)
+    run_step(s, token=9)
+    assert r.status is RequestStatus.FINISHED_STOPPED
+    r2 = Request("b", [1, 2], SamplingParams(max_tokens=2, ignore_eos=True), eos_token_id=5)
+    s.add(r2)
+    run_step(s, token=5)
+    assert r2.status is RequestStatus.RUNNING  # eos ignored
+    run_step(s, token=5)
+    assert r2.status is RequestStatus.FINISHED_LENGTH
+    assert s.blocks.num_free_blocks == 16

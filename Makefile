@@ -1,0 +1,25 @@
+# Two entry points for a fresh machine (see README): `make serve` and `make test`.
+# Both create the virtual environment at .venv, install the project into it, and build the
+# embedded default model into ~/.cache/splitserve (outside git) once.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install model test lint bench-engine
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+model: install
+	$(PY) -m engine.model_store
+
+test: model
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+bench-engine: model
+	$(PY) -m bench.engine_throughput

@@ -1,0 +1,188 @@
+"""The engine on the real default model (SmolLM2-135M-Instruct) against transformers' generate."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine import InvalidRequestError, SamplingParams
+from tests.conftest import drain, hf_greedy
+
+pytestmark = pytest.mark.model
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+]
+N = 12
+GREEDY = SamplingParams(max_tokens=N, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def reference(hf_model, tokenizer):
+    return [hf_greedy(hf_model, tokenizer, p, N) for p in PROMPTS]
+
+
+def test_greedy_alone_equals_transformers_generate(make_engine, reference, tokenizer):
+    engine = make_engine()
+    for prompt, expected in zip(PROMPTS, reference, strict=True):
+        [out] = engine.generate([prompt], GREEDY)
+        assert out.token_ids == expected
+        assert out.text == tokenizer.decode(expected, skip_special_tokens=True)
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_greedy_batched_with_other_lengths_is_batch_invariant(make_engine, reference):
+    engine = make_engine()
+    fillers = ["Hi", "A much longer distractor prompt that keeps decoding " * 3]
+    params = [GREEDY] * 3 + [SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)] * 2
+    outs = engine.generate(PROMPTS + fillers, params)
+    assert [o.token_ids for o in outs[:3]] == reference
+
+
+def test_chunked_prefill_equals_whole_prefill(make_engine, reference):
+    engine = make_engine(chunked_prefill=True, max_num_batched_tokens=7)
+    outs = engine.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == reference
+
+
+def test_prefill_export_import_decode_equals_one_engine(make_engine, reference, tokenizer):
+    prefill, decode = make_engine(), make_engine(num_kv_blocks=64, block_size=16)
+    for i, prompt in enumerate(PROMPTS):
+        prefill.add_request(f"r{i}", prompt, GREEDY, prefill_only=True)
+    first = {o.request_id: o for o in drain(prefill).values() for o in o}
+    assert all(o.prefilled and not o.finished for o in first.values())
+    for i in range(len(PROMPTS)):
+        handoff, buffer = prefill.export_kv(f"r{i}")
+        assert buffer.shape[2] == handoff.num_blocks == -(-len(handoff.prompt_token_ids) // 16)
+        assert decode.import_request(handoff, buffer)
+        assert prefill.release(f"r{i}")
+    assert prefill.blocks.num_free_blocks == prefill.blocks.num_blocks
+    rest = drain(decode)
+    for i, expected in enumerate(reference):
+        tokens = first[f"r{i}"].new_token_ids + [t for o in rest[f"r{i}"] for t in o.new_token_ids]
+        text = first[f"r{i}"].new_text + "".join(o.new_text for o in rest[f"r{i}"])
+        assert tokens == expected
+        assert text == tokenizer.decode(expected, skip_special_tokens=True)
+    assert decode.blocks.num_free_blocks == decode.blocks.num_blocks
+
+
+def test_import_waits_when_decode_side_is_full(make_engine):
+    prefill, decode = make_engine(), make_engine(num_kv_blocks=2, block_size=16)
+    prefill.add_request("big", "word " * 40, GREEDY, prefill_only=True)
+    drain(prefill)
+    handoff, buffer = prefill.export_kv("big")
+    assert not decode.can_import(handoff.num_computed_tokens)
+    assert decode.import_request(handoff, buffer) is False  # refused, nothing changed
+    assert decode.blocks.num_free_blocks == 2 and prefill.blocks.owns("big")
+
+
+def test_preemption_under_block_pressure_keeps_outputs(make_engine, reference):
+    # 10 blocks of 4 tokens cannot hold the three requests at once: decode must preempt.
+    engine = make_engine(num_kv_blocks=10, block_size=4)
+    outs = engine.generate(PROMPTS[:2] + ["Paris is"], GREEDY)
+    assert engine.num_preemptions > 0
+    assert [o.token_ids for o in outs[:2]] == reference[:2]
+    engine.blocks.check_integrity()
+    assert engine.blocks.num_free_blocks == 10
+
+
+@pytest.mark.parametrize("when", ["queued", "mid_prefill", "decoding", "prefilled"])
+def test_abort_in_every_state_frees_blocks(make_engine, when):
+    engine = make_engine(chunked_prefill=True, max_num_batched_tokens=8)
+    engine.add_request("x", PROMPTS[2], GREEDY, prefill_only=when == "prefilled")
+    engine.add_request("other", PROMPTS[0], GREEDY)
+    steps = {"queued": 0, "mid_prefill": 1, "decoding": 4, "prefilled": 4}[when]
+    for _ in range(steps):
+        engine.step()
+    expected_state = {"mid_prefill": "waiting", "decoding": "running", "prefilled": "prefilled"}
+    if when in expected_state:
+        assert engine.scheduler.find("x").status.value == expected_state[when]
+    assert engine.abort("x")
+    assert not engine.abort("x")  # second abort: unknown
+    drain(engine)
+    engine.blocks.check_integrity()
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(make_engine):
+    params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, top_k=40, seed=123)
+    alone = make_engine().generate([PROMPTS[0]], params)[0].token_ids
+    mixed = make_engine().generate(
+        [PROMPTS[0], PROMPTS[1]], [params, SamplingParams(max_tokens=10, temperature=1.0)]
+    )
+    assert mixed[0].token_ids == alone
+    other = make_engine().generate([PROMPTS[0]], SamplingParams(max_tokens=10, seed=7))[0]
+    assert other.token_ids != alone
+
+
+def test_seeded_sampling_survives_the_handoff(make_engine):
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=5, ignore_eos=True)
+    expected = make_engine().generate([PROMPTS[1]], params)[0].token_ids
+    prefill, decode = make_engine(), make_engine()
+    prefill.add_request("s", PROMPTS[1], params, prefill_only=True)
+    first = drain(prefill)["s"][0].new_token_ids
+    assert decode.import_request(*prefill.export_kv("s"))
+    rest = [t for o in drain(decode)["s"] for t in o.new_token_ids]
+    assert first + rest == expected
+
+
+def test_stop_string_truncates_and_is_never_streamed(make_engine, reference, tokenizer):
+    full = tokenizer.decode(reference[0], skip_special_tokens=True)  # " Paris.\n\nThe answer ..."
+    stop = "answer"
+    assert stop in full
+    engine = make_engine()
+    engine.add_request("s", PROMPTS[0], SamplingParams(max_tokens=N, temperature=0, stop=[stop]))
+    outs = drain(engine)["s"]
+    pieces = [o.new_text for o in outs]
+    assert "".join(pieces) == full[: full.index(stop)]
+    assert all(stop[:3] not in p for p in pieces[:-1])
+    assert outs[-1].finish_reason == "stop"
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_stop_token_ids_ignore_eos_and_length(make_engine, reference):
+    engine = make_engine()
+    stop_tok = reference[0][1]
+    assert stop_tok not in reference[0][:1]
+    [out] = engine.generate([PROMPTS[0]], SamplingParams(temperature=0, stop_token_ids=[stop_tok]))
+    assert out.token_ids == reference[0][:2] and out.finish_reason == "stop"
+    chat_ids = engine.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    [natural] = engine.generate([chat_ids], SamplingParams(max_tokens=40, temperature=0))
+    assert natural.finish_reason == "stop" and natural.token_ids[-1] == engine.eos_token_id
+    assert natural.text == "The capital of France is Paris."
+    forced = SamplingParams(max_tokens=len(natural.token_ids) + 5, temperature=0, ignore_eos=True)
+    [longer] = engine.generate([chat_ids], forced)
+    assert longer.finish_reason == "length" and len(longer.token_ids) == forced.max_tokens
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "match"),
+    [
+        ("", {}, "prompt is empty"),
+        ([], {}, "prompt is empty"),
+        ("hi " * 300, {"max_tokens": 4}, "context window"),
+        ("hi", {"max_tokens": 0}, "max_tokens"),
+        ("hi", {"top_p": 0.0}, "top_p"),
+        ("hi", {"top_p": 1.5}, "top_p"),
+        ("hi", {"temperature": -0.5}, "temperature"),
+        ("hi", {"top_k": -3}, "top_k"),
+        ([1, 10**9], {}, "token ids"),
+        ("hi", {"max_tokens": 300}, "exceeds the context window"),
+    ],
+)
+def test_bad_input_raises_precise_error(make_engine, prompt, params, match):
+    engine = make_engine()
+    engine.max_model_len = 256  # a small window keeps the long-prompt case cheap
+    with pytest.raises(InvalidRequestError, match=match):
+        engine.add_request("bad", prompt, SamplingParams(**params))
+    assert not engine.has_unfinished and engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_duplicate_request_id_and_kv_capacity_errors(make_engine):
+    engine = make_engine(num_kv_blocks=4, block_size=4)
+    engine.add_request("a", "hi", SamplingParams(max_tokens=2))
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        engine.add_request("a", "hi", SamplingParams(max_tokens=2))
+    with pytest.raises(InvalidRequestError, match="KV cache"):
+        engine.add_request("b", "hi", SamplingParams(max_tokens=30))

@@ -1,0 +1,87 @@
+"""Sampler against closed-form distributions; incremental detokenization against a full decode."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine.detokenizer import DetokenizerState, IncrementalDetokenizer
+from engine.sampler import apply_top_k_top_p, sample
+from engine.sampling_params import SamplingParams
+
+
+@pytest.mark.unit
+def test_top_k_and_top_p_keep_the_right_tokens():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert torch.isfinite(apply_top_k_top_p(logits, 2, 1.0)).tolist() == [True, True, False, False]
+    # top_p 0.8: 0.5 + 0.3 reaches 0.8, so exactly two tokens survive
+    assert torch.isfinite(apply_top_k_top_p(logits, 0, 0.8)).tolist() == [True, True, False, False]
+    assert torch.isfinite(apply_top_k_top_p(logits, 0, 0.81)).sum() == 3
+    assert torch.isfinite(apply_top_k_top_p(logits, 0, 0.1)).tolist() == [True, False, False, False]
+
+
+@pytest.mark.unit
+def test_sampling_frequencies_follow_temperature_scaled_softmax():
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1]]))
+    params = SamplingParams(temperature=0.5, seed=0)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(3)
+    for _ in range(4000):
+        counts[sample(logits, [params], [g])[0]] += 1
+    expected = torch.softmax(logits[0] / 0.5, dim=-1)  # (0.36, 0.09, 0.01) normalized
+    torch.testing.assert_close(counts / 4000, expected, atol=0.025, rtol=0)
+
+
+@pytest.mark.unit
+def test_greedy_rows_take_argmax_regardless_of_generator():
+    logits = torch.tensor([[0.1, 2.0, 0.3], [5.0, 0.0, 0.0]])
+    greedy = SamplingParams(temperature=0.0)
+    top1 = SamplingParams(temperature=1.0, top_k=1)
+    assert sample(logits, [greedy, top1], [None, None]) == [1, 0]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(
+    "text",
+    ["héllo wörld, naïve café", "北京是中国的首都。", "emoji 🙂🚀 and ☃ mixed", "tabs\tand\nnewlines  "],
+)
+def test_incremental_detokenization_streams_multibyte_text(tokenizer, text):
+    prompt = tokenizer("Say:").input_ids
+    output = tokenizer(text, add_special_tokens=False).input_ids
+    detok = IncrementalDetokenizer(tokenizer, (), False, DetokenizerState.for_prompt(len(prompt)))
+    pieces = []
+    for i in range(len(output)):
+        detok.add_token(prompt + output[: i + 1])
+        pieces.append(detok.take_new_text(finished=i == len(output) - 1))
+    assert "".join(pieces) == tokenizer.decode(output)
+    assert all("\ufffd" not in p for p in pieces)
+
+
+@pytest.mark.model
+def test_stop_string_spanning_tokens_is_held_back_then_cut(tokenizer):
+    prompt = tokenizer("Q:").input_ids
+    output = tokenizer(" alpha beta gamma delta", add_special_tokens=False).input_ids
+    detok = IncrementalDetokenizer(
+        tokenizer, ("ta gam",), False, DetokenizerState.for_prompt(len(prompt))
+    )
+    streamed = []
+    for i in range(len(output)):
+        hit = detok.add_token(prompt + output[: i + 1])
+        streamed.append(detok.take_new_text(finished=hit))
+        if hit:
+            break
+    assert hit and "".join(streamed) == " alpha be"
+
+
+@pytest.mark.model
+def test_cli_generate_prints_the_greedy_completion():
+    cmd = [sys.executable, "-m", "engine", "generate", "--prompt", "The capital of France is",
+           "--max-tokens", "3", "--threads", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "Paris."
+    bad = subprocess.run(cmd[:-4] + ["--max-tokens", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "max_tokens" in bad.stderr

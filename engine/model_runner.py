@@ -81,6 +81,7 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
         )  # (L, 2, nb, bs, Hkv, D)
+        self._workspace = torch.empty(0, dtype=self.dtype, device=self.device)
 
     @classmethod
     def from_pretrained(
@@ -166,10 +167,19 @@ class ModelRunner:
             ),
             decode_valid=valid[:, None, None, :],
             decode_context_lens=lens,
+            decode_workspace=self._decode_workspace(len(padded) * max_blocks),
         )
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)  # (1, T)
         positions = torch.tensor([pos], dtype=torch.long, device=dev)  # (1, T)
         return input_ids, positions, meta, torch.tensor(sample_idx, dtype=torch.long, device=dev)
+
+    def _decode_workspace(self, num_blocks: int) -> torch.Tensor:
+        """(2, num_blocks, bs, Hkv, D) view of a buffer that only grows (see AttentionMetadata)."""
+        shape = (2, num_blocks, *self.kv_cache.shape[3:])
+        numel = 2 * num_blocks * self.kv_cache[0, 0, 0].numel()
+        if self._workspace.numel() < numel:
+            self._workspace = torch.empty(numel, dtype=self.dtype, device=self.device)
+        return self._workspace[:numel].view(shape)
 
     def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
         return pack_blocks(self.kv_cache, block_ids)

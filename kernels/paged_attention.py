@@ -39,6 +39,9 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor  # (Bd, max_blocks) long, padded with 0
     decode_valid: torch.Tensor  # (Bd, 1, 1, max_blocks * block_size) bool: slot < context_len
     decode_context_lens: torch.Tensor  # (Bd,) long
+    # (2, Bd * max_blocks, bs, Hkv, D) scratch for the decode gather, reused by every layer: a
+    # fresh multi-MB tensor per layer costs more in page faults than the copy itself.
+    decode_workspace: torch.Tensor | None = None
     layer_offset: int = 0  # first model layer held by this cache (pipeline stages)
 
     @property
@@ -57,9 +60,9 @@ def write_kv(
 
 def gather_context(layer_cache: torch.Tensor, block_table: torch.Tensor, context_len: int):
     """-> keys, values (Hkv, context_len, D) of one request."""
-    nb, bs, hkv, d = layer_cache.shape[1:]
-    k = layer_cache[0][block_table].view(-1, hkv, d)[:context_len]  # (C, Hkv, D)
-    v = layer_cache[1][block_table].view(-1, hkv, d)[:context_len]
+    hkv, d = layer_cache.shape[3:]
+    k = layer_cache[0].index_select(0, block_table).view(-1, hkv, d)[:context_len]  # (C, Hkv, D)
+    v = layer_cache[1].index_select(0, block_table).view(-1, hkv, d)[:context_len]
     return k.transpose(0, 1), v.transpose(0, 1)
 
 
@@ -69,16 +72,38 @@ def decode_attention(
     block_tables: torch.Tensor,
     valid: torch.Tensor,
     scale: float,
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q (Bd, H, D) -> (Bd, H, D), each query over its own blocks; valid (Bd, 1, 1, L)."""
     bd, h, d = q.shape
     hkv = layer_cache.shape[3]
-    k = layer_cache[0][block_tables].view(bd, -1, hkv, d).transpose(1, 2)  # (Bd, Hkv, L, D)
-    v = layer_cache[1][block_tables].view(bd, -1, hkv, d).transpose(1, 2)
+    flat = block_tables.view(-1)
+    if workspace is None:
+        workspace = layer_cache.new_empty((2, flat.numel(), *layer_cache.shape[2:]))
+    torch.index_select(layer_cache[0], 0, flat, out=workspace[0])
+    torch.index_select(layer_cache[1], 0, flat, out=workspace[1])
+    k = workspace[0].view(bd, -1, hkv, d).transpose(1, 2)  # (Bd, Hkv, L, D)
+    v = workspace[1].view(bd, -1, hkv, d).transpose(1, 2)
     # The G query heads that share a KV head act as G query rows: no repeat of K/V needed.
     qg = q.view(bd, hkv, h // hkv, d)  # (Bd, Hkv, G, D)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=valid, scale=scale)
     return out.reshape(bd, h, d)
+
+
+def _sdpa_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask=None):
+    """q (H, n, D), k/v (Hkv, C, D) -> (H, n, D).
+
+    K/V heads are repeated explicitly and the call is 4-D: CPU SDPA's flash kernel takes neither
+    enable_gqa nor 3-D inputs and would fall back to the (2x slower) math path.
+    """
+    groups = q.shape[0] // k.shape[0]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
+    causal = mask is None
+    out = F.scaled_dot_product_attention(
+        q[None], k[None], v[None], attn_mask=mask, is_causal=causal, scale=scale
+    )
+    return out[0]
 
 
 def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -102,20 +127,17 @@ def prefill_attention(
     n = q.shape[0]
     qh = q.transpose(0, 1)  # (H, n, D)
     fresh = span.context_len == span.query_len  # nothing cached before this chunk
-    if fresh and (window is None or window >= n):
-        k, v = k_new.transpose(0, 1), v_new.transpose(0, 1)
-        out = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=True)
-        return out.transpose(0, 1)
     if fresh:
         k, v = k_new.transpose(0, 1), v_new.transpose(0, 1)
+        if window is None or window >= n:
+            return _sdpa_heads(qh, k, v, scale).transpose(0, 1)
     else:
         k, v = gather_context(layer_cache, span.block_table, span.context_len)
     # query i sits at position (context_len - n + i)
     q_pos = torch.arange(span.context_len - n, span.context_len, device=q.device)
     k_pos = torch.arange(span.context_len, device=q.device)
     mask = causal_mask(q_pos, k_pos, window)
-    out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    return out.transpose(0, 1)
+    return _sdpa_heads(qh, k, v, scale, mask).transpose(0, 1)
 
 
 def paged_attention_forward(

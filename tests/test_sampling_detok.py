@@ -46,7 +46,12 @@ def test_greedy_rows_take_argmax_regardless_of_generator():
 @pytest.mark.model
 @pytest.mark.parametrize(
     "text",
-    ["héllo wörld, naïve café", "北京是中国的首都。", "emoji 🙂🚀 and ☃ mixed", "tabs\tand\nnewlines  "],
+    [
+        "héllo wörld, naïve café",
+        "北京是中国的首都。",
+        "emoji 🙂🚀 and ☃ mixed",
+        "tabs\tand\nnewlines  ",
+    ],
 )
 def test_incremental_detokenization_streams_multibyte_text(tokenizer, text):
     prompt = tokenizer("Say:").input_ids
@@ -78,8 +83,18 @@ def test_stop_string_spanning_tokens_is_held_back_then_cut(tokenizer):
 
 @pytest.mark.model
 def test_cli_generate_prints_the_greedy_completion():
-    cmd = [sys.executable, "-m", "engine", "generate", "--prompt", "The capital of France is",
-           "--max-tokens", "3", "--threads", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "engine",
+        "generate",
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "3",
+        "--threads",
+        "2",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "Paris."

@@ -1,0 +1,212 @@
+"""Engine throughput vs transformers' `generate`, same model, dtype and thread count, one run.
+
+    python -m bench.engine_throughput [--threads 2] [--context 512] [--batches 1,8,32,64]
+
+Prefill: tokens/s of one `--context`-token prompt. Decode: tokens/s at each batch size with
+`--context`-token contexts (every request prefilled first; only decode steps are timed). For
+transformers, a decode step is (generate(1 + K new tokens) - generate(1 new token)) / K, which
+is what its own decode loop costs. Memory-bandwidth utilization at batch 1 = weight bytes read
+per step / step time, against a copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.model_store import resolve_model
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(mb: int = 512) -> float:
+    """(read + write bytes) / time of a large tensor copy: the machine's streaming bandwidth."""
+    src = torch.ones(mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    t = _median_time(lambda: dst.copy_(src), 5)
+    return 2 * src.numel() * 4 / t / 1e9
+
+
+def prompts(batch: int, context: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab - 100, (batch, context), generator=g).tolist()
+
+
+def ours_prefill_s(engine: LLMEngine, context: int) -> float:
+    [ids] = prompts(1, context, engine.runner.shape.vocab_size, seed=1)
+
+    def run():
+        engine.add_request(None, ids, SamplingParams(max_tokens=1))
+        engine.step()
+
+    run()  # warm-up
+    return _median_time(run, 3)
+
+
+def ours_decode_step_s(engine: LLMEngine, batch: int, context: int, steps: int) -> float:
+    params = SamplingParams(max_tokens=steps + 3, temperature=0.0, ignore_eos=True)
+    for ids in prompts(batch, context, engine.runner.shape.vocab_size):
+        engine.add_request(None, ids, params)
+    while engine.scheduler.waiting:  # prefill everything first
+        engine.step()
+    engine.step()  # warm-up decode step
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    while engine.has_unfinished:
+        engine.step()
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    return statistics.median(times)
+
+
+class _StepClock:
+    """A generate() streamer that timestamps every put: the prompt, then each new token."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def hf_times(model, batch: int, context: int, steps: int) -> tuple[float, float]:
+    """-> (prefill seconds, median decode step seconds) of transformers' own generate loop."""
+    ids = torch.tensor(prompts(batch, context, model.config.vocab_size))
+    clock = _StepClock()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=steps + 2,
+            min_new_tokens=steps + 2,
+            do_sample=False,
+            pad_token_id=0,
+            streamer=clock,
+        )
+    # times[0]: prompt put at the start; times[1]: first token (prefill); then one per decode step
+    prefill = clock.times[1] - t0
+    decode = statistics.median(
+        b - a for a, b in zip(clock.times[2:], clock.times[3:], strict=False)
+    )
+    return prefill, decode
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--batches", default="1,8,32,64")
+    parser.add_argument("--steps", type=int, default=8, help="timed decode steps per point")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/engine_throughput.json"))
+    args = parser.parse_args(argv)
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    kv_mb = 64 + max(batches) * (args.context + args.steps + 8) * 46 * 1024 // 2**20
+    engine = LLMEngine(EngineConfig(dtype=args.dtype, kv_cache_memory_mb=kv_mb))
+    hf = AutoModelForCausalLM.from_pretrained(
+        resolve_model(None), dtype=getattr(torch, args.dtype), attn_implementation="sdpa"
+    ).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    bandwidth = copy_bandwidth_gbs()
+
+    rows = []
+    ours_pf = ours_prefill_s(engine, args.context)
+    hf_times(hf, 1, args.context, 2)  # warm-up
+    hf_pf = statistics.median(hf_times(hf, 1, args.context, 1)[0] for _ in range(3))
+    rows.append(
+        {
+            "phase": "prefill",
+            "batch": 1,
+            "ours_tok_s": args.context / ours_pf,
+            "hf_tok_s": args.context / hf_pf,
+            "ours_ms": ours_pf * 1e3,
+            "hf_ms": hf_pf * 1e3,
+        }
+    )
+    for b in batches:
+        ours = ours_decode_step_s(engine, b, args.context, args.steps)
+        _, theirs = hf_times(hf, b, args.context, args.steps)
+        rows.append(
+            {
+                "phase": "decode",
+                "batch": b,
+                "ours_tok_s": b / ours,
+                "hf_tok_s": b / theirs,
+                "ours_ms": ours * 1e3,
+                "hf_ms": theirs * 1e3,
+            }
+        )
+        print(rows[-1], flush=True)
+    b1 = next(r for r in rows if r["phase"] == "decode" and r["batch"] == 1)
+    report = {
+        "threads": args.threads,
+        "context": args.context,
+        "dtype": args.dtype,
+        "weight_mb": weight_bytes / 2**20,
+        "copy_bandwidth_gbs": bandwidth,
+        "batch1_weight_read_gbs": weight_bytes / (b1["ours_ms"] / 1e3) / 1e9,
+        "rows": rows,
+    }
+    report["batch1_bandwidth_utilization"] = report["batch1_weight_read_gbs"] / bandwidth
+    if any(r["batch"] == 32 and r["phase"] == "decode" for r in rows):
+        b32 = next(r for r in rows if r["phase"] == "decode" and r["batch"] == 32)
+        report["b32_vs_hf_b1"] = b32["ours_tok_s"] / b1["hf_tok_s"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"context {report['context']} tokens, {report['dtype']}, {report['threads']} threads",
+        "",
+        "| phase | batch | ours tok/s | transformers tok/s | ours ms/step | transformers ms/step "
+        "| speed-up |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['phase']} | {r['batch']} | {r['ours_tok_s']:.1f} | {r['hf_tok_s']:.1f} | "
+            f"{r['ours_ms']:.1f} | {r['hf_ms']:.1f} | {r['ours_tok_s'] / r['hf_tok_s']:.2f}x |"
+        )
+    lines += [
+        "",
+        f"batch-1 decode reads {report['weight_mb']:.0f} MB of weights per step: "
+        f"{report['batch1_weight_read_gbs']:.1f} GB/s vs {report['copy_bandwidth_gbs']:.1f} GB/s "
+        f"copy bandwidth = {100 * report['batch1_bandwidth_utilization']:.0f}% utilization",
+    ]
+    if "b32_vs_hf_b1" in report:
+        lines.append(
+            f"batch-32 aggregate decode = {report['b32_vs_hf_b1']:.1f}x transformers' "
+            "batch-1 rate (target >= 10x)"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine (see README): `make serve` and `make test`.
 # Both create the virtual environment at .venv, install the project into it, and build the
-# embedded default model into ~/.cache/splitserve (outside git) once.
+# embedded default model and the CPU decode kernel into ~/.cache/splitserve (outside git) once.
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
@@ -16,6 +16,7 @@ install: $(STAMP)
 
 model: install
 	$(PY) -m engine.model_store
+	$(PY) -m kernels.cpu_ops
 
 test: model
 	$(PY) -m ruff check .

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import paged_attention
+from kernels import cpu_ops, paged_attention
 from kernels.kv_blocks import KVLayout, pack_blocks, unpack_blocks
 from kernels.paged_attention import AttentionMetadata, PrefillSpan
 
@@ -68,8 +68,15 @@ class ModelShape:
 
 class ModelRunner:
     def __init__(
-        self, model: torch.nn.Module, num_kv_blocks: int, block_size: int, device: str = "cpu"
+        self,
+        model: torch.nn.Module,
+        num_kv_blocks: int,
+        block_size: int,
+        device: str = "cpu",
+        use_kernel: bool = True,
     ) -> None:
+        # the compiled CPU decode kernel when it is built; the torch path otherwise
+        self.use_kernel = use_kernel and device == "cpu" and cpu_ops.load() is not None
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.dtype = next(model.parameters()).dtype
@@ -167,7 +174,10 @@ class ModelRunner:
             ),
             decode_valid=valid[:, None, None, :],
             decode_context_lens=lens,
-            decode_workspace=self._decode_workspace(len(padded) * max_blocks),
+            decode_workspace=None
+            if self.use_kernel
+            else self._decode_workspace(len(padded) * max_blocks),
+            use_kernel=self.use_kernel,
         )
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)  # (1, T)
         positions = torch.tensor([pos], dtype=torch.long, device=dev)  # (1, T)

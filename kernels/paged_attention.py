@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels import cpu_ops
+
 ATTENTION_NAME = "splitserve_paged"
 
 
@@ -42,6 +44,7 @@ class AttentionMetadata:
     # (2, Bd * max_blocks, bs, Hkv, D) scratch for the decode gather, reused by every layer: a
     # fresh multi-MB tensor per layer costs more in page faults than the copy itself.
     decode_workspace: torch.Tensor | None = None
+    use_kernel: bool = True  # False forces the torch reference path (tests compare the two)
     layer_offset: int = 0  # first model layer held by this cache (pipeline stages)
 
     @property
@@ -165,18 +168,29 @@ def paged_attention_forward(
     out = torch.empty_like(q)
     if meta.num_decodes:
         idx = meta.decode_token_idx
-        valid = meta.decode_valid
-        if (
-            sliding_window is not None
-        ):  # keep the last `sliding_window` keys, the query's own included
-            slots = torch.arange(valid.shape[-1], device=valid.device)
-            oldest = meta.decode_context_lens - sliding_window  # (Bd,)
-            valid = valid & (slots[None, :] > oldest[:, None] - 1)[:, None, None, :]
-        out[idx] = decode_attention(q[idx], layer_cache, meta.decode_block_tables, valid, scale)
+        out[idx] = _decode(q[idx], layer_cache, meta, scale, sliding_window)
     for span in meta.prefills:
         sl = slice(span.query_start, span.query_start + span.query_len)
         out[sl] = prefill_attention(q[sl], k[sl], v[sl], layer_cache, span, scale, sliding_window)
     return out.unsqueeze(0), None  # (1, T, H, D)
+
+
+def _decode(q, layer_cache, meta: AttentionMetadata, scale: float, window: int | None):
+    """Decode queries (Bd, H, D): the compiled CPU kernel where it applies, else torch."""
+    if meta.use_kernel:
+        out = cpu_ops.paged_decode(
+            q, layer_cache, meta.decode_block_tables, meta.decode_context_lens, scale, window
+        )
+        if out is not None:
+            return out
+    valid = meta.decode_valid
+    if window is not None:  # keep the last `window` keys, the query's own included
+        slots = torch.arange(valid.shape[-1], device=valid.device)
+        oldest = meta.decode_context_lens - window  # (Bd,)
+        valid = valid & (slots[None, :] > oldest[:, None] - 1)[:, None, None, :]
+    return decode_attention(
+        q, layer_cache, meta.decode_block_tables, valid, scale, meta.decode_workspace
+    )
 
 
 def register() -> str:

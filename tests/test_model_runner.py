@@ -16,7 +16,7 @@ from transformers import (
 )
 
 from engine.model_runner import ModelInput, ModelRunner, SeqInput
-from kernels import paged_attention
+from kernels import cpu_ops, paged_attention
 
 VOCAB = 128
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4)
@@ -34,13 +34,14 @@ FAMILIES = {
 BLOCK = 4
 
 
-def build(family: str, dtype=torch.float32):
+def build(family: str, dtype=torch.float32, use_kernel: bool = True):
     cfg_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(0)
     ref = model_cls(cfg_cls(**COMMON, **extra, attn_implementation="eager")).to(dtype).eval()
     ours = model_cls(cfg_cls(**COMMON, **extra, attn_implementation=paged_attention.register()))
     ours.load_state_dict(ref.state_dict())
-    return ref, ModelRunner(ours.to(dtype), num_kv_blocks=64, block_size=BLOCK)
+    runner = ModelRunner(ours.to(dtype), num_kv_blocks=64, block_size=BLOCK, use_kernel=use_kernel)
+    return ref, runner
 
 
 def ref_last_logits(ref, tokens: list[int]) -> torch.Tensor:
@@ -63,9 +64,15 @@ class Seq:
         return seq
 
 
+# decode attention runs either in the compiled CPU kernel or in the torch reference path
+PATHS = pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "torch"])
+
+
+@PATHS
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_prefill_and_decode_logits_match_transformers(family):
-    ref, runner = build(family)
+def test_prefill_and_decode_logits_match_transformers(family, use_kernel):
+    ref, runner = build(family, use_kernel=use_kernel)
+    assert runner.use_kernel == (use_kernel and cpu_ops.load() is not None)
     g = torch.Generator().manual_seed(1)
     seqs = [
         Seq(0, torch.randint(0, VOCAB, (13,), generator=g).tolist()),
@@ -86,9 +93,10 @@ def test_prefill_and_decode_logits_match_transformers(family):
             torch.testing.assert_close(logits[i], expected, atol=1e-4, rtol=1e-4)
 
 
+@PATHS
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_chunked_prefill_mixed_with_decode_matches(family):
-    ref, runner = build(family)
+def test_chunked_prefill_mixed_with_decode_matches(family, use_kernel):
+    ref, runner = build(family, use_kernel=use_kernel)
     g = torch.Generator().manual_seed(2)
     long = Seq(0, torch.randint(0, VOCAB, (17,), generator=g).tolist())
     short = Seq(16, torch.randint(0, VOCAB, (4,), generator=g).tolist())

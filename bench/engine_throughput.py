@@ -1,6 +1,7 @@
 """Engine throughput vs transformers' `generate`, same model, dtype and thread count, one run.
 
     python -m bench.engine_throughput [--threads 2] [--context 512] [--batches 1,8,32,64]
+                                      [--steps 8] [--rounds 1]
 
 Prefill: tokens/s of one `--context`-token prompt. Decode: tokens/s at each batch size with
 `--context`-token contexts (every request prefilled first; only decode steps are timed). For
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--batches", default="1,8,32,64")
     parser.add_argument("--steps", type=int, default=8, help="timed decode steps per point")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved repeats per batch")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", type=Path, default=Path("bench/results/engine_throughput.json"))
     args = parser.parse_args(argv)
@@ -149,8 +151,12 @@ def main(argv: list[str] | None = None) -> None:
         }
     )
     for b in batches:
-        ours = ours_decode_step_s(engine, b, args.context, args.steps)
-        _, theirs = hf_times(hf, b, args.context, args.steps)
+        # interleaved rounds: both sides see the same machine load; medians across rounds
+        ours_r, theirs_r = [], []
+        for _ in range(args.rounds):
+            ours_r.append(ours_decode_step_s(engine, b, args.context, args.steps))
+            theirs_r.append(hf_times(hf, b, args.context, args.steps)[1])
+        ours, theirs = statistics.median(ours_r), statistics.median(theirs_r)
         rows.append(
             {
                 "phase": "decode",
@@ -183,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def markdown(report: dict) -> str:
     lines = [
-        f"context {report['context']} tokens, {report['dtype']}, {report['threads']} threads",
+        f"context {report['context']} tokens, {report['dtype']}, {report['threads']} threads, "
+        f"{report['rounds']} round(s) of {report['steps']} decode steps",
         "",
         "| phase | batch | ours tok/s | transformers tok/s | ours ms/step | transformers ms/step "
         "| speed-up |",

@@ -200,10 +200,13 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> bool:
         """Stop a request in any state (queued, running, prefilled); frees its blocks."""
+        return self._end(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def _end(self, request_id: str, status: RequestStatus) -> bool:
         tracked = self._tracked.pop(request_id, None)
         if tracked is None:
             return False
-        self.scheduler.finish(tracked.request, RequestStatus.FINISHED_ABORTED)
+        self.scheduler.finish(tracked.request, status)
         return True
 
     @property
@@ -246,12 +249,10 @@ class LLMEngine:
         return handoff, self.runner.export_blocks(table)
 
     def release(self, request_id: str) -> bool:
-        """Free a prefilled request after its KV has been handed off."""
-        tracked = self._tracked.pop(request_id, None)
-        if tracked is None:
+        """Free a prefilled request after its KV has been handed off; False if not prefilled."""
+        if request_id not in self.scheduler.prefilled:
             return False
-        self.scheduler.finish(tracked.request, RequestStatus.FINISHED_STOPPED)
-        return True
+        return self._end(request_id, RequestStatus.FINISHED_STOPPED)
 
     def can_import(self, num_tokens: int) -> bool:
         return (

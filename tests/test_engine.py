@@ -73,6 +73,10 @@ def test_import_waits_when_decode_side_is_full(make_engine):
     drain(prefill)
     handoff, buffer = prefill.export_kv("big")
     assert not decode.can_import(handoff.num_computed_tokens)
+    prefill.add_request("running", "Hi", GREEDY)
+    prefill.step()
+    assert not prefill.release("running")  # only prefilled requests can be released
+    assert prefill.abort("running")
     assert decode.import_request(handoff, buffer) is False  # refused, nothing changed
     assert decode.blocks.num_free_blocks == 2 and prefill.blocks.owns("big")
 

@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         "threads": args.threads,
         "context": args.context,
         "dtype": args.dtype,
+        "rounds": args.rounds,
+        "steps": args.steps,
         "weight_mb": weight_bytes / 2**20,
         "copy_bandwidth_gbs": bandwidth,
         "batch1_weight_read_gbs": weight_bytes / (b1["ours_ms"] / 1e3) / 1e9,

@@ -1,0 +1,57 @@
+"""The one place that turns the deployment classes into a Serve application.
+
+`serve run serve_config.yaml` calls `build_app(args)` with the config's `args`, validated by
+app.config.AppArgs (errors name the field).
+"""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from app.config import AppArgs, PhaseArgs
+from app.ingress import Ingress
+from app.router import SameNodeRouter
+from deployments.servers import ColocatedServer, DecodeServer, PrefillServer
+
+
+def deployment_options(phase: PhaseArgs, name: str) -> dict:
+    options = {
+        "name": name,
+        "ray_actor_options": {"num_cpus": phase.num_cpus},
+        "max_ongoing_requests": phase.max_ongoing_requests,
+        "health_check_period_s": 10,
+    }
+    if phase.autoscaling_config:
+        options["autoscaling_config"] = phase.autoscaling_config
+    else:
+        options["num_replicas"] = phase.num_replicas
+    return options
+
+
+def build_app(args: dict) -> serve.Application:
+    cfg = AppArgs.model_validate(args or {})
+    ingress = serve.deployment(
+        Ingress,
+        name="Ingress",
+        num_replicas=cfg.ingress.num_replicas,
+        ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
+        max_ongoing_requests=cfg.ingress.max_ongoing_requests,
+    )
+    plain = cfg.model_dump(mode="json")
+    if cfg.mode == "colocated":
+        colocated = serve.deployment(
+            ColocatedServer, **deployment_options(cfg.colocated, "ColocatedServer")
+        )
+        return ingress.bind(plain, colocated=colocated.bind(cfg.engine_config("colocated")))
+    prefill = serve.deployment(PrefillServer, **deployment_options(cfg.prefill, "PrefillServer"))
+    decode = serve.deployment(
+        DecodeServer,
+        request_router_config=RequestRouterConfig(request_router_class=SameNodeRouter),
+        **deployment_options(cfg.decode, "DecodeServer"),
+    )
+    return ingress.bind(
+        plain,
+        prefill=prefill.bind(cfg.engine_config("prefill")),
+        decode=decode.bind(cfg.engine_config("decode")),
+    )

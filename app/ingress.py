@@ -1,0 +1,251 @@
+"""The OpenAI-compatible HTTP ingress: validates, tokenizes, routes, streams.
+
+Disaggregated flow per request: prefill replica (first token streamed at once) -> KV handed to
+a decode replica on the same node where one exists (SameNodeRouter) -> tokens stream back.
+Colocated flow: one replica does both. Closing the client connection cancels the handle calls,
+which aborts the request on whichever replica holds it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from app.config import AppArgs
+from app.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
+from engine import InvalidRequestError, RequestOutput, SamplingParams
+from engine.model_store import resolve_model
+
+logger = logging.getLogger(__name__)
+
+
+class Ingress:
+    def __init__(self, args: dict, prefill=None, decode=None, colocated=None) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.args = AppArgs.model_validate(args)
+        path = resolve_model(self.args.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        window = AutoConfig.from_pretrained(path).get_text_config().max_position_embeddings
+        self.max_model_len = min(self.args.max_model_len or window, window)
+        self.prefill, self.decode, self.colocated = prefill, decode, colocated
+        self.num_in_flight = 0
+        self.created = int(time.time())
+
+    async def __call__(self, request: Request) -> Response:
+        try:
+            return await self._route(request)
+        except APIError as e:
+            return e.response()
+
+    async def _route(self, request: Request) -> Response:
+        path, method = request.url.path, request.method
+        root = request.scope.get("root_path", "")  # the application's route_prefix
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        path = path.rstrip("/")
+        if path == "/health" and method == "GET":
+            return JSONResponse({"status": "ok"})
+        if path == "/v1/models" and method == "GET":
+            return JSONResponse({"object": "list", "data": [self._model_card()]})
+        if path == "/v1/completions" and method == "POST":
+            return await self._generate(await request.body(), chat=False)
+        if path == "/v1/chat/completions" and method == "POST":
+            return await self._generate(await request.body(), chat=True)
+        raise APIError(404, f"no route {method} {path}", kind="not_found_error")
+
+    def _model_card(self) -> dict:
+        return {
+            "id": self.args.served_model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "splitserve",
+            "max_model_len": self.max_model_len,
+        }
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def _prepare(self, body: bytes, chat: bool) -> tuple[object, list[int], SamplingParams]:
+        req = parse(body, ChatCompletionRequest if chat else CompletionRequest)
+        if req.model != self.args.served_model_name:
+            raise APIError(
+                404,
+                f"model {req.model!r} does not exist; this server serves "
+                f"{self.args.served_model_name!r}",
+                "model",
+                "not_found_error",
+            )
+        if chat:
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+            max_tokens = req.max_completion_tokens or req.max_tokens
+        else:
+            prompt = req.prompt
+            ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
+            max_tokens = req.max_tokens if req.max_tokens is not None else 16
+        if not ids:
+            raise APIError(400, "prompt is empty", "prompt")
+        if len(ids) >= self.max_model_len:
+            raise APIError(
+                400,
+                f"prompt has {len(ids)} tokens; the context window is {self.max_model_len} tokens",
+                "messages" if chat else "prompt",
+            )
+        if max_tokens is None:
+            max_tokens = self.max_model_len - len(ids)
+        if len(ids) + max_tokens > self.max_model_len:
+            raise APIError(
+                400,
+                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
+                f"the context window of {self.max_model_len} tokens",
+                "max_tokens",
+            )
+        return req, ids, req.sampling_params(max_tokens)
+
+    async def _generate(self, body: bytes, chat: bool) -> Response:
+        req, ids, params = self._prepare(body, chat)
+        if self.num_in_flight >= self.args.ingress.max_queued_requests:
+            raise APIError(
+                503,
+                "server overloaded: too many requests in flight, retry later",
+                kind="overloaded_error",
+            )
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        outputs = self._outputs(request_id, ids, params)
+        fmt = _ChatFormat if chat else _CompletionFormat
+        view = fmt(request_id, self.args.served_model_name, len(ids))
+        if req.stream:
+            return StreamingResponse(
+                self._sse(view, outputs, req.include_usage), media_type="text/event-stream"
+            )
+        async for out in outputs:
+            view.add(out)
+        return JSONResponse(view.final())
+
+    async def _sse(self, view, outputs: AsyncIterator[RequestOutput], usage: bool):
+        async for out in outputs:
+            view.add(out)
+            yield f"data: {json.dumps(view.chunk(out))}\n\n"
+        if usage:
+            yield f"data: {json.dumps(view.usage_chunk())}\n\n"
+        yield "data: [DONE]\n\n"
+
+    async def _outputs(
+        self, request_id: str, ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        self.num_in_flight += 1
+        stream = None
+        try:
+            if self.args.mode == "colocated":
+                stream = self.colocated.options(stream=True).generate.remote(
+                    request_id, ids, params
+                )
+            else:
+                result = await self._prefill(request_id, ids, params)
+                yield result.first
+                if result.handoff is None:
+                    return
+                stream = self.decode.options(stream=True).decode.remote(
+                    result.handoff, result.transfer, prefill_node_id=result.node_id
+                )
+            async for out in stream:
+                yield out
+        finally:
+            self.num_in_flight -= 1
+            if stream is not None:
+                stream.cancel()  # no-op once finished; aborts the request on disconnect
+
+    async def _prefill(self, request_id: str, ids: list[int], params: SamplingParams):
+        try:
+            return await self.prefill.prefill.remote(request_id, ids, params)
+        except InvalidRequestError as e:  # e.g. prompt + max_tokens beyond the KV cache
+            raise APIError(400, str(e)) from e
+
+
+class _CompletionFormat:
+    object_name = "text_completion"
+
+    def __init__(self, request_id: str, model: str, num_prompt_tokens: int) -> None:
+        self.id, self.model, self.created = request_id, model, int(time.time())
+        self.num_prompt_tokens, self.num_output_tokens = num_prompt_tokens, 0
+        self.text, self.finish_reason = [], None
+
+    def add(self, out: RequestOutput) -> None:
+        self.text.append(out.new_text)
+        self.num_output_tokens = out.num_output_tokens
+        self.finish_reason = out.finish_reason or self.finish_reason
+
+    def _envelope(self, choices: list[dict], object_name: str | None = None) -> dict:
+        return {
+            "id": self.id,
+            "object": object_name or self.object_name,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+    @property
+    def usage(self) -> dict:
+        return {
+            "prompt_tokens": self.num_prompt_tokens,
+            "completion_tokens": self.num_output_tokens,
+            "total_tokens": self.num_prompt_tokens + self.num_output_tokens,
+        }
+
+    def chunk(self, out: RequestOutput) -> dict:
+        reason = _openai_reason(out.finish_reason)
+        return self._envelope(
+            [{"index": 0, "text": out.new_text, "logprobs": None, "finish_reason": reason}]
+        )
+
+    def usage_chunk(self) -> dict:
+        return {**self._envelope([]), "usage": self.usage}
+
+    def final(self) -> dict:
+        choice = {
+            "index": 0,
+            "text": "".join(self.text),
+            "logprobs": None,
+            "finish_reason": _openai_reason(self.finish_reason),
+        }
+        return {**self._envelope([choice]), "usage": self.usage}
+
+
+class _ChatFormat(_CompletionFormat):
+    object_name = "chat.completion.chunk"
+
+    def chunk(self, out: RequestOutput) -> dict:
+        delta = {"content": out.new_text}
+        if self.num_output_tokens == out.num_output_tokens and len(self.text) == 1:
+            delta["role"] = "assistant"  # the first chunk names the role
+        return self._envelope(
+            [
+                {
+                    "index": 0,
+                    "delta": delta,
+                    "logprobs": None,
+                    "finish_reason": _openai_reason(out.finish_reason),
+                }
+            ]
+        )
+
+    def final(self) -> dict:
+        message = {"role": "assistant", "content": "".join(self.text)}
+        choice = {
+            "index": 0,
+            "message": message,
+            "logprobs": None,
+            "finish_reason": _openai_reason(self.finish_reason),
+        }
+        return {**self._envelope([choice], "chat.completion"), "usage": self.usage}
+
+
+def _openai_reason(reason: str | None) -> str | None:
+    return None if reason is None else {"abort": "stop"}.get(reason, reason)

@@ -1,0 +1,187 @@
+"""Drive a synchronous LLMEngine from asyncio: one engine thread, commands in, outputs out.
+
+The engine is single-threaded and its steps block for up to a second (a long prefill), so it
+runs on its own thread. The replica's event loop never touches the engine: it appends commands
+(add, abort, import, export) to a thread-safe queue and wakes the engine thread, which applies
+them between steps. Each request's outputs come back through its own asyncio.Queue. The thread
+sleeps on an Event when there is nothing to do (no polling).
+
+Imports that do not fit yet (no free blocks) stay queued in FIFO order and are retried after
+every step, so a handed-off request waits on the decode side instead of being dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from engine import LLMEngine, RequestOutput, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+
+    def put(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: collections.deque[Callable[[], None]] = collections.deque()
+        self._pending_imports: collections.deque[tuple] = collections.deque()
+        self._streams: dict[str, _Stream] = {}
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    # ---- called from the event loop -----------------------------------------------------------
+
+    def _stream(self, request_id: str) -> _Stream:
+        stream = _Stream(asyncio.Queue(), asyncio.get_running_loop())
+        self._streams[request_id] = stream
+        return stream
+
+    def _submit(self, command: Callable[[], None]) -> None:
+        self._commands.append(command)
+        self._wake.set()
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        prefill_only: bool = False,
+    ) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request until it finishes (or, prefill-only, until it is prefilled).
+
+        Validation errors are raised here; closing the iterator early aborts the request.
+        """
+        self.engine.validate(prompt_ids, params)
+        stream = self._stream(request_id)
+
+        def add() -> None:
+            try:
+                self.engine.add_request(request_id, prompt_ids, params, prefill_only=prefill_only)
+            except Exception as e:  # reaches the caller; the engine keeps serving
+                stream.put(e)
+
+        self._submit(add)
+        async for out in self._drain(request_id, stream):
+            yield out
+
+    async def continue_request(self, handoff, buffer) -> AsyncIterator[RequestOutput]:
+        """Decode a request prefilled elsewhere; waits (FIFO) until this engine has room."""
+        stream = self._stream(handoff.request_id)
+        self._submit(lambda: self._pending_imports.append((handoff, buffer, stream)))
+        async for out in self._drain(handoff.request_id, stream):
+            yield out
+
+    async def _drain(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
+        done = False
+        try:
+            while not done:
+                item = await stream.queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                done = item.finished or item.prefilled
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not done:  # the consumer went away (disconnect, cancel, error): free the blocks
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        def cancel() -> None:
+            self._pending_imports = collections.deque(
+                p for p in self._pending_imports if p[0].request_id != request_id
+            )
+            self.engine.abort(request_id)
+
+        self._submit(cancel)
+
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Run fn(engine) on the engine thread between steps; returns its result."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def run() -> None:
+            try:
+                result = fn(self.engine)
+            except Exception as e:
+                loop.call_soon_threadsafe(_set_exception, future, e)
+            else:
+                loop.call_soon_threadsafe(_set_result, future, result)
+
+        self._submit(run)
+        return await future
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # ---- the engine thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopped:
+            while self._commands:
+                self._commands.popleft()()
+            self._admit_imports()
+            if not self.engine.has_unfinished:
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception:  # a failed step fails its requests, never the loop
+                logger.exception("engine step failed; aborting its running requests")
+                self._fail_all()
+                continue
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    stream.put(out)
+
+    def _admit_imports(self) -> None:
+        while self._pending_imports:
+            handoff, buffer, stream = self._pending_imports[0]
+            try:
+                admitted = self.engine.import_request(handoff, buffer)
+            except Exception as e:
+                self._pending_imports.popleft()
+                stream.put(e)
+                continue
+            if not admitted:
+                return  # FIFO: later imports wait behind the first
+            self._pending_imports.popleft()
+
+    def _fail_all(self) -> None:
+        error = RuntimeError("engine step failed")
+        for request_id, stream in list(self._streams.items()):
+            self.engine.abort(request_id)
+            stream.put(error)
+
+    @property
+    def num_pending_imports(self) -> int:
+        return len(self._pending_imports)
+
+
+def _set_result(future: asyncio.Future, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future, error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)

@@ -1,0 +1,105 @@
+"""Ray Serve deployment classes. Plain Python classes: app/builder.py alone turns them into
+deployments (`serve.deployment(cls, **options).bind(...)`), so they are testable without Serve.
+
+- PrefillServer: prefill-only engine. `prefill()` returns the first token and, unless the request
+  already finished, its KV published on the channel; its blocks are freed once published.
+- DecodeServer: `decode()` receives a handoff, waits for free blocks, streams the rest.
+- ColocatedServer: one engine runs both phases (whole-prompt or chunked prefill): the baseline.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from deployments.engine_loop import EngineLoop
+from engine import KVHandoff, LLMEngine, RequestOutput, SamplingParams
+from engine.config import EngineConfig
+from kernels import kv_channel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    """Prefill replica -> ingress -> decode replica."""
+
+    first: RequestOutput
+    handoff: KVHandoff | None  # None when the request finished at its first token
+    transfer: kv_channel.KVTransfer | None
+    node_id: str
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # outside Ray (unit tests)
+        return "local"
+
+
+class _EngineServer:
+    def __init__(self, engine_config: EngineConfig) -> None:
+        self.engine = LLMEngine(engine_config)
+        self.loop = EngineLoop(self.engine)
+        self.node_id = _node_id()
+
+    async def stats(self) -> dict:
+        stats = await self.loop.call(lambda e: e.stats)
+        return {
+            **vars(stats),
+            "node_id": self.node_id,
+            "num_pending_imports": self.loop.num_pending_imports,
+        }
+
+    async def check_health(self) -> None:
+        if not self.loop._thread.is_alive():
+            raise RuntimeError("engine thread died")
+
+    def __del__(self) -> None:
+        loop = getattr(self, "loop", None)
+        if loop is not None:
+            loop.shutdown()
+
+
+class PrefillServer(_EngineServer):
+    async def prefill(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ) -> PrefillResult:
+        first = None
+        async for out in self.loop.generate(request_id, prompt_ids, params, prefill_only=True):
+            first = out
+        if first.finished:
+            return PrefillResult(first, None, None, self.node_id)
+        try:
+            handoff, buffer = await self.loop.call(lambda e: e.export_kv(request_id))
+            transfer = kv_channel.send(buffer)
+        finally:  # published (or failed): the blocks go back either way
+            await self.loop.call(lambda e: e.release(request_id))
+        return PrefillResult(first, handoff, transfer, self.node_id)
+
+
+class DecodeServer(_EngineServer):
+    async def decode(
+        self,
+        handoff: KVHandoff,
+        transfer: kv_channel.KVTransfer,
+        prefill_node_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """prefill_node_id is read by app.router.SameNodeRouter to pick this replica."""
+        with warnings.catch_warnings():  # the object-store view is read-only; we only read it
+            warnings.simplefilter("ignore", UserWarning)
+            buffer = kv_channel.receive(transfer)
+        async for out in self.loop.continue_request(handoff, buffer):
+            yield out
+
+
+class ColocatedServer(_EngineServer):
+    async def generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        async for out in self.loop.generate(request_id, prompt_ids, params):
+            yield out

@@ -1,0 +1,220 @@
+"""End to end on a private local Ray cluster and real Serve applications, over real HTTP.
+
+One cluster and one Serve instance for the whole module; three applications side by side, one
+per mode, each on its own route prefix. The default model with short outputs keeps it quick.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.serve, pytest.mark.model]
+
+MODES = {
+    "disagg": {"mode": "disaggregated"},
+    "coloc": {"mode": "colocated"},
+    "chunked": {
+        "mode": "colocated",
+        "colocated": {"engine": {"chunked_prefill": True, "max_num_batched_tokens": 8}},
+    },
+}
+SMALL = {"num_cpus": 0.5, "engine": {"num_threads": 1, "kv_cache_memory_mb": 128}}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _args(mode: dict) -> dict:
+    args = {"prefill": SMALL, "decode": SMALL, "colocated": SMALL, **mode}
+    if "colocated" in mode:
+        engine = {**SMALL["engine"], **mode["colocated"]["engine"]}
+        args["colocated"] = {**SMALL, "engine": engine}
+    return args
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from app.builder import build_app
+
+    temp = tmp_path_factory.mktemp("ray")
+    ray.init(
+        address="local",
+        num_cpus=8,
+        include_dashboard=False,
+        _temp_dir=str(temp),
+        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+    )
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    for name, mode in MODES.items():
+        serve.run(build_app(_args(mode)), name=name, route_prefix=f"/{name}", blocking=False)
+    deadline = time.monotonic() + 300
+    for name in MODES:
+        while serve.status().applications[name].status != "RUNNING":
+            assert time.monotonic() < deadline, serve.status()
+            time.sleep(1)
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _complete(base: str, mode: str, **body) -> httpx.Response:
+    payload = {"model": "SmolLM2-135M-Instruct", "temperature": 0, **body}
+    return httpx.post(f"{base}/{mode}/v1/completions", json=payload, timeout=120)
+
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def engine_alone(paged_model, tokenizer):
+    from engine import EngineConfig, LLMEngine, SamplingParams
+    from engine.model_runner import ModelRunner
+
+    engine = LLMEngine(EngineConfig(), runner=ModelRunner(paged_model, 64, 16), tokenizer=tokenizer)
+    [out] = engine.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0))
+    return out
+
+
+def test_greedy_output_is_identical_in_all_modes_and_to_the_engine(server, engine_alone):
+    for mode in MODES:
+        r = _complete(server, mode, prompt=PROMPT, max_tokens=8)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["choices"][0]["text"] == engine_alone.text, mode
+        assert body["usage"] == {
+            "prompt_tokens": 5,
+            "completion_tokens": len(engine_alone.token_ids),
+            "total_tokens": 5 + len(engine_alone.token_ids),
+        }
+
+
+def test_streamed_equals_non_streamed_and_ends_with_done(server, engine_alone):
+    for mode in MODES:
+        with httpx.stream(
+            "POST",
+            f"{server}/{mode}/v1/completions",
+            timeout=120,
+            json={
+                "model": "SmolLM2-135M-Instruct",
+                "prompt": PROMPT,
+                "max_tokens": 8,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        ) as r:
+            assert r.status_code == 200
+            lines = [line for line in r.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]"
+        chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+        text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+        assert text == engine_alone.text
+        assert chunks[-1]["usage"]["completion_tokens"] == len(engine_alone.token_ids)
+
+
+def test_official_openai_client_completions_and_chat(server):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/disagg/v1", api_key="unused")
+    [model] = client.models.list().data
+    assert model.id == "SmolLM2-135M-Instruct"
+    chat = client.chat.completions.create(
+        model=model.id,
+        temperature=0,
+        max_tokens=20,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+    )
+    assert chat.choices[0].message.content == "The capital of France is Paris."
+    assert chat.choices[0].finish_reason == "stop"
+    stream = client.chat.completions.create(
+        model=model.id,
+        temperature=0,
+        max_tokens=20,
+        stream=True,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+    )
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in stream) == chat.choices[0].message.content
+    )
+    comp = client.completions.create(model=model.id, prompt=PROMPT, max_tokens=3, temperature=0)
+    assert comp.choices[0].text == " Paris.\n"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+        ({"prompt": "hi", "top_p": 1.5}, 400, "top_p"),
+        ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
+        ({"prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
+        ({"max_tokens": 4}, 400, "prompt"),
+        ({"prompt": "hi " * 9000}, 400, "context window"),
+        ({"prompt": "hi", "max_tokens": 9000}, 400, "context window"),
+        ({"prompt": "hi", "n": 2}, 400, "n"),
+        ({"prompt": "hi", "model": "gpt-4"}, 404, "does not exist"),
+    ],
+)
+def test_bad_input_gets_openai_error_and_server_keeps_serving(server, body, status, needle):
+    payload = {"model": "SmolLM2-135M-Instruct", **body}
+    r = httpx.post(f"{server}/disagg/v1/completions", json=payload, timeout=60)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert needle in error["message"] and error["type"]
+    assert _complete(server, "disagg", prompt="Hi", max_tokens=1).status_code == 200
+
+
+def test_malformed_json_and_unknown_route(server):
+    r = httpx.post(f"{server}/disagg/v1/completions", content=b"{not json", timeout=30)
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    assert httpx.get(f"{server}/disagg/v1/nothing", timeout=30).status_code == 404
+    assert httpx.get(f"{server}/disagg/health", timeout=30).json() == {"status": "ok"}
+
+
+def _replica_stats(app: str) -> list[dict]:
+    from ray import serve
+
+    stats = []
+    for deployment in ("PrefillServer", "DecodeServer", "ColocatedServer"):
+        if deployment in serve.status().applications[app].deployments:
+            handle = serve.get_deployment_handle(deployment, app_name=app)
+            stats.append(handle.stats.remote().result())
+    return stats
+
+
+def test_client_disconnect_mid_stream_frees_all_blocks(server):
+    for mode in ("disagg", "coloc"):
+        with httpx.stream(
+            "POST",
+            f"{server}/{mode}/v1/completions",
+            timeout=120,
+            json={
+                "model": "SmolLM2-135M-Instruct",
+                "prompt": "Count to one thousand:",
+                "max_tokens": 400,
+                "ignore_eos": True,
+                "stream": True,
+            },
+        ) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i > 6:
+                    break  # leave mid-stream: closing the response drops the connection
+        deadline = time.monotonic() + 30
+        while True:
+            stats = _replica_stats(mode)
+            if all(s["num_free_blocks"] == s["num_kv_blocks"] for s in stats):
+                break
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.5)
+        assert all(s["num_running"] == 0 and s["num_waiting"] == 0 for s in stats)

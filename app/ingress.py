@@ -118,7 +118,9 @@ class Ingress:
                 kind="overloaded_error",
             )
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        outputs = self._outputs(request_id, ids, params)
+        # The first output (the prefill) is awaited before any response is started, so an
+        # error a replica raises (e.g. beyond its KV cache) still becomes an HTTP status.
+        outputs = await _primed(self._outputs(request_id, ids, params))
         fmt = _ChatFormat if chat else _CompletionFormat
         view = fmt(request_id, self.args.served_model_name, len(ids))
         if req.stream:
@@ -157,16 +159,27 @@ class Ingress:
                 )
             async for out in stream:
                 yield out
+        except InvalidRequestError as e:
+            raise APIError(400, str(e)) from e
         finally:
             self.num_in_flight -= 1
             if stream is not None:
                 stream.cancel()  # no-op once finished; aborts the request on disconnect
 
     async def _prefill(self, request_id: str, ids: list[int], params: SamplingParams):
-        try:
-            return await self.prefill.prefill.remote(request_id, ids, params)
-        except InvalidRequestError as e:  # e.g. prompt + max_tokens beyond the KV cache
-            raise APIError(400, str(e)) from e
+        return await self.prefill.prefill.remote(request_id, ids, params)
+
+
+async def _primed(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    """Pull the first item now (raising its error here); -> an iterator over all items."""
+    first = await anext(outputs)
+
+    async def chained() -> AsyncIterator[RequestOutput]:
+        yield first
+        async for out in outputs:
+            yield out
+
+    return chained()
 
 
 class _CompletionFormat:

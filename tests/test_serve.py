@@ -163,6 +163,8 @@ def test_official_openai_client_completions_and_chat(server):
         ({"prompt": "hi " * 9000}, 400, "context window"),
         ({"prompt": "hi", "max_tokens": 9000}, 400, "context window"),
         ({"prompt": "hi", "n": 2}, 400, "n"),
+        ({"prompt": "hi", "max_tokens": 5000}, 400, "KV cache"),  # checked by the replicas
+        ({"prompt": "hi", "max_tokens": 5000, "stream": True}, 400, "KV cache"),
         ({"prompt": "hi", "model": "gpt-4"}, 404, "does not exist"),
     ],
 )
@@ -194,6 +196,7 @@ def _replica_stats(app: str) -> list[dict]:
 
 
 def test_client_disconnect_mid_stream_frees_all_blocks(server):
+    # 2500 tokens take minutes here: blocks freed within seconds can only come from the abort
     for mode in ("disagg", "coloc"):
         with httpx.stream(
             "POST",
@@ -202,15 +205,18 @@ def test_client_disconnect_mid_stream_frees_all_blocks(server):
             json={
                 "model": "SmolLM2-135M-Instruct",
                 "prompt": "Count to one thousand:",
-                "max_tokens": 400,
+                "max_tokens": 2500,
                 "ignore_eos": True,
                 "stream": True,
             },
         ) as r:
+            assert r.status_code == 200
             for i, _ in enumerate(r.iter_lines()):
-                if i > 6:
-                    break  # leave mid-stream: closing the response drops the connection
-        deadline = time.monotonic() + 30
+                if i == 6:
+                    busy = _replica_stats(mode)  # still reading: the request is live
+                    break  # leaving the iterator closes the stream: the client is gone
+        assert any(s["num_running"] == 1 for s in busy), busy
+        deadline = time.monotonic() + 15
         while True:
             stats = _replica_stats(mode)
             if all(s["num_free_blocks"] == s["num_kv_blocks"] for s in stats):

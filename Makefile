@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install model test lint bench-engine
+.PHONY: install model test serve bench-engine
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,3 +24,6 @@ test: model
 
 bench-engine: model
 	$(PY) -m bench.engine_throughput
+
+serve: model
+	RAY_AUTH_MODE=disabled $(VENV)/bin/serve run serve_config.yaml

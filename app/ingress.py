@@ -143,15 +143,16 @@ class Ingress:
         self, request_id: str, ids: list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
         self.num_in_flight += 1
-        stream = None
+        stream = prefill = None
         try:
             if self.args.mode == "colocated":
                 stream = self.colocated.options(stream=True).generate.remote(
                     request_id, ids, params
                 )
             else:
-                result = await self._prefill(request_id, ids, params)
-                yield result.first
+                prefill = self.prefill.options(stream=True).prefill.remote(request_id, ids, params)
+                yield await anext(prefill)  # the first token, before the KV is published
+                result = await anext(prefill)
                 if result.handoff is None:
                     return
                 stream = self.decode.options(stream=True).decode.remote(
@@ -163,11 +164,9 @@ class Ingress:
             raise APIError(400, str(e)) from e
         finally:
             self.num_in_flight -= 1
-            if stream is not None:
-                stream.cancel()  # no-op once finished; aborts the request on disconnect
-
-    async def _prefill(self, request_id: str, ids: list[int], params: SamplingParams):
-        return await self.prefill.prefill.remote(request_id, ids, params)
+            for call in (prefill, stream):  # no-op once finished; aborts on disconnect
+                if call is not None:
+                    call.cancel()
 
 
 async def _primed(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:

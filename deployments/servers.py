@@ -68,18 +68,21 @@ class _EngineServer:
 class PrefillServer(_EngineServer):
     async def prefill(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
-    ) -> PrefillResult:
+    ) -> AsyncIterator[RequestOutput | PrefillResult]:
+        """Yields the first token as soon as it exists, then the PrefillResult (KV published)."""
         first = None
         async for out in self.loop.generate(request_id, prompt_ids, params, prefill_only=True):
             first = out
-        if first.finished:
-            return PrefillResult(first, None, None, self.node_id)
         try:
+            yield first
+            if first.finished:
+                yield PrefillResult(first, None, None, self.node_id)
+                return
             handoff, buffer = await self.loop.call(lambda e: e.export_kv(request_id))
             transfer = kv_channel.send(buffer)
-        finally:  # published (or failed): the blocks go back either way
-            await self.loop.call(lambda e: e.release(request_id))
-        return PrefillResult(first, handoff, transfer, self.node_id)
+        finally:  # published, failed or the caller left: the blocks go back either way
+            self.loop.abort(request_id)
+        yield PrefillResult(first, handoff, transfer, self.node_id)
 
 
 class DecodeServer(_EngineServer):

@@ -1,0 +1,114 @@
+"""KV transfer time per request through the KV channel vs one decode step, same machine, one run.
+
+    python -m bench.kv_transfer [--contexts 128,512,2048] [--repeats 5]
+
+Two Ray actors on a private local cluster hold KV caches shaped like the default model's
+(30 layers, 3 KV heads, head_dim 64, fp32, 16-token blocks). Per request: the sender packs the
+request's blocks and publishes them (kv_channel.send); the receiver fetches them and scatters
+them into its own cache. Timed inside the actors (send, receive) and end to end from the driver.
+The decode step is the engine's, batch 1 at the same context, 1 thread (as in serve_config.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import ray
+import torch
+
+from kernels import kv_channel
+from kernels.kv_blocks import pack_blocks, unpack_blocks
+
+SHAPE = dict(layers=30, kv_heads=3, head_dim=64, block_size=16, num_blocks=600)
+
+
+def _cache() -> torch.Tensor:
+    s = SHAPE
+    return torch.randn(
+        s["layers"], 2, s["num_blocks"], s["block_size"], s["kv_heads"], s["head_dim"]
+    )
+
+
+@ray.remote(num_cpus=0)
+class Sender:
+    def __init__(self) -> None:
+        torch.set_num_threads(1)
+        self.cache = _cache()
+
+    def send(self, num_blocks: int) -> kv_channel.KVTransfer:
+        buffer = pack_blocks(self.cache, list(range(num_blocks)))
+        return kv_channel.send(buffer)
+
+
+@ray.remote(num_cpus=0)
+class Receiver:
+    def __init__(self) -> None:
+        torch.set_num_threads(1)
+        self.cache = _cache()
+
+    def receive(self, transfer: kv_channel.KVTransfer) -> float:
+        t0 = time.perf_counter()
+        buffer = kv_channel.receive(transfer)
+        blocks = list(range(SHAPE["num_blocks"] - buffer.shape[2], SHAPE["num_blocks"]))
+        unpack_blocks(self.cache, blocks, buffer)
+        return (time.perf_counter() - t0) * 1e3
+
+
+def decode_step_ms(context: int) -> float:
+    from bench.engine_throughput import ours_decode_step_s
+    from engine import EngineConfig, LLMEngine
+
+    torch.set_num_threads(1)
+    engine = LLMEngine(EngineConfig(num_threads=1, kv_cache_memory_mb=256))
+    return ours_decode_step_s(engine, 1, context, 8) * 1e3
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--contexts", default="128,512,2048")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ray-") as tmp:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=tmp)
+        try:
+            sender, receiver = Sender.remote(), Receiver.remote()
+            for context in contexts:
+                n = -(-context // SHAPE["block_size"])
+                send_ms, recv_ms, e2e_ms = [], [], []
+                for _ in range(args.repeats + 1):
+                    t0 = time.perf_counter()
+                    transfer = ray.get(sender.send.remote(n))
+                    recv_ms.append(ray.get(receiver.receive.remote(transfer)))
+                    e2e_ms.append((time.perf_counter() - t0) * 1e3)
+                    send_ms.append(transfer.send_ms)
+                rows.append(
+                    {
+                        "context": context,
+                        "mb": transfer.nbytes / 2**20,
+                        "send_ms": statistics.median(send_ms[1:]),
+                        "receive_ms": statistics.median(recv_ms[1:]),
+                        "end_to_end_ms": statistics.median(e2e_ms[1:]),
+                    }
+                )
+        finally:
+            ray.shutdown()
+    for row in rows:
+        row["decode_step_ms"] = decode_step_ms(row["context"])
+    print(json.dumps(rows, indent=2))
+    print("| context | KV MB | send ms | receive + scatter ms | end to end ms | decode step ms |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['context']} | {r['mb']:.1f} | {r['send_ms']:.1f} | {r['receive_ms']:.1f} | "
+            f"{r['end_to_end_ms']:.1f} | {r['decode_step_ms']:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

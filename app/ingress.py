@@ -37,6 +37,9 @@ class Ingress:
         self.prefill, self.decode, self.colocated = prefill, decode, colocated
         self.num_in_flight = 0
         self.created = int(time.time())
+        from deployments.metrics import RequestMetrics
+
+        self.metrics = RequestMetrics()
 
     async def __call__(self, request: Request) -> Response:
         try:
@@ -144,6 +147,7 @@ class Ingress:
     ) -> AsyncIterator[RequestOutput]:
         self.num_in_flight += 1
         stream = prefill = None
+        clock = _Clock(self.metrics, self.args.mode)
         try:
             if self.args.mode == "colocated":
                 stream = self.colocated.options(stream=True).generate.remote(
@@ -151,7 +155,7 @@ class Ingress:
                 )
             else:
                 prefill = self.prefill.options(stream=True).prefill.remote(request_id, ids, params)
-                yield await anext(prefill)  # the first token, before the KV is published
+                yield clock.seen(await anext(prefill))  # first token, before KV is published
                 result = await anext(prefill)
                 if result.handoff is None:
                     return
@@ -159,7 +163,7 @@ class Ingress:
                     result.handoff, result.transfer, prefill_node_id=result.node_id
                 )
             async for out in stream:
-                yield out
+                yield clock.seen(out)
         except InvalidRequestError as e:
             raise APIError(400, str(e)) from e
         finally:
@@ -167,6 +171,24 @@ class Ingress:
             for call in (prefill, stream):  # no-op once finished; aborts on disconnect
                 if call is not None:
                     call.cancel()
+
+
+class _Clock:
+    """Times one request as the client sees it and records it when it finishes."""
+
+    def __init__(self, metrics, mode: str) -> None:
+        self.metrics, self.mode = metrics, mode
+        self.start = time.perf_counter()
+        self.first: float | None = None
+
+    def seen(self, out: RequestOutput) -> RequestOutput:
+        now = time.perf_counter() - self.start
+        self.first = now if self.first is None else self.first
+        if out.finished:
+            self.metrics.on_finish(
+                self.mode, self.first, now, out.num_output_tokens, out.finish_reason
+            )
+        return out
 
 
 async def _primed(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:

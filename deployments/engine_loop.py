@@ -35,8 +35,11 @@ class _Stream:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(
+        self, engine: LLMEngine, on_step: Callable[[list, object, int], None] | None = None
+    ) -> None:
         self.engine = engine
+        self._on_step = on_step  # (outputs, stats, pending imports), on the engine thread
         self._commands: collections.deque[Callable[[], None]] = collections.deque()
         self._pending_imports: collections.deque[tuple] = collections.deque()
         self._streams: dict[str, _Stream] = {}
@@ -152,6 +155,8 @@ class EngineLoop:
                 stream = self._streams.get(out.request_id)
                 if stream is not None:
                     stream.put(out)
+            if self._on_step is not None:
+                self._on_step(outputs, self.engine.stats, len(self._pending_imports))
 
     def _admit_imports(self) -> None:
         while self._pending_imports:

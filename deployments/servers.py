@@ -10,6 +10,7 @@ deployments (`serve.deployment(cls, **options).bind(...)`), so they are testable
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -42,9 +43,14 @@ def _node_id() -> str:
 
 
 class _EngineServer:
+    phase = "engine"
+
     def __init__(self, engine_config: EngineConfig) -> None:
+        from deployments.metrics import EngineMetrics
+
         self.engine = LLMEngine(engine_config)
-        self.loop = EngineLoop(self.engine)
+        self.metrics = EngineMetrics(self.phase)
+        self.loop = EngineLoop(self.engine, on_step=self.metrics.on_step)
         self.node_id = _node_id()
 
     async def stats(self) -> dict:
@@ -66,6 +72,8 @@ class _EngineServer:
 
 
 class PrefillServer(_EngineServer):
+    phase = "prefill"
+
     async def prefill(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput | PrefillResult]:
@@ -80,12 +88,15 @@ class PrefillServer(_EngineServer):
                 return
             handoff, buffer = await self.loop.call(lambda e: e.export_kv(request_id))
             transfer = kv_channel.send(buffer)
+            self.metrics.on_transfer(transfer.send_ms, transfer.nbytes)
         finally:  # published, failed or the caller left: the blocks go back either way
             self.loop.abort(request_id)
         yield PrefillResult(first, handoff, transfer, self.node_id)
 
 
 class DecodeServer(_EngineServer):
+    phase = "decode"
+
     async def decode(
         self,
         handoff: KVHandoff,
@@ -93,14 +104,18 @@ class DecodeServer(_EngineServer):
         prefill_node_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """prefill_node_id is read by app.router.SameNodeRouter to pick this replica."""
+        t0 = time.perf_counter()
         with warnings.catch_warnings():  # the object-store view is read-only; we only read it
             warnings.simplefilter("ignore", UserWarning)
             buffer = kv_channel.receive(transfer)
+        self.metrics.on_transfer((time.perf_counter() - t0) * 1e3, transfer.nbytes)
         async for out in self.loop.continue_request(handoff, buffer):
             yield out
 
 
 class ColocatedServer(_EngineServer):
+    phase = "colocated"
+
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:

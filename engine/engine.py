@@ -194,6 +194,7 @@ class LLMEngine:
             num_output_tokens=request.num_output_tokens,
             finish_reason=request.status.value if finished else None,
             prefilled=request.status is RequestStatus.PREFILLED,
+            queue_time_s=_queue_time(request) if request.num_output_tokens == 1 else None,
         )
 
     # ---- abort, stats ------------------------------------------------------------------------
@@ -304,3 +305,9 @@ class LLMEngine:
             Completion(i, pi, tokens[i], "".join(texts[i]), reasons[i])
             for i, pi in zip(ids, prompts_ids, strict=True)
         ]
+
+
+def _queue_time(request: Request) -> float | None:
+    if request.first_scheduled_time is None:
+        return None
+    return request.first_scheduled_time - request.arrival_time

@@ -20,6 +20,7 @@ class RequestOutput:
     num_output_tokens: int
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     prefilled: bool = False  # a prefill-only request now waits for export
+    queue_time_s: float | None = None  # on a request's first output here: arrival -> scheduled
 
     @property
     def finished(self) -> bool:

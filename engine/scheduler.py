@@ -15,6 +15,7 @@ Two managers, one shape: `schedule_next_batch(...) -> list[ScheduledRequest] | N
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -85,6 +86,8 @@ class PrefillManager:
             if not self.blocks.can_allocate(request.request_id, end):
                 break  # FCFS: no overtaking the head of the queue
             self.blocks.allocate(request.request_id, end)
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
             batch.append(ScheduledRequest(request, request.num_computed_tokens, num_new))
             token_budget -= num_new
             seq_budget -= 1

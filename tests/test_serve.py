@@ -48,7 +48,9 @@ def server(tmp_path_factory):
     from app.builder import build_app
 
     temp = tmp_path_factory.mktemp("ray")
+    metrics_port = _free_port()
     ray.init(
+        _metrics_export_port=metrics_port,
         address="local",
         num_cpus=8,
         include_dashboard=False,
@@ -64,9 +66,18 @@ def server(tmp_path_factory):
         while serve.status().applications[name].status != "RUNNING":
             assert time.monotonic() < deadline, serve.status()
             time.sleep(1)
-    yield f"http://127.0.0.1:{port}"
+    yield Server(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics")
     serve.shutdown()
     ray.shutdown()
+
+
+class Server(str):
+    """The HTTP base URL (a str, as the tests use it), plus the Prometheus endpoint."""
+
+    def __new__(cls, base: str, metrics_url: str):
+        obj = super().__new__(cls, base)
+        obj.metrics_url = metrics_url
+        return obj
 
 
 def _complete(base: str, mode: str, **body) -> httpx.Response:
@@ -224,3 +235,28 @@ def test_client_disconnect_mid_stream_frees_all_blocks(server):
             assert time.monotonic() < deadline, stats
             time.sleep(0.5)
         assert all(s["num_running"] == 0 and s["num_waiting"] == 0 for s in stats)
+
+
+def test_metrics_reach_the_prometheus_endpoint(server):
+    for mode in MODES:
+        assert _complete(server, mode, prompt=PROMPT, max_tokens=4).status_code == 200
+    wanted = [
+        "splitserve_ttft_ms_bucket",
+        "splitserve_tpot_ms_bucket",
+        "splitserve_e2e_latency_ms",
+        "splitserve_queue_time_ms",
+        "splitserve_kv_transfer_ms",
+        "splitserve_kv_transfer_bytes",
+        "splitserve_running_requests",
+        "splitserve_waiting_requests",
+        "splitserve_kv_block_usage",
+    ]
+    deadline = time.monotonic() + 60
+    while True:  # Ray exports metrics every few seconds
+        text = httpx.get(server.metrics_url, timeout=10).text
+        missing = [name for name in wanted if name not in text]
+        if not missing:
+            break
+        assert time.monotonic() < deadline, missing
+        time.sleep(2)
+    assert 'phase="decode"' in text and 'phase="prefill"' in text and 'mode="colocated"' in text

@@ -178,6 +178,10 @@ class EngineLoop:
             stream.put(error)
 
     @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def num_pending_imports(self) -> int:
         return len(self._pending_imports)
 

@@ -62,7 +62,7 @@ class _EngineServer:
         }
 
     async def check_health(self) -> None:
-        if not self.loop._thread.is_alive():
+        if not self.loop.is_alive:
             raise RuntimeError("engine thread died")
 
     def __del__(self) -> None:

@@ -26,7 +26,3 @@ class EngineConfig:
             raise ValueError("block_size and num_kv_blocks must be >= 1")
         if self.kv_cache_memory_mb < 1:
             raise ValueError("kv_cache_memory_mb must be >= 1")
-
-    @property
-    def torch_dtype_name(self) -> str:
-        return self.dtype

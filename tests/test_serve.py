@@ -85,6 +85,11 @@ def _complete(base: str, mode: str, **body) -> httpx.Response:
     return httpx.post(f"{base}/{mode}/v1/completions", json=payload, timeout=120)
 
 
+def _stream(base: str, mode: str, **body):
+    payload = {"model": "SmolLM2-135M-Instruct", "stream": True, **body}
+    return httpx.stream("POST", f"{base}/{mode}/v1/completions", json=payload, timeout=120)
+
+
 PROMPT = "The capital of France is"
 
 
@@ -113,18 +118,13 @@ def test_greedy_output_is_identical_in_all_modes_and_to_the_engine(server, engin
 
 def test_streamed_equals_non_streamed_and_ends_with_done(server, engine_alone):
     for mode in MODES:
-        with httpx.stream(
-            "POST",
-            f"{server}/{mode}/v1/completions",
-            timeout=120,
-            json={
-                "model": "SmolLM2-135M-Instruct",
-                "prompt": PROMPT,
-                "max_tokens": 8,
-                "temperature": 0,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            },
+        with _stream(
+            server,
+            mode,
+            prompt=PROMPT,
+            max_tokens=8,
+            temperature=0,
+            stream_options={"include_usage": True},
         ) as r:
             assert r.status_code == 200
             lines = [line for line in r.iter_lines() if line]
@@ -209,17 +209,8 @@ def _replica_stats(app: str) -> list[dict]:
 def test_client_disconnect_mid_stream_frees_all_blocks(server):
     # 2500 tokens take minutes here: blocks freed within seconds can only come from the abort
     for mode in ("disagg", "coloc"):
-        with httpx.stream(
-            "POST",
-            f"{server}/{mode}/v1/completions",
-            timeout=120,
-            json={
-                "model": "SmolLM2-135M-Instruct",
-                "prompt": "Count to one thousand:",
-                "max_tokens": 2500,
-                "ignore_eos": True,
-                "stream": True,
-            },
+        with _stream(
+            server, mode, prompt="Count to one thousand:", max_tokens=2500, ignore_eos=True
         ) as r:
             assert r.status_code == 200
             for i, _ in enumerate(r.iter_lines()):

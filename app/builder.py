@@ -43,7 +43,8 @@ def build_app(args: dict) -> serve.Application:
         colocated = serve.deployment(
             ColocatedServer, **deployment_options(cfg.colocated, "ColocatedServer")
         )
-        return ingress.bind(plain, colocated=colocated.bind(cfg.engine_config("colocated")))
+        server = colocated.bind(cfg.engine_config("colocated"), cfg.kv_transport)
+        return ingress.bind(plain, colocated=server)
     prefill = serve.deployment(PrefillServer, **deployment_options(cfg.prefill, "PrefillServer"))
     decode = serve.deployment(
         DecodeServer,
@@ -52,6 +53,6 @@ def build_app(args: dict) -> serve.Application:
     )
     return ingress.bind(
         plain,
-        prefill=prefill.bind(cfg.engine_config("prefill")),
-        decode=decode.bind(cfg.engine_config("decode")),
+        prefill=prefill.bind(cfg.engine_config("prefill"), cfg.kv_transport),
+        decode=decode.bind(cfg.engine_config("decode"), cfg.kv_transport),
     )

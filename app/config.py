@@ -61,7 +61,8 @@ class AppArgs(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
     max_model_len: int | None = Field(None, ge=2)
-    kv_transport: Literal["object_store"] = "object_store"
+    # shm: prefill and decode replicas on one node (CPU); object_store: any placement
+    kv_transport: Literal["shm", "object_store"] = "shm"
     ingress: IngressArgs = IngressArgs()
     prefill: PhaseArgs = PhaseArgs()
     decode: PhaseArgs = PhaseArgs()

@@ -1,12 +1,14 @@
 """KV transfer time per request through the KV channel vs one decode step, same machine, one run.
 
     python -m bench.kv_transfer [--contexts 128,512,2048] [--repeats 5]
+                                [--transports shm,object_store]
 
 Two Ray actors on a private local cluster hold KV caches shaped like the default model's
 (30 layers, 3 KV heads, head_dim 64, fp32, 16-token blocks). Per request: the sender packs the
-request's blocks and publishes them (kv_channel.send); the receiver fetches them and scatters
-them into its own cache. Timed inside the actors (send, receive) and end to end from the driver.
-The decode step is the engine's, batch 1 at the same context, 1 thread (as in serve_config.yaml).
+request's blocks and publishes them (KVChannel.send); the receiver opens them and scatters them
+into its own cache (straight from the shared segment for shm). Timed inside the actors (send,
+receive + scatter) and end to end from the driver. The decode step is the engine's, batch 1 at
+the same context, 1 thread (as in serve_config.yaml).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import time
 import ray
 import torch
 
-from kernels import kv_channel
 from kernels.kv_blocks import pack_blocks, unpack_blocks
+from kernels.kv_channel import KVChannel, KVTransfer
 
 SHAPE = dict(layers=30, kv_heads=3, head_dim=64, block_size=16, num_blocks=600)
 
@@ -35,26 +37,28 @@ def _cache() -> torch.Tensor:
 
 @ray.remote(num_cpus=0)
 class Sender:
-    def __init__(self) -> None:
+    def __init__(self, transport: str) -> None:
         torch.set_num_threads(1)
         self.cache = _cache()
+        self.channel = KVChannel(transport)
 
-    def send(self, num_blocks: int) -> kv_channel.KVTransfer:
-        buffer = pack_blocks(self.cache, list(range(num_blocks)))
-        return kv_channel.send(buffer)
+    def send(self, num_blocks: int) -> KVTransfer:
+        return self.channel.send(pack_blocks(self.cache, list(range(num_blocks))))
 
 
 @ray.remote(num_cpus=0)
 class Receiver:
-    def __init__(self) -> None:
+    def __init__(self, transport: str) -> None:
         torch.set_num_threads(1)
         self.cache = _cache()
+        self.channel = KVChannel(transport)
 
-    def receive(self, transfer: kv_channel.KVTransfer) -> float:
+    def receive(self, transfer: KVTransfer) -> float:
         t0 = time.perf_counter()
-        buffer = kv_channel.receive(transfer)
+        buffer = self.channel.open(transfer)
         blocks = list(range(SHAPE["num_blocks"] - buffer.shape[2], SHAPE["num_blocks"]))
         unpack_blocks(self.cache, blocks, buffer)
+        self.channel.finish(transfer)
         return (time.perf_counter() - t0) * 1e3
 
 
@@ -67,46 +71,57 @@ def decode_step_ms(context: int) -> float:
     return ours_decode_step_s(engine, 1, context, 8) * 1e3
 
 
+def measure(sender, receiver, transport: str, contexts: list[int], repeats: int) -> list[dict]:
+    rows = []
+    for context in contexts:
+        n = -(-context // SHAPE["block_size"])
+        send_ms, recv_ms, e2e_ms = [], [], []
+        for _ in range(repeats + 1):  # the first is a warm-up
+            t0 = time.perf_counter()
+            transfer = ray.get(sender.send.remote(n))
+            recv_ms.append(ray.get(receiver.receive.remote(transfer)))
+            e2e_ms.append((time.perf_counter() - t0) * 1e3)
+            send_ms.append(transfer.send_ms)
+        rows.append(
+            {
+                "transport": transfer.transport,
+                "context": context,
+                "mb": transfer.nbytes / 2**20,
+                "send_ms": statistics.median(send_ms[1:]),
+                "receive_ms": statistics.median(recv_ms[1:]),
+                "end_to_end_ms": statistics.median(e2e_ms[1:]),
+            }
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--contexts", default="128,512,2048")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--transports", default="shm,object_store")
     args = parser.parse_args(argv)
     contexts = [int(c) for c in args.contexts.split(",")]
     rows = []
     with tempfile.TemporaryDirectory(prefix="ray-") as tmp:
         ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=tmp)
         try:
-            sender, receiver = Sender.remote(), Receiver.remote()
-            for context in contexts:
-                n = -(-context // SHAPE["block_size"])
-                send_ms, recv_ms, e2e_ms = [], [], []
-                for _ in range(args.repeats + 1):
-                    t0 = time.perf_counter()
-                    transfer = ray.get(sender.send.remote(n))
-                    recv_ms.append(ray.get(receiver.receive.remote(transfer)))
-                    e2e_ms.append((time.perf_counter() - t0) * 1e3)
-                    send_ms.append(transfer.send_ms)
-                rows.append(
-                    {
-                        "context": context,
-                        "mb": transfer.nbytes / 2**20,
-                        "send_ms": statistics.median(send_ms[1:]),
-                        "receive_ms": statistics.median(recv_ms[1:]),
-                        "end_to_end_ms": statistics.median(e2e_ms[1:]),
-                    }
-                )
+            for transport in args.transports.split(","):
+                sender, receiver = Sender.remote(transport), Receiver.remote(transport)
+                rows += measure(sender, receiver, transport, contexts, args.repeats)
         finally:
             ray.shutdown()
-    for row in rows:
-        row["decode_step_ms"] = decode_step_ms(row["context"])
-    print(json.dumps(rows, indent=2))
-    print("| context | KV MB | send ms | receive + scatter ms | end to end ms | decode step ms |")
-    print("|---|---|---|---|---|---|")
+    steps = {c: decode_step_ms(c) for c in contexts}
+    print(json.dumps({"rows": rows, "decode_step_ms": steps}, indent=2))
+    print(
+        "| transport | context | KV MB | send ms | receive + scatter ms | end to end ms "
+        "| decode step ms |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['context']} | {r['mb']:.1f} | {r['send_ms']:.1f} | {r['receive_ms']:.1f} | "
-            f"{r['end_to_end_ms']:.1f} | {r['decode_step_ms']:.1f} |"
+            f"| {r['transport']} | {r['context']} | {r['mb']:.1f} | {r['send_ms']:.1f} | "
+            f"{r['receive_ms']:.1f} | {r['end_to_end_ms']:.1f} | {steps[r['context']]:.1f} |"
         )
 
 

@@ -83,10 +83,21 @@ class EngineLoop:
         async for out in self._drain(request_id, stream):
             yield out
 
-    async def continue_request(self, handoff, buffer) -> AsyncIterator[RequestOutput]:
-        """Decode a request prefilled elsewhere; waits (FIFO) until this engine has room."""
+    async def continue_request(
+        self,
+        handoff,
+        buffer,
+        on_imported: Callable[[], None] | None = None,
+        on_dropped: Callable[[], None] | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Decode a request prefilled elsewhere; waits (FIFO) until this engine has room.
+
+        on_imported runs on the engine thread right after the blocks were scattered (it may
+        raise to fail the request); on_dropped runs if the request never gets imported.
+        """
         stream = self._stream(handoff.request_id)
-        self._submit(lambda: self._pending_imports.append((handoff, buffer, stream)))
+        pending = _PendingImport(handoff, buffer, stream, on_imported, on_dropped)
+        self._submit(lambda: self._pending_imports.append(pending))
         async for out in self._drain(handoff.request_id, stream):
             yield out
 
@@ -106,9 +117,9 @@ class EngineLoop:
 
     def abort(self, request_id: str) -> None:
         def cancel() -> None:
-            self._pending_imports = collections.deque(
-                p for p in self._pending_imports if p[0].request_id != request_id
-            )
+            for pending in [p for p in self._pending_imports if p.request_id == request_id]:
+                self._pending_imports.remove(pending)
+                pending.dropped()
             self.engine.abort(request_id)
 
         self._submit(cancel)
@@ -160,12 +171,16 @@ class EngineLoop:
 
     def _admit_imports(self) -> None:
         while self._pending_imports:
-            handoff, buffer, stream = self._pending_imports[0]
+            pending = self._pending_imports[0]
             try:
-                admitted = self.engine.import_request(handoff, buffer)
-            except Exception as e:
+                admitted = self.engine.import_request(pending.handoff, pending.buffer)
+                if admitted and pending.on_imported is not None:
+                    pending.on_imported()
+            except Exception as e:  # bad handoff, or its KV changed underneath: fail it alone
                 self._pending_imports.popleft()
-                stream.put(e)
+                self.engine.abort(pending.request_id)
+                pending.dropped()
+                pending.stream.put(e)
                 continue
             if not admitted:
                 return  # FIFO: later imports wait behind the first
@@ -184,6 +199,23 @@ class EngineLoop:
     @property
     def num_pending_imports(self) -> int:
         return len(self._pending_imports)
+
+
+@dataclass
+class _PendingImport:
+    handoff: Any
+    buffer: Any
+    stream: _Stream
+    on_imported: Callable[[], None] | None
+    on_dropped: Callable[[], None] | None
+
+    @property
+    def request_id(self) -> str:
+        return self.handoff.request_id
+
+    def dropped(self) -> None:
+        if self.on_dropped is not None:
+            self.on_dropped()
 
 
 def _set_result(future: asyncio.Future, value: Any) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -45,13 +44,14 @@ def _node_id() -> str:
 class _EngineServer:
     phase = "engine"
 
-    def __init__(self, engine_config: EngineConfig) -> None:
+    def __init__(self, engine_config: EngineConfig, kv_transport: str = "shm") -> None:
         from deployments.metrics import EngineMetrics
 
         self.engine = LLMEngine(engine_config)
         self.metrics = EngineMetrics(self.phase)
         self.loop = EngineLoop(self.engine, on_step=self.metrics.on_step)
         self.node_id = _node_id()
+        self.channel = kv_channel.KVChannel(kv_transport, self.node_id)
 
     async def stats(self) -> dict:
         stats = await self.loop.call(lambda e: e.stats)
@@ -69,6 +69,9 @@ class _EngineServer:
         loop = getattr(self, "loop", None)
         if loop is not None:
             loop.shutdown()
+        channel = getattr(self, "channel", None)
+        if channel is not None:
+            channel.close()  # unlink this replica's shared-memory segments
 
 
 class PrefillServer(_EngineServer):
@@ -87,7 +90,7 @@ class PrefillServer(_EngineServer):
                 yield PrefillResult(first, None, None, self.node_id)
                 return
             handoff, buffer = await self.loop.call(lambda e: e.export_kv(request_id))
-            transfer = kv_channel.send(buffer)
+            transfer = self.channel.send(buffer)
             self.metrics.on_transfer(transfer.send_ms, transfer.nbytes)
         finally:  # published, failed or the caller left: the blocks go back either way
             self.loop.abort(request_id)
@@ -105,11 +108,16 @@ class DecodeServer(_EngineServer):
     ) -> AsyncIterator[RequestOutput]:
         """prefill_node_id is read by app.router.SameNodeRouter to pick this replica."""
         t0 = time.perf_counter()
-        with warnings.catch_warnings():  # the object-store view is read-only; we only read it
-            warnings.simplefilter("ignore", UserWarning)
-            buffer = kv_channel.receive(transfer)
-        self.metrics.on_transfer((time.perf_counter() - t0) * 1e3, transfer.nbytes)
-        async for out in self.loop.continue_request(handoff, buffer):
+        view = self.channel.open(transfer)  # zero-copy: scattered straight into the cache
+
+        def imported() -> None:  # engine thread, right after the scatter
+            self.channel.finish(transfer)
+            self.metrics.on_transfer((time.perf_counter() - t0) * 1e3, transfer.nbytes)
+
+        stream = self.loop.continue_request(
+            handoff, view, on_imported=imported, on_dropped=lambda: self.channel.discard(transfer)
+        )
+        async for out in stream:
             yield out
 
 

@@ -5,23 +5,32 @@ the channel moves that buffer, the receiver scatters it into its own cache. What
 control path is a small `KVTransfer` descriptor; the tensor bytes never do.
 
 Transports:
-- `object_store`: the packed buffer is put into Ray's object store as a numpy array. On one node
-  that is shared memory (plasma) read zero-copy by the receiver; across nodes Ray moves it. Its
-  lifetime follows the reference: freed once sender and receiver drop it, so an abandoned
-  transfer (client gone between prefill and decode) cannot leak.
-Not implemented yet (see README, Status): a mapped-once shared-memory ring and gloo for CPU
-replicas on one node, CUDA IPC (CuPy) and NCCL for GPU replicas.
+- `shm` (same node, CPU): pooled shared-memory segments mapped once and reused (see
+  shm_transport.py); the receiver scatters straight from the mapped segment. When the pool is
+  full of unread transfers, a send falls back to the object store.
+- `object_store` (any node): the packed buffer goes into Ray's object store as a numpy array;
+  on one node that is plasma shared memory read zero-copy; across nodes Ray moves it. Freed by
+  reference counting, so an abandoned transfer cannot leak.
+Not implemented yet: CUDA IPC (CuPy) and NCCL for GPU replicas.
+
+Receiver protocol: `view = channel.open(t)`, scatter `view` into the cache, then
+`channel.finish(t)` (raises TransferExpired if the bytes changed underneath); or
+`channel.discard(t)` when the request is dropped before its import.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-TRANSPORTS = ("object_store",)
+from kernels.shm_transport import ShmLocation, ShmReceiver, ShmSender, TransferExpired
+
+TRANSPORTS = ("shm", "object_store")
+__all__ = ["TRANSPORTS", "KVChannel", "KVTransfer", "TransferExpired"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +40,7 @@ class KVTransfer:
     transport: str
     shape: tuple[int, ...]  # (L, 2, n_blocks, bs, Hkv, D)
     dtype: str
-    payload: list = field(repr=False)  # [ObjectRef]: nested, so Ray passes it by reference
+    payload: list = field(repr=False)  # [ObjectRef] (nested: passed by reference) or [ShmLocation]
     send_ms: float = 0.0
 
     @property
@@ -43,31 +52,82 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name.removeprefix("torch."))
 
 
-def send(buffer: torch.Tensor, transport: str = "object_store") -> KVTransfer:
-    """Publish a packed KV buffer (CPU tensor) and return its descriptor."""
-    if transport not in TRANSPORTS:
-        raise ValueError(f"unknown KV transport {transport!r}; available: {TRANSPORTS}")
-    import ray
-
-    t0 = time.perf_counter()
-    # bf16 has no numpy dtype: ship the raw bytes and reinterpret on arrival
-    raw = (
-        buffer.contiguous().view(torch.uint8).numpy()
-        if buffer.dtype == torch.bfloat16
-        else (buffer.contiguous().numpy())
-    )
-    ref = ray.put(raw)
-    ms = (time.perf_counter() - t0) * 1e3
-    return KVTransfer(transport, tuple(buffer.shape), str(buffer.dtype), [ref], ms)
-
-
-def receive(transfer: KVTransfer) -> torch.Tensor:
-    """-> the packed buffer as a tensor (a zero-copy view of the object store where possible)."""
-    import ray
-
-    array = ray.get(transfer.payload[0])
-    tensor = torch.from_numpy(np.asarray(array))
+def _as_packed(raw: torch.Tensor, transfer: KVTransfer) -> torch.Tensor:
+    """Reinterpret raw bytes (or a same-dtype array) as the packed KV tensor."""
     dtype = _dtype(transfer.dtype)
-    if tensor.dtype != dtype:
-        tensor = tensor.view(dtype)
-    return tensor.view(transfer.shape)
+    if raw.dtype != dtype:
+        raw = raw.view(dtype)
+    return raw.view(transfer.shape)
+
+
+class KVChannel:
+    """One per replica; the sending side and the receiving side of every transport."""
+
+    def __init__(self, transport: str = "object_store", node_id: str = "local") -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"unknown KV transport {transport!r}; available: {TRANSPORTS}")
+        self.transport = transport
+        self.node_id = node_id
+        self._sender: ShmSender | None = None
+        self._receiver = ShmReceiver()
+
+    # ---- sender -------------------------------------------------------------------------------
+
+    def send(self, buffer: torch.Tensor) -> KVTransfer:
+        t0 = time.perf_counter()
+        shape, dtype = tuple(buffer.shape), str(buffer.dtype)
+        if self.transport == "shm":
+            self._sender = self._sender or ShmSender(self.node_id)
+            loc = self._sender.send(buffer)
+            if loc is not None:
+                return KVTransfer("shm", shape, dtype, [loc], _ms_since(t0))
+        import ray
+
+        # bf16 has no numpy dtype: ship raw bytes and reinterpret on arrival
+        raw = buffer.contiguous()
+        array = raw.view(torch.uint8).numpy() if raw.dtype == torch.bfloat16 else raw.numpy()
+        return KVTransfer("object_store", shape, dtype, [ray.put(array)], _ms_since(t0))
+
+    # ---- receiver -----------------------------------------------------------------------------
+
+    def open(self, transfer: KVTransfer) -> torch.Tensor:
+        """The packed KV (L, 2, n, bs, Hkv, D) as a read-only view; valid until finish/discard."""
+        if transfer.transport == "shm":
+            loc: ShmLocation = transfer.payload[0]
+            if loc.node_id != self.node_id:
+                raise ValueError(
+                    f"shm KV transfer from node {loc.node_id} cannot be read on node "
+                    f"{self.node_id}; use kv_transport: object_store across nodes"
+                )
+            return _as_packed(self._receiver.view(loc, transfer.nbytes), transfer)
+        import ray
+
+        array = ray.get(transfer.payload[0])
+        with warnings.catch_warnings():  # the object-store array is read-only; we only read it
+            warnings.simplefilter("ignore", UserWarning)
+            return _as_packed(torch.from_numpy(np.asarray(array)), transfer)
+
+    def finish(self, transfer: KVTransfer) -> None:
+        """After the scatter: raise TransferExpired if the bytes were reused meanwhile; release."""
+        if transfer.transport == "shm":
+            loc = transfer.payload[0]
+            self._receiver.check(loc)
+            self._receiver.release(loc)
+
+    def discard(self, transfer: KVTransfer) -> None:
+        if transfer.transport == "shm":
+            self._receiver.release(transfer.payload[0])
+
+    def receive(self, transfer: KVTransfer) -> torch.Tensor:
+        """A private copy of the packed KV (open + copy + finish), for callers without a cache."""
+        copy = self.open(transfer).clone()
+        self.finish(transfer)
+        return copy
+
+    def close(self) -> None:
+        if self._sender is not None:
+            self._sender.close()
+
+
+def _ms_since(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1e3

@@ -6,10 +6,12 @@ import pytest
 import ray
 import torch
 
-from kernels import kv_channel
 from kernels.kv_blocks import KVLayout, pack_blocks, unpack_blocks
+from kernels.kv_channel import KVChannel, TransferExpired
+from kernels.shm_transport import ShmSender
 
 pytestmark = pytest.mark.serve
+SHAPE = (3, 2, 10, 4, 2, 8)  # (L, 2, blocks, bs, Hkv, D)
 
 
 @pytest.fixture(scope="module")
@@ -26,32 +28,85 @@ def cluster(tmp_path_factory):
 
 @ray.remote(num_cpus=0)
 class _Sender:
-    def __init__(self, dtype: str) -> None:
+    def __init__(self, dtype: str, transport: str) -> None:
         g = torch.Generator().manual_seed(0)
-        self.cache = torch.randn(3, 2, 10, 4, 2, 8, generator=g).to(getattr(torch, dtype))
+        self.cache = torch.randn(*SHAPE, generator=g).to(getattr(torch, dtype))
+        self.channel = KVChannel(transport)
 
-    def send(self, blocks: list[int]) -> kv_channel.KVTransfer:
-        return kv_channel.send(pack_blocks(self.cache, blocks))
+    def send(self, blocks: list[int]):
+        return self.channel.send(pack_blocks(self.cache, blocks))
 
     def blocks(self, blocks: list[int]) -> torch.Tensor:
         return self.cache[:, :, blocks].clone()
 
 
+@pytest.mark.parametrize("transport", ["shm", "object_store"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_blocks_arrive_bit_exact_in_other_slots(cluster, dtype):
-    sender = _Sender.remote(dtype)
-    src = [7, 2, 5]  # scattered source blocks, in request order
-    transfer = ray.get(sender.send.remote(src))
-    assert transfer.shape == (3, 2, 3, 4, 2, 8) and transfer.nbytes == transfer.shape[
-        0
-    ] * 2 * 3 * 4 * 2 * 8 * (4 if dtype == "float32" else 2)
-    received = torch.zeros(3, 2, 6, 4, 2, 8, dtype=getattr(torch, dtype))
-    dst = [4, 0, 1]
-    unpack_blocks(received, dst, kv_channel.receive(transfer))
-    expected = ray.get(sender.blocks.remote(src))
-    assert torch.equal(received[:, :, dst], expected)
-    untouched = [b for b in range(6) if b not in dst]
-    assert not received[:, :, untouched].any()
+def test_blocks_arrive_bit_exact_in_other_slots(cluster, dtype, transport):
+    sender = _Sender.remote(dtype, transport)
+    receiver = KVChannel(transport)
+    src, dst = [7, 2, 5], [4, 0, 1]  # scattered blocks, in request order
+    for _ in range(3):  # segments are reused after release
+        transfer = ray.get(sender.send.remote(src))
+        assert transfer.transport == transport
+        elem = 4 if dtype == "float32" else 2
+        assert (
+            transfer.shape == (3, 2, 3, 4, 2, 8) and transfer.nbytes == 3 * 2 * 3 * 4 * 2 * 8 * elem
+        )
+        cache = torch.zeros(3, 2, 6, 4, 2, 8, dtype=getattr(torch, dtype))
+        unpack_blocks(cache, dst, receiver.open(transfer))
+        receiver.finish(transfer)
+        assert torch.equal(cache[:, :, dst], ray.get(sender.blocks.remote(src)))
+        assert not cache[:, :, [2, 3, 5]].any()  # untouched blocks stay untouched
+
+
+def test_shm_segments_are_reused_once_released():
+    sender, receiver = KVChannel("shm"), KVChannel("shm")
+    try:
+        first = sender.send(torch.ones(1000))
+        receiver.receive(first)
+        second = sender.send(torch.full((1000,), 2.0))
+        assert second.payload[0].segment == first.payload[0].segment
+        assert torch.equal(receiver.receive(second), torch.full((1000,), 2.0))
+        with pytest.raises(TransferExpired):  # the first transfer's bytes are gone
+            receiver.open(first)
+    finally:
+        sender.close()
+
+
+def test_unread_segment_is_reclaimed_after_ttl_and_reader_gets_a_clear_error():
+    channel = KVChannel("shm")
+    channel._sender = ShmSender("local", max_segments=1, ttl_s=0.0)
+    try:
+        stale = channel.send(torch.ones(10))
+        fresh = channel.send(torch.zeros(10))  # ttl 0: the unread segment is reclaimed
+        assert fresh.transport == "shm" and fresh.payload[0].segment == stale.payload[0].segment
+        with pytest.raises(TransferExpired, match="reclaimed or reused"):
+            KVChannel("shm").open(stale)
+    finally:
+        channel.close()
+
+
+def test_full_pool_falls_back_to_the_object_store(cluster):
+    channel = KVChannel("shm")
+    channel._sender = ShmSender("local", max_segments=1, ttl_s=3600)
+    try:
+        assert channel.send(torch.ones(10)).transport == "shm"  # never read: pool now full
+        overflow = channel.send(torch.full((10,), 3.0))
+        assert overflow.transport == "object_store"
+        assert torch.equal(KVChannel("shm").receive(overflow), torch.full((10,), 3.0))
+    finally:
+        channel.close()
+
+
+def test_shm_transfer_from_another_node_is_refused():
+    sender = KVChannel("shm", node_id="node-a")
+    try:
+        transfer = sender.send(torch.ones(4))
+        with pytest.raises(ValueError, match="object_store across nodes"):
+            KVChannel("shm", node_id="node-b").open(transfer)
+    finally:
+        sender.close()
 
 
 def test_layout_mismatch_is_refused():
@@ -63,4 +118,4 @@ def test_layout_mismatch_is_refused():
 
 def test_unknown_transport_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown KV transport"):
-        kv_channel.send(torch.zeros(1), transport="carrier-pigeon")
+        KVChannel("carrier-pigeon")

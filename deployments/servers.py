@@ -108,7 +108,7 @@ class DecodeServer(_EngineServer):
     ) -> AsyncIterator[RequestOutput]:
         """prefill_node_id is read by app.router.SameNodeRouter to pick this replica."""
         t0 = time.perf_counter()
-        view = self.channel.open(transfer)  # zero-copy: scattered straight into the cache
+        view = await self.channel.open_async(transfer)  # zero-copy; scattered into the cache
 
         def imported() -> None:  # engine thread, right after the scatter
             self.channel.finish(transfer)

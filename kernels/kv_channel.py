@@ -102,7 +102,16 @@ class KVChannel:
             return _as_packed(self._receiver.view(loc, transfer.nbytes), transfer)
         import ray
 
-        array = ray.get(transfer.payload[0])
+        return self._wrap(ray.get(transfer.payload[0]), transfer)
+
+    async def open_async(self, transfer: KVTransfer) -> torch.Tensor:
+        """open() for async callers: an object-store fetch is awaited, not blocked on."""
+        if transfer.transport == "object_store":
+            return self._wrap(await transfer.payload[0], transfer)
+        return self.open(transfer)
+
+    @staticmethod
+    def _wrap(array, transfer: KVTransfer) -> torch.Tensor:
         with warnings.catch_warnings():  # the object-store array is read-only; we only read it
             warnings.simplefilter("ignore", UserWarning)
             return _as_packed(torch.from_numpy(np.asarray(array)), transfer)

@@ -1,7 +1,8 @@
 """End to end on a private local Ray cluster and real Serve applications, over real HTTP.
 
-One cluster and one Serve instance for the whole module; three applications side by side, one
-per mode, each on its own route prefix. The default model with short outputs keeps it quick.
+One cluster and one Serve instance for the whole module; four applications side by side (three
+modes, disaggregated twice: shm and object-store KV transport), each on its own route prefix.
+The default model with short outputs keeps it quick.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import pytest
 pytestmark = [pytest.mark.serve, pytest.mark.model]
 
 MODES = {
-    "disagg": {"mode": "disaggregated"},
+    "disagg": {"mode": "disaggregated"},  # KV over shared memory (the default)
+    "disagg_os": {"mode": "disaggregated", "kv_transport": "object_store"},
     "coloc": {"mode": "colocated"},
     "chunked": {
         "mode": "colocated",

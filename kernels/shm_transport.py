@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import time
+import uuid
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
+from pathlib import Path
 
 import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
 _HEADER = 16  # bytes: generation, released
+_PREFIX = "splitserve-kv-"  # + owner pid: lets a later sender remove a dead owner's segments
 
 
 class TransferExpired(RuntimeError):
@@ -47,6 +51,21 @@ def _data(shm: shared_memory.SharedMemory, nbytes: int) -> torch.Tensor:
     return torch.frombuffer(shm.buf[_HEADER : _HEADER + nbytes], dtype=torch.uint8)
 
 
+def remove_orphans(shm_dir: str = "/dev/shm") -> list[str]:
+    """Unlink segments whose owner process is gone (a replica killed before its cleanup ran)."""
+    removed = []
+    for path in Path(shm_dir).glob(f"{_PREFIX}*"):
+        pid = int(path.name[len(_PREFIX) :].split("-")[0])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+        except PermissionError:  # alive, another user's
+            pass
+    return removed
+
+
 class ShmSender:
     def __init__(self, node_id: str, max_segments: int = 16, ttl_s: float = 300.0) -> None:
         self.node_id = node_id
@@ -54,6 +73,7 @@ class ShmSender:
         self.ttl_s = ttl_s
         self._segments: list[shared_memory.SharedMemory] = []
         self._sent_at: dict[str, float] = {}
+        remove_orphans()
         atexit.register(self.close)
 
     def _is_free(self, shm: shared_memory.SharedMemory, now: float) -> bool:
@@ -73,7 +93,8 @@ class ShmSender:
         if len(self._segments) >= self.max_segments:
             return None  # the pool is full of unread transfers: caller falls back
         size = _HEADER + max(nbytes, 4 << 20)
-        shm = shared_memory.SharedMemory(create=True, size=size)
+        name = f"{_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        shm = shared_memory.SharedMemory(name=name, create=True, size=size)
         _header(shm)[:] = 0
         self._segments.append(shm)
         return shm

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import ray
 import torch
 
 from kernels.kv_blocks import KVLayout, pack_blocks, unpack_blocks
 from kernels.kv_channel import KVChannel, TransferExpired
-from kernels.shm_transport import ShmSender
+from kernels.shm_transport import ShmSender, remove_orphans
 
 pytestmark = pytest.mark.serve
 SHAPE = (3, 2, 10, 4, 2, 8)  # (L, 2, blocks, bs, Hkv, D)
@@ -119,3 +121,21 @@ def test_layout_mismatch_is_refused():
 def test_unknown_transport_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown KV transport"):
         KVChannel("carrier-pigeon")
+
+
+def test_segments_of_dead_owners_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    orphan = tmp_path / f"splitserve-kv-{dead.stdout.strip()}-deadbeef"
+    mine = tmp_path / f"splitserve-kv-{os.getpid()}-cafecafe"
+    orphan.write_bytes(b"x")
+    mine.write_bytes(b"x")
+    assert remove_orphans(str(tmp_path)) == [orphan.name]
+    assert not orphan.exists() and mine.exists()

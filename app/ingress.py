@@ -8,6 +8,7 @@ which aborts the request on whichever replica holds it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -36,6 +37,7 @@ class Ingress:
         self.max_model_len = min(self.args.max_model_len or window, window)
         self.prefill, self.decode, self.colocated = prefill, decode, colocated
         self.num_in_flight = 0
+        self._kv_capacity: int | None = None  # smallest replica KV cache, fetched once
         self.created = int(time.time())
         from deployments.metrics import RequestMetrics
 
@@ -62,6 +64,14 @@ class Ingress:
         if path == "/v1/chat/completions" and method == "POST":
             return await self._generate(await request.body(), chat=True)
         raise APIError(404, f"no route {method} {path}", kind="not_found_error")
+
+    async def _capacity(self) -> int:
+        """The KV cache of the smallest replica a request passes through (same per deployment)."""
+        if self._kv_capacity is None:
+            handles = [h for h in (self.prefill, self.decode, self.colocated) if h is not None]
+            sizes = [await h.max_request_tokens.remote() for h in handles]
+            self._kv_capacity = min(sizes)
+        return self._kv_capacity
 
     def _model_card(self) -> dict:
         return {
@@ -114,6 +124,14 @@ class Ingress:
 
     async def _generate(self, body: bytes, chat: bool) -> Response:
         req, ids, params = self._prepare(body, chat)
+        capacity = await self._capacity()
+        if len(ids) + params.max_tokens > capacity:
+            raise APIError(
+                400,
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
+                f"exceeds the KV cache of a replica ({capacity} tokens)",
+                "max_tokens",
+            )
         if self.num_in_flight >= self.args.ingress.max_queued_requests:
             raise APIError(
                 503,
@@ -135,9 +153,10 @@ class Ingress:
         return JSONResponse(view.final())
 
     async def _sse(self, view, outputs: AsyncIterator[RequestOutput], usage: bool):
-        async for out in outputs:
-            view.add(out)
-            yield f"data: {json.dumps(view.chunk(out))}\n\n"
+        async with contextlib.aclosing(outputs):
+            async for out in outputs:
+                view.add(out)
+                yield f"data: {json.dumps(view.chunk(out))}\n\n"
         if usage:
             yield f"data: {json.dumps(view.usage_chunk())}\n\n"
         yield "data: [DONE]\n\n"
@@ -196,9 +215,10 @@ async def _primed(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[Reques
     first = await anext(outputs)
 
     async def chained() -> AsyncIterator[RequestOutput]:
-        yield first
-        async for out in outputs:
-            yield out
+        async with contextlib.aclosing(outputs):  # closing this closes the request's stream
+            yield first
+            async for out in outputs:
+                yield out
 
     return chained()
 

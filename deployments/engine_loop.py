@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -80,8 +81,10 @@ class EngineLoop:
                 stream.put(e)
 
         self._submit(add)
-        async for out in self._drain(request_id, stream):
-            yield out
+        # aclosing: an early close of this stream must reach _drain now (it aborts), not at GC
+        async with contextlib.aclosing(self._drain(request_id, stream)) as outputs:
+            async for out in outputs:
+                yield out
 
     async def continue_request(
         self,
@@ -95,11 +98,18 @@ class EngineLoop:
         on_imported runs on the engine thread right after the blocks were scattered (it may
         raise to fail the request); on_dropped runs if the request never gets imported.
         """
+        try:  # one that can never fit here must fail now, not wait for blocks forever
+            self.engine.validate(handoff.prompt_token_ids, handoff.sampling_params)
+        except Exception:
+            if on_dropped is not None:
+                on_dropped()
+            raise
         stream = self._stream(handoff.request_id)
         pending = _PendingImport(handoff, buffer, stream, on_imported, on_dropped)
         self._submit(lambda: self._pending_imports.append(pending))
-        async for out in self._drain(handoff.request_id, stream):
-            yield out
+        async with contextlib.aclosing(self._drain(handoff.request_id, stream)) as outputs:
+            async for out in outputs:
+                yield out
 
     async def _drain(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
         done = False

@@ -9,6 +9,7 @@ deployments (`serve.deployment(cls, **options).bind(...)`), so they are testable
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -61,6 +62,10 @@ class _EngineServer:
             "num_pending_imports": self.loop.num_pending_imports,
         }
 
+    async def max_request_tokens(self) -> int:
+        """Prompt + output tokens one request may need: this replica's whole KV cache."""
+        return self.engine.blocks.num_blocks * self.engine.blocks.block_size
+
     async def check_health(self) -> None:
         if not self.loop.is_alive:
             raise RuntimeError("engine thread died")
@@ -82,8 +87,10 @@ class PrefillServer(_EngineServer):
     ) -> AsyncIterator[RequestOutput | PrefillResult]:
         """Yields the first token as soon as it exists, then the PrefillResult (KV published)."""
         first = None
-        async for out in self.loop.generate(request_id, prompt_ids, params, prefill_only=True):
-            first = out
+        stream = self.loop.generate(request_id, prompt_ids, params, prefill_only=True)
+        async with contextlib.aclosing(stream) as outputs:  # a cancel aborts at once
+            async for out in outputs:
+                first = out
         try:
             yield first
             if first.finished:
@@ -117,8 +124,9 @@ class DecodeServer(_EngineServer):
         stream = self.loop.continue_request(
             handoff, view, on_imported=imported, on_dropped=lambda: self.channel.discard(transfer)
         )
-        async for out in stream:
-            yield out
+        async with contextlib.aclosing(stream) as outputs:  # a cancel aborts at once
+            async for out in outputs:
+                yield out
 
 
 class ColocatedServer(_EngineServer):
@@ -127,5 +135,6 @@ class ColocatedServer(_EngineServer):
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
-        async for out in self.loop.generate(request_id, prompt_ids, params):
-            yield out
+        async with contextlib.aclosing(self.loop.generate(request_id, prompt_ids, params)) as s:
+            async for out in s:
+                yield out

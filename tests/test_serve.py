@@ -16,16 +16,21 @@ import pytest
 
 pytestmark = [pytest.mark.serve, pytest.mark.model]
 
+SMALL = {"num_cpus": 0.5, "engine": {"num_threads": 1, "kv_cache_memory_mb": 128}}
 MODES = {
     "disagg": {"mode": "disaggregated"},  # KV over shared memory (the default)
-    "disagg_os": {"mode": "disaggregated", "kv_transport": "object_store"},
+    # and a decode cache smaller than the prefill cache (64 vs 128 MB: 1456 vs 2912 tokens)
+    "disagg_os": {
+        "mode": "disaggregated",
+        "kv_transport": "object_store",
+        "decode": {**SMALL, "engine": {**SMALL["engine"], "kv_cache_memory_mb": 64}},
+    },
     "coloc": {"mode": "colocated"},
     "chunked": {
         "mode": "colocated",
         "colocated": {"engine": {"chunked_prefill": True, "max_num_batched_tokens": 8}},
     },
 }
-SMALL = {"num_cpus": 0.5, "engine": {"num_threads": 1, "kv_cache_memory_mb": 128}}
 
 
 def _free_port() -> int:
@@ -178,12 +183,15 @@ def test_official_openai_client_completions_and_chat(server):
         ({"prompt": "hi", "n": 2}, 400, "n"),
         ({"prompt": "hi", "max_tokens": 5000}, 400, "KV cache"),  # checked by the replicas
         ({"prompt": "hi", "max_tokens": 5000, "stream": True}, 400, "KV cache"),
+        ({"prompt": "hi", "max_tokens": 2000, "app": "disagg_os"}, 400, "1456 tokens"),
         ({"prompt": "hi", "model": "gpt-4"}, 404, "does not exist"),
     ],
 )
 def test_bad_input_gets_openai_error_and_server_keeps_serving(server, body, status, needle):
+    body = dict(body)  # parametrize values are shared: do not mutate them
+    app = body.pop("app", "disagg")
     payload = {"model": "SmolLM2-135M-Instruct", **body}
-    r = httpx.post(f"{server}/disagg/v1/completions", json=payload, timeout=60)
+    r = httpx.post(f"{server}/{app}/v1/completions", json=payload, timeout=60)
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert needle in error["message"] and error["type"]

@@ -1,0 +1,103 @@
+"""EngineLoop: the engine on its own thread, driven from asyncio (no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from deployments.engine_loop import EngineLoop
+from engine import InvalidRequestError, SamplingParams
+
+pytestmark = pytest.mark.model
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=120))
+
+
+async def collect(stream) -> list:
+    return [out async for out in stream]
+
+
+def test_streams_the_same_tokens_as_the_engine(make_engine):
+    expected = make_engine().generate(["The capital of France is"], GREEDY)[0].token_ids
+    loop = EngineLoop(make_engine())
+    try:
+        prompt = loop.engine.encode("The capital of France is")
+        outs = run(collect(loop.generate("a", prompt, GREEDY)))
+        assert [t for o in outs for t in o.new_token_ids] == expected
+        assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+    finally:
+        loop.shutdown()
+
+
+def test_closing_the_stream_early_aborts_and_frees_blocks(make_engine):
+    loop = EngineLoop(make_engine())
+    params = SamplingParams(max_tokens=500, ignore_eos=True)
+
+    async def leave_after_two() -> None:
+        stream = loop.generate("long", loop.engine.encode("Count:"), params)
+        await anext(stream)
+        await anext(stream)
+        await stream.aclose()  # the consumer leaves mid-stream
+        stats = await loop.call(lambda e: e.stats)
+        assert stats.num_running == 0 and stats.num_waiting == 0
+        assert stats.num_free_blocks == stats.num_kv_blocks
+
+    try:
+        run(leave_after_two())
+    finally:
+        loop.shutdown()
+
+
+def test_imports_wait_for_blocks_in_order_then_run(make_engine):
+    prefill = make_engine(block_size=4)
+    decode = EngineLoop(make_engine(num_kv_blocks=4, block_size=4))  # room for one request
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    handoffs = []
+    for rid in ("first", "second"):
+        prefill.add_request(rid, "one two three four five six seven", params, prefill_only=True)
+        while rid not in prefill.scheduler.prefilled:
+            prefill.step()
+        handoffs.append(prefill.export_kv(rid))
+    imported = []
+
+    async def both() -> list:
+        streams = [
+            decode.continue_request(h, b, on_imported=lambda r=h.request_id: imported.append(r))
+            for h, b in handoffs
+        ]
+        return await asyncio.gather(*(collect(s) for s in streams))
+
+    try:
+        first, second = run(both())
+        assert imported == ["first", "second"]  # FIFO: the second waited for the first's blocks
+        assert first[-1].finished and second[-1].finished
+        assert decode.engine.blocks.num_free_blocks == 4
+    finally:
+        decode.shutdown()
+
+
+def test_handoff_that_can_never_fit_is_refused_at_once(make_engine):
+    prefill = make_engine(block_size=4)
+    decode = EngineLoop(make_engine(num_kv_blocks=2, block_size=4))  # 8 tokens in all
+    prefill.add_request(
+        "big", "one two three four five six seven", SamplingParams(max_tokens=8), prefill_only=True
+    )
+    while "big" not in prefill.scheduler.prefilled:
+        prefill.step()
+    dropped = []
+
+    async def attempt() -> None:
+        handoff, buffer = prefill.export_kv("big")
+        stream = decode.continue_request(handoff, buffer, on_dropped=lambda: dropped.append(1))
+        await collect(stream)
+
+    try:
+        with pytest.raises(InvalidRequestError, match="KV cache"):
+            run(attempt())
+        assert dropped == [1] and decode.num_pending_imports == 0
+    finally:
+        decode.shutdown()

@@ -1,0 +1,116 @@
+"""Latency-model coefficients from a roofline estimate, for hardware we do not have.
+
+Per pipeline stage of one instance with tensor parallelism `tp` and `pp` stages (each stage holds
+layers / pp; each GPU holds 1 / tp of a stage). A request's latency through the pipeline is
+pp times the stage time; a stage works on one batch at a time.
+
+prefill (compute-bound):
+    b = 2 * params_per_gpu / (peak * mfu)                       per prompt token
+      + activation all-reduce (TP) and stage hand-off (PP)      per token
+    c = 2 * (layers / pp) * (hidden / tp) / (peak * mfu)        causal QK^T and PV, per token^2
+    a = weight bytes per GPU / bandwidth                        the floor of a tiny batch
+decode (memory-bound):
+    a = weight bytes per GPU / (bandwidth * mbu) + overhead     weights read once per step
+    b = KV bytes per token per GPU / (bandwidth * mbu)          per context token in the batch
+    c = 2 * params_per_gpu / (peak * mfu) + communication       per request in the batch
+KV capacity = (memory * utilization - weights) per GPU / KV bytes per token per GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from placement.hardware import DeviceSpec, ModelSpec
+from placement.latency_model import Coefficients, Entry
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    mfu: float = 0.5  # achieved share of peak FLOP/s in large matmuls
+    mbu: float = 0.7  # achieved share of memory bandwidth
+    mem_util: float = 0.9  # share of GPU memory for weights + KV
+    overhead_ms: float = 1.0  # per step: kernel launches, scheduling
+    allreduce_latency_ms: float = 0.01  # per all-reduce call
+
+
+def fits(model: ModelSpec, device: DeviceSpec, tp: int, pp: int) -> bool:
+    if model.num_heads % tp or model.num_layers % pp or tp > device.gpus_per_node:
+        return False
+    return _weight_bytes_per_gpu(model, tp, pp) < device.mem_gb * 1e9 * Efficiency().mem_util
+
+
+def _weight_bytes_per_gpu(model: ModelSpec, tp: int, pp: int) -> float:
+    return model.num_params * model.dtype_bytes / (tp * pp)
+
+
+def entry(
+    model: ModelSpec,
+    device: DeviceSpec,
+    tp: int = 1,
+    pp: int = 1,
+    eff: Efficiency = Efficiency(),
+) -> Entry:
+    if not fits(model, device, tp, pp):
+        raise ValueError(f"{model.name} does not fit {device.name} with tp={tp}, pp={pp}")
+    flops = device.peak_tflops * 1e12 * eff.mfu / 1e3  # per ms
+    bandwidth = device.mem_bandwidth_gbs * 1e9 * eff.mbu / 1e3  # bytes per ms
+    weights = _weight_bytes_per_gpu(model, tp, pp)
+    params = model.num_params / (tp * pp)
+    layers = model.num_layers // pp
+    # TP: two all-reduces of the activations per layer (ring: 2 (tp - 1) / tp of the bytes)
+    act = model.hidden_size * model.dtype_bytes
+    tp_bytes = 0.0 if tp == 1 else 2 * layers * act * 2 * (tp - 1) / tp
+    tp_ms = tp_bytes / (device.intra_node_gbs * 1e9 / 1e3)
+    tp_calls = 0.0 if tp == 1 else 2 * layers * eff.allreduce_latency_ms
+    pp_ms = 0.0 if pp == 1 else act / (device.intra_node_gbs * 1e9 / 1e3)  # next stage's input
+    prefill = Coefficients(
+        a=weights / bandwidth + eff.overhead_ms + tp_calls,
+        b=2 * params / flops + tp_ms + pp_ms,
+        c=2 * layers * (model.hidden_size / tp) / flops,
+    )
+    kv_per_gpu = model.kv_bytes_per_token / (tp * pp)
+    decode = Coefficients(
+        a=weights / bandwidth + eff.overhead_ms + tp_calls,
+        b=kv_per_gpu / bandwidth,
+        c=2 * params / flops + tp_ms + pp_ms,
+    )
+    free = device.mem_gb * 1e9 * eff.mem_util - weights
+    return Entry(tp, pp, prefill, decode, int(free / kv_per_gpu))
+
+
+def profile(model: ModelSpec, device: DeviceSpec, eff: Efficiency = Efficiency()):
+    """A Profile with one entry per (tp, pp) that fits: tp divides the heads within a node,
+    pp divides the layers."""
+    from placement.latency_model import Profile
+
+    tps = [t for t in range(1, device.gpus_per_node + 1) if device.gpus_per_node % t == 0]
+    pps = [p for p in range(1, model.num_layers + 1) if model.num_layers % p == 0 and p <= 16]
+    entries = [
+        entry(model, device, t, p, eff) for t in tps for p in pps if fits(model, device, t, p)
+    ]
+    return Profile(model.name, f"{device.name} (roofline)", entries)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from placement.hardware import DEVICES
+
+    parser = argparse.ArgumentParser(description="Write a roofline profile for a model + device.")
+    parser.add_argument("--model", required=True, help="HF model directory or its config.json")
+    parser.add_argument("--device", required=True, choices=sorted(DEVICES))
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    result = profile(ModelSpec.from_config(args.model, args.dtype), DEVICES[args.device])
+    if not result.entries:
+        raise SystemExit(f"{args.model} fits no tp x pp layout on {args.device}")
+    result.save(args.out)
+    print(
+        f"wrote {args.out}: {len(result.entries)} layouts "
+        f"({', '.join(f'tp{e.tp}xpp{e.pp}' for e in result.entries[:8])}...)"
+    )
+
+
+if __name__ == "__main__":
+    main()

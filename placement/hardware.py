@@ -1,0 +1,108 @@
+"""What planning needs to know about a model and a device, without weights or the device itself.
+
+`ModelSpec.from_config` reads a Hugging Face config.json (a model directory or the file itself;
+Llama family and OPT) and counts parameters from the shapes, so a 70B model can be planned on a
+laptop. `DEVICES` are data-sheet figures (dense bf16 peak, HBM bandwidth and size, NVLink and
+network bandwidth per GPU).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    gated_mlp: bool  # Llama-style gate/up/down (3 matrices) vs OPT's fc1/fc2 (2)
+    tied_embeddings: bool
+    dtype_bytes: int = 2
+    learned_positions: int = 0  # OPT: rows of its learned position embedding (else RoPE: 0)
+
+    @classmethod
+    def from_config(cls, path: str | Path, dtype: str = "bfloat16") -> ModelSpec:
+        path = Path(path)
+        cfg = json.loads((path / "config.json" if path.is_dir() else path).read_text())
+        kind = cfg.get("model_type", "")
+        heads = cfg["num_attention_heads"]
+        hidden = cfg["hidden_size"]
+        if kind == "opt":
+            return cls(
+                name=cfg.get("_name_or_path") or "opt",
+                num_layers=cfg["num_hidden_layers"],
+                hidden_size=hidden,
+                num_heads=heads,
+                num_kv_heads=heads,
+                head_dim=hidden // heads,
+                intermediate_size=cfg["ffn_dim"],
+                vocab_size=cfg["vocab_size"],
+                gated_mlp=False,
+                tied_embeddings=True,
+                dtype_bytes=_DTYPE_BYTES[dtype],
+                learned_positions=cfg["max_position_embeddings"] + 2,  # OPT's offset of 2
+            )
+        if kind not in ("llama", "mistral", "qwen2"):
+            raise ValueError(f"planning supports Llama-family and OPT configs, not {kind!r}")
+        return cls(
+            name=cfg.get("_name_or_path") or kind,
+            num_layers=cfg["num_hidden_layers"],
+            hidden_size=hidden,
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or hidden // heads,
+            intermediate_size=cfg["intermediate_size"],
+            vocab_size=cfg["vocab_size"],
+            gated_mlp=True,
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            dtype_bytes=_DTYPE_BYTES[dtype],
+        )
+
+    @property
+    def params_per_layer(self) -> int:
+        h, d, f = self.hidden_size, self.head_dim, self.intermediate_size
+        attention = h * self.num_heads * d * 2 + h * self.num_kv_heads * d * 2  # q, o, k, v
+        if self.gated_mlp:  # Llama: no biases, two RMSNorm weights
+            return attention + 3 * h * f + 2 * h
+        # OPT: biases on q, k, v, o, fc1, fc2 and two LayerNorms with weight and bias
+        return attention + 2 * h * f + 4 * h + f + h + 4 * h
+
+    @property
+    def num_params(self) -> int:
+        h = self.hidden_size
+        embeddings = self.vocab_size * h * (1 if self.tied_embeddings else 2)
+        final_norm = h if self.gated_mlp else 2 * h
+        positions = self.learned_positions * h
+        return self.num_layers * self.params_per_layer + embeddings + final_norm + positions
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    name: str
+    peak_tflops: float  # dense bf16
+    mem_bandwidth_gbs: float
+    mem_gb: float
+    intra_node_gbs: float  # per GPU, one direction (NVLink)
+    inter_node_gbs: float  # per GPU (network)
+    gpus_per_node: int = 8
+
+
+DEVICES = {
+    "A100-80GB": DeviceSpec("A100-80GB", 312, 2039, 80, 300, 25),
+    "H100-80GB": DeviceSpec("H100-80GB", 989, 3350, 80, 450, 50),
+    "H200": DeviceSpec("H200", 989, 4800, 141, 450, 50),
+}

@@ -1,0 +1,132 @@
+"""Planning without weights: parameter counts from config.json, roofline coefficients."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+from placement.analytic import entry, fits
+from placement.hardware import DEVICES, ModelSpec
+
+pytestmark = pytest.mark.unit
+
+LLAMA_13B = {
+    "model_type": "llama",
+    "hidden_size": 5120,
+    "num_hidden_layers": 40,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 40,
+    "intermediate_size": 13824,
+    "vocab_size": 32000,
+    "tie_word_embeddings": False,
+}
+LLAMA_70B = {
+    **LLAMA_13B,
+    "hidden_size": 8192,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "intermediate_size": 28672,
+}
+
+
+def _write(tmp_path, cfg: dict):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _numel(model) -> int:
+    return sum(p.numel() for p in model.parameters())  # tied weights are counted once
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_llama_parameter_count_equals_transformers(tmp_path, tied):
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        tie_word_embeddings=tied,
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    spec = ModelSpec.from_config(_write(tmp_path, cfg.to_dict()))
+    assert spec.num_params == _numel(model)
+
+
+def test_opt_parameter_count_equals_transformers(tmp_path):
+    cfg = OPTConfig(
+        hidden_size=64,
+        ffn_dim=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        vocab_size=300,
+        word_embed_proj_dim=64,
+        max_position_embeddings=128,
+    )
+    with torch.device("meta"):
+        model = OPTForCausalLM(cfg)
+    assert ModelSpec.from_config(_write(tmp_path, cfg.to_dict())).num_params == _numel(model)
+
+
+@pytest.mark.model
+def test_default_model_directory_is_planned_from_its_config(default_model_path, paged_model):
+    spec = ModelSpec.from_config(default_model_path)
+    assert spec.num_params == _numel(paged_model) == 134_515_008
+    assert spec.kv_bytes_per_token == 30 * 2 * 3 * 64 * 2  # bf16: 23 KB, as in FACTS.md
+
+
+def test_13b_on_a100_matches_the_roofline_by_hand(tmp_path):
+    spec = ModelSpec.from_config(_write(tmp_path, LLAMA_13B))
+    assert spec.num_params == pytest.approx(13.0e9, rel=0.02)
+    e = entry(spec, DEVICES["A100-80GB"])
+    weights = spec.num_params * 2
+    # decode, batch 1: the weights once at 70% of 2039 GB/s, + 1 ms overhead + a 512-token KV read
+    by_hand = (
+        weights / (2039e9 * 0.7) * 1e3 + 1.0 + 512 * spec.kv_bytes_per_token / (2039e9 * 0.7) * 1e3
+    )
+    by_hand += 2 * spec.num_params / (312e12 * 0.5) * 1e3
+    assert e.decode_ms([512]) == pytest.approx(by_hand, rel=1e-9)
+    assert 15 < e.decode_ms([512]) < 30  # ms: the 30-50 ms of MISSION.md is 175B-scale
+    # prefill of 512 tokens: 2 * params * 512 FLOPs at 50% of 312 TFLOP/s, about 85 ms
+    assert 70 < e.prefill_ms([512]) < 120
+    assert e.kv_capacity_tokens == int((80e9 * 0.9 - weights) / spec.kv_bytes_per_token)
+
+
+def test_parallelism_splits_the_work_and_respects_memory(tmp_path):
+    spec = ModelSpec.from_config(_write(tmp_path, LLAMA_70B))
+    a100 = DEVICES["A100-80GB"]
+    assert not fits(spec, a100, 1, 1)  # 140 GB of bf16 weights
+    assert not fits(spec, a100, 3, 1)  # 64 heads do not split in 3
+    assert fits(spec, a100, 2, 1) and fits(spec, a100, 1, 2)
+    tp2, tp4 = entry(spec, a100, 2, 1), entry(spec, a100, 4, 1)
+    assert tp4.decode.a < tp2.decode.a and tp4.prefill.b < tp2.prefill.b
+    assert tp4.kv_capacity_tokens > 2 * tp2.kv_capacity_tokens  # less weight per GPU, more KV
+    pp2 = entry(spec, a100, 1, 2)
+    assert pp2.prefill.c == pytest.approx(
+        tp2.prefill.c
+    )  # per-stage attention work halves either way
+    with pytest.raises(ValueError, match="does not fit"):
+        entry(spec, a100, 1, 1)
+
+
+def test_unsupported_architecture_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="Llama-family and OPT"):
+        ModelSpec.from_config(_write(tmp_path, {**LLAMA_13B, "model_type": "gpt2"}))
+
+
+def test_profile_lists_every_layout_that_fits_and_round_trips(tmp_path):
+    from placement.analytic import main
+    from placement.latency_model import Profile
+
+    out = tmp_path / "p.yaml"
+    main(["--model", str(_write(tmp_path, LLAMA_70B)), "--device", "H100-80GB", "--out", str(out)])
+    layouts = {(e.tp, e.pp) for e in Profile.load(out).entries}
+    assert (1, 1) not in layouts and (2, 1) in layouts and (8, 1) in layouts and (1, 2) in layouts
+    assert all(64 % tp == 0 and 80 % pp == 0 for tp, pp in layouts)

@@ -1,0 +1,335 @@
+"""Discrete-event simulation of a placement under a workload: per-request TTFT and TPOT.
+
+Instances follow the latency model (placement/latency_model.py; coefficients per pipeline stage):
+- prefill: FCFS batches under a token budget; a batch enters the pipeline every stage time and
+  finishes after pp stage times; its first tokens exist then, and the KV reaches a decode
+  instance `kv_transfer_ms_per_token * prompt tokens` later;
+- decode: continuous batching; a request is admitted when its whole KV (prompt + output) fits
+  in the free capacity (FIFO, never dropped); a step takes pp*a + b*sum(contexts) + c*batch
+  (pp micro-batches in flight);
+- colocated (the vLLM-style baseline): one queue; a step is a prefill batch when one can be
+  admitted (decodes wait: the interference), else a decode step.
+Requests go to the instance with the least queued work. Deterministic: no randomness here.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from placement.latency_model import Entry
+from placement.workload import SimRequest, Workload
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    entry: Entry
+    count: int = 1
+    max_batch_tokens: int = 2048
+    max_batch_size: int = 128
+
+    @property
+    def num_gpus(self) -> int:
+        return self.count * self.entry.tp * self.entry.pp
+
+
+@dataclass(frozen=True)
+class Placement:
+    prefill: InstanceSpec | None = None
+    decode: InstanceSpec | None = None
+    colocated: InstanceSpec | None = None
+    kv_transfer_ms_per_token: float = 0.0
+
+    def __post_init__(self) -> None:
+        if (self.colocated is None) == (self.prefill is None or self.decode is None):
+            raise ValueError("a placement is either prefill + decode, or colocated")
+
+    @property
+    def num_gpus(self) -> int:
+        specs = (self.prefill, self.decode, self.colocated)
+        return sum(s.num_gpus for s in specs if s is not None)
+
+
+@dataclass(frozen=True)
+class SLO:
+    ttft_ms: float
+    tpot_ms: float
+
+
+@dataclass
+class _Track:
+    req: SimRequest
+    first_ms: float = math.inf
+    last_ms: float = math.inf
+    generated: int = 0
+
+    @property
+    def need(self) -> int:  # KV tokens reserved while decoding
+        return self.req.input_len + self.req.output_len
+
+    @property
+    def context(self) -> int:
+        return self.req.input_len + self.generated
+
+
+@dataclass(frozen=True)
+class Result:
+    ttft_ms: float
+    tpot_ms: float
+
+
+class _Sim:
+    def __init__(self) -> None:
+        self._events: list = []
+        self._seq = itertools.count()
+
+    def at(self, t: float, fn, *args) -> None:
+        heapq.heappush(self._events, (t, next(self._seq), fn, args))
+
+    def run(self) -> None:
+        while self._events:
+            t, _, fn, args = heapq.heappop(self._events)
+            fn(t, *args)
+
+
+def _decode_ms(entry: Entry, running: list[_Track]) -> float:
+    d = entry.decode
+    return entry.pp * d.a + d.b * sum(r.context for r in running) + d.c * len(running)
+
+
+def _take_prefill_batch(queue: deque, spec: InstanceSpec, room) -> list[_Track]:
+    """FCFS under the token budget; `room(track)` says whether it may be admitted now."""
+    batch, tokens = [], 0
+    while queue and len(batch) < spec.max_batch_size:
+        head = queue[0]
+        if batch and tokens + head.req.input_len > spec.max_batch_tokens:
+            break
+        if not room(head):
+            break
+        batch.append(queue.popleft())
+        tokens += head.req.input_len
+    return batch
+
+
+class _Decoder:
+    """Continuous batching with KV-capacity admission (also the decode half of colocation)."""
+
+    def __init__(self, spec: InstanceSpec) -> None:
+        self.spec = spec
+        self.running: list[_Track] = []
+        self.used = 0
+
+    def fits(self, track: _Track) -> bool:
+        return (
+            self.used + track.need <= self.spec.entry.kv_capacity_tokens
+            and len(self.running) < self.spec.max_batch_size
+        )
+
+    def admit(self, track: _Track) -> None:
+        self.running.append(track)
+        self.used += track.need
+
+    def finish_step(self, t: float) -> None:
+        for track in self.running:
+            track.generated += 1
+            if track.generated >= track.req.output_len:
+                track.last_ms = t
+        done = [r for r in self.running if r.generated >= r.req.output_len]
+        self.running = [r for r in self.running if r.generated < r.req.output_len]
+        self.used -= sum(r.need for r in done)
+
+
+class _DecodeInstance(_Decoder):
+    def __init__(self, sim: _Sim, spec: InstanceSpec) -> None:
+        super().__init__(spec)
+        self.sim = sim
+        self.waiting: deque[_Track] = deque()
+        self.stepping = False
+
+    @property
+    def load(self) -> int:
+        return self.used + sum(w.need for w in self.waiting)
+
+    def submit(self, t: float, track: _Track) -> None:
+        self.waiting.append(track)
+        if not self.stepping:
+            self._step(t)
+
+    def _step(self, t: float) -> None:
+        while self.waiting and self.fits(self.waiting[0]):
+            self.admit(self.waiting.popleft())
+        self.stepping = bool(self.running)
+        if self.stepping:
+            self.sim.at(t + _decode_ms(self.spec.entry, self.running), self._after)
+
+    def _after(self, t: float) -> None:
+        self.finish_step(t)
+        self._step(t)
+
+
+class _PrefillInstance:
+    def __init__(self, sim: _Sim, spec: InstanceSpec, handoff) -> None:
+        self.sim, self.spec, self.handoff = sim, spec, handoff
+        self.queue: deque[_Track] = deque()
+        self.busy = False
+
+    @property
+    def load(self) -> int:
+        return sum(q.req.input_len for q in self.queue)
+
+    def submit(self, t: float, track: _Track) -> None:
+        self.queue.append(track)
+        if not self.busy:
+            self._start(t)
+
+    def _start(self, t: float) -> None:
+        batch = _take_prefill_batch(self.queue, self.spec, lambda _: True)
+        self.busy = bool(batch)
+        if not batch:
+            return
+        stage = self.spec.entry.prefill_ms([b.req.input_len for b in batch])
+        self.sim.at(t + stage, self._start)  # the next batch enters the pipeline
+        self.sim.at(t + self.spec.entry.pp * stage, self._done, batch)
+
+    def _done(self, t: float, batch: list[_Track]) -> None:
+        for track in batch:
+            track.first_ms, track.generated = t, 1
+            if track.req.output_len <= 1:
+                track.last_ms = t
+            else:
+                self.handoff(t, track)
+
+
+class _ColocatedInstance(_Decoder):
+    def __init__(self, sim: _Sim, spec: InstanceSpec) -> None:
+        super().__init__(spec)
+        self.sim = sim
+        self.queue: deque[_Track] = deque()
+        self.busy = False
+
+    @property
+    def load(self) -> int:
+        return self.used + sum(q.need for q in self.queue)
+
+    def submit(self, t: float, track: _Track) -> None:
+        self.queue.append(track)
+        if not self.busy:
+            self._step(t)
+
+    def _step(self, t: float) -> None:
+        reserved = 0
+
+        def room(track: _Track) -> bool:  # KV for the whole request, and a batch slot
+            nonlocal reserved
+            ok = (
+                self.used + reserved + track.need <= self.spec.entry.kv_capacity_tokens
+                and len(self.running) + 1 <= self.spec.max_batch_size
+            )
+            reserved += track.need if ok else 0
+            return ok
+
+        batch = _take_prefill_batch(self.queue, self.spec, room)
+        self.busy = bool(batch or self.running)
+        if batch:  # prefill first: running decodes wait for it
+            ms = self.spec.entry.pp * self.spec.entry.prefill_ms([b.req.input_len for b in batch])
+            self.sim.at(t + ms, self._prefilled, batch)
+        elif self.running:
+            self.sim.at(t + _decode_ms(self.spec.entry, self.running), self._decoded)
+
+    def _prefilled(self, t: float, batch: list[_Track]) -> None:
+        for track in batch:
+            track.first_ms, track.generated = t, 1
+            if track.req.output_len <= 1:
+                track.last_ms = t
+            else:
+                self.admit(track)
+        self._step(t)
+
+    def _decoded(self, t: float) -> None:
+        self.finish_step(t)
+        self._step(t)
+
+
+def _least_loaded(instances: list):
+    return min(instances, key=lambda i: i.load)
+
+
+def simulate(placement: Placement, requests: list[SimRequest]) -> list[Result]:
+    sim = _Sim()
+    tracks = [_Track(r) for r in requests]
+    if placement.colocated is not None:
+        spec = placement.colocated
+        colocated = [_ColocatedInstance(sim, spec) for _ in range(spec.count)]
+        for track in tracks:
+            sim.at(
+                track.req.arrival_ms, lambda t, tr: _least_loaded(colocated).submit(t, tr), track
+            )
+    else:
+        decoders = [_DecodeInstance(sim, placement.decode) for _ in range(placement.decode.count)]
+
+        def handoff(t: float, track: _Track) -> None:
+            arrive = t + placement.kv_transfer_ms_per_token * track.req.input_len
+            sim.at(arrive, lambda t2, tr: _least_loaded(decoders).submit(t2, tr), track)
+
+        spec = placement.prefill
+        prefills = [_PrefillInstance(sim, spec, handoff) for _ in range(spec.count)]
+        for track in tracks:
+            sim.at(track.req.arrival_ms, lambda t, tr: _least_loaded(prefills).submit(t, tr), track)
+    sim.run()
+    return [_result(t) for t in tracks]
+
+
+def _result(track: _Track) -> Result:
+    ttft = track.first_ms - track.req.arrival_ms
+    if track.req.output_len <= 1 or math.isinf(track.last_ms):
+        tpot = 0.0 if track.req.output_len <= 1 else math.inf
+    else:
+        tpot = (track.last_ms - track.first_ms) / (track.req.output_len - 1)
+    return Result(ttft, tpot)
+
+
+def attainment(results: list[Result], slo: SLO) -> float:
+    ok = [r.ttft_ms <= slo.ttft_ms and r.tpot_ms <= slo.tpot_ms for r in results]
+    return float(np.mean(ok))
+
+
+@dataclass(frozen=True)
+class GoodputResult:
+    rate: float  # requests/s at which attainment >= target
+    attainment_at_rate: float
+    evaluations: list[tuple[float, float]] = field(default_factory=list)  # (rate, attainment)
+
+
+def goodput(
+    placement: Placement,
+    workload: Workload,
+    slo: SLO,
+    target: float = 0.9,
+    seed: int = 0,
+    start_rate: float = 0.5,
+    iterations: int = 12,
+) -> GoodputResult:
+    """Highest rate with attainment >= target: doubling to bracket it, then bisection."""
+    evals: list[tuple[float, float]] = []
+
+    def ok(rate: float) -> bool:
+        value = attainment(simulate(placement, workload.sample(rate, seed)), slo)
+        evals.append((rate, value))
+        return value >= target
+
+    low, high = 0.0, start_rate
+    while ok(high) and high < 1e6:  # bracket: double until it fails
+        low, high = high, high * 2
+    for _ in range(iterations):  # bisect; low always meets the target (or is 0)
+        mid = (low + high) / 2
+        if ok(mid):
+            low = mid
+        else:
+            high = mid
+    at_low = max((a for r, a in evals if r == low), default=0.0)
+    return GoodputResult(low, at_low, evals)

@@ -1,0 +1,80 @@
+"""The placement search on synthetic profiles whose answer is known, and the emitted config."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from placement.latency_model import Coefficients, Entry, Profile
+from placement.optimizer import Cluster, Search, high_affinity, low_affinity, optimize, table
+from placement.plan import report, serve_config
+from placement.simulator import SLO
+from placement.workload import Workload
+
+pytestmark = pytest.mark.unit
+
+# A 100 ms prefill per request against a cheap decode: one decode instance keeps up with several
+# prefill instances, so within 3 GPUs the best per-GPU goodput is 2 prefill : 1 decode.
+CHEAP = Entry(1, 1, Coefficients(0.0, 1.0, 0.0), Coefficients(5.0, 0.0, 0.5), 10**6)
+
+
+def make_search(entries, gpus: int = 3, **kw) -> Search:
+    return Search(
+        profile=Profile("synthetic", "test", entries),
+        workload=Workload(150, input_len=100, output_len=20),
+        slo=SLO(ttft_ms=300, tpot_ms=8),
+        cluster=Cluster(1, gpus),
+        kv_bytes_per_token=1000,
+        max_replicas=3,
+        **kw,
+    )
+
+
+def test_high_affinity_finds_the_two_prefill_one_decode_ratio():
+    search = make_search([CHEAP])
+    best = max(high_affinity(search), key=lambda c: c.per_gpu)
+    assert (best.placement.prefill.count, best.placement.decode.count) == (2, 1)
+    assert best.goodput_rps > 0
+
+
+def test_disaggregation_beats_colocation_when_prefills_stall_decodes():
+    candidates = optimize(make_search([CHEAP]))
+    assert candidates[0].kind.startswith("disaggregated")
+    best_colocated = next(c for c in candidates if c.kind == "colocated")
+    assert candidates[0].per_gpu > best_colocated.per_gpu
+    gain = report(candidates, make_search([CHEAP]))["gain_over_best_colocated"]
+    assert gain == pytest.approx(candidates[0].per_gpu / best_colocated.per_gpu)
+    assert "2P(tp1xpp1) + 1D(tp1xpp1)" in table(candidates)
+
+
+def test_low_affinity_pairs_share_pp_and_fit_in_a_node():
+    tp2 = Entry(2, 1, Coefficients(0.0, 0.6, 0.0), Coefficients(4.0, 0.0, 0.4), 10**6)
+    pp2 = Entry(1, 2, Coefficients(0.0, 0.5, 0.0), Coefficients(3.0, 0.0, 0.3), 10**6)
+    pairs = low_affinity(make_search([CHEAP, tp2, pp2], gpus=3))
+    layouts = {
+        (
+            (c.placement.prefill.entry.tp, c.placement.prefill.entry.pp),
+            (c.placement.decode.entry.tp, c.placement.decode.entry.pp),
+        )
+        for c in pairs
+    }
+    assert ((1, 2), (1, 2)) in layouts and ((2, 1), (1, 1)) in layouts
+    assert ((2, 1), (2, 1)) not in layouts  # tp 2 + 2 > 3 GPUs per node
+    assert all(p[1] == d[1] for p, d in layouts)  # same pipeline depth on both sides
+
+
+def test_emitted_config_is_accepted_by_the_builder():
+    from app.builder import build_app
+    from app.config import AppArgs
+
+    search = make_search([CHEAP])
+    best = optimize(search)[0]
+    config = yaml.safe_load(yaml.safe_dump(serve_config(best, search)))
+    [app] = config["applications"]
+    assert app["import_path"] == "app.builder:build_app"
+    args = AppArgs.model_validate(app["args"])
+    assert (args.prefill.num_replicas, args.decode.num_replicas) == (2, 1)
+    # every replica plus the ingress fits in the cluster's 3 logical CPUs
+    used = 2 * args.prefill.num_cpus + args.decode.num_cpus + args.ingress.num_cpus
+    assert used <= search.cluster.num_gpus
+    build_app(app["args"])  # binds the deployments exactly as `serve run` would

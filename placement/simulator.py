@@ -117,12 +117,27 @@ def _take_prefill_batch(queue: deque, spec: InstanceSpec, room) -> list[_Track]:
 
 
 class _Decoder:
-    """Continuous batching with KV-capacity admission (also the decode half of colocation)."""
+    """Continuous batching with KV-capacity admission, fed by a FIFO queue; `_step` is the
+    instance's policy (decode-only, or colocated)."""
 
-    def __init__(self, spec: InstanceSpec) -> None:
-        self.spec = spec
+    def __init__(self, sim: _Sim, spec: InstanceSpec) -> None:
+        self.sim, self.spec = sim, spec
+        self.queue: deque[_Track] = deque()
         self.running: list[_Track] = []
         self.used = 0
+        self.active = False  # a step is scheduled
+
+    @property
+    def load(self) -> int:
+        return self.used + sum(q.need for q in self.queue)
+
+    def submit(self, t: float, track: _Track) -> None:
+        self.queue.append(track)
+        if not self.active:
+            self._step(t)
+
+    def _step(self, t: float) -> None:
+        raise NotImplementedError
 
     def fits(self, track: _Track) -> bool:
         return (
@@ -134,7 +149,10 @@ class _Decoder:
         self.running.append(track)
         self.used += track.need
 
-    def finish_step(self, t: float) -> None:
+    def decode_step(self, t: float) -> None:
+        self.sim.at(t + _decode_ms(self.spec.entry, self.running), self._after_decode)
+
+    def _after_decode(self, t: float) -> None:
         for track in self.running:
             track.generated += 1
             if track.generated >= track.req.output_len:
@@ -142,34 +160,25 @@ class _Decoder:
         done = [r for r in self.running if r.generated >= r.req.output_len]
         self.running = [r for r in self.running if r.generated < r.req.output_len]
         self.used -= sum(r.need for r in done)
+        self._step(t)
 
 
 class _DecodeInstance(_Decoder):
-    def __init__(self, sim: _Sim, spec: InstanceSpec) -> None:
-        super().__init__(spec)
-        self.sim = sim
-        self.waiting: deque[_Track] = deque()
-        self.stepping = False
-
-    @property
-    def load(self) -> int:
-        return self.used + sum(w.need for w in self.waiting)
-
-    def submit(self, t: float, track: _Track) -> None:
-        self.waiting.append(track)
-        if not self.stepping:
-            self._step(t)
-
     def _step(self, t: float) -> None:
-        while self.waiting and self.fits(self.waiting[0]):
-            self.admit(self.waiting.popleft())
-        self.stepping = bool(self.running)
-        if self.stepping:
-            self.sim.at(t + _decode_ms(self.spec.entry, self.running), self._after)
+        while self.queue and self.fits(self.queue[0]):
+            self.admit(self.queue.popleft())
+        self.active = bool(self.running)
+        if self.active:
+            self.decode_step(t)
 
-    def _after(self, t: float) -> None:
-        self.finish_step(t)
-        self._step(t)
+
+def _first_token(track: _Track, t: float) -> bool:
+    """Record a prefill's token; True when the request continues to decode."""
+    track.first_ms, track.generated = t, 1
+    if track.req.output_len <= 1:
+        track.last_ms = t
+        return False
+    return True
 
 
 class _PrefillInstance:
@@ -198,29 +207,11 @@ class _PrefillInstance:
 
     def _done(self, t: float, batch: list[_Track]) -> None:
         for track in batch:
-            track.first_ms, track.generated = t, 1
-            if track.req.output_len <= 1:
-                track.last_ms = t
-            else:
+            if _first_token(track, t):
                 self.handoff(t, track)
 
 
 class _ColocatedInstance(_Decoder):
-    def __init__(self, sim: _Sim, spec: InstanceSpec) -> None:
-        super().__init__(spec)
-        self.sim = sim
-        self.queue: deque[_Track] = deque()
-        self.busy = False
-
-    @property
-    def load(self) -> int:
-        return self.used + sum(q.need for q in self.queue)
-
-    def submit(self, t: float, track: _Track) -> None:
-        self.queue.append(track)
-        if not self.busy:
-            self._step(t)
-
     def _step(self, t: float) -> None:
         reserved = 0
 
@@ -234,24 +225,17 @@ class _ColocatedInstance(_Decoder):
             return ok
 
         batch = _take_prefill_batch(self.queue, self.spec, room)
-        self.busy = bool(batch or self.running)
+        self.active = bool(batch or self.running)
         if batch:  # prefill first: running decodes wait for it
             ms = self.spec.entry.pp * self.spec.entry.prefill_ms([b.req.input_len for b in batch])
             self.sim.at(t + ms, self._prefilled, batch)
         elif self.running:
-            self.sim.at(t + _decode_ms(self.spec.entry, self.running), self._decoded)
+            self.decode_step(t)
 
     def _prefilled(self, t: float, batch: list[_Track]) -> None:
         for track in batch:
-            track.first_ms, track.generated = t, 1
-            if track.req.output_len <= 1:
-                track.last_ms = t
-            else:
+            if _first_token(track, t):
                 self.admit(track)
-        self._step(t)
-
-    def _decoded(self, t: float) -> None:
-        self.finish_step(t)
         self._step(t)
 
 

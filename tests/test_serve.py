@@ -261,3 +261,35 @@ def test_metrics_reach_the_prometheus_endpoint(server):
         assert time.monotonic() < deadline, missing
         time.sleep(2)
     assert 'phase="decode"' in text and 'phase="prefill"' in text and 'mode="colocated"' in text
+
+
+def test_load_generator_records_every_request_against_the_live_server(server):
+    import asyncio
+
+    from bench.loadgen import run, synthetic
+    from bench.metrics import SLO, summarize
+    from placement.workload import Workload
+
+    requests = synthetic(Workload(4, input_len=16, output_len=6), rate=20.0, seed=1)
+    records, duration = asyncio.run(
+        run(f"{server}/disagg", "SmolLM2-135M-Instruct", requests, progress=False)
+    )
+    assert all(r.ok for r in records), [r.error for r in records]
+    assert [r.num_output_tokens for r in records] == [6] * 4  # ignore_eos forces the length
+    assert all(0 < r.ttft_s < 30 and 0 < r.tpot_s < 5 for r in records)
+    starts = [r.arrival_s for r in records]
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    expected = [b.arrival_s - a.arrival_s for a, b in zip(requests, requests[1:], strict=False)]
+    assert gaps == pytest.approx(expected, abs=0.05)  # sent on the schedule (open loop)
+    summary = summarize(records, SLO(60, 10), duration)
+    assert summary["attainment"] == 1.0 and summary["errors"] == 0
+
+
+def test_load_generator_reports_http_errors_as_failed_requests(server):
+    import asyncio
+
+    from bench.loadgen import LoadRequest, run
+
+    bad = [LoadRequest(0.0, "hi", 0)]  # max_tokens 0: the server answers 400
+    [record], _ = asyncio.run(run(f"{server}/disagg", "SmolLM2-135M-Instruct", bad, progress=False))
+    assert not record.ok and record.error.startswith("HTTP 400")

@@ -270,7 +270,7 @@ def test_load_generator_records_every_request_against_the_live_server(server):
     from bench.metrics import SLO, summarize
     from placement.workload import Workload
 
-    requests = synthetic(Workload(4, input_len=16, output_len=6), rate=20.0, seed=1)
+    requests = synthetic(Workload(4, input_len=16, output_len=6), rate=4.0, seed=1)
     records, duration = asyncio.run(
         run(f"{server}/disagg", "SmolLM2-135M-Instruct", requests, progress=False)
     )
@@ -280,7 +280,8 @@ def test_load_generator_records_every_request_against_the_live_server(server):
     starts = [r.arrival_s for r in records]
     gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
     expected = [b.arrival_s - a.arrival_s for a, b in zip(requests, requests[1:], strict=False)]
-    assert gaps == pytest.approx(expected, abs=0.05)  # sent on the schedule (open loop)
+    assert gaps == pytest.approx(expected, abs=0.1)  # sent on the schedule (open loop)
+    assert max(expected) > 0.2  # the schedule is spread enough for that tolerance to mean something
     summary = summarize(records, SLO(60, 10), duration)
     assert summary["attainment"] == 1.0 and summary["errors"] == 0
 

@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from app.config import AppArgs
 from app.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
 from engine import InvalidRequestError, RequestOutput, SamplingParams
+from engine.limits import chat_token_ids, check_lengths
 from engine.model_store import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,9 @@ class Ingress:
 
     # ---- requests ------------------------------------------------------------------------------
 
-    def _prepare(self, body: bytes, chat: bool) -> tuple[object, list[int], SamplingParams]:
+    def _prepare(
+        self, body: bytes, chat: bool, kv_capacity: int
+    ) -> tuple[object, list[int], SamplingParams]:
         req = parse(body, ChatCompletionRequest if chat else CompletionRequest)
         if req.model != self.args.served_model_name:
             raise APIError(
@@ -96,42 +99,23 @@ class Ingress:
             )
         if chat:
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-            ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+            ids = chat_token_ids(self.tokenizer, messages)
             max_tokens = req.max_completion_tokens or req.max_tokens
         else:
             prompt = req.prompt
             ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
             max_tokens = req.max_tokens if req.max_tokens is not None else 16
-        if not ids:
-            raise APIError(400, "prompt is empty", "prompt")
-        if len(ids) >= self.max_model_len:
-            raise APIError(
-                400,
-                f"prompt has {len(ids)} tokens; the context window is {self.max_model_len} tokens",
-                "messages" if chat else "prompt",
-            )
-        if max_tokens is None:
-            max_tokens = self.max_model_len - len(ids)
-        if len(ids) + max_tokens > self.max_model_len:
-            raise APIError(
-                400,
-                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
-                f"the context window of {self.max_model_len} tokens",
-                "max_tokens",
-            )
+        if max_tokens is None:  # chat without a limit: up to the context window
+            max_tokens = max(1, self.max_model_len - len(ids))
+        try:  # the same limits as the engine, with the smallest replica cache on the path
+            check_lengths(len(ids), max_tokens, self.max_model_len, kv_capacity)
+        except InvalidRequestError as e:
+            param = "messages" if chat and e.param == "prompt" else e.param
+            raise APIError(400, str(e), param) from e
         return req, ids, req.sampling_params(max_tokens)
 
     async def _generate(self, body: bytes, chat: bool) -> Response:
-        req, ids, params = self._prepare(body, chat)
-        capacity = await self._capacity()
-        if len(ids) + params.max_tokens > capacity:
-            raise APIError(
-                400,
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
-                f"exceeds the KV cache of a replica ({capacity} tokens)",
-                "max_tokens",
-            )
+        req, ids, params = self._prepare(body, chat, await self._capacity())
         if self.num_in_flight >= self.args.ingress.max_queued_requests:
             raise APIError(
                 503,
@@ -183,8 +167,8 @@ class Ingress:
                 )
             async for out in stream:
                 yield clock.seen(out)
-        except InvalidRequestError as e:
-            raise APIError(400, str(e)) from e
+        except InvalidRequestError as e:  # raised by a replica
+            raise APIError(400, str(e), getattr(e, "param", None)) from e
         finally:
             self.num_in_flight -= 1
             for call in (prefill, stream):  # no-op once finished; aborts on disconnect

@@ -89,7 +89,7 @@ class _Sampling(BaseModel):
                 ignore_eos=self.ignore_eos,
             )
         except InvalidRequestError as e:
-            raise APIError(400, str(e), str(e).split()[0]) from e
+            raise APIError(400, str(e), e.param) from e
 
     @property
     def include_usage(self) -> bool:

@@ -22,6 +22,7 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import DetokenizerState, IncrementalDetokenizer
+from engine.limits import chat_token_ids, check_lengths
 from engine.model_runner import ModelInput, ModelRunner, SeqInput
 from engine.model_store import resolve_model
 from engine.outputs import Completion, EngineStats, KVHandoff, RequestOutput
@@ -87,34 +88,17 @@ class LLMEngine:
         return list(prompt)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        out = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True
-        )
-        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+        return chat_token_ids(self.tokenizer, messages)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise InvalidRequestError for a request this engine can never serve."""
-        n = len(prompt_ids)
-        if n == 0:
-            raise InvalidRequestError("prompt is empty")
         vocab = self.runner.shape.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
-            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
-        if n >= self.max_model_len:
             raise InvalidRequestError(
-                f"prompt has {n} tokens; the context window is {self.max_model_len} tokens"
-            )
-        if n + params.max_tokens > self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
-                f"window of {self.max_model_len} tokens"
+                f"prompt token ids must be integers in [0, {vocab})", "prompt"
             )
         capacity = self.blocks.num_blocks * self.blocks.block_size
-        if n + params.max_tokens > capacity:
-            raise InvalidRequestError(
-                f"prompt + max_tokens ({n + params.max_tokens} tokens) exceeds this engine's "
-                f"KV cache of {capacity} tokens"
-            )
+        check_lengths(len(prompt_ids), params.max_tokens, self.max_model_len, capacity)
 
     def add_request(
         self,

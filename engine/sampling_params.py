@@ -4,7 +4,14 @@ from dataclasses import dataclass, field
 
 
 class InvalidRequestError(ValueError):
-    """A request the engine refuses; the message names the offending field."""
+    """A request the engine refuses; the message names the offending field, `param` too."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self):  # keep `param` when Ray pickles it across processes
+        return (type(self), (str(self), self.param))
 
 
 @dataclass(frozen=True)
@@ -31,18 +38,20 @@ class SamplingParams:
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise InvalidRequestError(
-                f"max_tokens must be an integer >= 1, got {self.max_tokens!r}"
+                f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens"
             )
         if self.temperature < 0:
-            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
+            raise InvalidRequestError(
+                f"temperature must be >= 0, got {self.temperature}", "temperature"
+            )
         if not 0 < self.top_p <= 1:
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if not isinstance(self.top_k, int) or self.top_k < -1:
             raise InvalidRequestError(
-                f"top_k must be -1, 0 or a positive integer, got {self.top_k}"
+                f"top_k must be -1, 0 or a positive integer, got {self.top_k}", "top_k"
             )
         if any(not s for s in self.stop):
-            raise InvalidRequestError("stop strings must be non-empty")
+            raise InvalidRequestError("stop strings must be non-empty", "stop")
 
     @property
     def is_greedy(self) -> bool:

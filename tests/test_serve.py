@@ -195,6 +195,7 @@ def test_bad_input_gets_openai_error_and_server_keeps_serving(server, body, stat
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert needle in error["message"] and error["type"]
+    assert error["param"]  # every one of these names the offending field
     assert _complete(server, "disagg", prompt="Hi", max_tokens=1).status_code == 200
 
 

@@ -5,9 +5,10 @@
 
 Two Ray actors on a private local cluster hold KV caches shaped like the default model's
 (30 layers, 3 KV heads, head_dim 64, fp32, 16-token blocks). Per request: the sender packs the
-request's blocks and publishes them (KVChannel.send); the receiver opens them and scatters them
-into its own cache (straight from the shared segment for shm). Timed inside the actors (send,
-receive + scatter) and end to end from the driver. The decode step is the engine's, batch 1 at
+request's blocks straight into the transport (KVChannel.send_blocks, as the prefill server
+does); the receiver opens them and scatters them into its own cache (straight from the shared
+segment for shm). Timed inside the actors (send, receive + scatter) and end to end from the
+driver. The decode step is the engine's, batch 1 at
 the same context, 1 thread (as in serve_config.yaml).
 """
 
@@ -22,7 +23,7 @@ import time
 import ray
 import torch
 
-from kernels.kv_blocks import pack_blocks, unpack_blocks
+from kernels.kv_blocks import unpack_blocks
 from kernels.kv_channel import KVChannel, KVTransfer
 
 SHAPE = dict(layers=30, kv_heads=3, head_dim=64, block_size=16, num_blocks=600)
@@ -43,7 +44,7 @@ class Sender:
         self.channel = KVChannel(transport)
 
     def send(self, num_blocks: int) -> KVTransfer:
-        return self.channel.send(pack_blocks(self.cache, list(range(num_blocks))))
+        return self.channel.send_blocks(self.cache, list(range(num_blocks)))
 
 
 @ray.remote(num_cpus=0)

@@ -96,8 +96,11 @@ class PrefillServer(_EngineServer):
             if first.finished:
                 yield PrefillResult(first, None, None, self.node_id)
                 return
-            handoff, buffer = await self.loop.call(lambda e: e.export_kv(request_id))
-            transfer = self.channel.send(buffer)
+            handoff = await self.loop.call(lambda e: e.kv_handoff(request_id))
+            # on the engine thread: the blocks are read while no step can touch the cache
+            transfer = await self.loop.call(
+                lambda e: self.channel.send_blocks(e.runner.kv_cache, list(handoff.block_ids))
+            )
             self.metrics.on_transfer(transfer.send_ms, transfer.nbytes)
         finally:  # published, failed or the caller left: the blocks go back either way
             self.loop.abort(request_id)

@@ -211,27 +211,30 @@ class LLMEngine:
 
     # ---- disaggregation ----------------------------------------------------------------------
 
-    def export_kv(self, request_id: str) -> tuple[KVHandoff, torch.Tensor]:
-        """-> (handoff, buffer (L, 2, n_blocks, bs, Hkv, D)); the blocks stay allocated."""
+    def kv_handoff(self, request_id: str) -> KVHandoff:
+        """What a decode engine needs besides the KV blocks (listed in handoff.block_ids)."""
         request = self.scheduler.prefilled.get(request_id)
         if request is None:
             raise KeyError(f"request {request_id!r} is not a prefilled request of this engine")
         tracked = self._tracked[request_id]
-        table = self.blocks.block_table(request_id)
-        handoff = KVHandoff(
+        return KVHandoff(
             request_id=request_id,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=list(request.output_token_ids),
             sampling_params=request.sampling_params,
             num_computed_tokens=request.num_computed_tokens,
             layout=self.runner.kv_layout,
-            block_ids=tuple(table),
+            block_ids=tuple(self.blocks.block_table(request_id)),
             detokenizer=DetokenizerState(**vars(tracked.detokenizer.state)),
             generator_state=(
                 bytes(tracked.generator.get_state().numpy()) if tracked.generator else None
             ),
         )
-        return handoff, self.runner.export_blocks(table)
+
+    def export_kv(self, request_id: str) -> tuple[KVHandoff, torch.Tensor]:
+        """-> (handoff, buffer (L, 2, n_blocks, bs, Hkv, D)); the blocks stay allocated."""
+        handoff = self.kv_handoff(request_id)
+        return handoff, self.runner.export_blocks(list(handoff.block_ids))
 
     def release(self, request_id: str) -> bool:
         """Free a prefilled request after its KV has been handed off; False if not prefilled."""

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kernels.kv_blocks import pack_blocks
 from kernels.shm_transport import ShmLocation, ShmReceiver, ShmSender, TransferExpired
 
 TRANSPORTS = ("shm", "object_store")
@@ -87,6 +88,25 @@ class KVChannel:
         raw = buffer.contiguous()
         array = raw.view(torch.uint8).numpy() if raw.dtype == torch.bfloat16 else raw.numpy()
         return KVTransfer("object_store", shape, dtype, [ray.put(array)], _ms_since(t0))
+
+    def send_blocks(self, kv_cache: torch.Tensor, block_ids: list[int]) -> KVTransfer:
+        """Pack a request's blocks of `kv_cache` straight into the transport: for shm, the
+        gather writes into the shared segment, so the KV is copied once, not twice."""
+        if self.transport != "shm":
+            return self.send(pack_blocks(kv_cache, block_ids))
+        t0 = time.perf_counter()
+        shape = (*kv_cache.shape[:2], len(block_ids), *kv_cache.shape[3:])
+        nbytes = int(np.prod(shape)) * kv_cache.element_size()
+        ids = torch.as_tensor(block_ids, dtype=torch.long)
+
+        def gather(data: torch.Tensor) -> None:
+            torch.index_select(kv_cache, 2, ids, out=data.view(kv_cache.dtype).view(shape))
+
+        self._sender = self._sender or ShmSender(self.node_id)
+        loc = self._sender.send_with(nbytes, gather)
+        if loc is None:  # pool full of unread transfers
+            return self.send(pack_blocks(kv_cache, block_ids))
+        return KVTransfer("shm", shape, str(kv_cache.dtype), [loc], _ms_since(t0))
 
     # ---- receiver -----------------------------------------------------------------------------
 

@@ -100,15 +100,19 @@ class ShmSender:
         return shm
 
     def send(self, buffer: torch.Tensor) -> ShmLocation | None:
-        """Copy a contiguous CPU tensor into a pooled segment; None when the pool is exhausted."""
+        """Copy a CPU tensor into a pooled segment; None when the pool is exhausted."""
         raw = buffer.contiguous().view(torch.uint8).view(-1)
-        shm = self._segment_for(raw.numel())
+        return self.send_with(raw.numel(), lambda data: data.copy_(raw))
+
+    def send_with(self, nbytes: int, write) -> ShmLocation | None:
+        """Let `write(data)` fill `nbytes` of a pooled segment (data: a uint8 view of it)."""
+        shm = self._segment_for(nbytes)
         if shm is None:
             return None
         header = _header(shm)
         generation = int(header[0]) + 1 | 1  # odd: being written
         header[0] = generation
-        _data(shm, raw.numel()).copy_(raw)
+        write(_data(shm, nbytes))
         header[0] = generation + 1  # even: complete
         self._sent_at[shm.name] = time.monotonic()
         return ShmLocation(shm.name, generation + 1, self.node_id)

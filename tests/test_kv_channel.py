@@ -35,21 +35,24 @@ class _Sender:
         self.cache = torch.randn(*SHAPE, generator=g).to(getattr(torch, dtype))
         self.channel = KVChannel(transport)
 
-    def send(self, blocks: list[int]):
+    def send(self, blocks: list[int], via: str = "send"):
+        if via == "send_blocks":  # packed straight into the transport
+            return self.channel.send_blocks(self.cache, blocks)
         return self.channel.send(pack_blocks(self.cache, blocks))
 
     def blocks(self, blocks: list[int]) -> torch.Tensor:
         return self.cache[:, :, blocks].clone()
 
 
+@pytest.mark.parametrize("via", ["send", "send_blocks"])
 @pytest.mark.parametrize("transport", ["shm", "object_store"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_blocks_arrive_bit_exact_in_other_slots(cluster, dtype, transport):
+def test_blocks_arrive_bit_exact_in_other_slots(cluster, dtype, transport, via):
     sender = _Sender.remote(dtype, transport)
     receiver = KVChannel(transport)
     src, dst = [7, 2, 5], [4, 0, 1]  # scattered blocks, in request order
     for _ in range(3):  # segments are reused after release
-        transfer = ray.get(sender.send.remote(src))
+        transfer = ray.get(sender.send.remote(src, via))
         assert transfer.transport == transport
         elem = 4 if dtype == "float32" else 2
         assert (

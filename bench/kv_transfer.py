@@ -37,7 +37,9 @@ def _cache() -> torch.Tensor:
 
 
 @ray.remote(num_cpus=0)
-class Sender:
+class Replica:
+    """One end of the channel with its own cache: two of them, a sender and a receiver."""
+
     def __init__(self, transport: str) -> None:
         torch.set_num_threads(1)
         self.cache = _cache()
@@ -45,14 +47,6 @@ class Sender:
 
     def send(self, num_blocks: int) -> KVTransfer:
         return self.channel.send_blocks(self.cache, list(range(num_blocks)))
-
-
-@ray.remote(num_cpus=0)
-class Receiver:
-    def __init__(self, transport: str) -> None:
-        torch.set_num_threads(1)
-        self.cache = _cache()
-        self.channel = KVChannel(transport)
 
     def receive(self, transfer: KVTransfer) -> float:
         t0 = time.perf_counter()
@@ -108,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=tmp)
         try:
             for transport in args.transports.split(","):
-                sender, receiver = Sender.remote(transport), Receiver.remote(transport)
+                sender, receiver = Replica.remote(transport), Replica.remote(transport)
                 rows += measure(sender, receiver, transport, contexts, args.repeats)
         finally:
             ray.shutdown()

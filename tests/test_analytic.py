@@ -43,36 +43,35 @@ def _numel(model) -> int:
     return sum(p.numel() for p in model.parameters())  # tied weights are counted once
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_llama_parameter_count_equals_transformers(tmp_path, tied):
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=300,
-        tie_word_embeddings=tied,
-    )
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    spec = ModelSpec.from_config(_write(tmp_path, cfg.to_dict()))
-    assert spec.num_params == _numel(model)
+SMALL = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, vocab_size=300)
 
 
-def test_opt_parameter_count_equals_transformers(tmp_path):
-    cfg = OPTConfig(
-        hidden_size=64,
-        ffn_dim=160,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        vocab_size=300,
-        word_embed_proj_dim=64,
-        max_position_embeddings=128,
-    )
+@pytest.mark.parametrize(
+    ("config", "model_cls"),
+    [
+        (
+            LlamaConfig(
+                **SMALL, intermediate_size=160, num_key_value_heads=2, tie_word_embeddings=True
+            ),
+            LlamaForCausalLM,
+        ),
+        (
+            LlamaConfig(
+                **SMALL, intermediate_size=160, num_key_value_heads=2, tie_word_embeddings=False
+            ),
+            LlamaForCausalLM,
+        ),
+        (
+            OPTConfig(**SMALL, ffn_dim=160, word_embed_proj_dim=64, max_position_embeddings=128),
+            OPTForCausalLM,
+        ),
+    ],
+    ids=["llama-tied", "llama-untied", "opt"],
+)
+def test_parameter_count_equals_transformers(tmp_path, config, model_cls):
     with torch.device("meta"):
-        model = OPTForCausalLM(cfg)
-    assert ModelSpec.from_config(_write(tmp_path, cfg.to_dict())).num_params == _numel(model)
+        model = model_cls(config)
+    assert ModelSpec.from_config(_write(tmp_path, config.to_dict())).num_params == _numel(model)
 
 
 @pytest.mark.model

@@ -1,7 +1,8 @@
 """Open-loop load generator for any OpenAI-compatible server (ours, vLLM, SGLang, ...).
 
     python -m bench.loadgen --url http://127.0.0.1:8000 --rate 0.5 --num-requests 40 \\
-        --input-len 512 --output-len 64 --ttft-ms 8700 --tpot-ms 133 [--cv 1.0]
+        --input-len 512 --output-len 64 --goodput ttft:8700 tpot:133 [--cv 1.0]
+    python -m bench.loadgen --rate 0.2 --dataset sharegpt --goodput ttft:2000 tpot:150
 
 Requests are sent at their arrival times whatever the server does (open loop: a slow server
 builds a queue, as in production), streamed, and timed per request: arrival, first token, last
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from bench.datasets import DATASETS, DatasetItem, LengthFilter, load
 from bench.metrics import SLO, RequestRecord, summarize
 from placement.workload import Workload
 
@@ -46,6 +48,27 @@ def synthetic(
     ]
 
 
+def from_dataset(
+    items: list[DatasetItem], num_requests: int, rate: float, cv: float = 1.0, seed: int = 0
+) -> list[LoadRequest]:
+    """Dataset prompts (drawn with replacement) at `rate`, arrivals as in the simulator."""
+    return [
+        LoadRequest(t, list(items[i].prompt_ids), items[i].output_len)
+        for t, i in dataset_schedule(len(items), num_requests, rate, cv, seed)
+    ]
+
+
+def dataset_schedule(
+    num_items: int, num_requests: int, rate: float, cv: float = 1.0, seed: int = 0
+) -> list[tuple[float, int]]:
+    """(arrival s, item index) pairs; the simulator replays the same schedule."""
+    import numpy as np
+
+    arrivals = Workload(num_requests, 1, 1, cv=cv).sample(rate, seed)
+    picks = np.random.default_rng(seed + 2).integers(0, num_items, num_requests)
+    return [(a.arrival_ms / 1e3, int(i)) for a, i in zip(arrivals, picks, strict=True)]
+
+
 async def _one(client: httpx.AsyncClient, url: str, model: str, req: LoadRequest):
     body = {
         "model": model,
@@ -58,7 +81,7 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, req: LoadRequest
     }
     arrival = time.perf_counter()  # when it was actually sent (open loop: on schedule)
     first = last = None
-    tokens = 0
+    tokens = prompt_tokens = 0
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
             if r.status_code != 200:
@@ -75,9 +98,10 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, req: LoadRequest
                     tokens += 1
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
+                    prompt_tokens = chunk["usage"]["prompt_tokens"]
     except (httpx.HTTPError, asyncio.CancelledError) as e:
-        return RequestRecord(arrival, first, last, tokens, error=type(e).__name__)
-    return RequestRecord(arrival, first, last, tokens)
+        return RequestRecord(arrival, first, last, tokens, prompt_tokens, type(e).__name__)
+    return RequestRecord(arrival, first, last, tokens, prompt_tokens)
 
 
 async def run(
@@ -117,24 +141,69 @@ async def run(
     return records, duration
 
 
+def parse_goodput(specs: list[str]) -> SLO:
+    """vLLM's `--goodput ttft:MS tpot:MS` -> an SLO in seconds."""
+    targets = {}
+    for spec in specs:
+        key, _, value = spec.partition(":")
+        if key not in ("ttft", "tpot") or not value:
+            raise argparse.ArgumentTypeError(f"--goodput takes ttft:MS and tpot:MS, got {spec!r}")
+        targets[key] = float(value) / 1e3
+    if set(targets) != {"ttft", "tpot"}:
+        raise argparse.ArgumentTypeError("--goodput needs both ttft:MS and tpot:MS")
+    return SLO(targets["ttft"], targets["tpot"])
+
+
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", choices=DATASETS, help="default: synthetic lengths")
+    parser.add_argument("--input-len", type=int, default=512, help="synthetic prompt tokens")
+    parser.add_argument("--output-len", type=int, default=64, help="synthetic output tokens")
+    parser.add_argument("--max-input-len", type=int, default=1024, help="dataset filter")
+    parser.add_argument("--max-output-len", type=int, default=512, help="dataset cap")
+    parser.add_argument("--cv", type=float, default=1.0, help="1 = Poisson; >1 burstier (Gamma)")
+    parser.add_argument("--tokenizer", help="for dataset prompts; default: the embedded model")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def dataset_items(args: argparse.Namespace) -> list[DatasetItem] | None:
+    if not args.dataset:
+        return None
+    from transformers import AutoTokenizer
+
+    from engine.model_store import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(args.tokenizer)))
+    lengths = LengthFilter(max_input=args.max_input_len, max_output=args.max_output_len)
+    return load(
+        args.dataset, lambda s: tokenizer.encode(s, add_special_tokens=False), 2000, lengths
+    )
+
+
+def make_requests(
+    args: argparse.Namespace, items: list[DatasetItem] | None, rate: float, n: int
+) -> list[LoadRequest]:
+    if items is not None:
+        return from_dataset(items, n, rate, args.cv, args.seed)
+    workload = Workload(n, args.input_len, args.output_len, cv=args.cv)
+    return synthetic(workload, rate, args.seed)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
     parser.add_argument("--rate", type=float, required=True, help="requests per second")
     parser.add_argument("--num-requests", type=int, default=40)
-    parser.add_argument("--input-len", type=int, default=512)
-    parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--cv", type=float, default=1.0, help="1 = Poisson; >1 burstier (Gamma)")
-    parser.add_argument("--ttft-ms", type=float, required=True)
-    parser.add_argument("--tpot-ms", type=float, required=True)
+    parser.add_argument("--goodput", nargs=2, required=True, metavar="KEY:MS")
     parser.add_argument("--max-duration-s", type=float, default=600.0)
-    parser.add_argument("--seed", type=int, default=0)
+    add_workload_args(parser)
     args = parser.parse_args(argv)
-    workload = Workload(args.num_requests, args.input_len, args.output_len, cv=args.cv)
-    requests = synthetic(workload, args.rate, args.seed)
+    try:
+        slo = parse_goodput(args.goodput)
+    except argparse.ArgumentTypeError as e:
+        parser.error(str(e))
+    requests = make_requests(args, dataset_items(args), args.rate, args.num_requests)
     records, duration = asyncio.run(run(args.url, args.model, requests, args.max_duration_s))
-    slo = SLO(args.ttft_ms / 1e3, args.tpot_ms / 1e3)
     print(json.dumps({"rate": args.rate, **summarize(records, slo, duration)}, indent=2))
 
 

@@ -53,6 +53,9 @@ class SLO:
     def scaled(self, scale: float) -> SLO:
         return SLO(self.ttft_s * scale, self.tpot_s * scale)
 
+    def scaled_each(self, ttft_scale: float, tpot_scale: float) -> SLO:
+        return SLO(self.ttft_s * ttft_scale, self.tpot_s * tpot_scale)
+
 
 def attainment(records: list[RequestRecord], slo: SLO) -> float:
     if not records:

@@ -83,19 +83,27 @@ def measure_decode(engine: LLMEngine, batch: int, context: int, steps: int, rng)
 
 
 def profile(
-    engine: LLMEngine, grid: dict, steps: int = 5, seed: int = 0
+    engine: LLMEngine, grid: dict, steps: int = 5, seed: int = 0, progress: bool = True
 ) -> tuple[Entry, FitReport]:
+    from tqdm import tqdm
+
     rng = np.random.default_rng(seed)
     measure_prefill(engine, 1, 16, rng)  # warm-up
+    bar = tqdm(total=len(grid["prefill"]) + len(grid["decode"]), unit="point", disable=not progress)
     pre_batches, pre_ms = [], []
     for batch, length in grid["prefill"]:
+        bar.set_description(f"prefill {batch}x{length}")
         pre_ms.append(measure_prefill(engine, batch, length, rng))
         pre_batches.append([length] * batch)
+        bar.update()
     dec_batches, dec_ms = [], []
     for batch, context in grid["decode"]:
+        bar.set_description(f"decode {batch}x{context}")
         ms, contexts = measure_decode(engine, batch, context, steps, rng)
         dec_ms.append(ms)
         dec_batches.append(contexts)
+        bar.update()
+    bar.close()
     prefill, pre_err = fit_relative(prefill_features(pre_batches), np.array(pre_ms))
     decode, dec_err = fit_relative(decode_features(dec_batches), np.array(dec_ms))
     capacity = engine.blocks.num_blocks * engine.blocks.block_size

@@ -8,7 +8,11 @@ Instances follow the latency model (placement/latency_model.py; coefficients per
   in the free capacity (FIFO, never dropped); a step takes pp*a + b*sum(contexts) + c*batch
   (pp micro-batches in flight);
 - colocated (the vLLM-style baseline): one queue; a step is a prefill batch when one can be
-  admitted (decodes wait: the interference), else a decode step.
+  admitted (decodes wait: the interference), else a decode step;
+- colocated with chunked prefill (Sarathi-Serve): every step runs all running decodes plus
+  prompt chunks in what is left of the token budget, FCFS; a chunk of L tokens at offset o costs
+  b*L + c*((o+L)^2 - o^2) of the prefill model (its attention over the prefix), the step pays
+  the larger fixed cost a once.
 Requests go to the instance with the least queued work. Deterministic: no randomness here.
 """
 
@@ -32,6 +36,7 @@ class InstanceSpec:
     count: int = 1
     max_batch_tokens: int = 2048
     max_batch_size: int = 128
+    chunked_prefill: bool = False  # colocated only: Sarathi-style mixed steps
 
     @property
     def num_gpus(self) -> int:
@@ -67,6 +72,7 @@ class _Track:
     first_ms: float = math.inf
     last_ms: float = math.inf
     generated: int = 0
+    prefilled: int = 0  # prompt tokens computed so far (chunked prefill)
 
     @property
     def need(self) -> int:  # KV tokens reserved while decoding
@@ -153,6 +159,11 @@ class _Decoder:
         self.sim.at(t + _decode_ms(self.spec.entry, self.running), self._after_decode)
 
     def _after_decode(self, t: float) -> None:
+        self._count_decodes(t)
+        self._step(t)
+
+    def _count_decodes(self, t: float) -> None:
+        """Every running request got a token at t; finished ones leave and free their KV."""
         for track in self.running:
             track.generated += 1
             if track.generated >= track.req.output_len:
@@ -160,7 +171,6 @@ class _Decoder:
         done = [r for r in self.running if r.generated >= r.req.output_len]
         self.running = [r for r in self.running if r.generated < r.req.output_len]
         self.used -= sum(r.need for r in done)
-        self._step(t)
 
 
 class _DecodeInstance(_Decoder):
@@ -186,10 +196,11 @@ class _PrefillInstance:
         self.sim, self.spec, self.handoff = sim, spec, handoff
         self.queue: deque[_Track] = deque()
         self.busy = False
+        self.inflight = 0  # prompt tokens in the pipeline
 
     @property
-    def load(self) -> int:
-        return sum(q.req.input_len for q in self.queue)
+    def load(self) -> int:  # prompt tokens queued or being computed
+        return sum(q.req.input_len for q in self.queue) + self.inflight
 
     def submit(self, t: float, track: _Track) -> None:
         self.queue.append(track)
@@ -201,11 +212,13 @@ class _PrefillInstance:
         self.busy = bool(batch)
         if not batch:
             return
+        self.inflight += sum(b.req.input_len for b in batch)
         stage = self.spec.entry.prefill_ms([b.req.input_len for b in batch])
         self.sim.at(t + stage, self._start)  # the next batch enters the pipeline
         self.sim.at(t + self.spec.entry.pp * stage, self._done, batch)
 
     def _done(self, t: float, batch: list[_Track]) -> None:
+        self.inflight -= sum(b.req.input_len for b in batch)
         for track in batch:
             if _first_token(track, t):
                 self.handoff(t, track)
@@ -227,6 +240,7 @@ class _ColocatedInstance(_Decoder):
         batch = _take_prefill_batch(self.queue, self.spec, room)
         self.active = bool(batch or self.running)
         if batch:  # prefill first: running decodes wait for it
+            self.used += reserved  # held from now on: the router sees this work
             ms = self.spec.entry.pp * self.spec.entry.prefill_ms([b.req.input_len for b in batch])
             self.sim.at(t + ms, self._prefilled, batch)
         elif self.running:
@@ -235,7 +249,59 @@ class _ColocatedInstance(_Decoder):
     def _prefilled(self, t: float, batch: list[_Track]) -> None:
         for track in batch:
             if _first_token(track, t):
-                self.admit(track)
+                self.running.append(track)  # its KV was reserved when the batch started
+            else:
+                self.used -= track.need
+        self._step(t)
+
+
+class _ChunkedInstance(_Decoder):
+    def __init__(self, sim: _Sim, spec: InstanceSpec) -> None:
+        super().__init__(sim, spec)
+        self.prefilling: list[_Track] = []  # admitted (KV reserved), prompt not finished
+
+    def _step(self, t: float) -> None:
+        while self.queue and self._room(self.queue[0]):
+            track = self.queue.popleft()
+            self.prefilling.append(track)
+            self.used += track.need
+        budget = self.spec.max_batch_tokens - len(self.running)
+        chunks = []
+        for track in self.prefilling:
+            if budget <= 0:
+                break
+            take = min(budget, track.req.input_len - track.prefilled)
+            chunks.append((track, take))
+            budget -= take
+        self.active = bool(chunks or self.running)
+        if self.active:
+            self.sim.at(t + self._step_ms(chunks), self._after_step, chunks)
+
+    def _room(self, track: _Track) -> bool:
+        slots = len(self.running) + len(self.prefilling) < self.spec.max_batch_size
+        return slots and self.used + track.need <= self.spec.entry.kv_capacity_tokens
+
+    def _step_ms(self, chunks: list[tuple[_Track, int]]) -> float:
+        entry = self.spec.entry
+        p, d = entry.prefill, entry.decode
+        ms = entry.pp * max(p.a if chunks else 0.0, d.a if self.running else 0.0)
+        ms += d.b * sum(r.context for r in self.running) + d.c * len(self.running)
+        for track, n in chunks:
+            o = track.prefilled
+            ms += p.b * n + p.c * ((o + n) ** 2 - o**2)
+        return ms
+
+    def _after_step(self, t: float, chunks: list[tuple[_Track, int]]) -> None:
+        self._count_decodes(t)
+        for track, n in chunks:
+            track.prefilled += n
+        finished = [tr for tr, _ in chunks if tr.prefilled >= tr.req.input_len]
+        self.prefilling = [tr for tr in self.prefilling if tr.prefilled < tr.req.input_len]
+        for track in finished:
+            if _first_token(track, t):
+                self.running.append(track)
+            else:
+                self.used -= track.need
         self._step(t)
 
 
@@ -248,7 +314,8 @@ def simulate(placement: Placement, requests: list[SimRequest]) -> list[Result]:
     tracks = [_Track(r) for r in requests]
     if placement.colocated is not None:
         spec = placement.colocated
-        colocated = [_ColocatedInstance(sim, spec) for _ in range(spec.count)]
+        kind = _ChunkedInstance if spec.chunked_prefill else _ColocatedInstance
+        colocated = [kind(sim, spec) for _ in range(spec.count)]
         for track in tracks:
             sim.at(
                 track.req.arrival_ms, lambda t, tr: _least_loaded(colocated).submit(t, tr), track

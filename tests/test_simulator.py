@@ -117,3 +117,40 @@ def test_goodput_doubles_with_a_second_prefill_instance_when_prefill_bound():
     assert two.rate > 1.6 * one.rate
     assert one.attainment_at_rate >= 0.9
     assert goodput(disagg(entry, budget=64), work, slo).rate == one.rate  # deterministic
+
+
+CHUNK_ENTRY = Entry(1, 1, Coefficients(10.0, 0.1, 1e-4), Coefficients(20.0, 0.01, 2.0), 100_000)
+
+
+def chunked(budget: int) -> Placement:
+    spec = InstanceSpec(CHUNK_ENTRY, max_batch_tokens=budget, chunked_prefill=True)
+    return Placement(colocated=spec)
+
+
+def test_chunked_prefill_splits_a_prompt_and_pays_its_full_attention_cost():
+    [alone] = simulate(chunked(256), [SimRequest(0.0, 512, 3)])
+    p, d = CHUNK_ENTRY.prefill, CHUNK_ENTRY.decode
+    # two chunks of 256: each pays a; the quadratic terms add up to c * 512^2
+    assert alone.ttft_ms == pytest.approx(2 * p.a + p.b * 512 + p.c * 512**2)
+    step = d.a + d.b * 513 + d.c  # decodes run alone once the prompt is done (first at 513)
+    assert alone.tpot_ms == pytest.approx((step + step + d.b) / 2)
+    [whole] = simulate(chunked(1024), [SimRequest(0.0, 512, 3)])
+    assert whole.ttft_ms == pytest.approx(CHUNK_ENTRY.prefill_ms([512]))
+
+
+def test_chunked_prefill_bounds_the_stall_a_long_prompt_puts_on_running_decodes():
+    reqs = [SimRequest(0.0, 16, 40), SimRequest(100.0, 2000, 2)]
+    plain = simulate(Placement(colocated=InstanceSpec(CHUNK_ENTRY)), reqs)
+    mixed = simulate(chunked(256), reqs)
+    # whole-prompt prefill stalls the decode for one 2000-token step; chunks spread it out
+    # and each mixed step also carries the decode, so the decode's TPOT is smaller...
+    assert mixed[0].tpot_ms < plain[0].tpot_ms
+    # ...while the long prompt's own first token comes later (8 steps, 8 fixed costs)
+    assert mixed[1].ttft_ms > plain[1].ttft_ms
+
+
+def test_requests_go_to_the_idle_instance_not_the_one_busy_prefilling():
+    reqs = [SimRequest(0.0, 500, 4), SimRequest(1.0, 500, 4)]  # the 2nd lands mid-prefill
+    for placement in (Placement(colocated=InstanceSpec(ENTRY, 2)), disagg(n_prefill=2)):
+        first, second = simulate(placement, reqs)
+        assert second.ttft_ms == pytest.approx(first.ttft_ms)  # no queueing behind the first

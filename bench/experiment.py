@@ -1,0 +1,329 @@
+"""Goodput experiment: each serving configuration in turn on this machine, the same sweep each.
+
+    python -m bench.experiment --out bench/results/goodput-512-64 --profile profile.yaml \\
+        --configs disagg-1p1d coloc-2 chunked-2 --rates 0.15 0.25 0.35 0.5 0.65 \\
+        --num-requests 30 --input-len 512 --output-len 64
+    python -m bench.experiment --out bench/results/goodput-sharegpt --dataset sharegpt ...
+
+Every configuration runs the same number of engine threads (one torch thread per engine, two
+engines), so they share the machine's cores on equal terms. A private local Ray cluster is
+started for the run and shut down after it; configurations are deployed with Serve one after
+the other from serve_config.yaml's args plus each configuration's overrides. The sweep stops
+early once attainment at the loosest SLO of the grid falls below the target (higher rates
+cannot add goodput), then bisects the headline SLO's crossing. The report (bench/report.py)
+keeps every request's timings, so any SLO can be evaluated again afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import platform
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from bench.loadgen import LoadRequest, add_workload_args, dataset_items, make_requests, run
+from bench.metrics import SLO, RequestRecord, attainment
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Configuration:
+    description: str
+    colocated: bool
+    overrides: dict  # merged into serve_config.yaml's args
+
+    @property
+    def cores(self) -> int:  # engine threads in all: what the configuration computes on
+        phases = ("colocated",) if self.colocated else ("prefill", "decode")
+        return sum(
+            self.overrides[p].get("num_replicas", 1) * self.overrides[p]["engine"]["num_threads"]
+            for p in phases
+        )
+
+
+def _phase(replicas: int, **engine) -> dict:
+    return {"num_replicas": replicas, "num_cpus": 1, "engine": {"num_threads": 1, **engine}}
+
+
+CONFIGURATIONS = {
+    "disagg-1p1d": Configuration(
+        "disaggregated: 1 prefill + 1 decode replica, 1 thread each",
+        False,
+        {"mode": "disaggregated", "prefill": _phase(1), "decode": _phase(1)},
+    ),
+    "coloc-2": Configuration(
+        "colocated (vLLM-style continuous batching): 2 replicas, 1 thread each",
+        True,
+        {"mode": "colocated", "colocated": _phase(2, kv_cache_memory_mb=1024)},
+    ),
+    "chunked-2": Configuration(
+        "colocated with chunked prefill (256-token budget): 2 replicas, 1 thread each",
+        True,
+        {
+            "mode": "colocated",
+            "colocated": _phase(
+                2, kv_cache_memory_mb=1024, chunked_prefill=True, max_num_batched_tokens=256
+            ),
+        },
+    ),
+    "coloc-1x2": Configuration(
+        "colocated: 1 replica with 2 threads",
+        True,
+        {"mode": "colocated", "colocated": _phase(1, num_threads=2, kv_cache_memory_mb=1024)},
+    ),
+}
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    """Deep merge: dicts merge key by key, anything else in overrides replaces."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def app_args(name: str, base_config: Path = REPO / "serve_config.yaml") -> dict:
+    base = yaml.safe_load(base_config.read_text())["applications"][0]["args"]
+    return merge(base, CONFIGURATIONS[name].overrides)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    """A private local Ray cluster with Serve on a free port; one application at a time."""
+
+    APP = "bench"
+
+    def __enter__(self) -> Cluster:
+        import ray
+        from ray import serve
+
+        self._temp = tempfile.mkdtemp(prefix="splitserve-ray-")  # outside any working_dir
+        ray.init(
+            address="local",
+            num_cpus=8,  # logical: replicas ask for 1 each; threads are set per engine
+            include_dashboard=False,
+            _temp_dir=self._temp,
+            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+        )
+        self.url = f"http://127.0.0.1:{_free_port()}"
+        serve.start(http_options={"host": "127.0.0.1", "port": int(self.url.rsplit(":", 1)[1])})
+        return self
+
+    def deploy(self, args: dict, timeout_s: float = 600) -> None:
+        from ray import serve
+
+        from app.builder import build_app
+
+        serve.run(build_app(args), name=self.APP, route_prefix="/", blocking=False)
+        deadline = time.monotonic() + timeout_s
+        while serve.status().applications[self.APP].status != "RUNNING":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"application did not start: {serve.status()}")
+            time.sleep(1)
+
+    def undeploy(self) -> None:
+        from ray import serve
+
+        serve.delete(self.APP)
+
+    def __exit__(self, *exc) -> None:
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+
+
+@dataclass
+class RatePoint:
+    rate: float
+    duration_s: float
+    records: list[RequestRecord]
+
+    def to_json(self) -> dict:
+        t0 = min(r.arrival_s for r in self.records)
+        rows = [
+            [
+                r.arrival_s - t0,
+                None if r.first_token_s is None else r.first_token_s - t0,
+                None if r.last_token_s is None else r.last_token_s - t0,
+                r.num_output_tokens,
+                r.num_prompt_tokens,
+                r.error,
+            ]
+            for r in self.records
+        ]
+        return {"rate": self.rate, "duration_s": self.duration_s, "records": rows}
+
+
+def sweep(
+    send: Callable[[float], tuple[list[RequestRecord], float]],
+    rates: list[float],
+    headline: SLO,
+    loosest: SLO,
+    target: float = 0.9,
+    bisect: int = 0,
+    log: Callable[[str], None] = print,
+) -> list[RatePoint]:
+    """Run `send(rate)` at each rate (ascending) until even the loosest SLO fails, then
+    `bisect` more rates between the headline SLO's last pass and first fail."""
+    points: list[RatePoint] = []
+
+    def measure(rate: float) -> RatePoint:
+        records, duration = send(rate)
+        point = RatePoint(rate, duration, records)
+        points.append(point)
+        log(
+            f"  rate {rate:.3f}/s: attainment {attainment(records, headline):.2f} "
+            f"(loosest {attainment(records, loosest):.2f}), "
+            f"errors {sum(not r.ok for r in records)}"
+        )
+        return point
+
+    for rate in sorted(rates):
+        if attainment(measure(rate).records, loosest) < target:
+            break
+    for _ in range(bisect):
+        passing = [p.rate for p in points if attainment(p.records, headline) >= target]
+        failing = [p.rate for p in points if attainment(p.records, headline) < target]
+        low = max(passing, default=0.0)
+        above = [r for r in failing if r > low]
+        if not above:
+            break
+        measure(round((low + min(above)) / 2, 4) if low else round(min(above) / 2, 4))
+    return sorted(points, key=lambda p: p.rate)
+
+
+def _send(url: str, model: str, make: Callable[[float], list[LoadRequest]]):
+    def send(rate: float) -> tuple[list[RequestRecord], float]:
+        requests = make(rate)
+        span = requests[-1].arrival_s
+        return asyncio.run(run(url, model, requests, max_duration_s=1.5 * span + 180))
+
+    return send
+
+
+def _warm_up(url: str, model: str) -> None:
+    warm = [LoadRequest(0.0, [100 + i for i in range(32)], 4) for _ in range(2)]
+    records, _ = asyncio.run(run(url, model, warm, progress=False))
+    failed = [r.error for r in records if not r.ok]
+    if failed:
+        raise RuntimeError(f"warm-up requests failed: {failed}")
+
+
+def run_experiment(args: argparse.Namespace, items, unit: SLO, grid: dict) -> dict:
+    from bench.report import loosest_slo
+
+    headline = unit.scaled_each(*grid["headline"])
+    loosest = loosest_slo(unit, grid)
+    report = {"meta": _meta(args, unit, grid, items), "configs": {}}
+    with Cluster() as cluster:
+        for name in args.configs:
+            config = CONFIGURATIONS[name]
+            print(f"{name}: {config.description}", flush=True)
+            cluster.deploy(app_args(name))
+            _warm_up(cluster.url, args.model)
+
+            def make(rate: float) -> list[LoadRequest]:
+                return make_requests(args, items, rate, args.num_requests)
+
+            send = _send(cluster.url, args.model, make)
+            points = sweep(send, args.rates, headline, loosest, args.target, args.bisect)
+            cluster.undeploy()
+            report["configs"][name] = {
+                "description": config.description,
+                "colocated": config.colocated,
+                "cores": config.cores,
+                "args": app_args(name),
+                "points": [p.to_json() for p in points],
+            }
+    return report
+
+
+def _meta(args: argparse.Namespace, unit: SLO, grid: dict, items) -> dict:
+    lengths = None
+    if items is not None:
+        lengths = [[i.input_len, i.output_len] for i in items]
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": f"{platform.machine()}, {_cores()} cores",
+        "command": "python -m bench.experiment " + " ".join(args.argv),
+        "workload": {
+            "dataset": args.dataset,
+            "input_len": args.input_len,
+            "output_len": args.output_len,
+            "num_requests": args.num_requests,
+            "cv": args.cv,
+            "seed": args.seed,
+            "dataset_lengths": lengths,
+        },
+        "slo_unit": {"ttft_s": unit.ttft_s, "tpot_s": unit.tpot_s, "source": args.slo_source},
+        "grid": grid,
+        "target": args.target,
+    }
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    from bench.loadgen import parse_goodput
+    from bench.report import DEFAULT_GRID, slo_unit_from_profile, write_report
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="directory for report.json, tables, plots")
+    parser.add_argument("--configs", nargs="+", default=["disagg-1p1d", "coloc-2", "chunked-2"])
+    parser.add_argument("--rates", nargs="+", type=float, required=True)
+    parser.add_argument("--bisect", type=int, default=1, help="extra rates at the crossing")
+    parser.add_argument("--num-requests", type=int, default=30)
+    parser.add_argument("--model", default="SmolLM2-135M-Instruct")
+    parser.add_argument("--target", type=float, default=0.9)
+    slo = parser.add_mutually_exclusive_group(required=True)
+    slo.add_argument("--profile", help="SLO unit from a profile: prefill(input), decode step")
+    slo.add_argument("--goodput", nargs=2, metavar="KEY:MS", help="SLO unit in ms (vLLM style)")
+    add_workload_args(parser)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    unknown = set(args.configs) - set(CONFIGURATIONS)
+    if unknown:
+        parser.error(f"unknown configurations {sorted(unknown)}; known: {list(CONFIGURATIONS)}")
+    items = dataset_items(args)
+    if args.profile:
+        unit = slo_unit_from_profile(args.profile, args.input_len, args.output_len, items)
+        grid, args.slo_source = DEFAULT_GRID, f"profile {args.profile}"
+    else:
+        unit = parse_goodput(args.goodput)
+        grid, args.slo_source = {"headline": [1.0, 1.0], "ttft": [1.0], "tpot": [1.0]}, "given"
+    report = run_experiment(args, items, unit, grid)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report))
+    print(write_report(report, out, args.profile))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,325 @@
+"""From an experiment's raw records to goodput, the SLO-scale map, the simulator's predictions,
+a markdown table and PNG plots.
+
+    python -m bench.report bench/results/goodput-512-64/report.json [--profile profile.yaml]
+
+SLOs are a unit (TTFT = the profiled single-request prefill time of the workload's prompt,
+TPOT = the profiled batch-1 decode step) times a scale per target, so a grid of scales reads
+the same on any device. Goodput per configuration and grid cell comes from the same measured
+requests (thresholds change, the runs do not). With a profile, the placement simulator replays
+each configuration on the very same arrival schedule and lengths: its predicted goodput sits
+next to the measured one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from bench.metrics import SLO, RequestRecord, attainment, goodput, percentiles
+
+DEFAULT_GRID = {
+    "headline": [5.5, 2.0],  # the reference's proportions: TTFT 5.5x prefill, TPOT 2x decode
+    "ttft": [2.0, 3.5, 5.5, 8.0, 12.0],
+    "tpot": [1.25, 1.5, 2.0, 3.0, 4.0],
+}
+KV_TRANSFER_MS_PER_TOKEN = 0.025  # bench.kv_transfer, shm, this machine: 12.6 ms / 512 tokens
+
+
+def loosest_slo(unit: SLO, grid: dict) -> SLO:
+    return unit.scaled_each(max(grid["ttft"]), max(grid["tpot"]))
+
+
+def slo_unit_from_profile(path: str, input_len: int, output_len: int, items=None) -> SLO:
+    """TTFT unit = prefill of one mean-length prompt; TPOT unit = a batch-1 decode step at the
+    mean context (prompt + half the output), from the profile's tp=1, pp=1 entry."""
+    from placement.latency_model import Profile
+
+    entry = Profile.load(path).entry(1, 1)
+    if items:
+        input_len = round(float(np.mean([i.input_len for i in items])))
+        output_len = round(float(np.mean([i.output_len for i in items])))
+    prefill_ms = entry.prefill_ms([input_len])
+    decode_ms = entry.decode_ms([input_len + output_len // 2])
+    return SLO(prefill_ms / 1e3, decode_ms / 1e3)
+
+
+def _records(point: dict) -> list[RequestRecord]:
+    return [RequestRecord(*row) for row in point["records"]]
+
+
+def _unit(report: dict) -> SLO:
+    u = report["meta"]["slo_unit"]
+    return SLO(u["ttft_s"], u["tpot_s"])
+
+
+def curve(points: list[dict], slo: SLO) -> list[dict]:
+    """Per measured rate: attainment and latency percentiles."""
+    rows = []
+    for p in points:
+        records = _records(p)
+        rows.append(
+            {
+                "rate": p["rate"],
+                "attainment": attainment(records, slo),
+                "errors": sum(not r.ok for r in records),
+                "ttft_s": percentiles([r.ttft_s for r in records]),
+                "tpot_s": percentiles([r.tpot_s for r in records]),
+            }
+        )
+    return rows
+
+
+def config_goodput(points: list[dict], slo: SLO, target: float) -> float:
+    return goodput([(p["rate"], attainment(_records(p), slo)) for p in points], target)
+
+
+def slo_map(report: dict) -> list[dict]:
+    """Goodput of every configuration at every (TTFT scale, TPOT scale) of the grid."""
+    meta, unit = report["meta"], _unit(report)
+    cells = []
+    for kt in meta["grid"]["ttft"]:
+        for kp in meta["grid"]["tpot"]:
+            slo = unit.scaled_each(kt, kp)
+            rates = {
+                name: config_goodput(c["points"], slo, meta["target"])
+                for name, c in report["configs"].items()
+            }
+            cells.append({"ttft_scale": kt, "tpot_scale": kp, "goodput": rates})
+    return cells
+
+
+def disagg_ratio(configs: dict, rates: dict[str, float]) -> float | None:
+    """Best disaggregated goodput / best colocated goodput (None when either is missing)."""
+    disagg = [rates[n] for n, c in configs.items() if not c["colocated"]]
+    coloc = [rates[n] for n, c in configs.items() if c["colocated"]]
+    if not disagg or not coloc:
+        return None
+    if max(coloc) == 0:
+        return float("inf") if max(disagg) > 0 else None
+    return max(disagg) / max(coloc)
+
+
+def analyze(report: dict, profile: str | None = None) -> dict:
+    meta, unit = report["meta"], _unit(report)
+    headline = unit.scaled_each(*meta["grid"]["headline"])
+    configs = report["configs"]
+    rates = {n: config_goodput(c["points"], headline, meta["target"]) for n, c in configs.items()}
+    best_coloc = max((rates[n] for n, c in configs.items() if c["colocated"]), default=None)
+    out = {
+        "headline_slo": {"ttft_s": headline.ttft_s, "tpot_s": headline.tpot_s},
+        "configs": {},
+        "disagg_over_best_colocated": disagg_ratio(configs, rates),
+        "slo_map": slo_map(report),
+    }
+    predicted = predict(report, profile, headline) if profile else {}
+    for name, c in configs.items():
+        row = {
+            "description": c["description"],
+            "colocated": c["colocated"],
+            "cores": c["cores"],
+            "goodput_rps": rates[name],
+            "goodput_per_core": rates[name] / c["cores"],
+            "vs_best_colocated": rates[name] / best_coloc if best_coloc else None,
+            "curve": curve(c["points"], headline),
+        }
+        if name in predicted:
+            row["simulated_goodput_rps"] = predicted[name]["goodput_rps"]
+            row["simulated_curve"] = predicted[name]["curve"]
+        out["configs"][name] = row
+    return out
+
+
+def sim_requests(meta: dict, rate: float):
+    """The arrival schedule and lengths the load generator sent at `rate`, for the simulator."""
+    from bench.loadgen import dataset_schedule
+    from placement.workload import SimRequest, Workload
+
+    w = meta["workload"]
+    if w["dataset_lengths"]:
+        lengths = w["dataset_lengths"]
+        schedule = dataset_schedule(len(lengths), w["num_requests"], rate, w["cv"], w["seed"])
+        return [SimRequest(t * 1e3, *lengths[i]) for t, i in schedule]
+    workload = Workload(w["num_requests"], w["input_len"], w["output_len"], cv=w["cv"])
+    return workload.sample(rate, w["seed"])
+
+
+def placement_for(args: dict, entry):
+    """The simulator's view of a configuration: replicas, budgets and KV capacity from its
+    serve args, step times from the profile entry."""
+    from engine.model_store import resolve_model
+    from placement.hardware import ModelSpec
+    from placement.simulator import InstanceSpec, Placement
+
+    model = ModelSpec.from_config(resolve_model(args.get("model")) / "config.json", args["dtype"])
+
+    def spec(phase: str) -> InstanceSpec:
+        p = args[phase]
+        e = p["engine"]
+        block = e.get("block_size", 16)
+        tokens = e["kv_cache_memory_mb"] * 2**20 // model.kv_bytes_per_token // block * block
+        return InstanceSpec(
+            replace(entry, kv_capacity_tokens=tokens),
+            count=p["num_replicas"],
+            max_batch_tokens=e.get("max_num_batched_tokens", 2048),
+            max_batch_size=e.get("max_num_seqs", 32),
+            chunked_prefill=e.get("chunked_prefill", False),
+        )
+
+    if args["mode"] == "colocated":
+        return Placement(colocated=spec("colocated"))
+    return Placement(
+        prefill=spec("prefill"),
+        decode=spec("decode"),
+        kv_transfer_ms_per_token=KV_TRANSFER_MS_PER_TOKEN,
+    )
+
+
+def predict(report: dict, profile: str, slo: SLO) -> dict:
+    """Simulated attainment on a fine rate grid over the measured range, and its goodput."""
+    from placement.latency_model import Profile
+    from placement.simulator import SLO as SimSLO
+    from placement.simulator import attainment as sim_attainment
+    from placement.simulator import simulate
+
+    meta = report["meta"]
+    entry = Profile.load(profile).entry(1, 1)
+    sim_slo = SimSLO(slo.ttft_s * 1e3, slo.tpot_s * 1e3)
+    out = {}
+    for name, c in report["configs"].items():
+        placement = placement_for(c["args"], entry)
+        top = 1.5 * max(p["rate"] for p in c["points"])
+        grid = np.linspace(top / 60, top, 60)
+        curve_ = [
+            (float(r), sim_attainment(simulate(placement, sim_requests(meta, r)), sim_slo))
+            for r in grid
+        ]
+        out[name] = {"goodput_rps": goodput(curve_, meta["target"]), "curve": curve_}
+    return out
+
+
+def table(analysis: dict) -> str:
+    lines = [
+        "| configuration | cores | goodput (req/s) | per core | vs best colocated "
+        "| simulated goodput | sim error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in analysis["configs"].items():
+        sim = row.get("simulated_goodput_rps")
+        err = (
+            f"{(sim - row['goodput_rps']) / row['goodput_rps']:+.0%}"
+            if sim and row["goodput_rps"]
+            else "-"
+        )
+        vs = row["vs_best_colocated"]
+        lines.append(
+            f"| {name} | {row['cores']} | {row['goodput_rps']:.3f} | "
+            f"{row['goodput_per_core']:.3f} | {'-' if vs is None else f'{vs:.2f}x'} | "
+            f"{'-' if sim is None else f'{sim:.3f}'} | {err} |"
+        )
+    return "\n".join(lines)
+
+
+def map_table(analysis: dict, grid: dict) -> str:
+    """Rows: TTFT scale; columns: TPOT scale; cell: winner and disagg / best colocated."""
+    configs = analysis["configs"]
+    colocated = {n for n, r in configs.items() if r["colocated"]}
+    head = "| TTFT x \\ TPOT x | " + " | ".join(f"{k:g}" for k in grid["tpot"]) + " |"
+    lines = [head, "|---" * (len(grid["tpot"]) + 1) + "|"]
+    for kt in grid["ttft"]:
+        cells = []
+        for cell in analysis["slo_map"]:
+            if cell["ttft_scale"] != kt:
+                continue
+            rates = cell["goodput"]
+            best = max(rates, key=rates.get)
+            d = max((v for n, v in rates.items() if n not in colocated), default=0.0)
+            c = max((v for n, v in rates.items() if n in colocated), default=0.0)
+            ratio = "-" if c == 0 else f"{d / c:.2f}x"
+            cells.append("none" if rates[best] == 0 else f"{best} {rates[best]:.2f} ({ratio})")
+        lines.append(f"| {kt:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(analysis: dict, out: Path, target: float) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    slo = analysis["headline_slo"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, (name, row) in enumerate(analysis["configs"].items()):
+        color = f"C{i}"
+        xs = [p["rate"] for p in row["curve"]]
+        ax.plot(xs, [p["attainment"] for p in row["curve"]], "o-", color=color, label=name)
+        if "simulated_curve" in row:
+            sx, sy = zip(*row["simulated_curve"], strict=True)
+            ax.plot(sx, sy, "--", color=color, alpha=0.6, label=f"{name} (simulated)")
+    ax.axhline(target, color="gray", lw=0.8, ls=":")
+    ax.set(xlabel="request rate (req/s)", ylabel="SLO attainment", ylim=(-0.02, 1.02))
+    ax.set_title(f"TTFT <= {slo['ttft_s']:.2f} s and TPOT <= {slo['tpot_s'] * 1e3:.0f} ms")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths = [out / "attainment.png"]
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for metric, ax, limit in (("ttft_s", axes[0], "ttft_s"), ("tpot_s", axes[1], "tpot_s")):
+        for i, (name, row) in enumerate(analysis["configs"].items()):
+            xs = [p["rate"] for p in row["curve"]]
+            for q, style in (("p90", "o-"), ("p50", "x:")):
+                ys = [p[metric][q] for p in row["curve"]]
+                ax.plot(xs, ys, style, color=f"C{i}", label=f"{name} {q.upper()}")
+        ax.axhline(slo[limit], color="gray", lw=0.8, ls="--", label="SLO")
+        ax.set(xlabel="request rate (req/s)", ylabel=metric.replace("_s", " (s)").upper())
+        ax.set_yscale("log")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    paths.append(out / "latency.png")
+    fig.savefig(paths[1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def write_report(report: dict, out: Path, profile: str | None = None) -> str:
+    """analysis.json, summary.md and the plots into `out`; returns the summary."""
+    analysis = analyze(report, profile)
+    (out / "analysis.json").write_text(json.dumps(analysis, indent=1))
+    plot(analysis, out, report["meta"]["target"])
+    meta = report["meta"]
+    ratio = analysis["disagg_over_best_colocated"]
+    slo = analysis["headline_slo"]
+    summary = "\n\n".join(
+        [
+            f"`{meta['command']}` ({meta['date']}, {meta['machine']})",
+            f"Headline SLO: TTFT <= {slo['ttft_s'] * 1e3:.0f} ms, TPOT <= "
+            f"{slo['tpot_s'] * 1e3:.0f} ms (scales {meta['grid']['headline']} of the unit "
+            f"{meta['slo_unit']['ttft_s'] * 1e3:.0f} / {meta['slo_unit']['tpot_s'] * 1e3:.1f} "
+            f"ms, {meta['slo_unit']['source']}); disaggregated / best colocated: "
+            + ("-" if ratio is None else f"{ratio:.2f}x"),
+            table(analysis),
+            "Goodput map (winner, goodput req/s, disaggregated / best colocated):",
+            map_table(analysis, meta["grid"]),
+        ]
+    )
+    (out / "summary.md").write_text(summary + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("report", help="report.json written by bench.experiment")
+    parser.add_argument("--profile", help="add the simulator's predictions")
+    args = parser.parse_args(argv)
+    path = Path(args.report)
+    print(write_report(json.loads(path.read_text()), path.parent, args.profile))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Experiment sweep logic, report analysis and plots on hand-made records; configurations
+validated by the app's own schema; the simulator replays the load generator's schedule."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.experiment import CONFIGURATIONS, RatePoint, app_args, merge, sweep
+from bench.metrics import SLO, RequestRecord
+from bench.report import analyze, map_table, plot, sim_requests, table
+
+pytestmark = pytest.mark.unit
+
+
+def _records(n_good: int, n_bad: int) -> list[RequestRecord]:
+    good = [RequestRecord(0.0, 0.5, 1.4, 10) for _ in range(n_good)]  # ttft 0.5, tpot 0.1
+    bad = [RequestRecord(0.0, 3.0, 12.0, 10) for _ in range(n_bad)]  # ttft 3, tpot 1
+    return good + bad
+
+
+def test_sweep_stops_once_the_loosest_slo_fails_then_bisects_the_headline_crossing():
+    strict, loose = SLO(1.0, 0.2), SLO(5.0, 2.0)
+    good = RequestRecord(0.0, 0.5, 1.4, 10)  # meets both
+    medium = RequestRecord(0.0, 2.0, 2.9, 10)  # ttft 2 s: only the loose SLO
+    bad = RequestRecord(0.0, 10.0, 19.0, 10)  # ttft 10 s: neither
+    sent = []
+
+    def send(rate):
+        sent.append(rate)
+        record = good if rate < 0.5 else medium if rate < 0.7 else bad
+        return [record] * 10, 10.0
+
+    points = sweep(send, [0.8, 0.2, 0.4, 0.6, 1.0], strict, loose, bisect=1, log=str)
+    # ascending; 0.8 fails even the loose SLO, so 1.0 is never sent; one bisection: 0.5
+    assert sent == [0.2, 0.4, 0.6, 0.8, 0.5]
+    assert [p.rate for p in points] == [0.2, 0.4, 0.5, 0.6, 0.8]
+
+
+def _report(curves: dict[str, tuple[bool, list[tuple[float, int]]]]) -> dict:
+    """curves: name -> (colocated, [(rate, good requests out of 10)])."""
+    configs = {}
+    for name, (colocated, points) in curves.items():
+        configs[name] = {
+            "description": name,
+            "colocated": colocated,
+            "cores": 2,
+            "points": [RatePoint(r, 10.0, _records(g, 10 - g)).to_json() for r, g in points],
+        }
+    meta = {
+        "slo_unit": {"ttft_s": 1.0, "tpot_s": 0.2, "source": "given"},
+        "grid": {"headline": [1.0, 1.0], "ttft": [1.0, 4.0], "tpot": [1.0, 6.0]},
+        "target": 0.9,
+        "command": "test",
+        "date": "today",
+        "machine": "here",
+    }
+    return {"meta": meta, "configs": configs}
+
+
+def test_analysis_goodput_ratio_and_slo_map_from_hand_made_curves():
+    report = _report(
+        {
+            "disagg": (False, [(1.0, 10), (2.0, 10), (3.0, 8)]),
+            "coloc": (True, [(1.0, 10), (2.0, 8)]),
+        }
+    )
+    a = analyze(report)
+    # disagg: 1.0 at rate 2, 0.8 at rate 3 -> crosses 0.9 at 2.5; coloc: crosses at 1.5
+    assert a["configs"]["disagg"]["goodput_rps"] == pytest.approx(2.5)
+    assert a["configs"]["coloc"]["goodput_rps"] == pytest.approx(1.5)
+    assert a["configs"]["disagg"]["goodput_per_core"] == pytest.approx(1.25)
+    assert a["disagg_over_best_colocated"] == pytest.approx(2.5 / 1.5)
+    assert a["configs"]["coloc"]["vs_best_colocated"] == pytest.approx(1.0)
+    # at 4x TTFT and 6x TPOT the "bad" requests (ttft 3 s, tpot 1 s) pass too: every rate passes
+    loose = next(c for c in a["slo_map"] if c["ttft_scale"] == 4.0 and c["tpot_scale"] == 6.0)
+    assert loose["goodput"] == {"disagg": 3.0, "coloc": 2.0}
+    curve = a["configs"]["disagg"]["curve"]
+    assert [p["attainment"] for p in curve] == [1.0, 1.0, 0.8]
+    assert curve[2]["ttft_s"]["p90"] == pytest.approx(3.0)
+    rows = table(a).splitlines()
+    assert rows[2].startswith("| disagg | 2 | 2.500 | 1.250 | 1.67x")
+    assert "disagg 2.50 (1.67x)" in map_table(a, report["meta"]["grid"])
+
+
+def test_plots_are_written_as_png(tmp_path):
+    a = analyze(_report({"disagg": (False, [(1.0, 10), (2.0, 7)]), "c": (True, [(1.0, 9)])}))
+    for path in plot(a, tmp_path, 0.9):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_simulator_replays_the_load_generators_schedule():
+    from bench.datasets import DatasetItem
+    from bench.loadgen import from_dataset, synthetic
+    from placement.workload import Workload
+
+    w = {"num_requests": 20, "input_len": 300, "output_len": 30, "cv": 2.0, "seed": 3}
+    sent = synthetic(Workload(20, 300, 30, cv=2.0), 0.7, seed=3)
+    replay = sim_requests({"workload": {**w, "dataset_lengths": None}}, 0.7)
+    assert [r.arrival_ms / 1e3 for r in replay] == pytest.approx([s.arrival_s for s in sent])
+    assert {(r.input_len, r.output_len) for r in replay} == {(300, 30)}
+
+    items = [DatasetItem(tuple(range(n)), out) for n, out in ((5, 7), (40, 3), (12, 90))]
+    sent = from_dataset(items, 20, 0.7, cv=2.0, seed=3)
+    lengths = [[i.input_len, i.output_len] for i in items]
+    replay = sim_requests({"workload": {**w, "dataset_lengths": lengths}}, 0.7)
+    assert [(r.input_len, r.output_len) for r in replay] == [
+        (len(s.prompt), s.max_tokens) for s in sent
+    ]
+    assert [r.arrival_ms / 1e3 for r in replay] == pytest.approx([s.arrival_s for s in sent])
+    assert len({len(s.prompt) for s in sent}) == 3  # all three items were drawn
+
+
+def test_every_configuration_is_valid_app_args_on_the_same_engine_threads():
+    from app.config import AppArgs
+
+    assert merge({"a": {"b": 1, "c": 2}, "d": 1}, {"a": {"c": 3}}) == {
+        "a": {"b": 1, "c": 3},
+        "d": 1,
+    }
+    for name, config in CONFIGURATIONS.items():
+        args = AppArgs.model_validate(app_args(name))
+        assert args.mode == ("colocated" if config.colocated else "disaggregated")
+        assert config.cores == 2, name  # every configuration computes on two threads
+    chunked = AppArgs.model_validate(app_args("chunked-2"))
+    assert chunked.colocated.engine.chunked_prefill and chunked.colocated.num_replicas == 2

@@ -15,14 +15,21 @@ from app.router import SameNodeRouter
 from deployments.servers import ColocatedServer, DecodeServer, PrefillServer
 
 
-def deployment_options(phase: PhaseArgs, name: str) -> dict:
+def deployment_options(phase: PhaseArgs, name: str, key: str) -> dict:
     options = {
         "name": name,
         "ray_actor_options": {"num_cpus": phase.num_cpus},
         "max_ongoing_requests": phase.max_ongoing_requests,
         "health_check_period_s": 10,
+        "graceful_shutdown_timeout_s": phase.graceful_shutdown_timeout_s,
+        "graceful_shutdown_wait_loop_s": 1.0,
     }
-    if phase.autoscaling_config:
+    if phase.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = phase.max_replicas_per_node
+    if phase.autoscaling is not None:
+        budget = phase.engine.max_num_batched_tokens
+        options["autoscaling_config"] = phase.autoscaling.serve_config(key, budget)
+    elif phase.autoscaling_config:
         options["autoscaling_config"] = phase.autoscaling_config
     else:
         options["num_replicas"] = phase.num_replicas
@@ -41,15 +48,17 @@ def build_app(args: dict) -> serve.Application:
     plain = cfg.model_dump(mode="json")
     if cfg.mode == "colocated":
         colocated = serve.deployment(
-            ColocatedServer, **deployment_options(cfg.colocated, "ColocatedServer")
+            ColocatedServer, **deployment_options(cfg.colocated, "ColocatedServer", "colocated")
         )
         server = colocated.bind(cfg.engine_config("colocated"), cfg.kv_transport)
         return ingress.bind(plain, colocated=server)
-    prefill = serve.deployment(PrefillServer, **deployment_options(cfg.prefill, "PrefillServer"))
+    prefill = serve.deployment(
+        PrefillServer, **deployment_options(cfg.prefill, "PrefillServer", "prefill")
+    )
     decode = serve.deployment(
         DecodeServer,
         request_router_config=RequestRouterConfig(request_router_class=SameNodeRouter),
-        **deployment_options(cfg.decode, "DecodeServer"),
+        **deployment_options(cfg.decode, "DecodeServer", "decode"),
     )
     return ingress.bind(
         plain,

@@ -39,12 +39,85 @@ class EngineArgs(_Strict):
         return value
 
 
+class LatencyArgs(_Strict):
+    """A phase's step-time coefficients from the placement profile (ms; see
+    placement/latency_model.py)."""
+
+    a: float = Field(ge=0)
+    b: float = Field(ge=0)
+    c: float = Field(0.0, ge=0)
+
+
+class AutoscalingArgs(_Strict):
+    """splitserve's own policy for a phase (deployments/autoscaling.py): prefill needs
+    `ttft_target_ms`, decode `tpot_target_ms`; `latency` is that phase's profile entry."""
+
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(2, ge=1)
+    initial_replicas: int | None = Field(None, ge=1)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0)
+    look_back_period_s: float = Field(5.0, gt=0)
+    ttft_target_ms: float | None = Field(None, gt=0)
+    tpot_target_ms: float | None = Field(None, gt=0)
+    latency: LatencyArgs
+    headroom: float | None = Field(None, gt=0, le=1)
+    kv_target: float = Field(0.8, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingArgs:
+        initial = self.initial_replicas or self.min_replicas
+        if not self.min_replicas <= initial <= self.max_replicas:
+            raise ValueError("need min_replicas <= initial_replicas <= max_replicas")
+        return self
+
+    def serve_config(self, phase: str, max_batch_tokens: int) -> dict:
+        """Serve's autoscaling_config with the phase's custom policy."""
+        if phase == "prefill":
+            if self.ttft_target_ms is None:
+                raise ValueError("prefill.autoscaling needs ttft_target_ms")
+            policy = "PrefillPolicy"
+            kwargs = {"ttft_target_ms": self.ttft_target_ms, "max_batch_tokens": max_batch_tokens}
+        elif phase == "decode":
+            if self.tpot_target_ms is None:
+                raise ValueError("decode.autoscaling needs tpot_target_ms")
+            policy = "DecodePolicy"
+            kwargs = {"tpot_target_ms": self.tpot_target_ms, "kv_target": self.kv_target}
+        else:
+            raise ValueError(f"{phase}.autoscaling: only prefill and decode have a policy")
+        kwargs["latency"] = self.latency.model_dump()
+        if self.headroom is not None:
+            kwargs["headroom"] = self.headroom
+        return {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "initial_replicas": self.initial_replicas or self.min_replicas,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+            "look_back_period_s": self.look_back_period_s,
+            "policy": {
+                "policy_function": f"deployments.autoscaling:{policy}",
+                "policy_kwargs": kwargs,
+            },
+        }
+
+
 class PhaseArgs(_Strict):
     num_replicas: int = Field(1, ge=1)
-    autoscaling_config: dict | None = None
+    autoscaling: AutoscalingArgs | None = None  # splitserve's latency-target policy
+    autoscaling_config: dict | None = None  # or Serve's own, passed through as written
     num_cpus: float = Field(1.0, ge=0)
+    max_replicas_per_node: int | None = Field(None, ge=1)  # spread replicas over nodes
     max_ongoing_requests: int = Field(64, ge=1)
+    # a replica being removed finishes what it holds first (Serve stops routing to it)
+    graceful_shutdown_timeout_s: float = Field(300.0, ge=0)
     engine: EngineArgs = EngineArgs()
+
+    @model_validator(mode="after")
+    def _one_scaling_rule(self) -> PhaseArgs:
+        if self.autoscaling is not None and self.autoscaling_config is not None:
+            raise ValueError("set autoscaling or autoscaling_config, not both")
+        return self
 
 
 class IngressArgs(_Strict):
@@ -67,6 +140,14 @@ class AppArgs(_Strict):
     prefill: PhaseArgs = PhaseArgs()
     decode: PhaseArgs = PhaseArgs()
     colocated: PhaseArgs = PhaseArgs()
+
+    @model_validator(mode="after")
+    def _policies_complete(self) -> AppArgs:
+        for phase in ("prefill", "decode", "colocated"):
+            args: PhaseArgs = getattr(self, phase)
+            if args.autoscaling is not None:  # raises with the missing field named
+                args.autoscaling.serve_config(phase, args.engine.max_num_batched_tokens)
+        return self
 
     @model_validator(mode="after")
     def _same_kv_layout(self) -> AppArgs:

@@ -111,6 +111,10 @@ class Cluster:
 
     APP = "bench"
 
+    def __init__(self, env: dict[str, str] | None = None, num_cpus: int = 8) -> None:
+        self.env = {"TOKENIZERS_PARALLELISM": "false", **(env or {})}
+        self.num_cpus = num_cpus  # logical: replicas ask for 1 each; threads are set per engine
+
     def __enter__(self) -> Cluster:
         import ray
         from ray import serve
@@ -118,10 +122,10 @@ class Cluster:
         self._temp = tempfile.mkdtemp(prefix="splitserve-ray-")  # outside any working_dir
         ray.init(
             address="local",
-            num_cpus=8,  # logical: replicas ask for 1 each; threads are set per engine
+            num_cpus=self.num_cpus,
             include_dashboard=False,
             _temp_dir=self._temp,
-            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+            runtime_env={"env_vars": self.env},
         )
         self.url = f"http://127.0.0.1:{_free_port()}"
         serve.start(http_options={"host": "127.0.0.1", "port": int(self.url.rsplit(":", 1)[1])})

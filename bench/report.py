@@ -89,7 +89,15 @@ def slo_map(report: dict) -> list[dict]:
                 name: config_goodput(c["points"], slo, meta["target"])
                 for name, c in report["configs"].items()
             }
-            cells.append({"ttft_scale": kt, "tpot_scale": kp, "goodput": rates})
+            # never failed within the sweep: goodput is at least the highest rate tested
+            open_ended = [
+                name
+                for name, c in report["configs"].items()
+                if all(attainment(_records(p), slo) >= meta["target"] for p in c["points"])
+            ]
+            cells.append(
+                {"ttft_scale": kt, "tpot_scale": kp, "goodput": rates, "at_least": open_ended}
+            )
     return cells
 
 
@@ -225,7 +233,9 @@ def table(analysis: dict) -> str:
 
 
 def map_table(analysis: dict, grid: dict) -> str:
-    """Rows: TTFT scale; columns: TPOT scale; cell: winner and disagg / best colocated."""
+    """Rows: TTFT scale; columns: TPOT scale; cell: winner and disagg / best colocated.
+    `>=` marks a configuration that met the SLO at every tested rate (a lower bound); a ratio
+    between two lower bounds is unknown (`?`)."""
     configs = analysis["configs"]
     colocated = {n for n, r in configs.items() if r["colocated"]}
     head = "| TTFT x \\ TPOT x | " + " | ".join(f"{k:g}" for k in grid["tpot"]) + " |"
@@ -235,14 +245,28 @@ def map_table(analysis: dict, grid: dict) -> str:
         for cell in analysis["slo_map"]:
             if cell["ttft_scale"] != kt:
                 continue
-            rates = cell["goodput"]
+            rates, bounds = cell["goodput"], set(cell["at_least"])
             best = max(rates, key=rates.get)
-            d = max((v for n, v in rates.items() if n not in colocated), default=0.0)
-            c = max((v for n, v in rates.items() if n in colocated), default=0.0)
-            ratio = "-" if c == 0 else f"{d / c:.2f}x"
-            cells.append("none" if rates[best] == 0 else f"{best} {rates[best]:.2f} ({ratio})")
+            ratio = _ratio_text(rates, colocated, bounds)
+            bound = ">=" if best in bounds else ""
+            cells.append(
+                "none" if rates[best] == 0 else f"{best} {bound}{rates[best]:.2f} ({ratio})"
+            )
         lines.append(f"| {kt:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _ratio_text(rates: dict[str, float], colocated: set[str], bounds: set[str]) -> str:
+    """Best disaggregated / best colocated, with >= / <= / ? where a side is a lower bound."""
+    disagg = {n: v for n, v in rates.items() if n not in colocated}
+    coloc = {n: v for n, v in rates.items() if n in colocated}
+    if not disagg or not coloc or max(coloc.values()) == 0:
+        return "-"
+    d, c = max(disagg, key=disagg.get), max(coloc, key=coloc.get)
+    value = f"{rates[d] / rates[c]:.2f}x"
+    if d in bounds and c in bounds:
+        return "?"
+    return (">=" if d in bounds else "<=" if c in bounds else "") + value
 
 
 def plot(analysis: dict, out: Path, target: float) -> list[Path]:

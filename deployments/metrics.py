@@ -25,6 +25,9 @@ class EngineMetrics:
         self.waiting = metrics.Gauge(
             "splitserve_waiting_requests", "requests queued for prefill", keys
         )
+        self.waiting_tokens = metrics.Gauge(
+            "splitserve_waiting_prompt_tokens", "prompt tokens queued for prefill", keys
+        )
         self.kv_usage = metrics.Gauge(
             "splitserve_kv_block_usage", "share of KV blocks in use", keys
         )
@@ -50,6 +53,7 @@ class EngineMetrics:
     def on_step(self, outputs: list[RequestOutput], stats: EngineStats, pending: int) -> None:
         self.running.set(stats.num_running, self.tags)
         self.waiting.set(stats.num_waiting, self.tags)
+        self.waiting_tokens.set(stats.num_waiting_tokens, self.tags)
         self.kv_usage.set(stats.kv_usage, self.tags)
         self.pending_imports.set(pending, self.tags)
         for out in outputs:

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from deployments.autoscaling import load_signals
 from deployments.engine_loop import EngineLoop
 from engine import KVHandoff, LLMEngine, RequestOutput, SamplingParams
 from engine.config import EngineConfig
@@ -50,9 +51,19 @@ class _EngineServer:
 
         self.engine = LLMEngine(engine_config)
         self.metrics = EngineMetrics(self.phase)
-        self.loop = EngineLoop(self.engine, on_step=self.metrics.on_step)
+        self._signals = load_signals(self.engine.stats, 0, self.engine.blocks.block_size)
+        self.loop = EngineLoop(self.engine, on_step=self._on_step)
         self.node_id = _node_id()
         self.channel = kv_channel.KVChannel(kv_transport, self.node_id)
+
+    def _on_step(self, outputs, stats, pending: int) -> None:  # engine thread
+        self.metrics.on_step(outputs, stats, pending)
+        # one reference swap: the event loop reads a whole snapshot, never a half-written one
+        self._signals = load_signals(stats, pending, self.engine.blocks.block_size)
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom-metrics hook: this replica's load (deployments/autoscaling.py)."""
+        return self._signals
 
     async def stats(self) -> dict:
         stats = await self.loop.call(lambda e: e.stats)
@@ -60,6 +71,7 @@ class _EngineServer:
             **vars(stats),
             "node_id": self.node_id,
             "num_pending_imports": self.loop.num_pending_imports,
+            "num_cross_node_handoffs": getattr(self, "num_cross_node_handoffs", 0),
         }
 
     async def max_request_tokens(self) -> int:
@@ -109,6 +121,7 @@ class PrefillServer(_EngineServer):
 
 class DecodeServer(_EngineServer):
     phase = "decode"
+    num_cross_node_handoffs = 0  # the router prefers a decode replica on the prefill's node
 
     async def decode(
         self,
@@ -118,6 +131,8 @@ class DecodeServer(_EngineServer):
     ) -> AsyncIterator[RequestOutput]:
         """prefill_node_id is read by app.router.SameNodeRouter to pick this replica."""
         t0 = time.perf_counter()
+        if prefill_node_id is not None and prefill_node_id != self.node_id:
+            self.num_cross_node_handoffs += 1
         view = await self.channel.open_async(transfer)  # zero-copy; scattered into the cache
 
         def imported() -> None:  # engine thread, right after the scatter

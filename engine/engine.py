@@ -207,6 +207,8 @@ class LLMEngine:
             num_kv_blocks=self.blocks.num_blocks,
             num_free_blocks=self.blocks.num_free_blocks,
             num_preemptions=self.num_preemptions,
+            num_waiting_tokens=sum(r.num_pending_tokens for r in self.scheduler.waiting),
+            num_running_tokens=sum(r.num_tokens for r in self.scheduler.running),
         )
 
     # ---- disaggregation ----------------------------------------------------------------------

@@ -63,6 +63,8 @@ class EngineStats:
     num_kv_blocks: int
     num_free_blocks: int
     num_preemptions: int
+    num_waiting_tokens: int = 0  # prompt tokens of waiting requests not computed yet
+    num_running_tokens: int = 0  # context tokens of the running batch (decode step cost)
 
     @property
     def num_used_blocks(self) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import yaml
@@ -25,16 +26,23 @@ from placement.workload import Workload
 
 
 def serve_config(
-    best: Candidate, search: Search, base_args: dict | None = None, threads: int | None = None
+    best: Candidate,
+    search: Search,
+    base_args: dict | None = None,
+    threads: int | None = None,
+    autoscale: float | None = None,
 ) -> dict:
     """A serve_config.yaml (as a dict) for `serve run` that deploys the chosen placement.
 
     Each replica asks for 0.9 logical CPU per unit of its layout, so that the ingress (0.1)
     still fits when every unit of the cluster is used (Ray otherwise leaves one unscheduled).
+    With `autoscale` (a factor > 1), each disaggregated phase scales between its planned count
+    (what the target rate needs, from the per-replica goodput the search found) and that count
+    times the factor, on its own latency target and its profile coefficients.
     """
     p = best.placement
 
-    def phase(spec) -> dict:
+    def phase(spec, name: str | None = None) -> dict:
         engine = {
             "tensor_parallel_size": spec.entry.tp,
             "pipeline_parallel_size": spec.entry.pp,
@@ -43,7 +51,10 @@ def serve_config(
         if threads:
             engine["num_threads"] = threads
         units = spec.entry.tp * spec.entry.pp
-        return {"num_replicas": spec.count, "num_cpus": round(0.9 * units, 2), "engine": engine}
+        out = {"num_replicas": spec.count, "num_cpus": round(0.9 * units, 2), "engine": engine}
+        if autoscale and name is not None:
+            out["autoscaling"] = _autoscaling(spec, name, search.slo, autoscale)
+        return out
 
     args = dict(base_args or {})
     if p.colocated is not None:
@@ -51,8 +62,8 @@ def serve_config(
     else:
         args.update(
             mode="disaggregated",
-            prefill=phase(p.prefill),
-            decode=phase(p.decode),
+            prefill=phase(p.prefill, "prefill"),
+            decode=phase(p.decode, "decode"),
             kv_transport="shm" if search.cluster.num_nodes == 1 else "object_store",
         )
     return {
@@ -67,6 +78,38 @@ def serve_config(
             }
         ],
     }
+
+
+def _autoscaling(spec, phase: str, slo: SLO, factor: float) -> dict:
+    coefficients = getattr(spec.entry, phase)
+    target = (
+        {"ttft_target_ms": slo.ttft_ms} if phase == "prefill" else {"tpot_target_ms": slo.tpot_ms}
+    )
+    return {
+        "min_replicas": spec.count,
+        "max_replicas": max(spec.count + 1, math.ceil(spec.count * factor)),
+        **target,
+        "latency": {"a": coefficients.a, "b": coefficients.b, "c": coefficients.c},
+    }
+
+
+def _workload(args: argparse.Namespace) -> Workload:
+    lengths = None
+    if args.dataset:
+        from transformers import AutoTokenizer
+
+        from bench.datasets import LengthFilter, load
+        from engine.model_store import resolve_model
+
+        tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(None)))
+        items = load(
+            args.dataset,
+            lambda text: tokenizer.encode(text, add_special_tokens=False),
+            2000,
+            LengthFilter(max_input=args.max_input_len, max_output=args.max_output_len),
+        )
+        lengths = tuple((i.input_len, i.output_len) for i in items)
+    return Workload(args.num_requests, args.input_len, args.output_len, cv=args.cv, dataset=lengths)
 
 
 def report(candidates: list[Candidate], search: Search) -> dict:
@@ -103,6 +146,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="bfloat16", help="KV dtype for transfer sizes")
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument(
+        "--dataset",
+        choices=("sharegpt", "humaneval", "docsum"),
+        help="lengths sampled from a workload dataset (bench/datasets.py) instead of fixed ones",
+    )
+    parser.add_argument("--max-input-len", type=int, default=1024, help="dataset filter")
+    parser.add_argument("--max-output-len", type=int, default=512, help="dataset cap")
     parser.add_argument("--num-requests", type=int, default=300)
     parser.add_argument("--cv", type=float, default=1.0)
     parser.add_argument("--ttft-ms", type=float, required=True)
@@ -115,6 +165,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="serve_config.planned.yaml")
     parser.add_argument("--report", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per engine (CPU)")
+    parser.add_argument(
+        "--autoscale",
+        type=float,
+        default=None,
+        help="let each phase scale from its planned replicas up to this factor times them",
+    )
     args = parser.parse_args(argv)
     model = args.model
     if model == "default":
@@ -123,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         model = resolve_model(None)
     search = Search(
         profile=Profile.load(args.profile),
-        workload=Workload(args.num_requests, args.input_len, args.output_len, cv=args.cv),
+        workload=_workload(args),
         slo=SLO(args.ttft_ms, args.tpot_ms),
         target=args.target,
         cluster=Cluster(args.nodes, args.gpus_per_node, args.intra_node_gbs, args.inter_node_gbs),
@@ -137,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
             f"best per-GPU goodput is {result['gain_over_best_colocated']:.2f}x the best "
             "colocated placement"
         )
-    config = serve_config(candidates[0], search, threads=args.threads)
+    config = serve_config(candidates[0], search, threads=args.threads, autoscale=args.autoscale)
     Path(args.out).write_text(yaml.safe_dump(config, sort_keys=False))
     print(f"wrote {args.out}")
     if args.report:

@@ -6,11 +6,17 @@ Prefill: one step over a batch of prompts for each (batch size, prompt length) i
 Decode: requests prefilled to a context length, then the median of a few decode steps, for each
 (batch size, context length). Both fitted by least squares on relative error; the RMS relative
 error of each fit is reported next to the profile.
+
+`--co-load N` runs N other engines (same threads each) doing back-to-back 512-token prefills
+in separate processes while measuring: the step times an engine sees when its neighbours on
+the machine are busy, as in a serving deployment whose replicas share the cores and memory
+bandwidth (a disaggregated decode replica next to a busy prefill replica).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import statistics
 import time
@@ -111,6 +117,36 @@ def profile(
     return entry, FitReport(pre_err, dec_err, len(pre_ms), len(dec_ms))
 
 
+def _busy_prefill(model: str | None, threads: int, stop) -> None:
+    """A neighbour engine: 512-token prefills back to back until told to stop."""
+    torch.set_num_threads(threads)
+    engine = LLMEngine(EngineConfig(model=model, num_threads=threads, kv_cache_memory_mb=128))
+    rng = np.random.default_rng(1)
+    while not stop.is_set():
+        measure_prefill(engine, 1, 512, rng)
+
+
+@contextlib.contextmanager
+def _co_load(n: int, model: str | None, threads: int):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    stop = ctx.Event()
+    procs = [ctx.Process(target=_busy_prefill, args=(model, threads, stop)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        if n:
+            time.sleep(20)  # the neighbours load their model and reach steady state
+        yield
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.terminate()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -119,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--kv-cache-mb", type=int, default=1024)
     parser.add_argument("--quick", action="store_true", help="a small grid (about a minute)")
+    parser.add_argument("--co-load", type=int, default=0, help="busy neighbour engines")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -130,8 +167,12 @@ def main(argv: list[str] | None = None) -> None:
         kv_cache_memory_mb=args.kv_cache_mb,
         scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=64),
     )
-    entry, report = profile(LLMEngine(config), grid)
+    engine = LLMEngine(config)
+    with _co_load(args.co_load, args.model, args.threads):
+        entry, report = profile(engine, grid)
     device = f"{torch.device('cpu').type}-{args.threads}thread"
+    if args.co_load:
+        device += f"-coload{args.co_load}"
     Profile(args.model_name, device, [entry]).save(args.out)
     print(
         f"wrote {args.out}: prefill fit RMS relative error "

@@ -3,6 +3,7 @@ validated by the app's own schema; the simulator replays the load generator's sc
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from bench.experiment import CONFIGURATIONS, RatePoint, app_args, merge, sweep
@@ -79,7 +80,10 @@ def test_analysis_goodput_ratio_and_slo_map_from_hand_made_curves():
     assert curve[2]["ttft_s"]["p90"] == pytest.approx(3.0)
     rows = table(a).splitlines()
     assert rows[2].startswith("| disagg | 2 | 2.500 | 1.250 | 1.67x")
-    assert "disagg 2.50 (1.67x)" in map_table(a, report["meta"]["grid"])
+    table_text = map_table(a, report["meta"]["grid"])
+    assert "disagg 2.50 (1.67x)" in table_text
+    # at the loose cell both passed every tested rate: lower bounds, ratio unknown
+    assert loose["at_least"] == ["disagg", "coloc"] and "disagg >=3.00 (?)" in table_text
 
 
 def test_plots_are_written_as_png(tmp_path):
@@ -123,3 +127,29 @@ def test_every_configuration_is_valid_app_args_on_the_same_engine_threads():
         assert config.cores == 2, name  # every configuration computes on two threads
     chunked = AppArgs.model_validate(app_args("chunked-2"))
     assert chunked.colocated.engine.chunked_prefill and chunked.colocated.num_replicas == 2
+
+
+def test_stepped_arrivals_follow_each_segments_rate():
+    import numpy as np
+
+    from bench.autoscale import stepped_arrivals
+
+    arrivals = np.array(stepped_arrivals([(2.0, 2000.0), (10.0, 1000.0), (1.0, 3000.0)], seed=4))
+    counts = [
+        ((arrivals >= lo) & (arrivals < hi)).sum()
+        for lo, hi in ((0, 2000), (2000, 3000), (3000, 6000))
+    ]
+    for count, expected in zip(counts, (4000, 10_000, 3000), strict=True):
+        assert count == pytest.approx(expected, rel=0.05)
+    gaps = np.diff(arrivals[arrivals >= 3000])
+    assert gaps.std() / gaps.mean() == pytest.approx(1.0, rel=0.05)  # Poisson within a segment
+
+
+def test_windows_take_p90_of_the_requests_arriving_in_each():
+    from bench.autoscale import windows
+
+    records = [RequestRecord(100.0 + t, 100.0 + t + 0.1 * (i + 1), 100.0 + t + 1, 10) for i, t in
+               enumerate([1.0, 2.0, 3.0, 25.0])]  # fmt: skip
+    rows = windows(records, t0=100.0, width_s=20.0)
+    assert [(w["t_s"], w["requests"]) for w in rows] == [(10.0, 3), (30.0, 1)]
+    assert rows[0]["ttft_p90_s"] == pytest.approx(np.percentile([0.1, 0.2, 0.3], 90))

@@ -78,3 +78,26 @@ def test_emitted_config_is_accepted_by_the_builder():
     used = 2 * args.prefill.num_cpus + args.decode.num_cpus + args.ingress.num_cpus
     assert used <= search.cluster.num_gpus
     build_app(app["args"])  # binds the deployments exactly as `serve run` would
+
+
+def test_emitted_autoscaling_starts_at_the_plan_and_carries_the_slo_and_profile():
+    from app.builder import build_app, deployment_options
+    from app.config import AppArgs
+
+    search = make_search([CHEAP])
+    best = optimize(search)[0]
+    config = yaml.safe_load(yaml.safe_dump(serve_config(best, search, autoscale=2.0)))
+    [app] = config["applications"]
+    args = AppArgs.model_validate(app["args"])
+    prefill, decode = args.prefill.autoscaling, args.decode.autoscaling
+    assert (prefill.min_replicas, prefill.max_replicas) == (2, 4)  # planned 2 prefill
+    assert (decode.min_replicas, decode.max_replicas) == (1, 2)
+    assert prefill.ttft_target_ms == search.slo.ttft_ms
+    assert decode.tpot_target_ms == search.slo.tpot_ms
+    assert decode.latency.a == CHEAP.decode.a and prefill.latency.b == CHEAP.prefill.b
+    options = deployment_options(args.prefill, "PrefillServer", "prefill")
+    assert "num_replicas" not in options
+    assert options["autoscaling_config"]["policy"]["policy_kwargs"]["ttft_target_ms"] == (
+        search.slo.ttft_ms
+    )
+    build_app(app["args"])

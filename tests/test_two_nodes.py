@@ -1,0 +1,105 @@
+"""Two Ray nodes on one machine (Ray's own cluster utilities): prefill and decode scale out
+onto the second node, one replica per node, and the new replicas pair with each other."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from bench.autoscale import ReplicaWatcher
+from tests.test_autoscaling_serve import (
+    DECODE_LATENCY,
+    ENV,
+    PREFILL_LATENCY,
+    _burst,
+    _long_outputs,
+    _phase,
+    _scaling,
+)
+
+pytestmark = [pytest.mark.serve, pytest.mark.model]
+
+ARGS = {
+    "mode": "disaggregated",
+    "kv_transport": "object_store",  # works across nodes: a cross-node pair would not fail
+    "prefill": _phase(
+        _scaling(ttft_target_ms=8000, latency=PREFILL_LATENCY, downscale_delay_s=600),
+        max_replicas_per_node=1,
+    ),
+    "decode": _phase(
+        _scaling(tpot_target_ms=140, latency=DECODE_LATENCY, downscale_delay_s=600),
+        max_replicas_per_node=1,
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 8})
+    cluster.add_node(num_cpus=8)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, runtime_env={"env_vars": ENV})
+    yield cluster
+    serve.shutdown()
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def _decode_stats_by_node(app: str) -> dict[str, dict]:
+    from ray import serve
+
+    handle = serve.get_deployment_handle("DecodeServer", app_name=app)
+    seen: dict[str, dict] = {}
+    for _ in range(20):  # the router spreads these calls over both replicas
+        stats = handle.stats.remote().result()
+        seen[stats["node_id"]] = stats
+    return seen
+
+
+def test_scaled_out_replicas_pair_on_their_own_node(two_nodes):
+    import socket
+
+    from ray import serve
+
+    from app.builder import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "location": "EveryNode"})
+    serve.run(build_app(ARGS), name="two", route_prefix="/", blocking=False)
+    deadline = time.monotonic() + 300
+    while serve.status().applications["two"].status != "RUNNING":
+        assert time.monotonic() < deadline, serve.status()
+        time.sleep(1)
+    base = f"http://127.0.0.1:{port}"
+    # long prompts with long outputs: both phases are overloaded and scale out
+    burst = [
+        {"prompt": [100 + (i * 13 + j) % 4000 for j in range(700)], "max_tokens": 60,
+         "ignore_eos": True}
+        for i in range(14)
+    ]  # fmt: skip
+    with ReplicaWatcher("two") as watch:
+        assert asyncio.run(_burst(base, burst)) == [(200, 60)] * 14
+    assert watch.max("PrefillServer") == 2 and watch.max("DecodeServer") == 2
+    before = _decode_stats_by_node("two")
+    assert len(before) == 2  # one decode replica on each node
+    prefill_nodes = {
+        serve.get_deployment_handle("PrefillServer", app_name="two")
+        .stats.remote()
+        .result()["node_id"]
+        for _ in range(20)
+    }
+    assert prefill_nodes == set(before)  # and one prefill replica on each
+    # light load now that both pairs exist: every hand-off stays on its node
+    for _ in range(3):
+        assert asyncio.run(_burst(base, _long_outputs(4, 8))) == [(200, 8)] * 4
+    after = _decode_stats_by_node("two")
+    for node, stats in after.items():
+        assert stats["num_cross_node_handoffs"] == before[node]["num_cross_node_handoffs"], node

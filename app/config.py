@@ -95,6 +95,9 @@ class AutoscalingArgs(_Strict):
             "upscale_delay_s": self.upscale_delay_s,
             "downscale_delay_s": self.downscale_delay_s,
             "look_back_period_s": self.look_back_period_s,
+            # Serve wants a look-back longer than its (deprecated) metrics interval; the push
+            # interval itself is RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S
+            "metrics_interval_s": self.look_back_period_s / 2,
             "policy": {
                 "policy_function": f"deployments.autoscaling:{policy}",
                 "policy_kwargs": kwargs,

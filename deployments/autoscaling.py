@@ -12,7 +12,8 @@ model (prefill and decode coefficients, as in placement/latency_model.py):
   a + b * C / k + c * B / k on k replicas; the policy asks for the fewest replicas whose step is
   within `headroom` x the TPOT target and whose KV use is within `kv_target` of capacity.
   Handed-off requests waiting for KV room (pending imports) ask for one more replica.
-Down-scaling uses a lower bar (`down_margin` x the up bar) so the count does not flap; Serve
+Down-scaling uses a lower bar (`down_margin` x the up bar; for decode, x the part of the bar
+above the fixed step cost a) so the count does not flap; Serve
 applies min/max replicas, delays and scaling factors around the policy. Pure functions first,
 Serve glue last; the signals and decisions are exported as gauges for the dashboard.
 """
@@ -107,11 +108,12 @@ def decode_replicas(
         return 0
 
     def fewest(margin: float) -> int:
+        # the margin applies to the step's load above its fixed cost a, which no replica
+        # count removes (a bar on the whole step would make scale-down unreachable near a)
+        budget = headroom * tpot_target_ms - lat.a
         for k in range(1, max_replicas + 1):
-            step_ok = (
-                predicted_decode_step_ms(running, context, k, lat)
-                <= margin * headroom * tpot_target_ms
-            )
+            load = predicted_decode_step_ms(running, context, k, lat) - lat.a
+            step_ok = load <= margin * budget
             if step_ok and kv_used / k <= margin * kv_target * capacity:
                 return k
         return max_replicas

@@ -123,3 +123,12 @@ def test_autoscaling_args_become_a_serve_autoscaling_config():
     ):
         with pytest.raises(ValueError, match=needle):
             AppArgs.model_validate(bad)
+
+
+def test_decode_scales_down_when_the_load_above_the_fixed_step_cost_is_small():
+    lat = Latency(a=75.0, b=0.005, c=3.2)
+    few = _dec(4, 400, 400, 40_000)  # 4 short requests left on 2 replicas
+    # one replica steps 75 + 2 + 12.8 ms: its load (14.8) is well within 0.7 x (112 - 75)
+    assert decode_replicas(few, 2, lat, 140.0) == 1
+    busy = _dec(12, 1200, 1200, 40_000)  # one replica: 75 + 6 + 38.4 = 119 ms > 112 ms
+    assert decode_replicas(busy, 2, lat, 140.0) == 2  # stays: one replica (load 44) is over

@@ -72,7 +72,7 @@ def test_scaled_out_replicas_pair_on_their_own_node(two_nodes):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "location": "EveryNode"})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(ARGS), name="two", route_prefix="/", blocking=False)
     deadline = time.monotonic() + 300
     while serve.status().applications["two"].status != "RUNNING":

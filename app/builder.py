@@ -24,6 +24,18 @@ def deployment_options(phase: PhaseArgs, name: str, key: str) -> dict:
         "graceful_shutdown_timeout_s": phase.graceful_shutdown_timeout_s,
         "graceful_shutdown_wait_loop_s": 1.0,
     }
+    layout = phase.engine.parallel
+    if not layout.is_single:  # the replica in bundle 0, one bundle per model worker
+        worker = {"CPU": phase.engine.worker_num_cpus}
+        if phase.num_cpus > 0:
+            options["placement_group_bundles"] = [{"CPU": phase.num_cpus}] + [worker] * (
+                layout.world_size
+            )
+        else:
+            options["placement_group_bundles"] = [worker] * (layout.world_size + 1)
+            options["ray_actor_options"] = {"num_cpus": 0}
+        # a tensor-parallel group must share a node; pipeline stages may spread
+        options["placement_group_strategy"] = "STRICT_PACK" if layout.pp == 1 else "PACK"
     if phase.max_replicas_per_node is not None:
         options["max_replicas_per_node"] = phase.max_replicas_per_node
     if phase.autoscaling is not None:
@@ -38,6 +50,7 @@ def deployment_options(phase: PhaseArgs, name: str, key: str) -> dict:
 
 def build_app(args: dict) -> serve.Application:
     cfg = AppArgs.model_validate(args or {})
+    _check_parallel(cfg)
     ingress = serve.deployment(
         Ingress,
         name="Ingress",
@@ -62,6 +75,22 @@ def build_app(args: dict) -> serve.Application:
     )
     return ingress.bind(
         plain,
-        prefill=prefill.bind(cfg.engine_config("prefill"), cfg.kv_transport),
+        prefill=prefill.bind(
+            cfg.engine_config("prefill"), cfg.kv_transport, cfg.decode.engine.parallel
+        ),
         decode=decode.bind(cfg.engine_config("decode"), cfg.kv_transport),
     )
+
+
+def _check_parallel(cfg: AppArgs) -> None:
+    """Fail `serve run` at once, naming the field, when a layout cannot split the model."""
+    phases = (cfg.prefill, cfg.decode, cfg.colocated)
+    if all(p.engine.parallel.is_single for p in phases):
+        return
+    from transformers import AutoConfig
+
+    from engine.model_runner import ModelShape
+    from engine.model_store import resolve_model
+
+    shape = ModelShape.of(AutoConfig.from_pretrained(resolve_model(cfg.model)))
+    cfg.check_parallel(shape.num_layers, shape.num_heads, shape.num_kv_heads)

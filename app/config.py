@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.config import EngineConfig
 from engine.model_store import DEFAULT_MODEL_NAME
+from engine.parallel import ParallelLayout
 from engine.scheduler import SchedulerConfig
 
 
@@ -28,15 +29,15 @@ class EngineArgs(_Strict):
     max_num_seqs: int = Field(32, ge=1)
     chunked_prefill: bool = False
     num_threads: int | None = Field(None, ge=1)
+    # tp * pp > 1: the replica runs that many model workers (engine/workers.py), each in a
+    # placement-group bundle of worker_num_cpus CPUs; kv_cache_memory_mb is per worker
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)
+    worker_num_cpus: float = Field(1.0, gt=0)
 
-    @field_validator("tensor_parallel_size", "pipeline_parallel_size")
-    @classmethod
-    def _single_worker(cls, value: int) -> int:
-        if value > 1:
-            raise ValueError("values above 1 are not supported yet (tensor/pipeline parallelism)")
-        return value
+    @property
+    def parallel(self) -> ParallelLayout:
+        return ParallelLayout(self.tensor_parallel_size, self.pipeline_parallel_size)
 
 
 class LatencyArgs(_Strict):
@@ -174,9 +175,20 @@ class AppArgs(_Strict):
             kv_cache_memory_mb=e.kv_cache_memory_mb,
             max_model_len=self.max_model_len,
             num_threads=e.num_threads,
+            tensor_parallel_size=e.tensor_parallel_size,
+            pipeline_parallel_size=e.pipeline_parallel_size,
+            worker_num_cpus=e.worker_num_cpus,
             scheduler=SchedulerConfig(
                 max_num_batched_tokens=e.max_num_batched_tokens,
                 max_num_seqs=e.max_num_seqs,
                 chunked_prefill=e.chunked_prefill,
             ),
         )
+
+    def check_parallel(self, num_layers: int, num_heads: int, num_kv_heads: int) -> None:
+        """Raise ValueError, naming the field, for a layout the model cannot be split into."""
+        for phase in ("prefill", "decode", "colocated"):
+            try:
+                getattr(self, phase).engine.parallel.check(num_layers, num_heads, num_kv_heads)
+            except ValueError as e:
+                raise ValueError(f"{phase}.engine: {e}") from None

@@ -163,7 +163,7 @@ class Ingress:
                 if result.handoff is None:
                     return
                 stream = self.decode.options(stream=True).decode.remote(
-                    result.handoff, result.transfer, prefill_node_id=result.node_id
+                    result.handoff, result.pieces, prefill_node_id=result.node_id
                 )
             async for out in stream:
                 yield clock.seen(out)

@@ -19,6 +19,8 @@ from deployments.autoscaling import load_signals
 from deployments.engine_loop import EngineLoop
 from engine import KVHandoff, LLMEngine, RequestOutput, SamplingParams
 from engine.config import EngineConfig
+from engine.kv_handoff import KVPiece, discard_all, finish_all
+from engine.parallel import ParallelLayout
 from kernels import kv_channel
 
 logger = logging.getLogger(__name__)
@@ -30,7 +32,7 @@ class PrefillResult:
 
     first: RequestOutput
     handoff: KVHandoff | None  # None when the request finished at its first token
-    transfer: kv_channel.KVTransfer | None
+    pieces: list[KVPiece] | None  # one per (prefill rank, decode rank) that share KV
     node_id: str
 
 
@@ -49,7 +51,7 @@ class _EngineServer:
     def __init__(self, engine_config: EngineConfig, kv_transport: str = "shm") -> None:
         from deployments.metrics import EngineMetrics
 
-        self.engine = LLMEngine(engine_config)
+        self.engine = LLMEngine(engine_config, kv_transport=kv_transport)
         self.metrics = EngineMetrics(self.phase)
         self._signals = load_signals(self.engine.stats, 0, self.engine.blocks.block_size)
         self.loop = EngineLoop(self.engine, on_step=self._on_step)
@@ -81,11 +83,17 @@ class _EngineServer:
     async def check_health(self) -> None:
         if not self.loop.is_alive:
             raise RuntimeError("engine thread died")
+        check = getattr(self.engine.runner, "check_health", None)
+        if check is not None:  # a multi-worker replica with a dead worker must be replaced
+            check()
 
     def __del__(self) -> None:
         loop = getattr(self, "loop", None)
         if loop is not None:
             loop.shutdown()
+        shutdown = getattr(getattr(getattr(self, "engine", None), "runner", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()
         channel = getattr(self, "channel", None)
         if channel is not None:
             channel.close()  # unlink this replica's shared-memory segments
@@ -93,6 +101,16 @@ class _EngineServer:
 
 class PrefillServer(_EngineServer):
     phase = "prefill"
+
+    def __init__(
+        self,
+        engine_config: EngineConfig,
+        kv_transport: str = "shm",
+        decode_layout: ParallelLayout | None = None,
+    ) -> None:
+        super().__init__(engine_config, kv_transport)
+        # the KV is cut into the pieces that each decode rank holds (engine/kv_handoff.py)
+        self.decode_layout = decode_layout or ParallelLayout()
 
     async def prefill(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
@@ -110,13 +128,17 @@ class PrefillServer(_EngineServer):
                 return
             handoff = await self.loop.call(lambda e: e.kv_handoff(request_id))
             # on the engine thread: the blocks are read while no step can touch the cache
-            transfer = await self.loop.call(
-                lambda e: self.channel.send_blocks(e.runner.kv_cache, list(handoff.block_ids))
+            pieces = await self.loop.call(
+                lambda e: e.runner.send_kv(
+                    list(handoff.block_ids), self.decode_layout, self.channel
+                )
             )
-            self.metrics.on_transfer(transfer.send_ms, transfer.nbytes)
+            self.metrics.on_transfer(
+                max(p.transfer.send_ms for p in pieces), sum(p.nbytes for p in pieces)
+            )
         finally:  # published, failed or the caller left: the blocks go back either way
             self.loop.abort(request_id)
-        yield PrefillResult(first, handoff, transfer, self.node_id)
+        yield PrefillResult(first, handoff, pieces, self.node_id)
 
 
 class DecodeServer(_EngineServer):
@@ -126,21 +148,24 @@ class DecodeServer(_EngineServer):
     async def decode(
         self,
         handoff: KVHandoff,
-        transfer: kv_channel.KVTransfer,
+        pieces: list[KVPiece],
         prefill_node_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """prefill_node_id is read by app.router.SameNodeRouter to pick this replica."""
         t0 = time.perf_counter()
         if prefill_node_id is not None and prefill_node_id != self.node_id:
             self.num_cross_node_handoffs += 1
-        view = await self.channel.open_async(transfer)  # zero-copy; scattered into the cache
+        own = self.engine.runner.opens_own_kv  # workers open their pieces themselves
+        kv = pieces if own else [(p, await self.channel.open_async(p.transfer)) for p in pieces]
 
         def imported() -> None:  # engine thread, right after the scatter
-            self.channel.finish(transfer)
-            self.metrics.on_transfer((time.perf_counter() - t0) * 1e3, transfer.nbytes)
+            if not own:
+                finish_all(self.channel, pieces)
+            nbytes = sum(p.nbytes for p in pieces)
+            self.metrics.on_transfer((time.perf_counter() - t0) * 1e3, nbytes)
 
         stream = self.loop.continue_request(
-            handoff, view, on_imported=imported, on_dropped=lambda: self.channel.discard(transfer)
+            handoff, kv, on_imported=imported, on_dropped=lambda: discard_all(self.channel, pieces)
         )
         async with contextlib.aclosing(stream) as outputs:  # a cancel aborts at once
             async for out in outputs:

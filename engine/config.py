@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.parallel import ParallelLayout
 from engine.scheduler import SchedulerConfig
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -17,6 +18,11 @@ class EngineConfig:
     kv_cache_memory_mb: int = 1024
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    # above 1: the model runs on tp * pp Ray actors (engine/workers.py), one CPU share each;
+    # kv_cache_memory_mb is then per worker
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    worker_num_cpus: float = 1.0
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
@@ -26,3 +32,9 @@ class EngineConfig:
             raise ValueError("block_size and num_kv_blocks must be >= 1")
         if self.kv_cache_memory_mb < 1:
             raise ValueError("kv_cache_memory_mb must be >= 1")
+        if self.worker_num_cpus <= 0:
+            raise ValueError("worker_num_cpus must be > 0")
+
+    @property
+    def parallel(self) -> ParallelLayout:
+        return ParallelLayout(self.tensor_parallel_size, self.pipeline_parallel_size)

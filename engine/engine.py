@@ -48,6 +48,7 @@ class LLMEngine:
         *,
         runner: ModelRunner | None = None,
         tokenizer=None,
+        kv_transport: str = "shm",  # for a multi-worker runner: its workers' KV channels
     ) -> None:
         self.config = config = config or EngineConfig()
         if config.num_threads:
@@ -58,6 +59,10 @@ class LLMEngine:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(path)
+        if runner is None and not config.parallel.is_single:
+            from engine.workers import WorkerGroupRunner
+
+            runner = WorkerGroupRunner(str(path), config, config.parallel, kv_transport)
         if runner is None:
             runner = ModelRunner.from_pretrained(
                 path,
@@ -251,8 +256,12 @@ class LLMEngine:
             and self.blocks.blocks_for(num_tokens + 1) <= self.blocks.num_free_blocks
         )
 
-    def import_request(self, handoff: KVHandoff, buffer: torch.Tensor) -> bool:
-        """Continue a request prefilled elsewhere; False (nothing changed) when no room now."""
+    def import_request(self, handoff: KVHandoff, buffer) -> bool:
+        """Continue a request prefilled elsewhere; False (nothing changed) when no room now.
+
+        buffer: the packed KV (L, 2, n, bs, Hkv, D), or a list of KV pieces for
+        `runner.import_kv` (opened (piece, view) pairs, or bare pieces when
+        `runner.opens_own_kv`)."""
         if handoff.layout != self.runner.kv_layout:
             raise ValueError(f"KV layout {handoff.layout} does not match {self.runner.kv_layout}")
         if handoff.request_id in self._tracked:
@@ -268,7 +277,14 @@ class LLMEngine:
             num_computed_tokens=handoff.num_computed_tokens,
         )
         blocks = self.blocks.allocate(request.request_id, handoff.num_computed_tokens)
-        self.runner.import_blocks(blocks, buffer)
+        try:
+            if isinstance(buffer, torch.Tensor):  # the whole cache of the request, packed
+                self.runner.import_blocks(blocks, buffer)
+            else:  # KV pieces (engine/kv_handoff.py), opened or for the workers to open
+                self.runner.import_kv(blocks, buffer)
+        except Exception:
+            self.blocks.free(request.request_id)
+            raise
         self._track(request, DetokenizerState(**vars(handoff.detokenizer)), handoff.generator_state)
         self.scheduler.add_running(request)
         return True

@@ -15,8 +15,12 @@ from pathlib import Path
 
 import torch
 
+from engine import kv_handoff
+from engine.kv_handoff import KVPiece
+from engine.parallel import ParallelLayout, Shard
 from kernels import cpu_ops, paged_attention
 from kernels.kv_blocks import KVLayout, pack_blocks, unpack_blocks
+from kernels.kv_channel import KVChannel
 from kernels.paged_attention import AttentionMetadata, PrefillSpan
 
 logger = logging.getLogger(__name__)
@@ -61,12 +65,27 @@ class ModelShape:
             max_position_embeddings=c.max_position_embeddings,
         )
 
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+    def kv_bytes_per_token(self, dtype: torch.dtype, layout: ParallelLayout | None = None) -> int:
+        """KV bytes per token of the whole model, or of one worker's shard (its largest
+        pipeline stage and 1/tp of the KV heads) under `layout`."""
         elem = torch.empty((), dtype=dtype).element_size()
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * elem
+        layers, kv_heads = self.num_layers, self.num_kv_heads
+        if layout is not None:
+            layers = -(-layers // layout.pp)
+            kv_heads //= layout.tp
+        return layers * 2 * kv_heads * self.head_dim * elem
+
+    def shards(self, layout: ParallelLayout) -> list[Shard]:
+        return layout.shards(self.num_layers, self.num_heads, self.num_kv_heads)
+
+    def kv_layout(self, block_size: int, dtype: torch.dtype) -> KVLayout:
+        """The whole model's KV layout, whatever the replica's parallel layout."""
+        return KVLayout(self.num_layers, block_size, self.num_kv_heads, self.head_dim, str(dtype))
 
 
 class ModelRunner:
+    opens_own_kv = False  # the caller opens KV transfers and passes views (import_kv)
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -74,6 +93,7 @@ class ModelRunner:
         block_size: int,
         device: str = "cpu",
         use_kernel: bool = True,
+        shard: Shard | None = None,
     ) -> None:
         # the compiled CPU decode kernel when it is built; the torch path otherwise
         self.use_kernel = use_kernel and device == "cpu" and cpu_ops.load() is not None
@@ -82,9 +102,17 @@ class ModelRunner:
         self.dtype = next(model.parameters()).dtype
         self.shape = ModelShape.of(model.config)
         self.block_size = block_size
-        s = self.shape
+        # a worker of a parallel replica holds a layer range and a KV-head range; else all
+        self.shard = shard or self.shape.shards(ParallelLayout())[0]
         self.kv_cache = torch.zeros(
-            (s.num_layers, 2, num_kv_blocks, block_size, s.num_kv_heads, s.head_dim),
+            (
+                len(self.shard.layers),
+                2,
+                num_kv_blocks,
+                block_size,
+                len(self.shard.kv_heads),
+                self.shape.head_dim,
+            ),
             dtype=self.dtype,
             device=self.device,
         )  # (L, 2, nb, bs, Hkv, D)
@@ -119,7 +147,7 @@ class ModelRunner:
 
     @property
     def kv_layout(self) -> KVLayout:
-        return KVLayout.of_cache(self.kv_cache)
+        return self.shape.kv_layout(self.block_size, self.dtype)
 
     @torch.inference_mode()
     def execute(self, batch: ModelInput) -> torch.Tensor:
@@ -178,6 +206,7 @@ class ModelRunner:
             if self.use_kernel
             else self._decode_workspace(len(padded) * max_blocks),
             use_kernel=self.use_kernel,
+            layer_offset=self.shard.layers.start,
         )
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)  # (1, T)
         positions = torch.tensor([pos], dtype=torch.long, device=dev)  # (1, T)
@@ -196,3 +225,15 @@ class ModelRunner:
 
     def import_blocks(self, block_ids: list[int], buffer: torch.Tensor) -> None:
         unpack_blocks(self.kv_cache, block_ids, buffer)
+
+    def send_kv(
+        self, block_ids: list[int], dst: ParallelLayout, channel: KVChannel
+    ) -> list[KVPiece]:
+        """Publish a request's blocks on the channel, cut into the pieces that each rank of
+        a decode replica with layout `dst` needs."""
+        dst_shards = self.shape.shards(dst)
+        return kv_handoff.send_pieces(channel, self.kv_cache, block_ids, self.shard, dst_shards)
+
+    def import_kv(self, block_ids: list[int], parts: list[tuple[KVPiece, torch.Tensor]]) -> None:
+        """Scatter opened pieces (piece, view) that together cover this cache."""
+        kv_handoff.scatter_pieces(self.kv_cache, block_ids, self.shard, parts)

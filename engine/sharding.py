@@ -1,0 +1,103 @@
+"""Cut a loaded transformers model down to one worker's shard (engine/parallel.py's `Shard`).
+
+Tensor parallelism follows the model's own `base_model_tp_plan` (transformers ships one per
+architecture: q/k/v and MLP gate/up "colwise", o_proj and down "rowwise"); we apply it by slicing
+the weights in place rather than through DTensor, so the model stays plain tensors that our
+paged attention and the CPU kernel understand. Column-parallel layers keep their rows of the
+output (whole heads, since tp divides the head counts); row-parallel layers keep their input
+columns and all-reduce their output over the stage's tensor-parallel group. Embeddings and the
+LM head are replicated.
+
+Pipeline parallelism keeps the stage's decoder layers only; the first stage keeps the embedding,
+the last the final norm and the LM head. The modules are named by the Llama family's layout
+(`model.embed_tokens / rotary_emb / layers / norm`, `lm_head`), which Llama, Mistral, Qwen2 and
+Qwen3 share; other architectures are rejected with a clear error.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatch
+
+import torch
+from torch import nn
+
+from engine.parallel import Shard
+
+_LAYOUT = ("embed_tokens", "rotary_emb", "layers", "norm")
+
+
+def check_supported(model: nn.Module) -> None:
+    base = getattr(model, "model", None)
+    if base is None or not all(hasattr(base, name) for name in _LAYOUT):
+        raise ValueError(
+            f"{type(model).__name__}: tensor/pipeline parallelism supports Llama-family "
+            "architectures (model.embed_tokens, rotary_emb, layers, norm; lm_head)"
+        )
+    if not getattr(model.config, "base_model_tp_plan", None):
+        raise ValueError(f"{type(model).__name__} has no tensor-parallel plan in its config")
+
+
+def shard_model(model: nn.Module, shard: Shard, tp_size: int, tp_group) -> nn.Module:
+    """In place: keep shard's layers and its slice of every tensor-parallel weight."""
+    check_supported(model)
+    base = model.model
+    first, last = shard.layers.start == 0, shard.layers.stop == len(base.layers)
+    base.layers = nn.ModuleList(base.layers[i] for i in shard.layers)
+    if not first:
+        base.embed_tokens = None
+    if not last:
+        base.norm = None
+        model.lm_head = None
+    if tp_size > 1:
+        plan = model.config.base_model_tp_plan
+        for name, module in base.named_modules():
+            style = _style(plan, name, shard.layers.start)
+            if style is not None:
+                _shard_linear(module, style, shard.tp_rank, tp_size, tp_group)
+    return model
+
+
+def _style(plan: dict[str, str], name: str, layer_offset: int) -> str | None:
+    """The plan entry for a module name; layer indices in the plan are the model's own."""
+    parts = name.split(".")
+    if len(parts) > 1 and parts[0] == "layers":  # our ModuleList restarts at 0
+        parts[1] = str(int(parts[1]) + layer_offset)
+    full = ".".join(parts)
+    for pattern, style in plan.items():
+        if fnmatch(full, pattern):
+            if style not in ("colwise", "rowwise"):
+                raise ValueError(f"tensor-parallel style {style!r} ({pattern}) is not supported")
+            return style
+    return None
+
+
+def _shard_linear(module: nn.Module, style: str, rank: int, size: int, group) -> None:
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"tensor-parallel plan names a {type(module).__name__}, not a Linear")
+    dim = 0 if style == "colwise" else 1
+    full = module.weight.shape[dim]
+    if full % size:
+        raise ValueError(f"cannot split a dimension of {full} over {size} ranks")
+    part = full // size
+    keep = slice(rank * part, (rank + 1) * part)
+    weight = module.weight.data[keep] if dim == 0 else module.weight.data[:, keep]
+    module.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+    if dim == 0:
+        module.out_features = part
+        if module.bias is not None:
+            module.bias = nn.Parameter(module.bias.data[keep].contiguous(), requires_grad=False)
+        return
+    module.in_features = part
+    if module.bias is not None and rank != 0:  # the all-reduce would add the bias size times
+        module.bias = nn.Parameter(torch.zeros_like(module.bias), requires_grad=False)
+    module.register_forward_hook(_all_reduce_hook(group))
+
+
+def _all_reduce_hook(group):
+    import torch.distributed as dist
+
+    def hook(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(output, group=group)
+        return output
+
+    return hook

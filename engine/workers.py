@@ -1,0 +1,312 @@
+"""Multi-worker replicas: tensor x pipeline parallelism with Ray actors and torch.distributed.
+
+The replica keeps one engine and one scheduler; its runner is a `WorkerGroupRunner` that sends
+every step's `ModelInput` to tp * pp `ModelWorker` actors (one placement-group bundle each when
+the replica runs in one, as Serve's `placement_group_bundles` give it) and returns the logits
+of the last stage. The workers form a torch.distributed group (gloo on CPU, NCCL on CUDA):
+all-reduce inside a stage's tensor-parallel group, point-to-point sends of activations between
+stages. A step's sequences are split into pp micro-batches, so stage s works on micro-batch i+1
+while stage s+1 works on micro-batch i.
+
+A worker that dies fails the step that needed it; the runner then reports itself broken
+(`check_health`), so Serve replaces the replica, and its workers (the replica's child actors)
+go with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from datetime import timedelta
+
+import torch
+
+from engine.config import EngineConfig
+from engine.kv_handoff import KVPiece, finish_all, open_all
+from engine.model_runner import ModelInput, ModelRunner, ModelShape
+from engine.parallel import ParallelLayout, Shard, split_micro_batches
+from kernels import paged_attention
+from kernels.kv_blocks import KVLayout
+from kernels.kv_channel import KVChannel
+
+logger = logging.getLogger(__name__)
+_COLLECTIVE_TIMEOUT = timedelta(seconds=120)  # a peer that died mid-step fails us, not hangs us
+_START_TIMEOUT_S = 600.0
+
+
+class ShardRunner(ModelRunner):
+    """ModelRunner of one worker: its layers and heads only, pipelined over micro-batches."""
+
+    def __init__(self, model, num_kv_blocks, block_size, device, shard, layout, tp_group):
+        super().__init__(model, num_kv_blocks, block_size, device, shard=shard)
+        self.layout = layout
+        self.tp_group = tp_group
+        self.hidden_size = model.config.get_text_config().hidden_size
+        self.first = shard.pp_rank == 0
+        self.last = shard.pp_rank == layout.pp - 1
+
+    def _peer(self, pp_rank: int) -> int:  # same tp rank, another stage
+        return pp_rank * self.layout.tp + self.shard.tp_rank
+
+    @torch.inference_mode()
+    def execute(self, batch: ModelInput) -> torch.Tensor | None:
+        import torch.distributed as dist
+
+        counts = [len(s.token_ids) for s in batch.seqs]
+        groups = split_micro_batches(counts, self.layout.pp)
+        micro = [ModelInput(batch.seqs[g.start : g.stop]) for g in groups]
+        sends, logits = [], []
+        for mb in micro:
+            input_ids, positions, meta, sample_idx = self._prepare(mb)
+            if self.first:
+                hidden = self.model.model.embed_tokens(input_ids)
+            else:
+                hidden = torch.empty(
+                    (1, mb.num_tokens, self.hidden_size), dtype=self.dtype, device=self.device
+                )
+                dist.recv(hidden, src=self._peer(self.shard.pp_rank - 1))
+            hidden = self._layers(hidden, positions, meta)
+            if self.last:
+                logits.append(self._logits(hidden, sample_idx))
+            else:  # async: start the next micro-batch while this one travels
+                nxt = self._peer(self.shard.pp_rank + 1)
+                sends.append(dist.isend(hidden.contiguous(), dst=nxt))
+        for work in sends:
+            work.wait()
+        return torch.cat(logits) if self.last else None
+
+    def _layers(self, hidden, positions, meta):
+        base = self.model.model
+        position_embeddings = base.rotary_emb(hidden, position_ids=positions)
+        for layer in base.layers:
+            hidden = layer(
+                hidden,
+                attention_mask=None,
+                position_embeddings=position_embeddings,
+                position_ids=positions,
+                attn_metadata=meta,
+            )
+        return hidden
+
+    def _logits(self, hidden, sample_idx) -> torch.Tensor:
+        hidden = self.model.model.norm(hidden[:, sample_idx])
+        return self.model.lm_head(hidden)[0].float()  # (S, V)
+
+
+class ModelWorker:
+    """One rank of a replica (made a Ray actor by WorkerGroupRunner)."""
+
+    def __init__(
+        self,
+        path: str,
+        config: EngineConfig,
+        layout: ParallelLayout,
+        rank: int,
+        num_kv_blocks: int,
+        kv_transport: str,
+    ) -> None:
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.path, self.config, self.layout, self.rank = path, config, layout, rank
+        self.num_kv_blocks = num_kv_blocks
+        self.kv_transport = kv_transport
+        self.runner: ShardRunner | None = None
+
+    def address(self) -> tuple[str, int]:
+        """A free TCP port on this node for the process group's rendezvous (rank 0 only)."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def start(self, master: tuple[str, int]) -> None:
+        """Join the process group, then load the model and keep this rank's shard."""
+        import ray
+        import torch.distributed as dist
+        from transformers import AutoModelForCausalLM
+
+        from engine.sharding import shard_model
+
+        backend = "nccl" if self.config.device.startswith("cuda") else "gloo"
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{master[0]}:{master[1]}",
+            rank=self.rank,
+            world_size=self.layout.world_size,
+            timeout=_COLLECTIVE_TIMEOUT,
+        )
+        groups = [dist.new_group(self.layout.stage_ranks(p)) for p in range(self.layout.pp)]
+        name = paged_attention.register()
+        model = AutoModelForCausalLM.from_pretrained(
+            self.path, dtype=getattr(torch, self.config.dtype), attn_implementation=name
+        )
+        shard = ModelShape.of(model.config).shards(self.layout)[self.rank]
+        tp_group = groups[shard.pp_rank]
+        shard_model(model, shard, self.layout.tp, tp_group)
+        self.runner = ShardRunner(
+            model,
+            self.num_kv_blocks,
+            self.config.block_size,
+            self.config.device,
+            shard,
+            self.layout,
+            tp_group,
+        )
+        node_id = ray.get_runtime_context().get_node_id()
+        self.channel = KVChannel(self.kv_transport, node_id)
+
+    def execute(self, batch: ModelInput) -> torch.Tensor | None:
+        return self.runner.execute(batch)
+
+    def send_kv(self, block_ids: list[int], dst: ParallelLayout) -> list[KVPiece]:
+        return self.runner.send_kv(block_ids, dst, self.channel)
+
+    def import_kv(self, block_ids: list[int], pieces: list[KVPiece]) -> None:
+        parts = open_all(self.channel, pieces)
+        self.runner.import_kv(block_ids, parts)
+        finish_all(self.channel, pieces)
+
+    def kv_cache_shape(self) -> tuple[int, ...]:
+        return tuple(self.runner.kv_cache.shape)
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        self.channel.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class WorkerGroupFailed(RuntimeError):
+    """A worker of this replica died; the replica must be replaced."""
+
+
+class WorkerGroupRunner:
+    """The runner of a replica whose model is split over tp * pp worker actors."""
+
+    opens_own_kv = True  # each worker opens the pieces addressed to it
+
+    def __init__(
+        self, path: str, config: EngineConfig, layout: ParallelLayout, kv_transport: str = "shm"
+    ) -> None:
+        from transformers import AutoConfig
+
+        self.layout = layout
+        self.shape = ModelShape.of(AutoConfig.from_pretrained(path))
+        self.shards: list[Shard] = self.shape.shards(layout)  # raises if it cannot split
+        self.block_size = config.block_size
+        self.dtype = getattr(torch, config.dtype)
+        per_block = self.shape.kv_bytes_per_token(self.dtype, layout) * config.block_size
+        self.num_kv_blocks = config.num_kv_blocks or max(
+            1, config.kv_cache_memory_mb * 2**20 // per_block
+        )
+        self.failure: str | None = None
+        self.workers = self._start(path, config, kv_transport)
+        logger.info(
+            "model %s on %d workers (tp=%d, pp=%d): %d KV blocks of %d tokens",
+            path, layout.world_size, layout.tp, layout.pp, self.num_kv_blocks, self.block_size,
+        )  # fmt: skip
+
+    def _start(self, path: str, config: EngineConfig, kv_transport: str) -> list:
+        import ray
+
+        actor = ray.remote(ModelWorker)
+        workers = [
+            actor.options(**_placement(rank, self.layout, config)).remote(
+                path, config, self.layout, rank, self.num_kv_blocks, kv_transport
+            )
+            for rank in range(self.layout.world_size)
+        ]
+        try:
+            master = ray.get(workers[0].address.remote(), timeout=_START_TIMEOUT_S)
+            self._get([w.start.remote(master) for w in workers], timeout=_START_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError as e:
+            for w in workers:
+                ray.kill(w)
+            raise RuntimeError(
+                f"the {self.layout.world_size} model workers did not start within "
+                f"{_START_TIMEOUT_S:.0f} s: not enough resources for "
+                f"{self.layout.world_size} x {{'CPU': {config.worker_num_cpus}}}?"
+            ) from e
+        return workers
+
+    # ---- the runner interface (engine/model_runner.py) ----------------------------------------
+
+    @property
+    def kv_layout(self) -> KVLayout:
+        return self.shape.kv_layout(self.block_size, self.dtype)
+
+    def execute(self, batch: ModelInput) -> torch.Tensor:
+        import ray
+
+        ref = ray.put(batch)  # serialized once for all workers
+        results = self._get([w.execute.remote(ref) for w in self.workers])
+        return results[self.layout.stage_ranks(self.layout.pp - 1)[0]]
+
+    def send_kv(self, block_ids: list[int], dst: ParallelLayout, _channel=None) -> list[KVPiece]:
+        """Each worker publishes its pieces itself (the replica's channel is not used)."""
+        per_worker = self._get([w.send_kv.remote(block_ids, dst) for w in self.workers])
+        return [piece for pieces in per_worker for piece in pieces]
+
+    def import_kv(self, block_ids: list[int], pieces: list[KVPiece]) -> None:
+        self._get(
+            [
+                w.import_kv.remote(block_ids, [p for p in pieces if p.spec.dst_rank == rank])
+                for rank, w in enumerate(self.workers)
+            ]
+        )
+
+    def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        raise NotImplementedError("a multi-worker replica hands KV off with send_kv")
+
+    def check_health(self) -> None:
+        if self.failure is not None:
+            raise WorkerGroupFailed(self.failure)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for w in self.workers:
+            ray.kill(w)
+
+    def _get(self, refs: list, timeout: float | None = None) -> list:
+        """Results in order; the first failure raises at once (a survivor may be stuck in a
+        collective with the dead worker until its timeout) and breaks the group for good."""
+        import ray
+
+        self.check_health()
+        pending = list(refs)
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=timeout)
+                if not ready:
+                    raise ray.exceptions.GetTimeoutError("model workers timed out")
+                ray.get(ready)
+        except ray.exceptions.RayActorError as e:
+            self.failure = f"a model worker died: {e}"
+            raise WorkerGroupFailed(self.failure) from e
+        return ray.get(refs)
+
+
+def _placement(rank: int, layout: ParallelLayout, config: EngineConfig) -> dict:
+    """Actor options: bundle 1 + rank of the replica's placement group when it has one (Serve's
+    placement_group_bundles put the replica itself in bundle 0)."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    options: dict = {"num_cpus": config.worker_num_cpus}
+    if config.device.startswith("cuda"):
+        options["num_gpus"] = 1
+    pg = ray.util.get_current_placement_group()
+    if pg is None:
+        return options
+    if len(pg.bundle_specs) < layout.world_size + 1:
+        raise ValueError(
+            f"the replica's placement group has {len(pg.bundle_specs)} bundles; tp={layout.tp} "
+            f"x pp={layout.pp} needs {layout.world_size + 1} (the replica and one per worker)"
+        )
+    options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+        placement_group=pg, placement_group_bundle_index=rank + 1
+    )
+    return options

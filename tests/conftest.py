@@ -80,3 +80,30 @@ def drain(engine: LLMEngine, max_steps: int = 10_000) -> dict[str, list]:
         for out in engine.step():
             outs.setdefault(out.request_id, []).append(out)
     raise AssertionError("engine did not finish")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory, tokenizer):
+    """A random Llama small enough for multi-worker tests, with heads that split in two: 4
+    attention heads, 2 KV heads, 4 layers; the default model's tokenizer. A wide init makes
+    the logits peaked, so greedy tokens are stable under the re-ordered sums of an all-reduce."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

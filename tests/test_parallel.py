@@ -1,0 +1,89 @@
+"""Layout arithmetic of tensor x pipeline parallel replicas and the KV re-sharding plan."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from engine.parallel import (
+    ParallelLayout,
+    PieceSpec,
+    check_coverage,
+    kv_pieces,
+    split_evenly,
+    split_micro_batches,
+)
+
+L, H, HKV = 30, 12, 4
+
+
+def test_split_evenly_is_contiguous_and_balanced():
+    parts = split_evenly(30, 4)
+    assert [len(p) for p in parts] == [8, 8, 7, 7]
+    assert [i for p in parts for i in p] == list(range(30))
+
+
+def test_shards_rank_order_and_ranges():
+    shards = ParallelLayout(tp=2, pp=3).shards(L, H, HKV)
+    assert [(s.rank, s.pp_rank, s.tp_rank) for s in shards] == [
+        (0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1), (4, 2, 0), (5, 2, 1)
+    ]  # fmt: skip
+    assert shards[3].layers == range(10, 20)
+    assert shards[3].kv_heads == range(2, 4) and shards[3].heads == range(6, 12)
+    assert ParallelLayout(2, 3).stage_ranks(1) == [2, 3]
+
+
+def test_layouts_the_model_cannot_take_are_rejected():
+    with pytest.raises(ValueError, match="tensor_parallel_size 3 must divide"):
+        ParallelLayout(tp=3).shards(L, H, HKV)
+    with pytest.raises(ValueError, match="exceeds the model's 30 layers"):
+        ParallelLayout(pp=31).shards(L, H, HKV)
+    with pytest.raises(ValueError):
+        ParallelLayout(tp=0)
+
+
+LAYOUTS = [ParallelLayout(t, p) for t, p in [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (1, 3)]]
+
+
+@pytest.mark.parametrize("src,dst", list(itertools.product(LAYOUTS, LAYOUTS)))
+def test_pieces_tile_every_receiver_exactly_and_send_each_cell_once(src, dst):
+    dst_shards = dst.shards(L, H, HKV)
+    pieces = [p for s in src.shards(L, H, HKV) for p in kv_pieces(s, dst_shards)]
+    for d in dst_shards:  # raises unless exact
+        check_coverage(d, [p for p in pieces if p.dst_rank == d.rank])
+    # no cell of the cache travels twice: the hand-off moves the whole cache exactly once
+    assert sum(len(p.layers) * len(p.kv_heads) for p in pieces) == L * HKV
+
+
+def test_reshard_tp2_to_pp2_sends_each_rank_a_quarter():
+    src = ParallelLayout(tp=2).shards(L, H, HKV)
+    dst = ParallelLayout(pp=2).shards(L, H, HKV)
+    pieces = kv_pieces(src[1], dst)  # prefill rank 1 holds KV heads 2..3 of all layers
+    assert pieces == [
+        PieceSpec(1, 0, range(0, 15), range(2, 4)),
+        PieceSpec(1, 1, range(15, 30), range(2, 4)),
+    ]
+
+
+def test_coverage_errors_name_the_problem():
+    dst = ParallelLayout(tp=2).shards(L, H, HKV)[0]
+    with pytest.raises(ValueError, match="covers 30 of rank 0's 60"):
+        check_coverage(dst, [PieceSpec(0, 0, range(0, 30), range(0, 1))])
+    with pytest.raises(ValueError, match="does not fit"):
+        check_coverage(dst, [PieceSpec(0, 0, range(0, 30), range(0, 3))])
+
+
+@pytest.mark.parametrize(
+    "counts,parts,expected",
+    [
+        ([1, 1, 1, 1], 2, [range(0, 2), range(2, 4)]),
+        ([100, 1, 1, 1], 2, [range(0, 1), range(1, 4)]),
+        ([1, 1, 1], 5, [range(0, 1), range(1, 2), range(2, 3)]),
+        ([5], 2, [range(0, 1)]),
+        ([], 2, []),
+        ([3, 3, 3, 3, 3, 3], 3, [range(0, 2), range(2, 4), range(4, 6)]),
+    ],
+)
+def test_micro_batches(counts, parts, expected):
+    assert split_micro_batches(counts, parts) == expected

@@ -1,0 +1,172 @@
+"""Tensor and pipeline parallel replicas on a private Ray cluster (gloo on CPU, a tiny Llama):
+their outputs equal a single worker's, and the KV hand-off between different layouts works."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.kv_handoff import finish_all, open_all, total_bytes
+from engine.model_runner import ModelInput, SeqInput
+from engine.parallel import ParallelLayout
+from engine.workers import WorkerGroupFailed
+from kernels.kv_channel import KVChannel
+from tests.conftest import drain
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far"]
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=8,
+        include_dashboard=False,
+        _temp_dir=str(tmp_path_factory.mktemp("ray")),
+        runtime_env={"env_vars": {"RAY_DEDUP_LOGS": "1"}},
+    )
+    yield ray.get_runtime_context().get_node_id()
+    ray.shutdown()
+
+
+def make(path: str, tp: int = 1, pp: int = 1) -> LLMEngine:
+    config = EngineConfig(
+        model=path,
+        tensor_parallel_size=tp,
+        pipeline_parallel_size=pp,
+        worker_num_cpus=0.5,
+        num_threads=1,
+        num_kv_blocks=64,
+    )
+    return LLMEngine(config)
+
+
+def close(engine: LLMEngine) -> None:
+    shutdown = getattr(engine.runner, "shutdown", None)
+    if shutdown is not None:
+        shutdown()
+
+
+@pytest.fixture(scope="module")
+def single(cluster, tiny_llama_path):
+    engine = make(tiny_llama_path)
+    yield engine
+
+
+@pytest.fixture(scope="module")
+def reference(single):
+    return [c.token_ids for c in single.generate(PROMPTS, GREEDY)]
+
+
+def _batch() -> ModelInput:  # two prefills and a continuation in one flattened step
+    return ModelInput(
+        [
+            SeqInput(list(range(100, 120)), 0, [0, 1], True),
+            SeqInput(list(range(300, 305)), 0, [2], True),
+        ]
+    )
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
+def test_parallel_replica_matches_one_worker(tp, pp, single, reference, tiny_llama_path):
+    engine = make(tiny_llama_path, tp, pp)
+    try:
+        assert engine.runner.num_kv_blocks == 64
+        assert [c.token_ids for c in engine.generate(PROMPTS, GREEDY)] == reference
+        # the logits themselves, not only their argmax, on a fresh pair of caches
+        got = engine.runner.execute(_batch())
+        want = single.runner.execute(_batch())
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    finally:
+        close(engine)
+
+
+def _handoff(prefill: LLMEngine, decode: LLMEngine, prompt: str, channel: KVChannel):
+    """prefill -> KV pieces on the channel -> decode; -> (token ids, pieces)."""
+    rid = prefill.add_request(None, prompt, GREEDY, prefill_only=True)
+    [first] = drain(prefill)[rid]
+    handoff = prefill.kv_handoff(rid)
+    pieces = prefill.runner.send_kv(list(handoff.block_ids), decode.config.parallel, channel)
+    assert prefill.release(rid)
+    own = decode.runner.opens_own_kv
+    assert decode.import_request(handoff, pieces if own else open_all(channel, pieces))
+    if not own:
+        finish_all(channel, pieces)
+    rest = [t for out in drain(decode)[rid] for t in out.new_token_ids]
+    assert prefill.blocks.num_free_blocks == prefill.blocks.num_blocks
+    assert decode.blocks.num_free_blocks == decode.blocks.num_blocks
+    return first.new_token_ids + rest, pieces
+
+
+def test_handoff_tp2_prefill_to_pp2_decode(cluster, single, reference, tiny_llama_path):
+    prefill, decode = make(tiny_llama_path, tp=2), make(tiny_llama_path, pp=2)
+    try:
+        for prompt, want in zip(PROMPTS, reference, strict=True):
+            tokens, pieces = _handoff(prefill, decode, prompt, KVChannel("shm", cluster))
+            assert tokens == want
+        # each prefill rank sends only its KV heads, cut by decode stage: half the cache each
+        n_blocks = pieces[0].transfer.shape[2]
+        cache = single.runner.kv_cache[:, :, :n_blocks]
+        whole = cache.numel() * cache.element_size()
+        sent = total_bytes(pieces)
+        assert len(pieces) == 4 and sent == {0: whole // 2, 1: whole // 2}
+    finally:
+        close(prefill)
+        close(decode)
+
+
+def test_handoff_single_prefill_to_tp2_decode(cluster, single, reference, tiny_llama_path):
+    decode = make(tiny_llama_path, tp=2)
+    channel = KVChannel("shm", cluster)
+    try:
+        for prompt, want in zip(PROMPTS, reference, strict=True):
+            tokens, pieces = _handoff(single, decode, prompt, channel)
+            assert tokens == want
+            assert sorted(p.spec.dst_rank for p in pieces) == [0, 1]
+    finally:
+        close(decode)
+
+
+def test_tp2_prefill_to_single_decode(cluster, single, reference, tiny_llama_path):
+    prefill = make(tiny_llama_path, tp=2)
+    try:
+        tokens, pieces = _handoff(prefill, single, PROMPTS[0], KVChannel("shm", cluster))
+        assert tokens == reference[0]
+        assert sorted(p.spec.src_rank for p in pieces) == [0, 1]
+    finally:
+        close(prefill)
+
+
+def test_a_dead_worker_fails_requests_and_the_replica(cluster, tiny_llama_path):
+    import ray
+
+    from deployments.engine_loop import EngineLoop
+
+    engine = make(tiny_llama_path, tp=2)
+    loop = EngineLoop(engine)
+
+    async def run() -> list:
+        params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+        outputs = []
+        with pytest.raises(RuntimeError, match="engine step failed"):
+            async for out in loop.generate("r1", engine.encode(PROMPTS[0]), params):
+                outputs.append(out)
+                if len(outputs) == 2:
+                    ray.kill(engine.runner.workers[1])
+        return outputs
+
+    try:
+        outputs = asyncio.run(asyncio.wait_for(run(), timeout=120))
+        assert 2 <= len(outputs) < 400
+        with pytest.raises(WorkerGroupFailed, match="worker died"):
+            engine.runner.check_health()
+        assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    finally:
+        loop.shutdown()
+        close(engine)

@@ -35,7 +35,9 @@ def deployment_options(phase: PhaseArgs, name: str, key: str) -> dict:
             options["placement_group_bundles"] = [worker] * (layout.world_size + 1)
             options["ray_actor_options"] = {"num_cpus": 0}
         # a tensor-parallel group must share a node; pipeline stages may spread
-        options["placement_group_strategy"] = "STRICT_PACK" if layout.pp == 1 else "PACK"
+        options["placement_group_strategy"] = phase.placement_group_strategy or (
+            "STRICT_PACK" if layout.pp == 1 else "PACK"
+        )
     if phase.max_replicas_per_node is not None:
         options["max_replicas_per_node"] = phase.max_replicas_per_node
     if phase.autoscaling is not None:

@@ -34,8 +34,9 @@ def serve_config(
 ) -> dict:
     """A serve_config.yaml (as a dict) for `serve run` that deploys the chosen placement.
 
-    Each replica asks for 0.9 logical CPU per unit of its layout, so that the ingress (0.1)
-    still fits when every unit of the cluster is used (Ray otherwise leaves one unscheduled).
+    A replica asks for 0.9 logical CPU per unit of its layout (a multi-worker replica: 0.1 for
+    itself and 0.8 per worker bundle), so that the ingress (0.1) still fits when every unit of
+    the cluster is used (Ray otherwise leaves one unscheduled).
     With `autoscale` (a factor > 1), each disaggregated phase scales between its planned count
     (what the target rate needs, from the per-replica goodput the search found) and that count
     times the factor, on its own latency target and its profile coefficients.
@@ -51,7 +52,12 @@ def serve_config(
         if threads:
             engine["num_threads"] = threads
         units = spec.entry.tp * spec.entry.pp
-        out = {"num_replicas": spec.count, "num_cpus": round(0.9 * units, 2), "engine": engine}
+        out = {"num_replicas": spec.count, "num_cpus": 0.9, "engine": engine}
+        if units > 1:  # the replica schedules; one placement-group bundle per model worker
+            engine["worker_num_cpus"] = 0.8
+            out["num_cpus"] = 0.1
+            # a tensor-parallel group shares a node; pipeline stages may cross nodes
+            out["placement_group_strategy"] = "STRICT_PACK" if spec.entry.pp == 1 else "PACK"
         if autoscale and name is not None:
             out["autoscaling"] = _autoscaling(spec, name, search.slo, autoscale)
         return out
@@ -110,6 +116,12 @@ def _workload(args: argparse.Namespace) -> Workload:
         )
         lengths = tuple((i.input_len, i.output_len) for i in items)
     return Workload(args.num_requests, args.input_len, args.output_len, cv=args.cv, dataset=lengths)
+
+
+def _model_dir(model: str | Path) -> Path:
+    """The directory `serve run` loads: --model may name the config.json inside it."""
+    path = Path(model)
+    return path.parent if path.name == "config.json" else path
 
 
 def report(candidates: list[Candidate], search: Search) -> dict:
@@ -193,7 +205,10 @@ def main(argv: list[str] | None = None) -> None:
             f"best per-GPU goodput is {result['gain_over_best_colocated']:.2f}x the best "
             "colocated placement"
         )
-    config = serve_config(candidates[0], search, threads=args.threads, autoscale=args.autoscale)
+    base = {} if args.model == "default" else {"model": str(_model_dir(model))}
+    config = serve_config(
+        candidates[0], search, base, threads=args.threads, autoscale=args.autoscale
+    )
     Path(args.out).write_text(yaml.safe_dump(config, sort_keys=False))
     print(f"wrote {args.out}")
     if args.report:

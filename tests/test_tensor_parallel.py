@@ -4,6 +4,7 @@ their outputs equal a single worker's, and the KV hand-off between different lay
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -11,7 +12,6 @@ import torch
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.kv_handoff import finish_all, open_all, total_bytes
 from engine.model_runner import ModelInput, SeqInput
-from engine.parallel import ParallelLayout
 from engine.workers import WorkerGroupFailed
 from kernels.kv_channel import KVChannel
 from tests.conftest import drain
@@ -170,3 +170,65 @@ def test_a_dead_worker_fails_requests_and_the_replica(cluster, tiny_llama_path):
     finally:
         loop.shutdown()
         close(engine)
+
+
+def test_planned_tp_pp_placement_starts_with_serve_and_serves(cluster, tiny_llama_path, reference):
+    """The optimizer, given only multi-worker layouts, emits TP/PP replicas; Serve's own
+    schema accepts the file, and the application serves the single engine's greedy output."""
+    import httpx
+    import yaml
+    from ray import serve
+    from ray.serve.schema import ServeDeploySchema
+
+    from app.builder import build_app
+    from placement.hardware import ModelSpec
+    from placement.latency_model import Coefficients, Entry, Profile
+    from placement.optimizer import Cluster, Search, optimize
+    from placement.plan import serve_config
+    from placement.simulator import SLO
+    from placement.workload import Workload
+    from tests.test_serve import _free_port
+
+    tp2 = Entry(2, 1, Coefficients(5.0, 0.5, 0.0), Coefficients(10.0, 0.0, 1.0), 10**5)
+    pp2 = Entry(1, 2, Coefficients(6.0, 0.6, 0.0), Coefficients(8.0, 0.0, 0.5), 10**5)
+    search = Search(
+        profile=Profile("tiny-llama", "cpu", [tp2, pp2]),
+        workload=Workload(100, input_len=64, output_len=16),
+        slo=SLO(ttft_ms=500, tpot_ms=40),
+        cluster=Cluster(1, 4),
+        kv_bytes_per_token=ModelSpec.from_config(tiny_llama_path, "float32").kv_bytes_per_token,
+        max_replicas=1,
+    )
+    best = optimize(search)[0]
+    config = yaml.safe_load(
+        yaml.safe_dump(serve_config(best, search, {"model": tiny_llama_path}, threads=1))
+    )
+    ServeDeploySchema.parse_obj(config)  # Ray Serve's own schema for `serve deploy/run`
+    [app] = config["applications"]
+    layouts = [
+        (
+            app["args"][p]["engine"]["tensor_parallel_size"],
+            app["args"][p]["engine"]["pipeline_parallel_size"],
+        )
+        for p in ("prefill", "decode")
+        if p in app["args"]
+    ] or [(app["args"]["colocated"]["engine"]["tensor_parallel_size"], 1)]
+    assert all(tp * pp > 1 for tp, pp in layouts)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(app["args"]), name="planned", route_prefix="/", blocking=False)
+        deadline = time.monotonic() + 300
+        while serve.status().applications["planned"].status != "RUNNING":
+            assert time.monotonic() < deadline, serve.status()
+            time.sleep(1)
+        body = {"model": "SmolLM2-135M-Instruct", "prompt": PROMPTS[1], "max_tokens": 12,
+                "temperature": 0, "ignore_eos": True}  # fmt: skip
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 12
+        single = LLMEngine(EngineConfig(model=tiny_llama_path, num_kv_blocks=16))
+        [want] = single.generate([PROMPTS[1]], GREEDY)
+        assert r.json()["choices"][0]["text"] == want.text
+    finally:
+        serve.shutdown()

@@ -169,6 +169,12 @@ class Ingress:
                 yield clock.seen(out)
         except InvalidRequestError as e:  # raised by a replica
             raise APIError(400, str(e), getattr(e, "param", None)) from e
+        except APIError:
+            raise
+        except Exception as e:  # a replica failed it (a dead model worker, a failed step)
+            logger.warning("request %s failed in a replica: %r", request_id, e)
+            message = f"the request failed in a model replica ({type(e).__name__}); retry it"
+            raise APIError(503, message, kind="server_error") from e
         finally:
             self.num_in_flight -= 1
             for call in (prefill, stream):  # no-op once finished; aborts on disconnect

@@ -74,6 +74,7 @@ class _EngineServer:
             "node_id": self.node_id,
             "num_pending_imports": self.loop.num_pending_imports,
             "num_cross_node_handoffs": getattr(self, "num_cross_node_handoffs", 0),
+            "worker_pids": getattr(self.engine.runner, "worker_pids", []),  # TP x PP workers
         }
 
     async def max_request_tokens(self) -> int:

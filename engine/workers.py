@@ -16,6 +16,7 @@ go with it.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from datetime import timedelta
 
@@ -159,6 +160,9 @@ class ModelWorker:
     def execute(self, batch: ModelInput) -> torch.Tensor | None:
         return self.runner.execute(batch)
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def send_kv(self, block_ids: list[int], dst: ParallelLayout) -> list[KVPiece]:
         return self.runner.send_kv(block_ids, dst, self.channel)
 
@@ -221,6 +225,7 @@ class WorkerGroupRunner:
         try:
             master = ray.get(workers[0].address.remote(), timeout=_START_TIMEOUT_S)
             self._get([w.start.remote(master) for w in workers], timeout=_START_TIMEOUT_S)
+            self.worker_pids = self._get([w.pid.remote() for w in workers])
         except ray.exceptions.GetTimeoutError as e:
             for w in workers:
                 ray.kill(w)

@@ -230,5 +230,29 @@ def test_planned_tp_pp_placement_starts_with_serve_and_serves(cluster, tiny_llam
         single = LLMEngine(EngineConfig(model=tiny_llama_path, num_kv_blocks=16))
         [want] = single.generate([PROMPTS[1]], GREEDY)
         assert r.json()["choices"][0]["text"] == want.text
+        _kill_a_worker_then_recover(f"http://127.0.0.1:{port}/v1/completions", body)
     finally:
         serve.shutdown()
+
+
+def _kill_a_worker_then_recover(url: str, body: dict) -> None:
+    """A dead model worker fails the request with an OpenAI error (no hang); the replica's
+    health check fails, Serve replaces it with fresh workers, and serving resumes."""
+    import os
+    import signal
+
+    import httpx
+    from ray import serve
+
+    decode = serve.get_deployment_handle("DecodeServer", "planned")
+    pids = decode.stats.remote().result()["worker_pids"]
+    assert len(pids) == 2  # the planned decode replica runs tp1 x pp2
+    os.kill(pids[-1], signal.SIGKILL)  # the last pipeline stage
+    time.sleep(1)
+    r = httpx.post(url, json=body, timeout=120)
+    assert r.status_code == 503 and r.json()["error"]["type"] == "server_error", r.text
+    deadline = time.monotonic() + 180
+    while (r := httpx.post(url, json=body, timeout=120)).status_code != 200:
+        assert time.monotonic() < deadline, r.text
+        time.sleep(2)
+    assert r.json()["usage"]["completion_tokens"] == 12

@@ -21,6 +21,7 @@ import asyncio
 import copy
 import json
 import platform
+import shutil
 import socket
 import tempfile
 import time
@@ -239,7 +240,8 @@ def run_experiment(args: argparse.Namespace, items, unit: SLO, grid: dict) -> di
     headline = unit.scaled_each(*grid["headline"])
     loosest = loosest_slo(unit, grid)
     report = {"meta": _meta(args, unit, grid, items), "configs": {}}
-    with Cluster() as cluster:
+    trace = Path(args.out).resolve() / "steps"
+    with Cluster({"SPLITSERVE_STEP_TRACE": str(trace / "current")}) as cluster:
         for name in args.configs:
             config = CONFIGURATIONS[name]
             print(f"{name}: {config.description}", flush=True)
@@ -252,6 +254,7 @@ def run_experiment(args: argparse.Namespace, items, unit: SLO, grid: dict) -> di
             send = _send(cluster.url, args.model, make)
             points = sweep(send, args.rates, headline, loosest, args.target, args.bisect)
             cluster.undeploy()
+            _keep_steps(trace, name)
             report["configs"][name] = {
                 "description": config.description,
                 "colocated": config.colocated,
@@ -260,6 +263,14 @@ def run_experiment(args: argparse.Namespace, items, unit: SLO, grid: dict) -> di
                 "points": [p.to_json() for p in points],
             }
     return report
+
+
+def _keep_steps(trace: Path, name: str) -> None:
+    """The replicas of `name` are gone: their step traces become that configuration's."""
+    current, kept = trace / "current", trace / name
+    if current.exists():
+        shutil.rmtree(kept, ignore_errors=True)
+        current.rename(kept)
 
 
 def _meta(args: argparse.Namespace, unit: SLO, grid: dict, items) -> dict:
@@ -326,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report))
-    print(write_report(report, out, args.profile))
+    print(write_report(report, out, args.profile, out / "steps" if args.profile else None))
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def disagg_ratio(configs: dict, rates: dict[str, float]) -> float | None:
     return max(disagg) / max(coloc)
 
 
-def analyze(report: dict, profile: str | None = None) -> dict:
+def analyze(report: dict, profile: str | None = None, steps: Path | None = None) -> dict:
     meta, unit = report["meta"], _unit(report)
     headline = unit.scaled_each(*meta["grid"]["headline"])
     configs = report["configs"]
@@ -125,6 +125,7 @@ def analyze(report: dict, profile: str | None = None) -> dict:
         "slo_map": slo_map(report),
     }
     predicted = predict(report, profile, headline) if profile else {}
+    in_situ = predict(report, profile, headline, steps) if profile and steps else {}
     for name, c in configs.items():
         row = {
             "description": c["description"],
@@ -138,6 +139,9 @@ def analyze(report: dict, profile: str | None = None) -> dict:
         if name in predicted:
             row["simulated_goodput_rps"] = predicted[name]["goodput_rps"]
             row["simulated_curve"] = predicted[name]["curve"]
+        if name in in_situ:
+            row["simulated_in_situ_rps"] = in_situ[name]["goodput_rps"]
+            row["in_situ_fit"] = in_situ[name]["fit"]
         out["configs"][name] = row
     return out
 
@@ -187,18 +191,55 @@ def placement_for(args: dict, entry):
     )
 
 
-def predict(report: dict, profile: str, slo: SLO) -> dict:
-    """Simulated attainment on a fine rate grid over the measured range, and its goodput."""
+def step_entry(trace_dir: Path, base):
+    """The latency model fitted to a configuration's in-server steps (SPLITSERVE_STEP_TRACE
+    files): pure prefill steps for the prefill coefficients, pure decode steps for the decode
+    ones (chunked steps that mix both are left out). -> (entry, fit errors), or None when the
+    trace holds too few steps of either kind."""
+    from placement.latency_model import decode_features, fit_relative, prefill_features
+
+    prefills, decodes = [], []
+    for path in sorted(trace_dir.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            step = json.loads(line)
+            if step["prefill_lens"] and not step["decode_contexts"]:
+                prefills.append((step["prefill_lens"], step["duration_ms"]))
+            elif step["decode_contexts"] and not step["prefill_lens"]:
+                decodes.append((step["decode_contexts"], step["duration_ms"]))
+    if len(prefills) < 3 or len(decodes) < 3:
+        return None
+    pre, pre_err = fit_relative(
+        prefill_features([b for b, _ in prefills]), np.array([t for _, t in prefills])
+    )
+    dec, dec_err = fit_relative(
+        decode_features([b for b, _ in decodes]), np.array([t for _, t in decodes])
+    )
+    fit = {
+        "prefill": vars(pre), "decode": vars(dec), "prefill_rms": pre_err,
+        "decode_rms": dec_err, "prefill_steps": len(prefills), "decode_steps": len(decodes),
+    }  # fmt: skip
+    return replace(base, prefill=pre, decode=dec), fit
+
+
+def predict(report: dict, profile: str, slo: SLO, steps: Path | None = None) -> dict:
+    """Simulated attainment on a fine rate grid over the measured range, and its goodput; with
+    `steps` (the experiment's step traces), per configuration with its in-server step times."""
     from placement.latency_model import Profile
     from placement.simulator import SLO as SimSLO
     from placement.simulator import attainment as sim_attainment
     from placement.simulator import simulate
 
     meta = report["meta"]
-    entry = Profile.load(profile).entry(1, 1)
+    base = Profile.load(profile).entry(1, 1)
     sim_slo = SimSLO(slo.ttft_s * 1e3, slo.tpot_s * 1e3)
     out = {}
     for name, c in report["configs"].items():
+        entry, fit = base, None
+        if steps is not None:
+            fitted = step_entry(steps / name, base)
+            if fitted is None:
+                continue
+            entry, fit = fitted
         placement = placement_for(c["args"], entry)
         top = 1.5 * max(p["rate"] for p in c["points"])
         grid = np.linspace(top / 60, top, 60)
@@ -206,29 +247,36 @@ def predict(report: dict, profile: str, slo: SLO) -> dict:
             (float(r), sim_attainment(simulate(placement, sim_requests(meta, r)), sim_slo))
             for r in grid
         ]
-        out[name] = {"goodput_rps": goodput(curve_, meta["target"]), "curve": curve_}
+        out[name] = {"goodput_rps": goodput(curve_, meta["target"]), "curve": curve_, "fit": fit}
     return out
 
 
+def _sim_cells(sim: float | None, measured: float) -> str:
+    if sim is None:
+        return "- | -"
+    err = f"{(sim - measured) / measured:+.0%}" if measured else "-"
+    return f"{sim:.3f} | {err}"
+
+
 def table(analysis: dict) -> str:
-    lines = [
-        "| configuration | cores | goodput (req/s) | per core | vs best colocated "
-        "| simulated goodput | sim error |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    in_situ = any("simulated_in_situ_rps" in r for r in analysis["configs"].values())
+    head = "| configuration | cores | goodput (req/s) | per core | vs best colocated "
+    head += "| simulated goodput | sim error |"
+    rule = "|---|---|---|---|---|---|---|"
+    if in_situ:
+        head += " simulated, in-server steps | error |"
+        rule += "---|---|"
+    lines = [head, rule]
     for name, row in analysis["configs"].items():
-        sim = row.get("simulated_goodput_rps")
-        err = (
-            f"{(sim - row['goodput_rps']) / row['goodput_rps']:+.0%}"
-            if sim and row["goodput_rps"]
-            else "-"
-        )
         vs = row["vs_best_colocated"]
-        lines.append(
+        line = (
             f"| {name} | {row['cores']} | {row['goodput_rps']:.3f} | "
             f"{row['goodput_per_core']:.3f} | {'-' if vs is None else f'{vs:.2f}x'} | "
-            f"{'-' if sim is None else f'{sim:.3f}'} | {err} |"
+            f"{_sim_cells(row.get('simulated_goodput_rps'), row['goodput_rps'])} |"
         )
+        if in_situ:
+            line += f" {_sim_cells(row.get('simulated_in_situ_rps'), row['goodput_rps'])} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -311,9 +359,11 @@ def plot(analysis: dict, out: Path, target: float) -> list[Path]:
     return paths
 
 
-def write_report(report: dict, out: Path, profile: str | None = None) -> str:
+def write_report(
+    report: dict, out: Path, profile: str | None = None, steps: Path | None = None
+) -> str:
     """analysis.json, summary.md and the plots into `out`; returns the summary."""
-    analysis = analyze(report, profile)
+    analysis = analyze(report, profile, steps)
     (out / "analysis.json").write_text(json.dumps(analysis, indent=1))
     plot(analysis, out, report["meta"]["target"])
     meta = report["meta"]
@@ -340,9 +390,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("report", help="report.json written by bench.experiment")
     parser.add_argument("--profile", help="add the simulator's predictions")
+    parser.add_argument(
+        "--steps",
+        help="step traces (DIR/<configuration>/*.jsonl, written by bench.experiment): also "
+        "predict with the latency model fitted to each configuration's in-server steps",
+    )
     args = parser.parse_args(argv)
     path = Path(args.report)
-    print(write_report(json.loads(path.read_text()), path.parent, args.profile))
+    steps = Path(args.steps) if args.steps else None
+    print(write_report(json.loads(path.read_text()), path.parent, args.profile, steps))
 
 
 if __name__ == "__main__":

@@ -10,10 +10,13 @@ deployments (`serve.deployment(cls, **options).bind(...)`), so they are testable
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from deployments.autoscaling import load_signals
 from deployments.engine_loop import EngineLoop
@@ -36,6 +39,17 @@ class PrefillResult:
     node_id: str
 
 
+def _step_trace(phase: str):
+    """With SPLITSERVE_STEP_TRACE=DIR, every step of this replica is appended to
+    DIR/<phase>-<pid>.jsonl (duration, prefill lengths, decode contexts): the in-server step
+    times that bench.report fits the latency model to."""
+    root = os.environ.get("SPLITSERVE_STEP_TRACE")
+    if not root:
+        return None
+    Path(root).mkdir(parents=True, exist_ok=True)
+    return open(Path(root) / f"{phase}-{os.getpid()}.jsonl", "a", buffering=1)  # noqa: SIM115
+
+
 def _node_id() -> str:
     try:
         import ray
@@ -54,12 +68,15 @@ class _EngineServer:
         self.engine = LLMEngine(engine_config, kv_transport=kv_transport)
         self.metrics = EngineMetrics(self.phase)
         self._signals = load_signals(self.engine.stats, 0, self.engine.blocks.block_size)
+        self._trace = _step_trace(self.phase)  # before the loop thread can step
         self.loop = EngineLoop(self.engine, on_step=self._on_step)
         self.node_id = _node_id()
         self.channel = kv_channel.KVChannel(kv_transport, self.node_id)
 
     def _on_step(self, outputs, stats, pending: int) -> None:  # engine thread
         self.metrics.on_step(outputs, stats, pending)
+        if self._trace is not None and self.engine.last_step is not None:
+            self._trace.write(json.dumps(vars(self.engine.last_step)) + "\n")
         # one reference swap: the event loop reads a whole snapshot, never a half-written one
         self._signals = load_signals(stats, pending, self.engine.blocks.block_size)
 

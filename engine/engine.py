@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ from engine.detokenizer import DetokenizerState, IncrementalDetokenizer
 from engine.limits import chat_token_ids, check_lengths
 from engine.model_runner import ModelInput, ModelRunner, SeqInput
 from engine.model_store import resolve_model
-from engine.outputs import Completion, EngineStats, KVHandoff, RequestOutput
+from engine.outputs import Completion, EngineStats, KVHandoff, RequestOutput, StepRecord
 from engine.request import Request, RequestStatus
 from engine.sampler import sample
 from engine.sampling_params import InvalidRequestError, SamplingParams
@@ -84,6 +85,7 @@ class LLMEngine:
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
         self.num_preemptions = 0
+        self.last_step: StepRecord | None = None
 
     # ---- requests in -------------------------------------------------------------------------
 
@@ -138,15 +140,19 @@ class LLMEngine:
     # ---- the step ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        self.last_step = None
         sched = self.scheduler.schedule()
         self.num_preemptions += len(sched.preempted)
         if sched.is_empty:
             return []
+        shape = _step_shape(sched)
         sampled = self._execute(sched)
         outputs = []
         for request, token in self.scheduler.postprocess(sched, sampled):
             if token is not None:
                 outputs.append(self._emit(request, token))
+        self.last_step = StepRecord((time.perf_counter() - t0) * 1e3, *shape)
         return outputs
 
     def _execute(self, sched: SchedulerOutput) -> dict[str, int]:
@@ -310,6 +316,17 @@ class LLMEngine:
             Completion(i, pi, tokens[i], "".join(texts[i]), reasons[i])
             for i, pi in zip(ids, prompts_ids, strict=True)
         ]
+
+
+def _step_shape(sched: SchedulerOutput) -> tuple[list[int], list[int]]:
+    """(prefill token counts, decode context lengths) of a scheduled step."""
+    prefills, decodes = [], []
+    for s in sched.scheduled:
+        if s.num_tokens == 1 and s.request.num_output_tokens > 0:
+            decodes.append(s.end)
+        else:
+            prefills.append(s.num_tokens)
+    return prefills, decodes
 
 
 def _queue_time(request: Request) -> float | None:

@@ -73,3 +73,12 @@ class EngineStats:
     @property
     def kv_usage(self) -> float:
         return self.num_used_blocks / self.num_kv_blocks
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one engine step computed and how long it took (the latency model's inputs)."""
+
+    duration_ms: float
+    prefill_lens: list[int]  # tokens computed per prefill (or chunk) in the step
+    decode_contexts: list[int]  # context length per decode in the step

@@ -3,6 +3,8 @@ validated by the app's own schema; the simulator replays the load generator's sc
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -153,3 +155,26 @@ def test_windows_take_p90_of_the_requests_arriving_in_each():
     rows = windows(records, t0=100.0, width_s=20.0)
     assert [(w["t_s"], w["requests"]) for w in rows] == [(10.0, 3), (30.0, 1)]
     assert rows[0]["ttft_p90_s"] == pytest.approx(np.percentile([0.1, 0.2, 0.3], 90))
+
+
+def test_step_entry_recovers_in_server_coefficients(tmp_path):
+    from bench.report import step_entry
+    from placement.latency_model import Coefficients, Entry
+
+    base = Entry(1, 1, Coefficients(1, 1, 0), Coefficients(1, 0, 1), 1000)
+    true_pre, true_dec = Coefficients(90.0, 3.0, 0.002), Coefficients(80.0, 0.01, 4.0)
+    lines = []
+    for lens in ([512], [100, 200], [300], [64, 64, 64], [1000]):
+        ms = true_pre.a + true_pre.b * sum(lens) + true_pre.c * sum(n * n for n in lens)
+        lines.append({"duration_ms": ms, "prefill_lens": lens, "decode_contexts": []})
+    for ctx in ([600], [600, 700, 800], [100] * 8, [2000, 10]):
+        ms = true_dec.a + true_dec.b * sum(ctx) + true_dec.c * len(ctx)
+        lines.append({"duration_ms": ms, "prefill_lens": [], "decode_contexts": ctx})
+    # a chunked step mixes both and must not enter either fit
+    lines.append({"duration_ms": 1e6, "prefill_lens": [8], "decode_contexts": [9]})
+    (tmp_path / "prefill-1.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    entry, fit = step_entry(tmp_path, base)
+    for got, want in ((entry.prefill, true_pre), (entry.decode, true_dec)):
+        assert [got.a, got.b, got.c] == pytest.approx([want.a, want.b, want.c], rel=1e-6)
+    assert entry.kv_capacity_tokens == 1000 and fit["prefill_steps"] == 5
+    assert step_entry(tmp_path / "missing", base) is None

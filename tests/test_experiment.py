@@ -49,3 +49,13 @@ def test_experiment_runs_each_configuration_and_writes_the_report(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "| disagg-1p1d | 2 |" in summary and "| coloc-2 | 2 |" in summary
     assert (out / "attainment.png").stat().st_size > 0 and (out / "latency.png").exists()
+    # every replica traced its steps, filed under its configuration
+    for name in ("disagg-1p1d", "coloc-2"):
+        steps = [
+            json.loads(line)
+            for path in (out / "steps" / name).glob("*.jsonl")
+            for line in path.read_text().splitlines()
+        ]
+        assert all(s["duration_ms"] > 0 for s in steps)
+        assert sum(lens.count(16) for lens in (s["prefill_lens"] for s in steps)) == 3
+    assert not (out / "steps" / "current").exists()

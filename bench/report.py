@@ -198,16 +198,22 @@ def step_entry(trace_dir: Path, base):
     trace holds too few steps of either kind."""
     from placement.latency_model import decode_features, fit_relative, prefill_features
 
-    prefills, decodes = [], []
+    prefills, decodes, gaps = [], [], []
     for path in sorted(trace_dir.glob("*.jsonl")):
-        for line in path.read_text().splitlines():
-            step = json.loads(line)
+        steps = [json.loads(line) for line in path.read_text().splitlines()]
+        gaps += _busy_gaps_ms(steps)
+        for step in steps:
             if step["prefill_lens"] and not step["decode_contexts"]:
                 prefills.append((step["prefill_lens"], step["duration_ms"]))
             elif step["decode_contexts"] and not step["prefill_lens"]:
                 decodes.append((step["decode_contexts"], step["duration_ms"]))
     if len(prefills) < 3 or len(decodes) < 3:
         return None
+    # the engine loop's own time between two back-to-back steps (streaming the outputs,
+    # metrics, admitting imports) is part of every step period the requests see
+    overhead = float(np.median(gaps)) if gaps else 0.0
+    prefills = [(b, t + overhead) for b, t in prefills]
+    decodes = [(b, t + overhead) for b, t in decodes]
     pre, pre_err = fit_relative(
         prefill_features([b for b, _ in prefills]), np.array([t for _, t in prefills])
     )
@@ -215,10 +221,23 @@ def step_entry(trace_dir: Path, base):
         decode_features([b for b, _ in decodes]), np.array([t for _, t in decodes])
     )
     fit = {
-        "prefill": vars(pre), "decode": vars(dec), "prefill_rms": pre_err,
+        "prefill": vars(pre), "decode": vars(dec), "loop_overhead_ms": overhead,
+        "prefill_rms": pre_err,
         "decode_rms": dec_err, "prefill_steps": len(prefills), "decode_steps": len(decodes),
     }  # fmt: skip
     return replace(base, prefill=pre, decode=dec), fit
+
+
+def _busy_gaps_ms(steps: list[dict], busy_s: float = 0.1) -> list[float]:
+    """Idle time between consecutive steps of one replica while it was busy (the next step
+    started within `busy_s` of the previous one's end)."""
+    timed = sorted((s for s in steps if s.get("start_s")), key=lambda s: s["start_s"])
+    gaps = []
+    for a, b in zip(timed, timed[1:], strict=False):
+        gap = b["start_s"] - a["start_s"] - a["duration_ms"] / 1e3
+        if 0 <= gap < busy_s:
+            gaps.append(gap * 1e3)
+    return gaps
 
 
 def predict(report: dict, profile: str, slo: SLO, steps: Path | None = None) -> dict:

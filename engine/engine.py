@@ -140,7 +140,7 @@ class LLMEngine:
     # ---- the step ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        t0 = time.perf_counter()
+        t0, start_s = time.perf_counter(), time.time()
         self.last_step = None
         sched = self.scheduler.schedule()
         self.num_preemptions += len(sched.preempted)
@@ -152,7 +152,7 @@ class LLMEngine:
         for request, token in self.scheduler.postprocess(sched, sampled):
             if token is not None:
                 outputs.append(self._emit(request, token))
-        self.last_step = StepRecord((time.perf_counter() - t0) * 1e3, *shape)
+        self.last_step = StepRecord((time.perf_counter() - t0) * 1e3, *shape, start_s)
         return outputs
 
     def _execute(self, sched: SchedulerOutput) -> dict[str, int]:

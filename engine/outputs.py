@@ -82,3 +82,4 @@ class StepRecord:
     duration_ms: float
     prefill_lens: list[int]  # tokens computed per prefill (or chunk) in the step
     decode_contexts: list[int]  # context length per decode in the step
+    start_s: float = 0.0  # time.time() at the step's start: gaps between steps are overhead

@@ -178,3 +178,16 @@ def test_step_entry_recovers_in_server_coefficients(tmp_path):
         assert [got.a, got.b, got.c] == pytest.approx([want.a, want.b, want.c], rel=1e-6)
     assert entry.kv_capacity_tokens == 1000 and fit["prefill_steps"] == 5
     assert step_entry(tmp_path / "missing", base) is None
+
+
+def test_busy_gaps_are_the_loop_time_between_back_to_back_steps():
+    from bench.report import _busy_gaps_ms
+
+    steps = [  # 10 ms steps; 2 ms and 3 ms gaps while busy, then an idle second
+        {"start_s": 1.000, "duration_ms": 10.0},
+        {"start_s": 1.012, "duration_ms": 10.0},
+        {"start_s": 1.025, "duration_ms": 10.0},
+        {"start_s": 2.500, "duration_ms": 10.0},
+        {"start_s": 0.0, "duration_ms": 10.0},  # untimed (an older trace): ignored
+    ]
+    assert _busy_gaps_ms(steps) == pytest.approx([2.0, 3.0])

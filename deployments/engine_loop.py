@@ -8,6 +8,10 @@ sleeps on an Event when there is nothing to do (no polling).
 
 Imports that do not fit yet (no free blocks) stay queued in FIFO order and are retried after
 every step, so a handed-off request waits on the decode side instead of being dropped.
+
+`on_prefilled` (the prefill replica's KV publish) runs on the engine thread right after the step
+that prefilled a request, before the next step: a command queued from the event loop would
+wait for the whole next prefill step (over a second here), and the decode side with it.
 """
 
 from __future__ import annotations
@@ -37,10 +41,15 @@ class _Stream:
 
 class EngineLoop:
     def __init__(
-        self, engine: LLMEngine, on_step: Callable[[list, object, int], None] | None = None
+        self,
+        engine: LLMEngine,
+        on_step: Callable[[list, object, int], None] | None = None,
+        on_prefilled: Callable[[LLMEngine, str], Any] | None = None,
     ) -> None:
         self.engine = engine
         self._on_step = on_step  # (outputs, stats, pending imports), on the engine thread
+        # (engine, request id) -> what the request's stream yields after its prefilled output
+        self._on_prefilled = on_prefilled
         self._commands: collections.deque[Callable[[], None]] = collections.deque()
         self._pending_imports: collections.deque[tuple] = collections.deque()
         self._streams: dict[str, _Stream] = {}
@@ -118,7 +127,10 @@ class EngineLoop:
                 item = await stream.queue.get()
                 if isinstance(item, Exception):
                     raise item
-                done = item.finished or item.prefilled
+                if not isinstance(item, RequestOutput):  # on_prefilled's result: the last item
+                    done = True
+                else:  # with on_prefilled, a prefilled request still has its result to come
+                    done = item.finished or (item.prefilled and self._on_prefilled is None)
                 yield item
         finally:
             self._streams.pop(request_id, None)
@@ -176,8 +188,18 @@ class EngineLoop:
                 stream = self._streams.get(out.request_id)
                 if stream is not None:
                     stream.put(out)
+                    if out.prefilled and self._on_prefilled is not None:
+                        stream.put(self._publish(out.request_id))
             if self._on_step is not None:
                 self._on_step(outputs, self.engine.stats, len(self._pending_imports))
+
+    def _publish(self, request_id: str) -> Any:
+        try:
+            return self._on_prefilled(self.engine, request_id)
+        except Exception as e:  # fails this request alone; its blocks go back
+            logger.exception("publishing the KV of %s failed", request_id)
+            self.engine.abort(request_id)
+            return e
 
     def _admit_imports(self) -> None:
         while self._pending_imports:

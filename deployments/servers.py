@@ -69,9 +69,11 @@ class _EngineServer:
         self.metrics = EngineMetrics(self.phase)
         self._signals = load_signals(self.engine.stats, 0, self.engine.blocks.block_size)
         self._trace = _step_trace(self.phase)  # before the loop thread can step
-        self.loop = EngineLoop(self.engine, on_step=self._on_step)
+        self.loop = EngineLoop(self.engine, on_step=self._on_step, on_prefilled=self._on_prefilled)
         self.node_id = _node_id()
         self.channel = kv_channel.KVChannel(kv_transport, self.node_id)
+
+    _on_prefilled = None  # the prefill replica publishes the KV of a prefilled request
 
     def _on_step(self, outputs, stats, pending: int) -> None:  # engine thread
         self.metrics.on_step(outputs, stats, pending)
@@ -134,29 +136,30 @@ class PrefillServer(_EngineServer):
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput | PrefillResult]:
         """Yields the first token as soon as it exists, then the PrefillResult (KV published)."""
-        first = None
         stream = self.loop.generate(request_id, prompt_ids, params, prefill_only=True)
-        async with contextlib.aclosing(stream) as outputs:  # a cancel aborts at once
-            async for out in outputs:
-                first = out
-        try:
-            yield first
-            if first.finished:
-                yield PrefillResult(first, None, None, self.node_id)
-                return
-            handoff = await self.loop.call(lambda e: e.kv_handoff(request_id))
-            # on the engine thread: the blocks are read while no step can touch the cache
-            pieces = await self.loop.call(
-                lambda e: e.runner.send_kv(
-                    list(handoff.block_ids), self.decode_layout, self.channel
-                )
-            )
-            self.metrics.on_transfer(
-                max(p.transfer.send_ms for p in pieces), sum(p.nbytes for p in pieces)
-            )
-        finally:  # published, failed or the caller left: the blocks go back either way
-            self.loop.abort(request_id)
+        first = published = None
+        async with contextlib.aclosing(stream) as items:  # a cancel aborts at once
+            async for item in items:
+                if isinstance(item, RequestOutput):
+                    first = item
+                    yield first
+                else:
+                    published = item
+        if published is None:  # finished at its first token: nothing to hand off
+            yield PrefillResult(first, None, None, self.node_id)
+            return
+        handoff, pieces = published
+        self.metrics.on_transfer(
+            max(p.transfer.send_ms for p in pieces), sum(p.nbytes for p in pieces)
+        )
         yield PrefillResult(first, handoff, pieces, self.node_id)
+
+    def _on_prefilled(self, engine: LLMEngine, request_id: str):  # engine thread, after the step
+        """Publish the request's KV (cut for the decode layout), then free its blocks."""
+        handoff = engine.kv_handoff(request_id)
+        pieces = engine.runner.send_kv(list(handoff.block_ids), self.decode_layout, self.channel)
+        engine.release(request_id)
+        return handoff, pieces
 
 
 class DecodeServer(_EngineServer):

@@ -101,3 +101,39 @@ def test_handoff_that_can_never_fit_is_refused_at_once(make_engine):
         assert dropped == [1] and decode.num_pending_imports == 0
     finally:
         decode.shutdown()
+
+
+def test_prefilled_requests_publish_on_the_engine_thread(make_engine):
+    """The publish hook runs on the engine thread right after the step that prefilled the
+    request (it is still prefilled there, no command queue in between); its result, or its
+    error, ends the request's stream, and the blocks go back either way."""
+    import threading
+
+    seen: list[tuple[str, bool]] = []
+
+    def publish(engine, request_id: str):
+        seen.append((threading.current_thread().name, request_id in engine.scheduler.prefilled))
+        if request_id == "bad":
+            raise RuntimeError("channel full")
+        handoff = engine.kv_handoff(request_id)
+        engine.release(request_id)
+        return handoff
+
+    loop = EngineLoop(make_engine(), on_prefilled=publish)
+    prompt = loop.engine.encode("The capital of France is a city that")
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+    async def both() -> None:
+        items = await collect(loop.generate("good", prompt, params, True))
+        assert items[0].prefilled and items[1].request_id == "good"  # output, then handoff
+        assert items[1].num_computed_tokens == len(prompt)
+        with pytest.raises(RuntimeError, match="channel full"):
+            await collect(loop.generate("bad", prompt, params, True))
+        stats = await loop.call(lambda e: e.stats)
+        assert stats.num_free_blocks == stats.num_kv_blocks and stats.num_prefilled == 0
+
+    try:
+        run(both())
+        assert seen == [("engine-loop", True), ("engine-loop", True)]
+    finally:
+        loop.shutdown()

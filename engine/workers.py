@@ -112,6 +112,7 @@ class ModelWorker:
         self.num_kv_blocks = num_kv_blocks
         self.kv_transport = kv_transport
         self.runner: ShardRunner | None = None
+        self.channel: KVChannel | None = None
 
     def address(self) -> tuple[str, int]:
         """A free TCP port on this node for the process group's rendezvous (rank 0 only)."""
@@ -177,7 +178,8 @@ class ModelWorker:
     def shutdown(self) -> None:
         import torch.distributed as dist
 
-        self.channel.close()
+        if self.channel is not None:
+            self.channel.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -38,7 +38,16 @@ _START_TIMEOUT_S = 600.0
 class ShardRunner(ModelRunner):
     """ModelRunner of one worker: its layers and heads only, pipelined over micro-batches."""
 
-    def __init__(self, model, num_kv_blocks, block_size, device, shard, layout, tp_group):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        num_kv_blocks: int,
+        block_size: int,
+        device: str,
+        shard: Shard,
+        layout: ParallelLayout,
+        tp_group,  # torch.distributed ProcessGroup of this stage's tensor-parallel ranks
+    ) -> None:
         super().__init__(model, num_kv_blocks, block_size, device, shard=shard)
         self.layout = layout
         self.tp_group = tp_group

@@ -13,6 +13,11 @@ The YAML shape is a contract (users read and edit it):
         prefill: {a: 12.0, b: 0.08, c: 5.0e-6}
         decode: {a: 15.0, b: 0.0005, c: 0.03}
         kv_capacity_tokens: 50000
+
+An optional top-level `node_contention` (default 0) says how much the instances of one machine
+slow each other: a step runs (1 + node_contention * k) times slower while k other instances on
+the node are mid-step (see placement/simulator.py). CPUs share cores' memory bandwidth and
+caches (the profiler measures it); GPUs that each instance owns do not: leave it at 0.
 """
 
 from __future__ import annotations
@@ -58,6 +63,11 @@ class Profile:
     model: str
     device: str
     entries: list[Entry] = field(default_factory=list)
+    node_contention: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.node_contention < 0:
+            raise ValueError(f"node_contention must be >= 0, got {self.node_contention}")
 
     def entry(self, tp: int = 1, pp: int = 1) -> Entry:
         for e in self.entries:
@@ -88,7 +98,8 @@ class Profile:
                 )
                 for e in data["entries"]
             ]
-            return cls(str(data["model"]), str(data["device"]), entries)
+            contention = float(data.get("node_contention", 0.0))
+            return cls(str(data["model"]), str(data["device"]), entries, contention)
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed profile: {e!r}") from e
 
@@ -120,3 +131,34 @@ def prefill_features(batches: list[list[int]]) -> np.ndarray:
 
 def decode_features(batches: list[list[int]]) -> np.ndarray:
     return np.array([[1.0, sum(b), len(b)] for b in batches])
+
+
+def solo_work_ms(shared_ms: np.ndarray, contention: float) -> np.ndarray:
+    """Steps that shared a node -> their work at solo speed.
+
+    shared_ms (N, K): ms each step spent while k = 0..K-1 other instances were mid-step. Under
+    processor sharing (placement/simulator.py) a step advances at 1 / (1 + contention * k).
+    """
+    k = np.arange(shared_ms.shape[1])
+    return shared_ms @ (1.0 / (1.0 + contention * k))
+
+
+def fit_contention(
+    groups: list[tuple[np.ndarray, np.ndarray]], grid: np.ndarray | None = None
+) -> tuple[float, list[tuple[Coefficients, float]]]:
+    """One node contention for all groups, and each group's coefficients at it.
+
+    groups: [(features (N, 3), shared_ms (N, K))], e.g. prefill steps and decode steps of the
+    instances of one machine. The contention is the machine's, not the phase's, so one value
+    serves all groups: the grid value whose solo-speed works the latency model fits best.
+    -> (contention, [(coefficients, RMS relative error)] per group).
+    """
+    grid = np.linspace(0.0, 1.0, 101) if grid is None else grid
+    best: tuple[float, float, list] | None = None
+    for contention in grid:
+        fits = [fit_relative(f, solo_work_ms(s, contention)) for f, s in groups]
+        sq = sum(err**2 * len(f) for (_, err), (f, _) in zip(fits, groups, strict=True))
+        if best is None or sq < best[0]:
+            best = (sq, float(contention), fits)
+    assert best is not None
+    return best[1], best[2]

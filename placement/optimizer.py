@@ -13,7 +13,7 @@ Colocated: one instance runs both phases (the vLLM-style baseline), replicated.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -81,7 +81,12 @@ class Search:
     def spec(self, entry: Entry, count: int = 1) -> InstanceSpec:
         return InstanceSpec(entry, count, max_batch_tokens=self.max_batch_tokens)
 
+    def on_node(self, placement: Placement) -> Placement:
+        """With the profile's node contention (CPU profiles: the instances share a machine)."""
+        return replace(placement, node_contention=self.profile.node_contention)
+
     def evaluate(self, kind: str, placement: Placement) -> Candidate:
+        placement = self.on_node(placement)
         found = goodput(placement, self.workload, self.slo, self.target, self.seed)
         rate = max(found.rate, 1e-9)
         results = simulate(placement, self.workload.sample(rate, self.seed))
@@ -98,7 +103,8 @@ def _best_phase(search: Search, phase: str) -> tuple[Entry, float]:
             p = Placement(prefill=search.spec(entry), decode=search.spec(_IDEAL))
         else:
             p = Placement(prefill=search.spec(_IDEAL), decode=search.spec(entry))
-        rate = goodput(p, search.workload, search.slo, search.target, search.seed).rate
+        found = goodput(search.on_node(p), search.workload, search.slo, search.target, search.seed)
+        rate = found.rate
         per_gpu = rate / (entry.tp * entry.pp)
         if per_gpu > best_per_gpu:
             best, best_per_gpu = entry, per_gpu

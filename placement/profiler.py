@@ -7,6 +7,10 @@ Decode: requests prefilled to a context length, then the median of a few decode 
 (batch size, context length). Both fitted by least squares on relative error; the RMS relative
 error of each fit is reported next to the profile.
 
+Node contention: with `--contention-neighbours N` (default 1) the same prefill and decode steps
+are then timed with N neighbour engines paused and computing, alternately; the slowdown per
+neighbour goes into the profile as `node_contention` for the simulator.
+
 `--co-load N` runs N other engines (same threads each) doing back-to-back 512-token prefills
 in separate processes while measuring: the step times an engine sees when its neighbours on
 the machine are busy, as in a serving deployment whose replicas share the cores and memory
@@ -117,34 +121,67 @@ def profile(
     return entry, FitReport(pre_err, dec_err, len(pre_ms), len(dec_ms))
 
 
-def _busy_prefill(model: str | None, threads: int, stop) -> None:
-    """A neighbour engine: 512-token prefills back to back until told to stop."""
+def _neighbour(model: str | None, threads: int, run, stop, ready) -> None:
+    """A neighbour engine: 512-token prefills back to back while `run` is set."""
     torch.set_num_threads(threads)
     engine = LLMEngine(EngineConfig(model=model, num_threads=threads, kv_cache_memory_mb=128))
     rng = np.random.default_rng(1)
+    ready.set()
     while not stop.is_set():
-        measure_prefill(engine, 1, 512, rng)
+        if run.wait(0.1):
+            measure_prefill(engine, 1, 512, rng)
 
 
 @contextlib.contextmanager
-def _co_load(n: int, model: str | None, threads: int):
+def _neighbours(n: int, model: str | None, threads: int, running: bool = True):
+    """n neighbour engines in their own processes; yields the event that runs or pauses them."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    stop = ctx.Event()
-    procs = [ctx.Process(target=_busy_prefill, args=(model, threads, stop)) for _ in range(n)]
+    stop, run = ctx.Event(), ctx.Event()
+    if running:
+        run.set()
+    readies = [ctx.Event() for _ in range(n)]
+    procs = [
+        ctx.Process(target=_neighbour, args=(model, threads, run, stop, ready)) for ready in readies
+    ]
     for p in procs:
         p.start()
     try:
-        if n:
-            time.sleep(20)  # the neighbours load their model and reach steady state
-        yield
+        for ready in readies:
+            if not ready.wait(300):
+                raise RuntimeError("a neighbour engine did not start within 300 s")
+        time.sleep(_SETTLE_S if n and running else 0.0)
+        yield run
     finally:
         stop.set()
         for p in procs:
             p.join(timeout=60)
             if p.is_alive():
                 p.terminate()
+
+
+_SETTLE_S = 2.5  # a paused neighbour finishes the prefill it is in (about 2 s here)
+
+
+def measure_contention(engine: LLMEngine, run, neighbours: int, rng, rounds: int = 3) -> float:
+    """The node contention: how much slower the same steps (a 512-token prefill, a batch-4
+    decode) run while the neighbours compute than while they are paused, measured side by side
+    and alternating so that drift on a shared machine hits both alike. -> per-neighbour
+    slowdown (the simulator's processor-sharing factor), >= 0."""
+    ratios = []
+    for _ in range(rounds):
+        times = {}
+        for busy in (False, True):
+            (run.set if busy else run.clear)()
+            time.sleep(0.3 if busy else _SETTLE_S)
+            times[busy] = (
+                measure_prefill(engine, 1, 512, rng),
+                measure_decode(engine, 4, 128, 5, rng)[0],
+            )
+        ratios += [b / a for a, b in zip(times[False], times[True], strict=True)]
+    run.clear()
+    return max(0.0, statistics.median(ratios) - 1.0) / neighbours
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -156,6 +193,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kv-cache-mb", type=int, default=1024)
     parser.add_argument("--quick", action="store_true", help="a small grid (about a minute)")
     parser.add_argument("--co-load", type=int, default=0, help="busy neighbour engines")
+    parser.add_argument(
+        "--contention-neighbours", type=int, default=1,
+        help="neighbour engines for the node-contention measurement (0: skip, contention 0)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -168,16 +209,22 @@ def main(argv: list[str] | None = None) -> None:
         scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=64),
     )
     engine = LLMEngine(config)
-    with _co_load(args.co_load, args.model, args.threads):
+    with _neighbours(args.co_load, args.model, args.threads):
         entry, report = profile(engine, grid)
+    contention, n = 0.0, args.contention_neighbours
+    if n:
+        logger.info("node contention: %d neighbour engine(s), alternating busy / paused", n)
+        with _neighbours(n, args.model, args.threads, running=False) as run:
+            contention = measure_contention(engine, run, n, np.random.default_rng(2))
     device = f"{torch.device('cpu').type}-{args.threads}thread"
     if args.co_load:
         device += f"-coload{args.co_load}"
-    Profile(args.model_name, device, [entry]).save(args.out)
+    Profile(args.model_name, device, [entry], contention).save(args.out)
     print(
         f"wrote {args.out}: prefill fit RMS relative error "
         f"{100 * report.prefill_rms_rel_error:.1f}% over {report.num_prefill_points} points, "
-        f"decode {100 * report.decode_rms_rel_error:.1f}% over {report.num_decode_points}"
+        f"decode {100 * report.decode_rms_rel_error:.1f}% over {report.num_decode_points}; "
+        f"node contention {contention:.3f} per busy neighbour"
     )
 
 

@@ -14,6 +14,13 @@ Instances follow the latency model (placement/latency_model.py; coefficients per
   b*L + c*((o+L)^2 - o^2) of the prefill model (its attention over the prefix), the step pays
   the larger fixed cost a once.
 Requests go to the instance with the least queued work. Deterministic: no randomness here.
+
+Shared node (`Placement.node_contention`, 0 by default): on a CPU every instance computes on
+cores of one machine and they slow each other down (memory bandwidth, caches, and the serving
+processes that stream their tokens). Modelled as processor sharing: while k instances have a
+step in flight, each step advances at 1 / (1 + contention * (k - 1)) of its solo speed; a step
+that started alone slows down when a neighbour starts one. GPUs that each instance owns do not
+share this way: leave it at 0 there.
 """
 
 from __future__ import annotations
@@ -49,10 +56,13 @@ class Placement:
     decode: InstanceSpec | None = None
     colocated: InstanceSpec | None = None
     kv_transfer_ms_per_token: float = 0.0
+    node_contention: float = 0.0  # slowdown per other busy instance; all share one node
 
     def __post_init__(self) -> None:
         if (self.colocated is None) == (self.prefill is None or self.decode is None):
             raise ValueError("a placement is either prefill + decode, or colocated")
+        if self.node_contention < 0:
+            raise ValueError(f"node_contention must be >= 0, got {self.node_contention}")
 
     @property
     def num_gpus(self) -> int:
@@ -103,6 +113,59 @@ class _Sim:
             fn(t, *args)
 
 
+@dataclass(eq=False)
+class _Work:
+    owner: object  # the instance whose step this is
+    remaining_ms: float  # at solo speed
+    fn: object
+    args: tuple
+    version: int = 0  # completion events of older versions are stale
+
+
+class _Node:
+    """The instances of one machine and their steps in flight: processor sharing with a
+    `contention` slowdown per other busy instance (see the module docstring)."""
+
+    def __init__(self, sim: _Sim, contention: float) -> None:
+        self.sim, self.contention = sim, contention
+        self.works: list[_Work] = []
+        self.updated_ms = 0.0
+
+    def run(self, owner, t: float, ms: float, fn, *args) -> None:
+        """Call fn(t_done, *args) once `ms` of solo-speed work by `owner` is done."""
+        if self.contention == 0:
+            self.sim.at(t + ms, fn, *args)
+            return
+        self._advance(t)
+        self.works.append(_Work(owner, ms, fn, args))
+        self._reschedule(t)
+
+    def _speed(self) -> float:
+        busy = len({id(w.owner) for w in self.works})
+        return 1.0 / (1.0 + self.contention * max(busy - 1, 0))
+
+    def _advance(self, t: float) -> None:
+        done = (t - self.updated_ms) * self._speed()
+        for work in self.works:
+            work.remaining_ms -= done
+        self.updated_ms = t
+
+    def _reschedule(self, t: float) -> None:
+        speed = self._speed()
+        for work in self.works:
+            work.version += 1
+            finish = t + max(work.remaining_ms, 0.0) / speed
+            self.sim.at(finish, self._finish, work, work.version)
+
+    def _finish(self, t: float, work: _Work, version: int) -> None:
+        if version != work.version:
+            return
+        self._advance(t)
+        self.works.remove(work)
+        self._reschedule(t)
+        work.fn(t, *work.args)
+
+
 def _decode_ms(entry: Entry, running: list[_Track]) -> float:
     d = entry.decode
     return entry.pp * d.a + d.b * sum(r.context for r in running) + d.c * len(running)
@@ -126,8 +189,8 @@ class _Decoder:
     """Continuous batching with KV-capacity admission, fed by a FIFO queue; `_step` is the
     instance's policy (decode-only, or colocated)."""
 
-    def __init__(self, sim: _Sim, spec: InstanceSpec) -> None:
-        self.sim, self.spec = sim, spec
+    def __init__(self, node: _Node, spec: InstanceSpec) -> None:
+        self.node, self.spec = node, spec
         self.queue: deque[_Track] = deque()
         self.running: list[_Track] = []
         self.used = 0
@@ -156,7 +219,7 @@ class _Decoder:
         self.used += track.need
 
     def decode_step(self, t: float) -> None:
-        self.sim.at(t + _decode_ms(self.spec.entry, self.running), self._after_decode)
+        self.node.run(self, t, _decode_ms(self.spec.entry, self.running), self._after_decode)
 
     def _after_decode(self, t: float) -> None:
         self._count_decodes(t)
@@ -192,8 +255,8 @@ def _first_token(track: _Track, t: float) -> bool:
 
 
 class _PrefillInstance:
-    def __init__(self, sim: _Sim, spec: InstanceSpec, handoff) -> None:
-        self.sim, self.spec, self.handoff = sim, spec, handoff
+    def __init__(self, node: _Node, spec: InstanceSpec, handoff) -> None:
+        self.node, self.spec, self.handoff = node, spec, handoff
         self.queue: deque[_Track] = deque()
         self.busy = False
         self.inflight = 0  # prompt tokens in the pipeline
@@ -214,8 +277,8 @@ class _PrefillInstance:
             return
         self.inflight += sum(b.req.input_len for b in batch)
         stage = self.spec.entry.prefill_ms([b.req.input_len for b in batch])
-        self.sim.at(t + stage, self._start)  # the next batch enters the pipeline
-        self.sim.at(t + self.spec.entry.pp * stage, self._done, batch)
+        self.node.run(self, t, stage, self._start)  # the next batch enters the pipeline
+        self.node.run(self, t, self.spec.entry.pp * stage, self._done, batch)
 
     def _done(self, t: float, batch: list[_Track]) -> None:
         self.inflight -= sum(b.req.input_len for b in batch)
@@ -242,7 +305,7 @@ class _ColocatedInstance(_Decoder):
         if batch:  # prefill first: running decodes wait for it
             self.used += reserved  # held from now on: the router sees this work
             ms = self.spec.entry.pp * self.spec.entry.prefill_ms([b.req.input_len for b in batch])
-            self.sim.at(t + ms, self._prefilled, batch)
+            self.node.run(self, t, ms, self._prefilled, batch)
         elif self.running:
             self.decode_step(t)
 
@@ -256,8 +319,8 @@ class _ColocatedInstance(_Decoder):
 
 
 class _ChunkedInstance(_Decoder):
-    def __init__(self, sim: _Sim, spec: InstanceSpec) -> None:
-        super().__init__(sim, spec)
+    def __init__(self, node: _Node, spec: InstanceSpec) -> None:
+        super().__init__(node, spec)
         self.prefilling: list[_Track] = []  # admitted (KV reserved), prompt not finished
 
     def _step(self, t: float) -> None:
@@ -275,7 +338,7 @@ class _ChunkedInstance(_Decoder):
             budget -= take
         self.active = bool(chunks or self.running)
         if self.active:
-            self.sim.at(t + self._step_ms(chunks), self._after_step, chunks)
+            self.node.run(self, t, self._step_ms(chunks), self._after_step, chunks)
 
     def _room(self, track: _Track) -> bool:
         slots = len(self.running) + len(self.prefilling) < self.spec.max_batch_size
@@ -311,24 +374,25 @@ def _least_loaded(instances: list):
 
 def simulate(placement: Placement, requests: list[SimRequest]) -> list[Result]:
     sim = _Sim()
+    node = _Node(sim, placement.node_contention)
     tracks = [_Track(r) for r in requests]
     if placement.colocated is not None:
         spec = placement.colocated
         kind = _ChunkedInstance if spec.chunked_prefill else _ColocatedInstance
-        colocated = [kind(sim, spec) for _ in range(spec.count)]
+        colocated = [kind(node, spec) for _ in range(spec.count)]
         for track in tracks:
             sim.at(
                 track.req.arrival_ms, lambda t, tr: _least_loaded(colocated).submit(t, tr), track
             )
     else:
-        decoders = [_DecodeInstance(sim, placement.decode) for _ in range(placement.decode.count)]
+        decoders = [_DecodeInstance(node, placement.decode) for _ in range(placement.decode.count)]
 
         def handoff(t: float, track: _Track) -> None:
             arrive = t + placement.kv_transfer_ms_per_token * track.req.input_len
             sim.at(arrive, lambda t2, tr: _least_loaded(decoders).submit(t2, tr), track)
 
         spec = placement.prefill
-        prefills = [_PrefillInstance(sim, spec, handoff) for _ in range(spec.count)]
+        prefills = [_PrefillInstance(node, spec, handoff) for _ in range(spec.count)]
         for track in tracks:
             sim.at(track.req.arrival_ms, lambda t, tr: _least_loaded(prefills).submit(t, tr), track)
     sim.run()

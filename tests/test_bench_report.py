@@ -172,12 +172,59 @@ def test_step_entry_recovers_in_server_coefficients(tmp_path):
         lines.append({"duration_ms": ms, "prefill_lens": [], "decode_contexts": ctx})
     # a chunked step mixes both and must not enter either fit
     lines.append({"duration_ms": 1e6, "prefill_lens": [8], "decode_contexts": [9]})
+    for i, line in enumerate(lines):  # one replica, back-to-back steps 1 s apart
+        line["start_s"] = 1000.0 + i
     (tmp_path / "prefill-1.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
-    entry, fit = step_entry(tmp_path, base)
+    entry, contention, fit = step_entry(tmp_path, base)
     for got, want in ((entry.prefill, true_pre), (entry.decode, true_dec)):
         assert [got.a, got.b, got.c] == pytest.approx([want.a, want.b, want.c], rel=1e-6)
     assert entry.kv_capacity_tokens == 1000 and fit["prefill_steps"] == 5
+    assert contention == 0.0  # a lone replica has no neighbour to be slowed by
     assert step_entry(tmp_path / "missing", base) is None
+
+
+def test_step_entry_recovers_the_node_contention_of_two_replicas(tmp_path):
+    """Two replicas whose decode steps overlap by known amounts, slowed by processor sharing
+    with contention 0.3: the fit finds 0.3 and the solo-speed coefficients."""
+    from bench.report import step_entry
+    from placement.latency_model import Coefficients, Entry
+
+    base = Entry(1, 1, Coefficients(1, 1, 0), Coefficients(1, 0, 1), 1000)
+    kappa, dec = 0.3, Coefficients(50.0, 0.0, 10.0)
+    rng = np.random.default_rng(0)
+    a_steps, b_steps, t = [], [], 0.0
+    for i in range(40):
+        batch = rng.integers(100, 900, size=int(rng.integers(1, 5))).tolist()
+        work = dec.a + dec.c * len(batch)
+        if i % 2:  # replica B runs one long prefill step that covers all of A's step
+            shared_ms = work * (1 + kappa)
+            b_steps.append({"start_s": t - 0.001, "duration_ms": shared_ms + 2.0,
+                            "prefill_lens": [500], "decode_contexts": []})  # fmt: skip
+        else:
+            shared_ms = work
+        a_steps.append({"start_s": t, "duration_ms": shared_ms, "prefill_lens": [],
+                        "decode_contexts": batch})  # fmt: skip
+        t += shared_ms / 1e3 + 1.0
+    for steps, name in ((a_steps, "decode-1"), (b_steps, "prefill-2")):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(s) for s in steps))
+    entry, contention, fit = step_entry(tmp_path, base)
+    assert contention == pytest.approx(kappa, abs=0.011)
+    assert [entry.decode.a, entry.decode.c] == pytest.approx([dec.a, dec.c], rel=0.03)
+    assert fit["node_contention"] == contention
+
+
+def test_shared_ms_splits_a_step_by_how_many_neighbours_ran():
+    from bench.report import _shared_ms
+
+    step = {"start_s": 10.0, "duration_ms": 100.0}  # 10.00 .. 10.10
+    others = [
+        {"start_s": 9.95, "duration_ms": 80.0},  # 9.95 .. 10.03
+        {"start_s": 10.02, "duration_ms": 30.0},  # 10.02 .. 10.05
+        {"start_s": 10.2, "duration_ms": 10.0},  # after the step
+    ]
+    [row] = _shared_ms([step], others, n_replicas=3)
+    # 10.00-10.02: one neighbour; 10.02-10.03: two; 10.03-10.05: one; 10.05-10.10: none
+    assert row == pytest.approx([50.0, 40.0, 10.0])
 
 
 def test_busy_gaps_are_the_loop_time_between_back_to_back_steps():

@@ -41,6 +41,9 @@ def test_the_issue_yaml_loads_and_round_trips(tmp_path):
     assert Profile.load(tmp_path / "again.yaml") == profile
     with pytest.raises(KeyError, match="tp=2"):
         profile.entry(2, 1)
+    assert profile.node_contention == 0.0  # optional: absent means instances do not interfere
+    path.write_text(CONTRACT + "node_contention: 0.18\n")
+    assert Profile.load(path).node_contention == 0.18
 
 
 @pytest.mark.unit
@@ -49,6 +52,8 @@ def test_malformed_profiles_are_refused(tmp_path):
         Profile.from_dict({"model": "m", "device": "d", "entries": [{"tp": 1}]})
     with pytest.raises(ValueError, match=">= 0"):
         Coefficients(1.0, -0.1, 0.0)
+    with pytest.raises(ValueError, match="node_contention"):
+        Profile("m", "d", [], node_contention=-0.5)
 
 
 @pytest.mark.unit
@@ -89,3 +94,27 @@ def test_profiler_fits_the_real_engine(make_engine):
     # a shared CI machine is noisy; a wrong model form would be off by far more than this
     assert report.prefill_rms_rel_error < 0.5 and report.decode_rms_rel_error < 0.5
     assert engine.blocks.num_free_blocks == 200 and not engine.has_unfinished
+
+
+@pytest.mark.unit
+def test_contention_measurement_compares_busy_and_paused_steps(monkeypatch):
+    """Steps 1.4x slower while 2 neighbours run -> 0.2 per neighbour; the neighbours are
+    paused again afterwards."""
+    import placement.profiler as prof
+
+    class Run:
+        busy = False
+
+        def set(self):
+            self.busy = True
+
+        def clear(self):
+            self.busy = False
+
+    run = Run()
+    monkeypatch.setattr(prof, "_SETTLE_S", 0.0)
+    monkeypatch.setattr(prof.time, "sleep", lambda s: None)
+    monkeypatch.setattr(prof, "measure_prefill", lambda *a: 1400.0 if run.busy else 1000.0)
+    monkeypatch.setattr(prof, "measure_decode", lambda *a: (70.0 if run.busy else 50.0, [1]))
+    assert prof.measure_contention(None, run, 2, None) == pytest.approx(0.2)
+    assert not run.busy

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -154,3 +156,34 @@ def test_requests_go_to_the_idle_instance_not_the_one_busy_prefilling():
     for placement in (Placement(colocated=InstanceSpec(ENTRY, 2)), disagg(n_prefill=2)):
         first, second = simulate(placement, reqs)
         assert second.ttft_ms == pytest.approx(first.ttft_ms)  # no queueing behind the first
+
+
+def test_node_contention_is_processor_sharing_with_closed_form_times():
+    """Two colocated instances, 100 ms prefills, contention 1 (two busy -> half speed each):
+    A starts at 0, B at 50. A runs alone for 50 ms, then both at half speed: A's last 50 ms of
+    work end at 150; B has done 50 by then and finishes alone at 200."""
+    entry = Entry(1, 1, Coefficients(100.0, 0.0, 0.0), Coefficients(1.0, 0.0, 0.0), 10_000)
+    shared = Placement(colocated=InstanceSpec(entry, 2), node_contention=1.0)
+    reqs = [SimRequest(0.0, 10, 1), SimRequest(50.0, 10, 1)]
+    a, b = simulate(shared, reqs)
+    assert (a.ttft_ms, b.ttft_ms) == pytest.approx((150.0, 150.0))
+    # no contention: each prefill takes its solo 100 ms
+    alone = simulate(Placement(colocated=InstanceSpec(entry, 2)), reqs)
+    assert [r.ttft_ms for r in alone] == pytest.approx([100.0, 100.0])
+
+
+def test_node_contention_slows_disaggregated_decode_during_a_prefill():
+    """A decode step that runs entirely beside a neighbour's prefill takes (1 + k) x as long;
+    after the prefill the steps are solo again."""
+    pre = Coefficients(0.0, 1.0, 0.0)  # 1 ms per prompt token
+    entry = Entry(1, 1, pre, Coefficients(10.0, 0.0, 0.0), 100_000)
+    reqs = [SimRequest(0.0, 10, 3), SimRequest(10.0, 1000, 1)]
+    placement = replace(disagg(entry), node_contention=0.5)
+    first, second = simulate(placement, reqs)
+    # request 0: prefill 0-10 alone; its decode steps (10 ms solo) run beside the 1000 ms
+    # prefill that started at 10: each takes 15 ms
+    assert first.tpot_ms == pytest.approx(15.0)
+    # the long prefill shared the node for 30 ms (20 ms of work done at 2/3 speed)
+    assert second.ttft_ms == pytest.approx(1000.0 + 30.0 - 20.0)
+    with pytest.raises(ValueError, match="node_contention"):
+        Placement(colocated=InstanceSpec(entry), node_contention=-0.1)

@@ -127,3 +127,27 @@ def test_attention_without_metadata_is_a_clear_error():
     _, runner = build("llama")
     with pytest.raises(RuntimeError, match="attn_metadata"):
         runner.model(input_ids=torch.tensor([[1, 2]]))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_few_rows_head_equals_the_linear_it_wraps(bias):
+    """Both orientations, on either side of the row threshold, with and without a bias."""
+    from kernels.lm_head import MAX_ROWS, FewRowsHead, install
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 1000, bias=bias)
+    head = FewRowsHead(linear)
+    for rows in (1, 2, 3, MAX_ROWS, MAX_ROWS + 1, 20):
+        x = torch.randn(1, rows, 64)
+        torch.testing.assert_close(head(x), linear(x), rtol=1e-5, atol=1e-5)
+    model = torch.nn.Module()
+    model.lm_head = linear
+    assert install(model) and model.lm_head.weight is linear.weight  # ties survive
+    assert not install(model)  # already wrapped: not a Linear any more
+
+
+def test_runner_uses_the_few_rows_head_on_cpu():
+    from kernels.lm_head import FewRowsHead
+
+    _, runner = build("llama")
+    assert isinstance(runner.model.lm_head, FewRowsHead)

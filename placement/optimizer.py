@@ -8,6 +8,8 @@ Low node-affinity (fast links only inside a node): prefill and decode segments o
 stage share a node, so both use the same pp and tp_p + tp_d <= GPUs per node; such pairs are
 searched jointly, with KV moving over the intra-node link, then replicated.
 Colocated: one instance runs both phases (the vLLM-style baseline), replicated.
+A profile's `node_contention` (CPU profiles) is applied to every candidate as if all its
+instances shared one machine: right for planning the machine that was profiled.
 """
 
 from __future__ import annotations

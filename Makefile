@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install model test serve bench-engine
+.PHONY: install model test serve bench-engine gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,3 +27,10 @@ bench-engine: model
 
 serve: model
 	RAY_AUTH_MODE=disabled $(VENV)/bin/serve run serve_config.yaml
+
+# On a GPU machine: the GPU tests (engine on CUDA, CUDA IPC KV transport) and the KV transfer
+# benchmark between two GPU actors; CuPy comes from the [gpu] extra.
+gpu-check: model
+	$(PY) -m pip install -q -e ".[dev,gpu]"
+	$(PY) -m pytest -q -rs -m gpu tests/test_gpu.py
+	$(PY) -m bench.kv_transfer --device cuda --transports cuda_ipc,object_store

@@ -15,10 +15,12 @@ from app.router import SameNodeRouter
 from deployments.servers import ColocatedServer, DecodeServer, PrefillServer
 
 
-def deployment_options(phase: PhaseArgs, name: str, key: str) -> dict:
+def deployment_options(phase: PhaseArgs, name: str, key: str, gpus: float = 0.0) -> dict:
+    """Serve options of one engine deployment; `gpus` per model worker (AppArgs.gpus_per_worker)."""
+    actor = {"num_cpus": phase.num_cpus} | ({"num_gpus": gpus} if gpus else {})
     options = {
         "name": name,
-        "ray_actor_options": {"num_cpus": phase.num_cpus},
+        "ray_actor_options": actor,
         "max_ongoing_requests": phase.max_ongoing_requests,
         "health_check_period_s": 10,
         "graceful_shutdown_timeout_s": phase.graceful_shutdown_timeout_s,
@@ -26,14 +28,11 @@ def deployment_options(phase: PhaseArgs, name: str, key: str) -> dict:
     }
     layout = phase.engine.parallel
     if not layout.is_single:  # the replica in bundle 0, one bundle per model worker
-        worker = {"CPU": phase.engine.worker_num_cpus}
-        if phase.num_cpus > 0:
-            options["placement_group_bundles"] = [{"CPU": phase.num_cpus}] + [worker] * (
-                layout.world_size
-            )
-        else:
-            options["placement_group_bundles"] = [worker] * (layout.world_size + 1)
-            options["ray_actor_options"] = {"num_cpus": 0}
+        # the workers hold the model (and the GPUs); the replica only schedules
+        worker = {"CPU": phase.engine.worker_num_cpus} | ({"GPU": gpus} if gpus else {})
+        replica = {"CPU": phase.num_cpus or phase.engine.worker_num_cpus}
+        options["placement_group_bundles"] = [replica] + [worker] * layout.world_size
+        options["ray_actor_options"] = {"num_cpus": phase.num_cpus}
         # a tensor-parallel group must share a node; pipeline stages may spread
         options["placement_group_strategy"] = phase.placement_group_strategy or (
             "STRICT_PACK" if layout.pp == 1 else "PACK"
@@ -63,17 +62,23 @@ def build_app(args: dict) -> serve.Application:
     plain = cfg.model_dump(mode="json")
     if cfg.mode == "colocated":
         colocated = serve.deployment(
-            ColocatedServer, **deployment_options(cfg.colocated, "ColocatedServer", "colocated")
+            ColocatedServer,
+            **deployment_options(
+                cfg.colocated, "ColocatedServer", "colocated", cfg.gpus_per_worker("colocated")
+            ),
         )
         server = colocated.bind(cfg.engine_config("colocated"), cfg.kv_transport)
         return ingress.bind(plain, colocated=server)
     prefill = serve.deployment(
-        PrefillServer, **deployment_options(cfg.prefill, "PrefillServer", "prefill")
+        PrefillServer,
+        **deployment_options(
+            cfg.prefill, "PrefillServer", "prefill", cfg.gpus_per_worker("prefill")
+        ),
     )
     decode = serve.deployment(
         DecodeServer,
         request_router_config=RequestRouterConfig(request_router_class=SameNodeRouter),
-        **deployment_options(cfg.decode, "DecodeServer", "decode"),
+        **deployment_options(cfg.decode, "DecodeServer", "decode", cfg.gpus_per_worker("decode")),
     )
     return ingress.bind(
         plain,

@@ -111,6 +111,9 @@ class PhaseArgs(_Strict):
     autoscaling: AutoscalingArgs | None = None  # splitserve's latency-target policy
     autoscaling_config: dict | None = None  # or Serve's own, passed through as written
     num_cpus: float = Field(1.0, ge=0)
+    # GPUs per model worker (the replica itself when it runs alone); None: 1 with
+    # device cuda, else 0. A fraction lets prefill and decode replicas share one GPU.
+    num_gpus: float | None = Field(None, ge=0)
     max_replicas_per_node: int | None = Field(None, ge=1)  # spread replicas over nodes
     max_ongoing_requests: int = Field(64, ge=1)
     # a replica being removed finishes what it holds first (Serve stops routing to it)
@@ -143,8 +146,9 @@ class AppArgs(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
     max_model_len: int | None = Field(None, ge=2)
-    # shm: prefill and decode replicas on one node (CPU); object_store: any placement
-    kv_transport: Literal["shm", "object_store"] = "shm"
+    # shm: prefill and decode replicas on one node (CPU); object_store: any placement;
+    # cuda_ipc: GPU replicas on one node (CUDA IPC through CuPy)
+    kv_transport: Literal["shm", "object_store", "cuda_ipc"] = "shm"
     ingress: IngressArgs = IngressArgs()
     prefill: PhaseArgs = PhaseArgs()
     decode: PhaseArgs = PhaseArgs()
@@ -159,6 +163,12 @@ class AppArgs(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _transport_fits_device(self) -> AppArgs:
+        if self.kv_transport == "cuda_ipc" and not self.device.startswith("cuda"):
+            raise ValueError("kv_transport cuda_ipc moves GPU caches: set device: cuda")
+        return self
+
+    @model_validator(mode="after")
     def _same_kv_layout(self) -> AppArgs:
         if self.mode == "disaggregated" and (
             self.prefill.engine.block_size != self.decode.engine.block_size
@@ -168,6 +178,12 @@ class AppArgs(_Strict):
                 "KV blocks move between them as they are"
             )
         return self
+
+    def gpus_per_worker(self, phase: str) -> float:
+        chosen = getattr(self, phase).num_gpus
+        if chosen is not None:
+            return chosen
+        return 1.0 if self.device.startswith("cuda") else 0.0
 
     def engine_config(self, phase: str) -> EngineConfig:
         e: EngineArgs = getattr(self, phase).engine
@@ -183,6 +199,7 @@ class AppArgs(_Strict):
             tensor_parallel_size=e.tensor_parallel_size,
             pipeline_parallel_size=e.pipeline_parallel_size,
             worker_num_cpus=e.worker_num_cpus,
+            worker_num_gpus=self.gpus_per_worker(phase),
             scheduler=SchedulerConfig(
                 max_num_batched_tokens=e.max_num_batched_tokens,
                 max_num_seqs=e.max_num_seqs,

@@ -1,7 +1,10 @@
 """KV transfer time per request through the KV channel vs one decode step, same machine, one run.
 
     python -m bench.kv_transfer [--contexts 128,512,2048] [--repeats 5]
-                                [--transports shm,object_store]
+                                [--transports shm,object_store] [--device cpu]
+
+On a GPU machine: `--device cuda --transports cuda_ipc,object_store` (both actors share the
+GPU, half each; the decode step is then the engine's on that GPU).
 
 Two Ray actors on a private local cluster hold KV caches shaped like the default model's
 (30 layers, 3 KV heads, head_dim 64, fp32, 16-token blocks). Per request: the sender packs the
@@ -29,20 +32,22 @@ from kernels.kv_channel import KVChannel, KVTransfer
 SHAPE = dict(layers=30, kv_heads=3, head_dim=64, block_size=16, num_blocks=600)
 
 
-def _cache() -> torch.Tensor:
+def _cache(device: str) -> torch.Tensor:
     s = SHAPE
     return torch.randn(
-        s["layers"], 2, s["num_blocks"], s["block_size"], s["kv_heads"], s["head_dim"]
-    )
+        s["layers"], 2, s["num_blocks"], s["block_size"], s["kv_heads"], s["head_dim"],
+        device=device,
+    )  # fmt: skip
 
 
 @ray.remote(num_cpus=0)
 class Replica:
     """One end of the channel with its own cache: two of them, a sender and a receiver."""
 
-    def __init__(self, transport: str) -> None:
+    def __init__(self, transport: str, device: str) -> None:
         torch.set_num_threads(1)
-        self.cache = _cache()
+        self.device = device
+        self.cache = _cache(device)
         self.channel = KVChannel(transport)
 
     def send(self, num_blocks: int) -> KVTransfer:
@@ -53,16 +58,16 @@ class Replica:
         buffer = self.channel.open(transfer)
         blocks = list(range(SHAPE["num_blocks"] - buffer.shape[2], SHAPE["num_blocks"]))
         unpack_blocks(self.cache, blocks, buffer)
-        self.channel.finish(transfer)
+        self.channel.finish(transfer)  # on a GPU: waits for the scatter to finish
         return (time.perf_counter() - t0) * 1e3
 
 
-def decode_step_ms(context: int) -> float:
+def decode_step_ms(context: int, device: str) -> float:
     from bench.engine_throughput import ours_decode_step_s
     from engine import EngineConfig, LLMEngine
 
     torch.set_num_threads(1)
-    engine = LLMEngine(EngineConfig(num_threads=1, kv_cache_memory_mb=256))
+    engine = LLMEngine(EngineConfig(num_threads=1, kv_cache_memory_mb=256, device=device))
     return ours_decode_step_s(engine, 1, context, 8) * 1e3
 
 
@@ -95,18 +100,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--contexts", default="128,512,2048")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--transports", default="shm,object_store")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the caches' device)")
     args = parser.parse_args(argv)
+    gpus = 1 if args.device.startswith("cuda") else 0
     contexts = [int(c) for c in args.contexts.split(",")]
     rows = []
     with tempfile.TemporaryDirectory(prefix="ray-") as tmp:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=tmp)
+        ray.init(address="local", num_cpus=2, num_gpus=gpus, include_dashboard=False, _temp_dir=tmp)
         try:
             for transport in args.transports.split(","):
-                sender, receiver = Replica.remote(transport), Replica.remote(transport)
+                sender, receiver = (
+                    Replica.options(num_gpus=gpus / 2).remote(transport, args.device)
+                    for _ in range(2)
+                )
                 rows += measure(sender, receiver, transport, contexts, args.repeats)
         finally:
             ray.shutdown()
-    steps = {c: decode_step_ms(c) for c in contexts}
+    steps = {c: decode_step_ms(c, args.device) for c in contexts}
     print(json.dumps({"rows": rows, "decode_step_ms": steps}, indent=2))
     print(
         "| transport | context | KV MB | send ms | receive + scatter ms | end to end ms "

@@ -23,6 +23,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     worker_num_cpus: float = 1.0
+    worker_num_gpus: float = 1.0  # with device cuda; a fraction shares a GPU
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
@@ -34,6 +35,8 @@ class EngineConfig:
             raise ValueError("kv_cache_memory_mb must be >= 1")
         if self.worker_num_cpus <= 0:
             raise ValueError("worker_num_cpus must be > 0")
+        if self.worker_num_gpus < 0:
+            raise ValueError("worker_num_gpus must be >= 0")
 
     @property
     def parallel(self) -> ParallelLayout:

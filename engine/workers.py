@@ -313,7 +313,7 @@ def _placement(rank: int, layout: ParallelLayout, config: EngineConfig) -> dict:
 
     options: dict = {"num_cpus": config.worker_num_cpus}
     if config.device.startswith("cuda"):
-        options["num_gpus"] = 1
+        options["num_gpus"] = config.worker_num_gpus
     pg = ray.util.get_current_placement_group()
     if pg is None:
         return options

@@ -22,7 +22,6 @@ from __future__ import annotations
 import atexit
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 

@@ -10,8 +10,13 @@ Transports:
   full of unread transfers, a send falls back to the object store.
 - `object_store` (any node): the packed buffer goes into Ray's object store as a numpy array;
   on one node that is plasma shared memory read zero-copy; across nodes Ray moves it. Freed by
-  reference counting, so an abandoned transfer cannot leak.
-Not implemented yet: CUDA IPC (CuPy) and NCCL for GPU replicas.
+  reference counting, so an abandoned transfer cannot leak. GPU caches are copied to the host
+  first.
+- `cuda_ipc` (same node, GPU caches): pooled device buffers shared by CUDA IPC handles
+  (cuda_ipc_transport.py, CuPy); the receiver scatters device to device, on the same GPU or a
+  peer GPU. When the pool is full of unread transfers, a send falls back to the object store.
+Not implemented: an NCCL transport (GPUs without peer access, or across nodes over
+InfiniBand); across nodes the object store moves GPU KV through host memory.
 
 Receiver protocol: `view = channel.open(t)`, scatter `view` into the cache, then
 `channel.finish(t)` (raises TransferExpired if the bytes changed underneath); or
@@ -27,10 +32,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kernels import cuda_ipc_transport
 from kernels.kv_blocks import pack_blocks
 from kernels.shm_transport import ShmLocation, ShmReceiver, ShmSender, TransferExpired
 
-TRANSPORTS = ("shm", "object_store")
+TRANSPORTS = ("shm", "object_store", "cuda_ipc")
 __all__ = ["TRANSPORTS", "KVChannel", "KVTransfer", "TransferExpired"]
 
 
@@ -41,7 +47,8 @@ class KVTransfer:
     transport: str
     shape: tuple[int, ...]  # (L, 2, n_blocks, bs, Hkv, D)
     dtype: str
-    payload: list = field(repr=False)  # [ObjectRef] (nested: passed by reference) or [ShmLocation]
+    # [ObjectRef] (nested: passed by reference), [ShmLocation] or [CudaIpcLocation]
+    payload: list = field(repr=False)
     send_ms: float = 0.0
 
     @property
@@ -67,10 +74,16 @@ class KVChannel:
     def __init__(self, transport: str = "object_store", node_id: str = "local") -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown KV transport {transport!r}; available: {TRANSPORTS}")
+        if transport == "cuda_ipc" and not cuda_ipc_transport.available():
+            raise ValueError(
+                "kv_transport cuda_ipc needs CuPy and a CUDA device (pip install -e '.[gpu]')"
+            )
         self.transport = transport
         self.node_id = node_id
         self._sender: ShmSender | None = None
         self._receiver = ShmReceiver()
+        self._gpu_sender: cuda_ipc_transport.CudaIpcSender | None = None
+        self._gpu_receiver: cuda_ipc_transport.CudaIpcReceiver | None = None
 
     # ---- sender -------------------------------------------------------------------------------
 
@@ -82,17 +95,24 @@ class KVChannel:
             loc = self._sender.send(buffer)
             if loc is not None:
                 return KVTransfer("shm", shape, dtype, [loc], _ms_since(t0))
+        if self.transport == "cuda_ipc" and buffer.is_cuda:
+            raw = buffer.contiguous().view(torch.uint8).view(-1)
+            loc = self._gpu().send_with(raw.numel(), buffer.device.index, lambda d: d.copy_(raw))
+            if loc is not None:
+                return KVTransfer("cuda_ipc", shape, dtype, [loc], _ms_since(t0))
         import ray
 
         # bf16 has no numpy dtype: ship raw bytes and reinterpret on arrival
-        raw = buffer.contiguous()
+        raw = buffer.contiguous().cpu()
         array = raw.view(torch.uint8).numpy() if raw.dtype == torch.bfloat16 else raw.numpy()
         return KVTransfer("object_store", shape, dtype, [ray.put(array)], _ms_since(t0))
 
     def send_blocks(self, kv_cache: torch.Tensor, block_ids: list[int]) -> KVTransfer:
         """Pack a request's blocks of `kv_cache` straight into the transport: for shm, the
         gather writes into the shared segment, so the KV is copied once, not twice."""
-        if self.transport != "shm":
+        if self.transport == "cuda_ipc" and kv_cache.is_cuda:
+            return self._send_blocks_gpu(kv_cache, block_ids)
+        if self.transport != "shm" or kv_cache.is_cuda:
             return self.send(pack_blocks(kv_cache, block_ids))
         t0 = time.perf_counter()
         shape = (*kv_cache.shape[:2], len(block_ids), *kv_cache.shape[3:])
@@ -108,6 +128,25 @@ class KVChannel:
             return self.send(pack_blocks(kv_cache, block_ids))
         return KVTransfer("shm", shape, str(kv_cache.dtype), [loc], _ms_since(t0))
 
+    def _gpu(self) -> cuda_ipc_transport.CudaIpcSender:
+        self._gpu_sender = self._gpu_sender or cuda_ipc_transport.CudaIpcSender(self.node_id)
+        return self._gpu_sender
+
+    def _send_blocks_gpu(self, kv_cache: torch.Tensor, block_ids: list[int]) -> KVTransfer:
+        """The gather writes straight into a pooled device buffer shared by CUDA IPC."""
+        t0 = time.perf_counter()
+        shape = (*kv_cache.shape[:2], len(block_ids), *kv_cache.shape[3:])
+        nbytes = int(np.prod(shape)) * kv_cache.element_size()
+        ids = torch.as_tensor(block_ids, dtype=torch.long, device=kv_cache.device)
+
+        def gather(data: torch.Tensor) -> None:
+            torch.index_select(kv_cache, 2, ids, out=data.view(kv_cache.dtype).view(shape))
+
+        loc = self._gpu().send_with(nbytes, kv_cache.device.index, gather)
+        if loc is None:  # pool full of unread transfers
+            return self.send(pack_blocks(kv_cache, block_ids).cpu())
+        return KVTransfer("cuda_ipc", shape, str(kv_cache.dtype), [loc], _ms_since(t0))
+
     # ---- receiver -----------------------------------------------------------------------------
 
     def open(self, transfer: KVTransfer) -> torch.Tensor:
@@ -120,6 +159,11 @@ class KVChannel:
                     f"{self.node_id}; use kv_transport: object_store across nodes"
                 )
             return _as_packed(self._receiver.view(loc, transfer.nbytes), transfer)
+        if transfer.transport == "cuda_ipc":
+            self._gpu_receiver = self._gpu_receiver or cuda_ipc_transport.CudaIpcReceiver()
+            return _as_packed(
+                self._gpu_receiver.view(transfer.payload[0], transfer.nbytes), transfer
+            )
         import ray
 
         return self._wrap(ray.get(transfer.payload[0]), transfer)
@@ -142,10 +186,16 @@ class KVChannel:
             loc = transfer.payload[0]
             self._receiver.check(loc)
             self._receiver.release(loc)
+        elif transfer.transport == "cuda_ipc" and self._gpu_receiver is not None:
+            self._gpu_receiver.check(transfer.payload[0])
+            self._gpu_receiver.release(transfer.payload[0])
 
     def discard(self, transfer: KVTransfer) -> None:
         if transfer.transport == "shm":
             self._receiver.release(transfer.payload[0])
+        elif transfer.transport == "cuda_ipc":
+            # releasing needs only the host header: no device mapping to open for a drop
+            self._receiver.release(transfer.payload[0].header)
 
     def receive(self, transfer: KVTransfer) -> torch.Tensor:
         """A private copy of the packed KV (open + copy + finish), for callers without a cache."""
@@ -154,8 +204,9 @@ class KVChannel:
         return copy
 
     def close(self) -> None:
-        if self._sender is not None:
-            self._sender.close()
+        for end in (self._sender, self._gpu_sender, self._gpu_receiver):
+            if end is not None:
+                end.close()
 
 
 def _ms_since(t0: float) -> float:

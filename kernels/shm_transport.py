@@ -51,6 +51,29 @@ def _data(shm: shared_memory.SharedMemory, nbytes: int) -> torch.Tensor:
     return torch.frombuffer(shm.buf[_HEADER : _HEADER + nbytes], dtype=torch.uint8)
 
 
+def segment_name() -> str:
+    """A fresh segment name that records its owner's pid (see remove_orphans)."""
+    return f"{_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def begin_write(shm: shared_memory.SharedMemory) -> int:
+    """Mark the segment as being written (odd generation); -> the generation to publish."""
+    header = _header(shm)
+    writing = int(header[0]) + 1 | 1
+    header[0] = writing
+    return writing + 1
+
+
+def end_write(shm: shared_memory.SharedMemory, generation: int) -> None:
+    """Publish: readers holding `generation` may read from now on."""
+    _header(shm)[0] = generation
+
+
+def is_released(shm: shared_memory.SharedMemory) -> bool:
+    generation, released = _header(shm)
+    return bool(released == generation)
+
+
 def remove_orphans(shm_dir: str = "/dev/shm") -> list[str]:
     """Unlink segments whose owner process is gone (a replica killed before its cleanup ran)."""
     removed = []
@@ -77,8 +100,7 @@ class ShmSender:
         atexit.register(self.close)
 
     def _is_free(self, shm: shared_memory.SharedMemory, now: float) -> bool:
-        generation, released = _header(shm)
-        if released == generation:
+        if is_released(shm):
             return True
         if now - self._sent_at.get(shm.name, now) > self.ttl_s:
             logger.warning("reclaiming KV segment %s unread for %.0f s", shm.name, self.ttl_s)
@@ -93,8 +115,7 @@ class ShmSender:
         if len(self._segments) >= self.max_segments:
             return None  # the pool is full of unread transfers: caller falls back
         size = _HEADER + max(nbytes, 4 << 20)
-        name = f"{_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+        shm = shared_memory.SharedMemory(name=segment_name(), create=True, size=size)
         _header(shm)[:] = 0
         self._segments.append(shm)
         return shm
@@ -109,13 +130,11 @@ class ShmSender:
         shm = self._segment_for(nbytes)
         if shm is None:
             return None
-        header = _header(shm)
-        generation = int(header[0]) + 1 | 1  # odd: being written
-        header[0] = generation
+        generation = begin_write(shm)
         write(_data(shm, nbytes))
-        header[0] = generation + 1  # even: complete
+        end_write(shm, generation)
         self._sent_at[shm.name] = time.monotonic()
-        return ShmLocation(shm.name, generation + 1, self.node_id)
+        return ShmLocation(shm.name, generation, self.node_id)
 
     def close(self) -> None:
         for shm in self._segments:

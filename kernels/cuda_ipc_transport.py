@@ -142,8 +142,8 @@ class CudaIpcReceiver:
         if ptr is None:
             import cupy
 
-            flags = cupy.cuda.runtime.cudaIpcMemLazyEnablePeerAccess
-            ptr = cupy.cuda.runtime.ipcOpenMemHandle(loc.handle, flags)
+            # CuPy's default flag: cudaIpcMemLazyEnablePeerAccess (a peer GPU may open it)
+            ptr = cupy.cuda.runtime.ipcOpenMemHandle(loc.handle)
             self._mapped[loc.handle] = ptr
         return ptr
 

@@ -35,6 +35,8 @@ def sample(
         if p.is_greedy:
             continue
         row = apply_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
-        probs = torch.softmax(row, dim=-1)
+        # drawn on the CPU: a seeded request's generator is a CPU one, whose state travels
+        # with the hand-off whatever device either replica computes on
+        probs = torch.softmax(row, dim=-1).cpu()
         tokens[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
     return tokens

@@ -128,11 +128,15 @@ def test_cuda_ipc_moves_blocks_bit_exactly_between_processes(gpu_cluster, dtype)
 def test_engine_on_cuda_generates_the_cpu_engines_greedy_tokens(tiny_llama_path):
     from engine import EngineConfig, LLMEngine, SamplingParams
 
-    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=12, temperature=0.8, seed=7, ignore_eos=True)
+    prompts = ["The capital of France is", "def add(a, b):"]
     outputs = {}
     for device in ("cpu", "cuda"):
         engine = LLMEngine(
             EngineConfig(model=str(tiny_llama_path), device=device, kv_cache_memory_mb=64)
         )
-        outputs[device] = engine.generate(["The capital of France is", "def add(a, b):"], params)
+        outputs[device] = engine.generate(prompts, greedy)
+        [sampled] = engine.generate(prompts[:1], seeded)  # runs: the generator stays on the CPU
+        assert len(sampled.token_ids) == 12
     assert [o.token_ids for o in outputs["cuda"]] == [o.token_ids for o in outputs["cpu"]]

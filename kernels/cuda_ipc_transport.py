@@ -20,7 +20,6 @@ exported it); two Ray actors are two processes. Needs CuPy (`pip install -e ".[g
 from __future__ import annotations
 
 import atexit
-import logging
 import time
 from dataclasses import dataclass
 from multiprocessing import shared_memory
@@ -33,12 +32,10 @@ from kernels.shm_transport import (
     ShmReceiver,
     begin_write,
     end_write,
-    is_released,
     remove_orphans,
+    reusable,
     segment_name,
 )
-
-logger = logging.getLogger(__name__)
 
 
 def available() -> bool:
@@ -73,7 +70,7 @@ class _Buffer:
 
         with cupy.cuda.Device(device):
             self.memory = cupy.cuda.Memory(nbytes)  # a plain cudaMalloc, IPC-exportable
-        self.capacity = nbytes
+        self.capacity, self.device = nbytes, device
         self.handle = bytes(cupy.cuda.runtime.ipcGetMemHandle(self.memory.ptr))
         self.header = shared_memory.SharedMemory(name=segment_name(), create=True, size=_HEADER)
         self.header.buf[:_HEADER] = bytes(_HEADER)
@@ -92,17 +89,14 @@ class CudaIpcSender:
         remove_orphans()
         atexit.register(self.close)
 
-    def _free(self, buf: _Buffer, now: float) -> bool:
-        if is_released(buf.header):
-            return True
-        if now - buf.sent_at > self.ttl_s:
-            logger.warning("reclaiming KV device buffer unread for %.0f s", self.ttl_s)
-            return True
-        return False
-
     def _buffer_for(self, nbytes: int, device: int) -> _Buffer | None:
         now = time.monotonic()
-        free = [b for b in self._buffers if b.capacity >= nbytes and self._free(b, now)]
+        free = [
+            b
+            for b in self._buffers
+            if b.device == device and b.capacity >= nbytes
+            and reusable(b.header, now - b.sent_at, self.ttl_s)
+        ]  # fmt: skip
         if free:
             return min(free, key=lambda b: b.capacity)
         if len(self._buffers) >= self.max_buffers:

@@ -74,6 +74,17 @@ def is_released(shm: shared_memory.SharedMemory) -> bool:
     return bool(released == generation)
 
 
+def reusable(shm: shared_memory.SharedMemory, unread_s: float, ttl_s: float) -> bool:
+    """A pooled slot may take a new transfer: its reader released it, or nobody read it for
+    `ttl_s` (the client left between prefill and decode; a late reader gets TransferExpired)."""
+    if is_released(shm):
+        return True
+    if unread_s > ttl_s:
+        logger.warning("reclaiming KV transfer slot %s unread for %.0f s", shm.name, ttl_s)
+        return True
+    return False
+
+
 def remove_orphans(shm_dir: str = "/dev/shm") -> list[str]:
     """Unlink segments whose owner process is gone (a replica killed before its cleanup ran)."""
     removed = []
@@ -100,12 +111,7 @@ class ShmSender:
         atexit.register(self.close)
 
     def _is_free(self, shm: shared_memory.SharedMemory, now: float) -> bool:
-        if is_released(shm):
-            return True
-        if now - self._sent_at.get(shm.name, now) > self.ttl_s:
-            logger.warning("reclaiming KV segment %s unread for %.0f s", shm.name, self.ttl_s)
-            return True
-        return False
+        return reusable(shm, now - self._sent_at.get(shm.name, now), self.ttl_s)
 
     def _segment_for(self, nbytes: int) -> shared_memory.SharedMemory | None:
         now = time.monotonic()

@@ -57,6 +57,8 @@ async def _burst(base: str, requests: list[dict]) -> list[tuple[int, int]]:
 
     async def one(client: httpx.AsyncClient, body: dict) -> tuple[int, int]:
         r = await client.post(f"{base}/v1/completions", json={"model": MODEL, **body})
+        if r.status_code != 200:  # shown with the failed assertion
+            print(f"HTTP {r.status_code}: {r.text}")
         return r.status_code, r.json().get("usage", {}).get("completion_tokens", 0)
 
     async with httpx.AsyncClient(timeout=600) as client:

@@ -93,6 +93,7 @@ class _EngineServer:
             "node_id": self.node_id,
             "num_pending_imports": self.loop.num_pending_imports,
             "num_cross_node_handoffs": getattr(self, "num_cross_node_handoffs", 0),
+            "num_kept_kv_transfers": await self.channel.num_kept(),  # sent, not yet released
             "worker_pids": getattr(self.engine.runner, "worker_pids", []),  # TP x PP workers
         }
 

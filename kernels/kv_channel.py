@@ -9,9 +9,10 @@ Transports:
   shm_transport.py); the receiver scatters straight from the mapped segment. When the pool is
   full of unread transfers, a send falls back to the object store.
 - `object_store` (any node): the packed buffer goes into Ray's object store as a numpy array;
-  on one node that is plasma shared memory read zero-copy; across nodes Ray moves it. Freed by
-  reference counting, so an abandoned transfer cannot leak. GPU caches are copied to the host
-  first.
+  on one node that is plasma shared memory read zero-copy; across nodes Ray moves it. The
+  sender's RefKeeper actor holds the ref until the receiver's finish / discard (a nested ref in
+  a streaming yield can be freed early by Ray: ref_keeper.py), or for its TTL; then reference
+  counting frees it. GPU caches are copied to the host first.
 - `cuda_ipc` (same node, GPU caches): pooled device buffers shared by CUDA IPC handles
   (cuda_ipc_transport.py, CuPy); the receiver scatters device to device, on the same GPU or a
   peer GPU. When the pool is full of unread transfers, a send falls back to the object store.
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kernels import cuda_ipc_transport
+from kernels import cuda_ipc_transport, ref_keeper
 from kernels.kv_blocks import pack_blocks
 from kernels.shm_transport import ShmLocation, ShmReceiver, ShmSender, TransferExpired
 
@@ -47,7 +48,8 @@ class KVTransfer:
     transport: str
     shape: tuple[int, ...]  # (L, 2, n_blocks, bs, Hkv, D)
     dtype: str
-    # [ObjectRef] (nested: passed by reference), [ShmLocation] or [CudaIpcLocation]
+    # [ObjectRef, RefKeeper handle] (nested: passed by reference), [ShmLocation] or
+    # [CudaIpcLocation]
     payload: list = field(repr=False)
     send_ms: float = 0.0
 
@@ -84,6 +86,7 @@ class KVChannel:
         self._receiver = ShmReceiver()
         self._gpu_sender: cuda_ipc_transport.CudaIpcSender | None = None
         self._gpu_receiver: cuda_ipc_transport.CudaIpcReceiver | None = None
+        self._keeper = None  # RefKeeper actor, started with the first object-store send
 
     # ---- sender -------------------------------------------------------------------------------
 
@@ -105,7 +108,18 @@ class KVChannel:
         # bf16 has no numpy dtype: ship raw bytes and reinterpret on arrival
         raw = buffer.contiguous().cpu()
         array = raw.view(torch.uint8).numpy() if raw.dtype == torch.bfloat16 else raw.numpy()
-        return KVTransfer("object_store", shape, dtype, [ray.put(array)], _ms_since(t0))
+        ref = ray.put(array)
+        return KVTransfer("object_store", shape, dtype, [ref, self._hold(ref)], _ms_since(t0))
+
+    async def num_kept(self) -> int:
+        """Object-store transfers this sender's keeper still holds (not yet released)."""
+        return 0 if self._keeper is None else await self._keeper.num_held.remote()
+
+    def _hold(self, ref):
+        """Hand `ref` to this channel's keeper until the receiver releases it; -> the keeper."""
+        self._keeper = self._keeper or ref_keeper.start_keeper()
+        self._keeper.hold.remote(ref.hex(), [ref])  # in a list: passed as a ref, not its value
+        return self._keeper
 
     def send_blocks(self, kv_cache: torch.Tensor, block_ids: list[int]) -> KVTransfer:
         """Pack a request's blocks of `kv_cache` straight into the transport: for shm, the
@@ -189,6 +203,8 @@ class KVChannel:
         elif transfer.transport == "cuda_ipc" and self._gpu_receiver is not None:
             self._gpu_receiver.check(transfer.payload[0])
             self._gpu_receiver.release(transfer.payload[0])
+        else:
+            _release_kept(transfer)
 
     def discard(self, transfer: KVTransfer) -> None:
         if transfer.transport == "shm":
@@ -196,6 +212,8 @@ class KVChannel:
         elif transfer.transport == "cuda_ipc":
             # releasing needs only the host header: no device mapping to open for a drop
             self._receiver.release(transfer.payload[0].header)
+        else:
+            _release_kept(transfer)
 
     def receive(self, transfer: KVTransfer) -> torch.Tensor:
         """A private copy of the packed KV (open + copy + finish), for callers without a cache."""
@@ -207,6 +225,12 @@ class KVChannel:
         for end in (self._sender, self._gpu_sender, self._gpu_receiver):
             if end is not None:
                 end.close()
+
+
+def _release_kept(transfer: KVTransfer) -> None:
+    if transfer.transport == "object_store":
+        ref, keeper = transfer.payload
+        keeper.release.remote(ref.hex())  # fire and forget: the keeper only drops its borrow
 
 
 def _ms_since(t0: float) -> float:

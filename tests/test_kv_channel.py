@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import ray
@@ -90,6 +91,27 @@ def test_unread_segment_is_reclaimed_after_ttl_and_reader_gets_a_clear_error():
             KVChannel("shm").open(stale)
     finally:
         channel.close()
+
+
+def _wait_for_kept(keeper, n: int) -> None:
+    deadline = time.monotonic() + 30
+    while ray.get(keeper.num_held.remote()) != n:  # hold and release are fire-and-forget
+        assert time.monotonic() < deadline, ray.get(keeper.num_held.remote())
+        time.sleep(0.05)
+
+
+def test_object_store_transfers_are_kept_until_finished_or_discarded(cluster):
+    sender = _Sender.remote("float32", "object_store")
+    receiver = KVChannel("object_store")
+    first, second = ray.get([sender.send.remote([1, 2]), sender.send.remote([3])])
+    keeper = first.payload[1]
+    assert second.payload[1] == keeper  # one keeper per sending channel
+    _wait_for_kept(keeper, 2)
+    assert torch.equal(receiver.open(first)[:, :, 1], ray.get(sender.blocks.remote([2]))[:, :, 0])
+    receiver.finish(first)
+    _wait_for_kept(keeper, 1)
+    receiver.discard(second)  # dropped before its import
+    _wait_for_kept(keeper, 0)
 
 
 def test_full_pool_falls_back_to_the_object_store(cluster):

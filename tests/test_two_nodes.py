@@ -103,3 +103,9 @@ def test_scaled_out_replicas_pair_on_their_own_node(two_nodes):
     after = _decode_stats_by_node("two")
     for node, stats in after.items():
         assert stats["num_cross_node_handoffs"] == before[node]["num_cross_node_handoffs"], node
+    # every object-store transfer was released by its reader (none left to the keepers' TTL)
+    prefill = serve.get_deployment_handle("PrefillServer", app_name="two")
+    deadline = time.monotonic() + 30
+    while any(prefill.stats.remote().result()["num_kept_kv_transfers"] for _ in range(10)):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)

@@ -15,7 +15,8 @@ instances shared one machine: right for planning the machine that was profiled.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -65,6 +66,11 @@ class Candidate:
         return f"{part('P', p.prefill)} + {part('D', p.decode)}"
 
 
+def transfer_ms_per_token(kv_bytes_per_token: int, gbs: float) -> float:
+    """KV transfer time per prompt token over a link of `gbs` GB/s."""
+    return kv_bytes_per_token / (gbs * 1e9) * 1e3
+
+
 @dataclass(frozen=True)
 class Search:
     profile: Profile
@@ -76,9 +82,16 @@ class Search:
     max_batch_tokens: int = 2048
     max_replicas: int = 8
     seed: int = 0
+    on_simulated: Callable[[], None] | None = field(default=None, compare=False)  # progress
+
+    def goodput_of(self, placement: Placement):
+        found = goodput(placement, self.workload, self.slo, self.target, self.seed)
+        if self.on_simulated is not None:
+            self.on_simulated()
+        return found
 
     def transfer_ms_per_token(self, gbs: float) -> float:
-        return self.kv_bytes_per_token / (gbs * 1e9) * 1e3
+        return transfer_ms_per_token(self.kv_bytes_per_token, gbs)
 
     def spec(self, entry: Entry, count: int = 1) -> InstanceSpec:
         return InstanceSpec(entry, count, max_batch_tokens=self.max_batch_tokens)
@@ -89,7 +102,7 @@ class Search:
 
     def evaluate(self, kind: str, placement: Placement) -> Candidate:
         placement = self.on_node(placement)
-        found = goodput(placement, self.workload, self.slo, self.target, self.seed)
+        found = self.goodput_of(placement)
         rate = max(found.rate, 1e-9)
         results = simulate(placement, self.workload.sample(rate, self.seed))
         ttft = float(np.percentile([r.ttft_ms for r in results], 90))
@@ -97,25 +110,45 @@ class Search:
         return Candidate(kind, placement, found.rate, ttft, tpot)
 
 
-def _best_phase(search: Search, phase: str) -> tuple[Entry, float]:
-    """The layout with the best goodput per GPU for one phase, the other phase idealized."""
-    best, best_per_gpu = None, -1.0
+def _fits(entry: Entry, cluster: Cluster) -> bool:
+    """One instance of this layout fits: its TP group inside a node, all of it in the cluster."""
+    return entry.tp <= cluster.gpus_per_node and entry.tp * entry.pp <= cluster.num_gpus
+
+
+def _ranked_phase(search: Search, phase: str) -> list[Entry]:
+    """The layouts that fit, best goodput per GPU first, for one phase, the other idealized."""
+    scored = []
     for entry in search.profile.entries:
+        if not _fits(entry, search.cluster):
+            continue
         if phase == "prefill":
             p = Placement(prefill=search.spec(entry), decode=search.spec(_IDEAL))
         else:
             p = Placement(prefill=search.spec(_IDEAL), decode=search.spec(entry))
-        found = goodput(search.on_node(p), search.workload, search.slo, search.target, search.seed)
-        rate = found.rate
-        per_gpu = rate / (entry.tp * entry.pp)
-        if per_gpu > best_per_gpu:
-            best, best_per_gpu = entry, per_gpu
-    return best, best_per_gpu
+        rate = search.goodput_of(search.on_node(p)).rate
+        scored.append((-rate / (entry.tp * entry.pp), entry.tp * entry.pp, len(scored), entry))
+    return [entry for *_, entry in sorted(scored)]
+
+
+def _best_pair(search: Search) -> tuple[Entry, Entry] | None:
+    """The best prefill and the best decode layout; when one instance of each does not fit the
+    cluster together, the pair of best ranks (lowest rank sum) that does."""
+    prefills, decodes = _ranked_phase(search, "prefill"), _ranked_phase(search, "decode")
+    pairs = sorted(
+        ((i + j, i, p, d) for i, p in enumerate(prefills) for j, d in enumerate(decodes)),
+        key=lambda x: x[:2],
+    )
+    for *_, p, d in pairs:
+        if p.tp * p.pp + d.tp * d.pp <= search.cluster.num_gpus:
+            return p, d
+    return None
 
 
 def high_affinity(search: Search) -> list[Candidate]:
-    prefill, _ = _best_phase(search, "prefill")
-    decode, _ = _best_phase(search, "decode")
+    pair = _best_pair(search)
+    if pair is None:
+        return []
+    prefill, decode = pair
     gp, gd = prefill.tp * prefill.pp, decode.tp * decode.pp
     transfer = search.transfer_ms_per_token(search.cluster.inter_node_gbs)
     out = []
@@ -138,7 +171,7 @@ def low_affinity(search: Search) -> list[Candidate]:
     pairs = []
     for (tp_p, pp), prefill in by_layout.items():
         for (tp_d, pp_d), decode in by_layout.items():
-            if pp_d != pp or tp_p + tp_d > search.cluster.gpus_per_node:
+            if pp_d != pp or _segment_slots(tp_p + tp_d, search.cluster) < pp:
                 continue
             pair = Placement(
                 prefill=search.spec(prefill),
@@ -149,8 +182,9 @@ def low_affinity(search: Search) -> list[Candidate]:
     if not pairs:
         return []
     best = max(pairs, key=lambda c: c.per_gpu)
-    n = min(search.max_replicas, search.cluster.num_gpus // best.num_gpus)
     p = best.placement
+    segment = p.prefill.entry.tp + p.decode.entry.tp
+    n = min(search.max_replicas, _segment_slots(segment, search.cluster) // p.prefill.entry.pp)
     replicated = Placement(
         prefill=search.spec(p.prefill.entry, n),
         decode=search.spec(p.decode.entry, n),
@@ -159,15 +193,20 @@ def low_affinity(search: Search) -> list[Candidate]:
     return pairs + ([search.evaluate("disaggregated-paired", replicated)] if n > 1 else [])
 
 
+def _segment_slots(segment_gpus: int, cluster: Cluster) -> int:
+    """How many stage segments (a prefill part and a decode part of one pipeline stage, which
+    share a node) the cluster holds: a pair of pp stages needs pp of them."""
+    return (cluster.gpus_per_node // segment_gpus) * cluster.num_nodes
+
+
 def colocated(search: Search) -> list[Candidate]:
     out = []
     for entry in search.profile.entries:
+        if not _fits(entry, search.cluster):
+            continue
         n = min(search.max_replicas, search.cluster.num_gpus // (entry.tp * entry.pp))
         for count in sorted({1, n}):
-            if count >= 1:
-                out.append(
-                    search.evaluate("colocated", Placement(colocated=search.spec(entry, count)))
-                )
+            out.append(search.evaluate("colocated", Placement(colocated=search.spec(entry, count))))
     return out
 
 
@@ -175,6 +214,38 @@ def optimize(search: Search) -> list[Candidate]:
     """All evaluated candidates, best goodput per GPU first."""
     found = high_affinity(search) + low_affinity(search) + colocated(search)
     return sorted(found, key=lambda c: (-c.per_gpu, c.num_gpus))
+
+
+def meet_rate(candidates: list[Candidate], search: Search, rate: float) -> Candidate:
+    """The cheapest placement that serves `rate` req/s within the SLOs: the fewest GPUs among
+    the candidates that reach it, else the best per-GPU candidate replicated k times (the
+    reference's replication to the target rate; k from its goodput, raised until the
+    simulation agrees). Raises ValueError when the cluster is too small."""
+    reaching = [c for c in candidates if c.goodput_rps >= rate]
+    if reaching:
+        return min(reaching, key=lambda c: (c.num_gpus, -c.goodput_rps))
+    best = candidates[0]
+    k = max(2, math.ceil(rate / max(best.goodput_rps, 1e-9)))
+    while True:
+        scaled = _replicated(best.placement, k)
+        if scaled.num_gpus > search.cluster.num_gpus:
+            raise ValueError(
+                f"{rate} req/s needs more than {search.cluster.num_gpus} GPUs: {k} x "
+                f"({best.describe()}) would use {scaled.num_gpus}"
+            )
+        found = search.evaluate(best.kind, scaled)
+        if found.goodput_rps >= rate:
+            return found
+        k += 1
+
+
+def _replicated(p: Placement, k: int) -> Placement:
+    def times(spec: InstanceSpec | None) -> InstanceSpec | None:
+        return None if spec is None else replace(spec, count=spec.count * k)
+
+    return replace(
+        p, prefill=times(p.prefill), decode=times(p.decode), colocated=times(p.colocated)
+    )
 
 
 def table(candidates: list[Candidate], top: int = 10) -> str:

@@ -1,12 +1,14 @@
 """Plan a deployment: search placements, print the best, write serve_config.yaml and a report.
 
-    python -m placement.plan --profile smollm2-cpu-1thread.yaml --model default \\
-        --input-len 512 --output-len 64 --ttft-ms 5000 --tpot-ms 150 \\
-        --nodes 1 --gpus-per-node 2 --out serve_config.planned.yaml --report plan.json
+    python -m placement plan --profile smollm2-cpu-1thread.yaml --workload 512:64 \\
+        --ttft-slo 5000 --tpot-slo 150 --cluster 1x2 -o serve_config.planned.yaml
+    python -m placement plan --device H100-80GB --model Llama-2-13b/config.json \\
+        --cluster 4x8 --workload sharegpt --ttft-slo 400 --tpot-slo 100 --rate 20
 
-`--profile` is a measured (placement.profiler) or roofline (placement.analytic) profile;
-`--model` (a HF directory, its config.json, or "default") gives the KV bytes per token for the
-transfer time; a "GPU" is whatever one profile entry's unit is (a GPU, or a CPU replica).
+`--profile` is a measured (placement profile) or roofline (placement analytic) profile;
+`--device` builds the roofline profile on the fly. `--model` (a HF directory, its config.json,
+or "default") gives the shape and the KV bytes per token for the transfer time; a "GPU" is
+whatever one profile entry's unit is (a GPU, or a CPU replica).
 """
 
 from __future__ import annotations
@@ -17,12 +19,20 @@ import math
 from pathlib import Path
 
 import yaml
+from tqdm import tqdm
 
+from placement.cli_args import (
+    add_source_args,
+    add_workload_args,
+    cluster_from,
+    model_path,
+    profile_from,
+    slo_from,
+    workload_from,
+)
 from placement.hardware import ModelSpec
-from placement.latency_model import Profile
-from placement.optimizer import Candidate, Cluster, Search, optimize, table
+from placement.optimizer import Candidate, Search, meet_rate, optimize, table
 from placement.simulator import SLO
-from placement.workload import Workload
 
 
 def serve_config(
@@ -99,25 +109,6 @@ def _autoscaling(spec, phase: str, slo: SLO, factor: float) -> dict:
     }
 
 
-def _workload(args: argparse.Namespace) -> Workload:
-    lengths = None
-    if args.dataset:
-        from transformers import AutoTokenizer
-
-        from bench.datasets import LengthFilter, load
-        from engine.model_store import resolve_model
-
-        tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(None)))
-        items = load(
-            args.dataset,
-            lambda text: tokenizer.encode(text, add_special_tokens=False),
-            2000,
-            LengthFilter(max_input=args.max_input_len, max_output=args.max_output_len),
-        )
-        lengths = tuple((i.input_len, i.output_len) for i in items)
-    return Workload(args.num_requests, args.input_len, args.output_len, cv=args.cv, dataset=lengths)
-
-
 def _model_dir(model: str | Path) -> Path:
     """The directory `serve run` loads: --model may name the config.json inside it."""
     path = Path(model)
@@ -153,29 +144,13 @@ def report(candidates: list[Candidate], search: Search) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", required=True)
-    parser.add_argument("--model", default="default", help="HF dir, config.json or 'default'")
-    parser.add_argument("--dtype", default="bfloat16", help="KV dtype for transfer sizes")
-    parser.add_argument("--input-len", type=int, default=512)
-    parser.add_argument("--output-len", type=int, default=64)
+    add_source_args(parser)
+    add_workload_args(parser)
     parser.add_argument(
-        "--dataset",
-        choices=("sharegpt", "humaneval", "docsum"),
-        help="lengths sampled from a workload dataset (bench/datasets.py) instead of fixed ones",
+        "--rate", type=float, help="req/s to serve: the cheapest placement reaching it is written"
     )
-    parser.add_argument("--max-input-len", type=int, default=1024, help="dataset filter")
-    parser.add_argument("--max-output-len", type=int, default=512, help="dataset cap")
-    parser.add_argument("--num-requests", type=int, default=300)
-    parser.add_argument("--cv", type=float, default=1.0)
-    parser.add_argument("--ttft-ms", type=float, required=True)
-    parser.add_argument("--tpot-ms", type=float, required=True)
-    parser.add_argument("--target", type=float, default=0.9)
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--intra-node-gbs", type=float, default=300.0)
-    parser.add_argument("--inter-node-gbs", type=float, default=25.0)
-    parser.add_argument("--out", default="serve_config.planned.yaml")
-    parser.add_argument("--report", default=None)
+    parser.add_argument("-o", "--out", default="serve_config.planned.yaml")
+    parser.add_argument("--report", default=None, help="JSON report of every candidate")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per engine (CPU)")
     parser.add_argument(
         "--autoscale",
@@ -184,20 +159,25 @@ def main(argv: list[str] | None = None) -> None:
         help="let each phase scale from its planned replicas up to this factor times them",
     )
     args = parser.parse_args(argv)
-    model = args.model
-    if model == "default":
-        from engine.model_store import resolve_model
-
-        model = resolve_model(None)
-    search = Search(
-        profile=Profile.load(args.profile),
-        workload=_workload(args),
-        slo=SLO(args.ttft_ms, args.tpot_ms),
-        target=args.target,
-        cluster=Cluster(args.nodes, args.gpus_per_node, args.intra_node_gbs, args.inter_node_gbs),
-        kv_bytes_per_token=ModelSpec.from_config(model, args.dtype).kv_bytes_per_token,
-    )
-    candidates = optimize(search)
+    cluster = cluster_from(args)
+    model = model_path(args)
+    with tqdm(desc="simulating placements", unit="placement") as bar:
+        search = Search(
+            profile=profile_from(args, cluster),
+            workload=workload_from(args),
+            slo=slo_from(args),
+            target=args.attainment,
+            cluster=cluster,
+            kv_bytes_per_token=ModelSpec.from_config(model, args.dtype).kv_bytes_per_token,
+            on_simulated=bar.update,
+        )
+        candidates = optimize(search)
+        chosen = candidates[0]
+        if args.rate:
+            try:
+                chosen = meet_rate(candidates, search, args.rate)
+            except ValueError as e:
+                raise SystemExit(str(e)) from None
     print(table(candidates))
     result = report(candidates, search)
     if result["gain_over_best_colocated"]:
@@ -205,10 +185,11 @@ def main(argv: list[str] | None = None) -> None:
             f"best per-GPU goodput is {result['gain_over_best_colocated']:.2f}x the best "
             "colocated placement"
         )
+    if args.rate:
+        print(f"for {args.rate} req/s: {chosen.describe()} ({chosen.goodput_rps:.2f} req/s)")
+        result["chosen_for_rate"] = {"rate": args.rate, "placement": chosen.describe()}
     base = {} if args.model == "default" else {"model": str(_model_dir(model))}
-    config = serve_config(
-        candidates[0], search, base, threads=args.threads, autoscale=args.autoscale
-    )
+    config = serve_config(chosen, search, base, threads=args.threads, autoscale=args.autoscale)
     Path(args.out).write_text(yaml.safe_dump(config, sort_keys=False))
     print(f"wrote {args.out}")
     if args.report:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import yaml
 
@@ -50,17 +52,22 @@ def test_disaggregation_beats_colocation_when_prefills_stall_decodes():
 def test_low_affinity_pairs_share_pp_and_fit_in_a_node():
     tp2 = Entry(2, 1, Coefficients(0.0, 0.6, 0.0), Coefficients(4.0, 0.0, 0.4), 10**6)
     pp2 = Entry(1, 2, Coefficients(0.0, 0.5, 0.0), Coefficients(3.0, 0.0, 0.3), 10**6)
-    pairs = low_affinity(make_search([CHEAP, tp2, pp2], gpus=3))
-    layouts = {
-        (
-            (c.placement.prefill.entry.tp, c.placement.prefill.entry.pp),
-            (c.placement.decode.entry.tp, c.placement.decode.entry.pp),
-        )
-        for c in pairs
-    }
-    assert ((1, 2), (1, 2)) in layouts and ((2, 1), (1, 1)) in layouts
-    assert ((2, 1), (2, 1)) not in layouts  # tp 2 + 2 > 3 GPUs per node
-    assert all(p[1] == d[1] for p, d in layouts)  # same pipeline depth on both sides
+    def layouts(search: Search) -> set:
+        return {
+            (
+                (c.placement.prefill.entry.tp, c.placement.prefill.entry.pp),
+                (c.placement.decode.entry.tp, c.placement.decode.entry.pp),
+            )
+            for c in low_affinity(search)
+        }
+
+    one_node = layouts(make_search([CHEAP, tp2, pp2], gpus=3))
+    assert ((2, 1), (1, 1)) in one_node
+    assert ((2, 1), (2, 1)) not in one_node  # tp 2 + 2 > 3 GPUs per node
+    assert ((1, 2), (1, 2)) not in one_node  # two stage segments of 1 + 1 GPUs need 4
+    two_nodes = layouts(replace(make_search([CHEAP, tp2, pp2]), cluster=Cluster(2, 3)))
+    assert ((1, 2), (1, 2)) in two_nodes  # one stage segment on each node
+    assert all(p[1] == d[1] for p, d in one_node | two_nodes)  # same pipeline depth both sides
 
 
 def test_emitted_config_is_accepted_by_the_builder():

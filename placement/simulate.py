@@ -1,0 +1,148 @@
+"""Simulate one given placement under a workload: attainment and latency percentiles at each
+rate, and the placement's goodput.
+
+    python -m placement simulate --profile smollm2-cpu-1thread.yaml --prefill 1x1:1 \\
+        --decode 1x1:1 --workload 512:64 --ttft-slo 9288 --tpot-slo 143 --cluster 1x2 \\
+        --rates 0.2 0.4 0.6
+    python -m placement simulate --device H100-80GB --model Llama-2-13b/config.json \\
+        --colocated 2x1:4 --chunked-prefill --workload sharegpt --ttft-slo 400 --tpot-slo 100
+
+An instance is TPxPP:COUNT (the profile's entry for that layout, COUNT replicas). KV moves over
+the intra-node link when the placement fits on one node, else over the inter-node link. The
+profile's node contention applies (CPU profiles) unless --node-contention says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+
+import numpy as np
+
+from placement.cli_args import (
+    add_source_args,
+    add_workload_args,
+    cluster_from,
+    model_path,
+    profile_from,
+    slo_from,
+    workload_from,
+)
+from placement.hardware import ModelSpec
+from placement.latency_model import Profile
+from placement.optimizer import Cluster, transfer_ms_per_token
+from placement.simulator import SLO, InstanceSpec, Placement, attainment, goodput, simulate
+from placement.workload import Workload
+
+
+def parse_instance(text: str) -> tuple[int, int, int]:
+    """'2x1:3' -> (tp 2, pp 1, 3 replicas); the count defaults to 1."""
+    match = re.fullmatch(r"(\d+)x(\d+)(?::(\d+))?", text)
+    if match is None or int(match[1]) < 1 or int(match[2]) < 1 or (match[3] and int(match[3]) < 1):
+        raise ValueError(f"instance {text!r}: expected TPxPP:COUNT, e.g. 1x1:2")
+    return int(match[1]), int(match[2]), int(match[3] or 1)
+
+
+def placement_from(
+    args: argparse.Namespace, profile: Profile, cluster: Cluster, kv_bytes_per_token: int
+) -> Placement:
+    def spec(text: str, chunked: bool = False) -> InstanceSpec:
+        tp, pp, count = parse_instance(text)
+        try:
+            entry = profile.entry(tp, pp)
+        except KeyError as e:
+            raise ValueError(str(e)) from None
+        return InstanceSpec(entry, count, args.max_batch_tokens, args.max_batch_size, chunked)
+
+    contention = profile.node_contention
+    if args.node_contention is not None:
+        contention = args.node_contention
+    if args.colocated:
+        if args.prefill or args.decode:
+            raise ValueError("give --colocated, or --prefill and --decode, not both")
+        placement = Placement(colocated=spec(args.colocated, args.chunked_prefill))
+    elif args.prefill and args.decode:
+        placement = Placement(prefill=spec(args.prefill), decode=spec(args.decode))
+    else:
+        raise ValueError("give --prefill and --decode (disaggregated), or --colocated")
+    used = placement.num_gpus
+    if used > cluster.num_gpus:
+        raise ValueError(f"the placement uses {used} GPUs, the cluster has {cluster.num_gpus}")
+    one_node = used <= cluster.gpus_per_node
+    gbs = cluster.intra_node_gbs if one_node else cluster.inter_node_gbs
+    return Placement(
+        prefill=placement.prefill,
+        decode=placement.decode,
+        colocated=placement.colocated,
+        kv_transfer_ms_per_token=transfer_ms_per_token(kv_bytes_per_token, gbs),
+        node_contention=contention,
+    )
+
+
+def rate_rows(
+    placement: Placement, workload: Workload, slo: SLO, rates: list[float], seed: int = 0
+) -> list[dict]:
+    """Per rate: joint attainment and P50 / P90 TTFT and TPOT (ms) of the simulated requests."""
+    rows = []
+    for rate in rates:
+        results = simulate(placement, workload.sample(rate, seed))
+        ttft = [r.ttft_ms for r in results]
+        tpot = [r.tpot_ms for r in results if math.isfinite(r.tpot_ms)] or [0.0]
+        rows.append({
+            "rate": rate, "attainment": attainment(results, slo),
+            "p50_ttft_ms": float(np.percentile(ttft, 50)),
+            "p90_ttft_ms": float(np.percentile(ttft, 90)),
+            "p50_tpot_ms": float(np.percentile(tpot, 50)),
+            "p90_tpot_ms": float(np.percentile(tpot, 90)),
+        })  # fmt: skip
+    return rows
+
+
+def rate_table(rows: list[dict]) -> str:
+    lines = [
+        "| rate req/s | attainment | P50 TTFT ms | P90 TTFT ms | P50 TPOT ms | P90 TPOT ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['rate']:g} | {r['attainment']:.3f} | {r['p50_ttft_ms']:.0f} | "
+        f"{r['p90_ttft_ms']:.0f} | {r['p50_tpot_ms']:.1f} | {r['p90_tpot_ms']:.1f} |"
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_source_args(parser)
+    add_workload_args(parser)
+    parser.add_argument("--prefill", help="TPxPP:COUNT prefill instances")
+    parser.add_argument("--decode", help="TPxPP:COUNT decode instances")
+    parser.add_argument("--colocated", help="TPxPP:COUNT colocated instances")
+    parser.add_argument("--chunked-prefill", action="store_true", help="colocated, Sarathi-style")
+    parser.add_argument("--max-batch-tokens", type=int, default=2048)
+    parser.add_argument("--max-batch-size", type=int, default=128)
+    parser.add_argument("--node-contention", type=float, help="default: the profile's")
+    parser.add_argument("--rates", type=float, nargs="*", default=[], help="req/s to report")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    cluster = cluster_from(args)
+    profile = profile_from(args, cluster)
+    kv_bytes = ModelSpec.from_config(model_path(args), args.dtype).kv_bytes_per_token
+    try:
+        placement = placement_from(args, profile, cluster, kv_bytes)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    workload, slo = workload_from(args), slo_from(args)
+    if args.rates:
+        print(rate_table(rate_rows(placement, workload, slo, args.rates, args.seed)))
+    found = goodput(placement, workload, slo, args.attainment, args.seed)
+    print(
+        f"goodput: {found.rate:.3f} req/s ({found.rate / placement.num_gpus:.3f} per GPU) at "
+        f"attainment >= {args.attainment} of TTFT <= {slo.ttft_ms:g} ms and TPOT <= "
+        f"{slo.tpot_ms:g} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""`python -m placement plan | simulate`: argument parsing, rate targets, and both commands run
+end to end on a 13B config (no weights) and on the synthetic profile of test_optimizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from placement import plan, simulate
+from placement.__main__ import main as placement_main
+from placement.cli_args import parse_lengths
+from placement.optimizer import meet_rate, optimize
+from placement.simulate import parse_instance
+from placement.simulator import Placement, goodput
+from tests.test_analytic import LLAMA_13B, _write
+from tests.test_optimizer import CHEAP, make_search
+
+pytestmark = pytest.mark.unit
+
+
+def test_workload_and_instance_specs_parse_or_say_what_is_wrong():
+    assert parse_lengths("512:64") == (512, 64)
+    assert parse_lengths("100-900:32-128") == ((100, 900), (32, 128))
+    for bad in ("512", "512:x", "9-3:64", "0:64"):
+        with pytest.raises(ValueError, match="workload"):
+            parse_lengths(bad)
+    assert parse_instance("2x1:3") == (2, 1, 3) and parse_instance("1x2") == (1, 2, 1)
+    for bad in ("2x:1", "0x1:1", "1x1:0", "tp2"):
+        with pytest.raises(ValueError, match="TPxPP:COUNT"):
+            parse_instance(bad)
+
+
+def test_meet_rate_takes_the_fewest_gpus_that_reach_it_else_replicates_the_best():
+    search = make_search([CHEAP], gpus=8)
+    candidates = optimize(search)
+    best = candidates[0]
+    low = meet_rate(candidates, search, best.goodput_rps / 4)
+    assert low.goodput_rps >= best.goodput_rps / 4
+    assert low.num_gpus == min(c.num_gpus for c in candidates if c.goodput_rps >= low.goodput_rps)
+    top = max(c.goodput_rps for c in candidates)
+    more = meet_rate(candidates, search, 1.2 * top)  # beyond every candidate: replicated
+    assert more.goodput_rps >= 1.2 * top and more.num_gpus <= 8
+    assert more.num_gpus % best.num_gpus == 0
+    with pytest.raises(ValueError, match="more than 8 GPUs"):
+        meet_rate(candidates, search, 100 * top)
+
+
+def test_plan_from_a_device_spec_writes_a_config_and_meets_the_rate(tmp_path, capsys):
+    model = _write(tmp_path, LLAMA_13B)
+    out, rep = tmp_path / "serve.yaml", tmp_path / "plan.json"
+    argv = [
+        "plan", "--device", "A100-80GB", "--model", str(model), "--cluster", "1x4",
+        "--workload", "512:64", "--ttft-slo", "400", "--tpot-slo", "60", "--num-requests", "60",
+        "--rate", "12", "-o", str(out), "--report", str(rep),
+    ]  # fmt: skip
+    placement_main(argv)
+    report = json.loads(rep.read_text())
+    chosen = report["chosen_for_rate"]
+    assert chosen["rate"] == 12 and "for 12.0 req/s" in capsys.readouterr().out
+    args = yaml.safe_load(out.read_text())["applications"][0]["args"]
+    assert args["model"] == str(tmp_path)  # the directory serve run loads
+    replicas = sum(
+        args[p]["num_replicas"] * args[p]["engine"]["tensor_parallel_size"]
+        * args[p]["engine"]["pipeline_parallel_size"]
+        for p in ("prefill", "decode", "colocated") if p in args
+    )  # fmt: skip
+    assert 1 <= replicas <= 4
+    best = report["candidates"][0]
+    assert best["goodput_rps"] > 0 and best["p90_ttft_ms"] <= 400 * 1.01  # 90% meet it
+    assert max(c["gpus"] for c in report["candidates"]) <= 4  # nothing beyond the cluster
+
+
+def test_plan_refuses_a_rate_the_cluster_cannot_serve(tmp_path):
+    model = _write(tmp_path, LLAMA_13B)
+    argv = [
+        "--device", "A100-80GB", "--model", str(model), "--cluster", "1x2", "--ttft-slo", "400",
+        "--tpot-slo", "60", "--num-requests", "40", "--rate", "10000", "-o",
+        str(tmp_path / "x.yaml"),
+    ]  # fmt: skip
+    with pytest.raises(SystemExit, match="more than 2 GPUs"):
+        plan.main(argv)
+
+
+def test_simulate_reports_the_same_goodput_as_the_simulator(tmp_path, capsys):
+    profile = tmp_path / "p.yaml"
+    make_search([CHEAP]).profile.save(profile)
+    model = _write(tmp_path, LLAMA_13B)
+    common = [
+        "--profile", str(profile), "--model", str(model), "--cluster", "1x3",
+        "--workload", "100:20", "--ttft-slo", "300", "--tpot-slo", "8", "--num-requests", "150",
+    ]  # fmt: skip
+    simulate.main([*common, "--prefill", "1x1:2", "--decode", "1x1:1", "--rates", "5", "50"])
+    printed = capsys.readouterr().out
+    search = make_search([CHEAP])
+    spec = search.spec(CHEAP)
+    from dataclasses import replace
+
+    expected = goodput(
+        Placement(prefill=replace(spec, count=2, max_batch_size=128), decode=spec,
+                  kv_transfer_ms_per_token=search.transfer_ms_per_token(300.0)),
+        search.workload, search.slo, 0.9,
+    )  # fmt: skip
+    assert f"goodput: {expected.rate:.3f} req/s" in printed
+    assert "| 5 | 1.000 |" in printed  # far below the goodput: every request meets both SLOs
+    with pytest.raises(SystemExit, match="not both"):
+        simulate.main([*common, "--colocated", "1x1:1", "--prefill", "1x1:1"])
+    with pytest.raises(SystemExit, match="no entry for tp=2"):
+        simulate.main([*common, "--colocated", "2x1:1"])
+
+
+def test_unknown_command_shows_the_commands():
+    with pytest.raises(SystemExit, match="plan"):
+        placement_main(["deploy"])

@@ -52,6 +52,7 @@ def test_disaggregation_beats_colocation_when_prefills_stall_decodes():
 def test_low_affinity_pairs_share_pp_and_fit_in_a_node():
     tp2 = Entry(2, 1, Coefficients(0.0, 0.6, 0.0), Coefficients(4.0, 0.0, 0.4), 10**6)
     pp2 = Entry(1, 2, Coefficients(0.0, 0.5, 0.0), Coefficients(3.0, 0.0, 0.3), 10**6)
+
     def layouts(search: Search) -> set:
         return {
             (

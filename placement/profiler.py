@@ -1,6 +1,8 @@
 """Profile the engine on this device and fit the latency model.
 
-    python -m placement.profiler --out profiles/smollm2-cpu.yaml [--threads 1] [--quick]
+    python -m placement profile --out profiles/smollm2-cpu.yaml [--threads 1] [--quick]
+    python -m placement profile --out served.yaml --base profiles/smollm2-cpu.yaml \
+        --from-steps RUN/steps/disagg-1p1d RUN/steps/coloc-2 ...
 
 Prefill: one step over a batch of prompts for each (batch size, prompt length) in the grid.
 Decode: requests prefilled to a context length, then the median of a few decode steps, for each
@@ -10,6 +12,11 @@ error of each fit is reported next to the profile.
 Node contention: with `--contention-neighbours N` (default 1) the same prefill and decode steps
 are then timed with N neighbour engines paused and computing, alternately; the slowdown per
 neighbour goes into the profile as `node_contention` for the simulator.
+
+`--from-steps DIR ...` measures nothing: it fits the profile to a running server's own steps
+(the step traces bench.experiment writes, placement/step_traces.py), coefficients and node
+contention included, keeping the rest (model, KV capacity) from `--base`. That profile carries
+what the serving processes cost on this machine, which a solo engine never sees.
 
 `--co-load N` runs N other engines (same threads each) doing back-to-back 512-token prefills
 in separate processes while measuring: the step times an engine sees when its neighbours on
@@ -187,6 +194,11 @@ def measure_contention(engine: LLMEngine, run, neighbours: int, rng, rounds: int
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--from-steps", nargs="+", metavar="DIR",
+        help="fit to these step-trace directories (one server's replicas each) instead",
+    )  # fmt: skip
+    parser.add_argument("--base", help="with --from-steps: the profile to take the rest from")
     parser.add_argument("--model", default=None, help="local HF directory (default: embedded)")
     parser.add_argument("--model-name", default="smollm2-135m")
     parser.add_argument("--threads", type=int, default=1)
@@ -198,6 +210,9 @@ def main(argv: list[str] | None = None) -> None:
         help="neighbour engines for the node-contention measurement (0: skip, contention 0)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.from_steps:
+        served_profile(args.from_steps, args.base, args.out)
+        return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     grid = QUICK_GRID if args.quick else FULL_GRID
@@ -226,6 +241,32 @@ def main(argv: list[str] | None = None) -> None:
         f"decode {100 * report.decode_rms_rel_error:.1f}% over {report.num_decode_points}; "
         f"node contention {contention:.3f} per busy neighbour"
     )
+
+
+def served_profile(trace_dirs: list[str], base_path: str | None, out: str) -> Profile:
+    """Write the profile fitted to the step traces in `trace_dirs` (see the module doc)."""
+    from pathlib import Path
+
+    from placement.step_traces import fit_traces
+
+    if base_path is None:
+        raise SystemExit("--from-steps needs --base PROFILE (model, KV capacity)")
+    base = Profile.load(base_path)
+    missing = [d for d in trace_dirs if not any(Path(d).glob("*.jsonl"))]
+    if missing:
+        raise SystemExit(f"no step traces (*.jsonl) in {', '.join(missing)}")
+    fitted = fit_traces([Path(d) for d in trace_dirs], base.entry(1, 1))
+    if fitted is None:
+        raise SystemExit("the traces hold fewer than 3 pure prefill or decode steps")
+    entry, contention, fit = fitted
+    profile = Profile(base.model, f"{base.device} (served)", [entry], contention)
+    profile.save(out)
+    print(
+        f"wrote {out} from {fit['prefill_steps']} prefill and {fit['decode_steps']} decode "
+        f"steps: prefill fit RMS relative error {100 * fit['prefill_rms']:.1f}%, decode "
+        f"{100 * fit['decode_rms']:.1f}%; node contention {contention:.3f} per busy neighbour"
+    )
+    return profile
 
 
 if __name__ == "__main__":

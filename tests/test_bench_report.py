@@ -214,7 +214,7 @@ def test_step_entry_recovers_the_node_contention_of_two_replicas(tmp_path):
 
 
 def test_shared_ms_splits_a_step_by_how_many_neighbours_ran():
-    from bench.report import _shared_ms
+    from placement.step_traces import _shared_ms
 
     step = {"start_s": 10.0, "duration_ms": 100.0}  # 10.00 .. 10.10
     others = [
@@ -228,7 +228,7 @@ def test_shared_ms_splits_a_step_by_how_many_neighbours_ran():
 
 
 def test_busy_gaps_are_the_loop_time_between_back_to_back_steps():
-    from bench.report import _busy_gaps_ms
+    from placement.step_traces import _busy_gaps_ms
 
     steps = [  # 10 ms steps; 2 ms and 3 ms gaps while busy, then an idle second
         {"start_s": 1.000, "duration_ms": 10.0},

@@ -1,0 +1,71 @@
+"""A profile fitted to a server's own step traces, pooled over runs (placement profile
+--from-steps): known coefficients come back, and the written profile plans like any other."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from placement.latency_model import Coefficients, Entry, Profile
+from placement.profiler import served_profile
+from placement.step_traces import fit_traces
+
+pytestmark = pytest.mark.unit
+
+PRE, DEC = Coefficients(90.0, 3.0, 0.002), Coefficients(80.0, 0.01, 4.0)
+BASE = Entry(1, 1, Coefficients(1, 1, 0), Coefficients(1, 0, 1), 4321)
+
+
+def _steps(prefills: list[list[int]], decodes: list[list[int]]) -> list[dict]:
+    lines = [
+        {"duration_ms": PRE.a + PRE.b * sum(x) + PRE.c * sum(n * n for n in x),
+         "prefill_lens": x, "decode_contexts": []}
+        for x in prefills
+    ] + [
+        {"duration_ms": DEC.a + DEC.b * sum(c) + DEC.c * len(c), "prefill_lens": [],
+         "decode_contexts": c}
+        for c in decodes
+    ]  # fmt: skip
+    for i, line in enumerate(lines):  # one replica, steps 1 s apart: no overlap, no idle gap
+        line["start_s"] = 1000.0 + i
+    return lines
+
+
+def _run(tmp_path, name: str, steps: list[dict]):
+    run = tmp_path / name
+    run.mkdir()
+    (run / "replica-1.jsonl").write_text("\n".join(json.dumps(s) for s in steps))
+    return run
+
+
+def test_runs_pool_into_one_fit_that_neither_run_could_make_alone(tmp_path):
+    # each run alone has too few decode or prefill steps; together they recover both models
+    one = _run(tmp_path, "one", _steps([[512], [100, 200], [300], [1000]], [[600]]))
+    two = _run(tmp_path, "two", _steps([[64, 64, 64]], [[600, 700, 800], [100] * 8, [2000, 10]]))
+    assert fit_traces([one], BASE) is None and fit_traces([two], BASE) is None
+    entry, contention, fit = fit_traces([one, two], BASE)
+    for got, want in ((entry.prefill, PRE), (entry.decode, DEC)):
+        assert [got.a, got.b, got.c] == pytest.approx([want.a, want.b, want.c], rel=1e-6)
+    assert (fit["prefill_steps"], fit["decode_steps"]) == (5, 4) and contention == 0.0
+
+
+def test_served_profile_keeps_the_base_and_says_what_is_missing(tmp_path):
+    base = tmp_path / "base.yaml"
+    Profile("smollm2-135m", "cpu-1thread", [BASE], 0.02).save(base)
+    run = _run(
+        tmp_path, "run",
+        _steps([[512], [100, 200], [300], [1000]], [[600, 700, 800], [100] * 8, [2000, 10]]),
+    )  # fmt: skip
+    out = tmp_path / "served.yaml"
+    served_profile([str(run)], str(base), str(out))
+    loaded = Profile.load(out)
+    assert loaded.model == "smollm2-135m" and loaded.device == "cpu-1thread (served)"
+    entry = loaded.entry(1, 1)
+    assert entry.kv_capacity_tokens == 4321  # from the base
+    assert entry.decode.c == pytest.approx(DEC.c, rel=1e-6)
+    assert loaded.node_contention == 0.0  # fitted, not the base's 0.02
+    with pytest.raises(SystemExit, match="needs --base"):
+        served_profile([str(run)], None, str(out))
+    with pytest.raises(SystemExit, match="no step traces"):
+        served_profile([str(tmp_path / "empty")], str(base), str(out))

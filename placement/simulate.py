@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from dataclasses import replace
 
 import numpy as np
 
@@ -71,10 +72,8 @@ def placement_from(
         raise ValueError(f"the placement uses {used} GPUs, the cluster has {cluster.num_gpus}")
     one_node = used <= cluster.gpus_per_node
     gbs = cluster.intra_node_gbs if one_node else cluster.inter_node_gbs
-    return Placement(
-        prefill=placement.prefill,
-        decode=placement.decode,
-        colocated=placement.colocated,
+    return replace(
+        placement,
         kv_transfer_ms_per_token=transfer_ms_per_token(kv_bytes_per_token, gbs),
         node_contention=contention,
     )

@@ -147,8 +147,9 @@ class AppArgs(_Strict):
     device: str = "cpu"
     max_model_len: int | None = Field(None, ge=2)
     # shm: prefill and decode replicas on one node (CPU); object_store: any placement;
-    # cuda_ipc: GPU replicas on one node (CUDA IPC through CuPy)
-    kv_transport: Literal["shm", "object_store", "cuda_ipc"] = "shm"
+    # cuda_ipc: GPU replicas on one node (CUDA IPC through CuPy); gloo (CPU) and nccl (GPU,
+    # two GPUs): the decode replica pulls the KV from the prefill replica, any placement
+    kv_transport: Literal["shm", "object_store", "cuda_ipc", "gloo", "nccl"] = "shm"
     ingress: IngressArgs = IngressArgs()
     prefill: PhaseArgs = PhaseArgs()
     decode: PhaseArgs = PhaseArgs()
@@ -164,8 +165,14 @@ class AppArgs(_Strict):
 
     @model_validator(mode="after")
     def _transport_fits_device(self) -> AppArgs:
-        if self.kv_transport == "cuda_ipc" and not self.device.startswith("cuda"):
-            raise ValueError("kv_transport cuda_ipc moves GPU caches: set device: cuda")
+        on_gpu = self.device.startswith("cuda")
+        if self.kv_transport in ("cuda_ipc", "nccl") and not on_gpu:
+            raise ValueError(f"kv_transport {self.kv_transport} moves GPU caches: set device: cuda")
+        if self.kv_transport == "gloo" and on_gpu:
+            raise ValueError(
+                "kv_transport gloo moves CPU caches; with device cuda use cuda_ipc (one node), "
+                "nccl (two GPUs, any nodes) or object_store"
+            )
         return self
 
     @model_validator(mode="after")

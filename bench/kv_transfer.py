@@ -4,7 +4,8 @@
                                 [--transports shm,object_store] [--device cpu]
 
 On a GPU machine: `--device cuda --transports cuda_ipc,object_store` (both actors share the
-GPU, half each; the decode step is then the engine's on that GPU).
+GPU, half each; the decode step is then the engine's on that GPU); `nccl` takes one GPU per
+actor (two GPUs). On CPUs `gloo` too: the receiver pulls over a gloo pair.
 
 Two Ray actors on a private local cluster hold KV caches shaped like the default model's
 (30 layers, 3 KV heads, head_dim 64, fp32, 16-token blocks). Per request: the sender packs the
@@ -102,15 +103,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--transports", default="shm,object_store")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the caches' device)")
     args = parser.parse_args(argv)
-    gpus = 1 if args.device.startswith("cuda") else 0
+    gpus = torch.cuda.device_count() if args.device.startswith("cuda") else 0
     contexts = [int(c) for c in args.contexts.split(",")]
     rows = []
     with tempfile.TemporaryDirectory(prefix="ray-") as tmp:
         ray.init(address="local", num_cpus=2, num_gpus=gpus, include_dashboard=False, _temp_dir=tmp)
         try:
             for transport in args.transports.split(","):
+                share = 1 if transport == "nccl" else 0.5  # NCCL: one GPU per rank
                 sender, receiver = (
-                    Replica.options(num_gpus=gpus / 2).remote(transport, args.device)
+                    Replica.options(num_gpus=share if gpus else 0).remote(transport, args.device)
                     for _ in range(2)
                 )
                 rows += measure(sender, receiver, transport, contexts, args.repeats)

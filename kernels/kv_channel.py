@@ -16,8 +16,11 @@ Transports:
 - `cuda_ipc` (same node, GPU caches): pooled device buffers shared by CUDA IPC handles
   (cuda_ipc_transport.py, CuPy); the receiver scatters device to device, on the same GPU or a
   peer GPU. When the pool is full of unread transfers, a send falls back to the object store.
-Not implemented: an NCCL transport (GPUs without peer access, or across nodes over
-InfiniBand); across nodes the object store moves GPU KV through host memory.
+- `gloo` (CPU caches, any nodes) and `nccl` (GPU caches on two GPUs, any nodes; CuPy's NCCL):
+  the sender stages the packed blocks and the receiver pulls them over a two-rank communicator
+  of the pair (p2p_transport.py): across nodes the bytes go straight between the two
+  processes, not through Ray's object store. When the staging cap is reached, a send falls
+  back to the object store.
 
 Receiver protocol: `view = channel.open(t)`, scatter `view` into the cache, then
 `channel.finish(t)` (raises TransferExpired if the bytes changed underneath); or
@@ -26,6 +29,7 @@ Receiver protocol: `view = channel.open(t)`, scatter `view` into the cache, then
 
 from __future__ import annotations
 
+import asyncio
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -33,11 +37,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kernels import cuda_ipc_transport, ref_keeper
+from kernels import cuda_ipc_transport, p2p_transport, ref_keeper
 from kernels.kv_blocks import pack_blocks
 from kernels.shm_transport import ShmLocation, ShmReceiver, ShmSender, TransferExpired
 
-TRANSPORTS = ("shm", "object_store", "cuda_ipc")
+TRANSPORTS = ("shm", "object_store", "cuda_ipc", "gloo", "nccl")
+_PULLED = ("gloo", "nccl")  # the receiver pulls over the pair's communicator
 __all__ = ["TRANSPORTS", "KVChannel", "KVTransfer", "TransferExpired"]
 
 
@@ -48,8 +53,8 @@ class KVTransfer:
     transport: str
     shape: tuple[int, ...]  # (L, 2, n_blocks, bs, Hkv, D)
     dtype: str
-    # [ObjectRef, RefKeeper handle] (nested: passed by reference), [ShmLocation] or
-    # [CudaIpcLocation]
+    # [ObjectRef, RefKeeper handle] (nested: passed by reference), [ShmLocation],
+    # [CudaIpcLocation] or [P2PLocation]
     payload: list = field(repr=False)
     send_ms: float = 0.0
 
@@ -80,6 +85,10 @@ class KVChannel:
             raise ValueError(
                 "kv_transport cuda_ipc needs CuPy and a CUDA device (pip install -e '.[gpu]')"
             )
+        if transport == "nccl" and not p2p_transport.nccl_available():
+            raise ValueError(
+                "kv_transport nccl needs CuPy with NCCL and a CUDA device (pip install -e '.[gpu]')"
+            )
         self.transport = transport
         self.node_id = node_id
         self._sender: ShmSender | None = None
@@ -87,6 +96,8 @@ class KVChannel:
         self._gpu_sender: cuda_ipc_transport.CudaIpcSender | None = None
         self._gpu_receiver: cuda_ipc_transport.CudaIpcReceiver | None = None
         self._keeper = None  # RefKeeper actor, started with the first object-store send
+        self._p2p_sender: p2p_transport.P2PSender | None = None
+        self._p2p_receiver: p2p_transport.P2PReceiver | None = None
 
     # ---- sender -------------------------------------------------------------------------------
 
@@ -98,22 +109,40 @@ class KVChannel:
             loc = self._sender.send(buffer)
             if loc is not None:
                 return KVTransfer("shm", shape, dtype, [loc], _ms_since(t0))
+        if self.transport in _PULLED and buffer.is_cuda == (self.transport == "nccl"):
+            loc = self._stage(buffer.clone())  # the caller may reuse its buffer
+            if loc is not None:
+                return KVTransfer(self.transport, shape, dtype, [loc], _ms_since(t0))
         if self.transport == "cuda_ipc" and buffer.is_cuda:
             raw = buffer.contiguous().view(torch.uint8).view(-1)
             loc = self._gpu().send_with(raw.numel(), buffer.device.index, lambda d: d.copy_(raw))
             if loc is not None:
                 return KVTransfer("cuda_ipc", shape, dtype, [loc], _ms_since(t0))
+        return self._via_object_store(buffer, t0)
+
+    def _via_object_store(self, buffer: torch.Tensor, t0: float) -> KVTransfer:
         import ray
 
         # bf16 has no numpy dtype: ship raw bytes and reinterpret on arrival
         raw = buffer.contiguous().cpu()
         array = raw.view(torch.uint8).numpy() if raw.dtype == torch.bfloat16 else raw.numpy()
         ref = ray.put(array)
+        shape, dtype = tuple(buffer.shape), str(buffer.dtype)
         return KVTransfer("object_store", shape, dtype, [ref, self._hold(ref)], _ms_since(t0))
 
     async def num_kept(self) -> int:
-        """Object-store transfers this sender's keeper still holds (not yet released)."""
-        return 0 if self._keeper is None else await self._keeper.num_held.remote()
+        """Transfers this sender still holds for a receiver: object-store refs in its keeper,
+        staged point-to-point transfers (shm and CUDA IPC buffers are reused instead)."""
+        staged = 0 if self._p2p_sender is None else len(self._p2p_sender.staged)
+        return staged + (0 if self._keeper is None else await self._keeper.num_held.remote())
+
+    def _stage(self, packed: torch.Tensor) -> p2p_transport.P2PLocation | None:
+        """Hold a packed buffer for the receiver's pull; None when the staging cap is reached."""
+        if packed.is_cuda:  # the gather ran on torch's stream; NCCL sends from its own
+            torch.cuda.current_stream(packed.device).synchronize()
+        if self._p2p_sender is None:
+            self._p2p_sender = p2p_transport.P2PSender(_backend(self.transport, packed.device))
+        return self._p2p_sender.send(packed)
 
     def _hold(self, ref):
         """Hand `ref` to this channel's keeper until the receiver releases it; -> the keeper."""
@@ -126,6 +155,8 @@ class KVChannel:
         gather writes into the shared segment, so the KV is copied once, not twice."""
         if self.transport == "cuda_ipc" and kv_cache.is_cuda:
             return self._send_blocks_gpu(kv_cache, block_ids)
+        if self.transport in _PULLED:
+            return self._send_blocks_p2p(kv_cache, block_ids)
         if self.transport != "shm" or kv_cache.is_cuda:
             return self.send(pack_blocks(kv_cache, block_ids))
         t0 = time.perf_counter()
@@ -141,6 +172,17 @@ class KVChannel:
         if loc is None:  # pool full of unread transfers
             return self.send(pack_blocks(kv_cache, block_ids))
         return KVTransfer("shm", shape, str(kv_cache.dtype), [loc], _ms_since(t0))
+
+    def _send_blocks_p2p(self, kv_cache: torch.Tensor, block_ids: list[int]) -> KVTransfer:
+        """The gather's output is staged as it is: one copy of the KV on the sending side."""
+        t0 = time.perf_counter()
+        packed = pack_blocks(kv_cache, block_ids)
+        if kv_cache.is_cuda == (self.transport == "nccl"):
+            loc = self._stage(packed)
+            if loc is not None:
+                shape, dtype = tuple(packed.shape), str(packed.dtype)
+                return KVTransfer(self.transport, shape, dtype, [loc], _ms_since(t0))
+        return self._via_object_store(packed, t0)  # staging full, or the other kind of device
 
     def _gpu(self) -> cuda_ipc_transport.CudaIpcSender:
         self._gpu_sender = self._gpu_sender or cuda_ipc_transport.CudaIpcSender(self.node_id)
@@ -173,6 +215,8 @@ class KVChannel:
                     f"{self.node_id}; use kv_transport: object_store across nodes"
                 )
             return _as_packed(self._receiver.view(loc, transfer.nbytes), transfer)
+        if transfer.transport in _PULLED:
+            return _as_packed(self._puller(transfer.transport).pull(transfer.payload[0]), transfer)
         if transfer.transport == "cuda_ipc":
             self._gpu_receiver = self._gpu_receiver or cuda_ipc_transport.CudaIpcReceiver()
             return _as_packed(
@@ -186,7 +230,14 @@ class KVChannel:
         """open() for async callers: an object-store fetch is awaited, not blocked on."""
         if transfer.transport == "object_store":
             return self._wrap(await transfer.payload[0], transfer)
+        if transfer.transport in _PULLED:  # a blocking receive: off the event loop
+            return await asyncio.to_thread(self.open, transfer)
         return self.open(transfer)
+
+    def _puller(self, transport: str) -> p2p_transport.P2PReceiver:
+        if self._p2p_receiver is None:
+            self._p2p_receiver = p2p_transport.P2PReceiver(_backend(transport, None))
+        return self._p2p_receiver
 
     @staticmethod
     def _wrap(array, transfer: KVTransfer) -> torch.Tensor:
@@ -203,8 +254,9 @@ class KVChannel:
         elif transfer.transport == "cuda_ipc" and self._gpu_receiver is not None:
             self._gpu_receiver.check(transfer.payload[0])
             self._gpu_receiver.release(transfer.payload[0])
-        else:
+        elif transfer.transport == "object_store":
             _release_kept(transfer)
+        # pulled transports: the bytes are this process's own since open()
 
     def discard(self, transfer: KVTransfer) -> None:
         if transfer.transport == "shm":
@@ -212,6 +264,8 @@ class KVChannel:
         elif transfer.transport == "cuda_ipc":
             # releasing needs only the host header: no device mapping to open for a drop
             self._receiver.release(transfer.payload[0].header)
+        elif transfer.transport in _PULLED:
+            self._puller(transfer.transport).drop(transfer.payload[0])
         else:
             _release_kept(transfer)
 
@@ -222,9 +276,18 @@ class KVChannel:
         return copy
 
     def close(self) -> None:
-        for end in (self._sender, self._gpu_sender, self._gpu_receiver):
+        ends = (self._sender, self._gpu_sender, self._gpu_receiver)
+        for end in (*ends, self._p2p_sender, self._p2p_receiver):
             if end is not None:
                 end.close()
+
+
+def _backend(transport: str, device: torch.device | None):
+    """The pair's communicator kind; a receiver's NCCL end lives on its current device."""
+    if transport == "nccl":
+        index = device.index if device is not None else None
+        return p2p_transport.Nccl(torch.cuda.current_device() if index is None else index)
+    return p2p_transport.Gloo()
 
 
 def _release_kept(transfer: KVTransfer) -> None:

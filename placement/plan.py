@@ -30,7 +30,7 @@ from placement.cli_args import (
     slo_from,
     workload_from,
 )
-from placement.hardware import ModelSpec
+from placement.hardware import DEVICES, ModelSpec
 from placement.optimizer import Candidate, Search, meet_rate, optimize, table
 from placement.simulator import SLO
 
@@ -80,7 +80,7 @@ def serve_config(
             mode="disaggregated",
             prefill=phase(p.prefill, "prefill"),
             decode=phase(p.decode, "decode"),
-            kv_transport="shm" if search.cluster.num_nodes == 1 else "object_store",
+            kv_transport=_kv_transport(args.get("device", "cpu"), search.cluster.num_nodes),
         )
     return {
         "proxy_location": "HeadOnly",
@@ -94,6 +94,14 @@ def serve_config(
             }
         ],
     }
+
+
+def _kv_transport(device: str, num_nodes: int) -> str:
+    """One node: shared memory (CPU) or CUDA IPC (GPU, the same or a peer GPU); across nodes
+    the decode replica pulls over NCCL (GPU) or the object store moves it (CPU)."""
+    if device.startswith("cuda"):
+        return "cuda_ipc" if num_nodes == 1 else "nccl"
+    return "shm" if num_nodes == 1 else "object_store"
 
 
 def _autoscaling(spec, phase: str, slo: SLO, factor: float) -> dict:
@@ -189,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"for {args.rate} req/s: {chosen.describe()} ({chosen.goodput_rps:.2f} req/s)")
         result["chosen_for_rate"] = {"rate": args.rate, "placement": chosen.describe()}
     base = {} if args.model == "default" else {"model": str(_model_dir(model))}
+    # planned for GPUs (a device spec, or a profile built from one): serve on GPUs
+    if args.device or search.profile.device.removesuffix(" (roofline)") in DEVICES:
+        base.update(device="cuda", dtype=args.dtype)
     config = serve_config(chosen, search, base, threads=args.threads, autoscale=args.autoscale)
     Path(args.out).write_text(yaml.safe_dump(config, sort_keys=False))
     print(f"wrote {args.out}")

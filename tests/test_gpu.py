@@ -1,6 +1,6 @@
-"""GPU serving: the Serve resources a GPU config asks for (runs anywhere), and the engine and
-the CUDA IPC KV transport on a real GPU (skipped without CUDA and CuPy; `make gpu-check` runs
-them on a GPU machine)."""
+"""GPU serving: the Serve resources a GPU config asks for (runs anywhere), and the engine, the
+CUDA IPC KV transport (one GPU) and the NCCL KV transport (two GPUs) on real GPUs (skipped
+without CUDA and CuPy; `make gpu-check` runs them on a GPU machine)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,18 @@ from pydantic import ValidationError
 
 from app.builder import deployment_options
 from app.config import AppArgs
-from kernels import cuda_ipc_transport
+from kernels import cuda_ipc_transport, p2p_transport
 
 needs_cuda = pytest.mark.skipif(
     not (torch.cuda.is_available() and cuda_ipc_transport.available()),
     reason="needs a CUDA device and CuPy (pip install -e '.[gpu]')",
+)
+
+
+# NCCL refuses two ranks on one GPU
+needs_two_gpus = pytest.mark.skipif(
+    not (torch.cuda.device_count() >= 2 and p2p_transport.nccl_available()),
+    reason="needs two CUDA devices and CuPy with NCCL",
 )
 
 
@@ -44,6 +51,10 @@ def test_gpu_configs_reserve_gpus_for_whoever_holds_the_model():
     assert "num_gpus" not in cpu["ray_actor_options"]
     with pytest.raises(ValidationError, match="cuda_ipc"):
         AppArgs(kv_transport="cuda_ipc")  # device cpu
+    with pytest.raises(ValidationError, match="nccl moves GPU caches"):
+        AppArgs(kv_transport="nccl")
+    with pytest.raises(ValidationError, match="gloo moves CPU caches"):
+        AppArgs(kv_transport="gloo", device="cuda")
 
 
 @pytest.mark.unit
@@ -54,6 +65,9 @@ def test_cuda_ipc_without_cupy_or_a_gpu_is_a_clear_error():
         pytest.skip("this machine has CuPy and a GPU")
     with pytest.raises(ValueError, match="CuPy and a CUDA device"):
         KVChannel("cuda_ipc")
+    if not p2p_transport.nccl_available():
+        with pytest.raises(ValueError, match="CuPy with NCCL and a CUDA device"):
+            KVChannel("nccl")
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +77,7 @@ def gpu_cluster(tmp_path_factory):
     ray.init(
         address="local",
         num_cpus=2,
-        num_gpus=1,
+        num_gpus=max(1, torch.cuda.device_count()),
         include_dashboard=False,
         _temp_dir=str(tmp_path_factory.mktemp("ray")),
     )
@@ -74,18 +88,18 @@ def gpu_cluster(tmp_path_factory):
 SHAPE = (3, 2, 10, 4, 2, 8)  # (L, 2, blocks, bs, Hkv, D)
 
 
-def _sender_class():
+def _sender_class(transport: str = "cuda_ipc", num_gpus: float = 0.5):
     import ray
 
     from kernels.kv_channel import KVChannel
 
-    @ray.remote(num_cpus=0, num_gpus=0.5)
+    @ray.remote(num_cpus=0, num_gpus=num_gpus)
     class Sender:
         def __init__(self, dtype: str) -> None:
             g = torch.Generator().manual_seed(0)
             cache = torch.randn(*SHAPE, generator=g).to(getattr(torch, dtype))
             self.cache = cache.cuda()
-            self.channel = KVChannel("cuda_ipc")
+            self.channel = KVChannel(transport)
 
         def send(self, blocks: list[int]):
             return self.channel.send_blocks(self.cache, blocks)
@@ -121,6 +135,50 @@ def test_cuda_ipc_moves_blocks_bit_exactly_between_processes(gpu_cluster, dtype)
     with pytest.raises(TransferExpired):  # the first transfer's buffer was reused
         receiver.open(first)
     receiver.close()
+
+
+def _receiver_class():
+    import ray
+
+    from kernels.kv_blocks import unpack_blocks
+    from kernels.kv_channel import KVChannel
+
+    @ray.remote(num_cpus=0, num_gpus=1)
+    class Receiver:
+        def __init__(self) -> None:
+            self.channel = KVChannel("nccl")
+
+        def receive(self, transfer, dst: list[int], dtype: str) -> torch.Tensor:
+            cache = torch.zeros(3, 2, 6, 4, 2, 8, dtype=getattr(torch, dtype), device="cuda")
+            unpack_blocks(cache, dst, self.channel.open(transfer))
+            self.channel.finish(transfer)
+            assert not cache[:, :, [2, 3, 5]].any()
+            return cache[:, :, dst].cpu()
+
+        def discard(self, transfer) -> None:
+            self.channel.discard(transfer)
+
+    return Receiver
+
+
+@pytest.mark.gpu
+@needs_two_gpus
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_nccl_moves_blocks_bit_exactly_between_two_gpus(gpu_cluster, dtype):
+    import ray
+
+    sender = _sender_class("nccl", num_gpus=1).remote(dtype)
+    receiver = _receiver_class().remote()
+    src, dst = [7, 2, 5], [4, 0, 1]
+    for _ in range(3):  # the pair's communicator is set up once, then reused
+        transfer = ray.get(sender.send.remote(src))
+        assert transfer.transport == "nccl"
+        got = ray.get(receiver.receive.remote(transfer, dst, dtype))
+        assert torch.equal(got, ray.get(sender.blocks.remote(src)))
+    dropped = ray.get(sender.send.remote(src))
+    ray.get(receiver.discard.remote(dropped))
+    with pytest.raises(ray.exceptions.RayTaskError, match="reclaimed or dropped"):
+        ray.get(receiver.receive.remote(dropped, dst, dtype))
 
 
 @pytest.mark.gpu

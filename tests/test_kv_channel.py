@@ -44,9 +44,12 @@ class _Sender:
     def blocks(self, blocks: list[int]) -> torch.Tensor:
         return self.cache[:, :, blocks].clone()
 
+    async def num_kept(self) -> int:
+        return await self.channel.num_kept()
+
 
 @pytest.mark.parametrize("via", ["send", "send_blocks"])
-@pytest.mark.parametrize("transport", ["shm", "object_store"])
+@pytest.mark.parametrize("transport", ["shm", "object_store", "gloo"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_blocks_arrive_bit_exact_in_other_slots(cluster, dtype, transport, via):
     sender = _Sender.remote(dtype, transport)
@@ -112,6 +115,48 @@ def test_object_store_transfers_are_kept_until_finished_or_discarded(cluster):
     _wait_for_kept(keeper, 1)
     receiver.discard(second)  # dropped before its import
     _wait_for_kept(keeper, 0)
+
+
+def _wait_for_staged(sender, n: int) -> None:
+    deadline = time.monotonic() + 30
+    while ray.get(sender.num_kept.remote()) != n:  # a drop is fire-and-forget
+        assert time.monotonic() < deadline, ray.get(sender.num_kept.remote())
+        time.sleep(0.05)
+
+
+def test_gloo_transfers_are_pulled_once_and_dropped_on_discard(cluster):
+    sender = _Sender.remote("float32", "gloo")
+    receiver = KVChannel("gloo")
+    first, second, third = ray.get([sender.send.remote([1, 2], "send_blocks") for _ in range(3)])
+    assert first.payload[0].address == second.payload[0].address  # one sender per channel
+    assert ray.get(sender.num_kept.remote()) == 3
+    assert torch.equal(receiver.open(first)[:, :, 1], ray.get(sender.blocks.remote([2]))[:, :, 0])
+    receiver.finish(first)
+    _wait_for_staged(sender, 2)
+    with pytest.raises(TransferExpired, match="reclaimed or dropped"):
+        receiver.open(first)  # the sender forgot it once it was pulled
+    receiver.discard(second)  # dropped before its import: the sender frees it
+    _wait_for_staged(sender, 1)
+    ray.kill(sender)  # the sender's process is gone: its staged KV with it
+    with pytest.raises(TransferExpired):
+        receiver.open(third)
+    receiver.close()
+
+
+def test_gloo_pulls_from_two_senders_concurrently(cluster):
+    import asyncio
+
+    senders = [_Sender.remote("bfloat16", "gloo") for _ in range(2)]
+    receiver = KVChannel("gloo")
+    transfers = ray.get([s.send.remote([i, 9], "send_blocks") for i, s in enumerate(senders * 3)])
+
+    async def pull_all():
+        return await asyncio.gather(*(receiver.open_async(t) for t in transfers))
+
+    views = asyncio.run(pull_all())
+    for i, (sender, view) in enumerate(zip(senders * 3, views, strict=True)):
+        assert torch.equal(view, ray.get(sender.blocks.remote([i, 9])))
+    receiver.close()
 
 
 def test_full_pool_falls_back_to_the_object_store(cluster):

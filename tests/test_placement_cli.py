@@ -8,6 +8,7 @@ import json
 import pytest
 import yaml
 
+from app.config import AppArgs
 from placement import plan, simulate
 from placement.__main__ import main as placement_main
 from placement.cli_args import parse_lengths
@@ -61,6 +62,10 @@ def test_plan_from_a_device_spec_writes_a_config_and_meets_the_rate(tmp_path, ca
     assert chosen["rate"] == 12 and "for 12.0 req/s" in capsys.readouterr().out
     args = yaml.safe_load(out.read_text())["applications"][0]["args"]
     assert args["model"] == str(tmp_path)  # the directory serve run loads
+    assert args["device"] == "cuda" and args["dtype"] == "bfloat16"  # planned for A100s
+    if args["mode"] == "disaggregated":
+        assert args["kv_transport"] == "cuda_ipc"  # one node: same or peer GPU
+    AppArgs.model_validate(args)  # serve run would accept it
     replicas = sum(
         args[p]["num_replicas"] * args[p]["engine"]["tensor_parallel_size"]
         * args[p]["engine"]["pipeline_parallel_size"]
@@ -113,3 +118,15 @@ def test_simulate_reports_the_same_goodput_as_the_simulator(tmp_path, capsys):
 def test_unknown_command_shows_the_commands():
     with pytest.raises(SystemExit, match="plan"):
         placement_main(["deploy"])
+
+
+def test_planned_kv_transport_fits_the_device_and_the_node_count():
+    picks = {(d, n): plan._kv_transport(d, n) for d in ("cpu", "cuda") for n in (1, 4)}
+    assert picks == {
+        ("cpu", 1): "shm",
+        ("cpu", 4): "object_store",
+        ("cuda", 1): "cuda_ipc",  # the same or a peer GPU
+        ("cuda", 4): "nccl",  # GPU to GPU across nodes, not through host memory
+    }
+    for (device, _), transport in picks.items():  # each pick passes the config's own checks
+        AppArgs(device=device, kv_transport=transport)

@@ -1,7 +1,8 @@
 """End to end on a private local Ray cluster and real Serve applications, over real HTTP.
 
-One cluster and one Serve instance for the whole module; four applications side by side (three
-modes, disaggregated twice: shm and object-store KV transport), each on its own route prefix.
+One cluster and one Serve instance for the whole module; five applications side by side (three
+modes, disaggregated three times: shm, object-store and gloo KV transport), each on its own
+route prefix.
 The default model with short outputs keeps it quick.
 """
 
@@ -25,6 +26,8 @@ MODES = {
         "kv_transport": "object_store",
         "decode": {**SMALL, "engine": {**SMALL["engine"], "kv_cache_memory_mb": 64}},
     },
+    # the decode replica pulls the KV over a gloo pair from the prefill replica
+    "disagg_gloo": {"mode": "disaggregated", "kv_transport": "gloo"},
     "coloc": {"mode": "colocated"},
     "chunked": {
         "mode": "colocated",
@@ -220,7 +223,7 @@ def _replica_stats(app: str) -> list[dict]:
 def test_client_disconnect_mid_stream_frees_all_blocks(server):
     # 1400 tokens take over a minute here: blocks freed within seconds can only come from the
     # abort (1400: within disagg_os's smaller decode cache)
-    for mode in ("disagg", "disagg_os", "coloc"):
+    for mode in ("disagg", "disagg_os", "disagg_gloo", "coloc"):
         with _stream(
             server, mode, prompt="Count to one thousand:", max_tokens=1400, ignore_eos=True
         ) as r:
@@ -236,7 +239,7 @@ def test_client_disconnect_mid_stream_frees_all_blocks(server):
             if all(
                 s["num_free_blocks"] == s["num_kv_blocks"] and s["num_kept_kv_transfers"] == 0
                 for s in stats
-            ):  # and no object-store transfer is kept alive for a reader that is gone
+            ):  # and no object-store or staged transfer is kept for a reader that is gone
                 break
             assert time.monotonic() < deadline, stats
             time.sleep(0.5)

@@ -109,10 +109,10 @@ class KVChannel:
             loc = self._sender.send(buffer)
             if loc is not None:
                 return KVTransfer("shm", shape, dtype, [loc], _ms_since(t0))
-        if self.transport in _PULLED and buffer.is_cuda == (self.transport == "nccl"):
-            loc = self._stage(buffer.clone())  # the caller may reuse its buffer
-            if loc is not None:
-                return KVTransfer(self.transport, shape, dtype, [loc], _ms_since(t0))
+        if self.transport in _PULLED:
+            staged = self._staged(buffer.clone(), t0)  # the caller may reuse its buffer
+            if staged is not None:
+                return staged
         if self.transport == "cuda_ipc" and buffer.is_cuda:
             raw = buffer.contiguous().view(torch.uint8).view(-1)
             loc = self._gpu().send_with(raw.numel(), buffer.device.index, lambda d: d.copy_(raw))
@@ -136,13 +136,20 @@ class KVChannel:
         staged = 0 if self._p2p_sender is None else len(self._p2p_sender.staged)
         return staged + (0 if self._keeper is None else await self._keeper.num_held.remote())
 
-    def _stage(self, packed: torch.Tensor) -> p2p_transport.P2PLocation | None:
-        """Hold a packed buffer for the receiver's pull; None when the staging cap is reached."""
+    def _staged(self, packed: torch.Tensor, t0: float) -> KVTransfer | None:
+        """Hold `packed` (a tensor nobody else writes) for the receiver's pull; None when the
+        staging cap is reached or the tensor is on the other kind of device."""
+        if packed.is_cuda != (self.transport == "nccl"):
+            return None
         if packed.is_cuda:  # the gather ran on torch's stream; NCCL sends from its own
             torch.cuda.current_stream(packed.device).synchronize()
         if self._p2p_sender is None:
             self._p2p_sender = p2p_transport.P2PSender(_backend(self.transport, packed.device))
-        return self._p2p_sender.send(packed)
+        loc = self._p2p_sender.send(packed)
+        if loc is None:
+            return None
+        shape, dtype = tuple(packed.shape), str(packed.dtype)
+        return KVTransfer(self.transport, shape, dtype, [loc], _ms_since(t0))
 
     def _hold(self, ref):
         """Hand `ref` to this channel's keeper until the receiver releases it; -> the keeper."""
@@ -155,8 +162,10 @@ class KVChannel:
         gather writes into the shared segment, so the KV is copied once, not twice."""
         if self.transport == "cuda_ipc" and kv_cache.is_cuda:
             return self._send_blocks_gpu(kv_cache, block_ids)
-        if self.transport in _PULLED:
-            return self._send_blocks_p2p(kv_cache, block_ids)
+        if self.transport in _PULLED:  # the gather's output is staged as it is
+            t0 = time.perf_counter()
+            packed = pack_blocks(kv_cache, block_ids)
+            return self._staged(packed, t0) or self._via_object_store(packed, t0)
         if self.transport != "shm" or kv_cache.is_cuda:
             return self.send(pack_blocks(kv_cache, block_ids))
         t0 = time.perf_counter()
@@ -172,17 +181,6 @@ class KVChannel:
         if loc is None:  # pool full of unread transfers
             return self.send(pack_blocks(kv_cache, block_ids))
         return KVTransfer("shm", shape, str(kv_cache.dtype), [loc], _ms_since(t0))
-
-    def _send_blocks_p2p(self, kv_cache: torch.Tensor, block_ids: list[int]) -> KVTransfer:
-        """The gather's output is staged as it is: one copy of the KV on the sending side."""
-        t0 = time.perf_counter()
-        packed = pack_blocks(kv_cache, block_ids)
-        if kv_cache.is_cuda == (self.transport == "nccl"):
-            loc = self._stage(packed)
-            if loc is not None:
-                shape, dtype = tuple(packed.shape), str(packed.dtype)
-                return KVTransfer(self.transport, shape, dtype, [loc], _ms_since(t0))
-        return self._via_object_store(packed, t0)  # staging full, or the other kind of device
 
     def _gpu(self) -> cuda_ipc_transport.CudaIpcSender:
         self._gpu_sender = self._gpu_sender or cuda_ipc_transport.CudaIpcSender(self.node_id)

@@ -18,7 +18,7 @@ import torch
 from engine import kv_handoff
 from engine.kv_handoff import KVPiece
 from engine.parallel import ParallelLayout, Shard
-from kernels import cpu_ops, lm_head, paged_attention
+from kernels import cpu_ops, few_rows, paged_attention
 from kernels.kv_blocks import KVLayout, pack_blocks, unpack_blocks
 from kernels.kv_channel import KVChannel
 from kernels.paged_attention import AttentionMetadata, PrefillSpan
@@ -98,8 +98,8 @@ class ModelRunner:
         # the compiled CPU decode kernel when it is built; the torch path otherwise
         self.use_kernel = use_kernel and device == "cpu" and cpu_ops.load() is not None
         self.model = model.to(device).eval()
-        if device == "cpu":  # decode batches: stream the vocabulary matrix once per step
-            lm_head.install(self.model)
+        if device == "cpu":  # decode batches: stream each weight matrix once per step
+            few_rows.install(self.model)
         self.device = torch.device(device)
         self.dtype = next(model.parameters()).dtype
         self.shape = ModelShape.of(model.config)

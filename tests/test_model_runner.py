@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -130,24 +131,45 @@ def test_attention_without_metadata_is_a_clear_error():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_few_rows_head_equals_the_linear_it_wraps(bias):
-    """Both orientations, on either side of the row threshold, with and without a bias."""
-    from kernels.lm_head import MAX_ROWS, FewRowsHead, install
+def test_few_rows_forward_equals_the_linear_forward(bias):
+    """Both orientations, on either side of each row limit, 2-D and 3-D inputs, with and
+    without a bias; the module, its weight and its hooks survive the switch."""
+    from kernels.few_rows import HEAD_MAX_ROWS, LAYER_MAX_ROWS, install, uninstall
 
     torch.manual_seed(0)
-    linear = torch.nn.Linear(64, 1000, bias=bias)
-    head = FewRowsHead(linear)
-    for rows in (1, 2, 3, MAX_ROWS, MAX_ROWS + 1, 20):
-        x = torch.randn(1, rows, 64)
-        torch.testing.assert_close(head(x), linear(x), rtol=1e-5, atol=1e-5)
     model = torch.nn.Module()
-    model.lm_head = linear
-    assert install(model) and model.lm_head.weight is linear.weight  # ties survive
-    assert not install(model)  # already wrapped: not a Linear any more
+    model.lm_head = torch.nn.Linear(64, 1000, bias=bias)
+    model.proj = torch.nn.Linear(64, 96, bias=bias)
+    calls = []
+    model.proj.register_forward_hook(lambda _m, _i, out: calls.append(out.shape))
+    weight = model.lm_head.weight
+    xs = [torch.randn(1, r, 64) for r in (1, 2, 3, 4, HEAD_MAX_ROWS, HEAD_MAX_ROWS + 1, 20)]
+    xs.append(torch.randn(3, 64))
+    linears = (model.lm_head, model.proj)
+    expected = [[F.linear(x, m.weight, m.bias) for x in xs] for m in linears]
+    assert install(model) == 2 and install(model) == 0  # once per Linear
+    for linear, wants in zip(linears, expected, strict=True):
+        for x, want in zip(xs, wants, strict=True):
+            torch.testing.assert_close(linear(x), want, rtol=1e-5, atol=1e-5)
+    assert len(calls) == len(xs)  # the hook ran on every call, few rows or not
+    assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight is weight
+    assert model.lm_head.forward.max_rows == HEAD_MAX_ROWS
+    assert model.proj.forward.max_rows == LAYER_MAX_ROWS
+    assert uninstall(model) == 2 and "forward" not in model.proj.__dict__
 
 
-def test_runner_uses_the_few_rows_head_on_cpu():
-    from kernels.lm_head import FewRowsHead
+def test_few_rows_leaves_non_float32_layers_alone():
+    from kernels.few_rows import install
+
+    model = torch.nn.Module()
+    model.lm_head = torch.nn.Linear(8, 16).to(torch.bfloat16)
+    model.proj = torch.nn.Linear(8, 8).to(torch.bfloat16)
+    assert install(model) == 1 and "forward" not in model.proj.__dict__
+
+
+def test_runner_uses_the_few_rows_forward_on_cpu():
+    from kernels.few_rows import _FewRowsForward
 
     _, runner = build("llama")
-    assert isinstance(runner.model.lm_head, FewRowsHead)
+    linears = [m for m in runner.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m.forward, _FewRowsForward) for m in linears)

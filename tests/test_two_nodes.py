@@ -79,14 +79,15 @@ def test_scaled_out_replicas_pair_on_their_own_node(two_nodes):
         assert time.monotonic() < deadline, serve.status()
         time.sleep(1)
     base = f"http://127.0.0.1:{port}"
-    # long prompts with long outputs: both phases are overloaded and scale out
+    # long prompts with long outputs: both phases are overloaded and scale out (decode needs
+    # about 6 running requests to pass 0.8 x its target: outputs that outlast several prefills)
     burst = [
-        {"prompt": [100 + (i * 13 + j) % 4000 for j in range(700)], "max_tokens": 60,
+        {"prompt": [100 + (i * 13 + j) % 4000 for j in range(700)], "max_tokens": 160,
          "ignore_eos": True}
         for i in range(14)
     ]  # fmt: skip
     with ReplicaWatcher("two") as watch:
-        assert asyncio.run(_burst(base, burst)) == [(200, 60)] * 14
+        assert asyncio.run(_burst(base, burst)) == [(200, 160)] * 14
     assert watch.max("PrefillServer") == 2 and watch.max("DecodeServer") == 2
     before = _decode_stats_by_node("two")
     assert len(before) == 2  # one decode replica on each node

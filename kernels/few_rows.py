@@ -52,6 +52,10 @@ class _FewRowsForward:
         return few_rows_linear(x, w, b)
 
 
+def _installed(module: nn.Module) -> bool:
+    return isinstance(module.__dict__.get("forward"), _FewRowsForward)
+
+
 def install(model: nn.Module, layers: bool = True) -> int:
     """Switch a CPU model's Linear layers to the few-rows forward -> how many were switched.
 
@@ -63,8 +67,8 @@ def install(model: nn.Module, layers: bool = True) -> int:
     for module in model.modules():
         if not isinstance(module, nn.Linear) or module.weight.device.type != "cpu":
             continue
-        if isinstance(module.__dict__.get("forward"), _FewRowsForward):
-            continue  # installed already
+        if _installed(module):
+            continue
         if module is head:
             max_rows = HEAD_MAX_ROWS
         elif layers and module.weight.dtype == torch.float32:
@@ -80,7 +84,7 @@ def uninstall(model: nn.Module) -> int:
     """Back to nn.Linear's own forward everywhere (the benchmark's baseline)."""
     switched = 0
     for module in model.modules():
-        if isinstance(module.__dict__.get("forward"), _FewRowsForward):
+        if _installed(module):
             del module.forward
             switched += 1
     return switched

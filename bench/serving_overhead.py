@@ -42,14 +42,12 @@ def _body(model: str, ids: list[int], max_tokens: int) -> dict:
 
 
 def http_request(url: str, model: str, ids: list[int], max_tokens: int) -> tuple[float, float]:
-    body = _body(model, ids, max_tokens)
-    times = []
+    async def run() -> list[float]:
+        async with httpx.AsyncClient() as client:
+            return await _stream_times(client, url, _body(model, ids, max_tokens))
+
     t0 = time.perf_counter()
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                times.append(time.perf_counter())
+    times = asyncio.run(run())
     return times[0] - t0, (times[-1] - times[0]) / (len(times) - 1)
 
 

@@ -14,6 +14,13 @@ The YAML shape is a contract (users read and edit it):
         decode: {a: 15.0, b: 0.0005, c: 0.03}
         kv_capacity_tokens: 50000
 
+An entry may add `decode_batch_ms` (optional): the decode step's batch term measured per batch
+size where it is not a straight line, as on a CPU whose matrix kernels change path with the
+number of rows. Where present a decode step is b * sum(contexts) + the curve at the batch size
+(linear between the listed sizes; beyond the last one it grows by c per request), and a and c
+are the straight line fitted to the same steps, for readers and for tools that take the line
+(autoscaling). For example `decode_batch_ms: {1: 50.0, 2: 55.0, 3: 80.0, 4: 100.0, 8: 135.0}`.
+
 An optional top-level `node_contention` (default 0) says how much the instances of one machine
 slow each other: a step runs (1 + node_contention * k) times slower while k other instances on
 the node are mid-step (see placement/simulator.py). CPUs share cores' memory bandwidth and
@@ -47,6 +54,14 @@ class Entry:
     prefill: Coefficients
     decode: Coefficients
     kv_capacity_tokens: int
+    decode_batch_ms: tuple[tuple[int, float], ...] = ()  # (batch size, ms), sizes increasing
+
+    def __post_init__(self) -> None:
+        sizes = [n for n, _ in self.decode_batch_ms]
+        if sizes != sorted(set(sizes)) or (sizes and sizes[0] < 1):
+            raise ValueError(f"decode_batch_ms needs increasing batch sizes >= 1, got {sizes}")
+        if any(ms < 0 for _, ms in self.decode_batch_ms):
+            raise ValueError(f"decode_batch_ms must be >= 0 ms, got {self.decode_batch_ms}")
 
     def prefill_ms(self, prompt_lens: list[int]) -> float:
         lens = np.asarray(prompt_lens, dtype=float)
@@ -55,7 +70,18 @@ class Entry:
 
     def decode_ms(self, context_lens: list[int]) -> float:
         d = self.decode
-        return d.a + d.b * float(sum(context_lens)) + d.c * len(context_lens)
+        return d.a + d.b * float(sum(context_lens)) + self.decode_batch_extra_ms(len(context_lens))
+
+    def decode_batch_extra_ms(self, batch: int) -> float:
+        """What `batch` running requests add to a decode step over its fixed `a` (the context
+        term apart): c per request, or the measured curve less a."""
+        d = self.decode
+        if not self.decode_batch_ms:
+            return d.c * batch
+        sizes, ms = zip(*self.decode_batch_ms, strict=True)
+        if batch > sizes[-1]:
+            return ms[-1] + d.c * (batch - sizes[-1]) - d.a
+        return float(np.interp(batch, sizes, ms)) - d.a
 
 
 @dataclass(frozen=True)
@@ -76,7 +102,12 @@ class Profile:
         raise KeyError(f"profile {self.model}/{self.device} has no entry for tp={tp}, pp={pp}")
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(asdict(self), sort_keys=False)
+        data = asdict(self)
+        for entry in data["entries"]:  # a mapping reads best; absent when the line is the model
+            curve = entry.pop("decode_batch_ms")
+            if curve:
+                entry["decode_batch_ms"] = {int(n): float(ms) for n, ms in curve}
+        return yaml.safe_dump(data, sort_keys=False)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_yaml())
@@ -95,34 +126,46 @@ class Profile:
                     prefill=Coefficients(**e["prefill"]),
                     decode=Coefficients(**e["decode"]),
                     kv_capacity_tokens=int(e["kv_capacity_tokens"]),
+                    decode_batch_ms=_curve(e.get("decode_batch_ms", {})),
                 )
                 for e in data["entries"]
             ]
             contention = float(data.get("node_contention", 0.0))
             return cls(str(data["model"]), str(data["device"]), entries, contention)
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"malformed profile: {e!r}") from e
+
+
+def _curve(mapping: dict) -> tuple[tuple[int, float], ...]:
+    return tuple(sorted((int(n), float(ms)) for n, ms in mapping.items()))
 
 
 def fit_relative(features: np.ndarray, times_ms: np.ndarray) -> tuple[Coefficients, float]:
     """Least squares on relative error, coefficients kept >= 0.
 
-    features (N, 3), times (N,) -> (coefficients, RMS relative error of the fit). Dividing each
-    row by its time makes a 10 ms step as important as a 1 s step. A coefficient that comes out
-    negative (noise on a term that does not matter) is fixed at 0 and the rest refitted.
-    """
+    features (N, 3), times (N,) -> (coefficients, RMS relative error of the fit)."""
+    coef, err = fit_nonnegative(features, times_ms)
+    return Coefficients(*map(float, coef)), err
+
+
+def fit_nonnegative(features: np.ndarray, times_ms: np.ndarray) -> tuple[np.ndarray, float]:
+    """features (N, K), times (N,) -> (K coefficients >= 0, RMS relative error of the fit).
+
+    Dividing each row by its time makes a 10 ms step as important as a 1 s step. A coefficient
+    that comes out negative (noise on a term that does not matter) is fixed at 0 and the rest
+    refitted."""
     x = features / times_ms[:, None]
     y = np.ones(len(times_ms))
-    active = [0, 1, 2]
+    active = list(range(features.shape[1]))
     while True:
         sol, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
         if (sol >= 0).all() or len(active) == 1:
             break
         active.pop(int(np.argmin(sol)))
-    coef = np.zeros(3)
+    coef = np.zeros(features.shape[1])
     coef[active] = np.clip(sol, 0, None)
     rel = (features @ coef - times_ms) / times_ms
-    return Coefficients(*map(float, coef)), float(np.sqrt(np.mean(rel**2)))
+    return coef, float(np.sqrt(np.mean(rel**2)))
 
 
 def prefill_features(batches: list[list[int]]) -> np.ndarray:
@@ -131,6 +174,61 @@ def prefill_features(batches: list[list[int]]) -> np.ndarray:
 
 def decode_features(batches: list[list[int]]) -> np.ndarray:
     return np.array([[1.0, sum(b), len(b)] for b in batches])
+
+
+# where the decode curve may have a point: dense where CPU kernels change path (a few rows),
+# sparse where the step grows steadily
+CURVE_SIZES = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def decode_curve_sizes(batches: list[list[int]], min_steps: float = 3.0) -> tuple[int, ...]:
+    """The batch sizes a decode curve is fitted at: the candidates up to the largest batch seen
+    and that batch itself, less interior sizes with fewer than `min_steps` steps' worth of
+    weight near them (a point nothing pins down would take any value). () below three
+    distinct batch sizes: a line is all such steps can tell."""
+    seen = sorted({len(b) for b in batches})
+    if len(seen) < 3:
+        return ()
+    sizes = [n for n in CURVE_SIZES if seen[0] <= n < seen[-1]] + [seen[-1]]
+    while len(sizes) > 2:
+        weight = decode_curve_features(batches, tuple(sizes))[:, 1:].sum(axis=0)
+        thin = [i for i in range(1, len(sizes) - 1) if weight[i] < min_steps]
+        if not thin:
+            break
+        sizes.pop(min(thin, key=lambda i: weight[i]))
+    return tuple(sizes)
+
+
+def decode_curve_features(batches: list[list[int]], sizes: tuple[int, ...]) -> np.ndarray:
+    """(N, 1 + len(sizes)): the summed contexts, then each size's share of the batch size
+    (linear interpolation weights: the curve's value at a batch is their dot product).
+    Without sizes: the line's features (decode_features)."""
+    if not sizes:
+        return decode_features(batches)
+    counts = np.array([len(b) for b in batches], dtype=float)
+    hats = np.stack([np.interp(counts, sizes, np.eye(len(sizes))[k]) for k in range(len(sizes))])
+    return np.column_stack([[float(sum(b)) for b in batches], hats.T])
+
+
+def fit_decode_curve(
+    batches: list[list[int]], times_ms: np.ndarray, sizes: tuple[int, ...]
+) -> tuple[Coefficients, tuple[tuple[int, float], ...], float]:
+    """Decode steps -> (the line a, b, c; the curve by batch size; RMS relative error).
+
+    The curve and b come from one fit; a and c are then the straight line through the same
+    steps with that b (relative error again), which is what the profile's readers and the tools
+    that take a line see. Without sizes (decode_curve_sizes) the line is the model."""
+    if not sizes:
+        line, err = fit_relative(decode_features(batches), times_ms)
+        return line, (), err
+    coef, err = fit_nonnegative(decode_curve_features(batches, sizes), times_ms)
+    counts = np.array([len(b) for b in batches], dtype=float)
+    rest = times_ms - coef[0] * np.array([float(sum(b)) for b in batches])
+    line, *_ = np.linalg.lstsq(np.column_stack([np.ones_like(counts), counts]) / times_ms[:, None],
+                               rest / times_ms, rcond=None)  # fmt: skip
+    a, c = np.clip(line, 0, None)
+    curve = tuple((int(n), float(ms)) for n, ms in zip(sizes, coef[1:], strict=True))
+    return Coefficients(float(a), float(coef[0]), float(c)), curve, err
 
 
 def solo_work_ms(shared_ms: np.ndarray, contention: float) -> np.ndarray:
@@ -145,20 +243,21 @@ def solo_work_ms(shared_ms: np.ndarray, contention: float) -> np.ndarray:
 
 def fit_contention(
     groups: list[tuple[np.ndarray, np.ndarray]], grid: np.ndarray | None = None
-) -> tuple[float, list[tuple[Coefficients, float]]]:
-    """One node contention for all groups, and each group's coefficients at it.
+) -> tuple[float, list[np.ndarray]]:
+    """One node contention for all groups, and each group's step works at it.
 
-    groups: [(features (N, 3), shared_ms (N, K))], e.g. prefill steps and decode steps of the
+    groups: [(features (N, F), shared_ms (N, K))], e.g. prefill steps and decode steps of the
     instances of one machine. The contention is the machine's, not the phase's, so one value
     serves all groups: the grid value whose solo-speed works the latency model fits best.
-    -> (contention, [(coefficients, RMS relative error)] per group).
+    -> (contention, each group's solo-speed step works at it: the caller fits its model).
     """
     grid = np.linspace(0.0, 1.0, 101) if grid is None else grid
     best: tuple[float, float, list] | None = None
     for contention in grid:
-        fits = [fit_relative(f, solo_work_ms(s, contention)) for f, s in groups]
-        sq = sum(err**2 * len(f) for (_, err), (f, _) in zip(fits, groups, strict=True))
+        works = [solo_work_ms(s, contention) for _, s in groups]
+        errs = [fit_nonnegative(f, w)[1] for (f, _), w in zip(groups, works, strict=True)]
+        sq = sum(err**2 * len(f) for err, (f, _) in zip(errs, groups, strict=True))
         if best is None or sq < best[0]:
-            best = (sq, float(contention), fits)
+            best = (sq, float(contention), works)
     assert best is not None
     return best[1], best[2]

@@ -7,7 +7,9 @@
 Prefill: one step over a batch of prompts for each (batch size, prompt length) in the grid.
 Decode: requests prefilled to a context length, then the median of a few decode steps, for each
 (batch size, context length). Both fitted by least squares on relative error; the RMS relative
-error of each fit is reported next to the profile.
+error of each fit is reported next to the profile. With three or more batch sizes in the grid the
+decode step's batch term is fitted per batch size (the profile's `decode_batch_ms`): on a CPU it
+is not a line, the matrix kernels change path with the number of rows.
 
 Node contention: with `--contention-neighbours N` (default 1) the same prefill and decode steps
 are then timed with N neighbour engines paused and computing, alternately; the slowdown per
@@ -40,7 +42,8 @@ from engine import EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
 from placement.latency_model import (
     Entry,
     Profile,
-    decode_features,
+    decode_curve_sizes,
+    fit_decode_curve,
     fit_relative,
     prefill_features,
 )
@@ -49,7 +52,18 @@ logger = logging.getLogger(__name__)
 
 FULL_GRID = {
     "prefill": [(1, 32), (1, 128), (1, 512), (1, 1024), (2, 256), (4, 128), (4, 512), (8, 64)],
-    "decode": [(1, 64), (1, 512), (4, 256), (8, 128), (8, 512), (16, 256), (32, 128), (32, 512)],
+    "decode": [
+        (1, 64),
+        (1, 512),
+        (2, 256),
+        (3, 256),
+        (4, 256),
+        (8, 128),
+        (8, 512),
+        (16, 256),
+        (32, 128),
+        (32, 512),
+    ],  # fmt: skip
 }
 QUICK_GRID = {
     "prefill": [(1, 32), (1, 256), (2, 128), (4, 64)],
@@ -122,9 +136,11 @@ def profile(
         bar.update()
     bar.close()
     prefill, pre_err = fit_relative(prefill_features(pre_batches), np.array(pre_ms))
-    decode, dec_err = fit_relative(decode_features(dec_batches), np.array(dec_ms))
+    # each grid point is a mean over steps: one point pins its batch size on the curve
+    sizes = decode_curve_sizes(dec_batches, min_steps=1.0)
+    decode, curve, dec_err = fit_decode_curve(dec_batches, np.array(dec_ms), sizes)
     capacity = engine.blocks.num_blocks * engine.blocks.block_size
-    entry = Entry(tp=1, pp=1, prefill=prefill, decode=decode, kv_capacity_tokens=capacity)
+    entry = Entry(1, 1, prefill, decode, kv_capacity_tokens=capacity, decode_batch_ms=curve)
     return entry, FitReport(pre_err, dec_err, len(pre_ms), len(dec_ms))
 
 

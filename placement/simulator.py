@@ -168,7 +168,8 @@ class _Node:
 
 def _decode_ms(entry: Entry, running: list[_Track]) -> float:
     d = entry.decode
-    return entry.pp * d.a + d.b * sum(r.context for r in running) + d.c * len(running)
+    context = sum(r.context for r in running)
+    return entry.pp * d.a + d.b * context + entry.decode_batch_extra_ms(len(running))
 
 
 def _take_prefill_batch(queue: deque, spec: InstanceSpec, room) -> list[_Track]:
@@ -348,7 +349,8 @@ class _ChunkedInstance(_Decoder):
         entry = self.spec.entry
         p, d = entry.prefill, entry.decode
         ms = entry.pp * max(p.a if chunks else 0.0, d.a if self.running else 0.0)
-        ms += d.b * sum(r.context for r in self.running) + d.c * len(self.running)
+        ms += d.b * sum(r.context for r in self.running)
+        ms += entry.decode_batch_extra_ms(len(self.running)) if self.running else 0.0
         for track, n in chunks:
             o = track.prefilled
             ms += p.b * n + p.c * ((o + n) ** 2 - o**2)

@@ -18,7 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from placement.latency_model import Entry, decode_features, fit_contention, prefill_features
+from placement.latency_model import (
+    Entry,
+    decode_curve_features,
+    decode_curve_sizes,
+    fit_contention,
+    fit_decode_curve,
+    fit_relative,
+    prefill_features,
+)
 
 
 def load_replicas(trace_dir: Path) -> list[list[dict]]:
@@ -54,16 +62,22 @@ def fit_traces(trace_dirs: list[Path], base: Entry) -> tuple[Entry, float, dict]
                     decodes.append((step["decode_contexts"], row))
     if len(prefills) < 3 or len(decodes) < 3:
         return None
-    contention, [(pre, pre_err), (dec, dec_err)] = fit_contention([
-        (prefill_features([b for b, _ in prefills]), np.array([r for _, r in prefills])),
-        (decode_features([b for b, _ in decodes]), np.array([r for _, r in decodes])),
+    pre_batches, dec_batches = [b for b, _ in prefills], [b for b, _ in decodes]
+    pre_features = prefill_features(pre_batches)
+    sizes = decode_curve_sizes(dec_batches)
+    contention, [pre_work, dec_work] = fit_contention([
+        (pre_features, np.array([r for _, r in prefills])),
+        (decode_curve_features(dec_batches, sizes), np.array([r for _, r in decodes])),
     ])  # fmt: skip
+    pre, pre_err = fit_relative(pre_features, pre_work)
+    dec, curve, dec_err = fit_decode_curve(dec_batches, dec_work, sizes)
     fit = {
-        "prefill": vars(pre), "decode": vars(dec), "node_contention": contention,
-        "loop_overhead_ms": float(np.mean(overheads)), "prefill_rms": pre_err,
-        "decode_rms": dec_err, "prefill_steps": len(prefills), "decode_steps": len(decodes),
+        "prefill": vars(pre), "decode": vars(dec), "decode_batch_ms": dict(curve),
+        "node_contention": contention, "loop_overhead_ms": float(np.mean(overheads)),
+        "prefill_rms": pre_err, "decode_rms": dec_err, "prefill_steps": len(prefills),
+        "decode_steps": len(decodes),
     }  # fmt: skip
-    return replace(base, prefill=pre, decode=dec), contention, fit
+    return replace(base, prefill=pre, decode=dec, decode_batch_ms=curve), contention, fit
 
 
 def _start(step: dict) -> float:

@@ -9,7 +9,9 @@ from placement.latency_model import (
     Coefficients,
     Entry,
     Profile,
+    decode_curve_sizes,
     decode_features,
+    fit_decode_curve,
     fit_relative,
     prefill_features,
 )
@@ -67,6 +69,70 @@ def test_relative_fit_recovers_exact_coefficients():
     dec = [[64], [512, 512], [100] * 8, [300] * 16, [50] * 32]
     coef, err = fit_relative(decode_features(dec), np.array([truth.decode_ms(b) for b in dec]))
     np.testing.assert_allclose([coef.a, coef.b, coef.c], [15.0, 5e-4, 0.03], rtol=1e-6)
+
+
+CURVE = ((1, 50.0), (2, 55.0), (3, 80.0), (4, 100.0), (8, 135.0))  # a CPU's kernel paths
+
+
+@pytest.mark.unit
+def test_a_measured_decode_curve_replaces_the_line_and_round_trips(tmp_path):
+    path = tmp_path / "p.yaml"
+    curve = "{1: 50.0, 2: 55.0, 3: 80.0, 4: 100.0, 8: 135.0}"
+    path.write_text(CONTRACT + f"    decode_batch_ms: {curve}\n")
+    profile = Profile.load(path)
+    entry = profile.entry(1, 1)
+    assert entry.decode_batch_ms == CURVE
+    # b * contexts on top of the curve: at a listed size, between two, beyond the last (+ c each)
+    assert entry.decode_ms([300, 700, 0]) == pytest.approx(80.0 + 0.0005 * 1000)
+    assert entry.decode_ms([100] * 6) == pytest.approx(117.5 + 0.0005 * 600)
+    assert entry.decode_ms([100] * 10) == pytest.approx(135.0 + 2 * 0.03 + 0.0005 * 1000)
+    # the batch term over a, for the simulator's steps that also prefill
+    assert entry.decode_batch_extra_ms(2) == pytest.approx(55.0 - 15.0)
+    profile.save(tmp_path / "again.yaml")
+    assert "decode_batch_ms:\n    1: 50.0" in (tmp_path / "again.yaml").read_text()
+    assert Profile.load(tmp_path / "again.yaml") == profile
+    # without one, the file is the contract exactly (no empty key written)
+    path.write_text(CONTRACT)
+    Profile.load(path).save(tmp_path / "plain.yaml")
+    assert "decode_batch_ms" not in (tmp_path / "plain.yaml").read_text()
+
+
+@pytest.mark.unit
+def test_a_decode_curve_needs_increasing_sizes_and_times_that_are_not_negative():
+    line = Coefficients(15.0, 0.0005, 0.03)
+    with pytest.raises(ValueError, match="increasing batch sizes"):
+        Entry(1, 1, line, line, 1, decode_batch_ms=((2, 50.0), (1, 40.0)))
+    with pytest.raises(ValueError, match="increasing batch sizes"):
+        Entry(1, 1, line, line, 1, decode_batch_ms=((0, 50.0),))
+    with pytest.raises(ValueError, match=">= 0 ms"):
+        Entry(1, 1, line, line, 1, decode_batch_ms=((1, -5.0),))
+    with pytest.raises(ValueError, match="malformed"):
+        Profile.from_dict({"model": "m", "device": "d", "entries": [{
+            "tp": 1, "pp": 1, "prefill": vars(line), "decode": vars(line),
+            "kv_capacity_tokens": 1, "decode_batch_ms": [50.0, 55.0]}]})  # fmt: skip
+
+
+@pytest.mark.unit
+def test_curve_fit_recovers_a_convex_batch_curve_that_a_line_misses():
+    truth = Entry(1, 1, Coefficients(1, 0, 0), Coefficients(15.0, 0.002, 0.0), 1, CURVE)
+    rng = np.random.default_rng(0)
+    sizes = (1, 2, 3, 4, 5, 6, 8)
+    batches = [list(rng.integers(100, 900, size=n)) for n in sizes for _ in range(4)]
+    times = np.array([truth.decode_ms(b) for b in batches])
+    assert decode_curve_sizes(batches) == sizes
+    line, curve, err = fit_decode_curve(batches, times, sizes)
+    assert err < 1e-9 and line.b == pytest.approx(0.002, rel=1e-6)
+    assert dict(curve)[3] == pytest.approx(80.0) and dict(curve)[6] == pytest.approx(117.5)
+    # the straight line through the same steps is what a linear profile would say: far off
+    _, line_err = fit_relative(decode_features(batches), times)
+    assert line_err > 0.05 and line.a > 0 and line.c > 0
+    # sizes no step is near are dropped; under three distinct sizes a line is all there is
+    assert decode_curve_sizes([[5]] * 4 + [[5] * 3] * 4 + [[5] * 40] * 4) == (1, 3, 40)
+    assert decode_curve_sizes([[5]] * 4 + [[5] * 3] * 4) == ()
+    few = [[500], [100, 900], [40], [300, 200]]
+    times = np.array([8.0 + 0.01 * sum(b) + 2.0 * len(b) for b in few])
+    plain, none, _ = fit_decode_curve(few, times, decode_curve_sizes(few))
+    assert none == () and [plain.a, plain.b, plain.c] == pytest.approx([8.0, 0.01, 2.0])
 
 
 @pytest.mark.unit

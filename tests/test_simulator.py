@@ -59,6 +59,23 @@ def test_single_request_timeline_is_closed_form():
     assert r.tpot_ms == pytest.approx(sum(steps) / (out - 1))
 
 
+def test_decode_steps_follow_a_measured_batch_curve():
+    curve = ((1, 20.0), (2, 22.0), (3, 40.0), (4, 60.0))  # not a line: a CPU's kernel paths
+    entry = Entry(1, 1, ENTRY.prefill, Coefficients(20.0, 0.0, 1.0), 100_000, curve)
+    reqs = [SimRequest(0.0, 100, 2)] + [SimRequest(1.0, 100, 5)] * 3
+    # prefill 0-20 ms alone, the other three at 20-60 ms (10 + 0.1 * 300)
+    [first, *rest] = simulate(disagg(entry), reqs)
+    assert (first.ttft_ms, first.tpot_ms) == pytest.approx((20.0, 20.0))  # decodes alone
+    # the three reach decode at 60 ms one by one: the first starts a step alone (20 ms), the
+    # other two join it at 80 for three steps of 3 (40 ms each), and finish with one of 2 (22)
+    assert [r.ttft_ms for r in rest] == pytest.approx([59.0] * 3)
+    assert [r.tpot_ms for r in rest] == pytest.approx([35.0, 40.5, 40.5])  # 140/4, 162/4
+    # colocated: the three prefill before decoding, then a step of 4 (60 ms) and steps of 3
+    [first, *rest] = simulate(Placement(colocated=InstanceSpec(entry, 1)), reqs)
+    assert (first.ttft_ms, first.tpot_ms) == pytest.approx((20.0, 40.0 + 60.0))
+    assert [x for r in rest for x in (r.ttft_ms, r.tpot_ms)] == pytest.approx([59.0, 45.0] * 3)
+
+
 def test_kv_transfer_delays_decode_not_the_first_token():
     [r0] = simulate(disagg(), [SimRequest(0.0, 300, 5)])
     [r1] = simulate(disagg(transfer=0.5), [SimRequest(0.0, 300, 5)])

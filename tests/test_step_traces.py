@@ -69,3 +69,25 @@ def test_served_profile_keeps_the_base_and_says_what_is_missing(tmp_path):
         served_profile([str(run)], None, str(out))
     with pytest.raises(SystemExit, match="no step traces"):
         served_profile([str(tmp_path / "empty")], str(base), str(out))
+
+
+def test_a_decode_step_that_is_not_linear_in_the_batch_is_fitted_as_a_curve(tmp_path):
+    # a CPU's decode step jumps where its matrix kernels change path (here from 2 to 3 rows)
+    curve = ((1, 50.0), (2, 55.0), (3, 80.0), (4, 100.0), (6, 120.0), (8, 135.0))
+    truth = Entry(1, 1, PRE, Coefficients(40.0, 0.01, 5.0), 1, curve)
+    decodes = [[300 + 50 * k] * n for n in (1, 2, 3, 4, 5, 6, 7, 8) for k in range(4)]
+    lines = _steps([[512], [100, 200], [300], [1000]], [])
+    lines += [
+        {"duration_ms": truth.decode_ms(c), "prefill_lens": [], "decode_contexts": c,
+         "start_s": 2000.0 + i}
+        for i, c in enumerate(decodes)
+    ]  # fmt: skip
+    entry, _, fit = fit_traces([_run(tmp_path, "run", lines)], BASE)
+    assert entry.decode.b == pytest.approx(0.01, rel=1e-6) and fit["decode_rms"] < 1e-9
+    fitted = dict(entry.decode_batch_ms)
+    assert list(fitted) == [1, 2, 3, 4, 5, 6, 8]  # 5 between its neighbours: 110 ms
+    assert [fitted[n] for n in (1, 2, 3, 4, 5, 6, 8)] == pytest.approx(
+        [50.0, 55.0, 80.0, 100.0, 110.0, 120.0, 135.0]
+    )
+    for c in decodes:  # the fitted entry times every traced step as it ran
+        assert entry.decode_ms(c) == pytest.approx(truth.decode_ms(c), rel=1e-6)

@@ -6,7 +6,8 @@ Instances follow the latency model (placement/latency_model.py; coefficients per
   instance `kv_transfer_ms_per_token * prompt tokens` later;
 - decode: continuous batching; a request is admitted when its whole KV (prompt + output) fits
   in the free capacity (FIFO, never dropped); a step takes pp*a + b*sum(contexts) + c*batch
-  (pp micro-batches in flight);
+  (pp micro-batches in flight), or with the profile's measured `decode_batch_ms` curve in place
+  of a + c*batch;
 - colocated (the vLLM-style baseline): one queue; a step is a prefill batch when one can be
   admitted (decodes wait: the interference), else a decode step;
 - colocated with chunked prefill (Sarathi-Serve): every step runs all running decodes plus

@@ -5,6 +5,8 @@ a request attains the SLO only if it meets both targets (failed requests never d
 Goodput = the highest rate whose attainment is >= the target share, interpolated linearly
 between the last rate that passes and the first that fails. The SLO-scale search finds the
 tightest multiple of the SLO that a run still meets: thresholds change, the run does not.
+A bootstrap over each rate's requests gives the goodput's sampling interval: how far a
+crossing measured with a few dozen requests per rate can move by chance alone.
 """
 
 from __future__ import annotations
@@ -110,3 +112,41 @@ def tightest_slo_scale(
         else:
             lo = mid
     return hi
+
+
+@dataclass(frozen=True)
+class RateCount:
+    """One rate of a sweep reduced to what attainment depends on."""
+
+    rate: float
+    attained: int
+    requests: int
+
+
+def goodput_samples(
+    points: list[RateCount], target: float, samples: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Goodput of `samples` bootstrap resamples of a sweep: each rate's requests drawn again
+    with replacement. For a pass/fail statistic that is exactly a binomial draw of the
+    attaining count, so no request list is needed. Requests at one rate share queues and are
+    not independent; the spread is a lower bound on the run-to-run spread."""
+    if not points:
+        return np.zeros(samples)
+    pts = sorted(points, key=lambda p: p.rate)
+    draws = np.stack(
+        [
+            rng.binomial(p.requests, p.attained / max(p.requests, 1), samples) / max(p.requests, 1)
+            for p in pts
+        ],
+        axis=1,
+    )
+    rates = [p.rate for p in pts]
+    return np.array([goodput(list(zip(rates, row, strict=True)), target) for row in draws])
+
+
+def interval(values: np.ndarray, level: float = 0.9) -> tuple[float, float]:
+    """Central `level` percentile interval (empirical quantiles: no interpolation, so a ratio's
+    infinite samples stay infinite instead of turning into NaN)."""
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail], method="inverted_cdf")
+    return float(low), float(high)

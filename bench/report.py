@@ -20,7 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.metrics import SLO, RequestRecord, attainment, goodput, percentiles
+from bench.metrics import (
+    SLO,
+    RateCount,
+    RequestRecord,
+    attainment,
+    goodput,
+    goodput_samples,
+    interval,
+    percentiles,
+)
 
 DEFAULT_GRID = {
     "headline": [5.5, 2.0],  # the reference's proportions: TTFT 5.5x prefill, TPOT 2x decode
@@ -28,6 +37,8 @@ DEFAULT_GRID = {
     "tpot": [1.25, 1.5, 2.0, 3.0, 4.0],
 }
 KV_TRANSFER_MS_PER_TOKEN = 0.025  # bench.kv_transfer, shm, this machine: 12.6 ms / 512 tokens
+BOOTSTRAP_SAMPLES = 2000
+INTERVAL_LEVEL = 0.9
 
 
 def loosest_slo(unit: SLO, grid: dict) -> SLO:
@@ -78,6 +89,32 @@ def config_goodput(points: list[dict], slo: SLO, target: float) -> float:
     return goodput([(p["rate"], attainment(_records(p), slo)) for p in points], target)
 
 
+def bootstrap(configs: dict, slo: SLO, target: float, seed: int = 0) -> dict[str, np.ndarray]:
+    """Per configuration, the goodput of BOOTSTRAP_SAMPLES resamples of its requests."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, c in configs.items():
+        counts = []
+        for p in c["points"]:
+            records = _records(p)
+            counts.append(
+                RateCount(p["rate"], round(attainment(records, slo) * len(records)), len(records))
+            )
+        out[name] = goodput_samples(counts, target, BOOTSTRAP_SAMPLES, rng)
+    return out
+
+
+def ratio_samples(configs: dict, samples: dict[str, np.ndarray]) -> np.ndarray | None:
+    """disagg_ratio of each resample (infinite where no colocated configuration passed)."""
+    disagg = [samples[n] for n, c in configs.items() if not c["colocated"]]
+    coloc = [samples[n] for n, c in configs.items() if c["colocated"]]
+    if not disagg or not coloc:
+        return None
+    top, base = np.max(disagg, axis=0), np.max(coloc, axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(base > 0, top / np.where(base > 0, base, 1), np.inf)
+
+
 def slo_map(report: dict) -> list[dict]:
     """Goodput of every configuration at every (TTFT scale, TPOT scale) of the grid."""
     meta, unit = report["meta"], _unit(report)
@@ -118,10 +155,14 @@ def analyze(report: dict, profile: str | None = None, steps: Path | None = None)
     configs = report["configs"]
     rates = {n: config_goodput(c["points"], headline, meta["target"]) for n, c in configs.items()}
     best_coloc = max((rates[n] for n, c in configs.items() if c["colocated"]), default=None)
+    samples = bootstrap(configs, headline, meta["target"])
+    ratios = ratio_samples(configs, samples)
     out = {
         "headline_slo": {"ttft_s": headline.ttft_s, "tpot_s": headline.tpot_s},
         "configs": {},
         "disagg_over_best_colocated": disagg_ratio(configs, rates),
+        "ratio_interval": None if ratios is None else interval(ratios, INTERVAL_LEVEL),
+        "interval_level": INTERVAL_LEVEL,
         "slo_map": slo_map(report),
     }
     predicted = predict(report, profile, headline) if profile else {}
@@ -132,6 +173,7 @@ def analyze(report: dict, profile: str | None = None, steps: Path | None = None)
             "colocated": c["colocated"],
             "cores": c["cores"],
             "goodput_rps": rates[name],
+            "goodput_interval_rps": interval(samples[name], INTERVAL_LEVEL),
             "goodput_per_core": rates[name] / c["cores"],
             "vs_best_colocated": rates[name] / best_coloc if best_coloc else None,
             "curve": curve(c["points"], headline),
@@ -230,31 +272,36 @@ def predict(report: dict, profile: str, slo: SLO, steps: Path | None = None) -> 
     return out
 
 
-def _sim_cells(sim: float | None, measured: float) -> str:
+def _sim_cells(sim: float | None, measured: float, bounds: tuple[float, float]) -> str:
+    """Prediction and its error; `out` where it lies outside the measurement's interval."""
     if sim is None:
         return "- | -"
     err = f"{(sim - measured) / measured:+.0%}" if measured else "-"
-    return f"{sim:.3f} | {err}"
+    outside = " (out)" if not bounds[0] <= sim <= bounds[1] else ""
+    return f"{sim:.3f} | {err}{outside}"
 
 
 def table(analysis: dict) -> str:
     in_situ = any("simulated_in_situ_rps" in r for r in analysis["configs"].values())
-    head = "| configuration | cores | goodput (req/s) | per core | vs best colocated "
-    head += "| simulated goodput | sim error |"
-    rule = "|---|---|---|---|---|---|---|"
+    level = analysis.get("interval_level", INTERVAL_LEVEL)
+    head = f"| configuration | cores | goodput (req/s) | {level:.0%} interval | per core "
+    head += "| vs best colocated | simulated goodput | sim error |"
+    rule = "|---|---|---|---|---|---|---|---|"
     if in_situ:
         head += " simulated, in-server steps | error |"
         rule += "---|---|"
     lines = [head, rule]
     for name, row in analysis["configs"].items():
         vs = row["vs_best_colocated"]
+        low, high = bounds = row["goodput_interval_rps"]
+        measured = row["goodput_rps"]
         line = (
-            f"| {name} | {row['cores']} | {row['goodput_rps']:.3f} | "
+            f"| {name} | {row['cores']} | {measured:.3f} | {low:.3f}-{high:.3f} | "
             f"{row['goodput_per_core']:.3f} | {'-' if vs is None else f'{vs:.2f}x'} | "
-            f"{_sim_cells(row.get('simulated_goodput_rps'), row['goodput_rps'])} |"
+            f"{_sim_cells(row.get('simulated_goodput_rps'), measured, bounds)} |"
         )
         if in_situ:
-            line += f" {_sim_cells(row.get('simulated_in_situ_rps'), row['goodput_rps'])} |"
+            line += f" {_sim_cells(row.get('simulated_in_situ_rps'), measured, bounds)} |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -347,6 +394,10 @@ def write_report(
     plot(analysis, out, report["meta"]["target"])
     meta = report["meta"]
     ratio = analysis["disagg_over_best_colocated"]
+    ratio_text = "-" if ratio is None else f"{ratio:.2f}x"
+    if analysis["ratio_interval"] is not None:
+        low, high = analysis["ratio_interval"]
+        ratio_text += f" ({analysis['interval_level']:.0%} interval {low:.2f}-{high:.2f}x)"
     slo = analysis["headline_slo"]
     summary = "\n\n".join(
         [
@@ -354,8 +405,7 @@ def write_report(
             f"Headline SLO: TTFT <= {slo['ttft_s'] * 1e3:.0f} ms, TPOT <= "
             f"{slo['tpot_s'] * 1e3:.0f} ms (scales {meta['grid']['headline']} of the unit "
             f"{meta['slo_unit']['ttft_s'] * 1e3:.0f} / {meta['slo_unit']['tpot_s'] * 1e3:.1f} "
-            f"ms, {meta['slo_unit']['source']}); disaggregated / best colocated: "
-            + ("-" if ratio is None else f"{ratio:.2f}x"),
+            f"ms, {meta['slo_unit']['source']}); disaggregated / best colocated: " + ratio_text,
             table(analysis),
             "Goodput map (winner, goodput req/s, disaggregated / best colocated):",
             map_table(analysis, meta["grid"]),

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from bench.metrics import (
     SLO,
+    RateCount,
     RequestRecord,
     attainment,
     goodput,
+    goodput_samples,
+    interval,
     summarize,
     tightest_slo_scale,
 )
@@ -55,3 +59,29 @@ def test_tightest_slo_scale_is_the_ninetieth_percentile_ratio():
     records = [rec(0, (i + 1) / 10, (i + 1) / 10 + 9 * (i + 1) / 10, 10) for i in range(10)]
     assert tightest_slo_scale(records, slo, 0.9) == pytest.approx(0.9, abs=1e-9)
     assert tightest_slo_scale([rec(0, None, None, 0, "x")], slo) == math.inf
+
+
+def test_bootstrap_goodput_follows_the_binomial_law_of_the_failing_rates_count():
+    # rate 1: 40 of 40 attain (always resampled as 1.0); rate 2: 32 of 40, so a resample's
+    # count K ~ Binomial(40, 0.8) and its goodput is 1 + 0.1 / (1 - K/40) below 36, else 2
+    n, p, samples = 40, 0.8, 20000
+    points = [RateCount(2.0, 32, n), RateCount(1.0, n, n)]  # order must not matter
+    g = goodput_samples(points, 0.9, samples, np.random.default_rng(1))
+
+    def goodput_of(k: int) -> float:
+        return 1 + 0.1 / (1 - k / n) if k < 36 else 2.0
+
+    cdf = 0.0
+    for k in range(24, 36):
+        cdf += math.comb(n, k) * p**k * (1 - p) ** (n - k)
+        assert np.mean(g <= goodput_of(k) + 1e-12) == pytest.approx(cdf, abs=0.015)
+    low, high = interval(g, 0.9)
+    assert low < goodput([(1.0, 1.0), (2.0, 0.8)], 0.9) < high
+
+
+def test_bootstrap_of_all_or_nothing_rates_has_no_spread():
+    points = [RateCount(1.0, 10, 10), RateCount(2.0, 10, 10), RateCount(3.0, 0, 10)]
+    g = goodput_samples(points, 0.9, 500, np.random.default_rng(0))
+    # every resample: 1.0 at rate 2, 0.0 at rate 3 -> crosses 0.9 at 2.1
+    assert interval(g) == pytest.approx((2.1, 2.1))
+    assert interval(np.array([1.0, np.inf, np.inf, np.inf]), 0.5) == (1.0, np.inf)  # no NaN

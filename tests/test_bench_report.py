@@ -80,8 +80,14 @@ def test_analysis_goodput_ratio_and_slo_map_from_hand_made_curves():
     curve = a["configs"]["disagg"]["curve"]
     assert [p["attainment"] for p in curve] == [1.0, 1.0, 0.8]
     assert curve[2]["ttft_s"]["p90"] == pytest.approx(3.0)
+    # bootstrap over each rate's 10 requests: disagg's rate-3 count K ~ Binomial(10, 0.8), whose
+    # 5% quantile is 6 (goodput 2 + 0.1 / 0.4) and 95% quantile >= 9 (passes: 3.0)
+    assert a["configs"]["disagg"]["goodput_interval_rps"] == pytest.approx((2.25, 3.0))
+    assert a["configs"]["coloc"]["goodput_interval_rps"] == pytest.approx((1.25, 2.0))
+    low, high = a["ratio_interval"]
+    assert low < 2.5 / 1.5 < high and high <= 3.0 / 1.25
     rows = table(a).splitlines()
-    assert rows[2].startswith("| disagg | 2 | 2.500 | 1.250 | 1.67x")
+    assert rows[2].startswith("| disagg | 2 | 2.500 | 2.250-3.000 | 1.250 | 1.67x")
     table_text = map_table(a, report["meta"]["grid"])
     assert "disagg 2.50 (1.67x)" in table_text
     # at the loose cell both passed every tested rate: lower bounds, ratio unknown

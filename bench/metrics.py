@@ -72,12 +72,17 @@ def percentiles(values: list[float], qs=(50, 90, 99)) -> dict[str, float]:
     return {f"p{q}": float(np.percentile(finite, q)) for q in qs}
 
 
-def summarize(records: list[RequestRecord], slo: SLO, duration_s: float) -> dict:
+def summarize(
+    records: list[RequestRecord], slo: SLO, duration_s: float, target: float = 0.9
+) -> dict:
     return {
         "requests": len(records),
         "errors": sum(not r.ok for r in records),
         "throughput_rps": len(records) / duration_s if duration_s > 0 else 0.0,
         "attainment": attainment(records, slo),
+        # the SLO-scale sweep at this rate: how far both targets could shrink (< 1) or must
+        # grow (> 1) for `target` of the requests to meet them
+        "tightest_slo_scale": tightest_slo_scale(records, slo, target),
         "ttft_s": percentiles([r.ttft_s for r in records]),
         "tpot_s": percentiles([r.tpot_s for r in records]),
         "e2e_s": percentiles([r.e2e_s for r in records]),
@@ -96,6 +101,20 @@ def goodput(points: list[tuple[float, float]], target: float = 0.9) -> float:
         return r0
     r1, a1 = min(failing)
     return r0 + (r1 - r0) * (a0 - target) / (a0 - a1)  # where the line crosses the target
+
+
+def goodput_range(points: list[tuple[float, float]], target: float = 0.9) -> tuple[float, float]:
+    """What a sweep says about goodput: (g, g) where it brackets the crossing; (highest rate,
+    inf) where every tested rate met the target; (0, lowest rate) where none did."""
+    met = [a >= target for _, a in points]
+    if not points:
+        return 0.0, math.inf
+    if all(met):
+        return max(r for r, _ in points), math.inf
+    if not any(met):
+        return 0.0, min(r for r, _ in points)
+    g = goodput(points, target)
+    return g, g
 
 
 def tightest_slo_scale(

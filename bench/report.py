@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,9 +27,11 @@ from bench.metrics import (
     RequestRecord,
     attainment,
     goodput,
+    goodput_range,
     goodput_samples,
     interval,
     percentiles,
+    tightest_slo_scale,
 )
 
 DEFAULT_GRID = {
@@ -68,8 +71,9 @@ def _unit(report: dict) -> SLO:
     return SLO(u["ttft_s"], u["tpot_s"])
 
 
-def curve(points: list[dict], slo: SLO) -> list[dict]:
-    """Per measured rate: attainment and latency percentiles."""
+def curve(points: list[dict], slo: SLO, target: float) -> list[dict]:
+    """Per measured rate: attainment, the tightest scale of `slo` it meets at `target`, and
+    latency percentiles."""
     rows = []
     for p in points:
         records = _records(p)
@@ -77,6 +81,7 @@ def curve(points: list[dict], slo: SLO) -> list[dict]:
             {
                 "rate": p["rate"],
                 "attainment": attainment(records, slo),
+                "tightest_slo_scale": tightest_slo_scale(records, slo, target),
                 "errors": sum(not r.ok for r in records),
                 "ttft_s": percentiles([r.ttft_s for r in records]),
                 "tpot_s": percentiles([r.tpot_s for r in records]),
@@ -85,8 +90,9 @@ def curve(points: list[dict], slo: SLO) -> list[dict]:
     return rows
 
 
-def config_goodput(points: list[dict], slo: SLO, target: float) -> float:
-    return goodput([(p["rate"], attainment(_records(p), slo)) for p in points], target)
+def sweep_of(points: list[dict], slo: SLO) -> list[tuple[float, float]]:
+    """(rate, attainment) of each measured rate under `slo`."""
+    return [(p["rate"], attainment(_records(p), slo)) for p in points]
 
 
 def bootstrap(configs: dict, slo: SLO, target: float, seed: int = 0) -> dict[str, np.ndarray]:
@@ -122,20 +128,29 @@ def slo_map(report: dict) -> list[dict]:
     for kt in meta["grid"]["ttft"]:
         for kp in meta["grid"]["tpot"]:
             slo = unit.scaled_each(kt, kp)
-            rates = {
-                name: config_goodput(c["points"], slo, meta["target"])
-                for name, c in report["configs"].items()
-            }
-            # never failed within the sweep: goodput is at least the highest rate tested
-            open_ended = [
-                name
-                for name, c in report["configs"].items()
-                if all(attainment(_records(p), slo) >= meta["target"] for p in c["points"])
-            ]
+            sweeps = {n: sweep_of(c["points"], slo) for n, c in report["configs"].items()}
             cells.append(
-                {"ttft_scale": kt, "tpot_scale": kp, "goodput": rates, "at_least": open_ended}
+                {
+                    "ttft_scale": kt,
+                    "tpot_scale": kp,
+                    "goodput": {n: goodput(s, meta["target"]) for n, s in sweeps.items()},
+                    # where the sweep did not bracket the crossing: a one-sided bound
+                    "range": {n: goodput_range(s, meta["target"]) for n, s in sweeps.items()},
+                }
             )
     return cells
+
+
+def ratio_range(colocated: set[str], ranges: dict[str, tuple[float, float]]):
+    """Range of best disaggregated / best colocated goodput given each goodput's range (None
+    when either side is missing)."""
+    disagg = [r for n, r in ranges.items() if n not in colocated]
+    coloc = [r for n, r in ranges.items() if n in colocated]
+    if not disagg or not coloc:
+        return None
+    d_lo, d_hi = max(lo for lo, _ in disagg), max(hi for _, hi in disagg)
+    c_lo, c_hi = max(lo for lo, _ in coloc), max(hi for _, hi in coloc)
+    return d_lo / c_hi, d_hi / c_lo if c_lo > 0 else math.inf
 
 
 def disagg_ratio(configs: dict, rates: dict[str, float]) -> float | None:
@@ -153,7 +168,10 @@ def analyze(report: dict, profile: str | None = None, steps: Path | None = None)
     meta, unit = report["meta"], _unit(report)
     headline = unit.scaled_each(*meta["grid"]["headline"])
     configs = report["configs"]
-    rates = {n: config_goodput(c["points"], headline, meta["target"]) for n, c in configs.items()}
+    sweeps = {n: sweep_of(c["points"], headline) for n, c in configs.items()}
+    rates = {n: goodput(s, meta["target"]) for n, s in sweeps.items()}
+    ranges = {n: goodput_range(s, meta["target"]) for n, s in sweeps.items()}
+    colocated = {n for n, c in configs.items() if c["colocated"]}
     best_coloc = max((rates[n] for n, c in configs.items() if c["colocated"]), default=None)
     samples = bootstrap(configs, headline, meta["target"])
     ratios = ratio_samples(configs, samples)
@@ -161,6 +179,7 @@ def analyze(report: dict, profile: str | None = None, steps: Path | None = None)
         "headline_slo": {"ttft_s": headline.ttft_s, "tpot_s": headline.tpot_s},
         "configs": {},
         "disagg_over_best_colocated": disagg_ratio(configs, rates),
+        "ratio_range": ratio_range(colocated, ranges),
         "ratio_interval": None if ratios is None else interval(ratios, INTERVAL_LEVEL),
         "interval_level": INTERVAL_LEVEL,
         "slo_map": slo_map(report),
@@ -173,16 +192,19 @@ def analyze(report: dict, profile: str | None = None, steps: Path | None = None)
             "colocated": c["colocated"],
             "cores": c["cores"],
             "goodput_rps": rates[name],
+            "goodput_range_rps": ranges[name],
             "goodput_interval_rps": interval(samples[name], INTERVAL_LEVEL),
             "goodput_per_core": rates[name] / c["cores"],
             "vs_best_colocated": rates[name] / best_coloc if best_coloc else None,
-            "curve": curve(c["points"], headline),
+            "curve": curve(c["points"], headline, meta["target"]),
         }
         if name in predicted:
             row["simulated_goodput_rps"] = predicted[name]["goodput_rps"]
+            row["simulated_range_rps"] = predicted[name]["range"]
             row["simulated_curve"] = predicted[name]["curve"]
         if name in in_situ:
             row["simulated_in_situ_rps"] = in_situ[name]["goodput_rps"]
+            row["simulated_in_situ_range_rps"] = in_situ[name]["range"]
             row["in_situ_fit"] = in_situ[name]["fit"]
         out["configs"][name] = row
     return out
@@ -268,17 +290,56 @@ def predict(report: dict, profile: str, slo: SLO, steps: Path | None = None) -> 
             (float(r), sim_attainment(simulate(placement, sim_requests(meta, r)), sim_slo))
             for r in grid
         ]
-        out[name] = {"goodput_rps": goodput(curve_, meta["target"]), "curve": curve_, "fit": fit}
+        out[name] = {
+            "goodput_rps": goodput(curve_, meta["target"]),
+            "range": goodput_range(curve_, meta["target"]),
+            "curve": curve_,
+            "fit": fit,
+        }
     return out
 
 
-def _sim_cells(sim: float | None, measured: float, bounds: tuple[float, float]) -> str:
+def bounded_text(lo: float, hi: float, fmt, below: str = "<=") -> str:
+    """A value, or the one-sided bound a sweep gives (`>=` / `below`), or `?`."""
+    if lo == hi:
+        return fmt(lo)
+    if hi == math.inf:
+        return "?" if lo == 0 else ">=" + fmt(lo)
+    if lo == 0:
+        return below + fmt(hi)
+    return f"{fmt(lo)}-{fmt(hi)}"
+
+
+def error_text(sim: tuple[float, float], measured: tuple[float, float]) -> str:
+    """Relative error of a prediction, or the bound on it that two ranges allow."""
+    (s_lo, s_hi), (m_lo, m_hi) = sim, measured
+    lo = s_lo / m_hi - 1
+    hi = s_hi / m_lo - 1 if m_lo > 0 else math.inf
+    if lo == hi:
+        return f"{lo:+.0%}"
+    if lo > 0:
+        return f">= {lo:+.0%}"
+    if hi < 0:
+        return f"<= {hi:+.0%}"
+    return "-"
+
+
+def _goodput_text(bounds: tuple[float, float]) -> str:
+    return bounded_text(*bounds, "{:.3f}".format, below="<")
+
+
+def _ratio_text(bounds: tuple[float, float] | None) -> str:
+    return "-" if bounds is None else bounded_text(*bounds, "{:.2f}x".format)
+
+
+def _sim_cells(row: dict, key: str) -> str:
     """Prediction and its error; `out` where it lies outside the measurement's interval."""
-    if sim is None:
+    if f"{key}_rps" not in row:
         return "- | -"
-    err = f"{(sim - measured) / measured:+.0%}" if measured else "-"
-    outside = " (out)" if not bounds[0] <= sim <= bounds[1] else ""
-    return f"{sim:.3f} | {err}{outside}"
+    sim = row[f"{key}_range_rps"]
+    low, high = row["goodput_interval_rps"]
+    outside = " (out)" if sim[0] > high or sim[1] < low else ""
+    return f"{_goodput_text(sim)} | {error_text(sim, row['goodput_range_rps'])}{outside}"
 
 
 def table(analysis: dict) -> str:
@@ -293,25 +354,39 @@ def table(analysis: dict) -> str:
     lines = [head, rule]
     for name, row in analysis["configs"].items():
         vs = row["vs_best_colocated"]
-        low, high = bounds = row["goodput_interval_rps"]
-        measured = row["goodput_rps"]
+        low, high = row["goodput_interval_rps"]
         line = (
-            f"| {name} | {row['cores']} | {measured:.3f} | {low:.3f}-{high:.3f} | "
-            f"{row['goodput_per_core']:.3f} | {'-' if vs is None else f'{vs:.2f}x'} | "
-            f"{_sim_cells(row.get('simulated_goodput_rps'), measured, bounds)} |"
+            f"| {name} | {row['cores']} | {_goodput_text(row['goodput_range_rps'])} | "
+            f"{low:.3f}-{high:.3f} | {row['goodput_per_core']:.3f} | "
+            f"{'-' if vs is None else f'{vs:.2f}x'} | {_sim_cells(row, 'simulated')} |"
         )
         if in_situ:
-            line += f" {_sim_cells(row.get('simulated_in_situ_rps'), measured, bounds)} |"
+            line += f" {_sim_cells(row, 'simulated_in_situ')} |"
         lines.append(line)
+    return "\n".join(lines)
+
+
+def scale_table(analysis: dict) -> str:
+    """The SLO-scale sweep: per configuration and measured rate, the smallest multiple of the
+    headline SLO (TTFT and TPOT together) that the rate still meets."""
+    configs = analysis["configs"]
+    rates = sorted({p["rate"] for row in configs.values() for p in row["curve"]})
+    lines = [
+        "| configuration | " + " | ".join(f"{r:g} req/s" for r in rates) + " |",
+        "|---" * (len(rates) + 1) + "|",
+    ]
+    for name, row in configs.items():
+        scale = {p["rate"]: p["tightest_slo_scale"] for p in row["curve"]}
+        cells = [f"{scale[r]:.2f}" if r in scale else "-" for r in rates]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def map_table(analysis: dict, grid: dict) -> str:
     """Rows: TTFT scale; columns: TPOT scale; cell: winner and disagg / best colocated.
-    `>=` marks a configuration that met the SLO at every tested rate (a lower bound); a ratio
-    between two lower bounds is unknown (`?`)."""
-    configs = analysis["configs"]
-    colocated = {n for n, r in configs.items() if r["colocated"]}
+    `>=` marks a configuration that met the SLO at every tested rate (a lower bound), `<=` a
+    ratio bounded by one; a ratio between two such bounds is unknown (`?`)."""
+    colocated = {n for n, r in analysis["configs"].items() if r["colocated"]}
     head = "| TTFT x \\ TPOT x | " + " | ".join(f"{k:g}" for k in grid["tpot"]) + " |"
     lines = [head, "|---" * (len(grid["tpot"]) + 1) + "|"]
     for kt in grid["ttft"]:
@@ -319,28 +394,15 @@ def map_table(analysis: dict, grid: dict) -> str:
         for cell in analysis["slo_map"]:
             if cell["ttft_scale"] != kt:
                 continue
-            rates, bounds = cell["goodput"], set(cell["at_least"])
+            rates, ranges = cell["goodput"], cell["range"]
             best = max(rates, key=rates.get)
-            ratio = _ratio_text(rates, colocated, bounds)
-            bound = ">=" if best in bounds else ""
+            bound = ">=" if ranges[best][1] == math.inf else ""
+            ratio = _ratio_text(ratio_range(colocated, ranges))
             cells.append(
                 "none" if rates[best] == 0 else f"{best} {bound}{rates[best]:.2f} ({ratio})"
             )
         lines.append(f"| {kt:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _ratio_text(rates: dict[str, float], colocated: set[str], bounds: set[str]) -> str:
-    """Best disaggregated / best colocated, with >= / <= / ? where a side is a lower bound."""
-    disagg = {n: v for n, v in rates.items() if n not in colocated}
-    coloc = {n: v for n, v in rates.items() if n in colocated}
-    if not disagg or not coloc or max(coloc.values()) == 0:
-        return "-"
-    d, c = max(disagg, key=disagg.get), max(coloc, key=coloc.get)
-    value = f"{rates[d] / rates[c]:.2f}x"
-    if d in bounds and c in bounds:
-        return "?"
-    return (">=" if d in bounds else "<=" if c in bounds else "") + value
 
 
 def plot(analysis: dict, out: Path, target: float) -> list[Path]:
@@ -385,16 +447,26 @@ def plot(analysis: dict, out: Path, target: float) -> list[Path]:
     return paths
 
 
+def _finite(obj):
+    """JSON has no infinity: an unbounded side is written as null."""
+    if isinstance(obj, float) and math.isinf(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_report(
     report: dict, out: Path, profile: str | None = None, steps: Path | None = None
 ) -> str:
     """analysis.json, summary.md and the plots into `out`; returns the summary."""
     analysis = analyze(report, profile, steps)
-    (out / "analysis.json").write_text(json.dumps(analysis, indent=1))
+    (out / "analysis.json").write_text(json.dumps(_finite(analysis), indent=1))
     plot(analysis, out, report["meta"]["target"])
     meta = report["meta"]
-    ratio = analysis["disagg_over_best_colocated"]
-    ratio_text = "-" if ratio is None else f"{ratio:.2f}x"
+    ratio_text = _ratio_text(analysis["ratio_range"])
     if analysis["ratio_interval"] is not None:
         low, high = analysis["ratio_interval"]
         ratio_text += f" ({analysis['interval_level']:.0%} interval {low:.2f}-{high:.2f}x)"
@@ -409,6 +481,9 @@ def write_report(
             table(analysis),
             "Goodput map (winner, goodput req/s, disaggregated / best colocated):",
             map_table(analysis, meta["grid"]),
+            f"Tightest SLO scale met by {meta['target']:.0%} of the requests at each measured "
+            "rate (a multiple of the headline SLO; below 1: room to spare):",
+            scale_table(analysis),
         ]
     )
     (out / "summary.md").write_text(summary + "\n")

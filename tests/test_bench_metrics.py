@@ -13,6 +13,7 @@ from bench.metrics import (
     RequestRecord,
     attainment,
     goodput,
+    goodput_range,
     goodput_samples,
     interval,
     summarize,
@@ -43,6 +44,11 @@ def test_attainment_needs_both_targets_and_counts_failures_as_misses():
     s = summarize(records, SLO(0.2, 0.15), duration_s=2.0)
     assert s["errors"] == 1 and s["throughput_rps"] == 2.0 and s["attainment"] == 0.25
     assert s["ttft_s"]["p50"] == pytest.approx(0.1)
+    # 90% of 4 needs the failed request too: no scale will do; half needs the tpot-slow one,
+    # whose 2.9 s over 9 tokens is 2.15x the 0.15 s target
+    assert s["tightest_slo_scale"] == math.inf
+    half = summarize(records, SLO(0.2, 0.15), duration_s=2.0, target=0.5)
+    assert half["tightest_slo_scale"] == pytest.approx(2.9 / 9 / 0.15)
 
 
 def test_goodput_interpolates_between_the_last_pass_and_the_first_fail():
@@ -51,6 +57,10 @@ def test_goodput_interpolates_between_the_last_pass_and_the_first_fail():
     assert goodput(sweep, 0.9) == pytest.approx(2.5)
     assert goodput([(1.0, 0.95), (2.0, 0.92)], 0.9) == 2.0  # never failed: the last tested rate
     assert goodput([(1.0, 0.5)], 0.9) == 0.0
+    # what the sweep bounds: bracketed, open above, below its lowest rate
+    assert goodput_range(sweep, 0.9) == pytest.approx((2.5, 2.5))
+    assert goodput_range([(1.0, 0.95), (2.0, 0.92)], 0.9) == (2.0, math.inf)
+    assert goodput_range([(1.0, 0.5), (2.0, 0.3)], 0.9) == (0.0, 1.0)
 
 
 def test_tightest_slo_scale_is_the_ninetieth_percentile_ratio():

@@ -4,13 +4,23 @@ validated by the app's own schema; the simulator replays the load generator's sc
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 
 from bench.experiment import CONFIGURATIONS, RatePoint, app_args, merge, sweep
 from bench.metrics import SLO, RequestRecord
-from bench.report import analyze, map_table, plot, sim_requests, table
+from bench.report import (
+    analyze,
+    bounded_text,
+    error_text,
+    map_table,
+    plot,
+    scale_table,
+    sim_requests,
+    table,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -80,6 +90,11 @@ def test_analysis_goodput_ratio_and_slo_map_from_hand_made_curves():
     curve = a["configs"]["disagg"]["curve"]
     assert [p["attainment"] for p in curve] == [1.0, 1.0, 0.8]
     assert curve[2]["ttft_s"]["p90"] == pytest.approx(3.0)
+    # SLO-scale sweep: 9 of 10 must pass; at rate 3 that takes a "bad" request (ttft 3 s of 1,
+    # tpot 1 s of 0.2): 5x; where all are good, 0.5x (ttft 0.5 of 1, tpot 0.1 of 0.2)
+    assert [p["tightest_slo_scale"] for p in curve] == pytest.approx([0.5, 0.5, 5.0])
+    scales = scale_table(a)
+    assert "| disagg | 0.50 | 0.50 | 5.00 |" in scales and "| coloc | 0.50 | 5.00 | - |" in scales
     # bootstrap over each rate's 10 requests: disagg's rate-3 count K ~ Binomial(10, 0.8), whose
     # 5% quantile is 6 (goodput 2 + 0.1 / 0.4) and 95% quantile >= 9 (passes: 3.0)
     assert a["configs"]["disagg"]["goodput_interval_rps"] == pytest.approx((2.25, 3.0))
@@ -91,7 +106,26 @@ def test_analysis_goodput_ratio_and_slo_map_from_hand_made_curves():
     table_text = map_table(a, report["meta"]["grid"])
     assert "disagg 2.50 (1.67x)" in table_text
     # at the loose cell both passed every tested rate: lower bounds, ratio unknown
-    assert loose["at_least"] == ["disagg", "coloc"] and "disagg >=3.00 (?)" in table_text
+    assert loose["range"] == {"disagg": (3.0, math.inf), "coloc": (2.0, math.inf)}
+    assert "disagg >=3.00 (?)" in table_text
+
+
+def test_a_sweep_that_never_passes_is_reported_as_below_its_lowest_rate():
+    # the pair fails at every rate (goodput < 1.0); coloc crosses at 1.5
+    report = _report(
+        {"disagg": (False, [(1.0, 8), (2.0, 5)]), "coloc": (True, [(1.0, 10), (2.0, 8)])}
+    )
+    a = analyze(report)
+    assert a["configs"]["disagg"]["goodput_range_rps"] == (0.0, 1.0)
+    assert a["ratio_range"] == pytest.approx((0.0, 1.0 / 1.5))
+    assert table(a).splitlines()[2].startswith("| disagg | 2 | <1.000 |")
+    # a prediction of 1.2 req/s is at least 20% above a goodput below 1.0; 0.5 cannot be judged
+    assert error_text((1.2, 1.2), (0.0, 1.0)) == ">= +20%"
+    assert error_text((0.5, 0.5), (0.0, 1.0)) == "-"
+    # a prediction of 1.5 against a goodput of at least 2.0 (never failed) is >= 25% low
+    assert error_text((1.5, 1.5), (2.0, math.inf)) == "<= -25%"
+    assert error_text((2.4, 2.4), (2.0, 2.0)) == "+20%"
+    assert bounded_text(0.0, math.inf, str) == "?"
 
 
 def test_plots_are_written_as_png(tmp_path):

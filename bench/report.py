@@ -148,9 +148,17 @@ def ratio_range(colocated: set[str], ranges: dict[str, tuple[float, float]]):
     coloc = [r for n, r in ranges.items() if n in colocated]
     if not disagg or not coloc:
         return None
-    d_lo, d_hi = max(lo for lo, _ in disagg), max(hi for _, hi in disagg)
-    c_lo, c_hi = max(lo for lo, _ in coloc), max(hi for _, hi in coloc)
-    return d_lo / c_hi, d_hi / c_lo if c_lo > 0 else math.inf
+    return quotient(best_of(disagg), best_of(coloc))
+
+
+def best_of(ranges: list[tuple[float, float]]) -> tuple[float, float]:
+    """Range of the largest of several goodputs given as ranges."""
+    return max(lo for lo, _ in ranges), max(hi for _, hi in ranges)
+
+
+def quotient(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    """Range of a / b for two ranges of positive quantities."""
+    return a[0] / b[1], a[1] / b[0] if b[0] > 0 else math.inf
 
 
 def disagg_ratio(configs: dict, rates: dict[str, float]) -> float | None:
@@ -172,6 +180,7 @@ def analyze(report: dict, profile: str | None = None, steps: Path | None = None)
     rates = {n: goodput(s, meta["target"]) for n, s in sweeps.items()}
     ranges = {n: goodput_range(s, meta["target"]) for n, s in sweeps.items()}
     colocated = {n for n, c in configs.items() if c["colocated"]}
+    coloc_ranges = [ranges[n] for n in colocated]
     best_coloc = max((rates[n] for n, c in configs.items() if c["colocated"]), default=None)
     samples = bootstrap(configs, headline, meta["target"])
     ratios = ratio_samples(configs, samples)
@@ -196,11 +205,14 @@ def analyze(report: dict, profile: str | None = None, steps: Path | None = None)
             "goodput_interval_rps": interval(samples[name], INTERVAL_LEVEL),
             "goodput_per_core": rates[name] / c["cores"],
             "vs_best_colocated": rates[name] / best_coloc if best_coloc else None,
+            "vs_best_colocated_range": quotient(ranges[name], best_of(coloc_ranges))
+            if coloc_ranges
+            else None,
             "curve": curve(c["points"], headline, meta["target"]),
         }
         if name in predicted:
             row["simulated_goodput_rps"] = predicted[name]["goodput_rps"]
-            row["simulated_range_rps"] = predicted[name]["range"]
+            row["simulated_goodput_range_rps"] = predicted[name]["range"]
             row["simulated_curve"] = predicted[name]["curve"]
         if name in in_situ:
             row["simulated_in_situ_rps"] = in_situ[name]["goodput_rps"]
@@ -353,12 +365,13 @@ def table(analysis: dict) -> str:
         rule += "---|---|"
     lines = [head, rule]
     for name, row in analysis["configs"].items():
-        vs = row["vs_best_colocated"]
         low, high = row["goodput_interval_rps"]
+        per_core = tuple(v / row["cores"] for v in row["goodput_range_rps"])
         line = (
             f"| {name} | {row['cores']} | {_goodput_text(row['goodput_range_rps'])} | "
-            f"{low:.3f}-{high:.3f} | {row['goodput_per_core']:.3f} | "
-            f"{'-' if vs is None else f'{vs:.2f}x'} | {_sim_cells(row, 'simulated')} |"
+            f"{low:.3f}-{high:.3f} | {_goodput_text(per_core)} | "
+            f"{_ratio_text(row['vs_best_colocated_range'])} | "
+            f"{_sim_cells(row, 'simulated_goodput')} |"
         )
         if in_situ:
             line += f" {_sim_cells(row, 'simulated_in_situ')} |"

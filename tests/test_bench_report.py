@@ -118,9 +118,13 @@ def test_a_sweep_that_never_passes_is_reported_as_below_its_lowest_rate():
     a = analyze(report)
     assert a["configs"]["disagg"]["goodput_range_rps"] == (0.0, 1.0)
     assert a["ratio_range"] == pytest.approx((0.0, 1.0 / 1.5))
-    assert table(a).splitlines()[2].startswith("| disagg | 2 | <1.000 |")
-    # a prediction of 1.2 req/s is at least 20% above a goodput below 1.0; 0.5 cannot be judged
-    assert error_text((1.2, 1.2), (0.0, 1.0)) == ">= +20%"
+    # a prediction of 1.2 req/s is at least 20% above a goodput below 1.0
+    a["configs"]["disagg"]["simulated_goodput_rps"] = 1.2
+    a["configs"]["disagg"]["simulated_goodput_range_rps"] = (1.2, 1.2)
+    row = table(a).splitlines()[2]
+    assert row.startswith("| disagg | 2 | <1.000 |")
+    assert "| <0.500 | <=0.67x | 1.200 | >= +20%" in row
+    # and a prediction of 0.5 cannot be judged against it
     assert error_text((0.5, 0.5), (0.0, 1.0)) == "-"
     # a prediction of 1.5 against a goodput of at least 2.0 (never failed) is >= 25% low
     assert error_text((1.5, 1.5), (2.0, math.inf)) == "<= -25%"

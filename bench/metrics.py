@@ -105,10 +105,11 @@ def goodput(points: list[tuple[float, float]], target: float = 0.9) -> float:
 
 def goodput_range(points: list[tuple[float, float]], target: float = 0.9) -> tuple[float, float]:
     """What a sweep says about goodput: (g, g) where it brackets the crossing; (highest rate,
-    inf) where every tested rate met the target; (0, lowest rate) where none did."""
-    met = [a >= target for _, a in points]
+    inf) where every tested rate met the target; (0, lowest rate) where none did. The low end
+    is always `goodput(points, target)`."""
     if not points:
         return 0.0, math.inf
+    met = [a >= target for _, a in points]
     if all(met):
         return max(r for r, _ in points), math.inf
     if not any(met):

@@ -26,7 +26,6 @@ from bench.metrics import (
     RateCount,
     RequestRecord,
     attainment,
-    goodput,
     goodput_range,
     goodput_samples,
     interval,
@@ -110,12 +109,19 @@ def bootstrap(configs: dict, slo: SLO, target: float, seed: int = 0) -> dict[str
     return out
 
 
-def ratio_samples(configs: dict, samples: dict[str, np.ndarray]) -> np.ndarray | None:
+def sides(colocated: set[str], values: dict) -> tuple[list, list] | None:
+    """Per-configuration values split into (disaggregated, colocated); None when a side is
+    empty, so that no ratio of the two exists."""
+    disagg = [v for n, v in values.items() if n not in colocated]
+    coloc = [v for n, v in values.items() if n in colocated]
+    return (disagg, coloc) if disagg and coloc else None
+
+
+def ratio_samples(colocated: set[str], samples: dict[str, np.ndarray]) -> np.ndarray | None:
     """disagg_ratio of each resample (infinite where no colocated configuration passed)."""
-    disagg = [samples[n] for n, c in configs.items() if not c["colocated"]]
-    coloc = [samples[n] for n, c in configs.items() if c["colocated"]]
-    if not disagg or not coloc:
+    if (split := sides(colocated, samples)) is None:
         return None
+    disagg, coloc = split
     top, base = np.max(disagg, axis=0), np.max(coloc, axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(base > 0, top / np.where(base > 0, base, 1), np.inf)
@@ -128,27 +134,22 @@ def slo_map(report: dict) -> list[dict]:
     for kt in meta["grid"]["ttft"]:
         for kp in meta["grid"]["tpot"]:
             slo = unit.scaled_each(kt, kp)
-            sweeps = {n: sweep_of(c["points"], slo) for n, c in report["configs"].items()}
-            cells.append(
-                {
-                    "ttft_scale": kt,
-                    "tpot_scale": kp,
-                    "goodput": {n: goodput(s, meta["target"]) for n, s in sweeps.items()},
-                    # where the sweep did not bracket the crossing: a one-sided bound
-                    "range": {n: goodput_range(s, meta["target"]) for n, s in sweeps.items()},
-                }
-            )
+            # where the sweep did not bracket the crossing: a one-sided bound
+            ranges = {
+                n: goodput_range(sweep_of(c["points"], slo), meta["target"])
+                for n, c in report["configs"].items()
+            }
+            goodputs = {n: lo for n, (lo, _) in ranges.items()}
+            cells.append({"ttft_scale": kt, "tpot_scale": kp, "goodput": goodputs, "range": ranges})
     return cells
 
 
 def ratio_range(colocated: set[str], ranges: dict[str, tuple[float, float]]):
     """Range of best disaggregated / best colocated goodput given each goodput's range (None
     when either side is missing)."""
-    disagg = [r for n, r in ranges.items() if n not in colocated]
-    coloc = [r for n, r in ranges.items() if n in colocated]
-    if not disagg or not coloc:
+    if (split := sides(colocated, ranges)) is None:
         return None
-    return quotient(best_of(disagg), best_of(coloc))
+    return quotient(*map(best_of, split))
 
 
 def best_of(ranges: list[tuple[float, float]]) -> tuple[float, float]:
@@ -161,12 +162,11 @@ def quotient(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, flo
     return a[0] / b[1], a[1] / b[0] if b[0] > 0 else math.inf
 
 
-def disagg_ratio(configs: dict, rates: dict[str, float]) -> float | None:
+def disagg_ratio(colocated: set[str], rates: dict[str, float]) -> float | None:
     """Best disaggregated goodput / best colocated goodput (None when either is missing)."""
-    disagg = [rates[n] for n, c in configs.items() if not c["colocated"]]
-    coloc = [rates[n] for n, c in configs.items() if c["colocated"]]
-    if not disagg or not coloc:
+    if (split := sides(colocated, rates)) is None:
         return None
+    disagg, coloc = split
     if max(coloc) == 0:
         return float("inf") if max(disagg) > 0 else None
     return max(disagg) / max(coloc)
@@ -176,18 +176,20 @@ def analyze(report: dict, profile: str | None = None, steps: Path | None = None)
     meta, unit = report["meta"], _unit(report)
     headline = unit.scaled_each(*meta["grid"]["headline"])
     configs = report["configs"]
-    sweeps = {n: sweep_of(c["points"], headline) for n, c in configs.items()}
-    rates = {n: goodput(s, meta["target"]) for n, s in sweeps.items()}
-    ranges = {n: goodput_range(s, meta["target"]) for n, s in sweeps.items()}
+    ranges = {
+        n: goodput_range(sweep_of(c["points"], headline), meta["target"])
+        for n, c in configs.items()
+    }
+    rates = {n: lo for n, (lo, _) in ranges.items()}  # the range's low end is the goodput
     colocated = {n for n, c in configs.items() if c["colocated"]}
     coloc_ranges = [ranges[n] for n in colocated]
-    best_coloc = max((rates[n] for n, c in configs.items() if c["colocated"]), default=None)
+    best_coloc = max((rates[n] for n in colocated), default=None)
     samples = bootstrap(configs, headline, meta["target"])
-    ratios = ratio_samples(configs, samples)
+    ratios = ratio_samples(colocated, samples)
     out = {
         "headline_slo": {"ttft_s": headline.ttft_s, "tpot_s": headline.tpot_s},
         "configs": {},
-        "disagg_over_best_colocated": disagg_ratio(configs, rates),
+        "disagg_over_best_colocated": disagg_ratio(colocated, rates),
         "ratio_range": ratio_range(colocated, ranges),
         "ratio_interval": None if ratios is None else interval(ratios, INTERVAL_LEVEL),
         "interval_level": INTERVAL_LEVEL,
@@ -302,12 +304,8 @@ def predict(report: dict, profile: str, slo: SLO, steps: Path | None = None) -> 
             (float(r), sim_attainment(simulate(placement, sim_requests(meta, r)), sim_slo))
             for r in grid
         ]
-        out[name] = {
-            "goodput_rps": goodput(curve_, meta["target"]),
-            "range": goodput_range(curve_, meta["target"]),
-            "curve": curve_,
-            "fit": fit,
-        }
+        bounds = goodput_range(curve_, meta["target"])
+        out[name] = {"goodput_rps": bounds[0], "range": bounds, "curve": curve_, "fit": fit}
     return out
 
 
@@ -346,9 +344,8 @@ def _ratio_text(bounds: tuple[float, float] | None) -> str:
 
 def _sim_cells(row: dict, key: str) -> str:
     """Prediction and its error; `out` where it lies outside the measurement's interval."""
-    if f"{key}_rps" not in row:
+    if (sim := row.get(f"{key}_range_rps")) is None:
         return "- | -"
-    sim = row[f"{key}_range_rps"]
     low, high = row["goodput_interval_rps"]
     outside = " (out)" if sim[0] > high or sim[1] < low else ""
     return f"{_goodput_text(sim)} | {error_text(sim, row['goodput_range_rps'])}{outside}"

@@ -61,6 +61,8 @@ def test_goodput_interpolates_between_the_last_pass_and_the_first_fail():
     assert goodput_range(sweep, 0.9) == pytest.approx((2.5, 2.5))
     assert goodput_range([(1.0, 0.95), (2.0, 0.92)], 0.9) == (2.0, math.inf)
     assert goodput_range([(1.0, 0.5), (2.0, 0.3)], 0.9) == (0.0, 1.0)
+    for points in (sweep, [(1.0, 0.95), (2.0, 0.92)], [(1.0, 0.5), (2.0, 0.3)], []):
+        assert goodput_range(points, 0.9)[0] == goodput(points, 0.9)  # the report relies on it
 
 
 def test_tightest_slo_scale_is_the_ninetieth_percentile_ratio():

@@ -271,7 +271,7 @@ def placement_for(args: dict, entry):
 
 def step_entry(trace_dir: Path, base):
     """The latency model fitted to one configuration's in-server steps (placement/
-    step_traces.py) -> (entry, contention, fit report), or None with too few steps."""
+    step_traces.py: entry, contention, wander, report), or None with too few steps."""
     from placement.step_traces import fit_traces
 
     return fit_traces([trace_dir], base)
@@ -283,7 +283,8 @@ def predict(report: dict, profile: str, slo: SLO, steps: Path | None = None) -> 
     from placement.latency_model import Profile
     from placement.simulator import SLO as SimSLO
     from placement.simulator import attainment as sim_attainment
-    from placement.simulator import simulate
+    from placement.simulator import simulate_draws
+    from placement.step_traces import TraceFit
 
     meta = report["meta"]
     loaded = Profile.load(profile)
@@ -291,20 +292,24 @@ def predict(report: dict, profile: str, slo: SLO, steps: Path | None = None) -> 
     sim_slo = SimSLO(slo.ttft_s * 1e3, slo.tpot_s * 1e3)
     out = {}
     for name, c in report["configs"].items():
-        entry, contention, fit = base, loaded.node_contention, None
+        source = TraceFit(base, loaded.node_contention, loaded.step_wander, {})
         if steps is not None:
-            fitted = step_entry(steps / name, base)
-            if fitted is None:
+            source = step_entry(steps / name, base)
+            if source is None:
                 continue
-            entry, contention, fit = fitted
-        placement = replace(placement_for(c["args"], entry), node_contention=contention)
+        placement = replace(
+            placement_for(c["args"], source.entry),
+            node_contention=source.contention,
+            wander=source.wander,
+        )
         top = 1.5 * max(p["rate"] for p in c["points"])
         grid = np.linspace(top / 60, top, 60)
         curve_ = [
-            (float(r), sim_attainment(simulate(placement, sim_requests(meta, r)), sim_slo))
+            (float(r), sim_attainment(simulate_draws(placement, sim_requests(meta, r)), sim_slo))
             for r in grid
         ]
         bounds = goodput_range(curve_, meta["target"])
+        fit = source.report or None  # the solo profile's: nothing fitted here
         out[name] = {"goodput_rps": bounds[0], "range": bounds, "curve": curve_, "fit": fit}
     return out
 

@@ -25,6 +25,10 @@ An optional top-level `node_contention` (default 0) says how much the instances 
 slow each other: a step runs (1 + node_contention * k) times slower while k other instances on
 the node are mid-step (see placement/simulator.py). CPUs share cores' memory bandwidth and
 caches (the profiler measures it); GPUs that each instance owns do not: leave it at 0.
+
+An optional top-level `step_wander: {sd: 0.15, tau_ms: 4000.0, white_sd: 0.15}` (absent by
+default) says how served steps drift around the model over time (placement/wander.py); a
+profile fitted to a server's step traces carries it (`placement profile --from-steps`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+
+from placement.wander import StepWander
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,7 @@ class Profile:
     device: str
     entries: list[Entry] = field(default_factory=list)
     node_contention: float = 0.0
+    step_wander: StepWander | None = None
 
     def __post_init__(self) -> None:
         if self.node_contention < 0:
@@ -107,6 +114,8 @@ class Profile:
             curve = entry.pop("decode_batch_ms")
             if curve:
                 entry["decode_batch_ms"] = {int(n): float(ms) for n, ms in curve}
+        if data["step_wander"] is None:
+            del data["step_wander"]
         return yaml.safe_dump(data, sort_keys=False)
 
     def save(self, path: str | Path) -> None:
@@ -131,7 +140,9 @@ class Profile:
                 for e in data["entries"]
             ]
             contention = float(data.get("node_contention", 0.0))
-            return cls(str(data["model"]), str(data["device"]), entries, contention)
+            wander = data.get("step_wander")
+            wander = None if wander is None else StepWander(**wander)
+            return cls(str(data["model"]), str(data["device"]), entries, contention, wander)
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"malformed profile: {e!r}") from e
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from placement.latency_model import Coefficients, Entry, Profile
-from placement.simulator import SLO, InstanceSpec, Placement, goodput, simulate
+from placement.simulator import SLO, InstanceSpec, Placement, goodput, simulate_draws
 from placement.workload import Workload
 
 _IDEAL = Entry(1, 1, Coefficients(0, 0, 0), Coefficients(0, 0, 0), 10**12)
@@ -97,14 +97,16 @@ class Search:
         return InstanceSpec(entry, count, max_batch_tokens=self.max_batch_tokens)
 
     def on_node(self, placement: Placement) -> Placement:
-        """With the profile's node contention (CPU profiles: the instances share a machine)."""
-        return replace(placement, node_contention=self.profile.node_contention)
+        """With the profile's node contention and step wander (CPU profiles: the instances
+        share a machine)."""
+        p = self.profile
+        return replace(placement, node_contention=p.node_contention, wander=p.step_wander)
 
     def evaluate(self, kind: str, placement: Placement) -> Candidate:
         placement = self.on_node(placement)
         found = self.goodput_of(placement)
         rate = max(found.rate, 1e-9)
-        results = simulate(placement, self.workload.sample(rate, self.seed))
+        results = simulate_draws(placement, self.workload.sample(rate, self.seed), self.seed)
         ttft = float(np.percentile([r.ttft_ms for r in results], 90))
         tpot = float(np.percentile([r.tpot_ms for r in results], 90))
         return Candidate(kind, placement, found.rate, ttft, tpot)

@@ -16,9 +16,9 @@ are then timed with N neighbour engines paused and computing, alternately; the s
 neighbour goes into the profile as `node_contention` for the simulator.
 
 `--from-steps DIR ...` measures nothing: it fits the profile to a running server's own steps
-(the step traces bench.experiment writes, placement/step_traces.py), coefficients and node
-contention included, keeping the rest (model, KV capacity) from `--base`. That profile carries
-what the serving processes cost on this machine, which a solo engine never sees.
+(the step traces bench.experiment writes, placement/step_traces.py), coefficients, node
+contention and step wander included, keeping the rest (model, KV capacity) from `--base`. That
+profile carries what the serving processes cost on this machine, which a solo engine never sees.
 
 `--co-load N` runs N other engines (same threads each) doing back-to-back 512-token prefills
 in separate processes while measuring: the step times an engine sees when its neighbours on
@@ -274,13 +274,16 @@ def served_profile(trace_dirs: list[str], base_path: str | None, out: str) -> Pr
     fitted = fit_traces([Path(d) for d in trace_dirs], base.entry(1, 1))
     if fitted is None:
         raise SystemExit("the traces hold fewer than 3 pure prefill or decode steps")
-    entry, contention, fit = fitted
-    profile = Profile(base.model, f"{base.device} (served)", [entry], contention)
+    fit = fitted.report
+    profile = Profile(
+        base.model, f"{base.device} (served)", [fitted.entry], fitted.contention, fitted.wander
+    )
     profile.save(out)
     print(
         f"wrote {out} from {fit['prefill_steps']} prefill and {fit['decode_steps']} decode "
         f"steps: prefill fit RMS relative error {100 * fit['prefill_rms']:.1f}%, decode "
-        f"{100 * fit['decode_rms']:.1f}%; node contention {contention:.3f} per busy neighbour"
+        f"{100 * fit['decode_rms']:.1f}%; node contention {fitted.contention:.3f} per busy "
+        f"neighbour; step wander {fit['step_wander']}"
     )
     return profile
 

@@ -9,7 +9,9 @@ rate, and the placement's goodput.
 
 An instance is TPxPP:COUNT (the profile's entry for that layout, COUNT replicas). KV moves over
 the intra-node link when the placement fits on one node, else over the inter-node link. The
-profile's node contention applies (CPU profiles) unless --node-contention says otherwise.
+profile's node contention applies (CPU profiles) unless --node-contention says otherwise, and
+so does its step wander (a profile fitted to served steps): each rate is then the mean of
+several simulations, one per draw of the wander.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from placement.cli_args import (
 from placement.hardware import ModelSpec
 from placement.latency_model import Profile
 from placement.optimizer import Cluster, transfer_ms_per_token
-from placement.simulator import SLO, InstanceSpec, Placement, attainment, goodput, simulate
+from placement.simulator import SLO, InstanceSpec, Placement, attainment, goodput, simulate_draws
 from placement.workload import Workload
 
 
@@ -76,6 +78,7 @@ def placement_from(
         placement,
         kv_transfer_ms_per_token=transfer_ms_per_token(kv_bytes_per_token, gbs),
         node_contention=contention,
+        wander=profile.step_wander,
     )
 
 
@@ -85,7 +88,7 @@ def rate_rows(
     """Per rate: joint attainment and P50 / P90 TTFT and TPOT (ms) of the simulated requests."""
     rows = []
     for rate in rates:
-        results = simulate(placement, workload.sample(rate, seed))
+        results = simulate_draws(placement, workload.sample(rate, seed), seed)
         ttft = [r.ttft_ms for r in results]
         tpot = [r.tpot_ms for r in results if math.isfinite(r.tpot_ms)] or [0.0]
         rows.append({

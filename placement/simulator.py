@@ -14,7 +14,8 @@ Instances follow the latency model (placement/latency_model.py; coefficients per
   prompt chunks in what is left of the token budget, FCFS; a chunk of L tokens at offset o costs
   b*L + c*((o+L)^2 - o^2) of the prefill model (its attention over the prefix), the step pays
   the larger fixed cost a once.
-Requests go to the instance with the least queued work. Deterministic: no randomness here.
+Requests go to the instance with the least queued work. Deterministic: the only randomness is
+the optional step wander below, drawn from `simulate`'s seed.
 
 Shared node (`Placement.node_contention`, 0 by default): on a CPU every instance computes on
 cores of one machine and they slow each other down (memory bandwidth, caches, and the serving
@@ -22,6 +23,10 @@ processes that stream their tokens). Modelled as processor sharing: while k inst
 step in flight, each step advances at 1 / (1 + contention * (k - 1)) of its solo speed; a step
 that started alone slows down when a neighbour starts one. GPUs that each instance owns do not
 share this way: leave it at 0 there.
+
+Step wander (`Placement.wander`, none by default; placement/wander.py): served steps on a shared
+CPU run slow in stretches of seconds. Each instance's step time is multiplied by its own drawn
+factor (mean 1), and `simulate_draws` pools several draws so that attainment is their mean.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from placement.latency_model import Entry
+from placement.wander import DRAW_REQUESTS, DRAWS, StepWander, WanderDraw
 from placement.workload import SimRequest, Workload
 
 
@@ -58,6 +64,7 @@ class Placement:
     colocated: InstanceSpec | None = None
     kv_transfer_ms_per_token: float = 0.0
     node_contention: float = 0.0  # slowdown per other busy instance; all share one node
+    wander: StepWander | None = None  # served step times' drift around the model (CPU)
 
     def __post_init__(self) -> None:
         if (self.colocated is None) == (self.prefill is None or self.decode is None):
@@ -125,15 +132,17 @@ class _Work:
 
 class _Node:
     """The instances of one machine and their steps in flight: processor sharing with a
-    `contention` slowdown per other busy instance (see the module docstring)."""
+    `contention` slowdown per other busy instance, each step scaled by its owner's wander."""
 
-    def __init__(self, sim: _Sim, contention: float) -> None:
-        self.sim, self.contention = sim, contention
+    def __init__(self, sim: _Sim, contention: float, wander: WanderDraw | None = None) -> None:
+        self.sim, self.contention, self.wander = sim, contention, wander
         self.works: list[_Work] = []
         self.updated_ms = 0.0
 
     def run(self, owner, t: float, ms: float, fn, *args) -> None:
         """Call fn(t_done, *args) once `ms` of solo-speed work by `owner` is done."""
+        if self.wander is not None:
+            ms *= self.wander.factor(owner, t)
         if self.contention == 0:
             self.sim.at(t + ms, fn, *args)
             return
@@ -375,9 +384,11 @@ def _least_loaded(instances: list):
     return min(instances, key=lambda i: i.load)
 
 
-def simulate(placement: Placement, requests: list[SimRequest]) -> list[Result]:
+def simulate(placement: Placement, requests: list[SimRequest], seed: int = 0) -> list[Result]:
+    """One run; `seed` draws the step wander (without one the run is the same for any seed)."""
     sim = _Sim()
-    node = _Node(sim, placement.node_contention)
+    draw = placement.wander.draw(seed) if placement.wander is not None else None
+    node = _Node(sim, placement.node_contention, draw)
     tracks = [_Track(r) for r in requests]
     if placement.colocated is not None:
         spec = placement.colocated
@@ -411,6 +422,19 @@ def _result(track: _Track) -> Result:
     return Result(ttft, tpot)
 
 
+def simulate_draws(
+    placement: Placement, requests: list[SimRequest], seed: int = 0, draws: int | None = None
+) -> list[Result]:
+    """The results of several runs (seeds seed, seed + 1, ...) one after another when the steps
+    wander, else of the one run there is: their attainment is the mean over the draws. By
+    default enough draws for DRAW_REQUESTS simulated requests, at most DRAWS (a short sweep
+    point sees few stretches of the machine's drift; a long one averages over many itself)."""
+    if placement.wander is None:
+        return simulate(placement, requests, seed)
+    n = draws if draws is not None else min(DRAWS, max(1, math.ceil(DRAW_REQUESTS / len(requests))))
+    return [r for k in range(n) for r in simulate(placement, requests, seed + k)]
+
+
 def attainment(results: list[Result], slo: SLO) -> float:
     ok = [r.ttft_ms <= slo.ttft_ms and r.tpot_ms <= slo.tpot_ms for r in results]
     return float(np.mean(ok))
@@ -436,7 +460,7 @@ def goodput(
     evals: list[tuple[float, float]] = []
 
     def ok(rate: float) -> bool:
-        value = attainment(simulate(placement, workload.sample(rate, seed)), slo)
+        value = attainment(simulate_draws(placement, workload.sample(rate, seed), seed), slo)
         evals.append((rate, value))
         return value >= target
 

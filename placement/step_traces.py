@@ -8,17 +8,23 @@ the prefill coefficients, pure decode steps the decode ones (chunked steps that 
 left out), and how much a step slows while the other replicas run theirs gives the node
 contention (placement/simulator.py). Traces of several runs (directories of one server's
 replicas each) pool into one fit; overlap is only counted within a run.
+
+Two things a mean-step simulator would miss are fitted as well: the coefficients are scaled so
+that the model's mean over the traced steps is their mean (the relative-error fit sits below
+it: the served steps' scatter has a long slow tail), and how the steps' log(traced / model)
+drifts over time becomes the profile's step wander (placement/wander.py).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from placement.latency_model import (
+    Coefficients,
     Entry,
     decode_curve_features,
     decode_curve_sizes,
@@ -27,6 +33,7 @@ from placement.latency_model import (
     fit_relative,
     prefill_features,
 )
+from placement.wander import StepWander, fit_wander
 
 
 def load_replicas(trace_dir: Path) -> list[list[dict]]:
@@ -38,13 +45,23 @@ def load_replicas(trace_dir: Path) -> list[list[dict]]:
     return [sorted((s for s in r if s.get("start_s")), key=_start) for r in replicas]
 
 
-def fit_traces(trace_dirs: list[Path], base: Entry) -> tuple[Entry, float, dict] | None:
-    """-> (base with the fitted coefficients, node contention, fit report), or None when the
-    traces hold fewer than 3 pure steps of either kind."""
+MIN_WANDER = 1e-3  # log-sd below which steps keep to the model (0.1%: rounding, not drift)
+
+
+@dataclass(frozen=True)
+class TraceFit:
+    entry: Entry  # the base with the fitted coefficients, scaled to the traced mean step
+    contention: float  # node contention
+    wander: StepWander | None  # how the steps drift around it; None when they do not
+    report: dict  # what was fitted, from how many steps, how well
+
+
+def fit_traces(trace_dirs: list[Path], base: Entry) -> TraceFit | None:
+    """None when the traces hold fewer than 3 pure steps of either kind."""
     runs = [load_replicas(d) for d in trace_dirs]
     width = max((len(r) for r in runs), default=1)
     prefills, decodes, overheads = [], [], []
-    for replicas in runs:
+    for run, replicas in enumerate(runs):
         gaps = [g for steps in replicas for g in _busy_gaps_ms(steps)]
         # the engine loop's own time between two back-to-back steps (streaming the outputs,
         # metrics, admitting imports) is part of every step period the requests see
@@ -56,28 +73,73 @@ def fit_traces(trace_dirs: list[Path], base: Entry) -> tuple[Entry, float, dict]
             shared[:, : len(replicas)] = _shared_ms(steps, others, len(replicas))
             shared[:, 0] += overhead
             for step, row in zip(steps, shared, strict=True):
+                traced = _Traced((run, i), step["start_s"] * 1e3, row)
                 if step["prefill_lens"] and not step["decode_contexts"]:
-                    prefills.append((step["prefill_lens"], row))
+                    prefills.append((step["prefill_lens"], traced))
                 elif step["decode_contexts"] and not step["prefill_lens"]:
-                    decodes.append((step["decode_contexts"], row))
+                    decodes.append((step["decode_contexts"], traced))
     if len(prefills) < 3 or len(decodes) < 3:
         return None
     pre_batches, dec_batches = [b for b, _ in prefills], [b for b, _ in decodes]
     pre_features = prefill_features(pre_batches)
     sizes = decode_curve_sizes(dec_batches)
     contention, [pre_work, dec_work] = fit_contention([
-        (pre_features, np.array([r for _, r in prefills])),
-        (decode_curve_features(dec_batches, sizes), np.array([r for _, r in decodes])),
+        (pre_features, np.array([t.shared_ms for _, t in prefills])),
+        (decode_curve_features(dec_batches, sizes), np.array([t.shared_ms for _, t in decodes])),
     ])  # fmt: skip
     pre, pre_err = fit_relative(pre_features, pre_work)
     dec, curve, dec_err = fit_decode_curve(dec_batches, dec_work, sizes)
-    fit = {
-        "prefill": vars(pre), "decode": vars(dec), "decode_batch_ms": dict(curve),
-        "node_contention": contention, "loop_overhead_ms": float(np.mean(overheads)),
-        "prefill_rms": pre_err, "decode_rms": dec_err, "prefill_steps": len(prefills),
-        "decode_steps": len(decodes),
+    fitted = replace(base, prefill=pre, decode=dec, decode_batch_ms=curve)
+    pre_model = np.array([fitted.prefill_ms(b) for b in pre_batches])
+    dec_model = np.array([fitted.decode_ms(b) for b in dec_batches])
+    # a request's TTFT and TPOT add step times up, so the simulator needs the mean step; a fit
+    # on relative error sits below it when steps scatter with a long slow tail (they do)
+    scale = (float(pre_work.sum() / pre_model.sum()), float(dec_work.sum() / dec_model.sum()))
+    pre_ratio, dec_ratio = pre_work / pre_model, dec_work / dec_model
+    entry = _scaled(fitted, *scale)
+    wander = _wander(
+        [t for _, t in prefills] + [t for _, t in decodes],
+        np.log(np.concatenate([pre_ratio / scale[0], dec_ratio / scale[1]])),
+    )
+    report = {
+        "prefill": vars(entry.prefill), "decode": vars(entry.decode),
+        "decode_batch_ms": dict(entry.decode_batch_ms), "node_contention": contention,
+        "mean_scale": {"prefill": scale[0], "decode": scale[1]},
+        "step_wander": None if wander is None else vars(wander),
+        "loop_overhead_ms": float(np.mean(overheads)), "prefill_rms": pre_err,
+        "decode_rms": dec_err, "prefill_steps": len(prefills), "decode_steps": len(decodes),
     }  # fmt: skip
-    return replace(base, prefill=pre, decode=dec, decode_batch_ms=curve), contention, fit
+    return TraceFit(entry, contention, wander, report)
+
+
+@dataclass(frozen=True)
+class _Traced:
+    replica: tuple[int, int]  # (run, replica): steps of one instance over time
+    start_ms: float
+    shared_ms: np.ndarray  # ms spent while k = 0.. other replicas were mid-step
+
+
+def _scaled(entry: Entry, prefill: float, decode: float) -> Entry:
+    """The entry with every prefill time times `prefill` and every decode time times `decode`."""
+    p, d = entry.prefill, entry.decode
+    return replace(
+        entry,
+        prefill=Coefficients(p.a * prefill, p.b * prefill, p.c * prefill),
+        decode=Coefficients(d.a * decode, d.b * decode, d.c * decode),
+        decode_batch_ms=tuple((n, ms * decode) for n, ms in entry.decode_batch_ms),
+    )
+
+
+def _wander(steps: list[_Traced], log_ratio: np.ndarray) -> StepWander | None:
+    """The wander of the steps' log(traced / model) over time, each replica its own series."""
+    series: dict[tuple[int, int], list[tuple[float, float]]] = {}
+    for step, value in zip(steps, log_ratio, strict=True):
+        series.setdefault(step.replica, []).append((step.start_ms, float(value)))
+    arrays = [np.array(sorted(rows)) for rows in series.values() if len(rows) > 1]
+    if not arrays:
+        return None
+    wander = fit_wander(arrays)
+    return wander if max(wander.sd, wander.white_sd) > MIN_WANDER else None
 
 
 def _start(step: dict) -> float:

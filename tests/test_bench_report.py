@@ -219,11 +219,13 @@ def test_step_entry_recovers_in_server_coefficients(tmp_path):
     for i, line in enumerate(lines):  # one replica, back-to-back steps 1 s apart
         line["start_s"] = 1000.0 + i
     (tmp_path / "prefill-1.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
-    entry, contention, fit = step_entry(tmp_path, base)
+    fitted = step_entry(tmp_path, base)
+    entry = fitted.entry
     for got, want in ((entry.prefill, true_pre), (entry.decode, true_dec)):
         assert [got.a, got.b, got.c] == pytest.approx([want.a, want.b, want.c], rel=1e-6)
-    assert entry.kv_capacity_tokens == 1000 and fit["prefill_steps"] == 5
-    assert contention == 0.0  # a lone replica has no neighbour to be slowed by
+    assert entry.kv_capacity_tokens == 1000 and fitted.report["prefill_steps"] == 5
+    assert fitted.contention == 0.0  # a lone replica has no neighbour to be slowed by
+    assert fitted.wander is None  # every step on its model: nothing wanders
     assert step_entry(tmp_path / "missing", base) is None
 
 
@@ -251,10 +253,10 @@ def test_step_entry_recovers_the_node_contention_of_two_replicas(tmp_path):
         t += shared_ms / 1e3 + 1.0
     for steps, name in ((a_steps, "decode-1"), (b_steps, "prefill-2")):
         (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(s) for s in steps))
-    entry, contention, fit = step_entry(tmp_path, base)
-    assert contention == pytest.approx(kappa, abs=0.011)
-    assert [entry.decode.a, entry.decode.c] == pytest.approx([dec.a, dec.c], rel=0.03)
-    assert fit["node_contention"] == contention
+    fitted = step_entry(tmp_path, base)
+    assert fitted.contention == pytest.approx(kappa, abs=0.011)
+    assert [fitted.entry.decode.a, fitted.entry.decode.c] == pytest.approx([dec.a, dec.c], rel=0.03)
+    assert fitted.report["node_contention"] == fitted.contention
 
 
 def test_shared_ms_splits_a_step_by_how_many_neighbours_ran():

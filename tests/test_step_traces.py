@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from placement.latency_model import Coefficients, Entry, Profile
 from placement.profiler import served_profile
 from placement.step_traces import fit_traces
+from placement.wander import StepWander
+from tests.test_wander import ou_series
 
 pytestmark = pytest.mark.unit
 
@@ -44,10 +47,11 @@ def test_runs_pool_into_one_fit_that_neither_run_could_make_alone(tmp_path):
     one = _run(tmp_path, "one", _steps([[512], [100, 200], [300], [1000]], [[600]]))
     two = _run(tmp_path, "two", _steps([[64, 64, 64]], [[600, 700, 800], [100] * 8, [2000, 10]]))
     assert fit_traces([one], BASE) is None and fit_traces([two], BASE) is None
-    entry, contention, fit = fit_traces([one, two], BASE)
-    for got, want in ((entry.prefill, PRE), (entry.decode, DEC)):
+    fitted = fit_traces([one, two], BASE)
+    for got, want in ((fitted.entry.prefill, PRE), (fitted.entry.decode, DEC)):
         assert [got.a, got.b, got.c] == pytest.approx([want.a, want.b, want.c], rel=1e-6)
-    assert (fit["prefill_steps"], fit["decode_steps"]) == (5, 4) and contention == 0.0
+    assert (fitted.report["prefill_steps"], fitted.report["decode_steps"]) == (5, 4)
+    assert fitted.contention == 0.0
 
 
 def test_served_profile_keeps_the_base_and_says_what_is_missing(tmp_path):
@@ -82,7 +86,8 @@ def test_a_decode_step_that_is_not_linear_in_the_batch_is_fitted_as_a_curve(tmp_
          "start_s": 2000.0 + i}
         for i, c in enumerate(decodes)
     ]  # fmt: skip
-    entry, _, fit = fit_traces([_run(tmp_path, "run", lines)], BASE)
+    fitted = fit_traces([_run(tmp_path, "run", lines)], BASE)
+    entry, fit = fitted.entry, fitted.report
     assert entry.decode.b == pytest.approx(0.01, rel=1e-6) and fit["decode_rms"] < 1e-9
     fitted = dict(entry.decode_batch_ms)
     assert list(fitted) == [1, 2, 3, 4, 5, 6, 8]  # 5 between its neighbours: 110 ms
@@ -91,3 +96,28 @@ def test_a_decode_step_that_is_not_linear_in_the_batch_is_fitted_as_a_curve(tmp_
     )
     for c in decodes:  # the fitted entry times every traced step as it ran
         assert entry.decode_ms(c) == pytest.approx(truth.decode_ms(c), rel=1e-6)
+
+
+def test_served_steps_that_scatter_slow_are_fitted_to_their_mean_and_their_wander(tmp_path):
+    # decode steps on the model times an OU factor (slow stretches) and per-step scatter: the
+    # relative-error fit alone sits below their mean; the fitted entry times their mean, and
+    # the wander comes back
+    truth = StepWander(sd=0.2, tau_ms=3000.0, white_sd=0.1)
+    factors = np.exp(ou_series(truth, 4000, 500.0, seed=5)[:, 1])
+    rng = np.random.default_rng(5)
+    batches = [[int(c) for c in rng.integers(100, 900, size=int(rng.integers(1, 4)))]
+               for _ in range(len(factors))]  # fmt: skip
+    lines = _steps([[512], [100, 200], [300], [1000]], [])
+    for i, (batch, f) in enumerate(zip(batches, factors, strict=True)):  # 0.5 s apart: idle between
+        ms = f * (DEC.a + DEC.b * sum(batch) + DEC.c * len(batch))
+        lines.append({"duration_ms": ms, "prefill_lens": [], "decode_contexts": batch,
+                      "start_s": 2000.0 + 0.5 * i})  # fmt: skip
+    fitted = fit_traces([_run(tmp_path, "run", lines)], BASE)
+    traced = sum(x["duration_ms"] for x in lines if x["decode_contexts"])
+    modelled = sum(fitted.entry.decode_ms(b) for b in batches)
+    assert modelled == pytest.approx(traced, rel=1e-9)
+    assert fitted.report["mean_scale"]["decode"] > 1.02  # what the relative fit missed
+    assert fitted.report["mean_scale"]["prefill"] == pytest.approx(1.0, rel=1e-9)
+    w = fitted.wander
+    assert w.sd == pytest.approx(truth.sd, rel=0.25) and w.white_sd == pytest.approx(0.1, rel=0.3)
+    assert w.tau_ms == pytest.approx(truth.tau_ms, rel=0.6)

@@ -1,0 +1,151 @@
+"""How served step times wander around the latency model, fitted from step traces and drawn in
+the simulator.
+
+On a shared CPU the steps a replica runs while serving scatter 15-25% (RMS) around any fit of
+their batch, and not at random: slow steps come in runs that last seconds (the ingress, the
+proxy and the load generator take their share of the cores in bursts; whatever else the
+machine runs). A request's TPOT averages its ~60 decode steps: independent scatter averages
+out of it, a slow few seconds does not, and that is what puts a request over a TPOT target
+close to the mean step. A simulator that times every step by the model's mean misses it.
+
+Model: log(step / model) = x(t) + e per instance. x is an Ornstein-Uhlenbeck process (stationary
+standard deviation `sd`, correlation time `tau_ms`): the slow part; e is independent per step
+(standard deviation `white_sd`). The factor is normalised to mean 1, so the model keeps its
+mean step time (placement/step_traces.py fits the model to the traced mean). `fit_wander`
+estimates the three numbers from the autocovariance of traced log residuals over time lags.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+# lag bins (ms) of the autocovariance the model is fitted to: a request's decode lasts seconds,
+# a sweep's rate point minutes, so lags from one step to minutes matter
+LAG_BINS_MS = ((0, 100), (100, 300), (300, 600), (600, 1200), (1200, 2500), (2500, 5000),
+               (5000, 10000), (10000, 20000), (20000, 40000), (40000, 80000), (80000, 160000),
+               (160000, 320000))  # fmt: skip
+TAU_GRID_MS = np.geomspace(50.0, 20_000.0, 60)  # the instance's own stretches
+DRIFT_TAU_GRID_MS = np.geomspace(20_000.0, 1_200_000.0, 30)  # the machine's drift
+DRAWS = 16  # simulations averaged per rate when steps wander, at most
+DRAW_REQUESTS = 1024  # simulated requests per rate that are enough
+
+
+@dataclass(frozen=True)
+class StepWander:
+    sd: float  # standard deviation of the instance's slow log factor x
+    tau_ms: float  # its correlation time
+    white_sd: float  # standard deviation of the per-step log factor e
+    drift_sd: float = 0.0  # standard deviation of the machine's log factor z (all instances)
+    drift_tau_ms: float = 600_000.0  # its correlation time
+
+    def __post_init__(self) -> None:
+        if (
+            min(self.sd, self.white_sd, self.drift_sd) < 0
+            or min(self.tau_ms, self.drift_tau_ms) <= 0
+        ):
+            raise ValueError(f"step wander needs sds >= 0 and correlation times > 0, got {self}")
+
+    def draw(self, seed: int) -> WanderDraw:
+        return WanderDraw(self, seed)
+
+
+class WanderDraw:
+    """One realisation: every instance (`owner`) follows its own x(t), all of them the node's
+    z(t), both drawn lazily at the start times of steps (exact OU transitions, so the step
+    times need no grid). Work an owner starts at one instant (a pipeline's stage and its whole
+    batch) shares one factor."""
+
+    def __init__(self, wander: StepWander, seed: int) -> None:
+        self.wander = wander
+        self.rng = np.random.default_rng(seed)
+        self.state: dict[int, tuple[float, float, float]] = {}  # id(owner) -> (x, t_ms, factor)
+        self.drift = (wander.drift_sd * self.rng.standard_normal(), 0.0)  # (z, t_ms)
+        total = wander.sd**2 + wander.white_sd**2 + wander.drift_sd**2
+        self.shift = -total / 2  # E[exp(x + z + e + shift)] = 1
+
+    def _ou(self, value: float, sd: float, tau_ms: float, dt_ms: float) -> float:
+        keep = math.exp(-max(dt_ms, 0.0) / tau_ms)
+        return value * keep + sd * math.sqrt(1.0 - keep * keep) * self.rng.standard_normal()
+
+    def factor(self, owner: object, t_ms: float) -> float:
+        w = self.wander
+        previous = self.state.get(id(owner))
+        if previous is not None and previous[1] == t_ms:
+            return previous[2]
+        if previous is None:
+            x = w.sd * self.rng.standard_normal()
+        else:
+            x = self._ou(previous[0], w.sd, w.tau_ms, t_ms - previous[1])
+        z0, t0 = self.drift
+        if t_ms > t0:
+            self.drift = (self._ou(z0, w.drift_sd, w.drift_tau_ms, t_ms - t0), t_ms)
+        e = w.white_sd * self.rng.standard_normal()
+        factor = math.exp(x + self.drift[0] + e + self.shift)
+        self.state[id(owner)] = (x, t_ms, factor)
+        return factor
+
+
+def autocovariance(series: list[np.ndarray]) -> tuple[float, np.ndarray]:
+    """series: per instance, (N, 2) rows of (step start ms, log residual), time-ordered.
+    -> (variance, autocovariance per LAG_BINS_MS bin), each series about its own mean, pooled
+    over instances (pairs are only formed within one instance)."""
+    centred = [(s[:, 0], s[:, 1] - s[:, 1].mean()) for s in series if len(s) > 1]
+    if not centred:
+        raise ValueError("autocovariance needs a series of two or more steps")
+    var = float(np.mean(np.concatenate([y for _, y in centred]) ** 2))
+    cov = []
+    for lo, hi in LAG_BINS_MS:
+        total = count = 0.0
+        for t, y in centred:
+            sums = np.concatenate([[0.0], np.cumsum(y)])
+            first = np.searchsorted(t, t + lo, side="right")
+            last = np.searchsorted(t, t + hi, side="right")
+            total += float(y @ (sums[last] - sums[first]))
+            count += float((last - first).sum())
+        cov.append(total / count if count else np.nan)
+    return var, np.array(cov)
+
+
+def fit_wander(series: list[np.ndarray]) -> StepWander:
+    """The StepWander whose autocovariance, sd^2 exp(-lag / tau) + drift_sd^2 exp(-lag /
+    drift_tau), fits the traced one best (least squares over the lag bins that hold pairs,
+    variances >= 0); the rest of the variance is per-step."""
+    var, cov = autocovariance(series)
+    lags = np.array([(lo + hi) / 2 for lo, hi in LAG_BINS_MS], dtype=float)
+    keep = np.isfinite(cov)
+    lags, cov = lags[keep], cov[keep]
+    best: tuple[float, float, float, float, float] | None = None
+    for tau in TAU_GRID_MS:
+        for drift_tau in DRIFT_TAU_GRID_MS:
+            shapes = np.column_stack([np.exp(-lags / tau), np.exp(-lags / drift_tau)])
+            v = _nonnegative_lstsq(shapes, cov)
+            err = float(((cov - shapes @ v) ** 2).sum())
+            if best is None or err < best[0]:
+                best = (err, float(tau), float(drift_tau), float(v[0]), float(v[1]))
+    assert best is not None
+    _, tau, drift_tau, slow, drift = best
+    scale = min(1.0, var / (slow + drift)) if slow + drift > 0 else 0.0  # no more than all of it
+    slow, drift = slow * scale, drift * scale
+    white = math.sqrt(max(var - slow - drift, 0.0))
+    return StepWander(math.sqrt(slow), tau, white, math.sqrt(drift), drift_tau)
+
+
+def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Least squares over two columns with both coefficients >= 0 (a negative one is dropped
+    and the other refitted)."""
+    if len(b) == 0:
+        return np.zeros(a.shape[1])
+    v, *_ = np.linalg.lstsq(a, b, rcond=None)
+    if (v >= 0).all():
+        return v
+    out = np.zeros(a.shape[1])
+    for k in range(a.shape[1]):
+        col = a[:, k]
+        single = max(float(col @ b / (col @ col)), 0.0)
+        if ((b - single * col) ** 2).sum() < ((b - a @ out) ** 2).sum():
+            out = np.zeros(a.shape[1])
+            out[k] = single
+    return out

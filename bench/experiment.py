@@ -162,6 +162,7 @@ class RatePoint:
     rate: float
     duration_s: float
     records: list[RequestRecord]
+    started_s: float | None = None  # wall clock (the step traces' clock) when sending began
 
     def to_json(self) -> dict:
         t0 = min(r.arrival_s for r in self.records)
@@ -176,7 +177,8 @@ class RatePoint:
             ]
             for r in self.records
         ]
-        return {"rate": self.rate, "duration_s": self.duration_s, "records": rows}
+        point = {"rate": self.rate, "duration_s": self.duration_s, "records": rows}
+        return point if self.started_s is None else {**point, "started_s": self.started_s}
 
 
 def sweep(
@@ -193,8 +195,9 @@ def sweep(
     points: list[RatePoint] = []
 
     def measure(rate: float) -> RatePoint:
+        started = time.time()
         records, duration = send(rate)
-        point = RatePoint(rate, duration, records)
+        point = RatePoint(rate, duration, records, started)
         points.append(point)
         log(
             f"  rate {rate:.3f}/s: attainment {attainment(records, headline):.2f} "

@@ -212,6 +212,10 @@ def analyze(report: dict, profile: str | None = None, steps: Path | None = None)
             else None,
             "curve": curve(c["points"], headline, meta["target"]),
         }
+        if steps is not None:
+            for point, pace in zip(row["curve"], machine_pace(c["points"], steps / name),
+                                   strict=True):  # fmt: skip
+                point["quiet_decode_ms"] = pace
         if name in predicted:
             row["simulated_goodput_rps"] = predicted[name]["goodput_rps"]
             row["simulated_goodput_range_rps"] = predicted[name]["range"]
@@ -381,9 +385,10 @@ def table(analysis: dict) -> str:
     return "\n".join(lines)
 
 
-def scale_table(analysis: dict) -> str:
-    """The SLO-scale sweep: per configuration and measured rate, the smallest multiple of the
-    headline SLO (TTFT and TPOT together) that the rate still meets."""
+def per_rate_table(analysis: dict, key: str, fmt: str) -> str:
+    """Per configuration and measured rate, the `key` of its curve row ('-' where none), e.g.
+    the SLO-scale sweep: the smallest multiple of the headline SLO (TTFT and TPOT together)
+    that the rate still meets."""
     configs = analysis["configs"]
     rates = sorted({p["rate"] for row in configs.values() for p in row["curve"]})
     lines = [
@@ -391,10 +396,24 @@ def scale_table(analysis: dict) -> str:
         "|---" * (len(rates) + 1) + "|",
     ]
     for name, row in configs.items():
-        scale = {p["rate"]: p["tightest_slo_scale"] for p in row["curve"]}
-        cells = [f"{scale[r]:.2f}" if r in scale else "-" for r in rates]
+        values = {p["rate"]: p.get(key) for p in row["curve"]}
+        cells = [format(values[r], fmt) if values.get(r) is not None else "-" for r in rates]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def machine_pace(points: list[dict], trace_dir: Path) -> list[float | None]:
+    """Per measured rate, the machine's pace while it ran (placement.step_traces.
+    quiet_decode_ms), where the point has its wall-clock start and the traces exist."""
+    from placement.step_traces import load_replicas, quiet_decode_ms
+
+    replicas = load_replicas(trace_dir) if trace_dir.is_dir() else []
+    return [
+        quiet_decode_ms(replicas, p["started_s"], p["started_s"] + p["duration_s"])
+        if replicas and p.get("started_s") is not None
+        else None
+        for p in points
+    ]
 
 
 def map_table(analysis: dict, grid: dict) -> str:
@@ -498,9 +517,16 @@ def write_report(
             map_table(analysis, meta["grid"]),
             f"Tightest SLO scale met by {meta['target']:.0%} of the requests at each measured "
             "rate (a multiple of the headline SLO; below 1: room to spare):",
-            scale_table(analysis),
+            per_rate_table(analysis, "tightest_slo_scale", ".2f"),
         ]
     )
+    if any(p.get("quiet_decode_ms") for r in analysis["configs"].values() for p in r["curve"]):
+        summary += (
+            "\n\nThe machine's pace at each measured rate: the median traced batch-1 decode "
+            "step (ms) that ran while no other replica computed (the same work in every "
+            "configuration: differences are the machine's):\n\n"
+            + per_rate_table(analysis, "quiet_decode_ms", ".1f")
+        )
     (out / "summary.md").write_text(summary + "\n")
     return summary
 

@@ -142,6 +142,28 @@ def _wander(steps: list[_Traced], log_ratio: np.ndarray) -> StepWander | None:
     return wander if max(wander.sd, wander.white_sd) > MIN_WANDER else None
 
 
+def quiet_decode_ms(
+    replicas: list[list[dict]], start_s: float, end_s: float, min_steps: int = 20
+) -> float | None:
+    """The machine's pace between start_s and end_s: the median batch-1 decode step that ran
+    while no other replica was mid-step (the same work in any configuration, so it differs
+    between rate points and runs only as far as the machine does); None with fewer than
+    `min_steps` such steps."""
+    quiet = []
+    for i, steps in enumerate(replicas):
+        others = [s for j, r in enumerate(replicas) if j != i for s in r]
+        window = [
+            s for s in steps
+            if start_s <= s["start_s"] < end_s and len(s["decode_contexts"]) == 1
+            and not s["prefill_lens"]
+        ]  # fmt: skip
+        if not window:
+            continue
+        alone = _shared_ms(window, others, 2)[:, 1] == 0 if others else [True] * len(window)
+        quiet += [s["duration_ms"] for s, ok in zip(window, alone, strict=True) if ok]
+    return float(np.median(quiet)) if len(quiet) >= min_steps else None
+
+
 def _start(step: dict) -> float:
     return step["start_s"]
 

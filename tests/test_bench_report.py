@@ -16,8 +16,8 @@ from bench.report import (
     bounded_text,
     error_text,
     map_table,
+    per_rate_table,
     plot,
-    scale_table,
     sim_requests,
     table,
 )
@@ -93,7 +93,7 @@ def test_analysis_goodput_ratio_and_slo_map_from_hand_made_curves():
     # SLO-scale sweep: 9 of 10 must pass; at rate 3 that takes a "bad" request (ttft 3 s of 1,
     # tpot 1 s of 0.2): 5x; where all are good, 0.5x (ttft 0.5 of 1, tpot 0.1 of 0.2)
     assert [p["tightest_slo_scale"] for p in curve] == pytest.approx([0.5, 0.5, 5.0])
-    scales = scale_table(a)
+    scales = per_rate_table(a, "tightest_slo_scale", ".2f")
     assert "| disagg | 0.50 | 0.50 | 5.00 |" in scales and "| coloc | 0.50 | 5.00 | - |" in scales
     # bootstrap over each rate's 10 requests: disagg's rate-3 count K ~ Binomial(10, 0.8), whose
     # 5% quantile is 6 (goodput 2 + 0.1 / 0.4) and 95% quantile >= 9 (passes: 3.0)
@@ -284,3 +284,34 @@ def test_busy_gaps_are_the_loop_time_between_back_to_back_steps():
         {"start_s": 0.0, "duration_ms": 10.0},  # untimed (an older trace): ignored
     ]
     assert _busy_gaps_ms(steps) == pytest.approx([2.0, 3.0])
+
+
+def test_machine_pace_is_the_median_lone_batch_1_decode_step_in_each_rate_window(tmp_path):
+    """Two replicas; in the first window replica A's batch-1 steps take 50 ms alone and 90 ms
+    while B computes, in the second 70 ms alone: the pace is 50 then 70 (B's overlapped steps
+    and A's bigger batches never count), and None where too few steps ran."""
+    from bench.report import machine_pace
+
+    a, b = [], []
+    for k in range(30):  # window 1: t = 1000 + k
+        t = 1000.0 + k
+        a.append({"start_s": t, "duration_ms": 50.0, "prefill_lens": [], "decode_contexts": [9]})
+        a.append({"start_s": t + 0.2, "duration_ms": 90.0, "prefill_lens": [],
+                  "decode_contexts": [9]})  # fmt: skip
+        b.append({"start_s": t + 0.19, "duration_ms": 200.0, "prefill_lens": [64],
+                  "decode_contexts": []})  # fmt: skip
+        a.append({"start_s": t + 0.5, "duration_ms": 10.0, "prefill_lens": [],
+                  "decode_contexts": [9, 9]})  # fmt: skip
+    for k in range(30):  # window 2
+        a.append({"start_s": 2000.0 + k, "duration_ms": 70.0, "prefill_lens": [],
+                  "decode_contexts": [5]})  # fmt: skip
+    for name, steps in (("decode-1", a), ("prefill-2", b)):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(x) for x in steps))
+    points = [
+        {"started_s": 999.5, "duration_s": 40.0},
+        {"started_s": 1999.5, "duration_s": 40.0},
+        {"started_s": 1999.5, "duration_s": 10.0},  # 10 steps: too few
+        {"duration_s": 40.0},  # a report from before started_s was recorded
+    ]
+    assert machine_pace(points, tmp_path) == [50.0, 70.0, None, None]
+    assert machine_pace(points, tmp_path / "missing") == [None] * 4

@@ -58,4 +58,8 @@ def test_experiment_runs_each_configuration_and_writes_the_report(tmp_path):
         ]
         assert all(s["duration_ms"] > 0 for s in steps)
         assert sum(lens.count(16) for lens in (s["prefill_lens"] for s in steps)) == 3
+        # the point's wall-clock window holds its requests' steps (the warm-up's lie before)
+        [point] = report["configs"][name]["points"]
+        start, end = point["started_s"], point["started_s"] + point["duration_s"]
+        assert all(start <= s["start_s"] <= end for s in steps if 16 in s["prefill_lens"])
     assert not (out / "steps" / "current").exists()

@@ -296,7 +296,7 @@ def predict(report: dict, profile: str, slo: SLO, steps: Path | None = None) -> 
     sim_slo = SimSLO(slo.ttft_s * 1e3, slo.tpot_s * 1e3)
     out = {}
     for name, c in report["configs"].items():
-        source = TraceFit(base, loaded.node_contention, loaded.step_wander, {})
+        source = TraceFit(base, loaded.node_contention, loaded.step_wander, None)
         if steps is not None:
             source = step_entry(steps / name, base)
             if source is None:
@@ -313,8 +313,12 @@ def predict(report: dict, profile: str, slo: SLO, steps: Path | None = None) -> 
             for r in grid
         ]
         bounds = goodput_range(curve_, meta["target"])
-        fit = source.report or None  # the solo profile's: nothing fitted here
-        out[name] = {"goodput_rps": bounds[0], "range": bounds, "curve": curve_, "fit": fit}
+        out[name] = {
+            "goodput_rps": bounds[0],
+            "range": bounds,
+            "curve": curve_,
+            "fit": source.report,
+        }
     return out
 
 

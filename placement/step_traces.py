@@ -53,7 +53,7 @@ class TraceFit:
     entry: Entry  # the base with the fitted coefficients, scaled to the traced mean step
     contention: float  # node contention
     wander: StepWander | None  # how the steps drift around it; None when they do not
-    report: dict  # what was fitted, from how many steps, how well
+    report: dict | None  # what was fitted, from how many steps, how well (None: not fitted)
 
 
 def fit_traces(trace_dirs: list[Path], base: Entry) -> TraceFit | None:
@@ -159,7 +159,7 @@ def quiet_decode_ms(
         ]  # fmt: skip
         if not window:
             continue
-        alone = _shared_ms(window, others, 2)[:, 1] == 0 if others else [True] * len(window)
+        alone = _shared_ms(window, others, 2)[:, 1] == 0
         quiet += [s["duration_ms"] for s, ok in zip(window, alone, strict=True) if ok]
     return float(np.median(quiet)) if len(quiet) >= min_steps else None
 

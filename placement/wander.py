@@ -8,11 +8,13 @@ machine runs). A request's TPOT averages its ~60 decode steps: independent scatt
 out of it, a slow few seconds does not, and that is what puts a request over a TPOT target
 close to the mean step. A simulator that times every step by the model's mean misses it.
 
-Model: log(step / model) = x(t) + e per instance. x is an Ornstein-Uhlenbeck process (stationary
-standard deviation `sd`, correlation time `tau_ms`): the slow part; e is independent per step
-(standard deviation `white_sd`). The factor is normalised to mean 1, so the model keeps its
+Model: log(step / model) = x(t) + z(t) + e. x is each instance's own Ornstein-Uhlenbeck process
+(stationary standard deviation `sd`, correlation time `tau_ms`: its stretches of a second or
+so); z is one such process for the whole machine (`drift_sd`, `drift_tau_ms`: the minutes over
+which the shared machine runs faster or slower, which every instance feels at once); e is
+independent per step (`white_sd`). The factor is normalised to mean 1, so the model keeps its
 mean step time (placement/step_traces.py fits the model to the traced mean). `fit_wander`
-estimates the three numbers from the autocovariance of traced log residuals over time lags.
+estimates the five numbers from the autocovariance of traced log residuals over time lags.
 """
 
 from __future__ import annotations

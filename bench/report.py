@@ -41,6 +41,7 @@ DEFAULT_GRID = {
 KV_TRANSFER_MS_PER_TOKEN = 0.025  # bench.kv_transfer, shm, this machine: 12.6 ms / 512 tokens
 BOOTSTRAP_SAMPLES = 2000
 INTERVAL_LEVEL = 0.9
+FIDELITY_TOLERANCE = 0.15  # the placement issue's target for the simulator
 
 
 def loosest_slo(unit: SLO, grid: dict) -> SLO:
@@ -195,8 +196,14 @@ def analyze(report: dict, profile: str | None = None, steps: Path | None = None)
         "interval_level": INTERVAL_LEVEL,
         "slo_map": slo_map(report),
     }
-    predicted = predict(report, profile, headline) if profile else {}
-    in_situ = predict(report, profile, headline, steps) if profile and steps else {}
+    # the headline first, then every cell of the map: one simulation per rate serves them all
+    slos = [headline] + [unit.scaled_each(c["ttft_scale"], c["tpot_scale"]) for c in out["slo_map"]]
+    predicted = predict(report, profile, slos) if profile else {}
+    in_situ = predict(report, profile, slos, steps) if profile and steps else {}
+    for key, pred in (("simulated", predicted), ("simulated_in_situ", in_situ)):
+        for k, cell in enumerate(out["slo_map"], start=1):
+            if pred:
+                cell[key] = {n: v["ranges"][k] for n, v in pred.items()}
     for name, c in configs.items():
         row = {
             "description": c["description"],
@@ -217,14 +224,16 @@ def analyze(report: dict, profile: str | None = None, steps: Path | None = None)
                                    strict=True):  # fmt: skip
                 point["quiet_decode_ms"] = pace
         if name in predicted:
-            row["simulated_goodput_rps"] = predicted[name]["goodput_rps"]
-            row["simulated_goodput_range_rps"] = predicted[name]["range"]
+            row["simulated_goodput_range_rps"] = predicted[name]["ranges"][0]
+            row["simulated_goodput_rps"] = predicted[name]["ranges"][0][0]
             row["simulated_curve"] = predicted[name]["curve"]
         if name in in_situ:
-            row["simulated_in_situ_rps"] = in_situ[name]["goodput_rps"]
-            row["simulated_in_situ_range_rps"] = in_situ[name]["range"]
+            row["simulated_in_situ_range_rps"] = in_situ[name]["ranges"][0]
+            row["simulated_in_situ_rps"] = in_situ[name]["ranges"][0][0]
             row["in_situ_fit"] = in_situ[name]["fit"]
         out["configs"][name] = row
+    for key in ("simulated", "simulated_in_situ"):
+        out[f"fidelity_{key}"] = fidelity(out, key)
     return out
 
 
@@ -281,19 +290,18 @@ def step_entry(trace_dir: Path, base):
     return fit_traces([trace_dir], base)
 
 
-def predict(report: dict, profile: str, slo: SLO, steps: Path | None = None) -> dict:
-    """Simulated attainment on a fine rate grid over the measured range, and its goodput; with
-    `steps` (the experiment's step traces), per configuration with its in-server step times."""
+def predict(report: dict, profile: str, slos: list[SLO], steps: Path | None = None) -> dict:
+    """Simulated attainment on a fine rate grid over the measured range under each of `slos`
+    (one simulation per rate serves them all: thresholds change, the runs do not), and each
+    SLO's goodput; with `steps` (the experiment's step traces), per configuration with its
+    in-server step times. The curve is the first SLO's."""
     from placement.latency_model import Profile
-    from placement.simulator import SLO as SimSLO
-    from placement.simulator import attainment as sim_attainment
     from placement.simulator import simulate_draws
     from placement.step_traces import TraceFit
 
     meta = report["meta"]
     loaded = Profile.load(profile)
     base = loaded.entry(1, 1)
-    sim_slo = SimSLO(slo.ttft_s * 1e3, slo.tpot_s * 1e3)
     out = {}
     for name, c in report["configs"].items():
         source = TraceFit(base, loaded.node_contention, loaded.step_wander, None)
@@ -308,18 +316,26 @@ def predict(report: dict, profile: str, slo: SLO, steps: Path | None = None) -> 
         )
         top = 1.5 * max(p["rate"] for p in c["points"])
         grid = np.linspace(top / 60, top, 60)
-        curve_ = [
-            (float(r), sim_attainment(simulate_draws(placement, sim_requests(meta, r)), sim_slo))
-            for r in grid
+        per_rate = [
+            _sim_attainments(simulate_draws(placement, sim_requests(meta, r)), slos) for r in grid
         ]
-        bounds = goodput_range(curve_, meta["target"])
+        curves = [
+            [(float(r), a[k]) for r, a in zip(grid, per_rate, strict=True)]
+            for k in range(len(slos))
+        ]
         out[name] = {
-            "goodput_rps": bounds[0],
-            "range": bounds,
-            "curve": curve_,
+            "ranges": [goodput_range(c_, meta["target"]) for c_ in curves],
+            "curve": curves[0],
             "fit": source.report,
         }
     return out
+
+
+def _sim_attainments(results: list, slos: list[SLO]) -> list[float]:
+    """Share of simulated requests that meet both targets, under each SLO."""
+    ttft = np.array([r.ttft_ms for r in results]) / 1e3
+    tpot = np.array([r.tpot_ms for r in results]) / 1e3
+    return [float(np.mean((ttft <= s.ttft_s) & (tpot <= s.tpot_s))) for s in slos]
 
 
 def bounded_text(lo: float, hi: float, fmt, below: str = "<=") -> str:
@@ -333,11 +349,18 @@ def bounded_text(lo: float, hi: float, fmt, below: str = "<=") -> str:
     return f"{fmt(lo)}-{fmt(hi)}"
 
 
-def error_text(sim: tuple[float, float], measured: tuple[float, float]) -> str:
-    """Relative error of a prediction, or the bound on it that two ranges allow."""
+def error_bounds(sim: tuple[float, float], measured: tuple[float, float]) -> tuple[float, float]:
+    """The range of a prediction's relative error that a predicted and a measured goodput
+    range allow (each a value where low == high, else a one-sided bound from the sweep)."""
     (s_lo, s_hi), (m_lo, m_hi) = sim, measured
     lo = s_lo / m_hi - 1
     hi = s_hi / m_lo - 1 if m_lo > 0 else math.inf
+    return lo, hi
+
+
+def error_text(sim: tuple[float, float], measured: tuple[float, float]) -> str:
+    """Relative error of a prediction, or the bound on it that two ranges allow."""
+    lo, hi = error_bounds(sim, measured)
     if lo == hi:
         return f"{lo:+.0%}"
     if lo > 0:
@@ -345,6 +368,69 @@ def error_text(sim: tuple[float, float], measured: tuple[float, float]) -> str:
     if hi < 0:
         return f"<= {hi:+.0%}"
     return "-"
+
+
+def error_class(sim: tuple[float, float], measured: tuple[float, float], tolerance: float) -> str:
+    """'within' when every error the ranges allow is within `tolerance`, 'out' when none is,
+    else 'open' (the measurement's bound neither confirms nor refutes the prediction)."""
+    lo, hi = error_bounds(sim, measured)
+    if -tolerance <= lo and hi <= tolerance:
+        return "within"
+    if lo > tolerance or hi < -tolerance:
+        return "out"
+    return "open"
+
+
+def clear_winner(ranges: dict[str, tuple[float, float]]) -> str | None:
+    """The configuration whose goodput is certainly the highest (its range's low end above
+    every other's high end), else None."""
+    for name, (lo, _) in ranges.items():
+        if all(lo > hi for other, (_, hi) in ranges.items() if other != name):
+            return name
+    return None
+
+
+def fidelity(analysis: dict, key: str, tolerance: float = FIDELITY_TOLERANCE) -> dict | None:
+    """The simulator against the measurement over the whole SLO map (`key`: 'simulated' or
+    'simulated_in_situ'): per cell and configuration the error and its class, how many pairs
+    fall in each class, and in how many cells with a clear winner on both sides the two agree
+    on it (what a placement decision rests on). None where nothing was simulated."""
+    cells = [c for c in analysis["slo_map"] if key in c]
+    if not cells:
+        return None
+    counts = {"within": 0, "out": 0, "open": 0}
+    winners = {"agree": 0, "disagree": 0}
+    rows = []
+    for cell in cells:
+        errors = {}
+        for name, sim in cell[key].items():
+            measured = cell["range"][name]
+            errors[name] = error_text(sim, measured)
+            counts[error_class(sim, measured, tolerance)] += 1
+        rows.append({"ttft_scale": cell["ttft_scale"], "tpot_scale": cell["tpot_scale"],
+                     "errors": errors})  # fmt: skip
+        measured_best, sim_best = clear_winner(cell["range"]), clear_winner(cell[key])
+        if measured_best and sim_best:
+            winners["agree" if measured_best == sim_best else "disagree"] += 1
+    return {"tolerance": tolerance, "cells": rows, "counts": counts, "winners": winners}
+
+
+def fidelity_table(result: dict, grid: dict) -> str:
+    """Rows: TTFT scale; columns: TPOT scale; cell: each configuration's error, in order."""
+    head = "| TTFT x \\ TPOT x | " + " | ".join(f"{k:g}" for k in grid["tpot"]) + " |"
+    lines = [head, "|---" * (len(grid["tpot"]) + 1) + "|"]
+    for kt in grid["ttft"]:
+        cells = [" / ".join(c["errors"].values()) for c in result["cells"] if c["ttft_scale"] == kt]
+        lines.append(f"| {kt:g} | " + " | ".join(cells) + " |")
+    counts, winners = result["counts"], result["winners"]
+    lines.append(
+        f"\nWithin {result['tolerance']:.0%}: {counts['within']} of "
+        f"{sum(counts.values())} (configuration, SLO) pairs; outside: {counts['out']}; "
+        f"undetermined by the measured bounds: {counts['open']}. Same clear winner in "
+        f"{winners['agree']} of {winners['agree'] + winners['disagree']} cells where both "
+        "have one."
+    )
+    return "\n".join(lines)
 
 
 def _goodput_text(bounds: tuple[float, float]) -> str:
@@ -531,6 +617,15 @@ def write_report(
             "configuration: differences are the machine's):\n\n"
             + per_rate_table(analysis, "quiet_decode_ms", ".1f")
         )
+    names = " / ".join(analysis["configs"])
+    for key, what in (("simulated", "the profile"), ("simulated_in_situ", "in-server steps")):
+        if (result := analysis.get(f"fidelity_{key}")) is not None:
+            summary += (
+                f"\n\nThe simulator ({what}) against the measurement over the SLO map: "
+                f"relative error of the predicted goodput ({names}; `>=` / `<=` a bound, `-` "
+                "where the measured bounds allow any error):\n\n"
+                + fidelity_table(result, meta["grid"])
+            )
     (out / "summary.md").write_text(summary + "\n")
     return summary
 

@@ -315,3 +315,78 @@ def test_machine_pace_is_the_median_lone_batch_1_decode_step_in_each_rate_window
     ]
     assert machine_pace(points, tmp_path) == [50.0, 70.0, None, None]
     assert machine_pace(points, tmp_path / "missing") == [None] * 4
+
+
+def test_one_simulation_per_rate_gives_every_slos_goodput(tmp_path):
+    """predict() simulates each rate once and reads every SLO off it: each SLO's curve and
+    goodput match the simulator's own attainment for that SLO alone."""
+    from bench.metrics import goodput_range
+    from bench.report import placement_for, predict
+    from placement.latency_model import Profile
+    from placement.simulator import SLO as SimSLO
+    from placement.simulator import attainment, simulate_draws
+
+    profile = tmp_path / "p.yaml"
+    profile.write_text(
+        "model: m\ndevice: d\nentries:\n  - {tp: 1, pp: 1, kv_capacity_tokens: 50000,\n"
+        "     prefill: {a: 12.0, b: 0.08, c: 5.0e-6}, decode: {a: 15.0, b: 0.0005, c: 0.03}}\n"
+    )
+    workload = {"num_requests": 40, "input_len": 400, "output_len": 20, "cv": 1.0, "seed": 1,
+                "dataset_lengths": None}  # fmt: skip
+    meta = {"target": 0.9, "workload": workload}
+    args = app_args("coloc-2")
+    report = {"meta": meta, "configs": {"coloc-2": {"args": args, "points": [{"rate": 20.0}]}}}
+    slos = [SLO(0.1, 0.02), SLO(0.3, 0.04)]
+    out = predict(report, str(profile), slos)["coloc-2"]
+    placement = placement_for(args, Profile.load(profile).entry(1, 1))
+    rates = [r for r, _ in out["curve"]]
+    for k, slo in enumerate(slos):
+        alone = SimSLO(slo.ttft_s * 1e3, slo.tpot_s * 1e3)
+        curve = [(r, attainment(simulate_draws(placement, sim_requests(meta, r)), alone))
+                 for r in rates]  # fmt: skip
+        if k == 0:
+            assert [a for _, a in out["curve"]] == pytest.approx([a for _, a in curve])
+        assert out["ranges"][k] == pytest.approx(goodput_range(curve, 0.9))
+    # the looser SLO's goodput is higher, and both crossings lie inside the simulated grid
+    (tight, _), (loose, high) = out["ranges"]
+    assert 0 < tight < loose <= high < math.inf
+
+
+def _fidelity_analysis() -> dict:
+    """Two configurations over a 1 x 3 map; measured and simulated goodput ranges."""
+    measured = [
+        {"a": (1.0, 1.0), "b": (0.5, 0.5)},  # a wins
+        {"a": (0.0, 0.2), "b": (0.4, 0.4)},  # a below the lowest rate: b wins
+        {"a": (2.0, math.inf), "b": (1.0, 1.0)},  # a passed every rate: a wins
+    ]
+    simulated = [
+        {"a": (1.1, 1.1), "b": (0.7, 0.7)},  # +10% within, +40% out; a wins
+        {"a": (0.1, 0.1), "b": (0.35, 0.35)},  # -50% / +inf: open; -12.5% within; b wins
+        {"a": (1.5, 1.5), "b": (1.6, 1.6)},  # <= -25% out; +60% out; b wins: disagree
+    ]
+    cells = [
+        {"ttft_scale": 1.0, "tpot_scale": k, "range": m, "simulated": s}
+        for k, (m, s) in enumerate(zip(measured, simulated, strict=True), start=1)
+    ]
+    return {"slo_map": cells}
+
+
+def test_fidelity_over_the_map_classes_each_error_and_compares_winners():
+    from bench.report import clear_winner, error_class, fidelity, fidelity_table
+
+    assert error_class((1.1, 1.1), (1.0, 1.0), 0.15) == "within"
+    assert error_class((0.1, 0.1), (0.0, 0.2), 0.15) == "open"  # anything from -50% up
+    assert error_class((0.1, 0.1), (0.0, 0.05), 0.15) == "out"  # at least +100%
+    assert error_class((1.5, 1.5), (2.0, math.inf), 0.15) == "out"  # at most -25%
+    assert error_class((2.1, 2.1), (2.0, math.inf), 0.15) == "open"
+    assert clear_winner({"a": (2.0, math.inf), "b": (1.0, 1.0)}) == "a"
+    assert clear_winner({"a": (0.0, 0.2), "b": (0.1, 0.1)}) is None  # a may be above b
+    a = _fidelity_analysis()
+    result = fidelity(a, "simulated")
+    assert result["counts"] == {"within": 2, "out": 3, "open": 1}
+    assert result["winners"] == {"agree": 2, "disagree": 1}
+    assert result["cells"][0]["errors"] == {"a": "+10%", "b": "+40%"}
+    text = fidelity_table(result, {"ttft": [1.0], "tpot": [1, 2, 3]})
+    assert "| 1 | +10% / +40% | - / -13% | <= -25% / +60% |" in text
+    assert "Within 15%: 2 of 6" in text and "Same clear winner in 2 of 3 cells" in text
+    assert fidelity(a, "simulated_in_situ") is None  # nothing simulated from traces

@@ -46,8 +46,12 @@ def test_experiment_runs_each_configuration_and_writes_the_report(tmp_path):
     analysis = json.loads((out / "analysis.json").read_text())
     for row in analysis["configs"].values():
         assert row["simulated_goodput_rps"] > 0 and row["simulated_curve"]
+    grid = report["meta"]["grid"]
+    fid = analysis["fidelity_simulated"]  # every configuration at every cell of the map
+    assert sum(fid["counts"].values()) == 2 * len(grid["ttft"]) * len(grid["tpot"])
     summary = (out / "summary.md").read_text()
     assert "| disagg-1p1d | 2 |" in summary and "| coloc-2 | 2 |" in summary
+    assert "against the measurement over the SLO map" in summary
     assert (out / "attainment.png").stat().st_size > 0 and (out / "latency.png").exists()
     # every replica traced its steps, filed under its configuration
     for name in ("disagg-1p1d", "coloc-2"):

@@ -223,6 +223,11 @@ def analyze(report: dict, profile: str | None = None, steps: Path | None = None)
             for point, pace in zip(row["curve"], machine_pace(c["points"], steps / name),
                                    strict=True):  # fmt: skip
                 point["quiet_decode_ms"] = pace
+        for key, pred in (("simulated", predicted), ("simulated_in_situ", in_situ)):
+            if name in pred:
+                for point, scale in zip(row["curve"], pred[name]["tightest_slo_scale"],
+                                        strict=True):  # fmt: skip
+                    point[f"{key}_tightest_slo_scale"] = scale
         if name in predicted:
             row["simulated_goodput_range_rps"] = predicted[name]["ranges"][0]
             row["simulated_goodput_rps"] = predicted[name]["ranges"][0][0]
@@ -327,8 +332,28 @@ def predict(report: dict, profile: str, slos: list[SLO], steps: Path | None = No
             "ranges": [goodput_range(c_, meta["target"]) for c_ in curves],
             "curve": curves[0],
             "fit": source.report,
+            # at each measured rate, the first SLO's scale that the simulation meets: an error
+            # in latency, which stays small where the goodput's error does not (a flat curve)
+            "tightest_slo_scale": [
+                tightest_slo_scale(
+                    _sim_records(simulate_draws(placement, sim_requests(meta, p["rate"]))),
+                    slos[0],
+                    meta["target"],
+                )
+                for p in c["points"]
+            ],
         }
     return out
+
+
+def _sim_records(results: list) -> list[RequestRecord]:
+    """Simulated requests as two-token records with their TTFT and TPOT (arrival at 0)."""
+    return [
+        RequestRecord(0.0, r.ttft_ms / 1e3, (r.ttft_ms + r.tpot_ms) / 1e3, 2)
+        if math.isfinite(r.ttft_ms + r.tpot_ms)
+        else RequestRecord(0.0, None, None, 0, error="unfinished")
+        for r in results
+    ]
 
 
 def _sim_attainments(results: list, slos: list[SLO]) -> list[float]:
@@ -475,21 +500,80 @@ def table(analysis: dict) -> str:
     return "\n".join(lines)
 
 
-def per_rate_table(analysis: dict, key: str, fmt: str) -> str:
+def per_rate_table(analysis: dict, key: str, fmt: str, beside: str | None = None) -> str:
     """Per configuration and measured rate, the `key` of its curve row ('-' where none), e.g.
     the SLO-scale sweep: the smallest multiple of the headline SLO (TTFT and TPOT together)
-    that the rate still meets."""
+    that the rate still meets; with `beside`, that key's value in parentheses after it."""
     configs = analysis["configs"]
     rates = sorted({p["rate"] for row in configs.values() for p in row["curve"]})
     lines = [
         "| configuration | " + " | ".join(f"{r:g} req/s" for r in rates) + " |",
         "|---" * (len(rates) + 1) + "|",
     ]
+
+    def text(point: dict | None, k: str) -> str:
+        value = None if point is None else point.get(k)
+        return "-" if value is None else format(value, fmt)
+
     for name, row in configs.items():
-        values = {p["rate"]: p.get(key) for p in row["curve"]}
-        cells = [format(values[r], fmt) if values.get(r) is not None else "-" for r in rates]
+        points = {p["rate"]: p for p in row["curve"]}
+        cells = [text(points.get(r), key) for r in rates]
+        if beside is not None:
+            cells = [
+                f"{cell} ({text(points.get(r), beside)})" if r in points else cell
+                for cell, r in zip(cells, rates, strict=True)
+            ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def scale_errors(analysis: dict, key: str) -> list[float]:
+    """Simulated / measured tightest SLO scale - 1 at every measured rate where both are
+    finite (`key`: 'simulated' or 'simulated_in_situ'): the simulator's error in latency at
+    the target percentile."""
+    return [
+        p[f"{key}_tightest_slo_scale"] / p["tightest_slo_scale"] - 1
+        for row in analysis["configs"].values()
+        for p in row["curve"]
+        if math.isfinite(p.get(f"{key}_tightest_slo_scale", math.inf))
+        and 0 < p["tightest_slo_scale"] < math.inf
+    ]
+
+
+def scale_error_text(errors: list[float], tolerance: float = FIDELITY_TOLERANCE) -> str:
+    if not errors:
+        return ""
+    size = np.abs(errors)
+    return (
+        f"Simulated / measured scale: median error {np.median(size):.0%} (largest "
+        f"{max(errors, key=abs):+.0%}), within {tolerance:.0%} at {int(np.sum(size <= tolerance))}"
+        f" of {len(errors)} measured rates."
+    )
+
+
+SIMULATIONS = (("simulated", "the profile"), ("simulated_in_situ", "in-server steps"))
+
+
+def scale_section(analysis: dict, target: float) -> str:
+    """The SLO-scale sweep's table; beside each measured scale the simulator's (in-server
+    steps where it ran with them), and how far the two differ."""
+    key, what = None, ""
+    for name, source in SIMULATIONS:
+        if any(f"{name}_tightest_slo_scale" in p for r in analysis["configs"].values()
+               for p in r["curve"]):  # fmt: skip
+            key, what = name, source
+    text = (
+        f"Tightest SLO scale met by {target:.0%} of the requests at each measured rate (a "
+        "multiple of the headline SLO; below 1: room to spare)"
+    )
+    if key is None:
+        return text + ":\n\n" + per_rate_table(analysis, "tightest_slo_scale", ".2f")
+    return (
+        f"{text}; in parentheses the simulator's, with {what}, on the same schedule:\n\n"
+        + per_rate_table(analysis, "tightest_slo_scale", ".2f", f"{key}_tightest_slo_scale")
+        + "\n\n"
+        + scale_error_text(scale_errors(analysis, key))
+    ).rstrip()
 
 
 def machine_pace(points: list[dict], trace_dir: Path) -> list[float | None]:
@@ -605,9 +689,7 @@ def write_report(
             table(analysis),
             "Goodput map (winner, goodput req/s, disaggregated / best colocated):",
             map_table(analysis, meta["grid"]),
-            f"Tightest SLO scale met by {meta['target']:.0%} of the requests at each measured "
-            "rate (a multiple of the headline SLO; below 1: room to spare):",
-            per_rate_table(analysis, "tightest_slo_scale", ".2f"),
+            scale_section(analysis, meta["target"]),
         ]
     )
     if any(p.get("quiet_decode_ms") for r in analysis["configs"].values() for p in r["curve"]):
@@ -618,7 +700,7 @@ def write_report(
             + per_rate_table(analysis, "quiet_decode_ms", ".1f")
         )
     names = " / ".join(analysis["configs"])
-    for key, what in (("simulated", "the profile"), ("simulated_in_situ", "in-server steps")):
+    for key, what in SIMULATIONS:
         if (result := analysis.get(f"fidelity_{key}")) is not None:
             summary += (
                 f"\n\nThe simulator ({what}) against the measurement over the SLO map: "

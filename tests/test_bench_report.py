@@ -18,6 +18,8 @@ from bench.report import (
     map_table,
     per_rate_table,
     plot,
+    scale_errors,
+    scale_section,
     sim_requests,
     table,
 )
@@ -95,6 +97,14 @@ def test_analysis_goodput_ratio_and_slo_map_from_hand_made_curves():
     assert [p["tightest_slo_scale"] for p in curve] == pytest.approx([0.5, 0.5, 5.0])
     scales = per_rate_table(a, "tightest_slo_scale", ".2f")
     assert "| disagg | 0.50 | 0.50 | 5.00 |" in scales and "| coloc | 0.50 | 5.00 | - |" in scales
+    curve[0]["simulated_tightest_slo_scale"] = 0.45  # the simulator's, beside the measured
+    paired = per_rate_table(a, "tightest_slo_scale", ".2f", "simulated_tightest_slo_scale")
+    assert "| disagg | 0.50 (0.45) | 0.50 (-) | 5.00 (-) |" in paired
+    assert "| coloc | 0.50 (-) | 5.00 (-) | - |" in paired
+    assert scale_errors(a, "simulated") == pytest.approx([-0.1])  # 0.45 / 0.50 - 1
+    section = scale_section(a, 0.9)
+    assert "| disagg | 0.50 (0.45) |" in section and "with the profile" in section
+    assert "median error 10% (largest -10%), within 15% at 1 of 1 measured rates" in section
     # bootstrap over each rate's 10 requests: disagg's rate-3 count K ~ Binomial(10, 0.8), whose
     # 5% quantile is 6 (goodput 2 + 0.1 / 0.4) and 95% quantile >= 9 (passes: 3.0)
     assert a["configs"]["disagg"]["goodput_interval_rps"] == pytest.approx((2.25, 3.0))
@@ -347,6 +357,11 @@ def test_one_simulation_per_rate_gives_every_slos_goodput(tmp_path):
         if k == 0:
             assert [a for _, a in out["curve"]] == pytest.approx([a for _, a in curve])
         assert out["ranges"][k] == pytest.approx(goodput_range(curve, 0.9))
+    # at the measured rate, the tightest scale of the first SLO: closed form, the 36th smallest
+    # of 40 requests' max(TTFT / 100 ms, TPOT / 20 ms)
+    results = simulate_draws(placement, sim_requests(meta, 20.0))
+    need = sorted(max(r.ttft_ms / 100, r.tpot_ms / 20) for r in results)
+    assert out["tightest_slo_scale"] == pytest.approx([need[35]], rel=1e-9)
     # the looser SLO's goodput is higher, and both crossings lie inside the simulated grid
     (tight, _), (loose, high) = out["ranges"]
     assert 0 < tight < loose <= high < math.inf

@@ -45,6 +45,8 @@ KV_TRANSFER_MS_PER_TOKEN = 0.025  # bench.kv_transfer, shm, this machine: 12.6 m
 BOOTSTRAP_SAMPLES = 2000
 INTERVAL_LEVEL = 0.9
 FIDELITY_TOLERANCE = 0.15  # the placement issue's target for the simulator
+# the simulator's two sources of step times: analysis keys and what they mean
+SIMULATIONS = (("simulated", "the profile"), ("simulated_in_situ", "in-server steps"))
 
 
 def loosest_slo(unit: SLO, grid: dict) -> SLO:
@@ -204,9 +206,8 @@ def analyze(report: dict, profile: str | None = None, steps: Path | None = None)
     predicted = predict(report, profile, slos) if profile else {}
     in_situ = predict(report, profile, slos, steps) if profile and steps else {}
     for key, pred in (("simulated", predicted), ("simulated_in_situ", in_situ)):
-        for k, cell in enumerate(out["slo_map"], start=1):
-            if pred:
-                cell[key] = {n: v["ranges"][k] for n, v in pred.items()}
+        for k, cell in enumerate(out["slo_map"] if pred else [], start=1):
+            cell[key] = {n: v["ranges"][k] for n, v in pred.items()}
     for name, c in configs.items():
         row = {
             "description": c["description"],
@@ -240,7 +241,7 @@ def analyze(report: dict, profile: str | None = None, steps: Path | None = None)
             row["simulated_in_situ_rps"] = in_situ[name]["ranges"][0][0]
             row["in_situ_fit"] = in_situ[name]["fit"]
         out["configs"][name] = row
-    for key in ("simulated", "simulated_in_situ"):
+    for key, _ in SIMULATIONS:
         out[f"fidelity_{key}"] = fidelity(out, key)
     return out
 
@@ -552,9 +553,6 @@ def scale_error_text(errors: list[float], tolerance: float = FIDELITY_TOLERANCE)
         f"{max(errors, key=abs):+.0%}), within {tolerance:.0%} at {int(np.sum(size <= tolerance))}"
         f" of {len(errors)} measured rates."
     )
-
-
-SIMULATIONS = (("simulated", "the profile"), ("simulated_in_situ", "in-server steps"))
 
 
 def scale_section(analysis: dict, target: float) -> str:

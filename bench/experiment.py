@@ -265,7 +265,15 @@ def run_experiment(args: argparse.Namespace, items, unit: SLO, grid: dict) -> di
                 "args": app_args(name),
                 "points": [p.to_json() for p in points],
             }
+            # an hour-long run should not lose the configurations it finished when a later
+            # one fails or is stopped: report.json always holds every one done so far
+            save_report(report, Path(args.out))
     return report
+
+
+def save_report(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report))
 
 
 def _keep_steps(trace: Path, name: str) -> None:
@@ -338,8 +346,7 @@ def main(argv: list[str] | None = None) -> None:
         grid, args.slo_source = {"headline": [1.0, 1.0], "ttft": [1.0], "tpot": [1.0]}, "given"
     report = run_experiment(args, items, unit, grid)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report))
+    save_report(report, out)
     print(write_report(report, out, args.profile, out / "steps" if args.profile else None))
 
 

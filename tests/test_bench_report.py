@@ -405,3 +405,54 @@ def test_fidelity_over_the_map_classes_each_error_and_compares_winners():
     assert "| 1 | +10% / +40% | - / -13% | <= -25% / +60% |" in text
     assert "Within 15%: 2 of 6" in text and "Same clear winner in 2 of 3 cells" in text
     assert fidelity(a, "simulated_in_situ") is None  # nothing simulated from traces
+
+
+def test_a_run_stopped_in_a_later_configuration_keeps_the_finished_ones(tmp_path, monkeypatch):
+    """report.json is written after every configuration: when the second one fails, the
+    first one's points are on disk (the orchestration only; the cluster is a stand-in)."""
+    import argparse
+
+    import bench.experiment as experiment
+
+    class FakeCluster:
+        url = "http://stand-in"
+
+        def __init__(self, env=None):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def deploy(self, args):
+            pass
+
+        def undeploy(self):
+            pass
+
+    def fake_sweep(send, rates, headline, loosest, target, bisect):
+        if len(calls) == 1:
+            raise RuntimeError("the machine went away")
+        calls.append(rates)
+        return [RatePoint(0.5, 10.0, _records(9, 1))]
+
+    calls: list = []
+    monkeypatch.setattr(experiment, "Cluster", FakeCluster)
+    monkeypatch.setattr(experiment, "_warm_up", lambda url, model: None)
+    monkeypatch.setattr(experiment, "_send", lambda url, model, make: None)
+    monkeypatch.setattr(experiment, "sweep", fake_sweep)
+    args = argparse.Namespace(
+        out=str(tmp_path), configs=["disagg-1p1d", "coloc-2"], model=None, rates=[0.5],
+        target=0.9, bisect=0, argv=[], dataset=None, input_len=16, output_len=4,
+        num_requests=10, cv=1.0, seed=0, slo_source="given",
+    )  # fmt: skip
+    grid = {"headline": [1.0, 1.0], "ttft": [1.0], "tpot": [1.0]}
+    with pytest.raises(RuntimeError, match="went away"):
+        experiment.run_experiment(args, None, SLO(1.0, 0.2), grid)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert list(saved["configs"]) == ["disagg-1p1d"]
+    [point] = saved["configs"]["disagg-1p1d"]["points"]
+    assert point["rate"] == 0.5 and len(point["records"]) == 10
+    assert analyze(saved)["configs"]["disagg-1p1d"]["curve"][0]["attainment"] == 0.9

@@ -1,4 +1,4 @@
-"""Goodput experiment: each serving configuration in turn on this machine, the same sweep each.
+"""Goodput experiment: each serving configuration on this machine, the same sweep each.
 
     python -m bench.experiment --out bench/results/goodput-512-64 --profile profile.yaml \\
         --configs disagg-1p1d coloc-2 chunked-2 --rates 0.15 0.25 0.35 0.5 0.65 \\
@@ -7,8 +7,9 @@
 
 Every configuration runs the same number of engine threads (one torch thread per engine, two
 engines), so they share the machine's cores on equal terms. A private local Ray cluster is
-started for the run and shut down after it; configurations are deployed with Serve one after
-the other from serve_config.yaml's args plus each configuration's overrides. The sweep stops
+started for the run and shut down after it; configurations are deployed with Serve from
+serve_config.yaml's args plus each configuration's overrides, taking turns rate by rate
+(`--order interleaved`, the default) or one whole sweep after another. A sweep stops
 early once attainment at the loosest SLO of the grid falls below the target (higher rates
 cannot add goodput), then bisects the headline SLO's crossing. The report (bench/report.py)
 keeps every request's timings, so any SLO can be evaluated again afterwards.
@@ -21,7 +22,6 @@ import asyncio
 import copy
 import json
 import platform
-import shutil
 import socket
 import tempfile
 import time
@@ -181,6 +181,66 @@ class RatePoint:
         return point if self.started_s is None else {**point, "started_s": self.started_s}
 
 
+class Sweep:
+    """One configuration's rates, one at a time: ascending until even the loosest SLO fails,
+    then `bisect` more between the headline SLO's last pass and first fail. Measuring is the
+    caller's: the experiment interleaves several configurations' sweeps point by point."""
+
+    def __init__(
+        self, rates: list[float], headline: SLO, loosest: SLO, target: float = 0.9, bisect: int = 0
+    ) -> None:
+        self.pending = sorted(rates)
+        self.headline, self.loosest, self.target, self.bisect = headline, loosest, target, bisect
+        self.points: list[RatePoint] = []
+
+    def next_rate(self) -> float | None:
+        if self.pending:
+            return self.pending[0]
+        if self.bisect <= 0:
+            return None
+        passing = [p.rate for p in self.points if self._passes(p, self.headline)]
+        failing = [p.rate for p in self.points if not self._passes(p, self.headline)]
+        low = max(passing, default=0.0)
+        above = [r for r in failing if r > low]
+        if not above:
+            return None
+        return round((low + min(above)) / 2, 4) if low else round(min(above) / 2, 4)
+
+    def add(self, point: RatePoint) -> None:
+        self.points.append(point)
+        if self.pending and point.rate == self.pending[0]:
+            self.pending.pop(0)
+            if not self._passes(point, self.loosest):
+                self.pending.clear()  # higher rates cannot add goodput
+        else:
+            self.bisect -= 1
+
+    def _passes(self, point: RatePoint, slo: SLO) -> bool:
+        return attainment(point.records, slo) >= self.target
+
+    def sorted_points(self) -> list[RatePoint]:
+        return sorted(self.points, key=lambda p: p.rate)
+
+
+def measure(
+    send: Callable[[float], tuple[list[RequestRecord], float]],
+    sweep: Sweep,
+    rate: float,
+    log: Callable[[str], None] = print,
+) -> RatePoint:
+    """Send one rate's requests and add the point to its sweep."""
+    started = time.time()
+    records, duration = send(rate)
+    point = RatePoint(rate, duration, records, started)
+    sweep.add(point)
+    log(
+        f"  rate {rate:.3f}/s: attainment {attainment(records, sweep.headline):.2f} "
+        f"(loosest {attainment(records, sweep.loosest):.2f}), "
+        f"errors {sum(not r.ok for r in records)}"
+    )
+    return point
+
+
 def sweep(
     send: Callable[[float], tuple[list[RequestRecord], float]],
     rates: list[float],
@@ -190,34 +250,11 @@ def sweep(
     bisect: int = 0,
     log: Callable[[str], None] = print,
 ) -> list[RatePoint]:
-    """Run `send(rate)` at each rate (ascending) until even the loosest SLO fails, then
-    `bisect` more rates between the headline SLO's last pass and first fail."""
-    points: list[RatePoint] = []
-
-    def measure(rate: float) -> RatePoint:
-        started = time.time()
-        records, duration = send(rate)
-        point = RatePoint(rate, duration, records, started)
-        points.append(point)
-        log(
-            f"  rate {rate:.3f}/s: attainment {attainment(records, headline):.2f} "
-            f"(loosest {attainment(records, loosest):.2f}), "
-            f"errors {sum(not r.ok for r in records)}"
-        )
-        return point
-
-    for rate in sorted(rates):
-        if attainment(measure(rate).records, loosest) < target:
-            break
-    for _ in range(bisect):
-        passing = [p.rate for p in points if attainment(p.records, headline) >= target]
-        failing = [p.rate for p in points if attainment(p.records, headline) < target]
-        low = max(passing, default=0.0)
-        above = [r for r in failing if r > low]
-        if not above:
-            break
-        measure(round((low + min(above)) / 2, 4) if low else round(min(above) / 2, 4))
-    return sorted(points, key=lambda p: p.rate)
+    """One configuration's whole sweep against one `send` (see Sweep)."""
+    state = Sweep(rates, headline, loosest, target, bisect)
+    while (rate := state.next_rate()) is not None:
+        measure(send, state, rate, log)
+    return state.sorted_points()
 
 
 def _send(url: str, model: str, make: Callable[[float], list[LoadRequest]]):
@@ -237,38 +274,77 @@ def _warm_up(url: str, model: str) -> None:
         raise RuntimeError(f"warm-up requests failed: {failed}")
 
 
+ORDERS = ("interleaved", "sequential")
+
+
 def run_experiment(args: argparse.Namespace, items, unit: SLO, grid: dict) -> dict:
+    """Every configuration's sweep. `args.order` 'interleaved' (default) takes turns point by
+    point, each configuration deployed afresh for each of its rates, so a shared machine's
+    slow stretches fall on all of them alike rather than on whichever ran then; 'sequential'
+    runs each configuration's whole sweep on one deployment (fewer model loads)."""
     from bench.report import loosest_slo
 
     headline = unit.scaled_each(*grid["headline"])
-    loosest = loosest_slo(unit, grid)
+    sweeps = {
+        name: Sweep(args.rates, headline, loosest_slo(unit, grid), args.target, args.bisect)
+        for name in args.configs
+    }
+    per_turn = 1 if getattr(args, "order", "interleaved") == "interleaved" else None
     report = {"meta": _meta(args, unit, grid, items), "configs": {}}
     trace = Path(args.out).resolve() / "steps"
     with Cluster({"SPLITSERVE_STEP_TRACE": str(trace / "current")}) as cluster:
-        for name in args.configs:
-            config = CONFIGURATIONS[name]
-            print(f"{name}: {config.description}", flush=True)
-            cluster.deploy(app_args(name))
-            _warm_up(cluster.url, args.model)
-
-            def make(rate: float) -> list[LoadRequest]:
-                return make_requests(args, items, rate, args.num_requests)
-
-            send = _send(cluster.url, args.model, make)
-            points = sweep(send, args.rates, headline, loosest, args.target, args.bisect)
-            cluster.undeploy()
-            _keep_steps(trace, name)
-            report["configs"][name] = {
-                "description": config.description,
-                "colocated": config.colocated,
-                "cores": config.cores,
-                "args": app_args(name),
-                "points": [p.to_json() for p in points],
-            }
-            # an hour-long run should not lose the configurations it finished when a later
-            # one fails or is stopped: report.json always holds every one done so far
+        for turn, name in enumerate(_turns(sweeps)):
+            _run_turn(cluster, args, items, name, sweeps[name], per_turn)
+            _keep_steps(trace, name, turn)
+            report["configs"][name] = _config_report(name, sweeps[name])
+            # an hour-long run should not lose the points it measured when a later one fails
+            # or is stopped: report.json always holds every one done so far
             save_report(report, Path(args.out))
+    report["configs"] = {n: report["configs"][n] for n in args.configs if n in report["configs"]}
     return report
+
+
+def _turns(sweeps: dict[str, Sweep]):
+    """Configuration names in rounds until every sweep is done; each round starts one
+    configuration further on, so none always runs first after the others."""
+    round_ = 0
+    while names := [n for n, s in sweeps.items() if s.next_rate() is not None]:
+        k = round_ % len(names)
+        for name in names[k:] + names[:k]:
+            if sweeps[name].next_rate() is not None:
+                yield name
+        round_ += 1
+
+
+def _run_turn(cluster, args, items, name: str, state: Sweep, limit: int | None) -> None:
+    """Deploy `name`, measure up to `limit` of its sweep's rates (None: all left), undeploy."""
+    config = CONFIGURATIONS[name]
+    print(f"{name}: {config.description}", flush=True)
+    cluster.deploy(app_args(name))
+    try:
+        _warm_up(cluster.url, args.model)
+
+        def make(rate: float) -> list[LoadRequest]:
+            return make_requests(args, items, rate, args.num_requests)
+
+        send = _send(cluster.url, args.model, make)
+        done = 0
+        while (rate := state.next_rate()) is not None and (limit is None or done < limit):
+            measure(send, state, rate)
+            done += 1
+    finally:
+        cluster.undeploy()
+
+
+def _config_report(name: str, state: Sweep) -> dict:
+    config = CONFIGURATIONS[name]
+    return {
+        "description": config.description,
+        "colocated": config.colocated,
+        "cores": config.cores,
+        "args": app_args(name),
+        "points": [p.to_json() for p in state.sorted_points()],
+    }
 
 
 def save_report(report: dict, out: Path) -> None:
@@ -276,12 +352,13 @@ def save_report(report: dict, out: Path) -> None:
     (out / "report.json").write_text(json.dumps(report))
 
 
-def _keep_steps(trace: Path, name: str) -> None:
-    """The replicas of `name` are gone: their step traces become that configuration's."""
-    current, kept = trace / "current", trace / name
+def _keep_steps(trace: Path, name: str, turn: int) -> None:
+    """The replicas of `name` are gone: their step traces become that configuration's, one
+    directory per deployment (placement.step_traces counts overlap within one only)."""
+    current = trace / "current"
     if current.exists():
-        shutil.rmtree(kept, ignore_errors=True)
-        current.rename(kept)
+        (trace / name).mkdir(parents=True, exist_ok=True)
+        current.rename(trace / name / f"{turn:03d}")
 
 
 def _meta(args: argparse.Namespace, unit: SLO, grid: dict, items) -> dict:
@@ -304,6 +381,7 @@ def _meta(args: argparse.Namespace, unit: SLO, grid: dict, items) -> dict:
         "slo_unit": {"ttft_s": unit.ttft_s, "tpot_s": unit.tpot_s, "source": args.slo_source},
         "grid": grid,
         "target": args.target,
+        "order": getattr(args, "order", "interleaved"),
     }
 
 
@@ -328,6 +406,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-requests", type=int, default=30)
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
     parser.add_argument("--target", type=float, default=0.9)
+    parser.add_argument(
+        "--order", choices=ORDERS, default="interleaved",
+        help="interleaved: configurations take turns rate by rate, redeployed for each (a "
+        "shared machine's drift falls on all alike); sequential: one deployment per sweep",
+    )  # fmt: skip
     slo = parser.add_mutually_exclusive_group(required=True)
     slo.add_argument("--profile", help="SLO unit from a profile: prefill(input), decode step")
     slo.add_argument("--goodput", nargs=2, metavar="KEY:MS", help="SLO unit in ms (vLLM style)")

@@ -294,9 +294,9 @@ def placement_for(args: dict, entry):
 def step_entry(trace_dir: Path, base):
     """The latency model fitted to one configuration's in-server steps (placement/
     step_traces.py: entry, contention, wander, report), or None with too few steps."""
-    from placement.step_traces import fit_traces
+    from placement.step_traces import fit_traces, trace_runs
 
-    return fit_traces([trace_dir], base)
+    return fit_traces(trace_runs(trace_dir), base)
 
 
 def predict(report: dict, profile: str, slos: list[SLO], steps: Path | None = None) -> dict:
@@ -580,9 +580,9 @@ def scale_section(analysis: dict, target: float) -> str:
 def machine_pace(points: list[dict], trace_dir: Path) -> list[float | None]:
     """Per measured rate, the machine's pace while it ran (placement.step_traces.
     quiet_decode_ms), where the point has its wall-clock start and the traces exist."""
-    from placement.step_traces import load_replicas, quiet_decode_ms
+    from placement.step_traces import load_all_replicas, quiet_decode_ms
 
-    replicas = load_replicas(trace_dir) if trace_dir.is_dir() else []
+    replicas = load_all_replicas(trace_dir)
     return [
         quiet_decode_ms(replicas, p["started_s"], p["started_s"] + p["duration_s"])
         if replicas and p.get("started_s") is not None

@@ -263,15 +263,16 @@ def served_profile(trace_dirs: list[str], base_path: str | None, out: str) -> Pr
     """Write the profile fitted to the step traces in `trace_dirs` (see the module doc)."""
     from pathlib import Path
 
-    from placement.step_traces import fit_traces
+    from placement.step_traces import fit_traces, trace_runs
 
     if base_path is None:
         raise SystemExit("--from-steps needs --base PROFILE (model, KV capacity)")
     base = Profile.load(base_path)
-    missing = [d for d in trace_dirs if not any(Path(d).glob("*.jsonl"))]
+    runs = {d: trace_runs(Path(d)) for d in trace_dirs}  # a configuration's deployments
+    missing = [d for d, found in runs.items() if not found]
     if missing:
         raise SystemExit(f"no step traces (*.jsonl) in {', '.join(missing)}")
-    fitted = fit_traces([Path(d) for d in trace_dirs], base.entry(1, 1))
+    fitted = fit_traces([r for found in runs.values() for r in found], base.entry(1, 1))
     if fitted is None:
         raise SystemExit("the traces hold fewer than 3 pure prefill or decode steps")
     fit = fitted.report

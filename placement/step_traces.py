@@ -45,6 +45,21 @@ def load_replicas(trace_dir: Path) -> list[list[dict]]:
     return [sorted((s for s in r if s.get("start_s")), key=_start) for r in replicas]
 
 
+def trace_runs(trace_dir: Path) -> list[Path]:
+    """The runs under one configuration's trace directory: its subdirectories, one per
+    deployment (bench.experiment), and the directory itself where it holds traces directly."""
+    trace_dir = Path(trace_dir)
+    if not trace_dir.is_dir():
+        return []
+    runs = sorted(d for d in trace_dir.iterdir() if d.is_dir() and any(d.glob("*.jsonl")))
+    return ([trace_dir] if any(trace_dir.glob("*.jsonl")) else []) + runs
+
+
+def load_all_replicas(trace_dir: Path) -> list[list[dict]]:
+    """Every replica of every run under trace_dir (runs apart in time: overlap stays zero)."""
+    return [r for run in trace_runs(trace_dir) for r in load_replicas(run)]
+
+
 MIN_WANDER = 1e-3  # log-sd below which steps keep to the model (0.1%: rounding, not drift)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -407,50 +408,109 @@ def test_fidelity_over_the_map_classes_each_error_and_compares_winners():
     assert fidelity(a, "simulated_in_situ") is None  # nothing simulated from traces
 
 
-def test_a_run_stopped_in_a_later_configuration_keeps_the_finished_ones(tmp_path, monkeypatch):
-    """report.json is written after every configuration: when the second one fails, the
-    first one's points are on disk (the orchestration only; the cluster is a stand-in)."""
+class _FakeCluster:
+    """Stands in for bench.experiment.Cluster: logs deployments; each one's replicas "trace"
+    into the experiment's current step directory, as the real servers do."""
+
+    url = "http://stand-in"
+
+    def __init__(self, env=None):
+        self.trace = Path(env["SPLITSERVE_STEP_TRACE"])
+        self.log: list = []
+
+    def __enter__(self):
+        _FakeCluster.last = self
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def deploy(self, args):
+        self.log.append(("deploy", args["mode"]))
+        self.trace.mkdir(parents=True)
+        (self.trace / "decode-1.jsonl").write_text("")
+
+    def undeploy(self):
+        self.log.append(("undeploy",))
+
+
+def _fake_experiment(monkeypatch, tmp_path, send, **overrides):
+    """run_experiment's orchestration with a stand-in cluster; `send(args mode, rate)` gives
+    the records of one point."""
     import argparse
 
     import bench.experiment as experiment
 
-    class FakeCluster:
-        url = "http://stand-in"
-
-        def __init__(self, env=None):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def deploy(self, args):
-            pass
-
-        def undeploy(self):
-            pass
-
-    def fake_sweep(send, rates, headline, loosest, target, bisect):
-        if len(calls) == 1:
-            raise RuntimeError("the machine went away")
-        calls.append(rates)
-        return [RatePoint(0.5, 10.0, _records(9, 1))]
-
-    calls: list = []
-    monkeypatch.setattr(experiment, "Cluster", FakeCluster)
+    monkeypatch.setattr(experiment, "Cluster", _FakeCluster)
     monkeypatch.setattr(experiment, "_warm_up", lambda url, model: None)
-    monkeypatch.setattr(experiment, "_send", lambda url, model, make: None)
-    monkeypatch.setattr(experiment, "sweep", fake_sweep)
+
+    def fake_send(url, model, make):
+        mode = _FakeCluster.last.log[-1][1]
+        return lambda rate: (send(mode, rate), 10.0)
+
+    monkeypatch.setattr(experiment, "_send", fake_send)
     args = argparse.Namespace(
         out=str(tmp_path), configs=["disagg-1p1d", "coloc-2"], model=None, rates=[0.5],
         target=0.9, bisect=0, argv=[], dataset=None, input_len=16, output_len=4,
         num_requests=10, cv=1.0, seed=0, slo_source="given",
     )  # fmt: skip
+    vars(args).update(overrides)
     grid = {"headline": [1.0, 1.0], "ttft": [1.0], "tpot": [1.0]}
+    return experiment.run_experiment(args, None, SLO(1.0, 0.2), grid)
+
+
+def test_interleaved_configurations_take_turns_rate_by_rate(tmp_path, monkeypatch):
+    """Each configuration is deployed afresh for each of its points; the rounds rotate who
+    goes first; a configuration whose loosest SLO fails drops out while the others go on; a
+    bisection is a turn like any other; each deployment's traces get their own directory."""
+    sent = []
+
+    def send(mode, rate):
+        sent.append((mode, rate))
+        bad = 0 if mode == "colocated" or rate < 0.5 else 10  # the pair fails from 0.5 on
+        return _records(10 - bad, bad)
+
+    report = _fake_experiment(monkeypatch, tmp_path, send, rates=[0.25, 0.5, 0.75], bisect=1)
+    d, c = "disaggregated", "colocated"
+    # round 1: d, c; round 2 starts with c; then the pair has failed (its bisection, 0.375,
+    # comes in round 3, which starts with it again: two configurations left, round 3 % 2 = 0)
+    assert sent == [(d, 0.25), (c, 0.25), (c, 0.5), (d, 0.5), (d, 0.375), (c, 0.75)]
+    log = _FakeCluster.last.log
+    assert log == [x for mode, _ in sent for x in (("deploy", mode), ("undeploy",))]
+    assert [p["rate"] for p in report["configs"]["disagg-1p1d"]["points"]] == [0.25, 0.375, 0.5]
+    assert list(report["configs"]) == ["disagg-1p1d", "coloc-2"]
+    assert report["meta"]["order"] == "interleaved"
+    steps = tmp_path / "steps"
+    assert sorted(d.name for d in (steps / "disagg-1p1d").iterdir()) == ["000", "003", "004"]
+    assert sorted(d.name for d in (steps / "coloc-2").iterdir()) == ["001", "002", "005"]
+    assert not (steps / "current").exists()
+
+
+def test_sequential_order_runs_each_sweep_on_one_deployment(tmp_path, monkeypatch):
+    sent = []
+
+    def send(mode, rate):
+        sent.append((mode, rate))
+        return _records(10, 0)
+
+    _fake_experiment(monkeypatch, tmp_path, send, rates=[0.25, 0.5], order="sequential")
+    d, c = "disaggregated", "colocated"
+    assert sent == [(d, 0.25), (d, 0.5), (c, 0.25), (c, 0.5)]
+    assert _FakeCluster.last.log == [("deploy", d), ("undeploy",), ("deploy", c), ("undeploy",)]
+
+
+def test_a_run_stopped_in_a_later_configuration_keeps_the_finished_ones(tmp_path, monkeypatch):
+    """report.json is written after every turn: when the second configuration fails, the
+    first one's points are on disk (the orchestration only; the cluster is a stand-in)."""
+
+    def send(mode, rate):
+        if mode == "colocated":
+            raise RuntimeError("the machine went away")
+        return _records(9, 1)
+
     with pytest.raises(RuntimeError, match="went away"):
-        experiment.run_experiment(args, None, SLO(1.0, 0.2), grid)
+        _fake_experiment(monkeypatch, tmp_path, send)
+    assert _FakeCluster.last.log[-1] == ("undeploy",)  # the failed turn cleaned up after itself
     saved = json.loads((tmp_path / "report.json").read_text())
     assert list(saved["configs"]) == ["disagg-1p1d"]
     [point] = saved["configs"]["disagg-1p1d"]["points"]

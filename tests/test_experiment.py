@@ -57,7 +57,7 @@ def test_experiment_runs_each_configuration_and_writes_the_report(tmp_path):
     for name in ("disagg-1p1d", "coloc-2"):
         steps = [
             json.loads(line)
-            for path in (out / "steps" / name).glob("*.jsonl")
+            for path in (out / "steps" / name).rglob("*.jsonl")
             for line in path.read_text().splitlines()
         ]
         assert all(s["duration_ms"] > 0 for s in steps)

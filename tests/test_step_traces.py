@@ -10,7 +10,7 @@ import pytest
 
 from placement.latency_model import Coefficients, Entry, Profile
 from placement.profiler import served_profile
-from placement.step_traces import fit_traces
+from placement.step_traces import fit_traces, load_all_replicas, trace_runs
 from placement.wander import StepWander
 from tests.test_wander import ou_series
 
@@ -52,6 +52,21 @@ def test_runs_pool_into_one_fit_that_neither_run_could_make_alone(tmp_path):
         assert [got.a, got.b, got.c] == pytest.approx([want.a, want.b, want.c], rel=1e-6)
     assert (fitted.report["prefill_steps"], fitted.report["decode_steps"]) == (5, 4)
     assert fitted.contention == 0.0
+
+
+def test_a_configuration_deployed_once_per_point_pools_its_deployments_as_runs(tmp_path):
+    """bench.experiment's interleaved order files each deployment's traces in its own
+    subdirectory; an older run's flat directory still reads as one run."""
+    config = tmp_path / "coloc-2"
+    config.mkdir()
+    one = _run(config, "000", _steps([[512], [100, 200], [300], [1000]], [[600]]))
+    two = _run(config, "003", _steps([[64, 64, 64]], [[600, 700, 800], [100] * 8, [2000, 10]]))
+    (config / "004").mkdir()  # a deployment that traced nothing
+    assert trace_runs(config) == [one, two]
+    pooled = fit_traces(trace_runs(config), BASE)
+    assert pooled.report == fit_traces([one, two], BASE).report
+    assert len(load_all_replicas(config)) == 2
+    assert trace_runs(one) == [one] and trace_runs(tmp_path / "absent") == []
 
 
 def test_served_profile_keeps_the_base_and_says_what_is_missing(tmp_path):

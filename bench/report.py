@@ -667,6 +667,12 @@ def _finite(obj):
     return obj
 
 
+_ORDER_TEXT = {  # reports written before the order was recorded ran sequentially
+    "interleaved": "interleaved rate by rate",
+    "sequential": "one after another",
+}
+
+
 def write_report(
     report: dict, out: Path, profile: str | None = None, steps: Path | None = None
 ) -> str:
@@ -682,7 +688,8 @@ def write_report(
     slo = analysis["headline_slo"]
     summary = "\n\n".join(
         [
-            f"`{meta['command']}` ({meta['date']}, {meta['machine']})",
+            f"`{meta['command']}` ({meta['date']}, {meta['machine']}, configurations "
+            f"{_ORDER_TEXT[meta.get('order', 'sequential')]})",
             f"Headline SLO: TTFT <= {slo['ttft_s'] * 1e3:.0f} ms, TPOT <= "
             f"{slo['tpot_s'] * 1e3:.0f} ms (scales {meta['grid']['headline']} of the unit "
             f"{meta['slo_unit']['ttft_s'] * 1e3:.0f} / {meta['slo_unit']['tpot_s'] * 1e3:.1f} "
@@ -719,7 +726,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", help="add the simulator's predictions")
     parser.add_argument(
         "--steps",
-        help="step traces (DIR/<configuration>/*.jsonl, written by bench.experiment): also "
+        help="step traces (DIR/<configuration>/[<turn>/]*.jsonl, from bench.experiment): also "
         "predict with the latency model fitted to each configuration's in-server steps",
     )
     args = parser.parse_args(argv)

@@ -52,6 +52,7 @@ def test_experiment_runs_each_configuration_and_writes_the_report(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "| disagg-1p1d | 2 |" in summary and "| coloc-2 | 2 |" in summary
     assert "against the measurement over the SLO map" in summary
+    assert "configurations interleaved rate by rate" in summary
     assert (out / "attainment.png").stat().st_size > 0 and (out / "latency.png").exists()
     # every replica traced its steps, filed under its configuration
     for name in ("disagg-1p1d", "coloc-2"):
@@ -67,3 +68,6 @@ def test_experiment_runs_each_configuration_and_writes_the_report(tmp_path):
         start, end = point["started_s"], point["started_s"] + point["duration_s"]
         assert all(start <= s["start_s"] <= end for s in steps if 16 in s["prefill_lens"])
     assert not (out / "steps" / "current").exists()
+    # one rate each, interleaved: one deployment (turn) per configuration, in the given order
+    assert [d.name for d in (out / "steps" / "disagg-1p1d").iterdir()] == ["000"]
+    assert [d.name for d in (out / "steps" / "coloc-2").iterdir()] == ["001"]

@@ -46,7 +46,14 @@ BOOTSTRAP_SAMPLES = 2000
 INTERVAL_LEVEL = 0.9
 FIDELITY_TOLERANCE = 0.15  # the placement issue's target for the simulator
 # the simulator's two sources of step times: analysis keys and what they mean
-SIMULATIONS = (("simulated", "the profile"), ("simulated_in_situ", "in-server steps"))
+SIMULATIONS = (
+    ("simulated", "the profile"),
+    ("simulated_in_situ", "in-server steps"),
+    ("simulated_per_point", "each rate point's own in-server steps"),
+)
+# the per-point replay knows the machine's pace at each point, which no prediction made before
+# a run can: it measures the simulator's queueing and batching, not its forecast
+PREDICTIONS = ("simulated", "simulated_in_situ")
 
 
 def loosest_slo(unit: SLO, grid: dict) -> SLO:
@@ -203,9 +210,14 @@ def analyze(report: dict, profile: str | None = None, steps: Path | None = None)
     }
     # the headline first, then every cell of the map: one simulation per rate serves them all
     slos = [headline] + [unit.scaled_each(c["ttft_scale"], c["tpot_scale"]) for c in out["slo_map"]]
-    predicted = predict(report, profile, slos) if profile else {}
-    in_situ = predict(report, profile, slos, steps) if profile and steps else {}
-    for key, pred in (("simulated", predicted), ("simulated_in_situ", in_situ)):
+    simulations = {
+        "simulated": predict(report, profile, slos) if profile else {},
+        "simulated_in_situ": predict(report, profile, slos, steps) if profile and steps else {},
+        "simulated_per_point": predict_per_point(report, profile, slos, steps)
+        if profile and steps
+        else {},
+    }
+    for key, pred in simulations.items():
         for k, cell in enumerate(out["slo_map"] if pred else [], start=1):
             cell[key] = {n: v["ranges"][k] for n, v in pred.items()}
     for name, c in configs.items():
@@ -227,19 +239,21 @@ def analyze(report: dict, profile: str | None = None, steps: Path | None = None)
             for point, pace in zip(row["curve"], machine_pace(c["points"], steps / name),
                                    strict=True):  # fmt: skip
                 point["quiet_decode_ms"] = pace
-        for key, pred in (("simulated", predicted), ("simulated_in_situ", in_situ)):
+        for key, pred in simulations.items():
             if name in pred:
                 for point, scale in zip(row["curve"], pred[name]["tightest_slo_scale"],
                                         strict=True):  # fmt: skip
                     point[f"{key}_tightest_slo_scale"] = scale
-        if name in predicted:
+        if name in (predicted := simulations["simulated"]):
             row["simulated_goodput_range_rps"] = predicted[name]["ranges"][0]
             row["simulated_goodput_rps"] = predicted[name]["ranges"][0][0]
             row["simulated_curve"] = predicted[name]["curve"]
-        if name in in_situ:
-            row["simulated_in_situ_range_rps"] = in_situ[name]["ranges"][0]
-            row["simulated_in_situ_rps"] = in_situ[name]["ranges"][0][0]
-            row["in_situ_fit"] = in_situ[name]["fit"]
+        for key in ("simulated_in_situ", "simulated_per_point"):
+            if name in (pred := simulations[key]):
+                row[f"{key}_range_rps"] = pred[name]["ranges"][0]
+                row[f"{key}_rps"] = pred[name]["ranges"][0][0]
+        if name in simulations["simulated_in_situ"]:
+            row["in_situ_fit"] = simulations["simulated_in_situ"][name]["fit"]
         out["configs"][name] = row
     for key, _ in SIMULATIONS:
         out[f"fidelity_{key}"] = fidelity(out, key)
@@ -318,11 +332,7 @@ def predict(report: dict, profile: str, slos: list[SLO], steps: Path | None = No
             source = step_entry(steps / name, base)
             if source is None:
                 continue
-        placement = replace(
-            placement_for(c["args"], source.entry),
-            node_contention=source.contention,
-            wander=source.wander,
-        )
+        placement = _sim_placement(c["args"], source)
         top = 1.5 * max(p["rate"] for p in c["points"])
         grid = np.linspace(top / 60, top, 60)
         per_rate = [
@@ -348,6 +358,57 @@ def predict(report: dict, profile: str, slos: list[SLO], steps: Path | None = No
             ],
         }
     return out
+
+
+def predict_per_point(report: dict, profile: str, slos: list[SLO], steps: Path) -> dict:
+    """Each measured rate point replayed with the latency model fitted to the steps that ran
+    during it (placement.step_traces.fit_window), on its arrival schedule: attainment at the
+    measured rates only, and goodput from them as the measurement's. What stays between this
+    and the measurement is the simulator's queueing, batching and contention model, with the
+    machine's drift between points taken out. A configuration is left out where a point has no
+    wall-clock start or too few traced steps."""
+    from placement.latency_model import Profile
+    from placement.simulator import simulate_draws
+    from placement.step_traces import fit_window, load_replicas, trace_runs
+
+    meta = report["meta"]
+    base = Profile.load(profile).entry(1, 1)
+    out = {}
+    for name, c in report["configs"].items():
+        runs = [load_replicas(d) for d in trace_runs(steps / name)]
+        fits = [
+            None
+            if p.get("started_s") is None
+            else fit_window(runs, base, p["started_s"], p["started_s"] + p["duration_s"])
+            for p in c["points"]
+        ]
+        if any(f is None for f in fits):
+            continue
+        results = [
+            simulate_draws(_sim_placement(c["args"], f), sim_requests(meta, p["rate"]))
+            for p, f in zip(c["points"], fits, strict=True)
+        ]
+        per_rate = [_sim_attainments(r, slos) for r in results]
+        curves = [
+            [(p["rate"], a[k]) for p, a in zip(c["points"], per_rate, strict=True)]
+            for k in range(len(slos))
+        ]
+        out[name] = {
+            "ranges": [goodput_range(c_, meta["target"]) for c_ in curves],
+            "curve": curves[0],
+            "tightest_slo_scale": [
+                tightest_slo_scale(_sim_records(r), slos[0], meta["target"]) for r in results
+            ],
+        }
+    return out
+
+
+def _sim_placement(args: dict, source):
+    """placement_for with a fit's (placement.step_traces.TraceFit) entry, contention and
+    wander."""
+    return replace(
+        placement_for(args, source.entry), node_contention=source.contention, wander=source.wander
+    )
 
 
 def _sim_records(results: list) -> list[RequestRecord]:
@@ -479,16 +540,21 @@ def _sim_cells(row: dict, key: str) -> str:
     return f"{_goodput_text(sim)} | {error_text(sim, row['goodput_range_rps'])}{outside}"
 
 
+_EXTRA_COLUMNS = {  # simulations beside the profile's, where they ran: their table heading
+    "simulated_in_situ": "simulated, in-server steps",
+    "simulated_per_point": "replayed, each point's steps",
+}
+
+
 def table(analysis: dict) -> str:
-    in_situ = any("simulated_in_situ_rps" in r for r in analysis["configs"].values())
+    extra = [
+        k for k in _EXTRA_COLUMNS if any(f"{k}_rps" in r for r in analysis["configs"].values())
+    ]
     level = analysis.get("interval_level", INTERVAL_LEVEL)
     head = f"| configuration | cores | goodput (req/s) | {level:.0%} interval | per core "
     head += "| vs best colocated | simulated goodput | sim error |"
-    rule = "|---|---|---|---|---|---|---|---|"
-    if in_situ:
-        head += " simulated, in-server steps | error |"
-        rule += "---|---|"
-    lines = [head, rule]
+    head += "".join(f" {_EXTRA_COLUMNS[k]} | error |" for k in extra)
+    lines = [head, "|---" * (8 + 2 * len(extra)) + "|"]
     for name, row in analysis["configs"].items():
         low, high = row["goodput_interval_rps"]
         per_core = tuple(v / row["cores"] for v in row["goodput_range_rps"])
@@ -498,8 +564,7 @@ def table(analysis: dict) -> str:
             f"{_ratio_text(row['vs_best_colocated_range'])} | "
             f"{_sim_cells(row, 'simulated_goodput')} |"
         )
-        if in_situ:
-            line += f" {_sim_cells(row, 'simulated_in_situ')} |"
+        line += "".join(f" {_sim_cells(row, k)} |" for k in extra)
         lines.append(line)
     return "\n".join(lines)
 
@@ -558,23 +623,32 @@ def scale_error_text(errors: list[float], tolerance: float = FIDELITY_TOLERANCE)
 def scale_section(analysis: dict, target: float) -> str:
     """The SLO-scale sweep's table; beside each measured scale the simulator's (in-server
     steps where it ran with them), and how far the two differ."""
-    key, what = None, ""
-    for name, source in SIMULATIONS:
+    ran = [
+        (name, source)
+        for name, source in SIMULATIONS
         if any(f"{name}_tightest_slo_scale" in p for r in analysis["configs"].values()
-               for p in r["curve"]):  # fmt: skip
-            key, what = name, source
+               for p in r["curve"])
+    ]  # fmt: skip
+    # in parentheses the last prediction that ran (in-server steps over the profile)
+    key, what = next(((n, w) for n, w in reversed(ran) if n in PREDICTIONS), (None, ""))
     text = (
         f"Tightest SLO scale met by {target:.0%} of the requests at each measured rate (a "
         "multiple of the headline SLO; below 1: room to spare)"
     )
     if key is None:
         return text + ":\n\n" + per_rate_table(analysis, "tightest_slo_scale", ".2f")
-    return (
-        f"{text}; in parentheses the simulator's, with {what}, on the same schedule:\n\n"
-        + per_rate_table(analysis, "tightest_slo_scale", ".2f", f"{key}_tightest_slo_scale")
-        + "\n\n"
-        + scale_error_text(scale_errors(analysis, key))
-    ).rstrip()
+    replayed = [
+        f"Replayed with {w}: " + scale_error_text(scale_errors(analysis, n)).lower()
+        for n, w in ran
+        if n not in PREDICTIONS and scale_errors(analysis, n)
+    ]
+    parts = [
+        f"{text}; in parentheses the simulator's, with {what}, on the same schedule:",
+        per_rate_table(analysis, "tightest_slo_scale", ".2f", f"{key}_tightest_slo_scale"),
+        scale_error_text(scale_errors(analysis, key)),
+        *replayed,
+    ]
+    return "\n\n".join(part for part in parts if part)
 
 
 def machine_pace(points: list[dict], trace_dir: Path) -> list[float | None]:

@@ -146,13 +146,14 @@ class LLMEngine:
         self.num_preemptions += len(sched.preempted)
         if sched.is_empty:
             return []
-        shape = _step_shape(sched)
+        prefills, offsets, decodes = _step_shape(sched)
         sampled = self._execute(sched)
         outputs = []
         for request, token in self.scheduler.postprocess(sched, sampled):
             if token is not None:
                 outputs.append(self._emit(request, token))
-        self.last_step = StepRecord((time.perf_counter() - t0) * 1e3, *shape, start_s)
+        duration_ms = (time.perf_counter() - t0) * 1e3
+        self.last_step = StepRecord(duration_ms, prefills, decodes, start_s, offsets)
         return outputs
 
     def _execute(self, sched: SchedulerOutput) -> dict[str, int]:
@@ -318,15 +319,17 @@ class LLMEngine:
         ]
 
 
-def _step_shape(sched: SchedulerOutput) -> tuple[list[int], list[int]]:
-    """(prefill token counts, decode context lengths) of a scheduled step."""
-    prefills, decodes = [], []
+def _step_shape(sched: SchedulerOutput) -> tuple[list[int], list[int], list[int]]:
+    """(prefill token counts, their offsets in the prompt, decode context lengths) of a
+    scheduled step."""
+    prefills, offsets, decodes = [], [], []
     for s in sched.scheduled:
         if s.num_tokens == 1 and s.request.num_output_tokens > 0:
             decodes.append(s.end)
         else:
             prefills.append(s.num_tokens)
-    return prefills, decodes
+            offsets.append(s.start)
+    return prefills, offsets, decodes
 
 
 def _queue_time(request: Request) -> float | None:

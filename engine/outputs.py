@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.detokenizer import DetokenizerState
 from engine.sampling_params import SamplingParams
@@ -83,3 +83,6 @@ class StepRecord:
     prefill_lens: list[int]  # tokens computed per prefill (or chunk) in the step
     decode_contexts: list[int]  # context length per decode in the step
     start_s: float = 0.0  # time.time() at the step's start: gaps between steps are overhead
+    # prompt tokens already computed before each prefill (0) or chunk (its offset): a chunk's
+    # attention runs over that prefix too, so the latency model needs it
+    prefill_offsets: list[int] = field(default_factory=list)

@@ -160,6 +160,22 @@ def fit_relative(features: np.ndarray, times_ms: np.ndarray) -> tuple[Coefficien
     return Coefficients(*map(float, coef)), err
 
 
+def fit_shaped(
+    features: np.ndarray, times_ms: np.ndarray, shape: Coefficients
+) -> tuple[Coefficients, float]:
+    """fit_relative where the rows determine every coefficient; where they do not (every
+    prompt one length, chunks of one size, and so on) least squares would pick an arbitrary
+    split between the terms that extrapolates anywhere, so `shape` (a solo profile's
+    coefficients) is kept and only scaled to the times."""
+    if np.linalg.matrix_rank(features) == features.shape[1]:
+        return fit_relative(features, times_ms)
+    model = features @ np.array([shape.a, shape.b, shape.c])
+    ratio = model / times_ms  # relative least squares on one factor k: k = sum(r) / sum(r^2)
+    k = float(ratio.sum() / (ratio**2).sum())
+    rel = k * ratio - 1
+    return Coefficients(shape.a * k, shape.b * k, shape.c * k), float(np.sqrt(np.mean(rel**2)))
+
+
 def fit_nonnegative(features: np.ndarray, times_ms: np.ndarray) -> tuple[np.ndarray, float]:
     """features (N, K), times (N,) -> (K coefficients >= 0, RMS relative error of the fit).
 
@@ -180,8 +196,18 @@ def fit_nonnegative(features: np.ndarray, times_ms: np.ndarray) -> tuple[np.ndar
     return coef, float(np.sqrt(np.mean(rel**2)))
 
 
-def prefill_features(batches: list[list[int]]) -> np.ndarray:
-    return np.array([[1.0, sum(b), sum(n * n for n in b)] for b in batches])
+def prefill_features(
+    batches: list[list[int]], offsets: list[list[int]] | None = None
+) -> np.ndarray:
+    """Rows [1, tokens, attention] of the prefill model. A chunk of L tokens at offset o attends
+    over its prefix as well: (o + L)^2 - o^2, which is L^2 for a whole prompt (o = 0, the
+    default) and what the simulator charges a chunk."""
+    if offsets is None:
+        offsets = [[0] * len(b) for b in batches]
+    return np.array([
+        [1.0, sum(b), sum((o + n) ** 2 - o * o for n, o in zip(b, at, strict=True))]
+        for b, at in zip(batches, offsets, strict=True)
+    ])  # fmt: skip
 
 
 def decode_features(batches: list[list[int]]) -> np.ndarray:

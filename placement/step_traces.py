@@ -30,7 +30,7 @@ from placement.latency_model import (
     decode_curve_sizes,
     fit_contention,
     fit_decode_curve,
-    fit_relative,
+    fit_shaped,
     prefill_features,
 )
 from placement.wander import StepWander, fit_wander
@@ -73,7 +73,28 @@ class TraceFit:
 
 def fit_traces(trace_dirs: list[Path], base: Entry) -> TraceFit | None:
     """None when the traces hold fewer than 3 pure steps of either kind."""
-    runs = [load_replicas(d) for d in trace_dirs]
+    return fit_steps([load_replicas(d) for d in trace_dirs], base)
+
+
+def fit_window(
+    runs: list[list[list[dict]]], base: Entry, start_s: float, end_s: float
+) -> TraceFit | None:
+    """The fit to the steps that started between start_s and end_s (one rate point's), from
+    loaded runs (load_replicas of each trace_runs directory); None with too few steps."""
+    windowed = [
+        [
+            kept
+            for steps in replicas
+            if (kept := [s for s in steps if start_s <= s["start_s"] < end_s])
+        ]
+        for replicas in runs
+    ]
+    return fit_steps([replicas for replicas in windowed if replicas], base)
+
+
+def fit_steps(runs: list[list[list[dict]]], base: Entry) -> TraceFit | None:
+    """The fit to loaded runs (per run, one step list per replica); None when they hold fewer
+    than 3 pure steps of either kind."""
     width = max((len(r) for r in runs), default=1)
     prefills, decodes, overheads = [], [], []
     for run, replicas in enumerate(runs):
@@ -90,22 +111,24 @@ def fit_traces(trace_dirs: list[Path], base: Entry) -> TraceFit | None:
             for step, row in zip(steps, shared, strict=True):
                 traced = _Traced((run, i), step["start_s"] * 1e3, row)
                 if step["prefill_lens"] and not step["decode_contexts"]:
-                    prefills.append((step["prefill_lens"], traced))
+                    # traces written before offsets were recorded: whole prompts
+                    offsets = step.get("prefill_offsets") or [0] * len(step["prefill_lens"])
+                    prefills.append(((step["prefill_lens"], offsets), traced))
                 elif step["decode_contexts"] and not step["prefill_lens"]:
                     decodes.append((step["decode_contexts"], traced))
     if len(prefills) < 3 or len(decodes) < 3:
         return None
-    pre_batches, dec_batches = [b for b, _ in prefills], [b for b, _ in decodes]
-    pre_features = prefill_features(pre_batches)
+    dec_batches = [b for b, _ in decodes]
+    pre_features = prefill_features([b for (b, _), _ in prefills], [o for (_, o), _ in prefills])
     sizes = decode_curve_sizes(dec_batches)
     contention, [pre_work, dec_work] = fit_contention([
         (pre_features, np.array([t.shared_ms for _, t in prefills])),
         (decode_curve_features(dec_batches, sizes), np.array([t.shared_ms for _, t in decodes])),
     ])  # fmt: skip
-    pre, pre_err = fit_relative(pre_features, pre_work)
+    pre, pre_err = fit_shaped(pre_features, pre_work, base.prefill)
     dec, curve, dec_err = fit_decode_curve(dec_batches, dec_work, sizes)
     fitted = replace(base, prefill=pre, decode=dec, decode_batch_ms=curve)
-    pre_model = np.array([fitted.prefill_ms(b) for b in pre_batches])
+    pre_model = pre_features @ np.array([pre.a, pre.b, pre.c])
     dec_model = np.array([fitted.decode_ms(b) for b in dec_batches])
     # a request's TTFT and TPOT add step times up, so the simulator needs the mean step; a fit
     # on relative error sits below it when steps scatter with a long slow tail (they do)

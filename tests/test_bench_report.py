@@ -368,6 +368,75 @@ def test_one_simulation_per_rate_gives_every_slos_goodput(tmp_path):
     assert 0 < tight < loose <= high < math.inf
 
 
+def test_each_rate_point_is_replayed_with_the_steps_that_ran_during_it(tmp_path):
+    """predict_per_point fits each point's time window; a second path fits each deployment's
+    own trace directory (the points ran in separate deployments) and simulates the same
+    schedule: both agree, the slow point's latency is its own, and a configuration with a
+    point lacking its wall-clock start is left out."""
+    from bench.metrics import goodput_range
+    from bench.report import _sim_attainments, _sim_placement, predict_per_point
+    from placement.latency_model import Coefficients, Entry
+    from placement.simulator import simulate_draws
+    from placement.step_traces import fit_traces
+
+    profile = tmp_path / "p.yaml"
+    profile.write_text(
+        "model: m\ndevice: d\nentries:\n  - {tp: 1, pp: 1, kv_capacity_tokens: 50000,\n"
+        "     prefill: {a: 1.0, b: 1.0, c: 0.0}, decode: {a: 1.0, b: 0.0, c: 1.0}}\n"
+    )
+    pre, dec = Coefficients(90.0, 3.0, 0.002), Coefficients(80.0, 0.01, 4.0)
+    batches = [
+        ([512], []),
+        ([100, 200], []),
+        ([300], []),
+        ([64, 64, 64], []),
+        ([1000], []),
+        ([], [600]),
+        ([], [600, 700, 800]),
+        ([], [100] * 8),
+        ([], [2000, 10]),
+    ]
+    steps = tmp_path / "steps" / "coloc-2"
+    points = []
+    for turn, (start, speed, rate) in enumerate(((1000.0, 1.0, 0.2), (2000.0, 2.0, 0.4))):
+        lines = [
+            {"start_s": start + i, "prefill_lens": p, "decode_contexts": d,
+             "duration_ms": speed * (pre.a + pre.b * sum(p) + pre.c * sum(n * n for n in p)
+                                     if p else dec.a + dec.b * sum(d) + dec.c * len(d))}
+            for i, (p, d) in enumerate(batches)
+        ]  # fmt: skip
+        (steps / f"{turn:03d}").mkdir(parents=True)
+        (steps / f"{turn:03d}" / "replica-1.jsonl").write_text(
+            "\n".join(json.dumps(x) for x in lines)
+        )
+        points.append({"rate": rate, "started_s": start, "duration_s": 100.0, "records": []})
+    workload = {"num_requests": 40, "input_len": 400, "output_len": 20, "cv": 1.0, "seed": 1,
+                "dataset_lengths": None}  # fmt: skip
+    meta = {"target": 0.9, "workload": workload}
+    args = app_args("coloc-2")
+    untimed = [{k: v for k, v in p.items() if k != "started_s"} for p in points]
+    configs = {"coloc-2": {"args": args, "points": points},
+               "chunked-2": {"args": args, "points": untimed}}  # fmt: skip
+    report = {"meta": meta, "configs": configs}
+    slos = [SLO(3.0, 0.15), SLO(12.0, 0.5)]
+    out = predict_per_point(report, str(profile), slos, tmp_path / "steps")
+    assert list(out) == ["coloc-2"]
+    base = Entry(1, 1, Coefficients(1, 1, 0), Coefficients(1, 0, 1), 50000)
+    results = [
+        simulate_draws(_sim_placement(args, fit_traces([steps / f"{t:03d}"], base)),
+                       sim_requests(meta, p["rate"]))
+        for t, p in enumerate(points)
+    ]  # fmt: skip
+    for k, slo in enumerate(slos):
+        curve = [(p["rate"], _sim_attainments(r, [slo])[0])
+                 for p, r in zip(points, results, strict=True)]  # fmt: skip
+        if k == 0:
+            assert np.array(out["coloc-2"]["curve"]) == pytest.approx(np.array(curve))
+        assert out["coloc-2"]["ranges"][k] == pytest.approx(goodput_range(curve, 0.9))
+    fast, slow = out["coloc-2"]["tightest_slo_scale"]
+    assert slow > 2 * fast  # twice the step time, at twice the rate
+
+
 def _fidelity_analysis() -> dict:
     """Two configurations over a 1 x 3 map; measured and simulated goodput ranges."""
     measured = [

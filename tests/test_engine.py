@@ -46,6 +46,25 @@ def test_chunked_prefill_equals_whole_prefill(make_engine, reference):
     assert [o.token_ids for o in outs] == reference
 
 
+def test_each_step_records_its_chunks_and_their_offsets(make_engine, tokenizer):
+    """The step record the latency model is fitted to: a prompt cut into 7-token chunks shows
+    each chunk's length and offset, then batch-1 decode steps at a growing context."""
+    engine = make_engine(chunked_prefill=True, max_num_batched_tokens=7)
+    prompt = PROMPTS[2]
+    n = len(engine.encode(prompt))
+    engine.add_request("r", prompt, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    steps = []
+    while engine.has_unfinished:
+        engine.step()
+        steps.append(engine.last_step)
+    chunks = [s for s in steps if s.prefill_lens]
+    assert [s.prefill_offsets for s in chunks] == [[o] for o in range(0, n, 7)]
+    assert [s.prefill_lens for s in chunks] == [[min(7, n - o)] for o in range(0, n, 7)]
+    decodes = steps[len(chunks) :]
+    assert [s.decode_contexts for s in decodes] == [[n + 1], [n + 2]]
+    assert all(not s.prefill_offsets and s.duration_ms > 0 for s in decodes)
+
+
 def test_prefill_export_import_decode_equals_one_engine(make_engine, reference, tokenizer):
     prefill, decode = make_engine(), make_engine(num_kv_blocks=64, block_size=16)
     for i, prompt in enumerate(PROMPTS):

@@ -13,6 +13,7 @@ from placement.latency_model import (
     decode_features,
     fit_decode_curve,
     fit_relative,
+    fit_shaped,
     prefill_features,
 )
 
@@ -69,6 +70,31 @@ def test_relative_fit_recovers_exact_coefficients():
     dec = [[64], [512, 512], [100] * 8, [300] * 16, [50] * 32]
     coef, err = fit_relative(decode_features(dec), np.array([truth.decode_ms(b) for b in dec]))
     np.testing.assert_allclose([coef.a, coef.b, coef.c], [15.0, 5e-4, 0.03], rtol=1e-6)
+
+
+@pytest.mark.unit
+def test_chunks_are_fitted_with_their_prefix_and_one_length_keeps_the_profiles_shape():
+    """Chunks of 256 tokens at offsets 0 and 256 (and a 32-token warm-up) determine all three
+    coefficients once each chunk's attention over its prefix is a feature; prompts of one
+    length do not, and the fit keeps the solo profile's shape, scaled to the times."""
+    truth = Coefficients(100.0, 3.0, 0.002)
+    batches, offsets = [[256], [256], [32], [256, 32]], [[0], [256], [0], [256, 0]]
+    features = prefill_features(batches, offsets)
+    times = features @ np.array([truth.a, truth.b, truth.c])
+    assert times[1] - times[0] == pytest.approx(truth.c * (512**2 - 2 * 256**2))
+    coef, err = fit_shaped(features, times, Coefficients(1.0, 1.0, 1.0))
+    np.testing.assert_allclose([coef.a, coef.b, coef.c], [100.0, 3.0, 0.002], rtol=1e-6)
+    assert err < 1e-9
+    shape = Coefficients(50.0, 2.0, 0.001)
+    one_length = prefill_features([[512]] * 3)
+    times = np.array([1900.0, 2000.0, 2100.0])
+    coef, err = fit_shaped(one_length, times, shape)
+    k = coef.a / shape.a  # one factor on every term, the relative least-squares one
+    np.testing.assert_allclose([coef.b, coef.c], [2.0 * k, 0.001 * k], rtol=1e-9)
+    model = 50.0 + 2.0 * 512 + 0.001 * 512**2
+    ratio = model / times
+    assert k == pytest.approx(ratio.sum() / (ratio**2).sum())
+    assert err == pytest.approx(np.sqrt(np.mean((k * ratio - 1) ** 2)))
 
 
 CURVE = ((1, 50.0), (2, 55.0), (3, 80.0), (4, 100.0), (8, 135.0))  # a CPU's kernel paths

@@ -10,7 +10,13 @@ import pytest
 
 from placement.latency_model import Coefficients, Entry, Profile
 from placement.profiler import served_profile
-from placement.step_traces import fit_traces, load_all_replicas, trace_runs
+from placement.step_traces import (
+    fit_traces,
+    fit_window,
+    load_all_replicas,
+    load_replicas,
+    trace_runs,
+)
 from placement.wander import StepWander
 from tests.test_wander import ou_series
 
@@ -67,6 +73,48 @@ def test_a_configuration_deployed_once_per_point_pools_its_deployments_as_runs(t
     assert pooled.report == fit_traces([one, two], BASE).report
     assert len(load_all_replicas(config)) == 2
     assert trace_runs(one) == [one] and trace_runs(tmp_path / "absent") == []
+
+
+def test_a_window_fits_only_the_steps_that_started_in_it(tmp_path):
+    """One deployment served two rate points, the second on a machine half as fast: each
+    point's window recovers its own coefficients, the pooled fit neither, an empty window
+    none."""
+    fast = _steps([[512], [100, 200], [300], [64, 64, 64], [1000]],
+                  [[600], [600, 700, 800], [100] * 8, [2000, 10]])  # fmt: skip
+    slow = [{**s, "start_s": s["start_s"] + 1000, "duration_ms": 2 * s["duration_ms"]}
+            for s in fast]  # fmt: skip
+    _run(tmp_path, "000", fast + slow)
+    runs = [load_replicas(d) for d in trace_runs(tmp_path)]
+    for (start, end), k in (((1000, 1100), 1.0), ((2000, 2100), 2.0)):
+        fitted = fit_window(runs, BASE, start, end)
+        for got, want in ((fitted.entry.prefill, PRE), (fitted.entry.decode, DEC)):
+            assert [got.a, got.b, got.c] == pytest.approx([k * want.a, k * want.b, k * want.c],
+                                                          rel=1e-6)  # fmt: skip
+        assert fitted.report["prefill_steps"] == 5 and fitted.wander is None
+    pooled = fit_traces(trace_runs(tmp_path), BASE)
+    assert pooled.entry.prefill.a == pytest.approx(1.5 * PRE.a)  # the two speeds' mean
+    assert fit_window(runs, BASE, 1100, 2000) is None
+
+
+def test_chunked_prefill_traces_fit_with_their_offsets_or_keep_the_base_shape(tmp_path):
+    """A chunked server's pure prefill steps are chunks of one size: with their offsets the
+    prefix's attention tells the coefficients apart; traces from before offsets were recorded
+    keep the base's shape (scaled to the steps' mean) instead of an arbitrary split."""
+    decodes = [[600], [600, 700, 800], [100] * 8, [2000, 10]]
+    chunks = [([256], [0]), ([256], [256]), ([32], [0]), ([256], [0]), ([256], [256])]
+    steps = _steps([], decodes)
+    for i, (lens, at) in enumerate(chunks):
+        work = PRE.a + PRE.b * sum(lens) + sum(PRE.c * ((o + n) ** 2 - o * o)
+                                               for n, o in zip(lens, at, strict=True))  # fmt: skip
+        # 2 s apart: a chunk takes up to 1.3 s, and the gap must not read as loop overhead
+        steps.append({"start_s": 2000.0 + 2 * i, "duration_ms": work, "prefill_lens": lens,
+                      "decode_contexts": [], "prefill_offsets": at})  # fmt: skip
+    got = fit_traces([_run(tmp_path, "with", steps)], BASE).entry.prefill
+    assert [got.a, got.b, got.c] == pytest.approx([PRE.a, PRE.b, PRE.c], rel=1e-6)
+    old = [{k: v for k, v in s.items() if k != "prefill_offsets"} for s in steps]
+    got = fit_traces([_run(tmp_path, "without", old)], BASE).entry.prefill
+    k = got.a / BASE.prefill.a
+    assert [got.b, got.c] == pytest.approx([BASE.prefill.b * k, BASE.prefill.c * k])
 
 
 def test_served_profile_keeps_the_base_and_says_what_is_missing(tmp_path):

@@ -22,8 +22,10 @@ import asyncio
 import copy
 import json
 import platform
+import signal
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -121,6 +123,11 @@ class Cluster:
         from ray import serve
 
         self._temp = tempfile.mkdtemp(prefix="splitserve-ray-")  # outside any working_dir
+        # a `kill` (SIGTERM) would end the process without __exit__, leaving Ray's agents
+        # running; as SystemExit it unwinds through here and shuts the cluster down
+        self._sigterm = None
+        if threading.current_thread() is threading.main_thread():
+            self._sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         ray.init(
             address="local",
             num_cpus=self.num_cpus,
@@ -155,6 +162,12 @@ class Cluster:
 
         serve.shutdown()
         ray.shutdown()
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
+
+
+def _exit_on_sigterm(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 @dataclass

@@ -477,6 +477,30 @@ def test_fidelity_over_the_map_classes_each_error_and_compares_winners():
     assert fidelity(a, "simulated_in_situ") is None  # nothing simulated from traces
 
 
+def test_a_killed_experiment_still_shuts_its_cluster_down(monkeypatch):
+    """SIGTERM inside `with Cluster()` unwinds as SystemExit through __exit__ (Ray's agents
+    would outlive a plain kill), and the previous handler is back afterwards."""
+    import os
+    import signal
+
+    import ray
+    from ray import serve
+
+    from bench.experiment import Cluster
+
+    calls = []
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append("init"))
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("ray.shutdown"))
+    monkeypatch.setattr(serve, "start", lambda **kw: calls.append("serve.start"))
+    monkeypatch.setattr(serve, "shutdown", lambda: calls.append("serve.shutdown"))
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exited, Cluster():
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert exited.value.code == 128 + signal.SIGTERM
+    assert calls == ["init", "serve.start", "serve.shutdown", "ray.shutdown"]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 class _FakeCluster:
     """Stands in for bench.experiment.Cluster: logs deployments; each one's replicas "trace"
     into the experiment's current step directory, as the real servers do."""

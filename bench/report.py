@@ -11,7 +11,10 @@ each configuration on the very same arrival schedule and lengths: its predicted 
 next to the measured one, at the headline SLO and at every cell of the map (how often it is
 within 15%, and whether both name the same winner), and its tightest SLO scale sits next to the
 measured one at each rate: the error in latency at the target percentile, which stays readable
-where a flat attainment curve near the target makes the goodput's error large.
+where a flat attainment curve near the target makes the goodput's error large. With the step
+traces (--steps) it also predicts with the latency model fitted to the in-server steps, and
+replays each measured point with the steps that ran during it (the machine's pace there taken
+out of the comparison: a check of the simulator's queueing model, not a forecast).
 """
 
 from __future__ import annotations

@@ -62,6 +62,8 @@ def test_experiment_runs_each_configuration_and_writes_the_report(tmp_path):
             for line in path.read_text().splitlines()
         ]
         assert all(s["duration_ms"] > 0 for s in steps)
+        # whole prompts (no chunking here) start at offset 0
+        assert all(s["prefill_offsets"] == [0] * len(s["prefill_lens"]) for s in steps)
         assert sum(lens.count(16) for lens in (s["prefill_lens"] for s in steps)) == 3
         # the point's wall-clock window holds its requests' steps (the warm-up's lie before)
         [point] = report["configs"][name]["points"]

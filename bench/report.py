@@ -641,9 +641,9 @@ def scale_section(analysis: dict, target: float) -> str:
     if key is None:
         return text + ":\n\n" + per_rate_table(analysis, "tightest_slo_scale", ".2f")
     replayed = [
-        f"Replayed with {w}: " + scale_error_text(scale_errors(analysis, n)).lower()
+        f"Replayed with {w}: " + scale_error_text(errors).lower()
         for n, w in ran
-        if n not in PREDICTIONS and scale_errors(analysis, n)
+        if n not in PREDICTIONS and (errors := scale_errors(analysis, n))
     ]
     parts = [
         f"{text}; in parentheses the simulator's, with {what}, on the same schedule:",

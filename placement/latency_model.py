@@ -1,6 +1,7 @@
 """Latency model of one (model, device, TP, PP) instance, and the profile YAML that holds it.
 
     prefill step ms = a + b * sum(prompt lengths) + c * sum(prompt lengths ** 2)
+                      (a chunk of L tokens at offset o: c * ((o + L) ** 2 - o ** 2))
     decode step ms  = a + b * sum(context lengths in the batch) + c * batch size
 
 The YAML shape is a contract (users read and edit it):
@@ -196,16 +197,21 @@ def fit_nonnegative(features: np.ndarray, times_ms: np.ndarray) -> tuple[np.ndar
     return coef, float(np.sqrt(np.mean(rel**2)))
 
 
+def prefix_attention(tokens: int, offset: int = 0) -> int:
+    """What the prefill's c term multiplies for `tokens` computed after `offset` tokens of the
+    same prompt: they attend over the prefix as well, (o + L)^2 - o^2; L^2 for a whole prompt.
+    The trace fit and the simulator's chunked prefill both charge a chunk this."""
+    return (offset + tokens) ** 2 - offset**2
+
+
 def prefill_features(
     batches: list[list[int]], offsets: list[list[int]] | None = None
 ) -> np.ndarray:
-    """Rows [1, tokens, attention] of the prefill model. A chunk of L tokens at offset o attends
-    over its prefix as well: (o + L)^2 - o^2, which is L^2 for a whole prompt (o = 0, the
-    default) and what the simulator charges a chunk."""
+    """Rows [1, tokens, attention] of the prefill model; offsets default to 0 (whole prompts)."""
     if offsets is None:
         offsets = [[0] * len(b) for b in batches]
     return np.array([
-        [1.0, sum(b), sum((o + n) ** 2 - o * o for n, o in zip(b, at, strict=True))]
+        [1.0, sum(b), sum(prefix_attention(n, o) for n, o in zip(b, at, strict=True))]
         for b, at in zip(batches, offsets, strict=True)
     ])  # fmt: skip
 

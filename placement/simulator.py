@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from placement.latency_model import Entry
+from placement.latency_model import Entry, prefix_attention
 from placement.wander import DRAW_REQUESTS, DRAWS, StepWander, WanderDraw
 from placement.workload import SimRequest, Workload
 
@@ -363,7 +363,7 @@ class _ChunkedInstance(_Decoder):
         ms += entry.decode_batch_extra_ms(len(self.running)) if self.running else 0.0
         for track, n in chunks:
             o = track.prefilled
-            ms += p.b * n + p.c * ((o + n) ** 2 - o**2)
+            ms += p.b * n + p.c * prefix_attention(n, o)
         return ms
 
     def _after_step(self, t: float, chunks: list[tuple[_Track, int]]) -> None:

@@ -29,3 +29,11 @@ def test_no_same_node_replica_or_no_hint_falls_back_to_all():
     assert rank_by_node([A1, B1], "node-c") == [[A1, B1]]
     assert rank_by_node([A1, B1], None) == [[A1, B1]]
     assert rank_by_node([], "node-a") == []
+
+
+def test_only_the_same_node_until_the_wait_is_over():
+    # a missed queue-length probe must not send the KV across nodes at once
+    assert rank_by_node([B1, A1], "node-a", waited_s=0.2, same_node_wait_s=1.0) == [[A1]]
+    assert rank_by_node([B1, A1], "node-a", waited_s=1.0, same_node_wait_s=1.0) == [[A1], [B1]]
+    # nothing on the prefill's node: no reason to wait
+    assert rank_by_node([A1, B1], "node-c", waited_s=0.0) == [[A1, B1]]

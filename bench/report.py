@@ -48,6 +48,10 @@ KV_TRANSFER_MS_PER_TOKEN = 0.025  # bench.kv_transfer, shm, this machine: 12.6 m
 BOOTSTRAP_SAMPLES = 2000
 INTERVAL_LEVEL = 0.9
 FIDELITY_TOLERANCE = 0.15  # the placement issue's target for the simulator
+# simulated runs of a measured point's schedule, each a draw of the steps' wander: the spread of
+# their attainment is what re-running that point could measure if the simulator were right
+BAND_DRAWS = 64
+BAND_LEVEL = 0.9
 # the simulator's two sources of step times: analysis keys and what they mean
 SIMULATIONS = (
     ("simulated", "the profile"),
@@ -244,9 +248,9 @@ def analyze(report: dict, profile: str | None = None, steps: Path | None = None)
                 point["quiet_decode_ms"] = pace
         for key, pred in simulations.items():
             if name in pred:
-                for point, scale in zip(row["curve"], pred[name]["tightest_slo_scale"],
-                                        strict=True):  # fmt: skip
-                    point[f"{key}_tightest_slo_scale"] = scale
+                for field in ("tightest_slo_scale", "attainment_band"):
+                    for point, value in zip(row["curve"], pred[name][field], strict=True):
+                        point[f"{key}_{field}"] = value
         if name in (predicted := simulations["simulated"]):
             row["simulated_goodput_range_rps"] = predicted[name]["ranges"][0]
             row["simulated_goodput_rps"] = predicted[name]["ranges"][0][0]
@@ -351,14 +355,11 @@ def predict(report: dict, profile: str, slos: list[SLO], steps: Path | None = No
             "fit": source.report,
             # at each measured rate, the first SLO's scale that the simulation meets: an error
             # in latency, which stays small where the goodput's error does not (a flat curve)
-            "tightest_slo_scale": [
-                tightest_slo_scale(
-                    _sim_records(simulate_draws(placement, sim_requests(meta, p["rate"]))),
-                    slos[0],
-                    meta["target"],
-                )
-                for p in c["points"]
-            ],
+            **_point_checks(
+                [_point_runs(placement, sim_requests(meta, p["rate"])) for p in c["points"]],
+                slos[0],
+                meta["target"],
+            ),
         }
     return out
 
@@ -371,7 +372,6 @@ def predict_per_point(report: dict, profile: str, slos: list[SLO], steps: Path) 
     machine's drift between points taken out. A configuration is left out where a point has no
     wall-clock start or too few traced steps."""
     from placement.latency_model import Profile
-    from placement.simulator import simulate_draws
     from placement.step_traces import fit_window, load_replicas, trace_runs
 
     meta = report["meta"]
@@ -387,11 +387,11 @@ def predict_per_point(report: dict, profile: str, slos: list[SLO], steps: Path) 
         ]
         if any(f is None for f in fits):
             continue
-        results = [
-            simulate_draws(_sim_placement(c["args"], f), sim_requests(meta, p["rate"]))
+        simulated = [
+            _point_runs(_sim_placement(c["args"], f), sim_requests(meta, p["rate"]))
             for p, f in zip(c["points"], fits, strict=True)
         ]
-        per_rate = [_sim_attainments(r, slos) for r in results]
+        per_rate = [_sim_attainments(sum(point, []), slos) for point in simulated]
         curves = [
             [(p["rate"], a[k]) for p, a in zip(c["points"], per_rate, strict=True)]
             for k in range(len(slos))
@@ -399,11 +399,32 @@ def predict_per_point(report: dict, profile: str, slos: list[SLO], steps: Path) 
         out[name] = {
             "ranges": [goodput_range(c_, meta["target"]) for c_ in curves],
             "curve": curves[0],
-            "tightest_slo_scale": [
-                tightest_slo_scale(_sim_records(r), slos[0], meta["target"]) for r in results
-            ],
+            **_point_checks(simulated, slos[0], meta["target"]),
         }
     return out
+
+
+def _point_runs(placement, requests: list) -> list[list]:
+    """BAND_DRAWS simulated runs of a measured point's schedule (one without wander), each a
+    list of results."""
+    from placement.simulator import simulate_draws
+
+    results = simulate_draws(placement, requests, draws=BAND_DRAWS)
+    n = len(requests)
+    return [results[k : k + n] for k in range(0, len(results), n)]
+
+
+def _point_checks(points: list[list[list]], slo: SLO, target: float) -> dict[str, list]:
+    """From each measured point's simulated runs (_point_runs): the tightest scale of `slo`
+    that `target` of all their requests meet, and the BAND_LEVEL band of the attainment at
+    `slo` over the runs: what re-running the point could measure if the simulator is right."""
+    tail = (1 - BAND_LEVEL) / 2
+    scales, bands = [], []
+    for runs in points:
+        per_run = [_sim_attainments(run, [slo])[0] for run in runs]
+        bands.append([float(q) for q in np.quantile(per_run, [tail, 1 - tail])])
+        scales.append(tightest_slo_scale(_sim_records(sum(runs, [])), slo, target))
+    return {"tightest_slo_scale": scales, "attainment_band": bands}
 
 
 def _sim_placement(args: dict, source):
@@ -585,6 +606,8 @@ def per_rate_table(analysis: dict, key: str, fmt: str, beside: str | None = None
 
     def text(point: dict | None, k: str) -> str:
         value = None if point is None else point.get(k)
+        if isinstance(value, list):  # a band
+            return "-".join(format(v, fmt) for v in value)
         return "-" if value is None else format(value, fmt)
 
     for name, row in configs.items():
@@ -652,6 +675,39 @@ def scale_section(analysis: dict, target: float) -> str:
         *replayed,
     ]
     return "\n\n".join(part for part in parts if part)
+
+
+def band_hits(analysis: dict, key: str) -> tuple[int, int]:
+    """(measured rates whose headline attainment lies inside `key`'s simulated band, measured
+    rates with a band)."""
+    points = [
+        (p["attainment"], band)
+        for row in analysis["configs"].values()
+        for p in row["curve"]
+        if (band := p.get(f"{key}_attainment_band")) is not None
+    ]
+    return sum(lo <= a <= hi for a, (lo, hi) in points), len(points)
+
+
+def band_section(analysis: dict) -> str:
+    """The measured attainment at the headline SLO beside the band that simulated re-runs of
+    the same schedule reach, and how often it lies inside: a check of the simulator that the
+    measurement's own scatter (a few requests either way at 90%) cannot fail by itself."""
+    ran = [(n, w) for n, w in SIMULATIONS if band_hits(analysis, n)[1]]
+    if not ran:
+        return ""
+    key, what = next(((n, w) for n, w in reversed(ran) if n in PREDICTIONS), ran[-1])
+    counts = "; ".join(
+        f"{what_}: {hit} of {total}" for n, what_ in ran for hit, total in [band_hits(analysis, n)]
+    )
+    return (
+        f"Measured attainment at the headline SLO; in parentheses the {BAND_LEVEL:.0%} band "
+        f"of {BAND_DRAWS} simulated runs of the same schedule ({what}; each run a draw of the "
+        "steps' wander, so the band is what re-running the point could measure if the "
+        "simulator is right; without wander every run is the same and the band one value):\n\n"
+        + per_rate_table(analysis, "attainment", ".2f", f"{key}_attainment_band")
+        + f"\n\nMeasured inside the band at: {counts} measured rates."
+    )
 
 
 def machine_pace(points: list[dict], trace_dir: Path) -> list[float | None]:
@@ -764,7 +820,8 @@ def write_report(
         ratio_text += f" ({analysis['interval_level']:.0%} interval {low:.2f}-{high:.2f}x)"
     slo = analysis["headline_slo"]
     summary = "\n\n".join(
-        [
+        part
+        for part in [
             f"`{meta['command']}` ({meta['date']}, {meta['machine']}, configurations "
             f"{_ORDER_TEXT[meta.get('order', 'sequential')]})",
             f"Headline SLO: TTFT <= {slo['ttft_s'] * 1e3:.0f} ms, TPOT <= "
@@ -775,7 +832,9 @@ def write_report(
             "Goodput map (winner, goodput req/s, disaggregated / best colocated):",
             map_table(analysis, meta["grid"]),
             scale_section(analysis, meta["target"]),
+            band_section(analysis),
         ]
+        if part
     )
     if any(p.get("quiet_decode_ms") for r in analysis["configs"].values() for p in r["curve"]):
         summary += (

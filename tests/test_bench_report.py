@@ -14,6 +14,8 @@ from bench.experiment import CONFIGURATIONS, RatePoint, app_args, merge, sweep
 from bench.metrics import SLO, RequestRecord
 from bench.report import (
     analyze,
+    band_hits,
+    band_section,
     bounded_text,
     error_text,
     map_table,
@@ -366,6 +368,63 @@ def test_one_simulation_per_rate_gives_every_slos_goodput(tmp_path):
     # the looser SLO's goodput is higher, and both crossings lie inside the simulated grid
     (tight, _), (loose, high) = out["ranges"]
     assert 0 < tight < loose <= high < math.inf
+    # without step wander every re-run is the same run: the band is its one attainment
+    [(low, top)] = out["attainment_band"]
+    assert low == top == pytest.approx(attainment(results, SimSLO(100.0, 20.0)))
+
+
+def test_the_attainment_band_spans_simulated_re_runs_of_the_point(tmp_path):
+    """With step wander, the band at a measured rate is the 5-95% range of the attainment of
+    64 runs of its schedule, each its own seed (a second path: simulate() seed by seed)."""
+    from dataclasses import replace
+
+    from bench.report import BAND_DRAWS, placement_for, predict
+    from placement.latency_model import Profile
+    from placement.simulator import SLO as SimSLO
+    from placement.simulator import attainment, simulate
+
+    profile = tmp_path / "p.yaml"
+    profile.write_text(
+        "model: m\ndevice: d\nentries:\n  - {tp: 1, pp: 1, kv_capacity_tokens: 50000,\n"
+        "     prefill: {a: 12.0, b: 0.08, c: 5.0e-6}, decode: {a: 15.0, b: 0.0005, c: 0.03}}\n"
+        "step_wander: {sd: 0.3, tau_ms: 500.0, white_sd: 0.1, drift_sd: 0.1, "
+        "drift_tau_ms: 20000.0}\n"
+    )
+    workload = {"num_requests": 40, "input_len": 400, "output_len": 20, "cv": 1.0, "seed": 1,
+                "dataset_lengths": None}  # fmt: skip
+    meta = {"target": 0.9, "workload": workload}
+    args = app_args("coloc-2")
+    report = {"meta": meta, "configs": {"coloc-2": {"args": args, "points": [{"rate": 20.0}]}}}
+    slo = SLO(0.1, 0.02)
+    [(low, top)] = predict(report, str(profile), [slo])["coloc-2"]["attainment_band"]
+    loaded = Profile.load(profile)
+    placement = replace(placement_for(args, loaded.entry(1, 1)), wander=loaded.step_wander)
+    requests = sim_requests(meta, 20.0)
+    per_run = [
+        attainment(simulate(placement, requests, seed), SimSLO(100.0, 20.0))
+        for seed in range(BAND_DRAWS)
+    ]
+    assert (low, top) == pytest.approx(tuple(np.quantile(per_run, [0.05, 0.95])))
+    assert low < top  # the wander makes re-runs differ
+
+
+def test_the_band_section_counts_measured_attainments_inside_each_band():
+    report = _report({"disagg": (False, [(1.0, 10), (2.0, 8)]), "coloc": (True, [(1.0, 9)])})
+    a = analyze(report)
+    assert band_section(a) == ""  # no simulation ran
+    (d1, d2), (c1,) = a["configs"]["disagg"]["curve"], a["configs"]["coloc"]["curve"]
+    # measured 1.0, 0.8, 0.9; in-server steps: inside, outside (above), inside at the edge
+    for point, band in ((d1, [0.9, 1.0]), (d2, [0.85, 1.0]), (c1, [0.7, 0.9])):
+        point["simulated_in_situ_attainment_band"] = band
+    d2["simulated_per_point_attainment_band"] = [0.7, 0.8]  # the replay: inside at the edge
+    assert band_hits(a, "simulated_in_situ") == (2, 3)
+    assert band_hits(a, "simulated_per_point") == (1, 1)
+    assert band_hits(a, "simulated") == (0, 0)
+    text = band_section(a)
+    assert "| disagg | 1.00 (0.90-1.00) | 0.80 (0.85-1.00) |" in text
+    assert "| coloc | 0.90 (0.70-0.90) | - |" in text
+    assert "(in-server steps;" in text  # the table shows the forecast, not the replay
+    assert "in-server steps: 2 of 3; each rate point's own in-server steps: 1 of 1" in text
 
 
 def test_each_rate_point_is_replayed_with_the_steps_that_ran_during_it(tmp_path):

@@ -33,7 +33,7 @@ from placement.latency_model import (
     fit_shaped,
     prefill_features,
 )
-from placement.wander import StepWander, fit_wander
+from placement.wander import StepWander, fit_run_sd, fit_wander
 
 
 def load_replicas(trace_dir: Path) -> list[list[dict]]:
@@ -177,7 +177,13 @@ def _wander(steps: list[_Traced], log_ratio: np.ndarray) -> StepWander | None:
     if not arrays:
         return None
     wander = fit_wander(arrays)
-    return wander if max(wander.sd, wander.white_sd) > MIN_WANDER else None
+    if max(wander.sd, wander.white_sd) <= MIN_WANDER:
+        return None
+    by_run: dict[int, list[tuple[float, float]]] = {}
+    for (run, _), rows in series.items():
+        by_run.setdefault(run, []).extend(rows)
+    runs = [np.array(sorted(rows)) for rows in by_run.values()]
+    return replace(wander, run_sd=fit_run_sd(runs, wander))
 
 
 def quiet_decode_ms(

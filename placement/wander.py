@@ -7,14 +7,20 @@ proxy and the load generator take their share of the cores in bursts; whatever e
 machine runs). A request's TPOT averages its ~60 decode steps: independent scatter averages
 out of it, a slow few seconds does not, and that is what puts a request over a TPOT target
 close to the mean step. A simulator that times every step by the model's mean misses it.
+The machine's pace also differs from one run to the next (a lone batch-1 decode step took
+43-57 ms from one rate point to the next in one interleaved experiment, 45-79 ms in another):
+a forecast of a run not yet made must allow for that too.
 
 Model: log(step / model) = x(t) + z(t) + e. x is each instance's own Ornstein-Uhlenbeck process
 (stationary standard deviation `sd`, correlation time `tau_ms`: its stretches of a second or
 so); z is one such process for the whole machine (`drift_sd`, `drift_tau_ms`: the minutes over
 which the shared machine runs faster or slower, which every instance feels at once); e is
-independent per step (`white_sd`). The factor is normalised to mean 1, so the model keeps its
-mean step time (placement/step_traces.py fits the model to the traced mean). `fit_wander`
-estimates the five numbers from the autocovariance of traced log residuals over time lags.
+independent per step (`white_sd`); r is one constant per run, shared by every instance
+(`run_sd`: the machine's pace that run). The factor is normalised to mean 1, so the model keeps
+its mean step time (placement/step_traces.py fits the model to the traced mean). `fit_wander`
+estimates the first five numbers from the autocovariance of traced log residuals over time
+lags within runs, `fit_run_sd` the last from how the runs' mean residuals differ beyond what
+the within-run processes explain.
 """
 
 from __future__ import annotations
@@ -42,10 +48,11 @@ class StepWander:
     white_sd: float  # standard deviation of the per-step log factor e
     drift_sd: float = 0.0  # standard deviation of the machine's log factor z (all instances)
     drift_tau_ms: float = 600_000.0  # its correlation time
+    run_sd: float = 0.0  # standard deviation of the machine's log pace from run to run
 
     def __post_init__(self) -> None:
         if (
-            min(self.sd, self.white_sd, self.drift_sd) < 0
+            min(self.sd, self.white_sd, self.drift_sd, self.run_sd) < 0
             or min(self.tau_ms, self.drift_tau_ms) <= 0
         ):
             raise ValueError(f"step wander needs sds >= 0 and correlation times > 0, got {self}")
@@ -65,8 +72,10 @@ class WanderDraw:
         self.rng = np.random.default_rng(seed)
         self.state: dict[int, tuple[float, float, float]] = {}  # id(owner) -> (x, t_ms, factor)
         self.drift = (wander.drift_sd * self.rng.standard_normal(), 0.0)  # (z, t_ms)
-        total = wander.sd**2 + wander.white_sd**2 + wander.drift_sd**2
-        self.shift = -total / 2  # E[exp(x + z + e + shift)] = 1
+        total = wander.sd**2 + wander.white_sd**2 + wander.drift_sd**2 + wander.run_sd**2
+        self.shift = -total / 2  # E[exp(x + z + e + r + shift)] = 1
+        if wander.run_sd > 0:  # this run's pace r joins the constant
+            self.shift += wander.run_sd * self.rng.standard_normal()
 
     def _ou(self, value: float, sd: float, tau_ms: float, dt_ms: float) -> float:
         keep = math.exp(-max(dt_ms, 0.0) / tau_ms)
@@ -133,6 +142,35 @@ def fit_wander(series: list[np.ndarray]) -> StepWander:
     slow, drift = slow * scale, drift * scale
     white = math.sqrt(max(var - slow - drift, 0.0))
     return StepWander(math.sqrt(slow), tau, white, math.sqrt(drift), drift_tau)
+
+
+def mean_variance(wander: StepWander, duration_ms: float, steps: int) -> float:
+    """Variance of the mean log residual of `steps` steps spread over `duration_ms` under the
+    within-run processes: an OU process of sd s and time tau averaged over T has variance
+    s^2 * 2 (x - 1 + e^-x) / x^2 with x = T / tau; per-step scatter averages as 1 / steps."""
+
+    def averaged(sd: float, tau_ms: float) -> float:
+        x = max(duration_ms, 1e-9) / tau_ms
+        return sd**2 * (2 * (x - 1 + math.exp(-x)) / x**2 if x > 1e-6 else 1.0)
+
+    return (
+        averaged(wander.sd, wander.tau_ms)
+        + averaged(wander.drift_sd, wander.drift_tau_ms)
+        + wander.white_sd**2 / max(steps, 1)
+    )
+
+
+def fit_run_sd(runs: list[np.ndarray], wander: StepWander) -> float:
+    """The run-to-run sd of the machine's log pace. runs: per run, (N, 2) rows of (step start
+    ms, log residual) of all its instances. The spread of the runs' mean residuals, less what
+    the within-run processes of `wander` give a mean of that many steps over that long by
+    themselves; 0 with fewer than two runs."""
+    runs = [r for r in runs if len(r) > 1]
+    if len(runs) < 2:
+        return 0.0
+    means = np.array([r[:, 1].mean() for r in runs])
+    within = np.mean([mean_variance(wander, float(np.ptp(r[:, 0])), len(r)) for r in runs])
+    return math.sqrt(max(float(np.var(means, ddof=1)) - float(within), 0.0))
 
 
 def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -184,3 +185,27 @@ def test_served_steps_that_scatter_slow_are_fitted_to_their_mean_and_their_wande
     w = fitted.wander
     assert w.sd == pytest.approx(truth.sd, rel=0.25) and w.white_sd == pytest.approx(0.1, rel=0.3)
     assert w.tau_ms == pytest.approx(truth.tau_ms, rel=0.6)
+    assert w.run_sd == 0.0  # one run: nothing to say about the next one's pace
+
+
+def test_runs_on_a_machine_at_different_paces_give_the_wander_a_run_to_run_part(tmp_path):
+    """Twelve deployments' decode steps with the same OU stretches, each run at its own
+    pace (log sd 0.15): the pooled fit's run_sd comes back near it; each run's own fit (a
+    window) has none."""
+    truth = StepWander(sd=0.15, tau_ms=1000.0, white_sd=0.1)
+    rng = np.random.default_rng(8)
+    runs = []
+    for k in range(12):
+        pace = math.exp(0.15 * rng.standard_normal())
+        factors = pace * np.exp(ou_series(truth, 600, 500.0, seed=k)[:, 1])
+        lines = _steps([[512], [100, 200], [300], [1000]], [])
+        for i, f in enumerate(factors):
+            batch = [200 + i % 7 * 100] * (1 + i % 3)
+            lines.append({"duration_ms": f * (DEC.a + DEC.b * sum(batch) + DEC.c * len(batch)),
+                          "prefill_lens": [], "decode_contexts": batch,
+                          "start_s": 2000.0 + 0.5 * i})  # 0.5 s apart: idle between  # fmt: skip
+        runs.append(_run(tmp_path, f"{k:03d}", lines))
+    pooled = fit_traces(runs, BASE)
+    assert pooled.wander.run_sd == pytest.approx(0.15, rel=0.45)
+    assert pooled.report["step_wander"]["run_sd"] == pooled.wander.run_sd
+    assert fit_traces(runs[:1], BASE).wander.run_sd == 0.0

@@ -11,7 +11,7 @@ import pytest
 
 from placement.latency_model import Coefficients, Entry, Profile
 from placement.simulator import InstanceSpec, Placement, simulate, simulate_draws
-from placement.wander import StepWander, fit_wander
+from placement.wander import StepWander, fit_run_sd, fit_wander, mean_variance
 from placement.workload import SimRequest
 
 pytestmark = pytest.mark.unit
@@ -113,3 +113,42 @@ def test_profiles_carry_the_wander_and_leave_it_out_when_absent(tmp_path):
     with pytest.raises(ValueError, match="sds >= 0"):
         Profile.from_dict({**served.__dict__, "entries": [], "step_wander": {"sd": -1,
                            "tau_ms": 1.0, "white_sd": 0.0}})  # fmt: skip
+
+
+def test_the_variance_of_a_run_mean_has_its_closed_form():
+    """mean_variance against the spread of the means of many simulated runs."""
+    truth = StepWander(0.15, 2000.0, 0.1, drift_sd=0.1, drift_tau_ms=30_000.0)
+    n, every = 400, 50.0  # 20 s runs
+    means = [ou_series(truth, n, every, seed)[:, 1].mean() for seed in range(1500)]
+    want = mean_variance(truth, (n - 1) * every, n)
+    assert np.var(means) == pytest.approx(want, rel=0.12)
+    # a run much shorter than every correlation time keeps all the slow variance
+    assert mean_variance(truth, 1.0, 10**9) == pytest.approx(0.15**2 + 0.1**2, rel=1e-3)
+
+
+def test_run_to_run_pace_is_recovered_beyond_what_the_within_run_wander_explains():
+    truth = StepWander(0.15, 2000.0, 0.1, drift_sd=0.05, drift_tau_ms=30_000.0)
+    rng = np.random.default_rng(4)
+    paced = []
+    for seed in range(40):  # 40 runs of 60 s, each on the machine at its own pace
+        s = ou_series(truth, 1200, 50.0, seed)
+        paced.append(np.column_stack([s[:, 0], s[:, 1] + 0.12 * rng.standard_normal()]))
+    assert fit_run_sd(paced, truth) == pytest.approx(0.12, rel=0.3)
+    steady = [ou_series(truth, 1200, 50.0, seed) for seed in range(40)]  # one pace
+    assert fit_run_sd(steady, truth) < 0.06  # sampling noise of 40 runs' means
+    assert fit_run_sd(paced[:1], truth) == 0.0  # one run says nothing about the next
+
+
+def test_a_draw_s_run_pace_is_shared_by_every_instance_and_keeps_the_mean():
+    wander = StepWander(sd=0.0, tau_ms=1000.0, white_sd=0.0, run_sd=0.2)
+    a, b = object(), object()
+    paces = []
+    for seed in range(2000):
+        draw = wander.draw(seed)
+        fa = draw.factor(a, 0.0)
+        assert draw.factor(b, 5000.0) == pytest.approx(fa)  # one pace for the whole run
+        paces.append(fa)
+    assert np.mean(paces) == pytest.approx(1.0, abs=0.03)
+    assert np.log(paces).std() == pytest.approx(0.2, rel=0.08)
+    with pytest.raises(ValueError, match="sds >= 0"):
+        StepWander(0.1, 100.0, 0.1, run_sd=-0.1)

@@ -28,9 +28,10 @@ the node are mid-step (see placement/simulator.py). CPUs share cores' memory ban
 caches (the profiler measures it); GPUs that each instance owns do not: leave it at 0.
 
 An optional top-level `step_wander: {sd: 0.15, tau_ms: 700.0, white_sd: 0.14, drift_sd: 0.11,
-drift_tau_ms: 35000.0}` (absent by default; the drift fields default to 0 / 600000) says how
-served steps drift around the model over time (placement/wander.py); a profile fitted to a
-server's step traces carries it (`placement profile --from-steps`).
+drift_tau_ms: 35000.0, run_sd: 0.1}` (absent by default; the drift fields default to 0 /
+600000, run_sd to 0) says how served steps drift around the model over time, and how the
+machine's pace differs from run to run (placement/wander.py); a profile fitted to a server's
+step traces carries it (`placement profile --from-steps`).
 """
 
 from __future__ import annotations

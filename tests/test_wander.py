@@ -106,10 +106,15 @@ def test_profiles_carry_the_wander_and_leave_it_out_when_absent(tmp_path):
     entry = Entry(1, 1, Coefficients(1, 1, 0), Coefficients(1, 0, 1), 100)
     plain = Profile("m", "cpu", [entry], 0.1)
     assert "step_wander" not in plain.to_yaml()
-    served = Profile("m", "cpu (served)", [entry], 0.1, StepWander(0.15, 4000.0, 0.16))
+    wander = StepWander(0.15, 4000.0, 0.16, run_sd=0.08)
+    served = Profile("m", "cpu (served)", [entry], 0.1, wander)
     served.save(tmp_path / "p.yaml")
     assert Profile.load(tmp_path / "p.yaml") == served
     assert "tau_ms: 4000.0" in (tmp_path / "p.yaml").read_text()
+    # a profile written before the run-to-run part reads with none
+    older = (tmp_path / "p.yaml").read_text().replace("  run_sd: 0.08\n", "")
+    (tmp_path / "old.yaml").write_text(older)
+    assert Profile.load(tmp_path / "old.yaml").step_wander.run_sd == 0.0
     with pytest.raises(ValueError, match="sds >= 0"):
         Profile.from_dict({**served.__dict__, "entries": [], "step_wander": {"sd": -1,
                            "tau_ms": 1.0, "white_sd": 0.0}})  # fmt: skip

@@ -356,7 +356,7 @@ def predict(report: dict, profile: str, slos: list[SLO], steps: Path | None = No
             # at each measured rate, the first SLO's scale that the simulation meets: an error
             # in latency, which stays small where the goodput's error does not (a flat curve)
             **_point_checks(
-                [_point_runs(placement, sim_requests(meta, p["rate"])) for p in c["points"]],
+                [(placement, sim_requests(meta, p["rate"])) for p in c["points"]],
                 slos[0],
                 meta["target"],
             ),
@@ -372,6 +372,7 @@ def predict_per_point(report: dict, profile: str, slos: list[SLO], steps: Path) 
     machine's drift between points taken out. A configuration is left out where a point has no
     wall-clock start or too few traced steps."""
     from placement.latency_model import Profile
+    from placement.simulator import simulate_draws
     from placement.step_traces import fit_window, load_replicas, trace_runs
 
     meta = report["meta"]
@@ -387,11 +388,11 @@ def predict_per_point(report: dict, profile: str, slos: list[SLO], steps: Path) 
         ]
         if any(f is None for f in fits):
             continue
-        simulated = [
-            _point_runs(_sim_placement(c["args"], f), sim_requests(meta, p["rate"]))
+        scheduled = [
+            (_sim_placement(c["args"], f), sim_requests(meta, p["rate"]))
             for p, f in zip(c["points"], fits, strict=True)
         ]
-        per_rate = [_sim_attainments(sum(point, []), slos) for point in simulated]
+        per_rate = [_sim_attainments(simulate_draws(*run), slos) for run in scheduled]
         curves = [
             [(p["rate"], a[k]) for p, a in zip(c["points"], per_rate, strict=True)]
             for k in range(len(slos))
@@ -399,31 +400,30 @@ def predict_per_point(report: dict, profile: str, slos: list[SLO], steps: Path) 
         out[name] = {
             "ranges": [goodput_range(c_, meta["target"]) for c_ in curves],
             "curve": curves[0],
-            **_point_checks(simulated, slos[0], meta["target"]),
+            **_point_checks(scheduled, slos[0], meta["target"]),
         }
     return out
 
 
-def _point_runs(placement, requests: list) -> list[list]:
-    """BAND_DRAWS simulated runs of a measured point's schedule (one without wander), each a
-    list of results."""
-    from placement.simulator import simulate_draws
+def _point_checks(runs: list[tuple], slo: SLO, target: float) -> dict[str, list]:
+    """At each measured point ((placement, its schedule) in `runs`): the tightest scale of
+    `slo` that `target` of the simulated requests meet (the forecast: typical machine pace),
+    and the BAND_LEVEL band of the attainment at `slo` over BAND_DRAWS simulated runs, each
+    with its own draw of the wander and the machine's pace: what re-running the point could
+    measure if the simulator is right (one value without wander)."""
+    from placement.simulator import simulate, simulate_draws
 
-    results = simulate_draws(placement, requests, draws=BAND_DRAWS)
-    n = len(requests)
-    return [results[k : k + n] for k in range(0, len(results), n)]
-
-
-def _point_checks(points: list[list[list]], slo: SLO, target: float) -> dict[str, list]:
-    """From each measured point's simulated runs (_point_runs): the tightest scale of `slo`
-    that `target` of all their requests meet, and the BAND_LEVEL band of the attainment at
-    `slo` over the runs: what re-running the point could measure if the simulator is right."""
     tail = (1 - BAND_LEVEL) / 2
     scales, bands = [], []
-    for runs in points:
-        per_run = [_sim_attainments(run, [slo])[0] for run in runs]
+    for placement, requests in runs:
+        typical = simulate_draws(placement, requests)
+        scales.append(tightest_slo_scale(_sim_records(typical), slo, target))
+        seeds = range(BAND_DRAWS if placement.wander is not None else 1)
+        per_run = [
+            _sim_attainments(simulate(placement, requests, seed, pace=True), [slo])[0]
+            for seed in seeds
+        ]
         bands.append([float(q) for q in np.quantile(per_run, [tail, 1 - tail])])
-        scales.append(tightest_slo_scale(_sim_records(sum(runs, [])), slo, target))
     return {"tightest_slo_scale": scales, "attainment_band": bands}
 
 

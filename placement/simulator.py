@@ -384,10 +384,13 @@ def _least_loaded(instances: list):
     return min(instances, key=lambda i: i.load)
 
 
-def simulate(placement: Placement, requests: list[SimRequest], seed: int = 0) -> list[Result]:
-    """One run; `seed` draws the step wander (without one the run is the same for any seed)."""
+def simulate(
+    placement: Placement, requests: list[SimRequest], seed: int = 0, pace: bool = False
+) -> list[Result]:
+    """One run; `seed` draws the step wander (without one the run is the same for any seed),
+    with `pace` the machine's pace for the run too (StepWander.draw)."""
     sim = _Sim()
-    draw = placement.wander.draw(seed) if placement.wander is not None else None
+    draw = placement.wander.draw(seed, pace) if placement.wander is not None else None
     node = _Node(sim, placement.node_contention, draw)
     tracks = [_Track(r) for r in requests]
     if placement.colocated is not None:

@@ -16,7 +16,8 @@ Model: log(step / model) = x(t) + z(t) + e. x is each instance's own Ornstein-Uh
 so); z is one such process for the whole machine (`drift_sd`, `drift_tau_ms`: the minutes over
 which the shared machine runs faster or slower, which every instance feels at once); e is
 independent per step (`white_sd`); r is one constant per run, shared by every instance
-(`run_sd`: the machine's pace that run). The factor is normalised to mean 1, so the model keeps
+(`run_sd`: the machine's pace that run; drawn only where a spread of runs is asked for, a
+forecast runs at the typical pace). The factor is normalised to mean 1, so the model keeps
 its mean step time (placement/step_traces.py fits the model to the traced mean). `fit_wander`
 estimates the first five numbers from the autocovariance of traced log residuals over time
 lags within runs, `fit_run_sd` the last from how the runs' mean residuals differ beyond what
@@ -57,8 +58,11 @@ class StepWander:
         ):
             raise ValueError(f"step wander needs sds >= 0 and correlation times > 0, got {self}")
 
-    def draw(self, seed: int) -> WanderDraw:
-        return WanderDraw(self, seed)
+    def draw(self, seed: int, pace: bool = False) -> WanderDraw:
+        """One realisation; with `pace` also this run's own machine pace (run_sd), else the
+        typical pace: a forecast of a run is made at the typical pace, the spread of what
+        runs may measure with each its own."""
+        return WanderDraw(self, seed, pace)
 
 
 class WanderDraw:
@@ -67,15 +71,15 @@ class WanderDraw:
     times need no grid). Work an owner starts at one instant (a pipeline's stage and its whole
     batch) shares one factor."""
 
-    def __init__(self, wander: StepWander, seed: int) -> None:
+    def __init__(self, wander: StepWander, seed: int, pace: bool = False) -> None:
         self.wander = wander
         self.rng = np.random.default_rng(seed)
         self.state: dict[int, tuple[float, float, float]] = {}  # id(owner) -> (x, t_ms, factor)
         self.drift = (wander.drift_sd * self.rng.standard_normal(), 0.0)  # (z, t_ms)
-        total = wander.sd**2 + wander.white_sd**2 + wander.drift_sd**2 + wander.run_sd**2
-        self.shift = -total / 2  # E[exp(x + z + e + r + shift)] = 1
-        if wander.run_sd > 0:  # this run's pace r joins the constant
-            self.shift += wander.run_sd * self.rng.standard_normal()
+        total = wander.sd**2 + wander.white_sd**2 + wander.drift_sd**2
+        self.shift = -total / 2  # E[exp(x + z + e + shift)] = 1
+        if pace and wander.run_sd > 0:  # this run's pace r joins the constant, E[exp(r)] = 1
+            self.shift += wander.run_sd * self.rng.standard_normal() - wander.run_sd**2 / 2
 
     def _ou(self, value: float, sd: float, tau_ms: float, dt_ms: float) -> float:
         keep = math.exp(-max(dt_ms, 0.0) / tau_ms)

@@ -375,7 +375,8 @@ def test_one_simulation_per_rate_gives_every_slos_goodput(tmp_path):
 
 def test_the_attainment_band_spans_simulated_re_runs_of_the_point(tmp_path):
     """With step wander, the band at a measured rate is the 5-95% range of the attainment of
-    64 runs of its schedule, each its own seed (a second path: simulate() seed by seed)."""
+    64 runs of its schedule, each its own seed and machine pace (a second path: simulate()
+    seed by seed); the forecast beside it runs at the typical pace, as without run_sd."""
     from dataclasses import replace
 
     from bench.report import BAND_DRAWS, placement_for, predict
@@ -388,7 +389,7 @@ def test_the_attainment_band_spans_simulated_re_runs_of_the_point(tmp_path):
         "model: m\ndevice: d\nentries:\n  - {tp: 1, pp: 1, kv_capacity_tokens: 50000,\n"
         "     prefill: {a: 12.0, b: 0.08, c: 5.0e-6}, decode: {a: 15.0, b: 0.0005, c: 0.03}}\n"
         "step_wander: {sd: 0.3, tau_ms: 500.0, white_sd: 0.1, drift_sd: 0.1, "
-        "drift_tau_ms: 20000.0}\n"
+        "drift_tau_ms: 20000.0, run_sd: 0.2}\n"
     )
     workload = {"num_requests": 40, "input_len": 400, "output_len": 20, "cv": 1.0, "seed": 1,
                 "dataset_lengths": None}  # fmt: skip
@@ -396,16 +397,24 @@ def test_the_attainment_band_spans_simulated_re_runs_of_the_point(tmp_path):
     args = app_args("coloc-2")
     report = {"meta": meta, "configs": {"coloc-2": {"args": args, "points": [{"rate": 20.0}]}}}
     slo = SLO(0.1, 0.02)
-    [(low, top)] = predict(report, str(profile), [slo])["coloc-2"]["attainment_band"]
+    out = predict(report, str(profile), [slo])["coloc-2"]
+    [(low, top)] = out["attainment_band"]
     loaded = Profile.load(profile)
     placement = replace(placement_for(args, loaded.entry(1, 1)), wander=loaded.step_wander)
     requests = sim_requests(meta, 20.0)
     per_run = [
-        attainment(simulate(placement, requests, seed), SimSLO(100.0, 20.0))
+        attainment(simulate(placement, requests, seed, pace=True), SimSLO(100.0, 20.0))
         for seed in range(BAND_DRAWS)
     ]
     assert (low, top) == pytest.approx(tuple(np.quantile(per_run, [0.05, 0.95])))
     assert low < top  # the wander makes re-runs differ
+    steady = tmp_path / "steady.yaml"
+    steady.write_text(profile.read_text().replace(", run_sd: 0.2", ""))
+    again = predict(report, str(steady), [slo])["coloc-2"]
+    assert again["tightest_slo_scale"] == out["tightest_slo_scale"]
+    assert again["curve"] == out["curve"]
+    [(low_steady, top_steady)] = again["attainment_band"]
+    assert top_steady - low_steady < top - low  # the machine's pace widens the band
 
 
 def test_the_band_section_counts_measured_attainments_inside_each_band():

@@ -147,9 +147,10 @@ def test_run_to_run_pace_is_recovered_beyond_what_the_within_run_wander_explains
 def test_a_draw_s_run_pace_is_shared_by_every_instance_and_keeps_the_mean():
     wander = StepWander(sd=0.0, tau_ms=1000.0, white_sd=0.0, run_sd=0.2)
     a, b = object(), object()
+    assert wander.draw(7).factor(a, 0.0) == 1.0  # a forecast runs at the typical pace
     paces = []
     for seed in range(2000):
-        draw = wander.draw(seed)
+        draw = wander.draw(seed, pace=True)
         fa = draw.factor(a, 0.0)
         assert draw.factor(b, 5000.0) == pytest.approx(fa)  # one pace for the whole run
         paces.append(fa)

@@ -330,6 +330,24 @@ def test_machine_pace_is_the_median_lone_batch_1_decode_step_in_each_rate_window
     assert machine_pace(points, tmp_path / "missing") == [None] * 4
 
 
+def _one_point_setup(tmp_path, extra: str = "") -> tuple[Path, dict]:
+    """A profile (plus `extra` YAML) and a coloc-2 report with one measured point, 20 req/s."""
+    profile = tmp_path / "p.yaml"
+    profile.write_text(
+        "model: m\ndevice: d\nentries:\n  - {tp: 1, pp: 1, kv_capacity_tokens: 50000,\n"
+        "     prefill: {a: 12.0, b: 0.08, c: 5.0e-6}, decode: {a: 15.0, b: 0.0005, c: 0.03}}\n"
+        + extra
+    )
+    workload = {"num_requests": 40, "input_len": 400, "output_len": 20, "cv": 1.0, "seed": 1,
+                "dataset_lengths": None}  # fmt: skip
+    meta = {"target": 0.9, "workload": workload}
+    points = [{"rate": 20.0}]
+    return profile, {
+        "meta": meta,
+        "configs": {"coloc-2": {"args": app_args("coloc-2"), "points": points}},
+    }
+
+
 def test_one_simulation_per_rate_gives_every_slos_goodput(tmp_path):
     """predict() simulates each rate once and reads every SLO off it: each SLO's curve and
     goodput match the simulator's own attainment for that SLO alone."""
@@ -339,16 +357,8 @@ def test_one_simulation_per_rate_gives_every_slos_goodput(tmp_path):
     from placement.simulator import SLO as SimSLO
     from placement.simulator import attainment, simulate_draws
 
-    profile = tmp_path / "p.yaml"
-    profile.write_text(
-        "model: m\ndevice: d\nentries:\n  - {tp: 1, pp: 1, kv_capacity_tokens: 50000,\n"
-        "     prefill: {a: 12.0, b: 0.08, c: 5.0e-6}, decode: {a: 15.0, b: 0.0005, c: 0.03}}\n"
-    )
-    workload = {"num_requests": 40, "input_len": 400, "output_len": 20, "cv": 1.0, "seed": 1,
-                "dataset_lengths": None}  # fmt: skip
-    meta = {"target": 0.9, "workload": workload}
-    args = app_args("coloc-2")
-    report = {"meta": meta, "configs": {"coloc-2": {"args": args, "points": [{"rate": 20.0}]}}}
+    profile, report = _one_point_setup(tmp_path)
+    meta, args = report["meta"], report["configs"]["coloc-2"]["args"]
     slos = [SLO(0.1, 0.02), SLO(0.3, 0.04)]
     out = predict(report, str(profile), slos)["coloc-2"]
     placement = placement_for(args, Profile.load(profile).entry(1, 1))
@@ -384,18 +394,12 @@ def test_the_attainment_band_spans_simulated_re_runs_of_the_point(tmp_path):
     from placement.simulator import SLO as SimSLO
     from placement.simulator import attainment, simulate
 
-    profile = tmp_path / "p.yaml"
-    profile.write_text(
-        "model: m\ndevice: d\nentries:\n  - {tp: 1, pp: 1, kv_capacity_tokens: 50000,\n"
-        "     prefill: {a: 12.0, b: 0.08, c: 5.0e-6}, decode: {a: 15.0, b: 0.0005, c: 0.03}}\n"
+    profile, report = _one_point_setup(
+        tmp_path,
         "step_wander: {sd: 0.3, tau_ms: 500.0, white_sd: 0.1, drift_sd: 0.1, "
-        "drift_tau_ms: 20000.0, run_sd: 0.2}\n"
+        "drift_tau_ms: 20000.0, run_sd: 0.2}\n",
     )
-    workload = {"num_requests": 40, "input_len": 400, "output_len": 20, "cv": 1.0, "seed": 1,
-                "dataset_lengths": None}  # fmt: skip
-    meta = {"target": 0.9, "workload": workload}
-    args = app_args("coloc-2")
-    report = {"meta": meta, "configs": {"coloc-2": {"args": args, "points": [{"rate": 20.0}]}}}
+    meta, args = report["meta"], report["configs"]["coloc-2"]["args"]
     slo = SLO(0.1, 0.02)
     out = predict(report, str(profile), [slo])["coloc-2"]
     [(low, top)] = out["attainment_band"]

@@ -48,10 +48,7 @@ KV_TRANSFER_MS_PER_TOKEN = 0.025  # bench.kv_transfer, shm, this machine: 12.6 m
 BOOTSTRAP_SAMPLES = 2000
 INTERVAL_LEVEL = 0.9
 FIDELITY_TOLERANCE = 0.15  # the placement issue's target for the simulator
-# simulated runs of a measured point's schedule, each a draw of the steps' wander: the spread of
-# their attainment is what re-running that point could measure if the simulator were right
-BAND_DRAWS = 64
-BAND_LEVEL = 0.9
+BAND_LEVEL = 0.9  # the band of simulated re-runs beside each measured attainment
 # the simulator's two sources of step times: analysis keys and what they mean
 SIMULATIONS = (
     ("simulated", "the profile"),
@@ -408,22 +405,17 @@ def predict_per_point(report: dict, profile: str, slos: list[SLO], steps: Path) 
 def _point_checks(runs: list[tuple], slo: SLO, target: float) -> dict[str, list]:
     """At each measured point ((placement, its schedule) in `runs`): the tightest scale of
     `slo` that `target` of the simulated requests meet (the forecast: typical machine pace),
-    and the BAND_LEVEL band of the attainment at `slo` over BAND_DRAWS simulated runs, each
-    with its own draw of the wander and the machine's pace: what re-running the point could
-    measure if the simulator is right (one value without wander)."""
-    from placement.simulator import simulate, simulate_draws
+    and the BAND_LEVEL band of the attainment at `slo` over simulated re-runs of the point
+    (placement.simulator.attainment_band)."""
+    from placement.simulator import SLO as SimSLO
+    from placement.simulator import attainment_band, simulate_draws
 
-    tail = (1 - BAND_LEVEL) / 2
+    in_ms = SimSLO(slo.ttft_s * 1e3, slo.tpot_s * 1e3)
     scales, bands = [], []
     for placement, requests in runs:
         typical = simulate_draws(placement, requests)
         scales.append(tightest_slo_scale(_sim_records(typical), slo, target))
-        seeds = range(BAND_DRAWS if placement.wander is not None else 1)
-        per_run = [
-            _sim_attainments(simulate(placement, requests, seed, pace=True), [slo])[0]
-            for seed in seeds
-        ]
-        bands.append([float(q) for q in np.quantile(per_run, [tail, 1 - tail])])
+        bands.append(list(attainment_band(placement, requests, in_ms, BAND_LEVEL)))
     return {"tightest_slo_scale": scales, "attainment_band": bands}
 
 
@@ -693,6 +685,8 @@ def band_section(analysis: dict) -> str:
     """The measured attainment at the headline SLO beside the band that simulated re-runs of
     the same schedule reach, and how often it lies inside: a check of the simulator that the
     measurement's own scatter (a few requests either way at 90%) cannot fail by itself."""
+    from placement.wander import BAND_DRAWS
+
     ran = [(n, w) for n, w in SIMULATIONS if band_hits(analysis, n)[1]]
     if not ran:
         return ""

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from placement.latency_model import Entry, prefix_attention
-from placement.wander import DRAW_REQUESTS, DRAWS, StepWander, WanderDraw
+from placement.wander import BAND_DRAWS, DRAW_REQUESTS, DRAWS, StepWander, WanderDraw
 from placement.workload import SimRequest, Workload
 
 
@@ -441,6 +441,19 @@ def simulate_draws(
 def attainment(results: list[Result], slo: SLO) -> float:
     ok = [r.ttft_ms <= slo.ttft_ms and r.tpot_ms <= slo.tpot_ms for r in results]
     return float(np.mean(ok))
+
+
+def attainment_band(
+    placement: Placement, requests: list[SimRequest], slo: SLO, level: float = 0.9
+) -> tuple[float, float]:
+    """The range of attainment that `level` of runs of these very requests reach, each run
+    its own draw of the step wander and of the machine's pace (BAND_DRAWS runs): what one
+    measured run may show if the model is right. One value without wander."""
+    seeds = range(BAND_DRAWS if placement.wander is not None else 1)
+    per_run = [attainment(simulate(placement, requests, seed, pace=True), slo) for seed in seeds]
+    tail = (1 - level) / 2
+    low, high = np.quantile(per_run, [tail, 1 - tail])
+    return float(low), float(high)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ TAU_GRID_MS = np.geomspace(50.0, 20_000.0, 60)  # the instance's own stretches
 DRIFT_TAU_GRID_MS = np.geomspace(20_000.0, 1_200_000.0, 30)  # the machine's drift
 DRAWS = 16  # simulations averaged per rate when steps wander, at most
 DRAW_REQUESTS = 1024  # simulated requests per rate that are enough
+BAND_DRAWS = 64  # simulated runs behind an attainment band (the spread of runs, not a mean)
 
 
 @dataclass(frozen=True)

@@ -389,10 +389,11 @@ def test_the_attainment_band_spans_simulated_re_runs_of_the_point(tmp_path):
     seed by seed); the forecast beside it runs at the typical pace, as without run_sd."""
     from dataclasses import replace
 
-    from bench.report import BAND_DRAWS, placement_for, predict
+    from bench.report import placement_for, predict
     from placement.latency_model import Profile
     from placement.simulator import SLO as SimSLO
     from placement.simulator import attainment, simulate
+    from placement.wander import BAND_DRAWS
 
     profile, report = _one_point_setup(
         tmp_path,

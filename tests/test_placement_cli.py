@@ -115,6 +115,34 @@ def test_simulate_reports_the_same_goodput_as_the_simulator(tmp_path, capsys):
         simulate.main([*common, "--colocated", "2x1:1"])
 
 
+def test_simulate_with_a_served_profile_shows_the_band_of_single_runs(tmp_path, capsys):
+    """A profile with step wander: beside each rate's mean attainment, the range 90% of
+    single runs of those requests reach (the simulator's attainment_band, a second path)."""
+    from dataclasses import replace
+
+    from placement.latency_model import Profile
+    from placement.simulator import SLO, attainment_band
+    from placement.wander import StepWander
+    from placement.workload import Workload
+
+    plain = make_search([CHEAP]).profile
+    wander = StepWander(0.3, 500.0, 0.1, run_sd=0.2)
+    profile = tmp_path / "p.yaml"
+    Profile(plain.model, plain.device, plain.entries, 0.0, wander).save(profile)
+    model = _write(tmp_path, LLAMA_13B)
+    simulate.main([
+        "--profile", str(profile), "--model", str(model), "--cluster", "1x1",
+        "--workload", "100:20", "--ttft-slo", "300", "--tpot-slo", "8", "--num-requests", "40",
+        "--colocated", "1x1:1", "--rates", "20",
+    ])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "| rate req/s | attainment | 90% of runs |" in printed
+    spec = replace(make_search([CHEAP]).spec(CHEAP), max_batch_size=128)
+    placement = Placement(colocated=spec, wander=wander)
+    low, high = attainment_band(placement, Workload(40, 100, 20).sample(20.0, 0), SLO(300, 8))
+    assert low < high and f" | {low:.3f}-{high:.3f} | " in printed
+
+
 def test_unknown_command_shows_the_commands():
     with pytest.raises(SystemExit, match="plan"):
         placement_main(["deploy"])

@@ -5,12 +5,14 @@ what spread a request's TPOT."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from placement.latency_model import Coefficients, Entry, Profile
-from placement.simulator import InstanceSpec, Placement, simulate, simulate_draws
+from placement.simulator import SLO as SimSLO
+from placement.simulator import InstanceSpec, Placement, attainment_band, simulate, simulate_draws
 from placement.wander import StepWander, fit_run_sd, fit_wander, mean_variance
 from placement.workload import SimRequest
 
@@ -158,3 +160,19 @@ def test_a_draw_s_run_pace_is_shared_by_every_instance_and_keeps_the_mean():
     assert np.log(paces).std() == pytest.approx(0.2, rel=0.08)
     with pytest.raises(ValueError, match="sds >= 0"):
         StepWander(0.1, 100.0, 0.1, run_sd=-0.1)
+
+
+def test_the_attainment_band_of_single_runs_widens_with_the_machine_s_pace():
+    """40 lone requests, each 64 decode steps of 50 ms on average, against a 55 ms TPOT: the
+    share that meets it varies from run to run with the wander, more with run-to-run pace
+    (a slow run fails nearly all); without wander the band is the one run's value."""
+    requests = [SimRequest(10_000.0 * k, 100, 65) for k in range(40)]  # never overlapping
+    slo = SimSLO(1e9, 55.0)
+    steady = attainment_band(one_decoder(None), requests, slo)
+    assert steady == (1.0, 1.0)
+    wander = StepWander(0.1, 1000.0, 0.05)
+    low, high = attainment_band(one_decoder(wander), requests, slo)
+    assert 0.0 < low < high <= 1.0
+    paced_low, paced_high = attainment_band(one_decoder(replace(wander, run_sd=0.2)), requests, slo)
+    assert paced_high - paced_low > high - low
+    assert paced_low < 0.2  # the slowest runs at 5%: most requests over 55 ms

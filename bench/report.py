@@ -389,7 +389,8 @@ def predict_per_point(report: dict, profile: str, slos: list[SLO], steps: Path) 
             (_sim_placement(c["args"], f), sim_requests(meta, p["rate"]))
             for p, f in zip(c["points"], fits, strict=True)
         ]
-        per_rate = [_sim_attainments(simulate_draws(*run), slos) for run in scheduled]
+        typical = [simulate_draws(*run) for run in scheduled]
+        per_rate = [_sim_attainments(results, slos) for results in typical]
         curves = [
             [(p["rate"], a[k]) for p, a in zip(c["points"], per_rate, strict=True)]
             for k in range(len(slos))
@@ -397,26 +398,34 @@ def predict_per_point(report: dict, profile: str, slos: list[SLO], steps: Path) 
         out[name] = {
             "ranges": [goodput_range(c_, meta["target"]) for c_ in curves],
             "curve": curves[0],
-            **_point_checks(scheduled, slos[0], meta["target"]),
+            **_point_checks(scheduled, slos[0], meta["target"], typical),
         }
     return out
 
 
-def _point_checks(runs: list[tuple], slo: SLO, target: float) -> dict[str, list]:
+def _point_checks(
+    runs: list[tuple], slo: SLO, target: float, typical: list[list] | None = None
+) -> dict[str, list]:
     """At each measured point ((placement, its schedule) in `runs`): the tightest scale of
-    `slo` that `target` of the simulated requests meet (the forecast: typical machine pace),
-    and the BAND_LEVEL band of the attainment at `slo` over simulated re-runs of the point
+    `slo` that `target` of the simulated requests meet (the forecast at the typical machine
+    pace: simulate_draws, or the caller's results of it in `typical`), and the BAND_LEVEL
+    band of the attainment at `slo` over simulated re-runs of the point
     (placement.simulator.attainment_band)."""
     from placement.simulator import SLO as SimSLO
     from placement.simulator import attainment_band, simulate_draws
 
+    if typical is None:
+        typical = [simulate_draws(*run) for run in runs]
     in_ms = SimSLO(slo.ttft_s * 1e3, slo.tpot_s * 1e3)
-    scales, bands = [], []
-    for placement, requests in runs:
-        typical = simulate_draws(placement, requests)
-        scales.append(tightest_slo_scale(_sim_records(typical), slo, target))
-        bands.append(list(attainment_band(placement, requests, in_ms, BAND_LEVEL)))
-    return {"tightest_slo_scale": scales, "attainment_band": bands}
+    return {
+        "tightest_slo_scale": [
+            tightest_slo_scale(_sim_records(results), slo, target) for results in typical
+        ],
+        "attainment_band": [
+            list(attainment_band(placement, requests, in_ms, BAND_LEVEL))
+            for placement, requests in runs
+        ],
+    }
 
 
 def _sim_placement(args: dict, source):
@@ -687,13 +696,12 @@ def band_section(analysis: dict) -> str:
     measurement's own scatter (a few requests either way at 90%) cannot fail by itself."""
     from placement.wander import BAND_DRAWS
 
-    ran = [(n, w) for n, w in SIMULATIONS if band_hits(analysis, n)[1]]
+    hits = {n: band_hits(analysis, n) for n, _ in SIMULATIONS}
+    ran = [(n, w) for n, w in SIMULATIONS if hits[n][1]]
     if not ran:
         return ""
     key, what = next(((n, w) for n, w in reversed(ran) if n in PREDICTIONS), ran[-1])
-    counts = "; ".join(
-        f"{what_}: {hit} of {total}" for n, what_ in ran for hit, total in [band_hits(analysis, n)]
-    )
+    counts = "; ".join(f"{w}: {hits[n][0]} of {hits[n][1]}" for n, w in ran)
     return (
         f"Measured attainment at the headline SLO; in parentheses the {BAND_LEVEL:.0%} band "
         f"of {BAND_DRAWS} simulated runs of the same schedule ({what}; each run a draw of the "

@@ -20,26 +20,9 @@ from pathlib import Path
 
 import torch
 
+from bench.host import copy_bandwidth_gbs, median_time
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.model_store import resolve_model
-
-
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def copy_bandwidth_gbs(mb: int = 512) -> float:
-    """(read + write bytes) / time of a large tensor copy: the machine's streaming bandwidth."""
-    src = torch.ones(mb * 2**20 // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    t = _median_time(lambda: dst.copy_(src), 5)
-    return 2 * src.numel() * 4 / t / 1e9
 
 
 def prompts(batch: int, context: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -55,7 +38,7 @@ def ours_prefill_s(engine: LLMEngine, context: int) -> float:
         engine.step()
 
     run()  # warm-up
-    return _median_time(run, 3)
+    return median_time(run, 3)
 
 
 def ours_decode_step_s(engine: LLMEngine, batch: int, context: int, steps: int) -> float:

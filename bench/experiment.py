@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from bench import host
 from bench.loadgen import LoadRequest, add_workload_args, dataset_items, make_requests, run
 from bench.metrics import SLO, RequestRecord, attainment
 
@@ -176,6 +177,7 @@ class RatePoint:
     duration_s: float
     records: list[RequestRecord]
     started_s: float | None = None  # wall clock (the step traces' clock) when sending began
+    host: dict | None = None  # bench.host.probe() just before, + steal_share during the point
 
     def to_json(self) -> dict:
         t0 = min(r.arrival_s for r in self.records)
@@ -191,7 +193,9 @@ class RatePoint:
             for r in self.records
         ]
         point = {"rate": self.rate, "duration_s": self.duration_s, "records": rows}
-        return point if self.started_s is None else {**point, "started_s": self.started_s}
+        if self.started_s is not None:
+            point["started_s"] = self.started_s
+        return point if self.host is None else {**point, "host": self.host}
 
 
 class Sweep:
@@ -240,18 +244,32 @@ def measure(
     sweep: Sweep,
     rate: float,
     log: Callable[[str], None] = print,
+    probe: Callable[[], dict[str, float]] | None = None,
 ) -> RatePoint:
-    """Send one rate's requests and add the point to its sweep."""
+    """Send one rate's requests and add the point to its sweep; with `probe`, the host's
+    condition (bench.host) is measured just before sending and its steal share during it."""
+    condition = probe() if probe is not None else None
+    cpu_before = host.read_cpu_times()
     started = time.time()
     records, duration = send(rate)
-    point = RatePoint(rate, duration, records, started)
+    if condition is not None:
+        condition["steal_share"] = host.steal_share(cpu_before, host.read_cpu_times())
+    point = RatePoint(rate, duration, records, started, condition)
     sweep.add(point)
     log(
         f"  rate {rate:.3f}/s: attainment {attainment(records, sweep.headline):.2f} "
         f"(loosest {attainment(records, sweep.loosest):.2f}), "
-        f"errors {sum(not r.ok for r in records)}"
+        f"errors {sum(not r.ok for r in records)}" + _host_text(condition)
     )
     return point
+
+
+def _host_text(condition: dict | None) -> str:
+    if condition is None:
+        return ""
+    steal = condition["steal_share"]
+    steal_text = "" if steal is None else f", steal {100 * steal:.1f}%"
+    return f"; host copy {condition['copy_gbs']:.1f} GB/s{steal_text}"
 
 
 def sweep(
@@ -343,7 +361,7 @@ def _run_turn(cluster, args, items, name: str, state: Sweep, limit: int | None) 
         send = _send(cluster.url, args.model, make)
         done = 0
         while (rate := state.next_rate()) is not None and (limit is None or done < limit):
-            measure(send, state, rate)
+            measure(send, state, rate, probe=host.probe)
             done += 1
     finally:
         cluster.undeploy()

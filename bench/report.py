@@ -101,9 +101,22 @@ def curve(points: list[dict], slo: SLO, target: float) -> list[dict]:
                 "errors": sum(not r.ok for r in records),
                 "ttft_s": percentiles([r.ttft_s for r in records]),
                 "tpot_s": percentiles([r.tpot_s for r in records]),
+                **_host_columns(p.get("host")),
             }
         )
     return rows
+
+
+def _host_columns(condition: dict | None) -> dict:
+    """The point's host probe (bench.host) as curve columns; none for older reports."""
+    if condition is None:
+        return {}
+    steal = condition.get("steal_share")
+    return {
+        "host_copy_gbs": condition["copy_gbs"],
+        "host_matmul_gflops": condition["matmul_gflops"],
+        "host_steal_pct": None if steal is None else 100 * steal,
+    }
 
 
 def sweep_of(points: list[dict], slo: SLO) -> list[tuple[float, float]]:
@@ -726,6 +739,18 @@ def machine_pace(points: list[dict], trace_dir: Path) -> list[float | None]:
     ]
 
 
+def host_section(analysis: dict) -> str:
+    """The host probe at each measured rate (bench.host), where the run recorded it."""
+    if not any("host_copy_gbs" in p for r in analysis["configs"].values() for p in r["curve"]):
+        return ""
+    return (
+        "\n\nThe host at each measured rate: memory copy bandwidth (GB/s, one thread) measured "
+        "just before the point, and in parentheses the hypervisor's steal share of CPU time "
+        "during it (%); a decode step's pace follows the bandwidth, which other guests of the "
+        "host take:\n\n" + per_rate_table(analysis, "host_copy_gbs", ".1f", "host_steal_pct")
+    )
+
+
 def map_table(analysis: dict, grid: dict) -> str:
     """Rows: TTFT scale; columns: TPOT scale; cell: winner and disagg / best colocated.
     `>=` marks a configuration that met the SLO at every tested rate (a lower bound), `<=` a
@@ -845,6 +870,7 @@ def write_report(
             "configuration: differences are the machine's):\n\n"
             + per_rate_table(analysis, "quiet_decode_ms", ".1f")
         )
+    summary += host_section(analysis)
     names = " / ".join(analysis["configs"])
     for key, what in SIMULATIONS:
         if (result := analysis.get(f"fidelity_{key}")) is not None:

@@ -41,6 +41,7 @@ def test_experiment_runs_each_configuration_and_writes_the_report(tmp_path):
     for name in ("disagg-1p1d", "coloc-2"):
         [point] = report["configs"][name]["points"]
         assert point["rate"] == 2.0 and len(point["records"]) == 3
+        assert point["host"]["copy_gbs"] > 0 and point["host"]["matmul_gflops"] > 0
         for _, first, last, n_out, n_prompt, error in point["records"]:
             assert error is None and n_out == 4 and n_prompt == 16 and 0 < first <= last
     analysis = json.loads((out / "analysis.json").read_text())
@@ -53,6 +54,7 @@ def test_experiment_runs_each_configuration_and_writes_the_report(tmp_path):
     assert "| disagg-1p1d | 2 |" in summary and "| coloc-2 | 2 |" in summary
     assert "against the measurement over the SLO map" in summary
     assert "configurations interleaved rate by rate" in summary
+    assert "The host at each measured rate" in summary
     assert (out / "attainment.png").stat().st_size > 0 and (out / "latency.png").exists()
     # every replica traced its steps, filed under its configuration
     for name in ("disagg-1p1d", "coloc-2"):

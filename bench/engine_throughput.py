@@ -48,15 +48,11 @@ def ours_decode_step_s(engine: LLMEngine, batch: int, context: int, steps: int) 
     while engine.scheduler.waiting:  # prefill everything first
         engine.step()
     engine.step()  # warm-up decode step
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t0)
+    step_s = median_time(engine.step, steps)
     while engine.has_unfinished:
         engine.step()
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
-    return statistics.median(times)
+    return step_s
 
 
 class _StepClock:

@@ -249,7 +249,7 @@ def measure(
     """Send one rate's requests and add the point to its sweep; with `probe`, the host's
     condition (bench.host) is measured just before sending and its steal share during it."""
     condition = probe() if probe is not None else None
-    cpu_before = host.read_cpu_times()
+    cpu_before = host.read_cpu_times() if condition is not None else None
     started = time.time()
     records, duration = send(rate)
     if condition is not None:

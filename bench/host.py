@@ -2,7 +2,7 @@
 configuration.
 
 On a shared virtual machine the pace of the same work moves by 2x over hours (batch-1 decode
-steps of 42 to 110 ms on this project's 2-core machines). Decode is memory-bound, and what moves
+steps of 42 to 120 ms on this project's 2-core machines). Decode is memory-bound, and what moves
 is mostly the memory bandwidth that other guests on the host leave us, which the guest cannot
 see in its own CPU accounting; the hypervisor's steal time (other guests running on our
 vCPUs) moves with it but far less. So a probe measures both: a large tensor copy (streaming

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from bench.host import median_time
 from engine.model_runner import ModelInput, SeqInput
 
 
@@ -65,12 +64,7 @@ def decode_batch(batch: int, context: int, block_size: int) -> ModelInput:
 
 def median_ms(runner, batch: ModelInput, repeats: int) -> float:
     runner.execute(batch)  # warm-up: allocations, the kernel's first call
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        runner.execute(batch)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return 1e3 * median_time(lambda: runner.execute(batch), repeats)
 
 
 def make_engine(path: str, tp: int, pp: int, threads: int, num_blocks: int):

@@ -746,8 +746,9 @@ def host_section(analysis: dict) -> str:
     return (
         "\n\nThe host at each measured rate: memory copy bandwidth (GB/s, one thread) measured "
         "just before the point, and in parentheses the hypervisor's steal share of CPU time "
-        "during it (%); a decode step's pace follows the bandwidth, which other guests of the "
-        "host take:\n\n" + per_rate_table(analysis, "host_copy_gbs", ".1f", "host_steal_pct")
+        "during it (%): the host's state that day (other guests take bandwidth and CPU), not a "
+        "forecast of the point's own pace:\n\n"
+        + per_rate_table(analysis, "host_copy_gbs", ".1f", "host_steal_pct")
     )
 
 

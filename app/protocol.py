@@ -40,6 +40,11 @@ def from_validation_error(e: ValidationError) -> APIError:
     return APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param)
 
 
+def _or(value: float | None, default: float) -> float:
+    """A field sent as null means its default (some clients send every field)."""
+    return default if value is None else value
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -60,6 +65,37 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: int | bool | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # fields that would change the output if honoured: refused rather than silently ignored
+    best_of: int | None = None
+    min_tokens: int | None = None
+    min_p: float | None = None
+    top_logprobs: int | None = None
+
+    @field_validator("best_of")
+    @classmethod
+    def _one_candidate(cls, value):
+        if value not in (None, 1):
+            raise ValueError("only best_of=1 is supported")
+        return value
+
+    @field_validator("min_tokens", "min_p", "top_logprobs")
+    @classmethod
+    def _unsupported_sampling(cls, value, info):
+        if value:
+            raise ValueError(f"{info.field_name} is not supported")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value):
+        for key in value or {}:
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"keys must be token ids, got {key!r}")
+        return value
 
     @field_validator("n")
     @classmethod
@@ -87,6 +123,10 @@ class _Sampling(BaseModel):
                 stop=tuple(stop),
                 stop_token_ids=tuple(self.stop_token_ids or ()),
                 ignore_eos=self.ignore_eos,
+                presence_penalty=_or(self.presence_penalty, 0.0),
+                frequency_penalty=_or(self.frequency_penalty, 0.0),
+                repetition_penalty=_or(self.repetition_penalty, 1.0),
+                logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
             )
         except InvalidRequestError as e:
             raise APIError(400, str(e), e.param) from e
@@ -99,6 +139,14 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str]
     echo: bool = False
+    suffix: str | None = None
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value):
+        if value:
+            raise ValueError("suffix (insertion) is not supported")
+        return value
 
     @field_validator("echo")
     @classmethod
@@ -121,16 +169,49 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict] | None = None
 
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, value):
+        for part in value if isinstance(value, list) else ():
+            if part.get("type") != "text":
+                raise ValueError(f"only text content parts are supported, got {part.get('type')!r}")
+        return value
+
     def text(self) -> str:
         if isinstance(self.content, list):  # [{"type": "text", "text": ...}, ...]
-            parts = [p.get("text", "") for p in self.content if p.get("type") == "text"]
-            return "".join(parts)
+            return "".join(p.get("text", "") for p in self.content)
         return self.content or ""
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    tools: list | None = None
+    functions: list | None = None
+    tool_choice: str | dict | None = None
+    response_format: dict | None = None
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, value, info):
+        if value:
+            raise ValueError(f"{info.field_name} (function calling) is not supported")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, value):
+        if value not in (None, "none", "auto"):
+            raise ValueError("tool_choice is not supported (no tools)")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_format(cls, value):
+        if value is not None and value.get("type", "text") != "text":
+            kind = value.get("type")
+            raise ValueError(f"only response_format type 'text' is supported, got {kind!r}")
+        return value
 
 
 def parse(body: bytes, cls: type[_Sampling]) -> _Sampling:

@@ -104,6 +104,10 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"prompt token ids must be integers in [0, {vocab})", "prompt"
             )
+        if any(t >= vocab for t, _ in params.logit_bias):
+            raise InvalidRequestError(
+                f"logit_bias keys must be token ids in [0, {vocab})", "logit_bias"
+            )
         capacity = self.blocks.num_blocks * self.blocks.block_size
         check_lengths(len(prompt_ids), params.max_tokens, self.max_model_len, capacity)
 
@@ -169,9 +173,12 @@ class LLMEngine:
         logits = self.runner.execute(ModelInput(seqs))  # (S, V)
         sampling = [s.request for s in sched.scheduled if s.samples]
         tracked = [self._tracked[r.request_id] for r in sampling]
-        tokens = sample(
-            logits, [r.sampling_params for r in sampling], [t.generator for t in tracked]
-        )
+        params = [r.sampling_params for r in sampling]
+        history = [
+            (r.prompt_token_ids, r.output_token_ids) if p.has_penalties else None
+            for r, p in zip(sampling, params, strict=True)
+        ]
+        tokens = sample(logits, params, [t.generator for t in tracked], history)
         return {r.request_id: t for r, t in zip(sampling, tokens, strict=True)}
 
     def _emit(self, request: Request, token: int) -> RequestOutput:

@@ -1,7 +1,9 @@
 """Token sampling for a batch: greedy rows in one argmax, the rest row by row.
 
 Seeded requests draw from their own torch.Generator, so a seeded request samples the same tokens
-whatever else shares its batch.
+whatever else shares its batch. Rows with a logit bias or penalties are adjusted first, in
+vLLM's order: logit bias, repetition penalty, then frequency and presence penalties; all of
+them before temperature, so they steer greedy requests too.
 """
 
 from __future__ import annotations
@@ -26,10 +28,40 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.T
     return logits
 
 
+def apply_penalties(
+    logits: torch.Tensor, p: SamplingParams, prompt_ids: list[int], output_ids: list[int]
+) -> None:
+    """Adjust one row of logits (V,) in place for `p`'s logit bias and penalties."""
+    dev = logits.device
+    if p.logit_bias:
+        ids = torch.tensor([t for t, _ in p.logit_bias], device=dev)
+        logits.index_add_(0, ids, torch.tensor([b for _, b in p.logit_bias], device=dev))
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), device=dev, dtype=torch.long)
+        values = logits[seen]
+        penalized = torch.where(
+            values > 0, values / p.repetition_penalty, values * p.repetition_penalty
+        )
+        logits[seen] = penalized
+    if output_ids and (p.frequency_penalty or p.presence_penalty):
+        ids, counts = torch.tensor(output_ids, device=dev).unique(return_counts=True)
+        logits[ids] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty
+
+
 def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    history: list[tuple[list[int], list[int]] | None] | None = None,
 ) -> list[int]:
-    """logits (B, V) float32 -> one token id per row."""
+    """logits (B, V) float32 -> one token id per row. `history` holds each row's (prompt ids,
+    output ids so far), needed only for rows with penalties (None elsewhere)."""
+    penalized = [i for i, p in enumerate(params) if p.has_penalties]
+    if penalized:
+        logits = logits.clone()  # the caller's logits stay as the model produced them
+        for i in penalized:
+            prompt_ids, output_ids = history[i]
+            apply_penalties(logits[i], params[i], prompt_ids, output_ids)
     tokens = logits.argmax(dim=-1).tolist()
     for i, p in enumerate(params):
         if p.is_greedy:

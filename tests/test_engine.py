@@ -150,6 +150,67 @@ def test_seeded_sampling_survives_the_handoff(make_engine):
     assert first + rest == expected
 
 
+class _OpenAIPenalties:
+    """The reference: OpenAI's presence / frequency penalties as a transformers logits
+    processor, counted token by token over what generate() has produced so far."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float) -> None:
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids, scores):
+        counts: dict[int, int] = {}
+        for token in input_ids[0, self.prompt_len :].tolist():
+            counts[token] = counts.get(token, 0) + 1
+        for token, count in counts.items():
+            scores[0, token] -= self.frequency * count + self.presence
+        return scores
+
+
+def _hf_generate(hf_model, tokenizer, prompt: str, **kwargs) -> list[int]:
+    import torch
+    from transformers import LogitsProcessorList
+
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    processors = LogitsProcessorList([kwargs.pop("processor")] if "processor" in kwargs else [])
+    with torch.inference_mode():
+        out = hf_model.generate(
+            ids, max_new_tokens=N, do_sample=False, pad_token_id=tokenizer.eos_token_id,
+            logits_processor=processors, **kwargs,
+        )  # fmt: skip
+    return out[0, ids.shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("handoff", [False, True])
+def test_penalties_and_logit_bias_equal_transformers_generate(
+    make_engine, hf_model, tokenizer, reference, handoff
+):
+    prompt = PROMPTS[2]
+    n_prompt = len(tokenizer(prompt).input_ids)
+    bias_token = tokenizer(" sea").input_ids[0]
+    cases = [  # (our sampling fields, transformers' generate arguments)
+        ({"repetition_penalty": 1.3}, {"repetition_penalty": 1.3}),
+        (
+            {"presence_penalty": 0.8, "frequency_penalty": 1.5},
+            {"processor": _OpenAIPenalties(n_prompt, 0.8, 1.5)},
+        ),
+        ({"logit_bias": ((bias_token, 8.0),)}, {"sequence_bias": {(bias_token,): 8.0}}),
+    ]
+    for ours, theirs in cases:
+        params = SamplingParams(max_tokens=N, temperature=0.0, **ours)
+        expected = _hf_generate(hf_model, tokenizer, prompt, **theirs)
+        assert expected != reference[2], ours  # the field changes the greedy output
+        if not handoff:
+            [out] = make_engine().generate([prompt], params)
+            assert out.token_ids == expected, ours
+            continue
+        # the decode side penalizes the prompt and the prefill's first token too
+        prefill, decode = make_engine(), make_engine()
+        prefill.add_request("p", prompt, params, prefill_only=True)
+        first = drain(prefill)["p"][0].new_token_ids
+        assert decode.import_request(*prefill.export_kv("p"))
+        assert first + [t for o in drain(decode)["p"] for t in o.new_token_ids] == expected
+
+
 def test_stop_string_truncates_and_is_never_streamed(make_engine, reference, tokenizer):
     full = tokenizer.decode(reference[0], skip_special_tokens=True)  # " Paris.\n\nThe answer ..."
     stop = "answer"
@@ -192,6 +253,7 @@ def test_stop_token_ids_ignore_eos_and_length(make_engine, reference):
         ("hi", {"top_k": -3}, "top_k"),
         ([1, 10**9], {}, "token ids"),
         ("hi", {"max_tokens": 300}, "exceeds the context window"),
+        ("hi", {"logit_bias": ((10**6, 1.0),)}, "logit_bias keys must be token ids in"),
     ],
 )
 def test_bad_input_raises_precise_error(make_engine, prompt, params, match):

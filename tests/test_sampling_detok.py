@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from engine.detokenizer import DetokenizerState, IncrementalDetokenizer
-from engine.sampler import apply_top_k_top_p, sample
-from engine.sampling_params import SamplingParams
+from engine.sampler import apply_penalties, apply_top_k_top_p, sample
+from engine.sampling_params import InvalidRequestError, SamplingParams
 
 
 @pytest.mark.unit
@@ -41,6 +41,55 @@ def test_greedy_rows_take_argmax_regardless_of_generator():
     greedy = SamplingParams(temperature=0.0)
     top1 = SamplingParams(temperature=1.0, top_k=1)
     assert sample(logits, [greedy, top1], [None, None]) == [1, 0]
+
+
+@pytest.mark.unit
+def test_penalties_and_logit_bias_follow_their_formulas():
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0, -2.0])
+    prompt, output = [0, 1], [3, 3, 2]
+    p = SamplingParams(
+        presence_penalty=0.5,
+        frequency_penalty=0.25,
+        repetition_penalty=2.0,
+        logit_bias=((4, 10.0), (0, -1.0)),
+    )
+    row = logits.clone()
+    apply_penalties(row, p, prompt, output)
+    # bias first: token 4 -> 8.0, token 0 -> 1.0; repetition over prompt + output {0, 1, 2, 3}:
+    # positive / 2, negative * 2; then output counts {3: 2, 2: 1}: - 0.25 * count - 0.5
+    expected = [1.0 / 2, -1.0 * 2, 0.5 / 2 - 0.25 - 0.5, 3.0 / 2 - 0.5 - 0.5, 8.0]
+    torch.testing.assert_close(row, torch.tensor(expected))
+    # no output yet: presence and frequency change nothing
+    row = logits.clone()
+    apply_penalties(row, SamplingParams(presence_penalty=2, frequency_penalty=2), prompt, [])
+    assert torch.equal(row, logits)
+
+
+@pytest.mark.unit
+def test_penalties_steer_greedy_rows_and_leave_the_callers_logits_alone():
+    logits = torch.tensor([[0.0, 5.0, 4.0], [0.0, 5.0, 4.0]])
+    plain = SamplingParams(temperature=0.0)
+    repeat = SamplingParams(temperature=0.0, frequency_penalty=2.0)
+    history = [None, ([0], [1])]  # the second row has already produced token 1 once
+    assert sample(logits, [plain, repeat], [None, None], history) == [1, 2]
+    assert logits[1, 1] == 5.0
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"logit_bias": ((5, 101.0),)}, "logit_bias"),
+        ({"logit_bias": ((-1, 1.0),)}, "logit_bias"),
+    ],
+)
+def test_out_of_range_penalties_are_refused(params, param):
+    with pytest.raises(InvalidRequestError) as e:
+        SamplingParams(**params)
+    assert e.value.param == param
 
 
 @pytest.mark.model

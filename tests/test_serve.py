@@ -126,6 +126,24 @@ def test_greedy_output_is_identical_in_all_modes_and_to_the_engine(server, engin
         }
 
 
+def test_penalties_and_logit_bias_reach_the_engine_in_all_modes(
+    server, engine_alone, paged_model, tokenizer
+):
+    from engine import EngineConfig, LLMEngine, SamplingParams
+    from engine.model_runner import ModelRunner
+
+    fields = {"frequency_penalty": 1.5, "presence_penalty": 0.5, "repetition_penalty": 1.2}
+    bias = tokenizer(" Lyon").input_ids[0]
+    engine = LLMEngine(EngineConfig(), runner=ModelRunner(paged_model, 64, 16), tokenizer=tokenizer)
+    params = SamplingParams(max_tokens=8, temperature=0, logit_bias=((bias, 6.0),), **fields)
+    [expected] = engine.generate([PROMPT], params)
+    assert expected.text != engine_alone.text  # the fields change the greedy output
+    for mode in MODES:  # disaggregated: both sides apply them, across the hand-off
+        r = _complete(server, mode, prompt=PROMPT, max_tokens=8, logit_bias={bias: 6}, **fields)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == expected.text, mode
+
+
 def test_streamed_equals_non_streamed_and_ends_with_done(server, engine_alone):
     for mode in MODES:
         with _stream(
@@ -188,6 +206,14 @@ def test_official_openai_client_completions_and_chat(server):
         ({"prompt": "hi", "max_tokens": 5000, "stream": True}, 400, "KV cache"),
         ({"prompt": "hi", "max_tokens": 2000, "app": "disagg_os"}, 400, "1456 tokens"),
         ({"prompt": "hi", "model": "gpt-4"}, 404, "does not exist"),
+        ({"prompt": "hi", "frequency_penalty": 2.5}, 400, "frequency_penalty"),
+        ({"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
+        ({"prompt": "hi", "logit_bias": {"cat": 1}}, 400, "token ids"),
+        ({"prompt": "hi", "logit_bias": {"5": 500}}, 400, "[-100, 100]"),
+        ({"prompt": "hi", "logit_bias": {"999999": 1}}, 400, "token ids in [0,"),  # replicas
+        ({"prompt": "hi", "min_tokens": 4}, 400, "min_tokens is not supported"),
+        ({"prompt": "hi", "best_of": 3}, 400, "best_of"),
+        ({"prompt": "hi", "suffix": "!"}, 400, "suffix"),
     ],
 )
 def test_bad_input_gets_openai_error_and_server_keeps_serving(server, body, status, needle):
@@ -200,6 +226,35 @@ def test_bad_input_gets_openai_error_and_server_keeps_serving(server, body, stat
     assert needle in error["message"] and error["type"]
     assert error["param"]  # every one of these names the offending field
     assert _complete(server, "disagg", prompt="Hi", max_tokens=1).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "function calling"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "only text content parts",
+        ),
+    ],
+)
+def test_chat_features_we_do_not_serve_are_refused_not_ignored(server, fields, needle):
+    payload = {
+        "model": "SmolLM2-135M-Instruct",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 2,
+        **fields,
+    }
+    r = httpx.post(f"{server}/disagg/v1/chat/completions", json=payload, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert needle in error["message"] and error["param"]
+    text_parts = {"role": "user", "content": [{"type": "text", "text": "Hi"}]}
+    ok = {**payload, "messages": [text_parts], "response_format": {"type": "text"}}
+    ok.pop("tools", None), ok.pop("tool_choice", None)
+    assert httpx.post(f"{server}/disagg/v1/chat/completions", json=ok, timeout=60).is_success
 
 
 def test_malformed_json_and_unknown_route(server):

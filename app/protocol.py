@@ -45,6 +45,18 @@ def _or(value: float | None, default: float) -> float:
     return default if value is None else value
 
 
+def _refused(*fields: str, why: str = "is not supported"):
+    """A validator refusing any set value of `fields`: honouring them would change the output,
+    so they are not silently ignored."""
+
+    def check(cls, value, info):
+        if value:
+            raise ValueError(f"{info.field_name} {why}")
+        return value
+
+    return field_validator(*fields)(classmethod(check))
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -82,12 +94,7 @@ class _Sampling(BaseModel):
             raise ValueError("only best_of=1 is supported")
         return value
 
-    @field_validator("min_tokens", "min_p", "top_logprobs")
-    @classmethod
-    def _unsupported_sampling(cls, value, info):
-        if value:
-            raise ValueError(f"{info.field_name} is not supported")
-        return value
+    _unsupported_sampling = _refused("min_tokens", "min_p", "top_logprobs")
 
     @field_validator("logit_bias")
     @classmethod
@@ -141,19 +148,9 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     suffix: str | None = None
 
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value):
-        if value:
-            raise ValueError("suffix (insertion) is not supported")
-        return value
+    _no_suffix = _refused("suffix", why="(insertion) is not supported")
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("echo is not supported")
-        return value
+    _no_echo = _refused("echo")
 
     @field_validator("prompt")
     @classmethod
@@ -191,12 +188,7 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: str | dict | None = None
     response_format: dict | None = None
 
-    @field_validator("tools", "functions")
-    @classmethod
-    def _no_tools(cls, value, info):
-        if value:
-            raise ValueError(f"{info.field_name} (function calling) is not supported")
-        return value
+    _no_tools = _refused("tools", "functions", why="(function calling) is not supported")
 
     @field_validator("tool_choice")
     @classmethod

@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[])
+    gen.add_argument("--presence-penalty", type=float, default=0.0)
+    gen.add_argument("--frequency-penalty", type=float, default=0.0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
     gen.add_argument("--dtype", default="float32")
     gen.add_argument("--threads", type=int, default=None)
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
@@ -43,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
             top_k=args.top_k,
             seed=args.seed,
             stop=tuple(args.stop),
+            presence_penalty=args.presence_penalty,
+            frequency_penalty=args.frequency_penalty,
+            repetition_penalty=args.repetition_penalty,
         )
         engine = LLMEngine(
             EngineConfig(model=args.model, dtype=args.dtype, num_threads=args.threads)

@@ -35,14 +35,13 @@ def apply_penalties(
     dev = logits.device
     if p.logit_bias:
         ids = torch.tensor([t for t, _ in p.logit_bias], device=dev)
-        logits.index_add_(0, ids, torch.tensor([b for _, b in p.logit_bias], device=dev))
+        bias = torch.tensor([b for _, b in p.logit_bias], device=dev, dtype=logits.dtype)
+        logits.index_add_(0, ids, bias)
     if p.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), device=dev, dtype=torch.long)
         values = logits[seen]
-        penalized = torch.where(
-            values > 0, values / p.repetition_penalty, values * p.repetition_penalty
-        )
-        logits[seen] = penalized
+        rp = p.repetition_penalty
+        logits[seen] = torch.where(values > 0, values / rp, values * rp)
     if output_ids and (p.frequency_penalty or p.presence_penalty):
         ids, counts = torch.tensor(output_ids, device=dev).unique(return_counts=True)
         logits[ids] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty
@@ -58,6 +57,8 @@ def sample(
     output ids so far), needed only for rows with penalties (None elsewhere)."""
     penalized = [i for i, p in enumerate(params) if p.has_penalties]
     if penalized:
+        if history is None:
+            raise ValueError("rows with penalties need their (prompt ids, output ids) history")
         logits = logits.clone()  # the caller's logits stay as the model produced them
         for i in penalized:
             prompt_ids, output_ids = history[i]

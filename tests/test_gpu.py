@@ -188,13 +188,17 @@ def test_engine_on_cuda_generates_the_cpu_engines_greedy_tokens(tiny_llama_path)
 
     greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     seeded = SamplingParams(max_tokens=12, temperature=0.8, seed=7, ignore_eos=True)
+    penalized = SamplingParams(
+        max_tokens=12, temperature=0.0, ignore_eos=True, frequency_penalty=1.0,
+        repetition_penalty=1.2, logit_bias=((5, 2.0),),
+    )  # fmt: skip
     prompts = ["The capital of France is", "def add(a, b):"]
     outputs = {}
     for device in ("cpu", "cuda"):
         engine = LLMEngine(
             EngineConfig(model=str(tiny_llama_path), device=device, kv_cache_memory_mb=64)
         )
-        outputs[device] = engine.generate(prompts, greedy)
+        outputs[device] = engine.generate(prompts, greedy) + engine.generate(prompts, penalized)
         [sampled] = engine.generate(prompts[:1], seeded)  # runs: the generator stays on the CPU
         assert len(sampled.token_ids) == 12
     assert [o.token_ids for o in outputs["cuda"]] == [o.token_ids for o in outputs["cpu"]]

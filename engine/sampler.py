@@ -28,6 +28,15 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.T
     return logits
 
 
+def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """logits (V,) at their temperature -> tokens whose probability is below min_p x the top
+    token's at -inf (the top token is always kept)."""
+    if min_p <= 0.0:
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    return logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+
+
 def apply_penalties(
     logits: torch.Tensor, p: SamplingParams, prompt_ids: list[int], output_ids: list[int]
 ) -> None:
@@ -67,7 +76,9 @@ def sample(
     for i, p in enumerate(params):
         if p.is_greedy:
             continue
+        # transformers' and vLLM's order: temperature, top-k, top-p, then min-p
         row = apply_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
+        row = apply_min_p(row, p.min_p)
         # drawn on the CPU: a seeded request's generator is a CPU one, whose state travels
         # with the hand-off whatever device either replica computes on
         probs = torch.softmax(row, dim=-1).cpu()

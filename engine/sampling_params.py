@@ -20,6 +20,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 (or -1) disables top-k
+    min_p: float = 0.0  # drop tokens below min_p x the top token's probability (0 disables)
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -57,6 +58,8 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"top_k must be -1, 0 or a positive integer, got {self.top_k}", "top_k"
             )
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty", "stop")
         for name in ("presence_penalty", "frequency_penalty"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.detokenizer import DetokenizerState, IncrementalDetokenizer
-from engine.sampler import apply_penalties, apply_top_k_top_p, sample
+from engine.sampler import apply_min_p, apply_penalties, apply_top_k_top_p, sample
 from engine.sampling_params import InvalidRequestError, SamplingParams
 
 
@@ -33,6 +33,21 @@ def test_sampling_frequencies_follow_temperature_scaled_softmax():
         counts[sample(logits, [params], [g])[0]] += 1
     expected = torch.softmax(logits[0] / 0.5, dim=-1)  # (0.36, 0.09, 0.01) normalized
     torch.testing.assert_close(counts / 4000, expected, atol=0.025, rtol=0)
+
+
+@pytest.mark.unit
+def test_min_p_keeps_tokens_within_its_share_of_the_top_probability():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    kept = [torch.isfinite(apply_min_p(logits, m)).tolist() for m in (0.5, 0.11, 0.0)]
+    assert kept == [[True, True, False, False], [True, True, True, False], [True] * 4]
+    # drawn: the survivors keep their relative odds (0.6 : 0.3; 0.1 < 0.4 x 0.6 is dropped)
+    params = SamplingParams(temperature=1.0, min_p=0.4, seed=0)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(3)
+    row = torch.log(torch.tensor([[0.6, 0.3, 0.1]]))
+    for _ in range(3000):
+        counts[sample(row, [params], [g])[0]] += 1
+    torch.testing.assert_close(counts / 3000, torch.tensor([2 / 3, 1 / 3, 0.0]), atol=0.03, rtol=0)
 
 
 @pytest.mark.unit
@@ -82,6 +97,7 @@ def test_penalties_steer_greedy_rows_and_leave_the_callers_logits_alone():
         ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"frequency_penalty": -3}, "frequency_penalty"),
         ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"min_p": 1.5}, "min_p"),
         ({"logit_bias": ((5, 101.0),)}, "logit_bias"),
         ({"logit_bias": ((-1, 1.0),)}, "logit_bias"),
     ],

@@ -212,6 +212,7 @@ def test_official_openai_client_completions_and_chat(server):
         ({"prompt": "hi", "logit_bias": {"5": 500}}, 400, "[-100, 100]"),
         ({"prompt": "hi", "logit_bias": {"999999": 1}}, 400, "token ids in [0,"),  # replicas
         ({"prompt": "hi", "min_tokens": 4}, 400, "min_tokens is not supported"),
+        ({"prompt": "hi", "min_p": -0.1}, 400, "min_p"),
         ({"prompt": "hi", "best_of": 3}, 400, "best_of"),
         ({"prompt": "hi", "suffix": "!"}, 400, "suffix"),
     ],

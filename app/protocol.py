@@ -70,6 +70,7 @@ class _Sampling(BaseModel):
     top_p: float = 1.0
     top_k: int = 0
     min_p: float | None = None
+    min_tokens: int | None = None
     n: int = 1
     seed: int | None = None
     stop: str | list[str] | None = None
@@ -84,7 +85,6 @@ class _Sampling(BaseModel):
     logit_bias: dict[str, float] | None = None
     # fields that would change the output if honoured: refused rather than silently ignored
     best_of: int | None = None
-    min_tokens: int | None = None
     top_logprobs: int | None = None
 
     @field_validator("best_of")
@@ -94,7 +94,7 @@ class _Sampling(BaseModel):
             raise ValueError("only best_of=1 is supported")
         return value
 
-    _unsupported_sampling = _refused("min_tokens", "top_logprobs")
+    _unsupported_sampling = _refused("top_logprobs")
 
     @field_validator("logit_bias")
     @classmethod
@@ -127,6 +127,7 @@ class _Sampling(BaseModel):
                 top_p=self.top_p,
                 top_k=self.top_k,
                 min_p=_or(self.min_p, 0.0),
+                min_tokens=self.min_tokens or 0,
                 seed=self.seed,
                 stop=tuple(stop),
                 stop_token_ids=tuple(self.stop_token_ids or ()),

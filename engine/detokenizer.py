@@ -40,8 +40,9 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def add_token(self, all_token_ids: list[int]) -> bool:
-        """Decode the newest token into output_text; True when a stop string was found."""
+    def add_token(self, all_token_ids: list[int], may_stop: bool = True) -> bool:
+        """Decode the newest token into output_text; True when a stop string was found (never
+        while `may_stop` is False: the text is kept whole)."""
         st = self.state
         prefix = self._decode(all_token_ids[st.prefix_offset : st.read_offset])
         text = self._decode(all_token_ids[st.prefix_offset :])
@@ -51,7 +52,7 @@ class IncrementalDetokenizer:
         st.prefix_offset, st.read_offset = st.read_offset, len(all_token_ids)
         search_from = max(0, len(st.output_text) - self.holdback)
         st.output_text += new_text
-        return self._truncate_at_stop(search_from)
+        return may_stop and self._truncate_at_stop(search_from)
 
     def _truncate_at_stop(self, search_from: int) -> bool:
         text = self.state.output_text

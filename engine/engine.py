@@ -28,7 +28,7 @@ from engine.model_runner import ModelInput, ModelRunner, SeqInput
 from engine.model_store import resolve_model
 from engine.outputs import Completion, EngineStats, KVHandoff, RequestOutput, StepRecord
 from engine.request import Request, RequestStatus
-from engine.sampler import sample
+from engine.sampler import TokenHistory, sample
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 
@@ -175,7 +175,9 @@ class LLMEngine:
         tracked = [self._tracked[r.request_id] for r in sampling]
         params = [r.sampling_params for r in sampling]
         history = [
-            (r.prompt_token_ids, r.output_token_ids) if p.has_penalties else None
+            TokenHistory(r.prompt_token_ids, r.output_token_ids, r.eos_token_id)
+            if p.adjusts_logits
+            else None
             for r, p in zip(sampling, params, strict=True)
         ]
         tokens = sample(logits, params, [t.generator for t in tracked], history)
@@ -184,7 +186,10 @@ class LLMEngine:
     def _emit(self, request: Request, token: int) -> RequestOutput:
         tracked = self._tracked[request.request_id]
         prompt_and_output = request.prompt_token_ids + request.output_token_ids
-        if tracked.detokenizer.add_token(prompt_and_output) and not request.status.is_finished:
+        # stop strings count only from min_tokens on (vLLM's rule)
+        may_stop = request.num_output_tokens >= request.sampling_params.min_tokens
+        stopped = tracked.detokenizer.add_token(prompt_and_output, may_stop)
+        if stopped and not request.status.is_finished:
             self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
         finished = request.status.is_finished
         if finished:

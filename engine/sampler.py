@@ -1,16 +1,27 @@
 """Token sampling for a batch: greedy rows in one argmax, the rest row by row.
 
 Seeded requests draw from their own torch.Generator, so a seeded request samples the same tokens
-whatever else shares its batch. Rows with a logit bias or penalties are adjusted first, in
-vLLM's order: logit bias, repetition penalty, then frequency and presence penalties; all of
-them before temperature, so they steer greedy requests too.
+whatever else shares its batch. Rows with min_tokens, a logit bias or penalties are adjusted
+first, in vLLM's order: min_tokens' ban on EOS and stop tokens, logit bias, repetition penalty,
+then frequency and presence penalties; all before temperature, so they steer greedy requests too.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenHistory:
+    """A request's tokens so far, which its penalties and min_tokens look at."""
+
+    prompt_ids: list[int]
+    output_ids: list[int]
+    eos_token_id: int | None = None
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -37,11 +48,13 @@ def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
 
 
-def apply_penalties(
-    logits: torch.Tensor, p: SamplingParams, prompt_ids: list[int], output_ids: list[int]
-) -> None:
-    """Adjust one row of logits (V,) in place for `p`'s logit bias and penalties."""
+def apply_penalties(logits: torch.Tensor, p: SamplingParams, history: TokenHistory) -> None:
+    """Adjust one row of logits (V,) in place for `p`'s min_tokens, logit bias and penalties."""
     dev = logits.device
+    prompt_ids, output_ids = history.prompt_ids, history.output_ids
+    if len(output_ids) < p.min_tokens:
+        eos = [] if p.ignore_eos or history.eos_token_id is None else [history.eos_token_id]
+        logits[list(p.stop_token_ids) + eos] = float("-inf")
     if p.logit_bias:
         ids = torch.tensor([t for t, _ in p.logit_bias], device=dev)
         bias = torch.tensor([b for _, b in p.logit_bias], device=dev, dtype=logits.dtype)
@@ -60,18 +73,17 @@ def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
-    history: list[tuple[list[int], list[int]] | None] | None = None,
+    history: list[TokenHistory | None] | None = None,
 ) -> list[int]:
-    """logits (B, V) float32 -> one token id per row. `history` holds each row's (prompt ids,
-    output ids so far), needed only for rows with penalties (None elsewhere)."""
-    penalized = [i for i, p in enumerate(params) if p.has_penalties]
-    if penalized:
+    """logits (B, V) float32 -> one token id per row. `history` holds each row's tokens so
+    far, needed only for rows whose params adjust logits (None elsewhere)."""
+    adjusted = [i for i, p in enumerate(params) if p.adjusts_logits]
+    if adjusted:
         if history is None:
-            raise ValueError("rows with penalties need their (prompt ids, output ids) history")
+            raise ValueError("rows with penalties or min_tokens need their token history")
         logits = logits.clone()  # the caller's logits stay as the model produced them
-        for i in penalized:
-            prompt_ids, output_ids = history[i]
-            apply_penalties(logits[i], params[i], prompt_ids, output_ids)
+        for i in adjusted:
+            apply_penalties(logits[i], params[i], history[i])
     tokens = logits.argmax(dim=-1).tolist()
     for i, p in enumerate(params):
         if p.is_greedy:

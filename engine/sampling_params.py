@@ -31,6 +31,9 @@ class SamplingParams:
     # vLLM's / transformers': over prompt and output, positive logits / p, negative ones * p
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    # vLLM's: before this many output tokens, EOS and stop_token_ids cannot be sampled and stop
+    # strings do not end the request
+    min_tokens: int = 0
     # Strip stop strings from the output text (OpenAI does); tokens are kept either way.
     include_stop_str_in_output: bool = False
     extra: dict = field(default_factory=dict, compare=False, repr=False)
@@ -57,6 +60,12 @@ class SamplingParams:
         if not isinstance(self.top_k, int) or self.top_k < -1:
             raise InvalidRequestError(
                 f"top_k must be -1, 0 or a positive integer, got {self.top_k}", "top_k"
+            )
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
+                f"got {self.min_tokens!r}",
+                "min_tokens",
             )
         if not 0.0 <= self.min_p <= 1.0:
             raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
@@ -88,13 +97,15 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
     @property
-    def has_penalties(self) -> bool:
-        """Whether sampling must see the request's tokens so far (or its logit bias)."""
+    def adjusts_logits(self) -> bool:
+        """Whether sampling adjusts this request's logits (penalties, bias, min_tokens), and
+        so must see its tokens so far."""
         return bool(
             self.presence_penalty
             or self.frequency_penalty
             or self.repetition_penalty != 1.0
             or self.logit_bias
+            or self.min_tokens
         )
 
     @property

@@ -211,6 +211,30 @@ def test_penalties_and_logit_bias_equal_transformers_generate(
         assert first + [t for o in drain(decode)["p"] for t in o.new_token_ids] == expected
 
 
+def test_min_tokens_equals_transformers_min_new_tokens(make_engine, hf_model, tokenizer):
+    import torch
+
+    engine = make_engine()
+    chat = engine.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    natural = engine.generate([chat], SamplingParams(max_tokens=30, temperature=0))[0]
+    assert natural.token_ids[-1] == engine.eos_token_id  # it would stop by itself
+    n = len(natural.token_ids) + 4
+    params = SamplingParams(max_tokens=n + 8, temperature=0, min_tokens=n, stop=["Paris"])
+    [out] = engine.generate([chat], params)
+    with torch.inference_mode():
+        ref = hf_model.generate(
+            torch.tensor([chat]), do_sample=False, min_new_tokens=n, max_new_tokens=n + 8,
+            eos_token_id=engine.eos_token_id, pad_token_id=engine.eos_token_id,
+        )[0, len(chat) :].tolist()  # fmt: skip
+    # "Paris" came before min_tokens: the stop string did not end it, EOS could not
+    assert engine.eos_token_id not in out.token_ids[:n] and "Paris" in out.text
+    assert out.token_ids == ref[: len(out.token_ids)] and len(out.token_ids) >= n
+    # "Paris" after min_tokens: the stop string ends it as usual
+    early = SamplingParams(max_tokens=n, temperature=0, min_tokens=2, stop=["Paris"])
+    [cut] = engine.generate([chat], early)
+    assert cut.text == "The capital of France is " and cut.finish_reason == "stop"
+
+
 def test_stop_string_truncates_and_is_never_streamed(make_engine, reference, tokenizer):
     full = tokenizer.decode(reference[0], skip_special_tokens=True)  # " Paris.\n\nThe answer ..."
     stop = "answer"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.detokenizer import DetokenizerState, IncrementalDetokenizer
-from engine.sampler import apply_min_p, apply_penalties, apply_top_k_top_p, sample
+from engine.sampler import TokenHistory, apply_min_p, apply_penalties, apply_top_k_top_p, sample
 from engine.sampling_params import InvalidRequestError, SamplingParams
 
 
@@ -69,14 +69,15 @@ def test_penalties_and_logit_bias_follow_their_formulas():
         logit_bias=((4, 10.0), (0, -1.0)),
     )
     row = logits.clone()
-    apply_penalties(row, p, prompt, output)
+    apply_penalties(row, p, TokenHistory(prompt, output))
     # bias first: token 4 -> 8.0, token 0 -> 1.0; repetition over prompt + output {0, 1, 2, 3}:
     # positive / 2, negative * 2; then output counts {3: 2, 2: 1}: - 0.25 * count - 0.5
     expected = [1.0 / 2, -1.0 * 2, 0.5 / 2 - 0.25 - 0.5, 3.0 / 2 - 0.5 - 0.5, 8.0]
     torch.testing.assert_close(row, torch.tensor(expected))
     # no output yet: presence and frequency change nothing
     row = logits.clone()
-    apply_penalties(row, SamplingParams(presence_penalty=2, frequency_penalty=2), prompt, [])
+    no_output = TokenHistory(prompt, [])
+    apply_penalties(row, SamplingParams(presence_penalty=2, frequency_penalty=2), no_output)
     assert torch.equal(row, logits)
 
 
@@ -85,9 +86,22 @@ def test_penalties_steer_greedy_rows_and_leave_the_callers_logits_alone():
     logits = torch.tensor([[0.0, 5.0, 4.0], [0.0, 5.0, 4.0]])
     plain = SamplingParams(temperature=0.0)
     repeat = SamplingParams(temperature=0.0, frequency_penalty=2.0)
-    history = [None, ([0], [1])]  # the second row has already produced token 1 once
+    history = [None, TokenHistory([0], [1])]  # the second row has already produced token 1 once
     assert sample(logits, [plain, repeat], [None, None], history) == [1, 2]
     assert logits[1, 1] == 5.0
+
+
+@pytest.mark.unit
+def test_min_tokens_bans_eos_and_stop_tokens_until_reached():
+    logits = torch.tensor([[9.0, 8.0, 7.0, 1.0]])  # EOS 0, stop token 1
+    p = SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=(1,))
+    assert sample(logits, [p], [None], [TokenHistory([3], [2], eos_token_id=0)]) == [2]
+    assert sample(logits, [p], [None], [TokenHistory([3], [2, 2], eos_token_id=0)]) == [0]
+    # ignore_eos: EOS ends nothing, so it is not banned; the stop token still is
+    p = SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=(1,), ignore_eos=True)
+    assert sample(logits, [p], [None], [TokenHistory([3], [], eos_token_id=0)]) == [0]
+    logits = torch.tensor([[1.0, 8.0, 7.0, 1.0]])
+    assert sample(logits, [p], [None], [TokenHistory([3], [], eos_token_id=0)]) == [2]
 
 
 @pytest.mark.unit
@@ -98,6 +112,7 @@ def test_penalties_steer_greedy_rows_and_leave_the_callers_logits_alone():
         ({"frequency_penalty": -3}, "frequency_penalty"),
         ({"repetition_penalty": 0}, "repetition_penalty"),
         ({"min_p": 1.5}, "min_p"),
+        ({"min_tokens": 20, "max_tokens": 10}, "min_tokens"),
         ({"logit_bias": ((5, 101.0),)}, "logit_bias"),
         ({"logit_bias": ((-1, 1.0),)}, "logit_bias"),
     ],

@@ -132,7 +132,10 @@ def test_penalties_and_logit_bias_reach_the_engine_in_all_modes(
     from engine import EngineConfig, LLMEngine, SamplingParams
     from engine.model_runner import ModelRunner
 
-    fields = {"frequency_penalty": 1.5, "presence_penalty": 0.5, "repetition_penalty": 1.2}
+    fields = {
+        "frequency_penalty": 1.5, "presence_penalty": 0.5, "repetition_penalty": 1.2,
+        "min_tokens": 8,
+    }  # fmt: skip
     bias = tokenizer(" Lyon").input_ids[0]
     engine = LLMEngine(EngineConfig(), runner=ModelRunner(paged_model, 64, 16), tokenizer=tokenizer)
     params = SamplingParams(max_tokens=8, temperature=0, logit_bias=((bias, 6.0),), **fields)
@@ -211,7 +214,8 @@ def test_official_openai_client_completions_and_chat(server):
         ({"prompt": "hi", "logit_bias": {"cat": 1}}, 400, "token ids"),
         ({"prompt": "hi", "logit_bias": {"5": 500}}, 400, "[-100, 100]"),
         ({"prompt": "hi", "logit_bias": {"999999": 1}}, 400, "token ids in [0,"),  # replicas
-        ({"prompt": "hi", "min_tokens": 4}, 400, "min_tokens is not supported"),
+        ({"prompt": "hi", "min_tokens": 4, "max_tokens": 2}, 400, "min_tokens"),
+        ({"prompt": "hi", "top_logprobs": 2}, 400, "top_logprobs is not supported"),
         ({"prompt": "hi", "min_p": -0.1}, 400, "min_p"),
         ({"prompt": "hi", "best_of": 3}, 400, "best_of"),
         ({"prompt": "hi", "suffix": "!"}, 400, "suffix"),

@@ -37,7 +37,8 @@ class APIError(Exception):
 def from_validation_error(e: ValidationError) -> APIError:
     first = e.errors()[0]
     param = ".".join(str(p) for p in first["loc"]) or None
-    return APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param)
+    msg = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for our own checks
+    return APIError(400, f"{param}: {msg}" if param else msg, param)
 
 
 def _or(value: float | None, default: float) -> float:

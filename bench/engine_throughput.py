@@ -41,8 +41,12 @@ def ours_prefill_s(engine: LLMEngine, context: int) -> float:
     return median_time(run, 3)
 
 
-def ours_decode_step_s(engine: LLMEngine, batch: int, context: int, steps: int) -> float:
-    params = SamplingParams(max_tokens=steps + 3, temperature=0.0, ignore_eos=True)
+def ours_decode_step_s(
+    engine: LLMEngine, batch: int, context: int, steps: int, **sampling
+) -> float:
+    """Median decode step at `batch` requests of `context` tokens (extra SamplingParams fields
+    in `sampling`)."""
+    params = SamplingParams(max_tokens=steps + 3, temperature=0.0, ignore_eos=True, **sampling)
     for ids in prompts(batch, context, engine.runner.shape.vocab_size):
         engine.add_request(None, ids, params)
     while engine.scheduler.waiting:  # prefill everything first

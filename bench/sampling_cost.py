@@ -1,0 +1,56 @@
+"""What penalties, logit bias and min_tokens add to a decode step, measured side by side.
+
+    python -m bench.sampling_cost [--threads 2] [--context 512] [--batches 1,8,32] [--rounds 3]
+
+Each round times a plain greedy decode step, then the same batch with every request asking for
+presence, frequency and repetition penalties, a logit bias and min_tokens (the sampler adjusts
+each row's logits before the argmax); medians over rounds, and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from bench.engine_throughput import ours_decode_step_s
+from engine import EngineConfig, LLMEngine
+
+PENALIZED = {
+    "presence_penalty": 0.5,
+    "frequency_penalty": 0.5,
+    "repetition_penalty": 1.1,
+    "logit_bias": ((100, 1.0), (200, -1.0)),
+    "min_tokens": 4,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.sampling_cost")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    engine = LLMEngine(EngineConfig(num_threads=args.threads, kv_cache_memory_mb=1024))
+    times: dict[tuple[int, str], list[float]] = {}
+    for _ in range(args.rounds):
+        for batch in batches:
+            for name, fields in (("plain", {}), ("penalized", PENALIZED)):
+                step = ours_decode_step_s(engine, batch, args.context, args.steps, **fields)
+                times.setdefault((batch, name), []).append(step)
+    print(f"decode step, {args.context}-token contexts, {args.threads} threads, medians of "
+          f"{args.rounds} rounds x {args.steps} steps")  # fmt: skip
+    print("| batch | plain ms | penalized ms | ratio |\n|---|---|---|---|")
+    for batch in batches:
+        plain = statistics.median(times[batch, "plain"]) * 1e3
+        penalized = statistics.median(times[batch, "penalized"]) * 1e3
+        print(f"| {batch} | {plain:.1f} | {penalized:.1f} | {penalized / plain:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -46,12 +46,12 @@ def _or(value: float | None, default: float) -> float:
     return default if value is None else value
 
 
-def _refused(*fields: str, why: str = "is not supported"):
-    """A validator refusing any set value of `fields`: honouring them would change the output,
-    so they are not silently ignored."""
+def _refused(*fields: str, why: str = "is not supported", allowed: tuple = ()):
+    """A validator refusing any set value of `fields` but `allowed`: honouring them would change
+    the output, so they are not silently ignored."""
 
     def check(cls, value, info):
-        if value:
+        if value and value not in allowed:
             raise ValueError(f"{info.field_name} {why}")
         return value
 
@@ -88,14 +88,8 @@ class _Sampling(BaseModel):
     best_of: int | None = None
     top_logprobs: int | None = None
 
-    @field_validator("best_of")
-    @classmethod
-    def _one_candidate(cls, value):
-        if value not in (None, 1):
-            raise ValueError("only best_of=1 is supported")
-        return value
-
-    _unsupported_sampling = _refused("top_logprobs")
+    _unsupported_sampling = _refused("logprobs", "top_logprobs")
+    _one_candidate = _refused("best_of", why="is not supported above 1", allowed=(1,))
 
     @field_validator("logit_bias")
     @classmethod
@@ -110,13 +104,6 @@ class _Sampling(BaseModel):
     def _only_one_choice(cls, value: int) -> int:
         if value != 1:
             raise ValueError("only n=1 is supported")
-        return value
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value):
-        if value not in (None, False, 0):
-            raise ValueError("logprobs are not supported")
         return value
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
@@ -193,12 +180,9 @@ class ChatCompletionRequest(_Sampling):
 
     _no_tools = _refused("tools", "functions", why="(function calling) is not supported")
 
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, value):
-        if value not in (None, "none", "auto"):
-            raise ValueError("tool_choice is not supported (no tools)")
-        return value
+    _no_tool_choice = _refused(
+        "tool_choice", why="is not supported (no tools)", allowed=("none", "auto")
+    )
 
     @field_validator("response_format")
     @classmethod

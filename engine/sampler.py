@@ -60,7 +60,8 @@ def apply_penalties(logits: torch.Tensor, p: SamplingParams, history: TokenHisto
         bias = torch.tensor([b for _, b in p.logit_bias], device=dev, dtype=logits.dtype)
         logits.index_add_(0, ids, bias)
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), device=dev, dtype=torch.long)
+        # repeated ids gather and write back the same value: no set to build every step
+        seen = torch.tensor(prompt_ids + output_ids, device=dev, dtype=torch.long)
         values = logits[seen]
         rp = p.repetition_penalty
         logits[seen] = torch.where(values > 0, values / rp, values * rp)

@@ -77,7 +77,10 @@ def build_app(args: dict) -> serve.Application:
     )
     decode = serve.deployment(
         DecodeServer,
-        request_router_config=RequestRouterConfig(request_router_class=SameNodeRouter),
+        request_router_config=RequestRouterConfig(
+            request_router_class=SameNodeRouter,
+            request_router_kwargs={"same_node_wait_s": cfg.same_node_wait_s},
+        ),
         **deployment_options(cfg.decode, "DecodeServer", "decode", cfg.gpus_per_worker("decode")),
     )
     return ingress.bind(

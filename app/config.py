@@ -16,6 +16,8 @@ from engine.model_store import DEFAULT_MODEL_NAME
 from engine.parallel import ParallelLayout
 from engine.scheduler import SchedulerConfig
 
+SAME_NODE_WAIT_S = 1.0  # seconds; see app/router.py
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -150,6 +152,9 @@ class AppArgs(_Strict):
     # cuda_ipc: GPU replicas on one node (CUDA IPC through CuPy); gloo (CPU) and nccl (GPU,
     # two GPUs): the decode replica pulls the KV from the prefill replica, any placement
     kv_transport: Literal["shm", "object_store", "cuda_ipc", "gloo", "nccl"] = "shm"
+    # disaggregated: how long a prefilled request waits for a decode replica on its prefill
+    # replica's node before one on another node may take it (app/router.py)
+    same_node_wait_s: float = Field(SAME_NODE_WAIT_S, ge=0)
     ingress: IngressArgs = IngressArgs()
     prefill: PhaseArgs = PhaseArgs()
     decode: PhaseArgs = PhaseArgs()

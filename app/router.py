@@ -11,7 +11,9 @@ queue-length probes fail, and the first probe's deadline is 0.1 s. A same-node r
 busy stepping on a loaded host misses that deadline routinely, which would send the KV across
 nodes although the replica has room. Retrying the same node (Serve backs off and lengthens the
 deadline) for a bounded time keeps the hand-off local; a replica that is really full still
-releases the request to another node after the wait.
+releases the request to another node after the wait. The wait is `same_node_wait_s` of the
+app config: raise it where hosts are overloaded (probes then miss for seconds), lower it where
+the network between nodes is fast enough that crossing costs less than waiting.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
-SAME_NODE_WAIT_S = 1.0
+from app.config import SAME_NODE_WAIT_S
 
 
 def rank_by_node(
@@ -42,6 +44,12 @@ def rank_by_node(
 
 
 class SameNodeRouter(FIFOMixin, RequestRouter):
+    same_node_wait_s = SAME_NODE_WAIT_S
+
+    def initialize_state(self, same_node_wait_s: float = SAME_NODE_WAIT_S, **kwargs) -> None:
+        """Serve passes request_router_kwargs here: AppArgs.same_node_wait_s (app/builder.py)."""
+        self.same_node_wait_s = same_node_wait_s
+
     async def choose_replicas(
         self,
         candidate_replicas: list[RunningReplica],
@@ -56,4 +64,5 @@ class SameNodeRouter(FIFOMixin, RequestRouter):
             candidate_replicas,
             pending_request.kwargs.get("prefill_node_id"),
             time.time() - pending_request.created_at,
+            self.same_node_wait_s,
         )

@@ -56,9 +56,32 @@ def test_router_retries_with_backoff_and_reads_the_prefill_node():
         )
 
     fresh, old = pending(0.0), pending(5.0)
-    choose = SameNodeRouter.choose_replicas  # uses no router state
-    assert asyncio.run(choose(None, [A1, B1], fresh)) == [[B1]]
-    assert asyncio.run(choose(None, [A1, B1], old)) == [[B1], [A1]]
+    router = SimpleNamespace()  # choose_replicas reads only same_node_wait_s of the router
+    SameNodeRouter.initialize_state(router)  # Serve calls it with request_router_kwargs
+    choose = SameNodeRouter.choose_replicas
+    assert asyncio.run(choose(router, [A1, B1], fresh)) == [[B1]]
+    assert asyncio.run(choose(router, [A1, B1], old)) == [[B1], [A1]]
     # Serve's loop sleeps between retries only when the router says so
     assert fresh.routing_context.should_backoff and old.routing_context.should_backoff
-    assert asyncio.run(choose(None, [A1, B1], None)) == [[A1, B1]]
+    assert asyncio.run(choose(router, [A1, B1], None)) == [[A1, B1]]
+    # a longer configured wait keeps even the 5 s old request on its prefill's node
+    SameNodeRouter.initialize_state(router, same_node_wait_s=10.0)
+    assert asyncio.run(choose(router, [A1, B1], old)) == [[B1]]
+
+
+def test_the_configured_wait_reaches_the_decode_router():
+    from app.builder import build_app
+    from app.config import SAME_NODE_WAIT_S
+
+    def router_config(args: dict):
+        ingress = build_app(args)._bound_deployment  # Ingress.bind(plain, prefill=, decode=)
+        decode = ingress.init_kwargs["decode"]._bound_deployment
+        assert decode.name == "DecodeServer"
+        return decode._deployment_config.request_router_config
+
+    default = router_config({})
+    assert default.request_router_kwargs == {"same_node_wait_s": SAME_NODE_WAIT_S}
+    assert default.request_router_class.endswith("SameNodeRouter")
+    assert router_config({"same_node_wait_s": 4.5}).request_router_kwargs == {
+        "same_node_wait_s": 4.5
+    }

@@ -29,6 +29,9 @@ pytestmark = [pytest.mark.serve, pytest.mark.model]
 ARGS = {
     "mode": "disaggregated",
     "kv_transport": "object_store",  # works across nodes: a cross-node pair would not fail
+    # CI hosts two nodes' processes on 2 cores: a replica there can miss Serve's queue-length
+    # probes for over a second, which the default 1 s wait turns into a cross-node hand-off
+    "same_node_wait_s": 10.0,
     "prefill": _phase(
         _scaling(ttft_target_ms=1000, latency=PREFILL_LATENCY, downscale_delay_s=600),
         max_replicas_per_node=1,

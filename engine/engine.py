@@ -26,9 +26,16 @@ from engine.detokenizer import DetokenizerState, IncrementalDetokenizer
 from engine.limits import chat_token_ids, check_lengths
 from engine.model_runner import ModelInput, ModelRunner, SeqInput
 from engine.model_store import resolve_model
-from engine.outputs import Completion, EngineStats, KVHandoff, RequestOutput, StepRecord
+from engine.outputs import (
+    Completion,
+    EngineStats,
+    KVHandoff,
+    RequestOutput,
+    StepRecord,
+    TokenLogprob,
+)
 from engine.request import Request, RequestStatus
-from engine.sampler import TokenHistory, sample
+from engine.sampler import TokenHistory, sample, token_logprobs
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 
@@ -151,16 +158,17 @@ class LLMEngine:
         if sched.is_empty:
             return []
         prefills, offsets, decodes = _step_shape(sched)
-        sampled = self._execute(sched)
+        sampled, logprobs = self._execute(sched)
         outputs = []
         for request, token in self.scheduler.postprocess(sched, sampled):
             if token is not None:
-                outputs.append(self._emit(request, token))
+                outputs.append(self._emit(request, token, logprobs.get(request.request_id)))
         duration_ms = (time.perf_counter() - t0) * 1e3
         self.last_step = StepRecord(duration_ms, prefills, decodes, start_s, offsets)
         return outputs
 
-    def _execute(self, sched: SchedulerOutput) -> dict[str, int]:
+    def _execute(self, sched: SchedulerOutput) -> tuple[dict[str, int], dict[str, TokenLogprob]]:
+        """-> the sampled token and (where asked for) its logprobs, by request id."""
         seqs = [
             SeqInput(
                 s.request.token_ids(s.start, s.end),
@@ -181,9 +189,14 @@ class LLMEngine:
             for r, p in zip(sampling, params, strict=True)
         ]
         tokens = sample(logits, params, [t.generator for t in tracked], history)
-        return {r.request_id: t for r, t in zip(sampling, tokens, strict=True)}
+        logprobs = token_logprobs(logits, tokens, [p.logprobs for p in params])
+        ids = [r.request_id for r in sampling]
+        return (
+            dict(zip(ids, tokens, strict=True)),
+            {i: lp for i, lp in zip(ids, logprobs, strict=True) if lp is not None},
+        )
 
-    def _emit(self, request: Request, token: int) -> RequestOutput:
+    def _emit(self, request: Request, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         tracked = self._tracked[request.request_id]
         prompt_and_output = request.prompt_token_ids + request.output_token_ids
         # stop strings count only from min_tokens on (vLLM's rule)
@@ -203,6 +216,7 @@ class LLMEngine:
             finish_reason=request.status.value if finished else None,
             prefilled=request.status is RequestStatus.PREFILLED,
             queue_time_s=_queue_time(request) if request.num_output_tokens == 1 else None,
+            logprobs=None if logprob is None else [logprob],
         )
 
     # ---- abort, stats ------------------------------------------------------------------------
@@ -317,17 +331,26 @@ class LLMEngine:
         ids = [self.add_request(None, p, sp) for p, sp in zip(prompts, param_list, strict=True)]
         texts = {i: [] for i in ids}
         tokens = {i: [] for i in ids}
+        logprobs: dict[str, list[TokenLogprob]] = {i: [] for i in ids}
         reasons: dict[str, str] = {}
         while len(reasons) < len(ids):
             for out in self.step():
                 texts[out.request_id].append(out.new_text)
                 tokens[out.request_id].extend(out.new_token_ids)
+                logprobs[out.request_id].extend(out.logprobs or ())
                 if out.finished:
                     reasons[out.request_id] = out.finish_reason
         prompts_ids = [self.encode(p) for p in prompts]
         return [
-            Completion(i, pi, tokens[i], "".join(texts[i]), reasons[i])
-            for i, pi in zip(ids, prompts_ids, strict=True)
+            Completion(
+                i,
+                pi,
+                tokens[i],
+                "".join(texts[i]),
+                reasons[i],
+                logprobs[i] if sp.logprobs is not None else None,
+            )
+            for i, pi, sp in zip(ids, prompts_ids, param_list, strict=True)
         ]
 
 

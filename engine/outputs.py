@@ -10,6 +10,17 @@ from kernels.kv_blocks import KVLayout
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One output token's log-probability and its top alternatives, as (token id, logprob)
+    most likely first. Of the model's own distribution, before penalties, bias, temperature and
+    truncation (vLLM's default `raw_logprobs`), so it says what the model thought."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class RequestOutput:
     """What one step produced for one request (a delta, as streamed)."""
 
@@ -21,6 +32,7 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     prefilled: bool = False  # a prefill-only request now waits for export
     queue_time_s: float | None = None  # on a request's first output here: arrival -> scheduled
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked
 
     @property
     def finished(self) -> bool:
@@ -34,6 +46,7 @@ class Completion:
     token_ids: list[int]
     text: str
     finish_reason: str
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked
 
 
 @dataclass(frozen=True)

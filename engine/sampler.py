@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 
 
@@ -97,3 +98,23 @@ def sample(
         probs = torch.softmax(row, dim=-1).cpu()
         tokens[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
     return tokens
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: list[int], counts: list[int | None]
+) -> list[TokenLogprob | None]:
+    """logits (B, V) as the model produced them, the sampled token per row and how many top
+    alternatives each row asked for (None: no logprobs) -> one TokenLogprob per asking row."""
+    rows = [i for i, k in enumerate(counts) if k is not None]
+    out: list[TokenLogprob | None] = [None] * len(counts)
+    if not rows:
+        return out
+    logprobs = torch.log_softmax(logits[rows].float(), dim=-1)  # only the rows that asked
+    chosen = logprobs.gather(1, torch.tensor([[tokens[i]] for i in rows], device=logits.device))
+    k = max(counts[i] for i in rows)
+    values, ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0])
+    chosen, values, ids = chosen.cpu().tolist(), values.cpu().tolist(), ids.cpu().tolist()
+    for j, i in enumerate(rows):
+        top = tuple(zip(map(int, ids[j][: counts[i]]), values[j][: counts[i]], strict=True))
+        out[i] = TokenLogprob(tokens[i], chosen[j][0], top)
+    return out

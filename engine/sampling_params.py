@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MAX_LOGPROBS = 20  # alternatives per token, OpenAI's top_logprobs limit
+
 
 class InvalidRequestError(ValueError):
     """A request the engine refuses; the message names the offending field, `param` too."""
@@ -34,6 +36,9 @@ class SamplingParams:
     # vLLM's: before this many output tokens, EOS and stop_token_ids cannot be sampled and stop
     # strings do not end the request
     min_tokens: int = 0
+    # None: no log-probabilities; k >= 0: each output token's log-probability and the k most
+    # likely tokens' (of the model's own distribution: before penalties and temperature)
+    logprobs: int | None = None
     # Strip stop strings from the output text (OpenAI does); tokens are kept either way.
     include_stop_str_in_output: bool = False
     extra: dict = field(default_factory=dict, compare=False, repr=False)
@@ -79,6 +84,13 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"repetition_penalty must be > 0, got {self.repetition_penalty}",
                 "repetition_penalty",
+            )
+        if self.logprobs is not None and (
+            not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise InvalidRequestError(
+                f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}",
+                "logprobs",
             )
         for token, bias in self.logit_bias:
             if not isinstance(token, int) or token < 0:

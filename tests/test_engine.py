@@ -235,6 +235,55 @@ def test_min_tokens_equals_transformers_min_new_tokens(make_engine, hf_model, to
     assert cut.text == "The capital of France is " and cut.finish_reason == "stop"
 
 
+def _hf_logprobs(hf_model, prompt_ids: list[int], output_ids: list[int]):
+    """transformers' log-softmax over the vocabulary at each output position: (T, V)."""
+    import torch
+
+    with torch.inference_mode():
+        logits = hf_model(torch.tensor([prompt_ids + output_ids])).logits[0].float()
+    return torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
+
+
+@pytest.mark.parametrize("handoff", [False, True])
+def test_logprobs_equal_transformers_log_softmax(make_engine, hf_model, tokenizer, handoff):
+    """The sampled token's logprob and the top-k of the model's own distribution: sampling
+    with temperature, top-k and a penalty does not change them (vLLM's raw logprobs)."""
+    prompt_ids = tokenizer(PROMPTS[2]).input_ids
+    params = SamplingParams(
+        max_tokens=N, temperature=0.9, top_k=30, seed=7, repetition_penalty=1.2, logprobs=5
+    )
+    if handoff:  # the first token's from the prefill side, the rest from the decode side
+        prefill, decode = make_engine(), make_engine()
+        prefill.add_request("p", prompt_ids, params, prefill_only=True)
+        outputs = drain(prefill)["p"]
+        assert decode.import_request(*prefill.export_kv("p"))
+        outputs += drain(decode)["p"]
+        tokens = [t for o in outputs for t in o.new_token_ids]
+        logprobs = [lp for o in outputs for lp in o.logprobs]
+    else:
+        # batched with a request that asks for none: each row keeps its own logprobs
+        plain = SamplingParams(max_tokens=N + 3, temperature=0.0)
+        none, out = make_engine().generate([PROMPTS[0], prompt_ids], [plain, params])
+        assert none.logprobs is None
+        tokens, logprobs = out.token_ids, out.logprobs
+    want = _hf_logprobs(hf_model, prompt_ids, tokens)
+    assert [lp.token_id for lp in logprobs] == tokens and len(tokens) == N
+    for t, (lp, row) in enumerate(zip(logprobs, want, strict=True)):
+        assert lp.logprob == pytest.approx(row[tokens[t]].item(), abs=2e-4), t
+        values, ids = row.topk(5)
+        assert [i for i, _ in lp.top] == ids.tolist(), t
+        assert [v for _, v in lp.top] == pytest.approx(values.tolist(), abs=2e-4), t
+    # sampled, not greedy: some token is not the most likely one, and still has its logprob
+    assert any(lp.token_id != lp.top[0][0] for lp in logprobs)
+
+
+def test_logprobs_zero_gives_the_sampled_token_alone(make_engine):
+    params = SamplingParams(max_tokens=3, temperature=0.0, logprobs=0)
+    [out] = make_engine().generate([PROMPTS[0]], params)
+    assert [lp.top for lp in out.logprobs] == [()] * 3
+    assert all(lp.logprob <= 0.0 for lp in out.logprobs)
+
+
 def test_stop_string_truncates_and_is_never_streamed(make_engine, reference, tokenizer):
     full = tokenizer.decode(reference[0], skip_special_tokens=True)  # " Paris.\n\nThe answer ..."
     stop = "answer"
@@ -278,6 +327,8 @@ def test_stop_token_ids_ignore_eos_and_length(make_engine, reference):
         ([1, 10**9], {}, "token ids"),
         ("hi", {"max_tokens": 300}, "exceeds the context window"),
         ("hi", {"logit_bias": ((10**6, 1.0),)}, "logit_bias keys must be token ids in"),
+        ("hi", {"logprobs": 21}, r"logprobs must be an integer in \[0, 20\]"),
+        ("hi", {"logprobs": -1}, "logprobs"),
     ],
 )
 def test_bad_input_raises_precise_error(make_engine, prompt, params, match):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -9,7 +10,14 @@ import pytest
 import torch
 
 from engine.detokenizer import DetokenizerState, IncrementalDetokenizer
-from engine.sampler import TokenHistory, apply_min_p, apply_penalties, apply_top_k_top_p, sample
+from engine.sampler import (
+    TokenHistory,
+    apply_min_p,
+    apply_penalties,
+    apply_top_k_top_p,
+    sample,
+    token_logprobs,
+)
 from engine.sampling_params import InvalidRequestError, SamplingParams
 
 
@@ -105,6 +113,19 @@ def test_min_tokens_bans_eos_and_stop_tokens_until_reached():
 
 
 @pytest.mark.unit
+def test_token_logprobs_are_the_log_of_the_softmax_probabilities():
+    probs = torch.tensor([[0.5, 0.25, 0.125, 0.125], [0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1]])
+    logits = probs.log() + torch.tensor([[3.0], [-1.0], [0.5]])  # a row's shift cancels out
+    out = token_logprobs(logits, [2, 0, 1], [2, None, 0])
+    assert out[1] is None  # the row that did not ask
+    first, last = out[0], out[2]
+    assert first.token_id == 2 and first.logprob == pytest.approx(math.log(0.125))
+    assert [i for i, _ in first.top] == [0, 1]
+    assert [v for _, v in first.top] == pytest.approx([math.log(0.5), math.log(0.25)])
+    assert last.token_id == 1 and last.logprob == pytest.approx(math.log(0.1)) and last.top == ()
+    assert token_logprobs(logits, [0, 0, 0], [None] * 3) == [None] * 3
+
+
 @pytest.mark.parametrize(
     ("params", "param"),
     [

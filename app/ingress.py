@@ -19,8 +19,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from app.config import AppArgs
+from app.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from app.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
-from engine import InvalidRequestError, RequestOutput, SamplingParams
+from engine import InvalidRequestError, RequestOutput, SamplingParams, TokenLogprob
 from engine.limits import chat_token_ids, check_lengths
 from engine.model_store import resolve_model
 
@@ -34,6 +35,7 @@ class Ingress:
         self.args = AppArgs.model_validate(args)
         path = resolve_model(self.args.model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.token_texts = TokenTexts(self.tokenizer)
         window = AutoConfig.from_pretrained(path).get_text_config().max_position_embeddings
         self.max_model_len = min(self.args.max_model_len or window, window)
         self.prefill, self.decode, self.colocated = prefill, decode, colocated
@@ -127,7 +129,8 @@ class Ingress:
         # error a replica raises (e.g. beyond its KV cache) still becomes an HTTP status.
         outputs = await _primed(self._outputs(request_id, ids, params))
         fmt = _ChatFormat if chat else _CompletionFormat
-        view = fmt(request_id, self.args.served_model_name, len(ids))
+        texts = None if params.logprobs is None else self.token_texts
+        view = fmt(request_id, self.args.served_model_name, len(ids), texts)
         if req.stream:
             return StreamingResponse(
                 self._sse(view, outputs, req.include_usage), media_type="text/event-stream"
@@ -216,15 +219,36 @@ async def _primed(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[Reques
 class _CompletionFormat:
     object_name = "text_completion"
 
-    def __init__(self, request_id: str, model: str, num_prompt_tokens: int) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        num_prompt_tokens: int,
+        token_texts: TokenTexts | None = None,  # None: the request asked for no logprobs
+    ) -> None:
         self.id, self.model, self.created = request_id, model, int(time.time())
         self.num_prompt_tokens, self.num_output_tokens = num_prompt_tokens, 0
         self.text, self.finish_reason = [], None
+        self.token_texts = token_texts
+        self.logprobs: list[TokenLogprob] = []
+        self.streamed_tokens_len = 0  # the next chunk's first text_offset
 
     def add(self, out: RequestOutput) -> None:
         self.text.append(out.new_text)
+        self.logprobs.extend(out.logprobs or ())
         self.num_output_tokens = out.num_output_tokens
         self.finish_reason = out.finish_reason or self.finish_reason
+
+    def _logprobs(self, entries: list[TokenLogprob], offset: int = 0) -> dict | None:
+        if self.token_texts is None:
+            return None
+        return completion_logprobs(entries, self.token_texts, offset)
+
+    def _chunk_logprobs(self, out: RequestOutput) -> dict | None:
+        logprobs = self._logprobs(out.logprobs or [], self.streamed_tokens_len)
+        if logprobs is not None:
+            self.streamed_tokens_len += sum(len(t) for t in logprobs["tokens"])
+        return logprobs
 
     def _envelope(self, choices: list[dict], object_name: str | None = None) -> dict:
         return {
@@ -245,8 +269,9 @@ class _CompletionFormat:
 
     def chunk(self, out: RequestOutput) -> dict:
         reason = _openai_reason(out.finish_reason)
+        logprobs = self._chunk_logprobs(out)
         return self._envelope(
-            [{"index": 0, "text": out.new_text, "logprobs": None, "finish_reason": reason}]
+            [{"index": 0, "text": out.new_text, "logprobs": logprobs, "finish_reason": reason}]
         )
 
     def usage_chunk(self) -> dict:
@@ -256,7 +281,7 @@ class _CompletionFormat:
         choice = {
             "index": 0,
             "text": "".join(self.text),
-            "logprobs": None,
+            "logprobs": self._logprobs(self.logprobs),
             "finish_reason": _openai_reason(self.finish_reason),
         }
         return {**self._envelope([choice]), "usage": self.usage}
@@ -264,6 +289,12 @@ class _CompletionFormat:
 
 class _ChatFormat(_CompletionFormat):
     object_name = "chat.completion.chunk"
+
+    def _logprobs(self, entries: list[TokenLogprob], offset: int = 0) -> dict | None:
+        return None if self.token_texts is None else chat_logprobs(entries, self.token_texts)
+
+    def _chunk_logprobs(self, out: RequestOutput) -> dict | None:
+        return self._logprobs(out.logprobs or [])
 
     def chunk(self, out: RequestOutput) -> dict:
         delta = {"content": out.new_text}
@@ -274,7 +305,7 @@ class _ChatFormat(_CompletionFormat):
                 {
                     "index": 0,
                     "delta": delta,
-                    "logprobs": None,
+                    "logprobs": self._chunk_logprobs(out),
                     "finish_reason": _openai_reason(out.finish_reason),
                 }
             ]
@@ -285,7 +316,7 @@ class _ChatFormat(_CompletionFormat):
         choice = {
             "index": 0,
             "message": message,
-            "logprobs": None,
+            "logprobs": self._logprobs(self.logprobs),
             "finish_reason": _openai_reason(self.finish_reason),
         }
         return {**self._envelope([choice], "chat.completion"), "usage": self.usage}

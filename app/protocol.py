@@ -5,10 +5,17 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 from starlette.responses import JSONResponse
 
 from engine import InvalidRequestError, SamplingParams
+from engine.sampling_params import MAX_LOGPROBS
 
 
 class APIError(Exception):
@@ -79,16 +86,13 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: int | bool | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     # fields that would change the output if honoured: refused rather than silently ignored
     best_of: int | None = None
-    top_logprobs: int | None = None
 
-    _unsupported_sampling = _refused("logprobs", "top_logprobs")
     _one_candidate = _refused("best_of", why="is not supported above 1", allowed=(1,))
 
     @field_validator("logit_bias")
@@ -124,9 +128,15 @@ class _Sampling(BaseModel):
                 frequency_penalty=_or(self.frequency_penalty, 0.0),
                 repetition_penalty=_or(self.repetition_penalty, 1.0),
                 logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
+                logprobs=self.num_logprobs,
             )
         except InvalidRequestError as e:
             raise APIError(400, str(e), e.param) from e
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Alternatives per token to return with each token's logprob; None: no logprobs."""
+        raise NotImplementedError
 
     @property
     def include_usage(self) -> bool:
@@ -135,6 +145,8 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str]
+    # the sampled token's logprob and this many alternatives' (OpenAI allows 5, vLLM 20)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
 
@@ -150,6 +162,10 @@ class CompletionRequest(_Sampling):
                 raise ValueError("one prompt per request is supported")
             return value[0]
         return value
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
@@ -173,6 +189,8 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list | None = None
     functions: list | None = None
     tool_choice: str | dict | None = None
@@ -191,6 +209,17 @@ class ChatCompletionRequest(_Sampling):
             kind = value.get("type")
             raise ValueError(f"only response_format type 'text' is supported, got {kind!r}")
         return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value, info):
+        if value and not info.data.get("logprobs"):
+            raise ValueError("requires logprobs: true")
+        return value
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def parse(body: bytes, cls: type[_Sampling]) -> _Sampling:

@@ -166,6 +166,53 @@ def test_streamed_equals_non_streamed_and_ends_with_done(server, engine_alone):
         assert chunks[-1]["usage"]["completion_tokens"] == len(engine_alone.token_ids)
 
 
+def test_logprobs_in_all_modes_equal_the_engine_alone(server, paged_model, tokenizer):
+    from engine import EngineConfig, LLMEngine, SamplingParams
+    from engine.model_runner import ModelRunner
+
+    engine = LLMEngine(EngineConfig(), runner=ModelRunner(paged_model, 64, 16), tokenizer=tokenizer)
+    [want] = engine.generate([PROMPT], SamplingParams(max_tokens=6, temperature=0, logprobs=3))
+    texts = [tokenizer.decode([t]) for t in want.token_ids]
+    for mode in MODES:  # disaggregated: the first token's from prefill, the rest from decode
+        r = _complete(server, mode, prompt=PROMPT, max_tokens=6, logprobs=3)
+        assert r.status_code == 200, r.text
+        got = r.json()["choices"][0]["logprobs"]
+        assert got["tokens"] == texts, mode
+        assert got["token_logprobs"] == pytest.approx([e.logprob for e in want.logprobs], abs=1e-3)
+        for top, e in zip(got["top_logprobs"], want.logprobs, strict=True):
+            assert list(top) == [tokenizer.decode([i]) for i, _ in e.top]  # greedy: in the top
+            assert list(top.values()) == pytest.approx([lp for _, lp in e.top], abs=1e-3)
+        assert got["text_offset"] == [sum(map(len, texts[:i])) for i in range(len(texts))]
+    # streamed: each chunk carries its own tokens' logprobs, offsets continuing
+    with _stream(server, "disagg", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3) as r:
+        lines = [x for x in r.iter_lines() if x]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(x.removeprefix("data: ")) for x in lines[:-1]]
+    streamed = [c["choices"][0]["logprobs"] for c in chunks]
+    assert sum((lp["tokens"] for lp in streamed), []) == got["tokens"]
+    assert sum((lp["text_offset"] for lp in streamed), []) == got["text_offset"]
+    # without the field, none
+    assert (
+        _complete(server, "disagg", prompt=PROMPT, max_tokens=2).json()["choices"][0]["logprobs"]
+        is None
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [({"top_logprobs": 2}, "requires logprobs"), ({"logprobs": True, "top_logprobs": 21}, "20")],
+)
+def test_chat_top_logprobs_out_of_range_or_without_logprobs_is_refused(server, fields, needle):
+    payload = {
+        "model": "SmolLM2-135M-Instruct",
+        "messages": [{"role": "user", "content": "Hi"}],
+        **fields,
+    }
+    r = httpx.post(f"{server}/disagg/v1/chat/completions", json=payload, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs", r.text
+    assert needle in r.json()["error"]["message"]
+
+
 def test_official_openai_client_completions_and_chat(server):
     import openai
 
@@ -192,6 +239,41 @@ def test_official_openai_client_completions_and_chat(server):
     )
     comp = client.completions.create(model=model.id, prompt=PROMPT, max_tokens=3, temperature=0)
     assert comp.choices[0].text == " Paris.\n"
+    # logprobs through the client's own types: completions' lists and chat's token objects
+    comp = client.completions.create(
+        model=model.id, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2
+    )
+    assert "".join(comp.choices[0].logprobs.tokens) == " Paris.\n"
+    assert all(len(top) == 2 for top in comp.choices[0].logprobs.top_logprobs)
+    chat = client.chat.completions.create(
+        model=model.id,
+        temperature=0,
+        max_tokens=20,
+        logprobs=True,
+        top_logprobs=2,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+    )
+    content = chat.choices[0].logprobs.content
+    # the last token is the end-of-turn token: in the logprobs, not in the message
+    assert "".join(t.token for t in content) == "The capital of France is Paris.<|im_end|>"
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token for t in content)
+    assert bytes(content[0].bytes).decode() == content[0].token
+    stream = client.chat.completions.create(
+        model=model.id,
+        temperature=0,
+        max_tokens=20,
+        logprobs=True,
+        stream=True,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+    )
+    streamed = [
+        t
+        for c in stream
+        if c.choices and c.choices[0].logprobs
+        for t in c.choices[0].logprobs.content
+    ]
+    assert [t.token for t in streamed] == [t.token for t in content]
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content], abs=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -215,7 +297,8 @@ def test_official_openai_client_completions_and_chat(server):
         ({"prompt": "hi", "logit_bias": {"5": 500}}, 400, "[-100, 100]"),
         ({"prompt": "hi", "logit_bias": {"999999": 1}}, 400, "token ids in [0,"),  # replicas
         ({"prompt": "hi", "min_tokens": 4, "max_tokens": 2}, 400, "min_tokens"),
-        ({"prompt": "hi", "top_logprobs": 2}, 400, "top_logprobs is not supported"),
+        ({"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+        ({"prompt": "hi", "logprobs": 2, "echo": True}, 400, "echo"),
         ({"prompt": "hi", "min_p": -0.1}, 400, "min_p"),
         ({"prompt": "hi", "best_of": 3}, 400, "best_of"),
         ({"prompt": "hi", "suffix": "!"}, 400, "suffix"),

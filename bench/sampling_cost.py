@@ -1,10 +1,12 @@
-"""What penalties, logit bias and min_tokens add to a decode step, measured side by side.
+"""What penalties, logit bias, min_tokens and logprobs add to a decode step, side by side.
 
     python -m bench.sampling_cost [--threads 2] [--context 512] [--batches 1,8,32] [--rounds 3]
 
 Each round times a plain greedy decode step, then the same batch with every request asking for
 presence, frequency and repetition penalties, a logit bias and min_tokens (the sampler adjusts
-each row's logits before the argmax); medians over rounds, and their ratio.
+each row's logits before the argmax), then with every request asking for logprobs with 5
+alternatives (a log-softmax and a top-k over the vocabulary per row); medians over rounds, and
+their ratios to plain.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ PENALIZED = {
     "logit_bias": ((100, 1.0), (200, -1.0)),
     "min_tokens": 4,
 }
+VARIANTS = {"plain": {}, "penalized": PENALIZED, "logprobs": {"logprobs": 5}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,16 +43,21 @@ def main(argv: list[str] | None = None) -> None:
     times: dict[tuple[int, str], list[float]] = {}
     for _ in range(args.rounds):
         for batch in batches:
-            for name, fields in (("plain", {}), ("penalized", PENALIZED)):
+            for name, fields in VARIANTS.items():
                 step = ours_decode_step_s(engine, batch, args.context, args.steps, **fields)
                 times.setdefault((batch, name), []).append(step)
     print(f"decode step, {args.context}-token contexts, {args.threads} threads, medians of "
           f"{args.rounds} rounds x {args.steps} steps")  # fmt: skip
-    print("| batch | plain ms | penalized ms | ratio |\n|---|---|---|---|")
+    others = [n for n in VARIANTS if n != "plain"]
+    print("| batch | plain ms | " + " | ".join(f"{n} ms | ratio" for n in others) + " |")
+    print("|---" * (2 + 2 * len(others)) + "|")
     for batch in batches:
         plain = statistics.median(times[batch, "plain"]) * 1e3
-        penalized = statistics.median(times[batch, "penalized"]) * 1e3
-        print(f"| {batch} | {plain:.1f} | {penalized:.1f} | {penalized / plain:.3f} |")
+        cells = [f"{batch}", f"{plain:.1f}"]
+        for name in others:
+            ms = statistics.median(times[batch, name]) * 1e3
+            cells += [f"{ms:.1f}", f"{ms / plain:.3f}"]
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -190,7 +190,7 @@ def test_engine_on_cuda_generates_the_cpu_engines_greedy_tokens(tiny_llama_path)
     seeded = SamplingParams(max_tokens=12, temperature=0.8, seed=7, ignore_eos=True)
     penalized = SamplingParams(
         max_tokens=12, temperature=0.0, ignore_eos=True, frequency_penalty=1.0,
-        repetition_penalty=1.2, logit_bias=((5, 2.0),),
+        repetition_penalty=1.2, logit_bias=((5, 2.0),), logprobs=3,
     )  # fmt: skip
     prompts = ["The capital of France is", "def add(a, b):"]
     outputs = {}
@@ -202,3 +202,9 @@ def test_engine_on_cuda_generates_the_cpu_engines_greedy_tokens(tiny_llama_path)
         [sampled] = engine.generate(prompts[:1], seeded)  # runs: the generator stays on the CPU
         assert len(sampled.token_ids) == 12
     assert [o.token_ids for o in outputs["cuda"]] == [o.token_ids for o in outputs["cpu"]]
+    # logprobs computed on the GPU agree with the CPU's (the penalized requests asked for 3)
+    for gpu, cpu in zip(outputs["cuda"][2:], outputs["cpu"][2:], strict=True):
+        assert [e.token_id for e in gpu.logprobs] == cpu.token_ids
+        for g, c in zip(gpu.logprobs, cpu.logprobs, strict=True):
+            assert g.logprob == pytest.approx(c.logprob, abs=1e-3)
+            assert [i for i, _ in g.top] == [i for i, _ in c.top]

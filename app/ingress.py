@@ -8,24 +8,29 @@ which aborts the request on whichever replica holds it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from app.config import AppArgs
-from app.logprobs import TokenTexts, chat_logprobs, completion_logprobs
+from app.formats import ChatFormat, CompletionFormat
+from app.logprobs import TokenTexts
 from app.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
-from engine import InvalidRequestError, RequestOutput, SamplingParams, TokenLogprob
+from engine import InvalidRequestError, RequestOutput, SamplingParams
 from engine.limits import chat_token_ids, check_lengths
 from engine.model_store import resolve_model
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Ingress:
@@ -118,32 +123,47 @@ class Ingress:
 
     async def _generate(self, body: bytes, chat: bool) -> Response:
         req, ids, params = self._prepare(body, chat, await self._capacity())
-        if self.num_in_flight >= self.args.ingress.max_queued_requests:
+        self._admit(req.n)
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        # one engine request per choice; the first output (a prefill) is awaited before any
+        # response is started, so an error a replica raises (e.g. beyond its KV cache) still
+        # becomes an HTTP status
+        streams = [
+            self._outputs(f"{request_id}-{i}" if req.n > 1 else request_id, ids, choice)
+            for i, choice in enumerate(_choice_params(params, req.n))
+        ]
+        outputs = await _primed(_merged(streams))
+        fmt = ChatFormat if chat else CompletionFormat
+        texts = None if params.logprobs is None else self.token_texts
+        view = fmt(request_id, self.args.served_model_name, len(ids), req.n, texts)
+        if req.stream:
+            return StreamingResponse(
+                self._sse(view, outputs, req.include_usage), media_type="text/event-stream"
+            )
+        async with contextlib.aclosing(outputs):
+            async for index, out in outputs:
+                view.add(index, out)
+        return JSONResponse(view.final())
+
+    def _admit(self, n: int) -> None:
+        """Bounded queue: refuse what would put more than max_queued_requests in flight."""
+        limit = self.args.ingress.max_queued_requests
+        if n > limit:
+            raise APIError(
+                400, f"n={n} is more than the {limit} requests this server holds in flight", "n"
+            )
+        if self.num_in_flight + n > limit:
             raise APIError(
                 503,
                 "server overloaded: too many requests in flight, retry later",
                 kind="overloaded_error",
             )
-        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        # The first output (the prefill) is awaited before any response is started, so an
-        # error a replica raises (e.g. beyond its KV cache) still becomes an HTTP status.
-        outputs = await _primed(self._outputs(request_id, ids, params))
-        fmt = _ChatFormat if chat else _CompletionFormat
-        texts = None if params.logprobs is None else self.token_texts
-        view = fmt(request_id, self.args.served_model_name, len(ids), texts)
-        if req.stream:
-            return StreamingResponse(
-                self._sse(view, outputs, req.include_usage), media_type="text/event-stream"
-            )
-        async for out in outputs:
-            view.add(out)
-        return JSONResponse(view.final())
 
-    async def _sse(self, view, outputs: AsyncIterator[RequestOutput], usage: bool):
+    async def _sse(self, view, outputs: AsyncIterator[tuple[int, RequestOutput]], usage: bool):
         async with contextlib.aclosing(outputs):
-            async for out in outputs:
-                view.add(out)
-                yield f"data: {json.dumps(view.chunk(out))}\n\n"
+            async for index, out in outputs:
+                view.add(index, out)
+                yield f"data: {json.dumps(view.chunk(index, out))}\n\n"
         if usage:
             yield f"data: {json.dumps(view.usage_chunk())}\n\n"
         yield "data: [DONE]\n\n"
@@ -203,11 +223,15 @@ class _Clock:
         return out
 
 
-async def _primed(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+async def _primed(outputs: AsyncIterator[T]) -> AsyncIterator[T]:
     """Pull the first item now (raising its error here); -> an iterator over all items."""
-    first = await anext(outputs)
+    try:
+        first = await anext(outputs)
+    except BaseException:
+        await outputs.aclose()  # n > 1: the other choices' requests are aborted too
+        raise
 
-    async def chained() -> AsyncIterator[RequestOutput]:
+    async def chained() -> AsyncIterator[T]:
         async with contextlib.aclosing(outputs):  # closing this closes the request's stream
             yield first
             async for out in outputs:
@@ -216,111 +240,47 @@ async def _primed(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[Reques
     return chained()
 
 
-class _CompletionFormat:
-    object_name = "text_completion"
-
-    def __init__(
-        self,
-        request_id: str,
-        model: str,
-        num_prompt_tokens: int,
-        token_texts: TokenTexts | None = None,  # None: the request asked for no logprobs
-    ) -> None:
-        self.id, self.model, self.created = request_id, model, int(time.time())
-        self.num_prompt_tokens, self.num_output_tokens = num_prompt_tokens, 0
-        self.text, self.finish_reason = [], None
-        self.token_texts = token_texts
-        self.logprobs: list[TokenLogprob] = []
-        self.streamed_tokens_len = 0  # the next chunk's first text_offset
-
-    def add(self, out: RequestOutput) -> None:
-        self.text.append(out.new_text)
-        self.logprobs.extend(out.logprobs or ())
-        self.num_output_tokens = out.num_output_tokens
-        self.finish_reason = out.finish_reason or self.finish_reason
-
-    def _logprobs(self, entries: list[TokenLogprob], offset: int = 0) -> dict | None:
-        if self.token_texts is None:
-            return None
-        return completion_logprobs(entries, self.token_texts, offset)
-
-    def _chunk_logprobs(self, out: RequestOutput) -> dict | None:
-        logprobs = self._logprobs(out.logprobs or [], self.streamed_tokens_len)
-        if logprobs is not None:
-            self.streamed_tokens_len += sum(len(t) for t in logprobs["tokens"])
-        return logprobs
-
-    def _envelope(self, choices: list[dict], object_name: str | None = None) -> dict:
-        return {
-            "id": self.id,
-            "object": object_name or self.object_name,
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        }
-
-    @property
-    def usage(self) -> dict:
-        return {
-            "prompt_tokens": self.num_prompt_tokens,
-            "completion_tokens": self.num_output_tokens,
-            "total_tokens": self.num_prompt_tokens + self.num_output_tokens,
-        }
-
-    def chunk(self, out: RequestOutput) -> dict:
-        reason = _openai_reason(out.finish_reason)
-        logprobs = self._chunk_logprobs(out)
-        return self._envelope(
-            [{"index": 0, "text": out.new_text, "logprobs": logprobs, "finish_reason": reason}]
-        )
-
-    def usage_chunk(self) -> dict:
-        return {**self._envelope([]), "usage": self.usage}
-
-    def final(self) -> dict:
-        choice = {
-            "index": 0,
-            "text": "".join(self.text),
-            "logprobs": self._logprobs(self.logprobs),
-            "finish_reason": _openai_reason(self.finish_reason),
-        }
-        return {**self._envelope([choice]), "usage": self.usage}
+def _choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """A seeded request's choice i draws from seed + i: the choices differ, and repeat."""
+    if params.seed is None:
+        return [params] * n
+    return [dataclasses.replace(params, seed=params.seed + i) for i in range(n)]
 
 
-class _ChatFormat(_CompletionFormat):
-    object_name = "chat.completion.chunk"
+async def _merged(
+    streams: list[AsyncIterator[RequestOutput]],
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """The choices' outputs as they come, as (choice index, output). Closing this, or a choice
+    failing, closes every choice's stream, which aborts the requests still running."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]) as only:
+            async for out in only:
+                yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
 
-    def _logprobs(self, entries: list[TokenLogprob], offset: int = 0) -> dict | None:
-        return None if self.token_texts is None else chat_logprobs(entries, self.token_texts)
+    async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((index, out, None))
+            queue.put_nowait((index, None, None))
+        except Exception as e:  # re-raised by the consumer below
+            queue.put_nowait((index, None, e))
 
-    def _chunk_logprobs(self, out: RequestOutput) -> dict | None:
-        return self._logprobs(out.logprobs or [])
-
-    def chunk(self, out: RequestOutput) -> dict:
-        delta = {"content": out.new_text}
-        if self.num_output_tokens == out.num_output_tokens and len(self.text) == 1:
-            delta["role"] = "assistant"  # the first chunk names the role
-        return self._envelope(
-            [
-                {
-                    "index": 0,
-                    "delta": delta,
-                    "logprobs": self._chunk_logprobs(out),
-                    "finish_reason": _openai_reason(out.finish_reason),
-                }
-            ]
-        )
-
-    def final(self) -> dict:
-        message = {"role": "assistant", "content": "".join(self.text)}
-        choice = {
-            "index": 0,
-            "message": message,
-            "logprobs": self._logprobs(self.logprobs),
-            "finish_reason": _openai_reason(self.finish_reason),
-        }
-        return {**self._envelope([choice], "chat.completion"), "usage": self.usage}
-
-
-def _openai_reason(reason: str | None) -> str | None:
-    return None if reason is None else {"abort": "stop"}.get(reason, reason)
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, out, error = await queue.get()
+            if error is not None:
+                raise error
+            if out is None:
+                running -= 1
+            else:
+                yield index, out
+    finally:
+        for task in tasks:
+            task.cancel()  # a stream cancelled mid-iteration runs its own clean-up
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()

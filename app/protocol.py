@@ -17,6 +17,8 @@ from starlette.responses import JSONResponse
 from engine import InvalidRequestError, SamplingParams
 from engine.sampling_params import MAX_LOGPROBS
 
+MAX_CHOICES = 128  # OpenAI's limit on n
+
 
 class APIError(Exception):
     def __init__(
@@ -79,7 +81,7 @@ class _Sampling(BaseModel):
     top_k: int = 0
     min_p: float | None = None
     min_tokens: int | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices, each its own request to the replicas
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -101,13 +103,6 @@ class _Sampling(BaseModel):
         for key in value or {}:
             if not key.lstrip("-").isdigit():
                 raise ValueError(f"keys must be token ids, got {key!r}")
-        return value
-
-    @field_validator("n")
-    @classmethod
-    def _only_one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError("only n=1 is supported")
         return value
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:

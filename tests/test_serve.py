@@ -213,6 +213,41 @@ def test_chat_top_logprobs_out_of_range_or_without_logprobs_is_refused(server, f
     assert needle in r.json()["error"]["message"]
 
 
+def test_n_choices_in_all_modes(server, engine_alone):
+    n_out = len(engine_alone.token_ids)
+    for mode in MODES:  # greedy: every choice is the engine's output
+        r = _complete(server, mode, prompt=PROMPT, max_tokens=8, n=3)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+        assert [c["text"] for c in body["choices"]] == [engine_alone.text] * 3, mode
+        assert body["usage"] == {
+            "prompt_tokens": 5, "completion_tokens": 3 * n_out, "total_tokens": 5 + 3 * n_out
+        }  # fmt: skip
+    # seeded: choice i draws from seed + i, so the choices differ and a repeat gives them again
+    sampled = {
+        "prompt": PROMPT, "max_tokens": 12, "temperature": 1.0, "seed": 11, "n": 2,
+        "ignore_eos": True,
+    }  # fmt: skip
+    texts = [c["text"] for c in _complete(server, "disagg", **sampled).json()["choices"]]
+    assert texts[0] != texts[1]
+    assert [c["text"] for c in _complete(server, "disagg", **sampled).json()["choices"]] == texts
+    single = _complete(server, "disagg", **{**sampled, "n": 1, "seed": 12}).json()
+    assert single["choices"][0]["text"] == texts[1]
+    # streamed: chunks of both choices, tagged by index; each choice ends once
+    with _stream(server, "disagg", **sampled, stream_options={"include_usage": True}) as r:
+        lines = [x for x in r.iter_lines() if x]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(x.removeprefix("data: ")) for x in lines[:-1]]
+    streamed, ends = ["", ""], [0, 0]
+    for c in chunks[:-1]:
+        [choice] = c["choices"]
+        streamed[choice["index"]] += choice["text"]
+        ends[choice["index"]] += choice["finish_reason"] is not None
+    assert streamed == texts and ends == [1, 1]
+    assert chunks[-1]["usage"]["completion_tokens"] == 24
+
+
 def test_official_openai_client_completions_and_chat(server):
     import openai
 
@@ -241,10 +276,12 @@ def test_official_openai_client_completions_and_chat(server):
     assert comp.choices[0].text == " Paris.\n"
     # logprobs through the client's own types: completions' lists and chat's token objects
     comp = client.completions.create(
-        model=model.id, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2
+        model=model.id, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2, n=2
     )
-    assert "".join(comp.choices[0].logprobs.tokens) == " Paris.\n"
-    assert all(len(top) == 2 for top in comp.choices[0].logprobs.top_logprobs)
+    assert [c.index for c in comp.choices] == [0, 1] and comp.usage.completion_tokens == 6
+    for choice in comp.choices:
+        assert "".join(choice.logprobs.tokens) == choice.text == " Paris.\n"
+        assert all(len(top) == 2 for top in choice.logprobs.top_logprobs)
     chat = client.chat.completions.create(
         model=model.id,
         temperature=0,
@@ -286,7 +323,8 @@ def test_official_openai_client_completions_and_chat(server):
         ({"max_tokens": 4}, 400, "prompt"),
         ({"prompt": "hi " * 9000}, 400, "context window"),
         ({"prompt": "hi", "max_tokens": 9000}, 400, "context window"),
-        ({"prompt": "hi", "n": 2}, 400, "n"),
+        ({"prompt": "hi", "n": 0}, 400, "n"),
+        ({"prompt": "hi", "n": 129}, 400, "n"),
         ({"prompt": "hi", "max_tokens": 5000}, 400, "KV cache"),  # checked by the replicas
         ({"prompt": "hi", "max_tokens": 5000, "stream": True}, 400, "KV cache"),
         ({"prompt": "hi", "max_tokens": 2000, "app": "disagg_os"}, 400, "1456 tokens"),
@@ -365,17 +403,21 @@ def _replica_stats(app: str) -> list[dict]:
 
 def test_client_disconnect_mid_stream_frees_all_blocks(server):
     # 1400 tokens take over a minute here: blocks freed within seconds can only come from the
-    # abort (1400: within disagg_os's smaller decode cache)
-    for mode in ("disagg", "disagg_os", "disagg_gloo", "coloc"):
+    # abort (1400: within disagg_os's smaller decode cache); n=3: every choice's request
+    for mode, n in (("disagg", 1), ("disagg_os", 1), ("disagg_gloo", 1), ("coloc", 1),
+                    ("disagg", 3)):  # fmt: skip
         with _stream(
-            server, mode, prompt="Count to one thousand:", max_tokens=1400, ignore_eos=True
+            server, mode, prompt="Count to one thousand:", max_tokens=1400, ignore_eos=True, n=n
         ) as r:
             assert r.status_code == 200
-            for i, _ in enumerate(r.iter_lines()):
-                if i == 6:
-                    busy = _replica_stats(mode)  # still reading: the request is live
+            seen = [0] * n
+            for line in r.iter_lines():
+                if line:
+                    seen[json.loads(line.removeprefix("data: "))["choices"][0]["index"]] += 1
+                if min(seen) >= 2:  # every choice is past its first token: decoding
+                    busy = _replica_stats(mode)  # still reading: the requests are live
                     break  # leaving the iterator closes the stream: the client is gone
-        assert any(s["num_running"] == 1 for s in busy), busy
+        assert sum(s["num_running"] for s in busy) == n, busy
         deadline = time.monotonic() + 15
         while True:
             stats = _replica_stats(mode)

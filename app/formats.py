@@ -1,0 +1,147 @@
+"""OpenAI response bodies for one request with n choices: streamed chunks, the final body, usage.
+
+A request's choices run as separate engine requests; their outputs arrive interleaved, each
+tagged with its choice's index, and each choice keeps its own text, logprobs and finish reason.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from app.logprobs import TokenTexts, chat_logprobs, completion_logprobs
+from engine import RequestOutput, TokenLogprob
+
+
+@dataclass
+class _Choice:
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_output_tokens: int = 0
+    finish_reason: str | None = None
+    streamed_tokens_len: int = 0  # the next chunk's first text_offset (completions)
+
+    def add(self, out: RequestOutput) -> None:
+        self.text.append(out.new_text)
+        self.logprobs.extend(out.logprobs or ())
+        self.num_output_tokens = out.num_output_tokens
+        self.finish_reason = out.finish_reason or self.finish_reason
+
+
+class CompletionFormat:
+    object_name = "text_completion"
+
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        num_prompt_tokens: int,
+        n: int = 1,
+        token_texts: TokenTexts | None = None,  # None: the request asked for no logprobs
+    ) -> None:
+        self.id, self.model, self.created = request_id, model, int(time.time())
+        self.num_prompt_tokens = num_prompt_tokens
+        self.choices = [_Choice() for _ in range(n)]
+        self.token_texts = token_texts
+
+    def add(self, index: int, out: RequestOutput) -> None:
+        self.choices[index].add(out)
+
+    def _logprobs(self, entries: list[TokenLogprob], offset: int = 0) -> dict | None:
+        if self.token_texts is None:
+            return None
+        return completion_logprobs(entries, self.token_texts, offset)
+
+    def _chunk_logprobs(self, choice: _Choice, out: RequestOutput) -> dict | None:
+        logprobs = self._logprobs(out.logprobs or [], choice.streamed_tokens_len)
+        if logprobs is not None:
+            choice.streamed_tokens_len += sum(len(t) for t in logprobs["tokens"])
+        return logprobs
+
+    def _envelope(self, choices: list[dict], object_name: str | None = None) -> dict:
+        return {
+            "id": self.id,
+            "object": object_name or self.object_name,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+    @property
+    def usage(self) -> dict:
+        completion = sum(c.num_output_tokens for c in self.choices)  # the prompt counts once
+        return {
+            "prompt_tokens": self.num_prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.num_prompt_tokens + completion,
+        }
+
+    def chunk(self, index: int, out: RequestOutput) -> dict:
+        """The SSE chunk of an output already add()ed."""
+        return self._envelope(
+            [
+                {
+                    "index": index,
+                    "text": out.new_text,
+                    "logprobs": self._chunk_logprobs(self.choices[index], out),
+                    "finish_reason": openai_reason(out.finish_reason),
+                }
+            ]
+        )
+
+    def usage_chunk(self) -> dict:
+        return {**self._envelope([]), "usage": self.usage}
+
+    def final(self) -> dict:
+        choices = [
+            {
+                "index": i,
+                "text": "".join(c.text),
+                "logprobs": self._logprobs(c.logprobs),
+                "finish_reason": openai_reason(c.finish_reason),
+            }
+            for i, c in enumerate(self.choices)
+        ]
+        return {**self._envelope(choices), "usage": self.usage}
+
+
+class ChatFormat(CompletionFormat):
+    object_name = "chat.completion.chunk"
+
+    def _logprobs(self, entries: list[TokenLogprob], offset: int = 0) -> dict | None:
+        return None if self.token_texts is None else chat_logprobs(entries, self.token_texts)
+
+    def _chunk_logprobs(self, choice: _Choice, out: RequestOutput) -> dict | None:
+        return self._logprobs(out.logprobs or [])
+
+    def chunk(self, index: int, out: RequestOutput) -> dict:
+        choice = self.choices[index]
+        delta = {"content": out.new_text}
+        if len(choice.text) == 1:
+            delta["role"] = "assistant"  # a choice's first chunk names the role
+        return self._envelope(
+            [
+                {
+                    "index": index,
+                    "delta": delta,
+                    "logprobs": self._chunk_logprobs(choice, out),
+                    "finish_reason": openai_reason(out.finish_reason),
+                }
+            ]
+        )
+
+    def final(self) -> dict:
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": "".join(c.text)},
+                "logprobs": self._logprobs(c.logprobs),
+                "finish_reason": openai_reason(c.finish_reason),
+            }
+            for i, c in enumerate(self.choices)
+        ]
+        return {**self._envelope(choices, "chat.completion"), "usage": self.usage}
+
+
+def openai_reason(reason: str | None) -> str | None:
+    return None if reason is None else {"abort": "stop"}.get(reason, reason)

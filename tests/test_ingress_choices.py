@@ -1,0 +1,101 @@
+"""The ingress's handling of n choices, without Ray: the bounded queue's check, the choices'
+seeds, and the merge of their output streams (stand-in streams; no model)."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from app.config import AppArgs
+from app.ingress import Ingress, _choice_params, _merged, _primed
+from app.protocol import APIError
+from engine import SamplingParams
+
+pytestmark = pytest.mark.unit
+
+
+def _ingress(in_flight: int, limit: int = 4) -> SimpleNamespace:
+    args = AppArgs.model_validate({"ingress": {"max_queued_requests": limit}})
+    return SimpleNamespace(args=args, num_in_flight=in_flight)
+
+
+def test_admit_refuses_n_beyond_the_queue_and_overload():
+    Ingress._admit(_ingress(0), 4)  # exactly the limit fits
+    with pytest.raises(APIError) as e:
+        Ingress._admit(_ingress(0), 5)
+    assert (e.value.status, e.value.param) == (400, "n")
+    with pytest.raises(APIError) as e:
+        Ingress._admit(_ingress(2), 3)
+    assert e.value.status == 503 and e.value.kind == "overloaded_error"
+
+
+def test_seeded_choices_draw_from_consecutive_seeds():
+    seeded = SamplingParams(temperature=1.0, seed=5)
+    assert [p.seed for p in _choice_params(seeded, 3)] == [5, 6, 7]
+    unseeded = SamplingParams(temperature=1.0)
+    assert _choice_params(unseeded, 2) == [unseeded, unseeded]
+
+
+class _Stream:
+    """An async generator stand-in that records whether it was closed before its end."""
+
+    def __init__(self, items: list, delay: float = 0.0, fail: Exception | None = None):
+        self.items, self.delay, self.fail = items, delay, fail
+        self.closed_early = False
+
+    async def run(self):
+        try:
+            for item in self.items:
+                await asyncio.sleep(self.delay)
+                yield item
+            if self.fail is not None:
+                raise self.fail
+        except (GeneratorExit, asyncio.CancelledError):
+            self.closed_early = True
+            raise
+
+
+def _collect(streams: list[_Stream], take: int | None = None) -> list:
+    async def go():
+        merged = await _primed(_merged([s.run() for s in streams]))
+        got = []
+        async for item in merged:
+            got.append(item)
+            if take is not None and len(got) == take:
+                await merged.aclose()  # the client went away
+                break
+        return got
+
+    return asyncio.run(go())
+
+
+def test_merged_tags_each_output_with_its_choice_and_keeps_each_choice_in_order():
+    a, b = _Stream(["a1", "a2", "a3"], 0.01), _Stream(["b1", "b2"], 0.015)
+    got = _collect([a, b])
+    assert sorted(got) == [(0, "a1"), (0, "a2"), (0, "a3"), (1, "b1"), (1, "b2")]
+    assert [o for i, o in got if i == 0] == ["a1", "a2", "a3"]
+    assert [o for i, o in got if i == 1] == ["b1", "b2"]
+    assert {i for i, _ in got[:2]} == {0, 1}  # interleaved as they come, not one after another
+    assert not a.closed_early and not b.closed_early
+
+
+def test_one_choice_failing_fails_the_request_and_closes_the_others():
+    slow = _Stream(["s1", "s2", "s3", "s4"], 0.05)
+    failing = _Stream(["f1"], 0.01, fail=APIError(503, "replica died"))
+    with pytest.raises(APIError, match="replica died"):
+        _collect([slow, failing])
+    assert slow.closed_early  # its request is aborted, not left running
+
+
+def test_closing_the_merged_stream_closes_every_choice():
+    a, b = _Stream(["a"] * 50, 0.01), _Stream(["b"] * 50, 0.01)
+    assert len(_collect([a, b], take=3)) == 3
+    assert a.closed_early and b.closed_early
+
+
+def test_a_single_choice_is_passed_through_and_closed_with_the_request():
+    only = _Stream(["x"] * 10)
+    assert _collect([only], take=2) == [(0, "x"), (0, "x")]
+    assert only.closed_early

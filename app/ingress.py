@@ -28,6 +28,7 @@ from app.protocol import APIError, ChatCompletionRequest, CompletionRequest, par
 from engine import InvalidRequestError, RequestOutput, SamplingParams
 from engine.limits import chat_token_ids, check_lengths
 from engine.model_store import resolve_model
+from engine.sampling_params import SEED_RANGE
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -241,10 +242,13 @@ async def _primed(outputs: AsyncIterator[T]) -> AsyncIterator[T]:
 
 
 def _choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
-    """A seeded request's choice i draws from seed + i: the choices differ, and repeat."""
+    """A seeded request's choice i draws from seed + i (mod 2**64 past the top of the seed
+    range): the choices differ, and repeat."""
     if params.seed is None:
         return [params] * n
-    return [dataclasses.replace(params, seed=params.seed + i) for i in range(n)]
+    top = SEED_RANGE[1] + 1
+    seeds = [params.seed] + [(params.seed + i) % top for i in range(1, n)]
+    return [dataclasses.replace(params, seed=seed) for seed in seeds]
 
 
 async def _merged(

@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20  # alternatives per token, OpenAI's top_logprobs limit
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 class InvalidRequestError(ValueError):
@@ -71,6 +72,12 @@ class SamplingParams:
                 f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
                 f"got {self.min_tokens!r}",
                 "min_tokens",
+            )
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]
+        ):
+            raise InvalidRequestError(
+                f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}", "seed"
             )
         if not 0.0 <= self.min_p <= 1.0:
             raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}", "min_p")

@@ -329,6 +329,8 @@ def test_stop_token_ids_ignore_eos_and_length(make_engine, reference):
         ("hi", {"logit_bias": ((10**6, 1.0),)}, "logit_bias keys must be token ids in"),
         ("hi", {"logprobs": 21}, r"logprobs must be an integer in \[0, 20\]"),
         ("hi", {"logprobs": -1}, "logprobs"),
+        ("hi", {"seed": 2**64}, "seed must be an integer in"),
+        ("hi", {"seed": -(2**63) - 1}, "seed"),
     ],
 )
 def test_bad_input_raises_precise_error(make_engine, prompt, params, match):

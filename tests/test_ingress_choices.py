@@ -34,6 +34,8 @@ def test_admit_refuses_n_beyond_the_queue_and_overload():
 def test_seeded_choices_draw_from_consecutive_seeds():
     seeded = SamplingParams(temperature=1.0, seed=5)
     assert [p.seed for p in _choice_params(seeded, 3)] == [5, 6, 7]
+    top = SamplingParams(temperature=1.0, seed=2**64 - 2)  # past the range's top: wraps
+    assert [p.seed for p in _choice_params(top, 3)] == [2**64 - 2, 2**64 - 1, 0]
     unseeded = SamplingParams(temperature=1.0)
     assert _choice_params(unseeded, 2) == [unseeded, unseeded]
 

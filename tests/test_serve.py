@@ -325,6 +325,7 @@ def test_official_openai_client_completions_and_chat(server):
         ({"prompt": "hi", "max_tokens": 9000}, 400, "context window"),
         ({"prompt": "hi", "n": 0}, 400, "n"),
         ({"prompt": "hi", "n": 129}, 400, "n"),
+        ({"prompt": "hi", "seed": 2**64}, 400, "seed"),
         ({"prompt": "hi", "max_tokens": 5000}, 400, "KV cache"),  # checked by the replicas
         ({"prompt": "hi", "max_tokens": 5000, "stream": True}, 400, "KV cache"),
         ({"prompt": "hi", "max_tokens": 2000, "app": "disagg_os"}, 400, "1456 tokens"),

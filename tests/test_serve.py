@@ -405,8 +405,7 @@ def _replica_stats(app: str) -> list[dict]:
 def test_client_disconnect_mid_stream_frees_all_blocks(server):
     # 1400 tokens take over a minute here: blocks freed within seconds can only come from the
     # abort (1400: within disagg_os's smaller decode cache); n=3: every choice's request
-    for mode, n in (("disagg", 1), ("disagg_os", 1), ("disagg_gloo", 1), ("coloc", 1),
-                    ("disagg", 3)):  # fmt: skip
+    for mode, n in (("disagg", 3), ("disagg_os", 1), ("disagg_gloo", 1), ("coloc", 1)):
         with _stream(
             server, mode, prompt="Count to one thousand:", max_tokens=1400, ignore_eos=True, n=n
         ) as r:

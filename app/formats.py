@@ -38,11 +38,13 @@ class CompletionFormat:
         num_prompt_tokens: int,
         n: int = 1,
         token_texts: TokenTexts | None = None,  # None: the request asked for no logprobs
+        echo: str = "",  # completions' echo: the prompt's text, before each choice's
     ) -> None:
         self.id, self.model, self.created = request_id, model, int(time.time())
         self.num_prompt_tokens = num_prompt_tokens
         self.choices = [_Choice() for _ in range(n)]
         self.token_texts = token_texts
+        self.echo = echo
 
     def add(self, index: int, out: RequestOutput) -> None:
         self.choices[index].add(out)
@@ -78,11 +80,12 @@ class CompletionFormat:
 
     def chunk(self, index: int, out: RequestOutput) -> dict:
         """The SSE chunk of an output already add()ed."""
+        first = len(self.choices[index].text) == 1
         return self._envelope(
             [
                 {
                     "index": index,
-                    "text": out.new_text,
+                    "text": self.echo + out.new_text if first else out.new_text,
                     "logprobs": self._chunk_logprobs(self.choices[index], out),
                     "finish_reason": openai_reason(out.finish_reason),
                 }
@@ -96,7 +99,7 @@ class CompletionFormat:
         choices = [
             {
                 "index": i,
-                "text": "".join(c.text),
+                "text": self.echo + "".join(c.text),
                 "logprobs": self._logprobs(c.logprobs),
                 "finish_reason": openai_reason(c.finish_reason),
             }

@@ -136,7 +136,8 @@ class Ingress:
         outputs = await _primed(_merged(streams))
         fmt = ChatFormat if chat else CompletionFormat
         texts = None if params.logprobs is None else self.token_texts
-        view = fmt(request_id, self.args.served_model_name, len(ids), req.n, texts)
+        echo = self._echo(req, ids)
+        view = fmt(request_id, self.args.served_model_name, len(ids), req.n, texts, echo)
         if req.stream:
             return StreamingResponse(
                 self._sse(view, outputs, req.include_usage), media_type="text/event-stream"
@@ -145,6 +146,12 @@ class Ingress:
             async for index, out in outputs:
                 view.add(index, out)
         return JSONResponse(view.final())
+
+    def _echo(self, req, ids: list[int]) -> str:
+        """Completions' echo: the prompt as sent, or the text of its token ids."""
+        if not getattr(req, "echo", False):
+            return ""
+        return req.prompt if isinstance(req.prompt, str) else self.tokenizer.decode(ids)
 
     def _admit(self, n: int) -> None:
         """Bounded queue: refuse what would put more than max_queued_requests in flight."""

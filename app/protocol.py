@@ -147,7 +147,14 @@ class CompletionRequest(_Sampling):
 
     _no_suffix = _refused("suffix", why="(insertion) is not supported")
 
-    _no_echo = _refused("echo")
+    @field_validator("echo")
+    @classmethod
+    def _echo_without_logprobs(cls, value, info):
+        if value and info.data.get("logprobs") is not None:
+            raise ValueError(
+                "with logprobs is not supported (the prompt's logprobs are not served)"
+            )
+        return value
 
     @field_validator("prompt")
     @classmethod

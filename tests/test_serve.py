@@ -248,6 +248,20 @@ def test_n_choices_in_all_modes(server, engine_alone):
     assert chunks[-1]["usage"]["completion_tokens"] == 24
 
 
+def test_echo_prepends_the_prompt_to_every_choice(server, engine_alone, tokenizer):
+    r = _complete(server, "disagg", prompt=PROMPT, max_tokens=8, echo=True, n=2)
+    assert r.status_code == 200, r.text
+    assert [c["text"] for c in r.json()["choices"]] == [PROMPT + engine_alone.text] * 2
+    assert r.json()["usage"]["completion_tokens"] == 2 * len(engine_alone.token_ids)
+    ids = tokenizer(PROMPT).input_ids  # token ids: their text is echoed
+    r = _complete(server, "coloc", prompt=ids, max_tokens=8, echo=True)
+    assert r.json()["choices"][0]["text"] == tokenizer.decode(ids) + engine_alone.text
+    with _stream(server, "disagg", prompt=PROMPT, max_tokens=8, temperature=0, echo=True) as r:
+        lines = [x for x in r.iter_lines() if x][:-1]
+    texts = [json.loads(x.removeprefix("data: "))["choices"][0]["text"] for x in lines]
+    assert texts[0].startswith(PROMPT) and "".join(texts) == PROMPT + engine_alone.text
+
+
 def test_official_openai_client_completions_and_chat(server):
     import openai
 

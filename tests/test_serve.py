@@ -69,8 +69,12 @@ def server(tmp_path_factory):
     )
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    for name, mode in MODES.items():
-        serve.run(build_app(_args(mode)), name=name, route_prefix=f"/{name}", blocking=False)
+    # One call for all five, not waiting per app: serve.run waits for its app to be RUNNING
+    # even with blocking=False, which would start the apps one after another.
+    targets = [
+        serve.RunTarget(build_app(_args(m)), name=n, route_prefix=f"/{n}") for n, m in MODES.items()
+    ]
+    serve.run_many(targets, wait_for_applications_running=False)
     deadline = time.monotonic() + 300
     for name in MODES:
         while serve.status().applications[name].status != "RUNNING":

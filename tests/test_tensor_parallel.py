@@ -64,6 +64,22 @@ def reference(single):
     return [c.token_ids for c in single.generate(PROMPTS, GREEDY)]
 
 
+# One tp=2 and one pp=2 replica for the tests that leave them idle with every block free (each
+# asserts it): starting a worker group costs seconds of imports per worker on 2 cores.
+@pytest.fixture(scope="module")
+def tp2(cluster, tiny_llama_path):
+    engine = make(tiny_llama_path, tp=2)
+    yield engine
+    close(engine)
+
+
+@pytest.fixture(scope="module")
+def pp2(cluster, tiny_llama_path):
+    engine = make(tiny_llama_path, pp=2)
+    yield engine
+    close(engine)
+
+
 def _batch() -> ModelInput:  # two prefills and a continuation in one flattened step
     return ModelInput(
         [
@@ -73,18 +89,22 @@ def _batch() -> ModelInput:  # two prefills and a continuation in one flattened 
     )
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
-def test_parallel_replica_matches_one_worker(tp, pp, single, reference, tiny_llama_path):
-    engine = make(tiny_llama_path, tp, pp)
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2pp2"])
+def test_parallel_replica_matches_one_worker(layout, request, single, reference, tiny_llama_path):
+    shared = layout in ("tp2", "pp2")
+    engine = request.getfixturevalue(layout) if shared else make(tiny_llama_path, 2, 2)
     try:
         assert engine.runner.num_kv_blocks == 64
         assert [c.token_ids for c in engine.generate(PROMPTS, GREEDY)] == reference
-        # the logits themselves, not only their argmax, on a fresh pair of caches
+        assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+        # the logits themselves, not only their argmax; the step writes the KV of its blocks
+        # before reading them, so what earlier requests left in the caches does not matter
         got = engine.runner.execute(_batch())
         want = single.runner.execute(_batch())
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     finally:
-        close(engine)
+        if not shared:
+            close(engine)
 
 
 def _handoff(prefill: LLMEngine, decode: LLMEngine, prompt: str, channel: KVChannel):
@@ -104,43 +124,30 @@ def _handoff(prefill: LLMEngine, decode: LLMEngine, prompt: str, channel: KVChan
     return first.new_token_ids + rest, pieces
 
 
-def test_handoff_tp2_prefill_to_pp2_decode(cluster, single, reference, tiny_llama_path):
-    prefill, decode = make(tiny_llama_path, tp=2), make(tiny_llama_path, pp=2)
-    try:
-        for prompt, want in zip(PROMPTS, reference, strict=True):
-            tokens, pieces = _handoff(prefill, decode, prompt, KVChannel("shm", cluster))
-            assert tokens == want
-        # each prefill rank sends only its KV heads, cut by decode stage: half the cache each
-        n_blocks = pieces[0].transfer.shape[2]
-        cache = single.runner.kv_cache[:, :, :n_blocks]
-        whole = cache.numel() * cache.element_size()
-        sent = total_bytes(pieces)
-        assert len(pieces) == 4 and sent == {0: whole // 2, 1: whole // 2}
-    finally:
-        close(prefill)
-        close(decode)
+def test_handoff_tp2_prefill_to_pp2_decode(cluster, single, reference, tp2, pp2):
+    for prompt, want in zip(PROMPTS, reference, strict=True):
+        tokens, pieces = _handoff(tp2, pp2, prompt, KVChannel("shm", cluster))
+        assert tokens == want
+    # each prefill rank sends only its KV heads, cut by decode stage: half the cache each
+    n_blocks = pieces[0].transfer.shape[2]
+    cache = single.runner.kv_cache[:, :, :n_blocks]
+    whole = cache.numel() * cache.element_size()
+    sent = total_bytes(pieces)
+    assert len(pieces) == 4 and sent == {0: whole // 2, 1: whole // 2}
 
 
-def test_handoff_single_prefill_to_tp2_decode(cluster, single, reference, tiny_llama_path):
-    decode = make(tiny_llama_path, tp=2)
+def test_handoff_single_prefill_to_tp2_decode(cluster, single, reference, tp2):
     channel = KVChannel("shm", cluster)
-    try:
-        for prompt, want in zip(PROMPTS, reference, strict=True):
-            tokens, pieces = _handoff(single, decode, prompt, channel)
-            assert tokens == want
-            assert sorted(p.spec.dst_rank for p in pieces) == [0, 1]
-    finally:
-        close(decode)
+    for prompt, want in zip(PROMPTS, reference, strict=True):
+        tokens, pieces = _handoff(single, tp2, prompt, channel)
+        assert tokens == want
+        assert sorted(p.spec.dst_rank for p in pieces) == [0, 1]
 
 
-def test_tp2_prefill_to_single_decode(cluster, single, reference, tiny_llama_path):
-    prefill = make(tiny_llama_path, tp=2)
-    try:
-        tokens, pieces = _handoff(prefill, single, PROMPTS[0], KVChannel("shm", cluster))
-        assert tokens == reference[0]
-        assert sorted(p.spec.src_rank for p in pieces) == [0, 1]
-    finally:
-        close(prefill)
+def test_tp2_prefill_to_single_decode(cluster, single, reference, tp2):
+    tokens, pieces = _handoff(tp2, single, PROMPTS[0], KVChannel("shm", cluster))
+    assert tokens == reference[0]
+    assert sorted(p.spec.src_rank for p in pieces) == [0, 1]
 
 
 def test_a_dead_worker_fails_requests_and_the_replica(cluster, tiny_llama_path):

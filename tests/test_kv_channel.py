@@ -31,32 +31,51 @@ def cluster(tmp_path_factory):
 
 @ray.remote(num_cpus=0)
 class _Sender:
-    def __init__(self, dtype: str, transport: str) -> None:
+    """A cache of each dtype in another process, sending over one channel."""
+
+    def __init__(self, transport: str) -> None:
         g = torch.Generator().manual_seed(0)
-        self.cache = torch.randn(*SHAPE, generator=g).to(getattr(torch, dtype))
+        cache = torch.randn(*SHAPE, generator=g)
+        self.caches = {d: cache.to(getattr(torch, d)) for d in ("float32", "bfloat16")}
         self.channel = KVChannel(transport)
 
-    def send(self, blocks: list[int], via: str = "send"):
+    def send(self, blocks: list[int], via: str = "send", dtype: str = "float32"):
         if via == "send_blocks":  # packed straight into the transport
-            return self.channel.send_blocks(self.cache, blocks)
-        return self.channel.send(pack_blocks(self.cache, blocks))
+            return self.channel.send_blocks(self.caches[dtype], blocks)
+        return self.channel.send(pack_blocks(self.caches[dtype], blocks))
 
-    def blocks(self, blocks: list[int]) -> torch.Tensor:
-        return self.cache[:, :, blocks].clone()
+    def blocks(self, blocks: list[int], dtype: str = "float32") -> torch.Tensor:
+        return self.caches[dtype][:, :, blocks].clone()
 
     async def num_kept(self) -> int:
         return await self.channel.num_kept()
 
 
+@pytest.fixture(scope="module")
+def pairs(cluster):
+    """transport -> (sender actor, receiving channel), made on first use and shared by the
+    bit-exact cases: each actor is a process that imports torch (seconds on 2 cores)."""
+    made: dict[str, tuple] = {}
+
+    def pair(transport: str) -> tuple:
+        if transport not in made:
+            made[transport] = (_Sender.remote(transport), KVChannel(transport))
+        return made[transport]
+
+    yield pair
+    for sender, receiver in made.values():
+        receiver.close()
+        ray.kill(sender)
+
+
 @pytest.mark.parametrize("via", ["send", "send_blocks"])
 @pytest.mark.parametrize("transport", ["shm", "object_store", "gloo"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_blocks_arrive_bit_exact_in_other_slots(cluster, dtype, transport, via):
-    sender = _Sender.remote(dtype, transport)
-    receiver = KVChannel(transport)
+def test_blocks_arrive_bit_exact_in_other_slots(pairs, dtype, transport, via):
+    sender, receiver = pairs(transport)
     src, dst = [7, 2, 5], [4, 0, 1]  # scattered blocks, in request order
     for _ in range(3):  # segments are reused after release
-        transfer = ray.get(sender.send.remote(src, via))
+        transfer = ray.get(sender.send.remote(src, via, dtype))
         assert transfer.transport == transport
         elem = 4 if dtype == "float32" else 2
         assert (
@@ -65,7 +84,7 @@ def test_blocks_arrive_bit_exact_in_other_slots(cluster, dtype, transport, via):
         cache = torch.zeros(3, 2, 6, 4, 2, 8, dtype=getattr(torch, dtype))
         unpack_blocks(cache, dst, receiver.open(transfer))
         receiver.finish(transfer)
-        assert torch.equal(cache[:, :, dst], ray.get(sender.blocks.remote(src)))
+        assert torch.equal(cache[:, :, dst], ray.get(sender.blocks.remote(src, dtype)))
         assert not cache[:, :, [2, 3, 5]].any()  # untouched blocks stay untouched
 
 
@@ -104,7 +123,7 @@ def _wait_for_kept(keeper, n: int) -> None:
 
 
 def test_object_store_transfers_are_kept_until_finished_or_discarded(cluster):
-    sender = _Sender.remote("float32", "object_store")
+    sender = _Sender.remote("object_store")
     receiver = KVChannel("object_store")
     first, second = ray.get([sender.send.remote([1, 2]), sender.send.remote([3])])
     keeper = first.payload[1]
@@ -125,7 +144,7 @@ def _wait_for_staged(sender, n: int) -> None:
 
 
 def test_gloo_transfers_are_pulled_once_and_dropped_on_discard(cluster):
-    sender = _Sender.remote("float32", "gloo")
+    sender = _Sender.remote("gloo")
     receiver = KVChannel("gloo")
     first, second, third = ray.get([sender.send.remote([1, 2], "send_blocks") for _ in range(3)])
     assert first.payload[0].address == second.payload[0].address  # one sender per channel
@@ -146,16 +165,18 @@ def test_gloo_transfers_are_pulled_once_and_dropped_on_discard(cluster):
 def test_gloo_pulls_from_two_senders_concurrently(cluster):
     import asyncio
 
-    senders = [_Sender.remote("bfloat16", "gloo") for _ in range(2)]
+    senders = [_Sender.remote("gloo") for _ in range(2)]
     receiver = KVChannel("gloo")
-    transfers = ray.get([s.send.remote([i, 9], "send_blocks") for i, s in enumerate(senders * 3)])
+    transfers = ray.get(
+        [s.send.remote([i, 9], "send_blocks", "bfloat16") for i, s in enumerate(senders * 3)]
+    )
 
     async def pull_all():
         return await asyncio.gather(*(receiver.open_async(t) for t in transfers))
 
     views = asyncio.run(pull_all())
     for i, (sender, view) in enumerate(zip(senders * 3, views, strict=True)):
-        assert torch.equal(view, ray.get(sender.blocks.remote([i, 9])))
+        assert torch.equal(view, ray.get(sender.blocks.remote([i, 9], "bfloat16")))
     receiver.close()
 
 

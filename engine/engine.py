@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -47,6 +47,7 @@ class _Tracked:
     request: Request
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # gathered chunk by chunk
 
 
 class LLMEngine:
@@ -175,10 +176,11 @@ class LLMEngine:
                 s.start,
                 self.blocks.block_table(s.request.request_id),
                 s.samples,
+                _wants_prompt_logprobs(s.request),
             )
             for s in sched.scheduled
         ]
-        logits = self.runner.execute(ModelInput(seqs))  # (S, V)
+        logits = self._sampling_rows(sched, seqs, self.runner.execute(ModelInput(seqs)))
         sampling = [s.request for s in sched.scheduled if s.samples]
         tracked = [self._tracked[r.request_id] for r in sampling]
         params = [r.sampling_params for r in sampling]
@@ -196,8 +198,37 @@ class LLMEngine:
             {i: lp for i, lp in zip(ids, logprobs, strict=True) if lp is not None},
         )
 
+    def _sampling_rows(
+        self, sched: SchedulerOutput, seqs: list[SeqInput], logits: torch.Tensor
+    ) -> torch.Tensor:
+        """Gather the prompt logprobs of the seqs that returned a row per token; -> the rows
+        that sample, one per sampling seq."""
+        rows, row = [], 0
+        for item, seq in zip(sched.scheduled, seqs, strict=True):
+            n = len(seq.token_ids) if seq.all_logits else int(seq.sample)
+            if seq.all_logits:
+                self._gather_prompt_logprobs(item.request, item.start, logits[row : row + n])
+            if seq.sample:
+                rows.append(row + n - 1)
+            row += n
+        return logits if len(rows) == row else logits[rows]
+
+    def _gather_prompt_logprobs(self, request: Request, start: int, logits: torch.Tensor) -> None:
+        """Row j predicts the token at start + j + 1; those inside the prompt are kept."""
+        tracked = self._tracked[request.request_id]
+        if start == 0:  # a recomputed prefill (preempted before its first token) starts over
+            tracked.prompt_logprobs = []
+        targets = request.prompt_token_ids[start + 1 : start + 1 + logits.shape[0]]
+        k = request.sampling_params.prompt_logprobs
+        tracked.prompt_logprobs.extend(
+            token_logprobs(logits[: len(targets)], targets, [k] * len(targets))
+        )
+
     def _emit(self, request: Request, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         tracked = self._tracked[request.request_id]
+        first_with_prompt = (
+            request.num_output_tokens == 1 and request.sampling_params.prompt_logprobs is not None
+        )
         prompt_and_output = request.prompt_token_ids + request.output_token_ids
         # stop strings count only from min_tokens on (vLLM's rule)
         may_stop = request.num_output_tokens >= request.sampling_params.min_tokens
@@ -217,6 +248,7 @@ class LLMEngine:
             prefilled=request.status is RequestStatus.PREFILLED,
             queue_time_s=_queue_time(request) if request.num_output_tokens == 1 else None,
             logprobs=None if logprob is None else [logprob],
+            prompt_logprobs=[None, *tracked.prompt_logprobs] if first_with_prompt else None,
         )
 
     # ---- abort, stats ------------------------------------------------------------------------
@@ -332,12 +364,15 @@ class LLMEngine:
         texts = {i: [] for i in ids}
         tokens = {i: [] for i in ids}
         logprobs: dict[str, list[TokenLogprob]] = {i: [] for i in ids}
+        prompt_logprobs: dict[str, list[TokenLogprob | None] | None] = dict.fromkeys(ids)
         reasons: dict[str, str] = {}
         while len(reasons) < len(ids):
             for out in self.step():
                 texts[out.request_id].append(out.new_text)
                 tokens[out.request_id].extend(out.new_token_ids)
                 logprobs[out.request_id].extend(out.logprobs or ())
+                if out.prompt_logprobs is not None:
+                    prompt_logprobs[out.request_id] = out.prompt_logprobs
                 if out.finished:
                     reasons[out.request_id] = out.finish_reason
         prompts_ids = [self.encode(p) for p in prompts]
@@ -349,9 +384,16 @@ class LLMEngine:
                 "".join(texts[i]),
                 reasons[i],
                 logprobs[i] if sp.logprobs is not None else None,
+                prompt_logprobs[i],
             )
             for i, pi, sp in zip(ids, prompts_ids, param_list, strict=True)
         ]
+
+
+def _wants_prompt_logprobs(request: Request) -> bool:
+    """Prompt logprobs come from the prefill that leads to the first output token (a prefill
+    recomputed after a preemption past it is not asked again)."""
+    return request.sampling_params.prompt_logprobs is not None and request.num_output_tokens == 0
 
 
 def _step_shape(sched: SchedulerOutput) -> tuple[list[int], list[int], list[int]]:

@@ -32,6 +32,8 @@ class SeqInput:
     start: int  # position of token_ids[0]
     block_table: list[int]  # all blocks of the request, covering start + len(token_ids)
     sample: bool  # return logits for the last token
+    # return logits for every token of the step (prompt logprobs), the last one included
+    all_logits: bool = False
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ModelInput) -> torch.Tensor:
-        """-> logits (num_sampling_seqs, vocab), float32, in the order of batch.seqs."""
+        """-> logits (rows, vocab), float32, in the order of batch.seqs: one row per sampling
+        seq, or one per token for a seq that asks for all its logits."""
         input_ids, positions, meta, sample_idx = self._prepare(batch)
         out = self.model(
             input_ids=input_ids,
@@ -181,7 +184,9 @@ class ModelRunner:
             slots.extend(
                 seq.block_table[p // bs] * bs + p % bs for p in range(seq.start, seq.start + n)
             )
-            if seq.sample:
+            if seq.all_logits:
+                sample_idx.extend(range(begin, begin + n))
+            elif seq.sample:
                 sample_idx.append(begin + n - 1)
             if n == 1:
                 dec_idx.append(begin)

@@ -33,6 +33,8 @@ class RequestOutput:
     prefilled: bool = False  # a prefill-only request now waits for export
     queue_time_s: float | None = None  # on a request's first output here: arrival -> scheduled
     logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked
+    # with the first output, when the request asked: one per prompt token, None for the first
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -47,6 +49,7 @@ class Completion:
     text: str
     finish_reason: str
     logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # as in RequestOutput
 
 
 @dataclass(frozen=True)

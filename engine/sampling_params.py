@@ -40,6 +40,10 @@ class SamplingParams:
     # None: no log-probabilities; k >= 0: each output token's log-probability and the k most
     # likely tokens' (of the model's own distribution: before penalties and temperature)
     logprobs: int | None = None
+    # None, or k >= 0: the log-probability of every prompt token after the first and the k
+    # most likely tokens at its position (vLLM's prompt_logprobs), with the first output
+    # Costs a (prompt length x vocabulary) logits matrix in the step that computes the prompt.
+    prompt_logprobs: int | None = None
     # Strip stop strings from the output text (OpenAI does); tokens are kept either way.
     include_stop_str_in_output: bool = False
     extra: dict = field(default_factory=dict, compare=False, repr=False)
@@ -92,13 +96,12 @@ class SamplingParams:
                 f"repetition_penalty must be > 0, got {self.repetition_penalty}",
                 "repetition_penalty",
             )
-        if self.logprobs is not None and (
-            not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS
-        ):
-            raise InvalidRequestError(
-                f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}",
-                "logprobs",
-            )
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
+                raise InvalidRequestError(
+                    f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {k!r}", name
+                )
         for token, bias in self.logit_bias:
             if not isinstance(token, int) or token < 0:
                 raise InvalidRequestError(

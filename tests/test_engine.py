@@ -284,6 +284,46 @@ def test_logprobs_zero_gives_the_sampled_token_alone(make_engine):
     assert all(lp.logprob <= 0.0 for lp in out.logprobs)
 
 
+def _hf_prompt_logprobs(hf_model, prompt_ids: list[int]):
+    """transformers' log-softmax at each prompt position but the last: row j predicts j + 1."""
+    import torch
+
+    with torch.inference_mode():
+        logits = hf_model(torch.tensor([prompt_ids])).logits[0].float()
+    return torch.log_softmax(logits[:-1], dim=-1)
+
+
+@pytest.mark.parametrize("how", ["whole", "chunked", "prefill_only"])
+def test_prompt_logprobs_equal_transformers_log_softmax(make_engine, hf_model, tokenizer, how):
+    """Every prompt token after the first gets its logprob and top-k from the prefill that
+    leads to the first output, whether whole, in chunks batched with other requests, or on the
+    prefill side of a hand-off; the first prompt token has none."""
+    prompt_ids = tokenizer(PROMPTS[2]).input_ids
+    params = SamplingParams(max_tokens=3, temperature=0.0, prompt_logprobs=4)
+    if how == "prefill_only":
+        engine = make_engine()
+        engine.add_request("p", prompt_ids, params, prefill_only=True)
+        [first] = drain(engine)["p"]
+        got = first.prompt_logprobs
+        assert engine.abort("p")
+    else:
+        chunked = {"chunked_prefill": True, "max_num_batched_tokens": 5} if how == "chunked" else {}
+        plain = SamplingParams(max_tokens=6, temperature=0.0)
+        engine = make_engine(**chunked)
+        other, out = engine.generate([PROMPTS[0], prompt_ids], [plain, params])
+        assert other.prompt_logprobs is None
+        got = out.prompt_logprobs
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    want = _hf_prompt_logprobs(hf_model, prompt_ids)
+    assert len(got) == len(prompt_ids) and got[0] is None
+    for j, (lp, row) in enumerate(zip(got[1:], want, strict=True)):
+        assert lp.token_id == prompt_ids[j + 1]
+        assert lp.logprob == pytest.approx(row[prompt_ids[j + 1]].item(), abs=2e-4), j
+        values, ids = row.topk(4)
+        assert [i for i, _ in lp.top] == ids.tolist(), j
+        assert [v for _, v in lp.top] == pytest.approx(values.tolist(), abs=2e-4), j
+
+
 def test_stop_string_truncates_and_is_never_streamed(make_engine, reference, tokenizer):
     full = tokenizer.decode(reference[0], skip_special_tokens=True)  # " Paris.\n\nThe answer ..."
     stop = "answer"

@@ -97,6 +97,18 @@ def test_parallel_replica_matches_one_worker(layout, request, single, reference,
         assert engine.runner.num_kv_blocks == 64
         assert [c.token_ids for c in engine.generate(PROMPTS, GREEDY)] == reference
         assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+        # a row of logits per prompt token comes back from the last stage too
+        scored = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=2)
+        [got], [want] = engine.generate(PROMPTS[2:], scored), single.generate(PROMPTS[2:], scored)
+        assert [lp and lp.top[0][0] for lp in got.prompt_logprobs] == [
+            lp and lp.top[0][0] for lp in want.prompt_logprobs
+        ]
+        torch.testing.assert_close(
+            [lp.logprob for lp in got.prompt_logprobs[1:]],
+            [lp.logprob for lp in want.prompt_logprobs[1:]],
+            rtol=1e-4,
+            atol=1e-4,
+        )
         # the logits themselves, not only their argmax; the step writes the KV of its blocks
         # before reading them, so what earlier requests left in the caches does not matter
         got = engine.runner.execute(_batch())

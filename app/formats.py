@@ -9,7 +9,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from app.logprobs import TokenTexts, chat_logprobs, completion_logprobs
+from app.logprobs import (
+    TokenTexts,
+    chat_logprobs,
+    completion_logprobs,
+    echoed_prompt_logprobs,
+    joined,
+)
 from engine import RequestOutput, TokenLogprob
 
 
@@ -17,6 +23,7 @@ from engine import RequestOutput, TokenLogprob
 class _Choice:
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with the first output, if asked
     num_output_tokens: int = 0
     finish_reason: str | None = None
     streamed_tokens_len: int = 0  # the next chunk's first text_offset (completions)
@@ -24,6 +31,8 @@ class _Choice:
     def add(self, out: RequestOutput) -> None:
         self.text.append(out.new_text)
         self.logprobs.extend(out.logprobs or ())
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         self.num_output_tokens = out.num_output_tokens
         self.finish_reason = out.finish_reason or self.finish_reason
 
@@ -39,12 +48,14 @@ class CompletionFormat:
         n: int = 1,
         token_texts: TokenTexts | None = None,  # None: the request asked for no logprobs
         echo: str = "",  # completions' echo: the prompt's text, before each choice's
+        prompt_ids: list[int] | None = None,  # echo with logprobs: the prompt's tokens lead
     ) -> None:
         self.id, self.model, self.created = request_id, model, int(time.time())
         self.num_prompt_tokens = num_prompt_tokens
         self.choices = [_Choice() for _ in range(n)]
         self.token_texts = token_texts
         self.echo = echo
+        self.prompt_ids = prompt_ids
 
     def add(self, index: int, out: RequestOutput) -> None:
         self.choices[index].add(out)
@@ -54,11 +65,27 @@ class CompletionFormat:
             return None
         return completion_logprobs(entries, self.token_texts, offset)
 
+    def _with_prompt(self, choice: _Choice) -> tuple[dict | None, int]:
+        """-> the echoed prompt's logprobs (None without echo and logprobs) and the text
+        offset of the completion's first token."""
+        if self.prompt_ids is None or self.token_texts is None or choice.prompt_logprobs is None:
+            return None, 0
+        head = echoed_prompt_logprobs(self.prompt_ids, choice.prompt_logprobs, self.token_texts)
+        return head, sum(len(t) for t in head["tokens"])
+
     def _chunk_logprobs(self, choice: _Choice, out: RequestOutput) -> dict | None:
+        head = None
+        if out.prompt_logprobs is not None:  # the choice's first chunk
+            head, choice.streamed_tokens_len = self._with_prompt(choice)
         logprobs = self._logprobs(out.logprobs or [], choice.streamed_tokens_len)
         if logprobs is not None:
             choice.streamed_tokens_len += sum(len(t) for t in logprobs["tokens"])
-        return logprobs
+        return logprobs if head is None or logprobs is None else joined(head, logprobs)
+
+    def _final_logprobs(self, choice: _Choice) -> dict | None:
+        head, offset = self._with_prompt(choice)
+        logprobs = self._logprobs(choice.logprobs, offset)
+        return logprobs if head is None or logprobs is None else joined(head, logprobs)
 
     def _envelope(self, choices: list[dict], object_name: str | None = None) -> dict:
         return {
@@ -100,7 +127,7 @@ class CompletionFormat:
             {
                 "index": i,
                 "text": self.echo + "".join(c.text),
-                "logprobs": self._logprobs(c.logprobs),
+                "logprobs": self._final_logprobs(c),
                 "finish_reason": openai_reason(c.finish_reason),
             }
             for i, c in enumerate(self.choices)

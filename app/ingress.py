@@ -137,7 +137,8 @@ class Ingress:
         fmt = ChatFormat if chat else CompletionFormat
         texts = None if params.logprobs is None else self.token_texts
         echo = self._echo(req, ids)
-        view = fmt(request_id, self.args.served_model_name, len(ids), req.n, texts, echo)
+        scored = None if params.prompt_logprobs is None else ids  # the echo's logprobs lead
+        view = fmt(request_id, self.args.served_model_name, len(ids), req.n, texts, echo, scored)
         if req.stream:
             return StreamingResponse(
                 self._sse(view, outputs, req.include_usage), media_type="text/event-stream"

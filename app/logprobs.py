@@ -51,6 +51,26 @@ def completion_logprobs(
     }
 
 
+def echoed_prompt_logprobs(
+    prompt_ids: list[int], entries: list[TokenLogprob | None], text_of: Callable[[int], str]
+) -> dict:
+    """The completions `logprobs` lists of an echoed prompt, from offset 0: its first token
+    has no logprob (null, as OpenAI gives it); the rest are the engine's prompt logprobs."""
+    head = text_of(prompt_ids[0])
+    rest = completion_logprobs([e for e in entries[1:] if e is not None], text_of, len(head))
+    return {
+        "tokens": [head, *rest["tokens"]],
+        "token_logprobs": [None, *rest["token_logprobs"]],
+        "top_logprobs": [None, *rest["top_logprobs"]],
+        "text_offset": [0, *rest["text_offset"]],
+    }
+
+
+def joined(first: dict, then: dict) -> dict:
+    """Two completions `logprobs` objects, one after the other."""
+    return {key: first[key] + then[key] for key in first}
+
+
 def _chat_token(token_id: int, logprob: float, text_of: Callable[[int], str]) -> dict:
     text = text_of(token_id)
     return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8"))}

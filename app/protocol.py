@@ -118,6 +118,7 @@ class _Sampling(BaseModel):
                 repetition_penalty=_or(self.repetition_penalty, 1.0),
                 logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
                 logprobs=self.num_logprobs,
+                prompt_logprobs=self.num_prompt_logprobs,
             )
         except InvalidRequestError as e:
             raise APIError(400, str(e), e.param) from e
@@ -126,6 +127,11 @@ class _Sampling(BaseModel):
     def num_logprobs(self) -> int | None:
         """Alternatives per token to return with each token's logprob; None: no logprobs."""
         raise NotImplementedError
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """The same for each prompt token; None: none (only completions' echo asks)."""
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -141,15 +147,6 @@ class CompletionRequest(_Sampling):
 
     _no_suffix = _refused("suffix", why="(insertion) is not supported")
 
-    @field_validator("echo")
-    @classmethod
-    def _echo_without_logprobs(cls, value, info):
-        if value and info.data.get("logprobs") is not None:
-            raise ValueError(
-                "with logprobs is not supported (the prompt's logprobs are not served)"
-            )
-        return value
-
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, value):
@@ -162,6 +159,11 @@ class CompletionRequest(_Sampling):
     @property
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        # echo with logprobs scores the prompt too (what evaluation harnesses ask for)
+        return self.logprobs if self.echo else None
 
 
 class ChatMessage(BaseModel):

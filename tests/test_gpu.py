@@ -190,7 +190,7 @@ def test_engine_on_cuda_generates_the_cpu_engines_greedy_tokens(tiny_llama_path)
     seeded = SamplingParams(max_tokens=12, temperature=0.8, seed=7, ignore_eos=True)
     penalized = SamplingParams(
         max_tokens=12, temperature=0.0, ignore_eos=True, frequency_penalty=1.0,
-        repetition_penalty=1.2, logit_bias=((5, 2.0),), logprobs=3,
+        repetition_penalty=1.2, logit_bias=((5, 2.0),), logprobs=3, prompt_logprobs=2,
     )  # fmt: skip
     prompts = ["The capital of France is", "def add(a, b):"]
     outputs = {}
@@ -208,3 +208,7 @@ def test_engine_on_cuda_generates_the_cpu_engines_greedy_tokens(tiny_llama_path)
         for g, c in zip(gpu.logprobs, cpu.logprobs, strict=True):
             assert g.logprob == pytest.approx(c.logprob, abs=1e-3)
             assert [i for i, _ in g.top] == [i for i, _ in c.top]
+        # and so do the prompt's (a logits row per prompt token)
+        assert gpu.prompt_logprobs[0] is None and len(gpu.prompt_logprobs) > 2
+        for g, c in zip(gpu.prompt_logprobs[1:], cpu.prompt_logprobs[1:], strict=True):
+            assert g.token_id == c.token_id and g.logprob == pytest.approx(c.logprob, abs=1e-3)

@@ -202,6 +202,42 @@ def test_logprobs_in_all_modes_equal_the_engine_alone(server, paged_model, token
     )
 
 
+def test_echo_with_logprobs_scores_the_prompt_in_all_modes(server, paged_model, tokenizer):
+    """What evaluation harnesses send (echo, logprobs, max_tokens 1): the prompt's tokens lead
+    the logprobs, the first with null, as the engine alone scores them."""
+    from engine import EngineConfig, LLMEngine, SamplingParams
+    from engine.model_runner import ModelRunner
+
+    engine = LLMEngine(EngineConfig(), runner=ModelRunner(paged_model, 64, 16), tokenizer=tokenizer)
+    params = SamplingParams(max_tokens=2, temperature=0, logprobs=2, prompt_logprobs=2)
+    [want] = engine.generate([PROMPT], params)
+    ids = tokenizer(PROMPT).input_ids
+    texts = [tokenizer.decode([t]) for t in ids + want.token_ids]
+    scores = [None] + [e.logprob for e in want.prompt_logprobs[1:] + want.logprobs]
+    for mode in MODES:  # chunked: the prompt's rows come from several steps
+        r = _complete(server, mode, prompt=PROMPT, max_tokens=2, logprobs=2, echo=True)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["text"] == PROMPT + want.text
+        got = choice["logprobs"]
+        assert got["tokens"] == texts, mode
+        assert got["token_logprobs"][0] is None and got["top_logprobs"][0] is None
+        assert got["token_logprobs"][1:] == pytest.approx(scores[1:], abs=1e-3), mode
+        assert got["text_offset"] == [sum(map(len, texts[:i])) for i in range(len(texts))]
+        # each prompt token's top 2, and the token itself when it is not among them
+        prompt_tops = got["top_logprobs"][1 : len(ids)]
+        for top, e in zip(prompt_tops, want.prompt_logprobs[1:], strict=True):
+            assert set(top) == {tokenizer.decode([i]) for i in [*dict(e.top), e.token_id]}
+        assert r.json()["usage"]["prompt_tokens"] == len(ids)
+    # streamed: the first chunk leads with the prompt's, offsets continue across chunks
+    body = {"prompt": PROMPT, "max_tokens": 2, "temperature": 0, "logprobs": 2, "echo": True}
+    with _stream(server, "disagg", **body) as r:
+        lines = [x for x in r.iter_lines() if x][:-1]
+    streamed = [json.loads(x.removeprefix("data: "))["choices"][0]["logprobs"] for x in lines]
+    assert sum((lp["tokens"] for lp in streamed), []) == got["tokens"]
+    assert sum((lp["text_offset"] for lp in streamed), []) == got["text_offset"]
+
+
 @pytest.mark.parametrize(
     ("fields", "needle"),
     [({"top_logprobs": 2}, "requires logprobs"), ({"logprobs": True, "top_logprobs": 21}, "20")],
@@ -300,6 +336,13 @@ def test_official_openai_client_completions_and_chat(server):
     for choice in comp.choices:
         assert "".join(choice.logprobs.tokens) == choice.text == " Paris.\n"
         assert all(len(top) == 2 for top in choice.logprobs.top_logprobs)
+    # the scoring request of evaluation harnesses: the prompt's logprobs lead, the first null
+    scored = client.completions.create(
+        model=model.id, prompt=PROMPT, max_tokens=1, temperature=0, logprobs=1, echo=True
+    )
+    lp = scored.choices[0].logprobs
+    assert "".join(lp.tokens) == scored.choices[0].text == PROMPT + " Paris"
+    assert lp.token_logprobs[0] is None and all(v < 0 for v in lp.token_logprobs[1:])
     chat = client.chat.completions.create(
         model=model.id,
         temperature=0,
@@ -355,7 +398,6 @@ def test_official_openai_client_completions_and_chat(server):
         ({"prompt": "hi", "logit_bias": {"999999": 1}}, 400, "token ids in [0,"),  # replicas
         ({"prompt": "hi", "min_tokens": 4, "max_tokens": 2}, 400, "min_tokens"),
         ({"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
-        ({"prompt": "hi", "logprobs": 2, "echo": True}, 400, "echo"),
         ({"prompt": "hi", "min_p": -0.1}, 400, "min_p"),
         ({"prompt": "hi", "best_of": 3}, 400, "best_of"),
         ({"prompt": "hi", "suffix": "!"}, 400, "suffix"),

@@ -6,18 +6,20 @@ Each round times a plain greedy decode step, then the same batch with every requ
 presence, frequency and repetition penalties, a logit bias and min_tokens (the sampler adjusts
 each row's logits before the argmax), then with every request asking for logprobs with 5
 alternatives (a log-softmax and a top-k over the vocabulary per row); medians over rounds, and
-their ratios to plain.
+their ratios to plain. Then the prefill step of one prompt, plain and with prompt logprobs (a
+logits row per prompt token: the LM head over every position, a log-softmax and a top-k each).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 
 from bench.engine_throughput import ours_decode_step_s
-from engine import EngineConfig, LLMEngine
+from engine import EngineConfig, LLMEngine, SamplingParams
 
 PENALIZED = {
     "presence_penalty": 0.5,
@@ -29,6 +31,35 @@ PENALIZED = {
 VARIANTS = {"plain": {}, "penalized": PENALIZED, "logprobs": {"logprobs": 5}}
 
 
+def prefill_step_s(engine: LLMEngine, length: int, **fields) -> float:
+    """One whole-prompt prefill step of a `length`-token prompt, timed; the request is aborted."""
+    g = torch.Generator().manual_seed(length)
+    prompt = torch.randint(100, 40_000, (length,), generator=g).tolist()
+    params = SamplingParams(max_tokens=2, temperature=0.0, **fields)
+    engine.add_request("prefill", prompt, params)
+    t0 = time.perf_counter()
+    engine.step()
+    elapsed = time.perf_counter() - t0
+    engine.abort("prefill")
+    return elapsed
+
+
+def _prefill_table(engine: LLMEngine, lengths: list[int], rounds: int) -> None:
+    times: dict[tuple[int, bool], list[float]] = {}
+    for _ in range(rounds):
+        for length in lengths:
+            for scored in (False, True):
+                fields = {"prompt_logprobs": 1} if scored else {}
+                times.setdefault((length, scored), []).append(
+                    prefill_step_s(engine, length, **fields)
+                )
+    print(f"\nprefill step of one prompt, medians of {rounds} rounds")
+    print("| prompt tokens | plain ms | prompt logprobs ms | ratio |\n|---|---|---|---|")
+    for length in lengths:
+        plain, scored = (statistics.median(times[length, s]) * 1e3 for s in (False, True))
+        print(f"| {length} | {plain:.1f} | {scored:.1f} | {scored / plain:.3f} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.sampling_cost")
     parser.add_argument("--threads", type=int, default=2)
@@ -36,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prompts", default="128,512", help="prefill lengths; '' to skip")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
@@ -58,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
             ms = statistics.median(times[batch, name]) * 1e3
             cells += [f"{ms:.1f}", f"{ms / plain:.3f}"]
         print("| " + " | ".join(cells) + " |")
+    if args.prompts:
+        _prefill_table(engine, [int(n) for n in args.prompts.split(",")], args.rounds)
 
 
 if __name__ == "__main__":

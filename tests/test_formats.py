@@ -1,0 +1,74 @@
+"""The completions body with echo and logprobs, from hand-made engine outputs (no model, no Ray):
+the prompt's logprobs lead, the first token's null, offsets run over prompt then completion, and
+the streamed chunks add up to the final body."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.formats import CompletionFormat
+from app.logprobs import MIN_LOGPROB
+from engine import RequestOutput, TokenLogprob
+
+pytestmark = pytest.mark.unit
+
+TEXTS = {1: "The", 2: " cat", 3: " sat", 4: " on", 5: " mat", 6: "."}
+PROMPT = [1, 2, 3]
+SCORED = [None, TokenLogprob(2, -2.5, ((4, -1.0),)), TokenLogprob(3, -0.5, ((3, -0.5),))]
+
+
+def _outputs() -> list[RequestOutput]:
+    first = RequestOutput(
+        "r", [4], " on", 3, 1, logprobs=[TokenLogprob(4, -0.1, ((4, -0.1),))],
+        prompt_logprobs=SCORED,
+    )  # fmt: skip
+    last = RequestOutput(
+        "r", [5], " mat", 3, 2, "length", logprobs=[TokenLogprob(5, float("-inf"), ((6, -0.2),))]
+    )
+    return [first, last]
+
+
+def _format(n: int = 1) -> CompletionFormat:
+    return CompletionFormat("cmpl-1", "m", 3, n, TEXTS.__getitem__, "The cat sat", PROMPT)
+
+
+def test_echo_with_logprobs_leads_with_the_prompt_and_offsets_run_on():
+    view = _format()
+    for out in _outputs():
+        view.add(0, out)
+    [choice] = view.final()["choices"]
+    assert choice["text"] == "The cat sat on mat"
+    lp = choice["logprobs"]
+    assert lp["tokens"] == ["The", " cat", " sat", " on", " mat"]
+    assert lp["token_logprobs"] == [None, -2.5, -0.5, -0.1, MIN_LOGPROB]
+    assert lp["top_logprobs"][:2] == [None, {" on": -1.0, " cat": -2.5}]
+    assert lp["top_logprobs"][4] == {".": -0.2, " mat": MIN_LOGPROB}
+    assert lp["text_offset"] == [0, 3, 7, 11, 14]
+
+
+def test_streamed_chunks_add_up_to_the_final_body_for_each_choice():
+    view = _format(n=2)
+    chunks = {0: [], 1: []}
+    for out in _outputs():
+        for index in (1, 0):  # interleaved choices keep their own offsets
+            view.add(index, out)
+            chunks[index].append(view.chunk(index, out)["choices"][0]["logprobs"])
+    final = view.final()["choices"]
+    for index in (0, 1):
+        streamed = chunks[index]
+        assert streamed[0]["tokens"][:3] == ["The", " cat", " sat"]  # only the first leads
+        assert streamed[1]["tokens"] == [" mat"]
+        for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            assert sum((c[key] for c in streamed), []) == final[index]["logprobs"][key]
+
+
+def test_echo_without_logprobs_has_none_and_logprobs_without_echo_no_prompt():
+    view = CompletionFormat("cmpl-1", "m", 3, 1, None, "The cat sat", None)
+    for out in _outputs():
+        view.add(0, out)
+    assert view.final()["choices"][0]["logprobs"] is None
+    plain = CompletionFormat("cmpl-1", "m", 3, 1, TEXTS.__getitem__)
+    for out in _outputs():
+        plain.add(0, out)
+    lp = plain.final()["choices"][0]["logprobs"]
+    assert lp["tokens"] == [" on", " mat"] and lp["text_offset"] == [0, 3]

@@ -40,6 +40,7 @@ from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
+PROMPT_LOGPROB_ROWS = 256  # prompt positions per log-softmax (bounds its copy of the logits)
 
 
 @dataclass
@@ -220,9 +221,12 @@ class LLMEngine:
             tracked.prompt_logprobs = []
         targets = request.prompt_token_ids[start + 1 : start + 1 + logits.shape[0]]
         k = request.sampling_params.prompt_logprobs
-        tracked.prompt_logprobs.extend(
-            token_logprobs(logits[: len(targets)], targets, [k] * len(targets))
-        )
+        # a slice of rows at a time: the log-softmax copy of a long prompt's logits is not made
+        # whole on top of them
+        for i in range(0, len(targets), PROMPT_LOGPROB_ROWS):
+            part = targets[i : i + PROMPT_LOGPROB_ROWS]
+            rows = logits[i : i + len(part)]
+            tracked.prompt_logprobs.extend(token_logprobs(rows, part, [k] * len(part)))
 
     def _emit(self, request: Request, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         tracked = self._tracked[request.request_id]

@@ -294,11 +294,15 @@ def _hf_prompt_logprobs(hf_model, prompt_ids: list[int]):
 
 
 @pytest.mark.parametrize("how", ["whole", "chunked", "prefill_only"])
-def test_prompt_logprobs_equal_transformers_log_softmax(make_engine, hf_model, tokenizer, how):
+def test_prompt_logprobs_equal_transformers_log_softmax(
+    make_engine, hf_model, tokenizer, how, monkeypatch
+):
     """Every prompt token after the first gets its logprob and top-k from the prefill that
     leads to the first output, whether whole, in chunks batched with other requests, or on the
     prefill side of a hand-off; the first prompt token has none."""
+    monkeypatch.setattr("engine.engine.PROMPT_LOGPROB_ROWS", 3)  # several slices per step
     prompt_ids = tokenizer(PROMPTS[2]).input_ids
+    assert len(prompt_ids) > 7
     params = SamplingParams(max_tokens=3, temperature=0.0, prompt_logprobs=4)
     if how == "prefill_only":
         engine = make_engine()

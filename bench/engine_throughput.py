@@ -30,11 +30,14 @@ def prompts(batch: int, context: int, vocab: int, seed: int = 0) -> list[list[in
     return torch.randint(100, vocab - 100, (batch, context), generator=g).tolist()
 
 
-def ours_prefill_s(engine: LLMEngine, context: int) -> float:
+def ours_prefill_s(engine: LLMEngine, context: int, **sampling) -> float:
+    """Median prefill step of one `context`-token prompt (extra SamplingParams fields in
+    `sampling`); each request ends at its first token."""
     [ids] = prompts(1, context, engine.runner.shape.vocab_size, seed=1)
+    params = SamplingParams(max_tokens=1, **sampling)
 
     def run():
-        engine.add_request(None, ids, SamplingParams(max_tokens=1))
+        engine.add_request(None, ids, params)
         engine.step()
 
     run()  # warm-up

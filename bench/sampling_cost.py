@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
-from bench.engine_throughput import ours_decode_step_s
-from engine import EngineConfig, LLMEngine, SamplingParams
+from bench.engine_throughput import ours_decode_step_s, ours_prefill_s
+from engine import EngineConfig, LLMEngine
 
 PENALIZED = {
     "presence_penalty": 0.5,
@@ -31,19 +30,6 @@ PENALIZED = {
 VARIANTS = {"plain": {}, "penalized": PENALIZED, "logprobs": {"logprobs": 5}}
 
 
-def prefill_step_s(engine: LLMEngine, length: int, **fields) -> float:
-    """One whole-prompt prefill step of a `length`-token prompt, timed; the request is aborted."""
-    g = torch.Generator().manual_seed(length)
-    prompt = torch.randint(100, 40_000, (length,), generator=g).tolist()
-    params = SamplingParams(max_tokens=2, temperature=0.0, **fields)
-    engine.add_request("prefill", prompt, params)
-    t0 = time.perf_counter()
-    engine.step()
-    elapsed = time.perf_counter() - t0
-    engine.abort("prefill")
-    return elapsed
-
-
 def _prefill_table(engine: LLMEngine, lengths: list[int], rounds: int) -> None:
     times: dict[tuple[int, bool], list[float]] = {}
     for _ in range(rounds):
@@ -51,7 +37,7 @@ def _prefill_table(engine: LLMEngine, lengths: list[int], rounds: int) -> None:
             for scored in (False, True):
                 fields = {"prompt_logprobs": 1} if scored else {}
                 times.setdefault((length, scored), []).append(
-                    prefill_step_s(engine, length, **fields)
+                    ours_prefill_s(engine, length, **fields)
                 )
     print(f"\nprefill step of one prompt, medians of {rounds} rounds")
     print("| prompt tokens | plain ms | prompt logprobs ms | ratio |\n|---|---|---|---|")

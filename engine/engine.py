@@ -204,6 +204,8 @@ class LLMEngine:
     ) -> torch.Tensor:
         """Gather the prompt logprobs of the seqs that returned a row per token; -> the rows
         that sample, one per sampling seq."""
+        if not any(seq.all_logits for seq in seqs):  # the usual step: one row per sampling seq
+            return logits
         rows, row = [], 0
         for item, seq in zip(sched.scheduled, seqs, strict=True):
             n = len(seq.token_ids) if seq.all_logits else int(seq.sample)
@@ -212,7 +214,7 @@ class LLMEngine:
             if seq.sample:
                 rows.append(row + n - 1)
             row += n
-        return logits if len(rows) == row else logits[rows]
+        return logits[rows]
 
     def _gather_prompt_logprobs(self, request: Request, start: int, logits: torch.Tensor) -> None:
         """Row j predicts the token at start + j + 1; those inside the prompt are kept."""

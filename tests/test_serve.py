@@ -108,12 +108,19 @@ PROMPT = "The capital of France is"
 
 
 @pytest.fixture(scope="module")
-def engine_alone(paged_model, tokenizer):
-    from engine import EngineConfig, LLMEngine, SamplingParams
+def local_engine(paged_model, tokenizer):
+    """The default model in this process: what the server's answers are compared with."""
+    from engine import EngineConfig, LLMEngine
     from engine.model_runner import ModelRunner
 
-    engine = LLMEngine(EngineConfig(), runner=ModelRunner(paged_model, 64, 16), tokenizer=tokenizer)
-    [out] = engine.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0))
+    return LLMEngine(EngineConfig(), runner=ModelRunner(paged_model, 64, 16), tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def engine_alone(local_engine):
+    from engine import SamplingParams
+
+    [out] = local_engine.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0))
     return out
 
 
@@ -131,19 +138,17 @@ def test_greedy_output_is_identical_in_all_modes_and_to_the_engine(server, engin
 
 
 def test_penalties_and_logit_bias_reach_the_engine_in_all_modes(
-    server, engine_alone, paged_model, tokenizer
+    server, engine_alone, local_engine, tokenizer
 ):
-    from engine import EngineConfig, LLMEngine, SamplingParams
-    from engine.model_runner import ModelRunner
+    from engine import SamplingParams
 
     fields = {
         "frequency_penalty": 1.5, "presence_penalty": 0.5, "repetition_penalty": 1.2,
         "min_tokens": 8,
     }  # fmt: skip
     bias = tokenizer(" Lyon").input_ids[0]
-    engine = LLMEngine(EngineConfig(), runner=ModelRunner(paged_model, 64, 16), tokenizer=tokenizer)
     params = SamplingParams(max_tokens=8, temperature=0, logit_bias=((bias, 6.0),), **fields)
-    [expected] = engine.generate([PROMPT], params)
+    [expected] = local_engine.generate([PROMPT], params)
     assert expected.text != engine_alone.text  # the fields change the greedy output
     for mode in MODES:  # disaggregated: both sides apply them, across the hand-off
         r = _complete(server, mode, prompt=PROMPT, max_tokens=8, logit_bias={bias: 6}, **fields)
@@ -170,12 +175,11 @@ def test_streamed_equals_non_streamed_and_ends_with_done(server, engine_alone):
         assert chunks[-1]["usage"]["completion_tokens"] == len(engine_alone.token_ids)
 
 
-def test_logprobs_in_all_modes_equal_the_engine_alone(server, paged_model, tokenizer):
-    from engine import EngineConfig, LLMEngine, SamplingParams
-    from engine.model_runner import ModelRunner
+def test_logprobs_in_all_modes_equal_the_engine_alone(server, local_engine, tokenizer):
+    from engine import SamplingParams
 
-    engine = LLMEngine(EngineConfig(), runner=ModelRunner(paged_model, 64, 16), tokenizer=tokenizer)
-    [want] = engine.generate([PROMPT], SamplingParams(max_tokens=6, temperature=0, logprobs=3))
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=3)
+    [want] = local_engine.generate([PROMPT], params)
     texts = [tokenizer.decode([t]) for t in want.token_ids]
     for mode in MODES:  # disaggregated: the first token's from prefill, the rest from decode
         r = _complete(server, mode, prompt=PROMPT, max_tokens=6, logprobs=3)
@@ -202,15 +206,13 @@ def test_logprobs_in_all_modes_equal_the_engine_alone(server, paged_model, token
     )
 
 
-def test_echo_with_logprobs_scores_the_prompt_in_all_modes(server, paged_model, tokenizer):
+def test_echo_with_logprobs_scores_the_prompt_in_all_modes(server, local_engine, tokenizer):
     """What evaluation harnesses send (echo, logprobs, max_tokens 1): the prompt's tokens lead
     the logprobs, the first with null, as the engine alone scores them."""
-    from engine import EngineConfig, LLMEngine, SamplingParams
-    from engine.model_runner import ModelRunner
+    from engine import SamplingParams
 
-    engine = LLMEngine(EngineConfig(), runner=ModelRunner(paged_model, 64, 16), tokenizer=tokenizer)
     params = SamplingParams(max_tokens=2, temperature=0, logprobs=2, prompt_logprobs=2)
-    [want] = engine.generate([PROMPT], params)
+    [want] = local_engine.generate([PROMPT], params)
     ids = tokenizer(PROMPT).input_ids
     texts = [tokenizer.decode([t]) for t in ids + want.token_ids]
     scores = [None] + [e.logprob for e in want.prompt_logprobs[1:] + want.logprobs]

@@ -1,7 +1,9 @@
-"""OpenAI response bodies for one request with n choices: streamed chunks, the final body, usage.
+"""OpenAI response bodies for one request with n choices per prompt: streamed chunks, the final
+body, usage.
 
 A request's choices run as separate engine requests; their outputs arrive interleaved, each
 tagged with its choice's index, and each choice keeps its own text, logprobs and finish reason.
+A completions batch has several prompts: prompt i's choice j has index i * n + j (OpenAI's order).
 """
 
 from __future__ import annotations
@@ -19,8 +21,17 @@ from app.logprobs import (
 from engine import RequestOutput, TokenLogprob
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of a request: its token ids, and the text that echo puts before its choices."""
+
+    ids: list[int]
+    echo: str = ""  # completions' echo: the prompt as sent, or the text of its token ids
+
+
 @dataclass
 class _Choice:
+    prompt: Prompt
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # with the first output, if asked
@@ -44,18 +55,14 @@ class CompletionFormat:
         self,
         request_id: str,
         model: str,
-        num_prompt_tokens: int,
+        prompts: list[Prompt],
         n: int = 1,
         token_texts: TokenTexts | None = None,  # None: the request asked for no logprobs
-        echo: str = "",  # completions' echo: the prompt's text, before each choice's
-        prompt_ids: list[int] | None = None,  # echo with logprobs: the prompt's tokens lead
     ) -> None:
         self.id, self.model, self.created = request_id, model, int(time.time())
-        self.num_prompt_tokens = num_prompt_tokens
-        self.choices = [_Choice() for _ in range(n)]
+        self.num_prompt_tokens = sum(len(p.ids) for p in prompts)  # each prompt counts once
+        self.choices = [_Choice(p) for p in prompts for _ in range(n)]
         self.token_texts = token_texts
-        self.echo = echo
-        self.prompt_ids = prompt_ids
 
     def add(self, index: int, out: RequestOutput) -> None:
         self.choices[index].add(out)
@@ -66,11 +73,12 @@ class CompletionFormat:
         return completion_logprobs(entries, self.token_texts, offset)
 
     def _with_prompt(self, choice: _Choice) -> tuple[dict | None, int]:
-        """-> the echoed prompt's logprobs (None without echo and logprobs) and the text
-        offset of the completion's first token."""
-        if self.prompt_ids is None or self.token_texts is None or choice.prompt_logprobs is None:
+        """-> the echoed prompt's logprobs (None unless the prompt was scored: echo with
+        logprobs) and the text offset of the completion's first token."""
+        if self.token_texts is None or choice.prompt_logprobs is None:
             return None, 0
-        head = echoed_prompt_logprobs(self.prompt_ids, choice.prompt_logprobs, self.token_texts)
+        scores = choice.prompt_logprobs
+        head = echoed_prompt_logprobs(choice.prompt.ids, scores, self.token_texts)
         return head, sum(len(t) for t in head["tokens"])
 
     def _chunk_logprobs(self, choice: _Choice, out: RequestOutput) -> dict | None:
@@ -98,7 +106,7 @@ class CompletionFormat:
 
     @property
     def usage(self) -> dict:
-        completion = sum(c.num_output_tokens for c in self.choices)  # the prompt counts once
+        completion = sum(c.num_output_tokens for c in self.choices)
         return {
             "prompt_tokens": self.num_prompt_tokens,
             "completion_tokens": completion,
@@ -107,13 +115,14 @@ class CompletionFormat:
 
     def chunk(self, index: int, out: RequestOutput) -> dict:
         """The SSE chunk of an output already add()ed."""
-        first = len(self.choices[index].text) == 1
+        choice = self.choices[index]
+        first = len(choice.text) == 1
         return self._envelope(
             [
                 {
                     "index": index,
-                    "text": self.echo + out.new_text if first else out.new_text,
-                    "logprobs": self._chunk_logprobs(self.choices[index], out),
+                    "text": choice.prompt.echo + out.new_text if first else out.new_text,
+                    "logprobs": self._chunk_logprobs(choice, out),
                     "finish_reason": openai_reason(out.finish_reason),
                 }
             ]
@@ -126,7 +135,7 @@ class CompletionFormat:
         choices = [
             {
                 "index": i,
-                "text": self.echo + "".join(c.text),
+                "text": c.prompt.echo + "".join(c.text),
                 "logprobs": self._final_logprobs(c),
                 "finish_reason": openai_reason(c.finish_reason),
             }

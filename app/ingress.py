@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from app.config import AppArgs
-from app.formats import ChatFormat, CompletionFormat
+from app.formats import ChatFormat, CompletionFormat, Prompt
 from app.logprobs import TokenTexts
 from app.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
 from engine import InvalidRequestError, RequestOutput, SamplingParams
@@ -95,7 +95,7 @@ class Ingress:
 
     def _prepare(
         self, body: bytes, chat: bool, kv_capacity: int
-    ) -> tuple[object, list[int], SamplingParams]:
+    ) -> tuple[object, list[Prompt], SamplingParams]:
         req = parse(body, ChatCompletionRequest if chat else CompletionRequest)
         if req.model != self.args.served_model_name:
             raise APIError(
@@ -105,40 +105,60 @@ class Ingress:
                 "model",
                 "not_found_error",
             )
+        # before tokenizing: a batch too large for the queue is refused without that work
+        self._admit(req.n, 1 if chat else len(req.prompts))
         if chat:
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-            ids = chat_token_ids(self.tokenizer, messages)
+            prompts = [Prompt(chat_token_ids(self.tokenizer, messages))]
             max_tokens = req.max_completion_tokens or req.max_tokens
         else:
-            prompt = req.prompt
-            ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
+            prompts = [self._completion_prompt(p, req.echo) for p in req.prompts]
             max_tokens = req.max_tokens if req.max_tokens is not None else 16
         if max_tokens is None:  # chat without a limit: up to the context window
-            max_tokens = max(1, self.max_model_len - len(ids))
-        try:  # the same limits as the engine, with the smallest replica cache on the path
-            check_lengths(len(ids), max_tokens, self.max_model_len, kv_capacity)
+            max_tokens = max(1, self.max_model_len - len(prompts[0].ids))
+        for i, prompt in enumerate(prompts):
+            self._check_lengths(
+                prompt, max_tokens, kv_capacity, chat, i if len(prompts) > 1 else None
+            )
+        return req, prompts, req.sampling_params(max_tokens)
+
+    def _completion_prompt(self, prompt: str | list[int], echo: bool) -> Prompt:
+        """A completions prompt, text or token ids; echo repeats it as sent, or as the text of
+        its ids."""
+        if isinstance(prompt, str):
+            return Prompt(self.tokenizer(prompt).input_ids, prompt if echo else "")
+        ids = list(prompt)
+        return Prompt(ids, self.tokenizer.decode(ids) if echo else "")
+
+    def _check_lengths(
+        self, prompt: Prompt, max_tokens: int, kv_capacity: int, chat: bool, index: int | None
+    ) -> None:
+        """The engine's limits, with the smallest replica cache on the path; `index`: the
+        prompt's place in a batch, named in the error."""
+        try:
+            check_lengths(len(prompt.ids), max_tokens, self.max_model_len, kv_capacity)
         except InvalidRequestError as e:
             param = "messages" if chat and e.param == "prompt" else e.param
-            raise APIError(400, str(e), param) from e
-        return req, ids, req.sampling_params(max_tokens)
+            where = "" if index is None else f"prompt {index}: "
+            raise APIError(400, f"{where}{e}", param) from e
 
     async def _generate(self, body: bytes, chat: bool) -> Response:
-        req, ids, params = self._prepare(body, chat, await self._capacity())
-        self._admit(req.n)
+        req, prompts, params = self._prepare(body, chat, await self._capacity())
+        choices = _choice_params(params, req.n)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        # one engine request per choice; the first output (a prefill) is awaited before any
-        # response is started, so an error a replica raises (e.g. beyond its KV cache) still
-        # becomes an HTTP status
+        # one engine request per choice, numbered prompt by prompt; the first output (a
+        # prefill) is awaited before any response is started, so an error a replica raises
+        # (e.g. beyond its KV cache) still becomes an HTTP status
+        many = len(prompts) * req.n > 1
         streams = [
-            self._outputs(f"{request_id}-{i}" if req.n > 1 else request_id, ids, choice)
-            for i, choice in enumerate(_choice_params(params, req.n))
+            self._outputs(f"{request_id}-{i * req.n + j}" if many else request_id, p.ids, c)
+            for i, p in enumerate(prompts)
+            for j, c in enumerate(choices)
         ]
         outputs = await _primed(_merged(streams))
         fmt = ChatFormat if chat else CompletionFormat
         texts = None if params.logprobs is None else self.token_texts
-        echo = self._echo(req, ids)
-        scored = None if params.prompt_logprobs is None else ids  # the echo's logprobs lead
-        view = fmt(request_id, self.args.served_model_name, len(ids), req.n, texts, echo, scored)
+        view = fmt(request_id, self.args.served_model_name, prompts, req.n, texts)
         if req.stream:
             return StreamingResponse(
                 self._sse(view, outputs, req.include_usage), media_type="text/event-stream"
@@ -148,20 +168,18 @@ class Ingress:
                 view.add(index, out)
         return JSONResponse(view.final())
 
-    def _echo(self, req, ids: list[int]) -> str:
-        """Completions' echo: the prompt as sent, or the text of its token ids."""
-        if not getattr(req, "echo", False):
-            return ""
-        return req.prompt if isinstance(req.prompt, str) else self.tokenizer.decode(ids)
-
-    def _admit(self, n: int) -> None:
-        """Bounded queue: refuse what would put more than max_queued_requests in flight."""
-        limit = self.args.ingress.max_queued_requests
-        if n > limit:
+    def _admit(self, n: int, num_prompts: int = 1) -> None:
+        """Bounded queue: refuse what would put more than max_queued_requests in flight (a
+        request is n choices for each of its prompts)."""
+        limit, count = self.args.ingress.max_queued_requests, n * num_prompts
+        if count > limit:
+            what = f"n={n}" if num_prompts == 1 else f"{num_prompts} prompts x n={n}"
             raise APIError(
-                400, f"n={n} is more than the {limit} requests this server holds in flight", "n"
+                400,
+                f"{what} is more than the {limit} requests this server holds in flight",
+                "n" if num_prompts == 1 else "prompt",
             )
-        if self.num_in_flight + n > limit:
+        if self.num_in_flight + count > limit:
             raise APIError(
                 503,
                 "server overloaded: too many requests in flight, retry later",

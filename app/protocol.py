@@ -139,7 +139,8 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str]
+    # one prompt (text or token ids) or a batch of them, as OpenAI takes it
+    prompt: str | list[int] | list[str] | list[list[int]]
     # the sampled token's logprob and this many alternatives' (OpenAI allows 5, vLLM 20)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
@@ -147,14 +148,14 @@ class CompletionRequest(_Sampling):
 
     _no_suffix = _refused("suffix", why="(insertion) is not supported")
 
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, value):
-        if isinstance(value, list) and value and isinstance(value[0], str):
-            if len(value) != 1:
-                raise ValueError("one prompt per request is supported")
-            return value[0]
-        return value
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each text or token ids; a batch's choices are numbered prompt by
+        prompt (prompt i's choice j has index i * n + j)."""
+        batch = (
+            isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int)
+        )
+        return list(self.prompt) if batch else [self.prompt]
 
     @property
     def num_logprobs(self) -> int | None:

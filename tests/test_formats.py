@@ -4,9 +4,11 @@ the streamed chunks add up to the final body."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from app.formats import CompletionFormat
+from app.formats import ChatFormat, CompletionFormat, Prompt
 from app.logprobs import MIN_LOGPROB
 from engine import RequestOutput, TokenLogprob
 
@@ -29,7 +31,7 @@ def _outputs() -> list[RequestOutput]:
 
 
 def _format(n: int = 1) -> CompletionFormat:
-    return CompletionFormat("cmpl-1", "m", 3, n, TEXTS.__getitem__, "The cat sat", PROMPT)
+    return CompletionFormat("cmpl-1", "m", [Prompt(PROMPT, "The cat sat")], n, TEXTS.__getitem__)
 
 
 def test_echo_with_logprobs_leads_with_the_prompt_and_offsets_run_on():
@@ -63,12 +65,50 @@ def test_streamed_chunks_add_up_to_the_final_body_for_each_choice():
 
 
 def test_echo_without_logprobs_has_none_and_logprobs_without_echo_no_prompt():
-    view = CompletionFormat("cmpl-1", "m", 3, 1, None, "The cat sat", None)
+    view = CompletionFormat("cmpl-1", "m", [Prompt(PROMPT, "The cat sat")], 1, None)
     for out in _outputs():
         view.add(0, out)
     assert view.final()["choices"][0]["logprobs"] is None
-    plain = CompletionFormat("cmpl-1", "m", 3, 1, TEXTS.__getitem__)
+    plain = CompletionFormat("cmpl-1", "m", [Prompt(PROMPT)], 1, TEXTS.__getitem__)
     for out in _outputs():
-        plain.add(0, out)
+        plain.add(0, dataclasses.replace(out, prompt_logprobs=None))  # none asked: none come
     lp = plain.final()["choices"][0]["logprobs"]
     assert lp["tokens"] == [" on", " mat"] and lp["text_offset"] == [0, 3]
+
+
+def test_a_batch_numbers_choices_prompt_by_prompt_and_counts_each_prompt_once():
+    """Two prompts, n=2: choice i * n + j is prompt i's j-th; each echoes its own prompt."""
+    prompts = [Prompt(PROMPT, "The cat sat"), Prompt([2, 3], " cat sat")]
+    view = CompletionFormat("cmpl-1", "m", prompts, 2, TEXTS.__getitem__)
+    chunks = {}
+    for out in _outputs():
+        second = (
+            out
+            if out.prompt_logprobs is None
+            else dataclasses.replace(out, prompt_logprobs=[None, SCORED[2]])
+        )  # the second prompt's own scores
+        for index in (3, 0, 2, 1):
+            view.add(index, out if index < 2 else second)
+            chunks.setdefault(index, []).append(view.chunk(index, out)["choices"][0])
+    body = view.final()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    texts = [c["text"] for c in body["choices"]]
+    assert texts == ["The cat sat on mat"] * 2 + [" cat sat on mat"] * 2
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}
+    for index, streamed in chunks.items():
+        assert "".join(c["text"] for c in streamed) == texts[index]
+    # the second prompt's scores are its own: its tokens lead, from offset 0
+    lp = body["choices"][2]["logprobs"]
+    assert lp["tokens"] == [" cat", " sat", " on", " mat"]
+    assert lp["token_logprobs"][:3] == [None, -0.5, -0.1]
+    assert lp["text_offset"] == [0, 4, 8, 11]
+
+
+def test_chat_bodies_have_no_echo_and_count_the_prompt_once():
+    view = ChatFormat("chatcmpl-1", "m", [Prompt(PROMPT)], 2)
+    for out in _outputs():
+        for index in (0, 1):
+            view.add(index, dataclasses.replace(out, prompt_logprobs=None))
+    body = view.final()
+    assert [c["message"]["content"] for c in body["choices"]] == [" on mat"] * 2
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}

@@ -1,5 +1,6 @@
-"""The ingress's handling of n choices, without Ray: the bounded queue's check, the choices'
-seeds, and the merge of their output streams (stand-in streams; no model)."""
+"""The ingress's handling of n choices and batched prompts, without Ray: the prompt forms, the
+bounded queue's check, the choices' seeds, and the merge of their output streams (stand-in
+streams; no model)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from app.config import AppArgs
 from app.ingress import Ingress, _choice_params, _merged, _primed
-from app.protocol import APIError
+from app.protocol import APIError, CompletionRequest
 from engine import SamplingParams
 
 pytestmark = pytest.mark.unit
@@ -29,6 +30,34 @@ def test_admit_refuses_n_beyond_the_queue_and_overload():
     with pytest.raises(APIError) as e:
         Ingress._admit(_ingress(2), 3)
     assert e.value.status == 503 and e.value.kind == "overloaded_error"
+
+
+def test_admit_counts_every_prompt_of_a_batch():
+    Ingress._admit(_ingress(0), 2, 2)
+    with pytest.raises(APIError) as e:
+        Ingress._admit(_ingress(0), 2, 3)  # 6 requests
+    assert (e.value.status, e.value.param) == (400, "prompt")
+    assert "3 prompts x n=2" in e.value.message
+
+
+@pytest.mark.parametrize(
+    "prompt, prompts",
+    [
+        ("hi", ["hi"]),
+        ([1, 2], [[1, 2]]),  # token ids: one prompt
+        (["a", "b"], ["a", "b"]),
+        ([[1], [2, 3]], [[1], [2, 3]]),
+        ([], [[]]),  # an empty prompt, refused by the length check
+    ],
+)
+def test_completion_prompt_forms(prompt, prompts):
+    assert CompletionRequest(model="m", prompt=prompt).prompts == prompts
+
+
+@pytest.mark.parametrize("prompt", [[1, "a"], ["a", [1]], [[1], "a"], 5, [[["a"]]]])
+def test_mixed_prompt_forms_are_refused(prompt):
+    with pytest.raises(ValueError, match="prompt"):
+        CompletionRequest(model="m", prompt=prompt)
 
 
 def test_seeded_choices_draw_from_consecutive_seeds():

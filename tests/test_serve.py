@@ -304,6 +304,41 @@ def test_echo_prepends_the_prompt_to_every_choice(server, engine_alone, tokenize
     assert texts[0].startswith(PROMPT) and "".join(texts) == PROMPT + engine_alone.text
 
 
+def test_a_batch_of_prompts_gets_each_prompt_its_own_choices(server, local_engine, tokenizer):
+    """prompt as a list (texts, or lists of token ids): prompt i's choice j has index i * n + j,
+    each equal to the engine alone on that prompt; usage counts each prompt once."""
+    from engine import SamplingParams
+
+    prompts = [PROMPT, "Water boils at", "1, 2, 3,"]
+    want = local_engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
+    lens = [len(tokenizer(p).input_ids) for p in prompts]
+    completion = sum(len(w.token_ids) for w in want)
+    for mode in ("disagg", "chunked"):
+        r = _complete(server, mode, prompt=prompts, max_tokens=6, n=2, echo=True)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert [c["index"] for c in body["choices"]] == list(range(6))
+        texts = [p + w.text for p, w in zip(prompts, want, strict=True) for _ in range(2)]
+        assert [c["text"] for c in body["choices"]] == texts, mode
+        assert body["usage"] == {
+            "prompt_tokens": sum(lens),
+            "completion_tokens": 2 * completion,
+            "total_tokens": sum(lens) + 2 * completion,
+        }
+    ids = [tokenizer(p).input_ids for p in prompts]  # a batch of token-id prompts, streamed
+    with _stream(server, "coloc", prompt=ids, max_tokens=6, temperature=0) as r:
+        lines = [x for x in r.iter_lines() if x]
+    assert lines[-1] == "data: [DONE]"
+    streamed = ["", "", ""]
+    for line in lines[:-1]:
+        [choice] = json.loads(line.removeprefix("data: "))["choices"]
+        streamed[choice["index"]] += choice["text"]
+    assert streamed == [w.text for w in want]
+    # one prompt of the batch beyond the context window: refused, named by its place
+    r = _complete(server, "disagg", prompt=["Hi", "hi " * 9000], max_tokens=2)
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("prompt 1: ")
+
+
 def test_official_openai_client_completions_and_chat(server):
     import openai
 
@@ -345,6 +380,14 @@ def test_official_openai_client_completions_and_chat(server):
     lp = scored.choices[0].logprobs
     assert "".join(lp.tokens) == scored.choices[0].text == PROMPT + " Paris"
     assert lp.token_logprobs[0] is None and all(v < 0 for v in lp.token_logprobs[1:])
+    # ... and a batch of them, as harnesses send it
+    batch = client.completions.create(
+        model=model.id, prompt=[PROMPT, "Hi"], max_tokens=1, temperature=0, logprobs=1, echo=True
+    )
+    assert [c.index for c in batch.choices] == [0, 1]
+    scores = batch.choices[0].logprobs.token_logprobs
+    assert scores[0] is None and scores[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-4)
+    assert batch.choices[1].text.startswith("Hi")
     chat = client.chat.completions.create(
         model=model.id,
         temperature=0,
@@ -403,6 +446,9 @@ def test_official_openai_client_completions_and_chat(server):
         ({"prompt": "hi", "min_p": -0.1}, 400, "min_p"),
         ({"prompt": "hi", "best_of": 3}, 400, "best_of"),
         ({"prompt": "hi", "suffix": "!"}, 400, "suffix"),
+        ({"prompt": []}, 400, "empty"),
+        ({"prompt": ["hi", [1, 2]]}, 400, "prompt"),
+        ({"prompt": ["hi"] * 65, "n": 2}, 400, "65 prompts x n=2"),  # the queue holds 128
     ],
 )
 def test_bad_input_gets_openai_error_and_server_keeps_serving(server, body, status, needle):

@@ -8,6 +8,7 @@ A completions batch has several prompts: prompt i's choice j has index i * n + j
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ from app.logprobs import (
     completion_logprobs,
     echoed_prompt_logprobs,
     joined,
+    vllm_prompt_logprobs,
 )
 from engine import RequestOutput, TokenLogprob
 
@@ -29,9 +31,20 @@ class Prompt:
     echo: str = ""  # completions' echo: the prompt as sent, or the text of its token ids
 
 
+@dataclass(frozen=True)
+class Shown:
+    """What a body carries beside the text, as the request asked."""
+
+    logprobs: int | None = None  # OpenAI's logprobs, with this many alternatives per token
+    echo_scores: bool = False  # completions' echo with logprobs: the prompt's tokens lead
+    prompt_logprobs: int | None = None  # vLLM's prompt_logprobs field, this many alternatives
+    generated: bool = True  # False: completions' echo with max_tokens 0, the prompt alone
+
+
 @dataclass
 class _Choice:
     prompt: Prompt
+    generated: bool = True  # False: the engine's one token is not shown
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # with the first output, if asked
@@ -39,13 +52,20 @@ class _Choice:
     finish_reason: str | None = None
     streamed_tokens_len: int = 0  # the next chunk's first text_offset (completions)
 
-    def add(self, out: RequestOutput) -> None:
+    def add(self, out: RequestOutput) -> RequestOutput:
+        """Keep `out`; -> it as the client sees it (nothing generated for an echo alone)."""
+        if not self.generated:
+            out = dataclasses.replace(
+                out, new_token_ids=[], new_text="", num_output_tokens=0, logprobs=[],
+                finish_reason=out.finish_reason and "length",  # max_tokens 0 reached
+            )  # fmt: skip
         self.text.append(out.new_text)
         self.logprobs.extend(out.logprobs or ())
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
         self.num_output_tokens = out.num_output_tokens
         self.finish_reason = out.finish_reason or self.finish_reason
+        return out
 
 
 class CompletionFormat:
@@ -57,28 +77,31 @@ class CompletionFormat:
         model: str,
         prompts: list[Prompt],
         n: int = 1,
-        token_texts: TokenTexts | None = None,  # None: the request asked for no logprobs
+        token_texts: TokenTexts | None = None,  # needed when `shown` has logprobs of any kind
+        shown: Shown = Shown(),
     ) -> None:
         self.id, self.model, self.created = request_id, model, int(time.time())
         self.num_prompt_tokens = sum(len(p.ids) for p in prompts)  # each prompt counts once
-        self.choices = [_Choice(p) for p in prompts for _ in range(n)]
+        self.choices = [_Choice(p, shown.generated) for p in prompts for _ in range(n)]
         self.token_texts = token_texts
+        self.shown = shown
 
-    def add(self, index: int, out: RequestOutput) -> None:
-        self.choices[index].add(out)
+    def add(self, index: int, out: RequestOutput) -> RequestOutput:
+        """Keep a choice's output; -> it as the client sees it, for chunk()."""
+        return self.choices[index].add(out)
 
     def _logprobs(self, entries: list[TokenLogprob], offset: int = 0) -> dict | None:
-        if self.token_texts is None:
+        if self.shown.logprobs is None:
             return None
         return completion_logprobs(entries, self.token_texts, offset)
 
     def _with_prompt(self, choice: _Choice) -> tuple[dict | None, int]:
-        """-> the echoed prompt's logprobs (None unless the prompt was scored: echo with
-        logprobs) and the text offset of the completion's first token."""
-        if self.token_texts is None or choice.prompt_logprobs is None:
+        """-> the echoed prompt's logprobs (None unless echo with logprobs) and the text offset
+        of the completion's first token."""
+        if not self.shown.echo_scores or choice.prompt_logprobs is None:
             return None, 0
-        scores = choice.prompt_logprobs
-        head = echoed_prompt_logprobs(choice.prompt.ids, scores, self.token_texts)
+        scores, k = choice.prompt_logprobs, self.shown.logprobs
+        head = echoed_prompt_logprobs(choice.prompt.ids, scores, self.token_texts, k)
         return head, sum(len(t) for t in head["tokens"])
 
     def _chunk_logprobs(self, choice: _Choice, out: RequestOutput) -> dict | None:
@@ -94,6 +117,15 @@ class CompletionFormat:
         head, offset = self._with_prompt(choice)
         logprobs = self._logprobs(choice.logprobs, offset)
         return logprobs if head is None or logprobs is None else joined(head, logprobs)
+
+    def _vllm_prompt_logprobs(self, choice: _Choice) -> dict:
+        """{"prompt_logprobs": [...]} when the request asked for vLLM's field, else {}."""
+        k = self.shown.prompt_logprobs
+        if k is None or choice.prompt_logprobs is None:
+            return {}
+        return {
+            "prompt_logprobs": vllm_prompt_logprobs(choice.prompt_logprobs, self.token_texts, k)
+        }
 
     def _envelope(self, choices: list[dict], object_name: str | None = None) -> dict:
         return {
@@ -138,6 +170,7 @@ class CompletionFormat:
                 "text": c.prompt.echo + "".join(c.text),
                 "logprobs": self._final_logprobs(c),
                 "finish_reason": openai_reason(c.finish_reason),
+                **self._vllm_prompt_logprobs(c),
             }
             for i, c in enumerate(self.choices)
         ]
@@ -148,7 +181,7 @@ class ChatFormat(CompletionFormat):
     object_name = "chat.completion.chunk"
 
     def _logprobs(self, entries: list[TokenLogprob], offset: int = 0) -> dict | None:
-        return None if self.token_texts is None else chat_logprobs(entries, self.token_texts)
+        return None if self.shown.logprobs is None else chat_logprobs(entries, self.token_texts)
 
     def _chunk_logprobs(self, choice: _Choice, out: RequestOutput) -> dict | None:
         return self._logprobs(out.logprobs or [])
@@ -179,7 +212,9 @@ class ChatFormat(CompletionFormat):
             }
             for i, c in enumerate(self.choices)
         ]
-        return {**self._envelope(choices, "chat.completion"), "usage": self.usage}
+        # vLLM's chat body has the one prompt's logprobs beside the choices
+        body = {**self._envelope(choices, "chat.completion"), "usage": self.usage}
+        return {**body, **self._vllm_prompt_logprobs(self.choices[0])}
 
 
 def openai_reason(reason: str | None) -> str | None:

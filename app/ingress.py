@@ -114,6 +114,8 @@ class Ingress:
         else:
             prompts = [self._completion_prompt(p, req.echo) for p in req.prompts]
             max_tokens = req.max_tokens if req.max_tokens is not None else 16
+            # echo with max_tokens 0 (vLLM's): one token is computed, and not shown
+            max_tokens = 1 if req.echo_only else max_tokens
         if max_tokens is None:  # chat without a limit: up to the context window
             max_tokens = max(1, self.max_model_len - len(prompts[0].ids))
         for i, prompt in enumerate(prompts):
@@ -157,8 +159,9 @@ class Ingress:
         ]
         outputs = await _primed(_merged(streams))
         fmt = ChatFormat if chat else CompletionFormat
-        texts = None if params.logprobs is None else self.token_texts
-        view = fmt(request_id, self.args.served_model_name, prompts, req.n, texts)
+        view = fmt(
+            request_id, self.args.served_model_name, prompts, req.n, self.token_texts, req.shown
+        )
         if req.stream:
             return StreamingResponse(
                 self._sse(view, outputs, req.include_usage), media_type="text/event-stream"
@@ -189,8 +192,8 @@ class Ingress:
     async def _sse(self, view, outputs: AsyncIterator[tuple[int, RequestOutput]], usage: bool):
         async with contextlib.aclosing(outputs):
             async for index, out in outputs:
-                view.add(index, out)
-                yield f"data: {json.dumps(view.chunk(index, out))}\n\n"
+                shown = view.add(index, out)
+                yield f"data: {json.dumps(view.chunk(index, shown))}\n\n"
         if usage:
             yield f"data: {json.dumps(view.usage_chunk())}\n\n"
         yield "data: [DONE]\n\n"

@@ -3,6 +3,7 @@ API's list of token objects. Pure functions over engine.TokenLogprob; the ingres
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from engine.outputs import TokenLogprob
@@ -52,18 +53,44 @@ def completion_logprobs(
 
 
 def echoed_prompt_logprobs(
-    prompt_ids: list[int], entries: list[TokenLogprob | None], text_of: Callable[[int], str]
+    prompt_ids: list[int],
+    entries: list[TokenLogprob | None],
+    text_of: Callable[[int], str],
+    k: int,
 ) -> dict:
-    """The completions `logprobs` lists of an echoed prompt, from offset 0: its first token
-    has no logprob (null, as OpenAI gives it); the rest are the engine's prompt logprobs."""
+    """The completions `logprobs` lists of an echoed prompt, from offset 0, with k alternatives
+    per token: its first token has no logprob (null, as OpenAI gives it); the rest are the
+    engine's prompt logprobs."""
     head = text_of(prompt_ids[0])
-    rest = completion_logprobs([e for e in entries[1:] if e is not None], text_of, len(head))
+    scored = [dataclasses.replace(e, top=e.top[:k]) for e in entries[1:] if e is not None]
+    rest = completion_logprobs(scored, text_of, len(head))
     return {
         "tokens": [head, *rest["tokens"]],
         "token_logprobs": [None, *rest["token_logprobs"]],
         "top_logprobs": [None, *rest["top_logprobs"]],
         "text_offset": [0, *rest["text_offset"]],
     }
+
+
+def vllm_prompt_logprobs(
+    entries: list[TokenLogprob | None], text_of: Callable[[int], str], k: int
+) -> list[dict | None]:
+    """vLLM's `prompt_logprobs` field: per prompt token, None for the first, else {token id:
+    {logprob, rank, decoded_token}} for the prompt's token and the k most likely."""
+    out: list[dict | None] = []
+    for e in entries:
+        if e is None:
+            out.append(None)
+            continue
+        ranked = [(e.token_id, e.logprob, e.rank)]
+        ranked += [(i, lp, place) for place, (i, lp) in enumerate(e.top[:k], 1) if i != e.token_id]
+        out.append(
+            {
+                str(i): {"logprob": _finite(lp), "rank": rank, "decoded_token": text_of(i)}
+                for i, lp, rank in ranked
+            }
+        )
+    return out
 
 
 def joined(first: dict, then: dict) -> dict:

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.responses import JSONResponse
 
+from app.formats import Shown
 from engine import InvalidRequestError, SamplingParams
 from engine.sampling_params import MAX_LOGPROBS
 
@@ -86,10 +87,20 @@ class _Sampling(BaseModel):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    # vLLM's: each prompt token's logprob and this many alternatives', in the body's
+    # prompt_logprobs (completions: per choice; chat: beside the choices)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     # fields that would change the output if honoured: refused rather than silently ignored
     best_of: int | None = None
 
     _one_candidate = _refused("best_of", why="is not supported above 1", allowed=(1,))
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _prompt_logprobs_whole(cls, value, info):
+        if value is not None and info.data.get("stream"):
+            raise ValueError("is not supported with stream (as in vLLM)")
+        return value
 
     @field_validator("logit_bias")
     @classmethod
@@ -130,8 +141,13 @@ class _Sampling(BaseModel):
 
     @property
     def num_prompt_logprobs(self) -> int | None:
-        """The same for each prompt token; None: none (only completions' echo asks)."""
-        return None
+        """The same for each prompt token; None: none."""
+        return self.prompt_logprobs
+
+    @property
+    def shown(self) -> Shown:
+        """What the response body carries beside the text."""
+        return Shown(logprobs=self.num_logprobs, prompt_logprobs=self.prompt_logprobs)
 
     @property
     def include_usage(self) -> bool:
@@ -163,8 +179,24 @@ class CompletionRequest(_Sampling):
 
     @property
     def num_prompt_logprobs(self) -> int | None:
-        # echo with logprobs scores the prompt too (what evaluation harnesses ask for)
-        return self.logprobs if self.echo else None
+        # echo with logprobs scores the prompt too (what evaluation harnesses ask for); the
+        # engine computes the most alternatives either use asks for
+        asked = [self.prompt_logprobs, self.logprobs if self.echo else None]
+        return max((k for k in asked if k is not None), default=None)
+
+    @property
+    def shown(self) -> Shown:
+        return Shown(
+            logprobs=self.logprobs,
+            echo_scores=self.echo and self.logprobs is not None,
+            prompt_logprobs=self.prompt_logprobs,
+            generated=not self.echo_only,
+        )
+
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: the prompt (and its scores) alone, nothing generated."""
+        return self.echo and self.max_tokens == 0
 
 
 class ChatMessage(BaseModel):

@@ -11,13 +11,14 @@ from kernels.kv_blocks import KVLayout
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """One output token's log-probability and its top alternatives, as (token id, logprob)
+    """One token's log-probability, its rank and the top alternatives, as (token id, logprob)
     most likely first. Of the model's own distribution, before penalties, bias, temperature and
     truncation (vLLM's default `raw_logprobs`), so it says what the model thought."""
 
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None  # 1: the most likely token (vLLM's Logprob.rank); None: not known
 
 
 @dataclass(frozen=True)

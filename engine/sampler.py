@@ -111,10 +111,11 @@ def token_logprobs(
         return out
     logprobs = torch.log_softmax(logits[rows].float(), dim=-1)  # only the rows that asked
     chosen = logprobs.gather(1, torch.tensor([[tokens[i]] for i in rows], device=logits.device))
+    ranks = (logprobs > chosen).sum(dim=-1) + 1  # ties share the best place
     k = max(counts[i] for i in rows)
     values, ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0])
     chosen, values, ids = chosen.cpu().tolist(), values.cpu().tolist(), ids.cpu().tolist()
-    for j, i in enumerate(rows):
+    for j, (i, rank) in enumerate(zip(rows, ranks.cpu().tolist(), strict=True)):
         top = tuple(zip(map(int, ids[j][: counts[i]]), values[j][: counts[i]], strict=True))
-        out[i] = TokenLogprob(tokens[i], chosen[j][0], top)
+        out[i] = TokenLogprob(tokens[i], chosen[j][0], top, rank)
     return out

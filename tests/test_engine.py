@@ -273,8 +273,15 @@ def test_logprobs_equal_transformers_log_softmax(make_engine, hf_model, tokenize
         values, ids = row.topk(5)
         assert [i for i, _ in lp.top] == ids.tolist(), t
         assert [v for _, v in lp.top] == pytest.approx(values.tolist(), abs=2e-4), t
+        assert _within_rank(lp, row), t
     # sampled, not greedy: some token is not the most likely one, and still has its logprob
     assert any(lp.token_id != lp.top[0][0] for lp in logprobs)
+
+
+def _within_rank(lp, row, tol: float = 1e-3) -> bool:
+    """lp.rank is the token's place in transformers' row (1: most likely), up to near-ties."""
+    value = row[lp.token_id].item()
+    return (row > value + tol).sum().item() + 1 <= lp.rank <= (row > value - tol).sum().item() + 1
 
 
 def test_logprobs_zero_gives_the_sampled_token_alone(make_engine):
@@ -326,6 +333,8 @@ def test_prompt_logprobs_equal_transformers_log_softmax(
         values, ids = row.topk(4)
         assert [i for i, _ in lp.top] == ids.tolist(), j
         assert [v for _, v in lp.top] == pytest.approx(values.tolist(), abs=2e-4), j
+        assert _within_rank(lp, row), j
+    assert any(lp.rank > 1 for lp in got[1:])  # a prompt is not all the model's first choice
 
 
 def test_stop_string_truncates_and_is_never_streamed(make_engine, reference, tokenizer):

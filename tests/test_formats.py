@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 
-from app.formats import ChatFormat, CompletionFormat, Prompt
+from app.formats import ChatFormat, CompletionFormat, Prompt, Shown
 from app.logprobs import MIN_LOGPROB
 from engine import RequestOutput, TokenLogprob
 
@@ -30,8 +30,12 @@ def _outputs() -> list[RequestOutput]:
     return [first, last]
 
 
-def _format(n: int = 1) -> CompletionFormat:
-    return CompletionFormat("cmpl-1", "m", [Prompt(PROMPT, "The cat sat")], n, TEXTS.__getitem__)
+ECHO_SCORES = Shown(logprobs=1, echo_scores=True)
+
+
+def _format(n: int = 1, shown: Shown = ECHO_SCORES) -> CompletionFormat:
+    echoed = [Prompt(PROMPT, "The cat sat")]
+    return CompletionFormat("cmpl-1", "m", echoed, n, TEXTS.__getitem__, shown)
 
 
 def test_echo_with_logprobs_leads_with_the_prompt_and_offsets_run_on():
@@ -65,11 +69,11 @@ def test_streamed_chunks_add_up_to_the_final_body_for_each_choice():
 
 
 def test_echo_without_logprobs_has_none_and_logprobs_without_echo_no_prompt():
-    view = CompletionFormat("cmpl-1", "m", [Prompt(PROMPT, "The cat sat")], 1, None)
+    view = CompletionFormat("cmpl-1", "m", [Prompt(PROMPT, "The cat sat")], 1, None, Shown())
     for out in _outputs():
         view.add(0, out)
     assert view.final()["choices"][0]["logprobs"] is None
-    plain = CompletionFormat("cmpl-1", "m", [Prompt(PROMPT)], 1, TEXTS.__getitem__)
+    plain = CompletionFormat("cmpl-1", "m", [Prompt(PROMPT)], 1, TEXTS.__getitem__, Shown(1))
     for out in _outputs():
         plain.add(0, dataclasses.replace(out, prompt_logprobs=None))  # none asked: none come
     lp = plain.final()["choices"][0]["logprobs"]
@@ -79,7 +83,7 @@ def test_echo_without_logprobs_has_none_and_logprobs_without_echo_no_prompt():
 def test_a_batch_numbers_choices_prompt_by_prompt_and_counts_each_prompt_once():
     """Two prompts, n=2: choice i * n + j is prompt i's j-th; each echoes its own prompt."""
     prompts = [Prompt(PROMPT, "The cat sat"), Prompt([2, 3], " cat sat")]
-    view = CompletionFormat("cmpl-1", "m", prompts, 2, TEXTS.__getitem__)
+    view = CompletionFormat("cmpl-1", "m", prompts, 2, TEXTS.__getitem__, ECHO_SCORES)
     chunks = {}
     for out in _outputs():
         second = (
@@ -105,10 +109,62 @@ def test_a_batch_numbers_choices_prompt_by_prompt_and_counts_each_prompt_once():
 
 
 def test_chat_bodies_have_no_echo_and_count_the_prompt_once():
-    view = ChatFormat("chatcmpl-1", "m", [Prompt(PROMPT)], 2)
+    view = ChatFormat("chatcmpl-1", "m", [Prompt(PROMPT)], 2, None, Shown())
     for out in _outputs():
         for index in (0, 1):
             view.add(index, dataclasses.replace(out, prompt_logprobs=None))
     body = view.final()
     assert [c["message"]["content"] for c in body["choices"]] == [" on mat"] * 2
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+
+
+def test_echo_with_max_tokens_zero_shows_the_prompt_alone():
+    """vLLM's echo with max_tokens 0: the engine's one token is neither text, logprobs nor
+    usage; the reason is the length limit; streamed = final."""
+    view = _format(shown=dataclasses.replace(ECHO_SCORES, generated=False))
+    first = _outputs()[0]
+    shown = view.add(0, dataclasses.replace(first, finish_reason="stop"))
+    chunk = view.chunk(0, shown)["choices"][0]
+    [choice] = view.final()["choices"]
+    assert choice["text"] == chunk["text"] == "The cat sat"
+    assert choice["finish_reason"] == chunk["finish_reason"] == "length"
+    assert choice["logprobs"]["tokens"] == chunk["logprobs"]["tokens"] == ["The", " cat", " sat"]
+    assert view.usage["completion_tokens"] == 0
+
+
+def test_vllm_prompt_logprobs_field_per_choice_and_beside_chat_choices():
+    """The prompt's token and its k most likely, keyed by token id, with rank and text; the
+    echo's lists keep their own k."""
+    scored = [
+        None,
+        TokenLogprob(2, -2.5, ((4, -1.0), (2, -2.5)), 2),
+        TokenLogprob(3, -0.5, ((3, -0.5), (6, -3.0)), 1),
+    ]
+    first = dataclasses.replace(_outputs()[0], prompt_logprobs=scored)
+    view = _format(shown=dataclasses.replace(ECHO_SCORES, prompt_logprobs=2))
+    view.add(0, first)
+    [choice] = view.final()["choices"]
+    assert choice["prompt_logprobs"] == [
+        None,
+        {
+            "2": {"logprob": -2.5, "rank": 2, "decoded_token": " cat"},
+            "4": {"logprob": -1.0, "rank": 1, "decoded_token": " on"},
+        },
+        {
+            "3": {"logprob": -0.5, "rank": 1, "decoded_token": " sat"},
+            "6": {"logprob": -3.0, "rank": 2, "decoded_token": "."},
+        },
+    ]
+    assert choice["logprobs"]["top_logprobs"][1] == {" on": -1.0, " cat": -2.5}  # k=1 + token
+    plain = _format(shown=Shown(prompt_logprobs=0))  # the token alone; no logprobs lists
+    plain.add(0, first)
+    [choice] = plain.final()["choices"]
+    assert choice["logprobs"] is None
+    assert [list(p) if p else p for p in choice["prompt_logprobs"]] == [None, ["2"], ["3"]]
+    chat = ChatFormat(
+        "chatcmpl-1", "m", [Prompt(PROMPT)], 1, TEXTS.__getitem__, Shown(prompt_logprobs=2)
+    )
+    chat.add(0, first)
+    body = chat.final()
+    assert body["prompt_logprobs"] == view.final()["choices"][0]["prompt_logprobs"]
+    assert "prompt_logprobs" not in body["choices"][0]

@@ -240,6 +240,56 @@ def test_echo_with_logprobs_scores_the_prompt_in_all_modes(server, local_engine,
     assert sum((lp["text_offset"] for lp in streamed), []) == got["text_offset"]
 
 
+def _assert_vllm_prompt_logprobs(got: list, ids: list[int], want: list) -> None:
+    """vLLM's prompt_logprobs body: None first, then per token {id: logprob, rank, text} for
+    the token and the engine's top k."""
+    assert got[0] is None and len(got) == len(ids)
+    for entry, token, w in zip(got[1:], ids[1:], want[1:], strict=True):
+        assert set(entry) == {str(token), *(str(i) for i, _ in w.top)}
+        mine = entry[str(token)]
+        assert mine["logprob"] == pytest.approx(w.logprob, abs=1e-3)
+        # the tail of the vocabulary is dense: a far rank may move with rounding
+        assert abs(mine["rank"] - w.rank) <= max(0, w.rank // 100)
+
+
+def test_vllm_prompt_logprobs_field_and_echo_alone(server, local_engine, tokenizer):
+    """vLLM's prompt_logprobs field (completions: per choice; chat: beside the choices), and
+    echo with max_tokens 0: the prompt and its scores alone."""
+    from engine import SamplingParams
+    from engine.limits import chat_token_ids
+
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=2)
+    ids = tokenizer(PROMPT).input_ids
+    messages = [{"role": "user", "content": "Hi"}]
+    chat_ids = chat_token_ids(tokenizer, messages)
+    want, want_chat = local_engine.generate([ids, chat_ids], params)
+    r = _complete(server, "disagg", prompt=PROMPT, max_tokens=2, prompt_logprobs=2)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["logprobs"] is None  # no logprobs lists were asked
+    _assert_vllm_prompt_logprobs(
+        r.json()["choices"][0]["prompt_logprobs"], ids, want.prompt_logprobs
+    )
+    chat = {"model": "SmolLM2-135M-Instruct", "messages": messages, "max_tokens": 2}
+    r = httpx.post(
+        f"{server}/chunked/v1/chat/completions", json={**chat, "prompt_logprobs": 2}, timeout=60
+    )
+    assert r.status_code == 200, r.text
+    _assert_vllm_prompt_logprobs(r.json()["prompt_logprobs"], chat_ids, want_chat.prompt_logprobs)
+    for mode in ("disagg", "coloc"):
+        r = _complete(server, mode, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)
+        assert r.status_code == 200, r.text
+        [choice] = r.json()["choices"]
+        assert choice["text"] == PROMPT and choice["finish_reason"] == "length"
+        assert choice["logprobs"]["tokens"] == [tokenizer.decode([t]) for t in ids]
+        scores = [e.logprob for e in want.prompt_logprobs[1:]]
+        assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(scores, abs=1e-3)
+        assert r.json()["usage"]["completion_tokens"] == 0
+    with _stream(server, "disagg", prompt=PROMPT, max_tokens=0, echo=True) as r:
+        lines = [x for x in r.iter_lines() if x]
+    assert lines[-1] == "data: [DONE]" and len(lines) == 2
+    assert json.loads(lines[0].removeprefix("data: "))["choices"][0]["text"] == PROMPT
+
+
 @pytest.mark.parametrize(
     ("fields", "needle"),
     [({"top_logprobs": 2}, "requires logprobs"), ({"logprobs": True, "top_logprobs": 21}, "20")],
@@ -447,6 +497,8 @@ def test_official_openai_client_completions_and_chat(server):
         ({"prompt": "hi", "best_of": 3}, 400, "best_of"),
         ({"prompt": "hi", "suffix": "!"}, 400, "suffix"),
         ({"prompt": []}, 400, "empty"),
+        ({"prompt": "hi", "prompt_logprobs": 21}, 400, "prompt_logprobs"),
+        ({"prompt": "hi", "prompt_logprobs": 1, "stream": True}, 400, "with stream"),
         ({"prompt": ["hi", [1, 2]]}, 400, "prompt"),
         ({"prompt": ["hi"] * 65, "n": 2}, 400, "65 prompts x n=2"),  # the queue holds 128
     ],

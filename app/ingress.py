@@ -68,6 +68,8 @@ class Ingress:
             return JSONResponse({"status": "ok"})
         if path == "/v1/models" and method == "GET":
             return JSONResponse({"object": "list", "data": [self._model_card()]})
+        if path.startswith("/v1/models/") and method == "GET":  # the client's models.retrieve
+            return JSONResponse(self._model_card(path.removeprefix("/v1/models/")))
         if path == "/v1/completions" and method == "POST":
             return await self._generate(await request.body(), chat=False)
         if path == "/v1/chat/completions" and method == "POST":
@@ -82,7 +84,10 @@ class Ingress:
             self._kv_capacity = min(sizes)
         return self._kv_capacity
 
-    def _model_card(self) -> dict:
+    def _model_card(self, name: str | None = None) -> dict:
+        """The served model's card; `name`: the model asked for, 404 unless it is that one."""
+        if name is not None:
+            self._check_model(name)
         return {
             "id": self.args.served_model_name,
             "object": "model",
@@ -91,20 +96,23 @@ class Ingress:
             "max_model_len": self.max_model_len,
         }
 
+    def _check_model(self, name: str) -> None:
+        if name != self.args.served_model_name:
+            raise APIError(
+                404,
+                f"model {name!r} does not exist; this server serves "
+                f"{self.args.served_model_name!r}",
+                "model",
+                "not_found_error",
+            )
+
     # ---- requests ------------------------------------------------------------------------------
 
     def _prepare(
         self, body: bytes, chat: bool, kv_capacity: int
     ) -> tuple[object, list[Prompt], SamplingParams]:
         req = parse(body, ChatCompletionRequest if chat else CompletionRequest)
-        if req.model != self.args.served_model_name:
-            raise APIError(
-                404,
-                f"model {req.model!r} does not exist; this server serves "
-                f"{self.args.served_model_name!r}",
-                "model",
-                "not_found_error",
-            )
+        self._check_model(req.model)
         # before tokenizing: a batch too large for the queue is refused without that work
         self._admit(req.n, 1 if chat else len(req.prompts))
         if chat:

@@ -395,6 +395,9 @@ def test_official_openai_client_completions_and_chat(server):
     client = openai.OpenAI(base_url=f"{server}/disagg/v1", api_key="unused")
     [model] = client.models.list().data
     assert model.id == "SmolLM2-135M-Instruct"
+    assert client.models.retrieve(model.id).id == model.id
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("gpt-4")
     chat = client.chat.completions.create(
         model=model.id,
         temperature=0,

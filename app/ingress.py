@@ -172,7 +172,8 @@ class Ingress:
         )
         if req.stream:
             return StreamingResponse(
-                self._sse(view, outputs, req.include_usage), media_type="text/event-stream"
+                self._sse(view, outputs, req.include_usage, req.continuous_usage),
+                media_type="text/event-stream",
             )
         async with contextlib.aclosing(outputs):
             async for index, out in outputs:
@@ -197,11 +198,20 @@ class Ingress:
                 kind="overloaded_error",
             )
 
-    async def _sse(self, view, outputs: AsyncIterator[tuple[int, RequestOutput]], usage: bool):
+    async def _sse(
+        self,
+        view,
+        outputs: AsyncIterator[tuple[int, RequestOutput]],
+        usage: bool,
+        continuous: bool = False,  # the usage so far in every chunk too
+    ):
         async with contextlib.aclosing(outputs):
             async for index, out in outputs:
                 shown = view.add(index, out)
-                yield f"data: {json.dumps(view.chunk(index, shown))}\n\n"
+                chunk = view.chunk(index, shown)
+                if continuous:
+                    chunk["usage"] = view.usage
+                yield f"data: {json.dumps(chunk)}\n\n"
         if usage:
             yield f"data: {json.dumps(view.usage_chunk())}\n\n"
         yield "data: [DONE]\n\n"

@@ -64,6 +64,7 @@ def _refused(*fields: str, why: str = "is not supported", allowed: tuple = ()):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage so far in every chunk
 
 
 class _Sampling(BaseModel):
@@ -80,6 +81,7 @@ class _Sampling(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False  # vLLM's: the text keeps the stop string
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -123,6 +125,7 @@ class _Sampling(BaseModel):
                 seed=self.seed,
                 stop=tuple(stop),
                 stop_token_ids=tuple(self.stop_token_ids or ()),
+                include_stop_str_in_output=self.include_stop_str_in_output,
                 ignore_eos=self.ignore_eos,
                 presence_penalty=_or(self.presence_penalty, 0.0),
                 frequency_penalty=_or(self.frequency_penalty, 0.0),
@@ -152,6 +155,11 @@ class _Sampling(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """vLLM's continuous_usage_stats; like vLLM, only with include_usage."""
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
 
 class CompletionRequest(_Sampling):

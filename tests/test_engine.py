@@ -349,6 +349,10 @@ def test_stop_string_truncates_and_is_never_streamed(make_engine, reference, tok
     assert all(stop[:3] not in p for p in pieces[:-1])
     assert outs[-1].finish_reason == "stop"
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    # vLLM's include_stop_str_in_output: the text runs to the stop string's end
+    kept = SamplingParams(max_tokens=N, temperature=0, stop=[stop], include_stop_str_in_output=True)
+    [out] = engine.generate([PROMPTS[0]], kept)
+    assert out.text == full[: full.index(stop) + len(stop)] and out.finish_reason == "stop"
 
 
 def test_stop_token_ids_ignore_eos_and_length(make_engine, reference):

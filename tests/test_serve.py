@@ -173,6 +173,37 @@ def test_streamed_equals_non_streamed_and_ends_with_done(server, engine_alone):
         text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
         assert text == engine_alone.text
         assert chunks[-1]["usage"]["completion_tokens"] == len(engine_alone.token_ids)
+        assert "usage" not in chunks[0]
+
+
+def test_vllm_stream_and_stop_extras(server, engine_alone):
+    """continuous_usage_stats: every chunk carries the usage so far; include_stop_str_in_output
+    keeps the stop string in the text."""
+    usage = {"include_usage": True, "continuous_usage_stats": True}
+    with _stream(
+        server, "disagg", prompt=PROMPT, max_tokens=8, temperature=0, stream_options=usage
+    ) as r:
+        lines = [x for x in r.iter_lines() if x][:-1]  # the last: [DONE]
+    chunks = [json.loads(x.removeprefix("data: ")) for x in lines]
+    counts = [c["usage"]["completion_tokens"] for c in chunks]
+    assert counts == sorted(counts) and counts[0] == 1
+    assert counts[-1] == counts[-2] == len(engine_alone.token_ids)  # the last: the usage chunk
+    assert all(c["usage"]["prompt_tokens"] == 5 for c in chunks)
+    stop = engine_alone.text[3:6]
+    head = engine_alone.text[: engine_alone.text.index(stop)]
+    for keep, want in ((True, head + stop), (False, head)):
+        r = _complete(
+            server,
+            "disagg",
+            prompt=PROMPT,
+            max_tokens=8,
+            stop=stop,
+            include_stop_str_in_output=keep,
+        )
+        assert (
+            r.json()["choices"][0]["text"] == want
+            and r.json()["choices"][0]["finish_reason"] == "stop"
+        )
 
 
 def test_logprobs_in_all_modes_equal_the_engine_alone(server, local_engine, tokenizer):

@@ -42,8 +42,10 @@ class Ingress:
         path = resolve_model(self.args.model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.token_texts = TokenTexts(self.tokenizer)
-        window = AutoConfig.from_pretrained(path).get_text_config().max_position_embeddings
+        text_config = AutoConfig.from_pretrained(path).get_text_config()
+        window = text_config.max_position_embeddings
         self.max_model_len = min(self.args.max_model_len or window, window)
+        self.vocab_size = text_config.vocab_size  # the model's, which the engine checks too
         self.prefill, self.decode, self.colocated = prefill, decode, colocated
         self.num_in_flight = 0
         self._kv_capacity: int | None = None  # smallest replica KV cache, fetched once
@@ -138,6 +140,10 @@ class Ingress:
         if isinstance(prompt, str):
             return Prompt(self.tokenizer(prompt).input_ids, prompt if echo else "")
         ids = list(prompt)
+        if any(not 0 <= t < self.vocab_size for t in ids):  # before decoding them for echo
+            raise APIError(
+                400, f"prompt token ids must be integers in [0, {self.vocab_size})", "prompt"
+            )
         return Prompt(ids, self.tokenizer.decode(ids) if echo else "")
 
     def _check_lengths(

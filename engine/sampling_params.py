@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20  # alternatives per token, OpenAI's top_logprobs limit
@@ -61,9 +62,9 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens"
             )
-        if self.temperature < 0:
+        if not 0 <= self.temperature < math.inf:  # NaN fails this too
             raise InvalidRequestError(
-                f"temperature must be >= 0, got {self.temperature}", "temperature"
+                f"temperature must be finite and >= 0, got {self.temperature}", "temperature"
             )
         if not 0 < self.top_p <= 1:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")

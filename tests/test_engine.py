@@ -380,6 +380,8 @@ def test_stop_token_ids_ignore_eos_and_length(make_engine, reference):
         ("hi", {"top_p": 0.0}, "top_p"),
         ("hi", {"top_p": 1.5}, "top_p"),
         ("hi", {"temperature": -0.5}, "temperature"),
+        ("hi", {"temperature": float("nan")}, "temperature must be finite"),
+        ("hi", {"temperature": float("inf")}, "temperature must be finite"),
         ("hi", {"top_k": -3}, "top_k"),
         ([1, 10**9], {}, "token ids"),
         ("hi", {"max_tokens": 300}, "exceeds the context window"),

@@ -531,6 +531,8 @@ def test_official_openai_client_completions_and_chat(server):
         ({"prompt": "hi", "best_of": 3}, 400, "best_of"),
         ({"prompt": "hi", "suffix": "!"}, 400, "suffix"),
         ({"prompt": []}, 400, "empty"),
+        ({"prompt": [-1], "echo": True}, 400, "token ids must be integers in [0,"),
+        ({"prompt": [[5], [2**40]], "echo": True}, 400, "token ids must be"),
         ({"prompt": "hi", "prompt_logprobs": 21}, 400, "prompt_logprobs"),
         ({"prompt": "hi", "prompt_logprobs": 1, "stream": True}, 400, "with stream"),
         ({"prompt": ["hi", [1, 2]]}, 400, "prompt"),
@@ -581,6 +583,12 @@ def test_chat_features_we_do_not_serve_are_refused_not_ignored(server, fields, n
 def test_malformed_json_and_unknown_route(server):
     r = httpx.post(f"{server}/disagg/v1/completions", content=b"{not json", timeout=30)
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    # Python's json reads NaN and Infinity; no field may hold them
+    model = '"model": "SmolLM2-135M-Instruct", "prompt": "hi"'
+    for field, needle in (('"temperature": NaN', "NaN"), ('"top_p": -Infinity', "-Infinity"),
+                          ('"temperature": 1e999', "out of range")):  # fmt: skip
+        r = httpx.post(f"{server}/disagg/v1/completions", content=f"{{{model}, {field}}}")
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
     assert httpx.get(f"{server}/disagg/v1/nothing", timeout=30).status_code == 404
     assert httpx.get(f"{server}/disagg/health", timeout=30).json() == {"status": "ok"}
 

@@ -20,12 +20,7 @@ from __future__ import annotations
 
 import time
 
-from ray.serve.request_router import (
-    FIFOMixin,
-    PendingRequest,
-    RequestRouter,
-    RunningReplica,
-)
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from app.config import SAME_NODE_WAIT_S
 
@@ -43,7 +38,12 @@ def rank_by_node(
     return [rank for rank in (same, other) if rank]
 
 
-class SameNodeRouter(FIFOMixin, RequestRouter):
+class SameNodeRouter(RequestRouter):
+    """Not with Serve's FIFOMixin: it hands the replica a routing task found for one request to
+    the oldest pending request instead, which may come from another node's prefill replica, so
+    concurrent hand-offs crossed nodes although a same-node replica was free (the two-node test
+    caught it). Serve's default fulfils exactly the request the replica was chosen for."""
+
     same_node_wait_s = SAME_NODE_WAIT_S
 
     def initialize_state(self, same_node_wait_s: float = SAME_NODE_WAIT_S, **kwargs) -> None:

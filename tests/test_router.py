@@ -1,12 +1,16 @@
-"""Same-node preference of the decode router (pure ranking; replicas are stand-ins)."""
+"""Same-node preference of the decode router: the ranking (pure; replicas are stand-ins) and
+which pending request gets a chosen replica (Serve's fulfilment over stand-in requests)."""
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 
-from app.router import rank_by_node
+from app.router import SameNodeRouter, rank_by_node
 
 pytestmark = pytest.mark.unit
 
@@ -85,3 +89,39 @@ def test_the_configured_wait_reaches_the_decode_router():
     assert router_config({"same_node_wait_s": 4.5}).request_router_kwargs == {
         "same_node_wait_s": 4.5
     }
+
+
+def _pending(internal_id: str) -> SimpleNamespace:
+    return SimpleNamespace(
+        metadata=SimpleNamespace(internal_request_id=internal_id), future=Future()
+    )
+
+
+def _fifo_router(pending: list) -> SimpleNamespace:
+    """The state Serve's FIFOMixin fulfilment reads, with SameNodeRouter's matching hook."""
+    router = SimpleNamespace(
+        _pending_requests_to_fulfill=deque(pending),
+        _pending_requests_by_id={p.metadata.internal_request_id: p for p in pending},
+        _record_queue_wait_time=lambda p: None,
+        _cancel_routing_task_for_pending_request=lambda p: None,
+    )
+    router._remove_pending_request_from_indices = lambda p: router._pending_requests_by_id.pop(
+        p.metadata.internal_request_id, None
+    )
+    router._get_pending_request_matching_metadata = lambda md: (
+        SameNodeRouter._get_pending_request_matching_metadata(router, md)
+    )
+    return router
+
+
+def test_a_replica_goes_to_the_request_it_was_chosen_for():
+    """Serve's FIFO fulfilment, through SameNodeRouter's hook: the replica found for the younger
+    request (by its prefill's node) is not handed to the older one from another node."""
+    older, younger = _pending("older"), _pending("younger")
+    router = _fifo_router([older, younger])
+    SameNodeRouter._fulfill_next_pending_request(router, "replica-b", younger.metadata)
+    assert younger.future.result(timeout=0) == "replica-b" and not older.future.done()
+    # a request no longer waiting (e.g. cancelled): FIFO fallback, the oldest waiting one
+    gone = _pending("gone")
+    SameNodeRouter._fulfill_next_pending_request(router, "replica-a", gone.metadata)
+    assert older.future.result(timeout=0) == "replica-a"

@@ -26,7 +26,7 @@ from app.formats import ChatFormat, CompletionFormat, Prompt
 from app.logprobs import TokenTexts
 from app.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
 from engine import InvalidRequestError, RequestOutput, SamplingParams
-from engine.limits import chat_token_ids, check_lengths
+from engine.limits import chat_token_ids, check_lengths, check_token_ids
 from engine.model_store import resolve_model
 from engine.sampling_params import SEED_RANGE
 
@@ -140,10 +140,10 @@ class Ingress:
         if isinstance(prompt, str):
             return Prompt(self.tokenizer(prompt).input_ids, prompt if echo else "")
         ids = list(prompt)
-        if any(not 0 <= t < self.vocab_size for t in ids):  # before decoding them for echo
-            raise APIError(
-                400, f"prompt token ids must be integers in [0, {self.vocab_size})", "prompt"
-            )
+        try:  # the engine's check, before echo decodes them (out of range, decode raises)
+            check_token_ids(ids, self.vocab_size)
+        except InvalidRequestError as e:
+            raise APIError(400, str(e), e.param) from e
         return Prompt(ids, self.tokenizer.decode(ids) if echo else "")
 
     def _check_lengths(

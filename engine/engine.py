@@ -23,7 +23,7 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import DetokenizerState, IncrementalDetokenizer
-from engine.limits import chat_token_ids, check_lengths
+from engine.limits import chat_token_ids, check_lengths, check_token_ids
 from engine.model_runner import ModelInput, ModelRunner, SeqInput
 from engine.model_store import resolve_model
 from engine.outputs import (
@@ -109,10 +109,7 @@ class LLMEngine:
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise InvalidRequestError for a request this engine can never serve."""
         vocab = self.runner.shape.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
-            raise InvalidRequestError(
-                f"prompt token ids must be integers in [0, {vocab})", "prompt"
-            )
+        check_token_ids(prompt_ids, vocab)
         if any(t >= vocab for t, _ in params.logit_bias):
             raise InvalidRequestError(
                 f"logit_bias keys must be token ids in [0, {vocab})", "logit_bias"

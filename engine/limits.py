@@ -30,6 +30,14 @@ def check_lengths(
         )
 
 
+def check_token_ids(ids: list[int], vocab_size: int) -> None:
+    """Raise InvalidRequestError unless every prompt token id is in the vocabulary."""
+    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in ids):
+        raise InvalidRequestError(
+            f"prompt token ids must be integers in [0, {vocab_size})", "prompt"
+        )
+
+
 def chat_token_ids(tokenizer, messages: list[dict]) -> list[int]:
     """The model's chat template with the assistant turn opened, as token ids."""
     out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)

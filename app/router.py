@@ -55,10 +55,8 @@ class SameNodeRouter(FIFOMixin, RequestRouter):
     same_node_wait_s = SAME_NODE_WAIT_S
 
     def _get_pending_request_matching_metadata(self, request_metadata=None):
-        if request_metadata is None:
-            return None
-        pending = self._pending_requests_by_id.get(request_metadata.internal_request_id)
-        return pending if pending is not None and not pending.future.done() else None
+        # Serve's own exact match (by internal request id, skipping finished futures)
+        return self._get_pending_request_matching_internal_request_id(request_metadata)
 
     def initialize_state(self, same_node_wait_s: float = SAME_NODE_WAIT_S, **kwargs) -> None:
         """Serve passes request_router_kwargs here: AppArgs.same_node_wait_s (app/builder.py)."""

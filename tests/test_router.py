@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
+from ray.serve.request_router import RequestRouter
 
 from app.router import SameNodeRouter, rank_by_node
 
@@ -107,6 +108,9 @@ def _fifo_router(pending: list) -> SimpleNamespace:
     )
     router._remove_pending_request_from_indices = lambda p: router._pending_requests_by_id.pop(
         p.metadata.internal_request_id, None
+    )
+    router._get_pending_request_matching_internal_request_id = lambda md: (
+        RequestRouter._get_pending_request_matching_internal_request_id(router, md)
     )
     router._get_pending_request_matching_metadata = lambda md: (
         SameNodeRouter._get_pending_request_matching_metadata(router, md)

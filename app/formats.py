@@ -28,7 +28,9 @@ class Prompt:
     """One prompt of a request: its token ids, and the text that echo puts before its choices."""
 
     ids: list[int]
-    echo: str = ""  # completions' echo: the prompt as sent, or the text of its token ids
+    # echo: completions', the prompt as sent or the text of its token ids; chat's (vLLM's),
+    # the assistant's last message, which the reply's content continues
+    echo: str = ""
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,8 @@ class ChatFormat(CompletionFormat):
         choice = self.choices[index]
         delta = {"content": out.new_text}
         if len(choice.text) == 1:
-            delta["role"] = "assistant"  # a choice's first chunk names the role
+            # a choice's first chunk names the role and leads with the echo
+            delta = {"role": "assistant", "content": choice.prompt.echo + out.new_text}
         return self._envelope(
             [
                 {
@@ -206,7 +209,7 @@ class ChatFormat(CompletionFormat):
         choices = [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": "".join(c.text)},
+                "message": {"role": "assistant", "content": c.prompt.echo + "".join(c.text)},
                 "logprobs": self._logprobs(c.logprobs),
                 "finish_reason": openai_reason(c.finish_reason),
             }

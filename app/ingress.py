@@ -24,9 +24,19 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from app.config import AppArgs
 from app.formats import ChatFormat, CompletionFormat, Prompt
 from app.logprobs import TokenTexts
-from app.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
+from app.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeRequest,
+    parse,
+    parse_object,
+    validated,
+)
 from engine import InvalidRequestError, RequestOutput, SamplingParams
-from engine.limits import chat_token_ids, check_lengths, check_token_ids
+from engine.limits import check_lengths, check_token_ids
 from engine.model_store import resolve_model
 from engine.sampling_params import SEED_RANGE
 
@@ -76,6 +86,10 @@ class Ingress:
             return await self._generate(await request.body(), chat=False)
         if path == "/v1/chat/completions" and method == "POST":
             return await self._generate(await request.body(), chat=True)
+        if path == "/tokenize" and method == "POST":  # vLLM's
+            return JSONResponse(self._tokenize(await request.body()))
+        if path == "/detokenize" and method == "POST":
+            return JSONResponse(self._detokenize(await request.body()))
         raise APIError(404, f"no route {method} {path}", kind="not_found_error")
 
     async def _capacity(self) -> int:
@@ -118,33 +132,58 @@ class Ingress:
         # before tokenizing: a batch too large for the queue is refused without that work
         self._admit(req.n, 1 if chat else len(req.prompts))
         if chat:
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-            prompts = [Prompt(chat_token_ids(self.tokenizer, messages))]
+            prompts = [Prompt(req.prompt_ids(self.tokenizer), req.echo_text)]
             max_tokens = req.max_completion_tokens or req.max_tokens
         else:
-            prompts = [self._completion_prompt(p, req.echo) for p in req.prompts]
+            prompts = [self._completion_prompt(p, req) for p in req.prompts]
             max_tokens = req.max_tokens if req.max_tokens is not None else 16
             # echo with max_tokens 0 (vLLM's): one token is computed, and not shown
             max_tokens = 1 if req.echo_only else max_tokens
-        if max_tokens is None:  # chat without a limit: up to the context window
-            max_tokens = max(1, self.max_model_len - len(prompts[0].ids))
+        if req.truncate_prompt_tokens is not None:
+            prompts = [self._truncated(p, req.truncate_prompt_tokens, chat) for p in prompts]
+        if max_tokens is None:  # chat without a limit: up to the window or the KV cache
+            room = min(self.max_model_len, kv_capacity)
+            max_tokens = max(1, room - len(prompts[0].ids))
         for i, prompt in enumerate(prompts):
             self._check_lengths(
                 prompt, max_tokens, kv_capacity, chat, i if len(prompts) > 1 else None
             )
         return req, prompts, req.sampling_params(max_tokens)
 
-    def _completion_prompt(self, prompt: str | list[int], echo: bool) -> Prompt:
+    def _completion_prompt(self, prompt: str | list[int], req: CompletionRequest) -> Prompt:
         """A completions prompt, text or token ids; echo repeats it as sent, or as the text of
         its ids."""
         if isinstance(prompt, str):
-            return Prompt(self.tokenizer(prompt).input_ids, prompt if echo else "")
+            ids = self.tokenizer(prompt, add_special_tokens=req.add_special_tokens).input_ids
+            return Prompt(ids, prompt if req.echo else "")
         ids = list(prompt)
-        try:  # the engine's check, before echo decodes them (out of range, decode raises)
+        self._check_ids(ids)  # before echo decodes them (out of range, decode raises)
+        return Prompt(ids, self.tokenizer.decode(ids) if req.echo else "")
+
+    def _check_ids(self, ids: list[int], param: str = "prompt") -> None:
+        """The engine's check of token ids, as a 400 naming `param`."""
+        try:
             check_token_ids(ids, self.vocab_size)
         except InvalidRequestError as e:
-            raise APIError(400, str(e), e.param) from e
-        return Prompt(ids, self.tokenizer.decode(ids) if echo else "")
+            raise APIError(400, str(e).replace("prompt ", f"{param}: ", 1), param) from e
+
+    def _truncated(self, prompt: Prompt, keep: int, chat: bool) -> Prompt:
+        """vLLM's truncate_prompt_tokens: the prompt's last `keep` tokens (-1: the context
+        window's worth). A completions echo then shows the text of the tokens kept; a chat
+        echo (the assistant's last message) stays as it is."""
+        if keep > self.max_model_len:
+            raise APIError(
+                400,
+                f"truncate_prompt_tokens ({keep}) is more than the context window of "
+                f"{self.max_model_len} tokens",
+                "truncate_prompt_tokens",
+            )
+        keep = self.max_model_len if keep == -1 else keep
+        if len(prompt.ids) <= keep:
+            return prompt
+        ids = prompt.ids[-keep:]
+        echo = prompt.echo if chat or not prompt.echo else self.tokenizer.decode(ids)
+        return Prompt(ids, echo)
 
     def _check_lengths(
         self, prompt: Prompt, max_tokens: int, kv_capacity: int, chat: bool, index: int | None
@@ -157,6 +196,27 @@ class Ingress:
             param = "messages" if chat and e.param == "prompt" else e.param
             where = "" if index is None else f"prompt {index}: "
             raise APIError(400, f"{where}{e}", param) from e
+
+    def _tokenize(self, body: bytes) -> dict:
+        data = parse_object(body)
+        req = validated(data, TokenizeChatRequest if "messages" in data else TokenizeRequest)
+        if req.model is not None:
+            self._check_model(req.model)
+        ids = req.prompt_ids(self.tokenizer)
+        strs = self.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return {
+            "count": len(ids),
+            "max_model_len": self.max_model_len,
+            "tokens": ids,
+            "token_strs": strs,
+        }
+
+    def _detokenize(self, body: bytes) -> dict:
+        req = parse(body, DetokenizeRequest)
+        if req.model is not None:
+            self._check_model(req.model)
+        self._check_ids(req.tokens, "tokens")
+        return {"prompt": self.tokenizer.decode(req.tokens)}
 
     async def _generate(self, body: bytes, chat: bool) -> Response:
         req, prompts, params = self._prepare(body, chat, await self._capacity())

@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse
 
 from app.formats import Shown
 from engine import InvalidRequestError, SamplingParams
+from engine.limits import chat_token_ids
 from engine.sampling_params import MAX_LOGPROBS
 
 MAX_CHOICES = 128  # OpenAI's limit on n
@@ -93,6 +94,9 @@ class _Sampling(BaseModel):
     # vLLM's: each prompt token's logprob and this many alternatives', in the body's
     # prompt_logprobs (completions: per choice; chat: beside the choices)
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # vLLM's: keep only each prompt's last k tokens (-1: as many as the context window holds)
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    skip_special_tokens: bool = True  # vLLM's: False writes special tokens into the text
     # fields that would change the output if honoured: refused rather than silently ignored
     best_of: int | None = None
 
@@ -103,6 +107,13 @@ class _Sampling(BaseModel):
     def _prompt_logprobs_whole(cls, value, info):
         if value is not None and info.data.get("stream"):
             raise ValueError("is not supported with stream (as in vLLM)")
+        return value
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _keeps_a_token(cls, value):
+        if value == 0:
+            raise ValueError("must be -1 (the context window) or >= 1")
         return value
 
     @field_validator("logit_bias")
@@ -134,6 +145,7 @@ class _Sampling(BaseModel):
                 logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
                 logprobs=self.num_logprobs,
                 prompt_logprobs=self.num_prompt_logprobs,
+                skip_special_tokens=self.skip_special_tokens,
             )
         except InvalidRequestError as e:
             raise APIError(400, str(e), e.param) from e
@@ -170,6 +182,7 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
+    add_special_tokens: bool = True  # vLLM's: the tokenizer's BOS etc. around a text prompt
 
     _no_suffix = _refused("suffix", why="(insertion) is not supported")
 
@@ -226,8 +239,51 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatPrompt(BaseModel):
+    """The chat template's inputs, as vLLM takes them (chat completions and /tokenize)."""
+
     messages: list[ChatMessage] = Field(min_length=1)
+    # open the assistant's turn after the messages (unset: unless continue_final_message)
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool = False  # leave the last message open, to be continued
+    add_special_tokens: bool = False  # the template writes its own BOS
+    chat_template_kwargs: dict | None = None  # extra variables of the template
+    chat_template: str | None = None
+
+    _model_template = _refused(
+        "chat_template", why="is not taken from requests (the model's is used)"
+    )
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _one_open_turn(cls, value, info):
+        if value and info.data.get("add_generation_prompt"):
+            raise ValueError("cannot be true with add_generation_prompt true")
+        return value
+
+    @property
+    def opens_turn(self) -> bool:
+        """add_generation_prompt, by default true unless the last message is continued."""
+        if self.add_generation_prompt is None:
+            return not self.continue_final_message
+        return self.add_generation_prompt
+
+    def prompt_ids(self, tokenizer) -> list[int]:
+        messages = [{"role": m.role, "content": m.text()} for m in self.messages]
+        try:
+            return chat_token_ids(
+                tokenizer,
+                messages,
+                add_generation_prompt=self.opens_turn,
+                continue_final_message=self.continue_final_message,
+                add_special_tokens=self.add_special_tokens,
+                template_kwargs=self.chat_template_kwargs,
+            )
+        except InvalidRequestError as e:
+            raise APIError(400, str(e), e.param) from e
+
+
+class ChatCompletionRequest(ChatPrompt, _Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -235,6 +291,9 @@ class ChatCompletionRequest(_Sampling):
     functions: list | None = None
     tool_choice: str | dict | None = None
     response_format: dict | None = None
+    # vLLM's: a last message from the assistant leads the reply's content (with
+    # continue_final_message, the whole message)
+    echo: bool = False
 
     _no_tools = _refused("tools", "functions", why="(function calling) is not supported")
 
@@ -261,6 +320,41 @@ class ChatCompletionRequest(_Sampling):
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    @property
+    def echo_text(self) -> str:
+        last = self.messages[-1]
+        return last.text() if self.echo and last.role == "assistant" else ""
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize of a text prompt."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+    def prompt_ids(self, tokenizer) -> list[int]:
+        return tokenizer(self.prompt, add_special_tokens=self.add_special_tokens).input_ids
+
+
+class TokenizeChatRequest(ChatPrompt):
+    """vLLM's /tokenize of chat messages (the ids a chat completion would prefill)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]
+
 
 def _finite(text: str) -> float:
     value = float(text)
@@ -273,14 +367,23 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON value")
 
 
-def parse(body: bytes, cls: type[_Sampling]) -> _Sampling:
+def parse_object(body: bytes) -> dict:
+    """A request body as a JSON object, or a 400."""
     try:  # NaN and Infinity are not JSON (Python's json reads them): no field may hold them
         data = json.loads(body, parse_float=_finite, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise APIError(400, f"request body is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object")
+    return data
+
+
+def validated(data: dict, cls: type[BaseModel]) -> BaseModel:
     try:
         return cls.model_validate(data)
     except ValidationError as e:
         raise from_validation_error(e) from e
+
+
+def parse(body: bytes, cls: type[BaseModel]) -> BaseModel:
+    return validated(parse_object(body), cls)

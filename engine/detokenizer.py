@@ -29,16 +29,22 @@ class DetokenizerState:
 
 class IncrementalDetokenizer:
     def __init__(
-        self, tokenizer, stop: tuple[str, ...], include_stop: bool, state: DetokenizerState
+        self,
+        tokenizer,
+        stop: tuple[str, ...],
+        include_stop: bool,
+        state: DetokenizerState,
+        skip_special_tokens: bool = True,
     ):
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.stop = stop
         self.include_stop = include_stop
         self.state = state
         self.holdback = max((len(s) for s in stop), default=1) - 1
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add_token(self, all_token_ids: list[int], may_stop: bool = True) -> bool:
         """Decode the newest token into output_text; True when a stop string was found (never

@@ -144,7 +144,9 @@ class LLMEngine:
             generator = torch.Generator().manual_seed(p.seed)
             if gen_state is not None:
                 generator.set_state(torch.frombuffer(bytearray(gen_state), dtype=torch.uint8))
-        detok = IncrementalDetokenizer(self.tokenizer, p.stop, p.include_stop_str_in_output, state)
+        detok = IncrementalDetokenizer(
+            self.tokenizer, p.stop, p.include_stop_str_in_output, state, p.skip_special_tokens
+        )
         self._tracked[request.request_id] = _Tracked(request, detok, generator)
 
     # ---- the step ----------------------------------------------------------------------------

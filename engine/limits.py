@@ -38,7 +38,33 @@ def check_token_ids(ids: list[int], vocab_size: int) -> None:
         )
 
 
-def chat_token_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """The model's chat template with the assistant turn opened, as token ids."""
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
+def chat_token_ids(
+    tokenizer,
+    messages: list[dict],
+    *,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    add_special_tokens: bool = False,
+    template_kwargs: dict | None = None,
+) -> list[int]:
+    """The model's chat template as token ids: by default with the assistant turn opened.
+    continue_final_message leaves the last message open for the model to continue (vLLM's);
+    template_kwargs are extra variables of the template. The rendered text is tokenized with
+    add_special_tokens (a template writes its own BOS, hence False by default, as
+    transformers' and vLLM's chat do). A template that refuses the messages (a template
+    error, or the final message not found to continue) is an InvalidRequestError."""
+    from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
+    try:
+        text = tokenizer.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            **(template_kwargs or {}),
+        )
+    except (TemplateError, ValueError) as e:
+        raise InvalidRequestError(f"the chat template refused the messages: {e}", "messages") from e
+    except TypeError as e:  # a template variable that is one of apply_chat_template's own
+        raise InvalidRequestError(f"chat template variables: {e}", "chat_template_kwargs") from e
+    return tokenizer(text, add_special_tokens=add_special_tokens).input_ids

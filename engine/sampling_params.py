@@ -47,6 +47,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     # Strip stop strings from the output text (OpenAI does); tokens are kept either way.
     include_stop_str_in_output: bool = False
+    # Leave special tokens (e.g. an EOS sampled under ignore_eos) out of the text, as vLLM's
+    # default does; False writes them as their strings. Tokens are kept either way.
+    skip_special_tokens: bool = True
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from engine import InvalidRequestError, SamplingParams
@@ -355,7 +357,7 @@ def test_stop_string_truncates_and_is_never_streamed(make_engine, reference, tok
     assert out.text == full[: full.index(stop) + len(stop)] and out.finish_reason == "stop"
 
 
-def test_stop_token_ids_ignore_eos_and_length(make_engine, reference):
+def test_stop_token_ids_ignore_eos_and_length(make_engine, reference, tokenizer):
     engine = make_engine()
     stop_tok = reference[0][1]
     assert stop_tok not in reference[0][:1]
@@ -368,6 +370,12 @@ def test_stop_token_ids_ignore_eos_and_length(make_engine, reference):
     forced = SamplingParams(max_tokens=len(natural.token_ids) + 5, temperature=0, ignore_eos=True)
     [longer] = engine.generate([chat_ids], forced)
     assert longer.finish_reason == "length" and len(longer.token_ids) == forced.max_tokens
+    # vLLM's skip_special_tokens=False: the same tokens, the end-of-turn written out
+    shown = dataclasses.replace(forced, skip_special_tokens=False)
+    [raw] = engine.generate([chat_ids], shown)
+    assert raw.token_ids == longer.token_ids and "<|im_end|>" not in longer.text
+    assert raw.text == tokenizer.decode(raw.token_ids, skip_special_tokens=False)
+    assert raw.text.startswith(natural.text + "<|im_end|>")
 
 
 @pytest.mark.parametrize(

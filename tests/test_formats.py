@@ -118,6 +118,22 @@ def test_chat_bodies_have_no_echo_and_count_the_prompt_once():
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
 
 
+def test_chat_echo_leads_each_choice_with_the_assistants_last_message():
+    """vLLM's chat echo: the continued message leads the content, streamed and final, once."""
+    view = ChatFormat("chatcmpl-1", "m", [Prompt(PROMPT, "Sure,")], 2, None, Shown())
+    chunks = {0: [], 1: []}
+    for out in _outputs():
+        for index in (0, 1):
+            shown = view.add(index, dataclasses.replace(out, prompt_logprobs=None))
+            chunks[index].append(view.chunk(index, shown)["choices"][0]["delta"])
+    body = view.final()
+    assert [c["message"]["content"] for c in body["choices"]] == ["Sure, on mat"] * 2
+    for deltas in chunks.values():
+        assert deltas[0] == {"role": "assistant", "content": "Sure, on"}
+        assert "".join(d["content"] for d in deltas) == "Sure, on mat"
+    assert body["usage"]["prompt_tokens"] == 3  # the echo is prompt, not completion
+
+
 def test_echo_with_max_tokens_zero_shows_the_prompt_alone():
     """vLLM's echo with max_tokens 0: the engine's one token is neither text, logprobs nor
     usage; the reason is the length limit; streamed = final."""

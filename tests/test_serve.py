@@ -321,6 +321,65 @@ def test_vllm_prompt_logprobs_field_and_echo_alone(server, local_engine, tokeniz
     assert json.loads(lines[0].removeprefix("data: "))["choices"][0]["text"] == PROMPT
 
 
+def test_vllm_prompt_options_and_tokenize(server, local_engine, tokenizer):
+    """vLLM's continue_final_message with chat echo, truncate_prompt_tokens,
+    skip_special_tokens (across the hand-off) and /tokenize, /detokenize, against the engine
+    alone on the same ids."""
+    from engine import SamplingParams
+    from engine.limits import chat_token_ids
+
+    model = "SmolLM2-135M-Instruct"
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure, the"}]
+    continued = chat_token_ids(
+        tokenizer, messages, add_generation_prompt=False, continue_final_message=True
+    )
+    r = httpx.post(
+        f"{server}/disagg/tokenize",
+        json={"model": model, "messages": messages, "continue_final_message": True},
+    )
+    assert r.status_code == 200 and r.json()["tokens"] == continued, r.text
+    r = httpx.post(f"{server}/disagg/detokenize", json={"model": model, "tokens": continued[-3:]})
+    assert r.json() == {"prompt": tokenizer.decode(continued[-3:])}
+    ids = tokenizer(PROMPT).input_ids
+    greedy = SamplingParams(max_tokens=6, temperature=0)
+    want_chat, want_short = local_engine.generate([continued, ids[-3:]], greedy)
+    for mode in ("disagg", "coloc"):
+        chat = {"model": model, "messages": messages, "max_tokens": 6, "temperature": 0}
+        r = httpx.post(
+            f"{server}/{mode}/v1/chat/completions",
+            json={**chat, "continue_final_message": True, "echo": True},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == "Sure, the" + want_chat.text
+        r = _complete(
+            server, mode, prompt=PROMPT, max_tokens=6, truncate_prompt_tokens=3, echo=True
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == tokenizer.decode(ids[-3:]) + want_short.text
+        assert r.json()["usage"]["prompt_tokens"] == 3
+    # the end-of-turn token written out: the decode replica detokenizes with the request's flag
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    raw = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, skip_special_tokens=False)
+    [want_raw] = local_engine.generate([chat_token_ids(tokenizer, question)], raw)
+    assert "<|im_end|>" in want_raw.text
+    body = {"model": model, "messages": question, "max_tokens": 12, "temperature": 0}
+    r = httpx.post(
+        f"{server}/disagg/v1/chat/completions",
+        json={**body, "ignore_eos": True, "skip_special_tokens": False},
+        timeout=60,
+    )
+    assert r.json()["choices"][0]["message"]["content"] == want_raw.text, r.text
+    bad = (
+        ({"continue_final_message": True, "add_generation_prompt": True}, "continue_final_message"),
+        ({"chat_template": "{{ messages }}"}, "chat_template"),
+        ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs"),
+    )
+    for fields, param in bad:
+        r = httpx.post(f"{server}/disagg/v1/chat/completions", json={**body, **fields}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 @pytest.mark.parametrize(
     ("fields", "needle"),
     [({"top_logprobs": 2}, "requires logprobs"), ({"logprobs": True, "top_logprobs": 21}, "20")],
@@ -537,6 +596,8 @@ def test_official_openai_client_completions_and_chat(server):
         ({"prompt": "hi", "prompt_logprobs": 1, "stream": True}, 400, "with stream"),
         ({"prompt": ["hi", [1, 2]]}, 400, "prompt"),
         ({"prompt": ["hi"] * 65, "n": 2}, 400, "65 prompts x n=2"),  # the queue holds 128
+        ({"prompt": "hi", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
+        ({"prompt": "hi", "truncate_prompt_tokens": 9000}, 400, "context window"),
     ],
 )
 def test_bad_input_gets_openai_error_and_server_keeps_serving(server, body, status, needle):

@@ -1,0 +1,167 @@
+"""How the ingress turns a request into prompt token ids (no Ray; the default model's tokenizer):
+the chat template's options (vLLM's add_generation_prompt, continue_final_message,
+chat_template_kwargs, add_special_tokens), truncate_prompt_tokens, the default chat length, and
+vLLM's /tokenize and /detokenize. Each is checked against transformers' own tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from app.protocol import APIError
+from engine import InvalidRequestError
+from engine.limits import chat_token_ids
+
+pytestmark = pytest.mark.model
+
+MODEL = "SmolLM2-135M-Instruct"
+HI = [{"role": "user", "content": "Hi"}]
+CONTINUED = [*HI, {"role": "assistant", "content": "Sure, the"}]
+
+
+@pytest.fixture(scope="module")
+def ingress():
+    from app.ingress import Ingress
+
+    return Ingress({})  # the default app's args; no replicas are called here
+
+
+@pytest.fixture
+def own_tokenizer(default_model_path):
+    """A tokenizer of the default model this test may change (the session's is shared)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_path)
+
+
+def _prepare(ingress, body: dict, chat: bool = False, kv_capacity: int = 100_000):
+    raw = json.dumps({"model": MODEL, **body}).encode()
+    _, prompts, params = ingress._prepare(raw, chat, kv_capacity)
+    return prompts, params
+
+
+def _refused(call, *args) -> APIError:
+    with pytest.raises(APIError) as e:
+        call(*args)
+    assert e.value.status == 400 and e.value.param, e.value.message
+    return e.value
+
+
+def test_chat_ids_equal_transformers_tokenizing_the_template(tokenizer):
+    opened = {"add_generation_prompt": True}
+    continued = {"add_generation_prompt": False, "continue_final_message": True}
+    for messages, kwargs in ((HI, opened), (CONTINUED, continued)):
+        want = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)["input_ids"]
+        assert chat_token_ids(tokenizer, messages, **kwargs) == list(want)
+
+
+def test_continue_final_message_leaves_the_assistants_message_open(ingress, tokenizer):
+    [prompt], _ = _prepare(ingress, {"messages": CONTINUED, "continue_final_message": True}, True)
+    assert tokenizer.decode(prompt.ids).endswith("<|im_start|>assistant\nSure, the")
+    assert prompt.echo == ""  # echo not asked
+    [echoed], _ = _prepare(
+        ingress, {"messages": CONTINUED, "continue_final_message": True, "echo": True}, True
+    )
+    assert echoed == dataclasses.replace(prompt, echo="Sure, the")
+    # without it: the message is closed and a new assistant turn opened
+    [closed], _ = _prepare(ingress, {"messages": CONTINUED}, True)
+    assert tokenizer.decode(closed.ids).endswith("Sure, the<|im_end|>\n<|im_start|>assistant\n")
+    [unopened], _ = _prepare(ingress, {"messages": HI, "add_generation_prompt": False}, True)
+    assert tokenizer.decode(unopened.ids).endswith("Hi<|im_end|>\n")
+    # echo repeats only an assistant's message
+    [user_last], _ = _prepare(ingress, {"messages": HI, "echo": True}, True)
+    assert user_last.echo == ""
+    both = {"messages": CONTINUED, "continue_final_message": True, "add_generation_prompt": True}
+    error = _refused(_prepare, ingress, both, True)
+    assert error.param == "continue_final_message"
+
+
+def test_template_variables_reach_the_template_and_its_errors_are_400s(own_tokenizer):
+    own_tokenizer.chat_template = (
+        "{% for m in messages %}{{ m.content }}{% endfor %}{% if greeting %} {{ greeting }}"
+        "{% endif %}{% if fail %}{{ raise_exception('refused: ' ~ fail) }}{% endif %}"
+    )
+    ids = chat_token_ids(own_tokenizer, HI, template_kwargs={"greeting": "there"})
+    assert ids == own_tokenizer("Hi there", add_special_tokens=False).input_ids
+    with pytest.raises(InvalidRequestError, match="refused: yes") as e:
+        chat_token_ids(own_tokenizer, HI, template_kwargs={"fail": "yes"})
+    assert e.value.param == "messages"
+    # a variable that is one of apply_chat_template's own arguments
+    with pytest.raises(InvalidRequestError) as e:
+        chat_token_ids(own_tokenizer, HI, template_kwargs={"tokenize": True})
+    assert e.value.param == "chat_template_kwargs"
+
+
+def test_add_special_tokens_reaches_the_tokenizer(own_tokenizer):
+    from tokenizers.processors import TemplateProcessing
+
+    # the default model adds no BOS; give this copy one, as Llama's tokenizer has
+    own_tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)]
+    )
+    plain = own_tokenizer("Hi", add_special_tokens=False).input_ids
+    assert chat_token_ids(own_tokenizer, HI)[0] != 0  # chat: the template's own tokens only
+    assert chat_token_ids(own_tokenizer, HI, add_special_tokens=True)[0] == 0
+    from app.ingress import Ingress
+    from app.protocol import CompletionRequest
+
+    stand_in = type("I", (), {"tokenizer": own_tokenizer})()
+    for flag, want in ((True, [0, *plain]), (False, plain)):
+        req = CompletionRequest(model=MODEL, prompt="Hi", add_special_tokens=flag)
+        assert Ingress._completion_prompt(stand_in, "Hi", req).ids == want
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(ingress, tokenizer):
+    text = "The capital of France is"
+    ids = tokenizer(text).input_ids
+    [prompt], _ = _prepare(ingress, {"prompt": text, "truncate_prompt_tokens": 2, "echo": True})
+    assert prompt.ids == ids[-2:] and prompt.echo == tokenizer.decode(ids[-2:])
+    batch = {"prompt": [ids, tokenizer("Hi").input_ids], "truncate_prompt_tokens": 3}
+    assert [p.ids for p in _prepare(ingress, batch)[0]] == [ids[-3:], tokenizer("Hi").input_ids]
+    # -1: the context window's worth, which a short prompt fits whole
+    [whole], _ = _prepare(ingress, {"prompt": text, "truncate_prompt_tokens": -1, "echo": True})
+    assert whole.ids == ids and whole.echo == text
+    chat = {"messages": CONTINUED, "echo": True, "continue_final_message": True}
+    [short], _ = _prepare(ingress, {**chat, "truncate_prompt_tokens": 4}, True)
+    assert short.ids == _prepare(ingress, chat, True)[0][0].ids[-4:]
+    assert short.echo == "Sure, the"  # the message continued, not the tokens kept
+    for keep in (0, -2, ingress.max_model_len + 1):
+        error = _refused(_prepare, ingress, {"prompt": text, "truncate_prompt_tokens": keep})
+        assert error.param == "truncate_prompt_tokens"
+
+
+def test_chat_without_max_tokens_runs_to_the_window_or_the_cache(ingress):
+    [prompt], params = _prepare(ingress, {"messages": HI}, True, kv_capacity=1000)
+    assert params.max_tokens == 1000 - len(prompt.ids)
+    _, params = _prepare(ingress, {"messages": HI}, True, kv_capacity=10**6)
+    assert params.max_tokens == ingress.max_model_len - len(prompt.ids)
+    _, params = _prepare(ingress, {"messages": HI, "skip_special_tokens": False}, True)
+    assert params.skip_special_tokens is False
+
+
+def test_tokenize_text_and_chat_and_detokenize(ingress, tokenizer):
+    def tokenize(body: dict) -> dict:
+        return ingress._tokenize(json.dumps(body).encode())
+
+    ids = tokenizer("Hello world").input_ids
+    out = tokenize({"model": MODEL, "prompt": "Hello world", "return_token_strs": True})
+    assert out == {
+        "count": len(ids),
+        "max_model_len": ingress.max_model_len,
+        "tokens": ids,
+        "token_strs": tokenizer.convert_ids_to_tokens(ids),
+    }
+    # messages: the ids a chat completion would prefill
+    chat = tokenize({"messages": CONTINUED, "continue_final_message": True})
+    assert chat["tokens"] == chat_token_ids(tokenizer, CONTINUED, add_generation_prompt=False,
+                                             continue_final_message=True)  # fmt: skip
+    assert chat["token_strs"] is None
+    assert ingress._detokenize(json.dumps({"tokens": ids}).encode()) == {"prompt": "Hello world"}
+    error = _refused(ingress._detokenize, b'{"tokens": [5, 49152]}')
+    assert error.param == "tokens" and "[0, 49152)" in error.message
+    assert _refused(ingress._tokenize, b'{"prompt": 5}').param == "prompt"
+    with pytest.raises(APIError) as e:
+        tokenize({"model": "gpt-4", "prompt": "Hi"})
+    assert e.value.status == 404

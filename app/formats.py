@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from app.logprobs import (
-    TokenTexts,
     chat_logprobs,
     completion_logprobs,
     echoed_prompt_logprobs,
@@ -79,7 +79,8 @@ class CompletionFormat:
         model: str,
         prompts: list[Prompt],
         n: int = 1,
-        token_texts: TokenTexts | None = None,  # needed when `shown` has logprobs of any kind
+        # token id -> how logprobs name it (TokenTexts); needed when `shown` has logprobs
+        token_texts: Callable[[int], str] | None = None,
         shown: Shown = Shown(),
     ) -> None:
         self.id, self.model, self.created = request_id, model, int(time.time())

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 from starlette.requests import Request
@@ -36,7 +36,7 @@ from app.protocol import (
     validated,
 )
 from engine import InvalidRequestError, RequestOutput, SamplingParams
-from engine.limits import check_lengths, check_token_ids
+from engine.limits import bad_words_token_ids, check_lengths, check_token_ids
 from engine.model_store import resolve_model
 from engine.sampling_params import SEED_RANGE
 
@@ -148,7 +148,11 @@ class Ingress:
             self._check_lengths(
                 prompt, max_tokens, kv_capacity, chat, i if len(prompts) > 1 else None
             )
-        return req, prompts, req.sampling_params(max_tokens)
+        try:
+            bad_words = bad_words_token_ids(self.tokenizer, req.bad_words or [])
+        except InvalidRequestError as e:
+            raise APIError(400, str(e), e.param) from e
+        return req, prompts, req.sampling_params(max_tokens, bad_words)
 
     def _completion_prompt(self, prompt: str | list[int], req: CompletionRequest) -> Prompt:
         """A completions prompt, text or token ids; echo repeats it as sent, or as the text of
@@ -234,7 +238,7 @@ class Ingress:
         outputs = await _primed(_merged(streams))
         fmt = ChatFormat if chat else CompletionFormat
         view = fmt(
-            request_id, self.args.served_model_name, prompts, req.n, self.token_texts, req.shown
+            request_id, self.args.served_model_name, prompts, req.n, self._texts(req), req.shown
         )
         if req.stream:
             return StreamingResponse(
@@ -245,6 +249,11 @@ class Ingress:
             async for index, out in outputs:
                 view.add(index, out)
         return JSONResponse(view.final())
+
+    def _texts(self, req) -> Callable[[int], str]:
+        """How logprobs name tokens: by their text, or (vLLM's return_tokens_as_token_ids) as
+        "token_id:N", which survives tokens that are not text of their own."""
+        return _token_id_text if req.return_tokens_as_token_ids else self.token_texts
 
     def _admit(self, n: int, num_prompts: int = 1) -> None:
         """Bounded queue: refuse what would put more than max_queued_requests in flight (a
@@ -335,6 +344,10 @@ class _Clock:
                 self.mode, self.first, now, out.num_output_tokens, out.finish_reason
             )
         return out
+
+
+def _token_id_text(token_id: int) -> str:
+    return f"token_id:{token_id}"
 
 
 async def _primed(outputs: AsyncIterator[T]) -> AsyncIterator[T]:

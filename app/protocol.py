@@ -97,10 +97,33 @@ class _Sampling(BaseModel):
     # vLLM's: keep only each prompt's last k tokens (-1: as many as the context window holds)
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
     skip_special_tokens: bool = True  # vLLM's: False writes special tokens into the text
+    allowed_token_ids: list[int] | None = Field(None, min_length=1)  # vLLM's: only these
+    bad_words: list[str] | None = None  # vLLM's: words the output may not contain
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:N"
     # fields that would change the output if honoured: refused rather than silently ignored
     best_of: int | None = None
+    use_beam_search: bool = False
+    guided_json: str | dict | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structural_tag: str | dict | None = None
+    structured_outputs: dict | None = None
+    logits_processors: list | None = None
+    priority: int = 0
 
     _one_candidate = _refused("best_of", why="is not supported above 1", allowed=(1,))
+    _no_beams = _refused("use_beam_search", why="(beam search) is not supported")
+    _no_structure = _refused(
+        "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structural_tag",
+        "structured_outputs", why="(structured output) is not supported",
+    )  # fmt: skip
+    _no_processors = _refused(
+        "logits_processors", why="(custom logits processors) is not supported"
+    )
+    _no_priority = _refused(
+        "priority", why="is not supported (requests are served first come, first served)"
+    )
 
     @field_validator("prompt_logprobs")
     @classmethod
@@ -124,7 +147,11 @@ class _Sampling(BaseModel):
                 raise ValueError(f"keys must be token ids, got {key!r}")
         return value
 
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens: int, bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+    ) -> SamplingParams:
+        """The engine's parameters; `bad_words_token_ids`: this request's bad_words, tokenized
+        by the caller (engine.limits.bad_words_token_ids)."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
         try:
             return SamplingParams(
@@ -146,6 +173,8 @@ class _Sampling(BaseModel):
                 logprobs=self.num_logprobs,
                 prompt_logprobs=self.num_prompt_logprobs,
                 skip_special_tokens=self.skip_special_tokens,
+                allowed_token_ids=tuple(self.allowed_token_ids or ()),
+                bad_words_token_ids=bad_words_token_ids,
             )
         except InvalidRequestError as e:
             raise APIError(400, str(e), e.param) from e
@@ -183,6 +212,9 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     suffix: str | None = None
     add_special_tokens: bool = True  # vLLM's: the tokenizer's BOS etc. around a text prompt
+    prompt_embeds: str | list | None = None
+
+    _no_embeds = _refused("prompt_embeds", why="is not supported (prompts are text or token ids)")
 
     _no_suffix = _refused("suffix", why="(insertion) is not supported")
 

@@ -114,6 +114,12 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"logit_bias keys must be token ids in [0, {vocab})", "logit_bias"
             )
+        if any(t >= vocab for t in params.allowed_token_ids):
+            raise InvalidRequestError(
+                f"allowed_token_ids must be token ids in [0, {vocab})", "allowed_token_ids"
+            )
+        if any(t >= vocab for w in params.bad_words_token_ids for t in w):
+            raise InvalidRequestError(f"bad words' token ids must be in [0, {vocab})", "bad_words")
         capacity = self.blocks.num_blocks * self.blocks.block_size
         check_lengths(len(prompt_ids), params.max_tokens, self.max_model_len, capacity)
 

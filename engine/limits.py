@@ -1,4 +1,5 @@
-"""Request limits and chat prompts, shared by the engine and the HTTP ingress. Pure: no torch."""
+"""Request limits, chat prompts and bad words' tokens, shared by the engine and the HTTP ingress.
+Pure: no torch."""
 
 from __future__ import annotations
 
@@ -68,3 +69,19 @@ def chat_token_ids(
     except TypeError as e:  # a template variable that is one of apply_chat_template's own
         raise InvalidRequestError(f"chat template variables: {e}", "chat_template_kwargs") from e
     return tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+
+
+def bad_words_token_ids(tokenizer, words: list[str]) -> tuple[tuple[int, ...], ...]:
+    """vLLM's bad_words as token-id sequences: each word as it is, and again with a leading
+    space where that makes it a word of its own (same length, another first token), so the
+    word is banned at the start of the text and after a space alike."""
+    sequences: list[tuple[int, ...]] = []
+    for word in words:
+        bare = tuple(tokenizer.encode(word.lstrip(), add_special_tokens=False))
+        if not bare:
+            raise InvalidRequestError(f"bad word {word!r} has no tokens", "bad_words")
+        sequences.append(bare)
+        spaced = tuple(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+        if len(spaced) == len(bare) and spaced[0] != bare[0]:
+            sequences.append(spaced)
+    return tuple(sequences)

@@ -2,8 +2,9 @@
 
 Seeded requests draw from their own torch.Generator, so a seeded request samples the same tokens
 whatever else shares its batch. Rows with min_tokens, a logit bias or penalties are adjusted
-first, in vLLM's order: min_tokens' ban on EOS and stop tokens, logit bias, repetition penalty,
-then frequency and presence penalties; all before temperature, so they steer greedy requests too.
+first, in vLLM's order: allowed_token_ids and bad words (bans), min_tokens' ban on EOS and stop
+tokens, logit bias, repetition penalty, then frequency and presence penalties; all before
+temperature, so they steer greedy requests too.
 """
 
 from __future__ import annotations
@@ -53,6 +54,13 @@ def apply_penalties(logits: torch.Tensor, p: SamplingParams, history: TokenHisto
     """Adjust one row of logits (V,) in place for `p`'s min_tokens, logit bias and penalties."""
     dev = logits.device
     prompt_ids, output_ids = history.prompt_ids, history.output_ids
+    if p.allowed_token_ids:
+        allowed = torch.tensor(p.allowed_token_ids, device=dev)
+        kept = logits[allowed]
+        logits.fill_(float("-inf"))
+        logits[allowed] = kept
+    if p.bad_words_token_ids:
+        logits[banned_words(p.bad_words_token_ids, output_ids)] = float("-inf")
     if len(output_ids) < p.min_tokens:
         eos = [] if p.ignore_eos or history.eos_token_id is None else [history.eos_token_id]
         logits[list(p.stop_token_ids) + eos] = float("-inf")
@@ -69,6 +77,17 @@ def apply_penalties(logits: torch.Tensor, p: SamplingParams, history: TokenHisto
     if output_ids and (p.frequency_penalty or p.presence_penalty):
         ids, counts = torch.tensor(output_ids, device=dev).unique(return_counts=True)
         logits[ids] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty
+
+
+def banned_words(words: tuple[tuple[int, ...], ...], output_ids: list[int]) -> list[int]:
+    """The last token of each bad word whose other tokens end the output so far (vLLM's rule:
+    the output alone, not the prompt, is matched)."""
+    banned = []
+    for word in words:
+        head = list(word[:-1])
+        if not head or output_ids[-len(head) :] == head:
+            banned.append(word[-1])
+    return banned
 
 
 def sample(

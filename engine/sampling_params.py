@@ -35,6 +35,11 @@ class SamplingParams:
     # vLLM's / transformers': over prompt and output, positive logits / p, negative ones * p
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    # vLLM's: only these tokens may be sampled (empty: any)
+    allowed_token_ids: tuple[int, ...] = ()
+    # vLLM's bad_words, as token ids (engine.limits.bad_words_token_ids): a sequence's last
+    # token may not be sampled where the output so far ends with the rest of it
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
     # vLLM's: before this many output tokens, EOS and stop_token_ids cannot be sampled and stop
     # strings do not end the request
     min_tokens: int = 0
@@ -58,6 +63,10 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "logit_bias", tuple(tuple(kv) for kv in self.logit_bias))
+        object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
+        object.__setattr__(
+            self, "bad_words_token_ids", tuple(tuple(w) for w in self.bad_words_token_ids)
+        )
         self.validate()
 
     def validate(self) -> None:
@@ -117,6 +126,18 @@ class SamplingParams:
                     f"logit_bias values must be in [-100, 100], got {bias} for token {token}",
                     "logit_bias",
                 )
+        self._validate_token_lists()
+
+    def _validate_token_lists(self) -> None:
+        """Token ids must be integers >= 0; the engine checks them against its vocabulary."""
+        ids = [*self.allowed_token_ids, *(t for w in self.bad_words_token_ids for t in w)]
+        if any(not isinstance(t, int) or t < 0 for t in ids):
+            raise InvalidRequestError(
+                "allowed_token_ids and bad words must be token ids (integers >= 0)",
+                "allowed_token_ids" if self.allowed_token_ids else "bad_words",
+            )
+        if any(not w for w in self.bad_words_token_ids):
+            raise InvalidRequestError("a bad word has no tokens", "bad_words")
 
     @property
     def is_greedy(self) -> bool:
@@ -124,14 +145,16 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
-        """Whether sampling adjusts this request's logits (penalties, bias, min_tokens), and
-        so must see its tokens so far."""
+        """Whether sampling adjusts this request's logits (penalties, bias, min_tokens, allowed
+        tokens, bad words), and so must see its tokens so far."""
         return bool(
             self.presence_penalty
             or self.frequency_penalty
             or self.repetition_penalty != 1.0
             or self.logit_bias
             or self.min_tokens
+            or self.allowed_token_ids
+            or self.bad_words_token_ids
         )
 
     @property

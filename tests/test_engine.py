@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from engine import InvalidRequestError, SamplingParams
+from engine.limits import bad_words_token_ids
 from tests.conftest import drain, hf_greedy
 
 pytestmark = pytest.mark.model
@@ -189,6 +190,9 @@ def test_penalties_and_logit_bias_equal_transformers_generate(
     prompt = PROMPTS[2]
     n_prompt = len(tokenizer(prompt).input_ids)
     bias_token = tokenizer(" sea").input_ids[0]
+    elara = bad_words_token_ids(tokenizer, ["Elara"])  # the greedy output names her
+    assert tuple(tokenizer(" Elara").input_ids) in elara
+    allowed = sorted({*reference[2], *tokenizer(" son").input_ids} - {reference[2][2]})
     cases = [  # (our sampling fields, transformers' generate arguments)
         ({"repetition_penalty": 1.3}, {"repetition_penalty": 1.3}),
         (
@@ -196,6 +200,10 @@ def test_penalties_and_logit_bias_equal_transformers_generate(
             {"processor": _OpenAIPenalties(n_prompt, 0.8, 1.5)},
         ),
         ({"logit_bias": ((bias_token, 8.0),)}, {"sequence_bias": {(bias_token,): 8.0}}),
+        # vLLM's bad_words (here a two-token name: its second token is banned after its first)
+        # against transformers' bad_words_ids; allowed_token_ids against a prefix constraint
+        ({"bad_words_token_ids": elara}, {"bad_words_ids": [list(w) for w in elara]}),
+        ({"allowed_token_ids": allowed}, {"prefix_allowed_tokens_fn": lambda *_: allowed}),
     ]
     for ours, theirs in cases:
         params = SamplingParams(max_tokens=N, temperature=0.0, **ours)

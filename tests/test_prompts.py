@@ -10,9 +10,9 @@ import json
 
 import pytest
 
-from app.protocol import APIError
+from app.protocol import APIError, CompletionRequest
 from engine import InvalidRequestError
-from engine.limits import chat_token_ids
+from engine.limits import bad_words_token_ids, chat_token_ids
 
 pytestmark = pytest.mark.model
 
@@ -105,7 +105,6 @@ def test_add_special_tokens_reaches_the_tokenizer(own_tokenizer):
     assert chat_token_ids(own_tokenizer, HI)[0] != 0  # chat: the template's own tokens only
     assert chat_token_ids(own_tokenizer, HI, add_special_tokens=True)[0] == 0
     from app.ingress import Ingress
-    from app.protocol import CompletionRequest
 
     stand_in = type("I", (), {"tokenizer": own_tokenizer})()
     for flag, want in ((True, [0, *plain]), (False, plain)):
@@ -165,3 +164,22 @@ def test_tokenize_text_and_chat_and_detokenize(ingress, tokenizer):
     with pytest.raises(APIError) as e:
         tokenize({"model": "gpt-4", "prompt": "Hi"})
     assert e.value.status == 404
+
+
+def test_bad_words_are_tokenized_bare_and_after_a_space(ingress, tokenizer):
+    def ids(text: str) -> tuple[int, ...]:
+        return tuple(tokenizer.encode(text, add_special_tokens=False))
+
+    want = (ids("daughter"), ids(" daughter"), ids("Elara"), ids(" Elara"))
+    assert bad_words_token_ids(tokenizer, ["daughter", " Elara"]) == want
+    _, params = _prepare(ingress, {"prompt": "Hi", "bad_words": ["daughter", " Elara"]})
+    assert params.bad_words_token_ids == want
+    for word in ("", "   "):
+        error = _refused(_prepare, ingress, {"prompt": "Hi", "bad_words": [word]})
+        assert error.param == "bad_words"
+
+
+def test_return_tokens_as_token_ids_names_tokens_by_id(ingress):
+    for flag, want in ((False, " Paris"), (True, "token_id:7042")):
+        req = CompletionRequest(model=MODEL, prompt="Hi", return_tokens_as_token_ids=flag)
+        assert ingress._texts(req)(7042) == want

@@ -15,6 +15,7 @@ from engine.sampler import (
     apply_min_p,
     apply_penalties,
     apply_top_k_top_p,
+    banned_words,
     sample,
     token_logprobs,
 )
@@ -113,6 +114,35 @@ def test_min_tokens_bans_eos_and_stop_tokens_until_reached():
 
 
 @pytest.mark.unit
+def test_bad_words_ban_a_last_token_only_after_the_rest_of_the_word():
+    words = ((3,), (1, 2), (0, 1, 2))
+    assert banned_words(words, []) == [3]  # a one-token word is always banned
+    assert banned_words(words, [4, 1]) == [3, 2]
+    assert banned_words(words, [0, 1]) == [3, 2, 2]
+    assert banned_words(words, [1, 4]) == [3]  # the rest must end the output
+    logits = torch.tensor([[1.0, 2.0, 9.0, 8.0, 0.0]])
+    p = SamplingParams(temperature=0.0, bad_words_token_ids=words)
+    assert sample(logits, [p], [None], [TokenHistory([2, 1], [])]) == [2]  # not the prompt
+    assert sample(logits, [p], [None], [TokenHistory([], [1])]) == [1]  # 2 and 3 banned
+
+
+@pytest.mark.unit
+def test_allowed_token_ids_keep_their_logits_and_ban_the_rest():
+    logits = torch.tensor([[5.0, 1.0, 3.0, 9.0]])
+    p = SamplingParams(temperature=0.0, allowed_token_ids=(1, 2))
+    adjusted = logits[0].clone()
+    apply_penalties(adjusted, p, TokenHistory([], []))
+    assert adjusted.tolist() == [-math.inf, 1.0, 3.0, -math.inf]
+    assert sample(logits, [p], [None], [TokenHistory([], [])]) == [2]
+    hot = SamplingParams(temperature=5.0, allowed_token_ids=(1, 2), seed=0)
+    draws = {
+        sample(logits, [hot], [torch.Generator().manual_seed(i)], [TokenHistory([], [])])[0]
+        for i in range(40)
+    }
+    assert draws == {1, 2}  # both drawn at a high temperature, nothing else
+
+
+@pytest.mark.unit
 def test_token_logprobs_are_the_log_of_the_softmax_probabilities():
     probs = torch.tensor([[0.5, 0.25, 0.125, 0.125], [0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1]])
     logits = probs.log() + torch.tensor([[3.0], [-1.0], [0.5]])  # a row's shift cancels out
@@ -136,6 +166,9 @@ def test_token_logprobs_are_the_log_of_the_softmax_probabilities():
         ({"min_tokens": 20, "max_tokens": 10}, "min_tokens"),
         ({"logit_bias": ((5, 101.0),)}, "logit_bias"),
         ({"logit_bias": ((-1, 1.0),)}, "logit_bias"),
+        ({"allowed_token_ids": (1, -2)}, "allowed_token_ids"),
+        ({"bad_words_token_ids": ((1,), ())}, "bad_words"),
+        ({"bad_words_token_ids": ((1, -1),)}, "bad_words"),
     ],
 )
 def test_out_of_range_penalties_are_refused(params, param):

@@ -8,6 +8,7 @@ The default model with short outputs keeps it quick.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import time
@@ -154,6 +155,34 @@ def test_penalties_and_logit_bias_reach_the_engine_in_all_modes(
         r = _complete(server, mode, prompt=PROMPT, max_tokens=8, logit_bias={bias: 6}, **fields)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == expected.text, mode
+
+
+def test_vllm_token_constraints_reach_the_engine(server, engine_alone, local_engine, tokenizer):
+    """vLLM's bad_words and allowed_token_ids, on both sides of the hand-off, equal to the engine
+    alone; return_tokens_as_token_ids names the logprobs' tokens by id."""
+    from engine import SamplingParams
+    from engine.limits import bad_words_token_ids
+
+    paris = engine_alone.token_ids[0]
+    allowed = sorted({*engine_alone.token_ids, *tokenizer(" Lyon").input_ids} - {paris})
+    greedy = SamplingParams(max_tokens=8, temperature=0)
+    paris_words = bad_words_token_ids(tokenizer, ["Paris"])
+    cases = (  # (HTTP fields, the engine's)
+        ({"bad_words": ["Paris"]}, {"bad_words_token_ids": paris_words}),
+        ({"allowed_token_ids": allowed}, {"allowed_token_ids": tuple(allowed)}),
+    )
+    for fields, params in cases:
+        [want] = local_engine.generate([PROMPT], dataclasses.replace(greedy, **params))
+        assert want.text != engine_alone.text and paris not in want.token_ids
+        for mode in ("disagg", "chunked"):
+            r = _complete(server, mode, prompt=PROMPT, max_tokens=8, **fields)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == want.text, (mode, fields)
+    r = _complete(server, "disagg", prompt=PROMPT, max_tokens=3, logprobs=1,
+                  return_tokens_as_token_ids=True)  # fmt: skip
+    logprobs = r.json()["choices"][0]["logprobs"]
+    assert logprobs["tokens"] == [f"token_id:{t}" for t in engine_alone.token_ids[:3]]
+    assert all(k.startswith("token_id:") for top in logprobs["top_logprobs"] for k in top)
 
 
 def test_streamed_equals_non_streamed_and_ends_with_done(server, engine_alone):
@@ -596,6 +625,15 @@ def test_official_openai_client_completions_and_chat(server):
         ({"prompt": "hi", "prompt_logprobs": 1, "stream": True}, 400, "with stream"),
         ({"prompt": ["hi", [1, 2]]}, 400, "prompt"),
         ({"prompt": ["hi"] * 65, "n": 2}, 400, "65 prompts x n=2"),  # the queue holds 128
+        ({"prompt": "hi", "allowed_token_ids": []}, 400, "allowed_token_ids"),
+        ({"prompt": "hi", "allowed_token_ids": [5, 999999]}, 400, "[0, 49152)"),  # replicas
+        ({"prompt": "hi", "bad_words": [" "]}, 400, "has no tokens"),
+        ({"prompt": "hi", "use_beam_search": True}, 400, "beam search"),
+        ({"prompt": "hi", "guided_choice": ["a", "b"]}, 400, "structured output"),
+        ({"prompt": "hi", "guided_json": {"type": "object"}}, 400, "structured output"),
+        ({"prompt": "hi", "logits_processors": ["m.P"]}, 400, "logits processors"),
+        ({"prompt": "hi", "priority": 1}, 400, "priority"),
+        ({"prompt": "hi", "prompt_embeds": "AAAA"}, 400, "prompt_embeds"),
         ({"prompt": "hi", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
         ({"prompt": "hi", "truncate_prompt_tokens": 9000}, 400, "context window"),
     ],

@@ -139,6 +139,10 @@ class IngressArgs(_Strict):
     num_cpus: float = Field(0.1, ge=0)
     max_ongoing_requests: int = Field(256, ge=1)
     max_queued_requests: int = Field(128, ge=1)  # in flight per ingress replica, then 503
+    # the name of an environment variable (of the ingress replicas' processes) holding an API
+    # key: requests then need "Authorization: Bearer <key>" (vLLM's --api-key), all but
+    # /health, /ping and /version; None: no key
+    api_key_env: str | None = Field(None, min_length=1)
 
 
 class AppArgs(_Strict):

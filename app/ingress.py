@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
+import importlib.metadata
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -41,6 +44,10 @@ from engine.model_store import resolve_model
 from engine.sampling_params import SEED_RANGE
 
 logger = logging.getLogger(__name__)
+try:
+    _VERSION = importlib.metadata.version("splitserve")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree not pip-installed
+    _VERSION = "unknown"
 T = TypeVar("T")
 
 
@@ -63,6 +70,7 @@ class Ingress:
         from deployments.metrics import RequestMetrics
 
         self.metrics = RequestMetrics()
+        self.api_key = _api_key(self.args.ingress.api_key_env)
 
     async def __call__(self, request: Request) -> Response:
         try:
@@ -76,8 +84,11 @@ class Ingress:
         if root and path.startswith(root):
             path = path[len(root) :]
         path = path.rstrip("/")
-        if path == "/health" and method == "GET":
+        if path in ("/health", "/ping") and method == "GET":
             return JSONResponse({"status": "ok"})
+        if path == "/version" and method == "GET":
+            return JSONResponse({"version": _VERSION})
+        self._authorize(request)
         if path == "/v1/models" and method == "GET":
             return JSONResponse({"object": "list", "data": [self._model_card()]})
         if path.startswith("/v1/models/") and method == "GET":  # the client's models.retrieve
@@ -91,6 +102,18 @@ class Ingress:
         if path == "/detokenize" and method == "POST":
             return JSONResponse(self._detokenize(await request.body()))
         raise APIError(404, f"no route {method} {path}", kind="not_found_error")
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        # compare_digest: the time taken says nothing about how much of the key matched
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), self.api_key):
+            raise APIError(
+                401, "invalid or missing API key (Authorization: Bearer <key>)",
+                kind="authentication_error",
+            )  # fmt: skip
 
     async def _capacity(self) -> int:
         """The KV cache of the smallest replica a request passes through (same per deployment)."""
@@ -344,6 +367,16 @@ class _Clock:
                 self.mode, self.first, now, out.num_output_tokens, out.finish_reason
             )
         return out
+
+
+def _api_key(env: str | None) -> bytes | None:
+    """The key the ingress asks for, read from the environment variable `env` names."""
+    if env is None:
+        return None
+    key = os.environ.get(env)
+    if not key:
+        raise ValueError(f"ingress.api_key_env: environment variable {env} is not set or empty")
+    return key.encode()
 
 
 def _token_id_text(token_id: int) -> str:

@@ -280,6 +280,7 @@ class ChatPrompt(BaseModel):
     continue_final_message: bool = False  # leave the last message open, to be continued
     add_special_tokens: bool = False  # the template writes its own BOS
     chat_template_kwargs: dict | None = None  # extra variables of the template
+    documents: list[dict[str, str]] | None = None  # for templates that take them (RAG)
     chat_template: str | None = None
 
     _model_template = _refused(
@@ -310,6 +311,7 @@ class ChatPrompt(BaseModel):
                 continue_final_message=self.continue_final_message,
                 add_special_tokens=self.add_special_tokens,
                 template_kwargs=self.chat_template_kwargs,
+                documents=self.documents,
             )
         except InvalidRequestError as e:
             raise APIError(400, str(e), e.param) from e

@@ -88,6 +88,13 @@ def test_template_variables_reach_the_template_and_its_errors_are_400s(own_token
     with pytest.raises(InvalidRequestError, match="refused: yes") as e:
         chat_token_ids(own_tokenizer, HI, template_kwargs={"fail": "yes"})
     assert e.value.param == "messages"
+    own_tokenizer.chat_template = (
+        "{% for m in messages %}{{ m.content }}{% endfor %}"
+        "{% for d in documents or [] %} [{{ d.title }}: {{ d.text }}]{% endfor %}"
+    )
+    docs = [{"title": "A", "text": "alpha"}, {"title": "B", "text": "beta"}]
+    ids = chat_token_ids(own_tokenizer, HI, documents=docs)
+    assert own_tokenizer.decode(ids) == "Hi [A: alpha] [B: beta]"
     # a variable that is one of apply_chat_template's own arguments
     with pytest.raises(InvalidRequestError) as e:
         chat_token_ids(own_tokenizer, HI, template_kwargs={"tokenize": True})

@@ -93,10 +93,9 @@ class Ingress:
             return JSONResponse({"object": "list", "data": [self._model_card()]})
         if path.startswith("/v1/models/") and method == "GET":  # the client's models.retrieve
             return JSONResponse(self._model_card(path.removeprefix("/v1/models/")))
-        if path == "/v1/completions" and method == "POST":
-            return await self._generate(await request.body(), chat=False)
-        if path == "/v1/chat/completions" and method == "POST":
-            return await self._generate(await request.body(), chat=True)
+        if path in ("/v1/completions", "/v1/chat/completions") and method == "POST":
+            chat = path == "/v1/chat/completions"
+            return await self._generate(await request.body(), chat, _client_id(request))
         if path == "/tokenize" and method == "POST":  # vLLM's
             return JSONResponse(self._tokenize(await request.body()))
         if path == "/detokenize" and method == "POST":
@@ -245,16 +244,21 @@ class Ingress:
         self._check_ids(req.tokens, "tokens")
         return {"prompt": self.tokenizer.decode(req.tokens)}
 
-    async def _generate(self, body: bytes, chat: bool) -> Response:
+    async def _generate(self, body: bytes, chat: bool, client_id: str | None = None) -> Response:
+        """client_id: the request's X-Request-Id header, which names the response (vLLM's;
+        Serve's proxy returns the header itself)."""
         req, prompts, params = self._prepare(body, chat, await self._capacity())
         choices = _choice_params(params, req.n)
-        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        base_id = client_id or uuid.uuid4().hex
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{base_id}"
+        # the replicas' ids stay unique when clients reuse an X-Request-Id
+        engine_id = request_id if client_id is None else f"{request_id}-{uuid.uuid4().hex[:8]}"
         # one engine request per choice, numbered prompt by prompt; the first output (a
         # prefill) is awaited before any response is started, so an error a replica raises
         # (e.g. beyond its KV cache) still becomes an HTTP status
         many = len(prompts) * req.n > 1
         streams = [
-            self._outputs(f"{request_id}-{i * req.n + j}" if many else request_id, p.ids, c)
+            self._outputs(f"{engine_id}-{i * req.n + j}" if many else engine_id, p.ids, c)
             for i, p in enumerate(prompts)
             for j, c in enumerate(choices)
         ]
@@ -367,6 +371,17 @@ class _Clock:
                 self.mode, self.first, now, out.num_output_tokens, out.finish_reason
             )
         return out
+
+
+MAX_CLIENT_ID = 256  # characters of an X-Request-Id
+
+
+def _client_id(request: Request) -> str | None:
+    """The request's X-Request-Id header (vLLM's: it names the response), or None."""
+    value = request.headers.get("x-request-id") or None  # empty: as if not sent
+    if value is not None and len(value) > MAX_CLIENT_ID:
+        raise APIError(400, f"X-Request-Id has more than {MAX_CLIENT_ID} characters")
+    return value
 
 
 def _api_key(env: str | None) -> bytes | None:

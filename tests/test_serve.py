@@ -679,6 +679,27 @@ def test_chat_features_we_do_not_serve_are_refused_not_ignored(server, fields, n
     assert httpx.post(f"{server}/disagg/v1/chat/completions", json=ok, timeout=60).is_success
 
 
+def test_x_request_id_names_the_response_and_may_be_reused(server):
+    """vLLM's X-Request-Id: the body's id (Serve's proxy returns the header); two requests in
+    flight with the same one are both served (the replicas' ids stay unique)."""
+    headers = {"X-Request-Id": "client-7"}
+    body = {"model": "SmolLM2-135M-Instruct", "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
+    url = f"{server}/disagg/v1/completions"
+    with httpx.stream("POST", url, json={**body, "stream": True}, headers=headers, timeout=60) as s:
+        assert s.headers["x-request-id"] == "client-7"
+        lines = s.iter_lines()
+        first = json.loads(next(line for line in lines if line).removeprefix("data: "))
+        r = httpx.post(url, json={**body, "n": 2}, headers=headers, timeout=60)  # while in flight
+        rest = [line for line in lines if line]
+    assert first["id"] == "cmpl-client-7" and rest[-1] == "data: [DONE]"
+    assert r.status_code == 200 and r.json()["id"] == "cmpl-client-7", r.text
+    assert r.headers["x-request-id"] == "client-7"
+    r = httpx.post(url, json=body, headers={"X-Request-Id": "x" * 257}, timeout=60)
+    assert r.status_code == 400 and "X-Request-Id" in r.json()["error"]["message"]
+    r = httpx.post(url, json=body, timeout=60)  # without one: a fresh id
+    assert r.json()["id"].startswith("cmpl-") and "client-7" not in r.json()["id"]
+
+
 def test_malformed_json_and_unknown_route(server):
     r = httpx.post(f"{server}/disagg/v1/completions", content=b"{not json", timeout=30)
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]

@@ -18,7 +18,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import TypeVar
 
 from starlette.requests import Request
@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from app.config import AppArgs
 from app.formats import ChatFormat, CompletionFormat, Prompt
-from app.logprobs import TokenTexts
+from app.prompts import PromptBuilder
 from app.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -39,7 +39,7 @@ from app.protocol import (
     validated,
 )
 from engine import InvalidRequestError, RequestOutput, SamplingParams
-from engine.limits import bad_words_token_ids, check_lengths, check_token_ids
+from engine.limits import check_lengths
 from engine.model_store import resolve_model
 from engine.sampling_params import SEED_RANGE
 
@@ -57,12 +57,11 @@ class Ingress:
 
         self.args = AppArgs.model_validate(args)
         path = resolve_model(self.args.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.token_texts = TokenTexts(self.tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(path)
         text_config = AutoConfig.from_pretrained(path).get_text_config()
         window = text_config.max_position_embeddings
         self.max_model_len = min(self.args.max_model_len or window, window)
-        self.vocab_size = text_config.vocab_size  # the model's, which the engine checks too
+        self.prompts = PromptBuilder(tokenizer, text_config.vocab_size, self.max_model_len)
         self.prefill, self.decode, self.colocated = prefill, decode, colocated
         self.num_in_flight = 0
         self._kv_capacity: int | None = None  # smallest replica KV cache, fetched once
@@ -153,16 +152,13 @@ class Ingress:
         self._check_model(req.model)
         # before tokenizing: a batch too large for the queue is refused without that work
         self._admit(req.n, 1 if chat else len(req.prompts))
+        prompts = self.prompts.prompts(req, chat)
         if chat:
-            prompts = [Prompt(req.prompt_ids(self.tokenizer), req.echo_text)]
             max_tokens = req.max_completion_tokens or req.max_tokens
         else:
-            prompts = [self._completion_prompt(p, req) for p in req.prompts]
             max_tokens = req.max_tokens if req.max_tokens is not None else 16
             # echo with max_tokens 0 (vLLM's): one token is computed, and not shown
             max_tokens = 1 if req.echo_only else max_tokens
-        if req.truncate_prompt_tokens is not None:
-            prompts = [self._truncated(p, req.truncate_prompt_tokens, chat) for p in prompts]
         if max_tokens is None:  # chat without a limit: up to the window or the KV cache
             room = min(self.max_model_len, kv_capacity)
             max_tokens = max(1, room - len(prompts[0].ids))
@@ -170,46 +166,8 @@ class Ingress:
             self._check_lengths(
                 prompt, max_tokens, kv_capacity, chat, i if len(prompts) > 1 else None
             )
-        try:
-            bad_words = bad_words_token_ids(self.tokenizer, req.bad_words or [])
-        except InvalidRequestError as e:
-            raise APIError(400, str(e), e.param) from e
+        bad_words = self.prompts.bad_words(req.bad_words)
         return req, prompts, req.sampling_params(max_tokens, bad_words)
-
-    def _completion_prompt(self, prompt: str | list[int], req: CompletionRequest) -> Prompt:
-        """A completions prompt, text or token ids; echo repeats it as sent, or as the text of
-        its ids."""
-        if isinstance(prompt, str):
-            ids = self.tokenizer(prompt, add_special_tokens=req.add_special_tokens).input_ids
-            return Prompt(ids, prompt if req.echo else "")
-        ids = list(prompt)
-        self._check_ids(ids)  # before echo decodes them (out of range, decode raises)
-        return Prompt(ids, self.tokenizer.decode(ids) if req.echo else "")
-
-    def _check_ids(self, ids: list[int], param: str = "prompt") -> None:
-        """The engine's check of token ids, as a 400 naming `param`."""
-        try:
-            check_token_ids(ids, self.vocab_size)
-        except InvalidRequestError as e:
-            raise APIError(400, str(e).replace("prompt ", f"{param}: ", 1), param) from e
-
-    def _truncated(self, prompt: Prompt, keep: int, chat: bool) -> Prompt:
-        """vLLM's truncate_prompt_tokens: the prompt's last `keep` tokens (-1: the context
-        window's worth). A completions echo then shows the text of the tokens kept; a chat
-        echo (the assistant's last message) stays as it is."""
-        if keep > self.max_model_len:
-            raise APIError(
-                400,
-                f"truncate_prompt_tokens ({keep}) is more than the context window of "
-                f"{self.max_model_len} tokens",
-                "truncate_prompt_tokens",
-            )
-        keep = self.max_model_len if keep == -1 else keep
-        if len(prompt.ids) <= keep:
-            return prompt
-        ids = prompt.ids[-keep:]
-        echo = prompt.echo if chat or not prompt.echo else self.tokenizer.decode(ids)
-        return Prompt(ids, echo)
 
     def _check_lengths(
         self, prompt: Prompt, max_tokens: int, kv_capacity: int, chat: bool, index: int | None
@@ -228,21 +186,13 @@ class Ingress:
         req = validated(data, TokenizeChatRequest if "messages" in data else TokenizeRequest)
         if req.model is not None:
             self._check_model(req.model)
-        ids = req.prompt_ids(self.tokenizer)
-        strs = self.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
-        return {
-            "count": len(ids),
-            "max_model_len": self.max_model_len,
-            "tokens": ids,
-            "token_strs": strs,
-        }
+        return self.prompts.tokenize(req)
 
     def _detokenize(self, body: bytes) -> dict:
         req = parse(body, DetokenizeRequest)
         if req.model is not None:
             self._check_model(req.model)
-        self._check_ids(req.tokens, "tokens")
-        return {"prompt": self.tokenizer.decode(req.tokens)}
+        return self.prompts.detokenize(req)
 
     async def _generate(self, body: bytes, chat: bool, client_id: str | None = None) -> Response:
         """client_id: the request's X-Request-Id header, which names the response (vLLM's;
@@ -265,7 +215,12 @@ class Ingress:
         outputs = await _primed(_merged(streams))
         fmt = ChatFormat if chat else CompletionFormat
         view = fmt(
-            request_id, self.args.served_model_name, prompts, req.n, self._texts(req), req.shown
+            request_id,
+            self.args.served_model_name,
+            prompts,
+            req.n,
+            self.prompts.texts(req),
+            req.shown,
         )
         if req.stream:
             return StreamingResponse(
@@ -276,11 +231,6 @@ class Ingress:
             async for index, out in outputs:
                 view.add(index, out)
         return JSONResponse(view.final())
-
-    def _texts(self, req) -> Callable[[int], str]:
-        """How logprobs name tokens: by their text, or (vLLM's return_tokens_as_token_ids) as
-        "token_id:N", which survives tokens that are not text of their own."""
-        return _token_id_text if req.return_tokens_as_token_ids else self.token_texts
 
     def _admit(self, n: int, num_prompts: int = 1) -> None:
         """Bounded queue: refuse what would put more than max_queued_requests in flight (a
@@ -392,10 +342,6 @@ def _api_key(env: str | None) -> bytes | None:
     if not key:
         raise ValueError(f"ingress.api_key_env: environment variable {env} is not set or empty")
     return key.encode()
-
-
-def _token_id_text(token_id: int) -> str:
-    return f"token_id:{token_id}"
 
 
 async def _primed(outputs: AsyncIterator[T]) -> AsyncIterator[T]:

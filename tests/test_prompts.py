@@ -111,12 +111,12 @@ def test_add_special_tokens_reaches_the_tokenizer(own_tokenizer):
     plain = own_tokenizer("Hi", add_special_tokens=False).input_ids
     assert chat_token_ids(own_tokenizer, HI)[0] != 0  # chat: the template's own tokens only
     assert chat_token_ids(own_tokenizer, HI, add_special_tokens=True)[0] == 0
-    from app.ingress import Ingress
+    from app.prompts import PromptBuilder
 
-    stand_in = type("I", (), {"tokenizer": own_tokenizer})()
+    builder = PromptBuilder(own_tokenizer, len(own_tokenizer), 8192)
     for flag, want in ((True, [0, *plain]), (False, plain)):
         req = CompletionRequest(model=MODEL, prompt="Hi", add_special_tokens=flag)
-        assert Ingress._completion_prompt(stand_in, "Hi", req).ids == want
+        assert builder.completion("Hi", req).ids == want
 
 
 def test_truncate_prompt_tokens_keeps_the_last_tokens(ingress, tokenizer):
@@ -189,4 +189,4 @@ def test_bad_words_are_tokenized_bare_and_after_a_space(ingress, tokenizer):
 def test_return_tokens_as_token_ids_names_tokens_by_id(ingress):
     for flag, want in ((False, " Paris"), (True, "token_id:7042")):
         req = CompletionRequest(model=MODEL, prompt="Hi", return_tokens_as_token_ids=flag)
-        assert ingress._texts(req)(7042) == want
+        assert ingress.prompts.texts(req)(7042) == want

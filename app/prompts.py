@@ -6,19 +6,22 @@ only, refused input as APIError (400)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from app.formats import Prompt
 from app.logprobs import TokenTexts
-from app.protocol import (
-    APIError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    TokenizeChatRequest,
-    TokenizeRequest,
-)
+from app.protocol import APIError
 from engine import InvalidRequestError
 from engine.limits import bad_words_token_ids, check_token_ids
+
+if TYPE_CHECKING:  # annotations only; the ingress parses the bodies
+    from app.protocol import (
+        ChatCompletionRequest,
+        CompletionRequest,
+        DetokenizeRequest,
+        TokenizeChatRequest,
+        TokenizeRequest,
+    )
 
 
 class PromptBuilder:

@@ -30,6 +30,8 @@ class EngineArgs(_Strict):
     max_num_batched_tokens: int = Field(2048, ge=1)
     max_num_seqs: int = Field(32, ge=1)
     chunked_prefill: bool = False
+    # vLLM's automatic prefix caching: prompts' leading full blocks computed before are reused
+    enable_prefix_caching: bool = False
     num_threads: int | None = Field(None, ge=1)
     # tp * pp > 1: the replica runs that many model workers (engine/workers.py), each in a
     # placement-group bundle of worker_num_cpus CPUs; kv_cache_memory_mb is per worker
@@ -220,6 +222,7 @@ class AppArgs(_Strict):
                 max_num_batched_tokens=e.max_num_batched_tokens,
                 max_num_seqs=e.max_num_seqs,
                 chunked_prefill=e.chunked_prefill,
+                enable_prefix_caching=e.enable_prefix_caching,
             ),
         )
 

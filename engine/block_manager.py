@@ -1,25 +1,49 @@
-"""Paged KV-cache bookkeeping: which physical blocks each request owns. Pure Python.
+"""Paged KV-cache bookkeeping: which physical blocks each request holds. Pure Python.
 
-A request with `n` tokens in the cache owns ceil(n / block_size) blocks, listed in order in its
-block table. Blocks are never shared (no prefix caching), so ownership is a plain partition of
-the pool into a free list and the requests' tables; `check_integrity` verifies exactly that.
+A request with `n` tokens in the cache holds ceil(n / block_size) blocks, listed in order in its
+block table. Without prefix caching, ownership is a plain partition of the pool into the free
+list and the requests' tables.
+
+With prefix caching (vLLM's automatic prefix caching), a full block whose tokens are computed is
+published under a key that names its tokens and every token before it (a chained digest), and a
+new request whose leading full blocks have published keys takes those blocks into its table
+instead of computing them: blocks are then shared and reference-counted. A block nobody holds
+goes back to the free list and keeps its key until it is handed out again, least recently freed
+first, so a prefix stays reusable while the pool has room. Only full blocks are shared and a
+request writes only past its computed tokens, so a shared block is never written.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from array import array
+from collections import OrderedDict
+from collections.abc import Callable
+
+
+def block_key(parent: bytes, token_ids: list[int]) -> bytes:
+    """The key of a full block: its tokens and, through `parent`, all tokens before it. A
+    cryptographic digest, so a client cannot craft tokens that take another prompt's KV."""
+    return hashlib.blake2b(parent + array("q", token_ids).tobytes(), digest_size=16).digest()
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = False) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(
                 f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}"
             )
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        self.enable_caching = enable_caching
+        # free blocks, the next to hand out first; a freed block joins at the end
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._refs = [0] * num_blocks
         self._tables: dict[str, list[int]] = {}
+        self._key_of: dict[int, bytes] = {}  # published block -> its key
+        self._block_of: dict[bytes, int] = {}  # key -> the block published under it
+        self._chains: dict[str, list[bytes]] = {}  # request -> keys of its full blocks so far
+        self.num_cached_tokens = 0  # prompt tokens taken from the cache, since start
 
     @property
     def num_free_blocks(self) -> int:
@@ -58,23 +82,90 @@ class BlockManager:
                 f"allocate({request_id!r}, {num_tokens}) needs {missing} blocks, "
                 f"{len(self._free)} free; call can_allocate first"
             )
-        new = [self._free.popleft() for _ in range(missing)]
+        new = [self._take_free() for _ in range(missing)]
         self._tables.setdefault(request_id, []).extend(new)
         return new
 
+    def _take_free(self) -> int:
+        block, _ = self._free.popitem(last=False)
+        key = self._key_of.pop(block, None)  # its old contents are about to be overwritten
+        if key is not None:
+            del self._block_of[key]
+        self._refs[block] = 1
+        return block
+
     def free(self, request_id: str) -> int:
-        """Return all blocks of a request to the pool; freeing an unknown request is a no-op."""
+        """Let go of all blocks of a request; freeing an unknown request is a no-op."""
         table = self._tables.pop(request_id, None)
+        self._chains.pop(request_id, None)
         if table is None:
             return 0
-        self._free.extend(table)
+        for block in reversed(table):  # a prefix's tail is handed out again before its head
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                self._free[block] = None
         return len(table)
 
+    # ---- prefix caching ------------------------------------------------------------------------
+
+    def take_cached_prefix(self, request_id: str, token_ids: list[int]) -> int:
+        """Start `request_id`'s table (it has none) with the published blocks that hold the
+        leading full blocks of `token_ids`; -> how many tokens they hold (0 without caching)."""
+        if not self.enable_caching:
+            return 0
+        size, keys, blocks, parent = self.block_size, [], [], b""
+        for start in range(0, len(token_ids) - size + 1, size):
+            parent = block_key(parent, token_ids[start : start + size])
+            block = self._block_of.get(parent)
+            if block is None:
+                break
+            keys.append(parent)
+            blocks.append(block)
+        for block in blocks:
+            if self._refs[block] == 0:
+                del self._free[block]
+            self._refs[block] += 1
+        self._tables[request_id] = blocks
+        self._chains[request_id] = keys
+        self.num_cached_tokens += len(blocks) * size
+        return len(blocks) * size
+
+    def publish(
+        self, request_id: str, num_computed: int, token_ids: Callable[[int, int], list[int]]
+    ) -> None:
+        """Publish the request's full blocks among its first `num_computed` tokens not yet
+        published; token_ids(start, end) gives its tokens. Where a block with the same tokens is
+        already published, that one stays the cached copy."""
+        if not self.enable_caching:
+            return
+        chain = self._chains.setdefault(request_id, [])
+        table, size = self._tables[request_id], self.block_size
+        for i in range(len(chain), num_computed // size):
+            key = block_key(chain[-1] if chain else b"", token_ids(i * size, (i + 1) * size))
+            chain.append(key)
+            block = table[i]
+            if key not in self._block_of and block not in self._key_of:
+                self._block_of[key], self._key_of[block] = block, key
+
     def check_integrity(self) -> None:
-        owned = [b for table in self._tables.values() for b in table]
-        every = owned + list(self._free)
-        if len(every) != self.num_blocks or set(every) != set(range(self.num_blocks)):
+        """Every block is free xor held, and held as often as the tables list it; published
+        keys and blocks map one to one."""
+        held: dict[int, int] = {}
+        for table in self._tables.values():
+            for block in table:
+                held[block] = held.get(block, 0) + 1
+        free = set(self._free)
+        problems = [
+            b
+            for b in range(self.num_blocks)
+            if (b in free) == (b in held) or self._refs[b] != held.get(b, 0)
+        ]
+        if problems or len(free) != len(self._free):
             raise AssertionError(
-                f"block pool corrupt: {len(owned)} owned + {len(self._free)} free "
-                f"!= {self.num_blocks}, or a block is listed twice"
+                f"block pool corrupt at blocks {problems[:8]}: {len(held)} held + "
+                f"{len(self._free)} free != {self.num_blocks}, or a count is wrong"
             )
+        if any(self._key_of.get(b) != k for k, b in self._block_of.items()) or len(
+            self._key_of
+        ) != len(self._block_of):
+            raise AssertionError("prefix cache index corrupt")

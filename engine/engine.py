@@ -84,7 +84,8 @@ class LLMEngine:
             )
         self.tokenizer = tokenizer
         self.runner = runner
-        self.blocks = BlockManager(runner.num_kv_blocks, runner.block_size)
+        caching = config.scheduler.enable_prefix_caching
+        self.blocks = BlockManager(runner.num_kv_blocks, runner.block_size, caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         self.max_model_len = min(
             config.max_model_len or runner.shape.max_position_embeddings,
@@ -182,7 +183,7 @@ class LLMEngine:
                 s.start,
                 self.blocks.block_table(s.request.request_id),
                 s.samples,
-                _wants_prompt_logprobs(s.request),
+                s.request.wants_prompt_logprobs,
             )
             for s in sched.scheduled
         ]
@@ -290,6 +291,7 @@ class LLMEngine:
             num_preemptions=self.num_preemptions,
             num_waiting_tokens=sum(r.num_pending_tokens for r in self.scheduler.waiting),
             num_running_tokens=sum(r.num_tokens for r in self.scheduler.running),
+            num_cached_tokens=self.blocks.num_cached_tokens,
         )
 
     # ---- disaggregation ----------------------------------------------------------------------
@@ -399,12 +401,6 @@ class LLMEngine:
             )
             for i, pi, sp in zip(ids, prompts_ids, param_list, strict=True)
         ]
-
-
-def _wants_prompt_logprobs(request: Request) -> bool:
-    """Prompt logprobs come from the prefill that leads to the first output token (a prefill
-    recomputed after a preemption past it is not asked again)."""
-    return request.sampling_params.prompt_logprobs is not None and request.num_output_tokens == 0
 
 
 def _step_shape(sched: SchedulerOutput) -> tuple[list[int], list[int], list[int]]:

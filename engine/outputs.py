@@ -82,6 +82,7 @@ class EngineStats:
     num_preemptions: int
     num_waiting_tokens: int = 0  # prompt tokens of waiting requests not computed yet
     num_running_tokens: int = 0  # context tokens of the running batch (decode step cost)
+    num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache, since start
 
     @property
     def num_used_blocks(self) -> int:

@@ -51,6 +51,13 @@ class Request:
         """Tokens whose KV is not computed yet: the prompt before prefill, 1 while decoding."""
         return self.num_tokens - self.num_computed_tokens
 
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Its prompt's logprobs are still to be computed: they come from the prefill that
+        leads to the first output token (a prefill recomputed after a preemption past it is
+        not asked again), and every prompt token then needs its logits."""
+        return self.sampling_params.prompt_logprobs is not None and not self.output_token_ids
+
     def token_ids(self, start: int, end: int) -> list[int]:
         n = len(self.prompt_token_ids)
         if end <= n:

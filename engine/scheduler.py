@@ -28,6 +28,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048  # token budget of one step
     max_num_seqs: int = 64  # running (decoding) requests at most
     chunked_prefill: bool = False
+    # vLLM's automatic prefix caching: a prompt's leading full blocks computed before (by any
+    # request) are reused instead of computed again (engine/block_manager.py)
+    enable_prefix_caching: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
@@ -77,6 +80,7 @@ class PrefillManager:
         for request in self.waiting:
             if token_budget <= 0 or seq_budget <= 0:
                 break
+            cached = self._take_cached_prefix(request)
             num_new = request.num_pending_tokens
             if self.config.chunked_prefill:
                 num_new = min(num_new, token_budget)
@@ -84,6 +88,9 @@ class PrefillManager:
                 break  # whole prompts only; an oversized prompt still runs alone
             end = request.num_computed_tokens + num_new
             if not self.blocks.can_allocate(request.request_id, end):
+                if cached:  # not now: its cached blocks go back (still cached)
+                    self.blocks.free(request.request_id)
+                    request.num_computed_tokens = 0
                 break  # FCFS: no overtaking the head of the queue
             self.blocks.allocate(request.request_id, end)
             if request.first_scheduled_time is None:
@@ -95,6 +102,16 @@ class PrefillManager:
             if item.samples:  # fully prefilled requests leave the queue
                 self.waiting.remove(item.request)
         return batch or None
+
+    def _take_cached_prefix(self, request: Request) -> int:
+        """At a request's (re)start: take the cached blocks of its leading tokens as computed;
+        -> how many tokens. The last token is always computed (its logits sample the next
+        token), and a request that asks for its prompt's logprobs computes them all."""
+        if request.num_computed_tokens or request.wants_prompt_logprobs:
+            return 0
+        tokens = request.token_ids(0, request.num_tokens - 1)
+        request.num_computed_tokens = self.blocks.take_cached_prefix(request.request_id, tokens)
+        return request.num_computed_tokens
 
 
 class DecodeManager:
@@ -191,6 +208,7 @@ class Scheduler:
         for item in output.scheduled:
             request = item.request
             request.num_computed_tokens = item.end
+            self.blocks.publish(request.request_id, item.end, request.token_ids)
             token = sampled.get(request.request_id) if item.samples else None
             if token is not None:
                 self._append_token(request, token)

@@ -423,3 +423,65 @@ def test_duplicate_request_id_and_kv_capacity_errors(make_engine):
         engine.add_request("a", "hi", SamplingParams(max_tokens=2))
     with pytest.raises(InvalidRequestError, match="KV cache"):
         engine.add_request("b", "hi", SamplingParams(max_tokens=30))
+
+
+def test_prefix_caching_reuses_a_prompts_blocks_and_keeps_the_output(
+    make_engine, reference, tokenizer
+):
+    """vLLM's automatic prefix caching: a prompt computed once is taken from the cache the next
+    time (only its last partial block and last token are computed), by itself or as the start
+    of a longer prompt, with the same greedy output; blocks come back free."""
+    engine = make_engine(block_size=4, enable_prefix_caching=True)
+    prompt = tokenizer(PROMPTS[2]).input_ids  # 19 tokens: 4 full blocks and 3 tokens
+    [first] = engine.generate([prompt], GREEDY)
+    assert first.token_ids == reference[2] and engine.blocks.num_cached_tokens == 0
+    [again] = engine.generate([prompt], GREEDY)
+    assert again.token_ids == reference[2]
+    assert engine.blocks.num_cached_tokens == 16  # the full blocks before its last token
+    # a longer prompt that starts the same: the first request's output blocks count too
+    longer = prompt + first.token_ids[:6]
+    engine.add_request("longer", longer, GREEDY)
+    outs = engine.step()
+    cached = (len(longer) - 1) // 4 * 4  # every full block before the last token
+    step = engine.last_step  # its prefill computed the rest
+    assert (step.prefill_lens, step.prefill_offsets) == ([len(longer) - cached], [cached])
+    outs += drain(engine)["longer"]
+    want = _greedy_without_cache(engine, longer)
+    assert [t for o in outs for t in o.new_token_ids] == want
+    engine.blocks.check_integrity()
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def _greedy_without_cache(engine, ids: list[int]) -> list[int]:
+    """The greedy output of `ids` from a fresh engine without caching (the reference path)."""
+    from engine import EngineConfig, LLMEngine
+    from engine.model_runner import ModelRunner
+
+    runner = ModelRunner(engine.runner.model, num_kv_blocks=64, block_size=16)
+    fresh = LLMEngine(EngineConfig(), runner=runner, tokenizer=engine.tokenizer)
+    [out] = fresh.generate([ids], GREEDY)
+    return out.token_ids
+
+
+def test_prefix_caching_under_preemption_handoff_and_prompt_logprobs(make_engine, reference):
+    # preemption: a recomputed request takes back what is still cached; outputs unchanged
+    engine = make_engine(num_kv_blocks=10, block_size=4, enable_prefix_caching=True)
+    outs = engine.generate(PROMPTS[:2] + ["Paris is"], GREEDY)
+    assert engine.num_preemptions > 0 and engine.blocks.num_cached_tokens > 0
+    assert [o.token_ids for o in outs[:2]] == reference[:2]
+    engine.blocks.check_integrity()
+    assert engine.blocks.num_free_blocks == 10
+    # the prefill side of a hand-off: a cached prefix is exported like a computed one
+    prefill, decode = make_engine(enable_prefix_caching=True), make_engine()
+    prefill.generate([PROMPTS[2]], SamplingParams(max_tokens=1, temperature=0))
+    prefill.add_request("p", PROMPTS[2], GREEDY, prefill_only=True)
+    first = drain(prefill)["p"][0].new_token_ids
+    assert prefill.blocks.num_cached_tokens == 16
+    assert decode.import_request(*prefill.export_kv("p"))
+    assert first + [t for o in drain(decode)["p"] for t in o.new_token_ids] == reference[2]
+    # prompt logprobs need every prompt token's logits: such a request takes nothing cached
+    scored = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+    before = prefill.blocks.num_cached_tokens
+    [out] = prefill.generate([PROMPTS[2]], scored)
+    assert prefill.blocks.num_cached_tokens == before
+    assert len(out.prompt_logprobs) == len(prefill.encode(PROMPTS[2]))

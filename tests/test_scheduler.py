@@ -16,7 +16,8 @@ pytestmark = pytest.mark.unit
 
 
 def make(num_blocks=16, block_size=4, **cfg) -> Scheduler:
-    return Scheduler(SchedulerConfig(**cfg), BlockManager(num_blocks, block_size))
+    caching = cfg.get("enable_prefix_caching", False)
+    return Scheduler(SchedulerConfig(**cfg), BlockManager(num_blocks, block_size, caching))
 
 
 def req(rid: str, n: int, max_tokens: int = 4, **kw) -> Request:
@@ -173,3 +174,32 @@ def test_stop_token_and_length_finish():
     run_step(s, token=5)
     assert r2.status is RequestStatus.FINISHED_LENGTH
     assert s.blocks.num_free_blocks == 16
+
+
+def test_prefix_caching_starts_a_repeated_prompt_past_its_cached_blocks():
+    s = make(num_blocks=8, enable_prefix_caching=True)
+    s.add(req("a", 10, max_tokens=1))
+    assert [(i.start, i.num_tokens) for i in run_step(s).scheduled] == [(0, 10)]
+    s.add(req("b", 10, max_tokens=1))  # a has finished; its two full blocks stay cached
+    assert [(i.start, i.num_tokens) for i in run_step(s).scheduled] == [(8, 2)]
+    s.add(req("c", 8, max_tokens=1))  # the last token is always computed: one block taken
+    assert [(i.start, i.num_tokens) for i in run_step(s).scheduled] == [(4, 4)]
+    scored = Request("d", list(range(1, 11)), SamplingParams(max_tokens=1, prompt_logprobs=0), 0)
+    s.add(scored)  # prompt logprobs: every prompt token computed
+    assert [(i.start, i.num_tokens) for i in run_step(s).scheduled] == [(0, 10)]
+    s.blocks.check_integrity()
+    assert s.blocks.num_free_blocks == 8
+
+
+def test_a_cached_prefix_is_given_back_when_the_rest_does_not_fit():
+    s = make(num_blocks=4, enable_prefix_caching=True)
+    s.add(req("a", 8, max_tokens=1))
+    run_step(s)  # a done: blocks 0-1 cached and free
+    s.add(req("big", 4, max_tokens=8))
+    run_step(s)  # big holds one block, decoding
+    s.add(req("b", 20, max_tokens=1))  # shares a's first two blocks but needs 3 more
+    out = run_step(s)
+    assert [i.request.request_id for i in out.scheduled] == ["big"]
+    waiting = s.find("b")
+    assert waiting.num_computed_tokens == 0 and not s.blocks.owns("b")
+    s.blocks.check_integrity()

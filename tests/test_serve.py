@@ -19,8 +19,10 @@ import pytest
 pytestmark = [pytest.mark.serve, pytest.mark.model]
 
 SMALL = {"num_cpus": 0.5, "engine": {"num_threads": 1, "kv_cache_memory_mb": 128}}
+CACHING = {**SMALL, "engine": {**SMALL["engine"], "enable_prefix_caching": True}}
 MODES = {
-    "disagg": {"mode": "disaggregated"},  # KV over shared memory (the default)
+    # KV over shared memory (the default); the prefill replica caches prompt prefixes
+    "disagg": {"mode": "disaggregated", "prefill": CACHING},
     # and a decode cache smaller than the prefill cache (64 vs 128 MB: 1456 vs 2912 tokens)
     "disagg_os": {
         "mode": "disaggregated",
@@ -183,6 +185,26 @@ def test_vllm_token_constraints_reach_the_engine(server, engine_alone, local_eng
     logprobs = r.json()["choices"][0]["logprobs"]
     assert logprobs["tokens"] == [f"token_id:{t}" for t in engine_alone.token_ids[:3]]
     assert all(k.startswith("token_id:") for top in logprobs["top_logprobs"] for k in top)
+
+
+def test_prefix_caching_on_the_prefill_replica(server, local_engine, tokenizer):
+    """The disaggregated app's prefill replica caches prompt prefixes: a long prompt sent twice
+    is mostly taken from the cache the second time (its stats), and both answers equal the
+    engine alone's without a cache."""
+    from ray import serve
+
+    from engine import SamplingParams
+
+    prompt = "Once upon a time, in a small village by the sea, there lived an old fisherman. " * 3
+    [want] = local_engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0))
+    prefill = serve.get_deployment_handle("PrefillServer", app_name="disagg")
+    before = prefill.stats.remote().result()["num_cached_tokens"]
+    for _ in range(2):
+        r = _complete(server, "disagg", prompt=prompt, max_tokens=6)
+        assert r.json()["choices"][0]["text"] == want.text, r.text
+    cached = prefill.stats.remote().result()["num_cached_tokens"] - before
+    n = len(tokenizer(prompt).input_ids)
+    assert cached >= (n - 1) // 16 * 16  # the second time: every full block before the last token
 
 
 def test_streamed_equals_non_streamed_and_ends_with_done(server, engine_alone):

@@ -58,6 +58,7 @@ def serve_config(
             "tensor_parallel_size": spec.entry.tp,
             "pipeline_parallel_size": spec.entry.pp,
             "max_num_batched_tokens": spec.max_batch_tokens,
+            "enable_prefix_caching": True,  # as the default serve_config.yaml
         }
         if threads:
             engine["num_threads"] = threads

@@ -43,7 +43,6 @@ class BlockManager:
         self._key_of: dict[int, bytes] = {}  # published block -> its key
         self._block_of: dict[bytes, int] = {}  # key -> the block published under it
         self._chains: dict[str, list[bytes]] = {}  # request -> keys of its full blocks so far
-        self.num_cached_tokens = 0  # prompt tokens taken from the cache, since start
 
     @property
     def num_free_blocks(self) -> int:
@@ -127,7 +126,6 @@ class BlockManager:
             self._refs[block] += 1
         self._tables[request_id] = blocks
         self._chains[request_id] = keys
-        self.num_cached_tokens += len(blocks) * size
         return len(blocks) * size
 
     def publish(

@@ -291,7 +291,7 @@ class LLMEngine:
             num_preemptions=self.num_preemptions,
             num_waiting_tokens=sum(r.num_pending_tokens for r in self.scheduler.waiting),
             num_running_tokens=sum(r.num_tokens for r in self.scheduler.running),
-            num_cached_tokens=self.blocks.num_cached_tokens,
+            num_cached_tokens=self.scheduler.prefill.num_cached_tokens,
         )
 
     # ---- disaggregation ----------------------------------------------------------------------

@@ -72,6 +72,7 @@ class PrefillManager:
         self.config = config
         self.blocks = blocks
         self.waiting: deque[Request] = deque()
+        self.num_cached_tokens = 0  # prompt tokens scheduled as taken from the prefix cache
 
     def schedule_next_batch(
         self, token_budget: int, seq_budget: int
@@ -96,6 +97,7 @@ class PrefillManager:
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
             batch.append(ScheduledRequest(request, request.num_computed_tokens, num_new))
+            self.num_cached_tokens += cached
             token_budget -= num_new
             seq_budget -= 1
         for item in batch:

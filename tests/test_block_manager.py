@@ -93,7 +93,6 @@ def test_a_published_prefix_is_shared_and_counted():
     bm.check_integrity()
     # another second block: only the first is shared (the key chains the tokens before it)
     assert bm.take_cached_prefix("c", [1, 2, 7, 4]) == 2
-    assert bm.num_cached_tokens == 6
     for rid in ("a", "b", "c"):
         bm.free(rid)
     assert bm.num_free_blocks == 8
@@ -141,6 +140,7 @@ def test_random_workload_with_caching_never_leaks_or_mixes_prefixes():
     bm = BlockManager(num_blocks=24, block_size=2, enable_caching=True)
     contents: dict[int, tuple] = {}  # block -> the token prefix it was computed for
     live: dict[str, list[int]] = {}
+    shared = 0
     for step in range(3000):
         rid = f"r{rng.randrange(10)}"
         if rid in live:
@@ -149,6 +149,7 @@ def test_random_workload_with_caching_never_leaks_or_mixes_prefixes():
             continue
         seq = [rng.randrange(3) for _ in range(rng.randrange(1, 9))]
         hit = bm.take_cached_prefix(rid, seq)
+        shared += hit
         for i, block in enumerate(bm.block_table(rid)):
             assert contents[block] == tuple(seq[: (i + 1) * 2]), step
         if not bm.can_allocate(rid, len(seq)):
@@ -158,7 +159,7 @@ def test_random_workload_with_caching_never_leaks_or_mixes_prefixes():
             contents[block] = tuple(seq[: (i + 1) * 2])
         bm.publish(rid, len(seq), _tokens(seq))
         live[rid] = seq
-    assert bm.num_cached_tokens > 1000  # the prefixes were shared, often
+    assert shared > 1000  # the prefixes were shared, often
     bm.check_integrity()
     for rid in list(live):
         bm.free(rid)

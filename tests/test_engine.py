@@ -434,10 +434,10 @@ def test_prefix_caching_reuses_a_prompts_blocks_and_keeps_the_output(
     engine = make_engine(block_size=4, enable_prefix_caching=True)
     prompt = tokenizer(PROMPTS[2]).input_ids  # 19 tokens: 4 full blocks and 3 tokens
     [first] = engine.generate([prompt], GREEDY)
-    assert first.token_ids == reference[2] and engine.blocks.num_cached_tokens == 0
+    assert first.token_ids == reference[2] and engine.stats.num_cached_tokens == 0
     [again] = engine.generate([prompt], GREEDY)
     assert again.token_ids == reference[2]
-    assert engine.blocks.num_cached_tokens == 16  # the full blocks before its last token
+    assert engine.stats.num_cached_tokens == 16  # the full blocks before its last token
     # a longer prompt that starts the same: the first request's output blocks count too
     longer = prompt + first.token_ids[:6]
     engine.add_request("longer", longer, GREEDY)
@@ -467,7 +467,7 @@ def test_prefix_caching_under_preemption_handoff_and_prompt_logprobs(make_engine
     # preemption: a recomputed request takes back what is still cached; outputs unchanged
     engine = make_engine(num_kv_blocks=10, block_size=4, enable_prefix_caching=True)
     outs = engine.generate(PROMPTS[:2] + ["Paris is"], GREEDY)
-    assert engine.num_preemptions > 0 and engine.blocks.num_cached_tokens > 0
+    assert engine.num_preemptions > 0 and engine.stats.num_cached_tokens > 0
     assert [o.token_ids for o in outs[:2]] == reference[:2]
     engine.blocks.check_integrity()
     assert engine.blocks.num_free_blocks == 10
@@ -476,12 +476,12 @@ def test_prefix_caching_under_preemption_handoff_and_prompt_logprobs(make_engine
     prefill.generate([PROMPTS[2]], SamplingParams(max_tokens=1, temperature=0))
     prefill.add_request("p", PROMPTS[2], GREEDY, prefill_only=True)
     first = drain(prefill)["p"][0].new_token_ids
-    assert prefill.blocks.num_cached_tokens == 16
+    assert prefill.stats.num_cached_tokens == 16
     assert decode.import_request(*prefill.export_kv("p"))
     assert first + [t for o in drain(decode)["p"] for t in o.new_token_ids] == reference[2]
     # prompt logprobs need every prompt token's logits: such a request takes nothing cached
     scored = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
-    before = prefill.blocks.num_cached_tokens
+    before = prefill.stats.num_cached_tokens
     [out] = prefill.generate([PROMPTS[2]], scored)
-    assert prefill.blocks.num_cached_tokens == before
+    assert prefill.stats.num_cached_tokens == before
     assert len(out.prompt_logprobs) == len(prefill.encode(PROMPTS[2]))

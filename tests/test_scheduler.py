@@ -189,6 +189,7 @@ def test_prefix_caching_starts_a_repeated_prompt_past_its_cached_blocks():
     assert [(i.start, i.num_tokens) for i in run_step(s).scheduled] == [(0, 10)]
     s.blocks.check_integrity()
     assert s.blocks.num_free_blocks == 8
+    assert s.prefill.num_cached_tokens == 8 + 4
 
 
 def test_a_cached_prefix_is_given_back_when_the_rest_does_not_fit():
@@ -202,4 +203,5 @@ def test_a_cached_prefix_is_given_back_when_the_rest_does_not_fit():
     assert [i.request.request_id for i in out.scheduled] == ["big"]
     waiting = s.find("b")
     assert waiting.num_computed_tokens == 0 and not s.blocks.owns("b")
+    assert s.prefill.num_cached_tokens == 0  # given back: not counted
     s.blocks.check_integrity()

@@ -49,6 +49,10 @@ class EngineMetrics:
         self.kv_transfer_bytes = metrics.Counter(
             "splitserve_kv_transfer_bytes", "KV bytes moved through the channel", keys
         )
+        self.cached_tokens = metrics.Counter(
+            "splitserve_prefix_cache_hit_tokens", "prompt tokens taken from the prefix cache", keys
+        )
+        self._cached_seen = 0  # the engine counts since start; the counter takes the increase
 
     def on_step(self, outputs: list[RequestOutput], stats: EngineStats, pending: int) -> None:
         self.running.set(stats.num_running, self.tags)
@@ -59,6 +63,9 @@ class EngineMetrics:
         for out in outputs:
             if out.queue_time_s is not None:
                 self.queue_time.observe(out.queue_time_s * 1e3, self.tags)
+        if stats.num_cached_tokens > self._cached_seen:  # a counter only goes up, by > 0
+            self.cached_tokens.inc(stats.num_cached_tokens - self._cached_seen, self.tags)
+            self._cached_seen = stats.num_cached_tokens
 
     def on_transfer(self, ms: float, nbytes: int) -> None:
         self.kv_transfer_ms.observe(ms, self.tags)

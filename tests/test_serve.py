@@ -778,6 +778,8 @@ def test_client_disconnect_mid_stream_frees_all_blocks(server):
 def test_metrics_reach_the_prometheus_endpoint(server):
     for mode in MODES:
         assert _complete(server, mode, prompt=PROMPT, max_tokens=4).status_code == 200
+    for _ in range(2):  # the disaggregated app's prefill replica caches its full blocks
+        assert _complete(server, "disagg", prompt=PROMPT * 8, max_tokens=1).status_code == 200
     wanted = [
         "splitserve_ttft_ms_bucket",
         "splitserve_tpot_ms_bucket",
@@ -788,16 +790,17 @@ def test_metrics_reach_the_prometheus_endpoint(server):
         "splitserve_running_requests",
         "splitserve_waiting_requests",
         "splitserve_kv_block_usage",
+        "splitserve_prefix_cache_hit_tokens",
     ]
+    wanted += ['phase="decode"', 'phase="prefill"', 'mode="colocated"']  # and their tags
     deadline = time.monotonic() + 60
-    while True:  # Ray exports metrics every few seconds
+    while True:  # Ray exports metrics every few seconds, each replica's on its own
         text = httpx.get(server.metrics_url, timeout=10).text
         missing = [name for name in wanted if name not in text]
         if not missing:
             break
         assert time.monotonic() < deadline, missing
         time.sleep(2)
-    assert 'phase="decode"' in text and 'phase="prefill"' in text and 'mode="colocated"' in text
 
 
 def test_load_generator_records_every_request_against_the_live_server(server):

@@ -56,7 +56,10 @@ class Configuration:
 
 
 def _phase(replicas: int, **engine) -> dict:
-    return {"num_replicas": replicas, "num_cpus": 1, "engine": {"num_threads": 1, **engine}}
+    # no prefix caching (serve_config.yaml has it on): synthetic prompts that happen to repeat
+    # would measure the cache rather than the layout, and the recorded results predate it
+    engine = {"num_threads": 1, "enable_prefix_caching": False, **engine}
+    return {"num_replicas": replicas, "num_cpus": 1, "engine": engine}
 
 
 CONFIGURATIONS = {

@@ -51,6 +51,7 @@ class _Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # with the first output, if asked
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0  # of its prompt, taken from the prefix cache
     finish_reason: str | None = None
     streamed_tokens_len: int = 0  # the next chunk's first text_offset (completions)
 
@@ -66,6 +67,7 @@ class _Choice:
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
         self.num_output_tokens = out.num_output_tokens
+        self.num_cached_tokens = out.num_cached_tokens or self.num_cached_tokens
         self.finish_reason = out.finish_reason or self.finish_reason
         return out
 
@@ -86,6 +88,7 @@ class CompletionFormat:
         self.id, self.model, self.created = request_id, model, int(time.time())
         self.num_prompt_tokens = sum(len(p.ids) for p in prompts)  # each prompt counts once
         self.choices = [_Choice(p, shown.generated) for p in prompts for _ in range(n)]
+        self.n = n
         self.token_texts = token_texts
         self.shown = shown
 
@@ -142,11 +145,17 @@ class CompletionFormat:
     @property
     def usage(self) -> dict:
         completion = sum(c.num_output_tokens for c in self.choices)
-        return {
+        usage = {
             "prompt_tokens": self.num_prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": self.num_prompt_tokens + completion,
         }
+        # OpenAI's prompt caching field, when the prefix cache served part of a prompt; each
+        # prompt counts once (by its first choice, as prompt_tokens does)
+        cached = sum(c.num_cached_tokens for c in self.choices[:: self.n])
+        if cached:
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
+        return usage
 
     def chunk(self, index: int, out: RequestOutput) -> dict:
         """The SSE chunk of an output already add()ed."""

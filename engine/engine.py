@@ -259,6 +259,7 @@ class LLMEngine:
             finish_reason=request.status.value if finished else None,
             prefilled=request.status is RequestStatus.PREFILLED,
             queue_time_s=_queue_time(request) if request.num_output_tokens == 1 else None,
+            num_cached_tokens=request.num_cached_tokens if request.num_output_tokens == 1 else None,
             logprobs=None if logprob is None else [logprob],
             prompt_logprobs=[None, *tracked.prompt_logprobs] if first_with_prompt else None,
         )

@@ -33,6 +33,7 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     prefilled: bool = False  # a prefill-only request now waits for export
     queue_time_s: float | None = None  # on a request's first output here: arrival -> scheduled
+    num_cached_tokens: int | None = None  # on its first output: prompt tokens from the cache
     logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked
     # with the first output, when the request asked: one per prompt token, None for the first
     prompt_logprobs: list[TokenLogprob | None] | None = None

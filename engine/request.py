@@ -33,6 +33,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
+    num_cached_tokens: int = 0  # prompt tokens its first prefill took from the prefix cache
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -98,6 +98,8 @@ class PrefillManager:
                 request.first_scheduled_time = time.monotonic()
             batch.append(ScheduledRequest(request, request.num_computed_tokens, num_new))
             self.num_cached_tokens += cached
+            if not request.output_token_ids:  # what the client's usage reports
+                request.num_cached_tokens = cached
             token_budget -= num_new
             seq_budget -= 1
         for item in batch:

@@ -445,6 +445,7 @@ def test_prefix_caching_reuses_a_prompts_blocks_and_keeps_the_output(
     cached = (len(longer) - 1) // 4 * 4  # every full block before the last token
     step = engine.last_step  # its prefill computed the rest
     assert (step.prefill_lens, step.prefill_offsets) == ([len(longer) - cached], [cached])
+    assert outs[0].num_cached_tokens == cached  # reported with the first output
     outs += drain(engine)["longer"]
     want = _greedy_without_cache(engine, longer)
     assert [t for o in outs for t in o.new_token_ids] == want

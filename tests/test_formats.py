@@ -134,6 +134,18 @@ def test_chat_echo_leads_each_choice_with_the_assistants_last_message():
     assert body["usage"]["prompt_tokens"] == 3  # the echo is prompt, not completion
 
 
+def test_usage_reports_cached_prompt_tokens_once_per_prompt():
+    """OpenAI's usage.prompt_tokens_details.cached_tokens, only when the cache served some."""
+    view = CompletionFormat("c", "m", [Prompt(PROMPT), Prompt([1, 2])], 2, None, Shown())
+    first = _outputs()[0]
+    for index, cached in ((0, 2), (1, 2), (2, 0), (3, 1)):  # prompt 0's choices, prompt 1's
+        view.add(index, dataclasses.replace(first, num_cached_tokens=cached))
+    assert view.usage["prompt_tokens_details"] == {"cached_tokens": 2}  # by first choices
+    plain = CompletionFormat("c", "m", [Prompt(PROMPT)], 1, None, Shown())
+    plain.add(0, first)
+    assert "prompt_tokens_details" not in plain.usage
+
+
 def test_echo_with_max_tokens_zero_shows_the_prompt_alone():
     """vLLM's echo with max_tokens 0: the engine's one token is neither text, logprobs nor
     usage; the reason is the length limit; streamed = final."""

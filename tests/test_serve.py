@@ -199,12 +199,17 @@ def test_prefix_caching_on_the_prefill_replica(server, local_engine, tokenizer):
     [want] = local_engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0))
     prefill = serve.get_deployment_handle("PrefillServer", app_name="disagg")
     before = prefill.stats.remote().result()["num_cached_tokens"]
+    usages = []
     for _ in range(2):
         r = _complete(server, "disagg", prompt=prompt, max_tokens=6)
         assert r.json()["choices"][0]["text"] == want.text, r.text
+        usages.append(r.json()["usage"])
     cached = prefill.stats.remote().result()["num_cached_tokens"] - before
     n = len(tokenizer(prompt).input_ids)
     assert cached >= (n - 1) // 16 * 16  # the second time: every full block before the last token
+    # OpenAI's usage field: absent the first time, the cached tokens the second
+    assert "prompt_tokens_details" not in usages[0]
+    assert usages[1]["prompt_tokens_details"] == {"cached_tokens": (n - 1) // 16 * 16}
 
 
 def test_streamed_equals_non_streamed_and_ends_with_done(server, engine_alone):

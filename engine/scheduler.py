@@ -85,14 +85,15 @@ class PrefillManager:
             num_new = request.num_pending_tokens
             if self.config.chunked_prefill:
                 num_new = min(num_new, token_budget)
-            elif num_new > token_budget and batch:
-                break  # whole prompts only; an oversized prompt still runs alone
+            # whole prompts only (an oversized prompt still runs alone); then FCFS: no
+            # overtaking the head of the queue when its blocks do not fit
             end = request.num_computed_tokens + num_new
-            if not self.blocks.can_allocate(request.request_id, end):
-                if cached:  # not now: its cached blocks go back (still cached)
+            fits = self.config.chunked_prefill or num_new <= token_budget or not batch
+            if not fits or not self.blocks.can_allocate(request.request_id, end):
+                if cached:  # not now: its cached blocks go back (still cached), uncounted
                     self.blocks.free(request.request_id)
                     request.num_computed_tokens = 0
-                break  # FCFS: no overtaking the head of the queue
+                break
             self.blocks.allocate(request.request_id, end)
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
@@ -111,8 +112,12 @@ class PrefillManager:
         """At a request's (re)start: take the cached blocks of its leading tokens as computed;
         -> how many tokens. The last token is always computed (its logits sample the next
         token), and a request that asks for its prompt's logprobs computes them all."""
-        if request.num_computed_tokens or request.wants_prompt_logprobs:
-            return 0
+        if (
+            not self.config.enable_prefix_caching
+            or request.num_computed_tokens
+            or request.wants_prompt_logprobs
+        ):
+            return 0  # (without caching, no copy of the tokens on every step)
         tokens = request.token_ids(0, request.num_tokens - 1)
         request.num_computed_tokens = self.blocks.take_cached_prefix(request.request_id, tokens)
         return request.num_computed_tokens

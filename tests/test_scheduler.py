@@ -205,3 +205,20 @@ def test_a_cached_prefix_is_given_back_when_the_rest_does_not_fit():
     assert waiting.num_computed_tokens == 0 and not s.blocks.owns("b")
     assert s.prefill.num_cached_tokens == 0  # given back: not counted
     s.blocks.check_integrity()
+
+
+def test_a_cached_prefix_is_given_back_when_the_step_has_no_room_for_the_rest():
+    s = make(num_blocks=16, enable_prefix_caching=True, max_num_batched_tokens=12)
+    s.add(req("a", 8, max_tokens=1))
+    run_step(s)  # a done: its blocks cached
+    s.add(Request("y", [90 + i for i in range(6)], SamplingParams(max_tokens=1), 0))
+    s.add(req("b", 16, max_tokens=1))  # starts as a did: two blocks cached, 8 tokens to go
+    out = run_step(s)
+    assert [i.request.request_id for i in out.scheduled] == ["y"]  # 8 > the 6 left
+    b = s.find("b")
+    assert b.num_computed_tokens == 0 and not s.blocks.owns("b")
+    assert s.prefill.num_cached_tokens == 0
+    out = run_step(s)
+    assert [(i.start, i.num_tokens) for i in out.scheduled] == [(8, 8)]
+    assert s.prefill.num_cached_tokens == b.num_cached_tokens == 8
+    s.blocks.check_integrity()

@@ -10,8 +10,7 @@ from typing import TYPE_CHECKING
 
 from app.formats import Prompt
 from app.logprobs import TokenTexts
-from app.protocol import APIError
-from engine import InvalidRequestError
+from app.protocol import APIError, as_bad_request
 from engine.limits import bad_words_token_ids, check_token_ids
 
 if TYPE_CHECKING:  # annotations only; the ingress parses the bodies
@@ -51,12 +50,12 @@ class PromptBuilder:
         self.check_ids(ids)  # before echo decodes them (out of range, decode raises)
         return Prompt(ids, self.tokenizer.decode(ids) if req.echo else "")
 
-    def check_ids(self, ids: list[int], param: str = "prompt") -> None:
+    def check_ids(
+        self, ids: list[int], param: str = "prompt", what: str = "prompt token ids"
+    ) -> None:
         """The engine's check of token ids, as a 400 naming `param`."""
-        try:
-            check_token_ids(ids, self.vocab_size)
-        except InvalidRequestError as e:
-            raise APIError(400, str(e).replace("prompt ", f"{param}: ", 1), param) from e
+        with as_bad_request():
+            check_token_ids(ids, self.vocab_size, param, what)
 
     def truncated(self, prompt: Prompt, keep: int, chat: bool) -> Prompt:
         """vLLM's truncate_prompt_tokens: the prompt's last `keep` tokens (-1: the context
@@ -77,10 +76,8 @@ class PromptBuilder:
         return Prompt(ids, echo)
 
     def bad_words(self, words: list[str] | None) -> tuple[tuple[int, ...], ...]:
-        try:
+        with as_bad_request():
             return bad_words_token_ids(self.tokenizer, words or [])
-        except InvalidRequestError as e:
-            raise APIError(400, str(e), e.param) from e
 
     def texts(self, req: CompletionRequest | ChatCompletionRequest) -> Callable[[int], str]:
         """How logprobs name tokens: by their text, or (vLLM's return_tokens_as_token_ids) as
@@ -100,7 +97,7 @@ class PromptBuilder:
 
     def detokenize(self, req: DetokenizeRequest) -> dict:
         """vLLM's /detokenize body."""
-        self.check_ids(req.tokens, "tokens")
+        self.check_ids(req.tokens, "tokens", "tokens")
         return {"prompt": self.tokenizer.decode(req.tokens)}
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -38,6 +40,16 @@ class APIError(Exception):
             }
         }
         return JSONResponse(body, status_code=self.status)
+
+
+@contextlib.contextmanager
+def as_bad_request() -> Iterator[None]:
+    """An InvalidRequestError (the engine's refusal, naming its field) raised inside becomes
+    a 400 with the same message and param."""
+    try:
+        yield
+    except InvalidRequestError as e:
+        raise APIError(400, str(e), e.param) from e
 
 
 def from_validation_error(e: ValidationError) -> APIError:
@@ -153,7 +165,7 @@ class _Sampling(BaseModel):
         """The engine's parameters; `bad_words_token_ids`: this request's bad_words, tokenized
         by the caller (engine.limits.bad_words_token_ids)."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
-        try:
+        with as_bad_request():
             return SamplingParams(
                 max_tokens=max_tokens,
                 temperature=self.temperature,
@@ -176,8 +188,6 @@ class _Sampling(BaseModel):
                 allowed_token_ids=tuple(self.allowed_token_ids or ()),
                 bad_words_token_ids=bad_words_token_ids,
             )
-        except InvalidRequestError as e:
-            raise APIError(400, str(e), e.param) from e
 
     @property
     def num_logprobs(self) -> int | None:
@@ -303,7 +313,7 @@ class ChatPrompt(BaseModel):
 
     def prompt_ids(self, tokenizer) -> list[int]:
         messages = [{"role": m.role, "content": m.text()} for m in self.messages]
-        try:
+        with as_bad_request():
             return chat_token_ids(
                 tokenizer,
                 messages,
@@ -313,8 +323,6 @@ class ChatPrompt(BaseModel):
                 template_kwargs=self.chat_template_kwargs,
                 documents=self.documents,
             )
-        except InvalidRequestError as e:
-            raise APIError(400, str(e), e.param) from e
 
 
 class ChatCompletionRequest(ChatPrompt, _Sampling):

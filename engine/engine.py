@@ -115,12 +115,9 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"logit_bias keys must be token ids in [0, {vocab})", "logit_bias"
             )
-        if any(t >= vocab for t in params.allowed_token_ids):
-            raise InvalidRequestError(
-                f"allowed_token_ids must be token ids in [0, {vocab})", "allowed_token_ids"
-            )
-        if any(t >= vocab for w in params.bad_words_token_ids for t in w):
-            raise InvalidRequestError(f"bad words' token ids must be in [0, {vocab})", "bad_words")
+        check_token_ids(params.allowed_token_ids, vocab, "allowed_token_ids", "allowed_token_ids")
+        bad_word_ids = (t for w in params.bad_words_token_ids for t in w)
+        check_token_ids(bad_word_ids, vocab, "bad_words", "bad words' token ids")
         capacity = self.blocks.num_blocks * self.blocks.block_size
         check_lengths(len(prompt_ids), params.max_tokens, self.max_model_len, capacity)
 

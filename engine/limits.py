@@ -31,12 +31,13 @@ def check_lengths(
         )
 
 
-def check_token_ids(ids: list[int], vocab_size: int) -> None:
-    """Raise InvalidRequestError unless every prompt token id is in the vocabulary."""
+def check_token_ids(
+    ids, vocab_size: int, param: str = "prompt", what: str = "prompt token ids"
+) -> None:
+    """Raise InvalidRequestError (naming `param`) unless every id in `ids` is in the
+    vocabulary."""
     if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in ids):
-        raise InvalidRequestError(
-            f"prompt token ids must be integers in [0, {vocab_size})", "prompt"
-        )
+        raise InvalidRequestError(f"{what} must be integers in [0, {vocab_size})", param)
 
 
 def chat_token_ids(

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.responses import JSONResponse
 
 from app.formats import Shown
+from app.structured import ResponseFormat, StructuredOutputs, structured_output
 from engine import InvalidRequestError, SamplingParams
 from engine.limits import chat_token_ids
 from engine.sampling_params import MAX_LOGPROBS
@@ -112,23 +113,25 @@ class _Sampling(BaseModel):
     allowed_token_ids: list[int] | None = Field(None, min_length=1)  # vLLM's: only these
     bad_words: list[str] | None = None  # vLLM's: words the output may not contain
     return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:N"
+    # the output's form (app/structured.py): OpenAI's, vLLM's, and vLLM's older names
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: str | dict | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None
     # fields that would change the output if honoured: refused rather than silently ignored
     best_of: int | None = None
     use_beam_search: bool = False
-    guided_json: str | dict | None = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
     structural_tag: str | dict | None = None
-    structured_outputs: dict | None = None
     logits_processors: list | None = None
     priority: int = 0
 
     _one_candidate = _refused("best_of", why="is not supported above 1", allowed=(1,))
     _no_beams = _refused("use_beam_search", why="(beam search) is not supported")
     _no_structure = _refused(
-        "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structural_tag",
-        "structured_outputs", why="(structured output) is not supported",
+        "guided_whitespace_pattern", "structural_tag", why="is not supported"
     )  # fmt: skip
     _no_processors = _refused(
         "logits_processors", why="(custom logits processors) is not supported"
@@ -187,6 +190,7 @@ class _Sampling(BaseModel):
                 skip_special_tokens=self.skip_special_tokens,
                 allowed_token_ids=tuple(self.allowed_token_ids or ()),
                 bad_words_token_ids=bad_words_token_ids,
+                structured_output=structured_output(self),
             )
 
     @property
@@ -332,7 +336,6 @@ class ChatCompletionRequest(ChatPrompt, _Sampling):
     tools: list | None = None
     functions: list | None = None
     tool_choice: str | dict | None = None
-    response_format: dict | None = None
     # vLLM's: a last message from the assistant leads the reply's content (with
     # continue_final_message, the whole message)
     echo: bool = False
@@ -342,14 +345,6 @@ class ChatCompletionRequest(ChatPrompt, _Sampling):
     _no_tool_choice = _refused(
         "tool_choice", why="is not supported (no tools)", allowed=("none", "auto")
     )
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_format(cls, value):
-        if value is not None and value.get("type", "text") != "text":
-            kind = value.get("type")
-            raise ValueError(f"only response_format type 'text' is supported, got {kind!r}")
-        return value
 
     @field_validator("top_logprobs")
     @classmethod

@@ -23,6 +23,7 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import DetokenizerState, IncrementalDetokenizer
+from engine.grammar import Grammars, is_complete
 from engine.limits import chat_token_ids, check_lengths, check_token_ids
 from engine.model_runner import ModelInput, ModelRunner, SeqInput
 from engine.model_store import resolve_model
@@ -48,6 +49,7 @@ class _Tracked:
     request: Request
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
+    matcher: object | None = None  # the structured output's llguidance matcher
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # gathered chunk by chunk
 
 
@@ -92,6 +94,7 @@ class LLMEngine:
             runner.shape.max_position_embeddings,
         )
         self.eos_token_id = tokenizer.eos_token_id
+        self.grammars = Grammars(tokenizer, runner.shape.vocab_size)
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
         self.num_preemptions = 0
@@ -118,6 +121,8 @@ class LLMEngine:
         check_token_ids(params.allowed_token_ids, vocab, "allowed_token_ids", "allowed_token_ids")
         bad_word_ids = (t for w in params.bad_words_token_ids for t in w)
         check_token_ids(bad_word_ids, vocab, "bad_words", "bad words' token ids")
+        if params.structured_output is not None:
+            self.grammars.check(params.structured_output)
         capacity = self.blocks.num_blocks * self.blocks.block_size
         check_lengths(len(prompt_ids), params.max_tokens, self.max_model_len, capacity)
 
@@ -151,7 +156,10 @@ class LLMEngine:
         detok = IncrementalDetokenizer(
             self.tokenizer, p.stop, p.include_stop_str_in_output, state, p.skip_special_tokens
         )
-        self._tracked[request.request_id] = _Tracked(request, detok, generator)
+        matcher = None
+        if p.structured_output is not None:
+            matcher = self.grammars.matcher(p.structured_output, request.output_token_ids)
+        self._tracked[request.request_id] = _Tracked(request, detok, generator, matcher)
 
     # ---- the step ----------------------------------------------------------------------------
 
@@ -188,13 +196,14 @@ class LLMEngine:
         sampling = [s.request for s in sched.scheduled if s.samples]
         tracked = [self._tracked[r.request_id] for r in sampling]
         params = [r.sampling_params for r in sampling]
+        allowed = [None if t.matcher is None else self.grammars.allowed(t.matcher) for t in tracked]
         history = [
             TokenHistory(r.prompt_token_ids, r.output_token_ids, r.eos_token_id)
-            if p.adjusts_logits
+            if p.adjusts_logits or mask is not None
             else None
-            for r, p in zip(sampling, params, strict=True)
+            for r, p, mask in zip(sampling, params, allowed, strict=True)
         ]
-        tokens = sample(logits, params, [t.generator for t in tracked], history)
+        tokens = sample(logits, params, [t.generator for t in tracked], history, allowed)
         logprobs = token_logprobs(logits, tokens, [p.logprobs for p in params])
         ids = [r.request_id for r in sampling]
         return (
@@ -242,6 +251,8 @@ class LLMEngine:
         # stop strings count only from min_tokens on (vLLM's rule)
         may_stop = request.num_output_tokens >= request.sampling_params.min_tokens
         stopped = tracked.detokenizer.add_token(prompt_and_output, may_stop)
+        if tracked.matcher is not None and is_complete(tracked.matcher, token):
+            stopped = True  # the structured output is complete: nothing may follow
         if stopped and not request.status.is_finished:
             self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
         finished = request.status.is_finished

@@ -1,10 +1,12 @@
 """Token sampling for a batch: greedy rows in one argmax, the rest row by row.
 
 Seeded requests draw from their own torch.Generator, so a seeded request samples the same tokens
-whatever else shares its batch. Rows with min_tokens, a logit bias or penalties are adjusted
-first, in vLLM's order: allowed_token_ids and bad words (bans), min_tokens' ban on EOS and stop
-tokens, logit bias, repetition penalty, then frequency and presence penalties; all before
-temperature, so they steer greedy requests too.
+whatever else shares its batch. Rows with a structured output, min_tokens, a logit bias or
+penalties are adjusted first, in vLLM's order: the structured output's mask, allowed_token_ids
+and bad words (bans), min_tokens' ban on EOS and stop tokens, logit bias, repetition penalty,
+then frequency and presence penalties; all before temperature, so they steer greedy requests
+too. A row whose constraints together leave no token (say a grammar that may only end while
+min_tokens bans EOS) samples EOS: the request ends rather than drawing from nothing.
 """
 
 from __future__ import annotations
@@ -95,16 +97,23 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     history: list[TokenHistory | None] | None = None,
+    allowed: list[torch.Tensor | None] | None = None,
 ) -> list[int]:
     """logits (B, V) float32 -> one token id per row. `history` holds each row's tokens so
-    far, needed only for rows whose params adjust logits (None elsewhere)."""
+    far, needed only for rows whose params adjust logits or that have an `allowed` mask (None
+    elsewhere); `allowed`: per row None, or a (V,) bool mask of the tokens its structured
+    output lets follow."""
+    masked = [i for i, mask in enumerate(allowed or ()) if mask is not None]
     adjusted = [i for i, p in enumerate(params) if p.adjusts_logits]
-    if adjusted:
+    if adjusted or masked:
         if history is None:
-            raise ValueError("rows with penalties or min_tokens need their token history")
-        logits = logits.clone()  # the caller's logits stay as the model produced them
+            raise ValueError("rows with penalties, min_tokens or a mask need their token history")
+        raw, logits = logits, logits.clone()  # the caller's logits stay as the model made them
+        for i in masked:
+            logits[i].masked_fill_(~allowed[i].to(logits.device), float("-inf"))
         for i in adjusted:
             apply_penalties(logits[i], params[i], history[i])
+        _end_where_nothing_left(logits, raw, sorted({*masked, *adjusted}), history)
     tokens = logits.argmax(dim=-1).tolist()
     for i, p in enumerate(params):
         if p.is_greedy:
@@ -117,6 +126,22 @@ def sample(
         probs = torch.softmax(row, dim=-1).cpu()
         tokens[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
     return tokens
+
+
+def _end_where_nothing_left(
+    logits: torch.Tensor, raw: torch.Tensor, rows: list[int], history: list[TokenHistory | None]
+) -> None:
+    """Rows whose every token is banned get EOS alone (without an EOS token: the model's own
+    row), so that greedy and sampled draws alike pick something defined."""
+    empty = torch.isneginf(logits[rows]).all(dim=-1).tolist()
+    for i, nothing_left in zip(rows, empty, strict=True):
+        if not nothing_left:
+            continue
+        eos = history[i].eos_token_id
+        if eos is None:
+            logits[i] = raw[i]
+        else:
+            logits[i, eos] = 0.0
 
 
 def token_logprobs(

@@ -18,6 +18,35 @@ class InvalidRequestError(ValueError):
         return (type(self), (str(self), self.param))
 
 
+STRUCTURE_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the output's form (vLLM's structured outputs): a JSON schema, any JSON
+    object, a regular expression, one of a list of strings, or a grammar (Lark or GBNF).
+    Small and pure, it travels with the request; each engine compiles it (engine/grammar.py).
+
+    spec: the schema as JSON text (json), the expression (regex), a JSON list of the strings
+    (choice) or the grammar's text (grammar); empty for json_object."""
+
+    kind: str
+    spec: str = ""
+    # JSON kinds: any whitespace between tokens (vLLM's default); False: none
+    any_whitespace: bool = True
+    param: str = "structured_outputs"  # the request field it came from, named in errors
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURE_KINDS:
+            raise InvalidRequestError(
+                f"structured output kind must be one of {', '.join(STRUCTURE_KINDS)}, "
+                f"got {self.kind!r}",
+                self.param,
+            )
+        if not isinstance(self.spec, str) or (self.kind != "json_object" and not self.spec):
+            raise InvalidRequestError(f"the {self.kind} constraint is empty", self.param)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -55,6 +84,9 @@ class SamplingParams:
     # Leave special tokens (e.g. an EOS sampled under ignore_eos) out of the text, as vLLM's
     # default does; False writes them as their strings. Tokens are kept either way.
     skip_special_tokens: bool = True
+    # the output's form (a JSON schema, a regex, ...): tokens that cannot continue it are
+    # masked before the other adjustments, and the request ends when it is complete
+    structured_output: StructuredOutput | None = None
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -1,0 +1,102 @@
+"""Structured outputs: a request's StructuredOutput compiled into an llguidance matcher that
+says, before each sampled token, which tokens can continue the output's form.
+
+llguidance (one of vLLM's structured-output backends) builds its parser lazily, token by token,
+so a request's own schema costs about a millisecond to start and no vocabulary-sized
+precomputation; it has no dependencies beyond a 3 MB wheel. A matcher's state is the output
+so far: a decode replica rebuilds it by replaying the tokens the prefill replica sampled.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from engine.sampling_params import InvalidRequestError, StructuredOutput
+
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def grammar_text(structure: StructuredOutput) -> str:
+    """The llguidance grammar of a constraint (not yet checked: see Grammars.check)."""
+    import llguidance
+
+    options = {"whitespace_flexible": structure.any_whitespace}
+    try:
+        if structure.kind == "json_object":
+            return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}', options)
+        if structure.kind == "json":
+            return llguidance.LLMatcher.grammar_from_json_schema(structure.spec, options)
+        if structure.kind == "choice":
+            _check_choices(structure)
+        return llguidance.grammar_from(structure.kind, structure.spec)
+    except ValueError as e:  # not JSON, or a GBNF grammar that does not convert
+        raise InvalidRequestError(f"invalid {structure.kind}: {e}", structure.param) from e
+
+
+def _check_choices(structure: StructuredOutput) -> None:
+    """A choice's spec is a JSON list of one or more strings (an empty list would compile to a
+    grammar of the empty output)."""
+    choices = json.loads(structure.spec)
+    if not choices or not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+        raise InvalidRequestError(
+            f"invalid choice: a list of one or more strings, got {structure.spec[:100]}",
+            structure.param,
+        )
+
+
+class Grammars:
+    """One engine's structured outputs: its vocabulary as llguidance sees it (built on first
+    use: about 0.3 s for a 49k vocabulary) and a matcher per constrained request."""
+
+    def __init__(self, tokenizer, vocab_size: int) -> None:
+        self.hf_tokenizer = tokenizer
+        self.vocab_size = vocab_size  # the logits' width, which may exceed the tokenizer's
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            import llguidance.hf
+
+            self._tokenizer = llguidance.hf.from_tokenizer(
+                self.hf_tokenizer, n_vocab=self.vocab_size
+            )
+        return self._tokenizer
+
+    def check(self, structure: StructuredOutput) -> None:
+        """Raise InvalidRequestError (naming the request's field) for a constraint that does
+        not compile: a malformed schema, regex or grammar."""
+        import llguidance
+
+        error = llguidance.LLMatcher.validate_grammar(grammar_text(structure), self.tokenizer)
+        if error:
+            raise InvalidRequestError(f"invalid {structure.kind}: {error}", structure.param)
+
+    def matcher(self, structure: StructuredOutput, output_ids: list[int]):
+        """A matcher for the constraint, advanced past the output so far (a request imported
+        after its prefill, or restarted)."""
+        import llguidance
+
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar_text(structure), log_level=0)
+        if matcher.is_error():
+            raise InvalidRequestError(
+                f"invalid {structure.kind}: {matcher.get_error()}", structure.param
+            )
+        for token in output_ids:
+            matcher.consume_token(token)
+        return matcher
+
+    def allowed(self, matcher) -> torch.Tensor:
+        """(V,) bool: the tokens that can continue the output (EOS once it may end)."""
+        words = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)
+        return ((words.unsqueeze(-1) >> _BITS) & 1).bool().view(-1)[: self.vocab_size]
+
+
+def is_complete(matcher, token: int) -> bool:
+    """Advance the matcher past a sampled token; True when the output's form is complete
+    (nothing can follow) or the token broke it (a token forced when every candidate was
+    banned): either way the request ends there."""
+    matcher.consume_token(token)
+    return matcher.is_stopped() or matcher.is_error()

@@ -1,0 +1,236 @@
+"""Structured outputs (engine/grammar.py): constrained greedy output against transformers'
+generate under the same constraint (its prefix_allowed_tokens_fn, with a fresh llguidance
+matcher replaying the tokens at every step: a second code path), the form of sampled outputs,
+the hand-off, the end of a complete form, refused constraints; and the request fields
+(app/structured.py)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from engine import InvalidRequestError, SamplingParams
+from engine.grammar import Grammars, grammar_text
+from engine.limits import chat_token_ids
+from engine.sampler import TokenHistory, sample
+from engine.sampling_params import StructuredOutput
+from tests.conftest import drain
+
+pytestmark = pytest.mark.model
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+}
+CONSTRAINTS = {
+    "regex": StructuredOutput("regex", r"[0-9]{3}-[a-z]{2}"),
+    "json": StructuredOutput("json", json.dumps(PERSON), any_whitespace=False),
+    "json_object": StructuredOutput("json_object"),
+    "choice": StructuredOutput("choice", json.dumps(["Paris", "London", "Rome"])),
+    "yes_no": StructuredOutput("choice", json.dumps(["yes", "no"])),  # one token each
+    "grammar": StructuredOutput("grammar", 'root ::= "The answer is " [0-9] [0-9]? "."'),
+}
+
+
+@pytest.fixture(scope="module")
+def chat_prompt(tokenizer) -> list[int]:
+    messages = [{"role": "user", "content": "Describe a person as JSON. Which city is best?"}]
+    return chat_token_ids(tokenizer, messages)
+
+
+def _hf_constrained(hf_model, tokenizer, prompt: list[int], structure, max_new: int):
+    """transformers' greedy generate, allowed at each step only what a new matcher that has
+    consumed the tokens so far allows."""
+    grammars = Grammars(tokenizer, hf_model.config.vocab_size)
+
+    def allowed(_batch, ids: torch.Tensor) -> list[int]:
+        matcher = grammars.matcher(structure, ids[len(prompt) :].tolist())
+        return grammars.allowed(matcher).nonzero().view(-1).tolist()
+
+    with torch.inference_mode():
+        out = hf_model.generate(
+            torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
+            pad_token_id=tokenizer.eos_token_id, prefix_allowed_tokens_fn=allowed,
+        )  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("kind", list(CONSTRAINTS))
+def test_constrained_greedy_equals_transformers_under_the_same_constraint(
+    make_engine, hf_model, tokenizer, chat_prompt, kind
+):
+    structure = CONSTRAINTS[kind]
+    params = SamplingParams(max_tokens=40, temperature=0, structured_output=structure)
+    [out] = make_engine().generate([chat_prompt], params)
+    [free] = make_engine().generate([chat_prompt], SamplingParams(max_tokens=40, temperature=0))
+    assert out.token_ids != free.token_ids[: len(out.token_ids)]  # the constraint changes it
+    expected = _hf_constrained(hf_model, tokenizer, chat_prompt, structure, 41)
+    # the request ends where the form is complete; transformers' next token is EOS, the only
+    # one the constraint allows there
+    assert out.finish_reason == "stop"
+    assert expected[: len(out.token_ids)] == out.token_ids
+    assert expected[len(out.token_ids)] == tokenizer.eos_token_id
+    _assert_form(kind, out.text)
+
+
+def _assert_form(kind: str, text: str) -> None:
+    if kind == "regex":
+        assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", text), text
+    elif kind in ("json", "json_object"):
+        value = json.loads(text)
+        assert isinstance(value, dict), text
+        if kind == "json":
+            assert isinstance(value["name"], str) and isinstance(value["age"], int), text
+    elif kind in ("choice", "yes_no"):
+        assert text in ("Paris", "London", "Rome", "yes", "no"), text
+    else:
+        assert re.fullmatch(r"The answer is [0-9]{1,2}\.", text), text
+
+
+def test_sampled_outputs_keep_their_form_beside_unconstrained_rows(make_engine, chat_prompt):
+    """Seeded sampling under each constraint, all in one batch with a free request, which
+    must sample as it does alone (masks stay on their rows)."""
+    engine = make_engine()
+    free = SamplingParams(max_tokens=12, temperature=1.0, seed=7)
+    [alone] = engine.generate([chat_prompt], free)
+    kinds = [k for k in CONSTRAINTS for _ in range(2)]
+    params = [
+        SamplingParams(max_tokens=60, temperature=1.0, seed=i, structured_output=CONSTRAINTS[k])
+        for i, k in enumerate(kinds)
+    ]
+    outs = engine.generate([chat_prompt] * (len(kinds) + 1), [*params, free])
+    assert outs[-1].token_ids == alone.token_ids
+    for kind, out in zip(kinds, outs, strict=False):
+        if out.finish_reason == "stop":
+            _assert_form(kind, out.text)
+        else:  # cut by max_tokens: a prefix of the form (sampling may write a long string)
+            assert kind in ("json", "json_object") and out.text.startswith("{"), out.text
+
+
+def test_a_constrained_request_continues_across_the_handoff(make_engine, chat_prompt):
+    for structure in (CONSTRAINTS["json"], CONSTRAINTS["grammar"]):
+        p = SamplingParams(max_tokens=40, temperature=0.8, seed=3, structured_output=structure)
+        [want] = make_engine().generate([chat_prompt], p)
+        prefill, decode = make_engine(), make_engine()
+        prefill.add_request("r", chat_prompt, p, prefill_only=True)
+        [first] = drain(prefill)["r"]
+        assert first.prefilled
+        assert decode.import_request(*prefill.export_kv("r"))
+        assert prefill.release("r")
+        rest = drain(decode)["r"]
+        assert first.new_token_ids + [t for o in rest for t in o.new_token_ids] == want.token_ids
+        assert rest[-1].finish_reason == want.finish_reason
+        assert decode.stats.num_free_blocks == decode.stats.num_kv_blocks
+
+
+def test_a_complete_form_ends_the_request_even_with_ignore_eos(make_engine, tokenizer, chat_prompt):
+    engine = make_engine()
+    for extra in ({"ignore_eos": True}, {"min_tokens": 10}):
+        params = SamplingParams(
+            max_tokens=20, temperature=0, structured_output=CONSTRAINTS["regex"], **extra
+        )
+        [out] = engine.generate([chat_prompt], params)
+        assert out.finish_reason == "stop" and re.fullmatch(r"[0-9]{3}-[a-z]{2}", out.text)
+    # the first token may complete it: on the prefill side, the request ends there
+    whole = tuple(tokenizer.convert_tokens_to_ids(["yes", "no"]))  # not "y", "n", "ye"
+    one = SamplingParams(
+        max_tokens=5,
+        temperature=0,
+        structured_output=CONSTRAINTS["yes_no"],
+        allowed_token_ids=whole,
+    )
+    engine.add_request("c", chat_prompt, one, prefill_only=True)
+    [out] = drain(engine)["c"]
+    assert out.finish_reason == "stop" and not out.prefilled and out.new_text in ("yes", "no")
+    assert engine.stats.num_free_blocks == engine.stats.num_kv_blocks
+
+
+@pytest.mark.parametrize(
+    ("structure", "needle"),
+    [
+        (StructuredOutput("regex", "(", param="guided_regex"), "unclosed group"),
+        (StructuredOutput("json", '{"type": 5}', param="response_format"), "type must be"),
+        (StructuredOutput("json", "{not json"), "invalid json"),
+        (StructuredOutput("grammar", "root ::= missing_rule"), "invalid grammar"),
+        (StructuredOutput("choice", "[]"), "invalid choice"),
+    ],
+)
+def test_a_constraint_that_does_not_compile_is_refused(make_engine, structure, needle):
+    engine = make_engine()
+    params = SamplingParams(max_tokens=4, structured_output=structure)
+    with pytest.raises(InvalidRequestError, match=re.escape(needle)) as e:
+        engine.add_request("bad", "hi", params)
+    assert e.value.param == structure.param
+    assert not engine.has_unfinished
+
+
+def test_structured_output_kinds_and_empty_specs_are_checked():
+    with pytest.raises(InvalidRequestError, match="kind must be one of"):
+        StructuredOutput("xml", "<a/>")
+    with pytest.raises(InvalidRequestError, match="regex constraint is empty") as e:
+        StructuredOutput("regex", "", param="guided_regex")
+    assert e.value.param == "guided_regex"
+    assert grammar_text(StructuredOutput("json_object"))  # needs no spec
+
+
+def test_a_row_left_with_no_token_samples_eos():
+    """Pure sampler: constraints that together ban every token (allowed ids that are all bad
+    words; a mask of nothing) leave EOS, greedy and sampled, rather than a draw from nothing;
+    a mask alone keeps its argmax among the allowed tokens."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    history = [TokenHistory([1, 2], [], eos_token_id=7)] * 3
+    banned = SamplingParams(temperature=0, allowed_token_ids=(5,), bad_words_token_ids=((5,),))
+    sampled = SamplingParams(temperature=1.0, seed=1)
+    nothing = torch.zeros(50, dtype=torch.bool)
+    some = torch.zeros(50, dtype=torch.bool)
+    some[[3, 11, 40]] = True
+    tokens = sample(
+        logits, [banned, sampled, SamplingParams(temperature=0)],
+        [None, torch.Generator().manual_seed(1), None], history, [None, nothing, some],
+    )  # fmt: skip
+    assert tokens[:2] == [7, 7]
+    assert tokens[2] == max((3, 11, 40), key=lambda t: logits[2, t].item())
+
+
+def test_request_fields_become_one_constraint():
+    """OpenAI's response_format, vLLM's structured_outputs and guided_* -> StructuredOutput,
+    naming the field; two constraints, unknown keys and unserved options are refused."""
+    from app.protocol import APIError, CompletionRequest, parse
+
+    def params(**fields):
+        body = {"model": "m", "prompt": "x", **fields}
+        return parse(json.dumps(body).encode(), CompletionRequest).sampling_params(4)
+
+    schema = {"type": "object"}
+    fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": schema}}
+    cases = [
+        ({"response_format": fmt}, ("json", json.dumps(schema), "response_format")),
+        ({"response_format": {"type": "json_object"}}, ("json_object", "", "response_format")),
+        ({"structured_outputs": {"regex": "a+"}}, ("regex", "a+", "structured_outputs.regex")),
+        ({"guided_choice": ["a", "b"]}, ("choice", '["a", "b"]', "guided_choice")),
+        ({"guided_grammar": 'root ::= "a"'}, ("grammar", 'root ::= "a"', "guided_grammar")),
+        ({"guided_json": '{"type":"object"}'}, ("json", '{"type":"object"}', "guided_json")),
+    ]
+    for fields, (kind, spec, param) in cases:
+        so = params(**fields).structured_output
+        assert (so.kind, so.spec, so.param, so.any_whitespace) == (kind, spec, param, True)
+    tight = params(structured_outputs={"json": schema, "disable_any_whitespace": True})
+    assert not tight.structured_output.any_whitespace
+    assert params(response_format={"type": "text"}).structured_output is None
+    refused = [
+        ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex"),
+        ({"structured_outputs": {"regx": "a"}}, "structured_outputs.regx"),
+        ({"structured_outputs": {"structural_tag": "t"}}, "structured_outputs.structural_tag"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
+        ({"structured_outputs": {"regex": ""}}, "structured_outputs.regex"),
+    ]
+    for fields, param in refused:
+        with pytest.raises(APIError) as e:
+            params(**fields)
+        assert (e.value.status, e.value.param) == (400, param), fields

@@ -1,24 +1,30 @@
-"""What penalties, logit bias, min_tokens and logprobs add to a decode step, side by side.
+"""What penalties, logit bias, min_tokens, logprobs and structured outputs add to a decode step,
+side by side.
 
     python -m bench.sampling_cost [--threads 2] [--context 512] [--batches 1,8,32] [--rounds 3]
 
 Each round times a plain greedy decode step, then the same batch with every request asking for
 presence, frequency and repetition penalties, a logit bias and min_tokens (the sampler adjusts
 each row's logits before the argmax), then with every request asking for logprobs with 5
-alternatives (a log-softmax and a top-k over the vocabulary per row); medians over rounds, and
-their ratios to plain. Then the prefill step of one prompt, plain and with prompt logprobs (a
-logits row per prompt token: the LM head over every position, a log-softmax and a top-k each).
+alternatives (a log-softmax and a top-k over the vocabulary per row), then with every request
+writing a JSON object whose one string field must be long (the grammar's mask at every step, with
+most of the vocabulary allowed inside a string: llguidance's costliest kind of step); medians over
+rounds, and their ratios to plain. Then the prefill step of one prompt, plain and with prompt
+logprobs (a logits row per prompt token: the LM head over every position, a log-softmax and a
+top-k each).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 
 import torch
 
 from bench.engine_throughput import ours_decode_step_s, ours_prefill_s
 from engine import EngineConfig, LLMEngine
+from engine.sampling_params import StructuredOutput
 
 PENALIZED = {
     "presence_penalty": 0.5,
@@ -27,7 +33,17 @@ PENALIZED = {
     "logit_bias": ((100, 1.0), (200, -1.0)),
     "min_tokens": 4,
 }
-VARIANTS = {"plain": {}, "penalized": PENALIZED, "logprobs": {"logprobs": 5}}
+LONG_STRING = {  # no request can end within the timed steps
+    "type": "object",
+    "properties": {"story": {"type": "string", "minLength": 1000}},
+    "required": ["story"],
+}
+VARIANTS = {
+    "plain": {},
+    "penalized": PENALIZED,
+    "logprobs": {"logprobs": 5},
+    "json": {"structured_output": StructuredOutput("json", json.dumps(LONG_STRING))},
+}
 
 
 def _prefill_table(engine: LLMEngine, lengths: list[int], rounds: int) -> None:

@@ -18,6 +18,7 @@ _EXPORTS = {
     "RequestOutput": "engine.outputs",
     "SamplingParams": "engine.sampling_params",
     "SchedulerConfig": "engine.scheduler",
+    "StructuredOutput": "engine.sampling_params",
     "TokenLogprob": "engine.outputs",
 }
 __all__ = sorted(_EXPORTS)

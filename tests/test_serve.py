@@ -187,6 +187,58 @@ def test_vllm_token_constraints_reach_the_engine(server, engine_alone, local_eng
     assert all(k.startswith("token_id:") for top in logprobs["top_logprobs"] for k in top)
 
 
+def test_structured_outputs_in_all_modes_equal_the_engine_alone(server, local_engine, tokenizer):
+    """OpenAI's response_format through the official client (chat, streamed and not) and
+    vLLM's structured_outputs and guided_choice (completions): the engine alone's constrained
+    output in every mode, across the hand-off."""
+    import openai
+
+    from engine import SamplingParams
+    from engine.limits import chat_token_ids
+    from engine.sampling_params import StructuredOutput
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+        "required": ["city", "population"],
+    }
+    messages = [{"role": "user", "content": "Name a big city and its population, as JSON."}]
+    chat_ids = chat_token_ids(tokenizer, messages)
+    greedy = SamplingParams(max_tokens=40, temperature=0)
+
+    def alone(prompt, kind: str, spec: str) -> str:
+        p = dataclasses.replace(greedy, structured_output=StructuredOutput(kind, spec))
+        [out] = local_engine.generate([prompt], p)
+        assert out.finish_reason == "stop"
+        return out.text
+
+    want_json = alone(chat_ids, "json", json.dumps(schema))
+    assert set(json.loads(want_json)) == {"city", "population"}
+    want_regex = alone(PROMPT, "regex", r" [A-Z][a-z]+, [A-Z][a-z]+\.")
+    want_choice = alone(PROMPT, "choice", json.dumps(["Lyon", "Marseille"]))
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}
+    for mode in MODES:
+        client = openai.OpenAI(base_url=f"{server}/{mode}/v1", api_key="unused")
+        chat = client.chat.completions.create(
+            model="SmolLM2-135M-Instruct", messages=messages, temperature=0, max_tokens=40,
+            response_format=fmt,
+        )  # fmt: skip
+        assert chat.choices[0].message.content == want_json, mode
+        assert chat.choices[0].finish_reason == "stop"
+        stream = client.chat.completions.create(
+            model="SmolLM2-135M-Instruct", messages=messages, temperature=0, max_tokens=40,
+            response_format=fmt, stream=True,
+        )  # fmt: skip
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want_json
+        r = _complete(server, mode, prompt=PROMPT, max_tokens=40,
+                      structured_outputs={"regex": r" [A-Z][a-z]+, [A-Z][a-z]+\."})  # fmt: skip
+        assert r.json()["choices"][0]["text"] == want_regex, (mode, r.text)
+        r = _complete(
+            server, mode, prompt=PROMPT, max_tokens=40, guided_choice=["Lyon", "Marseille"]
+        )
+        assert r.json()["choices"][0]["text"] == want_choice, (mode, r.text)
+
+
 def test_prefix_caching_on_the_prefill_replica(server, local_engine, tokenizer):
     """The disaggregated app's prefill replica caches prompt prefixes: a long prompt sent twice
     is mostly taken from the cache the second time (its stats), and both answers equal the
@@ -656,8 +708,10 @@ def test_official_openai_client_completions_and_chat(server):
         ({"prompt": "hi", "allowed_token_ids": [5, 999999]}, 400, "[0, 49152)"),  # replicas
         ({"prompt": "hi", "bad_words": [" "]}, 400, "has no tokens"),
         ({"prompt": "hi", "use_beam_search": True}, 400, "beam search"),
-        ({"prompt": "hi", "guided_choice": ["a", "b"]}, 400, "structured output"),
-        ({"prompt": "hi", "guided_json": {"type": "object"}}, 400, "structured output"),
+        ({"prompt": "hi", "guided_regex": "("}, 400, "unclosed group"),  # replicas
+        ({"prompt": "hi", "structured_outputs": {"json": {"type": 5}}}, 400, "type must be"),
+        ({"prompt": "hi", "guided_choice": ["a"], "guided_regex": "a"}, 400, "only one"),
+        ({"prompt": "hi", "structured_outputs": {"regx": "a"}}, 400, "Extra inputs"),
         ({"prompt": "hi", "logits_processors": ["m.P"]}, 400, "logits processors"),
         ({"prompt": "hi", "priority": 1}, 400, "priority"),
         ({"prompt": "hi", "prompt_embeds": "AAAA"}, 400, "prompt_embeds"),
@@ -682,7 +736,7 @@ def test_bad_input_gets_openai_error_and_server_keeps_serving(server, body, stat
     [
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "function calling"),
         ({"tool_choice": "required"}, "tool_choice"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
             "only text content parts",

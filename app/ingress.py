@@ -258,12 +258,17 @@ class Ingress:
         continuous: bool = False,  # the usage so far in every chunk too
     ):
         async with contextlib.aclosing(outputs):
-            async for index, out in outputs:
-                shown = view.add(index, out)
-                chunk = view.chunk(index, shown)
-                if continuous:
-                    chunk["usage"] = view.usage
-                yield f"data: {json.dumps(chunk)}\n\n"
+            try:
+                async for index, out in outputs:
+                    shown = view.add(index, out)
+                    chunk = view.chunk(index, shown)
+                    if continuous:
+                        chunk["usage"] = view.usage
+                    yield f"data: {json.dumps(chunk)}\n\n"
+            except APIError as e:  # after the status was sent: vLLM's error event, then the end
+                yield f"data: {json.dumps(e.body)}\n\n"
+                yield "data: [DONE]\n\n"
+                return
         if usage:
             yield f"data: {json.dumps(view.usage_chunk())}\n\n"
         yield "data: [DONE]\n\n"

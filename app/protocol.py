@@ -31,16 +31,13 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
+    @property
+    def body(self) -> dict:
+        error = {"message": self.message, "type": self.kind, "param": self.param}
+        return {"error": {**error, "code": self.status}}
+
     def response(self) -> JSONResponse:
-        body = {
-            "error": {
-                "message": self.message,
-                "type": self.kind,
-                "param": self.param,
-                "code": self.status,
-            }
-        }
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(self.body, status_code=self.status)
 
 
 @contextlib.contextmanager

@@ -187,7 +187,8 @@ class EngineLoop:
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is not None:
-                    stream.put(out)
+                    # the engine ended it on an error (its structured output's parser failed)
+                    stream.put(out if out.error is None else out.error)
                     if out.prefilled and self._on_prefilled is not None:
                         stream.put(self._publish(out.request_id))
             if self._on_step is not None:

@@ -23,7 +23,7 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import DetokenizerState, IncrementalDetokenizer
-from engine.grammar import Grammars, is_complete
+from engine.grammar import Grammars, advance
 from engine.limits import chat_token_ids, check_lengths, check_token_ids
 from engine.model_runner import ModelInput, ModelRunner, SeqInput
 from engine.model_store import resolve_model
@@ -251,10 +251,13 @@ class LLMEngine:
         # stop strings count only from min_tokens on (vLLM's rule)
         may_stop = request.num_output_tokens >= request.sampling_params.min_tokens
         stopped = tracked.detokenizer.add_token(prompt_and_output, may_stop)
-        if tracked.matcher is not None and is_complete(tracked.matcher, token):
-            stopped = True  # the structured output is complete: nothing may follow
+        error = None
+        if tracked.matcher is not None:  # a complete form ends the request: nothing may follow
+            done, error = advance(tracked.matcher, token, request.eos_token_id)
+            stopped = stopped or done
         if stopped and not request.status.is_finished:
-            self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
+            status = RequestStatus.FINISHED_ABORTED if error else RequestStatus.FINISHED_STOPPED
+            self.scheduler.finish(request, status)
         finished = request.status.is_finished
         if finished:
             del self._tracked[request.request_id]
@@ -270,6 +273,19 @@ class LLMEngine:
             num_cached_tokens=request.num_cached_tokens if request.num_output_tokens == 1 else None,
             logprobs=None if logprob is None else [logprob],
             prompt_logprobs=[None, *tracked.prompt_logprobs] if first_with_prompt else None,
+            error=error and self._grammar_error(request, error),
+        )
+
+    @staticmethod
+    def _grammar_error(request: Request, message: str) -> InvalidRequestError:
+        structure = request.sampling_params.structured_output
+        logger.warning(
+            "request %s: its %s parser failed: %s", request.request_id, structure.kind, message
+        )
+        return InvalidRequestError(
+            f"the {structure.kind} constraint failed at output token {request.num_output_tokens}: "
+            f"{message}",
+            structure.param,
         )
 
     # ---- abort, stats ------------------------------------------------------------------------

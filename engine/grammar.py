@@ -94,9 +94,14 @@ class Grammars:
         return ((words.unsqueeze(-1) >> _BITS) & 1).bool().view(-1)[: self.vocab_size]
 
 
-def is_complete(matcher, token: int) -> bool:
-    """Advance the matcher past a sampled token; True when the output's form is complete
-    (nothing can follow) or the token broke it (a token forced when every candidate was
-    banned): either way the request ends there."""
-    matcher.consume_token(token)
-    return matcher.is_stopped() or matcher.is_error()
+def advance(matcher, token: int, eos_token_id: int | None) -> tuple[bool, str | None]:
+    """Advance the matcher past a sampled token -> (the request ends here, the parser's error).
+    It ends when the form is complete (nothing may follow) or at an EOS the form did not allow
+    (the sampler forces EOS where every token was banned); any other refused token means the
+    parser failed (a limit of llguidance's, e.g. a regex repeating a million times), named in
+    the error."""
+    if matcher.consume_token(token):
+        return matcher.is_stopped(), None
+    if token == eos_token_id:
+        return True, None
+    return True, matcher.get_error().split("\n<state>")[0] or "the parser refused the token"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.detokenizer import DetokenizerState
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import InvalidRequestError, SamplingParams
 from kernels.kv_blocks import KVLayout
 
 
@@ -37,6 +37,8 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked
     # with the first output, when the request asked: one per prompt token, None for the first
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # why the engine ended the request itself ("abort"): its structured output's parser failed
+    error: InvalidRequestError | None = None
 
     @property
     def finished(self) -> bool:

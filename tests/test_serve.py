@@ -201,6 +201,7 @@ def test_structured_outputs_in_all_modes_equal_the_engine_alone(server, local_en
         "type": "object",
         "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
         "required": ["city", "population"],
+        "additionalProperties": False,
     }
     messages = [{"role": "user", "content": "Name a big city and its population, as JSON."}]
     chat_ids = chat_token_ids(tokenizer, messages)
@@ -237,6 +238,22 @@ def test_structured_outputs_in_all_modes_equal_the_engine_alone(server, local_en
             server, mode, prompt=PROMPT, max_tokens=40, guided_choice=["Lyon", "Marseille"]
         )
         assert r.json()["choices"][0]["text"] == want_choice, (mode, r.text)
+    # a parser that gives up at the second token (the decode replica's first): a 400, or once
+    # streaming has begun, an error event and the end of the stream (vLLM's)
+    huge = "start: /[0-9]/ /a{1000000}/"
+    for mode in ("disagg", "chunked"):
+        r = _complete(server, mode, prompt=PROMPT, guided_grammar=huge)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "guided_grammar", r.text
+        assert "failed at output token 2" in r.json()["error"]["message"]
+        with _stream(server, mode, prompt=PROMPT, temperature=0, guided_grammar=huge) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert r.status_code == 200
+        first, error = (json.loads(line.removeprefix("data: ")) for line in lines[:2])
+        assert first["choices"][0]["text"].isdigit()
+        assert "failed at output token 2" in error["error"]["message"]
+        assert lines[2:] == ["data: [DONE]"]
+    for mode in MODES:  # every replica serves on
+        assert _complete(server, mode, prompt=PROMPT, max_tokens=2).status_code == 200
 
 
 def test_prefix_caching_on_the_prefill_replica(server, local_engine, tokenizer):

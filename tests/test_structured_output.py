@@ -234,3 +234,27 @@ def test_request_fields_become_one_constraint():
         with pytest.raises(APIError) as e:
             params(**fields)
         assert (e.value.status, e.value.param) == (400, param), fields
+
+
+def test_a_failing_parser_ends_its_request_with_an_error_and_frees_it(make_engine, tokenizer):
+    """llguidance gives up on a lexeme repeated a million times: at the second token here. The
+    request ends ("abort") with an InvalidRequestError naming the field, its blocks go back,
+    the engine serves on. An EOS forced because nothing else was left is no error."""
+    engine = make_engine()
+    huge = StructuredOutput("grammar", "start: /[0-9]/ /a{1000000}/", param="guided_grammar")
+    engine.add_request("r", "The capital of France is", SamplingParams(structured_output=huge))
+    outs = drain(engine)["r"]
+    assert [o.error for o in outs[:-1]] == [None] and re.fullmatch("[0-9]", outs[0].new_text)
+    assert outs[-1].finish_reason == "abort"
+    assert outs[-1].error.param == "guided_grammar"
+    assert "failed at output token 2: lexer error" in str(outs[-1].error)
+    assert engine.stats.num_free_blocks == engine.stats.num_kv_blocks
+    maybe = tuple(tokenizer.encode(" maybe"))  # allowed, and not a way to write yes or no
+    for ignore_eos in (False, True):
+        params = SamplingParams(
+            structured_output=CONSTRAINTS["yes_no"],
+            allowed_token_ids=maybe,
+            ignore_eos=ignore_eos,
+        )
+        [out] = engine.generate(["Yes or no?"], params)
+        assert (out.token_ids, out.finish_reason) == ([tokenizer.eos_token_id], "stop")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 
 def block_key(parent: bytes, token_ids: list[int]) -> bytes:
@@ -112,13 +112,12 @@ class BlockManager:
         leading full blocks of `token_ids`; -> how many tokens they hold (0 without caching)."""
         if not self.enable_caching:
             return 0
-        size, keys, blocks, parent = self.block_size, [], [], b""
-        for start in range(0, len(token_ids) - size + 1, size):
-            parent = block_key(parent, token_ids[start : start + size])
-            block = self._block_of.get(parent)
+        keys, blocks = [], []
+        for key in self._chain(token_ids):
+            block = self._block_of.get(key)
             if block is None:
                 break
-            keys.append(parent)
+            keys.append(key)
             blocks.append(block)
         for block in blocks:
             if self._refs[block] == 0:
@@ -126,7 +125,17 @@ class BlockManager:
             self._refs[block] += 1
         self._tables[request_id] = blocks
         self._chains[request_id] = keys
-        return len(blocks) * size
+        return len(blocks) * self.block_size
+
+    def prefix_keys(self, token_ids: list[int]) -> list[bytes]:
+        """The keys the leading full blocks of `token_ids` are (or would be) published under."""
+        return list(self._chain(token_ids))
+
+    def _chain(self, token_ids: list[int]) -> Iterator[bytes]:
+        size, parent = self.block_size, b""
+        for start in range(0, len(token_ids) - size + 1, size):
+            parent = block_key(parent, token_ids[start : start + size])
+            yield parent
 
     def publish(
         self, request_id: str, num_computed: int, token_ids: Callable[[int, int], list[int]]

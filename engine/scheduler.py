@@ -78,10 +78,18 @@ class PrefillManager:
         self, token_budget: int, seq_budget: int
     ) -> list[ScheduledRequest] | None:
         batch: list[ScheduledRequest] = []
+        computing: set[bytes] = set()  # with prefix caching: keys of the blocks this step fills
         for request in self.waiting:
             if token_budget <= 0 or seq_budget <= 0:
                 break
             cached = self._take_cached_prefix(request)
+            if (
+                computing
+                and cached == request.num_computed_tokens
+                and self._follows(request, computing)
+            ):
+                self._give_back(request, cached)  # next step, the blocks are in the cache
+                continue
             num_new = request.num_pending_tokens
             if self.config.chunked_prefill:
                 num_new = min(num_new, token_budget)
@@ -90,9 +98,7 @@ class PrefillManager:
             end = request.num_computed_tokens + num_new
             fits = self.config.chunked_prefill or num_new <= token_budget or not batch
             if not fits or not self.blocks.can_allocate(request.request_id, end):
-                if cached:  # not now: its cached blocks go back (still cached), uncounted
-                    self.blocks.free(request.request_id)
-                    request.num_computed_tokens = 0
+                self._give_back(request, cached)
                 break
             self.blocks.allocate(request.request_id, end)
             if request.first_scheduled_time is None:
@@ -103,10 +109,34 @@ class PrefillManager:
                 request.num_cached_tokens = cached
             token_budget -= num_new
             seq_budget -= 1
+            if self.config.enable_prefix_caching:
+                computing.update(self.blocks.prefix_keys(request.token_ids(0, end)))
         for item in batch:
             if item.samples:  # fully prefilled requests leave the queue
                 self.waiting.remove(item.request)
         return batch or None
+
+    def _follows(self, request: Request, computing: set[bytes]) -> bool:
+        """Whether requests ahead of this starting one in this step fill at least half of what
+        it has left to compute (n choices of one prompt, a burst sharing a long prefix): it then
+        waits one step and takes those blocks from the cache rather than computing them again
+        beside them. A shorter shared run is computed twice: waiting a step would cost more."""
+        if request.wants_prompt_logprobs:
+            return False  # it computes every prompt token anyway
+        keys = self.blocks.prefix_keys(request.token_ids(0, request.num_tokens - 1))
+        shared = 0
+        for key in keys[request.num_computed_tokens // self.blocks.block_size :]:
+            if key not in computing:
+                break
+            shared += self.blocks.block_size
+        return shared > 0 and 2 * shared >= request.num_pending_tokens
+
+    def _give_back(self, request: Request, cached: int) -> None:
+        """Not scheduled now: a starting request lets go of the cached blocks it took (they stay
+        cached), uncounted; one partly computed by its own chunks keeps them."""
+        if cached == request.num_computed_tokens:
+            self.blocks.free(request.request_id)
+            request.num_computed_tokens = 0
 
     def _take_cached_prefix(self, request: Request) -> int:
         """At a request's (re)start: take the cached blocks of its leading tokens as computed;

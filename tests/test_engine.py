@@ -486,3 +486,25 @@ def test_prefix_caching_under_preemption_handoff_and_prompt_logprobs(make_engine
     [out] = prefill.generate([PROMPTS[2]], scored)
     assert prefill.stats.num_cached_tokens == before
     assert len(out.prompt_logprobs) == len(prefill.encode(PROMPTS[2]))
+
+
+def test_choices_of_one_prompt_compute_it_once(make_engine, reference):
+    """Three copies of a prompt added together (n choices): the first computes it, the others
+    start one step later past its cached blocks; seeded samples and greedy outputs equal an
+    engine without caching, which computes it three times."""
+    params = [GREEDY, SamplingParams(max_tokens=N, seed=1), SamplingParams(max_tokens=N, seed=2)]
+    outs = {}
+    for caching in (False, True):
+        engine = make_engine(block_size=4, enable_prefix_caching=caching)
+        ids = [engine.add_request(None, PROMPTS[2], p) for p in params]
+        first = {o.request_id: o.new_token_ids for o in engine.step()}
+        prefilled = engine.last_step.prefill_lens
+        rest = drain(engine)
+        outs[caching] = [
+            first.get(i, []) + [t for o in rest[i] for t in o.new_token_ids] for i in ids
+        ]
+        engine.blocks.check_integrity()
+        assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    assert prefilled == [19]  # the last engine's first step: the first copy alone
+    assert engine.stats.num_cached_tokens == 2 * 16  # four full blocks each, for the others
+    assert outs[True] == outs[False] and outs[True][0] == reference[2]

@@ -222,3 +222,33 @@ def test_a_cached_prefix_is_given_back_when_the_step_has_no_room_for_the_rest():
     assert [(i.start, i.num_tokens) for i in out.scheduled] == [(8, 8)]
     assert s.prefill.num_cached_tokens == b.num_cached_tokens == 8
     s.blocks.check_integrity()
+
+
+def test_requests_sharing_a_prompt_in_one_step_wait_for_its_blocks():
+    """n choices of one prompt arrive together: the first computes it, the others wait one
+    step and start past its cached blocks; a request sharing less than half of what it has
+    left is not held back; without caching, all run at once."""
+    s = make(num_blocks=32, enable_prefix_caching=True)
+    for rid in ("a", "b", "c"):
+        s.add(req(rid, 14, max_tokens=1))
+    short = Request(
+        "d", [1, 2, 3, 4] + [50 + i for i in range(10)], SamplingParams(max_tokens=1), 0
+    )
+    s.add(short)  # shares one block of 4 with a: 4 of its 14 tokens
+    out = run_step(s)
+    assert [(i.request.request_id, i.start, i.num_tokens) for i in out.scheduled] == [
+        ("a", 0, 14),
+        ("d", 0, 14),
+    ]
+    assert not s.blocks.owns("b") and not s.blocks.owns("c")  # nothing held while waiting
+    out = run_step(s)  # 13 tokens before the last: three full blocks (12) cached
+    assert [(i.request.request_id, i.start, i.num_tokens) for i in out.scheduled] == [
+        ("b", 12, 2),
+        ("c", 12, 2),
+    ]
+    assert s.prefill.num_cached_tokens == 2 * 12
+    s.blocks.check_integrity()
+    plain = make(num_blocks=32)
+    for rid in ("a", "b", "c"):
+        plain.add(req(rid, 14, max_tokens=1))
+    assert [i.num_tokens for i in run_step(plain).scheduled] == [14, 14, 14]

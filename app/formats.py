@@ -20,6 +20,7 @@ from app.logprobs import (
     joined,
     vllm_prompt_logprobs,
 )
+from app.tools import ToolCalls
 from engine import RequestOutput, TokenLogprob
 
 
@@ -191,6 +192,8 @@ class CompletionFormat:
 
 class ChatFormat(CompletionFormat):
     object_name = "chat.completion.chunk"
+    # a forced tool choice: the output is the call's arguments (or a JSON array of calls)
+    tools: ToolCalls | None = None
 
     def _logprobs(self, entries: list[TokenLogprob], offset: int = 0) -> dict | None:
         return None if self.shown.logprobs is None else chat_logprobs(entries, self.token_texts)
@@ -200,28 +203,60 @@ class ChatFormat(CompletionFormat):
 
     def chunk(self, index: int, out: RequestOutput) -> dict:
         choice = self.choices[index]
-        delta = {"content": out.new_text}
-        if len(choice.text) == 1:
-            # a choice's first chunk names the role and leads with the echo
+        first = len(choice.text) == 1
+        if self.tools is not None:
+            delta = self._tool_delta(choice, out, first)
+        elif first:  # a choice's first chunk names the role and leads with the echo
             delta = {"role": "assistant", "content": choice.prompt.echo + out.new_text}
+        else:
+            delta = {"content": out.new_text}
         return self._envelope(
             [
                 {
                     "index": index,
                     "delta": delta,
                     "logprobs": self._chunk_logprobs(choice, out),
-                    "finish_reason": openai_reason(out.finish_reason),
+                    "finish_reason": self._reason(out.finish_reason),
                 }
             ]
         )
+
+    def _tool_delta(self, choice: _Choice, out: RequestOutput, first: bool) -> dict:
+        """A named call streams its arguments as they come, its id and name first; the calls
+        of "required" (a JSON array) come whole with the last chunk."""
+        delta = {"role": "assistant"} if first else {}
+        if self.tools.name is not None:
+            if first:  # the call's id, type and name, with the first of its arguments
+                call = self.tools.call(self.tools.name, out.new_text)
+            else:
+                call = {"function": {"arguments": out.new_text}}
+            return {**delta, "tool_calls": [{"index": 0, **call}]}
+        if not out.finished:
+            return delta
+        calls = self.tools.calls("".join(choice.text))
+        if calls is None:  # cut short: the text as it is
+            return {**delta, "content": "".join(choice.text)}
+        return {**delta, "tool_calls": [{**c, "index": i} for i, c in enumerate(calls)]}
+
+    def _reason(self, reason: str | None) -> str | None:
+        if self.tools is not None and reason == "stop":
+            return self.tools.finish_reason
+        return openai_reason(reason)
+
+    def _message(self, choice: _Choice) -> dict:
+        text = choice.prompt.echo + "".join(choice.text)
+        calls = None if self.tools is None else self.tools.calls(text)
+        if calls is None:
+            return {"role": "assistant", "content": text}
+        return {"role": "assistant", "content": None, "tool_calls": calls}
 
     def final(self) -> dict:
         choices = [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": c.prompt.echo + "".join(c.text)},
+                "message": self._message(c),
                 "logprobs": self._logprobs(c.logprobs),
-                "finish_reason": openai_reason(c.finish_reason),
+                "finish_reason": self._reason(c.finish_reason),
             }
             for i, c in enumerate(self.choices)
         ]

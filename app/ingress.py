@@ -222,6 +222,8 @@ class Ingress:
             self.prompts.texts(req),
             req.shown,
         )
+        if chat:
+            view.tools = req.tool_calls()
         if req.stream:
             return StreamingResponse(
                 self._sse(view, outputs, req.include_usage, req.continuous_usage),

@@ -13,9 +13,10 @@ from starlette.responses import JSONResponse
 
 from app.formats import Shown
 from app.structured import ResponseFormat, StructuredOutputs, structured_output
+from app.tools import Tool, ToolCalls, ToolChoice, tool_choice
 from engine import InvalidRequestError, SamplingParams
 from engine.limits import chat_token_ids
-from engine.sampling_params import MAX_LOGPROBS
+from engine.sampling_params import MAX_LOGPROBS, StructuredOutput
 
 MAX_CHOICES = 128  # OpenAI's limit on n
 
@@ -187,8 +188,12 @@ class _Sampling(BaseModel):
                 skip_special_tokens=self.skip_special_tokens,
                 allowed_token_ids=tuple(self.allowed_token_ids or ()),
                 bad_words_token_ids=bad_words_token_ids,
-                structured_output=structured_output(self),
+                structured_output=self.structure(),
             )
+
+    def structure(self) -> StructuredOutput | None:
+        """The one constraint on the output's form, if any (app/structured.py)."""
+        return structured_output(self)
 
     @property
     def num_logprobs(self) -> int | None:
@@ -267,6 +272,10 @@ class CompletionRequest(_Sampling):
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict] | None = None
+    # the conversation's earlier calls and their results, for the chat template
+    tool_calls: list[dict] | None = None  # an assistant's
+    tool_call_id: str | None = None  # a tool result's
+    name: str | None = None
 
     @field_validator("content")
     @classmethod
@@ -281,6 +290,14 @@ class ChatMessage(BaseModel):
             return "".join(p.get("text", "") for p in self.content)
         return self.content or ""
 
+    def for_template(self) -> dict:
+        extra = ("tool_calls", "tool_call_id", "name")
+        return {
+            "role": self.role,
+            "content": self.text(),
+            **{k: getattr(self, k) for k in extra if getattr(self, k) is not None},
+        }
+
 
 class ChatPrompt(BaseModel):
     """The chat template's inputs, as vLLM takes them (chat completions and /tokenize)."""
@@ -292,6 +309,7 @@ class ChatPrompt(BaseModel):
     add_special_tokens: bool = False  # the template writes its own BOS
     chat_template_kwargs: dict | None = None  # extra variables of the template
     documents: list[dict[str, str]] | None = None  # for templates that take them (RAG)
+    tools: list[Tool] | None = None  # the functions the model may call, for the template
     chat_template: str | None = None
 
     _model_template = _refused(
@@ -312,8 +330,12 @@ class ChatPrompt(BaseModel):
             return not self.continue_final_message
         return self.add_generation_prompt
 
+    def template_tools(self) -> list[dict] | None:
+        """The tools the template shows the model."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
     def prompt_ids(self, tokenizer) -> list[int]:
-        messages = [{"role": m.role, "content": m.text()} for m in self.messages]
+        messages = [m.for_template() for m in self.messages]
         with as_bad_request():
             return chat_token_ids(
                 tokenizer,
@@ -323,6 +345,7 @@ class ChatPrompt(BaseModel):
                 add_special_tokens=self.add_special_tokens,
                 template_kwargs=self.chat_template_kwargs,
                 documents=self.documents,
+                tools=self.template_tools(),
             )
 
 
@@ -330,18 +353,42 @@ class ChatCompletionRequest(ChatPrompt, _Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list | None = None
     functions: list | None = None
-    tool_choice: str | dict | None = None
+    function_call: str | dict | None = None
+    tool_choice: ToolChoice | None = None  # app/tools.py: named or "required" (or "none")
+    parallel_tool_calls: bool | None = None  # "required": more than one call (the default)
     # vLLM's: a last message from the assistant leads the reply's content (with
     # continue_final_message, the whole message)
     echo: bool = False
 
-    _no_tools = _refused("tools", "functions", why="(function calling) is not supported")
-
-    _no_tool_choice = _refused(
-        "tool_choice", why="is not supported (no tools)", allowed=("none", "auto")
+    _no_functions = _refused(
+        "functions", "function_call", why="(the deprecated form) is not supported: use tools"
     )
+
+    def tool_calls(self) -> ToolCalls | None:
+        """How the reply shows a forced tool choice's output; None: as text."""
+        with as_bad_request():
+            forced = tool_choice(self)
+        return None if forced is None else forced[1]
+
+    def template_tools(self) -> list[dict] | None:
+        # tool_choice "none" keeps the tools out of the prompt (vLLM's default)
+        return super().template_tools() if self.tool_calls() else None
+
+    def structure(self) -> StructuredOutput | None:
+        other = structured_output(self)
+        forced = tool_choice(self)
+        if forced is None:
+            return other
+        if other is not None:
+            raise InvalidRequestError(
+                f"{other.param} cannot be combined with a forced tool_choice (one structured "
+                "output constraint per request)",
+                other.param,
+            )
+        if self.echo:
+            raise InvalidRequestError("echo cannot be combined with a forced tool_choice", "echo")
+        return forced[0]
 
     @field_validator("top_logprobs")
     @classmethod

@@ -49,11 +49,13 @@ def chat_token_ids(
     add_special_tokens: bool = False,
     template_kwargs: dict | None = None,
     documents: list[dict] | None = None,
+    tools: list[dict] | None = None,
 ) -> list[int]:
     """The model's chat template as token ids: by default with the assistant turn opened.
     continue_final_message leaves the last message open for the model to continue (vLLM's);
     template_kwargs are extra variables of the template; documents (RAG) are passed to
-    templates that take them, as transformers and vLLM do. The rendered text is tokenized with
+    templates that take them, as transformers and vLLM do; so are tools (function
+    definitions). The rendered text is tokenized with
     add_special_tokens (a template writes its own BOS, hence False by default, as
     transformers' and vLLM's chat do). A template that refuses the messages (a template
     error, or the final message not found to continue) is an InvalidRequestError."""
@@ -66,6 +68,7 @@ def chat_token_ids(
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
             documents=documents,
+            tools=tools,
             **(template_kwargs or {}),
         )
     except (TemplateError, ValueError) as e:

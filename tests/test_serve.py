@@ -256,6 +256,44 @@ def test_structured_outputs_in_all_modes_equal_the_engine_alone(server, local_en
         assert _complete(server, mode, prompt=PROMPT, max_tokens=2).status_code == 200
 
 
+def test_forced_tool_calls_through_the_official_client(server, local_engine, tokenizer):
+    """A named tool_choice's arguments equal the engine alone's output under that function's
+    schema (the prompt rendered with the tools), streamed and not; "required" gives parsed
+    calls; "auto" is a 400."""
+    import openai
+
+    from engine import SamplingParams
+    from engine.limits import chat_token_ids
+    from engine.sampling_params import StructuredOutput
+    from tests.test_tools import ASK, CLOCK, NAMED, WEATHER
+
+    tools = [WEATHER, CLOCK]
+    ids = chat_token_ids(tokenizer, ASK, tools=tools)
+    schema = json.dumps(WEATHER["function"]["parameters"])
+    structure = StructuredOutput("json", schema, any_whitespace=False)
+    params = SamplingParams(max_tokens=60, temperature=0, structured_output=structure)
+    [want] = local_engine.generate([ids], params)
+    fields = {"model": "SmolLM2-135M-Instruct", "messages": ASK, "tools": tools}
+    fields |= {"temperature": 0, "max_tokens": 60}
+    for mode in ("disagg", "coloc"):
+        client = openai.OpenAI(base_url=f"{server}/{mode}/v1", api_key="unused")
+        chat = client.chat.completions.create(**fields, tool_choice=NAMED)
+        [call] = chat.choices[0].message.tool_calls
+        assert (call.function.name, call.function.arguments) == ("get_weather", want.text), mode
+        assert chat.choices[0].finish_reason == "stop"
+        stream = client.chat.completions.create(**fields, tool_choice=NAMED, stream=True)
+        calls = [c.choices[0].delta.tool_calls[0] for c in stream if c.choices[0].delta.tool_calls]
+        assert calls[0].function.name == "get_weather" and calls[0].id.startswith("chatcmpl-tool")
+        assert "".join(c.function.arguments for c in calls) == want.text
+        chat = client.chat.completions.create(**fields, tool_choice="required")
+        assert chat.choices[0].finish_reason == "tool_calls"
+        for call in chat.choices[0].message.tool_calls:
+            assert call.function.name in ("get_weather", "get_time")
+            assert isinstance(json.loads(call.function.arguments), dict)
+        with pytest.raises(openai.BadRequestError, match="parser"):
+            client.chat.completions.create(**fields)  # tools alone mean "auto"
+
+
 def test_prefix_caching_on_the_prefill_replica(server, local_engine, tokenizer):
     """The disaggregated app's prefill replica caches prompt prefixes: a long prompt sent twice
     is mostly taken from the cache the second time (its stats), and both answers equal the
@@ -751,8 +789,8 @@ def test_bad_input_gets_openai_error_and_server_keeps_serving(server, body, stat
 @pytest.mark.parametrize(
     ("fields", "needle"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "function calling"),
-        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "auto"),
+        ({"tool_choice": "required"}, "needs tools"),
         ({"response_format": {"type": "xml"}}, "response_format"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},

@@ -1,0 +1,139 @@
+"""Function calling with a forced tool choice, as vLLM serves it without a tool parser: a
+named `tool_choice` ({"type": "function", "function": {"name": ...}}) constrains the output to
+that function's parameters (a JSON schema), and "required" to a JSON array of one or more calls
+({"name", "parameters"}) of the request's tools; the reply carries them as OpenAI's `tool_calls`.
+
+"auto" (and tools without a tool_choice, which OpenAI reads as "auto") is refused: whether
+and how a model writes a call in free text takes a parser for its own format, which this
+server does not have. "none" leaves the tools out of the prompt, as vLLM does by default.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from engine.sampling_params import InvalidRequestError, StructuredOutput
+
+ANY_OBJECT = {"type": "object"}
+
+
+class Function(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema; none: any JSON object
+    strict: bool | None = None  # the schema is always followed exactly here
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: Function
+
+
+class _Name(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: _Name
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+@dataclass(frozen=True)
+class ToolCalls:
+    """How a choice's output becomes tool calls: one call of `name`, or (name None) the JSON
+    array of calls that "required" constrains it to."""
+
+    name: str | None
+
+    @property
+    def finish_reason(self) -> str:
+        """OpenAI's: "tool_calls" when the model chose to call, "stop" for a named choice."""
+        return "stop" if self.name else "tool_calls"
+
+    def calls(self, text: str) -> list[dict] | None:
+        """The calls the output writes; None when it is not complete JSON (cut by max_tokens)."""
+        if self.name is not None:
+            return [self.call(self.name, text)] if _is_json(text) else None
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError:
+            return None
+        return [self.call(item["name"], json.dumps(item["parameters"])) for item in items]
+
+    @staticmethod
+    def call(name: str, arguments: str) -> dict:
+        """One call as OpenAI's message.tool_calls lists it, with a new id."""
+        return {
+            "id": f"chatcmpl-tool-{uuid.uuid4().hex}",
+            "type": "function",
+            "function": {"name": name, "arguments": arguments},
+        }
+
+
+def tool_choice(req) -> tuple[StructuredOutput, ToolCalls] | None:
+    """The constraint and the reply's form of a chat request's tool choice; None when it
+    calls no tool. `req`: app.protocol.ChatCompletionRequest."""
+    choice, tools = req.tool_choice, req.tools or []
+    if choice is None:
+        choice = "auto" if tools else "none"
+    if choice == "none":
+        return None
+    if choice == "auto":
+        raise InvalidRequestError(
+            'tool_choice "auto" (the default with tools) is not supported: it needs a parser '
+            'for the model\'s own tool-call format; use "required", a named function or "none"',
+            "tool_choice",
+        )
+    if not tools:
+        raise InvalidRequestError("tool_choice needs tools", "tool_choice")
+    if choice == "required":
+        schema = _calls_schema(tools, req.parallel_tool_calls is not False)
+        return _compact(schema), ToolCalls(None)
+    for tool in tools:
+        if tool.function.name == choice.function.name:
+            return _compact(tool.function.parameters or ANY_OBJECT), ToolCalls(tool.function.name)
+    raise InvalidRequestError(
+        f"tool_choice names {choice.function.name!r}, which is not among the tools",
+        "tool_choice",
+    )
+
+
+def _compact(schema: dict) -> StructuredOutput:
+    """Calls are JSON without whitespace between its tokens: code reads them, and a model
+    free to add whitespace may spend its tokens on it."""
+    return StructuredOutput("json", json.dumps(schema), any_whitespace=False, param="tool_choice")
+
+
+def _calls_schema(tools: list[Tool], parallel: bool) -> dict:
+    """vLLM's schema for "required": an array of {name, parameters} objects, one of the tools
+    each; a single call unless parallel_tool_calls."""
+    one_of = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "enum": [t.function.name]},
+                "parameters": t.function.parameters or ANY_OBJECT,
+            },
+            "required": ["name", "parameters"],
+            "additionalProperties": False,
+        }
+        for t in tools
+    ]
+    schema = {"type": "array", "minItems": 1, "items": {"anyOf": one_of}}
+    return schema if parallel else {**schema, "maxItems": 1}
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True

@@ -1,0 +1,201 @@
+"""Function calling with a forced tool choice (app/tools.py): the constraint a named or
+"required" tool_choice sets, the tools and earlier calls reaching the chat template, the
+reply's tool_calls (final and streamed) built from the engine's constrained output, and the
+refused forms. The default model and its engine, no Ray."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from app.formats import ChatFormat, Prompt
+from app.protocol import APIError, ChatCompletionRequest, parse
+from engine import SamplingParams
+from engine.limits import chat_token_ids
+
+pytestmark = pytest.mark.model
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city now",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"timezone": {"type": "string", "maxLength": 30}},
+            "required": ["timezone"],
+            "additionalProperties": False,
+        },
+    },
+}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def _request(**fields) -> ChatCompletionRequest:
+    body = {"model": "m", "messages": ASK, "tools": [WEATHER, CLOCK], "temperature": 0, **fields}
+    return parse(json.dumps(body).encode(), ChatCompletionRequest)
+
+
+def _reply(engine, req: ChatCompletionRequest, max_tokens: int = 60):
+    """The engine's output for the request and its final and streamed bodies."""
+    ids = req.prompt_ids(engine.tokenizer)
+    params = req.sampling_params(max_tokens)
+    engine.add_request("r", ids, params)
+    outs = []
+    while engine.has_unfinished:
+        outs += engine.step()
+    views = []
+    for _ in range(2):  # one for the final body, one for the chunks
+        view = ChatFormat("chatcmpl-x", "m", [Prompt(ids)], 1, None, req.shown)
+        view.tools = req.tool_calls()
+        views.append(view)
+    for out in outs:
+        views[0].add(0, out)
+    chunks = [views[1].chunk(0, views[1].add(0, out)) for out in outs]
+    return params, "".join(o.new_text for o in outs), views[0].final(), chunks
+
+
+def test_a_named_tool_choice_writes_that_functions_arguments(make_engine):
+    engine = make_engine()
+    req = _request(tool_choice=NAMED)
+    params, text, body, chunks = _reply(engine, req)
+    structure = params.structured_output
+    assert (structure.kind, structure.param, structure.any_whitespace) == (
+        "json",
+        "tool_choice",
+        False,
+    )
+    assert json.loads(structure.spec) == WEATHER["function"]["parameters"]
+    # the same engine, asked for that schema directly, writes the same arguments
+    [direct] = engine.generate(
+        [req.prompt_ids(engine.tokenizer)],
+        SamplingParams(max_tokens=60, temperature=0, structured_output=structure),
+    )
+    assert text == direct.text
+    arguments = json.loads(text)
+    assert set(arguments) == {"city", "unit"} and arguments["unit"] in ("celsius", "fahrenheit")
+    [choice] = body["choices"]
+    assert choice["finish_reason"] == "stop"  # OpenAI's for a named choice
+    assert choice["message"]["content"] is None
+    [call] = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("chatcmpl-tool-")
+    assert call["function"] == {"name": "get_weather", "arguments": text}
+    # streamed: the id and name first, then the arguments piece by piece
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    first = deltas[0]["tool_calls"][0]
+    assert first["index"] == 0 and first["function"]["name"] == "get_weather"
+    assert deltas[0]["role"] == "assistant" and first["id"].startswith("chatcmpl-tool-")
+    streamed = "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas)
+    assert streamed == text and all("name" not in d["tool_calls"][0] for d in deltas[1:])
+
+
+@pytest.mark.parametrize("parallel", [None, False])
+def test_required_writes_a_list_of_calls(make_engine, parallel):
+    engine = make_engine()
+    req = _request(tool_choice="required", parallel_tool_calls=parallel)
+    params, text, body, chunks = _reply(engine, req, max_tokens=80)
+    schema = json.loads(params.structured_output.spec)
+    assert schema["type"] == "array" and schema["minItems"] == 1
+    assert ("maxItems" in schema) == (parallel is False)
+    bare = {"type": "function", "function": {"name": "f"}}  # no parameters: any JSON object
+    named = _request(tools=[bare], tool_choice={"type": "function", "function": {"name": "f"}})
+    assert json.loads(named.sampling_params(4).structured_output.spec) == {"type": "object"}
+    names = [o["properties"]["name"]["enum"] for o in schema["items"]["anyOf"]]
+    assert names == [["get_weather"], ["get_time"]]
+    items = json.loads(text)
+    [choice] = body["choices"]
+    assert choice["finish_reason"] == "tool_calls"
+    calls = choice["message"]["tool_calls"]
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        (i["name"], i["parameters"]) for i in items
+    ]
+    # streamed: the calls whole, with the last chunk
+    assert all("tool_calls" not in c["choices"][0]["delta"] for c in chunks[:-1])
+    last = chunks[-1]["choices"][0]
+    assert [c["function"] for c in last["delta"]["tool_calls"]] == [c["function"] for c in calls]
+    assert [c["index"] for c in last["delta"]["tool_calls"]] == list(range(len(calls)))
+    assert last["finish_reason"] == "tool_calls"
+
+
+def test_calls_cut_short_come_back_as_text(make_engine):
+    _, text, body, chunks = _reply(make_engine(), _request(tool_choice="required"), max_tokens=4)
+    [choice] = body["choices"]
+    assert choice["finish_reason"] == "length" and "tool_calls" not in choice["message"]
+    assert choice["message"]["content"] == text
+    assert chunks[-1]["choices"][0]["delta"]["content"] == text
+
+
+def test_tools_and_earlier_calls_reach_the_template(own_tokenizer):
+    own_tokenizer.chat_template = (
+        "{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}"
+        "{% for m in messages %}|{{ m.role }}:{{ m.content }}"
+        "{% for c in m.tool_calls or [] %}<{{ c.function.name }}>{% endfor %}"
+        "{% if m.tool_call_id %}#{{ m.tool_call_id }}{% endif %}{% endfor %}"
+    )
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    history = [
+        *ASK,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "18 C", "tool_call_id": "c1"},
+    ]
+    text = "[get_weather][get_time]|user:What is the weather in Paris?|assistant:<get_weather>"
+    text += "|tool:18 C#c1"
+    for choice, shown in ((NAMED, text), ("none", text[len("[get_weather][get_time]") :])):
+        req = _request(messages=history, tool_choice=choice)
+        ids = req.prompt_ids(own_tokenizer)
+        assert own_tokenizer.decode(ids) == shown  # "none": the tools stay out, as in vLLM
+    assert ids == chat_token_ids(own_tokenizer, history)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "needle"),
+    [
+        ({}, "tool_choice", '"auto"'),  # tools without a tool_choice: OpenAI's "auto"
+        ({"tool_choice": "auto"}, "tool_choice", "parser"),
+        (
+            {"tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice",
+            "nope",
+        ),
+        ({"tool_choice": "required", "tools": None}, "tool_choice", "needs tools"),
+        (
+            {"tool_choice": NAMED, "response_format": {"type": "json_object"}},
+            "response_format",
+            "one",
+        ),
+        ({"tool_choice": NAMED, "guided_regex": "a"}, "guided_regex", "forced tool_choice"),
+        ({"tool_choice": NAMED, "echo": True}, "echo", "forced tool_choice"),
+        ({"tool_choice": "maybe"}, "tool_choice", "tool_choice"),
+        ({"functions": [{"name": "f"}]}, "functions", "use tools"),
+        ({"tools": [{"type": "code", "function": {"name": "f"}}]}, "tools.0.type", "function"),
+    ],
+)
+def test_refused_tool_requests(fields, param, needle):
+    with pytest.raises(APIError) as e:
+        _request(**fields).sampling_params(8)
+    assert e.value.status == 400 and e.value.param.startswith(param)  # a union names its member
+    assert needle in e.value.message
+
+
+@pytest.fixture
+def own_tokenizer(default_model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_path)

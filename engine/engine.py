@@ -273,7 +273,7 @@ class LLMEngine:
             num_cached_tokens=request.num_cached_tokens if request.num_output_tokens == 1 else None,
             logprobs=None if logprob is None else [logprob],
             prompt_logprobs=[None, *tracked.prompt_logprobs] if first_with_prompt else None,
-            error=error and self._grammar_error(request, error),
+            error=None if error is None else self._grammar_error(request, error),
         )
 
     @staticmethod

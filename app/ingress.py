@@ -298,7 +298,10 @@ class Ingress:
             async for out in stream:
                 yield clock.seen(out)
         except InvalidRequestError as e:  # raised by a replica
-            raise APIError(400, str(e), getattr(e, "param", None)) from e
+            # Ray wraps it (RayTaskError, whose text is the replica's traceback): the client
+            # gets the engine's own message
+            cause = getattr(e, "cause", e)
+            raise APIError(400, str(cause), getattr(cause, "param", None)) from e
         except APIError:
             raise
         except Exception as e:  # a replica failed it (a dead model worker, a failed step)

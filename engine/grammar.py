@@ -9,6 +9,7 @@ so far: a decode replica rebuilds it by replaying the tokens the prefill replica
 
 from __future__ import annotations
 
+import functools
 import json
 
 import torch
@@ -54,6 +55,10 @@ class Grammars:
         self.hf_tokenizer = tokenizer
         self.vocab_size = vocab_size  # the logits' width, which may exceed the tokenizer's
         self._tokenizer = None
+        # a request's n choices, and a replica's validation before the engine's, check one
+        # constraint several times: each is compiled once (thread-safe; the replica's event
+        # loop validates while the engine thread adds)
+        self._error_of = functools.lru_cache(maxsize=256)(self._compile_error)
 
     @property
     def tokenizer(self):
@@ -68,11 +73,20 @@ class Grammars:
     def check(self, structure: StructuredOutput) -> None:
         """Raise InvalidRequestError (naming the request's field) for a constraint that does
         not compile: a malformed schema, regex or grammar."""
+        error = self._error_of(structure)
+        if error:
+            raise InvalidRequestError(error, structure.param)
+
+    def _compile_error(self, structure: StructuredOutput) -> str:
+        """Empty when the constraint compiles, else what is wrong with it."""
         import llguidance
 
-        error = llguidance.LLMatcher.validate_grammar(grammar_text(structure), self.tokenizer)
-        if error:
-            raise InvalidRequestError(f"invalid {structure.kind}: {error}", structure.param)
+        try:
+            text = grammar_text(structure)
+        except InvalidRequestError as e:
+            return str(e)
+        error = llguidance.LLMatcher.validate_grammar(text, self.tokenizer)
+        return error and f"invalid {structure.kind}: {error}"
 
     def matcher(self, structure: StructuredOutput, output_ids: list[int]):
         """A matcher for the constraint, advanced past the output so far (a request imported

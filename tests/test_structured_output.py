@@ -258,3 +258,18 @@ def test_a_failing_parser_ends_its_request_with_an_error_and_frees_it(make_engin
         )
         [out] = engine.generate(["Yes or no?"], params)
         assert (out.token_ids, out.finish_reason) == ([tokenizer.eos_token_id], "stop")
+
+
+def test_constrained_requests_survive_preemption(make_engine, chat_prompt):
+    """A request preempted (its KV dropped and recomputed) keeps its parser where it was: the
+    outputs equal those of an engine with room for all."""
+    story = {"type": "object", "properties": {"story": {"type": "string", "minLength": 300}}}
+    long = StructuredOutput("json", json.dumps({**story, "required": ["story"]}))
+    params = [SamplingParams(max_tokens=40, seed=i, structured_output=long) for i in range(4)]
+    roomy = make_engine().generate([chat_prompt] * 4, params)
+    tight = make_engine(num_kv_blocks=14, block_size=16)  # 4 x (41 + 40) tokens do not fit
+    outs = tight.generate([chat_prompt] * 4, params)
+    assert tight.num_preemptions > 0
+    assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]
+    assert all(o.text.startswith("{") and '"story"' in o.text for o in outs)
+    assert tight.blocks.num_free_blocks == 14

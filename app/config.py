@@ -161,6 +161,9 @@ class AppArgs(_Strict):
     # disaggregated: how long a prefilled request waits for a decode replica on its prefill
     # replica's node before one on another node may take it (app/router.py)
     same_node_wait_s: float = Field(SAME_NODE_WAIT_S, ge=0)
+    # vLLM's --scheduling-policy: "priority" serves requests' `priority` (lower first) in every
+    # replica's queues; "fcfs" refuses a priority other than 0
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     ingress: IngressArgs = IngressArgs()
     prefill: PhaseArgs = PhaseArgs()
     decode: PhaseArgs = PhaseArgs()
@@ -223,6 +226,7 @@ class AppArgs(_Strict):
                 max_num_seqs=e.max_num_seqs,
                 chunked_prefill=e.chunked_prefill,
                 enable_prefix_caching=e.enable_prefix_caching,
+                policy=self.scheduling_policy,
             ),
         )
 

@@ -118,13 +118,14 @@ class _Sampling(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = Field(None, min_length=1)
     guided_grammar: str | None = None
+    # vLLM's: lower first under the app's scheduling_policy "priority" (else only 0 is served)
+    priority: int = 0
     # fields that would change the output if honoured: refused rather than silently ignored
     best_of: int | None = None
     use_beam_search: bool = False
     guided_whitespace_pattern: str | None = None
     structural_tag: str | dict | None = None
     logits_processors: list | None = None
-    priority: int = 0
 
     _one_candidate = _refused("best_of", why="is not supported above 1", allowed=(1,))
     _no_beams = _refused("use_beam_search", why="(beam search) is not supported")
@@ -133,9 +134,6 @@ class _Sampling(BaseModel):
     )  # fmt: skip
     _no_processors = _refused(
         "logits_processors", why="(custom logits processors) is not supported"
-    )
-    _no_priority = _refused(
-        "priority", why="is not supported (requests are served first come, first served)"
     )
 
     @field_validator("prompt_logprobs")
@@ -189,6 +187,7 @@ class _Sampling(BaseModel):
                 allowed_token_ids=tuple(self.allowed_token_ids or ()),
                 bad_words_token_ids=bad_words_token_ids,
                 structured_output=self.structure(),
+                priority=self.priority,
             )
 
     def structure(self) -> StructuredOutput | None:

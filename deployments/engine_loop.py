@@ -17,6 +17,7 @@ wait for the whole next prefill step (over a second here), and the decode side w
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import logging
@@ -115,7 +116,7 @@ class EngineLoop:
             raise
         stream = self._stream(handoff.request_id)
         pending = _PendingImport(handoff, buffer, stream, on_imported, on_dropped)
-        self._submit(lambda: self._pending_imports.append(pending))
+        self._submit(lambda: self._queue_import(pending))
         async with contextlib.aclosing(self._drain(handoff.request_id, stream)) as outputs:
             async for out in outputs:
                 yield out
@@ -202,6 +203,13 @@ class EngineLoop:
             self.engine.abort(request_id)
             return e
 
+    def _queue_import(self, pending: _PendingImport) -> None:
+        """FIFO; under the priority policy, behind every import of a lower or equal priority."""
+        if self.engine.config.scheduler.policy == "priority":
+            bisect.insort_right(self._pending_imports, pending, key=_import_priority)
+        else:
+            self._pending_imports.append(pending)
+
     def _admit_imports(self) -> None:
         while self._pending_imports:
             pending = self._pending_imports[0]
@@ -259,3 +267,7 @@ def _set_result(future: asyncio.Future, value: Any) -> None:
 def _set_exception(future: asyncio.Future, error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)
+
+
+def _import_priority(pending: _PendingImport) -> int:
+    return pending.handoff.sampling_params.priority

@@ -123,6 +123,12 @@ class LLMEngine:
         check_token_ids(bad_word_ids, vocab, "bad_words", "bad words' token ids")
         if params.structured_output is not None:
             self.grammars.check(params.structured_output)
+        if params.priority and self.config.scheduler.policy != "priority":
+            raise InvalidRequestError(
+                f"priority {params.priority} needs the priority scheduling policy (this engine "
+                "serves first come, first served)",
+                "priority",
+            )
         capacity = self.blocks.num_blocks * self.blocks.block_size
         check_lengths(len(prompt_ids), params.max_tokens, self.max_model_len, capacity)
 

@@ -87,6 +87,9 @@ class SamplingParams:
     # the output's form (a JSON schema, a regex, ...): tokens that cannot continue it are
     # masked before the other adjustments, and the request ends when it is complete
     structured_output: StructuredOutput | None = None
+    # vLLM's: under the priority scheduling policy a lower value is served first (ties: first
+    # come); an engine under first-come-first-served refuses any other value than 0
+    priority: int = 0
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -127,6 +130,10 @@ class SamplingParams:
         ):
             raise InvalidRequestError(
                 f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}", "seed"
+            )
+        if not isinstance(self.priority, int):
+            raise InvalidRequestError(
+                f"priority must be an integer, got {self.priority!r}", "priority"
             )
         if not 0.0 <= self.min_p <= 1.0:
             raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}", "min_p")

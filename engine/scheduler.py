@@ -15,6 +15,7 @@ Two managers, one shape: `schedule_next_batch(...) -> list[ScheduledRequest] | N
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -31,10 +32,15 @@ class SchedulerConfig:
     # vLLM's automatic prefix caching: a prompt's leading full blocks computed before (by any
     # request) are reused instead of computed again (engine/block_manager.py)
     enable_prefix_caching: bool = False
+    # vLLM's scheduling policy: "fcfs", or "priority": queues ordered by each request's
+    # priority (lower first), then arrival; preemption takes the lowest priority first
+    policy: str = "fcfs"
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
 
 
 @dataclass(frozen=True)
@@ -202,15 +208,23 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
-        self.waiting.append(request)
+        self._enqueue(self.waiting, request)
 
     def add_running(self, request: Request) -> bool:
         """Admit a request whose KV is already in the cache (imported): straight to decode."""
         if len(self.running) >= self.config.max_num_seqs:
             return False
         request.status = RequestStatus.RUNNING
-        self.running.append(request)
+        self._enqueue(self.running, request)
         return True
+
+    def _enqueue(self, queue: deque[Request] | list[Request], request: Request) -> None:
+        """First come first served: at the end. Priority: after every request of a lower or
+        equal (priority, arrival), so the head is served first and the tail preempted first."""
+        if self.config.policy == "priority":
+            bisect.insort_right(queue, request, key=_priority)
+        else:
+            queue.append(request)
 
     def schedule(self) -> SchedulerOutput:
         self._preempted = []
@@ -236,7 +250,10 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
-        self.waiting.appendleft(request)
+        if self.config.policy == "priority":
+            self._enqueue(self.waiting, request)  # its arrival puts it ahead of its equals
+        else:
+            self.waiting.appendleft(request)
         self._preempted.append(request.request_id)
 
     def postprocess(
@@ -265,7 +282,7 @@ class Scheduler:
             self.prefilled[request.request_id] = request
         elif was_waiting:
             request.status = RequestStatus.RUNNING
-            self.running.append(request)
+            self._enqueue(self.running, request)
 
     def finish(self, request: Request, status: RequestStatus) -> None:
         """End a request in any state and free its blocks."""
@@ -283,3 +300,7 @@ class Scheduler:
                 if request.request_id == request_id:
                     return request
         return self.prefilled.get(request_id)
+
+
+def _priority(request: Request) -> tuple[int, float]:
+    return request.sampling_params.priority, request.arrival_time

@@ -137,3 +137,49 @@ def test_prefilled_requests_publish_on_the_engine_thread(make_engine):
         assert seen == [("engine-loop", True), ("engine-loop", True)]
     finally:
         loop.shutdown()
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_waiting_imports_follow_the_scheduling_policy(make_engine, policy):
+    """Room for one request at a time: under the priority policy the waiting imports go by
+    priority (lower first), under fcfs by arrival."""
+    prefill = make_engine(block_size=4, policy=policy)
+    decode = EngineLoop(make_engine(num_kv_blocks=4, block_size=4, policy=policy))
+    priorities = {"first": -5, "second": 5, "third": 0} if policy == "priority" else {}
+    handoffs = []
+    for rid in ("first", "second", "third"):
+        params = SamplingParams(
+            max_tokens=4, temperature=0.0, ignore_eos=True, priority=priorities.get(rid, 0)
+        )
+        prefill.add_request(rid, "one two three four five six seven", params, prefill_only=True)
+        while rid not in prefill.scheduler.prefilled:
+            prefill.step()
+        handoffs.append(prefill.export_kv(rid))
+    imported = []
+
+    async def all_three() -> list:
+        streams = [
+            decode.continue_request(h, b, on_imported=lambda r=h.request_id: imported.append(r))
+            for h, b in handoffs
+        ]
+        return await asyncio.gather(*(collect(s) for s in streams))
+
+    try:
+        run(all_three())
+        want = (
+            ["first", "third", "second"] if policy == "priority" else ["first", "second", "third"]
+        )
+        assert imported == want
+        assert decode.engine.blocks.num_free_blocks == 4
+    finally:
+        decode.shutdown()
+
+
+def test_priority_needs_the_priority_policy(make_engine):
+    with pytest.raises(InvalidRequestError, match="priority scheduling policy") as e:
+        make_engine().add_request("p", "hi", SamplingParams(priority=1))
+    assert e.value.param == "priority"
+    engine = make_engine(policy="priority")
+    engine.add_request("low", "hi", SamplingParams(max_tokens=2, priority=3))
+    engine.add_request("high", "hi", SamplingParams(max_tokens=2, priority=-3))
+    assert [r.request_id for r in engine.scheduler.waiting] == ["high", "low"]

@@ -130,3 +130,13 @@ def test_a_single_choice_is_passed_through_and_closed_with_the_request():
     only = _Stream(["x"] * 10)
     assert _collect([only], take=2) == [(0, "x"), (0, "x")]
     assert only.closed_early
+
+
+def test_scheduling_policy_reaches_every_engine_and_priority_the_params():
+    args = AppArgs(scheduling_policy="priority")
+    assert {args.engine_config(p).scheduler.policy for p in ("prefill", "decode")} == {"priority"}
+    assert AppArgs().engine_config("colocated").scheduler.policy == "fcfs"
+    req = CompletionRequest(model="m", prompt="hi", priority=-2)
+    assert req.sampling_params(4).priority == -2
+    with pytest.raises(ValueError, match="scheduling_policy"):
+        AppArgs(scheduling_policy="lottery")

@@ -252,3 +252,28 @@ def test_requests_sharing_a_prompt_in_one_step_wait_for_its_blocks():
     for rid in ("a", "b", "c"):
         plain.add(req(rid, 14, max_tokens=1))
     assert [i.num_tokens for i in run_step(plain).scheduled] == [14, 14, 14]
+
+
+def _prio(rid: str, n: int, priority: int, max_tokens: int = 4) -> Request:
+    params = SamplingParams(max_tokens=max_tokens, priority=priority)
+    return Request(rid, list(range(1, n + 1)), params, 0)
+
+
+def test_priority_policy_serves_lower_values_first_and_preempts_the_lowest():
+    """vLLM's priority policy: the waiting queue by (priority, arrival), so a later urgent
+    request is prefilled first and equals keep their order; out of blocks, the running
+    request of the lowest priority is preempted even though it is the oldest. First come first
+    served, in the same run, keeps arrival order and preempts the newest."""
+    victims = {}
+    for policy in ("priority", "fcfs"):
+        s = make(num_blocks=7, block_size=4, policy=policy, max_num_batched_tokens=8)
+        s.add(_prio("late", 4, 5, max_tokens=12))
+        run_step(s)  # running alone
+        for rid, priority in (("a", 0), ("urgent", -1), ("b", 0)):
+            s.add(_prio(rid, 4, priority, max_tokens=12))
+        order = [r.request_id for r in s.waiting]
+        assert order == (["urgent", "a", "b"] if policy == "priority" else ["a", "urgent", "b"])
+        run_step(s), run_step(s)  # two prefill steps of up to 8 tokens
+        # each holds one full block of 4 and needs a second one to decode: 7 blocks hold 3
+        victims[policy] = run_step(s).preempted
+    assert victims == {"priority": ["late"], "fcfs": ["b"]}

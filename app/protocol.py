@@ -53,9 +53,21 @@ def as_bad_request() -> Iterator[None]:
 
 def from_validation_error(e: ValidationError) -> APIError:
     first = e.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
+    param = ".".join(str(p) for p in first["loc"] if not _union_member(p)) or None
     msg = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for our own checks
     return APIError(400, f"{param}: {msg}" if param else msg, param)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _union_member(part: str | int) -> bool:
+    """Whether a part of an error's location is pydantic's tag for a union's member (a type:
+    `str`, `list[int]`, `literal['none','auto']`, a model's class name), not a field name
+    (ours are snake_case) or a list index."""
+    if isinstance(part, int):
+        return False
+    return part in _TYPE_TAGS or not part.isidentifier() or part[:1].isupper()
 
 
 def _or(value: float | None, default: float) -> float:

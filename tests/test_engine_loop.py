@@ -52,27 +52,39 @@ def test_closing_the_stream_early_aborts_and_frees_blocks(make_engine):
         loop.shutdown()
 
 
-def test_imports_wait_for_blocks_in_order_then_run(make_engine):
-    prefill = make_engine(block_size=4)
-    decode = EngineLoop(make_engine(num_kv_blocks=4, block_size=4))  # room for one request
-    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+def _prefilled(prefill, priorities: dict[str, int]) -> list:
+    """Prefill a request per id (with its priority) -> their (handoff, KV buffer)s, in order."""
     handoffs = []
-    for rid in ("first", "second"):
+    for rid, priority in priorities.items():
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, priority=priority)
         prefill.add_request(rid, "one two three four five six seven", params, prefill_only=True)
         while rid not in prefill.scheduler.prefilled:
             prefill.step()
         handoffs.append(prefill.export_kv(rid))
+    return handoffs
+
+
+def _import_all(decode: EngineLoop, handoffs: list) -> tuple[list, list[str]]:
+    """Continue every hand-off on `decode` at once -> (each one's outputs, import order)."""
     imported = []
 
-    async def both() -> list:
+    async def together() -> list:
         streams = [
             decode.continue_request(h, b, on_imported=lambda r=h.request_id: imported.append(r))
             for h, b in handoffs
         ]
         return await asyncio.gather(*(collect(s) for s in streams))
 
+    return run(together()), imported
+
+
+def test_imports_wait_for_blocks_in_order_then_run(make_engine):
+    prefill = make_engine(block_size=4)
+    decode = EngineLoop(make_engine(num_kv_blocks=4, block_size=4))  # room for one request
     try:
-        first, second = run(both())
+        (first, second), imported = _import_all(
+            decode, _prefilled(prefill, dict.fromkeys(["first", "second"], 0))
+        )
         assert imported == ["first", "second"]  # FIFO: the second waited for the first's blocks
         assert first[-1].finished and second[-1].finished
         assert decode.engine.blocks.num_free_blocks == 4
@@ -145,31 +157,11 @@ def test_waiting_imports_follow_the_scheduling_policy(make_engine, policy):
     priority (lower first), under fcfs by arrival."""
     prefill = make_engine(block_size=4, policy=policy)
     decode = EngineLoop(make_engine(num_kv_blocks=4, block_size=4, policy=policy))
-    priorities = {"first": -5, "second": 5, "third": 0} if policy == "priority" else {}
-    handoffs = []
-    for rid in ("first", "second", "third"):
-        params = SamplingParams(
-            max_tokens=4, temperature=0.0, ignore_eos=True, priority=priorities.get(rid, 0)
-        )
-        prefill.add_request(rid, "one two three four five six seven", params, prefill_only=True)
-        while rid not in prefill.scheduler.prefilled:
-            prefill.step()
-        handoffs.append(prefill.export_kv(rid))
-    imported = []
-
-    async def all_three() -> list:
-        streams = [
-            decode.continue_request(h, b, on_imported=lambda r=h.request_id: imported.append(r))
-            for h, b in handoffs
-        ]
-        return await asyncio.gather(*(collect(s) for s in streams))
-
+    urgent = policy == "priority"
+    priorities = {"first": -5, "second": 5, "third": 0} if urgent else dict.fromkeys("abc", 0)
     try:
-        run(all_three())
-        want = (
-            ["first", "third", "second"] if policy == "priority" else ["first", "second", "third"]
-        )
-        assert imported == want
+        _, imported = _import_all(decode, _prefilled(prefill, priorities))
+        assert imported == (["first", "third", "second"] if urgent else ["a", "b", "c"])
         assert decode.engine.blocks.num_free_blocks == 4
     finally:
         decode.shutdown()

@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 from collections.abc import Iterator
+from functools import cached_property
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -376,10 +377,16 @@ class ChatCompletionRequest(ChatPrompt, _Sampling):
         "functions", "function_call", why="(the deprecated form) is not supported: use tools"
     )
 
+    @cached_property
+    def forced_tool(self) -> tuple[StructuredOutput, ToolCalls] | None:
+        """tool_choice(self), worked out once: the prompt, the constraint and the reply's form
+        all ask for it."""
+        return tool_choice(self)
+
     def tool_calls(self) -> ToolCalls | None:
         """How the reply shows a forced tool choice's output; None: as text."""
         with as_bad_request():
-            forced = tool_choice(self)
+            forced = self.forced_tool
         return None if forced is None else forced[1]
 
     def template_tools(self) -> list[dict] | None:
@@ -388,7 +395,7 @@ class ChatCompletionRequest(ChatPrompt, _Sampling):
 
     def structure(self) -> StructuredOutput | None:
         other = structured_output(self)
-        forced = tool_choice(self)
+        forced = self.forced_tool
         if forced is None:
             return other
         if other is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 
 def block_key(parent: bytes, token_ids: list[int]) -> bytes:
@@ -110,21 +110,25 @@ class BlockManager:
     def take_cached_prefix(self, request_id: str, token_ids: list[int]) -> int:
         """Start `request_id`'s table (it has none) with the published blocks that hold the
         leading full blocks of `token_ids`; -> how many tokens they hold (0 without caching)."""
+        return self.take_cached_blocks(request_id, self._chain(token_ids))
+
+    def take_cached_blocks(self, request_id: str, keys: Iterable[bytes]) -> int:
+        """take_cached_prefix for a caller that has the tokens' prefix_keys already."""
         if not self.enable_caching:
             return 0
-        keys, blocks = [], []
-        for key in self._chain(token_ids):
+        taken, blocks = [], []
+        for key in keys:
             block = self._block_of.get(key)
             if block is None:
                 break
-            keys.append(key)
+            taken.append(key)
             blocks.append(block)
         for block in blocks:
             if self._refs[block] == 0:
                 del self._free[block]
             self._refs[block] += 1
         self._tables[request_id] = blocks
-        self._chains[request_id] = keys
+        self._chains[request_id] = taken
         return len(blocks) * self.block_size
 
     def prefix_keys(self, token_ids: list[int]) -> list[bytes]:

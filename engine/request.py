@@ -34,6 +34,9 @@ class Request:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     num_cached_tokens: int = 0  # prompt tokens its first prefill took from the prefix cache
+    # (length, the prefix-cache keys of its first `length` tokens' full blocks), kept by the
+    # scheduler so that a waiting prompt is hashed once
+    block_keys: tuple[int, list[bytes]] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

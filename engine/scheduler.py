@@ -116,7 +116,7 @@ class PrefillManager:
             token_budget -= num_new
             seq_budget -= 1
             if self.config.enable_prefix_caching:
-                computing.update(self.blocks.prefix_keys(request.token_ids(0, end)))
+                computing.update(self._prompt_keys(request)[: end // self.blocks.block_size])
         for item in batch:
             if item.samples:  # fully prefilled requests leave the queue
                 self.waiting.remove(item.request)
@@ -129,9 +129,9 @@ class PrefillManager:
         beside them. A shorter shared run is computed twice: waiting a step would cost more."""
         if request.wants_prompt_logprobs:
             return False  # it computes every prompt token anyway
-        keys = self.blocks.prefix_keys(request.token_ids(0, request.num_tokens - 1))
         shared = 0
-        for key in keys[request.num_computed_tokens // self.blocks.block_size :]:
+        start = request.num_computed_tokens // self.blocks.block_size
+        for key in self._prompt_keys(request)[start:]:
             if key not in computing:
                 break
             shared += self.blocks.block_size
@@ -153,10 +153,19 @@ class PrefillManager:
             or request.num_computed_tokens
             or request.wants_prompt_logprobs
         ):
-            return 0  # (without caching, no copy of the tokens on every step)
-        tokens = request.token_ids(0, request.num_tokens - 1)
-        request.num_computed_tokens = self.blocks.take_cached_prefix(request.request_id, tokens)
+            return 0  # (without caching, no hashing of the tokens on every step)
+        keys = self._prompt_keys(request)
+        request.num_computed_tokens = self.blocks.take_cached_blocks(request.request_id, keys)
         return request.num_computed_tokens
+
+    def _prompt_keys(self, request: Request) -> list[bytes]:
+        """The block keys of all but the request's last token (what a start may take from the
+        cache): hashed once per length, not again by each check of a step nor on every step
+        the request waits."""
+        n = request.num_tokens - 1
+        if request.block_keys is None or request.block_keys[0] != n:
+            request.block_keys = (n, self.blocks.prefix_keys(request.token_ids(0, n)))
+        return request.block_keys[1]
 
 
 class DecodeManager:

@@ -34,7 +34,14 @@ from pathlib import Path
 import yaml
 
 from bench import host
-from bench.loadgen import LoadRequest, add_workload_args, dataset_items, make_requests, run
+from bench.loadgen import (
+    LoadRequest,
+    add_workload_args,
+    dataset_items,
+    make_requests,
+    run,
+    workload_of,
+)
 from bench.metrics import SLO, RequestRecord, attainment
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,8 +63,9 @@ class Configuration:
 
 
 def _phase(replicas: int, **engine) -> dict:
-    # no prefix caching (serve_config.yaml has it on): synthetic prompts that happen to repeat
-    # would measure the cache rather than the layout, and the recorded results predate it
+    # no prefix caching (serve_config.yaml has it on) unless the workload shares prefixes
+    # (app_args): dataset prompts drawn twice would measure the cache rather than the layout,
+    # and the recorded results predate it
     engine = {"num_threads": 1, "enable_prefix_caching": False, **engine}
     return {"num_replicas": replicas, "num_cpus": 1, "engine": engine}
 
@@ -102,9 +110,17 @@ def merge(base: dict, overrides: dict) -> dict:
     return out
 
 
-def app_args(name: str, base_config: Path = REPO / "serve_config.yaml") -> dict:
+def app_args(
+    name: str, base_config: Path = REPO / "serve_config.yaml", prefix_caching: bool = False
+) -> dict:
+    """`name`'s serve args; `prefix_caching` turns it on in every phase (a workload whose
+    prompts share prefixes: serving them is what the cache is for)."""
     base = yaml.safe_load(base_config.read_text())["applications"][0]["args"]
-    return merge(base, CONFIGURATIONS[name].overrides)
+    args = merge(base, CONFIGURATIONS[name].overrides)
+    if prefix_caching:
+        for phase in ("prefill", "decode", "colocated"):
+            args[phase]["engine"]["enable_prefix_caching"] = True
+    return args
 
 
 def _free_port() -> int:
@@ -330,7 +346,7 @@ def run_experiment(args: argparse.Namespace, items, unit: SLO, grid: dict) -> di
         for turn, name in enumerate(_turns(sweeps)):
             _run_turn(cluster, args, items, name, sweeps[name], per_turn)
             _keep_steps(trace, name, turn)
-            report["configs"][name] = _config_report(name, sweeps[name])
+            report["configs"][name] = _config_report(name, sweeps[name], _shares_prefixes(args))
             # an hour-long run should not lose the points it measured when a later one fails
             # or is stopped: report.json always holds every one done so far
             save_report(report, Path(args.out))
@@ -354,7 +370,7 @@ def _run_turn(cluster, args, items, name: str, state: Sweep, limit: int | None) 
     """Deploy `name`, measure up to `limit` of its sweep's rates (None: all left), undeploy."""
     config = CONFIGURATIONS[name]
     print(f"{name}: {config.description}", flush=True)
-    cluster.deploy(app_args(name))
+    cluster.deploy(app_args(name, prefix_caching=_shares_prefixes(args)))
     try:
         _warm_up(cluster.url, args.model)
 
@@ -370,13 +386,17 @@ def _run_turn(cluster, args, items, name: str, state: Sweep, limit: int | None) 
         cluster.undeploy()
 
 
-def _config_report(name: str, state: Sweep) -> dict:
+def _shares_prefixes(args: argparse.Namespace) -> bool:
+    return getattr(args, "prefix_len", 0) > 0
+
+
+def _config_report(name: str, state: Sweep, prefix_caching: bool) -> dict:
     config = CONFIGURATIONS[name]
     return {
         "description": config.description,
         "colocated": config.colocated,
         "cores": config.cores,
-        "args": app_args(name),
+        "args": app_args(name, prefix_caching=prefix_caching),
         "points": [p.to_json() for p in state.sorted_points()],
     }
 
@@ -410,6 +430,8 @@ def _meta(args: argparse.Namespace, unit: SLO, grid: dict, items) -> dict:
             "num_requests": args.num_requests,
             "cv": args.cv,
             "seed": args.seed,
+            "prefix_len": getattr(args, "prefix_len", 0),
+            "num_prefixes": getattr(args, "num_prefixes", 1),
             "dataset_lengths": lengths,
         },
         "slo_unit": {"ttft_s": unit.ttft_s, "tpot_s": unit.tpot_s, "source": args.slo_source},
@@ -454,9 +476,17 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(args.configs) - set(CONFIGURATIONS)
     if unknown:
         parser.error(f"unknown configurations {sorted(unknown)}; known: {list(CONFIGURATIONS)}")
+    try:
+        workload_of(args, args.num_requests)
+    except ValueError as e:
+        parser.error(str(e))
     items = dataset_items(args)
     if args.profile:
-        unit = slo_unit_from_profile(args.profile, args.input_len, args.output_len, items)
+        # the SLO unit is the prefill of a whole prompt, prefix and all: what a cache saves
+        # shows as goodput at the same targets
+        unit = slo_unit_from_profile(
+            args.profile, args.input_len, args.output_len, items, args.prefix_len
+        )
         grid, args.slo_source = DEFAULT_GRID, f"profile {args.profile}"
     else:
         unit = parse_goodput(args.goodput)

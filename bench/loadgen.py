@@ -3,11 +3,14 @@
     python -m bench.loadgen --url http://127.0.0.1:8000 --rate 0.5 --num-requests 40 \\
         --input-len 512 --output-len 64 --goodput ttft:8700 tpot:133 [--cv 1.0]
     python -m bench.loadgen --rate 0.2 --dataset sharegpt --goodput ttft:2000 tpot:150
+    python -m bench.loadgen --rate 1 --input-len 64 --prefix-len 448 --num-prefixes 4 ...
 
 Requests are sent at their arrival times whatever the server does (open loop: a slow server
 builds a queue, as in production), streamed, and timed per request: arrival, first token, last
 token, output tokens (from the stream's usage), errors. Bounded in count and in time: requests
-still running at the deadline are cancelled and count as failures.
+still running at the deadline are cancelled and count as failures. `--prefix-len P
+--num-prefixes K` put one of K shared P-token prefixes before every prompt (vLLM's benchmark
+`--random-prefix-len`; a system prompt): what a prefix cache reuses.
 """
 
 from __future__ import annotations
@@ -36,25 +39,52 @@ class LoadRequest:
 def synthetic(
     workload: Workload, rate: float, seed: int = 0, vocab: int = 49152
 ) -> list[LoadRequest]:
-    """Token-id prompts of the workload's lengths at `rate` (arrivals as in the simulator)."""
+    """Token-id prompts of the workload's lengths at `rate` (arrivals as in the simulator),
+    each its shared prefix (if the workload has them) and then tokens of its own."""
     import numpy as np
 
     rng = np.random.default_rng(seed + 1)
+    prefixes = shared_prefixes(workload, seed, vocab)
     return [
         LoadRequest(
-            r.arrival_ms / 1e3, rng.integers(100, vocab - 100, r.input_len).tolist(), r.output_len
+            r.arrival_ms / 1e3,
+            prefixes[r.prefix_id]
+            + rng.integers(100, vocab - 100, r.input_len - r.prefix_len).tolist(),
+            r.output_len,
         )
         for r in workload.sample(rate, seed)
     ]
 
 
+def shared_prefixes(workload: Workload, seed: int = 0, vocab: int = 49152) -> list[list[int]]:
+    """The workload's distinct shared prefixes, as token ids ([[]] without them)."""
+    import numpy as np
+
+    if workload.prefix_len == 0:
+        return [[]]
+    rng = np.random.default_rng(seed + 4)
+    shape = (workload.num_prefixes, workload.prefix_len)
+    return rng.integers(100, vocab - 100, shape).tolist()
+
+
 def from_dataset(
-    items: list[DatasetItem], num_requests: int, rate: float, cv: float = 1.0, seed: int = 0
+    items: list[DatasetItem],
+    num_requests: int,
+    rate: float,
+    cv: float = 1.0,
+    seed: int = 0,
+    shared: Workload | None = None,
 ) -> list[LoadRequest]:
-    """Dataset prompts (drawn with replacement) at `rate`, arrivals as in the simulator."""
+    """Dataset prompts (drawn with replacement) at `rate`, arrivals as in the simulator; with
+    `shared` (a workload with prefixes) each after one of its shared prefixes."""
+    shared = shared or Workload(num_requests)
+    prefixes = shared_prefixes(shared, seed)
+    groups = shared.prefix_ids(num_requests, seed)
     return [
-        LoadRequest(t, list(items[i].prompt_ids), items[i].output_len)
-        for t, i in dataset_schedule(len(items), num_requests, rate, cv, seed)
+        LoadRequest(t, prefixes[g] + list(items[i].prompt_ids), items[i].output_len)
+        for (t, i), g in zip(
+            dataset_schedule(len(items), num_requests, rate, cv, seed), groups, strict=True
+        )
     ]
 
 
@@ -161,6 +191,8 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-input-len", type=int, default=1024, help="dataset filter")
     parser.add_argument("--max-output-len", type=int, default=512, help="dataset cap")
     parser.add_argument("--cv", type=float, default=1.0, help="1 = Poisson; >1 burstier (Gamma)")
+    parser.add_argument("--prefix-len", type=int, default=0, help="shared tokens before prompts")
+    parser.add_argument("--num-prefixes", type=int, default=1, help="distinct shared prefixes")
     parser.add_argument("--tokenizer", help="for dataset prompts; default: the embedded model")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -179,12 +211,25 @@ def dataset_items(args: argparse.Namespace) -> list[DatasetItem] | None:
     )
 
 
+def workload_of(args: argparse.Namespace, n: int) -> Workload:
+    """The synthetic workload (or a dataset's shared prefixes) the flags describe; ValueError
+    names what is out of range."""
+    return Workload(
+        n,
+        args.input_len,
+        args.output_len,
+        cv=args.cv,
+        prefix_len=args.prefix_len,
+        num_prefixes=args.num_prefixes,
+    )
+
+
 def make_requests(
     args: argparse.Namespace, items: list[DatasetItem] | None, rate: float, n: int
 ) -> list[LoadRequest]:
+    workload = workload_of(args, n)
     if items is not None:
-        return from_dataset(items, n, rate, args.cv, args.seed)
-    workload = Workload(n, args.input_len, args.output_len, cv=args.cv)
+        return from_dataset(items, n, rate, args.cv, args.seed, workload)
     return synthetic(workload, rate, args.seed)
 
 
@@ -202,7 +247,10 @@ def main(argv: list[str] | None = None) -> None:
         slo = parse_goodput(args.goodput)
     except argparse.ArgumentTypeError as e:
         parser.error(str(e))
-    requests = make_requests(args, dataset_items(args), args.rate, args.num_requests)
+    try:
+        requests = make_requests(args, dataset_items(args), args.rate, args.num_requests)
+    except ValueError as e:  # the workload's numbers
+        parser.error(str(e))
     records, duration = asyncio.run(run(args.url, args.model, requests, args.max_duration_s))
     print(json.dumps({"rate": args.rate, **summarize(records, slo, duration)}, indent=2))
 

@@ -64,15 +64,19 @@ def loosest_slo(unit: SLO, grid: dict) -> SLO:
     return unit.scaled_each(max(grid["ttft"]), max(grid["tpot"]))
 
 
-def slo_unit_from_profile(path: str, input_len: int, output_len: int, items=None) -> SLO:
-    """TTFT unit = prefill of one mean-length prompt; TPOT unit = a batch-1 decode step at the
-    mean context (prompt + half the output), from the profile's tp=1, pp=1 entry."""
+def slo_unit_from_profile(
+    path: str, input_len: int, output_len: int, items=None, prefix_len: int = 0
+) -> SLO:
+    """TTFT unit = prefill of one mean-length prompt (with `prefix_len` shared tokens before
+    it, computed whole); TPOT unit = a batch-1 decode step at the mean context (prompt + half
+    the output), from the profile's tp=1, pp=1 entry."""
     from placement.latency_model import Profile
 
     entry = Profile.load(path).entry(1, 1)
     if items:
         input_len = round(float(np.mean([i.input_len for i in items])))
         output_len = round(float(np.mean([i.output_len for i in items])))
+    input_len += prefix_len
     prefill_ms = entry.prefill_ms([input_len])
     decode_ms = entry.decode_ms([input_len + output_len // 2])
     return SLO(prefill_ms / 1e3, decode_ms / 1e3)
@@ -283,11 +287,18 @@ def sim_requests(meta: dict, rate: float):
     from placement.workload import SimRequest, Workload
 
     w = meta["workload"]
+    prefix, groups = w.get("prefix_len", 0), w.get("num_prefixes", 1)  # older reports: none
+    workload = Workload(
+        w["num_requests"], w["input_len"], w["output_len"], w["cv"], None, prefix, groups
+    )
     if w["dataset_lengths"]:
         lengths = w["dataset_lengths"]
         schedule = dataset_schedule(len(lengths), w["num_requests"], rate, w["cv"], w["seed"])
-        return [SimRequest(t * 1e3, *lengths[i]) for t, i in schedule]
-    workload = Workload(w["num_requests"], w["input_len"], w["output_len"], cv=w["cv"])
+        ids = workload.prefix_ids(len(schedule), w["seed"])
+        return [
+            SimRequest(t * 1e3, prefix + lengths[i][0], lengths[i][1], prefix, g)
+            for (t, i), g in zip(schedule, ids, strict=True)
+        ]
     return workload.sample(rate, w["seed"])
 
 
@@ -311,6 +322,8 @@ def placement_for(args: dict, entry):
             max_batch_tokens=e.get("max_num_batched_tokens", 2048),
             max_batch_size=e.get("max_num_seqs", 32),
             chunked_prefill=e.get("chunked_prefill", False),
+            prefix_caching=e.get("enable_prefix_caching", False),
+            block_size=block,
         )
 
     if args["mode"] == "colocated":

@@ -41,6 +41,10 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-output-len", type=int, default=512, help="dataset cap")
     parser.add_argument("--num-requests", type=int, default=300, help="simulated per rate")
     parser.add_argument("--cv", type=float, default=1.0, help="1: Poisson; >1 burstier")
+    parser.add_argument(
+        "--prefix-len", type=int, default=0, help="shared tokens before each prompt (cached)"
+    )
+    parser.add_argument("--num-prefixes", type=int, default=1, help="distinct shared prefixes")
     parser.add_argument("--ttft-slo", type=float, required=True, help="ms")
     parser.add_argument("--tpot-slo", type=float, required=True, help="ms")
     parser.add_argument("--attainment", type=float, default=0.9, help="share meeting both SLOs")
@@ -109,12 +113,17 @@ def _length(part: str, text: str) -> LengthSpec:
 
 
 def workload_from(args: argparse.Namespace) -> Workload:
+    try:
+        return _workload(args)
+    except ValueError as e:
+        raise SystemExit(f"--workload: {e}") from None
+
+
+def _workload(args: argparse.Namespace) -> Workload:
+    shared = {"prefix_len": args.prefix_len, "num_prefixes": args.num_prefixes}
     if args.workload not in DATASETS:
-        try:
-            ins, outs = parse_lengths(args.workload)
-        except ValueError as e:
-            raise SystemExit(f"--workload: {e}") from None
-        return Workload(args.num_requests, ins, outs, cv=args.cv)
+        ins, outs = parse_lengths(args.workload)
+        return Workload(args.num_requests, ins, outs, cv=args.cv, **shared)
     from transformers import AutoTokenizer
 
     from bench.datasets import LengthFilter, load
@@ -128,4 +137,4 @@ def workload_from(args: argparse.Namespace) -> Workload:
         LengthFilter(max_input=args.max_input_len, max_output=args.max_output_len),
     )
     lengths = tuple((i.input_len, i.output_len) for i in items)
-    return Workload(args.num_requests, cv=args.cv, dataset=lengths)
+    return Workload(args.num_requests, cv=args.cv, dataset=lengths, **shared)

@@ -94,7 +94,8 @@ class Search:
         return transfer_ms_per_token(self.kv_bytes_per_token, gbs)
 
     def spec(self, entry: Entry, count: int = 1) -> InstanceSpec:
-        return InstanceSpec(entry, count, max_batch_tokens=self.max_batch_tokens)
+        # prefix caching on, as in the serve_config.yaml plan.py writes
+        return InstanceSpec(entry, count, self.max_batch_tokens, prefix_caching=True)
 
     def on_node(self, placement: Placement) -> Placement:
         """With the profile's node contention and step wander (CPU profiles: the instances

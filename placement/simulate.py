@@ -13,7 +13,9 @@ profile's node contention applies (CPU profiles) unless --node-contention says o
 so does its step wander (a profile fitted to served steps): each rate is then the mean of
 several simulations, one per draw of the wander, and beside it the range of attainment that
 90% of single runs reach (each its own draw of the wander and of the machine's pace): what one
-measured run of that many requests may show.
+measured run of that many requests may show. Shared prompt prefixes (`--prefix-len P
+--num-prefixes K`) are taken from each prefill or colocated instance's prefix cache once it has
+computed them (`--no-prefix-caching`: every prompt computed whole).
 """
 
 from __future__ import annotations
@@ -66,7 +68,14 @@ def placement_from(
             entry = profile.entry(tp, pp)
         except KeyError as e:
             raise ValueError(str(e)) from None
-        return InstanceSpec(entry, count, args.max_batch_tokens, args.max_batch_size, chunked)
+        return InstanceSpec(
+            entry,
+            count,
+            args.max_batch_tokens,
+            args.max_batch_size,
+            chunked,
+            prefix_caching=not args.no_prefix_caching,
+        )
 
     contention = profile.node_contention
     if args.node_contention is not None:
@@ -144,6 +153,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunked-prefill", action="store_true", help="colocated, Sarathi-style")
     parser.add_argument("--max-batch-tokens", type=int, default=2048)
     parser.add_argument("--max-batch-size", type=int, default=128)
+    parser.add_argument(
+        "--no-prefix-caching", action="store_true", help="prefill every prompt whole (default: "
+        "cached shared prefixes, as serve_config.yaml)",
+    )  # fmt: skip
     parser.add_argument("--node-contention", type=float, help="default: the profile's")
     parser.add_argument("--rates", type=float, nargs="*", default=[], help="req/s to report")
     parser.add_argument("--seed", type=int, default=0)

@@ -17,6 +17,17 @@ Instances follow the latency model (placement/latency_model.py; coefficients per
 Requests go to the instance with the least queued work. Deterministic: the only randomness is
 the optional step wander below, drawn from `simulate`'s seed.
 
+Prefix caching (`InstanceSpec.prefix_caching`, as the engine's `enable_prefix_caching`): a
+request whose shared prefix (`SimRequest.prefix_len`, `prefix_id`) an earlier step of its
+prefill or colocated instance computed takes the prefix's whole blocks from that instance's
+cache and computes only the rest, as a chunk at that offset (b*L + c*((o+L)^2 - o^2)). One whose
+prefix is being computed right now waits for it when that covers at least half of its prompt
+(the engine's same-step sharing), else computes it again. A cached prefix is evicted when, since
+its last use, more tokens were computed than the cache has free (LRU over freed blocks); held by
+a running request it stays. Running requests of one colocated instance hold one copy of their
+cached prefix between them. The decode side imports every request's blocks whole, so decode
+instances reserve full contexts as before.
+
 Shared node (`Placement.node_contention`, 0 by default): on a CPU every instance computes on
 cores of one machine and they slow each other down (memory bandwidth, caches, and the serving
 processes that stream their tokens). Modelled as processor sharing: while k instances have a
@@ -34,7 +45,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,6 +62,8 @@ class InstanceSpec:
     max_batch_tokens: int = 2048
     max_batch_size: int = 128
     chunked_prefill: bool = False  # colocated only: Sarathi-style mixed steps
+    prefix_caching: bool = False  # prefill and colocated: reuse computed shared prefixes
+    block_size: int = 16  # the engine's KV block: the cache holds whole blocks
 
     @property
     def num_gpus(self) -> int:
@@ -90,7 +103,9 @@ class _Track:
     first_ms: float = math.inf
     last_ms: float = math.inf
     generated: int = 0
-    prefilled: int = 0  # prompt tokens computed so far (chunked prefill)
+    prefilled: int = 0  # prompt tokens computed (or taken from the prefix cache) so far
+    shares: int = 0  # KV tokens of its cached prefix held in common with other requests
+    cost: int = 0  # KV tokens charged to it alone while it holds blocks
 
     @property
     def need(self) -> int:  # KV tokens reserved while decoding
@@ -182,18 +197,104 @@ def _decode_ms(entry: Entry, running: list[_Track]) -> float:
     return entry.pp * d.a + d.b * context + entry.decode_batch_extra_ms(len(running))
 
 
-def _take_prefill_batch(queue: deque, spec: InstanceSpec, room) -> list[_Track]:
-    """FCFS under the token budget; `room(track)` says whether it may be admitted now."""
-    batch, tokens = [], 0
+class _PrefixCache:
+    """One instance's prefix cache, as the engine's block manager keeps it (see the module
+    docstring): which shared prefixes are computed, being computed, or were evicted."""
+
+    def __init__(self, spec: InstanceSpec) -> None:
+        self.on, self.block_size = spec.prefix_caching, spec.block_size
+        self.computed = 0  # tokens put in the cache so far: what pushes older blocks out
+        self.last_use: dict[int, int] = {}  # prefix id -> `computed` at its last use
+        self.ready_ms: dict[int, float] = {}  # prefix id -> when computed (inf: in flight)
+        self.holders: Counter[int] = Counter()  # prefix id -> running requests holding it
+
+    def span(self, req: SimRequest) -> int:
+        """Prompt tokens a hit covers: the prefix's whole blocks, never the prompt's last
+        token (its logits sample the first output token)."""
+        if not self.on:
+            return 0
+        return min(req.prefix_len, req.input_len - 1) // self.block_size * self.block_size
+
+    def lookup(self, req: SimRequest, t: float, free: int) -> int | None:
+        """Cached tokens `req` may start from at t; None while its prefix is in flight.
+        `free`: the cache's room that requests do not hold."""
+        n, pid = self.span(req), req.prefix_id
+        if n == 0 or pid not in self.ready_ms:
+            return 0
+        if self.ready_ms[pid] > t:
+            return None
+        if not self.holders[pid] and self.computed - self.last_use[pid] + n > free:
+            del self.ready_ms[pid], self.last_use[pid]  # evicted
+            return 0
+        return n
+
+    def waits(self, req: SimRequest) -> bool:
+        """Whether a request whose prefix is in flight waits for it (the engine's rule)."""
+        return 2 * self.span(req) >= req.input_len
+
+    def shares(self, req: SimRequest, cached: int) -> int:
+        """Tokens of the KV of `req`, starting from `cached`, that are the cache's copy of its
+        prefix (0 for a second copy computed beside the one in flight)."""
+        if cached or req.prefix_id not in self.ready_ms:
+            return self.span(req)
+        return 0
+
+    def start(self, req: SimRequest, cached: int) -> None:
+        """`req` starts computing its prompt from `cached`: its blocks enter the cache."""
+        pid = req.prefix_id
+        self.computed += req.input_len - cached
+        if self.shares(req, cached):
+            self.ready_ms.setdefault(pid, math.inf)  # in flight unless it was a hit
+            self.last_use[pid] = self.computed
+
+    def done(self, req: SimRequest, t: float) -> None:
+        if self.ready_ms.get(req.prefix_id) == math.inf and self.span(req):
+            self.ready_ms[req.prefix_id] = t
+
+
+def _take_prefill_batch(
+    queue: deque,
+    spec: InstanceSpec,
+    cache: _PrefixCache,
+    t: float,
+    free: int,
+    admit,
+    budget: float | None = None,
+) -> list[_Track]:
+    """FCFS under the token budget (the spec's by default), a request's tokens being those not
+    in the prefix cache (`free`: its room that requests do not hold); `admit(track, cached)`
+    takes it if it may start now (reserving its KV). A request waiting for its prefix in
+    flight is passed over, as the engine does."""
+    budget = spec.max_batch_tokens if budget is None else budget
+    batch, tokens, passed = [], 0, []
     while queue and len(batch) < spec.max_batch_size:
         head = queue[0]
-        if batch and tokens + head.req.input_len > spec.max_batch_tokens:
+        cached = cache.lookup(head.req, t, free)
+        if cached is None and cache.waits(head.req):
+            passed.append(queue.popleft())
+            continue
+        cached = cached or 0
+        pending = head.req.input_len - cached
+        if batch and tokens + pending > budget:
             break
-        if not room(head):
+        if not admit(head, cached):
             break
+        head.prefilled = cached
+        cache.start(head.req, cached)
         batch.append(queue.popleft())
-        tokens += head.req.input_len
+        tokens += pending
+    queue.extendleft(reversed(passed))
     return batch
+
+
+def _batch_prefill_ms(entry: Entry, batch: list[_Track]) -> float:
+    """One prefill step over the batch's tokens past what each took from the cache."""
+    p = entry.prefill
+    ms = p.a
+    for track in batch:
+        n, o = track.req.input_len - track.prefilled, track.prefilled
+        ms += p.b * n + p.c * prefix_attention(n, o)
+    return ms
 
 
 class _Decoder:
@@ -204,8 +305,9 @@ class _Decoder:
         self.node, self.spec = node, spec
         self.queue: deque[_Track] = deque()
         self.running: list[_Track] = []
-        self.used = 0
+        self.used = 0  # KV tokens held
         self.active = False  # a step is scheduled
+        self.cache = _PrefixCache(spec)  # colocated only: a decode instance imports whole KV
 
     @property
     def load(self) -> int:
@@ -227,7 +329,33 @@ class _Decoder:
 
     def admit(self, track: _Track) -> None:
         self.running.append(track)
-        self.used += track.need
+        self.charge(track, 0)
+
+    def reserves(self, track: _Track, cached: int) -> bool:
+        """Whether the KV of `track` (starting from `cached` cache tokens) fits; if so it is
+        charged: its own tokens, and its cached prefix unless another running request holds
+        that already."""
+        shares = self.cache.shares(track.req, cached)
+        common = shares if self.cache.holders[track.req.prefix_id] else 0
+        if self.used + track.need - common > self.spec.entry.kv_capacity_tokens:
+            return False
+        self.charge(track, shares)
+        return True
+
+    def charge(self, track: _Track, shares: int) -> None:
+        track.shares, track.cost = shares, track.need - shares
+        self.used += track.cost
+        if shares:
+            pid = track.req.prefix_id
+            self.used += shares if not self.cache.holders[pid] else 0
+            self.cache.holders[pid] += 1
+
+    def release(self, track: _Track) -> None:
+        self.used -= track.cost
+        if track.shares:
+            pid = track.req.prefix_id
+            self.cache.holders[pid] -= 1
+            self.used -= track.shares if not self.cache.holders[pid] else 0
 
     def decode_step(self, t: float) -> None:
         self.node.run(self, t, _decode_ms(self.spec.entry, self.running), self._after_decode)
@@ -242,9 +370,10 @@ class _Decoder:
             track.generated += 1
             if track.generated >= track.req.output_len:
                 track.last_ms = t
-        done = [r for r in self.running if r.generated >= r.req.output_len]
+        for track in self.running:
+            if track.generated >= track.req.output_len:
+                self.release(track)
         self.running = [r for r in self.running if r.generated < r.req.output_len]
-        self.used -= sum(r.need for r in done)
 
 
 class _DecodeInstance(_Decoder):
@@ -269,8 +398,9 @@ class _PrefillInstance:
     def __init__(self, node: _Node, spec: InstanceSpec, handoff) -> None:
         self.node, self.spec, self.handoff = node, spec, handoff
         self.queue: deque[_Track] = deque()
-        self.busy = False
+        self.busy = False  # a batch is in the first pipeline stage
         self.inflight = 0  # prompt tokens in the pipeline
+        self.cache = _PrefixCache(spec)
 
     @property
     def load(self) -> int:  # prompt tokens queued or being computed
@@ -282,50 +412,51 @@ class _PrefillInstance:
             self._start(t)
 
     def _start(self, t: float) -> None:
-        batch = _take_prefill_batch(self.queue, self.spec, lambda _: True)
+        free = self.spec.entry.kv_capacity_tokens - self.inflight
+        batch = _take_prefill_batch(self.queue, self.spec, self.cache, t, free, lambda *_: True)
         self.busy = bool(batch)
         if not batch:
             return
         self.inflight += sum(b.req.input_len for b in batch)
-        stage = self.spec.entry.prefill_ms([b.req.input_len for b in batch])
-        self.node.run(self, t, stage, self._start)  # the next batch enters the pipeline
+        stage = _batch_prefill_ms(self.spec.entry, batch)
+        # done first: at pp = 1 the next batch, starting at the same time, finds its prefixes
         self.node.run(self, t, self.spec.entry.pp * stage, self._done, batch)
+        self.node.run(self, t, stage, self._start)  # the next batch enters the pipeline
 
     def _done(self, t: float, batch: list[_Track]) -> None:
         self.inflight -= sum(b.req.input_len for b in batch)
         for track in batch:
+            self.cache.done(track.req, t)
+        for track in batch:
             if _first_token(track, t):
                 self.handoff(t, track)
+        if not self.busy and self.queue:  # requests that waited for a prefix in flight
+            self._start(t)
 
 
 class _ColocatedInstance(_Decoder):
     def _step(self, t: float) -> None:
-        reserved = 0
+        def room(track: _Track, cached: int) -> bool:  # KV for the whole request, a batch slot
+            return len(self.running) + 1 <= self.spec.max_batch_size and self.reserves(
+                track, cached
+            )  # held from now on: the router sees this work
 
-        def room(track: _Track) -> bool:  # KV for the whole request, and a batch slot
-            nonlocal reserved
-            ok = (
-                self.used + reserved + track.need <= self.spec.entry.kv_capacity_tokens
-                and len(self.running) + 1 <= self.spec.max_batch_size
-            )
-            reserved += track.need if ok else 0
-            return ok
-
-        batch = _take_prefill_batch(self.queue, self.spec, room)
+        free = self.spec.entry.kv_capacity_tokens - self.used
+        batch = _take_prefill_batch(self.queue, self.spec, self.cache, t, free, room)
         self.active = bool(batch or self.running)
         if batch:  # prefill first: running decodes wait for it
-            self.used += reserved  # held from now on: the router sees this work
-            ms = self.spec.entry.pp * self.spec.entry.prefill_ms([b.req.input_len for b in batch])
+            ms = self.spec.entry.pp * _batch_prefill_ms(self.spec.entry, batch)
             self.node.run(self, t, ms, self._prefilled, batch)
         elif self.running:
             self.decode_step(t)
 
     def _prefilled(self, t: float, batch: list[_Track]) -> None:
         for track in batch:
+            self.cache.done(track.req, t)
             if _first_token(track, t):
                 self.running.append(track)  # its KV was reserved when the batch started
             else:
-                self.used -= track.need
+                self.release(track)
         self._step(t)
 
 
@@ -335,10 +466,8 @@ class _ChunkedInstance(_Decoder):
         self.prefilling: list[_Track] = []  # admitted (KV reserved), prompt not finished
 
     def _step(self, t: float) -> None:
-        while self.queue and self._room(self.queue[0]):
-            track = self.queue.popleft()
-            self.prefilling.append(track)
-            self.used += track.need
+        free = self.spec.entry.kv_capacity_tokens - self.used
+        _take_prefill_batch(self.queue, self.spec, self.cache, t, free, self._room, math.inf)
         budget = self.spec.max_batch_tokens - len(self.running)
         chunks = []
         for track in self.prefilling:
@@ -351,9 +480,13 @@ class _ChunkedInstance(_Decoder):
         if self.active:
             self.node.run(self, t, self._step_ms(chunks), self._after_step, chunks)
 
-    def _room(self, track: _Track) -> bool:
+    def _room(self, track: _Track, cached: int) -> bool:
+        """Admits `track` to prefill in chunks if it has a slot and its KV fits."""
         slots = len(self.running) + len(self.prefilling) < self.spec.max_batch_size
-        return slots and self.used + track.need <= self.spec.entry.kv_capacity_tokens
+        if not (slots and self.reserves(track, cached)):
+            return False
+        self.prefilling.append(track)
+        return True
 
     def _step_ms(self, chunks: list[tuple[_Track, int]]) -> float:
         entry = self.spec.entry
@@ -373,10 +506,11 @@ class _ChunkedInstance(_Decoder):
         finished = [tr for tr, _ in chunks if tr.prefilled >= tr.req.input_len]
         self.prefilling = [tr for tr in self.prefilling if tr.prefilled < tr.req.input_len]
         for track in finished:
+            self.cache.done(track.req, t)
             if _first_token(track, t):
                 self.running.append(track)
             else:
-                self.used -= track.need
+                self.release(track)
         self._step(t)
 
 

@@ -253,10 +253,16 @@ class LLMEngine:
         first_with_prompt = (
             request.num_output_tokens == 1 and request.sampling_params.prompt_logprobs is not None
         )
-        prompt_and_output = request.prompt_token_ids + request.output_token_ids
-        # stop strings count only from min_tokens on (vLLM's rule)
-        may_stop = request.num_output_tokens >= request.sampling_params.min_tokens
-        stopped = tracked.detokenizer.add_token(prompt_and_output, may_stop)
+        params = request.sampling_params
+        stopped = False
+        # the token that ends a request (EOS, a stop token id) is not written into the text
+        # unless include_stop_str_in_output, as vLLM: `skip_special_tokens: false` would
+        # otherwise end every reply with the end-of-turn token
+        if params.include_stop_str_in_output or not request.is_stop_token(token):
+            prompt_and_output = request.prompt_token_ids + request.output_token_ids
+            # stop strings count only from min_tokens on (vLLM's rule)
+            may_stop = request.num_output_tokens >= params.min_tokens
+            stopped = tracked.detokenizer.add_token(prompt_and_output, may_stop)
         error = None
         if tracked.matcher is not None:  # a complete form ends the request: nothing may follow
             done, error = advance(tracked.matcher, token, request.eos_token_id)

@@ -68,13 +68,16 @@ class Request:
             return self.prompt_token_ids[start:end]
         return (self.prompt_token_ids + self.output_token_ids)[start:end]
 
+    def is_stop_token(self, token_id: int) -> bool:
+        """Whether `token_id` ends the request by itself (EOS unless ignored, a stop token id)."""
+        params = self.sampling_params
+        eos = not params.ignore_eos and token_id == self.eos_token_id
+        return eos or token_id in params.stop_token_ids
+
     def check_stop_token(self, token_id: int) -> RequestStatus | None:
         """Token-level stop conditions after `token_id` has been appended."""
-        params = self.sampling_params
-        if not params.ignore_eos and token_id == self.eos_token_id:
+        if self.is_stop_token(token_id):
             return RequestStatus.FINISHED_STOPPED
-        if token_id in params.stop_token_ids:
-            return RequestStatus.FINISHED_STOPPED
-        if self.num_output_tokens >= params.max_tokens:
+        if self.num_output_tokens >= self.sampling_params.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         return None

@@ -384,6 +384,17 @@ def test_stop_token_ids_ignore_eos_and_length(make_engine, reference, tokenizer)
     assert raw.token_ids == longer.token_ids and "<|im_end|>" not in longer.text
     assert raw.text == tokenizer.decode(raw.token_ids, skip_special_tokens=False)
     assert raw.text.startswith(natural.text + "<|im_end|>")
+    # the token that ends a request is not written, even as a special token (vLLM's rule),
+    # unless include_stop_str_in_output
+    kept = SamplingParams(max_tokens=40, temperature=0, skip_special_tokens=False)
+    [plain] = engine.generate([chat_ids], kept)
+    assert plain.text == natural.text and plain.token_ids == natural.token_ids
+    [shown] = engine.generate(
+        [chat_ids], dataclasses.replace(kept, include_stop_str_in_output=True)
+    )
+    assert shown.text == natural.text + "<|im_end|>"
+    [cut] = engine.generate([PROMPTS[0]], SamplingParams(temperature=0, stop_token_ids=[stop_tok]))
+    assert cut.text == tokenizer.decode(reference[0][:1], skip_special_tokens=True)
 
 
 @pytest.mark.parametrize(

@@ -164,6 +164,9 @@ class AppArgs(_Strict):
     # vLLM's --scheduling-policy: "priority" serves requests' `priority` (lower first) in every
     # replica's queues; "fcfs" refuses a priority other than 0
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    # vLLM's --enable-auto-tool-choice --tool-call-parser: tool_choice "auto" finds the calls
+    # a model writes in its own format (app/tool_parsers.py); unset, "auto" is refused
+    tool_call_parser: Literal["hermes", "llama3_json"] | None = None
     ingress: IngressArgs = IngressArgs()
     prefill: PhaseArgs = PhaseArgs()
     decode: PhaseArgs = PhaseArgs()

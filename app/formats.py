@@ -20,7 +20,8 @@ from app.logprobs import (
     joined,
     vllm_prompt_logprobs,
 )
-from app.tools import ToolCalls
+from app.tool_parsers import Parsed
+from app.tools import AutoToolCalls, ToolCalls
 from engine import RequestOutput, TokenLogprob
 
 
@@ -55,6 +56,8 @@ class _Choice:
     num_cached_tokens: int = 0  # of its prompt, taken from the prefix cache
     finish_reason: str | None = None
     streamed_tokens_len: int = 0  # the next chunk's first text_offset (completions)
+    tool_parser: object | None = None  # tool_choice "auto", streamed: this choice's parser
+    num_calls: int = 0  # tool calls streamed so far
 
     def add(self, out: RequestOutput) -> RequestOutput:
         """Keep `out`; -> it as the client sees it (nothing generated for an echo alone)."""
@@ -192,8 +195,9 @@ class CompletionFormat:
 
 class ChatFormat(CompletionFormat):
     object_name = "chat.completion.chunk"
-    # a forced tool choice: the output is the call's arguments (or a JSON array of calls)
-    tools: ToolCalls | None = None
+    # a forced tool choice: the output is the call's arguments (or a JSON array of calls);
+    # "auto": the calls are found in the output by the server's tool-call parser
+    tools: ToolCalls | AutoToolCalls | None = None
 
     def _logprobs(self, entries: list[TokenLogprob], offset: int = 0) -> dict | None:
         return None if self.shown.logprobs is None else chat_logprobs(entries, self.token_texts)
@@ -204,7 +208,9 @@ class ChatFormat(CompletionFormat):
     def chunk(self, index: int, out: RequestOutput) -> dict:
         choice = self.choices[index]
         first = len(choice.text) == 1
-        if self.tools is not None:
+        if isinstance(self.tools, AutoToolCalls):
+            delta = self._parsed_delta(choice, out, first)
+        elif self.tools is not None:
             delta = self._tool_delta(choice, out, first)
         elif first:  # a choice's first chunk names the role and leads with the echo
             delta = {"role": "assistant", "content": choice.prompt.echo + out.new_text}
@@ -216,10 +222,32 @@ class ChatFormat(CompletionFormat):
                     "index": index,
                     "delta": delta,
                     "logprobs": self._chunk_logprobs(choice, out),
-                    "finish_reason": self._reason(out.finish_reason),
+                    "finish_reason": self._reason(out.finish_reason, choice),
                 }
             ]
         )
+
+    def _parsed_delta(self, choice: _Choice, out: RequestOutput, first: bool) -> dict:
+        """tool_choice "auto": the text as it comes, less what may be a call; each call whole
+        once the parser has seen its end."""
+        if choice.tool_parser is None:
+            choice.tool_parser = self.tools.new_parser()
+        parsed = choice.tool_parser.feed(out.new_text)
+        if out.finished:
+            parsed += choice.tool_parser.end()
+        delta = {"role": "assistant"} if first else {}
+        if parsed.content:
+            delta["content"] = parsed.content
+        if parsed.calls:
+            delta["tool_calls"] = self._call_list(parsed, choice.num_calls)
+            choice.num_calls += len(parsed.calls)
+        return delta
+
+    @staticmethod
+    def _call_list(parsed: Parsed, first_index: int) -> list[dict]:
+        """Streamed calls, numbered on from those streamed before."""
+        calls = [ToolCalls.call(c.name, c.arguments) for c in parsed.calls]
+        return [{"index": first_index + i, **c} for i, c in enumerate(calls)]
 
     def _tool_delta(self, choice: _Choice, out: RequestOutput, first: bool) -> dict:
         """A named call streams its arguments as they come, its id and name first; the calls
@@ -238,28 +266,41 @@ class ChatFormat(CompletionFormat):
             return {**delta, "content": "".join(choice.text)}
         return {**delta, "tool_calls": [{**c, "index": i} for i, c in enumerate(calls)]}
 
-    def _reason(self, reason: str | None) -> str | None:
+    def _reason(self, reason: str | None, choice: _Choice, called: bool = False) -> str | None:
+        """OpenAI's finish reason: "tool_calls" where the model chose to call (a forced named
+        call: "stop", as OpenAI)."""
+        if isinstance(self.tools, AutoToolCalls):
+            called = called or choice.num_calls > 0
+            return "tool_calls" if called and reason == "stop" else openai_reason(reason)
         if self.tools is not None and reason == "stop":
             return self.tools.finish_reason
         return openai_reason(reason)
 
     def _message(self, choice: _Choice) -> dict:
         text = choice.prompt.echo + "".join(choice.text)
+        if isinstance(self.tools, AutoToolCalls):
+            parsed = self.tools.new_parser().read(text)
+            if not parsed.calls:
+                return {"role": "assistant", "content": text}
+            content = parsed.content or None
+            calls = [ToolCalls.call(c.name, c.arguments) for c in parsed.calls]
+            return {"role": "assistant", "content": content, "tool_calls": calls}
         calls = None if self.tools is None else self.tools.calls(text)
         if calls is None:
             return {"role": "assistant", "content": text}
         return {"role": "assistant", "content": None, "tool_calls": calls}
 
     def final(self) -> dict:
-        choices = [
-            {
+        choices = []
+        for i, c in enumerate(self.choices):
+            message = self._message(c)
+            called = bool(message.get("tool_calls"))
+            choices.append({
                 "index": i,
-                "message": self._message(c),
+                "message": message,
                 "logprobs": self._logprobs(c.logprobs),
-                "finish_reason": self._reason(c.finish_reason),
-            }
-            for i, c in enumerate(self.choices)
-        ]
+                "finish_reason": self._reason(c.finish_reason, c, called),
+            })  # fmt: skip
         # vLLM's chat body has the one prompt's logprobs beside the choices
         body = {**self._envelope(choices, "chat.completion"), "usage": self.usage}
         return {**body, **self._vllm_prompt_logprobs(self.choices[0])}

@@ -150,6 +150,8 @@ class Ingress:
     ) -> tuple[object, list[Prompt], SamplingParams]:
         req = parse(body, ChatCompletionRequest if chat else CompletionRequest)
         self._check_model(req.model)
+        if chat:
+            req.use_tool_parser(self.args.tool_call_parser)
         # before tokenizing: a batch too large for the queue is refused without that work
         self._admit(req.n, 1 if chat else len(req.prompts))
         prompts = self.prompts.prompts(req, chat)

@@ -9,12 +9,19 @@ from collections.abc import Iterator
 from functools import cached_property
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+)
 from starlette.responses import JSONResponse
 
 from app.formats import Shown
 from app.structured import ResponseFormat, StructuredOutputs, structured_output
-from app.tools import Tool, ToolCalls, ToolChoice, tool_choice
+from app.tools import AutoToolCalls, Tool, ToolCalls, ToolChoice, tool_choice
 from engine import InvalidRequestError, SamplingParams
 from engine.limits import chat_token_ids
 from engine.sampling_params import MAX_LOGPROBS, StructuredOutput
@@ -196,7 +203,7 @@ class _Sampling(BaseModel):
                 logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
                 logprobs=self.num_logprobs,
                 prompt_logprobs=self.num_prompt_logprobs,
-                skip_special_tokens=self.skip_special_tokens,
+                skip_special_tokens=self.skips_special_tokens,
                 allowed_token_ids=tuple(self.allowed_token_ids or ()),
                 bad_words_token_ids=bad_words_token_ids,
                 structured_output=self.structure(),
@@ -206,6 +213,10 @@ class _Sampling(BaseModel):
     def structure(self) -> StructuredOutput | None:
         """The one constraint on the output's form, if any (app/structured.py)."""
         return structured_output(self)
+
+    @property
+    def skips_special_tokens(self) -> bool:
+        return self.skip_special_tokens
 
     @property
     def num_logprobs(self) -> int | None:
@@ -367,7 +378,7 @@ class ChatCompletionRequest(ChatPrompt, _Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     functions: list | None = None
     function_call: str | dict | None = None
-    tool_choice: ToolChoice | None = None  # app/tools.py: named or "required" (or "none")
+    tool_choice: ToolChoice | None = None  # app/tools.py: named, "required", "auto", "none"
     parallel_tool_calls: bool | None = None  # "required": more than one call (the default)
     # vLLM's: a last message from the assistant leads the reply's content (with
     # continue_final_message, the whole message)
@@ -377,14 +388,20 @@ class ChatCompletionRequest(ChatPrompt, _Sampling):
         "functions", "function_call", why="(the deprecated form) is not supported: use tools"
     )
 
+    # the server's tool-call parser (AppArgs.tool_call_parser), set by the ingress before use
+    _tool_parser: str | None = PrivateAttr(None)
+
+    def use_tool_parser(self, name: str | None) -> None:
+        self._tool_parser = name
+
     @cached_property
-    def forced_tool(self) -> tuple[StructuredOutput, ToolCalls] | None:
+    def forced_tool(self) -> tuple[StructuredOutput | None, ToolCalls | AutoToolCalls] | None:
         """tool_choice(self), worked out once: the prompt, the constraint and the reply's form
         all ask for it."""
-        return tool_choice(self)
+        return tool_choice(self, self._tool_parser)
 
-    def tool_calls(self) -> ToolCalls | None:
-        """How the reply shows a forced tool choice's output; None: as text."""
+    def tool_calls(self) -> ToolCalls | AutoToolCalls | None:
+        """How the reply shows the output's tool calls; None: as text."""
         with as_bad_request():
             forced = self.forced_tool
         return None if forced is None else forced[1]
@@ -393,10 +410,21 @@ class ChatCompletionRequest(ChatPrompt, _Sampling):
         # tool_choice "none" keeps the tools out of the prompt (vLLM's default)
         return super().template_tools() if self.tool_calls() else None
 
+    @property
+    def skips_special_tokens(self) -> bool:
+        # a model's call markers may be special tokens (Hermes' <tool_call>, Llama's
+        # <|python_tag|>): the parser must see them (vLLM's parsers ask the same)
+        auto = isinstance(self.tool_calls(), AutoToolCalls)
+        return self.skip_special_tokens and not auto
+
     def structure(self) -> StructuredOutput | None:
         other = structured_output(self)
         forced = self.forced_tool
         if forced is None:
+            return other
+        if self.echo:
+            raise InvalidRequestError("echo cannot be combined with tool calls", "echo")
+        if forced[0] is None:  # "auto": the model's own text, which a constraint may shape
             return other
         if other is not None:
             raise InvalidRequestError(
@@ -404,8 +432,6 @@ class ChatCompletionRequest(ChatPrompt, _Sampling):
                 "output constraint per request)",
                 other.param,
             )
-        if self.echo:
-            raise InvalidRequestError("echo cannot be combined with a forced tool_choice", "echo")
         return forced[0]
 
     @field_validator("top_logprobs")

@@ -1,11 +1,12 @@
-"""Function calling with a forced tool choice, as vLLM serves it without a tool parser: a
-named `tool_choice` ({"type": "function", "function": {"name": ...}}) constrains the output to
-that function's parameters (a JSON schema), and "required" to a JSON array of one or more calls
-({"name", "parameters"}) of the request's tools; the reply carries them as OpenAI's `tool_calls`.
+"""Function calling, as vLLM serves it. A named `tool_choice` ({"type": "function",
+"function": {"name": ...}}) constrains the output to that function's parameters (a JSON
+schema), and "required" to a JSON array of one or more calls ({"name", "parameters"}) of the
+request's tools; the reply carries them as OpenAI's `tool_calls`.
 
-"auto" (and tools without a tool_choice, which OpenAI reads as "auto") is refused: whether
-and how a model writes a call in free text takes a parser for its own format, which this
-server does not have. "none" leaves the tools out of the prompt, as vLLM does by default.
+"auto" (and tools without a tool_choice, which OpenAI reads as "auto") lets the model decide:
+the calls are found in its free text by a parser for the model's own format
+(app/tool_parsers.py), the app's `tool_call_parser` (vLLM's `--tool-call-parser`); without one
+"auto" is refused. "none" leaves the tools out of the prompt, as vLLM does by default.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from app.tool_parsers import PARSERS
 from engine.sampling_params import InvalidRequestError, StructuredOutput
 
 ANY_OBJECT = {"type": "object"}
@@ -78,22 +80,39 @@ class ToolCalls:
         }
 
 
-def tool_choice(req) -> tuple[StructuredOutput, ToolCalls] | None:
-    """The constraint and the reply's form of a chat request's tool choice; None when it
-    calls no tool. `req`: app.protocol.ChatCompletionRequest."""
+@dataclass(frozen=True)
+class AutoToolCalls:
+    """tool_choice "auto": the calls the model writes in its own format, found by `parser`
+    (a name in app.tool_parsers.PARSERS)."""
+
+    parser: str
+
+    def new_parser(self):
+        return PARSERS[self.parser]()
+
+
+def tool_choice(
+    req, parser: str | None = None
+) -> tuple[StructuredOutput | None, ToolCalls | AutoToolCalls] | None:
+    """The constraint (None: the model is free) and the reply's form of a chat request's tool
+    choice; None when it calls no tool. `req`: app.protocol.ChatCompletionRequest; `parser`:
+    the server's tool-call parser, if any."""
     choice, tools = req.tool_choice, req.tools or []
     if choice is None:
         choice = "auto" if tools else "none"
     if choice == "none":
         return None
-    if choice == "auto":
-        raise InvalidRequestError(
-            'tool_choice "auto" (the default with tools) is not supported: it needs a parser '
-            'for the model\'s own tool-call format; use "required", a named function or "none"',
-            "tool_choice",
-        )
     if not tools:
         raise InvalidRequestError("tool_choice needs tools", "tool_choice")
+    if choice == "auto":
+        if parser is None:
+            raise InvalidRequestError(
+                'tool_choice "auto" (the default with tools) needs a parser for the model\'s '
+                "tool-call format, and this server has none (tool_call_parser in its config); "
+                'use "required", a named function or "none"',
+                "tool_choice",
+            )
+        return None, AutoToolCalls(parser)
     if choice == "required":
         schema = _calls_schema(tools, req.parallel_tool_calls is not False)
         return _compact(schema), ToolCalls(None)

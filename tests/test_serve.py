@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import socket
 import time
 
@@ -29,8 +30,9 @@ MODES = {
         "kv_transport": "object_store",
         "decode": {**SMALL, "engine": {**SMALL["engine"], "kv_cache_memory_mb": 64}},
     },
-    # the decode replica pulls the KV over a gloo pair from the prefill replica
-    "disagg_gloo": {"mode": "disaggregated", "kv_transport": "gloo"},
+    # the decode replica pulls the KV over a gloo pair from the prefill replica; tool_choice
+    # "auto" served with the hermes tool-call parser
+    "disagg_gloo": {"mode": "disaggregated", "kv_transport": "gloo", "tool_call_parser": "hermes"},
     "coloc": {"mode": "colocated"},
     "chunked": {
         "mode": "colocated",
@@ -293,6 +295,42 @@ def test_forced_tool_calls_through_the_official_client(server, local_engine, tok
             assert isinstance(json.loads(call.function.arguments), dict)
         with pytest.raises(openai.BadRequestError, match="parser"):
             client.chat.completions.create(**fields)  # tools alone mean "auto"
+
+
+def test_auto_tool_calls_through_the_official_client(server):
+    """With a tool-call parser (the gloo app: hermes), tools alone mean "auto": a call the model
+    writes (made to, by a regex over the exact text) comes back as tool_calls, streamed and
+    not, the text before it as content; a reply without a call is plain text."""
+    import openai
+
+    from tests.test_tools import ARGS, ASK, CLOCK, HERMES_CALL, WEATHER
+
+    client = openai.OpenAI(base_url=f"{server}/disagg_gloo/v1", api_key="unused")
+    fields = {"model": "SmolLM2-135M-Instruct", "messages": ASK, "tools": [WEATHER, CLOCK]}
+    fields |= {"temperature": 0, "max_tokens": 80}
+    written = {"structured_outputs": {"regex": re.escape("One moment.\n" + HERMES_CALL)}}
+    chat = client.chat.completions.create(**fields, extra_body=written)
+    [choice] = chat.choices
+    [call] = choice.message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", ARGS)
+    assert choice.message.content == "One moment.\n" and choice.finish_reason == "tool_calls"
+    stream = client.chat.completions.create(**fields, extra_body=written, stream=True)
+    content, calls, reasons = "", [], []
+    for chunk in stream:
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        calls += delta.tool_calls or []
+        reasons.append(chunk.choices[0].finish_reason)
+    assert content == "One moment.\n" and reasons[-1] == "tool_calls"
+    assert [(c.index, c.function.name, c.function.arguments) for c in calls] == [
+        (0, "get_weather", call.function.arguments)
+    ]
+    plain = {"structured_outputs": {"regex": "It is sunny\\."}}
+    chat = client.chat.completions.create(**fields, tool_choice="auto", extra_body=plain)
+    assert (
+        chat.choices[0].message.content == "It is sunny." and not chat.choices[0].message.tool_calls
+    )
+    assert chat.choices[0].finish_reason == "stop"
 
 
 def test_prefix_caching_on_the_prefill_replica(server, local_engine, tokenizer):

@@ -6,6 +6,7 @@ refused forms. The default model and its engine, no Ray."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -181,7 +182,8 @@ def test_tools_and_earlier_calls_reach_the_template(own_tokenizer):
             "one",
         ),
         ({"tool_choice": NAMED, "guided_regex": "a"}, "guided_regex", "forced tool_choice"),
-        ({"tool_choice": NAMED, "echo": True}, "echo", "forced tool_choice"),
+        ({"tool_choice": NAMED, "echo": True}, "echo", "tool calls"),
+        ({"tool_choice": "auto", "tools": None}, "tool_choice", "needs tools"),
         ({"tool_choice": "maybe"}, "tool_choice", "tool_choice"),
         ({"functions": [{"name": "f"}]}, "functions", "use tools"),
         ({"tools": [{"type": "code", "function": {"name": "f"}}]}, "tools.0.type", "function"),
@@ -191,6 +193,69 @@ def test_refused_tool_requests(fields, param, needle):
     with pytest.raises(APIError) as e:
         _request(**fields).sampling_params(8)
     assert (e.value.status, e.value.param) == (400, param) and needle in e.value.message
+
+
+def test_auto_with_a_parser_refuses_echo_and_keeps_the_tools_in_the_prompt(own_tokenizer):
+    req = _request(tool_choice="auto", echo=True)
+    req.use_tool_parser("hermes")
+    with pytest.raises(APIError, match="echo cannot be combined with tool calls"):
+        req.sampling_params(8)
+    own_tokenizer.chat_template = "{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}"
+    for fields in ({"tool_choice": "auto"}, {}):  # tools alone mean "auto"
+        req = _request(**fields)
+        req.use_tool_parser("hermes")
+        assert own_tokenizer.decode(req.prompt_ids(own_tokenizer)) == "[get_weather][get_time]"
+
+
+ARGS = {"city": "Paris", "unit": "celsius"}
+HERMES_CALL = f"<tool_call>{json.dumps({'name': 'get_weather', 'arguments': ARGS})}</tool_call>"
+LLAMA_CALL = json.dumps({"name": "get_weather", "parameters": ARGS})
+
+
+@pytest.mark.parametrize(
+    ("parser", "written", "content"),
+    [
+        ("hermes", "Checking.\n" + HERMES_CALL, "Checking.\n"),
+        ("llama3_json", LLAMA_CALL, None),
+    ],
+)
+def test_auto_finds_the_calls_the_model_writes(make_engine, parser, written, content):
+    """The model made to write a call in the parser's format (a regex over the exact text):
+    the reply's tool_calls hold it, final and streamed, with the text before it as content and
+    finish_reason tool_calls; the call's text never reaches the client as content."""
+    req = _request(tool_choice="auto", structured_outputs={"regex": re.escape(written)})
+    req.use_tool_parser(parser)
+    params, text, body, chunks = _reply(make_engine(), req, max_tokens=80)
+    assert text == written and params.skip_special_tokens is False  # the markers are kept
+    [choice] = body["choices"]
+    [call] = choice["message"]["tool_calls"]
+    assert call["function"] == {"name": "get_weather", "arguments": json.dumps(ARGS)}
+    assert call["type"] == "function" and call["id"].startswith("chatcmpl-tool-")
+    assert choice["message"]["content"] == content and choice["finish_reason"] == "tool_calls"
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    streamed = [d["tool_calls"] for d in deltas if "tool_calls" in d]
+    assert [[{**c, "id": None} for c in calls] for calls in streamed] == [
+        [{"index": 0, "id": None, "type": "function", "function": call["function"]}]
+    ]
+    assert "".join(d.get("content", "") for d in deltas) == (content or "")
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_auto_without_a_call_is_plain_text(make_engine):
+    req = _request(tool_choice="auto", structured_outputs={"regex": "Sunny in Paris\\."})
+    req.use_tool_parser("hermes")
+    _, text, body, chunks = _reply(make_engine(), req)
+    [choice] = body["choices"]
+    assert (
+        choice["message"]
+        == {"role": "assistant", "content": "Sunny in Paris."}
+        == {
+            "role": "assistant",
+            "content": text,
+        }
+    )
+    assert choice["finish_reason"] == "stop" == chunks[-1]["choices"][0]["finish_reason"]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == text
 
 
 @pytest.fixture

@@ -39,20 +39,30 @@ class Parsed:
         return self
 
 
-class HermesParser:
+class _Parser:
+    """One reply's parser: `feed` its pieces, then `end`; or `read` it whole."""
+
+    called = False  # a call was found
+
+    def read(self, text: str) -> Parsed:
+        out = self.feed(text)
+        out += self.end()
+        return out
+
+    def feed(self, text: str) -> Parsed:
+        raise NotImplementedError
+
+    def end(self) -> Parsed:
+        raise NotImplementedError
+
+
+class HermesParser(_Parser):
     START, END = "<tool_call>", "</tool_call>"
 
     def __init__(self) -> None:
         self._held = ""  # text not yet given out: a possible start tag, or a call's body
         self._inside = False  # after a start tag
         self._gap = ""  # whitespace after a call: content only if text follows it
-        self.called = False
-
-    def read(self, text: str) -> Parsed:
-        """A whole reply."""
-        out = self.feed(text)
-        out += self.end()
-        return out
 
     def feed(self, text: str) -> Parsed:
         """The next piece of a streamed reply -> what can be given out now."""
@@ -102,18 +112,12 @@ class HermesParser:
         self.called, self._gap = True, ""
 
 
-class Llama3JsonParser:
+class Llama3JsonParser(_Parser):
     TAG = "<|python_tag|>"
 
     def __init__(self) -> None:
         self._held = ""
         self._mode: str | None = None  # "text" or "calls", once the reply's start tells
-        self.called = False
-
-    def read(self, text: str) -> Parsed:
-        out = self.feed(text)
-        out += self.end()
-        return out
 
     def feed(self, text: str) -> Parsed:
         self._held += text

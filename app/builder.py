@@ -11,6 +11,7 @@ from ray.serve.config import RequestRouterConfig
 
 from app.config import AppArgs, PhaseArgs
 from app.ingress import Ingress
+from app.prefix_router import PrefixAffinityRouter
 from app.router import SameNodeRouter
 from deployments.servers import ColocatedServer, DecodeServer, PrefillServer
 
@@ -36,6 +37,14 @@ def deployment_options(phase: PhaseArgs, name: str, key: str, gpus: float = 0.0)
         # a tensor-parallel group must share a node; pipeline stages may spread
         options["placement_group_strategy"] = phase.placement_group_strategy or (
             "STRICT_PACK" if layout.pp == 1 else "PACK"
+        )
+    if phase.routes_by_prefix and key != "decode":  # the deployments that take prompts
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class=PrefixAffinityRouter,
+            request_router_kwargs={
+                "block_size": phase.engine.block_size,
+                "max_imbalance": phase.prefix_affinity_max_imbalance,
+            },
         )
     if phase.max_replicas_per_node is not None:
         options["max_replicas_per_node"] = phase.max_replicas_per_node

@@ -17,6 +17,7 @@ from engine.parallel import ParallelLayout
 from engine.scheduler import SchedulerConfig
 
 SAME_NODE_WAIT_S = 1.0  # seconds; see app/router.py
+MAX_IMBALANCE = 4  # prefix affinity: requests in flight beyond the least loaded replica
 
 
 class _Strict(BaseModel):
@@ -128,6 +129,15 @@ class PhaseArgs(_Strict):
         None
     )
     engine: EngineArgs = EngineArgs()
+    # prefill and colocated replicas that cache prefixes: a prompt goes to a replica that was
+    # sent its prefix before, unless that one has more than prefix_affinity_max_imbalance
+    # requests in flight beyond the least loaded (app/prefix_router.py)
+    prefix_affinity: bool = True
+    prefix_affinity_max_imbalance: int = Field(MAX_IMBALANCE, ge=0)
+
+    @property
+    def routes_by_prefix(self) -> bool:
+        return self.prefix_affinity and self.engine.enable_prefix_caching
 
     @model_validator(mode="after")
     def _one_scaling_rule(self) -> PhaseArgs:

@@ -43,20 +43,21 @@ def rank_by_node(
     return [rank for rank in (same, other) if rank]
 
 
-class SameNodeRouter(FIFOMixin, RequestRouter):
+class MatchingFIFORouter(FIFOMixin, RequestRouter):
     """Serve's FIFOMixin alone hands the replica a routing task found for one request to the
-    oldest pending request, which may come from another node's prefill replica: concurrent
-    hand-offs crossed nodes although a same-node replica was free (a two-node test run caught
-    it). The mixin's matching hook below gives the replica to the request it was chosen for
-    while that one still waits, and keeps FIFO only as the fallback. (Serve's default,
-    non-FIFO fulfilment left a request unrouted for 120 s in one suite run; FIFOMixin has
-    served every run.)"""
-
-    same_node_wait_s = SAME_NODE_WAIT_S
+    oldest pending request, which may want another replica: concurrent hand-offs crossed
+    nodes although a same-node replica was free (a two-node test run caught it). The mixin's
+    matching hook below gives the replica to the request it was chosen for while that one
+    still waits, and keeps FIFO only as the fallback. (Serve's default, non-FIFO fulfilment
+    left a request unrouted for 120 s in one suite run; FIFOMixin has served every run.)"""
 
     def _get_pending_request_matching_metadata(self, request_metadata=None):
         # Serve's own exact match (by internal request id, skipping finished futures)
         return self._get_pending_request_matching_internal_request_id(request_metadata)
+
+
+class SameNodeRouter(MatchingFIFORouter):
+    same_node_wait_s = SAME_NODE_WAIT_S
 
     def initialize_state(self, same_node_wait_s: float = SAME_NODE_WAIT_S, **kwargs) -> None:
         """Serve passes request_router_kwargs here: AppArgs.same_node_wait_s (app/builder.py)."""

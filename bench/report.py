@@ -307,7 +307,7 @@ def placement_for(args: dict, entry):
     serve args, step times from the profile entry."""
     from engine.model_store import resolve_model
     from placement.hardware import ModelSpec
-    from placement.simulator import InstanceSpec, Placement
+    from placement.simulator import PREFIX_AFFINITY, InstanceSpec, Placement
 
     model = ModelSpec.from_config(resolve_model(args.get("model")) / "config.json", args["dtype"])
 
@@ -324,6 +324,9 @@ def placement_for(args: dict, entry):
             chunked_prefill=e.get("chunked_prefill", False),
             prefix_caching=e.get("enable_prefix_caching", False),
             block_size=block,
+            prefix_affinity=p.get("prefix_affinity_max_imbalance", PREFIX_AFFINITY)
+            if p.get("prefix_affinity", True)
+            else None,
         )
 
     if args["mode"] == "colocated":

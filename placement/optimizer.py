@@ -21,7 +21,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from placement.latency_model import Coefficients, Entry, Profile
-from placement.simulator import SLO, InstanceSpec, Placement, goodput, simulate_draws
+from placement.simulator import (
+    PREFIX_AFFINITY,
+    SLO,
+    InstanceSpec,
+    Placement,
+    goodput,
+    simulate_draws,
+)
 from placement.workload import Workload
 
 _IDEAL = Entry(1, 1, Coefficients(0, 0, 0), Coefficients(0, 0, 0), 10**12)
@@ -94,8 +101,14 @@ class Search:
         return transfer_ms_per_token(self.kv_bytes_per_token, gbs)
 
     def spec(self, entry: Entry, count: int = 1) -> InstanceSpec:
-        # prefix caching on, as in the serve_config.yaml plan.py writes
-        return InstanceSpec(entry, count, self.max_batch_tokens, prefix_caching=True)
+        # prefix caching and prefix-aware routing on, as in the serve_config.yaml plan.py writes
+        return InstanceSpec(
+            entry,
+            count,
+            self.max_batch_tokens,
+            prefix_caching=True,
+            prefix_affinity=PREFIX_AFFINITY,
+        )
 
     def on_node(self, placement: Placement) -> Placement:
         """With the profile's node contention and step wander (CPU profiles: the instances

@@ -15,7 +15,9 @@ several simulations, one per draw of the wander, and beside it the range of atta
 90% of single runs reach (each its own draw of the wander and of the machine's pace): what one
 measured run of that many requests may show. Shared prompt prefixes (`--prefix-len P
 --num-prefixes K`) are taken from each prefill or colocated instance's prefix cache once it has
-computed them (`--no-prefix-caching`: every prompt computed whole).
+computed them, and go to the instance that was sent their prefix before, as the server's
+prefix-aware router does (`--no-prefix-caching`: every prompt computed whole;
+`--no-prefix-affinity`: routed by load alone).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from placement.hardware import ModelSpec
 from placement.latency_model import Profile
 from placement.optimizer import Cluster, transfer_ms_per_token
 from placement.simulator import (
+    PREFIX_AFFINITY,
     SLO,
     InstanceSpec,
     Placement,
@@ -75,6 +78,7 @@ def placement_from(
             args.max_batch_size,
             chunked,
             prefix_caching=not args.no_prefix_caching,
+            prefix_affinity=None if args.no_prefix_affinity else PREFIX_AFFINITY,
         )
 
     contention = profile.node_contention
@@ -156,6 +160,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-prefix-caching", action="store_true", help="prefill every prompt whole (default: "
         "cached shared prefixes, as serve_config.yaml)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-prefix-affinity", action="store_true", help="route prompts by load alone "
+        "(default: to the instance sent their prefix before, as the server's router)",
     )  # fmt: skip
     parser.add_argument("--node-contention", type=float, help="default: the profile's")
     parser.add_argument("--rates", type=float, nargs="*", default=[], help="req/s to report")

@@ -26,7 +26,11 @@ prefix is being computed right now waits for it when that covers at least half o
 its last use, more tokens were computed than the cache has free (LRU over freed blocks); held by
 a running request it stays. Running requests of one colocated instance hold one copy of their
 cached prefix between them. The decode side imports every request's blocks whole, so decode
-instances reserve full contexts as before.
+instances reserve full contexts as before. With `prefix_affinity` (the server's prefix-aware
+router, app/prefix_router.py) a request goes to the least loaded instance that was sent its
+prefix before, unless that one has more than `prefix_affinity` requests beyond the least
+loaded instance or the prefix is under a tenth of the prompt; else, as without, to the
+instance with the least queued work.
 
 Shared node (`Placement.node_contention`, 0 by default): on a CPU every instance computes on
 cores of one machine and they slow each other down (memory bandwidth, caches, and the serving
@@ -54,6 +58,8 @@ from placement.latency_model import Entry, prefix_attention
 from placement.wander import BAND_DRAWS, DRAW_REQUESTS, DRAWS, StepWander, WanderDraw
 from placement.workload import SimRequest, Workload
 
+PREFIX_AFFINITY = 4  # the server's default max imbalance (app.config.MAX_IMBALANCE)
+
 
 @dataclass(frozen=True)
 class InstanceSpec:
@@ -64,6 +70,9 @@ class InstanceSpec:
     chunked_prefill: bool = False  # colocated only: Sarathi-style mixed steps
     prefix_caching: bool = False  # prefill and colocated: reuse computed shared prefixes
     block_size: int = 16  # the engine's KV block: the cache holds whole blocks
+    # with prefix_caching: route to an instance sent the prefix before, unless it has more
+    # than this many requests beyond the least loaded (None: by load alone)
+    prefix_affinity: int | None = None
 
     @property
     def num_gpus(self) -> int:
@@ -313,6 +322,10 @@ class _Decoder:
     def load(self) -> int:
         return self.used + sum(q.need for q in self.queue)
 
+    @property
+    def num_requests(self) -> int:  # what the server's router counts: requests in flight
+        return len(self.queue) + len(self.running)
+
     def submit(self, t: float, track: _Track) -> None:
         self.queue.append(track)
         if not self.active:
@@ -400,7 +413,12 @@ class _PrefillInstance:
         self.queue: deque[_Track] = deque()
         self.busy = False  # a batch is in the first pipeline stage
         self.inflight = 0  # prompt tokens in the pipeline
+        self.inflight_requests = 0
         self.cache = _PrefixCache(spec)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.queue) + self.inflight_requests
 
     @property
     def load(self) -> int:  # prompt tokens queued or being computed
@@ -418,6 +436,7 @@ class _PrefillInstance:
         if not batch:
             return
         self.inflight += sum(b.req.input_len for b in batch)
+        self.inflight_requests += len(batch)
         stage = _batch_prefill_ms(self.spec.entry, batch)
         # done first: at pp = 1 the next batch, starting at the same time, finds its prefixes
         self.node.run(self, t, self.spec.entry.pp * stage, self._done, batch)
@@ -425,6 +444,7 @@ class _PrefillInstance:
 
     def _done(self, t: float, batch: list[_Track]) -> None:
         self.inflight -= sum(b.req.input_len for b in batch)
+        self.inflight_requests -= len(batch)
         for track in batch:
             self.cache.done(track.req, t)
         for track in batch:
@@ -480,6 +500,10 @@ class _ChunkedInstance(_Decoder):
         if self.active:
             self.node.run(self, t, self._step_ms(chunks), self._after_step, chunks)
 
+    @property
+    def num_requests(self) -> int:
+        return super().num_requests + len(self.prefilling)
+
     def _room(self, track: _Track, cached: int) -> bool:
         """Admits `track` to prefill in chunks if it has a slot and its KV fits."""
         slots = len(self.running) + len(self.prefilling) < self.spec.max_batch_size
@@ -518,6 +542,35 @@ def _least_loaded(instances: list):
     return min(instances, key=lambda i: i.load)
 
 
+class _PromptRouter:
+    """Where a prompt goes among prefill (or colocated) instances: by load, or with prefix
+    affinity as the server's router (module docstring)."""
+
+    MIN_SHARE = 0.1  # of the prompt, as app/prefix_router.py
+
+    def __init__(self, instances: list, spec: InstanceSpec) -> None:
+        self.instances = instances
+        on = spec.prefix_caching and spec.prefix_affinity is not None
+        self.max_imbalance = spec.prefix_affinity if on else None
+        self.sent: dict[int, set[int]] = {}  # prefix id -> indexes of instances sent it
+
+    def submit(self, t: float, track: _Track) -> None:
+        k = self._choose(track.req)
+        if track.req.prefix_len:
+            self.sent.setdefault(track.req.prefix_id, set()).add(k)
+        self.instances[k].submit(t, track)
+
+    def _choose(self, req: SimRequest) -> int:
+        by_load = min(range(len(self.instances)), key=lambda k: self.instances[k].load)
+        span = self.instances[0].cache.span(req)
+        holders = self.sent.get(req.prefix_id, set()) if req.prefix_len else set()
+        if self.max_imbalance is None or not holders or span < self.MIN_SHARE * req.input_len:
+            return by_load
+        counts = [i.num_requests for i in self.instances]
+        best = min(holders, key=lambda k: counts[k])
+        return best if counts[best] - min(counts) <= self.max_imbalance else by_load
+
+
 def simulate(
     placement: Placement, requests: list[SimRequest], seed: int = 0, pace: bool = False
 ) -> list[Result]:
@@ -530,11 +583,9 @@ def simulate(
     if placement.colocated is not None:
         spec = placement.colocated
         kind = _ChunkedInstance if spec.chunked_prefill else _ColocatedInstance
-        colocated = [kind(node, spec) for _ in range(spec.count)]
+        colocated = _PromptRouter([kind(node, spec) for _ in range(spec.count)], spec)
         for track in tracks:
-            sim.at(
-                track.req.arrival_ms, lambda t, tr: _least_loaded(colocated).submit(t, tr), track
-            )
+            sim.at(track.req.arrival_ms, colocated.submit, track)
     else:
         decoders = [_DecodeInstance(node, placement.decode) for _ in range(placement.decode.count)]
 
@@ -544,8 +595,9 @@ def simulate(
 
         spec = placement.prefill
         prefills = [_PrefillInstance(node, spec, handoff) for _ in range(spec.count)]
+        router = _PromptRouter(prefills, spec)
         for track in tracks:
-            sim.at(track.req.arrival_ms, lambda t, tr: _least_loaded(prefills).submit(t, tr), track)
+            sim.at(track.req.arrival_ms, router.submit, track)
     sim.run()
     return [_result(t) for t in tracks]
 

@@ -24,10 +24,12 @@ CACHING = {**SMALL, "engine": {**SMALL["engine"], "enable_prefix_caching": True}
 MODES = {
     # KV over shared memory (the default); the prefill replica caches prompt prefixes
     "disagg": {"mode": "disaggregated", "prefill": CACHING},
-    # and a decode cache smaller than the prefill cache (64 vs 128 MB: 1456 vs 2912 tokens)
+    # and a decode cache smaller than the prefill cache (64 vs 128 MB: 1456 vs 2912 tokens);
+    # two prefill replicas that cache prefixes: prompts go where their prefix went
     "disagg_os": {
         "mode": "disaggregated",
         "kv_transport": "object_store",
+        "prefill": {**CACHING, "num_replicas": 2},
         "decode": {**SMALL, "engine": {**SMALL["engine"], "kv_cache_memory_mb": 64}},
     },
     # the decode replica pulls the KV over a gloo pair from the prefill replica; tool_choice
@@ -356,6 +358,28 @@ def test_prefix_caching_on_the_prefill_replica(server, local_engine, tokenizer):
     # OpenAI's usage field: absent the first time, the cached tokens the second
     assert "prompt_tokens_details" not in usages[0]
     assert usages[1]["prompt_tokens_details"] == {"cached_tokens": (n - 1) // 16 * 16}
+
+
+def test_prompts_sharing_a_prefix_go_to_the_replica_that_cached_it(server, tokenizer):
+    """disagg_os has two prefill replicas that cache prefixes: after the first, every prompt
+    sharing its long prefix finds it cached (usage's cached_tokens), where Serve's default
+    choice (the less loaded of the two, both idle here) would do so for all five in 1 run of
+    32. Prompts of another prefix still find a cache (theirs)."""
+
+    def ask(system: str, k: int) -> dict:
+        prompt = f"{system}Question {k}: what is {k} plus {k}?"
+        r = _complete(server, "disagg_os", prompt=prompt, max_tokens=2)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]
+
+    for system in ("You are a careful assistant. Answer in one short sentence. " * 6,
+                   "Reply as a pirate would, in rhyme, and never say no. " * 6):  # fmt: skip
+        ids = [tokenizer(f"{system}Question {k}: what is {k} plus {k}?").input_ids for k in (0, 1)]
+        shared = next(i for i, (a, b) in enumerate(zip(*ids, strict=False)) if a != b)
+        usages = [ask(system, k) for k in range(6)]
+        assert "prompt_tokens_details" not in usages[0]
+        cached = [u.get("prompt_tokens_details", {}).get("cached_tokens") for u in usages[1:]]
+        assert cached == [shared // 16 * 16] * 5, cached
 
 
 def test_streamed_equals_non_streamed_and_ends_with_done(server, engine_alone):

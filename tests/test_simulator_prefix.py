@@ -25,8 +25,9 @@ def spec(entry: Entry = ENTRY, caching: bool = True, **kw) -> InstanceSpec:
     return InstanceSpec(entry, prefix_caching=caching, **kw)
 
 
-def disagg(caching: bool = True, entry: Entry = ENTRY, **kw) -> Placement:
-    return Placement(prefill=spec(entry, caching, **kw), decode=spec(entry, caching))
+def disagg(caching: bool = True, entry: Entry = ENTRY, n_prefill: int = 1, **kw) -> Placement:
+    prefill = replace(spec(entry, caching, **kw), count=n_prefill)
+    return Placement(prefill=prefill, decode=spec(entry, caching))
 
 
 def colocated(caching: bool = True, entry: Entry = ENTRY, **kw) -> Placement:
@@ -278,3 +279,32 @@ def test_placement_cli_plans_for_shared_prefixes_or_says_what_is_wrong(tmp_path,
     assert rate(cached) > 2 * rate(whole)
     with pytest.raises(SystemExit, match="num_prefixes >= 1"):
         simulate.main([*common, "--num-prefixes", "0"])
+
+
+def test_prefix_affinity_sends_a_prompt_where_its_prefix_went_unless_that_one_is_busy():
+    """Two prefill instances: A goes to the first (both idle), B to the second (the first is
+    busy). Much later both come back to two idle instances: by load both go to the first, and
+    B computes its prefix again; with affinity B goes back to the second and takes it from the
+    cache. A holder busier than the imbalance allows is passed over."""
+    from app.config import MAX_IMBALANCE
+    from placement.simulator import PREFIX_AFFINITY
+
+    assert PREFIX_AFFINITY == MAX_IMBALANCE  # the simulator routes as the server's default
+    a = SimRequest(0.0, 512, 1, prefix_len=448, prefix_id=0)
+    b = SimRequest(1.0, 512, 1, prefix_len=448, prefix_id=1)
+    again = [replace(a, arrival_ms=10_000.0), replace(b, arrival_ms=20_000.0)]
+
+    def ttfts(affinity, later=again):
+        placement = disagg(n_prefill=2, prefix_affinity=affinity)
+        return [r.ttft_ms for r in simulate(placement, [a, b, *later])[2:]]
+
+    hit, miss = chunk_ms(64, 448), ENTRY.prefill_ms([512])
+    assert ttfts(PREFIX_AFFINITY) == pytest.approx([hit, hit])
+    assert ttfts(None) == pytest.approx([hit, miss])
+    # B's holder is busy with a long prompt of B's prefix when B comes back, the other idle:
+    # one request beyond the least loaded is within an imbalance of 1, not of 0
+    long_b = SimRequest(19_990.0, 4000, 1, prefix_len=448, prefix_id=1)
+    later = [long_b, replace(b, arrival_ms=20_000.0)]
+    waited = chunk_ms(4000 - 448, 448) - 10.0 + hit
+    assert ttfts(1, later)[1] == pytest.approx(waited)
+    assert ttfts(0, later)[1] == pytest.approx(miss)

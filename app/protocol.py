@@ -395,16 +395,16 @@ class ChatCompletionRequest(ChatPrompt, _Sampling):
         self._tool_parser = name
 
     @cached_property
-    def forced_tool(self) -> tuple[StructuredOutput | None, ToolCalls | AutoToolCalls] | None:
-        """tool_choice(self), worked out once: the prompt, the constraint and the reply's form
-        all ask for it."""
+    def tool_use(self) -> tuple[StructuredOutput | None, ToolCalls | AutoToolCalls] | None:
+        """tool_choice(self): the constraint (None: "auto") and the reply's form of the tool
+        calls, or None; worked out once: the prompt, the constraint and the reply all ask."""
         return tool_choice(self, self._tool_parser)
 
     def tool_calls(self) -> ToolCalls | AutoToolCalls | None:
         """How the reply shows the output's tool calls; None: as text."""
         with as_bad_request():
-            forced = self.forced_tool
-        return None if forced is None else forced[1]
+            use = self.tool_use
+        return None if use is None else use[1]
 
     def template_tools(self) -> list[dict] | None:
         # tool_choice "none" keeps the tools out of the prompt (vLLM's default)
@@ -419,12 +419,12 @@ class ChatCompletionRequest(ChatPrompt, _Sampling):
 
     def structure(self) -> StructuredOutput | None:
         other = structured_output(self)
-        forced = self.forced_tool
-        if forced is None:
+        use = self.tool_use
+        if use is None:
             return other
         if self.echo:
             raise InvalidRequestError("echo cannot be combined with tool calls", "echo")
-        if forced[0] is None:  # "auto": the model's own text, which a constraint may shape
+        if use[0] is None:  # "auto": the model's own text, which a constraint may shape
             return other
         if other is not None:
             raise InvalidRequestError(
@@ -432,7 +432,7 @@ class ChatCompletionRequest(ChatPrompt, _Sampling):
                 "output constraint per request)",
                 other.param,
             )
-        return forced[0]
+        return use[0]
 
     @field_validator("top_logprobs")
     @classmethod

@@ -7,6 +7,9 @@
 - `llama3_json` (Llama 3.1 / 3.2 / 3.3 JSON tool calling): the reply is one or more
   `{"name": ..., "parameters": {...}}` objects separated by `;`, after an optional
   `<|python_tag|>`; a reply that does not start that way is text.
+- `mistral` (Mistral 7B v0.3, Mixtral, Mistral Nemo / Small with the Hugging Face tokenizer):
+  `[TOOL_CALLS]` then a JSON array of `{"name": ..., "arguments": {...}}`; text before the
+  marker is content.
 
 A reply's content is its text outside the calls (whitespace between and after calls left out).
 Streamed, content goes out as it comes except text that may begin a call, which is held until
@@ -142,7 +145,43 @@ class Llama3JsonParser(_Parser):
         return Parsed("", calls)
 
 
-PARSERS = {"hermes": HermesParser, "llama3_json": Llama3JsonParser}
+class MistralParser(_Parser):
+    TAG = "[TOOL_CALLS]"
+
+    def __init__(self) -> None:
+        self._held = ""
+        self._after = False  # past the marker: the calls, read whole at the end
+
+    def feed(self, text: str) -> Parsed:
+        self._held += text
+        if self._after:
+            return Parsed()
+        start = self._held.find(self.TAG)
+        if start >= 0:
+            out, self._held, self._after = Parsed(self._held[:start]), self._held[start:], True
+            return out
+        keep = _partial_tail(self._held, self.TAG)
+        out = Parsed(self._held[: len(self._held) - keep])
+        self._held = self._held[len(self._held) - keep :]
+        return out
+
+    def end(self) -> Parsed:
+        text, self._held = self._held, ""
+        if not self._after:
+            return Parsed(text)
+        try:
+            items = json.loads(text.removeprefix(self.TAG))
+        except json.JSONDecodeError:
+            return Parsed(text)
+        items = items if isinstance(items, list) else [items]
+        calls = [_as_call(item, ("arguments", "parameters")) for item in items]
+        if not calls or None in calls:
+            return Parsed(text)
+        self.called = True
+        return Parsed("", calls)
+
+
+PARSERS = {"hermes": HermesParser, "llama3_json": Llama3JsonParser, "mistral": MistralParser}
 
 
 def _partial_tail(text: str, tag: str) -> int:

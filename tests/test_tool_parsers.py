@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from app.tool_parsers import Call, HermesParser, Llama3JsonParser, Parsed
+from app.tool_parsers import Call, HermesParser, Llama3JsonParser, MistralParser, Parsed
 
 pytestmark = pytest.mark.unit
 
@@ -110,3 +110,24 @@ def test_llama3_json_reads_calls_alike_whole_and_streamed(text, content, calls):
 def test_llama3_json_streams_text_once_the_reply_is_not_a_call():
     _, pieces = _streamed(Llama3JsonParser, " Paris is sunny.", [1, 4])
     assert [p.content for p in pieces] == ["", " Par", "is is sunny.", ""]
+
+
+MISTRAL = f"[{WEATHER}, {CLOCK}]"
+
+
+@pytest.mark.parametrize(
+    ("text", "content", "calls"),
+    [
+        ("[TOOL_CALLS]" + MISTRAL, "", [PARIS, TIME]),
+        ("Let me look. [TOOL_CALLS] " + MISTRAL + " ", "Let me look. ", [PARIS, TIME]),
+        ('[TOOL_CALLS]{"name": "ping"}', "", [Call("ping", "{}")]),
+        ("Paris is sunny [TOOL", "Paris is sunny [TOOL", []),
+        ("[TOOL_CALLS][{not json", "[TOOL_CALLS][{not json", []),
+        ('[TOOL_CALLS][{"name": "f"}, 3]', '[TOOL_CALLS][{"name": "f"}, 3]', []),
+        ("[TOOL_CALLS][]", "[TOOL_CALLS][]", []),
+        ("[1, 2]", "[1, 2]", []),
+    ],
+)
+def test_mistral_reads_calls_alike_whole_and_streamed(text, content, calls):
+    parsed = _every_way(MistralParser, text)
+    assert (parsed.content, parsed.calls) == (content, calls)

@@ -210,6 +210,7 @@ def test_auto_with_a_parser_refuses_echo_and_keeps_the_tools_in_the_prompt(own_t
 ARGS = {"city": "Paris", "unit": "celsius"}
 HERMES_CALL = f"<tool_call>{json.dumps({'name': 'get_weather', 'arguments': ARGS})}</tool_call>"
 LLAMA_CALL = json.dumps({"name": "get_weather", "parameters": ARGS})
+MISTRAL_CALL = "[TOOL_CALLS]" + json.dumps([{"name": "get_weather", "arguments": ARGS}])
 
 
 @pytest.mark.parametrize(
@@ -217,6 +218,7 @@ LLAMA_CALL = json.dumps({"name": "get_weather", "parameters": ARGS})
     [
         ("hermes", "Checking.\n" + HERMES_CALL, "Checking.\n"),
         ("llama3_json", LLAMA_CALL, None),
+        ("mistral", "Sure. " + MISTRAL_CALL, "Sure. "),
     ],
 )
 def test_auto_finds_the_calls_the_model_writes(make_engine, parser, written, content):

@@ -36,7 +36,7 @@ from engine.outputs import (
     TokenLogprob,
 )
 from engine.request import Request, RequestStatus
-from engine.sampler import TokenHistory, sample, token_logprobs
+from engine.sampler import TokenHistory, TokenMasks, sample, token_logprobs
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 
@@ -202,12 +202,16 @@ class LLMEngine:
         sampling = [s.request for s in sched.scheduled if s.samples]
         tracked = [self._tracked[r.request_id] for r in sampling]
         params = [r.sampling_params for r in sampling]
-        allowed = [None if t.matcher is None else self.grammars.allowed(t.matcher) for t in tracked]
+        masked = tuple(i for i, t in enumerate(tracked) if t.matcher is not None)
+        allowed = None
+        if masked:
+            matchers = [tracked[i].matcher for i in masked]
+            allowed = TokenMasks(masked, self.grammars.masks(matchers))
         history = [
             TokenHistory(r.prompt_token_ids, r.output_token_ids, r.eos_token_id)
-            if p.adjusts_logits or mask is not None
+            if p.adjusts_logits or t.matcher is not None
             else None
-            for r, p, mask in zip(sampling, params, allowed, strict=True)
+            for r, p, t in zip(sampling, params, tracked, strict=True)
         ]
         tokens = sample(logits, params, [t.generator for t in tracked], history, allowed)
         logprobs = token_logprobs(logits, tokens, [p.logprobs for p in params])

@@ -16,8 +16,6 @@ import torch
 
 from engine.sampling_params import InvalidRequestError, StructuredOutput
 
-_BITS = torch.arange(32, dtype=torch.int32)
-
 
 def grammar_text(structure: StructuredOutput) -> str:
     """The llguidance grammar of a constraint (not yet checked: see Grammars.check)."""
@@ -55,6 +53,7 @@ class Grammars:
         self.hf_tokenizer = tokenizer
         self.vocab_size = vocab_size  # the logits' width, which may exceed the tokenizer's
         self._tokenizer = None
+        self._executor = None  # llguidance's thread pool for the masks, made on first use
         # a request's n choices, and a replica's validation before the engine's, check one
         # constraint several times: each is compiled once (thread-safe; the replica's event
         # loop validates while the engine thread adds)
@@ -102,10 +101,19 @@ class Grammars:
             matcher.consume_token(token)
         return matcher
 
-    def allowed(self, matcher) -> torch.Tensor:
-        """(V,) bool: the tokens that can continue the output (EOS once it may end)."""
-        words = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)
-        return ((words.unsqueeze(-1) >> _BITS) & 1).bool().view(-1)[: self.vocab_size]
+    def masks(self, matchers: list) -> torch.Tensor:
+        """(n, W) int32, bit k of word j set where token 32 j + k can continue matcher i's
+        output (EOS once it may end): llguidance's packed bitmask, one row per matcher,
+        computed by its thread pool with the GIL released (the rows in parallel, where the
+        engine used to ask one matcher after another)."""
+        import llguidance.torch
+
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor()
+        bits = llguidance.torch.allocate_token_bitmask(len(matchers), self.vocab_size)
+        rows = [(m, i) for i, m in enumerate(matchers)]
+        llguidance.torch.fill_next_token_bitmask_par(self._executor, rows, bits)
+        return bits
 
 
 def advance(matcher, token: int, eos_token_id: int | None) -> tuple[bool, str | None]:

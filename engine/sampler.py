@@ -97,20 +97,21 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     history: list[TokenHistory | None] | None = None,
-    allowed: list[torch.Tensor | None] | None = None,
+    allowed: TokenMasks | None = None,
 ) -> list[int]:
     """logits (B, V) float32 -> one token id per row. `history` holds each row's tokens so
-    far, needed only for rows whose params adjust logits or that have an `allowed` mask (None
-    elsewhere); `allowed`: per row None, or a (V,) bool mask of the tokens its structured
-    output lets follow."""
-    masked = [i for i, mask in enumerate(allowed or ()) if mask is not None]
+    far, needed only for rows whose params adjust logits or that have a mask (None
+    elsewhere); `allowed`: the rows whose structured output limits the tokens that may follow,
+    and those tokens."""
+    masked = list(allowed.rows) if allowed is not None else []
     adjusted = [i for i, p in enumerate(params) if p.adjusts_logits]
     if adjusted or masked:
         if history is None:
             raise ValueError("rows with penalties, min_tokens or a mask need their token history")
         raw, logits = logits, logits.clone()  # the caller's logits stay as the model made them
-        for i in masked:
-            logits[i].masked_fill_(~allowed[i].to(logits.device), float("-inf"))
+        if masked:  # one transfer and one fill for all the masked rows
+            ok = unpack_masks(allowed.bits.to(logits.device), logits.shape[-1])
+            logits[masked] = logits[masked].masked_fill(~ok, float("-inf"))
         for i in adjusted:
             apply_penalties(logits[i], params[i], history[i])
         _end_where_nothing_left(logits, raw, sorted({*masked, *adjusted}), history)
@@ -126,6 +127,21 @@ def sample(
         probs = torch.softmax(row, dim=-1).cpu()
         tokens[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
     return tokens
+
+
+@dataclass(frozen=True)
+class TokenMasks:
+    """What structured outputs allow next: `rows` of the batch and, one row each, the packed
+    bitmask of their allowed tokens ((len(rows), W) int32, engine.grammar)."""
+
+    rows: tuple[int, ...]
+    bits: torch.Tensor
+
+
+def unpack_masks(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(n, W) packed int32 -> (n, vocab_size) bool, on the bits' device."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bits.device)
+    return ((bits.unsqueeze(-1) >> shifts) & 1).bool().view(bits.shape[0], -1)[:, :vocab_size]
 
 
 def _end_where_nothing_left(

@@ -15,7 +15,7 @@ import torch
 from engine import InvalidRequestError, SamplingParams
 from engine.grammar import Grammars, grammar_text
 from engine.limits import chat_token_ids
-from engine.sampler import TokenHistory, sample
+from engine.sampler import TokenHistory, TokenMasks, sample, unpack_masks
 from engine.sampling_params import StructuredOutput
 from tests.conftest import drain
 
@@ -49,7 +49,9 @@ def _hf_constrained(hf_model, tokenizer, prompt: list[int], structure, max_new: 
 
     def allowed(_batch, ids: torch.Tensor) -> list[int]:
         matcher = grammars.matcher(structure, ids[len(prompt) :].tolist())
-        return grammars.allowed(matcher).nonzero().view(-1).tolist()
+        # the matcher's own one-row mask, not the engine's batched one: a second path
+        words = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)
+        return [t for t in range(32 * len(words)) if words[t // 32] >> (t % 32) & 1]
 
     with torch.inference_mode():
         out = hf_model.generate(
@@ -185,12 +187,12 @@ def test_a_row_left_with_no_token_samples_eos():
     history = [TokenHistory([1, 2], [], eos_token_id=7)] * 3
     banned = SamplingParams(temperature=0, allowed_token_ids=(5,), bad_words_token_ids=((5,),))
     sampled = SamplingParams(temperature=1.0, seed=1)
-    nothing = torch.zeros(50, dtype=torch.bool)
-    some = torch.zeros(50, dtype=torch.bool)
-    some[[3, 11, 40]] = True
+    bits = torch.zeros(2, 2, dtype=torch.int32)  # packed: row 1 nothing, row 2 tokens 3, 11, 40
+    bits[1, 0] = (1 << 3) | (1 << 11)
+    bits[1, 1] = 1 << (40 - 32)
     tokens = sample(
         logits, [banned, sampled, SamplingParams(temperature=0)],
-        [None, torch.Generator().manual_seed(1), None], history, [None, nothing, some],
+        [None, torch.Generator().manual_seed(1), None], history, TokenMasks((1, 2), bits),
     )  # fmt: skip
     assert tokens[:2] == [7, 7]
     assert tokens[2] == max((3, 11, 40), key=lambda t: logits[2, t].item())
@@ -273,3 +275,31 @@ def test_constrained_requests_survive_preemption(make_engine, chat_prompt):
     assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]
     assert all(o.text.startswith("{") and '"story"' in o.text for o in outs)
     assert tight.blocks.num_free_blocks == 14
+
+
+def test_the_batched_masks_equal_each_matchers_own(tokenizer):
+    """The engine's masks, computed for all constrained rows at once by llguidance's thread
+    pool, equal each matcher's own serial mask, row by row, whatever state each is in; and
+    unpacked they allow exactly the tokens whose bits are set."""
+    grammars = Grammars(tokenizer, len(tokenizer))
+    json_schema = StructuredOutput("json", json.dumps(PERSON))
+    digits = StructuredOutput("regex", "[0-9]{2,5}")
+    states = [
+        grammars.matcher(json_schema, []),
+        grammars.matcher(json_schema, tokenizer.encode('{"name": "Al')),
+        grammars.matcher(digits, []),
+        grammars.matcher(digits, tokenizer.encode("12")),
+    ]
+    bits = grammars.masks(states)
+    for row, matcher in zip(bits, states, strict=True):
+        own = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)
+        # the matcher's own mask has a word of room past the vocabulary (49152 = 32 x 1536)
+        assert torch.equal(row, own[: row.numel()]) and not own[row.numel() :].any()
+    unpacked = unpack_masks(bits, len(tokenizer))
+    for row, words in zip(unpacked, bits, strict=True):
+        set_bits = [t for t in range(len(tokenizer)) if int(words[t // 32]) >> (t % 32) & 1]
+        assert row.nonzero().view(-1).tolist() == set_bits
+    digits = unpacked[2].nonzero().view(-1).tolist()  # the regex's start: one digit each
+    assert sorted(tokenizer.decode([t]) for t in digits) == [str(d) for d in range(10)]
+    after_two = unpacked[3].nonzero().view(-1).tolist()  # two digits in: more, or the end
+    assert after_two == sorted([*digits, tokenizer.eos_token_id])

@@ -52,6 +52,7 @@ class Configuration:
     description: str
     colocated: bool
     overrides: dict  # merged into serve_config.yaml's args
+    caches_prefixes: bool = True  # when the workload shares prefixes (False: a baseline)
 
     @property
     def cores(self) -> int:  # engine threads in all: what the configuration computes on
@@ -75,6 +76,13 @@ CONFIGURATIONS = {
         "disaggregated: 1 prefill + 1 decode replica, 1 thread each",
         False,
         {"mode": "disaggregated", "prefill": _phase(1), "decode": _phase(1)},
+    ),
+    "disagg-1p1d-nocache": Configuration(
+        "disaggregated: 1 prefill + 1 decode replica, 1 thread each, no prefix caching even "
+        "for a workload with shared prefixes (what the cache is worth)",
+        False,
+        {"mode": "disaggregated", "prefill": _phase(1), "decode": _phase(1)},
+        caches_prefixes=False,
     ),
     "coloc-2": Configuration(
         "colocated (vLLM-style continuous batching): 2 replicas, 1 thread each",
@@ -117,7 +125,7 @@ def app_args(
     prompts share prefixes: serving them is what the cache is for)."""
     base = yaml.safe_load(base_config.read_text())["applications"][0]["args"]
     args = merge(base, CONFIGURATIONS[name].overrides)
-    if prefix_caching:
+    if prefix_caching and CONFIGURATIONS[name].caches_prefixes:
         for phase in ("prefill", "decode", "colocated"):
             args[phase]["engine"]["enable_prefix_caching"] = True
     return args

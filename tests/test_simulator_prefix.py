@@ -255,6 +255,8 @@ def test_experiment_turns_prefix_caching_on_for_shared_prefixes_and_the_report_s
     disagg_args = app_args("disagg-1p1d", prefix_caching=True)
     assert placement_for(disagg_args, ENTRY).prefill.prefix_caching
     assert not placement_for(app_args("disagg-1p1d"), ENTRY).prefill.prefix_caching
+    baseline = app_args("disagg-1p1d-nocache", prefix_caching=True)  # stays without
+    assert not placement_for(baseline, ENTRY).prefill.prefix_caching
 
 
 def test_placement_cli_plans_for_shared_prefixes_or_says_what_is_wrong(tmp_path, capsys):

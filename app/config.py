@@ -176,7 +176,7 @@ class AppArgs(_Strict):
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     # vLLM's --enable-auto-tool-choice --tool-call-parser: tool_choice "auto" finds the calls
     # a model writes in its own format (app/tool_parsers.py); unset, "auto" is refused
-    tool_call_parser: Literal["hermes", "llama3_json", "mistral"] | None = None
+    tool_call_parser: Literal["hermes", "llama3_json", "mistral", "pythonic"] | None = None
     ingress: IngressArgs = IngressArgs()
     prefill: PhaseArgs = PhaseArgs()
     decode: PhaseArgs = PhaseArgs()

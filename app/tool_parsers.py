@@ -10,6 +10,9 @@
 - `mistral` (Mistral 7B v0.3, Mixtral, Mistral Nemo / Small with the Hugging Face tokenizer):
   `[TOOL_CALLS]` then a JSON array of `{"name": ..., "arguments": {...}}`; text before the
   marker is content.
+- `pythonic` (Llama 3.2 with its pythonic template, Llama 4, ToolACE): the reply is a Python
+  list of calls with literal keyword arguments, `[get_weather(city="Paris")]`, optionally
+  between `<|python_start|>` and `<|python_end|>`.
 
 A reply's content is its text outside the calls (whitespace between and after calls left out).
 Streamed, content goes out as it comes except text that may begin a call, which is held until
@@ -21,6 +24,7 @@ the streamed pieces join to exactly what the whole reply gives.
 
 from __future__ import annotations
 
+import ast
 import json
 from dataclasses import dataclass, field
 
@@ -115,8 +119,12 @@ class HermesParser(_Parser):
         self.called, self._gap = True, ""
 
 
-class Llama3JsonParser(_Parser):
-    TAG = "<|python_tag|>"
+class _WholeReplyParser(_Parser):
+    """A reply that is either all calls (it starts with `OPEN` or the `TAG` marker) or all
+    text: text streams as it comes; calls are read whole at the reply's end."""
+
+    TAG = ""
+    OPEN = ""
 
     def __init__(self) -> None:
         self._held = ""
@@ -128,9 +136,9 @@ class Llama3JsonParser(_Parser):
             head = self._held.lstrip()
             if not head or (_partial_tail(head, self.TAG) == len(head)):
                 return Parsed()  # whitespace, or what may still become the tag
-            self._mode = "calls" if head.startswith(("{", self.TAG)) else "text"
+            self._mode = "calls" if head.startswith((self.OPEN, self.TAG)) else "text"
         if self._mode == "calls":
-            return Parsed()  # a reply of calls is read whole at its end
+            return Parsed()
         out, self._held = Parsed(self._held), ""
         return out
 
@@ -138,11 +146,50 @@ class Llama3JsonParser(_Parser):
         text, self._held = self._held, ""
         if self._mode != "calls":
             return Parsed(text)
-        calls = _json_calls(text.strip().removeprefix(self.TAG))
+        calls = self._calls(text.strip().removeprefix(self.TAG).strip())
         if calls is None:
             return Parsed(text)
         self.called = True
         return Parsed("", calls)
+
+    def _calls(self, text: str) -> list[Call] | None:
+        raise NotImplementedError
+
+
+class Llama3JsonParser(_WholeReplyParser):
+    TAG, OPEN = "<|python_tag|>", "{"
+
+    def _calls(self, text: str) -> list[Call] | None:
+        return _json_calls(text)
+
+
+class PythonicParser(_WholeReplyParser):
+    """`[get_weather(city="Paris"), get_time()]`: a Python list of calls with literal keyword
+    arguments (Llama 3.2 with its pythonic template, Llama 4 between <|python_start|> and
+    <|python_end|>, ToolACE); anything else, or a call with an argument that is not a literal,
+    is text."""
+
+    TAG, OPEN, END = "<|python_start|>", "[", "<|python_end|>"
+
+    def _calls(self, text: str) -> list[Call] | None:
+        try:
+            tree = ast.parse(text.removesuffix(self.END).strip(), mode="eval").body
+        except (SyntaxError, RecursionError):  # the model's text: anything may come
+            return None
+        if not isinstance(tree, ast.List) or not tree.elts:
+            return None
+        calls = []
+        for node in tree.elts:
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)) or node.args:
+                return None
+            try:
+                arguments = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+            except (ValueError, TypeError, RecursionError):  # not a literal
+                return None
+            if None in arguments:  # **kwargs
+                return None
+            calls.append(Call(node.func.id, json.dumps(arguments, ensure_ascii=False)))
+        return calls
 
 
 class MistralParser(_Parser):
@@ -181,7 +228,12 @@ class MistralParser(_Parser):
         return Parsed("", calls)
 
 
-PARSERS = {"hermes": HermesParser, "llama3_json": Llama3JsonParser, "mistral": MistralParser}
+PARSERS = {
+    "hermes": HermesParser,
+    "llama3_json": Llama3JsonParser,
+    "mistral": MistralParser,
+    "pythonic": PythonicParser,
+}
 
 
 def _partial_tail(text: str, tag: str) -> int:

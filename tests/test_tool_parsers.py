@@ -8,7 +8,14 @@ import random
 
 import pytest
 
-from app.tool_parsers import Call, HermesParser, Llama3JsonParser, MistralParser, Parsed
+from app.tool_parsers import (
+    Call,
+    HermesParser,
+    Llama3JsonParser,
+    MistralParser,
+    Parsed,
+    PythonicParser,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -130,4 +137,29 @@ MISTRAL = f"[{WEATHER}, {CLOCK}]"
 )
 def test_mistral_reads_calls_alike_whole_and_streamed(text, content, calls):
     parsed = _every_way(MistralParser, text)
+    assert (parsed.content, parsed.calls) == (content, calls)
+
+
+@pytest.mark.parametrize(
+    ("text", "content", "calls"),
+    [
+        ('[get_weather(city="Paris", unit="celsius"), get_time(timezone="Europe/Paris")]', "",
+         [PARIS, TIME]),
+        ('<|python_start|>[get_weather(city="Paris", unit="celsius")]<|python_end|>', "",
+         [PARIS]),
+        (" [ping()]", "", [Call("ping", "{}")]),
+        ("[f(a=[1, 2], b={'k': None}, c=True)]", "",
+         [Call("f", '{"a": [1, 2], "b": {"k": null}, "c": true}')]),
+        ("Paris is sunny.", "Paris is sunny.", []),
+        ("[f(x)]", "[f(x)]", []),  # a positional argument: no name to give it
+        ("[f(a=g())]", "[f(a=g())]", []),  # not a literal
+        ("[f(**{'a': 1})]", "[f(**{'a': 1})]", []),
+        ("[1, 2]", "[1, 2]", []),
+        ("[]", "[]", []),
+        ("[f(a=", "[f(a=", []),
+        ("<|python_sta", "<|python_sta", []),
+    ],
+)  # fmt: skip
+def test_pythonic_reads_calls_alike_whole_and_streamed(text, content, calls):
+    parsed = _every_way(PythonicParser, text)
     assert (parsed.content, parsed.calls) == (content, calls)

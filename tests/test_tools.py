@@ -219,6 +219,7 @@ MISTRAL_CALL = "[TOOL_CALLS]" + json.dumps([{"name": "get_weather", "arguments":
         ("hermes", "Checking.\n" + HERMES_CALL, "Checking.\n"),
         ("llama3_json", LLAMA_CALL, None),
         ("mistral", "Sure. " + MISTRAL_CALL, "Sure. "),
+        ("pythonic", 'get_weather(city="Paris", unit="celsius")'.join("[]"), None),
     ],
 )
 def test_auto_finds_the_calls_the_model_writes(make_engine, parser, written, content):

@@ -289,9 +289,11 @@ def test_prefix_affinity_sends_a_prompt_where_its_prefix_went_unless_that_one_is
     B computes its prefix again; with affinity B goes back to the second and takes it from the
     cache. A holder busier than the imbalance allows is passed over."""
     from app.config import MAX_IMBALANCE
-    from placement.simulator import PREFIX_AFFINITY
+    from app.prefix_router import MIN_SHARE
+    from placement.simulator import PREFIX_AFFINITY, _PromptRouter
 
     assert PREFIX_AFFINITY == MAX_IMBALANCE  # the simulator routes as the server's default
+    assert _PromptRouter.MIN_SHARE == MIN_SHARE
     a = SimRequest(0.0, 512, 1, prefix_len=448, prefix_id=0)
     b = SimRequest(1.0, 512, 1, prefix_len=448, prefix_id=1)
     again = [replace(a, arrival_ms=10_000.0), replace(b, arrival_ms=20_000.0)]

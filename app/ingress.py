@@ -38,6 +38,8 @@ from app.protocol import (
     parse_object,
     validated,
 )
+from app.responses import ResponseFormat, chat_request, not_stored, renamed_params
+from app.responses import sse as responses_sse
 from engine import InvalidRequestError, RequestOutput, SamplingParams
 from engine.limits import check_lengths
 from engine.model_store import resolve_model
@@ -95,6 +97,10 @@ class Ingress:
         if path in ("/v1/completions", "/v1/chat/completions") and method == "POST":
             chat = path == "/v1/chat/completions"
             return await self._generate(await request.body(), chat, _client_id(request))
+        if path == "/v1/responses" and method == "POST":
+            return await self._respond(await request.body(), _client_id(request))
+        if path.startswith("/v1/responses/"):  # retrieve, cancel, delete, input_items
+            raise not_stored(path.removeprefix("/v1/responses/").split("/")[0], "response_id")
         if path == "/tokenize" and method == "POST":  # vLLM's
             return JSONResponse(self._tokenize(await request.body()))
         if path == "/detokenize" and method == "POST":
@@ -146,9 +152,8 @@ class Ingress:
     # ---- requests ------------------------------------------------------------------------------
 
     def _prepare(
-        self, body: bytes, chat: bool, kv_capacity: int
-    ) -> tuple[object, list[Prompt], SamplingParams]:
-        req = parse(body, ChatCompletionRequest if chat else CompletionRequest)
+        self, req: CompletionRequest | ChatCompletionRequest, chat: bool, kv_capacity: int
+    ) -> tuple[list[Prompt], SamplingParams]:
         self._check_model(req.model)
         if chat:
             req.use_tool_parser(self.args.tool_call_parser)
@@ -169,7 +174,7 @@ class Ingress:
                 prompt, max_tokens, kv_capacity, chat, i if len(prompts) > 1 else None
             )
         bad_words = self.prompts.bad_words(req.bad_words)
-        return req, prompts, req.sampling_params(max_tokens, bad_words)
+        return prompts, req.sampling_params(max_tokens, bad_words)
 
     def _check_lengths(
         self, prompt: Prompt, max_tokens: int, kv_capacity: int, chat: bool, index: int | None
@@ -199,7 +204,36 @@ class Ingress:
     async def _generate(self, body: bytes, chat: bool, client_id: str | None = None) -> Response:
         """client_id: the request's X-Request-Id header, which names the response (vLLM's;
         Serve's proxy returns the header itself)."""
-        req, prompts, params = self._prepare(body, chat, await self._capacity())
+        req = parse(body, ChatCompletionRequest if chat else CompletionRequest)
+        view, outputs = await self._start(req, chat, client_id)
+        if req.stream:
+            return StreamingResponse(
+                self._sse(view, outputs, req.include_usage, req.continuous_usage),
+                media_type="text/event-stream",
+            )
+        return JSONResponse(await _whole(view, outputs))
+
+    async def _respond(self, body: bytes, client_id: str | None = None) -> Response:
+        """OpenAI's Responses API, served as the chat completion it is (app/responses.py)."""
+        data = parse_object(body)
+        req, chat = chat_request(data, data)
+        with renamed_params():
+            view, outputs = await self._start(chat, True, client_id)
+        response = ResponseFormat(req, view, chat.temperature, chat.top_p)
+        if chat.stream:
+            return StreamingResponse(
+                responses_sse(response, outputs), media_type="text/event-stream"
+            )
+        return JSONResponse(await _whole(response, outputs))
+
+    async def _start(
+        self, req: CompletionRequest | ChatCompletionRequest, chat: bool, client_id: str | None
+    ) -> tuple[CompletionFormat, AsyncIterator[tuple[int, RequestOutput]]]:
+        """Start the request's engine requests; -> its response view and their outputs, the
+        first already received (an error a replica raised before is an HTTP status)."""
+        if chat:
+            req.use_tool_parser(self.args.tool_call_parser)
+        prompts, params = self._prepare(req, chat, await self._capacity())
         choices = _choice_params(params, req.n)
         base_id = client_id or uuid.uuid4().hex
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{base_id}"
@@ -226,15 +260,7 @@ class Ingress:
         )
         if chat:
             view.tools = req.tool_calls()
-        if req.stream:
-            return StreamingResponse(
-                self._sse(view, outputs, req.include_usage, req.continuous_usage),
-                media_type="text/event-stream",
-            )
-        async with contextlib.aclosing(outputs):
-            async for index, out in outputs:
-                view.add(index, out)
-        return JSONResponse(view.final())
+        return view, outputs
 
     def _admit(self, n: int, num_prompts: int = 1) -> None:
         """Bounded queue: refuse what would put more than max_queued_requests in flight (a
@@ -354,6 +380,14 @@ def _api_key(env: str | None) -> bytes | None:
     if not key:
         raise ValueError(f"ingress.api_key_env: environment variable {env} is not set or empty")
     return key.encode()
+
+
+async def _whole(view, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> dict:
+    """The response body once every output is in."""
+    async with contextlib.aclosing(outputs):
+        async for index, out in outputs:
+            view.add(index, out)
+    return view.final()
 
 
 async def _primed(outputs: AsyncIterator[T]) -> AsyncIterator[T]:

@@ -913,6 +913,89 @@ def test_malformed_json_and_unknown_route(server):
     assert httpx.get(f"{server}/disagg/health", timeout=30).json() == {"status": "ok"}
 
 
+def test_responses_api_through_the_official_client(server):
+    """OpenAI's Responses API answers as the chat completion it is: the same greedy text (with
+    instructions as the system message), streamed events that the client's own stream helper
+    accumulates to the same response, max_output_tokens -> incomplete; function tools give
+    function_call items, and a call's output sent back as input items reads as chat's tool
+    messages; what needs stored responses is refused."""
+    import openai
+
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    model, limits = "SmolLM2-135M-Instruct", {"temperature": 0}
+    for mode in ("disagg", "coloc"):
+        client = openai.OpenAI(base_url=f"{server}/{mode}/v1", api_key="unused")
+        system = [{"role": "system", "content": "Answer in one word."}]
+        chat = client.chat.completions.create(
+            model=model, messages=system + question, max_tokens=20, **limits
+        )
+        response = client.responses.create(
+            model=model, input=question[0]["content"], instructions=system[0]["content"],
+            max_output_tokens=20, **limits,
+        )  # fmt: skip
+        assert response.output_text == chat.choices[0].message.content, mode
+        assert response.status == "completed" and response.id.startswith("resp_")
+        assert response.usage.input_tokens == chat.usage.prompt_tokens
+        assert response.usage.output_tokens == chat.usage.completion_tokens
+    events = list(client.responses.create(model=model, input=question, stream=True, **limits))
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert events[-1].type == "response.completed" and len(deltas) > 1
+    assert "".join(deltas) == events[-1].response.output_text == "The capital of France is Paris."
+    with client.responses.stream(model=model, input=question, **limits) as stream:
+        final = stream.get_final_response()
+    assert final.output_text == "The capital of France is Paris."
+    cut = client.responses.create(model=model, input=question, max_output_tokens=3, **limits)
+    assert (cut.status, cut.incomplete_details.reason) == ("incomplete", "max_output_tokens")
+    with pytest.raises(openai.NotFoundError, match="stores no responses"):
+        client.responses.create(model=model, input="hi", previous_response_id=response.id)
+    with pytest.raises(openai.NotFoundError, match="stores no responses"):
+        client.responses.retrieve(response.id)
+    with pytest.raises(openai.BadRequestError, match="only function tools"):
+        client.responses.create(model=model, input="hi", tools=[{"type": "web_search"}])
+    _responses_tool_round_trip(server)
+
+
+def _responses_tool_round_trip(server: str) -> None:
+    """The gloo app (hermes parser): a call the model writes (made to, by a regex over the exact
+    text) is a function_call item; sent back with its output, the reply equals chat's."""
+    import openai
+
+    from tests.test_tools import ARGS, ASK, HERMES_CALL, WEATHER
+
+    client = openai.OpenAI(base_url=f"{server}/disagg_gloo/v1", api_key="unused")
+    tool = {"type": "function", **WEATHER["function"]}
+    written = {"structured_outputs": {"regex": re.escape("One moment.\n" + HERMES_CALL)}}
+    fields = {"model": "SmolLM2-135M-Instruct", "tools": [tool], "temperature": 0}
+    response = client.responses.create(**fields, input=ASK, extra_body=written)
+    message, call = response.output
+    assert message.content[0].text == "One moment.\n"
+    assert (call.type, call.name, json.loads(call.arguments)) == (
+        "function_call",
+        "get_weather",
+        ARGS,
+    )
+    events = client.responses.create(**fields, input=ASK, extra_body=written, stream=True)
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    assert [(i.type, getattr(i, "arguments", None)) for i in done] == [
+        ("message", None), ("function_call", call.arguments)
+    ]  # fmt: skip
+    output = {"type": "function_call_output", "call_id": call.call_id, "output": "18 C, sunny"}
+    back = [*ASK, call.model_dump(exclude={"id", "status"}), output]
+    reply = client.responses.create(**fields, input=back, max_output_tokens=30)
+    calls = [{"id": call.call_id, "type": "function",
+              "function": {"name": "get_weather", "arguments": call.arguments}}]  # fmt: skip
+    messages = [
+        *ASK,
+        {"role": "assistant", "content": "", "tool_calls": calls},
+        {"role": "tool", "tool_call_id": call.call_id, "content": "18 C, sunny"},
+    ]
+    chat = client.chat.completions.create(
+        model=fields["model"], messages=messages, tools=[WEATHER], temperature=0, max_tokens=30
+    )
+    assert reply.output_text == (chat.choices[0].message.content or "")
+    assert reply.usage.input_tokens == chat.usage.prompt_tokens
+
+
 def _replica_stats(app: str) -> list[dict]:
     from ray import serve
 

@@ -216,7 +216,7 @@ class Ingress:
     async def _respond(self, body: bytes, client_id: str | None = None) -> Response:
         """OpenAI's Responses API, served as the chat completion it is (app/responses.py)."""
         data = parse_object(body)
-        req, chat = chat_request(data, data)
+        req, chat = chat_request(data)
         with renamed_params():
             view, outputs = await self._start(chat, True, client_id)
         response = ResponseFormat(req, view, chat.temperature, chat.top_p)

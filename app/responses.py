@@ -136,12 +136,12 @@ def _set(options: dict | None) -> bool:
     return any(v is not None for v in (options or {}).values())
 
 
-def chat_request(data: dict, extras: dict) -> tuple[ResponsesRequest, ChatCompletionRequest]:
-    """-> the Responses request in `data` and the chat request it is; `extras`: `data` too,
-    whose vLLM sampling fields pass through."""
+def chat_request(data: dict) -> tuple[ResponsesRequest, ChatCompletionRequest]:
+    """-> the Responses request in `data` (a request body) and the chat request it is; the
+    body's vLLM sampling fields pass through as they are."""
     req = validated(data, ResponsesRequest)
     chat = req.chat_data()
-    chat.update({k: extras[k] for k in SAMPLING_EXTRAS if k in extras})
+    chat.update({k: data[k] for k in SAMPLING_EXTRAS if k in data})
     with renamed_params():
         return req, validated(chat, ChatCompletionRequest)
 

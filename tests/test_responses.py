@@ -32,7 +32,7 @@ EVENT = TypeAdapter(ResponseStreamEvent)
 
 def _chat(**fields):
     data = {"model": "m", "input": "hi", **fields}
-    return chat_request(data, data)
+    return chat_request(data)
 
 
 def test_input_items_become_the_chat_messages():

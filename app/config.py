@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app.tool_parsers import PARSERS
 from engine.config import EngineConfig
 from engine.model_store import DEFAULT_MODEL_NAME
 from engine.parallel import ParallelLayout
@@ -176,11 +177,18 @@ class AppArgs(_Strict):
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     # vLLM's --enable-auto-tool-choice --tool-call-parser: tool_choice "auto" finds the calls
     # a model writes in its own format (app/tool_parsers.py); unset, "auto" is refused
-    tool_call_parser: Literal["hermes", "llama3_json", "mistral", "pythonic"] | None = None
+    tool_call_parser: str | None = None
     ingress: IngressArgs = IngressArgs()
     prefill: PhaseArgs = PhaseArgs()
     decode: PhaseArgs = PhaseArgs()
     colocated: PhaseArgs = PhaseArgs()
+
+    @field_validator("tool_call_parser")
+    @classmethod
+    def _known_parser(cls, value):
+        if value is not None and value not in PARSERS:
+            raise ValueError(f"unknown tool-call parser {value!r}; one of {', '.join(PARSERS)}")
+        return value
 
     @model_validator(mode="after")
     def _policies_complete(self) -> AppArgs:

@@ -13,6 +13,15 @@
 - `pythonic` (Llama 3.2 with its pythonic template, Llama 4, ToolACE): the reply is a Python
   list of calls with literal keyword arguments, `[get_weather(city="Paris")]`, optionally
   between `<|python_start|>` and `<|python_end|>`.
+- `internlm` (InternLM2 / 2.5), `jamba` (Jamba 1.5 / 1.6), `minimax` (MiniMax-M1), `granite`
+  (Granite 3.x), `phi4_mini_json` (Phi-4-mini), `deepseek_v3` (DeepSeek-V3 / R1),
+  `deepseek_v31` (DeepSeek-V3.1), `kimi_k2` (Kimi K2): JSON calls between each model's
+  markers (see each class).
+- `qwen3_coder` (Qwen3-Coder: `<function=NAME><parameter=KEY>VALUE</parameter></function>`
+  in `<tool_call>`) and `glm45` (GLM-4.5 / 4.6: `NAME<arg_key>KEY</arg_key><arg_value>VALUE
+  </arg_value>` in `<tool_call>`) write each value as text; it is typed by the parameter's
+  JSON schema in the request's tools, as vLLM does (a string stays text, "3" for an integer
+  is 3, ...).
 
 A reply's content is its text outside the calls (whitespace between and after calls left out).
 Streamed, content goes out as it comes except text that may begin a call, which is held until
@@ -25,7 +34,9 @@ the streamed pieces join to exactly what the whole reply gives.
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
+import re
 from dataclasses import dataclass, field
 
 
@@ -63,10 +74,14 @@ class _Parser:
         raise NotImplementedError
 
 
-class HermesParser(_Parser):
-    START, END = "<tool_call>", "</tool_call>"
+class _TaggedParser(_Parser):
+    """Calls between a `START` and an `END` tag, anywhere in the reply; `_calls` reads what
+    is between them (one call or several). The last call may be left unclosed."""
 
-    def __init__(self) -> None:
+    START = END = ""
+
+    def __init__(self, schemas: dict[str, dict] | None = None) -> None:
+        self.schemas = schemas or {}  # function name -> its parameters' JSON schema
         self._held = ""  # text not yet given out: a possible start tag, or a call's body
         self._inside = False  # after a start tag
         self._gap = ""  # whitespace after a call: content only if text follows it
@@ -111,12 +126,154 @@ class HermesParser(_Parser):
 
     def _close(self, body: str, out: Parsed, closed: bool = True) -> None:
         self._inside = False
-        call = _call(body, "arguments")
-        if call is None:  # not a call after all: the model's text, tags and all
+        calls = self._calls(body)
+        if not calls:  # not a call after all: the model's text, tags and all
             self._text(self.START + body + (self.END if closed else ""), out)
             return
-        out.calls.append(call)
+        out.calls.extend(calls)
         self.called, self._gap = True, ""
+
+    def _calls(self, body: str) -> list[Call] | None:
+        raise NotImplementedError
+
+
+class HermesParser(_TaggedParser):
+    START, END = "<tool_call>", "</tool_call>"
+
+    def _calls(self, body: str) -> list[Call] | None:
+        call = _call(body, "arguments")
+        return None if call is None else [call]
+
+
+class InternLMParser(_TaggedParser):
+    """InternLM2 / 2.5: `<|action_start|><|plugin|>{"name", "parameters"}<|action_end|>`."""
+
+    START, END = "<|action_start|><|plugin|>", "<|action_end|>"
+
+    def _calls(self, body: str) -> list[Call] | None:
+        call = _call(body, "parameters", "arguments")
+        return None if call is None else [call]
+
+
+class JambaParser(_TaggedParser):
+    """Jamba 1.5 / 1.6: `<tool_calls>[{"name", "arguments"}, ...]</tool_calls>`."""
+
+    START, END = "<tool_calls>", "</tool_calls>"
+
+    def _calls(self, body: str) -> list[Call] | None:
+        try:
+            items = json.loads(body)
+        except json.JSONDecodeError:
+            return None
+        return _all_calls(items if isinstance(items, list) else [items])
+
+
+class MiniMaxParser(_TaggedParser):
+    """MiniMax-M1: `<tool_calls>` then one `{"name", "arguments"}` object per line."""
+
+    START, END = "<tool_calls>", "</tool_calls>"
+
+    def _calls(self, body: str) -> list[Call] | None:
+        lines = [line for line in body.splitlines() if line.strip()]
+        calls = [_call(line, "arguments") for line in lines]
+        return None if None in calls else calls
+
+
+class _SectionParser(_TaggedParser):
+    """A section of calls, each matched whole by `CALL` (a regex with the groups name and
+    arguments, JSON text); a section with anything else in it is text."""
+
+    CALL: re.Pattern
+
+    def _calls(self, body: str) -> list[Call] | None:
+        if self.CALL.sub("", body).strip():  # something besides calls
+            return None
+        calls = [self._match(m) for m in self.CALL.finditer(body)]
+        return None if None in calls else calls
+
+    def _match(self, match: re.Match) -> Call | None:
+        try:
+            arguments = json.loads(match["arguments"])
+        except json.JSONDecodeError:
+            return None
+        return _as_call({"name": self._name(match["name"]), "arguments": arguments}, ("arguments",))
+
+    def _name(self, written: str) -> str:
+        return written.strip()
+
+
+class DeepSeekV3Parser(_SectionParser):
+    """DeepSeek-V3 / R1: `<｜tool▁calls▁begin｜>` then per call `<｜tool▁call▁begin｜>function
+    <｜tool▁sep｜>NAME` and the arguments in a ```json block, `<｜tool▁call▁end｜>`."""
+
+    START, END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+    CALL = re.compile(
+        r"<｜tool▁call▁begin｜>[^<]*<｜tool▁sep｜>(?P<name>[^\n]*)\n```json\n"
+        r"(?P<arguments>.*?)\n```\s*<｜tool▁call▁end｜>",
+        re.DOTALL,
+    )
+
+
+class DeepSeekV31Parser(_SectionParser):
+    """DeepSeek-V3.1: per call `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{arguments}
+    <｜tool▁call▁end｜>` in the same section."""
+
+    START, END = DeepSeekV3Parser.START, DeepSeekV3Parser.END
+    CALL = re.compile(
+        r"<｜tool▁call▁begin｜>(?P<name>.*?)<｜tool▁sep｜>(?P<arguments>.*?)<｜tool▁call▁end｜>",
+        re.DOTALL,
+    )
+
+
+class KimiK2Parser(_SectionParser):
+    """Kimi K2: `<|tool_calls_section_begin|>`, per call `<|tool_call_begin|>functions.NAME:I
+    <|tool_call_argument_begin|>{arguments}<|tool_call_end|>`."""
+
+    START, END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
+    CALL = re.compile(
+        r"<\|tool_call_begin\|>(?P<name>.*?)<\|tool_call_argument_begin\|>(?P<arguments>.*?)"
+        r"<\|tool_call_end\|>",
+        re.DOTALL,
+    )
+
+    def _name(self, written: str) -> str:
+        # the call's id, "functions.get_weather:0": the name is between the dot and the colon
+        return written.strip().split(":")[0].split(".")[-1]
+
+
+class Qwen3CoderParser(_TaggedParser):
+    """Qwen3-Coder: `<tool_call><function=NAME><parameter=KEY>VALUE</parameter>...</function>
+    </tool_call>`; each value is text, typed by the function's schema (vLLM's rules)."""
+
+    START, END = "<tool_call>", "</tool_call>"
+    FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*?)</function>\s*", re.DOTALL)
+    PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.DOTALL)
+
+    def _calls(self, body: str) -> list[Call] | None:
+        function = self.FUNCTION.fullmatch(body)
+        if function is None:
+            return None
+        name, params = function[1].strip(), function[2]
+        if self.PARAMETER.sub("", params).strip():
+            return None
+        values = {k.strip(): _strip_newline(v) for k, v in self.PARAMETER.findall(params)}
+        return [_typed_call(name, values, self.schemas.get(name))]
+
+
+class Glm45Parser(_TaggedParser):
+    """GLM-4.5 / 4.6: `<tool_call>NAME<arg_key>KEY</arg_key><arg_value>VALUE</arg_value>...
+    </tool_call>` (newlines between); values typed by the function's schema."""
+
+    START, END = "<tool_call>", "</tool_call>"
+    PAIR = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
+
+    def _calls(self, body: str) -> list[Call] | None:
+        name, _, pairs = body.partition("<arg_key>")
+        name, pairs = name.strip(), "<arg_key>" + pairs if pairs else ""
+        if not name or "\n" in name or "<" in name or self.PAIR.sub("", pairs).strip():
+            return None
+        values = {k.strip(): v.strip() for k, v in self.PAIR.findall(pairs)}
+        return [_typed_call(name, values, self.schemas.get(name))]
 
 
 class _WholeReplyParser(_Parser):
@@ -126,7 +283,7 @@ class _WholeReplyParser(_Parser):
     TAG = ""
     OPEN = ""
 
-    def __init__(self) -> None:
+    def __init__(self, schemas: dict[str, dict] | None = None) -> None:
         self._held = ""
         self._mode: str | None = None  # "text" or "calls", once the reply's start tells
 
@@ -192,10 +349,25 @@ class PythonicParser(_WholeReplyParser):
         return calls
 
 
+class GraniteParser(_WholeReplyParser):
+    """Granite 3.x: `<|tool_call|>` and a JSON array of `{"name", "arguments"}`."""
+
+    TAG, OPEN = "<|tool_call|>", "["
+
+    def _calls(self, text: str) -> list[Call] | None:
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError:
+            return None
+        return _all_calls(items) if isinstance(items, list) else None
+
+
 class MistralParser(_Parser):
+    """Text, then `TAG` and a JSON array of calls (or one call object)."""
+
     TAG = "[TOOL_CALLS]"
 
-    def __init__(self) -> None:
+    def __init__(self, schemas: dict[str, dict] | None = None) -> None:
         self._held = ""
         self._after = False  # past the marker: the calls, read whole at the end
 
@@ -220,12 +392,17 @@ class MistralParser(_Parser):
             items = json.loads(text.removeprefix(self.TAG))
         except json.JSONDecodeError:
             return Parsed(text)
-        items = items if isinstance(items, list) else [items]
-        calls = [_as_call(item, ("arguments", "parameters")) for item in items]
-        if not calls or None in calls:
+        calls = _all_calls(items if isinstance(items, list) else [items])
+        if calls is None:
             return Parsed(text)
         self.called = True
         return Parsed("", calls)
+
+
+class Phi4MiniParser(MistralParser):
+    """Phi-4-mini: `functools` and a JSON array of `{"name", "arguments"}`."""
+
+    TAG = "functools"
 
 
 PARSERS = {
@@ -233,6 +410,16 @@ PARSERS = {
     "llama3_json": Llama3JsonParser,
     "mistral": MistralParser,
     "pythonic": PythonicParser,
+    "internlm": InternLMParser,
+    "jamba": JambaParser,
+    "minimax": MiniMaxParser,
+    "granite": GraniteParser,
+    "phi4_mini_json": Phi4MiniParser,
+    "deepseek_v3": DeepSeekV3Parser,
+    "deepseek_v31": DeepSeekV31Parser,
+    "kimi_k2": KimiK2Parser,
+    "qwen3_coder": Qwen3CoderParser,
+    "glm45": Glm45Parser,
 }
 
 
@@ -260,6 +447,66 @@ def _as_call(item, argument_keys: tuple[str, ...]) -> Call | None:
     if not isinstance(arguments, dict):
         return None
     return Call(item["name"], json.dumps(arguments, ensure_ascii=False))
+
+
+def _all_calls(items: list) -> list[Call] | None:
+    """A list of call objects -> the calls; None unless every item is one."""
+    calls = [_as_call(item, ("arguments", "parameters")) for item in items]
+    return None if not calls or None in calls else calls
+
+
+def _strip_newline(value: str) -> str:
+    """A value written on its own lines: the newline after the open tag and before the close."""
+    value = value[1:] if value.startswith("\n") else value
+    return value[:-1] if value.endswith("\n") else value
+
+
+def _typed_call(name: str, values: dict[str, str], schema: dict | None) -> Call:
+    properties = (schema or {}).get("properties") or {}
+    arguments = {k: _typed(v, properties.get(k)) for k, v in values.items()}
+    return Call(name, json.dumps(arguments, ensure_ascii=False))
+
+
+def _typed(value: str, schema) -> object:
+    """A value the model wrote as text, as its parameter's JSON schema types it (vLLM's
+    rules): strings as written; integers, numbers, booleans and null read as such; objects,
+    arrays and untyped values as JSON or a Python literal. A parameter the schema does not
+    name, or a value that does not read as its type, stays text."""
+    if not isinstance(schema, dict):
+        return value
+    kinds = _schema_types(schema)
+    if "null" in kinds and value.lower() in ("null", "none"):
+        return None
+    if not kinds or kinds[0] == "string":
+        return value
+    kind = kinds[0]
+    with contextlib.suppress(ValueError):
+        if kind == "integer":
+            return int(value)
+        if kind == "number":
+            number = float(value)
+            return int(number) if number.is_integer() else number
+    if kind == "boolean":
+        return {"true": True, "false": False}.get(value.strip().lower(), value)
+    if kind in ("integer", "number"):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError, TypeError, RecursionError):  # the model's text
+        return value
+
+
+def _schema_types(schema: dict) -> list[str]:
+    """A schema's types, the first non-null one first: "type" (a name or a list) or anyOf's."""
+    kind = schema.get("type")
+    kinds = kind if isinstance(kind, list) else [kind] if kind else []
+    kinds += [o["type"] for o in schema.get("anyOf", ()) if isinstance(o, dict) and "type" in o]
+    kinds = [str(k).lower() for k in kinds if isinstance(k, str)]
+    return sorted(kinds, key=lambda k: k == "null")
 
 
 def _json_calls(text: str) -> list[Call] | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -83,12 +83,14 @@ class ToolCalls:
 @dataclass(frozen=True)
 class AutoToolCalls:
     """tool_choice "auto": the calls the model writes in its own format, found by `parser`
-    (a name in app.tool_parsers.PARSERS)."""
+    (a name in app.tool_parsers.PARSERS); `schemas`: each tool's parameters (the parsers of
+    formats that write values as text type them by it)."""
 
     parser: str
+    schemas: dict[str, dict] = field(default_factory=dict, compare=False)
 
     def new_parser(self):
-        return PARSERS[self.parser]()
+        return PARSERS[self.parser](self.schemas)
 
 
 def tool_choice(
@@ -112,7 +114,8 @@ def tool_choice(
                 'use "required", a named function or "none"',
                 "tool_choice",
             )
-        return None, AutoToolCalls(parser)
+        schemas = {t.function.name: t.function.parameters or {} for t in tools}
+        return None, AutoToolCalls(parser, schemas)
     if choice == "required":
         schema = _calls_schema(tools, req.parallel_tool_calls is not False)
         return _compact(schema), ToolCalls(None)

@@ -3,18 +3,31 @@ every place (and at random places) joining to exactly that."""
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 
 import pytest
 
 from app.tool_parsers import (
+    PARSERS,
     Call,
+    DeepSeekV3Parser,
+    DeepSeekV31Parser,
+    Glm45Parser,
+    GraniteParser,
     HermesParser,
+    InternLMParser,
+    JambaParser,
+    KimiK2Parser,
     Llama3JsonParser,
+    MiniMaxParser,
     MistralParser,
     Parsed,
+    Phi4MiniParser,
     PythonicParser,
+    Qwen3CoderParser,
+    _typed,
 )
 
 pytestmark = pytest.mark.unit
@@ -141,13 +154,164 @@ PYTHONIC_CASES = [  # (reply, content, calls)
 ]  # fmt: skip
 
 
+INTERNLM_CASES = [  # (reply, content, calls)
+    ('Checking.<|action_start|><|plugin|>\n{"name": "get_weather", "parameters": '
+     '{"city": "Paris", "unit": "celsius"}}<|action_end|>', "Checking.", [PARIS]),
+    ("<|action_start|><|plugin|>{oops}<|action_end|>",
+     "<|action_start|><|plugin|>{oops}<|action_end|>", []),
+    ("Paris is sunny.<|action_st", "Paris is sunny.<|action_st", []),
+]  # fmt: skip
+JAMBA_CASES = [
+    (f"<tool_calls>[{WEATHER}, {CLOCK}]</tool_calls>", "", [PARIS, TIME]),
+    (f"Sure. <tool_calls>{WEATHER}</tool_calls>", "Sure. ", [PARIS]),
+    ("<tool_calls>[1]</tool_calls>", "<tool_calls>[1]</tool_calls>", []),
+]  # fmt: skip
+MINIMAX_CASES = [
+    (f"<tool_calls>\n{WEATHER}\n{CLOCK}\n</tool_calls>", "", [PARIS, TIME]),
+    (f"<tool_calls>\n{WEATHER}\nnot json\n</tool_calls>",
+     f"<tool_calls>\n{WEATHER}\nnot json\n</tool_calls>", []),
+]  # fmt: skip
+GRANITE_CASES = [
+    (f"<|tool_call|>[{WEATHER}, {CLOCK}]", "", [PARIS, TIME]),
+    (f" [{WEATHER}]", "", [PARIS]),
+    ("Paris is sunny.", "Paris is sunny.", []),
+    ("<|tool_call|>{not a list}", "<|tool_call|>{not a list}", []),
+]  # fmt: skip
+PHI4_MINI_CASES = [
+    (f"functools[{WEATHER}, {CLOCK}]", "", [PARIS, TIME]),
+    (f"Let me see. functools[{WEATHER}]", "Let me see. ", [PARIS]),
+    ("The functool", "The functool", []),
+]  # fmt: skip
+DS_BEGIN, DS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+DS_CALL = "<｜tool▁call▁begin｜>function<｜tool▁sep｜>{}\n```json\n{}\n```<｜tool▁call▁end｜>"
+DS_ARGS = '{"city": "Paris", "unit": "celsius"}'
+DEEPSEEK_V3_CASES = [
+    ("Looking." + DS_BEGIN + DS_CALL.format("get_weather", DS_ARGS)
+     + DS_CALL.format("get_time", '{"timezone": "Europe/Paris"}') + DS_END,
+     "Looking.", [PARIS, TIME]),
+    (DS_BEGIN + DS_CALL.format("get_weather", DS_ARGS), "", [PARIS]),  # unclosed
+    (DS_BEGIN + "junk" + DS_END, DS_BEGIN + "junk" + DS_END, []),
+    (DS_BEGIN + DS_CALL.format("f", "{bad") + DS_END,
+     DS_BEGIN + DS_CALL.format("f", "{bad") + DS_END, []),
+]  # fmt: skip
+DS31_CALL = "<｜tool▁call▁begin｜>{}<｜tool▁sep｜>{}<｜tool▁call▁end｜>"
+DEEPSEEK_V31_CASES = [
+    (DS_BEGIN + DS31_CALL.format("get_weather", DS_ARGS)
+     + DS31_CALL.format("get_time", '{"timezone": "Europe/Paris"}') + DS_END,
+     "", [PARIS, TIME]),
+    ("Hm." + DS_BEGIN + DS31_CALL.format("get_weather", DS_ARGS) + DS_END + " ",
+     "Hm.", [PARIS]),
+]  # fmt: skip
+KIMI_CALL = "<|tool_call_begin|>functions.{}:{}<|tool_call_argument_begin|>{}<|tool_call_end|>"
+KIMI_K2_CASES = [
+    ("Let me check.<|tool_calls_section_begin|>" + KIMI_CALL.format("get_weather", 0, DS_ARGS)
+     + KIMI_CALL.format("get_time", 1, '{"timezone": "Europe/Paris"}')
+     + "<|tool_calls_section_end|>", "Let me check.", [PARIS, TIME]),
+    ("<|tool_calls_section_begin|>nothing<|tool_calls_section_end|>",
+     "<|tool_calls_section_begin|>nothing<|tool_calls_section_end|>", []),
+]  # fmt: skip
+SCHEMAS = {
+    "get_weather": {"type": "object", "properties": {
+        "city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer"}, "hot": {"type": "boolean"},
+        "tags": {"type": "array"}, "at": {"anyOf": [{"type": "null"}, {"type": "number"}]}}},
+    "get_time": {"type": "object", "properties": {"timezone": {"type": "string"}}},
+}  # fmt: skip
+QWEN_WEATHER = (
+    "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+    "<parameter=unit>\ncelsius\n</parameter>\n</function>\n</tool_call>"
+)
+TYPED = Call("get_weather", json.dumps(
+    {"city": "123", "days": 3, "hot": True, "tags": ["a", "b"], "at": 2.5, "note": "x y"}
+))  # fmt: skip
+QWEN3_CODER_CASES = [
+    (f"Let me look.\n{QWEN_WEATHER}", "Let me look.\n", [PARIS]),
+    ("<tool_call>\n<function=get_time>\n<parameter=timezone>\nEurope/Paris\n</parameter>\n"
+     "</function>\n</tool_call>", "", [TIME]),
+    # values typed by the schema: a string stays one even when it looks like a number
+    ("<tool_call><function=get_weather><parameter=city>123</parameter><parameter=days>3"
+     "</parameter><parameter=hot>true</parameter><parameter=tags>['a', 'b']</parameter>"
+     "<parameter=at>2.5</parameter><parameter=note>x y</parameter></function></tool_call>",
+     "", [TYPED]),
+    ("<tool_call>junk</tool_call>", "<tool_call>junk</tool_call>", []),
+    ("<tool_call><function=f>stray<parameter=a>1</parameter></function></tool_call>",
+     "<tool_call><function=f>stray<parameter=a>1</parameter></function></tool_call>", []),
+]  # fmt: skip
+GLM45_CASES = [
+    ("<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n"
+     "<arg_key>unit</arg_key>\n<arg_value>celsius</arg_value>\n</tool_call>", "", [PARIS]),
+    ("Sure.<tool_call>get_weather<arg_key>city</arg_key><arg_value>123</arg_value>"
+     "<arg_key>days</arg_key><arg_value>3</arg_value><arg_key>hot</arg_key>"
+     "<arg_value>true</arg_value><arg_key>tags</arg_key><arg_value>[\"a\", \"b\"]</arg_value>"
+     "<arg_key>at</arg_key><arg_value>2.5</arg_value><arg_key>note</arg_key>"
+     "<arg_value>x y</arg_value></tool_call>", "Sure.", [TYPED]),
+    ("<tool_call>get_time</tool_call>", "", [Call("get_time", "{}")]),
+    ("<tool_call>two words\nmore</tool_call>", "<tool_call>two words\nmore</tool_call>", []),
+]  # fmt: skip
+
+
+def _with_schemas(parser_class):
+    return functools.partial(parser_class, SCHEMAS)
+
+
 @pytest.mark.parametrize(
     ("parser_class", "text", "content", "calls"),
     [(HermesParser, *c) for c in HERMES_CASES]
     + [(Llama3JsonParser, *c) for c in LLAMA3_JSON_CASES]
     + [(MistralParser, *c) for c in MISTRAL_CASES]
-    + [(PythonicParser, *c) for c in PYTHONIC_CASES],
+    + [(PythonicParser, *c) for c in PYTHONIC_CASES]
+    + [(InternLMParser, *c) for c in INTERNLM_CASES]
+    + [(JambaParser, *c) for c in JAMBA_CASES]
+    + [(MiniMaxParser, *c) for c in MINIMAX_CASES]
+    + [(GraniteParser, *c) for c in GRANITE_CASES]
+    + [(Phi4MiniParser, *c) for c in PHI4_MINI_CASES]
+    + [(DeepSeekV3Parser, *c) for c in DEEPSEEK_V3_CASES]
+    + [(DeepSeekV31Parser, *c) for c in DEEPSEEK_V31_CASES]
+    + [(KimiK2Parser, *c) for c in KIMI_K2_CASES]
+    + [(_with_schemas(Qwen3CoderParser), *c) for c in QWEN3_CODER_CASES]
+    + [(_with_schemas(Glm45Parser), *c) for c in GLM45_CASES],
 )
 def test_each_parser_reads_calls_alike_whole_and_streamed(parser_class, text, content, calls):
     parsed = _every_way(parser_class, text)
     assert (parsed.content, parsed.calls) == (content, calls)
+
+
+@pytest.mark.parametrize(
+    ("value", "schema", "typed"),
+    [
+        ("Paris", {"type": "string"}, "Paris"),
+        ("3", {"type": "string"}, "3"),
+        ("3", {"type": "integer"}, 3),
+        ("3.0", {"type": "number"}, 3),
+        ("-0.5", {"type": "number"}, -0.5),
+        ("three", {"type": "integer"}, "three"),  # not its type: text
+        ("True", {"type": "boolean"}, True),
+        ("yes", {"type": "boolean"}, "yes"),
+        ('{"a": 1}', {"type": "object"}, {"a": 1}),
+        ("{'a': None}", {"type": "object"}, {"a": None}),  # a Python literal
+        ("[1, 2", {"type": "array"}, "[1, 2"),
+        ("null", {"type": ["string", "null"]}, None),
+        ("null", {"type": "string"}, "null"),
+        ("None", {"anyOf": [{"type": "integer"}, {"type": "null"}]}, None),
+        ("7", {"anyOf": [{"type": "null"}, {"type": "integer"}]}, 7),
+        ("7", {"enum": ["7", "8"]}, "7"),  # untyped: text
+        ("7", None, "7"),  # a parameter the schema does not name
+    ],
+)
+def test_values_written_as_text_are_typed_by_the_schema(value, schema, typed):
+    assert _typed(value, schema) == typed and type(_typed(value, schema)) is type(typed)
+
+
+def test_every_parser_is_named_and_takes_the_tools_schemas():
+    for name, parser_class in PARSERS.items():
+        assert parser_class(SCHEMAS).read("plain text") == Parsed("plain text"), name
+
+
+def test_the_apps_tool_call_parser_is_one_of_them():
+    from pydantic import ValidationError
+
+    from app.config import AppArgs
+
+    assert AppArgs.model_validate({"tool_call_parser": "qwen3_coder"}).tool_call_parser
+    with pytest.raises(ValidationError, match="tool_call_parser(.|\n)*one of hermes, llama3_json"):
+        AppArgs.model_validate({"tool_call_parser": "qwen3"})

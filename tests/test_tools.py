@@ -220,8 +220,14 @@ MISTRAL_CALL = "[TOOL_CALLS]" + json.dumps([{"name": "get_weather", "arguments":
         ("llama3_json", LLAMA_CALL, None),
         ("mistral", "Sure. " + MISTRAL_CALL, "Sure. "),
         ("pythonic", 'get_weather(city="Paris", unit="celsius")'.join("[]"), None),
+        ("qwen3_coder", "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n"
+         "</parameter>\n<parameter=unit>\ncelsius\n</parameter>\n</function>\n</tool_call>",
+         None),
+        ("kimi_k2", "On it.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
+         f"<|tool_call_argument_begin|>{json.dumps(ARGS)}<|tool_call_end|>"
+         "<|tool_calls_section_end|>", "On it."),
     ],
-)
+)  # fmt: skip
 def test_auto_finds_the_calls_the_model_writes(make_engine, parser, written, content):
     """The model made to write a call in the parser's format (a regex over the exact text):
     the reply's tool_calls hold it, final and streamed, with the text before it as content and

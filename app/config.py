@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app.reasoning_parsers import REASONING_PARSERS
 from app.tool_parsers import PARSERS
 from engine.config import EngineConfig
 from engine.model_store import DEFAULT_MODEL_NAME
@@ -178,16 +179,20 @@ class AppArgs(_Strict):
     # vLLM's --enable-auto-tool-choice --tool-call-parser: tool_choice "auto" finds the calls
     # a model writes in its own format (app/tool_parsers.py); unset, "auto" is refused
     tool_call_parser: str | None = None
+    # vLLM's --reasoning-parser: a reasoning model's thinking goes to the reply's `reasoning`
+    # (app/reasoning_parsers.py), apart from its answer
+    reasoning_parser: str | None = None
     ingress: IngressArgs = IngressArgs()
     prefill: PhaseArgs = PhaseArgs()
     decode: PhaseArgs = PhaseArgs()
     colocated: PhaseArgs = PhaseArgs()
 
-    @field_validator("tool_call_parser")
+    @field_validator("tool_call_parser", "reasoning_parser")
     @classmethod
-    def _known_parser(cls, value):
-        if value is not None and value not in PARSERS:
-            raise ValueError(f"unknown tool-call parser {value!r}; one of {', '.join(PARSERS)}")
+    def _known_parser(cls, value, info):
+        known = PARSERS if info.field_name == "tool_call_parser" else REASONING_PARSERS
+        if value is not None and value not in known:
+            raise ValueError(f"unknown parser {value!r}; one of {', '.join(known)}")
         return value
 
     @model_validator(mode="after")

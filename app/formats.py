@@ -20,6 +20,7 @@ from app.logprobs import (
     joined,
     vllm_prompt_logprobs,
 )
+from app.reasoning_parsers import REASONING_PARSERS
 from app.tool_parsers import Parsed
 from app.tools import AutoToolCalls, ToolCalls
 from engine import RequestOutput, TokenLogprob
@@ -57,6 +58,7 @@ class _Choice:
     finish_reason: str | None = None
     streamed_tokens_len: int = 0  # the next chunk's first text_offset (completions)
     tool_parser: object | None = None  # tool_choice "auto", streamed: this choice's parser
+    reasoning_parser: object | None = None  # a reasoning model's, streamed
     num_calls: int = 0  # tool calls streamed so far
 
     def add(self, out: RequestOutput) -> RequestOutput:
@@ -198,6 +200,9 @@ class ChatFormat(CompletionFormat):
     # a forced tool choice: the output is the call's arguments (or a JSON array of calls);
     # "auto": the calls are found in the output by the server's tool-call parser
     tools: ToolCalls | AutoToolCalls | None = None
+    # the server's reasoning parser (app.reasoning_parsers), where the output is free text:
+    # the model's thinking is split from its answer
+    reasoning: str | None = None
 
     def _logprobs(self, entries: list[TokenLogprob], offset: int = 0) -> dict | None:
         return None if self.shown.logprobs is None else chat_logprobs(entries, self.token_texts)
@@ -208,14 +213,19 @@ class ChatFormat(CompletionFormat):
     def chunk(self, index: int, out: RequestOutput) -> dict:
         choice = self.choices[index]
         first = len(choice.text) == 1
+        text, thought = self._split(choice, out)
         if isinstance(self.tools, AutoToolCalls):
-            delta = self._parsed_delta(choice, out, first)
+            delta = self._parsed_delta(choice, text, out.finished, first)
         elif self.tools is not None:
             delta = self._tool_delta(choice, out, first)
         elif first:  # a choice's first chunk names the role and leads with the echo
-            delta = {"role": "assistant", "content": choice.prompt.echo + out.new_text}
+            delta = {"role": "assistant", "content": choice.prompt.echo + text}
         else:
-            delta = {"content": out.new_text}
+            delta = {"content": text}
+        if thought:  # before the answer: the reasoning, under vLLM's and SGLang's names
+            if not delta.get("content"):
+                delta.pop("content", None)
+            delta = {**delta, "reasoning": thought, "reasoning_content": thought}
         return self._envelope(
             [
                 {
@@ -227,13 +237,24 @@ class ChatFormat(CompletionFormat):
             ]
         )
 
-    def _parsed_delta(self, choice: _Choice, out: RequestOutput, first: bool) -> dict:
+    def _split(self, choice: _Choice, out: RequestOutput) -> tuple[str, str]:
+        """A streamed output's new text -> (the answer's part, the reasoning's part)."""
+        if self.reasoning is None:
+            return out.new_text, ""
+        if choice.reasoning_parser is None:
+            choice.reasoning_parser = REASONING_PARSERS[self.reasoning]()
+        split = choice.reasoning_parser.feed(out.new_text)
+        if out.finished:
+            split += choice.reasoning_parser.end()
+        return split.content, split.reasoning
+
+    def _parsed_delta(self, choice: _Choice, text: str, finished: bool, first: bool) -> dict:
         """tool_choice "auto": the text as it comes, less what may be a call; each call whole
         once the parser has seen its end."""
         if choice.tool_parser is None:
             choice.tool_parser = self.tools.new_parser()
-        parsed = choice.tool_parser.feed(out.new_text)
-        if out.finished:
+        parsed = choice.tool_parser.feed(text)
+        if finished:
             parsed += choice.tool_parser.end()
         delta = {"role": "assistant"} if first else {}
         if parsed.content:
@@ -277,7 +298,18 @@ class ChatFormat(CompletionFormat):
         return openai_reason(reason)
 
     def _message(self, choice: _Choice) -> dict:
-        text = choice.prompt.echo + "".join(choice.text)
+        generated = "".join(choice.text)
+        if self.reasoning is None:
+            return self._answer(choice.prompt.echo + generated)
+        split = REASONING_PARSERS[self.reasoning]().read(generated)
+        thought = split.reasoning or None
+        message = self._answer(choice.prompt.echo + split.content)
+        if thought and not message["content"]:  # the reply was all thinking
+            message["content"] = None
+        return {**message, "reasoning": thought, "reasoning_content": thought}
+
+    def _answer(self, text: str) -> dict:
+        """The message of a reply's answer: its text, or its tool calls and the text beside."""
         if isinstance(self.tools, AutoToolCalls):
             parsed = self.tools.new_parser().read(text)
             if not parsed.calls:

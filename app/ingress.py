@@ -216,7 +216,7 @@ class Ingress:
     async def _respond(self, body: bytes, client_id: str | None = None) -> Response:
         """OpenAI's Responses API, served as the chat completion it is (app/responses.py)."""
         data = parse_object(body)
-        req, chat = chat_request(data)
+        req, chat = chat_request(data, self.args.reasoning_parser is not None)
         with renamed_params():
             view, outputs = await self._start(chat, True, client_id)
         response = ResponseFormat(req, view, chat.temperature, chat.top_p)
@@ -260,6 +260,8 @@ class Ingress:
         )
         if chat:
             view.tools = req.tool_calls()
+            # a constraint shapes the output from its first token: no room to think
+            view.reasoning = self.args.reasoning_parser if req.structure() is None else None
         return view, outputs
 
     def _admit(self, n: int, num_prompts: int = 1) -> None:

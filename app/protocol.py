@@ -353,6 +353,10 @@ class ChatPrompt(BaseModel):
             return not self.continue_final_message
         return self.add_generation_prompt
 
+    def template_kwargs(self) -> dict | None:
+        """The template's extra variables."""
+        return self.chat_template_kwargs
+
     def template_tools(self) -> list[dict] | None:
         """The tools the template shows the model."""
         return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
@@ -366,7 +370,7 @@ class ChatPrompt(BaseModel):
                 add_generation_prompt=self.opens_turn,
                 continue_final_message=self.continue_final_message,
                 add_special_tokens=self.add_special_tokens,
-                template_kwargs=self.chat_template_kwargs,
+                template_kwargs=self.template_kwargs(),
                 documents=self.documents,
                 tools=self.template_tools(),
             )
@@ -383,6 +387,9 @@ class ChatCompletionRequest(ChatPrompt, _Sampling):
     # vLLM's: a last message from the assistant leads the reply's content (with
     # continue_final_message, the whole message)
     echo: bool = False
+    # OpenAI's: how hard a reasoning model thinks; passed to the chat template (vLLM's way),
+    # which may use it or not
+    reasoning_effort: str | None = None
 
     _no_functions = _refused(
         "functions", "function_call", why="(the deprecated form) is not supported: use tools"
@@ -405,6 +412,11 @@ class ChatCompletionRequest(ChatPrompt, _Sampling):
         with as_bad_request():
             use = self.tool_use
         return None if use is None else use[1]
+
+    def template_kwargs(self) -> dict | None:
+        if self.reasoning_effort is None:
+            return self.chat_template_kwargs
+        return {"reasoning_effort": self.reasoning_effort, **(self.chat_template_kwargs or {})}
 
     def template_tools(self) -> list[dict] | None:
         # tool_choice "none" keeps the tools out of the prompt (vLLM's default)

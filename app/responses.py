@@ -73,15 +73,20 @@ class ResponsesRequest(BaseModel):
     prompt: dict | None = None
     conversation: str | dict | None = None
 
-    def check_served(self) -> None:
-        """Refuse what this server cannot do, naming the field."""
+    def check_served(self, reasons: bool = False) -> None:
+        """Refuse what this server cannot do, naming the field; `reasons`: the server splits
+        a reasoning model's thinking (its reasoning_parser)."""
         if self.previous_response_id is not None:
             raise not_stored(self.previous_response_id, "previous_response_id")
         refused = {
             "background": (self.background, " (it needs stored responses)"),
             "conversation": (self.conversation, " (it needs stored responses)"),
             "truncation": (self.truncation == "auto", ' "auto": prompts are never cut'),
-            "reasoning": (_set(self.reasoning), " (the served model does not reason)"),
+            "reasoning": (
+                _set(self.reasoning) and not reasons,
+                " (this server has no reasoning_parser: its model is not served as one that "
+                "reasons)",
+            ),
             "max_tool_calls": (self.max_tool_calls is not None, ""),
             "prompt": (self.prompt, " (stored prompt templates)"),
         }
@@ -89,9 +94,9 @@ class ResponsesRequest(BaseModel):
             if value:
                 raise APIError(400, f"{name} is not supported{why}", name)
 
-    def chat_data(self) -> dict:
+    def chat_data(self, reasons: bool = False) -> dict:
         """The chat completion request this one is, as its JSON object."""
-        self.check_served()
+        self.check_served(reasons)
         data = {
             "model": self.model,
             "messages": self._messages(),
@@ -107,6 +112,8 @@ class ResponsesRequest(BaseModel):
             data["tool_choice"] = _chat_tool_choice(self.tool_choice)
         if LOGPROBS_INCLUDE in (self.include or ()):
             data["logprobs"], data["top_logprobs"] = True, self.top_logprobs or 0
+        if (self.reasoning or {}).get("effort") is not None:
+            data["reasoning_effort"] = self.reasoning["effort"]
         response_format = _response_format((self.text or {}).get("format"))
         if response_format is not None:
             data["response_format"] = response_format
@@ -136,11 +143,14 @@ def _set(options: dict | None) -> bool:
     return any(v is not None for v in (options or {}).values())
 
 
-def chat_request(data: dict) -> tuple[ResponsesRequest, ChatCompletionRequest]:
+def chat_request(
+    data: dict, reasons: bool = False
+) -> tuple[ResponsesRequest, ChatCompletionRequest]:
     """-> the Responses request in `data` (a request body) and the chat request it is; the
-    body's vLLM sampling fields pass through as they are."""
+    body's vLLM sampling fields pass through as they are. `reasons`: the server splits a
+    reasoning model's thinking."""
     req = validated(data, ResponsesRequest)
-    chat = req.chat_data()
+    chat = req.chat_data(reasons)
     chat.update({k: data[k] for k in SAMPLING_EXTRAS if k in data})
     with renamed_params():
         return req, validated(chat, ChatCompletionRequest)
@@ -192,6 +202,8 @@ def _add_item(messages: list[dict], item: dict, where: str) -> None:
             last = {"role": "assistant", "content": ""}
             messages.append(last)
         last.setdefault("tool_calls", []).append(call)
+    elif kind == "reasoning":
+        pass  # an earlier turn's thinking: not shown again (chat templates drop it too)
     elif kind == "function_call_output":
         output = item.get("output")
         text = output if isinstance(output, str) else _text(output, f"{where}.output")
@@ -201,7 +213,7 @@ def _add_item(messages: list[dict], item: dict, where: str) -> None:
         raise APIError(
             400,
             f"{where}.type: {kind!r} items are not supported (message, function_call, "
-            "function_call_output)",
+            "function_call_output, reasoning)",
             f"{where}.type",
         )
 
@@ -285,10 +297,15 @@ class ResponseFormat:
         choice = self.chat.final()["choices"][0]
         message, items = choice["message"], []
         status = _item_status(choice["finish_reason"])
+        if message.get("reasoning"):
+            part = {"type": "reasoning_text", "text": message["reasoning"]}
+            answered = message.get("content") or message.get("tool_calls")
+            done = "completed" if answered else status  # else the reasoning was cut short
+            items.append({**self._reasoning_item(0), "status": done, "content": [part]})
         if message.get("content"):
             logprobs = (choice["logprobs"] or {}).get("content")
             part = _output_text(message["content"], logprobs)
-            items.append({**self._message_item(0), "status": status, "content": [part]})
+            items.append({**self._message_item(len(items)), "status": status, "content": [part]})
         for call in message.get("tool_calls") or ():
             item = {**self._call_item(call, len(items)), "status": "completed"}
             items.append({**item, "arguments": call["function"]["arguments"]})
@@ -342,6 +359,10 @@ class ResponseFormat:
         return {"id": f"msg_{self._tail}_{index}", "type": "message", "status": "in_progress",
                 "role": "assistant", "content": []}  # fmt: skip
 
+    def _reasoning_item(self, index: int) -> dict:
+        return {"id": f"rs_{self._tail}_{index}", "type": "reasoning", "status": "in_progress",
+                "summary": [], "content": []}  # fmt: skip
+
     def _call_item(self, call: dict, index: int) -> dict:
         return {"id": f"fc_{self._tail}_{index}", "type": "function_call",
                 "status": "in_progress", "call_id": call["id"],
@@ -363,6 +384,8 @@ class ResponseFormat:
         """The events of an output already add()ed: chat's chunk as items and deltas."""
         choice = self.chat.chunk(index, out)["choices"][0]
         delta, events = choice["delta"], []
+        if delta.get("reasoning"):
+            events += self._thought(delta["reasoning"])
         if delta.get("content"):
             events += self._text(delta["content"], (choice["logprobs"] or {}).get("content"))
         for call in delta.get("tool_calls") or ():
@@ -399,6 +422,17 @@ class ResponseFormat:
         return [*events, self._in_item("response.output_text.delta", content_index=0,
                                        delta=text, logprobs=logprobs or [])]  # fmt: skip
 
+    def _thought(self, text: str) -> list[str]:
+        events = []
+        if self.open is None or self.open["type"] != "reasoning":
+            events += self._end_item()
+            self.open = self._reasoning_item(len(self.items))
+            events.append(self._item_event("response.output_item.added"))
+            self.open["content"].append({"type": "reasoning_text", "text": ""})
+        self.open["content"][0]["text"] += text
+        return [*events, self._in_item("response.reasoning_text.delta", content_index=0,
+                                       delta=text)]  # fmt: skip
+
     def _call(self, call: dict) -> list[str]:
         events = []
         if "id" in call:  # a new call: its id and name come first
@@ -416,7 +450,10 @@ class ResponseFormat:
         item = self.open
         if item is None:
             return []
-        if item["type"] == "message":
+        if item["type"] == "reasoning":
+            text = item["content"][0]["text"]
+            events = [self._in_item("response.reasoning_text.done", content_index=0, text=text)]
+        elif item["type"] == "message":
             part = item["content"][0]
             events = [
                 self._in_item("response.output_text.done", content_index=0, text=part["text"],
@@ -426,7 +463,7 @@ class ResponseFormat:
         else:
             events = [self._in_item("response.function_call_arguments.done", name=item["name"],
                                     arguments=item["arguments"])]  # fmt: skip
-        item["status"] = status if item["type"] == "message" else "completed"
+        item["status"] = "completed" if item["type"] == "function_call" else status
         events.append(self._item_event("response.output_item.done"))
         self.items.append(item)
         self.open = None

@@ -100,7 +100,7 @@ class _TaggedParser(_Parser):
                 continue
             start = self._held.find(self.START)
             if start < 0:  # all but a tail that may begin a start tag is text
-                keep = _partial_tail(self._held, self.START)
+                keep = partial_tail(self._held, self.START)
                 self._text(self._held[: len(self._held) - keep], out)
                 self._held = self._held[len(self._held) - keep :]
                 return out
@@ -291,7 +291,7 @@ class _WholeReplyParser(_Parser):
         self._held += text
         if self._mode is None:
             head = self._held.lstrip()
-            if not head or (_partial_tail(head, self.TAG) == len(head)):
+            if not head or (partial_tail(head, self.TAG) == len(head)):
                 return Parsed()  # whitespace, or what may still become the tag
             self._mode = "calls" if head.startswith((self.OPEN, self.TAG)) else "text"
         if self._mode == "calls":
@@ -379,7 +379,7 @@ class MistralParser(_Parser):
         if start >= 0:
             out, self._held, self._after = Parsed(self._held[:start]), self._held[start:], True
             return out
-        keep = _partial_tail(self._held, self.TAG)
+        keep = partial_tail(self._held, self.TAG)
         out = Parsed(self._held[: len(self._held) - keep])
         self._held = self._held[len(self._held) - keep :]
         return out
@@ -423,7 +423,7 @@ PARSERS = {
 }
 
 
-def _partial_tail(text: str, tag: str) -> int:
+def partial_tail(text: str, tag: str) -> int:
     """Length of the longest end of `text` that is a proper beginning of `tag`."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:n]):

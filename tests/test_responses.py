@@ -142,10 +142,10 @@ def _outputs(texts: list[str], reason: str = "stop") -> list[RequestOutput]:
     return outs
 
 
-def _view(tools=None, **fields) -> ResponseFormat:
+def _view(tools=None, thinks=None, **fields) -> ResponseFormat:
     req, chat = _chat(**fields)
     view = ChatFormat("chatcmpl-x1", "m", [Prompt([1, 2, 3])], 1, TEXTS.__getitem__, chat.shown)
-    view.tools = tools
+    view.tools, view.reasoning = tools, thinks
     return ResponseFormat(req, view, chat.temperature, chat.top_p)
 
 
@@ -188,15 +188,19 @@ CASES = {
                        {"tools": ToolCalls(None)}),
     "auto: text, then a call": (["Let me see. ", "<tool_call>", CALL, "</tool_call>"], "stop",
                                 {"tools": AutoToolCalls("hermes")}),
+    "reasoning, then text": (["<think>Hm", ", Paris.</think>", "Paris", "."], "stop",
+                             {"thinks": "qwen3"}),
+    "reasoning, then a call": (["<think>Weather.</think>", "<tool_call>", CALL, "</tool_call>"],
+                               "stop", {"thinks": "qwen3", "tools": AutoToolCalls("hermes")}),
+    "reasoning cut short": (["<think>Hm", ", Paris"], "length", {"thinks": "qwen3"}),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_a_streamed_response_ends_as_the_whole_one(case):
     texts, reason, fields = CASES[case]
-    tools = fields.pop("tools", None)
-    whole = _final(_outputs(texts, reason), tools=tools, **fields)
-    events = _streamed(_outputs(texts, reason), tools=tools, **fields)
+    whole = _final(_outputs(texts, reason), **fields)
+    events = _streamed(_outputs(texts, reason), **fields)
     Response.model_validate(whole)  # the openai package's own types
     state = ResponseStreamState(input_tools=[], text_format=omit)  # its stream accumulator
     for payload in events:
@@ -210,7 +214,7 @@ def test_a_streamed_response_ends_as_the_whole_one(case):
     assert done["usage"] == whole["usage"]
     for i, item in enumerate(done["output"]):  # the deltas add up to each item
         deltas = [e["delta"] for e in events if e.get("output_index") == i and "delta" in e]
-        part = item["content"][0]["text"] if item["type"] == "message" else item["arguments"]
+        part = item["arguments"] if item["type"] == "function_call" else item["content"][0]["text"]
         assert "".join(deltas) == part
         added = next(e for e in events if e["type"] == "response.output_item.added"
                      and e["output_index"] == i)  # fmt: skip
@@ -250,6 +254,25 @@ def test_auto_calls_are_function_call_items_after_the_text():
         "function_call", "get_weather", {"city": "Paris"}
     )  # fmt: skip
     assert call["id"] == "fc_x1_1" and call["call_id"].startswith("chatcmpl-tool-")
+
+
+def test_reasoning_is_an_item_before_the_answer():
+    body = _final(_outputs(["<think>Hm.</think>", "Paris."]), thinks="qwen3")
+    reasoning, message = body["output"]
+    assert reasoning == {
+        "id": "rs_x1_0",
+        "type": "reasoning",
+        "status": "completed",
+        "summary": [],
+        "content": [{"type": "reasoning_text", "text": "Hm."}],
+    }
+    assert message["id"] == "msg_x1_1" and Response.model_validate(body).output_text == "Paris."
+    # asked for, with a reasoning parser: passed to the template; without one, refused
+    _, chat = chat_request({"model": "m", "input": "hi", "reasoning": {"effort": "low"}}, True)
+    assert chat.template_kwargs() == {"reasoning_effort": "low"}
+    # earlier turns' reasoning items are accepted and not shown again
+    items = [{"type": "reasoning", "id": "rs_1", "summary": []}, {"role": "user", "content": "x"}]
+    assert [m.role for m in _chat(input=items)[1].messages] == ["user"]
 
 
 def test_a_stream_failing_after_it_started_ends_with_failed():

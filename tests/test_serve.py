@@ -33,8 +33,14 @@ MODES = {
         "decode": {**SMALL, "engine": {**SMALL["engine"], "kv_cache_memory_mb": 64}},
     },
     # the decode replica pulls the KV over a gloo pair from the prefill replica; tool_choice
-    # "auto" served with the hermes tool-call parser
-    "disagg_gloo": {"mode": "disaggregated", "kv_transport": "gloo", "tool_call_parser": "hermes"},
+    # "auto" served with the hermes tool-call parser; chat replies read as DeepSeek-R1's (the
+    # reply starts inside its reasoning)
+    "disagg_gloo": {
+        "mode": "disaggregated",
+        "kv_transport": "gloo",
+        "tool_call_parser": "hermes",
+        "reasoning_parser": "deepseek_r1",
+    },
     "coloc": {"mode": "colocated"},
     "chunked": {
         "mode": "colocated",
@@ -992,8 +998,41 @@ def _responses_tool_round_trip(server: str) -> None:
     chat = client.chat.completions.create(
         model=fields["model"], messages=messages, tools=[WEATHER], temperature=0, max_tokens=30
     )
-    assert reply.output_text == (chat.choices[0].message.content or "")
+    # (this app reads replies as R1's: free text is reasoning, in both APIs alike)
+    said = [part.text for item in reply.output for part in item.content or ()]
+    message = chat.choices[0].message
+    assert "".join(said) == (message.reasoning or "") + (message.content or "")
     assert reply.usage.input_tokens == chat.usage.prompt_tokens
+
+
+def test_reasoning_parser_splits_the_thinking_from_the_answer(server):
+    """The gloo app reads chat replies as DeepSeek-R1's: a reply that never closes its think
+    block is all reasoning (message.reasoning and reasoning_content; streamed deltas; a
+    Responses reasoning item), the same greedy text the plain app answers with; a constrained
+    reply (the engine shapes it from its first token) stays the answer."""
+    import openai
+
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    fields = {"model": "SmolLM2-135M-Instruct", "temperature": 0, "max_tokens": 12}
+    plain = openai.OpenAI(base_url=f"{server}/disagg/v1", api_key="unused")
+    text = plain.chat.completions.create(**fields, messages=question).choices[0].message.content
+    client = openai.OpenAI(base_url=f"{server}/disagg_gloo/v1", api_key="unused")
+    message = client.chat.completions.create(**fields, messages=question).choices[0].message
+    assert (message.content, message.reasoning, message.reasoning_content) == (None, text, text)
+    stream = client.chat.completions.create(**fields, messages=question, stream=True)
+    deltas = [c.choices[0].delta for c in stream if c.choices]
+    assert "".join(getattr(d, "reasoning", None) or "" for d in deltas) == text
+    assert not any(d.content for d in deltas)
+    response = client.responses.create(
+        model=fields["model"], input=question, temperature=0, max_output_tokens=12
+    )
+    [item] = response.output
+    assert (item.type, item.content[0].text, response.output_text) == ("reasoning", text, "")
+    choice = {"guided_choice": ["Paris", "Lyon"]}
+    forced = client.chat.completions.create(**fields, messages=question, extra_body=choice)
+    want = plain.chat.completions.create(**fields, messages=question, extra_body=choice)
+    assert forced.choices[0].message.content == want.choices[0].message.content
+    assert forced.choices[0].message.model_extra.get("reasoning") is None
 
 
 def _replica_stats(app: str) -> list[dict]:

@@ -1,0 +1,92 @@
+"""A reasoning model's thinking, split from its answer: vLLM's reasoning parsers
+(`--reasoning-parser NAME`; here the app's `reasoning_parser`). The reply's reasoning goes to
+the chat message's `reasoning` (vLLM's name) and `reasoning_content` (SGLang's and DeepSeek's),
+or a Responses `reasoning` item; the rest is its content, which a tool-call parser then reads.
+
+- `qwen3` (Qwen3, QwQ with thinking on): a reply that starts with `<think>` reasons until
+  `</think>`; one that does not (thinking off: the template wrote an empty think block) is all
+  answer.
+- `deepseek_r1` (DeepSeek-R1, Qwen3 Thinking-2507, models whose template opens the think block
+  in the prompt): the reply starts inside the reasoning (an optional `<think>` first) and
+  answers after `</think>`; a reply that never closes it is all reasoning.
+
+Streamed, reasoning and answer go out as they come, only a possible tag held until it is clear;
+the pieces join to exactly what the whole reply gives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from app.tool_parsers import partial_tail
+
+
+@dataclass
+class Split:
+    reasoning: str = ""
+    content: str = ""
+
+    def __iadd__(self, other: Split) -> Split:
+        self.reasoning += other.reasoning
+        self.content += other.content
+        return self
+
+
+class _ThinkParser:
+    """One reply's parser: `feed` its pieces, then `end`; or `read` it whole."""
+
+    START, END = "<think>", "</think>"
+    OPENED = False  # the reply starts inside the reasoning: the template opened it
+
+    def __init__(self) -> None:
+        self._held = ""  # text not yet given out: the reply's start, or a possible end tag
+        self._state = "start"  # then "reasoning" and "content", or "content"
+
+    def read(self, text: str) -> Split:
+        out = self.feed(text)
+        out += self.end()
+        return out
+
+    def feed(self, text: str) -> Split:
+        self._held += text
+        out = Split()
+        if self._state == "start" and not self._started():
+            return out
+        if self._state == "reasoning":
+            end = self._held.find(self.END)
+            if end < 0:  # all but a tail that may begin the end tag is reasoning
+                cut = len(self._held) - partial_tail(self._held, self.END)
+                out.reasoning, self._held = self._held[:cut], self._held[cut:]
+                return out
+            out.reasoning = self._held[:end]
+            self._held, self._state = self._held[end + len(self.END) :], "content"
+        out.content, self._held = self._held, ""
+        return out
+
+    def end(self) -> Split:
+        """The reply ended: what is held is reasoning or answer, as the state says."""
+        text, self._held = self._held, ""
+        reasoning = self._state == "reasoning" or (self._state == "start" and self.OPENED)
+        return Split(text, "") if reasoning else Split("", text)
+
+    def _started(self) -> bool:
+        """Whether the reply's start tells reasoning from answer (then the state is set)."""
+        head = self._held.lstrip()
+        if head.startswith(self.START):
+            self._held, self._state = head[len(self.START) :], "reasoning"
+            return True
+        if not head or self.START.startswith(head):  # whitespace, or what may become the tag
+            return False
+        self._state = "reasoning" if self.OPENED else "content"
+        return True
+
+
+class Qwen3Parser(_ThinkParser):
+    OPENED = False
+
+
+class DeepSeekR1Parser(_ThinkParser):
+    OPENED = True
+
+
+REASONING_PARSERS = {"qwen3": Qwen3Parser, "deepseek_r1": DeepSeekR1Parser}

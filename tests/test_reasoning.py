@@ -1,0 +1,121 @@
+"""Reasoning parsers (app/reasoning_parsers.py) and the replies they shape, pure: the thinking
+split from the answer whole and streamed cut at every place, then in chat messages and deltas
+(beside tool calls) and in a Responses reasoning item."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from app.formats import ChatFormat, Prompt, Shown
+from app.reasoning_parsers import DeepSeekR1Parser, Qwen3Parser, Split
+from app.tools import AutoToolCalls
+from engine import RequestOutput
+
+pytestmark = pytest.mark.unit
+
+
+def _streamed(parser_class, text: str, cuts: list[int]) -> Split:
+    parser, joined, start = parser_class(), Split(), 0
+    for cut in [*cuts, len(text)]:
+        joined += parser.feed(text[start:cut])
+        start = cut
+    joined += parser.end()
+    return joined
+
+
+CASES = [  # (parser, reply, reasoning, content)
+    (Qwen3Parser, "<think>\nParis is in France.\n</think>\n\nParis.", "\nParis is in France.\n",
+     "\n\nParis."),
+    (Qwen3Parser, "  <think>a</think>b", "a", "b"),
+    (Qwen3Parser, "Paris.", "", "Paris."),  # thinking off: all answer
+    (Qwen3Parser, "<think>cut short", "cut short", ""),
+    (Qwen3Parser, "<thin", "", "<thin"),  # looked like the tag, was not
+    (Qwen3Parser, "a <think>b</think>", "", "a <think>b</think>"),  # not at the start
+    (Qwen3Parser, "<think></think>x", "", "x"),
+    (Qwen3Parser, "<think>a</thin", "a</thin", ""),
+    (DeepSeekR1Parser, "Let me think.\n</think>\n\nParis.", "Let me think.\n", "\n\nParis."),
+    (DeepSeekR1Parser, "<think>\nHm.</think>Paris.", "\nHm.", "Paris."),
+    (DeepSeekR1Parser, "never closed", "never closed", ""),
+    (DeepSeekR1Parser, " ", " ", ""),
+    (DeepSeekR1Parser, "a</think>b</think>c", "a", "b</think>c"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("parser_class", "text", "reasoning", "content"), CASES)
+def test_thinking_is_split_alike_whole_and_streamed(parser_class, text, reasoning, content):
+    whole = parser_class().read(text)
+    assert (whole.reasoning, whole.content) == (reasoning, content)
+    ways = [[k] for k in range(1, len(text))] + [list(range(1, len(text)))]
+    rng = random.Random(0)
+    ways += [sorted(rng.sample(range(1, len(text)), min(4, len(text) - 1))) for _ in range(20)]
+    for cuts in ways:
+        assert _streamed(parser_class, text, cuts) == whole, cuts
+
+
+def test_reasoning_streams_as_it_comes_holding_only_a_possible_tag():
+    parser = Qwen3Parser()
+    assert parser.feed("<thi") == Split()  # may be the start tag
+    assert parser.feed("nk>Hm") == Split("Hm")
+    assert parser.feed(" ok</th") == Split(" ok")  # "</th" may end it
+    assert parser.feed("ink>Par") == Split("", "Par")
+    assert parser.end() == Split()
+
+
+def _outputs(texts: list[str]) -> list[RequestOutput]:
+    last = len(texts) - 1
+    return [
+        RequestOutput("r", [1], t, 3, i + 1, "stop" if i == last else None)
+        for i, t in enumerate(texts)
+    ]
+
+
+def _chat(texts: list[str], reasoning: str | None, tools=None) -> tuple[dict, list[dict]]:
+    """The final message and the streamed deltas of a reply in pieces."""
+    whole = ChatFormat("chatcmpl-1", "m", [Prompt([1])], 1, None, Shown())
+    streamed = ChatFormat("chatcmpl-1", "m", [Prompt([1])], 1, None, Shown())
+    deltas = []
+    for view in (whole, streamed):
+        view.tools, view.reasoning = tools, reasoning
+    for out in _outputs(texts):
+        whole.add(0, out)
+        streamed.add(0, out)
+        deltas.append(streamed.chunk(0, out)["choices"][0]["delta"])
+    return whole.final()["choices"][0], deltas
+
+
+def test_chat_replies_carry_the_reasoning_apart_from_the_answer():
+    choice, deltas = _chat(["<think>", "Paris is in", " France.</think>", "\n\nParis."], "qwen3")
+    message = choice["message"]
+    assert message["content"] == "\n\nParis."
+    assert message["reasoning"] == message["reasoning_content"] == "Paris is in France."
+    assert "".join(d.get("reasoning", "") for d in deltas) == message["reasoning"]
+    assert "".join(d.get("content", "") for d in deltas) == message["content"]
+    assert all(d.get("reasoning") == d.get("reasoning_content") for d in deltas)
+    assert deltas[1] == {"reasoning": "Paris is in", "reasoning_content": "Paris is in"}
+    # no parser: the tags are the answer's text; a reply that is all thinking has no content
+    assert _chat(["<think>a</think>b"], None)[0]["message"] == {
+        "role": "assistant", "content": "<think>a</think>b"
+    }  # fmt: skip
+    message = _chat(["Hm, let me", " see"], "deepseek_r1")[0]["message"]
+    assert (message["content"], message["reasoning"]) == (None, "Hm, let me see")
+    message = _chat(["Paris."], "qwen3")[0]["message"]
+    assert (message["content"], message["reasoning"]) == ("Paris.", None)
+
+
+def test_a_tool_call_after_the_reasoning_is_found_in_the_answer():
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    texts = ["<think>Need the ", "weather.</think>", "\n", call[:20], call[20:]]
+    choice, deltas = _chat(texts, "qwen3", AutoToolCalls("hermes"))
+    message = choice["message"]
+    assert message["reasoning"] == "Need the weather." and choice["finish_reason"] == "tool_calls"
+    [tool_call] = message["tool_calls"]
+    assert json.loads(tool_call["function"]["arguments"]) == {"city": "Paris"}
+    assert message["content"] == "\n"
+    streamed = [c for d in deltas for c in d.get("tool_calls", ())]
+    assert [c["function"] for c in streamed] == [tool_call["function"]]
+    # a <tool_call> inside the thinking is not a call
+    choice, _ = _chat(["<think>", call, "</think>No call."], "qwen3", AutoToolCalls("hermes"))
+    assert choice["message"]["reasoning"] == call and "tool_calls" not in choice["message"]

@@ -231,8 +231,6 @@ class Ingress:
     ) -> tuple[CompletionFormat, AsyncIterator[tuple[int, RequestOutput]]]:
         """Start the request's engine requests; -> its response view and their outputs, the
         first already received (an error a replica raised before is an HTTP status)."""
-        if chat:
-            req.use_tool_parser(self.args.tool_call_parser)
         prompts, params = self._prepare(req, chat, await self._capacity())
         choices = _choice_params(params, req.n)
         base_id = client_id or uuid.uuid4().hex

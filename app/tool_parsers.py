@@ -161,11 +161,7 @@ class JambaParser(_TaggedParser):
     START, END = "<tool_calls>", "</tool_calls>"
 
     def _calls(self, body: str) -> list[Call] | None:
-        try:
-            items = json.loads(body)
-        except json.JSONDecodeError:
-            return None
-        return _all_calls(items if isinstance(items, list) else [items])
+        return _array_calls(body, single=True)
 
 
 class MiniMaxParser(_TaggedParser):
@@ -355,11 +351,7 @@ class GraniteParser(_WholeReplyParser):
     TAG, OPEN = "<|tool_call|>", "["
 
     def _calls(self, text: str) -> list[Call] | None:
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError:
-            return None
-        return _all_calls(items) if isinstance(items, list) else None
+        return _array_calls(text, single=False)
 
 
 class MistralParser(_Parser):
@@ -388,11 +380,7 @@ class MistralParser(_Parser):
         text, self._held = self._held, ""
         if not self._after:
             return Parsed(text)
-        try:
-            items = json.loads(text.removeprefix(self.TAG))
-        except json.JSONDecodeError:
-            return Parsed(text)
-        calls = _all_calls(items if isinstance(items, list) else [items])
+        calls = _array_calls(text.removeprefix(self.TAG), single=True)
         if calls is None:
             return Parsed(text)
         self.called = True
@@ -447,6 +435,20 @@ def _as_call(item, argument_keys: tuple[str, ...]) -> Call | None:
     if not isinstance(arguments, dict):
         return None
     return Call(item["name"], json.dumps(arguments, ensure_ascii=False))
+
+
+def _array_calls(text: str, single: bool) -> list[Call] | None:
+    """A JSON array of call objects (`single`: or one call object) -> the calls; None unless
+    every item is one."""
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(items, list):
+        if not single:
+            return None
+        items = [items]
+    return _all_calls(items)
 
 
 def _all_calls(items: list) -> list[Call] | None:

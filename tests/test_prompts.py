@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from app.protocol import APIError, CompletionRequest
+from app.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
 from engine import InvalidRequestError
 from engine.limits import bad_words_token_ids, chat_token_ids
 
@@ -38,8 +38,8 @@ def own_tokenizer(default_model_path):
 
 def _prepare(ingress, body: dict, chat: bool = False, kv_capacity: int = 100_000):
     raw = json.dumps({"model": MODEL, **body}).encode()
-    _, prompts, params = ingress._prepare(raw, chat, kv_capacity)
-    return prompts, params
+    req = parse(raw, ChatCompletionRequest if chat else CompletionRequest)
+    return ingress._prepare(req, chat, kv_capacity)
 
 
 def _refused(call, *args) -> APIError:

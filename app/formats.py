@@ -59,6 +59,7 @@ class _Choice:
     streamed_tokens_len: int = 0  # the next chunk's first text_offset (completions)
     tool_parser: object | None = None  # tool_choice "auto", streamed: this choice's parser
     reasoning_parser: object | None = None  # a reasoning model's, streamed
+    answer: str = ""  # a forced tool choice, streamed: the reply's answer so far
     num_calls: int = 0  # tool calls streamed so far
 
     def add(self, out: RequestOutput) -> RequestOutput:
@@ -217,7 +218,7 @@ class ChatFormat(CompletionFormat):
         if isinstance(self.tools, AutoToolCalls):
             delta = self._parsed_delta(choice, text, out.finished, first)
         elif self.tools is not None:
-            delta = self._tool_delta(choice, out, first)
+            delta = self._tool_delta(choice, text, out.finished, first)
         elif first:  # a choice's first chunk names the role and leads with the echo
             delta = {"role": "assistant", "content": choice.prompt.echo + text}
         else:
@@ -270,21 +271,25 @@ class ChatFormat(CompletionFormat):
         calls = [ToolCalls.call(c.name, c.arguments) for c in parsed.calls]
         return [{"index": first_index + i, **c} for i, c in enumerate(calls)]
 
-    def _tool_delta(self, choice: _Choice, out: RequestOutput, first: bool) -> dict:
+    def _tool_delta(self, choice: _Choice, text: str, finished: bool, first: bool) -> dict:
         """A named call streams its arguments as they come, its id and name first; the calls
-        of "required" (a JSON array) come whole with the last chunk."""
+        of "required" (a JSON array) come whole with the last chunk. `text`: the answer's
+        new text (a reasoning model's thinking comes before it)."""
         delta = {"role": "assistant"} if first else {}
+        choice.answer += text
         if self.tools.name is not None:
-            if first:  # the call's id, type and name, with the first of its arguments
-                call = self.tools.call(self.tools.name, out.new_text)
+            if not text:
+                return delta
+            if choice.num_calls == 0:  # the call's id, type and name, with its first arguments
+                call, choice.num_calls = self.tools.call(self.tools.name, text), 1
             else:
-                call = {"function": {"arguments": out.new_text}}
+                call = {"function": {"arguments": text}}
             return {**delta, "tool_calls": [{"index": 0, **call}]}
-        if not out.finished:
+        if not finished:
             return delta
-        calls = self.tools.calls("".join(choice.text))
+        calls = self.tools.calls(choice.answer)
         if calls is None:  # cut short: the text as it is
-            return {**delta, "content": "".join(choice.text)}
+            return {**delta, "content": choice.answer}
         return {**delta, "tool_calls": [{**c, "index": i} for i, c in enumerate(calls)]}
 
     def _reason(self, reason: str | None, choice: _Choice, called: bool = False) -> str | None:

@@ -157,6 +157,7 @@ class Ingress:
         self._check_model(req.model)
         if chat:
             req.use_tool_parser(self.args.tool_call_parser)
+            req.use_reasoning_parser(self.args.reasoning_parser)
         # before tokenizing: a batch too large for the queue is refused without that work
         self._admit(req.n, 1 if chat else len(req.prompts))
         prompts = self.prompts.prompts(req, chat)
@@ -257,9 +258,7 @@ class Ingress:
             req.shown,
         )
         if chat:
-            view.tools = req.tool_calls()
-            # a constraint shapes the output from its first token: no room to think
-            view.reasoning = self.args.reasoning_parser if req.structure() is None else None
+            view.tools, view.reasoning = req.tool_calls(), self.args.reasoning_parser
         return view, outputs
 
     def _admit(self, n: int, num_prompts: int = 1) -> None:

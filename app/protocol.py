@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from pydantic import (
 from starlette.responses import JSONResponse
 
 from app.formats import Shown
+from app.reasoning_parsers import REASONING_PARSERS
 from app.structured import ResponseFormat, StructuredOutputs, structured_output
 from app.tools import AutoToolCalls, Tool, ToolCalls, ToolChoice, tool_choice
 from engine import InvalidRequestError, SamplingParams
@@ -395,11 +397,15 @@ class ChatCompletionRequest(ChatPrompt, _Sampling):
         "functions", "function_call", why="(the deprecated form) is not supported: use tools"
     )
 
-    # the server's tool-call parser (AppArgs.tool_call_parser), set by the ingress before use
+    # the server's tool-call and reasoning parsers (AppArgs), set by the ingress before use
     _tool_parser: str | None = PrivateAttr(None)
+    _reasoning_parser: str | None = PrivateAttr(None)
 
     def use_tool_parser(self, name: str | None) -> None:
         self._tool_parser = name
+
+    def use_reasoning_parser(self, name: str | None) -> None:
+        self._reasoning_parser = name
 
     @cached_property
     def tool_use(self) -> tuple[StructuredOutput | None, ToolCalls | AutoToolCalls] | None:
@@ -430,6 +436,14 @@ class ChatCompletionRequest(ChatPrompt, _Sampling):
         return self.skip_special_tokens and not auto
 
     def structure(self) -> StructuredOutput | None:
+        structure = self._constraint()
+        if structure is None or self._reasoning_parser is None:
+            return structure
+        # a reasoning model thinks freely first; the constraint shapes its answer (vLLM's way)
+        thinking = REASONING_PARSERS[self._reasoning_parser].GRAMMAR_THINKING
+        return dataclasses.replace(structure, thinking=thinking)
+
+    def _constraint(self) -> StructuredOutput | None:
         other = structured_output(self)
         use = self.tool_use
         if use is None:

@@ -83,10 +83,12 @@ class _ThinkParser:
 
 class Qwen3Parser(_ThinkParser):
     OPENED = False
+    GRAMMAR_THINKING = "optional"  # a constrained reply may start with a think block
 
 
 class DeepSeekR1Parser(_ThinkParser):
     OPENED = True
+    GRAMMAR_THINKING = "opened"  # a constrained reply starts inside one
 
 
 REASONING_PARSERS = {"qwen3": Qwen3Parser, "deepseek_r1": DeepSeekR1Parser}

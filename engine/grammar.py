@@ -16,9 +16,41 @@ import torch
 
 from engine.sampling_params import InvalidRequestError, StructuredOutput
 
+# a reasoning model's think block before the constrained answer (lazy: up to the first end)
+THINK_BLOCKS = {
+    "opened": "start: think @answer\nthink[lazy]: /(.|\\n)*<\\/think>/\n",
+    "optional": "start: think? @answer\nthink[lazy]: /[ \\t\\n]*<think>(.|\\n)*<\\/think>/\n",
+}
+
 
 def grammar_text(structure: StructuredOutput) -> str:
-    """The llguidance grammar of a constraint (not yet checked: see Grammars.check)."""
+    """The llguidance grammar of a constraint (not yet checked: see Grammars.check); with
+    `thinking`, free reasoning first, then the constraint (an llguidance grammar that refers
+    to the constraint's as a subgrammar)."""
+    text = _constraint_text(structure)
+    if not structure.thinking:
+        return text
+    inner = _top_level(text)
+    inner["grammars"][0]["name"] = "answer"
+    outer = {"lark_grammar": THINK_BLOCKS[structure.thinking]}
+    return json.dumps({**inner, "grammars": [outer, *inner["grammars"]]})
+
+
+def _top_level(text: str) -> dict:
+    """A grammar as llguidance's list of grammars: JSON already, or a Lark grammar's text
+    (what llguidance gives for choices and grammars)."""
+    try:
+        top = json.loads(text)
+    except json.JSONDecodeError:
+        top = None
+    return (
+        top
+        if isinstance(top, dict) and "grammars" in top
+        else {"grammars": [{"lark_grammar": text}]}
+    )
+
+
+def _constraint_text(structure: StructuredOutput) -> str:
     import llguidance
 
     options = {"whitespace_flexible": structure.any_whitespace}

@@ -21,6 +21,9 @@ class InvalidRequestError(ValueError):
 STRUCTURE_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
 
+THINKING = ("", "opened", "optional")
+
+
 @dataclass(frozen=True)
 class StructuredOutput:
     """A constraint on the output's form (vLLM's structured outputs): a JSON schema, any JSON
@@ -35,8 +38,16 @@ class StructuredOutput:
     # JSON kinds: any whitespace between tokens (vLLM's default); False: none
     any_whitespace: bool = True
     param: str = "structured_outputs"  # the request field it came from, named in errors
+    # a reasoning model's think block, free, before the constrained answer (vLLM starts the
+    # constraint after the reasoning): "opened" (the output starts inside it, up to its
+    # </think>), "optional" (the output may start with a whole <think>...</think>), "" none
+    thinking: str = ""
 
     def __post_init__(self) -> None:
+        if self.thinking not in THINKING:
+            raise InvalidRequestError(
+                f"thinking must be one of {THINKING}, got {self.thinking!r}", self.param
+            )
         if self.kind not in STRUCTURE_KINDS:
             raise InvalidRequestError(
                 f"structured output kind must be one of {', '.join(STRUCTURE_KINDS)}, "

@@ -11,7 +11,7 @@ import pytest
 
 from app.formats import ChatFormat, Prompt, Shown
 from app.reasoning_parsers import DeepSeekR1Parser, Qwen3Parser, Split
-from app.tools import AutoToolCalls
+from app.tools import AutoToolCalls, ToolCalls
 from engine import RequestOutput
 
 pytestmark = pytest.mark.unit
@@ -119,3 +119,23 @@ def test_a_tool_call_after_the_reasoning_is_found_in_the_answer():
     # a <tool_call> inside the thinking is not a call
     choice, _ = _chat(["<think>", call, "</think>No call."], "qwen3", AutoToolCalls("hermes"))
     assert choice["message"]["reasoning"] == call and "tool_calls" not in choice["message"]
+
+
+def test_a_forced_call_after_the_reasoning_is_the_answer():
+    """With a reasoning parser a constraint shapes the answer after the thinking (engine
+    side: tests/test_structured_output.py); the forced call is read from the answer alone."""
+    texts = ["<think>Need", " it.</think>", '{"city":', '"Paris"}']
+    choice, deltas = _chat(texts, "qwen3", ToolCalls("get_weather"))
+    message = choice["message"]
+    assert message["reasoning"] == "Need it." and message["content"] is None
+    [call] = message["tool_calls"]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city":"Paris"}'}
+    streamed = [c for d in deltas for c in d.get("tool_calls", ())]
+    assert streamed[0]["function"]["name"] == "get_weather" and "id" in streamed[0]
+    assert all("id" not in c for c in streamed[1:])
+    assert "".join(c["function"]["arguments"] for c in streamed) == '{"city":"Paris"}'
+    required = ["<think>Hm.</think>", '[{"name":"get_weather",', '"parameters":{"city":"Lyon"}}]']
+    choice, deltas = _chat(required, "qwen3", ToolCalls(None))
+    [call] = choice["message"]["tool_calls"]
+    assert json.loads(call["function"]["arguments"]) == {"city": "Lyon"}
+    assert [len(d.get("tool_calls", ())) for d in deltas] == [0, 0, 1]

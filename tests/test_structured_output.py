@@ -6,6 +6,7 @@ the hand-off, the end of a complete form, refused constraints; and the request f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -303,3 +304,59 @@ def test_the_batched_masks_equal_each_matchers_own(tokenizer):
     assert sorted(tokenizer.decode([t]) for t in digits) == [str(d) for d in range(10)]
     after_two = unpacked[3].nonzero().view(-1).tolist()  # two digits in: more, or the end
     assert after_two == sorted([*digits, tokenizer.eos_token_id])
+
+
+def _follows(grammars, structure, text: str) -> tuple[bool, bool]:
+    """Whether a matcher takes every token of `text`, and whether the form is then complete."""
+    matcher = grammars.matcher(structure, [])
+    ok = all(matcher.consume_token(t) for t in grammars.hf_tokenizer.encode(text))
+    return ok, ok and matcher.is_stopped()
+
+
+@pytest.mark.parametrize(
+    ("thinking", "text", "follows", "complete"),
+    [
+        # the output starts inside a think block: free text (JSON-like too) up to </think>
+        ("opened", 'Hm, {"age": "x"} is not it.</think>{"name":"Al","age":3}', True, True),
+        ("opened", 'Hm.</think>{"name":"Al"', True, False),
+        ("opened", "Hm.</think>Al is 3.", False, False),  # the answer is still constrained
+        ("opened", "Still thinking", True, False),
+        # a think block may come first, or the answer at once
+        ("optional", '<think>Hm.</think>{"name":"Al","age":3}', True, True),
+        ("optional", '\n<think>a\nb</think>{"name":"Al","age":3}', True, True),
+        ("optional", '{"name":"Al","age":3}', True, True),
+        ("optional", 'Hm.</think>{"name":"Al","age":3}', False, False),
+        ("", '<think>Hm.</think>{"name":"Al","age":3}', False, False),
+    ],
+)
+def test_a_reasoning_models_constraint_starts_after_its_thinking(
+    tokenizer, thinking, text, follows, complete
+):
+    """vLLM's order with a reasoning parser: the thinking is free, the answer constrained (an
+    llguidance grammar with the constraint as its subgrammar)."""
+    grammars = Grammars(tokenizer, len(tokenizer))
+    structure = StructuredOutput(
+        "json", json.dumps(PERSON), any_whitespace=False, thinking=thinking
+    )
+    assert _follows(grammars, structure, text) == (follows, complete)
+    grammars.check(structure)  # compiles
+    with pytest.raises(InvalidRequestError, match="thinking"):
+        StructuredOutput("json", "{}", thinking="always")
+
+
+@pytest.mark.parametrize(
+    ("structure", "answer"),
+    [
+        (StructuredOutput("choice", json.dumps(["Paris", "Lyon"])), "Lyon"),
+        (StructuredOutput("regex", "[0-9]{3}"), "123"),
+        (StructuredOutput("grammar", 'start: "a" "b"'), "ab"),
+        (StructuredOutput("grammar", 'root ::= "a" "b"'), "ab"),  # GBNF
+        (StructuredOutput("json_object"), '{"a": 1}'),
+    ],
+)
+def test_every_kind_of_constraint_follows_the_thinking(tokenizer, structure, answer):
+    grammars = Grammars(tokenizer, len(tokenizer))
+    thinking = dataclasses.replace(structure, thinking="opened")
+    grammars.check(thinking)
+    assert _follows(grammars, thinking, f"Hm, {answer}?</think>{answer}") == (True, True)
+    assert _follows(grammars, thinking, f"Hm.</think>x{answer}")[0] is False

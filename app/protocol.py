@@ -301,6 +301,10 @@ class ChatMessage(BaseModel):
     tool_calls: list[dict] | None = None  # an assistant's
     tool_call_id: str | None = None  # a tool result's
     name: str | None = None
+    # an assistant's thinking (a reply's, sent back), which reasoning models' templates show
+    # in a tool-calling turn; vLLM's name and SGLang's
+    reasoning: str | None = None
+    reasoning_content: str | None = None
 
     @field_validator("content")
     @classmethod
@@ -317,11 +321,14 @@ class ChatMessage(BaseModel):
 
     def for_template(self) -> dict:
         extra = ("tool_calls", "tool_call_id", "name")
-        return {
+        message = {
             "role": self.role,
             "content": self.text(),
             **{k: getattr(self, k) for k in extra if getattr(self, k) is not None},
         }
+        thought = self.reasoning_content or self.reasoning
+        # the templates (Qwen3, DeepSeek-R1, GLM-4.5) read it as reasoning_content
+        return message if thought is None else {**message, "reasoning_content": thought}
 
 
 class ChatPrompt(BaseModel):
@@ -440,8 +447,9 @@ class ChatCompletionRequest(ChatPrompt, _Sampling):
         if structure is None or self._reasoning_parser is None:
             return structure
         # a reasoning model thinks freely first; the constraint shapes its answer (vLLM's way)
-        thinking = REASONING_PARSERS[self._reasoning_parser].GRAMMAR_THINKING
-        return dataclasses.replace(structure, thinking=thinking)
+        parser = REASONING_PARSERS[self._reasoning_parser]
+        tags = (parser.START, parser.END)
+        return dataclasses.replace(structure, thinking=parser.GRAMMAR_THINKING, think_tags=tags)
 
     def _constraint(self) -> StructuredOutput | None:
         other = structured_output(self)

@@ -9,6 +9,8 @@ or a Responses `reasoning` item; the rest is its content, which a tool-call pars
 - `deepseek_r1` (DeepSeek-R1, Qwen3 Thinking-2507, models whose template opens the think block
   in the prompt): the reply starts inside the reasoning (an optional `<think>` first) and
   answers after `</think>`; a reply that never closes it is all reasoning.
+- `glm45` (GLM-4.5 / 4.6): as `qwen3`.
+- `mistral` (Magistral): as `qwen3` with `[THINK]` and `[/THINK]`.
 
 Streamed, reasoning and answer go out as they come, only a possible tag held until it is clear;
 the pieces join to exactly what the whole reply gives.
@@ -91,4 +93,17 @@ class DeepSeekR1Parser(_ThinkParser):
     GRAMMAR_THINKING = "opened"  # a constrained reply starts inside one
 
 
-REASONING_PARSERS = {"qwen3": Qwen3Parser, "deepseek_r1": DeepSeekR1Parser}
+class MagistralParser(_ThinkParser):
+    """Magistral: `[THINK]...[/THINK]` at the start of the reply (thinking is optional)."""
+
+    START, END = "[THINK]", "[/THINK]"
+    OPENED = False
+    GRAMMAR_THINKING = "optional"
+
+
+REASONING_PARSERS = {
+    "qwen3": Qwen3Parser,
+    "deepseek_r1": DeepSeekR1Parser,
+    "glm45": Qwen3Parser,  # GLM-4.5 / 4.6: the same <think> block, which may be left out
+    "mistral": MagistralParser,
+}

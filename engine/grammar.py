@@ -11,16 +11,11 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 
 import torch
 
 from engine.sampling_params import InvalidRequestError, StructuredOutput
-
-# a reasoning model's think block before the constrained answer (lazy: up to the first end)
-THINK_BLOCKS = {
-    "opened": "start: think @answer\nthink[lazy]: /(.|\\n)*<\\/think>/\n",
-    "optional": "start: think? @answer\nthink[lazy]: /[ \\t\\n]*<think>(.|\\n)*<\\/think>/\n",
-}
 
 
 def grammar_text(structure: StructuredOutput) -> str:
@@ -32,8 +27,22 @@ def grammar_text(structure: StructuredOutput) -> str:
         return text
     inner = _top_level(text)
     inner["grammars"][0]["name"] = "answer"
-    outer = {"lark_grammar": THINK_BLOCKS[structure.thinking]}
+    outer = {"lark_grammar": _think_block(structure)}
     return json.dumps({**inner, "grammars": [outer, *inner["grammars"]]})
+
+
+def _think_block(structure: StructuredOutput) -> str:
+    """The Lark start of a reasoning model's output: its think block (lazy: up to the first
+    end tag), free, then the constraint's grammar (@answer)."""
+    start, end = (_regex(tag) for tag in structure.think_tags)
+    if structure.thinking == "opened":
+        return f"start: think @answer\nthink[lazy]: /(.|\\n)*{end}/\n"
+    return f"start: think? @answer\nthink[lazy]: /[ \\t\\n]*{start}(.|\\n)*{end}/\n"
+
+
+def _regex(text: str) -> str:
+    """`text` as a regex between Lark's slashes."""
+    return re.escape(text).replace("/", "\\/")
 
 
 def _top_level(text: str) -> dict:

@@ -42,6 +42,7 @@ class StructuredOutput:
     # constraint after the reasoning): "opened" (the output starts inside it, up to its
     # </think>), "optional" (the output may start with a whole <think>...</think>), "" none
     thinking: str = ""
+    think_tags: tuple[str, str] = ("<think>", "</think>")  # the block's start and end
 
     def __post_init__(self) -> None:
         if self.thinking not in THINKING:

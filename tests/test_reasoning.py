@@ -10,7 +10,7 @@ import random
 import pytest
 
 from app.formats import ChatFormat, Prompt, Shown
-from app.reasoning_parsers import DeepSeekR1Parser, Qwen3Parser, Split
+from app.reasoning_parsers import DeepSeekR1Parser, MagistralParser, Qwen3Parser, Split
 from app.tools import AutoToolCalls, ToolCalls
 from engine import RequestOutput
 
@@ -41,6 +41,8 @@ CASES = [  # (parser, reply, reasoning, content)
     (DeepSeekR1Parser, "never closed", "never closed", ""),
     (DeepSeekR1Parser, " ", " ", ""),
     (DeepSeekR1Parser, "a</think>b</think>c", "a", "b</think>c"),
+    (MagistralParser, "[THINK]Hm.[/THINK]Paris.", "Hm.", "Paris."),
+    (MagistralParser, "Paris. [THINK]", "", "Paris. [THINK]"),
 ]  # fmt: skip
 
 
@@ -139,3 +141,16 @@ def test_a_forced_call_after_the_reasoning_is_the_answer():
     [call] = choice["message"]["tool_calls"]
     assert json.loads(call["function"]["arguments"]) == {"city": "Lyon"}
     assert [len(d.get("tool_calls", ())) for d in deltas] == [0, 0, 1]
+
+
+def test_an_earlier_turns_reasoning_reaches_the_template():
+    """Sent back under either name, the thinking is the template's reasoning_content (what
+    Qwen3's, DeepSeek-R1's and GLM's templates read)."""
+    from app.protocol import ChatMessage
+
+    for name in ("reasoning", "reasoning_content"):
+        message = ChatMessage(role="assistant", content="Paris.", **{name: "Hm."})
+        assert message.for_template() == {
+            "role": "assistant", "content": "Paris.", "reasoning_content": "Hm."
+        }  # fmt: skip
+    assert "reasoning_content" not in ChatMessage(role="user", content="x").for_template()

@@ -360,3 +360,11 @@ def test_every_kind_of_constraint_follows_the_thinking(tokenizer, structure, ans
     grammars.check(thinking)
     assert _follows(grammars, thinking, f"Hm, {answer}?</think>{answer}") == (True, True)
     assert _follows(grammars, thinking, f"Hm.</think>x{answer}")[0] is False
+
+
+def test_the_think_block_takes_the_parsers_own_tags(tokenizer):
+    grammars = Grammars(tokenizer, len(tokenizer))
+    tags = ("[THINK]", "[/THINK]")  # Magistral's: regex characters in them
+    structure = StructuredOutput("regex", "[0-9]+/[0-9]+", thinking="optional", think_tags=tags)
+    assert _follows(grammars, structure, "[THINK]a/b [x]</think>[/THINK]1/2") == (True, False)
+    assert _follows(grammars, structure, "<think>a</think>1/2")[0] is False

@@ -7,6 +7,7 @@ means: `disaggregated` uses `prefill` and `decode`; `colocated` uses `colocated`
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -182,10 +183,28 @@ class AppArgs(_Strict):
     # vLLM's --reasoning-parser: a reasoning model's thinking goes to the reply's `reasoning`
     # (app/reasoning_parsers.py), apart from its answer
     reasoning_parser: str | None = None
+    # vLLM's --chat-template: a Jinja chat template (a file's path, read where the config is
+    # loaded, or the template's text) in place of the model's, e.g. one that shows tools
+    chat_template: str | None = None
+    # vLLM's --default-chat-template-kwargs: template variables every chat request gets
+    # (e.g. {"enable_thinking": false}); a request's chat_template_kwargs override them
+    default_chat_template_kwargs: dict | None = None
     ingress: IngressArgs = IngressArgs()
     prefill: PhaseArgs = PhaseArgs()
     decode: PhaseArgs = PhaseArgs()
     colocated: PhaseArgs = PhaseArgs()
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_text(cls, value):
+        """A path is read here (the driver resolves it against the directory `serve run`
+        runs in), so replicas get the template's text."""
+        if value is None or "{{" in value or "{%" in value:
+            return value
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ValueError(f"{value!r} is neither a file nor a Jinja template")
+        return path.read_text()
 
     @field_validator("tool_call_parser", "reasoning_parser")
     @classmethod

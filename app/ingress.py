@@ -60,6 +60,8 @@ class Ingress:
         self.args = AppArgs.model_validate(args)
         path = resolve_model(self.args.model)
         tokenizer = AutoTokenizer.from_pretrained(path)
+        if self.args.chat_template is not None:  # the server's in place of the model's
+            tokenizer.chat_template = self.args.chat_template
         text_config = AutoConfig.from_pretrained(path).get_text_config()
         window = text_config.max_position_embeddings
         self.max_model_len = min(self.args.max_model_len or window, window)
@@ -158,6 +160,7 @@ class Ingress:
         if chat:
             req.use_tool_parser(self.args.tool_call_parser)
             req.use_reasoning_parser(self.args.reasoning_parser)
+            req.use_template_defaults(self.args.default_chat_template_kwargs)
         # before tokenizing: a batch too large for the queue is refused without that work
         self._admit(req.n, 1 if chat else len(req.prompts))
         prompts = self.prompts.prompts(req, chat)
@@ -192,6 +195,8 @@ class Ingress:
     def _tokenize(self, body: bytes) -> dict:
         data = parse_object(body)
         req = validated(data, TokenizeChatRequest if "messages" in data else TokenizeRequest)
+        if isinstance(req, TokenizeChatRequest):  # the ids a chat would prefill
+            req.use_template_defaults(self.args.default_chat_template_kwargs)
         if req.model is not None:
             self._check_model(req.model)
         return self.prompts.tokenize(req)

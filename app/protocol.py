@@ -362,8 +362,20 @@ class ChatPrompt(BaseModel):
             return not self.continue_final_message
         return self.add_generation_prompt
 
+    # the server's default_chat_template_kwargs (AppArgs), set by the ingress before use
+    _template_defaults: dict | None = PrivateAttr(None)
+
+    def use_template_defaults(self, defaults: dict | None) -> None:
+        self._template_defaults = defaults
+
     def template_kwargs(self) -> dict | None:
-        """The template's extra variables."""
+        """The template's extra variables: the server's defaults, then the request's."""
+        own = self._own_template_kwargs()
+        if not self._template_defaults:
+            return own
+        return {**self._template_defaults, **(own or {})}
+
+    def _own_template_kwargs(self) -> dict | None:
         return self.chat_template_kwargs
 
     def template_tools(self) -> list[dict] | None:
@@ -426,7 +438,7 @@ class ChatCompletionRequest(ChatPrompt, _Sampling):
             use = self.tool_use
         return None if use is None else use[1]
 
-    def template_kwargs(self) -> dict | None:
+    def _own_template_kwargs(self) -> dict | None:
         if self.reasoning_effort is None:
             return self.chat_template_kwargs
         return {"reasoning_effort": self.reasoning_effort, **(self.chat_template_kwargs or {})}

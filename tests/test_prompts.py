@@ -190,3 +190,27 @@ def test_return_tokens_as_token_ids_names_tokens_by_id(ingress):
     for flag, want in ((False, " Paris"), (True, "token_id:7042")):
         req = CompletionRequest(model=MODEL, prompt="Hi", return_tokens_as_token_ids=flag)
         assert ingress.prompts.texts(req)(7042) == want
+
+
+def test_the_servers_chat_template_and_default_template_variables(tmp_path):
+    """vLLM's --chat-template (a file, read where the config is loaded, or the text) and
+    --default-chat-template-kwargs, which a request's own variables override."""
+    from pydantic import ValidationError
+
+    from app.config import AppArgs
+    from app.ingress import Ingress
+
+    template = "{% for m in messages %}<{{ m.role }}|{{ m.content }}|{{ mood }}>{% endfor %}"
+    path = tmp_path / "template.jinja"
+    path.write_text(template)
+    assert AppArgs.model_validate({"chat_template": str(path)}).chat_template == template
+    with pytest.raises(ValidationError, match="neither a file nor a Jinja template"):
+        AppArgs.model_validate({"chat_template": str(tmp_path / "missing.jinja")})
+    served = Ingress({"chat_template": str(path), "default_chat_template_kwargs": {"mood": "calm"}})
+    tokenizer = served.prompts.tokenizer
+    [prompt], _ = _prepare(served, {"messages": HI}, True)
+    assert tokenizer.decode(prompt.ids) == "<user|Hi|calm>"
+    [prompt], _ = _prepare(served, {"messages": HI, "chat_template_kwargs": {"mood": "glad"}}, True)
+    assert tokenizer.decode(prompt.ids) == "<user|Hi|glad>"
+    tokenized = served._tokenize(json.dumps({"messages": HI}).encode())
+    assert tokenizer.decode(tokenized["tokens"]) == "<user|Hi|calm>"

@@ -125,7 +125,7 @@ class ResponsesRequest(BaseModel):
             return [*messages, _message("user", self.input)]
         for i, item in enumerate(self.input):
             _add_item(messages, item, f"input.{i}")
-        return messages
+        return _with_thoughts(messages)
 
 
 def not_stored(response_id: str, param: str) -> APIError:
@@ -175,6 +175,24 @@ def renamed_params() -> Iterator[None]:
         raise renamed(e) from e.__cause__
 
 
+_THOUGHT = "reasoning item"  # a place holder among the messages, never a chat role
+
+
+def _with_thoughts(messages: list[dict]) -> list[dict]:
+    """Reasoning items become the reasoning_content of the assistant message that follows
+    them (the templates of reasoning models show it in a tool-calling turn)."""
+    out, thought = [], None
+    for message in messages:
+        if message["role"] == _THOUGHT:
+            thought = message["content"]
+            continue
+        if message["role"] == "assistant" and thought:
+            message = {**message, "reasoning_content": thought}
+        thought = None
+        out.append(message)
+    return out
+
+
 def _message(role: str, text: str) -> dict:
     return {"role": role, "content": text}
 
@@ -202,8 +220,10 @@ def _add_item(messages: list[dict], item: dict, where: str) -> None:
             last = {"role": "assistant", "content": ""}
             messages.append(last)
         last.setdefault("tool_calls", []).append(call)
-    elif kind == "reasoning":
-        pass  # an earlier turn's thinking: not shown again (chat templates drop it too)
+    elif kind == "reasoning":  # an earlier turn's thinking: its next assistant message's
+        parts = item.get("content") or item.get("summary") or []
+        text = "".join(p.get("text", "") for p in parts if isinstance(p, dict))
+        messages.append({"role": _THOUGHT, "content": text})
     elif kind == "function_call_output":
         output = item.get("output")
         text = output if isinstance(output, str) else _text(output, f"{where}.output")

@@ -270,9 +270,14 @@ def test_reasoning_is_an_item_before_the_answer():
     # asked for, with a reasoning parser: passed to the template; without one, refused
     _, chat = chat_request({"model": "m", "input": "hi", "reasoning": {"effort": "low"}}, True)
     assert chat.template_kwargs() == {"reasoning_effort": "low"}
-    # earlier turns' reasoning items are accepted and not shown again
-    items = [{"type": "reasoning", "id": "rs_1", "summary": []}, {"role": "user", "content": "x"}]
-    assert [m.role for m in _chat(input=items)[1].messages] == ["user"]
+    # an earlier turn's reasoning item is the thinking of the assistant message after it
+    thought = {"type": "reasoning", "id": "rs_1", "summary": [],
+               "content": [{"type": "reasoning_text", "text": "Hm."}]}  # fmt: skip
+    call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
+    items = [{"role": "user", "content": "x"}, thought, call, thought]
+    messages = [m.for_template() for m in _chat(input=items)[1].messages]
+    assert [m["role"] for m in messages] == ["user", "assistant"]  # the last one: no message
+    assert messages[1]["reasoning_content"] == "Hm." and messages[1]["tool_calls"]
 
 
 def test_a_stream_failing_after_it_started_ends_with_failed():

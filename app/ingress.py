@@ -38,7 +38,8 @@ from app.protocol import (
     parse_object,
     validated,
 )
-from app.responses import ResponseFormat, chat_request, not_stored, renamed_params
+from app.response_store import ResponseStore
+from app.responses import ResponseFormat, chat_request, renamed_params
 from app.responses import sse as responses_sse
 from engine import InvalidRequestError, RequestOutput, SamplingParams
 from engine.limits import check_lengths
@@ -74,6 +75,7 @@ class Ingress:
 
         self.metrics = RequestMetrics()
         self.api_key = _api_key(self.args.ingress.api_key_env)
+        self.responses = ResponseStore(self.args.ingress.responses_store_size)
 
     async def __call__(self, request: Request) -> Response:
         try:
@@ -101,13 +103,22 @@ class Ingress:
             return await self._generate(await request.body(), chat, _client_id(request))
         if path == "/v1/responses" and method == "POST":
             return await self._respond(await request.body(), _client_id(request))
-        if path.startswith("/v1/responses/"):  # retrieve, cancel, delete, input_items
-            raise not_stored(path.removeprefix("/v1/responses/").split("/")[0], "response_id")
+        if path.startswith("/v1/responses/"):
+            return JSONResponse(self._stored_response(path.removeprefix("/v1/responses/"), method))
         if path == "/tokenize" and method == "POST":  # vLLM's
             return JSONResponse(self._tokenize(await request.body()))
         if path == "/detokenize" and method == "POST":
             return JSONResponse(self._detokenize(await request.body()))
         raise APIError(404, f"no route {method} {path}", kind="not_found_error")
+
+    def _stored_response(self, rest: str, method: str) -> dict:
+        """GET (retrieve) or DELETE a stored response; the rest (cancel, input_items) is not
+        served."""
+        if "/" in rest or method not in ("GET", "DELETE"):
+            raise APIError(404, f"no route {method} /v1/responses/{rest}", kind="not_found_error")
+        if method == "DELETE":
+            return self.responses.delete(rest)
+        return self.responses.get(rest).body
 
     def _authorize(self, request: Request) -> None:
         if self.api_key is None:
@@ -222,10 +233,17 @@ class Ingress:
     async def _respond(self, body: bytes, client_id: str | None = None) -> Response:
         """OpenAI's Responses API, served as the chat completion it is (app/responses.py)."""
         data = parse_object(body)
-        req, chat = chat_request(data, self.args.reasoning_parser is not None)
+        store = self.responses if self.responses.enabled else None
+        req, chat, prior = chat_request(data, self.args.reasoning_parser is not None, store)
         with renamed_params():
             view, outputs = await self._start(chat, True, client_id)
-        response = ResponseFormat(req, view, chat.temperature, chat.top_p)
+        on_done = None
+        if store is not None and req.store is not False:  # OpenAI's default: stored
+
+            def on_done(response: dict) -> None:
+                store.put(response, [*prior, *req.input_items, *response["output"]])
+
+        response = ResponseFormat(req, view, chat.temperature, chat.top_p, on_done)
         if chat.stream:
             return StreamingResponse(
                 responses_sse(response, outputs), media_type="text/event-stream"

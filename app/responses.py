@@ -5,8 +5,10 @@ check apply as they do to chat), and the chat reply becomes a Response: its outp
 message, function calls), its status and usage, and, streamed, OpenAI's typed events
 (response.created ... response.completed, each with a sequence_number).
 
-Stateless, as vLLM by default: `store` is accepted and nothing is kept (the response says
-`store: false`), so `previous_response_id` is a 404 and `background` a 400. Fields that would
+Stateless by default, as vLLM: `store` is accepted and nothing is kept (the response says
+`store: false`), so `previous_response_id` is a 404; with the ingress's responses_store_size,
+each replica keeps that many responses (app/response_store.py) for previous_response_id and
+GET / DELETE /v1/responses/{id}. `background` is a 400. Fields that would
 change the output and are not served (built-in tools, `reasoning`, `truncation: auto`,
 `max_tool_calls`, reusable prompts, conversations) are refused rather than ignored.
 """
@@ -15,13 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.formats import ChatFormat
 from app.protocol import APIError, ChatCompletionRequest, validated
+from app.response_store import ResponseStore, not_stored
 from engine import RequestOutput
 from engine.sampling_params import MAX_LOGPROBS
 
@@ -76,8 +79,6 @@ class ResponsesRequest(BaseModel):
     def check_served(self, reasons: bool = False) -> None:
         """Refuse what this server cannot do, naming the field; `reasons`: the server splits
         a reasoning model's thinking (its reasoning_parser)."""
-        if self.previous_response_id is not None:
-            raise not_stored(self.previous_response_id, "previous_response_id")
         refused = {
             "background": (self.background, " (it needs stored responses)"),
             "conversation": (self.conversation, " (it needs stored responses)"),
@@ -94,12 +95,13 @@ class ResponsesRequest(BaseModel):
             if value:
                 raise APIError(400, f"{name} is not supported{why}", name)
 
-    def chat_data(self, reasons: bool = False) -> dict:
-        """The chat completion request this one is, as its JSON object."""
+    def chat_data(self, reasons: bool = False, prior: list[dict] = ()) -> dict:
+        """The chat completion request this one is, as its JSON object; `prior`: the earlier
+        turns' items (previous_response_id's conversation)."""
         self.check_served(reasons)
         data = {
             "model": self.model,
-            "messages": self._messages(),
+            "messages": self._messages(prior),
             "max_completion_tokens": self.max_output_tokens,
             "stream": self.stream,
         }
@@ -119,23 +121,21 @@ class ResponsesRequest(BaseModel):
             data["response_format"] = response_format
         return data
 
-    def _messages(self) -> list[dict]:
-        messages = [] if self.instructions is None else [_message("system", self.instructions)]
+    @property
+    def input_items(self) -> list[dict]:
+        """This turn's input as items (a text is one user message)."""
         if isinstance(self.input, str):
-            return [*messages, _message("user", self.input)]
-        for i, item in enumerate(self.input):
+            return [{"type": "message", "role": "user", "content": self.input}]
+        return self.input
+
+    def _messages(self, prior: list[dict] = ()) -> list[dict]:
+        # the instructions are this request's own: a previous response's do not carry over
+        messages = [] if self.instructions is None else [_message("system", self.instructions)]
+        for i, item in enumerate(prior):
+            _add_item(messages, item, f"previous_response_id.{i}")
+        for i, item in enumerate(self.input_items):
             _add_item(messages, item, f"input.{i}")
         return _with_thoughts(messages)
-
-
-def not_stored(response_id: str, param: str) -> APIError:
-    return APIError(
-        404,
-        f"response {response_id!r} not found: this server stores no responses (send the "
-        "conversation's items in input instead)",
-        param,
-        "not_found_error",
-    )
 
 
 def _set(options: dict | None) -> bool:
@@ -144,16 +144,22 @@ def _set(options: dict | None) -> bool:
 
 
 def chat_request(
-    data: dict, reasons: bool = False
-) -> tuple[ResponsesRequest, ChatCompletionRequest]:
-    """-> the Responses request in `data` (a request body) and the chat request it is; the
-    body's vLLM sampling fields pass through as they are. `reasons`: the server splits a
-    reasoning model's thinking."""
+    data: dict, reasons: bool = False, store: ResponseStore | None = None
+) -> tuple[ResponsesRequest, ChatCompletionRequest, list[dict]]:
+    """-> the Responses request in `data` (a request body), the chat request it is and the
+    earlier turns' items it continues; the body's vLLM sampling fields pass through as they
+    are. `reasons`: the server splits a reasoning model's thinking; `store`: the responses
+    this replica keeps (previous_response_id is looked up there)."""
     req = validated(data, ResponsesRequest)
-    chat = req.chat_data(reasons)
+    prior = []
+    if req.previous_response_id is not None:
+        if store is None:
+            raise not_stored(req.previous_response_id, "previous_response_id")
+        prior = store.get(req.previous_response_id, "previous_response_id").items
+    chat = req.chat_data(reasons, prior)
     chat.update({k: data[k] for k in SAMPLING_EXTRAS if k in data})
     with renamed_params():
-        return req, validated(chat, ChatCompletionRequest)
+        return req, validated(chat, ChatCompletionRequest), prior
 
 
 def renamed(error: APIError) -> APIError:
@@ -300,8 +306,17 @@ class ResponseFormat:
     """A Response, whole or as its stream of events, built from a chat completion's outputs
     (one choice): its text becomes a message item, its tool calls function_call items."""
 
-    def __init__(self, req: ResponsesRequest, chat: ChatFormat, temperature: float, top_p: float):
-        self.req, self.chat = req, chat
+    def __init__(
+        self,
+        req: ResponsesRequest,
+        chat: ChatFormat,
+        temperature: float,
+        top_p: float,
+        on_done: Callable[[dict], None] | None = None,
+    ) -> None:
+        """`on_done`: given the response once it has ended (completed or incomplete), to
+        store it; the response then says `store: true`."""
+        self.req, self.chat, self.on_done = req, chat, on_done
         self.sampling = {"temperature": temperature, "top_p": top_p}
         self.id = "resp_" + chat.id.removeprefix("chatcmpl-")
         self.sequence_number = 0
@@ -329,7 +344,7 @@ class ResponseFormat:
         for call in message.get("tool_calls") or ():
             item = {**self._call_item(call, len(items)), "status": "completed"}
             items.append({**item, "arguments": call["function"]["arguments"]})
-        return self.body(items, choice["finish_reason"])
+        return self._done(self.body(items, choice["finish_reason"]))
 
     def body(self, output: list[dict], finish_reason: str | None = None) -> dict:
         """The Response object; `finish_reason`: chat's (None: still running)."""
@@ -349,9 +364,9 @@ class ResponseFormat:
             "model": self.chat.model,
             "output": output,
             "parallel_tool_calls": req.parallel_tool_calls is not False,
-            "previous_response_id": None,
+            "previous_response_id": req.previous_response_id,
             "reasoning": None,
-            "store": False,
+            "store": self.on_done is not None,
             **self.sampling,
             "text": req.text or {"format": {"type": "text"}},
             "tool_choice": req.tool_choice or ("auto" if req.tools else "none"),
@@ -362,6 +377,11 @@ class ResponseFormat:
             "user": req.user,
             "metadata": req.metadata or {},
         }
+
+    def _done(self, body: dict) -> dict:
+        if self.on_done is not None:
+            self.on_done(body)
+        return body
 
     def _usage(self) -> dict:
         usage = self.chat.usage
@@ -414,7 +434,7 @@ class ResponseFormat:
             events += self._end_item(_item_status(choice["finish_reason"]))
             body = self.body(self.items, choice["finish_reason"])
             done = "response.incomplete" if body["status"] == "incomplete" else "response.completed"
-            events.append(self._event(done, response=body))
+            events.append(self._event(done, response=self._done(body)))
         return events
 
     def failed(self, error: APIError) -> list[str]:

@@ -15,6 +15,7 @@ from pydantic import TypeAdapter
 
 from app.formats import ChatFormat, Prompt
 from app.protocol import APIError
+from app.response_store import ResponseStore
 from app.responses import ResponseFormat, chat_request, renamed
 from app.tools import AutoToolCalls, ToolCalls
 from engine import RequestOutput, TokenLogprob
@@ -32,7 +33,7 @@ EVENT = TypeAdapter(ResponseStreamEvent)
 
 def _chat(**fields):
     data = {"model": "m", "input": "hi", **fields}
-    return chat_request(data)
+    return chat_request(data)[:2]
 
 
 def test_input_items_become_the_chat_messages():
@@ -268,7 +269,7 @@ def test_reasoning_is_an_item_before_the_answer():
     }
     assert message["id"] == "msg_x1_1" and Response.model_validate(body).output_text == "Paris."
     # asked for, with a reasoning parser: passed to the template; without one, refused
-    _, chat = chat_request({"model": "m", "input": "hi", "reasoning": {"effort": "low"}}, True)
+    _, chat, _ = chat_request({"model": "m", "input": "hi", "reasoning": {"effort": "low"}}, True)
     assert chat.template_kwargs() == {"reasoning_effort": "low"}
     # an earlier turn's reasoning item is the thinking of the assistant message after it
     thought = {"type": "reasoning", "id": "rs_1", "summary": [],
@@ -296,3 +297,55 @@ def test_a_stream_failing_after_it_started_ends_with_failed():
     assert events[1]["response"]["error"]["code"] == "invalid_prompt"
     for payload in events:
         EVENT.validate_python(payload)
+
+
+def test_the_store_keeps_the_latest_responses_and_their_conversations():
+    store = ResponseStore(2)
+    for n in (1, 2, 3):
+        store.put({"id": f"resp_{n}"}, [{"n": n}])
+    with pytest.raises(APIError) as e:
+        store.get("resp_1")  # the least recently used went first
+    assert e.value.status == 404 and "no longer" in e.value.message
+    store.get("resp_2")  # now the most recently used
+    store.put({"id": "resp_4"}, [])
+    assert store.get("resp_2").items == [{"n": 2}] and len(store) == 2
+    assert store.delete("resp_2") == {"id": "resp_2", "object": "response", "deleted": True}
+    with pytest.raises(APIError):
+        store.delete("resp_2")
+    assert not ResponseStore(0).enabled
+
+
+def test_a_response_continues_the_stored_conversation():
+    """previous_response_id: the stored turns' items, then this input; the earlier
+    instructions do not carry over; the finished response is handed over to be stored."""
+    store = ResponseStore(4)
+    first = {"model": "m", "input": "My name is Ann.", "instructions": "Be brief."}
+    req, chat, prior = chat_request(first, store=store)
+    assert prior == [] and [m.role for m in chat.messages] == ["system", "user"]
+    kept = []
+    view = ChatFormat("chatcmpl-a1", "m", [Prompt([1])], 1, None, chat.shown)
+    response = ResponseFormat(req, view, 1.0, 1.0, on_done=kept.append)
+    for out in _outputs(["Hi", " Ann."]):
+        response.add(0, out)
+    body = response.final()
+    assert kept == [body] and body["store"] is True
+    store.put(body, [*prior, *req.input_items, *body["output"]])
+    second = {"model": "m", "input": "What is my name?", "previous_response_id": "resp_a1"}
+    req, chat, prior = chat_request(second, store=store)
+    assert [(m.role, m.text()) for m in chat.messages] == [
+        ("user", "My name is Ann."), ("assistant", "Hi Ann."), ("user", "What is my name?")
+    ]  # fmt: skip
+    assert len(prior) == 2 and req.previous_response_id == "resp_a1"
+    with pytest.raises(APIError) as e:
+        chat_request({**second, "previous_response_id": "resp_gone"}, store=store)
+    assert (e.value.status, e.value.param) == (404, "previous_response_id")
+    # streamed: stored at its end, with the items the client saw
+    kept.clear()
+    view = ChatFormat("chatcmpl-a2", "m", [Prompt([1])], 1, None, chat.shown)
+    response = ResponseFormat(req, view, 1.0, 1.0, on_done=kept.append)
+    response.opening()
+    for out in _outputs(["Ann", "."]):
+        response.add(0, out)
+        response.events(0, out)
+    [done] = kept
+    assert done["output"][0]["content"][0]["text"] == "Ann." and done["previous_response_id"]

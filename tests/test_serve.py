@@ -22,8 +22,13 @@ pytestmark = [pytest.mark.serve, pytest.mark.model]
 SMALL = {"num_cpus": 0.5, "engine": {"num_threads": 1, "kv_cache_memory_mb": 128}}
 CACHING = {**SMALL, "engine": {**SMALL["engine"], "enable_prefix_caching": True}}
 MODES = {
-    # KV over shared memory (the default); the prefill replica caches prompt prefixes
-    "disagg": {"mode": "disaggregated", "prefill": CACHING},
+    # KV over shared memory (the default); the prefill replica caches prompt prefixes; the
+    # ingress keeps Responses API responses
+    "disagg": {
+        "mode": "disaggregated",
+        "prefill": CACHING,
+        "ingress": {"responses_store_size": 8},
+    },
     # and a decode cache smaller than the prefill cache (64 vs 128 MB: 1456 vs 2912 tokens);
     # two prefill replicas that cache prefixes: prompts go where their prefix went
     "disagg_os": {
@@ -954,9 +959,46 @@ def test_responses_api_through_the_official_client(server):
         client.responses.create(model=model, input="hi", previous_response_id=response.id)
     with pytest.raises(openai.NotFoundError, match="stores no responses"):
         client.responses.retrieve(response.id)
+    _responses_previous_response_id(server)
     with pytest.raises(openai.BadRequestError, match="only function tools"):
         client.responses.create(model=model, input="hi", tools=[{"type": "web_search"}])
     _responses_tool_round_trip(server)
+
+
+def _responses_previous_response_id(server: str) -> None:
+    """The disagg app keeps responses: a second turn through previous_response_id answers as
+    chat does with the whole conversation; a stored response is retrieved and deleted."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/disagg/v1", api_key="unused")
+    fields = {"model": "SmolLM2-135M-Instruct", "temperature": 0, "max_output_tokens": 20}
+    first = client.responses.create(**fields, input="My name is Ann. Say hello.")
+    assert first.store is True
+    second = client.responses.create(
+        **fields, input="What is my name?", previous_response_id=first.id, stream=True
+    )
+    second = list(second)[-1].response  # response.completed, or incomplete at the limit
+    assert second.previous_response_id == first.id
+    conversation = [
+        {"role": "user", "content": "My name is Ann. Say hello."},
+        {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "What is my name?"},
+    ]
+    chat = client.chat.completions.create(
+        model=fields["model"], messages=conversation, temperature=0, max_tokens=20
+    )
+    assert second.output_text == chat.choices[0].message.content
+    assert second.usage.input_tokens == chat.usage.prompt_tokens
+    third = client.responses.create(**fields, input="Thanks.", previous_response_id=second.id)
+    assert third.usage.input_tokens > second.usage.input_tokens + second.usage.output_tokens
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError, match="no longer"):
+        client.responses.retrieve(first.id)
+    unstored = client.responses.create(**fields, input="Hi", store=False)
+    assert unstored.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
 
 
 def _responses_tool_round_trip(server: str) -> None:

@@ -459,9 +459,8 @@ class ChatCompletionRequest(ChatPrompt, _Sampling):
         if structure is None or self._reasoning_parser is None:
             return structure
         # a reasoning model thinks freely first; the constraint shapes its answer (vLLM's way)
-        parser = REASONING_PARSERS[self._reasoning_parser]
-        tags = (parser.START, parser.END)
-        return dataclasses.replace(structure, thinking=parser.GRAMMAR_THINKING, think_tags=tags)
+        thinking, tags = REASONING_PARSERS[self._reasoning_parser].think_block()
+        return dataclasses.replace(structure, thinking=thinking, think_tags=tags)
 
     def _constraint(self) -> StructuredOutput | None:
         other = structured_output(self)

@@ -44,6 +44,12 @@ class _ThinkParser:
         self._held = ""  # text not yet given out: the reply's start, or a possible end tag
         self._state = "start"  # then "reasoning" and "content", or "content"
 
+    @classmethod
+    def think_block(cls) -> tuple[str, tuple[str, str]]:
+        """How a constrained reply's grammar starts (engine StructuredOutput's `thinking` and
+        `think_tags`): inside the block, or optionally with a whole one."""
+        return ("opened" if cls.OPENED else "optional"), (cls.START, cls.END)
+
     def read(self, text: str) -> Split:
         out = self.feed(text)
         out += self.end()
@@ -85,12 +91,10 @@ class _ThinkParser:
 
 class Qwen3Parser(_ThinkParser):
     OPENED = False
-    GRAMMAR_THINKING = "optional"  # a constrained reply may start with a think block
 
 
 class DeepSeekR1Parser(_ThinkParser):
     OPENED = True
-    GRAMMAR_THINKING = "opened"  # a constrained reply starts inside one
 
 
 class MagistralParser(_ThinkParser):
@@ -98,7 +102,6 @@ class MagistralParser(_ThinkParser):
 
     START, END = "[THINK]", "[/THINK]"
     OPENED = False
-    GRAMMAR_THINKING = "optional"
 
 
 REASONING_PARSERS = {

@@ -29,7 +29,7 @@ def test_experiment_runs_each_configuration_and_writes_the_report(tmp_path):
     out = tmp_path / "out"
     main(
         [
-            "--out", str(out), "--configs", "disagg-1p1d", "coloc-2",
+            "--out", str(out), "--configs", "disagg-1p1d", "coloc-1x2",
             "--rates", "2", "--num-requests", "3", "--bisect", "0",
             "--input-len", "16", "--output-len", "4", "--profile", str(profile),
         ]
@@ -38,7 +38,7 @@ def test_experiment_runs_each_configuration_and_writes_the_report(tmp_path):
     # SLO unit from the profile: prefill of one 16-token prompt, decode step at context 18
     assert report["meta"]["slo_unit"]["ttft_s"] == pytest.approx(2.016)
     assert report["meta"]["slo_unit"]["tpot_s"] == pytest.approx(0.501)
-    for name in ("disagg-1p1d", "coloc-2"):
+    for name in ("disagg-1p1d", "coloc-1x2"):
         [point] = report["configs"][name]["points"]
         assert point["rate"] == 2.0 and len(point["records"]) == 3
         assert point["host"]["copy_gbs"] > 0 and point["host"]["matmul_gflops"] > 0
@@ -51,13 +51,13 @@ def test_experiment_runs_each_configuration_and_writes_the_report(tmp_path):
     fid = analysis["fidelity_simulated"]  # every configuration at every cell of the map
     assert sum(fid["counts"].values()) == 2 * len(grid["ttft"]) * len(grid["tpot"])
     summary = (out / "summary.md").read_text()
-    assert "| disagg-1p1d | 2 |" in summary and "| coloc-2 | 2 |" in summary
+    assert "| disagg-1p1d | 2 |" in summary and "| coloc-1x2 | 2 |" in summary
     assert "against the measurement over the SLO map" in summary
     assert "configurations interleaved rate by rate" in summary
     assert "The host at each measured rate" in summary
     assert (out / "attainment.png").stat().st_size > 0 and (out / "latency.png").exists()
     # every replica traced its steps, filed under its configuration
-    for name in ("disagg-1p1d", "coloc-2"):
+    for name in ("disagg-1p1d", "coloc-1x2"):
         steps = [
             json.loads(line)
             for path in (out / "steps" / name).rglob("*.jsonl")
@@ -74,4 +74,4 @@ def test_experiment_runs_each_configuration_and_writes_the_report(tmp_path):
     assert not (out / "steps" / "current").exists()
     # one rate each, interleaved: one deployment (turn) per configuration, in the given order
     assert [d.name for d in (out / "steps" / "disagg-1p1d").iterdir()] == ["000"]
-    assert [d.name for d in (out / "steps" / "coloc-2").iterdir()] == ["001"]
+    assert [d.name for d in (out / "steps" / "coloc-1x2").iterdir()] == ["001"]

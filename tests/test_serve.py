@@ -1,8 +1,9 @@
 """End to end on a private local Ray cluster and real Serve applications, over real HTTP.
 
-One cluster and one Serve instance for the whole module; six applications side by side (three
-modes, disaggregated three times: shm, object-store and gloo KV transport; and a colocated one
-with a reasoning parser), each on its own route prefix.
+One cluster and one Serve instance for the whole module; four applications side by side
+(disaggregated three times: shm, object-store and gloo KV transport; and colocated with chunked
+prefill), each on its own route prefix; each also carries a feature the others do not (a
+Responses store, a reasoning parser, a tool-call parser): fewer replicas to start.
 The default model with short outputs keeps it quick.
 """
 
@@ -30,23 +31,23 @@ MODES = {
         "ingress": {"responses_store_size": 8},
     },
     # and a decode cache smaller than the prefill cache (64 vs 128 MB: 1456 vs 2912 tokens);
-    # two prefill replicas that cache prefixes: prompts go where their prefix went
+    # two prefill replicas that cache prefixes: prompts go where their prefix went; chat
+    # replies read as DeepSeek-R1's: they start inside the model's reasoning
     "disagg_os": {
         "mode": "disaggregated",
         "kv_transport": "object_store",
         "prefill": {**CACHING, "num_replicas": 2},
         "decode": {**SMALL, "engine": {**SMALL["engine"], "kv_cache_memory_mb": 64}},
+        "reasoning_parser": "deepseek_r1",
     },
     # the decode replica pulls the KV over a gloo pair from the prefill replica; tool_choice
     # "auto" served with the hermes tool-call parser
     "disagg_gloo": {"mode": "disaggregated", "kv_transport": "gloo", "tool_call_parser": "hermes"},
-    "coloc": {"mode": "colocated"},
-    "chunked": {
+    # chunked prefill: a prompt's rows come from several steps of 8 tokens
+    "coloc": {
         "mode": "colocated",
         "colocated": {"engine": {"chunked_prefill": True, "max_num_batched_tokens": 8}},
     },
-    # chat replies read as DeepSeek-R1's: they start inside the model's reasoning
-    "reasoning": {"mode": "colocated", "reasoning_parser": "deepseek_r1"},
 }
 # the apps whose chat replies are the model's answer from the first token
 ANSWERING = [name for name, mode in MODES.items() if "reasoning_parser" not in mode]
@@ -85,7 +86,7 @@ def server(tmp_path_factory):
     )
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    # One call for all six, not waiting per app: serve.run waits for its app to be RUNNING
+    # One call for all four, not waiting per app: serve.run waits for its app to be RUNNING
     # even with blocking=False, which would start the apps one after another.
     targets = [
         serve.RunTarget(build_app(_args(m)), name=n, route_prefix=f"/{n}") for n, m in MODES.items()
@@ -189,7 +190,7 @@ def test_vllm_token_constraints_reach_the_engine(server, engine_alone, local_eng
     for fields, params in cases:
         [want] = local_engine.generate([PROMPT], dataclasses.replace(greedy, **params))
         assert want.text != engine_alone.text and paris not in want.token_ids
-        for mode in ("disagg", "chunked"):
+        for mode in ("disagg", "coloc"):
             r = _complete(server, mode, prompt=PROMPT, max_tokens=8, **fields)
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["text"] == want.text, (mode, fields)
@@ -254,7 +255,7 @@ def test_structured_outputs_in_all_modes_equal_the_engine_alone(server, local_en
     # a parser that gives up at the second token (the decode replica's first): a 400, or once
     # streaming has begun, an error event and the end of the stream (vLLM's)
     huge = "start: /[0-9]/ /a{1000000}/"
-    for mode in ("disagg", "chunked"):
+    for mode in ("disagg", "coloc"):
         r = _complete(server, mode, prompt=PROMPT, guided_grammar=huge)
         assert r.status_code == 400 and r.json()["error"]["param"] == "guided_grammar", r.text
         assert r.json()["error"]["message"].startswith("the grammar constraint failed at output")
@@ -537,7 +538,7 @@ def test_vllm_prompt_logprobs_field_and_echo_alone(server, local_engine, tokeniz
     )
     chat = {"model": "SmolLM2-135M-Instruct", "messages": messages, "max_tokens": 2}
     r = httpx.post(
-        f"{server}/chunked/v1/chat/completions", json={**chat, "prompt_logprobs": 2}, timeout=60
+        f"{server}/coloc/v1/chat/completions", json={**chat, "prompt_logprobs": 2}, timeout=60
     )
     assert r.status_code == 200, r.text
     _assert_vllm_prompt_logprobs(r.json()["prompt_logprobs"], chat_ids, want_chat.prompt_logprobs)
@@ -688,7 +689,7 @@ def test_a_batch_of_prompts_gets_each_prompt_its_own_choices(server, local_engin
     want = local_engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
     lens = [len(tokenizer(p).input_ids) for p in prompts]
     completion = sum(len(w.token_ids) for w in want)
-    for mode in ("disagg", "chunked"):
+    for mode in ("disagg", "coloc"):
         r = _complete(server, mode, prompt=prompts, max_tokens=6, n=2, echo=True)
         assert r.status_code == 200, r.text
         body = r.json()
@@ -1043,7 +1044,7 @@ def _responses_tool_round_trip(server: str) -> None:
 
 
 def test_reasoning_parser_splits_the_thinking_from_the_answer(server):
-    """The reasoning app reads chat replies as DeepSeek-R1's: a reply that never closes its
+    """The disagg_os app reads chat replies as DeepSeek-R1's: a reply that never closes its
     think block is all reasoning (message.reasoning and reasoning_content; streamed deltas; a
     Responses reasoning item), the same greedy text the plain app answers with; a constraint
     shapes only the answer after the thinking (vLLM's order), so a constrained reply thinks
@@ -1054,7 +1055,7 @@ def test_reasoning_parser_splits_the_thinking_from_the_answer(server):
     fields = {"model": "SmolLM2-135M-Instruct", "temperature": 0, "max_tokens": 12}
     plain = openai.OpenAI(base_url=f"{server}/disagg/v1", api_key="unused")
     text = plain.chat.completions.create(**fields, messages=question).choices[0].message.content
-    client = openai.OpenAI(base_url=f"{server}/reasoning/v1", api_key="unused")
+    client = openai.OpenAI(base_url=f"{server}/disagg_os/v1", api_key="unused")
     message = client.chat.completions.create(**fields, messages=question).choices[0].message
     assert (message.content, message.reasoning, message.reasoning_content) == (None, text, text)
     stream = client.chat.completions.create(**fields, messages=question, stream=True)

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,9 +51,10 @@ def _hf_constrained(hf_model, tokenizer, prompt: list[int], structure, max_new: 
 
     def allowed(_batch, ids: torch.Tensor) -> list[int]:
         matcher = grammars.matcher(structure, ids[len(prompt) :].tolist())
-        # the matcher's own one-row mask, not the engine's batched one: a second path
-        words = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)
-        return [t for t in range(32 * len(words)) if words[t // 32] >> (t % 32) & 1]
+        # the matcher's own one-row mask read by numpy, not the engine's batched torch one: a
+        # second path (bit t of the mask is bit t % 8 of its little-endian byte t // 8)
+        bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), np.uint8), bitorder="little")
+        return np.flatnonzero(bits).tolist()
 
     with torch.inference_mode():
         out = hf_model.generate(
@@ -298,8 +300,8 @@ def test_the_batched_masks_equal_each_matchers_own(tokenizer):
         assert torch.equal(row, own[: row.numel()]) and not own[row.numel() :].any()
     unpacked = unpack_masks(bits, len(tokenizer))
     for row, words in zip(unpacked, bits, strict=True):
-        set_bits = [t for t in range(len(tokenizer)) if int(words[t // 32]) >> (t % 32) & 1]
-        assert row.nonzero().view(-1).tolist() == set_bits
+        set_bits = np.unpackbits(words.numpy().view(np.uint8), bitorder="little")
+        assert row.nonzero().view(-1).tolist() == np.flatnonzero(set_bits).tolist()
     digits = unpacked[2].nonzero().view(-1).tolist()  # the regex's start: one digit each
     assert sorted(tokenizer.decode([t]) for t in digits) == [str(d) for d in range(10)]
     after_two = unpacked[3].nonzero().view(-1).tolist()  # two digits in: more, or the end

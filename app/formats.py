@@ -20,7 +20,7 @@ from app.logprobs import (
     joined,
     vllm_prompt_logprobs,
 )
-from app.reasoning_parsers import REASONING_PARSERS
+from app.reasoning_parsers import REASONING_PARSERS, count_reasoning_tokens
 from app.tool_parsers import Parsed
 from app.tools import AutoToolCalls, ToolCalls
 from engine import RequestOutput, TokenLogprob
@@ -51,6 +51,7 @@ class _Choice:
     prompt: Prompt
     generated: bool = True  # False: the engine's one token is not shown
     text: list[str] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)  # how many made each piece of text
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # with the first output, if asked
     num_output_tokens: int = 0
@@ -70,6 +71,7 @@ class _Choice:
                 finish_reason=out.finish_reason and "length",  # max_tokens 0 reached
             )  # fmt: skip
         self.text.append(out.new_text)
+        self.num_tokens.append(len(out.new_token_ids))
         self.logprobs.extend(out.logprobs or ())
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
@@ -207,6 +209,18 @@ class ChatFormat(CompletionFormat):
 
     def _logprobs(self, entries: list[TokenLogprob], offset: int = 0) -> dict | None:
         return None if self.shown.logprobs is None else chat_logprobs(entries, self.token_texts)
+
+    @property
+    def usage(self) -> dict:
+        usage = super().usage
+        if self.reasoning is not None:  # as vLLM: only where a reasoning parser reads replies
+            parser = REASONING_PARSERS[self.reasoning]
+            thought = sum(
+                count_reasoning_tokens(parser, list(zip(c.text, c.num_tokens, strict=True)))
+                for c in self.choices
+            )
+            usage["completion_tokens_details"] = {"reasoning_tokens": thought}
+        return usage
 
     def _chunk_logprobs(self, choice: _Choice, out: RequestOutput) -> dict | None:
         return self._logprobs(out.logprobs or [])

@@ -50,6 +50,19 @@ class _ThinkParser:
         `think_tags`): inside the block, or optionally with a whole one."""
         return ("opened" if cls.OPENED else "optional"), (cls.START, cls.END)
 
+    @classmethod
+    def span(cls, text: str) -> tuple[int, int]:
+        """Where a whole reply's reasoning lies in it, its tags left out (what `read` gives)."""
+        head = len(text) - len(text.lstrip())
+        if text.startswith(cls.START, head):
+            start = head + len(cls.START)
+        elif cls.OPENED:
+            start = 0
+        else:  # thinking off, or the start tag not at the start: all answer
+            return 0, 0
+        end = text.find(cls.END, start)
+        return start, len(text) if end < 0 else end
+
     def read(self, text: str) -> Split:
         out = self.feed(text)
         out += self.end()
@@ -102,6 +115,23 @@ class MagistralParser(_ThinkParser):
 
     START, END = "[THINK]", "[/THINK]"
     OPENED = False
+
+
+def count_reasoning_tokens(parser: type[_ThinkParser], pieces: list[tuple[str, int]]) -> int:
+    """A reply's reasoning tokens (usage's `reasoning_tokens`) from its pieces as the engine gave
+    them: each step's new text and how many tokens made it. A piece counts when its text reaches
+    into the reasoning, so the tags' own tokens do not (vLLM's count); tokens whose bytes show no
+    text yet (part of a character) count with the piece whose text shows them."""
+    start, end = parser.span("".join(text for text, _ in pieces))
+    count = waiting = offset = 0
+    for text, num_tokens in pieces:
+        waiting += num_tokens
+        if not text:
+            continue
+        if offset < end and offset + len(text) > start:
+            count += waiting
+        waiting, offset = 0, offset + len(text)
+    return count
 
 
 REASONING_PARSERS = {

@@ -386,12 +386,13 @@ class ResponseFormat:
     def _usage(self) -> dict:
         usage = self.chat.usage
         cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+        thought = usage.get("completion_tokens_details", {}).get("reasoning_tokens", 0)
         return {
             "input_tokens": usage["prompt_tokens"],
             # cache_write_tokens: the engine does not count what a prompt adds to its cache
             "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
             "output_tokens": usage["completion_tokens"],
-            "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": thought},
             "total_tokens": usage["total_tokens"],
         }
 

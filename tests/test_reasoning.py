@@ -10,7 +10,13 @@ import random
 import pytest
 
 from app.formats import ChatFormat, Prompt, Shown
-from app.reasoning_parsers import DeepSeekR1Parser, MagistralParser, Qwen3Parser, Split
+from app.reasoning_parsers import (
+    DeepSeekR1Parser,
+    MagistralParser,
+    Qwen3Parser,
+    Split,
+    count_reasoning_tokens,
+)
 from app.tools import AutoToolCalls, ToolCalls
 from engine import RequestOutput
 
@@ -55,6 +61,65 @@ def test_thinking_is_split_alike_whole_and_streamed(parser_class, text, reasonin
     ways += [sorted(rng.sample(range(1, len(text)), min(4, len(text) - 1))) for _ in range(20)]
     for cuts in ways:
         assert _streamed(parser_class, text, cuts) == whole, cuts
+
+
+@pytest.mark.parametrize(("parser_class", "text", "reasoning", "content"), CASES)
+def test_the_reasoning_s_span_is_where_read_finds_it(parser_class, text, reasoning, content):
+    start, end = parser_class.span(text)
+    assert text[start:end] == reasoning
+    assert start == end or text[end:].endswith(content)  # the answer follows the reasoning
+
+
+TOKEN_CASES = [  # (parser, the reply's pieces as (text, tokens), its reasoning tokens)
+    # one token per tag: the tags' own tokens do not count
+    (Qwen3Parser, [("<think>", 1), ("Let", 1), (" me", 1), ("</think>", 1), ("Hi", 1)], 2),
+    # tags written in several tokens: none of them counts either
+    (Qwen3Parser, [("<", 1), ("think", 1), (">", 1), ("Hm", 1), ("</", 1), ("think", 1),
+                   (">", 1), ("x", 1)], 1),
+    # a token with reasoning and the end tag's start is reasoning
+    (Qwen3Parser, [("<think>", 1), ("ok.</", 1), ("think>", 1), ("Paris", 1)], 1),
+    # bytes of one character in two tokens: both count, with the text they end in
+    (Qwen3Parser, [("<think>", 1), ("", 1), ("é", 1), ("</think>", 1)], 2),
+    (Qwen3Parser, [("Paris", 1), (".", 1)], 0),  # thinking off
+    (Qwen3Parser, [("<think>", 1), ("</think>", 1), ("x", 1)], 0),  # an empty block
+    (DeepSeekR1Parser, [("Hm", 1), (",", 1), (" so", 1)], 3),  # never closed: all reasoning
+    (DeepSeekR1Parser, [("Hm", 1), ("</think>", 1), ("A", 1), ("", 1)], 1),  # the end's EOS
+    (DeepSeekR1Parser, [("<think>Hm", 2), (" ok</think>A", 3)], 5),  # a piece of many tokens
+    (MagistralParser, [("[THINK]", 1), ("a", 1), ("b", 1), ("[/THINK]", 1), ("c", 1)], 2),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("parser_class", "pieces", "expected"), TOKEN_CASES)
+def test_reasoning_tokens_are_the_tokens_of_the_reasoning_less_its_tags(
+    parser_class, pieces, expected
+):
+    assert count_reasoning_tokens(parser_class, pieces) == expected
+
+
+def test_chat_usage_counts_reasoning_tokens_streamed_as_whole():
+    """usage.completion_tokens_details.reasoning_tokens (vLLM's, OpenAI's), only where a
+    reasoning parser reads the replies; each of n choices counts its own."""
+    texts = ["<think>", "Paris", " is", " in", " France.", "</think>", "\n", "Paris."]
+    cases = (  # (parser, reply, its reasoning tokens whole and cut after three pieces)
+        ("qwen3", texts, 4, 2),
+        ("deepseek_r1", texts, 4, 2),  # the optional start tag, then as qwen3
+        ("deepseek_r1", texts[1:], 4, 3),  # opened by the template
+        ("qwen3", texts[1:], 0, 0),  # thinking off
+        (None, texts, None, None),
+    )
+    for reasoning, reply, whole, cut in cases:
+        view = ChatFormat("chatcmpl-1", "m", [Prompt([1])], 2, None, Shown())
+        view.reasoning = reasoning
+        for index, pieces in ((0, reply), (1, reply[:3])):
+            for out in _outputs(pieces):
+                view.add(index, out)
+        usage = view.final()["usage"]
+        assert usage["completion_tokens"] == len(reply) + 3
+        assert view.usage_chunk()["usage"] == usage  # what the stream's last chunk says
+        if reasoning is None:
+            assert "completion_tokens_details" not in usage
+        else:
+            assert usage["completion_tokens_details"] == {"reasoning_tokens": whole + cut}
 
 
 def test_reasoning_streams_as_it_comes_holding_only_a_possible_tag():

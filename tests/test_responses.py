@@ -268,6 +268,10 @@ def test_reasoning_is_an_item_before_the_answer():
         "content": [{"type": "reasoning_text", "text": "Hm."}],
     }
     assert message["id"] == "msg_x1_1" and Response.model_validate(body).output_text == "Paris."
+    # the thinking's tokens, less its tags'
+    outs = _outputs(["<think>", "Hm", ".", "</think>", "Paris."])
+    assert _final(outs, thinks="qwen3")["usage"]["output_tokens_details"] == {"reasoning_tokens": 2}
+    assert _final(outs)["usage"]["output_tokens_details"] == {"reasoning_tokens": 0}
     # asked for, with a reasoning parser: passed to the template; without one, refused
     _, chat, _ = chat_request({"model": "m", "input": "hi", "reasoning": {"effort": "low"}}, True)
     assert chat.template_kwargs() == {"reasoning_effort": "low"}

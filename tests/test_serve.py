@@ -1056,8 +1056,13 @@ def test_reasoning_parser_splits_the_thinking_from_the_answer(server):
     plain = openai.OpenAI(base_url=f"{server}/disagg/v1", api_key="unused")
     text = plain.chat.completions.create(**fields, messages=question).choices[0].message.content
     client = openai.OpenAI(base_url=f"{server}/disagg_os/v1", api_key="unused")
-    message = client.chat.completions.create(**fields, messages=question).choices[0].message
+    reply = client.chat.completions.create(**fields, messages=question)
+    message = reply.choices[0].message
     assert (message.content, message.reasoning, message.reasoning_content) == (None, text, text)
+    # every token is reasoning but the end-of-sequence token, which has no text
+    eos = int(reply.choices[0].finish_reason == "stop")
+    thought = reply.usage.completion_tokens - eos
+    assert reply.usage.completion_tokens_details.reasoning_tokens == thought
     stream = client.chat.completions.create(**fields, messages=question, stream=True)
     deltas = [c.choices[0].delta for c in stream if c.choices]
     assert "".join(getattr(d, "reasoning", None) or "" for d in deltas) == text
@@ -1067,6 +1072,7 @@ def test_reasoning_parser_splits_the_thinking_from_the_answer(server):
     )
     [item] = response.output
     assert (item.type, item.content[0].text, response.output_text) == ("reasoning", text, "")
+    assert response.usage.output_tokens_details.reasoning_tokens == thought
     # the choice constrains the answer only: the thinking runs free (here to max_tokens: this
     # model never closes a think block, and the thinking cannot end the reply)
     choice = {"guided_choice": ["Paris", "Lyon"]}

@@ -12,6 +12,7 @@ from ray.serve.config import RequestRouterConfig
 from app.config import AppArgs, PhaseArgs
 from app.ingress import Ingress
 from app.prefix_router import PrefixAffinityRouter
+from app.response_store import ResponseStoreServer
 from app.router import SameNodeRouter
 from deployments.servers import ColocatedServer, DecodeServer, PrefillServer
 
@@ -69,6 +70,8 @@ def build_app(args: dict) -> serve.Application:
         max_ongoing_requests=cfg.ingress.max_ongoing_requests,
     )
     plain = cfg.model_dump(mode="json")
+    size = cfg.ingress.responses_store_size
+    store = {"store": _store(size)} if size else {}  # the Responses API's stored responses
     if cfg.mode == "colocated":
         colocated = serve.deployment(
             ColocatedServer,
@@ -77,7 +80,7 @@ def build_app(args: dict) -> serve.Application:
             ),
         )
         server = colocated.bind(cfg.engine_config("colocated"), cfg.kv_transport)
-        return ingress.bind(plain, colocated=server)
+        return ingress.bind(plain, colocated=server, **store)
     prefill = serve.deployment(
         PrefillServer,
         **deployment_options(
@@ -94,11 +97,25 @@ def build_app(args: dict) -> serve.Application:
     )
     return ingress.bind(
         plain,
+        **store,
         prefill=prefill.bind(
             cfg.engine_config("prefill"), cfg.kv_transport, cfg.decode.engine.parallel
         ),
         decode=decode.bind(cfg.engine_config("decode"), cfg.kv_transport),
     )
+
+
+def _store(size: int) -> serve.Application:
+    """The application's stored responses: one replica that every ingress replica asks (a
+    lookup is a dict's), its calls many at once."""
+    store = serve.deployment(
+        ResponseStoreServer,
+        name="ResponseStore",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=1000,
+    )
+    return store.bind(size)
 
 
 def _check_parallel(cfg: AppArgs) -> None:

@@ -159,8 +159,9 @@ class IngressArgs(_Strict):
     # /health, /ping and /version; None: no key
     api_key_env: str | None = Field(None, min_length=1)
     # the Responses API's stored responses (previous_response_id, GET / DELETE
-    # /v1/responses/{id}; vLLM's VLLM_ENABLE_RESPONSES_API_STORE, bounded): the most each
-    # ingress replica keeps in memory, least recently used out first; 0: none (stateless)
+    # /v1/responses/{id}; vLLM's VLLM_ENABLE_RESPONSES_API_STORE, bounded): the most the
+    # application keeps in memory (one store deployment that every ingress replica asks),
+    # least recently used out first; 0: none (stateless)
     responses_store_size: int = Field(0, ge=0)
 
 

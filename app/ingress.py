@@ -38,8 +38,14 @@ from app.protocol import (
     parse_object,
     validated,
 )
-from app.response_store import ResponseStore
-from app.responses import ResponseFormat, chat_request, renamed_params
+from app.responses import (
+    ResponseFormat,
+    StoreClient,
+    chat_request,
+    not_stored,
+    renamed_params,
+    responses_request,
+)
 from app.responses import sse as responses_sse
 from engine import InvalidRequestError, RequestOutput, SamplingParams
 from engine.limits import check_lengths
@@ -55,7 +61,7 @@ T = TypeVar("T")
 
 
 class Ingress:
-    def __init__(self, args: dict, prefill=None, decode=None, colocated=None) -> None:
+    def __init__(self, args: dict, prefill=None, decode=None, colocated=None, store=None) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
         self.args = AppArgs.model_validate(args)
@@ -75,7 +81,9 @@ class Ingress:
 
         self.metrics = RequestMetrics()
         self.api_key = _api_key(self.args.ingress.api_key_env)
-        self.responses = ResponseStore(self.args.ingress.responses_store_size)
+        # the application's stored responses (a ResponseStoreServer deployment's handle), if
+        # it keeps them
+        self.responses = None if store is None else StoreClient(store)
 
     async def __call__(self, request: Request) -> Response:
         try:
@@ -104,21 +112,24 @@ class Ingress:
         if path == "/v1/responses" and method == "POST":
             return await self._respond(await request.body(), _client_id(request))
         if path.startswith("/v1/responses/"):
-            return JSONResponse(self._stored_response(path.removeprefix("/v1/responses/"), method))
+            rest = path.removeprefix("/v1/responses/")
+            return JSONResponse(await self._stored_response(rest, method))
         if path == "/tokenize" and method == "POST":  # vLLM's
             return JSONResponse(self._tokenize(await request.body()))
         if path == "/detokenize" and method == "POST":
             return JSONResponse(self._detokenize(await request.body()))
         raise APIError(404, f"no route {method} {path}", kind="not_found_error")
 
-    def _stored_response(self, rest: str, method: str) -> dict:
+    async def _stored_response(self, rest: str, method: str) -> dict:
         """GET (retrieve) or DELETE a stored response; the rest (cancel, input_items) is not
         served."""
         if "/" in rest or method not in ("GET", "DELETE"):
             raise APIError(404, f"no route {method} /v1/responses/{rest}", kind="not_found_error")
+        if self.responses is None:
+            raise not_stored(rest, "response_id")
         if method == "DELETE":
-            return self.responses.delete(rest)
-        return self.responses.get(rest).body
+            return await self.responses.delete(rest)
+        return (await self.responses.get(rest)).body
 
     def _authorize(self, request: Request) -> None:
         if self.api_key is None:
@@ -233,22 +244,29 @@ class Ingress:
     async def _respond(self, body: bytes, client_id: str | None = None) -> Response:
         """OpenAI's Responses API, served as the chat completion it is (app/responses.py)."""
         data = parse_object(body)
-        store = self.responses if self.responses.enabled else None
-        req, chat, prior = chat_request(data, self.args.reasoning_parser is not None, store)
+        req = responses_request(data)
+        prior = None
+        if self.responses is not None and req.previous_response_id is not None:
+            stored = await self.responses.get(req.previous_response_id, "previous_response_id")
+            prior = stored.items
+        chat = chat_request(req, data, self.args.reasoning_parser is not None, prior)
         with renamed_params():
             view, outputs = await self._start(chat, True, client_id)
-        on_done = None
-        if store is not None and req.store is not False:  # OpenAI's default: stored
+        keep = self.responses is not None and req.store is not False  # OpenAI's default: kept
+        response = ResponseFormat(req, view, chat.temperature, chat.top_p, stored=keep)
 
-            def on_done(response: dict) -> None:
-                store.put(response, [*prior, *req.input_items, *response["output"]])
+        async def save(ended: dict) -> None:  # the conversation so far, for its next turn
+            await self.responses.put(ended, [*(prior or ()), *req.input_items, *ended["output"]])
 
-        response = ResponseFormat(req, view, chat.temperature, chat.top_p, on_done)
+        on_done = save if keep else None
         if chat.stream:
             return StreamingResponse(
-                responses_sse(response, outputs), media_type="text/event-stream"
+                responses_sse(response, outputs, on_done), media_type="text/event-stream"
             )
-        return JSONResponse(await _whole(response, outputs))
+        ended = await _whole(response, outputs)
+        if on_done is not None:
+            await on_done(ended)
+        return JSONResponse(ended)
 
     async def _start(
         self, req: CompletionRequest | ChatCompletionRequest, chat: bool, client_id: str | None

@@ -7,8 +7,8 @@ message, function calls), its status and usage, and, streamed, OpenAI's typed ev
 
 Stateless by default, as vLLM: `store` is accepted and nothing is kept (the response says
 `store: false`), so `previous_response_id` is a 404; with the ingress's responses_store_size,
-each replica keeps that many responses (app/response_store.py) for previous_response_id and
-GET / DELETE /v1/responses/{id}. `background` is a 400. Fields that would
+the application keeps that many responses (app/response_store.py) for previous_response_id
+and GET / DELETE /v1/responses/{id}. `background` is a 400. Fields that would
 change the output and are not served (built-in tools, `reasoning`, `truncation: auto`,
 `max_tool_calls`, reusable prompts, conversations) are refused rather than ignored.
 """
@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.formats import ChatFormat
 from app.protocol import APIError, ChatCompletionRequest, validated
-from app.response_store import ResponseStore, not_stored
+from app.response_store import StoredResponse
 from engine import RequestOutput
 from engine.sampling_params import MAX_LOGPROBS
 
@@ -143,23 +143,24 @@ def _set(options: dict | None) -> bool:
     return any(v is not None for v in (options or {}).values())
 
 
+def responses_request(data: dict) -> ResponsesRequest:
+    """The Responses request in `data` (a request body); a 400 naming the field otherwise."""
+    return validated(data, ResponsesRequest)
+
+
 def chat_request(
-    data: dict, reasons: bool = False, store: ResponseStore | None = None
-) -> tuple[ResponsesRequest, ChatCompletionRequest, list[dict]]:
-    """-> the Responses request in `data` (a request body), the chat request it is and the
-    earlier turns' items it continues; the body's vLLM sampling fields pass through as they
-    are. `reasons`: the server splits a reasoning model's thinking; `store`: the responses
-    this replica keeps (previous_response_id is looked up there)."""
-    req = validated(data, ResponsesRequest)
-    prior = []
-    if req.previous_response_id is not None:
-        if store is None:
-            raise not_stored(req.previous_response_id, "previous_response_id")
-        prior = store.get(req.previous_response_id, "previous_response_id").items
-    chat = req.chat_data(reasons, prior)
+    req: ResponsesRequest, data: dict, reasons: bool = False, prior: list[dict] | None = None
+) -> ChatCompletionRequest:
+    """-> the chat request `req` is; the body's (`data`'s) vLLM sampling fields pass through
+    as they are. `reasons`: the server splits a reasoning model's thinking; `prior`: the items
+    of the stored conversation that req's previous_response_id continues (None: the server
+    stores no responses, so that is a 404)."""
+    if req.previous_response_id is not None and prior is None:
+        raise not_stored(req.previous_response_id, "previous_response_id")
+    chat = req.chat_data(reasons, prior or [])
     chat.update({k: data[k] for k in SAMPLING_EXTRAS if k in data})
     with renamed_params():
-        return req, validated(chat, ChatCompletionRequest), prior
+        return validated(chat, ChatCompletionRequest)
 
 
 def renamed(error: APIError) -> APIError:
@@ -312,11 +313,12 @@ class ResponseFormat:
         chat: ChatFormat,
         temperature: float,
         top_p: float,
-        on_done: Callable[[dict], None] | None = None,
+        stored: bool = False,
     ) -> None:
-        """`on_done`: given the response once it has ended (completed or incomplete), to
-        store it; the response then says `store: true`."""
-        self.req, self.chat, self.on_done = req, chat, on_done
+        """`stored`: the response is kept once it has ended (then it is `ended`), and says
+        `store: true`."""
+        self.req, self.chat, self.stored = req, chat, stored
+        self.ended: dict | None = None  # the response once it has completed or is incomplete
         self.sampling = {"temperature": temperature, "top_p": top_p}
         self.id = "resp_" + chat.id.removeprefix("chatcmpl-")
         self.sequence_number = 0
@@ -366,7 +368,7 @@ class ResponseFormat:
             "parallel_tool_calls": req.parallel_tool_calls is not False,
             "previous_response_id": req.previous_response_id,
             "reasoning": None,
-            "store": self.on_done is not None,
+            "store": self.stored,
             **self.sampling,
             "text": req.text or {"format": {"type": "text"}},
             "tool_choice": req.tool_choice or ("auto" if req.tools else "none"),
@@ -379,8 +381,7 @@ class ResponseFormat:
         }
 
     def _done(self, body: dict) -> dict:
-        if self.on_done is not None:
-            self.on_done(body)
+        self.ended = body
         return body
 
     def _usage(self) -> dict:
@@ -537,17 +538,72 @@ def _output_text(text: str, logprobs: list | None) -> dict:
     return part if logprobs is None else {**part, "logprobs": logprobs}
 
 
-async def sse(view: ResponseFormat, outputs: AsyncIterator) -> AsyncIterator[str]:
+async def sse(
+    view: ResponseFormat,
+    outputs: AsyncIterator,
+    on_done: Callable[[dict], Awaitable[None]] | None = None,
+) -> AsyncIterator[str]:
     """The SSE stream of a Response from `outputs` ((choice index, RequestOutput) pairs),
-    closed with the stream (the client leaving aborts the request)."""
+    closed with the stream (the client leaving aborts the request). `on_done` (storing the
+    response) is awaited before the last event: a client's next turn finds it."""
     for event in view.opening():
         yield event
     async with contextlib.aclosing(outputs):
         try:
             async for index, out in outputs:
                 view.add(index, out)
-                for event in view.events(index, out):
+                events = view.events(index, out)
+                if view.ended is not None and on_done is not None:
+                    await on_done(view.ended)
+                for event in events:
                     yield event
         except APIError as e:  # after the status was sent: OpenAI's error and failed events
             for event in view.failed(renamed(e)):
                 yield event
+
+
+class StoreClient:
+    """An ingress replica's side of the store: requests' errors (404 naming the field) and a
+    store that cannot be reached (503)."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle  # the ResponseStoreServer deployment's
+
+    async def put(self, body: dict, items: list[dict]) -> None:
+        await self._call("put", body, items)
+
+    async def get(self, response_id: str, param: str = "response_id") -> StoredResponse:
+        stored = await self._call("get", response_id)
+        if stored is None:
+            raise not_stored(response_id, param, stores=True)
+        return stored
+
+    async def delete(self, response_id: str) -> dict:
+        if not await self._call("delete", response_id):
+            raise not_stored(response_id, "response_id", stores=True)
+        return {"id": response_id, "object": "response", "deleted": True}
+
+    async def _call(self, method: str, *args):
+        from ray.exceptions import RayError
+        from ray.serve.exceptions import RayServeException
+
+        try:
+            return await getattr(self.handle, method).remote(*args)
+        except (RayError, RayServeException) as e:  # its replica gone: Serve starts another
+            message = f"the response store is unavailable: {e}"
+            raise APIError(503, message, kind="server_error") from e
+
+
+def not_stored(response_id: str, param: str, stores: bool = False) -> APIError:
+    why = (
+        "it was not stored, or no longer is"
+        if stores
+        else "this server stores no responses (ingress.responses_store_size)"
+    )
+    return APIError(
+        404,
+        f"response {response_id!r} not found: {why}; send the conversation's items in input "
+        "instead",
+        param,
+        "not_found_error",
+    )

@@ -5,7 +5,9 @@ the openai package's own types and its stream accumulator (a second reading of t
 
 from __future__ import annotations
 
+import asyncio
 import json
+import types
 
 import pytest
 from openai import omit
@@ -15,8 +17,15 @@ from pydantic import TypeAdapter
 
 from app.formats import ChatFormat, Prompt
 from app.protocol import APIError
-from app.response_store import ResponseStore
-from app.responses import ResponseFormat, chat_request, renamed
+from app.response_store import ResponseStore, ResponseStoreServer
+from app.responses import (
+    ResponseFormat,
+    StoreClient,
+    chat_request,
+    renamed,
+    responses_request,
+    sse,
+)
 from app.tools import AutoToolCalls, ToolCalls
 from engine import RequestOutput, TokenLogprob
 
@@ -31,9 +40,10 @@ WEATHER = {
 EVENT = TypeAdapter(ResponseStreamEvent)
 
 
-def _chat(**fields):
+def _chat(prior=None, reasons=False, **fields):
     data = {"model": "m", "input": "hi", **fields}
-    return chat_request(data)[:2]
+    req = responses_request(data)
+    return req, chat_request(req, data, reasons, prior)
 
 
 def test_input_items_become_the_chat_messages():
@@ -273,7 +283,7 @@ def test_reasoning_is_an_item_before_the_answer():
     assert _final(outs, thinks="qwen3")["usage"]["output_tokens_details"] == {"reasoning_tokens": 2}
     assert _final(outs)["usage"]["output_tokens_details"] == {"reasoning_tokens": 0}
     # asked for, with a reasoning parser: passed to the template; without one, refused
-    _, chat, _ = chat_request({"model": "m", "input": "hi", "reasoning": {"effort": "low"}}, True)
+    _, chat = _chat(reasoning={"effort": "low"}, reasons=True)
     assert chat.template_kwargs() == {"reasoning_effort": "low"}
     # an earlier turn's reasoning item is the thinking of the assistant message after it
     thought = {"type": "reasoning", "id": "rs_1", "summary": [],
@@ -307,49 +317,91 @@ def test_the_store_keeps_the_latest_responses_and_their_conversations():
     store = ResponseStore(2)
     for n in (1, 2, 3):
         store.put({"id": f"resp_{n}"}, [{"n": n}])
-    with pytest.raises(APIError) as e:
-        store.get("resp_1")  # the least recently used went first
-    assert e.value.status == 404 and "no longer" in e.value.message
+    assert store.get("resp_1") is None  # the least recently used went first
     store.get("resp_2")  # now the most recently used
     store.put({"id": "resp_4"}, [])
     assert store.get("resp_2").items == [{"n": 2}] and len(store) == 2
-    assert store.delete("resp_2") == {"id": "resp_2", "object": "response", "deleted": True}
-    with pytest.raises(APIError):
-        store.delete("resp_2")
-    assert not ResponseStore(0).enabled
+    assert store.get("resp_3") is None
+    assert store.delete("resp_2") and not store.delete("resp_2")
+
+
+class _Handle:
+    """A deployment handle's shape (`handle.method.remote(...)`, awaited) over the store's
+    deployment class in this process; or one whose replica is gone."""
+
+    def __init__(self, server: ResponseStoreServer | None) -> None:
+        self.server = server
+
+    def __getattr__(self, name: str):
+        async def gone(*args):
+            from ray.exceptions import RayActorError
+
+            raise RayActorError()
+
+        method = gone if self.server is None else getattr(self.server, name)
+        return types.SimpleNamespace(remote=method)
+
+
+def test_the_ingress_side_of_the_store_names_what_it_cannot_find():
+    async def run():
+        client = StoreClient(_Handle(ResponseStoreServer(4)))
+        await client.put({"id": "resp_1"}, [{"n": 1}])
+        assert (await client.get("resp_1")).items == [{"n": 1}]
+        assert await client.delete("resp_1") == {
+            "id": "resp_1", "object": "response", "deleted": True
+        }  # fmt: skip
+        with pytest.raises(APIError) as e:
+            await client.get("resp_1", "previous_response_id")
+        assert (e.value.status, e.value.param) == (404, "previous_response_id")
+        assert "no longer" in e.value.message
+        with pytest.raises(APIError) as e:
+            await client.delete("resp_1")
+        assert (e.value.status, e.value.param) == (404, "response_id")
+        with pytest.raises(APIError) as e:
+            await StoreClient(_Handle(None)).get("resp_1")
+        assert (e.value.status, e.value.kind) == (503, "server_error")
+
+    asyncio.run(run())
 
 
 def test_a_response_continues_the_stored_conversation():
     """previous_response_id: the stored turns' items, then this input; the earlier
-    instructions do not carry over; the finished response is handed over to be stored."""
+    instructions do not carry over; the finished response is the one to store."""
     store = ResponseStore(4)
-    first = {"model": "m", "input": "My name is Ann.", "instructions": "Be brief."}
-    req, chat, prior = chat_request(first, store=store)
-    assert prior == [] and [m.role for m in chat.messages] == ["system", "user"]
-    kept = []
+    req, chat = _chat(input="My name is Ann.", instructions="Be brief.")
+    assert [m.role for m in chat.messages] == ["system", "user"]
     view = ChatFormat("chatcmpl-a1", "m", [Prompt([1])], 1, None, chat.shown)
-    response = ResponseFormat(req, view, 1.0, 1.0, on_done=kept.append)
+    response = ResponseFormat(req, view, 1.0, 1.0, stored=True)
     for out in _outputs(["Hi", " Ann."]):
         response.add(0, out)
     body = response.final()
-    assert kept == [body] and body["store"] is True
-    store.put(body, [*prior, *req.input_items, *body["output"]])
-    second = {"model": "m", "input": "What is my name?", "previous_response_id": "resp_a1"}
-    req, chat, prior = chat_request(second, store=store)
+    assert response.ended == body and body["store"] is True
+    store.put(body, [*req.input_items, *body["output"]])
+    prior = store.get("resp_a1").items
+    req, chat = _chat(input="What is my name?", previous_response_id="resp_a1", prior=prior)
     assert [(m.role, m.text()) for m in chat.messages] == [
         ("user", "My name is Ann."), ("assistant", "Hi Ann."), ("user", "What is my name?")
     ]  # fmt: skip
-    assert len(prior) == 2 and req.previous_response_id == "resp_a1"
-    with pytest.raises(APIError) as e:
-        chat_request({**second, "previous_response_id": "resp_gone"}, store=store)
-    assert (e.value.status, e.value.param) == (404, "previous_response_id")
-    # streamed: stored at its end, with the items the client saw
-    kept.clear()
+    assert req.previous_response_id == "resp_a1"
+    # streamed: stored before its last event (the client's next turn finds it), with the
+    # items the client saw
     view = ChatFormat("chatcmpl-a2", "m", [Prompt([1])], 1, None, chat.shown)
-    response = ResponseFormat(req, view, 1.0, 1.0, on_done=kept.append)
-    response.opening()
-    for out in _outputs(["Ann", "."]):
-        response.add(0, out)
-        response.events(0, out)
-    [done] = kept
+    response = ResponseFormat(req, view, 1.0, 1.0, stored=True)
+    sent, kept = [], []
+
+    async def outputs():
+        for out in _outputs(["Ann", "."]):
+            yield 0, out
+
+    async def on_done(ended: dict) -> None:
+        kept.append((ended, len(sent)))
+
+    async def stream():
+        async for event in sse(response, outputs(), on_done):
+            sent.append(event)
+
+    asyncio.run(stream())
+    [(done, before)] = kept
     assert done["output"][0]["content"][0]["text"] == "Ann." and done["previous_response_id"]
+    assert before < len(sent) and "response.completed" in sent[-1]
+    assert all("response.completed" not in event for event in sent[:before])

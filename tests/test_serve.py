@@ -975,6 +975,11 @@ def _responses_previous_response_id(server: str) -> None:
     fields = {"model": "SmolLM2-135M-Instruct", "temperature": 0, "max_output_tokens": 20}
     first = client.responses.create(**fields, input="My name is Ann. Say hello.")
     assert first.store is True
+    # kept by the application's store deployment, which every ingress replica asks
+    from ray import serve
+
+    store = serve.get_deployment_handle("ResponseStore", app_name="disagg")
+    assert store.get.remote(first.id).result().body["id"] == first.id
     second = client.responses.create(
         **fields, input="What is my name?", previous_response_id=first.id, stream=True
     )

@@ -1,7 +1,8 @@
 """The request fields that constrain the output's form, as OpenAI and vLLM name them, and the
-one engine StructuredOutput they come to: OpenAI's `response_format` (json_object, json_schema),
-vLLM's `structured_outputs` object (json, regex, choice, grammar, json_object) and its older
-`guided_json`, `guided_regex`, `guided_choice` and `guided_grammar`. One constraint per
+one engine StructuredOutput they come to: OpenAI's `response_format` (json_object, json_schema;
+vLLM's structural_tag), vLLM's `structured_outputs` object (json, regex, choice, grammar,
+json_object, structural_tag) and its older `guided_json`, `guided_regex`, `guided_choice`,
+`guided_grammar` and `structural_tag`. One constraint per
 request, as in vLLM. The engine compiles it (engine/grammar.py) and refuses one that does not
 compile, naming the field it came from."""
 
@@ -25,14 +26,29 @@ class JsonSchema(BaseModel):
 
 
 class ResponseFormat(BaseModel):
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: JsonSchema | None = None
+    # vLLM's structural_tag: {"begin", "schema", "end"} items and their triggers
+    structures: list[dict] | None = None
+    triggers: list[str] | None = None
+    format: dict | None = None  # xgrammar's later structural tag form: not served
 
     @model_validator(mode="after")
     def _schema_given(self):
         if self.type == "json_schema" and self.json_schema is None:
             raise ValueError("type 'json_schema' needs a json_schema object with its schema")
+        if self.type == "structural_tag" and self.format is not None:
+            raise ValueError(
+                "a structural_tag's 'format' (xgrammar's later form) is not supported: give "
+                "its 'structures' and 'triggers'"
+            )
+        if self.type == "structural_tag" and not (self.structures and self.triggers):
+            raise ValueError("type 'structural_tag' needs its 'structures' and 'triggers'")
         return self
+
+    def tags(self) -> str:
+        """A structural_tag's spec (the engine StructuredOutput's)."""
+        return json.dumps({"structures": self.structures, "triggers": self.triggers})
 
 
 class StructuredOutputs(BaseModel):
@@ -49,9 +65,9 @@ class StructuredOutputs(BaseModel):
     disable_any_whitespace: bool = False  # JSON without whitespace between its tokens
     disable_fallback: bool = False  # vLLM's backend choice: one backend here, nothing to do
     whitespace_pattern: str | None = None
-    structural_tag: str | dict | None = None
+    structural_tag: str | dict | None = None  # JSON text (vLLM's) or the object
 
-    @field_validator("whitespace_pattern", "structural_tag")
+    @field_validator("whitespace_pattern")
     @classmethod
     def _unserved(cls, value, info):
         if value is not None:
@@ -83,11 +99,14 @@ def _constraints(req) -> list[tuple[str, str, str]]:
         found.append(("response_format", "json_object", ""))
     elif fmt is not None and fmt.type == "json_schema":
         found.append(("response_format", "json", json.dumps(fmt.json_schema.schema_)))
+    elif fmt is not None and fmt.type == "structural_tag":
+        found.append(("response_format", "structural_tag", fmt.tags()))
     so = req.structured_outputs
     if so is not None:
         for kind, value in (
             ("json", so.json_), ("regex", so.regex), ("choice", so.choice),
             ("grammar", so.grammar), ("json_object", so.json_object or None),
+            ("structural_tag", so.structural_tag),
         ):  # fmt: skip
             if value is not None:
                 found.append((f"structured_outputs.{kind}", kind, _spec(kind, value)))
@@ -95,6 +114,9 @@ def _constraints(req) -> list[tuple[str, str, str]]:
         value = getattr(req, f"guided_{kind}")
         if value is not None:
             found.append((f"guided_{kind}", kind, _spec(kind, value)))
+    if req.structural_tag is not None:  # vLLM's older top-level field
+        tags = _spec("structural_tag", req.structural_tag)
+        found.append(("structural_tag", "structural_tag", tags))
     return found
 
 
@@ -102,6 +124,6 @@ def _spec(kind: str, value) -> str:
     """A constraint's value as StructuredOutput's text."""
     if kind == "json_object":
         return ""
-    if kind == "choice" or (kind == "json" and not isinstance(value, str)):
+    if kind == "choice" or (kind in ("json", "structural_tag") and not isinstance(value, str)):
         return json.dumps(value)
     return value

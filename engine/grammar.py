@@ -70,9 +70,39 @@ def _constraint_text(structure: StructuredOutput) -> str:
             return llguidance.LLMatcher.grammar_from_json_schema(structure.spec, options)
         if structure.kind == "choice":
             _check_choices(structure)
+        if structure.kind == "structural_tag":
+            return _structural_tags(structure)
         return llguidance.grammar_from(structure.kind, structure.spec)
     except ValueError as e:  # not JSON, or a GBNF grammar that does not convert
         raise InvalidRequestError(f"invalid {structure.kind}: {e}", structure.param) from e
+
+
+def _structural_tags(structure: StructuredOutput) -> str:
+    """vLLM's structural tag (xgrammar's first form, which vLLM's llguidance backend serves):
+    free text, until the output writes one of the triggers; then one of the structures whose
+    begin starts with it: the rest of its begin, a JSON value under its schema, its end; then
+    free text again. A ValueError says what is malformed."""
+    import llguidance
+
+    spec = json.loads(structure.spec)
+    structures = spec.get("structures") if isinstance(spec, dict) else None
+    triggers = spec.get("triggers") if isinstance(spec, dict) else None
+    if not structures or not isinstance(structures, list):
+        raise ValueError("'structures' must be a list of one or more {begin, schema, end}")
+    if not triggers or not all(isinstance(t, str) and t for t in triggers):
+        raise ValueError("'triggers' must be a list of one or more non-empty strings")
+    tags = []
+    for i, item in enumerate(structures):
+        tag = item if isinstance(item, dict) else {}
+        begin, end, schema = tag.get("begin"), tag.get("end"), tag.get("schema") or {}
+        if not isinstance(begin, str) or not isinstance(end, str) or not isinstance(schema, dict):
+            raise ValueError(f"structures[{i}] needs a begin and an end (text) and a schema")
+        trigger = next((t for t in triggers if begin.startswith(t)), None)
+        if trigger is None:
+            raise ValueError(f"structures[{i}]: its begin {begin!r} starts with no trigger")
+        schema = {**schema, "x-guidance": {"whitespace_flexible": structure.any_whitespace}}
+        tags.append(llguidance.StructTag(trigger=trigger, begin=begin, grammar=schema, end=end))
+    return llguidance.StructTag.to_grammar(tags)
 
 
 def _check_choices(structure: StructuredOutput) -> None:

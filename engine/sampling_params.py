@@ -18,7 +18,7 @@ class InvalidRequestError(ValueError):
         return (type(self), (str(self), self.param))
 
 
-STRUCTURE_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+STRUCTURE_KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
 
 
 THINKING = ("", "opened", "optional")
@@ -27,11 +27,13 @@ THINKING = ("", "opened", "optional")
 @dataclass(frozen=True)
 class StructuredOutput:
     """A constraint on the output's form (vLLM's structured outputs): a JSON schema, any JSON
-    object, a regular expression, one of a list of strings, or a grammar (Lark or GBNF).
+    object, a regular expression, one of a list of strings, a grammar (Lark or GBNF), or
+    structural tags (free text in which a trigger starts a tagged JSON value).
     Small and pure, it travels with the request; each engine compiles it (engine/grammar.py).
 
     spec: the schema as JSON text (json), the expression (regex), a JSON list of the strings
-    (choice) or the grammar's text (grammar); empty for json_object."""
+    (choice), the grammar's text (grammar) or the tags as JSON text, {"structures": [{"begin",
+    "schema", "end"}, ...], "triggers": [...]} (structural_tag); empty for json_object."""
 
     kind: str
     spec: str = ""

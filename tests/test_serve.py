@@ -252,6 +252,36 @@ def test_structured_outputs_in_all_modes_equal_the_engine_alone(server, local_en
             server, mode, prompt=PROMPT, max_tokens=40, guided_choice=["Lyon", "Marseille"]
         )
         assert r.json()["choices"][0]["text"] == want_choice, (mode, r.text)
+    # vLLM's structural tag: free text up to the trigger, then its structure (across the
+    # hand-off), then free text to max_tokens, as the engine alone writes it; chat's
+    # response_format form too
+    place = {
+        "type": "object",
+        "properties": {"country": {"type": "string"}},
+        "required": ["country"],
+    }
+    tags = {
+        "structures": [{"begin": " Paris", "schema": place, "end": "."}],
+        "triggers": [" Paris"],
+    }
+    tagged = StructuredOutput("structural_tag", json.dumps(tags))
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    want_tags, want_chat_tags = local_engine.generate(
+        [PROMPT, chat_token_ids(tokenizer, question)],
+        dataclasses.replace(greedy, structured_output=tagged),
+    )
+    for want in (want_tags, want_chat_tags):  # each wrote the trigger and a structure
+        json.JSONDecoder().raw_decode(want.text.partition(" Paris")[2].lstrip())
+    for mode in ("disagg", "coloc"):
+        r = _complete(server, mode, prompt=PROMPT, max_tokens=40,
+                      structured_outputs={"structural_tag": json.dumps(tags)})  # fmt: skip
+        assert r.json()["choices"][0]["text"] == want_tags.text, (mode, r.text)
+    client = openai.OpenAI(base_url=f"{server}/disagg/v1", api_key="unused")
+    chat = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=question, temperature=0, max_tokens=40,
+        response_format={"type": "structural_tag", **tags},
+    )  # fmt: skip
+    assert chat.choices[0].message.content == want_chat_tags.text
     # a parser that gives up at the second token (the decode replica's first): a 400, or once
     # streaming has begun, an error event and the end of the stream (vLLM's)
     huge = "start: /[0-9]/ /a{1000000}/"

@@ -38,6 +38,12 @@ CONSTRAINTS = {
 }
 
 
+TAG_FIELDS = {  # vLLM's structural_tag fields
+    "structures": [{"begin": "<f=a>", "schema": {"type": "object"}, "end": "</f>"}],
+    "triggers": ["<f="],
+}
+
+
 @pytest.fixture(scope="module")
 def chat_prompt(tokenizer) -> list[int]:
     messages = [{"role": "user", "content": "Describe a person as JSON. Which city is best?"}]
@@ -162,8 +168,16 @@ def test_a_complete_form_ends_the_request_even_with_ignore_eos(make_engine, toke
         (StructuredOutput("json", "{not json"), "invalid json"),
         (StructuredOutput("grammar", "root ::= missing_rule"), "invalid grammar"),
         (StructuredOutput("choice", "[]"), "invalid choice"),
+        (StructuredOutput("structural_tag", "{}", param="structural_tag"), "'structures' must"),
+        (StructuredOutput("structural_tag", json.dumps({**TAG_FIELDS, "triggers": ["<g"]})),
+         "its begin '<f=a>' starts with no trigger"),
+        (StructuredOutput("structural_tag", json.dumps({**TAG_FIELDS, "triggers": [""]})),
+         "'triggers' must"),
+        (StructuredOutput("structural_tag", json.dumps(
+            {**TAG_FIELDS, "structures": [{"begin": "<f=a>", "schema": {"type": 5}, "end": ""}]})),
+         "invalid structural_tag"),
     ],
-)
+)  # fmt: skip
 def test_a_constraint_that_does_not_compile_is_refused(make_engine, structure, needle):
     engine = make_engine()
     params = SamplingParams(max_tokens=4, structured_output=structure)
@@ -219,7 +233,15 @@ def test_request_fields_become_one_constraint():
         ({"guided_choice": ["a", "b"]}, ("choice", '["a", "b"]', "guided_choice")),
         ({"guided_grammar": 'root ::= "a"'}, ("grammar", 'root ::= "a"', "guided_grammar")),
         ({"guided_json": '{"type":"object"}'}, ("json", '{"type":"object"}', "guided_json")),
-    ]
+        ({"response_format": {"type": "structural_tag", **TAG_FIELDS}},
+         ("structural_tag", json.dumps(TAG_FIELDS), "response_format")),
+        ({"structured_outputs": {"structural_tag": json.dumps(TAG_FIELDS)}},
+         ("structural_tag", json.dumps(TAG_FIELDS), "structured_outputs.structural_tag")),
+        ({"structured_outputs": {"structural_tag": TAG_FIELDS}},
+         ("structural_tag", json.dumps(TAG_FIELDS), "structured_outputs.structural_tag")),
+        ({"structural_tag": json.dumps(TAG_FIELDS)},
+         ("structural_tag", json.dumps(TAG_FIELDS), "structural_tag")),
+    ]  # fmt: skip
     for fields, (kind, spec, param) in cases:
         so = params(**fields).structured_output
         assert (so.kind, so.spec, so.param, so.any_whitespace) == (kind, spec, param, True)
@@ -229,7 +251,15 @@ def test_request_fields_become_one_constraint():
     refused = [
         ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex"),
         ({"structured_outputs": {"regx": "a"}}, "structured_outputs.regx"),
-        ({"structured_outputs": {"structural_tag": "t"}}, "structured_outputs.structural_tag"),
+        ({"response_format": {"type": "structural_tag", "triggers": ["<f"]}}, "response_format"),
+        (
+            {"response_format": {"type": "structural_tag", "format": {"type": "triggered_tags"}}},
+            "response_format",
+        ),  # xgrammar's later form
+        (
+            {"structured_outputs": {"whitespace_pattern": " "}},
+            "structured_outputs.whitespace_pattern",
+        ),
         ({"response_format": {"type": "json_schema"}}, "response_format"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),
         ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
@@ -370,3 +400,71 @@ def test_the_think_block_takes_the_parsers_own_tags(tokenizer):
     structure = StructuredOutput("regex", "[0-9]+/[0-9]+", thinking="optional", think_tags=tags)
     assert _follows(grammars, structure, "[THINK]a/b [x]</think>[/THINK]1/2") == (True, False)
     assert _follows(grammars, structure, "<think>a</think>1/2")[0] is False
+
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+TAGS = StructuredOutput(
+    "structural_tag",
+    json.dumps({
+        "structures": [
+            {"begin": "<function=get_weather>", "schema": WEATHER, "end": "</function>"},
+            {"begin": "<function=get_time>", "schema": {"type": "object"}, "end": "</function>"},
+        ],
+        "triggers": ["<function="],
+    }),
+    any_whitespace=False,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("text", "follows"),
+    [
+        ("Let me check the weather.", True),  # free text: no trigger, anything goes
+        ('Sure. <function=get_weather>{"city":"Paris"}</function> Done.', True),
+        ('<function=get_time>{}</function><function=get_weather>{"city":"Lyon"}</function>', True),
+        ("<function=get_news>{}</function>", False),  # a trigger, then no structure's begin
+        ('<function=get_weather>{"town":"Paris"}</function>', False),  # not the schema's
+        ('<function=get_weather>{"city":"Paris"} and', False),  # not its end
+    ],
+)
+def test_structural_tags_constrain_only_what_follows_a_trigger(tokenizer, text, follows):
+    """vLLM's structural_tag: free text, and where it writes a trigger, one of the structures
+    beginning with it (its begin, JSON under its schema, its end); the form is never complete
+    (free text may always follow: EOS ends the reply)."""
+    grammars = Grammars(tokenizer, len(tokenizer))
+    grammars.check(TAGS)
+    assert _follows(grammars, TAGS, text) == (follows, False)
+
+
+def test_structural_tags_follow_the_thinking(tokenizer):
+    grammars = Grammars(tokenizer, len(tokenizer))
+    thinking = dataclasses.replace(TAGS, thinking="opened")
+    grammars.check(thinking)
+    call = '<function=get_weather>{"city":"Paris"}</function>'
+    # a trigger inside the thinking is free text; after it, the tags hold
+    assert _follows(grammars, thinking, f"Hm, <function=x?</think>So {call} ok") == (True, False)
+    assert _follows(grammars, thinking, "Hm.</think><function=x>{}</function>")[0] is False
+
+
+def test_structural_tags_greedy_equals_transformers_under_the_same_tags(
+    make_engine, hf_model, tokenizer, chat_prompt
+):
+    """The model's own text up to the trigger (" JSON", which it writes at once), then the
+    structure, then free text again: token for token transformers' greedy generate under the
+    same grammar."""
+    person = {"begin": " JSON", "schema": PERSON, "end": "."}
+    tags = StructuredOutput(
+        "structural_tag", json.dumps({"structures": [person], "triggers": [" JSON"]})
+    )
+    free_params = SamplingParams(max_tokens=30, temperature=0)
+    [free] = make_engine().generate([chat_prompt], free_params)
+    [out] = make_engine().generate(
+        [chat_prompt], dataclasses.replace(free_params, structured_output=tags)
+    )
+    assert out.token_ids == _hf_constrained(hf_model, tokenizer, chat_prompt, tags, 30)
+    head, trigger, rest = out.text.partition(" JSON")
+    assert trigger and free.text.startswith(head + trigger)  # free until the trigger
+    value, end = json.JSONDecoder().raw_decode(rest.lstrip())
+    assert isinstance(value["name"], str) and isinstance(value["age"], int)
+    assert rest.lstrip()[end:].startswith(".")  # the structure's end, then free text
+    assert out.token_ids != free.token_ids

@@ -141,17 +141,16 @@ class _Sampling(BaseModel):
     guided_choice: list[str] | None = Field(None, min_length=1)
     guided_grammar: str | None = None
     structural_tag: str | dict | None = None
+    guided_whitespace_pattern: str | None = None  # JSON: the whitespace between tokens
     # vLLM's: lower first under the app's scheduling_policy "priority" (else only 0 is served)
     priority: int = 0
     # fields that would change the output if honoured: refused rather than silently ignored
     best_of: int | None = None
     use_beam_search: bool = False
-    guided_whitespace_pattern: str | None = None
     logits_processors: list | None = None
 
     _one_candidate = _refused("best_of", why="is not supported above 1", allowed=(1,))
     _no_beams = _refused("use_beam_search", why="(beam search) is not supported")
-    _no_structure = _refused("guided_whitespace_pattern", why="is not supported")
     _no_processors = _refused(
         "logits_processors", why="(custom logits processors) is not supported"
     )

@@ -2,8 +2,9 @@
 one engine StructuredOutput they come to: OpenAI's `response_format` (json_object, json_schema;
 vLLM's structural_tag), vLLM's `structured_outputs` object (json, regex, choice, grammar,
 json_object, structural_tag) and its older `guided_json`, `guided_regex`, `guided_choice`,
-`guided_grammar` and `structural_tag`. One constraint per
-request, as in vLLM. The engine compiles it (engine/grammar.py) and refuses one that does not
+`guided_grammar` and `structural_tag`; and how a JSON constraint's whitespace may go
+(`disable_any_whitespace`, `whitespace_pattern` / `guided_whitespace_pattern`). One constraint
+per request, as in vLLM. The engine compiles it (engine/grammar.py) and refuses one that does not
 compile, naming the field it came from."""
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from engine.sampling_params import InvalidRequestError, StructuredOutput
+from engine.sampling_params import JSON_KINDS, InvalidRequestError, StructuredOutput
 
 
 class JsonSchema(BaseModel):
@@ -64,15 +65,8 @@ class StructuredOutputs(BaseModel):
     json_object: bool | None = None
     disable_any_whitespace: bool = False  # JSON without whitespace between its tokens
     disable_fallback: bool = False  # vLLM's backend choice: one backend here, nothing to do
-    whitespace_pattern: str | None = None
+    whitespace_pattern: str | None = None  # JSON: the whitespace between tokens, a regex
     structural_tag: str | dict | None = None  # JSON text (vLLM's) or the object
-
-    @field_validator("whitespace_pattern")
-    @classmethod
-    def _unserved(cls, value, info):
-        if value is not None:
-            raise ValueError(f"{info.field_name} is not supported")
-        return value
 
 
 def structured_output(req) -> StructuredOutput | None:
@@ -84,11 +78,26 @@ def structured_output(req) -> StructuredOutput | None:
         raise InvalidRequestError(
             f"only one structured output constraint per request, got {names}", found[1][0]
         )
+    pattern, pattern_param = _whitespace_pattern(req)
+    if pattern is not None and (not found or found[0][1] not in JSON_KINDS):
+        raise InvalidRequestError(
+            "a whitespace pattern shapes a JSON constraint only", pattern_param
+        )
     if not found:
         return None
     param, kind, spec = found[0]
     flexible = not (req.structured_outputs and req.structured_outputs.disable_any_whitespace)
-    return StructuredOutput(kind, spec, any_whitespace=flexible, param=param)
+    return StructuredOutput(
+        kind, spec, any_whitespace=flexible, whitespace_pattern=pattern, param=param
+    )
+
+
+def _whitespace_pattern(req) -> tuple[str | None, str]:
+    """The request's pattern for the whitespace in its JSON (vLLM's two names), and its field."""
+    so = req.structured_outputs
+    if so is not None and so.whitespace_pattern is not None:
+        return so.whitespace_pattern, "structured_outputs.whitespace_pattern"
+    return req.guided_whitespace_pattern, "guided_whitespace_pattern"
 
 
 def _constraints(req) -> list[tuple[str, str, str]]:

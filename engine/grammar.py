@@ -62,7 +62,7 @@ def _top_level(text: str) -> dict:
 def _constraint_text(structure: StructuredOutput) -> str:
     import llguidance
 
-    options = {"whitespace_flexible": structure.any_whitespace}
+    options = structure.json_options
     try:
         if structure.kind == "json_object":
             return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}', options)
@@ -100,7 +100,7 @@ def _structural_tags(structure: StructuredOutput) -> str:
         trigger = next((t for t in triggers if begin.startswith(t)), None)
         if trigger is None:
             raise ValueError(f"structures[{i}]: its begin {begin!r} starts with no trigger")
-        schema = {**schema, "x-guidance": {"whitespace_flexible": structure.any_whitespace}}
+        schema = {**schema, "x-guidance": structure.json_options}
         tags.append(llguidance.StructTag(trigger=trigger, begin=begin, grammar=schema, end=end))
     return llguidance.StructTag.to_grammar(tags)
 

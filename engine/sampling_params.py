@@ -19,6 +19,7 @@ class InvalidRequestError(ValueError):
 
 
 STRUCTURE_KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
+JSON_KINDS = ("json", "json_object", "structural_tag")  # the kinds that write JSON
 
 
 THINKING = ("", "opened", "optional")
@@ -39,6 +40,8 @@ class StructuredOutput:
     spec: str = ""
     # JSON kinds: any whitespace between tokens (vLLM's default); False: none
     any_whitespace: bool = True
+    # JSON kinds: a regex the whitespace between tokens matches, in place of either
+    whitespace_pattern: str | None = None
     param: str = "structured_outputs"  # the request field it came from, named in errors
     # a reasoning model's think block, free, before the constrained answer (vLLM starts the
     # constraint after the reasoning): "opened" (the output starts inside it, up to its
@@ -59,6 +62,17 @@ class StructuredOutput:
             )
         if not isinstance(self.spec, str) or (self.kind != "json_object" and not self.spec):
             raise InvalidRequestError(f"the {self.kind} constraint is empty", self.param)
+        if self.whitespace_pattern is not None and self.kind not in JSON_KINDS:
+            raise InvalidRequestError(
+                f"a whitespace pattern shapes JSON only, not a {self.kind} constraint", self.param
+            )
+
+    @property
+    def json_options(self) -> dict:
+        """llguidance's options for this constraint's JSON (its x-guidance)."""
+        if self.whitespace_pattern is not None:
+            return {"whitespace_pattern": self.whitespace_pattern}
+        return {"whitespace_flexible": self.any_whitespace}
 
 
 @dataclass(frozen=True)

@@ -282,6 +282,12 @@ def test_structured_outputs_in_all_modes_equal_the_engine_alone(server, local_en
         response_format={"type": "structural_tag", **tags},
     )  # fmt: skip
     assert chat.choices[0].message.content == want_chat_tags.text
+    # vLLM's guided_whitespace_pattern: the JSON's whitespace, as the engine alone has it
+    spaced = StructuredOutput("json", json.dumps(schema), whitespace_pattern="[ ]?")
+    [want] = local_engine.generate([PROMPT], dataclasses.replace(greedy, structured_output=spaced))
+    r = _complete(server, "disagg", prompt=PROMPT, max_tokens=40, guided_json=schema,
+                  guided_whitespace_pattern="[ ]?")  # fmt: skip
+    assert r.json()["choices"][0]["text"] == want.text and "\n" not in want.text, r.text
     # a parser that gives up at the second token (the decode replica's first): a 400, or once
     # streaming has begun, an error event and the end of the stream (vLLM's)
     huge = "start: /[0-9]/ /a{1000000}/"

@@ -168,6 +168,8 @@ def test_a_complete_form_ends_the_request_even_with_ignore_eos(make_engine, toke
         (StructuredOutput("json", "{not json"), "invalid json"),
         (StructuredOutput("grammar", "root ::= missing_rule"), "invalid grammar"),
         (StructuredOutput("choice", "[]"), "invalid choice"),
+        (StructuredOutput("json", "{}", whitespace_pattern="(", param="guided_json"),
+         "invalid json"),
         (StructuredOutput("structural_tag", "{}", param="structural_tag"), "'structures' must"),
         (StructuredOutput("structural_tag", json.dumps({**TAG_FIELDS, "triggers": ["<g"]})),
          "its begin '<f=a>' starts with no trigger"),
@@ -247,6 +249,11 @@ def test_request_fields_become_one_constraint():
         assert (so.kind, so.spec, so.param, so.any_whitespace) == (kind, spec, param, True)
     tight = params(structured_outputs={"json": schema, "disable_any_whitespace": True})
     assert not tight.structured_output.any_whitespace
+    for fields in (
+        {"guided_json": schema, "guided_whitespace_pattern": "[ ]?"},
+        {"structured_outputs": {"json_object": True, "whitespace_pattern": "[ ]?"}},
+    ):
+        assert params(**fields).structured_output.whitespace_pattern == "[ ]?"
     assert params(response_format={"type": "text"}).structured_output is None
     refused = [
         ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex"),
@@ -262,7 +269,8 @@ def test_request_fields_become_one_constraint():
         ),
         ({"response_format": {"type": "json_schema"}}, "response_format"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),
-        ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
+        ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),  # no JSON to shape
+        ({"guided_regex": "a", "guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
         ({"structured_outputs": {"regex": ""}}, "structured_outputs.regex"),
     ]
     for fields, param in refused:
@@ -434,6 +442,22 @@ def test_structural_tags_constrain_only_what_follows_a_trigger(tokenizer, text, 
     grammars = Grammars(tokenizer, len(tokenizer))
     grammars.check(TAGS)
     assert _follows(grammars, TAGS, text) == (follows, False)
+
+
+def test_a_whitespace_pattern_shapes_the_whitespace_between_json_tokens(tokenizer):
+    """vLLM's guided_whitespace_pattern / structured_outputs.whitespace_pattern (llguidance's
+    x-guidance whitespace_pattern), in place of any whitespace or none; JSON kinds only."""
+    grammars = Grammars(tokenizer, len(tokenizer))
+    one_space = StructuredOutput("json", json.dumps(PERSON), whitespace_pattern="[ ]?")
+    grammars.check(one_space)
+    assert _follows(grammars, one_space, '{"name": "Al", "age": 3}') == (True, True)
+    assert _follows(grammars, one_space, '{"name":"Al","age":3}') == (True, True)
+    assert _follows(grammars, one_space, '{\n"name": "Al"')[0] is False
+    assert _follows(grammars, CONSTRAINTS["json"], '{"name": "Al"')[0] is False  # none at all
+    tags = dataclasses.replace(TAGS, whitespace_pattern="\n?")
+    assert _follows(grammars, tags, '<function=get_weather>{\n"city":"Paris"}</function>')[0]
+    with pytest.raises(InvalidRequestError, match="shapes JSON only"):
+        StructuredOutput("regex", "a+", whitespace_pattern=" ")
 
 
 def test_structural_tags_follow_the_thinking(tokenizer):

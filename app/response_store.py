@@ -65,6 +65,3 @@ class ResponseStoreServer:
 
     async def delete(self, response_id: str) -> bool:
         return self.store.delete(response_id)
-
-    async def size(self) -> int:
-        return len(self.store)

@@ -1,9 +1,9 @@
 """End to end on a private local Ray cluster and real Serve applications, over real HTTP.
 
-One cluster and one Serve instance for the whole module; four applications side by side
-(disaggregated three times: shm, object-store and gloo KV transport; and colocated with chunked
-prefill), each on its own route prefix; each also carries a feature the others do not (a
-Responses store, a reasoning parser, a tool-call parser): fewer replicas to start.
+One cluster and one Serve instance for the whole module; five applications side by side (the
+three modes, disaggregated three times: shm, object-store and gloo KV transport), each on its
+own route prefix; the disaggregated ones also carry a feature the others do not (a Responses
+store, a reasoning parser, a tool-call parser), so that no more replicas start.
 The default model with short outputs keeps it quick.
 """
 
@@ -43,8 +43,9 @@ MODES = {
     # the decode replica pulls the KV over a gloo pair from the prefill replica; tool_choice
     # "auto" served with the hermes tool-call parser
     "disagg_gloo": {"mode": "disaggregated", "kv_transport": "gloo", "tool_call_parser": "hermes"},
+    "coloc": {"mode": "colocated"},
     # chunked prefill: a prompt's rows come from several steps of 8 tokens
-    "coloc": {
+    "chunked": {
         "mode": "colocated",
         "colocated": {"engine": {"chunked_prefill": True, "max_num_batched_tokens": 8}},
     },
@@ -86,7 +87,7 @@ def server(tmp_path_factory):
     )
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    # One call for all four, not waiting per app: serve.run waits for its app to be RUNNING
+    # One call for all five, not waiting per app: serve.run waits for its app to be RUNNING
     # even with blocking=False, which would start the apps one after another.
     targets = [
         serve.RunTarget(build_app(_args(m)), name=n, route_prefix=f"/{n}") for n, m in MODES.items()
@@ -190,7 +191,7 @@ def test_vllm_token_constraints_reach_the_engine(server, engine_alone, local_eng
     for fields, params in cases:
         [want] = local_engine.generate([PROMPT], dataclasses.replace(greedy, **params))
         assert want.text != engine_alone.text and paris not in want.token_ids
-        for mode in ("disagg", "coloc"):
+        for mode in ("disagg", "chunked"):
             r = _complete(server, mode, prompt=PROMPT, max_tokens=8, **fields)
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["text"] == want.text, (mode, fields)
@@ -272,7 +273,7 @@ def test_structured_outputs_in_all_modes_equal_the_engine_alone(server, local_en
     )
     for want in (want_tags, want_chat_tags):  # each wrote the trigger and a structure
         json.JSONDecoder().raw_decode(want.text.partition(" Paris")[2].lstrip())
-    for mode in ("disagg", "coloc"):
+    for mode in ("disagg", "chunked"):
         r = _complete(server, mode, prompt=PROMPT, max_tokens=40,
                       structured_outputs={"structural_tag": json.dumps(tags)})  # fmt: skip
         assert r.json()["choices"][0]["text"] == want_tags.text, (mode, r.text)
@@ -291,7 +292,7 @@ def test_structured_outputs_in_all_modes_equal_the_engine_alone(server, local_en
     # a parser that gives up at the second token (the decode replica's first): a 400, or once
     # streaming has begun, an error event and the end of the stream (vLLM's)
     huge = "start: /[0-9]/ /a{1000000}/"
-    for mode in ("disagg", "coloc"):
+    for mode in ("disagg", "chunked"):
         r = _complete(server, mode, prompt=PROMPT, guided_grammar=huge)
         assert r.status_code == 400 and r.json()["error"]["param"] == "guided_grammar", r.text
         assert r.json()["error"]["message"].startswith("the grammar constraint failed at output")
@@ -574,7 +575,7 @@ def test_vllm_prompt_logprobs_field_and_echo_alone(server, local_engine, tokeniz
     )
     chat = {"model": "SmolLM2-135M-Instruct", "messages": messages, "max_tokens": 2}
     r = httpx.post(
-        f"{server}/coloc/v1/chat/completions", json={**chat, "prompt_logprobs": 2}, timeout=60
+        f"{server}/chunked/v1/chat/completions", json={**chat, "prompt_logprobs": 2}, timeout=60
     )
     assert r.status_code == 200, r.text
     _assert_vllm_prompt_logprobs(r.json()["prompt_logprobs"], chat_ids, want_chat.prompt_logprobs)
@@ -725,7 +726,7 @@ def test_a_batch_of_prompts_gets_each_prompt_its_own_choices(server, local_engin
     want = local_engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
     lens = [len(tokenizer(p).input_ids) for p in prompts]
     completion = sum(len(w.token_ids) for w in want)
-    for mode in ("disagg", "coloc"):
+    for mode in ("disagg", "chunked"):
         r = _complete(server, mode, prompt=prompts, max_tokens=6, n=2, echo=True)
         assert r.status_code == 200, r.text
         body = r.json()

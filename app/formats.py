@@ -153,6 +153,12 @@ class CompletionFormat:
 
     @property
     def usage(self) -> dict:
+        """The reply's usage: the body's, and the stream's usage chunk."""
+        return self.running_usage
+
+    @property
+    def running_usage(self) -> dict:
+        """The token counts so far, cheap enough for every chunk (continuous_usage_stats)."""
         completion = sum(c.num_output_tokens for c in self.choices)
         usage = {
             "prompt_tokens": self.num_prompt_tokens,
@@ -212,8 +218,10 @@ class ChatFormat(CompletionFormat):
 
     @property
     def usage(self) -> dict:
-        usage = super().usage
-        if self.reasoning is not None:  # as vLLM: only where a reasoning parser reads replies
+        usage = self.running_usage
+        # as vLLM: only where a reasoning parser reads replies, and not in every chunk of a
+        # stream (counting re-reads the reply so far)
+        if self.reasoning is not None:
             parser = REASONING_PARSERS[self.reasoning]
             thought = sum(
                 count_reasoning_tokens(parser, list(zip(c.text, c.num_tokens, strict=True)))

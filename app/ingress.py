@@ -333,7 +333,7 @@ class Ingress:
                     shown = view.add(index, out)
                     chunk = view.chunk(index, shown)
                     if continuous:
-                        chunk["usage"] = view.usage
+                        chunk["usage"] = view.running_usage
                     yield f"data: {json.dumps(chunk)}\n\n"
             except APIError as e:  # after the status was sent: vLLM's error event, then the end
                 yield f"data: {json.dumps(e.body)}\n\n"

@@ -52,16 +52,12 @@ class _ThinkParser:
 
     @classmethod
     def span(cls, text: str) -> tuple[int, int]:
-        """Where a whole reply's reasoning lies in it, its tags left out (what `read` gives)."""
-        head = len(text) - len(text.lstrip())
-        if text.startswith(cls.START, head):
-            start = head + len(cls.START)
-        elif cls.OPENED:
-            start = 0
-        else:  # thinking off, or the start tag not at the start: all answer
-            return 0, 0
-        end = text.find(cls.END, start)
-        return start, len(text) if end < 0 else end
+        """Where a whole reply's reasoning lies in it, its tags left out: the reasoning `read`
+        gives ends where the answer (and the end tag before it, if any) begins."""
+        split = cls().read(text)
+        before_answer = text[: len(text) - len(split.content)]
+        end = len(before_answer) - (len(cls.END) if before_answer.endswith(cls.END) else 0)
+        return end - len(split.reasoning), end
 
     def read(self, text: str) -> Split:
         out = self.feed(text)

@@ -24,7 +24,8 @@ def deployment_options(phase: PhaseArgs, name: str, key: str, gpus: float = 0.0)
         "name": name,
         "ray_actor_options": actor,
         "max_ongoing_requests": phase.max_ongoing_requests,
-        "health_check_period_s": 10,
+        "health_check_period_s": phase.health_check_period_s,
+        "health_check_timeout_s": phase.health_check_timeout_s,
         "graceful_shutdown_timeout_s": phase.graceful_shutdown_timeout_s,
         "graceful_shutdown_wait_loop_s": 1.0,
     }

@@ -126,6 +126,10 @@ class PhaseArgs(_Strict):
     max_ongoing_requests: int = Field(64, ge=1)
     # a replica being removed finishes what it holds first (Serve stops routing to it)
     graceful_shutdown_timeout_s: float = Field(300.0, ge=0)
+    # Serve's replica health check (a dead engine thread or model worker fails it): every
+    # period, each call allowed the timeout; three failures in a row replace the replica
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
     # multi-worker replicas: how their placement-group bundles are placed (default: STRICT_PACK
     # for tensor parallelism alone, PACK once there are pipeline stages)
     placement_group_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] | None = (

@@ -109,3 +109,21 @@ def test_emitted_autoscaling_starts_at_the_plan_and_carries_the_slo_and_profile(
         search.slo.ttft_ms
     )
     build_app(app["args"])
+
+
+def test_health_check_options_reach_serve_and_are_checked():
+    from pydantic import ValidationError
+
+    from app.builder import deployment_options
+    from app.config import AppArgs
+
+    defaults = deployment_options(AppArgs().decode, "DecodeServer", "decode")
+    assert (defaults["health_check_period_s"], defaults["health_check_timeout_s"]) == (10, 30)
+    args = AppArgs.model_validate(
+        {"decode": {"health_check_period_s": 1, "health_check_timeout_s": 5}}
+    )
+    options = deployment_options(args.decode, "DecodeServer", "decode")
+    assert (options["health_check_period_s"], options["health_check_timeout_s"]) == (1, 5)
+    assert deployment_options(args.prefill, "PrefillServer", "prefill")["health_check_period_s"] == 10
+    with pytest.raises(ValidationError, match="health_check_period_s"):
+        AppArgs.model_validate({"prefill": {"health_check_period_s": 0}})

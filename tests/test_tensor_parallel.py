@@ -233,6 +233,8 @@ def test_planned_tp_pp_placement_starts_with_serve_and_serves(cluster, tiny_llam
         if p in app["args"]
     ] or [(app["args"]["colocated"]["engine"]["tensor_parallel_size"], 1)]
     assert all(tp * pp > 1 for tp, pp in layouts)
+    # a dead worker is found by Serve's health check: three failed checks, 1 s apart here
+    app["args"]["decode"]["health_check_period_s"] = 1.0
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:

@@ -124,6 +124,7 @@ def test_health_check_options_reach_serve_and_are_checked():
     )
     options = deployment_options(args.decode, "DecodeServer", "decode")
     assert (options["health_check_period_s"], options["health_check_timeout_s"]) == (1, 5)
-    assert deployment_options(args.prefill, "PrefillServer", "prefill")["health_check_period_s"] == 10
+    prefill = deployment_options(args.prefill, "PrefillServer", "prefill")
+    assert prefill["health_check_period_s"] == 10  # per phase
     with pytest.raises(ValidationError, match="health_check_period_s"):
         AppArgs.model_validate({"prefill": {"health_check_period_s": 0}})

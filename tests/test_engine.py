@@ -183,10 +183,9 @@ def _hf_generate(hf_model, tokenizer, prompt: str, **kwargs) -> list[int]:
     return out[0, ids.shape[1] :].tolist()
 
 
-@pytest.mark.parametrize("handoff", [False, True])
-def test_penalties_and_logit_bias_equal_transformers_generate(
-    make_engine, hf_model, tokenizer, reference, handoff
-):
+@pytest.fixture(scope="module")
+def penalty_cases(hf_model, tokenizer, reference) -> list[tuple[dict, list[int]]]:
+    """(our sampling fields, transformers' generate under its equivalent arguments)."""
     prompt = PROMPTS[2]
     n_prompt = len(tokenizer(prompt).input_ids)
     bias_token = tokenizer(" sea").input_ids[0]
@@ -205,9 +204,16 @@ def test_penalties_and_logit_bias_equal_transformers_generate(
         ({"bad_words_token_ids": elara}, {"bad_words_ids": [list(w) for w in elara]}),
         ({"allowed_token_ids": allowed}, {"prefix_allowed_tokens_fn": lambda *_: allowed}),
     ]
-    for ours, theirs in cases:
+    return [(ours, _hf_generate(hf_model, tokenizer, prompt, **theirs)) for ours, theirs in cases]
+
+
+@pytest.mark.parametrize("handoff", [False, True])
+def test_penalties_and_logit_bias_equal_transformers_generate(
+    make_engine, penalty_cases, reference, handoff
+):
+    prompt = PROMPTS[2]
+    for ours, expected in penalty_cases:
         params = SamplingParams(max_tokens=N, temperature=0.0, **ours)
-        expected = _hf_generate(hf_model, tokenizer, prompt, **theirs)
         assert expected != reference[2], ours  # the field changes the greedy output
         if not handoff:
             [out] = make_engine().generate([prompt], params)

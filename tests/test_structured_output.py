@@ -124,7 +124,7 @@ def test_sampled_outputs_keep_their_form_beside_unconstrained_rows(make_engine, 
 
 def test_a_constrained_request_continues_across_the_handoff(make_engine, chat_prompt):
     for structure in (CONSTRAINTS["json"], CONSTRAINTS["grammar"]):
-        p = SamplingParams(max_tokens=40, temperature=0.8, seed=3, structured_output=structure)
+        p = SamplingParams(max_tokens=24, temperature=0.8, seed=3, structured_output=structure)
         [want] = make_engine().generate([chat_prompt], p)
         prefill, decode = make_engine(), make_engine()
         prefill.add_request("r", chat_prompt, p, prefill_only=True)
@@ -308,9 +308,9 @@ def test_constrained_requests_survive_preemption(make_engine, chat_prompt):
     outputs equal those of an engine with room for all."""
     story = {"type": "object", "properties": {"story": {"type": "string", "minLength": 300}}}
     long = StructuredOutput("json", json.dumps({**story, "required": ["story"]}))
-    params = [SamplingParams(max_tokens=40, seed=i, structured_output=long) for i in range(4)]
+    params = [SamplingParams(max_tokens=28, seed=i, structured_output=long) for i in range(4)]
     roomy = make_engine().generate([chat_prompt] * 4, params)
-    tight = make_engine(num_kv_blocks=14, block_size=16)  # 4 x (41 + 40) tokens do not fit
+    tight = make_engine(num_kv_blocks=14, block_size=16)  # 4 x (41 + 28) tokens do not fit
     outs = tight.generate([chat_prompt] * 4, params)
     assert tight.num_preemptions > 0
     assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]

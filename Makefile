@@ -14,9 +14,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# compileall: every Ray replica and worker imports the project anew; compiled once here, not in
+# each process (none writes bytecode where PYTHONDONTWRITEBYTECODE is set)
 model: install
 	$(PY) -m engine.model_store
 	$(PY) -m kernels.cpu_ops
+	$(PY) -m compileall -q app engine deployments kernels placement bench > /dev/null
 
 test: model
 	$(PY) -m ruff check .

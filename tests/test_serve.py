@@ -1010,7 +1010,7 @@ def _responses_previous_response_id(server: str) -> None:
     import openai
 
     client = openai.OpenAI(base_url=f"{server}/disagg/v1", api_key="unused")
-    fields = {"model": "SmolLM2-135M-Instruct", "temperature": 0, "max_output_tokens": 20}
+    fields = {"model": "SmolLM2-135M-Instruct", "temperature": 0, "max_output_tokens": 10}
     first = client.responses.create(**fields, input="My name is Ann. Say hello.")
     assert first.store is True
     # kept by the application's store deployment, which every ingress replica asks
@@ -1029,7 +1029,7 @@ def _responses_previous_response_id(server: str) -> None:
         {"role": "user", "content": "What is my name?"},
     ]
     chat = client.chat.completions.create(
-        model=fields["model"], messages=conversation, temperature=0, max_tokens=20
+        model=fields["model"], messages=conversation, temperature=0, max_tokens=10
     )
     assert second.output_text == chat.choices[0].message.content
     assert second.usage.input_tokens == chat.usage.prompt_tokens

@@ -7,6 +7,40 @@ from engine import EngineConfig, LLMEngine, SchedulerConfig
 from engine.model_runner import ModelRunner
 from engine.model_store import resolve_model
 from kernels import paged_attention
+from tests.ray_session import RayServe, SharedRay
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests without Ray first, then those on the session's shared cluster in one run (it
+    starts once and idles through nothing else), then those that start a cluster of their own;
+    a stable sort keeps the order within each group."""
+
+    def group(item: pytest.Item) -> int:
+        names = getattr(item, "fixturenames", ())
+        return 2 if "own_ray_cluster" in names else 1 if "ray_serve" in names else 0
+
+    items.sort(key=group)
+
+
+@pytest.fixture(scope="session")
+def _shared_ray(tmp_path_factory):
+    shared = SharedRay(tmp_path_factory.mktemp("ray"))
+    yield shared
+    shared.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_serve(_shared_ray) -> RayServe:
+    """The session's private Ray cluster with Serve (started on first use); a module deletes
+    the applications it deploys."""
+    return _shared_ray.get()
+
+
+@pytest.fixture(scope="module")
+def own_ray_cluster(_shared_ray) -> None:
+    """For a module that starts a Ray cluster of its own: the shared one is stopped first
+    (one driver holds one cluster)."""
+    _shared_ray.stop()
 
 
 @pytest.fixture(autouse=True)

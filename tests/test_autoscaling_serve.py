@@ -2,7 +2,8 @@
 (more logical CPUs than cores, half-CPU replicas, one torch thread each, the default model).
 
 The policies' latency coefficients are this machine's profile, rounded; targets are chosen so
-that one burst overloads exactly one phase. Serve's metric push interval is cut to 1 s.
+that one burst overloads exactly one phase. The session's cluster has Serve's metric push
+interval cut to 1 s (tests/ray_session.py).
 """
 
 from __future__ import annotations
@@ -18,13 +19,9 @@ from bench.autoscale import ReplicaWatcher
 pytestmark = [pytest.mark.serve, pytest.mark.model]
 
 MODEL = "SmolLM2-135M-Instruct"
-APP = "bench"  # bench.experiment.Cluster's application
+APP = "scaling"
 PREFILL_LATENCY = {"a": 85.0, "b": 2.7, "c": 0.001}
 DECODE_LATENCY = {"a": 75.0, "b": 0.005, "c": 3.2}
-ENV = {
-    "TOKENIZERS_PARALLELISM": "false",
-    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
-}
 
 
 def _scaling(**kw) -> dict:
@@ -103,12 +100,13 @@ def _all_blocks_free(app: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def app():
-    from bench.experiment import Cluster
+def app(ray_serve):
+    from app.builder import build_app
+    from tests.ray_session import deploy, undeploy
 
-    with Cluster(env=ENV, num_cpus=16) as cluster:
-        cluster.deploy(ARGS)
-        yield cluster.url
+    deploy({APP: ("/", build_app(ARGS))})
+    yield ray_serve.url
+    undeploy([APP])
 
 
 def test_long_prompts_scale_prefill_while_decode_stays(app):

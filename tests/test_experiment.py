@@ -21,7 +21,7 @@ entries:
 """
 
 
-def test_experiment_runs_each_configuration_and_writes_the_report(tmp_path):
+def test_experiment_runs_each_configuration_and_writes_the_report(tmp_path, own_ray_cluster):
     from bench.experiment import main
 
     profile = tmp_path / "profile.yaml"

@@ -71,7 +71,7 @@ def test_cuda_ipc_without_cupy_or_a_gpu_is_a_clear_error():
 
 
 @pytest.fixture(scope="module")
-def gpu_cluster(tmp_path_factory):
+def gpu_cluster(tmp_path_factory, own_ray_cluster):
     import ray
 
     ray.init(

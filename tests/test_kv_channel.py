@@ -18,15 +18,9 @@ SHAPE = (3, 2, 10, 4, 2, 8)  # (L, 2, blocks, bs, Hkv, D)
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _temp_dir=str(tmp_path_factory.mktemp("ray")),
-    )
-    yield
-    ray.shutdown()
+def cluster(ray_serve):
+    """The session's shared Ray cluster: the senders are actors on it."""
+    return ray_serve
 
 
 @ray.remote(num_cpus=0)

@@ -1,9 +1,9 @@
 """End to end on a private local Ray cluster and real Serve applications, over real HTTP.
 
-One cluster and one Serve instance for the whole module; five applications side by side (the
-three modes, disaggregated three times: shm, object-store and gloo KV transport), each on its
-own route prefix; the disaggregated ones also carry a feature the others do not (a Responses
-store, a reasoning parser, a tool-call parser), so that no more replicas start.
+The session's shared cluster and Serve instance (tests/ray_session.py); five applications side
+by side (the three modes, disaggregated three times: shm, object-store and gloo KV transport),
+each on its own route prefix; the disaggregated ones also carry a feature the others do not (a
+Responses store, a reasoning parser, a tool-call parser), so that no more replicas start.
 The default model with short outputs keeps it quick.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import socket
 import time
 
 import httpx
@@ -54,12 +53,6 @@ MODES = {
 ANSWERING = [name for name, mode in MODES.items() if "reasoning_parser" not in mode]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _args(mode: dict) -> dict:
     args = {"prefill": SMALL, "decode": SMALL, "colocated": SMALL, **mode}
     if "colocated" in mode:
@@ -69,38 +62,13 @@ def _args(mode: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    import ray
-    from ray import serve
-
+def server(ray_serve):
     from app.builder import build_app
+    from tests.ray_session import deploy, undeploy
 
-    temp = tmp_path_factory.mktemp("ray")
-    metrics_port = _free_port()
-    ray.init(
-        _metrics_export_port=metrics_port,
-        address="local",
-        num_cpus=8,
-        include_dashboard=False,
-        _temp_dir=str(temp),
-        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-    )
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    # One call for all five, not waiting per app: serve.run waits for its app to be RUNNING
-    # even with blocking=False, which would start the apps one after another.
-    targets = [
-        serve.RunTarget(build_app(_args(m)), name=n, route_prefix=f"/{n}") for n, m in MODES.items()
-    ]
-    serve.run_many(targets, wait_for_applications_running=False)
-    deadline = time.monotonic() + 300
-    for name in MODES:
-        while serve.status().applications[name].status != "RUNNING":
-            assert time.monotonic() < deadline, serve.status()
-            time.sleep(1)
-    yield Server(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics")
-    serve.shutdown()
-    ray.shutdown()
+    deploy({name: (f"/{name}", build_app(_args(mode))) for name, mode in MODES.items()})
+    yield Server(ray_serve.url, ray_serve.metrics_url)
+    undeploy(MODES)
 
 
 class Server(str):
@@ -1183,9 +1151,12 @@ def test_metrics_reach_the_prometheus_endpoint(server):
         "splitserve_prefix_cache_hit_tokens",
     ]
     wanted += ['phase="decode"', 'phase="prefill"', 'mode="colocated"']  # and their tags
+    ours = re.compile("|".join(f'application="{name}"' for name in MODES))
     deadline = time.monotonic() + 60
     while True:  # Ray exports metrics every few seconds, each replica's on its own
-        text = httpx.get(server.metrics_url, timeout=10).text
+        # this module's applications' series: the shared cluster ran others before
+        lines = httpx.get(server.metrics_url, timeout=10).text.splitlines()
+        text = "\n".join(line for line in lines if ours.search(line))
         missing = [name for name in wanted if name not in text]
         if not missing:
             break

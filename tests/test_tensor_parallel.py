@@ -21,18 +21,9 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    import ray
-
-    ray.init(
-        address="local",
-        num_cpus=8,
-        include_dashboard=False,
-        _temp_dir=str(tmp_path_factory.mktemp("ray")),
-        runtime_env={"env_vars": {"RAY_DEDUP_LOGS": "1"}},
-    )
-    yield ray.get_runtime_context().get_node_id()
-    ray.shutdown()
+def cluster(ray_serve):
+    """The session's shared Ray cluster (the worker actors' home): its node id."""
+    return ray_serve.node_id
 
 
 def make(path: str, tp: int = 1, pp: int = 1) -> LLMEngine:
@@ -191,12 +182,11 @@ def test_a_dead_worker_fails_requests_and_the_replica(cluster, tiny_llama_path):
         close(engine)
 
 
-def test_planned_tp_pp_placement_starts_with_serve_and_serves(cluster, tiny_llama_path, reference):
+def test_planned_tp_pp_placement_starts_with_serve_and_serves(ray_serve, tiny_llama_path, single):
     """The optimizer, given only multi-worker layouts, emits TP/PP replicas; Serve's own
     schema accepts the file, and the application serves the single engine's greedy output."""
     import httpx
     import yaml
-    from ray import serve
     from ray.serve.schema import ServeDeploySchema
 
     from app.builder import build_app
@@ -206,7 +196,7 @@ def test_planned_tp_pp_placement_starts_with_serve_and_serves(cluster, tiny_llam
     from placement.plan import serve_config
     from placement.simulator import SLO
     from placement.workload import Workload
-    from tests.test_serve import _free_port
+    from tests.ray_session import deploy, undeploy
 
     tp2 = Entry(2, 1, Coefficients(5.0, 0.5, 0.0), Coefficients(10.0, 0.0, 1.0), 10**5)
     pp2 = Entry(1, 2, Coefficients(6.0, 0.6, 0.0), Coefficients(8.0, 0.0, 0.5), 10**5)
@@ -235,25 +225,19 @@ def test_planned_tp_pp_placement_starts_with_serve_and_serves(cluster, tiny_llam
     assert all(tp * pp > 1 for tp, pp in layouts)
     # a dead worker is found by Serve's health check: three failed checks, 1 s apart here
     app["args"]["decode"]["health_check_period_s"] = 1.0
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"{ray_serve.url}/v1/completions"
+    deploy({"planned": ("/", build_app(app["args"]))})
     try:
-        serve.run(build_app(app["args"]), name="planned", route_prefix="/", blocking=False)
-        deadline = time.monotonic() + 300
-        while serve.status().applications["planned"].status != "RUNNING":
-            assert time.monotonic() < deadline, serve.status()
-            time.sleep(1)
         body = {"model": "SmolLM2-135M-Instruct", "prompt": PROMPTS[1], "max_tokens": 12,
                 "temperature": 0, "ignore_eos": True}  # fmt: skip
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120)
+        r = httpx.post(url, json=body, timeout=120)
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == 12
-        single = LLMEngine(EngineConfig(model=tiny_llama_path, num_kv_blocks=16))
         [want] = single.generate([PROMPTS[1]], GREEDY)
         assert r.json()["choices"][0]["text"] == want.text
-        _kill_a_worker_then_recover(f"http://127.0.0.1:{port}/v1/completions", body)
+        _kill_a_worker_then_recover(url, body)
     finally:
-        serve.shutdown()
+        undeploy(["planned"])
 
 
 def _kill_a_worker_then_recover(url: str, body: dict) -> None:

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
+from tests.ray_session import ENV, deploy, free_port
 from tests.test_autoscaling_serve import (
     DECODE_LATENCY,
-    ENV,
     PREFILL_LATENCY,
     _burst,
     _long_outputs,
@@ -44,7 +44,7 @@ ARGS = {
 
 
 @pytest.fixture(scope="module")
-def two_nodes():
+def two_nodes(own_ray_cluster):
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster
@@ -73,21 +73,13 @@ def _stats_by_node(app: str, name: str) -> dict[str, dict]:
 
 
 def test_scaled_out_replicas_pair_on_their_own_node(two_nodes):
-    import socket
-
     from ray import serve
 
     from app.builder import build_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(ARGS), name="two", route_prefix="/", blocking=False)
-    deadline = time.monotonic() + 300
-    while serve.status().applications["two"].status != "RUNNING":
-        assert time.monotonic() < deadline, serve.status()
-        time.sleep(1)
+    deploy({"two": ("/", build_app(ARGS))})
     base = f"http://127.0.0.1:{port}"
     # prompts that queue at prefill for seconds, outputs that keep several requests decoding
     burst = [

@@ -1,0 +1,112 @@
+"""One private local Ray cluster with Serve for the test session (#3: one per session keeps CI
+fast; each start and stop costs seconds of processes on 2 cores).
+
+The modules that use it run one after another (conftest orders them), each deploying its own
+applications and deleting them when done; a module that needs a cluster of its own (two nodes,
+the experiment runner's) stops the shared one first.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# the union of what the sharing modules need: no tokenizer thread pools in 16 replicas on 2
+# cores; replicas push their load to Serve's autoscaler every second, not every 10 s, so the
+# scaling tests see a burst while it lasts
+ENV = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+}
+NUM_CPUS = 16  # logical: replicas ask for half a CPU each; threads are set per engine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class RayServe:
+    url: str  # Serve's HTTP proxy
+    metrics_url: str  # the node's Prometheus endpoint
+    node_id: str
+
+
+class SharedRay:
+    """Starts the cluster on first use, stops it on request or at the end of the session."""
+
+    def __init__(self, temp_dir: Path) -> None:
+        self.temp_dir = temp_dir  # outside any working_dir: Ray would package itself
+        self.current: RayServe | None = None
+
+    def get(self) -> RayServe:
+        if self.current is None:
+            self.current = self._start()
+        return self.current
+
+    def _start(self) -> RayServe:
+        import ray
+        from ray import serve
+
+        metrics_port, port = free_port(), free_port()
+        ray.init(
+            address="local",
+            num_cpus=NUM_CPUS,
+            include_dashboard=False,
+            _metrics_export_port=metrics_port,
+            _temp_dir=str(self.temp_dir),
+            runtime_env={"env_vars": ENV},
+        )
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        return RayServe(
+            f"http://127.0.0.1:{port}",
+            f"http://127.0.0.1:{metrics_port}/metrics",
+            ray.get_runtime_context().get_node_id(),
+        )
+
+    def stop(self) -> None:
+        if self.current is None:
+            return
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+        self.current = None
+
+
+def deploy(apps: dict[str, tuple[str, object]], timeout_s: float = 300) -> None:
+    """name -> (route prefix, built application), started together: serve.run waits for its
+    application to be RUNNING even with blocking=False, which would start them one by one."""
+    from ray import serve
+
+    targets = [
+        serve.RunTarget(app, name=name, route_prefix=prefix) for name, (prefix, app) in apps.items()
+    ]
+    serve.run_many(targets, wait_for_applications_running=False)
+    deadline = time.monotonic() + timeout_s
+    for name in apps:
+        while serve.status().applications[name].status != "RUNNING":
+            if time.monotonic() > deadline:
+                status = serve.status()
+                undeploy(apps)  # the next module gets the cluster's CPUs back
+                raise AssertionError(f"applications did not start: {status}")
+            time.sleep(1)
+
+
+def undeploy(names) -> None:
+    """Delete the applications and wait until their replicas are gone (their CPUs and memory
+    are the next module's)."""
+    from ray import serve
+
+    names = list(names)
+    for name in names:  # all at once: each replica's graceful shutdown takes seconds
+        serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + 120
+    while set(names) & set(serve.status().applications):
+        assert time.monotonic() < deadline, serve.status()
+        time.sleep(0.5)

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Iterator
 from functools import cached_property
 from typing import Literal
@@ -309,11 +310,13 @@ class ChatMessage(BaseModel):
         for part in value if isinstance(value, list) else ():
             if part.get("type") != "text":
                 raise ValueError(f"only text content parts are supported, got {part.get('type')!r}")
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"a text content part needs a string text, got {part!r:.80}")
         return value
 
     def text(self) -> str:
         if isinstance(self.content, list):  # [{"type": "text", "text": ...}, ...]
-            return "".join(p.get("text", "") for p in self.content)
+            return "".join(p["text"] for p in self.content)
         return self.content or ""
 
     def for_template(self) -> dict:
@@ -534,6 +537,10 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON value")
 
 
+# a \uD800-\uDFFF escape: half of a pair (an escaped emoji) or, alone, no character at all
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def parse_object(body: bytes) -> dict:
     """A request body as a JSON object, or a 400."""
     try:  # NaN and Infinity are not JSON (Python's json reads them): no field may hold them
@@ -542,7 +549,36 @@ def parse_object(body: bytes) -> dict:
         raise APIError(400, f"request body is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object")
+    # Python's json reads an unpaired surrogate escape into a str that no tokenizer, grammar
+    # or UTF-8 encoder takes; only a body with such escapes is walked
+    if _SURROGATE_ESCAPE.search(body) and (where := _lone_surrogate(data, "")) is not None:
+        field = where or "a key"
+        message = f"{field} holds an unpaired UTF-16 surrogate escape, which is not a character"
+        raise APIError(400, f"request body is not valid JSON text: {message}", where or None)
     return data
+
+
+def _lone_surrogate(value, path: str) -> str | None:
+    """The path of the first string (or key: reported as its object's path) that holds an
+    unpaired surrogate, else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            inner = f"{path}.{key}" if path else key
+            if _lone_surrogate(key, path) is not None:
+                return path
+            if (found := _lone_surrogate(item, inner)) is not None:
+                return found
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            if (found := _lone_surrogate(item, f"{path}[{i}]")) is not None:
+                return found
+    return None
 
 
 def validated(data: dict, cls: type[BaseModel]) -> BaseModel:

@@ -295,6 +295,8 @@ def _chat_tool_choice(choice: str | dict) -> str | dict:
 def _response_format(fmt: dict | None) -> dict | None:
     """text.format ({type: text | json_object | json_schema, name, schema, strict}) as chat's
     response_format."""
+    if fmt is not None and not isinstance(fmt, dict):
+        raise APIError(400, 'text.format must be an object such as {"type": "text"}', "text.format")
     if fmt is None or fmt.get("type") == "text":
         return None
     if fmt.get("type") == "json_schema":

@@ -52,6 +52,18 @@ def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
 
 
+# Dividing or multiplying float32 logits by a factor past these overflows (x / 0, 0 x inf,
+# -inf / inf: NaN), and a NaN fails the draw and with it the whole batch's step. Within them no
+# logit overflows, and a factor beyond them changes no draw: a temperature of 1e-10 is already
+# greedy and 1e10 already uniform; a repetition penalty's seen logits are already ~0 or far
+# below every other.
+SCALE_RANGE = (1e-10, 1e10)
+
+
+def _in_scale_range(factor: float) -> float:
+    return min(max(factor, SCALE_RANGE[0]), SCALE_RANGE[1])
+
+
 def apply_penalties(logits: torch.Tensor, p: SamplingParams, history: TokenHistory) -> None:
     """Adjust one row of logits (V,) in place for `p`'s min_tokens, logit bias and penalties."""
     dev = logits.device
@@ -74,7 +86,7 @@ def apply_penalties(logits: torch.Tensor, p: SamplingParams, history: TokenHisto
         # repeated ids gather and write back the same value: no set to build every step
         seen = torch.tensor(prompt_ids + output_ids, device=dev, dtype=torch.long)
         values = logits[seen]
-        rp = p.repetition_penalty
+        rp = _in_scale_range(p.repetition_penalty)
         logits[seen] = torch.where(values > 0, values / rp, values * rp)
     if output_ids and (p.frequency_penalty or p.presence_penalty):
         ids, counts = torch.tensor(output_ids, device=dev).unique(return_counts=True)
@@ -120,7 +132,7 @@ def sample(
         if p.is_greedy:
             continue
         # transformers' and vLLM's order: temperature, top-k, top-p, then min-p
-        row = apply_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
+        row = apply_top_k_top_p(logits[i] / _in_scale_range(p.temperature), p.top_k, p.top_p)
         row = apply_min_p(row, p.min_p)
         # drawn on the CPU: a seeded request's generator is a CPU one, whose state travels
         # with the hand-off whatever device either replica computes on

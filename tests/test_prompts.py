@@ -49,6 +49,23 @@ def _refused(call, *args) -> APIError:
     return e.value
 
 
+def test_an_unpaired_surrogate_escape_is_refused_naming_its_field(ingress, tokenizer):
+    """json.dumps escapes what is not ASCII: an emoji as a surrogate pair, which reaches the
+    tokenizer whole; half a pair is no character (the tokenizer would raise: a 500)."""
+    emoji = "Hi \U0001f600"
+    [prompt], _ = _prepare(ingress, {"prompt": emoji})
+    assert prompt.ids == tokenizer(emoji).input_ids
+    cases = (  # (body, chat, the field named)
+        ({"prompt": "Hi \ud83d"}, False, "prompt"),
+        ({"prompt": ["ok", "\ude00"]}, False, "prompt[1]"),
+        ({"messages": [*HI, {"role": "user", "content": "\ud800"}]}, True, "messages[1].content"),
+        ({"prompt": "Hi", "stop": {"\udfff": 1}}, False, "stop"),  # a key: its object's path
+    )
+    for body, chat, field in cases:
+        error = _refused(_prepare, ingress, body, chat)
+        assert error.param == field and "unpaired UTF-16 surrogate" in error.message
+
+
 def test_chat_ids_equal_transformers_tokenizing_the_template(tokenizer):
     opened = {"add_generation_prompt": True}
     continued = {"add_generation_prompt": False, "continue_final_message": True}

@@ -128,6 +128,7 @@ def test_fields_become_chats():
         ({"input": [{"type": "function_call", "name": "f"}]}, 400, "input.0.call_id"),
         ({"input": []}, 400, "input"),
         ({"text": {"format": {"type": "xml"}}}, 400, "text.format.type"),
+        ({"text": {"format": "json"}}, 400, "text.format"),  # not an object: was a 500
         ({"temperature": "hot"}, 400, "temperature"),
         ({"tool_choice": "required"}, 400, "tool_choice"),  # no tools (chat's check)
     ],

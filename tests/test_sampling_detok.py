@@ -143,6 +143,28 @@ def test_allowed_token_ids_keep_their_logits_and_ban_the_rest():
 
 
 @pytest.mark.unit
+def test_extreme_temperatures_and_repetition_penalties_draw_without_nan():
+    """Past float32's range a factor made NaN logits and the draw failed (the whole batch's
+    step with it): 1e-300 draws as greedy, 1e308 as uniform over what a mask allows."""
+    logits = torch.tensor([[0.0, 5.0, 3.0, 30.0]])
+    none = TokenHistory([], [])
+
+    def draws(params: SamplingParams, history: TokenHistory, n: int) -> list[int]:
+        gens = (torch.Generator().manual_seed(i) for i in range(n))
+        return [sample(logits, [params], [g], [history])[0] for g in gens]
+
+    assert draws(SamplingParams(temperature=1e-300, seed=0), none, 20) == [3] * 20
+    hot = SamplingParams(temperature=1e308, allowed_token_ids=(0, 1, 2), seed=0)
+    counts = [draws(hot, none, 300).count(t) for t in range(4)]
+    assert counts[3] == 0 and min(counts[:3]) > 70, counts  # ~100 each
+    seen = TokenHistory([0, 1, 2], [])  # token 0's logit is exactly 0: 0 x inf was NaN
+    # a vanishing penalty lifts the seen positive logits over the unseen 30, in their order
+    assert draws(SamplingParams(repetition_penalty=1e-300, seed=0), seen, 20) == [1] * 20
+    # a huge one sinks them (to ~0 or far below): the unseen token wins
+    assert draws(SamplingParams(repetition_penalty=1e308, seed=0), seen, 20) == [3] * 20
+
+
+@pytest.mark.unit
 def test_token_logprobs_are_the_log_of_the_softmax_probabilities():
     probs = torch.tensor([[0.5, 0.25, 0.125, 0.125], [0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1]])
     logits = probs.log() + torch.tensor([[3.0], [-1.0], [0.5]])  # a row's shift cancels out

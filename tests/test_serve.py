@@ -876,6 +876,10 @@ def test_bad_input_gets_openai_error_and_server_keeps_serving(server, body, stat
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
             "only text content parts",
         ),
+        (  # was a 500: the parts' texts are joined
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+            "needs a string text",
+        ),
     ],
 )
 def test_chat_features_we_do_not_serve_are_refused_not_ignored(server, fields, needle):
@@ -925,6 +929,13 @@ def test_malformed_json_and_unknown_route(server):
                           ('"temperature": 1e999', "out of range")):  # fmt: skip
         r = httpx.post(f"{server}/disagg/v1/completions", content=f"{{{model}, {field}}}")
         assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+    # an unpaired surrogate escape is no text (the tokenizer raised: a 500); a pair is an emoji
+    chat = '"model": "SmolLM2-135M-Instruct", "max_tokens": 1, "messages": [{"role": "user", '
+    for content, status in (("Hi \\ud83d", 400), ("Hi \\ud83d\\ude00", 200)):
+        body = f'{{{chat}"content": "{content}"}}]}}'
+        r = httpx.post(f"{server}/disagg/v1/chat/completions", content=body, timeout=60)
+        assert r.status_code == status, r.text
+        assert status == 200 or r.json()["error"]["param"] == "messages[0].content"
     assert httpx.get(f"{server}/disagg/v1/nothing", timeout=30).status_code == 404
     assert httpx.get(f"{server}/disagg/health", timeout=30).json() == {"status": "ok"}
 

@@ -38,6 +38,7 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.T
         probs = torch.softmax(sorted_logits, dim=-1)
         # keep the smallest prefix whose mass reaches top_p (the top token is always kept)
         drop = probs.cumsum(-1) - probs >= top_p
+        drop[0] = False  # a top_p below float32's least (1e-300) compares as 0 >= 0
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(0, order, sorted_logits)
     return logits

@@ -30,6 +30,8 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     assert torch.isfinite(apply_top_k_top_p(logits, 0, 0.8)).tolist() == [True, True, False, False]
     assert torch.isfinite(apply_top_k_top_p(logits, 0, 0.81)).sum() == 3
     assert torch.isfinite(apply_top_k_top_p(logits, 0, 0.1)).tolist() == [True, False, False, False]
+    # a top_p too small for float32 keeps the top token (it dropped all: a NaN draw)
+    assert torch.isfinite(apply_top_k_top_p(logits, 0, 1e-300)).tolist() == [True] + [False] * 3
 
 
 @pytest.mark.unit

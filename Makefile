@@ -18,10 +18,10 @@ install: $(STAMP)
 # side on two cores. compileall: every Ray replica and worker imports the project anew; compiled
 # once here, not in each process (none writes bytecode where PYTHONDONTWRITEBYTECODE is set).
 model: install
-	$(PY) -m kernels.cpu_ops & kernel=$$!; \
+	$(PY) -m kvkernels.cpu_ops & kernel=$$!; \
 	$(PY) -m engine.model_store; built=$$?; \
 	wait $$kernel && test $$built -eq 0
-	$(PY) -m compileall -q app engine deployments kernels placement bench > /dev/null
+	$(PY) -m compileall -q app engine deployments kvkernels placement bench > /dev/null
 
 test: model
 	$(PY) -m ruff check .

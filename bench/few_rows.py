@@ -1,4 +1,4 @@
-"""Decode step time with the few-rows Linear forward (kernels/few_rows.py) vs the plain Linear.
+"""Decode step time with the few-rows Linear forward (kvkernels/few_rows.py) vs the plain Linear.
 
     python -m bench.few_rows [--threads 1] [--context 512] [--batches 1,2,3,4,6,8,16] [--rounds 3]
 
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from engine import EngineConfig, LLMEngine, SchedulerConfig
-from kernels import few_rows
+from kvkernels import few_rows
 from placement.profiler import measure_decode
 
 VARIANTS = {

@@ -27,8 +27,8 @@ import time
 import ray
 import torch
 
-from kernels.kv_blocks import unpack_blocks
-from kernels.kv_channel import KVChannel, KVTransfer
+from kvkernels.kv_blocks import unpack_blocks
+from kvkernels.kv_channel import KVChannel, KVTransfer
 
 SHAPE = dict(layers=30, kv_heads=3, head_dim=64, block_size=16, num_blocks=600)
 

@@ -106,7 +106,7 @@ def handoff_bytes(path: str, prompt_len: int) -> dict:
     from engine import SamplingParams
     from engine.kv_handoff import total_bytes
     from engine.parallel import ParallelLayout
-    from kernels.kv_channel import KVChannel
+    from kvkernels.kv_channel import KVChannel
 
     prefill = make_engine(path, 2, 1, 1, 64)
     try:

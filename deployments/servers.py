@@ -24,7 +24,7 @@ from engine import KVHandoff, LLMEngine, RequestOutput, SamplingParams
 from engine.config import EngineConfig
 from engine.kv_handoff import KVPiece, discard_all, finish_all
 from engine.parallel import ParallelLayout
-from kernels import kv_channel
+from kvkernels import kv_channel
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from engine.parallel import PieceSpec, Shard, check_coverage, kv_pieces
-from kernels.kv_blocks import unpack_blocks
-from kernels.kv_channel import KVChannel, KVTransfer
+from kvkernels.kv_blocks import unpack_blocks
+from kvkernels.kv_channel import KVChannel, KVTransfer
 
 
 @dataclass(frozen=True)

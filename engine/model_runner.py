@@ -18,10 +18,10 @@ import torch
 from engine import kv_handoff
 from engine.kv_handoff import KVPiece
 from engine.parallel import ParallelLayout, Shard
-from kernels import cpu_ops, few_rows, paged_attention
-from kernels.kv_blocks import KVLayout, pack_blocks, unpack_blocks
-from kernels.kv_channel import KVChannel
-from kernels.paged_attention import AttentionMetadata, PrefillSpan
+from kvkernels import cpu_ops, few_rows, paged_attention
+from kvkernels.kv_blocks import KVLayout, pack_blocks, unpack_blocks
+from kvkernels.kv_channel import KVChannel
+from kvkernels.paged_attention import AttentionMetadata, PrefillSpan
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from engine.detokenizer import DetokenizerState
 from engine.sampling_params import InvalidRequestError, SamplingParams
-from kernels.kv_blocks import KVLayout
+from kvkernels.kv_blocks import KVLayout
 
 
 @dataclass(frozen=True)

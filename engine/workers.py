@@ -26,9 +26,9 @@ from engine.config import EngineConfig
 from engine.kv_handoff import KVPiece, finish_all, open_all
 from engine.model_runner import ModelInput, ModelRunner, ModelShape
 from engine.parallel import ParallelLayout, Shard, split_micro_batches
-from kernels import paged_attention
-from kernels.kv_blocks import KVLayout
-from kernels.kv_channel import KVChannel
+from kvkernels import paged_attention
+from kvkernels.kv_blocks import KVLayout
+from kvkernels.kv_channel import KVChannel
 
 logger = logging.getLogger(__name__)
 _COLLECTIVE_TIMEOUT = timedelta(seconds=120)  # a peer that died mid-step fails us, not hangs us

@@ -6,7 +6,7 @@ import torch
 from engine import EngineConfig, LLMEngine, SchedulerConfig
 from engine.model_runner import ModelRunner
 from engine.model_store import resolve_model
-from kernels import paged_attention
+from kvkernels import paged_attention
 from tests.ray_session import RayServe, SharedRay
 
 

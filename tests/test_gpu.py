@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from app.builder import deployment_options
 from app.config import AppArgs
-from kernels import cuda_ipc_transport, p2p_transport
+from kvkernels import cuda_ipc_transport, p2p_transport
 
 needs_cuda = pytest.mark.skipif(
     not (torch.cuda.is_available() and cuda_ipc_transport.available()),
@@ -59,7 +59,7 @@ def test_gpu_configs_reserve_gpus_for_whoever_holds_the_model():
 
 @pytest.mark.unit
 def test_cuda_ipc_without_cupy_or_a_gpu_is_a_clear_error():
-    from kernels.kv_channel import KVChannel
+    from kvkernels.kv_channel import KVChannel
 
     if cuda_ipc_transport.available():
         pytest.skip("this machine has CuPy and a GPU")
@@ -91,7 +91,7 @@ SHAPE = (3, 2, 10, 4, 2, 8)  # (L, 2, blocks, bs, Hkv, D)
 def _sender_class(transport: str = "cuda_ipc", num_gpus: float = 0.5):
     import ray
 
-    from kernels.kv_channel import KVChannel
+    from kvkernels.kv_channel import KVChannel
 
     @ray.remote(num_cpus=0, num_gpus=num_gpus)
     class Sender:
@@ -116,8 +116,8 @@ def _sender_class(transport: str = "cuda_ipc", num_gpus: float = 0.5):
 def test_cuda_ipc_moves_blocks_bit_exactly_between_processes(gpu_cluster, dtype):
     import ray
 
-    from kernels.kv_blocks import unpack_blocks
-    from kernels.kv_channel import KVChannel, TransferExpired
+    from kvkernels.kv_blocks import unpack_blocks
+    from kvkernels.kv_channel import KVChannel, TransferExpired
 
     sender = _sender_class().remote(dtype)
     receiver = KVChannel("cuda_ipc")
@@ -140,8 +140,8 @@ def test_cuda_ipc_moves_blocks_bit_exactly_between_processes(gpu_cluster, dtype)
 def _receiver_class():
     import ray
 
-    from kernels.kv_blocks import unpack_blocks
-    from kernels.kv_channel import KVChannel
+    from kvkernels.kv_blocks import unpack_blocks
+    from kvkernels.kv_channel import KVChannel
 
     @ray.remote(num_cpus=0, num_gpus=1)
     class Receiver:

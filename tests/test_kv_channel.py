@@ -9,9 +9,9 @@ import pytest
 import ray
 import torch
 
-from kernels.kv_blocks import KVLayout, pack_blocks, unpack_blocks
-from kernels.kv_channel import KVChannel, TransferExpired
-from kernels.shm_transport import ShmSender, remove_orphans
+from kvkernels.kv_blocks import KVLayout, pack_blocks, unpack_blocks
+from kvkernels.kv_channel import KVChannel, TransferExpired
+from kvkernels.shm_transport import ShmSender, remove_orphans
 
 pytestmark = pytest.mark.serve
 SHAPE = (3, 2, 10, 4, 2, 8)  # (L, 2, blocks, bs, Hkv, D)

@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from engine.model_runner import ModelInput, ModelRunner, SeqInput
-from kernels import cpu_ops, paged_attention
+from kvkernels import cpu_ops, paged_attention
 
 VOCAB = 128
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4)
@@ -134,7 +134,7 @@ def test_attention_without_metadata_is_a_clear_error():
 def test_few_rows_forward_equals_the_linear_forward(bias):
     """Both orientations, on either side of each row limit, 2-D and 3-D inputs, with and
     without a bias; the module, its weight and its hooks survive the switch."""
-    from kernels.few_rows import HEAD_MAX_ROWS, LAYER_MAX_ROWS, install, uninstall
+    from kvkernels.few_rows import HEAD_MAX_ROWS, LAYER_MAX_ROWS, install, uninstall
 
     torch.manual_seed(0)
     model = torch.nn.Module()
@@ -159,7 +159,7 @@ def test_few_rows_forward_equals_the_linear_forward(bias):
 
 
 def test_few_rows_leaves_non_float32_layers_alone():
-    from kernels.few_rows import install
+    from kvkernels.few_rows import install
 
     model = torch.nn.Module()
     model.lm_head = torch.nn.Linear(8, 16).to(torch.bfloat16)
@@ -168,7 +168,7 @@ def test_few_rows_leaves_non_float32_layers_alone():
 
 
 def test_runner_uses_the_few_rows_forward_on_cpu():
-    from kernels.few_rows import _FewRowsForward
+    from kvkernels.few_rows import _FewRowsForward
 
     _, runner = build("llama")
     linears = [m for m in runner.model.modules() if isinstance(m, torch.nn.Linear)]

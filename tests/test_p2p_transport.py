@@ -10,8 +10,8 @@ from multiprocessing.connection import Client
 import pytest
 import torch
 
-from kernels.p2p_transport import Gloo, P2PReceiver, P2PSender, Staged
-from kernels.shm_transport import TransferExpired
+from kvkernels.p2p_transport import Gloo, P2PReceiver, P2PSender, Staged
+from kvkernels.shm_transport import TransferExpired
 
 
 def test_staged_taken_once_within_the_byte_cap():

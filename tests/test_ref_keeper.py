@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kernels.ref_keeper import HeldRefs
+from kvkernels.ref_keeper import HeldRefs
 
 
 class _Clock:

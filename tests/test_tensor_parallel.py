@@ -13,7 +13,7 @@ from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.kv_handoff import finish_all, open_all, total_bytes
 from engine.model_runner import ModelInput, SeqInput
 from engine.workers import WorkerGroupFailed
-from kernels.kv_channel import KVChannel
+from kvkernels.kv_channel import KVChannel
 from tests.conftest import drain
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far"]

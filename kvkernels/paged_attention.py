@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_ops
+from kvkernels import cpu_ops
 
 ATTENTION_NAME = "splitserve_paged"
 

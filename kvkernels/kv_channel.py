@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kernels import cuda_ipc_transport, p2p_transport, ref_keeper
-from kernels.kv_blocks import pack_blocks
-from kernels.shm_transport import ShmLocation, ShmReceiver, ShmSender, TransferExpired
+from kvkernels import cuda_ipc_transport, p2p_transport, ref_keeper
+from kvkernels.kv_blocks import pack_blocks
+from kvkernels.shm_transport import ShmLocation, ShmReceiver, ShmSender, TransferExpired
 
 TRANSPORTS = ("shm", "object_store", "cuda_ipc", "gloo", "nccl")
 _PULLED = ("gloo", "nccl")  # the receiver pulls over the pair's communicator

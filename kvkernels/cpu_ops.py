@@ -1,7 +1,7 @@
 """The compiled CPU decode-attention kernel (csrc/paged_decode_cpu.cpp), built once per machine.
 
 Built with torch's own extension builder into the splitserve cache (outside git); the set-up
-step builds it ahead of time (`python -m kernels.cpu_ops`). Where no compiler is available the
+step builds it ahead of time (`python -m kvkernels.cpu_ops`). Where no compiler is available the
 engine uses the torch reference path in paged_attention.py, and says so once in the log.
 """
 

@@ -26,7 +26,7 @@ from multiprocessing import shared_memory
 
 import torch
 
-from kernels.shm_transport import (
+from kvkernels.shm_transport import (
     _HEADER,
     ShmLocation,
     ShmReceiver,

@@ -35,7 +35,7 @@ from multiprocessing.connection import Client, Connection, Listener
 
 import torch
 
-from kernels.shm_transport import TransferExpired
+from kvkernels.shm_transport import TransferExpired
 
 _TIMEOUT = timedelta(seconds=60)  # communicator set-up and each transfer
 

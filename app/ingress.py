@@ -47,7 +47,7 @@ from app.responses import (
     responses_request,
 )
 from app.responses import sse as responses_sse
-from engine import InvalidRequestError, RequestOutput, SamplingParams
+from engine import InvalidRequestError, RequestFailedError, RequestOutput, SamplingParams
 from engine.limits import check_lengths
 from engine.model_store import resolve_model
 from engine.sampling_params import SEED_RANGE
@@ -370,9 +370,12 @@ class Ingress:
             # gets the engine's own message
             cause = getattr(e, "cause", e)
             raise APIError(400, str(cause), getattr(cause, "param", None)) from e
+        except RequestFailedError as e:  # the engine failed it (and said why): not a retry case
+            cause = getattr(e, "cause", e)
+            raise APIError(500, str(cause), kind="server_error") from e
         except APIError:
             raise
-        except Exception as e:  # a replica failed it (a dead model worker, a failed step)
+        except Exception as e:  # a replica failed it (a dead model worker, a lost replica)
             logger.warning("request %s failed in a replica: %r", request_id, e)
             message = f"the request failed in a model replica ({type(e).__name__}); retry it"
             raise APIError(503, message, kind="server_error") from e

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine import LLMEngine, RequestOutput, SamplingParams
+from engine import LLMEngine, RequestOutput, SamplingParams, StepFailed
 
 logger = logging.getLogger(__name__)
 
@@ -181,9 +181,13 @@ class EngineLoop:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception:  # a failed step fails its requests, never the loop
-                logger.exception("engine step failed; aborting its running requests")
-                self._fail_all()
+            except StepFailed as e:  # its requests alone: those waiting go on
+                logger.exception("engine step failed; its requests were aborted")
+                self._fail(e.request_ids)
+                continue
+            except Exception:  # the engine's state is unknown: fail everything, never the loop
+                logger.exception("engine step failed; aborting every request")
+                self._fail(list(self._streams))
                 continue
             for out in outputs:
                 stream = self._streams.get(out.request_id)
@@ -227,11 +231,15 @@ class EngineLoop:
                 return  # FIFO: later imports wait behind the first
             self._pending_imports.popleft()
 
-    def _fail_all(self) -> None:
-        error = RuntimeError("engine step failed")
-        for request_id, stream in list(self._streams.items()):
+    def _fail(self, request_ids: list[str]) -> None:
+        # a RuntimeError, not the engine's RequestFailedError: the ingress answers 503 (retry),
+        # as a failed step is the replica's state (a dead worker), not the request's
+        error = RuntimeError("engine step failed (the replica's log has why); request aborted")
+        for request_id in request_ids:
             self.engine.abort(request_id)
-            stream.put(error)
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.put(error)
 
     @property
     def is_alive(self) -> bool:

@@ -15,9 +15,11 @@ _EXPORTS = {
     "InvalidRequestError": "engine.sampling_params",
     "KVHandoff": "engine.outputs",
     "LLMEngine": "engine.engine",
+    "RequestFailedError": "engine.outputs",
     "RequestOutput": "engine.outputs",
     "SamplingParams": "engine.sampling_params",
     "SchedulerConfig": "engine.scheduler",
+    "StepFailed": "engine.engine",
     "StructuredOutput": "engine.sampling_params",
     "TokenLogprob": "engine.outputs",
 }

@@ -31,6 +31,7 @@ from engine.outputs import (
     Completion,
     EngineStats,
     KVHandoff,
+    RequestFailedError,
     RequestOutput,
     StepRecord,
     TokenLogprob,
@@ -42,6 +43,14 @@ from engine.scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 PROMPT_LOGPROB_ROWS = 256  # prompt positions per log-softmax (bounds its copy of the logits)
+
+
+class StepFailed(RuntimeError):
+    """A step's forward failed: its requests (`request_ids`) were aborted, the others wait."""
+
+    def __init__(self, request_ids: list[str]) -> None:
+        super().__init__(f"engine step failed; aborted {len(request_ids)} requests")
+        self.request_ids = request_ids
 
 
 @dataclass
@@ -177,17 +186,28 @@ class LLMEngine:
         if sched.is_empty:
             return []
         prefills, offsets, decodes = _step_shape(sched)
-        sampled, logprobs = self._execute(sched)
+        try:
+            sampled, logprobs = self._execute(sched)
+        except Exception as e:  # the forward itself: this step's requests end, the rest go on
+            ids = [item.request.request_id for item in sched.scheduled]
+            for request_id in ids:
+                self.abort(request_id)
+            raise StepFailed(ids) from e
         outputs = []
         for request, token in self.scheduler.postprocess(sched, sampled):
-            if token is not None:
-                outputs.append(self._emit(request, token, logprobs.get(request.request_id)))
+            if request.request_id in sampled and token is None:
+                outputs.append(self._fail(request, "its logits held no distribution to draw from"))
+            elif token is not None:
+                outputs.append(self._emit_alone(request, token, logprobs.get(request.request_id)))
         duration_ms = (time.perf_counter() - t0) * 1e3
         self.last_step = StepRecord(duration_ms, prefills, decodes, start_s, offsets)
         return outputs
 
-    def _execute(self, sched: SchedulerOutput) -> tuple[dict[str, int], dict[str, TokenLogprob]]:
-        """-> the sampled token and (where asked for) its logprobs, by request id."""
+    def _execute(
+        self, sched: SchedulerOutput
+    ) -> tuple[dict[str, int | None], dict[str, TokenLogprob]]:
+        """-> the sampled token (None: the draw failed) and (where asked for) its logprobs, by
+        request id."""
         seqs = [
             SeqInput(
                 s.request.token_ids(s.start, s.end),
@@ -214,7 +234,8 @@ class LLMEngine:
             for r, p, t in zip(sampling, params, tracked, strict=True)
         ]
         tokens = sample(logits, params, [t.generator for t in tracked], history, allowed)
-        logprobs = token_logprobs(logits, tokens, [p.logprobs for p in params])
+        wanted = [None if t is None else p.logprobs for t, p in zip(tokens, params, strict=True)]
+        logprobs = token_logprobs(logits, [t or 0 for t in tokens], wanted)
         ids = [r.request_id for r in sampling]
         return (
             dict(zip(ids, tokens, strict=True)),
@@ -251,6 +272,32 @@ class LLMEngine:
             part = targets[i : i + PROMPT_LOGPROB_ROWS]
             rows = logits[i : i + len(part)]
             tracked.prompt_logprobs.extend(token_logprobs(rows, part, [k] * len(part)))
+
+    def _emit_alone(
+        self, request: Request, token: int, logprob: TokenLogprob | None
+    ) -> RequestOutput:
+        """_emit, where a failure (detokenizing, the grammar's matcher) ends this request only."""
+        try:
+            return self._emit(request, token, logprob)
+        except Exception as e:
+            logger.exception("request %s: its output token failed", request.request_id)
+            return self._fail(request, f"its output token {token} failed ({type(e).__name__})")
+
+    def _fail(self, request: Request, why: str) -> RequestOutput:
+        """End a request the engine failed, freeing its blocks; -> its last output."""
+        at = request.num_output_tokens
+        message = f"the engine failed request {request.request_id} at output token {at}: {why}"
+        logger.error("%s", message)
+        self._end(request.request_id, RequestStatus.FINISHED_ABORTED)
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=[],
+            new_text="",
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=request.num_output_tokens,
+            finish_reason=RequestStatus.FINISHED_ABORTED.value,
+            error=RequestFailedError(message),
+        )
 
     def _emit(self, request: Request, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         tracked = self._tracked[request.request_id]

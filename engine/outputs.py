@@ -5,8 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.detokenizer import DetokenizerState
-from engine.sampling_params import InvalidRequestError, SamplingParams
+from engine.sampling_params import SamplingParams
 from kvkernels.kv_blocks import KVLayout
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed one request (its draw, its detokenizing) and ended it; the others of
+    its step went on. A server fault, not the request's: the ingress answers 500."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,8 @@ class RequestOutput:
     # with the first output, when the request asked: one per prompt token, None for the first
     prompt_logprobs: list[TokenLogprob | None] | None = None
     # why the engine ended the request itself ("abort"): its structured output's parser failed
-    error: InvalidRequestError | None = None
+    # (InvalidRequestError), or the engine failed it (RequestFailedError)
+    error: Exception | None = None
 
     @property
     def finished(self) -> bool:

@@ -111,11 +111,12 @@ def sample(
     generators: list[torch.Generator | None],
     history: list[TokenHistory | None] | None = None,
     allowed: TokenMasks | None = None,
-) -> list[int]:
-    """logits (B, V) float32 -> one token id per row. `history` holds each row's tokens so
-    far, needed only for rows whose params adjust logits or that have a mask (None
-    elsewhere); `allowed`: the rows whose structured output limits the tokens that may follow,
-    and those tokens."""
+) -> list[int | None]:
+    """logits (B, V) float32 -> one token id per row, None for a row that has no distribution
+    to draw from (NaN or infinite logits: the model's numbers broke), whose request then fails
+    alone. `history` holds each row's tokens so far, needed only for rows whose params adjust
+    logits or that have a mask (None elsewhere); `allowed`: the rows whose structured output
+    limits the tokens that may follow, and those tokens."""
     masked = list(allowed.rows) if allowed is not None else []
     adjusted = [i for i, p in enumerate(params) if p.adjusts_logits]
     if adjusted or masked:
@@ -128,18 +129,31 @@ def sample(
         for i in adjusted:
             apply_penalties(logits[i], params[i], history[i])
         _end_where_nothing_left(logits, raw, sorted({*masked, *adjusted}), history)
-    tokens = logits.argmax(dim=-1).tolist()
+    # max() propagates NaN: a row whose best value is NaN holds no distribution to draw from
+    best = logits.max(dim=-1)
+    tokens: list[int | None] = best.indices.tolist()
+    broken = best.values.isnan().tolist()
     for i, p in enumerate(params):
-        if p.is_greedy:
-            continue
-        # transformers' and vLLM's order: temperature, top-k, top-p, then min-p
-        row = apply_top_k_top_p(logits[i] / _in_scale_range(p.temperature), p.top_k, p.top_p)
-        row = apply_min_p(row, p.min_p)
-        # drawn on the CPU: a seeded request's generator is a CPU one, whose state travels
-        # with the hand-off whatever device either replica computes on
-        probs = torch.softmax(row, dim=-1).cpu()
-        tokens[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
+        if broken[i]:
+            tokens[i] = None
+        elif not p.is_greedy:
+            tokens[i] = _draw(logits[i], p, generators[i])
     return tokens
+
+
+def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int | None:
+    """One row's random draw; None where its probabilities are not a distribution (an
+    infinite logit makes NaN in the softmax): that request fails, not its batch."""
+    # transformers' and vLLM's order: temperature, top-k, top-p, then min-p
+    row = apply_top_k_top_p(logits / _in_scale_range(p.temperature), p.top_k, p.top_p)
+    row = apply_min_p(row, p.min_p)
+    # drawn on the CPU: a seeded request's generator is a CPU one, whose state travels
+    # with the hand-off whatever device either replica computes on
+    probs = torch.softmax(row, dim=-1).cpu()
+    try:
+        return int(torch.multinomial(probs, 1, generator=generator).item())
+    except RuntimeError:  # "probability tensor contains either inf, nan or element < 0"
+        return None
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from engine import InvalidRequestError, SamplingParams
+from engine import InvalidRequestError, RequestFailedError, SamplingParams
 from engine.limits import bad_words_token_ids
 from tests.conftest import drain, hf_greedy
 
@@ -127,6 +127,45 @@ def test_abort_in_every_state_frees_blocks(make_engine, when):
     assert engine.abort("x")
     assert not engine.abort("x")  # second abort: unknown
     drain(engine)
+    engine.blocks.check_integrity()
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+@pytest.mark.parametrize("where", ["draw", "detokenizer"])
+def test_a_request_the_engine_fails_ends_alone(make_engine, reference, where):
+    """After 3 tokens one request's logits turn NaN (the model's numbers broke), or its
+    detokenizer raises: that request ends with a RequestFailedError, the two others of the
+    same steps finish as they do alone, and every block comes back."""
+    engine = make_engine()
+    for rid, prompt in zip(["a", "broken", "b"], PROMPTS, strict=True):
+        engine.add_request(rid, prompt, GREEDY)
+    outs = [engine.step() for _ in range(3)]  # the prefill, then two decode steps
+    execute = engine.runner.execute
+
+    def nan_for_broken(model_input):
+        logits = execute(model_input).clone()  # an inference tensor is read-only
+        table = engine.blocks.block_table("broken") if "broken" in engine._tracked else None
+        for row, seq in enumerate(s for s in model_input.seqs if s.sample):
+            if seq.block_table == table:
+                logits[row] = float("nan")
+        return logits
+
+    def raises(*args):
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    if where == "draw":
+        engine.runner.execute = nan_for_broken
+    else:
+        engine._tracked["broken"].detokenizer.add_token = raises
+    rest = drain(engine)
+    broken = [o for step in outs for o in step if o.request_id == "broken"] + rest["broken"]
+    assert [t for o in broken for t in o.new_token_ids] == reference[1][:3]
+    last = broken[-1]  # the 4th output: no token, the error
+    assert last.finish_reason == "abort" and isinstance(last.error, RequestFailedError)
+    assert "at output token" in str(last.error) and len(broken) == 4
+    for rid, want in (("a", reference[0]), ("b", reference[2])):
+        mine = [o for step in outs for o in step if o.request_id == rid] + rest[rid]
+        assert [t for o in mine for t in o.new_token_ids] == want
     engine.blocks.check_integrity()
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 

@@ -52,6 +52,37 @@ def test_closing_the_stream_early_aborts_and_frees_blocks(make_engine):
         loop.shutdown()
 
 
+def test_a_failed_step_fails_its_requests_and_the_waiting_go_on(make_engine):
+    """The forward raises once: the request it ran gets the error, the one queued behind it
+    (max_num_seqs=1) runs after it and streams what it streams alone."""
+    expected = make_engine().generate(["The capital of France is"], GREEDY)[0].token_ids
+    loop = EngineLoop(make_engine(max_num_seqs=1))
+    execute = loop.engine.runner.execute
+    calls = []
+
+    def fails_once(model_input):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("the forward failed")
+        return execute(model_input)
+
+    loop.engine.runner.execute = fails_once
+    prompt = loop.engine.encode("The capital of France is")
+
+    async def both() -> list:
+        streams = [collect(loop.generate(rid, prompt, GREEDY)) for rid in ("first", "second")]
+        return await asyncio.gather(*streams, return_exceptions=True)
+
+    try:
+        first, second = run(both())
+        assert isinstance(first, RuntimeError) and "engine step failed" in str(first)
+        assert [t for o in second for t in o.new_token_ids] == expected
+        stats = run(loop.call(lambda e: e.stats))
+        assert stats.num_free_blocks == stats.num_kv_blocks
+    finally:
+        loop.shutdown()
+
+
 def _prefilled(prefill, priorities: dict[str, int]) -> list:
     """Prefill a request per id (with its priority) -> their (handoff, KV buffer)s, in order."""
     handoffs = []

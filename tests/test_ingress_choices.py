@@ -8,11 +8,12 @@ import asyncio
 from types import SimpleNamespace
 
 import pytest
+from ray.exceptions import RayTaskError
 
 from app.config import AppArgs
 from app.ingress import Ingress, _choice_params, _merged, _primed
 from app.protocol import APIError, CompletionRequest
-from engine import SamplingParams
+from engine import InvalidRequestError, RequestFailedError, SamplingParams
 
 pytestmark = pytest.mark.unit
 
@@ -130,6 +131,60 @@ def test_a_single_choice_is_passed_through_and_closed_with_the_request():
     only = _Stream(["x"] * 10)
     assert _collect([only], take=2) == [(0, "x"), (0, "x")]
     assert only.closed_early
+
+
+class _FailingHandle:
+    """A deployment handle stand-in whose streamed call raises `error` at once."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def options(self, stream: bool) -> _FailingHandle:
+        return self
+
+    @property
+    def generate(self) -> _FailingHandle:
+        return self
+
+    def remote(self, *args) -> _FailingHandle:
+        return self
+
+    def __aiter__(self) -> _FailingHandle:
+        return self
+
+    async def __anext__(self):
+        raise self.error
+
+    def cancel(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "cause, status, text",
+    [
+        (InvalidRequestError("bad grammar", "response_format"), 400, "bad grammar"),
+        (RequestFailedError("the engine failed request r at output token 3"), 500, "token 3"),
+        (RuntimeError("engine step failed"), 503, "retry it"),
+    ],
+)
+def test_a_replicas_error_reaches_the_client_as_its_status(cause, status, text):
+    """As Ray delivers it (RayTaskError, also an instance of the cause's class): the engine's
+    refusal a 400, a request the engine failed a 500 with its message, anything else a 503."""
+    error = RayTaskError("generate", "Traceback ...", cause).as_instanceof_cause()
+    ingress = SimpleNamespace(
+        args=AppArgs(mode="colocated"),
+        num_in_flight=0,
+        metrics=None,
+        colocated=_FailingHandle(error),
+    )
+
+    async def first():
+        return await anext(Ingress._outputs(ingress, "r", [1, 2], SamplingParams()))
+
+    with pytest.raises(APIError) as e:
+        asyncio.run(first())
+    assert e.value.status == status and text in e.value.message
+    assert "Traceback" not in e.value.message and ingress.num_in_flight == 0
 
 
 def test_scheduling_policy_reaches_every_engine_and_priority_the_params():

@@ -167,6 +167,21 @@ def test_extreme_temperatures_and_repetition_penalties_draw_without_nan():
 
 
 @pytest.mark.unit
+def test_a_row_without_a_distribution_fails_alone():
+    """NaN logits (greedy or sampled) and an infinite one (sampled: its softmax is NaN) give
+    None for that row; the other rows draw what they draw in a batch of their own."""
+    nan, inf = float("nan"), float("inf")
+    good = torch.tensor([[0.0, 5.0, 3.0, 4.0], [1.0, 2.0, 3.0, 2.5]])
+    bad = torch.tensor([[0.0, nan, 3.0, 1.0], [0.0, inf, 3.0, 1.0], [nan, 1.0, 2.0, 3.0]])
+    greedy, seeded = SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=7)
+    alone = sample(good, [greedy, seeded], [None, torch.Generator().manual_seed(7)])
+    batch = torch.cat([bad[:1], good[:1], bad[1:], good[1:]])
+    params = [greedy, greedy, seeded, seeded, seeded]
+    gens = [None, None, torch.Generator(), torch.Generator(), torch.Generator().manual_seed(7)]
+    assert sample(batch, params, gens) == [None, alone[0], None, None, alone[1]]
+
+
+@pytest.mark.unit
 def test_token_logprobs_are_the_log_of_the_softmax_probabilities():
     probs = torch.tensor([[0.5, 0.25, 0.125, 0.125], [0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1]])
     logits = probs.log() + torch.tensor([[3.0], [-1.0], [0.5]])  # a row's shift cancels out

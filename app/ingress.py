@@ -356,18 +356,19 @@ class Ingress:
                 )
             else:
                 prefill = self.prefill.options(stream=True).prefill.remote(request_id, ids, params)
-                yield clock.seen(await anext(prefill))  # first token, before KV is published
-                result = await anext(prefill)
+                # first token, before KV is published
+                yield clock.seen(_refused(await anext(prefill)))
+                result = _refused(await anext(prefill))
                 if result.handoff is None:
                     return
                 stream = self.decode.options(stream=True).decode.remote(
                     result.handoff, result.pieces, prefill_node_id=result.node_id
                 )
             async for out in stream:
-                yield clock.seen(out)
-        except InvalidRequestError as e:  # raised by a replica
-            # Ray wraps it (RayTaskError, whose text is the replica's traceback): the client
-            # gets the engine's own message
+                yield clock.seen(_refused(out))
+        except InvalidRequestError as e:  # a replica's refusal
+            # raised by _refused, or by a replica and wrapped by Ray (RayTaskError, whose text
+            # is the replica's traceback): the client gets the engine's own message
             cause = getattr(e, "cause", e)
             raise APIError(400, str(cause), getattr(cause, "param", None)) from e
         except RequestFailedError as e:  # the engine failed it (and said why): not a retry case
@@ -384,6 +385,14 @@ class Ingress:
             for call in (prefill, stream):  # no-op once finished; aborts on disconnect
                 if call is not None:
                     call.cancel()
+
+
+def _refused(item: T) -> T:
+    """A replica ends a stream it refuses with the InvalidRequestError as an item (see
+    deployments/servers.py); raised here, it is the client's 400."""
+    if isinstance(item, InvalidRequestError):
+        raise item
+    return item
 
 
 class _Clock:

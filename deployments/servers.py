@@ -20,7 +20,7 @@ from pathlib import Path
 
 from deployments.autoscaling import load_signals
 from deployments.engine_loop import EngineLoop
-from engine import KVHandoff, LLMEngine, RequestOutput, SamplingParams
+from engine import InvalidRequestError, KVHandoff, LLMEngine, RequestOutput, SamplingParams
 from engine.config import EngineConfig
 from engine.kv_handoff import KVPiece, discard_all, finish_all
 from engine.parallel import ParallelLayout
@@ -57,6 +57,18 @@ def _node_id() -> str:
         return ray.get_runtime_context().get_node_id()
     except Exception:  # outside Ray (unit tests)
         return "local"
+
+
+async def _refusals_as_items(stream: AsyncIterator) -> AsyncIterator:
+    """The stream's items; a refusal (InvalidRequestError: the request's fault, a 400) ends it
+    as its last item instead of being raised. Serve would log a raised one with a traceback as
+    "Request failed." and count it among the replica's errors; the ingress raises it."""
+    async with contextlib.aclosing(stream) as items:  # a cancel aborts at once
+        try:
+            async for item in items:
+                yield item
+        except InvalidRequestError as e:
+            yield e
 
 
 class _EngineServer:
@@ -139,8 +151,11 @@ class PrefillServer(_EngineServer):
         """Yields the first token as soon as it exists, then the PrefillResult (KV published)."""
         stream = self.loop.generate(request_id, prompt_ids, params, prefill_only=True)
         first = published = None
-        async with contextlib.aclosing(stream) as items:  # a cancel aborts at once
+        async with contextlib.aclosing(_refusals_as_items(stream)) as items:
             async for item in items:
+                if isinstance(item, InvalidRequestError):
+                    yield item
+                    return
                 if isinstance(item, RequestOutput):
                     first = item
                     yield first
@@ -189,7 +204,7 @@ class DecodeServer(_EngineServer):
         stream = self.loop.continue_request(
             handoff, kv, on_imported=imported, on_dropped=lambda: discard_all(self.channel, pieces)
         )
-        async with contextlib.aclosing(stream) as outputs:  # a cancel aborts at once
+        async with contextlib.aclosing(_refusals_as_items(stream)) as outputs:
             async for out in outputs:
                 yield out
 
@@ -200,6 +215,7 @@ class ColocatedServer(_EngineServer):
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
-        async with contextlib.aclosing(self.loop.generate(request_id, prompt_ids, params)) as s:
-            async for out in s:
+        stream = self.loop.generate(request_id, prompt_ids, params)
+        async with contextlib.aclosing(_refusals_as_items(stream)) as outputs:
+            async for out in outputs:
                 yield out

@@ -134,10 +134,11 @@ def test_a_single_choice_is_passed_through_and_closed_with_the_request():
 
 
 class _FailingHandle:
-    """A deployment handle stand-in whose streamed call raises `error` at once."""
+    """A deployment handle stand-in whose streamed call raises `error` at once (or, with
+    `as_item`, yields it: a replica's refusal)."""
 
-    def __init__(self, error: Exception) -> None:
-        self.error = error
+    def __init__(self, error: Exception, as_item: bool = False) -> None:
+        self.error, self.as_item = error, as_item
 
     def options(self, stream: bool) -> _FailingHandle:
         return self
@@ -146,6 +147,8 @@ class _FailingHandle:
     def generate(self) -> _FailingHandle:
         return self
 
+    prefill = generate
+
     def remote(self, *args) -> _FailingHandle:
         return self
 
@@ -153,6 +156,8 @@ class _FailingHandle:
         return self
 
     async def __anext__(self):
+        if self.as_item:
+            return self.error
         raise self.error
 
     def cancel(self) -> None:
@@ -185,6 +190,27 @@ def test_a_replicas_error_reaches_the_client_as_its_status(cause, status, text):
         asyncio.run(first())
     assert e.value.status == status and text in e.value.message
     assert "Traceback" not in e.value.message and ingress.num_in_flight == 0
+
+
+@pytest.mark.parametrize("mode", ["colocated", "disaggregated"])
+def test_a_refusal_a_replica_yields_is_the_clients_400(mode):
+    """Replicas end a refused request's stream with the InvalidRequestError as an item (Serve
+    would log a raised one as a failure): the ingress raises it as the 400 it is."""
+    refusal = _FailingHandle(InvalidRequestError("unclosed group", "guided_regex"), as_item=True)
+    ingress = SimpleNamespace(
+        args=AppArgs(mode=mode), num_in_flight=0, metrics=None, colocated=refusal, prefill=refusal
+    )
+
+    async def first():
+        return await anext(Ingress._outputs(ingress, "r", [1, 2], SamplingParams()))
+
+    with pytest.raises(APIError) as e:
+        asyncio.run(first())
+    assert (e.value.status, e.value.param, e.value.message) == (
+        400,
+        "guided_regex",
+        "unclosed group",
+    )
 
 
 def test_scheduling_policy_reaches_every_engine_and_priority_the_params():

@@ -1,0 +1,44 @@
+"""The deployment classes' stream methods on a real engine and engine loop, without Serve or
+Ray (the objects are made without their __init__, which joins Ray for metrics and node ids)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from deployments.engine_loop import EngineLoop
+from deployments.servers import ColocatedServer, PrefillServer
+from engine import InvalidRequestError, SamplingParams, StructuredOutput
+
+pytestmark = pytest.mark.model
+BAD = SamplingParams(max_tokens=4, structured_output=StructuredOutput("regex", "("))
+OK = SamplingParams(max_tokens=1, temperature=0.0)  # ends at its first token: no hand-off
+
+
+@pytest.mark.parametrize(
+    "server_class, method", [(ColocatedServer, "generate"), (PrefillServer, "prefill")]
+)
+def test_a_refused_request_ends_its_stream_as_an_item_not_a_raise(
+    make_engine, server_class, method
+):
+    """A regex the replica cannot compile: the stream's one item is the InvalidRequestError
+    (raised, Serve logs it with a traceback as a failed request and counts it among the
+    replica's errors); the next request is served and every block is free."""
+    server = server_class.__new__(server_class)
+    server.loop, server.node_id = EngineLoop(make_engine()), "local"
+
+    async def items(request_id: str, params: SamplingParams) -> list:
+        ids = server.loop.engine.encode("The capital of France is")
+        return [item async for item in getattr(server, method)(request_id, ids, params)]
+
+    try:
+        [refusal] = asyncio.run(items("bad", BAD))
+        assert isinstance(refusal, InvalidRequestError) and "unclosed group" in str(refusal)
+        assert refusal.param == "structured_outputs"
+        served = asyncio.run(items("ok", OK))
+        assert served[0].new_token_ids and not isinstance(served[-1], Exception)
+        stats = server.loop.engine.stats
+        assert stats.num_free_blocks == stats.num_kv_blocks
+    finally:
+        server.loop.shutdown()

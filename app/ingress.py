@@ -18,7 +18,8 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from starlette.requests import Request
@@ -84,6 +85,11 @@ class Ingress:
         # the application's stored responses (a ResponseStoreServer deployment's handle), if
         # it keeps them
         self.responses = None if store is None else StoreClient(store)
+        # chat templates and tokenizing run here, off the event loop: a prompt of megabytes
+        # tokenizes for seconds (the tokenizer lets go of the GIL), and on the loop it held
+        # every stream of this replica that long. One thread, as vLLM's: the tokenizer is
+        # never run by two threads at once.
+        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
 
     async def __call__(self, request: Request) -> Response:
         try:
@@ -115,10 +121,14 @@ class Ingress:
             rest = path.removeprefix("/v1/responses/")
             return JSONResponse(await self._stored_response(rest, method))
         if path == "/tokenize" and method == "POST":  # vLLM's
-            return JSONResponse(self._tokenize(await request.body()))
+            return JSONResponse(await self._off_loop(self._tokenize, await request.body()))
         if path == "/detokenize" and method == "POST":
-            return JSONResponse(self._detokenize(await request.body()))
+            return JSONResponse(await self._off_loop(self._detokenize, await request.body()))
         raise APIError(404, f"no route {method} {path}", kind="not_found_error")
+
+    async def _off_loop(self, fn: Callable[..., T], *args) -> T:
+        """fn(*args) on the tokenizer thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, fn, *args)
 
     async def _stored_response(self, rest: str, method: str) -> dict:
         """GET (retrieve) or DELETE a stored response; the rest (cancel, input_items) is not
@@ -273,7 +283,8 @@ class Ingress:
     ) -> tuple[CompletionFormat, AsyncIterator[tuple[int, RequestOutput]]]:
         """Start the request's engine requests; -> its response view and their outputs, the
         first already received (an error a replica raised before is an HTTP status)."""
-        prompts, params = self._prepare(req, chat, await self._capacity())
+        capacity = await self._capacity()
+        prompts, params = await self._off_loop(self._prepare, req, chat, capacity)
         choices = _choice_params(params, req.n)
         base_id = client_id or uuid.uuid4().hex
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{base_id}"

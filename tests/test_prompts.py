@@ -5,8 +5,10 @@ vLLM's /tokenize and /detokenize. Each is checked against transformers' own toke
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import threading
 
 import pytest
 
@@ -188,6 +190,52 @@ def test_tokenize_text_and_chat_and_detokenize(ingress, tokenizer):
     with pytest.raises(APIError) as e:
         tokenize({"model": "gpt-4", "prompt": "Hi"})
     assert e.value.status == 404
+
+
+def _http_request(path: str, body: dict):
+    """A Starlette request as Serve's proxy hands it to the ingress."""
+    from starlette.requests import Request
+
+    raw = json.dumps(body).encode()
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": path, "headers": [], "query_string": b""}
+    return Request(scope, receive)
+
+
+def test_prompts_are_built_and_tokenized_off_the_event_loop(ingress, monkeypatch):
+    """The chat template and the tokenizer run on the ingress's tokenizer thread, for
+    completions, chat and /tokenize: on the event loop, a prompt of megabytes held every stream
+    of the replica for as long as it tokenized (seconds; bench/ingress_stall.py)."""
+    seen = []
+
+    def on_thread(method):
+        def recorded(*args):
+            seen.append((method.__name__, threading.current_thread().name))
+            return method(*args)
+
+        return recorded
+
+    for name in ("prompts", "tokenize"):
+        monkeypatch.setattr(ingress.prompts, name, on_thread(getattr(ingress.prompts, name)))
+    monkeypatch.setattr(ingress, "_kv_capacity", 100_000)
+
+    async def calls() -> None:
+        tokenized = await ingress._route(_http_request("/tokenize", {"prompt": "Hi"}))
+        assert json.loads(tokenized.body)["count"] == 1
+        for path, body in (
+            ("/v1/completions", {"prompt": "Hi"}),
+            ("/v1/chat/completions", {"messages": HI}),
+        ):
+            with pytest.raises(APIError) as e:  # no replicas here: the 503 after the prompt
+                await ingress._route(_http_request(path, {"model": MODEL, **body}))
+            assert e.value.status == 503
+
+    asyncio.run(calls())
+    assert [name for name, _ in seen] == ["tokenize", "prompts", "prompts"]
+    assert all(thread.startswith("tokenizer") for _, thread in seen), seen
 
 
 def test_bad_words_are_tokenized_bare_and_after_a_space(ingress, tokenizer):

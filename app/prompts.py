@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from app.formats import Prompt
 from app.logprobs import TokenTexts
 from app.protocol import APIError, as_bad_request
+from engine import InvalidRequestError
 from engine.limits import bad_words_token_ids, check_token_ids
 
 if TYPE_CHECKING:  # annotations only; the ingress parses the bodies
@@ -29,22 +30,28 @@ class PromptBuilder:
         self.vocab_size = vocab_size  # the model's, which the engine checks too
         self.max_model_len = max_model_len
         self.token_texts = TokenTexts(tokenizer)
+        self._longest_token = longest_token_bytes(tokenizer)
 
     def prompts(self, req: CompletionRequest | ChatCompletionRequest, chat: bool) -> list[Prompt]:
         """The request's prompts (a chat has one), truncated as it asks."""
-        if chat:
-            prompts = [Prompt(req.prompt_ids(self.tokenizer), req.echo_text)]
-        else:
-            prompts = [self.completion(p, req) for p in req.prompts]
+        tokenizer = self.tokenizer
+        if req.truncate_prompt_tokens is None and self._longest_token is not None:
+            param = "messages" if chat else "prompt"
+            tokenizer = _SizedTokenizer(tokenizer, self._longest_token, self.max_model_len, param)
+        with as_bad_request():  # the sized tokenizer's refusal
+            if chat:
+                prompts = [Prompt(req.prompt_ids(tokenizer), req.echo_text)]
+            else:
+                prompts = [self.completion(p, req, tokenizer) for p in req.prompts]
         if req.truncate_prompt_tokens is None:
             return prompts
         return [self.truncated(p, req.truncate_prompt_tokens, chat) for p in prompts]
 
-    def completion(self, prompt: str | list[int], req: CompletionRequest) -> Prompt:
+    def completion(self, prompt: str | list[int], req: CompletionRequest, tokenizer) -> Prompt:
         """A completions prompt, text or token ids; echo repeats it as sent, or as the text of
         its ids."""
         if isinstance(prompt, str):
-            ids = self.tokenizer(prompt, add_special_tokens=req.add_special_tokens).input_ids
+            ids = tokenizer(prompt, add_special_tokens=req.add_special_tokens).input_ids
             return Prompt(ids, prompt if req.echo else "")
         ids = list(prompt)
         self.check_ids(ids)  # before echo decodes them (out of range, decode raises)
@@ -99,6 +106,48 @@ class PromptBuilder:
         """vLLM's /detokenize body."""
         self.check_ids(req.tokens, "tokens", "tokens")
         return {"prompt": self.tokenizer.decode(req.tokens)}
+
+
+def longest_token_bytes(tokenizer) -> int | None:
+    """The most bytes of text one token stands for, where that bounds a text's token count
+    from below: byte-level BPE without a normalizer (GPT-2, Llama 3, Qwen, SmolLM, ...), whose
+    vocabulary spells each byte as one character and has no unknown token; added tokens match
+    their own text. None for other tokenizers: a normalizer may drop text, an unknown token may
+    stand for a whole word."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.normalizer is not None:
+        return None
+    if "ByteLevel" not in repr(backend.pre_tokenizer):
+        return None
+    added = tokenizer.get_added_vocab()
+    spelled = (len(t) for t in tokenizer.get_vocab() if t not in added)
+    return max([max(spelled), *(len(t.encode()) for t in added)])
+
+
+class _SizedTokenizer:
+    """The tokenizer, refusing a text that cannot fit the context window before tokenizing it:
+    B bytes are at least B / longest tokens. A prompt of megabytes would otherwise tokenize for
+    seconds (about 1 s per MB here) to be refused, and prompts behind it would wait."""
+
+    def __init__(self, tokenizer, longest: int, max_model_len: int, param: str) -> None:
+        self._tokenizer, self._longest = tokenizer, longest
+        self._max_model_len, self._param = max_model_len, param
+
+    def __call__(self, text: str, **kwargs):
+        if len(text) >= self._max_model_len:  # shorter texts cannot reach the bound
+            size = len(text.encode("utf-8", "surrogatepass"))
+            at_least = -(-size // self._longest)
+            if at_least >= self._max_model_len:
+                raise InvalidRequestError(
+                    f"prompt has at least {at_least} tokens ({size} bytes, at most "
+                    f"{self._longest} per token); the context window is "
+                    f"{self._max_model_len} tokens",
+                    self._param,
+                )
+        return self._tokenizer(text, **kwargs)
+
+    def __getattr__(self, name: str):  # the chat template and the rest: the tokenizer's own
+        return getattr(self._tokenizer, name)
 
 
 def _token_id_text(token_id: int) -> str:

@@ -135,7 +135,7 @@ def test_add_special_tokens_reaches_the_tokenizer(own_tokenizer):
     builder = PromptBuilder(own_tokenizer, len(own_tokenizer), 8192)
     for flag, want in ((True, [0, *plain]), (False, plain)):
         req = CompletionRequest(model=MODEL, prompt="Hi", add_special_tokens=flag)
-        assert builder.completion("Hi", req).ids == want
+        assert builder.completion("Hi", req, own_tokenizer).ids == want
 
 
 def test_truncate_prompt_tokens_keeps_the_last_tokens(ingress, tokenizer):
@@ -236,6 +236,63 @@ def test_prompts_are_built_and_tokenized_off_the_event_loop(ingress, monkeypatch
     asyncio.run(calls())
     assert [name for name, _ in seen] == ["tokenize", "prompts", "prompts"]
     assert all(thread.startswith("tokenizer") for _, thread in seen), seen
+
+
+def test_no_token_stands_for_more_text_than_the_longest(tokenizer):
+    """The bound behind refusing huge prompts untokenized: each token of a byte-level BPE
+    stands for at most `longest` bytes, so B bytes are at least B / longest tokens. Checked on
+    texts made of the longest tokens themselves, whitespace runs, special tokens and
+    multi-byte characters."""
+    from app.prompts import longest_token_bytes
+
+    longest = longest_token_bytes(tokenizer)
+    vocab = tokenizer.get_vocab()
+    widest = sorted(vocab, key=len)[-50:]  # the tokens that spell the most bytes
+    texts = [
+        tokenizer.convert_tokens_to_string(widest) * 3,
+        " " * 5000 + "\n" * 300 + "\t" * 1000,
+        "<|im_start|>" * 400 + "<|endoftext|>" * 300,
+        "北京是中国的首都。🙂🚀 ☃" * 200,
+    ]
+    for text in texts:
+        size = len(text.encode())
+        assert len(tokenizer(text).input_ids) >= -(-size // longest), text[:40]
+    # the bound is tight for the widest token: one token for its own text
+    assert len(tokenizer(tokenizer.convert_tokens_to_string(widest[-1:])).input_ids) == 1
+    assert max(len(tokenizer.convert_tokens_to_string([t]).encode()) for t in widest) == longest
+
+
+def test_a_prompt_too_big_for_the_window_is_refused_before_tokenizing(ingress, monkeypatch):
+    """A prompt of more than (window - 1) x longest bytes cannot fit: a 400 at once, without
+    the seconds its tokenizing would take; one byte less is tokenized (and refused by its real
+    token count); with truncate_prompt_tokens any size is tokenized and cut."""
+    from app.prompts import longest_token_bytes
+
+    calls = []
+    real = ingress.prompts.tokenizer
+
+    class Spy:  # counts the tokenizer's runs
+        def __call__(self, text, **kwargs):
+            calls.append(len(text))
+            return real(text, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(ingress.prompts, "tokenizer", Spy())
+    window, longest = ingress.max_model_len, longest_token_bytes(real)
+    over = "a" * ((window - 1) * longest + 1)  # at least `window` tokens
+    error = _refused(_prepare, ingress, {"prompt": over})
+    assert error.param == "prompt" and f"at least {window} tokens" in error.message
+    chat = {"messages": [{"role": "user", "content": over}]}  # the template adds its own
+    error = _refused(_prepare, ingress, chat, True)
+    assert error.param == "messages" and f"at least {window + 1} tokens" in error.message
+    assert calls == []
+    error = _refused(_prepare, ingress, {"prompt": over[1:]})  # tokenized: its own count
+    assert calls == [len(over) - 1] and f"the context window is {window}" in error.message
+    assert "at least" not in error.message
+    [prompt], _ = _prepare(ingress, {"prompt": over, "truncate_prompt_tokens": 10})
+    assert len(prompt.ids) == 10 and calls[-1] == len(over)
 
 
 def test_bad_words_are_tokenized_bare_and_after_a_space(ingress, tokenizer):

@@ -280,14 +280,15 @@ class LLMEngine:
         try:
             return self._emit(request, token, logprob)
         except Exception as e:
-            logger.exception("request %s: its output token failed", request.request_id)
-            return self._fail(request, f"its output token {token} failed ({type(e).__name__})")
+            why = f"its output token {token} failed ({type(e).__name__})"
+            return self._fail(request, why, e)
 
-    def _fail(self, request: Request, why: str) -> RequestOutput:
-        """End a request the engine failed, freeing its blocks; -> its last output."""
+    def _fail(self, request: Request, why: str, error: Exception | None = None) -> RequestOutput:
+        """End a request the engine failed, freeing its blocks; -> its last output. `error`:
+        what raised, logged with its traceback."""
         at = request.num_output_tokens
         message = f"the engine failed request {request.request_id} at output token {at}: {why}"
-        logger.error("%s", message)
+        logger.error("%s", message, exc_info=error)
         self._end(request.request_id, RequestStatus.FINISHED_ABORTED)
         return RequestOutput(
             request_id=request.request_id,

@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     while engine.has_unfinished:
         for out in engine.step():
             print(out.new_text, end="", flush=args.stream)
+            if out.error is not None:  # the engine ended it (its log has the traceback)
+                print(f"\nerror: {out.error}", file=sys.stderr)
+                return 1
     print()
     return 0
 

@@ -468,6 +468,7 @@ class LLMEngine:
         logprobs: dict[str, list[TokenLogprob]] = {i: [] for i in ids}
         prompt_logprobs: dict[str, list[TokenLogprob | None] | None] = dict.fromkeys(ids)
         reasons: dict[str, str] = {}
+        errors: dict[str, Exception] = {}
         while len(reasons) < len(ids):
             for out in self.step():
                 texts[out.request_id].append(out.new_text)
@@ -475,6 +476,8 @@ class LLMEngine:
                 logprobs[out.request_id].extend(out.logprobs or ())
                 if out.prompt_logprobs is not None:
                     prompt_logprobs[out.request_id] = out.prompt_logprobs
+                if out.error is not None:
+                    errors[out.request_id] = out.error
                 if out.finished:
                     reasons[out.request_id] = out.finish_reason
         prompts_ids = [self.encode(p) for p in prompts]
@@ -487,6 +490,7 @@ class LLMEngine:
                 reasons[i],
                 logprobs[i] if sp.logprobs is not None else None,
                 prompt_logprobs[i],
+                errors.get(i),
             )
             for i, pi, sp in zip(ids, prompts_ids, param_list, strict=True)
         ]

@@ -60,6 +60,9 @@ class Completion:
     finish_reason: str
     logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked
     prompt_logprobs: list[TokenLogprob | None] | None = None  # as in RequestOutput
+    # why the engine ended it (finish_reason "abort"): RequestFailedError, or the grammar's
+    # InvalidRequestError; the batch's other completions are still returned
+    error: Exception | None = None
 
 
 @dataclass(frozen=True)

@@ -170,6 +170,30 @@ def test_a_request_the_engine_fails_ends_alone(make_engine, reference, where):
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
+def test_offline_generate_returns_a_failed_requests_error_with_the_others(make_engine, reference):
+    """generate() of a batch whose second prompt's logits are NaN at its prefill: that
+    completion is empty with finish_reason "abort" and carries the RequestFailedError; the
+    other two are transformers' greedy output."""
+    engine = make_engine()
+    broken = engine.encode(PROMPTS[1])
+    execute = engine.runner.execute
+
+    def nan_for_broken(model_input):
+        logits = execute(model_input).clone()  # an inference tensor is read-only
+        for row, seq in enumerate(s for s in model_input.seqs if s.sample):
+            if seq.token_ids == broken:
+                logits[row] = float("nan")
+        return logits
+
+    engine.runner.execute = nan_for_broken
+    outs = engine.generate(PROMPTS, GREEDY)
+    assert outs[1].token_ids == [] and outs[1].finish_reason == "abort"
+    assert isinstance(outs[1].error, RequestFailedError)
+    assert [outs[0].token_ids, outs[2].token_ids] == [reference[0], reference[2]]
+    assert outs[0].error is None and outs[2].error is None
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
 def test_seeded_sampling_is_reproducible_and_batch_independent(make_engine):
     params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, top_k=40, seed=123)
     alone = make_engine().generate([PROMPTS[0]], params)[0].token_ids

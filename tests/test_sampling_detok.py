@@ -273,3 +273,21 @@ def test_cli_generate_prints_the_greedy_completion():
     assert done.stdout.strip() == "Paris."
     bad = subprocess.run(cmd[:-4] + ["--max-tokens", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "max_tokens" in bad.stderr
+
+
+@pytest.mark.model
+def test_cli_a_request_the_engine_fails_exits_1_with_its_error(monkeypatch, capsys):
+    """NaN logits (the model's numbers broke): the engine's message, exit 1 (it was exit 0 with
+    no output). In process, to break the runner."""
+    from engine.__main__ import main
+    from engine.model_runner import ModelRunner
+
+    execute = ModelRunner.execute
+
+    def nan_logits(self, model_input):
+        return torch.full_like(execute(self, model_input), float("nan"))
+
+    monkeypatch.setattr(ModelRunner, "execute", nan_logits)
+    assert main(["generate", "--prompt", "The capital of France is", "--max-tokens", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "error: the engine failed request cli at output token 0" in err

@@ -49,7 +49,7 @@ from app.responses import (
 )
 from app.responses import sse as responses_sse
 from engine import InvalidRequestError, RequestFailedError, RequestOutput, SamplingParams
-from engine.limits import check_lengths
+from engine.limits import check_lengths, context_window
 from engine.model_store import resolve_model
 from engine.sampling_params import SEED_RANGE
 
@@ -71,7 +71,7 @@ class Ingress:
         if self.args.chat_template is not None:  # the server's in place of the model's
             tokenizer.chat_template = self.args.chat_template
         text_config = AutoConfig.from_pretrained(path).get_text_config()
-        window = text_config.max_position_embeddings
+        window = context_window(text_config)
         self.max_model_len = min(self.args.max_model_len or window, window)
         self.prompts = PromptBuilder(tokenizer, text_config.vocab_size, self.max_model_len)
         self.prefill, self.decode, self.colocated = prefill, decode, colocated

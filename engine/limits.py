@@ -6,6 +6,17 @@ from __future__ import annotations
 from engine.sampling_params import InvalidRequestError
 
 
+def context_window(text_config) -> int:
+    """The longest context this engine serves exactly for a model (its transformers text
+    config): its position limit, or the span of Llama 4's chunked local attention, which the
+    paged attention does not apply (past one chunk those layers would see too much)."""
+    window = text_config.max_position_embeddings
+    chunk = getattr(text_config, "attention_chunk_size", None)
+    if chunk and "chunked_attention" in (getattr(text_config, "layer_types", None) or ()):
+        return min(window, chunk)
+    return window
+
+
 def check_lengths(
     num_prompt: int, max_tokens: int, max_model_len: int, kv_capacity: int | None = None
 ) -> None:

@@ -17,6 +17,7 @@ import torch
 
 from engine import kv_handoff
 from engine.kv_handoff import KVPiece
+from engine.limits import context_window
 from engine.parallel import ParallelLayout, Shard
 from kvkernels import cpu_ops, few_rows, paged_attention
 from kvkernels.kv_blocks import KVLayout, pack_blocks, unpack_blocks
@@ -52,7 +53,7 @@ class ModelShape:
     num_kv_heads: int
     head_dim: int
     vocab_size: int
-    max_position_embeddings: int
+    max_position_embeddings: int  # the longest context served exactly (limits.context_window)
 
     @classmethod
     def of(cls, config) -> ModelShape:
@@ -64,7 +65,7 @@ class ModelShape:
             num_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
             head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
             vocab_size=c.vocab_size,
-            max_position_embeddings=c.max_position_embeddings,
+            max_position_embeddings=context_window(c),
         )
 
     def kv_bytes_per_token(self, dtype: torch.dtype, layout: ParallelLayout | None = None) -> int:
@@ -143,7 +144,16 @@ class ModelRunner:
             per_block = ModelShape.of(model.config).kv_bytes_per_token(model.dtype) * block_size
             num_kv_blocks = max(1, kv_cache_memory_mb * 2**20 // per_block)
         logger.info("model %s: %d KV blocks of %d tokens", path, num_kv_blocks, block_size)
-        return cls(model, num_kv_blocks, block_size, device)
+        runner = cls(model, num_kv_blocks, block_size, device)
+        runner.check()
+        return runner
+
+    def check(self) -> None:
+        """Run one token through the model on block 0, then clear the block: an architecture
+        the paged attention cannot run fails here, at load, with its reason (not at the first
+        request of a started replica)."""
+        self.execute(ModelInput([SeqInput([0], 0, [0], True)]))
+        self.kv_cache[:, :, 0].zero_()
 
     @property
     def num_kv_blocks(self) -> int:

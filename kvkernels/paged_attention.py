@@ -7,6 +7,11 @@ request back to back. Every attention layer calls `paged_attention_forward`, whi
    batched call over their gathered blocks, prefill chunks one request at a time with a causal
    mask that is offset by the tokens already in the cache.
 
+Two score modifiers that some families pass through the registry are honoured on the torch
+path (the compiled decode kernel has neither): `softcap` (Gemma 2: scores -> c * tanh(s / c))
+and `s_aux` (gpt-oss's attention sinks: one extra logit per head in the softmax's
+denominator, with no value).
+
 KV cache layout, per engine (or per pipeline stage / tensor-parallel rank later):
     kv_cache: (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
 so a layer range or a KV-head range of a request's blocks is one slice (see kv_blocks.py).
@@ -52,6 +57,36 @@ class AttentionMetadata:
         return int(self.decode_token_idx.numel())
 
 
+@dataclass(frozen=True)
+class ScoreMods:
+    """What a layer changes in softmax(q k^T * scale) beyond the mask; None: plain attention."""
+
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None  # (H,): each query head's sink logit
+
+    @property
+    def plain(self) -> bool:
+        return self.softcap is None and self.sinks is None
+
+
+PLAIN = ScoreMods()
+
+
+def explicit_attention(q, k, v, mask, scale: float, mods: ScoreMods, sinks_shape) -> torch.Tensor:
+    """softmax over q k^T with `mods` applied, as transformers' eager attention of those
+    families computes it; q (..., n, D), k/v (..., C, D), mask broadcast to (..., n, C) (True:
+    visible); the sinks are viewed as `sinks_shape`, which broadcasts to (..., n, 1)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if mods.softcap is not None:
+        scores = torch.tanh(scores / mods.softcap) * mods.softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if mods.sinks is None:
+        return torch.matmul(torch.softmax(scores, dim=-1), v)
+    sink = mods.sinks.to(scores.dtype).view(sinks_shape).expand(*scores.shape[:-1], 1)
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return torch.matmul(probs, v)
+
+
 def write_kv(
     layer_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor
 ):
@@ -76,6 +111,7 @@ def decode_attention(
     valid: torch.Tensor,
     scale: float,
     workspace: torch.Tensor | None = None,
+    mods: ScoreMods = PLAIN,
 ) -> torch.Tensor:
     """q (Bd, H, D) -> (Bd, H, D), each query over its own blocks; valid (Bd, 1, 1, L)."""
     bd, h, d = q.shape
@@ -89,12 +125,15 @@ def decode_attention(
     v = workspace[1].view(bd, -1, hkv, d).transpose(1, 2)
     # The G query heads that share a KV head act as G query rows: no repeat of K/V needed.
     qg = q.view(bd, hkv, h // hkv, d)  # (Bd, Hkv, G, D)
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=valid, scale=scale)
+    if mods.plain:
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=valid, scale=scale)
+    else:
+        out = explicit_attention(qg, k, v, valid, scale, mods, (1, hkv, h // hkv, 1))
     return out.reshape(bd, h, d)
 
 
-def _sdpa_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask=None):
-    """q (H, n, D), k/v (Hkv, C, D) -> (H, n, D).
+def _sdpa_heads(q, k, v, scale: float, mask=None, mods: ScoreMods = PLAIN) -> torch.Tensor:
+    """q (H, n, D), k/v (Hkv, C, D) -> (H, n, D); mask (n, C), None: causal.
 
     K/V heads are repeated explicitly and the call is 4-D: CPU SDPA's flash kernel takes neither
     enable_gqa nor 3-D inputs and would fall back to the (2x slower) math path.
@@ -102,6 +141,11 @@ def _sdpa_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     groups = q.shape[0] // k.shape[0]
     if groups > 1:
         k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
+    if not mods.plain:
+        if mask is None:
+            k_pos = torch.arange(k.shape[1], device=q.device)
+            mask = causal_mask(k_pos[k.shape[1] - q.shape[1] :], k_pos, None)
+        return explicit_attention(q, k, v, mask, scale, mods, (-1, 1, 1))
     causal = mask is None
     out = F.scaled_dot_product_attention(
         q[None], k[None], v[None], attn_mask=mask, is_causal=causal, scale=scale
@@ -125,6 +169,7 @@ def prefill_attention(
     span: PrefillSpan,
     scale: float,
     window: int | None = None,
+    mods: ScoreMods = PLAIN,
 ) -> torch.Tensor:
     """q (n, H, D), k_new/v_new (n, Hkv, D) of one request -> (n, H, D)."""
     n = q.shape[0]
@@ -133,14 +178,14 @@ def prefill_attention(
     if fresh:
         k, v = k_new.transpose(0, 1), v_new.transpose(0, 1)
         if window is None or window >= n:
-            return _sdpa_heads(qh, k, v, scale).transpose(0, 1)
+            return _sdpa_heads(qh, k, v, scale, mods=mods).transpose(0, 1)
     else:
         k, v = gather_context(layer_cache, span.block_table, span.context_len)
     # query i sits at position (context_len - n + i)
     q_pos = torch.arange(span.context_len - n, span.context_len, device=q.device)
     k_pos = torch.arange(span.context_len, device=q.device)
     mask = causal_mask(q_pos, k_pos, window)
-    return _sdpa_heads(qh, k, v, scale, mask).transpose(0, 1)
+    return _sdpa_heads(qh, k, v, scale, mask, mods).transpose(0, 1)
 
 
 def paged_attention_forward(
@@ -156,28 +201,41 @@ def paged_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     if attn_metadata is None:
-        raise RuntimeError(f"{ATTENTION_NAME} attention needs attn_metadata (run via ModelRunner)")
+        raise RuntimeError(
+            f"{ATTENTION_NAME} attention needs attn_metadata: run the model via ModelRunner "
+            f"(an architecture whose model does not pass attention arguments down to "
+            f"{type(module).__name__} cannot run on the paged cache)"
+        )
     meta = attn_metadata
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    mods = ScoreMods(kwargs.get("softcap"), kwargs.get("s_aux"))
     q = query[0].transpose(0, 1)  # (T, H, D)
     k = key[0].transpose(0, 1)  # (T, Hkv, D)
     v = value[0].transpose(0, 1)
     layer_cache = meta.kv_cache[module.layer_idx - meta.layer_offset]  # (2, nb, bs, Hkv, D)
+    if key.shape[-1] != layer_cache.shape[-1] or value.shape[-1] != layer_cache.shape[-1]:
+        raise ValueError(
+            f"{type(module).__name__} gives keys of head size {key.shape[-1]} and values of "
+            f"{value.shape[-1]}; the paged cache holds one head size, {layer_cache.shape[-1]} "
+            "(multi-head latent attention, as in DeepSeek V2 / V3, is not supported)"
+        )
     write_kv(layer_cache, k, v, meta.slot_mapping)
 
     out = torch.empty_like(q)
     if meta.num_decodes:
         idx = meta.decode_token_idx
-        out[idx] = _decode(q[idx], layer_cache, meta, scale, sliding_window)
+        out[idx] = _decode(q[idx], layer_cache, meta, scale, sliding_window, mods)
     for span in meta.prefills:
         sl = slice(span.query_start, span.query_start + span.query_len)
-        out[sl] = prefill_attention(q[sl], k[sl], v[sl], layer_cache, span, scale, sliding_window)
+        out[sl] = prefill_attention(
+            q[sl], k[sl], v[sl], layer_cache, span, scale, sliding_window, mods
+        )
     return out.unsqueeze(0), None  # (1, T, H, D)
 
 
-def _decode(q, layer_cache, meta: AttentionMetadata, scale: float, window: int | None):
+def _decode(q, layer_cache, meta: AttentionMetadata, scale: float, window, mods: ScoreMods):
     """Decode queries (Bd, H, D): the compiled CPU kernel where it applies, else torch."""
-    if meta.use_kernel:
+    if meta.use_kernel and mods.plain:
         out = cpu_ops.paged_decode(
             q, layer_cache, meta.decode_block_tables, meta.decode_context_lens, scale, window
         )
@@ -189,7 +247,7 @@ def _decode(q, layer_cache, meta: AttentionMetadata, scale: float, window: int |
         oldest = meta.decode_context_lens - window  # (Bd,)
         valid = valid & (slots[None, :] > oldest[:, None] - 1)[:, None, None, :]
     return decode_attention(
-        q, layer_cache, meta.decode_block_tables, valid, scale, meta.decode_workspace
+        q, layer_cache, meta.decode_block_tables, valid, scale, meta.decode_workspace, mods
     )
 
 

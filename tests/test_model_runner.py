@@ -6,17 +6,34 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import (
+    DeepseekV3Config,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GptOssConfig,
+    GptOssForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
+    Llama4ForCausalLM,
+    Llama4TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    StableLmConfig,
 )
 
-from engine.model_runner import ModelInput, ModelRunner, SeqInput
+from engine.limits import context_window
+from engine.model_runner import ModelInput, ModelRunner, ModelShape, SeqInput
 from kvkernels import cpu_ops, paged_attention
 
 VOCAB = 128
@@ -31,6 +48,58 @@ FAMILIES = {
         dict(intermediate_size=96, num_key_value_heads=2, sliding_window=5),
     ),
     "opt": (OPTConfig, OPTForCausalLM, dict(ffn_dim=96, word_embed_proj_dim=64)),
+    # q/k norms
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(intermediate_size=96, num_key_value_heads=2)),
+    # fused qkv and gate/up projections
+    "phi3": (Phi3Config, Phi3ForCausalLM, dict(intermediate_size=96, pad_token_id=0)),
+    # scaled embeddings, residuals, attention and logits
+    "granite": (
+        GraniteConfig,
+        GraniteForCausalLM,
+        dict(intermediate_size=96, attention_multiplier=0.3, logits_scaling=2.0),
+    ),
+    # score softcapping tight enough to bend every score (Gemma 2 ships 50), sliding layers
+    # between global ones, a query scale that is not 1/sqrt(D)
+    "gemma2": (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        dict(
+            intermediate_size=96,
+            head_dim=16,
+            sliding_window=5,
+            attn_logit_softcapping=0.05,
+            query_pre_attn_scalar=1,
+        ),
+    ),
+    "gemma3": (
+        Gemma3TextConfig,
+        Gemma3ForCausalLM,
+        dict(intermediate_size=96, head_dim=16, sliding_window=5, sliding_window_pattern=2),
+    ),
+    # a router that is a Linear with its own forward, experts, chunked layers (within a chunk)
+    "llama4": (
+        Llama4TextConfig,
+        Llama4ForCausalLM,
+        dict(
+            intermediate_size=96,
+            intermediate_size_mlp=96,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_local_experts=2,
+        ),
+    ),
+    # attention sinks (one softmax logit per head with no value), sliding layers, experts
+    "gpt_oss": (
+        GptOssConfig,
+        GptOssForCausalLM,
+        dict(
+            head_dim=16,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=5,
+        ),
+    ),
 }
 BLOCK = 4
 
@@ -124,6 +193,58 @@ def test_bfloat16_runs_close_to_reference():
     torch.testing.assert_close(logits[0], ref_last_logits(ref, tokens), atol=0.05, rtol=0.05)
 
 
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        # keys of 24 (16 + 8 rotary), values of 16: two head sizes
+        (
+            DeepseekV3Config(
+                **COMMON,
+                intermediate_size=96,
+                moe_intermediate_size=32,
+                n_routed_experts=4,
+                num_experts_per_tok=2,
+                kv_lora_rank=16,
+                q_lora_rank=16,
+                qk_rope_head_dim=8,
+                qk_nope_head_dim=16,
+                v_head_dim=16,
+                n_group=1,
+                topk_group=1,
+            ),
+            "multi-head latent attention",
+        ),
+        # its model does not pass the attention arguments down
+        (StableLmConfig(**COMMON, intermediate_size=96), "cannot run on the paged cache"),
+    ],
+    ids=["deepseek_v3", "stablelm"],
+)
+def test_an_architecture_the_paged_cache_cannot_run_fails_at_load(tmp_path, config, match):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    kw = dict(dtype="float32", device="cpu", block_size=BLOCK, kv_cache_memory_mb=1)
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        ModelRunner.from_pretrained(tmp_path, num_kv_blocks=8, **kw)
+
+
+def test_load_clears_the_block_its_check_used(tmp_path):
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**COMMON, intermediate_size=96)).save_pretrained(tmp_path)
+    kw = dict(dtype="float32", device="cpu", block_size=BLOCK, kv_cache_memory_mb=1)
+    runner = ModelRunner.from_pretrained(tmp_path, num_kv_blocks=8, **kw)
+    assert not runner.kv_cache.any()
+
+
+def test_llama4s_context_is_one_chunk_of_its_local_attention():
+    """The paged attention applies no chunked mask: past one chunk, Llama 4's local layers
+    would see too far back, so the window served is one chunk."""
+    llama4 = Llama4TextConfig(attention_chunk_size=8192, max_position_embeddings=131072)
+    assert context_window(llama4) == ModelShape.of(llama4).max_position_embeddings == 8192
+    assert context_window(LlamaConfig(max_position_embeddings=4096)) == 4096
+
+
 def test_attention_without_metadata_is_a_clear_error():
     _, runner = build("llama")
     with pytest.raises(RuntimeError, match="attn_metadata"):
@@ -156,6 +277,19 @@ def test_few_rows_forward_equals_the_linear_forward(bias):
     assert model.lm_head.forward.max_rows == HEAD_MAX_ROWS
     assert model.proj.forward.max_rows == LAYER_MAX_ROWS
     assert uninstall(model) == 2 and "forward" not in model.proj.__dict__
+
+
+def test_few_rows_leaves_a_linear_with_its_own_forward_alone():
+    """Llama 4's router is a Linear whose forward returns (scores, logits)."""
+    from kvkernels.few_rows import install
+
+    class Router(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x), x
+
+    model = torch.nn.Module()
+    model.router = Router(8, 4)
+    assert install(model) == 0 and isinstance(model.router(torch.ones(1, 8)), tuple)
 
 
 def test_few_rows_leaves_non_float32_layers_alone():

@@ -80,11 +80,11 @@ def explicit_attention(q, k, v, mask, scale: float, mods: ScoreMods, sinks_shape
     if mods.softcap is not None:
         scores = torch.tanh(scores / mods.softcap) * mods.softcap
     scores = scores.masked_fill(~mask, float("-inf"))
-    if mods.sinks is None:
-        return torch.matmul(torch.softmax(scores, dim=-1), v)
-    sink = mods.sinks.to(scores.dtype).view(sinks_shape).expand(*scores.shape[:-1], 1)
-    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
-    return torch.matmul(probs, v)
+    if mods.sinks is not None:  # a last column, dropped after the softmax
+        sink = mods.sinks.to(scores.dtype).view(sinks_shape).expand(*scores.shape[:-1], 1)
+        scores = torch.cat([scores, sink], dim=-1)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)  # as eager's
+    return torch.matmul(probs[..., : k.shape[-2]], v)
 
 
 def write_kv(

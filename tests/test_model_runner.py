@@ -185,8 +185,9 @@ def test_chunked_prefill_mixed_with_decode_matches(family, use_kernel):
     torch.testing.assert_close(logits[1], ref_last_logits(ref, long.tokens), atol=1e-4, rtol=1e-4)
 
 
-def test_bfloat16_runs_close_to_reference():
-    ref, runner = build("llama", torch.bfloat16)
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_oss"])  # SDPA, softcap, sinks
+def test_bfloat16_runs_close_to_reference(family):
+    ref, runner = build(family, torch.bfloat16)
     tokens = list(range(1, 12))
     logits = runner.execute(ModelInput([SeqInput(tokens, 0, [0, 1, 2], True)]))
     assert logits.dtype == torch.float32

@@ -169,6 +169,14 @@ class IngressArgs(_Strict):
     responses_store_size: int = Field(0, ge=0)
 
 
+class SLOArgs(_Strict):
+    """The application's latency targets (what goodput is measured against): the ingress
+    counts the requests that meet them, so attainment shows live in the dashboard."""
+
+    ttft_ms: float = Field(gt=0)
+    tpot_ms: float = Field(gt=0)
+
+
 class AppArgs(_Strict):
     model: str | None = None  # local HF directory; None = the embedded default model
     served_model_name: str = DEFAULT_MODEL_NAME
@@ -198,6 +206,9 @@ class AppArgs(_Strict):
     # vLLM's --default-chat-template-kwargs: template variables every chat request gets
     # (e.g. {"enable_thinking": false}); a request's chat_template_kwargs override them
     default_chat_template_kwargs: dict | None = None
+    # the latency targets: finished requests are counted by which of them they met
+    # (splitserve_slo_requests); None: not counted
+    slo: SLOArgs | None = None
     ingress: IngressArgs = IngressArgs()
     prefill: PhaseArgs = PhaseArgs()
     decode: PhaseArgs = PhaseArgs()

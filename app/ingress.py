@@ -80,7 +80,8 @@ class Ingress:
         self.created = int(time.time())
         from deployments.metrics import RequestMetrics
 
-        self.metrics = RequestMetrics()
+        slo = self.args.slo
+        self.metrics = RequestMetrics(None if slo is None else (slo.ttft_ms, slo.tpot_ms))
         self.api_key = _api_key(self.args.ingress.api_key_env)
         # the application's stored responses (a ResponseStoreServer deployment's handle), if
         # it keeps them
@@ -283,6 +284,7 @@ class Ingress:
     ) -> tuple[CompletionFormat, AsyncIterator[tuple[int, RequestOutput]]]:
         """Start the request's engine requests; -> its response view and their outputs, the
         first already received (an error a replica raised before is an HTTP status)."""
+        arrival = time.perf_counter()  # the metrics' TTFT counts the prompt's building too
         capacity = await self._capacity()
         prompts, params = await self._off_loop(self._prepare, req, chat, capacity)
         choices = _choice_params(params, req.n)
@@ -295,7 +297,7 @@ class Ingress:
         # (e.g. beyond its KV cache) still becomes an HTTP status
         many = len(prompts) * req.n > 1
         streams = [
-            self._outputs(f"{engine_id}-{i * req.n + j}" if many else engine_id, p.ids, c)
+            self._outputs(f"{engine_id}-{i * req.n + j}" if many else engine_id, p.ids, c, arrival)
             for i, p in enumerate(prompts)
             for j, c in enumerate(choices)
         ]
@@ -355,11 +357,11 @@ class Ingress:
         yield "data: [DONE]\n\n"
 
     async def _outputs(
-        self, request_id: str, ids: list[int], params: SamplingParams
+        self, request_id: str, ids: list[int], params: SamplingParams, arrival: float
     ) -> AsyncIterator[RequestOutput]:
         self.num_in_flight += 1
         stream = prefill = None
-        clock = _Clock(self.metrics, self.args.mode)
+        clock = _Clock(self.metrics, self.args.mode, len(ids), arrival)
         try:
             if self.args.mode == "colocated":
                 stream = self.colocated.options(stream=True).generate.remote(
@@ -409,9 +411,9 @@ def _refused(item: T) -> T:
 class _Clock:
     """Times one request as the client sees it and records it when it finishes."""
 
-    def __init__(self, metrics, mode: str) -> None:
-        self.metrics, self.mode = metrics, mode
-        self.start = time.perf_counter()
+    def __init__(self, metrics, mode: str, num_prompt_tokens: int, arrival: float) -> None:
+        self.metrics, self.mode, self.num_prompt_tokens = metrics, mode, num_prompt_tokens
+        self.start = arrival  # time.perf_counter() when the ingress took the request
         self.first: float | None = None
 
     def seen(self, out: RequestOutput) -> RequestOutput:
@@ -419,7 +421,12 @@ class _Clock:
         self.first = now if self.first is None else self.first
         if out.finished:
             self.metrics.on_finish(
-                self.mode, self.first, now, out.num_output_tokens, out.finish_reason
+                self.mode,
+                self.first,
+                now,
+                out.num_output_tokens,
+                out.finish_reason,
+                self.num_prompt_tokens,
             )
         return out
 

@@ -73,10 +73,13 @@ class EngineMetrics:
 
 
 class RequestMetrics:
-    """At the ingress: what the client sees."""
+    """At the ingress: what the client sees. With the application's SLO (ttft_ms, tpot_ms),
+    each finished request is also counted by which targets it met: the share with
+    met="both" is goodput's attainment, live."""
 
-    def __init__(self) -> None:
+    def __init__(self, slo: tuple[float, float] | None = None) -> None:
         keys = ("mode",)
+        self.slo = slo
         self.ttft = metrics.Histogram(
             "splitserve_ttft_ms", "time to first token", _LATENCY_MS, keys
         )
@@ -89,11 +92,47 @@ class RequestMetrics:
         self.requests = metrics.Counter(
             "splitserve_requests", "finished requests", ("mode", "finish")
         )
+        self.prompt_tokens = metrics.Counter(
+            "splitserve_prompt_tokens", "prompt tokens of finished requests", keys
+        )
+        self.generation_tokens = metrics.Counter(
+            "splitserve_generation_tokens", "tokens generated for finished requests", keys
+        )
+        self.slo_requests = metrics.Counter(
+            "splitserve_slo_requests",
+            "finished requests by the latency targets they met (both, ttft, tpot, none)",
+            ("mode", "met"),
+        )
 
-    def on_finish(self, mode: str, ttft_s: float, last_s: float, num_tokens: int, reason: str):
+    def on_finish(
+        self,
+        mode: str,
+        ttft_s: float,
+        last_s: float,
+        num_tokens: int,
+        reason: str,
+        num_prompt_tokens: int = 0,
+    ) -> None:
         tags = {"mode": mode}
+        tpot_s = (last_s - ttft_s) / (num_tokens - 1) if num_tokens > 1 else 0.0
         self.ttft.observe(ttft_s * 1e3, tags)
         self.e2e.observe(last_s * 1e3, tags)
         if num_tokens > 1:
-            self.tpot.observe((last_s - ttft_s) / (num_tokens - 1) * 1e3, tags)
+            self.tpot.observe(tpot_s * 1e3, tags)
         self.requests.inc(1, {"mode": mode, "finish": reason})
+        if num_prompt_tokens > 0:  # a counter only goes up, by > 0
+            self.prompt_tokens.inc(num_prompt_tokens, tags)
+        if num_tokens > 0:
+            self.generation_tokens.inc(num_tokens, tags)
+        if self.slo is not None:
+            met = slo_met(ttft_s * 1e3, tpot_s * 1e3, reason != "abort", self.slo)
+            self.slo_requests.inc(1, {"mode": mode, "met": met})
+
+
+def slo_met(ttft_ms: float, tpot_ms: float, completed: bool, slo: tuple[float, float]) -> str:
+    """Which latency targets a finished request met: "both", "ttft", "tpot" or "none". A
+    request the engine ended ("abort") met none; one of a single token has no TPOT to miss
+    (as bench/metrics.py counts them)."""
+    ttft = completed and ttft_ms <= slo[0]
+    tpot = completed and tpot_ms <= slo[1]
+    return "both" if ttft and tpot else "ttft" if ttft else "tpot" if tpot else "none"

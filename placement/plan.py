@@ -74,6 +74,8 @@ def serve_config(
         return out
 
     args = dict(base_args or {})
+    # the targets planned for: the ingress counts the requests that meet them, live
+    args["slo"] = {"ttft_ms": search.slo.ttft_ms, "tpot_ms": search.slo.tpot_ms}
     if p.colocated is not None:
         args.update(mode="colocated", colocated=phase(p.colocated))
     else:

@@ -97,3 +97,27 @@ def test_bootstrap_of_all_or_nothing_rates_has_no_spread():
     # every resample: 1.0 at rate 2, 0.0 at rate 3 -> crosses 0.9 at 2.1
     assert interval(g) == pytest.approx((2.1, 2.1))
     assert interval(np.array([1.0, np.inf, np.inf, np.inf]), 0.5) == (1.0, np.inf)  # no NaN
+
+
+def test_the_ingress_counts_a_request_within_the_slo_as_the_benchmark_does():
+    """deployments.metrics.slo_met (the live counter's rule) against bench.metrics.attainment
+    (the benchmark's), request by request, on either side of each target."""
+    from deployments.metrics import slo_met
+
+    slo = SLO(ttft_s=0.4, tpot_s=0.04)
+    for ttft in (0.1, 0.4, 0.41):
+        for tpot in (0.01, 0.04, 0.05):
+            for n in (1, 2, 9):
+                for error in (None, "abort"):
+                    last = 1.0 + ttft + tpot * (n - 1)
+                    record = RequestRecord(1.0, 1.0 + ttft, last, n, error=error)
+                    met = slo_met(
+                        record.ttft_s * 1e3 if error is None else ttft * 1e3,
+                        record.tpot_s * 1e3 if error is None else tpot * 1e3,
+                        error is None,
+                        (slo.ttft_s * 1e3, slo.tpot_s * 1e3),
+                    )
+                    assert (met == "both") == (attainment([record], slo) == 1.0)
+                    assert (met in ("both", "ttft")) == (error is None and record.ttft_s <= 0.4)
+                    tpot_ok = error is None and (n == 1 or record.tpot_s <= 0.04)
+                    assert (met in ("both", "tpot")) == tpot_ok

@@ -184,7 +184,7 @@ def test_a_replicas_error_reaches_the_client_as_its_status(cause, status, text):
     )
 
     async def first():
-        return await anext(Ingress._outputs(ingress, "r", [1, 2], SamplingParams()))
+        return await anext(Ingress._outputs(ingress, "r", [1, 2], SamplingParams(), 0.0))
 
     with pytest.raises(APIError) as e:
         asyncio.run(first())
@@ -202,7 +202,7 @@ def test_a_refusal_a_replica_yields_is_the_clients_400(mode):
     )
 
     async def first():
-        return await anext(Ingress._outputs(ingress, "r", [1, 2], SamplingParams()))
+        return await anext(Ingress._outputs(ingress, "r", [1, 2], SamplingParams(), 0.0))
 
     with pytest.raises(APIError) as e:
         asyncio.run(first())

@@ -82,6 +82,8 @@ def test_emitted_config_is_accepted_by_the_builder():
     assert app["import_path"] == "app.builder:build_app"
     args = AppArgs.model_validate(app["args"])
     assert (args.prefill.num_replicas, args.decode.num_replicas) == (2, 1)
+    # the ingress counts requests against the targets the plan was made for
+    assert (args.slo.ttft_ms, args.slo.tpot_ms) == (search.slo.ttft_ms, search.slo.tpot_ms)
     # every replica plus the ingress fits in the cluster's 3 logical CPUs
     used = 2 * args.prefill.num_cpus + args.decode.num_cpus + args.ingress.num_cpus
     assert used <= search.cluster.num_gpus
@@ -128,3 +130,16 @@ def test_health_check_options_reach_serve_and_are_checked():
     assert prefill["health_check_period_s"] == 10  # per phase
     with pytest.raises(ValidationError, match="health_check_period_s"):
         AppArgs.model_validate({"prefill": {"health_check_period_s": 0}})
+
+
+def test_the_apps_slo_is_checked_with_errors_that_name_the_field():
+    from app.config import AppArgs
+
+    assert AppArgs().slo is None  # not counted unless set
+    for bad, field in (
+        ({"ttft_ms": 0, "tpot_ms": 50}, "slo.ttft_ms"),
+        ({"ttft_ms": 400}, "slo.tpot_ms"),
+        ({"ttft_ms": 400, "tpot_ms": 50, "p90": 1}, "slo.p90"),
+    ):
+        with pytest.raises(ValueError, match=field):
+            AppArgs.model_validate({"slo": bad})

@@ -23,11 +23,13 @@ SMALL = {"num_cpus": 0.5, "engine": {"num_threads": 1, "kv_cache_memory_mb": 128
 CACHING = {**SMALL, "engine": {**SMALL["engine"], "enable_prefix_caching": True}}
 MODES = {
     # KV over shared memory (the default); the prefill replica caches prompt prefixes; the
-    # ingress keeps Responses API responses
+    # ingress keeps Responses API responses, and counts requests against targets every
+    # request meets
     "disagg": {
         "mode": "disaggregated",
         "prefill": CACHING,
         "ingress": {"responses_store_size": 8},
+        "slo": {"ttft_ms": 600_000, "tpot_ms": 600_000},
     },
     # and a decode cache smaller than the prefill cache (64 vs 128 MB: 1456 vs 2912 tokens);
     # two prefill replicas that cache prefixes: prompts go where their prefix went; chat
@@ -42,7 +44,8 @@ MODES = {
     # the decode replica pulls the KV over a gloo pair from the prefill replica; tool_choice
     # "auto" served with the hermes tool-call parser
     "disagg_gloo": {"mode": "disaggregated", "kv_transport": "gloo", "tool_call_parser": "hermes"},
-    "coloc": {"mode": "colocated"},
+    # counted against a TPOT target no request of two tokens or more meets
+    "coloc": {"mode": "colocated", "slo": {"ttft_ms": 600_000, "tpot_ms": 0.001}},
     # chunked prefill: a prompt's rows come from several steps of 8 tokens
     "chunked": {
         "mode": "colocated",
@@ -1199,19 +1202,30 @@ def test_metrics_reach_the_prometheus_endpoint(server):
         "splitserve_waiting_requests",
         "splitserve_kv_block_usage",
         "splitserve_prefix_cache_hit_tokens",
+        "splitserve_prompt_tokens",
+        "splitserve_generation_tokens",
     ]
     wanted += ['phase="decode"', 'phase="prefill"', 'mode="colocated"']  # and their tags
+    # each app's requests against its own targets (the other apps count none)
+    slo_series = {("disagg", "both"), ("coloc", "ttft")}
     ours = re.compile("|".join(f'application="{name}"' for name in MODES))
     deadline = time.monotonic() + 60
     while True:  # Ray exports metrics every few seconds, each replica's on its own
         # this module's applications' series: the shared cluster ran others before
         lines = httpx.get(server.metrics_url, timeout=10).text.splitlines()
         text = "\n".join(line for line in lines if ours.search(line))
-        missing = [name for name in wanted if name not in text]
+        counted = {_labels(line, "application", "met") for line in text.splitlines()}
+        missing = [name for name in wanted if name not in text] + sorted(slo_series - counted)
         if not missing:
             break
         assert time.monotonic() < deadline, missing
         time.sleep(2)
+
+
+def _labels(line: str, *names: str) -> tuple[str | None, ...]:
+    """A Prometheus sample's values of the labels `names` (None where it has none)."""
+    found = [re.search(rf'[{{,]{name}="([^"]*)"', line) for name in names]
+    return tuple(m and m[1] for m in found)
 
 
 def test_load_generator_records_every_request_against_the_live_server(server):

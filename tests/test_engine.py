@@ -588,3 +588,32 @@ def test_choices_of_one_prompt_compute_it_once(make_engine, reference):
     assert prefilled == [19]  # the last engine's first step: the first copy alone
     assert engine.stats.num_cached_tokens == 2 * 16  # four full blocks each, for the others
     assert outs[True] == outs[False] and outs[True][0] == reference[2]
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt_oss"])
+def test_other_families_through_the_engine_equal_transformers_generate(family, tmp_path, tokenizer):
+    """A tiny random Gemma 2 (tight score softcapping) or gpt-oss (attention sinks) saved with
+    the default tokenizer and loaded by path, as `model:` in serve_config.yaml loads one: greedy
+    output of three batched prompts equals transformers' generate."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine import EngineConfig, LLMEngine
+    from tests.test_model_runner import FAMILIES
+
+    config_cls, model_cls, extra = FAMILIES[family]
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    config = config_cls(vocab_size=len(tokenizer), **common, **extra, eos_token_id=None)
+    torch.manual_seed(0)
+    model_cls(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    engine = LLMEngine(EngineConfig(model=str(tmp_path), num_kv_blocks=64, block_size=4))
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    outs = engine.generate(PROMPTS, params)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            want = hf.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+        assert out.token_ids == want[0, ids.shape[1] :].tolist()
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks

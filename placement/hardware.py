@@ -1,9 +1,10 @@
 """What planning needs to know about a model and a device, without weights or the device itself.
 
 `ModelSpec.from_config` reads a Hugging Face config.json (a model directory or the file itself;
-Llama family and OPT) and counts parameters from the shapes, so a 70B model can be planned on a
-laptop. `DEVICES` are data-sheet figures (dense bf16 peak, HBM bandwidth and size, NVLink and
-network bandwidth per GPU).
+the dense families the engine runs: Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite, Gemma 1-3,
+and OPT) and counts parameters from the shapes, exactly as transformers builds them, so a 70B
+model can be planned on a laptop. `DEVICES` are data-sheet figures (dense bf16 peak, HBM
+bandwidth and size, NVLink and network bandwidth per GPU).
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ class ModelSpec:
     tied_embeddings: bool
     dtype_bytes: int = 2
     learned_positions: int = 0  # OPT: rows of its learned position embedding (else RoPE: 0)
+    # the gated families' small parts: biases, norms
+    qkv_bias: bool = False  # on q, k and v (Qwen2; and with attention_bias)
+    o_bias: bool = False  # on the output projection (attention_bias)
+    mlp_bias: bool = False  # on gate, up and down (Llama's and Granite's mlp_bias)
+    layer_norms: int = 2  # hidden-size norms per layer (Gemma 2 / 3: four)
+    qk_norm: bool = False  # a head-size norm on queries and one on keys (Qwen3, Gemma 3)
 
     @classmethod
     def from_config(cls, path: str | Path, dtype: str = "bfloat16") -> ModelSpec:
@@ -52,8 +59,12 @@ class ModelSpec:
                 dtype_bytes=_DTYPE_BYTES[dtype],
                 learned_positions=cfg["max_position_embeddings"] + 2,  # OPT's offset of 2
             )
-        if kind not in ("llama", "mistral", "qwen2"):
-            raise ValueError(f"planning supports Llama-family and OPT configs, not {kind!r}")
+        if kind not in _GATED:
+            raise ValueError(
+                f"planning supports {', '.join(sorted(_GATED))} and opt configs, not {kind!r}"
+            )
+        family = _GATED[kind]
+        attention_bias = bool(cfg.get("attention_bias", False))
         return cls(
             name=cfg.get("_name_or_path") or kind,
             num_layers=cfg["num_hidden_layers"],
@@ -64,16 +75,25 @@ class ModelSpec:
             intermediate_size=cfg["intermediate_size"],
             vocab_size=cfg["vocab_size"],
             gated_mlp=True,
-            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            # Gemma ties its embeddings unless told otherwise; the others only when told
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", family.get("tied", False))),
             dtype_bytes=_DTYPE_BYTES[dtype],
+            qkv_bias=family.get("qkv_bias", False) or attention_bias,
+            o_bias=attention_bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            layer_norms=family.get("layer_norms", 2),
+            qk_norm=family.get("qk_norm", False),
         )
 
     @property
     def params_per_layer(self) -> int:
         h, d, f = self.hidden_size, self.head_dim, self.intermediate_size
         attention = h * self.num_heads * d * 2 + h * self.num_kv_heads * d * 2  # q, o, k, v
-        if self.gated_mlp:  # Llama: no biases, two RMSNorm weights
-            return attention + 3 * h * f + 2 * h
+        if self.gated_mlp:  # RMSNorm weights; biases and head-size norms where the family has
+            qkv = (self.num_heads + 2 * self.num_kv_heads) * d
+            biases = qkv * self.qkv_bias + h * self.o_bias + (2 * f + h) * self.mlp_bias
+            norms = self.layer_norms * h + 2 * d * self.qk_norm
+            return attention + 3 * h * f + biases + norms
         # OPT: biases on q, k, v, o, fc1, fc2 and two LayerNorms with weight and bias
         return attention + 2 * h * f + 4 * h + f + h + 4 * h
 
@@ -88,6 +108,20 @@ class ModelSpec:
     @property
     def kv_bytes_per_token(self) -> int:
         return self.num_layers * 2 * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+
+# model_type -> how the family differs from Llama's shapes (no key: as Llama)
+_GATED: dict[str, dict] = {
+    "llama": {},
+    "mistral": {},
+    "granite": {},
+    "phi3": {},  # q/k/v and gate/up fused: the same counts
+    "qwen2": {"qkv_bias": True},
+    "qwen3": {"qk_norm": True},
+    "gemma": {"tied": True},
+    "gemma2": {"tied": True, "layer_norms": 4},
+    "gemma3_text": {"tied": True, "layer_norms": 4, "qk_norm": True},
+}
 
 
 @dataclass(frozen=True)

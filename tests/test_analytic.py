@@ -6,7 +6,28 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from placement.analytic import entry, fits
 from placement.hardware import DEVICES, ModelSpec
@@ -62,11 +83,38 @@ SMALL = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, vocab_s
             LlamaForCausalLM,
         ),
         (
+            LlamaConfig(**SMALL, intermediate_size=160, attention_bias=True, mlp_bias=True),
+            LlamaForCausalLM,
+        ),
+        (
             OPTConfig(**SMALL, ffn_dim=160, word_embed_proj_dim=64, max_position_embeddings=128),
             OPTForCausalLM,
         ),
+        (MistralConfig(**SMALL, intermediate_size=160, num_key_value_heads=2), MistralForCausalLM),
+        (GraniteConfig(**SMALL, intermediate_size=160), GraniteForCausalLM),
+        (Phi3Config(**SMALL, intermediate_size=160, pad_token_id=0), Phi3ForCausalLM),
+        (Qwen2Config(**SMALL, intermediate_size=160, num_key_value_heads=2), Qwen2ForCausalLM),
+        (Qwen3Config(**SMALL, intermediate_size=160, head_dim=24), Qwen3ForCausalLM),
+        (Qwen3Config(**SMALL, intermediate_size=160, attention_bias=True), Qwen3ForCausalLM),
+        (GemmaConfig(**SMALL, intermediate_size=160, head_dim=24), GemmaForCausalLM),
+        (Gemma2Config(**SMALL, intermediate_size=160, head_dim=24), Gemma2ForCausalLM),
+        (Gemma3TextConfig(**SMALL, intermediate_size=160, head_dim=24), Gemma3ForCausalLM),
     ],
-    ids=["llama-tied", "llama-untied", "opt"],
+    ids=[
+        "llama-tied",
+        "llama-untied",
+        "llama-biases",
+        "opt",
+        "mistral",
+        "granite",
+        "phi3",
+        "qwen2",
+        "qwen3",
+        "qwen3-biases",
+        "gemma",
+        "gemma2",
+        "gemma3",
+    ],
 )
 def test_parameter_count_equals_transformers(tmp_path, config, model_cls):
     with torch.device("meta"):
@@ -116,7 +164,7 @@ def test_parallelism_splits_the_work_and_respects_memory(tmp_path):
 
 
 def test_unsupported_architecture_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="Llama-family and OPT"):
+    with pytest.raises(ValueError, match="planning supports .*qwen3 and opt configs, not .gpt2."):
         ModelSpec.from_config(_write(tmp_path, {**LLAMA_13B, "model_type": "gpt2"}))
 
 

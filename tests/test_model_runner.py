@@ -21,6 +21,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
     Phi3Config,
@@ -29,6 +31,8 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
     StableLmConfig,
 )
 
@@ -75,6 +79,23 @@ FAMILIES = {
         Gemma3TextConfig,
         Gemma3ForCausalLM,
         dict(intermediate_size=96, head_dim=16, sliding_window=5, sliding_window_pattern=2),
+    ),
+    # mixtures of experts
+    "mixtral": (
+        MixtralConfig,
+        MixtralForCausalLM,
+        dict(intermediate_size=96, num_key_value_heads=2, num_local_experts=4),
+    ),
+    "qwen3_moe": (
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+        dict(
+            intermediate_size=96,
+            num_key_value_heads=2,
+            moe_intermediate_size=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+        ),
     ),
     # a router that is a Linear with its own forward, experts, chunked layers (within a chunk)
     "llama4": (

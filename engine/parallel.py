@@ -14,6 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# model types whose tensor / pipeline parallel workers the engine runs (engine/sharding.py): the
+# families whose model forward is embed -> rotary -> layers -> norm -> lm_head
+PARALLEL_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
 
 @dataclass(frozen=True)
 class Shard:

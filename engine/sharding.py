@@ -10,8 +10,12 @@ LM head are replicated.
 
 Pipeline parallelism keeps the stage's decoder layers only; the first stage keeps the embedding,
 the last the final norm and the LM head. The modules are named by the Llama family's layout
-(`model.embed_tokens / rotary_emb / layers / norm`, `lm_head`), which Llama, Mistral, Qwen2 and
-Qwen3 share; other architectures are rejected with a clear error.
+(`model.embed_tokens / rotary_emb / layers / norm`, `lm_head`). A worker runs its stage's
+layers itself (engine/workers.py), as the Llama model's forward does, so only the families
+whose model adds nothing around the layers are served: Llama, Mistral, Qwen2, Qwen3. Others
+are rejected with a clear error at load: Granite scales its embeddings and logits, Gemma 2
+softcaps its logits, Gemma 3 has a rotary embedding per layer type; and plans with styles other
+than colwise, rowwise and replicated (Phi-3's fused projections, gpt-oss, Llama 4's experts).
 """
 
 from __future__ import annotations
@@ -21,12 +25,25 @@ from fnmatch import fnmatch
 import torch
 from torch import nn
 
-from engine.parallel import Shard
+from engine.parallel import PARALLEL_MODEL_TYPES, Shard
 
 _LAYOUT = ("embed_tokens", "rotary_emb", "layers", "norm")
 
 
+def check_model_type(config) -> None:
+    """Refuse, from its transformers config alone, a family the workers cannot run."""
+    kind = getattr(config, "model_type", None)
+    if kind not in PARALLEL_MODEL_TYPES:
+        raise ValueError(
+            f"tensor/pipeline parallelism supports the {', '.join(PARALLEL_MODEL_TYPES)} model "
+            "types, "
+            f"not {kind!r} (run it with one worker: tensor_parallel_size and "
+            "pipeline_parallel_size 1)"
+        )
+
+
 def check_supported(model: nn.Module) -> None:
+    check_model_type(model.config)
     base = getattr(model, "model", None)
     if base is None or not all(hasattr(base, name) for name in _LAYOUT):
         raise ValueError(
@@ -65,6 +82,8 @@ def _style(plan: dict[str, str], name: str, layer_offset: int) -> str | None:
     full = ".".join(parts)
     for pattern, style in plan.items():
         if fnmatch(full, pattern):
+            if style.startswith("replicated"):  # Qwen3's q/k norms: whole on every rank
+                return None
             if style not in ("colwise", "rowwise"):
                 raise ValueError(f"tensor-parallel style {style!r} ({pattern}) is not supported")
             return style

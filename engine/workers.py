@@ -207,8 +207,12 @@ class WorkerGroupRunner:
     ) -> None:
         from transformers import AutoConfig
 
+        from engine.sharding import check_model_type
+
         self.layout = layout
-        self.shape = ModelShape.of(AutoConfig.from_pretrained(path))
+        model_config = AutoConfig.from_pretrained(path)
+        check_model_type(model_config)  # before any worker starts
+        self.shape = ModelShape.of(model_config)
         self.shards: list[Shard] = self.shape.shards(layout)  # raises if it cannot split
         self.block_size = config.block_size
         self.dtype = getattr(torch, config.dtype)

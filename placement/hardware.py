@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.parallel import PARALLEL_MODEL_TYPES
+
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -36,6 +38,12 @@ class ModelSpec:
     mlp_bias: bool = False  # on gate, up and down (Llama's and Granite's mlp_bias)
     layer_norms: int = 2  # hidden-size norms per layer (Gemma 2 / 3: four)
     qk_norm: bool = False  # a head-size norm on queries and one on keys (Qwen3, Gemma 3)
+    model_type: str = ""  # config.json's
+
+    @property
+    def runs_split(self) -> bool:
+        """The engine runs it on tensor / pipeline parallel workers (engine/sharding.py)."""
+        return self.model_type in PARALLEL_MODEL_TYPES
 
     @classmethod
     def from_config(cls, path: str | Path, dtype: str = "bfloat16") -> ModelSpec:
@@ -58,6 +66,7 @@ class ModelSpec:
                 tied_embeddings=True,
                 dtype_bytes=_DTYPE_BYTES[dtype],
                 learned_positions=cfg["max_position_embeddings"] + 2,  # OPT's offset of 2
+                model_type=kind,
             )
         if kind not in _GATED:
             raise ValueError(
@@ -83,6 +92,7 @@ class ModelSpec:
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             layer_norms=family.get("layer_norms", 2),
             qk_norm=family.get("qk_norm", False),
+            model_type=kind,
         )
 
     @property

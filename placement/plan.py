@@ -14,6 +14,7 @@ whatever one profile entry's unit is (a GPU, or a CPU replica).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -172,14 +173,23 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cluster = cluster_from(args)
     model = model_path(args)
+    spec = ModelSpec.from_config(model, args.dtype)
+    profile = profile_from(args, cluster)
+    if not spec.runs_split:  # a plan `serve run` would refuse is no plan
+        profile = dataclasses.replace(
+            profile, entries=[e for e in profile.entries if e.tp == e.pp == 1]
+        )
+        print(f"{spec.model_type} runs on one worker per replica: tp x pp layouts left out")
+        if not profile.entries:
+            raise SystemExit(f"{args.model} fits no single-worker layout")
     with tqdm(desc="simulating placements", unit="placement") as bar:
         search = Search(
-            profile=profile_from(args, cluster),
+            profile=profile,
             workload=workload_from(args),
             slo=slo_from(args),
             target=args.attainment,
             cluster=cluster,
-            kv_bytes_per_token=ModelSpec.from_config(model, args.dtype).kv_bytes_per_token,
+            kv_bytes_per_token=spec.kv_bytes_per_token,
             on_simulated=bar.update,
         )
         candidates = optimize(search)

@@ -87,3 +87,52 @@ def test_coverage_errors_name_the_problem():
 )
 def test_micro_batches(counts, parts, expected):
     assert split_micro_batches(counts, parts) == expected
+
+
+def test_a_qwen3_shard_keeps_its_head_norms_whole_and_splits_the_projections():
+    """Qwen3's plan marks q_norm / k_norm "replicated": every rank keeps them (they act on
+    one head's dimensions); q/k/v/gate/up keep their rank's rows, o/down their columns."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from engine.model_runner import ModelShape
+    from engine.sharding import shard_model
+
+    config = Qwen3Config(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
+    model = Qwen3ForCausalLM(config)
+    full = {name: p.detach().clone() for name, p in model.named_parameters()}
+    shard = ModelShape.of(config).shards(ParallelLayout(tp=2))[1]
+    shard_model(model, shard, 2, tp_group=None)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    prefix = "model.layers.0."
+    assert torch.equal(attn.q_proj.weight, full[prefix + "self_attn.q_proj.weight"][32:])
+    assert torch.equal(attn.k_proj.weight, full[prefix + "self_attn.k_proj.weight"][16:])
+    assert torch.equal(attn.o_proj.weight, full[prefix + "self_attn.o_proj.weight"][:, 32:])
+    assert torch.equal(mlp.down_proj.weight, full[prefix + "mlp.down_proj.weight"][:, 48:])
+    assert torch.equal(attn.q_norm.weight, full[prefix + "self_attn.q_norm.weight"])
+
+
+@pytest.mark.parametrize(
+    "config_name, kind",
+    [("GraniteConfig", "granite"), ("Gemma2Config", "gemma2"), ("Phi3Config", "phi3")],
+)
+def test_families_the_workers_cannot_run_are_refused_by_model_type(config_name, kind):
+    """Granite scales embeddings and logits, Gemma 2 softcaps its logits, Phi-3 fuses its
+    projections: around or inside the layers a worker runs itself. Refused before any worker
+    starts; the Llama-family types pass."""
+    import transformers
+
+    from engine.sharding import check_model_type
+
+    with pytest.raises(ValueError, match=f"not '{kind}'.*run it with one worker"):
+        check_model_type(getattr(transformers, config_name)())
+    for name in ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config"):
+        check_model_type(getattr(transformers, name)())

@@ -77,6 +77,25 @@ def test_plan_from_a_device_spec_writes_a_config_and_meets_the_rate(tmp_path, ca
     assert max(c["gpus"] for c in report["candidates"]) <= 4  # nothing beyond the cluster
 
 
+def test_a_model_the_workers_cannot_split_is_planned_on_one_worker_per_replica(tmp_path, capsys):
+    """Gemma 2 runs on one worker only (engine/sharding.py): no tp x pp candidate is
+    simulated, and the written config starts; a Llama of the same size gets split layouts."""
+    gemma = {**LLAMA_13B, "model_type": "gemma2", "head_dim": 128}
+    for cfg, split in ((gemma, False), (LLAMA_13B, True)):
+        model = _write(tmp_path, cfg)
+        out, rep = tmp_path / "serve.yaml", tmp_path / "plan.json"
+        argv = [
+            "plan", "--device", "H100-80GB", "--model", str(model), "--cluster", "1x4",
+            "--workload", "512:64", "--ttft-slo", "400", "--tpot-slo", "60",
+            "--num-requests", "40", "-o", str(out), "--report", str(rep),
+        ]  # fmt: skip
+        placement_main(argv)
+        candidates = json.loads(rep.read_text())["candidates"]
+        assert any("tp2" in c["placement"] or "pp2" in c["placement"] for c in candidates) == split
+        assert ("gemma2 runs on one worker per replica" in capsys.readouterr().out) != split
+        AppArgs.model_validate(yaml.safe_load(out.read_text())["applications"][0]["args"])
+
+
 def test_plan_refuses_a_rate_the_cluster_cannot_serve(tmp_path):
     model = _write(tmp_path, LLAMA_13B)
     argv = [

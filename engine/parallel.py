@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 # model types whose tensor / pipeline parallel workers the engine runs (engine/sharding.py): the
 # families whose model forward is embed -> rotary -> layers -> norm -> lm_head
-PARALLEL_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+PARALLEL_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,23 @@ output (whole heads, since tp divides the head counts); row-parallel layers keep
 columns and all-reduce their output over the stage's tensor-parallel group. Embeddings and the
 LM head are replicated.
 
+Mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): their plans leave the experts whole, so
+every rank would hold every expert. We split each expert's intermediate dimension instead, as
+vLLM's tensor-parallel MoE does: every rank keeps its slice of every expert's gate, up and down
+projections, the router stays whole (each rank routes the same tokens the same way) and the
+experts' output is all-reduced, like a row-parallel layer's. Qwen2-MoE's shared expert is split
+as a dense MLP.
+
 Pipeline parallelism keeps the stage's decoder layers only; the first stage keeps the embedding,
 the last the final norm and the LM head. The modules are named by the Llama family's layout
 (`model.embed_tokens / rotary_emb / layers / norm`, `lm_head`). A worker runs its stage's
 layers itself (engine/workers.py), as the Llama model's forward does, so only the families
-whose model adds nothing around the layers are served: Llama, Mistral, Qwen2, Qwen3. Others
+whose model adds nothing around the layers are served: Llama, Mistral, Qwen2, Qwen3 and the
+three mixtures above. Others
 are rejected with a clear error at load: Granite scales its embeddings and logits, Gemma 2
 softcaps its logits, Gemma 3 has a rotary embedding per layer type; and plans with styles other
-than colwise, rowwise and replicated (Phi-3's fused projections, gpt-oss, Llama 4's experts).
+than colwise, rowwise and replicated (Phi-3's fused projections, gpt-oss's per-head sinks,
+Llama 4's experts).
 """
 
 from __future__ import annotations
@@ -28,6 +37,13 @@ from torch import nn
 from engine.parallel import PARALLEL_MODEL_TYPES, Shard
 
 _LAYOUT = ("embed_tokens", "rotary_emb", "layers", "norm")
+# what the families' own plans leave whole but a rank need not hold all of
+_EXTRA_PLAN = {
+    "layers.*.mlp.shared_expert.gate_proj": "colwise",  # Qwen2-MoE
+    "layers.*.mlp.shared_expert.up_proj": "colwise",
+    "layers.*.mlp.shared_expert.down_proj": "rowwise",
+    "layers.*.mlp.experts": "experts",
+}
 
 
 def check_model_type(config) -> None:
@@ -66,10 +82,12 @@ def shard_model(model: nn.Module, shard: Shard, tp_size: int, tp_group) -> nn.Mo
         base.norm = None
         model.lm_head = None
     if tp_size > 1:
-        plan = model.config.base_model_tp_plan
+        plan = {**model.config.base_model_tp_plan, **_EXTRA_PLAN}
         for name, module in base.named_modules():
             style = _style(plan, name, shard.layers.start)
-            if style is not None:
+            if style == "experts":
+                _shard_experts(module, shard.tp_rank, tp_size, tp_group)
+            elif style is not None:
                 _shard_linear(module, style, shard.tp_rank, tp_size, tp_group)
     return model
 
@@ -84,7 +102,7 @@ def _style(plan: dict[str, str], name: str, layer_offset: int) -> str | None:
         if fnmatch(full, pattern):
             if style.startswith("replicated"):  # Qwen3's q/k norms: whole on every rank
                 return None
-            if style not in ("colwise", "rowwise"):
+            if style not in ("colwise", "rowwise", "experts"):
                 raise ValueError(f"tensor-parallel style {style!r} ({pattern}) is not supported")
             return style
     return None
@@ -109,6 +127,29 @@ def _shard_linear(module: nn.Module, style: str, rank: int, size: int, group) ->
     module.in_features = part
     if module.bias is not None and rank != 0:  # the all-reduce would add the bias size times
         module.bias = nn.Parameter(torch.zeros_like(module.bias), requires_grad=False)
+    module.register_forward_hook(_all_reduce_hook(group))
+
+
+def _shard_experts(module: nn.Module, rank: int, size: int, group) -> None:
+    """Keep this rank's slice of every expert's intermediate dimension: gate_up_proj
+    (experts, 2 * intermediate, hidden) holds gate then up, down_proj (experts, hidden,
+    intermediate)."""
+    layout = ("has_gate", "is_concatenated", "is_transposed", "has_bias")
+    if tuple(getattr(module, flag, None) for flag in layout) != (True, True, False, False):
+        raise ValueError(
+            f"{type(module).__name__}: tensor parallelism splits experts stored as gate and up "
+            "halves, untransposed and without biases"
+        )
+    gate_up, down = module.gate_up_proj.data, module.down_proj.data
+    full = down.shape[2]
+    if full % size:
+        raise ValueError(f"cannot split the experts' {full} intermediate rows over {size} ranks")
+    part = full // size
+    keep = slice(rank * part, (rank + 1) * part)
+    gate, up = gate_up[:, :full][:, keep], gate_up[:, full:][:, keep]
+    module.gate_up_proj = nn.Parameter(torch.cat([gate, up], dim=1), requires_grad=False)
+    module.down_proj = nn.Parameter(down[:, :, keep].contiguous(), requires_grad=False)
+    module.intermediate_dim = part
     module.register_forward_hook(_all_reduce_hook(group))
 
 

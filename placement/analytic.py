@@ -14,6 +14,12 @@ decode (memory-bound):
     b = KV bytes per token per GPU / (bandwidth * mbu)          per context token in the batch
     c = 2 * params_per_gpu / (peak * mfu) + communication       per request in the batch
 KV capacity = (memory * utilization - weights) per GPU / KV bytes per token per GPU.
+
+A mixture of experts: FLOPs count the parameters a token runs through (`active_params`); memory
+and decode's weight read count every expert. A decode batch of B requests touches
+E (1 - (1 - k/E)^B) of E experts (top-k), close to all of them at the batch sizes goodput is
+planned for (Mixtral, 8 choose 2: 90% at B = 8), so decode's `a` reads them all; at small batches
+that overstates a step, on the safe side.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ def entry(
     flops = device.peak_tflops * 1e12 * eff.mfu / 1e3  # per ms
     bandwidth = device.mem_bandwidth_gbs * 1e9 * eff.mbu / 1e3  # bytes per ms
     weights = _weight_bytes_per_gpu(model, tp, pp)
-    params = model.num_params / (tp * pp)
+    params = model.active_params / (tp * pp)  # what a token's FLOPs run through
     layers = model.num_layers // pp
     # TP: two all-reduces of the activations per layer (ring: 2 (tp - 1) / tp of the bytes)
     act = model.hidden_size * model.dtype_bytes

@@ -1,10 +1,13 @@
 """What planning needs to know about a model and a device, without weights or the device itself.
 
-`ModelSpec.from_config` reads a Hugging Face config.json (a model directory or the file itself;
-the dense families the engine runs: Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite, Gemma 1-3,
-and OPT) and counts parameters from the shapes, exactly as transformers builds them, so a 70B
-model can be planned on a laptop. `DEVICES` are data-sheet figures (dense bf16 peak, HBM
-bandwidth and size, NVLink and network bandwidth per GPU).
+`ModelSpec.from_config` reads a Hugging Face config.json (a model directory or the file itself)
+of a family the engine runs: the dense Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite, Gemma 1-3
+and OPT, and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE and gpt-oss. It counts
+parameters from the shapes, exactly as transformers builds them, so a 70B model can be planned
+on a laptop. A mixture of experts has two counts: every parameter (what memory holds and what a
+large decode batch reads) and those one token runs through (`active_params`: its FLOPs).
+`DEVICES` are data-sheet figures (dense bf16 peak, HBM bandwidth and size, NVLink and network
+bandwidth per GPU).
 """
 
 from __future__ import annotations
@@ -19,6 +22,59 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)
+class Experts:
+    """The mixture-of-experts MLP of `layers` of the model's layers (the others have the dense
+    MLP): `count` gated experts, `per_token` of them run for each token."""
+
+    count: int
+    per_token: int
+    intermediate_size: int  # of one expert
+    layers: int
+    shared_intermediate_size: int | None = None  # Qwen2-MoE's shared expert (and its gate)
+    biases: bool = False  # gpt-oss: on each expert's projections and on the router
+
+    def layer_params(self, hidden: int, running: int) -> int:
+        """One layer's MoE MLP with `running` of its experts (all of them, or one token's)."""
+        h, f = hidden, self.intermediate_size
+        expert = 3 * h * f + (2 * f + h) * self.biases
+        router = self.count * (h + self.biases)  # it scores every expert, whichever run
+        shared = 0
+        if self.shared_intermediate_size is not None:  # gate, up, down + a one-output gate
+            shared = 3 * h * self.shared_intermediate_size + h
+        return running * expert + router + shared
+
+    @classmethod
+    def from_config(cls, kind: str, cfg: dict) -> Experts | None:
+        # hub configs and transformers' own spell the count either way
+        count = cfg.get("num_local_experts") or cfg.get("num_experts") or 0
+        if kind in ("mixtral", "gpt_oss"):  # every layer's MLP is a mixture
+            return cls(
+                count=count,
+                per_token=cfg.get("num_experts_per_tok") or cfg["experts_per_token"],
+                intermediate_size=cfg["intermediate_size"],
+                layers=cfg["num_hidden_layers"],
+                biases=kind == "gpt_oss",
+            )
+        if kind in ("qwen2_moe", "qwen3_moe"):  # the dense MLP in some layers
+            if not count:
+                return None
+            dense, step = set(cfg.get("mlp_only_layers") or ()), cfg.get("decoder_sparse_step", 1)
+            layers = range(cfg["num_hidden_layers"])
+            return cls(
+                count=count,
+                per_token=cfg["num_experts_per_tok"],
+                intermediate_size=cfg["moe_intermediate_size"],
+                layers=sum(i not in dense and (i + 1) % step == 0 for i in layers),
+                shared_intermediate_size=(
+                    cfg.get("shared_expert_intermediate_size", 5632)
+                    if kind == "qwen2_moe"
+                    else None
+                ),
+            )
+        return None
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     num_layers: int
@@ -26,7 +82,7 @@ class ModelSpec:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    intermediate_size: int
+    intermediate_size: int  # of the dense MLP
     vocab_size: int
     gated_mlp: bool  # Llama-style gate/up/down (3 matrices) vs OPT's fc1/fc2 (2)
     tied_embeddings: bool
@@ -38,6 +94,8 @@ class ModelSpec:
     mlp_bias: bool = False  # on gate, up and down (Llama's and Granite's mlp_bias)
     layer_norms: int = 2  # hidden-size norms per layer (Gemma 2 / 3: four)
     qk_norm: bool = False  # a head-size norm on queries and one on keys (Qwen3, Gemma 3)
+    sinks: bool = False  # gpt-oss: one attention-sink logit per head
+    experts: Experts | None = None
     model_type: str = ""  # config.json's
 
     @property
@@ -73,7 +131,7 @@ class ModelSpec:
                 f"planning supports {', '.join(sorted(_GATED))} and opt configs, not {kind!r}"
             )
         family = _GATED[kind]
-        attention_bias = bool(cfg.get("attention_bias", False))
+        attention_bias = bool(cfg.get("attention_bias", family.get("attention_bias", False)))
         return cls(
             name=cfg.get("_name_or_path") or kind,
             num_layers=cfg["num_hidden_layers"],
@@ -87,33 +145,53 @@ class ModelSpec:
             # Gemma ties its embeddings unless told otherwise; the others only when told
             tied_embeddings=bool(cfg.get("tie_word_embeddings", family.get("tied", False))),
             dtype_bytes=_DTYPE_BYTES[dtype],
-            qkv_bias=family.get("qkv_bias", False) or attention_bias,
+            qkv_bias=bool(cfg.get("qkv_bias", family.get("qkv_bias", False))) or attention_bias,
             o_bias=attention_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             layer_norms=family.get("layer_norms", 2),
             qk_norm=family.get("qk_norm", False),
+            sinks=family.get("sinks", False),
+            experts=Experts.from_config(kind, cfg),
             model_type=kind,
         )
 
     @property
-    def params_per_layer(self) -> int:
-        h, d, f = self.hidden_size, self.head_dim, self.intermediate_size
-        attention = h * self.num_heads * d * 2 + h * self.num_kv_heads * d * 2  # q, o, k, v
-        if self.gated_mlp:  # RMSNorm weights; biases and head-size norms where the family has
-            qkv = (self.num_heads + 2 * self.num_kv_heads) * d
-            biases = qkv * self.qkv_bias + h * self.o_bias + (2 * f + h) * self.mlp_bias
-            norms = self.layer_norms * h + 2 * d * self.qk_norm
-            return attention + 3 * h * f + biases + norms
-        # OPT: biases on q, k, v, o, fc1, fc2 and two LayerNorms with weight and bias
-        return attention + 2 * h * f + 4 * h + f + h + 4 * h
+    def num_params(self) -> int:
+        return self._params(running=self.experts.count if self.experts else 0)
 
     @property
-    def num_params(self) -> int:
+    def active_params(self) -> int:
+        """The parameters one token runs through: a dense model's all; a mixture's top-k."""
+        return self._params(running=self.experts.per_token if self.experts else 0)
+
+    def _params(self, running: int) -> int:
         h = self.hidden_size
+        moe_layers = self.experts.layers if self.experts else 0
+        moe = self.experts.layer_params(h, running) if self.experts else 0
+        layers = (
+            self.num_layers * self._attention_and_norms()
+            + (self.num_layers - moe_layers) * self._dense_mlp()
+            + moe_layers * moe
+        )
         embeddings = self.vocab_size * h * (1 if self.tied_embeddings else 2)
         final_norm = h if self.gated_mlp else 2 * h
-        positions = self.learned_positions * h
-        return self.num_layers * self.params_per_layer + embeddings + final_norm + positions
+        return layers + embeddings + final_norm + self.learned_positions * h
+
+    def _attention_and_norms(self) -> int:
+        h, d = self.hidden_size, self.head_dim
+        attention = h * self.num_heads * d * 2 + h * self.num_kv_heads * d * 2  # q, o, k, v
+        if not self.gated_mlp:  # OPT: biases on q, k, v, o and two LayerNorms (weight, bias)
+            return attention + 4 * h + 4 * h
+        qkv = (self.num_heads + 2 * self.num_kv_heads) * d
+        biases = qkv * self.qkv_bias + h * self.o_bias
+        norms = self.layer_norms * h + 2 * d * self.qk_norm  # RMSNorm weights
+        return attention + biases + norms + self.num_heads * self.sinks
+
+    def _dense_mlp(self) -> int:
+        h, f = self.hidden_size, self.intermediate_size
+        if not self.gated_mlp:  # OPT's fc1, fc2 with biases
+            return 2 * h * f + f + h
+        return 3 * h * f + (2 * f + h) * self.mlp_bias
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -131,6 +209,11 @@ _GATED: dict[str, dict] = {
     "gemma": {"tied": True},
     "gemma2": {"tied": True, "layer_norms": 4},
     "gemma3_text": {"tied": True, "layer_norms": 4, "qk_norm": True},
+    # mixtures of experts (their experts: `Experts.from_config`)
+    "mixtral": {},
+    "qwen2_moe": {"qkv_bias": True},
+    "qwen3_moe": {"qk_norm": True},
+    "gpt_oss": {"attention_bias": True, "sinks": True},
 }
 
 

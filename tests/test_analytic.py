@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -13,20 +14,28 @@ from transformers import (
     Gemma3TextConfig,
     GemmaConfig,
     GemmaForCausalLM,
+    GptOssConfig,
+    GptOssForCausalLM,
     GraniteConfig,
     GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 from placement.analytic import entry, fits
@@ -60,11 +69,66 @@ def _write(tmp_path, cfg: dict):
     return path
 
 
+def _with(config, **changes):
+    config = copy.deepcopy(config)  # transformers' attribute map takes either spelling
+    for key, value in changes.items():
+        setattr(config, key, value)
+    return config
+
+
 def _numel(model) -> int:
     return sum(p.numel() for p in model.parameters())  # tied weights are counted once
 
 
 SMALL = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, vocab_size=300)
+MOE_SMALL = {**SMALL, "num_hidden_layers": 4, "num_experts_per_tok": 2}
+# (config, model class, how the config names its expert count); dense layers among the
+# mixtures (mlp_only_layers, decoder_sparse_step), a shared expert, biased experts and router
+MOE = [
+    (
+        MixtralConfig(
+            **MOE_SMALL, intermediate_size=96, num_key_value_heads=2, num_local_experts=4
+        ),
+        MixtralForCausalLM,
+        "num_local_experts",
+    ),
+    (
+        Qwen2MoeConfig(
+            **MOE_SMALL,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            num_experts=6,
+            decoder_sparse_step=2,
+            mlp_only_layers=[3],
+        ),
+        Qwen2MoeForCausalLM,
+        "num_experts",
+    ),
+    (
+        Qwen3MoeConfig(
+            **MOE_SMALL,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_experts=6,
+            mlp_only_layers=[0],
+            head_dim=24,
+        ),
+        Qwen3MoeForCausalLM,
+        "num_experts",
+    ),
+    (
+        GptOssConfig(
+            **MOE_SMALL,
+            intermediate_size=32,
+            num_local_experts=4,
+            num_key_value_heads=2,
+            head_dim=16,
+        ),
+        GptOssForCausalLM,
+        "num_local_experts",
+    ),
+]
 
 
 @pytest.mark.parametrize(
@@ -99,6 +163,7 @@ SMALL = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, vocab_s
         (GemmaConfig(**SMALL, intermediate_size=160, head_dim=24), GemmaForCausalLM),
         (Gemma2Config(**SMALL, intermediate_size=160, head_dim=24), Gemma2ForCausalLM),
         (Gemma3TextConfig(**SMALL, intermediate_size=160, head_dim=24), Gemma3ForCausalLM),
+        *((c, cls) for c, cls, _ in MOE),
     ],
     ids=[
         "llama-tied",
@@ -114,12 +179,59 @@ SMALL = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, vocab_s
         "gemma",
         "gemma2",
         "gemma3",
+        *(c.model_type for c, _, _ in MOE),
     ],
 )
 def test_parameter_count_equals_transformers(tmp_path, config, model_cls):
     with torch.device("meta"):
         model = model_cls(config)
     assert ModelSpec.from_config(_write(tmp_path, config.to_dict())).num_params == _numel(model)
+
+
+@pytest.mark.parametrize(
+    ("config", "model_cls", "count_key"), MOE, ids=[c.model_type for c, _, _ in MOE]
+)
+def test_active_parameters_are_a_model_with_only_top_k_experts_and_the_whole_router(
+    tmp_path, config, model_cls, count_key
+):
+    """A token runs through k experts: the same model built with k experts, plus the router's
+    rows for the other experts (it scores all of them)."""
+    spec = ModelSpec.from_config(_write(tmp_path, config.to_dict()))
+    k, moe_layers = config.num_experts_per_tok, spec.experts.layers
+    router_row = config.hidden_size + (model_cls is GptOssForCausalLM)  # gpt-oss: with a bias
+    with torch.device("meta"):
+        top_k_only = model_cls(_with(config, **{count_key: k}))
+    unrouted = moe_layers * (spec.experts.count - k) * router_row
+    assert spec.active_params == _numel(top_k_only) + unrouted < spec.num_params
+    dense = [(MixtralConfig, 4), (Qwen2MoeConfig, 1), (Qwen3MoeConfig, 3), (GptOssConfig, 4)]
+    assert moe_layers == dict(dense)[type(config)]  # the layers given a mixture
+
+
+def test_a_mixture_of_experts_computes_with_its_active_parameters_and_reads_them_all(tmp_path):
+    """Mixtral 8x7B on an H200: 46.7B parameters held, 12.9B run per token (transformers'
+    counts); prefill's FLOPs follow the 12.9B, decode's weight read the 46.7B."""
+    mixtral = {
+        **LLAMA_13B,
+        "model_type": "mixtral",
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "intermediate_size": 14336,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+    }
+    spec = ModelSpec.from_config(_write(tmp_path, mixtral))
+    assert spec.num_params == 46_702_792_704 and spec.active_params == 12_879_925_248
+    h200, h100 = DEVICES["H200"], DEVICES["H100-80GB"]
+    assert fits(spec, h200, 1, 1) and not fits(spec, h100, 1, 1)  # 93 GB of bf16
+    e = entry(spec, h200)
+    flops_per_ms, bytes_per_ms = 989e12 * 0.5 / 1e3, 4800e9 * 0.7 / 1e3
+    assert e.prefill.b == pytest.approx(2 * spec.active_params / flops_per_ms, rel=1e-12)
+    assert e.decode.c == pytest.approx(2 * spec.active_params / flops_per_ms, rel=1e-12)
+    assert e.decode.a == pytest.approx(spec.num_params * 2 / bytes_per_ms + 1.0, rel=1e-12)
+    free = 141e9 * 0.9 - spec.num_params * 2
+    assert e.kv_capacity_tokens == int(free / spec.kv_bytes_per_token)
 
 
 @pytest.mark.model
@@ -164,7 +276,9 @@ def test_parallelism_splits_the_work_and_respects_memory(tmp_path):
 
 
 def test_unsupported_architecture_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="planning supports .*qwen3 and opt configs, not .gpt2."):
+    with pytest.raises(
+        ValueError, match="planning supports .*qwen3_moe and opt configs, not .gpt2."
+    ):
         ModelSpec.from_config(_write(tmp_path, {**LLAMA_13B, "model_type": "gpt2"}))
 
 

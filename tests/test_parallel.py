@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -120,6 +121,60 @@ def test_a_qwen3_shard_keeps_its_head_norms_whole_and_splits_the_projections():
     assert torch.equal(attn.q_norm.weight, full[prefix + "self_attn.q_norm.weight"])
 
 
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_a_mixture_of_experts_shard_keeps_a_slice_of_every_expert_and_the_slices_sum_up(kind):
+    """Each rank keeps its rows of every expert's gate and up (two halves of one tensor) and
+    the matching columns of down; the router stays whole. The two ranks' MLP outputs, before
+    their all-reduces, add up to the whole model's (Qwen2-MoE's gated shared expert, split as a
+    dense MLP, included)."""
+    import torch
+    import transformers
+
+    from engine.model_runner import ModelShape
+    from engine.sharding import shard_model
+
+    config_cls, model_cls = {
+        "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+        "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+    }[kind]
+    config = config_cls(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=48,
+        shared_expert_intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts_per_tok=2,
+        **{"num_local_experts" if kind == "mixtral" else "num_experts": 4},
+    )
+    torch.manual_seed(0)
+    whole = model_cls(config).eval()
+    mlp = whole.model.layers[1].mlp
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        expected = mlp(x[None])[0]
+    parts = []
+    for rank in range(2):
+        model = copy.deepcopy(whole)
+        shard = ModelShape.of(config).shards(ParallelLayout(tp=2))[rank]
+        shard_model(model, shard, 2, tp_group=None)
+        sharded = model.model.layers[1].mlp
+        gate_up = mlp.experts.gate_up_proj
+        rows = slice(24 * rank, 24 * (rank + 1))
+        halves = torch.cat([gate_up[:, :48][:, rows], gate_up[:, 48:][:, rows]], dim=1)
+        assert torch.equal(sharded.experts.gate_up_proj, halves)
+        assert torch.equal(sharded.experts.down_proj, mlp.experts.down_proj[:, :, rows])
+        assert torch.equal(sharded.gate.weight, mlp.gate.weight)  # the router: whole
+        for module in sharded.modules():  # the all-reduce, done here by adding up
+            module._forward_hooks.clear()
+        with torch.no_grad():
+            parts.append(sharded(x[None])[0])
+    torch.testing.assert_close(parts[0] + parts[1], expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "config_name, kind",
     [("GraniteConfig", "granite"), ("Gemma2Config", "gemma2"), ("Phi3Config", "phi3")],
@@ -134,5 +189,5 @@ def test_families_the_workers_cannot_run_are_refused_by_model_type(config_name, 
 
     with pytest.raises(ValueError, match=f"not '{kind}'.*run it with one worker"):
         check_model_type(getattr(transformers, config_name)())
-    for name in ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config"):
+    for name in ("LlamaConfig", "Qwen3Config", "MixtralConfig", "Qwen2MoeConfig", "Qwen3MoeConfig"):
         check_model_type(getattr(transformers, name)())

@@ -138,6 +138,20 @@ def test_goodput_doubles_with_a_second_prefill_instance_when_prefill_bound():
     assert goodput(disagg(entry, budget=64), work, slo).rate == one.rate  # deterministic
 
 
+def test_goodput_under_a_slo_any_burst_meets_is_the_rate_the_placement_completes():
+    """With a TTFT target no queue can miss, the run meets the SLO at any arrival rate; the
+    placement still completes only one 100 ms prefill at a time: 10 req/s, not the search's
+    ceiling (which it used to report)."""
+    entry = Entry(1, 1, Coefficients(100.0, 0.0, 0.0), Coefficients(1.0, 0.0, 0.0), 10**6)
+    work = Workload(400, input_len=64, output_len=4)
+    loose = goodput(disagg(entry, budget=64), work, SLO(ttft_ms=1e9, tpot_ms=50))
+    # 400 prefills of 100 ms one after another, then the last one's three decode steps of 1 ms
+    assert loose.rate == pytest.approx(400 / (400 * 0.1 + 0.003), rel=1e-9)
+    assert loose.attainment_at_rate == 1.0
+    tight = goodput(disagg(entry, budget=64), work, SLO(ttft_ms=400, tpot_ms=50))
+    assert tight.rate < loose.rate  # below it, the SLO still decides
+
+
 CHUNK_ENTRY = Entry(1, 1, Coefficients(10.0, 0.1, 1e-4), Coefficients(20.0, 0.01, 2.0), 100_000)
 
 

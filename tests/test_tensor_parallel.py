@@ -110,6 +110,36 @@ def test_parallel_replica_matches_one_worker(layout, request, single, reference,
             close(engine)
 
 
+def test_a_mixture_of_experts_split_over_two_ranks_matches_one_worker(cluster, tmp_path, tokenizer):
+    """A tiny Mixtral at tp=2: every rank holds half of each expert (engine/sharding.py) and
+    the logits and greedy tokens equal one worker's."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        initializer_range=0.2,
+    )
+    torch.manual_seed(0)
+    MixtralForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    one, split = make(str(tmp_path)), make(str(tmp_path), tp=2)
+    try:
+        want = one.runner.execute(_batch())
+        torch.testing.assert_close(split.runner.execute(_batch()), want, rtol=1e-4, atol=1e-4)
+        tokens = [c.token_ids for c in one.generate(PROMPTS, GREEDY)]
+        assert [c.token_ids for c in split.generate(PROMPTS, GREEDY)] == tokens
+    finally:
+        close(split)
+
+
 def _handoff(prefill: LLMEngine, decode: LLMEngine, prompt: str, channel: KVChannel):
     """prefill -> KV pieces on the channel -> decode; -> (token ids, pieces)."""
     rid = prefill.add_request(None, prompt, GREEDY, prefill_only=True)

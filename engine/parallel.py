@@ -16,7 +16,10 @@ from dataclasses import dataclass
 
 # model types whose tensor / pipeline parallel workers the engine runs (engine/sharding.py): the
 # families whose model forward is embed -> rotary -> layers -> norm -> lm_head
-PARALLEL_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+PARALLEL_MODEL_TYPES = (
+    *("llama", "mistral", "qwen2", "qwen3"),
+    *("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"),  # mixtures of experts
+)
 
 
 @dataclass(frozen=True)

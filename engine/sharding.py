@@ -8,23 +8,23 @@ output (whole heads, since tp divides the head counts); row-parallel layers keep
 columns and all-reduce their output over the stage's tensor-parallel group. Embeddings and the
 LM head are replicated.
 
-Mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): their plans leave the experts whole, so
-every rank would hold every expert. We split each expert's intermediate dimension instead, as
-vLLM's tensor-parallel MoE does: every rank keeps its slice of every expert's gate, up and down
-projections, the router stays whole (each rank routes the same tokens the same way) and the
-experts' output is all-reduced, like a row-parallel layer's. Qwen2-MoE's shared expert is split
-as a dense MLP.
+Mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, gpt-oss): their plans leave the experts
+whole, so every rank would hold every expert. We split each expert's intermediate dimension
+instead, as vLLM's tensor-parallel MoE does: every rank keeps its slice of every expert's gate,
+up and down projections, the router stays whole (each rank routes the same tokens the same
+way) and the experts' output is all-reduced, like a row-parallel layer's. Qwen2-MoE's shared
+expert is split as a dense MLP. gpt-oss's plan names only its embeddings: its attention is
+split as every family's, and each rank keeps the attention-sink logits of its own heads.
 
 Pipeline parallelism keeps the stage's decoder layers only; the first stage keeps the embedding,
 the last the final norm and the LM head. The modules are named by the Llama family's layout
 (`model.embed_tokens / rotary_emb / layers / norm`, `lm_head`). A worker runs its stage's
 layers itself (engine/workers.py), as the Llama model's forward does, so only the families
 whose model adds nothing around the layers are served: Llama, Mistral, Qwen2, Qwen3 and the
-three mixtures above. Others
-are rejected with a clear error at load: Granite scales its embeddings and logits, Gemma 2
-softcaps its logits, Gemma 3 has a rotary embedding per layer type; and plans with styles other
-than colwise, rowwise and replicated (Phi-3's fused projections, gpt-oss's per-head sinks,
-Llama 4's experts).
+four mixtures above. Others are rejected with a clear error at load: Granite scales its
+embeddings and logits, Gemma 2 softcaps its logits, Gemma 3 has a rotary embedding per layer
+type; and plans with styles other than colwise, rowwise and replicated (Phi-3's fused
+projections, Llama 4's experts).
 """
 
 from __future__ import annotations
@@ -37,8 +37,13 @@ from torch import nn
 from engine.parallel import PARALLEL_MODEL_TYPES, Shard
 
 _LAYOUT = ("embed_tokens", "rotary_emb", "layers", "norm")
-# what the families' own plans leave whole but a rank need not hold all of
-_EXTRA_PLAN = {
+# what every family splits the same way, whether or not its own plan says so (gpt-oss's plan
+# names only its embeddings); the model's plan is read after these and wins where both match
+_COMMON_PLAN = {
+    "layers.*.self_attn.q_proj": "colwise",
+    "layers.*.self_attn.k_proj": "colwise",
+    "layers.*.self_attn.v_proj": "colwise",
+    "layers.*.self_attn.o_proj": "rowwise",
     "layers.*.mlp.shared_expert.gate_proj": "colwise",  # Qwen2-MoE
     "layers.*.mlp.shared_expert.up_proj": "colwise",
     "layers.*.mlp.shared_expert.down_proj": "rowwise",
@@ -82,13 +87,16 @@ def shard_model(model: nn.Module, shard: Shard, tp_size: int, tp_group) -> nn.Mo
         base.norm = None
         model.lm_head = None
     if tp_size > 1:
-        plan = {**model.config.base_model_tp_plan, **_EXTRA_PLAN}
+        plan = {**_COMMON_PLAN, **model.config.base_model_tp_plan}
         for name, module in base.named_modules():
             style = _style(plan, name, shard.layers.start)
             if style == "experts":
                 _shard_experts(module, shard.tp_rank, tp_size, tp_group)
             elif style is not None:
                 _shard_linear(module, style, shard.tp_rank, tp_size, tp_group)
+            if isinstance(getattr(module, "sinks", None), nn.Parameter):  # gpt-oss: per head
+                heads = slice(shard.heads.start, shard.heads.stop)
+                module.sinks = nn.Parameter(module.sinks.data[heads].clone(), requires_grad=False)
     return model
 
 
@@ -100,7 +108,8 @@ def _style(plan: dict[str, str], name: str, layer_offset: int) -> str | None:
     full = ".".join(parts)
     for pattern, style in plan.items():
         if fnmatch(full, pattern):
-            if style.startswith("replicated"):  # Qwen3's q/k norms: whole on every rank
+            # Qwen3's q/k norms; embeddings, which every family keeps whole on every rank
+            if style.startswith(("replicated", "embedding")):
                 return None
             if style not in ("colwise", "rowwise", "experts"):
                 raise ValueError(f"tensor-parallel style {style!r} ({pattern}) is not supported")
@@ -131,26 +140,36 @@ def _shard_linear(module: nn.Module, style: str, rank: int, size: int, group) ->
 
 
 def _shard_experts(module: nn.Module, rank: int, size: int, group) -> None:
-    """Keep this rank's slice of every expert's intermediate dimension: gate_up_proj
-    (experts, 2 * intermediate, hidden) holds gate then up, down_proj (experts, hidden,
-    intermediate)."""
-    layout = ("has_gate", "is_concatenated", "is_transposed", "has_bias")
-    if tuple(getattr(module, flag, None) for flag in layout) != (True, True, False, False):
-        raise ValueError(
-            f"{type(module).__name__}: tensor parallelism splits experts stored as gate and up "
-            "halves, untransposed and without biases"
-        )
-    gate_up, down = module.gate_up_proj.data, module.down_proj.data
-    full = down.shape[2]
+    """Keep this rank's slice of every expert's intermediate dimension. gate_up_proj holds, per
+    expert, gate then up (Mixtral, Qwen) or the two interleaved (gpt-oss), along the
+    intermediate axis; transposed (gpt-oss) it is (experts, hidden, 2 x intermediate), else
+    (experts, 2 x intermediate, hidden); down_proj is the transpose of one half."""
+    if not getattr(module, "has_gate", False):
+        raise ValueError(f"{type(module).__name__}: tensor parallelism splits gated experts only")
+    down_axis, gate_up_axis = (1, 2) if module.is_transposed else (2, 1)
+    full = module.down_proj.shape[down_axis]
     if full % size:
         raise ValueError(f"cannot split the experts' {full} intermediate rows over {size} ranks")
     part = full // size
-    keep = slice(rank * part, (rank + 1) * part)
-    gate, up = gate_up[:, :full][:, keep], gate_up[:, full:][:, keep]
-    module.gate_up_proj = nn.Parameter(torch.cat([gate, up], dim=1), requires_grad=False)
-    module.down_proj = nn.Parameter(down[:, :, keep].contiguous(), requires_grad=False)
-    module.intermediate_dim = part
+    mine = torch.arange(rank * part, (rank + 1) * part)
+    if module.is_concatenated:
+        keep = torch.cat([mine, full + mine])
+    else:  # gate and up alternate: this rank's pairs are contiguous
+        keep = torch.arange(2 * rank * part, 2 * (rank + 1) * part)
+    _set(module, "gate_up_proj", module.gate_up_proj.data.index_select(gate_up_axis, keep))
+    _set(module, "down_proj", module.down_proj.data.narrow(down_axis, rank * part, part))
+    if module.has_bias:  # gate_up's per intermediate row; down's added once over the ranks
+        _set(module, "gate_up_proj_bias", module.gate_up_proj_bias.data.index_select(1, keep))
+        if rank != 0:
+            _set(module, "down_proj_bias", torch.zeros_like(module.down_proj_bias.data))
+    for attribute in ("intermediate_dim", "intermediate_size"):  # each family names it
+        if hasattr(module, attribute):
+            setattr(module, attribute, part)
     module.register_forward_hook(_all_reduce_hook(group))
+
+
+def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=False))
 
 
 def _all_reduce_hook(group):

@@ -121,12 +121,13 @@ def test_a_qwen3_shard_keeps_its_head_norms_whole_and_splits_the_projections():
     assert torch.equal(attn.q_norm.weight, full[prefix + "self_attn.q_norm.weight"])
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"])
 def test_a_mixture_of_experts_shard_keeps_a_slice_of_every_expert_and_the_slices_sum_up(kind):
-    """Each rank keeps its rows of every expert's gate and up (two halves of one tensor) and
-    the matching columns of down; the router stays whole. The two ranks' MLP outputs, before
-    their all-reduces, add up to the whole model's (Qwen2-MoE's gated shared expert, split as a
-    dense MLP, included)."""
+    """Each rank keeps its rows of every expert's gate and up (two halves of one tensor, or
+    interleaved and transposed with biases in gpt-oss) and the matching part of down; the
+    router stays whole. The two ranks' MLP outputs, before their all-reduces, add up to the
+    whole model's (Qwen2-MoE's gated shared expert, split as a dense MLP, included); gpt-oss's
+    ranks keep the attention sinks of their own heads."""
     import torch
     import transformers
 
@@ -137,6 +138,7 @@ def test_a_mixture_of_experts_shard_keeps_a_slice_of_every_expert_and_the_slices
         "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
         "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
         "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+        "gpt_oss": (transformers.GptOssConfig, transformers.GptOssForCausalLM),
     }[kind]
     config = config_cls(
         vocab_size=64,
@@ -147,32 +149,45 @@ def test_a_mixture_of_experts_shard_keeps_a_slice_of_every_expert_and_the_slices
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
+        head_dim=8,
         num_experts_per_tok=2,
-        **{"num_local_experts" if kind == "mixtral" else "num_experts": 4},
+        **{"num_local_experts" if kind in ("mixtral", "gpt_oss") else "num_experts": 4},
     )
     torch.manual_seed(0)
     whole = model_cls(config).eval()
-    mlp = whole.model.layers[1].mlp
-    x = torch.randn(5, 32)
+    for param in whole.parameters():  # biases and sinks too: none left at zero
+        param.data.normal_(0, 0.3)
+    layer = whole.model.layers[1]
+    experts, x = layer.mlp.experts, torch.randn(1, 5, 32)
     with torch.no_grad():
-        expected = mlp(x[None])[0]
+        expected = _output(layer.mlp(x))
     parts = []
     for rank in range(2):
         model = copy.deepcopy(whole)
         shard = ModelShape.of(config).shards(ParallelLayout(tp=2))[rank]
         shard_model(model, shard, 2, tp_group=None)
-        sharded = model.model.layers[1].mlp
-        gate_up = mlp.experts.gate_up_proj
-        rows = slice(24 * rank, 24 * (rank + 1))
-        halves = torch.cat([gate_up[:, :48][:, rows], gate_up[:, 48:][:, rows]], dim=1)
-        assert torch.equal(sharded.experts.gate_up_proj, halves)
-        assert torch.equal(sharded.experts.down_proj, mlp.experts.down_proj[:, :, rows])
-        assert torch.equal(sharded.gate.weight, mlp.gate.weight)  # the router: whole
+        sharded = model.model.layers[1]
+        mine = slice(24 * rank, 24 * (rank + 1))
+        if kind == "gpt_oss":  # (experts, hidden, gate/up pairs); sinks: this rank's 2 heads
+            pairs = experts.gate_up_proj[:, :, 48 * rank : 48 * (rank + 1)]
+            assert torch.equal(sharded.mlp.experts.gate_up_proj, pairs)
+            assert torch.equal(sharded.mlp.experts.down_proj, experts.down_proj[:, mine])
+            heads = layer.self_attn.sinks[2 * rank : 2 * (rank + 1)]
+            assert torch.equal(sharded.self_attn.sinks, heads)
+        else:
+            gate_up = experts.gate_up_proj
+            halves = torch.cat([gate_up[:, :48][:, mine], gate_up[:, 48:][:, mine]], dim=1)
+            assert torch.equal(sharded.mlp.experts.gate_up_proj, halves)
+            assert torch.equal(sharded.mlp.experts.down_proj, experts.down_proj[:, :, mine])
         for module in sharded.modules():  # the all-reduce, done here by adding up
             module._forward_hooks.clear()
         with torch.no_grad():
-            parts.append(sharded(x[None])[0])
-    torch.testing.assert_close(parts[0] + parts[1], expected, rtol=1e-5, atol=1e-6)
+            parts.append(_output(sharded.mlp(x)))
+    torch.testing.assert_close(parts[0] + parts[1], expected, rtol=1e-5, atol=1e-5)
+
+
+def _output(mlp_output):
+    return mlp_output[0] if isinstance(mlp_output, tuple) else mlp_output  # gpt-oss: + scores
 
 
 @pytest.mark.parametrize(
@@ -189,5 +204,5 @@ def test_families_the_workers_cannot_run_are_refused_by_model_type(config_name, 
 
     with pytest.raises(ValueError, match=f"not '{kind}'.*run it with one worker"):
         check_model_type(getattr(transformers, config_name)())
-    for name in ("LlamaConfig", "Qwen3Config", "MixtralConfig", "Qwen2MoeConfig", "Qwen3MoeConfig"):
+    for name in ("LlamaConfig", "Qwen3Config", "MixtralConfig", "Qwen3MoeConfig", "GptOssConfig"):
         check_model_type(getattr(transformers, name)())

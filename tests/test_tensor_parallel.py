@@ -110,25 +110,35 @@ def test_parallel_replica_matches_one_worker(layout, request, single, reference,
             close(engine)
 
 
-def test_a_mixture_of_experts_split_over_two_ranks_matches_one_worker(cluster, tmp_path, tokenizer):
-    """A tiny Mixtral at tp=2: every rank holds half of each expert (engine/sharding.py) and
-    the logits and greedy tokens equal one worker's."""
-    from transformers import MixtralConfig, MixtralForCausalLM
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+def test_a_mixture_of_experts_split_over_two_ranks_matches_one_worker(
+    kind, cluster, tmp_path, tokenizer
+):
+    """A tiny Mixtral and a tiny gpt-oss (interleaved, biased experts; attention sinks; sliding
+    layers) at tp=2: every rank holds half of each expert (engine/sharding.py) and the logits
+    and greedy tokens equal one worker's."""
+    import transformers
 
-    config = MixtralConfig(
+    config_cls, model_cls = {
+        "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+        "gpt_oss": (transformers.GptOssConfig, transformers.GptOssForCausalLM),
+    }[kind]
+    config = config_cls(
         hidden_size=64,
         intermediate_size=96,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
+        head_dim=16,
         num_local_experts=4,
         num_experts_per_tok=2,
+        sliding_window=8,
         vocab_size=len(tokenizer),
         max_position_embeddings=512,
         initializer_range=0.2,
     )
     torch.manual_seed(0)
-    MixtralForCausalLM(config).save_pretrained(tmp_path)
+    model_cls(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     one, split = make(str(tmp_path)), make(str(tmp_path), tp=2)
     try:

@@ -28,7 +28,7 @@ from ray.serve.request_router import PendingRequest, RunningReplica
 
 from app.config import MAX_IMBALANCE
 from app.router import MatchingFIFORouter
-from engine.block_manager import block_key
+from engine.block_manager import block_key, chain_root
 
 MIN_SHARE = 0.1  # of the prompt's tokens (Ray Serve LLM's match-rate threshold)
 INDEX_BLOCKS = 100_000  # block keys remembered (about 20 MB), least recently used out
@@ -43,10 +43,10 @@ class PrefixIndex:
         self.block_size, self.capacity = block_size, capacity
         self._holders: OrderedDict[bytes, set[Hashable]] = OrderedDict()
 
-    def keys(self, prompt_ids: Sequence[int]) -> list[bytes]:
+    def keys(self, prompt_ids: Sequence[int], cache_salt: str | None = None) -> list[bytes]:
         """The engine's keys of the prompt's whole blocks before its last token (what a
-        request may take from a prefix cache: engine/scheduler.py)."""
-        size, parent, keys = self.block_size, b"", []
+        request may take from a prefix cache: engine/scheduler.py), from its salt's root."""
+        size, parent, keys = self.block_size, chain_root(cache_salt), []
         for start in range(0, len(prompt_ids) - size, size):
             parent = block_key(parent, list(prompt_ids[start : start + size]))
             keys.append(parent)
@@ -136,7 +136,7 @@ class PrefixAffinityRouter(MatchingFIFORouter):
         ids = _prompt_ids(pending_request)
         if ids is None:
             return [candidate_replicas]
-        matched = self.index.matched_tokens(self.index.keys(ids))
+        matched = self.index.matched_tokens(self.index.keys(ids, _salt(pending_request)))
         cache = self.replica_queue_len_cache
         queue_lens = {r.replica_id: cache.get(r.replica_id) for r in candidate_replicas}
         return rank_by_prefix(
@@ -153,7 +153,13 @@ class PrefixAffinityRouter(MatchingFIFORouter):
         """The chosen replica will hold this prompt's blocks in its cache."""
         ids = _prompt_ids(pending_request)
         if ids is not None:
-            self.index.record(self.index.keys(ids), replica_id)
+            self.index.record(self.index.keys(ids, _salt(pending_request)), replica_id)
+
+
+def _salt(pending_request: PendingRequest) -> str | None:
+    """The cache salt of the request's SamplingParams, its third argument."""
+    args = pending_request.args
+    return getattr(args[2], "cache_salt", None) if len(args) > 2 else None
 
 
 def _prompt_ids(pending_request: PendingRequest | None) -> list[int] | None:

@@ -145,6 +145,8 @@ class _Sampling(BaseModel):
     guided_whitespace_pattern: str | None = None  # JSON: the whitespace between tokens
     # vLLM's: lower first under the app's scheduling_policy "priority" (else only 0 is served)
     priority: int = 0
+    # vLLM's: prefix-cache blocks are shared only among requests with the same salt (or none)
+    cache_salt: str | None = Field(None, min_length=1)
     # fields that would change the output if honoured: refused rather than silently ignored
     best_of: int | None = None
     use_beam_search: bool = False
@@ -208,6 +210,7 @@ class _Sampling(BaseModel):
                 bad_words_token_ids=bad_words_token_ids,
                 structured_output=self.structure(),
                 priority=self.priority,
+                cache_salt=self.cache_salt,
             )
 
     def structure(self) -> StructuredOutput | None:

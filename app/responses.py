@@ -35,7 +35,7 @@ SAMPLING_EXTRAS = (
     "top_k", "min_p", "min_tokens", "seed", "stop", "stop_token_ids", "ignore_eos",
     "include_stop_str_in_output", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "logit_bias", "skip_special_tokens", "allowed_token_ids",
-    "bad_words", "structured_outputs", "priority", "chat_template_kwargs",
+    "bad_words", "structured_outputs", "priority", "chat_template_kwargs", "cache_salt",
 )  # fmt: skip
 # chat's name of a field -> the Responses request's, for errors
 _PARAMS = {

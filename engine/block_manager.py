@@ -11,6 +11,10 @@ instead of computing them: blocks are then shared and reference-counted. A block
 goes back to the free list and keeps its key until it is handed out again, least recently freed
 first, so a prefix stays reusable while the pool has room. Only full blocks are shared and a
 request writes only past its computed tokens, so a shared block is never written.
+
+A request's `cache_salt` (vLLM's) starts its chain from a digest of the salt instead of from
+nothing: requests share blocks only when they give the same salt (or none), so a tenant cannot
+learn, by timing its first token, what another tenant's prompts began with.
 """
 
 from __future__ import annotations
@@ -25,6 +29,15 @@ def block_key(parent: bytes, token_ids: list[int]) -> bytes:
     """The key of a full block: its tokens and, through `parent`, all tokens before it. A
     cryptographic digest, so a client cannot craft tokens that take another prompt's KV."""
     return hashlib.blake2b(parent + array("q", token_ids).tobytes(), digest_size=16).digest()
+
+
+def chain_root(cache_salt: str | None) -> bytes:
+    """The parent of a prompt's first block key: nothing, or its cache salt's own digest
+    (personalized, so no block's key can equal it)."""
+    if cache_salt is None:
+        return b""
+    salt = cache_salt.encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(salt, digest_size=16, person=b"cache_salt").digest()
 
 
 class BlockManager:
@@ -107,10 +120,10 @@ class BlockManager:
 
     # ---- prefix caching ------------------------------------------------------------------------
 
-    def take_cached_prefix(self, request_id: str, token_ids: list[int]) -> int:
+    def take_cached_prefix(self, request_id: str, token_ids: list[int], root: bytes = b"") -> int:
         """Start `request_id`'s table (it has none) with the published blocks that hold the
         leading full blocks of `token_ids`; -> how many tokens they hold (0 without caching)."""
-        return self.take_cached_blocks(request_id, self._chain(token_ids))
+        return self.take_cached_blocks(request_id, self._chain(token_ids, root))
 
     def take_cached_blocks(self, request_id: str, keys: Iterable[bytes]) -> int:
         """take_cached_prefix for a caller that has the tokens' prefix_keys already."""
@@ -131,18 +144,23 @@ class BlockManager:
         self._chains[request_id] = taken
         return len(blocks) * self.block_size
 
-    def prefix_keys(self, token_ids: list[int]) -> list[bytes]:
-        """The keys the leading full blocks of `token_ids` are (or would be) published under."""
-        return list(self._chain(token_ids))
+    def prefix_keys(self, token_ids: list[int], root: bytes = b"") -> list[bytes]:
+        """The keys the leading full blocks of `token_ids` are (or would be) published under;
+        `root`: the request's `chain_root`."""
+        return list(self._chain(token_ids, root))
 
-    def _chain(self, token_ids: list[int]) -> Iterator[bytes]:
-        size, parent = self.block_size, b""
+    def _chain(self, token_ids: list[int], root: bytes) -> Iterator[bytes]:
+        size, parent = self.block_size, root
         for start in range(0, len(token_ids) - size + 1, size):
             parent = block_key(parent, token_ids[start : start + size])
             yield parent
 
     def publish(
-        self, request_id: str, num_computed: int, token_ids: Callable[[int, int], list[int]]
+        self,
+        request_id: str,
+        num_computed: int,
+        token_ids: Callable[[int, int], list[int]],
+        root: bytes = b"",
     ) -> None:
         """Publish the request's full blocks among its first `num_computed` tokens not yet
         published; token_ids(start, end) gives its tokens. Where a block with the same tokens is
@@ -152,7 +170,7 @@ class BlockManager:
         chain = self._chains.setdefault(request_id, [])
         table, size = self._tables[request_id], self.block_size
         for i in range(len(chain), num_computed // size):
-            key = block_key(chain[-1] if chain else b"", token_ids(i * size, (i + 1) * size))
+            key = block_key(chain[-1] if chain else root, token_ids(i * size, (i + 1) * size))
             chain.append(key)
             block = table[i]
             if key not in self._block_of and block not in self._key_of:

@@ -3,7 +3,9 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
+from engine.block_manager import chain_root
 from engine.sampling_params import SamplingParams
 
 
@@ -37,6 +39,11 @@ class Request:
     # (length, the prefix-cache keys of its first `length` tokens' full blocks), kept by the
     # scheduler so that a waiting prompt is hashed once
     block_keys: tuple[int, list[bytes]] | None = None
+
+    @cached_property
+    def prefix_root(self) -> bytes:
+        """Where its prefix-cache keys start: its cache salt's (engine/block_manager.py)."""
+        return chain_root(self.sampling_params.cache_salt)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -118,6 +118,9 @@ class SamplingParams:
     # vLLM's: under the priority scheduling policy a lower value is served first (ties: first
     # come); an engine under first-come-first-served refuses any other value than 0
     priority: int = 0
+    # vLLM's: only requests with the same salt (or none) share prefix-cache blocks, so tenants
+    # that do not share one cannot tell from their latency what the others sent
+    cache_salt: str | None = None
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -162,6 +165,12 @@ class SamplingParams:
         if not isinstance(self.priority, int):
             raise InvalidRequestError(
                 f"priority must be an integer, got {self.priority!r}", "priority"
+            )
+        if self.cache_salt is not None and (
+            not isinstance(self.cache_salt, str) or not self.cache_salt
+        ):
+            raise InvalidRequestError(
+                f"cache_salt must be a non-empty string, got {self.cache_salt!r}", "cache_salt"
             )
         if not 0.0 <= self.min_p <= 1.0:
             raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}", "min_p")

@@ -164,7 +164,8 @@ class PrefillManager:
         the request waits."""
         n = request.num_tokens - 1
         if request.block_keys is None or request.block_keys[0] != n:
-            request.block_keys = (n, self.blocks.prefix_keys(request.token_ids(0, n)))
+            keys = self.blocks.prefix_keys(request.token_ids(0, n), request.prefix_root)
+            request.block_keys = (n, keys)
         return request.block_keys[1]
 
 
@@ -273,7 +274,9 @@ class Scheduler:
         for item in output.scheduled:
             request = item.request
             request.num_computed_tokens = item.end
-            self.blocks.publish(request.request_id, item.end, request.token_ids)
+            self.blocks.publish(
+                request.request_id, item.end, request.token_ids, request.prefix_root
+            )
             token = sampled.get(request.request_id) if item.samples else None
             if token is not None:
                 self._append_token(request, token)

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from engine.block_manager import BlockManager
+from engine.block_manager import BlockManager, chain_root
 
 pytestmark = pytest.mark.unit
 
@@ -97,6 +97,22 @@ def test_a_published_prefix_is_shared_and_counted():
         bm.free(rid)
     assert bm.num_free_blocks == 8
     bm.check_integrity()
+
+
+def test_a_cache_salt_starts_a_chain_of_its_own():
+    """A salted prompt's keys differ from the unsalted ones and another salt's at every block,
+    and repeat for the same salt."""
+    bm = BlockManager(num_blocks=8, block_size=2, enable_caching=True)
+    tokens = [1, 2, 3, 4, 5]
+    plain = bm.prefix_keys(tokens)
+    one, other = (bm.prefix_keys(tokens, chain_root(s)) for s in ("one", "other"))
+    assert chain_root(None) == b"" and bm.prefix_keys(tokens, chain_root(None)) == plain
+    assert len(plain) == len(one) == 2 and not {*plain} & {*one} and not {*one} & {*other}
+    assert bm.prefix_keys(tokens, chain_root("one")) == one
+    bm.allocate("a", 5)
+    bm.publish("a", 5, _tokens(tokens), chain_root("one"))
+    assert bm.take_cached_prefix("b", tokens) == 0
+    assert bm.take_cached_prefix("c", tokens, chain_root("one")) == 4
 
 
 def test_a_freed_prefix_stays_cached_until_its_blocks_are_needed():

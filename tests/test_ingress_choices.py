@@ -217,7 +217,7 @@ def test_scheduling_policy_reaches_every_engine_and_priority_the_params():
     args = AppArgs(scheduling_policy="priority")
     assert {args.engine_config(p).scheduler.policy for p in ("prefill", "decode")} == {"priority"}
     assert AppArgs().engine_config("colocated").scheduler.policy == "fcfs"
-    req = CompletionRequest(model="m", prompt="hi", priority=-2)
-    assert req.sampling_params(4).priority == -2
+    req = CompletionRequest(model="m", prompt="hi", priority=-2, cache_salt="t")
+    assert req.sampling_params(4).priority == -2 and req.sampling_params(4).cache_salt == "t"
     with pytest.raises(ValueError, match="scheduling_policy"):
         AppArgs(scheduling_policy="lottery")

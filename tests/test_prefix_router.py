@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from app.prefix_router import PrefixAffinityRouter, PrefixIndex, rank_by_prefix
-from engine.block_manager import BlockManager
+from engine.block_manager import BlockManager, chain_root
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
@@ -39,6 +39,8 @@ def test_the_router_keys_are_what_the_engine_takes_from_its_cache():
         scheduler.postprocess(out, {i.request.request_id: 7 for i in out.scheduled if i.samples})
     index.record(index.keys(first), "r1")
     assert index.matched_tokens(index.keys(second)) == {"r1": 96} and out.scheduled[0].start == 96
+    salted = index.keys(first, "tenant")  # a salted prompt: the engine's salted keys
+    assert salted == blocks.prefix_keys(first[:-1], chain_root("tenant")) != index.keys(first)
     # a whole prompt of 16 tokens has no block before its last token: nothing to match on
     assert index.keys(list(range(16))) == [] and len(index.keys(list(range(17)))) == 1
 

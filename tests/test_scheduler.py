@@ -192,6 +192,24 @@ def test_prefix_caching_starts_a_repeated_prompt_past_its_cached_blocks():
     assert s.prefill.num_cached_tokens == 8 + 4
 
 
+def test_only_requests_with_the_same_cache_salt_share_cached_blocks():
+    """vLLM's cache_salt: a prompt computed under one salt is a cache hit for the same salt
+    only; other salts and unsalted requests compute it again, and publish their own copy."""
+    s = make(num_blocks=16, enable_prefix_caching=True)
+
+    def start(rid: str, salt: str | None) -> int:
+        params = SamplingParams(max_tokens=1, cache_salt=salt)
+        s.add(Request(rid, list(range(1, 11)), params, 0))
+        [item] = run_step(s).scheduled
+        return item.start
+
+    assert start("a", "tenant-1") == 0
+    assert start("b", "tenant-2") == 0 and start("c", None) == 0  # not tenant-1's blocks
+    assert start("d", "tenant-1") == start("e", "tenant-2") == start("f", None) == 8
+    s.blocks.check_integrity()
+    assert s.blocks.num_free_blocks == 16
+
+
 def test_a_cached_prefix_is_given_back_when_the_rest_does_not_fit():
     s = make(num_blocks=4, enable_prefix_caching=True)
     s.add(req("a", 8, max_tokens=1))

@@ -377,6 +377,13 @@ def test_prefix_caching_on_the_prefill_replica(server, local_engine, tokenizer):
     # OpenAI's usage field: absent the first time, the cached tokens the second
     assert "prompt_tokens_details" not in usages[0]
     assert usages[1]["prompt_tokens_details"] == {"cached_tokens": (n - 1) // 16 * 16}
+    # vLLM's cache_salt: another tenant's salt misses the cache, then hits its own copy
+    for _ in range(2):
+        r = _complete(server, "disagg", prompt=prompt, max_tokens=6, cache_salt="tenant-2")
+        assert r.json()["choices"][0]["text"] == want.text, r.text
+        usages.append(r.json()["usage"])
+    assert "prompt_tokens_details" not in usages[2]
+    assert usages[3]["prompt_tokens_details"] == usages[1]["prompt_tokens_details"]
 
 
 def test_prompts_sharing_a_prefix_go_to_the_replica_that_cached_it(server, tokenizer):
@@ -851,6 +858,7 @@ def test_official_openai_client_completions_and_chat(server):
         ({"prompt": "hi", "structured_outputs": {"regx": "a"}}, 400, "Extra inputs"),
         ({"prompt": "hi", "logits_processors": ["m.P"]}, 400, "logits processors"),
         ({"prompt": "hi", "priority": 1}, 400, "priority"),
+        ({"prompt": "hi", "cache_salt": ""}, 400, "cache_salt"),
         ({"prompt": "hi", "prompt_embeds": "AAAA"}, 400, "prompt_embeds"),
         ({"prompt": "hi", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
         ({"prompt": "hi", "truncate_prompt_tokens": 9000}, 400, "context window"),

@@ -49,10 +49,15 @@ class EngineMetrics:
         self.kv_transfer_bytes = metrics.Counter(
             "splitserve_kv_transfer_bytes", "KV bytes moved through the channel", keys
         )
-        self.cached_tokens = metrics.Counter(
+        cached = metrics.Counter(
             "splitserve_prefix_cache_hit_tokens", "prompt tokens taken from the prefix cache", keys
         )
-        self._cached_seen = 0  # the engine counts since start; the counter takes the increase
+        preempted = metrics.Counter(  # vLLM's num_preemptions: each one costs a recompute
+            "splitserve_preemptions",
+            "running requests preempted for KV blocks (recomputed later)",
+            keys,
+        )
+        self.cached_tokens, self.preemptions = Increase(cached), Increase(preempted)
 
     def on_step(self, outputs: list[RequestOutput], stats: EngineStats, pending: int) -> None:
         self.running.set(stats.num_running, self.tags)
@@ -63,13 +68,25 @@ class EngineMetrics:
         for out in outputs:
             if out.queue_time_s is not None:
                 self.queue_time.observe(out.queue_time_s * 1e3, self.tags)
-        if stats.num_cached_tokens > self._cached_seen:  # a counter only goes up, by > 0
-            self.cached_tokens.inc(stats.num_cached_tokens - self._cached_seen, self.tags)
-            self._cached_seen = stats.num_cached_tokens
+        self.cached_tokens.update(stats.num_cached_tokens, self.tags)
+        self.preemptions.update(stats.num_preemptions, self.tags)
 
     def on_transfer(self, ms: float, nbytes: int) -> None:
         self.kv_transfer_ms.observe(ms, self.tags)
         self.kv_transfer_bytes.inc(nbytes, self.tags)
+
+
+class Increase:
+    """A counter fed from an engine's total since it started: it takes each increase (a
+    Ray counter only goes up, by more than 0)."""
+
+    def __init__(self, counter) -> None:
+        self.counter, self.seen = counter, 0
+
+    def update(self, total: int, tags: dict[str, str]) -> None:
+        if total > self.seen:
+            self.counter.inc(total - self.seen, tags)
+            self.seen = total
 
 
 class RequestMetrics:

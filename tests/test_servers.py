@@ -42,3 +42,35 @@ def test_a_refused_request_ends_its_stream_as_an_item_not_a_raise(
         assert stats.num_free_blocks == stats.num_kv_blocks
     finally:
         server.loop.shutdown()
+
+
+def test_preemptions_and_cache_hits_reach_their_counters_as_they_happen(make_engine):
+    """A replica's counters take the engine's totals step by step: an engine with too few
+    blocks for its three requests preempts, and the increments the preemption counter got
+    add up to the engine's count (as the prefix-cache hits to its cached tokens)."""
+    from deployments.metrics import EngineMetrics
+
+    engine = make_engine(num_kv_blocks=10, block_size=4, enable_prefix_caching=True)
+    metrics, got = EngineMetrics("colocated"), {"preemptions": [], "cached_tokens": []}
+    for name, increments in got.items():
+        getattr(metrics, name).counter = _Recorder(increments)
+    prompts = ["The capital of France is", "def fibonacci(n):", "Paris is"]
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, SamplingParams(max_tokens=12, temperature=0.0))
+    while engine.has_unfinished:
+        metrics.on_step(engine.step(), engine.stats, 0)
+    assert engine.num_preemptions > 0 and engine.stats.num_cached_tokens > 0
+    assert sum(got["preemptions"]) == engine.num_preemptions
+    assert sum(got["cached_tokens"]) == engine.stats.num_cached_tokens
+    assert all(n > 0 for n in got["preemptions"] + got["cached_tokens"])
+
+
+class _Recorder:
+    """A Ray counter's stand-in: the increments it was given."""
+
+    def __init__(self, increments: list[int]) -> None:
+        self.increments = increments
+
+    def inc(self, value: int, tags: dict) -> None:
+        assert tags == {"phase": "colocated"}
+        self.increments.append(value)

@@ -7,14 +7,10 @@ from engine.sampling_params import InvalidRequestError
 
 
 def context_window(text_config) -> int:
-    """The longest context this engine serves exactly for a model (its transformers text
-    config): its position limit, or the span of Llama 4's chunked local attention, which the
-    paged attention does not apply (past one chunk those layers would see too much)."""
-    window = text_config.max_position_embeddings
-    chunk = getattr(text_config, "attention_chunk_size", None)
-    if chunk and "chunked_attention" in (getattr(text_config, "layer_types", None) or ()):
-        return min(window, chunk)
-    return window
+    """The longest context this engine serves for a model (its transformers text config): its
+    position limit. (Llama 4's chunked local attention, once capped at one chunk, is applied
+    by the paged attention: kvkernels/paged_attention.py's `Reach`.)"""
+    return text_config.max_position_embeddings
 
 
 def check_lengths(

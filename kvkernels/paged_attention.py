@@ -72,6 +72,42 @@ class ScoreMods:
 PLAIN = ScoreMods()
 
 
+@dataclass(frozen=True)
+class Reach:
+    """How far back a layer's queries see: every earlier key (None, None), the last `window`
+    keys (a sliding window), or the keys of their own `chunk` (Llama 4's chunked local
+    attention: positions [q - q % chunk, q])."""
+
+    window: int | None = None
+    chunk: int | None = None
+
+    @classmethod
+    def of(cls, module: torch.nn.Module, sliding_window: int | None) -> Reach:
+        """The layer's: transformers passes the sliding window; a chunked layer is one whose
+        config lists it as "chunked_attention"."""
+        config = getattr(module, "config", None)
+        types = getattr(config, "layer_types", None) or ()
+        idx = getattr(module, "layer_idx", None)
+        chunked = idx is not None and idx < len(types) and types[idx] == "chunked_attention"
+        return cls(sliding_window, config.attention_chunk_size if chunked else None)
+
+    def oldest(self, q_pos: torch.Tensor) -> torch.Tensor | None:
+        """Per query position, the first key position it sees; None: position 0."""
+        firsts = []
+        if self.window is not None:
+            firsts.append(q_pos - self.window + 1)
+        if self.chunk is not None:
+            firsts.append(q_pos - q_pos % self.chunk)
+        return torch.stack(firsts).amax(0) if firsts else None
+
+    def all_of(self, n: int) -> bool:
+        """Queries at positions 0 .. n - 1 see every earlier key (plain causal attention)."""
+        return (self.window is None or self.window >= n) and (self.chunk is None or self.chunk >= n)
+
+
+EVERYTHING = Reach()
+
+
 def explicit_attention(q, k, v, mask, scale: float, mods: ScoreMods, sinks_shape) -> torch.Tensor:
     """softmax over q k^T with `mods` applied, as transformers' eager attention of those
     families computes it; q (..., n, D), k/v (..., C, D), mask broadcast to (..., n, C) (True:
@@ -144,7 +180,7 @@ def _sdpa_heads(q, k, v, scale: float, mask=None, mods: ScoreMods = PLAIN) -> to
     if not mods.plain:
         if mask is None:
             k_pos = torch.arange(k.shape[1], device=q.device)
-            mask = causal_mask(k_pos[k.shape[1] - q.shape[1] :], k_pos, None)
+            mask = causal_mask(k_pos[k.shape[1] - q.shape[1] :], k_pos, EVERYTHING)
         return explicit_attention(q, k, v, mask, scale, mods, (-1, 1, 1))
     causal = mask is None
     out = F.scaled_dot_product_attention(
@@ -153,11 +189,12 @@ def _sdpa_heads(q, k, v, scale: float, mask=None, mods: ScoreMods = PLAIN) -> to
     return out[0]
 
 
-def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """(n, C) bool: key j is visible to query i; a sliding window keeps the last `window` keys."""
+def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, reach: Reach) -> torch.Tensor:
+    """(n, C) bool: key j is visible to query i, within the layer's reach."""
     mask = k_pos[None, :] <= q_pos[:, None]
-    if window is not None:
-        mask &= k_pos[None, :] > q_pos[:, None] - window
+    oldest = reach.oldest(q_pos)
+    if oldest is not None:
+        mask &= k_pos[None, :] >= oldest[:, None]
     return mask
 
 
@@ -168,7 +205,7 @@ def prefill_attention(
     layer_cache: torch.Tensor,
     span: PrefillSpan,
     scale: float,
-    window: int | None = None,
+    reach: Reach = EVERYTHING,
     mods: ScoreMods = PLAIN,
 ) -> torch.Tensor:
     """q (n, H, D), k_new/v_new (n, Hkv, D) of one request -> (n, H, D)."""
@@ -177,14 +214,14 @@ def prefill_attention(
     fresh = span.context_len == span.query_len  # nothing cached before this chunk
     if fresh:
         k, v = k_new.transpose(0, 1), v_new.transpose(0, 1)
-        if window is None or window >= n:
+        if reach.all_of(n):
             return _sdpa_heads(qh, k, v, scale, mods=mods).transpose(0, 1)
     else:
         k, v = gather_context(layer_cache, span.block_table, span.context_len)
     # query i sits at position (context_len - n + i)
     q_pos = torch.arange(span.context_len - n, span.context_len, device=q.device)
     k_pos = torch.arange(span.context_len, device=q.device)
-    mask = causal_mask(q_pos, k_pos, window)
+    mask = causal_mask(q_pos, k_pos, reach)
     return _sdpa_heads(qh, k, v, scale, mask, mods).transpose(0, 1)
 
 
@@ -209,6 +246,7 @@ def paged_attention_forward(
     meta = attn_metadata
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     mods = ScoreMods(kwargs.get("softcap"), kwargs.get("s_aux"))
+    reach = Reach.of(module, sliding_window)
     q = query[0].transpose(0, 1)  # (T, H, D)
     k = key[0].transpose(0, 1)  # (T, Hkv, D)
     v = value[0].transpose(0, 1)
@@ -224,28 +262,28 @@ def paged_attention_forward(
     out = torch.empty_like(q)
     if meta.num_decodes:
         idx = meta.decode_token_idx
-        out[idx] = _decode(q[idx], layer_cache, meta, scale, sliding_window, mods)
+        out[idx] = _decode(q[idx], layer_cache, meta, scale, reach, mods)
     for span in meta.prefills:
         sl = slice(span.query_start, span.query_start + span.query_len)
-        out[sl] = prefill_attention(
-            q[sl], k[sl], v[sl], layer_cache, span, scale, sliding_window, mods
-        )
+        out[sl] = prefill_attention(q[sl], k[sl], v[sl], layer_cache, span, scale, reach, mods)
     return out.unsqueeze(0), None  # (1, T, H, D)
 
 
-def _decode(q, layer_cache, meta: AttentionMetadata, scale: float, window, mods: ScoreMods):
-    """Decode queries (Bd, H, D): the compiled CPU kernel where it applies, else torch."""
-    if meta.use_kernel and mods.plain:
+def _decode(q, layer_cache, meta: AttentionMetadata, scale: float, reach: Reach, mods):
+    """Decode queries (Bd, H, D): the compiled CPU kernel where it applies (plain scores, a
+    sliding window or none), else torch."""
+    lens = meta.decode_context_lens
+    if meta.use_kernel and mods.plain and (reach.chunk is None or int(lens.max()) <= reach.chunk):
         out = cpu_ops.paged_decode(
-            q, layer_cache, meta.decode_block_tables, meta.decode_context_lens, scale, window
+            q, layer_cache, meta.decode_block_tables, lens, scale, reach.window
         )
         if out is not None:
             return out
     valid = meta.decode_valid
-    if window is not None:  # keep the last `window` keys, the query's own included
+    oldest = reach.oldest(lens - 1)  # (Bd,): each query sits at position context_len - 1
+    if oldest is not None:
         slots = torch.arange(valid.shape[-1], device=valid.device)
-        oldest = meta.decode_context_lens - window  # (Bd,)
-        valid = valid & (slots[None, :] > oldest[:, None] - 1)[:, None, None, :]
+        valid = valid & (slots[None, :] >= oldest[:, None])[:, None, None, :]
     return decode_attention(
         q, layer_cache, meta.decode_block_tables, valid, scale, meta.decode_workspace, mods
     )

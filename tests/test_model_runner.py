@@ -97,7 +97,8 @@ FAMILIES = {
             num_experts_per_tok=2,
         ),
     ),
-    # a router that is a Linear with its own forward, experts, chunked layers (within a chunk)
+    # a router that is a Linear with its own forward, experts, chunked local attention (chunks
+    # of 5 tokens: the prompts, their chunked prefills and decodes cross chunk boundaries)
     "llama4": (
         Llama4TextConfig,
         Llama4ForCausalLM,
@@ -107,6 +108,7 @@ FAMILIES = {
             num_key_value_heads=2,
             head_dim=16,
             num_local_experts=2,
+            attention_chunk_size=5,
         ),
     ),
     # attention sinks (one softmax logit per head with no value), sliding layers, experts
@@ -259,11 +261,11 @@ def test_load_clears_the_block_its_check_used(tmp_path):
     assert not runner.kv_cache.any()
 
 
-def test_llama4s_context_is_one_chunk_of_its_local_attention():
-    """The paged attention applies no chunked mask: past one chunk, Llama 4's local layers
-    would see too far back, so the window served is one chunk."""
+def test_llama4s_context_is_its_position_limit_not_one_chunk():
+    """The paged attention applies Llama 4's chunked local attention (the FAMILIES tests
+    cross chunk boundaries), so its whole position range is served."""
     llama4 = Llama4TextConfig(attention_chunk_size=8192, max_position_embeddings=131072)
-    assert context_window(llama4) == ModelShape.of(llama4).max_position_embeddings == 8192
+    assert context_window(llama4) == ModelShape.of(llama4).max_position_embeddings == 131072
     assert context_window(LlamaConfig(max_position_embeddings=4096)) == 4096
 
 

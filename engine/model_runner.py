@@ -62,8 +62,9 @@ class ModelShape:
         return cls(
             num_layers=c.num_hidden_layers,
             num_heads=heads,
-            num_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
-            head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
+            # latent attention expands keys and values to every head
+            num_kv_heads=heads if _latent(c) else getattr(c, "num_key_value_heads", None) or heads,
+            head_dim=_kv_head_size(c),
             vocab_size=c.vocab_size,
             max_position_embeddings=context_window(c),
         )
@@ -84,6 +85,23 @@ class ModelShape:
     def kv_layout(self, block_size: int, dtype: torch.dtype) -> KVLayout:
         """The whole model's KV layout, whatever the replica's parallel layout."""
         return KVLayout(self.num_layers, block_size, self.num_kv_heads, self.head_dim, str(dtype))
+
+
+def _kv_head_size(text_config) -> int:
+    """The head size the paged cache holds. Multi-head latent attention (DeepSeek V2 / V3)
+    runs as transformers computes it: keys of qk_nope + qk_rope dimensions, values of
+    v_head_dim (their config's head_dim is the rotary part only); the cache holds the larger,
+    values padded (kvkernels/paged_attention.py)."""
+    c = text_config
+    if _latent(c):
+        return max(c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim)
+    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
+def _latent(text_config) -> bool:
+    return bool(getattr(text_config, "qk_nope_head_dim", None)) and bool(
+        getattr(text_config, "v_head_dim", None)
+    )
 
 
 class ModelRunner:

@@ -251,12 +251,14 @@ def paged_attention_forward(
     k = key[0].transpose(0, 1)  # (T, Hkv, D)
     v = value[0].transpose(0, 1)
     layer_cache = meta.kv_cache[module.layer_idx - meta.layer_offset]  # (2, nb, bs, Hkv, D)
-    if key.shape[-1] != layer_cache.shape[-1] or value.shape[-1] != layer_cache.shape[-1]:
+    size, v_size = layer_cache.shape[-1], value.shape[-1]
+    if key.shape[-1] != size or v_size > size:
         raise ValueError(
             f"{type(module).__name__} gives keys of head size {key.shape[-1]} and values of "
-            f"{value.shape[-1]}; the paged cache holds one head size, {layer_cache.shape[-1]} "
-            "(multi-head latent attention, as in DeepSeek V2 / V3, is not supported)"
+            f"{v_size}; the paged cache holds keys of {size}"
         )
+    if v_size < size:  # DeepSeek's latent attention: values narrower than keys, zero-padded
+        v = F.pad(v, (0, size - v_size))  # (the output's extra columns are 0, cut below)
     write_kv(layer_cache, k, v, meta.slot_mapping)
 
     out = torch.empty_like(q)
@@ -266,7 +268,7 @@ def paged_attention_forward(
     for span in meta.prefills:
         sl = slice(span.query_start, span.query_start + span.query_len)
         out[sl] = prefill_attention(q[sl], k[sl], v[sl], layer_cache, span, scale, reach, mods)
-    return out.unsqueeze(0), None  # (1, T, H, D)
+    return out[..., :v_size].unsqueeze(0), None  # (1, T, H, D of the values)
 
 
 def _decode(q, layer_cache, meta: AttentionMetadata, scale: float, reach: Reach, mods):

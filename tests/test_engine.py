@@ -590,10 +590,11 @@ def test_choices_of_one_prompt_compute_it_once(make_engine, reference):
     assert outs[True] == outs[False] and outs[True][0] == reference[2]
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gpt_oss"])
+@pytest.mark.parametrize("family", ["gemma2", "gpt_oss", "deepseek_v3"])
 def test_other_families_through_the_engine_equal_transformers_generate(family, tmp_path, tokenizer):
-    """A tiny random Gemma 2 (tight score softcapping) or gpt-oss (attention sinks) saved with
-    the default tokenizer and loaded by path, as `model:` in serve_config.yaml loads one: greedy
+    """A tiny random Gemma 2 (tight score softcapping), gpt-oss (attention sinks) or DeepSeek
+    V3 (latent attention: the cache's head size and heads from its config) saved with the
+    default tokenizer and loaded by path, as `model:` in serve_config.yaml loads one: greedy
     output of three batched prompts equals transformers' generate."""
     import torch
     from transformers import AutoModelForCausalLM

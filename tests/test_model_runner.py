@@ -6,7 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import (
+    DeepseekV2Config,
+    DeepseekV2ForCausalLM,
     DeepseekV3Config,
+    DeepseekV3ForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
@@ -109,6 +112,45 @@ FAMILIES = {
             head_dim=16,
             num_local_experts=2,
             attention_chunk_size=5,
+        ),
+    ),
+    # multi-head latent attention: keys of 16 + 8 (rotary) dimensions, values of 16; a dense
+    # first layer, then experts with a shared one and grouped routing
+    "deepseek_v3": (
+        DeepseekV3Config,
+        DeepseekV3ForCausalLM,
+        dict(
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            first_k_dense_replace=1,
+            kv_lora_rank=16,
+            q_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=16,
+            v_head_dim=16,
+            num_key_value_heads=4,
+            n_group=2,
+            topk_group=1,
+        ),
+    ),
+    # the same attention, its own experts (DeepSeek V2 / V2-Lite), queries without a low rank
+    "deepseek_v2": (
+        DeepseekV2Config,
+        DeepseekV2ForCausalLM,
+        dict(
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            first_k_dense_replace=1,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=16,
+            v_head_dim=16,
+            num_key_value_heads=4,
         ),
     ),
     # attention sinks (one softmax logit per head with no value), sliding layers, experts
@@ -220,28 +262,10 @@ def test_bfloat16_runs_close_to_reference(family):
 @pytest.mark.parametrize(
     "config, match",
     [
-        # keys of 24 (16 + 8 rotary), values of 16: two head sizes
-        (
-            DeepseekV3Config(
-                **COMMON,
-                intermediate_size=96,
-                moe_intermediate_size=32,
-                n_routed_experts=4,
-                num_experts_per_tok=2,
-                kv_lora_rank=16,
-                q_lora_rank=16,
-                qk_rope_head_dim=8,
-                qk_nope_head_dim=16,
-                v_head_dim=16,
-                n_group=1,
-                topk_group=1,
-            ),
-            "multi-head latent attention",
-        ),
         # its model does not pass the attention arguments down
         (StableLmConfig(**COMMON, intermediate_size=96), "cannot run on the paged cache"),
     ],
-    ids=["deepseek_v3", "stablelm"],
+    ids=["stablelm"],
 )
 def test_an_architecture_the_paged_cache_cannot_run_fails_at_load(tmp_path, config, match):
     from transformers import AutoModelForCausalLM

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 # families whose model forward is embed -> rotary -> layers -> norm -> lm_head
 PARALLEL_MODEL_TYPES = (
     *("llama", "mistral", "qwen2", "qwen3"),
-    *("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"),  # mixtures of experts
+    *("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v2", "deepseek_v3"),  # MoE
 )
 
 

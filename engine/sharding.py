@@ -15,13 +15,15 @@ up and down projections, the router stays whole (each rank routes the same token
 way) and the experts' output is all-reduced, like a row-parallel layer's. Qwen2-MoE's shared
 expert is split as a dense MLP. gpt-oss's plan names only its embeddings: its attention is
 split as every family's, and each rank keeps the attention-sink logits of its own heads.
+DeepSeek V2 / V3 (latent attention): the latent projection stays whole, the projections from
+it to each head's queries, keys and values are split by heads.
 
 Pipeline parallelism keeps the stage's decoder layers only; the first stage keeps the embedding,
 the last the final norm and the LM head. The modules are named by the Llama family's layout
 (`model.embed_tokens / rotary_emb / layers / norm`, `lm_head`). A worker runs its stage's
 layers itself (engine/workers.py), as the Llama model's forward does, so only the families
 whose model adds nothing around the layers are served: Llama, Mistral, Qwen2, Qwen3 and the
-four mixtures above. Others are rejected with a clear error at load: Granite scales its
+mixtures above. Others are rejected with a clear error at load: Granite scales its
 embeddings and logits, Gemma 2 softcaps its logits, Gemma 3 has a rotary embedding per layer
 type; and plans with styles other than colwise, rowwise and replicated (Phi-3's fused
 projections, Llama 4's experts).
@@ -108,8 +110,9 @@ def _style(plan: dict[str, str], name: str, layer_offset: int) -> str | None:
     full = ".".join(parts)
     for pattern, style in plan.items():
         if fnmatch(full, pattern):
-            # Qwen3's q/k norms; embeddings, which every family keeps whole on every rank
-            if style.startswith(("replicated", "embedding")):
+            # Qwen3's q/k norms; embeddings, which every family keeps whole on every rank;
+            # DeepSeek's latent projection, which every head reads
+            if style.startswith(("replicated", "embedding")) or style == "mla_kv_a_proj":
                 return None
             if style not in ("colwise", "rowwise", "experts"):
                 raise ValueError(f"tensor-parallel style {style!r} ({pattern}) is not supported")

@@ -121,7 +121,7 @@ def test_a_qwen3_shard_keeps_its_head_norms_whole_and_splits_the_projections():
     assert torch.equal(attn.q_norm.weight, full[prefix + "self_attn.q_norm.weight"])
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v3"])
 def test_a_mixture_of_experts_shard_keeps_a_slice_of_every_expert_and_the_slices_sum_up(kind):
     """Each rank keeps its rows of every expert's gate and up (two halves of one tensor, or
     interleaved and transposed with biases in gpt-oss) and the matching part of down; the
@@ -139,7 +139,14 @@ def test_a_mixture_of_experts_shard_keeps_a_slice_of_every_expert_and_the_slices
         "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
         "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
         "gpt_oss": (transformers.GptOssConfig, transformers.GptOssForCausalLM),
+        "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM),
     }[kind]
+    count = {"mixtral": "num_local_experts", "gpt_oss": "num_local_experts"}.get(
+        kind, "num_experts"
+    )
+    # DeepSeek: a dense first layer, then experts and a shared one; small latent ranks
+    deepseek = dict(n_routed_experts=4, first_k_dense_replace=1, n_group=1, topk_group=1)
+    deepseek.update(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8)
     config = config_cls(
         vocab_size=64,
         hidden_size=32,
@@ -151,7 +158,7 @@ def test_a_mixture_of_experts_shard_keeps_a_slice_of_every_expert_and_the_slices
         num_key_value_heads=2,
         head_dim=8,
         num_experts_per_tok=2,
-        **{"num_local_experts" if kind in ("mixtral", "gpt_oss") else "num_experts": 4},
+        **(deepseek if kind == "deepseek_v3" else {count: 4}),
     )
     torch.manual_seed(0)
     whole = model_cls(config).eval()

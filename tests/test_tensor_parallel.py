@@ -110,29 +110,22 @@ def test_parallel_replica_matches_one_worker(layout, request, single, reference,
             close(engine)
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("kind", ["deepseek_v3", "gpt_oss"])
 def test_a_mixture_of_experts_split_over_two_ranks_matches_one_worker(
     kind, cluster, tmp_path, tokenizer
 ):
-    """A tiny Mixtral and a tiny gpt-oss (interleaved, biased experts; attention sinks; sliding
+    """A tiny DeepSeek V3 (latent attention split by heads; experts in gate and up halves, a
+    shared one) and a tiny gpt-oss (interleaved, biased experts; attention sinks; sliding
     layers) at tp=2: every rank holds half of each expert (engine/sharding.py) and the logits
     and greedy tokens equal one worker's."""
-    import transformers
+    from tests.test_model_runner import FAMILIES
 
-    config_cls, model_cls = {
-        "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
-        "gpt_oss": (transformers.GptOssConfig, transformers.GptOssForCausalLM),
-    }[kind]
+    config_cls, model_cls, extra = FAMILIES[kind]
     config = config_cls(
+        **{**extra, "intermediate_size": 96},
         hidden_size=64,
-        intermediate_size=96,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        sliding_window=8,
         vocab_size=len(tokenizer),
         max_position_embeddings=512,
         initializer_range=0.2,

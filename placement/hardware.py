@@ -2,7 +2,8 @@
 
 `ModelSpec.from_config` reads a Hugging Face config.json (a model directory or the file itself)
 of a family the engine runs: the dense Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite, Gemma 1-3
-and OPT, and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE and gpt-oss. It counts
+and OPT, and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, gpt-oss and DeepSeek V2 / V3
+(with its multi-head latent attention). It counts
 parameters from the shapes, exactly as transformers builds them, so a 70B model can be planned
 on a laptop. A mixture of experts has two counts: every parameter (what memory holds and what a
 large decode batch reads) and those one token runs through (`active_params`: its FLOPs).
@@ -30,7 +31,8 @@ class Experts:
     per_token: int
     intermediate_size: int  # of one expert
     layers: int
-    shared_intermediate_size: int | None = None  # Qwen2-MoE's shared expert (and its gate)
+    shared_intermediate_size: int | None = None  # a shared expert (Qwen2-MoE, DeepSeek)
+    shared_gate: bool = False  # Qwen2-MoE's: the shared expert's one-output gate
     biases: bool = False  # gpt-oss: on each expert's projections and on the router
 
     def layer_params(self, hidden: int, running: int) -> int:
@@ -39,8 +41,8 @@ class Experts:
         expert = 3 * h * f + (2 * f + h) * self.biases
         router = self.count * (h + self.biases)  # it scores every expert, whichever run
         shared = 0
-        if self.shared_intermediate_size is not None:  # gate, up, down + a one-output gate
-            shared = 3 * h * self.shared_intermediate_size + h
+        if self.shared_intermediate_size is not None:  # gate, up, down (+ its own gate)
+            shared = 3 * h * self.shared_intermediate_size + h * self.shared_gate
         return running * expert + router + shared
 
     @classmethod
@@ -70,8 +72,56 @@ class Experts:
                     if kind == "qwen2_moe"
                     else None
                 ),
+                shared_gate=kind == "qwen2_moe",
+            )
+        if kind in ("deepseek_v2", "deepseek_v3"):  # dense first layers, then a shared expert
+            dense = cfg.get("first_k_dense_replace", 0)
+            return cls(
+                count=cfg.get("n_routed_experts") or count,
+                per_token=cfg["num_experts_per_tok"],
+                intermediate_size=cfg["moe_intermediate_size"],
+                layers=cfg["num_hidden_layers"] - dense,
+                shared_intermediate_size=cfg["moe_intermediate_size"] * cfg["n_shared_experts"],
             )
         return None
+
+
+@dataclass(frozen=True)
+class Latent:
+    """DeepSeek V2 / V3's multi-head latent attention: queries through an optional low rank,
+    keys and values from one `kv_lora_rank` latent (plus a shared rotary key part)."""
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def cached_head_dim(self) -> int:
+        """What the engine caches per head: keys and values expanded, at the larger size."""
+        return max(self.qk_head_dim, self.v_head_dim)
+
+    def params(self, hidden: int, heads: int, bias: bool) -> int:
+        h, q, kv = hidden, self.q_lora_rank, self.kv_lora_rank
+        query = h * heads * self.qk_head_dim
+        if q is not None:  # down to q, its norm, up to the heads
+            query = h * q + q * bias + q + q * heads * self.qk_head_dim
+        latent = (h + bias) * (kv + self.qk_rope_head_dim) + kv  # with its norm
+        expand = kv * heads * (self.qk_nope_head_dim + self.v_head_dim)
+        out = heads * self.v_head_dim * h + h * bias
+        return query + latent + expand + out
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> Latent | None:
+        if not cfg.get("kv_lora_rank"):
+            return None
+        names = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim")
+        return cls(*(cfg.get(n) for n in names), cfg["v_head_dim"])
 
 
 @dataclass(frozen=True)
@@ -96,6 +146,7 @@ class ModelSpec:
     qk_norm: bool = False  # a head-size norm on queries and one on keys (Qwen3, Gemma 3)
     sinks: bool = False  # gpt-oss: one attention-sink logit per head
     experts: Experts | None = None
+    latent: Latent | None = None  # DeepSeek's attention (then num_kv_heads, head_dim: cached)
     model_type: str = ""  # config.json's
 
     @property
@@ -132,13 +183,15 @@ class ModelSpec:
             )
         family = _GATED[kind]
         attention_bias = bool(cfg.get("attention_bias", family.get("attention_bias", False)))
+        latent = Latent.from_config(cfg)
         return cls(
             name=cfg.get("_name_or_path") or kind,
             num_layers=cfg["num_hidden_layers"],
             hidden_size=hidden,
             num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or hidden // heads,
+            # the engine caches a latent-attention model's keys and values for every head
+            num_kv_heads=heads if latent else cfg.get("num_key_value_heads") or heads,
+            head_dim=latent.cached_head_dim if latent else cfg.get("head_dim") or hidden // heads,
             intermediate_size=cfg["intermediate_size"],
             vocab_size=cfg["vocab_size"],
             gated_mlp=True,
@@ -152,6 +205,7 @@ class ModelSpec:
             qk_norm=family.get("qk_norm", False),
             sinks=family.get("sinks", False),
             experts=Experts.from_config(kind, cfg),
+            latent=latent,
             model_type=kind,
         )
 
@@ -179,6 +233,8 @@ class ModelSpec:
 
     def _attention_and_norms(self) -> int:
         h, d = self.hidden_size, self.head_dim
+        if self.latent is not None:  # and the two RMSNorms
+            return self.latent.params(h, self.num_heads, self.o_bias) + self.layer_norms * h
         attention = h * self.num_heads * d * 2 + h * self.num_kv_heads * d * 2  # q, o, k, v
         if not self.gated_mlp:  # OPT: biases on q, k, v, o and two LayerNorms (weight, bias)
             return attention + 4 * h + 4 * h
@@ -214,6 +270,8 @@ _GATED: dict[str, dict] = {
     "qwen2_moe": {"qkv_bias": True},
     "qwen3_moe": {"qk_norm": True},
     "gpt_oss": {"attention_bias": True, "sinks": True},
+    "deepseek_v2": {},  # latent attention: `Latent.from_config`
+    "deepseek_v3": {},
 }
 
 

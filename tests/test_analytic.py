@@ -8,6 +8,10 @@ import json
 import pytest
 import torch
 from transformers import (
+    DeepseekV2Config,
+    DeepseekV2ForCausalLM,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
@@ -82,6 +86,18 @@ def _numel(model) -> int:
 
 SMALL = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, vocab_size=300)
 MOE_SMALL = {**SMALL, "num_hidden_layers": 4, "num_experts_per_tok": 2}
+LATENT = dict(
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    n_routed_experts=4,
+    n_shared_experts=2,
+    first_k_dense_replace=1,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=16,
+    v_head_dim=12,
+    topk_group=1,
+)
 # (config, model class, how the config names its expert count); dense layers among the
 # mixtures (mlp_only_layers, decoder_sparse_step), a shared expert, biased experts and router
 MOE = [
@@ -127,6 +143,18 @@ MOE = [
         ),
         GptOssForCausalLM,
         "num_local_experts",
+    ),
+    # latent attention (queries with and without their low rank; biases), a dense first
+    # layer, a shared expert
+    (
+        DeepseekV2Config(**MOE_SMALL, **LATENT, q_lora_rank=None, num_key_value_heads=4),
+        DeepseekV2ForCausalLM,
+        "n_routed_experts",
+    ),
+    (
+        DeepseekV3Config(**MOE_SMALL, **LATENT, q_lora_rank=24, attention_bias=True, n_group=2),
+        DeepseekV3ForCausalLM,
+        "n_routed_experts",
     ),
 ]
 
@@ -204,6 +232,7 @@ def test_active_parameters_are_a_model_with_only_top_k_experts_and_the_whole_rou
     unrouted = moe_layers * (spec.experts.count - k) * router_row
     assert spec.active_params == _numel(top_k_only) + unrouted < spec.num_params
     dense = [(MixtralConfig, 4), (Qwen2MoeConfig, 1), (Qwen3MoeConfig, 3), (GptOssConfig, 4)]
+    dense += [(DeepseekV2Config, 3), (DeepseekV3Config, 3)]
     assert moe_layers == dict(dense)[type(config)]  # the layers given a mixture
 
 
@@ -232,6 +261,17 @@ def test_a_mixture_of_experts_computes_with_its_active_parameters_and_reads_them
     assert e.decode.a == pytest.approx(spec.num_params * 2 / bytes_per_ms + 1.0, rel=1e-12)
     free = 141e9 * 0.9 - spec.num_params * 2
     assert e.kv_capacity_tokens == int(free / spec.kv_bytes_per_token)
+
+
+def test_a_latent_attention_models_kv_bytes_are_what_the_engine_caches(tmp_path):
+    """DeepSeek's keys and values are cached expanded, every head at the larger head size
+    (engine.model_runner.ModelShape): the planner's KV bytes per token are the engine's."""
+    from engine.model_runner import ModelShape
+
+    for config, _, _ in MOE[-2:]:
+        spec = ModelSpec.from_config(_write(tmp_path, config.to_dict()))
+        engine = ModelShape.of(config).kv_bytes_per_token(torch.bfloat16)
+        assert spec.kv_bytes_per_token == engine == 4 * 2 * 4 * 24 * 2  # keys 16 + 8 > values 12
 
 
 @pytest.mark.model

@@ -47,43 +47,58 @@ class Experts:
 
     @classmethod
     def from_config(cls, kind: str, cfg: dict) -> Experts | None:
+        build = {
+            "mixtral": cls._every_layer,
+            "gpt_oss": cls._every_layer,
+            "qwen2_moe": cls._sparse_steps,
+            "qwen3_moe": cls._sparse_steps,
+            "deepseek_v2": cls._after_dense,
+            "deepseek_v3": cls._after_dense,
+        }.get(kind)
         # hub configs and transformers' own spell the count either way
-        count = cfg.get("num_local_experts") or cfg.get("num_experts") or 0
-        if kind in ("mixtral", "gpt_oss"):  # every layer's MLP is a mixture
-            return cls(
-                count=count,
-                per_token=cfg.get("num_experts_per_tok") or cfg["experts_per_token"],
-                intermediate_size=cfg["intermediate_size"],
-                layers=cfg["num_hidden_layers"],
-                biases=kind == "gpt_oss",
-            )
-        if kind in ("qwen2_moe", "qwen3_moe"):  # the dense MLP in some layers
-            if not count:
-                return None
-            dense, step = set(cfg.get("mlp_only_layers") or ()), cfg.get("decoder_sparse_step", 1)
-            layers = range(cfg["num_hidden_layers"])
-            return cls(
-                count=count,
-                per_token=cfg["num_experts_per_tok"],
-                intermediate_size=cfg["moe_intermediate_size"],
-                layers=sum(i not in dense and (i + 1) % step == 0 for i in layers),
-                shared_intermediate_size=(
-                    cfg.get("shared_expert_intermediate_size", 5632)
-                    if kind == "qwen2_moe"
-                    else None
-                ),
-                shared_gate=kind == "qwen2_moe",
-            )
-        if kind in ("deepseek_v2", "deepseek_v3"):  # dense first layers, then a shared expert
-            dense = cfg.get("first_k_dense_replace", 0)
-            return cls(
-                count=cfg.get("n_routed_experts") or count,
-                per_token=cfg["num_experts_per_tok"],
-                intermediate_size=cfg["moe_intermediate_size"],
-                layers=cfg["num_hidden_layers"] - dense,
-                shared_intermediate_size=cfg["moe_intermediate_size"] * cfg["n_shared_experts"],
-            )
-        return None
+        count = (
+            cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts")
+        )
+        return build(kind, cfg, count) if build and count else None
+
+    @classmethod
+    def _every_layer(cls, kind: str, cfg: dict, count: int) -> Experts:
+        return cls(
+            count=count,
+            per_token=cfg.get("num_experts_per_tok") or cfg["experts_per_token"],
+            intermediate_size=cfg["intermediate_size"],
+            layers=cfg["num_hidden_layers"],
+            biases=kind == "gpt_oss",
+        )
+
+    @classmethod
+    def _sparse_steps(cls, kind: str, cfg: dict, count: int) -> Experts:
+        """Qwen's: the dense MLP in `mlp_only_layers` and off the `decoder_sparse_step`."""
+        dense, step = set(cfg.get("mlp_only_layers") or ()), cfg.get("decoder_sparse_step", 1)
+        qwen2 = kind == "qwen2_moe"
+        return cls(
+            count=count,
+            per_token=cfg["num_experts_per_tok"],
+            intermediate_size=cfg["moe_intermediate_size"],
+            layers=sum(
+                i not in dense and (i + 1) % step == 0 for i in range(cfg["num_hidden_layers"])
+            ),
+            shared_intermediate_size=cfg.get("shared_expert_intermediate_size", 5632)
+            if qwen2
+            else None,
+            shared_gate=qwen2,
+        )
+
+    @classmethod
+    def _after_dense(cls, kind: str, cfg: dict, count: int) -> Experts:
+        """DeepSeek's: dense first layers, then experts with shared ones."""
+        return cls(
+            count=count,
+            per_token=cfg["num_experts_per_tok"],
+            intermediate_size=cfg["moe_intermediate_size"],
+            layers=cfg["num_hidden_layers"] - cfg.get("first_k_dense_replace", 0),
+            shared_intermediate_size=cfg["moe_intermediate_size"] * cfg["n_shared_experts"],
+        )
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,12 @@ it to each head's queries, keys and values are split by heads.
 Pipeline parallelism keeps the stage's decoder layers only; the first stage keeps the embedding,
 the last the final norm and the LM head. The modules are named by the Llama family's layout
 (`model.embed_tokens / rotary_emb / layers / norm`, `lm_head`). A worker runs its stage's
-layers itself (engine/workers.py), as the Llama model's forward does, so only the families
-whose model adds nothing around the layers are served: Llama, Mistral, Qwen2, Qwen3 and the
-mixtures above. Others are rejected with a clear error at load: Granite scales its
-embeddings and logits, Gemma 2 softcaps its logits, Gemma 3 has a rotary embedding per layer
-type; and plans with styles other than colwise, rowwise and replicated (Phi-3's fused
-projections, Llama 4's experts).
+layers itself (engine/workers.py), as the Llama model's forward does, plus what the served
+families add around them (Granite's embedding and logit scales, Gemma 2 / 3's logit softcap,
+Gemma 3's rotary embedding per layer type): Llama, Mistral, Qwen2, Qwen3, Granite, Gemma 1-3
+and the mixtures above. Others are rejected with a clear error at load, as are plans with
+styles other than colwise, rowwise and replicated (Phi-3's fused projections, Llama 4's
+experts).
 """
 
 from __future__ import annotations

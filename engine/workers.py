@@ -15,6 +15,7 @@ go with it.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import socket
@@ -54,6 +55,8 @@ class ShardRunner(ModelRunner):
         self.hidden_size = model.config.get_text_config().hidden_size
         self.first = shard.pp_rank == 0
         self.last = shard.pp_rank == layout.pp - 1
+        rotary = model.model.rotary_emb  # Gemma 3's takes the layer type
+        self.rotary_per_type = "layer_type" in inspect.signature(rotary.forward).parameters
 
     def _peer(self, pp_rank: int) -> int:  # same tp rank, another stage
         return pp_rank * self.layout.tp + self.shard.tp_rank
@@ -69,7 +72,7 @@ class ShardRunner(ModelRunner):
         for mb in micro:
             input_ids, positions, meta, sample_idx = self._prepare(mb)
             if self.first:
-                hidden = self.model.model.embed_tokens(input_ids)
+                hidden = self._embed(input_ids)
             else:
                 hidden = torch.empty(
                     (1, mb.num_tokens, self.hidden_size), dtype=self.dtype, device=self.device
@@ -85,22 +88,46 @@ class ShardRunner(ModelRunner):
             work.wait()
         return torch.cat(logits) if self.last else None
 
+    # What each family's model adds around its layers, done here as its forward does: Granite
+    # scales its embeddings and divides its logits, Gemma 2 / 3 softcap their logits, Gemma 3
+    # has a rotary embedding per layer type.
+
+    def _embed(self, input_ids) -> torch.Tensor:
+        hidden = self.model.model.embed_tokens(input_ids)
+        multiplier = getattr(self.model.model, "embedding_multiplier", None)  # Granite
+        return hidden if multiplier is None else hidden * multiplier
+
     def _layers(self, hidden, positions, meta):
         base = self.model.model
-        position_embeddings = base.rotary_emb(hidden, position_ids=positions)
-        for layer in base.layers:
+        rotary = self._rotary(hidden, positions)
+        types = getattr(base.config, "layer_types", None)
+        for i, layer in zip(self.shard.layers, base.layers, strict=True):
             hidden = layer(
                 hidden,
                 attention_mask=None,
-                position_embeddings=position_embeddings,
+                position_embeddings=rotary[types[i]] if isinstance(rotary, dict) else rotary,
                 position_ids=positions,
                 attn_metadata=meta,
             )
         return hidden
 
+    def _rotary(self, hidden, positions):
+        """One (cos, sin), or (Gemma 3) one per layer type, as its model computes them."""
+        rotary = self.model.model.rotary_emb
+        if not self.rotary_per_type:
+            return rotary(hidden, position_ids=positions)
+        return {t: rotary(hidden, positions, t) for t in set(self.model.config.layer_types)}
+
     def _logits(self, hidden, sample_idx) -> torch.Tensor:
         hidden = self.model.model.norm(hidden[:, sample_idx])
-        return self.model.lm_head(hidden)[0].float()  # (S, V)
+        logits = self.model.lm_head(hidden)[0]  # (S, V), in the model's dtype as its forward
+        config = self.model.config
+        if getattr(config, "logits_scaling", None):  # Granite
+            logits = logits / config.logits_scaling
+        cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2 / 3
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()
 
 
 class ModelWorker:

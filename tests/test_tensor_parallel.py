@@ -110,19 +110,29 @@ def test_parallel_replica_matches_one_worker(layout, request, single, reference,
             close(engine)
 
 
-@pytest.mark.parametrize("kind", ["deepseek_v3", "gpt_oss"])
-def test_a_mixture_of_experts_split_over_two_ranks_matches_one_worker(
-    kind, cluster, tmp_path, tokenizer
+@pytest.mark.parametrize(
+    "kind, tp, pp, changes",
+    [
+        ("deepseek_v3", 2, 1, {}),
+        ("gpt_oss", 2, 1, {}),
+        ("granite", 2, 1, {"embedding_multiplier": 3.0}),  # and its logits scaled by 1 / 2
+        ("gemma3", 1, 2, {"final_logit_softcapping": 3.0}),
+    ],
+)
+def test_other_families_split_over_two_workers_match_one_worker(
+    kind, tp, pp, changes, cluster, tmp_path, tokenizer
 ):
-    """A tiny DeepSeek V3 (latent attention split by heads; experts in gate and up halves, a
-    shared one) and a tiny gpt-oss (interleaved, biased experts; attention sinks; sliding
-    layers) at tp=2: every rank holds half of each expert (engine/sharding.py) and the logits
-    and greedy tokens equal one worker's."""
+    """Tiny models whose layers or whose model's forward differ from Llama's, on two workers:
+    DeepSeek V3 (latent attention split by heads; experts in gate and up halves, a shared
+    one), gpt-oss (interleaved, biased experts; attention sinks; sliding layers), Granite
+    (embeddings and logits scaled), Gemma 3 at pp2 (a rotary embedding per layer type, the
+    second stage's layers typed by their model index; logits softcapped). The logits and
+    greedy tokens equal one worker's."""
     from tests.test_model_runner import FAMILIES
 
     config_cls, model_cls, extra = FAMILIES[kind]
     config = config_cls(
-        **{**extra, "intermediate_size": 96},
+        **{**extra, "intermediate_size": 96, **changes},
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -133,7 +143,7 @@ def test_a_mixture_of_experts_split_over_two_ranks_matches_one_worker(
     torch.manual_seed(0)
     model_cls(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    one, split = make(str(tmp_path)), make(str(tmp_path), tp=2)
+    one, split = make(str(tmp_path)), make(str(tmp_path), tp=tp, pp=pp)
     try:
         want = one.runner.execute(_batch())
         torch.testing.assert_close(split.runner.execute(_batch()), want, rtol=1e-4, atol=1e-4)

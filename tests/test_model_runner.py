@@ -45,6 +45,18 @@ from kvkernels import cpu_ops, paged_attention
 
 VOCAB = 128
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4)
+DEEPSEEK = dict(  # the shapes DeepSeek V2 and V3 share
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    first_k_dense_replace=1,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=16,
+    v_head_dim=16,
+    num_key_value_heads=4,
+)
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM, dict(intermediate_size=96, num_key_value_heads=2)),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(intermediate_size=96, num_key_value_heads=1)),
@@ -119,40 +131,10 @@ FAMILIES = {
     "deepseek_v3": (
         DeepseekV3Config,
         DeepseekV3ForCausalLM,
-        dict(
-            intermediate_size=96,
-            moe_intermediate_size=32,
-            n_routed_experts=4,
-            num_experts_per_tok=2,
-            first_k_dense_replace=1,
-            kv_lora_rank=16,
-            q_lora_rank=16,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=16,
-            v_head_dim=16,
-            num_key_value_heads=4,
-            n_group=2,
-            topk_group=1,
-        ),
+        dict(**DEEPSEEK, q_lora_rank=16, n_group=2, topk_group=1),
     ),
     # the same attention, its own experts (DeepSeek V2 / V2-Lite), queries without a low rank
-    "deepseek_v2": (
-        DeepseekV2Config,
-        DeepseekV2ForCausalLM,
-        dict(
-            intermediate_size=96,
-            moe_intermediate_size=32,
-            n_routed_experts=4,
-            num_experts_per_tok=2,
-            first_k_dense_replace=1,
-            kv_lora_rank=16,
-            q_lora_rank=None,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=16,
-            v_head_dim=16,
-            num_key_value_heads=4,
-        ),
-    ),
+    "deepseek_v2": (DeepseekV2Config, DeepseekV2ForCausalLM, dict(**DEEPSEEK, q_lora_rank=None)),
     # attention sinks (one softmax logit per head with no value), sliding layers, experts
     "gpt_oss": (
         GptOssConfig,

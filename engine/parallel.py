@@ -17,7 +17,7 @@ from dataclasses import dataclass
 # model types whose tensor / pipeline parallel workers the engine runs (engine/sharding.py): the
 # families whose model forward is embed -> rotary -> layers -> norm -> lm_head
 PARALLEL_MODEL_TYPES = (
-    *("llama", "mistral", "qwen2", "qwen3", "granite", "gemma", "gemma2", "gemma3_text"),
+    *("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "gemma", "gemma2", "gemma3_text"),
     *("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v2", "deepseek_v3"),  # MoE
 )
 

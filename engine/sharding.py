@@ -18,19 +18,25 @@ split as every family's, and each rank keeps the attention-sink logits of its ow
 DeepSeek V2 / V3 (latent attention): the latent projection stays whole, the projections from
 it to each head's queries, keys and values are split by heads.
 
+Phi-3 (and Phi-4, which is the same model type) fuses q, k and v into one projection and gate
+and up into another; its plan gathers their outputs into whole tensors (DTensor). We keep each
+rank's rows of every part of the fused output instead (its query heads, its KV heads, its slice
+of gate and of up), so nothing is gathered, and its attention, which cuts the fused output by
+the config's head counts, gets a copy of the config with this rank's counts.
+
 Pipeline parallelism keeps the stage's decoder layers only; the first stage keeps the embedding,
 the last the final norm and the LM head. The modules are named by the Llama family's layout
 (`model.embed_tokens / rotary_emb / layers / norm`, `lm_head`). A worker runs its stage's
 layers itself (engine/workers.py), as the Llama model's forward does, plus what the served
 families add around them (Granite's embedding and logit scales, Gemma 2 / 3's logit softcap,
-Gemma 3's rotary embedding per layer type): Llama, Mistral, Qwen2, Qwen3, Granite, Gemma 1-3
-and the mixtures above. Others are rejected with a clear error at load, as are plans with
-styles other than colwise, rowwise and replicated (Phi-3's fused projections, Llama 4's
-experts).
+Gemma 3's rotary embedding per layer type): Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite,
+Gemma 1-3 and the mixtures above. Others are rejected with a clear error at load, as are plans
+with styles other than colwise, rowwise and replicated (Llama 4's experts).
 """
 
 from __future__ import annotations
 
+import copy
 from fnmatch import fnmatch
 
 import torch
@@ -51,6 +57,16 @@ _COMMON_PLAN = {
     "layers.*.mlp.shared_expert.down_proj": "rowwise",
     "layers.*.mlp.experts": "experts",
 }
+# read after the model's own plan, where ours differs from it
+_FAMILY_PLANS = {
+    "phi3": {
+        "layers.*.self_attn.qkv_proj": "fused_qkv",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_up_proj": "fused_gate_up",
+        "layers.*.mlp.down_proj": "rowwise",
+    },
+}
+_STYLES = ("colwise", "rowwise", "experts", "fused_qkv", "fused_gate_up")
 
 
 def check_model_type(config) -> None:
@@ -89,16 +105,21 @@ def shard_model(model: nn.Module, shard: Shard, tp_size: int, tp_group) -> nn.Mo
         base.norm = None
         model.lm_head = None
     if tp_size > 1:
-        plan = {**_COMMON_PLAN, **model.config.base_model_tp_plan}
+        family = _FAMILY_PLANS.get(model.config.model_type, {})
+        plan = {**_COMMON_PLAN, **model.config.base_model_tp_plan, **family}
         for name, module in base.named_modules():
             style = _style(plan, name, shard.layers.start)
             if style == "experts":
                 _shard_experts(module, shard.tp_rank, tp_size, tp_group)
+            elif style in ("fused_qkv", "fused_gate_up"):
+                _shard_fused(module, _sections(style, model.config), shard.tp_rank, tp_size)
             elif style is not None:
                 _shard_linear(module, style, shard.tp_rank, tp_size, tp_group)
             if isinstance(getattr(module, "sinks", None), nn.Parameter):  # gpt-oss: per head
                 heads = slice(shard.heads.start, shard.heads.stop)
                 module.sinks = nn.Parameter(module.sinks.data[heads].clone(), requires_grad=False)
+            if hasattr(module, "qkv_proj"):  # Phi-3: it cuts q, k, v by the config's counts
+                _give_rank_head_counts(module, shard)
     return model
 
 
@@ -114,7 +135,7 @@ def _style(plan: dict[str, str], name: str, layer_offset: int) -> str | None:
             # DeepSeek's latent projection, which every head reads
             if style.startswith(("replicated", "embedding")) or style == "mla_kv_a_proj":
                 return None
-            if style not in ("colwise", "rowwise", "experts"):
+            if style not in _STYLES:
                 raise ValueError(f"tensor-parallel style {style!r} ({pattern}) is not supported")
             return style
     return None
@@ -140,6 +161,40 @@ def _shard_linear(module: nn.Module, style: str, rank: int, size: int, group) ->
     if module.bias is not None and rank != 0:  # the all-reduce would add the bias size times
         module.bias = nn.Parameter(torch.zeros_like(module.bias), requires_grad=False)
     module.register_forward_hook(_all_reduce_hook(group))
+
+
+def _sections(style: str, config) -> tuple[int, ...]:
+    """The parts of a fused projection's output, in order."""
+    if style == "fused_gate_up":
+        return (config.intermediate_size,) * 2
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    return config.num_attention_heads * head_dim, kv, kv
+
+
+def _shard_fused(module: nn.Module, sections: tuple[int, ...], rank: int, size: int) -> None:
+    """Column-parallel over a fused output: this rank's rows of each section, in order."""
+    if not isinstance(module, nn.Linear) or sum(sections) != module.out_features:
+        raise ValueError(f"a fused projection of {sections} rows does not fit {module}")
+    if any(n % size for n in sections):
+        raise ValueError(f"cannot split the fused sections {sections} over {size} ranks")
+    rows, offset = [], 0
+    for n in sections:
+        part = n // size
+        rows.append(torch.arange(offset + rank * part, offset + (rank + 1) * part))
+        offset += n
+    keep = torch.cat(rows)
+    module.weight = nn.Parameter(module.weight.data[keep].contiguous(), requires_grad=False)
+    if module.bias is not None:
+        module.bias = nn.Parameter(module.bias.data[keep].contiguous(), requires_grad=False)
+    module.out_features = len(keep)
+
+
+def _give_rank_head_counts(attention: nn.Module, shard: Shard) -> None:
+    config = copy.copy(attention.config)  # the model's, and its other modules', stay whole
+    config.num_attention_heads, config.num_key_value_heads = len(shard.heads), len(shard.kv_heads)
+    attention.config = config
+    attention.num_key_value_heads = len(shard.kv_heads)
 
 
 def _shard_experts(module: nn.Module, rank: int, size: int, group) -> None:

@@ -40,7 +40,9 @@ class Efficiency:
 
 
 def fits(model: ModelSpec, device: DeviceSpec, tp: int, pp: int) -> bool:
-    if model.num_heads % tp or model.num_layers % pp or tp > device.gpus_per_node:
+    # each rank holds whole query and KV heads (engine/parallel.py), none replicated
+    heads_split = model.num_heads % tp == 0 and model.num_kv_heads % tp == 0
+    if not heads_split or model.num_layers % pp or tp > device.gpus_per_node:
         return False
     return _weight_bytes_per_gpu(model, tp, pp) < device.mem_gb * 1e9 * Efficiency().mem_util
 

@@ -315,6 +315,17 @@ def test_parallelism_splits_the_work_and_respects_memory(tmp_path):
         entry(spec, a100, 1, 1)
 
 
+def test_tensor_parallelism_splits_the_kv_heads_too(tmp_path):
+    """A rank holds whole KV heads, as the engine's shards do: 12 query heads over 2 KV heads
+    (Qwen2.5-1.5B's) split in 2, not in 4 or 3, though 4 and 3 divide the query heads."""
+    small = {**LLAMA_13B, "hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12}
+    spec = ModelSpec.from_config(_write(tmp_path, {**small, "num_key_value_heads": 12}))
+    gqa = ModelSpec.from_config(_write(tmp_path, {**small, "num_key_value_heads": 2}))
+    h100 = DEVICES["H100-80GB"]
+    assert [t for t in (1, 2, 3, 4) if fits(spec, h100, t, 1)] == [1, 2, 3, 4]
+    assert [t for t in (1, 2, 3, 4) if fits(gqa, h100, t, 1)] == [1, 2]
+
+
 def test_unsupported_architecture_is_refused(tmp_path):
     with pytest.raises(
         ValueError, match="planning supports .*qwen3_moe and opt configs, not .gpt2."

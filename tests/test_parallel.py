@@ -197,17 +197,66 @@ def _output(mlp_output):
     return mlp_output[0] if isinstance(mlp_output, tuple) else mlp_output  # gpt-oss: + scores
 
 
+def test_phi3s_fused_projections_keep_each_ranks_part_of_every_section():
+    """Phi-3's qkv_proj holds q, k and v one after the other, its gate_up_proj gate then up.
+    A rank keeps its heads' rows of each section (a contiguous half would be queries only),
+    its attention cuts them by the rank's head counts while the model's config stays whole,
+    and the two ranks' MLP outputs, before their all-reduces, add up to the whole model's."""
+    import torch
+    import transformers
+
+    from engine.model_runner import ModelShape
+    from engine.sharding import shard_model
+
+    config = transformers.Phi3Config(
+        vocab_size=64,
+        hidden_size=32,  # 4 heads of 8: q is 32 rows, k and v 16 each
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    whole = transformers.Phi3ForCausalLM(config).eval()
+    layer, x = whole.model.layers[1], torch.randn(1, 5, 32)
+    qkv, gate_up = layer.self_attn.qkv_proj.weight, layer.mlp.gate_up_proj.weight
+    with torch.no_grad():
+        expected = layer.mlp(x)
+    parts = []
+    for rank in range(2):
+        model = copy.deepcopy(whole)
+        shard_model(model, ModelShape.of(config).shards(ParallelLayout(tp=2))[rank], 2, None)
+        sharded = model.model.layers[1]
+        q, k, v = (qkv[start + n * rank : start + n * (rank + 1)] for start, n in _QKV)
+        assert torch.equal(sharded.self_attn.qkv_proj.weight, torch.cat([q, k, v]))
+        gate, up = gate_up[24 * rank : 24 * (rank + 1)], gate_up[48 + 24 * rank :][:24]
+        assert torch.equal(sharded.mlp.gate_up_proj.weight, torch.cat([gate, up]))
+        attention = sharded.self_attn.config
+        assert (attention.num_attention_heads, attention.num_key_value_heads) == (2, 1)
+        assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (4, 2)
+        sharded.mlp.down_proj._forward_hooks.clear()  # the all-reduce, done here by adding up
+        with torch.no_grad():
+            parts.append(sharded.mlp(x))
+    torch.testing.assert_close(parts[0] + parts[1], expected, rtol=1e-5, atol=1e-5)
+
+
+_QKV = ((0, 16), (32, 8), (48, 8))  # (where each section starts, one rank's rows of it)
+
+
 @pytest.mark.parametrize(
-    "config_name, kind", [("Phi3Config", "phi3"), ("Llama4TextConfig", "llama4_text")]
+    "config_name, kind", [("OPTConfig", "opt"), ("Llama4TextConfig", "llama4_text")]
 )
 def test_families_the_workers_cannot_run_are_refused_by_model_type(config_name, kind):
-    """Phi-3 fuses its projections, Llama 4 has its own experts and layers without rotary
-    embeddings: refused before any worker starts; the families the workers run pass."""
+    """OPT's model has another layout (decoder, learned positions), Llama 4 its own experts and
+    layers without rotary embeddings: refused before any worker starts; the families the
+    workers run pass."""
     import transformers
 
     from engine.sharding import check_model_type
 
     with pytest.raises(ValueError, match=f"not '{kind}'.*run it with one worker"):
         check_model_type(getattr(transformers, config_name)())
-    for name in ("LlamaConfig", "GraniteConfig", "Gemma2Config", "MixtralConfig", "GptOssConfig"):
+    families = ("LlamaConfig", "Phi3Config", "GraniteConfig", "Gemma2Config", "MixtralConfig")
+    for name in (*families, "GptOssConfig"):
         check_model_type(getattr(transformers, name)())

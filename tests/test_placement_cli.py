@@ -78,12 +78,14 @@ def test_plan_from_a_device_spec_writes_a_config_and_meets_the_rate(tmp_path, ca
 
 
 def test_a_model_the_workers_cannot_split_is_planned_on_one_worker_per_replica(tmp_path, capsys):
-    """Phi-3 runs on one worker only (engine/sharding.py): no tp x pp candidate is simulated,
-    and the written config starts; a Llama and a Mixtral of the same size get split layouts."""
+    """OPT runs on one worker only (engine/sharding.py): no tp x pp candidate is simulated,
+    and the written config starts; a Llama, a Phi-3 and a Mixtral of the same size get split
+    layouts."""
+    opt = {**LLAMA_13B, "model_type": "opt", "ffn_dim": 20480, "max_position_embeddings": 2048}
     phi3 = {**LLAMA_13B, "model_type": "phi3"}
     mixtral = {**LLAMA_13B, "model_type": "mixtral", "num_local_experts": 2}
     mixtral["num_experts_per_tok"] = 1  # 21.5B: one H100 holds it
-    for cfg, split in ((phi3, False), (LLAMA_13B, True), (mixtral, True)):
+    for cfg, split in ((opt, False), (LLAMA_13B, True), (phi3, True), (mixtral, True)):
         model = _write(tmp_path, cfg)
         out, rep = tmp_path / "serve.yaml", tmp_path / "plan.json"
         argv = [

@@ -119,6 +119,7 @@ class ModelRunner:
         # the compiled CPU decode kernel when it is built; the torch path otherwise
         self.use_kernel = use_kernel and device == "cpu" and cpu_ops.load() is not None
         self.model = model.to(device).eval()
+        paged_attention.take_over_query_temperature(self.model)
         if device == "cpu":  # decode batches: stream each weight matrix once per step
             few_rows.install(self.model)
         self.device = torch.device(device)
@@ -242,9 +243,10 @@ class ModelRunner:
             else self._decode_workspace(len(padded) * max_blocks),
             use_kernel=self.use_kernel,
             layer_offset=self.shard.layers.start,
+            positions=torch.tensor(pos, dtype=torch.long, device=dev),
         )
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)  # (1, T)
-        positions = torch.tensor([pos], dtype=torch.long, device=dev)  # (1, T)
+        positions = meta.positions[None]  # (1, T)
         return input_ids, positions, meta, torch.tensor(sample_idx, dtype=torch.long, device=dev)
 
     def _decode_workspace(self, num_blocks: int) -> torch.Tensor:

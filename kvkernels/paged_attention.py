@@ -51,6 +51,7 @@ class AttentionMetadata:
     decode_workspace: torch.Tensor | None = None
     use_kernel: bool = True  # False forces the torch reference path (tests compare the two)
     layer_offset: int = 0  # first model layer held by this cache (pipeline stages)
+    positions: torch.Tensor | None = None  # (T,) long: each new token's position
 
     @property
     def num_decodes(self) -> int:
@@ -106,6 +107,24 @@ class Reach:
 
 
 EVERYTHING = Reach()
+
+
+def take_over_query_temperature(model: torch.nn.Module) -> None:
+    """Llama 4's layers without a rotary embedding scale their queries by a temperature that
+    grows with the position, log1p(floor((p + 1) / floor_scale)) * attn_scale + 1. Its
+    attention takes p from the cache's length, as if the batch were one sequence that starts
+    there; ours is a flattened batch of many, with no such cache. So it is switched off there
+    and applied in `paged_attention_forward`, with each token's own position."""
+    for module in model.modules():
+        if getattr(module, "attn_temperature_tuning", False) and not module.use_rope:
+            module.attn_temperature_tuning = False
+            module.splitserve_temperature = (module.floor_scale, module.attn_scale)
+
+
+def _tempered(q: torch.Tensor, positions: torch.Tensor, floor_scale: float, attn_scale: float):
+    """q (T, H, D) times each token's temperature, in float and back, as Llama 4's attention."""
+    scales = torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+    return (q * scales[:, None, None]).to(q.dtype)
 
 
 def explicit_attention(q, k, v, mask, scale: float, mods: ScoreMods, sinks_shape) -> torch.Tensor:
@@ -248,6 +267,9 @@ def paged_attention_forward(
     mods = ScoreMods(kwargs.get("softcap"), kwargs.get("s_aux"))
     reach = Reach.of(module, sliding_window)
     q = query[0].transpose(0, 1)  # (T, H, D)
+    temperature = getattr(module, "splitserve_temperature", None)
+    if temperature is not None:
+        q = _tempered(q, meta.positions, *temperature)
     k = key[0].transpose(0, 1)  # (T, Hkv, D)
     v = value[0].transpose(0, 1)
     layer_cache = meta.kv_cache[module.layer_idx - meta.layer_offset]  # (2, nb, bs, Hkv, D)

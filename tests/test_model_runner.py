@@ -124,6 +124,11 @@ FAMILIES = {
             head_dim=16,
             num_local_experts=2,
             attention_chunk_size=5,
+            # its second layer has no rotary embedding, and there a query's temperature
+            # grows with its position: from position 1 at this floor scale, not 8,191
+            no_rope_layers=[1, 0, 1],
+            floor_scale=2,
+            attn_scale=0.5,
         ),
     ),
     # multi-head latent attention: keys of 16 + 8 (rotary) dimensions, values of 16; a dense

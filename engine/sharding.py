@@ -8,12 +8,13 @@ output (whole heads, since tp divides the head counts); row-parallel layers keep
 columns and all-reduce their output over the stage's tensor-parallel group. Embeddings and the
 LM head are replicated.
 
-Mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, gpt-oss): their plans leave the experts
-whole, so every rank would hold every expert. We split each expert's intermediate dimension
-instead, as vLLM's tensor-parallel MoE does: every rank keeps its slice of every expert's gate,
-up and down projections, the router stays whole (each rank routes the same tokens the same
-way) and the experts' output is all-reduced, like a row-parallel layer's. Qwen2-MoE's shared
-expert is split as a dense MLP. gpt-oss's plan names only its embeddings: its attention is
+Mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, gpt-oss, DeepSeek, Llama 4): their plans
+leave the experts whole (Llama 4's splits them through DTensor), so every rank would hold every
+expert. We split each expert's intermediate dimension instead, as vLLM's tensor-parallel MoE
+does: every rank keeps its slice of every expert's gate, up and down projections, the router
+stays whole (each rank routes the same tokens the same way) and the experts' output is
+all-reduced, like a row-parallel layer's. Qwen2-MoE's, DeepSeek's and Llama 4's shared expert
+is split as a dense MLP. gpt-oss's plan names only its embeddings: its attention is
 split as every family's, and each rank keeps the attention-sink logits of its own heads.
 DeepSeek V2 / V3 (latent attention): the latent projection stays whole, the projections from
 it to each head's queries, keys and values are split by heads.
@@ -31,7 +32,7 @@ layers itself (engine/workers.py), as the Llama model's forward does, plus what 
 families add around them (Granite's embedding and logit scales, Gemma 2 / 3's logit softcap,
 Gemma 3's rotary embedding per layer type): Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite,
 Gemma 1-3 and the mixtures above. Others are rejected with a clear error at load, as are plans
-with styles other than colwise, rowwise and replicated (Llama 4's experts).
+with styles other than colwise, rowwise and replicated.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ _FAMILY_PLANS = {
         "layers.*.mlp.gate_up_proj": "fused_gate_up",
         "layers.*.mlp.down_proj": "rowwise",
     },
+    "llama4_text": {"layers.*.feed_forward.experts": "experts"},  # its plan: "moe_tp_experts"
 }
 _STYLES = ("colwise", "rowwise", "experts", "fused_qkv", "fused_gate_up")
 
@@ -202,28 +204,37 @@ def _shard_experts(module: nn.Module, rank: int, size: int, group) -> None:
     expert, gate then up (Mixtral, Qwen) or the two interleaved (gpt-oss), along the
     intermediate axis; transposed (gpt-oss) it is (experts, hidden, 2 x intermediate), else
     (experts, 2 x intermediate, hidden); down_proj is the transpose of one half."""
-    if not getattr(module, "has_gate", False):
-        raise ValueError(f"{type(module).__name__}: tensor parallelism splits gated experts only")
-    down_axis, gate_up_axis = (1, 2) if module.is_transposed else (2, 1)
+    transposed, concatenated, biased = _expert_layout(module)
+    down_axis, gate_up_axis = (1, 2) if transposed else (2, 1)
     full = module.down_proj.shape[down_axis]
     if full % size:
         raise ValueError(f"cannot split the experts' {full} intermediate rows over {size} ranks")
     part = full // size
     mine = torch.arange(rank * part, (rank + 1) * part)
-    if module.is_concatenated:
+    if concatenated:
         keep = torch.cat([mine, full + mine])
     else:  # gate and up alternate: this rank's pairs are contiguous
         keep = torch.arange(2 * rank * part, 2 * (rank + 1) * part)
     _set(module, "gate_up_proj", module.gate_up_proj.data.index_select(gate_up_axis, keep))
     _set(module, "down_proj", module.down_proj.data.narrow(down_axis, rank * part, part))
-    if module.has_bias:  # gate_up's per intermediate row; down's added once over the ranks
+    if biased:  # gate_up's per intermediate row; down's added once over the ranks
         _set(module, "gate_up_proj_bias", module.gate_up_proj_bias.data.index_select(1, keep))
         if rank != 0:
             _set(module, "down_proj_bias", torch.zeros_like(module.down_proj_bias.data))
-    for attribute in ("intermediate_dim", "intermediate_size"):  # each family names it
+    for attribute in ("intermediate_dim", "intermediate_size", "expert_dim"):  # as named
         if hasattr(module, attribute):
             setattr(module, attribute, part)
     module.register_forward_hook(_all_reduce_hook(group))
+
+
+def _expert_layout(module: nn.Module) -> tuple[bool, bool, bool]:
+    """(transposed, gate and up in halves, biased), as transformers' experts say; Llama 4's
+    own experts say none of it: transposed halves, without biases."""
+    if type(module).__name__ == "Llama4TextExperts":
+        return True, True, False
+    if not getattr(module, "has_gate", False):
+        raise ValueError(f"{type(module).__name__}: tensor parallelism splits gated experts only")
+    return module.is_transposed, module.is_concatenated, module.has_bias
 
 
 def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:

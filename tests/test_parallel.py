@@ -121,13 +121,16 @@ def test_a_qwen3_shard_keeps_its_head_norms_whole_and_splits_the_projections():
     assert torch.equal(attn.q_norm.weight, full[prefix + "self_attn.q_norm.weight"])
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v3"])
+@pytest.mark.parametrize(
+    "kind", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v3", "llama4_text"]
+)
 def test_a_mixture_of_experts_shard_keeps_a_slice_of_every_expert_and_the_slices_sum_up(kind):
     """Each rank keeps its rows of every expert's gate and up (two halves of one tensor, or
-    interleaved and transposed with biases in gpt-oss) and the matching part of down; the
-    router stays whole. The two ranks' MLP outputs, before their all-reduces, add up to the
-    whole model's (Qwen2-MoE's gated shared expert, split as a dense MLP, included); gpt-oss's
-    ranks keep the attention sinks of their own heads."""
+    interleaved and transposed with biases in gpt-oss, or halves transposed in Llama 4) and
+    the matching part of down; the router stays whole. The two ranks' MLP outputs, before
+    their all-reduces, add up to the whole model's (Qwen2-MoE's gated shared expert and Llama
+    4's, split as a dense MLP, included); gpt-oss's ranks keep the attention sinks of their
+    own heads."""
     import torch
     import transformers
 
@@ -140,10 +143,10 @@ def test_a_mixture_of_experts_shard_keeps_a_slice_of_every_expert_and_the_slices
         "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
         "gpt_oss": (transformers.GptOssConfig, transformers.GptOssForCausalLM),
         "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM),
+        "llama4_text": (transformers.Llama4TextConfig, transformers.Llama4ForCausalLM),
     }[kind]
-    count = {"mixtral": "num_local_experts", "gpt_oss": "num_local_experts"}.get(
-        kind, "num_experts"
-    )
+    local = ("mixtral", "gpt_oss", "llama4_text")
+    count = "num_local_experts" if kind in local else "num_experts"
     # DeepSeek: a dense first layer, then experts and a shared one; small latent ranks
     deepseek = dict(n_routed_experts=4, first_k_dense_replace=1, n_group=1, topk_group=1)
     deepseek.update(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8)
@@ -165,36 +168,45 @@ def test_a_mixture_of_experts_shard_keeps_a_slice_of_every_expert_and_the_slices
     for param in whole.parameters():  # biases and sinks too: none left at zero
         param.data.normal_(0, 0.3)
     layer = whole.model.layers[1]
-    experts, x = layer.mlp.experts, torch.randn(1, 5, 32)
+    experts, x = _mlp(layer).experts, torch.randn(1, 5, 32)
     with torch.no_grad():
-        expected = _output(layer.mlp(x))
+        expected = _output(_mlp(layer)(x))
     parts = []
     for rank in range(2):
         model = copy.deepcopy(whole)
         shard = ModelShape.of(config).shards(ParallelLayout(tp=2))[rank]
         shard_model(model, shard, 2, tp_group=None)
         sharded = model.model.layers[1]
-        mine = slice(24 * rank, 24 * (rank + 1))
+        mine, split = slice(24 * rank, 24 * (rank + 1)), _mlp(sharded).experts
         if kind == "gpt_oss":  # (experts, hidden, gate/up pairs); sinks: this rank's 2 heads
             pairs = experts.gate_up_proj[:, :, 48 * rank : 48 * (rank + 1)]
-            assert torch.equal(sharded.mlp.experts.gate_up_proj, pairs)
-            assert torch.equal(sharded.mlp.experts.down_proj, experts.down_proj[:, mine])
+            assert torch.equal(split.gate_up_proj, pairs)
+            assert torch.equal(split.down_proj, experts.down_proj[:, mine])
             heads = layer.self_attn.sinks[2 * rank : 2 * (rank + 1)]
             assert torch.equal(sharded.self_attn.sinks, heads)
+        elif kind == "llama4_text":  # (experts, hidden, gate then up)
+            gate_up = experts.gate_up_proj
+            halves = [gate_up[:, :, :48][:, :, mine], gate_up[:, :, 48:][:, :, mine]]
+            assert torch.equal(split.gate_up_proj, torch.cat(halves, dim=2))
+            assert torch.equal(split.down_proj, experts.down_proj[:, mine])
         else:
             gate_up = experts.gate_up_proj
-            halves = torch.cat([gate_up[:, :48][:, mine], gate_up[:, 48:][:, mine]], dim=1)
-            assert torch.equal(sharded.mlp.experts.gate_up_proj, halves)
-            assert torch.equal(sharded.mlp.experts.down_proj, experts.down_proj[:, :, mine])
+            halves = [gate_up[:, :48][:, mine], gate_up[:, 48:][:, mine]]
+            assert torch.equal(split.gate_up_proj, torch.cat(halves, dim=1))
+            assert torch.equal(split.down_proj, experts.down_proj[:, :, mine])
         for module in sharded.modules():  # the all-reduce, done here by adding up
             module._forward_hooks.clear()
         with torch.no_grad():
-            parts.append(_output(sharded.mlp(x)))
+            parts.append(_output(_mlp(sharded)(x)))
     torch.testing.assert_close(parts[0] + parts[1], expected, rtol=1e-5, atol=1e-5)
 
 
+def _mlp(layer):
+    return layer.feed_forward if hasattr(layer, "feed_forward") else layer.mlp  # Llama 4's
+
+
 def _output(mlp_output):
-    return mlp_output[0] if isinstance(mlp_output, tuple) else mlp_output  # gpt-oss: + scores
+    return mlp_output[0] if isinstance(mlp_output, tuple) else mlp_output  # + router scores
 
 
 def test_phi3s_fused_projections_keep_each_ranks_part_of_every_section():
@@ -244,13 +256,12 @@ def test_phi3s_fused_projections_keep_each_ranks_part_of_every_section():
 _QKV = ((0, 16), (32, 8), (48, 8))  # (where each section starts, one rank's rows of it)
 
 
-@pytest.mark.parametrize(
-    "config_name, kind", [("OPTConfig", "opt"), ("Llama4TextConfig", "llama4_text")]
-)
+@pytest.mark.parametrize("config_name, kind", [("OPTConfig", "opt"), ("Gemma3Config", "gemma3")])
 def test_families_the_workers_cannot_run_are_refused_by_model_type(config_name, kind):
-    """OPT's model has another layout (decoder, learned positions), Llama 4 its own experts and
-    layers without rotary embeddings: refused before any worker starts; the families the
-    workers run pass."""
+    """OPT's model has another layout (decoder, learned positions); a Gemma 3 checkpoint of
+    vision and text loads as both (its text model is split): refused before any worker
+    starts. The families the workers run pass, Llama 4's checkpoints of vision and text too:
+    they load as its text model."""
     import transformers
 
     from engine.sharding import check_model_type
@@ -258,5 +269,5 @@ def test_families_the_workers_cannot_run_are_refused_by_model_type(config_name, 
     with pytest.raises(ValueError, match=f"not '{kind}'.*run it with one worker"):
         check_model_type(getattr(transformers, config_name)())
     families = ("LlamaConfig", "Phi3Config", "GraniteConfig", "Gemma2Config", "MixtralConfig")
-    for name in (*families, "GptOssConfig"):
+    for name in (*families, "GptOssConfig", "Llama4TextConfig", "Llama4Config"):
         check_model_type(getattr(transformers, name)())

@@ -2,8 +2,9 @@
 
 `ModelSpec.from_config` reads a Hugging Face config.json (a model directory or the file itself)
 of a family the engine runs: the dense Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite, Gemma 1-3
-and OPT, and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, gpt-oss and DeepSeek V2 / V3
-(with its multi-head latent attention). It counts
+and OPT, and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, gpt-oss, DeepSeek V2 / V3
+(with its multi-head latent attention) and Llama 4 (its text model, which is what the engine
+loads from a checkpoint of vision and text). It counts
 parameters from the shapes, exactly as transformers builds them, so a 70B model can be planned
 on a laptop. A mixture of experts has two counts: every parameter (what memory holds and what a
 large decode batch reads) and those one token runs through (`active_params`: its FLOPs).
@@ -54,6 +55,7 @@ class Experts:
             "qwen3_moe": cls._sparse_steps,
             "deepseek_v2": cls._after_dense,
             "deepseek_v3": cls._after_dense,
+            "llama4_text": cls._interleaved,
         }.get(kind)
         # hub configs and transformers' own spell the count either way
         count = (
@@ -87,6 +89,21 @@ class Experts:
             if qwen2
             else None,
             shared_gate=qwen2,
+        )
+
+    @classmethod
+    def _interleaved(cls, kind: str, cfg: dict, count: int) -> Experts:
+        """Llama 4's: experts and a shared one, all of `intermediate_size`, in `moe_layers`
+        (every `interleave_moe_layer_step`-th layer); the dense MLP elsewhere."""
+        step, layers = cfg.get("interleave_moe_layer_step", 1), cfg.get("moe_layers")
+        if layers is None:  # as its config derives them
+            layers = range(step - 1, cfg["num_hidden_layers"], step)
+        return cls(
+            count=count,
+            per_token=cfg["num_experts_per_tok"],
+            intermediate_size=cfg["intermediate_size"],
+            layers=len(layers),
+            shared_intermediate_size=cfg["intermediate_size"],
         )
 
     @classmethod
@@ -174,6 +191,9 @@ class ModelSpec:
         path = Path(path)
         cfg = json.loads((path / "config.json" if path.is_dir() else path).read_text())
         kind = cfg.get("model_type", "")
+        if kind == "llama4":  # vision and text: the engine loads its text model only
+            cfg = {"_name_or_path": cfg.get("_name_or_path"), **cfg["text_config"]}
+            kind = "llama4_text"
         heads = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
         if kind == "opt":
@@ -207,7 +227,7 @@ class ModelSpec:
             # the engine caches a latent-attention model's keys and values for every head
             num_kv_heads=heads if latent else cfg.get("num_key_value_heads") or heads,
             head_dim=latent.cached_head_dim if latent else cfg.get("head_dim") or hidden // heads,
-            intermediate_size=cfg["intermediate_size"],
+            intermediate_size=cfg[family.get("dense_mlp", "intermediate_size")],
             vocab_size=cfg["vocab_size"],
             gated_mlp=True,
             # Gemma ties its embeddings unless told otherwise; the others only when told
@@ -287,6 +307,7 @@ _GATED: dict[str, dict] = {
     "gpt_oss": {"attention_bias": True, "sinks": True},
     "deepseek_v2": {},  # latent attention: `Latent.from_config`
     "deepseek_v3": {},
+    "llama4_text": {"dense_mlp": "intermediate_size_mlp"},  # its experts': intermediate_size
 }
 
 

@@ -22,6 +22,9 @@ from transformers import (
     GptOssForCausalLM,
     GraniteConfig,
     GraniteForCausalLM,
+    Llama4Config,
+    Llama4ForCausalLM,
+    Llama4TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -156,6 +159,20 @@ MOE = [
         DeepseekV3ForCausalLM,
         "n_routed_experts",
     ),
+    # experts and a shared one every second layer, a dense MLP of another size between them
+    (
+        Llama4TextConfig(
+            **MOE_SMALL,
+            intermediate_size=32,
+            intermediate_size_mlp=96,
+            num_local_experts=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            interleave_moe_layer_step=2,
+        ),
+        Llama4ForCausalLM,
+        "num_local_experts",
+    ),
 ]
 
 
@@ -232,8 +249,32 @@ def test_active_parameters_are_a_model_with_only_top_k_experts_and_the_whole_rou
     unrouted = moe_layers * (spec.experts.count - k) * router_row
     assert spec.active_params == _numel(top_k_only) + unrouted < spec.num_params
     dense = [(MixtralConfig, 4), (Qwen2MoeConfig, 1), (Qwen3MoeConfig, 3), (GptOssConfig, 4)]
-    dense += [(DeepseekV2Config, 3), (DeepseekV3Config, 3)]
+    dense += [(DeepseekV2Config, 3), (DeepseekV3Config, 3), (Llama4TextConfig, 2)]
     assert moe_layers == dict(dense)[type(config)]  # the layers given a mixture
+
+
+def test_a_llama4_checkpoint_of_vision_and_text_is_planned_as_its_text_model(tmp_path):
+    """The engine loads a Llama 4 checkpoint as its text model (Llama4ForCausalLM), so that is
+    what is planned: Llama 4 Scout's text model holds 107.8B parameters, 17.2B per token."""
+    scout = Llama4TextConfig(
+        hidden_size=5120,
+        num_hidden_layers=48,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=8192,
+        intermediate_size_mlp=16384,
+        num_local_experts=16,
+        num_experts_per_tok=1,
+        vocab_size=202048,
+    )
+    both = Llama4Config(text_config=scout.to_dict()).to_dict()
+    spec = ModelSpec.from_config(_write(tmp_path, both))
+    with torch.device("meta"):
+        text = Llama4ForCausalLM(scout)
+    assert spec.model_type == "llama4_text" and spec.num_params == _numel(text)
+    assert round(spec.num_params / 1e9, 1) == 107.8 and round(spec.active_params / 1e9, 1) == 17.2
+    assert spec.runs_split
 
 
 def test_a_mixture_of_experts_computes_with_its_active_parameters_and_reads_them_all(tmp_path):
@@ -268,7 +309,7 @@ def test_a_latent_attention_models_kv_bytes_are_what_the_engine_caches(tmp_path)
     (engine.model_runner.ModelShape): the planner's KV bytes per token are the engine's."""
     from engine.model_runner import ModelShape
 
-    for config, _, _ in MOE[-2:]:
+    for config in (c for c, _, _ in MOE if c.model_type.startswith("deepseek")):
         spec = ModelSpec.from_config(_write(tmp_path, config.to_dict()))
         engine = ModelShape.of(config).kv_bytes_per_token(torch.bfloat16)
         assert spec.kv_bytes_per_token == engine == 4 * 2 * 4 * 24 * 2  # keys 16 + 8 > values 12

@@ -36,10 +36,14 @@ class Experts:
     shared_gate: bool = False  # Qwen2-MoE's: the shared expert's one-output gate
     biases: bool = False  # gpt-oss: on each expert's projections and on the router
 
+    def expert_params(self, hidden: int) -> int:
+        """One routed expert of one layer: gate, up, down (and their biases)."""
+        f = self.intermediate_size
+        return 3 * hidden * f + (2 * f + hidden) * self.biases
+
     def layer_params(self, hidden: int, running: int) -> int:
         """One layer's MoE MLP with `running` of its experts (all of them, or one token's)."""
-        h, f = hidden, self.intermediate_size
-        expert = 3 * h * f + (2 * f + h) * self.biases
+        h, expert = hidden, self.expert_params(hidden)
         router = self.count * (h + self.biases)  # it scores every expert, whichever run
         shared = 0
         if self.shared_intermediate_size is not None:  # gate, up, down (+ its own gate)

@@ -22,6 +22,13 @@ number of rows. Where present a decode step is b * sum(contexts) + the curve at 
 are the straight line fitted to the same steps, for readers and for tools that take the line
 (autoscaling). For example `decode_batch_ms: {1: 50.0, 2: 55.0, 3: 80.0, 4: 100.0, 8: 135.0}`.
 
+An entry of a mixture of experts may add `experts: {count: 8, per_token: 2, read_ms: 9.3}`
+(optional): decode's `a` reads every expert, `read_ms` of it per stage, but a step of B
+requests reads only the experts its tokens are routed to, E (1 - (1 - k/E)^B) of the E on
+average under uniform routing (skewed routing touches fewer: this is the upper bound). So a
+decode step's fixed part is a - read_ms * (1 - k/E)^B: at B = 1 Mixtral (8, top 2) reads a
+quarter of its experts, DeepSeek-V3 (256, top 8) 3%. A step with a prefill in it reads them all.
+
 An optional top-level `node_contention` (default 0) says how much the instances of one machine
 slow each other: a step runs (1 + node_contention * k) times slower while k other instances on
 the node are mid-step (see placement/simulator.py). CPUs share cores' memory bandwidth and
@@ -57,6 +64,23 @@ class Coefficients:
 
 
 @dataclass(frozen=True)
+class ExpertRead:
+    """What of decode's fixed `a` is reading the routed experts (see the module docstring)."""
+
+    count: int
+    per_token: int
+    read_ms: float  # per stage: every expert's weights read once
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.per_token <= self.count or self.read_ms < 0:
+            raise ValueError(f"experts need 1 <= per_token <= count and read_ms >= 0: {self}")
+
+    def unread_ms(self, batch: int) -> float:
+        """The read a decode step of `batch` requests skips: the experts none is routed to."""
+        return self.read_ms * (1 - self.per_token / self.count) ** batch
+
+
+@dataclass(frozen=True)
 class Entry:
     tp: int
     pp: int
@@ -64,6 +88,7 @@ class Entry:
     decode: Coefficients
     kv_capacity_tokens: int
     decode_batch_ms: tuple[tuple[int, float], ...] = ()  # (batch size, ms), sizes increasing
+    experts: ExpertRead | None = None  # a mixture of experts: what decode's `a` reads of them
 
     def __post_init__(self) -> None:
         sizes = [n for n, _ in self.decode_batch_ms]
@@ -71,6 +96,11 @@ class Entry:
             raise ValueError(f"decode_batch_ms needs increasing batch sizes >= 1, got {sizes}")
         if any(ms < 0 for _, ms in self.decode_batch_ms):
             raise ValueError(f"decode_batch_ms must be >= 0 ms, got {self.decode_batch_ms}")
+        if self.experts and (self.decode_batch_ms or self.experts.read_ms > self.decode.a):
+            raise ValueError(
+                "experts.read_ms is a part of decode.a, and a measured decode_batch_ms curve "
+                f"holds the experts' reads already: {self.experts}, decode.a {self.decode.a}"
+            )
 
     def prefill_ms(self, prompt_lens: list[int]) -> float:
         lens = np.asarray(prompt_lens, dtype=float)
@@ -78,8 +108,14 @@ class Entry:
         return p.a + p.b * lens.sum() + p.c * (lens**2).sum()
 
     def decode_ms(self, context_lens: list[int]) -> float:
-        d = self.decode
-        return d.a + d.b * float(sum(context_lens)) + self.decode_batch_extra_ms(len(context_lens))
+        batch, context = len(context_lens), float(sum(context_lens))
+        extra = self.decode_batch_extra_ms(batch)
+        return self.decode_fixed_ms(batch) + self.decode.b * context + extra
+
+    def decode_fixed_ms(self, batch: int) -> float:
+        """Decode's `a` for a step of `batch` requests: a mixture's, less the experts unread."""
+        unread = self.experts.unread_ms(batch) if self.experts else 0.0
+        return self.decode.a - unread
 
     def decode_batch_extra_ms(self, batch: int) -> float:
         """What `batch` running requests add to a decode step over its fixed `a` (the context
@@ -117,6 +153,8 @@ class Profile:
             curve = entry.pop("decode_batch_ms")
             if curve:
                 entry["decode_batch_ms"] = {int(n): float(ms) for n, ms in curve}
+            if entry["experts"] is None:
+                del entry["experts"]
         if data["step_wander"] is None:
             del data["step_wander"]
         return yaml.safe_dump(data, sort_keys=False)
@@ -139,6 +177,7 @@ class Profile:
                     decode=Coefficients(**e["decode"]),
                     kv_capacity_tokens=int(e["kv_capacity_tokens"]),
                     decode_batch_ms=_curve(e.get("decode_batch_ms", {})),
+                    experts=ExpertRead(**e["experts"]) if e.get("experts") else None,
                 )
                 for e in data["entries"]
             ]

@@ -201,9 +201,9 @@ class _Node:
 
 
 def _decode_ms(entry: Entry, running: list[_Track]) -> float:
-    d = entry.decode
-    context = sum(r.context for r in running)
-    return entry.pp * d.a + d.b * context + entry.decode_batch_extra_ms(len(running))
+    context, batch = sum(r.context for r in running), len(running)
+    fixed = entry.pp * entry.decode_fixed_ms(batch)
+    return fixed + entry.decode.b * context + entry.decode_batch_extra_ms(batch)
 
 
 class _PrefixCache:
@@ -515,7 +515,10 @@ class _ChunkedInstance(_Decoder):
     def _step_ms(self, chunks: list[tuple[_Track, int]]) -> float:
         entry = self.spec.entry
         p, d = entry.prefill, entry.decode
-        ms = entry.pp * max(p.a if chunks else 0.0, d.a if self.running else 0.0)
+        # a prefill chunk reads every weight (every expert of a mixture); decodes alone, what
+        # their batch is routed to
+        decode_a = entry.decode_fixed_ms(len(self.running)) if self.running else 0.0
+        ms = entry.pp * max(p.a if chunks else 0.0, decode_a)
         ms += d.b * sum(r.context for r in self.running)
         ms += entry.decode_batch_extra_ms(len(self.running)) if self.running else 0.0
         for track, n in chunks:

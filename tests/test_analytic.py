@@ -279,7 +279,9 @@ def test_a_llama4_checkpoint_of_vision_and_text_is_planned_as_its_text_model(tmp
 
 def test_a_mixture_of_experts_computes_with_its_active_parameters_and_reads_them_all(tmp_path):
     """Mixtral 8x7B on an H200: 46.7B parameters held, 12.9B run per token (transformers'
-    counts); prefill's FLOPs follow the 12.9B, decode's weight read the 46.7B."""
+    counts); prefill's FLOPs follow the 12.9B, decode's weight read the 46.7B, of which the
+    routed experts are 45.1B (32 layers x 8 x 3 x 4096 x 14336): a decode step of one request
+    reads 2 of the 8, one of many reads them all."""
     mixtral = {
         **LLAMA_13B,
         "model_type": "mixtral",
@@ -300,6 +302,12 @@ def test_a_mixture_of_experts_computes_with_its_active_parameters_and_reads_them
     assert e.prefill.b == pytest.approx(2 * spec.active_params / flops_per_ms, rel=1e-12)
     assert e.decode.c == pytest.approx(2 * spec.active_params / flops_per_ms, rel=1e-12)
     assert e.decode.a == pytest.approx(spec.num_params * 2 / bytes_per_ms + 1.0, rel=1e-12)
+    routed = 32 * 8 * 3 * 4096 * 14336 * 2 / bytes_per_ms
+    assert (e.experts.count, e.experts.per_token) == (8, 2)
+    assert e.experts.read_ms == pytest.approx(routed, rel=1e-12)
+    assert e.decode_fixed_ms(1) == pytest.approx(e.decode.a - routed * 6 / 8, rel=1e-12)
+    assert e.decode_fixed_ms(100) == pytest.approx(e.decode.a, rel=1e-9)
+    assert entry(spec, h200, tp=2).experts.read_ms == pytest.approx(routed / 2, rel=1e-12)
     free = 141e9 * 0.9 - spec.num_params * 2
     assert e.kv_capacity_tokens == int(free / spec.kv_bytes_per_token)
 

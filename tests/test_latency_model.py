@@ -8,6 +8,7 @@ import pytest
 from placement.latency_model import (
     Coefficients,
     Entry,
+    ExpertRead,
     Profile,
     decode_curve_sizes,
     decode_features,
@@ -136,6 +137,37 @@ def test_a_decode_curve_needs_increasing_sizes_and_times_that_are_not_negative()
         Profile.from_dict({"model": "m", "device": "d", "entries": [{
             "tp": 1, "pp": 1, "prefill": vars(line), "decode": vars(line),
             "kv_capacity_tokens": 1, "decode_batch_ms": [50.0, 55.0]}]})  # fmt: skip
+
+
+@pytest.mark.unit
+def test_a_mixtures_decode_step_reads_the_experts_its_batch_is_routed_to(tmp_path):
+    """8 experts, top 2, 10 of decode's 15 ms reading them: a step of B requests skips the
+    (3/4)^B of them no token is routed to; a long batch reads them all. Round-trips."""
+    path = tmp_path / "p.yaml"
+    path.write_text(CONTRACT + "    experts: {count: 8, per_token: 2, read_ms: 10.0}\n")
+    profile = Profile.load(path)
+    entry = profile.entry(1, 1)
+    assert entry.experts == ExpertRead(8, 2, 10.0)
+    assert entry.decode_ms([100]) == pytest.approx(15.0 - 10.0 * 0.75 + 0.0005 * 100 + 0.03)
+    four = 15.0 - 10.0 * 0.75**4 + 0.0005 * 400 + 4 * 0.03
+    assert entry.decode_ms([100] * 4) == pytest.approx(four)
+    assert entry.decode_fixed_ms(200) == pytest.approx(15.0)
+    profile.save(tmp_path / "again.yaml")
+    assert Profile.load(tmp_path / "again.yaml") == profile
+    path.write_text(CONTRACT)
+    Profile.load(path).save(tmp_path / "plain.yaml")
+    assert "experts" not in (tmp_path / "plain.yaml").read_text()
+
+
+@pytest.mark.unit
+def test_the_experts_read_is_a_part_of_decodes_fixed_time_and_no_measured_curves():
+    line = Coefficients(15.0, 0.0005, 0.03)
+    with pytest.raises(ValueError, match="part of decode.a"):
+        Entry(1, 1, line, line, 1, experts=ExpertRead(8, 2, 20.0))
+    with pytest.raises(ValueError, match="holds the experts' reads"):
+        Entry(1, 1, line, line, 1, decode_batch_ms=((1, 40.0),), experts=ExpertRead(8, 2, 1.0))
+    with pytest.raises(ValueError, match="per_token <= count"):
+        ExpertRead(2, 3, 1.0)
 
 
 @pytest.mark.unit

@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from placement.latency_model import Coefficients, Entry
+from placement.latency_model import Coefficients, Entry, ExpertRead
 from placement.simulator import (
     SLO,
     InstanceSpec,
@@ -57,6 +57,20 @@ def test_single_request_timeline_is_closed_form():
     assert r.ttft_ms == pytest.approx(10 + 0.1 * L)
     steps = [20 + 0.01 * (L + k) + 2 for k in range(1, out)]  # contexts L+1 .. L+out-1
     assert r.tpot_ms == pytest.approx(sum(steps) / (out - 1))
+
+
+def test_a_mixtures_decode_steps_read_the_experts_their_batch_is_routed_to():
+    """4 experts, top 1, 8 of decode's 20 ms reading them: one request's steps skip 3/4 of
+    that read; over pp stages a step pays each stage's fixed part."""
+    moe = replace(ENTRY, experts=ExpertRead(4, 1, 8.0))
+    L, out = 300, 5
+    [r] = simulate(disagg(moe), [SimRequest(0.0, L, out)])
+    steps = [20 - 8 * 0.75 + 0.01 * (L + k) + 2 for k in range(1, out)]
+    assert r.tpot_ms == pytest.approx(sum(steps) / (out - 1))
+    [co] = simulate(Placement(colocated=InstanceSpec(moe, 1)), [SimRequest(0.0, L, out)])
+    assert co.tpot_ms == pytest.approx(r.tpot_ms)  # colocated steps of decodes alone: the same
+    [deep] = simulate(disagg(replace(moe, pp=2)), [SimRequest(0.0, L, 2)])
+    assert deep.tpot_ms == pytest.approx(2 * (20 - 8 * 0.75) + 0.01 * (L + 1) + 2)
 
 
 def test_decode_steps_follow_a_measured_batch_curve():

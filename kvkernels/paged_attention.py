@@ -116,7 +116,8 @@ def take_over_query_temperature(model: torch.nn.Module) -> None:
     there; ours is a flattened batch of many, with no such cache. So it is switched off there
     and applied in `paged_attention_forward`, with each token's own position."""
     for module in model.modules():
-        if getattr(module, "attn_temperature_tuning", False) and not module.use_rope:
+        no_rope = not getattr(module, "use_rope", True)
+        if no_rope and getattr(module, "attn_temperature_tuning", False):
             module.attn_temperature_tuning = False
             module.splitserve_temperature = (module.floor_scale, module.attn_scale)
 

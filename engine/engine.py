@@ -92,6 +92,7 @@ class LLMEngine:
                 block_size=config.block_size,
                 num_kv_blocks=config.num_kv_blocks,
                 kv_cache_memory_mb=config.kv_cache_memory_mb,
+                max_model_len=config.max_model_len,
             )
         self.tokenizer = tokenizer
         self.runner = runner

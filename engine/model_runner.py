@@ -19,6 +19,7 @@ from engine import kv_handoff
 from engine.kv_handoff import KVPiece
 from engine.limits import context_window
 from engine.parallel import ParallelLayout, Shard
+from engine.rope import fix_longrope
 from kvkernels import cpu_ops, few_rows, paged_attention
 from kvkernels.kv_blocks import KVLayout, pack_blocks, unpack_blocks
 from kvkernels.kv_channel import KVChannel
@@ -115,16 +116,19 @@ class ModelRunner:
         device: str = "cpu",
         use_kernel: bool = True,
         shard: Shard | None = None,
+        max_model_len: int | None = None,  # the engine's; None: the model's context window
     ) -> None:
         # the compiled CPU decode kernel when it is built; the torch path otherwise
         self.use_kernel = use_kernel and device == "cpu" and cpu_ops.load() is not None
         self.model = model.to(device).eval()
+        self.shape = ModelShape.of(model.config)
+        window = self.shape.max_position_embeddings
+        fix_longrope(self.model, min(max_model_len or window, window))
         paged_attention.take_over_query_temperature(self.model)
         if device == "cpu":  # decode batches: stream each weight matrix once per step
             few_rows.install(self.model)
         self.device = torch.device(device)
         self.dtype = next(model.parameters()).dtype
-        self.shape = ModelShape.of(model.config)
         self.block_size = block_size
         # a worker of a parallel replica holds a layer range and a KV-head range; else all
         self.shard = shard or self.shape.shards(ParallelLayout())[0]
@@ -152,6 +156,7 @@ class ModelRunner:
         block_size: int,
         num_kv_blocks: int | None,
         kv_cache_memory_mb: int,
+        max_model_len: int | None = None,
     ) -> ModelRunner:
         from transformers import AutoModelForCausalLM
 
@@ -163,7 +168,7 @@ class ModelRunner:
             per_block = ModelShape.of(model.config).kv_bytes_per_token(model.dtype) * block_size
             num_kv_blocks = max(1, kv_cache_memory_mb * 2**20 // per_block)
         logger.info("model %s: %d KV blocks of %d tokens", path, num_kv_blocks, block_size)
-        runner = cls(model, num_kv_blocks, block_size, device)
+        runner = cls(model, num_kv_blocks, block_size, device, max_model_len=max_model_len)
         runner.check()
         return runner
 

@@ -48,8 +48,11 @@ class ShardRunner(ModelRunner):
         shard: Shard,
         layout: ParallelLayout,
         tp_group,  # torch.distributed ProcessGroup of this stage's tensor-parallel ranks
+        max_model_len: int | None = None,
     ) -> None:
-        super().__init__(model, num_kv_blocks, block_size, device, shard=shard)
+        super().__init__(
+            model, num_kv_blocks, block_size, device, shard=shard, max_model_len=max_model_len
+        )
         self.layout = layout
         self.tp_group = tp_group
         self.hidden_size = model.config.get_text_config().hidden_size
@@ -190,6 +193,7 @@ class ModelWorker:
             shard,
             self.layout,
             tp_group,
+            self.config.max_model_len,
         )
         node_id = ray.get_runtime_context().get_node_id()
         self.channel = KVChannel(self.kv_transport, node_id)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,7 @@ from transformers import (
 
 from engine.limits import context_window
 from engine.model_runner import ModelInput, ModelRunner, ModelShape, SeqInput
+from engine.rope import fix_longrope
 from kvkernels import cpu_ops, paged_attention
 
 VOCAB = 128
@@ -270,6 +273,53 @@ def test_load_clears_the_block_its_check_used(tmp_path):
     kw = dict(dtype="float32", device="cpu", block_size=BLOCK, kv_cache_memory_mb=1)
     runner = ModelRunner.from_pretrained(tmp_path, num_kv_blocks=8, **kw)
     assert not runner.kv_cache.any()
+
+
+# Phi-3's LongRoPE with a limit of 8 positions: short factors below it, long ones past it
+LONGROPE = dict(
+    intermediate_size=96,
+    pad_token_id=0,
+    max_position_embeddings=64,
+    original_max_position_embeddings=8,
+    rope_scaling={
+        "rope_type": "longrope",
+        "short_factor": [1.0] * 8,
+        "long_factor": [2.0 + i for i in range(8)],
+    },
+)
+
+
+def test_longrope_uses_one_set_of_frequencies_for_the_servers_life():
+    """transformers picks LongRoPE's long factors for a call whose largest position passes the
+    limit, so over a flattened batch one long request would turn a short one's queries long
+    against its keys cached short. The runner picks once, as vLLM: the long set (the one
+    transformers computes past the limit) when its context window passes the limit, the short
+    one when max_model_len does not. With it, a short request batched with one that grows past
+    the limit equals transformers' forward of each whole sequence with that same set."""
+    torch.manual_seed(0)
+    ref = Phi3ForCausalLM(Phi3Config(**COMMON, **LONGROPE, attn_implementation="eager")).eval()
+    paged = Phi3Config(**COMMON, **LONGROPE, attn_implementation=paged_attention.register())
+    ours, capped = Phi3ForCausalLM(paged), Phi3ForCausalLM(paged)
+    ours.load_state_dict(ref.state_dict())
+    probe = copy.deepcopy(ref.model.rotary_emb)  # transformers' own, after a call past 8
+    probe(torch.zeros(1, 9, 64), torch.arange(9)[None])
+    runner = ModelRunner(ours, num_kv_blocks=64, block_size=BLOCK)
+    assert torch.equal(ours.model.rotary_emb.inv_freq, probe.inv_freq)
+    ModelRunner(capped, num_kv_blocks=8, block_size=BLOCK, max_model_len=8)
+    short_set = capped.model.rotary_emb
+    assert torch.equal(short_set.inv_freq, short_set.original_inv_freq)
+    fix_longrope(ref, 64)  # the reference recomputes each sequence whole, with the same set
+    g = torch.Generator().manual_seed(3)
+    short = Seq(0, torch.randint(0, VOCAB, (2,), generator=g).tolist())
+    grows = Seq(16, torch.randint(0, VOCAB, (6,), generator=g).tolist())
+    logits = runner.execute(ModelInput([short.chunk(), grows.chunk()]))
+    for _ in range(5):  # positions 6 .. 10 for the one, 2 .. 6 for the other
+        for i, s in enumerate((short, grows)):
+            torch.testing.assert_close(
+                logits[i], ref_last_logits(ref, s.tokens), atol=1e-4, rtol=1e-4
+            )
+            s.tokens.append(int(logits[i].argmax()))
+        logits = runner.execute(ModelInput([short.chunk(), grows.chunk()]))
 
 
 def test_llama4s_context_is_its_position_limit_not_one_chunk():

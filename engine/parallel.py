@@ -15,8 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # model types whose tensor / pipeline parallel workers the engine runs (engine/sharding.py): the
-# families whose model forward is embed -> rotary -> layers -> norm -> lm_head
+# families whose model forward is embed -> rotary -> layers -> norm -> lm_head, and OPT's
 PARALLEL_MODEL_TYPES = (
+    "opt",
     *("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "gemma", "gemma2", "gemma3_text"),
     *("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v2", "deepseek_v3"),  # MoE
     # Llama 4: its checkpoints (vision and text) load as the text model (Llama4ForCausalLM)

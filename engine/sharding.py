@@ -25,14 +25,19 @@ rank's rows of every part of the fused output instead (its query heads, its KV h
 of gate and of up), so nothing is gathered, and its attention, which cuts the fused output by
 the config's head counts, gets a copy of the config with this rank's counts.
 
+OPT has no plan of its own: q, k, v and fc1 are split by columns, out_proj and fc2 by rows, and
+its attention, which views q, k and v by its `num_heads`, gets the rank's count.
+
 Pipeline parallelism keeps the stage's decoder layers only; the first stage keeps the embedding,
 the last the final norm and the LM head. The modules are named by the Llama family's layout
-(`model.embed_tokens / rotary_emb / layers / norm`, `lm_head`). A worker runs its stage's
-layers itself (engine/workers.py), as the Llama model's forward does, plus what the served
-families add around them (Granite's embedding and logit scales, Gemma 2 / 3's logit softcap,
-Gemma 3's rotary embedding per layer type): Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite,
-Gemma 1-3 and the mixtures above. Others are rejected with a clear error at load, as are plans
-with styles other than colwise, rowwise and replicated.
+(`model.embed_tokens / rotary_emb / layers / norm`, `lm_head`), or OPT's (`model.decoder.
+embed_tokens / embed_positions / project_in / layers / final_layer_norm / project_out`). A
+worker runs its stage's layers itself (engine/workers.py), as the Llama model's forward does,
+plus what the served families add around them (Granite's embedding and logit scales, Gemma 2 /
+3's logit softcap, Gemma 3's rotary embedding per layer type, OPT's learned positions and
+projections): Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite, Gemma 1-3, OPT and the mixtures
+above. Others are rejected with a clear error at load, as are plans with styles other than
+colwise, rowwise and replicated.
 """
 
 from __future__ import annotations
@@ -46,6 +51,11 @@ from torch import nn
 from engine.parallel import PARALLEL_MODEL_TYPES, Shard
 
 _LAYOUT = ("embed_tokens", "rotary_emb", "layers", "norm")
+_OPT_LAYOUT = ("embed_tokens", "embed_positions", "layers", "final_layer_norm")
+# what the first stage alone keeps (embeddings), and the last (the final norm, what follows it)
+_FIRST_ONLY = ("embed_tokens", "embed_positions", "project_in")
+_LAST_ONLY = ("norm", "final_layer_norm", "project_out")
+_ATTENTION = ("q_proj", "qkv_proj", "q_a_proj")  # a module with one of these is an attention
 # what every family splits the same way, whether or not its own plan says so (gpt-oss's plan
 # names only its embeddings); the model's plan is read after these and wins where both match
 _COMMON_PLAN = {
@@ -67,6 +77,11 @@ _FAMILY_PLANS = {
         "layers.*.mlp.down_proj": "rowwise",
     },
     "llama4_text": {"layers.*.feed_forward.experts": "experts"},  # its plan: "moe_tp_experts"
+    "opt": {  # no plan of its own; q, k, v as _COMMON_PLAN's
+        "layers.*.self_attn.out_proj": "rowwise",
+        "layers.*.fc1": "colwise",
+        "layers.*.fc2": "rowwise",
+    },
 }
 _STYLES = ("colwise", "rowwise", "experts", "fused_qkv", "fused_gate_up")
 
@@ -83,32 +98,40 @@ def check_model_type(config) -> None:
         )
 
 
+def decoder(model: nn.Module) -> nn.Module:
+    """The module that holds the embeddings, the layers and the final norm: `model.model`
+    (Llama's layout), or OPT's `model.model.decoder`."""
+    base = getattr(model, "model", None)
+    return base.decoder if model.config.model_type == "opt" and base is not None else base
+
+
 def check_supported(model: nn.Module) -> None:
     check_model_type(model.config)
-    base = getattr(model, "model", None)
-    if base is None or not all(hasattr(base, name) for name in _LAYOUT):
+    base = decoder(model)
+    layout = _OPT_LAYOUT if model.config.model_type == "opt" else _LAYOUT
+    if base is None or not all(hasattr(base, name) for name in layout):
         raise ValueError(
             f"{type(model).__name__}: tensor/pipeline parallelism supports Llama-family "
-            "architectures (model.embed_tokens, rotary_emb, layers, norm; lm_head)"
+            "architectures (model.embed_tokens, rotary_emb, layers, norm; lm_head) and OPT's"
         )
-    if not getattr(model.config, "base_model_tp_plan", None):
+    if not (model.config.base_model_tp_plan or model.config.model_type in _FAMILY_PLANS):
         raise ValueError(f"{type(model).__name__} has no tensor-parallel plan in its config")
 
 
 def shard_model(model: nn.Module, shard: Shard, tp_size: int, tp_group) -> nn.Module:
     """In place: keep shard's layers and its slice of every tensor-parallel weight."""
     check_supported(model)
-    base = model.model
+    base = decoder(model)
     first, last = shard.layers.start == 0, shard.layers.stop == len(base.layers)
     base.layers = nn.ModuleList(base.layers[i] for i in shard.layers)
-    if not first:
-        base.embed_tokens = None
+    for name in (() if first else _FIRST_ONLY) + (() if last else _LAST_ONLY):
+        if hasattr(base, name):
+            setattr(base, name, None)
     if not last:
-        base.norm = None
         model.lm_head = None
     if tp_size > 1:
         family = _FAMILY_PLANS.get(model.config.model_type, {})
-        plan = {**_COMMON_PLAN, **model.config.base_model_tp_plan, **family}
+        plan = {**_COMMON_PLAN, **(model.config.base_model_tp_plan or {}), **family}
         for name, module in base.named_modules():
             style = _style(plan, name, shard.layers.start)
             if style == "experts":
@@ -120,7 +143,7 @@ def shard_model(model: nn.Module, shard: Shard, tp_size: int, tp_group) -> nn.Mo
             if isinstance(getattr(module, "sinks", None), nn.Parameter):  # gpt-oss: per head
                 heads = slice(shard.heads.start, shard.heads.stop)
                 module.sinks = nn.Parameter(module.sinks.data[heads].clone(), requires_grad=False)
-            if hasattr(module, "qkv_proj"):  # Phi-3: it cuts q, k, v by the config's counts
+            if any(hasattr(module, p) for p in _ATTENTION):
                 _give_rank_head_counts(module, shard)
     return model
 
@@ -193,10 +216,16 @@ def _shard_fused(module: nn.Module, sections: tuple[int, ...], rank: int, size: 
 
 
 def _give_rank_head_counts(attention: nn.Module, shard: Shard) -> None:
-    config = copy.copy(attention.config)  # the model's, and its other modules', stay whole
-    config.num_attention_heads, config.num_key_value_heads = len(shard.heads), len(shard.kv_heads)
-    attention.config = config
-    attention.num_key_value_heads = len(shard.kv_heads)
+    """An attention module's head counts become its rank's: OPT's views its projections by
+    `num_heads`, Phi-3's cuts its fused one by its config's counts (a copy: the model's, and
+    its other modules', stay whole)."""
+    heads, kv_heads = len(shard.heads), len(shard.kv_heads)
+    for name, count in (("num_heads", heads), ("num_key_value_heads", kv_heads)):
+        if isinstance(getattr(attention, name, None), int):
+            setattr(attention, name, count)
+    if hasattr(attention, "qkv_proj"):
+        attention.config = copy.copy(attention.config)
+        attention.config.num_attention_heads, attention.config.num_key_value_heads = heads, kv_heads
 
 
 def _shard_experts(module: nn.Module, rank: int, size: int, group) -> None:

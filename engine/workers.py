@@ -27,6 +27,7 @@ from engine.config import EngineConfig
 from engine.kv_handoff import KVPiece, finish_all, open_all
 from engine.model_runner import ModelInput, ModelRunner, ModelShape
 from engine.parallel import ParallelLayout, Shard, split_micro_batches
+from engine.sharding import decoder
 from kvkernels import paged_attention
 from kvkernels.kv_blocks import KVLayout
 from kvkernels.kv_channel import KVChannel
@@ -58,8 +59,11 @@ class ShardRunner(ModelRunner):
         self.hidden_size = model.config.get_text_config().hidden_size
         self.first = shard.pp_rank == 0
         self.last = shard.pp_rank == layout.pp - 1
-        rotary = model.model.rotary_emb  # Gemma 3's takes the layer type
-        self.rotary_per_type = "layer_type" in inspect.signature(rotary.forward).parameters
+        self.base = decoder(model)  # embeddings, layers, final norm
+        rotary = getattr(self.base, "rotary_emb", None)  # OPT has none; Gemma 3's takes a type
+        self.rotary_per_type = rotary is not None and (
+            "layer_type" in inspect.signature(rotary.forward).parameters
+        )
 
     def _peer(self, pp_rank: int) -> int:  # same tp rank, another stage
         return pp_rank * self.layout.tp + self.shard.tp_rank
@@ -75,7 +79,7 @@ class ShardRunner(ModelRunner):
         for mb in micro:
             input_ids, positions, meta, sample_idx = self._prepare(mb)
             if self.first:
-                hidden = self._embed(input_ids)
+                hidden = self._embed(input_ids, positions)
             else:
                 hidden = torch.empty(
                     (1, mb.num_tokens, self.hidden_size), dtype=self.dtype, device=self.device
@@ -93,36 +97,51 @@ class ShardRunner(ModelRunner):
 
     # What each family's model adds around its layers, done here as its forward does: Granite
     # scales its embeddings and divides its logits, Gemma 2 / 3 softcap their logits, Gemma 3
-    # has a rotary embedding per layer type.
+    # has a rotary embedding per layer type, OPT adds learned position embeddings and may
+    # project its embeddings in and out of its layers' width.
 
-    def _embed(self, input_ids) -> torch.Tensor:
-        hidden = self.model.model.embed_tokens(input_ids)
-        multiplier = getattr(self.model.model, "embedding_multiplier", None)  # Granite
+    def _embed(self, input_ids, positions) -> torch.Tensor:
+        base = self.base
+        hidden = base.embed_tokens(input_ids)
+        if getattr(base, "embed_positions", None) is not None:  # OPT
+            if base.project_in is not None:
+                hidden = base.project_in(hidden)
+            return hidden + base.embed_positions(None, 0, position_ids=positions)
+        multiplier = getattr(base, "embedding_multiplier", None)  # Granite
         return hidden if multiplier is None else hidden * multiplier
 
     def _layers(self, hidden, positions, meta):
-        base = self.model.model
+        base = self.base
         rotary = self._rotary(hidden, positions)
         types = getattr(base.config, "layer_types", None)
         for i, layer in zip(self.shard.layers, base.layers, strict=True):
+            extra = {}
+            if rotary is not None:  # OPT's layers take none
+                extra["position_embeddings"] = (
+                    rotary[types[i]] if isinstance(rotary, dict) else rotary
+                )
             hidden = layer(
-                hidden,
-                attention_mask=None,
-                position_embeddings=rotary[types[i]] if isinstance(rotary, dict) else rotary,
-                position_ids=positions,
-                attn_metadata=meta,
+                hidden, attention_mask=None, position_ids=positions, attn_metadata=meta, **extra
             )
         return hidden
 
     def _rotary(self, hidden, positions):
-        """One (cos, sin), or (Gemma 3) one per layer type, as its model computes them."""
-        rotary = self.model.model.rotary_emb
+        """One (cos, sin), or (Gemma 3) one per layer type, as its model computes them; None
+        for OPT."""
+        rotary = getattr(self.base, "rotary_emb", None)
+        if rotary is None:
+            return None
         if not self.rotary_per_type:
             return rotary(hidden, position_ids=positions)
         return {t: rotary(hidden, positions, t) for t in set(self.model.config.layer_types)}
 
     def _logits(self, hidden, sample_idx) -> torch.Tensor:
-        hidden = self.model.model.norm(hidden[:, sample_idx])
+        base, hidden = self.base, hidden[:, sample_idx]
+        for name in ("norm", "final_layer_norm"):  # OPT-350m has neither: its layers do it
+            if getattr(base, name, None) is not None:
+                hidden = getattr(base, name)(hidden)
+        if getattr(base, "project_out", None) is not None:  # OPT-350m
+            hidden = base.project_out(hidden)
         logits = self.model.lm_head(hidden)[0]  # (S, V), in the model's dtype as its forward
         config = self.model.config
         if getattr(config, "logits_scaling", None):  # Granite

@@ -256,12 +256,54 @@ def test_phi3s_fused_projections_keep_each_ranks_part_of_every_section():
 _QKV = ((0, 16), (32, 8), (48, 8))  # (where each section starts, one rank's rows of it)
 
 
-@pytest.mark.parametrize("config_name, kind", [("OPTConfig", "opt"), ("Gemma3Config", "gemma3")])
+def test_opts_layout_splits_by_its_own_names_and_keeps_its_embeddings_on_the_first_stage():
+    """OPT keeps its layers under model.decoder, names its projections out_proj, fc1 and fc2,
+    and views q, k and v by its attention's `num_heads`, which becomes the rank's. A pipeline
+    stage keeps what it runs: the first the token and position embeddings and the projection
+    in, the last the final norm, the projection out and the LM head."""
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from engine.model_runner import ModelShape
+    from engine.sharding import shard_model
+
+    config = OPTConfig(
+        vocab_size=64,
+        hidden_size=32,
+        ffn_dim=48,
+        word_embed_proj_dim=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+    )
+    whole = OPTForCausalLM(config)
+    layer = whole.model.decoder.layers[0]
+    split = copy.deepcopy(whole)
+    shard_model(split, ModelShape.of(config).shards(ParallelLayout(tp=2))[1], 2, tp_group=None)
+    mine = split.model.decoder.layers[0]
+    assert mine.self_attn.num_heads == 2 and whole.model.decoder.layers[0].self_attn.num_heads == 4
+    assert torch.equal(mine.self_attn.v_proj.weight, layer.self_attn.v_proj.weight[16:])
+    assert torch.equal(mine.self_attn.v_proj.bias, layer.self_attn.v_proj.bias[16:])
+    assert torch.equal(mine.self_attn.out_proj.weight, layer.self_attn.out_proj.weight[:, 16:])
+    assert torch.equal(mine.fc1.weight, layer.fc1.weight[24:])
+    assert torch.equal(mine.fc2.weight, layer.fc2.weight[:, 24:])
+    assert not mine.fc2.bias.any()  # added once, by rank 0, over the all-reduce
+    stages = ModelShape.of(config).shards(ParallelLayout(pp=2))
+    first, last = (shard_model(copy.deepcopy(whole), s, 1, None) for s in stages)
+    kept = ("embed_tokens", "embed_positions", "project_in", "final_layer_norm", "project_out")
+    assert [getattr(first.model.decoder, n) is not None for n in kept] == [1, 1, 1, 0, 0]
+    assert [getattr(last.model.decoder, n) is not None for n in kept] == [0, 0, 0, 1, 1]
+    assert first.lm_head is None and last.lm_head is not None
+
+
+@pytest.mark.parametrize(
+    "config_name, kind", [("CohereConfig", "cohere"), ("Gemma3Config", "gemma3")]
+)
 def test_families_the_workers_cannot_run_are_refused_by_model_type(config_name, kind):
-    """OPT's model has another layout (decoder, learned positions); a Gemma 3 checkpoint of
-    vision and text loads as both (its text model is split): refused before any worker
-    starts. The families the workers run pass, Llama 4's checkpoints of vision and text too:
-    they load as its text model."""
+    """Cohere (served on one worker) is not split; a Gemma 3 checkpoint of vision and text
+    loads as both (its text model is split): refused before any worker starts. The families
+    the workers run pass: OPT, with its own layout, and Llama 4's checkpoints of vision and
+    text too, which load as its text model."""
     import transformers
 
     from engine.sharding import check_model_type
@@ -269,5 +311,5 @@ def test_families_the_workers_cannot_run_are_refused_by_model_type(config_name, 
     with pytest.raises(ValueError, match=f"not '{kind}'.*run it with one worker"):
         check_model_type(getattr(transformers, config_name)())
     families = ("LlamaConfig", "Phi3Config", "GraniteConfig", "Gemma2Config", "MixtralConfig")
-    for name in (*families, "GptOssConfig", "Llama4TextConfig", "Llama4Config"):
+    for name in (*families, "GptOssConfig", "Llama4TextConfig", "Llama4Config", "OPTConfig"):
         check_model_type(getattr(transformers, name)())

@@ -77,15 +77,23 @@ def test_plan_from_a_device_spec_writes_a_config_and_meets_the_rate(tmp_path, ca
     assert max(c["gpus"] for c in report["candidates"]) <= 4  # nothing beyond the cluster
 
 
-def test_a_model_the_workers_cannot_split_is_planned_on_one_worker_per_replica(tmp_path, capsys):
-    """OPT runs on one worker only (engine/sharding.py): no tp x pp candidate is simulated,
-    and the written config starts; a Llama, a Phi-3 and a Mixtral of the same size get split
-    layouts."""
+def test_a_model_the_workers_cannot_split_is_planned_on_one_worker_per_replica(
+    tmp_path, capsys, monkeypatch
+):
+    """Every family the planner reads is one the workers split (OPT, Phi-3 and Mixtral here),
+    and gets tp x pp candidates. A family the workers could not split (OPT until 2026-12-04;
+    here OPT taken off the engine's list) gets no tp x pp candidate, and the written config
+    starts."""
+    from placement import hardware
+
     opt = {**LLAMA_13B, "model_type": "opt", "ffn_dim": 20480, "max_position_embeddings": 2048}
     phi3 = {**LLAMA_13B, "model_type": "phi3"}
     mixtral = {**LLAMA_13B, "model_type": "mixtral", "num_local_experts": 2}
     mixtral["num_experts_per_tok"] = 1  # 21.5B: one H100 holds it
-    for cfg, split in ((opt, False), (LLAMA_13B, True), (phi3, True), (mixtral, True)):
+    not_opt = tuple(t for t in hardware.PARALLEL_MODEL_TYPES if t != "opt")
+    for cfg, split in ((opt, False), (opt, True), (phi3, True), (mixtral, True)):
+        types = hardware.PARALLEL_MODEL_TYPES if split else not_opt
+        monkeypatch.setattr(hardware, "PARALLEL_MODEL_TYPES", types)
         model = _write(tmp_path, cfg)
         out, rep = tmp_path / "serve.yaml", tmp_path / "plan.json"
         argv = [
@@ -94,6 +102,7 @@ def test_a_model_the_workers_cannot_split_is_planned_on_one_worker_per_replica(t
             "--num-requests", "40", "-o", str(out), "--report", str(rep),
         ]  # fmt: skip
         placement_main(argv)
+        monkeypatch.undo()
         candidates = json.loads(rep.read_text())["candidates"]
         assert any("tp2" in c["placement"] or "pp2" in c["placement"] for c in candidates) == split
         one_worker = f"{cfg['model_type']} runs on one worker per replica"

@@ -118,6 +118,7 @@ def test_parallel_replica_matches_one_worker(layout, request, single, reference,
         ("granite", 2, 1, {"embedding_multiplier": 3.0}),  # and its logits scaled by 1 / 2
         ("phi3", 2, 1, {"num_key_value_heads": 2, "partial_rotary_factor": 0.5}),  # Phi-4-mini's
         ("llama4", 2, 1, {"no_rope_layers": [1, 0], "interleave_moe_layer_step": 2}),
+        ("opt", 2, 1, {"ffn_dim": 96, "word_embed_proj_dim": 32, "do_layer_norm_before": False}),
         ("gemma3", 1, 2, {"final_logit_softcapping": 3.0}),
     ],
 )
@@ -129,7 +130,9 @@ def test_other_families_split_over_two_workers_match_one_worker(
     one), gpt-oss (interleaved, biased experts; attention sinks; sliding layers), Granite
     (embeddings and logits scaled), Phi-3 (fused q, k, v and gate, up; a partial rotary
     embedding), Llama 4 (a dense chunked layer, then one of experts and a shared one without
-    a rotary embedding, its query temperature growing from position 1), Gemma 3 at pp2 (a
+    a rotary embedding, its query temperature growing from position 1), OPT-350m's shape
+    (learned positions, embeddings projected in and out, norms after the sublayers), Gemma 3
+    at pp2 (a
     rotary embedding per layer type, the second stage's layers typed by their model index;
     logits softcapped). The logits and greedy tokens equal one worker's."""
     from tests.test_model_runner import FAMILIES

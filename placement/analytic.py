@@ -40,9 +40,13 @@ class Efficiency:
 
 
 def fits(model: ModelSpec, device: DeviceSpec, tp: int, pp: int) -> bool:
-    # each rank holds whole query and KV heads (engine/parallel.py), none replicated
+    # each rank holds whole query and KV heads (engine/parallel.py), none replicated, and an
+    # equal slice of every MLP's and expert's intermediate rows (engine/sharding.py)
     heads_split = model.num_heads % tp == 0 and model.num_kv_heads % tp == 0
-    if not heads_split or model.num_layers % pp or tp > device.gpus_per_node:
+    rows = (model.intermediate_size, *(model.experts.widths() if model.experts else ()))
+    if not heads_split or any(n % tp for n in rows):
+        return False
+    if model.num_layers % pp or tp > device.gpus_per_node:
         return False
     return _weight_bytes_per_gpu(model, tp, pp) < device.mem_gb * 1e9 * Efficiency().mem_util
 

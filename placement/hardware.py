@@ -36,6 +36,11 @@ class Experts:
     shared_gate: bool = False  # Qwen2-MoE's: the shared expert's one-output gate
     biases: bool = False  # gpt-oss: on each expert's projections and on the router
 
+    def widths(self) -> tuple[int, ...]:
+        """The intermediate widths tensor parallelism splits: an expert's, a shared one's."""
+        shared = self.shared_intermediate_size
+        return (self.intermediate_size,) + (() if shared is None else (shared,))
+
     def expert_params(self, hidden: int) -> int:
         """One routed expert of one layer: gate, up, down (and their biases)."""
         f = self.intermediate_size

@@ -375,6 +375,20 @@ def test_tensor_parallelism_splits_the_kv_heads_too(tmp_path):
     assert [t for t in (1, 2, 3, 4) if fits(gqa, h100, t, 1)] == [1, 2]
 
 
+def test_tensor_parallelism_splits_every_intermediate_width_evenly(tmp_path):
+    """Each rank keeps an equal slice of the MLP's rows and of every expert's (the engine
+    refuses an uneven split): a dense width of 13,826 splits in 2, not 4; experts of 1,406
+    rows beside a dense MLP of 13,824, in 2 only too."""
+    dense = ModelSpec.from_config(_write(tmp_path, {**LLAMA_13B, "intermediate_size": 13826}))
+    moe = {**LLAMA_13B, "model_type": "qwen3_moe", "moe_intermediate_size": 1406}
+    moe.update(num_experts=4, num_experts_per_tok=2)
+    experts = ModelSpec.from_config(_write(tmp_path, moe))
+    h200 = DEVICES["H200"]
+    assert [t for t in (1, 2, 4, 8) if fits(dense, h200, t, 1)] == [1, 2]
+    assert [t for t in (1, 2, 4, 8) if fits(experts, h200, t, 1)] == [1, 2]
+    assert fits(ModelSpec.from_config(_write(tmp_path, LLAMA_13B)), h200, 8, 1)
+
+
 def test_unsupported_architecture_is_refused(tmp_path):
     with pytest.raises(
         ValueError, match="planning supports .*qwen3_moe and opt configs, not .gpt2."

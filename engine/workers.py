@@ -292,13 +292,17 @@ class WorkerGroupRunner:
             self._get([w.start.remote(master) for w in workers], timeout=_START_TIMEOUT_S)
             self.worker_pids = self._get([w.pid.remote() for w in workers])
         except ray.exceptions.GetTimeoutError as e:
-            for w in workers:
-                ray.kill(w)
+            _kill(workers)
             raise RuntimeError(
                 f"the {self.layout.world_size} model workers did not start within "
                 f"{_START_TIMEOUT_S:.0f} s: not enough resources for "
                 f"{self.layout.world_size} x {{'CPU': {config.worker_num_cpus}}}?"
             ) from e
+        except ray.exceptions.RayTaskError as e:  # a worker refused its shard of the model
+            _kill(workers)  # the others would wait for it in a collective
+            if isinstance(e.cause, Exception):
+                raise e.cause from e  # e.g. the ValueError naming what does not split
+            raise
         return workers
 
     # ---- the runner interface (engine/model_runner.py) ----------------------------------------
@@ -335,10 +339,7 @@ class WorkerGroupRunner:
             raise WorkerGroupFailed(self.failure)
 
     def shutdown(self) -> None:
-        import ray
-
-        for w in self.workers:
-            ray.kill(w)
+        _kill(self.workers)
 
     def _get(self, refs: list, timeout: float | None = None) -> list:
         """Results in order; the first failure raises at once (a survivor may be stuck in a
@@ -357,6 +358,13 @@ class WorkerGroupRunner:
             self.failure = f"a model worker died: {e}"
             raise WorkerGroupFailed(self.failure) from e
         return ray.get(refs)
+
+
+def _kill(workers: list) -> None:
+    import ray
+
+    for w in workers:
+        ray.kill(w)
 
 
 def _placement(rank: int, layout: ParallelLayout, config: EngineConfig) -> dict:

@@ -232,6 +232,28 @@ def test_a_dead_worker_fails_requests_and_the_replica(cluster, tiny_llama_path):
         close(engine)
 
 
+def test_a_model_a_worker_cannot_split_is_refused_with_its_reason_and_no_worker_left(
+    cluster, tmp_path, tokenizer
+):
+    """An MLP of 97 rows over 2 ranks: the worker's ValueError itself, not Ray's wrapper with
+    its remote traceback, and both workers are gone while the error is still held (as Serve
+    holds a replica's; its traceback's frames held the workers' handles)."""
+    import ray
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    odd = dict(hidden_size=64, intermediate_size=97, num_hidden_layers=2, num_attention_heads=4)
+    LlamaForCausalLM(LlamaConfig(**odd, vocab_size=len(tokenizer))).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    free = ray.available_resources().get("CPU", 0.0)
+    with pytest.raises(ValueError, match="cannot split a dimension of 97 over 2 ranks") as held:
+        make(str(tmp_path), tp=2)
+    deadline = time.monotonic() + 30  # the workers' CPUs come back once they are gone
+    while ray.available_resources().get("CPU", 0.0) < free and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0.0) == free
+    assert type(held.value) is ValueError
+
+
 def test_planned_tp_pp_placement_starts_with_serve_and_serves(ray_serve, tiny_llama_path, single):
     """The optimizer, given only multi-worker layouts, emits TP/PP replicas; Serve's own
     schema accepts the file, and the application serves the single engine's greedy output."""

@@ -55,33 +55,34 @@ class ModelShape:
     head_dim: int
     vocab_size: int
     max_position_embeddings: int  # the longest context served exactly (limits.context_window)
+    latent: bool = False  # one KV "head": DeepSeek's latent and its rotary key part
 
     @classmethod
     def of(cls, config) -> ModelShape:
         c = config.get_text_config()
-        heads = c.num_attention_heads
+        heads, latent = c.num_attention_heads, _latent(c)
         return cls(
             num_layers=c.num_hidden_layers,
             num_heads=heads,
-            # latent attention expands keys and values to every head
-            num_kv_heads=heads if _latent(c) else getattr(c, "num_key_value_heads", None) or heads,
+            num_kv_heads=1 if latent else getattr(c, "num_key_value_heads", None) or heads,
             head_dim=_kv_head_size(c),
             vocab_size=c.vocab_size,
             max_position_embeddings=context_window(c),
+            latent=latent,
         )
 
     def kv_bytes_per_token(self, dtype: torch.dtype, layout: ParallelLayout | None = None) -> int:
         """KV bytes per token of the whole model, or of one worker's shard (its largest
-        pipeline stage and 1/tp of the KV heads) under `layout`."""
+        pipeline stage and 1/tp of the KV heads, or all of a latent) under `layout`."""
         elem = torch.empty((), dtype=dtype).element_size()
         layers, kv_heads = self.num_layers, self.num_kv_heads
         if layout is not None:
             layers = -(-layers // layout.pp)
-            kv_heads //= layout.tp
+            kv_heads //= 1 if self.latent else layout.tp
         return layers * 2 * kv_heads * self.head_dim * elem
 
     def shards(self, layout: ParallelLayout) -> list[Shard]:
-        return layout.shards(self.num_layers, self.num_heads, self.num_kv_heads)
+        return layout.shards(self.num_layers, self.num_heads, self.num_kv_heads, self.latent)
 
     def kv_layout(self, block_size: int, dtype: torch.dtype) -> KVLayout:
         """The whole model's KV layout, whatever the replica's parallel layout."""
@@ -90,12 +91,12 @@ class ModelShape:
 
 def _kv_head_size(text_config) -> int:
     """The head size the paged cache holds. Multi-head latent attention (DeepSeek V2 / V3)
-    runs as transformers computes it: keys of qk_nope + qk_rope dimensions, values of
-    v_head_dim (their config's head_dim is the rotary part only); the cache holds the larger,
-    values padded (kvkernels/paged_attention.py)."""
+    caches, as vLLM, one latent per token that every head reads: kv_lora_rank dimensions and
+    the rotary key part (kvkernels/paged_attention.py); their config's head_dim is the rotary
+    part only."""
     c = text_config
     if _latent(c):
-        return max(c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim)
+        return c.kv_lora_rank + c.qk_rope_head_dim
     return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
 
@@ -125,6 +126,7 @@ class ModelRunner:
         window = self.shape.max_position_embeddings
         fix_longrope(self.model, min(max_model_len or window, window))
         paged_attention.take_over_query_temperature(self.model)
+        paged_attention.take_over_latent_attention(self.model)
         if device == "cpu":  # decode batches: stream each weight matrix once per step
             few_rows.install(self.model)
         self.device = torch.device(device)

@@ -122,6 +122,33 @@ def take_over_query_temperature(model: torch.nn.Module) -> None:
             module.splitserve_temperature = (module.floor_scale, module.attn_scale)
 
 
+def take_over_latent_attention(model: torch.nn.Module) -> None:
+    """DeepSeek V2 / V3's multi-head latent attention: transformers caches each token's latent
+    (kv_lora_rank dimensions, plus a rotary key part all heads share), then expands it to every
+    head's keys and values (`expand_kv`). We cache the latent itself, as one KV head, and
+    attend to it with the expansion absorbed, as vLLM's MLA: with kv_b_proj's rows for a head
+    split into W_k and W_v, the head's score q_nope . (W_k c) is (q_nope W_k) . c, and its
+    output sum_j p_j (W_v c_j) is W_v (sum_j p_j c_j)."""
+    for module in model.modules():
+        if hasattr(module, "expand_kv") and hasattr(module, "kv_b_proj"):
+            module.expand_kv = _latent_as_kv
+            module.splitserve_latent = True
+
+
+def _latent_as_kv(latent: torch.Tensor, k_rot: torch.Tensor):
+    """(B, 1, T, rank) and (B, 1, T, rope) -> the keys (both), the values (the latent)."""
+    return torch.cat([latent, k_rot], dim=-1), latent
+
+
+def _absorbed(module: torch.nn.Module, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (T, H, nope + rope) -> q in the latent's space (T, H, rank + rope), and W_v (H, v,
+    rank): this rank's heads' rows of kv_b_proj (tensor parallelism splits them by head)."""
+    nope = module.qk_nope_head_dim
+    w = module.kv_b_proj.weight.view(q.shape[1], nope + module.v_head_dim, -1)
+    q_latent = torch.einsum("thn,hnc->thc", q[..., :nope], w[:, :nope])
+    return torch.cat([q_latent, q[..., nope:]], dim=-1), w[:, nope:]
+
+
 def _tempered(q: torch.Tensor, positions: torch.Tensor, floor_scale: float, attn_scale: float):
     """q (T, H, D) times each token's temperature, in float and back, as Llama 4's attention."""
     scales = torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
@@ -271,6 +298,9 @@ def paged_attention_forward(
     temperature = getattr(module, "splitserve_temperature", None)
     if temperature is not None:
         q = _tempered(q, meta.positions, *temperature)
+    w_v = None
+    if getattr(module, "splitserve_latent", False):
+        q, w_v = _absorbed(module, q)
     k = key[0].transpose(0, 1)  # (T, Hkv, D)
     v = value[0].transpose(0, 1)
     layer_cache = meta.kv_cache[module.layer_idx - meta.layer_offset]  # (2, nb, bs, Hkv, D)
@@ -280,8 +310,8 @@ def paged_attention_forward(
             f"{type(module).__name__} gives keys of head size {key.shape[-1]} and values of "
             f"{v_size}; the paged cache holds keys of {size}"
         )
-    if v_size < size:  # DeepSeek's latent attention: values narrower than keys, zero-padded
-        v = F.pad(v, (0, size - v_size))  # (the output's extra columns are 0, cut below)
+    if v_size < size:  # DeepSeek's latent: values (it) narrower than keys (it and a rotary
+        v = F.pad(v, (0, size - v_size))  # part), zero-padded; the output's padding is cut
     write_kv(layer_cache, k, v, meta.slot_mapping)
 
     out = torch.empty_like(q)
@@ -291,7 +321,10 @@ def paged_attention_forward(
     for span in meta.prefills:
         sl = slice(span.query_start, span.query_start + span.query_len)
         out[sl] = prefill_attention(q[sl], k[sl], v[sl], layer_cache, span, scale, reach, mods)
-    return out[..., :v_size].unsqueeze(0), None  # (1, T, H, D of the values)
+    out = out[..., :v_size]  # (T, H, D of the values)
+    if w_v is not None:  # from the latent to each head's values
+        out = torch.einsum("thc,hvc->thv", out, w_v)
+    return out.unsqueeze(0), None
 
 
 def _decode(q, layer_cache, meta: AttentionMetadata, scale: float, reach: Reach, mods):

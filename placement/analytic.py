@@ -42,7 +42,8 @@ class Efficiency:
 def fits(model: ModelSpec, device: DeviceSpec, tp: int, pp: int) -> bool:
     # each rank holds whole query and KV heads (engine/parallel.py), none replicated, and an
     # equal slice of every MLP's and expert's intermediate rows (engine/sharding.py)
-    heads_split = model.num_heads % tp == 0 and model.num_kv_heads % tp == 0
+    kv_split = model.num_kv_heads % tp == 0 or model.latent is not None  # a latent: whole
+    heads_split = model.num_heads % tp == 0 and kv_split
     rows = (model.intermediate_size, *(model.experts.widths() if model.experts else ()))
     if not heads_split or any(n % tp for n in rows):
         return False
@@ -80,7 +81,8 @@ def entry(
         b=2 * params / flops + tp_ms + pp_ms,
         c=2 * layers * (model.hidden_size / tp) / flops,
     )
-    kv_per_gpu = model.kv_bytes_per_token / (tp * pp)
+    # KV heads split over the tp ranks; a latent (DeepSeek) is whole on each
+    kv_per_gpu = model.kv_bytes_per_token / (pp if model.latent is not None else tp * pp)
     decode = Coefficients(
         a=weights / bandwidth + eff.overhead_ms + tp_calls,
         b=kv_per_gpu / bandwidth,

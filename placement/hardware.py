@@ -144,8 +144,9 @@ class Latent:
 
     @property
     def cached_head_dim(self) -> int:
-        """What the engine caches per head: keys and values expanded, at the larger size."""
-        return max(self.qk_head_dim, self.v_head_dim)
+        """What the engine caches per token and layer, as one KV head: the latent and the
+        rotary key part every head shares."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
 
     def params(self, hidden: int, heads: int, bias: bool) -> int:
         h, q, kv = hidden, self.q_lora_rank, self.kv_lora_rank
@@ -233,8 +234,8 @@ class ModelSpec:
             num_layers=cfg["num_hidden_layers"],
             hidden_size=hidden,
             num_heads=heads,
-            # the engine caches a latent-attention model's keys and values for every head
-            num_kv_heads=heads if latent else cfg.get("num_key_value_heads") or heads,
+            # the engine caches a latent-attention model's latent, one KV head all ranks hold
+            num_kv_heads=1 if latent else cfg.get("num_key_value_heads") or heads,
             head_dim=latent.cached_head_dim if latent else cfg.get("head_dim") or hidden // heads,
             intermediate_size=cfg[family.get("dense_mlp", "intermediate_size")],
             vocab_size=cfg["vocab_size"],

@@ -313,14 +313,23 @@ def test_a_mixture_of_experts_computes_with_its_active_parameters_and_reads_them
 
 
 def test_a_latent_attention_models_kv_bytes_are_what_the_engine_caches(tmp_path):
-    """DeepSeek's keys and values are cached expanded, every head at the larger head size
-    (engine.model_runner.ModelShape): the planner's KV bytes per token are the engine's."""
+    """DeepSeek caches one latent per token and layer (engine.model_runner.ModelShape): 16
+    dimensions and 8 rotary ones, whatever the 4 heads, and whole on every tensor-parallel
+    rank. The planner's KV bytes per token and per GPU are the engine's."""
     from engine.model_runner import ModelShape
+    from engine.parallel import ParallelLayout
 
+    h100 = DEVICES["H100-80GB"]
     for config in (c for c, _, _ in MOE if c.model_type.startswith("deepseek")):
         spec = ModelSpec.from_config(_write(tmp_path, config.to_dict()))
-        engine = ModelShape.of(config).kv_bytes_per_token(torch.bfloat16)
-        assert spec.kv_bytes_per_token == engine == 4 * 2 * 4 * 24 * 2  # keys 16 + 8 > values 12
+        engine = ModelShape.of(config)
+        assert (
+            spec.kv_bytes_per_token == engine.kv_bytes_per_token(torch.bfloat16) == 4 * 2 * 24 * 2
+        )
+        per_rank = engine.kv_bytes_per_token(torch.bfloat16, ParallelLayout(tp=2))
+        assert per_rank == spec.kv_bytes_per_token  # a latent is not split
+        free = 80e9 * 0.9 - spec.num_params * 2 / 2
+        assert entry(spec, h100, tp=2).kv_capacity_tokens == int(free / per_rank)
 
 
 @pytest.mark.model

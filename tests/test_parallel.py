@@ -47,14 +47,44 @@ def test_layouts_the_model_cannot_take_are_rejected():
 LAYOUTS = [ParallelLayout(t, p) for t, p in [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (1, 3)]]
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["kv-heads", "latent"])
 @pytest.mark.parametrize("src,dst", list(itertools.product(LAYOUTS, LAYOUTS)))
-def test_pieces_tile_every_receiver_exactly_and_send_each_cell_once(src, dst):
-    dst_shards = dst.shards(L, H, HKV)
-    pieces = [p for s in src.shards(L, H, HKV) for p in kv_pieces(s, dst_shards)]
+def test_pieces_tile_every_receiver_exactly_and_send_each_cell_once(src, dst, shared):
+    """KV heads split over the tp ranks, or (DeepSeek) one latent every rank of a stage
+    holds: its first rank sends it, once to each rank that needs it."""
+    kv = 1 if shared else HKV
+    dst_shards = dst.shards(L, H, kv, shared)
+    pieces = [p for s in src.shards(L, H, kv, shared) for p in kv_pieces(s, dst_shards)]
     for d in dst_shards:  # raises unless exact
         check_coverage(d, [p for p in pieces if p.dst_rank == d.rank])
-    # no cell of the cache travels twice: the hand-off moves the whole cache exactly once
-    assert sum(len(p.layers) * len(p.kv_heads) for p in pieces) == L * HKV
+    # no cell of the cache travels twice to a rank: the whole cache exactly once, or a shared
+    # latent once to each of a stage's tp ranks
+    assert sum(len(p.layers) * len(p.kv_heads) for p in pieces) == L * kv * (
+        dst.tp if shared else 1
+    )
+    assert {p.src_rank % src.tp for p in pieces} <= ({0} if shared else set(range(src.tp)))
+
+
+def test_serve_run_checks_a_latent_models_layout_by_its_heads_alone():
+    """The app's check at `serve run` (app/builder.py): DeepSeek's one latent does not bar tp2;
+    a model of one ordinary KV head would be refused, naming the field."""
+    from app.config import AppArgs
+
+    args = AppArgs.model_validate(
+        {"model": "m", "mode": "disaggregated", "decode": {"engine": {"tensor_parallel_size": 2}}}
+    )
+    args.check_parallel(4, 4, 1, shared_kv=True)
+    with pytest.raises(ValueError, match="decode.engine: tensor_parallel_size 2 must divide"):
+        args.check_parallel(4, 4, 1)
+
+
+def test_a_shared_latent_is_held_whole_by_every_rank_whatever_the_tp():
+    shards = ParallelLayout(tp=4).shards(L, H, 1, shared_kv=True)
+    assert [(s.kv_heads, s.heads, s.kv_copy) for s in shards] == [
+        (range(1), range(3 * t, 3 * t + 3), t) for t in range(4)
+    ]
+    with pytest.raises(ValueError, match="must divide the model's 12 attention heads and 1 KV"):
+        ParallelLayout(tp=4).shards(L, H, 1)
 
 
 def test_reshard_tp2_to_pp2_sends_each_rank_a_quarter():

@@ -57,6 +57,11 @@ class ModelShape:
     max_position_embeddings: int  # the longest context served exactly (limits.context_window)
     latent: bool = False  # one KV "head": DeepSeek's latent and its rotary key part
 
+    @property
+    def kv_slots(self) -> int:
+        """Keys and values, or a latent that is both (kvkernels/paged_attention.py)."""
+        return 1 if self.latent else 2
+
     @classmethod
     def of(cls, config) -> ModelShape:
         c = config.get_text_config()
@@ -79,14 +84,15 @@ class ModelShape:
         if layout is not None:
             layers = -(-layers // layout.pp)
             kv_heads //= 1 if self.latent else layout.tp
-        return layers * 2 * kv_heads * self.head_dim * elem
+        return layers * self.kv_slots * kv_heads * self.head_dim * elem
 
     def shards(self, layout: ParallelLayout) -> list[Shard]:
         return layout.shards(self.num_layers, self.num_heads, self.num_kv_heads, self.latent)
 
     def kv_layout(self, block_size: int, dtype: torch.dtype) -> KVLayout:
         """The whole model's KV layout, whatever the replica's parallel layout."""
-        return KVLayout(self.num_layers, block_size, self.num_kv_heads, self.head_dim, str(dtype))
+        heads, size = self.num_kv_heads, self.head_dim
+        return KVLayout(self.num_layers, block_size, heads, size, str(dtype), self.kv_slots)
 
 
 def _kv_head_size(text_config) -> int:
@@ -137,7 +143,7 @@ class ModelRunner:
         self.kv_cache = torch.zeros(
             (
                 len(self.shard.layers),
-                2,
+                self.shape.kv_slots,
                 num_kv_blocks,
                 block_size,
                 len(self.shard.kv_heads),
@@ -145,7 +151,7 @@ class ModelRunner:
             ),
             dtype=self.dtype,
             device=self.device,
-        )  # (L, 2, nb, bs, Hkv, D)
+        )  # (L, 2 or 1, nb, bs, Hkv, D)
         self._workspace = torch.empty(0, dtype=self.dtype, device=self.device)
 
     @classmethod
@@ -257,9 +263,10 @@ class ModelRunner:
         return input_ids, positions, meta, torch.tensor(sample_idx, dtype=torch.long, device=dev)
 
     def _decode_workspace(self, num_blocks: int) -> torch.Tensor:
-        """(2, num_blocks, bs, Hkv, D) view of a buffer that only grows (see AttentionMetadata)."""
-        shape = (2, num_blocks, *self.kv_cache.shape[3:])
-        numel = 2 * num_blocks * self.kv_cache[0, 0, 0].numel()
+        """(slots, num_blocks, bs, Hkv, D) view of a buffer that only grows (AttentionMetadata)."""
+        slots = self.shape.kv_slots
+        shape = (slots, num_blocks, *self.kv_cache.shape[3:])
+        numel = slots * num_blocks * self.kv_cache[0, 0, 0].numel()
         if self._workspace.numel() < numel:
             self._workspace = torch.empty(numel, dtype=self.dtype, device=self.device)
         return self._workspace[:numel].view(shape)

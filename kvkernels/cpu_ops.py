@@ -62,7 +62,7 @@ def paged_decode(
     return ext.paged_decode(
         q.contiguous(),
         layer_cache[0],
-        layer_cache[1],
+        layer_cache[-1],  # a latent cache's one slot holds keys and values
         block_tables,
         context_lens,
         scale,

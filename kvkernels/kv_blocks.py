@@ -1,7 +1,8 @@
 """Pack a request's KV blocks into one contiguous buffer and scatter it into another cache.
 
 Block-granular: only the request's blocks move. The buffer layout is the cache layout with the
-block axis restricted to the request, (L, 2, n_blocks, block_size, Hkv, D), so a layer range
+block axis restricted to the request, (L, 2, n_blocks, block_size, Hkv, D) (a latent cache: 1
+slot, not 2), so a layer range
 (pipeline stage) or a KV-head range (tensor-parallel rank) is a plain slice of it.
 """
 
@@ -21,11 +22,12 @@ class KVLayout:
     num_kv_heads: int
     head_dim: int
     dtype: str
+    slots: int = 2  # keys and values; 1: a latent that is both
 
     @classmethod
     def of_cache(cls, kv_cache: torch.Tensor) -> KVLayout:
-        num_layers, _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
-        return cls(num_layers, block_size, num_kv_heads, head_dim, str(kv_cache.dtype))
+        num_layers, slots, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+        return cls(num_layers, block_size, num_kv_heads, head_dim, str(kv_cache.dtype), slots)
 
 
 def pack_blocks(kv_cache: torch.Tensor, block_ids: list[int]) -> torch.Tensor:

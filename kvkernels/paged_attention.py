@@ -14,7 +14,8 @@ denominator, with no value).
 
 KV cache layout, per engine (or per pipeline stage / tensor-parallel rank later):
     kv_cache: (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
-so a layer range or a KV-head range of a request's blocks is one slice (see kv_blocks.py).
+so a layer range or a KV-head range of a request's blocks is one slice (see kv_blocks.py). A
+latent cache (DeepSeek) has one slot, not 2: its keys are its values (`values_of`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class PrefillSpan:
 
 @dataclass
 class AttentionMetadata:
-    kv_cache: torch.Tensor  # (L, 2, num_blocks, block_size, Hkv, D)
+    kv_cache: torch.Tensor  # (L, 2 or 1 (a latent), num_blocks, block_size, Hkv, D)
     slot_mapping: torch.Tensor  # (T,) long: flat cache slot of each new token
     prefills: list[PrefillSpan]
     decode_token_idx: torch.Tensor  # (Bd,) long: where each decode query sits in the batch
@@ -170,19 +171,28 @@ def explicit_attention(q, k, v, mask, scale: float, mods: ScoreMods, sinks_shape
     return torch.matmul(probs[..., : k.shape[-2]], v)
 
 
+def values_of(layer_cache: torch.Tensor) -> torch.Tensor:
+    """The values' slot: the second, or a latent cache's one. A latent's values are its keys
+    (the latent, then the rotary key part): the output's columns past the latent are cut."""
+    return layer_cache[-1]
+
+
 def write_kv(
     layer_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor
 ):
-    """layer_cache (2, nb, bs, Hkv, D); key/value (T, Hkv, D); slots (T,)."""
+    """layer_cache (2 or 1, nb, bs, Hkv, D); key/value (T, Hkv, D); slots (T,)."""
     hkv, d = key.shape[1], key.shape[2]
     layer_cache[0].view(-1, hkv, d).index_copy_(0, slots, key)
-    layer_cache[1].view(-1, hkv, d).index_copy_(0, slots, value)
+    if layer_cache.shape[0] == 2:
+        layer_cache[1].view(-1, hkv, d).index_copy_(0, slots, value)
 
 
 def gather_context(layer_cache: torch.Tensor, block_table: torch.Tensor, context_len: int):
     """-> keys, values (Hkv, context_len, D) of one request."""
     hkv, d = layer_cache.shape[3:]
     k = layer_cache[0].index_select(0, block_table).view(-1, hkv, d)[:context_len]  # (C, Hkv, D)
+    if layer_cache.shape[0] == 1:
+        return k.transpose(0, 1), k.transpose(0, 1)
     v = layer_cache[1].index_select(0, block_table).view(-1, hkv, d)[:context_len]
     return k.transpose(0, 1), v.transpose(0, 1)
 
@@ -200,12 +210,13 @@ def decode_attention(
     bd, h, d = q.shape
     hkv = layer_cache.shape[3]
     flat = block_tables.view(-1)
+    slots = layer_cache.shape[0]  # a latent's one holds keys and values
     if workspace is None:
-        workspace = layer_cache.new_empty((2, flat.numel(), *layer_cache.shape[2:]))
-    torch.index_select(layer_cache[0], 0, flat, out=workspace[0])
-    torch.index_select(layer_cache[1], 0, flat, out=workspace[1])
+        workspace = layer_cache.new_empty((slots, flat.numel(), *layer_cache.shape[2:]))
+    for i in range(slots):
+        torch.index_select(layer_cache[i], 0, flat, out=workspace[i])
     k = workspace[0].view(bd, -1, hkv, d).transpose(1, 2)  # (Bd, Hkv, L, D)
-    v = workspace[1].view(bd, -1, hkv, d).transpose(1, 2)
+    v = workspace[-1].view(bd, -1, hkv, d).transpose(1, 2)
     # The G query heads that share a KV head act as G query rows: no repeat of K/V needed.
     qg = q.view(bd, hkv, h // hkv, d)  # (Bd, Hkv, G, D)
     if mods.plain:

@@ -296,7 +296,8 @@ class ModelSpec:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * self.dtype_bytes
+        slots = 1 if self.latent else 2  # a latent is its keys and its values
+        return self.num_layers * slots * self.num_kv_heads * self.head_dim * self.dtype_bytes
 
 
 # model_type -> how the family differs from Llama's shapes (no key: as Llama)

@@ -314,8 +314,9 @@ def test_a_mixture_of_experts_computes_with_its_active_parameters_and_reads_them
 
 def test_a_latent_attention_models_kv_bytes_are_what_the_engine_caches(tmp_path):
     """DeepSeek caches one latent per token and layer (engine.model_runner.ModelShape): 16
-    dimensions and 8 rotary ones, whatever the 4 heads, and whole on every tensor-parallel
-    rank. The planner's KV bytes per token and per GPU are the engine's."""
+    dimensions and 8 rotary ones, whatever the 4 heads, once (it is the keys and the values),
+    and whole on every tensor-parallel rank. The planner's KV bytes per token and per GPU are
+    the engine's."""
     from engine.model_runner import ModelShape
     from engine.parallel import ParallelLayout
 
@@ -323,9 +324,7 @@ def test_a_latent_attention_models_kv_bytes_are_what_the_engine_caches(tmp_path)
     for config in (c for c, _, _ in MOE if c.model_type.startswith("deepseek")):
         spec = ModelSpec.from_config(_write(tmp_path, config.to_dict()))
         engine = ModelShape.of(config)
-        assert (
-            spec.kv_bytes_per_token == engine.kv_bytes_per_token(torch.bfloat16) == 4 * 2 * 24 * 2
-        )
+        assert spec.kv_bytes_per_token == engine.kv_bytes_per_token(torch.bfloat16) == 4 * 24 * 2
         per_rank = engine.kv_bytes_per_token(torch.bfloat16, ParallelLayout(tp=2))
         assert per_rank == spec.kv_bytes_per_token  # a latent is not split
         free = 80e9 * 0.9 - spec.num_params * 2 / 2

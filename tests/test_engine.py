@@ -593,9 +593,10 @@ def test_choices_of_one_prompt_compute_it_once(make_engine, reference):
 @pytest.mark.parametrize("family", ["gemma2", "gpt_oss", "deepseek_v3"])
 def test_other_families_through_the_engine_equal_transformers_generate(family, tmp_path, tokenizer):
     """A tiny random Gemma 2 (tight score softcapping), gpt-oss (attention sinks) or DeepSeek
-    V3 (latent attention: the cache's head size and heads from its config) saved with the
-    default tokenizer and loaded by path, as `model:` in serve_config.yaml loads one: greedy
-    output of three batched prompts equals transformers' generate."""
+    V3 (latent attention: one latent cached per token, its one slot both keys and values)
+    saved with the default tokenizer and loaded by path, as `model:` in serve_config.yaml
+    loads one: greedy output of three batched prompts equals transformers' generate, and so
+    does the first prompt's prefilled on one engine and decoded on another."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -618,3 +619,10 @@ def test_other_families_through_the_engine_equal_transformers_generate(family, t
             want = hf.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)
         assert out.token_ids == want[0, ids.shape[1] :].tolist()
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    decode = LLMEngine(EngineConfig(model=str(tmp_path), num_kv_blocks=64, block_size=4))
+    engine.add_request("p", PROMPTS[0], params, prefill_only=True)
+    first = drain(engine)["p"][0].new_token_ids
+    handoff, buffer = engine.export_kv("p")
+    assert buffer.shape[1] == (1 if family == "deepseek_v3" else 2)  # the cache's slots
+    assert decode.import_request(handoff, buffer)
+    assert first + [t for o in drain(decode)["p"] for t in o.new_token_ids] == outs[0].token_ids

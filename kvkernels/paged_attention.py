@@ -15,7 +15,8 @@ denominator, with no value).
 KV cache layout, per engine (or per pipeline stage / tensor-parallel rank later):
     kv_cache: (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
 so a layer range or a KV-head range of a request's blocks is one slice (see kv_blocks.py). A
-latent cache (DeepSeek) has one slot, not 2: its keys are its values (`values_of`).
+latent cache (DeepSeek) has one slot, not 2: its keys are its values (the latent, then the
+rotary key part, whose output columns are cut), so the values' slot is `layer_cache[-1]`.
 """
 
 from __future__ import annotations
@@ -169,12 +170,6 @@ def explicit_attention(q, k, v, mask, scale: float, mods: ScoreMods, sinks_shape
         scores = torch.cat([scores, sink], dim=-1)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)  # as eager's
     return torch.matmul(probs[..., : k.shape[-2]], v)
-
-
-def values_of(layer_cache: torch.Tensor) -> torch.Tensor:
-    """The values' slot: the second, or a latent cache's one. A latent's values are its keys
-    (the latent, then the rotary key part): the output's columns past the latent are cut."""
-    return layer_cache[-1]
 
 
 def write_kv(

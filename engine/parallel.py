@@ -22,6 +22,7 @@ from dataclasses import dataclass
 PARALLEL_MODEL_TYPES = (
     "opt",
     *("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "gemma", "gemma2", "gemma3_text"),
+    "gemma3",  # of vision and text: its text model is split, its vision tower left out
     *("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v2", "deepseek_v3"),  # MoE
     # Llama 4: its checkpoints (vision and text) load as the text model (Llama4ForCausalLM)
     *("llama4_text", "llama4"),

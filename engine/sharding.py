@@ -100,9 +100,17 @@ def check_model_type(config) -> None:
 
 def decoder(model: nn.Module) -> nn.Module:
     """The module that holds the embeddings, the layers and the final norm: `model.model`
-    (Llama's layout), or OPT's `model.model.decoder`."""
+    (Llama's layout), OPT's `model.model.decoder`, or a Gemma 3 of vision and text's
+    `model.model.language_model`."""
     base = getattr(model, "model", None)
-    return base.decoder if model.config.model_type == "opt" and base is not None else base
+    inner = {"opt": "decoder", "gemma3": "language_model"}.get(model.config.model_type)
+    return getattr(base, inner) if inner and base is not None else base
+
+
+def _plan(model: nn.Module) -> dict[str, str]:
+    """The model's tensor-parallel plan and ours; a vision-and-text model's is its text's."""
+    own = model.config.get_text_config().base_model_tp_plan or {}
+    return {**_COMMON_PLAN, **own, **_FAMILY_PLANS.get(model.config.model_type, {})}
 
 
 def check_supported(model: nn.Module) -> None:
@@ -114,7 +122,8 @@ def check_supported(model: nn.Module) -> None:
             f"{type(model).__name__}: tensor/pipeline parallelism supports Llama-family "
             "architectures (model.embed_tokens, rotary_emb, layers, norm; lm_head) and OPT's"
         )
-    if not (model.config.base_model_tp_plan or model.config.model_type in _FAMILY_PLANS):
+    text = model.config.get_text_config()
+    if not (text.base_model_tp_plan or model.config.model_type in _FAMILY_PLANS):
         raise ValueError(f"{type(model).__name__} has no tensor-parallel plan in its config")
 
 
@@ -129,9 +138,11 @@ def shard_model(model: nn.Module, shard: Shard, tp_size: int, tp_group) -> nn.Mo
             setattr(base, name, None)
     if not last:
         model.lm_head = None
+    for name in ("vision_tower", "multi_modal_projector"):  # the workers serve text
+        if hasattr(model.model, name):
+            setattr(model.model, name, None)
     if tp_size > 1:
-        family = _FAMILY_PLANS.get(model.config.model_type, {})
-        plan = {**_COMMON_PLAN, **(model.config.base_model_tp_plan or {}), **family}
+        plan = _plan(model)
         for name, module in base.named_modules():
             style = _style(plan, name, shard.layers.start)
             if style == "experts":

@@ -133,7 +133,7 @@ class ShardRunner(ModelRunner):
             return None
         if not self.rotary_per_type:
             return rotary(hidden, position_ids=positions)
-        return {t: rotary(hidden, positions, t) for t in set(self.model.config.layer_types)}
+        return {t: rotary(hidden, positions, t) for t in set(self.base.config.layer_types)}
 
     def _logits(self, hidden, sample_idx) -> torch.Tensor:
         base, hidden = self.base, hidden[:, sample_idx]
@@ -143,7 +143,7 @@ class ShardRunner(ModelRunner):
         if getattr(base, "project_out", None) is not None:  # OPT-350m
             hidden = base.project_out(hidden)
         logits = self.model.lm_head(hidden)[0]  # (S, V), in the model's dtype as its forward
-        config = self.model.config
+        config = self.model.config.get_text_config()
         if getattr(config, "logits_scaling", None):  # Granite
             logits = logits / config.logits_scaling
         cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2 / 3

@@ -201,9 +201,9 @@ class ModelSpec:
         path = Path(path)
         cfg = json.loads((path / "config.json" if path.is_dir() else path).read_text())
         kind = cfg.get("model_type", "")
-        if kind == "llama4":  # vision and text: the engine loads its text model only
+        if kind in _VISION_AND_TEXT:  # planned as the text model (see _VISION_AND_TEXT)
             cfg = {"_name_or_path": cfg.get("_name_or_path"), **cfg["text_config"]}
-            kind = "llama4_text"
+            kind = _VISION_AND_TEXT[kind]
         heads = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
         if kind == "opt":
@@ -299,6 +299,11 @@ class ModelSpec:
         slots = 1 if self.latent else 2  # a latent is its keys and its values
         return self.num_layers * slots * self.num_kv_heads * self.head_dim * self.dtype_bytes
 
+
+# checkpoints of vision and text, planned as their text model: the engine loads a Llama 4 one
+# as its text model alone; a Gemma 3 one whole on one worker (its vision tower, 0.4B of
+# SigLIP, is not counted) and its text model alone on tensor / pipeline parallel workers
+_VISION_AND_TEXT = {"llama4": "llama4_text", "gemma3": "gemma3_text"}
 
 # model_type -> how the family differs from Llama's shapes (no key: as Llama)
 _GATED: dict[str, dict] = {

@@ -14,6 +14,7 @@ from transformers import (
     DeepseekV3ForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
+    Gemma3Config,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
     GemmaConfig,
@@ -274,6 +275,16 @@ def test_a_llama4_checkpoint_of_vision_and_text_is_planned_as_its_text_model(tmp
         text = Llama4ForCausalLM(scout)
     assert spec.model_type == "llama4_text" and spec.num_params == _numel(text)
     assert round(spec.num_params / 1e9, 1) == 107.8 and round(spec.active_params / 1e9, 1) == 17.2
+    assert spec.runs_split
+
+
+def test_a_gemma3_checkpoint_of_vision_and_text_is_planned_as_its_text_model(tmp_path):
+    text = Gemma3TextConfig(**SMALL, intermediate_size=160, head_dim=24)
+    both = Gemma3Config(text_config=text.to_dict()).to_dict()
+    spec = ModelSpec.from_config(_write(tmp_path, both))
+    with torch.device("meta"):
+        alone = Gemma3ForCausalLM(text)
+    assert spec.model_type == "gemma3_text" and spec.num_params == _numel(alone)
     assert spec.runs_split
 
 

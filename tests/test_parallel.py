@@ -286,6 +286,35 @@ def test_phi3s_fused_projections_keep_each_ranks_part_of_every_section():
 _QKV = ((0, 16), (32, 8), (48, 8))  # (where each section starts, one rank's rows of it)
 
 
+def test_a_gemma3_of_vision_and_text_splits_its_text_model_and_leaves_its_vision_out():
+    """Gemma 3's checkpoints of vision and text (4B to 27B) load as both; the workers serve
+    text: the language model is split by its text config's plan, the vision tower and its
+    projector are dropped, and each pipeline stage keeps its part of the text model."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from engine.model_runner import ModelShape
+    from engine.sharding import decoder, shard_model
+
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2)
+    text.update(num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    vision = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    config = Gemma3Config(text_config=text, vision_config={**vision, "image_size": 28})
+    whole = Gemma3ForConditionalGeneration(config)
+    layer = whole.model.language_model.layers[1]
+    split = copy.deepcopy(whole)
+    shard_model(split, ModelShape.of(config).shards(ParallelLayout(tp=2))[1], 2, tp_group=None)
+    assert decoder(split) is split.model.language_model
+    mine = split.model.language_model.layers[1]
+    assert torch.equal(mine.self_attn.k_proj.weight, layer.self_attn.k_proj.weight[8:])
+    assert torch.equal(mine.mlp.down_proj.weight, layer.mlp.down_proj.weight[:, 24:])
+    assert split.model.vision_tower is None and split.model.multi_modal_projector is None
+    first, last = ModelShape.of(config).shards(ParallelLayout(pp=2))
+    stage = shard_model(copy.deepcopy(whole), last, 1, None)
+    assert stage.model.language_model.embed_tokens is None and len(decoder(stage).layers) == 1
+    assert stage.model.language_model.norm is not None and stage.lm_head is not None
+
+
 def test_opts_layout_splits_by_its_own_names_and_keeps_its_embeddings_on_the_first_stage():
     """OPT keeps its layers under model.decoder, names its projections out_proj, fc1 and fc2,
     and views q, k and v by its attention's `num_heads`, which becomes the rank's. A pipeline
@@ -327,13 +356,13 @@ def test_opts_layout_splits_by_its_own_names_and_keeps_its_embeddings_on_the_fir
 
 
 @pytest.mark.parametrize(
-    "config_name, kind", [("CohereConfig", "cohere"), ("Gemma3Config", "gemma3")]
+    "config_name, kind", [("CohereConfig", "cohere"), ("Olmo2Config", "olmo2")]
 )
 def test_families_the_workers_cannot_run_are_refused_by_model_type(config_name, kind):
-    """Cohere (served on one worker) is not split; a Gemma 3 checkpoint of vision and text
-    loads as both (its text model is split): refused before any worker starts. The families
-    the workers run pass: OPT, with its own layout, and Llama 4's checkpoints of vision and
-    text too, which load as its text model."""
+    """Cohere and OLMo 2 (served on one worker) are not split: refused before any worker
+    starts. The families the workers run pass: OPT, with its own layout, Llama 4's checkpoints
+    of vision and text, which load as its text model, and Gemma 3's, whose text model is
+    split."""
     import transformers
 
     from engine.sharding import check_model_type
@@ -341,5 +370,6 @@ def test_families_the_workers_cannot_run_are_refused_by_model_type(config_name, 
     with pytest.raises(ValueError, match=f"not '{kind}'.*run it with one worker"):
         check_model_type(getattr(transformers, config_name)())
     families = ("LlamaConfig", "Phi3Config", "GraniteConfig", "Gemma2Config", "MixtralConfig")
-    for name in (*families, "GptOssConfig", "Llama4TextConfig", "Llama4Config", "OPTConfig"):
+    more = ("GptOssConfig", "Llama4TextConfig", "Llama4Config", "OPTConfig", "Gemma3Config")
+    for name in (*families, *more):
         check_model_type(getattr(transformers, name)())

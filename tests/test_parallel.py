@@ -126,9 +126,6 @@ def test_a_qwen3_shard_keeps_its_head_norms_whole_and_splits_the_projections():
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from engine.model_runner import ModelShape
-    from engine.sharding import shard_model
-
     config = Qwen3Config(
         vocab_size=64,
         hidden_size=64,
@@ -138,10 +135,9 @@ def test_a_qwen3_shard_keeps_its_head_norms_whole_and_splits_the_projections():
         num_key_value_heads=2,
         head_dim=16,
     )
-    model = Qwen3ForCausalLM(config)
-    full = {name: p.detach().clone() for name, p in model.named_parameters()}
-    shard = ModelShape.of(config).shards(ParallelLayout(tp=2))[1]
-    shard_model(model, shard, 2, tp_group=None)
+    whole = Qwen3ForCausalLM(config)
+    full = dict(whole.named_parameters())
+    model = _sharded(whole, tp=2, rank=1)
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     prefix = "model.layers.0."
     assert torch.equal(attn.q_proj.weight, full[prefix + "self_attn.q_proj.weight"][32:])
@@ -163,9 +159,6 @@ def test_a_mixture_of_experts_shard_keeps_a_slice_of_every_expert_and_the_slices
     own heads."""
     import torch
     import transformers
-
-    from engine.model_runner import ModelShape
-    from engine.sharding import shard_model
 
     config_cls, model_cls = {
         "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
@@ -203,10 +196,7 @@ def test_a_mixture_of_experts_shard_keeps_a_slice_of_every_expert_and_the_slices
         expected = _output(_mlp(layer)(x))
     parts = []
     for rank in range(2):
-        model = copy.deepcopy(whole)
-        shard = ModelShape.of(config).shards(ParallelLayout(tp=2))[rank]
-        shard_model(model, shard, 2, tp_group=None)
-        sharded = model.model.layers[1]
+        sharded = _sharded(whole, tp=2, rank=rank).model.layers[1]
         mine, split = slice(24 * rank, 24 * (rank + 1)), _mlp(sharded).experts
         if kind == "gpt_oss":  # (experts, hidden, gate/up pairs); sinks: this rank's 2 heads
             pairs = experts.gate_up_proj[:, :, 48 * rank : 48 * (rank + 1)]
@@ -231,6 +221,16 @@ def test_a_mixture_of_experts_shard_keeps_a_slice_of_every_expert_and_the_slices
     torch.testing.assert_close(parts[0] + parts[1], expected, rtol=1e-5, atol=1e-5)
 
 
+def _sharded(whole, tp: int = 1, pp: int = 1, rank: int = 0):
+    """A copy of `whole` cut to one worker's shard, with no process group: the all-reduce
+    hooks of a tp shard are left on its row-parallel layers."""
+    from engine.model_runner import ModelShape
+    from engine.sharding import shard_model
+
+    shard = ModelShape.of(whole.config).shards(ParallelLayout(tp, pp))[rank]
+    return shard_model(copy.deepcopy(whole), shard, tp, tp_group=None)
+
+
 def _mlp(layer):
     return layer.feed_forward if hasattr(layer, "feed_forward") else layer.mlp  # Llama 4's
 
@@ -246,9 +246,6 @@ def test_phi3s_fused_projections_keep_each_ranks_part_of_every_section():
     and the two ranks' MLP outputs, before their all-reduces, add up to the whole model's."""
     import torch
     import transformers
-
-    from engine.model_runner import ModelShape
-    from engine.sharding import shard_model
 
     config = transformers.Phi3Config(
         vocab_size=64,
@@ -267,8 +264,7 @@ def test_phi3s_fused_projections_keep_each_ranks_part_of_every_section():
         expected = layer.mlp(x)
     parts = []
     for rank in range(2):
-        model = copy.deepcopy(whole)
-        shard_model(model, ModelShape.of(config).shards(ParallelLayout(tp=2))[rank], 2, None)
+        model = _sharded(whole, tp=2, rank=rank)
         sharded = model.model.layers[1]
         q, k, v = (qkv[start + n * rank : start + n * (rank + 1)] for start, n in _QKV)
         assert torch.equal(sharded.self_attn.qkv_proj.weight, torch.cat([q, k, v]))
@@ -293,8 +289,7 @@ def test_a_gemma3_of_vision_and_text_splits_its_text_model_and_leaves_its_vision
     import torch
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
-    from engine.model_runner import ModelShape
-    from engine.sharding import decoder, shard_model
+    from engine.sharding import decoder
 
     text = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2)
     text.update(num_attention_heads=4, num_key_value_heads=2, head_dim=8)
@@ -302,15 +297,13 @@ def test_a_gemma3_of_vision_and_text_splits_its_text_model_and_leaves_its_vision
     config = Gemma3Config(text_config=text, vision_config={**vision, "image_size": 28})
     whole = Gemma3ForConditionalGeneration(config)
     layer = whole.model.language_model.layers[1]
-    split = copy.deepcopy(whole)
-    shard_model(split, ModelShape.of(config).shards(ParallelLayout(tp=2))[1], 2, tp_group=None)
+    split = _sharded(whole, tp=2, rank=1)
     assert decoder(split) is split.model.language_model
     mine = split.model.language_model.layers[1]
     assert torch.equal(mine.self_attn.k_proj.weight, layer.self_attn.k_proj.weight[8:])
     assert torch.equal(mine.mlp.down_proj.weight, layer.mlp.down_proj.weight[:, 24:])
     assert split.model.vision_tower is None and split.model.multi_modal_projector is None
-    first, last = ModelShape.of(config).shards(ParallelLayout(pp=2))
-    stage = shard_model(copy.deepcopy(whole), last, 1, None)
+    stage = _sharded(whole, pp=2, rank=1)
     assert stage.model.language_model.embed_tokens is None and len(decoder(stage).layers) == 1
     assert stage.model.language_model.norm is not None and stage.lm_head is not None
 
@@ -323,9 +316,6 @@ def test_opts_layout_splits_by_its_own_names_and_keeps_its_embeddings_on_the_fir
     import torch
     from transformers import OPTConfig, OPTForCausalLM
 
-    from engine.model_runner import ModelShape
-    from engine.sharding import shard_model
-
     config = OPTConfig(
         vocab_size=64,
         hidden_size=32,
@@ -337,9 +327,7 @@ def test_opts_layout_splits_by_its_own_names_and_keeps_its_embeddings_on_the_fir
     )
     whole = OPTForCausalLM(config)
     layer = whole.model.decoder.layers[0]
-    split = copy.deepcopy(whole)
-    shard_model(split, ModelShape.of(config).shards(ParallelLayout(tp=2))[1], 2, tp_group=None)
-    mine = split.model.decoder.layers[0]
+    mine = _sharded(whole, tp=2, rank=1).model.decoder.layers[0]
     assert mine.self_attn.num_heads == 2 and whole.model.decoder.layers[0].self_attn.num_heads == 4
     assert torch.equal(mine.self_attn.v_proj.weight, layer.self_attn.v_proj.weight[16:])
     assert torch.equal(mine.self_attn.v_proj.bias, layer.self_attn.v_proj.bias[16:])
@@ -347,8 +335,7 @@ def test_opts_layout_splits_by_its_own_names_and_keeps_its_embeddings_on_the_fir
     assert torch.equal(mine.fc1.weight, layer.fc1.weight[24:])
     assert torch.equal(mine.fc2.weight, layer.fc2.weight[:, 24:])
     assert not mine.fc2.bias.any()  # added once, by rank 0, over the all-reduce
-    stages = ModelShape.of(config).shards(ParallelLayout(pp=2))
-    first, last = (shard_model(copy.deepcopy(whole), s, 1, None) for s in stages)
+    first, last = (_sharded(whole, pp=2, rank=r) for r in range(2))
     kept = ("embed_tokens", "embed_positions", "project_in", "final_layer_norm", "project_out")
     assert [getattr(first.model.decoder, n) is not None for n in kept] == [1, 1, 1, 0, 0]
     assert [getattr(last.model.decoder, n) is not None for n in kept] == [0, 0, 0, 1, 1]

@@ -83,7 +83,8 @@ class ModelShape:
         layers, kv_heads = self.num_layers, self.num_kv_heads
         if layout is not None:
             layers = -(-layers // layout.pp)
-            kv_heads //= 1 if self.latent else layout.tp
+            if not self.latent:  # a latent is whole on every tensor-parallel rank
+                kv_heads //= layout.tp
         return layers * self.kv_slots * kv_heads * self.head_dim * elem
 
     def shards(self, layout: ParallelLayout) -> list[Shard]:

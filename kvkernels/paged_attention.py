@@ -309,15 +309,16 @@ def paged_attention_forward(
         q, w_v = _absorbed(module, q)
     k = key[0].transpose(0, 1)  # (T, Hkv, D)
     v = value[0].transpose(0, 1)
-    layer_cache = meta.kv_cache[module.layer_idx - meta.layer_offset]  # (2, nb, bs, Hkv, D)
+    layer_cache = meta.kv_cache[module.layer_idx - meta.layer_offset]  # (2 or 1, nb, bs, Hkv, D)
     size, v_size = layer_cache.shape[-1], value.shape[-1]
-    if key.shape[-1] != size or v_size > size:
+    latent = layer_cache.shape[0] == 1  # its keys are its values: the latent comes first
+    if key.shape[-1] != size or v_size > size or (v_size < size and not latent):
         raise ValueError(
             f"{type(module).__name__} gives keys of head size {key.shape[-1]} and values of "
-            f"{v_size}; the paged cache holds keys of {size}"
+            f"{v_size}; the paged cache holds {size}"
         )
-    if v_size < size:  # DeepSeek's latent: values (it) narrower than keys (it and a rotary
-        v = F.pad(v, (0, size - v_size))  # part), zero-padded; the output's padding is cut
+    if latent:  # the output's columns past the latent (from the rotary part) are cut below
+        v = k
     write_kv(layer_cache, k, v, meta.slot_mapping)
 
     out = torch.empty_like(q)

@@ -130,4 +130,4 @@ def _check_parallel(cfg: AppArgs) -> None:
     from engine.model_store import resolve_model
 
     shape = ModelShape.of(AutoConfig.from_pretrained(resolve_model(cfg.model)))
-    cfg.check_parallel(shape.num_layers, shape.num_heads, shape.num_kv_heads, shape.latent)
+    cfg.check_parallel(shape.num_layers, shape.num_heads, shape.num_kv_heads)

@@ -295,14 +295,11 @@ class AppArgs(_Strict):
             ),
         )
 
-    def check_parallel(
-        self, num_layers: int, num_heads: int, num_kv_heads: int, shared_kv: bool = False
-    ) -> None:
-        """Raise ValueError, naming the field, for a layout the model cannot be split into
-        (`shared_kv`: a latent every rank holds whole, engine/parallel.py)."""
+    def check_parallel(self, num_layers: int, num_heads: int, num_kv_heads: int) -> None:
+        """Raise ValueError, naming the field, for a layout the model cannot be split into."""
         for phase in ("prefill", "decode", "colocated"):
             layout = getattr(self, phase).engine.parallel
             try:
-                layout.check(num_layers, num_heads, num_kv_heads, shared_kv)
+                layout.check(num_layers, num_heads, num_kv_heads)
             except ValueError as e:
                 raise ValueError(f"{phase}.engine: {e}") from None

@@ -78,17 +78,16 @@ class ModelShape:
 
     def kv_bytes_per_token(self, dtype: torch.dtype, layout: ParallelLayout | None = None) -> int:
         """KV bytes per token of the whole model, or of one worker's shard (its largest
-        pipeline stage and 1/tp of the KV heads, or all of a latent) under `layout`."""
+        pipeline stage and 1/tp of the KV heads, or one replicated head) under `layout`."""
         elem = torch.empty((), dtype=dtype).element_size()
         layers, kv_heads = self.num_layers, self.num_kv_heads
         if layout is not None:
             layers = -(-layers // layout.pp)
-            if not self.latent:  # a latent is whole on every tensor-parallel rank
-                kv_heads //= layout.tp
+            kv_heads = max(kv_heads // layout.tp, 1)  # a latent: whole on every rank
         return layers * self.kv_slots * kv_heads * self.head_dim * elem
 
     def shards(self, layout: ParallelLayout) -> list[Shard]:
-        return layout.shards(self.num_layers, self.num_heads, self.num_kv_heads, self.latent)
+        return layout.shards(self.num_layers, self.num_heads, self.num_kv_heads)
 
     def kv_layout(self, block_size: int, dtype: torch.dtype) -> KVLayout:
         """The whole model's KV layout, whatever the replica's parallel layout."""

@@ -5,8 +5,11 @@ the tp ranks of one pipeline stage are consecutive (one placement-group bundle e
 packed on one node). Stage `p` holds a contiguous layer range (the first `L % pp` stages hold one
 layer more); tp rank `t` holds the t-th equal slice of the attention heads and of the KV heads.
 
-A model whose KV is one latent every query head reads (DeepSeek's multi-head latent attention)
-has it on every tp rank of a stage (`shared_kv`): the heads split, the KV does not.
+When tp exceeds the KV heads (a multiple of them, as vLLM requires), each KV head is replicated
+on tp / num_kv_heads consecutive ranks: the ones whose query heads read it (Qwen3-30B-A3B's 4 KV
+heads at tp8, a Gemma of one). The first of them is its holder (`kv_copy` 0), which sends it in
+a hand-off; the others hold copies. A model whose KV is one latent every query head reads
+(DeepSeek's multi-head latent attention) is the case of one KV head: every rank holds it.
 
 The KV hand-off between a prefill replica and a decode replica of different layouts is planned
 here: `kv_pieces` lists, for one sending rank, which (layer range x KV-head range) each receiving
@@ -39,7 +42,7 @@ class Shard:
     layers: range  # model layer indices held by this stage
     kv_heads: range  # KV heads held by this tp rank
     heads: range  # attention (query) heads held by this tp rank
-    kv_copy: int = 0  # > 0: another rank of the stage holds the same KV (a shared latent)
+    kv_copy: int = 0  # > 0: another rank of the stage holds the same KV heads (replicated)
 
 
 @dataclass(frozen=True)
@@ -59,38 +62,33 @@ class ParallelLayout:
     def is_single(self) -> bool:
         return self.world_size == 1
 
-    def check(
-        self, num_layers: int, num_heads: int, num_kv_heads: int, shared_kv: bool = False
-    ) -> None:
-        """Raise ValueError when the model cannot be split this way (`shared_kv`: every
-        rank holds every KV head, a latent all the query heads read)."""
-        if num_heads % self.tp or (num_kv_heads % self.tp and not shared_kv):
+    def check(self, num_layers: int, num_heads: int, num_kv_heads: int) -> None:
+        """Raise ValueError when the model cannot be split this way."""
+        if num_heads % self.tp or (num_kv_heads % self.tp and self.tp % num_kv_heads):
             raise ValueError(
                 f"tensor_parallel_size {self.tp} must divide the model's {num_heads} attention "
-                f"heads and {num_kv_heads} KV heads"
+                f"heads, and divide or be a multiple of its {num_kv_heads} KV heads"
             )
         if self.pp > num_layers:
             raise ValueError(
                 f"pipeline_parallel_size {self.pp} exceeds the model's {num_layers} layers"
             )
 
-    def shards(
-        self, num_layers: int, num_heads: int, num_kv_heads: int, shared_kv: bool = False
-    ) -> list[Shard]:
-        self.check(num_layers, num_heads, num_kv_heads, shared_kv)
+    def shards(self, num_layers: int, num_heads: int, num_kv_heads: int) -> list[Shard]:
+        self.check(num_layers, num_heads, num_kv_heads)
         stages = split_evenly(num_layers, self.pp)
-        heads, kv_heads = num_heads // self.tp, num_kv_heads // self.tp
+        heads = num_heads // self.tp
+        # the KV heads per rank, and how many consecutive ranks hold each (tp > KV heads)
+        kv_heads, copies = max(num_kv_heads // self.tp, 1), max(self.tp // num_kv_heads, 1)
         return [
             Shard(
                 rank=p * self.tp + t,
                 tp_rank=t,
                 pp_rank=p,
                 layers=stages[p],
-                kv_heads=range(num_kv_heads)
-                if shared_kv
-                else range(t * kv_heads, (t + 1) * kv_heads),
+                kv_heads=range(t // copies * kv_heads, (t // copies + 1) * kv_heads),
                 heads=range(t * heads, (t + 1) * heads),
-                kv_copy=t if shared_kv else 0,
+                kv_copy=t % copies,
             )
             for p in range(self.pp)
             for t in range(self.tp)
@@ -127,7 +125,7 @@ def _overlap(a: range, b: range) -> range:
 
 def kv_pieces(src: Shard, dst_shards: list[Shard]) -> list[PieceSpec]:
     """What `src` sends: for each receiving shard, the part of its cache that `src` holds
-    (a shared latent: its stage's first rank sends it, the others hold copies)."""
+    (replicated KV heads: their first holder sends them, the others hold copies)."""
     if src.kv_copy:
         return []
     pieces = []

@@ -6,7 +6,9 @@ the weights in place rather than through DTensor, so the model stays plain tenso
 paged attention and the CPU kernel understand. Column-parallel layers keep their rows of the
 output (whole heads, since tp divides the head counts); row-parallel layers keep their input
 columns and all-reduce their output over the stage's tensor-parallel group. Embeddings and the
-LM head are replicated.
+LM head are replicated. The k and v projections keep the rows of the rank's KV heads
+(engine/parallel.py): when tp is a multiple of the KV heads, the ranks that share a KV head each
+keep its rows, as vLLM replicates them.
 
 Mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, gpt-oss, DeepSeek, Llama 4): their plans
 leave the experts whole (Llama 4's splits them through DTensor), so every rank would hold every
@@ -83,6 +85,7 @@ _FAMILY_PLANS = {
         "layers.*.fc2": "rowwise",
     },
 }
+_KV_PROJECTIONS = (".k_proj", ".v_proj")  # split by the rank's KV heads, which ranks may share
 _STYLES = ("colwise", "rowwise", "experts", "fused_qkv", "fused_gate_up")
 
 
@@ -143,14 +146,16 @@ def shard_model(model: nn.Module, shard: Shard, tp_size: int, tp_group) -> nn.Mo
             setattr(model.model, name, None)
     if tp_size > 1:
         plan = _plan(model)
+        rank, kv = (shard.tp_rank, tp_size), _kv_part(shard, model.config.get_text_config())
         for name, module in base.named_modules():
             style = _style(plan, name, shard.layers.start)
             if style == "experts":
                 _shard_experts(module, shard.tp_rank, tp_size, tp_group)
             elif style in ("fused_qkv", "fused_gate_up"):
-                _shard_fused(module, _sections(style, model.config), shard.tp_rank, tp_size)
+                _shard_fused(module, _sections(style, model.config, rank, kv))
             elif style is not None:
-                _shard_linear(module, style, shard.tp_rank, tp_size, tp_group)
+                part = kv if name.endswith(_KV_PROJECTIONS) else rank
+                _shard_linear(module, style, part, tp_group)
             if isinstance(getattr(module, "sinks", None), nn.Parameter):  # gpt-oss: per head
                 heads = slice(shard.heads.start, shard.heads.stop)
                 module.sinks = nn.Parameter(module.sinks.data[heads].clone(), requires_grad=False)
@@ -177,15 +182,25 @@ def _style(plan: dict[str, str], name: str, layer_offset: int) -> str | None:
     return None
 
 
-def _shard_linear(module: nn.Module, style: str, rank: int, size: int, group) -> None:
+def _kv_part(shard: Shard, text_config) -> tuple[int, int]:
+    """(index, count): the k and v projections keep the index-th of `count` equal row slices,
+    this rank's KV heads; when tp exceeds the KV heads, consecutive ranks keep the same one."""
+    total = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    held = len(shard.kv_heads)
+    return shard.kv_heads.start // held, total // held
+
+
+def _shard_linear(module: nn.Module, style: str, slot: tuple[int, int], group) -> None:
+    """Keep the `slot` = (index, count) slice of the output rows (colwise) or input columns."""
     if not isinstance(module, nn.Linear):
         raise ValueError(f"tensor-parallel plan names a {type(module).__name__}, not a Linear")
+    index, count = slot
     dim = 0 if style == "colwise" else 1
     full = module.weight.shape[dim]
-    if full % size:
-        raise ValueError(f"cannot split a dimension of {full} over {size} ranks")
-    part = full // size
-    keep = slice(rank * part, (rank + 1) * part)
+    if full % count:
+        raise ValueError(f"cannot split a dimension of {full} over {count} ranks")
+    part = full // count
+    keep = slice(index * part, (index + 1) * part)
     weight = module.weight.data[keep] if dim == 0 else module.weight.data[:, keep]
     module.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
     if dim == 0:
@@ -194,30 +209,33 @@ def _shard_linear(module: nn.Module, style: str, rank: int, size: int, group) ->
             module.bias = nn.Parameter(module.bias.data[keep].contiguous(), requires_grad=False)
         return
     module.in_features = part
-    if module.bias is not None and rank != 0:  # the all-reduce would add the bias size times
+    if module.bias is not None and index != 0:  # the all-reduce would add the bias size times
         module.bias = nn.Parameter(torch.zeros_like(module.bias), requires_grad=False)
     module.register_forward_hook(_all_reduce_hook(group))
 
 
-def _sections(style: str, config) -> tuple[int, ...]:
-    """The parts of a fused projection's output, in order."""
+def _sections(
+    style: str, config, rank: tuple[int, int], kv: tuple[int, int]
+) -> list[tuple[int, int, int]]:
+    """The parts of a fused projection's output, in order: (rows, index, count), the rank
+    keeping the index-th of `count` slices of each (kv: its KV heads', as `_kv_part`)."""
     if style == "fused_gate_up":
-        return (config.intermediate_size,) * 2
+        return [(config.intermediate_size, *rank)] * 2
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv = config.num_key_value_heads * head_dim
-    return config.num_attention_heads * head_dim, kv, kv
+    kv_rows = config.num_key_value_heads * head_dim
+    return [(config.num_attention_heads * head_dim, *rank), (kv_rows, *kv), (kv_rows, *kv)]
 
 
-def _shard_fused(module: nn.Module, sections: tuple[int, ...], rank: int, size: int) -> None:
+def _shard_fused(module: nn.Module, sections: list[tuple[int, int, int]]) -> None:
     """Column-parallel over a fused output: this rank's rows of each section, in order."""
-    if not isinstance(module, nn.Linear) or sum(sections) != module.out_features:
+    if not isinstance(module, nn.Linear) or sum(n for n, _, _ in sections) != module.out_features:
         raise ValueError(f"a fused projection of {sections} rows does not fit {module}")
-    if any(n % size for n in sections):
-        raise ValueError(f"cannot split the fused sections {sections} over {size} ranks")
+    if any(n % count for n, _, count in sections):
+        raise ValueError(f"cannot split the fused sections {sections} (rows, index, count)")
     rows, offset = [], 0
-    for n in sections:
-        part = n // size
-        rows.append(torch.arange(offset + rank * part, offset + (rank + 1) * part))
+    for n, index, count in sections:
+        part = n // count
+        rows.append(torch.arange(offset + index * part, offset + (index + 1) * part))
         offset += n
     keep = torch.cat(rows)
     module.weight = nn.Parameter(module.weight.data[keep].contiguous(), requires_grad=False)
@@ -231,7 +249,9 @@ def _give_rank_head_counts(attention: nn.Module, shard: Shard) -> None:
     `num_heads`, Phi-3's cuts its fused one by its config's counts (a copy: the model's, and
     its other modules', stay whole)."""
     heads, kv_heads = len(shard.heads), len(shard.kv_heads)
-    for name, count in (("num_heads", heads), ("num_key_value_heads", kv_heads)):
+    counts = {"num_heads": heads, "num_key_value_heads": kv_heads}
+    counts["num_key_value_groups"] = heads // kv_heads  # smaller where KV heads are replicated
+    for name, count in counts.items():
         if isinstance(getattr(attention, name, None), int):
             setattr(attention, name, count)
     if hasattr(attention, "qkv_proj"):

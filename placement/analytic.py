@@ -40,9 +40,10 @@ class Efficiency:
 
 
 def fits(model: ModelSpec, device: DeviceSpec, tp: int, pp: int) -> bool:
-    # each rank holds whole query and KV heads (engine/parallel.py), none replicated, and an
-    # equal slice of every MLP's and expert's intermediate rows (engine/sharding.py)
-    kv_split = model.num_kv_heads % tp == 0 or model.latent is not None  # a latent: whole
+    # each rank holds whole query and KV heads (engine/parallel.py), a KV head replicated on
+    # several where tp is a multiple of them (a latent: one KV head), and an equal slice of
+    # every MLP's and expert's intermediate rows (engine/sharding.py)
+    kv_split = model.num_kv_heads % tp == 0 or tp % model.num_kv_heads == 0
     heads_split = model.num_heads % tp == 0 and kv_split
     rows = (model.intermediate_size, *(model.experts.widths() if model.experts else ()))
     if not heads_split or any(n % tp for n in rows):
@@ -81,8 +82,8 @@ def entry(
         b=2 * params / flops + tp_ms + pp_ms,
         c=2 * layers * (model.hidden_size / tp) / flops,
     )
-    # KV heads split over the tp ranks; a latent (DeepSeek) is whole on each
-    kv_per_gpu = model.kv_bytes_per_token / (pp if model.latent is not None else tp * pp)
+    # KV heads split over the tp ranks, at least one on each (a latent is one, whole on each)
+    kv_per_gpu = model.kv_bytes_per_token / (min(tp, model.num_kv_heads) * pp)
     decode = Coefficients(
         a=weights / bandwidth + eff.overhead_ms + tp_calls,
         b=kv_per_gpu / bandwidth,

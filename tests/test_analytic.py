@@ -385,13 +385,18 @@ def test_parallelism_splits_the_work_and_respects_memory(tmp_path):
 
 def test_tensor_parallelism_splits_the_kv_heads_too(tmp_path):
     """A rank holds whole KV heads, as the engine's shards do: 12 query heads over 2 KV heads
-    (Qwen2.5-1.5B's) split in 2, not in 4 or 3, though 4 and 3 divide the query heads."""
+    (Qwen2.5-1.5B's) split in 2, or in 4 with each KV head on two ranks, but not in 3, though
+    3 divides the query heads. At tp4 a rank caches one KV head: half the model's KV bytes."""
     small = {**LLAMA_13B, "hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12}
     spec = ModelSpec.from_config(_write(tmp_path, {**small, "num_key_value_heads": 12}))
     gqa = ModelSpec.from_config(_write(tmp_path, {**small, "num_key_value_heads": 2}))
     h100 = DEVICES["H100-80GB"]
     assert [t for t in (1, 2, 3, 4) if fits(spec, h100, t, 1)] == [1, 2, 3, 4]
-    assert [t for t in (1, 2, 3, 4) if fits(gqa, h100, t, 1)] == [1, 2]
+    assert [t for t in (1, 2, 3, 4) if fits(gqa, h100, t, 1)] == [1, 2, 4]
+    tp2, tp4 = entry(gqa, h100, 2, 1), entry(gqa, h100, 4, 1)
+    free = 80e9 * 0.9 - gqa.num_params * gqa.dtype_bytes / 4
+    assert tp4.kv_capacity_tokens == int(free / (gqa.kv_bytes_per_token / 2))
+    assert tp4.decode.b == tp2.decode.b  # a rank reads one KV head per token either way
 
 
 def test_tensor_parallelism_splits_every_intermediate_width_evenly(tmp_path):

@@ -47,44 +47,47 @@ def test_layouts_the_model_cannot_take_are_rejected():
 LAYOUTS = [ParallelLayout(t, p) for t, p in [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (1, 3)]]
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["kv-heads", "latent"])
+@pytest.mark.parametrize("kv", [HKV, 2, 1], ids=["kv-split", "kv-replicated-at-tp4", "one-kv"])
 @pytest.mark.parametrize("src,dst", list(itertools.product(LAYOUTS, LAYOUTS)))
-def test_pieces_tile_every_receiver_exactly_and_send_each_cell_once(src, dst, shared):
-    """KV heads split over the tp ranks, or (DeepSeek) one latent every rank of a stage
-    holds: its first rank sends it, once to each rank that needs it."""
-    kv = 1 if shared else HKV
-    dst_shards = dst.shards(L, H, kv, shared)
-    pieces = [p for s in src.shards(L, H, kv, shared) for p in kv_pieces(s, dst_shards)]
+def test_pieces_tile_every_receiver_exactly_and_send_each_cell_once(src, dst, kv):
+    """KV heads split over the tp ranks, or replicated over the ranks that read them when tp
+    exceeds them (one: DeepSeek's latent, every rank of a stage holds it): only a head's
+    first holder sends it, once to each rank that needs it."""
+    dst_shards = dst.shards(L, H, kv)
+    pieces = [p for s in src.shards(L, H, kv) for p in kv_pieces(s, dst_shards)]
     for d in dst_shards:  # raises unless exact
         check_coverage(d, [p for p in pieces if p.dst_rank == d.rank])
-    # no cell of the cache travels twice to a rank: the whole cache exactly once, or a shared
-    # latent once to each of a stage's tp ranks
-    assert sum(len(p.layers) * len(p.kv_heads) for p in pieces) == L * kv * (
-        dst.tp if shared else 1
-    )
-    assert {p.src_rank % src.tp for p in pieces} <= ({0} if shared else set(range(src.tp)))
+    # no cell of the cache travels twice to a rank: the whole cache once to each copy of it
+    copies = max(dst.tp // kv, 1)
+    assert sum(len(p.layers) * len(p.kv_heads) for p in pieces) == L * kv * copies
+    holders = range(0, src.tp, max(src.tp // kv, 1))
+    assert {p.src_rank % src.tp for p in pieces} == set(holders)
 
 
-def test_serve_run_checks_a_latent_models_layout_by_its_heads_alone():
-    """The app's check at `serve run` (app/builder.py): DeepSeek's one latent does not bar tp2;
-    a model of one ordinary KV head would be refused, naming the field."""
+def test_serve_run_checks_a_layout_by_its_kv_heads():
+    """The app's check at `serve run` (app/builder.py): tp2 over one KV head (or DeepSeek's
+    latent) replicates it; over 3 it cannot, and the error names the field."""
     from app.config import AppArgs
 
     args = AppArgs.model_validate(
         {"model": "m", "mode": "disaggregated", "decode": {"engine": {"tensor_parallel_size": 2}}}
     )
-    args.check_parallel(4, 4, 1, shared_kv=True)
+    args.check_parallel(4, 4, 1)
     with pytest.raises(ValueError, match="decode.engine: tensor_parallel_size 2 must divide"):
-        args.check_parallel(4, 4, 1)
+        args.check_parallel(4, 6, 3)
 
 
-def test_a_shared_latent_is_held_whole_by_every_rank_whatever_the_tp():
-    shards = ParallelLayout(tp=4).shards(L, H, 1, shared_kv=True)
-    assert [(s.kv_heads, s.heads, s.kv_copy) for s in shards] == [
-        (range(1), range(3 * t, 3 * t + 3), t) for t in range(4)
-    ]
-    with pytest.raises(ValueError, match="must divide the model's 12 attention heads and 1 KV"):
-        ParallelLayout(tp=4).shards(L, H, 1)
+@pytest.mark.parametrize("heads, kv, tp", [(12, 1, 4), (12, 2, 4), (32, 4, 8), (64, 8, 16)])
+def test_replicated_kv_heads_are_held_by_the_ranks_whose_queries_read_them(heads, kv, tp):
+    """tp a multiple of the KV heads: each rank holds one, the one its query heads read (query
+    head q reads KV head q // (heads / kv)); the first of its holders is the one that sends."""
+    shards = ParallelLayout(tp=tp).shards(L, heads, kv)
+    group = heads // kv
+    for s in shards:
+        assert len(s.kv_heads) == 1 and {q // group for q in s.heads} == set(s.kv_heads)
+    assert [s.kv_copy for s in shards] == [t % (tp // kv) for t in range(tp)]
+    with pytest.raises(ValueError, match="divide or be a multiple of its 3 KV heads"):
+        ParallelLayout(tp=2).shards(L, 6, 3)
 
 
 def test_reshard_tp2_to_pp2_sends_each_rank_a_quarter():
@@ -280,6 +283,48 @@ def test_phi3s_fused_projections_keep_each_ranks_part_of_every_section():
 
 
 _QKV = ((0, 16), (32, 8), (48, 8))  # (where each section starts, one rank's rows of it)
+
+
+@pytest.mark.parametrize("kind, kv, tp", [("qwen2", 2, 4), ("phi3", 1, 2)])
+def test_ranks_that_share_a_kv_head_each_keep_its_rows_and_their_outputs_sum_up(kind, kv, tp):
+    """tp a multiple of the KV heads: each rank keeps the k and v rows (and Qwen2's biases) of
+    the KV head its query heads read, from plain projections or Phi-3's fused one, and its
+    attention reads it for all of them (transformers' own eager attention repeats it by the
+    rank's group size). The ranks' attention outputs, before the all-reduce, add up to the
+    whole model's."""
+    import torch
+    import transformers
+
+    config_cls = {"qwen2": transformers.Qwen2Config, "phi3": transformers.Phi3Config}[kind]
+    config = config_cls(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=kv,
+        pad_token_id=0,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    model_cls = {"qwen2": transformers.Qwen2ForCausalLM, "phi3": transformers.Phi3ForCausalLM}
+    whole = model_cls[kind](config).eval()
+    x, positions = torch.randn(1, 5, 32), torch.arange(5)[None]
+    rope = whole.model.rotary_emb(x, positions)
+    with torch.no_grad():
+        expected = whole.model.layers[0].self_attn(x, rope, None)[0]
+    parts = []
+    for rank in range(tp):
+        attention = _sharded(whole, tp=tp, rank=rank).model.layers[0].self_attn
+        assert attention.num_key_value_groups == 4 // tp
+        if kind == "qwen2":
+            head = slice(8 * (rank * kv // tp), 8 * (rank * kv // tp + 1))  # head_dim 8
+            full_bias = whole.model.layers[0].self_attn.k_proj.bias
+            assert torch.equal(attention.k_proj.bias, full_bias[head])
+        attention.o_proj._forward_hooks.clear()  # the all-reduce, done here by adding up
+        with torch.no_grad():
+            parts.append(attention(x, rope, None)[0])
+    torch.testing.assert_close(sum(parts), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_gemma3_of_vision_and_text_splits_its_text_model_and_leaves_its_vision_out():

@@ -135,6 +135,19 @@ def test_other_families_split_over_two_workers_match_one_worker(
     at pp2 (a
     rotary embedding per layer type, the second stage's layers typed by their model index;
     logits softcapped). The logits and greedy tokens equal one worker's."""
+    path = _tiny(kind, changes, tmp_path, tokenizer)
+    one, split = make(path), make(path, tp=tp, pp=pp)
+    try:
+        want = one.runner.execute(_batch())
+        torch.testing.assert_close(split.runner.execute(_batch()), want, rtol=1e-4, atol=1e-4)
+        tokens = [c.token_ids for c in one.generate(PROMPTS, GREEDY)]
+        assert [c.token_ids for c in split.generate(PROMPTS, GREEDY)] == tokens
+    finally:
+        close(split)
+
+
+def _tiny(kind: str, changes: dict, path, tokenizer) -> str:
+    """A tiny random model of a family (tests/test_model_runner.py's), saved at path."""
     from tests.test_model_runner import FAMILIES
 
     config_cls, model_cls, extra = FAMILIES[kind]
@@ -148,14 +161,31 @@ def test_other_families_split_over_two_workers_match_one_worker(
         initializer_range=0.2,
     )
     torch.manual_seed(0)
-    model_cls(config).save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    one, split = make(str(tmp_path)), make(str(tmp_path), tp=tp, pp=pp)
+    model_cls(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_one_kv_head_replicated_over_tp2_serves_and_hands_off_both_ways(
+    cluster, tmp_path, tokenizer
+):
+    """Qwen2 of 4 query heads and one KV head (k and v biased) at tp2: both ranks hold the KV
+    head, each keeping its rows of k and v. The logits and greedy tokens equal one worker's,
+    and in a hand-off from one worker the head goes to both ranks, while from tp2 only its
+    first holder sends it (the other's copy would be the same bytes)."""
+    path = _tiny("qwen2", {}, tmp_path, tokenizer)
+    one, split = make(path), make(path, tp=2)
+    channel = KVChannel("shm", cluster)
     try:
-        want = one.runner.execute(_batch())
-        torch.testing.assert_close(split.runner.execute(_batch()), want, rtol=1e-4, atol=1e-4)
-        tokens = [c.token_ids for c in one.generate(PROMPTS, GREEDY)]
-        assert [c.token_ids for c in split.generate(PROMPTS, GREEDY)] == tokens
+        torch.testing.assert_close(
+            split.runner.execute(_batch()), one.runner.execute(_batch()), rtol=1e-4, atol=1e-4
+        )
+        want = [c.token_ids for c in one.generate(PROMPTS, GREEDY)]
+        assert [c.token_ids for c in split.generate(PROMPTS, GREEDY)] == want
+        tokens, pieces = _handoff(one, split, PROMPTS[1], channel)
+        assert tokens == want[1] and sorted(p.spec.dst_rank for p in pieces) == [0, 1]
+        tokens, pieces = _handoff(split, one, PROMPTS[2], channel)
+        assert tokens == want[2] and [p.spec.src_rank for p in pieces] == [0]
     finally:
         close(split)
 

@@ -5,10 +5,11 @@ architecture: q/k/v and MLP gate/up "colwise", o_proj and down "rowwise"); we ap
 the weights in place rather than through DTensor, so the model stays plain tensors that our
 paged attention and the CPU kernel understand. Column-parallel layers keep their rows of the
 output (whole heads, since tp divides the head counts); row-parallel layers keep their input
-columns and all-reduce their output over the stage's tensor-parallel group. Embeddings and the
-LM head are replicated. The k and v projections keep the rows of the rank's KV heads
-(engine/parallel.py): when tp is a multiple of the KV heads, the ranks that share a KV head each
-keep its rows, as vLLM replicates them.
+columns and all-reduce their output over the stage's tensor-parallel group. The embedding and
+the LM head are split by vocabulary rows, as vLLM's are (`_shard_vocabulary`), so a decode step
+reads 1/tp of the LM head, not all of it on every rank. The k and v projections keep the rows
+of the rank's KV heads (engine/parallel.py): when tp is a multiple of the KV heads, the ranks
+that share a KV head each keep its rows, as vLLM replicates them.
 
 Mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, gpt-oss, DeepSeek, Llama 4): their plans
 leave the experts whole (Llama 4's splits them through DTensor), so every rank would hold every
@@ -161,7 +162,66 @@ def shard_model(model: nn.Module, shard: Shard, tp_size: int, tp_group) -> nn.Mo
                 module.sinks = nn.Parameter(module.sinks.data[heads].clone(), requires_grad=False)
             if any(hasattr(module, p) for p in _ATTENTION):
                 _give_rank_head_counts(module, shard)
+        _shard_vocabulary(model, base, shard.tp_rank, tp_size, tp_group)
     return model
+
+
+def vocab_slice(vocab_size: int, rank: int, size: int) -> range:
+    """The vocabulary rows a rank holds of the embedding and the LM head: equal slices of
+    ceil(V / size) rows, the last padded with zero rows past V so the logits gather evenly."""
+    part = -(-vocab_size // size)
+    return range(rank * part, (rank + 1) * part)
+
+
+def _shard_vocabulary(model: nn.Module, base: nn.Module, rank: int, size: int, group) -> None:
+    """Embedding and LM head split by vocabulary rows, as vLLM's: the LM head's logits are
+    gathered on the stage's first rank (engine/workers.py), an embedding lookup outside a
+    rank's rows gives zeros there and the ranks' lookups are all-reduced. Tied embeddings stay
+    tied where one stage holds both."""
+    head, embedding = model.lm_head, base.embed_tokens
+    if head is None and embedding is None:  # a middle pipeline stage
+        return
+    tied = head is not None and embedding is not None and head.weight is embedding.weight
+    vocab = (head if head is not None else embedding).weight.shape[0]
+    if vocab != model.config.get_text_config().vocab_size:  # the logits are cut there
+        raise ValueError(f"{vocab} vocabulary rows, but the config's vocab_size is not that")
+    rows = vocab_slice(vocab, rank, size)
+    if embedding is not None:
+        embedding.weight = nn.Parameter(_rows(embedding.weight.data, rows), requires_grad=False)
+        embedding.num_embeddings, embedding.padding_idx = len(rows), None  # an index of V
+        base.embed_tokens = VocabParallelEmbedding(embedding, rows.start, group)
+    if head is not None:
+        if not isinstance(head, nn.Linear) or head.bias is not None:
+            raise ValueError(f"the LM head {head} is not a Linear without bias")
+        weight = embedding.weight if tied else _rows(head.weight.data, rows)
+        head.weight = weight if tied else nn.Parameter(weight, requires_grad=False)
+        head.out_features = len(rows)
+
+
+def _rows(weight: torch.Tensor, rows: range) -> torch.Tensor:
+    """weight[rows], zero rows past its end."""
+    mine = weight[rows.start : rows.stop]
+    pad = len(rows) - mine.shape[0]
+    return torch.cat([mine, mine.new_zeros(pad, *mine.shape[1:])]) if pad else mine.clone()
+
+
+class VocabParallelEmbedding(nn.Module):
+    """One rank's rows of an embedding (any embedding module, Gemma's scaled one too): ids
+    outside them look up zeros, and the all-reduce adds up the one rank's row that each id
+    has."""
+
+    def __init__(self, embedding: nn.Module, start: int, group) -> None:
+        super().__init__()
+        self.embedding, self.start, self.group = embedding, start, group
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        local = input_ids - self.start
+        mine = (local >= 0) & (local < self.embedding.num_embeddings)
+        out = self.embedding(torch.where(mine, local, 0)) * mine.unsqueeze(-1)
+        dist.all_reduce(out, group=self.group)
+        return out
 
 
 def _style(plan: dict[str, str], name: str, layer_offset: int) -> str | None:

@@ -59,6 +59,9 @@ class ShardRunner(ModelRunner):
         self.hidden_size = model.config.get_text_config().hidden_size
         self.first = shard.pp_rank == 0
         self.last = shard.pp_rank == layout.pp - 1
+        # the LM head is split by vocabulary: the stage's first rank gathers the logits
+        self.returns_logits = self.last and shard.tp_rank == 0
+        self.vocab_size = self.shape.vocab_size
         self.base = decoder(model)  # embeddings, layers, final norm
         rotary = getattr(self.base, "rotary_emb", None)  # OPT has none; Gemma 3's takes a type
         self.rotary_per_type = rotary is not None and (
@@ -93,7 +96,7 @@ class ShardRunner(ModelRunner):
                 sends.append(dist.isend(hidden.contiguous(), dst=nxt))
         for work in sends:
             work.wait()
-        return torch.cat(logits) if self.last else None
+        return torch.cat(logits) if self.returns_logits else None
 
     # What each family's model adds around its layers, done here as its forward does: Granite
     # scales its embeddings and divides its logits, Gemma 2 / 3 softcap their logits, Gemma 3
@@ -143,6 +146,10 @@ class ShardRunner(ModelRunner):
         if getattr(base, "project_out", None) is not None:  # OPT-350m
             hidden = base.project_out(hidden)
         logits = self.model.lm_head(hidden)[0]  # (S, V), in the model's dtype as its forward
+        if self.layout.tp > 1:
+            logits = self._gather_vocabulary(logits)
+            if logits is None:
+                return None
         config = self.model.config.get_text_config()
         if getattr(config, "logits_scaling", None):  # Granite
             logits = logits / config.logits_scaling
@@ -150,6 +157,17 @@ class ShardRunner(ModelRunner):
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits.float()
+
+    def _gather_vocabulary(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """(S, V / tp) on each rank -> (S, V) on the stage's first rank, None on the others."""
+        import torch.distributed as dist
+
+        root = self.layout.stage_ranks(self.shard.pp_rank)[0]
+        parts = None
+        if self.returns_logits:
+            parts = [torch.empty_like(logits) for _ in range(self.layout.tp)]
+        dist.gather(logits.contiguous(), parts, dst=root, group=self.tp_group)
+        return torch.cat(parts, dim=-1)[:, : self.vocab_size] if parts else None
 
 
 class ModelWorker:

@@ -405,3 +405,34 @@ def test_families_the_workers_cannot_run_are_refused_by_model_type(config_name, 
     more = ("GptOssConfig", "Llama4TextConfig", "Llama4Config", "OPTConfig", "Gemma3Config")
     for name in (*families, *more):
         check_model_type(getattr(transformers, name)())
+
+
+def test_the_vocabulary_is_split_in_padded_slices_and_tied_embeddings_stay_tied():
+    """Embedding and LM head keep a rank's ceil(V / tp) vocabulary rows, the last rank's
+    padded with zero rows past V (63 rows over 2 ranks: 32 each, the second's last zero);
+    tied, the rank's head is its embedding's slice, one tensor, as in the whole model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.sharding import VocabParallelEmbedding
+
+    config = LlamaConfig(
+        vocab_size=63,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        tie_word_embeddings=True,
+    )
+    whole = LlamaForCausalLM(config)
+    rows = whole.model.embed_tokens.weight.detach()
+    for rank, want in ((0, rows[:32]), (1, torch.cat([rows[32:], torch.zeros(1, 32)]))):
+        model = _sharded(whole, tp=2, rank=rank)
+        embedding = model.model.embed_tokens
+        assert isinstance(embedding, VocabParallelEmbedding) and embedding.start == 32 * rank
+        assert torch.equal(embedding.embedding.weight, want)
+        assert model.lm_head.weight is embedding.embedding.weight
+        assert model.lm_head.out_features == 32
+    first, last = _sharded(whole, pp=2, rank=0), _sharded(whole, pp=2, rank=1)
+    assert first.lm_head is None and last.model.embed_tokens is None  # pp alone: whole
+    assert torch.equal(last.lm_head.weight, rows)

@@ -152,11 +152,10 @@ def _tiny(kind: str, changes: dict, path, tokenizer) -> str:
 
     config_cls, model_cls, extra = FAMILIES[kind]
     config = config_cls(
-        **{**extra, "intermediate_size": 96, **changes},
+        **{**extra, "intermediate_size": 96, "vocab_size": len(tokenizer), **changes},
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
-        vocab_size=len(tokenizer),
         max_position_embeddings=512,
         initializer_range=0.2,
     )
@@ -172,14 +171,16 @@ def test_one_kv_head_replicated_over_tp2_serves_and_hands_off_both_ways(
     """Qwen2 of 4 query heads and one KV head (k and v biased) at tp2: both ranks hold the KV
     head, each keeping its rows of k and v. The logits and greedy tokens equal one worker's,
     and in a hand-off from one worker the head goes to both ranks, while from tp2 only its
-    first holder sends it (the other's copy would be the same bytes)."""
-    path = _tiny("qwen2", {}, tmp_path, tokenizer)
+    first holder sends it (the other's copy would be the same bytes). Its vocabulary, one row
+    more than the tokenizer's, is odd: the second rank's slice of the embedding and the LM
+    head ends in a zero row, whose logit is cut after the gather."""
+    path = _tiny("qwen2", {"vocab_size": len(tokenizer) + 1}, tmp_path, tokenizer)
     one, split = make(path), make(path, tp=2)
     channel = KVChannel("shm", cluster)
     try:
-        torch.testing.assert_close(
-            split.runner.execute(_batch()), one.runner.execute(_batch()), rtol=1e-4, atol=1e-4
-        )
+        logits = one.runner.execute(_batch())
+        assert logits.shape[-1] == len(tokenizer) + 1
+        torch.testing.assert_close(split.runner.execute(_batch()), logits, rtol=1e-4, atol=1e-4)
         want = [c.token_ids for c in one.generate(PROMPTS, GREEDY)]
         assert [c.token_ids for c in split.generate(PROMPTS, GREEDY)] == want
         tokens, pieces = _handoff(one, split, PROMPTS[1], channel)

@@ -234,6 +234,12 @@ def _sharded(whole, tp: int = 1, pp: int = 1, rank: int = 0):
     return shard_model(copy.deepcopy(whole), shard, tp, tp_group=None)
 
 
+def _small(config_cls, **changes):
+    """A config of 4 heads of 8, an MLP of 48 rows and 2 layers."""
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2)
+    return config_cls(**{**base, "num_attention_heads": 4, "pad_token_id": 0, **changes})
+
+
 def _mlp(layer):
     return layer.feed_forward if hasattr(layer, "feed_forward") else layer.mlp  # Llama 4's
 
@@ -250,15 +256,8 @@ def test_phi3s_fused_projections_keep_each_ranks_part_of_every_section():
     import torch
     import transformers
 
-    config = transformers.Phi3Config(
-        vocab_size=64,
-        hidden_size=32,  # 4 heads of 8: q is 32 rows, k and v 16 each
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-    )
+    # 4 heads of 8: q is 32 rows, k and v 16 each
+    config = _small(transformers.Phi3Config, num_key_value_heads=2)
     torch.manual_seed(0)
     whole = transformers.Phi3ForCausalLM(config).eval()
     layer, x = whole.model.layers[1], torch.randn(1, 5, 32)
@@ -296,16 +295,7 @@ def test_ranks_that_share_a_kv_head_each_keep_its_rows_and_their_outputs_sum_up(
     import transformers
 
     config_cls = {"qwen2": transformers.Qwen2Config, "phi3": transformers.Phi3Config}[kind]
-    config = config_cls(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=kv,
-        pad_token_id=0,
-        attn_implementation="eager",
-    )
+    config = _small(config_cls, num_key_value_heads=kv, attn_implementation="eager")
     torch.manual_seed(0)
     model_cls = {"qwen2": transformers.Qwen2ForCausalLM, "phi3": transformers.Phi3ForCausalLM}
     whole = model_cls[kind](config).eval()
@@ -416,14 +406,7 @@ def test_the_vocabulary_is_split_in_padded_slices_and_tied_embeddings_stay_tied(
 
     from engine.sharding import VocabParallelEmbedding
 
-    config = LlamaConfig(
-        vocab_size=63,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        tie_word_embeddings=True,
-    )
+    config = _small(LlamaConfig, vocab_size=63, tie_word_embeddings=True)
     whole = LlamaForCausalLM(config)
     rows = whole.model.embed_tokens.weight.detach()
     for rank, want in ((0, rows[:32]), (1, torch.cat([rows[32:], torch.zeros(1, 32)]))):

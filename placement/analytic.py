@@ -1,8 +1,10 @@
 """Latency-model coefficients from a roofline estimate, for hardware we do not have.
 
 Per pipeline stage of one instance with tensor parallelism `tp` and `pp` stages (each stage holds
-layers / pp; each GPU holds 1 / tp of a stage). A request's latency through the pipeline is
-pp times the stage time; a stage works on one batch at a time.
+layers / pp, or where pp does not divide them, as the engine splits them, ceil(layers / pp) for
+the first stages: the figures are the largest stage's, the pipeline's bottleneck; each GPU
+holds 1 / tp of a stage). A request's latency through the pipeline is pp times the stage time
+(an upper bound for uneven stages); a stage works on one batch at a time.
 
 prefill (compute-bound):
     b = 2 * params_per_gpu / (peak * mfu)                       per prompt token
@@ -48,13 +50,19 @@ def fits(model: ModelSpec, device: DeviceSpec, tp: int, pp: int) -> bool:
     rows = (model.intermediate_size, *(model.experts.widths() if model.experts else ()))
     if not heads_split or any(n % tp for n in rows):
         return False
-    if model.num_layers % pp or tp > device.gpus_per_node:
+    if pp > model.num_layers or tp > device.gpus_per_node:
         return False
     return _weight_bytes_per_gpu(model, tp, pp) < device.mem_gb * 1e9 * Efficiency().mem_util
 
 
+def _stage_share(model: ModelSpec, pp: int) -> float:
+    """The largest stage's share of the layers: 1 / pp, or more where pp does not divide them
+    (the engine's first L % pp stages hold one layer more, engine/parallel.py)."""
+    return -(-model.num_layers // pp) / model.num_layers
+
+
 def _weight_bytes_per_gpu(model: ModelSpec, tp: int, pp: int) -> float:
-    return model.num_params * model.dtype_bytes / (tp * pp)
+    return model.num_params * model.dtype_bytes * _stage_share(model, pp) / tp
 
 
 def entry(
@@ -69,8 +77,9 @@ def entry(
     flops = device.peak_tflops * 1e12 * eff.mfu / 1e3  # per ms
     bandwidth = device.mem_bandwidth_gbs * 1e9 * eff.mbu / 1e3  # bytes per ms
     weights = _weight_bytes_per_gpu(model, tp, pp)
-    params = model.active_params / (tp * pp)  # what a token's FLOPs run through
-    layers = model.num_layers // pp
+    share = _stage_share(model, pp) / tp  # of the model, on one GPU of the largest stage
+    params = model.active_params * share  # what a token's FLOPs run through
+    layers = -(-model.num_layers // pp)
     # TP: two all-reduces of the activations per layer (ring: 2 (tp - 1) / tp of the bytes)
     act = model.hidden_size * model.dtype_bytes
     tp_bytes = 0.0 if tp == 1 else 2 * layers * act * 2 * (tp - 1) / tp
@@ -83,7 +92,7 @@ def entry(
         c=2 * layers * (model.hidden_size / tp) / flops,
     )
     # KV heads split over the tp ranks, at least one on each (a latent is one, whole on each)
-    kv_per_gpu = model.kv_bytes_per_token / (min(tp, model.num_kv_heads) * pp)
+    kv_per_gpu = model.kv_bytes_per_token * _stage_share(model, pp) / min(tp, model.num_kv_heads)
     decode = Coefficients(
         a=weights / bandwidth + eff.overhead_ms + tp_calls,
         b=kv_per_gpu / bandwidth,
@@ -94,17 +103,22 @@ def entry(
     if model.experts is not None:
         e = model.experts
         routed = e.layers * e.count * e.expert_params(model.hidden_size) * model.dtype_bytes
-        experts = ExpertRead(e.count, e.per_token, routed / (tp * pp) / bandwidth)
+        experts = ExpertRead(e.count, e.per_token, routed * share / bandwidth)
     return Entry(tp, pp, prefill, decode, int(free / kv_per_gpu), experts=experts)
 
 
 def profile(model: ModelSpec, device: DeviceSpec, eff: Efficiency = Efficiency()):
     """A Profile with one entry per (tp, pp) that fits: tp divides the heads within a node,
-    pp divides the layers."""
+    pp up to 16 divides the layers or is a power of two (DeepSeek-V3's 61 layers in 2 or 4
+    stages, Qwen3-235B's 94 in 4)."""
     from placement.latency_model import Profile
 
     tps = [t for t in range(1, device.gpus_per_node + 1) if device.gpus_per_node % t == 0]
-    pps = [p for p in range(1, model.num_layers + 1) if model.num_layers % p == 0 and p <= 16]
+    pps = [
+        p
+        for p in range(1, min(model.num_layers, 16) + 1)
+        if model.num_layers % p == 0 or p & (p - 1) == 0
+    ]
     entries = [
         entry(model, device, t, p, eff) for t in tps for p in pps if fits(model, device, t, p)
     ]

@@ -399,6 +399,27 @@ def test_tensor_parallelism_splits_the_kv_heads_too(tmp_path):
     assert tp4.decode.b == tp2.decode.b  # a rank reads one KV head per token either way
 
 
+def test_pipeline_stages_that_do_not_divide_the_layers_are_planned_by_the_largest(tmp_path):
+    """The engine splits 41 layers in 2 stages as 21 + 20: the entry is the 21-layer stage's,
+    the pipeline's bottleneck (its attention term equals a 42-layer model's, exceeds a
+    40-layer one's), and its weights and KV are 21/41 of the model's. pp 4 and 8 are listed
+    for such a model, 3 and 5 are not (neither divides 41)."""
+    from placement.analytic import profile
+
+    h100 = DEVICES["H100-80GB"]
+    specs = {
+        n: ModelSpec.from_config(_write(tmp_path, {**LLAMA_13B, "num_hidden_layers": n}))
+        for n in (40, 41, 42)
+    }
+    c = {n: entry(spec, h100, 1, 2).prefill.c for n, spec in specs.items()}
+    assert c[41] == pytest.approx(c[42]) and c[41] > c[40]
+    odd = specs[41]
+    weights = odd.num_params * odd.dtype_bytes * 21 / 41
+    kv = odd.kv_bytes_per_token * 21 / 41
+    assert entry(odd, h100, 1, 2).kv_capacity_tokens == int((80e9 * 0.9 - weights) / kv)
+    assert {e.pp for e in profile(odd, h100).entries} == {1, 2, 4, 8, 16}
+
+
 def test_tensor_parallelism_splits_every_intermediate_width_evenly(tmp_path):
     """Each rank keeps an equal slice of the MLP's rows and of every expert's (the engine
     refuses an uneven split): a dense width of 13,826 splits in 2, not 4; experts of 1,406

@@ -182,6 +182,10 @@ class AppArgs(_Strict):
     served_model_name: str = DEFAULT_MODEL_NAME
     mode: Literal["disaggregated", "colocated"] = "disaggregated"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # vLLM's --kv-cache-dtype: "auto" caches keys and values in `dtype`; fp8 (e4m3, as vLLM's
+    # "fp8") or fp8_e5m2 in a byte each, unscaled, read back in `dtype`: 2x the cached tokens
+    # of bf16 in the same memory (4x float32's). Every replica's, so a hand-off fits.
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
     device: str = "cpu"
     max_model_len: int | None = Field(None, ge=2)
     # shm: prefill and decode replicas on one node (CPU); object_store: any placement;
@@ -276,6 +280,7 @@ class AppArgs(_Strict):
         return EngineConfig(
             model=self.model,
             dtype=self.dtype,
+            kv_cache_dtype=self.kv_cache_dtype,
             device=self.device,
             block_size=e.block_size,
             num_kv_blocks=e.num_kv_blocks,

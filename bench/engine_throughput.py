@@ -1,7 +1,7 @@
 """Engine throughput vs transformers' `generate`, same model, dtype and thread count, one run.
 
     python -m bench.engine_throughput [--threads 2] [--context 512] [--batches 1,8,32,64]
-                                      [--steps 8] [--rounds 1]
+                                      [--steps 8] [--rounds 1] [--kv-cache-dtype fp8]
 
 Prefill: tokens/s of one `--context`-token prompt. Decode: tokens/s at each batch size with
 `--context`-token contexts (every request prefilled first; only decode steps are timed). For
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed decode steps per point")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved repeats per batch")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="ours: auto, fp8, fp8_e5m2")
     parser.add_argument("--out", type=Path, default=Path("bench/results/engine_throughput.json"))
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM
@@ -115,7 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     kv_mb = 64 + max(batches) * (args.context + args.steps + 8) * 46 * 1024 // 2**20
-    engine = LLMEngine(EngineConfig(dtype=args.dtype, kv_cache_memory_mb=kv_mb))
+    engine = LLMEngine(
+        EngineConfig(dtype=args.dtype, kv_cache_memory_mb=kv_mb, kv_cache_dtype=args.kv_cache_dtype)
+    )
     hf = AutoModelForCausalLM.from_pretrained(
         resolve_model(None), dtype=getattr(torch, args.dtype), attn_implementation="sdpa"
     ).eval()
@@ -158,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "threads": args.threads,
         "context": args.context,
+        "kv_cache_dtype": args.kv_cache_dtype,
         "dtype": args.dtype,
         "rounds": args.rounds,
         "steps": args.steps,

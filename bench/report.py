@@ -309,7 +309,8 @@ def placement_for(args: dict, entry):
     from placement.hardware import ModelSpec
     from placement.simulator import PREFIX_AFFINITY, InstanceSpec, Placement
 
-    model = ModelSpec.from_config(resolve_model(args.get("model")) / "config.json", args["dtype"])
+    config = resolve_model(args.get("model")) / "config.json"
+    model = ModelSpec.from_config(config, args["dtype"], args.get("kv_cache_dtype", "auto"))
 
     def spec(phase: str) -> InstanceSpec:
         p = args[phase]

@@ -6,6 +6,13 @@ from engine.parallel import ParallelLayout
 from engine.scheduler import SchedulerConfig
 
 _DTYPES = ("float32", "bfloat16", "float16")
+# the KV cache's element type, as vLLM's --kv-cache-dtype names it: "auto" is the model's
+KV_CACHE_DTYPES = {
+    "auto": None,
+    "fp8": "float8_e4m3fn",
+    "fp8_e4m3": "float8_e4m3fn",
+    "fp8_e5m2": "float8_e5m2",
+}
 
 
 @dataclass(frozen=True)
@@ -16,6 +23,7 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: sized from kv_cache_memory_mb
     kv_cache_memory_mb: int = 1024
+    kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES: fp8 stores keys and values in a byte each
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     # above 1: the model runs on tp * pp Ray actors (engine/workers.py), one CPU share each;
@@ -29,6 +37,11 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {tuple(KV_CACHE_DTYPES)}, "
+                f"got {self.kv_cache_dtype!r}"
+            )
         if self.block_size < 1 or (self.num_kv_blocks is not None and self.num_kv_blocks < 1):
             raise ValueError("block_size and num_kv_blocks must be >= 1")
         if self.kv_cache_memory_mb < 1:
@@ -37,6 +50,11 @@ class EngineConfig:
             raise ValueError("worker_num_cpus must be > 0")
         if self.worker_num_gpus < 0:
             raise ValueError("worker_num_gpus must be >= 0")
+
+    @property
+    def kv_dtype(self) -> str:
+        """The torch dtype name the KV cache holds."""
+        return KV_CACHE_DTYPES[self.kv_cache_dtype] or self.dtype
 
     @property
     def parallel(self) -> ParallelLayout:

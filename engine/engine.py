@@ -93,6 +93,7 @@ class LLMEngine:
                 num_kv_blocks=config.num_kv_blocks,
                 kv_cache_memory_mb=config.kv_cache_memory_mb,
                 max_model_len=config.max_model_len,
+                kv_dtype=config.kv_dtype,
             )
         self.tokenizer = tokenizer
         self.runner = runner

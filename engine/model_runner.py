@@ -124,9 +124,18 @@ class ModelRunner:
         use_kernel: bool = True,
         shard: Shard | None = None,
         max_model_len: int | None = None,  # the engine's; None: the model's context window
+        kv_dtype: torch.dtype | None = None,  # the cache's; None: the model's (fp8: a byte)
     ) -> None:
-        # the compiled CPU decode kernel when it is built; the torch path otherwise
-        self.use_kernel = use_kernel and device == "cpu" and cpu_ops.load() is not None
+        self.dtype = next(model.parameters()).dtype
+        self.kv_dtype = kv_dtype or self.dtype
+        # the compiled CPU decode kernel when it is built and reads the cache's type (the
+        # model's); the torch path otherwise
+        self.use_kernel = (
+            use_kernel
+            and device == "cpu"
+            and self.kv_dtype == self.dtype
+            and cpu_ops.load() is not None
+        )
         self.model = model.to(device).eval()
         self.shape = ModelShape.of(model.config)
         window = self.shape.max_position_embeddings
@@ -136,7 +145,6 @@ class ModelRunner:
         if device == "cpu":  # decode batches: stream each weight matrix once per step
             few_rows.install(self.model)
         self.device = torch.device(device)
-        self.dtype = next(model.parameters()).dtype
         self.block_size = block_size
         # a worker of a parallel replica holds a layer range and a KV-head range; else all
         self.shard = shard or self.shape.shards(ParallelLayout())[0]
@@ -149,10 +157,10 @@ class ModelRunner:
                 len(self.shard.kv_heads),
                 self.shape.head_dim,
             ),
-            dtype=self.dtype,
+            dtype=self.kv_dtype,
             device=self.device,
         )  # (L, 2 or 1, nb, bs, Hkv, D)
-        self._workspace = torch.empty(0, dtype=self.dtype, device=self.device)
+        self._workspace = torch.empty(0, dtype=self.kv_dtype, device=self.device)
 
     @classmethod
     def from_pretrained(
@@ -165,6 +173,7 @@ class ModelRunner:
         num_kv_blocks: int | None,
         kv_cache_memory_mb: int,
         max_model_len: int | None = None,
+        kv_dtype: str | None = None,  # None: the model's
     ) -> ModelRunner:
         from transformers import AutoModelForCausalLM
 
@@ -172,11 +181,19 @@ class ModelRunner:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=getattr(torch, dtype), attn_implementation=name
         )
+        cache = getattr(torch, kv_dtype) if kv_dtype else model.dtype
         if num_kv_blocks is None:
-            per_block = ModelShape.of(model.config).kv_bytes_per_token(model.dtype) * block_size
+            per_block = ModelShape.of(model.config).kv_bytes_per_token(cache) * block_size
             num_kv_blocks = max(1, kv_cache_memory_mb * 2**20 // per_block)
         logger.info("model %s: %d KV blocks of %d tokens", path, num_kv_blocks, block_size)
-        runner = cls(model, num_kv_blocks, block_size, device, max_model_len=max_model_len)
+        runner = cls(
+            model,
+            num_kv_blocks,
+            block_size,
+            device,
+            max_model_len=max_model_len,
+            kv_dtype=cache,
+        )
         runner.check()
         return runner
 
@@ -193,7 +210,7 @@ class ModelRunner:
 
     @property
     def kv_layout(self) -> KVLayout:
-        return self.shape.kv_layout(self.block_size, self.dtype)
+        return self.shape.kv_layout(self.block_size, self.kv_dtype)
 
     @torch.inference_mode()
     def execute(self, batch: ModelInput) -> torch.Tensor:
@@ -268,7 +285,7 @@ class ModelRunner:
         shape = (slots, num_blocks, *self.kv_cache.shape[3:])
         numel = slots * num_blocks * self.kv_cache[0, 0, 0].numel()
         if self._workspace.numel() < numel:
-            self._workspace = torch.empty(numel, dtype=self.dtype, device=self.device)
+            self._workspace = torch.empty(numel, dtype=self.kv_dtype, device=self.device)
         return self._workspace[:numel].view(shape)
 
     def export_blocks(self, block_ids: list[int]) -> torch.Tensor:

@@ -50,9 +50,16 @@ class ShardRunner(ModelRunner):
         layout: ParallelLayout,
         tp_group,  # torch.distributed ProcessGroup of this stage's tensor-parallel ranks
         max_model_len: int | None = None,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
-            model, num_kv_blocks, block_size, device, shard=shard, max_model_len=max_model_len
+            model,
+            num_kv_blocks,
+            block_size,
+            device,
+            shard=shard,
+            max_model_len=max_model_len,
+            kv_dtype=kv_dtype,
         )
         self.layout = layout
         self.tp_group = tp_group
@@ -231,6 +238,7 @@ class ModelWorker:
             self.layout,
             tp_group,
             self.config.max_model_len,
+            getattr(torch, self.config.kv_dtype),
         )
         node_id = ray.get_runtime_context().get_node_id()
         self.channel = KVChannel(self.kv_transport, node_id)
@@ -283,8 +291,8 @@ class WorkerGroupRunner:
         self.shape = ModelShape.of(model_config)
         self.shards: list[Shard] = self.shape.shards(layout)  # raises if it cannot split
         self.block_size = config.block_size
-        self.dtype = getattr(torch, config.dtype)
-        per_block = self.shape.kv_bytes_per_token(self.dtype, layout) * config.block_size
+        self.kv_dtype = getattr(torch, config.kv_dtype)
+        per_block = self.shape.kv_bytes_per_token(self.kv_dtype, layout) * config.block_size
         self.num_kv_blocks = config.num_kv_blocks or max(
             1, config.kv_cache_memory_mb * 2**20 // per_block
         )
@@ -327,7 +335,7 @@ class WorkerGroupRunner:
 
     @property
     def kv_layout(self) -> KVLayout:
-        return self.shape.kv_layout(self.block_size, self.dtype)
+        return self.shape.kv_layout(self.block_size, self.kv_dtype)
 
     def execute(self, batch: ModelInput) -> torch.Tensor:
         import ray

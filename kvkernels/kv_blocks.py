@@ -30,6 +30,11 @@ class KVLayout:
         return cls(num_layers, block_size, num_kv_heads, head_dim, str(kv_cache.dtype), slots)
 
 
+def as_stored(t: torch.Tensor) -> torch.Tensor:
+    """A view that index_copy_ takes: fp8's bytes (it has no fp8 kernel on CPU), else t."""
+    return t.view(torch.uint8) if t.element_size() == 1 and t.is_floating_point() else t
+
+
 def pack_blocks(kv_cache: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
     """-> (L, 2, n, bs, Hkv, D) contiguous copy of the given blocks."""
     ids = torch.as_tensor(block_ids, dtype=torch.long, device=kv_cache.device)
@@ -44,4 +49,5 @@ def unpack_blocks(kv_cache: torch.Tensor, block_ids: list[int], buffer: torch.Te
             f"KV buffer shape {tuple(buffer.shape)} does not fit cache, want {expected}"
         )
     ids = torch.as_tensor(block_ids, dtype=torch.long, device=kv_cache.device)
-    kv_cache.index_copy_(2, ids, buffer.to(device=kv_cache.device, dtype=kv_cache.dtype))
+    buffer = buffer.to(device=kv_cache.device, dtype=kv_cache.dtype)
+    as_stored(kv_cache).index_copy_(2, ids, as_stored(buffer))

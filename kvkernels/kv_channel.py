@@ -63,6 +63,9 @@ class KVTransfer:
         return int(np.prod(self.shape)) * torch.empty((), dtype=_dtype(self.dtype)).element_size()
 
 
+_NOT_NUMPY = (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name.removeprefix("torch."))
 
@@ -123,9 +126,9 @@ class KVChannel:
     def _via_object_store(self, buffer: torch.Tensor, t0: float) -> KVTransfer:
         import ray
 
-        # bf16 has no numpy dtype: ship raw bytes and reinterpret on arrival
+        # bf16 and fp8 have no numpy dtype: ship raw bytes and reinterpret on arrival
         raw = buffer.contiguous().cpu()
-        array = raw.view(torch.uint8).numpy() if raw.dtype == torch.bfloat16 else raw.numpy()
+        array = raw.view(torch.uint8).numpy() if raw.dtype in _NOT_NUMPY else raw.numpy()
         ref = ray.put(array)
         shape, dtype = tuple(buffer.shape), str(buffer.dtype)
         return KVTransfer("object_store", shape, dtype, [ref, self._hold(ref)], _ms_since(t0))

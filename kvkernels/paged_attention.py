@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from kvkernels import cpu_ops
+from kvkernels.kv_blocks import as_stored
 
 ATTENTION_NAME = "splitserve_paged"
 
@@ -172,14 +173,20 @@ def explicit_attention(q, k, v, mask, scale: float, mods: ScoreMods, sinks_shape
     return torch.matmul(probs[..., : k.shape[-2]], v)
 
 
+def _rounded(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as a cache of `dtype` stores it, back in x's type."""
+    return x.to(dtype).to(x.dtype)
+
+
 def write_kv(
     layer_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor
 ):
     """layer_cache (2 or 1, nb, bs, Hkv, D); key/value (T, Hkv, D); slots (T,)."""
     hkv, d = key.shape[1], key.shape[2]
-    layer_cache[0].view(-1, hkv, d).index_copy_(0, slots, key)
+    store = as_stored(layer_cache)
+    store[0].view(-1, hkv, d).index_copy_(0, slots, as_stored(key.to(layer_cache.dtype)))
     if layer_cache.shape[0] == 2:
-        layer_cache[1].view(-1, hkv, d).index_copy_(0, slots, value)
+        store[1].view(-1, hkv, d).index_copy_(0, slots, as_stored(value.to(layer_cache.dtype)))
 
 
 def gather_context(layer_cache: torch.Tensor, block_table: torch.Tensor, context_len: int):
@@ -210,8 +217,9 @@ def decode_attention(
         workspace = layer_cache.new_empty((slots, flat.numel(), *layer_cache.shape[2:]))
     for i in range(slots):
         torch.index_select(layer_cache[i], 0, flat, out=workspace[i])
-    k = workspace[0].view(bd, -1, hkv, d).transpose(1, 2)  # (Bd, Hkv, L, D)
-    v = workspace[-1].view(bd, -1, hkv, d).transpose(1, 2)
+    # (Bd, Hkv, L, D), in the queries' type (an fp8 cache's are widened here)
+    k = workspace[0].view(bd, -1, hkv, d).transpose(1, 2).to(q.dtype)
+    v = workspace[-1].view(bd, -1, hkv, d).transpose(1, 2).to(q.dtype)
     # The G query heads that share a KV head act as G query rows: no repeat of K/V needed.
     qg = q.view(bd, hkv, h // hkv, d)  # (Bd, Hkv, G, D)
     if mods.plain:
@@ -271,6 +279,7 @@ def prefill_attention(
             return _sdpa_heads(qh, k, v, scale, mods=mods).transpose(0, 1)
     else:
         k, v = gather_context(layer_cache, span.block_table, span.context_len)
+        k, v = k.to(q.dtype), v.to(q.dtype)  # an fp8 cache's, widened
     # query i sits at position (context_len - n + i)
     q_pos = torch.arange(span.context_len - n, span.context_len, device=q.device)
     k_pos = torch.arange(span.context_len, device=q.device)
@@ -317,6 +326,8 @@ def paged_attention_forward(
             f"{type(module).__name__} gives keys of head size {key.shape[-1]} and values of "
             f"{v_size}; the paged cache holds {size}"
         )
+    if layer_cache.dtype != k.dtype:  # an fp8 cache: every path reads the values it stores
+        k, v = _rounded(k, layer_cache.dtype), _rounded(v, layer_cache.dtype)
     if latent:  # the output's columns past the latent (from the rotary part) are cut below
         v = k
     write_kv(layer_cache, k, v, meta.slot_mapping)

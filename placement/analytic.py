@@ -128,15 +128,18 @@ def profile(model: ModelSpec, device: DeviceSpec, eff: Efficiency = Efficiency()
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
+    from placement.cli_args import add_kv_cache_dtype_arg
     from placement.hardware import DEVICES
 
     parser = argparse.ArgumentParser(description="Write a roofline profile for a model + device.")
     parser.add_argument("--model", required=True, help="HF model directory or its config.json")
     parser.add_argument("--device", required=True, choices=sorted(DEVICES))
     parser.add_argument("--dtype", default="bfloat16")
+    add_kv_cache_dtype_arg(parser)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    result = profile(ModelSpec.from_config(args.model, args.dtype), DEVICES[args.device])
+    spec = ModelSpec.from_config(args.model, args.dtype, args.kv_cache_dtype)
+    result = profile(spec, DEVICES[args.device])
     if not result.entries:
         raise SystemExit(f"{args.model} fits no tp x pp layout on {args.device}")
     result.save(args.out)

@@ -8,13 +8,33 @@ import argparse
 import re
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from placement.latency_model import Profile
 from placement.optimizer import Cluster
 from placement.simulator import SLO
 from placement.workload import LengthSpec, Workload
 
+if TYPE_CHECKING:
+    from placement.hardware import ModelSpec
+
 DATASETS = ("sharegpt", "humaneval", "docsum")
+
+
+def add_kv_cache_dtype_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
+        help="the engine's kv_cache_dtype: fp8 caches a byte per element (a measured "
+        "--profile is as it was measured)",
+    )
+
+
+def model_spec(args: argparse.Namespace) -> ModelSpec:
+    from placement.hardware import ModelSpec
+
+    return ModelSpec.from_config(model_path(args), args.dtype, args.kv_cache_dtype)
 
 
 def add_source_args(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +45,7 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
         "--model", default="default", help="HF model dir or its config.json; 'default': embedded"
     )
     parser.add_argument("--dtype", default="bfloat16", help="weights and KV dtype")
+    add_kv_cache_dtype_arg(parser)
     parser.add_argument("--cluster", default="1x8", help="NODESxGPUS, e.g. 4x8")
     parser.add_argument("--intra-node-gbs", type=float, help="default: the device's, or 300")
     parser.add_argument("--inter-node-gbs", type=float, help="default: the device's, or 25")
@@ -72,10 +93,9 @@ def profile_from(args: argparse.Namespace, cluster: Cluster) -> Profile:
     if args.profile:
         return Profile.load(args.profile)
     from placement.analytic import profile
-    from placement.hardware import ModelSpec
 
     device = replace(_device(args), gpus_per_node=cluster.gpus_per_node)
-    found = profile(ModelSpec.from_config(model_path(args), args.dtype), device)
+    found = profile(model_spec(args), device)
     if not found.entries:
         raise SystemExit(f"the model fits no tp x pp layout on {device.name}")
     return found

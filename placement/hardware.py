@@ -14,6 +14,7 @@ bandwidth per GPU).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from pathlib import Path
 from engine.parallel import PARALLEL_MODEL_TYPES
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# the engine's kv_cache_dtype (engine/config.py): bytes per cached element, None: the model's
+KV_CACHE_BYTES = {"auto": None, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,7 @@ class ModelSpec:
     gated_mlp: bool  # Llama-style gate/up/down (3 matrices) vs OPT's fc1/fc2 (2)
     tied_embeddings: bool
     dtype_bytes: int = 2
+    kv_dtype_bytes: int | None = None  # a KV element (kv_cache_dtype fp8: 1); None: dtype's
     learned_positions: int = 0  # OPT: rows of its learned position embedding (else RoPE: 0)
     # the gated families' small parts: biases, norms
     qkv_bias: bool = False  # on q, k and v (Qwen2; and with attention_bias)
@@ -197,7 +201,14 @@ class ModelSpec:
         return self.model_type in PARALLEL_MODEL_TYPES
 
     @classmethod
-    def from_config(cls, path: str | Path, dtype: str = "bfloat16") -> ModelSpec:
+    def from_config(
+        cls, path: str | Path, dtype: str = "bfloat16", kv_cache_dtype: str = "auto"
+    ) -> ModelSpec:
+        spec = cls._from_config(path, dtype)
+        return dataclasses.replace(spec, kv_dtype_bytes=KV_CACHE_BYTES[kv_cache_dtype])
+
+    @classmethod
+    def _from_config(cls, path: str | Path, dtype: str) -> ModelSpec:
         path = Path(path)
         cfg = json.loads((path / "config.json" if path.is_dir() else path).read_text())
         kind = cfg.get("model_type", "")
@@ -297,7 +308,8 @@ class ModelSpec:
     @property
     def kv_bytes_per_token(self) -> int:
         slots = 1 if self.latent else 2  # a latent is its keys and its values
-        return self.num_layers * slots * self.num_kv_heads * self.head_dim * self.dtype_bytes
+        element = self.kv_dtype_bytes or self.dtype_bytes
+        return self.num_layers * slots * self.num_kv_heads * self.head_dim * element
 
 
 # checkpoints of vision and text, planned as their text model: the engine loads a Llama 4 one

@@ -27,11 +27,12 @@ from placement.cli_args import (
     add_workload_args,
     cluster_from,
     model_path,
+    model_spec,
     profile_from,
     slo_from,
     workload_from,
 )
-from placement.hardware import DEVICES, ModelSpec
+from placement.hardware import DEVICES
 from placement.optimizer import Candidate, Search, meet_rate, optimize, table
 from placement.simulator import SLO
 
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cluster = cluster_from(args)
     model = model_path(args)
-    spec = ModelSpec.from_config(model, args.dtype)
+    spec = model_spec(args)
     profile = profile_from(args, cluster)
     if not spec.runs_split:  # a plan `serve run` would refuse is no plan
         profile = dataclasses.replace(
@@ -210,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"for {args.rate} req/s: {chosen.describe()} ({chosen.goodput_rps:.2f} req/s)")
         result["chosen_for_rate"] = {"rate": args.rate, "placement": chosen.describe()}
     base = {} if args.model == "default" else {"model": str(_model_dir(model))}
+    if args.kv_cache_dtype != "auto":
+        base["kv_cache_dtype"] = args.kv_cache_dtype
     # planned for GPUs (a device spec, or a profile built from one): serve on GPUs
     if args.device or search.profile.device.removesuffix(" (roofline)") in DEVICES:
         base.update(device="cuda", dtype=args.dtype)

@@ -33,12 +33,11 @@ from placement.cli_args import (
     add_source_args,
     add_workload_args,
     cluster_from,
-    model_path,
+    model_spec,
     profile_from,
     slo_from,
     workload_from,
 )
-from placement.hardware import ModelSpec
 from placement.latency_model import Profile
 from placement.optimizer import Cluster, transfer_ms_per_token
 from placement.simulator import (
@@ -171,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cluster = cluster_from(args)
     profile = profile_from(args, cluster)
-    kv_bytes = ModelSpec.from_config(model_path(args), args.dtype).kv_bytes_per_token
+    kv_bytes = model_spec(args).kv_bytes_per_token
     try:
         placement = placement_from(args, profile, cluster, kv_bytes)
     except ValueError as e:

@@ -88,9 +88,13 @@ def hf_model(default_model_path):
 def make_engine(paged_model, tokenizer):
     """Factory: an engine on the shared default-model weights with its own KV cache."""
 
-    def make(num_kv_blocks: int = 256, block_size: int = 16, **scheduler) -> LLMEngine:
+    def make(
+        num_kv_blocks: int = 256, block_size: int = 16, kv_dtype=None, **scheduler
+    ) -> LLMEngine:
         config = EngineConfig(block_size=block_size, scheduler=SchedulerConfig(**scheduler))
-        runner = ModelRunner(paged_model, num_kv_blocks=num_kv_blocks, block_size=block_size)
+        runner = ModelRunner(
+            paged_model, num_kv_blocks=num_kv_blocks, block_size=block_size, kv_dtype=kv_dtype
+        )
         return LLMEngine(config, runner=runner, tokenizer=tokenizer)
 
     return make

@@ -399,6 +399,19 @@ def test_tensor_parallelism_splits_the_kv_heads_too(tmp_path):
     assert tp4.decode.b == tp2.decode.b  # a rank reads one KV head per token either way
 
 
+def test_an_fp8_kv_cache_holds_twice_the_tokens_of_bf16_and_reads_half_the_bytes(tmp_path):
+    """kv_cache_dtype fp8: a byte per cached element, the weights as they were."""
+    path = _write(tmp_path, LLAMA_13B)
+    bf16, fp8 = ModelSpec.from_config(path), ModelSpec.from_config(path, kv_cache_dtype="fp8")
+    assert fp8.kv_bytes_per_token * 2 == bf16.kv_bytes_per_token == 40 * 2 * 5120 * 2
+    assert fp8.num_params == bf16.num_params
+    a100 = DEVICES["A100-80GB"]
+    wide, narrow = entry(bf16, a100, 2, 1), entry(fp8, a100, 2, 1)
+    assert narrow.kv_capacity_tokens in (2 * wide.kv_capacity_tokens + d for d in (0, 1))
+    assert narrow.decode.b * 2 == pytest.approx(wide.decode.b)
+    assert narrow.decode.a == wide.decode.a
+
+
 def test_pipeline_stages_that_do_not_divide_the_layers_are_planned_by_the_largest(tmp_path):
     """The engine splits 41 layers in 2 stages as 21 + 20: the entry is the 21-layer stage's,
     the pipeline's bottleneck (its attention term equals a 42-layer model's, exceeds a

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
-from engine import InvalidRequestError, RequestFailedError, SamplingParams
+from engine import EngineConfig, InvalidRequestError, RequestFailedError, SamplingParams
 from engine.limits import bad_words_token_ids
 from tests.conftest import drain, hf_greedy
 
@@ -87,6 +88,44 @@ def test_prefill_export_import_decode_equals_one_engine(make_engine, reference, 
         assert tokens == expected
         assert text == tokenizer.decode(expected, skip_special_tokens=True)
     assert decode.blocks.num_free_blocks == decode.blocks.num_blocks
+
+
+def test_an_fp8_cache_hands_off_and_decodes_as_one_fp8_engine(make_engine):
+    """kv_cache_dtype fp8 on both sides: the hand-off moves the cache's bytes (a packed fp8
+    buffer) and the decode engine continues exactly as one fp8 engine would; a decode engine
+    that caches float32 refuses the fp8 hand-off by its layout rather than widening it."""
+    fp8 = torch.float8_e4m3fn
+    want = [c.token_ids for c in make_engine(kv_dtype=fp8).generate(PROMPTS, GREEDY)]
+    prefill, decode = make_engine(kv_dtype=fp8), make_engine(num_kv_blocks=64, kv_dtype=fp8)
+    for i, prompt in enumerate(PROMPTS):
+        prefill.add_request(f"r{i}", prompt, GREEDY, prefill_only=True)
+    first = {o.request_id: o for o in drain(prefill).values() for o in o}
+    for i in range(len(PROMPTS)):
+        handoff, buffer = prefill.export_kv(f"r{i}")
+        assert buffer.dtype == fp8 and handoff.layout.dtype == str(fp8)
+        if i == 0:
+            with pytest.raises(ValueError, match="KV layout"):
+                make_engine(num_kv_blocks=8).import_request(handoff, buffer)
+        assert decode.import_request(handoff, buffer)
+        assert prefill.release(f"r{i}")
+    rest = drain(decode)
+    for i, expected in enumerate(want):
+        tokens = first[f"r{i}"].new_token_ids + [t for o in rest[f"r{i}"] for t in o.new_token_ids]
+        assert tokens == expected
+    assert decode.blocks.num_free_blocks == decode.blocks.num_blocks
+
+
+def test_kv_cache_dtype_reaches_every_engine_and_bad_values_name_the_field():
+    from app.config import AppArgs
+
+    args = AppArgs(kv_cache_dtype="fp8")
+    phases = ("prefill", "decode", "colocated")
+    assert {args.engine_config(p).kv_dtype for p in phases} == {"float8_e4m3fn"}
+    assert AppArgs(dtype="bfloat16").engine_config("decode").kv_dtype == "bfloat16"  # auto
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        AppArgs(kv_cache_dtype="int4")
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        EngineConfig(kv_cache_dtype="fp4")
 
 
 def test_import_waits_when_decode_side_is_full(make_engine):

@@ -23,6 +23,9 @@ def cluster(ray_serve):
     return ray_serve
 
 
+FP8 = "float8_e4m3fn"
+
+
 @ray.remote(num_cpus=0)
 class _Sender:
     """A cache of each dtype in another process, sending over one channel."""
@@ -30,7 +33,7 @@ class _Sender:
     def __init__(self, transport: str) -> None:
         g = torch.Generator().manual_seed(0)
         cache = torch.randn(*SHAPE, generator=g)
-        self.caches = {d: cache.to(getattr(torch, d)) for d in ("float32", "bfloat16")}
+        self.caches = {d: cache.to(getattr(torch, d)) for d in ("float32", "bfloat16", FP8)}
         self.channel = KVChannel(transport)
 
     def send(self, blocks: list[int], via: str = "send", dtype: str = "float32"):
@@ -40,6 +43,10 @@ class _Sender:
 
     def blocks(self, blocks: list[int], dtype: str = "float32") -> torch.Tensor:
         return self.caches[dtype][:, :, blocks].clone()
+
+    def block_bytes(self, blocks: list[int], dtype: str) -> torch.Tensor:
+        """Their bytes, whatever the dtype (Ray does not unpickle an fp8 tensor)."""
+        return self.blocks(blocks, dtype).view(torch.uint8)
 
     async def num_kept(self) -> int:
         return await self.channel.num_kept()
@@ -64,21 +71,22 @@ def pairs(cluster):
 
 @pytest.mark.parametrize("via", ["send", "send_blocks"])
 @pytest.mark.parametrize("transport", ["shm", "object_store", "gloo"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", FP8])  # fp8: kv_cache_dtype fp8
 def test_blocks_arrive_bit_exact_in_other_slots(pairs, dtype, transport, via):
     sender, receiver = pairs(transport)
     src, dst = [7, 2, 5], [4, 0, 1]  # scattered blocks, in request order
     for _ in range(3):  # segments are reused after release
         transfer = ray.get(sender.send.remote(src, via, dtype))
         assert transfer.transport == transport
-        elem = 4 if dtype == "float32" else 2
+        elem = {"float32": 4, "bfloat16": 2, FP8: 1}[dtype]
         assert (
             transfer.shape == (3, 2, 3, 4, 2, 8) and transfer.nbytes == 3 * 2 * 3 * 4 * 2 * 8 * elem
         )
         cache = torch.zeros(3, 2, 6, 4, 2, 8, dtype=getattr(torch, dtype))
         unpack_blocks(cache, dst, receiver.open(transfer))
         receiver.finish(transfer)
-        assert torch.equal(cache[:, :, dst], ray.get(sender.blocks.remote(src, dtype)))
+        sent = ray.get(sender.block_bytes.remote(src, dtype))
+        assert torch.equal(cache[:, :, dst].contiguous().view(torch.uint8), sent)
         assert not cache[:, :, [2, 3, 5]].any()  # untouched blocks stay untouched
 
 

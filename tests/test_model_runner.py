@@ -159,14 +159,39 @@ FAMILIES = {
 BLOCK = 4
 
 
-def build(family: str, dtype=torch.float32, use_kernel: bool = True):
+def build(family: str, dtype=torch.float32, use_kernel: bool = True, kv_dtype=None):
+    """transformers' eager model and our runner of the same weights; with `kv_dtype` (fp8)
+    the reference's eager attention reads keys and values rounded to it, as our cache holds
+    them."""
     cfg_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(0)
-    ref = model_cls(cfg_cls(**COMMON, **extra, attn_implementation="eager")).to(dtype).eval()
+    attention = "eager" if kv_dtype is None else _rounding_eager(kv_dtype)
+    ref = model_cls(cfg_cls(**COMMON, **extra, attn_implementation=attention)).to(dtype).eval()
     ours = model_cls(cfg_cls(**COMMON, **extra, attn_implementation=paged_attention.register()))
     ours.load_state_dict(ref.state_dict())
-    runner = ModelRunner(ours.to(dtype), num_kv_blocks=64, block_size=BLOCK, use_kernel=use_kernel)
+    runner = ModelRunner(
+        ours.to(dtype), num_kv_blocks=64, block_size=BLOCK, use_kernel=use_kernel, kv_dtype=kv_dtype
+    )
     return ref, runner
+
+
+def _rounding_eager(kv_dtype: torch.dtype) -> str:
+    """Register, under a name, the family's own eager attention over keys and values rounded
+    to `kv_dtype` and back."""
+    import sys
+
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    def attention(module, query, key, value, *args, **kwargs):
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        key, value = key.to(kv_dtype).to(key.dtype), value.to(kv_dtype).to(value.dtype)
+        return eager(module, query, key, value, *args, **kwargs)
+
+    name = f"eager_{kv_dtype}".replace("torch.", "")
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, eager_mask)  # else a custom name gets no mask at all
+    return name
 
 
 def ref_last_logits(ref, tokens: list[int]) -> torch.Tensor:
@@ -198,6 +223,42 @@ PATHS = pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "tor
 def test_prefill_and_decode_logits_match_transformers(family, use_kernel):
     ref, runner = build(family, use_kernel=use_kernel)
     assert runner.use_kernel == (use_kernel and cpu_ops.load() is not None)
+    _prefill_then_decode(ref, runner)
+
+
+@pytest.mark.parametrize(
+    "family, kv_dtype",
+    [
+        ("llama", torch.float8_e4m3fn),
+        ("llama", torch.float8_e5m2),
+        ("mistral", torch.float8_e4m3fn),  # a sliding window
+        ("gemma2", torch.float8_e4m3fn),  # softcapped scores, sliding layers
+        ("gpt_oss", torch.float8_e4m3fn),  # attention sinks
+    ],
+)
+def test_an_fp8_cache_matches_attention_over_keys_and_values_rounded_to_fp8(family, kv_dtype):
+    """kv_cache_dtype fp8: a byte per key and value element, and every path reads what the
+    cache holds (the prompt's own fresh keys too). The logits of prefills, decodes and a
+    chunked prefill follow transformers' own eager attention over keys and values rounded to
+    that type and back, and not the unrounded one. Not to 1e-4: a key that the two compute a
+    float32 ulp apart (batched differently) may round to neighbouring fp8 values (one such in
+    gemma2's chunked prefill moves a logit by 1.6e-3). The decode kernel, which reads the
+    model's type, is not used."""
+    ref, runner = build(family, kv_dtype=kv_dtype)
+    assert runner.kv_cache.dtype == kv_dtype and not runner.use_kernel
+    _prefill_then_decode(ref, runner, atol=5e-3)
+    unrounded, _ = build(family)
+    g = torch.Generator().manual_seed(2)
+    long = Seq(48, torch.randint(0, VOCAB, (11,), generator=g).tolist())
+    runner.execute(ModelInput([SeqInput(long.chunk(6).token_ids, 0, long.table, False)]))
+    [logits] = runner.execute(ModelInput([long.chunk()]))
+    rounded_error = (logits - ref_last_logits(ref, long.tokens)).abs()
+    assert rounded_error.max() < 5e-3
+    unrounded_error = (logits - ref_last_logits(unrounded, long.tokens)).abs()
+    assert rounded_error.mean() < 0.2 * unrounded_error.mean()
+
+
+def _prefill_then_decode(ref, runner, atol: float = 1e-4) -> None:
     g = torch.Generator().manual_seed(1)
     seqs = [
         Seq(0, torch.randint(0, VOCAB, (13,), generator=g).tolist()),
@@ -207,7 +268,7 @@ def test_prefill_and_decode_logits_match_transformers(family, use_kernel):
     # step 1: three prefills of different lengths in one flattened batch (one is 1 token long)
     logits = runner.execute(ModelInput([s.chunk() for s in seqs]))
     for i, s in enumerate(seqs):
-        torch.testing.assert_close(logits[i], ref_last_logits(ref, s.tokens), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(logits[i], ref_last_logits(ref, s.tokens), atol=atol, rtol=1e-4)
     # steps 2-5: batched decodes, each feeding back the greedy token of the reference
     for _ in range(4):
         for i, s in enumerate(seqs):
@@ -215,7 +276,7 @@ def test_prefill_and_decode_logits_match_transformers(family, use_kernel):
         logits = runner.execute(ModelInput([s.chunk() for s in seqs]))
         for i, s in enumerate(seqs):
             expected = ref_last_logits(ref, s.tokens)
-            torch.testing.assert_close(logits[i], expected, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(logits[i], expected, atol=atol, rtol=1e-4)
 
 
 @PATHS

@@ -77,6 +77,18 @@ def test_plan_from_a_device_spec_writes_a_config_and_meets_the_rate(tmp_path, ca
     assert max(c["gpus"] for c in report["candidates"]) <= 4  # nothing beyond the cluster
 
 
+def test_a_plan_for_an_fp8_kv_cache_serves_with_one(tmp_path):
+    out = tmp_path / "serve.yaml"
+    argv = [
+        "plan", "--device", "A100-80GB", "--model", str(_write(tmp_path, LLAMA_13B)),
+        "--cluster", "1x2", "--workload", "512:64", "--ttft-slo", "400", "--tpot-slo", "60",
+        "--num-requests", "30", "--kv-cache-dtype", "fp8", "-o", str(out),
+    ]  # fmt: skip
+    placement_main(argv)
+    args = yaml.safe_load(out.read_text())["applications"][0]["args"]
+    assert AppArgs.model_validate(args).kv_cache_dtype == "fp8"
+
+
 def test_a_model_the_workers_cannot_split_is_planned_on_one_worker_per_replica(
     tmp_path, capsys, monkeypatch
 ):

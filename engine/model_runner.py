@@ -128,14 +128,8 @@ class ModelRunner:
     ) -> None:
         self.dtype = next(model.parameters()).dtype
         self.kv_dtype = kv_dtype or self.dtype
-        # the compiled CPU decode kernel when it is built and reads the cache's type (the
-        # model's); the torch path otherwise
-        self.use_kernel = (
-            use_kernel
-            and device == "cpu"
-            and self.kv_dtype == self.dtype
-            and cpu_ops.load() is not None
-        )
+        # the compiled CPU decode kernel when it is built; the torch path otherwise
+        self.use_kernel = use_kernel and device == "cpu" and cpu_ops.load() is not None
         self.model = model.to(device).eval()
         self.shape = ModelShape.of(model.config)
         window = self.shape.max_position_embeddings

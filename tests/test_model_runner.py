@@ -226,6 +226,7 @@ def test_prefill_and_decode_logits_match_transformers(family, use_kernel):
     _prefill_then_decode(ref, runner)
 
 
+@PATHS
 @pytest.mark.parametrize(
     "family, kv_dtype",
     [
@@ -236,16 +237,18 @@ def test_prefill_and_decode_logits_match_transformers(family, use_kernel):
         ("gpt_oss", torch.float8_e4m3fn),  # attention sinks
     ],
 )
-def test_an_fp8_cache_matches_attention_over_keys_and_values_rounded_to_fp8(family, kv_dtype):
+def test_an_fp8_cache_matches_attention_over_keys_and_values_rounded_to_fp8(
+    family, kv_dtype, use_kernel
+):
     """kv_cache_dtype fp8: a byte per key and value element, and every path reads what the
     cache holds (the prompt's own fresh keys too). The logits of prefills, decodes and a
     chunked prefill follow transformers' own eager attention over keys and values rounded to
     that type and back, and not the unrounded one. Not to 1e-4: a key that the two compute a
     float32 ulp apart (batched differently) may round to neighbouring fp8 values (one such in
-    gemma2's chunked prefill moves a logit by 1.6e-3). The decode kernel, which reads the
-    model's type, is not used."""
-    ref, runner = build(family, kv_dtype=kv_dtype)
-    assert runner.kv_cache.dtype == kv_dtype and not runner.use_kernel
+    gemma2's chunked prefill moves a logit by 1.6e-3). Decodes on the compiled kernel, which
+    widens the bytes itself, and on the torch path."""
+    ref, runner = build(family, use_kernel=use_kernel, kv_dtype=kv_dtype)
+    assert runner.kv_cache.dtype == kv_dtype
     _prefill_then_decode(ref, runner, atol=5e-3)
     unrounded, _ = build(family)
     g = torch.Generator().manual_seed(2)
@@ -256,6 +259,23 @@ def test_an_fp8_cache_matches_attention_over_keys_and_values_rounded_to_fp8(fami
     assert rounded_error.max() < 5e-3
     unrounded_error = (logits - ref_last_logits(unrounded, long.tokens)).abs()
     assert rounded_error.mean() < 0.2 * unrounded_error.mean()
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_the_decode_kernel_widens_every_fp8_value_as_torch_does(kv_dtype):
+    """One cached token: each head's output is its value row, so a row holding every finite
+    fp8 code comes back as torch widens it (e4m3fn's two NaN codes and e5m2's infinities and
+    NaNs left out: rounding never writes them, e4m3fn saturates at 448)."""
+    if cpu_ops.load() is None:
+        pytest.skip("no compiled CPU kernel here")
+    codes = torch.arange(256, dtype=torch.uint8).view(kv_dtype)
+    finite = codes[torch.isfinite(codes.float())]
+    cache = torch.zeros(2, 1, 1, 1, len(finite), dtype=kv_dtype)  # (kv, block, slot, Hkv, D)
+    cache[1, 0, 0, 0].view(torch.uint8).copy_(finite.view(torch.uint8))
+    q = torch.ones(1, 2, len(finite))
+    one = torch.ones(1, dtype=torch.long)
+    out = cpu_ops.paged_decode(q, cache, torch.zeros(1, 1, dtype=torch.long), one, 1.0, None)
+    assert torch.equal(out[0], finite.float().expand(2, -1))
 
 
 def _prefill_then_decode(ref, runner, atol: float = 1e-4) -> None:

@@ -1,4 +1,4 @@
-// Decode attention straight from the paged KV cache (CPU, fp32/bf16 cache, fp32 math).
+// Decode attention straight from the paged KV cache (CPU, fp32/bf16/fp8 cache, fp32 math).
 //
 // One work item per request: the cache is read once per layer, block by block, and nothing is
 // gathered or copied. Two passes: scores (q . k * scale), then the softmax-weighted sum of values.
@@ -7,16 +7,44 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 namespace {
 
+inline float widen(float x) { return x; }
+inline float widen(at::BFloat16 x) { return static_cast<float>(x); }
+
+// fp8 caches (kv_cache_dtype fp8), widened with integer shifts and a select, which vectorize
+// (c10's conversion counts leading zeros per element, and e5m2's goes through fp16). A normal
+// value's exponent and mantissa bits move into float's fields and its bias is added to the
+// exponent; a subnormal (exponent 0) is its mantissa times the smallest step. No float
+// subnormals are made, so -ffast-math's flush-to-zero cannot touch them.
+inline float bits_to_float(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+template <int kMantissa, int kBias>
+inline float widen_fp8(uint8_t byte) {
+  const uint32_t b = byte, magnitude = b & 0x7Fu;
+  const float normal = bits_to_float((magnitude << (23 - kMantissa)) + ((127u - kBias) << 23));
+  constexpr float kStep = 1.f / static_cast<float>(1u << (kBias - 1 + kMantissa));
+  const float subnormal = static_cast<float>(magnitude & ((1u << kMantissa) - 1)) * kStep;
+  const float value = (magnitude >> kMantissa) ? normal : subnormal;
+  return (b & 0x80u) ? -value : value;
+}
+
+inline float widen(at::Float8_e4m3fn x) { return widen_fp8<3, 7>(x.x); }
+inline float widen(at::Float8_e5m2 x) { return widen_fp8<2, 15>(x.x); }
+
 template <typename T>
 inline float dot(const float* q, const T* k, int64_t d) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < d; ++i) s += q[i] * static_cast<float>(k[i]);
+  for (int64_t i = 0; i < d; ++i) s += q[i] * widen(k[i]);
   return s;
 }
 
@@ -57,7 +85,7 @@ void decode_request(const float* q, const T* kc, const T* vc, const int64_t* tab
       const T* vh = v + (h / group) * d;
       float* o = out + h * d;
 #pragma omp simd
-      for (int64_t i = 0; i < d; ++i) o[i] += p * static_cast<float>(vh[i]);
+      for (int64_t i = 0; i < d; ++i) o[i] += p * widen(vh[i]);
     }
   }
 }
@@ -103,8 +131,12 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
     run<float>(q, k_cache, v_cache, tables, lens, scale, window, out);
   } else if (k_cache.scalar_type() == torch::kBFloat16) {
     run<at::BFloat16>(q, k_cache, v_cache, tables, lens, scale, window, out);
+  } else if (k_cache.scalar_type() == torch::kFloat8_e4m3fn) {  // kv_cache_dtype fp8
+    run<at::Float8_e4m3fn>(q, k_cache, v_cache, tables, lens, scale, window, out);
+  } else if (k_cache.scalar_type() == torch::kFloat8_e5m2) {
+    run<at::Float8_e5m2>(q, k_cache, v_cache, tables, lens, scale, window, out);
   } else {
-    TORCH_CHECK(false, "paged_decode supports fp32 and bf16 caches");
+    TORCH_CHECK(false, "paged_decode supports fp32, bf16 and fp8 caches");
   }
   return out;
 }

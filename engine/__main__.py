@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--frequency-penalty", type=float, default=0.0)
     gen.add_argument("--repetition-penalty", type=float, default=1.0)
     gen.add_argument("--dtype", default="float32")
+    gen.add_argument("--kv-cache-dtype", default="auto", help="auto, fp8 (= fp8_e4m3), fp8_e5m2")
     gen.add_argument("--threads", type=int, default=None)
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     return parser
@@ -53,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
             repetition_penalty=args.repetition_penalty,
         )
         engine = LLMEngine(
-            EngineConfig(model=args.model, dtype=args.dtype, num_threads=args.threads)
+            EngineConfig(
+                model=args.model,
+                dtype=args.dtype,
+                kv_cache_dtype=args.kv_cache_dtype,
+                num_threads=args.threads,
+            )
         )
         prompt = (
             engine.encode_chat([{"role": "user", "content": args.prompt}])

@@ -83,7 +83,7 @@ class ModelShape:
         layers, kv_heads = self.num_layers, self.num_kv_heads
         if layout is not None:
             layers = -(-layers // layout.pp)
-            kv_heads = max(kv_heads // layout.tp, 1)  # a latent: whole on every rank
+            kv_heads = layout.kv_heads_per_rank(kv_heads)  # a latent: whole on every rank
         return layers * self.kv_slots * kv_heads * self.head_dim * elem
 
     def shards(self, layout: ParallelLayout) -> list[Shard]:

@@ -77,9 +77,8 @@ class ParallelLayout:
     def shards(self, num_layers: int, num_heads: int, num_kv_heads: int) -> list[Shard]:
         self.check(num_layers, num_heads, num_kv_heads)
         stages = split_evenly(num_layers, self.pp)
-        heads = num_heads // self.tp
-        # the KV heads per rank, and how many consecutive ranks hold each (tp > KV heads)
-        kv_heads, copies = max(num_kv_heads // self.tp, 1), max(self.tp // num_kv_heads, 1)
+        heads, kv_heads = num_heads // self.tp, self.kv_heads_per_rank(num_kv_heads)
+        copies = max(self.tp // num_kv_heads, 1)  # consecutive ranks holding each KV head
         return [
             Shard(
                 rank=p * self.tp + t,
@@ -93,6 +92,10 @@ class ParallelLayout:
             for p in range(self.pp)
             for t in range(self.tp)
         ]
+
+    def kv_heads_per_rank(self, num_kv_heads: int) -> int:
+        """1 / tp of them, or one replicated where tp exceeds them."""
+        return max(num_kv_heads // self.tp, 1)
 
     def stage_ranks(self, pp_rank: int) -> list[int]:
         """The global ranks of one pipeline stage: its tensor-parallel group."""

@@ -166,7 +166,7 @@ def shard_model(model: nn.Module, shard: Shard, tp_size: int, tp_group) -> nn.Mo
     return model
 
 
-def vocab_slice(vocab_size: int, rank: int, size: int) -> range:
+def _vocab_slice(vocab_size: int, rank: int, size: int) -> range:
     """The vocabulary rows a rank holds of the embedding and the LM head: equal slices of
     ceil(V / size) rows, the last padded with zero rows past V so the logits gather evenly."""
     part = -(-vocab_size // size)
@@ -185,7 +185,7 @@ def _shard_vocabulary(model: nn.Module, base: nn.Module, rank: int, size: int, g
     vocab = (head if head is not None else embedding).weight.shape[0]
     if vocab != model.config.get_text_config().vocab_size:  # the logits are cut there
         raise ValueError(f"{vocab} vocabulary rows, but the config's vocab_size is not that")
-    rows = vocab_slice(vocab, rank, size)
+    rows = _vocab_slice(vocab, rank, size)
     if embedding is not None:
         embedding.weight = nn.Parameter(_rows(embedding.weight.data, rows), requires_grad=False)
         embedding.num_embeddings, embedding.padding_idx = len(rows), None  # an index of V

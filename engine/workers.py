@@ -68,7 +68,6 @@ class ShardRunner(ModelRunner):
         self.last = shard.pp_rank == layout.pp - 1
         # the LM head is split by vocabulary: the stage's first rank gathers the logits
         self.returns_logits = self.last and shard.tp_rank == 0
-        self.vocab_size = self.shape.vocab_size
         self.base = decoder(model)  # embeddings, layers, final norm
         rotary = getattr(self.base, "rotary_emb", None)  # OPT has none; Gemma 3's takes a type
         self.rotary_per_type = rotary is not None and (
@@ -174,7 +173,7 @@ class ShardRunner(ModelRunner):
         if self.returns_logits:
             parts = [torch.empty_like(logits) for _ in range(self.layout.tp)]
         dist.gather(logits.contiguous(), parts, dst=root, group=self.tp_group)
-        return torch.cat(parts, dim=-1)[:, : self.vocab_size] if parts else None
+        return torch.cat(parts, dim=-1)[:, : self.shape.vocab_size] if parts else None
 
 
 class ModelWorker:

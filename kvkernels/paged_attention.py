@@ -173,11 +173,6 @@ def explicit_attention(q, k, v, mask, scale: float, mods: ScoreMods, sinks_shape
     return torch.matmul(probs[..., : k.shape[-2]], v)
 
 
-def _rounded(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x as a cache of `dtype` stores it, back in x's type."""
-    return x.to(dtype).to(x.dtype)
-
-
 def write_kv(
     layer_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor
 ):
@@ -326,11 +321,14 @@ def paged_attention_forward(
             f"{type(module).__name__} gives keys of head size {key.shape[-1]} and values of "
             f"{v_size}; the paged cache holds {size}"
         )
-    if layer_cache.dtype != k.dtype:  # an fp8 cache: every path reads the values it stores
-        k, v = _rounded(k, layer_cache.dtype), _rounded(v, layer_cache.dtype)
-    if latent:  # the output's columns past the latent (from the rotary part) are cut below
-        v = k
-    write_kv(layer_cache, k, v, meta.slot_mapping)
+    # converted once to what the cache stores (no-op unless fp8), written, and read back:
+    # every path (fresh prefill, chunked, decode) sees the values the cache holds; a latent's
+    # values are its keys (the output's columns past the latent, the rotary part's, are cut)
+    stored_k = k.to(layer_cache.dtype)
+    stored_v = stored_k if latent else v.to(layer_cache.dtype)
+    write_kv(layer_cache, stored_k, stored_v, meta.slot_mapping)
+    k = stored_k.to(k.dtype)
+    v = k if latent else stored_v.to(v.dtype)
 
     out = torch.empty_like(q)
     if meta.num_decodes:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.parallel import ParallelLayout
 from placement.hardware import DeviceSpec, ModelSpec
 from placement.latency_model import Coefficients, Entry, ExpertRead
 
@@ -92,7 +93,8 @@ def entry(
         c=2 * layers * (model.hidden_size / tp) / flops,
     )
     # KV heads split over the tp ranks, at least one on each (a latent is one, whole on each)
-    kv_per_gpu = model.kv_bytes_per_token * _stage_share(model, pp) / min(tp, model.num_kv_heads)
+    kv_heads = ParallelLayout(tp, pp).kv_heads_per_rank(model.num_kv_heads)  # at least one
+    kv_per_gpu = model.kv_bytes_per_token * _stage_share(model, pp) * kv_heads / model.num_kv_heads
     decode = Coefficients(
         a=weights / bandwidth + eff.overhead_ms + tp_calls,
         b=kv_per_gpu / bandwidth,

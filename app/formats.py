@@ -283,15 +283,22 @@ class ChatFormat(CompletionFormat):
         if parsed.content:
             delta["content"] = parsed.content
         if parsed.calls:
-            delta["tool_calls"] = self._call_list(parsed, choice.num_calls)
-            choice.num_calls += len(parsed.calls)
+            delta["tool_calls"] = self._call_list(parsed, choice)
         return delta
 
     @staticmethod
-    def _call_list(parsed: Parsed, first_index: int) -> list[dict]:
-        """Streamed calls, numbered on from those streamed before."""
-        calls = [ToolCalls.call(c.name, c.arguments) for c in parsed.calls]
-        return [{"index": first_index + i, **c} for i, c in enumerate(calls)]
+    def _call_list(parsed: Parsed, choice: _Choice) -> list[dict]:
+        """Streamed calls, numbered on from those streamed before: a new call with its id and
+        name, more of a call's arguments under its index alone."""
+        calls = []
+        for call in parsed.calls:
+            if call.continued:
+                more = {"function": {"arguments": call.arguments}}
+                calls.append({"index": choice.num_calls - 1, **more})
+                continue
+            calls.append({"index": choice.num_calls, **ToolCalls.call(call.name, call.arguments)})
+            choice.num_calls += 1
+        return calls
 
     def _tool_delta(self, choice: _Choice, text: str, finished: bool, first: bool) -> dict:
         """A named call streams its arguments as they come, its id and name first; the calls

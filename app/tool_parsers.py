@@ -25,10 +25,15 @@
 
 A reply's content is its text outside the calls (whitespace between and after calls left out).
 Streamed, content goes out as it comes except text that may begin a call, which is held until
-it is clear; each call goes out whole once its end (or the reply's) is seen. A call that does
-not parse (not JSON, no name, arguments not an object) is left as text, so nothing the model
-wrote is lost. The same parser reads a whole reply (`read`) and a stream (`feed` ... `end`):
-the streamed pieces join to exactly what the whole reply gives.
+it is clear. `hermes` and `internlm` stream a call's arguments as the model writes them, as
+vLLM's parsers do: the call (its id and name) goes out once its name is whole and its
+arguments' object has begun, then the arguments in pieces (app/json_stream.py); from there it
+is a call, even if the model's JSON goes wrong after (what went out cannot be taken back; the
+rest of it is dropped) or the reply is cut short. The other parsers give each call whole once
+its end (or the reply's) is seen. A call that does not parse (not JSON, no name, arguments not
+an object) is left as text, so nothing the model wrote is lost. The same parser reads a whole
+reply (`read`) and a stream (`feed` ... `end`): the streamed pieces join to exactly what the
+whole reply gives.
 """
 
 from __future__ import annotations
@@ -37,13 +42,16 @@ import ast
 import contextlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from app.json_stream import CallStream, dumps
 
 
 @dataclass(frozen=True)
 class Call:
     name: str
     arguments: str  # JSON text of an object
+    continued: bool = False  # streamed: more of the last call's arguments
 
 
 @dataclass
@@ -52,8 +60,14 @@ class Parsed:
     calls: list[Call] = field(default_factory=list)
 
     def __iadd__(self, other: Parsed) -> Parsed:
+        """Joins a stream's pieces: a call's continued arguments join the call."""
         self.content += other.content
-        self.calls.extend(other.calls)
+        for call in other.calls:
+            if call.continued and self.calls:
+                last = self.calls[-1]
+                self.calls[-1] = replace(last, arguments=last.arguments + call.arguments)
+            else:
+                self.calls.append(call)
         return self
 
 
@@ -79,12 +93,17 @@ class _TaggedParser(_Parser):
     is between them (one call or several). The last call may be left unclosed."""
 
     START = END = ""
+    # a call's body is one JSON object whose arguments stream under one of these keys
+    ARGUMENT_KEYS: tuple[str, ...] = ()
 
     def __init__(self, schemas: dict[str, dict] | None = None) -> None:
         self.schemas = schemas or {}  # function name -> its parameters' JSON schema
         self._held = ""  # text not yet given out: a possible start tag, or a call's body
         self._inside = False  # after a start tag
         self._gap = ""  # whitespace after a call: content only if text follows it
+        self._stream: CallStream | None = None  # the call being read (ARGUMENT_KEYS)
+        self._read = 0  # how much of its body the stream has read
+        self._sent: int | None = None  # its arguments given out so far; None: not the call
 
     def feed(self, text: str) -> Parsed:
         """The next piece of a streamed reply -> what can be given out now."""
@@ -93,7 +112,9 @@ class _TaggedParser(_Parser):
         while True:
             if self._inside:
                 end = self._held.find(self.END)
-                if end < 0:
+                if end < 0:  # the body so far, less what may begin the end tag
+                    tail = partial_tail(self._held, self.END)
+                    self._stream_call(self._held[: len(self._held) - tail], out)
                     return out
                 self._close(self._held[:end], out)
                 self._held = self._held[end + len(self.END) :]
@@ -106,6 +127,8 @@ class _TaggedParser(_Parser):
                 return out
             self._text(self._held[:start], out)
             self._held, self._inside, self._gap = self._held[start + len(self.START) :], True, ""
+            if self.ARGUMENT_KEYS:
+                self._stream, self._read, self._sent = CallStream(self.ARGUMENT_KEYS), 0, None
 
     def end(self) -> Parsed:
         """The reply ended: an unclosed last call is read as it is; held text is content."""
@@ -124,8 +147,29 @@ class _TaggedParser(_Parser):
         out.content += self._gap + text
         self._gap = ""
 
+    def _stream_call(self, body: str, out: Parsed) -> None:
+        """Give out what the call's body so far adds: the call, once its name and its
+        arguments' start are read, then its arguments as they come."""
+        if self._stream is None:
+            return
+        stream = self._stream
+        stream.feed(body[self._read :])
+        self._read = len(body)
+        if stream.name is None or not stream.started:
+            return
+        if self._sent is None:
+            out.calls.append(Call(stream.name, stream.arguments))
+        elif len(stream.arguments) > self._sent:
+            out.calls.append(Call(stream.name, stream.arguments[self._sent :], continued=True))
+        self._sent = len(stream.arguments)
+
     def _close(self, body: str, out: Parsed, closed: bool = True) -> None:
         self._inside = False
+        self._stream_call(body, out)
+        if self._sent is not None:  # given out as a call: it stays one
+            self._stream, self._sent = None, None
+            self.called, self._gap = True, ""
+            return
         calls = self._calls(body)
         if not calls:  # not a call after all: the model's text, tags and all
             self._text(self.START + body + (self.END if closed else ""), out)
@@ -139,6 +183,7 @@ class _TaggedParser(_Parser):
 
 class HermesParser(_TaggedParser):
     START, END = "<tool_call>", "</tool_call>"
+    ARGUMENT_KEYS = ("arguments",)
 
     def _calls(self, body: str) -> list[Call] | None:
         call = _call(body, "arguments")
@@ -149,6 +194,7 @@ class InternLMParser(_TaggedParser):
     """InternLM2 / 2.5: `<|action_start|><|plugin|>{"name", "parameters"}<|action_end|>`."""
 
     START, END = "<|action_start|><|plugin|>", "<|action_end|>"
+    ARGUMENT_KEYS = ("parameters", "arguments")
 
     def _calls(self, body: str) -> list[Call] | None:
         call = _call(body, "parameters", "arguments")
@@ -341,7 +387,7 @@ class PythonicParser(_WholeReplyParser):
                 return None
             if None in arguments:  # **kwargs
                 return None
-            calls.append(Call(node.func.id, json.dumps(arguments, ensure_ascii=False)))
+            calls.append(Call(node.func.id, dumps(arguments)))
         return calls
 
 
@@ -434,7 +480,7 @@ def _as_call(item, argument_keys: tuple[str, ...]) -> Call | None:
     arguments = next((item[k] for k in argument_keys if k in item), {})
     if not isinstance(arguments, dict):
         return None
-    return Call(item["name"], json.dumps(arguments, ensure_ascii=False))
+    return Call(item["name"], dumps(arguments))
 
 
 def _array_calls(text: str, single: bool) -> list[Call] | None:
@@ -466,7 +512,7 @@ def _strip_newline(value: str) -> str:
 def _typed_call(name: str, values: dict[str, str], schema: dict | None) -> Call:
     properties = (schema or {}).get("properties") or {}
     arguments = {k: _typed(v, properties.get(k)) for k, v in values.items()}
-    return Call(name, json.dumps(arguments, ensure_ascii=False))
+    return Call(name, dumps(arguments))
 
 
 def _typed(value: str, schema) -> object:

@@ -9,6 +9,7 @@ import random
 
 import pytest
 
+from app.json_stream import CallStream
 from app.tool_parsers import (
     PARSERS,
     Call,
@@ -87,6 +88,18 @@ HERMES_CASES = [  # (reply, content, calls)
     ('<tool_call>{"name": "ping"}</tool_call>', "", [Call("ping", "{}")]),
     ('<tool_call>{"name": "f", "arguments": {"city": "Zürich"}}</tool_call>', "",
      [Call("f", '{"city": "Zürich"}')]),
+    # the arguments before the name; written loosely, given as json.dumps writes them
+    ('<tool_call>{"arguments":{"n":1E2,"s":"\\u00e9\\ud83d\\ude00\\n"}, "name":"f"}</tool_call>',
+     "", [Call("f", '{"n": 100.0, "s": "é😀\\n"}')]),
+    # once its name and its arguments' start are read, it is a call (its arguments may
+    # already be out): cut short by the reply's end, or gone wrong after its arguments
+    ('<tool_call>{"name": "f", "arguments": {"city": "Par', "", [Call("f", '{"city": "Par')]),
+    ('<tool_call>{"name": "f", "arguments": {"a": [1, 2]}} and more</tool_call>', "",
+     [Call("f", '{"a": [1, 2]}')]),
+    ('<tool_call>{"name": "f", "arguments": {"a": tru}}</tool_call>', "",
+     [Call("f", '{"a": ')]),
+    ('<tool_call>{"name": "f", "arguments": {"a": "x\\qy"}}</tool_call>', "",
+     [Call("f", '{"a": "x')]),
 ]  # fmt: skip
 
 
@@ -94,6 +107,25 @@ def test_hermes_streams_text_at_once_and_holds_only_a_possible_tag():
     joined, pieces = _streamed(HermesParser, f"Hi there <tool_call>{WEATHER}</tool_call>", [3, 11])
     assert [p.content for p in pieces[:2]] == ["Hi ", "there "]  # "<" of a tag waited
     assert pieces[2].calls == [PARIS] and joined.content == "Hi there "
+
+
+def test_hermes_streams_a_calls_arguments_as_they_are_written():
+    """The call goes out once its name is whole and its arguments have begun; then each piece
+    of the arguments that is certain: a string's characters as they come, a number once it
+    ends. The pieces join to the whole call."""
+    text = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "days": 12}}'
+    cuts = [text.index(s) + len(s) for s in ('"get_we', '"get_weather"', '{"ci', '"Pa', "1")]
+    joined, pieces = _streamed(HermesParser, text + "</tool_call>", cuts)
+    assert [p.calls for p in pieces] == [
+        [], [], [Call("get_weather", '{"ci')],
+        [Call("get_weather", 'ty": "Pa', continued=True)],
+        [Call("get_weather", 'ris", "days": ', continued=True)],  # "1" may go on
+        [Call("get_weather", '12}', continued=True)], [],
+    ]  # fmt: skip
+    assert joined == Parsed("", [Call("get_weather", '{"city": "Paris", "days": 12}')])
+    parser = InternLMParser()  # its arguments' other key
+    call = parser.feed('<|action_start|><|plugin|>{"name": "f", "parameters": {"q": "x')
+    assert call.calls == [Call("f", '{"q": "x')] and parser.end().calls == []
     parser = HermesParser()
     assert parser.feed("x <tool_ca").content == "x " and parser.end().content == "<tool_ca"
 
@@ -315,3 +347,72 @@ def test_the_apps_tool_call_parser_is_one_of_them():
     assert AppArgs.model_validate({"tool_call_parser": "qwen3_coder"}).tool_call_parser
     with pytest.raises(ValidationError, match="tool_call_parser(.|\n)*one of hermes, llama3_json"):
         AppArgs.model_validate({"tool_call_parser": "qwen3"})
+
+
+def _random_value(rng: random.Random, depth: int = 0):
+    if depth > 2 or rng.random() < 0.35:
+        return rng.choice([0, -2.5, 1e21, 12345678901234567890, True, False, None, "", "x",
+                           'q"uo\\te/', "Zürich 😀", "\n\t\u0001\u2028"])  # fmt: skip
+    if rng.random() < 0.5:
+        return {rng.choice(["a", "é", "k\"ey"]): _random_value(rng, depth + 1)
+                for _ in range(rng.randint(0, 3))}  # fmt: skip
+    return [_random_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+
+
+def test_a_call_streams_its_arguments_as_json_dumps_writes_them():
+    """Random arguments, written by json.dumps every way a model might (ASCII-escaped or not,
+    indented or not, the name before or after) and fed in random pieces: the stream's name and
+    arguments are json.dumps's of the object, and the arguments only ever grow."""
+    rng = random.Random(0)
+    for _ in range(300):
+        arguments = {k: _random_value(rng) for k in rng.sample("abcd", rng.randint(0, 4))}
+        call = {"name": "f", "arguments": arguments}
+        if rng.random() < 0.3:
+            call = {"arguments": arguments, "other": [1, {"name": "g"}], "name": "f"}
+        text = json.dumps(call, ensure_ascii=rng.random() < 0.5, indent=rng.choice([None, 2]))
+        stream, start, seen = CallStream(("arguments",)), 0, ""
+        while start < len(text):
+            end = start + rng.randint(1, 8)
+            stream.feed(text[start:end])
+            start = end
+            assert stream.arguments.startswith(seen)
+            seen = stream.arguments
+        assert (stream.name, stream.arguments) == ("f", json.dumps(arguments, ensure_ascii=False))
+
+
+@pytest.mark.parametrize(
+    ("text", "arguments"),
+    [
+        ('{"name": "f", "arguments": {"a": "x\\q"}}', '{"a": "x'),  # not an escape
+        ('{"name": "f", "arguments": {"a": "x\ny"}}', '{"a": "x'),  # a raw control character
+        ('{"name": "f", "arguments": {"a" 1}}', '{"a"'),
+        ('{"name": "f", "arguments": {"a": 1,}}', '{"a": 1, '),
+        ('{"name": "f", "arguments": {"a": [1}}', '{"a": [1'),
+        ('{"name": "f", "arguments": {"a": 01}}', '{"a": '),
+    ],
+)
+def test_a_call_stream_stops_where_the_json_goes_wrong(text, arguments):
+    stream = CallStream(("arguments",))
+    stream.feed(text)
+    assert stream.name == "f" and stream.arguments == arguments
+    stream.feed('"}}')  # nothing after the fault is read
+    assert stream.arguments == arguments
+
+
+def test_a_call_stream_needs_an_object_with_a_string_name_and_object_arguments():
+    for text in ('["f"]', '{"name": 1, "arguments": {}}', '{"name": "f", "arguments": [1]}',
+                 '{"name": "f", "args": {"a": 1}}', 'x{"name": "f", "arguments": {}}'):  # fmt: skip
+        stream = CallStream(("arguments",))
+        stream.feed(text)
+        assert not (stream.name and stream.started), text
+
+
+def test_a_lone_surrogate_in_the_arguments_stays_escaped():
+    """JSON may escape half a surrogate pair alone; as a character it is not UTF-8, so the
+    arguments keep it escaped (a whole pair is its one character)."""
+    parser = HermesParser()
+    text = '<tool_call>{"name": "f", "arguments": {"a": "\\ud83d", "b": "\\ud83d\\ude00"}}'
+    [call] = parser.read(text).calls
+    assert call.arguments == '{"a": "\\ud83d", "b": "😀"}'
+    assert json.loads(call.arguments) == {"a": "\ud83d", "b": "😀"}
+    call.arguments.encode("utf-8")

@@ -3,8 +3,9 @@
 Per pipeline stage of one instance with tensor parallelism `tp` and `pp` stages (each stage holds
 layers / pp, or where pp does not divide them, as the engine splits them, ceil(layers / pp) for
 the first stages: the figures are the largest stage's, the pipeline's bottleneck; each GPU
-holds 1 / tp of a stage). A request's latency through the pipeline is pp times the stage time
-(an upper bound for uneven stages); a stage works on one batch at a time.
+holds what the engine's shard of a stage holds, `ModelSpec.rank_params`: 1 / tp of the split
+weights and whole what no plan splits). A request's latency through the pipeline is pp times
+the stage time (an upper bound for uneven stages); a stage works on one batch at a time.
 
 prefill (compute-bound):
     b = 2 * params_per_gpu / (peak * mfu)                       per prompt token
@@ -63,7 +64,7 @@ def _stage_share(model: ModelSpec, pp: int) -> float:
 
 
 def _weight_bytes_per_gpu(model: ModelSpec, tp: int, pp: int) -> float:
-    return model.num_params * model.dtype_bytes * _stage_share(model, pp) / tp
+    return model.rank_params(tp) * model.dtype_bytes * _stage_share(model, pp)
 
 
 def entry(
@@ -78,8 +79,8 @@ def entry(
     flops = device.peak_tflops * 1e12 * eff.mfu / 1e3  # per ms
     bandwidth = device.mem_bandwidth_gbs * 1e9 * eff.mbu / 1e3  # bytes per ms
     weights = _weight_bytes_per_gpu(model, tp, pp)
-    share = _stage_share(model, pp) / tp  # of the model, on one GPU of the largest stage
-    params = model.active_params * share  # what a token's FLOPs run through
+    stage = _stage_share(model, pp)  # of the layers, in the largest stage
+    params = model.rank_params(tp, active=True) * stage  # what a token's FLOPs run through
     layers = -(-model.num_layers // pp)
     # TP: two all-reduces of the activations per layer (ring: 2 (tp - 1) / tp of the bytes)
     act = model.hidden_size * model.dtype_bytes
@@ -94,7 +95,7 @@ def entry(
     )
     # KV heads split over the tp ranks, at least one on each (a latent is one, whole on each)
     kv_heads = ParallelLayout(tp, pp).kv_heads_per_rank(model.num_kv_heads)  # at least one
-    kv_per_gpu = model.kv_bytes_per_token * _stage_share(model, pp) * kv_heads / model.num_kv_heads
+    kv_per_gpu = model.kv_bytes_per_token * stage * kv_heads / model.num_kv_heads
     decode = Coefficients(
         a=weights / bandwidth + eff.overhead_ms + tp_calls,
         b=kv_per_gpu / bandwidth,
@@ -105,7 +106,7 @@ def entry(
     if model.experts is not None:
         e = model.experts
         routed = e.layers * e.count * e.expert_params(model.hidden_size) * model.dtype_bytes
-        experts = ExpertRead(e.count, e.per_token, routed * share / bandwidth)
+        experts = ExpertRead(e.count, e.per_token, routed * stage / tp / bandwidth)
     return Entry(tp, pp, prefill, decode, int(free / kv_per_gpu), experts=experts)
 
 

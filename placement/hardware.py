@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.parallel import PARALLEL_MODEL_TYPES
+from engine.parallel import PARALLEL_MODEL_TYPES, ParallelLayout
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # the engine's kv_cache_dtype (engine/config.py): bytes per cached element, None: the model's
@@ -161,6 +161,13 @@ class Latent:
         out = heads * self.v_head_dim * h + h * bias
         return query + latent + expand + out
 
+    def replicated_params(self, hidden: int, bias: bool) -> int:
+        """Of `params`, what tensor parallelism leaves whole: the projections down to the
+        query rank and to the latent, and their norms (every head reads them)."""
+        q, kv = self.q_lora_rank, self.kv_lora_rank
+        query = 0 if q is None else hidden * q + q * bias + q
+        return query + (hidden + bias) * (kv + self.qk_rope_head_dim) + kv
+
     @classmethod
     def from_config(cls, cfg: dict) -> Latent | None:
         if not cfg.get("kv_lora_rank"):
@@ -286,6 +293,46 @@ class ModelSpec:
         embeddings = self.vocab_size * h * (1 if self.tied_embeddings else 2)
         final_norm = h if self.gated_mlp else 2 * h
         return layers + embeddings + final_norm + self.learned_positions * h
+
+    def rank_params(self, tp: int, active: bool = False) -> float:
+        """The parameters one rank of a `tp` group holds (of the whole model's layers), as the
+        engine splits them (engine/sharding.py): the vocabulary in ceil(V / tp) rows, every
+        head and MLP row 1 / tp, but whole on every rank what no plan splits (norms, the
+        routers, the row-parallel layers' biases, OPT's positions, DeepSeek's latent
+        projections) and, past the KV heads, a copy of its KV head's projections. `active`:
+        only a token's top-k experts (its FLOPs), not all of them (what memory holds)."""
+        experts = self.experts
+        running = 0 if experts is None else experts.per_token if active else experts.count
+        total = self._params(running)
+        tables = 1 if self.tied_embeddings else 2  # embedding (and an untied LM head)
+        whole = self._replicated_params(running)
+        split = total - whole - tables * self.vocab_size * self.hidden_size
+        rows = tables * -(-self.vocab_size // tp) * self.hidden_size
+        return split / tp + whole + rows + self._kv_copies(tp)
+
+    def _replicated_params(self, running: int) -> int:
+        """What every rank of a tensor-parallel group holds whole (with `running` experts)."""
+        h, layers = self.hidden_size, self.num_layers
+        if not self.gated_mlp:  # OPT: two LayerNorms (weight, bias), out_proj's and fc2's bias
+            return layers * 6 * h + 2 * h + self.learned_positions * h
+        per_layer = self.layer_norms * h + 2 * self.head_dim * self.qk_norm + h * self.o_bias
+        if self.latent is not None:
+            per_layer += self.latent.replicated_params(h, self.o_bias)
+        moe_layers, moe = 0, 0
+        if self.experts is not None:  # the router, Qwen2-MoE's shared gate, gpt-oss's biases
+            e, moe_layers = self.experts, self.experts.layers
+            moe = e.count * (h + e.biases) + h * e.shared_gate + running * h * e.biases
+        dense_down_bias = (layers - moe_layers) * h * self.mlp_bias
+        return layers * per_layer + moe_layers * moe + dense_down_bias + h  # + the final norm
+
+    def _kv_copies(self, tp: int) -> float:
+        """Past the KV heads, each rank holds a whole KV head's k and v rows: what that adds
+        to 1 / tp of them."""
+        if self.latent is not None:
+            return 0
+        held = ParallelLayout(tp).kv_heads_per_rank(self.num_kv_heads)
+        extra = held - self.num_kv_heads / tp
+        return self.num_layers * extra * 2 * self.head_dim * (self.hidden_size + self.qkv_bias)
 
     def _attention_and_norms(self) -> int:
         h, d = self.hidden_size, self.head_dim

@@ -177,61 +177,107 @@ MOE = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("config", "model_cls"),
-    [
-        (
-            LlamaConfig(
-                **SMALL, intermediate_size=160, num_key_value_heads=2, tie_word_embeddings=True
-            ),
-            LlamaForCausalLM,
+# one config of each family the planner counts (tied and untied embeddings, biases)
+FAMILIES = [
+    (
+        LlamaConfig(
+            **SMALL, intermediate_size=160, num_key_value_heads=2, tie_word_embeddings=True
         ),
-        (
-            LlamaConfig(
-                **SMALL, intermediate_size=160, num_key_value_heads=2, tie_word_embeddings=False
-            ),
-            LlamaForCausalLM,
+        LlamaForCausalLM,
+    ),
+    (
+        LlamaConfig(
+            **SMALL, intermediate_size=160, num_key_value_heads=2, tie_word_embeddings=False
         ),
-        (
-            LlamaConfig(**SMALL, intermediate_size=160, attention_bias=True, mlp_bias=True),
-            LlamaForCausalLM,
-        ),
-        (
-            OPTConfig(**SMALL, ffn_dim=160, word_embed_proj_dim=64, max_position_embeddings=128),
-            OPTForCausalLM,
-        ),
-        (MistralConfig(**SMALL, intermediate_size=160, num_key_value_heads=2), MistralForCausalLM),
-        (GraniteConfig(**SMALL, intermediate_size=160), GraniteForCausalLM),
-        (Phi3Config(**SMALL, intermediate_size=160, pad_token_id=0), Phi3ForCausalLM),
-        (Qwen2Config(**SMALL, intermediate_size=160, num_key_value_heads=2), Qwen2ForCausalLM),
-        (Qwen3Config(**SMALL, intermediate_size=160, head_dim=24), Qwen3ForCausalLM),
-        (Qwen3Config(**SMALL, intermediate_size=160, attention_bias=True), Qwen3ForCausalLM),
-        (GemmaConfig(**SMALL, intermediate_size=160, head_dim=24), GemmaForCausalLM),
-        (Gemma2Config(**SMALL, intermediate_size=160, head_dim=24), Gemma2ForCausalLM),
-        (Gemma3TextConfig(**SMALL, intermediate_size=160, head_dim=24), Gemma3ForCausalLM),
-        *((c, cls) for c, cls, _ in MOE),
-    ],
-    ids=[
-        "llama-tied",
-        "llama-untied",
-        "llama-biases",
-        "opt",
-        "mistral",
-        "granite",
-        "phi3",
-        "qwen2",
-        "qwen3",
-        "qwen3-biases",
-        "gemma",
-        "gemma2",
-        "gemma3",
-        *(c.model_type for c, _, _ in MOE),
-    ],
-)
+        LlamaForCausalLM,
+    ),
+    (
+        LlamaConfig(**SMALL, intermediate_size=160, attention_bias=True, mlp_bias=True),
+        LlamaForCausalLM,
+    ),
+    (
+        OPTConfig(**SMALL, ffn_dim=160, word_embed_proj_dim=64, max_position_embeddings=128),
+        OPTForCausalLM,
+    ),
+    (MistralConfig(**SMALL, intermediate_size=160, num_key_value_heads=2), MistralForCausalLM),
+    (GraniteConfig(**SMALL, intermediate_size=160), GraniteForCausalLM),
+    (Phi3Config(**SMALL, intermediate_size=160, pad_token_id=0), Phi3ForCausalLM),
+    (Qwen2Config(**SMALL, intermediate_size=160, num_key_value_heads=2), Qwen2ForCausalLM),
+    (Qwen3Config(**SMALL, intermediate_size=160, head_dim=24), Qwen3ForCausalLM),
+    (Qwen3Config(**SMALL, intermediate_size=160, attention_bias=True), Qwen3ForCausalLM),
+    (GemmaConfig(**SMALL, intermediate_size=160, head_dim=24), GemmaForCausalLM),
+    (Gemma2Config(**SMALL, intermediate_size=160, head_dim=24), Gemma2ForCausalLM),
+    (Gemma3TextConfig(**SMALL, intermediate_size=160, head_dim=24), Gemma3ForCausalLM),
+    *((c, cls) for c, cls, _ in MOE),
+]
+FAMILY_IDS = [
+    "llama-tied",
+    "llama-untied",
+    "llama-biases",
+    "opt",
+    "mistral",
+    "granite",
+    "phi3",
+    "qwen2",
+    "qwen3",
+    "qwen3-biases",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    *(c.model_type for c, _, _ in MOE),
+]
+
+
+@pytest.mark.parametrize(("config", "model_cls"), FAMILIES, ids=FAMILY_IDS)
 def test_parameter_count_equals_transformers(tmp_path, config, model_cls):
     with torch.device("meta"):
         model = model_cls(config)
     assert ModelSpec.from_config(_write(tmp_path, config.to_dict())).num_params == _numel(model)
+
+
+def _shard_numel(config, model_cls, tp: int) -> int:
+    """The parameters of rank 0 of `tp` (they are alike) as the engine shards the model: built
+    on the meta device and cut by engine/sharding.py."""
+    from engine.parallel import ParallelLayout
+    from engine.sharding import shard_model
+
+    with torch.device("meta"):
+        model = model_cls(config)
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    kv = 1 if getattr(config, "kv_lora_rank", None) else kv  # a latent: one KV head
+    shard = ParallelLayout(tp).shards(config.num_hidden_layers, heads, kv)[0]
+    return _numel(shard_model(model, shard, tp, tp_group=None))
+
+
+@pytest.mark.parametrize(("config", "model_cls"), FAMILIES, ids=FAMILY_IDS)
+def test_a_ranks_parameters_are_what_the_engines_shard_holds(tmp_path, config, model_cls):
+    """At tp 2 and 4 (each KV head on two ranks where there are 2) a rank holds what the
+    engine's shard holds: 1/tp of the heads and MLP rows, the vocabulary in ceil(V/tp) rows
+    (301 rows: padded) and, whole, what no plan splits (norms, routers, row-parallel biases,
+    OPT's positions, DeepSeek's latent projections). tp 1 is the whole model."""
+    config = _with(config, vocab_size=301)
+    spec = ModelSpec.from_config(_write(tmp_path, config.to_dict()))
+    assert spec.rank_params(1) == spec.num_params
+    for tp in (2, 4):
+        assert spec.rank_params(tp) == _shard_numel(config, model_cls, tp), tp
+    assert spec.rank_params(4) > spec.num_params / 4
+
+
+@pytest.mark.parametrize(
+    ("config", "model_cls", "count_key"), MOE, ids=[c.model_type for c, _, _ in MOE]
+)
+def test_a_ranks_active_parameters_are_a_shard_with_only_top_k_experts(
+    tmp_path, config, model_cls, count_key
+):
+    """What a token's FLOPs run through on one rank: the shard of the model built with k
+    experts, plus the router's rows for the other experts (whole on every rank)."""
+    spec = ModelSpec.from_config(_write(tmp_path, config.to_dict()))
+    k = config.num_experts_per_tok
+    router_row = config.hidden_size + (model_cls is GptOssForCausalLM)
+    unrouted = spec.experts.layers * (spec.experts.count - k) * router_row
+    top_k_only = _with(config, **{count_key: k})
+    assert spec.rank_params(2, active=True) == _shard_numel(top_k_only, model_cls, 2) + unrouted
 
 
 @pytest.mark.parametrize(
@@ -338,7 +384,7 @@ def test_a_latent_attention_models_kv_bytes_are_what_the_engine_caches(tmp_path)
         assert spec.kv_bytes_per_token == engine.kv_bytes_per_token(torch.bfloat16) == 4 * 24 * 2
         per_rank = engine.kv_bytes_per_token(torch.bfloat16, ParallelLayout(tp=2))
         assert per_rank == spec.kv_bytes_per_token  # a latent is not split
-        free = 80e9 * 0.9 - spec.num_params * 2 / 2
+        free = 80e9 * 0.9 - spec.rank_params(2) * 2
         assert entry(spec, h100, tp=2).kv_capacity_tokens == int(free / per_rank)
 
 
@@ -394,7 +440,7 @@ def test_tensor_parallelism_splits_the_kv_heads_too(tmp_path):
     assert [t for t in (1, 2, 3, 4) if fits(spec, h100, t, 1)] == [1, 2, 3, 4]
     assert [t for t in (1, 2, 3, 4) if fits(gqa, h100, t, 1)] == [1, 2, 4]
     tp2, tp4 = entry(gqa, h100, 2, 1), entry(gqa, h100, 4, 1)
-    free = 80e9 * 0.9 - gqa.num_params * gqa.dtype_bytes / 4
+    free = 80e9 * 0.9 - gqa.rank_params(4) * gqa.dtype_bytes  # with a KV head's copy
     assert tp4.kv_capacity_tokens == int(free / (gqa.kv_bytes_per_token / 2))
     assert tp4.decode.b == tp2.decode.b  # a rank reads one KV head per token either way
 

@@ -1,20 +1,22 @@
-"""A tool call's JSON object read as the model writes it, so that its arguments can stream.
+"""Tool calls in JSON read as the model writes them, so that their arguments can stream.
 
-`CallStream` takes the text of one `{"name": ..., "arguments": {...}}` object in pieces. Once
-the name's string is whole and the arguments' object has begun, the call is known; from then
-on `arguments` grows with the arguments' object as `dumps` writes it (the form a whole
-call's arguments are given in), as far as it is certain: a string
-as its characters come, a number once it ends. So the pieces a stream gives join to what the
-whole object gives, wherever the text was cut.
+`CallsStream` takes the text of call objects, `{"name": ..., "arguments": {...}}` (one, an
+array of them, or several in a row, as a parser's format has them), in pieces. Once a call's
+name is whole and its arguments' object has begun, the call is known; from then on its
+`arguments` grow with the arguments' object as `dumps` writes it (the form a whole call's
+arguments are given in), as far as it is certain: a string as its characters come, a number
+once it ends. So the pieces a stream gives join to what the whole text gives, wherever it was
+cut.
 
-Text that is not JSON stops the reading where it starts: what was given stays given (a stream
-cannot take it back), and the rest is not read.
+Text that is not JSON, or an item that is not a call, stops the reading where it starts: what
+was given stays given (a stream cannot take it back), and the rest is not read.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 
 _SURROGATE = re.compile("[\ud800-\udfff]")  # left alone after json.loads: lone ones
 _WHITESPACE = " \t\n\r"
@@ -28,8 +30,9 @@ class _Lexer:
     string's start, ("s", decoded text) for each certain piece of it and ('"',) again at its
     end, ("v", canonical text) for a number or literal. `failed` once the text is not JSON."""
 
-    def __init__(self) -> None:
+    def __init__(self, punctuation: str = "") -> None:
         self.failed = False
+        self._punctuation = "{}[]:," + punctuation  # a format's own (llama3_json's ";")
         self._string = False  # inside a string
         self._raw = ""  # a string's text not yet decoded (whole escapes), or a scalar's
         self._escape = ""  # an escape being read, from its backslash
@@ -57,7 +60,7 @@ class _Lexer:
             self._scalar(tokens)
         if self.failed:
             return
-        if ch in "{}[]:,":
+        if ch in self._punctuation:
             tokens.append((ch,))
         elif ch == '"':
             self._string = True
@@ -107,49 +110,114 @@ class _Lexer:
             self._raw = self._raw[cut:]
 
 
-class CallStream:
-    """One call object, fed in pieces: its `name` once whole, and from when its arguments'
-    object begins (`started`), their canonical text `arguments`."""
+@dataclass
+class StreamedCall:
+    name: str | None = None  # once its string is whole
+    arguments: str = ""  # as `dumps` writes them, as far as certain
+    started: bool = False  # its arguments' object has begun
+    ended: bool = False  # its object is whole
 
-    def __init__(self, argument_keys: tuple[str, ...]) -> None:
-        self.argument_keys = argument_keys
-        self._string_is_key = False
-        self.name: str | None = None
-        self.arguments = ""
-        self.started = False
-        self._lexer = _Lexer()
+    @property
+    def known(self) -> bool:
+        """It is a call: named, and its arguments begun (or it ended without any: {})."""
+        return bool(self.name) and (self.started or self.ended)
+
+
+class CallsStream:
+    """Tool calls written as JSON call objects, `{"name": ..., <an argument key>: {...}}`, fed
+    in pieces: `calls` as they are read. What a parser's format allows: bare call objects
+    (`objects`), an array of them (`array`), more than one top-level value (`many`), with
+    `separator` between them. An item that is not a call (no name, arguments not an object)
+    stops the reading there."""
+
+    def __init__(
+        self,
+        argument_keys: tuple[str, ...],
+        *,
+        objects: bool = True,
+        array: bool = False,
+        many: bool = False,
+        separator: str = "",
+    ) -> None:
+        self.argument_keys, self.calls = argument_keys, []
+        self.objects, self.array, self.many, self.separator = objects, array, many, separator
+        self._failed = False
+        self._lexer = _Lexer(separator)
         self._stack: list[str] = []  # open containers: "{" or "["
         self._expect = "value"  # what may come next: see _grammar
+        self._depth = 0  # the open call object's (len(_stack) inside it); 0: none open
         self._key: str | None = None  # the call object's key last read
         self._text: str | None = None  # a string being read in the call object
+        self._string_is_key = False
         self._in_arguments = False
-        self._failed = False
+
+    @property
+    def failed(self) -> bool:
+        """The text went wrong (not JSON, or not calls) where the reading stopped."""
+        return self._failed or self._lexer.failed
+
+    @property
+    def _call(self) -> StreamedCall:
+        return self.calls[-1]
 
     def feed(self, text: str) -> None:
         for token in self._lexer.feed(text):
             if self._expect == "done" or self._failed:
-                return  # the object is whole, or went wrong: what follows is not read
-            if not self._grammar(token[0]):
-                self._failed = self._lexer.failed = True
+                return  # the last value is whole, or it went wrong: what follows is not read
+            if not (self._grammar(token[0]) and self._read(token)):
+                self._failed = True
                 return
-            self._read(token)
 
-    def _read(self, token: tuple[str, ...]) -> None:
-        depth = len(self._stack)  # after the token
+    def _read(self, token: tuple[str, ...]) -> bool:
+        """Take a token the grammar allows; False: the item is not a call."""
+        depth, kind = len(self._stack), token[0]
         if self._in_arguments:
-            self.arguments += _canonical(token)
-            self._in_arguments = depth > 1  # the arguments' object ends back in the call's
-        elif token == ("{",) and depth == 2 and self._key in self.argument_keys:
-            self._in_arguments = self.started = True
-            self.arguments = "{"
-        elif depth == 1 and token[0] == "s":
+            self._call.arguments += _canonical(token)
+            self._in_arguments = depth > self._depth  # they end back in the call object
+        elif kind == "{" and depth == (2 if self._stack[0] == "[" else 1):  # a call opens
+            self.calls.append(StreamedCall())
+            self._depth, self._key = depth, None
+        elif not self._depth:
+            return True
+        elif depth < self._depth:  # the call object closed
+            self._call.ended, self._depth = True, 0
+            if not self._call.started:  # no arguments: an empty object
+                self._call.arguments = "{}"
+            return self._call.known
+        elif depth == self._depth + 1 and kind in "{[" or depth == self._depth and kind == "v":
+            return self._call_value(kind)
+        elif depth == self._depth and kind in ("s", '"'):
+            return self._string_token(token)
+        return True
+
+    def _call_value(self, kind: str) -> bool:
+        """A value of the call object's key that is no string: the arguments' object begins;
+        a name or arguments of another kind are not a call's."""
+        if self._key == "name":
+            return False
+        if self._key in self.argument_keys and not self._call.started:
+            if kind != "{":
+                return False
+            self._in_arguments = self._call.started = True
+            self._call.arguments = "{"
+        return True
+
+    def _string_token(self, token: tuple[str, ...]) -> bool:
+        """A string in the call object: a key, the name, or (not a call) the arguments."""
+        if token[0] == "s":
             self._text = (self._text or "") + token[1]
-        elif depth == 1 and token == ('"',) and self._expect != "in_string":  # a string ended
-            text, self._text = self._text or "", None
-            if self._expect == "colon":
-                self._key = text
-            elif self._key == "name" and self.name is None:
-                self.name = text
+            return True
+        if self._expect == "in_string":  # it opened
+            self._text = ""
+            return True
+        text, self._text = self._text or "", None  # it closed
+        if self._expect == "colon":
+            self._key = text
+        elif self._key == "name":
+            self._call.name = self._call.name or text
+        elif self._key in self.argument_keys and not self._call.started:
+            return False
+        return True
 
     def _grammar(self, kind: str) -> bool:
         """Whether a token of `kind` may come next; if so, what may follow it."""
@@ -166,10 +234,21 @@ class CallStream:
             return self._close(kind)
         elif expect in ("key", "key_or_end") and kind == '"':
             self._expect, self._string_is_key = "in_string", True
-        elif expect in ("value", "value_or_end") and (self._stack or kind == "{"):
+        elif expect == "separator" and kind == self.separator:
+            self._expect = "value"
+        elif expect in ("value", "value_or_end") and self._may_open(kind):
             return self._value(kind)
         else:
             return False
+        return True
+
+    def _may_open(self, kind: str) -> bool:
+        """At the top level, a call object or an array of them; in that array, call objects;
+        in a call, any value."""
+        if not self._stack:
+            return kind == "{" and self.objects or kind == "[" and self.array
+        if self._stack == ["["]:
+            return kind == "{"
         return True
 
     def _value(self, kind: str) -> bool:
@@ -188,7 +267,12 @@ class CallStream:
         if {"}": "{", "]": "["}[kind] != self._stack[-1]:
             return False
         self._stack.pop()
-        self._expect = "comma" if self._stack else "done"
+        if self._stack:
+            self._expect = "comma"
+        elif not self.many:
+            self._expect = "done"
+        else:
+            self._expect = "separator" if self.separator else "value"
         return True
 
 

@@ -25,10 +25,11 @@
 
 A reply's content is its text outside the calls (whitespace between and after calls left out).
 Streamed, content goes out as it comes except text that may begin a call, which is held until
-it is clear. `hermes` and `internlm` stream a call's arguments as the model writes them, as
-vLLM's parsers do: the call (its id and name) goes out once its name is whole and its
+it is clear. The formats of JSON call objects (`hermes`, `internlm`, `llama3_json`, `mistral`,
+`jamba`, `minimax`, `granite`, `phi4_mini_json`) stream a call's arguments as the model writes
+them, as vLLM's parsers do: the call (its id and name) goes out once its name is whole and its
 arguments' object has begun, then the arguments in pieces (app/json_stream.py); from there it
-is a call, even if the model's JSON goes wrong after (what went out cannot be taken back; the
+is a call, even if the model's text goes wrong after (what went out cannot be taken back; the
 rest of it is dropped) or the reply is cut short. The other parsers give each call whole once
 its end (or the reply's) is seen. A call that does not parse (not JSON, no name, arguments not
 an object) is left as text, so nothing the model wrote is lost. The same parser reads a whole
@@ -44,7 +45,7 @@ import json
 import re
 from dataclasses import dataclass, field, replace
 
-from app.json_stream import CallStream, dumps
+from app.json_stream import CallsStream, dumps
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,36 @@ class Parsed:
         return self
 
 
+class _Streamed:
+    """The calls of a part of the reply that is JSON calls (a parser's `_new_stream`), read
+    as that part grows, and what of them has been given out."""
+
+    def __init__(self, stream: CallsStream) -> None:
+        self.stream = stream
+        self._read = 0  # how much of the part the stream has read
+        self._sent: list[int] = []  # per call given out, its arguments given so far
+
+    @property
+    def given(self) -> bool:
+        return bool(self._sent)
+
+    def read(self, text: str, out: Parsed) -> None:
+        """`text`: the part so far (it only grows) -> out: the calls, once known, then more
+        of their arguments as they come."""
+        self.stream.feed(text[self._read :])
+        self._read = len(text)
+        for i, call in enumerate(self.stream.calls):
+            if not call.known:
+                break
+            if i == len(self._sent):
+                out.calls.append(Call(call.name, call.arguments))
+                self._sent.append(len(call.arguments))
+            elif len(call.arguments) > self._sent[i]:
+                more = call.arguments[self._sent[i] :]
+                out.calls.append(Call(call.name, more, continued=True))
+                self._sent[i] = len(call.arguments)
+
+
 class _Parser:
     """One reply's parser: `feed` its pieces, then `end`; or `read` it whole."""
 
@@ -87,23 +118,36 @@ class _Parser:
     def end(self) -> Parsed:
         raise NotImplementedError
 
+    _streamed: _Streamed | None = None  # the calls being read
+
+    def _new_stream(self) -> CallsStream | None:
+        """A reader of the format's JSON calls, whose arguments then stream; None: the calls
+        are given whole."""
+        return None
+
+    def _read_calls(self, part: str, out: Parsed) -> bool:
+        """Stream the calls of `part`, the reply's calls so far (it only grows); whether any
+        has been given out."""
+        if self._streamed is None:
+            stream = self._new_stream()
+            if stream is None:
+                return False
+            self._streamed = _Streamed(stream)
+        self._streamed.read(part, out)
+        return self._streamed.given
+
 
 class _TaggedParser(_Parser):
     """Calls between a `START` and an `END` tag, anywhere in the reply; `_calls` reads what
     is between them (one call or several). The last call may be left unclosed."""
 
     START = END = ""
-    # a call's body is one JSON object whose arguments stream under one of these keys
-    ARGUMENT_KEYS: tuple[str, ...] = ()
 
     def __init__(self, schemas: dict[str, dict] | None = None) -> None:
         self.schemas = schemas or {}  # function name -> its parameters' JSON schema
         self._held = ""  # text not yet given out: a possible start tag, or a call's body
         self._inside = False  # after a start tag
         self._gap = ""  # whitespace after a call: content only if text follows it
-        self._stream: CallStream | None = None  # the call being read (ARGUMENT_KEYS)
-        self._read = 0  # how much of its body the stream has read
-        self._sent: int | None = None  # its arguments given out so far; None: not the call
 
     def feed(self, text: str) -> Parsed:
         """The next piece of a streamed reply -> what can be given out now."""
@@ -114,7 +158,7 @@ class _TaggedParser(_Parser):
                 end = self._held.find(self.END)
                 if end < 0:  # the body so far, less what may begin the end tag
                     tail = partial_tail(self._held, self.END)
-                    self._stream_call(self._held[: len(self._held) - tail], out)
+                    self._read_calls(self._held[: len(self._held) - tail], out)
                     return out
                 self._close(self._held[:end], out)
                 self._held = self._held[end + len(self.END) :]
@@ -127,8 +171,7 @@ class _TaggedParser(_Parser):
                 return out
             self._text(self._held[:start], out)
             self._held, self._inside, self._gap = self._held[start + len(self.START) :], True, ""
-            if self.ARGUMENT_KEYS:
-                self._stream, self._read, self._sent = CallStream(self.ARGUMENT_KEYS), 0, None
+            self._streamed = None  # a new call's body
 
     def end(self) -> Parsed:
         """The reply ended: an unclosed last call is read as it is; held text is content."""
@@ -147,27 +190,9 @@ class _TaggedParser(_Parser):
         out.content += self._gap + text
         self._gap = ""
 
-    def _stream_call(self, body: str, out: Parsed) -> None:
-        """Give out what the call's body so far adds: the call, once its name and its
-        arguments' start are read, then its arguments as they come."""
-        if self._stream is None:
-            return
-        stream = self._stream
-        stream.feed(body[self._read :])
-        self._read = len(body)
-        if stream.name is None or not stream.started:
-            return
-        if self._sent is None:
-            out.calls.append(Call(stream.name, stream.arguments))
-        elif len(stream.arguments) > self._sent:
-            out.calls.append(Call(stream.name, stream.arguments[self._sent :], continued=True))
-        self._sent = len(stream.arguments)
-
     def _close(self, body: str, out: Parsed, closed: bool = True) -> None:
         self._inside = False
-        self._stream_call(body, out)
-        if self._sent is not None:  # given out as a call: it stays one
-            self._stream, self._sent = None, None
+        if self._read_calls(body, out):  # given out as calls: they stay calls
             self.called, self._gap = True, ""
             return
         calls = self._calls(body)
@@ -183,7 +208,9 @@ class _TaggedParser(_Parser):
 
 class HermesParser(_TaggedParser):
     START, END = "<tool_call>", "</tool_call>"
-    ARGUMENT_KEYS = ("arguments",)
+
+    def _new_stream(self) -> CallsStream:
+        return CallsStream(("arguments",))
 
     def _calls(self, body: str) -> list[Call] | None:
         call = _call(body, "arguments")
@@ -194,7 +221,9 @@ class InternLMParser(_TaggedParser):
     """InternLM2 / 2.5: `<|action_start|><|plugin|>{"name", "parameters"}<|action_end|>`."""
 
     START, END = "<|action_start|><|plugin|>", "<|action_end|>"
-    ARGUMENT_KEYS = ("parameters", "arguments")
+
+    def _new_stream(self) -> CallsStream:
+        return CallsStream(("parameters", "arguments"))
 
     def _calls(self, body: str) -> list[Call] | None:
         call = _call(body, "parameters", "arguments")
@@ -206,6 +235,9 @@ class JambaParser(_TaggedParser):
 
     START, END = "<tool_calls>", "</tool_calls>"
 
+    def _new_stream(self) -> CallsStream:
+        return CallsStream(_ARRAY_KEYS, array=True)
+
     def _calls(self, body: str) -> list[Call] | None:
         return _array_calls(body, single=True)
 
@@ -214,6 +246,9 @@ class MiniMaxParser(_TaggedParser):
     """MiniMax-M1: `<tool_calls>` then one `{"name", "arguments"}` object per line."""
 
     START, END = "<tool_calls>", "</tool_calls>"
+
+    def _new_stream(self) -> CallsStream:
+        return CallsStream(("arguments",), many=True)
 
     def _calls(self, body: str) -> list[Call] | None:
         lines = [line for line in body.splitlines() if line.strip()]
@@ -337,14 +372,19 @@ class _WholeReplyParser(_Parser):
                 return Parsed()  # whitespace, or what may still become the tag
             self._mode = "calls" if head.startswith((self.OPEN, self.TAG)) else "text"
         if self._mode == "calls":
-            return Parsed()
+            out = Parsed()
+            self._read_calls(self._held.lstrip().removeprefix(self.TAG), out)
+            return out
         out, self._held = Parsed(self._held), ""
         return out
 
     def end(self) -> Parsed:
-        text, self._held = self._held, ""
+        text, self._held, out = self._held, "", Parsed()
         if self._mode != "calls":
             return Parsed(text)
+        if self._read_calls(text.lstrip().removeprefix(self.TAG), out):
+            self.called = True  # given out as calls: they stay calls
+            return out
         calls = self._calls(text.strip().removeprefix(self.TAG).strip())
         if calls is None:
             return Parsed(text)
@@ -357,6 +397,9 @@ class _WholeReplyParser(_Parser):
 
 class Llama3JsonParser(_WholeReplyParser):
     TAG, OPEN = "<|python_tag|>", "{"
+
+    def _new_stream(self) -> CallsStream:
+        return CallsStream(("parameters", "arguments"), many=True, separator=";")
 
     def _calls(self, text: str) -> list[Call] | None:
         return _json_calls(text)
@@ -396,6 +439,9 @@ class GraniteParser(_WholeReplyParser):
 
     TAG, OPEN = "<|tool_call|>", "["
 
+    def _new_stream(self) -> CallsStream:
+        return CallsStream(_ARRAY_KEYS, objects=False, array=True)
+
     def _calls(self, text: str) -> list[Call] | None:
         return _array_calls(text, single=False)
 
@@ -411,21 +457,27 @@ class MistralParser(_Parser):
 
     def feed(self, text: str) -> Parsed:
         self._held += text
-        if self._after:
-            return Parsed()
-        start = self._held.find(self.TAG)
-        if start >= 0:
-            out, self._held, self._after = Parsed(self._held[:start]), self._held[start:], True
-            return out
-        keep = partial_tail(self._held, self.TAG)
-        out = Parsed(self._held[: len(self._held) - keep])
-        self._held = self._held[len(self._held) - keep :]
+        out = Parsed()
+        if not self._after:
+            start = self._held.find(self.TAG)
+            if start < 0:
+                cut = len(self._held) - partial_tail(self._held, self.TAG)
+                out.content, self._held = self._held[:cut], self._held[cut:]
+                return out
+            out.content, self._held, self._after = self._held[:start], self._held[start:], True
+        self._read_calls(self._held.removeprefix(self.TAG), out)
         return out
 
+    def _new_stream(self) -> CallsStream:
+        return CallsStream(_ARRAY_KEYS, array=True)
+
     def end(self) -> Parsed:
-        text, self._held = self._held, ""
+        text, self._held, out = self._held, "", Parsed()
         if not self._after:
             return Parsed(text)
+        if self._read_calls(text.removeprefix(self.TAG), out):
+            self.called = True  # given out as calls: they stay calls
+            return out
         calls = _array_calls(text.removeprefix(self.TAG), single=True)
         if calls is None:
             return Parsed(text)
@@ -483,6 +535,9 @@ def _as_call(item, argument_keys: tuple[str, ...]) -> Call | None:
     return Call(item["name"], dumps(arguments))
 
 
+_ARRAY_KEYS = ("arguments", "parameters")  # a call's arguments in an array of calls
+
+
 def _array_calls(text: str, single: bool) -> list[Call] | None:
     """A JSON array of call objects (`single`: or one call object) -> the calls; None unless
     every item is one."""
@@ -499,7 +554,7 @@ def _array_calls(text: str, single: bool) -> list[Call] | None:
 
 def _all_calls(items: list) -> list[Call] | None:
     """A list of call objects -> the calls; None unless every item is one."""
-    calls = [_as_call(item, ("arguments", "parameters")) for item in items]
+    calls = [_as_call(item, _ARRAY_KEYS) for item in items]
     return None if not calls or None in calls else calls
 
 

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from app.json_stream import CallStream
+from app.json_stream import CallsStream
 from app.tool_parsers import (
     PARSERS,
     Call,
@@ -140,8 +140,8 @@ LLAMA3_JSON_CASES = [  # (reply, content, calls)
      '{"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}', "", [PARIS, TIME]),
     ("Paris is sunny.", "Paris is sunny.", []),
     ("  {not json", "  {not json", []),
-    ('{"name": "f", "parameters": {}} and more', '{"name": "f", "parameters": {}} and more',
-     []),
+    # once a call is read it stays one (its arguments may be out): what follows is dropped
+    ('{"name": "f", "parameters": {}} and more', "", [Call("f", "{}")]),
     ('{"city": "Paris"}', '{"city": "Paris"}', []),
     ("<|python_ta", "<|python_ta", []),
 ]  # fmt: skip
@@ -161,7 +161,7 @@ MISTRAL_CASES = [  # (reply, content, calls)
     ('[TOOL_CALLS]{"name": "ping"}', "", [Call("ping", "{}")]),
     ("Paris is sunny [TOOL", "Paris is sunny [TOOL", []),
     ("[TOOL_CALLS][{not json", "[TOOL_CALLS][{not json", []),
-    ('[TOOL_CALLS][{"name": "f"}, 3]', '[TOOL_CALLS][{"name": "f"}, 3]', []),
+    ('[TOOL_CALLS][{"name": "f"}, 3]', "", [Call("f", "{}")]),  # the calls before a fault
     ("[TOOL_CALLS][]", "[TOOL_CALLS][]", []),
     ("[1, 2]", "[1, 2]", []),
 ]  # fmt: skip
@@ -200,8 +200,8 @@ JAMBA_CASES = [
 ]  # fmt: skip
 MINIMAX_CASES = [
     (f"<tool_calls>\n{WEATHER}\n{CLOCK}\n</tool_calls>", "", [PARIS, TIME]),
-    (f"<tool_calls>\n{WEATHER}\nnot json\n</tool_calls>",
-     f"<tool_calls>\n{WEATHER}\nnot json\n</tool_calls>", []),
+    (f"<tool_calls>\n{WEATHER}\nnot json\n</tool_calls>", "", [PARIS]),
+    ("<tool_calls>\nnot json\n</tool_calls>", "<tool_calls>\nnot json\n</tool_calls>", []),
 ]  # fmt: skip
 GRANITE_CASES = [
     (f"<|tool_call|>[{WEATHER}, {CLOCK}]", "", [PARIS, TIME]),
@@ -349,6 +349,36 @@ def test_the_apps_tool_call_parser_is_one_of_them():
         AppArgs.model_validate({"tool_call_parser": "qwen3"})
 
 
+W_PARAMS = WEATHER.replace('"arguments"', '"parameters"')
+C_PARAMS = CLOCK.replace('"arguments"', '"parameters"')
+
+
+@pytest.mark.parametrize(
+    ("parser_class", "text"),
+    [
+        (HermesParser, f"<tool_call>{WEATHER}</tool_call>\n<tool_call>{CLOCK}</tool_call>"),
+        (InternLMParser, f"<|action_start|><|plugin|>{W_PARAMS}<|action_end|>"
+                         f"<|action_start|><|plugin|>{C_PARAMS}<|action_end|>"),
+        (JambaParser, f"<tool_calls>[{WEATHER}, {CLOCK}]</tool_calls>"),
+        (MiniMaxParser, f"<tool_calls>\n{WEATHER}\n{CLOCK}\n</tool_calls>"),
+        (Llama3JsonParser, f"<|python_tag|>{W_PARAMS}; {C_PARAMS}"),
+        (GraniteParser, f"<|tool_call|>[{WEATHER}, {CLOCK}]"),
+        (MistralParser, f"[TOOL_CALLS][{WEATHER}, {CLOCK}]"),
+        (Phi4MiniParser, f"functools[{WEATHER}, {CLOCK}]"),
+    ],
+)  # fmt: skip
+def test_the_json_parsers_stream_each_calls_arguments(parser_class, text):
+    """Fed a character at a time, each call goes out with its name, then its arguments in
+    pieces (a string's characters as they come), in the order written; joined, they are the
+    whole reply's calls."""
+    joined, pieces = _streamed(parser_class, text, list(range(1, len(text))))
+    calls = [c for p in pieces for c in p.calls]
+    assert [c.name for c in calls if not c.continued] == ["get_weather", "get_time"]
+    for name in ("get_weather", "get_time"):
+        assert sum(c.continued and c.name == name for c in calls) > 5
+    assert joined == parser_class().read(text) == Parsed("", [PARIS, TIME])
+
+
 def _random_value(rng: random.Random, depth: int = 0):
     if depth > 2 or rng.random() < 0.35:
         return rng.choice([0, -2.5, 1e21, 12345678901234567890, True, False, None, "", "x",
@@ -370,14 +400,16 @@ def test_a_call_streams_its_arguments_as_json_dumps_writes_them():
         if rng.random() < 0.3:
             call = {"arguments": arguments, "other": [1, {"name": "g"}], "name": "f"}
         text = json.dumps(call, ensure_ascii=rng.random() < 0.5, indent=rng.choice([None, 2]))
-        stream, start, seen = CallStream(("arguments",)), 0, ""
+        stream, start, seen = CallsStream(("arguments",)), 0, ""
         while start < len(text):
             end = start + rng.randint(1, 8)
             stream.feed(text[start:end])
             start = end
-            assert stream.arguments.startswith(seen)
-            seen = stream.arguments
-        assert (stream.name, stream.arguments) == ("f", json.dumps(arguments, ensure_ascii=False))
+            now = stream.calls[0].arguments if stream.calls else ""
+            assert now.startswith(seen)
+            seen = now
+        [call] = stream.calls
+        assert (call.name, call.arguments) == ("f", json.dumps(arguments, ensure_ascii=False))
 
 
 @pytest.mark.parametrize(
@@ -392,19 +424,20 @@ def test_a_call_streams_its_arguments_as_json_dumps_writes_them():
     ],
 )
 def test_a_call_stream_stops_where_the_json_goes_wrong(text, arguments):
-    stream = CallStream(("arguments",))
+    stream = CallsStream(("arguments",))
     stream.feed(text)
-    assert stream.name == "f" and stream.arguments == arguments
+    [call] = stream.calls
+    assert call.name == "f" and call.arguments == arguments and stream.failed
     stream.feed('"}}')  # nothing after the fault is read
-    assert stream.arguments == arguments
+    assert call.arguments == arguments
 
 
 def test_a_call_stream_needs_an_object_with_a_string_name_and_object_arguments():
     for text in ('["f"]', '{"name": 1, "arguments": {}}', '{"name": "f", "arguments": [1]}',
-                 '{"name": "f", "args": {"a": 1}}', 'x{"name": "f", "arguments": {}}'):  # fmt: skip
-        stream = CallStream(("arguments",))
-        stream.feed(text)
-        assert not (stream.name and stream.started), text
+                 '{"name": "", "arguments": {}}', 'x{"name": "f", "arguments": {}}'):  # fmt: skip
+        stream = CallsStream(("arguments",))
+        stream.feed(text + "}")
+        assert not any(c.known for c in stream.calls) and stream.failed, text
 
 
 def test_a_lone_surrogate_in_the_arguments_stays_escaped():

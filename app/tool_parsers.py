@@ -25,13 +25,13 @@
 
 A reply's content is its text outside the calls (whitespace between and after calls left out).
 Streamed, content goes out as it comes except text that may begin a call, which is held until
-it is clear. The formats of JSON call objects (`hermes`, `internlm`, `llama3_json`, `mistral`,
-`jamba`, `minimax`, `granite`, `phi4_mini_json`) stream a call's arguments as the model writes
-them, as vLLM's parsers do: the call (its id and name) goes out once its name is whole and its
-arguments' object has begun, then the arguments in pieces (app/json_stream.py); from there it
-is a call, even if the model's text goes wrong after (what went out cannot be taken back; the
-rest of it is dropped) or the reply is cut short. The other parsers give each call whole once
-its end (or the reply's) is seen. A call that does not parse (not JSON, no name, arguments not
+it is clear. A call's arguments stream as the model writes them, as vLLM's parsers do: the
+call (its id and name) goes out once its name is whole and its arguments have begun, then the
+arguments in pieces, as `json.dumps` writes them (JSON arguments through app/json_stream.py;
+a text value its schema keeps as text as it comes, another once whole). From there it is a
+call, even if the model's text goes wrong after (what went out cannot be taken back; the rest
+of it is dropped) or the reply is cut short. `pythonic` gives each call whole once the reply
+ends (a Python literal is read whole). A call that does not parse (not JSON, no name, arguments not
 an object) is left as text, so nothing the model wrote is lost. The same parser reads a whole
 reply (`read`) and a stream (`feed` ... `end`): the streamed pieces join to exactly what the
 whole reply gives.
@@ -125,9 +125,9 @@ class _Parser:
         are given whole."""
         return None
 
-    def _read_calls(self, part: str, out: Parsed) -> bool:
-        """Stream the calls of `part`, the reply's calls so far (it only grows); whether any
-        has been given out."""
+    def _read_calls(self, part: str, out: Parsed, final: bool = False) -> bool:
+        """Stream the calls of `part`, the reply's calls so far (it only grows; `final`: all
+        of them); whether any has been given out."""
         if self._streamed is None:
             stream = self._new_stream()
             if stream is None:
@@ -171,7 +171,7 @@ class _TaggedParser(_Parser):
                 return out
             self._text(self._held[:start], out)
             self._held, self._inside, self._gap = self._held[start + len(self.START) :], True, ""
-            self._streamed = None  # a new call's body
+            self._begin_body()
 
     def end(self) -> Parsed:
         """The reply ended: an unclosed last call is read as it is; held text is content."""
@@ -183,6 +183,9 @@ class _TaggedParser(_Parser):
         self._held, self._inside = "", False
         return out
 
+    def _begin_body(self) -> None:
+        self._streamed = None  # a new body's calls
+
     def _text(self, text: str, out: Parsed) -> None:
         if self.called and not text.strip():
             self._gap += text
@@ -192,7 +195,7 @@ class _TaggedParser(_Parser):
 
     def _close(self, body: str, out: Parsed, closed: bool = True) -> None:
         self._inside = False
-        if self._read_calls(body, out):  # given out as calls: they stay calls
+        if self._read_calls(body, out, final=True):  # given out as calls: they stay calls
             self.called, self._gap = True, ""
             return
         calls = self._calls(body)
@@ -258,9 +261,37 @@ class MiniMaxParser(_TaggedParser):
 
 class _SectionParser(_TaggedParser):
     """A section of calls, each matched whole by `CALL` (a regex with the groups name and
-    arguments, JSON text); a section with anything else in it is text."""
+    arguments, JSON text); a section with anything else in it is text. Streamed, a call is
+    known once `HEAD` (its start, to where its arguments begin) is read, and its arguments
+    stream until `CALL_END`."""
 
     CALL: re.Pattern
+    HEAD: re.Pattern
+    CALL_END = ""
+
+    def _begin_body(self) -> None:
+        self._next = 0  # where the next call may start
+        self._reading: tuple[_Streamed, str, int] | None = None  # reader, prefix, start
+        self._given = False
+
+    def _read_calls(self, part: str, out: Parsed, final: bool = False) -> bool:
+        """Each call's arguments read as a call object's, `{"name": NAME, "arguments": ...`."""
+        while True:
+            if self._reading is None:
+                head = self.HEAD.match(part, len(part) - len(part[self._next :].lstrip()))
+                if head is None:
+                    return self._given
+                name = json.dumps(self._name(head["name"]))
+                reader = _Streamed(CallsStream(("arguments",)))
+                self._reading = (reader, f'{{"name": {name}, "arguments": ', head.end())
+            reader, prefix, start = self._reading
+            end = part.find(self.CALL_END, start)
+            stop = end if end >= 0 else len(part) - partial_tail(part, self.CALL_END)
+            reader.read(prefix + part[start:stop], out)
+            self._given = self._given or reader.given
+            if end < 0:
+                return self._given
+            self._next, self._reading = end + len(self.CALL_END), None
 
     def _calls(self, body: str) -> list[Call] | None:
         if self.CALL.sub("", body).strip():  # something besides calls
@@ -289,6 +320,8 @@ class DeepSeekV3Parser(_SectionParser):
         r"(?P<arguments>.*?)\n```\s*<｜tool▁call▁end｜>",
         re.DOTALL,
     )
+    HEAD = re.compile(r"<｜tool▁call▁begin｜>[^<]*<｜tool▁sep｜>(?P<name>[^\n]*)\n```json\n")
+    CALL_END = "<｜tool▁call▁end｜>"
 
 
 class DeepSeekV31Parser(_SectionParser):
@@ -300,6 +333,8 @@ class DeepSeekV31Parser(_SectionParser):
         r"<｜tool▁call▁begin｜>(?P<name>.*?)<｜tool▁sep｜>(?P<arguments>.*?)<｜tool▁call▁end｜>",
         re.DOTALL,
     )
+    HEAD = re.compile(r"<｜tool▁call▁begin｜>(?P<name>.*?)<｜tool▁sep｜>", re.DOTALL)
+    CALL_END = "<｜tool▁call▁end｜>"
 
 
 class KimiK2Parser(_SectionParser):
@@ -312,19 +347,110 @@ class KimiK2Parser(_SectionParser):
         r"<\|tool_call_end\|>",
         re.DOTALL,
     )
+    HEAD = re.compile(
+        r"<\|tool_call_begin\|>(?P<name>.*?)<\|tool_call_argument_begin\|>", re.DOTALL
+    )
+    CALL_END = "<|tool_call_end|>"
 
     def _name(self, written: str) -> str:
         # the call's id, "functions.get_weather:0": the name is between the dot and the colon
         return written.strip().split(":")[0].split(".")[-1]
 
 
-class Qwen3CoderParser(_TaggedParser):
+class _TextParametersParser(_TaggedParser):
+    """A call written as its name, then each parameter as a key and a text value, typed by
+    the function's schema (vLLM's rules). Streamed, the call is known at its first parameter
+    (or its end); a value its schema keeps as text streams as it is written, another goes out
+    once whole (its type is read from all of it)."""
+
+    HEAD: re.Pattern  # the function's name (group 1), to its first parameter
+    KEY: re.Pattern  # a parameter's key (group 1), to its value
+    VALUE_END = ""
+    CLOSE: re.Pattern | None = None  # the function's end; None: the body's
+
+    def _begin_body(self) -> None:
+        self._function: str | None = None  # the call's name, once read
+        self._at = 0  # how far the body is read
+        self._value: tuple[object, bool] | None = None  # the value being read: schema, as text
+        self._value_sent = 0  # of it (as text), how much is given out
+        self._keys = 0  # parameters begun
+        self._done = False  # the function's end read
+        self._given = False
+
+    def _value_text(self, raw: str, whole: bool) -> str:
+        """A value's text from what is written of it (`whole`: all of it), as far as certain."""
+        raise NotImplementedError
+
+    def _read_calls(self, part: str, out: Parsed, final: bool = False) -> bool:
+        if self._function is None:
+            head = self.HEAD.match(part)
+            if head is None:
+                return False
+            self._function, self._at = head[1].strip(), head.end()
+        while not self._done and self._step(part, out):
+            pass
+        if final and self.CLOSE is None and self._given and self._value is None:
+            self._more("}", out)
+        return self._given
+
+    def _more(self, text: str, out: Parsed) -> None:
+        """Give out more of the call: the first piece with its name."""
+        if text:
+            out += Parsed("", [Call(self._function or "", text, continued=self._given)])
+            self._given = True
+
+    def _step(self, part: str, out: Parsed) -> bool:
+        """Read on from `_at`; whether a parameter or the function ended or began."""
+        if self._value is not None:
+            return self._read_value(part, out)
+        key = self.KEY.match(part, self._at)
+        if key is not None:
+            properties = (self.schemas.get(self._function or "") or {}).get("properties") or {}
+            schema = properties.get(key[1].strip())
+            text = _always_text(schema)
+            lead = ", " if self._keys else "{"
+            self._more(lead + dumps(key[1].strip()) + ": " + '"' * text, out)
+            self._value, self._value_sent, self._at = (schema, text), 0, key.end()
+            self._keys += 1
+            return True
+        if self.CLOSE is not None and self.CLOSE.match(part, self._at):
+            self._more("}" if self._keys else "{}", out)
+            self._done = True
+            return True
+        return False  # more to come, or not a parameter: the rest is not read
+
+    def _read_value(self, part: str, out: Parsed) -> bool:
+        """A value as it comes, if its schema keeps it as text; else once whole."""
+        schema, text = self._value
+        end = part.find(self.VALUE_END, self._at)
+        if end < 0:
+            if text:  # all but a possible close tag
+                raw = part[self._at : len(part) - partial_tail(part, self.VALUE_END)]
+                self._give_text(self._value_text(raw, whole=False), out)
+            return False
+        value = self._value_text(part[self._at : end], whole=True)
+        if text:
+            self._give_text(value, out)
+            self._more('"', out)
+        else:
+            self._more(dumps(_typed(value, schema)), out)
+        self._value, self._at = None, end + len(self.VALUE_END)
+        return True
+
+    def _give_text(self, value: str, out: Parsed) -> None:
+        self._more(dumps(value[self._value_sent :])[1:-1], out)
+        self._value_sent = max(self._value_sent, len(value))
+
+
+class Qwen3CoderParser(_TextParametersParser):
     """Qwen3-Coder: `<tool_call><function=NAME><parameter=KEY>VALUE</parameter>...</function>
-    </tool_call>`; each value is text, typed by the function's schema (vLLM's rules)."""
+    </tool_call>`."""
 
     START, END = "<tool_call>", "</tool_call>"
     FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*?)</function>\s*", re.DOTALL)
     PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.DOTALL)
+    HEAD, KEY = re.compile(r"\s*<function=([^>\n]+)>"), re.compile(r"\s*<parameter=([^>\n]+)>")
+    VALUE_END, CLOSE = "</parameter>", re.compile(r"\s*</function>")
 
     def _calls(self, body: str) -> list[Call] | None:
         function = self.FUNCTION.fullmatch(body)
@@ -336,13 +462,24 @@ class Qwen3CoderParser(_TaggedParser):
         values = {k.strip(): _strip_newline(v) for k, v in self.PARAMETER.findall(params)}
         return [_typed_call(name, values, self.schemas.get(name))]
 
+    def _value_text(self, raw: str, whole: bool) -> str:
+        """The value less a newline after the open tag and one before the close (one that
+        may be the last is held)."""
+        if whole:
+            return _strip_newline(raw)
+        value = raw.removeprefix("\n")
+        return value[: len(value) - value.endswith("\n")]
 
-class Glm45Parser(_TaggedParser):
+
+class Glm45Parser(_TextParametersParser):
     """GLM-4.5 / 4.6: `<tool_call>NAME<arg_key>KEY</arg_key><arg_value>VALUE</arg_value>...
-    </tool_call>` (newlines between); values typed by the function's schema."""
+    </tool_call>` (newlines between)."""
 
     START, END = "<tool_call>", "</tool_call>"
     PAIR = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
+    HEAD = re.compile(r"\s*([^\s<][^<\n]*?)\s*(?=<arg_key>)")
+    KEY = re.compile(r"\s*<arg_key>(.*?)</arg_key>\s*<arg_value>", re.DOTALL)
+    VALUE_END = "</arg_value>"
 
     def _calls(self, body: str) -> list[Call] | None:
         name, _, pairs = body.partition("<arg_key>")
@@ -351,6 +488,10 @@ class Glm45Parser(_TaggedParser):
             return None
         values = {k.strip(): v.strip() for k, v in self.PAIR.findall(pairs)}
         return [_typed_call(name, values, self.schemas.get(name))]
+
+    def _value_text(self, raw: str, whole: bool) -> str:
+        """The value less the whitespace around it (what may yet be followed is held)."""
+        return raw.strip()
 
 
 class _WholeReplyParser(_Parser):
@@ -601,6 +742,14 @@ def _typed(value: str, schema) -> object:
         return ast.literal_eval(value)
     except (ValueError, SyntaxError, TypeError, RecursionError):  # the model's text
         return value
+
+
+def _always_text(schema) -> bool:
+    """Whether `_typed` keeps any value of this schema as the text written."""
+    if not isinstance(schema, dict):
+        return True
+    kinds = _schema_types(schema)
+    return "null" not in kinds and (not kinds or kinds[0] == "string")
 
 
 def _schema_types(schema: dict) -> list[str]:

@@ -223,8 +223,10 @@ DEEPSEEK_V3_CASES = [
      "Looking.", [PARIS, TIME]),
     (DS_BEGIN + DS_CALL.format("get_weather", DS_ARGS), "", [PARIS]),  # unclosed
     (DS_BEGIN + "junk" + DS_END, DS_BEGIN + "junk" + DS_END, []),
-    (DS_BEGIN + DS_CALL.format("f", "{bad") + DS_END,
-     DS_BEGIN + DS_CALL.format("f", "{bad") + DS_END, []),
+    # known once its arguments begin: it stays a call
+    (DS_BEGIN + DS_CALL.format("f", "{bad") + DS_END, "", [Call("f", "{")]),
+    (DS_BEGIN + DS_CALL.format("f", "bad") + DS_END, DS_BEGIN + DS_CALL.format("f", "bad") + DS_END,
+     []),
 ]  # fmt: skip
 DS31_CALL = "<｜tool▁call▁begin｜>{}<｜tool▁sep｜>{}<｜tool▁call▁end｜>"
 DEEPSEEK_V31_CASES = [
@@ -266,6 +268,13 @@ QWEN3_CODER_CASES = [
      "<parameter=at>2.5</parameter><parameter=note>x y</parameter></function></tool_call>",
      "", [TYPED]),
     ("<tool_call>junk</tool_call>", "<tool_call>junk</tool_call>", []),
+    # text on lines of its own: the newline after the open tag and before the close are not
+    # the value's; a call cut short keeps what was written; no parameters: {}
+    ("<tool_call><function=get_time><parameter=timezone>\n\nEurope\n\nParis\n\n</parameter>"
+     "</function></tool_call>", "", [Call("get_time", '{"timezone": "\\nEurope\\n\\nParis\\n"}')]),
+    ("<tool_call><function=get_weather><parameter=days>3</parameter><parameter=city>\nPar", "",
+     [Call("get_weather", '{"days": 3, "city": "Par')]),
+    ("<tool_call><function=ping>\n</function></tool_call>", "", [Call("ping", "{}")]),
     ("<tool_call><function=f>stray<parameter=a>1</parameter></function></tool_call>",
      "<tool_call><function=f>stray<parameter=a>1</parameter></function></tool_call>", []),
 ]  # fmt: skip
@@ -279,6 +288,11 @@ GLM45_CASES = [
      "<arg_value>x y</arg_value></tool_call>", "Sure.", [TYPED]),
     ("<tool_call>get_time</tool_call>", "", [Call("get_time", "{}")]),
     ("<tool_call>two words\nmore</tool_call>", "<tool_call>two words\nmore</tool_call>", []),
+    # a value without the space around it; cut short, the call keeps what was written
+    ("<tool_call>get_time<arg_key>timezone</arg_key><arg_value> \n Europe / Paris \n"
+     "</arg_value></tool_call>", "", [Call("get_time", '{"timezone": "Europe / Paris"}')]),
+    ("<tool_call>get_weather<arg_key>days</arg_key><arg_value>3</arg_value><arg_key>city"
+     "</arg_key><arg_value>Pa", "", [Call("get_weather", '{"days": 3, "city": "Pa')]),
 ]  # fmt: skip
 
 
@@ -365,6 +379,18 @@ C_PARAMS = CLOCK.replace('"arguments"', '"parameters"')
         (GraniteParser, f"<|tool_call|>[{WEATHER}, {CLOCK}]"),
         (MistralParser, f"[TOOL_CALLS][{WEATHER}, {CLOCK}]"),
         (Phi4MiniParser, f"functools[{WEATHER}, {CLOCK}]"),
+        (DeepSeekV3Parser, DS_BEGIN + DS_CALL.format("get_weather", DS_ARGS)
+                           + DS_CALL.format("get_time", TIME.arguments) + DS_END),
+        (DeepSeekV31Parser, DS_BEGIN + DS31_CALL.format("get_weather", DS_ARGS)
+                            + DS31_CALL.format("get_time", TIME.arguments) + DS_END),
+        (_with_schemas(Qwen3CoderParser), QWEN_WEATHER + QWEN_WEATHER.replace(
+            "get_weather", "get_time").replace("city", "timezone").replace("Paris", "Europe/Paris")
+            .replace("<parameter=unit>\ncelsius\n</parameter>\n", "")),
+        (_with_schemas(Glm45Parser), GLM45_CASES[0][0] + "\n<tool_call>get_time<arg_key>"
+         "timezone</arg_key><arg_value>Europe/Paris</arg_value></tool_call>"),
+        (KimiK2Parser, "<|tool_calls_section_begin|>" + KIMI_CALL.format("get_weather", 0, DS_ARGS)
+                       + KIMI_CALL.format("get_time", 1, TIME.arguments)
+                       + "<|tool_calls_section_end|>"),
     ],
 )  # fmt: skip
 def test_the_json_parsers_stream_each_calls_arguments(parser_class, text):

@@ -245,11 +245,11 @@ def test_auto_finds_the_calls_the_model_writes(make_engine, parser, written, con
     head, *more = [c for d in deltas for c in d.get("tool_calls", ())]
     assert head["index"] == 0 and head["type"] == "function"
     assert head["id"].startswith("chatcmpl-tool-")
-    # the JSON formats' arguments stream as the model writes them: later pieces name only the
-    # index; the others' calls come whole
+    # the arguments stream as the model writes them (pythonic's calls come whole): later
+    # pieces name only the index
     assert all(c == {"index": 0, "function": {"arguments": c["function"]["arguments"]}}
                for c in more)  # fmt: skip
-    assert (len(more) > 2) == (parser in ("hermes", "llama3_json", "mistral"))
+    assert (len(more) > 2) == (parser != "pythonic")
     arguments = head["function"]["arguments"] + "".join(c["function"]["arguments"] for c in more)
     assert {"name": head["function"]["name"], "arguments": arguments} == call["function"]
     assert "".join(d.get("content", "") for d in deltas) == (content or "")

@@ -282,22 +282,25 @@ class ChatFormat(CompletionFormat):
         delta = {"role": "assistant"} if first else {}
         if parsed.content:
             delta["content"] = parsed.content
-        if parsed.calls:
-            delta["tool_calls"] = self._call_list(parsed, choice)
+        calls = self._call_list(parsed, choice)
+        if calls:
+            delta["tool_calls"] = calls
         return delta
 
-    @staticmethod
-    def _call_list(parsed: Parsed, choice: _Choice) -> list[dict]:
+    def _call_list(self, parsed: Parsed, choice: _Choice) -> list[dict]:
         """Streamed calls, numbered on from those streamed before: a new call with its id and
-        name, more of a call's arguments under its index alone."""
+        name, more of a call's arguments under its index alone; without parallel tool calls,
+        the first call alone."""
         calls = []
         for call in parsed.calls:
-            if call.continued:
-                more = {"function": {"arguments": call.arguments}}
-                calls.append({"index": choice.num_calls - 1, **more})
+            choice.num_calls += not call.continued
+            index = choice.num_calls - 1
+            if index and not self.tools.parallel:
                 continue
-            calls.append({"index": choice.num_calls, **ToolCalls.call(call.name, call.arguments)})
-            choice.num_calls += 1
+            if call.continued:
+                calls.append({"index": index, "function": {"arguments": call.arguments}})
+            else:
+                calls.append({"index": index, **ToolCalls.call(call.name, call.arguments)})
         return calls
 
     def _tool_delta(self, choice: _Choice, text: str, finished: bool, first: bool) -> dict:
@@ -346,6 +349,8 @@ class ChatFormat(CompletionFormat):
         """The message of a reply's answer: its text, or its tool calls and the text beside."""
         if isinstance(self.tools, AutoToolCalls):
             parsed = self.tools.new_parser().read(text)
+            if not self.tools.parallel:  # the first call alone
+                del parsed.calls[1:]
             if not parsed.calls:
                 return {"role": "assistant", "content": text}
             content = parsed.content or None

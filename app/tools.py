@@ -88,6 +88,7 @@ class AutoToolCalls:
 
     parser: str
     schemas: dict[str, dict] = field(default_factory=dict, compare=False)
+    parallel: bool = True  # parallel_tool_calls false: the first call alone (vLLM's way)
 
     def new_parser(self):
         return PARSERS[self.parser](self.schemas)
@@ -115,7 +116,7 @@ def tool_choice(
                 "tool_choice",
             )
         schemas = {t.function.name: t.function.parameters or {} for t in tools}
-        return None, AutoToolCalls(parser, schemas)
+        return None, AutoToolCalls(parser, schemas, req.parallel_tool_calls is not False)
     if choice == "required":
         schema = _calls_schema(tools, req.parallel_tool_calls is not False)
         return _compact(schema), ToolCalls(None)

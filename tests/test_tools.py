@@ -256,6 +256,29 @@ def test_auto_finds_the_calls_the_model_writes(make_engine, parser, written, con
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
+def test_auto_without_parallel_tool_calls_gives_the_first_call_alone(make_engine):
+    """parallel_tool_calls false (vLLM's way): of the two calls the model writes, the reply
+    holds the first, final and streamed; the second reaches the client neither as a call nor
+    as text."""
+    clock = json.dumps({"name": "get_time", "arguments": {"timezone": "UTC"}})
+    written = HERMES_CALL + f"\n<tool_call>{clock}</tool_call>"
+    for parallel in (True, False):
+        req = _request(tool_choice="auto", structured_outputs={"regex": re.escape(written)},
+                       parallel_tool_calls=parallel)  # fmt: skip
+        req.use_tool_parser("hermes")
+        _, text, body, chunks = _reply(make_engine(), req, max_tokens=120)
+        assert text == written
+        message = body["choices"][0]["message"]
+        names = [c["function"]["name"] for c in message["tool_calls"]]
+        assert names == (["get_weather", "get_time"] if parallel else ["get_weather"])
+        deltas = [c["choices"][0]["delta"] for c in chunks]
+        streamed = [c for d in deltas for c in d.get("tool_calls", ())]
+        assert [c["function"]["name"] for c in streamed if "id" in c] == names
+        assert {c["index"] for c in streamed} == set(range(len(names)))
+        assert not message["content"] and not "".join(d.get("content", "") for d in deltas)
+        assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
 def test_auto_without_a_call_is_plain_text(make_engine):
     req = _request(tool_choice="auto", structured_outputs={"regex": "Sunny in Paris\\."})
     req.use_tool_parser("hermes")

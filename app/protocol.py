@@ -550,6 +550,8 @@ def parse_object(body: bytes) -> dict:
         data = json.loads(body, parse_float=_finite, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise APIError(400, f"request body is not valid JSON: {e}") from e
+    except RecursionError as e:  # arrays or objects nested past Python's recursion limit
+        raise APIError(400, "request body nests arrays or objects too deeply to read") from e
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object")
     # Python's json reads an unpaired surrogate escape into a str that no tokenizer, grammar

@@ -47,6 +47,9 @@ from dataclasses import dataclass, field, replace
 
 from app.json_stream import CallsStream, dumps
 
+# what reading the model's text as JSON may raise: anything may come, nested however deep
+_NOT_JSON = (json.JSONDecodeError, RecursionError)
+
 
 @dataclass(frozen=True)
 class Call:
@@ -302,7 +305,7 @@ class _SectionParser(_TaggedParser):
     def _match(self, match: re.Match) -> Call | None:
         try:
             arguments = json.loads(match["arguments"])
-        except json.JSONDecodeError:
+        except _NOT_JSON:
             return None
         return _as_call({"name": self._name(match["name"]), "arguments": arguments}, ("arguments",))
 
@@ -661,7 +664,7 @@ def partial_tail(text: str, tag: str) -> int:
 def _call(body: str, *argument_keys: str) -> Call | None:
     try:
         item = json.loads(body)
-    except json.JSONDecodeError:
+    except _NOT_JSON:
         return None
     return _as_call(item, argument_keys)
 
@@ -684,7 +687,7 @@ def _array_calls(text: str, single: bool) -> list[Call] | None:
     every item is one."""
     try:
         items = json.loads(text)
-    except json.JSONDecodeError:
+    except _NOT_JSON:
         return None
     if not isinstance(items, list):
         if not single:
@@ -736,7 +739,7 @@ def _typed(value: str, schema) -> object:
         return value
     try:
         return json.loads(value)
-    except json.JSONDecodeError:
+    except _NOT_JSON:
         pass
     try:
         return ast.literal_eval(value)
@@ -767,7 +770,7 @@ def _json_calls(text: str) -> list[Call] | None:
     while i < len(text):
         try:
             item, i = decoder.raw_decode(text, i)
-        except json.JSONDecodeError:
+        except _NOT_JSON:
             return None
         call = _as_call(item, ("parameters", "arguments"))
         if call is None:

@@ -66,7 +66,7 @@ class ToolCalls:
             return [self.call(self.name, text)] if _is_json(text) else None
         try:
             items = json.loads(text)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # nested too deep
             return None
         return [self.call(item["name"], json.dumps(item["parameters"])) for item in items]
 
@@ -157,6 +157,6 @@ def _calls_schema(tools: list[Tool], parallel: bool) -> dict:
 def _is_json(text: str) -> bool:
     try:
         json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # nested too deep
         return False
     return True

@@ -50,7 +50,7 @@ def _top_level(text: str) -> dict:
     (what llguidance gives for choices and grammars)."""
     try:
         top = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # a grammar's text (of any nesting)
         top = None
     return (
         top
@@ -75,6 +75,9 @@ def _constraint_text(structure: StructuredOutput) -> str:
         return llguidance.grammar_from(structure.kind, structure.spec)
     except ValueError as e:  # not JSON, or a GBNF grammar that does not convert
         raise InvalidRequestError(f"invalid {structure.kind}: {e}", structure.param) from e
+    except RecursionError as e:  # JSON nested past Python's recursion limit
+        message = f"invalid {structure.kind}: nested too deeply to read"
+        raise InvalidRequestError(message, structure.param) from e
 
 
 def _structural_tags(structure: StructuredOutput) -> str:

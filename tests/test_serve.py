@@ -975,6 +975,9 @@ def test_no_value_of_any_field_is_a_server_error(server):
 def test_malformed_json_and_unknown_route(server):
     r = httpx.post(f"{server}/disagg/v1/completions", content=b"{not json", timeout=30)
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    deep = b'{"model": "SmolLM2-135M-Instruct", "prompt": ' + b"[" * 100_000
+    r = httpx.post(f"{server}/disagg/v1/completions", content=deep, timeout=30)
+    assert r.status_code == 400 and "too deeply" in r.json()["error"]["message"]
     # Python's json reads NaN and Infinity; no field may hold them
     model = '"model": "SmolLM2-135M-Instruct", "prompt": "hi"'
     for field, needle in (('"temperature": NaN', "NaN"), ('"top_p": -Infinity', "-Infinity"),

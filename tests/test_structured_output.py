@@ -171,6 +171,8 @@ def test_a_complete_form_ends_the_request_even_with_ignore_eos(make_engine, toke
         (StructuredOutput("json", "{}", whitespace_pattern="(", param="guided_json"),
          "invalid json"),
         (StructuredOutput("structural_tag", "{}", param="structural_tag"), "'structures' must"),
+        (StructuredOutput("structural_tag", "[" * 100_000), "nested too deeply"),
+        (StructuredOutput("grammar", "[" * 100_000), "invalid grammar"),
         (StructuredOutput("structural_tag", json.dumps({**TAG_FIELDS, "triggers": ["<g"]})),
          "its begin '<f=a>' starts with no trigger"),
         (StructuredOutput("structural_tag", json.dumps({**TAG_FIELDS, "triggers": [""]})),

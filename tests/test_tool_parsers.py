@@ -475,3 +475,17 @@ def test_a_lone_surrogate_in_the_arguments_stays_escaped():
     assert call.arguments == '{"a": "\\ud83d", "b": "😀"}'
     assert json.loads(call.arguments) == {"a": "\ud83d", "b": "😀"}
     call.arguments.encode("utf-8")
+
+
+@pytest.mark.parametrize("name", sorted(PARSERS))
+def test_json_nested_past_the_recursion_limit_is_the_models_text(name):
+    """Python's json gives up on arrays nested past its recursion limit (a RecursionError):
+    such a "call" is the model's text, like any that does not parse."""
+    deep = "[" * 100_000
+    for text in (f"<tool_call>{deep}</tool_call>", deep, f"[TOOL_CALLS]{deep}",
+                 f"<tool_calls>{deep}</tool_calls>", f"<|tool_call|>{deep}"):  # fmt: skip
+        parsed = PARSERS[name](SCHEMAS).read(text)
+        if name == "glm45" and text.startswith("<tool_call>"):  # a call's name is one line
+            assert parsed.calls == [Call(deep, "{}")]
+            continue
+        assert (parsed.content, parsed.calls) == (text, [])

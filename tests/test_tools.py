@@ -12,6 +12,7 @@ import pytest
 
 from app.formats import ChatFormat, Prompt
 from app.protocol import APIError, ChatCompletionRequest, parse
+from app.tools import ToolCalls
 from engine import SamplingParams
 from engine.limits import chat_token_ids
 
@@ -301,3 +302,11 @@ def own_tokenizer(default_model_path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(default_model_path)
+
+
+def test_a_forced_choices_output_nested_past_the_recursion_limit_is_not_a_call():
+    """Output JSON nested past Python's recursion limit reads as output that is not whole
+    JSON (the reply is its text), not as an error."""
+    deep = "[" * 100_000
+    assert ToolCalls(None).calls(deep) is None
+    assert ToolCalls("get_weather").calls('{"city": ' + deep) is None

@@ -60,7 +60,6 @@ class _Choice:
     streamed_tokens_len: int = 0  # the next chunk's first text_offset (completions)
     tool_parser: object | None = None  # tool_choice "auto", streamed: this choice's parser
     reasoning_parser: object | None = None  # a reasoning model's, streamed
-    answer: str = ""  # a forced tool choice, streamed: the reply's answer so far
     num_calls: int = 0  # tool calls streamed so far
 
     def add(self, out: RequestOutput) -> RequestOutput:
@@ -237,10 +236,10 @@ class ChatFormat(CompletionFormat):
         choice = self.choices[index]
         first = len(choice.text) == 1
         text, thought = self._split(choice, out)
-        if isinstance(self.tools, AutoToolCalls):
+        if self._parses_calls:
             delta = self._parsed_delta(choice, text, out.finished, first)
         elif self.tools is not None:
-            delta = self._tool_delta(choice, text, out.finished, first)
+            delta = self._tool_delta(choice, text, first)
         elif first:  # a choice's first chunk names the role and leads with the echo
             delta = {"role": "assistant", "content": choice.prompt.echo + text}
         else:
@@ -303,26 +302,24 @@ class ChatFormat(CompletionFormat):
                 calls.append({"index": index, **ToolCalls.call(call.name, call.arguments)})
         return calls
 
-    def _tool_delta(self, choice: _Choice, text: str, finished: bool, first: bool) -> dict:
-        """A named call streams its arguments as they come, its id and name first; the calls
-        of "required" (a JSON array) come whole with the last chunk. `text`: the answer's
-        new text (a reasoning model's thinking comes before it)."""
+    @property
+    def _parses_calls(self) -> bool:
+        """The output's calls are read by a parser: "auto"'s, or "required"'s JSON array."""
+        if isinstance(self.tools, AutoToolCalls):
+            return True
+        return self.tools is not None and self.tools.name is None
+
+    def _tool_delta(self, choice: _Choice, text: str, first: bool) -> dict:
+        """A named call streams its arguments as they come, its id and name first. `text`:
+        the answer's new text (a reasoning model's thinking comes before it)."""
         delta = {"role": "assistant"} if first else {}
-        choice.answer += text
-        if self.tools.name is not None:
-            if not text:
-                return delta
-            if choice.num_calls == 0:  # the call's id, type and name, with its first arguments
-                call, choice.num_calls = self.tools.call(self.tools.name, text), 1
-            else:
-                call = {"function": {"arguments": text}}
-            return {**delta, "tool_calls": [{"index": 0, **call}]}
-        if not finished:
+        if not text:
             return delta
-        calls = self.tools.calls(choice.answer)
-        if calls is None:  # cut short: the text as it is
-            return {**delta, "content": choice.answer}
-        return {**delta, "tool_calls": [{**c, "index": i} for i, c in enumerate(calls)]}
+        if choice.num_calls == 0:  # the call's id, type and name, with its first arguments
+            call, choice.num_calls = self.tools.call(self.tools.name, text), 1
+        else:
+            call = {"function": {"arguments": text}}
+        return {**delta, "tool_calls": [{"index": 0, **call}]}
 
     def _reason(self, reason: str | None, choice: _Choice, called: bool = False) -> str | None:
         """OpenAI's finish reason: "tool_calls" where the model chose to call (a forced named
@@ -347,7 +344,7 @@ class ChatFormat(CompletionFormat):
 
     def _answer(self, text: str) -> dict:
         """The message of a reply's answer: its text, or its tool calls and the text beside."""
-        if isinstance(self.tools, AutoToolCalls):
+        if self._parses_calls:
             parsed = self.tools.new_parser().read(text)
             if not self.tools.parallel:  # the first call alone
                 del parsed.calls[1:]

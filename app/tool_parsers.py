@@ -590,6 +590,19 @@ class GraniteParser(_WholeReplyParser):
         return _array_calls(text, single=False)
 
 
+class RequiredCallsParser(_WholeReplyParser):
+    """tool_choice "required": the output its schema constrains, a JSON array of
+    `{"name", "parameters"}` (app/tools.py; vLLM's form); not a model's own format."""
+
+    OPEN = "["
+
+    def _new_stream(self) -> CallsStream:
+        return CallsStream(("parameters",), objects=False, array=True)
+
+    def _calls(self, text: str) -> list[Call] | None:
+        return _array_calls(text, single=False)
+
+
 class MistralParser(_Parser):
     """Text, then `TAG` and a JSON array of calls (or one call object)."""
 

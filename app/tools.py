@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from app.tool_parsers import PARSERS
+from app.tool_parsers import PARSERS, RequiredCallsParser
 from engine.sampling_params import InvalidRequestError, StructuredOutput
 
 ANY_OBJECT = {"type": "object"}
@@ -54,21 +54,22 @@ class ToolCalls:
     array of calls that "required" constrains it to."""
 
     name: str | None
+    parallel = True  # "required": its schema holds one call without parallel_tool_calls
 
     @property
     def finish_reason(self) -> str:
         """OpenAI's: "tool_calls" when the model chose to call, "stop" for a named choice."""
         return "stop" if self.name else "tool_calls"
 
+    def new_parser(self):
+        """ "required": the calls in its JSON array, streamed as they are written; a named
+        call has no parser (its output is the arguments)."""
+        return RequiredCallsParser() if self.name is None else None
+
     def calls(self, text: str) -> list[dict] | None:
-        """The calls the output writes; None when it is not complete JSON (cut by max_tokens)."""
-        if self.name is not None:
-            return [self.call(self.name, text)] if _is_json(text) else None
-        try:
-            items = json.loads(text)
-        except (json.JSONDecodeError, RecursionError):  # nested too deep
-            return None
-        return [self.call(item["name"], json.dumps(item["parameters"])) for item in items]
+        """A named choice's call; None when the output is not complete JSON (cut by
+        max_tokens)."""
+        return [self.call(self.name, text)] if _is_json(text) else None
 
     @staticmethod
     def call(name: str, arguments: str) -> dict:

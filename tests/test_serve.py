@@ -311,9 +311,19 @@ def test_forced_tool_calls_through_the_official_client(server, local_engine, tok
         assert "".join(c.function.arguments for c in calls) == want.text
         chat = client.chat.completions.create(**fields, tool_choice="required")
         assert chat.choices[0].finish_reason == "tool_calls"
-        for call in chat.choices[0].message.tool_calls:
+        required = chat.choices[0].message.tool_calls
+        for call in required:
             assert call.function.name in ("get_weather", "get_time")
             assert isinstance(json.loads(call.function.arguments), dict)
+        # streamed, each call's id and name come first, then its arguments in pieces
+        stream = client.chat.completions.create(**fields, tool_choice="required", stream=True)
+        pieces = [p for c in stream for p in c.choices[0].delta.tool_calls or ()]
+        joined = [
+            "".join(p.function.arguments or "" for p in pieces if p.index == i)
+            for i in range(len(required))
+        ]
+        assert [p.function.name for p in pieces if p.id] == [c.function.name for c in required]
+        assert joined == [c.function.arguments for c in required] and len(pieces) > 2 * len(joined)
         with pytest.raises(openai.BadRequestError, match="parser"):
             client.chat.completions.create(**fields)  # tools alone mean "auto"
 

@@ -128,12 +128,16 @@ def test_required_writes_a_list_of_calls(make_engine, parallel):
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
         (i["name"], i["parameters"]) for i in items
     ]
-    # streamed: the calls whole, with the last chunk
-    assert all("tool_calls" not in c["choices"][0]["delta"] for c in chunks[:-1])
-    last = chunks[-1]["choices"][0]
-    assert [c["function"] for c in last["delta"]["tool_calls"]] == [c["function"] for c in calls]
-    assert [c["index"] for c in last["delta"]["tool_calls"]] == list(range(len(calls)))
-    assert last["finish_reason"] == "tool_calls"
+    # streamed: each call's id and name first, then its arguments in pieces as written
+    pieces = [c for chunk in chunks for c in chunk["choices"][0]["delta"].get("tool_calls", ())]
+    heads = [c for c in pieces if "id" in c]
+    assert [(c["index"], c["function"]["name"]) for c in heads] == [
+        (i, c["function"]["name"]) for i, c in enumerate(calls)
+    ]
+    for i, call in enumerate(calls):
+        mine = [c["function"]["arguments"] for c in pieces if c["index"] == i]
+        assert len(mine) > 1 and "".join(mine) == call["function"]["arguments"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
 def test_calls_cut_short_come_back_as_text(make_engine):

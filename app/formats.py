@@ -353,10 +353,9 @@ class ChatFormat(CompletionFormat):
             content = parsed.content or None
             calls = [ToolCalls.call(c.name, c.arguments) for c in parsed.calls]
             return {"role": "assistant", "content": content, "tool_calls": calls}
-        calls = None if self.tools is None else self.tools.calls(text)
-        if calls is None:
+        if self.tools is None:
             return {"role": "assistant", "content": text}
-        return {"role": "assistant", "content": None, "tool_calls": calls}
+        return {"role": "assistant", "content": None, "tool_calls": self.tools.calls(text)}
 
     def final(self) -> dict:
         choices = []

@@ -66,10 +66,10 @@ class ToolCalls:
         call has no parser (its output is the arguments)."""
         return RequiredCallsParser() if self.name is None else None
 
-    def calls(self, text: str) -> list[dict] | None:
-        """A named choice's call; None when the output is not complete JSON (cut by
-        max_tokens)."""
-        return [self.call(self.name, text)] if _is_json(text) else None
+    def calls(self, text: str) -> list[dict]:
+        """A named choice's call: its arguments are the output, cut short by max_tokens or
+        not (as OpenAI's and vLLM's; streamed, they went out as they came)."""
+        return [self.call(self.name, text)]
 
     @staticmethod
     def call(name: str, arguments: str) -> dict:
@@ -153,11 +153,3 @@ def _calls_schema(tools: list[Tool], parallel: bool) -> dict:
     ]
     schema = {"type": "array", "minItems": 1, "items": {"anyOf": one_of}}
     return schema if parallel else {**schema, "maxItems": 1}
-
-
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except (json.JSONDecodeError, RecursionError):  # nested too deep
-        return False
-    return True

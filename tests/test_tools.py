@@ -12,6 +12,7 @@ import pytest
 
 from app.formats import ChatFormat, Prompt
 from app.protocol import APIError, ChatCompletionRequest, parse
+from app.tool_parsers import Parsed
 from app.tools import ToolCalls
 from engine import SamplingParams
 from engine.limits import chat_token_ids
@@ -140,12 +141,20 @@ def test_required_writes_a_list_of_calls(make_engine, parallel):
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
-def test_calls_cut_short_come_back_as_text(make_engine):
+def test_calls_cut_short(make_engine):
+    """Cut by max_tokens: "required"'s output before a call began is text; a named call keeps
+    the arguments written (OpenAI's and vLLM's way), final and streamed alike."""
     _, text, body, chunks = _reply(make_engine(), _request(tool_choice="required"), max_tokens=4)
     [choice] = body["choices"]
     assert choice["finish_reason"] == "length" and "tool_calls" not in choice["message"]
     assert choice["message"]["content"] == text
     assert chunks[-1]["choices"][0]["delta"]["content"] == text
+    _, text, body, chunks = _reply(make_engine(), _request(tool_choice=NAMED), max_tokens=4)
+    [choice] = body["choices"]
+    [call] = choice["message"]["tool_calls"]
+    assert choice["finish_reason"] == "length" and call["function"]["arguments"] == text
+    pieces = [c["choices"][0]["delta"].get("tool_calls", [{}])[0] for c in chunks]
+    assert "".join(p.get("function", {}).get("arguments", "") for p in pieces) == text
 
 
 def test_tools_and_earlier_calls_reach_the_template(own_tokenizer):
@@ -308,9 +317,8 @@ def own_tokenizer(default_model_path):
     return AutoTokenizer.from_pretrained(default_model_path)
 
 
-def test_a_forced_choices_output_nested_past_the_recursion_limit_is_not_a_call():
+def test_required_output_nested_past_the_recursion_limit_is_not_a_call():
     """Output JSON nested past Python's recursion limit reads as output that is not whole
     JSON (the reply is its text), not as an error."""
     deep = "[" * 100_000
-    assert ToolCalls(None).calls(deep) is None
-    assert ToolCalls("get_weather").calls('{"city": ' + deep) is None
+    assert ToolCalls(None).new_parser().read(deep) == Parsed(deep)

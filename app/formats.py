@@ -44,6 +44,7 @@ class Shown:
     echo_scores: bool = False  # completions' echo with logprobs: the prompt's tokens lead
     prompt_logprobs: int | None = None  # vLLM's prompt_logprobs field, this many alternatives
     generated: bool = True  # False: completions' echo with max_tokens 0, the prompt alone
+    token_ids: bool = False  # vLLM's return_token_ids: the prompt's and the output's ids
 
 
 @dataclass
@@ -52,6 +53,7 @@ class _Choice:
     generated: bool = True  # False: the engine's one token is not shown
     text: list[str] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)  # how many made each piece of text
+    token_ids: list[int] = field(default_factory=list)  # the output's
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # with the first output, if asked
     num_output_tokens: int = 0
@@ -71,6 +73,7 @@ class _Choice:
             )  # fmt: skip
         self.text.append(out.new_text)
         self.num_tokens.append(len(out.new_token_ids))
+        self.token_ids.extend(out.new_token_ids)
         self.logprobs.extend(out.logprobs or ())
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
@@ -141,6 +144,14 @@ class CompletionFormat:
             "prompt_logprobs": vllm_prompt_logprobs(choice.prompt_logprobs, self.token_texts, k)
         }
 
+    def _token_ids(self, ids: list[int]) -> dict:
+        """vLLM's return_token_ids, when asked: the output's token ids (a chunk's new ones)."""
+        return {"token_ids": ids} if self.shown.token_ids else {}
+
+    def _prompt_ids(self, prompt: Prompt, first: bool = True) -> dict:
+        """vLLM's return_token_ids, when asked: the prompt's (streamed: in the first chunk)."""
+        return {"prompt_token_ids": prompt.ids} if self.shown.token_ids and first else {}
+
     def _envelope(self, choices: list[dict], object_name: str | None = None) -> dict:
         return {
             "id": self.id,
@@ -182,6 +193,8 @@ class CompletionFormat:
                     "text": choice.prompt.echo + out.new_text if first else out.new_text,
                     "logprobs": self._chunk_logprobs(choice, out),
                     "finish_reason": openai_reason(out.finish_reason),
+                    **self._token_ids(out.new_token_ids),
+                    **self._prompt_ids(choice.prompt, first),
                 }
             ]
         )
@@ -197,6 +210,8 @@ class CompletionFormat:
                 "logprobs": self._final_logprobs(c),
                 "finish_reason": openai_reason(c.finish_reason),
                 **self._vllm_prompt_logprobs(c),
+                **self._token_ids(c.token_ids),
+                **self._prompt_ids(c.prompt),
             }
             for i, c in enumerate(self.choices)
         ]
@@ -248,16 +263,18 @@ class ChatFormat(CompletionFormat):
             if not delta.get("content"):
                 delta.pop("content", None)
             delta = {**delta, "reasoning": thought, "reasoning_content": thought}
-        return self._envelope(
+        chunk = self._envelope(
             [
                 {
                     "index": index,
                     "delta": delta,
                     "logprobs": self._chunk_logprobs(choice, out),
                     "finish_reason": self._reason(out.finish_reason, choice),
+                    **self._token_ids(out.new_token_ids),
                 }
             ]
         )
+        return {**chunk, **self._prompt_ids(choice.prompt, first)}  # beside the choices
 
     def _split(self, choice: _Choice, out: RequestOutput) -> tuple[str, str]:
         """A streamed output's new text -> (the answer's part, the reasoning's part)."""
@@ -367,10 +384,12 @@ class ChatFormat(CompletionFormat):
                 "message": message,
                 "logprobs": self._logprobs(c.logprobs),
                 "finish_reason": self._reason(c.finish_reason, c, called),
+                **self._token_ids(c.token_ids),
             })  # fmt: skip
-        # vLLM's chat body has the one prompt's logprobs beside the choices
+        # vLLM's chat body has the one prompt's logprobs and token ids beside the choices
         body = {**self._envelope(choices, "chat.completion"), "usage": self.usage}
-        return {**body, **self._vllm_prompt_logprobs(self.choices[0])}
+        first = self.choices[0]
+        return {**body, **self._vllm_prompt_logprobs(first), **self._prompt_ids(first.prompt)}
 
 
 def openai_reason(reason: str | None) -> str | None:

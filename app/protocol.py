@@ -134,6 +134,9 @@ class _Sampling(BaseModel):
     allowed_token_ids: list[int] | None = Field(None, min_length=1)  # vLLM's: only these
     bad_words: list[str] | None = None  # vLLM's: words the output may not contain
     return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:N"
+    # vLLM's: the body carries the prompt's and the output's token ids (streamed: the prompt's
+    # in a choice's first chunk, each chunk's new ones)
+    return_token_ids: bool = False
     # the output's form (app/structured.py): OpenAI's, vLLM's, and vLLM's older names
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
@@ -234,7 +237,11 @@ class _Sampling(BaseModel):
     @property
     def shown(self) -> Shown:
         """What the response body carries beside the text."""
-        return Shown(logprobs=self.num_logprobs, prompt_logprobs=self.prompt_logprobs)
+        return Shown(
+            logprobs=self.num_logprobs,
+            prompt_logprobs=self.prompt_logprobs,
+            token_ids=self.return_token_ids,
+        )
 
     @property
     def include_usage(self) -> bool:
@@ -287,6 +294,7 @@ class CompletionRequest(_Sampling):
             echo_scores=self.echo and self.logprobs is not None,
             prompt_logprobs=self.prompt_logprobs,
             generated=not self.echo_only,
+            token_ids=self.return_token_ids,
         )
 
     @property

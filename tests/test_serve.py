@@ -328,6 +328,41 @@ def test_forced_tool_calls_through_the_official_client(server, local_engine, tok
             client.chat.completions.create(**fields)  # tools alone mean "auto"
 
 
+def test_return_token_ids_through_the_official_client(server, tokenizer):
+    """vLLM's return_token_ids: the prompt's ids are the tokenizer's (chat: through its
+    template), the output's decode to the text and count as its usage; streamed, the prompt's
+    come in the first chunk and the chunks' new ids join to the same output ids. Not asked,
+    the body has neither."""
+    import openai
+
+    from engine.limits import chat_token_ids
+
+    client = openai.OpenAI(base_url=f"{server}/disagg/v1", api_key="unused")
+    fields = {"model": "SmolLM2-135M-Instruct", "temperature": 0, "max_tokens": 8}
+    asked = {**fields, "extra_body": {"return_token_ids": True}}
+    prompt, messages = "The capital of France is", [{"role": "user", "content": "Hi!"}]
+    done = client.completions.create(prompt=prompt, **asked)
+    [choice] = done.choices
+    assert choice.prompt_token_ids == tokenizer(prompt).input_ids
+    assert tokenizer.decode(choice.token_ids, skip_special_tokens=True) == choice.text
+    assert len(choice.token_ids) == done.usage.completion_tokens
+    chunks = list(client.completions.create(prompt=prompt, stream=True, **asked))
+    prompts = [getattr(c.choices[0], "prompt_token_ids", None) for c in chunks if c.choices]
+    assert prompts[0] == choice.prompt_token_ids and not any(prompts[1:])
+    assert [i for c in chunks if c.choices for i in c.choices[0].token_ids] == choice.token_ids
+    chat = client.chat.completions.create(messages=messages, **asked)
+    assert chat.prompt_token_ids == chat_token_ids(tokenizer, messages)
+    [choice] = chat.choices
+    assert tokenizer.decode(choice.token_ids, skip_special_tokens=True) == choice.message.content
+    chunks = list(client.chat.completions.create(messages=messages, stream=True, **asked))
+    prompts = [getattr(c, "prompt_token_ids", None) for c in chunks]
+    assert prompts[0] == chat.prompt_token_ids and not any(prompts[1:])
+    assert [i for c in chunks if c.choices for i in c.choices[0].token_ids] == choice.token_ids
+    plain = client.chat.completions.create(messages=messages, **fields)
+    assert "prompt_token_ids" not in (plain.model_extra or {})
+    assert "token_ids" not in (plain.choices[0].model_extra or {})
+
+
 def test_auto_tool_calls_through_the_official_client(server):
     """With a tool-call parser (the gloo app: hermes), tools alone mean "auto": a call the model
     writes (made to, by a regex over the exact text) comes back as tool_calls, streamed and

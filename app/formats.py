@@ -226,6 +226,7 @@ class ChatFormat(CompletionFormat):
     # the server's reasoning parser (app.reasoning_parsers), where the output is free text:
     # the model's thinking is split from its answer
     reasoning: str | None = None
+    shows_reasoning = True  # vLLM's include_reasoning: false leaves the thinking out
 
     def _logprobs(self, entries: list[TokenLogprob], offset: int = 0) -> dict | None:
         return None if self.shown.logprobs is None else chat_logprobs(entries, self.token_texts)
@@ -259,7 +260,7 @@ class ChatFormat(CompletionFormat):
             delta = {"role": "assistant", "content": choice.prompt.echo + text}
         else:
             delta = {"content": text}
-        if thought:  # before the answer: the reasoning, under vLLM's and SGLang's names
+        if thought and self.shows_reasoning:  # before the answer: vLLM's and SGLang's names
             if not delta.get("content"):
                 delta.pop("content", None)
             delta = {**delta, "reasoning": thought, "reasoning_content": thought}
@@ -357,6 +358,8 @@ class ChatFormat(CompletionFormat):
         message = self._answer(choice.prompt.echo + split.content)
         if thought and not message["content"]:  # the reply was all thinking
             message["content"] = None
+        if not self.shows_reasoning:
+            return message
         return {**message, "reasoning": thought, "reasoning_content": thought}
 
     def _answer(self, text: str) -> dict:

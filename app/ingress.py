@@ -288,6 +288,9 @@ class Ingress:
         capacity = await self._capacity()
         prompts, params = await self._off_loop(self._prepare, req, chat, capacity)
         choices = _choice_params(params, req.n)
+        # vLLM's request_id field, else the X-Request-Id header (Serve's proxy sets one on
+        # every request, so the header cannot win as in vLLM)
+        client_id = req.request_id or client_id
         base_id = client_id or uuid.uuid4().hex
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{base_id}"
         # the replicas' ids stay unique when clients reuse an X-Request-Id
@@ -313,6 +316,7 @@ class Ingress:
         )
         if chat:
             view.tools, view.reasoning = req.tool_calls(), self.args.reasoning_parser
+            view.shows_reasoning = req.include_reasoning
         return view, outputs
 
     def _admit(self, n: int, num_prompts: int = 1) -> None:

@@ -150,6 +150,8 @@ class _Sampling(BaseModel):
     priority: int = 0
     # vLLM's: prefix-cache blocks are shared only among requests with the same salt (or none)
     cache_salt: str | None = Field(None, min_length=1)
+    # vLLM's: names the response, before the X-Request-Id header (app/ingress.py)
+    request_id: str | None = Field(None, max_length=256)  # empty: as if not sent
     # fields that would change the output if honoured: refused rather than silently ignored
     best_of: int | None = None
     use_beam_search: bool = False
@@ -422,6 +424,8 @@ class ChatCompletionRequest(ChatPrompt, _Sampling):
     # OpenAI's: how hard a reasoning model thinks; passed to the chat template (vLLM's way),
     # which may use it or not
     reasoning_effort: str | None = None
+    # vLLM's: false leaves a reasoning model's thinking out of the reply (it is still counted)
+    include_reasoning: bool = True
 
     _no_functions = _refused(
         "functions", "function_call", why="(the deprecated form) is not supported: use tools"

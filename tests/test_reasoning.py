@@ -139,18 +139,36 @@ def _outputs(texts: list[str]) -> list[RequestOutput]:
     ]
 
 
-def _chat(texts: list[str], reasoning: str | None, tools=None) -> tuple[dict, list[dict]]:
-    """The final message and the streamed deltas of a reply in pieces."""
+def _chat(
+    texts: list[str], reasoning: str | None, tools=None, shows: bool = True
+) -> tuple[dict, list[dict]]:
+    """The final message and the streamed deltas of a reply in pieces; `shows`: vLLM's
+    include_reasoning."""
     whole = ChatFormat("chatcmpl-1", "m", [Prompt([1])], 1, None, Shown())
     streamed = ChatFormat("chatcmpl-1", "m", [Prompt([1])], 1, None, Shown())
     deltas = []
     for view in (whole, streamed):
-        view.tools, view.reasoning = tools, reasoning
+        view.tools, view.reasoning, view.shows_reasoning = tools, reasoning, shows
     for out in _outputs(texts):
         whole.add(0, out)
         streamed.add(0, out)
         deltas.append(streamed.chunk(0, out)["choices"][0]["delta"])
     return whole.final()["choices"][0], deltas
+
+
+def test_include_reasoning_false_leaves_the_thinking_out():
+    """vLLM's include_reasoning false: the same answer, with no reasoning in the message or
+    the deltas; a reply that was all thinking has no content."""
+    texts = ["<think>", "Paris is in", " France.</think>", "\n\nParis."]
+    shown, _ = _chat(texts, "qwen3")
+    choice, deltas = _chat(texts, "qwen3", shows=False)
+    assert choice["message"] == {"role": "assistant", "content": shown["message"]["content"]}
+    assert not any("reasoning" in d or "reasoning_content" in d for d in deltas)
+    assert "".join(d.get("content", "") for d in deltas) == "\n\nParis."
+    assert _chat(["<think>all", " thought"], "qwen3", shows=False)[0]["message"] == {
+        "role": "assistant",
+        "content": None,
+    }
 
 
 def test_chat_replies_carry_the_reasoning_apart_from_the_answer():

@@ -959,7 +959,8 @@ def test_chat_features_we_do_not_serve_are_refused_not_ignored(server, fields, n
 
 def test_x_request_id_names_the_response_and_may_be_reused(server):
     """vLLM's X-Request-Id: the body's id (Serve's proxy returns the header); two requests in
-    flight with the same one are both served (the replicas' ids stay unique)."""
+    flight with the same one are both served (the replicas' ids stay unique). vLLM's
+    request_id field does the same."""
     headers = {"X-Request-Id": "client-7"}
     body = {"model": "SmolLM2-135M-Instruct", "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
     url = f"{server}/disagg/v1/completions"
@@ -976,6 +977,14 @@ def test_x_request_id_names_the_response_and_may_be_reused(server):
     assert r.status_code == 400 and "X-Request-Id" in r.json()["error"]["message"]
     r = httpx.post(url, json=body, timeout=60)  # without one: a fresh id
     assert r.json()["id"].startswith("cmpl-") and "client-7" not in r.json()["id"]
+    # vLLM's request_id field names it too, before the header (which Serve's proxy always
+    # sets, so it cannot tell a client's)
+    r = httpx.post(url, json={**body, "request_id": "body-3"}, timeout=60)
+    assert r.json()["id"] == "cmpl-body-3"
+    r = httpx.post(url, json={**body, "request_id": "body-3"}, headers=headers, timeout=60)
+    assert r.json()["id"] == "cmpl-body-3"
+    r = httpx.post(url, json={**body, "request_id": "x" * 257}, timeout=60)
+    assert r.status_code == 400 and "request_id" in r.text
 
 
 def test_no_value_of_any_field_is_a_server_error(server):

@@ -31,10 +31,10 @@ arguments in pieces, as `json.dumps` writes them (JSON arguments through app/jso
 a text value its schema keeps as text as it comes, another once whole). From there it is a
 call, even if the model's text goes wrong after (what went out cannot be taken back; the rest
 of it is dropped) or the reply is cut short. `pythonic` gives each call whole once the reply
-ends (a Python literal is read whole). A call that does not parse (not JSON, no name, arguments not
-an object) is left as text, so nothing the model wrote is lost. The same parser reads a whole
-reply (`read`) and a stream (`feed` ... `end`): the streamed pieces join to exactly what the
-whole reply gives.
+ends (a Python literal is read whole). A call that does not parse before that point (not
+JSON, no name, arguments not an object) is left as text, so nothing the model wrote is lost.
+The same parser reads a whole reply (`read`) and a stream (`feed` ... `end`): the streamed
+pieces join to exactly what the whole reply gives.
 """
 
 from __future__ import annotations

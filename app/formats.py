@@ -323,9 +323,7 @@ class ChatFormat(CompletionFormat):
     @property
     def _parses_calls(self) -> bool:
         """The output's calls are read by a parser: "auto"'s, or "required"'s JSON array."""
-        if isinstance(self.tools, AutoToolCalls):
-            return True
-        return self.tools is not None and self.tools.name is None
+        return self.tools is not None and self.tools.parsed
 
     def _tool_delta(self, choice: _Choice, text: str, first: bool) -> dict:
         """A named call streams its arguments as they come, its id and name first. `text`:

@@ -49,6 +49,7 @@ from app.json_stream import CallsStream, dumps
 
 # what reading the model's text as JSON may raise: anything may come, nested however deep
 _NOT_JSON = (json.JSONDecodeError, RecursionError)
+_ARRAY_KEYS = ("arguments", "parameters")  # a call's arguments in an array of calls
 
 
 @dataclass(frozen=True)
@@ -578,29 +579,30 @@ class PythonicParser(_WholeReplyParser):
         return calls
 
 
-class GraniteParser(_WholeReplyParser):
-    """Granite 3.x: `<|tool_call|>` and a JSON array of `{"name", "arguments"}`."""
+class _ArrayReplyParser(_WholeReplyParser):
+    """A reply that is a JSON array of call objects (after `TAG`, if any)."""
 
-    TAG, OPEN = "<|tool_call|>", "["
+    OPEN = "["
+    KEYS = _ARRAY_KEYS  # a call's arguments under one of these
 
     def _new_stream(self) -> CallsStream:
-        return CallsStream(_ARRAY_KEYS, objects=False, array=True)
+        return CallsStream(self.KEYS, objects=False, array=True)
 
     def _calls(self, text: str) -> list[Call] | None:
         return _array_calls(text, single=False)
 
 
-class RequiredCallsParser(_WholeReplyParser):
+class GraniteParser(_ArrayReplyParser):
+    """Granite 3.x: `<|tool_call|>` and a JSON array of `{"name", "arguments"}`."""
+
+    TAG = "<|tool_call|>"
+
+
+class RequiredCallsParser(_ArrayReplyParser):
     """tool_choice "required": the output its schema constrains, a JSON array of
     `{"name", "parameters"}` (app/tools.py; vLLM's form); not a model's own format."""
 
-    OPEN = "["
-
-    def _new_stream(self) -> CallsStream:
-        return CallsStream(("parameters",), objects=False, array=True)
-
-    def _calls(self, text: str) -> list[Call] | None:
-        return _array_calls(text, single=False)
+    KEYS = ("parameters",)
 
 
 class MistralParser(_Parser):
@@ -690,9 +692,6 @@ def _as_call(item, argument_keys: tuple[str, ...]) -> Call | None:
     if not isinstance(arguments, dict):
         return None
     return Call(item["name"], dumps(arguments))
-
-
-_ARRAY_KEYS = ("arguments", "parameters")  # a call's arguments in an array of calls
 
 
 def _array_calls(text: str, single: bool) -> list[Call] | None:

@@ -57,6 +57,12 @@ class ToolCalls:
     parallel = True  # "required": its schema holds one call without parallel_tool_calls
 
     @property
+    def parsed(self) -> bool:
+        """ "required"'s calls are read from its JSON array; a named call's output is its
+        arguments."""
+        return self.name is None
+
+    @property
     def finish_reason(self) -> str:
         """OpenAI's: "tool_calls" when the model chose to call, "stop" for a named choice."""
         return "stop" if self.name else "tool_calls"
@@ -90,6 +96,7 @@ class AutoToolCalls:
     parser: str
     schemas: dict[str, dict] = field(default_factory=dict, compare=False)
     parallel: bool = True  # parallel_tool_calls false: the first call alone (vLLM's way)
+    parsed = True  # the calls are read from the model's text
 
     def new_parser(self):
         return PARSERS[self.parser](self.schemas)

@@ -176,12 +176,13 @@ def explicit_attention(q, k, v, mask, scale: float, mods: ScoreMods, sinks_shape
 def write_kv(
     layer_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor
 ):
-    """layer_cache (2 or 1, nb, bs, Hkv, D); key/value (T, Hkv, D); slots (T,)."""
+    """layer_cache (2 or 1, nb, bs, Hkv, D); key/value (T, Hkv, D) in the cache's dtype;
+    slots (T,)."""
     hkv, d = key.shape[1], key.shape[2]
     store = as_stored(layer_cache)
-    store[0].view(-1, hkv, d).index_copy_(0, slots, as_stored(key.to(layer_cache.dtype)))
+    store[0].view(-1, hkv, d).index_copy_(0, slots, as_stored(key))
     if layer_cache.shape[0] == 2:
-        store[1].view(-1, hkv, d).index_copy_(0, slots, as_stored(value.to(layer_cache.dtype)))
+        store[1].view(-1, hkv, d).index_copy_(0, slots, as_stored(value))
 
 
 def gather_context(layer_cache: torch.Tensor, block_table: torch.Tensor, context_len: int):

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from engine.config import KV_CACHE_DTYPES
 from placement.latency_model import Profile
 from placement.optimizer import Cluster
 from placement.simulator import SLO
@@ -25,7 +26,7 @@ def add_kv_cache_dtype_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kv-cache-dtype",
         default="auto",
-        choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
+        choices=tuple(KV_CACHE_DTYPES),
         help="the engine's kv_cache_dtype: fp8 caches a byte per element (a measured "
         "--profile is as it was measured)",
     )

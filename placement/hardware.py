@@ -19,11 +19,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.config import KV_CACHE_DTYPES
 from engine.parallel import PARALLEL_MODEL_TYPES, ParallelLayout
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# the engine's kv_cache_dtype (engine/config.py): bytes per cached element, None: the model's
-KV_CACHE_BYTES = {"auto": None, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
+# the engine's kv_cache_dtype: bytes per cached element (every fp8 one a byte); None: the model's
+KV_CACHE_BYTES = {name: None if kind is None else 1 for name, kind in KV_CACHE_DTYPES.items()}
 
 
 @dataclass(frozen=True)

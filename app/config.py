@@ -210,6 +210,10 @@ class AppArgs(_Strict):
     # vLLM's --default-chat-template-kwargs: template variables every chat request gets
     # (e.g. {"enable_thinking": false}); a request's chat_template_kwargs override them
     default_chat_template_kwargs: dict | None = None
+    # vLLM's --lora-modules: LoRA adapters (PEFT directories, read by every prefill, decode
+    # and colocated replica) by the name a request gives as its `model` (engine/lora.py);
+    # single-worker replicas only
+    lora_modules: dict[str, str] = {}
     # the latency targets: finished requests are counted by which of them they met
     # (splitserve_slo_requests); None: not counted
     slo: SLOArgs | None = None
@@ -229,6 +233,18 @@ class AppArgs(_Strict):
         if not path.is_file():
             raise ValueError(f"{value!r} is neither a file nor a Jinja template")
         return path.read_text()
+
+    @field_validator("lora_modules")
+    @classmethod
+    def _adapter_dirs(cls, value: dict[str, str]) -> dict[str, str]:
+        """Absolute paths (resolved where `serve run` runs), each a PEFT adapter's directory."""
+        dirs = {}
+        for name, where in value.items():
+            path = Path(where).expanduser().absolute()
+            if not name or not (path / "adapter_config.json").is_file():
+                raise ValueError(f"{name!r}: {where!r} is not a directory with adapter_config.json")
+            dirs[name] = str(path)
+        return dirs
 
     @field_validator("tool_call_parser", "reasoning_parser")
     @classmethod
@@ -269,6 +285,23 @@ class AppArgs(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _adapters_servable(self) -> AppArgs:
+        if self.served_model_name in self.lora_modules:
+            raise ValueError(f"lora_modules: {self.served_model_name!r} names the base model")
+        for phase in self.phases:
+            if self.lora_modules and not getattr(self, phase).engine.parallel.is_single:
+                raise ValueError(
+                    f"lora_modules: LoRA adapters are served on single-worker replicas only; "
+                    f"{phase}.engine has tensor_parallel_size or pipeline_parallel_size above 1"
+                )
+        return self
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        """The deployments that run the model in this mode."""
+        return ("colocated",) if self.mode == "colocated" else ("prefill", "decode")
+
     def gpus_per_worker(self, phase: str) -> float:
         chosen = getattr(self, phase).num_gpus
         if chosen is not None:
@@ -298,6 +331,7 @@ class AppArgs(_Strict):
                 enable_prefix_caching=e.enable_prefix_caching,
                 policy=self.scheduling_policy,
             ),
+            lora_modules=tuple(self.lora_modules.items()),
         )
 
     def check_parallel(self, num_layers: int, num_heads: int, num_kv_heads: int) -> None:

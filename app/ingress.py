@@ -110,7 +110,7 @@ class Ingress:
             return JSONResponse({"version": _VERSION})
         self._authorize(request)
         if path == "/v1/models" and method == "GET":
-            return JSONResponse({"object": "list", "data": [self._model_card()]})
+            return JSONResponse({"object": "list", "data": self._model_cards()})
         if path.startswith("/v1/models/") and method == "GET":  # the client's models.retrieve
             return JSONResponse(self._model_card(path.removeprefix("/v1/models/")))
         if path in ("/v1/completions", "/v1/chat/completions") and method == "POST":
@@ -162,34 +162,48 @@ class Ingress:
             self._kv_capacity = min(sizes)
         return self._kv_capacity
 
+    def _model_cards(self) -> list[dict]:
+        """The base model's card, then each LoRA adapter's (vLLM's: `root` its directory,
+        `parent` the base model)."""
+        return [self._model_card(name) for name in (None, *self.args.lora_modules)]
+
     def _model_card(self, name: str | None = None) -> dict:
-        """The served model's card; `name`: the model asked for, 404 unless it is that one."""
-        if name is not None:
-            self._check_model(name)
-        return {
-            "id": self.args.served_model_name,
+        """The card of the served model or LoRA adapter `name` (404 when neither); None: the
+        base model's."""
+        base = self.args.served_model_name
+        lora = self._lora(name) if name is not None else None
+        card = {
+            "id": lora or base,
             "object": "model",
             "created": self.created,
             "owned_by": "splitserve",
             "max_model_len": self.max_model_len,
         }
+        if lora is not None:
+            card |= {"root": self.args.lora_modules[lora], "parent": base}
+        return card
 
-    def _check_model(self, name: str) -> None:
+    def _lora(self, name: str) -> str | None:
+        """The LoRA adapter a request's `model` names; None: the base model; else a 404."""
+        if name in self.args.lora_modules:
+            return name
         if name != self.args.served_model_name:
+            adapters = "".join(f", {a!r}" for a in self.args.lora_modules)
             raise APIError(
                 404,
                 f"model {name!r} does not exist; this server serves "
-                f"{self.args.served_model_name!r}",
+                f"{self.args.served_model_name!r}{adapters}",
                 "model",
                 "not_found_error",
             )
+        return None
 
     # ---- requests ------------------------------------------------------------------------------
 
     def _prepare(
         self, req: CompletionRequest | ChatCompletionRequest, chat: bool, kv_capacity: int
     ) -> tuple[list[Prompt], SamplingParams]:
-        self._check_model(req.model)
+        lora = self._lora(req.model)
         if chat:
             req.use_tool_parser(self.args.tool_call_parser)
             req.use_reasoning_parser(self.args.reasoning_parser)
@@ -211,7 +225,7 @@ class Ingress:
                 prompt, max_tokens, kv_capacity, chat, i if len(prompts) > 1 else None
             )
         bad_words = self.prompts.bad_words(req.bad_words)
-        return prompts, req.sampling_params(max_tokens, bad_words)
+        return prompts, req.sampling_params(max_tokens, bad_words, lora)
 
     def _check_lengths(
         self, prompt: Prompt, max_tokens: int, kv_capacity: int, chat: bool, index: int | None
@@ -231,13 +245,13 @@ class Ingress:
         if isinstance(req, TokenizeChatRequest):  # the ids a chat would prefill
             req.use_template_defaults(self.args.default_chat_template_kwargs)
         if req.model is not None:
-            self._check_model(req.model)
+            self._lora(req.model)
         return self.prompts.tokenize(req)
 
     def _detokenize(self, body: bytes) -> dict:
         req = parse(body, DetokenizeRequest)
         if req.model is not None:
-            self._check_model(req.model)
+            self._lora(req.model)
         return self.prompts.detokenize(req)
 
     async def _generate(self, body: bytes, chat: bool, client_id: str | None = None) -> Response:
@@ -308,7 +322,7 @@ class Ingress:
         fmt = ChatFormat if chat else CompletionFormat
         view = fmt(
             request_id,
-            self.args.served_model_name,
+            req.model,  # the base model's name or a LoRA adapter's (as vLLM answers)
             prompts,
             req.n,
             self.prompts.texts(req),

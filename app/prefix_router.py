@@ -43,10 +43,13 @@ class PrefixIndex:
         self.block_size, self.capacity = block_size, capacity
         self._holders: OrderedDict[bytes, set[Hashable]] = OrderedDict()
 
-    def keys(self, prompt_ids: Sequence[int], cache_salt: str | None = None) -> list[bytes]:
+    def keys(
+        self, prompt_ids: Sequence[int], cache_salt: str | None = None, lora: str | None = None
+    ) -> list[bytes]:
         """The engine's keys of the prompt's whole blocks before its last token (what a
-        request may take from a prefix cache: engine/scheduler.py), from its salt's root."""
-        size, parent, keys = self.block_size, chain_root(cache_salt), []
+        request may take from a prefix cache: engine/scheduler.py), from its salt's and
+        adapter's root."""
+        size, parent, keys = self.block_size, chain_root(cache_salt, lora), []
         for start in range(0, len(prompt_ids) - size, size):
             parent = block_key(parent, list(prompt_ids[start : start + size]))
             keys.append(parent)
@@ -136,7 +139,7 @@ class PrefixAffinityRouter(MatchingFIFORouter):
         ids = _prompt_ids(pending_request)
         if ids is None:
             return [candidate_replicas]
-        matched = self.index.matched_tokens(self.index.keys(ids, _salt(pending_request)))
+        matched = self.index.matched_tokens(self.index.keys(ids, *_root(pending_request)))
         cache = self.replica_queue_len_cache
         queue_lens = {r.replica_id: cache.get(r.replica_id) for r in candidate_replicas}
         return rank_by_prefix(
@@ -153,13 +156,15 @@ class PrefixAffinityRouter(MatchingFIFORouter):
         """The chosen replica will hold this prompt's blocks in its cache."""
         ids = _prompt_ids(pending_request)
         if ids is not None:
-            self.index.record(self.index.keys(ids, _salt(pending_request)), replica_id)
+            self.index.record(self.index.keys(ids, *_root(pending_request)), replica_id)
 
 
-def _salt(pending_request: PendingRequest) -> str | None:
-    """The cache salt of the request's SamplingParams, its third argument."""
+def _root(pending_request: PendingRequest) -> tuple[str | None, str | None]:
+    """The cache salt and LoRA adapter of the request's SamplingParams, its third argument:
+    where its prefix-cache keys start."""
     args = pending_request.args
-    return getattr(args[2], "cache_salt", None) if len(args) > 2 else None
+    params = args[2] if len(args) > 2 else None
+    return getattr(params, "cache_salt", None), getattr(params, "lora", None)
 
 
 def _prompt_ids(pending_request: PendingRequest | None) -> list[int] | None:

@@ -186,10 +186,14 @@ class _Sampling(BaseModel):
         return value
 
     def sampling_params(
-        self, max_tokens: int, bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+        self,
+        max_tokens: int,
+        bad_words_token_ids: tuple[tuple[int, ...], ...] = (),
+        lora: str | None = None,
     ) -> SamplingParams:
         """The engine's parameters; `bad_words_token_ids`: this request's bad_words, tokenized
-        by the caller (engine.limits.bad_words_token_ids)."""
+        by the caller (engine.limits.bad_words_token_ids); `lora`: the LoRA adapter its
+        `model` names (the ingress knows them), None: the base model."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
         with as_bad_request():
             return SamplingParams(
@@ -216,6 +220,7 @@ class _Sampling(BaseModel):
                 structured_output=self.structure(),
                 priority=self.priority,
                 cache_salt=self.cache_salt,
+                lora=lora,
             )
 
     def structure(self) -> StructuredOutput | None:

@@ -14,7 +14,8 @@ request writes only past its computed tokens, so a shared block is never written
 
 A request's `cache_salt` (vLLM's) starts its chain from a digest of the salt instead of from
 nothing: requests share blocks only when they give the same salt (or none), so a tenant cannot
-learn, by timing its first token, what another tenant's prompts began with.
+learn, by timing its first token, what another tenant's prompts began with. A request's LoRA
+adapter does the same: the same tokens under another adapter have other keys and values.
 """
 
 from __future__ import annotations
@@ -31,13 +32,15 @@ def block_key(parent: bytes, token_ids: list[int]) -> bytes:
     return hashlib.blake2b(parent + array("q", token_ids).tobytes(), digest_size=16).digest()
 
 
-def chain_root(cache_salt: str | None) -> bytes:
-    """The parent of a prompt's first block key: nothing, or its cache salt's own digest
-    (personalized, so no block's key can equal it)."""
-    if cache_salt is None:
-        return b""
-    salt = cache_salt.encode("utf-8", "surrogatepass")
-    return hashlib.blake2b(salt, digest_size=16, person=b"cache_salt").digest()
+def chain_root(cache_salt: str | None, lora: str | None = None) -> bytes:
+    """The parent of a prompt's first block key: nothing, or the digest of its cache salt and
+    of its LoRA adapter's name (personalized, so no block's key can equal it)."""
+    root = b""
+    for value, person in ((cache_salt, b"cache_salt"), (lora, b"lora")):
+        if value is not None:
+            data = root + value.encode("utf-8", "surrogatepass")
+            root = hashlib.blake2b(data, digest_size=16, person=person).digest()
+    return root
 
 
 class BlockManager:

@@ -33,6 +33,9 @@ class EngineConfig:
     worker_num_cpus: float = 1.0
     worker_num_gpus: float = 1.0  # with device cuda; a fraction shares a GPU
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # vLLM's --lora-modules: (name, PEFT directory) of each LoRA adapter a request may name
+    # (engine/lora.py); single-worker replicas only (the adapters are not split over workers)
+    lora_modules: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -50,6 +53,14 @@ class EngineConfig:
             raise ValueError("worker_num_cpus must be > 0")
         if self.worker_num_gpus < 0:
             raise ValueError("worker_num_gpus must be >= 0")
+        if self.lora_modules and not self.parallel.is_single:
+            raise ValueError(
+                "lora_modules: LoRA adapters are served on single-worker replicas only "
+                "(tensor_parallel_size and pipeline_parallel_size 1)"
+            )
+        names = [name for name, _ in self.lora_modules]
+        if len(set(names)) != len(names):
+            raise ValueError(f"lora_modules: adapter names repeat: {names}")
 
     @property
     def kv_dtype(self) -> str:

@@ -94,6 +94,7 @@ class LLMEngine:
                 kv_cache_memory_mb=config.kv_cache_memory_mb,
                 max_model_len=config.max_model_len,
                 kv_dtype=config.kv_dtype,
+                lora_modules=dict(config.lora_modules),
             )
         self.tokenizer = tokenizer
         self.runner = runner
@@ -134,6 +135,7 @@ class LLMEngine:
         check_token_ids(bad_word_ids, vocab, "bad_words", "bad words' token ids")
         if params.structured_output is not None:
             self.grammars.check(params.structured_output)
+        self._check_lora(params)
         if params.priority and self.config.scheduler.policy != "priority":
             raise InvalidRequestError(
                 f"priority {params.priority} needs the priority scheduling policy (this engine "
@@ -142,6 +144,13 @@ class LLMEngine:
             )
         capacity = self.blocks.num_blocks * self.blocks.block_size
         check_lengths(len(prompt_ids), params.max_tokens, self.max_model_len, capacity)
+
+    def _check_lora(self, params: SamplingParams) -> None:
+        if params.lora is not None and params.lora not in self.runner.lora_slots:
+            loaded = ", ".join(map(repr, self.runner.lora_slots)) or "none"
+            raise InvalidRequestError(
+                f"LoRA adapter {params.lora!r} is not loaded here (loaded: {loaded})", "model"
+            )
 
     def add_request(
         self,
@@ -217,6 +226,7 @@ class LLMEngine:
                 self.blocks.block_table(s.request.request_id),
                 s.samples,
                 s.request.wants_prompt_logprobs,
+                self._lora_slot(s.request),
             )
             for s in sched.scheduled
         ]
@@ -243,6 +253,10 @@ class LLMEngine:
             dict(zip(ids, tokens, strict=True)),
             {i: lp for i, lp in zip(ids, logprobs, strict=True) if lp is not None},
         )
+
+    def _lora_slot(self, request: Request) -> int:
+        lora = request.sampling_params.lora
+        return 0 if lora is None else self.runner.lora_slots[lora]
 
     def _sampling_rows(
         self, sched: SchedulerOutput, seqs: list[SeqInput], logits: torch.Tensor
@@ -435,6 +449,7 @@ class LLMEngine:
             raise ValueError(f"KV layout {handoff.layout} does not match {self.runner.kv_layout}")
         if handoff.request_id in self._tracked:
             raise InvalidRequestError(f"request id {handoff.request_id!r} is already in use")
+        self._check_lora(handoff.sampling_params)
         if not self.can_import(handoff.num_computed_tokens):
             return False
         request = Request(

@@ -9,6 +9,7 @@ process later) and returns the logits of the positions that sample.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from engine import kv_handoff
 from engine.kv_handoff import KVPiece
 from engine.limits import context_window
+from engine.lora import LoRALayers, load_adapter
 from engine.parallel import ParallelLayout, Shard
 from engine.rope import fix_longrope
 from kvkernels import cpu_ops, few_rows, paged_attention
@@ -36,6 +38,7 @@ class SeqInput:
     sample: bool  # return logits for the last token
     # return logits for every token of the step (prompt logprobs), the last one included
     all_logits: bool = False
+    lora: int = 0  # the runner's slot of the request's LoRA adapter; 0: the base model
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,7 @@ class ModelRunner:
         shard: Shard | None = None,
         max_model_len: int | None = None,  # the engine's; None: the model's context window
         kv_dtype: torch.dtype | None = None,  # the cache's; None: the model's (fp8: a byte)
+        lora_modules: dict[str, str] | None = None,  # LoRA adapter name -> PEFT directory
     ) -> None:
         self.dtype = next(model.parameters()).dtype
         self.kv_dtype = kv_dtype or self.dtype
@@ -155,6 +159,13 @@ class ModelRunner:
             device=self.device,
         )  # (L, 2 or 1, nb, bs, Hkv, D)
         self._workspace = torch.empty(0, dtype=self.kv_dtype, device=self.device)
+        adapters = [load_adapter(n, p, self.model) for n, p in (lora_modules or {}).items()]
+        self.loras = LoRALayers(self.model, adapters) if adapters else None
+
+    @property
+    def lora_slots(self) -> dict[str, int]:
+        """The loaded LoRA adapters' slots by name (SeqInput.lora)."""
+        return {} if self.loras is None else self.loras.slots
 
     @classmethod
     def from_pretrained(
@@ -168,6 +179,7 @@ class ModelRunner:
         kv_cache_memory_mb: int,
         max_model_len: int | None = None,
         kv_dtype: str | None = None,  # None: the model's
+        lora_modules: dict[str, str] | None = None,
     ) -> ModelRunner:
         from transformers import AutoModelForCausalLM
 
@@ -187,6 +199,7 @@ class ModelRunner:
             device,
             max_model_len=max_model_len,
             kv_dtype=cache,
+            lora_modules=lora_modules,
         )
         runner.check()
         return runner
@@ -211,14 +224,21 @@ class ModelRunner:
         """-> logits (rows, vocab), float32, in the order of batch.seqs: one row per sampling
         seq, or one per token for a seq that asks for all its logits."""
         input_ids, positions, meta, sample_idx = self._prepare(batch)
-        out = self.model(
-            input_ids=input_ids,
-            position_ids=positions,
-            attn_metadata=meta,
-            logits_to_keep=sample_idx,
-            use_cache=False,
-        )
+        with self._adapters(batch):
+            out = self.model(
+                input_ids=input_ids,
+                position_ids=positions,
+                attn_metadata=meta,
+                logits_to_keep=sample_idx,
+                use_cache=False,
+            )
         return out.logits[0].float()  # (S, V)
+
+    def _adapters(self, batch: ModelInput) -> contextlib.AbstractContextManager:
+        """The LoRA adapters of the batch's tokens, for one forward."""
+        if self.loras is None or not any(seq.lora for seq in batch.seqs):
+            return contextlib.nullcontext()
+        return self.loras.batch([seq.lora for seq in batch.seqs for _ in seq.token_ids])
 
     def _prepare(self, batch: ModelInput):
         dev, bs = self.device, self.block_size

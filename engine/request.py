@@ -42,8 +42,9 @@ class Request:
 
     @cached_property
     def prefix_root(self) -> bytes:
-        """Where its prefix-cache keys start: its cache salt's (engine/block_manager.py)."""
-        return chain_root(self.sampling_params.cache_salt)
+        """Where its prefix-cache keys start: its cache salt's and adapter's
+        (engine/block_manager.py)."""
+        return chain_root(self.sampling_params.cache_salt, self.sampling_params.lora)
 
     @property
     def num_prompt_tokens(self) -> int:

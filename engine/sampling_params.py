@@ -121,6 +121,9 @@ class SamplingParams:
     # vLLM's: only requests with the same salt (or none) share prefix-cache blocks, so tenants
     # that do not share one cannot tell from their latency what the others sent
     cache_salt: str | None = None
+    # the LoRA adapter (the engine's lora_modules name) the request runs with; None: the base
+    # model. Its prefix-cache blocks are its adapter's alone (engine/block_manager.py).
+    lora: str | None = None
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -171,6 +174,10 @@ class SamplingParams:
         ):
             raise InvalidRequestError(
                 f"cache_salt must be a non-empty string, got {self.cache_salt!r}", "cache_salt"
+            )
+        if self.lora is not None and (not isinstance(self.lora, str) or not self.lora):
+            raise InvalidRequestError(
+                f"lora must be a non-empty adapter name, got {self.lora!r}", "model"
             )
         if not 0.0 <= self.min_p <= 1.0:
             raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}", "min_p")

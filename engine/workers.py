@@ -277,6 +277,11 @@ class WorkerGroupRunner:
 
     opens_own_kv = True  # each worker opens the pieces addressed to it
 
+    @property
+    def lora_slots(self) -> dict[str, int]:
+        """None: LoRA adapters are served on single-worker replicas (EngineConfig)."""
+        return {}
+
     def __init__(
         self, path: str, config: EngineConfig, layout: ParallelLayout, kv_transport: str = "shm"
     ) -> None:

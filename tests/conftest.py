@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -145,3 +147,54 @@ def tiny_llama_path(tmp_path_factory, tokenizer):
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+# Two LoRA adapters of the default model, as PEFT writes them: "sql" on attention and MLP
+# layers (r 4), "poet" on others with rank-stabilized scaling (r 8). Random B (PEFT's
+# init_lora_weights=False) and a wide A, so that each changes the greedy output.
+LORAS = {
+    "sql": {"r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"]},
+    "poet": {"r": 8, "lora_alpha": 4, "use_rslora": True, "target_modules": ["k_proj", "up_proj"]},
+}
+
+
+@pytest.fixture(scope="session")
+def lora_adapters(tmp_path_factory, default_model_path) -> dict:
+    """name -> the PEFT directory of each of LORAS."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dirs = {}
+    for i, (name, settings) in enumerate(LORAS.items()):
+        torch.manual_seed(i)
+        base = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32)
+        model = get_peft_model(base, LoraConfig(init_lora_weights=False, **settings))
+        dirs[name] = tmp_path_factory.mktemp(f"lora-{name}")
+        model.save_pretrained(dirs[name])
+    return {name: str(path) for name, path in dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def peft_model(default_model_path, lora_adapters):
+    """The default model with both adapters through PEFT's own layers: the reference."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32)
+    (first, path), *rest = lora_adapters.items()
+    model = PeftModel.from_pretrained(base, path, adapter_name=first)
+    for name, other in rest:
+        model.load_adapter(other, adapter_name=name)
+    return model.eval()
+
+
+def peft_greedy(peft_model, token_ids: list[int], lora: str | None, max_new_tokens: int):
+    """PEFT's greedy continuation of token_ids with adapter `lora` (None: the base model)."""
+    ids = torch.tensor([token_ids])
+    with torch.inference_mode(), contextlib.ExitStack() as stack:
+        if lora is None:
+            stack.enter_context(peft_model.disable_adapter())
+        else:
+            peft_model.set_adapter(lora)
+        out = peft_model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(token_ids) :].tolist()

@@ -1,0 +1,228 @@
+"""LoRA adapters (engine/lora.py) against PEFT's own layers, on the default model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine import EngineConfig, InvalidRequestError, LLMEngine, SamplingParams, SchedulerConfig
+from engine.lora import LoRAError, load_adapter
+from engine.model_runner import ModelInput, SeqInput
+from tests.conftest import drain, peft_greedy
+
+pytestmark = pytest.mark.model
+
+PROMPTS = [
+    "The capital of France is",
+    "SELECT name FROM users WHERE",
+    "Roses are red, violets are",
+]
+LORAS = [None, "sql", "poet"]  # one per prompt
+
+
+@pytest.fixture(scope="module")
+def lora_engine(lora_adapters) -> LLMEngine:
+    """The default model loaded with both adapters, prefix caching on."""
+    config = EngineConfig(
+        num_kv_blocks=128,
+        lora_modules=tuple(lora_adapters.items()),
+        scheduler=SchedulerConfig(enable_prefix_caching=True),
+    )
+    return LLMEngine(config)
+
+
+def _greedy(max_tokens: int, lora: str | None) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, lora=lora)
+
+
+def test_a_mixed_batch_has_each_requests_adapter_logits(lora_engine, peft_model, tokenizer):
+    """One forward of three prompts (base, sql, poet): every position's logits are PEFT's
+    for that prompt's adapter, and the adapters do change them."""
+    ids = [tokenizer(p).input_ids for p in PROMPTS]
+    seqs = [
+        SeqInput(t, 0, [8 * i + b for b in range(8)], True, True, lora_engine.runner.lora_slots.get(lora, 0))
+        for i, (t, lora) in enumerate(zip(ids, LORAS, strict=True))
+    ]
+    logits = lora_engine.runner.execute(ModelInput(seqs))
+    lora_engine.runner.kv_cache.zero_()
+    rows = torch.split(logits, [len(t) for t in ids])
+    for got, t, lora in zip(rows, ids, LORAS, strict=True):
+        with torch.inference_mode():
+            peft_model.set_adapter(lora or "sql")
+            if lora is None:
+                with peft_model.disable_adapter():
+                    want = peft_model(torch.tensor([t])).logits[0]
+            else:
+                want = peft_model(torch.tensor([t])).logits[0]
+            with peft_model.disable_adapter():
+                base = peft_model(torch.tensor([t])).logits[0]
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+        if lora is not None:
+            assert (want - base).abs().max() > 0.1  # the adapter matters
+
+
+def test_greedy_continuations_equal_peft_generate(lora_engine, peft_model, tokenizer):
+    """Requests of the base model and of both adapters decode side by side (mixed decode
+    batches), each as PEFT generates with its adapter; the adapters' outputs differ."""
+    params = [_greedy(8, lora) for lora in LORAS]
+    outs = lora_engine.generate(PROMPTS, params)
+    want = [
+        peft_greedy(peft_model, tokenizer(p).input_ids, lora, 8)
+        for p, lora in zip(PROMPTS, LORAS, strict=True)
+    ]
+    assert [o.token_ids for o in outs] == want
+    alone = lora_engine.generate(PROMPTS, _greedy(8, None))
+    assert [o.token_ids for o in alone][1:] != want[1:]
+    assert lora_engine.blocks.num_used_blocks == 0
+
+
+def test_prefix_cache_blocks_are_shared_only_under_the_same_adapter(lora_engine):
+    prompt = "In the beginning there was a long prompt " * 6  # several full blocks
+    cached = {}
+    for i, lora in enumerate([None, "sql", "poet", "sql", None]):
+        lora_engine.add_request(f"p{i}", prompt, _greedy(2, lora))
+        outs = drain(lora_engine)[f"p{i}"]
+        cached[i] = outs[0].num_cached_tokens
+    assert cached[1] == cached[2] == 0  # the base model's blocks are not the adapters'
+    assert cached[3] > 0 and cached[4] > 0  # the same adapter (or none) again: reused
+    assert cached[3] == cached[4]
+
+
+def test_a_handed_off_request_decodes_with_its_adapter(lora_engine, lora_adapters):
+    """Disaggregated: prefill here, decode in a second engine with the same adapters ->
+    the tokens of one engine; an engine without the adapter refuses the hand-off."""
+    want = lora_engine.generate(PROMPTS, [_greedy(6, lora) for lora in LORAS])
+    decode = LLMEngine(EngineConfig(num_kv_blocks=64, lora_modules=tuple(lora_adapters.items())))
+    for i, (prompt, lora) in enumerate(zip(PROMPTS, LORAS, strict=True)):
+        lora_engine.add_request(f"h{i}", prompt, _greedy(6, lora), prefill_only=True)
+    first = {rid: outs[0] for rid, outs in drain(lora_engine).items()}
+    plain = LLMEngine(EngineConfig(num_kv_blocks=16))
+    for i, lora in enumerate(LORAS):
+        handoff, buffer = lora_engine.export_kv(f"h{i}")
+        if lora is not None:
+            with pytest.raises(InvalidRequestError, match=f"LoRA adapter '{lora}' is not loaded"):
+                plain.import_request(handoff, buffer)
+        assert decode.import_request(handoff, buffer)
+        assert lora_engine.release(f"h{i}")
+    rest = drain(decode)
+    for i, expected in enumerate(want):
+        tokens = first[f"h{i}"].new_token_ids + [
+            t for o in rest[f"h{i}"] for t in o.new_token_ids
+        ]
+        assert tokens == expected.token_ids
+    assert plain.blocks.num_used_blocks == decode.blocks.num_used_blocks == 0
+
+
+def test_an_adapter_the_engine_does_not_have_is_refused(lora_engine):
+    with pytest.raises(InvalidRequestError, match="'other' is not loaded here") as e:
+        lora_engine.add_request("x", "hi", _greedy(2, "other"))
+    assert e.value.param == "model"
+    with pytest.raises(InvalidRequestError, match="non-empty adapter name"):
+        SamplingParams(lora="")
+    assert not lora_engine.has_unfinished
+
+
+def test_adapters_need_single_worker_replicas():
+    with pytest.raises(ValueError, match="single-worker replicas"):
+        EngineConfig(tensor_parallel_size=2, lora_modules=(("a", "/x"),))
+    with pytest.raises(ValueError, match="repeat"):
+        EngineConfig(lora_modules=(("a", "/x"), ("a", "/y")))
+
+
+def _copy_adapter(src: str, dst, config=None, weights=None) -> str:
+    """The adapter at src, its config updated by `config` and its weights by `weights`
+    (None values removed)."""
+    dst.mkdir()
+    settings = json.loads((src / "adapter_config.json").read_text()) | (config or {})
+    (dst / "adapter_config.json").write_text(json.dumps(settings))
+    tensors = load_file(src / "adapter_model.safetensors")
+    for key, value in (weights or {}).items():
+        if value is None:
+            del tensors[key]
+        else:
+            tensors[key] = value
+    save_file(tensors, dst / "adapter_model.safetensors")
+    return str(dst)
+
+
+LAYER = "base_model.model.model.layers.0.self_attn"
+
+
+@pytest.mark.parametrize(
+    ("config", "weights", "message"),
+    [
+        ({"use_dora": True}, None, "use_dora = True is not supported"),
+        ({"modules_to_save": ["lm_head"]}, None, "modules_to_save"),
+        ({"alpha_pattern": {"q_proj": 4}}, None, "alpha_pattern"),
+        ({"bias": "all"}, None, "bias = 'all'"),
+        ({"peft_type": "IA3"}, None, "not LORA"),
+        (None, {f"{LAYER}.q_proj.lora_A.weight": None}, "lora_B without its pair"),
+        (None, {f"{LAYER}.q_proj.lora_A.weight": torch.zeros(5, 576)}, r"\(5, 576\)"),
+        (None, {f"{LAYER}.q_proj.base_layer.bias": torch.zeros(576)}, "not a plain LoRA"),
+        (
+            None,
+            {
+                "base_model.model.lm_head.lora_A.weight": torch.zeros(4, 576),
+                "base_model.model.lm_head.lora_B.weight": torch.zeros(49152, 4),
+            },
+            "embedding or the LM head",
+        ),
+        (
+            None,
+            {
+                f"{LAYER}.rotary.lora_A.weight": torch.zeros(4, 576),
+                f"{LAYER}.rotary.lora_B.weight": torch.zeros(576, 4),
+            },
+            "no such layer",
+        ),
+        (
+            None,
+            {
+                "base_model.model.model.layers.0.mlp.act_fn.lora_A.weight": torch.zeros(4, 1),
+                "base_model.model.model.layers.0.mlp.act_fn.lora_B.weight": torch.zeros(1, 4),
+            },
+            "not a linear layer",
+        ),
+    ],
+)
+def test_adapters_that_are_not_plain_lora_are_refused_with_the_reason(
+    paged_model, lora_adapters, tmp_path, config, weights, message
+):
+    from pathlib import Path
+
+    path = _copy_adapter(Path(lora_adapters["sql"]), tmp_path / "bad", config, weights)
+    with pytest.raises(LoRAError, match=message):
+        load_adapter("bad", path, paged_model)
+
+
+def test_a_directory_without_an_adapter_is_refused(paged_model, tmp_path):
+    with pytest.raises(LoRAError, match="no adapter_config.json"):
+        load_adapter("none", tmp_path, paged_model)
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(LoRAError, match="no adapter_model.safetensors"):
+        load_adapter("none", tmp_path, paged_model)
+
+
+def test_app_args_check_adapters(lora_adapters, tmp_path):
+    from pydantic import ValidationError
+
+    from app.config import AppArgs
+
+    args = AppArgs(lora_modules=lora_adapters)
+    assert dict(args.engine_config("decode").lora_modules) == lora_adapters
+    bad = [
+        ({"lora_modules": {"x": str(tmp_path)}}, "not a directory with adapter_config.json"),
+        ({"lora_modules": {"SmolLM2-135M-Instruct": lora_adapters["sql"]}}, "base model"),
+        (
+            {"lora_modules": lora_adapters, "decode": {"engine": {"tensor_parallel_size": 2}}},
+            "decode.engine has tensor_parallel_size",
+        ),
+    ]
+    for fields, message in bad:
+        with pytest.raises(ValidationError, match=message):
+            AppArgs(**fields)
+    # a parallel phase the mode does not run is no obstacle
+    AppArgs(lora_modules=lora_adapters, colocated={"engine": {"tensor_parallel_size": 2}})

@@ -45,12 +45,21 @@ def ours_prefill_s(engine: LLMEngine, context: int, **sampling) -> float:
 
 
 def ours_decode_step_s(
-    engine: LLMEngine, batch: int, context: int, steps: int, **sampling
+    engine: LLMEngine,
+    batch: int,
+    context: int,
+    steps: int,
+    cycle: dict[str, tuple] | None = None,
+    **sampling,
 ) -> float:
     """Median decode step at `batch` requests of `context` tokens (extra SamplingParams fields
-    in `sampling`)."""
-    params = SamplingParams(max_tokens=steps + 3, temperature=0.0, ignore_eos=True, **sampling)
-    for ids in prompts(batch, context, engine.runner.shape.vocab_size):
+    in `sampling`; a field in `cycle`: request i takes its value i modulo their count)."""
+    vocab = engine.runner.shape.vocab_size
+    for i, ids in enumerate(prompts(batch, context, vocab)):
+        turn = {name: values[i % len(values)] for name, values in (cycle or {}).items()}
+        params = SamplingParams(
+            max_tokens=steps + 3, temperature=0.0, ignore_eos=True, **sampling, **turn
+        )
         engine.add_request(None, ids, params)
     while engine.scheduler.waiting:  # prefill everything first
         engine.step()

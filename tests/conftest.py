@@ -151,9 +151,13 @@ def tiny_llama_path(tmp_path_factory, tokenizer):
 
 # Two LoRA adapters of the default model, as PEFT writes them: "sql" on attention and MLP
 # layers (r 4), "poet" on others with rank-stabilized scaling (r 8). Random B (PEFT's
-# init_lora_weights=False) and a wide A, so that each changes the greedy output.
+# init_lora_weights=False), so that each changes the greedy output.
 LORAS = {
-    "sql": {"r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"]},
+    "sql": {
+        "r": 4,
+        "lora_alpha": 16,
+        "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"],
+    },
     "poet": {"r": 8, "lora_alpha": 4, "use_rslora": True, "target_modules": ["k_proj", "up_proj"]},
 }
 

@@ -42,8 +42,9 @@ def test_a_mixed_batch_has_each_requests_adapter_logits(lora_engine, peft_model,
     """One forward of three prompts (base, sql, poet): every position's logits are PEFT's
     for that prompt's adapter, and the adapters do change them."""
     ids = [tokenizer(p).input_ids for p in PROMPTS]
+    slots = lora_engine.runner.lora_slots
     seqs = [
-        SeqInput(t, 0, [8 * i + b for b in range(8)], True, True, lora_engine.runner.lora_slots.get(lora, 0))
+        SeqInput(t, 0, [8 * i + b for b in range(8)], True, True, slots.get(lora, 0))
         for i, (t, lora) in enumerate(zip(ids, LORAS, strict=True))
     ]
     logits = lora_engine.runner.execute(ModelInput(seqs))
@@ -109,9 +110,7 @@ def test_a_handed_off_request_decodes_with_its_adapter(lora_engine, lora_adapter
         assert lora_engine.release(f"h{i}")
     rest = drain(decode)
     for i, expected in enumerate(want):
-        tokens = first[f"h{i}"].new_token_ids + [
-            t for o in rest[f"h{i}"] for t in o.new_token_ids
-        ]
+        tokens = first[f"h{i}"].new_token_ids + [t for o in rest[f"h{i}"] for t in o.new_token_ids]
         assert tokens == expected.token_ids
     assert plain.blocks.num_used_blocks == decode.blocks.num_used_blocks == 0
 

@@ -42,9 +42,9 @@ MODES = {
         "reasoning_parser": "deepseek_r1",
     },
     # the decode replica pulls the KV over a gloo pair from the prefill replica; tool_choice
-    # "auto" served with the hermes tool-call parser
+    # "auto" served with the hermes tool-call parser; LoRA adapters (tests/conftest.py)
     "disagg_gloo": {"mode": "disaggregated", "kv_transport": "gloo", "tool_call_parser": "hermes"},
-    # counted against a TPOT target no request of two tokens or more meets
+    # counted against a TPOT target no request of two tokens or more meets; LoRA adapters
     "coloc": {"mode": "colocated", "slo": {"ttft_ms": 600_000, "tpot_ms": 0.001}},
     # chunked prefill: a prompt's rows come from several steps of 8 tokens
     "chunked": {
@@ -54,10 +54,12 @@ MODES = {
 }
 # the apps whose chat replies are the model's answer from the first token
 ANSWERING = [name for name, mode in MODES.items() if "reasoning_parser" not in mode]
+WITH_LORA = ("disagg_gloo", "coloc")  # the apps that serve the LoRA adapters too
 
 
-def _args(mode: dict) -> dict:
+def _args(mode: dict, lora_modules: dict) -> dict:
     args = {"prefill": SMALL, "decode": SMALL, "colocated": SMALL, **mode}
+    args["lora_modules"] = lora_modules
     if "colocated" in mode:
         engine = {**SMALL["engine"], **mode["colocated"]["engine"]}
         args["colocated"] = {**SMALL, "engine": engine}
@@ -65,11 +67,15 @@ def _args(mode: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(ray_serve):
+def server(ray_serve, lora_adapters):
     from app.builder import build_app
     from tests.ray_session import deploy, undeploy
 
-    deploy({name: (f"/{name}", build_app(_args(mode))) for name, mode in MODES.items()})
+    apps = {
+        name: (f"/{name}", build_app(_args(mode, lora_adapters if name in WITH_LORA else {})))
+        for name, mode in MODES.items()
+    }
+    deploy(apps)
     yield Server(ray_serve.url, ray_serve.metrics_url)
     undeploy(MODES)
 
@@ -1224,6 +1230,39 @@ def _replica_stats(app: str) -> list[dict]:
             handle = serve.get_deployment_handle(deployment, app_name=app)
             stats.append(handle.stats.remote().result())
     return stats
+
+
+def test_lora_adapters_are_models_of_their_own(server, peft_model, tokenizer):
+    """A request names an adapter as its model: disaggregated (the KV and the adapter's name
+    handed to the decode replica) and colocated, the greedy tokens are PEFT's with that
+    adapter; streamed and not; listed and retrieved as models with the base as parent."""
+    import openai
+
+    from tests.conftest import peft_greedy
+
+    ids = tokenizer(PROMPT).input_ids
+    for mode in WITH_LORA:
+        client = openai.OpenAI(base_url=f"{server}/{mode}/v1", api_key="unused")
+        models = {m.id: m for m in client.models.list().data}
+        assert list(models) == ["SmolLM2-135M-Instruct", "sql", "poet"]
+        assert models["sql"].parent == "SmolLM2-135M-Instruct"
+        assert client.models.retrieve("poet").root == models["poet"].root
+        for lora in ("sql", "poet"):
+            want = peft_greedy(peft_model, ids, lora, 8)
+            common = {"model": lora, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+            done = client.completions.create(**common, extra_body={"return_token_ids": True})
+            assert done.model == lora and done.choices[0].token_ids == want, mode
+            streamed = client.completions.create(**common, stream=True)
+            text = "".join(c.choices[0].text for c in streamed if c.choices)
+            assert text == done.choices[0].text
+        chat = client.chat.completions.create(
+            model="sql", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+        )
+        assert chat.model == "sql" and chat.usage.completion_tokens == 4
+    r = _complete(server, "disagg", prompt=PROMPT, model="sql")
+    assert r.status_code == 404 and "does not exist" in r.json()["error"]["message"]
+    r = _complete(server, "coloc", prompt=PROMPT, model="other")
+    assert r.status_code == 404 and "'sql', 'poet'" in r.json()["error"]["message"]
 
 
 def test_client_disconnect_mid_stream_frees_all_blocks(server):

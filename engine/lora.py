@@ -164,9 +164,7 @@ class LoRALayers:
     @contextlib.contextmanager
     def batch(self, token_slots: list[int]) -> Iterator[None]:
         """For one forward: token_slots[i] is the adapter slot of the batch's token i."""
-        used = sorted(set(token_slots) - {0})
-        slots = torch.tensor(token_slots)
-        self._groups = [(s, torch.nonzero(slots == s).flatten()) for s in used]
+        self._groups = _groups(token_slots)
         self._num_tokens = len(token_slots)
         try:
             yield
@@ -174,21 +172,48 @@ class LoRALayers:
             self._groups = []
 
     def _hook(self, weights: dict[int, tuple[torch.Tensor, torch.Tensor]]):
-        def hook(_module, inputs, output: torch.Tensor) -> torch.Tensor | None:
+        def hook(_module, inputs, output: torch.Tensor) -> None:
             if not self._groups:
-                return None
+                return
             x = inputs[0].reshape(-1, inputs[0].shape[-1])
-            out = output.reshape(-1, output.shape[-1])
+            out = output.view(-1, output.shape[-1])  # the Linear's own fresh output
             if x.shape[0] != self._num_tokens:  # a layer that does not see every token
                 raise RuntimeError(
                     f"a LoRA layer saw {x.shape[0]} rows for {self._num_tokens} tokens"
                 )
             for slot, rows in self._groups:
                 ab = weights.get(slot)
-                if ab is not None:
-                    a, b = ab
-                    idx = rows.to(x.device)
-                    out = out.index_add(0, idx, (x[idx] @ a.T) @ b.T)
-            return out.view(output.shape)
+                if ab is None:
+                    continue
+                a, b = ab
+                if isinstance(rows, slice):  # a run of tokens: in place, no copies
+                    out[rows].addmm_(x[rows] @ a.T, b.T)
+                else:
+                    rows = rows.to(x.device)
+                    out.index_add_(0, rows, (x[rows] @ a.T) @ b.T)
 
         return hook
+
+
+_MAX_RUNS = 4  # an adapter's tokens in more runs than this are gathered by index
+
+
+def _groups(token_slots: list[int]) -> list[tuple[int, slice | torch.Tensor]]:
+    """Per adapter slot in use, its tokens: a slice for each run of them (a request's tokens
+    are one run), or one index tensor when they are scattered (a decode batch of many
+    adapters)."""
+    runs: dict[int, list[slice]] = {}
+    start = 0
+    for i in range(1, len(token_slots) + 1):
+        if i == len(token_slots) or token_slots[i] != token_slots[start]:
+            if token_slots[start]:
+                runs.setdefault(token_slots[start], []).append(slice(start, i))
+            start = i
+    groups: list[tuple[int, slice | torch.Tensor]] = []
+    for slot, slices in runs.items():
+        if len(slices) <= _MAX_RUNS:
+            groups += [(slot, s) for s in slices]
+        else:
+            index = [t for s in slices for t in range(s.start, s.stop)]
+            groups.append((slot, torch.tensor(index)))
+    return groups

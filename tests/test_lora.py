@@ -225,3 +225,21 @@ def test_app_args_check_adapters(lora_adapters, tmp_path):
             AppArgs(**fields)
     # a parallel phase the mode does not run is no obstacle
     AppArgs(lora_modules=lora_adapters, colocated={"engine": {"tensor_parallel_size": 2}})
+
+
+def test_scattered_adapter_tokens_are_gathered_by_index(lora_engine):
+    """A decode batch of fifteen requests whose adapters alternate (sql, poet, none, ...):
+    each adapter's rows (five runs of one) are gathered by index, and every request gets the
+    tokens it gets in a batch of its adapter alone."""
+    from engine.lora import _groups
+
+    assert _groups([0, 1, 1, 2, 0, 1]) == [(1, slice(1, 3)), (1, slice(5, 6)), (2, slice(3, 4))]
+    [(slot, index)] = _groups([1, 0] * 5)
+    assert slot == 1 and index.tolist() == [0, 2, 4, 6, 8]
+    prompts = [f"Item {i}: the best" for i in range(15)]
+    turns = ["sql", "poet", None] * 5
+    mixed = lora_engine.generate(prompts, [_greedy(3, lora) for lora in turns])
+    for lora in ("sql", "poet", None):
+        mine = [i for i, t in enumerate(turns) if t == lora]
+        alone = lora_engine.generate([prompts[i] for i in mine], _greedy(3, lora))
+        assert [mixed[i].token_ids for i in mine] == [o.token_ids for o in alone]

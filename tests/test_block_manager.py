@@ -113,6 +113,9 @@ def test_a_cache_salt_starts_a_chain_of_its_own():
     bm.publish("a", 5, _tokens(tokens), chain_root("one"))
     assert bm.take_cached_prefix("b", tokens) == 0
     assert bm.take_cached_prefix("c", tokens, chain_root("one")) == 4
+    # a LoRA adapter starts a chain of its own too, with or without a salt
+    roots = {chain_root(s, lora) for s in (None, "one") for lora in (None, "a", "b")}
+    assert len(roots) == 6 and chain_root("one", None) == chain_root("one")
 
 
 def test_a_freed_prefix_stays_cached_until_its_blocks_are_needed():

@@ -41,6 +41,12 @@ def test_the_router_keys_are_what_the_engine_takes_from_its_cache():
     assert index.matched_tokens(index.keys(second)) == {"r1": 96} and out.scheduled[0].start == 96
     salted = index.keys(first, "tenant")  # a salted prompt: the engine's salted keys
     assert salted == blocks.prefix_keys(first[:-1], chain_root("tenant")) != index.keys(first)
+    # a LoRA adapter's prompt: the engine's keys under that adapter (and salt), none shared
+    adapted = index.keys(first, None, "sql")
+    assert adapted == blocks.prefix_keys(first[:-1], chain_root(None, "sql"))
+    both = index.keys(first, "tenant", "sql")
+    assert both == blocks.prefix_keys(first[:-1], chain_root("tenant", "sql"))
+    assert len({*adapted, *both, *salted, *index.keys(first)}) == 4 * len(adapted)
     # a whole prompt of 16 tokens has no block before its last token: nothing to match on
     assert index.keys(list(range(16))) == [] and len(index.keys(list(range(17)))) == 1
 
@@ -116,6 +122,10 @@ def test_router_sends_a_prompt_where_its_prefix_went_and_reads_queue_lengths():
     router.replica_queue_len_cache = _Lens({"r1": 0, "r2": 3})
     assert asyncio.run(choose(router, replicas, second)) == [replicas]
     assert asyncio.run(choose(router, replicas, None)) == [replicas]
+    # the same prompt on a LoRA adapter has other keys: no replica holds its prefix yet
+    router.replica_queue_len_cache = _Lens({})
+    adapted = SimpleNamespace(args=("req-3", _prompt(2), SamplingParams(lora="sql")))
+    assert asyncio.run(choose(router, replicas, adapted)) == [replicas]
 
 
 def test_the_builder_routes_prompts_by_prefix_where_the_engines_cache_them():

@@ -214,6 +214,11 @@ class AppArgs(_Strict):
     # and colocated replica) by the name a request gives as its `model` (engine/lora.py);
     # single-worker replicas only
     lora_modules: dict[str, str] = {}
+    # Ray Serve LLM's dynamic LoRA loading, from a local (or shared) directory: each
+    # subdirectory holding a PEFT adapter is an adapter named by the folder, loaded by a
+    # replica when a request first names it; each replica keeps at most max_loras of them
+    lora_dir: str | None = None
+    max_loras: int = Field(8, ge=1)
     # the latency targets: finished requests are counted by which of them they met
     # (splitserve_slo_requests); None: not counted
     slo: SLOArgs | None = None
@@ -245,6 +250,16 @@ class AppArgs(_Strict):
                 raise ValueError(f"{name!r}: {where!r} is not a directory with adapter_config.json")
             dirs[name] = str(path)
         return dirs
+
+    @field_validator("lora_dir")
+    @classmethod
+    def _a_directory(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        path = Path(value).expanduser().absolute()
+        if not path.is_dir():
+            raise ValueError(f"{value!r} is not a directory")
+        return str(path)
 
     @field_validator("tool_call_parser", "reasoning_parser")
     @classmethod
@@ -290,9 +305,11 @@ class AppArgs(_Strict):
         if self.served_model_name in self.lora_modules:
             raise ValueError(f"lora_modules: {self.served_model_name!r} names the base model")
         for phase in self.phases:
-            if self.lora_modules and not getattr(self, phase).engine.parallel.is_single:
+            adapters = self.lora_modules or self.lora_dir
+            if adapters and not getattr(self, phase).engine.parallel.is_single:
                 raise ValueError(
-                    f"lora_modules: LoRA adapters are served on single-worker replicas only; "
+                    f"lora_modules, lora_dir: LoRA adapters are served on single-worker "
+                    f"replicas only; "
                     f"{phase}.engine has tensor_parallel_size or pipeline_parallel_size above 1"
                 )
         return self
@@ -332,6 +349,8 @@ class AppArgs(_Strict):
                 policy=self.scheduling_policy,
             ),
             lora_modules=tuple(self.lora_modules.items()),
+            lora_dir=self.lora_dir,
+            max_loras=self.max_loras,
         )
 
     def check_parallel(self, num_layers: int, num_heads: int, num_kv_heads: int) -> None:

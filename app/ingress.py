@@ -49,6 +49,7 @@ from app.responses import (
 )
 from app.responses import sse as responses_sse
 from engine import InvalidRequestError, RequestFailedError, RequestOutput, SamplingParams
+from engine.config import lora_dir_adapters, lora_path
 from engine.limits import check_lengths, context_window
 from engine.model_store import resolve_model
 from engine.sampling_params import SEED_RANGE
@@ -165,7 +166,8 @@ class Ingress:
     def _model_cards(self) -> list[dict]:
         """The base model's card, then each LoRA adapter's (vLLM's: `root` its directory,
         `parent` the base model)."""
-        return [self._model_card(name) for name in (None, *self.args.lora_modules)]
+        adapters = [*self.args.lora_modules, *lora_dir_adapters(self.args.lora_dir)]
+        return [self._model_card(name) for name in (None, *dict.fromkeys(adapters))]
 
     def _model_card(self, name: str | None = None) -> dict:
         """The card of the served model or LoRA adapter `name` (404 when neither); None: the
@@ -180,23 +182,26 @@ class Ingress:
             "max_model_len": self.max_model_len,
         }
         if lora is not None:
-            card |= {"root": self.args.lora_modules[lora], "parent": base}
+            root = self.args.lora_modules.get(lora) or lora_path(self.args.lora_dir, lora)
+            card |= {"root": str(root), "parent": base}
         return card
 
     def _lora(self, name: str) -> str | None:
         """The LoRA adapter a request's `model` names; None: the base model; else a 404."""
-        if name in self.args.lora_modules:
+        if name == self.args.served_model_name:
+            return None
+        if name in self.args.lora_modules or lora_path(self.args.lora_dir, name) is not None:
             return name
-        if name != self.args.served_model_name:
-            adapters = "".join(f", {a!r}" for a in self.args.lora_modules)
-            raise APIError(
-                404,
-                f"model {name!r} does not exist; this server serves "
-                f"{self.args.served_model_name!r}{adapters}",
-                "model",
-                "not_found_error",
-            )
-        return None
+        adapters = "".join(f", {a!r}" for a in self.args.lora_modules)
+        if self.args.lora_dir is not None:
+            adapters += f", or an adapter in {self.args.lora_dir}"
+        raise APIError(
+            404,
+            f"model {name!r} does not exist; this server serves "
+            f"{self.args.served_model_name!r}{adapters}",
+            "model",
+            "not_found_error",
+        )
 
     # ---- requests ------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from engine.parallel import ParallelLayout
 from engine.scheduler import SchedulerConfig
@@ -36,6 +37,10 @@ class EngineConfig:
     # vLLM's --lora-modules: (name, PEFT directory) of each LoRA adapter a request may name
     # (engine/lora.py); single-worker replicas only (the adapters are not split over workers)
     lora_modules: tuple[tuple[str, str], ...] = ()
+    # a directory of LoRA adapters, one per subdirectory, named by it: each loaded when a
+    # request first names it; at most max_loras of them stay loaded (engine/lora.py)
+    lora_dir: str | None = None
+    max_loras: int = 8
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -53,9 +58,11 @@ class EngineConfig:
             raise ValueError("worker_num_cpus must be > 0")
         if self.worker_num_gpus < 0:
             raise ValueError("worker_num_gpus must be >= 0")
-        if self.lora_modules and not self.parallel.is_single:
+        if self.max_loras < 1:
+            raise ValueError("max_loras must be >= 1")
+        if (self.lora_modules or self.lora_dir) and not self.parallel.is_single:
             raise ValueError(
-                "lora_modules: LoRA adapters are served on single-worker replicas only "
+                "lora_modules, lora_dir: LoRA adapters are served on single-worker replicas only "
                 "(tensor_parallel_size and pipeline_parallel_size 1)"
             )
         names = [name for name, _ in self.lora_modules]
@@ -70,3 +77,19 @@ class EngineConfig:
     @property
     def parallel(self) -> ParallelLayout:
         return ParallelLayout(self.tensor_parallel_size, self.pipeline_parallel_size)
+
+
+def lora_path(lora_dir: str | Path | None, name: str) -> Path | None:
+    """The directory of adapter `name` in `lora_dir` (a subdirectory holding PEFT's
+    adapter_config.json), or None: no such adapter, or a name that is not one folder's."""
+    if lora_dir is None or not name or Path(name).name != name or name in (".", ".."):
+        return None
+    path = Path(lora_dir) / name
+    return path if (path / "adapter_config.json").is_file() else None
+
+
+def lora_dir_adapters(lora_dir: str | Path | None) -> list[str]:
+    """The names of the adapters in `lora_dir`, sorted."""
+    if lora_dir is None:
+        return []
+    return sorted(p.parent.name for p in Path(lora_dir).glob("*/adapter_config.json"))

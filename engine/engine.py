@@ -25,6 +25,7 @@ from engine.config import EngineConfig
 from engine.detokenizer import DetokenizerState, IncrementalDetokenizer
 from engine.grammar import Grammars, advance
 from engine.limits import chat_token_ids, check_lengths, check_token_ids
+from engine.lora import AdapterCache
 from engine.model_runner import ModelInput, ModelRunner, SeqInput
 from engine.model_store import resolve_model
 from engine.outputs import (
@@ -98,6 +99,8 @@ class LLMEngine:
             )
         self.tokenizer = tokenizer
         self.runner = runner
+        lora_modules = dict(config.lora_modules)
+        self.adapters = AdapterCache(runner, lora_modules, config.lora_dir, config.max_loras)
         caching = config.scheduler.enable_prefix_caching
         self.blocks = BlockManager(runner.num_kv_blocks, runner.block_size, caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
@@ -146,11 +149,16 @@ class LLMEngine:
         check_lengths(len(prompt_ids), params.max_tokens, self.max_model_len, capacity)
 
     def _check_lora(self, params: SamplingParams) -> None:
-        if params.lora is not None and params.lora not in self.runner.lora_slots:
-            loaded = ", ".join(map(repr, self.runner.lora_slots)) or "none"
-            raise InvalidRequestError(
-                f"LoRA adapter {params.lora!r} is not loaded here (loaded: {loaded})", "model"
-            )
+        if params.lora is not None:
+            self.adapters.check(params.lora)
+
+    def _use_lora(self, params: SamplingParams) -> None:
+        """Load the request's adapter if it is not (the engine's thread: between steps)."""
+        if params.lora is not None:
+            self.adapters.use(params.lora, self._loras_in_use)
+
+    def _loras_in_use(self) -> set[str]:
+        return {t.request.sampling_params.lora for t in self._tracked.values()} - {None}
 
     def add_request(
         self,
@@ -166,6 +174,7 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         prompt_ids = self.encode(prompt)
         self.validate(prompt_ids, params)
+        self._use_lora(params)
         request = Request(request_id, prompt_ids, params, self.eos_token_id, prefill_only)
         state = DetokenizerState.for_prompt(len(prompt_ids))
         self._track(request, state, None)
@@ -449,7 +458,7 @@ class LLMEngine:
             raise ValueError(f"KV layout {handoff.layout} does not match {self.runner.kv_layout}")
         if handoff.request_id in self._tracked:
             raise InvalidRequestError(f"request id {handoff.request_id!r} is already in use")
-        self._check_lora(handoff.sampling_params)
+        self._use_lora(handoff.sampling_params)
         if not self.can_import(handoff.num_computed_tokens):
             return False
         request = Request(

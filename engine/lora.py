@@ -22,12 +22,16 @@ import contextlib
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from engine.config import lora_path
+from engine.sampling_params import InvalidRequestError
 
 _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
 # adapter_config.json settings that change what the adapter computes, and the value under
@@ -144,22 +148,40 @@ def _checked_pair(
 
 
 class LoRALayers:
-    """The adapters of one model, applied through forward hooks on the layers they adapt.
+    """The adapters loaded onto one model, applied through forward hooks on the layers they
+    adapt; adapters come and go while the model serves (between forwards).
 
-    Adapter slots count from 1 (0: the base model). Around a forward, `batch` says which
-    tokens of the flattened batch use which slot; the hooks do nothing when none does."""
+    Slots count from 1 (0: the base model), and a slot is never reused, so a request's slot
+    cannot come to mean another adapter. Around a forward, `batch` says which tokens of the
+    flattened batch use which slot; the hooks do nothing when none does."""
 
-    def __init__(self, model: nn.Module, adapters: list[LoRAAdapter]) -> None:
-        self.slots = {adapter.name: slot for slot, adapter in enumerate(adapters, start=1)}
-        self.adapters = adapters
-        by_layer: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
-        for slot, adapter in enumerate(adapters, start=1):
-            for module_name, ab in adapter.layers.items():
-                by_layer.setdefault(module_name, {})[slot] = ab
-        self._groups: list[tuple[int, torch.Tensor]] = []
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.slots: dict[str, int] = {}
+        self._weights: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # by layer
+        self._next_slot = 1
+        self._groups: list[tuple[int, slice | torch.Tensor]] = []
         self._num_tokens = 0
-        for module_name, weights in by_layer.items():
-            model.get_submodule(module_name).register_forward_hook(self._hook(weights))
+
+    def add(self, adapter: LoRAAdapter) -> int:
+        """Load `adapter` (its name not loaded yet) -> its slot."""
+        if adapter.name in self.slots:
+            raise ValueError(f"LoRA adapter {adapter.name!r} is loaded already")
+        slot, self._next_slot = self._next_slot, self._next_slot + 1
+        for module_name, ab in adapter.layers.items():
+            if module_name not in self._weights:  # the layer's first adapter: hook it
+                self._weights[module_name] = {}
+                hook = self._hook(self._weights[module_name])
+                self.model.get_submodule(module_name).register_forward_hook(hook)
+            self._weights[module_name][slot] = ab
+        self.slots[adapter.name] = slot
+        return slot
+
+    def remove(self, name: str) -> None:
+        """Unload adapter `name`: its weights go (a hooked layer keeps its empty hook)."""
+        slot = self.slots.pop(name)
+        for weights in self._weights.values():
+            weights.pop(slot, None)
 
     @contextlib.contextmanager
     def batch(self, token_slots: list[int]) -> Iterator[None]:
@@ -217,3 +239,63 @@ def _groups(token_slots: list[int]) -> list[tuple[int, slice | torch.Tensor]]:
             index = [t for s in slices for t in range(s.start, s.stop)]
             groups.append((slot, torch.tensor(index)))
     return groups
+
+
+class AdapterCache:
+    """Which LoRA adapters an engine has loaded, and loading them when a request needs one.
+
+    The configured ones (`lora_modules`) are loaded at start and stay. Those of `lora_dir`, a
+    directory whose subdirectories are adapters named by their folder (Ray Serve LLM's dynamic
+    LoRA loading), are loaded when a request first names one; at most `max_loras` of them
+    stay, the least recently used unloaded first, never one a live request uses (when all
+    are, one more is loaded rather than a request refused or kept waiting)."""
+
+    def __init__(
+        self,
+        runner,  # ModelRunner: load_lora, unload_lora, lora_slots
+        lora_modules: dict[str, str],
+        lora_dir: str | None = None,
+        max_loras: int = 8,
+    ) -> None:
+        self.runner = runner
+        self.lora_dir = lora_dir
+        self.max_loras = max_loras
+        self._pinned = frozenset(lora_modules)
+        self._recent: OrderedDict[str, None] = OrderedDict()  # from lora_dir, oldest use first
+
+    def check(self, name: str) -> None:
+        """Raise InvalidRequestError unless adapter `name` is loaded or can be (any thread)."""
+        if name in self.runner.lora_slots or self.path(name) is not None:
+            return
+        known = ", ".join(map(repr, self.runner.lora_slots)) or "none"
+        where = f" and none in {self.lora_dir}" if self.lora_dir is not None else ""
+        raise InvalidRequestError(
+            f"LoRA adapter {name!r} is not loaded here (loaded: {known}){where}", "model"
+        )
+
+    def path(self, name: str) -> Path | None:
+        """Adapter `name`'s directory in lora_dir, if it has one."""
+        return lora_path(self.lora_dir, name)
+
+    def use(self, name: str, in_use: Callable[[], set[str]]) -> int:
+        """Adapter `name`'s slot, loaded now if it is not (on the engine's thread, between
+        steps); `in_use`: the adapters of the engine's live requests."""
+        self.check(name)
+        if name in self._recent:
+            self._recent.move_to_end(name)
+        elif name not in self.runner.lora_slots:
+            try:
+                self.runner.load_lora(name, self.path(name))
+            except (LoRAError, OSError) as e:
+                raise InvalidRequestError(str(e), "model") from e
+            self._recent[name] = None
+            self._evict(in_use() | {name})
+        return self.runner.lora_slots[name]
+
+    def _evict(self, keep: set[str]) -> None:
+        for name in list(self._recent):
+            if len(self._recent) <= self.max_loras:
+                return
+            if name not in keep:
+                del self._recent[name]
+                self.runner.unload_lora(name)

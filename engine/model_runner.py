@@ -159,13 +159,21 @@ class ModelRunner:
             device=self.device,
         )  # (L, 2 or 1, nb, bs, Hkv, D)
         self._workspace = torch.empty(0, dtype=self.kv_dtype, device=self.device)
-        adapters = [load_adapter(n, p, self.model) for n, p in (lora_modules or {}).items()]
-        self.loras = LoRALayers(self.model, adapters) if adapters else None
+        self.loras = LoRALayers(self.model)
+        for name, where in (lora_modules or {}).items():
+            self.load_lora(name, where)
 
     @property
     def lora_slots(self) -> dict[str, int]:
         """The loaded LoRA adapters' slots by name (SeqInput.lora)."""
-        return {} if self.loras is None else self.loras.slots
+        return self.loras.slots
+
+    def load_lora(self, name: str, path: str | Path) -> int:
+        """Load the PEFT LoRA adapter at `path` as `name` (between forwards) -> its slot."""
+        return self.loras.add(load_adapter(name, path, self.model))
+
+    def unload_lora(self, name: str) -> None:
+        self.loras.remove(name)
 
     @classmethod
     def from_pretrained(
@@ -236,7 +244,7 @@ class ModelRunner:
 
     def _adapters(self, batch: ModelInput) -> contextlib.AbstractContextManager:
         """The LoRA adapters of the batch's tokens, for one forward."""
-        if self.loras is None or not any(seq.lora for seq in batch.seqs):
+        if not any(seq.lora for seq in batch.seqs):
             return contextlib.nullcontext()
         return self.loras.batch([seq.lora for seq in batch.seqs for _ in seq.token_ids])
 

@@ -179,6 +179,22 @@ def lora_adapters(tmp_path_factory, default_model_path) -> dict:
 
 
 @pytest.fixture(scope="session")
+def lora_dir(tmp_path_factory, lora_adapters) -> str:
+    """A directory of adapters for dynamic loading: both of LORAS, each in a folder of its
+    name, and "dora", an adapter this server refuses (its config asks for DoRA)."""
+    import json
+    import shutil
+
+    root = tmp_path_factory.mktemp("lora-dir")
+    for name, path in lora_adapters.items():
+        shutil.copytree(path, root / name)
+    shutil.copytree(lora_adapters["sql"], root / "dora")
+    config = json.loads((root / "dora" / "adapter_config.json").read_text())
+    (root / "dora" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    return str(root)
+
+
+@pytest.fixture(scope="session")
 def peft_model(default_model_path, lora_adapters):
     """The default model with both adapters through PEFT's own layers: the reference."""
     from peft import PeftModel

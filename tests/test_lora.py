@@ -92,11 +92,12 @@ def test_prefix_cache_blocks_are_shared_only_under_the_same_adapter(lora_engine)
     assert cached[3] == cached[4]
 
 
-def test_a_handed_off_request_decodes_with_its_adapter(lora_engine, lora_adapters):
+def test_a_handed_off_request_decodes_with_its_adapter(lora_engine, lora_dir):
     """Disaggregated: prefill here, decode in a second engine with the same adapters ->
     the tokens of one engine; an engine without the adapter refuses the hand-off."""
     want = lora_engine.generate(PROMPTS, [_greedy(6, lora) for lora in LORAS])
-    decode = LLMEngine(EngineConfig(num_kv_blocks=64, lora_modules=tuple(lora_adapters.items())))
+    # the decode engine loads the adapters from a directory when a hand-off names one
+    decode = LLMEngine(EngineConfig(num_kv_blocks=64, lora_dir=lora_dir))
     for i, (prompt, lora) in enumerate(zip(PROMPTS, LORAS, strict=True)):
         lora_engine.add_request(f"h{i}", prompt, _greedy(6, lora), prefill_only=True)
     first = {rid: outs[0] for rid, outs in drain(lora_engine).items()}
@@ -113,6 +114,7 @@ def test_a_handed_off_request_decodes_with_its_adapter(lora_engine, lora_adapter
         tokens = first[f"h{i}"].new_token_ids + [t for o in rest[f"h{i}"] for t in o.new_token_ids]
         assert tokens == expected.token_ids
     assert plain.blocks.num_used_blocks == decode.blocks.num_used_blocks == 0
+    assert set(decode.runner.lora_slots) == {"sql", "poet"}
 
 
 def test_an_adapter_the_engine_does_not_have_is_refused(lora_engine):
@@ -127,8 +129,12 @@ def test_an_adapter_the_engine_does_not_have_is_refused(lora_engine):
 def test_adapters_need_single_worker_replicas():
     with pytest.raises(ValueError, match="single-worker replicas"):
         EngineConfig(tensor_parallel_size=2, lora_modules=(("a", "/x"),))
+    with pytest.raises(ValueError, match="single-worker replicas"):
+        EngineConfig(pipeline_parallel_size=2, lora_dir="/x")
     with pytest.raises(ValueError, match="repeat"):
         EngineConfig(lora_modules=(("a", "/x"), ("a", "/y")))
+    with pytest.raises(ValueError, match="max_loras"):
+        EngineConfig(max_loras=0)
 
 
 def _copy_adapter(src: str, dst, config=None, weights=None) -> str:
@@ -210,10 +216,14 @@ def test_app_args_check_adapters(lora_adapters, tmp_path):
 
     from app.config import AppArgs
 
-    args = AppArgs(lora_modules=lora_adapters)
-    assert dict(args.engine_config("decode").lora_modules) == lora_adapters
+    args = AppArgs(lora_modules=lora_adapters, lora_dir=str(tmp_path), max_loras=3)
+    engine = args.engine_config("decode")
+    assert dict(engine.lora_modules) == lora_adapters
+    assert engine.lora_dir == str(tmp_path) and engine.max_loras == 3
     bad = [
         ({"lora_modules": {"x": str(tmp_path)}}, "not a directory with adapter_config.json"),
+        ({"lora_dir": str(tmp_path / "none")}, "is not a directory"),
+        ({"max_loras": 0}, "greater than or equal to 1"),
         ({"lora_modules": {"SmolLM2-135M-Instruct": lora_adapters["sql"]}}, "base model"),
         (
             {"lora_modules": lora_adapters, "decode": {"engine": {"tensor_parallel_size": 2}}},
@@ -243,3 +253,43 @@ def test_scattered_adapter_tokens_are_gathered_by_index(lora_engine):
         mine = [i for i, t in enumerate(turns) if t == lora]
         alone = lora_engine.generate([prompts[i] for i in mine], _greedy(3, lora))
         assert [mixed[i].token_ids for i in mine] == [o.token_ids for o in alone]
+
+
+def test_adapters_of_a_directory_load_on_first_use_and_the_least_recent_go(
+    lora_engine, lora_dir, tmp_path
+):
+    """lora_dir with max_loras 1: each adapter is loaded when a request first names it, and
+    loading one unloads the least recently used that no live request uses; two requests in
+    flight on two adapters both run (two loaded, one over the bound, until the next load).
+    Every output is the engine's with the adapters configured from the start."""
+    import shutil
+
+    shutil.copytree(lora_dir, tmp_path / "adapters")
+    engine = LLMEngine(
+        EngineConfig(num_kv_blocks=64, lora_dir=str(tmp_path / "adapters"), max_loras=1)
+    )
+    prompt = PROMPTS[1]
+    want = {
+        lora: lora_engine.generate([prompt], _greedy(4, lora))[0].token_ids
+        for lora in ("sql", "poet")
+    }
+    assert engine.runner.lora_slots == {}
+    assert engine.generate([prompt], _greedy(4, "sql"))[0].token_ids == want["sql"]
+    assert engine.runner.lora_slots == {"sql": 1}
+    assert engine.generate([prompt], _greedy(4, "poet"))[0].token_ids == want["poet"]
+    assert engine.runner.lora_slots == {"poet": 2}  # sql out; a slot is never reused
+    both = engine.generate([prompt, prompt], [_greedy(4, "sql"), _greedy(4, "poet")])
+    assert [o.token_ids for o in both] == [want["sql"], want["poet"]]
+    # sql's load unloaded poet (no request had it yet), and poet's then found sql in use
+    assert engine.runner.lora_slots == {"sql": 3, "poet": 4}
+    shutil.copytree(tmp_path / "adapters" / "sql", tmp_path / "adapters" / "sql2")
+    assert engine.generate([prompt], _greedy(4, "sql2"))[0].token_ids == want["sql"]
+    assert engine.runner.lora_slots == {"sql2": 5}
+    for name, message in (
+        ("dora", "use_dora = True is not supported"),
+        ("nope", "'nope' is not loaded here .* and none in"),
+        ("../adapters", "is not loaded here"),
+    ):
+        with pytest.raises(InvalidRequestError, match=message):
+            engine.add_request(None, prompt, _greedy(2, name))
+    assert not engine.has_unfinished and engine.runner.lora_slots == {"sql2": 5}

@@ -54,12 +54,13 @@ MODES = {
 }
 # the apps whose chat replies are the model's answer from the first token
 ANSWERING = [name for name, mode in MODES.items() if "reasoning_parser" not in mode]
-WITH_LORA = ("disagg_gloo", "coloc")  # the apps that serve the LoRA adapters too
+# the apps that serve LoRA adapters too: colocated configured with them, disaggregated
+# loading them from a directory when a request first names one
+WITH_LORA = ("disagg_gloo", "coloc")
 
 
-def _args(mode: dict, lora_modules: dict) -> dict:
-    args = {"prefill": SMALL, "decode": SMALL, "colocated": SMALL, **mode}
-    args["lora_modules"] = lora_modules
+def _args(mode: dict, loras: dict | None = None) -> dict:
+    args = {"prefill": SMALL, "decode": SMALL, "colocated": SMALL, **mode, **(loras or {})}
     if "colocated" in mode:
         engine = {**SMALL["engine"], **mode["colocated"]["engine"]}
         args["colocated"] = {**SMALL, "engine": engine}
@@ -67,13 +68,13 @@ def _args(mode: dict, lora_modules: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(ray_serve, lora_adapters):
+def server(ray_serve, lora_adapters, lora_dir):
     from app.builder import build_app
     from tests.ray_session import deploy, undeploy
 
+    loras = {"coloc": {"lora_modules": lora_adapters}, "disagg_gloo": {"lora_dir": lora_dir}}
     apps = {
-        name: (f"/{name}", build_app(_args(mode, lora_adapters if name in WITH_LORA else {})))
-        for name, mode in MODES.items()
+        name: (f"/{name}", build_app(_args(mode, loras.get(name)))) for name, mode in MODES.items()
     }
     deploy(apps)
     yield Server(ray_serve.url, ray_serve.metrics_url)
@@ -1233,9 +1234,11 @@ def _replica_stats(app: str) -> list[dict]:
 
 
 def test_lora_adapters_are_models_of_their_own(server, peft_model, tokenizer):
-    """A request names an adapter as its model: disaggregated (the KV and the adapter's name
-    handed to the decode replica) and colocated, the greedy tokens are PEFT's with that
-    adapter; streamed and not; listed and retrieved as models with the base as parent."""
+    """A request names an adapter as its model: disaggregated (each replica loading it from
+    lora_dir at its first request; the KV and the adapter's name handed to the decode
+    replica) and colocated (configured), the greedy tokens are PEFT's with that adapter;
+    streamed and not; listed and retrieved as models with the base as parent; an adapter
+    the server cannot serve is a 400 with the reason, and the server keeps serving."""
     import openai
 
     from tests.conftest import peft_greedy
@@ -1244,7 +1247,8 @@ def test_lora_adapters_are_models_of_their_own(server, peft_model, tokenizer):
     for mode in WITH_LORA:
         client = openai.OpenAI(base_url=f"{server}/{mode}/v1", api_key="unused")
         models = {m.id: m for m in client.models.list().data}
-        assert list(models) == ["SmolLM2-135M-Instruct", "sql", "poet"]
+        assert list(models)[0] == "SmolLM2-135M-Instruct"
+        assert set(list(models)[1:]) == {"sql", "poet", *(["dora"] if mode != "coloc" else [])}
         assert models["sql"].parent == "SmolLM2-135M-Instruct"
         assert client.models.retrieve("poet").root == models["poet"].root
         for lora in ("sql", "poet"):
@@ -1259,6 +1263,8 @@ def test_lora_adapters_are_models_of_their_own(server, peft_model, tokenizer):
             model="sql", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
         )
         assert chat.model == "sql" and chat.usage.completion_tokens == 4
+    r = _complete(server, "disagg_gloo", prompt=PROMPT, model="dora")
+    assert r.status_code == 400 and "use_dora" in r.json()["error"]["message"]
     r = _complete(server, "disagg", prompt=PROMPT, model="sql")
     assert r.status_code == 404 and "does not exist" in r.json()["error"]["message"]
     r = _complete(server, "coloc", prompt=PROMPT, model="other")

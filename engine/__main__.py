@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--kv-cache-dtype", default="auto", help="auto, fp8 (= fp8_e4m3), fp8_e5m2")
     gen.add_argument("--threads", type=int, default=None)
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
+    gen.add_argument("--lora", default=None, help="a PEFT LoRA adapter's directory to run with")
     return parser
 
 
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             presence_penalty=args.presence_penalty,
             frequency_penalty=args.frequency_penalty,
             repetition_penalty=args.repetition_penalty,
+            lora=None if args.lora is None else "cli",
         )
         engine = LLMEngine(
             EngineConfig(
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                 dtype=args.dtype,
                 kv_cache_dtype=args.kv_cache_dtype,
                 num_threads=args.threads,
+                lora_modules=() if args.lora is None else (("cli", args.lora),),
             )
         )
         prompt = (

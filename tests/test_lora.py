@@ -293,3 +293,26 @@ def test_adapters_of_a_directory_load_on_first_use_and_the_least_recent_go(
         with pytest.raises(InvalidRequestError, match=message):
             engine.add_request(None, prompt, _greedy(2, name))
     assert not engine.has_unfinished and engine.runner.lora_slots == {"sql2": 5}
+
+
+def test_the_engine_cli_runs_an_adapter(lora_engine, lora_adapters, lora_dir, capsys):
+    from engine.__main__ import main
+
+    [want] = lora_engine.generate([PROMPTS[1]], _greedy(6, "poet"))
+    assert (
+        main(
+            [
+                "generate",
+                "--prompt",
+                PROMPTS[1],
+                "--max-tokens",
+                "6",
+                "--lora",
+                lora_adapters["poet"],
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.strip() == want.text.strip()
+    assert main(["generate", "--prompt", "hi", "--lora", f"{lora_dir}/dora"]) == 2
+    assert "use_dora = True is not supported" in capsys.readouterr().err

@@ -267,7 +267,7 @@ class AdapterCache:
         """Raise InvalidRequestError unless adapter `name` is loaded or can be (any thread)."""
         if name in self.runner.lora_slots or self.path(name) is not None:
             return
-        known = ", ".join(map(repr, self.runner.lora_slots)) or "none"
+        known = ", ".join(map(repr, list(self.runner.lora_slots))) or "none"
         where = f" and none in {self.lora_dir}" if self.lora_dir is not None else ""
         raise InvalidRequestError(
             f"LoRA adapter {name!r} is not loaded here (loaded: {known}){where}", "model"
@@ -280,12 +280,14 @@ class AdapterCache:
     def use(self, name: str, in_use: Callable[[], set[str]]) -> int:
         """Adapter `name`'s slot, loaded now if it is not (on the engine's thread, between
         steps); `in_use`: the adapters of the engine's live requests."""
-        self.check(name)
         if name in self._recent:
             self._recent.move_to_end(name)
         elif name not in self.runner.lora_slots:
+            path = self.path(name)
+            if path is None:  # gone from the directory since the request was checked
+                self.check(name)
             try:
-                self.runner.load_lora(name, self.path(name))
+                self.runner.load_lora(name, path)
             except (LoRAError, OSError) as e:
                 raise InvalidRequestError(str(e), "model") from e
             self._recent[name] = None

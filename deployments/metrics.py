@@ -57,7 +57,14 @@ class EngineMetrics:
             "running requests preempted for KV blocks (recomputed later)",
             keys,
         )
+        self.loras = metrics.Gauge(
+            "splitserve_lora_adapters", "LoRA adapters loaded in the replica", keys
+        )
+        lora_loads = metrics.Counter(  # lora_dir's adapters come and go: a rate here is churn
+            "splitserve_lora_loads", "LoRA adapters loaded (at start, or at first use)", keys
+        )
         self.cached_tokens, self.preemptions = Increase(cached), Increase(preempted)
+        self.lora_loads = Increase(lora_loads)
 
     def on_step(self, outputs: list[RequestOutput], stats: EngineStats, pending: int) -> None:
         self.running.set(stats.num_running, self.tags)
@@ -70,6 +77,8 @@ class EngineMetrics:
                 self.queue_time.observe(out.queue_time_s * 1e3, self.tags)
         self.cached_tokens.update(stats.num_cached_tokens, self.tags)
         self.preemptions.update(stats.num_preemptions, self.tags)
+        self.loras.set(stats.num_loras, self.tags)
+        self.lora_loads.update(stats.num_lora_loads, self.tags)
 
     def on_transfer(self, ms: float, nbytes: int) -> None:
         self.kv_transfer_ms.observe(ms, self.tags)

@@ -160,6 +160,7 @@ class ModelRunner:
         )  # (L, 2 or 1, nb, bs, Hkv, D)
         self._workspace = torch.empty(0, dtype=self.kv_dtype, device=self.device)
         self.loras = LoRALayers(self.model)
+        self.num_lora_loads = 0
         for name, where in (lora_modules or {}).items():
             self.load_lora(name, where)
 
@@ -170,7 +171,9 @@ class ModelRunner:
 
     def load_lora(self, name: str, path: str | Path) -> int:
         """Load the PEFT LoRA adapter at `path` as `name` (between forwards) -> its slot."""
-        return self.loras.add(load_adapter(name, path, self.model))
+        slot = self.loras.add(load_adapter(name, path, self.model))
+        self.num_lora_loads += 1
+        return slot
 
     def unload_lora(self, name: str) -> None:
         self.loras.remove(name)

@@ -277,9 +277,10 @@ class WorkerGroupRunner:
 
     opens_own_kv = True  # each worker opens the pieces addressed to it
 
+    num_lora_loads = 0  # LoRA adapters are served on single-worker replicas (EngineConfig)
+
     @property
     def lora_slots(self) -> dict[str, int]:
-        """None: LoRA adapters are served on single-worker replicas (EngineConfig)."""
         return {}
 
     def __init__(

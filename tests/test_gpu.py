@@ -212,3 +212,24 @@ def test_engine_on_cuda_generates_the_cpu_engines_greedy_tokens(tiny_llama_path)
         assert gpu.prompt_logprobs[0] is None and len(gpu.prompt_logprobs) > 2
         for g, c in zip(gpu.prompt_logprobs[1:], cpu.prompt_logprobs[1:], strict=True):
             assert g.token_id == c.token_id and g.logprob == pytest.approx(c.logprob, abs=1e-3)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_lora_adapters_on_cuda_give_the_cpu_engines_tokens(lora_adapters):
+    """The default model with two LoRA adapters, a batch mixing them with the base model and
+    a decode batch that gathers each adapter's rows by index: the CPU engine's tokens."""
+    from engine import EngineConfig, LLMEngine, SamplingParams
+
+    prompts = [f"Item {i}: the best" for i in range(15)]
+    turns = ["sql", "poet", None] * 5
+    params = [
+        SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, lora=lora) for lora in turns
+    ]
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        config = EngineConfig(
+            device=device, kv_cache_memory_mb=64, lora_modules=tuple(lora_adapters.items())
+        )
+        outputs[device] = [o.token_ids for o in LLMEngine(config).generate(prompts, params)]
+    assert outputs["cuda"] == outputs["cpu"]

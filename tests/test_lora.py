@@ -285,6 +285,7 @@ def test_adapters_of_a_directory_load_on_first_use_and_the_least_recent_go(
     shutil.copytree(tmp_path / "adapters" / "sql", tmp_path / "adapters" / "sql2")
     assert engine.generate([prompt], _greedy(4, "sql2"))[0].token_ids == want["sql"]
     assert engine.runner.lora_slots == {"sql2": 5}
+    assert (engine.stats.num_loras, engine.stats.num_lora_loads) == (1, 5)
     for name, message in (
         ("dora", "use_dora = True is not supported"),
         ("nope", "'nope' is not loaded here .* and none in"),

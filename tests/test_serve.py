@@ -1265,6 +1265,9 @@ def test_lora_adapters_are_models_of_their_own(server, peft_model, tokenizer):
         assert chat.model == "sql" and chat.usage.completion_tokens == 4
     r = _complete(server, "disagg_gloo", prompt=PROMPT, model="dora")
     assert r.status_code == 400 and "use_dora" in r.json()["error"]["message"]
+    # the disaggregated replicas each loaded the two they were asked for, at first use
+    for stats in _replica_stats("disagg_gloo"):
+        assert stats["num_loras"] == stats["num_lora_loads"] == 2, stats
     r = _complete(server, "disagg", prompt=PROMPT, model="sql")
     assert r.status_code == 404 and "does not exist" in r.json()["error"]["message"]
     r = _complete(server, "coloc", prompt=PROMPT, model="other")
@@ -1318,6 +1321,8 @@ def test_metrics_reach_the_prometheus_endpoint(server):
         "splitserve_prefix_cache_hit_tokens",
         "splitserve_prompt_tokens",
         "splitserve_generation_tokens",
+        "splitserve_lora_adapters",
+        "splitserve_lora_loads",
     ]
     wanted += ['phase="decode"', 'phase="prefill"', 'mode="colocated"']  # and their tags
     # each app's requests against its own targets (the other apps count none)

@@ -211,8 +211,7 @@ class AppArgs(_Strict):
     # (e.g. {"enable_thinking": false}); a request's chat_template_kwargs override them
     default_chat_template_kwargs: dict | None = None
     # vLLM's --lora-modules: LoRA adapters (PEFT directories, read by every prefill, decode
-    # and colocated replica) by the name a request gives as its `model` (engine/lora.py);
-    # single-worker replicas only
+    # and colocated replica) by the name a request gives as its `model` (engine/lora.py)
     lora_modules: dict[str, str] = {}
     # Ray Serve LLM's dynamic LoRA loading, from a local (or shared) directory: each
     # subdirectory holding a PEFT adapter is an adapter named by the folder, loaded by a
@@ -304,20 +303,7 @@ class AppArgs(_Strict):
     def _adapters_servable(self) -> AppArgs:
         if self.served_model_name in self.lora_modules:
             raise ValueError(f"lora_modules: {self.served_model_name!r} names the base model")
-        for phase in self.phases:
-            adapters = self.lora_modules or self.lora_dir
-            if adapters and not getattr(self, phase).engine.parallel.is_single:
-                raise ValueError(
-                    f"lora_modules, lora_dir: LoRA adapters are served on single-worker "
-                    f"replicas only; "
-                    f"{phase}.engine has tensor_parallel_size or pipeline_parallel_size above 1"
-                )
         return self
-
-    @property
-    def phases(self) -> tuple[str, ...]:
-        """The deployments that run the model in this mode."""
-        return ("colocated",) if self.mode == "colocated" else ("prefill", "decode")
 
     def gpus_per_worker(self, phase: str) -> float:
         chosen = getattr(self, phase).num_gpus

@@ -35,7 +35,7 @@ class EngineConfig:
     worker_num_gpus: float = 1.0  # with device cuda; a fraction shares a GPU
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     # vLLM's --lora-modules: (name, PEFT directory) of each LoRA adapter a request may name
-    # (engine/lora.py); single-worker replicas only (the adapters are not split over workers)
+    # (engine/lora.py); a multi-worker replica's workers each hold their slice of it
     lora_modules: tuple[tuple[str, str], ...] = ()
     # a directory of LoRA adapters, one per subdirectory, named by it: each loaded when a
     # request first names it; at most max_loras of them stay loaded (engine/lora.py)
@@ -60,11 +60,6 @@ class EngineConfig:
             raise ValueError("worker_num_gpus must be >= 0")
         if self.max_loras < 1:
             raise ValueError("max_loras must be >= 1")
-        if (self.lora_modules or self.lora_dir) and not self.parallel.is_single:
-            raise ValueError(
-                "lora_modules, lora_dir: LoRA adapters are served on single-worker replicas only "
-                "(tensor_parallel_size and pipeline_parallel_size 1)"
-            )
         names = [name for name, _ in self.lora_modules]
         if len(set(names)) != len(names):
             raise ValueError(f"lora_modules: adapter names repeat: {names}")

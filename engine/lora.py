@@ -7,6 +7,11 @@ products of rank r, where merged weights would need a copy of the model per adap
 adapter per batch. A request names its adapter (`SamplingParams.lora`); requests of different
 adapters and of the base model share one step.
 
+A multi-worker replica splits an adapter as engine/sharding.py splits the model: a pipeline
+stage keeps its own layers' part, a tensor-parallel rank B's rows of its column-parallel
+layers and A's columns of its row-parallel ones, whose rank-r products are all-reduced over
+the stage's group before B (the same on every rank, added after the layer's own all-reduce).
+
 Read from a PEFT directory (`save_pretrained`'s `adapter_config.json` and
 `adapter_model.safetensors` or `.bin`). Plain LoRA on the decoder's `nn.Linear` layers is
 served; what would change the output if ignored is refused at load with its reason: DoRA,
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed
 from torch import nn
 
 from engine.config import lora_path
@@ -64,12 +70,14 @@ class LoRAError(ValueError):
 
 @dataclass(frozen=True)
 class LoRAAdapter:
-    """One adapter's weights: per linear layer's module name, A (r, in) and scale * B (out, r)."""
+    """One adapter's weights: per linear layer's module name, A (r, in) and scale * B (out, r),
+    cut to a tensor-parallel rank's slice of the layer, and for a row-parallel layer the
+    group that all-reduces A's product (None: unsplit or column-parallel)."""
 
     name: str
     path: str
     rank: int
-    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor, object]]
 
 
 def load_adapter(name: str, path: str | Path, model: nn.Module) -> LoRAAdapter:
@@ -91,12 +99,39 @@ def load_adapter(name: str, path: str | Path, model: nn.Module) -> LoRAAdapter:
     param = next(model.parameters())
     layers = {}
     for module_name, ab in sorted(parts.items()):
-        a, b = _checked_pair(name, model, module_name, ab, rank)
-        layers[module_name] = (
-            a.to(param.device, param.dtype),
-            (b.float() * scale).to(param.device, param.dtype),
+        local = _stage_name(name, model, module_name)
+        if local is None:  # a layer of another pipeline stage
+            continue
+        module = _checked_layer(name, model, module_name, local)
+        a, b = _checked_pair(name, module_name, module, ab, rank)
+        rows, cols = getattr(module, "lora_rows", None), getattr(module, "lora_cols", None)
+        a = a if cols is None else a[:, cols]  # a row-parallel layer's input columns
+        b = b if rows is None else b[rows]  # a column-parallel layer's output rows
+        layers[local] = (
+            a.contiguous().to(param.device, param.dtype),
+            (b.float() * scale).contiguous().to(param.device, param.dtype),
+            getattr(module, "lora_group", None),
         )
     return LoRAAdapter(name, str(path), rank, layers)
+
+
+_LAYER = re.compile(r"(?P<head>(?:.*\.)?layers\.)(?P<index>\d+)(?P<tail>\..+)")
+
+
+def _stage_name(name: str, model: nn.Module, module_name: str) -> str | None:
+    """The module's name in this pipeline stage's model (engine/sharding.py keeps its layers,
+    renumbered from 0), or None when it is another stage's; the name itself when unsplit."""
+    stage = getattr(model, "stage_layers", None)
+    match = _LAYER.fullmatch(module_name)
+    if stage is None or match is None:
+        return module_name
+    index = int(match["index"])
+    if index >= model.config.get_text_config().num_hidden_layers:
+        where = f"LoRA adapter {name!r}, layer {module_name!r}"
+        raise LoRAError(f"{where}: the model has no such layer")
+    if index not in stage:
+        return None
+    return f"{match['head']}{index - stage.start}{match['tail']}"
 
 
 def _read_config(name: str, path: Path) -> dict:
@@ -123,22 +158,31 @@ def _read_weights(name: str, path: Path) -> dict[str, torch.Tensor]:
     raise LoRAError(f"LoRA adapter {name!r}: no adapter_model.safetensors or .bin in {path}")
 
 
-def _checked_pair(
-    name: str, model: nn.Module, module_name: str, ab: dict[str, torch.Tensor], rank: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _checked_layer(name: str, model: nn.Module, module_name: str, local: str) -> nn.Linear:
     where = f"LoRA adapter {name!r}, layer {module_name!r}"
-    if set(ab) != {"A", "B"}:
-        raise LoRAError(f"{where}: has lora_{next(iter(ab))} without its pair")
     if any(part in _NOT_SERVED for part in module_name.split(".")):
         raise LoRAError(f"{where}: adapters on the embedding or the LM head are not supported")
     try:
-        module = model.get_submodule(module_name)
+        module = model.get_submodule(local)
     except AttributeError:
         raise LoRAError(f"{where}: the model has no such layer") from None
     if not isinstance(module, nn.Linear):
         raise LoRAError(f"{where}: a {type(module).__name__}, not a linear layer")
+    return module
+
+
+def _checked_pair(
+    name: str, module_name: str, module: nn.Linear, ab: dict[str, torch.Tensor], rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and B, which must fit the whole layer (a tensor-parallel rank holds a slice of it)."""
+    where = f"LoRA adapter {name!r}, layer {module_name!r}"
+    if set(ab) != {"A", "B"}:
+        raise LoRAError(f"{where}: has lora_{next(iter(ab))} without its pair")
     a, b = ab["A"], ab["B"]
-    want_a, want_b = (rank, module.in_features), (module.out_features, rank)
+    out_features, in_features = getattr(
+        module, "lora_full", (module.out_features, module.in_features)
+    )
+    want_a, want_b = (rank, in_features), (out_features, rank)
     if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
         raise LoRAError(
             f"{where}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, where r = {rank} "
@@ -158,16 +202,17 @@ class LoRALayers:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.slots: dict[str, int] = {}
-        self._weights: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # by layer
+        self._weights: dict[str, dict[int, tuple]] = {}  # by layer, then slot: (A, B, group)
         self._next_slot = 1
         self._groups: list[tuple[int, slice | torch.Tensor]] = []
         self._num_tokens = 0
 
-    def add(self, adapter: LoRAAdapter) -> int:
-        """Load `adapter` (its name not loaded yet) -> its slot."""
+    def add(self, adapter: LoRAAdapter, slot: int | None = None) -> int:
+        """Load `adapter` (its name not loaded yet) in `slot` (None: the next) -> its slot."""
         if adapter.name in self.slots:
             raise ValueError(f"LoRA adapter {adapter.name!r} is loaded already")
-        slot, self._next_slot = self._next_slot, self._next_slot + 1
+        slot = self._next_slot if slot is None else slot
+        self._next_slot = max(self._next_slot, slot + 1)
         for module_name, ab in adapter.layers.items():
             if module_name not in self._weights:  # the layer's first adapter: hook it
                 self._weights[module_name] = {}
@@ -193,7 +238,7 @@ class LoRALayers:
         finally:
             self._groups = []
 
-    def _hook(self, weights: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+    def _hook(self, weights: dict[int, tuple]):
         def hook(_module, inputs, output: torch.Tensor) -> None:
             if not self._groups:
                 return
@@ -207,12 +252,16 @@ class LoRALayers:
                 ab = weights.get(slot)
                 if ab is None:
                     continue
-                a, b = ab
-                if isinstance(rows, slice):  # a run of tokens: in place, no copies
-                    out[rows].addmm_(x[rows] @ a.T, b.T)
-                else:
+                a, b, group = ab
+                if not isinstance(rows, slice):
                     rows = rows.to(x.device)
-                    out.index_add_(0, rows, (x[rows] @ a.T) @ b.T)
+                low = x[rows] @ a.T  # (tokens, r)
+                if group is not None:  # a row-parallel layer: each rank's part of the sum
+                    torch.distributed.all_reduce(low, group=group)
+                if isinstance(rows, slice):  # a run of tokens: in place, no copies
+                    out[rows].addmm_(low, b.T)
+                else:
+                    out.index_add_(0, rows, low @ b.T)
 
         return hook
 
@@ -289,7 +338,7 @@ class AdapterCache:
             try:
                 self.runner.load_lora(name, path)
             except (LoRAError, OSError) as e:
-                raise InvalidRequestError(str(e), "model") from e
+                raise InvalidRequestError(str(getattr(e, "cause", e)), "model") from e
             self._recent[name] = None
             self._evict(in_use() | {name})
         return self.runner.lora_slots[name]

@@ -169,9 +169,10 @@ class ModelRunner:
         """The loaded LoRA adapters' slots by name (SeqInput.lora)."""
         return self.loras.slots
 
-    def load_lora(self, name: str, path: str | Path) -> int:
-        """Load the PEFT LoRA adapter at `path` as `name` (between forwards) -> its slot."""
-        slot = self.loras.add(load_adapter(name, path, self.model))
+    def load_lora(self, name: str, path: str | Path, slot: int | None = None) -> int:
+        """Load the PEFT LoRA adapter at `path` as `name` (between forwards) in `slot` (None:
+        the next) -> its slot."""
+        slot = self.loras.add(load_adapter(name, path, self.model), slot)
         self.num_lora_loads += 1
         return slot
 

@@ -137,6 +137,7 @@ def shard_model(model: nn.Module, shard: Shard, tp_size: int, tp_group) -> nn.Mo
     base = decoder(model)
     first, last = shard.layers.start == 0, shard.layers.stop == len(base.layers)
     base.layers = nn.ModuleList(base.layers[i] for i in shard.layers)
+    model.stage_layers = shard.layers  # engine/lora.py: an adapter's layer i is local i - start
     for name in (() if first else _FIRST_ONLY) + (() if last else _LAST_ONLY):
         if hasattr(base, name):
             setattr(base, name, None)
@@ -261,6 +262,7 @@ def _shard_linear(module: nn.Module, style: str, slot: tuple[int, int], group) -
         raise ValueError(f"cannot split a dimension of {full} over {count} ranks")
     part = full // count
     keep = slice(index * part, (index + 1) * part)
+    _keep_for_lora(module, rows=keep if dim == 0 else None, cols=keep if dim == 1 else None)
     weight = module.weight.data[keep] if dim == 0 else module.weight.data[:, keep]
     module.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
     if dim == 0:
@@ -269,9 +271,17 @@ def _shard_linear(module: nn.Module, style: str, slot: tuple[int, int], group) -
             module.bias = nn.Parameter(module.bias.data[keep].contiguous(), requires_grad=False)
         return
     module.in_features = part
+    module.lora_group = group  # a LoRA delta's rank-r product is all-reduced too
     if module.bias is not None and index != 0:  # the all-reduce would add the bias size times
         module.bias = nn.Parameter(torch.zeros_like(module.bias), requires_grad=False)
     module.register_forward_hook(_all_reduce_hook(group))
+
+
+def _keep_for_lora(module: nn.Linear, rows=None, cols=None) -> None:
+    """What a LoRA adapter's A and B must be cut to (engine/lora.py): the whole layer's
+    (out, in), and the output rows or input columns this rank keeps of it."""
+    module.lora_full = (module.out_features, module.in_features)
+    module.lora_rows, module.lora_cols = rows, cols
 
 
 def _sections(
@@ -298,6 +308,7 @@ def _shard_fused(module: nn.Module, sections: list[tuple[int, int, int]]) -> Non
         rows.append(torch.arange(offset + index * part, offset + (index + 1) * part))
         offset += n
     keep = torch.cat(rows)
+    _keep_for_lora(module, rows=keep)
     module.weight = nn.Parameter(module.weight.data[keep].contiguous(), requires_grad=False)
     if module.bias is not None:
         module.bias = nn.Parameter(module.bias.data[keep].contiguous(), requires_grad=False)

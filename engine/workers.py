@@ -20,11 +20,13 @@ import logging
 import os
 import socket
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
 from engine.config import EngineConfig
 from engine.kv_handoff import KVPiece, finish_all, open_all
+from engine.lora import LoRAError
 from engine.model_runner import ModelInput, ModelRunner, ModelShape
 from engine.parallel import ParallelLayout, Shard, split_micro_batches
 from engine.sharding import decoder
@@ -94,7 +96,8 @@ class ShardRunner(ModelRunner):
                     (1, mb.num_tokens, self.hidden_size), dtype=self.dtype, device=self.device
                 )
                 dist.recv(hidden, src=self._peer(self.shard.pp_rank - 1))
-            hidden = self._layers(hidden, positions, meta)
+            with self._adapters(mb):  # every tensor-parallel rank has the same adapters
+                hidden = self._layers(hidden, positions, meta)
             if self.last:
                 logits.append(self._logits(hidden, sample_idx))
             else:  # async: start the next micro-batch while this one travels
@@ -248,6 +251,18 @@ class ModelWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def load_lora(self, name: str, path: str, slot: int) -> str | None:
+        """None, or why this rank cannot load the adapter (its group undoes the others)."""
+        try:
+            self.runner.load_lora(name, path, slot)
+        except (LoRAError, OSError) as e:
+            return str(e)
+        return None
+
+    def unload_lora(self, name: str) -> None:
+        if name in self.runner.lora_slots:
+            self.runner.unload_lora(name)
+
     def send_kv(self, block_ids: list[int], dst: ParallelLayout) -> list[KVPiece]:
         return self.runner.send_kv(block_ids, dst, self.channel)
 
@@ -277,12 +292,6 @@ class WorkerGroupRunner:
 
     opens_own_kv = True  # each worker opens the pieces addressed to it
 
-    num_lora_loads = 0  # LoRA adapters are served on single-worker replicas (EngineConfig)
-
-    @property
-    def lora_slots(self) -> dict[str, int]:
-        return {}
-
     def __init__(
         self, path: str, config: EngineConfig, layout: ParallelLayout, kv_transport: str = "shm"
     ) -> None:
@@ -302,7 +311,12 @@ class WorkerGroupRunner:
             1, config.kv_cache_memory_mb * 2**20 // per_block
         )
         self.failure: str | None = None
+        self.lora_slots: dict[str, int] = {}  # the LoRA adapters every worker holds
+        self.num_lora_loads = 0
+        self._next_lora_slot = 1  # a slot is never reused (engine/lora.py)
         self.workers = self._start(path, config, kv_transport)
+        for name, where in config.lora_modules:
+            self.load_lora(name, where)
         logger.info(
             "model %s on %d workers (tp=%d, pp=%d): %d KV blocks of %d tokens",
             path, layout.world_size, layout.tp, layout.pp, self.num_kv_blocks, self.block_size,
@@ -361,6 +375,22 @@ class WorkerGroupRunner:
                 for rank, w in enumerate(self.workers)
             ]
         )
+
+    def load_lora(self, name: str, path: str | Path) -> int:
+        """Load a LoRA adapter on every worker, each its slice of its stage's layers, in one
+        slot -> the slot; if any worker cannot, none keeps it."""
+        slot, self._next_lora_slot = self._next_lora_slot, self._next_lora_slot + 1
+        errors = self._get([w.load_lora.remote(name, str(path), slot) for w in self.workers])
+        if any(errors):
+            self._get([w.unload_lora.remote(name) for w in self.workers])
+            raise LoRAError(next(e for e in errors if e))
+        self.lora_slots[name] = slot
+        self.num_lora_loads += 1
+        return slot
+
+    def unload_lora(self, name: str) -> None:
+        self._get([w.unload_lora.remote(name) for w in self.workers])
+        del self.lora_slots[name]
 
     def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
         raise NotImplementedError("a multi-worker replica hands KV off with send_kv")

@@ -126,11 +126,7 @@ def test_an_adapter_the_engine_does_not_have_is_refused(lora_engine):
     assert not lora_engine.has_unfinished
 
 
-def test_adapters_need_single_worker_replicas():
-    with pytest.raises(ValueError, match="single-worker replicas"):
-        EngineConfig(tensor_parallel_size=2, lora_modules=(("a", "/x"),))
-    with pytest.raises(ValueError, match="single-worker replicas"):
-        EngineConfig(pipeline_parallel_size=2, lora_dir="/x")
+def test_engine_config_checks_adapter_settings():
     with pytest.raises(ValueError, match="repeat"):
         EngineConfig(lora_modules=(("a", "/x"), ("a", "/y")))
     with pytest.raises(ValueError, match="max_loras"):
@@ -225,16 +221,10 @@ def test_app_args_check_adapters(lora_adapters, tmp_path):
         ({"lora_dir": str(tmp_path / "none")}, "is not a directory"),
         ({"max_loras": 0}, "greater than or equal to 1"),
         ({"lora_modules": {"SmolLM2-135M-Instruct": lora_adapters["sql"]}}, "base model"),
-        (
-            {"lora_modules": lora_adapters, "decode": {"engine": {"tensor_parallel_size": 2}}},
-            "decode.engine has tensor_parallel_size",
-        ),
     ]
     for fields, message in bad:
         with pytest.raises(ValidationError, match=message):
             AppArgs(**fields)
-    # a parallel phase the mode does not run is no obstacle
-    AppArgs(lora_modules=lora_adapters, colocated={"engine": {"tensor_parallel_size": 2}})
 
 
 def test_scattered_adapter_tokens_are_gathered_by_index(lora_engine):
@@ -317,3 +307,40 @@ def test_the_engine_cli_runs_an_adapter(lora_engine, lora_adapters, lora_dir, ca
     assert capsys.readouterr().out.strip() == want.text.strip()
     assert main(["generate", "--prompt", "hi", "--lora", f"{lora_dir}/dora"]) == 2
     assert "use_dora = True is not supported" in capsys.readouterr().err
+
+
+def test_a_tp_rank_holds_its_slice_of_a_fused_layers_adapter(tmp_path):
+    """Phi-3 at tp2 (q, k and v fused in one projection, gate and up in another): each rank's
+    fused output with the adapter is its rows of the whole model's under PEFT, and the two
+    ranks' MLP outputs with the adapter (before their all-reduce) add up to the whole's."""
+    import copy
+
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from engine.lora import LoRALayers
+    from tests.test_parallel import _QKV, _sharded, _small
+
+    torch.manual_seed(0)
+    whole = transformers.Phi3ForCausalLM(_small(transformers.Phi3Config, num_key_value_heads=2))
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    peft = get_peft_model(copy.deepcopy(whole), config).eval()
+    peft.save_pretrained(tmp_path)
+    x = torch.randn(1, 5, 32)
+    reference = peft.base_model.model.model.layers[1]
+    with torch.no_grad():
+        want_qkv, want_mlp = reference.self_attn.qkv_proj(x), reference.mlp(x)
+    parts = []
+    for rank in range(2):
+        model = _sharded(whole.eval(), tp=2, rank=rank)
+        layer = model.model.layers[1]
+        layer.mlp.down_proj._forward_hooks.clear()  # the all-reduce, done here by adding up
+        loras = LoRALayers(model)
+        loras.add(load_adapter("a", tmp_path, model))
+        with torch.no_grad(), loras.batch([1] * 5):
+            qkv, mlp = layer.self_attn.qkv_proj(x), layer.mlp(x)
+        rows = torch.cat([torch.arange(s + n * rank, s + n * (rank + 1)) for s, n in _QKV])
+        torch.testing.assert_close(qkv, want_qkv[..., rows], rtol=1e-5, atol=1e-5)
+        parts.append(mlp)
+    torch.testing.assert_close(parts[0] + parts[1], want_mlp, rtol=1e-5, atol=1e-5)

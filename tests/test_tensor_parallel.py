@@ -4,13 +4,16 @@ their outputs equal a single worker's, and the KV hand-off between different lay
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.kv_handoff import finish_all, open_all, total_bytes
+from engine.lora import LoRAError
 from engine.model_runner import ModelInput, SeqInput
 from engine.workers import WorkerGroupFailed
 from kvkernels.kv_channel import KVChannel
@@ -364,3 +367,65 @@ def _kill_a_worker_then_recover(url: str, body: dict) -> None:
         assert time.monotonic() < deadline, r.text
         time.sleep(2)
     assert r.json()["usage"]["completion_tokens"] == 12
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tiny_llama_path, tmp_path_factory) -> str:
+    """A LoRA adapter of the tiny Llama on all seven linear layers, written by PEFT."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
+    layers = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = LoraConfig(r=4, lora_alpha=32, target_modules=layers, init_lora_weights=False)
+    path = tmp_path_factory.mktemp("tiny-lora")
+    get_peft_model(base, config).save_pretrained(path)
+    return str(path)
+
+
+def test_a_lora_adapter_splits_over_workers_as_the_model_does(
+    single, reference, tp2, pp2, tiny_lora, tmp_path
+):
+    """tp2: each rank holds B's rows of its column-parallel layers and A's columns of its
+    row-parallel ones (their rank-r products all-reduced); pp2: each stage its own layers'
+    part. A batch mixing the adapter with the base model gives one worker's tokens and
+    logits. An adapter one stage cannot load is kept by none."""
+    from safetensors.torch import load_file, save_file
+
+    turns = ("t", None, "t")
+    params = [
+        SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, lora=lora) for lora in turns
+    ]
+    engines = (single, tp2, pp2)
+    try:
+        for engine in engines:
+            engine.runner.load_lora("t", tiny_lora)
+        want = [c.token_ids for c in single.generate(PROMPTS, params)]
+        assert want[1] == reference[1] and want[0] != reference[0]  # the adapter matters
+        for engine in (tp2, pp2):
+            assert [c.token_ids for c in engine.generate(PROMPTS, params)] == want
+        logits = []
+        for engine in engines:
+            slot = engine.runner.lora_slots["t"]
+            batch = _batch()
+            batch = ModelInput([dataclasses.replace(s, lora=slot) for s in batch.seqs[:1]])
+            logits.append(engine.runner.execute(batch))
+        for got in logits[1:]:
+            torch.testing.assert_close(got, logits[0], rtol=1e-4, atol=1e-4)
+    finally:
+        for engine in engines:
+            engine.runner.unload_lora("t")
+    # the last stage's layer 3 of the wrong shape: the first stage had loaded it, and drops it
+    (tmp_path / "bad").mkdir()
+    tensors = load_file(f"{tiny_lora}/adapter_model.safetensors")
+    tensors["base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 5)
+    save_file(tensors, tmp_path / "bad" / "adapter_model.safetensors")
+    config = (Path(tiny_lora) / "adapter_config.json").read_text()
+    (tmp_path / "bad" / "adapter_config.json").write_text(config)
+    with pytest.raises(LoRAError, match=r"layers.3.self_attn.q_proj.*\(4, 5\)"):
+        pp2.runner.load_lora("bad", tmp_path / "bad")
+    assert pp2.runner.lora_slots == {}
+    pp2.runner.load_lora("bad", tiny_lora)  # the name is free again on every worker
+    pp2.runner.unload_lora("bad")
+    assert all(e.blocks.num_free_blocks == e.blocks.num_blocks for e in engines)

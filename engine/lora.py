@@ -231,7 +231,11 @@ class LoRALayers:
     @contextlib.contextmanager
     def batch(self, token_slots: list[int]) -> Iterator[None]:
         """For one forward: token_slots[i] is the adapter slot of the batch's token i."""
-        self._groups = _groups(token_slots)
+        device = next(self.model.parameters()).device  # index tensors moved once, not per layer
+        self._groups = [
+            (slot, rows if isinstance(rows, slice) else rows.to(device))
+            for slot, rows in _groups(token_slots)
+        ]
         self._num_tokens = len(token_slots)
         try:
             yield
@@ -253,8 +257,6 @@ class LoRALayers:
                 if ab is None:
                     continue
                 a, b, group = ab
-                if not isinstance(rows, slice):
-                    rows = rows.to(x.device)
                 low = x[rows] @ a.T  # (tokens, r)
                 if group is not None:  # a row-parallel layer: each rank's part of the sum
                     torch.distributed.all_reduce(low, group=group)

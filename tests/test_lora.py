@@ -60,7 +60,9 @@ def test_a_mixed_batch_has_each_requests_adapter_logits(lora_engine, peft_model,
                 want = peft_model(torch.tensor([t])).logits[0]
             with peft_model.disable_adapter():
                 base = peft_model(torch.tensor([t])).logits[0]
-        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+        # fp32 sums over 30 layers in another order than PEFT's: 2e-4 was exceeded once (2.2e-4
+        # at one of 245,760 logits); the adapters move them by more than 0.1
+        torch.testing.assert_close(got, want, atol=5e-4, rtol=1e-4)
         if lora is not None:
             assert (want - base).abs().max() > 0.1  # the adapter matters
 

@@ -109,6 +109,20 @@ class BlockManager:
         self._refs[block] = 1
         return block
 
+    def truncate(self, request_id: str, num_tokens: int) -> int:
+        """Let go of the request's blocks past those `num_tokens` tokens need (speculative
+        decoding's refused drafts); -> how many. Blocks past the computed tokens are the
+        request's alone: never published, so never shared."""
+        table = self._tables[request_id]
+        keep = self.blocks_for(num_tokens)
+        for block in table[keep:]:
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                self._free[block] = None
+        dropped = max(0, len(table) - keep)
+        del table[keep:]
+        return dropped
+
     def free(self, request_id: str) -> int:
         """Let go of all blocks of a request; freeing an unknown request is a no-op."""
         table = self._tables.pop(request_id, None)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from engine.parallel import ParallelLayout
 from engine.scheduler import SchedulerConfig
+from engine.spec_decode import SpeculativeConfig
 
 _DTYPES = ("float32", "bfloat16", "float16")
 # the KV cache's element type, as vLLM's --kv-cache-dtype names it: "auto" is the model's
@@ -41,6 +42,8 @@ class EngineConfig:
     # request first names it; at most max_loras of them stay loaded (engine/lora.py)
     lora_dir: str | None = None
     max_loras: int = 8
+    # vLLM's --speculative-config: decoding requests verify n-gram drafts (engine/spec_decode.py)
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

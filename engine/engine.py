@@ -13,6 +13,7 @@ The engine is single-threaded: callers serialize `step`, `abort`, `import_reques
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -40,7 +41,8 @@ from engine.outputs import (
 from engine.request import Request, RequestStatus
 from engine.sampler import TokenHistory, TokenMasks, sample, token_logprobs
 from engine.sampling_params import InvalidRequestError, SamplingParams
-from engine.scheduler import Scheduler, SchedulerOutput
+from engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from engine.spec_decode import NgramProposer
 
 logger = logging.getLogger(__name__)
 PROMPT_LOGPROB_ROWS = 256  # prompt positions per log-softmax (bounds its copy of the logits)
@@ -113,6 +115,10 @@ class LLMEngine:
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
         self.num_preemptions = 0
+        # speculative decoding (engine/spec_decode.py): drafts verified, drafts kept
+        self.proposer = NgramProposer(config.speculative) if config.speculative else None
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
         self.last_step: StepRecord | None = None
 
     # ---- requests in -------------------------------------------------------------------------
@@ -201,6 +207,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         t0, start_s = time.perf_counter(), time.time()
         self.last_step = None
+        self._propose_drafts()
         sched = self.scheduler.schedule()
         self.num_preemptions += len(sched.preempted)
         if sched.is_empty:
@@ -214,54 +221,90 @@ class LLMEngine:
                 self.abort(request_id)
             raise StepFailed(ids) from e
         outputs = []
-        for request, token in self.scheduler.postprocess(sched, sampled):
-            if request.request_id in sampled and token is None:
+        for request, tokens in self.scheduler.postprocess(sched, sampled):
+            rid = request.request_id
+            if rid in sampled and sampled[rid] is None:
                 outputs.append(self._fail(request, "its logits held no distribution to draw from"))
-            elif token is not None:
-                outputs.append(self._emit_alone(request, token, logprobs.get(request.request_id)))
+            elif tokens:
+                outputs.append(self._emit_alone(request, tokens, logprobs.get(rid)))
         duration_ms = (time.perf_counter() - t0) * 1e3
         self.last_step = StepRecord(duration_ms, prefills, decodes, start_s, offsets)
         return outputs
 
     def _execute(
         self, sched: SchedulerOutput
-    ) -> tuple[dict[str, int | None], dict[str, TokenLogprob]]:
-        """-> the sampled token (None: the draw failed) and (where asked for) its logprobs, by
-        request id."""
+    ) -> tuple[dict[str, list[int] | None], dict[str, list[TokenLogprob]]]:
+        """-> by request id, its new tokens (kept drafts, then the token drawn after them; None:
+        a draw failed) and (where asked for) their logprobs."""
         seqs = [
             SeqInput(
-                s.request.token_ids(s.start, s.end),
+                s.request.token_ids(s.start, s.end - len(s.draft)) + list(s.draft),
                 s.start,
                 self.blocks.block_table(s.request.request_id),
                 s.samples,
-                s.request.wants_prompt_logprobs,
+                s.request.wants_prompt_logprobs or bool(s.draft),
                 self._lora_slot(s.request),
             )
             for s in sched.scheduled
         ]
         logits = self._sampling_rows(sched, seqs, self.runner.execute(ModelInput(seqs)))
-        sampling = [s.request for s in sched.scheduled if s.samples]
-        tracked = [self._tracked[r.request_id] for r in sampling]
-        params = [r.sampling_params for r in sampling]
+        # a row per position that samples: a request's pending token and each of its drafts
+        rows = [(s, j) for s in sched.scheduled if s.samples for j in range(1 + len(s.draft))]
+        tracked = [self._tracked[s.request.request_id] for s, _ in rows]
+        params = [s.request.sampling_params for s, _ in rows]
         masked = tuple(i for i, t in enumerate(tracked) if t.matcher is not None)
         allowed = None
         if masked:
             matchers = [tracked[i].matcher for i in masked]
             allowed = TokenMasks(masked, self.grammars.masks(matchers))
-        history = [
-            TokenHistory(r.prompt_token_ids, r.output_token_ids, r.eos_token_id)
+        history = [  # a draft's row sees the drafts before it as output
+            TokenHistory(r.prompt_token_ids, r.output_token_ids + list(s.draft[:j]), r.eos_token_id)
             if p.adjusts_logits or t.matcher is not None
             else None
-            for r, p, t in zip(sampling, params, tracked, strict=True)
+            for (s, j), p, t in zip(rows, params, tracked, strict=True)
+            for r in (s.request,)
         ]
         tokens = sample(logits, params, [t.generator for t in tracked], history, allowed)
         wanted = [None if t is None else p.logprobs for t, p in zip(tokens, params, strict=True)]
         logprobs = token_logprobs(logits, [t or 0 for t in tokens], wanted)
-        ids = [r.request_id for r in sampling]
-        return (
-            dict(zip(ids, tokens, strict=True)),
-            {i: lp for i, lp in zip(ids, logprobs, strict=True) if lp is not None},
-        )
+        sampled, scores, row = {}, {}, 0
+        for s in (s for s in sched.scheduled if s.samples):
+            n = self._verify(s, tokens[row : row + 1 + len(s.draft)])
+            rid = s.request.request_id
+            sampled[rid] = None if n is None else tokens[row : row + n]
+            if logprobs[row] is not None and n is not None:
+                scores[rid] = logprobs[row : row + n]
+            row += 1 + len(s.draft)
+        return sampled, scores
+
+    def _verify(self, item: ScheduledRequest, drawn: list[int | None]) -> int | None:
+        """How many of the drawn tokens the request takes: its drafts while each equals the
+        draw at its position, then the first draw that differs (or the one after the last
+        draft); None when a draw it reaches failed."""
+        kept = 0
+        while kept < len(item.draft) and drawn[kept] == item.draft[kept]:
+            kept += 1
+        self.num_draft_tokens += len(item.draft)
+        self.num_accepted_tokens += kept
+        return None if None in drawn[: kept + 1] else kept + 1
+
+    def _propose_drafts(self) -> None:
+        """Speculative decoding: each decoding request's drafts for the next step, short enough
+        that it cannot pass max_tokens or the context window (structured outputs, whose matcher
+        moves one token at a time, decode without)."""
+        if self.proposer is None:
+            return
+        for request in self.scheduler.running:
+            params = request.sampling_params
+            room = min(
+                params.max_tokens - request.num_output_tokens - 1,
+                self.max_model_len - request.num_tokens,
+            )
+            if params.structured_output is not None:
+                room = 0
+            request.spec_token_ids = self.proposer.propose(
+                request.request_id, request.prompt_token_ids, request.output_token_ids, room
+            )
 
     def _lora_slot(self, request: Request) -> int:
         lora = request.sampling_params.lora
@@ -271,15 +314,17 @@ class LLMEngine:
         self, sched: SchedulerOutput, seqs: list[SeqInput], logits: torch.Tensor
     ) -> torch.Tensor:
         """Gather the prompt logprobs of the seqs that returned a row per token; -> the rows
-        that sample, one per sampling seq."""
+        that sample: one per sampling seq, and one more per draft token."""
         if not any(seq.all_logits for seq in seqs):  # the usual step: one row per sampling seq
             return logits
         rows, row = [], 0
         for item, seq in zip(sched.scheduled, seqs, strict=True):
             n = len(seq.token_ids) if seq.all_logits else int(seq.sample)
-            if seq.all_logits:
+            if item.draft:  # its pending token's row and its drafts'
+                rows.extend(range(row, row + n))
+            elif seq.all_logits:
                 self._gather_prompt_logprobs(item.request, item.start, logits[row : row + n])
-            if seq.sample:
+            if seq.sample and not item.draft:
                 rows.append(row + n - 1)
             row += n
         return logits[rows]
@@ -299,14 +344,23 @@ class LLMEngine:
             tracked.prompt_logprobs.extend(token_logprobs(rows, part, [k] * len(part)))
 
     def _emit_alone(
-        self, request: Request, token: int, logprob: TokenLogprob | None
+        self, request: Request, tokens: list[int], logprobs: list[TokenLogprob] | None
     ) -> RequestOutput:
-        """_emit, where a failure (detokenizing, the grammar's matcher) ends this request only."""
-        try:
-            return self._emit(request, token, logprob)
-        except Exception as e:
-            why = f"its output token {token} failed ({type(e).__name__})"
-            return self._fail(request, why, e)
+        """_emit for each new token (several: kept drafts), as one output; a failure
+        (detokenizing, the grammar's matcher) ends this request only."""
+        first = request.num_output_tokens - len(tokens)
+        outputs = []
+        for i, token in enumerate(tokens):
+            try:
+                out = self._emit(request, token, logprobs and logprobs[i], first + i + 1)
+            except Exception as e:
+                why = f"its output token {token} failed ({type(e).__name__})"
+                return self._fail(request, why, e)
+            outputs.append(out)
+            if out.finished:  # a stop string: the tokens after it are not output
+                del request.output_token_ids[first + i + 1 :]
+                break
+        return outputs[0] if len(outputs) == 1 else _joined(outputs)
 
     def _fail(self, request: Request, why: str, error: Exception | None = None) -> RequestOutput:
         """End a request the engine failed, freeing its blocks; -> its last output. `error`:
@@ -325,41 +379,46 @@ class LLMEngine:
             error=RequestFailedError(message),
         )
 
-    def _emit(self, request: Request, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+    def _emit(
+        self, request: Request, token: int, logprob: TokenLogprob | None, num_output: int
+    ) -> RequestOutput:
+        """The output of the request's output token number `num_output` (`token`)."""
         tracked = self._tracked[request.request_id]
-        first_with_prompt = (
-            request.num_output_tokens == 1 and request.sampling_params.prompt_logprobs is not None
-        )
+        first_with_prompt = num_output == 1 and request.sampling_params.prompt_logprobs is not None
         params = request.sampling_params
         stopped = False
         # the token that ends a request (EOS, a stop token id) is not written into the text
         # unless include_stop_str_in_output, as vLLM: `skip_special_tokens: false` would
         # otherwise end every reply with the end-of-turn token
         if params.include_stop_str_in_output or not request.is_stop_token(token):
-            prompt_and_output = request.prompt_token_ids + request.output_token_ids
+            prompt_and_output = request.prompt_token_ids + request.output_token_ids[:num_output]
             # stop strings count only from min_tokens on (vLLM's rule)
-            may_stop = request.num_output_tokens >= params.min_tokens
+            may_stop = num_output >= params.min_tokens
             stopped = tracked.detokenizer.add_token(prompt_and_output, may_stop)
         error = None
         if tracked.matcher is not None:  # a complete form ends the request: nothing may follow
             done, error = advance(tracked.matcher, token, request.eos_token_id)
             stopped = stopped or done
-        if stopped and not request.status.is_finished:
+        # the scheduler ends a request at its step's last token (EOS, max_tokens); a stop
+        # string at an earlier one (of kept drafts) ends it there instead
+        last = num_output == request.num_output_tokens
+        if stopped and not (last and request.status.is_finished):
             status = RequestStatus.FINISHED_ABORTED if error else RequestStatus.FINISHED_STOPPED
             self.scheduler.finish(request, status)
-        finished = request.status.is_finished
+        finished = request.status.is_finished and (last or stopped)
         if finished:
             del self._tracked[request.request_id]
+            self._forget_drafts(request.request_id)
         return RequestOutput(
             request_id=request.request_id,
             new_token_ids=[token],
             new_text=tracked.detokenizer.take_new_text(finished),
             num_prompt_tokens=request.num_prompt_tokens,
-            num_output_tokens=request.num_output_tokens,
+            num_output_tokens=num_output,
             finish_reason=request.status.value if finished else None,
             prefilled=request.status is RequestStatus.PREFILLED,
-            queue_time_s=_queue_time(request) if request.num_output_tokens == 1 else None,
-            num_cached_tokens=request.num_cached_tokens if request.num_output_tokens == 1 else None,
+            queue_time_s=_queue_time(request) if num_output == 1 else None,
+            num_cached_tokens=request.num_cached_tokens if num_output == 1 else None,
             logprobs=None if logprob is None else [logprob],
             prompt_logprobs=[None, *tracked.prompt_logprobs] if first_with_prompt else None,
             error=None if error is None else self._grammar_error(request, error),
@@ -387,8 +446,13 @@ class LLMEngine:
         tracked = self._tracked.pop(request_id, None)
         if tracked is None:
             return False
+        self._forget_drafts(request_id)
         self.scheduler.finish(tracked.request, status)
         return True
+
+    def _forget_drafts(self, request_id: str) -> None:
+        if self.proposer is not None:
+            self.proposer.forget(request_id)
 
     @property
     def has_unfinished(self) -> bool:
@@ -408,6 +472,8 @@ class LLMEngine:
             num_cached_tokens=self.scheduler.prefill.num_cached_tokens,
             num_loras=len(self.runner.lora_slots),
             num_lora_loads=self.runner.num_lora_loads,
+            num_draft_tokens=self.num_draft_tokens,
+            num_accepted_tokens=self.num_accepted_tokens,
         )
 
     # ---- disaggregation ----------------------------------------------------------------------
@@ -535,6 +601,21 @@ def _step_shape(sched: SchedulerOutput) -> tuple[list[int], list[int], list[int]
             prefills.append(s.num_tokens)
             offsets.append(s.start)
     return prefills, offsets, decodes
+
+
+def _joined(outputs: list[RequestOutput]) -> RequestOutput:
+    """One step's outputs of one request (its kept drafts' and the next token's) as one."""
+    first, last = outputs[0], outputs[-1]
+    logprobs = [lp for out in outputs for lp in out.logprobs or ()]
+    return dataclasses.replace(
+        last,
+        new_token_ids=[t for out in outputs for t in out.new_token_ids],
+        new_text="".join(out.new_text for out in outputs),
+        queue_time_s=first.queue_time_s,
+        num_cached_tokens=first.num_cached_tokens,
+        logprobs=logprobs if first.logprobs is not None else None,
+        prompt_logprobs=first.prompt_logprobs,
+    )
 
 
 def _queue_time(request: Request) -> float | None:

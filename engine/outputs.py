@@ -97,6 +97,9 @@ class EngineStats:
     num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache, since start
     num_loras: int = 0  # LoRA adapters loaded now
     num_lora_loads: int = 0  # LoRA adapters loaded since start (lora_dir's: at first use)
+    # speculative decoding, since start: draft tokens verified, and those kept
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     @property
     def num_used_blocks(self) -> int:

@@ -39,6 +39,8 @@ class Request:
     # (length, the prefix-cache keys of its first `length` tokens' full blocks), kept by the
     # scheduler so that a waiting prompt is hashed once
     block_keys: tuple[int, list[bytes]] | None = None
+    # speculative decoding: draft tokens to verify with its next decode (engine/spec_decode.py)
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @cached_property
     def prefix_root(self) -> bytes:

@@ -47,7 +47,8 @@ class SchedulerConfig:
 class ScheduledRequest:
     request: Request
     start: int  # first position computed in this step
-    num_tokens: int  # tokens computed in this step
+    num_tokens: int  # tokens computed in this step, its draft tokens included
+    draft: tuple[int, ...] = ()  # speculative tokens computed after its pending one
 
     @property
     def end(self) -> int:
@@ -56,7 +57,7 @@ class ScheduledRequest:
     @property
     def samples(self) -> bool:
         """A step samples a token for a request when it computes its last pending token."""
-        return self.end == self.request.num_tokens
+        return self.end - len(self.draft) == self.request.num_tokens
 
 
 @dataclass(frozen=True)
@@ -178,19 +179,29 @@ class DecodeManager:
     def schedule_next_batch(
         self, token_budget: int, preempt: callable
     ) -> list[ScheduledRequest] | None:
-        """One token per running request, oldest first; preempts the newest when out of blocks."""
+        """One token per running request, oldest first, and its draft tokens (speculative
+        decoding) where the budget and the free blocks allow them after a token for each of the
+        others; preempts the newest when out of blocks."""
         batch: list[ScheduledRequest] = []
-        i = 0
-        while i < len(self.running) and len(batch) < token_budget:
+        used, i = 0, 0
+        while i < len(self.running) and used < token_budget:
             request = self.running[i]
+            others = min(len(self.running) - i - 1, token_budget - used - 1)
+            draft = request.spec_token_ids[: max(0, token_budget - used - 1 - others)]
+            if draft and not self.blocks.can_allocate(
+                request.request_id, request.num_tokens + len(draft)
+            ):
+                draft = []  # drafts never cost another request its place
             while not self.blocks.can_allocate(request.request_id, request.num_tokens):
                 victim = self.running.pop()
                 preempt(victim)
                 if victim is request:
                     break
             else:
-                self.blocks.allocate(request.request_id, request.num_tokens)
-                batch.append(ScheduledRequest(request, request.num_computed_tokens, 1))
+                self.blocks.allocate(request.request_id, request.num_tokens + len(draft))
+                start = request.num_computed_tokens
+                batch.append(ScheduledRequest(request, start, 1 + len(draft), tuple(draft)))
+                used += 1 + len(draft)
                 i += 1
         return batch or None
 
@@ -243,14 +254,17 @@ class Scheduler:
             decodes = (
                 self.decode.schedule_next_batch(cfg.max_num_batched_tokens, self._preempt) or []
             )
-            budget = cfg.max_num_batched_tokens - len(decodes)
+            budget = cfg.max_num_batched_tokens - sum(d.num_tokens for d in decodes)
             seqs = cfg.max_num_seqs - len(self.running)
             prefills = self.prefill.schedule_next_batch(budget, seqs) or []
             batch = decodes + prefills
         else:
             seqs = cfg.max_num_seqs - len(self.running)
+            # every running request decodes (there are at most max_num_seqs); drafts fill
+            # the token budget
+            decode_budget = max(cfg.max_num_batched_tokens, cfg.max_num_seqs)
             batch = self.prefill.schedule_next_batch(cfg.max_num_batched_tokens, seqs) or (
-                self.decode.schedule_next_batch(cfg.max_num_seqs, self._preempt) or []
+                self.decode.schedule_next_batch(decode_budget, self._preempt) or []
             )
         return SchedulerOutput(batch, self._preempted)
 
@@ -267,26 +281,48 @@ class Scheduler:
         self._preempted.append(request.request_id)
 
     def postprocess(
-        self, output: SchedulerOutput, sampled: dict[str, int]
-    ) -> list[tuple[Request, int | None]]:
-        """Apply one step's results; -> (request, new token or None) per scheduled request."""
+        self, output: SchedulerOutput, sampled: dict[str, list[int] | None]
+    ) -> list[tuple[Request, list[int]]]:
+        """Apply one step's results: `sampled` holds, per request that sampled, its new tokens
+        (its kept drafts, then the token drawn after them; None: the draw failed). -> (request,
+        the tokens it took) per scheduled request; a stop takes none after it."""
         results = []
         for item in output.scheduled:
             request = item.request
-            request.num_computed_tokens = item.end
+            tokens = (sampled.get(request.request_id) if item.samples else None) or []
+            was_waiting = request.status is RequestStatus.WAITING
+            taken, stop = self._append_tokens(request, tokens)
+            # the drafts' KV is in the cache as far as they were kept
+            kept_drafts = min(len(item.draft), len(tokens) - 1, len(taken)) if tokens else 0
+            request.num_computed_tokens = item.end - len(item.draft) + kept_drafts
             self.blocks.publish(
-                request.request_id, item.end, request.token_ids, request.prefix_root
+                request.request_id,
+                request.num_computed_tokens,
+                request.token_ids,
+                request.prefix_root,
             )
-            token = sampled.get(request.request_id) if item.samples else None
-            if token is not None:
-                self._append_token(request, token)
-            results.append((request, token))
+            if item.draft:  # blocks of refused drafts go back
+                self.blocks.truncate(request.request_id, request.num_tokens)
+            if taken:
+                self._after_tokens(request, was_waiting, stop)
+            results.append((request, taken))
         return results
 
-    def _append_token(self, request: Request, token: int) -> None:
-        was_waiting = request.status is RequestStatus.WAITING
-        request.output_token_ids.append(token)
-        stop = request.check_stop_token(token)
+    @staticmethod
+    def _append_tokens(
+        request: Request, tokens: list[int]
+    ) -> tuple[list[int], RequestStatus | None]:
+        """Append tokens up to the first that stops the request; -> (those, the stop)."""
+        for i, token in enumerate(tokens):
+            request.output_token_ids.append(token)
+            stop = request.check_stop_token(token)
+            if stop is not None:
+                return tokens[: i + 1], stop
+        return tokens, None
+
+    def _after_tokens(
+        self, request: Request, was_waiting: bool, stop: RequestStatus | None
+    ) -> None:
         if stop is not None:
             self.finish(request, stop)
         elif was_waiting and request.prefill_only:

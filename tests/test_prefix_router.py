@@ -36,7 +36,7 @@ def test_the_router_keys_are_what_the_engine_takes_from_its_cache():
     for rid, ids in (("a", first), ("b", second)):
         scheduler.add(Request(rid, ids, SamplingParams(max_tokens=1), 0))
         out = scheduler.schedule()
-        scheduler.postprocess(out, {i.request.request_id: 7 for i in out.scheduled if i.samples})
+        scheduler.postprocess(out, {i.request.request_id: [7] for i in out.scheduled if i.samples})
     index.record(index.keys(first), "r1")
     assert index.matched_tokens(index.keys(second)) == {"r1": 96} and out.scheduled[0].start == 96
     salted = index.keys(first, "tenant")  # a salted prompt: the engine's salted keys

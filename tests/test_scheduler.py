@@ -26,7 +26,7 @@ def req(rid: str, n: int, max_tokens: int = 4, **kw) -> Request:
 
 def run_step(s: Scheduler, token: int = 7):
     out = s.schedule()
-    sampled = {i.request.request_id: token for i in out.scheduled if i.samples}
+    sampled = {i.request.request_id: [token] for i in out.scheduled if i.samples}
     s.postprocess(out, sampled)
     return out
 

@@ -185,7 +185,7 @@ def _engine_ttfts(requests: list[SimRequest], budget: int) -> list[float]:
         t += P.a + sum(P.b * i.num_tokens + P.c * prefix_attention(i.num_tokens, i.start)
                        for i in out.scheduled)  # fmt: skip
         done = [i.request for i in out.scheduled if i.samples]
-        s.postprocess(out, {r.request_id: 7 for r in done})
+        s.postprocess(out, {r.request_id: [7] for r in done})
         for request in done:
             k = int(request.request_id)
             ttft[k] = t - requests[k].arrival_ms

@@ -18,8 +18,10 @@ from engine.config import EngineConfig
 from engine.model_store import DEFAULT_MODEL_NAME
 from engine.parallel import ParallelLayout
 from engine.scheduler import SchedulerConfig
+from engine.spec_decode import SpeculativeConfig
 
 SAME_NODE_WAIT_S = 1.0  # seconds; see app/router.py
+MAX_SPECULATIVE_TOKENS = 16  # drafts per request and step: the verify forward grows with them
 MAX_IMBALANCE = 4  # prefix affinity: requests in flight beyond the least loaded replica
 
 
@@ -42,10 +44,30 @@ class EngineArgs(_Strict):
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)
     worker_num_cpus: float = Field(1.0, gt=0)
+    # vLLM's --speculative-config: decoding requests verify n-gram drafts; a decode-side
+    # setting (prefill replicas decode no token past the first)
+    speculative_config: SpeculativeArgs | None = None
 
     @property
     def parallel(self) -> ParallelLayout:
         return ParallelLayout(self.tensor_parallel_size, self.pipeline_parallel_size)
+
+
+class SpeculativeArgs(_Strict):
+    """vLLM's --speculative-config (engine/spec_decode.py): n-gram (prompt lookup) drafts."""
+
+    method: Literal["ngram"] = "ngram"
+    num_speculative_tokens: int = Field(ge=1, le=MAX_SPECULATIVE_TOKENS)
+    prompt_lookup_min: int | None = Field(None, ge=1)
+    prompt_lookup_max: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> SpeculativeArgs:
+        self.config()  # raises ValueError for a min above the max
+        return self
+
+    def config(self) -> SpeculativeConfig:
+        return SpeculativeConfig(**self.model_dump())
 
 
 class LatencyArgs(_Strict):
@@ -337,6 +359,7 @@ class AppArgs(_Strict):
             lora_modules=tuple(self.lora_modules.items()),
             lora_dir=self.lora_dir,
             max_loras=self.max_loras,
+            speculative=e.speculative_config and e.speculative_config.config(),
         )
 
     def check_parallel(self, num_layers: int, num_heads: int, num_kv_heads: int) -> None:

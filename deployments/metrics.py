@@ -63,8 +63,17 @@ class EngineMetrics:
         lora_loads = metrics.Counter(  # lora_dir's adapters come and go: a rate here is churn
             "splitserve_lora_loads", "LoRA adapters loaded (at start, or at first use)", keys
         )
+        # vLLM's spec_decode_num_draft_tokens / _accepted_tokens: their ratio is the
+        # acceptance rate, what speculative decoding gains
+        drafts = metrics.Counter(
+            "splitserve_spec_decode_draft_tokens", "speculative draft tokens verified", keys
+        )
+        accepted = metrics.Counter(
+            "splitserve_spec_decode_accepted_tokens", "speculative draft tokens kept", keys
+        )
         self.cached_tokens, self.preemptions = Increase(cached), Increase(preempted)
         self.lora_loads = Increase(lora_loads)
+        self.draft_tokens, self.accepted_tokens = Increase(drafts), Increase(accepted)
 
     def on_step(self, outputs: list[RequestOutput], stats: EngineStats, pending: int) -> None:
         self.running.set(stats.num_running, self.tags)
@@ -79,6 +88,8 @@ class EngineMetrics:
         self.preemptions.update(stats.num_preemptions, self.tags)
         self.loras.set(stats.num_loras, self.tags)
         self.lora_loads.update(stats.num_lora_loads, self.tags)
+        self.draft_tokens.update(stats.num_draft_tokens, self.tags)
+        self.accepted_tokens.update(stats.num_accepted_tokens, self.tags)
 
     def on_transfer(self, ms: float, nbytes: int) -> None:
         self.kv_transfer_ms.observe(ms, self.tags)

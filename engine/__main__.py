@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from engine import EngineConfig, InvalidRequestError, LLMEngine, SamplingParams
+from engine.spec_decode import SpeculativeConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--threads", type=int, default=None)
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     gen.add_argument("--lora", default=None, help="a PEFT LoRA adapter's directory to run with")
+    gen.add_argument(
+        "--speculative-config",
+        type=json.loads,
+        default=None,
+        help='vLLM\'s, as JSON: \'{"method": "ngram", "num_speculative_tokens": 4}\'',
+    )
     return parser
 
 
@@ -62,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                 kv_cache_dtype=args.kv_cache_dtype,
                 num_threads=args.threads,
                 lora_modules=() if args.lora is None else (("cli", args.lora),),
+                speculative=_speculative(args.speculative_config),
             )
         )
         prompt = (
@@ -80,7 +89,21 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\nerror: {out.error}", file=sys.stderr)
                 return 1
     print()
+    if engine.proposer is not None:
+        kept, drafts = engine.num_accepted_tokens, engine.num_draft_tokens
+        print(f"speculative decoding: {kept} of {drafts} draft tokens kept", file=sys.stderr)
     return 0
+
+
+def _speculative(config: dict | None) -> SpeculativeConfig | None:
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        raise ValueError("--speculative-config: a JSON object")
+    try:
+        return SpeculativeConfig(**config)
+    except TypeError as e:  # a key it does not have
+        raise ValueError(f"--speculative-config: {e}") from None
 
 
 if __name__ == "__main__":

@@ -184,14 +184,15 @@ class DecodeManager:
         others; preempts the newest when out of blocks."""
         batch: list[ScheduledRequest] = []
         used, i = 0, 0
+        reserve = self._blocks_after() if any(r.spec_token_ids for r in self.running) else []
         while i < len(self.running) and used < token_budget:
             request = self.running[i]
             others = min(len(self.running) - i - 1, token_budget - used - 1)
             draft = request.spec_token_ids[: max(0, token_budget - used - 1 - others)]
             if draft and not self.blocks.can_allocate(
-                request.request_id, request.num_tokens + len(draft)
+                request.request_id, request.num_tokens + len(draft), reserve[i]
             ):
-                draft = []  # drafts never cost another request its place
+                draft = []  # drafts never take the blocks the others' next tokens need
             while not self.blocks.can_allocate(request.request_id, request.num_tokens):
                 victim = self.running.pop()
                 preempt(victim)
@@ -204,6 +205,15 @@ class DecodeManager:
                 used += 1 + len(draft)
                 i += 1
         return batch or None
+
+    def _blocks_after(self) -> list[int]:
+        """Per running request, the blocks the requests after it need for their next token."""
+        need = [self.blocks.num_missing(r.request_id, r.num_tokens) for r in self.running]
+        after, total = [], 0
+        for n in reversed(need):
+            after.append(total)
+            total += n
+        return after[::-1]
 
 
 class Scheduler:

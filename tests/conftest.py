@@ -91,9 +91,11 @@ def make_engine(paged_model, tokenizer):
     """Factory: an engine on the shared default-model weights with its own KV cache."""
 
     def make(
-        num_kv_blocks: int = 256, block_size: int = 16, kv_dtype=None, **scheduler
+        num_kv_blocks: int = 256, block_size: int = 16, kv_dtype=None, speculative=None, **scheduler
     ) -> LLMEngine:
-        config = EngineConfig(block_size=block_size, scheduler=SchedulerConfig(**scheduler))
+        config = EngineConfig(
+            block_size=block_size, scheduler=SchedulerConfig(**scheduler), speculative=speculative
+        )
         runner = ModelRunner(
             paged_model, num_kv_blocks=num_kv_blocks, block_size=block_size, kv_dtype=kv_dtype
         )

@@ -21,13 +21,21 @@ pytestmark = [pytest.mark.serve, pytest.mark.model]
 
 SMALL = {"num_cpus": 0.5, "engine": {"num_threads": 1, "kv_cache_memory_mb": 128}}
 CACHING = {**SMALL, "engine": {**SMALL["engine"], "enable_prefix_caching": True}}
+# speculative decoding: n-gram drafts of up to 3 tokens
+NGRAM = {
+    "method": "ngram",
+    "num_speculative_tokens": 3,
+    "prompt_lookup_min": 1,
+    "prompt_lookup_max": 3,
+}
 MODES = {
     # KV over shared memory (the default); the prefill replica caches prompt prefixes; the
-    # ingress keeps Responses API responses, and counts requests against targets every
-    # request meets
+    # decode replica verifies n-gram drafts; the ingress keeps Responses API responses, and
+    # counts requests against targets every request meets
     "disagg": {
         "mode": "disaggregated",
         "prefill": CACHING,
+        "decode": {**SMALL, "engine": {**SMALL["engine"], "speculative_config": NGRAM}},
         "ingress": {"responses_store_size": 8},
         "slo": {"ttft_ms": 600_000, "tpot_ms": 600_000},
     },
@@ -46,10 +54,17 @@ MODES = {
     "disagg_gloo": {"mode": "disaggregated", "kv_transport": "gloo", "tool_call_parser": "hermes"},
     # counted against a TPOT target no request of two tokens or more meets; LoRA adapters
     "coloc": {"mode": "colocated", "slo": {"ttft_ms": 600_000, "tpot_ms": 0.001}},
-    # chunked prefill: a prompt's rows come from several steps of 8 tokens
+    # chunked prefill: a prompt's rows come from several steps of 8 tokens, beside decodes
+    # that verify n-gram drafts
     "chunked": {
         "mode": "colocated",
-        "colocated": {"engine": {"chunked_prefill": True, "max_num_batched_tokens": 8}},
+        "colocated": {
+            "engine": {
+                "chunked_prefill": True,
+                "max_num_batched_tokens": 8,
+                "speculative_config": NGRAM,
+            }
+        },
     },
 }
 # the apps whose chat replies are the model's answer from the first token
@@ -131,6 +146,30 @@ def test_greedy_output_is_identical_in_all_modes_and_to_the_engine(server, engin
             "completion_tokens": len(engine_alone.token_ids),
             "total_tokens": 5 + len(engine_alone.token_ids),
         }
+
+
+def test_speculative_decoding_keeps_the_engines_tokens(server, local_engine):
+    """The decode replica of `disagg` and the chunked colocated replica verify n-gram drafts:
+    a repetitive prompt, greedy, streamed and not, gives the engine's tokens alone, in fewer
+    steps than tokens (several tokens in a chunk), and the replicas kept drafts."""
+    from engine import SamplingParams
+
+    prompt = "1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,"
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    [expected] = local_engine.generate([prompt], params)
+    for mode in ("disagg", "chunked"):
+        body = {"prompt": prompt, "max_tokens": 24, "ignore_eos": True, "temperature": 0}
+        r = _complete(server, mode, return_token_ids=True, **body)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["token_ids"] == expected.token_ids, mode
+        with _stream(server, mode, **body) as s:
+            lines = [x for x in s.iter_lines() if x][:-1]  # the last: [DONE]
+        chunks = [json.loads(x.removeprefix("data: ")) for x in lines]
+        texts = [c["choices"][0]["text"] for c in chunks if c["choices"]]
+        assert "".join(texts) == expected.text, mode
+        assert len(texts) < len(expected.token_ids), mode  # several tokens a chunk
+        stats = _replica_stats(mode)[-1]  # the decode or colocated replica's
+        assert stats["num_accepted_tokens"] > 0, stats
 
 
 def test_penalties_and_logit_bias_reach_the_engine_in_all_modes(
@@ -1323,6 +1362,8 @@ def test_metrics_reach_the_prometheus_endpoint(server):
         "splitserve_generation_tokens",
         "splitserve_lora_adapters",
         "splitserve_lora_loads",
+        "splitserve_spec_decode_draft_tokens",
+        "splitserve_spec_decode_accepted_tokens",
     ]
     wanted += ['phase="decode"', 'phase="prefill"', 'mode="colocated"']  # and their tags
     # each app's requests against its own targets (the other apps count none)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import re
 
 import numpy as np
 import pytest
@@ -315,3 +316,40 @@ def test_sampled_tokens_with_drafts_follow_the_models_distribution(tokenizer):
         p = sum(probs[a][w] * probs[w][x] for w in (a, b, c)) * probs[x][y] * probs[y][z]
         seen = counts.get((x, y, z), 0) / n
         assert abs(seen - p) <= 4.5 * math.sqrt(p * (1 - p) / n), ((x, y, z), seen, p)
+
+
+@pytest.mark.unit
+def test_the_app_config_passes_vllms_speculative_config_to_the_engine():
+    from pydantic import ValidationError
+
+    from app.config import AppArgs
+
+    ngram = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}
+    args = AppArgs(decode={"engine": {"speculative_config": ngram}})
+    assert args.engine_config("decode").speculative == SpeculativeConfig(4, "ngram", 3, 3)
+    assert args.engine_config("prefill").speculative is None
+    for bad, field in (
+        ({**ngram, "prompt_lookup_min": 4}, "prompt_lookup_min"),
+        ({**ngram, "method": "eagle"}, "method"),
+        ({**ngram, "num_speculative_tokens": 17}, "num_speculative_tokens"),
+        ({**ngram, "draft_model": "x"}, "draft_model"),
+    ):
+        with pytest.raises(ValidationError, match=field):
+            AppArgs(decode={"engine": {"speculative_config": bad}})
+
+
+@pytest.mark.model
+def test_the_engine_cli_speculates_to_the_same_text(capsys):
+    from engine.__main__ import main
+
+    cmd = ["generate", "--prompt", PROMPTS[0], "--max-tokens", "16", "--threads", "2"]
+    assert main(cmd) == 0
+    plain = capsys.readouterr().out
+    config = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2}'
+    assert main([*cmd, "--speculative-config", config]) == 0
+    out, err = capsys.readouterr()
+    assert out == plain and len(out) > 10
+    kept, drafts = map(int, re.search(r"(\d+) of (\d+) draft tokens kept", err).groups())
+    assert 0 < kept <= drafts
+    assert main([*cmd, "--speculative-config", '{"num_speculative_tokens": 0}']) == 2
+    assert "num_speculative_tokens must be >= 1" in capsys.readouterr().err

@@ -108,6 +108,11 @@ def test_parallel_replica_matches_one_worker(layout, request, single, reference,
         got = engine.runner.execute(_batch())
         want = single.runner.execute(_batch())
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        # then a speculative decode's verify step: tokens after the cached 20, a row each
+        verify = ModelInput([SeqInput(list(range(120, 125)), 20, [0, 1], True, True)])
+        got, want = engine.runner.execute(verify), single.runner.execute(verify)
+        assert got.shape[0] == 5
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     finally:
         if not shared:
             close(engine)

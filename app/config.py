@@ -60,6 +60,7 @@ class SpeculativeArgs(_Strict):
     num_speculative_tokens: int = Field(ge=1, le=MAX_SPECULATIVE_TOKENS)
     prompt_lookup_min: int | None = Field(None, ge=1)
     prompt_lookup_max: int | None = Field(None, ge=1)
+    disable_by_batch_size: int | None = Field(None, ge=2)
 
     @model_validator(mode="after")
     def _bounds(self) -> SpeculativeArgs:

@@ -294,6 +294,11 @@ class LLMEngine:
         moves one token at a time, decode without)."""
         if self.proposer is None:
             return
+        limit = self.proposer.config.disable_by_batch_size
+        if limit is not None and len(self.scheduler.running) > limit:
+            for request in self.scheduler.running:
+                request.spec_token_ids = []
+            return
         for request in self.scheduler.running:
             params = request.sampling_params
             room = min(

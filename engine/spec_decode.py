@@ -33,12 +33,17 @@ class SpeculativeConfig:
     method: str = "ngram"
     prompt_lookup_min: int | None = None
     prompt_lookup_max: int | None = None
+    # vLLM's: no drafts while more than this many requests decode (a large batch's step is
+    # long already, and every draft lengthens it for all); None: drafts at any batch size
+    disable_by_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"speculative method must be one of {METHODS}, got {self.method!r}")
         if self.num_speculative_tokens < 1:
             raise ValueError("num_speculative_tokens must be >= 1")
+        if self.disable_by_batch_size is not None and self.disable_by_batch_size < 2:
+            raise ValueError("disable_by_batch_size must be >= 2")
         low = self.prompt_lookup_min or self.prompt_lookup_max or 5
         high = self.prompt_lookup_max or low
         if not 1 <= low <= high:

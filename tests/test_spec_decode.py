@@ -5,6 +5,7 @@ distributions are known)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -91,6 +92,7 @@ def test_speculative_config_takes_vllms_defaults_and_refuses_bad_bounds():
         dict(num_speculative_tokens=0),
         dict(num_speculative_tokens=2, prompt_lookup_min=4, prompt_lookup_max=2),
         dict(num_speculative_tokens=2, method="eagle"),
+        dict(num_speculative_tokens=2, disable_by_batch_size=1),
     ):
         with pytest.raises(ValueError):
             SpeculativeConfig(**bad)
@@ -250,6 +252,12 @@ def test_drafts_under_block_pressure_and_after_a_handoff(make_engine):
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
     assert tight.num_accepted_tokens > 0
     assert tight.blocks.num_free_blocks == tight.blocks.num_blocks
+    # vLLM's disable_by_batch_size: 5 requests decoding together draft nothing above 4
+    for limit, drafts in ((4, False), (5, True)):
+        spec = dataclasses.replace(SPEC, disable_by_batch_size=limit)
+        big = make_engine(speculative=spec)
+        assert [g.token_ids for g in big.generate(PROMPTS, params)] == [w.token_ids for w in want]
+        assert (big.num_draft_tokens > 0) is drafts
     prefill, decode = make_engine(), make_engine(speculative=SPEC)
     prefill.add_request("h", PROMPTS[1], params, prefill_only=True)
     drain(prefill)
@@ -328,11 +336,16 @@ def test_the_app_config_passes_vllms_speculative_config_to_the_engine():
     args = AppArgs(decode={"engine": {"speculative_config": ngram}})
     assert args.engine_config("decode").speculative == SpeculativeConfig(4, "ngram", 3, 3)
     assert args.engine_config("prefill").speculative is None
+    limited = AppArgs(
+        decode={"engine": {"speculative_config": {**ngram, "disable_by_batch_size": 8}}}
+    )
+    assert limited.engine_config("decode").speculative.disable_by_batch_size == 8
     for bad, field in (
         ({**ngram, "prompt_lookup_min": 4}, "prompt_lookup_min"),
         ({**ngram, "method": "eagle"}, "method"),
         ({**ngram, "num_speculative_tokens": 17}, "num_speculative_tokens"),
         ({**ngram, "draft_model": "x"}, "draft_model"),
+        ({**ngram, "disable_by_batch_size": 1}, "disable_by_batch_size"),
     ):
         with pytest.raises(ValidationError, match=field):
             AppArgs(decode={"engine": {"speculative_config": bad}})

@@ -228,7 +228,8 @@ class LLMEngine:
             elif tokens:
                 outputs.append(self._emit_alone(request, tokens, logprobs.get(rid)))
         duration_ms = (time.perf_counter() - t0) * 1e3
-        self.last_step = StepRecord(duration_ms, prefills, decodes, start_s, offsets)
+        drafts = sum(len(s.draft) for s in sched.scheduled)
+        self.last_step = StepRecord(duration_ms, prefills, decodes, start_s, offsets, drafts)
         return outputs
 
     def _execute(
@@ -600,8 +601,8 @@ def _step_shape(sched: SchedulerOutput) -> tuple[list[int], list[int], list[int]
     scheduled step."""
     prefills, offsets, decodes = [], [], []
     for s in sched.scheduled:
-        if s.num_tokens == 1 and s.request.num_output_tokens > 0:
-            decodes.append(s.end)
+        if s.num_tokens == 1 + len(s.draft) and s.request.num_output_tokens > 0:
+            decodes.append(s.end - len(s.draft))
         else:
             prefills.append(s.num_tokens)
             offsets.append(s.start)

@@ -121,3 +121,6 @@ class StepRecord:
     # prompt tokens already computed before each prefill (0) or chunk (its offset): a chunk's
     # attention runs over that prefix too, so the latency model needs it
     prefill_offsets: list[int] = field(default_factory=list)
+    # speculative decoding: draft tokens verified in the step. Such a step's decodes compute
+    # several tokens each, so it fits neither the prefill nor the decode step model.
+    draft_tokens: int = 0

@@ -110,6 +110,8 @@ def fit_steps(runs: list[list[list[dict]]], base: Entry) -> TraceFit | None:
             shared[:, 0] += overhead
             for step, row in zip(steps, shared, strict=True):
                 traced = _Traced((run, i), step["start_s"] * 1e3, row)
+                if step.get("draft_tokens"):  # speculative decodes: neither model's step
+                    continue
                 if step["prefill_lens"] and not step["decode_contexts"]:
                     # traces written before offsets were recorded: whole prompts
                     offsets = step.get("prefill_offsets") or [0] * len(step["prefill_lens"])
@@ -199,7 +201,7 @@ def quiet_decode_ms(
         window = [
             s for s in steps
             if start_s <= s["start_s"] < end_s and len(s["decode_contexts"]) == 1
-            and not s["prefill_lens"]
+            and not s["prefill_lens"] and not s.get("draft_tokens")
         ]  # fmt: skip
         if not window:
             continue

@@ -61,6 +61,21 @@ def test_runs_pool_into_one_fit_that_neither_run_could_make_alone(tmp_path):
     assert fitted.contention == 0.0
 
 
+def test_steps_that_verified_drafts_are_left_out_of_the_fit(tmp_path):
+    """A speculative decode step computes several tokens per decode: its time fits neither
+    model, and the fit is the one without it."""
+    steps = _steps([[512], [100, 200], [300], [1000]], [[600], [600, 700], [100] * 8])
+    drafted = [
+        {"duration_ms": 900.0, "prefill_lens": [], "decode_contexts": [600, 700],
+         "draft_tokens": 6, "start_s": 2000.0 + 10 * i}  # not back to back: no loop gaps
+        for i in range(4)
+    ]  # fmt: skip
+    plain = fit_traces([_run(tmp_path, "plain", steps)], BASE)
+    mixed = fit_traces([_run(tmp_path, "mixed", steps + drafted)], BASE)
+    assert mixed.report["decode_steps"] == plain.report["decode_steps"] == 3
+    assert mixed.entry.decode == plain.entry.decode
+
+
 def test_a_configuration_deployed_once_per_point_pools_its_deployments_as_runs(tmp_path):
     """bench.experiment's interleaved order files each deployment's traces in its own
     subdirectory; an older run's flat directory still reads as one run."""

@@ -239,7 +239,7 @@ class LLMEngine:
         a draw failed) and (where asked for) their logprobs."""
         seqs = [
             SeqInput(
-                s.request.token_ids(s.start, s.end - len(s.draft)) + list(s.draft),
+                _step_tokens(s),
                 s.start,
                 self.blocks.block_table(s.request.request_id),
                 s.samples,
@@ -258,12 +258,9 @@ class LLMEngine:
         if masked:
             matchers = [tracked[i].matcher for i in masked]
             allowed = TokenMasks(masked, self.grammars.masks(matchers))
-        history = [  # a draft's row sees the drafts before it as output
-            TokenHistory(r.prompt_token_ids, r.output_token_ids + list(s.draft[:j]), r.eos_token_id)
-            if p.adjusts_logits or t.matcher is not None
-            else None
+        history = [
+            _history(s.request, s.draft[:j]) if p.adjusts_logits or t.matcher is not None else None
             for (s, j), p, t in zip(rows, params, tracked, strict=True)
-            for r in (s.request,)
         ]
         tokens = sample(logits, params, [t.generator for t in tracked], history, allowed)
         wanted = [None if t is None else p.logprobs for t, p in zip(tokens, params, strict=True)]
@@ -607,6 +604,19 @@ def _step_shape(sched: SchedulerOutput) -> tuple[list[int], list[int], list[int]
             prefills.append(s.num_tokens)
             offsets.append(s.start)
     return prefills, offsets, decodes
+
+
+def _step_tokens(item: ScheduledRequest) -> list[int]:
+    """The tokens a scheduled request computes: its pending ones, then its drafts."""
+    tokens = item.request.token_ids(item.start, item.end - len(item.draft))
+    return tokens + list(item.draft) if item.draft else tokens
+
+
+def _history(request: Request, drafts: tuple[int, ...]) -> TokenHistory:
+    """What a row's penalties see: the output so far and, for a draft's row, the drafts before
+    it (the output is copied only then: this runs every step for every penalized request)."""
+    output = request.output_token_ids + list(drafts) if drafts else request.output_token_ids
+    return TokenHistory(request.prompt_token_ids, output, request.eos_token_id)
 
 
 def _joined(outputs: list[RequestOutput]) -> RequestOutput:

@@ -28,7 +28,7 @@ from engine.grammar import Grammars, advance
 from engine.limits import chat_token_ids, check_lengths, check_token_ids
 from engine.lora import AdapterCache
 from engine.model_runner import ModelInput, ModelRunner, SeqInput
-from engine.model_store import resolve_model
+from engine.model_store import generation_stop_ids, resolve_model
 from engine.outputs import (
     Completion,
     EngineStats,
@@ -77,6 +77,7 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        path = None
         if runner is None or tokenizer is None:
             path = resolve_model(config.model)
         if tokenizer is None:
@@ -111,6 +112,9 @@ class LLMEngine:
             runner.shape.max_position_embeddings,
         )
         self.eos_token_id = tokenizer.eos_token_id
+        # vLLM's rule: the generation config's end-of-sequence ids end a request too (Llama 3
+        # Instruct's <|eot_id|> beside its tokenizer's <|end_of_text|>)
+        self.model_stop_ids = generation_stop_ids(path, self.eos_token_id) if path else ()
         self.grammars = Grammars(tokenizer, runner.shape.vocab_size)
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
@@ -174,7 +178,7 @@ class LLMEngine:
         *,
         prefill_only: bool = False,
     ) -> str:
-        params = params or SamplingParams()
+        params = self._with_model_stops(params or SamplingParams())
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._tracked:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
@@ -186,6 +190,14 @@ class LLMEngine:
         self._track(request, state, None)
         self.scheduler.add(request)
         return request_id
+
+    def _with_model_stops(self, params: SamplingParams) -> SamplingParams:
+        """params stopping at the model's own end-of-sequence ids too, unless EOS is ignored
+        (min_tokens holds them back like EOS: they join stop_token_ids, as in vLLM)."""
+        missing = [t for t in self.model_stop_ids if t not in params.stop_token_ids]
+        if params.ignore_eos or not missing:
+            return params
+        return dataclasses.replace(params, stop_token_ids=(*params.stop_token_ids, *missing))
 
     def _track(self, request: Request, state: DetokenizerState, gen_state: bytes | None) -> None:
         p = request.sampling_params

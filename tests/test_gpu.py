@@ -58,6 +58,24 @@ def test_gpu_configs_reserve_gpus_for_whoever_holds_the_model():
 
 
 @pytest.mark.unit
+def test_the_gpu_serve_config_shares_one_gpu_between_the_phases():
+    """serve_config_gpu.yaml (run on an H200, README) is valid for the app and asks Serve for
+    half a GPU per phase replica, the KV moving over CUDA IPC."""
+    from pathlib import Path
+
+    import yaml
+
+    [app] = yaml.safe_load((Path(__file__).parents[1] / "serve_config_gpu.yaml").read_text())[
+        "applications"
+    ]
+    args = AppArgs.model_validate(app["args"])
+    assert (args.device, args.kv_transport, args.mode) == ("cuda", "cuda_ipc", "disaggregated")
+    for phase in ("prefill", "decode"):
+        assert _options(args, phase)["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.5}
+    assert args.engine_config("decode").device == "cuda"
+
+
+@pytest.mark.unit
 def test_cuda_ipc_without_cupy_or_a_gpu_is_a_clear_error():
     from kvkernels.kv_channel import KVChannel
 

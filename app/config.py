@@ -47,6 +47,8 @@ class EngineArgs(_Strict):
     # vLLM's --speculative-config: decoding requests verify n-gram drafts; a decode-side
     # setting (prefill replicas decode no token past the first)
     speculative_config: SpeculativeArgs | None = None
+    # vLLM's: with device cuda, decode steps replay CUDA graphs unless this is set
+    enforce_eager: bool = False
 
     @property
     def parallel(self) -> ParallelLayout:
@@ -361,6 +363,7 @@ class AppArgs(_Strict):
             lora_dir=self.lora_dir,
             max_loras=self.max_loras,
             speculative=e.speculative_config and e.speculative_config.config(),
+            enforce_eager=e.enforce_eager,
         )
 
     def check_parallel(self, num_layers: int, num_heads: int, num_kv_heads: int) -> None:

@@ -44,6 +44,9 @@ class EngineConfig:
     max_loras: int = 8
     # vLLM's --speculative-config: decoding requests verify n-gram drafts (engine/spec_decode.py)
     speculative: SpeculativeConfig | None = None
+    # vLLM's --enforce-eager: on a GPU, decode steps of a single-worker replica replay CUDA
+    # graphs (engine/cuda_graphs.py) unless this is set; CPUs always run eagerly
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -75,6 +78,12 @@ class EngineConfig:
     @property
     def parallel(self) -> ParallelLayout:
         return ParallelLayout(self.tensor_parallel_size, self.pipeline_parallel_size)
+
+    @property
+    def graph_batch(self) -> int:
+        """The largest decode batch that replays a CUDA graph; 0: none does."""
+        gpu = self.device.startswith("cuda") and self.parallel.is_single
+        return self.scheduler.max_num_seqs if gpu and not self.enforce_eager else 0
 
 
 def lora_path(lora_dir: str | Path | None, name: str) -> Path | None:

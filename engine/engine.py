@@ -99,6 +99,7 @@ class LLMEngine:
                 max_model_len=config.max_model_len,
                 kv_dtype=config.kv_dtype,
                 lora_modules=dict(config.lora_modules),
+                graph_batch=config.graph_batch,
             )
         self.tokenizer = tokenizer
         self.runner = runner

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from engine import kv_handoff
+from engine.cuda_graphs import DecodeGraphs
 from engine.kv_handoff import KVPiece
 from engine.limits import context_window
 from engine.lora import LoRALayers, load_adapter
@@ -129,6 +130,10 @@ class ModelRunner:
         max_model_len: int | None = None,  # the engine's; None: the model's context window
         kv_dtype: torch.dtype | None = None,  # the cache's; None: the model's (fp8: a byte)
         lora_modules: dict[str, str] | None = None,  # LoRA adapter name -> PEFT directory
+        # decode steps of up to this many sequences replay CUDA graphs (engine/cuda_graphs.py);
+        # 0: every step runs eagerly. capture_graphs=False runs their padded step eagerly.
+        graph_batch: int = 0,
+        capture_graphs: bool = True,
     ) -> None:
         self.dtype = next(model.parameters()).dtype
         self.kv_dtype = kv_dtype or self.dtype
@@ -146,11 +151,13 @@ class ModelRunner:
         self.block_size = block_size
         # a worker of a parallel replica holds a layer range and a KV-head range; else all
         self.shard = shard or self.shape.shards(ParallelLayout())[0]
+        # with graphs, one block past num_kv_blocks takes their padding rows' KV
+        scratch = 1 if graph_batch else 0
         self.kv_cache = torch.zeros(
             (
                 len(self.shard.layers),
                 self.shape.kv_slots,
-                num_kv_blocks,
+                num_kv_blocks + scratch,
                 block_size,
                 len(self.shard.kv_heads),
                 self.shape.head_dim,
@@ -158,7 +165,14 @@ class ModelRunner:
             dtype=self.kv_dtype,
             device=self.device,
         )  # (L, 2 or 1, nb, bs, Hkv, D)
+        self._num_blocks = num_kv_blocks
         self._workspace = torch.empty(0, dtype=self.kv_dtype, device=self.device)
+        self.graphs = None
+        if graph_batch:
+            longest = min(max_model_len or window, window)
+            self.graphs = DecodeGraphs(
+                self, graph_batch, -(-longest // block_size), capture=capture_graphs
+            )
         self.loras = LoRALayers(self.model)
         self.num_lora_loads = 0
         for name, where in (lora_modules or {}).items():
@@ -192,6 +206,7 @@ class ModelRunner:
         max_model_len: int | None = None,
         kv_dtype: str | None = None,  # None: the model's
         lora_modules: dict[str, str] | None = None,
+        graph_batch: int = 0,
     ) -> ModelRunner:
         from transformers import AutoModelForCausalLM
 
@@ -212,6 +227,7 @@ class ModelRunner:
             max_model_len=max_model_len,
             kv_dtype=cache,
             lora_modules=lora_modules,
+            graph_batch=graph_batch,
         )
         runner.check()
         return runner
@@ -220,12 +236,12 @@ class ModelRunner:
         """Run one token through the model on block 0, then clear the block: an architecture
         the paged attention cannot run fails here, at load, with its reason (not at the first
         request of a started replica)."""
-        self.execute(ModelInput([SeqInput([0], 0, [0], True)]))
+        self._eager(ModelInput([SeqInput([0], 0, [0], True)]))
         self.kv_cache[:, :, 0].zero_()
 
     @property
     def num_kv_blocks(self) -> int:
-        return self.kv_cache.shape[2]
+        return self._num_blocks
 
     @property
     def kv_layout(self) -> KVLayout:
@@ -235,6 +251,13 @@ class ModelRunner:
     def execute(self, batch: ModelInput) -> torch.Tensor:
         """-> logits (rows, vocab), float32, in the order of batch.seqs: one row per sampling
         seq, or one per token for a seq that asks for all its logits."""
+        if self.graphs is not None and self.graphs.applies(batch.seqs):
+            logits = self.graphs.run(batch.seqs)
+            if logits is not None:
+                return logits
+        return self._eager(batch)
+
+    def _eager(self, batch: ModelInput) -> torch.Tensor:
         input_ids, positions, meta, sample_idx = self._prepare(batch)
         with self._adapters(batch):
             out = self.model(

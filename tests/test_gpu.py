@@ -251,3 +251,27 @@ def test_lora_adapters_on_cuda_give_the_cpu_engines_tokens(lora_adapters):
         )
         outputs[device] = [o.token_ids for o in LLMEngine(config).generate(prompts, params)]
     assert outputs["cuda"] == outputs["cpu"]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_graphs_give_the_eager_engines_tokens():
+    """The default model on CUDA, fp32: decode steps replayed from captured graphs give the
+    greedy tokens of the engine that runs them eagerly (`enforce_eager`), over batches that
+    shrink as requests finish and block tables that grow."""
+    from engine import EngineConfig, LLMEngine, SamplingParams
+
+    prompts = [f"Item {i}: " + "the quick brown fox " * (5 * i) for i in range(12)]
+    params = [
+        SamplingParams(max_tokens=20 + 4 * i, temperature=0.0, ignore_eos=True) for i in range(12)
+    ]
+    outputs = {}
+    for eager in (True, False):
+        config = EngineConfig(device="cuda", kv_cache_memory_mb=256, enforce_eager=eager)
+        engine = LLMEngine(config)
+        outputs[eager] = [o.token_ids for o in engine.generate(prompts, params)]
+        assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    graphs = engine.runner.graphs
+    assert graphs.num_steps > 40 and not graphs.failed
+    assert graphs._graphs and all(g.graph is not None for g in graphs._graphs.values())
+    assert outputs[False] == outputs[True]

@@ -115,24 +115,26 @@ class DecodeGraphs:
         return self._graphs[key]
 
     def _reserve(self, size: int, width: int) -> None:
-        """Grow the shared buffers; graphs captured on the old ones are dropped (they would
-        read freed memory). Grown twofold, so this happens a few times at most."""
+        """Grow the shared workspace; graphs captured on the old one are dropped (they would
+        read freed memory). It grows twofold, so this happens a few times at most."""
         runner = self.runner
         cache = runner.kv_cache
         need = runner.shape.kv_slots * size * width * cache[0, 0, 0].numel()
         if self._workspace.numel() < need:
-            self._graphs.clear()
+            self._drop_graphs()
             self._workspace = torch.empty(
                 max(need, 2 * self._workspace.numel()), dtype=runner.kv_dtype, device=cache.device
             )
-        if self._logits is None or self._logits.shape[0] < size:
-            self._graphs.clear()
-            rows = max(size, 2 * (0 if self._logits is None else self._logits.shape[0]))
+        if self._logits is None:  # the largest batch's at once: a few MB per row bucket
             self._logits = torch.empty(
-                (min(rows, self.sizes[-1]), runner.shape.vocab_size),
-                dtype=torch.float32,
-                device=cache.device,
+                (self.sizes[-1], runner.shape.vocab_size), dtype=torch.float32, device=cache.device
             )
+
+    def _drop_graphs(self) -> None:
+        # a pool whose graphs are all gone is freed: later captures need a new one
+        self._graphs.clear()
+        if self.capture:
+            self.pool = torch.cuda.graph_pool_handle()
 
     def _record(self, rows: torch.Tensor) -> torch.cuda.CUDAGraph:
         # warm up on a side stream first, as torch's docs ask (lazy inits, autotuning)

@@ -257,6 +257,7 @@ class ModelRunner:
                 return logits
         return self._eager(batch)
 
+    @torch.inference_mode()
     def _eager(self, batch: ModelInput) -> torch.Tensor:
         input_ids, positions, meta, sample_idx = self._prepare(batch)
         with self._adapters(batch):

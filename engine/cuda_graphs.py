@@ -125,7 +125,7 @@ class DecodeGraphs:
             self._workspace = torch.empty(
                 max(need, 2 * self._workspace.numel()), dtype=runner.kv_dtype, device=cache.device
             )
-        if self._logits is None:  # the largest batch's at once: a few MB per row bucket
+        if self._logits is None:  # (largest batch, vocab): 50 MB for the default model at 256
             self._logits = torch.empty(
                 (self.sizes[-1], runner.shape.vocab_size), dtype=torch.float32, device=cache.device
             )

@@ -243,6 +243,9 @@ class AppArgs(_Strict):
     # replica when a request first names it; each replica keeps at most max_loras of them
     lora_dir: str | None = None
     max_loras: int = Field(8, ge=1)
+    # vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING: POST /v1/load_lora_adapter and
+    # /v1/unload_lora_adapter add and remove adapters of lora_dir (app/lora_admin.py)
+    allow_runtime_lora_updating: bool = False
     # the latency targets: finished requests are counted by which of them they met
     # (splitserve_slo_requests); None: not counted
     slo: SLOArgs | None = None
@@ -328,6 +331,11 @@ class AppArgs(_Strict):
     def _adapters_servable(self) -> AppArgs:
         if self.served_model_name in self.lora_modules:
             raise ValueError(f"lora_modules: {self.served_model_name!r} names the base model")
+        if self.allow_runtime_lora_updating and self.lora_dir is None:
+            raise ValueError(
+                "allow_runtime_lora_updating needs lora_dir: adapters loaded at runtime are "
+                "linked into it, where every replica finds them"
+            )
         return self
 
     def gpus_per_worker(self, phase: str) -> float:

@@ -23,10 +23,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from app.config import AppArgs
 from app.formats import ChatFormat, CompletionFormat, Prompt
+from app.lora_admin import (
+    LoadLoRAAdapterRequest,
+    UnloadLoRAAdapterRequest,
+    load_adapter,
+    unload_adapter,
+)
 from app.prompts import PromptBuilder
 from app.protocol import (
     APIError,
@@ -60,6 +66,11 @@ try:
 except importlib.metadata.PackageNotFoundError:  # run from a source tree not pip-installed
     _VERSION = "unknown"
 T = TypeVar("T")
+# vLLM's runtime LoRA updating routes: the request each takes and what serves it
+_LORA_ADMIN = {
+    "/v1/load_lora_adapter": (LoadLoRAAdapterRequest, load_adapter),
+    "/v1/unload_lora_adapter": (UnloadLoRAAdapterRequest, unload_adapter),
+}
 
 
 class Ingress:
@@ -126,7 +137,15 @@ class Ingress:
             return JSONResponse(await self._off_loop(self._tokenize, await request.body()))
         if path == "/detokenize" and method == "POST":
             return JSONResponse(await self._off_loop(self._detokenize, await request.body()))
+        if path in _LORA_ADMIN and method == "POST" and self.args.allow_runtime_lora_updating:
+            return PlainTextResponse(self._lora_admin(path, await request.body()))
         raise APIError(404, f"no route {method} {path}", kind="not_found_error")
+
+    def _lora_admin(self, path: str, body: bytes) -> str:
+        """vLLM's runtime LoRA updating (app/lora_admin.py) -> its success text."""
+        request_cls, act = _LORA_ADMIN[path]
+        configured = {*self.args.lora_modules, self.args.served_model_name}
+        return act(self.args.lora_dir, configured, parse(body, request_cls))
 
     async def _off_loop(self, fn: Callable[..., T], *args) -> T:
         """fn(*args) on the tokenizer thread."""

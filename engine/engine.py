@@ -187,6 +187,7 @@ class LLMEngine:
         self.validate(prompt_ids, params)
         self._use_lora(params)
         request = Request(request_id, prompt_ids, params, self.eos_token_id, prefill_only)
+        request.adapter_key = self.adapters.key(params.lora)
         state = DetokenizerState.for_prompt(len(prompt_ids))
         self._track(request, state, None)
         self.scheduler.add(request)
@@ -552,6 +553,7 @@ class LLMEngine:
             self.eos_token_id,
             output_token_ids=list(handoff.output_token_ids),
             num_computed_tokens=handoff.num_computed_tokens,
+            adapter_key=self.adapters.key(handoff.sampling_params.lora),
         )
         blocks = self.blocks.allocate(request.request_id, handoff.num_computed_tokens)
         try:

@@ -83,7 +83,7 @@ class LoRAAdapter:
 def load_adapter(name: str, path: str | Path, model: nn.Module) -> LoRAAdapter:
     """Read a PEFT LoRA directory for `model`, in its dtype and on its device."""
     path = Path(path)
-    config = _read_config(name, path)
+    config = read_config(name, path)
     tensors = _read_weights(name, path)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -134,7 +134,7 @@ def _stage_name(name: str, model: nn.Module, module_name: str) -> str | None:
     return f"{match['head']}{index - stage.start}{match['tail']}"
 
 
-def _read_config(name: str, path: Path) -> dict:
+def read_config(name: str, path: Path) -> dict:
     file = path / "adapter_config.json"
     if not file.is_file():
         raise LoRAError(f"LoRA adapter {name!r}: no adapter_config.json in {path}")
@@ -313,6 +313,7 @@ class AdapterCache:
         self.max_loras = max_loras
         self._pinned = frozenset(lora_modules)
         self._recent: OrderedDict[str, None] = OrderedDict()  # from lora_dir, oldest use first
+        self._dirs: dict[str, Path] = {}  # the directory each lora_dir adapter was loaded from
 
     def check(self, name: str) -> None:
         """Raise InvalidRequestError unless adapter `name` is loaded or can be (any thread)."""
@@ -331,6 +332,9 @@ class AdapterCache:
     def use(self, name: str, in_use: Callable[[], set[str]]) -> int:
         """Adapter `name`'s slot, loaded now if it is not (on the engine's thread, between
         steps); `in_use`: the adapters of the engine's live requests."""
+        if name in self._recent and self._moved(name):  # a link replaced at runtime
+            del self._recent[name]
+            self.runner.unload_lora(name)
         if name in self._recent:
             self._recent.move_to_end(name)
         elif name not in self.runner.lora_slots:
@@ -342,8 +346,23 @@ class AdapterCache:
             except (LoRAError, OSError) as e:
                 raise InvalidRequestError(str(getattr(e, "cause", e)), "model") from e
             self._recent[name] = None
+            self._dirs[name] = path.resolve()
             self._evict(in_use() | {name})
         return self.runner.lora_slots[name]
+
+    def key(self, name: str | None) -> str | None:
+        """What adapter `name`'s prefix-cache blocks are keyed by: a lora_dir adapter's name
+        and the directory it was loaded from, so an adapter replaced at runtime under the same
+        name never takes the old one's blocks; else its name."""
+        if name in self._dirs:
+            return f"{name}\n{self._dirs[name]}"
+        return name
+
+    def _moved(self, name: str) -> bool:
+        """Whether lora_dir's `name` now resolves to another directory than the one loaded
+        (app/lora_admin.py's load_inplace); an unloaded one keeps serving what it holds."""
+        path = self.path(name)
+        return path is not None and path.resolve() != self._dirs[name]
 
     def _evict(self, keep: set[str]) -> None:
         for name in list(self._recent):
@@ -351,4 +370,5 @@ class AdapterCache:
                 return
             if name not in keep:
                 del self._recent[name]
+                self._dirs.pop(name, None)
                 self.runner.unload_lora(name)

@@ -41,12 +41,15 @@ class Request:
     block_keys: tuple[int, list[bytes]] | None = None
     # speculative decoding: draft tokens to verify with its next decode (engine/spec_decode.py)
     spec_token_ids: list[int] = field(default_factory=list)
+    # what its LoRA adapter's KV is keyed by (the engine's AdapterCache.key); None: its name
+    adapter_key: str | None = None
 
     @cached_property
     def prefix_root(self) -> bytes:
         """Where its prefix-cache keys start: its cache salt's and adapter's
         (engine/block_manager.py)."""
-        return chain_root(self.sampling_params.cache_salt, self.sampling_params.lora)
+        lora = self.adapter_key or self.sampling_params.lora
+        return chain_root(self.sampling_params.cache_salt, lora)
 
     @property
     def num_prompt_tokens(self) -> int:

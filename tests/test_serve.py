@@ -87,7 +87,10 @@ def server(ray_serve, lora_adapters, lora_dir):
     from app.builder import build_app
     from tests.ray_session import deploy, undeploy
 
-    loras = {"coloc": {"lora_modules": lora_adapters}, "disagg_gloo": {"lora_dir": lora_dir}}
+    loras = {
+        "coloc": {"lora_modules": lora_adapters},
+        "disagg_gloo": {"lora_dir": lora_dir, "allow_runtime_lora_updating": True},
+    }
     apps = {
         name: (f"/{name}", build_app(_args(mode, loras.get(name)))) for name, mode in MODES.items()
     }
@@ -1311,6 +1314,47 @@ def test_lora_adapters_are_models_of_their_own(server, peft_model, tokenizer):
     assert r.status_code == 404 and "does not exist" in r.json()["error"]["message"]
     r = _complete(server, "coloc", prompt=PROMPT, model="other")
     assert r.status_code == 404 and "'sql', 'poet'" in r.json()["error"]["message"]
+
+
+def test_adapters_load_and_unload_at_runtime(server, peft_model, tokenizer, lora_adapters):
+    """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (the disaggregated app with
+    lora_dir and allow_runtime_lora_updating): a loaded adapter is a model of its own on the
+    prefill and the decode replica, with PEFT's greedy tokens; loaded in place, another
+    adapter replaces it; unloaded, its name is a 404 again. Apps without the flag have no
+    such routes."""
+    from tests.conftest import peft_greedy
+
+    base, ids = f"{server}/disagg_gloo/v1", tokenizer(PROMPT).input_ids
+
+    def greedy(model: str) -> list[int]:
+        r = _complete(server, "disagg_gloo", prompt=PROMPT, model=model, max_tokens=8,
+                      return_token_ids=True)  # fmt: skip
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["token_ids"]
+
+    load = {"lora_name": "runtime", "lora_path": lora_adapters["sql"]}
+    r = httpx.post(f"{base}/load_lora_adapter", json=load)
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'runtime' added successfully."
+    try:
+        r = httpx.post(f"{base}/load_lora_adapter", json=load)
+        assert r.status_code == 400 and "already been loaded" in r.json()["error"]["message"]
+        assert greedy("runtime") == peft_greedy(peft_model, ids, "sql", 8)
+        assert "runtime" in [m["id"] for m in httpx.get(f"{base}/models").json()["data"]]
+        inplace = {**load, "lora_path": lora_adapters["poet"], "load_inplace": True}
+        assert httpx.post(f"{base}/load_lora_adapter", json=inplace).status_code == 200
+        assert greedy("runtime") == peft_greedy(peft_model, ids, "poet", 8)
+    finally:
+        r = httpx.post(f"{base}/unload_lora_adapter", json={"lora_name": "runtime"})
+    assert (
+        r.status_code == 200 and r.text == "Success: LoRA adapter 'runtime' removed successfully."
+    )
+    r = _complete(server, "disagg_gloo", prompt=PROMPT, model="runtime")
+    assert r.status_code == 404 and "does not exist" in r.json()["error"]["message"]
+    r = httpx.post(f"{base}/unload_lora_adapter", json={"lora_name": "runtime"})
+    assert r.status_code == 404 and "cannot be found" in r.json()["error"]["message"]
+    r = httpx.post(f"{base}/unload_lora_adapter", json={"lora_name": "sql"})  # lora_dir's own
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora_name"
+    assert httpx.post(f"{server}/coloc/v1/load_lora_adapter", json=load).status_code == 404
 
 
 def test_client_disconnect_mid_stream_frees_all_blocks(server):

@@ -40,12 +40,7 @@ class UnloadLoRAAdapterRequest(BaseModel):
 def load_adapter(lora_dir: str, configured: set[str], req: LoadLoRAAdapterRequest) -> str:
     """Link the adapter into lora_dir -> vLLM's success text; APIError otherwise."""
     name = req.lora_name
-    link = _link(lora_dir, name)
-    if name in configured or (link.exists() and not link.is_symlink()):
-        raise APIError(
-            400, f"The lora adapter {name!r} is part of the configuration; it cannot be replaced",
-            "lora_name",
-        )  # fmt: skip
+    link = _runtime_link(lora_dir, name, configured, "replaced")
     path = Path(req.lora_path).expanduser().absolute()
     try:
         read_config(name, path)  # a plain LoRA's PEFT directory; its weights load on first use
@@ -71,12 +66,7 @@ def load_adapter(lora_dir: str, configured: set[str], req: LoadLoRAAdapterReques
 def unload_adapter(lora_dir: str, configured: set[str], req: UnloadLoRAAdapterRequest) -> str:
     """Remove the adapter's link -> vLLM's success text; APIError otherwise."""
     name = req.lora_name
-    link = _link(lora_dir, name)
-    if name in configured or (link.exists() and not link.is_symlink()):
-        raise APIError(
-            400, f"The lora adapter {name!r} is part of the configuration; it cannot be unloaded",
-            "lora_name",
-        )  # fmt: skip
+    link = _runtime_link(lora_dir, name, configured, "unloaded")
     try:
         link.unlink()
     except FileNotFoundError:
@@ -86,8 +76,13 @@ def unload_adapter(lora_dir: str, configured: set[str], req: UnloadLoRAAdapterRe
     return f"Success: LoRA adapter '{name}' removed successfully."
 
 
-def _link(lora_dir: str, name: str) -> Path:
-    """Where adapter `name`'s link lives; a name that is not one plain folder's is a 400."""
+def _runtime_link(lora_dir: str, name: str, configured: set[str], verb: str) -> Path:
+    """Where adapter `name`'s link lives; a 400 for a name that is not one plain folder's, or
+    for an adapter of the configuration (lora_modules, a real folder of lora_dir)."""
     if not name or Path(name).name != name or name.startswith("."):
         raise APIError(400, f"lora_name {name!r} must name one folder (no '/', not hidden)")
-    return Path(lora_dir) / name
+    link = Path(lora_dir) / name
+    if name in configured or (link.exists() and not link.is_symlink()):
+        message = f"The lora adapter {name!r} is part of the configuration; it cannot be {verb}"
+        raise APIError(400, message, "lora_name")
+    return link

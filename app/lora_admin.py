@@ -46,20 +46,23 @@ def load_adapter(lora_dir: str, configured: set[str], req: LoadLoRAAdapterReques
         read_config(name, path)  # a plain LoRA's PEFT directory; its weights load on first use
     except (LoRAError, OSError, ValueError) as e:
         raise APIError(400, str(e), "lora_path") from e
-    if req.load_inplace:  # atomically: a request reads the old adapter or the new one
-        spare = link.with_name(f".{name}.{uuid.uuid4().hex}")
-        spare.symlink_to(path, target_is_directory=True)
-        os.replace(spare, link)
-    else:
-        try:
+    try:
+        if req.load_inplace:  # atomically: a request reads the old adapter or the new one
+            spare = link.with_name(f".{name}.{uuid.uuid4().hex}")
+            spare.symlink_to(path, target_is_directory=True)
+            os.replace(spare, link)
+        else:
             link.symlink_to(path, target_is_directory=True)  # fails if another got there first
-        except FileExistsError:
-            raise APIError(
-                400,
-                f"The lora adapter '{name}' has already been loaded. If you want to load the "
-                "adapter in place, set 'load_inplace' to True.",
-                "lora_name",
-            ) from None
+    except FileExistsError:
+        raise APIError(
+            400,
+            f"The lora adapter '{name}' has already been loaded. If you want to load the "
+            "adapter in place, set 'load_inplace' to True.",
+            "lora_name",
+        ) from None
+    except OSError as e:  # lora_dir read-only, say: the server's, not the request's, fault
+        message = f"could not link the adapter into {lora_dir}: {e}"
+        raise APIError(500, message, kind="server_error") from e
     return f"Success: LoRA adapter '{name}' added successfully."
 
 

@@ -9,6 +9,8 @@ import argparse
 import json
 import sys
 
+import torch
+
 from engine import EngineConfig, InvalidRequestError, LLMEngine, SamplingParams
 from engine.spec_decode import SpeculativeConfig
 
@@ -33,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32")
     gen.add_argument("--kv-cache-dtype", default="auto", help="auto, fp8 (= fp8_e4m3), fp8_e5m2")
     gen.add_argument("--threads", type=int, default=None)
+    gen.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
+    gen.add_argument(
+        "--enforce-eager", action="store_true", help="vLLM's: no CUDA graphs of decode steps"
+    )
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     gen.add_argument("--lora", default=None, help="a PEFT LoRA adapter's directory to run with")
     gen.add_argument(
@@ -50,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     try:
+        _check_device(args.device)
         params = SamplingParams(
             max_tokens=args.max_tokens,
             temperature=args.temperature,
@@ -69,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                 dtype=args.dtype,
                 kv_cache_dtype=args.kv_cache_dtype,
                 num_threads=args.threads,
+                device=args.device,
+                enforce_eager=args.enforce_eager,
                 lora_modules=() if args.lora is None else (("cli", args.lora),),
                 speculative=_speculative(args.speculative_config),
             )
@@ -93,6 +102,17 @@ def main(argv: list[str] | None = None) -> int:
         kept, drafts = engine.num_accepted_tokens, engine.num_draft_tokens
         print(f"speculative decoding: {kept} of {drafts} draft tokens kept", file=sys.stderr)
     return 0
+
+
+def _check_device(device: str) -> None:
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:  # not a device string torch reads
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: cpu or cuda (cuda:N)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA device torch can use")
 
 
 def _speculative(config: dict | None) -> SpeculativeConfig | None:

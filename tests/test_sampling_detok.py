@@ -275,6 +275,18 @@ def test_cli_generate_prints_the_greedy_completion():
     assert bad.returncode == 2 and "max_tokens" in bad.stderr
 
 
+@pytest.mark.unit
+def test_cli_a_device_it_cannot_use_is_a_clear_error(capsys):
+    from engine.__main__ import main
+
+    gpu = torch.cuda.is_available()
+    for device, reason in (("meta", "cpu or cuda"), ("tpu", "cpu or cuda"), ("cuda", "no CUDA")):
+        if device == "cuda" and gpu:
+            continue
+        assert main(["generate", "--prompt", "hi", "--device", device]) == 2
+        assert reason in capsys.readouterr().err
+
+
 @pytest.mark.model
 def test_cli_a_request_the_engine_fails_exits_1_with_its_error(monkeypatch, capsys):
     """NaN logits (the model's numbers broke): the engine's message, exit 1 (it was exit 0 with

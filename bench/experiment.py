@@ -51,11 +51,17 @@ REPO = Path(__file__).resolve().parent.parent
 class Configuration:
     description: str
     colocated: bool
-    overrides: dict  # merged into serve_config.yaml's args
+    overrides: dict  # merged into the base config's args
     caches_prefixes: bool = True  # when the workload shares prefixes (False: a baseline)
+    base_config: str = "serve_config.yaml"  # the repository's file it starts from
+    gpus: int = 0  # GPUs it computes on; 0: CPU engines, counted by their threads
 
     @property
-    def cores(self) -> int:  # engine threads in all: what the configuration computes on
+    def cores(self) -> int:
+        """What the configuration computes on, the unit of "per core" in the report: its
+        engines' threads, or its GPUs."""
+        if self.gpus:
+            return self.gpus
         phases = ("colocated",) if self.colocated else ("prefill", "decode")
         return sum(
             self.overrides[p].get("num_replicas", 1) * self.overrides[p]["engine"]["num_threads"]
@@ -118,11 +124,45 @@ def merge(base: dict, overrides: dict) -> dict:
     return out
 
 
-def app_args(
-    name: str, base_config: Path = REPO / "serve_config.yaml", prefix_caching: bool = False
-) -> dict:
+def _gpu_phase(share: float, **engine) -> dict:
+    # one GPU in all: each configuration's replicas split it (Ray's fractional GPUs)
+    return {"num_replicas": 1, "num_gpus": share, "engine": engine}
+
+
+# on one GPU (serve_config_gpu.yaml: fp32, KV over CUDA IPC, decode steps from CUDA graphs)
+_GPU_DISAGG = {"mode": "disaggregated", "prefill": _gpu_phase(0.5), "decode": _gpu_phase(0.5)}
+_GPU_COLOC = {"kv_cache_memory_mb": 16384, "max_num_seqs": 256, "max_num_batched_tokens": 8192}
+CONFIGURATIONS |= {
+    "gpu-disagg-1p1d": Configuration(
+        "one GPU, disaggregated: 1 prefill + 1 decode replica sharing it, KV over CUDA IPC",
+        False, _GPU_DISAGG, base_config="serve_config_gpu.yaml", gpus=1,
+    ),
+    "gpu-disagg-1p1d-eager": Configuration(
+        "as gpu-disagg-1p1d, every step launched eagerly (no CUDA graphs)",
+        False,
+        merge(_GPU_DISAGG, {p: {"engine": {"enforce_eager": True}} for p in ("prefill", "decode")}),
+        base_config="serve_config_gpu.yaml", gpus=1,
+    ),
+    "gpu-coloc-1": Configuration(
+        "one GPU, colocated (vLLM-style continuous batching): 1 replica",
+        True, {"mode": "colocated", "colocated": _gpu_phase(1, **_GPU_COLOC)},
+        base_config="serve_config_gpu.yaml", gpus=1,
+    ),
+    "gpu-chunked-1": Configuration(
+        "one GPU, colocated with chunked prefill (512-token budget): 1 replica",
+        True,
+        {"mode": "colocated", "colocated": _gpu_phase(
+            1, **{**_GPU_COLOC, "chunked_prefill": True, "max_num_batched_tokens": 512}
+        )},
+        base_config="serve_config_gpu.yaml", gpus=1,
+    ),
+}  # fmt: skip
+
+
+def app_args(name: str, prefix_caching: bool = False) -> dict:
     """`name`'s serve args; `prefix_caching` turns it on in every phase (a workload whose
     prompts share prefixes: serving them is what the cache is for)."""
+    base_config = REPO / CONFIGURATIONS[name].base_config
     base = yaml.safe_load(base_config.read_text())["applications"][0]["args"]
     args = merge(base, CONFIGURATIONS[name].overrides)
     if prefix_caching and CONFIGURATIONS[name].caches_prefixes:
@@ -449,6 +489,12 @@ def _meta(args: argparse.Namespace, unit: SLO, grid: dict, items) -> dict:
     }
 
 
+def _num_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def _cores() -> int:
     import os
 
@@ -484,6 +530,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(args.configs) - set(CONFIGURATIONS)
     if unknown:
         parser.error(f"unknown configurations {sorted(unknown)}; known: {list(CONFIGURATIONS)}")
+    needed = max(CONFIGURATIONS[name].gpus for name in args.configs)
+    if needed and _num_gpus() < needed:
+        parser.error(f"{args.configs} need {needed} GPU(s); this machine has {_num_gpus()}")
     try:
         workload_of(args, args.num_requests)
     except ValueError as e:

@@ -183,7 +183,15 @@ def test_every_configuration_is_valid_app_args_on_the_same_engine_threads():
     for name, config in CONFIGURATIONS.items():
         args = AppArgs.model_validate(app_args(name))
         assert args.mode == ("colocated" if config.colocated else "disaggregated")
-        assert config.cores == 2, name  # every configuration computes on two threads
+        if not config.gpus:
+            assert config.cores == 2, name  # every CPU configuration computes on two threads
+            continue
+        # the GPU ones: one GPU in all, the phases' replicas splitting it
+        phases = ("colocated",) if config.colocated else ("prefill", "decode")
+        assert args.device == "cuda" and config.cores == 1, name
+        assert sum(getattr(args, p).num_gpus * getattr(args, p).num_replicas for p in phases) == 1
+        eager = {args.engine_config(p).enforce_eager for p in phases}
+        assert eager == {name.endswith("-eager")}, name
     chunked = AppArgs.model_validate(app_args("chunked-2"))
     assert chunked.colocated.engine.chunked_prefill and chunked.colocated.num_replicas == 2
 
@@ -682,3 +690,17 @@ def test_a_run_stopped_in_a_later_configuration_keeps_the_finished_ones(tmp_path
     [point] = saved["configs"]["disagg-1p1d"]["points"]
     assert point["rate"] == 0.5 and len(point["records"]) == 10
     assert analyze(saved)["configs"]["disagg-1p1d"]["curve"][0]["attainment"] == 0.9
+
+
+def test_a_gpu_configuration_without_a_gpu_is_refused_before_anything_starts(tmp_path, capsys):
+    import torch
+
+    from bench.experiment import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    argv = ["--out", str(tmp_path), "--configs", "coloc-2", "gpu-coloc-1", "--rates", "1"]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--goodput", "ttft:500", "tpot:50"])
+    assert e.value.code == 2 and "need 1 GPU(s); this machine has 0" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

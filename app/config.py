@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from app.reasoning_parsers import REASONING_PARSERS
 from app.tool_parsers import PARSERS
-from engine.config import EngineConfig
+from engine.config import EngineConfig, check_device
 from engine.model_store import DEFAULT_MODEL_NAME
 from engine.parallel import ParallelLayout
 from engine.scheduler import SchedulerConfig
@@ -265,6 +265,11 @@ class AppArgs(_Strict):
         if not path.is_file():
             raise ValueError(f"{value!r} is neither a file nor a Jinja template")
         return path.read_text()
+
+    @field_validator("device")
+    @classmethod
+    def _a_device(cls, value: str) -> str:
+        return check_device(value)
 
     @field_validator("lora_modules")
     @classmethod

@@ -9,8 +9,6 @@ import argparse
 import json
 import sys
 
-import torch
-
 from engine import EngineConfig, InvalidRequestError, LLMEngine, SamplingParams
 from engine.spec_decode import SpeculativeConfig
 
@@ -56,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     try:
-        _check_device(args.device)
         params = SamplingParams(
             max_tokens=args.max_tokens,
             temperature=args.temperature,
@@ -102,17 +99,6 @@ def main(argv: list[str] | None = None) -> int:
         kept, drafts = engine.num_accepted_tokens, engine.num_draft_tokens
         print(f"speculative decoding: {kept} of {drafts} draft tokens kept", file=sys.stderr)
     return 0
-
-
-def _check_device(device: str) -> None:
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:  # not a device string torch reads
-        kind = None
-    if kind not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device!r}: cpu or cuda (cuda:N)")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: this machine has no CUDA device torch can use")
 
 
 def _speculative(config: dict | None) -> SpeculativeConfig | None:

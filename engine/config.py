@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -8,6 +9,7 @@ from engine.scheduler import SchedulerConfig
 from engine.spec_decode import SpeculativeConfig
 
 _DTYPES = ("float32", "bfloat16", "float16")
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 # the KV cache's element type, as vLLM's --kv-cache-dtype names it: "auto" is the model's
 KV_CACHE_DTYPES = {
     "auto": None,
@@ -49,6 +51,7 @@ class EngineConfig:
     enforce_eager: bool = False
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -84,6 +87,13 @@ class EngineConfig:
         """The largest decode batch that replays a CUDA graph; 0: none does."""
         gpu = self.device.startswith("cuda") and self.parallel.is_single
         return self.scheduler.max_num_seqs if gpu and not self.enforce_eager else 0
+
+
+def check_device(device: str) -> str:
+    """The device, or ValueError: the engine runs on "cpu" or "cuda" ("cuda:N")."""
+    if not _DEVICE.fullmatch(device):
+        raise ValueError(f"device must be cpu or cuda (cuda:N), got {device!r}")
+    return device
 
 
 def lora_path(lora_dir: str | Path | None, name: str) -> Path | None:

@@ -68,20 +68,22 @@ class DecodeGraphs:
         self.failed = False  # a capture failed: every step runs eagerly from then on
         self.num_steps = 0  # steps run here
 
-    def applies(self, seqs) -> bool:
-        return (
-            not self.failed
-            and 0 < len(seqs) <= self.sizes[-1]
-            and all(len(s.token_ids) == 1 and s.sample and not s.all_logits for s in seqs)
-            and not any(s.lora for s in seqs)
-            and max(len(s.block_table) for s in seqs) <= self.widths[-1]
+    def _width(self, seqs) -> int | None:
+        """The table width of a step of plain decodes that a graph can run; None otherwise."""
+        plain = all(
+            len(s.token_ids) == 1 and s.sample and not s.all_logits and not s.lora for s in seqs
         )
+        if self.failed or not plain or not 0 < len(seqs) <= self.sizes[-1]:
+            return None
+        return bucket(self.widths, max(len(s.block_table) for s in seqs))
 
     def run(self, seqs) -> torch.Tensor | None:
-        """-> logits (len(seqs), V) float32 of a batch that `applies`; None when its graph
-        could not be captured (the caller runs the step eagerly)."""
+        """-> logits (len(seqs), V) float32 of a step of plain decodes; None for any other
+        step, or when its graph could not be captured (the caller runs it eagerly)."""
         n = len(seqs)
-        width = bucket(self.widths, max(len(s.block_table) for s in seqs))
+        width = self._width(seqs)
+        if width is None:
+            return None
         try:
             entry = self._graph(bucket(self.sizes, n), width)
         except Exception as e:  # an op that cannot be captured: serve eagerly, not fail

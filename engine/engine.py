@@ -186,8 +186,10 @@ class LLMEngine:
         prompt_ids = self.encode(prompt)
         self.validate(prompt_ids, params)
         self._use_lora(params)
-        request = Request(request_id, prompt_ids, params, self.eos_token_id, prefill_only)
-        request.adapter_key = self.adapters.key(params.lora)
+        request = Request(
+            request_id, prompt_ids, params, self.eos_token_id, prefill_only,
+            adapter_key=self.adapters.key(params.lora),
+        )  # fmt: skip
         state = DetokenizerState.for_prompt(len(prompt_ids))
         self._track(request, state, None)
         self.scheduler.add(request)

@@ -135,6 +135,8 @@ class ModelRunner:
         graph_batch: int = 0,
         capture_graphs: bool = True,
     ) -> None:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {device}: this machine has no CUDA device torch can use")
         self.dtype = next(model.parameters()).dtype
         self.kv_dtype = kv_dtype or self.dtype
         # the compiled CPU decode kernel when it is built; the torch path otherwise
@@ -251,10 +253,8 @@ class ModelRunner:
     def execute(self, batch: ModelInput) -> torch.Tensor:
         """-> logits (rows, vocab), float32, in the order of batch.seqs: one row per sampling
         seq, or one per token for a seq that asks for all its logits."""
-        if self.graphs is not None and self.graphs.applies(batch.seqs):
-            logits = self.graphs.run(batch.seqs)
-            if logits is not None:
-                return logits
+        if self.graphs is not None and (logits := self.graphs.run(batch.seqs)) is not None:
+            return logits
         return self._eager(batch)
 
     @torch.inference_mode()

@@ -109,9 +109,9 @@ def fit_steps(runs: list[list[list[dict]]], base: Entry) -> TraceFit | None:
             shared[:, : len(replicas)] = _shared_ms(steps, others, len(replicas))
             shared[:, 0] += overhead
             for step, row in zip(steps, shared, strict=True):
-                traced = _Traced((run, i), step["start_s"] * 1e3, row)
                 if step.get("draft_tokens"):  # speculative decodes: neither model's step
                     continue
+                traced = _Traced((run, i), step["start_s"] * 1e3, row)
                 if step["prefill_lens"] and not step["decode_contexts"]:
                     # traces written before offsets were recorded: whole prompts
                     offsets = step.get("prefill_offsets") or [0] * len(step["prefill_lens"])

@@ -55,6 +55,8 @@ def test_gpu_configs_reserve_gpus_for_whoever_holds_the_model():
         AppArgs(kv_transport="nccl")
     with pytest.raises(ValidationError, match="gloo moves CPU caches"):
         AppArgs(kv_transport="gloo", device="cuda")
+    with pytest.raises(ValidationError, match=r"device must be cpu or cuda \(cuda:N\)"):
+        AppArgs(device="tpu")
 
 
 @pytest.mark.unit

@@ -376,7 +376,8 @@ class AppArgs(_Strict):
             lora_dir=self.lora_dir,
             max_loras=self.max_loras,
             speculative=e.speculative_config and e.speculative_config.config(),
-            enforce_eager=e.enforce_eager,
+            # a prefill replica runs no decode step: it captures no decode graph
+            enforce_eager=e.enforce_eager or phase == "prefill",
         )
 
     def check_parallel(self, num_layers: int, num_heads: int, num_kv_heads: int) -> None:

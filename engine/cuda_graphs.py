@@ -12,6 +12,11 @@ Padding rows decode token 0 at position 0 into the runner's scratch block, which
 manager never hands out. The logits go into one buffer shared by all graphs, read right after
 each replay; graphs share one memory pool, which is safe because they never run at once.
 
+Every bucket is captured when the replica starts (`capture_all`, as vLLM does), largest first:
+the workspace is then allocated once at its largest and each smaller graph reuses the pool's
+memory, and no request's step waits on a capture. A bucket that is still missing (a replica
+that started with capture off) is captured on its first use.
+
 Only steps of plain decodes run here: one token per sequence, each sampled, no LoRA adapter, on
 a runner that holds the whole model (tensor- and pipeline-parallel workers run eagerly). With
 `capture=False` the same padded static step runs eagerly: the tests use it on CPUs.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +83,29 @@ class DecodeGraphs:
             return None
         return bucket(self.widths, max(len(s.block_table) for s in seqs))
 
+    def capture_all(self) -> int:
+        """Capture every bucket, largest batch and widest table first -> how many graphs
+        there are; 0 when a capture failed (steps then run eagerly)."""
+        start = time.perf_counter()
+        for size in reversed(self.sizes):
+            for width in reversed(self.widths):
+                if self._captured(size, width) is None:
+                    return 0
+        logger.info(
+            "captured %d decode graphs in %.1f s", len(self._graphs), time.perf_counter() - start
+        )
+        return len(self._graphs)
+
+    def _captured(self, size: int, width: int) -> _Graph | None:
+        """The bucket's graph, captured now if it is not yet; None when the capture failed."""
+        try:
+            return self._graph(size, width)
+        except Exception as e:  # an op that cannot be captured: serve eagerly, not fail
+            logger.warning("CUDA graph capture failed (%s); decode steps run eagerly", e)
+            self.failed = True
+            self._graphs.clear()
+            return None
+
     def run(self, seqs) -> torch.Tensor | None:
         """-> logits (len(seqs), V) float32 of a step of plain decodes; None for any other
         step, or when its graph could not be captured (the caller runs it eagerly)."""
@@ -84,12 +113,8 @@ class DecodeGraphs:
         width = self._width(seqs)
         if width is None:
             return None
-        try:
-            entry = self._graph(bucket(self.sizes, n), width)
-        except Exception as e:  # an op that cannot be captured: serve eagerly, not fail
-            logger.warning("CUDA graph capture failed (%s); decode steps run eagerly", e)
-            self.failed = True
-            self._graphs.clear()
+        entry = self._captured(bucket(self.sizes, n), width)
+        if entry is None:
             return None
         rows = [[s.token_ids[0], s.start, *self._padded(s.block_table, width)] for s in seqs]
         rows += [self._padding_row(width)] * (entry.rows.shape[0] - n)
@@ -150,7 +175,9 @@ class DecodeGraphs:
         # thread_local: a KV import on another thread may launch work meanwhile
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             self._step(rows)
-        logger.info("captured a decode graph: batch %d, %d blocks", *rows.shape)
+        logger.debug(
+            "captured a decode graph: batch %d, %d blocks", rows.shape[0], rows.shape[1] - 2
+        )
         return graph
 
     def _step(self, rows: torch.Tensor) -> None:

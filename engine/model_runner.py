@@ -232,6 +232,7 @@ class ModelRunner:
             graph_batch=graph_batch,
         )
         runner.check()
+        runner.capture_decode_graphs()
         return runner
 
     def check(self) -> None:
@@ -240,6 +241,12 @@ class ModelRunner:
         request of a started replica)."""
         self._eager(ModelInput([SeqInput([0], 0, [0], True)]))
         self.kv_cache[:, :, 0].zero_()
+
+    @torch.inference_mode()
+    def capture_decode_graphs(self) -> int:
+        """Capture every decode step's CUDA graph now, at load, rather than on each bucket's
+        first step -> how many there are (0: none, the steps run eagerly)."""
+        return self.graphs.capture_all() if self.graphs is not None else 0
 
     @property
     def num_kv_blocks(self) -> int:

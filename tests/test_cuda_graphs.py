@@ -76,3 +76,53 @@ def test_an_engine_on_graph_steps_generates_the_eager_engines_tokens(paged_model
     assert outs[8] == outs[0]
     assert runner.graphs.num_steps >= 15  # every decode step after the prompts'
     assert len({width for _, width in runner.graphs._graphs}) >= 2  # tables outgrew one
+
+
+def _decode_step(runner, eager) -> None:
+    """Prefill three sequences on both runners, then one decode step: the same logits."""
+    tables = ([0, 1], [2, 3, 4], [5, 6, 7])
+    prefill = ModelInput(
+        [SeqInput(list(range(5 + 3 * i)), 0, t, True) for i, t in enumerate(tables)]
+    )
+    for r in (runner, eager):
+        r.execute(prefill)
+    step = ModelInput([SeqInput([42 + i], 5 + 3 * i, t, True) for i, t in enumerate(tables[:2])])
+    torch.testing.assert_close(runner.execute(step), eager.execute(step), atol=1e-4, rtol=1e-4)
+
+
+def test_every_bucket_is_set_up_at_load_largest_first(paged_model, monkeypatch):
+    """capture_decode_graphs (ModelRunner.from_pretrained calls it) sets up every batch size and
+    table width before the first request, the largest first: the workspace is allocated once,
+    and a step then finds its graph ready rather than setting one up."""
+    runner = ModelRunner(
+        paged_model, 24, 4, use_kernel=False, max_model_len=64, graph_batch=6, capture_graphs=False
+    )
+    graphs = runner.graphs
+    assert (graphs.sizes, graphs.widths) == ((1, 2, 4, 8), (1, 2, 4, 8, 16))
+    drops = []
+    drop = graphs._drop_graphs
+    monkeypatch.setattr(graphs, "_drop_graphs", lambda: (drops.append(1), drop()))
+    assert runner.capture_decode_graphs() == 20 == len(graphs._graphs)
+    assert list(graphs._graphs)[0] == (8, 16) and len(drops) == 1  # grown once, from empty
+    workspace = graphs._workspace
+    _decode_step(runner, ModelRunner(paged_model, 24, 4, use_kernel=False))
+    assert graphs.num_steps == 1 and len(graphs._graphs) == 20 and graphs._workspace is workspace
+
+
+def test_a_capture_that_fails_at_load_leaves_the_steps_eager(paged_model, monkeypatch):
+    runner = ModelRunner(
+        paged_model, 24, 4, use_kernel=False, max_model_len=64, graph_batch=6, capture_graphs=False
+    )
+    graphs = runner.graphs
+    graph = graphs._graph
+
+    def fails_at_batch_2(size, width):
+        if size == 2:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return graph(size, width)
+
+    monkeypatch.setattr(graphs, "_graph", fails_at_batch_2)
+    assert runner.capture_decode_graphs() == 0
+    assert graphs.failed and not graphs._graphs
+    _decode_step(runner, ModelRunner(paged_model, 24, 4, use_kernel=False))
+    assert graphs.num_steps == 0  # the step ran eagerly

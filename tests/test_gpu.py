@@ -75,6 +75,9 @@ def test_the_gpu_serve_config_shares_one_gpu_between_the_phases():
     for phase in ("prefill", "decode"):
         assert _options(args, phase)["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.5}
     assert args.engine_config("decode").device == "cuda"
+    # the decode replica's steps replay CUDA graphs; the prefill replica has none to capture
+    assert args.engine_config("decode").graph_batch == 256
+    assert args.engine_config("prefill").graph_batch == 0
 
 
 @pytest.mark.unit
@@ -260,8 +263,8 @@ def test_lora_adapters_on_cuda_give_the_cpu_engines_tokens(lora_adapters):
 def test_cuda_graphs_give_the_eager_engines_tokens():
     """The default model on CUDA, fp32: decode steps replayed from captured graphs give the
     greedy tokens of the engine that runs them eagerly (`enforce_eager`), over batches that
-    shrink as requests finish and block tables that grow."""
-    from engine import EngineConfig, LLMEngine, SamplingParams
+    shrink as requests finish and block tables that grow. Every graph is captured at load."""
+    from engine import EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
 
     prompts = [f"Item {i}: " + "the quick brown fox " * (5 * i) for i in range(12)]
     params = [
@@ -269,11 +272,19 @@ def test_cuda_graphs_give_the_eager_engines_tokens():
     ]
     outputs = {}
     for eager in (True, False):
-        config = EngineConfig(device="cuda", kv_cache_memory_mb=256, enforce_eager=eager)
+        config = EngineConfig(
+            device="cuda",
+            kv_cache_memory_mb=256,
+            enforce_eager=eager,
+            scheduler=SchedulerConfig(max_num_seqs=16),
+        )
         engine = LLMEngine(config)
+        if not eager:  # batch sizes 1-16 by table widths 1-128 (2048 tokens)
+            assert len(engine.runner.graphs._graphs) == 5 * 8
         outputs[eager] = [o.token_ids for o in engine.generate(prompts, params)]
         assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
     graphs = engine.runner.graphs
     assert graphs.num_steps > 40 and not graphs.failed
-    assert graphs._graphs and all(g.graph is not None for g in graphs._graphs.values())
+    assert len(graphs._graphs) == 5 * 8  # none captured while serving
+    assert all(g.graph is not None for g in graphs._graphs.values())
     assert outputs[False] == outputs[True]

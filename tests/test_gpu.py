@@ -275,6 +275,7 @@ def test_cuda_graphs_give_the_eager_engines_tokens():
         config = EngineConfig(
             device="cuda",
             kv_cache_memory_mb=256,
+            max_model_len=2048,
             enforce_eager=eager,
             scheduler=SchedulerConfig(max_num_seqs=16),
         )

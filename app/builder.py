@@ -80,7 +80,11 @@ def build_app(args: dict) -> serve.Application:
                 cfg.colocated, "ColocatedServer", "colocated", cfg.gpus_per_worker("colocated")
             ),
         )
-        server = colocated.bind(cfg.engine_config("colocated"), cfg.kv_transport)
+        server = colocated.bind(
+            cfg.engine_config("colocated"),
+            cfg.kv_transport,
+            cfg.colocated.stream_batching_interval_ms,
+        )
         return ingress.bind(plain, colocated=server, **store)
     prefill = serve.deployment(
         PrefillServer,
@@ -102,7 +106,9 @@ def build_app(args: dict) -> serve.Application:
         prefill=prefill.bind(
             cfg.engine_config("prefill"), cfg.kv_transport, cfg.decode.engine.parallel
         ),
-        decode=decode.bind(cfg.engine_config("decode"), cfg.kv_transport),
+        decode=decode.bind(
+            cfg.engine_config("decode"), cfg.kv_transport, cfg.decode.stream_batching_interval_ms
+        ),
     )
 
 

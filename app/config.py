@@ -161,6 +161,11 @@ class PhaseArgs(_Strict):
         None
     )
     engine: EngineArgs = EngineArgs()
+    # Ray Serve LLM's stream batching: a decode or colocated replica sends each request's
+    # tokens at most once per interval, joined into one stream item (each item is a Ray object,
+    # an SSE event and a write of Serve's proxy); 0: as each step makes them, those already
+    # waiting joined. A prefill replica sends one token: it does not apply there.
+    stream_batching_interval_ms: float = Field(0.0, ge=0, le=1000)
     # prefill and colocated replicas that cache prefixes: a prompt goes to a replica that was
     # sent its prefix before, unless that one has more than prefix_affinity_max_imbalance
     # requests in flight beyond the least loaded (app/prefix_router.py)

@@ -63,6 +63,7 @@ class _Choice:
     tool_parser: object | None = None  # tool_choice "auto", streamed: this choice's parser
     reasoning_parser: object | None = None  # a reasoning model's, streamed
     num_calls: int = 0  # tool calls streamed so far
+    num_outputs: int = 0  # outputs add()ed: the first is the first chunk
 
     def add(self, out: RequestOutput) -> RequestOutput:
         """Keep `out`; -> it as the client sees it (nothing generated for an echo alone)."""
@@ -71,8 +72,10 @@ class _Choice:
                 out, new_token_ids=[], new_text="", num_output_tokens=0, logprobs=[],
                 finish_reason=out.finish_reason and "length",  # max_tokens 0 reached
             )  # fmt: skip
-        self.text.append(out.new_text)
-        self.num_tokens.append(len(out.new_token_ids))
+        self.num_outputs += 1
+        for text, num_tokens in out.pieces:  # per step, as the engine made them
+            self.text.append(text)
+            self.num_tokens.append(num_tokens)
         self.token_ids.extend(out.new_token_ids)
         self.logprobs.extend(out.logprobs or ())
         if out.prompt_logprobs is not None:
@@ -185,7 +188,7 @@ class CompletionFormat:
     def chunk(self, index: int, out: RequestOutput) -> dict:
         """The SSE chunk of an output already add()ed."""
         choice = self.choices[index]
-        first = len(choice.text) == 1
+        first = choice.num_outputs == 1
         return self._envelope(
             [
                 {
@@ -250,7 +253,7 @@ class ChatFormat(CompletionFormat):
 
     def chunk(self, index: int, out: RequestOutput) -> dict:
         choice = self.choices[index]
-        first = len(choice.text) == 1
+        first = choice.num_outputs == 1
         text, thought = self._split(choice, out)
         if self._parses_calls:
             delta = self._parsed_delta(choice, text, out.finished, first)

@@ -21,6 +21,7 @@ import bisect
 import collections
 import contextlib
 import logging
+import math
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -46,8 +47,13 @@ class EngineLoop:
         engine: LLMEngine,
         on_step: Callable[[list, object, int], None] | None = None,
         on_prefilled: Callable[[LLMEngine, str], Any] | None = None,
+        stream_interval_s: float = 0.0,
     ) -> None:
         self.engine = engine
+        # a request's stream yields at most one item per interval, its outputs meanwhile
+        # joined (Ray Serve LLM's stream batching): each item costs a Ray object, an SSE event
+        # and the proxy's write; 0: each as it comes, those already waiting joined
+        self.stream_interval_s = stream_interval_s
         self._on_step = on_step  # (outputs, stats, pending imports), on the engine thread
         # (engine, request id) -> what the request's stream yields after its prefilled output
         self._on_prefilled = on_prefilled
@@ -123,20 +129,45 @@ class EngineLoop:
 
     async def _drain(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
         done = False
+        held = None  # taken from the queue while joining outputs, not joinable: the next item
+        sent = -math.inf  # when the last item was yielded (the event loop's clock)
         try:
             while not done:
-                item = await stream.queue.get()
+                item = held if held is not None else await stream.queue.get()
                 if isinstance(item, Exception):
                     raise item
+                item, held = await self._joined(stream, item, sent + self.stream_interval_s)
                 if not isinstance(item, RequestOutput):  # on_prefilled's result: the last item
                     done = True
                 else:  # with on_prefilled, a prefilled request still has its result to come
                     done = item.finished or (item.prefilled and self._on_prefilled is None)
                 yield item
+                sent = asyncio.get_running_loop().time()
         finally:
             self._streams.pop(request_id, None)
             if not done:  # the consumer went away (disconnect, cancel, error): free the blocks
                 self.abort(request_id)
+
+    @staticmethod
+    async def _joined(stream: _Stream, item: Any, until: float) -> tuple[Any, Any]:
+        """-> (item and the outputs after it that are queued now or arrive before `until`,
+        joined; the next item if one that cannot be joined was taken, else None). A finished
+        output, a prefilled one or an error ends the joining: those go out at once."""
+        loop = asyncio.get_running_loop()
+        while isinstance(item, RequestOutput) and not item.finished and not item.prefilled:
+            if not stream.queue.empty():
+                later = stream.queue.get_nowait()
+            elif (wait := until - loop.time()) > 0:
+                try:
+                    later = await asyncio.wait_for(stream.queue.get(), wait)
+                except TimeoutError:
+                    break
+            else:
+                break
+            if not isinstance(later, RequestOutput):
+                return item, later
+            item = item.then(later)
+        return item, None
 
     def abort(self, request_id: str) -> None:
         def cancel() -> None:

@@ -74,14 +74,24 @@ async def _refusals_as_items(stream: AsyncIterator) -> AsyncIterator:
 class _EngineServer:
     phase = "engine"
 
-    def __init__(self, engine_config: EngineConfig, kv_transport: str = "shm") -> None:
+    def __init__(
+        self,
+        engine_config: EngineConfig,
+        kv_transport: str = "shm",
+        stream_batching_interval_ms: float = 0.0,
+    ) -> None:
         from deployments.metrics import EngineMetrics
 
         self.engine = LLMEngine(engine_config, kv_transport=kv_transport)
         self.metrics = EngineMetrics(self.phase)
         self._signals = load_signals(self.engine.stats, 0, self.engine.blocks.block_size)
         self._trace = _step_trace(self.phase)  # before the loop thread can step
-        self.loop = EngineLoop(self.engine, on_step=self._on_step, on_prefilled=self._on_prefilled)
+        self.loop = EngineLoop(
+            self.engine,
+            on_step=self._on_step,
+            on_prefilled=self._on_prefilled,
+            stream_interval_s=stream_batching_interval_ms / 1e3,
+        )
         self.node_id = _node_id()
         self.channel = kv_channel.KVChannel(kv_transport, self.node_id)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from engine.detokenizer import DetokenizerState
@@ -45,10 +46,48 @@ class RequestOutput:
     # why the engine ended the request itself ("abort"): its structured output's parser failed
     # (InvalidRequestError), or the engine failed it (RequestFailedError)
     error: Exception | None = None
+    # outputs joined into this one (stream batching): each one's (text length, tokens), so
+    # the ingress can still count per step what a step's text was; empty: one step's
+    joined: tuple[tuple[int, int], ...] = ()
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def pieces(self) -> list[tuple[str, int]]:
+        """(text, tokens) of each step this output holds, as the steps made them."""
+        if not self.joined:
+            return [(self.new_text, len(self.new_token_ids))]
+        out, at = [], 0
+        for length, tokens in self.joined:
+            out.append((self.new_text[at : at + length], tokens))
+            at += length
+        return out
+
+    def then(self, later: RequestOutput) -> RequestOutput:
+        """This delta and the next one of the same request, as one (a stream that sends its
+        tokens in fewer items). The first output's own fields (queue time, cached tokens,
+        prompt logprobs) come from this one; the counts and the end from `later`."""
+        if later.request_id != self.request_id or self.finished or self.prefilled:
+            raise ValueError(f"cannot join output of {later.request_id!r} after {self!r}")
+        logprobs = None
+        if self.logprobs is not None or later.logprobs is not None:
+            logprobs = (self.logprobs or []) + (later.logprobs or [])
+        return dataclasses.replace(
+            later,
+            new_token_ids=self.new_token_ids + later.new_token_ids,
+            new_text=self.new_text + later.new_text,
+            queue_time_s=_first(self.queue_time_s, later.queue_time_s),
+            num_cached_tokens=_first(self.num_cached_tokens, later.num_cached_tokens),
+            logprobs=logprobs,
+            prompt_logprobs=_first(self.prompt_logprobs, later.prompt_logprobs),
+            joined=tuple((len(t), n) for t, n in self.pieces + later.pieces),
+        )
+
+
+def _first(a, b):
+    return a if a is not None else b
 
 
 @dataclass(frozen=True)

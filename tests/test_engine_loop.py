@@ -206,3 +206,65 @@ def test_priority_needs_the_priority_policy(make_engine):
     engine.add_request("low", "hi", SamplingParams(max_tokens=2, priority=3))
     engine.add_request("high", "hi", SamplingParams(max_tokens=2, priority=-3))
     assert [r.request_id for r in engine.scheduler.waiting] == ["high", "low"]
+
+
+LOGPROBS = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2)
+
+
+def _joined_equals(outs, alone) -> None:
+    """outs, joined into fewer items, carry alone's tokens, text and logprobs in order."""
+    for field in ("new_token_ids", "logprobs"):
+        assert [x for o in outs for x in getattr(o, field)] == [
+            x for o in alone for x in getattr(o, field)
+        ]
+    assert "".join(o.new_text for o in outs) == "".join(o.new_text for o in alone)
+    assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+    assert outs[-1].num_output_tokens == alone[-1].num_output_tokens == 12
+    assert outs[0].queue_time_s is not None and outs[0].num_cached_tokens is not None
+
+
+def test_stream_batching_sends_a_requests_tokens_once_per_interval(make_engine):
+    """stream_interval_s (Ray Serve LLM's stream_batching_interval_ms): the first output goes
+    out at once, the later ones joined per interval, the finished one as soon as it exists;
+    tokens, text and logprobs are those of the unbatched stream."""
+    prompt = make_engine().encode("The capital of France is")
+    alone_loop = EngineLoop(make_engine())
+    loop = EngineLoop(make_engine(), stream_interval_s=0.15)
+
+    async def timed(stream) -> list:
+        return [(asyncio.get_running_loop().time(), out) async for out in stream]
+
+    try:
+        alone = run(collect(alone_loop.generate("a", prompt, LOGPROBS)))
+        timed_outs = run(timed(loop.generate("b", prompt, LOGPROBS)))
+    finally:
+        alone_loop.shutdown()
+        loop.shutdown()
+    outs = [out for _, out in timed_outs]
+    assert len(alone) == 12 and 2 <= len(outs) < 12
+    _joined_equals(outs, alone)
+    assert len(outs[0].new_token_ids) == 1  # the first token is not held back
+    gaps = [b - a for (a, _), (b, _) in zip(timed_outs, timed_outs[1:], strict=False)]
+    assert all(gap >= 0.14 for gap in gaps[:-1])  # the last goes out when it finishes
+
+
+def test_outputs_waiting_for_a_slow_consumer_are_sent_joined(make_engine):
+    """Without an interval, outputs that queued while the consumer was away go out as one."""
+    loop = EngineLoop(make_engine())
+    prompt = loop.engine.encode("The capital of France is")
+
+    async def slow() -> list:
+        outs = []
+        async for out in loop.generate("slow", prompt, LOGPROBS):
+            outs.append(out)
+            if len(outs) == 1:
+                await asyncio.sleep(1.0)  # the engine steps on meanwhile
+        return outs
+
+    try:
+        alone = run(collect(loop.generate("alone", prompt, LOGPROBS)))
+        outs = run(slow())
+    finally:
+        loop.shutdown()
+    assert len(alone) == 12 and len(outs) < 12
+    _joined_equals(outs, alone)

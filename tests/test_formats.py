@@ -196,3 +196,25 @@ def test_vllm_prompt_logprobs_field_per_choice_and_beside_chat_choices():
     body = chat.final()
     assert body["prompt_logprobs"] == view.final()["choices"][0]["prompt_logprobs"]
     assert "prompt_logprobs" not in body["choices"][0]
+
+
+def test_joined_outputs_are_one_delta():
+    """RequestOutput.then (stream batching): two deltas joined carry both in order; the first's
+    own fields stay, the counts and the end are the later's."""
+    lp = [TokenLogprob(5, -0.5, ((5, -0.5),), 1), TokenLogprob(6, -1.5, ((7, -0.2),), 2)]
+    first = RequestOutput("r", [5], " a", 3, 1, queue_time_s=0.25, num_cached_tokens=2,
+                          logprobs=lp[:1])  # fmt: skip
+    later = RequestOutput("r", [6], " b", 3, 2, finish_reason="length", logprobs=lp[1:])
+    joined = first.then(later)
+    assert (joined.new_token_ids, joined.new_text, joined.logprobs) == ([5, 6], " a b", lp)
+    assert (joined.queue_time_s, joined.num_cached_tokens) == (0.25, 2)
+    assert (joined.num_output_tokens, joined.finish_reason) == (2, "length")
+    assert first.then(dataclasses.replace(later, logprobs=None)).logprobs == lp[:1]
+    # each step's text and tokens stay readable (reasoning tokens are counted per step)
+    eos = RequestOutput("r", [2], "", 3, 3, finish_reason="stop")
+    three = first.then(dataclasses.replace(later, finish_reason=None)).then(eos)
+    assert three.pieces == [(" a", 1), (" b", 1), ("", 1)] and first.pieces == [(" a", 1)]
+    with pytest.raises(ValueError, match="cannot join"):
+        joined.then(later)  # after the end
+    with pytest.raises(ValueError, match="cannot join"):
+        first.then(dataclasses.replace(later, request_id="other"))

@@ -122,6 +122,23 @@ def test_chat_usage_counts_reasoning_tokens_streamed_as_whole():
             assert usage["completion_tokens_details"] == {"reasoning_tokens": whole + cut}
 
 
+def test_joined_outputs_count_the_reasoning_tokens_of_their_steps():
+    """A decode replica that batches its stream (stream_batching_interval_ms) joins steps'
+    outputs: the tags' tokens and the end's EOS still do not count as reasoning."""
+    texts = ["<think>", "Paris", " is", "</think>", "\n", "Paris.", ""]  # the last: EOS
+    counts = []
+    for groups in ([[o] for o in _outputs(texts)], [_outputs(texts)[:3], _outputs(texts)[3:]]):
+        view = ChatFormat("chatcmpl-1", "m", [Prompt([1])], 1, None, Shown())
+        view.reasoning = "qwen3"
+        for group in groups:
+            joined = group[0]
+            for out in group[1:]:
+                joined = joined.then(out)
+            view.add(0, joined)
+        counts.append(view.final()["usage"]["completion_tokens_details"]["reasoning_tokens"])
+    assert counts == [2, 2]
+
+
 def test_reasoning_streams_as_it_comes_holding_only_a_possible_tag():
     parser = Qwen3Parser()
     assert parser.feed("<thi") == Split()  # may be the start tag

@@ -39,14 +39,19 @@ MODES = {
         "ingress": {"responses_store_size": 8},
         "slo": {"ttft_ms": 600_000, "tpot_ms": 600_000},
     },
-    # and a decode cache smaller than the prefill cache (64 vs 128 MB: 1456 vs 2912 tokens);
-    # two prefill replicas that cache prefixes: prompts go where their prefix went; chat
-    # replies read as DeepSeek-R1's: they start inside the model's reasoning
+    # and a decode cache smaller than the prefill cache (64 vs 128 MB: 1456 vs 2912 tokens)
+    # whose replica sends a request's tokens once per 300 ms (stream batching); two prefill
+    # replicas that cache prefixes: prompts go where their prefix went; chat replies read as
+    # DeepSeek-R1's: they start inside the model's reasoning
     "disagg_os": {
         "mode": "disaggregated",
         "kv_transport": "object_store",
         "prefill": {**CACHING, "num_replicas": 2},
-        "decode": {**SMALL, "engine": {**SMALL["engine"], "kv_cache_memory_mb": 64}},
+        "decode": {
+            **SMALL,
+            "engine": {**SMALL["engine"], "kv_cache_memory_mb": 64},
+            "stream_batching_interval_ms": 300,
+        },
         "reasoning_parser": "deepseek_r1",
     },
     # the decode replica pulls the KV over a gloo pair from the prefill replica; tool_choice
@@ -149,6 +154,25 @@ def test_greedy_output_is_identical_in_all_modes_and_to_the_engine(server, engin
             "completion_tokens": len(engine_alone.token_ids),
             "total_tokens": 5 + len(engine_alone.token_ids),
         }
+
+
+def test_stream_batching_sends_the_engines_tokens_in_fewer_chunks(server, local_engine):
+    """disagg_os's decode replica joins a request's tokens per 300 ms: the stream carries the
+    engine's text and token ids, in fewer chunks than tokens, and its usage counts them all."""
+    from engine import SamplingParams
+
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    [expected] = local_engine.generate([PROMPT], params)
+    body = {"prompt": PROMPT, "max_tokens": 24, "ignore_eos": True, "temperature": 0}
+    with _stream(server, "disagg_os", return_token_ids=True, stream_options={
+        "include_usage": True}, **body) as s:  # fmt: skip
+        lines = [x for x in s.iter_lines() if x][:-1]  # the last: [DONE]
+    chunks = [json.loads(x.removeprefix("data: ")) for x in lines]
+    choices = [c["choices"][0] for c in chunks if c["choices"]]
+    assert "".join(c["text"] for c in choices) == expected.text
+    assert [t for c in choices for t in c.get("token_ids") or []] == expected.token_ids
+    assert 2 <= len(choices) < len(expected.token_ids)
+    assert chunks[-1]["usage"]["completion_tokens"] == 24
 
 
 def test_speculative_decoding_keeps_the_engines_tokens(server, local_engine):

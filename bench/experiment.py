@@ -143,6 +143,18 @@ CONFIGURATIONS |= {
         merge(_GPU_DISAGG, {p: {"engine": {"enforce_eager": True}} for p in ("prefill", "decode")}),
         base_config="serve_config_gpu.yaml", gpus=1,
     ),
+    "gpu-disagg-1p1d-batched": Configuration(
+        "as gpu-disagg-1p1d, the decode replica sending a request's tokens once per 50 ms "
+        "(stream batching: fewer items through the ingress and the proxy)",
+        False,
+        merge(_GPU_DISAGG, {"decode": {"stream_batching_interval_ms": 50}}),
+        base_config="serve_config_gpu.yaml", gpus=1,
+    ),
+    "gpu-disagg-1p1d-4ingress": Configuration(
+        "as gpu-disagg-1p1d, with 4 ingress replicas (the streams' chunks spread over them)",
+        False, merge(_GPU_DISAGG, {"ingress": {"num_replicas": 4}}),
+        base_config="serve_config_gpu.yaml", gpus=1,
+    ),
     "gpu-coloc-1": Configuration(
         "one GPU, colocated (vLLM-style continuous batching): 1 replica",
         True, {"mode": "colocated", "colocated": _gpu_phase(1, **_GPU_COLOC)},

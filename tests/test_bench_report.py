@@ -705,3 +705,28 @@ def test_a_gpu_configuration_without_a_gpu_is_refused_before_anything_starts(tmp
         main([*argv, "--goodput", "ttft:500", "tpot:50"])
     assert e.value.code == 2 and "need 1 GPU(s); this machine has 0" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_stream_cost_rows_are_cpu_per_token_of_each_process():
+    """bench/stream_cost.py: its app is the default one with the decode replica's interval,
+    and a row is each process's CPU time over the tokens streamed, the median of the rounds."""
+    from app.config import AppArgs
+    from bench.stream_cost import _row, app_args, table
+
+    args = AppArgs.model_validate(app_args(50))
+    assert args.decode.stream_batching_interval_ms == 50 and args.mode == "disaggregated"
+    rounds = [
+        {"tokens": 1000, "chunks": 500, "tpot_s": 0.1,
+         "cpu_s": {"ingress": 0.5, "proxy": 0.3, "client": 0.1}},
+        {"tokens": 2000, "chunks": 500, "tpot_s": 0.3,
+         "cpu_s": {"ingress": 2.0, "proxy": 0.2, "client": 0.4}},
+        {"tokens": 1000, "chunks": 250, "tpot_s": 0.2,
+         "cpu_s": {"ingress": 0.7, "proxy": 0.1, "client": 0.2}},
+    ]  # fmt: skip
+    row = _row(50, rounds)
+    assert row["tokens_per_chunk"] == 4  # 2, 4, 4
+    assert row["ingress_us_per_token"] == pytest.approx(700)  # 500, 1000, 700 µs
+    assert row["proxy_us_per_token"] == pytest.approx(100)  # 300, 100, 100
+    assert row["client_us_per_token"] == pytest.approx(200)  # 100, 200, 200
+    assert row["tpot_ms"] == pytest.approx(200)
+    assert "| 50 | 4.0 | 700 | 100 | 200 | 200.0 |" in table([row])

@@ -41,10 +41,14 @@ def app_args(interval_ms: float) -> dict:
 
 
 def serve_processes() -> dict[str, psutil.Process]:
-    """The ingress replica's and the proxy's processes, found by Ray's process titles."""
+    """The ingress replica's and the proxy's processes, found by Ray's process titles among
+    this process's descendants (the private cluster's; never another cluster's on the host)."""
     found = {}
-    for proc in psutil.process_iter(["cmdline"]):
-        title = " ".join(proc.info["cmdline"] or ())
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            title = " ".join(proc.cmdline())
+        except psutil.Error:  # it ended meanwhile
+            continue
         for name, marker in PROCESSES.items():
             if marker in title and "ray::" in title:
                 found[name] = proc

@@ -268,3 +268,34 @@ def test_outputs_waiting_for_a_slow_consumer_are_sent_joined(make_engine):
         loop.shutdown()
     assert len(alone) == 12 and len(outs) < 12
     _joined_equals(outs, alone)
+
+
+def test_a_stream_cancelled_while_joining_outputs_aborts_and_frees_blocks(make_engine):
+    """Serve cancels a disconnected client's call wherever it waits: here inside the interval
+    in which the stream joins outputs. The request is aborted and its blocks come back."""
+    loop = EngineLoop(make_engine(), stream_interval_s=10.0)
+    params = SamplingParams(max_tokens=500, ignore_eos=True)
+
+    async def cancel_mid_join() -> None:
+        stream = loop.generate("long", loop.engine.encode("Count:"), params)
+        first = await anext(stream)  # out at once; the next waits out the interval
+        assert len(first.new_token_ids) >= 1
+        pending = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.5)  # the engine steps on; the stream is joining its outputs
+        assert not pending.done()
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        await stream.aclose()
+        for _ in range(100):  # the abort runs on the engine thread, between steps
+            stats = await loop.call(lambda e: e.stats)
+            if stats.num_running == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert stats.num_running == 0 and stats.num_waiting == 0
+        assert stats.num_free_blocks == stats.num_kv_blocks
+
+    try:
+        run(cancel_mid_join())
+    finally:
+        loop.shutdown()

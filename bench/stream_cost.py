@@ -2,6 +2,7 @@
 replica, Serve's HTTP proxy and the client, with and without stream batching, in one run.
 
     python -m bench.stream_cost [--intervals 0,50] [--requests 16] [--max-tokens 96] [--rounds 3]
+        [--profile profile.yaml]
 
 Each token a decode replica yields is a Ray object to the ingress, an SSE event the ingress
 hands to Serve's proxy, and a write the proxy makes to the client. On a GPU, where a decode step
@@ -14,22 +15,32 @@ Ray cluster with that decode setting, and each round sends `--requests` streamed
 once (16-token prompts, `--max-tokens` forced tokens). The ingress's, the proxy's and this
 process's CPU time (user + system) over a round, divided by the tokens streamed, is the cost
 per token; the client's TPOT shows what batching does to the token interval it sees.
+
+Across the intervals (tokens joined into fewer chunks) each process's CPU per request is fitted
+as a cost per request plus a cost per chunk (least squares over every round): what the
+planner's front-end sizing takes (placement/frontend.py). `--profile` writes that fit into the
+profile's `serving` section. The request cost holds the per-token work that does not depend
+on chunks at this `--max-tokens` too.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import statistics
 import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import psutil
 import yaml
 
 from bench.experiment import Cluster, merge
+from placement.frontend import ServingCost
+from placement.latency_model import Profile
 
 REPO = Path(__file__).resolve().parent.parent
 PROCESSES = {"ingress": f"ServeReplica:{Cluster.APP}:Ingress", "proxy": "ProxyActor"}
@@ -99,6 +110,7 @@ def measure(url: str, requests: int, max_tokens: int) -> dict:
     results = asyncio.run(_round(url, requests, max_tokens))
     used = {name: cpu_s(p) - before[name] for name, p in procs.items()}
     return {
+        "requests": requests,
         "tokens": sum(r["tokens"] for r in results),
         "chunks": sum(r["chunks"] for r in results),
         "tpot_s": statistics.median(r["tpot_s"] for r in results),
@@ -106,8 +118,11 @@ def measure(url: str, requests: int, max_tokens: int) -> dict:
     }
 
 
-def run(intervals: list[float], requests: int, max_tokens: int, rounds: int) -> list[dict]:
-    rows = []
+def run(
+    intervals: list[float], requests: int, max_tokens: int, rounds: int
+) -> tuple[list[dict], list[dict]]:
+    """Each interval's row (medians), and every round measured."""
+    rows, measured = [], []
     with Cluster() as cluster:
         for interval in intervals:
             cluster.deploy(app_args(interval))
@@ -117,8 +132,24 @@ def run(intervals: list[float], requests: int, max_tokens: int, rounds: int) -> 
             finally:
                 cluster.undeploy()
             rows.append(_row(interval, rounds_))
+            measured += rounds_
             print(json.dumps(rows[-1]), flush=True)
-    return rows
+    return rows, measured
+
+
+def fit_costs(rounds: list[dict]) -> ServingCost:
+    """CPU ms per request = a + b * chunks per request, for the ingress and the proxy, by least
+    squares over the rounds (they need at least two different chunk counts: intervals that
+    join tokens and one that does not)."""
+    chunks = np.array([r["chunks"] / r["requests"] for r in rounds])
+    if np.ptp(chunks) < 0.5:
+        raise ValueError("every round streamed as many chunks: give intervals that join tokens")
+    fitted = {}
+    for name in PROCESSES:
+        ms = np.array([r["cpu_s"][name] / r["requests"] * 1e3 for r in rounds])
+        per_chunk, per_request = np.polyfit(chunks, ms, 1)
+        fitted[name] = (max(float(per_request), 0.0), max(float(per_chunk), 0.0))
+    return ServingCost(*fitted["ingress"], *fitted["proxy"])
 
 
 def _row(interval: float, rounds: list[dict]) -> dict:
@@ -154,11 +185,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=16, help="streamed at once, per round")
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--profile", help="a placement profile: the fitted costs go into it")
     args = parser.parse_args(argv)
     if args.max_tokens < 2:
         parser.error("--max-tokens must be at least 2 (a token interval)")
     intervals = [float(x) for x in args.intervals.split(",")]
-    print(table(run(intervals, args.requests, args.max_tokens, args.rounds)))
+    rows, rounds = run(intervals, args.requests, args.max_tokens, args.rounds)
+    print(table(rows))
+    try:
+        cost = fit_costs(rounds)
+    except ValueError as e:
+        print(f"no fit: {e}")
+        return
+    print(
+        f"fitted CPU ms: ingress {cost.ingress_request_ms:.1f} a request + "
+        f"{cost.ingress_chunk_ms:.3f} a chunk; proxy {cost.proxy_request_ms:.1f} + "
+        f"{cost.proxy_chunk_ms:.3f}"
+    )
+    if args.profile:
+        profile = Profile.load(args.profile)
+        dataclasses.replace(profile, serving=cost).save(args.profile)
+        print(f"wrote the serving costs into {args.profile}")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,11 @@ drift_tau_ms: 35000.0, run_sd: 0.1}` (absent by default; the drift fields defaul
 600000, run_sd to 0) says how served steps drift around the model over time, and how the
 machine's pace differs from run to run (placement/wander.py); a profile fitted to a server's
 step traces carries it (`placement profile --from-steps`).
+
+An optional top-level `serving: {ingress_request_ms: 26.0, ingress_chunk_ms: 0.92,
+proxy_request_ms: 16.0, proxy_chunk_ms: 0.55}` (absent: those, this machine's) is what a request
+and a streamed chunk cost the host's ingress and Serve proxy in CPU (`bench.stream_cost
+--profile` writes it); the plan sizes the front end with it (placement/frontend.py).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from placement.frontend import ServingCost
 from placement.wander import StepWander
 
 
@@ -136,6 +142,7 @@ class Profile:
     entries: list[Entry] = field(default_factory=list)
     node_contention: float = 0.0
     step_wander: StepWander | None = None
+    serving: ServingCost | None = None  # the host's front-end CPU costs; None: the defaults
 
     def __post_init__(self) -> None:
         if self.node_contention < 0:
@@ -155,8 +162,9 @@ class Profile:
                 entry["decode_batch_ms"] = {int(n): float(ms) for n, ms in curve}
             if entry["experts"] is None:
                 del entry["experts"]
-        if data["step_wander"] is None:
-            del data["step_wander"]
+        for optional in ("step_wander", "serving"):
+            if data[optional] is None:
+                del data[optional]
         return yaml.safe_dump(data, sort_keys=False)
 
     def save(self, path: str | Path) -> None:
@@ -184,7 +192,11 @@ class Profile:
             contention = float(data.get("node_contention", 0.0))
             wander = data.get("step_wander")
             wander = None if wander is None else StepWander(**wander)
-            return cls(str(data["model"]), str(data["device"]), entries, contention, wander)
+            serving = data.get("serving")
+            serving = None if serving is None else ServingCost(**serving)
+            return cls(
+                str(data["model"]), str(data["device"]), entries, contention, wander, serving
+            )
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"malformed profile: {e!r}") from e
 

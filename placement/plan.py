@@ -32,6 +32,7 @@ from placement.cli_args import (
     slo_from,
     workload_from,
 )
+from placement.frontend import FrontEnd, size_front_end
 from placement.hardware import DEVICES
 from placement.optimizer import Candidate, Search, meet_rate, optimize, table
 from placement.simulator import SLO
@@ -43,6 +44,7 @@ def serve_config(
     base_args: dict | None = None,
     threads: int | None = None,
     autoscale: float | None = None,
+    front: FrontEnd | None = None,
 ) -> dict:
     """A serve_config.yaml (as a dict) for `serve run` that deploys the chosen placement.
 
@@ -52,6 +54,8 @@ def serve_config(
     With `autoscale` (a factor > 1), each disaggregated phase scales between its planned count
     (what the target rate needs, from the per-replica goodput the search found) and that count
     times the factor, on its own latency target and its profile coefficients.
+    With `front` (front_end_for), the ingress replicas and the decode (or colocated) replicas'
+    stream batching it sized.
     """
     p = best.placement
 
@@ -87,6 +91,11 @@ def serve_config(
             decode=phase(p.decode, "decode"),
             kv_transport=_kv_transport(args.get("device", "cpu"), search.cluster.num_nodes),
         )
+    if front is not None:
+        args["ingress"] = {**args.get("ingress", {}), "num_replicas": front.ingress_replicas}
+        if front.stream_interval_ms:
+            streaming = "colocated" if p.colocated is not None else "decode"
+            args[streaming]["stream_batching_interval_ms"] = front.stream_interval_ms
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": 8000},
@@ -99,6 +108,23 @@ def serve_config(
             }
         ],
     }
+
+
+def front_end_for(
+    chosen: Candidate, search: Search, rate: float | None = None, autoscale: float | None = None
+) -> FrontEnd | None:
+    """The front end for the rate the plan serves: `rate` (else the chosen placement's
+    goodput), times the autoscaling factor where the phases may grow that far; tokens stream
+    at the chosen placement's simulated p90 TPOT (a slower stream is more chunks), at most the
+    target's. None when the placement meets the targets at no rate."""
+    target = (rate or chosen.goodput_rps) * (autoscale or 1.0)
+    if target <= 0:
+        return None
+    tpot = chosen.p90_tpot_ms
+    if not (math.isfinite(tpot) and 0 < tpot < search.slo.tpot_ms):
+        tpot = search.slo.tpot_ms
+    output_lens = [r.output_len for r in search.workload.sample(1.0)]
+    return size_front_end(target, output_lens, tpot, search.profile.serving)
 
 
 def _kv_transport(device: str, num_nodes: int) -> str:
@@ -210,13 +236,26 @@ def main(argv: list[str] | None = None) -> None:
     if args.rate:
         print(f"for {args.rate} req/s: {chosen.describe()} ({chosen.goodput_rps:.2f} req/s)")
         result["chosen_for_rate"] = {"rate": args.rate, "placement": chosen.describe()}
+    front = front_end_for(chosen, search, args.rate, args.autoscale)
+    if front is not None:
+        print(front.describe())
+        result["front_end"] = {**dataclasses.asdict(front), "proxy_bound": front.proxy_bound}
+        if front.proxy_bound:
+            print(
+                f"warning: at {front.rate_rps:.3g} req/s the node's one Serve proxy would be "
+                f"busy {front.proxy_load:.0%} of a core even joining tokens every "
+                f"{front.stream_interval_ms} ms: spread clients over more nodes' proxies "
+                "(proxy_location EveryNode behind a load balancer)"
+            )
     base = {} if args.model == "default" else {"model": str(_model_dir(model))}
     if args.kv_cache_dtype != "auto":
         base["kv_cache_dtype"] = args.kv_cache_dtype
     # planned for GPUs (a device spec, or a profile built from one): serve on GPUs
     if args.device or search.profile.device.removesuffix(" (roofline)") in DEVICES:
         base.update(device="cuda", dtype=args.dtype)
-    config = serve_config(chosen, search, base, threads=args.threads, autoscale=args.autoscale)
+    config = serve_config(
+        chosen, search, base, threads=args.threads, autoscale=args.autoscale, front=front
+    )
     Path(args.out).write_text(yaml.safe_dump(config, sort_keys=False))
     print(f"wrote {args.out}")
     if args.report:

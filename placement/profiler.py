@@ -277,8 +277,9 @@ def served_profile(trace_dirs: list[str], base_path: str | None, out: str) -> Pr
         raise SystemExit("the traces hold fewer than 3 pure prefill or decode steps")
     fit = fitted.report
     profile = Profile(
-        base.model, f"{base.device} (served)", [fitted.entry], fitted.contention, fitted.wander
-    )
+        base.model, f"{base.device} (served)", [fitted.entry], fitted.contention, fitted.wander,
+        base.serving,  # the host's front end is what it was
+    )  # fmt: skip
     profile.save(out)
     print(
         f"wrote {out} from {fit['prefill_steps']} prefill and {fit['decode_steps']} decode "

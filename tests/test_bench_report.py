@@ -730,3 +730,20 @@ def test_stream_cost_rows_are_cpu_per_token_of_each_process():
     assert row["client_us_per_token"] == pytest.approx(200)  # 100, 200, 200
     assert row["tpot_ms"] == pytest.approx(200)
     assert "| 50 | 4.0 | 700 | 100 | 200 | 200.0 |" in table([row])
+
+
+def test_stream_cost_fit_recovers_a_cost_per_request_and_per_chunk():
+    """Rounds made from known costs (ingress 20 ms a request + 1 a chunk, proxy 10 + 0.5) at
+    three chunk counts give those costs back; one chunk count alone gives no fit."""
+    from bench.stream_cost import fit_costs
+
+    def measured(chunks_per_request: float, requests: int = 16) -> dict:
+        per = {"ingress": 20 + 1.0 * chunks_per_request, "proxy": 10 + 0.5 * chunks_per_request}
+        cpu_s = {name: ms * requests / 1e3 for name, ms in per.items()}
+        return {"requests": requests, "chunks": chunks_per_request * requests, "cpu_s": cpu_s}
+
+    cost = fit_costs([measured(96), measured(50.5), measured(17.1)])
+    assert (cost.ingress_request_ms, cost.ingress_chunk_ms) == pytest.approx((20, 1.0))
+    assert (cost.proxy_request_ms, cost.proxy_chunk_ms) == pytest.approx((10, 0.5))
+    with pytest.raises(ValueError, match="join tokens"):
+        fit_costs([measured(96), measured(96, requests=8)])

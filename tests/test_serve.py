@@ -13,6 +13,7 @@ import dataclasses
 import json
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -126,6 +127,16 @@ def _stream(base: str, mode: str, **body):
 PROMPT = "The capital of France is"
 
 
+def _each(modes, check) -> dict:
+    """check(mode) for every app at once, each app's own requests still one at a time: the
+    apps' replicas are their own, so every engine sees the batches it would see alone, while
+    the two cores serve two apps at a time. Returns mode -> result; raises the first failure."""
+    modes = list(modes)
+    with ThreadPoolExecutor(len(modes)) as pool:
+        futures = {mode: pool.submit(check, mode) for mode in modes}
+    return {mode: future.result() for mode, future in futures.items()}
+
+
 @pytest.fixture(scope="module")
 def local_engine(paged_model, tokenizer):
     """The default model in this process: what the server's answers are compared with."""
@@ -144,7 +155,7 @@ def engine_alone(local_engine):
 
 
 def test_greedy_output_is_identical_in_all_modes_and_to_the_engine(server, engine_alone):
-    for mode in MODES:
+    def check(mode: str) -> None:
         r = _complete(server, mode, prompt=PROMPT, max_tokens=8)
         assert r.status_code == 200, r.text
         body = r.json()
@@ -154,6 +165,8 @@ def test_greedy_output_is_identical_in_all_modes_and_to_the_engine(server, engin
             "completion_tokens": len(engine_alone.token_ids),
             "total_tokens": 5 + len(engine_alone.token_ids),
         }
+
+    _each(MODES, check)
 
 
 def test_stream_batching_sends_the_engines_tokens_in_fewer_chunks(server, local_engine):
@@ -184,7 +197,8 @@ def test_speculative_decoding_keeps_the_engines_tokens(server, local_engine):
     prompt = "1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,"
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     [expected] = local_engine.generate([prompt], params)
-    for mode in ("disagg", "chunked"):
+
+    def check(mode: str) -> None:
         body = {"prompt": prompt, "max_tokens": 24, "ignore_eos": True, "temperature": 0}
         r = _complete(server, mode, return_token_ids=True, **body)
         assert r.status_code == 200, r.text
@@ -197,6 +211,8 @@ def test_speculative_decoding_keeps_the_engines_tokens(server, local_engine):
         assert len(texts) < len(expected.token_ids), mode  # several tokens a chunk
         stats = _replica_stats(mode)[-1]  # the decode or colocated replica's
         assert stats["num_accepted_tokens"] > 0, stats
+
+    _each(("disagg", "chunked"), check)
 
 
 def test_penalties_and_logit_bias_reach_the_engine_in_all_modes(
@@ -212,10 +228,13 @@ def test_penalties_and_logit_bias_reach_the_engine_in_all_modes(
     params = SamplingParams(max_tokens=8, temperature=0, logit_bias=((bias, 6.0),), **fields)
     [expected] = local_engine.generate([PROMPT], params)
     assert expected.text != engine_alone.text  # the fields change the greedy output
-    for mode in MODES:  # disaggregated: both sides apply them, across the hand-off
+
+    def check(mode: str) -> None:  # disaggregated: both sides apply them, across the hand-off
         r = _complete(server, mode, prompt=PROMPT, max_tokens=8, logit_bias={bias: 6}, **fields)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == expected.text, mode
+
+    _each(MODES, check)
 
 
 def test_vllm_token_constraints_reach_the_engine(server, engine_alone, local_engine, tokenizer):
@@ -232,13 +251,20 @@ def test_vllm_token_constraints_reach_the_engine(server, engine_alone, local_eng
         ({"bad_words": ["Paris"]}, {"bad_words_token_ids": paris_words}),
         ({"allowed_token_ids": allowed}, {"allowed_token_ids": tuple(allowed)}),
     )
-    for fields, params in cases:
-        [want] = local_engine.generate([PROMPT], dataclasses.replace(greedy, **params))
+    wants = [
+        local_engine.generate([PROMPT], dataclasses.replace(greedy, **params))[0]
+        for _, params in cases
+    ]
+    for want in wants:
         assert want.text != engine_alone.text and paris not in want.token_ids
-        for mode in ("disagg", "chunked"):
+
+    def check(mode: str) -> None:
+        for (fields, _), want in zip(cases, wants, strict=True):
             r = _complete(server, mode, prompt=PROMPT, max_tokens=8, **fields)
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["text"] == want.text, (mode, fields)
+
+    _each(("disagg", "chunked"), check)
     r = _complete(server, "disagg", prompt=PROMPT, max_tokens=3, logprobs=1,
                   return_tokens_as_token_ids=True)  # fmt: skip
     logprobs = r.json()["choices"][0]["logprobs"]
@@ -279,7 +305,10 @@ def test_structured_outputs_in_all_modes_equal_the_engine_alone(server, local_en
     fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}
     # every app; chat whole in one disaggregated and one colocated app, streamed in the others
     # (each way across a hand-off and in one replica)
-    for mode, stream in zip(ANSWERING, (False, True, False, True), strict=True):
+    streams = dict(zip(ANSWERING, (False, True, False, True), strict=True))
+
+    def check(mode: str) -> None:
+        stream = streams[mode]
         client = openai.OpenAI(base_url=f"{server}/{mode}/v1", api_key="unused")
         chat = client.chat.completions.create(
             model="SmolLM2-135M-Instruct", messages=messages, temperature=0, max_tokens=40,
@@ -297,6 +326,8 @@ def test_structured_outputs_in_all_modes_equal_the_engine_alone(server, local_en
             server, mode, prompt=PROMPT, max_tokens=40, guided_choice=["Lyon", "Marseille"]
         )
         assert r.json()["choices"][0]["text"] == want_choice, (mode, r.text)
+
+    _each(ANSWERING, check)
     # vLLM's structural tag: free text up to the trigger, then its structure (across the
     # hand-off), then free text to max_tokens, as the engine alone writes it; chat's
     # response_format form too
@@ -318,10 +349,13 @@ def test_structured_outputs_in_all_modes_equal_the_engine_alone(server, local_en
     for want in (want_tags, want_chat_tags):  # each wrote the trigger, a structure, free text
         _, end = json.JSONDecoder().raw_decode(rest := want.text.partition(" Paris")[2].lstrip())
         assert rest[end] == "." and rest[end + 1 :], want.text
-    for mode in ("disagg", "chunked"):
+
+    def tagged_check(mode: str) -> None:
         r = _complete(server, mode, prompt=PROMPT, max_tokens=32,
                       structured_outputs={"structural_tag": json.dumps(tags)})  # fmt: skip
         assert r.json()["choices"][0]["text"] == want_tags.text, (mode, r.text)
+
+    _each(("disagg", "chunked"), tagged_check)
     client = openai.OpenAI(base_url=f"{server}/disagg/v1", api_key="unused")
     chat = client.chat.completions.create(
         model="SmolLM2-135M-Instruct", messages=question, temperature=0, max_tokens=32,
@@ -349,8 +383,8 @@ def test_structured_outputs_in_all_modes_equal_the_engine_alone(server, local_en
     assert error["error"]["message"].startswith("the grammar constraint failed at output")
     assert "token 2: lexer error" in error["error"]["message"]
     assert lines[2:] == ["data: [DONE]"]
-    for mode in MODES:  # every replica serves on
-        assert _complete(server, mode, prompt=PROMPT, max_tokens=2).status_code == 200
+    served = _each(MODES, lambda mode: _complete(server, mode, prompt=PROMPT, max_tokens=2))
+    assert all(r.status_code == 200 for r in served.values())  # every replica serves on
 
 
 def test_forced_tool_calls_through_the_official_client(server, local_engine, tokenizer):
@@ -372,7 +406,8 @@ def test_forced_tool_calls_through_the_official_client(server, local_engine, tok
     [want] = local_engine.generate([ids], params)
     fields = {"model": "SmolLM2-135M-Instruct", "messages": ASK, "tools": tools}
     fields |= {"temperature": 0, "max_tokens": 60}
-    for mode in ("disagg", "coloc"):
+
+    def check(mode: str) -> None:
         client = openai.OpenAI(base_url=f"{server}/{mode}/v1", api_key="unused")
         chat = client.chat.completions.create(**fields, tool_choice=NAMED)
         [call] = chat.choices[0].message.tool_calls
@@ -399,6 +434,8 @@ def test_forced_tool_calls_through_the_official_client(server, local_engine, tok
         assert joined == [c.function.arguments for c in required] and len(pieces) > 2 * len(joined)
         with pytest.raises(openai.BadRequestError, match="parser"):
             client.chat.completions.create(**fields)  # tools alone mean "auto"
+
+    _each(("disagg", "coloc"), check)
 
 
 def test_return_token_ids_through_the_official_client(server, tokenizer):
@@ -529,7 +566,7 @@ def test_prompts_sharing_a_prefix_go_to_the_replica_that_cached_it(server, token
 
 
 def test_streamed_equals_non_streamed_and_ends_with_done(server, engine_alone):
-    for mode in MODES:
+    def check(mode: str) -> None:
         with _stream(
             server,
             mode,
@@ -546,6 +583,8 @@ def test_streamed_equals_non_streamed_and_ends_with_done(server, engine_alone):
         assert text == engine_alone.text
         assert chunks[-1]["usage"]["completion_tokens"] == len(engine_alone.token_ids)
         assert "usage" not in chunks[0]
+
+    _each(MODES, check)
 
 
 def test_vllm_stream_and_stop_extras(server, engine_alone):
@@ -584,7 +623,9 @@ def test_logprobs_in_all_modes_equal_the_engine_alone(server, local_engine, toke
     params = SamplingParams(max_tokens=6, temperature=0, logprobs=3)
     [want] = local_engine.generate([PROMPT], params)
     texts = [tokenizer.decode([t]) for t in want.token_ids]
-    for mode in MODES:  # disaggregated: the first token's from prefill, the rest from decode
+
+    # disaggregated: the first token's from prefill, the rest from decode
+    def check(mode: str) -> dict:
         r = _complete(server, mode, prompt=PROMPT, max_tokens=6, logprobs=3)
         assert r.status_code == 200, r.text
         got = r.json()["choices"][0]["logprobs"]
@@ -594,6 +635,9 @@ def test_logprobs_in_all_modes_equal_the_engine_alone(server, local_engine, toke
             assert list(top) == [tokenizer.decode([i]) for i, _ in e.top]  # greedy: in the top
             assert list(top.values()) == pytest.approx([lp for _, lp in e.top], abs=1e-3)
         assert got["text_offset"] == [sum(map(len, texts[:i])) for i in range(len(texts))]
+        return got
+
+    got = _each(MODES, check)["disagg"]
     # streamed: each chunk carries its own tokens' logprobs, offsets continuing
     with _stream(server, "disagg", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3) as r:
         lines = [x for x in r.iter_lines() if x]
@@ -619,7 +663,8 @@ def test_echo_with_logprobs_scores_the_prompt_in_all_modes(server, local_engine,
     ids = tokenizer(PROMPT).input_ids
     texts = [tokenizer.decode([t]) for t in ids + want.token_ids]
     scores = [None] + [e.logprob for e in want.prompt_logprobs[1:] + want.logprobs]
-    for mode in MODES:  # chunked: the prompt's rows come from several steps
+
+    def check(mode: str) -> dict:  # chunked: the prompt's rows come from several steps
         r = _complete(server, mode, prompt=PROMPT, max_tokens=2, logprobs=2, echo=True)
         assert r.status_code == 200, r.text
         choice = r.json()["choices"][0]
@@ -634,6 +679,9 @@ def test_echo_with_logprobs_scores_the_prompt_in_all_modes(server, local_engine,
         for top, e in zip(prompt_tops, want.prompt_logprobs[1:], strict=True):
             assert set(top) == {tokenizer.decode([i]) for i in [*dict(e.top), e.token_id]}
         assert r.json()["usage"]["prompt_tokens"] == len(ids)
+        return got
+
+    got = _each(MODES, check)["disagg"]
     # streamed: the first chunk leads with the prompt's, offsets continue across chunks
     body = {"prompt": PROMPT, "max_tokens": 2, "temperature": 0, "logprobs": 2, "echo": True}
     with _stream(server, "disagg", **body) as r:
@@ -769,7 +817,8 @@ def test_chat_top_logprobs_out_of_range_or_without_logprobs_is_refused(server, f
 
 def test_n_choices_in_all_modes(server, engine_alone):
     n_out = len(engine_alone.token_ids)
-    for mode in MODES:  # greedy: every choice is the engine's output
+
+    def check(mode: str) -> None:  # greedy: every choice is the engine's output
         r = _complete(server, mode, prompt=PROMPT, max_tokens=8, n=3)
         assert r.status_code == 200, r.text
         body = r.json()
@@ -778,6 +827,8 @@ def test_n_choices_in_all_modes(server, engine_alone):
         assert body["usage"] == {
             "prompt_tokens": 5, "completion_tokens": 3 * n_out, "total_tokens": 5 + 3 * n_out
         }  # fmt: skip
+
+    _each(MODES, check)
     # seeded: choice i draws from seed + i, so the choices differ and a repeat gives them again
     sampled = {
         "prompt": PROMPT, "max_tokens": 6, "temperature": 1.0, "seed": 11, "n": 2,
@@ -825,7 +876,8 @@ def test_a_batch_of_prompts_gets_each_prompt_its_own_choices(server, local_engin
     want = local_engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
     lens = [len(tokenizer(p).input_ids) for p in prompts]
     completion = sum(len(w.token_ids) for w in want)
-    for mode in ("disagg", "chunked"):
+
+    def check(mode: str) -> None:
         r = _complete(server, mode, prompt=prompts, max_tokens=6, n=2, echo=True)
         assert r.status_code == 200, r.text
         body = r.json()
@@ -837,6 +889,8 @@ def test_a_batch_of_prompts_gets_each_prompt_its_own_choices(server, local_engin
             "completion_tokens": 2 * completion,
             "total_tokens": sum(lens) + 2 * completion,
         }
+
+    _each(("disagg", "chunked"), check)
     ids = [tokenizer(p).input_ids for p in prompts]  # a batch of token-id prompts, streamed
     with _stream(server, "coloc", prompt=ids, max_tokens=6, temperature=0) as r:
         lines = [x for x in r.iter_lines() if x]
@@ -1132,7 +1186,8 @@ def test_responses_api_through_the_official_client(server):
 
     question = [{"role": "user", "content": "What is the capital of France?"}]
     model, limits = "SmolLM2-135M-Instruct", {"temperature": 0}
-    for mode in ("disagg", "coloc"):
+
+    def answers_as_chat(mode: str):
         client = openai.OpenAI(base_url=f"{server}/{mode}/v1", api_key="unused")
         system = [{"role": "system", "content": "Answer in one word."}]
         chat = client.chat.completions.create(
@@ -1146,6 +1201,23 @@ def test_responses_api_through_the_official_client(server):
         assert response.status == "completed" and response.id.startswith("resp_")
         assert response.usage.input_tokens == chat.usage.prompt_tokens
         assert response.usage.output_tokens == chat.usage.completion_tokens
+        return client, response
+
+    parts = {  # each app's share, the apps at once
+        "coloc": lambda: _responses_without_a_store(*answers_as_chat("coloc")),
+        "disagg": lambda: (answers_as_chat("disagg"), _responses_previous_response_id(server)),
+        "disagg_gloo": lambda: _responses_tool_round_trip(server),
+    }
+    _each(parts, lambda mode: parts[mode]())
+
+
+def _responses_without_a_store(client, response) -> None:
+    """The coloc app keeps no responses: streamed events and the client's stream helper,
+    max_output_tokens -> incomplete, and what needs stored responses refused."""
+    import openai
+
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    model, limits = "SmolLM2-135M-Instruct", {"temperature": 0}
     events = list(client.responses.create(model=model, input=question, stream=True, **limits))
     deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
     assert events[-1].type == "response.completed" and len(deltas) > 1
@@ -1159,10 +1231,8 @@ def test_responses_api_through_the_official_client(server):
         client.responses.create(model=model, input="hi", previous_response_id=response.id)
     with pytest.raises(openai.NotFoundError, match="stores no responses"):
         client.responses.retrieve(response.id)
-    _responses_previous_response_id(server)
     with pytest.raises(openai.BadRequestError, match="only function tools"):
         client.responses.create(model=model, input="hi", tools=[{"type": "web_search"}])
-    _responses_tool_round_trip(server)
 
 
 def _responses_previous_response_id(server: str) -> None:
@@ -1310,15 +1380,16 @@ def test_lora_adapters_are_models_of_their_own(server, peft_model, tokenizer):
     from tests.conftest import peft_greedy
 
     ids = tokenizer(PROMPT).input_ids
-    for mode in WITH_LORA:
+    wants = {lora: peft_greedy(peft_model, ids, lora, 8) for lora in ("sql", "poet")}
+
+    def check(mode: str) -> None:
         client = openai.OpenAI(base_url=f"{server}/{mode}/v1", api_key="unused")
         models = {m.id: m for m in client.models.list().data}
         assert list(models)[0] == "SmolLM2-135M-Instruct"
         assert set(list(models)[1:]) == {"sql", "poet", *(["dora"] if mode != "coloc" else [])}
         assert models["sql"].parent == "SmolLM2-135M-Instruct"
         assert client.models.retrieve("poet").root == models["poet"].root
-        for lora in ("sql", "poet"):
-            want = peft_greedy(peft_model, ids, lora, 8)
+        for lora, want in wants.items():
             common = {"model": lora, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
             done = client.completions.create(**common, extra_body={"return_token_ids": True})
             assert done.model == lora and done.choices[0].token_ids == want, mode
@@ -1329,6 +1400,8 @@ def test_lora_adapters_are_models_of_their_own(server, peft_model, tokenizer):
             model="sql", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
         )
         assert chat.model == "sql" and chat.usage.completion_tokens == 4
+
+    _each(WITH_LORA, check)
     r = _complete(server, "disagg_gloo", prompt=PROMPT, model="dora")
     assert r.status_code == 400 and "use_dora" in r.json()["error"]["message"]
     # the disaggregated replicas each loaded the two they were asked for, at first use

@@ -52,6 +52,9 @@ class FrontEnd:
     ingress_load: float  # cores' worth of CPU, all ingress replicas together
     proxy_load: float  # share of the proxy's one core
     utilization: float
+    # the most requests a second of this workload one proxy carries at all (its core busy,
+    # the longest interval): past it no engine placement raises goodput on one node
+    proxy_ceiling_rps: float
 
     @property
     def proxy_bound(self) -> bool:
@@ -100,6 +103,9 @@ def size_front_end(
         ms = rate_rps * cost.proxy_request_ms + chunks_per_s(interval_ms) * cost.proxy_chunk_ms
         return ms / 1e3
 
+    longest = INTERVALS_MS[-1]
+    ceiling = rate_rps / proxy_load(longest) if proxy_load(longest) > 0 else math.inf
+
     interval = next((i for i in INTERVALS_MS if proxy_load(i) <= utilization), INTERVALS_MS[-1])
     chunks = chunks_per_s(interval)
     ingress = (rate_rps * cost.ingress_request_ms + chunks * cost.ingress_chunk_ms) / 1e3
@@ -111,4 +117,5 @@ def size_front_end(
         ingress_load=ingress,
         proxy_load=proxy_load(interval),
         utilization=utilization,
+        proxy_ceiling_rps=ceiling,
     )

@@ -244,8 +244,10 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"warning: at {front.rate_rps:.3g} req/s the node's one Serve proxy would be "
                 f"busy {front.proxy_load:.0%} of a core even joining tokens every "
-                f"{front.stream_interval_ms} ms: spread clients over more nodes' proxies "
-                "(proxy_location EveryNode behind a load balancer)"
+                f"{front.stream_interval_ms} ms; it carries at most "
+                f"{front.proxy_ceiling_rps:.3g} req/s of this workload, so serving more needs "
+                "clients spread over more nodes' proxies (proxy_location EveryNode behind a "
+                "load balancer)"
             )
     base = {} if args.model == "default" else {"model": str(_model_dir(model))}
     if args.kv_cache_dtype != "auto":

@@ -148,3 +148,15 @@ def test_the_written_config_carries_the_front_end_and_the_server_accepts_it(kind
     build_app(app["args"])
     unsized = serve_config(chosen, search)["applications"][0]["args"]
     assert "ingress" not in unsized  # without a front end: the server's defaults
+
+
+def test_the_proxy_ceiling_is_the_rate_that_fills_its_core_at_the_longest_interval():
+    front = size_front_end(30.0, [64], tpot_ms=16.0, cost=COST)
+    per_request_ms = 16 + (2 + 1008 / 1000) * 0.55
+    assert front.proxy_ceiling_rps == pytest.approx(1e3 / per_request_ms)  # ~57 req/s
+    # the same at any rate it was sized for: a property of the workload and the host
+    assert size_front_end(1.0, [64], 16.0, COST).proxy_ceiling_rps == pytest.approx(
+        front.proxy_ceiling_rps
+    )
+    free = size_front_end(1.0, [64], 16.0, ServingCost(1.0, 0.1, 0.0, 0.0))
+    assert free.proxy_ceiling_rps == float("inf") and free.proxy_load == 0

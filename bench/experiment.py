@@ -110,6 +110,27 @@ CONFIGURATIONS = {
         True,
         {"mode": "colocated", "colocated": _phase(1, num_threads=2, kv_cache_memory_mb=1024)},
     ),
+    # what the front end carries (with --serve-model from bench.tiny_model, engines fast enough
+    # to stream a GPU's tokens per second)
+    "disagg-1p1d-batched": Configuration(
+        "as disagg-1p1d, the decode replica sending a request's tokens once per 50 ms",
+        False,
+        {
+            "mode": "disaggregated",
+            "prefill": _phase(1),
+            "decode": {**_phase(1), "stream_batching_interval_ms": 50},
+        },
+    ),
+    "disagg-1p1d-2ingress": Configuration(
+        "as disagg-1p1d, with 2 ingress replicas",
+        False,
+        {
+            "mode": "disaggregated",
+            "prefill": _phase(1),
+            "decode": _phase(1),
+            "ingress": {"num_replicas": 2},
+        },
+    ),
 }
 
 
@@ -171,12 +192,15 @@ CONFIGURATIONS |= {
 }  # fmt: skip
 
 
-def app_args(name: str, prefix_caching: bool = False) -> dict:
+def app_args(name: str, prefix_caching: bool = False, model: str | None = None) -> dict:
     """`name`'s serve args; `prefix_caching` turns it on in every phase (a workload whose
-    prompts share prefixes: serving them is what the cache is for)."""
+    prompts share prefixes: serving them is what the cache is for); `model` (a directory)
+    serves that model instead of the base config's."""
     base_config = REPO / CONFIGURATIONS[name].base_config
     base = yaml.safe_load(base_config.read_text())["applications"][0]["args"]
     args = merge(base, CONFIGURATIONS[name].overrides)
+    if model is not None:
+        args["model"] = model
     if prefix_caching and CONFIGURATIONS[name].caches_prefixes:
         for phase in ("prefill", "decode", "colocated"):
             args[phase]["engine"]["enable_prefix_caching"] = True
@@ -406,7 +430,9 @@ def run_experiment(args: argparse.Namespace, items, unit: SLO, grid: dict) -> di
         for turn, name in enumerate(_turns(sweeps)):
             _run_turn(cluster, args, items, name, sweeps[name], per_turn)
             _keep_steps(trace, name, turn)
-            report["configs"][name] = _config_report(name, sweeps[name], _shares_prefixes(args))
+            report["configs"][name] = _config_report(
+                name, sweeps[name], _shares_prefixes(args), getattr(args, "serve_model", None)
+            )
             # an hour-long run should not lose the points it measured when a later one fails
             # or is stopped: report.json always holds every one done so far
             save_report(report, Path(args.out))
@@ -430,7 +456,7 @@ def _run_turn(cluster, args, items, name: str, state: Sweep, limit: int | None) 
     """Deploy `name`, measure up to `limit` of its sweep's rates (None: all left), undeploy."""
     config = CONFIGURATIONS[name]
     print(f"{name}: {config.description}", flush=True)
-    cluster.deploy(app_args(name, prefix_caching=_shares_prefixes(args)))
+    cluster.deploy(app_args(name, _shares_prefixes(args), getattr(args, "serve_model", None)))
     try:
         _warm_up(cluster.url, args.model)
 
@@ -450,13 +476,13 @@ def _shares_prefixes(args: argparse.Namespace) -> bool:
     return getattr(args, "prefix_len", 0) > 0
 
 
-def _config_report(name: str, state: Sweep, prefix_caching: bool) -> dict:
+def _config_report(name: str, state: Sweep, prefix_caching: bool, model: str | None = None) -> dict:
     config = CONFIGURATIONS[name]
     return {
         "description": config.description,
         "colocated": config.colocated,
         "cores": config.cores,
-        "args": app_args(name, prefix_caching=prefix_caching),
+        "args": app_args(name, prefix_caching, model),
         "points": [p.to_json() for p in state.sorted_points()],
     }
 
@@ -526,7 +552,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rates", nargs="+", type=float, required=True)
     parser.add_argument("--bisect", type=int, default=1, help="extra rates at the crossing")
     parser.add_argument("--num-requests", type=int, default=30)
-    parser.add_argument("--model", default="SmolLM2-135M-Instruct")
+    parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="the served name")
+    parser.add_argument(
+        "--serve-model", help="a model directory every configuration serves (bench.tiny_model's)"
+    )
     parser.add_argument("--target", type=float, default=0.9)
     parser.add_argument(
         "--order", choices=ORDERS, default="interleaved",

@@ -43,6 +43,7 @@ from placement.frontend import ServingCost
 from placement.latency_model import Profile
 
 REPO = Path(__file__).resolve().parent.parent
+IDLE_S = 3.0  # how long each process's idle CPU is measured before a round
 PROCESSES = {"ingress": f"ServeReplica:{Cluster.APP}:Ingress", "proxy": "ProxyActor"}
 
 
@@ -103,14 +104,23 @@ async def _round(url: str, requests: int, max_tokens: int) -> list[dict]:
         return await asyncio.gather(*(_one(client, url, max_tokens, i) for i in range(requests)))
 
 
-def measure(url: str, requests: int, max_tokens: int) -> dict:
-    """One round: CPU seconds per process and what the client got."""
+def measure(url: str, requests: int, max_tokens: int, idle_s: float = 0.0) -> dict:
+    """One round: CPU seconds per process and what the client got; with `idle_s`, each
+    process's CPU a second while it serves nothing is measured first, over that long (Ray's
+    and Serve's own threads: a cost of time, not of requests)."""
     procs = {**serve_processes(), "client": psutil.Process()}
     before = {name: cpu_s(p) for name, p in procs.items()}
+    time.sleep(idle_s)
+    idle = {n: (cpu_s(p) - before[n]) / idle_s if idle_s else 0.0 for n, p in procs.items()}
+    before = {name: cpu_s(p) for name, p in procs.items()}
+    start = time.perf_counter()
     results = asyncio.run(_round(url, requests, max_tokens))
+    duration = time.perf_counter() - start
     used = {name: cpu_s(p) - before[name] for name, p in procs.items()}
     return {
         "requests": requests,
+        "duration_s": duration,
+        "idle_cpu_per_s": idle,
         "tokens": sum(r["tokens"] for r in results),
         "chunks": sum(r["chunks"] for r in results),
         "tpot_s": statistics.median(r["tpot_s"] for r in results),
@@ -128,7 +138,9 @@ def run(
             cluster.deploy(app_args(interval))
             try:
                 measure(cluster.url, 2, 8)  # warm-up
-                rounds_ = [measure(cluster.url, requests, max_tokens) for _ in range(rounds)]
+                rounds_ = [
+                    measure(cluster.url, requests, max_tokens, IDLE_S) for _ in range(rounds)
+                ]
             finally:
                 cluster.undeploy()
             rows.append(_row(interval, rounds_))
@@ -140,13 +152,18 @@ def run(
 def fit_costs(rounds: list[dict]) -> ServingCost:
     """CPU ms per request = a + b * chunks per request, for the ingress and the proxy, by least
     squares over the rounds (they need at least two different chunk counts: intervals that
-    join tokens and one that does not)."""
+    join tokens and one that does not). What a process burns idle over the round's time is
+    taken off first: at a server's rates it is spread over many more requests."""
     chunks = np.array([r["chunks"] / r["requests"] for r in rounds])
     if np.ptp(chunks) < 0.5:
         raise ValueError("every round streamed as many chunks: give intervals that join tokens")
     fitted = {}
     for name in PROCESSES:
-        ms = np.array([r["cpu_s"][name] / r["requests"] * 1e3 for r in rounds])
+        busy = [
+            r["cpu_s"][name] - r.get("idle_cpu_per_s", {}).get(name, 0.0) * r.get("duration_s", 0)
+            for r in rounds
+        ]
+        ms = np.array([b / r["requests"] * 1e3 for b, r in zip(busy, rounds, strict=True)])
         per_chunk, per_request = np.polyfit(chunks, ms, 1)
         fitted[name] = (max(float(per_request), 0.0), max(float(per_chunk), 0.0))
     return ServingCost(*fitted["ingress"], *fitted["proxy"])

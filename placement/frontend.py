@@ -32,10 +32,11 @@ class ServingCost:
     """CPU milliseconds a request and a streamed chunk cost the ingress and the proxy (a
     profile's optional `serving` section; bench/stream_cost.py fits them on a host)."""
 
-    ingress_request_ms: float = 26.0
-    ingress_chunk_ms: float = 0.92
-    proxy_request_ms: float = 16.0
-    proxy_chunk_ms: float = 0.55
+    # this machine's (bench.stream_cost at 32 and 96 tokens, idle CPU taken off, 2026-12-04)
+    ingress_request_ms: float = 9.0
+    ingress_chunk_ms: float = 1.0
+    proxy_request_ms: float = 3.5
+    proxy_chunk_ms: float = 0.57
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():

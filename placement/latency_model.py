@@ -40,8 +40,8 @@ drift_tau_ms: 35000.0, run_sd: 0.1}` (absent by default; the drift fields defaul
 machine's pace differs from run to run (placement/wander.py); a profile fitted to a server's
 step traces carries it (`placement profile --from-steps`).
 
-An optional top-level `serving: {ingress_request_ms: 26.0, ingress_chunk_ms: 0.92,
-proxy_request_ms: 16.0, proxy_chunk_ms: 0.55}` (absent: those, this machine's) is what a request
+An optional top-level `serving: {ingress_request_ms: 9.0, ingress_chunk_ms: 1.0,
+proxy_request_ms: 3.5, proxy_chunk_ms: 0.57}` (absent: those, this machine's) is what a request
 and a streamed chunk cost the host's ingress and Serve proxy in CPU (`bench.stream_cost
 --profile` writes it); the plan sizes the front end with it (placement/frontend.py).
 """

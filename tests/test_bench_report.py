@@ -3,6 +3,7 @@ validated by the app's own schema; the simulator replays the load generator's sc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -747,3 +748,37 @@ def test_stream_cost_fit_recovers_a_cost_per_request_and_per_chunk():
     assert (cost.proxy_request_ms, cost.proxy_chunk_ms) == pytest.approx((10, 0.5))
     with pytest.raises(ValueError, match="join tokens"):
         fit_costs([measured(96), measured(96, requests=8)])
+    # a process's idle CPU over a round's time is not the requests': taken off before the fit
+    idle = {"ingress": 0.02, "proxy": 0.01}  # CPU seconds a second
+    slow = []
+    for chunks, seconds in ((96, 15.0), (50.5, 14.0), (17.1, 13.0)):
+        round_ = measured(chunks)
+        cpu = {name: s + idle[name] * seconds for name, s in round_["cpu_s"].items()}
+        slow.append({**round_, "cpu_s": cpu, "duration_s": seconds, "idle_cpu_per_s": idle})
+    assert dataclasses.astuple(fit_costs(slow)) == pytest.approx(dataclasses.astuple(cost))
+    assert fit_costs([{**r, "idle_cpu_per_s": {}} for r in slow]).ingress_request_ms > 30
+
+
+def test_the_tiny_model_serves_through_the_engine_and_the_experiments_configs(tmp_path):
+    """bench/tiny_model.py: a random Llama with the default tokenizer that the engine loads and
+    generates from, every token asked for; bench.experiment serves it in each configuration
+    with --serve-model, the front-end ones differing from disagg-1p1d only where named."""
+    from app.config import AppArgs
+    from bench.experiment import app_args
+    from bench.tiny_model import build
+    from engine import EngineConfig, LLMEngine, SamplingParams
+
+    path = build(tmp_path / "tiny")
+    engine = LLMEngine(EngineConfig(model=str(path), num_threads=1))
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    [out] = engine.generate([list(range(100, 116))], params)
+    assert len(out.token_ids) == 20
+    assert engine.runner.model.config.hidden_size == 64
+    plain = app_args("disagg-1p1d", model=str(path))
+    batched = app_args("disagg-1p1d-batched", model=str(path))
+    two = app_args("disagg-1p1d-2ingress", model=str(path))
+    for args in (plain, batched, two):
+        assert AppArgs.model_validate(args).model == str(path)
+    assert batched["decode"].pop("stream_batching_interval_ms") == 50
+    assert two["ingress"].pop("num_replicas") == 2
+    assert batched == plain and two == plain

@@ -11,7 +11,7 @@ from placement.latency_model import Coefficients, Entry, Profile
 
 pytestmark = pytest.mark.unit
 
-COST = ServingCost()  # ingress 26 ms a request + 0.92 a chunk; proxy 16 + 0.55
+COST = ServingCost(26.0, 0.92, 16.0, 0.55)  # ingress ms a request, a chunk; proxy's
 
 
 def test_a_request_streams_a_chunk_a_token_unless_its_tokens_are_joined():
@@ -126,7 +126,7 @@ def test_the_plan_sizes_its_front_end_for_the_rate_it_serves():
     chosen, search = _plan(serving=cheap)
     assert front_end_for(chosen, search).stream_interval_ms == 0
     chosen, search = _plan(serving=None)
-    assert front_end_for(chosen, search).stream_interval_ms == 100
+    assert front_end_for(chosen, search) == size_front_end(20.0, [64] * 50, 16.0, ServingCost())
 
 
 @pytest.mark.parametrize("kind", ["disaggregated", "colocated"])

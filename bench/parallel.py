@@ -21,30 +21,15 @@ from pathlib import Path
 import torch
 
 from bench.host import median_time
+from bench.tiny_model import random_llama
 from engine.model_runner import ModelInput, SeqInput
 
 
 def make_model(path: Path) -> str:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from engine.model_store import resolve_model
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(None))
-    config = LlamaConfig(
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=72,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    """SmolLM2-135M's shape with random weights."""
+    shape = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30}
+    shape |= {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 72}
+    return str(random_llama(path, **shape))
 
 
 def prefill_batch(prompt_len: int, block_size: int) -> ModelInput:

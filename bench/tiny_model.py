@@ -17,6 +17,19 @@ from pathlib import Path
 
 
 def build(out: Path, hidden: int = 64, layers: int = 2) -> Path:
+    return random_llama(
+        out,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+
+
+def random_llama(out: Path, **shape) -> Path:
+    """A Llama of `shape` (LlamaConfig's fields) with seeded random weights and the default
+    model's tokenizer, saved at `out`."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -24,11 +37,7 @@ def build(out: Path, hidden: int = 64, layers: int = 2) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(None)))
     config = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **shape,
         vocab_size=len(tokenizer),
         max_position_embeddings=2048,
         tie_word_embeddings=True,

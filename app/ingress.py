@@ -90,10 +90,12 @@ class Ingress:
         self.num_in_flight = 0
         self._kv_capacity: int | None = None  # smallest replica KV cache, fetched once
         self.created = int(time.time())
+        from deployments.loop_lag import LoopLag
         from deployments.metrics import RequestMetrics
 
         slo = self.args.slo
         self.metrics = RequestMetrics(None if slo is None else (slo.ttft_ms, slo.tpot_ms))
+        self.loop_lag = LoopLag(self.metrics.on_loop_lag)  # started by the first request
         self.api_key = _api_key(self.args.ingress.api_key_env)
         # the application's stored responses (a ResponseStoreServer deployment's handle), if
         # it keeps them
@@ -323,6 +325,7 @@ class Ingress:
         """Start the request's engine requests; -> its response view and their outputs, the
         first already received (an error a replica raised before is an HTTP status)."""
         arrival = time.perf_counter()  # the metrics' TTFT counts the prompt's building too
+        self.loop_lag.ensure_started()
         capacity = await self._capacity()
         prompts, params = await self._off_loop(self._prepare, req, chat, capacity)
         choices = _choice_params(params, req.n)
@@ -457,10 +460,12 @@ class _Clock:
         self.metrics, self.mode, self.num_prompt_tokens = metrics, mode, num_prompt_tokens
         self.start = arrival  # time.perf_counter() when the ingress took the request
         self.first: float | None = None
+        self.num_outputs = 0  # relayed from the engine replicas
 
     def seen(self, out: RequestOutput) -> RequestOutput:
         now = time.perf_counter() - self.start
         self.first = now if self.first is None else self.first
+        self.num_outputs += 1
         if out.finished:
             self.metrics.on_finish(
                 self.mode,
@@ -469,6 +474,7 @@ class _Clock:
                 out.num_output_tokens,
                 out.finish_reason,
                 self.num_prompt_tokens,
+                self.num_outputs,
             )
         return out
 

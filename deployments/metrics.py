@@ -11,6 +11,7 @@ from ray.serve import metrics
 from engine import EngineStats, RequestOutput
 
 _LATENCY_MS = [5, 10, 25, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 2000, 5000, 10000, 30000]
+_LAG_MS = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 5000]
 
 
 class EngineMetrics:
@@ -140,6 +141,20 @@ class RequestMetrics:
             "finished requests by the latency targets they met (both, ttft, tpot, none)",
             ("mode", "met"),
         )
+        # the front end's load: what this replica relays, and how late its event loop runs
+        self.outputs = metrics.Counter(
+            "splitserve_relayed_outputs",
+            "engine outputs relayed for finished requests (one streamed chunk each)",
+            keys,
+        )
+        self.loop_lag = metrics.Histogram(
+            "splitserve_ingress_loop_lag_ms",
+            "how late the ingress's event loop woke for a 100 ms timer (deployments/loop_lag.py)",
+            _LAG_MS,
+        )
+
+    def on_loop_lag(self, ms: float) -> None:
+        self.loop_lag.observe(ms)
 
     def on_finish(
         self,
@@ -149,6 +164,7 @@ class RequestMetrics:
         num_tokens: int,
         reason: str,
         num_prompt_tokens: int = 0,
+        num_outputs: int = 0,
     ) -> None:
         tags = {"mode": mode}
         tpot_s = (last_s - ttft_s) / (num_tokens - 1) if num_tokens > 1 else 0.0
@@ -161,6 +177,8 @@ class RequestMetrics:
             self.prompt_tokens.inc(num_prompt_tokens, tags)
         if num_tokens > 0:
             self.generation_tokens.inc(num_tokens, tags)
+        if num_outputs > 0:
+            self.outputs.inc(num_outputs, tags)
         if self.slo is not None:
             met = slo_met(ttft_s * 1e3, tpot_s * 1e3, reason != "abort", self.slo)
             self.slo_requests.inc(1, {"mode": mode, "met": met})

@@ -1505,6 +1505,8 @@ def test_metrics_reach_the_prometheus_endpoint(server):
         "splitserve_lora_loads",
         "splitserve_spec_decode_draft_tokens",
         "splitserve_spec_decode_accepted_tokens",
+        "splitserve_relayed_outputs",
+        "splitserve_ingress_loop_lag_ms_bucket",
     ]
     wanted += ['phase="decode"', 'phase="prefill"', 'mode="colocated"']  # and their tags
     # each app's requests against its own targets (the other apps count none)

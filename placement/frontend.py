@@ -58,10 +58,16 @@ class FrontEnd:
     proxy_ceiling_rps: float
 
     @property
+    def usable_rps(self) -> float:
+        """The most requests a second the plan sizes one proxy for: its ceiling at the
+        utilization limit."""
+        return self.proxy_ceiling_rps * self.utilization
+
+    @property
     def proxy_bound(self) -> bool:
         """Even the longest interval leaves the proxy busier than the limit: one proxy cannot
         carry the rate (more nodes' proxies, behind a load balancer, can)."""
-        return self.proxy_load > self.utilization
+        return self.proxy_load > self.utilization * (1 + 1e-9)  # sized at it exactly: not
 
     def describe(self) -> str:
         batching = (

@@ -127,6 +127,23 @@ def front_end_for(
     return size_front_end(target, output_lens, tpot, search.profile.serving)
 
 
+def fit_to_front_end(
+    candidates: list[Candidate], chosen: Candidate, search: Search, autoscale: float | None
+) -> tuple[Candidate, FrontEnd | None]:
+    """Where the chosen placement's engines serve more than one proxy carries, goodput stops at
+    the proxy however many GPUs compute: the cheapest placement that reaches what the proxy
+    carries (its usable rate) is planned instead, and the front end sized for that rate."""
+    front = front_end_for(chosen, search, autoscale=autoscale)
+    if front is None or not front.proxy_bound:
+        return chosen, front
+    rate = front.usable_rps / (autoscale or 1.0)  # grown by the factor, what the proxy takes
+    try:
+        cheaper = meet_rate(candidates, search, rate)
+    except ValueError:  # nothing reaches it: the chosen one is the most the cluster does
+        return chosen, front
+    return cheaper, front_end_for(cheaper, search, rate, autoscale)
+
+
 def _kv_transport(device: str, num_nodes: int) -> str:
     """One node: shared memory (CPU) or CUDA IPC (GPU, the same or a peer GPU); across nodes
     the decode replica pulls over NCCL (GPU) or the object store moves it (CPU)."""
@@ -179,6 +196,46 @@ def report(candidates: list[Candidate], search: Search) -> dict:
         "gain_over_best_colocated": gain,
         "candidates": rows,
     }
+
+
+def _plan_front_end(
+    args: argparse.Namespace,
+    candidates: list[Candidate],
+    chosen: Candidate,
+    search: Search,
+    result: dict,
+) -> tuple[Candidate, FrontEnd | None]:
+    """The front end for the plan (and, without --rate, the placement fitted to it), said
+    and added to the report."""
+    if args.rate:
+        front = front_end_for(chosen, search, args.rate, args.autoscale)
+    else:
+        engines_best = chosen
+        chosen, front = fit_to_front_end(candidates, chosen, search, args.autoscale)
+        if front is not None and front.rate_rps < engines_best.goodput_rps * (args.autoscale or 1):
+            print(
+                f"the engines of {engines_best.describe()} serve {engines_best.goodput_rps:.3g} "
+                f"req/s, more than one Serve proxy carries ({front.usable_rps:.3g} within its "
+                f"limit): planned {chosen.describe()} for {front.rate_rps:.3g} req/s"
+            )
+            result["chosen_for_front_end"] = {
+                "rate": front.rate_rps,
+                "placement": chosen.describe(),
+            }
+    if front is None:
+        return chosen, None
+    print(front.describe())
+    result["front_end"] = {**dataclasses.asdict(front), "proxy_bound": front.proxy_bound}
+    if front.proxy_bound:
+        print(
+            f"warning: at {front.rate_rps:.3g} req/s the node's one Serve proxy would be "
+            f"busy {front.proxy_load:.0%} of a core even joining tokens every "
+            f"{front.stream_interval_ms} ms; it carries at most "
+            f"{front.proxy_ceiling_rps:.3g} req/s of this workload, so serving more needs "
+            "clients spread over more nodes' proxies (proxy_location EveryNode behind a "
+            "load balancer)"
+        )
+    return chosen, front
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -236,19 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.rate:
         print(f"for {args.rate} req/s: {chosen.describe()} ({chosen.goodput_rps:.2f} req/s)")
         result["chosen_for_rate"] = {"rate": args.rate, "placement": chosen.describe()}
-    front = front_end_for(chosen, search, args.rate, args.autoscale)
-    if front is not None:
-        print(front.describe())
-        result["front_end"] = {**dataclasses.asdict(front), "proxy_bound": front.proxy_bound}
-        if front.proxy_bound:
-            print(
-                f"warning: at {front.rate_rps:.3g} req/s the node's one Serve proxy would be "
-                f"busy {front.proxy_load:.0%} of a core even joining tokens every "
-                f"{front.stream_interval_ms} ms; it carries at most "
-                f"{front.proxy_ceiling_rps:.3g} req/s of this workload, so serving more needs "
-                "clients spread over more nodes' proxies (proxy_location EveryNode behind a "
-                "load balancer)"
-            )
+    chosen, front = _plan_front_end(args, candidates, chosen, search, result)
     base = {} if args.model == "default" else {"model": str(_model_dir(model))}
     if args.kv_cache_dtype != "auto":
         base["kv_cache_dtype"] = args.kv_cache_dtype

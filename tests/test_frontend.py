@@ -160,3 +160,30 @@ def test_the_proxy_ceiling_is_the_rate_that_fills_its_core_at_the_longest_interv
     )
     free = size_front_end(1.0, [64], 16.0, ServingCost(1.0, 0.1, 0.0, 0.0))
     assert free.proxy_ceiling_rps == float("inf") and free.proxy_load == 0
+
+
+def test_a_plan_past_what_one_proxy_carries_takes_the_cheapest_placement_that_reaches_it():
+    """The engines' best placement (4 GPUs, 1000 req/s) is more than one proxy carries: the
+    plan takes the fewest GPUs that reach the proxy's usable rate, sized for that rate."""
+    from placement.optimizer import Candidate
+    from placement.plan import fit_to_front_end
+    from placement.simulator import InstanceSpec, Placement
+
+    chosen, search = _plan()
+    entry = chosen.placement.colocated or chosen.placement.decode
+
+    def candidate(count: int, rate: float) -> Candidate:
+        return Candidate("colocated", Placement(colocated=InstanceSpec(entry.entry, count)),
+                         rate, 100.0, 16.0)  # fmt: skip
+
+    big, mid, small = candidate(4, 1000.0), candidate(2, 300.0), candidate(1, 50.0)
+    usable = size_front_end(1.0, [64] * 50, 16.0, COST).usable_rps  # ~28 req/s at COST
+    fitted, front = fit_to_front_end([big, mid, small], big, search, None)
+    assert fitted is small and small.goodput_rps >= usable  # the fewest GPUs that reach it
+    assert front.rate_rps == pytest.approx(usable) and not front.proxy_bound
+    # autoscaling grows the planned rate by its factor: the base is what the proxy takes / 2
+    fitted, front = fit_to_front_end([big, mid, small], big, search, 2.0)
+    assert front.rate_rps == pytest.approx(usable)
+    # within what the proxy carries: the engines' choice stands, sized for its goodput
+    fitted, front = fit_to_front_end([big, mid, small], candidate(1, 10.0), search, None)
+    assert fitted.goodput_rps == 10.0 and front.rate_rps == 10.0

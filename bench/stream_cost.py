@@ -181,6 +181,11 @@ def _row(interval: float, rounds: list[dict]) -> dict:
     }
 
 
+def save_costs(profile_path: str | Path, cost: ServingCost) -> None:
+    """The fitted costs into the profile's `serving` section, the rest of it kept."""
+    dataclasses.replace(Profile.load(profile_path), serving=cost).save(profile_path)
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| interval ms | tokens a chunk | ingress CPU µs/token | proxy CPU µs/token | "
@@ -220,8 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{cost.proxy_chunk_ms:.3f}"
     )
     if args.profile:
-        profile = Profile.load(args.profile)
-        dataclasses.replace(profile, serving=cost).save(args.profile)
+        save_costs(args.profile, cost)
         print(f"wrote the serving costs into {args.profile}")
 
 

@@ -759,6 +759,23 @@ def test_stream_cost_fit_recovers_a_cost_per_request_and_per_chunk():
     assert fit_costs([{**r, "idle_cpu_per_s": {}} for r in slow]).ingress_request_ms > 30
 
 
+def test_stream_cost_writes_its_fit_into_a_profile_and_keeps_the_rest(tmp_path):
+    from bench.stream_cost import save_costs
+    from placement.frontend import ServingCost
+    from placement.latency_model import Coefficients, Entry, Profile
+
+    entry = Entry(1, 1, Coefficients(1, 2, 3), Coefficients(4, 5, 6), 1000)
+    Profile("m", "h200 (roofline)", [entry], 0.1).save(tmp_path / "p.yaml")
+    save_costs(tmp_path / "p.yaml", ServingCost(5.0, 0.4, 2.0, 0.3))
+    loaded = Profile.load(tmp_path / "p.yaml")
+    assert loaded.serving == ServingCost(5.0, 0.4, 2.0, 0.3)
+    assert (loaded.entries, loaded.node_contention, loaded.device) == (
+        [entry],
+        0.1,
+        "h200 (roofline)",
+    )
+
+
 def test_the_tiny_model_serves_through_the_engine_and_the_experiments_configs(tmp_path):
     """bench/tiny_model.py: a random Llama with the default tokenizer that the engine loads and
     generates from, every token asked for; bench.experiment serves it in each configuration

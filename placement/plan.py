@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
+from deployments.serve_env import env_words, serve_env
 from placement.cli_args import (
     add_source_args,
     add_workload_args,
@@ -32,7 +33,7 @@ from placement.cli_args import (
     slo_from,
     workload_from,
 )
-from placement.frontend import FrontEnd, size_front_end
+from placement.frontend import FrontEnd, ServingCost, size_front_end
 from placement.hardware import DEVICES
 from placement.optimizer import Candidate, Search, meet_rate, optimize, table
 from placement.simulator import SLO
@@ -238,6 +239,19 @@ def _plan_front_end(
     return chosen, front
 
 
+def _serve_command(search: Search, out: str) -> str | None:
+    """How to start Serve for the front end sized, as a comment line; None in Serve's default
+    mode (a plain `serve run`). The profile's serving costs were measured in one mode: they
+    hold only there."""
+    mode = (search.profile.serving or ServingCost()).serve_mode
+    if mode == "default":
+        return None
+    return (
+        f"# sized for Ray Serve's {mode} mode, as its serving costs were measured: "
+        f"{env_words(mode)} serve run {out}"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_source_args(parser)
@@ -303,7 +317,12 @@ def main(argv: list[str] | None = None) -> None:
     config = serve_config(
         chosen, search, base, threads=args.threads, autoscale=args.autoscale, front=front
     )
-    Path(args.out).write_text(yaml.safe_dump(config, sort_keys=False))
+    text = yaml.safe_dump(config, sort_keys=False)
+    if front is not None and (start := _serve_command(search, args.out)):
+        print(start.removeprefix("# "))
+        text = f"{start}\n{text}"
+        result["serve_env"] = serve_env((search.profile.serving or ServingCost()).serve_mode)
+    Path(args.out).write_text(text)
     print(f"wrote {args.out}")
     if args.report:
         Path(args.report).write_text(json.dumps(result, indent=2))

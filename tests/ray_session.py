@@ -8,10 +8,11 @@ the experiment runner's) stops the shared one first.
 
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from deployments.serve_env import free_ports
 
 # the union of what the sharing modules need: no tokenizer thread pools in 16 replicas on 2
 # cores; replicas push their load to Serve's autoscaler every second, not every 10 s, so the
@@ -21,12 +22,6 @@ ENV = {
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
 }
 NUM_CPUS = 16  # logical: replicas ask for half a CPU each; threads are set per engine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -52,7 +47,7 @@ class SharedRay:
         import ray
         from ray import serve
 
-        metrics_port, port = free_port(), free_port()
+        metrics_port, port = free_ports(2)
         ray.init(
             address="local",
             num_cpus=NUM_CPUS,

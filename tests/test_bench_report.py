@@ -560,6 +560,34 @@ def test_fidelity_over_the_map_classes_each_error_and_compares_winners():
     assert fidelity(a, "simulated_in_situ") is None  # nothing simulated from traces
 
 
+def test_a_clusters_serve_mode_reaches_its_processes_not_this_one(monkeypatch):
+    """Ray's processes inherit the environment ray.init starts them in: the mode's settings
+    are there then (HAProxy's ports the cluster's own), and afterwards this process's
+    environment is as it was (a variable it had keeps its value, one it lacked is gone)."""
+    import os
+
+    import ray
+    from ray import serve
+
+    from bench.experiment import Cluster
+
+    seen = {}
+    names = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED")
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(os.environ))
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(serve, "start", lambda **kw: None)
+    monkeypatch.setattr(serve, "shutdown", lambda: None)
+    monkeypatch.delenv(names[0], raising=False)
+    monkeypatch.setenv(names[1], "0")
+    with Cluster(serve_mode="haproxy"):
+        assert names[0] not in os.environ and os.environ[names[1]] == "0"
+    assert [seen[n] for n in names] == ["1", "1"]
+    assert seen["RAY_SERVE_HAPROXY_STATS_PORT"] != "8404"
+    seen.clear()
+    with Cluster():
+        assert names[0] not in seen and seen[names[1]] == "0"
+
+
 def test_a_killed_experiment_still_shuts_its_cluster_down(monkeypatch):
     """SIGTERM inside `with Cluster()` unwinds as SystemExit through __exit__ (Ray's agents
     would outlive a plain kill), and the previous handler is back afterwards."""
@@ -589,16 +617,20 @@ class _FakeCluster:
     into the experiment's current step directory, as the real servers do."""
 
     url = "http://stand-in"
+    started: list = []  # every stand-in entered: (its Serve settings, whether it was exited)
 
-    def __init__(self, env=None):
+    def __init__(self, env=None, serve_mode="default"):
         self.trace = Path(env["SPLITSERVE_STEP_TRACE"])
+        self.serve_mode = serve_mode
         self.log: list = []
 
     def __enter__(self):
         _FakeCluster.last = self
+        _FakeCluster.started.append([self.serve_mode, False])
         return self
 
     def __exit__(self, *exc):
+        _FakeCluster.started[-1][1] = True
         return False
 
     def deploy(self, args):
@@ -618,6 +650,7 @@ def _fake_experiment(monkeypatch, tmp_path, send, **overrides):
     import bench.experiment as experiment
 
     monkeypatch.setattr(experiment, "Cluster", _FakeCluster)
+    monkeypatch.setattr(_FakeCluster, "started", [])
     monkeypatch.setattr(experiment, "_warm_up", lambda url, model: None)
 
     def fake_send(url, model, make):
@@ -673,6 +706,30 @@ def test_sequential_order_runs_each_sweep_on_one_deployment(tmp_path, monkeypatc
     d, c = "disaggregated", "colocated"
     assert sent == [(d, 0.25), (d, 0.5), (c, 0.25), (c, 0.5)]
     assert _FakeCluster.last.log == [("deploy", d), ("undeploy",), ("deploy", c), ("undeploy",)]
+
+
+def test_one_cluster_serves_a_run_unless_the_serve_mode_changes(tmp_path, monkeypatch):
+    """Configurations in the same Serve mode share one cluster for the whole run; one in
+    another mode (read by Ray's processes when they start) gets a cluster of its own, started
+    again at each change of turn, each one shut down."""
+    same = tmp_path / "same"
+    _fake_experiment(monkeypatch, same, lambda mode, rate: _records(10, 0), rates=[0.25, 0.5])
+    assert _FakeCluster.started == [["default", True]]
+    sent = []
+
+    def send(mode, rate):
+        sent.append(rate)
+        return _records(10, 0)
+
+    configs = ["disagg-1p1d", "disagg-1p1d-tput"]
+    report = _fake_experiment(
+        monkeypatch, tmp_path / "mixed", send, rates=[0.25, 0.5], configs=configs
+    )
+    # turns: plain, tput; then tput, plain (each round starts one further on)
+    assert _FakeCluster.started == [["default", True], ["throughput", True], ["default", True]]
+    assert sent == [0.25, 0.25, 0.5, 0.5]
+    assert report["configs"]["disagg-1p1d-tput"]["serve_mode"] == "throughput"
+    assert report["configs"]["disagg-1p1d"]["serve_mode"] == "default"
 
 
 def test_a_run_stopped_in_a_later_configuration_keeps_the_finished_ones(tmp_path, monkeypatch):
@@ -799,3 +856,11 @@ def test_the_tiny_model_serves_through_the_engine_and_the_experiments_configs(tm
     assert batched["decode"].pop("stream_batching_interval_ms") == 50
     assert two["ingress"].pop("num_replicas") == 2
     assert batched == plain and two == plain
+    # the front-end modes: the same apps, in another mode of Serve's
+    from bench.experiment import CONFIGURATIONS
+
+    for suffix, mode in (("tput", "throughput"), ("haproxy", "haproxy")):
+        for base in ("disagg-1p1d", "disagg-1p1d-batched"):
+            name = f"{base}-{suffix}"
+            assert app_args(name) == app_args(base) and CONFIGURATIONS[name].serve_mode == mode
+            assert CONFIGURATIONS[base].serve_mode == "default"

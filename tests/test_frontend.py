@@ -77,9 +77,23 @@ def test_a_negative_cost_is_refused_by_name():
         ServingCost(proxy_chunk_ms=-1)
 
 
+def test_haproxy_spreads_the_proxys_work_over_its_threads():
+    """Serve's proxy is one event loop; HAProxy runs its threads (Ray's default 4): the same
+    CPU is a quarter of the load, the ceiling four times the rate."""
+    haproxy = ServingCost(26.0, 0.92, 16.0, 0.55, serve_mode="haproxy")
+    assert (COST.proxy_cores, haproxy.proxy_cores) == (1, 4)
+    one, four = (size_front_end(30.0, [64], 16.0, c) for c in (COST, haproxy))
+    assert four.stream_interval_ms == 0 and not four.proxy_bound  # 30 req/s: no batching
+    assert four.proxy_load == pytest.approx((30 * 16 + 30 * 64 * 0.55) / 1e3 / 4)
+    assert four.proxy_ceiling_rps == pytest.approx(4 * one.proxy_ceiling_rps)
+    assert ServingCost(serve_mode="throughput").proxy_cores == 1  # Serve's proxy still
+    with pytest.raises(ValueError, match="serve_mode must be one of"):
+        ServingCost(serve_mode="fast")
+
+
 def test_a_profiles_serving_costs_round_trip_and_default_to_none(tmp_path):
     entry = Entry(1, 1, Coefficients(1, 2, 3), Coefficients(4, 5, 6), 1000)
-    measured = ServingCost(10.0, 0.5, 6.0, 0.3)
+    measured = ServingCost(10.0, 0.5, 6.0, 0.3, serve_mode="haproxy")
     Profile("m", "d", [entry], serving=measured).save(tmp_path / "p.yaml")
     assert Profile.load(tmp_path / "p.yaml").serving == measured
     assert "serving" in yaml.safe_load((tmp_path / "p.yaml").read_text())

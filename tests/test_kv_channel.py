@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+import psutil
 import pytest
 import ray
 import torch
@@ -50,6 +51,9 @@ class _Sender:
 
     async def num_kept(self) -> int:
         return await self.channel.num_kept()
+
+    def pid(self) -> int:
+        return os.getpid()
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +149,13 @@ def _wait_for_staged(sender, n: int) -> None:
         time.sleep(0.05)
 
 
+def _wait_for_exit(pid: int) -> None:
+    deadline = time.monotonic() + 30
+    while psutil.pid_exists(pid):
+        assert time.monotonic() < deadline, f"process {pid} still runs"
+        time.sleep(0.05)
+
+
 def test_gloo_transfers_are_pulled_once_and_dropped_on_discard(cluster):
     sender = _Sender.remote("gloo")
     receiver = KVChannel("gloo")
@@ -158,7 +169,9 @@ def test_gloo_transfers_are_pulled_once_and_dropped_on_discard(cluster):
         receiver.open(first)  # the sender forgot it once it was pulled
     receiver.discard(second)  # dropped before its import: the sender frees it
     _wait_for_staged(sender, 1)
+    pid = ray.get(sender.pid.remote())
     ray.kill(sender)  # the sender's process is gone: its staged KV with it
+    _wait_for_exit(pid)  # ray.kill returns before the process has ended
     with pytest.raises(TransferExpired):
         receiver.open(third)
     receiver.close()

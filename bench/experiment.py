@@ -193,7 +193,7 @@ CONFIGURATIONS |= {
         base_config="serve_config_gpu.yaml", gpus=1,
     ),
     "gpu-disagg-1p1d-tput": Configuration(
-        "as gpu-disagg-1p1d, on Ray Serve's high-throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED)",
+        "as gpu-disagg-1p1d, on Ray Serve's high-throughput settings (THROUGHPUT_OPTIMIZED)",
         False, _GPU_DISAGG, base_config="serve_config_gpu.yaml", gpus=1,
         serve_mode="throughput",
     ),

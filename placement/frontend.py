@@ -16,6 +16,9 @@ min(L, 2 + (L - 1) t / I) chunks (L without batching). Only batching relieves th
 ingress either way. So the smallest interval of `INTERVALS_MS` that keeps the proxy under the
 limit is taken, then as many ingress replicas as what is left needs. Joining tokens leaves a
 request's TPOT (its mean token interval) as it was: the first and last tokens are not held.
+
+The costs hold for the Serve mode they were measured in (deployments/serve_env.py): in the
+`haproxy` mode the proxy is HAProxy, its work spread over its threads (`proxy_cores`).
 """
 
 from __future__ import annotations

@@ -230,7 +230,7 @@ def _plan_front_end(
     if front.proxy_bound:
         print(
             f"warning: at {front.rate_rps:.3g} req/s the node's one Serve proxy would be "
-            f"busy {front.proxy_load:.0%} of a core even joining tokens every "
+            f"busy {front.proxy_load:.0%} of its core(s) even joining tokens every "
             f"{front.stream_interval_ms} ms; it carries at most "
             f"{front.proxy_ceiling_rps:.3g} req/s of this workload, so serving more needs "
             "clients spread over more nodes' proxies (proxy_location EveryNode behind a "

@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -143,22 +144,6 @@ CONFIGURATIONS |= {
         "as disagg-1p1d, with 2 ingress replicas",
         False, merge(_DISAGG, {"ingress": {"num_replicas": 2}}),
     ),
-    "disagg-1p1d-tput": Configuration(
-        "as disagg-1p1d, on Ray Serve's high-throughput settings (RAY_SERVE_THROUGHPUT_OPTIMIZED)",
-        False, _DISAGG, serve_mode="throughput",
-    ),
-    "disagg-1p1d-batched-tput": Configuration(
-        "as disagg-1p1d-batched, on Ray Serve's high-throughput settings",
-        False, _BATCHED, serve_mode="throughput",
-    ),
-    "disagg-1p1d-haproxy": Configuration(
-        "as disagg-1p1d-tput, HAProxy in place of Serve's proxy (RAY_SERVE_ENABLE_HA_PROXY)",
-        False, _DISAGG, serve_mode="haproxy",
-    ),
-    "disagg-1p1d-batched-haproxy": Configuration(
-        "as disagg-1p1d-batched, on Ray Serve's high-throughput settings with HAProxy",
-        False, _BATCHED, serve_mode="haproxy",
-    ),
 }  # fmt: skip
 
 
@@ -192,21 +177,6 @@ CONFIGURATIONS |= {
         False, merge(_GPU_DISAGG, {"ingress": {"num_replicas": 4}}),
         base_config="serve_config_gpu.yaml", gpus=1,
     ),
-    "gpu-disagg-1p1d-tput": Configuration(
-        "as gpu-disagg-1p1d, on Ray Serve's high-throughput settings (THROUGHPUT_OPTIMIZED)",
-        False, _GPU_DISAGG, base_config="serve_config_gpu.yaml", gpus=1,
-        serve_mode="throughput",
-    ),
-    "gpu-disagg-1p1d-haproxy": Configuration(
-        "as gpu-disagg-1p1d-tput, HAProxy in place of Serve's proxy (RAY_SERVE_ENABLE_HA_PROXY)",
-        False, _GPU_DISAGG, base_config="serve_config_gpu.yaml", gpus=1,
-        serve_mode="haproxy",
-    ),
-    "gpu-disagg-1p1d-batched-haproxy": Configuration(
-        "as gpu-disagg-1p1d-batched, on Ray Serve's high-throughput settings with HAProxy",
-        False, _GPU_BATCHED, base_config="serve_config_gpu.yaml", gpus=1,
-        serve_mode="haproxy",
-    ),
     "gpu-coloc-1": Configuration(
         "one GPU, colocated (vLLM-style continuous batching): 1 replica",
         True, {"mode": "colocated", "colocated": _gpu_phase(1, **_GPU_COLOC)},
@@ -221,6 +191,25 @@ CONFIGURATIONS |= {
         base_config="serve_config_gpu.yaml", gpus=1,
     ),
 }  # fmt: skip
+
+
+def _in_serve_modes(names: tuple[str, ...]) -> dict[str, Configuration]:
+    """Each of `names` again in Ray Serve's high-throughput front-end modes: `<name>-tput` and
+    `<name>-haproxy` (deployments/serve_env.py), the same app on a cluster in that mode."""
+    return {
+        f"{name}-{suffix}": dataclasses.replace(
+            CONFIGURATIONS[name],
+            description=f"as {name}, in Ray Serve's {mode} front-end mode",
+            serve_mode=mode,
+        )
+        for name in names
+        for suffix, mode in (("tput", "throughput"), ("haproxy", "haproxy"))
+    }
+
+
+CONFIGURATIONS |= _in_serve_modes(
+    ("disagg-1p1d", "disagg-1p1d-batched", "gpu-disagg-1p1d", "gpu-disagg-1p1d-batched")
+)
 
 
 def app_args(name: str, prefix_caching: bool = False, model: str | None = None) -> dict:

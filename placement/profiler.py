@@ -83,16 +83,20 @@ def _prompts(batch: int, length: int, vocab: int, rng: np.random.Generator) -> l
     return rng.integers(10, vocab - 10, size=(batch, length)).tolist()
 
 
-def measure_prefill(engine: LLMEngine, batch: int, length: int, rng) -> float:
+def measure_prefill(engine: LLMEngine, batch: int, length: int, rng, repeats: int = 1) -> float:
+    """The median of `repeats` prefill steps of `batch` new prompts of `length` tokens: one
+    step is one sample, and on a shared host one stalled sample would move the whole fit."""
     vocab = engine.runner.shape.vocab_size
-    for ids in _prompts(batch, length, vocab, rng):
-        engine.add_request(None, ids, SamplingParams(max_tokens=1))
-    t0 = time.perf_counter()
-    engine.step()  # the budget holds the whole batch: one step
-    ms = (time.perf_counter() - t0) * 1e3
-    while engine.has_unfinished:
-        engine.step()
-    return ms
+    samples = []
+    for _ in range(repeats):
+        for ids in _prompts(batch, length, vocab, rng):
+            engine.add_request(None, ids, SamplingParams(max_tokens=1))
+        t0 = time.perf_counter()
+        engine.step()  # the budget holds the whole batch: one step
+        samples.append((time.perf_counter() - t0) * 1e3)
+        while engine.has_unfinished:
+            engine.step()
+    return float(np.median(samples))
 
 
 def measure_decode(engine: LLMEngine, batch: int, context: int, steps: int, rng) -> tuple:
@@ -124,7 +128,7 @@ def profile(
     pre_batches, pre_ms = [], []
     for batch, length in grid["prefill"]:
         bar.set_description(f"prefill {batch}x{length}")
-        pre_ms.append(measure_prefill(engine, batch, length, rng))
+        pre_ms.append(measure_prefill(engine, batch, length, rng, repeats=3))
         pre_batches.append([length] * batch)
         bar.update()
     dec_batches, dec_ms = [], []

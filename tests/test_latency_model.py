@@ -245,3 +245,30 @@ def test_contention_measurement_compares_busy_and_paused_steps(monkeypatch):
     monkeypatch.setattr(prof, "measure_decode", lambda *a: (70.0 if run.busy else 50.0, [1]))
     assert prof.measure_contention(None, run, 2, None) == pytest.approx(0.2)
     assert not run.busy
+
+
+@pytest.mark.unit
+def test_a_prefill_point_is_the_median_of_its_repeats(monkeypatch):
+    """One stalled step (500 ms among 10-12) does not become the point's time."""
+    import placement.profiler as prof
+
+    class Clock:
+        now = 0.0
+
+    class Engine:
+        class runner:  # the engine's attribute, lower-case
+            class shape:
+                vocab_size = 100
+
+        has_unfinished = False
+        steps = iter([0.010, 0.500, 0.012])
+
+        def add_request(self, *args):
+            pass
+
+        def step(self):
+            Clock.now += next(self.steps)
+
+    monkeypatch.setattr(prof.time, "perf_counter", lambda: Clock.now)
+    rng = np.random.default_rng(0)
+    assert prof.measure_prefill(Engine(), 2, 8, rng, repeats=3) == pytest.approx(12.0)

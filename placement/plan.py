@@ -239,11 +239,10 @@ def _plan_front_end(
     return chosen, front
 
 
-def _serve_command(search: Search, out: str) -> str | None:
+def _serve_command(mode: str, out: str) -> str | None:
     """How to start Serve for the front end sized, as a comment line; None in Serve's default
     mode (a plain `serve run`). The profile's serving costs were measured in one mode: they
     hold only there."""
-    mode = (search.profile.serving or ServingCost()).serve_mode
     if mode == "default":
         return None
     return (
@@ -318,10 +317,11 @@ def main(argv: list[str] | None = None) -> None:
         chosen, search, base, threads=args.threads, autoscale=args.autoscale, front=front
     )
     text = yaml.safe_dump(config, sort_keys=False)
-    if front is not None and (start := _serve_command(search, args.out)):
+    mode = (search.profile.serving or ServingCost()).serve_mode
+    if front is not None and (start := _serve_command(mode, args.out)):
         print(start.removeprefix("# "))
         text = f"{start}\n{text}"
-        result["serve_env"] = serve_env((search.profile.serving or ServingCost()).serve_mode)
+        result["serve_env"] = serve_env(mode)
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")
     if args.report:

@@ -34,14 +34,10 @@ def server(own_ray_cluster):
 
 
 def _stats() -> list[dict]:
-    from ray import serve
-
     from bench.experiment import Cluster
+    from tests.test_serve import _replica_stats
 
-    return [
-        serve.get_deployment_handle(name, app_name=Cluster.APP).stats.remote().result()
-        for name in ("PrefillServer", "DecodeServer")
-    ]
+    return _replica_stats(Cluster.APP)
 
 
 @pytest.mark.parametrize("grpc", [True, False])

@@ -17,11 +17,14 @@ install: $(STAMP)
 # The kernel compiles (one g++, ~40 s) while the model is built from its GGUF (~35 s): side by
 # side on two cores. compileall: every Ray replica and worker imports the project anew; compiled
 # once here, not in each process (none writes bytecode where PYTHONDONTWRITEBYTECODE is set).
+# linear_tuning: which Linear forward this host's decode steps run fastest, measured on the
+# default model at one thread (a replica's) while nothing else runs (~3 s; kept in the cache).
 model: install
 	$(PY) -m kvkernels.cpu_ops & kernel=$$!; \
 	$(PY) -m engine.model_store; built=$$?; \
 	wait $$kernel && test $$built -eq 0
 	$(PY) -m compileall -q app engine deployments kvkernels placement bench > /dev/null
+	$(PY) -m engine.linear_tuning --threads 1
 
 test: model
 	$(PY) -m ruff check .

@@ -421,7 +421,7 @@ def test_attention_without_metadata_is_a_clear_error():
 def test_few_rows_forward_equals_the_linear_forward(bias):
     """Both orientations, on either side of each row limit, 2-D and 3-D inputs, with and
     without a bias; the module, its weight and its hooks survive the switch."""
-    from kvkernels.few_rows import HEAD_MAX_ROWS, LAYER_MAX_ROWS, install, uninstall
+    from kvkernels.few_rows import EVERYWHERE, HEAD_MAX_ROWS, install, uninstall
 
     torch.manual_seed(0)
     model = torch.nn.Module()
@@ -440,9 +440,37 @@ def test_few_rows_forward_equals_the_linear_forward(bias):
             torch.testing.assert_close(linear(x), want, rtol=1e-5, atol=1e-5)
     assert len(calls) == len(xs)  # the hook ran on every call, few rows or not
     assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight is weight
-    assert model.lm_head.forward.max_rows == HEAD_MAX_ROWS
-    assert model.proj.forward.max_rows == LAYER_MAX_ROWS
+    assert model.lm_head.forward.rows == EVERYWHERE.head
+    assert model.proj.forward.rows == EVERYWHERE.layers
     assert uninstall(model) == 2 and "forward" not in model.proj.__dict__
+
+
+def test_few_rows_takes_only_the_row_counts_it_is_given(monkeypatch):
+    """A host's choice (engine/linear_tuning.py) may leave gaps: those row counts, and any
+    Linear given none, run F.linear."""
+    from kvkernels import few_rows
+
+    model = torch.nn.Module()
+    model.lm_head = torch.nn.Linear(64, 1000)
+    model.proj = torch.nn.Linear(64, 96)
+    taken = []
+    original = few_rows.few_rows_linear
+    monkeypatch.setattr(
+        few_rows, "few_rows_linear", lambda x, *a: taken.append(len(x)) or original(x, *a)
+    )
+    assert (
+        few_rows.install(model, few_rows.FewRows(head=frozenset({2, 5}), layers=frozenset())) == 1
+    )
+    assert "forward" not in model.proj.__dict__
+    for r in range(1, 7):
+        x = torch.randn(r, 64)
+        torch.testing.assert_close(
+            model.lm_head(x),
+            F.linear(x, model.lm_head.weight, model.lm_head.bias),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    assert taken == [2, 5]
 
 
 def test_few_rows_leaves_a_linear_with_its_own_forward_alone():
@@ -467,9 +495,18 @@ def test_few_rows_leaves_non_float32_layers_alone():
     assert install(model) == 1 and "forward" not in model.proj.__dict__
 
 
-def test_runner_uses_the_few_rows_forward_on_cpu():
-    from kvkernels.few_rows import _FewRowsForward
+def test_runner_installs_this_hosts_choice_on_cpu(monkeypatch, tmp_path):
+    """The runner asks engine.linear_tuning for this host's row counts (kept in the cache)."""
+    from engine import linear_tuning
+    from kvkernels.few_rows import FewRows
 
+    choice = FewRows(head=frozenset({1, 3}), layers=frozenset({2}))
+    asked = []
+    monkeypatch.setenv("SPLITSERVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(linear_tuning, "tuned", lambda m, cache: asked.append(cache) or choice)
     _, runner = build("llama")
-    linears = [m for m in runner.model.modules() if isinstance(m, torch.nn.Linear)]
-    assert linears and all(isinstance(m.forward, _FewRowsForward) for m in linears)
+    assert asked == [tmp_path / linear_tuning.CACHE_FILE]
+    head = runner.model.lm_head
+    layers = [m for m in runner.model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    assert head.forward.rows == choice.head
+    assert layers and all(m.forward.rows == choice.layers for m in layers)

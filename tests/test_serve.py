@@ -988,6 +988,19 @@ def test_official_openai_client_completions_and_chat(server):
     assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content], abs=1e-4)
 
 
+def test_the_endpoint_check_passes_and_keeps_the_greedy_texts(server, tmp_path):
+    """bench/check_endpoint.py, the README's check of a running server, passes against the
+    default mode; the greedy completion it keeps is the one a plain HTTP request gets."""
+    from bench import check_endpoint
+
+    greedy = tmp_path / "greedy.json"
+    lines = check_endpoint.run(f"{server}/disagg", "unused", greedy=greedy)
+    assert lines == [f"OK {name}" for name, _ in check_endpoint.Checks("", None).all()]
+    kept = json.loads(greedy.read_text())
+    r = _complete(server, "disagg", prompt=check_endpoint.PROMPT, **check_endpoint.GREEDY)
+    assert kept["completion"] == r.json()["choices"][0]["text"] and kept["chat"]
+
+
 @pytest.mark.parametrize(
     ("body", "status", "needle"),
     [

@@ -46,4 +46,3 @@ gpu-check: model
 	$(PY) -m pip install -q -e ".[dev,gpu]"
 	$(PY) -m pytest -q -rs -m gpu tests/test_gpu.py
 	$(PY) -m bench.kv_transfer --device cuda --transports cuda_ipc,object_store
-	$(PY) -m bench.kv_transfer --device cuda --transports cuda_ipc,object_store

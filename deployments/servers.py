@@ -113,6 +113,7 @@ class _EngineServer:
         return {
             **vars(stats),
             "node_id": self.node_id,
+            "pid": os.getpid(),  # the replica's process (its logs, py-spy, a failure drill)
             "num_pending_imports": self.loop.num_pending_imports,
             "num_cross_node_handoffs": getattr(self, "num_cross_node_handoffs", 0),
             "num_kept_kv_transfers": await self.channel.num_kept(),  # sent, not yet released

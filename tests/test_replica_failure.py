@@ -1,0 +1,122 @@
+"""A replica process that dies (the OOM killer, a crashed kernel, a lost node) costs only the
+requests it held, each ended with an error the client can read, and Serve's replacement then
+serves. A disaggregated stream that has left its prefill replica does not depend on it.
+
+Its own application on the session's shared cluster: replicas of it are killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.serve, pytest.mark.model]
+
+APP = "failing"
+SMALL = {"num_cpus": 0.5, "engine": {"num_threads": 1, "kv_cache_memory_mb": 128}}
+ARGS = {"mode": "disaggregated", "prefill": SMALL, "decode": SMALL}
+LONG = {"prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": True, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def url(ray_serve):
+    from app.builder import build_app
+    from tests.ray_session import deploy, undeploy
+
+    deploy({APP: (f"/{APP}", build_app(ARGS))})
+    yield f"{ray_serve.url}/{APP}"
+    undeploy([APP])
+
+
+def _stats(deployment: str) -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle(deployment, app_name=APP).stats.remote().result()
+
+
+class _Stream(threading.Thread):
+    """A streamed completion read in the background: its SSE data lines, and an event set once
+    `after` of them have come."""
+
+    def __init__(self, url: str, after: int) -> None:
+        super().__init__(daemon=True)
+        self.url, self.after = url, after
+        self.lines: list[str] = []
+        self.started = threading.Event()
+
+    def run(self) -> None:
+        body = {"model": "SmolLM2-135M-Instruct", "stream": True, **LONG}
+        with httpx.stream("POST", f"{self.url}/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    self.lines.append(line.removeprefix("data: "))
+                if len(self.lines) == self.after:
+                    self.started.set()
+        self.started.set()
+
+    def text(self) -> str:
+        chunks = [json.loads(line) for line in self.lines if line.startswith("{")]
+        return "".join(c["choices"][0]["text"] for c in chunks if c.get("choices"))
+
+
+def _killed_mid_stream(url: str, deployment: str) -> _Stream:
+    """A stream whose `deployment` replica is killed (SIGKILL) after its 10th chunk; -> it,
+    read to its end."""
+    pid = _stats(deployment)["pid"]
+    stream = _Stream(url, after=10)
+    stream.start()
+    assert stream.started.wait(60), stream.lines
+    os.kill(pid, signal.SIGKILL)
+    stream.join(60)
+    assert not stream.is_alive(), "the stream hung after its replica died"
+    return stream
+
+
+def _served_again(url: str, deployment: str, dead_pid: int) -> dict:
+    """Serve's replacement replica serves (retried while it starts) -> its stats."""
+    body = {"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "max_tokens": 4, "temperature": 0}
+    deadline = time.monotonic() + 120
+    while True:
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        if r.status_code == 200:
+            break
+        assert r.status_code == 503 and time.monotonic() < deadline, r.text
+        time.sleep(1)
+    stats = _stats(deployment)
+    assert stats["pid"] != dead_pid
+    return stats
+
+
+def _idle(stats: dict) -> bool:
+    return (
+        stats["num_free_blocks"] == stats["num_kv_blocks"]
+        and stats["num_running"] == stats["num_waiting"] == 0
+        and stats["num_kept_kv_transfers"] == 0
+    )
+
+
+def test_a_dead_decode_replica_ends_its_streams_with_an_error_and_is_replaced(url):
+    dead = _stats("DecodeServer")["pid"]
+    stream = _killed_mid_stream(url, "DecodeServer")
+    *tokens, error, done = stream.lines
+    assert len(tokens) >= 10 and done == "[DONE]"
+    body = json.loads(error)["error"]
+    assert body["code"] == 503 and "failed in a model replica" in body["message"]
+    assert _idle(_stats("PrefillServer"))  # nothing of the request left on the prefill side
+    assert _idle(_served_again(url, "DecodeServer", dead))
+
+
+def test_a_stream_that_left_its_prefill_replica_outlives_it(url):
+    want = httpx.post(
+        f"{url}/v1/completions", json={"model": "SmolLM2-135M-Instruct", **LONG}, timeout=120
+    ).json()["choices"][0]["text"]
+    dead = _stats("PrefillServer")["pid"]
+    stream = _killed_mid_stream(url, "PrefillServer")
+    assert stream.lines[-1] == "[DONE]" and stream.text() == want
+    _served_again(url, "PrefillServer", dead)
+    assert _idle(_stats("DecodeServer"))

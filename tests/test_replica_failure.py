@@ -120,3 +120,22 @@ def test_a_stream_that_left_its_prefill_replica_outlives_it(url):
     assert stream.lines[-1] == "[DONE]" and stream.text() == want
     _served_again(url, "PrefillServer", dead)
     assert _idle(_stats("DecodeServer"))
+
+
+def test_a_prefill_replica_that_dies_mid_prefill_fails_its_request_with_a_503(url):
+    """Killed half a second into a 2,000-token prompt's prefill (seconds long here; the way to
+    the replica takes milliseconds): the client gets the error, the decode replica was never
+    sent anything, and the replacement serves."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    dead = _stats("PrefillServer")["pid"]
+    body = {"model": "SmolLM2-135M-Instruct", "prompt": " hi" * 2000, "max_tokens": 4}
+    with ThreadPoolExecutor(1) as pool:
+        sent = pool.submit(httpx.post, f"{url}/v1/completions", json=body, timeout=120)
+        time.sleep(0.5)
+        os.kill(dead, signal.SIGKILL)
+        r = sent.result(timeout=90)
+    assert r.status_code == 503, r.text
+    assert "failed in a model replica" in r.json()["error"]["message"]
+    assert _idle(_stats("DecodeServer")) and _stats("DecodeServer")["num_pending_imports"] == 0
+    assert _idle(_served_again(url, "PrefillServer", dead))

@@ -3,13 +3,14 @@ measured on this host with the model's own matrices.
 
 `W @ x^T` streams each weight matrix once for a few rows; whether that beats `x @ W^T` depends
 on the host's BLAS paths and memory: 1.5x faster at one row on 2026-11-22's host, 2x slower on
-2026-12-05's. So both orientations are timed, interleaved, at each row count up to the limits,
-and the few-rows forward is kept only where it won by MARGIN.
+2026-12-05's first (Intel, AMX), 1.5-1.9x faster at 2-4 rows on its second (AMD). So both
+orientations are timed, interleaved, at each row count of HEAD_ROWS and LAYER_ROWS, and the
+few-rows forward is kept only where it won by MARGIN.
 
-The answer is kept per host boot, torch version, thread count and the matrices' shapes and
-dtypes, in the cache (SPLITSERVE_CACHE/few_rows.json): a replica that starts later reads it
-rather than measuring while its neighbours load. `make model` measures the default model at
-one thread (the replicas' setting) ahead of time:
+The answer is kept per host boot, torch version, thread count, the matrices' shapes and
+dtypes and the method's settings, in the cache (SPLITSERVE_CACHE/few_rows.json): a replica
+that starts later reads it rather than measuring while its neighbours load. `make model`
+measures the default model at one thread (the replicas' setting) ahead of time:
 
     python -m engine.linear_tuning [--threads 1]   # prints the default model's choice
 """
@@ -32,11 +33,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model_store import cache_root
-from kvkernels.few_rows import HEAD_MAX_ROWS, LAYER_MAX_ROWS, FewRows, candidates, few_rows_linear
+from kvkernels.few_rows import FewRows, candidates, few_rows_linear
 
 logger = logging.getLogger(__name__)
 
 MARGIN = 0.05  # the few-rows forward must be this much faster: the plain one is the default
+# the row counts timed, past the limits 2026-11-22's host set (LM head 8, layers 3): where
+# the orientations break even depends on the host (2026-12-05's AMD host: the layers' few-rows
+# forward won up to 5 rows, the LM head's up to 8); a batch past these decodes plainly
+HEAD_ROWS = range(1, 17)
+LAYER_ROWS = range(1, 9)
 ROUNDS = 3  # timed rounds (after one that warms up); the median of each is compared
 # what each kind's pass reads: past any last-level cache, so a pass reads memory as a decode
 # step does, without reading a large model's whole weights (or its 2 GB vocabulary matrix) 24
@@ -58,8 +64,8 @@ def measure(model: nn.Module, rounds: int = ROUNDS) -> tuple[FewRows, dict]:
     by kind and row count)."""
     heads, layers = candidates(model)
     report = {
-        "head": _timings(_weights(heads), range(1, HEAD_MAX_ROWS + 1), rounds),
-        "layers": _timings(_weights(layers), range(1, LAYER_MAX_ROWS + 1), rounds),
+        "head": _timings(_weights(heads), HEAD_ROWS, rounds),
+        "layers": _timings(_weights(layers), LAYER_ROWS, rounds),
     }
     return FewRows(faster_rows(report["head"]), faster_rows(report["layers"])), report
 
@@ -120,7 +126,8 @@ def tuned(model: nn.Module, cache: Path | None = None) -> FewRows:
 
 def _key(linears: list[nn.Linear]) -> str:
     shapes = repr([(tuple(m.weight.shape), str(m.weight.dtype)) for m in linears])
-    digest = hashlib.sha1(shapes.encode()).hexdigest()[:16]
+    method = repr((HEAD_ROWS, LAYER_ROWS, MEASURED_BYTES, MARGIN))  # a new method asks again
+    digest = hashlib.sha1((shapes + method).encode()).hexdigest()[:16]
     return f"{_boot()}/torch-{torch.__version__}/threads-{torch.get_num_threads()}/{digest}"
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine import linear_tuning
-from kvkernels.few_rows import HEAD_MAX_ROWS, LAYER_MAX_ROWS, FewRows
+from kvkernels.few_rows import FewRows
 
 pytestmark = pytest.mark.unit
 
@@ -57,10 +57,11 @@ def test_the_measurement_picks_the_faster_forward(monkeypatch, slow):
         rows, report = linear_tuning.measure(_model(), rounds=3)
     finally:
         torch.set_num_threads(threads)
-    assert set(report["head"]) == set(range(1, HEAD_MAX_ROWS + 1))
-    assert set(report["layers"]) == set(range(1, LAYER_MAX_ROWS + 1))
+    assert set(report["head"]) == set(linear_tuning.HEAD_ROWS)
+    assert set(report["layers"]) == set(linear_tuning.LAYER_ROWS)
     assert all(plain > 0 and few > 0 for kind in report.values() for plain, few in kind.values())
-    expected = FewRows() if slow == "plain" else FewRows(frozenset(), frozenset())
+    everywhere = FewRows(frozenset(linear_tuning.HEAD_ROWS), frozenset(linear_tuning.LAYER_ROWS))
+    expected = everywhere if slow == "plain" else FewRows(frozenset(), frozenset())
     assert rows == expected, report
 
 
@@ -103,13 +104,16 @@ def test_an_answer_is_kept_and_read_back_not_measured_again(monkeypatch, tmp_pat
     linear_tuning.tuned(_model(hidden=16), cache)
     assert measured == [threads, threads + 1, threads]
     assert len(json.loads(cache.read_text())) == 3
+    monkeypatch.setattr(linear_tuning, "LAYER_ROWS", range(1, 3))  # another method: asked anew
+    linear_tuning.tuned(model, cache)
+    assert len(measured) == 4
 
 
 def test_a_cache_that_cannot_be_written_costs_only_a_measurement(tmp_path, caplog):
     blocked = tmp_path / "a-file"
     blocked.write_text("")
     rows = linear_tuning.tuned(_model(), blocked / "few_rows.json")
-    assert rows.head <= set(range(1, HEAD_MAX_ROWS + 1))
+    assert rows.head <= set(linear_tuning.HEAD_ROWS)
     assert "could not keep the few-rows choice" in caplog.text
 
 

@@ -18,7 +18,7 @@ install: $(STAMP)
 # side on two cores. compileall: every Ray replica and worker imports the project anew; compiled
 # once here, not in each process (none writes bytecode where PYTHONDONTWRITEBYTECODE is set).
 # linear_tuning: which Linear forward this host's decode steps run fastest, measured on the
-# default model at one thread (a replica's) while nothing else runs (~3 s; kept in the cache).
+# default model at one thread (a replica's) while nothing else runs (~4.5 s; kept in the cache).
 model: install
 	$(PY) -m kvkernels.cpu_ops & kernel=$$!; \
 	$(PY) -m engine.model_store; built=$$?; \

@@ -105,6 +105,11 @@ def _timings(weights: list[torch.Tensor], rows: Iterable[int], rounds: int) -> d
     }
 
 
+def cache_file() -> Path:
+    """Where the answers are kept: read by every replica, written by the first to measure."""
+    return cache_root() / CACHE_FILE
+
+
 def tuned(model: nn.Module, cache: Path | None = None) -> FewRows:
     """This host's choice for `model`: known to this process, kept in `cache`, or measured now
     (and kept there; a cache that cannot be written only costs the next process a measurement)."""
@@ -172,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     engine = LLMEngine(EngineConfig(num_threads=args.threads, num_kv_blocks=16))
     # the runner has just measured or read the choice; run as __main__, this module is not the
     # one it imported (another `_known`), so the answer is read where the runner kept it
-    rows = tuned(engine.runner.model, cache_root() / CACHE_FILE)
+    rows = tuned(engine.runner.model, cache_file())
     print(f"few-rows forward: LM head at {sorted(rows.head)} rows, layers at {sorted(rows.layers)}")
 
 

@@ -21,7 +21,6 @@ from engine.cuda_graphs import DecodeGraphs
 from engine.kv_handoff import KVPiece
 from engine.limits import context_window
 from engine.lora import LoRALayers, load_adapter
-from engine.model_store import cache_root
 from engine.parallel import ParallelLayout, Shard
 from engine.rope import fix_longrope
 from kvkernels import cpu_ops, few_rows, paged_attention
@@ -149,8 +148,8 @@ class ModelRunner:
         paged_attention.take_over_query_temperature(self.model)
         paged_attention.take_over_latent_attention(self.model)
         if device == "cpu":  # decode batches: the Linear forward this host runs them fastest
-            cache = cache_root() / linear_tuning.CACHE_FILE
-            few_rows.install(self.model, linear_tuning.tuned(self.model, cache))
+            rows = linear_tuning.tuned(self.model, linear_tuning.cache_file())
+            few_rows.install(self.model, rows)
         self.device = torch.device(device)
         self.block_size = block_size
         # a worker of a parallel replica holds a layer range and a KV-head range; else all

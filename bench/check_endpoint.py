@@ -52,6 +52,10 @@ CITY = {
     "required": ["name", "population"],
 }
 CITY_FORMAT = {"name": "city", "schema": CITY}
+CHECKS = (
+    "health", "models", "completion", "chat", "tool_call", "json_schema", "responses",
+    "bad_request",
+)  # fmt: skip
 
 
 class CheckFailed(Exception):
@@ -83,33 +87,20 @@ class Checks:
         expect(self.model in models, f"{self.model!r} is not among {models}")
 
     def completion(self) -> None:
-        whole = self.client.completions.create(model=self.model, prompt=PROMPT, **GREEDY)
-        text = whole.choices[0].text
-        expect(bool(text), "an empty completion")
-        expect(0 < whole.usage.completion_tokens <= GREEDY["max_tokens"], f"usage {whole.usage}")
-        streamed, usage = _joined(
-            self.client.completions.create(
-                model=self.model, prompt=PROMPT, stream=True, **_with_usage(), **GREEDY
-            ),
-            lambda choice: choice.text,
+        create = self.client.completions.create
+        self.greedy["completion"] = _streamed_as_whole(
+            create, lambda c: c.text, lambda c: c.text, model=self.model, prompt=PROMPT
         )
-        expect(streamed == text, f"streamed {streamed!r} but the whole reply was {text!r}")
-        expect(usage == whole.usage.completion_tokens, f"streamed usage {usage}")
-        self.greedy["completion"] = text
 
     def chat(self) -> None:
-        whole = self.client.chat.completions.create(model=self.model, messages=QUESTION, **GREEDY)
-        text = whole.choices[0].message.content
-        expect(bool(text), "an empty chat reply")
-        streamed, usage = _joined(
-            self.client.chat.completions.create(
-                model=self.model, messages=QUESTION, stream=True, **_with_usage(), **GREEDY
-            ),
-            lambda choice: choice.delta.content or "",
+        create = self.client.chat.completions.create
+        self.greedy["chat"] = _streamed_as_whole(
+            create,
+            lambda c: c.message.content,
+            lambda c: c.delta.content or "",
+            model=self.model,
+            messages=QUESTION,
         )
-        expect(streamed == text, f"streamed {streamed!r} but the whole reply was {text!r}")
-        expect(usage == whole.usage.completion_tokens, f"streamed usage {usage}")
-        self.greedy["chat"] = text
 
     def tool_call(self) -> None:
         named = {"type": "function", "function": {"name": "get_weather"}}
@@ -158,22 +149,26 @@ class Checks:
         self.health()  # still serving
 
     def all(self) -> list[tuple[str, Callable[[], None]]]:
-        names = "health models completion chat tool_call json_schema responses bad_request"
-        return [(name, getattr(self, name)) for name in names.split()]
+        return [(name, getattr(self, name)) for name in CHECKS]
 
 
-def _with_usage() -> dict:
-    return {"stream_options": {"include_usage": True}}
-
-
-def _joined(stream, text_of) -> tuple[str, int | None]:
-    """A stream's text, joined, and the completion tokens its last chunk counted."""
+def _streamed_as_whole(create, whole_text, delta_text, **fields) -> str:
+    """The greedy reply asked whole, then streamed with usage: the same text and token count
+    -> the text."""
+    whole = create(**fields, **GREEDY)
+    text = whole_text(whole.choices[0])
+    expect(bool(text), "an empty reply")
+    expect(0 < whole.usage.completion_tokens <= GREEDY["max_tokens"], f"usage {whole.usage}")
     parts, usage = [], None
-    for chunk in stream:
-        parts.extend(text_of(choice) for choice in chunk.choices)
+    stream_options = {"include_usage": True}
+    for chunk in create(**fields, **GREEDY, stream=True, stream_options=stream_options):
+        parts.extend(delta_text(choice) for choice in chunk.choices)
         if chunk.usage is not None:
             usage = chunk.usage.completion_tokens
-    return "".join(parts), usage
+    streamed = "".join(parts)
+    expect(streamed == text, f"streamed {streamed!r} but the whole reply was {text!r}")
+    expect(usage == whole.usage.completion_tokens, f"streamed usage {usage}")
+    return text
 
 
 def compare_greedy(greedy: dict[str, str], path: Path) -> list[str]:

@@ -105,3 +105,10 @@ def undeploy(names) -> None:
     while set(names) & set(serve.status().applications):
         assert time.monotonic() < deadline, serve.status()
         time.sleep(0.5)
+
+
+def replica_stats(app: str, deployment: str) -> dict:
+    """One replica's stats (deployments/servers.py: blocks, requests, transfers, pid)."""
+    from ray import serve
+
+    return serve.get_deployment_handle(deployment, app_name=app).stats.remote().result()

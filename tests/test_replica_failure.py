@@ -34,9 +34,9 @@ def url(ray_serve):
 
 
 def _stats(deployment: str) -> dict:
-    from ray import serve
+    from tests.ray_session import replica_stats
 
-    return serve.get_deployment_handle(deployment, app_name=APP).stats.remote().result()
+    return replica_stats(APP, deployment)
 
 
 class _Stream(threading.Thread):

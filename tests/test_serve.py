@@ -995,7 +995,7 @@ def test_the_endpoint_check_passes_and_keeps_the_greedy_texts(server, tmp_path):
 
     greedy = tmp_path / "greedy.json"
     lines = check_endpoint.run(f"{server}/disagg", "unused", greedy=greedy)
-    assert lines == [f"OK {name}" for name, _ in check_endpoint.Checks("", None).all()]
+    assert lines == [f"OK {name}" for name in check_endpoint.CHECKS]
     kept = json.loads(greedy.read_text())
     r = _complete(server, "disagg", prompt=check_endpoint.PROMPT, **check_endpoint.GREEDY)
     assert kept["completion"] == r.json()["choices"][0]["text"] and kept["chat"]
@@ -1374,12 +1374,14 @@ def test_reasoning_parser_splits_the_thinking_from_the_answer(server):
 def _replica_stats(app: str) -> list[dict]:
     from ray import serve
 
-    stats = []
-    for deployment in ("PrefillServer", "DecodeServer", "ColocatedServer"):
-        if deployment in serve.status().applications[app].deployments:
-            handle = serve.get_deployment_handle(deployment, app_name=app)
-            stats.append(handle.stats.remote().result())
-    return stats
+    from tests.ray_session import replica_stats
+
+    deployments = serve.status().applications[app].deployments
+    return [
+        replica_stats(app, deployment)
+        for deployment in ("PrefillServer", "DecodeServer", "ColocatedServer")
+        if deployment in deployments
+    ]
 
 
 def test_lora_adapters_are_models_of_their_own(server, peft_model, tokenizer):

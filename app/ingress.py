@@ -3,13 +3,15 @@
 Disaggregated flow per request: prefill replica (first token streamed at once) -> KV handed to
 a decode replica on the same node where one exists (SameNodeRouter) -> tokens stream back.
 Colocated flow: one replica does both. Closing the client connection cancels the handle calls,
-which aborts the request on whichever replica holds it.
+which aborts the request on whichever replica holds it, and frees KV published for a decode
+replica that none took (app/replica_calls.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import hmac
 import importlib.metadata
@@ -18,9 +20,9 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -45,6 +47,7 @@ from app.protocol import (
     parse_object,
     validated,
 )
+from app.replica_calls import ReplicaCalls, uncancelled
 from app.responses import (
     ResponseFormat,
     StoreClient,
@@ -59,6 +62,9 @@ from engine.config import lora_dir_adapters, lora_path
 from engine.limits import check_lengths, context_window
 from engine.model_store import resolve_model
 from engine.sampling_params import SEED_RANGE
+
+if TYPE_CHECKING:
+    from deployments.servers import PrefillResult
 
 logger = logging.getLogger(__name__)
 try:
@@ -119,6 +125,7 @@ class Ingress:
         # every stream of this replica that long. One thread, as vLLM's: the tokenizer is
         # never run by two threads at once.
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
+        self._background: set[asyncio.Task] = set()  # detached clean-ups (_detached)
 
     async def __call__(self, request: Request) -> Response:
         try:
@@ -419,25 +426,27 @@ class Ingress:
         self, request_id: str, ids: list[int], params: SamplingParams, arrival: float
     ) -> AsyncIterator[RequestOutput]:
         self.num_in_flight += 1
-        stream = prefill = None
+        calls = ReplicaCalls()
         clock = _Clock(self.metrics, self.args.mode, len(ids), arrival)
         try:
             if self.args.mode == "colocated":
-                stream = self.colocated.options(stream=True).generate.remote(
+                calls.stream = self.colocated.options(stream=True).generate.remote(
                     request_id, ids, params
                 )
             else:
-                prefill = self.prefill.options(stream=True).prefill.remote(request_id, ids, params)
-                # first token, before KV is published
-                yield clock.seen(_refused(await anext(prefill)))
-                result = _refused(await anext(prefill))
+                prefill = self.prefill.options(stream=True).prefill
+                calls.read_prefill(uncancelled(lambda: prefill.remote(request_id, ids, params)))
+                yield clock.seen(_refused(await calls.first()))  # before KV is published
+                result = _refused(await calls.prefill_result())
                 if result.handoff is None:
                     return
-                stream = self.decode.options(stream=True).decode.remote(
+                calls.stream = self.decode.options(stream=True).decode.remote(
                     result.handoff, result.pieces, prefill_node_id=result.node_id
                 )
-            async for out in stream:
-                yield clock.seen(_refused(out))
+            async for out in calls.stream:
+                out = _refused(out)
+                calls.taken = True
+                yield clock.seen(out)
         except InvalidRequestError as e:  # a replica's refusal
             # raised by _refused, or by a replica and wrapped by Ray (RayTaskError, whose text
             # is the replica's traceback): the client gets the engine's own message
@@ -454,9 +463,24 @@ class Ingress:
             raise APIError(503, message, kind="server_error") from e
         finally:
             self.num_in_flight -= 1
-            for call in (prefill, stream):  # no-op once finished; aborts on disconnect
-                if call is not None:
-                    call.cancel()
+            freeing = calls.end(self._discard)  # cancels what runs: aborts on disconnect
+            if freeing is not None:
+                self._detached(freeing)
+
+    async def _discard(self, result: PrefillResult) -> None:
+        """Free a request's published KV that no decode replica took (app/replica_calls.py)."""
+        try:
+            await self.decode.discard.remote(result.pieces, prefill_node_id=result.node_id)
+        except Exception as e:  # its TTL frees it
+            logger.warning("could not discard the KV of %s: %r", result.handoff.request_id, e)
+
+    def _detached(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` on its own task, kept until it ends, and outside the request's context:
+        Serve cancels the calls that a cancelled request made and were not yet assigned to a
+        replica (its child requests), and these run because the request is being cancelled."""
+        task = asyncio.get_running_loop().create_task(work, context=contextvars.Context())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
 
 def _refused(item: T) -> T:

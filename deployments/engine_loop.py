@@ -11,7 +11,9 @@ every step, so a handed-off request waits on the decode side instead of being dr
 
 `on_prefilled` (the prefill replica's KV publish) runs on the engine thread right after the step
 that prefilled a request, before the next step: a command queued from the event loop would
-wait for the whole next prefill step (over a second here), and the decode side with it.
+wait for the whole next prefill step (over a second here), and the decode side with it. What it
+publishes is the stream's last item; if the consumer leaves before taking it (the client is
+gone), `on_unclaimed` gets it, so that the KV it published is not kept for nobody.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class EngineLoop:
         on_step: Callable[[list, object, int], None] | None = None,
         on_prefilled: Callable[[LLMEngine, str], Any] | None = None,
         stream_interval_s: float = 0.0,
+        on_unclaimed: Callable[[Any], None] | None = None,
     ) -> None:
         self.engine = engine
         # a request's stream yields at most one item per interval, its outputs meanwhile
@@ -57,6 +60,9 @@ class EngineLoop:
         self._on_step = on_step  # (outputs, stats, pending imports), on the engine thread
         # (engine, request id) -> what the request's stream yields after its prefilled output
         self._on_prefilled = on_prefilled
+        # what on_prefilled returned for a request whose consumer left before taking it, on
+        # the event loop (after the request's abort: nothing more is published for it)
+        self._on_unclaimed = on_unclaimed
         self._commands: collections.deque[Callable[[], None]] = collections.deque()
         self._pending_imports: collections.deque[tuple] = collections.deque()
         self._streams: dict[str, _Stream] = {}
@@ -146,7 +152,7 @@ class EngineLoop:
         finally:
             self._streams.pop(request_id, None)
             if not done:  # the consumer went away (disconnect, cancel, error): free the blocks
-                self.abort(request_id)
+                self.abort(request_id, stream)
 
     @staticmethod
     async def _joined(stream: _Stream, item: Any, until: float) -> tuple[Any, Any]:
@@ -169,14 +175,26 @@ class EngineLoop:
             item = item.then(later)
         return item, None
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, left: _Stream | None = None) -> None:
+        """Abort the request on the engine thread; `left`: its stream, which nobody reads any
+        more: what the request published into it before the abort goes to on_unclaimed."""
+
         def cancel() -> None:
             for pending in [p for p in self._pending_imports if p.request_id == request_id]:
                 self._pending_imports.remove(pending)
                 pending.dropped()
             self.engine.abort(request_id)
+            if left is not None and self._on_unclaimed is not None:
+                # queued after every item the engine thread put in the stream before now
+                left.loop.call_soon_threadsafe(self._claim_leftovers, left)
 
         self._submit(cancel)
+
+    def _claim_leftovers(self, stream: _Stream) -> None:
+        while not stream.queue.empty():
+            item = stream.queue.get_nowait()
+            if not isinstance(item, RequestOutput | Exception):  # on_prefilled's result
+                self._on_unclaimed(item)
 
     async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
         """Run fn(engine) on the engine thread between steps; returns its result."""

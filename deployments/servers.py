@@ -91,11 +91,13 @@ class _EngineServer:
             on_step=self._on_step,
             on_prefilled=self._on_prefilled,
             stream_interval_s=stream_batching_interval_ms / 1e3,
+            on_unclaimed=self._unclaimed,
         )
         self.node_id = _node_id()
         self.channel = kv_channel.KVChannel(kv_transport, self.node_id)
 
-    _on_prefilled = None  # the prefill replica publishes the KV of a prefilled request
+    # the prefill replica publishes the KV of a prefilled request, and frees what nobody took
+    _on_prefilled = _unclaimed = None
 
     def _on_step(self, outputs, stats, pending: int) -> None:  # engine thread
         self.metrics.on_step(outputs, stats, pending)
@@ -156,30 +158,45 @@ class PrefillServer(_EngineServer):
         # the KV is cut into the pieces that each decode rank holds (engine/kv_handoff.py)
         self.decode_layout = decode_layout or ParallelLayout()
 
+    def _unclaimed(self, published) -> None:
+        """A request's published KV that its caller left before taking: nobody will read it,
+        so it is freed now rather than held until its TTL (event loop)."""
+        handoff, pieces = published
+        logger.info("request %s left before its KV hand-off: discarding it", handoff.request_id)
+        discard_all(self.channel, pieces)
+
     async def prefill(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput | PrefillResult]:
         """Yields the first token as soon as it exists, then the PrefillResult (KV published)."""
         stream = self.loop.generate(request_id, prompt_ids, params, prefill_only=True)
         first = published = None
-        async with contextlib.aclosing(_refusals_as_items(stream)) as items:
-            async for item in items:
-                if isinstance(item, InvalidRequestError):
-                    yield item
-                    return
-                if isinstance(item, RequestOutput):
-                    first = item
-                    yield first
-                else:
-                    published = item
-        if published is None:  # finished at its first token: nothing to hand off
-            yield PrefillResult(first, None, None, self.node_id)
-            return
-        handoff, pieces = published
-        self.metrics.on_transfer(
-            max(p.transfer.send_ms for p in pieces), sum(p.nbytes for p in pieces)
-        )
-        yield PrefillResult(first, handoff, pieces, self.node_id)
+        try:
+            async with contextlib.aclosing(_refusals_as_items(stream)) as items:
+                async for item in items:
+                    if isinstance(item, InvalidRequestError):
+                        yield item
+                        return
+                    if isinstance(item, RequestOutput):
+                        first = item
+                        yield first
+                    else:
+                        published = item
+            if published is None:  # finished at its first token: nothing to hand off
+                yield PrefillResult(first, None, None, self.node_id)
+                return
+            handoff, pieces = published
+            self.metrics.on_transfer(
+                max(p.transfer.send_ms for p in pieces), sum(p.nbytes for p in pieces)
+            )
+            yield PrefillResult(first, handoff, pieces, self.node_id)
+            # the caller holds the KV now (the ingress frees what it drops); a cancel at the
+            # yield may have stopped the result on its way, and the ingress cancels this call
+            # only for a request that is ending: then the KV is freed here (once more is safe)
+            published = None
+        finally:
+            if published is not None:  # cancelled after the publish, before the caller had it
+                self._unclaimed(published)
 
     def _on_prefilled(self, engine: LLMEngine, request_id: str):  # engine thread, after the step
         """Publish the request's KV (cut for the decode layout), then free its blocks."""
@@ -218,6 +235,12 @@ class DecodeServer(_EngineServer):
         async with contextlib.aclosing(_refusals_as_items(stream)) as outputs:
             async for out in outputs:
                 yield out
+
+    async def discard(self, pieces: list[KVPiece], prefill_node_id: str | None = None) -> None:
+        """Free a request's published KV that no decode call will import (the ingress's
+        client left during the hand-off). prefill_node_id routes this call as decode's is
+        routed: to a replica on the sender's node, where every transport can free it."""
+        discard_all(self.channel, pieces)
 
 
 class ColocatedServer(_EngineServer):

@@ -105,6 +105,11 @@ class CudaIpcSender:
         self._buffers.append(buf)
         return buf
 
+    def num_unread(self) -> int:
+        """Buffers holding a transfer that no receiver has released (nor the TTL reclaimed)."""
+        now = time.monotonic()
+        return sum(not reusable(b.header, now - b.sent_at, self.ttl_s) for b in self._buffers)
+
     def send_with(self, nbytes: int, device: int, write) -> CudaIpcLocation | None:
         """Let `write(data)` fill `nbytes` of a pooled device buffer (data: uint8 on `device`)."""
         buf = self._buffer_for(nbytes, device)

@@ -24,7 +24,10 @@ Transports:
 
 Receiver protocol: `view = channel.open(t)`, scatter `view` into the cache, then
 `channel.finish(t)` (raises TransferExpired if the bytes changed underneath); or
-`channel.discard(t)` when the request is dropped before its import.
+`channel.discard(t)` when the request is dropped before its import. Discarding needs no
+receiver of its own: any channel on the sender's node may discard a transfer (the sender's
+too, when its request ended before the hand-off reached a decode replica), and a second
+discard, or one after the finish, changes nothing.
 """
 
 from __future__ import annotations
@@ -134,10 +137,13 @@ class KVChannel:
         return KVTransfer("object_store", shape, dtype, [ref, self._hold(ref)], _ms_since(t0))
 
     async def num_kept(self) -> int:
-        """Transfers this sender still holds for a receiver: object-store refs in its keeper,
-        staged point-to-point transfers (shm and CUDA IPC buffers are reused instead)."""
+        """Transfers this sender still holds for a receiver: pooled shm segments and CUDA IPC
+        buffers not released yet, object-store refs in its keeper, staged point-to-point
+        transfers. Each is freed by the receiver's finish or discard, else by its TTL."""
+        pooled = sum(end.num_unread() for end in (self._sender, self._gpu_sender) if end)
         staged = 0 if self._p2p_sender is None else len(self._p2p_sender.staged)
-        return staged + (0 if self._keeper is None else await self._keeper.num_held.remote())
+        held = 0 if self._keeper is None else await self._keeper.num_held.remote()
+        return pooled + staged + held
 
     def _staged(self, packed: torch.Tensor, t0: float) -> KVTransfer | None:
         """Hold `packed` (a tensor nobody else writes) for the receiver's pull; None when the
@@ -260,6 +266,7 @@ class KVChannel:
         # pulled transports: the bytes are this process's own since open()
 
     def discard(self, transfer: KVTransfer) -> None:
+        """Free a transfer that will not be read (its request ended before the import)."""
         if transfer.transport == "shm":
             self._receiver.release(transfer.payload[0])
         elif transfer.transport == "cuda_ipc":

@@ -51,9 +51,14 @@ def _data(shm: shared_memory.SharedMemory, nbytes: int) -> torch.Tensor:
     return torch.frombuffer(shm.buf[_HEADER : _HEADER + nbytes], dtype=torch.uint8)
 
 
+def segment_name_prefix() -> str:
+    """The names of this process's segments start with it."""
+    return f"{_PREFIX}{os.getpid()}-"
+
+
 def segment_name() -> str:
     """A fresh segment name that records its owner's pid (see remove_orphans)."""
-    return f"{_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return f"{segment_name_prefix()}{uuid.uuid4().hex[:8]}"
 
 
 def begin_write(shm: shared_memory.SharedMemory) -> int:
@@ -126,6 +131,11 @@ class ShmSender:
         self._segments.append(shm)
         return shm
 
+    def num_unread(self) -> int:
+        """Segments holding a transfer that no receiver has released (nor the TTL reclaimed)."""
+        now = time.monotonic()
+        return sum(not self._is_free(s, now) for s in self._segments)
+
     def send(self, buffer: torch.Tensor) -> ShmLocation | None:
         """Copy a CPU tensor into a pooled segment; None when the pool is exhausted."""
         raw = buffer.contiguous().view(torch.uint8).view(-1)
@@ -158,8 +168,10 @@ class ShmReceiver:
         if shm is None:
             shm = shared_memory.SharedMemory(name=name)
             # Python 3.11 registers attached segments too and would unlink the sender's
-            # segment when this process exits: the sender owns it.
-            resource_tracker.unregister(shm._name, "shared_memory")
+            # segment when this process exits: the sender owns it (unless this process is
+            # the sender, discarding its own transfer: its registration stays)
+            if not name.startswith(segment_name_prefix()):
+                resource_tracker.unregister(shm._name, "shared_memory")
             self._attached[name] = shm
         return shm
 

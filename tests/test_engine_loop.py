@@ -191,6 +191,40 @@ def test_prefilled_requests_publish_on_the_engine_thread(make_engine):
         loop.shutdown()
 
 
+def test_a_publish_that_nobody_took_goes_to_on_unclaimed(make_engine):
+    """The consumer leaves after the first token, before the published KV: what was published
+    goes to on_unclaimed (once, after the request's abort); a stream read to its end gives
+    on_unclaimed nothing."""
+
+    def publish(engine, request_id: str):
+        engine.release(request_id)
+        return ("published", request_id)
+
+    unclaimed: list = []
+    loop = EngineLoop(make_engine(), on_prefilled=publish, on_unclaimed=unclaimed.append)
+    prompt = loop.engine.encode("The capital of France is a city that")
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+    async def go() -> None:
+        assert (await collect(loop.generate("read", prompt, params, True)))[1] == (
+            "published",
+            "read",
+        )
+        stream = loop.generate("left", prompt, params, True)
+        assert (await anext(stream)).prefilled
+        # the publish ran right after the step that made the first token: it waits queued
+        await stream.aclose()
+        stats = await loop.call(lambda e: e.stats)  # after the abort, on the engine thread
+        await asyncio.sleep(0)  # the leftovers are claimed on the event loop after it
+        assert stats.num_free_blocks == stats.num_kv_blocks and stats.num_running == 0
+
+    try:
+        run(go())
+        assert unclaimed == [("published", "left")]
+    finally:
+        loop.shutdown()
+
+
 @pytest.mark.parametrize("policy", ["fcfs", "priority"])
 def test_waiting_imports_follow_the_scheduling_policy(make_engine, policy):
     """Room for one request at a time: under the priority policy the waiting imports go by

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
@@ -104,6 +105,32 @@ def test_shm_segments_are_reused_once_released():
         assert torch.equal(receiver.receive(second), torch.full((1000,), 2.0))
         with pytest.raises(TransferExpired):  # the first transfer's bytes are gone
             receiver.open(first)
+    finally:
+        sender.close()
+
+
+def test_unread_shm_transfers_count_as_kept_until_read_or_discarded_on_the_node():
+    """A segment that holds a transfer nobody released is kept for its reader (the replicas'
+    stats show it); any channel on the node can discard it, the sender's own too, and a
+    second discard, or one after the reader's finish, changes nothing."""
+    sender, receiver = KVChannel("shm"), KVChannel("shm")
+
+    def kept() -> int:
+        return asyncio.run(sender.num_kept())
+
+    try:
+        read, dropped, left = (sender.send(torch.full((1000,), float(i))) for i in range(3))
+        assert kept() == 3
+        receiver.receive(read)
+        receiver.discard(dropped)
+        assert kept() == 1
+        sender.discard(left)  # its request left before a decode replica took it
+        assert kept() == 0
+        for transfer in (read, dropped, left):  # again: nothing changes
+            receiver.discard(transfer)
+        reused = sender.send(torch.ones(1000))
+        receiver.discard(read)  # a stale discard does not release the reused segment
+        assert kept() == 1 and torch.equal(receiver.receive(reused), torch.ones(1000))
     finally:
         sender.close()
 

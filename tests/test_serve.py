@@ -9,6 +9,7 @@ The default model with short outputs keeps it quick.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import re
@@ -1382,6 +1383,74 @@ def _replica_stats(app: str) -> list[dict]:
         for deployment in ("PrefillServer", "DecodeServer", "ColocatedServer")
         if deployment in deployments
     ]
+
+
+async def _leave_early(url: str, prompt: str, after_chunks: int, after_s: float) -> None:
+    """A streamed request whose client leaves after `after_chunks` chunks (0: after `after_s`
+    seconds, during its prefill)."""
+    body = {"model": "SmolLM2-135M-Instruct", "prompt": prompt, "max_tokens": 32, "stream": True}
+    async with (
+        httpx.AsyncClient(timeout=120) as client,
+        client.stream("POST", url, json=body) as r,
+    ):
+        assert r.status_code == 200
+        if after_chunks == 0:
+            await asyncio.sleep(after_s)
+            return
+        chunks = 0
+        async for line in r.aiter_lines():
+            chunks += line.startswith("data: {")
+            if chunks >= after_chunks:
+                return  # leaving the block closes the connection
+
+
+def _every_replica(app: str, deployment: str) -> list[dict]:
+    """Each running replica's stats: asked until every replica has answered (by pid)."""
+    from ray import serve
+
+    from tests.ray_session import replica_stats
+
+    states = serve.status().applications[app].deployments[deployment].replica_states
+    seen: dict[int, dict] = {}
+    for _ in range(40):
+        stats = replica_stats(app, deployment)
+        seen[stats["pid"]] = stats
+        if len(seen) == states.get("RUNNING", 0):
+            return list(seen.values())
+    raise AssertionError(f"{app}/{deployment}: {len(seen)} of {states} replicas answered")
+
+
+def test_clients_that_leave_at_the_first_token_leave_no_kv_behind(server):
+    """A client that leaves at its first token (or in its prefill, or as its decode starts)
+    ends the request around the hand-off: the KV that the prefill replica published must not
+    stay behind for nobody (a shared-memory slot, an object-store object, a staged gloo
+    buffer, until their TTLs minutes later). Every transport, clients leaving a few at a
+    time: within seconds, nothing is kept, no block is held, nothing waits."""
+    prompt = "Tell me a long story about the sea. " * 30
+
+    def check(mode: str) -> None:
+        url = f"{server}/{mode}/v1/completions"
+        leaving = [(1, 0.0)] * 8 + [(0, 0.1), (0, 0.3), (2, 0.0), (3, 0.0)]
+
+        async def clients() -> None:
+            for batch in (leaving[:6], leaving[6:]):
+                await asyncio.gather(*(_leave_early(url, prompt, n, s) for n, s in batch))
+
+        asyncio.run(clients())
+        deadline = time.monotonic() + 20
+        while True:
+            stats = [*_every_replica(mode, "PrefillServer"), *_every_replica(mode, "DecodeServer")]
+            if all(
+                s["num_kept_kv_transfers"] == 0
+                and s["num_free_blocks"] == s["num_kv_blocks"]
+                and s["num_running"] == s["num_waiting"] == s["num_pending_imports"] == 0
+                for s in stats
+            ):
+                break
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.5)
+
+    _each(("disagg", "disagg_os", "disagg_gloo"), check)
 
 
 def test_lora_adapters_are_models_of_their_own(server, peft_model, tokenizer):

@@ -164,6 +164,15 @@ class _FailingHandle:
         pass
 
 
+def _relaying(args: AppArgs, **handles) -> SimpleNamespace:
+    """What Ingress._outputs reads of its ingress, with the replicas' handles given."""
+    ingress = SimpleNamespace(args=args, num_in_flight=0, metrics=None, _background=set())
+    ingress._discard = lambda result: Ingress._discard(ingress, result)
+    ingress._detached = lambda work: Ingress._detached(ingress, work)
+    vars(ingress).update(handles)
+    return ingress
+
+
 @pytest.mark.parametrize(
     "cause, status, text",
     [
@@ -176,12 +185,7 @@ def test_a_replicas_error_reaches_the_client_as_its_status(cause, status, text):
     """As Ray delivers it (RayTaskError, also an instance of the cause's class): the engine's
     refusal a 400, a request the engine failed a 500 with its message, anything else a 503."""
     error = RayTaskError("generate", "Traceback ...", cause).as_instanceof_cause()
-    ingress = SimpleNamespace(
-        args=AppArgs(mode="colocated"),
-        num_in_flight=0,
-        metrics=None,
-        colocated=_FailingHandle(error),
-    )
+    ingress = _relaying(AppArgs(mode="colocated"), colocated=_FailingHandle(error))
 
     async def first():
         return await anext(Ingress._outputs(ingress, "r", [1, 2], SamplingParams(), 0.0))
@@ -197,9 +201,7 @@ def test_a_refusal_a_replica_yields_is_the_clients_400(mode):
     """Replicas end a refused request's stream with the InvalidRequestError as an item (Serve
     would log a raised one as a failure): the ingress raises it as the 400 it is."""
     refusal = _FailingHandle(InvalidRequestError("unclosed group", "guided_regex"), as_item=True)
-    ingress = SimpleNamespace(
-        args=AppArgs(mode=mode), num_in_flight=0, metrics=None, colocated=refusal, prefill=refusal
-    )
+    ingress = _relaying(AppArgs(mode=mode), colocated=refusal, prefill=refusal)
 
     async def first():
         return await anext(Ingress._outputs(ingress, "r", [1, 2], SamplingParams(), 0.0))

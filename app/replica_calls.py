@@ -91,9 +91,13 @@ class ReplicaCalls:
     async def _free_when_read(self, discard: Discard) -> None:
         try:
             result = await asyncio.wait_for(asyncio.shield(self._reading), RESULT_WAIT_S)
-        except Exception:  # none came (cancelled, failed, or stalled): nothing to free here
+        except Exception:  # none came (failed, or stalled): nothing to free here
             self.prefill.cancel()
             return
+        except asyncio.CancelledError:  # the read was (its call cancelled), or this task was
+            if self._reading.cancelled():
+                return
+            raise
         if self._untaken(result):
             await discard(result)
 
@@ -110,14 +114,18 @@ def _retrieved(future: asyncio.Future) -> None:
 def uncancelled(start: Callable[[], T]) -> T:
     """start() (a Serve handle call) made so that cancelling the current request does not
     cancel the call: outside the context that ties it to the request's Ray task (as Serve's
-    own long-poll client starts its calls), with the request's Serve context (its id, for the
-    logs) marked not to cancel it either (Serve's direct-ingress and gRPC modes would)."""
+    own long-poll client starts its calls), and with the request's Serve context (its id, for
+    the logs) less what makes Serve cancel the request's calls with it: the internal id under
+    which it keeps them (the gRPC calls of the `throughput` and `haproxy` modes always) and
+    the flag that asks it to."""
     from ray.serve import context as serve_context  # Ray Serve 2.60's request context
 
     current = serve_context._get_serve_request_context()
 
     def apart() -> T:
-        kept = dataclasses.replace(current, cancel_on_parent_request_cancel=False)
+        kept = dataclasses.replace(
+            current, _internal_request_id="", cancel_on_parent_request_cancel=False
+        )
         serve_context._serve_request_context.set(kept)
         return start()
 

@@ -19,10 +19,11 @@ class FakeCall:
     """A streamed Serve call: its items come one by one as release() lets them; after cancel()
     none comes (a read waiting for one fails)."""
 
-    def __init__(self, *items) -> None:
+    def __init__(self, *items, cancelled_as: type[BaseException] = RuntimeError) -> None:
         self.items = list(items)
         self.released = asyncio.Semaphore(0)
         self.cancelled = False
+        self.cancelled_as = cancelled_as  # what a read of a cancelled call raises
 
     def release(self, n: int = 1) -> None:
         for _ in range(n):
@@ -36,7 +37,7 @@ class FakeCall:
             raise StopAsyncIteration
         await self.released.acquire()
         if self.cancelled:
-            raise RuntimeError("the call was cancelled")
+            raise self.cancelled_as("the call was cancelled")
         return self.items.pop(0)
 
     def cancel(self) -> None:
@@ -144,6 +145,23 @@ def test_a_request_that_leaves_during_its_prefill_cancels_it():
     run(go())
 
 
+def test_a_prefill_call_cancelled_by_serve_ends_the_freeing_quietly():
+    """Serve may cancel the call itself (a read of it then raises CancelledError, as Serve's
+    streaming responses do): nothing came, so nothing is freed, and the clean-up ends."""
+
+    async def go():
+        calls, freed = ReplicaCalls(), Freed()
+        prefill = FakeCall(FIRST, Result("handoff"), cancelled_as=asyncio.CancelledError)
+        calls.read_prefill(prefill)
+        prefill.release()
+        await calls.first()
+        prefill.cancel()
+        await calls.end(freed)
+        assert freed == []
+
+    run(go())
+
+
 def test_a_result_that_never_comes_is_given_up(monkeypatch):
     monkeypatch.setattr(replica_calls, "RESULT_WAIT_S", 0.05)
 
@@ -175,8 +193,8 @@ def test_a_refused_request_has_nothing_to_free():
 
 def test_uncancelled_calls_start_outside_the_request_context_with_its_serve_request_id():
     """What ties a call to the request's Ray task is a context variable (Ray cancels such
-    calls with the request): outside it, with the request's Serve context kept for its id
-    and marked not to cancel the call."""
+    calls with the request): outside it, with the request's Serve context kept for its id,
+    less its internal id and marked not to cancel the call."""
     from ray.serve import context as serve_context
 
     tied = contextvars.ContextVar("tied", default=None)
@@ -185,7 +203,10 @@ def test_uncancelled_calls_start_outside_the_request_context_with_its_serve_requ
         tied.set("the request's task")
         serve_context._serve_request_context.set(
             serve_context._RequestContext(
-                request_id="req-1", app_name="app", cancel_on_parent_request_cancel=True
+                request_id="req-1",
+                _internal_request_id="internal-1",
+                app_name="app",
+                cancel_on_parent_request_cancel=True,
             )
         )
         return uncancelled(lambda: (tied.get(), serve_context._get_serve_request_context()))
@@ -194,3 +215,4 @@ def test_uncancelled_calls_start_outside_the_request_context_with_its_serve_requ
     assert seen is None
     assert request.request_id == "req-1" and request.app_name == "app"
     assert request.cancel_on_parent_request_cancel is False
+    assert request._internal_request_id == ""  # Serve keeps a request's calls under it

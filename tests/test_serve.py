@@ -1420,37 +1420,40 @@ def _every_replica(app: str, deployment: str) -> list[dict]:
     raise AssertionError(f"{app}/{deployment}: {len(seen)} of {states} replicas answered")
 
 
-def test_clients_that_leave_at_the_first_token_leave_no_kv_behind(server):
-    """A client that leaves at its first token (or in its prefill, or as its decode starts)
-    ends the request around the hand-off: the KV that the prefill replica published must not
-    stay behind for nobody (a shared-memory slot, an object-store object, a staged gloo
-    buffer, until their TTLs minutes later). Every transport, clients leaving a few at a
-    time: within seconds, nothing is kept, no block is held, nothing waits."""
+def leaving_early_leaves_nothing(url: str, app: str) -> None:
+    """Clients of `app` (completions at `url`) leave at their first token, in their prefill,
+    or as their decode starts, a few at a time; within seconds no replica keeps a KV transfer
+    or holds a block, and nothing runs or waits."""
     prompt = "Tell me a long story about the sea. " * 30
+    leaving = [(1, 0.0)] * 8 + [(0, 0.1), (0, 0.3), (2, 0.0), (3, 0.0)]
 
-    def check(mode: str) -> None:
-        url = f"{server}/{mode}/v1/completions"
-        leaving = [(1, 0.0)] * 8 + [(0, 0.1), (0, 0.3), (2, 0.0), (3, 0.0)]
+    async def clients() -> None:
+        for batch in (leaving[:6], leaving[6:]):
+            await asyncio.gather(*(_leave_early(url, prompt, n, s) for n, s in batch))
 
-        async def clients() -> None:
-            for batch in (leaving[:6], leaving[6:]):
-                await asyncio.gather(*(_leave_early(url, prompt, n, s) for n, s in batch))
+    asyncio.run(clients())
+    deadline = time.monotonic() + 20
+    while True:
+        stats = [*_every_replica(app, "PrefillServer"), *_every_replica(app, "DecodeServer")]
+        if all(
+            s["num_kept_kv_transfers"] == 0
+            and s["num_free_blocks"] == s["num_kv_blocks"]
+            and s["num_running"] == s["num_waiting"] == s["num_pending_imports"] == 0
+            for s in stats
+        ):
+            return
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.5)
 
-        asyncio.run(clients())
-        deadline = time.monotonic() + 20
-        while True:
-            stats = [*_every_replica(mode, "PrefillServer"), *_every_replica(mode, "DecodeServer")]
-            if all(
-                s["num_kept_kv_transfers"] == 0
-                and s["num_free_blocks"] == s["num_kv_blocks"]
-                and s["num_running"] == s["num_waiting"] == s["num_pending_imports"] == 0
-                for s in stats
-            ):
-                break
-            assert time.monotonic() < deadline, stats
-            time.sleep(0.5)
 
-    _each(("disagg", "disagg_os", "disagg_gloo"), check)
+def test_clients_that_leave_at_the_first_token_leave_no_kv_behind(server):
+    """A client that leaves at its first token ends the request around the hand-off: the KV
+    that the prefill replica published must not stay behind for nobody (a shared-memory slot,
+    an object-store object, a staged gloo buffer, until their TTLs minutes later)."""
+    _each(
+        ("disagg", "disagg_os", "disagg_gloo"),
+        lambda mode: leaving_early_leaves_nothing(f"{server}/{mode}/v1/completions", mode),
+    )
 
 
 def test_lora_adapters_are_models_of_their_own(server, peft_model, tokenizer):

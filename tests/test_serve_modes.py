@@ -131,3 +131,12 @@ def test_a_client_gone_mid_stream_leaves_no_block_held(server):
         assert time.monotonic() < deadline, json.dumps(stats)
         time.sleep(0.5)
     assert all(s["num_running"] == 0 and s["num_waiting"] == 0 for s in stats)
+
+
+def test_clients_that_leave_at_the_first_token_leave_no_kv_behind(server):
+    """As in Serve's default mode (tests/test_serve.py): here Serve cancels a cancelled
+    request's gRPC calls by its own bookkeeping, which the prefill call is kept out of."""
+    from bench.experiment import Cluster
+    from tests.test_serve import leaving_early_leaves_nothing
+
+    leaving_early_leaves_nothing(f"{server}/v1/completions", Cluster.APP)

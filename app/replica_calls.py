@@ -69,7 +69,10 @@ class ReplicaCalls:
     async def _read(self) -> Any:
         try:
             first = await anext(self.prefill)
-        except BaseException as e:
+        except asyncio.CancelledError:  # the call was cancelled
+            self._first.cancel()
+            raise
+        except Exception as e:
             self._first.set_exception(e)
             raise
         self._first.set_result(first)

@@ -9,6 +9,7 @@ deployments (`serve.deployment(cls, **options).bind(...)`), so they are testable
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -27,6 +28,13 @@ from engine.parallel import ParallelLayout
 from kvkernels import kv_channel
 
 logger = logging.getLogger(__name__)
+
+# How long a prefill call stays after its result (no engine work: its slot alone). The ingress
+# cancels a prefill call only before the call's first token has reached it, and Serve drops the
+# unread items of a cancelled call: a cancel that arrives in this time means the result went
+# nowhere, and its KV is freed here. The race it covers: the prefill finished just as the
+# client left, its first token and result still on their way (seen with n=3: 2 of 45 choices).
+HANDOFF_LINGER_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -190,10 +198,11 @@ class PrefillServer(_EngineServer):
                 max(p.transfer.send_ms for p in pieces), sum(p.nbytes for p in pieces)
             )
             yield PrefillResult(first, handoff, pieces, self.node_id)
-            # the caller holds the KV now (the ingress frees what it drops); a cancel at the
-            # yield may have stopped the result on its way, and the ingress cancels this call
-            # only for a request that is ending: then the KV is freed here (once more is safe)
-            published = None
+            # a cancel at the yield, or in the linger, means the result never reached the
+            # ingress (which cancels this call only before it had the first token): the KV is
+            # freed here (a second free, if the ingress read it after all, changes nothing)
+            await asyncio.sleep(HANDOFF_LINGER_S)
+            published = None  # the caller holds the KV now (the ingress frees what it drops)
         finally:
             if published is not None:  # cancelled after the publish, before the caller had it
                 self._unclaimed(published)

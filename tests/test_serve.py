@@ -1385,10 +1385,11 @@ def _replica_stats(app: str) -> list[dict]:
     ]
 
 
-async def _leave_early(url: str, prompt: str, after_chunks: int, after_s: float) -> None:
-    """A streamed request whose client leaves after `after_chunks` chunks (0: after `after_s`
-    seconds, during its prefill)."""
-    body = {"model": "SmolLM2-135M-Instruct", "prompt": prompt, "max_tokens": 32, "stream": True}
+async def _leave_early(url: str, prompt: str, after_chunks: int, after_s: float, n: int) -> None:
+    """A streamed request of `n` choices whose client leaves after `after_chunks` chunks (0:
+    after `after_s` seconds, during its prefill)."""
+    body = {"model": "SmolLM2-135M-Instruct", "prompt": prompt, "max_tokens": 32, "stream": True,
+            "n": n}  # fmt: skip
     async with (
         httpx.AsyncClient(timeout=120) as client,
         client.stream("POST", url, json=body) as r,
@@ -1422,14 +1423,16 @@ def _every_replica(app: str, deployment: str) -> list[dict]:
 
 def leaving_early_leaves_nothing(url: str, app: str) -> None:
     """Clients of `app` (completions at `url`) leave at their first token, in their prefill,
-    or as their decode starts, a few at a time; within seconds no replica keeps a KV transfer
-    or holds a block, and nothing runs or waits."""
+    or as their decode starts, a few at a time, some with three choices (whose prefills end
+    while the first choice's token is on its way); within seconds no replica keeps a KV
+    transfer or holds a block, and nothing runs or waits."""
     prompt = "Tell me a long story about the sea. " * 30
-    leaving = [(1, 0.0)] * 8 + [(0, 0.1), (0, 0.3), (2, 0.0), (3, 0.0)]
+    leaving = [(1, 0.0, 1)] * 8 + [(0, 0.1, 1), (0, 0.3, 1), (2, 0.0, 1), (3, 0.0, 1)]
+    leaving += [(1, 0.0, 3)] * 4
 
     async def clients() -> None:
-        for batch in (leaving[:6], leaving[6:]):
-            await asyncio.gather(*(_leave_early(url, prompt, n, s) for n, s in batch))
+        for batch in (leaving[:6], leaving[6:12], leaving[12:]):
+            await asyncio.gather(*(_leave_early(url, prompt, *client) for client in batch))
 
     asyncio.run(clients())
     deadline = time.monotonic() + 20

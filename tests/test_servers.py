@@ -74,3 +74,51 @@ class _Recorder:
     def inc(self, value: int, tags: dict) -> None:
         assert tags == {"phase": "colocated"}
         self.increments.append(value)
+
+
+def test_a_prefill_result_cancelled_on_its_way_is_freed_by_the_prefill_replica(make_engine):
+    """The ingress cancels a prefill call only before the call's first token has reached it,
+    and Serve drops a cancelled call's unread items: a cancel at the result's yield or in the
+    linger after it means the result went nowhere, so the replica frees the KV it published;
+    a call read to its end frees nothing."""
+    from types import SimpleNamespace
+
+    from engine.parallel import ParallelLayout
+    from kvkernels.kv_channel import KVChannel
+
+    server = PrefillServer.__new__(PrefillServer)
+    server.node_id, server.decode_layout = "local", ParallelLayout()
+    server.channel = KVChannel("shm")
+    server.metrics = SimpleNamespace(on_transfer=lambda ms, nbytes: None)
+    freed: list = []
+    server._unclaimed = freed.append
+    server.loop = EngineLoop(make_engine(), on_prefilled=server._on_prefilled)
+    ids = server.loop.engine.encode("The capital of France is a city that")
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+    async def cancelled_at(where: str) -> None:
+        call = server.prefill(where, ids, params)
+        assert (await anext(call)).prefilled
+        result = await anext(call)
+        if where == "the yield":
+            await call.aclose()
+            return
+        lingering = asyncio.ensure_future(anext(call))
+        await asyncio.sleep(0.01)
+        lingering.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await lingering
+        assert result.handoff.request_id == where
+
+    async def read_to_the_end() -> None:
+        items = [item async for item in server.prefill("read", ids, params)]
+        assert items[-1].handoff.request_id == "read"
+
+    try:
+        for where in ("the yield", "the linger"):
+            asyncio.run(cancelled_at(where))
+        asyncio.run(read_to_the_end())
+        assert [handoff.request_id for handoff, _ in freed] == ["the yield", "the linger"]
+    finally:
+        server.loop.shutdown()
+        server.channel.close()

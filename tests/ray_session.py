@@ -112,3 +112,18 @@ def replica_stats(app: str, deployment: str) -> dict:
     from ray import serve
 
     return serve.get_deployment_handle(deployment, app_name=app).stats.remote().result()
+
+
+def every_replica_stats(app: str, deployment: str) -> list[dict]:
+    """Each running replica's stats: asked until every replica has answered (told apart by
+    pid; the handle picks the replica)."""
+    from ray import serve
+
+    states = serve.status().applications[app].deployments[deployment].replica_states
+    seen: dict[int, dict] = {}
+    for _ in range(40):
+        stats = replica_stats(app, deployment)
+        seen[stats["pid"]] = stats
+        if len(seen) == states.get("RUNNING", 0):
+            return list(seen.values())
+    raise AssertionError(f"{app}/{deployment}: {len(seen)} of {states} replicas answered")

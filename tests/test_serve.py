@@ -1373,16 +1373,36 @@ def test_reasoning_parser_splits_the_thinking_from_the_answer(server):
 
 
 def _replica_stats(app: str) -> list[dict]:
+    """Every running replica's stats, prefill's first, then decode's or colocated's."""
     from ray import serve
 
-    from tests.ray_session import replica_stats
+    from tests.ray_session import every_replica_stats
 
     deployments = serve.status().applications[app].deployments
     return [
-        replica_stats(app, deployment)
+        stats
         for deployment in ("PrefillServer", "DecodeServer", "ColocatedServer")
         if deployment in deployments
+        for stats in every_replica_stats(app, deployment)
     ]
+
+
+def _until_idle(app: str, timeout_s: float) -> list[dict]:
+    """Every replica's stats once none holds a block, keeps a KV transfer for a reader that is
+    gone (shm slot, object-store object, staged buffer), or has a request running, waiting or
+    waiting for its import; fails after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = _replica_stats(app)
+        if all(
+            s["num_kept_kv_transfers"] == 0
+            and s["num_free_blocks"] == s["num_kv_blocks"]
+            and s["num_running"] == s["num_waiting"] == s["num_pending_imports"] == 0
+            for s in stats
+        ):
+            return stats
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.5)
 
 
 async def _leave_early(url: str, prompt: str, after_chunks: int, after_s: float, n: int) -> None:
@@ -1405,22 +1425,6 @@ async def _leave_early(url: str, prompt: str, after_chunks: int, after_s: float,
                 return  # leaving the block closes the connection
 
 
-def _every_replica(app: str, deployment: str) -> list[dict]:
-    """Each running replica's stats: asked until every replica has answered (by pid)."""
-    from ray import serve
-
-    from tests.ray_session import replica_stats
-
-    states = serve.status().applications[app].deployments[deployment].replica_states
-    seen: dict[int, dict] = {}
-    for _ in range(40):
-        stats = replica_stats(app, deployment)
-        seen[stats["pid"]] = stats
-        if len(seen) == states.get("RUNNING", 0):
-            return list(seen.values())
-    raise AssertionError(f"{app}/{deployment}: {len(seen)} of {states} replicas answered")
-
-
 def leaving_early_leaves_nothing(url: str, app: str) -> None:
     """Clients of `app` (completions at `url`) leave at their first token, in their prefill,
     or as their decode starts, a few at a time, some with three choices (whose prefills end
@@ -1435,18 +1439,7 @@ def leaving_early_leaves_nothing(url: str, app: str) -> None:
             await asyncio.gather(*(_leave_early(url, prompt, *client) for client in batch))
 
     asyncio.run(clients())
-    deadline = time.monotonic() + 20
-    while True:
-        stats = [*_every_replica(app, "PrefillServer"), *_every_replica(app, "DecodeServer")]
-        if all(
-            s["num_kept_kv_transfers"] == 0
-            and s["num_free_blocks"] == s["num_kv_blocks"]
-            and s["num_running"] == s["num_waiting"] == s["num_pending_imports"] == 0
-            for s in stats
-        ):
-            return
-        assert time.monotonic() < deadline, stats
-        time.sleep(0.5)
+    _until_idle(app, 20)
 
 
 def test_clients_that_leave_at_the_first_token_leave_no_kv_behind(server):
@@ -1560,16 +1553,7 @@ def test_client_disconnect_mid_stream_frees_all_blocks(server):
                     busy = _replica_stats(mode)  # still reading: the requests are live
                     break  # leaving the iterator closes the stream: the client is gone
         assert sum(s["num_running"] for s in busy) == n, busy
-        deadline = time.monotonic() + 15
-        while True:
-            stats = _replica_stats(mode)
-            if all(
-                s["num_free_blocks"] == s["num_kv_blocks"] and s["num_kept_kv_transfers"] == 0
-                for s in stats
-            ):  # and no object-store or staged transfer is kept for a reader that is gone
-                break
-            assert time.monotonic() < deadline, stats
-            time.sleep(0.5)
+        stats = _until_idle(mode, 15)
         assert all(s["num_running"] == 0 and s["num_waiting"] == 0 for s in stats)
 
 

@@ -110,8 +110,12 @@ class Ingress:
         self.num_in_flight = 0
         self._kv_capacity: int | None = None  # smallest replica KV cache, fetched once
         self.created = int(time.time())
+        from deployments.callers import Caller
         from deployments.loop_lag import LoopLag
         from deployments.metrics import RequestMetrics
+
+        # who this is, in every replica call: a replica ends the calls of a dead ingress
+        self.caller = Caller.current()
 
         slo = self.args.slo
         self.metrics = RequestMetrics(None if slo is None else (slo.ttft_ms, slo.tpot_ms))
@@ -431,17 +435,22 @@ class Ingress:
         try:
             if self.args.mode == "colocated":
                 calls.stream = self.colocated.options(stream=True).generate.remote(
-                    request_id, ids, params
+                    request_id, ids, params, caller=self.caller
                 )
             else:
                 prefill = self.prefill.options(stream=True).prefill
-                calls.read_prefill(uncancelled(lambda: prefill.remote(request_id, ids, params)))
+                calls.read_prefill(
+                    uncancelled(lambda: prefill.remote(request_id, ids, params, caller=self.caller))
+                )
                 yield clock.seen(_refused(await calls.first()))  # before KV is published
                 result = _refused(await calls.prefill_result())
                 if result.handoff is None:
                     return
                 calls.stream = self.decode.options(stream=True).decode.remote(
-                    result.handoff, result.pieces, prefill_node_id=result.node_id
+                    result.handoff,
+                    result.pieces,
+                    prefill_node_id=result.node_id,
+                    caller=self.caller,
                 )
             async for out in calls.stream:
                 out = _refused(out)

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deployments.autoscaling import load_signals
+from deployments.callers import Caller, CallerWatch
 from deployments.engine_loop import EngineLoop
 from engine import InvalidRequestError, KVHandoff, LLMEngine, RequestOutput, SamplingParams
 from engine.config import EngineConfig
-from engine.kv_handoff import KVPiece, discard_all, finish_all
+from engine.kv_handoff import KVPiece, discard_all, discarder_all, finish_all
 from engine.parallel import ParallelLayout
 from kvkernels import kv_channel
 
@@ -103,6 +104,15 @@ class _EngineServer:
         )
         self.node_id = _node_id()
         self.channel = kv_channel.KVChannel(kv_transport, self.node_id)
+        self.callers = CallerWatch()  # ends the calls of an ingress replica that died
+
+    async def _served(self, stream: AsyncIterator, caller: Caller | None) -> AsyncIterator:
+        """What a call yields: the stream's items, a refusal as the last item, the whole
+        cancelled (the request aborted) if `caller` dies (deployments/callers.py)."""
+        with self.callers.watching(caller):
+            async with contextlib.aclosing(_refusals_as_items(stream)) as items:
+                async for item in items:
+                    yield item
 
     # the prefill replica publishes the KV of a prefilled request, and frees what nobody took
     _on_prefilled = _unclaimed = None
@@ -174,13 +184,17 @@ class PrefillServer(_EngineServer):
         discard_all(self.channel, pieces)
 
     async def prefill(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        caller: Caller | None = None,
     ) -> AsyncIterator[RequestOutput | PrefillResult]:
         """Yields the first token as soon as it exists, then the PrefillResult (KV published)."""
         stream = self.loop.generate(request_id, prompt_ids, params, prefill_only=True)
         first = published = None
         try:
-            async with contextlib.aclosing(_refusals_as_items(stream)) as items:
+            async with contextlib.aclosing(self._served(stream, caller)) as items:
                 async for item in items:
                     if isinstance(item, InvalidRequestError):
                         yield item
@@ -203,6 +217,8 @@ class PrefillServer(_EngineServer):
             # freed here (a second free, if the ingress read it after all, changes nothing)
             await asyncio.sleep(HANDOFF_LINGER_S)
             published = None  # the caller holds the KV now (the ingress frees what it drops)
+            # unless the caller dies before its decode call took it
+            self.callers.if_dies(caller, discarder_all(self.channel, pieces))
         finally:
             if published is not None:  # cancelled after the publish, before the caller had it
                 self._unclaimed(published)
@@ -224,6 +240,7 @@ class DecodeServer(_EngineServer):
         handoff: KVHandoff,
         pieces: list[KVPiece],
         prefill_node_id: str | None = None,
+        caller: Caller | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """prefill_node_id is read by app.router.SameNodeRouter to pick this replica."""
         t0 = time.perf_counter()
@@ -241,7 +258,7 @@ class DecodeServer(_EngineServer):
         stream = self.loop.continue_request(
             handoff, kv, on_imported=imported, on_dropped=lambda: discard_all(self.channel, pieces)
         )
-        async with contextlib.aclosing(_refusals_as_items(stream)) as outputs:
+        async with contextlib.aclosing(self._served(stream, caller)) as outputs:
             async for out in outputs:
                 yield out
 
@@ -256,9 +273,13 @@ class ColocatedServer(_EngineServer):
     phase = "colocated"
 
     async def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        caller: Caller | None = None,
     ) -> AsyncIterator[RequestOutput]:
         stream = self.loop.generate(request_id, prompt_ids, params)
-        async with contextlib.aclosing(_refusals_as_items(stream)) as outputs:
+        async with contextlib.aclosing(self._served(stream, caller)) as outputs:
             async for out in outputs:
                 yield out

@@ -8,6 +8,7 @@ rank ever holds the whole cache of a request unless its layout says it does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,17 @@ def total_bytes(pieces: list[KVPiece]) -> dict[int, int]:
 def discard_all(channel: KVChannel, pieces: list[KVPiece]) -> None:
     for p in pieces:
         channel.discard(p.transfer)
+
+
+def discarder_all(channel: KVChannel, pieces: list[KVPiece]) -> Callable[[], None]:
+    """discard_all, to call later, without keeping the KV alive meanwhile (KVChannel.discarder)."""
+    discards = [channel.discarder(p.transfer) for p in pieces]
+
+    def discard() -> None:
+        for each in discards:
+            each()
+
+    return discard
 
 
 def finish_all(channel: KVChannel, pieces: list[KVPiece]) -> None:

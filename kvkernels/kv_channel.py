@@ -33,8 +33,10 @@ discard, or one after the finish, changes nothing.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -277,6 +279,13 @@ class KVChannel:
         else:
             _release_kept(transfer)
 
+    def discarder(self, transfer: KVTransfer) -> Callable[[], None]:
+        """discard(transfer), to call later, holding only where the transfer is: a held
+        object-store ref would keep its object (the KV) alive as long as the callable."""
+        if transfer.transport == "object_store":
+            return _keeper_release(transfer)
+        return functools.partial(self.discard, transfer)
+
     def receive(self, transfer: KVTransfer) -> torch.Tensor:
         """A private copy of the packed KV (open + copy + finish), for callers without a cache."""
         copy = self.open(transfer).clone()
@@ -300,8 +309,13 @@ def _backend(transport: str, device: torch.device | None):
 
 def _release_kept(transfer: KVTransfer) -> None:
     if transfer.transport == "object_store":
-        ref, keeper = transfer.payload
-        keeper.release.remote(ref.hex())  # fire and forget: the keeper only drops its borrow
+        _keeper_release(transfer)()
+
+
+def _keeper_release(transfer: KVTransfer) -> Callable[[], None]:
+    """Releases an object-store transfer's ref from its keeper; holds the ref's id, not it."""
+    key, keeper = transfer.payload[0].hex(), transfer.payload[1]
+    return lambda: keeper.release.remote(key)  # fire and forget: the keeper drops its borrow
 
 
 def _ms_since(t0: float) -> float:

@@ -127,3 +127,12 @@ def every_replica_stats(app: str, deployment: str) -> list[dict]:
         if len(seen) == states.get("RUNNING", 0):
             return list(seen.values())
     raise AssertionError(f"{app}/{deployment}: {len(seen)} of {states} replicas answered")
+
+
+def kill_ingress(app: str) -> None:
+    """Kill the app's ingress replica as a crash would (Serve starts another)."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#Ingress#"
+    [ingress] = [a for a in ray.util.list_named_actors(True) if a["name"].startswith(prefix)]
+    ray.kill(ray.get_actor(ingress["name"], namespace=ingress["namespace"]), no_restart=True)

@@ -149,7 +149,7 @@ class _FailingHandle:
 
     prefill = generate
 
-    def remote(self, *args) -> _FailingHandle:
+    def remote(self, *args, **kwargs) -> _FailingHandle:
         return self
 
     def __aiter__(self) -> _FailingHandle:
@@ -166,7 +166,9 @@ class _FailingHandle:
 
 def _relaying(args: AppArgs, **handles) -> SimpleNamespace:
     """What Ingress._outputs reads of its ingress, with the replicas' handles given."""
-    ingress = SimpleNamespace(args=args, num_in_flight=0, metrics=None, _background=set())
+    ingress = SimpleNamespace(
+        args=args, num_in_flight=0, metrics=None, _background=set(), caller=None
+    )
     ingress._discard = lambda result: Ingress._discard(ingress, result)
     ingress._detached = lambda work: Ingress._detached(ingress, work)
     vars(ingress).update(handles)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import time
+import weakref
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -12,7 +15,7 @@ import ray
 import torch
 
 from kvkernels.kv_blocks import KVLayout, pack_blocks, unpack_blocks
-from kvkernels.kv_channel import KVChannel, TransferExpired
+from kvkernels.kv_channel import KVChannel, KVTransfer, TransferExpired
 from kvkernels.shm_transport import ShmSender, remove_orphans
 
 pytestmark = pytest.mark.serve
@@ -167,6 +170,27 @@ def test_object_store_transfers_are_kept_until_finished_or_discarded(cluster):
     _wait_for_kept(keeper, 1)
     receiver.discard(second)  # dropped before its import
     _wait_for_kept(keeper, 0)
+
+
+def test_a_discarder_frees_later_without_keeping_the_object_store_ref():
+    """What a prefill replica keeps to free a transfer if its caller dies (seconds later) must
+    not pin the KV meanwhile: it holds the ref's id and the keeper, not the ref."""
+
+    class Ref:  # an ObjectRef's stand-in
+        def hex(self) -> str:
+            return "ab12"
+
+    released: list[str] = []
+    keeper = SimpleNamespace(release=SimpleNamespace(remote=released.append))
+    ref = Ref()
+    alive = weakref.ref(ref)
+    transfer = KVTransfer("object_store", (1,), "float32", [ref, keeper])
+    discard = KVChannel("object_store").discarder(transfer)
+    del ref, transfer
+    gc.collect()
+    assert alive() is None and released == []
+    discard()
+    assert released == ["ab12"]
 
 
 def _wait_for_staged(sender, n: int) -> None:

@@ -43,20 +43,23 @@ class _Stream(threading.Thread):
     """A streamed completion read in the background: its SSE data lines, and an event set once
     `after` of them have come."""
 
-    def __init__(self, url: str, after: int) -> None:
+    def __init__(self, url: str, after: int, body: dict = LONG) -> None:
         super().__init__(daemon=True)
-        self.url, self.after = url, after
+        self.url, self.after, self.body = url, after, body
         self.lines: list[str] = []
         self.started = threading.Event()
 
     def run(self) -> None:
-        body = {"model": "SmolLM2-135M-Instruct", "stream": True, **LONG}
-        with httpx.stream("POST", f"{self.url}/v1/completions", json=body, timeout=120) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    self.lines.append(line.removeprefix("data: "))
-                if len(self.lines) == self.after:
-                    self.started.set()
+        body = {"model": "SmolLM2-135M-Instruct", "stream": True, **self.body}
+        try:
+            with httpx.stream("POST", f"{self.url}/v1/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        self.lines.append(line.removeprefix("data: "))
+                    if len(self.lines) == self.after:
+                        self.started.set()
+        except httpx.HTTPError as e:  # the connection itself broke (the ingress died)
+            self.lines.append(repr(e))
         self.started.set()
 
     def text(self) -> str:
@@ -79,17 +82,22 @@ def _killed_mid_stream(url: str, deployment: str) -> _Stream:
 
 def _served_again(url: str, deployment: str, dead_pid: int) -> dict:
     """Serve's replacement replica serves (retried while it starts) -> its stats."""
+    _until_served(url)
+    stats = _stats(deployment)
+    assert stats["pid"] != dead_pid
+    return stats
+
+
+def _until_served(url: str, waiting: tuple[int, ...] = (503,)) -> None:
+    """A request is served (retried while it gets a status in `waiting`: a replica starts)."""
     body = {"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "max_tokens": 4, "temperature": 0}
     deadline = time.monotonic() + 120
     while True:
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
         if r.status_code == 200:
-            break
-        assert r.status_code == 503 and time.monotonic() < deadline, r.text
+            return
+        assert r.status_code in waiting and time.monotonic() < deadline, r.text
         time.sleep(1)
-    stats = _stats(deployment)
-    assert stats["pid"] != dead_pid
-    return stats
 
 
 def _idle(stats: dict) -> bool:
@@ -139,3 +147,44 @@ def test_a_prefill_replica_that_dies_mid_prefill_fails_its_request_with_a_503(ur
     assert "failed in a model replica" in r.json()["error"]["message"]
     assert _idle(_stats("DecodeServer")) and _stats("DecodeServer")["num_pending_imports"] == 0
     assert _idle(_served_again(url, "PrefillServer", dead))
+
+
+def test_the_requests_of_an_ingress_replica_that_died_are_aborted(url):
+    """Ray does not cancel a dead caller's calls (deployments/callers.py). Without the replicas'
+    watch, a stream whose ingress replica was killed mid-decode goes on decoding its 1400
+    tokens (over a minute here) for nobody, and the KV published for a prompt whose ingress was
+    killed mid-prefill waits 5 minutes for its TTL. Within seconds both replicas hold nothing
+    of either, and Serve's new ingress replica serves."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from deployments.callers import CHECK_INTERVAL_S
+    from tests.ray_session import kill_ingress
+
+    waiting = (500, 503)  # the proxy's answer while the app has no ingress replica
+    body = {**LONG, "max_tokens": 1400}
+    stream = _Stream(url, after=10, body=body)
+    stream.start()
+    assert stream.started.wait(60), stream.lines
+    time.sleep(2.5 * CHECK_INTERVAL_S)  # checked twice: a live ingress's calls go on
+    assert stream.is_alive() and _stats("DecodeServer")["num_running"] == 1
+    kill_ingress(APP)
+    stream.join(60)
+    assert not stream.is_alive() and len(stream.lines) < 1400, "not ended by the kill"
+    _until_idle(("PrefillServer", "DecodeServer"), 12)
+    _until_served(url, waiting)
+    body = {"model": "SmolLM2-135M-Instruct", "prompt": " hi" * 2000, "max_tokens": 4}
+    with ThreadPoolExecutor(1) as pool:  # the prefill takes seconds; the way there, ms
+        sent = pool.submit(httpx.post, f"{url}/v1/completions", json=body, timeout=120)
+        time.sleep(0.5)
+        kill_ingress(APP)
+        with pytest.raises(httpx.HTTPError):
+            sent.result(timeout=90).raise_for_status()
+    _until_idle(("PrefillServer", "DecodeServer"), 12)
+    _until_served(url, waiting)
+
+
+def _until_idle(deployments: tuple[str, ...], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not all(_idle(stats := _stats(d)) for d in deployments):
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.5)

@@ -1557,6 +1557,36 @@ def test_client_disconnect_mid_stream_frees_all_blocks(server):
         assert all(s["num_running"] == 0 and s["num_waiting"] == 0 for s in stats)
 
 
+def test_the_requests_of_a_colocated_apps_dead_ingress_replica_are_aborted(server):
+    """Ray does not cancel a dead caller's calls: without the replicas' watch
+    (deployments/callers.py) a request whose ingress replica was killed decodes its 1400 tokens
+    (over a minute here) for nobody. The colocated replica aborts it within seconds, and
+    Serve's new ingress replica serves (the disaggregated replicas: test_replica_failure.py)."""
+    from tests.ray_session import kill_ingress
+
+    with _stream(
+        server, "coloc", prompt="Count to one thousand:", max_tokens=1400, ignore_eos=True
+    ) as r:
+        chunks, lines = 0, r.iter_lines()
+        for line in lines:
+            chunks += line.startswith("data: {")
+            if chunks == 2:  # decoding
+                busy = _replica_stats("coloc")
+                kill_ingress("coloc")
+                break
+        # the client stays until the proxy ends the stream: its leaving must not reach the
+        # ingress first (that aborts the request too)
+        with pytest.raises(httpx.HTTPError):
+            for _ in lines:
+                pass
+    assert sum(s["num_running"] for s in busy) == 1, busy
+    _until_idle("coloc", 12)
+    deadline = time.monotonic() + 120
+    while _complete(server, "coloc", prompt=PROMPT, max_tokens=2).status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+
+
 def test_metrics_reach_the_prometheus_endpoint(server):
     for mode in MODES:
         assert _complete(server, mode, prompt=PROMPT, max_tokens=4).status_code == 200

@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from deployments.callers import Caller, CallerWatch
 from deployments.engine_loop import EngineLoop
 from deployments.servers import ColocatedServer, PrefillServer
 from engine import InvalidRequestError, SamplingParams, StructuredOutput
@@ -27,6 +28,7 @@ def test_a_refused_request_ends_its_stream_as_an_item_not_a_raise(
     replica's errors); the next request is served and every block is free."""
     server = server_class.__new__(server_class)
     server.loop, server.node_id = EngineLoop(make_engine()), "local"
+    server.callers = CallerWatch()
 
     async def items(request_id: str, params: SamplingParams) -> list:
         ids = server.loop.engine.encode("The capital of France is")
@@ -88,6 +90,7 @@ def test_a_prefill_result_cancelled_on_its_way_is_freed_by_the_prefill_replica(m
 
     server = PrefillServer.__new__(PrefillServer)
     server.node_id, server.decode_layout = "local", ParallelLayout()
+    server.callers = CallerWatch()
     server.channel = KVChannel("shm")
     server.metrics = SimpleNamespace(on_transfer=lambda ms, nbytes: None)
     freed: list = []
@@ -122,3 +125,44 @@ def test_a_prefill_result_cancelled_on_its_way_is_freed_by_the_prefill_replica(m
     finally:
         server.loop.shutdown()
         server.channel.close()
+
+
+def test_the_calls_of_an_ingress_that_died_are_aborted_and_free_their_blocks(make_engine):
+    """Ray neither cancels nor fails a call whose caller died: the replica's watch does, and
+    the request is aborted as at a client's disconnect. The live caller's request goes on to
+    its last token (a stand-in for Ray's list of live named actors)."""
+    dead, alive = Caller("ingress-a"), Caller("ingress-b")
+    live = {dead, alive}
+    server = ColocatedServer.__new__(ColocatedServer)
+    server.loop, server.node_id = EngineLoop(make_engine()), "local"
+    server.callers = CallerWatch(lambda: set(live), interval_s=0.02)
+    ids = server.loop.engine.encode("The capital of France is")
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+
+    async def read(request_id: str, caller: Caller, outputs: list) -> None:
+        async for out in server.generate(request_id, ids, params, caller):
+            outputs.append(out)
+
+    async def run() -> tuple[list, list]:
+        got = {"a": [], "b": []}
+        calls = [asyncio.ensure_future(read(r, c, got[r])) for r, c in (("a", dead), ("b", alive))]
+        while not got["a"]:
+            await asyncio.sleep(0.01)
+        live.discard(dead)
+        with pytest.raises(asyncio.CancelledError):
+            await calls[0]
+        await calls[1]
+        return got["a"], got["b"]
+
+    try:
+        a, b = asyncio.run(run())
+        assert not a[-1].finished and sum(len(o.new_token_ids) for o in a) < 64
+        assert b[-1].finished and sum(len(o.new_token_ids) for o in b) == 64
+        stats = asyncio.run(_stats(server))
+        assert stats.num_free_blocks == stats.num_kv_blocks and stats.num_running == 0
+    finally:
+        server.loop.shutdown()
+
+
+async def _stats(server):
+    return await server.loop.call(lambda engine: engine.stats)

@@ -3,8 +3,8 @@
 A streamed call to a model replica (prefill, decode, colocated generate) runs until its request
 ends, whether or not anybody reads it. When the ingress replica that made it dies (killed, out
 of memory, its node lost), Ray neither cancels the call nor fails its yields: the request
-decodes to its max_tokens for nobody (measured: 6 requests of 1000 tokens went on decoding for
-3 minutes after their ingress was killed), holding its blocks and batch slots all that time.
+decodes to its max_tokens for nobody (measured: 6 requests of 1000 tokens were all still
+decoding a minute after their ingress was killed), holding blocks and batch slots meanwhile.
 
 So the ingress says who it is (`Caller`: a Serve replica is a named actor), and the replica
 checks every CHECK_INTERVAL_S, while it has such calls, which of their callers Ray still has

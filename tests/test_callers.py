@@ -1,5 +1,6 @@
 """deployments/callers.py: the calls of a caller that died are cancelled, and only those (a
-stand-in for Ray's list of live named actors; the real one is in tests/test_serve.py)."""
+stand-in for Ray's list of live named actors; with Ray's, an ingress replica is killed in
+tests/test_replica_failure.py and tests/test_serve.py)."""
 
 from __future__ import annotations
 

@@ -68,9 +68,12 @@ class CallerWatch:
         self,
         live: Callable[[], set[Caller]] = live_named_actors,
         interval_s: float = CHECK_INTERVAL_S,
+        on_orphaned: Callable[[int], None] | None = None,
     ) -> None:
         self._live = live  # blocking (a GCS call): run on a thread
         self.interval_s = interval_s
+        self._on_orphaned = on_orphaned  # (calls cancelled now): a metric
+        self.num_orphaned = 0  # calls cancelled because their caller died, in all
         self._calls: dict[Caller, set[asyncio.Task]] = {}
         self._left: list[_Left] = []  # if_dies's, oldest first
         self._checking: asyncio.Task | None = None
@@ -128,6 +131,9 @@ class CallerWatch:
                 logger.warning("%s died: cancelling its %d calls", caller.name, len(tasks))
                 for task in tasks:
                     task.cancel()
+                self.num_orphaned += len(tasks)
+                if tasks and self._on_orphaned is not None:
+                    self._on_orphaned(len(tasks))
             self._free_left(live, checked)
 
     def _free_left(self, live: set[Caller], checked: float) -> None:

@@ -1,17 +1,66 @@
 """Serving metrics through Ray's metrics API: they appear in the Ray dashboard and on each
 node's Prometheus endpoint, tagged by Serve with application, deployment and replica.
 
-Latencies are in milliseconds. Engine gauges are refreshed after every engine step.
+Latencies are in milliseconds. Engine gauges are set after every engine step, and set again
+with the same values every GAUGE_REFRESH_S: Ray's metrics agent drops a gauge series that its
+process has not exported for two export intervals (2 x 10 s), and a process exports a gauge only
+when it was set since the last export. Without that, an idle replica's running requests, queue
+and KV usage vanished from Prometheus 10-20 s after its last step (a dashboard showed a gap,
+not 0).
 """
 
 from __future__ import annotations
+
+import threading
+import time
 
 from ray.serve import metrics
 
 from engine import EngineStats, RequestOutput
 
+GAUGE_REFRESH_S = 4.0  # under Ray's metrics export interval (metrics_report_interval_ms)
 _LATENCY_MS = [5, 10, 25, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 2000, 5000, 10000, 30000]
 _LAG_MS = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 5000]
+
+
+class HeldGauges:
+    """Sets gauges and keeps setting their last values (module docstring) on a thread of its
+    own, every `refresh_s`: an idle engine steps no more, and nothing else would."""
+
+    def __init__(self, refresh_s: float | None = None) -> None:
+        self.refresh_s = _refresh_s() if refresh_s is None else refresh_s
+        self._last: dict[tuple, tuple] = {}  # (gauge, tags) -> (gauge, value, tags)
+        self._lock = threading.Lock()  # set on the engine thread, refreshed on this one
+        self._thread: threading.Thread | None = None
+
+    def set(self, gauge, value: float, tags: dict[str, str]) -> None:
+        gauge.set(value, tags)
+        with self._lock:
+            self._last[(id(gauge), *sorted(tags.items()))] = (gauge, value, tags)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="gauge-refresh", daemon=True)
+                self._thread.start()
+
+    def refresh(self) -> None:
+        with self._lock:
+            last = list(self._last.values())
+        for gauge, value, tags in last:
+            gauge.set(value, tags)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.refresh_s)
+            self.refresh()
+
+
+def _refresh_s() -> float:
+    """GAUGE_REFRESH_S, or half of Ray's export interval where that is shorter."""
+    try:
+        import ray
+
+        return min(GAUGE_REFRESH_S, ray._config.metrics_report_interval_ms() / 2000)
+    except Exception:  # Ray's private config moved: the default interval is 10 s
+        return GAUGE_REFRESH_S
 
 
 class EngineMetrics:
@@ -19,6 +68,7 @@ class EngineMetrics:
 
     def __init__(self, phase: str) -> None:
         self.tags = {"phase": phase}
+        self.gauges = HeldGauges()
         keys = ("phase",)
         self.running = metrics.Gauge(
             "splitserve_running_requests", "requests in the running batch", keys
@@ -72,22 +122,28 @@ class EngineMetrics:
         accepted = metrics.Counter(
             "splitserve_spec_decode_accepted_tokens", "speculative draft tokens kept", keys
         )
+        self.orphaned_calls = metrics.Counter(  # each one an ingress replica's death cost
+            "splitserve_orphaned_calls",
+            "calls cancelled because the ingress replica that made them died",
+            keys,
+        )
         self.cached_tokens, self.preemptions = Increase(cached), Increase(preempted)
         self.lora_loads = Increase(lora_loads)
         self.draft_tokens, self.accepted_tokens = Increase(drafts), Increase(accepted)
 
     def on_step(self, outputs: list[RequestOutput], stats: EngineStats, pending: int) -> None:
-        self.running.set(stats.num_running, self.tags)
-        self.waiting.set(stats.num_waiting, self.tags)
-        self.waiting_tokens.set(stats.num_waiting_tokens, self.tags)
-        self.kv_usage.set(stats.kv_usage, self.tags)
-        self.pending_imports.set(pending, self.tags)
+        held = self.gauges
+        held.set(self.running, stats.num_running, self.tags)
+        held.set(self.waiting, stats.num_waiting, self.tags)
+        held.set(self.waiting_tokens, stats.num_waiting_tokens, self.tags)
+        held.set(self.kv_usage, stats.kv_usage, self.tags)
+        held.set(self.pending_imports, pending, self.tags)
         for out in outputs:
             if out.queue_time_s is not None:
                 self.queue_time.observe(out.queue_time_s * 1e3, self.tags)
         self.cached_tokens.update(stats.num_cached_tokens, self.tags)
         self.preemptions.update(stats.num_preemptions, self.tags)
-        self.loras.set(stats.num_loras, self.tags)
+        held.set(self.loras, stats.num_loras, self.tags)
         self.lora_loads.update(stats.num_lora_loads, self.tags)
         self.draft_tokens.update(stats.num_draft_tokens, self.tags)
         self.accepted_tokens.update(stats.num_accepted_tokens, self.tags)
@@ -95,6 +151,9 @@ class EngineMetrics:
     def on_transfer(self, ms: float, nbytes: int) -> None:
         self.kv_transfer_ms.observe(ms, self.tags)
         self.kv_transfer_bytes.inc(nbytes, self.tags)
+
+    def on_orphaned(self, calls: int) -> None:
+        self.orphaned_calls.inc(calls, self.tags)
 
 
 class Increase:

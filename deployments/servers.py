@@ -104,7 +104,8 @@ class _EngineServer:
         )
         self.node_id = _node_id()
         self.channel = kv_channel.KVChannel(kv_transport, self.node_id)
-        self.callers = CallerWatch()  # ends the calls of an ingress replica that died
+        # ends the calls of an ingress replica that died
+        self.callers = CallerWatch(on_orphaned=self.metrics.on_orphaned)
 
     async def _served(self, stream: AsyncIterator, caller: Caller | None) -> AsyncIterator:
         """What a call yields: the stream's items, a refusal as the last item, the whole
@@ -137,6 +138,7 @@ class _EngineServer:
             "num_pending_imports": self.loop.num_pending_imports,
             "num_cross_node_handoffs": getattr(self, "num_cross_node_handoffs", 0),
             "num_kept_kv_transfers": await self.channel.num_kept(),  # sent, not yet released
+            "num_orphaned_calls": self.callers.num_orphaned,  # their ingress replica died
             "worker_pids": getattr(self.engine.runner, "worker_pids", []),  # TP x PP workers
         }
 

@@ -22,6 +22,10 @@ ENV = {
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
 }
 NUM_CPUS = 16  # logical: replicas ask for half a CPU each; threads are set per engine
+# every process exports its metrics every 2 s, not 10: the metrics tests see a series sooner,
+# and a gauge nobody sets again leaves the endpoint within 20 s (what Ray's metrics agent keeps
+# a series after its last export) + 2 s of the last set, not 30 (tests/test_serve.py)
+SYSTEM_CONFIG = {"metrics_report_interval_ms": 2000}
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class SharedRay:
             include_dashboard=False,
             _metrics_export_port=metrics_port,
             _temp_dir=str(self.temp_dir),
+            _system_config=SYSTEM_CONFIG,
             runtime_env={"env_vars": ENV},
         )
         serve.start(http_options={"host": "127.0.0.1", "port": port})

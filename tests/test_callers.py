@@ -51,8 +51,8 @@ async def _until(condition, timeout_s: float = 10.0) -> None:
 
 def test_the_calls_of_a_caller_that_died_are_cancelled_and_only_those():
     async def run() -> None:
-        live, ended = _Live(A, B), []
-        watch = CallerWatch(live, INTERVAL_S)
+        live, ended, counted = _Live(A, B), [], []
+        watch = CallerWatch(live, INTERVAL_S, on_orphaned=counted.append)
         calls = [asyncio.ensure_future(_call(watch, c, ended)) for c in (A, A, B, None)]
         await _settle()
         assert ended == [] and watch.num_watched == 3  # the caller-less call is not watched
@@ -61,6 +61,7 @@ def test_the_calls_of_a_caller_that_died_are_cancelled_and_only_those():
         await _settle()
         assert ended == [("cancelled", A)] * 2 and watch.num_watched == 1
         assert [c.done() for c in calls] == [True, True, False, False]
+        assert watch.num_orphaned == 2 and counted == [2]  # the replica's count and metric
         for call in calls[2:]:
             call.cancel()
         await asyncio.gather(*calls, return_exceptions=True)

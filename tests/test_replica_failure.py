@@ -166,11 +166,14 @@ def test_the_requests_of_an_ingress_replica_that_died_are_aborted(url):
     stream.start()
     assert stream.started.wait(60), stream.lines
     time.sleep(2.5 * CHECK_INTERVAL_S)  # checked twice: a live ingress's calls go on
-    assert stream.is_alive() and _stats("DecodeServer")["num_running"] == 1
+    before = _stats("DecodeServer")
+    assert stream.is_alive() and before["num_running"] == 1
     kill_ingress(APP)
     stream.join(60)
     assert not stream.is_alive() and len(stream.lines) < 1400, "not ended by the kill"
     _until_idle(("PrefillServer", "DecodeServer"), 12)
+    orphaned = _stats("DecodeServer")["num_orphaned_calls"] - before["num_orphaned_calls"]
+    assert orphaned == 1  # ended by the watch, not by its last token
     _until_served(url, waiting)
     body = {"model": "SmolLM2-135M-Instruct", "prompt": " hi" * 2000, "max_tokens": 4}
     with ThreadPoolExecutor(1) as pool:  # the prefill takes seconds; the way there, ms

@@ -1580,18 +1580,39 @@ def test_the_requests_of_a_colocated_apps_dead_ingress_replica_are_aborted(serve
             for _ in lines:
                 pass
     assert sum(s["num_running"] for s in busy) == 1, busy
-    _until_idle("coloc", 12)
+    [stats] = _until_idle("coloc", 12)
+    assert stats["num_orphaned_calls"] == 1  # ended by the watch, not by its last token
     deadline = time.monotonic() + 120
     while _complete(server, "coloc", prompt=PROMPT, max_tokens=2).status_code != 200:
         assert time.monotonic() < deadline
         time.sleep(0.5)
+    # and counted where an operator sees it: splitserve_orphaned_calls, on the replica
+    while not any(
+        "splitserve_orphaned_calls" in line and 'application="coloc"' in line
+        for line in httpx.get(server.metrics_url, timeout=10).text.splitlines()
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(2)
+
+
+# how long after its last set a gauge series stays on the endpoint if nobody sets it again: what
+# Ray's metrics agent keeps a series after its last export (20 s, seen), + the test cluster's
+# export interval (tests/ray_session.py)
+GAUGE_GONE_S = 22.0
 
 
 def test_metrics_reach_the_prometheus_endpoint(server):
+    """Every metric reaches the node's Prometheus endpoint, and the engine gauges stay there
+    while the replicas are idle (Ray drops a gauge series that is not set again within two
+    export intervals: deployments/metrics.py sets them again)."""
     for mode in MODES:
         assert _complete(server, mode, prompt=PROMPT, max_tokens=4).status_code == 200
+    coloc_served = time.monotonic()  # the colocated replica's last step
     for _ in range(2):  # the disaggregated app's prefill replica caches its full blocks
         assert _complete(server, "disagg", prompt=PROMPT * 8, max_tokens=1).status_code == 200
+    # the decode replica keeps n-gram drafts of a repetitive prompt
+    drafted = {"prompt": "1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,", "max_tokens": 24, "ignore_eos": True}
+    assert _complete(server, "disagg", **drafted).status_code == 200
     wanted = [
         "splitserve_ttft_ms_bucket",
         "splitserve_tpot_ms_bucket",
@@ -1627,6 +1648,11 @@ def test_metrics_reach_the_prometheus_endpoint(server):
             break
         assert time.monotonic() < deadline, missing
         time.sleep(2)
+    # idle until a gauge nobody set again is gone (without the refresh, the coloc gauges were)
+    time.sleep(max(0.0, coloc_served + GAUGE_GONE_S + 4 - time.monotonic()))
+    lines = httpx.get(server.metrics_url, timeout=10).text.splitlines()
+    for gauge in ("splitserve_running_requests", "splitserve_kv_block_usage"):
+        assert any(gauge in line and 'application="coloc"' in line for line in lines), gauge
 
 
 def _labels(line: str, *names: str) -> tuple[str | None, ...]:

@@ -1,0 +1,50 @@
+"""deployments/metrics.py's HeldGauges: an idle replica's gauges keep being exported (Ray's
+agent drops a gauge series its process did not set within two export intervals; the real
+endpoint is checked in tests/test_serve.py)."""
+
+from __future__ import annotations
+
+import time
+
+from deployments.metrics import HeldGauges
+
+
+class _Gauge:
+    """A Ray gauge's stand-in: every value set, with its tags."""
+
+    def __init__(self) -> None:
+        self.sets: list[tuple[float, dict]] = []
+
+    def set(self, value: float, tags: dict) -> None:
+        self.sets.append((value, tags))
+
+
+def _until(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_the_last_value_of_each_series_is_set_again_until_a_new_one_comes():
+    held = HeldGauges(refresh_s=0.01)
+    running, usage = _Gauge(), _Gauge()
+    prefill, decode = {"phase": "prefill"}, {"phase": "decode"}
+    held.set(running, 3, prefill)
+    held.set(running, 1, decode)
+    held.set(usage, 0.5, prefill)
+    held.set(running, 0, prefill)  # the newest value is the one kept
+    _until(lambda: len(running.sets) >= 8 and len(usage.sets) >= 3)
+    refreshed = running.sets[-4:]  # refreshes after the last value
+    assert set(map(repr, refreshed)) == {repr((0, prefill)), repr((1, decode))}
+    assert set(map(repr, usage.sets)) == {repr((0.5, prefill))}
+
+
+def test_nothing_runs_before_the_first_value():
+    """A process that never sets a gauge (a replica's metrics made in a unit test) starts no
+    thread."""
+    held = HeldGauges(refresh_s=0.01)
+    time.sleep(0.05)
+    assert held._thread is None
+    held.set(_Gauge(), 1, {"phase": "decode"})
+    assert held._thread is not None and held._thread.daemon

@@ -4,7 +4,7 @@ node's Prometheus endpoint, tagged by Serve with application, deployment and rep
 Latencies are in milliseconds. Engine gauges are set after every engine step, and set again
 with the same values every GAUGE_REFRESH_S: Ray's metrics agent drops a gauge series that its
 process has not exported for two export intervals (2 x 10 s), and a process exports a gauge only
-when it was set since the last export. Without that, an idle replica's running requests, queue
+when it was set since its last export (both seen with Ray 2.60). Without that, an idle replica's running requests, queue
 and KV usage vanished from Prometheus 10-20 s after its last step (a dashboard showed a gap,
 not 0).
 """

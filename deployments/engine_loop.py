@@ -51,6 +51,7 @@ class EngineLoop:
         on_prefilled: Callable[[LLMEngine, str], Any] | None = None,
         stream_interval_s: float = 0.0,
         on_unclaimed: Callable[[Any], None] | None = None,
+        on_idle: Callable[[object, int], None] | None = None,
     ) -> None:
         self.engine = engine
         # a request's stream yields at most one item per interval, its outputs meanwhile
@@ -63,6 +64,11 @@ class EngineLoop:
         # what on_prefilled returned for a request whose consumer left before taking it, on
         # the event loop (after the request's abort: nothing more is published for it)
         self._on_unclaimed = on_unclaimed
+        # (stats, pending imports), on the engine thread, once each time it goes idle: the
+        # last step's stats are stale when aborts (a disconnect, a dead ingress) or a failed
+        # step emptied it, and its gauges and load signals would say so until the next step
+        self._on_idle = on_idle
+        self._idle_reported = False  # False at start: the empty engine is reported too
         self._commands: collections.deque[Callable[[], None]] = collections.deque()
         self._pending_imports: collections.deque[tuple] = collections.deque()
         self._streams: dict[str, _Stream] = {}
@@ -225,9 +231,11 @@ class EngineLoop:
                 self._commands.popleft()()
             self._admit_imports()
             if not self.engine.has_unfinished:
+                self._report_idle()
                 self._wake.wait()
                 self._wake.clear()
                 continue
+            self._idle_reported = False
             try:
                 outputs = self.engine.step()
             except StepFailed as e:  # its requests alone: those waiting go on
@@ -247,6 +255,11 @@ class EngineLoop:
                         stream.put(self._publish(out.request_id))
             if self._on_step is not None:
                 self._on_step(outputs, self.engine.stats, len(self._pending_imports))
+
+    def _report_idle(self) -> None:
+        if not self._idle_reported and self._on_idle is not None:
+            self._on_idle(self.engine.stats, len(self._pending_imports))
+        self._idle_reported = True
 
     def _publish(self, request_id: str) -> Any:
         try:

@@ -1,12 +1,12 @@
 """Serving metrics through Ray's metrics API: they appear in the Ray dashboard and on each
 node's Prometheus endpoint, tagged by Serve with application, deployment and replica.
 
-Latencies are in milliseconds. Engine gauges are set after every engine step, and set again
-with the same values every GAUGE_REFRESH_S: Ray's metrics agent drops a gauge series that its
-process has not exported for two export intervals (2 x 10 s), and a process exports a gauge only
-when it was set since its last export (both seen with Ray 2.60). Without that, an idle replica's running requests, queue
-and KV usage vanished from Prometheus 10-20 s after its last step (a dashboard showed a gap,
-not 0).
+Latencies are in milliseconds. Engine gauges are set after every engine step and when the
+engine goes idle, and set again with the same values every GAUGE_REFRESH_S: Ray's metrics agent
+drops a gauge series that its process has not exported for two export intervals (2 x 10 s), and
+a process exports a gauge only when it was set since its last export (both seen with Ray 2.60).
+Without that, an idle replica's running requests, queue and KV usage vanished from Prometheus
+10-20 s after its last step (a dashboard showed a gap, not 0).
 """
 
 from __future__ import annotations
@@ -131,22 +131,26 @@ class EngineMetrics:
         self.lora_loads = Increase(lora_loads)
         self.draft_tokens, self.accepted_tokens = Increase(drafts), Increase(accepted)
 
-    def on_step(self, outputs: list[RequestOutput], stats: EngineStats, pending: int) -> None:
+    def on_step(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
+        """After each step: what the step did (the gauges: on_load)."""
+        for out in outputs:
+            if out.queue_time_s is not None:
+                self.queue_time.observe(out.queue_time_s * 1e3, self.tags)
+        self.cached_tokens.update(stats.num_cached_tokens, self.tags)
+        self.preemptions.update(stats.num_preemptions, self.tags)
+        self.lora_loads.update(stats.num_lora_loads, self.tags)
+        self.draft_tokens.update(stats.num_draft_tokens, self.tags)
+        self.accepted_tokens.update(stats.num_accepted_tokens, self.tags)
+
+    def on_load(self, stats: EngineStats, pending: int) -> None:
+        """After each step, and when the engine goes idle: the engine's load now."""
         held = self.gauges
         held.set(self.running, stats.num_running, self.tags)
         held.set(self.waiting, stats.num_waiting, self.tags)
         held.set(self.waiting_tokens, stats.num_waiting_tokens, self.tags)
         held.set(self.kv_usage, stats.kv_usage, self.tags)
         held.set(self.pending_imports, pending, self.tags)
-        for out in outputs:
-            if out.queue_time_s is not None:
-                self.queue_time.observe(out.queue_time_s * 1e3, self.tags)
-        self.cached_tokens.update(stats.num_cached_tokens, self.tags)
-        self.preemptions.update(stats.num_preemptions, self.tags)
         held.set(self.loras, stats.num_loras, self.tags)
-        self.lora_loads.update(stats.num_lora_loads, self.tags)
-        self.draft_tokens.update(stats.num_draft_tokens, self.tags)
-        self.accepted_tokens.update(stats.num_accepted_tokens, self.tags)
 
     def on_transfer(self, ms: float, nbytes: int) -> None:
         self.kv_transfer_ms.observe(ms, self.tags)

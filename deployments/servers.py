@@ -101,6 +101,7 @@ class _EngineServer:
             on_prefilled=self._on_prefilled,
             stream_interval_s=stream_batching_interval_ms / 1e3,
             on_unclaimed=self._unclaimed,
+            on_idle=self._on_load,
         )
         self.node_id = _node_id()
         self.channel = kv_channel.KVChannel(kv_transport, self.node_id)
@@ -119,9 +120,13 @@ class _EngineServer:
     _on_prefilled = _unclaimed = None
 
     def _on_step(self, outputs, stats, pending: int) -> None:  # engine thread
-        self.metrics.on_step(outputs, stats, pending)
+        self.metrics.on_step(outputs, stats)
         if self._trace is not None and self.engine.last_step is not None:
             self._trace.write(json.dumps(vars(self.engine.last_step)) + "\n")
+        self._on_load(stats, pending)
+
+    def _on_load(self, stats, pending: int) -> None:  # engine thread: after a step, or idle
+        self.metrics.on_load(stats, pending)
         # one reference swap: the event loop reads a whole snapshot, never a half-written one
         self._signals = load_signals(stats, pending, self.engine.blocks.block_size)
 

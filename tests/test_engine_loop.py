@@ -329,3 +329,40 @@ def test_a_stream_cancelled_while_joining_outputs_aborts_and_frees_blocks(make_e
         await stream.aclose()
 
     _leave_mid_stream(make_engine, cancel_mid_join, stream_interval_s=10.0)
+
+
+def test_going_idle_reports_the_engines_load_once(make_engine):
+    """The last step's stats still count the requests that an abort (a disconnect, a dead
+    ingress) then removed, and an idle engine steps no more: going idle is reported once,
+    with the stats of now (the replica's gauges and autoscaling signals); at start too."""
+    steps, idle = [], []
+    loop = EngineLoop(
+        make_engine(),
+        on_step=lambda outputs, stats, pending: steps.append(stats.num_running),
+        on_idle=lambda stats, pending: idle.append(
+            (stats.num_running, stats.num_free_blocks == stats.num_kv_blocks, pending)
+        ),
+    )
+    params = SamplingParams(max_tokens=500, ignore_eos=True)
+
+    async def until(condition) -> None:
+        while not condition():
+            await asyncio.sleep(0.01)
+
+    async def go() -> None:
+        await until(lambda: len(idle) == 1)  # the empty engine, at start
+        stream = loop.generate("long", loop.engine.encode("Count:"), params)
+        await anext(stream)
+        await anext(stream)
+        await stream.aclose()  # aborted
+        await until(lambda: len(idle) == 2)
+        assert steps[-1] == 1  # what the last step reported: one running
+        for _ in range(3):  # commands while idle report nothing more
+            await loop.call(lambda e: e.stats)
+        await asyncio.sleep(0.05)
+
+    try:
+        run(go())
+        assert idle == [(0, True, 0), (0, True, 0)]
+    finally:
+        loop.shutdown()

@@ -1583,16 +1583,23 @@ def test_the_requests_of_a_colocated_apps_dead_ingress_replica_are_aborted(serve
     [stats] = _until_idle("coloc", 12)
     assert stats["num_orphaned_calls"] == 1  # ended by the watch, not by its last token
     deadline = time.monotonic() + 120
+    # and where an operator sees it: counted in splitserve_orphaned_calls, and the replica's
+    # running-requests gauge back at 0 (the last step before the abort counted 1;
+    # checked before another request steps the engine)
+    wanted = {"splitserve_orphaned_calls": None, "splitserve_running_requests": 0.0}
+    while True:
+        lines = httpx.get(server.metrics_url, timeout=10).text.splitlines()
+        coloc = [line for line in lines if 'application="coloc"' in line]
+        if all(
+            any(name in line and value in (None, float(line.split()[-1])) for line in coloc)
+            for name, value in wanted.items()
+        ):
+            break
+        assert time.monotonic() < deadline, [line for line in coloc if "running" in line]
+        time.sleep(2)
     while _complete(server, "coloc", prompt=PROMPT, max_tokens=2).status_code != 200:
         assert time.monotonic() < deadline
         time.sleep(0.5)
-    # and counted where an operator sees it: splitserve_orphaned_calls, on the replica
-    while not any(
-        "splitserve_orphaned_calls" in line and 'application="coloc"' in line
-        for line in httpx.get(server.metrics_url, timeout=10).text.splitlines()
-    ):
-        assert time.monotonic() < deadline
-        time.sleep(2)
 
 
 # how long after its last set a gauge series stays on the endpoint if nobody sets it again: what

@@ -60,7 +60,7 @@ def test_preemptions_and_cache_hits_reach_their_counters_as_they_happen(make_eng
     for i, prompt in enumerate(prompts):
         engine.add_request(str(i), prompt, SamplingParams(max_tokens=12, temperature=0.0))
     while engine.has_unfinished:
-        metrics.on_step(engine.step(), engine.stats, 0)
+        metrics.on_step(engine.step(), engine.stats)
     assert engine.num_preemptions > 0 and engine.stats.num_cached_tokens > 0
     assert sum(got["preemptions"]) == engine.num_preemptions
     assert sum(got["cached_tokens"]) == engine.stats.num_cached_tokens

@@ -126,10 +126,13 @@ def test_long_outputs_scale_decode_while_prefill_stays_and_scale_down_loses_noth
         results = asyncio.run(_burst(app, _long_outputs(24, 120)))
     assert results == [(200, 120)] * 24
     assert watch.max("DecodeServer") == 2 and watch.max("PrefillServer") == 1
-    # requests that outlive the scale-down: the replica leaving finishes its share first
+    # requests that outlive the scale-down: the replica leaving finishes its share first.
+    # 400 tokens: the scale-down comes ~8 s into the tail (its 6 s delay, the look-back), and
+    # 200 tokens took only 8.7 s on a host decoding at ~43 ms a step (the replica went 0.7 s
+    # before the tail's end, after the watcher's last sample)
     with ReplicaWatcher(APP) as tail_watch:
-        tail = asyncio.run(_burst(app, _long_outputs(4, 200)))
-    assert tail == [(200, 200)] * 4
+        tail = asyncio.run(_burst(app, _long_outputs(4, 400)))
+    assert tail == [(200, 400)] * 4
     decode_counts = tail_watch.series("DecodeServer")
     assert decode_counts[0] == 2 and decode_counts[-1] == 1  # scaled down mid-tail
     _wait_for(lambda: _running(APP, "DecodeServer") == 1, 120, "decode scale-down")

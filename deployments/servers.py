@@ -68,18 +68,6 @@ def _node_id() -> str:
         return "local"
 
 
-async def _refusals_as_items(stream: AsyncIterator) -> AsyncIterator:
-    """The stream's items; a refusal (InvalidRequestError: the request's fault, a 400) ends it
-    as its last item instead of being raised. Serve would log a raised one with a traceback as
-    "Request failed." and count it among the replica's errors; the ingress raises it."""
-    async with contextlib.aclosing(stream) as items:  # a cancel aborts at once
-        try:
-            async for item in items:
-                yield item
-        except InvalidRequestError as e:
-            yield e
-
-
 class _EngineServer:
     phase = "engine"
 
@@ -109,12 +97,18 @@ class _EngineServer:
         self.callers = CallerWatch(on_orphaned=self.metrics.on_orphaned)
 
     async def _served(self, stream: AsyncIterator, caller: Caller | None) -> AsyncIterator:
-        """What a call yields: the stream's items, a refusal as the last item, the whole
-        cancelled (the request aborted) if `caller` dies (deployments/callers.py)."""
+        """What a call yields: the stream's items, cancelled (the request aborted) if `caller`
+        dies (deployments/callers.py). A refusal (InvalidRequestError: the request's fault, a
+        400) ends it as its last item instead of being raised: Serve would log a raised one
+        with a traceback as "Request failed." and count it among the replica's errors; the
+        ingress raises it."""
         with self.callers.watching(caller):
-            async with contextlib.aclosing(_refusals_as_items(stream)) as items:
-                async for item in items:
-                    yield item
+            async with contextlib.aclosing(stream) as items:  # a cancel aborts at once
+                try:
+                    async for item in items:
+                        yield item
+                except InvalidRequestError as e:
+                    yield e
 
     # the prefill replica publishes the KV of a prefilled request, and frees what nobody took
     _on_prefilled = _unclaimed = None

@@ -141,3 +141,18 @@ def kill_ingress(app: str) -> None:
     prefix = f"SERVE_REPLICA::{app}#Ingress#"
     [ingress] = [a for a in ray.util.list_named_actors(True) if a["name"].startswith(prefix)]
     ray.kill(ray.get_actor(ingress["name"], namespace=ingress["namespace"]), no_restart=True)
+
+
+def until_served(url: str, waiting: tuple[int, ...] = (503,)) -> None:
+    """A completion at the app's `url` is served (retried while it gets a status in `waiting`:
+    a replica, or Serve's replacement of one, starts)."""
+    import httpx
+
+    body = {"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "max_tokens": 4, "temperature": 0}
+    deadline = time.monotonic() + 120
+    while True:
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        if r.status_code == 200:
+            return
+        assert r.status_code in waiting and time.monotonic() < deadline, r.text
+        time.sleep(1)

@@ -15,6 +15,8 @@ import time
 import httpx
 import pytest
 
+from tests.ray_session import until_served
+
 pytestmark = [pytest.mark.serve, pytest.mark.model]
 
 APP = "failing"
@@ -82,22 +84,10 @@ def _killed_mid_stream(url: str, deployment: str) -> _Stream:
 
 def _served_again(url: str, deployment: str, dead_pid: int) -> dict:
     """Serve's replacement replica serves (retried while it starts) -> its stats."""
-    _until_served(url)
+    until_served(url)
     stats = _stats(deployment)
     assert stats["pid"] != dead_pid
     return stats
-
-
-def _until_served(url: str, waiting: tuple[int, ...] = (503,)) -> None:
-    """A request is served (retried while it gets a status in `waiting`: a replica starts)."""
-    body = {"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "max_tokens": 4, "temperature": 0}
-    deadline = time.monotonic() + 120
-    while True:
-        r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
-        if r.status_code == 200:
-            return
-        assert r.status_code in waiting and time.monotonic() < deadline, r.text
-        time.sleep(1)
 
 
 def _idle(stats: dict) -> bool:
@@ -174,7 +164,7 @@ def test_the_requests_of_an_ingress_replica_that_died_are_aborted(url):
     _until_idle(("PrefillServer", "DecodeServer"), 12)
     orphaned = _stats("DecodeServer")["num_orphaned_calls"] - before["num_orphaned_calls"]
     assert orphaned == 1  # ended by the watch, not by its last token
-    _until_served(url, waiting)
+    until_served(url, waiting)
     body = {"model": "SmolLM2-135M-Instruct", "prompt": " hi" * 2000, "max_tokens": 4}
     with ThreadPoolExecutor(1) as pool:  # the prefill takes seconds; the way there, ms
         sent = pool.submit(httpx.post, f"{url}/v1/completions", json=body, timeout=120)
@@ -183,7 +173,7 @@ def test_the_requests_of_an_ingress_replica_that_died_are_aborted(url):
         with pytest.raises(httpx.HTTPError):
             sent.result(timeout=90).raise_for_status()
     _until_idle(("PrefillServer", "DecodeServer"), 12)
-    _until_served(url, waiting)
+    until_served(url, waiting)
 
 
 def _until_idle(deployments: tuple[str, ...], timeout_s: float) -> None:

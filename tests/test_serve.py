@@ -1562,7 +1562,7 @@ def test_the_requests_of_a_colocated_apps_dead_ingress_replica_are_aborted(serve
     (deployments/callers.py) a request whose ingress replica was killed decodes its 1400 tokens
     (over a minute here) for nobody. The colocated replica aborts it within seconds, and
     Serve's new ingress replica serves (the disaggregated replicas: test_replica_failure.py)."""
-    from tests.ray_session import kill_ingress
+    from tests.ray_session import kill_ingress, until_served
 
     with _stream(
         server, "coloc", prompt="Count to one thousand:", max_tokens=1400, ignore_eos=True
@@ -1597,9 +1597,7 @@ def test_the_requests_of_a_colocated_apps_dead_ingress_replica_are_aborted(serve
             break
         assert time.monotonic() < deadline, [line for line in coloc if "running" in line]
         time.sleep(2)
-    while _complete(server, "coloc", prompt=PROMPT, max_tokens=2).status_code != 200:
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
+    until_served(f"{server}/coloc", waiting=(500, 503))  # Serve's new ingress replica
 
 
 # how long after its last set a gauge series stays on the endpoint if nobody sets it again: what

@@ -12,7 +12,7 @@ Without that, an idle replica's running requests, queue and KV usage vanished fr
 from __future__ import annotations
 
 import threading
-import time
+import weakref
 
 from ray.serve import metrics
 
@@ -25,20 +25,29 @@ _LAG_MS = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 5000]
 
 class HeldGauges:
     """Sets gauges and keeps setting their last values (module docstring) on a thread of its
-    own, every `refresh_s`: an idle engine steps no more, and nothing else would."""
+    own, every `refresh_s`: an idle engine steps no more, and nothing else would. The thread
+    ends on close() or once this object is garbage: a thread left running would go on touching
+    Ray (and collecting other threads' garbage) in a process whose Ray was shut down, and Ray
+    ends such a process on the spot."""
 
     def __init__(self, refresh_s: float | None = None) -> None:
         self.refresh_s = _refresh_s() if refresh_s is None else refresh_s
         self._last: dict[tuple, tuple] = {}  # (gauge, tags) -> (gauge, value, tags)
         self._lock = threading.Lock()  # set on the engine thread, refreshed on this one
+        self._closed = threading.Event()
         self._thread: threading.Thread | None = None
 
     def set(self, gauge, value: float, tags: dict[str, str]) -> None:
         gauge.set(value, tags)
         with self._lock:
             self._last[(id(gauge), *sorted(tags.items()))] = (gauge, value, tags)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="gauge-refresh", daemon=True)
+            if self._thread is None and not self._closed.is_set():
+                self._thread = threading.Thread(
+                    target=_refresh_while_held,
+                    args=(weakref.ref(self), self.refresh_s, self._closed),
+                    name="gauge-refresh",
+                    daemon=True,
+                )
                 self._thread.start()
 
     def refresh(self) -> None:
@@ -47,10 +56,25 @@ class HeldGauges:
         for gauge, value, tags in last:
             gauge.set(value, tags)
 
-    def _run(self) -> None:
-        while True:
-            time.sleep(self.refresh_s)
-            self.refresh()
+    def close(self) -> None:
+        """Stop refreshing (the replica is going away)."""
+        self._closed.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def __del__(self) -> None:
+        self._closed.set()
+
+
+def _refresh_while_held(ref: weakref.ref, interval_s: float, closed: threading.Event) -> None:
+    """The refresh thread holds its HeldGauges only while refreshing: a strong reference
+    would keep it (and this thread) alive forever."""
+    while not closed.wait(interval_s):
+        held = ref()
+        if held is None:
+            return
+        held.refresh()
+        del held
 
 
 def _refresh_s() -> float:
@@ -158,6 +182,9 @@ class EngineMetrics:
 
     def on_orphaned(self, calls: int) -> None:
         self.orphaned_calls.inc(calls, self.tags)
+
+    def close(self) -> None:
+        self.gauges.close()
 
 
 class Increase:

@@ -156,6 +156,9 @@ class _EngineServer:
         loop = getattr(self, "loop", None)
         if loop is not None:
             loop.shutdown()
+        close_metrics = getattr(getattr(self, "metrics", None), "close", None)
+        if close_metrics is not None:  # its gauge thread
+            close_metrics()
         shutdown = getattr(getattr(getattr(self, "engine", None), "runner", None), "shutdown", None)
         if shutdown is not None:
             shutdown()

@@ -71,12 +71,24 @@ class SharedRay:
     def stop(self) -> None:
         if self.current is None:
             return
-        import ray
-        from ray import serve
-
-        serve.shutdown()
-        ray.shutdown()
+        end_ray_session()
         self.current = None
+
+
+def end_ray_session() -> None:
+    """Serve and Ray down, this session's garbage collected first: a Ray object left in a
+    reference cycle (an actor handle) would otherwise be freed by whichever thread's
+    allocation next runs the collector, and one freed during or after a later shutdown makes
+    Ray end the process (pytest then exits 1 without its summary, as CI once did)."""
+    import gc
+
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+    gc.collect()
+    ray.shutdown()
 
 
 def deploy(apps: dict[str, tuple[str, object]], timeout_s: float = 300) -> None:

@@ -38,6 +38,7 @@ def test_the_last_value_of_each_series_is_set_again_until_a_new_one_comes():
     refreshed = running.sets[-4:]  # refreshes after the last value
     assert set(map(repr, refreshed)) == {repr((0, prefill)), repr((1, decode))}
     assert set(map(repr, usage.sets)) == {repr((0.5, prefill))}
+    held.close()
 
 
 def test_nothing_runs_before_the_first_value():
@@ -48,3 +49,19 @@ def test_nothing_runs_before_the_first_value():
     assert held._thread is None
     held.set(_Gauge(), 1, {"phase": "decode"})
     assert held._thread is not None and held._thread.daemon
+    held.close()
+
+
+def test_the_thread_ends_on_close_and_when_its_gauges_are_garbage():
+    """A refresh thread outliving its replica would go on running in a process whose Ray may
+    be shut down (Ray ends such a process when the thread touches it)."""
+    closed, dropped = HeldGauges(refresh_s=0.01), HeldGauges(refresh_s=0.01)
+    gauge = _Gauge()
+    for held in (closed, dropped):
+        held.set(gauge, 1, {"phase": "decode"})
+    threads = [closed._thread, dropped._thread]
+    closed.close()
+    assert not threads[0].is_alive()
+    del held, dropped  # the last references
+    threads[1].join(timeout=5)
+    assert not threads[1].is_alive()

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from app.builder import deployment_options
 from app.config import AppArgs
 from kvkernels import cuda_ipc_transport, p2p_transport
+from tests.ray_session import end_ray_session
 
 needs_cuda = pytest.mark.skipif(
     not (torch.cuda.is_available() and cuda_ipc_transport.available()),
@@ -105,7 +106,7 @@ def gpu_cluster(tmp_path_factory, own_ray_cluster):
         _temp_dir=str(tmp_path_factory.mktemp("ray")),
     )
     yield
-    ray.shutdown()
+    end_ray_session()
 
 
 SHAPE = (3, 2, 10, 4, 2, 8)  # (L, 2, blocks, bs, Hkv, D)

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from deployments.serve_env import free_ports
-from tests.ray_session import ENV, deploy
+from tests.ray_session import ENV, deploy, end_ray_session
 from tests.test_autoscaling_serve import (
     DECODE_LATENCY,
     PREFILL_LATENCY,
@@ -47,7 +47,6 @@ ARGS = {
 @pytest.fixture(scope="module")
 def two_nodes(own_ray_cluster):
     import ray
-    from ray import serve
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 8})
@@ -55,8 +54,7 @@ def two_nodes(own_ray_cluster):
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, runtime_env={"env_vars": ENV})
     yield cluster
-    serve.shutdown()
-    ray.shutdown()
+    end_ray_session()
     cluster.shutdown()
 
 

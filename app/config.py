@@ -155,6 +155,11 @@ class PhaseArgs(_Strict):
     # period, each call allowed the timeout; three failures in a row replace the replica
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
+    # an engine loop that has spent longer in one step (or a hand-off's import) is stuck: the
+    # health check fails, and so do the replica's requests (503), so Serve replaces it at once
+    # (vLLM's VLLM_ENGINE_ITERATION_TIMEOUT_S); raise it for a model whose longest step on
+    # this host takes near a minute; null: no limit
+    step_timeout_s: float | None = Field(60.0, gt=0)
     # multi-worker replicas: how their placement-group bundles are placed (default: STRICT_PACK
     # for tensor parallelism alone, PACK once there are pipeline stages)
     placement_group_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] | None = (
@@ -383,6 +388,7 @@ class AppArgs(_Strict):
             speculative=e.speculative_config and e.speculative_config.config(),
             # a prefill replica runs no decode step: it captures no decode graph
             enforce_eager=e.enforce_eager or phase == "prefill",
+            step_timeout_s=getattr(self, phase).step_timeout_s,
         )
 
     def check_parallel(self, num_layers: int, num_heads: int, num_kv_heads: int) -> None:

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import math
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +75,7 @@ class EngineLoop:
         self._streams: dict[str, _Stream] = {}
         self._wake = threading.Event()
         self._stopped = False
+        self._busy_since: float | None = None  # when the thread's current iteration began
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -218,6 +220,18 @@ class EngineLoop:
         self._submit(run)
         return await future
 
+    def busy_s(self) -> float:
+        """How long the engine thread has been in its current iteration (commands, imports,
+        a step); 0 while it waits for work. A hung step shows here, not in is_alive."""
+        since = self._busy_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def fail_all(self, error: Exception) -> None:
+        """End every request's stream with `error` (event loop): the engine thread is stuck
+        and will not; each stream's abort waits for it in the command queue."""
+        for stream in list(self._streams.values()):
+            stream.queue.put_nowait(error)
+
     def shutdown(self) -> None:
         self._stopped = True
         self._wake.set()
@@ -227,11 +241,13 @@ class EngineLoop:
 
     def _run(self) -> None:
         while not self._stopped:
+            self._busy_since = time.monotonic()
             while self._commands:
                 self._commands.popleft()()
             self._admit_imports()
             if not self.engine.has_unfinished:
                 self._report_idle()
+                self._busy_since = None
                 self._wake.wait()
                 self._wake.clear()
                 continue

@@ -148,6 +148,16 @@ class _EngineServer:
     async def check_health(self) -> None:
         if not self.loop.is_alive:
             raise RuntimeError("engine thread died")
+        limit, busy = self.engine.config.step_timeout_s, self.loop.busy_s()
+        if limit is not None and busy > limit:
+            # Serve drains a failed replica's requests before it stops it, and these would
+            # never end: they fail now (503, retry), so the replacement comes at once
+            stuck = RuntimeError(
+                f"the engine has been in one step for {busy:.0f} s, past step_timeout_s "
+                f"({limit:g} s): the replica is stuck and is being replaced"
+            )
+            self.loop.fail_all(stuck)
+            raise stuck
         check = getattr(self.engine.runner, "check_health", None)
         if check is not None:  # a multi-worker replica with a dead worker must be replaced
             check()

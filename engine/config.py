@@ -49,6 +49,10 @@ class EngineConfig:
     # vLLM's --enforce-eager: on a GPU, decode steps of a single-worker replica replay CUDA
     # graphs (engine/cuda_graphs.py) unless this is set; CPUs always run eagerly
     enforce_eager: bool = False
+    # vLLM's VLLM_ENGINE_ITERATION_TIMEOUT_S: a replica whose engine loop has spent longer in
+    # one iteration (a step, a hand-off's import) is stuck (a hung model worker or GPU); its
+    # health check fails it and its requests (deployments/servers.py). None: never
+    step_timeout_s: float | None = 60.0
 
     def __post_init__(self) -> None:
         check_device(self.device)
@@ -67,6 +71,8 @@ class EngineConfig:
             raise ValueError("worker_num_cpus must be > 0")
         if self.worker_num_gpus < 0:
             raise ValueError("worker_num_gpus must be >= 0")
+        if self.step_timeout_s is not None and self.step_timeout_s <= 0:
+            raise ValueError("step_timeout_s must be > 0 (or None: no limit)")
         if self.max_loras < 1:
             raise ValueError("max_loras must be >= 1")
         names = [name for name, _ in self.lora_modules]

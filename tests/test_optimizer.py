@@ -130,6 +130,15 @@ def test_health_check_options_reach_serve_and_are_checked():
     assert prefill["health_check_period_s"] == 10  # per phase
     with pytest.raises(ValidationError, match="health_check_period_s"):
         AppArgs.model_validate({"prefill": {"health_check_period_s": 0}})
+    # the engine's step limit (what the health check fails on), per phase, null for none
+    args = AppArgs.model_validate(
+        {"decode": {"step_timeout_s": 5}, "prefill": {"step_timeout_s": None}}
+    )
+    assert args.engine_config("decode").step_timeout_s == 5
+    assert args.engine_config("prefill").step_timeout_s is None
+    assert AppArgs().engine_config("colocated").step_timeout_s == 60
+    with pytest.raises(ValidationError, match="step_timeout_s"):
+        AppArgs.model_validate({"decode": {"step_timeout_s": 0}})
 
 
 def test_the_apps_slo_is_checked_with_errors_that_name_the_field():

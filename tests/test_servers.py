@@ -166,3 +166,55 @@ def test_the_calls_of_an_ingress_that_died_are_aborted_and_free_their_blocks(mak
 
 async def _stats(server):
     return await server.loop.call(lambda engine: engine.stats)
+
+
+def test_a_stuck_step_fails_the_health_check_and_every_request_of_the_replica(make_engine):
+    """A step that does not end (a hung model worker, a hung GPU): past step_timeout_s the
+    health check fails, and so does each request of the replica (Serve drains a failed
+    replica's requests before it stops it, and these would never end). Once the step ends,
+    the replica is healthy again and its blocks are free."""
+    import dataclasses
+    import threading
+
+    engine = make_engine()
+    engine.config = dataclasses.replace(engine.config, step_timeout_s=0.3)
+    release, step = threading.Event(), engine.step
+
+    def stuck_step():
+        release.wait()
+        return step()
+
+    engine.step = stuck_step
+    server = ColocatedServer.__new__(ColocatedServer)
+    server.engine, server.loop, server.node_id = engine, EngineLoop(engine), "local"
+    server.callers = CallerWatch()
+    ids = engine.encode("The capital of France is")
+
+    async def read(request_id: str) -> list:
+        return [out async for out in server.generate(request_id, ids, OK)]
+
+    async def run() -> None:
+        calls = [asyncio.ensure_future(read(r)) for r in ("a", "b")]
+        await asyncio.sleep(0.1)
+        assert 0 < server.loop.busy_s() < 0.3
+        await server.check_health()  # busy, not stuck
+        await asyncio.sleep(0.3)
+        with pytest.raises(
+            RuntimeError, match=r"in one step for \d+ s, past step_timeout_s \(0.3 s"
+        ):
+            await server.check_health()
+        for call in calls:
+            with pytest.raises(RuntimeError, match="is stuck and is being replaced"):
+                await call
+        release.set()
+        while server.loop.busy_s() > 0:
+            await asyncio.sleep(0.01)
+        await server.check_health()
+
+    try:
+        asyncio.run(asyncio.wait_for(run(), timeout=60))
+        stats = asyncio.run(_stats(server))
+        assert stats.num_free_blocks == stats.num_kv_blocks and stats.num_running == 0
+    finally:
+        release.set()
+        server.loop.shutdown()

@@ -4,6 +4,7 @@ their outputs equal a single worker's, and the KV hand-off between different lay
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -334,8 +335,10 @@ def test_planned_tp_pp_placement_starts_with_serve_and_serves(ray_serve, tiny_ll
         if p in app["args"]
     ] or [(app["args"]["colocated"]["engine"]["tensor_parallel_size"], 1)]
     assert all(tp * pp > 1 for tp, pp in layouts)
-    # a dead worker is found by Serve's health check: three failed checks, 1 s apart here
+    # a dead worker is found by Serve's health check: three failed checks, 1 s apart here;
+    # a hung one once the engine has spent 3 s in a step (the tiny model's take milliseconds)
     app["args"]["decode"]["health_check_period_s"] = 1.0
+    app["args"]["decode"]["step_timeout_s"] = 3.0
     url = f"{ray_serve.url}/v1/completions"
     deploy({"planned": ("/", build_app(app["args"]))})
     try:
@@ -347,6 +350,7 @@ def test_planned_tp_pp_placement_starts_with_serve_and_serves(ray_serve, tiny_ll
         [want] = single.generate([PROMPTS[1]], GREEDY)
         assert r.json()["choices"][0]["text"] == want.text
         _kill_a_worker_then_recover(url, body)
+        _hang_a_worker_then_recover(url, body)
     finally:
         undeploy(["planned"])
 
@@ -372,6 +376,36 @@ def _kill_a_worker_then_recover(url: str, body: dict) -> None:
         assert time.monotonic() < deadline, r.text
         time.sleep(2)
     assert r.json()["usage"]["completion_tokens"] == 12
+
+
+def _hang_a_worker_then_recover(url: str, body: dict) -> None:
+    """A model worker that hangs (stopped: alive, never answering) leaves the decode replica's
+    engine in its step for good: past step_timeout_s the replica fails its health check and
+    its request, whose client gets an OpenAI error instead of waiting forever, and Serve
+    replaces the replica."""
+    import os
+    import signal
+
+    import httpx
+    from ray import serve
+
+    decode = serve.get_deployment_handle("DecodeServer", "planned")
+    stopped = decode.stats.remote().result()["worker_pids"][-1]
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        r = httpx.post(url, json=body, timeout=120)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error", r.text
+        assert time.monotonic() - start < 60  # 3 s + a health check, not a client's timeout
+        deadline = time.monotonic() + 180
+        while (r := httpx.post(url, json=body, timeout=120)).status_code != 200:
+            assert time.monotonic() < deadline, r.text
+            time.sleep(2)
+        assert r.json()["usage"]["completion_tokens"] == 12
+        assert stopped not in decode.stats.remote().result()["worker_pids"]
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # Ray kills it with the old replica
+            os.kill(stopped, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

@@ -78,6 +78,9 @@ def serve_config(
             out["placement_group_strategy"] = "STRICT_PACK" if spec.entry.pp == 1 else "PACK"
         if autoscale and name is not None:
             out["autoscaling"] = _autoscaling(spec, name, search.slo, autoscale)
+        timeout = step_timeout_s(spec, name or "colocated")
+        if timeout is not None:
+            out["step_timeout_s"] = timeout
         return out
 
     args = dict(base_args or {})
@@ -109,6 +112,32 @@ def serve_config(
             }
         ],
     }
+
+
+# the engine's default step_timeout_s (app/config.py), and the margin a planned one keeps over
+# the longest step the profile predicts: a watchdog for hung steps, not a latency target (this
+# host's pace drifts 2-3x over minutes)
+DEFAULT_STEP_TIMEOUT_S = 60.0
+STEP_TIMEOUT_MARGIN = 10.0
+
+
+def longest_step_ms(spec, phase: str) -> float:
+    """The profile's time for the longest step a replica of `phase` may run: a prefill of one
+    prompt that fills the batch token budget, a decode batch of max_batch_size requests whose
+    contexts fill the KV cache (colocated: the longer of the two)."""
+    entry = spec.entry
+    prefill = entry.prefill_ms([spec.max_batch_tokens])
+    batch = max(1, spec.max_batch_size)
+    decode = entry.decode_ms([entry.kv_capacity_tokens // batch] * batch)
+    return {"prefill": prefill, "decode": decode}.get(phase, max(prefill, decode))
+
+
+def step_timeout_s(spec, phase: str) -> float | None:
+    """A step timeout for the plan's replicas when the default would be too short for a step
+    the profile predicts (a large model on a slow host: its healthy replicas would be replaced
+    again and again); None: the default is enough."""
+    needed = math.ceil(STEP_TIMEOUT_MARGIN * longest_step_ms(spec, phase) / 1e3)
+    return float(needed) if needed > DEFAULT_STEP_TIMEOUT_S else None
 
 
 def front_end_for(

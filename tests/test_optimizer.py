@@ -152,3 +152,35 @@ def test_the_apps_slo_is_checked_with_errors_that_name_the_field():
     ):
         with pytest.raises(ValueError, match=field):
             AppArgs.model_validate({"slo": bad})
+
+
+def test_a_plan_raises_the_step_timeout_only_where_a_step_it_allows_nears_the_default():
+    """A watchdog for hung steps must not replace healthy replicas: the plan's longest step
+    (a prefill of the whole token budget; a decode batch whose contexts fill the cache) times
+    the margin, in whole seconds, when that exceeds the engine's 60 s."""
+    from app.config import AppArgs
+    from placement.plan import step_timeout_s
+    from placement.simulator import InstanceSpec
+
+    # 1 ms a prompt token: 2048 tokens take 2 s, 20 s with the margin; decode 5 + 0.5 x 128 ms
+    assert step_timeout_s(InstanceSpec(CHEAP), "prefill") is None
+    assert step_timeout_s(InstanceSpec(CHEAP), "colocated") is None
+    slow = replace(CHEAP, prefill=Coefficients(0.0, 5.0, 0.001))  # 2048 tokens: 14,434 ms
+    assert step_timeout_s(InstanceSpec(slow), "prefill") == 145.0
+    assert step_timeout_s(InstanceSpec(slow), "decode") is None
+    assert step_timeout_s(InstanceSpec(slow), "colocated") == 145.0
+    # 10^6 tokens of context at 0.01 ms each: a 10.07 s decode step (5 + 0.5 x 128 ms besides)
+    long_context = replace(CHEAP, decode=Coefficients(5.0, 0.01, 0.5))
+    assert step_timeout_s(InstanceSpec(long_context), "decode") == 101.0
+    # and in the emitted config, which the app accepts, per phase
+    search = make_search([CHEAP])
+    best = optimize(search)[0]
+    best = replace(
+        best,
+        placement=replace(
+            best.placement, decode=replace(best.placement.decode, entry=long_context)
+        ),
+    )
+    args = AppArgs.model_validate(serve_config(best, search)["applications"][0]["args"])
+    assert args.decode.step_timeout_s == 101.0 and args.prefill.step_timeout_s == 60.0
+    assert args.engine_config("decode").step_timeout_s == 101.0

@@ -468,8 +468,7 @@ class Ingress:
             raise
         except Exception as e:  # a replica failed it (a dead model worker, a lost replica)
             logger.warning("request %s failed in a replica: %r", request_id, e)
-            message = f"the request failed in a model replica ({type(e).__name__}); retry it"
-            raise APIError(503, message, kind="server_error") from e
+            raise APIError(503, _replica_failure(e), kind="server_error") from e
         finally:
             self.num_in_flight -= 1
             freeing = calls.end(self._discard)  # cancels what runs: aborts on disconnect
@@ -527,6 +526,19 @@ class _Clock:
 
 
 MAX_CLIENT_ID = 256  # characters of an X-Request-Id
+
+
+def _replica_failure(e: Exception) -> str:
+    """A replica's failure as its client reads it: what our replicas raise says why (a stuck
+    engine, a dead model worker), in its first line; Ray's own errors (a replica that died)
+    by their type alone, as their text is Ray's internals."""
+    from ray.exceptions import RayError
+
+    cause = getattr(e, "cause", e)  # a RayTaskError carries the replica's exception
+    lines = str(cause).strip().splitlines()
+    if isinstance(cause, RuntimeError) and not isinstance(cause, RayError) and lines:
+        return f"the request failed in a model replica: {lines[0][:300]}; retry it"
+    return f"the request failed in a model replica ({type(e).__name__}); retry it"
 
 
 def _client_id(request: Request) -> str | None:

@@ -180,7 +180,10 @@ def _relaying(args: AppArgs, **handles) -> SimpleNamespace:
     [
         (InvalidRequestError("bad grammar", "response_format"), 400, "bad grammar"),
         (RequestFailedError("the engine failed request r at output token 3"), 500, "token 3"),
-        (RuntimeError("engine step failed"), 503, "retry it"),
+        (RuntimeError("engine step failed"), 503, "model replica: engine step failed; retry it"),
+        # the first line of our replicas' own failures; Ray's or anything else by type alone
+        (RuntimeError("stuck\nmore of it"), 503, "model replica: stuck; retry it"),
+        (ValueError("a detail"), 503, "model replica (RayTaskError(ValueError)); retry it"),
     ],
 )
 def test_a_replicas_error_reaches_the_client_as_its_status(cause, status, text):

@@ -371,6 +371,7 @@ def _kill_a_worker_then_recover(url: str, body: dict) -> None:
     time.sleep(1)
     r = httpx.post(url, json=body, timeout=120)
     assert r.status_code == 503 and r.json()["error"]["type"] == "server_error", r.text
+    assert "a model worker died" in r.json()["error"]["message"]
     deadline = time.monotonic() + 180
     while (r := httpx.post(url, json=body, timeout=120)).status_code != 200:
         assert time.monotonic() < deadline, r.text
@@ -396,6 +397,7 @@ def _hang_a_worker_then_recover(url: str, body: dict) -> None:
         start = time.monotonic()
         r = httpx.post(url, json=body, timeout=120)
         assert r.status_code == 503 and r.json()["error"]["type"] == "server_error", r.text
+        assert "past step_timeout_s (3 s)" in r.json()["error"]["message"]  # the reason
         assert time.monotonic() - start < 60  # 3 s + a health check, not a client's timeout
         deadline = time.monotonic() + 180
         while (r := httpx.post(url, json=body, timeout=120)).status_code != 200:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from app.reasoning_parsers import REASONING_PARSERS
 from app.tool_parsers import PARSERS
-from engine.config import EngineConfig, check_device
+from engine.config import DEFAULT_STEP_TIMEOUT_S, EngineConfig, check_device
 from engine.model_store import DEFAULT_MODEL_NAME
 from engine.parallel import ParallelLayout
 from engine.scheduler import SchedulerConfig
@@ -159,7 +159,7 @@ class PhaseArgs(_Strict):
     # health check fails, and so do the replica's requests (503), so Serve replaces it at once
     # (vLLM's VLLM_ENGINE_ITERATION_TIMEOUT_S); raise it for a model whose longest step on
     # this host takes near a minute; null: no limit
-    step_timeout_s: float | None = Field(60.0, gt=0)
+    step_timeout_s: float | None = Field(DEFAULT_STEP_TIMEOUT_S, gt=0)
     # multi-worker replicas: how their placement-group bundles are placed (default: STRICT_PACK
     # for tensor parallelism alone, PACK once there are pipeline stages)
     placement_group_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] | None = (

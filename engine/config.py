@@ -19,6 +19,10 @@ KV_CACHE_DTYPES = {
 }
 
 
+# vLLM's VLLM_ENGINE_ITERATION_TIMEOUT_S default: longer in one step, an engine is stuck
+DEFAULT_STEP_TIMEOUT_S = 60.0
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # local HF directory; None = the embedded default model
@@ -52,7 +56,7 @@ class EngineConfig:
     # vLLM's VLLM_ENGINE_ITERATION_TIMEOUT_S: a replica whose engine loop has spent longer in
     # one iteration (a step, a hand-off's import) is stuck (a hung model worker or GPU); its
     # health check fails it and its requests (deployments/servers.py). None: never
-    step_timeout_s: float | None = 60.0
+    step_timeout_s: float | None = DEFAULT_STEP_TIMEOUT_S
 
     def __post_init__(self) -> None:
         check_device(self.device)

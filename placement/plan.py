@@ -23,6 +23,7 @@ import yaml
 from tqdm import tqdm
 
 from deployments.serve_env import env_words, serve_env
+from engine.config import DEFAULT_STEP_TIMEOUT_S
 from placement.cli_args import (
     add_source_args,
     add_workload_args,
@@ -36,7 +37,7 @@ from placement.cli_args import (
 from placement.frontend import FrontEnd, ServingCost, size_front_end
 from placement.hardware import DEVICES
 from placement.optimizer import Candidate, Search, meet_rate, optimize, table
-from placement.simulator import SLO
+from placement.simulator import SLO, InstanceSpec
 
 
 def serve_config(
@@ -114,14 +115,12 @@ def serve_config(
     }
 
 
-# the engine's default step_timeout_s (app/config.py), and the margin a planned one keeps over
-# the longest step the profile predicts: a watchdog for hung steps, not a latency target (this
-# host's pace drifts 2-3x over minutes)
-DEFAULT_STEP_TIMEOUT_S = 60.0
+# the margin a planned step_timeout_s keeps over the longest step the profile predicts: a
+# watchdog for hung steps, not a latency target (this host's pace drifts 2-3x over minutes)
 STEP_TIMEOUT_MARGIN = 10.0
 
 
-def longest_step_ms(spec, phase: str) -> float:
+def longest_step_ms(spec: InstanceSpec, phase: str) -> float:
     """The profile's time for the longest step a replica of `phase` may run: a prefill of one
     prompt that fills the batch token budget, a decode batch of max_batch_size requests whose
     contexts fill the KV cache (colocated: the longer of the two)."""
@@ -132,7 +131,7 @@ def longest_step_ms(spec, phase: str) -> float:
     return {"prefill": prefill, "decode": decode}.get(phase, max(prefill, decode))
 
 
-def step_timeout_s(spec, phase: str) -> float | None:
+def step_timeout_s(spec: InstanceSpec, phase: str) -> float | None:
     """A step timeout for the plan's replicas when the default would be too short for a step
     the profile predicts (a large model on a slow host: its healthy replicas would be replaced
     again and again); None: the default is enough."""

@@ -45,7 +45,7 @@ from bench.loadgen import (
     workload_of,
 )
 from bench.metrics import SLO, RequestRecord, attainment
-from deployments.serve_env import free_ports, serve_env
+from deployments.serve_env import controller_options, free_ports, serve_env
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -271,7 +271,10 @@ class Cluster:
             )
             [port] = free_ports(1)
             self.url = f"http://127.0.0.1:{port}"
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.start(
+                http_options={"host": "127.0.0.1", "port": port},
+                controller_options=controller_options(),
+            )
         return self
 
     def deploy(self, args: dict, timeout_s: float = 600) -> None:

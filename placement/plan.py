@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from deployments.serve_env import env_words, serve_env
+from deployments.serve_env import controller_options, env_words, serve_env
 from engine.config import DEFAULT_STEP_TIMEOUT_S
 from placement.cli_args import (
     add_source_args,
@@ -104,6 +104,7 @@ def serve_config(
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": 8000},
+        "controller_options": controller_options(),
         "applications": [
             {
                 "name": "splitserve",

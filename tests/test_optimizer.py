@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 import yaml
 
+from deployments.serve_env import controller_options
 from placement.latency_model import Coefficients, Entry, Profile
 from placement.optimizer import Cluster, Search, high_affinity, low_affinity, optimize, table
 from placement.plan import report, serve_config
@@ -82,6 +83,7 @@ def test_emitted_config_is_accepted_by_the_builder():
     assert app["import_path"] == "app.builder:build_app"
     args = AppArgs.model_validate(app["args"])
     assert (args.prefill.num_replicas, args.decode.num_replicas) == (2, 1)
+    assert config["controller_options"] == controller_options()  # as serve_config.yaml's
     # the ingress counts requests against the targets the plan was made for
     assert (args.slo.ttft_ms, args.slo.tpot_ms) == (search.slo.ttft_ms, search.slo.tpot_ms)
     # every replica plus the ingress fits in the cluster's 3 logical CPUs

@@ -6,6 +6,7 @@ Its own application on the session's shared cluster: replicas of it are killed."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -21,7 +22,9 @@ pytestmark = [pytest.mark.serve, pytest.mark.model]
 
 APP = "failing"
 SMALL = {"num_cpus": 0.5, "engine": {"num_threads": 1, "kv_cache_memory_mb": 128}}
-ARGS = {"mode": "disaggregated", "prefill": SMALL, "decode": SMALL}
+# a frozen decode replica misses its health checks: 3 of them, 2 s apart, 5 s allowed each
+FROZEN_FOUND = {"health_check_period_s": 2.0, "health_check_timeout_s": 5.0}
+ARGS = {"mode": "disaggregated", "prefill": SMALL, "decode": {**SMALL, **FROZEN_FOUND}}
 LONG = {"prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": True, "temperature": 0}
 
 
@@ -137,6 +140,29 @@ def test_a_prefill_replica_that_dies_mid_prefill_fails_its_request_with_a_503(ur
     assert "failed in a model replica" in r.json()["error"]["message"]
     assert _idle(_stats("DecodeServer")) and _stats("DecodeServer")["num_pending_imports"] == 0
     assert _idle(_served_again(url, "PrefillServer", dead))
+
+
+def test_a_frozen_decode_replica_fails_its_streams_within_its_health_checks(url):
+    """A replica whose whole process froze (stopped here; a call that holds the GIL in real
+    life) answers nothing, its step timeout included. Serve finds it by its health checks,
+    and kills it at once (the controller's CONTROLLER_ENV): drained first, as by default, its
+    streams waited graceful_shutdown_timeout_s (300 s) for their error (measured: 395 s)."""
+    frozen = _stats("DecodeServer")["pid"]
+    stream = _Stream(url, after=10)
+    stream.start()
+    assert stream.started.wait(60), stream.lines
+    os.kill(frozen, signal.SIGSTOP)
+    start = time.monotonic()
+    try:
+        stream.join(90)
+        assert not stream.is_alive(), "the stream outlived its frozen replica's health checks"
+        assert time.monotonic() - start < 60
+        *_, error, done = stream.lines
+        assert done == "[DONE]" and json.loads(error)["error"]["code"] == 503
+        _served_again(url, "DecodeServer", frozen)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # Serve killed it (or the test failed)
+            os.kill(frozen, signal.SIGKILL)
 
 
 def test_the_requests_of_an_ingress_replica_that_died_are_aborted(url):

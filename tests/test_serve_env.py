@@ -43,3 +43,21 @@ def test_the_command_line_prints_words_for_env_and_refuses_a_bad_mode(capsys):
     with pytest.raises(SystemExit) as e:  # the Makefile's `&&` then starts nothing
         main(["fast"])
     assert e.value.code == 2
+
+
+def test_every_config_starts_serves_controller_with_the_same_settings():
+    """serve_config.yaml, the GPU one and the planner's carry CONTROLLER_ENV as Serve's
+    `controller_options`, which Serve's own schema for `serve run` accepts."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from deployments.serve_env import CONTROLLER_ENV, controller_options
+
+    assert CONTROLLER_ENV == {"RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1"}
+    for name in ("serve_config.yaml", "serve_config_gpu.yaml"):
+        config = yaml.safe_load((Path(__file__).parents[1] / name).read_text())
+        assert config["controller_options"] == controller_options(), name
+        parsed = ServeDeploySchema.model_validate(config)
+        assert parsed.controller_options.runtime_env["env_vars"] == CONTROLLER_ENV

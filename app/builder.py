@@ -69,6 +69,8 @@ def build_app(args: dict) -> serve.Application:
         num_replicas=cfg.ingress.num_replicas,
         ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
         max_ongoing_requests=cfg.ingress.max_ongoing_requests,
+        health_check_period_s=cfg.ingress.health_check_period_s,
+        health_check_timeout_s=cfg.ingress.health_check_timeout_s,
     )
     plain = cfg.model_dump(mode="json")
     size = cfg.ingress.responses_store_size

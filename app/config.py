@@ -191,6 +191,10 @@ class PhaseArgs(_Strict):
 class IngressArgs(_Strict):
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.1, ge=0)
+    # Serve's health check, as the phases': an ingress replica that misses three checks is
+    # killed (the configs' controller_options), and the engine replicas then end its calls
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
     max_ongoing_requests: int = Field(256, ge=1)
     max_queued_requests: int = Field(128, ge=1)  # in flight per ingress replica, then 503
     # the name of an environment variable (of the ingress replicas' processes) holding an API

@@ -24,7 +24,12 @@ APP = "failing"
 SMALL = {"num_cpus": 0.5, "engine": {"num_threads": 1, "kv_cache_memory_mb": 128}}
 # a frozen decode replica misses its health checks: 3 of them, 2 s apart, 5 s allowed each
 FROZEN_FOUND = {"health_check_period_s": 2.0, "health_check_timeout_s": 5.0}
-ARGS = {"mode": "disaggregated", "prefill": SMALL, "decode": {**SMALL, **FROZEN_FOUND}}
+ARGS = {
+    "mode": "disaggregated",
+    "prefill": SMALL,
+    "decode": {**SMALL, **FROZEN_FOUND},
+    "ingress": FROZEN_FOUND,
+}
 LONG = {"prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": True, "temperature": 0}
 
 
@@ -200,6 +205,33 @@ def test_the_requests_of_an_ingress_replica_that_died_are_aborted(url):
             sent.result(timeout=90).raise_for_status()
     _until_idle(("PrefillServer", "DecodeServer"), 12)
     until_served(url, waiting)
+
+
+def test_the_requests_of_a_frozen_ingress_replica_end_once_serve_kills_it(url):
+    """An ingress replica whose process froze relays nothing, and its calls go on in the
+    engine replicas: Serve kills it once its health checks fail (5 s each here), and the
+    replicas' caller watch then ends its calls as a dead ingress's; the new ingress serves."""
+    import subprocess
+
+    body = {**LONG, "max_tokens": 2400}  # ~70 s of decoding here, past the health checks
+    [frozen] = subprocess.run(
+        ["pgrep", "-f", f"ServeReplica:{APP}:Ingress"], capture_output=True, text=True
+    ).stdout.split()
+    stream = _Stream(url, after=10, body=body)
+    stream.start()
+    assert stream.started.wait(60), stream.lines
+    before = _stats("DecodeServer")["num_orphaned_calls"]
+    os.kill(int(frozen), signal.SIGSTOP)
+    try:
+        _until_idle(("PrefillServer", "DecodeServer"), 60)
+        # ended by the watch once Serve killed the ingress, not by its last token
+        assert _stats("DecodeServer")["num_orphaned_calls"] == before + 1
+        stream.join(60)
+        assert not stream.is_alive() and len(stream.lines) < 2400
+        until_served(url, (500, 503))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(frozen), signal.SIGKILL)
 
 
 def _until_idle(deployments: tuple[str, ...], timeout_s: float) -> None:

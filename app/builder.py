@@ -24,8 +24,7 @@ def deployment_options(phase: PhaseArgs, name: str, key: str, gpus: float = 0.0)
         "name": name,
         "ray_actor_options": actor,
         "max_ongoing_requests": phase.max_ongoing_requests,
-        "health_check_period_s": phase.health_check_period_s,
-        "health_check_timeout_s": phase.health_check_timeout_s,
+        **phase.health_check_options,
         "graceful_shutdown_timeout_s": phase.graceful_shutdown_timeout_s,
         "graceful_shutdown_wait_loop_s": 1.0,
     }
@@ -69,8 +68,7 @@ def build_app(args: dict) -> serve.Application:
         num_replicas=cfg.ingress.num_replicas,
         ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
         max_ongoing_requests=cfg.ingress.max_ongoing_requests,
-        health_check_period_s=cfg.ingress.health_check_period_s,
-        health_check_timeout_s=cfg.ingress.health_check_timeout_s,
+        **cfg.ingress.health_check_options,
     )
     plain = cfg.model_dump(mode="json")
     size = cfg.ingress.responses_store_size

@@ -139,7 +139,22 @@ class AutoscalingArgs(_Strict):
         }
 
 
-class PhaseArgs(_Strict):
+class HealthCheckArgs(_Strict):
+    """Serve's replica health check: every period, each call allowed the timeout; three
+    failures in a row replace the replica (killed at once: the configs' controller_options)."""
+
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
+
+    @property
+    def health_check_options(self) -> dict:
+        return {
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
+        }
+
+
+class PhaseArgs(HealthCheckArgs):
     num_replicas: int = Field(1, ge=1)
     autoscaling: AutoscalingArgs | None = None  # splitserve's latency-target policy
     autoscaling_config: dict | None = None  # or Serve's own, passed through as written
@@ -151,10 +166,7 @@ class PhaseArgs(_Strict):
     max_ongoing_requests: int = Field(64, ge=1)
     # a replica being removed finishes what it holds first (Serve stops routing to it)
     graceful_shutdown_timeout_s: float = Field(300.0, ge=0)
-    # Serve's replica health check (a dead engine thread or model worker fails it): every
-    # period, each call allowed the timeout; three failures in a row replace the replica
-    health_check_period_s: float = Field(10.0, gt=0)
-    health_check_timeout_s: float = Field(30.0, gt=0)
+    # (HealthCheckArgs: a dead engine thread or model worker, a stuck step, fails the check)
     # an engine loop that has spent longer in one step (or a hand-off's import) is stuck: the
     # health check fails, and so do the replica's requests (503), so Serve replaces it at once
     # (vLLM's VLLM_ENGINE_ITERATION_TIMEOUT_S); raise it for a model whose longest step on
@@ -188,13 +200,12 @@ class PhaseArgs(_Strict):
         return self
 
 
-class IngressArgs(_Strict):
+class IngressArgs(HealthCheckArgs):
+    """(HealthCheckArgs: a frozen ingress replica is killed once it fails them, and the engine
+    replicas then end its calls)"""
+
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.1, ge=0)
-    # Serve's health check, as the phases': an ingress replica that misses three checks is
-    # killed (the configs' controller_options), and the engine replicas then end its calls
-    health_check_period_s: float = Field(10.0, gt=0)
-    health_check_timeout_s: float = Field(30.0, gt=0)
     max_ongoing_requests: int = Field(256, ge=1)
     max_queued_requests: int = Field(128, ge=1)  # in flight per ingress replica, then 503
     # the name of an environment variable (of the ingress replicas' processes) holding an API

@@ -45,7 +45,7 @@ from bench.loadgen import (
     workload_of,
 )
 from bench.metrics import SLO, RequestRecord, attainment
-from deployments.serve_env import controller_options, free_ports, serve_env
+from deployments.serve_env import free_ports, serve_env, start_serve
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -250,7 +250,6 @@ class Cluster:
 
     def __enter__(self) -> Cluster:
         import ray
-        from ray import serve
 
         self._temp = tempfile.mkdtemp(prefix="splitserve-ray-")  # outside any working_dir
         # a `kill` (SIGTERM) would end the process without __exit__, leaving Ray's agents
@@ -271,10 +270,7 @@ class Cluster:
             )
             [port] = free_ports(1)
             self.url = f"http://127.0.0.1:{port}"
-            serve.start(
-                http_options={"host": "127.0.0.1", "port": port},
-                controller_options=controller_options(),
-            )
+            start_serve(port)
         return self
 
     def deploy(self, args: dict, timeout_s: float = 600) -> None:

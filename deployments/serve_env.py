@@ -62,6 +62,16 @@ def controller_options() -> dict:
     return {"runtime_env": {"env_vars": dict(CONTROLLER_ENV)}}
 
 
+def start_serve(port: int) -> None:
+    """Serve on this driver's cluster: HTTP on 127.0.0.1:`port`, the controller's settings
+    as serve_config.yaml gives them (a private cluster's: tests, bench.experiment)."""
+    from ray import serve
+
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": port}, controller_options=controller_options()
+    )
+
+
 def env_words(mode: str) -> str:
     """`mode`'s settings as NAME=VALUE words, for `env` or a shell command line."""
     return " ".join(f"{name}={value}" for name, value in serve_env(mode).items())

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from deployments.serve_env import controller_options, free_ports
+from deployments.serve_env import free_ports, start_serve
 
 # the union of what the sharing modules need: no tokenizer thread pools in 16 replicas on 2
 # cores; replicas push their load to Serve's autoscaler every second, not every 10 s, so the
@@ -49,7 +49,6 @@ class SharedRay:
 
     def _start(self) -> RayServe:
         import ray
-        from ray import serve
 
         metrics_port, port = free_ports(2)
         ray.init(
@@ -61,10 +60,7 @@ class SharedRay:
             _system_config=SYSTEM_CONFIG,
             runtime_env={"env_vars": ENV},
         )
-        serve.start(
-            http_options={"host": "127.0.0.1", "port": port},
-            controller_options=controller_options(),
-        )
+        start_serve(port)
         return RayServe(
             f"http://127.0.0.1:{port}",
             f"http://127.0.0.1:{metrics_port}/metrics",

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from deployments.serve_env import controller_options, free_ports
+from deployments.serve_env import free_ports, start_serve
 from tests.ray_session import ENV, deploy, end_ray_session
 from tests.test_autoscaling_serve import (
     DECODE_LATENCY,
@@ -77,9 +77,7 @@ def test_scaled_out_replicas_pair_on_their_own_node(two_nodes):
     from app.builder import build_app
 
     [port] = free_ports(1)
-    serve.start(
-        http_options={"host": "127.0.0.1", "port": port}, controller_options=controller_options()
-    )
+    start_serve(port)
     deploy({"two": ("/", build_app(ARGS))})
     base = f"http://127.0.0.1:{port}"
     # prompts that queue at prefill for seconds, outputs that keep several requests decoding

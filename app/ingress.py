@@ -47,6 +47,7 @@ from app.protocol import (
     parse_object,
     validated,
 )
+from app.readiness import Readiness
 from app.replica_calls import ReplicaCalls, uncancelled
 from app.responses import (
     ResponseFormat,
@@ -107,6 +108,9 @@ class Ingress:
         self.prompts = PromptBuilder(tokenizer, text_config.vocab_size, self.max_model_len)
         handles = [_this_process_transport(h) for h in (prefill, decode, colocated, store)]
         self.prefill, self.decode, self.colocated, store = handles
+        called = [h for h in handles if h is not None]
+        app_name = called[0].app_name if called else ""
+        self.readiness = Readiness(app_name, [h.deployment_name for h in called])
         self.num_in_flight = 0
         self._kv_capacity: int | None = None  # smallest replica KV cache, fetched once
         self.created = int(time.time())
@@ -144,7 +148,7 @@ class Ingress:
             path = path[len(root) :]
         path = path.rstrip("/")
         if path in ("/health", "/ping") and method == "GET":
-            return JSONResponse({"status": "ok"})
+            return await self._health()
         if path == "/version" and method == "GET":
             return JSONResponse({"version": _VERSION})
         self._authorize(request)
@@ -167,6 +171,15 @@ class Ingress:
         if path in _LORA_ADMIN and method == "POST" and self.args.allow_runtime_lora_updating:
             return PlainTextResponse(self._lora_admin(path, await request.body()))
         raise APIError(404, f"no route {method} {path}", kind="not_found_error")
+
+    async def _health(self) -> JSONResponse:
+        """200 once every deployment this ingress calls has a running replica, else 503 naming
+        what it waits for (app/readiness.py)."""
+        unready = await self.readiness.unready()
+        if not unready:
+            return JSONResponse({"status": "ok"})
+        waiting = "; ".join(f"{name}: {why}" for name, why in unready.items())
+        return JSONResponse({"status": "unavailable", "message": waiting}, status_code=503)
 
     def _lora_admin(self, path: str, body: bytes) -> str:
         """vLLM's runtime LoRA updating (app/lora_admin.py) -> its success text."""

@@ -114,7 +114,21 @@ def test_a_dead_decode_replica_ends_its_streams_with_an_error_and_is_replaced(ur
     body = json.loads(error)["error"]
     assert body["code"] == 503 and "failed in a model replica" in body["message"]
     assert _idle(_stats("PrefillServer"))  # nothing of the request left on the prefill side
+    # /health: 503 once Serve has found the replica dead (a health check, 2 s apart here)
+    # until its replacement runs
+    health = _health_until(url, 503)
+    assert "DecodeServer: " in health and "0 replicas running" in health
     assert _idle(_served_again(url, "DecodeServer", dead))
+    _health_until(url, 200)
+
+
+def _health_until(url: str, status: int, timeout_s: float = 60) -> str:
+    """Poll the app's /health until it answers `status` -> its body."""
+    deadline = time.monotonic() + timeout_s
+    while (r := httpx.get(f"{url}/health", timeout=30)).status_code != status:
+        assert time.monotonic() < deadline, f"/health still {r.status_code}: {r.text}"
+        time.sleep(0.2)
+    return r.text
 
 
 def test_a_stream_that_left_its_prefill_replica_outlives_it(url):

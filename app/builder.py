@@ -15,6 +15,7 @@ from app.prefix_router import PrefixAffinityRouter
 from app.response_store import ResponseStoreServer
 from app.router import SameNodeRouter
 from deployments.servers import ColocatedServer, DecodeServer, PrefillServer
+from engine.model_store import check_model
 
 
 def deployment_options(phase: PhaseArgs, name: str, key: str, gpus: float = 0.0) -> dict:
@@ -61,6 +62,7 @@ def deployment_options(phase: PhaseArgs, name: str, key: str, gpus: float = 0.0)
 
 def build_app(args: dict) -> serve.Application:
     cfg = AppArgs.model_validate(args or {})
+    check_model(cfg.model, cfg.revision)  # here, not in every replica's failed start
     _check_parallel(cfg)
     ingress = serve.deployment(
         Ingress,
@@ -135,5 +137,5 @@ def _check_parallel(cfg: AppArgs) -> None:
     from engine.model_runner import ModelShape
     from engine.model_store import resolve_model
 
-    shape = ModelShape.of(AutoConfig.from_pretrained(resolve_model(cfg.model)))
+    shape = ModelShape.of(AutoConfig.from_pretrained(resolve_model(cfg.model, cfg.revision)))
     cfg.check_parallel(shape.num_layers, shape.num_heads, shape.num_kv_heads)

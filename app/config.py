@@ -228,8 +228,14 @@ class SLOArgs(_Strict):
 
 
 class AppArgs(_Strict):
-    model: str | None = None  # local HF directory; None = the embedded default model
-    served_model_name: str = DEFAULT_MODEL_NAME
+    # a local HF directory, or a Hugging Face Hub repository id (`org/name`, fetched once
+    # into the Hub's cache on each node that loads it, as vLLM's --model); None = the
+    # embedded default model
+    model: str | None = None
+    revision: str | None = None  # vLLM's --revision: a Hub model's branch, tag or commit
+    # the name requests give as `model` (vLLM's --served-model-name); None: `model` as
+    # written, as vLLM names it (the embedded model: SmolLM2-135M-Instruct)
+    served_model_name: str | None = Field(None, min_length=1)
     mode: Literal["disaggregated", "colocated"] = "disaggregated"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # vLLM's --kv-cache-dtype: "auto" caches keys and values in `dtype`; fp8 (e4m3, as vLLM's
@@ -359,14 +365,21 @@ class AppArgs(_Strict):
 
     @model_validator(mode="after")
     def _adapters_servable(self) -> AppArgs:
-        if self.served_model_name in self.lora_modules:
-            raise ValueError(f"lora_modules: {self.served_model_name!r} names the base model")
+        if self.served_name in self.lora_modules:
+            raise ValueError(f"lora_modules: {self.served_name!r} names the base model")
         if self.allow_runtime_lora_updating and self.lora_dir is None:
             raise ValueError(
                 "allow_runtime_lora_updating needs lora_dir: adapters loaded at runtime are "
                 "linked into it, where every replica finds them"
             )
         return self
+
+    @property
+    def served_name(self) -> str:
+        """What requests name the base model: served_model_name, else `model` as written."""
+        if self.served_model_name is not None:
+            return self.served_model_name
+        return DEFAULT_MODEL_NAME if self.model in (None, "", "default") else self.model
 
     def gpus_per_worker(self, phase: str) -> float:
         chosen = getattr(self, phase).num_gpus
@@ -378,6 +391,7 @@ class AppArgs(_Strict):
         e: EngineArgs = getattr(self, phase).engine
         return EngineConfig(
             model=self.model,
+            revision=self.revision,
             dtype=self.dtype,
             kv_cache_dtype=self.kv_cache_dtype,
             device=self.device,

@@ -98,7 +98,7 @@ class Ingress:
         from transformers import AutoConfig, AutoTokenizer
 
         self.args = AppArgs.model_validate(args)
-        path = resolve_model(self.args.model)
+        path = resolve_model(self.args.model, self.args.revision)
         tokenizer = AutoTokenizer.from_pretrained(path)
         if self.args.chat_template is not None:  # the server's in place of the model's
             tokenizer.chat_template = self.args.chat_template
@@ -184,7 +184,7 @@ class Ingress:
     def _lora_admin(self, path: str, body: bytes) -> str:
         """vLLM's runtime LoRA updating (app/lora_admin.py) -> its success text."""
         request_cls, act = _LORA_ADMIN[path]
-        configured = {*self.args.lora_modules, self.args.served_model_name}
+        configured = {*self.args.lora_modules, self.args.served_name}
         return act(self.args.lora_dir, configured, parse(body, request_cls))
 
     async def _off_loop(self, fn: Callable[..., T], *args) -> T:
@@ -231,7 +231,7 @@ class Ingress:
     def _model_card(self, name: str | None = None) -> dict:
         """The card of the served model or LoRA adapter `name` (404 when neither); None: the
         base model's."""
-        base = self.args.served_model_name
+        base = self.args.served_name
         lora = self._lora(name) if name is not None else None
         card = {
             "id": lora or base,
@@ -247,7 +247,7 @@ class Ingress:
 
     def _lora(self, name: str) -> str | None:
         """The LoRA adapter a request's `model` names; None: the base model; else a 404."""
-        if name == self.args.served_model_name:
+        if name == self.args.served_name:
             return None
         if name in self.args.lora_modules or lora_path(self.args.lora_dir, name) is not None:
             return name
@@ -257,7 +257,7 @@ class Ingress:
         raise APIError(
             404,
             f"model {name!r} does not exist; this server serves "
-            f"{self.args.served_model_name!r}{adapters}",
+            f"{self.args.served_name!r}{adapters}",
             "model",
             "not_found_error",
         )

@@ -119,7 +119,9 @@ def windows(records: list[RequestRecord], t0: float, width_s: float) -> list[dic
     ]
 
 
-def run_config(cluster: Cluster, args: dict, requests: list[LoadRequest], model: str) -> dict:
+def run_config(
+    cluster: Cluster, args: dict, requests: list[LoadRequest], model: str | None
+) -> dict:
     cluster.deploy(args)
     try:
         with ReplicaWatcher(cluster.APP) as watch:
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--window-s", type=float, default=30.0)
-    parser.add_argument("--model", default="SmolLM2-135M-Instruct")
+    parser.add_argument("--model", help="the served name; default: the first /v1/models lists")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     schedule = [tuple(map(float, s.split(":"))) for s in args.schedule]

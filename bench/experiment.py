@@ -458,7 +458,7 @@ def sweep(
     return state.sorted_points()
 
 
-def _send(url: str, model: str, make: Callable[[float], list[LoadRequest]]):
+def _send(url: str, model: str | None, make: Callable[[float], list[LoadRequest]]):
     def send(rate: float) -> tuple[list[RequestRecord], float]:
         requests = make(rate)
         span = requests[-1].arrival_s
@@ -467,7 +467,7 @@ def _send(url: str, model: str, make: Callable[[float], list[LoadRequest]]):
     return send
 
 
-def _warm_up(url: str, model: str) -> None:
+def _warm_up(url: str, model: str | None) -> None:
     warm = [LoadRequest(0.0, [100 + i for i in range(32)], 4) for _ in range(2)]
     records, _ = asyncio.run(run(url, model, warm, progress=False))
     failed = [r.error for r in records if not r.ok]
@@ -623,7 +623,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rates", nargs="+", type=float, required=True)
     parser.add_argument("--bisect", type=int, default=1, help="extra rates at the crossing")
     parser.add_argument("--num-requests", type=int, default=30)
-    parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="the served name")
+    parser.add_argument("--model", help="the served name; default: the first /v1/models lists")
     parser.add_argument(
         "--serve-model", help="a model directory every configuration serves (bench.tiny_model's)"
     )

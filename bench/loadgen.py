@@ -134,15 +134,25 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, req: LoadRequest
     return RequestRecord(arrival, first, last, tokens, prompt_tokens)
 
 
+def served_model(url: str) -> str:
+    """The model the server at `url` lists first (its base model), as vLLM's benchmark takes
+    it when none is named."""
+    response = httpx.get(f"{url}/v1/models", timeout=30)
+    response.raise_for_status()
+    return response.json()["data"][0]["id"]
+
+
 async def run(
     url: str,
-    model: str,
+    model: str | None,
     requests: list[LoadRequest],
     max_duration_s: float = 600.0,
     progress: bool = True,
 ) -> tuple[list[RequestRecord], float]:
-    """-> (one record per request, wall-clock duration)."""
+    """-> (one record per request, wall-clock duration); model None: served_model(url)."""
     from tqdm import tqdm
+
+    model = model or served_model(url)
 
     bar = tqdm(total=len(requests), disable=not progress, unit="req")
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=32)
@@ -236,7 +246,7 @@ def make_requests(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000")
-    parser.add_argument("--model", default="SmolLM2-135M-Instruct")
+    parser.add_argument("--model", help="the served name; default: the first /v1/models lists")
     parser.add_argument("--rate", type=float, required=True, help="requests per second")
     parser.add_argument("--num-requests", type=int, default=40)
     parser.add_argument("--goodput", nargs=2, required=True, metavar="KEY:MS")

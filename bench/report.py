@@ -309,7 +309,7 @@ def placement_for(args: dict, entry):
     from placement.hardware import ModelSpec
     from placement.simulator import PREFIX_AFFINITY, InstanceSpec, Placement
 
-    config = resolve_model(args.get("model")) / "config.json"
+    config = resolve_model(args.get("model"), args.get("revision")) / "config.json"
     model = ModelSpec.from_config(config, args["dtype"], args.get("kv_cache_dtype", "auto"))
 
     def spec(phase: str) -> InstanceSpec:

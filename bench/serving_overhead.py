@@ -27,6 +27,7 @@ import httpx
 import torch
 
 from bench.engine_throughput import prompts
+from bench.loadgen import served_model
 from engine import EngineConfig, LLMEngine, SamplingParams
 
 
@@ -107,7 +108,7 @@ def engine_request(engine: LLMEngine, ids: list[int], max_tokens: int) -> tuple[
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--url", default="http://127.0.0.1:8000")
-    parser.add_argument("--model", default="SmolLM2-135M-Instruct")
+    parser.add_argument("--model", help="the served name; default: the first /v1/models lists")
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", help="comma-separated batch sizes: the concurrent mode")
     parser.add_argument("--rounds", type=int, default=3, help="with --batches")
     args = parser.parse_args(argv)
+    args.model = args.model or served_model(args.url)
     if args.batches:
         return batched(args)
     ids = prompts(args.requests + 1, args.context, 49152, seed=3)

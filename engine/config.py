@@ -25,7 +25,9 @@ DEFAULT_STEP_TIMEOUT_S = 60.0
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str | None = None  # local HF directory; None = the embedded default model
+    # local HF directory or Hugging Face Hub repository id; None = the embedded default model
+    model: str | None = None
+    revision: str | None = None  # a Hub model's branch, tag or commit; None: main
     dtype: str = "float32"
     device: str = "cpu"
     block_size: int = 16

@@ -79,7 +79,7 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         path = None
         if runner is None or tokenizer is None:
-            path = resolve_model(config.model)
+            path = resolve_model(config.model, config.revision)
         if tokenizer is None:
             from transformers import AutoTokenizer
 

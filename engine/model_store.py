@@ -10,8 +10,10 @@ into a cache outside git. Everything downstream only ever sees that directory.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -36,8 +38,11 @@ def default_model_dir() -> Path:
     return cache_root() / "models" / DEFAULT_MODEL_NAME
 
 
-def resolve_model(model: str | None) -> Path:
-    """Map a model argument to a local HF directory: None or "default" means the embedded model."""
+def resolve_model(model: str | None, revision: str | None = None) -> Path:
+    """Map a model argument to a local HF directory: None or "default" means the embedded
+    model; a directory with a config.json is itself; anything else is a Hugging Face Hub
+    repository id (`org/name`), downloaded once into the Hub's cache (vLLM's `--model`, with
+    its `--revision`: a branch, tag or commit)."""
     if model in (None, "", "default", DEFAULT_MODEL_NAME):
         path = default_model_dir()
         if not (path / _DONE_MARKER).exists():
@@ -47,8 +52,75 @@ def resolve_model(model: str | None) -> Path:
             )
         return path
     path = Path(model).expanduser()
-    if not (path / "config.json").is_file():
+    if (path / "config.json").is_file():
+        return path
+    _check_hub_id(model)
+    return hub_snapshot(model, revision)
+
+
+def check_model(model: str | None, revision: str | None = None) -> None:
+    """Raise FileNotFoundError, naming it, for a model that no replica will find: where
+    `serve run` builds the application, before any replica starts. A Hub model is looked up,
+    not downloaded (each node that loads it downloads it)."""
+    if model in (None, "", "default", DEFAULT_MODEL_NAME) or Path(model, "config.json").is_file():
+        resolve_model(model, revision)
+        return
+    _check_hub_id(model)
+    from huggingface_hub import model_info, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model, "config.json", revision=revision), str):
+        return  # cached (a revision as the cache knows it)
+    try:
+        model_info(model, revision=revision)
+    except Exception as e:  # not on the Hub, gated, the Hub unreachable
+        raise FileNotFoundError(_not_found(model, e)) from e
+
+
+def _check_hub_id(model: str) -> None:
+    if Path(model).expanduser().exists() or not _HUB_REPO_ID.fullmatch(model):
         raise FileNotFoundError(f"model {model!r} is not a directory with a config.json")
+
+
+def _not_found(model: str, error: Exception) -> str:
+    return (
+        f"model {model!r} is neither a local directory with a config.json nor a Hugging Face"
+        f" Hub repository this host can fetch or finds in its cache: {error}"
+    )
+
+
+# what the Hub accepts as a repository id (huggingface_hub's validate_repo_id): a name, or
+# an owner and a name, of letters, digits, '-', '_' and '.', neither starting with '.'
+_HUB_REPO_ID = re.compile(r"(?:[\w-][\w.-]{0,95}/)?[\w-][\w.-]{0,95}")
+# what a model's Hub repository may hold beside the weights transformers loads: other
+# formats' copies of them (never read here) and checkpoints of other tools
+_NOT_LOADED = [
+    "*.gguf", "*.onnx", "*.onnx_data", "*.msgpack", "*.h5", "*.ot", "*.tflite", "*.mlmodel",
+    "*.pt", "*.pth", "original/*", "onnx/*", "openvino/*", "coreml/*", "consolidated*",
+]  # fmt: skip
+
+
+@functools.cache
+def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
+    """The repository's files at `revision` (None: main) in the Hub's cache, downloaded
+    there first when missing (HF_HUB_CACHE, HF_TOKEN and HF_HUB_OFFLINE as huggingface_hub
+    reads them); once per process. The PyTorch .bin weights are skipped when the repository
+    has safetensors (transformers loads those first), as vLLM does."""
+    from huggingface_hub import model_info, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    ignore = list(_NOT_LOADED)
+    try:
+        files = model_info(repo_id, revision=revision).siblings or []  # one request
+        if any(f.rfilename.endswith(".safetensors") for f in files):
+            ignore.append("*.bin")
+    except Exception as e:  # offline, the Hub unreachable, ...: what the cache holds
+        logger.info("model %s: no file list from the Hub (%s); the cache's", repo_id, e)
+    try:
+        path = Path(snapshot_download(repo_id, revision=revision, ignore_patterns=ignore))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+        raise FileNotFoundError(_not_found(repo_id, e)) from e
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model {repo_id!r}: its repository has no config.json")
     return path
 
 

@@ -28,6 +28,7 @@ from engine.config import EngineConfig
 from engine.kv_handoff import KVPiece, finish_all, open_all
 from engine.lora import LoRAError
 from engine.model_runner import ModelInput, ModelRunner, ModelShape
+from engine.model_store import resolve_model
 from engine.parallel import ParallelLayout, Shard, split_micro_batches
 from engine.sharding import decoder
 from kvkernels import paged_attention
@@ -199,6 +200,13 @@ class ModelWorker:
         self.runner: ShardRunner | None = None
         self.channel: KVChannel | None = None
 
+    def _model_dir(self) -> str:
+        """The replica's model directory, or, on another node (a pipeline stage placed
+        apart) where it is not, this node's copy of the same model (a Hub model's cache)."""
+        if Path(self.path, "config.json").is_file():
+            return self.path
+        return str(resolve_model(self.config.model, self.config.revision))
+
     def address(self) -> tuple[str, int]:
         """A free TCP port on this node for the process group's rendezvous (rank 0 only)."""
         import ray
@@ -226,7 +234,7 @@ class ModelWorker:
         groups = [dist.new_group(self.layout.stage_ranks(p)) for p in range(self.layout.pp)]
         name = paged_attention.register()
         model = AutoModelForCausalLM.from_pretrained(
-            self.path, dtype=getattr(torch, self.config.dtype), attn_implementation=name
+            self._model_dir(), dtype=getattr(torch, self.config.dtype), attn_implementation=name
         )
         shard = ModelShape.of(model.config).shards(self.layout)[self.rank]
         tp_group = groups[shard.pp_rank]

@@ -83,3 +83,103 @@ def test_the_generation_configs_eos_ids_end_a_request(default_model_path, tmp_pa
     held = SamplingParams(max_tokens=10, temperature=0.0, min_tokens=5)
     [late] = engine.generate(["Count: 1, 2, 3,"], held)
     assert len(late.token_ids) >= 5 and stop not in late.token_ids[:5]
+
+
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch, default_model_path):
+    """A Hugging Face Hub cache holding HUB_ID at two revisions (main, and a tag v1 of another
+    commit), laid out as huggingface_hub writes it; the Hub unreachable (offline mode), so a
+    model comes from this cache or not at all."""
+    from huggingface_hub import constants
+
+    from engine.model_store import hub_snapshot
+
+    repo = tmp_path / "models--HuggingFaceTB--SmolLM2-135M-Instruct"
+    for ref, commit in (("main", "a" * 40), ("v1", "b" * 40)):
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        for f in default_model_path.iterdir():
+            (snapshot / f.name).symlink_to(f)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub_snapshot.cache_clear()
+    yield repo / "snapshots"
+    hub_snapshot.cache_clear()
+
+
+@pytest.mark.model
+def test_a_hub_repository_id_loads_from_the_hubs_cache_at_its_revision(hub_cache):
+    from engine.model_store import resolve_model
+
+    assert resolve_model(HUB_ID) == hub_cache / ("a" * 40)
+    assert resolve_model(HUB_ID, "v1") == hub_cache / ("b" * 40)
+
+
+@pytest.mark.model
+def test_the_engine_serves_a_hub_model_as_the_same_model_by_directory(hub_cache, make_engine):
+    """The same weights by their Hub id and by their directory: the same greedy tokens."""
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompt = [[1, 504, 3458, 282, 4649, 314]]
+    by_id = LLMEngine(EngineConfig(model=HUB_ID, kv_cache_memory_mb=64, num_threads=1))
+    assert by_id.generate(prompt, params)[0].token_ids == (
+        make_engine().generate(prompt, params)[0].token_ids
+    )
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(
+    ("model", "revision", "needle"),
+    [
+        ("someone/not-cached", None, "nor a Hugging Face Hub repository this host can fetch"),
+        (HUB_ID, "v2", "nor a Hugging Face Hub repository this host can fetch"),
+        ("/no/such/dir", None, "is not a directory with a config.json"),
+        ("./relative/dir/", None, "is not a directory with a config.json"),
+    ],
+)
+def test_a_model_neither_here_nor_in_the_cache_is_a_clear_error(hub_cache, model, revision, needle):
+    from engine.model_store import resolve_model
+
+    with pytest.raises(FileNotFoundError, match=needle):
+        resolve_model(model, revision)
+
+
+def test_the_served_name_is_the_model_as_written_unless_named():
+    """vLLM's --served-model-name default: the --model argument as given."""
+    from app.config import AppArgs
+
+    assert AppArgs().served_name == "SmolLM2-135M-Instruct"
+    assert AppArgs(model=HUB_ID).served_name == HUB_ID
+    assert AppArgs(model="/models/qwen").served_name == "/models/qwen"
+    assert AppArgs(model=HUB_ID, served_model_name="chat").served_name == "chat"
+
+
+@pytest.mark.model
+def test_the_ingress_lists_a_hub_model_by_its_id(hub_cache):
+    from app.ingress import Ingress
+
+    ingress = Ingress({"model": HUB_ID, "revision": "v1"})
+    assert [card["id"] for card in ingress._model_cards()] == [HUB_ID]
+    assert ingress._model_card(HUB_ID)["id"] == HUB_ID
+
+
+@pytest.mark.model
+def test_serve_run_refuses_a_model_no_replica_would_find_before_any_starts(hub_cache):
+    """build_app (what `serve run` calls) looks the model up: a cached Hub model passes, one
+    neither cached nor reachable is refused with its name."""
+    from app.builder import build_app
+    from engine.model_store import check_model
+
+    check_model(HUB_ID)
+    check_model(HUB_ID, "v1")
+    build_app({"model": HUB_ID})
+    with pytest.raises(FileNotFoundError, match="'someone/not-cached' is neither"):
+        build_app({"model": "someone/not-cached"})
+    with pytest.raises(FileNotFoundError, match="is neither"):
+        check_model(HUB_ID, "v2")
+    with pytest.raises(FileNotFoundError, match="is not a directory with a config.json"):
+        build_app({"model": "/no/such/dir"})

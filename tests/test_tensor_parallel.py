@@ -342,7 +342,10 @@ def test_planned_tp_pp_placement_starts_with_serve_and_serves(ray_serve, tiny_ll
     url = f"{ray_serve.url}/v1/completions"
     deploy({"planned": ("/", build_app(app["args"]))})
     try:
-        body = {"model": "SmolLM2-135M-Instruct", "prompt": PROMPTS[1], "max_tokens": 12,
+        # served under the name it was configured by, its directory (as vLLM names a model)
+        model = str(tiny_llama_path)
+        assert httpx.get(f"{ray_serve.url}/v1/models").json()["data"][0]["id"] == model
+        body = {"model": model, "prompt": PROMPTS[1], "max_tokens": 12,
                 "temperature": 0, "ignore_eos": True}  # fmt: skip
         r = httpx.post(url, json=body, timeout=120)
         assert r.status_code == 200, r.text

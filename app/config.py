@@ -15,7 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from app.reasoning_parsers import REASONING_PARSERS
 from app.tool_parsers import PARSERS
 from engine.config import DEFAULT_STEP_TIMEOUT_S, EngineConfig, check_device
-from engine.model_store import DEFAULT_MODEL_NAME
+from engine.model_store import (
+    DEFAULT_MODEL_NAME,
+    GENERATION_DEFAULTS,
+    generation_sampling_defaults,
+)
 from engine.parallel import ParallelLayout
 from engine.scheduler import SchedulerConfig
 from engine.spec_decode import SpeculativeConfig
@@ -236,6 +240,14 @@ class AppArgs(_Strict):
     # the name requests give as `model` (vLLM's --served-model-name); None: `model` as
     # written, as vLLM names it (the embedded model: SmolLM2-135M-Instruct)
     served_model_name: str | None = Field(None, min_length=1)
+    # vLLM's --generation-config: "auto" takes the sampling defaults (temperature, top_p,
+    # top_k, min_p, repetition_penalty, max_new_tokens) that the model's
+    # generation_config.json sets for the requests that leave them out; "vllm": OpenAI's
+    # defaults alone; or a directory holding a generation_config.json
+    generation_config: str = Field("auto", min_length=1)
+    # vLLM's --override-generation-config: defaults that replace or add to those, e.g.
+    # {temperature: 0.5}
+    override_generation_config: dict[str, float] = {}
     mode: Literal["disaggregated", "colocated"] = "disaggregated"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # vLLM's --kv-cache-dtype: "auto" caches keys and values in `dtype`; fp8 (e4m3, as vLLM's
@@ -373,6 +385,30 @@ class AppArgs(_Strict):
                 "linked into it, where every replica finds them"
             )
         return self
+
+    @field_validator("generation_config")
+    @classmethod
+    def _generation_source(cls, value: str) -> str:
+        if value not in ("auto", "vllm") and not Path(value, "generation_config.json").is_file():
+            raise ValueError(f"{value!r}: not auto, vllm or a directory with its JSON")
+        return value
+
+    @field_validator("override_generation_config")
+    @classmethod
+    def _generation_fields(cls, value: dict[str, float]) -> dict[str, float]:
+        if unknown := set(value) - set(GENERATION_DEFAULTS):
+            raise ValueError(f"{sorted(unknown)}: not among {list(GENERATION_DEFAULTS)}")
+        return value
+
+    def sampling_defaults(self, model_dir: Path) -> dict[str, float]:
+        """What requests that leave a sampling field out get (by request field name):
+        `generation_config`'s, then `override_generation_config`'s."""
+        given = {}
+        if self.generation_config != "vllm":
+            source = self.generation_config
+            given = generation_sampling_defaults(model_dir if source == "auto" else Path(source))
+        overrides = {GENERATION_DEFAULTS[k]: v for k, v in self.override_generation_config.items()}
+        return given | overrides
 
     @property
     def served_name(self) -> str:

@@ -106,6 +106,10 @@ class Ingress:
         window = context_window(text_config)
         self.max_model_len = min(self.args.max_model_len or window, window)
         self.prompts = PromptBuilder(tokenizer, text_config.vocab_size, self.max_model_len)
+        # for the sampling fields a request leaves out (vLLM's --generation-config auto)
+        self.sampling_defaults = self.args.sampling_defaults(path)
+        if self.sampling_defaults:
+            logger.info("sampling defaults of the generation config: %s", self.sampling_defaults)
         handles = [_this_process_transport(h) for h in (prefill, decode, colocated, store)]
         self.prefill, self.decode, self.colocated, store = handles
         called = [h for h in handles if h is not None]
@@ -281,15 +285,16 @@ class Ingress:
             max_tokens = req.max_tokens if req.max_tokens is not None else 16
             # echo with max_tokens 0 (vLLM's): one token is computed, and not shown
             max_tokens = 1 if req.echo_only else max_tokens
-        if max_tokens is None:  # chat without a limit: up to the window or the KV cache
-            room = min(self.max_model_len, kv_capacity)
+        if max_tokens is None:  # chat without a limit: up to the window or the KV cache,
+            room = min(self.max_model_len, kv_capacity)  # or the generation config's
             max_tokens = max(1, room - len(prompts[0].ids))
+            max_tokens = min(max_tokens, int(self.sampling_defaults.get("max_tokens", max_tokens)))
         for i, prompt in enumerate(prompts):
             self._check_lengths(
                 prompt, max_tokens, kv_capacity, chat, i if len(prompts) > 1 else None
             )
         bad_words = self.prompts.bad_words(req.bad_words)
-        return prompts, req.sampling_params(max_tokens, bad_words, lora)
+        return prompts, req.sampling_params(max_tokens, bad_words, lora, self.sampling_defaults)
 
     def _check_lengths(
         self, prompt: Prompt, max_tokens: int, kv_capacity: int, chat: bool, index: int | None
@@ -342,7 +347,13 @@ class Ingress:
         with renamed_params():
             view, outputs = await self._start(chat, True, client_id)
         keep = self.responses is not None and req.store is not False  # OpenAI's default: kept
-        response = ResponseFormat(req, view, chat.temperature, chat.top_p, stored=keep)
+        response = ResponseFormat(
+            req,
+            view,
+            chat.sampling_value("temperature", self.sampling_defaults),
+            chat.sampling_value("top_p", self.sampling_defaults),
+            stored=keep,
+        )
 
         async def save(ended: dict) -> None:  # the conversation so far, for its next turn
             await self.responses.put(ended, [*(prior or ()), *req.input_items, *ended["output"]])

@@ -7,8 +7,9 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from functools import cached_property
+from types import MappingProxyType
 from typing import Literal
 
 from pydantic import (
@@ -86,6 +87,18 @@ def _or(value: float | None, default: float) -> float:
     return default if value is None else value
 
 
+# what a request that leaves a sampling field out gets, unless the model's generation config
+# says otherwise (app/config.py's generation_config; OpenAI's defaults, top_k off)
+SAMPLING_DEFAULTS = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+}
+_NO_DEFAULTS: Mapping[str, float] = MappingProxyType({})
+
+
 def _refused(*fields: str, why: str = "is not supported", allowed: tuple = ()):
     """A validator refusing any set value of `fields` but `allowed`: honouring them would change
     the output, so they are not silently ignored."""
@@ -108,9 +121,10 @@ class _Sampling(BaseModel):
 
     model: str
     max_tokens: int | None = Field(None)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    # None (left out or null): the model's generation-config default, else SAMPLING_DEFAULTS
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
     min_p: float | None = None
     min_tokens: int | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices, each its own request to the replicas
@@ -190,18 +204,21 @@ class _Sampling(BaseModel):
         max_tokens: int,
         bad_words_token_ids: tuple[tuple[int, ...], ...] = (),
         lora: str | None = None,
+        defaults: Mapping[str, float] = _NO_DEFAULTS,
     ) -> SamplingParams:
         """The engine's parameters; `bad_words_token_ids`: this request's bad_words, tokenized
         by the caller (engine.limits.bad_words_token_ids); `lora`: the LoRA adapter its
-        `model` names (the ingress knows them), None: the base model."""
+        `model` names (the ingress knows them), None: the base model; `defaults`: the
+        model's sampling defaults (engine.model_store.generation_sampling_defaults) for the
+        fields the request leaves out."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
         with as_bad_request():
             return SamplingParams(
                 max_tokens=max_tokens,
-                temperature=self.temperature,
-                top_p=self.top_p,
-                top_k=self.top_k,
-                min_p=_or(self.min_p, 0.0),
+                temperature=self.sampling_value("temperature", defaults),
+                top_p=self.sampling_value("top_p", defaults),
+                top_k=int(self.sampling_value("top_k", defaults)),
+                min_p=self.sampling_value("min_p", defaults),
                 min_tokens=self.min_tokens or 0,
                 seed=self.seed,
                 stop=tuple(stop),
@@ -210,7 +227,7 @@ class _Sampling(BaseModel):
                 ignore_eos=self.ignore_eos,
                 presence_penalty=_or(self.presence_penalty, 0.0),
                 frequency_penalty=_or(self.frequency_penalty, 0.0),
-                repetition_penalty=_or(self.repetition_penalty, 1.0),
+                repetition_penalty=self.sampling_value("repetition_penalty", defaults),
                 logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
                 logprobs=self.num_logprobs,
                 prompt_logprobs=self.num_prompt_logprobs,
@@ -222,6 +239,11 @@ class _Sampling(BaseModel):
                 cache_salt=self.cache_salt,
                 lora=lora,
             )
+
+    def sampling_value(self, name: str, defaults: Mapping[str, float]) -> float:
+        """The request's `name` field; left out: the model's default, else OpenAI's."""
+        value = getattr(self, name)
+        return value if value is not None else defaults.get(name, SAMPLING_DEFAULTS[name])
 
     def structure(self) -> StructuredOutput | None:
         """The one constraint on the output's form, if any (app/structured.py)."""

@@ -204,6 +204,31 @@ def generation_stop_ids(path: Path, eos_token_id: int | None) -> tuple[int, ...]
     return tuple(dict.fromkeys(i for i in ids if i != eos_token_id))
 
 
+# the sampling fields a generation config may give defaults for, by the request's name for
+# them (vLLM's get_diff_sampling_param)
+GENERATION_DEFAULTS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+def generation_sampling_defaults(path: Path) -> dict[str, float]:
+    """The sampling defaults a model's generation_config.json sets (transformers' diff of it
+    from a bare config, as vLLM reads it), by request field name; {} without one."""
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(path)
+    except OSError:
+        return {}
+    given = config.to_diff_dict()
+    return {ours: given[theirs] for theirs, ours in GENERATION_DEFAULTS.items() if theirs in given}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Build the embedded default model (offline).")
     parser.add_argument("--target", type=Path, default=None, help="output directory")

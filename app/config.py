@@ -27,6 +27,7 @@ from engine.spec_decode import SpeculativeConfig
 SAME_NODE_WAIT_S = 1.0  # seconds; see app/router.py
 MAX_SPECULATIVE_TOKENS = 16  # drafts per request and step: the verify forward grows with them
 MAX_IMBALANCE = 4  # prefix affinity: requests in flight beyond the least loaded replica
+HEALTH_CHECK_TIMEOUT_S = 10.0  # seconds; see HealthCheckArgs
 
 
 class _Strict(BaseModel):
@@ -145,10 +146,13 @@ class AutoscalingArgs(_Strict):
 
 class HealthCheckArgs(_Strict):
     """Serve's replica health check: every period, each call allowed the timeout; three
-    failures in a row replace the replica (killed at once: the configs' controller_options)."""
+    failures in a row replace the replica (killed at once: the configs' controller_options).
+    The timeout is Ray Serve LLM's (10 s, Serve's own is 30 s): a check answers in
+    milliseconds, 152 ms at most under a saturating load on 2 cores (README), and a frozen
+    replica's clients wait for three of them."""
 
     health_check_period_s: float = Field(10.0, gt=0)
-    health_check_timeout_s: float = Field(30.0, gt=0)
+    health_check_timeout_s: float = Field(HEALTH_CHECK_TIMEOUT_S, gt=0)
 
     @property
     def health_check_options(self) -> dict:

@@ -122,7 +122,7 @@ def test_health_check_options_reach_serve_and_are_checked():
     from app.config import AppArgs
 
     defaults = deployment_options(AppArgs().decode, "DecodeServer", "decode")
-    assert (defaults["health_check_period_s"], defaults["health_check_timeout_s"]) == (10, 30)
+    assert (defaults["health_check_period_s"], defaults["health_check_timeout_s"]) == (10, 10)
     args = AppArgs.model_validate(
         {"decode": {"health_check_period_s": 1, "health_check_timeout_s": 5}}
     )

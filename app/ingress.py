@@ -99,6 +99,7 @@ class Ingress:
 
         self.args = AppArgs.model_validate(args)
         path = resolve_model(self.args.model, self.args.revision)
+        self.model_root = self.args.model or str(path)  # the embedded model: its directory
         tokenizer = AutoTokenizer.from_pretrained(path)
         if self.args.chat_template is not None:  # the server's in place of the model's
             tokenizer.chat_template = self.args.chat_template
@@ -247,6 +248,8 @@ class Ingress:
         if lora is not None:
             root = self.args.lora_modules.get(lora) or lora_path(self.args.lora_dir, lora)
             card |= {"root": str(root), "parent": base}
+        else:  # vLLM's: the model as configured (a Hub id, a directory), under any served name
+            card |= {"root": self.model_root, "parent": None}
         return card
 
     def _lora(self, name: str) -> str | None:

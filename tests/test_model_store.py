@@ -165,6 +165,8 @@ def test_the_ingress_lists_a_hub_model_by_its_id(hub_cache):
     ingress = Ingress({"model": HUB_ID, "revision": "v1"})
     assert [card["id"] for card in ingress._model_cards()] == [HUB_ID]
     assert ingress._model_card(HUB_ID)["id"] == HUB_ID
+    named = Ingress({"model": HUB_ID, "served_model_name": "chat"})._model_card("chat")
+    assert (named["id"], named["root"], named["parent"]) == ("chat", HUB_ID, None)  # vLLM's
 
 
 @pytest.mark.model

@@ -185,3 +185,20 @@ def test_serve_run_refuses_a_model_no_replica_would_find_before_any_starts(hub_c
         check_model(HUB_ID, "v2")
     with pytest.raises(FileNotFoundError, match="is not a directory with a config.json"):
         build_app({"model": "/no/such/dir"})
+
+
+@pytest.mark.model
+def test_a_model_worker_on_a_node_without_the_replicas_directory_loads_its_own_copy(
+    default_model_path, tmp_path
+):
+    """A pipeline stage placed on another node than its replica is sent the replica's model
+    directory; where that is missing (a Hub model's cache path, the embedded model's), the
+    worker resolves the configured model on its own node."""
+    from engine.parallel import ParallelLayout
+    from engine.workers import ModelWorker
+
+    def worker(path):
+        return ModelWorker(str(path), EngineConfig(), ParallelLayout(1, 2), 1, 4, "shm")
+
+    assert worker(default_model_path)._model_dir() == str(default_model_path)
+    assert worker(tmp_path / "elsewhere")._model_dir() == str(default_model_path)

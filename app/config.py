@@ -18,6 +18,7 @@ from engine.config import DEFAULT_STEP_TIMEOUT_S, EngineConfig, check_device
 from engine.model_store import (
     DEFAULT_MODEL_NAME,
     GENERATION_DEFAULTS,
+    check_adapter,
     generation_sampling_defaults,
 )
 from engine.parallel import ParallelLayout
@@ -321,13 +322,21 @@ class AppArgs(_Strict):
     @field_validator("lora_modules")
     @classmethod
     def _adapter_dirs(cls, value: dict[str, str]) -> dict[str, str]:
-        """Absolute paths (resolved where `serve run` runs), each a PEFT adapter's directory."""
+        """Absolute paths (resolved where `serve run` runs), each a PEFT adapter's directory,
+        or Hugging Face Hub ids of adapters (each replica fetches them, as vLLM's)."""
         dirs = {}
         for name, where in value.items():
             path = Path(where).expanduser().absolute()
-            if not name or not (path / "adapter_config.json").is_file():
-                raise ValueError(f"{name!r}: {where!r} is not a directory with adapter_config.json")
-            dirs[name] = str(path)
+            if not name:
+                raise ValueError(f"{where!r}: an adapter needs a name")
+            if (path / "adapter_config.json").is_file():
+                dirs[name] = str(path)
+                continue
+            try:
+                check_adapter(where)
+            except FileNotFoundError as e:
+                raise ValueError(f"{name!r}: {e}") from e
+            dirs[name] = where
         return dirs
 
     @field_validator("lora_dir")

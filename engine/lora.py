@@ -37,6 +37,7 @@ import torch.distributed
 from torch import nn
 
 from engine.config import lora_path
+from engine.model_store import resolve_adapter
 from engine.sampling_params import InvalidRequestError
 
 _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
@@ -81,8 +82,14 @@ class LoRAAdapter:
 
 
 def load_adapter(name: str, path: str | Path, model: nn.Module) -> LoRAAdapter:
-    """Read a PEFT LoRA directory for `model`, in its dtype and on its device."""
+    """Read a PEFT LoRA directory (or Hub repository: resolve_adapter) for `model`, in its
+    dtype and on its device."""
     path = Path(path)
+    if not path.is_dir():
+        try:
+            path = resolve_adapter(path)
+        except FileNotFoundError as e:
+            raise LoRAError(f"LoRA adapter {name!r}: {e}") from e
     config = read_config(name, path)
     tensors = _read_weights(name, path)
     parts: dict[str, dict[str, torch.Tensor]] = {}

@@ -51,40 +51,66 @@ def resolve_model(model: str | None, revision: str | None = None) -> Path:
                 " (the README's set-up command does)"
             )
         return path
-    path = Path(model).expanduser()
-    if (path / "config.json").is_file():
-        return path
-    _check_hub_id(model)
-    return hub_snapshot(model, revision)
+    return _local_or_hub(model, revision, _MODEL)
+
+
+def resolve_adapter(where: str | Path) -> Path:
+    """A LoRA adapter's PEFT directory: `where` itself, or a Hub repository id downloaded
+    into the Hub's cache (as vLLM takes --lora-modules)."""
+    return _local_or_hub(str(where), None, _ADAPTER)
 
 
 def check_model(model: str | None, revision: str | None = None) -> None:
     """Raise FileNotFoundError, naming it, for a model that no replica will find: where
     `serve run` builds the application, before any replica starts. A Hub model is looked up,
     not downloaded (each node that loads it downloads it)."""
-    if model in (None, "", "default", DEFAULT_MODEL_NAME) or Path(model, "config.json").is_file():
+    if model in (None, "", "default", DEFAULT_MODEL_NAME):
         resolve_model(model, revision)
+    else:
+        _check_local_or_hub(model, revision, _MODEL)
+
+
+def check_adapter(where: str) -> None:
+    """check_model's for a LoRA adapter."""
+    _check_local_or_hub(where, None, _ADAPTER)
+
+
+_MODEL, _ADAPTER = "config.json", "adapter_config.json"  # what each one's directory holds
+_NOUNS = {_MODEL: "model", _ADAPTER: "LoRA adapter"}
+_WITH = {_MODEL: "with a config.json", _ADAPTER: "with an adapter_config.json"}
+
+
+def _local_or_hub(where: str, revision: str | None, marker: str) -> Path:
+    path = Path(where).expanduser()
+    if (path / marker).is_file():
+        return path
+    _check_hub_id(where, marker)
+    return hub_snapshot(where, revision, marker)
+
+
+def _check_local_or_hub(where: str, revision: str | None, marker: str) -> None:
+    if Path(where, marker).expanduser().is_file():
         return
-    _check_hub_id(model)
+    _check_hub_id(where, marker)
     from huggingface_hub import model_info, try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(model, "config.json", revision=revision), str):
+    if isinstance(try_to_load_from_cache(where, marker, revision=revision), str):
         return  # cached (a revision as the cache knows it)
     try:
-        model_info(model, revision=revision)
+        model_info(where, revision=revision)
     except Exception as e:  # not on the Hub, gated, the Hub unreachable
-        raise FileNotFoundError(_not_found(model, e)) from e
+        raise FileNotFoundError(_not_found(where, marker, e)) from e
 
 
-def _check_hub_id(model: str) -> None:
-    if Path(model).expanduser().exists() or not _HUB_REPO_ID.fullmatch(model):
-        raise FileNotFoundError(f"model {model!r} is not a directory with a config.json")
+def _check_hub_id(where: str, marker: str) -> None:
+    if Path(where).expanduser().exists() or not _HUB_REPO_ID.fullmatch(where):
+        raise FileNotFoundError(f"{_NOUNS[marker]} {where!r} is not a directory {_WITH[marker]}")
 
 
-def _not_found(model: str, error: Exception) -> str:
+def _not_found(where: str, marker: str, error: Exception) -> str:
     return (
-        f"model {model!r} is neither a local directory with a config.json nor a Hugging Face"
-        f" Hub repository this host can fetch or finds in its cache: {error}"
+        f"{_NOUNS[marker]} {where!r} is neither a local directory {_WITH[marker]} nor a"
+        f" Hugging Face Hub repository this host can fetch or finds in its cache: {error}"
     )
 
 
@@ -100,11 +126,12 @@ _NOT_LOADED = [
 
 
 @functools.cache
-def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
+def hub_snapshot(repo_id: str, revision: str | None = None, marker: str = _MODEL) -> Path:
     """The repository's files at `revision` (None: main) in the Hub's cache, downloaded
     there first when missing (HF_HUB_CACHE, HF_TOKEN and HF_HUB_OFFLINE as huggingface_hub
-    reads them); once per process. The PyTorch .bin weights are skipped when the repository
-    has safetensors (transformers loads those first), as vLLM does."""
+    reads them); once per process; it must hold `marker`. The PyTorch .bin weights are
+    skipped when the repository has safetensors (transformers and PEFT load those first), as
+    vLLM does."""
     from huggingface_hub import model_info, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -114,13 +141,13 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
         if any(f.rfilename.endswith(".safetensors") for f in files):
             ignore.append("*.bin")
     except Exception as e:  # offline, the Hub unreachable, ...: what the cache holds
-        logger.info("model %s: no file list from the Hub (%s); the cache's", repo_id, e)
+        logger.info("%s: no file list from the Hub (%s); the cache's", repo_id, e)
     try:
         path = Path(snapshot_download(repo_id, revision=revision, ignore_patterns=ignore))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
-        raise FileNotFoundError(_not_found(repo_id, e)) from e
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model {repo_id!r}: its repository has no config.json")
+        raise FileNotFoundError(_not_found(repo_id, marker, e)) from e
+    if not (path / marker).is_file():
+        raise FileNotFoundError(f"{_NOUNS[marker]} {repo_id!r}: its repository has no {marker}")
     return path
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from tokenizers import decoders, normalizers
@@ -86,13 +87,24 @@ def test_the_generation_configs_eos_ids_end_a_request(default_model_path, tmp_pa
 
 
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+HUB_LORA = "someone/sql-lora"
+
+
+def _cache_repo(cache: Path, repo: str, files: Path, commit: str = "c" * 40) -> None:
+    """`files`' contents as the cache's snapshot of `repo` at main."""
+    (cache / repo / "refs").mkdir(parents=True)
+    (cache / repo / "refs" / "main").write_text(commit)
+    snapshot = cache / repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for f in files.iterdir():
+        (snapshot / f.name).symlink_to(f)
 
 
 @pytest.fixture
-def hub_cache(tmp_path, monkeypatch, default_model_path):
+def hub_cache(tmp_path, monkeypatch, default_model_path, lora_adapters):
     """A Hugging Face Hub cache holding HUB_ID at two revisions (main, and a tag v1 of another
-    commit), laid out as huggingface_hub writes it; the Hub unreachable (offline mode), so a
-    model comes from this cache or not at all."""
+    commit) and the LoRA adapter "sql" as HUB_LORA, laid out as huggingface_hub writes it;
+    the Hub unreachable (offline mode), so a model comes from this cache or not at all."""
     from huggingface_hub import constants
 
     from engine.model_store import hub_snapshot
@@ -105,6 +117,7 @@ def hub_cache(tmp_path, monkeypatch, default_model_path):
         snapshot.mkdir(parents=True)
         for f in default_model_path.iterdir():
             (snapshot / f.name).symlink_to(f)
+    _cache_repo(tmp_path, "models--someone--sql-lora", Path(lora_adapters["sql"]))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     hub_snapshot.cache_clear()
@@ -202,3 +215,28 @@ def test_a_model_worker_on_a_node_without_the_replicas_directory_loads_its_own_c
 
     assert worker(default_model_path)._model_dir() == str(default_model_path)
     assert worker(tmp_path / "elsewhere")._model_dir() == str(default_model_path)
+
+
+@pytest.mark.model
+def test_a_lora_adapter_by_hub_id_is_the_same_adapter_as_by_its_directory(
+    hub_cache, lora_adapters, paged_model
+):
+    """lora_modules may name an adapter's Hub repository (as vLLM's --lora-modules): each
+    replica loads it from the Hub's cache; one neither cached nor reachable is refused at
+    once, naming the adapter."""
+    import pydantic
+    import torch
+
+    from app.config import AppArgs
+    from engine.lora import LoRAError, load_adapter
+
+    by_id = load_adapter("sql", HUB_LORA, paged_model)
+    by_dir = load_adapter("sql", lora_adapters["sql"], paged_model)
+    assert by_id.layers.keys() == by_dir.layers.keys() and by_id.rank == by_dir.rank
+    for name, (a, b, _) in by_dir.layers.items():
+        assert torch.equal(by_id.layers[name][0], a) and torch.equal(by_id.layers[name][1], b)
+    assert AppArgs(lora_modules={"sql": HUB_LORA}).lora_modules == {"sql": HUB_LORA}
+    with pytest.raises(pydantic.ValidationError, match="'poet': LoRA adapter 'someone/po"):
+        AppArgs(lora_modules={"poet": "someone/poet-lora"})
+    with pytest.raises(LoRAError, match="'someone/poet-lora' is neither a local directory"):
+        load_adapter("poet", "someone/poet-lora", paged_model)

@@ -1,6 +1,6 @@
 """A quick look without Ray.
 
-`python -m engine generate --prompt TEXT [--chat] [--max-tokens N] [--model PATH]`
+`python -m engine generate --prompt TEXT [--chat] [--max-tokens N] [--model PATH_OR_HUB_ID]`
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--model", default=None, help="local HF directory (default: embedded model)")
+    gen.add_argument("--model", default=None, help="HF directory or Hub id (default: embedded)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)

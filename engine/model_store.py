@@ -60,6 +60,18 @@ def resolve_adapter(where: str | Path) -> Path:
     return _local_or_hub(str(where), None, _ADAPTER)
 
 
+def hub_config(repo_id: str, revision: str | None = None) -> Path:
+    """A Hub model's config.json alone, from the Hub's cache or downloaded there: what a
+    placement plan reads of a model (no weights)."""
+    _check_hub_id(repo_id, _MODEL)
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, _MODEL, revision=revision))
+    except Exception as e:  # not on the Hub nor cached, gated, the Hub unreachable
+        raise FileNotFoundError(_not_found(repo_id, _MODEL, e)) from e
+
+
 def check_model(model: str | None, revision: str | None = None) -> None:
     """Raise FileNotFoundError, naming it, for a model that no replica will find: where
     `serve run` builds the application, before any replica starts. A Hub model is looked up,

@@ -43,7 +43,9 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--profile", help="profile YAML (placement profile, or hand-written)")
     source.add_argument("--device", help="roofline profile of a device spec: A100-80GB, ...")
     parser.add_argument(
-        "--model", default="default", help="HF model dir or its config.json; 'default': embedded"
+        "--model",
+        default="default",
+        help="HF model dir or its config.json, or a Hugging Face Hub id; 'default': embedded",
     )
     parser.add_argument("--dtype", default="bfloat16", help="weights and KV dtype")
     add_kv_cache_dtype_arg(parser)
@@ -83,11 +85,23 @@ def cluster_from(args: argparse.Namespace) -> Cluster:
 
 
 def model_path(args: argparse.Namespace) -> Path:
-    if args.model == "default":
-        from engine.model_store import resolve_model
+    """--model's directory or config.json; a Hugging Face Hub id's config.json (fetched
+    alone: a plan needs no weights)."""
+    from engine.model_store import hub_config, resolve_model
 
+    if args.model == "default":
         return Path(resolve_model(None))
+    if is_hub_model(args.model):
+        try:
+            return hub_config(args.model)
+        except FileNotFoundError as e:
+            raise SystemExit(str(e)) from e
     return Path(args.model)
+
+
+def is_hub_model(model: str) -> bool:
+    """--model names a Hub repository (no such local path): a plan serves it by that id."""
+    return model != "default" and not Path(model).expanduser().exists()
 
 
 def profile_from(args: argparse.Namespace, cluster: Cluster) -> Profile:

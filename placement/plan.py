@@ -28,6 +28,7 @@ from placement.cli_args import (
     add_source_args,
     add_workload_args,
     cluster_from,
+    is_hub_model,
     model_path,
     model_spec,
     profile_from,
@@ -195,6 +196,12 @@ def _autoscaling(spec, phase: str, slo: SLO, factor: float) -> dict:
     }
 
 
+def _served_model(given: str, path: Path) -> str:
+    """What the written config's `model` says: a Hub id as given (each replica fetches it),
+    else the directory `serve run` loads."""
+    return given if is_hub_model(given) else str(_model_dir(path))
+
+
 def _model_dir(model: str | Path) -> Path:
     """The directory `serve run` loads: --model may name the config.json inside it."""
     path = Path(model)
@@ -336,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"for {args.rate} req/s: {chosen.describe()} ({chosen.goodput_rps:.2f} req/s)")
         result["chosen_for_rate"] = {"rate": args.rate, "placement": chosen.describe()}
     chosen, front = _plan_front_end(args, candidates, chosen, search, result)
-    base = {} if args.model == "default" else {"model": str(_model_dir(model))}
+    base = {} if args.model == "default" else {"model": _served_model(args.model, model)}
     if args.kv_cache_dtype != "auto":
         base["kv_cache_dtype"] = args.kv_cache_dtype
     # planned for GPUs (a device spec, or a profile built from one): serve on GPUs

@@ -240,3 +240,24 @@ def test_a_lora_adapter_by_hub_id_is_the_same_adapter_as_by_its_directory(
         AppArgs(lora_modules={"poet": "someone/poet-lora"})
     with pytest.raises(LoRAError, match="'someone/poet-lora' is neither a local directory"):
         load_adapter("poet", "someone/poet-lora", paged_model)
+
+
+@pytest.mark.model
+def test_a_plan_for_a_hub_model_reads_its_config_and_serves_it_by_id(hub_cache, tmp_path):
+    """`placement plan --model <Hub id>` reads the model's config.json (alone) and writes a
+    config whose replicas fetch the model by that id; an id not found is a clear exit."""
+    import yaml
+
+    from placement.__main__ import main as placement_main
+
+    out = tmp_path / "serve.yaml"
+    argv = [
+        "plan", "--device", "A100-80GB", "--model", HUB_ID, "--cluster", "1x2",
+        "--workload", "512:64", "--ttft-slo", "400", "--tpot-slo", "60",
+        "--num-requests", "30", "-o", str(out),
+    ]  # fmt: skip
+    placement_main(argv)
+    args = yaml.safe_load(out.read_text())["applications"][0]["args"]
+    assert args["model"] == HUB_ID
+    with pytest.raises(SystemExit, match="model 'someone/not-cached' is neither"):
+        placement_main([*argv[:4], "someone/not-cached", *argv[5:]])

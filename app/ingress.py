@@ -109,8 +109,12 @@ class Ingress:
         self.prompts = PromptBuilder(tokenizer, text_config.vocab_size, self.max_model_len)
         # for the sampling fields a request leaves out (vLLM's --generation-config auto)
         self.sampling_defaults = self.args.sampling_defaults(path)
-        if self.sampling_defaults:
-            logger.info("sampling defaults of the generation config: %s", self.sampling_defaults)
+        if self.sampling_defaults:  # a warning: shown in serve run's output, as vLLM's notice
+            logger.warning(
+                "requests that leave these out get the model's generation-config defaults"
+                " (generation_config: vllm for OpenAI's): %s",
+                self.sampling_defaults,
+            )
         handles = [_this_process_transport(h) for h in (prefill, decode, colocated, store)]
         self.prefill, self.decode, self.colocated, store = handles
         called = [h for h in handles if h is not None]

@@ -219,7 +219,7 @@ def test_app_args_check_adapters(lora_adapters, tmp_path):
     assert dict(engine.lora_modules) == lora_adapters
     assert engine.lora_dir == str(tmp_path) and engine.max_loras == 3
     bad = [
-        ({"lora_modules": {"x": str(tmp_path)}}, "not a directory with adapter_config.json"),
+        ({"lora_modules": {"x": str(tmp_path)}}, "not a directory with an adapter_config.json"),
         ({"lora_dir": str(tmp_path / "none")}, "is not a directory"),
         ({"max_loras": 0}, "greater than or equal to 1"),
         ({"lora_modules": {"SmolLM2-135M-Instruct": lora_adapters["sql"]}}, "base model"),

@@ -7,6 +7,7 @@ means: `disaggregated` uses `prefill` and `decode`; `colocated` uses `colocated`
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +21,7 @@ from engine.model_store import (
     GENERATION_DEFAULTS,
     check_adapter,
     generation_sampling_defaults,
+    model_config_file,
 )
 from engine.parallel import ParallelLayout
 from engine.scheduler import SchedulerConfig
@@ -236,6 +238,24 @@ class SLOArgs(_Strict):
     tpot_ms: float = Field(gt=0)
 
 
+def auto_dtype(model_dtype: str | None, device: str) -> str:
+    """vLLM's dtype "auto" for a model stored in `model_dtype`: on a GPU, bfloat16 for a
+    bfloat16 model and float16 for the rest; on a CPU, which has no fast float16, bfloat16
+    for a 16-bit model and float32 for the rest."""
+    if device.startswith("cuda"):
+        return "bfloat16" if model_dtype == "bfloat16" else "float16"
+    return "bfloat16" if model_dtype in ("bfloat16", "float16") else "float32"
+
+
+def _stored_dtype(model: str | None, revision: str | None) -> str | None:
+    """The dtype a model's config.json says its weights are in (None: it says none)."""
+    try:
+        config = json.loads(model_config_file(model, revision).read_text())
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"dtype auto reads the model's config.json: {e}") from e
+    return config.get("torch_dtype") or config.get("dtype")
+
+
 class AppArgs(_Strict):
     # a local HF directory, or a Hugging Face Hub repository id (`org/name`, fetched once
     # into the Hub's cache on each node that loads it, as vLLM's --model); None = the
@@ -254,6 +274,7 @@ class AppArgs(_Strict):
     # {temperature: 0.5}
     override_generation_config: dict[str, float] = {}
     mode: Literal["disaggregated", "colocated"] = "disaggregated"
+    # vLLM's --dtype: "auto" is the model's own (_auto_dtype), "half" float16, "float" float32
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # vLLM's --kv-cache-dtype: "auto" caches keys and values in `dtype`; fp8 (e4m3, as vLLM's
     # "fp8") or fp8_e5m2 in a byte each, unscaled, read back in `dtype`: 2x the cached tokens
@@ -301,6 +322,19 @@ class AppArgs(_Strict):
     prefill: PhaseArgs = PhaseArgs()
     decode: PhaseArgs = PhaseArgs()
     colocated: PhaseArgs = PhaseArgs()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vllm_dtype(cls, data):
+        """vLLM's dtype names, read here (where `serve run` reads the config) into the one
+        the replicas run: "auto" from the model's config.json (a Hub model's fetched alone)."""
+        if not isinstance(data, dict) or data.get("dtype") not in ("auto", "half", "float"):
+            return data
+        dtype = data["dtype"]
+        if dtype == "auto":
+            stored = _stored_dtype(data.get("model"), data.get("revision"))
+            dtype = auto_dtype(stored, str(data.get("device", "cpu")))
+        return {**data, "dtype": {"half": "float16", "float": "float32"}.get(dtype, dtype)}
 
     @field_validator("chat_template")
     @classmethod

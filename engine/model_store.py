@@ -72,6 +72,13 @@ def hub_config(repo_id: str, revision: str | None = None) -> Path:
         raise FileNotFoundError(_not_found(repo_id, _MODEL, e)) from e
 
 
+def model_config_file(model: str | None, revision: str | None = None) -> Path:
+    """The model's config.json: in its directory, or a Hub model's alone (hub_config)."""
+    if model in (None, "", "default", DEFAULT_MODEL_NAME) or Path(model, _MODEL).is_file():
+        return resolve_model(model, revision) / _MODEL
+    return hub_config(model, revision)
+
+
 def check_model(model: str | None, revision: str | None = None) -> None:
     """Raise FileNotFoundError, naming it, for a model that no replica will find: where
     `serve run` builds the application, before any replica starts. A Hub model is looked up,

@@ -261,3 +261,43 @@ def test_a_plan_for_a_hub_model_reads_its_config_and_serves_it_by_id(hub_cache, 
     assert args["model"] == HUB_ID
     with pytest.raises(SystemExit, match="model 'someone/not-cached' is neither"):
         placement_main([*argv[:4], "someone/not-cached", *argv[5:]])
+
+
+@pytest.mark.parametrize(
+    ("stored", "device", "want"),
+    [
+        ("bfloat16", "cpu", "bfloat16"),
+        ("float16", "cpu", "bfloat16"),  # a CPU has no fast float16
+        ("float32", "cpu", "float32"),
+        (None, "cpu", "float32"),
+        ("bfloat16", "cuda", "bfloat16"),  # vLLM's: BF16 for BF16 models,
+        ("float16", "cuda", "float16"),  # FP16 for FP16
+        ("float32", "cuda", "float16"),  # and FP32 ones
+        (None, "cuda:1", "float16"),
+    ],
+)
+def test_vllms_auto_dtype(stored, device, want):
+    from app.config import auto_dtype
+
+    assert auto_dtype(stored, device) == want
+
+
+@pytest.mark.model
+def test_dtype_auto_reads_the_models_config_and_vllms_names_are_taken(hub_cache, tmp_path):
+    """dtype auto is read where the config is (the embedded model and this Hub one are
+    stored in bfloat16; a float32 directory stays float32 on a CPU); "half" and "float" are
+    vLLM's names of float16 and float32; a model without a config is refused naming it."""
+    import pydantic
+
+    from app.config import AppArgs
+
+    assert AppArgs(dtype="auto").dtype == "bfloat16"
+    assert AppArgs(dtype="auto", model=HUB_ID).dtype == "bfloat16"
+    fp32 = tmp_path / "fp32"
+    fp32.mkdir()
+    (fp32 / "config.json").write_text(json.dumps({"model_type": "llama", "dtype": "float32"}))
+    assert AppArgs(dtype="auto", model=str(fp32)).dtype == "float32"
+    assert (AppArgs(dtype="half").dtype, AppArgs(dtype="float").dtype) == ("float16", "float32")
+    assert AppArgs.model_validate(AppArgs(dtype="auto").model_dump()).dtype == "bfloat16"
+    with pytest.raises(pydantic.ValidationError, match="dtype auto reads the model's config"):
+        AppArgs(dtype="auto", model="someone/not-cached")

@@ -21,6 +21,7 @@ from engine.model_store import (
     GENERATION_DEFAULTS,
     check_adapter,
     generation_sampling_defaults,
+    is_default_model,
     model_config_file,
 )
 from engine.parallel import ParallelLayout
@@ -363,14 +364,11 @@ class AppArgs(_Strict):
             path = Path(where).expanduser().absolute()
             if not name:
                 raise ValueError(f"{where!r}: an adapter needs a name")
-            if (path / "adapter_config.json").is_file():
-                dirs[name] = str(path)
-                continue
             try:
                 check_adapter(where)
             except FileNotFoundError as e:
                 raise ValueError(f"{name!r}: {e}") from e
-            dirs[name] = where
+            dirs[name] = str(path) if path.is_dir() else where  # a directory, or a Hub id
         return dirs
 
     @field_validator("lora_dir")
@@ -462,7 +460,7 @@ class AppArgs(_Strict):
         """What requests name the base model: served_model_name, else `model` as written."""
         if self.served_model_name is not None:
             return self.served_model_name
-        return DEFAULT_MODEL_NAME if self.model in (None, "", "default") else self.model
+        return DEFAULT_MODEL_NAME if is_default_model(self.model) else self.model
 
     def gpus_per_worker(self, phase: str) -> float:
         chosen = getattr(self, phase).num_gpus

@@ -38,12 +38,17 @@ def default_model_dir() -> Path:
     return cache_root() / "models" / DEFAULT_MODEL_NAME
 
 
+def is_default_model(model: str | None) -> bool:
+    """`model` names the embedded default model (unset, "default" or its name)."""
+    return model in (None, "", "default", DEFAULT_MODEL_NAME)
+
+
 def resolve_model(model: str | None, revision: str | None = None) -> Path:
     """Map a model argument to a local HF directory: None or "default" means the embedded
     model; a directory with a config.json is itself; anything else is a Hugging Face Hub
     repository id (`org/name`), downloaded once into the Hub's cache (vLLM's `--model`, with
     its `--revision`: a branch, tag or commit)."""
-    if model in (None, "", "default", DEFAULT_MODEL_NAME):
+    if is_default_model(model):
         path = default_model_dir()
         if not (path / _DONE_MARKER).exists():
             raise FileNotFoundError(
@@ -74,7 +79,7 @@ def hub_config(repo_id: str, revision: str | None = None) -> Path:
 
 def model_config_file(model: str | None, revision: str | None = None) -> Path:
     """The model's config.json: in its directory, or a Hub model's alone (hub_config)."""
-    if model in (None, "", "default", DEFAULT_MODEL_NAME) or Path(model, _MODEL).is_file():
+    if is_default_model(model) or Path(model, _MODEL).expanduser().is_file():
         return resolve_model(model, revision) / _MODEL
     return hub_config(model, revision)
 
@@ -83,7 +88,7 @@ def check_model(model: str | None, revision: str | None = None) -> None:
     """Raise FileNotFoundError, naming it, for a model that no replica will find: where
     `serve run` builds the application, before any replica starts. A Hub model is looked up,
     not downloaded (each node that loads it downloads it)."""
-    if model in (None, "", "default", DEFAULT_MODEL_NAME):
+    if is_default_model(model):
         resolve_model(model, revision)
     else:
         _check_local_or_hub(model, revision, _MODEL)

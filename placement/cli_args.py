@@ -85,18 +85,16 @@ def cluster_from(args: argparse.Namespace) -> Cluster:
 
 
 def model_path(args: argparse.Namespace) -> Path:
-    """--model's directory or config.json; a Hugging Face Hub id's config.json (fetched
-    alone: a plan needs no weights)."""
-    from engine.model_store import hub_config, resolve_model
+    """--model's config.json: the file named, or its directory's, or a Hugging Face Hub id's
+    (fetched alone: a plan needs no weights)."""
+    from engine.model_store import model_config_file
 
-    if args.model == "default":
-        return Path(resolve_model(None))
-    if is_hub_model(args.model):
-        try:
-            return hub_config(args.model)
-        except FileNotFoundError as e:
-            raise SystemExit(str(e)) from e
-    return Path(args.model)
+    if Path(args.model).expanduser().is_file():
+        return Path(args.model).expanduser()
+    try:
+        return model_config_file(args.model)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from e
 
 
 def is_hub_model(model: str) -> bool:

@@ -90,14 +90,17 @@ HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 HUB_LORA = "someone/sql-lora"
 
 
-def _cache_repo(cache: Path, repo: str, files: Path, commit: str = "c" * 40) -> None:
-    """`files`' contents as the cache's snapshot of `repo` at main."""
+def _cache_repo(cache: Path, repo: str, files: Path, refs: dict[str, str]) -> Path:
+    """`files`' contents as the cache's snapshot of `repo` at each ref's commit -> the
+    repository's snapshots folder."""
     (cache / repo / "refs").mkdir(parents=True)
-    (cache / repo / "refs" / "main").write_text(commit)
-    snapshot = cache / repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for f in files.iterdir():
-        (snapshot / f.name).symlink_to(f)
+    for ref, commit in refs.items():
+        (cache / repo / "refs" / ref).write_text(commit)
+        snapshot = cache / repo / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        for f in files.iterdir():
+            (snapshot / f.name).symlink_to(f)
+    return cache / repo / "snapshots"
 
 
 @pytest.fixture
@@ -109,19 +112,14 @@ def hub_cache(tmp_path, monkeypatch, default_model_path, lora_adapters):
 
     from engine.model_store import hub_snapshot
 
-    repo = tmp_path / "models--HuggingFaceTB--SmolLM2-135M-Instruct"
-    for ref, commit in (("main", "a" * 40), ("v1", "b" * 40)):
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / ref).write_text(commit)
-        snapshot = repo / "snapshots" / commit
-        snapshot.mkdir(parents=True)
-        for f in default_model_path.iterdir():
-            (snapshot / f.name).symlink_to(f)
-    _cache_repo(tmp_path, "models--someone--sql-lora", Path(lora_adapters["sql"]))
+    repo = "models--HuggingFaceTB--SmolLM2-135M-Instruct"
+    snapshots = _cache_repo(tmp_path, repo, default_model_path, {"main": "a" * 40, "v1": "b" * 40})
+    adapter = Path(lora_adapters["sql"])
+    _cache_repo(tmp_path, "models--someone--sql-lora", adapter, {"main": "c" * 40})
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     hub_snapshot.cache_clear()
-    yield repo / "snapshots"
+    yield snapshots
     hub_snapshot.cache_clear()
 
 

@@ -36,9 +36,11 @@ bench-engine: model
 # SERVE_MODE=throughput or haproxy: Ray Serve's high-throughput front end (README, "Serve's
 # front-end modes"); the settings must be in place before Ray starts, so they go on the command.
 SERVE_MODE ?= default
+# CONFIG: another config, e.g. serve_config_ray_llm.yaml (Ray Serve LLM's schema, README)
+CONFIG ?= serve_config.yaml
 serve: model
 	settings="$$($(PY) -m deployments.serve_env $(SERVE_MODE))" && \
-	env RAY_AUTH_MODE=disabled $$settings $(VENV)/bin/serve run serve_config.yaml
+	env RAY_AUTH_MODE=disabled $$settings $(VENV)/bin/serve run $(CONFIG)
 
 # On a GPU machine: the GPU tests (engine on CUDA, CUDA IPC KV transport) and the KV transfer
 # benchmark between two GPU actors; CuPy comes from the [gpu] extra.

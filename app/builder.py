@@ -21,6 +21,9 @@ from engine.model_store import check_model
 def deployment_options(phase: PhaseArgs, name: str, key: str, gpus: float = 0.0) -> dict:
     """Serve options of one engine deployment; `gpus` per model worker (AppArgs.gpus_per_worker)."""
     actor = {"num_cpus": phase.num_cpus} | ({"num_gpus": gpus} if gpus else {})
+    accelerator = phase.accelerator_type
+    if accelerator is not None:
+        actor["accelerator_type"] = accelerator
     options = {
         "name": name,
         "ray_actor_options": actor,
@@ -33,6 +36,8 @@ def deployment_options(phase: PhaseArgs, name: str, key: str, gpus: float = 0.0)
     if not layout.is_single:  # the replica in bundle 0, one bundle per model worker
         # the workers hold the model (and the GPUs); the replica only schedules
         worker = {"CPU": phase.engine.worker_num_cpus} | ({"GPU": gpus} if gpus else {})
+        if accelerator is not None:  # Ray's own resource for an accelerator_type option
+            worker[f"accelerator_type:{accelerator}"] = 0.001
         replica = {"CPU": phase.num_cpus or phase.engine.worker_num_cpus}
         options["placement_group_bundles"] = [replica] + [worker] * layout.world_size
         options["ray_actor_options"] = {"num_cpus": phase.num_cpus}

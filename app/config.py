@@ -175,6 +175,9 @@ class PhaseArgs(HealthCheckArgs):
     # device cuda, else 0. A fraction lets prefill and decode replicas share one GPU.
     num_gpus: float | None = Field(None, ge=0)
     max_replicas_per_node: int | None = Field(None, ge=1)  # spread replicas over nodes
+    # Ray's accelerator type (e.g. H100, A10G; Ray Serve LLM's `accelerator_type`): the
+    # replica, or each of its model workers, runs on a node with that accelerator
+    accelerator_type: str | None = Field(None, min_length=1)
     max_ongoing_requests: int = Field(64, ge=1)
     # a replica being removed finishes what it holds first (Serve stops routing to it)
     graceful_shutdown_timeout_s: float = Field(300.0, ge=0)

@@ -58,6 +58,11 @@ class EngineArgs(_Strict):
     speculative_config: SpeculativeArgs | None = None
     # vLLM's: with device cuda, decode steps replay CUDA graphs unless this is set
     enforce_eager: bool = False
+    # vLLM's --gpu-memory-utilization: with device cuda, the share of the GPU's memory the
+    # replica may hold, the KV cache sized to fill what the weights and the largest step
+    # leave (engine/kv_memory.py), in place of kv_cache_memory_mb; a fraction of num_gpus
+    # sharing a GPU takes its own share (0.45 each for prefill and decode at num_gpus 0.5)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
 
     @property
     def parallel(self) -> ParallelLayout:
@@ -413,6 +418,24 @@ class AppArgs(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _memory_share_on_gpu(self) -> AppArgs:
+        for phase in ("prefill", "decode", "colocated"):
+            engine: EngineArgs = getattr(self, phase).engine
+            if engine.gpu_memory_utilization is None:
+                continue
+            if not self.device.startswith("cuda"):
+                raise ValueError(
+                    f"{phase}.engine.gpu_memory_utilization sizes a GPU's KV cache: set device: "
+                    "cuda (on a CPU, kv_cache_memory_mb)"
+                )
+            if not engine.parallel.is_single:
+                raise ValueError(
+                    f"{phase}.engine.gpu_memory_utilization: not yet for tensor- or "
+                    "pipeline-parallel workers; set kv_cache_memory_mb (per worker)"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _same_kv_layout(self) -> AppArgs:
         if self.mode == "disaggregated" and (
             self.prefill.engine.block_size != self.decode.engine.block_size
@@ -482,6 +505,7 @@ class AppArgs(_Strict):
             block_size=e.block_size,
             num_kv_blocks=e.num_kv_blocks,
             kv_cache_memory_mb=e.kv_cache_memory_mb,
+            gpu_memory_utilization=e.gpu_memory_utilization,
             max_model_len=self.max_model_len,
             num_threads=e.num_threads,
             tensor_parallel_size=e.tensor_parallel_size,

@@ -44,6 +44,7 @@ PHASE_KWARGS = {
     "block_size": "block_size",
     "num_gpu_blocks_override": "num_kv_blocks",
     "enforce_eager": "enforce_eager",
+    "gpu_memory_utilization": "gpu_memory_utilization",  # on GPUs (_phase)
     "speculative_config": "speculative_config",
     # splitserve's own, for what vLLM sizes by other means (VLLM_CPU_KVCACHE_SPACE, ...)
     **{name: name for name in ("kv_cache_memory_mb", "num_threads", "worker_num_cpus")},
@@ -77,7 +78,6 @@ INERT_KWARGS = {
     "enable_auto_tool_choice": "tool_choice auto needs tool_call_parser",
     "trust_remote_code": "splitserve runs no model code from the Hub",
     "data_parallel_size": "replicas are data parallel: set deployment_config.num_replicas",
-    "gpu_memory_utilization": "a CPU engine's KV cache is kv_cache_memory_mb",
 }
 # deployment_config (Serve's deployment options) -> the PhaseArgs field
 DEPLOYMENT_FIELDS = (
@@ -170,7 +170,8 @@ def pd_app_args(args: Mapping, gpus: bool) -> dict:
             "decode serve one model"
         )
     app = _agreed_app_fields(configs, gpus)
-    phases = {k.removesuffix("_config"): _phase(c, k) for k, c in configs.items()}
+    on_gpu = _on_gpu(app)
+    phases = {k.removesuffix("_config"): _phase(c, k, on_gpu) for k, c in configs.items()}
     ingress = _ingress(extra["ingress_deployment_config"], configs.values())
     return _app_args(decode, app, "disaggregated", phases, ingress, extra["splitserve"])
 
@@ -188,7 +189,7 @@ def openai_app_args(args: Mapping, gpus: bool) -> dict:
         )
     config = _llm_config(listed[0], "llm_configs[0]")
     app = _agreed_app_fields({"llm_configs[0]": config}, gpus)
-    phases = {"colocated": _phase(config, "llm_configs[0]")}
+    phases = {"colocated": _phase(config, "llm_configs[0]", _on_gpu(app))}
     ingress = _ingress(extra["ingress_deployment_config"], [config])
     return _app_args(config, app, "colocated", phases, ingress, extra["splitserve"])
 
@@ -295,19 +296,13 @@ def _agreed_app_fields(configs: dict[str, LLMConfig], gpus: bool) -> dict:
     app = {key: value for key, (_, value) in fields.items()}
     if app.get("device", "auto") == "auto":
         app["device"] = "cuda" if gpus else "cpu"
-    on_gpu = str(app["device"]).startswith("cuda")
     if len(configs) == 2:  # prefill and decode: the KV channel of the replicas' device
-        app["kv_transport"] = "cuda_ipc" if on_gpu else "shm"
-    if "gpu_memory_utilization" in set().union(*(c.engine_kwargs for c in configs.values())):
-        if on_gpu:
-            raise ConfigError(
-                "engine_kwargs.gpu_memory_utilization: a GPU engine's KV cache is sized by "
-                "engine_kwargs.kv_cache_memory_mb or num_gpu_blocks_override here"
-            )
-        logger.warning(
-            "engine_kwargs.gpu_memory_utilization ignored on CPU, as vLLM's CPU engine does"
-        )
+        app["kv_transport"] = "cuda_ipc" if _on_gpu(app) else "shm"
     return app
+
+
+def _on_gpu(app: dict) -> bool:
+    return str(app["device"]).startswith("cuda")
 
 
 def _agree(fields: dict, key: str, value: Any, where: str) -> None:
@@ -346,9 +341,15 @@ def _lora_fields(lora: LoraConfig | None, where: str) -> dict:
     return out
 
 
-def _phase(config: LLMConfig, where: str) -> dict:
+def _phase(config: LLMConfig, where: str, on_gpu: bool) -> dict:
     """PhaseArgs (as a dict) of one deployment."""
     engine = {PHASE_KWARGS[k]: v for k, v in config.engine_kwargs.items() if k in PHASE_KWARGS}
+    if not on_gpu and engine.pop("gpu_memory_utilization", None) is not None:
+        logger.warning(
+            "%s.engine_kwargs.gpu_memory_utilization: ignored on CPU, as vLLM's CPU engine "
+            "ignores it (kv_cache_memory_mb sizes the KV cache)",
+            where,
+        )
     deployment = dict(config.deployment_config)
     actor = deployment.pop("ray_actor_options", None) or {}
     _no_unknown(deployment, DEPLOYMENT_FIELDS, f"{where}.deployment_config")

@@ -33,6 +33,10 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: sized from kv_cache_memory_mb
     kv_cache_memory_mb: int = 1024
+    # vLLM's --gpu-memory-utilization: with device cuda, the share of the GPU's memory the
+    # engine may hold, its KV cache sized to fill it (engine/kv_memory.py) in place of
+    # kv_cache_memory_mb; num_kv_blocks still wins
+    gpu_memory_utilization: float | None = None
     kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES: fp8 stores keys and values in a byte each
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
@@ -73,6 +77,7 @@ class EngineConfig:
             raise ValueError("block_size and num_kv_blocks must be >= 1")
         if self.kv_cache_memory_mb < 1:
             raise ValueError("kv_cache_memory_mb must be >= 1")
+        self._check_memory_share()
         if self.worker_num_cpus <= 0:
             raise ValueError("worker_num_cpus must be > 0")
         if self.worker_num_gpus < 0:
@@ -85,10 +90,38 @@ class EngineConfig:
         if len(set(names)) != len(names):
             raise ValueError(f"lora_modules: adapter names repeat: {names}")
 
+    def _check_memory_share(self) -> None:
+        share = self.gpu_memory_utilization
+        if share is None:
+            return
+        if not 0 < share <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {share}")
+        if not self.device.startswith("cuda"):
+            raise ValueError(
+                "gpu_memory_utilization sizes a GPU's KV cache; on a CPU it is kv_cache_memory_mb"
+            )
+        if not self.parallel.is_single:
+            raise ValueError(
+                "gpu_memory_utilization: not yet for tensor- or pipeline-parallel workers; "
+                "set kv_cache_memory_mb (per worker)"
+            )
+
     @property
     def kv_dtype(self) -> str:
         """The torch dtype name the KV cache holds."""
         return KV_CACHE_DTYPES[self.kv_cache_dtype] or self.dtype
+
+    @property
+    def memory_share(self):
+        """gpu_memory_utilization's sizing (model_runner.MemoryShare), or None."""
+        if self.gpu_memory_utilization is None:
+            return None
+        from engine.model_runner import MemoryShare
+
+        limits = self.scheduler
+        return MemoryShare(
+            self.gpu_memory_utilization, limits.max_num_batched_tokens, limits.max_num_seqs
+        )
 
     @property
     def parallel(self) -> ParallelLayout:

@@ -100,6 +100,7 @@ class LLMEngine:
                 kv_dtype=config.kv_dtype,
                 lora_modules=dict(config.lora_modules),
                 graph_batch=config.graph_batch,
+                memory_share=config.memory_share,
             )
         self.tokenizer = tokenizer
         self.runner = runner

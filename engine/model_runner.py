@@ -13,6 +13,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,6 +50,18 @@ class ModelInput:
     @property
     def num_tokens(self) -> int:
         return sum(len(s.token_ids) for s in self.seqs)
+
+
+@dataclass(frozen=True)
+class MemoryShare:
+    """vLLM's gpu_memory_utilization for one engine: `share` of its GPU's memory, its largest
+    step `tokens` prompt tokens over `seqs` sequences (the scheduler's limits); `probe` reads
+    the device's memory (None: CUDA's; engine/kv_memory.py)."""
+
+    share: float
+    tokens: int
+    seqs: int
+    probe: Any = None
 
 
 @dataclass(frozen=True)
@@ -210,6 +223,7 @@ class ModelRunner:
         kv_dtype: str | None = None,  # None: the model's
         lora_modules: dict[str, str] | None = None,
         graph_batch: int = 0,
+        memory_share: MemoryShare | None = None,
     ) -> ModelRunner:
         from transformers import AutoModelForCausalLM
 
@@ -218,8 +232,12 @@ class ModelRunner:
             path, dtype=getattr(torch, dtype), attn_implementation=name
         )
         cache = getattr(torch, kv_dtype) if kv_dtype else model.dtype
+        per_block = ModelShape.of(model.config).kv_bytes_per_token(cache) * block_size
+        if num_kv_blocks is None and memory_share is not None:
+            runner_args = (block_size, device, max_model_len, cache)
+            kv_bytes = cls._kv_bytes_for_share(model, memory_share, *runner_args)
+            num_kv_blocks = kv_bytes // per_block
         if num_kv_blocks is None:
-            per_block = ModelShape.of(model.config).kv_bytes_per_token(cache) * block_size
             num_kv_blocks = max(1, kv_cache_memory_mb * 2**20 // per_block)
         logger.info("model %s: %d KV blocks of %d tokens", path, num_kv_blocks, block_size)
         runner = cls(
@@ -235,6 +253,38 @@ class ModelRunner:
         runner.check()
         runner.capture_decode_graphs()
         return runner
+
+    @classmethod
+    @torch.inference_mode()
+    def _kv_bytes_for_share(
+        cls, model, share: MemoryShare, block_size: int, device: str, max_len, kv_dtype
+    ) -> int:
+        """The KV cache's bytes for `share` of the device's memory (engine/kv_memory.py): the
+        largest step run on a throwaway cache (the model moved to the device with it) and
+        torch's peak read."""
+        from engine import kv_memory
+
+        probe = share.probe or kv_memory.CudaProbe(torch.device(device))
+        window = ModelShape.of(model.config).max_position_embeddings
+        longest = min(max_len or window, window)
+        batch = kv_memory.profile_batch(share.tokens, share.seqs, longest, block_size)
+        blocks = sum(len(seq.block_table) for seq in batch.seqs)
+        probe.reset_peak()
+        runner = cls(model, blocks, block_size, device, max_model_len=max_len, kv_dtype=kv_dtype)
+        runner._eager(batch)
+        throwaway = runner.kv_cache.numel() * runner.kv_cache.element_size()
+        del runner
+        peak = probe.peak() - throwaway
+        peak += kv_memory.sampler_bytes(len(batch.seqs), ModelShape.of(model.config).vocab_size)
+        kv_bytes = kv_memory.kv_cache_bytes(share.share, probe.total(), peak, probe.free())
+        logger.info(
+            "gpu_memory_utilization %s: %.2f GiB for the KV cache (weights and the largest step:"
+            " %.2f GiB)",
+            share.share,
+            kv_bytes / kv_memory.GIB,
+            peak / kv_memory.GIB,
+        )
+        return kv_bytes
 
     def check(self) -> None:
         """Run one token through the model on block 0, then clear the block: an architecture

@@ -240,6 +240,32 @@ def test_engine_on_cuda_generates_the_cpu_engines_greedy_tokens(tiny_llama_path)
 
 @pytest.mark.gpu
 @needs_cuda
+def test_gpu_memory_utilization_keeps_to_its_share_and_serves_the_cpu_tokens():
+    """vLLM's gpu_memory_utilization: the default model's engine at 0.2 of the GPU holds at
+    most that much (torch's reservations, CUDA graphs' included), most of it KV cache, and
+    gives the CPU engine's greedy tokens."""
+    import gc
+
+    from engine import EngineConfig, LLMEngine, SamplingParams
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    total = torch.cuda.mem_get_info()[1]
+    engine = LLMEngine(EngineConfig(device="cuda", gpu_memory_utilization=0.2))
+    runner = engine.runner
+    kv_bytes = runner.kv_cache.numel() * runner.kv_cache.element_size()
+    assert kv_bytes > 0.1 * total  # a 135M model's weights and steps take little of 0.2
+    assert torch.cuda.memory_reserved() <= 0.2 * total
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = ["The capital of France is", "def add(a, b):"]
+    tokens = [o.token_ids for o in engine.generate(prompts, greedy)]
+    del engine, runner
+    cpu = LLMEngine(EngineConfig(kv_cache_memory_mb=64))
+    assert tokens == [o.token_ids for o in cpu.generate(prompts, greedy)]
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_lora_adapters_on_cuda_give_the_cpu_engines_tokens(lora_adapters):
     """The default model with two LoRA adapters, a batch mixing them with the base model and
     a decode batch that gathers each adapter's rows by index: the CPU engine's tokens."""

@@ -231,11 +231,14 @@ def test_what_is_not_served_is_refused_by_its_path(prefill, decode, message):
         _pd(prefill, decode)
 
 
-def test_gpu_memory_utilization_is_a_gpu_setting():
-    config = _llm(engine_kwargs={"gpu_memory_utilization": 0.9})
-    assert _pd(config, config).device == "cpu"  # ignored on CPU, as vLLM's CPU engine does
-    with pytest.raises(ConfigError, match="gpu_memory_utilization: a GPU engine's KV cache"):
-        pd_app_args({"prefill_config": config, "decode_config": config}, gpus=True)
+def test_gpu_memory_utilization_sizes_a_gpus_kv_cache():
+    config = _llm(engine_kwargs={"gpu_memory_utilization": 0.45})
+    cpu = _pd(config, config)  # ignored on CPU, as vLLM's CPU engine ignores it
+    assert cpu.device == "cpu" and cpu.decode.engine.gpu_memory_utilization is None
+    raw = {"prefill_config": config, "decode_config": config}
+    gpu = AppArgs.model_validate(pd_app_args(raw, gpus=True))
+    assert gpu.engine_config("decode").gpu_memory_utilization == 0.45
+    assert gpu.engine_config("prefill").gpu_memory_utilization == 0.45
 
 
 def test_the_cli_prints_the_native_config(tmp_path, capsys):

@@ -9,8 +9,9 @@ from __future__ import annotations
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from app.config import AppArgs, PhaseArgs
+from app.config import AppArgs, MultiModelArgs, PhaseArgs
 from app.ingress import Ingress
+from app.model_router import ModelRouter
 from app.prefix_router import PrefixAffinityRouter
 from app.response_store import ResponseStoreServer
 from app.router import SameNodeRouter
@@ -67,24 +68,53 @@ def deployment_options(phase: PhaseArgs, name: str, key: str, gpus: float = 0.0)
 
 def build_app(args: dict) -> serve.Application:
     cfg = AppArgs.model_validate(args or {})
+    size = cfg.ingress.responses_store_size
+    return _model_app(cfg, "", _store(size) if size else None)
+
+
+def build_multi_model_app(args: dict) -> serve.Application:
+    """Several models behind one endpoint (app/model_router.py): each model's application
+    under its own deployment names, a ModelRouter in front."""
+    cfg = MultiModelArgs.model_validate(args or {})
+    size = max(m.ingress.responses_store_size for m in cfg.models)
+    store = _store(size) if size else None  # one for all: a response id names no model
+    suffixes = cfg.deployment_suffixes
+    ingresses = [
+        _model_app(m, suffix, store) for m, suffix in zip(cfg.models, suffixes, strict=True)
+    ]
+    router = serve.deployment(
+        ModelRouter,
+        name="ModelRouter",
+        num_replicas=cfg.router.num_replicas,
+        ray_actor_options={"num_cpus": cfg.router.num_cpus},
+        max_ongoing_requests=cfg.router.max_ongoing_requests,
+        **cfg.router.health_check_options,
+    )
+    return router.bind([m.model_dump(mode="json") for m in cfg.models], ingresses)
+
+
+def _model_app(cfg: AppArgs, suffix: str, store) -> serve.Application:
+    """One model's Ingress, bound to its engine deployments (their names + suffix)."""
     check_model(cfg.model, cfg.revision)  # here, not in every replica's failed start
     _check_parallel(cfg)
     ingress = serve.deployment(
         Ingress,
-        name="Ingress",
+        name=f"Ingress{suffix}",
         num_replicas=cfg.ingress.num_replicas,
         ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
         max_ongoing_requests=cfg.ingress.max_ongoing_requests,
         **cfg.ingress.health_check_options,
     )
     plain = cfg.model_dump(mode="json")
-    size = cfg.ingress.responses_store_size
-    store = {"store": _store(size)} if size else {}  # the Responses API's stored responses
+    store = {"store": store} if store is not None else {}  # the Responses API's stored responses
     if cfg.mode == "colocated":
         colocated = serve.deployment(
             ColocatedServer,
             **deployment_options(
-                cfg.colocated, "ColocatedServer", "colocated", cfg.gpus_per_worker("colocated")
+                cfg.colocated,
+                f"ColocatedServer{suffix}",
+                "colocated",
+                cfg.gpus_per_worker("colocated"),
             ),
         )
         server = colocated.bind(
@@ -96,7 +126,7 @@ def build_app(args: dict) -> serve.Application:
     prefill = serve.deployment(
         PrefillServer,
         **deployment_options(
-            cfg.prefill, "PrefillServer", "prefill", cfg.gpus_per_worker("prefill")
+            cfg.prefill, f"PrefillServer{suffix}", "prefill", cfg.gpus_per_worker("prefill")
         ),
     )
     decode = serve.deployment(
@@ -105,7 +135,9 @@ def build_app(args: dict) -> serve.Application:
             request_router_class=SameNodeRouter,
             request_router_kwargs={"same_node_wait_s": cfg.same_node_wait_s},
         ),
-        **deployment_options(cfg.decode, "DecodeServer", "decode", cfg.gpus_per_worker("decode")),
+        **deployment_options(
+            cfg.decode, f"DecodeServer{suffix}", "decode", cfg.gpus_per_worker("decode")
+        ),
     )
     return ingress.bind(
         plain,

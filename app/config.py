@@ -8,6 +8,7 @@ means: `disaggregated` uses `prefill` and `decode`; `colocated` uses `colocated`
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -536,3 +537,45 @@ class AppArgs(_Strict):
                 layout.check(num_layers, num_heads, num_kv_heads)
             except ValueError as e:
                 raise ValueError(f"{phase}.engine: {e}") from None
+
+
+class RouterArgs(HealthCheckArgs):
+    """The HTTP ingress of a multi-model application (app/model_router.py): it forwards each
+    request to its model's Ingress, whose own limits (max_queued_requests) then apply."""
+
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.1, ge=0)
+    max_ongoing_requests: int = Field(1024, ge=1)
+
+
+class MultiModelArgs(_Strict):
+    """The `args` of app.builder:build_multi_model_app: several models behind one endpoint,
+    each its own AppArgs (its mode, deployments, LoRA adapters, ...), requests sent by their
+    `model` (Ray Serve LLM's build_openai_app with several llm_configs)."""
+
+    models: list[AppArgs] = Field(min_length=1)
+    router: RouterArgs = RouterArgs()
+
+    @model_validator(mode="after")
+    def _names_apart(self) -> MultiModelArgs:
+        """Each name a request may give (a served name, a configured adapter's) names one
+        model; one model at most loads adapters at runtime (vLLM's routes name no model)."""
+        seen: dict[str, int] = {}
+        for i, model in enumerate(self.models):
+            for name in (model.served_name, *model.lora_modules):
+                if name in seen:
+                    raise ValueError(
+                        f"models[{i}]: {name!r} is models[{seen[name]}]'s name already"
+                    )
+                seen[name] = i
+        parts = self.deployment_suffixes
+        if len(set(parts)) != len(parts):
+            raise ValueError(f"served names {parts} must differ in letters, digits, '.-_'")
+        if sum(m.allow_runtime_lora_updating for m in self.models) > 1:
+            raise ValueError("allow_runtime_lora_updating: on one model at most")
+        return self
+
+    @property
+    def deployment_suffixes(self) -> list[str]:
+        """Each model's suffix of its deployments' names (":" and its served name)."""
+        return [":" + re.sub(r"[^A-Za-z0-9._-]", "--", m.served_name) for m in self.models]

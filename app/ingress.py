@@ -35,6 +35,7 @@ from app.lora_admin import (
     load_adapter,
     unload_adapter,
 )
+from app.model_router import ForwardedRequest, ForwardedStart, as_request, relay
 from app.prompts import PromptBuilder
 from app.protocol import (
     APIError,
@@ -149,6 +150,12 @@ class Ingress:
             return await self._route(request)
         except APIError as e:
             return e.response()
+
+    async def forwarded(self, fwd: ForwardedRequest) -> AsyncIterator[ForwardedStart | bytes]:
+        """A request a multi-model application's ModelRouter forwards (app/model_router.py),
+        answered as over HTTP, relayed back: the head, then the body's chunks."""
+        async for item in relay(await self(as_request(fwd))):
+            yield item
 
     async def _route(self, request: Request) -> Response:
         path, method = request.url.path, request.method

@@ -1,10 +1,11 @@
 """Ray Serve LLM's application configs, served by splitserve: a migration with no rewrite.
 
 A serve_config.yaml written for Ray Serve LLM's prefill/decode application
-(`import_path: ray.serve.llm:build_pd_openai_app`) or its OpenAI application with one model
+(`import_path: ray.serve.llm:build_pd_openai_app`) or its OpenAI application
 (`ray.serve.llm:build_openai_app`) runs here with only its import_path changed, to
 `app.ray_serve_llm:build_pd_openai_app` (disaggregated) or `app.ray_serve_llm:build_openai_app`
-(colocated, as vLLM serves it). Each LLMConfig is read into splitserve's AppArgs:
+(each model colocated, as vLLM serves it; several models behind one router,
+app/model_router.py). Each LLMConfig is read into splitserve's AppArgs:
 `model_loading_config`, the vLLM `engine_kwargs` that splitserve serves (PHASE_KWARGS,
 APP_KWARGS, INERT_KWARGS), `deployment_config`, `accelerator_type`, `lora_config` and
 `experimental_configs`. A field that would mean nothing here is refused where `serve run`
@@ -28,7 +29,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.config import AppArgs, PhaseArgs
+from app.config import AppArgs, MultiModelArgs, PhaseArgs
 from engine.model_store import is_default_model
 
 logger = logging.getLogger(__name__)
@@ -146,11 +147,13 @@ def build_pd_openai_app(args: dict):
 
 
 def build_openai_app(args: dict):
-    """Ray Serve LLM's `build_openai_app` args with one LLMConfig -> splitserve's colocated
-    application (one deployment runs prefill and decode, as vLLM does)."""
-    from app.builder import build_app
+    """Ray Serve LLM's `build_openai_app` args -> splitserve's application, each model served
+    colocated (one deployment runs prefill and decode, as vLLM does); several models behind
+    one endpoint, as Ray Serve LLM serves them (app/model_router.py)."""
+    from app.builder import build_app, build_multi_model_app
 
-    return build_app(openai_app_args(args, _cluster_has_gpus()))
+    read = openai_app_args(args, _cluster_has_gpus())
+    return build_multi_model_app(read) if "models" in read else build_app(read)
 
 
 def pd_app_args(args: Mapping, gpus: bool) -> dict:
@@ -177,21 +180,39 @@ def pd_app_args(args: Mapping, gpus: bool) -> dict:
 
 
 def openai_app_args(args: Mapping, gpus: bool) -> dict:
-    """AppArgs (as a dict) of an OpenAI application with one model, served colocated."""
+    """The args of Ray Serve LLM's OpenAI application, each model served colocated: one
+    LLMConfig's AppArgs (as a dict), or several models' MultiModelArgs (app/model_router.py;
+    ingress_deployment_config then sets the router's deployment)."""
     args = dict(args)
     extra = _pop_extras(args)
     _no_unknown(args, ("llm_configs",), "")
     listed = args.get("llm_configs")
-    if not isinstance(listed, list) or len(listed) != 1:
-        raise ConfigError(
-            "llm_configs: splitserve serves one model per application, so list one "
-            "LLMConfig (serve another model as another application, with its route_prefix)"
-        )
-    config = _llm_config(listed[0], "llm_configs[0]")
-    app = _agreed_app_fields({"llm_configs[0]": config}, gpus)
-    phases = {"colocated": _phase(config, "llm_configs[0]", _on_gpu(app))}
-    ingress = _ingress(extra["ingress_deployment_config"], [config])
-    return _app_args(config, app, "colocated", phases, ingress, extra["splitserve"])
+    if not isinstance(listed, list) or not listed:
+        raise ConfigError("llm_configs: a list of LLMConfigs (or of their YAML files' paths)")
+    configs = [_llm_config(c, f"llm_configs[{i}]") for i, c in enumerate(listed)]
+    ids = [c.model_loading_config.model_id for c in configs]
+    for i, model_id in enumerate(ids):
+        if model_id in ids[:i]:
+            raise ConfigError(
+                f"llm_configs[{i}].model_loading_config.model_id: {model_id!r} is "
+                f"llm_configs[{ids.index(model_id)}]'s already; each model needs its own"
+            )
+    ingress = _ingress(extra["ingress_deployment_config"], configs)
+    models = []
+    for i, config in enumerate(configs):
+        where = f"llm_configs[{i}]"
+        app = _agreed_app_fields({where: config}, gpus)
+        phases = {"colocated": _phase(config, where, _on_gpu(app))}
+        own_ingress = ingress if len(configs) == 1 else {}
+        models.append(_app_args(config, app, "colocated", phases, own_ingress, extra["splitserve"]))
+    if len(models) == 1:
+        return models[0]
+    multi = {"models": models, "router": ingress}
+    try:
+        MultiModelArgs.model_validate(multi)
+    except ValidationError as e:
+        raise ConfigError(_fields(e, "llm_configs")) from None
+    return multi
 
 
 def _app_args(
@@ -409,7 +430,8 @@ def main(argv: list[str] | None = None) -> None:
             app["args"] = read(app.get("args") or {}, gpus=args.gpus)
         except ConfigError as e:
             sys.exit(f"{app.get('name', 'application')}: {e}")
-        app["import_path"] = "app.builder:build_app"
+        builder = "build_multi_model_app" if "models" in app["args"] else "build_app"
+        app["import_path"] = f"app.builder:{builder}"
     print(yaml.safe_dump(config, sort_keys=False), end="")
 
 

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     h, e = rows["http"], rows["engine"]
     print(
         f"| path | TTFT ms | TPOT ms |\n|---|---|---|\n"
-        f"| HTTP, disaggregated 1P1D | {h['ttft_ms']:.1f} | {h['tpot_ms']:.1f} |\n"
+        f"| HTTP ({args.url}) | {h['ttft_ms']:.1f} | {h['tpot_ms']:.1f} |\n"
         f"| engine alone | {e['ttft_ms']:.1f} | {e['tpot_ms']:.1f} |\n"
         f"| overhead | {h['ttft_ms'] - e['ttft_ms']:+.1f} | {h['tpot_ms'] - e['tpot_ms']:+.1f} |"
     )

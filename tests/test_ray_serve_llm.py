@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from app.builder import deployment_options
-from app.config import AppArgs
+from app.config import AppArgs, MultiModelArgs
 from app.ray_serve_llm import ConfigError, main, openai_app_args, pd_app_args
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,7 +126,27 @@ def test_one_model_config_is_served_colocated():
     assert cfg.mode == "colocated" and cfg.colocated.num_replicas == 2
     engine = cfg.engine_config("colocated")
     assert engine.scheduler.chunked_prefill and engine.scheduler.max_num_seqs == 9
-    with pytest.raises(ConfigError, match="llm_configs: splitserve serves one model"):
+    with pytest.raises(ConfigError, match="llm_configs: a list of LLMConfigs"):
+        openai_app_args({"llm_configs": []}, gpus=False)
+
+
+def test_several_models_are_served_behind_one_router():
+    other = {"model_loading_config": {"model_id": "other", "model_source": "SmolLM2-135M-Instruct"}}
+    config = _llm(deployment_config={"ray_actor_options": {"num_cpus": 0.5}})
+    args = {
+        "llm_configs": [config, other],
+        "ingress_deployment_config": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.2}},
+    }
+    multi = MultiModelArgs.model_validate(openai_app_args(args, gpus=False))
+    assert [m.served_name for m in multi.models] == ["SmolLM2-135M-Instruct", "other"]
+    assert all(m.mode == "colocated" and m.model is None for m in multi.models)
+    assert multi.models[0].colocated.num_cpus == 0.5
+    assert (multi.router.num_replicas, multi.router.num_cpus) == (2, 0.2)
+    assert multi.models[1].ingress == AppArgs().ingress  # each model's Ingress: the default
+    with pytest.raises(
+        ConfigError,
+        match=r"llm_configs\[1\].model_loading_config.model_id: .* is llm_configs\[0\]'s",
+    ):
         openai_app_args({"llm_configs": [config, config]}, gpus=False)
 
 

@@ -1,0 +1,201 @@
+"""Several models behind one OpenAI endpoint, as Ray Serve LLM's `build_openai_app` serves a
+list of LLMConfigs: each model is a whole splitserve application of its own (its Ingress, its
+prefill and decode, or colocated, deployments; app.builder.build_multi_model_app), and this
+router, the HTTP ingress, sends each request to the Ingress of the model its `model` field
+names (a served name, or one of that model's LoRA adapters).
+
+The router forwards the request as it came (ForwardedRequest) and relays the Ingress's answer
+(ForwardedStart, then the body's chunks), so every model answers exactly as it does alone:
+its errors, its streams, its API key. It costs one more hop per request and per stream chunk;
+a single model's application has no router. GET /v1/models lists every model's cards, and
+/health is 200 when every model's is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from app.config import AppArgs
+from app.protocol import APIError
+from engine.config import lora_path
+
+_OPEN_PATHS = ("/health", "/ping")
+
+
+@dataclass(frozen=True)
+class ForwardedRequest:
+    """An HTTP request, from the router to a model's Ingress."""
+
+    method: str
+    path: str  # without the application's route prefix
+    query: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    client: tuple[str, int] | None
+
+
+@dataclass(frozen=True)
+class ForwardedStart:
+    """The head of an Ingress's answer to a ForwardedRequest; its body's chunks follow
+    (one chunk unless `streaming`)."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    streaming: bool
+
+
+async def forward_request(request: Request, path: str) -> ForwardedRequest:
+    client = request.client
+    return ForwardedRequest(
+        request.method,
+        path,
+        request.scope.get("query_string", b""),
+        list(request.scope.get("headers", [])),
+        await request.body(),
+        (client.host, client.port) if client else None,
+    )
+
+
+def as_request(fwd: ForwardedRequest) -> Request:
+    """The starlette Request an Ingress serves for `fwd`."""
+    scope = {
+        "type": "http",
+        "http_version": "1.1",
+        "method": fwd.method,
+        "scheme": "http",
+        "path": fwd.path,
+        "raw_path": fwd.path.encode(),
+        "root_path": "",
+        "query_string": fwd.query,
+        "headers": fwd.headers,
+        "client": fwd.client,
+        "server": None,
+    }
+    sent = False
+
+    async def receive() -> dict:
+        nonlocal sent
+        if sent:  # the body was read: what a server says once the client has gone
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": fwd.body, "more_body": False}
+
+    return Request(scope, receive)
+
+
+async def relay(response: Response) -> AsyncIterator[ForwardedStart | bytes]:
+    """An Ingress's response as what crosses back to the router."""
+    headers = [(k, v) for k, v in response.raw_headers if k.lower() != b"content-length"]
+    streaming = isinstance(response, StreamingResponse)
+    yield ForwardedStart(response.status_code, headers, streaming)
+    if not streaming:
+        yield bytes(response.body)
+        return
+    async for chunk in response.body_iterator:
+        yield chunk.encode() if isinstance(chunk, str) else bytes(chunk)
+
+
+class ModelRouter:
+    def __init__(self, models: list[dict], ingresses: list) -> None:
+        self.args = [AppArgs.model_validate(m) for m in models]
+        self.ingresses = [h.options(stream=True) for h in ingresses]
+        self.by_name = {}  # a served name or a configured LoRA adapter's -> its model's index
+        for i, args in enumerate(self.args):
+            for name in (args.served_name, *args.lora_modules):
+                self.by_name[name] = i
+
+    async def __call__(self, request: Request) -> Response:
+        path = request.url.path
+        root = request.scope.get("root_path", "")  # the application's route_prefix
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        fwd = await forward_request(request, path)
+        try:
+            if path.rstrip("/") in (*_OPEN_PATHS, "/v1/models") and request.method == "GET":
+                return await self._every_model(fwd)
+            return await self._one_model(self._model_of(fwd), fwd)
+        except APIError as e:
+            return e.response()
+
+    def _model_of(self, fwd: ForwardedRequest) -> int:
+        """The index of the model `fwd` names: its body's `model`, or the card asked for; else
+        the first model's, which answers what names none (a malformed body: its 400)."""
+        name = None
+        if fwd.path.startswith("/v1/models/"):
+            name = fwd.path.removeprefix("/v1/models/")
+        elif fwd.body:
+            try:
+                data = json.loads(fwd.body)
+            except ValueError:
+                return 0
+            name = data.get("model") if isinstance(data, dict) else None
+        elif fwd.path.rstrip("/") in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+            return self._runtime_lora_model()
+        if not isinstance(name, str):
+            return 0
+        if name in self.by_name:
+            return self.by_name[name]
+        for i, args in enumerate(self.args):  # an adapter of a model's lora_dir
+            if lora_path(args.lora_dir, name) is not None:
+                return i
+        served = ", ".join(repr(a.served_name) for a in self.args)
+        raise APIError(
+            404, f"model {name!r} does not exist; this server serves {served}", "model",
+            "not_found_error",
+        )  # fmt: skip
+
+    def _runtime_lora_model(self) -> int:
+        """The model that loads adapters at runtime (app.builder allows one)."""
+        updating = [i for i, a in enumerate(self.args) if a.allow_runtime_lora_updating]
+        return updating[0] if updating else 0
+
+    async def _one_model(self, index: int, fwd: ForwardedRequest) -> Response:
+        chunks = self.ingresses[index].forwarded.remote(fwd)
+        start: ForwardedStart = await chunks.__anext__()
+        if not start.streaming:
+            body = await chunks.__anext__()
+            return Response(body, start.status, _headers(start.headers))
+        return StreamingResponse(_rest(chunks), start.status, _headers(start.headers))
+
+    async def _every_model(self, fwd: ForwardedRequest) -> Response:
+        """/health (200 when every model's is) or /v1/models (every model's cards); a model's
+        error (its 503, a 401) is the answer."""
+        answers = await asyncio.gather(*(self._whole(i, fwd) for i in range(len(self.args))))
+        failed = [(start, body) for start, body in answers if start.status != 200]
+        if failed and not fwd.path.startswith(_OPEN_PATHS):
+            start, body = failed[0]
+            return Response(body, start.status, _headers(start.headers))
+        if fwd.path.startswith(_OPEN_PATHS):
+            messages = [json.loads(body).get("message", "") for _, body in failed]
+            if failed:
+                return JSONResponse(
+                    {"status": "unavailable", "message": "; ".join(messages)}, status_code=503
+                )
+            return JSONResponse({"status": "ok"})
+        cards = [card for _, body in answers for card in json.loads(body)["data"]]
+        return JSONResponse({"object": "list", "data": cards})
+
+    async def _whole(self, index: int, fwd: ForwardedRequest) -> tuple[ForwardedStart, bytes]:
+        chunks = self.ingresses[index].forwarded.remote(fwd)
+        start = await chunks.__anext__()
+        return start, b"".join([chunk async for chunk in chunks])
+
+
+async def _rest(chunks) -> AsyncIterator[bytes]:
+    """The body's chunks after the head; the Ingress's call is cancelled if the client leaves
+    first (its request aborted, its KV freed, as for a client of the model alone)."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        chunks.cancel()
+
+
+def _headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in raw}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -26,6 +27,8 @@ from app.protocol import APIError
 from engine.config import lora_path
 
 _OPEN_PATHS = ("/health", "/ping")
+HEALTH_WAIT_S = 5.0  # a model's Ingress that answers no /health in this time is not ready
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,8 @@ class ModelRouter:
         """The index of the model `fwd` names: its body's `model`, or the card asked for; else
         the first model's, which answers what names none (a malformed body: its 400)."""
         name = None
+        if fwd.path.rstrip("/") in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+            return self._runtime_lora_model()  # vLLM's routes name no base model
         if fwd.path.startswith("/v1/models/"):
             name = fwd.path.removeprefix("/v1/models/")
         elif fwd.body:
@@ -135,8 +140,6 @@ class ModelRouter:
             except ValueError:
                 return 0
             name = data.get("model") if isinstance(data, dict) else None
-        elif fwd.path.rstrip("/") in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
-            return self._runtime_lora_model()
         if not isinstance(name, str):
             return 0
         if name in self.by_name:
@@ -157,21 +160,35 @@ class ModelRouter:
 
     async def _one_model(self, index: int, fwd: ForwardedRequest) -> Response:
         chunks = self.ingresses[index].forwarded.remote(fwd)
-        start: ForwardedStart = await chunks.__anext__()
+        try:
+            start: ForwardedStart = await chunks.__anext__()
+        except Exception as e:  # its replica died, or Serve refused the call: not the client's
+            logger.warning("%s: %r", self._deployment(index), e)
+            raise APIError(
+                503, f"model {self.args[index].served_name!r} is unavailable: {type(e).__name__}",
+                kind="server_error",
+            ) from None  # fmt: skip
         if not start.streaming:
             body = await chunks.__anext__()
             return Response(body, start.status, _headers(start.headers))
         return StreamingResponse(_rest(chunks), start.status, _headers(start.headers))
 
+    def _deployment(self, index: int) -> str:
+        return self.ingresses[index].deployment_name
+
     async def _every_model(self, fwd: ForwardedRequest) -> Response:
         """/health (200 when every model's is) or /v1/models (every model's cards); a model's
         error (its 503, a 401) is the answer."""
-        answers = await asyncio.gather(*(self._whole(i, fwd) for i in range(len(self.args))))
+        health = fwd.path.startswith(_OPEN_PATHS)
+        asked = (
+            self._health(i, fwd) if health else self._whole(i, fwd) for i in range(len(self.args))
+        )
+        answers = await asyncio.gather(*asked)
         failed = [(start, body) for start, body in answers if start.status != 200]
-        if failed and not fwd.path.startswith(_OPEN_PATHS):
+        if failed and not health:
             start, body = failed[0]
             return Response(body, start.status, _headers(start.headers))
-        if fwd.path.startswith(_OPEN_PATHS):
+        if health:
             messages = [json.loads(body).get("message", "") for _, body in failed]
             if failed:
                 return JSONResponse(
@@ -180,6 +197,16 @@ class ModelRouter:
             return JSONResponse({"status": "ok"})
         cards = [card for _, body in answers for card in json.loads(body)["data"]]
         return JSONResponse({"object": "list", "data": cards})
+
+    async def _health(self, index: int, fwd: ForwardedRequest) -> tuple[ForwardedStart, bytes]:
+        """A model's /health; a 503 naming its Ingress where that does not answer in time (no
+        replica yet, or a dead one)."""
+        try:
+            return await asyncio.wait_for(self._whole(index, fwd), HEALTH_WAIT_S)
+        except Exception as e:
+            why = "no answer" if isinstance(e, TimeoutError) else type(e).__name__
+            body = {"status": "unavailable", "message": f"{self._deployment(index)}: {why}"}
+            return ForwardedStart(503, [], False), json.dumps(body).encode()
 
     async def _whole(self, index: int, fwd: ForwardedRequest) -> tuple[ForwardedStart, bytes]:
         chunks = self.ingresses[index].forwarded.remote(fwd)

@@ -6,6 +6,10 @@ app.config.AppArgs (errors name the field).
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
@@ -25,6 +29,8 @@ def deployment_options(phase: PhaseArgs, name: str, key: str, gpus: float = 0.0)
     accelerator = phase.accelerator_type
     if accelerator is not None:
         actor["accelerator_type"] = accelerator
+    environment = {"runtime_env": phase.runtime_env} if phase.runtime_env else {}
+    actor |= environment  # model workers inherit it from their replica
     options = {
         "name": name,
         "ray_actor_options": actor,
@@ -41,7 +47,7 @@ def deployment_options(phase: PhaseArgs, name: str, key: str, gpus: float = 0.0)
             worker[f"accelerator_type:{accelerator}"] = 0.001
         replica = {"CPU": phase.num_cpus or phase.engine.worker_num_cpus}
         options["placement_group_bundles"] = [replica] + [worker] * layout.world_size
-        options["ray_actor_options"] = {"num_cpus": phase.num_cpus}
+        options["ray_actor_options"] = {"num_cpus": phase.num_cpus} | environment
         # a tensor-parallel group must share a node; pipeline stages may spread
         options["placement_group_strategy"] = phase.placement_group_strategy or (
             "STRICT_PACK" if layout.pp == 1 else "PACK"
@@ -95,13 +101,15 @@ def build_multi_model_app(args: dict) -> serve.Application:
 
 def _model_app(cfg: AppArgs, suffix: str, store) -> serve.Application:
     """One model's Ingress, bound to its engine deployments (their names + suffix)."""
-    check_model(cfg.model, cfg.revision)  # here, not in every replica's failed start
-    _check_parallel(cfg)
+    with _environment(cfg):  # here, not in every replica's failed start
+        check_model(cfg.model, cfg.revision)
+        _check_parallel(cfg)
+    environment = {"runtime_env": cfg.ingress.runtime_env} if cfg.ingress.runtime_env else {}
     ingress = serve.deployment(
         Ingress,
         name=f"Ingress{suffix}",
         num_replicas=cfg.ingress.num_replicas,
-        ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
+        ray_actor_options={"num_cpus": cfg.ingress.num_cpus} | environment,
         max_ongoing_requests=cfg.ingress.max_ongoing_requests,
         **cfg.ingress.health_check_options,
     )
@@ -149,6 +157,25 @@ def _model_app(cfg: AppArgs, suffix: str, store) -> serve.Application:
             cfg.engine_config("decode"), cfg.kv_transport, cfg.decode.stream_batching_interval_ms
         ),
     )
+
+
+@contextlib.contextmanager
+def _environment(cfg: AppArgs) -> Iterator[None]:
+    """The env_vars the replicas' runtime_envs set (a gated Hub model's HF_TOKEN), set here
+    too while the build checks the model as the replicas will load it."""
+    env: dict[str, str] = {}
+    for part in (cfg.ingress, cfg.prefill, cfg.decode, cfg.colocated):
+        env |= (part.runtime_env or {}).get("env_vars", {})
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update({name: str(value) for name, value in env.items()})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _store(size: int) -> serve.Application:

@@ -181,6 +181,9 @@ class PhaseArgs(HealthCheckArgs):
     # device cuda, else 0. A fraction lets prefill and decode replicas share one GPU.
     num_gpus: float | None = Field(None, ge=0)
     max_replicas_per_node: int | None = Field(None, ge=1)  # spread replicas over nodes
+    # Ray's runtime_env of the replicas (and their model workers), over the application's
+    # own, e.g. {env_vars: {HF_TOKEN: ...}} (Ray Serve LLM's LLMConfig.runtime_env)
+    runtime_env: dict | None = None
     # Ray's accelerator type (e.g. H100, A10G; Ray Serve LLM's `accelerator_type`): the
     # replica, or each of its model workers, runs on a node with that accelerator
     accelerator_type: str | None = Field(None, min_length=1)
@@ -229,6 +232,9 @@ class IngressArgs(HealthCheckArgs):
     num_cpus: float = Field(0.1, ge=0)
     max_ongoing_requests: int = Field(256, ge=1)
     max_queued_requests: int = Field(128, ge=1)  # in flight per ingress replica, then 503
+    # Ray's runtime_env of the ingress replicas, over the application's own: they load the
+    # tokenizer (a gated Hub model's needs env_vars HF_TOKEN, as the engines do)
+    runtime_env: dict | None = None
     # the name of an environment variable (of the ingress replicas' processes) holding an API
     # key: requests then need "Authorization: Bearer <key>" (vLLM's --api-key), all but
     # /health, /ping and /version; None: no key

@@ -175,7 +175,7 @@ def pd_app_args(args: Mapping, gpus: bool) -> dict:
     app = _agreed_app_fields(configs, gpus)
     on_gpu = _on_gpu(app)
     phases = {k.removesuffix("_config"): _phase(c, k, on_gpu) for k, c in configs.items()}
-    ingress = _ingress(extra["ingress_deployment_config"], configs.values())
+    ingress = _ingress(extra["ingress_deployment_config"], configs.values()) | _env(decode)
     return _app_args(decode, app, "disaggregated", phases, ingress, extra["splitserve"])
 
 
@@ -203,7 +203,7 @@ def openai_app_args(args: Mapping, gpus: bool) -> dict:
         where = f"llm_configs[{i}]"
         app = _agreed_app_fields({where: config}, gpus)
         phases = {"colocated": _phase(config, where, _on_gpu(app))}
-        own_ingress = ingress if len(configs) == 1 else {}
+        own_ingress = (ingress if len(configs) == 1 else {}) | _env(config)
         models.append(_app_args(config, app, "colocated", phases, own_ingress, extra["splitserve"]))
     if len(models) == 1:
         return models[0]
@@ -260,7 +260,7 @@ def _llm_config(value: Any, where: str) -> LLMConfig:
         config = LLMConfig.model_validate(value)
     except ValidationError as e:
         raise ConfigError(_fields(e, where)) from None
-    for field in ("runtime_env", "placement_group_config", "callback_config"):
+    for field in ("placement_group_config", "callback_config"):
         if getattr(config, field):
             raise ConfigError(f"{where}.{field}: not served by splitserve ({_UNSERVED[field]})")
     if isinstance(
@@ -274,8 +274,6 @@ def _llm_config(value: Any, where: str) -> LLMConfig:
 
 
 _UNSERVED = {
-    "runtime_env": "replicas run in the environment `serve run` starts; set the application's "
-    "runtime_env in serve_config.yaml",
     "placement_group_config": "model workers' bundles come from tensor_parallel_size, "
     "pipeline_parallel_size and engine_kwargs.worker_num_cpus",
     "callback_config": "no engine callbacks",
@@ -379,6 +377,8 @@ def _phase(config: LLMConfig, where: str, on_gpu: bool) -> dict:
     experimental.pop("num_ingress_replicas", None)  # the ingress's (_ingress)
     _no_unknown(experimental, ("stream_batching_interval_ms",), f"{where}.experimental_configs")
     phase = {**deployment, **actor, **experimental, "engine": engine}
+    if config.runtime_env:
+        phase["runtime_env"] = config.runtime_env
     if config.accelerator_type is not None:  # ray_actor_options' own wins, as in Ray
         phase.setdefault("accelerator_type", config.accelerator_type)
     if "autoscaling_config" in phase:
@@ -404,6 +404,12 @@ def _ingress(deployment: Mapping, configs) -> dict:
     if asked := [n for n in asked if n is not None]:
         ingress.setdefault("num_replicas", max(asked))
     return ingress
+
+
+def _env(config: LLMConfig) -> dict:
+    """The model's runtime_env for its Ingress too, which loads the model's tokenizer (Ray
+    Serve LLM's ingress loads nothing)."""
+    return {"runtime_env": config.runtime_env} if config.runtime_env else {}
 
 
 def _cluster_has_gpus() -> bool:

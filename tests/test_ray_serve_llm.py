@@ -5,6 +5,7 @@ its path."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -175,6 +176,28 @@ def test_the_device_follows_the_cluster_and_splitserve_fields_apply():
         _pd(splitserve={"mode": "colocated"})
 
 
+def test_runtime_env_reaches_the_replicas_and_the_ingress(monkeypatch):
+    """A gated model's HF_TOKEN: the engines' replicas (their model workers inherit it), the
+    Ingress (it loads the tokenizer) and the build's own check of the model all see it."""
+    import app.builder as builder
+
+    token = {"env_vars": {"HF_TOKEN": "hf_secret"}}
+    decode = _llm(runtime_env=token, engine_kwargs={"tensor_parallel_size": 2})
+    cfg = _pd(decode=decode)
+    served = _served(cfg)
+    assert served["decode"]["ray_actor_options"]["runtime_env"] == token  # the replica's
+    assert "runtime_env" not in served["prefill"]["ray_actor_options"]
+    assert cfg.ingress.runtime_env == token
+    seen = []
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(builder, "check_model", lambda *_: seen.append(os.environ["HF_TOKEN"]))
+    monkeypatch.setattr(builder, "_check_parallel", lambda cfg: None)
+    builder.build_app(pd_app_args({"prefill_config": _llm(), "decode_config": decode}, False))
+    assert seen == ["hf_secret"] and "HF_TOKEN" not in os.environ  # set for the check alone
+    colocated = openai_app_args({"llm_configs": [_llm(runtime_env=token)]}, gpus=False)
+    assert AppArgs.model_validate(colocated).ingress.runtime_env == token
+
+
 def test_an_llm_config_in_its_own_file(tmp_path):
     path = tmp_path / "decode.yaml"
     path.write_text(yaml.safe_dump(_llm(engine_kwargs={"max_num_seqs": 3})))
@@ -211,7 +234,6 @@ def test_an_llm_config_in_its_own_file(tmp_path):
             None,
             "model_loading_config differs",
         ),
-        (_llm(runtime_env={"pip": ["x"]}), None, "prefill_config.runtime_env: not served"),
         (
             _llm(placement_group_config={"bundles": [{"GPU": 1}]}),
             None,

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from deployments.serve_env import controller_options, env_words, serve_env
 from engine.config import DEFAULT_STEP_TIMEOUT_S
+from placement.analytic import Efficiency
 from placement.cli_args import (
     add_source_args,
     add_workload_args,
@@ -61,6 +62,7 @@ def serve_config(
     stream batching it sized.
     """
     p = best.placement
+    on_gpu = str((base_args or {}).get("device", "cpu")).startswith("cuda")
 
     def phase(spec, name: str | None = None) -> dict:
         engine = {
@@ -72,6 +74,8 @@ def serve_config(
         if threads:
             engine["num_threads"] = threads
         units = spec.entry.tp * spec.entry.pp
+        if on_gpu and units == 1:  # the KV cache the plan counted on: what weights leave of
+            engine["gpu_memory_utilization"] = Efficiency().mem_util  # that share (analytic)
         out = {"num_replicas": spec.count, "num_cpus": 0.9, "engine": engine}
         if units > 1:  # the replica schedules; one placement-group bundle per model worker
             engine["worker_num_cpus"] = 0.8

@@ -66,6 +66,13 @@ def test_plan_from_a_device_spec_writes_a_config_and_meets_the_rate(tmp_path, ca
     if args["mode"] == "disaggregated":
         assert args["kv_transport"] == "cuda_ipc"  # one node: same or peer GPU
     AppArgs.model_validate(args)  # serve run would accept it
+    for phase in ("prefill", "decode", "colocated"):
+        engine = args.get(phase, {}).get("engine")
+        if engine is None:
+            continue
+        single = engine["tensor_parallel_size"] * engine["pipeline_parallel_size"] == 1
+        # the KV cache the plan counted on: what the weights leave of 0.9 of each GPU
+        assert engine.get("gpu_memory_utilization") == (0.9 if single else None), phase
     replicas = sum(
         args[p]["num_replicas"] * args[p]["engine"]["tensor_parallel_size"]
         * args[p]["engine"]["pipeline_parallel_size"]
@@ -75,6 +82,28 @@ def test_plan_from_a_device_spec_writes_a_config_and_meets_the_rate(tmp_path, ca
     best = report["candidates"][0]
     assert best["goodput_rps"] > 0 and best["p90_ttft_ms"] <= 400 * 1.01  # 90% meet it
     assert max(c["gpus"] for c in report["candidates"]) <= 4  # nothing beyond the cluster
+
+
+def test_a_gpu_plans_single_gpu_replicas_fill_the_share_it_counted_on(tmp_path):
+    """The roofline counts on 0.9 of each GPU for weights and KV cache: a single-GPU replica
+    of the plan sizes its KV cache to that share (gpu_memory_utilization), not to
+    kv_cache_memory_mb's default."""
+    out = tmp_path / "serve.yaml"
+    argv = [
+        "plan", "--device", "A100-80GB", "--model", "default", "--cluster", "1x2",
+        "--workload", "512:64", "--ttft-slo", "400", "--tpot-slo", "60", "--num-requests", "40",
+        "-o", str(out),
+    ]  # fmt: skip
+    placement_main(argv)
+    args = yaml.safe_load(out.read_text())["applications"][0]["args"]
+    engines = [args[p]["engine"] for p in ("prefill", "decode", "colocated") if p in args]
+    assert engines and all(e["gpu_memory_utilization"] == 0.9 for e in engines)
+    assert (
+        AppArgs.model_validate(args)
+        .engine_config("colocated" if "colocated" in args else "decode")
+        .memory_share.share
+        == 0.9
+    )
 
 
 def test_a_plan_for_an_fp8_kv_cache_serves_with_one(tmp_path):

@@ -49,7 +49,7 @@ from app.protocol import (
     validated,
 )
 from app.readiness import Readiness
-from app.replica_calls import ReplicaCalls, uncancelled
+from app.replica_calls import ReplicaCalls, this_process_transport, uncancelled
 from app.responses import (
     ResponseFormat,
     StoreClient,
@@ -81,19 +81,6 @@ _LORA_ADMIN = {
 }
 
 
-def _this_process_transport(handle):
-    """`handle` calling its deployment as this replica's Serve settings say: by gRPC in Serve's
-    high-throughput mode (deployments/serve_env.py), else by Ray actor calls. A handle carries
-    the setting of the process that built the application (its options are pickled with it),
-    which need not be the cluster's: a driver started before the mode was set, say. Serve's
-    private constant and option (`_by_reference`; Ray is pinned to 2.60, see pyproject)."""
-    if handle is None:
-        return None
-    from ray.serve._private.constants import RAY_SERVE_USE_GRPC_BY_DEFAULT
-
-    return handle.options(_by_reference=not RAY_SERVE_USE_GRPC_BY_DEFAULT)
-
-
 class Ingress:
     def __init__(self, args: dict, prefill=None, decode=None, colocated=None, store=None) -> None:
         from transformers import AutoConfig, AutoTokenizer
@@ -116,7 +103,7 @@ class Ingress:
                 " (generation_config: vllm for OpenAI's): %s",
                 self.sampling_defaults,
             )
-        handles = [_this_process_transport(h) for h in (prefill, decode, colocated, store)]
+        handles = [this_process_transport(h) for h in (prefill, decode, colocated, store)]
         self.prefill, self.decode, self.colocated, store = handles
         called = [h for h in handles if h is not None]
         app_name = called[0].app_name if called else ""

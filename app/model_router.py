@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from app.config import AppArgs
 from app.protocol import APIError
+from app.replica_calls import this_process_transport
 from engine.config import lora_path
 
 _OPEN_PATHS = ("/health", "/ping")
@@ -107,7 +108,7 @@ async def relay(response: Response) -> AsyncIterator[ForwardedStart | bytes]:
 class ModelRouter:
     def __init__(self, models: list[dict], ingresses: list) -> None:
         self.args = [AppArgs.model_validate(m) for m in models]
-        self.ingresses = [h.options(stream=True) for h in ingresses]
+        self.ingresses = [this_process_transport(h).options(stream=True) for h in ingresses]
         self.by_name = {}  # a served name or a configured LoRA adapter's -> its model's index
         for i, args in enumerate(self.args):
             for name in (args.served_name, *args.lora_modules):

@@ -133,3 +133,16 @@ def uncancelled(start: Callable[[], T]) -> T:
         return start()
 
     return contextvars.Context().run(apart)
+
+
+def this_process_transport(handle):
+    """`handle` calling its deployment as this replica's Serve settings say: by gRPC in Serve's
+    high-throughput mode (deployments/serve_env.py), else by Ray actor calls. A handle carries
+    the setting of the process that built the application (its options are pickled with it),
+    which need not be the cluster's: a driver started before the mode was set, say. Serve's
+    private constant and option (`_by_reference`; Ray is pinned to 2.60, see pyproject)."""
+    if handle is None:
+        return None
+    from ray.serve._private.constants import RAY_SERVE_USE_GRPC_BY_DEFAULT
+
+    return handle.options(_by_reference=not RAY_SERVE_USE_GRPC_BY_DEFAULT)

@@ -46,15 +46,15 @@ def test_the_ingress_calls_by_this_processs_transport_not_the_builders(monkeypat
     ingress takes its own replica's (gRPC in the high-throughput modes)."""
     from ray.serve._private import constants
 
-    from app.ingress import _this_process_transport
+    from app.replica_calls import this_process_transport
 
     class Handle:
         def options(self, **kw):
             return kw
 
     monkeypatch.setattr(constants, "RAY_SERVE_USE_GRPC_BY_DEFAULT", grpc)
-    assert _this_process_transport(Handle()) == {"_by_reference": not grpc}
-    assert _this_process_transport(None) is None
+    assert this_process_transport(Handle()) == {"_by_reference": not grpc}
+    assert this_process_transport(None) is None
 
 
 def test_haproxy_takes_the_http_port(server):

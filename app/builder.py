@@ -20,7 +20,7 @@ from app.prefix_router import PrefixAffinityRouter
 from app.response_store import ResponseStoreServer
 from app.router import SameNodeRouter
 from deployments.servers import ColocatedServer, DecodeServer, PrefillServer
-from engine.model_store import check_model
+from engine.model_store import check_model, check_tokenizer
 
 
 def deployment_options(phase: PhaseArgs, name: str, key: str, gpus: float = 0.0) -> dict:
@@ -103,6 +103,7 @@ def _model_app(cfg: AppArgs, suffix: str, store) -> serve.Application:
     """One model's Ingress, bound to its engine deployments (their names + suffix)."""
     with _environment(cfg):  # here, not in every replica's failed start
         check_model(cfg.model, cfg.revision)
+        check_tokenizer(cfg.tokenizer, cfg.tokenizer_revision)
         _check_parallel(cfg)
     environment = {"runtime_env": cfg.ingress.runtime_env} if cfg.ingress.runtime_env else {}
     ingress = serve.deployment(

@@ -278,6 +278,10 @@ class AppArgs(_Strict):
     # embedded default model
     model: str | None = None
     revision: str | None = None  # vLLM's --revision: a Hub model's branch, tag or commit
+    # vLLM's --tokenizer / --tokenizer-revision: a directory with a tokenizer_config.json, or
+    # a Hub id of which the tokenizer's files alone are fetched; None: the model's own
+    tokenizer: str | None = None
+    tokenizer_revision: str | None = None
     # the name requests give as `model` (vLLM's --served-model-name); None: `model` as
     # written, as vLLM names it (the embedded model: SmolLM2-135M-Instruct)
     served_model_name: str | None = Field(None, min_length=1)
@@ -385,6 +389,15 @@ class AppArgs(_Strict):
                 raise ValueError(f"{name!r}: {e}") from e
             dirs[name] = str(path) if path.is_dir() else where  # a directory, or a Hub id
         return dirs
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_path(cls, value: str | None) -> str | None:
+        """A directory resolved where `serve run` runs, as lora_modules' are; a Hub id as is."""
+        if value is None:
+            return None
+        path = Path(value).expanduser().absolute()
+        return str(path) if path.is_dir() else value
 
     @field_validator("lora_dir")
     @classmethod
@@ -506,6 +519,8 @@ class AppArgs(_Strict):
         return EngineConfig(
             model=self.model,
             revision=self.revision,
+            tokenizer=self.tokenizer,
+            tokenizer_revision=self.tokenizer_revision,
             dtype=self.dtype,
             kv_cache_dtype=self.kv_cache_dtype,
             device=self.device,

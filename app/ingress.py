@@ -62,7 +62,7 @@ from app.responses import sse as responses_sse
 from engine import InvalidRequestError, RequestFailedError, RequestOutput, SamplingParams
 from engine.config import lora_dir_adapters, lora_path
 from engine.limits import check_lengths, context_window
-from engine.model_store import resolve_model
+from engine.model_store import resolve_model, resolve_tokenizer
 from engine.sampling_params import SEED_RANGE
 
 if TYPE_CHECKING:
@@ -88,7 +88,8 @@ class Ingress:
         self.args = AppArgs.model_validate(args)
         path = resolve_model(self.args.model, self.args.revision)
         self.model_root = self.args.model or str(path)  # the embedded model: its directory
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        where = resolve_tokenizer(self.args.tokenizer, self.args.tokenizer_revision, path)
+        tokenizer = AutoTokenizer.from_pretrained(where)
         if self.args.chat_template is not None:  # the server's in place of the model's
             tokenizer.chat_template = self.args.chat_template
         text_config = AutoConfig.from_pretrained(path).get_text_config()

@@ -57,6 +57,8 @@ APP_KWARGS = (
     "kv_cache_dtype",
     "max_model_len",
     "revision",
+    "tokenizer",
+    "tokenizer_revision",
     "device",
     "generation_config",
     "override_generation_config",
@@ -220,10 +222,12 @@ def _app_args(
 ) -> dict:
     loading = config.model_loading_config
     source = loading.model_source or loading.model_id
-    if loading.tokenizer_source not in (None, source):
-        raise ConfigError("model_loading_config.tokenizer_source: the model's own is served")
     model = None if is_default_model(source) else source  # None: the embedded model
     out = {"model": model, "served_model_name": loading.model_id, "mode": mode, **app}
+    if loading.tokenizer_source not in (None, source):
+        if "tokenizer" in app:
+            raise ConfigError("tokenizer_source and engine_kwargs.tokenizer: give one")
+        out["tokenizer"] = loading.tokenizer_source
     out |= {"ingress": ingress, **phases}
     if clash := set(own) & _TRANSLATED:
         raise ConfigError(f"splitserve: {sorted(clash)} come from the LLMConfigs")

@@ -28,7 +28,7 @@ from engine.grammar import Grammars, advance
 from engine.limits import chat_token_ids, check_lengths, check_token_ids
 from engine.lora import AdapterCache
 from engine.model_runner import ModelInput, ModelRunner, SeqInput
-from engine.model_store import generation_stop_ids, resolve_model
+from engine.model_store import generation_stop_ids, resolve_model, resolve_tokenizer
 from engine.outputs import (
     Completion,
     EngineStats,
@@ -83,7 +83,8 @@ class LLMEngine:
         if tokenizer is None:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            where = resolve_tokenizer(config.tokenizer, config.tokenizer_revision, path)
+            tokenizer = AutoTokenizer.from_pretrained(where)
         if runner is None and not config.parallel.is_single:
             from engine.workers import WorkerGroupRunner
 

@@ -65,6 +65,15 @@ def resolve_adapter(where: str | Path) -> Path:
     return _local_or_hub(str(where), None, _ADAPTER)
 
 
+def resolve_tokenizer(tokenizer: str | None, revision: str | None, model_dir: Path) -> Path:
+    """The tokenizer's directory (vLLM's --tokenizer, --tokenizer-revision): the model's own
+    (`tokenizer` None), a directory with a tokenizer_config.json, or a Hub repository id of
+    which only the tokenizer's files are fetched into the Hub's cache."""
+    if tokenizer is None:
+        return model_dir
+    return _local_or_hub(tokenizer, revision, _TOKENIZER)
+
+
 def hub_config(repo_id: str, revision: str | None = None) -> Path:
     """A Hub model's config.json alone, from the Hub's cache or downloaded there: what a
     placement plan reads of a model (no weights)."""
@@ -99,9 +108,25 @@ def check_adapter(where: str) -> None:
     _check_local_or_hub(where, None, _ADAPTER)
 
 
-_MODEL, _ADAPTER = "config.json", "adapter_config.json"  # what each one's directory holds
-_NOUNS = {_MODEL: "model", _ADAPTER: "LoRA adapter"}
-_WITH = {_MODEL: "with a config.json", _ADAPTER: "with an adapter_config.json"}
+def check_tokenizer(tokenizer: str | None, revision: str | None = None) -> None:
+    """check_model's for a tokenizer (None: the model's own)."""
+    if tokenizer is not None:
+        _check_local_or_hub(tokenizer, revision, _TOKENIZER)
+
+
+# what each one's directory holds
+_MODEL, _ADAPTER, _TOKENIZER = "config.json", "adapter_config.json", "tokenizer_config.json"
+_NOUNS = {_MODEL: "model", _ADAPTER: "LoRA adapter", _TOKENIZER: "tokenizer"}
+_WITH = {
+    _MODEL: "with a config.json",
+    _ADAPTER: "with an adapter_config.json",
+    _TOKENIZER: "with a tokenizer_config.json",
+}
+# a tokenizer's files in a repository, fetched alone for it (never a model's weights)
+_TOKENIZER_FILES = [
+    "tokenizer*", "*.tiktoken", "*.model", "vocab*", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "chat_template*", "config.json",
+]  # fmt: skip
 
 
 def _local_or_hub(where: str, revision: str | None, marker: str) -> Path:
@@ -153,21 +178,27 @@ _NOT_LOADED = [
 def hub_snapshot(repo_id: str, revision: str | None = None, marker: str = _MODEL) -> Path:
     """The repository's files at `revision` (None: main) in the Hub's cache, downloaded
     there first when missing (HF_HUB_CACHE, HF_TOKEN and HF_HUB_OFFLINE as huggingface_hub
-    reads them); once per process; it must hold `marker`. The PyTorch .bin weights are
+    reads them); once per process; it must hold `marker` (a tokenizer's: its files alone,
+    _TOKENIZER_FILES). The PyTorch .bin weights are
     skipped when the repository has safetensors (transformers and PEFT load those first), as
     vLLM does."""
     from huggingface_hub import model_info, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     ignore = list(_NOT_LOADED)
+    only = _TOKENIZER_FILES if marker == _TOKENIZER else None
     try:
-        files = model_info(repo_id, revision=revision).siblings or []  # one request
-        if any(f.rfilename.endswith(".safetensors") for f in files):
+        files = [] if only else model_info(repo_id, revision=revision).siblings or []
+        if any(f.rfilename.endswith(".safetensors") for f in files):  # one request
             ignore.append("*.bin")
     except Exception as e:  # offline, the Hub unreachable, ...: what the cache holds
         logger.info("%s: no file list from the Hub (%s); the cache's", repo_id, e)
     try:
-        path = Path(snapshot_download(repo_id, revision=revision, ignore_patterns=ignore))
+        path = Path(
+            snapshot_download(
+                repo_id, revision=revision, allow_patterns=only, ignore_patterns=ignore
+            )
+        )
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
         raise FileNotFoundError(_not_found(repo_id, marker, e)) from e
     if not (path / marker).is_file():

@@ -299,3 +299,57 @@ def test_dtype_auto_reads_the_models_config_and_vllms_names_are_taken(hub_cache,
     assert AppArgs.model_validate(AppArgs(dtype="auto").model_dump()).dtype == "bfloat16"
     with pytest.raises(pydantic.ValidationError, match="dtype auto reads the model's config"):
         AppArgs(dtype="auto", model="someone/not-cached")
+
+
+def _tokenizer_dir(path: Path, default_model_path: Path, template: str) -> Path:
+    """The default model's tokenizer files alone, with `template` for its chat template."""
+    path.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_path / name, path / name)
+    (path / "chat_template.jinja").write_text(template)
+    return path
+
+
+SHOUT = "{% for m in messages %}<|im_start|>{{ m['content'] | upper }}<|im_end|>{% endfor %}"
+
+
+@pytest.mark.model
+def test_a_tokenizer_of_its_own_directory_or_hub_id(tmp_path, default_model_path, monkeypatch):
+    """vLLM's --tokenizer: the engine tokenizes with the given one (here the model's own
+    files with another chat template), by directory or by Hub id, of which only the
+    tokenizer's files are fetched; the model's tokens are the same."""
+    from huggingface_hub import constants
+
+    from engine.model_store import check_tokenizer, hub_snapshot, resolve_tokenizer
+
+    tokenizer = _tokenizer_dir(tmp_path / "tok", default_model_path, SHOUT)
+    assert resolve_tokenizer(None, None, default_model_path) == default_model_path
+    assert resolve_tokenizer(str(tokenizer), None, default_model_path) == tokenizer
+    snapshots = _cache_repo(tmp_path / "hub", "models--someone--tok", tokenizer, {"main": "d" * 40})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub_snapshot.cache_clear()
+    try:
+        assert resolve_tokenizer("someone/tok", None, default_model_path) == snapshots / ("d" * 40)
+        check_tokenizer("someone/tok")
+        with pytest.raises(FileNotFoundError, match="tokenizer 'someone/missing' is neither"):
+            check_tokenizer("someone/missing")
+        engines = [LLMEngine(EngineConfig(num_kv_blocks=64, tokenizer=t)) for t in
+                   (None, str(tokenizer), "someone/tok")]  # fmt: skip
+    finally:
+        hub_snapshot.cache_clear()
+    chat = [{"role": "user", "content": "hi"}]
+    rendered = [e.tokenizer.apply_chat_template(chat, tokenize=False) for e in engines]
+    assert rendered[1] == rendered[2] == "<|im_start|>HI<|im_end|>" != rendered[0]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    outs = [
+        [o.token_ids for o in e.generate(["The capital of France is"], params)] for e in engines
+    ]
+    assert outs[0] == outs[1] == outs[2]
+
+
+def test_a_tokenizer_that_is_nowhere_fails_the_build(tmp_path):
+    from app.builder import build_app
+
+    with pytest.raises(FileNotFoundError, match="tokenizer .* is not a directory with a tokenizer"):
+        build_app({"tokenizer": str(tmp_path)})  # a directory, but no tokenizer in it

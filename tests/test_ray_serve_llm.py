@@ -159,6 +159,14 @@ def test_the_model_its_served_name_and_lora(tmp_path):
     args = pd_app_args({"prefill_config": config, "decode_config": config}, gpus=False)
     assert (args["model"], args["served_model_name"]) == ("Qwen/Qwen2.5-0.5B-Instruct", "qwen")
     assert (args["lora_dir"], args["max_loras"]) == (str(tmp_path / "adapters"), 16)
+    assert "tokenizer" not in args  # the model's own
+    tokenized = {**loading, "tokenizer_source": "Qwen/Qwen2.5-0.5B"}
+    config = {"model_loading_config": tokenized}
+    args = pd_app_args({"prefill_config": config, "decode_config": config}, gpus=False)
+    assert args["tokenizer"] == "Qwen/Qwen2.5-0.5B"
+    both = {**config, "engine_kwargs": {"tokenizer": "other/tok"}}
+    with pytest.raises(ConfigError, match="tokenizer_source and engine_kwargs.tokenizer"):
+        pd_app_args({"prefill_config": both, "decode_config": both}, gpus=False)
     remote = {**config, "lora_config": {"dynamic_lora_loading_path": "s3://bucket/loras"}}
     with pytest.raises(ConfigError, match="dynamic_lora_loading_path: cloud storage"):
         pd_app_args({"prefill_config": remote, "decode_config": remote}, gpus=False)

@@ -10,6 +10,7 @@ and torch's peak allocation is read (weights included, the throwaway cache taken
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,7 +44,8 @@ class CudaProbe:
         return torch.cuda.mem_get_info(self.device)[1]
 
     def free(self) -> int:
-        torch.cuda.empty_cache()  # the throwaway cache's memory back to the device
+        gc.collect()  # the throwaway runner's cache, whatever still refers to it
+        torch.cuda.empty_cache()  # its memory back to the device
         return torch.cuda.mem_get_info(self.device)[0]
 
     def reset_peak(self) -> None:

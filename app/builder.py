@@ -6,10 +6,6 @@ app.config.AppArgs (errors name the field).
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
-
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
@@ -19,6 +15,7 @@ from app.model_router import ModelRouter
 from app.prefix_router import PrefixAffinityRouter
 from app.response_store import ResponseStoreServer
 from app.router import SameNodeRouter
+from deployments.serve_env import process_env
 from deployments.servers import ColocatedServer, DecodeServer, PrefillServer
 from engine.model_store import check_model, check_tokenizer
 
@@ -101,7 +98,7 @@ def build_multi_model_app(args: dict) -> serve.Application:
 
 def _model_app(cfg: AppArgs, suffix: str, store) -> serve.Application:
     """One model's Ingress, bound to its engine deployments (their names + suffix)."""
-    with _environment(cfg):  # here, not in every replica's failed start
+    with process_env(_runtime_env_vars(cfg)):  # here, not in every replica's failed start
         check_model(cfg.model, cfg.revision)
         check_tokenizer(cfg.tokenizer, cfg.tokenizer_revision)
         _check_parallel(cfg)
@@ -160,23 +157,13 @@ def _model_app(cfg: AppArgs, suffix: str, store) -> serve.Application:
     )
 
 
-@contextlib.contextmanager
-def _environment(cfg: AppArgs) -> Iterator[None]:
-    """The env_vars the replicas' runtime_envs set (a gated Hub model's HF_TOKEN), set here
-    too while the build checks the model as the replicas will load it."""
+def _runtime_env_vars(cfg: AppArgs) -> dict[str, str]:
+    """The env_vars the replicas' runtime_envs set (a gated Hub model's HF_TOKEN): the build
+    checks the model with them, as the replicas will load it."""
     env: dict[str, str] = {}
     for part in (cfg.ingress, cfg.prefill, cfg.decode, cfg.colocated):
         env |= (part.runtime_env or {}).get("env_vars", {})
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update({name: str(value) for name, value in env.items()})
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    return {name: str(value) for name, value in env.items()}
 
 
 def _store(size: int) -> serve.Application:

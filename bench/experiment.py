@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import copy
 import dataclasses
 import json
@@ -29,7 +28,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from bench.loadgen import (
     workload_of,
 )
 from bench.metrics import SLO, RequestRecord, attainment
-from deployments.serve_env import free_ports, serve_env, start_serve
+from deployments.serve_env import free_ports, process_env, serve_env, start_serve
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -302,21 +301,6 @@ class Cluster:
 
 def _exit_on_sigterm(signum: int, frame) -> None:
     raise SystemExit(128 + signum)
-
-
-@contextlib.contextmanager
-def process_env(env: dict[str, str]) -> Iterator[None]:
-    """`env` set in this process's environment while inside; as it was after."""
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 class Clusters:
@@ -605,7 +589,6 @@ def _num_gpus() -> int:
 
 
 def _cores() -> int:
-    import os
 
     return len(os.sched_getaffinity(0))
 

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import socket
+from collections.abc import Iterator
 
 MODES = ("default", "throughput", "haproxy")
 # The Serve controller's own settings, in every mode: a replica that fails its health checks
@@ -95,3 +97,18 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@contextlib.contextmanager
+def process_env(env: dict[str, str]) -> Iterator[None]:
+    """`env` set in this process's environment while inside; as it was after."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

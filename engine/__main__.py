@@ -37,6 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--enforce-eager", action="store_true", help="vLLM's: no CUDA graphs of decode steps"
     )
+    gen.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="vLLM's: with --device cuda, the KV cache fills this share of the GPU (default: "
+        "1024 MB of KV cache)",
+    )
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     gen.add_argument("--lora", default=None, help="a PEFT LoRA adapter's directory to run with")
     gen.add_argument(
@@ -75,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 num_threads=args.threads,
                 device=args.device,
                 enforce_eager=args.enforce_eager,
+                gpu_memory_utilization=args.gpu_memory_utilization,
                 lora_modules=() if args.lora is None else (("cli", args.lora),),
                 speculative=_speculative(args.speculative_config),
             )

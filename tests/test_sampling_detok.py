@@ -285,6 +285,9 @@ def test_cli_a_device_it_cannot_use_is_a_clear_error(capsys):
             continue
         assert main(["generate", "--prompt", "hi", "--device", device]) == 2
         assert reason in capsys.readouterr().err
+    share = ["--gpu-memory-utilization", "0.5"]
+    assert main(["generate", "--prompt", "hi", *share]) == 2  # on the CPU
+    assert "on a CPU it is kv_cache_memory_mb" in capsys.readouterr().err
 
 
 @pytest.mark.model

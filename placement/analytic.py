@@ -67,6 +67,13 @@ def _weight_bytes_per_gpu(model: ModelSpec, tp: int, pp: int) -> float:
     return model.rank_params(tp) * model.dtype_bytes * _stage_share(model, pp)
 
 
+def kv_bytes_per_token_per_gpu(model: ModelSpec, tp: int, pp: int) -> float:
+    """What a token's KV takes on the GPU of the largest stage: its layers' share, and the KV
+    heads split over the tp ranks, at least one on each (a latent is one, whole on each)."""
+    kv_heads = ParallelLayout(tp, pp).kv_heads_per_rank(model.num_kv_heads)
+    return model.kv_bytes_per_token * _stage_share(model, pp) * kv_heads / model.num_kv_heads
+
+
 def entry(
     model: ModelSpec,
     device: DeviceSpec,
@@ -93,9 +100,7 @@ def entry(
         b=2 * params / flops + tp_ms + pp_ms,
         c=2 * layers * (model.hidden_size / tp) / flops,
     )
-    # KV heads split over the tp ranks, at least one on each (a latent is one, whole on each)
-    kv_heads = ParallelLayout(tp, pp).kv_heads_per_rank(model.num_kv_heads)  # at least one
-    kv_per_gpu = model.kv_bytes_per_token * stage * kv_heads / model.num_kv_heads
+    kv_per_gpu = kv_bytes_per_token_per_gpu(model, tp, pp)
     decode = Coefficients(
         a=weights / bandwidth + eff.overhead_ms + tp_calls,
         b=kv_per_gpu / bandwidth,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,13 +202,34 @@ def run(url: str, api_key: str, model: str = "", greedy: Path | None = None) -> 
     return lines
 
 
+def wait_until_ready(url: str, timeout_s: float, poll_s: float = 1.0) -> bool:
+    """Whether /health answered 200 within `timeout_s` (503 while the replicas start, no
+    answer while Serve does)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=poll_s * 5).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() + poll_s > deadline:
+            return False
+        time.sleep(poll_s)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--api-key", default="unused", help="the server's, if it asks for one")
     parser.add_argument("--model", default="", help="default: the first /v1/models lists")
     parser.add_argument("--greedy", type=Path, help="compare the greedy texts with this file's")
+    parser.add_argument(
+        "--wait-s", type=float, default=0.0, help="first wait up to this long for /health 200"
+    )
     args = parser.parse_args(argv)
+    if args.wait_s and not wait_until_ready(args.url, args.wait_s):
+        print(f"FAIL ready: /health not 200 within {args.wait_s:g} s")
+        return 1
     lines = run(args.url, args.api_key, args.model, args.greedy)
     print("\n".join(lines))
     failed = sum(line.startswith("FAIL") for line in lines)

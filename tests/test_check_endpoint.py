@@ -32,3 +32,31 @@ def test_a_server_that_does_not_answer_fails_every_check(capsys):
     names = check_endpoint.CHECKS
     assert [line.split()[:2] for line in lines[:-1]] == [["FAIL", f"{n}:"] for n in names]
     assert lines[-1] == f"{len(names)} FAILED"
+
+
+def test_a_server_never_ready_fails_the_wait_at_its_end(capsys, monkeypatch):
+    """--wait-s: /health polled until 200 or the time is up (a port nothing listens on)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    monkeypatch.setattr(check_endpoint.time, "sleep", lambda s: None)
+    clock = iter(range(1000))
+    monkeypatch.setattr(check_endpoint.time, "monotonic", lambda: next(clock))
+    assert not check_endpoint.wait_until_ready(url, 5)
+    assert check_endpoint.main(["--url", url, "--wait-s", "3"]) == 1
+    assert capsys.readouterr().out == "FAIL ready: /health not 200 within 3 s\n"
+
+
+def test_the_wait_ends_at_the_first_200(monkeypatch):
+    answers = iter([503, 503, 200])
+    asked = []
+
+    def get(url, timeout):
+        asked.append(url)
+        return type("Response", (), {"status_code": next(answers)})()
+
+    monkeypatch.setattr(check_endpoint.httpx, "get", get)
+    monkeypatch.setattr(check_endpoint.time, "sleep", lambda s: None)
+    assert check_endpoint.wait_until_ready("http://h:1", 60)
+    assert asked == ["http://h:1/health"] * 3

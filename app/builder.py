@@ -101,6 +101,8 @@ def _model_app(cfg: AppArgs, suffix: str, store) -> serve.Application:
     with process_env(_runtime_env_vars(cfg)):  # here, not in every replica's failed start
         check_model(cfg.model, cfg.revision)
         check_tokenizer(cfg.tokenizer, cfg.tokenizer_revision)
+        for spec in cfg.draft_models():
+            check_model(spec.model, spec.revision)
         _check_parallel(cfg)
     environment = {"runtime_env": cfg.ingress.runtime_env} if cfg.ingress.runtime_env else {}
     ingress = serve.deployment(

@@ -54,8 +54,8 @@ class EngineArgs(_Strict):
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)
     worker_num_cpus: float = Field(1.0, gt=0)
-    # vLLM's --speculative-config: decoding requests verify n-gram drafts; a decode-side
-    # setting (prefill replicas decode no token past the first)
+    # vLLM's --speculative-config: decoding requests verify n-gram or a draft model's drafts;
+    # a decode-side setting (prefill replicas decode no token past the first)
     speculative_config: SpeculativeArgs | None = None
     # vLLM's: with device cuda, decode steps replay CUDA graphs unless this is set
     enforce_eager: bool = False
@@ -69,15 +69,36 @@ class EngineArgs(_Strict):
     def parallel(self) -> ParallelLayout:
         return ParallelLayout(self.tensor_parallel_size, self.pipeline_parallel_size)
 
+    @model_validator(mode="after")
+    def _draft_model_servable(self) -> EngineArgs:
+        spec = self.speculative_config
+        if spec is None or spec.config().method != "draft_model":
+            return self
+        if not self.parallel.is_single:
+            raise ValueError(
+                "speculative_config.model: a draft model is not yet for tensor- or "
+                "pipeline-parallel replicas; use method ngram"
+            )
+        if self.gpu_memory_utilization is not None:
+            raise ValueError(
+                "speculative_config.model: a draft model's KV cache is not yet sized by "
+                "gpu_memory_utilization; set kv_cache_memory_mb (the draft takes as many blocks)"
+            )
+        return self
+
 
 class SpeculativeArgs(_Strict):
-    """vLLM's --speculative-config (engine/spec_decode.py): n-gram (prompt lookup) drafts."""
+    """vLLM's --speculative-config: n-gram (prompt lookup) drafts (engine/spec_decode.py), or
+    a draft model's (`model`, engine/draft_model.py); unset, the method is draft_model where a
+    model is named, else ngram."""
 
-    method: Literal["ngram"] = "ngram"
+    method: Literal["ngram", "draft_model"] | None = None
     num_speculative_tokens: int = Field(ge=1, le=MAX_SPECULATIVE_TOKENS)
     prompt_lookup_min: int | None = Field(None, ge=1)
     prompt_lookup_max: int | None = Field(None, ge=1)
     disable_by_batch_size: int | None = Field(None, ge=2)
+    model: str | None = None  # the draft: a directory or a Hub id, of the target's vocabulary
+    revision: str | None = None  # the draft's Hub revision
 
     @model_validator(mode="after")
     def _bounds(self) -> SpeculativeArgs:
@@ -549,6 +570,12 @@ class AppArgs(_Strict):
             enforce_eager=e.enforce_eager or phase == "prefill",
             step_timeout_s=getattr(self, phase).step_timeout_s,
         )
+
+    def draft_models(self) -> list[SpeculativeConfig]:
+        """The speculative configs with a draft model of the phases this mode serves."""
+        phases = ("colocated",) if self.mode == "colocated" else ("prefill", "decode")
+        specs = [getattr(self, p).engine.speculative_config for p in phases]
+        return [s.config() for s in specs if s is not None and s.model is not None]
 
     def check_parallel(self, num_layers: int, num_heads: int, num_kv_heads: int) -> None:
         """Raise ValueError, naming the field, for a layout the model cannot be split into."""

@@ -1,4 +1,7 @@
-"""What n-gram speculative decoding does to TPOT, on the three workloads, side by side.
+"""What speculative decoding does to TPOT, on the three workloads, side by side: n-gram
+drafts by default, a draft model's with `--spec '{"model": DIR, "num_speculative_tokens": k}'`
+("default": the embedded model drafting for itself, every greedy draft kept: what drafting
+costs here, without a draft model's saving).
 
     python -m bench.spec_decode [--threads 2] [--batches 1,8] [--requests 8] [--max-tokens 128]
                                 [--rounds 2] [--spec '{"num_speculative_tokens": 4, ...}']
@@ -6,7 +9,7 @@
 For each workload (ShareGPT chat, HumanEval code, docsum summarization: bench/datasets.py)
 the same `--requests` prompts are decoded greedily to at most `--max-tokens` tokens (EOS
 ends them), `batch` at a time, by one engine without drafts ("plain") and one that verifies
-n-gram drafts ("spec"), in turn, sharing the weights. A request's TPOT is (last token's time
+drafts ("spec"), in turn, sharing the target's weights. A request's TPOT is (last token's time
 - first token's) / (tokens - 1), its first token excluded (the prefill, the same in both).
 Greedy, both produce the same tokens (checked). Medians over requests and rounds; the
 acceptance rate is kept drafts / verified drafts, and "tokens/step" the tokens a speculating

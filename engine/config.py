@@ -58,6 +58,7 @@ class EngineConfig:
     lora_dir: str | None = None
     max_loras: int = 8
     # vLLM's --speculative-config: decoding requests verify n-gram drafts (engine/spec_decode.py)
+    # or a draft model's (engine/draft_model.py: its KV cache as many blocks as the target's)
     speculative: SpeculativeConfig | None = None
     # vLLM's --enforce-eager: on a GPU, decode steps of a single-worker replica replay CUDA
     # graphs (engine/cuda_graphs.py) unless this is set; CPUs always run eagerly
@@ -81,6 +82,7 @@ class EngineConfig:
         if self.kv_cache_memory_mb < 1:
             raise ValueError("kv_cache_memory_mb must be >= 1")
         self._check_memory_share()
+        self._check_draft_model()
         if self.worker_num_cpus <= 0:
             raise ValueError("worker_num_cpus must be > 0")
         if self.worker_num_gpus < 0:
@@ -107,6 +109,20 @@ class EngineConfig:
             raise ValueError(
                 "gpu_memory_utilization: not yet for tensor- or pipeline-parallel workers; "
                 "set kv_cache_memory_mb (per worker)"
+            )
+
+    def _check_draft_model(self) -> None:
+        if self.speculative is None or self.speculative.method != "draft_model":
+            return
+        if not self.parallel.is_single:
+            raise ValueError(
+                "speculative_config: a draft model is not yet for tensor- or pipeline-parallel "
+                "replicas; use method ngram"
+            )
+        if self.gpu_memory_utilization is not None:
+            raise ValueError(
+                "speculative_config: a draft model's KV cache is not yet sized by "
+                "gpu_memory_utilization; set kv_cache_memory_mb (the draft takes as many blocks)"
             )
 
     @property

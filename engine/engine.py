@@ -73,6 +73,7 @@ class LLMEngine:
         runner: ModelRunner | None = None,
         tokenizer=None,
         kv_transport: str = "shm",  # for a multi-worker runner: its workers' KV channels
+        draft_runner: ModelRunner | None = None,  # a draft model's; None: loaded if configured
     ) -> None:
         self.config = config = config or EngineConfig()
         if config.num_threads:
@@ -123,10 +124,42 @@ class LLMEngine:
         self._ids = itertools.count()
         self.num_preemptions = 0
         # speculative decoding (engine/spec_decode.py): drafts verified, drafts kept
-        self.proposer = NgramProposer(config.speculative) if config.speculative else None
+        self.proposer = self._proposer(draft_runner)
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
         self.last_step: StepRecord | None = None
+
+    def _proposer(self, draft_runner: ModelRunner | None):
+        """Speculative decoding's proposer: n-gram lookup, or a draft model (its own runner:
+        the given one, or the configured model loaded with the target's settings and as many
+        KV blocks)."""
+        spec = self.config.speculative
+        if spec is None:
+            return None
+        if spec.method == "ngram":
+            return NgramProposer(spec)
+        from engine.draft_model import DraftModelProposer
+
+        if draft_runner is None:
+            config = self.config
+            draft_runner = ModelRunner.from_pretrained(
+                resolve_model(spec.model, spec.revision),
+                dtype=config.dtype,
+                device=config.device,
+                block_size=self.runner.block_size,
+                num_kv_blocks=self.runner.num_kv_blocks,
+                kv_cache_memory_mb=0,
+                kv_dtype=config.kv_dtype,
+                graph_batch=config.graph_batch,
+            )
+        vocab = self.runner.shape.vocab_size
+        if draft_runner.shape.vocab_size != vocab:
+            raise ValueError(
+                f"speculative model {spec.model}: its vocabulary has "
+                f"{draft_runner.shape.vocab_size} tokens, the target's {vocab}; a draft model "
+                "shares the target's tokenizer"
+            )
+        return DraftModelProposer(spec, draft_runner, vocab)
 
     # ---- requests in -------------------------------------------------------------------------
 
@@ -315,17 +348,18 @@ class LLMEngine:
             for request in self.scheduler.running:
                 request.spec_token_ids = []
             return
+        items = []
         for request in self.scheduler.running:
             params = request.sampling_params
             room = min(
                 params.max_tokens - request.num_output_tokens - 1,
                 self.max_model_len - request.num_tokens,
             )
-            if params.structured_output is not None:
-                room = 0
-            request.spec_token_ids = self.proposer.propose(
-                request.request_id, request.prompt_token_ids, request.output_token_ids, room
-            )
+            items.append((request, 0 if params.structured_output is not None else room))
+        for request, drafts in zip(
+            self.scheduler.running, self.proposer.propose_all(items), strict=True
+        ):
+            request.spec_token_ids = drafts
 
     def _lora_slot(self, request: Request) -> int:
         lora = request.sampling_params.lora

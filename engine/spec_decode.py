@@ -1,4 +1,5 @@
-"""Speculative decoding with n-gram (prompt lookup) drafts, as vLLM's `method: ngram`.
+"""Speculative decoding: its config, and n-gram (prompt lookup) drafts, as vLLM's `method:
+ngram` (a draft model's drafts, `method: draft_model`, are engine/draft_model.py's).
 
 A decoding request whose last n tokens (n from prompt_lookup_max down to prompt_lookup_min)
 occurred before in its prompt or output proposes the tokens that followed their latest
@@ -21,29 +22,44 @@ from dataclasses import dataclass
 
 import numpy as np
 
-METHODS = ("ngram",)
+from engine.request import Request
+
+METHODS = ("ngram", "draft_model")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """vLLM's --speculative-config for `method: ngram`. Unset lookup bounds follow vLLM: both
-    unset are 5, one unset takes the other's value."""
+    """vLLM's --speculative-config for `method: ngram` and `method: draft_model`. Unset, the
+    method is vLLM's guess: draft_model where a `model` is named, else ngram. Unset lookup
+    bounds follow vLLM: both unset are 5, one unset takes the other's value."""
 
     num_speculative_tokens: int
-    method: str = "ngram"
+    method: str | None = None
     prompt_lookup_min: int | None = None
     prompt_lookup_max: int | None = None
     # vLLM's: no drafts while more than this many requests decode (a large batch's step is
     # long already, and every draft lengthens it for all); None: drafts at any batch size
     disable_by_batch_size: int | None = None
+    # draft_model's: the draft (a directory or Hub id; its vocabulary the target's) and the
+    # Hub revision of it
+    model: str | None = None
+    revision: str | None = None
 
     def __post_init__(self) -> None:
+        if self.method is None:
+            object.__setattr__(self, "method", "draft_model" if self.model else "ngram")
         if self.method not in METHODS:
             raise ValueError(f"speculative method must be one of {METHODS}, got {self.method!r}")
         if self.num_speculative_tokens < 1:
             raise ValueError("num_speculative_tokens must be >= 1")
         if self.disable_by_batch_size is not None and self.disable_by_batch_size < 2:
             raise ValueError("disable_by_batch_size must be >= 2")
+        if (self.method == "draft_model") != (self.model is not None):
+            raise ValueError("speculative model: method draft_model needs one, ngram takes none")
+        if self.method == "ngram":
+            self._lookup_bounds()
+
+    def _lookup_bounds(self) -> None:
         low = self.prompt_lookup_min or self.prompt_lookup_max or 5
         high = self.prompt_lookup_max or low
         if not 1 <= low <= high:
@@ -61,6 +77,13 @@ class NgramProposer:
     def __init__(self, config: SpeculativeConfig) -> None:
         self.config = config
         self._tokens: dict[str, tuple[np.ndarray, int]] = {}  # request id -> (buffer, length)
+
+    def propose_all(self, items: list[tuple[Request, int]]) -> list[list[int]]:
+        """Each (request, limit)'s drafts: at most `limit` of them."""
+        return [
+            self.propose(r.request_id, r.prompt_token_ids, r.output_token_ids, limit)
+            for r, limit in items
+        ]
 
     def propose(
         self, request_id: str, prompt: list[int], output: list[int], limit: int

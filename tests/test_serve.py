@@ -62,14 +62,14 @@ MODES = {
     # counted against a TPOT target no request of two tokens or more meets; LoRA adapters
     "coloc": {"mode": "colocated", "slo": {"ttft_ms": 600_000, "tpot_ms": 0.001}},
     # chunked prefill: a prompt's rows come from several steps of 8 tokens, beside decodes
-    # that verify n-gram drafts
+    # that verify a draft model's drafts (the default model's own: every greedy one kept)
     "chunked": {
         "mode": "colocated",
         "colocated": {
             "engine": {
                 "chunked_prefill": True,
                 "max_num_batched_tokens": 8,
-                "speculative_config": NGRAM,
+                "speculative_config": {"model": "default", "num_speculative_tokens": 3},
             }
         },
     },
@@ -190,9 +190,10 @@ def test_stream_batching_sends_the_engines_tokens_in_fewer_chunks(server, local_
 
 
 def test_speculative_decoding_keeps_the_engines_tokens(server, local_engine):
-    """The decode replica of `disagg` and the chunked colocated replica verify n-gram drafts:
-    a repetitive prompt, greedy, streamed and not, gives the engine's tokens alone, in fewer
-    steps than tokens (several tokens in a chunk), and the replicas kept drafts."""
+    """The decode replica of `disagg` verifies n-gram drafts, the chunked colocated replica a
+    draft model's: a repetitive prompt, greedy, streamed and not, gives the engine's tokens
+    alone, in fewer steps than tokens (several tokens in a chunk), and the replicas kept
+    drafts."""
     from engine import SamplingParams
 
     prompt = "1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,"

@@ -230,14 +230,19 @@ def test_greedy_with_drafts_equals_greedy_without(make_engine):
     want += plain.generate(again, params)
     got += spec.generate(again, params)
     assert spec.scheduler.prefill.num_cached_tokens == plain.scheduler.prefill.num_cached_tokens
+    _assert_same(want, got)
+    assert got[4].text.endswith(" 16,") and got[4].finish_reason == "stop"
+    spec.blocks.check_integrity()
+    assert spec.blocks.num_free_blocks == spec.blocks.num_blocks
+
+
+def _assert_same(want: list, got: list) -> None:
+    """The same tokens, text, finish and logprobs (to 1e-3, the same top tokens)."""
     for w, g in zip(want, got, strict=True):
         assert (g.token_ids, g.text, g.finish_reason) == (w.token_ids, w.text, w.finish_reason)
         for lw, lg in zip(w.logprobs or (), g.logprobs or (), strict=True):
             assert lg.token_id == lw.token_id and abs(lg.logprob - lw.logprob) < 1e-3
             assert [t for t, _ in lg.top] == [t for t, _ in lw.top]
-    assert got[4].text.endswith(" 16,") and got[4].finish_reason == "stop"
-    spec.blocks.check_integrity()
-    assert spec.blocks.num_free_blocks == spec.blocks.num_blocks
 
 
 @pytest.mark.model

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from app.reasoning_parsers import REASONING_PARSERS
 from app.tool_parsers import PARSERS
-from engine.config import DEFAULT_STEP_TIMEOUT_S, EngineConfig, check_device
+from engine.config import DEFAULT_STEP_TIMEOUT_S, EngineConfig, check_device, check_draft_model
 from engine.model_store import (
     DEFAULT_MODEL_NAME,
     GENERATION_DEFAULTS,
@@ -71,19 +71,8 @@ class EngineArgs(_Strict):
 
     @model_validator(mode="after")
     def _draft_model_servable(self) -> EngineArgs:
-        spec = self.speculative_config
-        if spec is None or spec.config().method != "draft_model":
-            return self
-        if not self.parallel.is_single:
-            raise ValueError(
-                "speculative_config.model: a draft model is not yet for tensor- or "
-                "pipeline-parallel replicas; use method ngram"
-            )
-        if self.gpu_memory_utilization is not None:
-            raise ValueError(
-                "speculative_config.model: a draft model's KV cache is not yet sized by "
-                "gpu_memory_utilization; set kv_cache_memory_mb (the draft takes as many blocks)"
-            )
+        spec = self.speculative_config and self.speculative_config.config()
+        check_draft_model(spec, self.parallel, self.gpu_memory_utilization)
         return self
 
 

@@ -112,18 +112,7 @@ class EngineConfig:
             )
 
     def _check_draft_model(self) -> None:
-        if self.speculative is None or self.speculative.method != "draft_model":
-            return
-        if not self.parallel.is_single:
-            raise ValueError(
-                "speculative_config: a draft model is not yet for tensor- or pipeline-parallel "
-                "replicas; use method ngram"
-            )
-        if self.gpu_memory_utilization is not None:
-            raise ValueError(
-                "speculative_config: a draft model's KV cache is not yet sized by "
-                "gpu_memory_utilization; set kv_cache_memory_mb (the draft takes as many blocks)"
-            )
+        check_draft_model(self.speculative, self.parallel, self.gpu_memory_utilization)
 
     @property
     def kv_dtype(self) -> str:
@@ -151,6 +140,24 @@ class EngineConfig:
         """The largest decode batch that replays a CUDA graph; 0: none does."""
         gpu = self.device.startswith("cuda") and self.parallel.is_single
         return self.scheduler.max_num_seqs if gpu and not self.enforce_eager else 0
+
+
+def check_draft_model(
+    spec: SpeculativeConfig | None, layout: ParallelLayout, gpu_memory_utilization: float | None
+) -> None:
+    """ValueError for a draft model where the engine cannot run one yet."""
+    if spec is None or spec.method != "draft_model":
+        return
+    if not layout.is_single:
+        raise ValueError(
+            "speculative_config.model: a draft model is not yet for tensor- or "
+            "pipeline-parallel replicas; use method ngram"
+        )
+    if gpu_memory_utilization is not None:
+        raise ValueError(
+            "speculative_config.model: a draft model's KV cache is not yet sized by "
+            "gpu_memory_utilization; set kv_cache_memory_mb (the draft takes as many blocks)"
+        )
 
 
 def check_device(device: str) -> str:

@@ -4,6 +4,8 @@ without CUDA and CuPy; `make gpu-check` runs them on a GPU machine)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -316,3 +318,23 @@ def test_cuda_graphs_give_the_eager_engines_tokens():
     assert len(graphs._graphs) == 5 * 8  # none captured while serving
     assert all(g.graph is not None for g in graphs._graphs.values())
     assert outputs[False] == outputs[True]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_draft_model_on_cuda_keeps_the_targets_tokens():
+    """The default model drafting for itself on CUDA (its draft steps replaying their own
+    CUDA graphs): the plain engine's greedy tokens."""
+    from engine import EngineConfig, LLMEngine, SamplingParams
+    from engine.spec_decode import SpeculativeConfig
+
+    prompts = [f"Item {i}: the best" for i in range(6)]
+    greedy = SamplingParams(max_tokens=25, temperature=0.0, ignore_eos=True)
+    config = EngineConfig(device="cuda", kv_cache_memory_mb=64)
+    want = [o.token_ids for o in LLMEngine(config).generate(prompts, greedy)]
+    spec = SpeculativeConfig(4, model="default")
+    engine = LLMEngine(dataclasses.replace(config, speculative=spec))
+    assert engine.proposer.runner.graphs is not None
+    assert [o.token_ids for o in engine.generate(prompts, greedy)] == want
+    # nearly every draft kept: the draft's steps and the verify differ in batch shape alone
+    assert engine.num_accepted_tokens >= 0.9 * engine.num_draft_tokens > 0

@@ -10,7 +10,9 @@ cannot fit goes without drafts. Per request the proposer remembers how far the d
 holds the request's tokens: its drafts' KV stays valid as far as the target kept them, so a step
 feeds the draft only what is new (one or two tokens). A request it has not seen (new, or
 prefilled on another replica) is caught up in the same forward, its prompt's full blocks taken
-from the draft's own prefix cache where an earlier request computed them.
+from the draft's own prefix cache where an earlier request computed them; the tokens a step
+catches up are bounded by the target's batch token budget, a longer catch-up taking several
+steps before the request drafts.
 """
 
 from __future__ import annotations
@@ -48,16 +50,22 @@ class _Drafted:
 @dataclass
 class _Row:
     request: Request
-    limit: int  # drafts it may take
+    limit: int  # drafts it takes this step (0: it only catches up, part of what it lacks)
     start: int  # its first position this step: what the cache holds of it
+    end: int  # the position after the last of its tokens fed this step
     drafts: list[int]
 
 
 class DraftModelProposer:
-    def __init__(self, config: SpeculativeConfig, runner: ModelRunner, vocab_size: int) -> None:
+    def __init__(
+        self, config: SpeculativeConfig, runner: ModelRunner, vocab_size: int, max_tokens: int
+    ) -> None:
         self.config = config
         self.runner = runner
         self.vocab_size = vocab_size  # the target's: a draft is a token it can verify
+        # the tokens a step's first forward may catch up (the target's batch token budget), so
+        # that requests arriving together do not make one draft forward of all their prompts
+        self.max_tokens = max_tokens
         self.blocks = BlockManager(runner.num_kv_blocks, runner.block_size, enable_caching=True)
         self._drafted: dict[str, _Drafted] = {}
         self.window = runner.shape.max_position_embeddings  # the draft's own context window
@@ -66,17 +74,22 @@ class DraftModelProposer:
         """Each (request, limit)'s drafts: at most `limit` of them; a request that is not among
         `items` (it finished, or left the decode batch) is forgotten."""
         self._forget_others({r.request_id for r, _ in items})
-        rows = [row for r, limit in items if (row := self._row(r, limit)) is not None]
-        step = 0
-        while live := [row for row in rows if len(row.drafts) == step and step < row.limit]:
-            seqs = [self._input(row) for row in live]
-            logits = self.runner.execute(ModelInput(seqs))[:, : self.vocab_size]
-            for row, token in zip(live, torch.argmax(logits, dim=-1).tolist(), strict=True):
+        rows, budget = [], self.max_tokens
+        for request, limit in items:
+            row = self._row(request, limit, budget)
+            if row is not None:
+                rows.append(row)
+                budget -= row.end - row.start
+        live = rows
+        while live:
+            logits = self.runner.execute(ModelInput([self._input(row) for row in live]))
+            drafting = [row for row in live if row.limit]
+            tokens = torch.argmax(logits[:, : self.vocab_size], dim=-1).tolist()
+            for row, token in zip(drafting, tokens, strict=True):
                 row.drafts.append(token)
-            step += 1
+            live = [row for row in drafting if len(row.drafts) < row.limit]
         for row in rows:
-            base = row.request.num_tokens
-            self._drafted[row.request.request_id] = _Drafted(base, row.drafts)
+            self._drafted[row.request.request_id] = _Drafted(row.end, row.drafts)
         by_id = {row.request.request_id: row.drafts for row in rows}
         return [by_id.get(r.request_id, []) for r, _ in items]
 
@@ -88,20 +101,24 @@ class DraftModelProposer:
         for request_id in [rid for rid in self._drafted if rid not in running]:
             self.forget(request_id)
 
-    def _row(self, request: Request, limit: int) -> _Row | None:
-        """The request's row of this step, its blocks allocated; None: it drafts nothing now
-        (no room for a draft, the draft's window or pool is full)."""
+    def _row(self, request: Request, limit: int, budget: int) -> _Row | None:
+        """The request's row of this step, its blocks allocated: its drafts, or where what the
+        cache lacks exceeds the `budget` of tokens left, a part of that alone; None: nothing
+        now (no room for a draft, no budget left, the draft's window or pool is full)."""
         rid, total = request.request_id, request.num_tokens
         limit = min(limit, self.config.num_speculative_tokens, self.window - total + 1)
-        if limit <= 0:
+        if limit <= 0 or budget <= 0:
             return None
         start = self._cached(request)
-        # the forwards write the uncached tokens, then every draft but the last
-        if not self.blocks.can_allocate(rid, total + limit - 1):
+        end, need = total, total + limit - 1  # the forwards write every draft but the last
+        if total - start > budget:
+            end = need = start + budget
+            limit = 0
+        if not self.blocks.can_allocate(rid, need):
             self.forget(rid)  # its blocks go back for the others; it starts over later
             return None
-        self.blocks.allocate(rid, total + limit - 1)
-        return _Row(request, limit, start, [])
+        self.blocks.allocate(rid, need)
+        return _Row(request, limit, start, end, [])
 
     def _cached(self, request: Request) -> int:
         """How many of the request's tokens the draft's cache holds (at most all but the last:
@@ -121,9 +138,9 @@ class DraftModelProposer:
 
     def _input(self, row: _Row) -> SeqInput:
         table = self.blocks.block_table(row.request.request_id)
-        if not row.drafts:  # what the cache lacks, up to the request's last token
-            tokens = _tokens(row.request, row.start, row.request.num_tokens)
-            return SeqInput(tokens, row.start, table, True)
+        if not row.drafts:  # what the cache lacks, up to the request's last token or a part
+            tokens = _tokens(row.request, row.start, row.end)
+            return SeqInput(tokens, row.start, table, row.limit > 0)
         at = row.request.num_tokens + len(row.drafts) - 1  # the last draft's position
         return SeqInput([row.drafts[-1]], at, table, True)
 

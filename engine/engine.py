@@ -159,7 +159,8 @@ class LLMEngine:
                 f"{draft_runner.shape.vocab_size} tokens, the target's {vocab}; a draft model "
                 "shares the target's tokenizer"
             )
-        return DraftModelProposer(spec, draft_runner, vocab)
+        budget = self.config.scheduler.max_num_batched_tokens
+        return DraftModelProposer(spec, draft_runner, vocab, budget)
 
     # ---- requests in -------------------------------------------------------------------------
 

@@ -36,8 +36,9 @@ class CountingRunner:
 
     def execute(self, batch) -> torch.Tensor:
         self.steps.append([(list(s.token_ids), s.start) for s in batch.seqs])
-        logits = torch.zeros(len(batch.seqs), VOCAB)
-        for row, seq in enumerate(batch.seqs):
+        sampling = [seq for seq in batch.seqs if seq.sample]
+        logits = torch.zeros(len(sampling), VOCAB)
+        for row, seq in enumerate(sampling):
             logits[row, (seq.token_ids[-1] + 1) % VOCAB] = 1.0
         return logits
 
@@ -49,7 +50,7 @@ def _request(rid: str, prompt: list[int], output: list[int], salt: str | None = 
 @pytest.mark.unit
 def test_the_draft_is_fed_what_its_cache_lacks_and_then_each_draft():
     runner = CountingRunner()
-    proposer = DraftModelProposer(DRAFT, runner, VOCAB)
+    proposer = DraftModelProposer(DRAFT, runner, VOCAB, 512)
     r = _request("a", list(range(1, 21)), [21])  # 21 tokens: positions 0-20
     assert proposer.propose_all([(r, 5)]) == [[22, 23, 24]]  # num_speculative_tokens: 3
     assert runner.steps == [[(list(range(1, 22)), 0)], [([22], 21)], [([23], 22)]]
@@ -77,7 +78,7 @@ def test_the_draft_is_fed_what_its_cache_lacks_and_then_each_draft():
 @pytest.mark.unit
 def test_requests_draft_in_one_forward_per_draft():
     runner = CountingRunner()
-    proposer = DraftModelProposer(DRAFT, runner, VOCAB)
+    proposer = DraftModelProposer(DRAFT, runner, VOCAB, 512)
     a, b, c = _request("a", [1, 2], [3]), _request("b", [40], [41]), _request("c", [7], [8])
     assert proposer.propose_all([(a, 3), (b, 1), (c, 2)]) == [[4, 5, 6], [42], [9, 10]]
     assert [len(step) for step in runner.steps] == [3, 2, 1]
@@ -85,9 +86,32 @@ def test_requests_draft_in_one_forward_per_draft():
 
 
 @pytest.mark.unit
+def test_a_long_catch_up_takes_several_steps_within_the_token_budget():
+    runner = CountingRunner()
+    proposer = DraftModelProposer(DRAFT, runner, VOCAB, 16)
+    old, new = _request("a", [1, 2], [3]), _request("b", list(range(100, 130)), [7])
+    assert proposer.propose_all([(old, 3), (new, 3)]) == [[4, 5, 6], []]
+    # a's 3 tokens, then 13 of b's 31 without a logits row; a's next drafts alone
+    assert runner.steps[0] == [([1, 2, 3], 0), (list(range(100, 113)), 0)]
+    assert runner.steps[1:] == [[([4], 3)], [([5], 4)]]
+    runner.steps.clear()
+    old.output_token_ids += [4, 5, 6, 8]  # every draft kept: two tokens to feed
+    assert proposer.propose_all([(old, 3), (new, 3)]) == [[9, 10, 11], []]
+    assert runner.steps[0] == [([6, 8], 5), (list(range(113, 127)), 13)]
+    runner.steps.clear()
+    assert proposer.propose_all([(new, 3)]) == [[8, 9, 10]]  # the rest, and its drafts
+    assert runner.steps[0] == [([127, 128, 129, 7], 27)]
+    # only catching up: a forward without a logits row
+    runner.steps.clear()
+    late = _request("c", list(range(200, 240)), [1])
+    assert proposer.propose_all([(late, 3)]) == [[]]
+    assert runner.steps == [[(list(range(200, 216)), 0)]]
+
+
+@pytest.mark.unit
 def test_the_drafts_prefix_cache_serves_later_requests_of_the_same_salt():
     runner = CountingRunner()
-    proposer = DraftModelProposer(DRAFT, runner, VOCAB)
+    proposer = DraftModelProposer(DRAFT, runner, VOCAB, 512)
     prompt = list(range(100, 140))  # 40 tokens: two full blocks
     first = _request("a", prompt, [1])
     proposer.propose_all([(first, 3)])
@@ -105,7 +129,7 @@ def test_the_drafts_prefix_cache_serves_later_requests_of_the_same_salt():
 @pytest.mark.unit
 def test_a_full_pool_drafts_nothing_and_a_request_that_left_gives_its_blocks_back():
     runner = CountingRunner(num_blocks=4)
-    proposer = DraftModelProposer(DRAFT, runner, VOCAB)
+    proposer = DraftModelProposer(DRAFT, runner, VOCAB, 512)
     a, b = _request("a", list(range(40)), [1]), _request("b", list(range(20)), [2])
     assert proposer.propose_all([(a, 3), (b, 3)]) == [[2, 3, 4], []]  # b needs 2 of 1 free
     assert not proposer.blocks.owns("b")
@@ -119,7 +143,7 @@ def test_a_full_pool_drafts_nothing_and_a_request_that_left_gives_its_blocks_bac
 @pytest.mark.unit
 def test_drafts_stop_at_the_drafts_window():
     runner = CountingRunner(window=24)
-    proposer = DraftModelProposer(DRAFT, runner, VOCAB)
+    proposer = DraftModelProposer(DRAFT, runner, VOCAB, 512)
     r = _request("a", list(range(21)), [21])  # 22 tokens; the inputs of 3 drafts fit in 24
     assert proposer.propose_all([(r, 5)]) == [[22, 23, 24]]
     r.output_token_ids += [22, 23]
@@ -244,8 +268,8 @@ def test_a_draft_that_is_mostly_wrong_changes_no_token(make_engine, first_layers
 @pytest.mark.model
 def test_a_draft_under_block_pressure_and_after_a_handoff(make_engine, paged_model, tokenizer):
     """Target and draft caches too small for every request (preemptions, drafts dropped) give
-    the same tokens; a request prefilled elsewhere is caught up by the draft at its first
-    decode step and decodes with every draft kept."""
+    the same tokens; a request prefilled elsewhere is caught up by the draft over its first
+    decode steps and decodes with every draft kept."""
     params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
     want = make_engine().generate(PROMPTS, params)
     tight = _with_draft(tokenizer, paged_model, paged_model, blocks=20, draft_blocks=12)
@@ -253,7 +277,9 @@ def test_a_draft_under_block_pressure_and_after_a_handoff(make_engine, paged_mod
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
     assert tight.num_accepted_tokens > 0
     assert tight.proposer.blocks.num_free_blocks == 12
-    prefill, decode = make_engine(), _with_draft(tokenizer, paged_model, paged_model)
+    # a token budget of 8: the draft catches the prompt up 8 tokens a step, then drafts
+    budget = {"max_num_batched_tokens": 8}
+    prefill, decode = make_engine(), _with_draft(tokenizer, paged_model, paged_model, **budget)
     prefill.add_request("h", PROMPTS[1], params, prefill_only=True)
     drain(prefill)
     assert decode.import_request(*prefill.export_kv("h"))

@@ -72,7 +72,7 @@ class EngineArgs(_Strict):
     @model_validator(mode="after")
     def _draft_model_servable(self) -> EngineArgs:
         spec = self.speculative_config and self.speculative_config.config()
-        check_draft_model(spec, self.parallel, self.gpu_memory_utilization)
+        check_draft_model(spec, self.parallel)
         return self
 
 

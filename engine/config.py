@@ -82,7 +82,7 @@ class EngineConfig:
         if self.kv_cache_memory_mb < 1:
             raise ValueError("kv_cache_memory_mb must be >= 1")
         self._check_memory_share()
-        self._check_draft_model()
+        check_draft_model(self.speculative, self.parallel)
         if self.worker_num_cpus <= 0:
             raise ValueError("worker_num_cpus must be > 0")
         if self.worker_num_gpus < 0:
@@ -110,9 +110,6 @@ class EngineConfig:
                 "gpu_memory_utilization: not yet for tensor- or pipeline-parallel workers; "
                 "set kv_cache_memory_mb (per worker)"
             )
-
-    def _check_draft_model(self) -> None:
-        check_draft_model(self.speculative, self.parallel, self.gpu_memory_utilization)
 
     @property
     def kv_dtype(self) -> str:
@@ -142,21 +139,12 @@ class EngineConfig:
         return self.scheduler.max_num_seqs if gpu and not self.enforce_eager else 0
 
 
-def check_draft_model(
-    spec: SpeculativeConfig | None, layout: ParallelLayout, gpu_memory_utilization: float | None
-) -> None:
+def check_draft_model(spec: SpeculativeConfig | None, layout: ParallelLayout) -> None:
     """ValueError for a draft model where the engine cannot run one yet."""
-    if spec is None or spec.method != "draft_model":
-        return
-    if not layout.is_single:
+    if spec is not None and spec.method == "draft_model" and not layout.is_single:
         raise ValueError(
             "speculative_config.model: a draft model is not yet for tensor- or "
             "pipeline-parallel replicas; use method ngram"
-        )
-    if gpu_memory_utilization is not None:
-        raise ValueError(
-            "speculative_config.model: a draft model's KV cache is not yet sized by "
-            "gpu_memory_utilization; set kv_cache_memory_mb (the draft takes as many blocks)"
         )
 
 

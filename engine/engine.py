@@ -27,7 +27,14 @@ from engine.detokenizer import DetokenizerState, IncrementalDetokenizer
 from engine.grammar import Grammars, advance
 from engine.limits import chat_token_ids, check_lengths, check_token_ids
 from engine.lora import AdapterCache
-from engine.model_runner import ModelInput, ModelRunner, SeqInput
+from engine.model_runner import (
+    MemoryShare,
+    ModelInput,
+    ModelRunner,
+    ModelShape,
+    SeqInput,
+    load_model,
+)
 from engine.model_store import generation_stop_ids, resolve_model, resolve_tokenizer
 from engine.outputs import (
     Completion,
@@ -90,7 +97,9 @@ class LLMEngine:
             from engine.workers import WorkerGroupRunner
 
             runner = WorkerGroupRunner(str(path), config, config.parallel, kv_transport)
+        draft = None
         if runner is None:
+            draft = self._draft_model() if draft_runner is None else None
             runner = ModelRunner.from_pretrained(
                 path,
                 dtype=config.dtype,
@@ -102,7 +111,7 @@ class LLMEngine:
                 kv_dtype=config.kv_dtype,
                 lora_modules=dict(config.lora_modules),
                 graph_batch=config.graph_batch,
-                memory_share=config.memory_share,
+                memory_share=self._memory_share(draft),
             )
         self.tokenizer = tokenizer
         self.runner = runner
@@ -124,15 +133,34 @@ class LLMEngine:
         self._ids = itertools.count()
         self.num_preemptions = 0
         # speculative decoding (engine/spec_decode.py): drafts verified, drafts kept
-        self.proposer = self._proposer(draft_runner)
+        self.proposer = self._proposer(draft_runner, draft)
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
         self.last_step: StepRecord | None = None
 
-    def _proposer(self, draft_runner: ModelRunner | None):
+    def _draft_model(self) -> torch.nn.Module | None:
+        """The configured draft model, loaded (None: none is); on the device already where
+        gpu_memory_utilization sizes the caches, so that its weights count in the share."""
+        spec = self.config.speculative
+        if spec is None or spec.method != "draft_model":
+            return None
+        model = load_model(resolve_model(spec.model, spec.revision), self.config.dtype)
+        return model.to(self.config.device) if self.config.memory_share else model
+
+    def _memory_share(self, draft: torch.nn.Module | None) -> MemoryShare | None:
+        """gpu_memory_utilization's sizing; with a draft model, its cache (as many blocks, in
+        its own bytes per block) taken from the same share."""
+        share = self.config.memory_share
+        if share is None or draft is None:
+            return share
+        kv_dtype = getattr(torch, self.config.kv_dtype)
+        per_block = ModelShape.of(draft.config).kv_bytes_per_token(kv_dtype)
+        return dataclasses.replace(share, draft_block_bytes=per_block * self.config.block_size)
+
+    def _proposer(self, draft_runner: ModelRunner | None, draft: torch.nn.Module | None):
         """Speculative decoding's proposer: n-gram lookup, or a draft model (its own runner:
-        the given one, or the configured model loaded with the target's settings and as many
-        KV blocks)."""
+        the given one, or one of the loaded `draft` with the target's settings and as many KV
+        blocks)."""
         spec = self.config.speculative
         if spec is None:
             return None
@@ -142,9 +170,8 @@ class LLMEngine:
 
         if draft_runner is None:
             config = self.config
-            draft_runner = ModelRunner.from_pretrained(
-                resolve_model(spec.model, spec.revision),
-                dtype=config.dtype,
+            draft_runner = ModelRunner.from_model(
+                draft if draft is not None else self._draft_model(),
                 device=config.device,
                 block_size=self.runner.block_size,
                 num_kv_blocks=self.runner.num_kv_blocks,

@@ -56,12 +56,24 @@ class ModelInput:
 class MemoryShare:
     """vLLM's gpu_memory_utilization for one engine: `share` of its GPU's memory, its largest
     step `tokens` prompt tokens over `seqs` sequences (the scheduler's limits); `probe` reads
-    the device's memory (None: CUDA's; engine/kv_memory.py)."""
+    the device's memory (None: CUDA's; engine/kv_memory.py). `draft_block_bytes`: what a draft
+    model's KV cache takes for each block of this one (it has as many), from the same share."""
 
     share: float
     tokens: int
     seqs: int
     probe: Any = None
+    draft_block_bytes: int = 0
+
+
+def load_model(path: str | Path, dtype: str) -> torch.nn.Module:
+    """The Hugging Face model at `path` in `dtype`, on our paged attention, on the CPU."""
+    from transformers import AutoModelForCausalLM
+
+    name = paged_attention.register()
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype), attn_implementation=name
+    )
 
 
 @dataclass(frozen=True)
@@ -210,11 +222,15 @@ class ModelRunner:
         self.loras.remove(name)
 
     @classmethod
-    def from_pretrained(
+    def from_pretrained(cls, path: str | Path, *, dtype: str, **options) -> ModelRunner:
+        """The model at `path` loaded in `dtype` (load_model), its runner made by from_model."""
+        return cls.from_model(load_model(path, dtype), **options)
+
+    @classmethod
+    def from_model(
         cls,
-        path: str | Path,
+        model: torch.nn.Module,
         *,
-        dtype: str,
         device: str,
         block_size: int,
         num_kv_blocks: int | None,
@@ -225,20 +241,17 @@ class ModelRunner:
         graph_batch: int = 0,
         memory_share: MemoryShare | None = None,
     ) -> ModelRunner:
-        from transformers import AutoModelForCausalLM
-
-        name = paged_attention.register()
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=getattr(torch, dtype), attn_implementation=name
-        )
+        """A runner of a loaded model, its KV cache sized, checked and its graphs captured."""
         cache = getattr(torch, kv_dtype) if kv_dtype else model.dtype
         per_block = ModelShape.of(model.config).kv_bytes_per_token(cache) * block_size
         if num_kv_blocks is None and memory_share is not None:
             runner_args = (block_size, device, max_model_len, cache)
             kv_bytes = cls._kv_bytes_for_share(model, memory_share, *runner_args)
-            num_kv_blocks = kv_bytes // per_block
+            # a draft model's cache takes its bytes for each of these blocks, from the same share
+            num_kv_blocks = kv_bytes // (per_block + memory_share.draft_block_bytes)
         if num_kv_blocks is None:
             num_kv_blocks = max(1, kv_cache_memory_mb * 2**20 // per_block)
+        path = model.config.name_or_path
         logger.info("model %s: %d KV blocks of %d tokens", path, num_kv_blocks, block_size)
         runner = cls(
             model,

@@ -170,21 +170,18 @@ def test_vllms_speculative_config_with_a_model():
     assert [s.model for s in args.draft_models()] == ["/some/draft"]
     colocated = AppArgs(mode="colocated", decode={"engine": {"speculative_config": draft}})
     assert colocated.draft_models() == []  # no decode deployment in that mode
-    refused = (
-        ({"tensor_parallel_size": 2}, "not yet for tensor- or pipeline-parallel"),
-        ({"gpu_memory_utilization": 0.9}, "not yet sized by gpu_memory_utilization"),
-    )
-    for extra, message in refused:
-        engine = {"speculative_config": draft, **extra}
-        with pytest.raises(ValidationError, match=message):
-            AppArgs(device="cuda", kv_transport="cuda_ipc", decode={"engine": engine})
-        with pytest.raises(ValueError, match=message):
-            EngineConfig(
-                device="cuda",
-                tensor_parallel_size=extra.get("tensor_parallel_size", 1),
-                gpu_memory_utilization=extra.get("gpu_memory_utilization"),
-                speculative=SpeculativeConfig(4, model="/some/draft"),
-            )
+    gpu = {"device": "cuda", "kv_transport": "cuda_ipc"}
+    message = "a draft model is not yet for tensor- or pipeline-parallel"
+    engine = {"speculative_config": draft, "tensor_parallel_size": 2}
+    with pytest.raises(ValidationError, match=message):
+        AppArgs(**gpu, decode={"engine": engine})
+    spec = SpeculativeConfig(4, model="/some/draft")
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(device="cuda", tensor_parallel_size=2, speculative=spec)
+    shared = AppArgs(
+        **gpu, decode={"engine": {"speculative_config": draft, "gpu_memory_utilization": 0.9}}
+    )  # the draft's cache from the same share
+    assert shared.engine_config("decode").memory_share.share == 0.9
 
 
 @pytest.mark.unit

@@ -4,8 +4,6 @@ without CUDA and CuPy; `make gpu-check` runs them on a GPU machine)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from pydantic import ValidationError
@@ -324,17 +322,25 @@ def test_cuda_graphs_give_the_eager_engines_tokens():
 @needs_cuda
 def test_a_draft_model_on_cuda_keeps_the_targets_tokens():
     """The default model drafting for itself on CUDA (its draft steps replaying their own
-    CUDA graphs): the plain engine's greedy tokens."""
+    CUDA graphs), both caches sized from one gpu_memory_utilization of 0.2: the process holds
+    at most that share, and the CPU engine's greedy tokens come out."""
+    import gc
+
     from engine import EngineConfig, LLMEngine, SamplingParams
     from engine.spec_decode import SpeculativeConfig
 
     prompts = [f"Item {i}: the best" for i in range(6)]
     greedy = SamplingParams(max_tokens=25, temperature=0.0, ignore_eos=True)
-    config = EngineConfig(device="cuda", kv_cache_memory_mb=64)
-    want = [o.token_ids for o in LLMEngine(config).generate(prompts, greedy)]
+    want = [o.token_ids for o in LLMEngine(EngineConfig()).generate(prompts, greedy)]
+    gc.collect()
+    torch.cuda.empty_cache()
+    total = torch.cuda.mem_get_info()[1]
     spec = SpeculativeConfig(4, model="default")
-    engine = LLMEngine(dataclasses.replace(config, speculative=spec))
+    config = EngineConfig(device="cuda", gpu_memory_utilization=0.2, speculative=spec)
+    engine = LLMEngine(config)
     assert engine.proposer.runner.graphs is not None
+    assert engine.proposer.runner.num_kv_blocks == engine.runner.num_kv_blocks
+    assert torch.cuda.memory_reserved() <= 0.2 * total
     assert [o.token_ids for o in engine.generate(prompts, greedy)] == want
     # nearly every draft kept: the draft's steps and the verify differ in batch shape alone
     assert engine.num_accepted_tokens >= 0.9 * engine.num_draft_tokens > 0

@@ -14,6 +14,7 @@ from app.config import AppArgs
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.kv_memory import GIB, NON_TORCH_BYTES, kv_cache_bytes, profile_batch, sampler_bytes
 from engine.model_runner import MemoryShare, ModelRunner, ModelShape
+from engine.spec_decode import SpeculativeConfig
 
 
 @pytest.mark.parametrize(
@@ -108,6 +109,29 @@ def test_a_runner_sized_by_share_serves_the_same_tokens(default_model_path, toke
     ]  # fmt: skip
     assert tokens[0] == tokens[1]
     assert sized.num_kv_blocks > 500  # the share's ~0.5 GiB, not kv_cache_memory_mb's 1 MiB
+
+
+def test_a_draft_models_cache_comes_from_the_same_share(monkeypatch):
+    """With a draft model (the default model drafting for itself): the draft is loaded (and on
+    the device) before the target's step is measured, so the peak counts its weights, and the
+    two caches, as many blocks each, split what the share leaves."""
+    import engine.engine
+
+    probe = FakeProbe(total_bytes=4 * GIB, free_bytes=4 * GIB, peak_bytes=GIB)
+    monkeypatch.setattr(
+        EngineConfig, "memory_share", property(lambda _: MemoryShare(0.5, 64, 2, probe))
+    )
+    load = engine.engine.load_model  # the engine's own use of it: the draft's
+    monkeypatch.setattr(
+        engine.engine, "load_model", lambda *a: probe.calls.append("draft") or load(*a)
+    )
+    llm = LLMEngine(EngineConfig(speculative=SpeculativeConfig(3, model="default")))
+    assert probe.calls == ["draft", "reset", "peak"]
+    shape = ModelShape.of(llm.runner.model.config)
+    per_block = shape.kv_bytes_per_token(llm.runner.kv_dtype) * 16
+    peak = GIB - per_block * 4 + sampler_bytes(2, shape.vocab_size)  # 2 sequences of 2 blocks
+    blocks = (2 * GIB - peak - NON_TORCH_BYTES) // (2 * per_block)
+    assert llm.runner.num_kv_blocks == llm.proposer.runner.num_kv_blocks == blocks
 
 
 def test_the_share_is_a_gpu_setting():

@@ -146,6 +146,19 @@ class EngineMetrics:
         accepted = metrics.Counter(
             "splitserve_spec_decode_accepted_tokens", "speculative draft tokens kept", keys
         )
+        # vLLM's spec_decode_num_drafts and _num_accepted_tokens_per_pos: the acceptance at
+        # each draft position (kept at it / drafts), which tells what num_speculative_tokens pays
+        drafted = metrics.Counter(
+            "splitserve_spec_decode_drafts",
+            "requests' drafts verified (one a request a step)",
+            keys,
+        )
+        self._per_pos = metrics.Counter(
+            "splitserve_spec_decode_accepted_tokens_per_pos",
+            "speculative draft tokens kept, by their position in the draft (1 = first)",
+            (*keys, "position"),
+        )
+        self.accepted_per_pos: list[Increase] = []
         self.orphaned_calls = metrics.Counter(  # each one an ingress replica's death cost
             "splitserve_orphaned_calls",
             "calls cancelled because the ingress replica that made them died",
@@ -154,6 +167,7 @@ class EngineMetrics:
         self.cached_tokens, self.preemptions = Increase(cached), Increase(preempted)
         self.lora_loads = Increase(lora_loads)
         self.draft_tokens, self.accepted_tokens = Increase(drafts), Increase(accepted)
+        self.drafts = Increase(drafted)
 
     def on_step(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
         """After each step: what the step did (the gauges: on_load)."""
@@ -165,6 +179,11 @@ class EngineMetrics:
         self.lora_loads.update(stats.num_lora_loads, self.tags)
         self.draft_tokens.update(stats.num_draft_tokens, self.tags)
         self.accepted_tokens.update(stats.num_accepted_tokens, self.tags)
+        self.drafts.update(stats.num_drafts, self.tags)
+        for i, total in enumerate(stats.num_accepted_per_pos):
+            if i == len(self.accepted_per_pos):
+                self.accepted_per_pos.append(Increase(self._per_pos))
+            self.accepted_per_pos[i].update(total, {**self.tags, "position": str(i + 1)})
 
     def on_load(self, stats: EngineStats, pending: int) -> None:
         """After each step, and when the engine goes idle: the engine's load now."""

@@ -105,7 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     if engine.proposer is not None:
         kept, drafts = engine.num_accepted_tokens, engine.num_draft_tokens
-        print(f"speculative decoding: {kept} of {drafts} draft tokens kept", file=sys.stderr)
+        by_position = ", ".join(map(str, engine.num_accepted_per_pos))
+        print(
+            f"speculative decoding: {kept} of {drafts} draft tokens kept ({by_position} at "
+            f"positions 1-{len(engine.num_accepted_per_pos)}, of {engine.num_drafts} drafts)",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -136,6 +136,11 @@ class LLMEngine:
         self.proposer = self._proposer(draft_runner, draft)
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
+        # vLLM's num_drafts and num_accepted_tokens_per_pos: requests' drafts verified, and
+        # how often the draft at each position was kept (where acceptance falls off: choose k)
+        self.num_drafts = 0
+        k = config.speculative.num_speculative_tokens if config.speculative else 0
+        self.num_accepted_per_pos = [0] * k
         self.last_step: StepRecord | None = None
 
     def _draft_model(self) -> torch.nn.Module | None:
@@ -363,6 +368,10 @@ class LLMEngine:
             kept += 1
         self.num_draft_tokens += len(item.draft)
         self.num_accepted_tokens += kept
+        if item.draft:
+            self.num_drafts += 1
+            for position in range(kept):
+                self.num_accepted_per_pos[position] += 1
         return None if None in drawn[: kept + 1] else kept + 1
 
     def _propose_drafts(self) -> None:
@@ -557,6 +566,8 @@ class LLMEngine:
             num_lora_loads=self.runner.num_lora_loads,
             num_draft_tokens=self.num_draft_tokens,
             num_accepted_tokens=self.num_accepted_tokens,
+            num_drafts=self.num_drafts,
+            num_accepted_per_pos=tuple(self.num_accepted_per_pos),
         )
 
     # ---- disaggregation ----------------------------------------------------------------------

@@ -136,9 +136,12 @@ class EngineStats:
     num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache, since start
     num_loras: int = 0  # LoRA adapters loaded now
     num_lora_loads: int = 0  # LoRA adapters loaded since start (lora_dir's: at first use)
-    # speculative decoding, since start: draft tokens verified, and those kept
+    # speculative decoding, since start: draft tokens verified, and those kept; requests'
+    # drafts verified, and the drafts kept at each position (1st, 2nd, ...)
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    num_drafts: int = 0
+    num_accepted_per_pos: tuple[int, ...] = ()
 
     @property
     def num_used_blocks(self) -> int:

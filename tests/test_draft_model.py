@@ -237,6 +237,7 @@ def test_a_draft_of_the_targets_weights_has_every_greedy_draft_kept(
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
     # 32 tokens after the first, 4 a step: 8 steps of 3 drafts, each kept
     assert spec.num_draft_tokens == spec.num_accepted_tokens == 3 * 8 * 3
+    assert spec.num_drafts == 3 * 8 and spec.num_accepted_per_pos == [3 * 8] * 3
     assert spec.proposer.blocks.num_free_blocks == spec.proposer.blocks.num_blocks
 
 

@@ -1636,6 +1636,9 @@ def test_metrics_reach_the_prometheus_endpoint(server):
         "splitserve_lora_loads",
         "splitserve_spec_decode_draft_tokens",
         "splitserve_spec_decode_accepted_tokens",
+        "splitserve_spec_decode_drafts",
+        "splitserve_spec_decode_accepted_tokens_per_pos",
+        'position="1"',  # its tag
         "splitserve_relayed_outputs",
         "splitserve_ingress_loop_lag_ms_bucket",
     ]

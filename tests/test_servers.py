@@ -67,6 +67,33 @@ def test_preemptions_and_cache_hits_reach_their_counters_as_they_happen(make_eng
     assert all(n > 0 for n in got["preemptions"] + got["cached_tokens"])
 
 
+def test_speculative_drafts_reach_their_counters_by_position(make_engine):
+    """vLLM's spec_decode_num_drafts and _num_accepted_tokens_per_pos: the increments each
+    position's counter got (tagged with the position) add up to the engine's counts."""
+    from types import SimpleNamespace
+
+    from deployments.metrics import EngineMetrics
+    from engine.spec_decode import SpeculativeConfig
+
+    engine = make_engine(speculative=SpeculativeConfig(3, prompt_lookup_min=1))
+    metrics, calls = EngineMetrics("decode"), []
+    metrics._per_pos = metrics.drafts.counter = SimpleNamespace(
+        inc=lambda value, tags: calls.append((tags.get("position"), value))
+    )
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(["1, 2, 3, 1, 2, 3, 1, 2,", "a b c a b c a b"]):
+        engine.add_request(str(i), prompt, params)
+    while engine.has_unfinished:
+        metrics.on_step(engine.step(), engine.stats)
+    per_pos = engine.stats.num_accepted_per_pos
+    assert len(per_pos) == 3 and per_pos[0] > 0 and sum(per_pos) == engine.num_accepted_tokens
+    assert list(per_pos) == sorted(per_pos, reverse=True)  # a kept draft follows kept ones
+    for position in ("1", "2", "3"):
+        got = sum(value for at, value in calls if at == position)
+        assert got == per_pos[int(position) - 1]
+    assert sum(value for at, value in calls if at is None) == engine.num_drafts >= per_pos[0]
+
+
 class _Recorder:
     """A Ray counter's stand-in: the increments it was given."""
 

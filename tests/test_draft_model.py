@@ -244,19 +244,14 @@ def test_a_draft_of_the_targets_weights_has_every_greedy_draft_kept(
 @pytest.mark.model
 def test_a_draft_that_is_mostly_wrong_changes_no_token(make_engine, first_layers, tokenizer):
     """Penalties, logprobs, a stop string, min_tokens and a structured output beside plain
-    requests, then the same prompts with their outputs (prefix caching in both pools): the
-    tokens, text and logprobs of the engine without drafts."""
+    requests, with prefix caching: the tokens, text and logprobs of the engine without
+    drafts (whatever the draft proposes, the target decides)."""
     from tests.test_spec_decode import _assert_same
 
     prompts, params = PROMPTS + PROMPTS[1:2], _params()
     plain = make_engine(enable_prefix_caching=True)
     spec = _with_draft(tokenizer, plain.runner.model, first_layers, enable_prefix_caching=True)
-    want = plain.generate(prompts, params)
-    got = spec.generate(prompts, params)
-    again = [w.prompt_token_ids + w.token_ids[:-3] for w in want]
-    want += plain.generate(again, params)
-    got += spec.generate(again, params)
-    _assert_same(want, got)
+    _assert_same(plain.generate(prompts, params), spec.generate(prompts, params))
     assert 0 < spec.num_accepted_tokens < spec.num_draft_tokens / 2
     for blocks in (spec.blocks, spec.proposer.blocks):
         blocks.check_integrity()

@@ -41,7 +41,7 @@ class _Drafted:
         kept = 0
         for draft in self.drafts[:-1]:
             at = self.base + kept
-            if at >= request.num_tokens or _token(request, at) != draft:
+            if at >= request.num_tokens or request.token_ids(at, at + 1) != [draft]:
                 break
             kept += 1
         return self.base + kept
@@ -139,20 +139,8 @@ class DraftModelProposer:
     def _input(self, row: _Row) -> SeqInput:
         table = self.blocks.block_table(row.request.request_id)
         if not row.drafts:  # what the cache lacks, up to the request's last token or a part
-            tokens = _tokens(row.request, row.start, row.end)
+            tokens = row.request.token_ids(row.start, row.end)
             return SeqInput(tokens, row.start, table, row.limit > 0)
         at = row.request.num_tokens + len(row.drafts) - 1  # the last draft's position
         return SeqInput([row.drafts[-1]], at, table, True)
 
-
-def _token(request: Request, at: int) -> int:
-    prompt = request.prompt_token_ids
-    return prompt[at] if at < len(prompt) else request.output_token_ids[at - len(prompt)]
-
-
-def _tokens(request: Request, start: int, end: int) -> list[int]:
-    """The request's tokens [start, end), without copying the whole of them."""
-    prompt, n = request.prompt_token_ids, len(request.prompt_token_ids)
-    if start >= n:
-        return request.output_token_ids[start - n : end - n]
-    return prompt[start:end] + request.output_token_ids[: max(0, end - n)]

@@ -76,10 +76,13 @@ class Request:
         return self.sampling_params.prompt_logprobs is not None and not self.output_token_ids
 
     def token_ids(self, start: int, end: int) -> list[int]:
-        n = len(self.prompt_token_ids)
+        """Its tokens [start, end), copying only those (a decode step asks for its last)."""
+        prompt, n = self.prompt_token_ids, len(self.prompt_token_ids)
         if end <= n:
-            return self.prompt_token_ids[start:end]
-        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+            return prompt[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n : end - n]
+        return prompt[start:] + self.output_token_ids[: end - n]
 
     def is_stop_token(self, token_id: int) -> bool:
         """Whether `token_id` ends the request by itself (EOS unless ignored, a stop token id)."""

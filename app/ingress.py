@@ -497,7 +497,8 @@ class Ingress:
             raise APIError(503, _replica_failure(e), kind="server_error") from e
         finally:
             self.num_in_flight -= 1
-            freeing = calls.end(self._discard)  # cancels what runs: aborts on disconnect
+            # cancels what runs (aborts on disconnect) and frees the KV nobody will take
+            freeing = calls.end(self._discard, lambda: self._drop_unread(request_id))
             if freeing is not None:
                 self._detached(freeing)
 
@@ -507,6 +508,17 @@ class Ingress:
             await self.decode.discard.remote(result.pieces, prefill_node_id=result.node_id)
         except Exception as e:  # its TTL frees it
             logger.warning("could not discard the KV of %s: %r", result.handoff.request_id, e)
+
+    async def _drop_unread(self, request_id: str) -> None:
+        """Every prefill replica frees the KV it published for a request whose prefill call
+        was cancelled before its result arrived (app/replica_calls.py): Serve cannot say
+        which replica served a call, and this is rare (a client that leaves in its prefill)."""
+        try:
+            await self.prefill.broadcast("drop_unread", request_id).results_async(
+                return_exceptions=True
+            )
+        except Exception as e:  # its TTL frees it
+            logger.warning("could not drop the unread KV of %s: %r", request_id, e)
 
     def _detached(self, work: Coroutine[Any, Any, None]) -> None:
         """Run `work` on its own task, kept until it ends, and outside the request's context:

@@ -16,9 +16,12 @@ replica's own finish or drop changes nothing.
 The prefill call is started apart from the request (`uncancelled`) and read by a task of its
 own: Ray cancels the calls that a cancelled request made, and a cancelled call's items that
 were not read yet are lost, the published result with them. So this cancels the prefill call
-itself, where that is right: one that is still running when the request ends is cancelled (the
-prefill replica then frees what it published); one that has produced its first token is not:
-its result is read to the end and then freed.
+itself, where that is right: one whose first token has reached the request is not cancelled:
+its result is read to the end and then freed. One whose first token has not is cancelled
+(aborting its prefill), and a cancel cannot tell whether the call had published its result
+already: a cancel that reaches the call still running frees it there; for one that had ended
+(its items on their way to a loaded ingress: seen in CI), the ingress asks every prefill
+replica to drop what it published for the request (`DropUnread`, after the read failed).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ T = TypeVar("T")
 RESULT_WAIT_S = 60.0
 
 Discard = Callable[[Any], Coroutine[Any, Any, None]]  # frees a PrefillResult's KV
+DropUnread = Callable[[], Coroutine[Any, Any, None]]  # the prefill replicas free a lost one
 
 
 @dataclass
@@ -80,7 +84,7 @@ class ReplicaCalls:
             return None
         return await anext(self.prefill)
 
-    def end(self, discard: Discard) -> Coroutine[Any, Any, None] | None:
+    def end(self, discard: Discard, drop_unread: DropUnread) -> Coroutine[Any, Any, None] | None:
         """Cancel what still runs; -> what frees KV that no decode replica took (to run apart
         from the request, whose own task may be cancelled), or None."""
         if self.stream is not None:
@@ -88,19 +92,21 @@ class ReplicaCalls:
         if self._reading is not None and self.result is None:  # the request left first
             if not self._first.done():  # prefilling still: abort it
                 self.prefill.cancel()
-            return self._free_when_read(discard)
+            return self._free_when_read(discard, drop_unread)
         return discard(self.result) if self._untaken(self.result) else None
 
-    async def _free_when_read(self, discard: Discard) -> None:
+    async def _free_when_read(self, discard: Discard, drop_unread: DropUnread) -> None:
         try:
             result = await asyncio.wait_for(asyncio.shield(self._reading), RESULT_WAIT_S)
-        except Exception:  # none came (failed, or stalled): nothing to free here
+        except Exception:  # none came (failed, or stalled): cancelled, it publishes nothing more
             self.prefill.cancel()
+            await drop_unread()
             return
         except asyncio.CancelledError:  # the read was (its call cancelled), or this task was
-            if self._reading.cancelled():
-                return
-            raise
+            if not self._reading.cancelled():
+                raise
+            await drop_unread()  # what the call published before the cancel, if anything
+            return
         if self._untaken(result):
             await discard(result)
 

@@ -9,7 +9,6 @@ deployments (`serve.deployment(cls, **options).bind(...)`), so they are testable
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -27,15 +26,13 @@ from engine.config import EngineConfig
 from engine.kv_handoff import KVPiece, discard_all, discarder_all, finish_all
 from engine.parallel import ParallelLayout
 from kvkernels import kv_channel
+from kvkernels.ref_keeper import HeldRefs
 
 logger = logging.getLogger(__name__)
 
-# How long a prefill call stays after its result (no engine work: its slot alone). The ingress
-# cancels a prefill call only before the call's first token has reached it, and Serve drops the
-# unread items of a cancelled call: a cancel that arrives in this time means the result went
-# nowhere, and its KV is freed here. The race it covers: the prefill finished just as the
-# client left, its first token and result still on their way (seen with n=3: 2 of 45 choices).
-HANDOFF_LINGER_S = 0.1
+# How long a prefill replica remembers the KV of a call that has ended, for the ingress's
+# drop_unread: the ingress asks within its RESULT_WAIT_S (app/replica_calls.py) of the call.
+HANDED_TTL_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -138,6 +135,8 @@ class _EngineServer:
             "num_cross_node_handoffs": getattr(self, "num_cross_node_handoffs", 0),
             "num_kept_kv_transfers": await self.channel.num_kept(),  # sent, not yet released
             "num_orphaned_calls": self.callers.num_orphaned,  # their ingress replica died
+            # prefill: results freed because their call was cancelled on their way (drop_unread)
+            "num_unread_dropped": getattr(self, "num_unread_dropped", 0),
             "worker_pids": getattr(self.engine.runner, "worker_pids", []),  # TP x PP workers
         }
 
@@ -179,6 +178,7 @@ class _EngineServer:
 
 class PrefillServer(_EngineServer):
     phase = "prefill"
+    num_unread_dropped = 0
 
     def __init__(
         self,
@@ -189,6 +189,8 @@ class PrefillServer(_EngineServer):
         super().__init__(engine_config, kv_transport)
         # the KV is cut into the pieces that each decode rank holds (engine/kv_handoff.py)
         self.decode_layout = decode_layout or ParallelLayout()
+        # what frees the KV of each call that ended, by request id, until drop_unread or TTL
+        self._handed = HeldRefs(HANDED_TTL_S)
 
     def _unclaimed(self, published) -> None:
         """A request's published KV that its caller left before taking: nobody will read it,
@@ -226,16 +228,35 @@ class PrefillServer(_EngineServer):
                 max(p.transfer.send_ms for p in pieces), sum(p.nbytes for p in pieces)
             )
             yield PrefillResult(first, handoff, pieces, self.node_id)
-            # a cancel at the yield, or in the linger, means the result never reached the
-            # ingress (which cancels this call only before it had the first token): the KV is
-            # freed here (a second free, if the ingress read it after all, changes nothing)
-            await asyncio.sleep(HANDOFF_LINGER_S)
-            published = None  # the caller holds the KV now (the ingress frees what it drops)
-            # unless the caller dies before its decode call took it
-            self.callers.if_dies(caller, discarder_all(self.channel, pieces))
+            # The caller holds the KV now (the ingress frees what it drops), unless it dies
+            # before its decode call took it, or it cancelled this call before the result
+            # reached it: Serve drops a cancelled call's unread items, so the ingress cannot
+            # know, and asks (drop_unread); a cancel that comes at the yield frees it below.
+            published = None
+            discard = discarder_all(self.channel, pieces)
+            self.callers.if_dies(caller, discard)
+            if not self._handed.hold(request_id, discard):  # its drop_unread came first
+                self._dropped(request_id, discard)
         finally:
             if published is not None:  # cancelled after the publish, before the caller had it
                 self._unclaimed(published)
+
+    async def drop_unread(self, request_id: str) -> bool:
+        """The ingress cancelled this request's prefill call before its result reached it
+        (broadcast to every prefill replica): free the KV, if this replica published it and
+        the call has ended; if it has not, its cancel frees it, or its end does (it finds
+        this drop remembered). -> whether this replica freed KV now."""
+        discard = self._handed.release(request_id)
+        if discard is not None:
+            self._dropped(request_id, discard)
+        return discard is not None
+
+    def _dropped(self, request_id: str, discard) -> None:
+        self.num_unread_dropped += 1
+        logger.info(
+            "request %s: its KV hand-off never reached its caller: discarding it", request_id
+        )
+        discard()
 
     def _on_prefilled(self, engine: LLMEngine, request_id: str):  # engine thread, after the step
         """Publish the request's KV (cut for the decode layout), then free its blocks."""

@@ -24,7 +24,7 @@ class HeldRefs:
 
     Hold and release come from two processes, so they may arrive in either order; a release
     of a key not held yet is remembered (as long as a held value would be) and cancels the
-    hold when it comes.
+    hold when it comes. Each says what it decided, for holders whose values free something.
     """
 
     def __init__(self, ttl_s: float = DEFAULT_TTL_S, clock: Callable[[], float] = time.monotonic):
@@ -32,15 +32,22 @@ class HeldRefs:
         self._held: dict[str, tuple[float, Any]] = {}
         self._released: dict[str, float] = {}
 
-    def hold(self, key: str, value: Any) -> None:
+    def hold(self, key: str, value: Any) -> bool:
+        """-> False when the key's release came first: the value is not held."""
         now = self._expire()
-        if self._released.pop(key, None) is None:
-            self._held[key] = (now, value)
+        if self._released.pop(key, None) is not None:
+            return False
+        self._held[key] = (now, value)
+        return True
 
-    def release(self, key: str) -> None:
+    def release(self, key: str) -> Any:
+        """-> the value held under key, or None (none yet: the release is remembered)."""
         now = self._expire()
-        if self._held.pop(key, None) is None:
+        entry = self._held.pop(key, None)
+        if entry is None:
             self._released[key] = now
+            return None
+        return entry[1]
 
     def __len__(self) -> int:
         self._expire()

@@ -15,22 +15,22 @@ class _Clock:
 
 def test_held_until_released():
     held = HeldRefs(ttl_s=10)
-    held.hold("a", ["ref-a"])
-    held.hold("b", ["ref-b"])
+    assert held.hold("a", ["ref-a"]) and held.hold("b", ["ref-b"])
     assert len(held) == 2
-    held.release("a")
+    assert held.release("a") == ["ref-a"]
     assert len(held) == 1
-    held.release("b")
+    assert held.release("b") == ["ref-b"]
     assert len(held) == 0
+    assert held.release("b") is None  # released already: nothing to give back
 
 
 def test_a_release_that_arrives_before_its_hold_cancels_it():
     clock = _Clock()
     held = HeldRefs(ttl_s=10, clock=clock)
-    held.release("a")  # the reader was faster than the sender's hold call
-    held.hold("a", ["ref-a"])
+    assert held.release("a") is None  # the reader was faster than the sender's hold call
+    assert not held.hold("a", ["ref-a"])  # not held: the holder frees it itself
     assert len(held) == 0
-    held.hold("a", ["ref-a"])  # the early release cancelled one hold, not every later one
+    assert held.hold("a", ["ref-a"])  # the early release cancelled one hold, not every later one
     assert len(held) == 1
 
 

@@ -60,6 +60,17 @@ class Freed(list):
         self.append(result)
 
 
+class Dropped:
+    """The drop_unread function: counts the requests to every prefill replica to drop the
+    result of a call that was cancelled or failed before it was read."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self) -> None:
+        self.calls += 1
+
+
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, timeout=10))
 
@@ -73,11 +84,11 @@ async def _read_both(calls: ReplicaCalls, prefill: FakeCall):
 
 def test_kv_that_the_decode_replica_took_is_not_freed_by_the_ingress():
     async def go():
-        calls, freed, result = ReplicaCalls(), Freed(), Result("handoff")
+        calls, freed, dropped, result = ReplicaCalls(), Freed(), Dropped(), Result("handoff")
         assert await _read_both(calls, FakeCall(FIRST, result)) is result
         calls.stream, calls.taken = FakeCall("token"), True
-        assert calls.end(freed) is None
-        assert calls.stream.cancelled and freed == []
+        assert calls.end(freed, dropped) is None
+        assert calls.stream.cancelled and freed == [] and dropped.calls == 0
 
     run(go())
 
@@ -87,20 +98,20 @@ def test_kv_that_no_decode_replica_took_is_freed():
     failed before its first output): the decode call is cancelled and the KV freed."""
 
     async def go():
-        calls, freed, result = ReplicaCalls(), Freed(), Result("handoff")
+        calls, freed, dropped, result = ReplicaCalls(), Freed(), Dropped(), Result("handoff")
         await _read_both(calls, FakeCall(FIRST, result))
         calls.stream = FakeCall("token")
-        await calls.end(freed)
-        assert calls.stream.cancelled and freed == [result]
+        await calls.end(freed, dropped)
+        assert calls.stream.cancelled and freed == [result] and dropped.calls == 0
 
     run(go())
 
 
 def test_a_request_that_finished_at_its_first_token_has_nothing_to_free():
     async def go():
-        calls, freed = ReplicaCalls(), Freed()
+        calls, freed, dropped = ReplicaCalls(), Freed(), Dropped()
         await _read_both(calls, FakeCall(FIRST, Result(None)))
-        assert calls.end(freed) is None and freed == []
+        assert calls.end(freed, dropped) is None and freed == [] and dropped.calls == 0
 
     run(go())
 
@@ -111,7 +122,7 @@ def test_a_request_cancelled_before_its_result_came_frees_the_result_when_it_com
     freed once it comes."""
 
     async def go():
-        calls, freed, result = ReplicaCalls(), Freed(), Result("handoff")
+        calls, freed, dropped, result = ReplicaCalls(), Freed(), Dropped(), Result("handoff")
         prefill = FakeCall(FIRST, result)
         calls.read_prefill(prefill)
         prefill.release()
@@ -121,43 +132,46 @@ def test_a_request_cancelled_before_its_result_came_frees_the_result_when_it_com
         waiting.cancel()  # the request's task is cancelled while it waits for the result
         with pytest.raises(asyncio.CancelledError):
             await waiting
-        freeing = asyncio.ensure_future(calls.end(freed))
+        freeing = asyncio.ensure_future(calls.end(freed, dropped))
         await asyncio.sleep(0.01)
         assert not prefill.cancelled and freed == []  # still waiting for the result
         prefill.release()
         await freeing
-        assert freed == [result] and not prefill.cancelled
+        assert freed == [result] and not prefill.cancelled and dropped.calls == 0
 
     run(go())
 
 
 def test_a_request_that_leaves_during_its_prefill_cancels_it():
     """No first token yet: the prefill call is cancelled (the prefill replica aborts the
-    request and frees what it published itself); nothing comes to free here."""
+    request and frees what it published itself); nothing comes to free here, and the
+    prefill replicas are asked to drop the result, in case the call had ended already
+    (its items on their way: a cancel drops them)."""
 
     async def go():
-        calls, freed = ReplicaCalls(), Freed()
+        calls, freed, dropped = ReplicaCalls(), Freed(), Dropped()
         prefill = FakeCall(FIRST, Result("handoff"))
         calls.read_prefill(prefill)
-        await calls.end(freed)
-        assert prefill.cancelled and freed == []
+        await calls.end(freed, dropped)
+        assert prefill.cancelled and freed == [] and dropped.calls == 1
 
     run(go())
 
 
 def test_a_prefill_call_cancelled_by_serve_ends_the_freeing_quietly():
     """Serve may cancel the call itself (a read of it then raises CancelledError, as Serve's
-    streaming responses do): nothing came, so nothing is freed, and the clean-up ends."""
+    streaming responses do): nothing came, so nothing is freed here; the prefill replicas
+    are asked to drop the result, and the clean-up ends."""
 
     async def go():
-        calls, freed = ReplicaCalls(), Freed()
+        calls, freed, dropped = ReplicaCalls(), Freed(), Dropped()
         prefill = FakeCall(FIRST, Result("handoff"), cancelled_as=asyncio.CancelledError)
         calls.read_prefill(prefill)
         prefill.release()
         await calls.first()
         prefill.cancel()
-        await calls.end(freed)
-        assert freed == []
+        await calls.end(freed, dropped)
+        assert freed == [] and dropped.calls == 1
 
     run(go())
 
@@ -166,27 +180,27 @@ def test_a_result_that_never_comes_is_given_up(monkeypatch):
     monkeypatch.setattr(replica_calls, "RESULT_WAIT_S", 0.05)
 
     async def go():
-        calls, freed = ReplicaCalls(), Freed()
+        calls, freed, dropped = ReplicaCalls(), Freed(), Dropped()
         prefill = FakeCall(FIRST, Result("handoff"))
         calls.read_prefill(prefill)
         prefill.release()
         await calls.first()
-        await calls.end(freed)  # the result is never released
-        assert prefill.cancelled and freed == []
+        await calls.end(freed, dropped)  # the result is never released
+        assert prefill.cancelled and freed == [] and dropped.calls == 1
 
     run(go())
 
 
 def test_a_refused_request_has_nothing_to_free():
     async def go():
-        calls, freed = ReplicaCalls(), Freed()
+        calls, freed, dropped = ReplicaCalls(), Freed(), Dropped()
         refusal = ValueError("max_tokens is too large")
         prefill = FakeCall(refusal)
         calls.read_prefill(prefill)
         prefill.release()
         assert await calls.first() is refusal
-        await calls.end(freed)
-        assert freed == []
+        await calls.end(freed, dropped)
+        assert freed == [] and dropped.calls == 0
 
     run(go())
 

@@ -105,50 +105,70 @@ class _Recorder:
         self.increments.append(value)
 
 
-def test_a_prefill_result_cancelled_on_its_way_is_freed_by_the_prefill_replica(make_engine):
+def test_a_prefill_result_that_never_reached_its_caller_is_freed_by_the_prefill_replica(
+    make_engine,
+):
     """The ingress cancels a prefill call only before the call's first token has reached it,
-    and Serve drops a cancelled call's unread items: a cancel at the result's yield or in the
-    linger after it means the result went nowhere, so the replica frees the KV it published;
-    a call read to its end frees nothing."""
+    and Serve drops a cancelled call's unread items: a cancel at the result's yield means the
+    result went nowhere, so the replica frees the KV it published. A call that had ended
+    when the cancel came is freed by the ingress's drop_unread, whether that comes after the
+    call's end or before it (then the end frees it). A result read to its end and never
+    dropped stays published for its decode replica."""
     from types import SimpleNamespace
 
+    from engine.kv_handoff import discard_all
     from engine.parallel import ParallelLayout
     from kvkernels.kv_channel import KVChannel
+    from kvkernels.ref_keeper import HeldRefs
 
     server = PrefillServer.__new__(PrefillServer)
     server.node_id, server.decode_layout = "local", ParallelLayout()
     server.callers = CallerWatch()
     server.channel = KVChannel("shm")
     server.metrics = SimpleNamespace(on_transfer=lambda ms, nbytes: None)
+    server._handed = HeldRefs(60.0)
     freed: list = []
     server._unclaimed = freed.append
     server.loop = EngineLoop(make_engine(), on_prefilled=server._on_prefilled)
     ids = server.loop.engine.encode("The capital of France is a city that")
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
-    async def cancelled_at(where: str) -> None:
-        call = server.prefill(where, ids, params)
+    async def cancelled_at_the_yield() -> None:
+        call = server.prefill("the yield", ids, params)
         assert (await anext(call)).prefilled
-        result = await anext(call)
-        if where == "the yield":
-            await call.aclose()
-            return
-        lingering = asyncio.ensure_future(anext(call))
-        await asyncio.sleep(0.01)
-        lingering.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await lingering
-        assert result.handoff.request_id == where
+        assert (await anext(call)).handoff.request_id == "the yield"
+        await call.aclose()
+        assert [handoff.request_id for handoff, _ in freed] == ["the yield"]
+        discard_all(server.channel, freed[0][1])  # as the real _unclaimed does
 
-    async def read_to_the_end() -> None:
+    async def dropped_after_the_end() -> None:
+        items = [item async for item in server.prefill("ended", ids, params)]
+        assert items[-1].handoff.request_id == "ended"
+        assert await server.channel.num_kept() == 1  # published, for a decode replica
+        assert await server.drop_unread("ended")
+        assert await server.channel.num_kept() == 0
+        assert not await server.drop_unread("ended")  # freed once
+        assert server.num_unread_dropped == 1
+
+    async def dropped_before_the_end() -> None:
+        call = server.prefill("ending", ids, params)
+        await anext(call), await anext(call)  # the call has its result out, not yet ended
+        assert not await server.drop_unread("ending")  # not this replica's to free yet
+        assert await server.channel.num_kept() == 1
+        assert [item async for item in call] == []  # the end finds the drop remembered
+        assert await server.channel.num_kept() == 0
+        assert server.num_unread_dropped == 2
+
+    async def read_and_kept() -> None:
         items = [item async for item in server.prefill("read", ids, params)]
-        assert items[-1].handoff.request_id == "read"
+        assert not await server.drop_unread("another request")
+        assert await server.channel.num_kept() == 1 and len(freed) == 1
+        discard_all(server.channel, items[-1].pieces)  # as its decode replica would
 
     try:
-        for where in ("the yield", "the linger"):
-            asyncio.run(cancelled_at(where))
-        asyncio.run(read_to_the_end())
-        assert [handoff.request_id for handoff, _ in freed] == ["the yield", "the linger"]
+        for case in (cancelled_at_the_yield, dropped_after_the_end, dropped_before_the_end):
+            asyncio.run(case())
+        asyncio.run(read_and_kept())
     finally:
         server.loop.shutdown()
         server.channel.close()

@@ -31,8 +31,9 @@ from kvkernels.ref_keeper import HeldRefs
 logger = logging.getLogger(__name__)
 
 # How long a prefill replica remembers the KV of a call that has ended, for the ingress's
-# drop_unread: the ingress asks within its RESULT_WAIT_S (app/replica_calls.py) of the call.
-HANDED_TTL_S = 60.0
+# drop_unread: the ingress asks within its RESULT_WAIT_S (60 s, app/replica_calls.py) of the
+# call's end, and the broadcast takes its time on a loaded host
+HANDED_TTL_S = 120.0
 
 
 @dataclass(frozen=True)

@@ -164,6 +164,11 @@ class EngineMetrics:
             "calls cancelled because the ingress replica that made them died",
             keys,
         )
+        self.unread_dropped = metrics.Counter(  # each a prefill call cancelled as it ended
+            "splitserve_kv_unread_dropped",
+            "published KV freed because its prefill call was cancelled before its caller read it",
+            keys,
+        )
         self.cached_tokens, self.preemptions = Increase(cached), Increase(preempted)
         self.lora_loads = Increase(lora_loads)
         self.draft_tokens, self.accepted_tokens = Increase(drafts), Increase(accepted)
@@ -201,6 +206,9 @@ class EngineMetrics:
 
     def on_orphaned(self, calls: int) -> None:
         self.orphaned_calls.inc(calls, self.tags)
+
+    def on_unread_dropped(self) -> None:
+        self.unread_dropped.inc(1, self.tags)
 
     def close(self) -> None:
         self.gauges.close()

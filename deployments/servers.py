@@ -254,6 +254,7 @@ class PrefillServer(_EngineServer):
 
     def _dropped(self, request_id: str, discard) -> None:
         self.num_unread_dropped += 1
+        self.metrics.on_unread_dropped()
         logger.info(
             "request %s: its KV hand-off never reached its caller: discarding it", request_id
         )

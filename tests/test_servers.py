@@ -125,7 +125,11 @@ def test_a_prefill_result_that_never_reached_its_caller_is_freed_by_the_prefill_
     server.node_id, server.decode_layout = "local", ParallelLayout()
     server.callers = CallerWatch()
     server.channel = KVChannel("shm")
-    server.metrics = SimpleNamespace(on_transfer=lambda ms, nbytes: None)
+    dropped_metric: list = []
+    server.metrics = SimpleNamespace(
+        on_transfer=lambda ms, nbytes: None,
+        on_unread_dropped=lambda: dropped_metric.append(1),  # splitserve_kv_unread_dropped
+    )
     server._handed = HeldRefs(60.0)
     freed: list = []
     server._unclaimed = freed.append
@@ -157,7 +161,7 @@ def test_a_prefill_result_that_never_reached_its_caller_is_freed_by_the_prefill_
         assert await server.channel.num_kept() == 1
         assert [item async for item in call] == []  # the end finds the drop remembered
         assert await server.channel.num_kept() == 0
-        assert server.num_unread_dropped == 2
+        assert server.num_unread_dropped == 2 and len(dropped_metric) == 2
 
     async def read_and_kept() -> None:
         items = [item async for item in server.prefill("read", ids, params)]

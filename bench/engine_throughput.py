@@ -57,9 +57,8 @@ def ours_decode_step_s(
     vocab = engine.runner.shape.vocab_size
     for i, ids in enumerate(prompts(batch, context, vocab)):
         turn = {name: values[i % len(values)] for name, values in (cycle or {}).items()}
-        params = SamplingParams(
-            max_tokens=steps + 3, temperature=0.0, ignore_eos=True, **sampling, **turn
-        )
+        fields = {"max_tokens": steps + 3, "temperature": 0.0, "ignore_eos": True}
+        params = SamplingParams(**{**fields, **sampling, **turn})  # greedy unless asked
         engine.add_request(None, ids, params)
     while engine.scheduler.waiting:  # prefill everything first
         engine.step()

@@ -1,17 +1,18 @@
-"""What penalties, logit bias, min_tokens, logprobs and structured outputs add to a decode step,
-side by side.
+"""What random draws, penalties, logit bias, min_tokens, logprobs and structured outputs add to a
+decode step, side by side.
 
     python -m bench.sampling_cost [--threads 2] [--context 512] [--batches 1,8,32] [--rounds 3]
 
-Each round times a plain greedy decode step, then the same batch with every request asking for
-presence, frequency and repetition penalties, a logit bias and min_tokens (the sampler adjusts
-each row's logits before the argmax), then with every request asking for logprobs with 5
-alternatives (a log-softmax and a top-k over the vocabulary per row), then with every request
-writing a JSON object whose one string field must be long (the grammar's mask at every step, with
-most of the vocabulary allowed inside a string: llguidance's costliest kind of step); medians over
-rounds, and their ratios to plain. Then the prefill step of one prompt, plain and with prompt
-logprobs (a logits row per prompt token: the LM head over every position, a log-softmax and a
-top-k each).
+Each round times a plain greedy decode step, then the same batch with every request drawing at
+temperature 1 from its own seeded generator, then drawing at temperature 0.8 within top_p 0.95,
+then with every request asking for presence, frequency and repetition penalties, a logit bias
+and min_tokens (the sampler adjusts each row's logits before the argmax), then with every
+request asking for logprobs with 5 alternatives (a log-softmax and a top-k over the vocabulary
+per row), then with every request writing a JSON object whose one string field must be long
+(the grammar's mask at every step, with most of the vocabulary allowed inside a string:
+llguidance's costliest kind of step); medians over rounds, and their ratios to plain. Then the
+prefill step of one prompt, plain and with prompt logprobs (a logits row per prompt token: the
+LM head over every position, a log-softmax and a top-k each).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ LONG_STRING = {  # no request can end within the timed steps
 }
 VARIANTS = {
     "plain": {},
+    # random draws, each request from its own seeded generator (top_p: a sort of the row too)
+    "sampled": {"temperature": 1.0, "seed": 0},
+    "top_p": {"temperature": 0.8, "top_p": 0.95, "seed": 0},
     "penalized": PENALIZED,
     "logprobs": {"logprobs": 5},
     "json": {"structured_output": StructuredOutput("json", json.dumps(LONG_STRING))},

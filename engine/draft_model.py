@@ -143,4 +143,3 @@ class DraftModelProposer:
             return SeqInput(tokens, row.start, table, row.limit > 0)
         at = row.request.num_tokens + len(row.drafts) - 1  # the last draft's position
         return SeqInput([row.drafts[-1]], at, table, True)
-

@@ -35,6 +35,36 @@ def test_top_k_and_top_p_keep_the_right_tokens():
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("scale", [0.5, 2.0, 8.0])  # nucleus of ~thousands, hundreds, a few
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
+def test_top_p_over_a_vocabulary_keeps_the_full_sorts_tokens(scale, top_p):
+    """top_p looks at the likeliest 256, then 4096 tokens before it sorts the row: whichever
+    it needs, it keeps the tokens that sorting the whole row keeps (bench/draw_cost.py's)."""
+    from bench.draw_cost import textbook_top_p
+
+    logits = torch.randn(49152, generator=torch.Generator().manual_seed(int(scale * 10))) * scale
+    want = torch.isfinite(textbook_top_p(logits, top_p))
+    out = apply_top_k_top_p(logits, 0, top_p)
+    kept = torch.isfinite(out)
+    assert kept.sum() == want.sum() and torch.equal(kept, want)
+    assert torch.equal(out[kept], logits[kept])  # their logits unchanged
+
+
+@pytest.mark.unit
+def test_draws_over_a_vocabulary_follow_the_probabilities_and_never_pick_a_banned_token():
+    """Five tokens of a 49k vocabulary hold all the mass (the rest are -inf, as a mask leaves
+    them): 5,000 draws fall on them as their probabilities say, within 4.5 standard errors."""
+    logits = torch.full((1, 49152), float("-inf"))
+    ids, p = [3, 17, 20_000, 49_000, 49_151], torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05])
+    logits[0, ids] = p.log()
+    params, g = SamplingParams(temperature=1.0, seed=0), torch.Generator().manual_seed(0)
+    draws = [sample(logits, [params], [g])[0] for _ in range(5000)]
+    assert set(draws) <= set(ids)
+    seen = torch.tensor([draws.count(t) / 5000 for t in ids])
+    assert ((seen - p).abs() <= 4.5 * (p * (1 - p) / 5000).sqrt()).all(), seen
+
+
+@pytest.mark.unit
 def test_sampling_frequencies_follow_temperature_scaled_softmax():
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.1]]))
     params = SamplingParams(temperature=0.5, seed=0)
@@ -306,3 +336,13 @@ def test_cli_a_request_the_engine_fails_exits_1_with_its_error(monkeypatch, caps
     assert main(["generate", "--prompt", "The capital of France is", "--max-tokens", "3"]) == 1
     err = capsys.readouterr().err
     assert "error: the engine failed request cli at output token 0" in err
+
+
+@pytest.mark.model
+def test_the_draw_cost_benchmark_times_each_sampling_against_the_textbook(capsys):
+    from bench.draw_cost import VARIANTS, main
+
+    main(["--rows", "2", "--rounds", "1", "--threads", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |")]
+    assert [row.split(" | ")[1] for row in rows] == list(VARIANTS)
+    assert all(float(row.split(" | ")[-1].rstrip(" |")) > 0 for row in rows)

@@ -45,14 +45,22 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.T
 TOP_P_CANDIDATES = (256, 4096)
 
 
+def _likeliest(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """probs (V,) -> the likeliest tokens' probabilities and ids, likeliest first: enough of
+    them that the nucleus ends within them."""
+    for k in TOP_P_CANDIDATES:
+        if k < probs.numel():
+            top, order = torch.topk(probs, k)
+            if top.sum() >= top_p:
+                return top, order
+    # a flat distribution: the whole row, sorted (a top-k of all of it is slower than a sort)
+    return torch.sort(probs, descending=True)
+
+
 def _apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """logits (V,) -> the smallest set of the likeliest tokens whose probability reaches top_p
     kept (the top token always), the others at -inf."""
-    probs = torch.softmax(logits, dim=-1)
-    for k in (*TOP_P_CANDIDATES, logits.numel()):
-        top, order = torch.topk(probs, min(k, logits.numel()))  # sorted, likeliest first
-        if k >= logits.numel() or top.sum() >= top_p:  # the nucleus ends within them
-            break
+    top, order = _likeliest(torch.softmax(logits, dim=-1), top_p)
     # a token is dropped once the tokens before it reach top_p
     drop = top.cumsum(-1) - top >= top_p
     drop[0] = False  # a top_p below float32's least (1e-300) compares as 0 >= 0

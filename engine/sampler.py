@@ -181,7 +181,7 @@ def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | 
     # KV recomputed after a preemption) moves the winner only where two ratios nearly tie.
     # Each Exp(1) here is -log of a uniform: torch's exponential_, which multinomial runs,
     # takes ~2 ms for a row of 49k on one CPU thread (as long as a decode step of the default
-    # model), uniforms and their logs ~0.3 ms.
+    # model), float64 uniforms and their logs ~0.5 ms.
     total = probs.sum()
     if not (torch.isfinite(total) and total > 0):  # NaN from an infinite logit, or nothing
         return None

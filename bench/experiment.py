@@ -267,9 +267,15 @@ class Cluster:
                 _temp_dir=self._temp,
                 runtime_env={"env_vars": self.env},
             )
-            [port] = free_ports(1)
-            self.url = f"http://127.0.0.1:{port}"
-            start_serve(port)
+            try:
+                [port] = free_ports(1)
+                self.url = f"http://127.0.0.1:{port}"
+                start_serve(port)
+            except BaseException:
+                # no __exit__ follows a failed __enter__: a cluster left up here made the
+                # next module's ray.init fail too
+                self.__exit__(None, None, None)
+                raise
         return self
 
     def deploy(self, args: dict, timeout_s: float = 600) -> None:

@@ -26,7 +26,7 @@ import argparse
 import contextlib
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 MODES = ("default", "throughput", "haproxy")
 # The Serve controller's own settings, in every mode: a replica that fails its health checks
@@ -79,13 +79,62 @@ def env_words(mode: str) -> str:
     return " ".join(f"{name}={value}" for name, value in serve_env(mode).items())
 
 
-def free_ports(n: int) -> list[int]:
-    """`n` different ports free now: each held open until all are found."""
+def free_ports(n: int, bind: Callable[[], socket.socket] | None = None) -> list[int]:
+    """`n` different ports free now, none of them one a Ray node takes by default: each held
+    open until all are found. A port picked before its cluster starts must not be one the
+    cluster's own processes will want: HAProxy's stats port once drew 52365, inside Linux's
+    ephemeral range, and lost it to the dashboard agent that started after it (a fixture
+    error in CI)."""
+    bind = bind or _bound_socket
+    taken = ray_default_ports()
     with contextlib.ExitStack() as held:
-        sockets = [held.enter_context(socket.socket()) for _ in range(n)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
+        ports: list[int] = []
+        # a port of Ray's stays held too, so the kernel does not hand it out again
+        for _ in range(n + MAX_SKIPPED_PORTS):
+            port = held.enter_context(bind()).getsockname()[1]
+            if port not in taken and port not in ports:
+                ports.append(port)
+            if len(ports) == n:
+                return ports
+    raise RuntimeError(f"found {len(ports)} of {n} free ports outside Ray's own")
+
+
+MAX_SKIPPED_PORTS = 256  # ~4% of the ephemeral range is Ray's: one in 25 picks is skipped
+
+
+def _bound_socket() -> socket.socket:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    return s
+
+
+def ray_default_ports() -> frozenset[int]:
+    """The ports a Ray node's processes listen on unless told otherwise: the GCS, dashboard
+    and its agent, Serve's HTTP and gRPC proxies, HAProxy's stats and metrics, and the
+    ranges direct ingress (throughput and haproxy modes) gives its replicas."""
+    from ray._private import ray_constants as ray_c
+    from ray.serve._private import constants as serve_c
+
+    ranges = (
+        (
+            serve_c.RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT,
+            serve_c.RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT,
+        ),
+        (
+            serve_c.RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT,
+            serve_c.RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT,
+        ),
+    )
+    singles = {
+        ray_c.DEFAULT_PORT,
+        ray_c.DEFAULT_DASHBOARD_PORT,
+        ray_c.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT,
+        serve_c.DEFAULT_HTTP_PORT,
+        serve_c.DEFAULT_GRPC_PORT,
+        8404,  # HAProxy's stats and metrics defaults (Serve reads the variables on import)
+        9101,
+    }
+    return frozenset(singles.union(*(range(low, high + 1) for low, high in ranges)))
 
 
 def main(argv: list[str] | None = None) -> None:

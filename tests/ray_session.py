@@ -60,7 +60,11 @@ class SharedRay:
             _system_config=SYSTEM_CONFIG,
             runtime_env={"env_vars": ENV},
         )
-        start_serve(port)
+        try:
+            start_serve(port)
+        except BaseException:
+            end_ray_session()  # else every later module's ray.init fails on this cluster
+            raise
         return RayServe(
             f"http://127.0.0.1:{port}",
             f"http://127.0.0.1:{metrics_port}/metrics",

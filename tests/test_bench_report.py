@@ -612,6 +612,33 @@ def test_a_killed_experiment_still_shuts_its_cluster_down(monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_cluster_whose_serve_fails_to_start_is_shut_down(monkeypatch):
+    """A failed __enter__ gets no __exit__: the cluster is shut down before the error goes
+    on, so the next ray.init (the next module's) starts a cluster of its own. CI once lost a
+    module this way when HAProxy could not bind its port."""
+    import signal
+
+    import ray
+    from ray import serve
+
+    from bench.experiment import Cluster
+
+    calls = []
+
+    def refuse(**kw):
+        raise RuntimeError("cannot bind socket")
+
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append("init"))
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("ray.shutdown"))
+    monkeypatch.setattr(serve, "start", refuse)
+    monkeypatch.setattr(serve, "shutdown", lambda: calls.append("serve.shutdown"))
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RuntimeError, match="cannot bind socket"), Cluster(serve_mode="haproxy"):
+        pass
+    assert calls == ["init", "serve.shutdown", "ray.shutdown"]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 class _FakeCluster:
     """Stands in for bench.experiment.Cluster: logs deployments; each one's replicas "trace"
     into the experiment's current step directory, as the real servers do."""

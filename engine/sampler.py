@@ -28,14 +28,24 @@ class TokenHistory:
     eos_token_id: int | None = None
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """logits (V,) -> logits with the excluded tokens at -inf."""
-    if 0 < top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        logits = _apply_top_p(logits, top_p)
-    return logits
+def top_k_top_p(rows: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """rows (n, V) of logits, a top_k and a top_p each -> the excluded tokens at -inf (in
+    place where any is excluded; 0 and 1.0 exclude none)."""
+    vocab = rows.shape[-1]
+    limited = [j for j, k in enumerate(top_k) if 0 < k < vocab]
+    if limited:
+        sub = rows[limited]
+        place = torch.tensor([[top_k[j] - 1] for j in limited], device=rows.device)
+        kth = torch.topk(sub, max(top_k[j] for j in limited)).values.gather(1, place)
+        rows[limited] = sub.masked_fill(sub < kth, float("-inf"))
+    nucleus = [j for j, p in enumerate(top_p) if p < 1.0]
+    if nucleus:
+        sub = rows[nucleus]
+        wanted = torch.tensor([top_p[j] for j in nucleus], device=rows.device)
+        rows[nucleus] = sub.masked_fill(
+            ~_nucleus(torch.softmax(sub, dim=-1), wanted), float("-inf")
+        )
+    return rows
 
 
 # How many of the likeliest tokens top_p looks at first, then next, before sorting the whole
@@ -45,38 +55,41 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.T
 TOP_P_CANDIDATES = (256, 4096)
 
 
-def _likeliest(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """probs (V,) -> the likeliest tokens' probabilities and ids, likeliest first: enough of
-    them that the nucleus ends within them."""
-    for k in TOP_P_CANDIDATES:
-        if k < probs.numel():
-            top, order = torch.topk(probs, k)
-            if top.sum() >= top_p:
-                return top, order
-    # a flat distribution: the whole row, sorted (a top-k of all of it is slower than a sort)
-    return torch.sort(probs, descending=True)
+def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """probs (n, V), top_p (n,) -> (n, V) bool: each row's smallest set of its likeliest tokens
+    whose probability reaches its top_p (the top token always). Each row looks at the
+    likeliest 256 tokens, then 4096, until its nucleus ends within them; a row whose nucleus
+    does not (a flat distribution) sorts all of them (a top-k of the whole row is slower)."""
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    pending = torch.arange(probs.shape[0], device=probs.device)
+    for k in (*(k for k in TOP_P_CANDIDATES if k < probs.shape[-1]), None):
+        sub = probs[pending]
+        top, order = torch.sort(sub, descending=True) if k is None else torch.topk(sub, k)
+        if k is None:
+            ends = torch.ones_like(pending, dtype=torch.bool)
+        else:
+            ends = top.sum(-1) >= top_p[pending]
+        done, top, order = pending[ends], top[ends], order[ends]
+        # a token is dropped once the tokens before it reach top_p
+        drop = top.cumsum(-1) - top >= top_p[done].unsqueeze(1)
+        drop[:, 0] = False  # a top_p below float32's least (1e-300) compares as 0 >= 0
+        keep[done] = keep[done].scatter(1, order, ~drop)
+        pending = pending[~ends]
+        if not pending.numel():
+            break
+    return keep
 
 
-def _apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """logits (V,) -> the smallest set of the likeliest tokens whose probability reaches top_p
-    kept (the top token always), the others at -inf."""
-    top, order = _likeliest(torch.softmax(logits, dim=-1), top_p)
-    # a token is dropped once the tokens before it reach top_p
-    drop = top.cumsum(-1) - top >= top_p
-    drop[0] = False  # a top_p below float32's least (1e-300) compares as 0 >= 0
-    kept = order[~drop]
-    out = torch.full_like(logits, float("-inf"))
-    out[kept] = logits[kept]
-    return out
-
-
-def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
-    """logits (V,) at their temperature -> tokens whose probability is below min_p x the top
-    token's at -inf (the top token is always kept)."""
-    if min_p <= 0.0:
-        return logits
-    probs = torch.softmax(logits, dim=-1)
-    return logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+def min_p(rows: torch.Tensor, values: list[float]) -> torch.Tensor:
+    """rows (n, V) of logits at their temperature, a min_p each -> tokens whose probability is
+    below min_p x the top token's at -inf (the top token is always kept; 0 keeps all)."""
+    limited = [j for j, m in enumerate(values) if m > 0.0]
+    if limited:
+        sub = rows[limited]
+        probs = torch.softmax(sub, dim=-1)
+        floor = torch.tensor([[values[j]] for j in limited], device=rows.device)
+        rows[limited] = sub.masked_fill(probs < floor * probs.amax(-1, keepdim=True), float("-inf"))
+    return rows
 
 
 # Dividing or multiplying float32 logits by a factor past these overflows (x / 0, 0 x inf,
@@ -159,34 +172,57 @@ def sample(
     best = logits.max(dim=-1)
     tokens: list[int | None] = best.indices.tolist()
     broken = best.values.isnan().tolist()
-    for i, p in enumerate(params):
-        if broken[i]:
-            tokens[i] = None
-        elif not p.is_greedy:
-            tokens[i] = _draw(logits[i], p, generators[i])
-    return tokens
+    drawn = [i for i, p in enumerate(params) if not p.is_greedy and not broken[i]]
+    if drawn:  # indexing copies: the draw scales its rows in place
+        draws = draw(logits[drawn], [params[i] for i in drawn], [generators[i] for i in drawn])
+        for i, token in zip(drawn, draws, strict=True):
+            tokens[i] = token
+    return [None if broken[i] else t for i, t in enumerate(tokens)]
 
 
-def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int | None:
-    """One row's random draw; None where its probabilities are not a distribution (an
-    infinite logit makes NaN in the softmax): that request fails, not its batch."""
+def draw(
+    rows: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> list[int | None]:
+    """rows (n, V) of logits, changed in place -> their random draws, all at once on the rows'
+    device (one transfer back, not one a row); None where a row's probabilities are not a
+    distribution (an infinite logit makes NaN in the softmax): that request fails, not its
+    batch."""
     # transformers' and vLLM's order: temperature, top-k, top-p, then min-p
-    row = apply_top_k_top_p(logits / _in_scale_range(p.temperature), p.top_k, p.top_p)
-    row = apply_min_p(row, p.min_p)
-    # drawn on the CPU: a seeded request's generator is a CPU one, whose state travels
-    # with the hand-off whatever device either replica computes on
-    probs = torch.softmax(row, dim=-1).cpu()
+    rows /= torch.tensor(
+        [[_in_scale_range(p.temperature)] for p in params], device=rows.device, dtype=rows.dtype
+    )
+    top_k_top_p(rows, [p.top_k for p in params], [p.top_p for p in params])
+    probs = torch.softmax(min_p(rows, [p.min_p for p in params]), dim=-1)
+    total = probs.sum(-1)
+    ok = torch.isfinite(total) & (total > 0)  # NaN from an infinite logit, or nothing left
     # The exponential race, torch.multinomial's own draw of one sample: the token whose
     # probability over an Exp(1) variate is largest. A tiny change of the probabilities (the
     # KV recomputed after a preemption) moves the winner only where two ratios nearly tie.
-    # Each Exp(1) here is -log of a uniform: torch's exponential_, which multinomial runs,
-    # takes ~2 ms for a row of 49k on one CPU thread (as long as a decode step of the default
-    # model), float64 uniforms and their logs ~0.5 ms.
-    total = probs.sum()
-    if not (torch.isfinite(total) and total > 0):  # NaN from an infinite logit, or nothing
-        return None
-    exp1 = torch.rand(probs.shape, dtype=torch.float64, generator=generator).log_().neg_()
-    return int((probs.double() / exp1).argmax())  # a uniform < 1: every variate is > 0
+    race = probs.double() / exponentials(probs.shape, probs.device, generators)
+    tokens, ok = race.argmax(-1).tolist(), ok.tolist()
+    return [t if good else None for t, good in zip(tokens, ok, strict=True)]
+
+
+def exponentials(
+    shape: torch.Size, device: torch.device, generators: list[torch.Generator | None]
+) -> torch.Tensor:
+    """(n, V) float64 Exp(1) variates on `device`, each -log of a uniform: torch's
+    exponential_, which multinomial runs, takes ~2 ms for a row of 49k on one CPU thread (as
+    long as a decode step of the default model), float64 uniforms and their logs ~0.5 ms. A
+    seeded row's come from a generator on `device` that its own generator seeds: that takes
+    one number from the request's (a CPU one, whose state travels with the hand-off), so its
+    stream goes on wherever the request does and whichever device samples it."""
+    seeded = [j for j, g in enumerate(generators) if g is not None]
+    if not seeded:
+        return torch.rand(shape, dtype=torch.float64, device=device).log_().neg_()
+    uniforms = torch.empty(shape, dtype=torch.float64, device=device)
+    if len(seeded) < len(generators):
+        free = [j for j, g in enumerate(generators) if g is None]
+        uniforms[free] = torch.rand((len(free), shape[-1]), dtype=torch.float64, device=device)
+    for j in seeded:
+        seed = int(torch.randint(2**63 - 1, (), generator=generators[j]))
+        uniforms[j].uniform_(generator=torch.Generator(device=device).manual_seed(seed))
+    return uniforms.log_().neg_()  # a uniform < 1: every variate is > 0
 
 
 @dataclass(frozen=True)

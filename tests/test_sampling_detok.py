@@ -12,14 +12,23 @@ import torch
 from engine.detokenizer import DetokenizerState, IncrementalDetokenizer
 from engine.sampler import (
     TokenHistory,
-    apply_min_p,
     apply_penalties,
-    apply_top_k_top_p,
     banned_words,
+    min_p,
     sample,
     token_logprobs,
+    top_k_top_p,
 )
 from engine.sampling_params import InvalidRequestError, SamplingParams
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """One row (V,) through the batch's top-k and top-p."""
+    return top_k_top_p(logits.clone().unsqueeze(0), [top_k], [top_p])[0]
+
+
+def apply_min_p(logits: torch.Tensor, value: float) -> torch.Tensor:
+    return min_p(logits.clone().unsqueeze(0), [value])[0]
 
 
 @pytest.mark.unit
@@ -48,6 +57,71 @@ def test_top_p_over_a_vocabulary_keeps_the_full_sorts_tokens(scale, top_p):
     kept = torch.isfinite(out)
     assert kept.sum() == want.sum() and torch.equal(kept, want)
     assert torch.equal(out[kept], logits[kept])  # their logits unchanged
+
+
+@pytest.mark.unit
+def test_a_batch_of_mixed_settings_keeps_for_each_row_what_the_textbook_keeps():
+    """One batch, each row its own temperature, top_k, top_p and min_p (nuclei that end within
+    256 tokens, within 4096 and past them, side by side): each row keeps the tokens that the
+    textbook's row-by-row filters keep (a full sort for top_p), with the same scaled logits."""
+    from bench.draw_cost import textbook_top_p
+
+    settings = [  # (temperature, top_k, top_p, min_p)
+        (1.0, 0, 1.0, 0.0),
+        (0.7, 0, 0.9, 0.0),
+        (2.5, 0, 0.95, 0.0),
+        (1.0, 40, 1.0, 0.0),
+        (1.3, 1000, 0.5, 0.05),
+        (0.4, 0, 0.99, 0.0),
+        (1.0, 7, 0.3, 0.0),
+        (0.9, 0, 1.0, 0.2),
+    ]
+    gen = torch.Generator().manual_seed(5)
+    scales = torch.tensor([[0.5], [8.0], [2.0], [1.0], [4.0], [3.0], [1.0], [2.0]])
+    logits = torch.randn(len(settings), 49152, generator=gen) * scales
+    rows = logits / torch.tensor([[t] for t, *_ in settings])
+    out = min_p(
+        top_k_top_p(rows.clone(), [k for _, k, _, _ in settings], [p for *_, p, _ in settings]),
+        [m for *_, m in settings],
+    )
+    for j, (_, k, p, m) in enumerate(settings):
+        want = rows[j].clone()
+        if k:
+            want[want < torch.topk(want, k).values[-1]] = float("-inf")
+        want = textbook_top_p(want, p) if p < 1.0 else want
+        probs = torch.softmax(want, dim=-1)
+        want[probs < m * probs.max()] = float("-inf")
+        kept = torch.isfinite(out[j])
+        assert torch.equal(kept, torch.isfinite(want)), (j, kept.sum(), torch.isfinite(want).sum())
+        assert torch.equal(out[j][kept], rows[j][kept])
+
+
+@pytest.mark.unit
+def test_a_seeded_row_draws_the_same_whatever_shares_its_batch():
+    """A seeded request's draws come from its own generator alone: in a batch of one or among
+    unseeded and other seeded rows, the same tokens; and each draw takes one number from its
+    generator, so a copy of the generator's state (a hand-off) continues the same stream."""
+    logits = torch.randn(5, 49152, generator=torch.Generator().manual_seed(1))
+    mine = SamplingParams(temperature=1.0, top_p=0.9, seed=42)
+    alone_gen = torch.Generator().manual_seed(42)
+    alone = [sample(logits[2:3], [mine], [alone_gen])[0] for _ in range(6)]
+    assert len(set(alone)) > 1  # the stream moves on
+    other = SamplingParams(temperature=0.8, seed=1)
+    params = [other, SamplingParams(temperature=1.0), mine, SamplingParams(temperature=0), other]
+    gens = [torch.Generator().manual_seed(1), None, torch.Generator().manual_seed(42), None, None]
+    gens[4] = gens[0]  # a request with a draft: two rows, one generator
+    batched = []
+    for step in range(6):
+        if step == 3:  # handed off: a new generator with the state so far
+            state = gens[2].get_state()
+            gens[2] = torch.Generator()
+            gens[2].set_state(state)
+        batched.append(sample(logits, params, gens)[2])
+    assert batched == alone
+    taken = torch.Generator().manual_seed(42)
+    for _ in range(6):
+        torch.randint(2**63 - 1, (), generator=taken)
+    assert torch.equal(taken.get_state(), alone_gen.get_state())
 
 
 @pytest.mark.unit

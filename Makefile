@@ -48,3 +48,4 @@ gpu-check: model
 	$(PY) -m pip install -q -e ".[dev,gpu]"
 	$(PY) -m pytest -q -rs -m gpu tests/test_gpu.py
 	$(PY) -m bench.kv_transfer --device cuda --transports cuda_ipc,object_store
+	$(PY) -m bench.draw_cost --device cuda --threads 1 --rounds 5

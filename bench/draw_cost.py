@@ -1,11 +1,12 @@
 """What the sampler's random draws cost a batch, against the textbook way, side by side.
 
-    python -m bench.draw_cost [--rows 32] [--rounds 7] [--threads 1,2]
+    python -m bench.draw_cost [--rows 32] [--rounds 7] [--threads 1,2] [--device cuda]
 
 The rows are the default model's own logits at the last positions of a paragraph. Each round
 samples them all with `engine.sampler.sample` (seeded generators, one a row), then with the
 textbook draw: the same temperature, top-k and min-p, top_p by sorting the whole row, and
-torch.multinomial (what the engine ran before 2026-12-06). Medians over rounds, their ratio.
+torch.multinomial, row by row, on the CPU (what the engine ran before 2026-12-06, on a GPU
+too: a seeded request's generator is a CPU one). Medians over rounds, their ratio.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def textbook_draw(logits: torch.Tensor, p: SamplingParams, generator) -> int | N
         row = row.masked_fill(row < torch.topk(row, p.top_k).values[-1], float("-inf"))
     if p.top_p < 1.0:
         row = textbook_top_p(row, p.top_p)
-    probs = torch.softmax(sampler.min_p(row.unsqueeze(0), [p.min_p])[0], dim=-1)
+    probs = torch.softmax(sampler.min_p(row.unsqueeze(0), [p.min_p])[0], dim=-1).cpu()
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
@@ -83,9 +84,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    logits = model_logits(args.rows)
-    print(f"{args.rows} rows of {logits.shape[1]} logits, medians of {args.rounds} rounds")
+    logits = model_logits(args.rows).to(args.device)
+    print(
+        f"{args.rows} rows of {logits.shape[1]} logits on {args.device}, "
+        f"medians of {args.rounds} rounds"
+    )
     print("| threads | sampling | ours ms | textbook ms | ratio |\n|---|---|---|---|---|")
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)

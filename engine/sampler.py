@@ -11,6 +11,7 @@ min_tokens bans EOS) samples EOS: the request ends rather than drawing from noth
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,23 +30,31 @@ class TokenHistory:
 
 
 def top_k_top_p(rows: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-    """rows (n, V) of logits, a top_k and a top_p each -> the excluded tokens at -inf (in
-    place where any is excluded; 0 and 1.0 exclude none)."""
-    vocab = rows.shape[-1]
-    limited = [j for j, k in enumerate(top_k) if 0 < k < vocab]
+    """rows (n, V) of logits, a top_k and a top_p each -> the excluded tokens at -inf, in
+    place (0 and 1.0 exclude none)."""
+    dev = rows.device
+    limited = [j for j, k in enumerate(top_k) if 0 < k < rows.shape[-1]]
     if limited:
-        sub = rows[limited]
-        place = torch.tensor([[top_k[j] - 1] for j in limited], device=rows.device)
-        kth = torch.topk(sub, max(top_k[j] for j in limited)).values.gather(1, place)
-        rows[limited] = sub.masked_fill(sub < kth, float("-inf"))
+        place = torch.tensor([[top_k[j] - 1] for j in limited], device=dev)
+        largest = max(top_k[j] for j in limited)
+        _exclude(rows, limited, lambda sub: sub < torch.topk(sub, largest).values.gather(1, place))
     nucleus = [j for j, p in enumerate(top_p) if p < 1.0]
     if nucleus:
-        sub = rows[nucleus]
-        wanted = torch.tensor([top_p[j] for j in nucleus], device=rows.device)
-        rows[nucleus] = sub.masked_fill(
-            ~_nucleus(torch.softmax(sub, dim=-1), wanted), float("-inf")
-        )
+        wanted = torch.tensor([top_p[j] for j in nucleus], device=dev)
+        _exclude(rows, nucleus, lambda sub: _outside_nucleus(torch.softmax(sub, dim=-1), wanted))
     return rows
+
+
+def _exclude(
+    rows: torch.Tensor, which: list[int], excluded: Callable[[torch.Tensor], torch.Tensor]
+) -> None:
+    """Sets -inf where excluded(rows[which]) says, in place; every row's (the usual batch,
+    whose requests mostly sample alike) without copying them out and back."""
+    if len(which) == rows.shape[0]:
+        rows.masked_fill_(excluded(rows), float("-inf"))
+    else:
+        sub = rows[which]
+        rows[which] = sub.masked_fill(excluded(sub), float("-inf"))
 
 
 # How many of the likeliest tokens top_p looks at first, then next, before sorting the whole
@@ -55,40 +64,44 @@ def top_k_top_p(rows: torch.Tensor, top_k: list[int], top_p: list[float]) -> tor
 TOP_P_CANDIDATES = (256, 4096)
 
 
-def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """probs (n, V), top_p (n,) -> (n, V) bool: each row's smallest set of its likeliest tokens
-    whose probability reaches its top_p (the top token always). Each row looks at the
-    likeliest 256 tokens, then 4096, until its nucleus ends within them; a row whose nucleus
-    does not (a flat distribution) sorts all of them (a top-k of the whole row is slower)."""
-    keep = torch.zeros_like(probs, dtype=torch.bool)
+def _outside_nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """probs (n, V), top_p (n,) -> (n, V) bool: True outside each row's nucleus, the smallest
+    set of its likeliest tokens whose probability reaches its top_p (the top token always; a
+    token as likely as the nucleus' least is in it too). Each row looks at the likeliest 256
+    tokens, then 4096, until its nucleus ends within them; a row whose nucleus does not (a
+    flat distribution) sorts all of them (a top-k of the whole row is slower)."""
+    least = torch.empty_like(top_p, dtype=probs.dtype)
     pending = torch.arange(probs.shape[0], device=probs.device)
     for k in (*(k for k in TOP_P_CANDIDATES if k < probs.shape[-1]), None):
         sub = probs[pending]
-        top, order = torch.sort(sub, descending=True) if k is None else torch.topk(sub, k)
         if k is None:
-            ends = torch.ones_like(pending, dtype=torch.bool)
+            top, done = torch.sort(sub, descending=True).values, pending
         else:
+            top = torch.topk(sub, k, sorted=True).values
             ends = top.sum(-1) >= top_p[pending]
-        done, top, order = pending[ends], top[ends], order[ends]
-        # a token is dropped once the tokens before it reach top_p
-        drop = top.cumsum(-1) - top >= top_p[done].unsqueeze(1)
-        drop[:, 0] = False  # a top_p below float32's least (1e-300) compares as 0 >= 0
-        keep[done] = keep[done].scatter(1, order, ~drop)
-        pending = pending[~ends]
+            done, top, pending = pending[ends], top[ends], pending[~ends]
+        # a token is in while the tokens before it fall short of top_p; a top_p below
+        # float32's least (1e-300) compares as 0 < 0, which keeps none: the top one stays
+        kept = (top.cumsum(-1) - top < top_p[done].unsqueeze(1)).sum(-1).clamp_(min=1)
+        least[done] = top.gather(1, (kept - 1).unsqueeze(1)).squeeze(1)
         if not pending.numel():
             break
-    return keep
+    return probs < least.unsqueeze(1)
 
 
 def min_p(rows: torch.Tensor, values: list[float]) -> torch.Tensor:
     """rows (n, V) of logits at their temperature, a min_p each -> tokens whose probability is
-    below min_p x the top token's at -inf (the top token is always kept; 0 keeps all)."""
+    below min_p x the top token's at -inf, in place (the top token is always kept; 0 keeps
+    all)."""
     limited = [j for j, m in enumerate(values) if m > 0.0]
     if limited:
-        sub = rows[limited]
-        probs = torch.softmax(sub, dim=-1)
         floor = torch.tensor([[values[j]] for j in limited], device=rows.device)
-        rows[limited] = sub.masked_fill(probs < floor * probs.amax(-1, keepdim=True), float("-inf"))
+
+        def below(sub: torch.Tensor) -> torch.Tensor:
+            probs = torch.softmax(sub, dim=-1)
+            return probs < floor * probs.amax(-1, keepdim=True)
+
+        _exclude(rows, limited, below)
     return rows
 
 
@@ -173,11 +186,20 @@ def sample(
     tokens: list[int | None] = best.indices.tolist()
     broken = best.values.isnan().tolist()
     drawn = [i for i, p in enumerate(params) if not p.is_greedy and not broken[i]]
-    if drawn:  # indexing copies: the draw scales its rows in place
-        draws = draw(logits[drawn], [params[i] for i in drawn], [generators[i] for i in drawn])
-        for i, token in zip(drawn, draws, strict=True):
+    at_once = CPU_ROWS_AT_ONCE if logits.device.type == "cpu" else len(params)
+    for start in range(0, len(drawn), at_once):
+        rows = drawn[start : start + at_once]  # indexing copies: the draw scales them in place
+        draws = draw(logits[rows], [params[i] for i in rows], [generators[i] for i in rows])
+        for i, token in zip(rows, draws, strict=True):
             tokens[i] = token
     return [None if broken[i] else t for i, t in enumerate(tokens)]
+
+
+# A GPU draws a batch's rows at once (a kernel each step of the draw, one transfer back); a
+# CPU a few at a time: a row's float64 variates (~400 KB at 49k tokens) stay in its cache
+# from the uniforms through their logs to the argmax, a batch's (32 rows: 12.5 MB) go out to
+# memory and back between each, which made 32 rows take twice as long (38 vs 19 ms).
+CPU_ROWS_AT_ONCE = 4
 
 
 def draw(
@@ -211,7 +233,8 @@ def exponentials(
     long as a decode step of the default model), float64 uniforms and their logs ~0.5 ms. A
     seeded row's come from a generator on `device` that its own generator seeds: that takes
     one number from the request's (a CPU one, whose state travels with the hand-off), so its
-    stream goes on wherever the request does and whichever device samples it."""
+    stream goes on wherever the request goes, in whatever batch. (A GPU's generator is not a
+    CPU's: a seed repeats its tokens on the same kind of device, as in vLLM.)"""
     seeded = [j for j, g in enumerate(generators) if g is not None]
     if not seeded:
         return torch.rand(shape, dtype=torch.float64, device=device).log_().neg_()

@@ -344,3 +344,40 @@ def test_a_draft_model_on_cuda_keeps_the_targets_tokens():
     assert [o.token_ids for o in engine.generate(prompts, greedy)] == want
     # nearly every draft kept: the draft's steps and the verify differ in batch shape alone
     assert engine.num_accepted_tokens >= 0.9 * engine.num_draft_tokens > 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_draws_on_cuda_follow_the_probabilities_and_a_seed_repeats_its_stream():
+    """A batch's draws run on the GPU, all rows at once: 5,000 draws over a 49k vocabulary fall
+    on its five likely tokens as their probabilities say; a seeded request draws the same
+    tokens again from the same seed, in whatever batch, and after a hand-off of its
+    generator's state; a row with an infinite logit fails alone."""
+    from engine.sampler import sample
+    from engine.sampling_params import SamplingParams
+
+    logits = torch.full((1, 49152), float("-inf"), device="cuda")
+    ids, p = [3, 17, 20_000, 49_000, 49_151], torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05])
+    logits[0, ids] = p.log().cuda()
+    wide = logits.expand(50, -1).contiguous()
+    free = SamplingParams(temperature=1.0)
+    draws = [t for _ in range(100) for t in sample(wide, [free] * 50, [None] * 50)]
+    assert set(draws) <= set(ids)
+    seen = torch.tensor([draws.count(t) / 5000 for t in ids])
+    assert ((seen - p).abs() <= 4.5 * (p * (1 - p) / 5000).sqrt()).all(), seen
+
+    noisy = torch.randn(3, 49152, device="cuda")
+    noisy[1, 5] = float("inf")
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=3)
+    alone_gen = torch.Generator().manual_seed(3)
+    alone = [sample(noisy[:1], [seeded], [alone_gen])[0] for _ in range(6)]
+    gens = [torch.Generator().manual_seed(3), None, None]
+    batched = []
+    for step in range(6):
+        if step == 3:  # handed off
+            state, gens[0] = gens[0].get_state(), torch.Generator()
+            gens[0].set_state(state)
+        tokens = sample(noisy, [seeded, free, free], gens)
+        assert tokens[1] is None and tokens[2] is not None
+        batched.append(tokens[0])
+    assert batched == alone and len(set(alone)) > 1

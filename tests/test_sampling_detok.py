@@ -97,10 +97,15 @@ def test_a_batch_of_mixed_settings_keeps_for_each_row_what_the_textbook_keeps():
 
 
 @pytest.mark.unit
-def test_a_seeded_row_draws_the_same_whatever_shares_its_batch():
+@pytest.mark.parametrize("at_once", [1, 4, 32])  # a CPU's few rows at a time; a GPU's all
+def test_a_seeded_row_draws_the_same_whatever_shares_its_batch(monkeypatch, at_once):
     """A seeded request's draws come from its own generator alone: in a batch of one or among
-    unseeded and other seeded rows, the same tokens; and each draw takes one number from its
-    generator, so a copy of the generator's state (a hand-off) continues the same stream."""
+    unseeded and other seeded rows, the same tokens, however many rows are drawn at once; and
+    each draw takes one number from its generator, so a copy of the generator's state (a
+    hand-off) continues the same stream."""
+    from engine import sampler
+
+    monkeypatch.setattr(sampler, "CPU_ROWS_AT_ONCE", at_once)
     logits = torch.randn(5, 49152, generator=torch.Generator().manual_seed(1))
     mine = SamplingParams(temperature=1.0, top_p=0.9, seed=42)
     alone_gen = torch.Generator().manual_seed(42)

@@ -73,7 +73,7 @@ def _outside_nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     least = torch.empty_like(top_p, dtype=probs.dtype)
     pending = torch.arange(probs.shape[0], device=probs.device)
     for k in (*(k for k in TOP_P_CANDIDATES if k < probs.shape[-1]), None):
-        sub = probs[pending]
+        sub = probs if len(pending) == len(probs) else probs[pending]
         if k is None:
             top, done = torch.sort(sub, descending=True).values, pending
         else:

@@ -41,6 +41,7 @@ from bench.loadgen import (
     dataset_items,
     make_requests,
     run,
+    sampling_of,
     workload_of,
 )
 from bench.metrics import SLO, RequestRecord, attainment
@@ -579,6 +580,7 @@ def _meta(args: argparse.Namespace, unit: SLO, grid: dict, items) -> dict:
             "seed": args.seed,
             "prefix_len": getattr(args, "prefix_len", 0),
             "num_prefixes": getattr(args, "num_prefixes", 1),
+            "sampling": sampling_of(args),
             "dataset_lengths": lengths,
         },
         "slo_unit": {"ttft_s": unit.ttft_s, "tpot_s": unit.tpot_s, "source": args.slo_source},

@@ -10,7 +10,9 @@ builds a queue, as in production), streamed, and timed per request: arrival, fir
 token, output tokens (from the stream's usage), errors. Bounded in count and in time: requests
 still running at the deadline are cancelled and count as failures. `--prefix-len P
 --num-prefixes K` put one of K shared P-token prefixes before every prompt (vLLM's benchmark
-`--random-prefix-len`; a system prompt): what a prefix cache reuses.
+`--random-prefix-len`; a system prompt): what a prefix cache reuses. Requests are greedy
+unless `--temperature` (and `--top-p`, `--top-k`, `--min-p`, vLLM's benchmark's flags) say
+otherwise: a sampled workload pays for its draws in every step.
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ import argparse
 import asyncio
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import httpx
 
 from bench.datasets import DATASETS, DatasetItem, LengthFilter, load
 from bench.metrics import SLO, RequestRecord, summarize
 from placement.workload import Workload
+
+GREEDY = {"temperature": 0.0}
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class LoadRequest:
     prompt: str | list[int]
     max_tokens: int
     ignore_eos: bool = True
+    sampling: dict[str, float] = field(default_factory=lambda: dict(GREEDY))  # body fields
 
 
 def synthetic(
@@ -104,7 +109,7 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, req: LoadRequest
         "model": model,
         "prompt": req.prompt,
         "max_tokens": req.max_tokens,
-        "temperature": 0,
+        **req.sampling,
         "ignore_eos": req.ignore_eos,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -205,6 +210,18 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-prefixes", type=int, default=1, help="distinct shared prefixes")
     parser.add_argument("--tokenizer", help="for dataset prompts; default: the embedded model")
     parser.add_argument("--seed", type=int, default=0)
+    sampling = parser.add_argument_group("sampling (vLLM's benchmark flags; default: greedy)")
+    sampling.add_argument("--temperature", type=float, default=0.0)
+    sampling.add_argument("--top-p", type=float, help="not sent unless given")
+    sampling.add_argument("--top-k", type=int, help="not sent unless given")
+    sampling.add_argument("--min-p", type=float, help="not sent unless given")
+
+
+def sampling_of(args: argparse.Namespace) -> dict[str, float]:
+    """The sampling fields every request's body carries: temperature always, the others
+    where given."""
+    fields = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    return {k: v for k, v in {**fields, "min_p": args.min_p}.items() if v is not None}
 
 
 def dataset_items(args: argparse.Namespace) -> list[DatasetItem] | None:
@@ -239,8 +256,11 @@ def make_requests(
 ) -> list[LoadRequest]:
     workload = workload_of(args, n)
     if items is not None:
-        return from_dataset(items, n, rate, args.cv, args.seed, workload)
-    return synthetic(workload, rate, args.seed)
+        requests = from_dataset(items, n, rate, args.cv, args.seed, workload)
+    else:
+        requests = synthetic(workload, rate, args.seed)
+    sampling = sampling_of(args)
+    return [replace(r, sampling=dict(sampling)) for r in requests]
 
 
 def main(argv: list[str] | None = None) -> None:

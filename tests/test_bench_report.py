@@ -560,6 +560,31 @@ def test_fidelity_over_the_map_classes_each_error_and_compares_winners():
     assert fidelity(a, "simulated_in_situ") is None  # nothing simulated from traces
 
 
+def test_load_requests_are_greedy_unless_the_sampling_flags_say_otherwise():
+    """vLLM's benchmark flags: temperature always sent (0 by default), the others only when
+    given; every request of a run carries the same fields, and the experiment's metadata
+    records them."""
+    import argparse
+
+    from bench.experiment import _meta
+    from bench.loadgen import add_workload_args, make_requests
+    from bench.metrics import SLO
+
+    parser = argparse.ArgumentParser()
+    add_workload_args(parser)
+    plain = make_requests(parser.parse_args(["--input-len", "8"]), None, 2.0, 3)
+    assert [r.sampling for r in plain] == [{"temperature": 0.0}] * 3
+    args = parser.parse_args(["--input-len", "8", "--temperature", "0.7", "--top-p", "0.95"])
+    sampled = make_requests(args, None, 2.0, 3)
+    assert [r.sampling for r in sampled] == [{"temperature": 0.7, "top_p": 0.95}] * 3
+    assert [r.prompt for r in sampled] == [r.prompt for r in plain]  # the same workload
+    sampled[0].sampling["top_k"] = 5  # each request its own dict
+    assert "top_k" not in sampled[1].sampling
+    args.argv, args.slo_source, args.target, args.num_requests = [], "test", 0.9, 3
+    meta = _meta(args, SLO(1, 1), {}, None)
+    assert meta["workload"]["sampling"] == {"temperature": 0.7, "top_p": 0.95}
+
+
 def test_a_clusters_serve_mode_reaches_its_processes_not_this_one(monkeypatch):
     """Ray's processes inherit the environment ray.init starts them in: the mode's settings
     are there then (HAProxy's ports the cluster's own), and afterwards this process's

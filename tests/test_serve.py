@@ -1675,13 +1675,18 @@ def _labels(line: str, *names: str) -> tuple[str | None, ...]:
 
 
 def test_load_generator_records_every_request_against_the_live_server(server):
+    """Sampled requests (vLLM's benchmark flags), sent on their schedule and timed."""
+    import argparse
     import asyncio
 
-    from bench.loadgen import run, synthetic
+    from bench.loadgen import add_workload_args, make_requests, run
     from bench.metrics import SLO, summarize
-    from placement.workload import Workload
 
-    requests = synthetic(Workload(4, input_len=16, output_len=6), rate=4.0, seed=1)
+    parser = argparse.ArgumentParser()
+    add_workload_args(parser)
+    flags = "--input-len 16 --output-len 6 --seed 1 --temperature 0.8 --top-p 0.9 --top-k 40"
+    requests = make_requests(parser.parse_args([*flags.split(), "--min-p", "0.05"]), None, 4.0, 4)
+    assert requests[0].sampling == {"temperature": 0.8, "top_p": 0.9, "top_k": 40, "min_p": 0.05}
     records, duration = asyncio.run(
         run(f"{server}/disagg", "SmolLM2-135M-Instruct", requests, progress=False)
     )
@@ -1702,6 +1707,9 @@ def test_load_generator_reports_http_errors_as_failed_requests(server):
 
     from bench.loadgen import LoadRequest, run
 
-    bad = [LoadRequest(0.0, "hi", 0)]  # max_tokens 0: the server answers 400
-    [record], _ = asyncio.run(run(f"{server}/disagg", "SmolLM2-135M-Instruct", bad, progress=False))
-    assert not record.ok and record.error.startswith("HTTP 400")
+    bad = [  # max_tokens 0, a top_p of 0: the server answers 400 (the sampling reaches it)
+        LoadRequest(0.0, "hi", 0),
+        LoadRequest(0.0, "hi", 4, sampling={"temperature": 1.0, "top_p": 0.0}),
+    ]
+    records, _ = asyncio.run(run(f"{server}/disagg", "SmolLM2-135M-Instruct", bad, progress=False))
+    assert [r.error[:8] for r in records] == ["HTTP 400"] * 2 and "top_p" in records[1].error

@@ -41,6 +41,9 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     assert torch.isfinite(apply_top_k_top_p(logits, 0, 0.1)).tolist() == [True, False, False, False]
     # a top_p too small for float32 keeps the top token (it dropped all: a NaN draw)
     assert torch.isfinite(apply_top_k_top_p(logits, 0, 1e-300)).tolist() == [True] + [False] * 3
+    # ties at the nucleus' edge are all in (whichever order a sort would leave them in)
+    tied = torch.log(torch.tensor([0.2, 0.4, 0.2, 0.1, 0.2]))
+    assert torch.isfinite(apply_top_k_top_p(tied, 0, 0.5)).tolist() == [True] * 3 + [False, True]
 
 
 @pytest.mark.unit

@@ -1,4 +1,4 @@
-"""Token sampling for a batch: greedy rows in one argmax, the rest row by row.
+"""Token sampling for a batch: greedy rows in one argmax, the sampled ones drawn together.
 
 Seeded requests draw from their own torch.Generator, so a seeded request samples the same tokens
 whatever else shares its batch. Rows with a structured output, min_tokens, a logit bias or

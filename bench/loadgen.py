@@ -218,10 +218,11 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
 
 
 def sampling_of(args: argparse.Namespace) -> dict[str, float]:
-    """The sampling fields every request's body carries: temperature always, the others
-    where given."""
-    fields = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
-    return {k: v for k, v in {**fields, "min_p": args.min_p}.items() if v is not None}
+    """The sampling fields every request's body carries: temperature always (greedy where
+    the namespace has none, as a caller's own may not), the others where given."""
+    fields = {"temperature": getattr(args, "temperature", 0.0)}
+    fields |= {name: getattr(args, name, None) for name in ("top_p", "top_k", "min_p")}
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def dataset_items(args: argparse.Namespace) -> list[DatasetItem] | None:

@@ -567,13 +567,14 @@ def test_load_requests_are_greedy_unless_the_sampling_flags_say_otherwise():
     import argparse
 
     from bench.experiment import _meta
-    from bench.loadgen import add_workload_args, make_requests
+    from bench.loadgen import add_workload_args, make_requests, sampling_of
     from bench.metrics import SLO
 
     parser = argparse.ArgumentParser()
     add_workload_args(parser)
     plain = make_requests(parser.parse_args(["--input-len", "8"]), None, 2.0, 3)
     assert [r.sampling for r in plain] == [{"temperature": 0.0}] * 3
+    assert sampling_of(argparse.Namespace(top_k=5)) == {"temperature": 0.0, "top_k": 5}
     args = parser.parse_args(["--input-len", "8", "--temperature", "0.7", "--top-p", "0.95"])
     sampled = make_requests(args, None, 2.0, 3)
     assert [r.sampling for r in sampled] == [{"temperature": 0.7, "top_p": 0.95}] * 3

@@ -378,7 +378,7 @@ def _kill_a_worker_then_recover(url: str, body: dict) -> None:
     deadline = time.monotonic() + 180
     while (r := httpx.post(url, json=body, timeout=120)).status_code != 200:
         assert time.monotonic() < deadline, r.text
-        time.sleep(2)
+        time.sleep(0.5)
     assert r.json()["usage"]["completion_tokens"] == 12
 
 
@@ -405,7 +405,7 @@ def _hang_a_worker_then_recover(url: str, body: dict) -> None:
         deadline = time.monotonic() + 180
         while (r := httpx.post(url, json=body, timeout=120)).status_code != 200:
             assert time.monotonic() < deadline, r.text
-            time.sleep(2)
+            time.sleep(0.5)
         assert r.json()["usage"]["completion_tokens"] == 12
         assert stopped not in decode.stats.remote().result()["worker_pids"]
     finally:

@@ -110,7 +110,7 @@ def deploy(apps: dict[str, tuple[str, object]], timeout_s: float = 300) -> None:
                 status = serve.status()
                 undeploy(apps)  # the next module gets the cluster's CPUs back
                 raise AssertionError(f"applications did not start: {status}")
-            time.sleep(1)
+            time.sleep(0.25)
 
 
 def undeploy(names) -> None:
@@ -170,4 +170,4 @@ def until_served(url: str, waiting: tuple[int, ...] = (503,)) -> None:
         if r.status_code == 200:
             return
         assert r.status_code in waiting and time.monotonic() < deadline, r.text
-        time.sleep(1)
+        time.sleep(0.25)

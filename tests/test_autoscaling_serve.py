@@ -79,7 +79,7 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, what
-        time.sleep(1)
+        time.sleep(0.5)
 
 
 def _running(app: str, name: str) -> int:

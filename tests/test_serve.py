@@ -1601,7 +1601,7 @@ def test_the_requests_of_a_colocated_apps_dead_ingress_replica_are_aborted(serve
         ):
             break
         assert time.monotonic() < deadline, [line for line in coloc if "running" in line]
-        time.sleep(2)
+        time.sleep(1)
     until_served(f"{server}/coloc", waiting=(500, 503))  # Serve's new ingress replica
 
 
@@ -1660,7 +1660,7 @@ def test_metrics_reach_the_prometheus_endpoint(server):
         if not missing:
             break
         assert time.monotonic() < deadline, missing
-        time.sleep(2)
+        time.sleep(1)
     # idle until a gauge nobody set again is gone (without the refresh, the coloc gauges were)
     time.sleep(max(0.0, coloc_served + GAUGE_GONE_S + 4 - time.monotonic()))
     lines = httpx.get(server.metrics_url, timeout=10).text.splitlines()

@@ -59,6 +59,7 @@ from app.responses import (
     responses_request,
 )
 from app.responses import sse as responses_sse
+from deployments.cancel_noise import quiet_cancelled_calls
 from engine import InvalidRequestError, RequestFailedError, RequestOutput, SamplingParams
 from engine.config import lora_dir_adapters, lora_path
 from engine.limits import check_lengths, context_window
@@ -132,6 +133,8 @@ class Ingress:
         # never run by two threads at once.
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
         self._background: set[asyncio.Task] = set()  # detached clean-ups (_detached)
+        # a client that leaves is no error with a traceback in the log (cancel_noise.py)
+        quiet_cancelled_calls()
 
     async def __call__(self, request: Request) -> Response:
         try:

@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from app.config import AppArgs
 from app.protocol import APIError
 from app.replica_calls import this_process_transport
+from deployments.cancel_noise import quiet_cancelled_calls
 from engine.config import lora_path
 
 _OPEN_PATHS = ("/health", "/ping")
@@ -113,6 +114,7 @@ class ModelRouter:
         for i, args in enumerate(self.args):
             for name in (args.served_name, *args.lora_modules):
                 self.by_name[name] = i
+        quiet_cancelled_calls()  # as the Ingress does
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path

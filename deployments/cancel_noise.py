@@ -29,8 +29,10 @@ def quiet_cancelled_calls() -> None:
 
 class CancelledCallFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, TaskCancelledError) and "never retrieved" in record.getMessage():
-            logger.debug("a cancelled call (a client that left): %s", record.getMessage())
-            return False
-        return True
+        if not (record.exc_info and isinstance(record.exc_info[1], TaskCancelledError)):
+            return True
+        message = record.getMessage()
+        if "never retrieved" not in message:  # a cancel someone logged on purpose
+            return True
+        logger.debug("a cancelled call (a client that left): %s", message)
+        return False

@@ -375,11 +375,18 @@ def _kill_a_worker_then_recover(url: str, body: dict) -> None:
     r = httpx.post(url, json=body, timeout=120)
     assert r.status_code == 503 and r.json()["error"]["type"] == "server_error", r.text
     assert "a model worker died" in r.json()["error"]["message"]
+    assert _served_again(url, body)["usage"]["completion_tokens"] == 12
+
+
+def _served_again(url: str, body: dict) -> dict:
+    """The completion's body once Serve's replacement replica serves it (retried until then)."""
+    import httpx
+
     deadline = time.monotonic() + 180
     while (r := httpx.post(url, json=body, timeout=120)).status_code != 200:
         assert time.monotonic() < deadline, r.text
         time.sleep(0.5)
-    assert r.json()["usage"]["completion_tokens"] == 12
+    return r.json()
 
 
 def _hang_a_worker_then_recover(url: str, body: dict) -> None:
@@ -402,11 +409,7 @@ def _hang_a_worker_then_recover(url: str, body: dict) -> None:
         assert r.status_code == 503 and r.json()["error"]["type"] == "server_error", r.text
         assert "past step_timeout_s (3 s)" in r.json()["error"]["message"]  # the reason
         assert time.monotonic() - start < 60  # 3 s + a health check, not a client's timeout
-        deadline = time.monotonic() + 180
-        while (r := httpx.post(url, json=body, timeout=120)).status_code != 200:
-            assert time.monotonic() < deadline, r.text
-            time.sleep(0.5)
-        assert r.json()["usage"]["completion_tokens"] == 12
+        assert _served_again(url, body)["usage"]["completion_tokens"] == 12
         assert stopped not in decode.stats.remote().result()["worker_pids"]
     finally:
         with contextlib.suppress(ProcessLookupError):  # Ray kills it with the old replica

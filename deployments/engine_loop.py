@@ -172,8 +172,9 @@ class EngineLoop:
             if not stream.queue.empty():
                 later = stream.queue.get_nowait()
             elif (wait := until - loop.time()) > 0:
-                try:
-                    later = await asyncio.wait_for(stream.queue.get(), wait)
+                try:  # not wait_for: on 3.11 it drops a cancel that comes with the output
+                    async with asyncio.timeout(wait):
+                        later = await stream.queue.get()
                 except TimeoutError:
                     break
             else:

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from deployments.engine_loop import EngineLoop
-from engine import InvalidRequestError, SamplingParams
+from deployments.engine_loop import EngineLoop, _Stream
+from engine import InvalidRequestError, RequestOutput, SamplingParams
 
 pytestmark = pytest.mark.model
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0)
@@ -329,6 +329,27 @@ def test_a_stream_cancelled_while_joining_outputs_aborts_and_frees_blocks(make_e
         await stream.aclose()
 
     _leave_mid_stream(make_engine, cancel_mid_join, stream_interval_s=10.0)
+
+
+def test_a_cancel_that_comes_with_an_output_is_not_lost():
+    """The cancel of a disconnected client's call can reach the stream in the same turn of
+    the event loop as the output it waits for (seen in CI): it must still end the stream
+    (which then aborts the request), and the output stays queued for the leftovers' claim.
+    Python 3.11's asyncio.wait_for returned the output and dropped the cancel."""
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        stream = _Stream(asyncio.Queue(), loop)
+        first = RequestOutput("r", [1], "a", 1, 1)
+        joining = asyncio.ensure_future(EngineLoop._joined(stream, first, loop.time() + 5))
+        await asyncio.sleep(0)  # it waits on the queue now
+        stream.queue.put_nowait(RequestOutput("r", [2], "b", 1, 2))
+        joining.cancel()  # before the loop turns: both reach the waiting task together
+        with pytest.raises(asyncio.CancelledError):
+            await joining
+        assert stream.queue.get_nowait().new_token_ids == [2]
+
+    run(go())
 
 
 def test_going_idle_reports_the_engines_load_once(make_engine):

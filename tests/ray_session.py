@@ -88,7 +88,8 @@ class SharedRay:
 
 @contextlib.contextmanager
 def _environ(**values: str) -> Iterator[None]:
-    """os.environ with `values` set, as it was after."""
+    """os.environ with `values` set, as it was after (not mock.patch.dict: its restore empties
+    the whole environment for a moment, while the threads Ray started may read it)."""
     before = {name: os.environ.get(name) for name in values}
     os.environ.update(values)
     try:

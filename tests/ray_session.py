@@ -8,14 +8,11 @@ the experiment runner's) stops the shared one first.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from deployments.serve_env import free_ports, start_serve
+from deployments.serve_env import free_ports, process_env, start_serve
 
 # the union of what the sharing modules need: no tokenizer thread pools in 16 replicas on 2
 # cores; replicas push their load to Serve's autoscaler every second, not every 10 s, so the
@@ -58,7 +55,7 @@ class SharedRay:
 
         metrics_port, port = free_ports(2)
         # the node's processes (the metrics agent too) inherit this environment as they start
-        with _environ(RAY_metrics_report_interval_ms=str(METRICS_INTERVAL_MS)):
+        with process_env({"RAY_metrics_report_interval_ms": str(METRICS_INTERVAL_MS)}):
             ray.init(
                 address="local",
                 num_cpus=NUM_CPUS,
@@ -84,22 +81,6 @@ class SharedRay:
             return
         end_ray_session()
         self.current = None
-
-
-@contextlib.contextmanager
-def _environ(**values: str) -> Iterator[None]:
-    """os.environ with `values` set, as it was after (not mock.patch.dict: its restore empties
-    the whole environment for a moment, while the threads Ray started may read it)."""
-    before = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def end_ray_session() -> None:

@@ -9,6 +9,7 @@ the experiment runner's) stops the shared one first.
 from __future__ import annotations
 
 import time
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,16 +164,25 @@ def kill_ingress(app: str) -> None:
     ray.kill(ray.get_actor(ingress["name"], namespace=ingress["namespace"]), no_restart=True)
 
 
-def until_served(url: str, waiting: tuple[int, ...] = (503,)) -> None:
-    """A completion at the app's `url` is served (retried while it gets a status in `waiting`:
-    a replica, or Serve's replacement of one, starts)."""
+HI = {"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "max_tokens": 4, "temperature": 0}
+
+
+def until_served(
+    url: str,
+    waiting: Container[int] = (503,),
+    body: dict | None = None,
+    timeout_s: float = 120,
+) -> dict:
+    """-> the response of a completion (`body`, or a short greedy one of the default model) at
+    the app's `url` once it is served (retried while it gets a status in `waiting`: a replica,
+    or Serve's replacement of one, starts)."""
     import httpx
 
-    body = {"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "max_tokens": 4, "temperature": 0}
-    deadline = time.monotonic() + 120
+    body = body or HI
+    deadline = time.monotonic() + timeout_s
     while True:
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
         if r.status_code == 200:
-            return
+            return r.json()
         assert r.status_code in waiting and time.monotonic() < deadline, r.text
         time.sleep(0.25)

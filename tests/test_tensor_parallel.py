@@ -19,6 +19,7 @@ from engine.model_runner import ModelInput, SeqInput
 from engine.workers import WorkerGroupFailed
 from kvkernels.kv_channel import KVChannel
 from tests.conftest import drain
+from tests.ray_session import until_served
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far"]
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -352,13 +353,13 @@ def test_planned_tp_pp_placement_starts_with_serve_and_serves(ray_serve, tiny_ll
         assert r.json()["usage"]["completion_tokens"] == 12
         [want] = single.generate([PROMPTS[1]], GREEDY)
         assert r.json()["choices"][0]["text"] == want.text
-        _kill_a_worker_then_recover(url, body)
-        _hang_a_worker_then_recover(url, body)
+        _kill_a_worker_then_recover(ray_serve.url, body)
+        _hang_a_worker_then_recover(ray_serve.url, body)
     finally:
         undeploy(["planned"])
 
 
-def _kill_a_worker_then_recover(url: str, body: dict) -> None:
+def _kill_a_worker_then_recover(base: str, body: dict) -> None:
     """A dead model worker fails the request with an OpenAI error (no hang); the replica's
     health check fails, Serve replaces it with fresh workers, and serving resumes."""
     import os
@@ -372,24 +373,18 @@ def _kill_a_worker_then_recover(url: str, body: dict) -> None:
     assert len(pids) == 2  # the planned decode replica runs tp1 x pp2
     os.kill(pids[-1], signal.SIGKILL)  # the last pipeline stage
     time.sleep(1)
-    r = httpx.post(url, json=body, timeout=120)
+    r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
     assert r.status_code == 503 and r.json()["error"]["type"] == "server_error", r.text
     assert "a model worker died" in r.json()["error"]["message"]
-    assert _served_again(url, body)["usage"]["completion_tokens"] == 12
+    assert _served_again(base, body)["usage"]["completion_tokens"] == 12
 
 
-def _served_again(url: str, body: dict) -> dict:
-    """The completion's body once Serve's replacement replica serves it (retried until then)."""
-    import httpx
-
-    deadline = time.monotonic() + 180
-    while (r := httpx.post(url, json=body, timeout=120)).status_code != 200:
-        assert time.monotonic() < deadline, r.text
-        time.sleep(0.5)
-    return r.json()
+def _served_again(base: str, body: dict) -> dict:
+    """The completion once Serve's replacement replica serves it (retried on any error)."""
+    return until_served(base, waiting=range(400, 600), body=body, timeout_s=180)
 
 
-def _hang_a_worker_then_recover(url: str, body: dict) -> None:
+def _hang_a_worker_then_recover(base: str, body: dict) -> None:
     """A model worker that hangs (stopped: alive, never answering) leaves the decode replica's
     engine in its step for good: past step_timeout_s the replica fails its health check and
     its request, whose client gets an OpenAI error instead of waiting forever, and Serve
@@ -405,11 +400,11 @@ def _hang_a_worker_then_recover(url: str, body: dict) -> None:
     os.kill(stopped, signal.SIGSTOP)
     try:
         start = time.monotonic()
-        r = httpx.post(url, json=body, timeout=120)
+        r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
         assert r.status_code == 503 and r.json()["error"]["type"] == "server_error", r.text
         assert "past step_timeout_s (3 s)" in r.json()["error"]["message"]  # the reason
         assert time.monotonic() - start < 60  # 3 s + a health check, not a client's timeout
-        assert _served_again(url, body)["usage"]["completion_tokens"] == 12
+        assert _served_again(base, body)["usage"]["completion_tokens"] == 12
         assert stopped not in decode.stats.remote().result()["worker_pids"]
     finally:
         with contextlib.suppress(ProcessLookupError):  # Ray kills it with the old replica

@@ -7,8 +7,9 @@ its engine is up, and later a 503 when the engine has died. A readiness probe (a
 balancer's, Kubernetes') then sends requests only to an application that serves them; the
 requests themselves would wait in Serve's handles meanwhile, not fail.
 
-The replica counts come from Serve's controller (`serve.status()`), asked at most once per
-`ttl_s` per ingress replica, off the event loop. A deployment with no running replica that
+The replica counts come from Serve's controller (what `serve.status()` reads, without its
+cost: deployments/serve_status.py), asked at most once per `ttl_s` per ingress replica, off the
+event loop. A deployment with no running replica that
 Serve keeps at zero on purpose (an autoscaling_config of min_replicas 0, healthy or scaling up)
 can serve: a request starts one.
 """
@@ -77,9 +78,9 @@ class Readiness:
         self._checked_at = time.monotonic()
 
     def _ask_serve(self) -> dict[str, str]:
-        from ray import serve
+        from deployments.serve_status import applications
 
-        app = serve.status().applications.get(self.app_name)
+        app = applications().get(self.app_name)
         if app is None:
             return {name: f"application {self.app_name!r} not deployed" for name in self.names}
         return unready_deployments(app.deployments, self.names)

@@ -42,11 +42,11 @@ class ReplicaWatcher:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        from ray import serve
+        from deployments.serve_status import applications
 
-        while not self._stop.is_set():
-            deployments = serve.status().applications[self.app].deployments
-            counts = {n: deployments[n].replica_states.get("RUNNING", 0) for n in self.names}
+        while not self._stop.is_set():  # not serve.status(): its CPU is the benchmark's
+            deployments = applications()[self.app].deployments
+            counts = {n: deployments[n].running for n in self.names}
             self.samples.append((self._clock() - self._t0, counts))
             self._stop.wait(self.period_s)
 

@@ -283,10 +283,11 @@ class Cluster:
         from ray import serve
 
         from app.builder import build_app
+        from deployments.serve_status import applications
 
         serve.run(build_app(args), name=self.APP, route_prefix="/", blocking=False)
         deadline = time.monotonic() + timeout_s
-        while serve.status().applications[self.APP].status != "RUNNING":
+        while (state := applications().get(self.APP)) is None or state.status != "RUNNING":
             if time.monotonic() > deadline:
                 raise TimeoutError(f"application did not start: {serve.status()}")
             time.sleep(1)

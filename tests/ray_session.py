@@ -105,14 +105,18 @@ def deploy(apps: dict[str, tuple[str, object]], timeout_s: float = 300) -> None:
     application to be RUNNING even with blocking=False, which would start them one by one."""
     from ray import serve
 
+    from deployments.serve_status import applications
+
     targets = [
         serve.RunTarget(app, name=name, route_prefix=prefix) for name, (prefix, app) in apps.items()
     ]
     serve.run_many(targets, wait_for_applications_running=False)
     deadline = time.monotonic() + timeout_s
     for name in apps:
-        while serve.status().applications[name].status != "RUNNING":
-            if time.monotonic() > deadline:
+        # the controller's answer, not serve.status(): polled here, that took a quarter of a
+        # core from the starting replicas (deployments/serve_status.py)
+        while (state := applications().get(name)) is None or state.status != "RUNNING":
+            if time.monotonic() > deadline or state is not None and state.status == "DEPLOY_FAILED":
                 status = serve.status()
                 undeploy(apps)  # the next module gets the cluster's CPUs back
                 raise AssertionError(f"applications did not start: {status}")
@@ -124,11 +128,13 @@ def undeploy(names) -> None:
     are the next module's)."""
     from ray import serve
 
+    from deployments.serve_status import applications
+
     names = list(names)
     for name in names:  # all at once: each replica's graceful shutdown takes seconds
         serve.delete(name, _blocking=False)
     deadline = time.monotonic() + 120
-    while set(names) & set(serve.status().applications):
+    while set(names) & set(applications()):
         assert time.monotonic() < deadline, serve.status()
         time.sleep(0.5)
 
@@ -143,9 +149,9 @@ def replica_stats(app: str, deployment: str) -> dict:
 def every_replica_stats(app: str, deployment: str) -> list[dict]:
     """Each running replica's stats: asked until every replica has answered (told apart by
     pid; the handle picks the replica)."""
-    from ray import serve
+    from deployments.serve_status import applications
 
-    states = serve.status().applications[app].deployments[deployment].replica_states
+    states = applications()[app].deployments[deployment].replica_states
     seen: dict[int, dict] = {}
     for _ in range(40):
         stats = replica_stats(app, deployment)

@@ -83,9 +83,9 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 
 def _running(app: str, name: str) -> int:
-    from ray import serve
+    from deployments.serve_status import running_replicas
 
-    return serve.status().applications[app].deployments[name].replica_states.get("RUNNING", 0)
+    return running_replicas(app, name)
 
 
 def _all_blocks_free(app: str) -> None:

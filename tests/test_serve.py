@@ -1377,17 +1377,40 @@ def test_reasoning_parser_splits_the_thinking_from_the_answer(server):
 
 def _replica_stats(app: str) -> list[dict]:
     """Every running replica's stats, prefill's first, then decode's or colocated's."""
-    from ray import serve
-
+    from deployments.serve_status import applications
     from tests.ray_session import every_replica_stats
 
-    deployments = serve.status().applications[app].deployments
+    deployments = applications()[app].deployments
     return [
         stats
         for deployment in ("PrefillServer", "DecodeServer", "ColocatedServer")
         if deployment in deployments
         for stats in every_replica_stats(app, deployment)
     ]
+
+
+def test_the_controllers_answer_reads_as_serve_status_says(server):
+    """deployments/serve_status.py (what the readiness check, the test helpers and the
+    benchmarks poll) says what serve.status() says of every live application: its status and
+    each deployment's, and its replicas by state."""
+    from ray import serve
+
+    from deployments.serve_status import applications
+
+    for _ in range(10):  # a reading between two equal ones: no replica changed state meanwhile
+        before, theirs, after = applications(), serve.status().applications, applications()
+        if before == after:
+            break
+    assert before == after
+    assert set(MODES) <= set(theirs) == set(before)
+    for name, app in theirs.items():
+        ours = before[name]
+        assert (ours.status, ours.message) == (app.status.value, app.message), name
+        assert ours.status == "RUNNING"
+        assert {d: (s.status, s.replica_states) for d, s in ours.deployments.items()} == {
+            d: (s.status.value, s.replica_states) for d, s in app.deployments.items()
+        }, name
+    assert before["disagg_os"].deployments["PrefillServer"].running == 2
 
 
 def _until_idle(app: str, timeout_s: float) -> list[dict]:

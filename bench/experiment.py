@@ -45,7 +45,13 @@ from bench.loadgen import (
     workload_of,
 )
 from bench.metrics import SLO, RequestRecord, attainment
-from deployments.serve_env import free_ports, process_env, serve_env, start_serve
+from deployments.serve_env import (
+    CONTROLLER_ENV,
+    free_ports,
+    process_env,
+    serve_env,
+    start_serve,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -258,20 +264,21 @@ class Cluster:
         if threading.current_thread() is threading.main_thread():
             self._sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         # the raylet, and through it the controller, proxy and replicas, inherit this
-        # process's environment; this process keeps its own (ray.serve read it on import:
-        # its handles stay the ones a plain driver has)
-        with process_env(serve_env(self.serve_mode, own_ports=True) | QUICK_DRAIN):
+        # process's environment (no runtime_env: a worker with one starts through a second
+        # Python process, deployments/serve_env.py); this process keeps its own (ray.serve
+        # read it on import: its handles stay the ones a plain driver has)
+        env = serve_env(self.serve_mode, own_ports=True) | QUICK_DRAIN | CONTROLLER_ENV
+        with process_env(env | self.env):
             ray.init(
                 address="local",
                 num_cpus=self.num_cpus,
                 include_dashboard=False,
                 _temp_dir=self._temp,
-                runtime_env={"env_vars": self.env},
             )
             try:
                 [port] = free_ports(1)
                 self.url = f"http://127.0.0.1:{port}"
-                start_serve(port)
+                start_serve(port, inherited=True)
             except BaseException:
                 # no __exit__ follows a failed __enter__: a cluster left up here made the
                 # next module's ray.init fail too

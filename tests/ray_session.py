@@ -13,7 +13,7 @@ from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 
-from deployments.serve_env import free_ports, process_env, start_serve
+from deployments.serve_env import CONTROLLER_ENV, free_ports, process_env, start_serve
 
 # the union of what the sharing modules need: no tokenizer thread pools in 16 replicas on 2
 # cores; replicas push their load to Serve's autoscaler every second, not every 10 s, so the
@@ -30,6 +30,11 @@ NUM_CPUS = 16  # logical: replicas ask for half a CPU each; threads are set per 
 # (with only _system_config, it kept a series 21.7 s; with both, 5.6 s)
 METRICS_INTERVAL_MS = 2000
 SYSTEM_CONFIG = {"metrics_report_interval_ms": METRICS_INTERVAL_MS}
+CLUSTER_ENV = {
+    **ENV,
+    **CONTROLLER_ENV,
+    "RAY_metrics_report_interval_ms": str(METRICS_INTERVAL_MS),
+}
 
 
 @dataclass(frozen=True)
@@ -55,8 +60,10 @@ class SharedRay:
         import ray
 
         metrics_port, port = free_ports(2)
-        # the node's processes (the metrics agent too) inherit this environment as they start
-        with process_env({"RAY_metrics_report_interval_ms": str(METRICS_INTERVAL_MS)}):
+        # the node's processes (the metrics agent, Serve's controller and replicas) inherit
+        # this environment as they start: no runtime_env, which costs each worker a second
+        # Python start (deployments/serve_env.py: start_serve)
+        with process_env(CLUSTER_ENV):
             ray.init(
                 address="local",
                 num_cpus=NUM_CPUS,
@@ -64,10 +71,9 @@ class SharedRay:
                 _metrics_export_port=metrics_port,
                 _temp_dir=str(self.temp_dir),
                 _system_config=SYSTEM_CONFIG,
-                runtime_env={"env_vars": ENV},
             )
         try:
-            start_serve(port)
+            start_serve(port, inherited=True)
         except BaseException:
             end_ray_session()  # else every later module's ray.init fails on this cluster
             raise

@@ -597,18 +597,26 @@ def test_a_clusters_serve_mode_reaches_its_processes_not_this_one(monkeypatch):
 
     from bench.experiment import Cluster
 
-    seen = {}
+    seen, options = {}, []
     names = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED")
-    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(os.environ))
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(os.environ) or options.append(kw))
     monkeypatch.setattr(ray, "shutdown", lambda: None)
-    monkeypatch.setattr(serve, "start", lambda **kw: None)
+    monkeypatch.setattr(serve, "start", lambda **kw: options.append(kw))
     monkeypatch.setattr(serve, "shutdown", lambda: None)
     monkeypatch.delenv(names[0], raising=False)
     monkeypatch.setenv(names[1], "0")
-    with Cluster(serve_mode="haproxy"):
+    with Cluster(serve_mode="haproxy", env={"SPLITSERVE_BENCH_MARK": "on"}):
         assert names[0] not in os.environ and os.environ[names[1]] == "0"
     assert [seen[n] for n in names] == ["1", "1"]
     assert seen["RAY_SERVE_HAPROXY_STATS_PORT"] != "8404"
+    # the controller's setting and the cluster's own variables, inherited too: no
+    # runtime_env, which every replica would inherit (a second Python start per worker)
+    assert seen["RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS"] == "1"
+    assert seen["SPLITSERVE_BENCH_MARK"] == "on" and seen["TOKENIZERS_PARALLELISM"] == "false"
+    assert [sorted(kw) for kw in options] == [
+        ["_temp_dir", "address", "include_dashboard", "num_cpus"],
+        ["http_options"],
+    ]
     seen.clear()
     with Cluster():
         assert names[0] not in seen and seen[names[1]] == "0"

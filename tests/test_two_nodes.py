@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from deployments.serve_env import free_ports, start_serve
-from tests.ray_session import ENV, deploy, end_ray_session
+from deployments.serve_env import free_ports, process_env, start_serve
+from tests.ray_session import CLUSTER_ENV, deploy, end_ray_session
 from tests.test_autoscaling_serve import (
     DECODE_LATENCY,
     PREFILL_LATENCY,
@@ -49,10 +49,11 @@ def two_nodes(own_ray_cluster):
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 8})
-    cluster.add_node(num_cpus=8)
+    with process_env(CLUSTER_ENV):  # both nodes' processes inherit it: no runtime_env
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 8})
+        cluster.add_node(num_cpus=8)
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, runtime_env={"env_vars": ENV})
+    ray.init(address=cluster.address)
     yield cluster
     end_ray_session()
     cluster.shutdown()
@@ -77,7 +78,7 @@ def test_scaled_out_replicas_pair_on_their_own_node(two_nodes):
     from app.builder import build_app
 
     [port] = free_ports(1)
-    start_serve(port)
+    start_serve(port, inherited=True)
     deploy({"two": ("/", build_app(ARGS))})
     base = f"http://127.0.0.1:{port}"
     # prompts that queue at prefill for seconds, outputs that keep several requests decoding

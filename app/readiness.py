@@ -9,9 +9,8 @@ requests themselves would wait in Serve's handles meanwhile, not fail.
 
 The replica counts come from Serve's controller (what `serve.status()` reads, without its
 cost: deployments/serve_status.py), asked at most once per `ttl_s` per ingress replica, off the
-event loop. A deployment with no running replica that
-Serve keeps at zero on purpose (an autoscaling_config of min_replicas 0, healthy or scaling up)
-can serve: a request starts one.
+event loop. A deployment with no running replica that Serve keeps at zero on purpose (an
+autoscaling_config of min_replicas 0, healthy or scaling up) can serve: a request starts one.
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ def deploy(apps: dict[str, tuple[str, object]], timeout_s: float = 300) -> None:
         # the controller's answer, not serve.status(): polled here, that took a quarter of a
         # core from the starting replicas (deployments/serve_status.py)
         while (state := applications().get(name)) is None or state.status != "RUNNING":
-            if time.monotonic() > deadline or state is not None and state.status == "DEPLOY_FAILED":
+            if time.monotonic() > deadline:
                 status = serve.status()
                 undeploy(apps)  # the next module gets the cluster's CPUs back
                 raise AssertionError(f"applications did not start: {status}")

@@ -278,7 +278,7 @@ class Cluster:
             try:
                 [port] = free_ports(1)
                 self.url = f"http://127.0.0.1:{port}"
-                start_serve(port, inherited=True)
+                start_serve(port)
             except BaseException:
                 # no __exit__ follows a failed __enter__: a cluster left up here made the
                 # next module's ray.init fail too

@@ -64,21 +64,21 @@ def controller_options() -> dict:
     return {"runtime_env": {"env_vars": dict(CONTROLLER_ENV)}}
 
 
-def start_serve(port: int, inherited: bool = False) -> None:
-    """Serve on this driver's cluster (a private one: tests, bench.experiment): HTTP on
-    127.0.0.1:`port`, the controller's settings as serve_config.yaml gives them (a runtime_env),
-    or, `inherited`, from the environment the cluster's processes were started in (where its
-    ray.init ran inside process_env(CONTROLLER_ENV)).
+def start_serve(port: int) -> None:
+    """Serve on this driver's private cluster (tests, bench.experiment): HTTP on
+    127.0.0.1:`port`. The controller's settings (CONTROLLER_ENV) are not passed here: the
+    cluster's processes must have been started in them (its ray.init inside
+    process_env(CONTROLLER_ENV)), and the controller inherits them.
 
-    The inherited way is cheaper: Serve's replicas inherit the controller's runtime_env, and
-    Ray starts each worker with a runtime_env through a second Python process
-    (ray/_private/workers/setup_worker.py): 8 trivial replicas took 12.2 s of CPU to start
-    that way, 9.3 s without, on this machine. serve_config.yaml keeps the runtime_env: `serve
-    run` and `serve deploy` may find a cluster that was started without our environment."""
+    Not as serve_config.yaml gives them (controller_options' runtime_env): Serve's replicas
+    inherit the controller's runtime_env, and Ray starts each worker with a runtime_env through
+    a second Python process (ray/_private/workers/setup_worker.py): 8 trivial replicas took
+    12.2 s of CPU to start that way, 9.3 s without, on this machine. serve_config.yaml keeps
+    the runtime_env: `serve run` and `serve deploy` may find a cluster that was started
+    without our environment."""
     from ray import serve
 
-    options = {} if inherited else {"controller_options": controller_options()}
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, **options)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
 
 
 def env_words(mode: str) -> str:

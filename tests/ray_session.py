@@ -73,7 +73,7 @@ class SharedRay:
                 _system_config=SYSTEM_CONFIG,
             )
         try:
-            start_serve(port, inherited=True)
+            start_serve(port)
         except BaseException:
             end_ray_session()  # else every later module's ray.init fails on this cluster
             raise

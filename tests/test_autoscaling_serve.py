@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from bench.autoscale import ReplicaWatcher
+from deployments.serve_status import running_replicas
 
 pytestmark = [pytest.mark.serve, pytest.mark.model]
 
@@ -82,12 +83,6 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
-def _running(app: str, name: str) -> int:
-    from deployments.serve_status import running_replicas
-
-    return running_replicas(app, name)
-
-
 def _all_blocks_free(app: str) -> None:
     from ray import serve
 
@@ -116,12 +111,12 @@ def test_long_prompts_scale_prefill_while_decode_stays(app):
         results = asyncio.run(_burst(app, _long_prompts(14)))
     assert results == [(200, 2)] * 14  # nothing failed or was cut short
     assert watch.max("PrefillServer") == 2 and watch.max("DecodeServer") == 1
-    _wait_for(lambda: _running(APP, "PrefillServer") == 1, 120, "prefill scale-down")
+    _wait_for(lambda: running_replicas(APP, "PrefillServer") == 1, 120, "prefill scale-down")
     _all_blocks_free(APP)
 
 
 def test_long_outputs_scale_decode_while_prefill_stays_and_scale_down_loses_nothing(app):
-    _wait_for(lambda: _running(APP, "PrefillServer") == 1, 120, "prefill back at 1")
+    _wait_for(lambda: running_replicas(APP, "PrefillServer") == 1, 120, "prefill back at 1")
     with ReplicaWatcher(APP) as watch:
         results = asyncio.run(_burst(app, _long_outputs(24, 120)))
     assert results == [(200, 120)] * 24
@@ -135,5 +130,5 @@ def test_long_outputs_scale_decode_while_prefill_stays_and_scale_down_loses_noth
     assert tail == [(200, 400)] * 4
     decode_counts = tail_watch.series("DecodeServer")
     assert decode_counts[0] == 2 and decode_counts[-1] == 1  # scaled down mid-tail
-    _wait_for(lambda: _running(APP, "DecodeServer") == 1, 120, "decode scale-down")
+    _wait_for(lambda: running_replicas(APP, "DecodeServer") == 1, 120, "decode scale-down")
     _all_blocks_free(APP)

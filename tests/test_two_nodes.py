@@ -9,6 +9,7 @@ import time
 import pytest
 
 from deployments.serve_env import free_ports, process_env, start_serve
+from deployments.serve_status import running_replicas
 from tests.ray_session import CLUSTER_ENV, deploy, end_ray_session
 from tests.test_autoscaling_serve import (
     DECODE_LATENCY,
@@ -16,7 +17,6 @@ from tests.test_autoscaling_serve import (
     _burst,
     _long_outputs,
     _phase,
-    _running,
     _scaling,
     _wait_for,
 )
@@ -78,7 +78,7 @@ def test_scaled_out_replicas_pair_on_their_own_node(two_nodes):
     from app.builder import build_app
 
     [port] = free_ports(1)
-    start_serve(port, inherited=True)
+    start_serve(port)
     deploy({"two": ("/", build_app(ARGS))})
     base = f"http://127.0.0.1:{port}"
     # prompts that queue at prefill for seconds, outputs that keep several requests decoding
@@ -91,7 +91,7 @@ def test_scaled_out_replicas_pair_on_their_own_node(two_nodes):
     # the burst makes the autoscaler add a replica to each phase; on a loaded host the new
     # replica may still be loading weights when the burst ends (none is removed before 600 s)
     for name in ("PrefillServer", "DecodeServer"):
-        _wait_for(lambda n=name: _running("two", n) == 2, 180, f"{name} scaled out to 2")
+        _wait_for(lambda n=name: running_replicas("two", n) == 2, 180, f"{name} scaled out to 2")
     before = _stats_by_node("two", "DecodeServer")
     assert len(before) == 2  # one decode replica on each node
     assert set(_stats_by_node("two", "PrefillServer")) == set(before)  # and one prefill on each

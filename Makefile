@@ -26,9 +26,11 @@ model: install
 	$(PY) -m compileall -q app engine deployments kvkernels placement bench > /dev/null
 	$(PY) -m engine.linear_tuning --threads 1
 
+# The suite in two pytest processes side by side: the Ray and wall-clock tests, and beside them
+# at the lowest priority every other test (tests/split_suite.py). PYTEST_ARGS go to both.
 test: model
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m tests.split_suite -q $(PYTEST_ARGS)
 
 bench-engine: model
 	$(PY) -m bench.engine_throughput

@@ -12,16 +12,36 @@ from kvkernels import paged_attention
 from tests.ray_session import RayServe, SharedRay
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--part",
+        choices=("fore", "back"),
+        help="run one part of the suite (tests/split_suite.py): 'fore', the tests that need the "
+        "CPU when they ask for it (Ray clusters, wall-clock bounds), or 'back', the rest",
+    )
+
+
+def _group(item: pytest.Item) -> int:
+    names = getattr(item, "fixturenames", ())
+    return 2 if "own_ray_cluster" in names else 1 if "ray_serve" in names else 0
+
+
+def _foreground(item: pytest.Item) -> bool:
+    return _group(item) > 0 or item.get_closest_marker("wall_clock") is not None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests without Ray first, then those on the session's shared cluster in one run (it
     starts once and idles through nothing else), then those that start a cluster of their own;
-    a stable sort keeps the order within each group."""
-
-    def group(item: pytest.Item) -> int:
-        names = getattr(item, "fixturenames", ())
-        return 2 if "own_ray_cluster" in names else 1 if "ray_serve" in names else 0
-
-    items.sort(key=group)
+    a stable sort keeps the order within each group. With --part, only that part's tests."""
+    part = config.getoption("part")
+    if part is not None:
+        keep, drop = [], []
+        for item in items:
+            (keep if _foreground(item) == (part == "fore") else drop).append(item)
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+    items.sort(key=_group)
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +67,7 @@ def own_ray_cluster(_shared_ray) -> None:
 
 @pytest.fixture(autouse=True)
 def _few_threads():
-    # The suite must stay quick on 2 cores; one intra-op thread avoids oversubscription.
+    # The suite must stay quick on 2 cores: an intra-op thread per core, no oversubscription.
     torch.set_num_threads(2)
 
 

@@ -266,6 +266,7 @@ def _joined_equals(outs, alone) -> None:
     assert outs[0].queue_time_s is not None and outs[0].num_cached_tokens is not None
 
 
+@pytest.mark.wall_clock  # steps within each 0.15 s interval
 def test_stream_batching_sends_a_requests_tokens_once_per_interval(make_engine):
     """stream_interval_s (Ray Serve LLM's stream_batching_interval_ms): the first output goes
     out at once, the later ones joined per interval, the finished one as soon as it exists;
@@ -291,6 +292,7 @@ def test_stream_batching_sends_a_requests_tokens_once_per_interval(make_engine):
     assert all(gap >= 0.14 for gap in gaps[:-1])  # the last goes out when it finishes
 
 
+@pytest.mark.wall_clock  # steps during a 1 s wait
 def test_outputs_waiting_for_a_slow_consumer_are_sent_joined(make_engine):
     """Without an interval, outputs that queued while the consumer was away go out as one."""
     loop = EngineLoop(make_engine())

@@ -205,6 +205,7 @@ def test_fit_never_returns_negative_coefficients():
     assert err < 0.05
 
 
+@pytest.mark.wall_clock  # fits timed steps
 @pytest.mark.model
 def test_profiler_fits_the_real_engine(make_engine):
     from placement.profiler import profile

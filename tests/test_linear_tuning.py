@@ -40,6 +40,7 @@ def test_the_few_rows_forward_must_win_by_the_margin():
     assert linear_tuning.faster_rows({}) == frozenset()
 
 
+@pytest.mark.wall_clock  # times two forwards
 @pytest.mark.parametrize("slow", ["plain", "few_rows"])
 def test_the_measurement_picks_the_faster_forward(monkeypatch, slow):
     """Each forward timed at every row count up to its kind's limit; the one slowed here by a

@@ -10,7 +10,8 @@ import pytest
 
 from deployments.loop_lag import LoopLag
 
-pytestmark = pytest.mark.unit
+# the lag of a loop is wall-clock time: a loop starved of the CPU lags
+pytestmark = [pytest.mark.unit, pytest.mark.wall_clock]
 
 
 def test_a_blocked_loop_shows_as_lag_and_an_idle_one_does_not():

@@ -219,6 +219,7 @@ async def _stats(server):
     return await server.loop.call(lambda engine: engine.stats)
 
 
+@pytest.mark.wall_clock  # 0.1 s of a 0.3 s timeout
 def test_a_stuck_step_fails_the_health_check_and_every_request_of_the_replica(make_engine):
     """A step that does not end (a hung model worker, a hung GPU): past step_timeout_s the
     health check fails, and so does each request of the replica (Serve drains a failed

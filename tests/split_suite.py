@@ -4,7 +4,9 @@ The foreground part holds the tests that need the CPU when they ask for it: thos
 clusters (replicas starting, health checks, scaling delays, whose timings are tuned for a
 machine that runs nothing else) and those marked `wall_clock`. Those leave the cores idle about
 a fifth of their time (waits that are what they test). The background part, every other test,
-runs beside them at the lowest priority, so it takes only what the foreground leaves.
+runs beside them at the lowest priority, so it takes only what the foreground leaves, on one
+torch thread while the foreground runs (two threads of one op on cores the foreground holds wait
+at the op's end for whichever was descheduled) and on two once it has finished.
 
 Usage: python -m tests.split_suite [pytest arguments]  (both parts get the same arguments)
 """
@@ -19,6 +21,8 @@ import tempfile
 
 # pytest's exit codes: stopped by Ctrl-C; a part that selects nothing (`-k` matched the other)
 INTERRUPTED, NO_TESTS = 2, 5
+# the background part's tests run on one thread while this process lives (tests/conftest.py)
+FOREGROUND_PID = "SPLIT_SUITE_FOREGROUND_PID"
 
 
 def _lowest_priority() -> None:
@@ -50,16 +54,18 @@ def _wait(process: subprocess.Popen) -> int:
 def main(args: list[str]) -> int:
     pytest = [sys.executable, "-m", "pytest", *args]
     with tempfile.TemporaryFile("w+") as log:
+        foreground = subprocess.Popen([*pytest, "--part=fore"])
         back = subprocess.Popen(
             [*pytest, "--part=back"],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
             preexec_fn=_lowest_priority,
+            env={**os.environ, FOREGROUND_PID: str(foreground.pid)},
         )
         fore = INTERRUPTED
         try:
-            fore = _wait(subprocess.Popen([*pytest, "--part=fore"]))
+            fore = _wait(foreground)
         finally:
             if fore == INTERRUPTED and back.poll() is None:  # Ctrl-C reaches only our session
                 os.killpg(back.pid, signal.SIGINT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests import split_suite
-from tests.conftest import _foreground
+from tests.conftest import _foreground, _threads
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).parent.parent
@@ -69,3 +70,14 @@ def test_each_part_runs_its_own_tests_and_both_are_reported():
     fore, back = done.stdout.split("===== the background part")
     assert "3 passed, 1 deselected" in fore
     assert "1 passed, 3 deselected" in back
+
+
+def test_the_background_runs_on_one_thread_while_the_foreground_lives(monkeypatch):
+    monkeypatch.delenv(split_suite.FOREGROUND_PID, raising=False)
+    assert _threads() == 2  # pytest alone, or the foreground part
+    monkeypatch.setenv(split_suite.FOREGROUND_PID, str(os.getpid()))
+    assert _threads() == 1
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()  # reaped, as the runner reaps its foreground
+    monkeypatch.setenv(split_suite.FOREGROUND_PID, str(ended.pid))
+    assert _threads() == 2

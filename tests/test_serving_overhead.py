@@ -12,7 +12,8 @@ import pytest
 
 from bench import serving_overhead
 
-pytestmark = pytest.mark.unit
+# a stand-in server's chunks timed against the wall clock
+pytestmark = [pytest.mark.unit, pytest.mark.wall_clock]
 
 FIRST_S, INTERVAL_S, CHUNKS = 0.08, 0.03, 4
 

@@ -43,12 +43,18 @@ def exit_code(fore: int, back: int) -> int:
     return next((code for code in ran if code != 0), 0) if ran else NO_TESTS
 
 
-def _wait(process: subprocess.Popen) -> int:
+def _wait(process: subprocess.Popen, on_interrupt=lambda: None) -> int:
     while True:
         try:
             return process.wait()
         except KeyboardInterrupt:  # the foreground child got it too: let it shut Ray down
-            continue
+            on_interrupt()
+
+
+def _interrupt(process: subprocess.Popen) -> None:
+    """Ctrl-C reaches only the terminal's session: pass it on to the background's."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGINT)
 
 
 def main(args: list[str]) -> int:
@@ -67,9 +73,9 @@ def main(args: list[str]) -> int:
         try:
             fore = _wait(foreground)
         finally:
-            if fore == INTERRUPTED and back.poll() is None:  # Ctrl-C reaches only our session
-                os.killpg(back.pid, signal.SIGINT)
-            back_code = _wait(back)
+            if fore == INTERRUPTED:
+                _interrupt(back)
+            back_code = _wait(back, on_interrupt=lambda: _interrupt(back))
         log.seek(0)
         print("\n===== the background part (tests/split_suite.py) =====", flush=True)
         sys.stdout.write(log.read())

@@ -38,19 +38,21 @@ WEATHER = {
         "description": "The weather in a city",
         "parameters": {
             "type": "object",
-            "properties": {"city": {"type": "string"}},
+            # bounded: a small model's string can run on past any max_tokens
+            "properties": {"city": {"type": "string", "maxLength": 24}},
             "required": ["city"],
+            "additionalProperties": False,
         },
     },
 }
 CITY = {
     "type": "object",
-    # bounded: a small model's string can run on past any max_tokens
-    "properties": {
+    "properties": {  # bounded, as WEATHER's
         "name": {"type": "string", "maxLength": 24},
         "population": {"type": "integer", "maximum": 10**9},
     },
     "required": ["name", "population"],
+    "additionalProperties": False,
 }
 CITY_FORMAT = {"name": "city", "schema": CITY}
 CHECKS = (
@@ -126,6 +128,9 @@ class Checks:
             response_format={"type": "json_schema", "json_schema": CITY_FORMAT},
             temperature=0,
             max_tokens=96,
+            # vLLM's option: no whitespace between the JSON's tokens, which a small (or random)
+            # model may otherwise write past any max_tokens
+            extra_body={"structured_outputs": {"disable_any_whitespace": True}},
         )
         choice = reply.choices[0]
         expect(choice.finish_reason == "stop", f"{choice.finish_reason}: {choice.message.content}")

@@ -28,20 +28,17 @@ def build(out: Path, hidden: int = 64, layers: int = 2) -> Path:
 
 
 def random_llama(out: Path, **shape) -> Path:
-    """A Llama of `shape` (LlamaConfig's fields) with seeded random weights and the default
-    model's tokenizer, saved at `out`."""
+    """A Llama of `shape` (LlamaConfig's fields; a context of 2048 and tied embeddings unless
+    it says otherwise) with seeded random weights and the default model's tokenizer, saved at
+    `out`."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from engine.model_store import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(None)))
-    config = LlamaConfig(
-        **shape,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    )
+    defaults = {"max_position_embeddings": 2048, "tie_word_embeddings": True}
+    config = LlamaConfig(**{**defaults, **shape}, vocab_size=len(tokenizer))
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)

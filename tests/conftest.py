@@ -160,30 +160,33 @@ def drain(engine: LLMEngine, max_steps: int = 10_000) -> dict[str, list]:
     raise AssertionError("engine did not finish")
 
 
+# random Llamas whose heads split in two (4 attention heads, 2 KV heads); a wide init makes the
+# logits peaked, so greedy tokens are stable under re-ordered sums (an all-reduce's, another
+# batch's or chunk's)
+WIDE_LLAMA = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "initializer_range": 0.2,
+}
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_path(tmp_path_factory, tokenizer):
-    """A random Llama small enough for multi-worker tests, with heads that split in two: 4
-    attention heads, 2 KV heads, 4 layers; the default model's tokenizer. A wide init makes
-    the logits peaked, so greedy tokens are stable under the re-ordered sums of an all-reduce."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A random Llama small enough for multi-worker tests: WIDE_LLAMA of 4 layers, the default
+    model's tokenizer."""
+    from bench.tiny_model import random_llama
 
     path = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
+    random_llama(
+        path,
+        **WIDE_LLAMA,
         num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
         max_position_embeddings=512,
-        tie_word_embeddings=True,
-        initializer_range=0.2,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
     return str(path)
 
 
@@ -200,50 +203,95 @@ LORAS = {
 }
 
 
-@pytest.fixture(scope="session")
-def lora_adapters(tmp_path_factory, default_model_path) -> dict:
-    """name -> the PEFT directory of each of LORAS."""
+def _lora_adapters(base_path, tmp_path_factory) -> dict:
+    """name -> the PEFT directory of each of LORAS, on the model at base_path."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     dirs = {}
     for i, (name, settings) in enumerate(LORAS.items()):
         torch.manual_seed(i)
-        base = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
         model = get_peft_model(base, LoraConfig(init_lora_weights=False, **settings))
         dirs[name] = tmp_path_factory.mktemp(f"lora-{name}")
         model.save_pretrained(dirs[name])
     return {name: str(path) for name, path in dirs.items()}
 
 
-@pytest.fixture(scope="session")
-def lora_dir(tmp_path_factory, lora_adapters) -> str:
+def _lora_dir(adapters: dict, tmp_path_factory) -> str:
     """A directory of adapters for dynamic loading: both of LORAS, each in a folder of its
     name, and "dora", an adapter this server refuses (its config asks for DoRA)."""
     import json
     import shutil
 
     root = tmp_path_factory.mktemp("lora-dir")
-    for name, path in lora_adapters.items():
+    for name, path in adapters.items():
         shutil.copytree(path, root / name)
-    shutil.copytree(lora_adapters["sql"], root / "dora")
+    shutil.copytree(adapters["sql"], root / "dora")
     config = json.loads((root / "dora" / "adapter_config.json").read_text())
     (root / "dora" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     return str(root)
 
 
-@pytest.fixture(scope="session")
-def peft_model(default_model_path, lora_adapters):
-    """The default model with both adapters through PEFT's own layers: the reference."""
+def _peft_model(base_path, adapters: dict):
+    """The model at base_path with the adapters through PEFT's own layers: the reference."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32)
-    (first, path), *rest = lora_adapters.items()
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    (first, path), *rest = adapters.items()
     model = PeftModel.from_pretrained(base, path, adapter_name=first)
     for name, other in rest:
         model.load_adapter(other, adapter_name=name)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def lora_adapters(tmp_path_factory, default_model_path) -> dict:
+    """name -> the PEFT directory of each of LORAS, on the default model."""
+    return _lora_adapters(default_model_path, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def lora_dir(tmp_path_factory, lora_adapters) -> str:
+    return _lora_dir(lora_adapters, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def peft_model(default_model_path, lora_adapters):
+    return _peft_model(default_model_path, lora_adapters)
+
+
+@pytest.fixture(scope="session")
+def serve_model_path(tmp_path_factory, default_model_path) -> str:
+    """What the Serve tests' applications serve, where the text itself is not the point (it is
+    in the engine's tests): WIDE_LLAMA of 2 layers (a decode step ~2 ms on one thread, the
+    default model's ~80), with the default model's tokenizer, chat template, generation config
+    and context window."""
+    import shutil
+
+    from bench.tiny_model import random_llama
+
+    path = tmp_path_factory.mktemp("serve-model")
+    random_llama(path, **WIDE_LLAMA, num_hidden_layers=2, max_position_embeddings=8192)
+    shutil.copy(default_model_path / "generation_config.json", path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def serve_lora_adapters(tmp_path_factory, serve_model_path) -> dict:
+    """LORAS on the Serve tests' model."""
+    return _lora_adapters(serve_model_path, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def serve_lora_dir(tmp_path_factory, serve_lora_adapters) -> str:
+    return _lora_dir(serve_lora_adapters, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def serve_peft_model(serve_model_path, serve_lora_adapters):
+    return _peft_model(serve_model_path, serve_lora_adapters)
 
 
 def peft_greedy(peft_model, token_ids: list[int], lora: str | None, max_new_tokens: int):

@@ -4,7 +4,10 @@ The session's shared cluster and Serve instance (tests/ray_session.py); five app
 by side (the three modes, disaggregated three times: shm, object-store and gloo KV transport),
 each on its own route prefix; the disaggregated ones also carry a feature the others do not (a
 Responses store, a reasoning parser, a tool-call parser), so that no more replicas start.
-The default model with short outputs keeps it quick.
+They serve a tiny random Llama with the default model's tokenizer (tests/conftest.py:
+serve_model_path): what these tests check is the serving, the engine's text is checked against
+transformers in the engine's tests, and a decode step of the default model (~80 ms on one
+thread) made up most of this module's time.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from tests.ray_session import METRICS_INTERVAL_MS
 
 pytestmark = [pytest.mark.serve, pytest.mark.model]
 
-SMALL = {"num_cpus": 0.5, "engine": {"num_threads": 1, "kv_cache_memory_mb": 128}}
+MODEL = "tiny-llama"  # the name the applications serve serve_model_path under
+# KV caches of the default model's 128 MB (2912 tokens): 182 blocks of 16
+SMALL = {"num_cpus": 0.5, "engine": {"num_threads": 1, "num_kv_blocks": 182}}
 CACHING = {**SMALL, "engine": {**SMALL["engine"], "enable_prefix_caching": True}}
 # speculative decoding: n-gram drafts of up to 3 tokens
 NGRAM = {
@@ -43,7 +48,7 @@ MODES = {
         "ingress": {"responses_store_size": 8},
         "slo": {"ttft_ms": 600_000, "tpot_ms": 600_000},
     },
-    # and a decode cache smaller than the prefill cache (64 vs 128 MB: 1456 vs 2912 tokens)
+    # and a decode cache smaller than the prefill cache (1456 vs 2912 tokens)
     # whose replica sends a request's tokens once per 300 ms (stream batching); two prefill
     # replicas that cache prefixes: prompts go where their prefix went; chat replies read as
     # DeepSeek-R1's: they start inside the model's reasoning
@@ -53,7 +58,7 @@ MODES = {
         "prefill": {**CACHING, "num_replicas": 2},
         "decode": {
             **SMALL,
-            "engine": {**SMALL["engine"], "kv_cache_memory_mb": 64},
+            "engine": {**SMALL["engine"], "num_kv_blocks": 91},
             "stream_batching_interval_ms": 300,
         },
         "reasoning_parser": "deepseek_r1",
@@ -64,14 +69,15 @@ MODES = {
     # counted against a TPOT target no request of two tokens or more meets; LoRA adapters
     "coloc": {"mode": "colocated", "slo": {"ttft_ms": 600_000, "tpot_ms": 0.001}},
     # chunked prefill: a prompt's rows come from several steps of 8 tokens, beside decodes
-    # that verify a draft model's drafts (the default model's own: every greedy one kept)
+    # that verify a draft model's drafts (the served model's own: every greedy one kept;
+    # _args names it)
     "chunked": {
         "mode": "colocated",
         "colocated": {
             "engine": {
                 "chunked_prefill": True,
                 "max_num_batched_tokens": 8,
-                "speculative_config": {"model": "default", "num_speculative_tokens": 3},
+                "speculative_config": {"num_speculative_tokens": 3},
             }
         },
     },
@@ -83,25 +89,29 @@ ANSWERING = [name for name, mode in MODES.items() if "reasoning_parser" not in m
 WITH_LORA = ("disagg_gloo", "coloc")
 
 
-def _args(mode: dict, loras: dict | None = None) -> dict:
-    args = {"prefill": SMALL, "decode": SMALL, "colocated": SMALL, **mode, **(loras or {})}
+def _args(mode: dict, model: str, loras: dict | None = None) -> dict:
+    args = {"model": model, "served_model_name": MODEL, "prefill": SMALL, "decode": SMALL,
+            "colocated": SMALL, **mode, **(loras or {})}  # fmt: skip
     if "colocated" in mode:
         engine = {**SMALL["engine"], **mode["colocated"]["engine"]}
+        if "speculative_config" in engine:  # a draft model: the served one
+            engine["speculative_config"] = {**engine["speculative_config"], "model": model}
         args["colocated"] = {**SMALL, "engine": engine}
     return args
 
 
 @pytest.fixture(scope="module")
-def server(ray_serve, lora_adapters, lora_dir):
+def server(ray_serve, serve_model_path, serve_lora_adapters, serve_lora_dir):
     from app.builder import build_app
     from tests.ray_session import deploy, undeploy
 
     loras = {
-        "coloc": {"lora_modules": lora_adapters},
-        "disagg_gloo": {"lora_dir": lora_dir, "allow_runtime_lora_updating": True},
+        "coloc": {"lora_modules": serve_lora_adapters},
+        "disagg_gloo": {"lora_dir": serve_lora_dir, "allow_runtime_lora_updating": True},
     }
     apps = {
-        name: (f"/{name}", build_app(_args(mode, loras.get(name)))) for name, mode in MODES.items()
+        name: (f"/{name}", build_app(_args(mode, serve_model_path, loras.get(name))))
+        for name, mode in MODES.items()
     }
     deploy(apps)
     yield Server(ray_serve.url, ray_serve.metrics_url)
@@ -118,12 +128,12 @@ class Server(str):
 
 
 def _complete(base: str, mode: str, **body) -> httpx.Response:
-    payload = {"model": "SmolLM2-135M-Instruct", "temperature": 0, **body}
+    payload = {"model": MODEL, "temperature": 0, **body}
     return httpx.post(f"{base}/{mode}/v1/completions", json=payload, timeout=120)
 
 
 def _stream(base: str, mode: str, **body):
-    payload = {"model": "SmolLM2-135M-Instruct", "stream": True, **body}
+    payload = {"model": MODEL, "stream": True, **body}
     return httpx.stream("POST", f"{base}/{mode}/v1/completions", json=payload, timeout=120)
 
 
@@ -141,12 +151,11 @@ def _each(modes, check) -> dict:
 
 
 @pytest.fixture(scope="module")
-def local_engine(paged_model, tokenizer):
-    """The default model in this process: what the server's answers are compared with."""
+def local_engine(serve_model_path, tokenizer):
+    """The served model in this process: what the server's answers are compared with."""
     from engine import EngineConfig, LLMEngine
-    from engine.model_runner import ModelRunner
 
-    return LLMEngine(EngineConfig(), runner=ModelRunner(paged_model, 64, 16), tokenizer=tokenizer)
+    return LLMEngine(EngineConfig(model=serve_model_path, num_kv_blocks=64), tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -191,28 +200,36 @@ def test_stream_batching_sends_the_engines_tokens_in_fewer_chunks(server, local_
     assert chunks[-1]["usage"]["completion_tokens"] == 24
 
 
-def test_speculative_decoding_keeps_the_engines_tokens(server, local_engine):
+def test_speculative_decoding_keeps_the_engines_tokens(server, local_engine, tokenizer):
     """The decode replica of `disagg` verifies n-gram drafts, the chunked colocated replica a
-    draft model's: a repetitive prompt, greedy, streamed and not, gives the engine's tokens
-    alone, in fewer steps than tokens (several tokens in a chunk), and the replicas kept
-    drafts."""
+    draft model's: greedy, streamed and not, gives the engine's tokens alone, in fewer steps
+    than tokens (several tokens in a chunk), and the replicas kept drafts."""
     from engine import SamplingParams
 
-    prompt = "1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,"
+    [one] = tokenizer("1").input_ids
+    prompt = [one] * 12
+    # n-gram drafts are kept where the output repeats the prompt: a random model's does where
+    # the request allows that one token alone
+    allowed = {"disagg": {"allowed_token_ids": [one]}, "chunked": {}}
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    [expected] = local_engine.generate([prompt], params)
+    expected = {
+        mode: local_engine.generate([prompt], dataclasses.replace(params, **fields))[0]
+        for mode, fields in allowed.items()
+    }
 
     def check(mode: str) -> None:
         body = {"prompt": prompt, "max_tokens": 24, "ignore_eos": True, "temperature": 0}
+        body |= allowed[mode]
+        want = expected[mode]
         r = _complete(server, mode, return_token_ids=True, **body)
         assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["token_ids"] == expected.token_ids, mode
+        assert r.json()["choices"][0]["token_ids"] == want.token_ids, mode
         with _stream(server, mode, **body) as s:
             lines = [x for x in s.iter_lines() if x][:-1]  # the last: [DONE]
         chunks = [json.loads(x.removeprefix("data: ")) for x in lines]
         texts = [c["choices"][0]["text"] for c in chunks if c["choices"]]
-        assert "".join(texts) == expected.text, mode
-        assert len(texts) < len(expected.token_ids), mode  # several tokens a chunk
+        assert "".join(texts) == want.text, mode
+        assert len(texts) < len(want.token_ids), mode  # several tokens a chunk
         stats = _replica_stats(mode)[-1]  # the decode or colocated replica's
         assert stats["num_accepted_tokens"] > 0, stats
 
@@ -247,12 +264,13 @@ def test_vllm_token_constraints_reach_the_engine(server, engine_alone, local_eng
     from engine import SamplingParams
     from engine.limits import bad_words_token_ids
 
-    paris = engine_alone.token_ids[0]
-    allowed = sorted({*engine_alone.token_ids, *tokenizer(" Lyon").input_ids} - {paris})
+    first = engine_alone.token_ids[0]  # the greedy output's first word: banned, or not allowed
+    allowed = sorted({*engine_alone.token_ids, *tokenizer(" Lyon").input_ids} - {first})
     greedy = SamplingParams(max_tokens=8, temperature=0)
-    paris_words = bad_words_token_ids(tokenizer, ["Paris"])
+    word = tokenizer.decode([first]).strip()
+    banned = bad_words_token_ids(tokenizer, [word])
     cases = (  # (HTTP fields, the engine's)
-        ({"bad_words": ["Paris"]}, {"bad_words_token_ids": paris_words}),
+        ({"bad_words": [word]}, {"bad_words_token_ids": banned}),
         ({"allowed_token_ids": allowed}, {"allowed_token_ids": tuple(allowed)}),
     )
     wants = [
@@ -260,7 +278,7 @@ def test_vllm_token_constraints_reach_the_engine(server, engine_alone, local_eng
         for _, params in cases
     ]
     for want in wants:
-        assert want.text != engine_alone.text and paris not in want.token_ids
+        assert want.text != engine_alone.text and first not in want.token_ids
 
     def check(mode: str) -> None:
         for (fields, _), want in zip(cases, wants, strict=True):
@@ -279,7 +297,9 @@ def test_vllm_token_constraints_reach_the_engine(server, engine_alone, local_eng
 def test_structured_outputs_in_all_modes_equal_the_engine_alone(server, local_engine, tokenizer):
     """OpenAI's response_format through the official client (chat, streamed and not) and
     vLLM's structured_outputs and guided_choice (completions): the engine alone's constrained
-    output in every mode, across the hand-off."""
+    output in every mode, across the hand-off. The model is random: its JSON is bounded
+    (strings, numbers) and without whitespace (vLLM's disable_any_whitespace), which it would
+    otherwise write past any max_tokens."""
     import openai
 
     from engine import SamplingParams
@@ -288,23 +308,30 @@ def test_structured_outputs_in_all_modes_equal_the_engine_alone(server, local_en
 
     schema = {
         "type": "object",
-        "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+        "properties": {
+            "city": {"type": "string", "maxLength": 24},
+            "population": {"type": "integer", "maximum": 10**9},
+        },
         "required": ["city", "population"],
         "additionalProperties": False,
     }
+    compact = {"structured_outputs": {"disable_any_whitespace": True}}
     messages = [{"role": "user", "content": "Name a big city and its population, as JSON."}]
     chat_ids = chat_token_ids(tokenizer, messages)
     greedy = SamplingParams(max_tokens=40, temperature=0)
 
     def alone(prompt, kind: str, spec: str) -> str:
-        p = dataclasses.replace(greedy, structured_output=StructuredOutput(kind, spec))
-        [out] = local_engine.generate([prompt], p)
+        structure = StructuredOutput(kind, spec, any_whitespace=False)
+        [out] = local_engine.generate(
+            [prompt], dataclasses.replace(greedy, structured_output=structure)
+        )
         assert out.finish_reason == "stop"
         return out.text
 
     want_json = alone(chat_ids, "json", json.dumps(schema))
     assert set(json.loads(want_json)) == {"city", "population"}
-    want_regex = alone(PROMPT, "regex", r" [A-Z][a-z]+, [A-Z][a-z]+\.")
+    city = r" [A-Z][a-z]{1,12}, [A-Z][a-z]{1,12}\."
+    want_regex = alone(PROMPT, "regex", city)
     want_choice = alone(PROMPT, "choice", json.dumps(["Lyon", "Marseille"]))
     fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}
     # every app; chat whole in one disaggregated and one colocated app, streamed in the others
@@ -315,16 +342,17 @@ def test_structured_outputs_in_all_modes_equal_the_engine_alone(server, local_en
         stream = streams[mode]
         client = openai.OpenAI(base_url=f"{server}/{mode}/v1", api_key="unused")
         chat = client.chat.completions.create(
-            model="SmolLM2-135M-Instruct", messages=messages, temperature=0, max_tokens=40,
-            response_format=fmt, stream=stream,
+            model=MODEL, messages=messages, temperature=0, max_tokens=40,
+            response_format=fmt, stream=stream, extra_body=compact,
         )  # fmt: skip
         if stream:
             assert "".join(c.choices[0].delta.content or "" for c in chat if c.choices) == want_json
         else:
             assert chat.choices[0].message.content == want_json, mode
             assert chat.choices[0].finish_reason == "stop"
-        r = _complete(server, mode, prompt=PROMPT, max_tokens=40,
-                      structured_outputs={"regex": r" [A-Z][a-z]+, [A-Z][a-z]+\."})  # fmt: skip
+        r = _complete(
+            server, mode, prompt=PROMPT, max_tokens=40, structured_outputs={"regex": city}
+        )
         assert r.json()["choices"][0]["text"] == want_regex, (mode, r.text)
         r = _complete(
             server, mode, prompt=PROMPT, max_tokens=40, guided_choice=["Lyon", "Marseille"]
@@ -334,36 +362,40 @@ def test_structured_outputs_in_all_modes_equal_the_engine_alone(server, local_en
     _each(ANSWERING, check)
     # vLLM's structural tag: free text up to the trigger, then its structure (across the
     # hand-off), then free text to max_tokens, as the engine alone writes it; chat's
-    # response_format form too
+    # response_format form too. The triggers: the first word of each greedy output
     place = {
         "type": "object",
-        "properties": {"country": {"type": "string"}},
+        "properties": {"country": {"type": "string", "maxLength": 12}},
         "required": ["country"],
+        "additionalProperties": False,
     }
+    question = [{"role": "user", "content": "Hi!"}]
+    prompts = [PROMPT, chat_token_ids(tokenizer, question)]
+    firsts = local_engine.generate(prompts, dataclasses.replace(greedy, max_tokens=1))
+    triggers = [first.text for first in firsts]
     tags = {
-        "structures": [{"begin": " Paris", "schema": place, "end": "."}],
-        "triggers": [" Paris"],
+        "structures": [{"begin": word, "schema": place, "end": "."} for word in triggers],
+        "triggers": triggers,
     }
-    tagged = StructuredOutput("structural_tag", json.dumps(tags))
-    question = [{"role": "user", "content": "What is the capital of France?"}]
+    tagged = StructuredOutput("structural_tag", json.dumps(tags), any_whitespace=False)
     want_tags, want_chat_tags = local_engine.generate(
-        [PROMPT, chat_token_ids(tokenizer, question)],
-        dataclasses.replace(greedy, max_tokens=32, structured_output=tagged),
+        prompts, dataclasses.replace(greedy, max_tokens=32, structured_output=tagged)
     )
-    for want in (want_tags, want_chat_tags):  # each wrote the trigger, a structure, free text
-        _, end = json.JSONDecoder().raw_decode(rest := want.text.partition(" Paris")[2].lstrip())
+    for want, word in zip((want_tags, want_chat_tags), triggers, strict=True):
+        # each wrote the trigger, a structure, free text
+        _, end = json.JSONDecoder().raw_decode(rest := want.text.partition(word)[2].lstrip())
         assert rest[end] == "." and rest[end + 1 :], want.text
+    tag_fields = {"structural_tag": json.dumps(tags), "disable_any_whitespace": True}
 
     def tagged_check(mode: str) -> None:
-        r = _complete(server, mode, prompt=PROMPT, max_tokens=32,
-                      structured_outputs={"structural_tag": json.dumps(tags)})  # fmt: skip
+        r = _complete(server, mode, prompt=PROMPT, max_tokens=32, structured_outputs=tag_fields)
         assert r.json()["choices"][0]["text"] == want_tags.text, (mode, r.text)
 
     _each(("disagg", "chunked"), tagged_check)
     client = openai.OpenAI(base_url=f"{server}/disagg/v1", api_key="unused")
     chat = client.chat.completions.create(
-        model="SmolLM2-135M-Instruct", messages=question, temperature=0, max_tokens=32,
-        response_format={"type": "structural_tag", **tags},
+        model=MODEL, messages=question, temperature=0, max_tokens=32,
+        response_format={"type": "structural_tag", **tags}, extra_body=compact,
     )  # fmt: skip
     assert chat.choices[0].message.content == want_chat_tags.text
     # vLLM's guided_whitespace_pattern: the JSON's whitespace, as the engine alone has it
@@ -402,13 +434,17 @@ def test_forced_tool_calls_through_the_official_client(server, local_engine, tok
     from engine.sampling_params import StructuredOutput
     from tests.test_tools import ASK, CLOCK, NAMED, WEATHER
 
-    tools = [WEATHER, CLOCK]
+    # the city at most 24 characters (as CLOCK's timezone is bounded): a random model's
+    # strings run on past any max_tokens
+    weather = json.loads(json.dumps(WEATHER))
+    weather["function"]["parameters"]["properties"]["city"]["maxLength"] = 24
+    tools = [weather, CLOCK]
     ids = chat_token_ids(tokenizer, ASK, tools=tools)
-    schema = json.dumps(WEATHER["function"]["parameters"])
+    schema = json.dumps(weather["function"]["parameters"])
     structure = StructuredOutput("json", schema, any_whitespace=False)
     params = SamplingParams(max_tokens=60, temperature=0, structured_output=structure)
     [want] = local_engine.generate([ids], params)
-    fields = {"model": "SmolLM2-135M-Instruct", "messages": ASK, "tools": tools}
+    fields = {"model": MODEL, "messages": ASK, "tools": tools}
     fields |= {"temperature": 0, "max_tokens": 60}
 
     def check(mode: str) -> None:
@@ -452,7 +488,7 @@ def test_return_token_ids_through_the_official_client(server, tokenizer):
     from engine.limits import chat_token_ids
 
     client = openai.OpenAI(base_url=f"{server}/disagg/v1", api_key="unused")
-    fields = {"model": "SmolLM2-135M-Instruct", "temperature": 0, "max_tokens": 8}
+    fields = {"model": MODEL, "temperature": 0, "max_tokens": 8}
     asked = {**fields, "extra_body": {"return_token_ids": True}}
     prompt, messages = "The capital of France is", [{"role": "user", "content": "Hi!"}]
     done = client.completions.create(prompt=prompt, **asked)
@@ -486,7 +522,7 @@ def test_auto_tool_calls_through_the_official_client(server):
     from tests.test_tools import ARGS, ASK, CLOCK, HERMES_CALL, WEATHER
 
     client = openai.OpenAI(base_url=f"{server}/disagg_gloo/v1", api_key="unused")
-    fields = {"model": "SmolLM2-135M-Instruct", "messages": ASK, "tools": [WEATHER, CLOCK]}
+    fields = {"model": MODEL, "messages": ASK, "tools": [WEATHER, CLOCK]}
     fields |= {"temperature": 0, "max_tokens": 80}
     written = {"structured_outputs": {"regex": re.escape("One moment.\n" + HERMES_CALL)}}
     chat = client.chat.completions.create(**fields, extra_body=written)
@@ -724,7 +760,7 @@ def test_vllm_prompt_logprobs_field_and_echo_alone(server, local_engine, tokeniz
     _assert_vllm_prompt_logprobs(
         r.json()["choices"][0]["prompt_logprobs"], ids, want.prompt_logprobs
     )
-    chat = {"model": "SmolLM2-135M-Instruct", "messages": messages, "max_tokens": 2}
+    chat = {"model": MODEL, "messages": messages, "max_tokens": 2}
     r = httpx.post(
         f"{server}/chunked/v1/chat/completions", json={**chat, "prompt_logprobs": 2}, timeout=60
     )
@@ -752,7 +788,7 @@ def test_vllm_prompt_options_and_tokenize(server, local_engine, tokenizer):
     from engine import SamplingParams
     from engine.limits import chat_token_ids
 
-    model = "SmolLM2-135M-Instruct"
+    model = MODEL
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure, the"}]
     continued = chat_token_ids(
         tokenizer, messages, add_generation_prompt=False, continue_final_message=True
@@ -782,15 +818,18 @@ def test_vllm_prompt_options_and_tokenize(server, local_engine, tokenizer):
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == tokenizer.decode(ids[-3:]) + want_short.text
         assert r.json()["usage"]["prompt_tokens"] == 3
-    # the end-of-turn token written out: the decode replica detokenizes with the request's flag
+    # the end-of-turn token written out (a random model writes it where a logit bias makes it
+    # likelier): the decode replica detokenizes with the request's flag
     question = [{"role": "user", "content": "What is the capital of France?"}]
-    raw = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, skip_special_tokens=False)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    raw = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, skip_special_tokens=False,
+                         logit_bias=((end, 6.0),))  # fmt: skip
     [want_raw] = local_engine.generate([chat_token_ids(tokenizer, question)], raw)
-    assert "<|im_end|>" in want_raw.text
+    assert "<|im_end|>" in want_raw.text and want_raw.text != "<|im_end|>" * 12
     body = {"model": model, "messages": question, "max_tokens": 12, "temperature": 0}
     r = httpx.post(
         f"{server}/disagg/v1/chat/completions",
-        json={**body, "ignore_eos": True, "skip_special_tokens": False},
+        json={**body, "ignore_eos": True, "skip_special_tokens": False, "logit_bias": {end: 6}},
         timeout=60,
     )
     assert r.json()["choices"][0]["message"]["content"] == want_raw.text, r.text
@@ -810,7 +849,7 @@ def test_vllm_prompt_options_and_tokenize(server, local_engine, tokenizer):
 )
 def test_chat_top_logprobs_out_of_range_or_without_logprobs_is_refused(server, fields, needle):
     payload = {
-        "model": "SmolLM2-135M-Instruct",
+        "model": MODEL,
         "messages": [{"role": "user", "content": "Hi"}],
         **fields,
     }
@@ -909,49 +948,56 @@ def test_a_batch_of_prompts_gets_each_prompt_its_own_choices(server, local_engin
     assert r.status_code == 400 and r.json()["error"]["message"].startswith("prompt 1: ")
 
 
-def test_official_openai_client_completions_and_chat(server):
+def test_official_openai_client_completions_and_chat(server, local_engine, tokenizer):
     import openai
+
+    from engine import SamplingParams
+    from engine.limits import chat_token_ids
+
+    question = [{"role": "user", "content": "Say hello."}]
+    # a random model ends its turn where a logit bias makes the end-of-turn token likelier
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ending = {str(end): 4}
+    greedy = SamplingParams(max_tokens=20, temperature=0)
+    [reply] = local_engine.generate(
+        [chat_token_ids(tokenizer, question)],
+        dataclasses.replace(greedy, logit_bias=((end, 4.0),)),
+    )
+    assert reply.finish_reason == "stop" and reply.text
+    [words] = local_engine.generate([PROMPT], dataclasses.replace(greedy, max_tokens=3))
 
     client = openai.OpenAI(base_url=f"{server}/disagg/v1", api_key="unused")
     [model] = client.models.list().data
-    assert model.id == "SmolLM2-135M-Instruct"
+    assert model.id == MODEL
     assert client.models.retrieve(model.id).id == model.id
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.models.retrieve("gpt-4")
-    chat = client.chat.completions.create(
-        model=model.id,
-        temperature=0,
-        max_tokens=20,
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
-    )
-    assert chat.choices[0].message.content == "The capital of France is Paris."
+    fields = {"model": model.id, "temperature": 0, "max_tokens": 20, "messages": question}
+    fields |= {"logit_bias": ending}
+    chat = client.chat.completions.create(**fields)
+    assert chat.choices[0].message.content == reply.text
     assert chat.choices[0].finish_reason == "stop"
-    stream = client.chat.completions.create(
-        model=model.id,
-        temperature=0,
-        max_tokens=20,
-        stream=True,
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
-    )
+    stream = client.chat.completions.create(**fields, stream=True)
     assert (
         "".join(c.choices[0].delta.content or "" for c in stream) == chat.choices[0].message.content
     )
     comp = client.completions.create(model=model.id, prompt=PROMPT, max_tokens=3, temperature=0)
-    assert comp.choices[0].text == " Paris.\n"
+    assert comp.choices[0].text == words.text
     # logprobs through the client's own types: completions' lists and chat's token objects
     comp = client.completions.create(
         model=model.id, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2, n=2
     )
     assert [c.index for c in comp.choices] == [0, 1] and comp.usage.completion_tokens == 6
     for choice in comp.choices:
-        assert "".join(choice.logprobs.tokens) == choice.text == " Paris.\n"
+        assert "".join(choice.logprobs.tokens) == choice.text == words.text
         assert all(len(top) == 2 for top in choice.logprobs.top_logprobs)
     # the scoring request of evaluation harnesses: the prompt's logprobs lead, the first null
     scored = client.completions.create(
         model=model.id, prompt=PROMPT, max_tokens=1, temperature=0, logprobs=1, echo=True
     )
     lp = scored.choices[0].logprobs
-    assert "".join(lp.tokens) == scored.choices[0].text == PROMPT + " Paris"
+    first = tokenizer.decode(words.token_ids[:1])
+    assert "".join(lp.tokens) == scored.choices[0].text == PROMPT + first
     assert lp.token_logprobs[0] is None and all(v < 0 for v in lp.token_logprobs[1:])
     # ... and a batch of them, as harnesses send it
     batch = client.completions.create(
@@ -961,27 +1007,16 @@ def test_official_openai_client_completions_and_chat(server):
     scores = batch.choices[0].logprobs.token_logprobs
     assert scores[0] is None and scores[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-4)
     assert batch.choices[1].text.startswith("Hi")
-    chat = client.chat.completions.create(
-        model=model.id,
-        temperature=0,
-        max_tokens=20,
-        logprobs=True,
-        top_logprobs=2,
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
-    )
+    chat = client.chat.completions.create(**fields, logprobs=True, top_logprobs=2)
     content = chat.choices[0].logprobs.content
     # the last token is the end-of-turn token: in the logprobs, not in the message
-    assert "".join(t.token for t in content) == "The capital of France is Paris.<|im_end|>"
-    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token for t in content)
+    assert "".join(t.token for t in content) == reply.text + "<|im_end|>"
+    # greedy: each token its top alternative (the model's own logprobs, before the bias), but
+    # the end of turn, which the bias made the greedy one
+    assert all(len(t.top_logprobs) == 2 for t in content)
+    assert all(t.top_logprobs[0].token == t.token for t in content[:-1])
     assert bytes(content[0].bytes).decode() == content[0].token
-    stream = client.chat.completions.create(
-        model=model.id,
-        temperature=0,
-        max_tokens=20,
-        logprobs=True,
-        stream=True,
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
-    )
+    stream = client.chat.completions.create(**fields, logprobs=True, stream=True)
     streamed = [
         t
         for c in stream
@@ -1058,7 +1093,7 @@ def test_the_endpoint_check_passes_and_keeps_the_greedy_texts(server, tmp_path):
 def test_bad_input_gets_openai_error_and_server_keeps_serving(server, body, status, needle):
     body = dict(body)  # parametrize values are shared: do not mutate them
     app = body.pop("app", "disagg")
-    payload = {"model": "SmolLM2-135M-Instruct", **body}
+    payload = {"model": MODEL, **body}
     r = httpx.post(f"{server}/{app}/v1/completions", json=payload, timeout=60)
     assert r.status_code == status, r.text
     error = r.json()["error"]
@@ -1086,7 +1121,7 @@ def test_bad_input_gets_openai_error_and_server_keeps_serving(server, body, stat
 )
 def test_chat_features_we_do_not_serve_are_refused_not_ignored(server, fields, needle):
     payload = {
-        "model": "SmolLM2-135M-Instruct",
+        "model": MODEL,
         "messages": [{"role": "user", "content": "Hi"}],
         "max_tokens": 2,
         **fields,
@@ -1106,7 +1141,7 @@ def test_x_request_id_names_the_response_and_may_be_reused(server):
     flight with the same one are both served (the replicas' ids stay unique). vLLM's
     request_id field does the same."""
     headers = {"X-Request-Id": "client-7"}
-    body = {"model": "SmolLM2-135M-Instruct", "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
     url = f"{server}/disagg/v1/completions"
     with httpx.stream("POST", url, json={**body, "stream": True}, headers=headers, timeout=60) as s:
         assert s.headers["x-request-id"] == "client-7"
@@ -1146,7 +1181,7 @@ def test_no_value_of_any_field_is_a_server_error(server):
         ("completions", CompletionRequest, {"prompt": "Hi"}),
         ("chat/completions", ChatCompletionRequest, {"messages": hi}),
     ):
-        base = {"model": "SmolLM2-135M-Instruct", "max_tokens": 1, **fields}
+        base = {"model": MODEL, "max_tokens": 1, **fields}
         for field, info in cls.model_fields.items():
             for value in odd:
                 if value is None and info.default is None:
@@ -1173,17 +1208,17 @@ def test_no_value_of_any_field_is_a_server_error(server):
 def test_malformed_json_and_unknown_route(server):
     r = httpx.post(f"{server}/disagg/v1/completions", content=b"{not json", timeout=30)
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
-    deep = b'{"model": "SmolLM2-135M-Instruct", "prompt": ' + b"[" * 100_000
+    deep = f'{{"model": "{MODEL}", "prompt": '.encode() + b"[" * 100_000
     r = httpx.post(f"{server}/disagg/v1/completions", content=deep, timeout=30)
     assert r.status_code == 400 and "too deeply" in r.json()["error"]["message"]
     # Python's json reads NaN and Infinity; no field may hold them
-    model = '"model": "SmolLM2-135M-Instruct", "prompt": "hi"'
+    model = f'"model": "{MODEL}", "prompt": "hi"'
     for field, needle in (('"temperature": NaN', "NaN"), ('"top_p": -Infinity', "-Infinity"),
                           ('"temperature": 1e999', "out of range")):  # fmt: skip
         r = httpx.post(f"{server}/disagg/v1/completions", content=f"{{{model}, {field}}}")
         assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
     # an unpaired surrogate escape is no text (the tokenizer raised: a 500); a pair is an emoji
-    chat = '"model": "SmolLM2-135M-Instruct", "max_tokens": 1, "messages": [{"role": "user", '
+    chat = f'"model": "{MODEL}", "max_tokens": 1, "messages": [{{"role": "user", '
     for content, status in (("Hi \\ud83d", 400), ("Hi \\ud83d\\ude00", 200)):
         body = f'{{{chat}"content": "{content}"}}]}}'
         r = httpx.post(f"{server}/disagg/v1/chat/completions", content=body, timeout=60)
@@ -1202,7 +1237,7 @@ def test_responses_api_through_the_official_client(server):
     import openai
 
     question = [{"role": "user", "content": "What is the capital of France?"}]
-    model, limits = "SmolLM2-135M-Instruct", {"temperature": 0}
+    model, limits = MODEL, {"temperature": 0, "extra_body": SHORT_REPLY}
 
     def answers_as_chat(mode: str):
         client = openai.OpenAI(base_url=f"{server}/{mode}/v1", api_key="unused")
@@ -1210,6 +1245,7 @@ def test_responses_api_through_the_official_client(server):
         chat = client.chat.completions.create(
             model=model, messages=system + question, max_tokens=20, **limits
         )
+        assert chat.choices[0].finish_reason == "stop"
         response = client.responses.create(
             model=model, input=question[0]["content"], instructions=system[0]["content"],
             max_output_tokens=20, **limits,
@@ -1228,21 +1264,27 @@ def test_responses_api_through_the_official_client(server):
     _each(parts, lambda mode: parts[mode]())
 
 
+# a reply of a few words and a full stop: a random model ends its reply where this grammar
+# does (it would write on to max_tokens)
+SHORT_REPLY = {"structured_outputs": {"regex": "[A-Za-z ]{1,24}\\."}}
+
+
 def _responses_without_a_store(client, response) -> None:
     """The coloc app keeps no responses: streamed events and the client's stream helper,
     max_output_tokens -> incomplete, and what needs stored responses refused."""
     import openai
 
     question = [{"role": "user", "content": "What is the capital of France?"}]
-    model, limits = "SmolLM2-135M-Instruct", {"temperature": 0}
+    model, limits = MODEL, {"temperature": 0, "extra_body": SHORT_REPLY}
     events = list(client.responses.create(model=model, input=question, stream=True, **limits))
     deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
     assert events[-1].type == "response.completed" and len(deltas) > 1
-    assert "".join(deltas) == events[-1].response.output_text == "The capital of France is Paris."
+    answer = events[-1].response.output_text
+    assert "".join(deltas) == answer and answer.endswith(".")
     with client.responses.stream(model=model, input=question, **limits) as stream:
         final = stream.get_final_response()
-    assert final.output_text == "The capital of France is Paris."
-    cut = client.responses.create(model=model, input=question, max_output_tokens=3, **limits)
+    assert final.output_text == answer
+    cut = client.responses.create(model=model, input=question, max_output_tokens=3, temperature=0)
     assert (cut.status, cut.incomplete_details.reason) == ("incomplete", "max_output_tokens")
     with pytest.raises(openai.NotFoundError, match="stores no responses"):
         client.responses.create(model=model, input="hi", previous_response_id=response.id)
@@ -1258,7 +1300,7 @@ def _responses_previous_response_id(server: str) -> None:
     import openai
 
     client = openai.OpenAI(base_url=f"{server}/disagg/v1", api_key="unused")
-    fields = {"model": "SmolLM2-135M-Instruct", "temperature": 0, "max_output_tokens": 10}
+    fields = {"model": MODEL, "temperature": 0, "max_output_tokens": 10}
     first = client.responses.create(**fields, input="My name is Ann. Say hello.")
     assert first.store is True
     # kept by the application's store deployment, which every ingress replica asks
@@ -1303,7 +1345,7 @@ def _responses_tool_round_trip(server: str) -> None:
     client = openai.OpenAI(base_url=f"{server}/disagg_gloo/v1", api_key="unused")
     tool = {"type": "function", **WEATHER["function"]}
     written = {"structured_outputs": {"regex": re.escape("One moment.\n" + HERMES_CALL)}}
-    fields = {"model": "SmolLM2-135M-Instruct", "tools": [tool], "temperature": 0}
+    fields = {"model": MODEL, "tools": [tool], "temperature": 0}
     response = client.responses.create(**fields, input=ASK, extra_body=written)
     message, call = response.output
     assert message.content[0].text == "One moment.\n"
@@ -1336,7 +1378,7 @@ def _responses_tool_round_trip(server: str) -> None:
     assert reply.usage.input_tokens == chat.usage.prompt_tokens
 
 
-def test_reasoning_parser_splits_the_thinking_from_the_answer(server):
+def test_reasoning_parser_splits_the_thinking_from_the_answer(server, tokenizer):
     """The disagg_os app reads chat replies as DeepSeek-R1's: a reply that never closes its
     think block is all reasoning (message.reasoning and reasoning_content; streamed deltas; a
     Responses reasoning item), the same greedy text the plain app answers with; a constraint
@@ -1344,25 +1386,28 @@ def test_reasoning_parser_splits_the_thinking_from_the_answer(server):
     freely first."""
     import openai
 
-    question = [{"role": "user", "content": "What is the capital of France?"}]
-    fields = {"model": "SmolLM2-135M-Instruct", "temperature": 0, "max_tokens": 12}
+    question = [{"role": "user", "content": "Say hello."}]
+    # the random model ends its turn where a logit bias makes the end-of-turn token likelier
+    ending = {"logit_bias": {str(tokenizer.convert_tokens_to_ids("<|im_end|>")): 4}}
+    fields = {"model": MODEL, "temperature": 0, "max_tokens": 12, **ending}
     plain = openai.OpenAI(base_url=f"{server}/disagg/v1", api_key="unused")
     text = plain.chat.completions.create(**fields, messages=question).choices[0].message.content
     client = openai.OpenAI(base_url=f"{server}/disagg_os/v1", api_key="unused")
     reply = client.chat.completions.create(**fields, messages=question)
     message = reply.choices[0].message
     assert (message.content, message.reasoning, message.reasoning_content) == (None, text, text)
-    # every token is reasoning but the end-of-sequence token, which has no text
-    eos = int(reply.choices[0].finish_reason == "stop")
-    thought = reply.usage.completion_tokens - eos
+    # every token is reasoning but the end-of-sequence token that ended it, which has no text
+    assert reply.choices[0].finish_reason == "stop"
+    thought = reply.usage.completion_tokens - 1
     assert reply.usage.completion_tokens_details.reasoning_tokens == thought
     stream = client.chat.completions.create(**fields, messages=question, stream=True)
     deltas = [c.choices[0].delta for c in stream if c.choices]
     assert "".join(getattr(d, "reasoning", None) or "" for d in deltas) == text
     assert not any(d.content for d in deltas)
     response = client.responses.create(
-        model=fields["model"], input=question, temperature=0, max_output_tokens=12
-    )
+        model=fields["model"], input=question, temperature=0, max_output_tokens=12,
+        extra_body=ending,
+    )  # fmt: skip
     [item] = response.output
     assert (item.type, item.content[0].text, response.output_text) == ("reasoning", text, "")
     assert response.usage.output_tokens_details.reasoning_tokens == thought
@@ -1435,11 +1480,12 @@ def _not_idle(stats: dict) -> dict:
     return {name: n for name, n in held.items() if n}
 
 
-async def _leave_early(url: str, prompt: str, after_chunks: int, after_s: float, n: int) -> None:
+async def _leave_early(
+    url: str, model: str, prompt: str, after_chunks: int, after_s: float, n: int
+) -> None:
     """A streamed request of `n` choices whose client leaves after `after_chunks` chunks (0:
     after `after_s` seconds, during its prefill)."""
-    body = {"model": "SmolLM2-135M-Instruct", "prompt": prompt, "max_tokens": 32, "stream": True,
-            "n": n}  # fmt: skip
+    body = {"model": model, "prompt": prompt, "max_tokens": 32, "stream": True, "n": n}
     async with (
         httpx.AsyncClient(timeout=120) as client,
         client.stream("POST", url, json=body) as r,
@@ -1455,18 +1501,18 @@ async def _leave_early(url: str, prompt: str, after_chunks: int, after_s: float,
                 return  # leaving the block closes the connection
 
 
-def leaving_early_leaves_nothing(url: str, app: str) -> None:
-    """Clients of `app` (completions at `url`) leave at their first token, in their prefill,
-    or as their decode starts, a few at a time, some with three choices (whose prefills end
-    while the first choice's token is on its way); within seconds no replica keeps a KV
-    transfer or holds a block, and nothing runs or waits."""
+def leaving_early_leaves_nothing(url: str, app: str, model: str) -> None:
+    """Clients of `app` (completions of `model` at `url`) leave at their first token, in
+    their prefill, or as their decode starts, a few at a time, some with three choices (whose
+    prefills end while the first choice's token is on its way); within seconds no replica
+    keeps a KV transfer or holds a block, and nothing runs or waits."""
     prompt = "Tell me a long story about the sea. " * 30
     leaving = [(1, 0.0, 1)] * 8 + [(0, 0.1, 1), (0, 0.3, 1), (2, 0.0, 1), (3, 0.0, 1)]
     leaving += [(1, 0.0, 3)] * 4
 
     async def clients() -> None:
         for batch in (leaving[:6], leaving[6:12], leaving[12:]):
-            await asyncio.gather(*(_leave_early(url, prompt, *client) for client in batch))
+            await asyncio.gather(*(_leave_early(url, model, prompt, *c) for c in batch))
 
     asyncio.run(clients())
     _until_idle(app, 20)
@@ -1478,11 +1524,11 @@ def test_clients_that_leave_at_the_first_token_leave_no_kv_behind(server):
     an object-store object, a staged gloo buffer, until their TTLs minutes later)."""
     _each(
         ("disagg", "disagg_os", "disagg_gloo"),
-        lambda mode: leaving_early_leaves_nothing(f"{server}/{mode}/v1/completions", mode),
+        lambda mode: leaving_early_leaves_nothing(f"{server}/{mode}/v1/completions", mode, MODEL),
     )
 
 
-def test_lora_adapters_are_models_of_their_own(server, peft_model, tokenizer):
+def test_lora_adapters_are_models_of_their_own(server, serve_peft_model, tokenizer):
     """A request names an adapter as its model: disaggregated (each replica loading it from
     lora_dir at its first request; the KV and the adapter's name handed to the decode
     replica) and colocated (configured), the greedy tokens are PEFT's with that adapter;
@@ -1493,14 +1539,14 @@ def test_lora_adapters_are_models_of_their_own(server, peft_model, tokenizer):
     from tests.conftest import peft_greedy
 
     ids = tokenizer(PROMPT).input_ids
-    wants = {lora: peft_greedy(peft_model, ids, lora, 8) for lora in ("sql", "poet")}
+    wants = {lora: peft_greedy(serve_peft_model, ids, lora, 8) for lora in ("sql", "poet")}
 
     def check(mode: str) -> None:
         client = openai.OpenAI(base_url=f"{server}/{mode}/v1", api_key="unused")
         models = {m.id: m for m in client.models.list().data}
-        assert list(models)[0] == "SmolLM2-135M-Instruct"
+        assert list(models)[0] == MODEL
         assert set(list(models)[1:]) == {"sql", "poet", *(["dora"] if mode != "coloc" else [])}
-        assert models["sql"].parent == "SmolLM2-135M-Instruct"
+        assert models["sql"].parent == MODEL
         assert client.models.retrieve("poet").root == models["poet"].root
         for lora, want in wants.items():
             common = {"model": lora, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
@@ -1526,7 +1572,9 @@ def test_lora_adapters_are_models_of_their_own(server, peft_model, tokenizer):
     assert r.status_code == 404 and "'sql', 'poet'" in r.json()["error"]["message"]
 
 
-def test_adapters_load_and_unload_at_runtime(server, peft_model, tokenizer, lora_adapters):
+def test_adapters_load_and_unload_at_runtime(
+    server, serve_peft_model, tokenizer, serve_lora_adapters
+):
     """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (the disaggregated app with
     lora_dir and allow_runtime_lora_updating): a loaded adapter is a model of its own on the
     prefill and the decode replica, with PEFT's greedy tokens; loaded in place, another
@@ -1542,17 +1590,17 @@ def test_adapters_load_and_unload_at_runtime(server, peft_model, tokenizer, lora
         assert r.status_code == 200, r.text
         return r.json()["choices"][0]["token_ids"]
 
-    load = {"lora_name": "runtime", "lora_path": lora_adapters["sql"]}
+    load = {"lora_name": "runtime", "lora_path": serve_lora_adapters["sql"]}
     r = httpx.post(f"{base}/load_lora_adapter", json=load)
     assert r.status_code == 200 and r.text == "Success: LoRA adapter 'runtime' added successfully."
     try:
         r = httpx.post(f"{base}/load_lora_adapter", json=load)
         assert r.status_code == 400 and "already been loaded" in r.json()["error"]["message"]
-        assert greedy("runtime") == peft_greedy(peft_model, ids, "sql", 8)
+        assert greedy("runtime") == peft_greedy(serve_peft_model, ids, "sql", 8)
         assert "runtime" in [m["id"] for m in httpx.get(f"{base}/models").json()["data"]]
-        inplace = {**load, "lora_path": lora_adapters["poet"], "load_inplace": True}
+        inplace = {**load, "lora_path": serve_lora_adapters["poet"], "load_inplace": True}
         assert httpx.post(f"{base}/load_lora_adapter", json=inplace).status_code == 200
-        assert greedy("runtime") == peft_greedy(peft_model, ids, "poet", 8)
+        assert greedy("runtime") == peft_greedy(serve_peft_model, ids, "poet", 8)
     finally:
         r = httpx.post(f"{base}/unload_lora_adapter", json={"lora_name": "runtime"})
     assert (
@@ -1589,13 +1637,14 @@ def test_client_disconnect_mid_stream_frees_all_blocks(server):
 
 def test_the_requests_of_a_colocated_apps_dead_ingress_replica_are_aborted(server):
     """Ray does not cancel a dead caller's calls: without the replicas' watch
-    (deployments/callers.py) a request whose ingress replica was killed decodes its 1400 tokens
-    (over a minute here) for nobody. The colocated replica aborts it within seconds, and
-    Serve's new ingress replica serves (the disaggregated replicas: test_replica_failure.py)."""
+    (deployments/callers.py) a request whose ingress replica was killed decodes its 2800
+    tokens (seconds, even of the tiny model) for nobody. The colocated replica aborts it within
+    seconds, and Serve's new ingress replica serves (the disaggregated replicas:
+    test_replica_failure.py)."""
     from tests.ray_session import kill_ingress, until_served
 
     with _stream(
-        server, "coloc", prompt="Count to one thousand:", max_tokens=1400, ignore_eos=True
+        server, "coloc", prompt="Count to one thousand:", max_tokens=2800, ignore_eos=True
     ) as r:
         chunks, lines = 0, r.iter_lines()
         for line in lines:
@@ -1627,7 +1676,8 @@ def test_the_requests_of_a_colocated_apps_dead_ingress_replica_are_aborted(serve
             break
         assert time.monotonic() < deadline, [line for line in coloc if "running" in line]
         time.sleep(1)
-    until_served(f"{server}/coloc", waiting=(500, 503))  # Serve's new ingress replica
+    hi = {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "temperature": 0}
+    until_served(f"{server}/coloc", waiting=(500, 503), body=hi)  # Serve's new ingress replica
 
 
 # how long after its last set a gauge series stays on the endpoint if nobody sets it again: what
@@ -1712,9 +1762,7 @@ def test_load_generator_records_every_request_against_the_live_server(server):
     flags = "--input-len 16 --output-len 6 --seed 1 --temperature 0.8 --top-p 0.9 --top-k 40"
     requests = make_requests(parser.parse_args([*flags.split(), "--min-p", "0.05"]), None, 4.0, 4)
     assert requests[0].sampling == {"temperature": 0.8, "top_p": 0.9, "top_k": 40, "min_p": 0.05}
-    records, duration = asyncio.run(
-        run(f"{server}/disagg", "SmolLM2-135M-Instruct", requests, progress=False)
-    )
+    records, duration = asyncio.run(run(f"{server}/disagg", MODEL, requests, progress=False))
     assert all(r.ok for r in records), [r.error for r in records]
     assert [r.num_output_tokens for r in records] == [6] * 4  # ignore_eos forces the length
     assert all(0 < r.ttft_s < 30 and 0 < r.tpot_s < 5 for r in records)
@@ -1736,5 +1784,5 @@ def test_load_generator_reports_http_errors_as_failed_requests(server):
         LoadRequest(0.0, "hi", 0),
         LoadRequest(0.0, "hi", 4, sampling={"temperature": 1.0, "top_p": 0.0}),
     ]
-    records, _ = asyncio.run(run(f"{server}/disagg", "SmolLM2-135M-Instruct", bad, progress=False))
+    records, _ = asyncio.run(run(f"{server}/disagg", MODEL, bad, progress=False))
     assert [r.error[:8] for r in records] == ["HTTP 400"] * 2 and "top_p" in records[1].error

@@ -139,4 +139,4 @@ def test_clients_that_leave_at_the_first_token_leave_no_kv_behind(server):
     from bench.experiment import Cluster
     from tests.test_serve import leaving_early_leaves_nothing
 
-    leaving_early_leaves_nothing(f"{server}/v1/completions", Cluster.APP)
+    leaving_early_leaves_nothing(f"{server}/v1/completions", Cluster.APP, MODEL)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import pytest
@@ -203,63 +204,75 @@ LORAS = {
 }
 
 
-def _lora_adapters(base_path, tmp_path_factory) -> dict:
-    """name -> the PEFT directory of each of LORAS, on the model at base_path."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+class Loras:
+    """LORAS written by PEFT on one base model, each part made at first use: their
+    directories, a directory of them for dynamic loading, PEFT's model with them."""
 
-    dirs = {}
-    for i, (name, settings) in enumerate(LORAS.items()):
-        torch.manual_seed(i)
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-        model = get_peft_model(base, LoraConfig(init_lora_weights=False, **settings))
-        dirs[name] = tmp_path_factory.mktemp(f"lora-{name}")
-        model.save_pretrained(dirs[name])
-    return {name: str(path) for name, path in dirs.items()}
+    def __init__(self, base_path, tmp_path_factory) -> None:
+        self.base_path, self.tmp = base_path, tmp_path_factory
 
+    @functools.cached_property
+    def adapters(self) -> dict:
+        """name -> the PEFT directory of each of LORAS."""
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
 
-def _lora_dir(adapters: dict, tmp_path_factory) -> str:
-    """A directory of adapters for dynamic loading: both of LORAS, each in a folder of its
-    name, and "dora", an adapter this server refuses (its config asks for DoRA)."""
-    import json
-    import shutil
+        dirs = {}
+        for i, (name, settings) in enumerate(LORAS.items()):
+            torch.manual_seed(i)
+            base = AutoModelForCausalLM.from_pretrained(self.base_path, dtype=torch.float32)
+            model = get_peft_model(base, LoraConfig(init_lora_weights=False, **settings))
+            dirs[name] = self.tmp.mktemp(f"lora-{name}")
+            model.save_pretrained(dirs[name])
+        return {name: str(path) for name, path in dirs.items()}
 
-    root = tmp_path_factory.mktemp("lora-dir")
-    for name, path in adapters.items():
-        shutil.copytree(path, root / name)
-    shutil.copytree(adapters["sql"], root / "dora")
-    config = json.loads((root / "dora" / "adapter_config.json").read_text())
-    (root / "dora" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    return str(root)
+    @functools.cached_property
+    def dir(self) -> str:
+        """A directory of adapters for dynamic loading: both of LORAS, each in a folder of its
+        name, and "dora", an adapter this server refuses (its config asks for DoRA)."""
+        import json
+        import shutil
 
+        root = self.tmp.mktemp("lora-dir")
+        for name, path in self.adapters.items():
+            shutil.copytree(path, root / name)
+        shutil.copytree(self.adapters["sql"], root / "dora")
+        config = json.loads((root / "dora" / "adapter_config.json").read_text())
+        (root / "dora" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+        return str(root)
 
-def _peft_model(base_path, adapters: dict):
-    """The model at base_path with the adapters through PEFT's own layers: the reference."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    @functools.cached_property
+    def peft(self):
+        """The base model with the adapters through PEFT's own layers: the reference."""
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    (first, path), *rest = adapters.items()
-    model = PeftModel.from_pretrained(base, path, adapter_name=first)
-    for name, other in rest:
-        model.load_adapter(other, adapter_name=name)
-    return model.eval()
-
-
-@pytest.fixture(scope="session")
-def lora_adapters(tmp_path_factory, default_model_path) -> dict:
-    """name -> the PEFT directory of each of LORAS, on the default model."""
-    return _lora_adapters(default_model_path, tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def lora_dir(tmp_path_factory, lora_adapters) -> str:
-    return _lora_dir(lora_adapters, tmp_path_factory)
+        base = AutoModelForCausalLM.from_pretrained(self.base_path, dtype=torch.float32)
+        (first, path), *rest = self.adapters.items()
+        model = PeftModel.from_pretrained(base, path, adapter_name=first)
+        for name, other in rest:
+            model.load_adapter(other, adapter_name=name)
+        return model.eval()
 
 
 @pytest.fixture(scope="session")
-def peft_model(default_model_path, lora_adapters):
-    return _peft_model(default_model_path, lora_adapters)
+def default_loras(tmp_path_factory, default_model_path) -> Loras:
+    return Loras(default_model_path, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def lora_adapters(default_loras) -> dict:
+    return default_loras.adapters
+
+
+@pytest.fixture(scope="session")
+def lora_dir(default_loras) -> str:
+    return default_loras.dir
+
+
+@pytest.fixture(scope="session")
+def peft_model(default_loras):
+    return default_loras.peft
 
 
 @pytest.fixture(scope="session")
@@ -279,19 +292,8 @@ def serve_model_path(tmp_path_factory, default_model_path) -> str:
 
 
 @pytest.fixture(scope="session")
-def serve_lora_adapters(tmp_path_factory, serve_model_path) -> dict:
-    """LORAS on the Serve tests' model."""
-    return _lora_adapters(serve_model_path, tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def serve_lora_dir(tmp_path_factory, serve_lora_adapters) -> str:
-    return _lora_dir(serve_lora_adapters, tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def serve_peft_model(serve_model_path, serve_lora_adapters):
-    return _peft_model(serve_model_path, serve_lora_adapters)
+def serve_loras(tmp_path_factory, serve_model_path) -> Loras:
+    return Loras(serve_model_path, tmp_path_factory)
 
 
 def peft_greedy(peft_model, token_ids: list[int], lora: str | None, max_new_tokens: int):

@@ -101,13 +101,13 @@ def _args(mode: dict, model: str, loras: dict | None = None) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(ray_serve, serve_model_path, serve_lora_adapters, serve_lora_dir):
+def server(ray_serve, serve_model_path, serve_loras):
     from app.builder import build_app
     from tests.ray_session import deploy, undeploy
 
     loras = {
-        "coloc": {"lora_modules": serve_lora_adapters},
-        "disagg_gloo": {"lora_dir": serve_lora_dir, "allow_runtime_lora_updating": True},
+        "coloc": {"lora_modules": serve_loras.adapters},
+        "disagg_gloo": {"lora_dir": serve_loras.dir, "allow_runtime_lora_updating": True},
     }
     apps = {
         name: (f"/{name}", build_app(_args(mode, serve_model_path, loras.get(name))))
@@ -434,13 +434,9 @@ def test_forced_tool_calls_through_the_official_client(server, local_engine, tok
     from engine.sampling_params import StructuredOutput
     from tests.test_tools import ASK, CLOCK, NAMED, WEATHER
 
-    # the city at most 24 characters (as CLOCK's timezone is bounded): a random model's
-    # strings run on past any max_tokens
-    weather = json.loads(json.dumps(WEATHER))
-    weather["function"]["parameters"]["properties"]["city"]["maxLength"] = 24
-    tools = [weather, CLOCK]
+    tools = [WEATHER, CLOCK]
     ids = chat_token_ids(tokenizer, ASK, tools=tools)
-    schema = json.dumps(weather["function"]["parameters"])
+    schema = json.dumps(WEATHER["function"]["parameters"])
     structure = StructuredOutput("json", schema, any_whitespace=False)
     params = SamplingParams(max_tokens=60, temperature=0, structured_output=structure)
     [want] = local_engine.generate([ids], params)
@@ -1528,7 +1524,7 @@ def test_clients_that_leave_at_the_first_token_leave_no_kv_behind(server):
     )
 
 
-def test_lora_adapters_are_models_of_their_own(server, serve_peft_model, tokenizer):
+def test_lora_adapters_are_models_of_their_own(server, serve_loras, tokenizer):
     """A request names an adapter as its model: disaggregated (each replica loading it from
     lora_dir at its first request; the KV and the adapter's name handed to the decode
     replica) and colocated (configured), the greedy tokens are PEFT's with that adapter;
@@ -1539,7 +1535,7 @@ def test_lora_adapters_are_models_of_their_own(server, serve_peft_model, tokeniz
     from tests.conftest import peft_greedy
 
     ids = tokenizer(PROMPT).input_ids
-    wants = {lora: peft_greedy(serve_peft_model, ids, lora, 8) for lora in ("sql", "poet")}
+    wants = {lora: peft_greedy(serve_loras.peft, ids, lora, 8) for lora in ("sql", "poet")}
 
     def check(mode: str) -> None:
         client = openai.OpenAI(base_url=f"{server}/{mode}/v1", api_key="unused")
@@ -1572,9 +1568,7 @@ def test_lora_adapters_are_models_of_their_own(server, serve_peft_model, tokeniz
     assert r.status_code == 404 and "'sql', 'poet'" in r.json()["error"]["message"]
 
 
-def test_adapters_load_and_unload_at_runtime(
-    server, serve_peft_model, tokenizer, serve_lora_adapters
-):
+def test_adapters_load_and_unload_at_runtime(server, serve_loras, tokenizer):
     """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (the disaggregated app with
     lora_dir and allow_runtime_lora_updating): a loaded adapter is a model of its own on the
     prefill and the decode replica, with PEFT's greedy tokens; loaded in place, another
@@ -1590,17 +1584,17 @@ def test_adapters_load_and_unload_at_runtime(
         assert r.status_code == 200, r.text
         return r.json()["choices"][0]["token_ids"]
 
-    load = {"lora_name": "runtime", "lora_path": serve_lora_adapters["sql"]}
+    load = {"lora_name": "runtime", "lora_path": serve_loras.adapters["sql"]}
     r = httpx.post(f"{base}/load_lora_adapter", json=load)
     assert r.status_code == 200 and r.text == "Success: LoRA adapter 'runtime' added successfully."
     try:
         r = httpx.post(f"{base}/load_lora_adapter", json=load)
         assert r.status_code == 400 and "already been loaded" in r.json()["error"]["message"]
-        assert greedy("runtime") == peft_greedy(serve_peft_model, ids, "sql", 8)
+        assert greedy("runtime") == peft_greedy(serve_loras.peft, ids, "sql", 8)
         assert "runtime" in [m["id"] for m in httpx.get(f"{base}/models").json()["data"]]
-        inplace = {**load, "lora_path": serve_lora_adapters["poet"], "load_inplace": True}
+        inplace = {**load, "lora_path": serve_loras.adapters["poet"], "load_inplace": True}
         assert httpx.post(f"{base}/load_lora_adapter", json=inplace).status_code == 200
-        assert greedy("runtime") == peft_greedy(serve_peft_model, ids, "poet", 8)
+        assert greedy("runtime") == peft_greedy(serve_loras.peft, ids, "poet", 8)
     finally:
         r = httpx.post(f"{base}/unload_lora_adapter", json={"lora_name": "runtime"})
     assert (

@@ -1,7 +1,9 @@
 """Function calling with a forced tool choice (app/tools.py): the constraint a named or
 "required" tool_choice sets, the tools and earlier calls reaching the chat template, the
 reply's tool_calls (final and streamed) built from the engine's constrained output, and the
-refused forms. The default model and its engine, no Ray."""
+refused forms. The engine of the Serve tests' tiny random model (tests/conftest.py:
+serve_model_path), no Ray: what is checked here is the calls' constraint, template and parsing,
+and the texts are forced or bounded."""
 
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ WEATHER = {
         "parameters": {
             "type": "object",
             "properties": {
-                "city": {"type": "string"},
+                # bounded: a small (or random) model's string can run on past any max_tokens
+                "city": {"type": "string", "maxLength": 24},
                 "unit": {"enum": ["celsius", "fahrenheit"]},
             },
             "required": ["city", "unit"],
@@ -49,6 +52,16 @@ CLOCK = {
 }
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.fixture(scope="module")
+def make_engine(serve_model_path, tokenizer):
+    """Factory: an engine of the tiny model (this module's, in place of conftest's default
+    model engines)."""
+    from engine import EngineConfig, LLMEngine
+
+    config = EngineConfig(model=serve_model_path, num_kv_blocks=256)
+    return lambda: LLMEngine(config, tokenizer=tokenizer)
 
 
 def _request(**fields) -> ChatCompletionRequest:

@@ -291,6 +291,33 @@ def serve_model_path(tmp_path_factory, default_model_path) -> str:
     return str(path)
 
 
+@pytest.fixture
+def make_tiny_engine(serve_model_path, tokenizer):
+    """Factory: an engine of serve_model_path with its own KV cache."""
+
+    def make(num_kv_blocks: int = 256, block_size: int = 16, **scheduler) -> LLMEngine:
+        config = EngineConfig(
+            model=serve_model_path,
+            num_kv_blocks=num_kv_blocks,
+            block_size=block_size,
+            scheduler=SchedulerConfig(**scheduler),
+        )
+        return LLMEngine(config, tokenizer=tokenizer)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_model(serve_model_path):
+    """serve_model_path through transformers' own attention: the reference."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        serve_model_path, dtype=torch.float32, attn_implementation="eager"
+    )
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def serve_loras(tmp_path_factory, serve_model_path) -> Loras:
     return Loras(serve_model_path, tmp_path_factory)

@@ -2,7 +2,8 @@
 generate under the same constraint (its prefix_allowed_tokens_fn, with a fresh llguidance
 matcher replaying the tokens at every step: a second code path), the form of sampled outputs,
 the hand-off, the end of a complete form, refused constraints; and the request fields
-(app/structured.py)."""
+(app/structured.py). The engines and transformers run the Serve tests' tiny random model
+(tests/conftest.py: serve_model_path): the constraint is what is checked, not the text."""
 
 from __future__ import annotations
 
@@ -23,10 +24,16 @@ from tests.conftest import drain
 
 pytestmark = pytest.mark.model
 
+# bounded: the tiny random model (tests/conftest.py: serve_model_path) writes its strings,
+# numbers and keys past any max_tokens
 PERSON = {
     "type": "object",
-    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "properties": {
+        "name": {"type": "string", "maxLength": 16},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+    },
     "required": ["name", "age"],
+    "additionalProperties": False,
 }
 CONSTRAINTS = {
     "regex": StructuredOutput("regex", r"[0-9]{3}-[a-z]{2}"),
@@ -50,10 +57,10 @@ def chat_prompt(tokenizer) -> list[int]:
     return chat_token_ids(tokenizer, messages)
 
 
-def _hf_constrained(hf_model, tokenizer, prompt: list[int], structure, max_new: int):
+def _hf_constrained(tiny_hf_model, tokenizer, prompt: list[int], structure, max_new: int):
     """transformers' greedy generate, allowed at each step only what a new matcher that has
     consumed the tokens so far allows."""
-    grammars = Grammars(tokenizer, hf_model.config.vocab_size)
+    grammars = Grammars(tokenizer, tiny_hf_model.config.vocab_size)
 
     def allowed(_batch, ids: torch.Tensor) -> list[int]:
         matcher = grammars.matcher(structure, ids[len(prompt) :].tolist())
@@ -63,7 +70,7 @@ def _hf_constrained(hf_model, tokenizer, prompt: list[int], structure, max_new: 
         return np.flatnonzero(bits).tolist()
 
     with torch.inference_mode():
-        out = hf_model.generate(
+        out = tiny_hf_model.generate(
             torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
             pad_token_id=tokenizer.eos_token_id, prefix_allowed_tokens_fn=allowed,
         )  # fmt: skip
@@ -72,18 +79,23 @@ def _hf_constrained(hf_model, tokenizer, prompt: list[int], structure, max_new: 
 
 @pytest.mark.parametrize("kind", list(CONSTRAINTS))
 def test_constrained_greedy_equals_transformers_under_the_same_constraint(
-    make_engine, hf_model, tokenizer, chat_prompt, kind
+    make_tiny_engine, tiny_hf_model, tokenizer, chat_prompt, kind
 ):
     structure = CONSTRAINTS[kind]
     params = SamplingParams(max_tokens=40, temperature=0, structured_output=structure)
-    [out] = make_engine().generate([chat_prompt], params)
-    [free] = make_engine().generate([chat_prompt], SamplingParams(max_tokens=40, temperature=0))
+    [out] = make_tiny_engine().generate([chat_prompt], params)
+    [free] = make_tiny_engine().generate(
+        [chat_prompt], SamplingParams(max_tokens=40, temperature=0)
+    )
     assert out.token_ids != free.token_ids[: len(out.token_ids)]  # the constraint changes it
-    expected = _hf_constrained(hf_model, tokenizer, chat_prompt, structure, 41)
+    expected = _hf_constrained(tiny_hf_model, tokenizer, chat_prompt, structure, 41)
+    assert expected[: len(out.token_ids)] == out.token_ids
+    if kind == "json_object":  # any keys and values: the random model's run on to max_tokens
+        assert out.finish_reason == "length" and out.text.startswith("{")
+        return
     # the request ends where the form is complete; transformers' next token is EOS, the only
     # one the constraint allows there
     assert out.finish_reason == "stop"
-    assert expected[: len(out.token_ids)] == out.token_ids
     assert expected[len(out.token_ids)] == tokenizer.eos_token_id
     _assert_form(kind, out.text)
 
@@ -102,10 +114,10 @@ def _assert_form(kind: str, text: str) -> None:
         assert re.fullmatch(r"The answer is [0-9]{1,2}\.", text), text
 
 
-def test_sampled_outputs_keep_their_form_beside_unconstrained_rows(make_engine, chat_prompt):
+def test_sampled_outputs_keep_their_form_beside_unconstrained_rows(make_tiny_engine, chat_prompt):
     """Seeded sampling under each constraint, all in one batch with a free request, which
     must sample as it does alone (masks stay on their rows)."""
-    engine = make_engine()
+    engine = make_tiny_engine()
     free = SamplingParams(max_tokens=12, temperature=1.0, seed=7)
     [alone] = engine.generate([chat_prompt], free)
     kinds = [k for k in CONSTRAINTS for _ in range(2)]
@@ -122,11 +134,11 @@ def test_sampled_outputs_keep_their_form_beside_unconstrained_rows(make_engine, 
             assert kind in ("json", "json_object") and out.text.startswith("{"), out.text
 
 
-def test_a_constrained_request_continues_across_the_handoff(make_engine, chat_prompt):
+def test_a_constrained_request_continues_across_the_handoff(make_tiny_engine, chat_prompt):
     for structure in (CONSTRAINTS["json"], CONSTRAINTS["grammar"]):
         p = SamplingParams(max_tokens=24, temperature=0.8, seed=3, structured_output=structure)
-        [want] = make_engine().generate([chat_prompt], p)
-        prefill, decode = make_engine(), make_engine()
+        [want] = make_tiny_engine().generate([chat_prompt], p)
+        prefill, decode = make_tiny_engine(), make_tiny_engine()
         prefill.add_request("r", chat_prompt, p, prefill_only=True)
         [first] = drain(prefill)["r"]
         assert first.prefilled
@@ -138,8 +150,10 @@ def test_a_constrained_request_continues_across_the_handoff(make_engine, chat_pr
         assert decode.stats.num_free_blocks == decode.stats.num_kv_blocks
 
 
-def test_a_complete_form_ends_the_request_even_with_ignore_eos(make_engine, tokenizer, chat_prompt):
-    engine = make_engine()
+def test_a_complete_form_ends_the_request_even_with_ignore_eos(
+    make_tiny_engine, tokenizer, chat_prompt
+):
+    engine = make_tiny_engine()
     for extra in ({"ignore_eos": True}, {"min_tokens": 10}):
         params = SamplingParams(
             max_tokens=20, temperature=0, structured_output=CONSTRAINTS["regex"], **extra
@@ -182,8 +196,8 @@ def test_a_complete_form_ends_the_request_even_with_ignore_eos(make_engine, toke
          "invalid structural_tag"),
     ],
 )  # fmt: skip
-def test_a_constraint_that_does_not_compile_is_refused(make_engine, structure, needle):
-    engine = make_engine()
+def test_a_constraint_that_does_not_compile_is_refused(make_tiny_engine, structure, needle):
+    engine = make_tiny_engine()
     params = SamplingParams(max_tokens=4, structured_output=structure)
     with pytest.raises(InvalidRequestError, match=re.escape(needle)) as e:
         engine.add_request("bad", "hi", params)
@@ -281,11 +295,11 @@ def test_request_fields_become_one_constraint():
         assert (e.value.status, e.value.param) == (400, param), fields
 
 
-def test_a_failing_parser_ends_its_request_with_an_error_and_frees_it(make_engine, tokenizer):
+def test_a_failing_parser_ends_its_request_with_an_error_and_frees_it(make_tiny_engine, tokenizer):
     """llguidance gives up on a lexeme repeated a million times: at the second token here. The
     request ends ("abort") with an InvalidRequestError naming the field, its blocks go back,
     the engine serves on. An EOS forced because nothing else was left is no error."""
-    engine = make_engine()
+    engine = make_tiny_engine()
     huge = StructuredOutput("grammar", "start: /[0-9]/ /a{1000000}/", param="guided_grammar")
     engine.add_request("r", "The capital of France is", SamplingParams(structured_output=huge))
     outs = drain(engine)["r"]
@@ -305,14 +319,16 @@ def test_a_failing_parser_ends_its_request_with_an_error_and_frees_it(make_engin
         assert (out.token_ids, out.finish_reason) == ([tokenizer.eos_token_id], "stop")
 
 
-def test_constrained_requests_survive_preemption(make_engine, chat_prompt):
+def test_constrained_requests_survive_preemption(make_tiny_engine, chat_prompt):
     """A request preempted (its KV dropped and recomputed) keeps its parser where it was: the
     outputs equal those of an engine with room for all."""
     story = {"type": "object", "properties": {"story": {"type": "string", "minLength": 300}}}
-    long = StructuredOutput("json", json.dumps({**story, "required": ["story"]}))
+    long = StructuredOutput(
+        "json", json.dumps({**story, "required": ["story"]}), any_whitespace=False
+    )
     params = [SamplingParams(max_tokens=28, seed=i, structured_output=long) for i in range(4)]
-    roomy = make_engine().generate([chat_prompt] * 4, params)
-    tight = make_engine(num_kv_blocks=14, block_size=16)  # 4 x (41 + 28) tokens do not fit
+    roomy = make_tiny_engine().generate([chat_prompt] * 4, params)
+    tight = make_tiny_engine(num_kv_blocks=14, block_size=16)  # 4 x (41 + 28) tokens do not fit
     outs = tight.generate([chat_prompt] * 4, params)
     assert tight.num_preemptions > 0
     assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]
@@ -473,22 +489,22 @@ def test_structural_tags_follow_the_thinking(tokenizer):
 
 
 def test_structural_tags_greedy_equals_transformers_under_the_same_tags(
-    make_engine, hf_model, tokenizer, chat_prompt
+    make_tiny_engine, tiny_hf_model, tokenizer, chat_prompt
 ):
-    """The model's own text up to the trigger (" JSON", which it writes at once), then the
+    """The model's own text up to the trigger (the second word it writes), then the
     structure, then free text again: token for token transformers' greedy generate under the
     same grammar."""
-    person = {"begin": " JSON", "schema": PERSON, "end": "."}
-    tags = StructuredOutput(
-        "structural_tag", json.dumps({"structures": [person], "triggers": [" JSON"]})
-    )
     free_params = SamplingParams(max_tokens=30, temperature=0)
-    [free] = make_engine().generate([chat_prompt], free_params)
-    [out] = make_engine().generate(
+    [free] = make_tiny_engine().generate([chat_prompt], free_params)
+    word = tokenizer.decode(free.token_ids[1:2])
+    person = {"begin": word, "schema": PERSON, "end": "."}
+    fields = {"structures": [person], "triggers": [word]}
+    tags = StructuredOutput("structural_tag", json.dumps(fields), any_whitespace=False)
+    [out] = make_tiny_engine().generate(
         [chat_prompt], dataclasses.replace(free_params, structured_output=tags)
     )
-    assert out.token_ids == _hf_constrained(hf_model, tokenizer, chat_prompt, tags, 30)
-    head, trigger, rest = out.text.partition(" JSON")
+    assert out.token_ids == _hf_constrained(tiny_hf_model, tokenizer, chat_prompt, tags, 30)
+    head, trigger, rest = out.text.partition(word)
     assert trigger and free.text.startswith(head + trigger)  # free until the trigger
     value, end = json.JSONDecoder().raw_decode(rest.lstrip())
     assert isinstance(value["name"], str) and isinstance(value["age"], int)

@@ -54,16 +54,6 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
 
-@pytest.fixture(scope="module")
-def make_engine(serve_model_path, tokenizer):
-    """Factory: an engine of the tiny model (this module's, in place of conftest's default
-    model engines)."""
-    from engine import EngineConfig, LLMEngine
-
-    config = EngineConfig(model=serve_model_path, num_kv_blocks=256)
-    return lambda: LLMEngine(config, tokenizer=tokenizer)
-
-
 def _request(**fields) -> ChatCompletionRequest:
     body = {"model": "m", "messages": ASK, "tools": [WEATHER, CLOCK], "temperature": 0, **fields}
     return parse(json.dumps(body).encode(), ChatCompletionRequest)
@@ -88,8 +78,8 @@ def _reply(engine, req: ChatCompletionRequest, max_tokens: int = 60):
     return params, "".join(o.new_text for o in outs), views[0].final(), chunks
 
 
-def test_a_named_tool_choice_writes_that_functions_arguments(make_engine):
-    engine = make_engine()
+def test_a_named_tool_choice_writes_that_functions_arguments(make_tiny_engine):
+    engine = make_tiny_engine()
     req = _request(tool_choice=NAMED)
     params, text, body, chunks = _reply(engine, req)
     structure = params.structured_output
@@ -123,8 +113,8 @@ def test_a_named_tool_choice_writes_that_functions_arguments(make_engine):
 
 
 @pytest.mark.parametrize("parallel", [None, False])
-def test_required_writes_a_list_of_calls(make_engine, parallel):
-    engine = make_engine()
+def test_required_writes_a_list_of_calls(make_tiny_engine, parallel):
+    engine = make_tiny_engine()
     req = _request(tool_choice="required", parallel_tool_calls=parallel)
     params, text, body, chunks = _reply(engine, req, max_tokens=80)
     schema = json.loads(params.structured_output.spec)
@@ -154,15 +144,17 @@ def test_required_writes_a_list_of_calls(make_engine, parallel):
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
-def test_calls_cut_short(make_engine):
+def test_calls_cut_short(make_tiny_engine):
     """Cut by max_tokens: "required"'s output before a call began is text; a named call keeps
     the arguments written (OpenAI's and vLLM's way), final and streamed alike."""
-    _, text, body, chunks = _reply(make_engine(), _request(tool_choice="required"), max_tokens=4)
+    _, text, body, chunks = _reply(
+        make_tiny_engine(), _request(tool_choice="required"), max_tokens=4
+    )
     [choice] = body["choices"]
     assert choice["finish_reason"] == "length" and "tool_calls" not in choice["message"]
     assert choice["message"]["content"] == text
     assert chunks[-1]["choices"][0]["delta"]["content"] == text
-    _, text, body, chunks = _reply(make_engine(), _request(tool_choice=NAMED), max_tokens=4)
+    _, text, body, chunks = _reply(make_tiny_engine(), _request(tool_choice=NAMED), max_tokens=4)
     [choice] = body["choices"]
     [call] = choice["message"]["tool_calls"]
     assert choice["finish_reason"] == "length" and call["function"]["arguments"] == text
@@ -255,13 +247,13 @@ MISTRAL_CALL = "[TOOL_CALLS]" + json.dumps([{"name": "get_weather", "arguments":
          "<|tool_calls_section_end|>", "On it."),
     ],
 )  # fmt: skip
-def test_auto_finds_the_calls_the_model_writes(make_engine, parser, written, content):
+def test_auto_finds_the_calls_the_model_writes(make_tiny_engine, parser, written, content):
     """The model made to write a call in the parser's format (a regex over the exact text):
     the reply's tool_calls hold it, final and streamed, with the text before it as content and
     finish_reason tool_calls; the call's text never reaches the client as content."""
     req = _request(tool_choice="auto", structured_outputs={"regex": re.escape(written)})
     req.use_tool_parser(parser)
-    params, text, body, chunks = _reply(make_engine(), req, max_tokens=80)
+    params, text, body, chunks = _reply(make_tiny_engine(), req, max_tokens=80)
     assert text == written and params.skip_special_tokens is False  # the markers are kept
     [choice] = body["choices"]
     [call] = choice["message"]["tool_calls"]
@@ -283,7 +275,7 @@ def test_auto_finds_the_calls_the_model_writes(make_engine, parser, written, con
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
-def test_auto_without_parallel_tool_calls_gives_the_first_call_alone(make_engine):
+def test_auto_without_parallel_tool_calls_gives_the_first_call_alone(make_tiny_engine):
     """parallel_tool_calls false (vLLM's way): of the two calls the model writes, the reply
     holds the first, final and streamed; the second reaches the client neither as a call nor
     as text."""
@@ -293,7 +285,7 @@ def test_auto_without_parallel_tool_calls_gives_the_first_call_alone(make_engine
         req = _request(tool_choice="auto", structured_outputs={"regex": re.escape(written)},
                        parallel_tool_calls=parallel)  # fmt: skip
         req.use_tool_parser("hermes")
-        _, text, body, chunks = _reply(make_engine(), req, max_tokens=120)
+        _, text, body, chunks = _reply(make_tiny_engine(), req, max_tokens=120)
         assert text == written
         message = body["choices"][0]["message"]
         names = [c["function"]["name"] for c in message["tool_calls"]]
@@ -306,10 +298,10 @@ def test_auto_without_parallel_tool_calls_gives_the_first_call_alone(make_engine
         assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
-def test_auto_without_a_call_is_plain_text(make_engine):
+def test_auto_without_a_call_is_plain_text(make_tiny_engine):
     req = _request(tool_choice="auto", structured_outputs={"regex": "Sunny in Paris\\."})
     req.use_tool_parser("hermes")
-    _, text, body, chunks = _reply(make_engine(), req)
+    _, text, body, chunks = _reply(make_tiny_engine(), req)
     [choice] = body["choices"]
     assert (
         choice["message"]

@@ -100,16 +100,21 @@ def tokenizer(default_model_path):
     return AutoTokenizer.from_pretrained(default_model_path)
 
 
-@pytest.fixture(scope="session")
-def paged_model(default_model_path):
-    """The default model with our paged attention, fp32; engines share its weights."""
+def paged(path, **config):
+    """The model at `path` with our paged attention, fp32 (`config`: its config's changes)."""
     from transformers import AutoModelForCausalLM
 
     name = paged_attention.register()
     model = AutoModelForCausalLM.from_pretrained(
-        default_model_path, dtype=torch.float32, attn_implementation=name
+        path, dtype=torch.float32, attn_implementation=name, **config
     )
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def paged_model(default_model_path):
+    """The default model with our paged attention, fp32; engines share its weights."""
+    return paged(default_model_path)
 
 
 @pytest.fixture(scope="session")
@@ -305,6 +310,11 @@ def make_tiny_engine(serve_model_path, tokenizer):
         return LLMEngine(config, tokenizer=tokenizer)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_paged_model(serve_model_path):
+    return paged(serve_model_path)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,8 @@
 draft (a recording runner: the uncached tokens once, then one draft at a time; after the
 target's verdict only what is new), its own block pool and prefix cache; then the engine's
 tokens against the same engine without drafts, for a draft of the target's weights (every
-greedy draft kept) and a draft of its first layers (most refused)."""
+greedy draft kept) and a draft of its first layer (most refused); the target there is the
+Serve tests' tiny random model (tests/conftest.py: serve_model_path)."""
 
 from __future__ import annotations
 
@@ -198,20 +199,12 @@ def test_serve_run_fails_at_build_for_a_draft_model_it_cannot_find(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def first_layers(default_model_path):
-    """The default model's first 24 of 30 layers and its head: a draft that agrees with it on
+def first_layer(serve_model_path):
+    """The first of the tiny target's two layers and its head: a draft that agrees with it on
     a few tokens in ten."""
-    from transformers import AutoModelForCausalLM
+    from tests.conftest import paged
 
-    from kvkernels import paged_attention
-
-    model = AutoModelForCausalLM.from_pretrained(
-        default_model_path,
-        dtype=torch.float32,
-        attn_implementation=paged_attention.register(),
-        num_hidden_layers=24,
-    )
-    return model.eval()
+    return paged(serve_model_path, num_hidden_layers=1)
 
 
 def _with_draft(tokenizer, target, draft, blocks: int = 256, draft_blocks=None, **scheduler):
@@ -228,11 +221,11 @@ def _with_draft(tokenizer, target, draft, blocks: int = 256, draft_blocks=None, 
 
 @pytest.mark.model
 def test_a_draft_of_the_targets_weights_has_every_greedy_draft_kept(
-    make_engine, paged_model, tokenizer
+    make_tiny_engine, tiny_paged_model, tokenizer
 ):
     params = SamplingParams(max_tokens=33, temperature=0, ignore_eos=True)
-    want = make_engine().generate(PROMPTS[:3], params)
-    spec = _with_draft(tokenizer, paged_model, paged_model)
+    want = make_tiny_engine().generate(PROMPTS[:3], params)
+    spec = _with_draft(tokenizer, tiny_paged_model, tiny_paged_model)
     got = spec.generate(PROMPTS[:3], params)
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
     # 32 tokens after the first, 4 a step: 8 steps of 3 drafts, each kept
@@ -242,15 +235,15 @@ def test_a_draft_of_the_targets_weights_has_every_greedy_draft_kept(
 
 
 @pytest.mark.model
-def test_a_draft_that_is_mostly_wrong_changes_no_token(make_engine, first_layers, tokenizer):
+def test_a_draft_that_is_mostly_wrong_changes_no_token(make_tiny_engine, first_layer, tokenizer):
     """Penalties, logprobs, a stop string, min_tokens and a structured output beside plain
     requests, with prefix caching: the tokens, text and logprobs of the engine without
     drafts (whatever the draft proposes, the target decides)."""
     from tests.test_spec_decode import _assert_same
 
     prompts, params = PROMPTS + PROMPTS[1:2], _params()
-    plain = make_engine(enable_prefix_caching=True)
-    spec = _with_draft(tokenizer, plain.runner.model, first_layers, enable_prefix_caching=True)
+    plain = make_tiny_engine(enable_prefix_caching=True)
+    spec = _with_draft(tokenizer, plain.runner.model, first_layer, enable_prefix_caching=True)
     _assert_same(plain.generate(prompts, params), spec.generate(prompts, params))
     assert 0 < spec.num_accepted_tokens < spec.num_draft_tokens / 2
     for blocks in (spec.blocks, spec.proposer.blocks):
@@ -259,20 +252,25 @@ def test_a_draft_that_is_mostly_wrong_changes_no_token(make_engine, first_layers
 
 
 @pytest.mark.model
-def test_a_draft_under_block_pressure_and_after_a_handoff(make_engine, paged_model, tokenizer):
+def test_a_draft_under_block_pressure_and_after_a_handoff(
+    make_tiny_engine, tiny_paged_model, tokenizer
+):
     """Target and draft caches too small for every request (preemptions, drafts dropped) give
     the same tokens; a request prefilled elsewhere is caught up by the draft over its first
     decode steps and decodes with every draft kept."""
     params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
-    want = make_engine().generate(PROMPTS, params)
-    tight = _with_draft(tokenizer, paged_model, paged_model, blocks=20, draft_blocks=12)
+    want = make_tiny_engine().generate(PROMPTS, params)
+    tight = _with_draft(tokenizer, tiny_paged_model, tiny_paged_model, blocks=20, draft_blocks=12)
     got = tight.generate(PROMPTS, params)
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
     assert tight.num_accepted_tokens > 0
     assert tight.proposer.blocks.num_free_blocks == 12
     # a token budget of 8: the draft catches the prompt up 8 tokens a step, then drafts
     budget = {"max_num_batched_tokens": 8}
-    prefill, decode = make_engine(), _with_draft(tokenizer, paged_model, paged_model, **budget)
+    prefill, decode = (
+        make_tiny_engine(),
+        _with_draft(tokenizer, tiny_paged_model, tiny_paged_model, **budget),
+    )
     prefill.add_request("h", PROMPTS[1], params, prefill_only=True)
     drain(prefill)
     assert decode.import_request(*prefill.export_kv("h"))

@@ -117,15 +117,19 @@ def paged_model(default_model_path):
     return paged(default_model_path)
 
 
-@pytest.fixture(scope="session")
-def hf_model(default_model_path):
-    """The same weights through transformers' own attention: the reference."""
+def eager(path):
+    """The model at `path` through transformers' own attention, fp32: the reference."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        default_model_path, dtype=torch.float32, attn_implementation="eager"
+        path, dtype=torch.float32, attn_implementation="eager"
     )
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_model(default_model_path):
+    return eager(default_model_path)
 
 
 @pytest.fixture
@@ -282,8 +286,9 @@ def peft_model(default_loras):
 
 @pytest.fixture(scope="session")
 def serve_model_path(tmp_path_factory, default_model_path) -> str:
-    """What the Serve tests' applications serve, where the text itself is not the point (it is
-    in the engine's tests): WIDE_LLAMA of 2 layers (a decode step ~2 ms on one thread, the
+    """The tiny model: what the Serve tests' applications serve, and the in-process tests whose
+    point is not the text (function calling, structured outputs, draft models; the text is the
+    engine tests' point): WIDE_LLAMA of 2 layers (a decode step ~2 ms on one thread, the
     default model's ~80), with the default model's tokenizer, chat template, generation config
     and context window."""
     import shutil
@@ -319,13 +324,7 @@ def tiny_paged_model(serve_model_path):
 
 @pytest.fixture(scope="session")
 def tiny_hf_model(serve_model_path):
-    """serve_model_path through transformers' own attention: the reference."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        serve_model_path, dtype=torch.float32, attn_implementation="eager"
-    )
-    return model.eval()
+    return eager(serve_model_path)
 
 
 @pytest.fixture(scope="session")

@@ -135,6 +135,12 @@ def hf_model(default_model_path):
 @pytest.fixture
 def make_engine(paged_model, tokenizer):
     """Factory: an engine on the shared default-model weights with its own KV cache."""
+    return _engines(paged_model, tokenizer)
+
+
+def _engines(model, tokenizer):
+    """Factory of engines on `model`'s weights (loaded once, shared), each with its own KV
+    cache."""
 
     def make(
         num_kv_blocks: int = 256, block_size: int = 16, kv_dtype=None, speculative=None, **scheduler
@@ -143,7 +149,7 @@ def make_engine(paged_model, tokenizer):
             block_size=block_size, scheduler=SchedulerConfig(**scheduler), speculative=speculative
         )
         runner = ModelRunner(
-            paged_model, num_kv_blocks=num_kv_blocks, block_size=block_size, kv_dtype=kv_dtype
+            model, num_kv_blocks=num_kv_blocks, block_size=block_size, kv_dtype=kv_dtype
         )
         return LLMEngine(config, runner=runner, tokenizer=tokenizer)
 
@@ -301,25 +307,15 @@ def serve_model_path(tmp_path_factory, default_model_path) -> str:
     return str(path)
 
 
-@pytest.fixture
-def make_tiny_engine(serve_model_path, tokenizer):
-    """Factory: an engine of serve_model_path with its own KV cache."""
-
-    def make(num_kv_blocks: int = 256, block_size: int = 16, **scheduler) -> LLMEngine:
-        config = EngineConfig(
-            model=serve_model_path,
-            num_kv_blocks=num_kv_blocks,
-            block_size=block_size,
-            scheduler=SchedulerConfig(**scheduler),
-        )
-        return LLMEngine(config, tokenizer=tokenizer)
-
-    return make
-
-
 @pytest.fixture(scope="session")
 def tiny_paged_model(serve_model_path):
     return paged(serve_model_path)
+
+
+@pytest.fixture
+def make_tiny_engine(tiny_paged_model, tokenizer):
+    """Factory: an engine on the shared weights of serve_model_path with its own KV cache."""
+    return _engines(tiny_paged_model, tokenizer)
 
 
 @pytest.fixture(scope="session")

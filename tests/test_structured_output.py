@@ -57,10 +57,10 @@ def chat_prompt(tokenizer) -> list[int]:
     return chat_token_ids(tokenizer, messages)
 
 
-def _hf_constrained(tiny_hf_model, tokenizer, prompt: list[int], structure, max_new: int):
+def _hf_constrained(hf_model, tokenizer, prompt: list[int], structure, max_new: int):
     """transformers' greedy generate, allowed at each step only what a new matcher that has
     consumed the tokens so far allows."""
-    grammars = Grammars(tokenizer, tiny_hf_model.config.vocab_size)
+    grammars = Grammars(tokenizer, hf_model.config.vocab_size)
 
     def allowed(_batch, ids: torch.Tensor) -> list[int]:
         matcher = grammars.matcher(structure, ids[len(prompt) :].tolist())
@@ -70,7 +70,7 @@ def _hf_constrained(tiny_hf_model, tokenizer, prompt: list[int], structure, max_
         return np.flatnonzero(bits).tolist()
 
     with torch.inference_mode():
-        out = tiny_hf_model.generate(
+        out = hf_model.generate(
             torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
             pad_token_id=tokenizer.eos_token_id, prefix_allowed_tokens_fn=allowed,
         )  # fmt: skip

@@ -139,17 +139,12 @@ def make_engine(paged_model, tokenizer):
 
 
 @pytest.fixture(scope="session")
-def shallow_paged_model(default_model_path):
-    """The default model cut to its first two layers (its embeddings, final norm and head
-    kept): real weights at about a third of the step time, and a repetitive writer, whose
-    n-gram drafts are often kept (the speculative-decoding tests' point)."""
-    return paged(default_model_path, num_hidden_layers=2)
-
-
-@pytest.fixture
-def make_shallow_engine(shallow_paged_model, tokenizer):
-    """Factory: an engine on the shared weights of shallow_paged_model."""
-    return _engines(shallow_paged_model, tokenizer)
+def make_shallow_engine(default_model_path, tokenizer):
+    """Factory of engines on the default model cut to its first two layers (its embeddings,
+    final norm and head kept; loaded once): real weights at about a third of the step time,
+    and a repetitive writer, whose n-gram drafts are often kept (the speculative-decoding
+    tests' point)."""
+    return _engines(paged(default_model_path, num_hidden_layers=2), tokenizer)
 
 
 def _engines(model, tokenizer):

@@ -247,7 +247,7 @@ class IngressArgs(HealthCheckArgs):
     runtime_env: dict | None = None
     # the name of an environment variable (of the ingress replicas' processes) holding an API
     # key: requests then need "Authorization: Bearer <key>" (vLLM's --api-key), all but
-    # /health, /ping and /version; None: no key
+    # /health, /ping, /version and /metrics; None: no key
     api_key_env: str | None = Field(None, min_length=1)
     # the Responses API's stored responses (previous_response_id, GET / DELETE
     # /v1/responses/{id}; vLLM's VLLM_ENABLE_RESPONSES_API_STORE, bounded): the most the

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
@@ -35,6 +36,7 @@ from app.lora_admin import (
     load_adapter,
     unload_adapter,
 )
+from app.metrics_page import NoMetricsError, metrics_page
 from app.model_router import ForwardedRequest, ForwardedStart, as_request, relay
 from app.prompts import PromptBuilder
 from app.protocol import (
@@ -108,8 +110,8 @@ class Ingress:
         handles = [this_process_transport(h) for h in (prefill, decode, colocated, store)]
         self.prefill, self.decode, self.colocated, store = handles
         called = [h for h in handles if h is not None]
-        app_name = called[0].app_name if called else ""
-        self.readiness = Readiness(app_name, [h.deployment_name for h in called])
+        self.app_name = called[0].app_name if called else ""
+        self.readiness = Readiness(self.app_name, [h.deployment_name for h in called])
         self.num_in_flight = 0
         self._kv_capacity: int | None = None  # smallest replica KV cache, fetched once
         self.created = int(time.time())
@@ -158,6 +160,8 @@ class Ingress:
             return await self._health()
         if path == "/version" and method == "GET":
             return JSONResponse({"version": _VERSION})
+        if path == "/metrics" and method == "GET":  # vLLM's, open as its is (and Ray's)
+            return await self._metrics()
         self._authorize(request)
         if path == "/v1/models" and method == "GET":
             return JSONResponse({"object": "list", "data": self._model_cards()})
@@ -187,6 +191,14 @@ class Ingress:
             return JSONResponse({"status": "ok"})
         waiting = "; ".join(f"{name}: {why}" for name, why in unready.items())
         return JSONResponse({"status": "unavailable", "message": waiting}, status_code=503)
+
+    async def _metrics(self) -> Response:
+        """This application's Prometheus series from every node (app/metrics_page.py)."""
+        try:
+            page = await metrics_page(self.app_name)
+        except NoMetricsError as e:
+            raise APIError(503, str(e), kind="server_error") from None
+        return Response(page, media_type=CONTENT_TYPE_LATEST)
 
     def _lora_admin(self, path: str, body: bytes) -> str:
         """vLLM's runtime LoRA updating (app/lora_admin.py) -> its success text."""

@@ -9,7 +9,8 @@ Each check prints `OK <name>` or `FAIL <name>: <why>`; the exit status is 0 only
 They cover what a client of an OpenAI-compatible server relies on: /health and /v1/models;
 completions and chat, streamed and not, greedy (the streamed text must equal the whole one, and
 `usage` must count it); a forced tool call and a JSON schema (both parse); the Responses API;
-a 400 with OpenAI's error body for a bad request, after which the server still answers.
+a 400 with OpenAI's error body for a bad request, after which the server still answers;
+/metrics, a Prometheus page (vLLM's route) that holds samples within METRICS_WAIT_S.
 
 `--greedy FILE`: the greedy texts are compared with the ones FILE holds (another run, another
 commit, another mode of the same model), or written there when it does not exist yet.
@@ -57,8 +58,11 @@ CITY = {
 CITY_FORMAT = {"name": "city", "schema": CITY}
 CHECKS = (
     "health", "models", "completion", "chat", "tool_call", "json_schema", "responses",
-    "bad_request",
+    "bad_request", "metrics",
 )  # fmt: skip
+# how long a fresh server's /metrics may stay empty: Ray exports a process's metrics every
+# 10 s by default, Serve's replicas' first among them
+METRICS_WAIT_S = 30.0
 
 
 class CheckFailed(Exception):
@@ -153,6 +157,19 @@ class Checks:
         else:
             raise CheckFailed("max_tokens=-1 was served")
         self.health()  # still serving
+
+    def metrics(self) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        deadline = time.monotonic() + METRICS_WAIT_S
+        while True:
+            response = httpx.get(f"{self.url}/metrics", timeout=30)
+            expect(response.status_code == 200, f"/metrics answered {response.status_code}")
+            families = text_string_to_metric_families(response.text)  # raises on a bad page
+            if any(family.samples for family in families):
+                return
+            expect(time.monotonic() < deadline, f"/metrics held no sample in {METRICS_WAIT_S} s")
+            time.sleep(1)
 
     def all(self) -> list[tuple[str, Callable[[], None]]]:
         return [(name, getattr(self, name)) for name in CHECKS]

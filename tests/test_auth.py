@@ -42,6 +42,10 @@ def test_a_configured_key_is_required_except_on_the_open_endpoints(monkeypatch):
     assert http.get("/health").json() == {"status": "ok"}
     assert http.get("/ping").status_code == 200
     assert http.get("/version").json()["version"]
+    # /metrics is open too (as vLLM's): no Ray here, so no node's page, said as a 503
+    monkeypatch.setattr("app.metrics_page.node_endpoints", list)
+    r = http.get("/metrics")
+    assert r.status_code == 503 and "no live node exports metrics" in r.json()["error"]["message"]
     r = http.get("/v1/models")
     assert r.status_code == 401
     assert r.json()["error"]["type"] == "authentication_error"

@@ -85,6 +85,26 @@ def test_each_model_serves_the_engines_greedy_tokens(client, engine_alone):
         assert chat.choices[0].finish_reason in ("length", "stop")
 
 
+def test_the_metrics_page_holds_every_models_series(url, client):
+    """/metrics (app/metrics_page.py) names no model: the router's first model answers it,
+    with the whole application's series, each model's Ingress's among them."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for model in ("smol-pd", "smol-co"):
+        client.completions.create(model=model, prompt=PROMPT, max_tokens=2)
+    deadline = time.monotonic() + 60
+    while True:  # until Ray has exported both Ingresses' first-token times
+        page = httpx.get(f"{url}/metrics", timeout=30)
+        assert page.status_code == 200, page.text
+        samples = [s for f in text_string_to_metric_families(page.text) for s in f.samples]
+        ingresses = {s.labels["deployment"] for s in samples if s.name.endswith("ttft_ms_count")}
+        if len(ingresses) == 2:
+            break
+        assert time.monotonic() < deadline, ingresses
+        time.sleep(1)
+    assert {s.labels["application"] for s in samples} == {APP}
+
+
 def test_an_adapter_is_served_by_its_model(client, engine_alone):
     """pd-sql (smol-pd's lora_modules) and sql (smol-co's lora_dir) are one adapter on one
     base model: the same tokens, which are not the base model's."""

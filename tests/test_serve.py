@@ -1737,6 +1737,49 @@ def test_metrics_reach_the_prometheus_endpoint(server):
         assert any(gauge in line and 'application="coloc"' in line for line in lines), gauge
 
 
+def test_the_api_port_serves_the_applications_metrics(server):
+    """GET /metrics on an application's route, as vLLM serves it: the application's series on
+    the node's Prometheus endpoint (its own and Serve's), value for value, no other's."""
+    assert _complete(server, "disagg", prompt=PROMPT, max_tokens=2).status_code == 200
+    deadline = time.monotonic() + 60
+    while True:  # until the node's endpoint holds the request's series
+        before = _series(httpx.get(server.metrics_url, timeout=10).text, "disagg")
+        page = httpx.get(f"{server}/disagg/metrics", timeout=30)
+        after = _series(httpx.get(server.metrics_url, timeout=10).text, "disagg")
+        if any(k[0] == "ray_splitserve_ttft_ms_count" for k in before):
+            break
+        assert time.monotonic() < deadline, sorted({k[0] for k in before})
+        time.sleep(1)
+    assert page.status_code == 200, page.text
+    assert page.headers["content-type"].startswith("text/plain")
+    ours = _series(page.text)
+    assert ours.keys() == _series(page.text, "disagg").keys()  # only the application's
+    # read between two reads of the node's endpoint: each splitserve series that both hold
+    # (some of Serve's come and go), with the value of both where they agree (an export
+    # between the reads changes some: the loop-lag histogram grows every 100 ms)
+    own = {k: v for k, v in after.items() if k[0].startswith("ray_splitserve_") and k in before}
+    assert own.keys() <= ours.keys()
+    steady = {k: v for k, v in own.items() if before[k] == v}
+    assert steady.items() <= ours.items()
+    assert {"ray_splitserve_requests_total", "ray_splitserve_ttft_ms_count"} <= {
+        k[0] for k in steady
+    }
+    assert any(k[0].startswith("ray_serve_") for k in ours)  # Serve's per-application ones
+
+
+def _series(text: str, app: str | None = None) -> dict[tuple, float]:
+    """A Prometheus page's samples (of the application `app` only, if given): (name, sorted
+    labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = (s for f in text_string_to_metric_families(text) for s in f.samples)
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for s in samples
+        if app is None or s.labels.get("application") == app
+    }
+
+
 def _labels(line: str, *names: str) -> tuple[str | None, ...]:
     """A Prometheus sample's values of the labels `names` (None where it has none)."""
     found = [re.search(rf'[{{,]{name}="([^"]*)"', line) for name in names]

@@ -170,6 +170,9 @@ class Ingress:
         if path in ("/v1/completions", "/v1/chat/completions") and method == "POST":
             chat = path == "/v1/chat/completions"
             return await self._generate(await request.body(), chat, _client_id(request))
+        if path == "/invocations" and method == "POST":  # SageMaker's, as vLLM serves it
+            body = await request.body()
+            return await self._generate(body, _invocation_is_chat(body), _client_id(request))
         if path == "/v1/responses" and method == "POST":
             return await self._respond(await request.body(), _client_id(request))
         if path.startswith("/v1/responses/"):
@@ -592,6 +595,18 @@ def _replica_failure(e: Exception) -> str:
     if isinstance(cause, RuntimeError) and not isinstance(cause, RayError) and lines:
         return f"the request failed in a model replica: {lines[0][:300]}; retry it"
     return f"the request failed in a model replica ({type(e).__name__}); retry it"
+
+
+def _invocation_is_chat(body: bytes) -> bool:
+    """Whether a SageMaker /invocations body is a chat completion (it holds `messages`), not a
+    completion (`prompt`), as vLLM tells them apart; a 400 when it holds neither."""
+    data = parse_object(body)
+    if "messages" in data or "prompt" in data:
+        return "messages" in data
+    raise APIError(
+        400, "an /invocations body is a chat completion (messages) or a completion (prompt); "
+        "this one holds neither",
+    )  # fmt: skip
 
 
 def _client_id(request: Request) -> str | None:

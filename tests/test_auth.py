@@ -52,8 +52,8 @@ def test_a_configured_key_is_required_except_on_the_open_endpoints(monkeypatch):
     for wrong in ("s3cre", "s3cret!", "Basic s3cret"):
         r = http.get("/v1/models", headers={"authorization": f"Bearer {wrong}"})
         assert r.status_code == 401, wrong
-    r = http.post("/tokenize", json={"prompt": "Hi"})
-    assert r.status_code == 401  # every route that serves the model needs it
+    for route in ("/tokenize", "/invocations"):  # every route that serves the model needs it
+        assert http.post(route, json={"prompt": "Hi"}).status_code == 401, route
     with pytest.raises(openai.AuthenticationError):
         _openai(http, "wrong").models.list()
     assert [m.id for m in _openai(http, "s3cret").models.list()] == [MODEL]

@@ -181,6 +181,27 @@ def test_greedy_output_is_identical_in_all_modes_and_to_the_engine(server, engin
     _each(MODES, check)
 
 
+def test_sagemakers_invocations_route_serves_chat_and_completions(server, engine_alone):
+    """POST /invocations (SageMaker's, as vLLM serves it): a body with `messages` is a chat
+    completion and one with `prompt` a completion, answered as on their own routes; a body
+    with neither is a 400 that names both."""
+    url = f"{server}/disagg"
+    done = httpx.post(f"{url}/invocations", timeout=120, json={
+        "model": MODEL, "prompt": PROMPT, "max_tokens": 8, "temperature": 0})  # fmt: skip
+    assert done.status_code == 200, done.text
+    assert done.json()["object"] == "text_completion"
+    assert done.json()["choices"][0]["text"] == engine_alone.text
+    hi = [{"role": "user", "content": "Hi"}]
+    chat = {"model": MODEL, "messages": hi, "max_tokens": 6, "temperature": 0}
+    answers = [httpx.post(f"{url}{route}", json=chat, timeout=120).json()
+               for route in ("/invocations", "/v1/chat/completions")]  # fmt: skip
+    assert [a["object"] for a in answers] == ["chat.completion"] * 2
+    assert answers[0]["choices"] == answers[1]["choices"]
+    neither = httpx.post(f"{url}/invocations", json={"model": MODEL}, timeout=30)
+    assert neither.status_code == 400
+    assert "(messages)" in neither.json()["error"]["message"]
+
+
 def test_stream_batching_sends_the_engines_tokens_in_fewer_chunks(server, local_engine):
     """disagg_os's decode replica joins a request's tokens per 300 ms: the stream carries the
     engine's text and token ids, in fewer chunks than tokens, and its usage counts them all."""

@@ -28,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from app import metrics_page
 from app.config import AppArgs
 from app.formats import ChatFormat, CompletionFormat, Prompt
 from app.lora_admin import (
@@ -36,7 +37,6 @@ from app.lora_admin import (
     load_adapter,
     unload_adapter,
 )
-from app.metrics_page import NoMetricsError, metrics_page
 from app.model_router import ForwardedRequest, ForwardedStart, as_request, relay
 from app.prompts import PromptBuilder
 from app.protocol import (
@@ -198,8 +198,8 @@ class Ingress:
     async def _metrics(self) -> Response:
         """This application's Prometheus series from every node (app/metrics_page.py)."""
         try:
-            page = await metrics_page(self.app_name)
-        except NoMetricsError as e:
+            page = await metrics_page.scrape(self.app_name)
+        except metrics_page.NoMetricsError as e:
             raise APIError(503, str(e), kind="server_error") from None
         return Response(page, media_type=CONTENT_TYPE_LATEST)
 

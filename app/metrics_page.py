@@ -27,7 +27,7 @@ class NoMetricsError(RuntimeError):
     """No node's metrics endpoint answered."""
 
 
-async def metrics_page(app_name: str) -> str:
+async def scrape(app_name: str) -> str:
     """The Prometheus text of `app_name`'s series on every live node of this cluster."""
     urls = await asyncio.to_thread(node_endpoints)
     if not urls:
@@ -84,7 +84,12 @@ def merge(texts: Iterable[str], app_name: str) -> str:
     families: dict[str, Metric] = {}
     for text in texts:
         lines = (line for line in text.splitlines() if line.startswith("#") or needle in line)
-        for family in text_string_to_metric_families("\n".join(lines) + "\n"):
+        try:  # a page that does not parse is one node's fault: the others' still count
+            parsed = list(text_string_to_metric_families("\n".join(lines) + "\n"))
+        except ValueError as e:
+            logger.warning("metrics: a node's page did not parse, left out: %s", e)
+            continue
+        for family in parsed:
             samples = [s for s in family.samples if s.labels.get(APP_LABEL) == app_name]
             if family.name in families:
                 families[family.name].samples.extend(samples)

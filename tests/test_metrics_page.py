@@ -88,6 +88,12 @@ def test_only_the_application_label_itself_selects_a_sample():
     assert merge([decoy], "nobody") == ""  # no series: an empty page, as Prometheus takes it
 
 
+def test_a_page_that_does_not_parse_is_left_out():
+    good = _page("10.0.0.2", 4, 6)
+    broken = _page("10.0.0.1", 3, 5) + 'ray_splitserve_requests_total{application="chat"} many\n'
+    assert merge([broken, good], "chat") == merge([good], "chat") != ""
+
+
 def test_a_node_that_does_not_answer_is_left_out_and_none_answering_is_an_error(monkeypatch):
     text = _page("10.0.0.1", 3, 5)
 
@@ -108,11 +114,11 @@ def test_a_node_that_does_not_answer_is_left_out_and_none_answering_is_an_error(
         with http.server.HTTPServer(("127.0.0.1", 0), Page) as closed:
             gone = f"http://127.0.0.1:{closed.server_port}/metrics"  # closed once left
         monkeypatch.setattr(metrics_page, "node_endpoints", lambda: [gone, live])
-        assert asyncio.run(metrics_page.metrics_page("chat")) == merge([text], "chat")
+        assert asyncio.run(metrics_page.scrape("chat")) == merge([text], "chat")
         server.shutdown()
     monkeypatch.setattr(metrics_page, "node_endpoints", lambda: [gone])
     with pytest.raises(NoMetricsError, match="no node's metrics endpoint answered"):
-        asyncio.run(metrics_page.metrics_page("chat"))
+        asyncio.run(metrics_page.scrape("chat"))
     monkeypatch.setattr(metrics_page, "node_endpoints", list)
     with pytest.raises(NoMetricsError, match="no live node exports metrics"):
-        asyncio.run(metrics_page.metrics_page("chat"))
+        asyncio.run(metrics_page.scrape("chat"))

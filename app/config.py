@@ -458,11 +458,6 @@ class AppArgs(_Strict):
                     f"{phase}.engine.gpu_memory_utilization sizes a GPU's KV cache: set device: "
                     "cuda (on a CPU, kv_cache_memory_mb)"
                 )
-            if not engine.parallel.is_single:
-                raise ValueError(
-                    f"{phase}.engine.gpu_memory_utilization: not yet for tensor- or "
-                    "pipeline-parallel workers; set kv_cache_memory_mb (per worker)"
-                )
         return self
 
     @model_validator(mode="after")

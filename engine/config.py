@@ -105,11 +105,6 @@ class EngineConfig:
             raise ValueError(
                 "gpu_memory_utilization sizes a GPU's KV cache; on a CPU it is kv_cache_memory_mb"
             )
-        if not self.parallel.is_single:
-            raise ValueError(
-                "gpu_memory_utilization: not yet for tensor- or pipeline-parallel workers; "
-                "set kv_cache_memory_mb (per worker)"
-            )
 
     @property
     def kv_dtype(self) -> str:

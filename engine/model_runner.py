@@ -246,7 +246,7 @@ class ModelRunner:
         per_block = ModelShape.of(model.config).kv_bytes_per_token(cache) * block_size
         if num_kv_blocks is None and memory_share is not None:
             runner_args = (block_size, device, max_model_len, cache)
-            kv_bytes = cls._kv_bytes_for_share(model, memory_share, *runner_args)
+            kv_bytes = cls.kv_bytes_for_share(model, memory_share, *runner_args)
             # a draft model's cache takes its bytes for each of these blocks, from the same share
             num_kv_blocks = kv_bytes // (per_block + memory_share.draft_block_bytes)
         if num_kv_blocks is None:
@@ -269,12 +269,13 @@ class ModelRunner:
 
     @classmethod
     @torch.inference_mode()
-    def _kv_bytes_for_share(
-        cls, model, share: MemoryShare, block_size: int, device: str, max_len, kv_dtype
+    def kv_bytes_for_share(
+        cls, model, share: MemoryShare, block_size: int, device: str, max_len, kv_dtype, **shard
     ) -> int:
         """The KV cache's bytes for `share` of the device's memory (engine/kv_memory.py): the
         largest step run on a throwaway cache (the model moved to the device with it) and
-        torch's peak read."""
+        torch's peak read. `shard`: a worker's (engine/workers.py: ShardRunner's shard, layout
+        and group), whose step every rank of its replica runs at once."""
         from engine import kv_memory
 
         probe = share.probe or kv_memory.CudaProbe(torch.device(device))
@@ -283,8 +284,10 @@ class ModelRunner:
         batch = kv_memory.profile_batch(share.tokens, share.seqs, longest, block_size)
         blocks = sum(len(seq.block_table) for seq in batch.seqs)
         probe.reset_peak()
-        runner = cls(model, blocks, block_size, device, max_model_len=max_len, kv_dtype=kv_dtype)
-        runner._eager(batch)
+        runner = cls(
+            model, blocks, block_size, device, max_model_len=max_len, kv_dtype=kv_dtype, **shard
+        )
+        runner.execute(batch)  # eager: a throwaway runner captures no graphs
         throwaway = runner.kv_cache.numel() * runner.kv_cache.element_size()
         del runner
         peak = probe.peak() - throwaway

@@ -27,7 +27,7 @@ import torch
 from engine.config import EngineConfig
 from engine.kv_handoff import KVPiece, finish_all, open_all
 from engine.lora import LoRAError
-from engine.model_runner import ModelInput, ModelRunner, ModelShape
+from engine.model_runner import MemoryShare, ModelInput, ModelRunner, ModelShape
 from engine.model_store import resolve_model
 from engine.parallel import ParallelLayout, Shard, split_micro_batches
 from engine.sharding import decoder
@@ -189,7 +189,7 @@ class ModelWorker:
         config: EngineConfig,
         layout: ParallelLayout,
         rank: int,
-        num_kv_blocks: int,
+        num_kv_blocks: int | None,  # None: sized by gpu_memory_utilization (allocate)
         kv_transport: str,
     ) -> None:
         if config.num_threads:
@@ -239,19 +239,30 @@ class ModelWorker:
         shard = ModelShape.of(model.config).shards(self.layout)[self.rank]
         tp_group = groups[shard.pp_rank]
         shard_model(model, shard, self.layout.tp, tp_group)
-        self.runner = ShardRunner(
-            model,
-            self.num_kv_blocks,
-            self.config.block_size,
-            self.config.device,
-            shard,
-            self.layout,
-            tp_group,
-            self.config.max_model_len,
-            getattr(torch, self.config.kv_dtype),
-        )
+        self._shard = (model, {"shard": shard, "layout": self.layout, "tp_group": tp_group})
+        if self.num_kv_blocks is not None:  # else gpu_memory_utilization sizes it next
+            self.allocate(self.num_kv_blocks)
         node_id = ray.get_runtime_context().get_node_id()
         self.channel = KVChannel(self.kv_transport, node_id)
+
+    def kv_bytes_for_share(self, share: MemoryShare) -> int:
+        """The bytes this rank's KV cache may take under gpu_memory_utilization: the largest
+        step profiled on a throwaway cache, every rank at once (the step's collectives)."""
+        model, shard = self._shard
+        c = self.config
+        kv_dtype = getattr(torch, c.kv_dtype)
+        args = (c.block_size, c.device, c.max_model_len, kv_dtype)
+        return ShardRunner.kv_bytes_for_share(model, share, *args, **shard)
+
+    def allocate(self, num_kv_blocks: int) -> None:
+        """This rank's runner, with its KV cache of `num_kv_blocks` blocks."""
+        model, shard = self._shard
+        c = self.config
+        self.num_kv_blocks = num_kv_blocks
+        self.runner = ShardRunner(
+            model, num_kv_blocks, c.block_size, c.device, max_model_len=c.max_model_len,
+            kv_dtype=getattr(torch, c.kv_dtype), **shard,
+        )  # fmt: skip
 
     def execute(self, batch: ModelInput) -> torch.Tensor | None:
         return self.runner.execute(batch)
@@ -301,7 +312,12 @@ class WorkerGroupRunner:
     opens_own_kv = True  # each worker opens the pieces addressed to it
 
     def __init__(
-        self, path: str, config: EngineConfig, layout: ParallelLayout, kv_transport: str = "shm"
+        self,
+        path: str,
+        config: EngineConfig,
+        layout: ParallelLayout,
+        kv_transport: str = "shm",
+        memory_share: MemoryShare | None = None,  # None: the config's (tests give their own)
     ) -> None:
         from transformers import AutoConfig
 
@@ -315,9 +331,11 @@ class WorkerGroupRunner:
         self.block_size = config.block_size
         self.kv_dtype = getattr(torch, config.kv_dtype)
         per_block = self.shape.kv_bytes_per_token(self.kv_dtype, layout) * config.block_size
-        self.num_kv_blocks = config.num_kv_blocks or max(
-            1, config.kv_cache_memory_mb * 2**20 // per_block
-        )
+        self.per_block = per_block  # of the worker with the most layers
+        self.share = memory_share or config.memory_share
+        self.num_kv_blocks: int | None = config.num_kv_blocks
+        if self.num_kv_blocks is None and self.share is None:
+            self.num_kv_blocks = max(1, config.kv_cache_memory_mb * 2**20 // per_block)
         self.failure: str | None = None
         self.lora_slots: dict[str, int] = {}  # the LoRA adapters every worker holds
         self.num_lora_loads = 0
@@ -343,6 +361,8 @@ class WorkerGroupRunner:
         try:
             master = ray.get(workers[0].address.remote(), timeout=_START_TIMEOUT_S)
             self._get([w.start.remote(master) for w in workers], timeout=_START_TIMEOUT_S)
+            if self.num_kv_blocks is None:
+                self.num_kv_blocks = self._size_by_share(workers)
             self.worker_pids = self._get([w.pid.remote() for w in workers])
         except ray.exceptions.GetTimeoutError as e:
             _kill(workers)
@@ -356,7 +376,25 @@ class WorkerGroupRunner:
             if isinstance(e.cause, Exception):
                 raise e.cause from e  # e.g. the ValueError naming what does not split
             raise
+        except ValueError:  # the share holds no block
+            _kill(workers)
+            raise
         return workers
+
+    def _size_by_share(self, workers: list) -> int:
+        """gpu_memory_utilization's KV blocks: as many as the tightest rank's share holds
+        (each rank on its own GPU, each measured there), every rank's cache then allocated."""
+        refs = [w.kv_bytes_for_share.remote(self.share) for w in workers]
+        budgets = self._get(refs, timeout=_START_TIMEOUT_S)
+        num_kv_blocks = min(budgets) // self.per_block
+        if num_kv_blocks < 1:
+            raise ValueError(
+                f"gpu_memory_utilization {self.share.share}: a worker's share leaves "
+                f"{min(budgets)} bytes for its KV cache, less than one block "
+                f"({self.per_block} bytes); raise it, or lower max_num_batched_tokens"
+            )
+        self._get([w.allocate.remote(num_kv_blocks) for w in workers], timeout=_START_TIMEOUT_S)
+        return num_kv_blocks
 
     # ---- the runner interface (engine/model_runner.py) ----------------------------------------
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from deployments.serve_env import controller_options, env_words, serve_env
 from engine.config import DEFAULT_STEP_TIMEOUT_S
-from placement.analytic import Efficiency, kv_bytes_per_token_per_gpu
+from placement.analytic import Efficiency
 from placement.cli_args import (
     add_source_args,
     add_workload_args,
@@ -37,7 +37,7 @@ from placement.cli_args import (
     workload_from,
 )
 from placement.frontend import FrontEnd, ServingCost, size_front_end
-from placement.hardware import DEVICES, ModelSpec
+from placement.hardware import DEVICES
 from placement.optimizer import Candidate, Search, meet_rate, optimize, table
 from placement.simulator import SLO, InstanceSpec
 
@@ -49,7 +49,6 @@ def serve_config(
     threads: int | None = None,
     autoscale: float | None = None,
     front: FrontEnd | None = None,
-    model: ModelSpec | None = None,
 ) -> dict:
     """A serve_config.yaml (as a dict) for `serve run` that deploys the chosen placement.
 
@@ -61,9 +60,8 @@ def serve_config(
     times the factor, on its own latency target and its profile coefficients.
     With `front` (front_end_for), the ingress replicas and the decode (or colocated) replicas'
     stream batching it sized.
-    On GPUs, each replica's KV cache holds what the plan counted on: a single-GPU replica fills
-    the roofline's share of its GPU (gpu_memory_utilization), a multi-GPU one's workers each
-    get `model`'s KV of the entry's capacity (kv_cache_memory_mb).
+    On GPUs, each replica's KV cache holds what the plan counted on: every worker fills the
+    roofline's share of its GPU (gpu_memory_utilization), what its weights leave of it.
     """
     p = best.placement
     on_gpu = str((base_args or {}).get("device", "cpu")).startswith("cuda")
@@ -78,13 +76,8 @@ def serve_config(
         if threads:
             engine["num_threads"] = threads
         units = spec.entry.tp * spec.entry.pp
-        if on_gpu and units == 1:  # the KV cache the plan counted on: what weights leave of
-            engine["gpu_memory_utilization"] = Efficiency().mem_util  # that share (analytic)
-        elif on_gpu and model is not None:  # per worker: its part of the capacity's tokens
-            per_token = kv_bytes_per_token_per_gpu(model, spec.entry.tp, spec.entry.pp)
-            engine["kv_cache_memory_mb"] = math.ceil(
-                spec.entry.kv_capacity_tokens * per_token / 2**20
-            )
+        if on_gpu:  # the KV cache the plan counted on: what weights leave of that share
+            engine["gpu_memory_utilization"] = Efficiency().mem_util  # (analytic)
         out = {"num_replicas": spec.count, "num_cpus": 0.9, "engine": engine}
         if units > 1:  # the replica schedules; one placement-group bundle per model worker
             engine["worker_num_cpus"] = 0.8
@@ -369,7 +362,6 @@ def main(argv: list[str] | None = None) -> None:
         threads=args.threads,
         autoscale=args.autoscale,
         front=front,
-        model=spec,
     )
     text = yaml.safe_dump(config, sort_keys=False)
     mode = (search.profile.serving or ServingCost()).serve_mode

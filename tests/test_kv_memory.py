@@ -137,13 +137,13 @@ def test_a_draft_models_cache_comes_from_the_same_share(monkeypatch):
 def test_the_share_is_a_gpu_setting():
     with pytest.raises(ValidationError, match="decode.engine.gpu_memory_utilization sizes a GPU"):
         AppArgs.model_validate({"decode": {"engine": {"gpu_memory_utilization": 0.4}}})
-    with pytest.raises(ValidationError, match="not yet for tensor- or pipeline-parallel"):
-        AppArgs.model_validate(
-            {
-                "device": "cuda",
-                "prefill": {"engine": {"gpu_memory_utilization": 0.4, "tensor_parallel_size": 2}},
-            }
-        )
+    workers = AppArgs.model_validate(  # each worker of a parallel replica takes the share
+        {
+            "device": "cuda",
+            "prefill": {"engine": {"gpu_memory_utilization": 0.4, "tensor_parallel_size": 2}},
+        }
+    )
+    assert workers.engine_config("prefill").memory_share == MemoryShare(0.4, 2048, 32)
     with pytest.raises(ValidationError, match="less than or equal to 1"):
         AppArgs.model_validate(
             {"device": "cuda", "decode": {"engine": {"gpu_memory_utilization": 1.5}}}

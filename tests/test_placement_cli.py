@@ -66,16 +66,15 @@ def test_plan_from_a_device_spec_writes_a_config_and_meets_the_rate(tmp_path, ca
     if args["mode"] == "disaggregated":
         assert args["kv_transport"] == "cuda_ipc"  # one node: same or peer GPU
     AppArgs.model_validate(args)  # serve run would accept it
-    for phase in ("prefill", "decode", "colocated"):
-        engine = args.get(phase, {}).get("engine")
-        if engine is None:
-            continue
-        single = engine["tensor_parallel_size"] * engine["pipeline_parallel_size"] == 1
-        # the KV cache the plan counted on: what the weights leave of 0.9 of each GPU (13B
-        # in bf16: 26 GB of weights, at tp2 13 GB on each A100-80GB, so ~59 GB of KV each)
-        assert engine.get("gpu_memory_utilization") == (0.9 if single else None), phase
-        if not single:
-            assert 40_000 < engine["kv_cache_memory_mb"] < 0.9 * 80e9 / 2**20, phase
+    engines = {p: args[p]["engine"] for p in ("prefill", "decode", "colocated") if p in args}
+    # a multi-GPU replica among them (13B in bf16 at 12 req/s: tp2), its share accepted
+    units = [e["tensor_parallel_size"] * e["pipeline_parallel_size"] for e in engines.values()]
+    assert max(units) > 1
+    for phase, engine in engines.items():
+        # the KV cache the plan counted on: what the weights leave of 0.9 of each GPU, every
+        # worker of a multi-GPU replica measuring its own
+        assert engine["gpu_memory_utilization"] == 0.9, phase
+        assert "kv_cache_memory_mb" not in engine, phase
     replicas = sum(
         args[p]["num_replicas"] * args[p]["engine"]["tensor_parallel_size"]
         * args[p]["engine"]["pipeline_parallel_size"]

@@ -292,9 +292,10 @@ class AppArgs(_Strict):
     # a Hub id of which the tokenizer's files alone are fetched; None: the model's own
     tokenizer: str | None = None
     tokenizer_revision: str | None = None
-    # the name requests give as `model` (vLLM's --served-model-name); None: `model` as
-    # written, as vLLM names it (the embedded model: SmolLM2-135M-Instruct)
-    served_model_name: str | None = Field(None, min_length=1)
+    # the name requests give as `model` (vLLM's --served-model-name), or several names, any
+    # of which a request may give, the first the one responses and model cards lead with;
+    # None: `model` as written, as vLLM names it (the embedded model: SmolLM2-135M-Instruct)
+    served_model_name: str | list[str] | None = None
     # vLLM's --generation-config: "auto" takes the sampling defaults (temperature, top_p,
     # top_k, min_p, repetition_penalty, max_new_tokens) that the model's
     # generation_config.json sets for the requests that leave them out; "vllm": OpenAI's
@@ -400,6 +401,16 @@ class AppArgs(_Strict):
             dirs[name] = str(path) if path.is_dir() else where  # a directory, or a Hub id
         return dirs
 
+    @field_validator("served_model_name")
+    @classmethod
+    def _names(cls, value: str | list[str] | None) -> str | list[str] | None:
+        names = [value] if isinstance(value, str) else value or []
+        if value is not None and (not names or not all(names)):
+            raise ValueError("a name, or a list of names, none of them empty")
+        if len(set(names)) != len(names):
+            raise ValueError(f"names repeat: {names}")
+        return value
+
     @field_validator("tokenizer")
     @classmethod
     def _tokenizer_path(cls, value: str | None) -> str | None:
@@ -473,8 +484,9 @@ class AppArgs(_Strict):
 
     @model_validator(mode="after")
     def _adapters_servable(self) -> AppArgs:
-        if self.served_name in self.lora_modules:
-            raise ValueError(f"lora_modules: {self.served_name!r} names the base model")
+        for name in self.served_names:
+            if name in self.lora_modules:
+                raise ValueError(f"lora_modules: {name!r} names the base model")
         if self.allow_runtime_lora_updating and self.lora_dir is None:
             raise ValueError(
                 "allow_runtime_lora_updating needs lora_dir: adapters loaded at runtime are "
@@ -507,11 +519,18 @@ class AppArgs(_Strict):
         return given | overrides
 
     @property
+    def served_names(self) -> tuple[str, ...]:
+        """Every name a request may give the base model: served_model_name's, else `model` as
+        written."""
+        given = self.served_model_name
+        if given is None:
+            return (DEFAULT_MODEL_NAME if is_default_model(self.model) else self.model,)
+        return (given,) if isinstance(given, str) else tuple(given)
+
+    @property
     def served_name(self) -> str:
-        """What requests name the base model: served_model_name, else `model` as written."""
-        if self.served_model_name is not None:
-            return self.served_model_name
-        return DEFAULT_MODEL_NAME if is_default_model(self.model) else self.model
+        """The base model's name in responses and first in /v1/models (vLLM's: the first)."""
+        return self.served_names[0]
 
     def gpus_per_worker(self, phase: str) -> float:
         chosen = getattr(self, phase).num_gpus
@@ -594,7 +613,7 @@ class MultiModelArgs(_Strict):
         model; one model at most loads adapters at runtime (vLLM's routes name no model)."""
         seen: dict[str, int] = {}
         for i, model in enumerate(self.models):
-            for name in (model.served_name, *model.lora_modules):
+            for name in (*model.served_names, *model.lora_modules):
                 if name in seen:
                     raise ValueError(
                         f"models[{i}]: {name!r} is models[{seen[name]}]'s name already"

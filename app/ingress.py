@@ -206,7 +206,7 @@ class Ingress:
     def _lora_admin(self, path: str, body: bytes) -> str:
         """vLLM's runtime LoRA updating (app/lora_admin.py) -> its success text."""
         request_cls, act = _LORA_ADMIN[path]
-        configured = {*self.args.lora_modules, self.args.served_name}
+        configured = {*self.args.lora_modules, *self.args.served_names}
         return act(self.args.lora_dir, configured, parse(body, request_cls))
 
     async def _off_loop(self, fn: Callable[..., T], *args) -> T:
@@ -245,18 +245,19 @@ class Ingress:
         return self._kv_capacity
 
     def _model_cards(self) -> list[dict]:
-        """The base model's card, then each LoRA adapter's (vLLM's: `root` its directory,
-        `parent` the base model)."""
+        """The base model's card under each of its names, then each LoRA adapter's (vLLM's:
+        `root` its directory, `parent` the base model)."""
         adapters = [*self.args.lora_modules, *lora_dir_adapters(self.args.lora_dir)]
-        return [self._model_card(name) for name in (None, *dict.fromkeys(adapters))]
+        names = (*self.args.served_names, *dict.fromkeys(adapters))
+        return [self._model_card(name) for name in names]
 
-    def _model_card(self, name: str | None = None) -> dict:
-        """The card of the served model or LoRA adapter `name` (404 when neither); None: the
-        base model's."""
+    def _model_card(self, name: str) -> dict:
+        """The card of the base model under the name `name`, or of the LoRA adapter `name`
+        (404 when neither)."""
         base = self.args.served_name
-        lora = self._lora(name) if name is not None else None
+        lora = self._lora(name)
         card = {
-            "id": lora or base,
+            "id": name,
             "object": "model",
             "created": self.created,
             "owned_by": "splitserve",
@@ -271,17 +272,17 @@ class Ingress:
 
     def _lora(self, name: str) -> str | None:
         """The LoRA adapter a request's `model` names; None: the base model; else a 404."""
-        if name == self.args.served_name:
+        if name in self.args.served_names:
             return None
         if name in self.args.lora_modules or lora_path(self.args.lora_dir, name) is not None:
             return name
         adapters = "".join(f", {a!r}" for a in self.args.lora_modules)
         if self.args.lora_dir is not None:
             adapters += f", or an adapter in {self.args.lora_dir}"
+        served = ", ".join(repr(n) for n in self.args.served_names)
         raise APIError(
             404,
-            f"model {name!r} does not exist; this server serves "
-            f"{self.args.served_name!r}{adapters}",
+            f"model {name!r} does not exist; this server serves {served}{adapters}",
             "model",
             "not_found_error",
         )
@@ -418,7 +419,8 @@ class Ingress:
         fmt = ChatFormat if chat else CompletionFormat
         view = fmt(
             request_id,
-            req.model,  # the base model's name or a LoRA adapter's (as vLLM answers)
+            # the LoRA adapter's name, or the base model's first (as vLLM answers an alias)
+            self._lora(req.model) or self.args.served_name,
             prompts,
             req.n,
             self.prompts.texts(req),

@@ -112,7 +112,7 @@ class ModelRouter:
         self.ingresses = [this_process_transport(h).options(stream=True) for h in ingresses]
         self.by_name = {}  # a served name or a configured LoRA adapter's -> its model's index
         for i, args in enumerate(self.args):
-            for name in (args.served_name, *args.lora_modules):
+            for name in (*args.served_names, *args.lora_modules):
                 self.by_name[name] = i
         quiet_cancelled_calls()  # as the Ingress does
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from tokenizers import decoders, normalizers
 
+from app.protocol import APIError
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.model_store import canonical_tokenizer, generation_stop_ids
 
@@ -169,6 +170,26 @@ def test_the_served_name_is_the_model_as_written_unless_named():
     assert AppArgs(model=HUB_ID, served_model_name="chat").served_name == "chat"
 
 
+def test_several_served_names_each_name_the_model_and_the_first_answers(tmp_path):
+    """vLLM's --served-model-name with several names: a request may give any of them, and
+    responses give the first."""
+    from pydantic import ValidationError
+
+    from app.config import AppArgs, MultiModelArgs
+
+    args = AppArgs(model=HUB_ID, served_model_name=["chat", "qwen", HUB_ID])
+    assert (args.served_name, args.served_names) == ("chat", ("chat", "qwen", HUB_ID))
+    for bad, why in (([], "none of them empty"), (["a", ""], "none of them empty"),
+                     (["a", "b", "a"], "names repeat"), ("", "none of them empty")):  # fmt: skip
+        with pytest.raises(ValidationError, match=why):
+            AppArgs(served_model_name=bad)
+    (tmp_path / "adapter_config.json").write_text("{}")  # an adapter's directory
+    with pytest.raises(ValidationError, match="lora_modules: 'b' names the base model"):
+        AppArgs(served_model_name=["a", "b"], lora_modules={"b": str(tmp_path)})
+    with pytest.raises(ValidationError, match="'b' is models\\[0\\]'s name already"):
+        MultiModelArgs(models=[{"served_model_name": ["a", "b"]}, {"served_model_name": "b"}])
+
+
 @pytest.mark.model
 def test_the_ingress_lists_a_hub_model_by_its_id(hub_cache):
     from app.ingress import Ingress
@@ -178,6 +199,13 @@ def test_the_ingress_lists_a_hub_model_by_its_id(hub_cache):
     assert ingress._model_card(HUB_ID)["id"] == HUB_ID
     named = Ingress({"model": HUB_ID, "served_model_name": "chat"})._model_card("chat")
     assert (named["id"], named["root"], named["parent"]) == ("chat", HUB_ID, None)  # vLLM's
+    aliased = Ingress({"model": HUB_ID, "served_model_name": ["chat", "qwen"]})
+    cards = aliased._model_cards()  # a card for each name, as vLLM lists them
+    assert [(c["id"], c["root"], c["parent"]) for c in cards] == [
+        ("chat", HUB_ID, None), ("qwen", HUB_ID, None)]  # fmt: skip
+    assert aliased._lora("qwen") is None  # the base model
+    with pytest.raises(APIError, match="this server serves 'chat', 'qwen'"):
+        aliased._lora("other")
 
 
 @pytest.mark.model

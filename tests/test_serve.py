@@ -70,9 +70,10 @@ MODES = {
     "coloc": {"mode": "colocated", "slo": {"ttft_ms": 600_000, "tpot_ms": 0.001}},
     # chunked prefill: a prompt's rows come from several steps of 8 tokens, beside decodes
     # that verify a draft model's drafts (the served model's own: every greedy one kept;
-    # _args names it)
+    # _args names it); served under a second name too
     "chunked": {
         "mode": "colocated",
+        "served_model_name": [MODEL, "tiny-alias"],
         "colocated": {
             "engine": {
                 "chunked_prefill": True,
@@ -200,6 +201,19 @@ def test_sagemakers_invocations_route_serves_chat_and_completions(server, engine
     neither = httpx.post(f"{url}/invocations", json={"model": MODEL}, timeout=30)
     assert neither.status_code == 400
     assert "(messages)" in neither.json()["error"]["message"]
+
+
+def test_a_second_served_name_is_the_same_model_answered_by_the_first(server, engine_alone):
+    """vLLM's --served-model-name with two names: both listed, either served, responses named
+    by the first (chunked serves MODEL and "tiny-alias")."""
+    models = httpx.get(f"{server}/chunked/v1/models", timeout=30).json()["data"]
+    assert [m["id"] for m in models] == [MODEL, "tiny-alias"]
+    r = _complete(server, "chunked", model="tiny-alias", prompt=PROMPT, max_tokens=8)
+    assert r.status_code == 200, r.text
+    assert (r.json()["model"], r.json()["choices"][0]["text"]) == (MODEL, engine_alone.text)
+    other = _complete(server, "chunked", model="tiny-other", prompt=PROMPT, max_tokens=2)
+    assert other.status_code == 404
+    assert f"serves {MODEL!r}, 'tiny-alias'" in other.json()["error"]["message"]
 
 
 def test_stream_batching_sends_the_engines_tokens_in_fewer_chunks(server, local_engine):

@@ -215,12 +215,20 @@ def test_profiler_fits_the_real_engine(make_engine):
         "prefill": [(1, 16), (1, 128), (2, 64), (4, 32)],
         "decode": [(1, 32), (2, 64), (4, 32), (4, 96)],
     }
-    entry, report = profile(engine, grid, steps=3)
+    # a second profile where the first was measured while the host was busy for seconds (a
+    # fresh clone's run once measured its first points so: every prefill ~190 ms, the fit's
+    # intercept 186 ms); a wrong model form fails both
+    for _ in range(2):
+        entry, report = profile(engine, grid, steps=3)
+        # prompt tokens cost time (whether the fit puts it in b or c depends on noise)
+        grows = entry.prefill_ms([128]) > 1.5 * entry.prefill_ms([16])
+        # a shared CI machine is noisy; a wrong model form would be off by far more than this
+        fits = report.prefill_rms_rel_error < 0.5 and report.decode_rms_rel_error < 0.5
+        if grows and fits:
+            break
+    assert grows, entry
+    assert fits, report
     assert entry.kv_capacity_tokens == 200 * 16
-    # prompt tokens cost time (whether the fit puts it in b or c depends on noise)
-    assert entry.prefill_ms([128]) > 1.5 * entry.prefill_ms([16])
-    # a shared CI machine is noisy; a wrong model form would be off by far more than this
-    assert report.prefill_rms_rel_error < 0.5 and report.decode_rms_rel_error < 0.5
     assert engine.blocks.num_free_blocks == 200 and not engine.has_unfinished
 
 

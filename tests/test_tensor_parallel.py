@@ -32,15 +32,18 @@ def cluster(ray_serve):
 
 
 def make(path: str, tp: int = 1, pp: int = 1) -> LLMEngine:
-    config = EngineConfig(
+    return LLMEngine(_config(path, tp, pp, num_kv_blocks=64))
+
+
+def _config(path: str, tp: int = 1, pp: int = 1, num_kv_blocks: int | None = None):
+    return EngineConfig(
         model=path,
         tensor_parallel_size=tp,
         pipeline_parallel_size=pp,
         worker_num_cpus=0.5,
         num_threads=1,
-        num_kv_blocks=64,
+        num_kv_blocks=num_kv_blocks,
     )
-    return LLMEngine(config)
 
 
 def close(engine: LLMEngine) -> None:
@@ -69,9 +72,41 @@ def tp2(cluster, tiny_llama_path):
     close(engine)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Device:
+    """What a worker reads of its GPU (engine/kv_memory.py's MemoryProbe): 4 GiB, all free, a
+    peak of `peak` bytes (the CUDA reads themselves run in tests/test_gpu.py on a GPU)."""
+
+    peak_bytes: int
+
+    def total(self) -> int:
+        return 4 * 2**30
+
+    def free(self) -> int:
+        return self.total()
+
+    def reset_peak(self) -> None:
+        pass
+
+    def peak(self) -> int:
+        return self.peak_bytes
+
+
+# of the share's 2 GiB (0.5 of _Device's 4), 1 GiB is CUDA's own: ~4 MiB left for the cache
+PP2_PEAK = 2**30 - 2**22
+
+
 @pytest.fixture(scope="module")
 def pp2(cluster, tiny_llama_path):
-    engine = make(tiny_llama_path, pp=2)
+    """Its KV cache sized by gpu_memory_utilization, the workers' devices described by a fake
+    (sent to each worker with the share): every test of it runs on a cache so sized."""
+    from engine.model_runner import MemoryShare
+    from engine.workers import WorkerGroupRunner
+
+    config = _config(tiny_llama_path, pp=2)
+    share = MemoryShare(0.5, tokens=64, seqs=2, probe=_Device(PP2_PEAK))
+    runner = WorkerGroupRunner(tiny_llama_path, config, config.parallel, memory_share=share)
+    engine = LLMEngine(config, runner=runner)
     yield engine
     close(engine)
 
@@ -90,7 +125,7 @@ def test_parallel_replica_matches_one_worker(layout, request, single, reference,
     shared = layout in ("tp2", "pp2")
     engine = request.getfixturevalue(layout) if shared else make(tiny_llama_path, 2, 2)
     try:
-        assert engine.runner.num_kv_blocks == 64
+        assert engine.runner.num_kv_blocks == 64 or layout == "pp2"  # pp2: by its share
         assert [c.token_ids for c in engine.generate(PROMPTS, GREEDY)] == reference
         assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
         # a row of logits per prompt token comes back from the last stage too
@@ -244,52 +279,20 @@ def test_tp2_prefill_to_single_decode(cluster, single, reference, tp2):
     assert sorted(p.spec.src_rank for p in pieces) == [0, 1]
 
 
-@dataclasses.dataclass(frozen=True)
-class _Device:
-    """What a worker reads of its GPU (engine/kv_memory.py's MemoryProbe): 4 GiB, all free, a
-    peak of `peak` bytes (the CUDA reads themselves run in tests/test_gpu.py on a GPU)."""
-
-    peak_bytes: int
-
-    def total(self) -> int:
-        return 4 * 2**30
-
-    def free(self) -> int:
-        return self.total()
-
-    def reset_peak(self) -> None:
-        pass
-
-    def peak(self) -> int:
-        return self.peak_bytes
-
-
-def test_gpu_memory_utilization_sizes_a_parallel_replica(cluster, tiny_llama_path, reference):
-    """vLLM's gpu_memory_utilization on a pipeline-parallel replica: both stages run the
-    largest step together on throwaway caches, each reads its device, and the replica takes
-    the blocks the tightest worker's share holds; it then serves a single worker's tokens."""
+def test_gpu_memory_utilization_sizes_a_parallel_replica(pp2):
+    """vLLM's gpu_memory_utilization on a pipeline-parallel replica (pp2): both stages ran the
+    largest step together on throwaway caches, each read its device, and the replica took the
+    blocks the tightest worker's share holds (its greedy tokens: the test above)."""
     from engine.kv_memory import GIB, NON_TORCH_BYTES, sampler_bytes
-    from engine.model_runner import MemoryShare
-    from engine.workers import WorkerGroupRunner
 
-    config = EngineConfig(
-        model=tiny_llama_path, pipeline_parallel_size=2, worker_num_cpus=0.5, num_threads=1
-    )
-    peak = GIB - 2**22  # of the share's 2 GiB, 1 GiB is CUDA's own: ~4 MiB left for the cache
-    share = MemoryShare(0.5, tokens=64, seqs=2, probe=_Device(peak))
-    runner = WorkerGroupRunner(tiny_llama_path, config, config.parallel, memory_share=share)
-    engine = LLMEngine(config, runner=runner)
-    try:
-        # the profiled step: 2 sequences of 32 tokens on 4 throwaway blocks (taken out of the
-        # peak), plus the sampler's rows; each stage holds 2 of the 4 layers
-        per_block = runner.per_block
-        measured = peak - 4 * per_block + sampler_bytes(2, runner.shape.vocab_size)
-        want = (2 * GIB - measured - NON_TORCH_BYTES) // per_block
-        assert runner.num_kv_blocks == want > 64
-        assert engine.blocks.num_free_blocks == want
-        assert [c.token_ids for c in engine.generate(PROMPTS, GREEDY)] == reference
-    finally:
-        close(engine)
+    runner = pp2.runner
+    # the profiled step: 2 sequences of 32 tokens on 4 throwaway blocks (taken out of the
+    # peak), plus the sampler's rows; each stage holds 2 of the 4 layers
+    per_block = runner.per_block
+    measured = PP2_PEAK - 4 * per_block + sampler_bytes(2, runner.shape.vocab_size)
+    want = (2 * GIB - measured - NON_TORCH_BYTES) // per_block
+    assert runner.num_kv_blocks == want > 64
+    assert pp2.blocks.num_blocks == want
 
 
 def test_a_dead_worker_fails_requests_and_the_replica(cluster, tiny_llama_path):

@@ -169,10 +169,13 @@ class Ingress:
             return JSONResponse(self._model_card(path.removeprefix("/v1/models/")))
         if path in ("/v1/completions", "/v1/chat/completions") and method == "POST":
             chat = path == "/v1/chat/completions"
-            return await self._generate(await request.body(), chat, _client_id(request))
+            req = parse(await request.body(), _request_class(chat))
+            return await self._generate(req, chat, _client_id(request))
         if path == "/invocations" and method == "POST":  # SageMaker's, as vLLM serves it
-            body = await request.body()
-            return await self._generate(body, _invocation_is_chat(body), _client_id(request))
+            data = parse_object(await request.body())
+            chat = _invocation_is_chat(data)
+            req = validated(data, _request_class(chat))
+            return await self._generate(req, chat, _client_id(request))
         if path == "/v1/responses" and method == "POST":
             return await self._respond(await request.body(), _client_id(request))
         if path.startswith("/v1/responses/"):
@@ -344,10 +347,11 @@ class Ingress:
             self._lora(req.model)
         return self.prompts.detokenize(req)
 
-    async def _generate(self, body: bytes, chat: bool, client_id: str | None = None) -> Response:
+    async def _generate(
+        self, req: CompletionRequest | ChatCompletionRequest, chat: bool, client_id: str | None
+    ) -> Response:
         """client_id: the request's X-Request-Id header, which names the response (vLLM's;
         Serve's proxy returns the header itself)."""
-        req = parse(body, ChatCompletionRequest if chat else CompletionRequest)
         view, outputs = await self._start(req, chat, client_id)
         if req.stream:
             return StreamingResponse(
@@ -420,7 +424,7 @@ class Ingress:
         view = fmt(
             request_id,
             # the LoRA adapter's name, or the base model's first (as vLLM answers an alias)
-            self._lora(req.model) or self.args.served_name,
+            params.lora or self.args.served_name,
             prompts,
             req.n,
             self.prompts.texts(req),
@@ -599,10 +603,13 @@ def _replica_failure(e: Exception) -> str:
     return f"the request failed in a model replica ({type(e).__name__}); retry it"
 
 
-def _invocation_is_chat(body: bytes) -> bool:
+def _request_class(chat: bool) -> type[CompletionRequest | ChatCompletionRequest]:
+    return ChatCompletionRequest if chat else CompletionRequest
+
+
+def _invocation_is_chat(data: dict) -> bool:
     """Whether a SageMaker /invocations body is a chat completion (it holds `messages`), not a
     completion (`prompt`), as vLLM tells them apart; a 400 when it holds neither."""
-    data = parse_object(body)
     if "messages" in data or "prompt" in data:
         return "messages" in data
     raise APIError(

@@ -3,6 +3,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -347,3 +348,28 @@ def peft_greedy(peft_model, token_ids: list[int], lora: str | None, max_new_toke
             peft_model.set_adapter(lora)
         out = peft_model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, len(token_ids) :].tolist()
+
+
+@dataclass
+class FakeProbe:
+    """What gpu_memory_utilization reads of a device (engine/kv_memory.py's MemoryProbe): a
+    device of `total` bytes, `free` of them free; peak() says `peak` (the CUDA reads themselves
+    run in tests/test_gpu.py on a GPU)."""
+
+    total_bytes: int
+    free_bytes: int
+    peak_bytes: int
+    calls: list[str] = field(default_factory=list)
+
+    def total(self) -> int:
+        return self.total_bytes
+
+    def free(self) -> int:
+        return self.free_bytes
+
+    def reset_peak(self) -> None:
+        self.calls.append("reset")
+
+    def peak(self) -> int:
+        self.calls.append("peak")
+        return self.peak_bytes

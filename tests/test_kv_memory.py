@@ -5,8 +5,6 @@ tests/test_gpu.py on a GPU)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
 from pydantic import ValidationError
 
@@ -15,6 +13,7 @@ from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.kv_memory import GIB, NON_TORCH_BYTES, kv_cache_bytes, profile_batch, sampler_bytes
 from engine.model_runner import MemoryShare, ModelRunner, ModelShape
 from engine.spec_decode import SpeculativeConfig
+from tests.conftest import FakeProbe
 
 
 @pytest.mark.parametrize(
@@ -42,29 +41,6 @@ def test_the_kv_cache_takes_what_the_share_leaves():
         kv_cache_bytes(0.05, total, peak, free=70 * GIB)
     with pytest.raises(ValueError, match=r"would take 66.00 GiB but 30.00 GiB .* is free"):
         kv_cache_bytes(0.9, total, peak, free=30 * GIB)
-
-
-@dataclass
-class FakeProbe:
-    """A device of `total` bytes, `free` of them free; peak() says `peak`."""
-
-    total_bytes: int
-    free_bytes: int
-    peak_bytes: int
-    calls: list[str] = field(default_factory=list)
-
-    def total(self) -> int:
-        return self.total_bytes
-
-    def free(self) -> int:
-        return self.free_bytes
-
-    def reset_peak(self) -> None:
-        self.calls.append("reset")
-
-    def peak(self) -> int:
-        self.calls.append("peak")
-        return self.peak_bytes
 
 
 def test_a_runner_sized_by_share_runs_the_profiled_step_first(default_model_path, monkeypatch):

@@ -18,7 +18,7 @@ from engine.lora import LoRAError
 from engine.model_runner import ModelInput, SeqInput
 from engine.workers import WorkerGroupFailed
 from kvkernels.kv_channel import KVChannel
-from tests.conftest import drain
+from tests.conftest import FakeProbe, drain
 from tests.ray_session import until_served
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far"]
@@ -72,27 +72,7 @@ def tp2(cluster, tiny_llama_path):
     close(engine)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Device:
-    """What a worker reads of its GPU (engine/kv_memory.py's MemoryProbe): 4 GiB, all free, a
-    peak of `peak` bytes (the CUDA reads themselves run in tests/test_gpu.py on a GPU)."""
-
-    peak_bytes: int
-
-    def total(self) -> int:
-        return 4 * 2**30
-
-    def free(self) -> int:
-        return self.total()
-
-    def reset_peak(self) -> None:
-        pass
-
-    def peak(self) -> int:
-        return self.peak_bytes
-
-
-# of the share's 2 GiB (0.5 of _Device's 4), 1 GiB is CUDA's own: ~4 MiB left for the cache
+# of the share's 2 GiB (0.5 of 4), 1 GiB is CUDA's own: ~4 MiB left for the cache
 PP2_PEAK = 2**30 - 2**22
 
 
@@ -104,7 +84,8 @@ def pp2(cluster, tiny_llama_path):
     from engine.workers import WorkerGroupRunner
 
     config = _config(tiny_llama_path, pp=2)
-    share = MemoryShare(0.5, tokens=64, seqs=2, probe=_Device(PP2_PEAK))
+    device = FakeProbe(total_bytes=4 * 2**30, free_bytes=4 * 2**30, peak_bytes=PP2_PEAK)
+    share = MemoryShare(0.5, tokens=64, seqs=2, probe=device)
     runner = WorkerGroupRunner(tiny_llama_path, config, config.parallel, memory_share=share)
     engine = LLMEngine(config, runner=runner)
     yield engine

@@ -29,6 +29,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from app import metrics_page
+from app.beam_search import Beam, BeamSearch, BeamSearchParams, Candidates
+from app.beam_search import run as run_beam_search
 from app.config import AppArgs
 from app.formats import ChatFormat, CompletionFormat, Prompt
 from app.lora_admin import (
@@ -62,10 +64,16 @@ from app.responses import (
 )
 from app.responses import sse as responses_sse
 from deployments.cancel_noise import quiet_cancelled_calls
-from engine import InvalidRequestError, RequestFailedError, RequestOutput, SamplingParams
+from engine import (
+    InvalidRequestError,
+    RequestFailedError,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
 from engine.config import lora_dir_adapters, lora_path
 from engine.limits import check_lengths, context_window
-from engine.model_store import resolve_model, resolve_tokenizer
+from engine.model_store import generation_stop_ids, resolve_model, resolve_tokenizer
 from engine.sampling_params import SEED_RANGE
 
 if TYPE_CHECKING:
@@ -99,6 +107,9 @@ class Ingress:
         window = context_window(text_config)
         self.max_model_len = min(self.args.max_model_len or window, window)
         self.prompts = PromptBuilder(tokenizer, text_config.vocab_size, self.max_model_len)
+        # what ends a beam search's beam, as the engine stops (EOS and the model's own)
+        eos = tokenizer.eos_token_id
+        self.eos_ids = (*(() if eos is None else (eos,)), *generation_stop_ids(path, eos))
         # for the sampling fields a request leaves out (vLLM's --generation-config auto)
         self.sampling_defaults = self.args.sampling_defaults(path)
         if self.sampling_defaults:  # a warning: shown in serve run's output, as vLLM's notice
@@ -400,6 +411,7 @@ class Ingress:
         first already received (an error a replica raised before is an HTTP status)."""
         arrival = time.perf_counter()  # the metrics' TTFT counts the prompt's building too
         self.loop_lag.ensure_started()
+        width = req.beam_search_width()  # None: the choices are sampled
         capacity = await self._capacity()
         prompts, params = await self._off_loop(self._prepare, req, chat, capacity)
         choices = _choice_params(params, req.n)
@@ -413,13 +425,27 @@ class Ingress:
         # one engine request per choice, numbered prompt by prompt; the first output (a
         # prefill) is awaited before any response is started, so an error a replica raises
         # (e.g. beyond its KV cache) still becomes an HTTP status
-        many = len(prompts) * req.n > 1
-        streams = [
-            self._outputs(f"{engine_id}-{i * req.n + j}" if many else engine_id, p.ids, c, arrival)
-            for i, p in enumerate(prompts)
-            for j, c in enumerate(choices)
-        ]
-        outputs = await _primed(_merged(streams))
+        if width is not None:
+            search = BeamSearchParams(
+                width,
+                params.max_tokens,
+                self._stop_ids(params),
+                req.length_penalty,
+                params.include_stop_str_in_output,
+            )
+            outputs = await _primed(
+                self._beam_searches(engine_id, prompts, params, search, arrival)
+            )
+        else:
+            many = len(prompts) * req.n > 1
+            streams = [
+                self._outputs(
+                    f"{engine_id}-{i * req.n + j}" if many else engine_id, p.ids, c, arrival
+                )
+                for i, p in enumerate(prompts)
+                for j, c in enumerate(choices)
+            ]
+            outputs = await _primed(_merged(streams))
         fmt = ChatFormat if chat else CompletionFormat
         view = fmt(
             request_id,
@@ -477,11 +503,16 @@ class Ingress:
         yield "data: [DONE]\n\n"
 
     async def _outputs(
-        self, request_id: str, ids: list[int], params: SamplingParams, arrival: float
+        self,
+        request_id: str,
+        ids: list[int],
+        params: SamplingParams,
+        arrival: float,
+        timed: bool = True,  # False: a beam search's step, which no client sees
     ) -> AsyncIterator[RequestOutput]:
         self.num_in_flight += 1
         calls = ReplicaCalls()
-        clock = _Clock(self.metrics, self.args.mode, len(ids), arrival)
+        clock = _Clock(self.metrics, self.args.mode, len(ids), arrival) if timed else _UNTIMED
         try:
             if self.args.mode == "colocated":
                 calls.stream = self.colocated.options(stream=True).generate.remote(
@@ -526,6 +557,116 @@ class Ingress:
             if freeing is not None:
                 self._detached(freeing)
 
+    # ---- beam search (app/beam_search.py) -------------------------------------------------
+
+    def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
+        """The tokens that end a beam: the request's stop_token_ids, and unless it ignores
+        EOS, the tokenizer's EOS and the model's own (as the engine stops)."""
+        eos = () if params.ignore_eos else self.eos_ids
+        return frozenset((*params.stop_token_ids, *eos))
+
+    async def _beam_searches(
+        self,
+        engine_id: str,
+        prompts: list[Prompt],
+        params: SamplingParams,
+        search: BeamSearchParams,
+        arrival: float,
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Each prompt's beam search, side by side; its best beams, as choices i * n + j,
+        when it ends. Closing this aborts every step still running."""
+        searches = [
+            self._beam_search(f"{engine_id}-{i}", p.ids, params, search, arrival)
+            for i, p in enumerate(prompts)
+        ]
+        async with contextlib.aclosing(_merged(searches)) as ended:
+            async for i, beams in ended:
+                for j, out in enumerate(beams):
+                    yield i * search.width + j, out
+
+    async def _beam_search(
+        self,
+        request_id: str,
+        ids: list[int],
+        params: SamplingParams,
+        search: BeamSearchParams,
+        arrival: float,
+    ) -> AsyncIterator[list[RequestOutput]]:
+        """One prompt's beam search: its steps are one-token requests of every running beam
+        (the first asks the prompt's logprobs, if the request did)."""
+        shown = params.logprobs
+        later = dataclasses.replace(
+            params,
+            max_tokens=1,
+            logprobs=max(search.num_candidates, shown or 0),
+            prompt_logprobs=None,
+            temperature=0.0,  # the step's own token is not used: no draw
+            top_p=1.0,
+            top_k=0,
+            min_p=0.0,
+            seed=None,
+        )
+        opening = dataclasses.replace(later, prompt_logprobs=params.prompt_logprobs)
+        first: list[RequestOutput] = []  # the first step's: the prompt's logprobs, cache hits
+
+        async def step(number: int, j: int, beam: Beam) -> Candidates:
+            asked = later if number else opening
+            beam_id = f"{request_id}-s{number}-{j}"
+            out = await self._beam_step(beam_id, ids + list(beam.tokens), asked, arrival)
+            if number == 0:
+                first.append(out)
+            return out.logprobs[0].top
+
+        beams = await run_beam_search(BeamSearch(search, len(ids)), step)
+        texts = await self._off_loop(self._beam_texts, beams, search, params)
+        outputs = []
+        for beam, text in zip(beams, texts, strict=True):
+            out = RequestOutput(
+                request_id,
+                list(beam.tokens),
+                text,
+                len(ids),
+                len(beam.tokens),
+                beam.finish_reason or "length",
+                num_cached_tokens=first[0].num_cached_tokens,
+                logprobs=None
+                if shown is None
+                else [TokenLogprob(*t) for t in beam.token_logprobs(shown)],
+                prompt_logprobs=first[0].prompt_logprobs,
+            )
+            outputs.append(_Clock(self.metrics, self.args.mode, len(ids), arrival).seen(out))
+        yield outputs
+
+    async def _beam_step(
+        self, request_id: str, ids: list[int], params: SamplingParams, arrival: float
+    ) -> RequestOutput:
+        """A one-token request's output, with its token's logprobs (and the prompt's, when
+        asked)."""
+        got = []
+        stream = self._outputs(request_id, ids, params, arrival, timed=False)
+        async with contextlib.aclosing(stream):
+            async for out in stream:
+                got.append(out)
+        scored = next(out for out in got if out.logprobs)
+        prompt_logprobs = next((o.prompt_logprobs for o in got if o.prompt_logprobs), None)
+        cached = next((o.num_cached_tokens for o in got if o.num_cached_tokens is not None), None)
+        return dataclasses.replace(
+            scored, prompt_logprobs=prompt_logprobs, num_cached_tokens=cached
+        )
+
+    def _beam_texts(
+        self, beams: list[Beam], search: BeamSearchParams, params: SamplingParams
+    ) -> list[str]:
+        """Each beam's text, without a final stop token it shows (as vLLM's beam search)."""
+        decode = self.prompts.tokenizer.decode
+        skip = params.skip_special_tokens
+        texts = []
+        for beam in beams:
+            kept_stop = beam.finish_reason == "stop" and search.keep_stop_token
+            tokens = beam.tokens[:-1] if kept_stop else beam.tokens
+            texts.append(decode(list(tokens), skip_special_tokens=skip))
+        return texts
+
     async def _discard(self, result: PrefillResult) -> None:
         """Free a request's published KV that no decode replica took (app/replica_calls.py)."""
         try:
@@ -559,6 +700,14 @@ def _refused(item: T) -> T:
     if isinstance(item, InvalidRequestError):
         raise item
     return item
+
+
+class _Untimed:
+    def seen(self, out: RequestOutput) -> RequestOutput:
+        return out
+
+
+_UNTIMED = _Untimed()
 
 
 class _Clock:
@@ -671,9 +820,7 @@ def _choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
     return [dataclasses.replace(params, seed=seed) for seed in seeds]
 
 
-async def _merged(
-    streams: list[AsyncIterator[RequestOutput]],
-) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def _merged(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
     """The choices' outputs as they come, as (choice index, output). Closing this, or a choice
     failing, closes every choice's stream, which aborts the requests still running."""
     if len(streams) == 1:
@@ -683,7 +830,7 @@ async def _merged(
         return
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+    async def pump(index: int, stream: AsyncIterator[T]) -> None:
         try:
             async for out in stream:
                 queue.put_nowait((index, out, None))

@@ -111,6 +111,26 @@ def _refused(*fields: str, why: str = "is not supported", allowed: tuple = ()):
     return field_validator(*fields)(classmethod(check))
 
 
+# a beam search's steps ask for 2 x n logprobs (app/beam_search.py)
+MAX_BEAMS = MAX_LOGPROBS // 2
+# the fields a beam search does not honour, and the values that ask nothing of it: its beams
+# are ranked by the model's own logprobs (before temperature, as vLLM's raw logprobs are), so
+# temperature and seed change nothing and are taken
+_BEAM_NEUTRAL = {
+    "top_p": (None, 1.0),
+    "top_k": (None, 0, -1),
+    "min_p": (None, 0.0),
+    "min_tokens": (None, 0),
+    "stop": (None, "", []),
+    "presence_penalty": (None, 0.0),
+    "frequency_penalty": (None, 0.0),
+    "repetition_penalty": (None, 1.0),
+    "logit_bias": (None, {}),
+    "allowed_token_ids": (None,),
+    "bad_words": (None, []),
+}
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's: usage so far in every chunk
@@ -166,13 +186,14 @@ class _Sampling(BaseModel):
     cache_salt: str | None = Field(None, min_length=1)
     # vLLM's: names the response, before the X-Request-Id header (app/ingress.py)
     request_id: str | None = Field(None, max_length=256)  # empty: as if not sent
+    # vLLM's: the n choices are the best beams of a beam search of width n (app/beam_search.py)
+    use_beam_search: bool = False
+    length_penalty: float = 1.0  # vLLM's: beams rank by cum. logprob / length ** this
     # fields that would change the output if honoured: refused rather than silently ignored
     best_of: int | None = None
-    use_beam_search: bool = False
     logits_processors: list | None = None
 
     _one_candidate = _refused("best_of", why="is not supported above 1", allowed=(1,))
-    _no_beams = _refused("use_beam_search", why="(beam search) is not supported")
     _no_processors = _refused(
         "logits_processors", why="(custom logits processors) is not supported"
     )
@@ -239,6 +260,29 @@ class _Sampling(BaseModel):
                 cache_salt=self.cache_salt,
                 lora=lora,
             )
+
+    def beam_search_width(self) -> int | None:
+        """The beam width, n, of a request with use_beam_search (None: it samples), refusing
+        what a beam search would not honour (vLLM's ignores these; a client would not see it)."""
+        if not self.use_beam_search:
+            if self.length_penalty != 1.0:
+                raise APIError(
+                    400, "length_penalty applies only with use_beam_search", "length_penalty"
+                )
+            return None
+        if self.n > MAX_BEAMS:
+            raise APIError(
+                400, f"n (the beam width) is at most {MAX_BEAMS} with use_beam_search", "n"
+            )
+        for name, neutral in _BEAM_NEUTRAL.items():
+            if getattr(self, name) not in neutral:
+                raise APIError(400, f"{name} is not supported with use_beam_search", name)
+        with as_bad_request():
+            structure = self.structure()
+        if structure is not None:
+            what = structure.param
+            raise APIError(400, f"{what} is not supported with use_beam_search", what)
+        return self.n
 
     def sampling_value(self, name: str, defaults: Mapping[str, float]) -> float:
         """The request's `name` field; left out: the model's default, else OpenAI's."""

@@ -927,6 +927,123 @@ def test_n_choices_in_all_modes(server, engine_alone):
     assert chunks[-1]["usage"]["completion_tokens"] == 12
 
 
+BEAMS = {"prompt": PROMPT, "max_tokens": 6, "n": 3, "use_beam_search": True}
+
+
+def _beam_search_on(model, ids: list[int], params) -> list:
+    """app/beam_search.py driven by transformers' logits: what the replicas' steps should
+    give (each beam's likeliest next tokens from the model's own log-softmax)."""
+    import torch
+
+    from app.beam_search import BeamSearch
+
+    search = BeamSearch(params, len(ids))
+    while not search.done:
+        steps = []
+        for beam in search.running:
+            with torch.no_grad():
+                logits = model(torch.tensor([ids + list(beam.tokens)])).logits[0, -1]
+            top = torch.log_softmax(logits.float(), -1).topk(params.num_candidates)
+            steps.append(list(zip(top.indices.tolist(), top.values.tolist(), strict=True)))
+        search.advance(steps)
+    return search.best()
+
+
+def test_beam_search_finds_transformers_beams_in_all_modes(server, tiny_hf_model, tokenizer):
+    """vLLM's use_beam_search, EOS ignored: transformers' own beam search's sequences, best
+    first, their tokens' logprobs summing to its scores."""
+    import torch
+
+    ids = tokenizer(PROMPT).input_ids
+    with torch.no_grad():
+        hf = tiny_hf_model.generate(
+            torch.tensor([ids]), num_beams=3, num_return_sequences=3, do_sample=False,
+            max_new_tokens=6, eos_token_id=None, pad_token_id=0, return_dict_in_generate=True,
+            output_scores=True,
+        )  # fmt: skip
+    want = [s[len(ids) :].tolist() for s in hf.sequences]
+    sums = (hf.sequences_scores * 6).tolist()  # its score: the sum / generated length ** 1
+    assert len({tuple(w) for w in want}) == 3
+
+    def check(mode: str) -> None:
+        r = _complete(server, mode, **BEAMS, ignore_eos=True, logprobs=2, return_token_ids=True)
+        assert r.status_code == 200, r.text
+        choices = r.json()["choices"]
+        assert [c["token_ids"] for c in choices] == want, mode
+        assert [c["text"] for c in choices] == [tokenizer.decode(w) for w in want]
+        got = [sum(c["logprobs"]["token_logprobs"]) for c in choices]
+        assert got == pytest.approx(sums, abs=2e-3), mode
+        assert [c["finish_reason"] for c in choices] == ["length"] * 3
+        assert r.json()["usage"]["completion_tokens"] == 18
+
+    _each(MODES, check)
+
+
+def test_beam_search_stops_streams_and_chats(server, tiny_hf_model, tokenizer, serve_model_path):
+    """Beams that a stop token ends (EOS, the model's own, stop_token_ids) compete with the
+    running ones by length-penalised score, as the search driven by transformers' logits
+    ranks them; streamed, each choice comes whole; chat's choices are its prompt's."""
+    from pathlib import Path
+
+    from app.beam_search import BeamSearchParams
+    from engine.model_store import generation_stop_ids
+
+    ids = tokenizer(PROMPT).input_ids
+    [top, *_] = _beam_search_on(tiny_hf_model, ids, BeamSearchParams(3, 6, frozenset()))
+    stop = top.tokens[2]  # a token the best beam takes: a beam ends there
+    eos = tokenizer.eos_token_id
+    stops = frozenset({stop, eos, *generation_stop_ids(Path(serve_model_path), eos)})
+    for keep in (False, True):
+        want = _beam_search_on(tiny_hf_model, ids, BeamSearchParams(3, 6, stops, 0.5, keep))
+        assert {b.finish_reason for b in want} == {"stop", None}  # both kinds compete
+        body = {**BEAMS, "stop_token_ids": [stop], "length_penalty": 0.5,
+                "include_stop_str_in_output": keep, "return_token_ids": True}  # fmt: skip
+        r = _complete(server, "disagg", **body)
+        assert r.status_code == 200, r.text
+        choices = r.json()["choices"]
+        assert [c["token_ids"] for c in choices] == [list(b.tokens) for b in want], keep
+        reasons = [c["finish_reason"] for c in choices]
+        assert reasons == [b.finish_reason or "length" for b in want]
+        ended = [b.tokens[:-1] if keep and b.finish_reason else b.tokens for b in want]
+        assert [c["text"] for c in choices] == [tokenizer.decode(t) for t in ended]
+    with _stream(server, "coloc", **body, stream_options={"include_usage": True}) as s:
+        lines = [x for x in s.iter_lines() if x]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(x.removeprefix("data: ")) for x in lines[:-1]]
+    streamed = sorted((c["index"], c["text"], c["finish_reason"]) for x in chunks[:-1]
+                      for c in x["choices"])  # fmt: skip
+    assert streamed == [(i, c["text"], c["finish_reason"]) for i, c in enumerate(choices)]
+    assert chunks[-1]["usage"] == r.json()["usage"]
+    # chat: the beams of the prompt its template makes
+    messages = [{"role": "user", "content": "Name a city."}]
+    chat = {"model": MODEL, "messages": messages, "max_tokens": 4, "n": 2, "use_beam_search": True}
+    r = httpx.post(f"{server}/disagg/v1/chat/completions", json=chat, timeout=120)
+    assert r.status_code == 200, r.text
+    asked = {"model": MODEL, "messages": messages}
+    prompt = httpx.post(f"{server}/disagg/tokenize", json=asked, timeout=60).json()["tokens"]
+    plain = _complete(server, "disagg", **{**chat, "prompt": prompt, "messages": None})
+    texts = [c["text"] for c in plain.json()["choices"]]
+    assert [c["message"]["content"] for c in r.json()["choices"]] == texts
+
+
+def test_a_beam_search_whose_client_leaves_stops(server):
+    """A client that leaves during a long beam search (non-streamed) ends it: within seconds
+    no block is held and no step runs after (the prefill replica's prefix-cache hits, which
+    every step adds to, stop growing). Run out, the search takes over a minute here (a step
+    of 4 beams ~25 ms at the start)."""
+    body = {"model": MODEL, "prompt": "Tell me a long story about the sea. " * 6,
+            "max_tokens": 2000, "n": 4, "use_beam_search": True, "ignore_eos": True}  # fmt: skip
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/disagg/v1/completions", json=body, timeout=2)
+
+    def cached() -> int:
+        return sum(s["num_cached_tokens"] for s in _until_idle("disagg", 5))
+
+    before = cached()
+    time.sleep(3)
+    assert cached() == before
+
+
 def test_echo_prepends_the_prompt_to_every_choice(server, engine_alone, tokenizer):
     r = _complete(server, "disagg", prompt=PROMPT, max_tokens=8, echo=True, n=2)
     assert r.status_code == 200, r.text
@@ -1108,7 +1225,15 @@ def test_the_endpoint_check_passes_and_keeps_the_greedy_texts(server, tmp_path):
         ({"prompt": "hi", "allowed_token_ids": []}, 400, "allowed_token_ids"),
         ({"prompt": "hi", "allowed_token_ids": [5, 999999]}, 400, "[0, 49152)"),  # replicas
         ({"prompt": "hi", "bad_words": [" "]}, 400, "has no tokens"),
-        ({"prompt": "hi", "use_beam_search": True}, 400, "beam search"),
+        ({"prompt": "hi", "use_beam_search": True, "n": 11}, 400, "beam width) is at most 10"),
+        ({"prompt": "hi", "use_beam_search": True, "top_p": 0.5}, 400, "top_p is not supported"),
+        ({"prompt": "hi", "use_beam_search": True, "stop": ["."]}, 400, "stop is not supported"),
+        (
+            {"prompt": "hi", "use_beam_search": True, "response_format": {"type": "json_object"}},
+            400,
+            "response_format is not supported with use_beam_search",
+        ),
+        ({"prompt": "hi", "length_penalty": 2}, 400, "only with use_beam_search"),
         ({"prompt": "hi", "guided_regex": "("}, 400, "unclosed group"),  # replicas
         ({"prompt": "hi", "structured_outputs": {"json": {"type": 5}}}, 400, "type must be"),
         ({"prompt": "hi", "guided_choice": ["a"], "guided_regex": "a"}, 400, "only one"),
@@ -1208,9 +1333,12 @@ def test_no_value_of_any_field_is_a_server_error(server):
     odd = (None, -1, 1e-300, 1e308, "\ud800", {"a": [1]})
     hi = [{"role": "user", "content": "Hi"}]
     bodies = []
+    beams = {"use_beam_search": True, "n": 2}  # a beam search's steps take the odd values too
     for route, cls, fields in (
         ("completions", CompletionRequest, {"prompt": "Hi"}),
         ("chat/completions", ChatCompletionRequest, {"messages": hi}),
+        ("completions", CompletionRequest, {"prompt": "Hi", **beams}),
+        ("chat/completions", ChatCompletionRequest, {"messages": hi, **beams}),
     ):
         base = {"model": MODEL, "max_tokens": 1, **fields}
         for field, info in cls.model_fields.items():
@@ -1231,7 +1359,7 @@ def test_no_value_of_any_field_is_a_server_error(server):
             return await asyncio.gather(*(one(client, *b) for b in bodies))
 
     failed = [answer for answer in asyncio.run(send_all()) if answer[3] >= 500]
-    assert not failed and len(bodies) > 400, failed
+    assert not failed and len(bodies) > 800, failed
     stats = _replica_stats("disagg")
     assert all(s["num_free_blocks"] == s["num_kv_blocks"] for s in stats), stats
 

@@ -9,6 +9,7 @@ Each check prints `OK <name>` or `FAIL <name>: <why>`; the exit status is 0 only
 They cover what a client of an OpenAI-compatible server relies on: /health and /v1/models;
 completions and chat, streamed and not, greedy (the streamed text must equal the whole one, and
 `usage` must count it); a forced tool call and a JSON schema (both parse); the Responses API;
+vLLM's beam search (n different beams, each token among its step's alternatives, counted);
 a 400 with OpenAI's error body for a bad request, after which the server still answers;
 /metrics, a Prometheus page (vLLM's route) that holds samples within METRICS_WAIT_S.
 
@@ -58,7 +59,7 @@ CITY = {
 CITY_FORMAT = {"name": "city", "schema": CITY}
 CHECKS = (
     "health", "models", "completion", "chat", "tool_call", "json_schema", "responses",
-    "bad_request", "metrics",
+    "beam_search", "bad_request", "metrics",
 )  # fmt: skip
 # how long a fresh server's /metrics may stay empty: Ray exports a process's metrics every
 # 10 s by default, Serve's replicas' first among them
@@ -148,6 +149,24 @@ class Checks:
         )
         expect(response.status in ("completed", "incomplete"), f"status {response.status}")
         expect(bool(response.output_text), "no output text")
+
+    def beam_search(self) -> None:
+        reply = self.client.completions.create(
+            model=self.model,
+            prompt=PROMPT,
+            n=2,
+            max_tokens=8,
+            logprobs=4,
+            extra_body={"use_beam_search": True, "return_token_ids": True},
+        )
+        ids = [choice.model_extra["token_ids"] for choice in reply.choices]
+        expect(len(ids) == 2 and ids[0] != ids[1], f"beams {ids}")
+        counted = reply.usage.completion_tokens
+        expect(counted == sum(map(len, ids)), f"usage counts {counted} of {ids}")
+        for choice in reply.choices:  # a beam's token is among its step's 2n likeliest
+            logprobs = choice.logprobs
+            for token, top in zip(logprobs.tokens, logprobs.top_logprobs, strict=True):
+                expect(token in top, f"{token!r} not among its step's likeliest {top}")
 
     def bad_request(self) -> None:
         try:

@@ -949,10 +949,14 @@ def _beam_search_on(model, ids: list[int], params) -> list:
     return search.best()
 
 
-def test_beam_search_finds_transformers_beams_in_all_modes(server, tiny_hf_model, tokenizer):
+def test_beam_search_finds_transformers_beams_in_all_modes(
+    server, tiny_hf_model, tokenizer, local_engine
+):
     """vLLM's use_beam_search, EOS ignored: transformers' own beam search's sequences, best
-    first, their tokens' logprobs summing to its scores."""
+    first, their tokens' logprobs summing to its scores; a beam of one, the greedy output."""
     import torch
+
+    from engine import SamplingParams
 
     ids = tokenizer(PROMPT).input_ids
     with torch.no_grad():
@@ -975,7 +979,14 @@ def test_beam_search_finds_transformers_beams_in_all_modes(server, tiny_hf_model
         assert got == pytest.approx(sums, abs=2e-3), mode
         assert [c["finish_reason"] for c in choices] == ["length"] * 3
         assert r.json()["usage"]["completion_tokens"] == 18
+        # a beam of one is the greedy output
+        r = _complete(server, mode, **{**BEAMS, "n": 1}, ignore_eos=True, return_token_ids=True)
+        assert r.json()["choices"][0]["token_ids"] == greedy, mode
 
+    [done] = local_engine.generate(
+        [PROMPT], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    )
+    greedy = done.token_ids
     _each(MODES, check)
 
 

@@ -647,7 +647,10 @@ class Ingress:
         async with contextlib.aclosing(stream):
             async for out in stream:
                 got.append(out)
-        scored = next(out for out in got if out.logprobs)
+        scored = next((out for out in got if out.logprobs), None)
+        if scored is None:  # not expected: a step's output carries the logprobs it asked
+            raise APIError(500, f"beam search step {request_id} returned no logprobs", None,
+                           "server_error")  # fmt: skip
         prompt_logprobs = next((o.prompt_logprobs for o in got if o.prompt_logprobs), None)
         cached = next((o.num_cached_tokens for o in got if o.num_cached_tokens is not None), None)
         return dataclasses.replace(

@@ -1037,6 +1037,26 @@ def test_beam_search_stops_streams_and_chats(server, tiny_hf_model, tokenizer, s
     assert [c["message"]["content"] for c in r.json()["choices"]] == texts
 
 
+def test_a_beam_search_runs_with_the_requests_lora_adapter(server, serve_loras, tokenizer):
+    """Every step of a beam search of an adapter's model runs with the adapter: the beams of
+    the search driven by PEFT's logits with that adapter (disaggregated, loaded from lora_dir
+    at its first request; colocated, configured)."""
+    from app.beam_search import BeamSearchParams
+
+    ids = tokenizer(PROMPT).input_ids
+    serve_loras.peft.set_adapter("sql")
+    want = _beam_search_on(serve_loras.peft, ids, BeamSearchParams(2, 5, frozenset()))
+    body = {**BEAMS, "model": "sql", "n": 2, "max_tokens": 5, "ignore_eos": True,
+            "return_token_ids": True}  # fmt: skip
+
+    def check(mode: str) -> None:
+        r = httpx.post(f"{server}/{mode}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200 and r.json()["model"] == "sql", r.text
+        assert [c["token_ids"] for c in r.json()["choices"]] == [list(b.tokens) for b in want]
+
+    _each(WITH_LORA, check)
+
+
 def test_a_beam_search_whose_client_leaves_stops(server):
     """A client that leaves during a long beam search (non-streamed) ends it: within seconds
     no block is held and no step runs after (the prefill replica's prefix-cache hits, which

@@ -103,7 +103,7 @@ class BeamSearch:
         or division by zero for any finite length_penalty."""
         if beam.cum_logprob >= 0:  # probability 1: the best score there is
             return -math.inf
-        # a stop token counts in the length only when shown (vLLM drops the EOS it keeps)
+        # a kept stop token is not counted in the length (vLLM's score drops a final EOS)
         length = self.num_prompt_tokens + len(beam.tokens)
         if beam.finish_reason == "stop" and self.params.keep_stop_token:
             length -= 1

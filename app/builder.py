@@ -93,7 +93,8 @@ def build_multi_model_app(args: dict) -> serve.Application:
         max_ongoing_requests=cfg.router.max_ongoing_requests,
         **cfg.router.health_check_options,
     )
-    return router.bind([m.model_dump(mode="json") for m in cfg.models], ingresses)
+    models = [m.model_dump(mode="json") for m in cfg.models]
+    return router.bind(models, ingresses, cfg.router.model_dump(mode="json"))
 
 
 def _model_app(cfg: AppArgs, suffix: str, store) -> serve.Application:

@@ -234,7 +234,18 @@ class PhaseArgs(HealthCheckArgs):
         return self
 
 
-class IngressArgs(HealthCheckArgs):
+class HTTPEntryArgs(HealthCheckArgs):
+    """A deployment that answers HTTP (the ingress, a multi-model application's router): its
+    health checks, and which browser pages may call it (app/cors.py: vLLM's CORS settings and
+    defaults, any origin, method and header, no credentials)."""
+
+    allowed_origins: list[str] = ["*"]
+    allowed_methods: list[str] = ["*"]
+    allowed_headers: list[str] = ["*"]
+    allow_credentials: bool = False
+
+
+class IngressArgs(HTTPEntryArgs):
     """(HealthCheckArgs: a frozen ingress replica is killed once it fails them, and the engine
     replicas then end its calls)"""
 
@@ -590,7 +601,7 @@ class AppArgs(_Strict):
                 raise ValueError(f"{phase}.engine: {e}") from None
 
 
-class RouterArgs(HealthCheckArgs):
+class RouterArgs(HTTPEntryArgs):
     """The HTTP ingress of a multi-model application (app/model_router.py): it forwards each
     request to its model's Ingress, whose own limits (max_queued_requests) then apply."""
 

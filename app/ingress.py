@@ -32,6 +32,7 @@ from app import metrics_page
 from app.beam_search import Beam, BeamSearch, BeamSearchParams, Candidates
 from app.beam_search import run as run_beam_search
 from app.config import AppArgs
+from app.cors import Cors
 from app.formats import ChatFormat, CompletionFormat, Prompt
 from app.lora_admin import (
     LoadLoRAAdapterRequest,
@@ -137,6 +138,7 @@ class Ingress:
         self.metrics = RequestMetrics(None if slo is None else (slo.ttft_ms, slo.tpot_ms))
         self.loop_lag = LoopLag(self.metrics.on_loop_lag)  # started by the first request
         self.api_key = _api_key(self.args.ingress.api_key_env)
+        self.cors = Cors(self.args.ingress)
         # the application's stored responses (a ResponseStoreServer deployment's handle), if
         # it keeps them
         self.responses = None if store is None else StoreClient(store)
@@ -150,6 +152,12 @@ class Ingress:
         quiet_cancelled_calls()
 
     async def __call__(self, request: Request) -> Response:
+        preflight = self.cors.preflight(request)  # a browser's, before the API key
+        if preflight is not None:
+            return preflight
+        return await self.cors.answered(request.headers, await self._answer(request))
+
+    async def _answer(self, request: Request) -> Response:
         try:
             return await self._route(request)
         except APIError as e:
@@ -157,8 +165,9 @@ class Ingress:
 
     async def forwarded(self, fwd: ForwardedRequest) -> AsyncIterator[ForwardedStart | bytes]:
         """A request a multi-model application's ModelRouter forwards (app/model_router.py),
-        answered as over HTTP, relayed back: the head, then the body's chunks."""
-        async for item in relay(await self(as_request(fwd))):
+        answered as over HTTP, relayed back: the head, then the body's chunks (the router
+        adds the CORS headers)."""
+        async for item in relay(await self._answer(as_request(fwd))):
             yield item
 
     async def _route(self, request: Request) -> Response:

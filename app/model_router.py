@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from app.config import AppArgs
+from app.config import AppArgs, RouterArgs
+from app.cors import Cors
 from app.protocol import APIError
 from app.replica_calls import this_process_transport
 from deployments.cancel_noise import quiet_cancelled_calls
@@ -107,8 +108,9 @@ async def relay(response: Response) -> AsyncIterator[ForwardedStart | bytes]:
 
 
 class ModelRouter:
-    def __init__(self, models: list[dict], ingresses: list) -> None:
+    def __init__(self, models: list[dict], ingresses: list, router: dict | None = None) -> None:
         self.args = [AppArgs.model_validate(m) for m in models]
+        self.cors = Cors(RouterArgs.model_validate(router or {}))
         self.ingresses = [this_process_transport(h).options(stream=True) for h in ingresses]
         self.by_name = {}  # a served name or a configured LoRA adapter's -> its model's index
         for i, args in enumerate(self.args):
@@ -117,6 +119,12 @@ class ModelRouter:
         quiet_cancelled_calls()  # as the Ingress does
 
     async def __call__(self, request: Request) -> Response:
+        preflight = self.cors.preflight(request)  # a browser's, before the API key
+        if preflight is not None:
+            return preflight
+        return await self.cors.answered(request.headers, await self._answer(request))
+
+    async def _answer(self, request: Request) -> Response:
         path = request.url.path
         root = request.scope.get("root_path", "")  # the application's route_prefix
         if root and path.startswith(root):

@@ -1,6 +1,7 @@
-"""The ingress's API key (vLLM's --api-key) and its open endpoints, through real HTTP semantics
-(Starlette's ASGI test client, which is an httpx client) and the official openai client. No Ray:
-only routes that call no replica are used."""
+"""The ingress's API key (vLLM's --api-key), its open endpoints and its answers to browsers
+(CORS, vLLM's --allowed-origins and the rest), through real HTTP semantics (Starlette's ASGI
+test client, which is an httpx client) and the official openai client. No Ray: only routes that
+call no replica are used."""
 
 from __future__ import annotations
 
@@ -13,23 +14,22 @@ pytestmark = pytest.mark.model
 MODEL = "SmolLM2-135M-Instruct"
 
 
-def _client(monkeypatch, key: str | None):
+def _client(monkeypatch, key: str | None, **ingress):
     from starlette.applications import Starlette
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
     from app.ingress import Ingress
 
-    args = {}
     if key is not None:
         monkeypatch.setenv("TEST_SPLITSERVE_KEY", key)
-        args = {"ingress": {"api_key_env": "TEST_SPLITSERVE_KEY"}}
-    ingress = Ingress(args)
+        ingress["api_key_env"] = "TEST_SPLITSERVE_KEY"
+    app = Ingress({"ingress": ingress})
 
     async def endpoint(request):
-        return await ingress(request)
+        return await app(request)
 
-    methods = ["GET", "POST"]
+    methods = ["GET", "POST", "OPTIONS"]
     return TestClient(Starlette(routes=[Route("/{path:path}", endpoint, methods=methods)]))
 
 
@@ -72,3 +72,71 @@ def test_a_key_variable_that_is_not_set_fails_at_start(monkeypatch):
     monkeypatch.delenv("TEST_SPLITSERVE_MISSING", raising=False)
     with pytest.raises(ValueError, match="TEST_SPLITSERVE_MISSING"):
         Ingress({"ingress": {"api_key_env": "TEST_SPLITSERVE_MISSING"}})
+
+
+PAGE = "https://chat.example"
+PREFLIGHT = {
+    "origin": PAGE,
+    "access-control-request-method": "POST",
+    "access-control-request-headers": "authorization, content-type",
+}
+
+
+def test_a_browsers_preflight_is_answered_before_the_key_is_asked(monkeypatch):
+    """vLLM's defaults: any origin, method and header; the preflight carries no key."""
+    http = _client(monkeypatch, "s3cret")
+    r = http.options("/v1/chat/completions", headers=PREFLIGHT)
+    assert r.status_code == 200, r.text
+    assert r.headers["access-control-allow-origin"] == "*"
+    assert "POST" in r.headers["access-control-allow-methods"]
+    assert r.headers["access-control-allow-headers"] == "authorization, content-type"
+    # every answer to a page says it may read it, the 401 too (a browser shows its reason)
+    r = http.get("/v1/models", headers={"origin": PAGE})
+    assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "*"
+    r = http.get("/v1/models", headers={"origin": PAGE, "authorization": "Bearer s3cret"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+    r = http.post("/tokenize", json={"prompt": "Hi"}, headers={"origin": PAGE})
+    assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "*"
+    # no Origin (not a browser's cross-origin call): no CORS headers; an OPTIONS that is no
+    # preflight is a route like any other (none)
+    r = http.get("/health")
+    assert "access-control-allow-origin" not in r.headers
+    r = http.options("/v1/models", headers={"origin": PAGE})
+    assert r.status_code == 401
+
+
+def test_only_the_configured_origins_may_call_with_credentials(monkeypatch):
+    http = _client(
+        monkeypatch,
+        None,
+        allowed_origins=[PAGE],
+        allowed_methods=["GET", "POST"],
+        allowed_headers=["authorization", "content-type"],
+        allow_credentials=True,
+    )
+    r = http.options("/v1/completions", headers=PREFLIGHT)
+    assert r.status_code == 200
+    assert r.headers["access-control-allow-origin"] == PAGE  # named, as credentials ask
+    assert r.headers["access-control-allow-credentials"] == "true"
+    other = {**PREFLIGHT, "origin": "https://evil.example"}
+    r = http.options("/v1/completions", headers=other)
+    assert r.status_code == 400 and "origin" in r.text
+    r = http.options(
+        "/v1/completions", headers={**PREFLIGHT, "access-control-request-method": "PUT"}
+    )
+    assert r.status_code == 400 and "method" in r.text
+    r = http.get("/v1/models", headers={"origin": PAGE})
+    assert r.headers["access-control-allow-origin"] == PAGE
+    assert "Origin" in r.headers["vary"]
+    r = http.get("/v1/models", headers={"origin": "https://evil.example"})
+    assert r.status_code == 200  # served (CORS binds browsers), and says nothing it may read
+    assert "access-control-allow-origin" not in r.headers
+
+
+def test_the_cors_settings_are_validated():
+    from app.config import AppArgs
+
+    with pytest.raises(ValueError, match="allow_credentials"):
+        AppArgs.model_validate({"ingress": {"allow_credentials": "perhaps"}})
+    with pytest.raises(ValueError, match="allowed_origins"):
+        AppArgs.model_validate({"ingress": {"allowed_origins": "*"}})

@@ -117,6 +117,21 @@ def test_an_adapter_is_served_by_its_model(client, engine_alone):
     assert texts[0] == texts[1] != engine_alone.text
 
 
+def test_a_browser_page_may_call_the_router(url):
+    """CORS at the router (vLLM's defaults): a preflight answered, and each answer to a page
+    says it may read it once (the model's Ingress, behind the router, adds none)."""
+    page = {"origin": "https://chat.example"}
+    preflight = {**page, "access-control-request-method": "POST"}
+    r = httpx.options(f"{url}/v1/chat/completions", headers=preflight, timeout=30)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+    body = {"model": "smol-co", "prompt": PROMPT, "max_tokens": 2}
+    for route, sent in (("completions", body), ("completions", {**body, "model": "nope"})):
+        r = httpx.post(f"{url}/v1/{route}", json=sent, headers=page, timeout=60)
+        assert r.headers.get_list("access-control-allow-origin") == ["*"], r.status_code
+    r = httpx.get(f"{url}/v1/models", headers=page, timeout=30)
+    assert r.headers.get_list("access-control-allow-origin") == ["*"]
+
+
 def test_errors_are_the_models_own(url, client):
     with pytest.raises(NotFoundError, match="model 'nope' does not exist"):
         client.completions.create(model="nope", prompt="x", max_tokens=2)

@@ -1323,6 +1323,22 @@ def test_chat_features_we_do_not_serve_are_refused_not_ignored(server, fields, n
     assert httpx.post(f"{server}/disagg/v1/chat/completions", json=ok, timeout=60).is_success
 
 
+def test_a_browser_page_may_call_the_api(server):
+    """CORS through Serve's proxy (vLLM's defaults): a preflight answered, and answers to a
+    page, streamed and not, errors too, say it may read them."""
+    page = {"origin": "https://chat.example"}
+    preflight = {**page, "access-control-request-method": "POST",
+                 "access-control-request-headers": "content-type"}  # fmt: skip
+    r = httpx.options(f"{server}/disagg/v1/completions", headers=preflight, timeout=30)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+    assert r.headers["access-control-allow-headers"] == "content-type"
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2}
+    for sent in (body, {**body, "stream": True}, {**body, "max_tokens": -1}):
+        r = httpx.post(f"{server}/disagg/v1/completions", json=sent, headers=page, timeout=60)
+        assert r.headers.get_list("access-control-allow-origin") == ["*"], r.text
+    assert r.status_code == 400
+
+
 def test_x_request_id_names_the_response_and_may_be_reused(server):
     """vLLM's X-Request-Id: the body's id (Serve's proxy returns the header); two requests in
     flight with the same one are both served (the replicas' ids stay unique). vLLM's

@@ -109,6 +109,16 @@ def test_a_bad_input_is_a_400_and_the_server_keeps_serving(server):
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
 
+def test_a_browsers_preflight_passes_haproxy(server):
+    """CORS (app/cors.py) answered by the ingress behind HAProxy, as behind Serve's proxy."""
+    page = {"origin": "https://chat.example"}
+    preflight = {**page, "access-control-request-method": "POST"}
+    r = httpx.options(f"{server}/v1/completions", headers=preflight, timeout=30)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+    r = httpx.get(f"{server}/v1/models", headers=page, timeout=30)
+    assert r.headers.get_list("access-control-allow-origin") == ["*"]
+
+
 def test_a_client_gone_mid_stream_leaves_no_block_held(server):
     """HAProxy closes its side when the client does: the ingress sees the disconnect and
     aborts the request on the decode replica (1400 tokens would take minutes here)."""

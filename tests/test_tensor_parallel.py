@@ -305,6 +305,20 @@ def test_a_dead_worker_fails_requests_and_the_replica(cluster, tiny_llama_path):
         close(engine)
 
 
+def _settled_cpus(timeout_s: float = 15.0) -> float:
+    """The cluster's available CPUs once two reads a second apart agree (a run failed when
+    an earlier test's workers gave back 0.5 CPU between this test's reads)."""
+    import ray
+
+    deadline, last = time.monotonic() + timeout_s, None
+    while True:
+        now = ray.available_resources().get("CPU", 0.0)
+        if now == last or time.monotonic() > deadline:
+            return now
+        last = now
+        time.sleep(1.0)
+
+
 def test_a_model_a_worker_cannot_split_is_refused_with_its_reason_and_no_worker_left(
     cluster, tmp_path, tokenizer
 ):
@@ -317,7 +331,7 @@ def test_a_model_a_worker_cannot_split_is_refused_with_its_reason_and_no_worker_
     odd = dict(hidden_size=64, intermediate_size=97, num_hidden_layers=2, num_attention_heads=4)
     LlamaForCausalLM(LlamaConfig(**odd, vocab_size=len(tokenizer))).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    free = ray.available_resources().get("CPU", 0.0)
+    free = _settled_cpus()  # not while an earlier test's workers still give theirs back
     with pytest.raises(ValueError, match="cannot split a dimension of 97 over 2 ranks") as held:
         make(str(tmp_path), tp=2)
     deadline = time.monotonic() + 30  # the workers' CPUs come back once they are gone

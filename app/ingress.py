@@ -420,9 +420,10 @@ class Ingress:
         first already received (an error a replica raised before is an HTTP status)."""
         arrival = time.perf_counter()  # the metrics' TTFT counts the prompt's building too
         self.loop_lag.ensure_started()
-        width = req.beam_search_width()  # None: the choices are sampled
         capacity = await self._capacity()
         prompts, params = await self._off_loop(self._prepare, req, chat, capacity)
+        # after _prepare: a chat's constraint depends on the server's parsers, set there
+        width = req.beam_search_width()  # None: the choices are sampled
         choices = _choice_params(params, req.n)
         # vLLM's request_id field, else the X-Request-Id header (Serve's proxy sets one on
         # every request, so the header cannot win as in vLLM)

@@ -1035,6 +1035,14 @@ def test_beam_search_stops_streams_and_chats(server, tiny_hf_model, tokenizer, s
     plain = _complete(server, "disagg", **{**chat, "prompt": prompt, "messages": None})
     texts = [c["text"] for c in plain.json()["choices"]]
     assert [c["message"]["content"] for c in r.json()["choices"]] == texts
+    # tools the model may call (the server's hermes parser reads the beams), or must call
+    # (a constraint, which a beam search does not honour)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    url = f"{server}/disagg_gloo/v1/chat/completions"
+    r = httpx.post(url, json={**chat, "tools": tools, "tool_choice": "auto"}, timeout=120)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2, r.text
+    r = httpx.post(url, json={**chat, "tools": tools, "tool_choice": "required"}, timeout=60)
+    assert r.status_code == 400 and "with use_beam_search" in r.json()["error"]["message"]
 
 
 def test_a_beam_search_runs_with_the_requests_lora_adapter(server, serve_loras, tokenizer):

@@ -8,6 +8,8 @@ called on our responses: a Serve deployment's __call__ answers a Request, not an
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -27,7 +29,17 @@ class Cors:
             allow_credentials=args.allow_credentials,
         )
 
-    def preflight(self, request: Request) -> Response | None:
+    async def around(
+        self, request: Request, answer: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        """A browser's preflight answered here; any other request's `answer` with the CORS
+        headers its Origin calls for."""
+        preflight = self._preflight(request)
+        if preflight is not None:
+            return preflight
+        return await self._answered(request.headers, await answer(request))
+
+    def _preflight(self, request: Request) -> Response | None:
         """The answer to a browser's preflight (200, or 400 naming what is not allowed);
         None for any other request."""
         headers = request.headers
@@ -37,7 +49,7 @@ class Cors:
             return None
         return self.rules.preflight_response(request_headers=headers)
 
-    async def answered(self, headers: Headers, response: Response) -> Response:
+    async def _answered(self, headers: Headers, response: Response) -> Response:
         """`response` with the CORS headers a request with these `headers` calls for (none
         without an Origin but `Vary: Origin`)."""
         sent: list[Message] = []

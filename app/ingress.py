@@ -152,10 +152,7 @@ class Ingress:
         quiet_cancelled_calls()
 
     async def __call__(self, request: Request) -> Response:
-        preflight = self.cors.preflight(request)  # a browser's, before the API key
-        if preflight is not None:
-            return preflight
-        return await self.cors.answered(request.headers, await self._answer(request))
+        return await self.cors.around(request, self._answer)  # a preflight before the key
 
     async def _answer(self, request: Request) -> Response:
         try:
@@ -424,7 +421,6 @@ class Ingress:
         prompts, params = await self._off_loop(self._prepare, req, chat, capacity)
         # after _prepare: a chat's constraint depends on the server's parsers, set there
         width = req.beam_search_width()  # None: the choices are sampled
-        choices = _choice_params(params, req.n)
         # vLLM's request_id field, else the X-Request-Id header (Serve's proxy sets one on
         # every request, so the header cannot win as in vLLM)
         client_id = req.request_id or client_id
@@ -447,7 +443,7 @@ class Ingress:
                 self._beam_searches(engine_id, prompts, params, search, arrival)
             )
         else:
-            many = len(prompts) * req.n > 1
+            many, choices = len(prompts) * req.n > 1, _choice_params(params, req.n)
             streams = [
                 self._outputs(
                     f"{engine_id}-{i * req.n + j}" if many else engine_id, p.ids, c, arrival
@@ -650,22 +646,15 @@ class Ingress:
     async def _beam_step(
         self, request_id: str, ids: list[int], params: SamplingParams, arrival: float
     ) -> RequestOutput:
-        """A one-token request's output, with its token's logprobs (and the prompt's, when
-        asked)."""
-        got = []
+        """A one-token request's output: its first holds the token and its logprobs (and
+        the prompt's, when asked); the stream is read to its end, as every request's is."""
         stream = self._outputs(request_id, ids, params, arrival, timed=False)
         async with contextlib.aclosing(stream):
-            async for out in stream:
-                got.append(out)
-        scored = next((out for out in got if out.logprobs), None)
-        if scored is None:  # not expected: a step's output carries the logprobs it asked
+            got = [out async for out in stream]
+        if not got or not got[0].logprobs:  # not expected: a step returns what it asks
             raise APIError(500, f"beam search step {request_id} returned no logprobs", None,
                            "server_error")  # fmt: skip
-        prompt_logprobs = next((o.prompt_logprobs for o in got if o.prompt_logprobs), None)
-        cached = next((o.num_cached_tokens for o in got if o.num_cached_tokens is not None), None)
-        return dataclasses.replace(
-            scored, prompt_logprobs=prompt_logprobs, num_cached_tokens=cached
-        )
+        return got[0]
 
     def _beam_texts(
         self, beams: list[Beam], search: BeamSearchParams, params: SamplingParams

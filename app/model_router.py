@@ -119,10 +119,7 @@ class ModelRouter:
         quiet_cancelled_calls()  # as the Ingress does
 
     async def __call__(self, request: Request) -> Response:
-        preflight = self.cors.preflight(request)  # a browser's, before the API key
-        if preflight is not None:
-            return preflight
-        return await self.cors.answered(request.headers, await self._answer(request))
+        return await self.cors.around(request, self._answer)  # as the Ingress answers
 
     async def _answer(self, request: Request) -> Response:
         path = request.url.path

@@ -24,14 +24,13 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from app import metrics_page
 from app.beam_search import Beam, BeamSearch, BeamSearchParams, Candidates
 from app.beam_search import run as run_beam_search
-from app.config import AppArgs
+from app.config import AppArgs, deployment_suffix
 from app.cors import Cors
 from app.formats import ChatFormat, CompletionFormat, Prompt
 from app.lora_admin import (
@@ -64,6 +63,7 @@ from app.responses import (
     responses_request,
 )
 from app.responses import sse as responses_sse
+from app.vllm_metrics import by_deployment
 from deployments.cancel_noise import quiet_cancelled_calls
 from engine import (
     InvalidRequestError,
@@ -123,6 +123,9 @@ class Ingress:
         self.prefill, self.decode, self.colocated, store = handles
         called = [h for h in handles if h is not None]
         self.app_name = called[0].app_name if called else ""
+        # the model of each of the application's series, for vLLM's names on /metrics
+        suffix = deployment_suffix(called[0].deployment_name) if called else ""
+        self.model_of = by_deployment({suffix: self.args.served_name})
         self.readiness = Readiness(self.app_name, [h.deployment_name for h in called])
         self.num_in_flight = 0
         self._kv_capacity: int | None = None  # smallest replica KV cache, fetched once
@@ -178,7 +181,7 @@ class Ingress:
         if path == "/version" and method == "GET":
             return JSONResponse({"version": _VERSION})
         if path == "/metrics" and method == "GET":  # vLLM's, open as its is (and Ray's)
-            return await self._metrics()
+            return await metrics_page.answer(self.app_name, self.model_of)
         self._authorize(request)
         if path == "/v1/models" and method == "GET":
             return JSONResponse({"object": "list", "data": self._model_cards()})
@@ -214,14 +217,6 @@ class Ingress:
             return JSONResponse({"status": "ok"})
         waiting = "; ".join(f"{name}: {why}" for name, why in unready.items())
         return JSONResponse({"status": "unavailable", "message": waiting}, status_code=503)
-
-    async def _metrics(self) -> Response:
-        """This application's Prometheus series from every node (app/metrics_page.py)."""
-        try:
-            page = await metrics_page.scrape(self.app_name)
-        except metrics_page.NoMetricsError as e:
-            raise APIError(503, str(e), kind="server_error") from None
-        return Response(page, media_type=CONTENT_TYPE_LATEST)
 
     def _lora_admin(self, path: str, body: bytes) -> str:
         """vLLM's runtime LoRA updating (app/lora_admin.py) -> its success text."""

@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.responses import Response
 
+from app.protocol import APIError
+from app.vllm_metrics import vllm_families
+from deployments.metrics import EXACT_SUM
+
+ModelOf = Callable[[dict[str, str]], str | None]  # a sample's labels -> its model's name
 logger = logging.getLogger(__name__)
 APP_LABEL = "application"  # the label Serve's metrics API puts on a replica's series
 FETCH_TIMEOUT_S = 5.0  # a node whose endpoint is slower is left out of this scrape
@@ -27,8 +33,20 @@ class NoMetricsError(RuntimeError):
     """No node's metrics endpoint answered."""
 
 
-async def scrape(app_name: str) -> str:
-    """The Prometheus text of `app_name`'s series on every live node of this cluster."""
+async def answer(app_name: str, model_of: ModelOf) -> Response:
+    """GET /metrics: `app_name`'s series, ours and under vLLM's names; a 503 when no node's
+    metrics endpoint answers."""
+    try:
+        page = await scrape(app_name, model_of)
+    except NoMetricsError as e:
+        raise APIError(503, str(e), kind="server_error") from None
+    return Response(page, media_type=CONTENT_TYPE_LATEST)
+
+
+async def scrape(app_name: str, model_of: ModelOf | None = None) -> str:
+    """The Prometheus text of `app_name`'s series on every live node of this cluster; with
+    `model_of` (a sample's labels -> its model's served name), also under vLLM's names
+    (app/vllm_metrics.py)."""
     urls = await asyncio.to_thread(node_endpoints)
     if not urls:
         raise NoMetricsError("no live node exports metrics (Ray's metrics export port)")
@@ -36,7 +54,7 @@ async def scrape(app_name: str) -> str:
     if not texts:
         raise NoMetricsError(f"no node's metrics endpoint answered ({', '.join(urls)})")
     # parsing takes ~0.1 ms a sample: off the event loop that streams tokens
-    return await asyncio.to_thread(merge, texts, app_name)
+    return await asyncio.to_thread(merge, texts, app_name, model_of)
 
 
 def node_endpoints() -> list[str]:
@@ -74,9 +92,10 @@ async def _fetch_all(urls: list[str]) -> list[str]:
     return texts
 
 
-def merge(texts: Iterable[str], app_name: str) -> str:
+def merge(texts: Iterable[str], app_name: str, model_of: ModelOf | None = None) -> str:
     """The families of several Prometheus pages, each holding only `app_name`'s samples, as
-    one page (a family found on several pages: its samples of every page, one HELP and TYPE)."""
+    one page (a family found on several pages: its samples of every page, one HELP and TYPE);
+    with `model_of`, vLLM's families of them follow (app/vllm_metrics.py)."""
     # first the lines that may be the application's, as text (most of a node's page is Ray's
     # own, and parsing costs ~0.1 ms a sample): each of its samples holds this label as
     # written; so may a label named, say, sub_application, so the parsed labels decide
@@ -96,9 +115,35 @@ def merge(texts: Iterable[str], app_name: str) -> str:
             elif samples:
                 family.samples = samples
                 families[family.name] = family
+    merged = _with_exact_sums(families)
+    if model_of is not None:
+        merged += vllm_families(merged, model_of)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Families(list(families.values())))
+    registry.register(_Families(merged))
     return generate_latest(registry).decode()
+
+
+def _with_exact_sums(families: dict[str, Metric]) -> list[Metric]:
+    """The families, each histogram's sums its companion counter's values (Ray exports a
+    histogram's sum from its buckets' midpoints: deployments.metrics.Histogram), the
+    companions left out. A series whose companion has no value observed nothing above 0."""
+    for name in [n for n in families if n.endswith(EXACT_SUM)]:
+        sums = families.pop(name)
+        histogram = families.get(name.removesuffix(EXACT_SUM))
+        if histogram is None or histogram.type != "histogram":
+            continue
+        exact = {_series(s.labels): s.value for s in sums.samples}
+        histogram.samples = [
+            s._replace(value=exact.get(_series(s.labels), 0.0))
+            if s.name == histogram.name + "_sum"
+            else s
+            for s in histogram.samples
+        ]
+    return list(families.values())
+
+
+def _series(labels: dict[str, str]) -> tuple:
+    return tuple(sorted(labels.items()))
 
 
 class _Families:

@@ -7,8 +7,9 @@ names (a served name, or one of that model's LoRA adapters).
 The router forwards the request as it came (ForwardedRequest) and relays the Ingress's answer
 (ForwardedStart, then the body's chunks), so every model answers exactly as it does alone:
 its errors, its streams, its API key. It costs one more hop per request and per stream chunk;
-a single model's application has no router. GET /v1/models lists every model's cards, and
-/health is 200 when every model's is.
+a single model's application has no router. GET /v1/models lists every model's cards,
+/health is 200 when every model's is, and the router answers /metrics itself: the whole
+application's series, each model's under vLLM's names with its own `model_name`.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from app.config import AppArgs, RouterArgs
+from app import metrics_page
+from app.config import AppArgs, RouterArgs, deployment_suffix
 from app.cors import Cors
 from app.protocol import APIError
 from app.replica_calls import this_process_transport
+from app.vllm_metrics import by_deployment
 from deployments.cancel_noise import quiet_cancelled_calls
 from engine.config import lora_path
 
@@ -112,6 +115,15 @@ class ModelRouter:
         self.args = [AppArgs.model_validate(m) for m in models]
         self.cors = Cors(RouterArgs.model_validate(router or {}))
         self.ingresses = [this_process_transport(h).options(stream=True) for h in ingresses]
+        # /metrics: the whole application's series, each model's under vLLM's names with its
+        # own model_name (a model's Ingress knows its own deployments only)
+        self.app_name = self.ingresses[0].app_name
+        self.model_of = by_deployment(
+            {
+                deployment_suffix(h.deployment_name): a.served_name
+                for h, a in zip(self.ingresses, self.args, strict=True)
+            }
+        )
         self.by_name = {}  # a served name or a configured LoRA adapter's -> its model's index
         for i, args in enumerate(self.args):
             for name in (*args.served_names, *args.lora_modules):
@@ -128,6 +140,8 @@ class ModelRouter:
             path = path[len(root) :]
         fwd = await forward_request(request, path)
         try:
+            if path.rstrip("/") == "/metrics" and request.method == "GET":
+                return await metrics_page.answer(self.app_name, self.model_of)
             if path.rstrip("/") in (*_OPEN_PATHS, "/v1/models") and request.method == "GET":
                 return await self._every_model(fwd)
             return await self._one_model(self._model_of(fwd), fwd)

@@ -21,6 +21,42 @@ from engine import EngineStats, RequestOutput
 GAUGE_REFRESH_S = 4.0  # under Ray's metrics export interval (metrics_report_interval_ms)
 _LATENCY_MS = [5, 10, 25, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 2000, 5000, 10000, 30000]
 _LAG_MS = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 5000]
+EXACT_SUM = "_exact_sum"  # the name's end of a histogram's companion counter (Histogram)
+
+
+def one_two_five(limit: int) -> list[float]:
+    """1, 2, 5, 10, 20, 50, ... up to `limit` (vLLM's length buckets)."""
+    bounds, scale = [], 1
+    while True:
+        for step in (1, 2, 5):
+            if step * scale > limit:
+                return bounds
+            bounds.append(float(step * scale))
+        scale *= 10
+
+
+# tokens, for every model alike: Ray drops the samples of a histogram whose bounds differ
+# from those its node first saw under that name (two models with two context windows)
+_LENGTHS = one_two_five(1_000_000)
+
+
+class Histogram:
+    """A Ray histogram and a counter of its observations' exact sum: Ray (2.60) exports a
+    histogram's sum as if each observation were its bucket's midpoint (a prompt of 40 tokens
+    counts 35; one past the last bound, twice that bound), so a mean from it, such as a
+    dashboard's mean TTFT, is off by up to half a bucket. The API port's /metrics page
+    (app/metrics_page.py) shows the counter's sum as the histogram's."""
+
+    def __init__(
+        self, name: str, description: str, boundaries: list[float], tag_keys: tuple = ()
+    ) -> None:
+        self.histogram = metrics.Histogram(name, description, boundaries, tag_keys)
+        self.sum = metrics.Counter(name + EXACT_SUM, f"exact sum of {name}", tag_keys)
+
+    def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
+        self.histogram.observe(value, tags)
+        if value > 0:  # a Ray counter only goes up, by more than 0
+            self.sum.inc(value, tags)
 
 
 class HeldGauges:
@@ -109,13 +145,13 @@ class EngineMetrics:
         self.pending_imports = metrics.Gauge(
             "splitserve_pending_kv_imports", "handed-off requests waiting for decode blocks", keys
         )
-        self.queue_time = metrics.Histogram(
+        self.queue_time = Histogram(
             "splitserve_queue_time_ms",
             "arrival at the engine -> first scheduled",
             _LATENCY_MS,
             keys,
         )
-        self.kv_transfer_ms = metrics.Histogram(
+        self.kv_transfer_ms = Histogram(
             "splitserve_kv_transfer_ms",
             "KV channel time per request (send or receive)",
             _LATENCY_MS,
@@ -126,6 +162,11 @@ class EngineMetrics:
         )
         cached = metrics.Counter(
             "splitserve_prefix_cache_hit_tokens", "prompt tokens taken from the prefix cache", keys
+        )
+        queried = metrics.Counter(  # vLLM's prefix_cache_queries: hits / this is the hit rate
+            "splitserve_prefix_cache_queried_tokens",
+            "tokens of requests that looked the prefix cache up at their start",
+            keys,
         )
         preempted = metrics.Counter(  # vLLM's num_preemptions: each one costs a recompute
             "splitserve_preemptions",
@@ -170,6 +211,7 @@ class EngineMetrics:
             keys,
         )
         self.cached_tokens, self.preemptions = Increase(cached), Increase(preempted)
+        self.queried_tokens = Increase(queried)
         self.lora_loads = Increase(lora_loads)
         self.draft_tokens, self.accepted_tokens = Increase(drafts), Increase(accepted)
         self.drafts = Increase(drafted)
@@ -180,6 +222,7 @@ class EngineMetrics:
             if out.queue_time_s is not None:
                 self.queue_time.observe(out.queue_time_s * 1e3, self.tags)
         self.cached_tokens.update(stats.num_cached_tokens, self.tags)
+        self.queried_tokens.update(stats.num_queried_tokens, self.tags)
         self.preemptions.update(stats.num_preemptions, self.tags)
         self.lora_loads.update(stats.num_lora_loads, self.tags)
         self.draft_tokens.update(stats.num_draft_tokens, self.tags)
@@ -235,15 +278,19 @@ class RequestMetrics:
     def __init__(self, slo: tuple[float, float] | None = None) -> None:
         keys = ("mode",)
         self.slo = slo
-        self.ttft = metrics.Histogram(
-            "splitserve_ttft_ms", "time to first token", _LATENCY_MS, keys
+        # the workload's lengths, as vLLM's request_prompt_tokens and _generation_tokens:
+        # what the placement optimizer plans for, seen live
+        self.prompt_lens = Histogram(
+            "splitserve_request_prompt_tokens", "prompt tokens per request", _LENGTHS, keys
         )
-        self.tpot = metrics.Histogram(
+        self.output_lens = Histogram(
+            "splitserve_request_generation_tokens", "tokens generated per request", _LENGTHS, keys
+        )
+        self.ttft = Histogram("splitserve_ttft_ms", "time to first token", _LATENCY_MS, keys)
+        self.tpot = Histogram(
             "splitserve_tpot_ms", "time per output token after the first", _LATENCY_MS, keys
         )
-        self.e2e = metrics.Histogram(
-            "splitserve_e2e_latency_ms", "request latency", _LATENCY_MS, keys
-        )
+        self.e2e = Histogram("splitserve_e2e_latency_ms", "request latency", _LATENCY_MS, keys)
         self.requests = metrics.Counter(
             "splitserve_requests", "finished requests", ("mode", "finish")
         )
@@ -264,7 +311,7 @@ class RequestMetrics:
             "engine outputs relayed for finished requests (one streamed chunk each)",
             keys,
         )
-        self.loop_lag = metrics.Histogram(
+        self.loop_lag = Histogram(
             "splitserve_ingress_loop_lag_ms",
             "how late the ingress's event loop woke for a 100 ms timer (deployments/loop_lag.py)",
             _LAG_MS,
@@ -290,6 +337,8 @@ class RequestMetrics:
         if num_tokens > 1:
             self.tpot.observe(tpot_s * 1e3, tags)
         self.requests.inc(1, {"mode": mode, "finish": reason})
+        self.prompt_lens.observe(num_prompt_tokens, tags)
+        self.output_lens.observe(num_tokens, tags)
         if num_prompt_tokens > 0:  # a counter only goes up, by > 0
             self.prompt_tokens.inc(num_prompt_tokens, tags)
         if num_tokens > 0:

@@ -134,6 +134,7 @@ class EngineStats:
     num_waiting_tokens: int = 0  # prompt tokens of waiting requests not computed yet
     num_running_tokens: int = 0  # context tokens of the running batch (decode step cost)
     num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache, since start
+    num_queried_tokens: int = 0  # tokens of requests that looked the cache up, since start
     num_loras: int = 0  # LoRA adapters loaded now
     num_lora_loads: int = 0  # LoRA adapters loaded since start (lora_dir's: at first use)
     # speculative decoding, since start: draft tokens verified, and those kept; requests'

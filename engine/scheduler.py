@@ -80,6 +80,9 @@ class PrefillManager:
         self.blocks = blocks
         self.waiting: deque[Request] = deque()
         self.num_cached_tokens = 0  # prompt tokens scheduled as taken from the prefix cache
+        # tokens of the requests scheduled after a look-up in the prefix cache (vLLM's
+        # prefix_cache_queries): with num_cached_tokens (its hits), the cache's hit rate
+        self.num_queried_tokens = 0
 
     def schedule_next_batch(
         self, token_budget: int, seq_budget: int
@@ -89,7 +92,8 @@ class PrefillManager:
         for request in self.waiting:
             if token_budget <= 0 or seq_budget <= 0:
                 break
-            cached = self._take_cached_prefix(request)
+            looked_up = self._looks_up(request)
+            cached = self._take_cached_prefix(request) if looked_up else 0
             if (
                 computing
                 and cached == request.num_computed_tokens
@@ -112,6 +116,7 @@ class PrefillManager:
                 request.first_scheduled_time = time.monotonic()
             batch.append(ScheduledRequest(request, request.num_computed_tokens, num_new))
             self.num_cached_tokens += cached
+            self.num_queried_tokens += request.num_tokens if looked_up else 0
             if not request.output_token_ids:  # what the client's usage reports
                 request.num_cached_tokens = cached
             token_budget -= num_new
@@ -145,16 +150,19 @@ class PrefillManager:
             self.blocks.free(request.request_id)
             request.num_computed_tokens = 0
 
+    def _looks_up(self, request: Request) -> bool:
+        """Whether the request's start looks its tokens up in the prefix cache: at its
+        (re)start, unless it asks for its prompt's logprobs (it computes them all)."""
+        return (
+            self.config.enable_prefix_caching
+            and not request.num_computed_tokens
+            and not request.wants_prompt_logprobs
+        )  # (without caching, no hashing of the tokens on every step)
+
     def _take_cached_prefix(self, request: Request) -> int:
-        """At a request's (re)start: take the cached blocks of its leading tokens as computed;
-        -> how many tokens. The last token is always computed (its logits sample the next
-        token), and a request that asks for its prompt's logprobs computes them all."""
-        if (
-            not self.config.enable_prefix_caching
-            or request.num_computed_tokens
-            or request.wants_prompt_logprobs
-        ):
-            return 0  # (without caching, no hashing of the tokens on every step)
+        """Take the cached blocks of the leading tokens of a request that looks them up as
+        computed; -> how many tokens. The last token is always computed (its logits sample
+        the next token)."""
         keys = self._prompt_keys(request)
         request.num_computed_tokens = self.blocks.take_cached_blocks(request.request_id, keys)
         return request.num_computed_tokens

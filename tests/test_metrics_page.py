@@ -122,3 +122,40 @@ def test_a_node_that_does_not_answer_is_left_out_and_none_answering_is_an_error(
     monkeypatch.setattr(metrics_page, "node_endpoints", list)
     with pytest.raises(NoMetricsError, match="no live node exports metrics"):
         asyncio.run(metrics_page.scrape("chat"))
+
+
+def test_a_histograms_sum_is_its_exact_sum_counters():
+    """Ray exports a histogram's sum from its buckets' midpoints; the page shows the exact sum
+    that deployments.metrics.Histogram counts beside it (of the same series), and not the
+    counter itself; a series with nothing above 0 observed has no counter value: its sum is 0."""
+    ingress = 'application="chat",deployment="Ingress",replica="r1"'
+    idle = 'application="chat",deployment="Ingress",replica="r2"'
+    node = _page("10.0.0.1", 3, 5) + "\n".join(
+        [
+            "# HELP ray_splitserve_e2e_latency_ms request latency",
+            "# TYPE ray_splitserve_e2e_latency_ms histogram",
+            f'ray_splitserve_e2e_latency_ms_bucket{{{ingress},le="+Inf"}} 2',
+            f"ray_splitserve_e2e_latency_ms_count{{{ingress}}} 2",
+            f"ray_splitserve_e2e_latency_ms_sum{{{ingress}}} 60000.0",  # two past the last bound
+            f'ray_splitserve_e2e_latency_ms_bucket{{{idle},le="+Inf"}} 1',
+            f"ray_splitserve_e2e_latency_ms_count{{{idle}}} 1",
+            f"ray_splitserve_e2e_latency_ms_sum{{{idle}}} 2.5",  # a 0 counted at its midpoint
+            "# HELP ray_splitserve_e2e_latency_ms_exact_sum_total exact sum",
+            "# TYPE ray_splitserve_e2e_latency_ms_exact_sum_total counter",
+            f"ray_splitserve_e2e_latency_ms_exact_sum_total{{{ingress}}} 61234.5",
+        ]
+    )
+    page = merge([node + "\n"], "chat")
+    assert "exact_sum" not in page
+    sums = {
+        dict(labels)["replica"]: value
+        for name, labels, value in _samples(page)
+        if name == "ray_splitserve_e2e_latency_ms_sum"
+    }
+    assert sums == {"r1": 61234.5, "r2": 0.0}
+    # the rest as the node has it: the buckets and counts, and the histogram without a
+    # counter (its sum 3 x 40)
+    chat = {s for s in _samples(node) if dict(s[1]).get("application") == "chat"}
+    unchanged = {s for s in chat if "exact_sum" not in s[0] and "e2e_latency_ms_sum" not in s[0]}
+    assert unchanged == {s for s in _samples(page) if "e2e_latency_ms_sum" not in s[0]}
+    assert {v for n, _, v in unchanged if n == "ray_splitserve_ttft_ms_sum"} == {120.0}

@@ -86,8 +86,9 @@ def test_each_model_serves_the_engines_greedy_tokens(client, engine_alone):
 
 
 def test_the_metrics_page_holds_every_models_series(url, client):
-    """/metrics (app/metrics_page.py) names no model: the router's first model answers it,
-    with the whole application's series, each model's Ingress's among them."""
+    """/metrics (app/metrics_page.py) names no model: the router answers it with the whole
+    application's series, each model's Ingress's among them, and each model's under vLLM's
+    names with its own model_name (app/vllm_metrics.py)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     for model in ("smol-pd", "smol-co"):
@@ -97,12 +98,19 @@ def test_the_metrics_page_holds_every_models_series(url, client):
         page = httpx.get(f"{url}/metrics", timeout=30)
         assert page.status_code == 200, page.text
         samples = [s for f in text_string_to_metric_families(page.text) for s in f.samples]
-        ingresses = {s.labels["deployment"] for s in samples if s.name.endswith("ttft_ms_count")}
-        if len(ingresses) == 2:
+        counts = {
+            (s.labels["deployment"], s.labels.get("model_name")): s.value
+            for s in samples
+            if s.name in ("ray_splitserve_ttft_ms_count", "vllm:time_to_first_token_seconds_count")
+        }
+        if len(counts) == 4:
             break
-        assert time.monotonic() < deadline, ingresses
+        assert time.monotonic() < deadline, counts
         time.sleep(1)
     assert {s.labels["application"] for s in samples} == {APP}
+    # each Ingress's count under both names; vLLM's with the model that Ingress serves
+    for model in ("smol-pd", "smol-co"):
+        assert counts[f"Ingress:{model}", model] == counts[f"Ingress:{model}", None] >= 1
 
 
 def test_an_adapter_is_served_by_its_model(client, engine_alone):

@@ -190,6 +190,9 @@ def test_prefix_caching_starts_a_repeated_prompt_past_its_cached_blocks():
     s.blocks.check_integrity()
     assert s.blocks.num_free_blocks == 8
     assert s.prefill.num_cached_tokens == 8 + 4
+    # vLLM's prefix_cache_queries: the tokens of each start that looked the cache up (d, whose
+    # prompt logprobs computes every token, did not)
+    assert s.prefill.num_queried_tokens == 10 + 10 + 8
 
 
 def test_only_requests_with_the_same_cache_salt_share_cached_blocks():
@@ -222,6 +225,7 @@ def test_a_cached_prefix_is_given_back_when_the_rest_does_not_fit():
     waiting = s.find("b")
     assert waiting.num_computed_tokens == 0 and not s.blocks.owns("b")
     assert s.prefill.num_cached_tokens == 0  # given back: not counted
+    assert s.prefill.num_queried_tokens == 8 + 4  # a's and big's starts, not b's
     s.blocks.check_integrity()
 
 

@@ -1921,6 +1921,10 @@ def test_metrics_reach_the_prometheus_endpoint(server):
         "splitserve_waiting_requests",
         "splitserve_kv_block_usage",
         "splitserve_prefix_cache_hit_tokens",
+        "splitserve_prefix_cache_queried_tokens",
+        "splitserve_request_prompt_tokens_bucket",
+        "splitserve_request_generation_tokens_bucket",
+        "splitserve_ttft_ms_exact_sum",  # a histogram's exact sum (deployments/metrics.py)
         "splitserve_prompt_tokens",
         "splitserve_generation_tokens",
         "splitserve_lora_adapters",
@@ -1957,9 +1961,19 @@ def test_metrics_reach_the_prometheus_endpoint(server):
 
 def test_the_api_port_serves_the_applications_metrics(server):
     """GET /metrics on an application's route, as vLLM serves it: the application's series on
-    the node's Prometheus endpoint (its own and Serve's), value for value, no other's."""
+    the node's Prometheus endpoint (its own and Serve's), value for value, no other's; and
+    each that vLLM has a name for under that name too (app/vllm_metrics.py), in its units."""
     assert _complete(server, "disagg", prompt=PROMPT, max_tokens=2).status_code == 200
-    counted = {"ray_splitserve_requests_total", "ray_splitserve_ttft_ms_count"}
+    for _ in range(2):  # the prefill replica looks its prefix cache up, and hits
+        assert _complete(server, "disagg", prompt=PROMPT * 8, max_tokens=1).status_code == 200
+    counted = {
+        "ray_splitserve_requests_total",
+        "ray_splitserve_ttft_ms_count",
+        "ray_splitserve_request_prompt_tokens_count",
+        "ray_splitserve_prompt_tokens_total",
+        "ray_splitserve_prefix_cache_queried_tokens_total",
+        "ray_splitserve_prefix_cache_hit_tokens_total",
+    }
     deadline = time.monotonic() + 60
     while True:  # until the request counts hold still across the three reads
         before = _series(httpx.get(server.metrics_url, timeout=10).text, "disagg")
@@ -1979,9 +1993,46 @@ def test_the_api_port_serves_the_applications_metrics(server):
     assert page.headers["content-type"].startswith("text/plain")
     ours = _series(page.text)
     assert ours.keys() == _series(page.text, "disagg").keys()  # only the application's
-    assert own.keys() <= ours.keys()
-    assert steady.items() <= ours.items()
+    # the node's histogram sums are their buckets' midpoints (Ray's export); the page shows
+    # in their place the exact sums counted beside them (deployments.metrics.Histogram)
+    exact = {
+        (name.replace("_exact_sum_total", "_sum"), labels): value
+        for (name, labels), value in steady.items()
+        if name.endswith("_exact_sum_total")
+    }
+    assert {"ray_splitserve_ttft_ms_sum", "ray_splitserve_request_prompt_tokens_sum"} <= {
+        name for name, _ in exact
+    }
+    assert not any("_exact_sum" in name for name, _ in ours)
+    assert {k for k in own if "_exact_sum" not in k[0]} <= ours.keys()
+    rest = {k: v for k, v in steady.items() if not k[0].endswith(("_sum", "_exact_sum_total"))}
+    assert rest.items() <= ours.items()
+    assert exact.items() <= ours.items()
     assert any(k[0].startswith("ray_serve_") for k in ours)  # Serve's per-application ones
+    theirs = {k: v for k, v in ours.items() if k[0].startswith("vllm:")}
+    assert {dict(k[1])["model_name"] for k in theirs} == {MODEL}
+    for (name, labels), value in ours.items():
+        labels = {**dict(labels), "model_name": MODEL}
+        if name.startswith("ray_splitserve_ttft_ms_"):  # milliseconds -> seconds
+            name = name.replace("ray_splitserve_ttft_ms", "vllm:time_to_first_token_seconds")
+            value = value / 1000 if name.endswith("_sum") else value
+            if labels.get("le", "+Inf") != "+Inf":
+                labels["le"] = str(float(labels["le"]) / 1000)
+        elif name == "ray_splitserve_requests_total":
+            name, labels["finished_reason"] = "vllm:request_success_total", labels.pop("finish")
+        else:
+            continue
+        assert theirs[name, tuple(sorted(labels.items()))] == pytest.approx(value)
+
+    def total(name: str) -> float:
+        return sum(v for k, v in theirs.items() if k[0] == name)
+
+    # the ingress counts each finished request's prompt once, as vLLM's histogram and counter
+    # (the histogram's sum the exact one)
+    assert total("vllm:request_prompt_tokens_count") == total("vllm:request_success_total")
+    assert total("vllm:request_prompt_tokens_sum") == total("vllm:prompt_tokens_total") > 0
+    queried, hits = total("vllm:prefix_cache_queries_total"), total("vllm:prefix_cache_hits_total")
+    assert queried >= hits > 0  # PROMPT * 8's second start took its full blocks
 
 
 def _series(text: str, app: str | None = None) -> dict[tuple, float]:

@@ -11,7 +11,8 @@ completions and chat, streamed and not, greedy (the streamed text must equal the
 `usage` must count it); a forced tool call and a JSON schema (both parse); the Responses API;
 vLLM's beam search (n different beams, each token among its step's alternatives, counted);
 a 400 with OpenAI's error body for a bad request, after which the server still answers;
-/metrics, a Prometheus page (vLLM's route) that holds samples within METRICS_WAIT_S.
+/metrics, a Prometheus page (vLLM's route) that holds the model's first-token times under
+vLLM's name within METRICS_WAIT_S.
 
 `--greedy FILE`: the greedy texts are compared with the ones FILE holds (another run, another
 commit, another mode of the same model), or written there when it does not exist yet.
@@ -185,9 +186,20 @@ class Checks:
             response = httpx.get(f"{self.url}/metrics", timeout=30)
             expect(response.status_code == 200, f"/metrics answered {response.status_code}")
             families = text_string_to_metric_families(response.text)  # raises on a bad page
-            if any(family.samples for family in families):
+            # the first-token times of the checks above, under vLLM's name for this model
+            if any(
+                s.name == "vllm:time_to_first_token_seconds_count"
+                and s.labels.get("model_name") == self.model
+                and s.value > 0
+                for family in families
+                for s in family.samples
+            ):
                 return
-            expect(time.monotonic() < deadline, f"/metrics held no sample in {METRICS_WAIT_S} s")
+            expect(
+                time.monotonic() < deadline,
+                f"/metrics held no vllm:time_to_first_token_seconds of {self.model!r}"
+                f" in {METRICS_WAIT_S} s",
+            )
             time.sleep(1)
 
     def all(self) -> list[tuple[str, Callable[[], None]]]:

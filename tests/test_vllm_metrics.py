@@ -140,3 +140,14 @@ def test_the_length_buckets_are_vllms_one_two_five():
     bounds = one_two_five(8192)
     assert bounds[-1] == 5000 and len(bounds) == 3 * 4  # 1 to 5000
     assert all(math.isclose(b, 10 * a) for a, b in zip(bounds, bounds[3:], strict=False))
+
+
+def test_the_bench_applies_rays_midpoint_rule():
+    """bench/metrics_means.py's model of the sum Ray's agent exports: each observation at its
+    bucket's midpoint (seen live: prompts of 5, 40 and 40 tokens exported 3.5 + 35 + 35), one
+    past the last bound at twice that bound."""
+    from bench.metrics_means import midpoint_sum
+
+    cumulative = {1.0: 0, 2.0: 0, 5.0: 1, 10.0: 1, 20.0: 1, 50.0: 3, math.inf: 3}
+    assert midpoint_sum(cumulative) == 3.5 + 35 + 35
+    assert midpoint_sum({1.0: 1, 5.0: 1, math.inf: 3}) == 0.5 + 2 * 2 * 5

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -20,10 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.responses import Response
 
 from app.protocol import APIError
-from app.vllm_metrics import vllm_families
+from app.vllm_metrics import ModelOf, vllm_families
 from deployments.metrics import EXACT_SUM
 
-ModelOf = Callable[[dict[str, str]], str | None]  # a sample's labels -> its model's name
 logger = logging.getLogger(__name__)
 APP_LABEL = "application"  # the label Serve's metrics API puts on a replica's series
 FETCH_TIMEOUT_S = 5.0  # a node whose endpoint is slower is left out of this scrape

@@ -25,6 +25,7 @@ from prometheus_client.utils import floatToGoString
 from app.config import deployment_suffix
 
 RAY_PREFIX = "ray_"  # what Ray's metrics agent puts before every application's metric name
+ModelOf = Callable[[dict[str, str]], str | None]  # a sample's labels -> its model's name
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,6 @@ class Alias:
 
     ours: str  # as deployments/metrics.py names it
     name: str  # vLLM's
-    help: str  # vLLM's HELP text
     ms: bool = False  # ours in milliseconds, vLLM's in seconds
     labels: tuple[tuple[str, str], ...] = ()  # (ours, vLLM's) label names
 
@@ -51,108 +51,32 @@ class Alias:
 
 
 ALIASES = (
-    Alias(
-        "splitserve_ttft_ms",
-        "vllm:time_to_first_token_seconds",
-        "Histogram of time to first token in seconds.",
-        ms=True,
-    ),
-    Alias(
-        "splitserve_tpot_ms",
-        "vllm:request_time_per_output_token_seconds",
-        "Histogram of time_per_output_token_seconds per request.",
-        ms=True,
-    ),
-    Alias(
-        "splitserve_e2e_latency_ms",
-        "vllm:e2e_request_latency_seconds",
-        "Histogram of e2e request latency in seconds.",
-        ms=True,
-    ),
-    Alias(
-        "splitserve_queue_time_ms",
-        "vllm:request_queue_time_seconds",
-        "Histogram of time spent in WAITING phase for request.",
-        ms=True,
-    ),
-    Alias(
-        "splitserve_requests",
-        "vllm:request_success",
-        "Count of successfully processed requests.",
-        labels=(("finish", "finished_reason"),),
-    ),
-    Alias("splitserve_prompt_tokens", "vllm:prompt_tokens", "Number of prefill tokens processed."),
-    Alias(
-        "splitserve_generation_tokens",
-        "vllm:generation_tokens",
-        "Number of generation tokens processed.",
-    ),
-    Alias(
-        "splitserve_request_prompt_tokens",
-        "vllm:request_prompt_tokens",
-        "Number of prefill tokens processed.",
-    ),
-    Alias(
-        "splitserve_request_generation_tokens",
-        "vllm:request_generation_tokens",
-        "Number of generation tokens processed.",
-    ),
-    Alias(
-        "splitserve_running_requests",
-        "vllm:num_requests_running",
-        "Number of requests in model execution batches.",
-    ),
-    Alias(
-        "splitserve_waiting_requests",
-        "vllm:num_requests_waiting",
-        "Number of requests waiting to be processed.",
-    ),
-    Alias(
-        "splitserve_kv_block_usage",
-        "vllm:kv_cache_usage_perc",
-        "KV-cache usage. 1 means 100 percent usage.",
-    ),
-    Alias(
-        "splitserve_preemptions",
-        "vllm:num_preemptions",
-        "Cumulative number of preemption from the engine.",
-    ),
-    Alias(
-        "splitserve_prefix_cache_queried_tokens",
-        "vllm:prefix_cache_queries",
-        "Prefix cache queries, in terms of number of queried tokens.",
-    ),
-    Alias(
-        "splitserve_prefix_cache_hit_tokens",
-        "vllm:prefix_cache_hits",
-        "Prefix cache hits, in terms of number of cached tokens.",
-    ),
-    Alias(
-        "splitserve_spec_decode_drafts",
-        "vllm:spec_decode_num_drafts",
-        "Number of spec decoding drafts.",
-    ),
-    Alias(
-        "splitserve_spec_decode_draft_tokens",
-        "vllm:spec_decode_num_draft_tokens",
-        "Number of draft tokens.",
-    ),
-    Alias(
-        "splitserve_spec_decode_accepted_tokens",
-        "vllm:spec_decode_num_accepted_tokens",
-        "Number of accepted tokens.",
-    ),
+    Alias("splitserve_ttft_ms", "vllm:time_to_first_token_seconds", ms=True),
+    Alias("splitserve_tpot_ms", "vllm:request_time_per_output_token_seconds", ms=True),
+    Alias("splitserve_e2e_latency_ms", "vllm:e2e_request_latency_seconds", ms=True),
+    Alias("splitserve_queue_time_ms", "vllm:request_queue_time_seconds", ms=True),
+    Alias("splitserve_requests", "vllm:request_success", labels=(("finish", "finished_reason"),)),
+    Alias("splitserve_prompt_tokens", "vllm:prompt_tokens"),
+    Alias("splitserve_generation_tokens", "vllm:generation_tokens"),
+    Alias("splitserve_request_prompt_tokens", "vllm:request_prompt_tokens"),
+    Alias("splitserve_request_generation_tokens", "vllm:request_generation_tokens"),
+    Alias("splitserve_running_requests", "vllm:num_requests_running"),
+    Alias("splitserve_waiting_requests", "vllm:num_requests_waiting"),
+    Alias("splitserve_kv_block_usage", "vllm:kv_cache_usage_perc"),
+    Alias("splitserve_preemptions", "vllm:num_preemptions"),
+    Alias("splitserve_prefix_cache_queried_tokens", "vllm:prefix_cache_queries"),
+    Alias("splitserve_prefix_cache_hit_tokens", "vllm:prefix_cache_hits"),
+    Alias("splitserve_spec_decode_drafts", "vllm:spec_decode_num_drafts"),
+    Alias("splitserve_spec_decode_draft_tokens", "vllm:spec_decode_num_draft_tokens"),
+    Alias("splitserve_spec_decode_accepted_tokens", "vllm:spec_decode_num_accepted_tokens"),
     Alias(
         "splitserve_spec_decode_accepted_tokens_per_pos",
         "vllm:spec_decode_num_accepted_tokens_per_pos",
-        "Accepted tokens per draft position.",
     ),
 )
 
 
-def vllm_families(
-    families: Iterable[Metric], model_of: Callable[[dict[str, str]], str | None]
-) -> list[Metric]:
+def vllm_families(families: Iterable[Metric], model_of: ModelOf) -> list[Metric]:
     """vLLM's families of the `families` that have one; `model_of` names the model of a
     sample's labels (None: the sample is left out)."""
     ours = {f.name: f for f in families}
@@ -161,7 +85,8 @@ def vllm_families(
         family = ours.get(RAY_PREFIX + alias.ours)
         if family is None:
             continue
-        theirs = Metric(alias.name, alias.help, family.type)
+        unit = ", in seconds" if alias.ms else ""
+        theirs = Metric(alias.name, f"{family.documentation} ({alias.ours}{unit})", family.type)
         for sample in family.samples:
             model = model_of(sample.labels)
             if model is not None:
@@ -171,7 +96,7 @@ def vllm_families(
     return renamed
 
 
-def by_deployment(models: dict[str, str]) -> Callable[[dict[str, str]], str | None]:
+def by_deployment(models: dict[str, str]) -> ModelOf:
     """A sample's labels -> the served name of the model its deployment serves, from
     `models` (a deployment suffix, app.config.deployment_suffix -> a served name); None for
     another model's deployment."""

@@ -50,6 +50,7 @@ class FakeIngress:
 
     def __init__(self, name: str, answer) -> None:
         self.deployment_name, self.answer = name, answer
+        self.app_name = "multi"
         self.forwarded = self  # handle.forwarded.remote(fwd)
         self.asked: list[ForwardedRequest] = []
 
@@ -110,6 +111,26 @@ def test_a_request_goes_to_the_model_it_names(models, path, body, served_by):
     method = "POST" if body is not None else "GET"
     response = _call(router, method, path, json.dumps(body).encode() if body else b"")
     assert json.loads(response.body) == {"served_by": served_by, "path": path}
+
+
+def test_the_router_answers_metrics_naming_each_deployments_model(models, monkeypatch):
+    """/metrics asks no model's Ingress: the router reads the application's page itself, each
+    deployment's series under vLLM's names with the served name of its model."""
+    from app import metrics_page
+
+    asked = []
+
+    async def scrape(app_name, model_of):
+        asked.append(app_name)
+        labels = ("Ingress:a", "DecodeServer:b", "PrefillServer:b", "Ingress", "ResponseStore")
+        return repr([model_of({"deployment": d}) for d in labels])
+
+    monkeypatch.setattr(metrics_page, "scrape", scrape)
+    router, fakes = _router(models)
+    response = _call(router, "GET", "/metrics")
+    assert response.status_code == 200 and asked == ["multi"]
+    assert response.body.decode() == repr(["a", "b", "b", None, None])
+    assert not any(f.asked for f in fakes)
 
 
 def test_a_body_that_is_not_json_goes_to_the_first_model(models):

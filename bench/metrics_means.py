@@ -9,8 +9,8 @@ After `make serve`, in another shell:
     python -m bench.metrics_means             # http://127.0.0.1:8000, 20 requests
 
 Requests go one at a time, streamed, with prompts of 8 to 600 words and 8 output tokens;
-the page is read before and after (its counts once Ray has exported all of them), so the
-server's earlier requests do not count.
+the page is read before (once the server's earlier requests are all on it) and after (once
+Ray has exported all of these), so the server's earlier requests do not count.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 TTFT = "vllm:time_to_first_token_seconds"
 PROMPT_LEN = "vllm:request_prompt_tokens"
-EXPORT_WAIT_S = 60.0  # Ray exports every 10 s by default
+EXPORT_WAIT_S = 60.0
+EXPORT_INTERVAL_S = 10.0  # Ray's default: a request's series reach the page this much later
 
 
 def _histograms(url: str, model: str) -> dict[str, dict]:
@@ -47,6 +48,18 @@ def _histograms(url: str, model: str) -> dict[str, dict]:
                 key = s.name.rsplit("_", 1)[1]
                 got[key] += s.value
     return out
+
+
+def _settled(url: str, model: str) -> dict[str, dict]:
+    """The histograms once the server's earlier requests are all on the page: two reads an
+    export interval apart that agree."""
+    last = _histograms(url, model)
+    while True:
+        time.sleep(EXPORT_INTERVAL_S + 1)
+        now = _histograms(url, model)
+        if now == last:
+            return now
+        last = now
 
 
 def midpoint_sum(buckets: dict[float, float]) -> float:
@@ -102,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     model = httpx.get(f"{args.url}/v1/models", timeout=30).json()["data"][0]["id"]
-    before = _histograms(args.url, model)
+    before = _settled(args.url, model)
     rng = random.Random(args.seed)
     with httpx.Client() as client:  # made outside the clock: building one takes 15-25 ms
         lengths = [rng.randint(8, 600) for _ in range(args.requests)]

@@ -9,8 +9,9 @@ sample) added to ours (application, deployment, replica, and `phase` or `mode`: 
 disaggregated application's running requests are its prefill and its decode replicas').
 Only families whose meaning is vLLM's are named so; vLLM's `inter_token_latency_seconds`
 (one observation per token interval) has no counterpart here (ours is the per-request mean,
-vLLM's `request_time_per_output_token_seconds`). Our histograms keep their own buckets, which
-`histogram_quantile` reads as it reads vLLM's.
+vLLM's `request_time_per_output_token_seconds`), nor has its `request_inference_time_seconds`
+(scheduled -> last token: two replicas' clocks in a disaggregated application). Our
+histograms keep their own buckets, which `histogram_quantile` reads as it reads vLLM's.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ ALIASES = (
     Alias("splitserve_tpot_ms", "vllm:request_time_per_output_token_seconds", ms=True),
     Alias("splitserve_e2e_latency_ms", "vllm:e2e_request_latency_seconds", ms=True),
     Alias("splitserve_queue_time_ms", "vllm:request_queue_time_seconds", ms=True),
+    Alias("splitserve_prefill_time_ms", "vllm:request_prefill_time_seconds", ms=True),
+    Alias("splitserve_decode_time_ms", "vllm:request_decode_time_seconds", ms=True),
     Alias("splitserve_requests", "vllm:request_success", labels=(("finish", "finished_reason"),)),
     Alias("splitserve_prompt_tokens", "vllm:prompt_tokens"),
     Alias("splitserve_generation_tokens", "vllm:generation_tokens"),

@@ -151,6 +151,12 @@ class EngineMetrics:
             _LATENCY_MS,
             keys,
         )
+        self.prefill_time = Histogram(
+            "splitserve_prefill_time_ms",
+            "first scheduled -> first token, on the replica that computed the prompt",
+            _LATENCY_MS,
+            keys,
+        )
         self.kv_transfer_ms = Histogram(
             "splitserve_kv_transfer_ms",
             "KV channel time per request (send or receive)",
@@ -221,6 +227,8 @@ class EngineMetrics:
         for out in outputs:
             if out.queue_time_s is not None:
                 self.queue_time.observe(out.queue_time_s * 1e3, self.tags)
+            if out.prefill_time_s is not None:
+                self.prefill_time.observe(out.prefill_time_s * 1e3, self.tags)
         self.cached_tokens.update(stats.num_cached_tokens, self.tags)
         self.queried_tokens.update(stats.num_queried_tokens, self.tags)
         self.preemptions.update(stats.num_preemptions, self.tags)
@@ -291,6 +299,9 @@ class RequestMetrics:
             "splitserve_tpot_ms", "time per output token after the first", _LATENCY_MS, keys
         )
         self.e2e = Histogram("splitserve_e2e_latency_ms", "request latency", _LATENCY_MS, keys)
+        self.decode_time = Histogram(
+            "splitserve_decode_time_ms", "first token -> last token", _LATENCY_MS, keys
+        )
         self.requests = metrics.Counter(
             "splitserve_requests", "finished requests", ("mode", "finish")
         )
@@ -334,6 +345,7 @@ class RequestMetrics:
         tpot_s = (last_s - ttft_s) / (num_tokens - 1) if num_tokens > 1 else 0.0
         self.ttft.observe(ttft_s * 1e3, tags)
         self.e2e.observe(last_s * 1e3, tags)
+        self.decode_time.observe((last_s - ttft_s) * 1e3, tags)
         if num_tokens > 1:
             self.tpot.observe(tpot_s * 1e3, tags)
         self.requests.inc(1, {"mode": mode, "finish": reason})

@@ -510,6 +510,7 @@ class LLMEngine:
             finish_reason=request.status.value if finished else None,
             prefilled=request.status is RequestStatus.PREFILLED,
             queue_time_s=_queue_time(request) if num_output == 1 else None,
+            prefill_time_s=_prefill_time(request) if num_output == 1 else None,
             num_cached_tokens=request.num_cached_tokens if num_output == 1 else None,
             logprobs=None if logprob is None else [logprob],
             prompt_logprobs=[None, *tracked.prompt_logprobs] if first_with_prompt else None,
@@ -721,10 +722,19 @@ def _joined(outputs: list[RequestOutput]) -> RequestOutput:
         new_token_ids=[t for out in outputs for t in out.new_token_ids],
         new_text="".join(out.new_text for out in outputs),
         queue_time_s=first.queue_time_s,
+        prefill_time_s=first.prefill_time_s,
         num_cached_tokens=first.num_cached_tokens,
         logprobs=logprobs if first.logprobs is not None else None,
         prompt_logprobs=first.prompt_logprobs,
     )
+
+
+def _prefill_time(request: Request) -> float | None:
+    """Its first scheduling -> now, at its first token (a preemption during a chunked prefill
+    counts in it, as in vLLM)."""
+    if request.first_scheduled_time is None:
+        return None
+    return time.monotonic() - request.first_scheduled_time
 
 
 def _queue_time(request: Request) -> float | None:

@@ -39,6 +39,8 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     prefilled: bool = False  # a prefill-only request now waits for export
     queue_time_s: float | None = None  # on a request's first output here: arrival -> scheduled
+    # on its first token's output: scheduled -> first token (vLLM's prefill interval)
+    prefill_time_s: float | None = None
     num_cached_tokens: int | None = None  # on its first output: prompt tokens from the cache
     logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked
     # with the first output, when the request asked: one per prompt token, None for the first
@@ -67,8 +69,8 @@ class RequestOutput:
 
     def then(self, later: RequestOutput) -> RequestOutput:
         """This delta and the next one of the same request, as one (a stream that sends its
-        tokens in fewer items). The first output's own fields (queue time, cached tokens,
-        prompt logprobs) come from this one; the counts and the end from `later`."""
+        tokens in fewer items). The first output's own fields (queue and prefill time,
+        cached tokens, prompt logprobs) come from this one; the counts and the end from `later`."""
         if later.request_id != self.request_id or self.finished or self.prefilled:
             raise ValueError(f"cannot join output of {later.request_id!r} after {self!r}")
         logprobs = None
@@ -79,6 +81,7 @@ class RequestOutput:
             new_token_ids=self.new_token_ids + later.new_token_ids,
             new_text=self.new_text + later.new_text,
             queue_time_s=_first(self.queue_time_s, later.queue_time_s),
+            prefill_time_s=_first(self.prefill_time_s, later.prefill_time_s),
             num_cached_tokens=_first(self.num_cached_tokens, later.num_cached_tokens),
             logprobs=logprobs,
             prompt_logprobs=_first(self.prompt_logprobs, later.prompt_logprobs),

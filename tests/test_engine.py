@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -67,6 +68,31 @@ def test_each_step_records_its_chunks_and_their_offsets(make_engine, tokenizer):
     decodes = steps[len(chunks) :]
     assert [s.decode_contexts for s in decodes] == [[n + 1], [n + 2]]
     assert all(not s.prefill_offsets and s.duration_ms > 0 for s in decodes)
+
+
+def test_the_first_token_carries_its_prefill_time(make_engine):
+    """vLLM's prefill interval (first scheduled -> first token): over every chunk of a chunked
+    prefill, on the first token's output alone; a handed-off request's decode side has none."""
+    engine = make_engine(chunked_prefill=True, max_num_batched_tokens=7)
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    engine.add_request("r", PROMPTS[2], params)
+    outs, chunks_ms, started = [], [], time.monotonic()
+    while not outs:  # the chunks, the last one sampling the first token
+        outs += engine.step()
+        chunks_ms.append(engine.last_step.duration_ms)
+    first_s = time.monotonic() - started
+    assert len(chunks_ms) > 2 and [o.num_output_tokens for o in outs] == [1]
+    # from the first chunk's scheduling (its step's start) to the last chunk's token (after
+    # its forward): more than every chunk's step but the last
+    assert sum(chunks_ms[:-1]) / 1000 < outs[0].prefill_time_s <= first_s
+    outs += drain(engine)["r"]
+    assert [o.prefill_time_s is None for o in outs] == [False, True, True]
+    prefill, decode = make_engine(), make_engine()
+    prefill.add_request("h", PROMPTS[0], params, prefill_only=True)
+    [handed] = drain(prefill)["h"]
+    assert handed.prefill_time_s > 0
+    assert decode.import_request(*prefill.export_kv("h"))
+    assert all(o.prefill_time_s is None for o in drain(decode)["h"])
 
 
 def test_prefill_export_import_decode_equals_one_engine(make_engine, reference, tokenizer):

@@ -202,12 +202,12 @@ def test_joined_outputs_are_one_delta():
     """RequestOutput.then (stream batching): two deltas joined carry both in order; the first's
     own fields stay, the counts and the end are the later's."""
     lp = [TokenLogprob(5, -0.5, ((5, -0.5),), 1), TokenLogprob(6, -1.5, ((7, -0.2),), 2)]
-    first = RequestOutput("r", [5], " a", 3, 1, queue_time_s=0.25, num_cached_tokens=2,
-                          logprobs=lp[:1])  # fmt: skip
+    first = RequestOutput("r", [5], " a", 3, 1, queue_time_s=0.25, prefill_time_s=0.5,
+                          num_cached_tokens=2, logprobs=lp[:1])  # fmt: skip
     later = RequestOutput("r", [6], " b", 3, 2, finish_reason="length", logprobs=lp[1:])
     joined = first.then(later)
     assert (joined.new_token_ids, joined.new_text, joined.logprobs) == ([5, 6], " a b", lp)
-    assert (joined.queue_time_s, joined.num_cached_tokens) == (0.25, 2)
+    assert (joined.queue_time_s, joined.prefill_time_s, joined.num_cached_tokens) == (0.25, 0.5, 2)
     assert (joined.num_output_tokens, joined.finish_reason) == (2, "length")
     assert first.then(dataclasses.replace(later, logprobs=None)).logprobs == lp[:1]
     # each step's text and tokens stay readable (reasoning tokens are counted per step)

@@ -1925,6 +1925,8 @@ def test_metrics_reach_the_prometheus_endpoint(server):
         "splitserve_request_prompt_tokens_bucket",
         "splitserve_request_generation_tokens_bucket",
         "splitserve_ttft_ms_exact_sum",  # a histogram's exact sum (deployments/metrics.py)
+        "splitserve_prefill_time_ms_bucket",
+        "splitserve_decode_time_ms_bucket",
         "splitserve_prompt_tokens",
         "splitserve_generation_tokens",
         "splitserve_lora_adapters",
@@ -1973,6 +1975,8 @@ def test_the_api_port_serves_the_applications_metrics(server):
         "ray_splitserve_prompt_tokens_total",
         "ray_splitserve_prefix_cache_queried_tokens_total",
         "ray_splitserve_prefix_cache_hit_tokens_total",
+        "ray_splitserve_prefill_time_ms_count",
+        "ray_splitserve_decode_time_ms_count",
     }
     deadline = time.monotonic() + 60
     while True:  # until the request counts hold still across the three reads
@@ -2033,6 +2037,20 @@ def test_the_api_port_serves_the_applications_metrics(server):
     assert total("vllm:request_prompt_tokens_sum") == total("vllm:prompt_tokens_total") > 0
     queried, hits = total("vllm:prefix_cache_queries_total"), total("vllm:prefix_cache_hits_total")
     assert queried >= hits > 0  # PROMPT * 8's second start took its full blocks
+    # each finished request's first token and the rest of its stream make up its latency
+    # (exact sums); the prefill replica timed its prompts
+    e2e = "vllm:e2e_request_latency_seconds"
+    assert total(f"{e2e}_count") == total("vllm:request_decode_time_seconds_count")
+    assert total("vllm:time_to_first_token_seconds_sum") + total(
+        "vllm:request_decode_time_seconds_sum"
+    ) == pytest.approx(total(f"{e2e}_sum"), rel=1e-6)
+    prefill_times = {
+        (dict(k[1])["phase"], k[0].rsplit("_", 1)[1]): v
+        for k, v in theirs.items()
+        if k[0].startswith("vllm:request_prefill_time_seconds_") and "le" not in dict(k[1])
+    }
+    assert prefill_times.keys() == {("prefill", "count"), ("prefill", "sum")}
+    assert prefill_times["prefill", "sum"] > 0 and prefill_times["prefill", "count"] >= 3
 
 
 def _series(text: str, app: str | None = None) -> dict[tuple, float]:

@@ -157,6 +157,9 @@ class EngineMetrics:
             _LATENCY_MS,
             keys,
         )
+        self.step_tokens = Histogram(  # vLLM's iteration_tokens_total: how full each step is
+            "splitserve_step_tokens", "tokens an engine step computed", _LENGTHS, keys
+        )
         self.kv_transfer_ms = Histogram(
             "splitserve_kv_transfer_ms",
             "KV channel time per request (send or receive)",
@@ -229,6 +232,8 @@ class EngineMetrics:
                 self.queue_time.observe(out.queue_time_s * 1e3, self.tags)
             if out.prefill_time_s is not None:
                 self.prefill_time.observe(out.prefill_time_s * 1e3, self.tags)
+        if stats.num_step_tokens > 0:
+            self.step_tokens.observe(stats.num_step_tokens, self.tags)
         self.cached_tokens.update(stats.num_cached_tokens, self.tags)
         self.queried_tokens.update(stats.num_queried_tokens, self.tags)
         self.preemptions.update(stats.num_preemptions, self.tags)

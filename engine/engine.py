@@ -564,6 +564,7 @@ class LLMEngine:
             num_running_tokens=sum(r.num_tokens for r in self.scheduler.running),
             num_cached_tokens=self.scheduler.prefill.num_cached_tokens,
             num_queried_tokens=self.scheduler.prefill.num_queried_tokens,
+            num_step_tokens=self.last_step.num_tokens if self.last_step else 0,
             num_loras=len(self.runner.lora_slots),
             num_lora_loads=self.runner.num_lora_loads,
             num_draft_tokens=self.num_draft_tokens,

@@ -138,6 +138,7 @@ class EngineStats:
     num_running_tokens: int = 0  # context tokens of the running batch (decode step cost)
     num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache, since start
     num_queried_tokens: int = 0  # tokens of requests that looked the cache up, since start
+    num_step_tokens: int = 0  # tokens the last step computed (0: it computed none)
     num_loras: int = 0  # LoRA adapters loaded now
     num_lora_loads: int = 0  # LoRA adapters loaded since start (lora_dir's: at first use)
     # speculative decoding, since start: draft tokens verified, and those kept; requests'
@@ -170,3 +171,8 @@ class StepRecord:
     # speculative decoding: draft tokens verified in the step. Such a step's decodes compute
     # several tokens each, so it fits neither the prefill nor the decode step model.
     draft_tokens: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the step computed: prompts' (or chunks'), one per decode, and drafts."""
+        return sum(self.prefill_lens) + len(self.decode_contexts) + self.draft_tokens

@@ -68,6 +68,9 @@ def test_each_step_records_its_chunks_and_their_offsets(make_engine, tokenizer):
     decodes = steps[len(chunks) :]
     assert [s.decode_contexts for s in decodes] == [[n + 1], [n + 2]]
     assert all(not s.prefill_offsets and s.duration_ms > 0 for s in decodes)
+    # the tokens each step computed (vLLM's iteration_tokens_total), the last one's in stats
+    assert [s.num_tokens for s in steps] == [min(7, n - o) for o in range(0, n, 7)] + [1, 1]
+    assert engine.stats.num_step_tokens == 1
 
 
 def test_the_first_token_carries_its_prefill_time(make_engine):

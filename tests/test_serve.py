@@ -1926,6 +1926,7 @@ def test_metrics_reach_the_prometheus_endpoint(server):
         "splitserve_request_generation_tokens_bucket",
         "splitserve_ttft_ms_exact_sum",  # a histogram's exact sum (deployments/metrics.py)
         "splitserve_prefill_time_ms_bucket",
+        "splitserve_step_tokens_bucket",
         "splitserve_decode_time_ms_bucket",
         "splitserve_prompt_tokens",
         "splitserve_generation_tokens",
@@ -1977,6 +1978,7 @@ def test_the_api_port_serves_the_applications_metrics(server):
         "ray_splitserve_prefix_cache_hit_tokens_total",
         "ray_splitserve_prefill_time_ms_count",
         "ray_splitserve_decode_time_ms_count",
+        "ray_splitserve_step_tokens_count",
     }
     deadline = time.monotonic() + 60
     while True:  # until the request counts hold still across the three reads
@@ -2051,6 +2053,15 @@ def test_the_api_port_serves_the_applications_metrics(server):
     }
     assert prefill_times.keys() == {("prefill", "count"), ("prefill", "sum")}
     assert prefill_times["prefill", "sum"] > 0 and prefill_times["prefill", "count"] >= 3
+    # each phase's engine steps, each of a token or more (the prefill's: its prompts')
+    steps = {
+        (dict(k[1])["phase"], k[0].rsplit("_", 1)[1]): v
+        for k, v in theirs.items()
+        if k[0].startswith("vllm:iteration_tokens_total_") and "le" not in dict(k[1])
+    }
+    for phase in ("prefill", "decode"):
+        assert steps[phase, "sum"] >= steps[phase, "count"] > 0
+    assert steps["prefill", "sum"] / steps["prefill", "count"] > 1
 
 
 def _series(text: str, app: str | None = None) -> dict[tuple, float]:

@@ -64,6 +64,7 @@ ALIASES = (
     Alias("splitserve_request_prompt_tokens", "vllm:request_prompt_tokens"),
     Alias("splitserve_request_generation_tokens", "vllm:request_generation_tokens"),
     Alias("splitserve_step_tokens", "vllm:iteration_tokens_total"),
+    Alias("splitserve_kv_cache_config", "vllm:cache_config_info"),
     Alias("splitserve_running_requests", "vllm:num_requests_running"),
     Alias("splitserve_waiting_requests", "vllm:num_requests_waiting"),
     Alias("splitserve_kv_block_usage", "vllm:kv_cache_usage_perc"),

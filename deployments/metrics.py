@@ -123,13 +123,22 @@ def _refresh_s() -> float:
         return GAUGE_REFRESH_S
 
 
-class EngineMetrics:
-    """Per engine replica (prefill, decode or colocated)."""
+CACHE_CONFIG_KEYS = ("block_size", "num_gpu_blocks", "cache_dtype", "enable_prefix_caching")
 
-    def __init__(self, phase: str) -> None:
+
+class EngineMetrics:
+    """Per engine replica (prefill, decode or colocated); with `cache` (CACHE_CONFIG_KEYS ->
+    its value), the replica's KV cache as an info series (vLLM's cache_config_info)."""
+
+    def __init__(self, phase: str, cache: dict[str, str] | None = None) -> None:
         self.tags = {"phase": phase}
         self.gauges = HeldGauges()
         keys = ("phase",)
+        if cache is not None:  # 1, its labels saying what the replica's cache is
+            info = metrics.Gauge(
+                "splitserve_kv_cache_config", "the KV cache's settings", (*keys, *CACHE_CONFIG_KEYS)
+            )
+            self.gauges.set(info, 1, {**self.tags, **cache})
         self.running = metrics.Gauge(
             "splitserve_running_requests", "requests in the running batch", keys
         )

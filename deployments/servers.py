@@ -57,6 +57,17 @@ def _step_trace(phase: str):
     return open(Path(root) / f"{phase}-{os.getpid()}.jsonl", "a", buffering=1)  # noqa: SIM115
 
 
+def _cache_config(engine: LLMEngine, config: EngineConfig) -> dict[str, str]:
+    """The replica's KV cache as vLLM's cache_config_info labels it (its blocks, wherever they
+    live, under vLLM's name num_gpu_blocks)."""
+    return {
+        "block_size": str(engine.blocks.block_size),
+        "num_gpu_blocks": str(engine.blocks.num_blocks),
+        "cache_dtype": config.kv_cache_dtype,
+        "enable_prefix_caching": str(config.scheduler.enable_prefix_caching),
+    }
+
+
 def _node_id() -> str:
     try:
         import ray
@@ -78,7 +89,7 @@ class _EngineServer:
         from deployments.metrics import EngineMetrics
 
         self.engine = LLMEngine(engine_config, kv_transport=kv_transport)
-        self.metrics = EngineMetrics(self.phase)
+        self.metrics = EngineMetrics(self.phase, _cache_config(self.engine, engine_config))
         self._signals = load_signals(self.engine.stats, 0, self.engine.blocks.block_size)
         self._trace = _step_trace(self.phase)  # before the loop thread can step
         self.loop = EngineLoop(

@@ -1927,6 +1927,7 @@ def test_metrics_reach_the_prometheus_endpoint(server):
         "splitserve_ttft_ms_exact_sum",  # a histogram's exact sum (deployments/metrics.py)
         "splitserve_prefill_time_ms_bucket",
         "splitserve_step_tokens_bucket",
+        "splitserve_kv_cache_config",
         "splitserve_decode_time_ms_bucket",
         "splitserve_prompt_tokens",
         "splitserve_generation_tokens",
@@ -2062,6 +2063,17 @@ def test_the_api_port_serves_the_applications_metrics(server):
     for phase in ("prefill", "decode"):
         assert steps[phase, "sum"] >= steps[phase, "count"] > 0
     assert steps["prefill", "sum"] / steps["prefill", "count"] > 1
+    # each replica's KV cache, as vLLM's info series says it (the app's configured blocks)
+    caches = {
+        dict(k[1])["phase"]: {n: dict(k[1])[n] for n in ("block_size", "num_gpu_blocks")}
+        | {"caching": dict(k[1])["enable_prefix_caching"], "value": v}
+        for k, v in theirs.items()
+        if k[0] == "vllm:cache_config_info"
+    }
+    assert caches == {
+        "prefill": {"block_size": "16", "num_gpu_blocks": "182", "caching": "True", "value": 1},
+        "decode": {"block_size": "16", "num_gpu_blocks": "182", "caching": "False", "value": 1},
+    }
 
 
 def _series(text: str, app: str | None = None) -> dict[tuple, float]:

@@ -8,7 +8,7 @@ names and its `model_name` label (the served name of the model whose deployment 
 sample) added to ours (application, deployment, replica, and `phase` or `mode`: a
 disaggregated application's running requests are its prefill and its decode replicas').
 Only families whose meaning is vLLM's are named so; vLLM's `inter_token_latency_seconds`
-(one observation per token interval) has no counterpart here (ours is the per-request mean,
+(one observation per token interval) has no counterpart here yet (ours is the per-request mean,
 vLLM's `request_time_per_output_token_seconds`), nor has its `request_inference_time_seconds`
 (scheduled -> last token: two replicas' clocks in a disaggregated application). Our
 histograms keep their own buckets, which `histogram_quantile` reads as it reads vLLM's.

@@ -123,11 +123,8 @@ def _refresh_s() -> float:
         return GAUGE_REFRESH_S
 
 
-CACHE_CONFIG_KEYS = ("block_size", "num_gpu_blocks", "cache_dtype", "enable_prefix_caching")
-
-
 class EngineMetrics:
-    """Per engine replica (prefill, decode or colocated); with `cache` (CACHE_CONFIG_KEYS ->
+    """Per engine replica (prefill, decode or colocated); with `cache` (a setting's label ->
     its value), the replica's KV cache as an info series (vLLM's cache_config_info)."""
 
     def __init__(self, phase: str, cache: dict[str, str] | None = None) -> None:
@@ -136,7 +133,7 @@ class EngineMetrics:
         keys = ("phase",)
         if cache is not None:  # 1, its labels saying what the replica's cache is
             info = metrics.Gauge(
-                "splitserve_kv_cache_config", "the KV cache's settings", (*keys, *CACHE_CONFIG_KEYS)
+                "splitserve_kv_cache_config", "the KV cache's settings", (*keys, *cache)
             )
             self.gauges.set(info, 1, {**self.tags, **cache})
         self.running = metrics.Gauge(

@@ -708,17 +708,23 @@ _UNTIMED = _Untimed()
 
 
 class _Clock:
-    """Times one request as the client sees it and records it when it finishes."""
+    """Times one request as the client sees it: the interval before each output after the
+    first as it comes (vLLM's inter-token latency), the rest when the request finishes."""
 
     def __init__(self, metrics, mode: str, num_prompt_tokens: int, arrival: float) -> None:
         self.metrics, self.mode, self.num_prompt_tokens = metrics, mode, num_prompt_tokens
         self.start = arrival  # time.perf_counter() when the ingress took the request
         self.first: float | None = None
+        self.last = 0.0  # when the previous output came, from the start
         self.num_outputs = 0  # relayed from the engine replicas
 
     def seen(self, out: RequestOutput) -> RequestOutput:
         now = time.perf_counter() - self.start
-        self.first = now if self.first is None else self.first
+        if self.first is None:
+            self.first = now
+        else:  # one per output, as vLLM's is one per engine step, however many tokens it has
+            self.metrics.on_interval(self.mode, now - self.last)
+        self.last = now
         self.num_outputs += 1
         if out.finished:
             self.metrics.on_finish(

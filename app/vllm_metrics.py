@@ -7,11 +7,12 @@ Each vLLM family is one of ours renamed (as Ray exports it: `ray_` in front), in
 names and its `model_name` label (the served name of the model whose deployment exported the
 sample) added to ours (application, deployment, replica, and `phase` or `mode`: a
 disaggregated application's running requests are its prefill and its decode replicas').
-Only families whose meaning is vLLM's are named so; vLLM's `inter_token_latency_seconds`
-(one observation per token interval) has no counterpart here yet (ours is the per-request mean,
-vLLM's `request_time_per_output_token_seconds`), nor has its `request_inference_time_seconds`
-(scheduled -> last token: two replicas' clocks in a disaggregated application). Our
-histograms keep their own buckets, which `histogram_quantile` reads as it reads vLLM's.
+Only families whose meaning is vLLM's are named so: vLLM's `request_inference_time_seconds`
+(scheduled -> last token: two replicas' clocks in a disaggregated application) has no
+counterpart here. Our inter-token latency is timed at the ingress, one observation per output
+it relays after a request's first, as vLLM's is one per engine step (however many tokens the
+step gave); with stream batching, one per batch of steps. Our histograms keep their own
+buckets, which `histogram_quantile` reads as it reads vLLM's.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Alias:
 ALIASES = (
     Alias("splitserve_ttft_ms", "vllm:time_to_first_token_seconds", ms=True),
     Alias("splitserve_tpot_ms", "vllm:request_time_per_output_token_seconds", ms=True),
+    Alias("splitserve_inter_token_latency_ms", "vllm:inter_token_latency_seconds", ms=True),
     Alias("splitserve_e2e_latency_ms", "vllm:e2e_request_latency_seconds", ms=True),
     Alias("splitserve_queue_time_ms", "vllm:request_queue_time_seconds", ms=True),
     Alias("splitserve_prefill_time_ms", "vllm:request_prefill_time_seconds", ms=True),

@@ -230,21 +230,31 @@ def test_scheduling_policy_reaches_every_engine_and_priority_the_params():
         AppArgs(scheduling_policy="lottery")
 
 
-def test_the_clock_reports_every_relayed_output_with_the_finished_request():
+def test_the_clock_reports_every_relayed_output_with_the_finished_request(monkeypatch):
     """The ingress's per-request clock counts the engine outputs it relayed (the front end's
-    chunks, splitserve_relayed_outputs) and hands them to the metrics once, at the end."""
+    chunks, splitserve_relayed_outputs) and hands them to the metrics once, at the end; the
+    interval before each output after the first (vLLM's inter-token latency) as it comes."""
+    import app.ingress
     from app.ingress import _Clock
     from engine import RequestOutput
 
-    finished = []
+    finished, intervals = [], []
 
     class Metrics:
         def on_finish(self, *args) -> None:
             finished.append(args)
 
-    clock = _Clock(Metrics(), "disaggregated", num_prompt_tokens=5, arrival=0.0)
+        def on_interval(self, mode: str, seconds: float) -> None:
+            intervals.append((mode, seconds, len(finished)))
+
+    now = iter([10.25, 10.5, 11.0])  # when each output comes (perf_counter)
+    monkeypatch.setattr(app.ingress, "time", SimpleNamespace(perf_counter=lambda: next(now)))
+    clock = _Clock(Metrics(), "disaggregated", num_prompt_tokens=5, arrival=10.0)
     # 3 outputs, 7 tokens in all
     for tokens, total, reason in (([6, 7], 2, None), ([1, 2, 3], 5, None), ([4, 5], 7, "length")):
         clock.seen(RequestOutput("r", tokens, "x", 5, total, reason))
-    [(mode, _, _, num_tokens, reason, prompt, outputs)] = finished
+    [(mode, ttft, last, num_tokens, reason, prompt, outputs)] = finished
     assert (mode, num_tokens, reason, prompt, outputs) == ("disaggregated", 7, "length", 5, 3)
+    assert (ttft, last) == (0.25, 1.0)
+    # one an output after the first, however many tokens it holds, each before the finish
+    assert intervals == [("disaggregated", 0.25, 0), ("disaggregated", 0.5, 0)]

@@ -1929,6 +1929,7 @@ def test_metrics_reach_the_prometheus_endpoint(server):
         "splitserve_step_tokens_bucket",
         "splitserve_kv_cache_config",
         "splitserve_decode_time_ms_bucket",
+        "splitserve_inter_token_latency_ms_bucket",
         "splitserve_prompt_tokens",
         "splitserve_generation_tokens",
         "splitserve_lora_adapters",
@@ -1981,22 +1982,7 @@ def test_the_api_port_serves_the_applications_metrics(server):
         "ray_splitserve_decode_time_ms_count",
         "ray_splitserve_step_tokens_count",
     }
-    deadline = time.monotonic() + 60
-    while True:  # until the request counts hold still across the three reads
-        before = _series(httpx.get(server.metrics_url, timeout=10).text, "disagg")
-        page = httpx.get(f"{server}/disagg/metrics", timeout=30)
-        after = _series(httpx.get(server.metrics_url, timeout=10).text, "disagg")
-        assert page.status_code == 200, page.text
-        # read between two reads of the node's endpoint: each splitserve series that both
-        # hold (some of Serve's come and go), with the value of both where they agree (an
-        # export between the reads changes some: the loop-lag histogram grows every 100 ms)
-        own = {k: v for k, v in after.items() if k[0].startswith("ray_splitserve_")}
-        own = {k: v for k, v in own.items() if k in before}
-        steady = {k: v for k, v in own.items() if before[k] == v}
-        if counted <= {k[0] for k in steady}:
-            break
-        assert time.monotonic() < deadline, sorted({k[0] for k in steady})
-        time.sleep(1)
+    own, steady, page = _steady_page(server, "disagg", lambda _, s: counted <= {k[0] for k in s})
     assert page.headers["content-type"].startswith("text/plain")
     ours = _series(page.text)
     assert ours.keys() == _series(page.text, "disagg").keys()  # only the application's
@@ -2074,6 +2060,77 @@ def test_the_api_port_serves_the_applications_metrics(server):
         "prefill": {"block_size": "16", "num_gpu_blocks": "182", "caching": "True", "value": 1},
         "decode": {"block_size": "16", "num_gpu_blocks": "182", "caching": "False", "value": 1},
     }
+
+
+def test_the_inter_token_latency_is_each_relayed_outputs_interval(server):
+    """vLLM's inter-token latency, timed at the ingress: one observation per output it relays
+    after a request's first, as it comes. Over finished requests, then, the count is the
+    outputs relayed less one a request (not the tokens: the decode replica's n-gram drafts put
+    several in an output), and the exact sum each request's first token -> last."""
+    names = ("requests_total", "relayed_outputs_total", "generation_tokens_total")
+    names += ("inter_token_latency_ms_count", "inter_token_latency_ms_exact_sum_total")
+    names += ("decode_time_ms_exact_sum_total",)
+    wanted = {f"ray_splitserve_{n}" for n in names}
+
+    def totals(series: dict) -> dict[str, float]:
+        return {
+            n: sum(v for k, v in series.items() if k[0] == f"ray_splitserve_{n}") for n in names
+        }
+
+    def held(own: dict, steady: dict) -> bool:  # every sample of those series
+        return all(k in steady for k in own if k[0] in wanted)
+
+    before = totals(_steady_page(server, "disagg", held)[1])
+    drafted = {"prompt": "1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,", "max_tokens": 24, "ignore_eos": True}
+    assert _complete(server, "disagg", **drafted).status_code == 200
+    assert _complete(server, "disagg", prompt=PROMPT, max_tokens=6).status_code == 200
+    with _stream(server, "disagg", prompt=PROMPT, max_tokens=8, ignore_eos=True) as r:
+        assert r.status_code == 200 and r.read().endswith(b"data: [DONE]\n\n")
+
+    def counted(own: dict, steady: dict) -> bool:
+        return (
+            held(own, steady) and totals(steady)["requests_total"] >= before["requests_total"] + 3
+        )
+
+    _, steady, page = _steady_page(server, "disagg", counted)
+    grew = {n: v - before[n] for n, v in totals(steady).items()}
+    requests, outputs = grew["requests_total"], grew["relayed_outputs_total"]
+    assert grew["inter_token_latency_ms_count"] == outputs - requests > 0
+    assert outputs - requests <= grew["generation_tokens_total"] - requests
+    assert grew["inter_token_latency_ms_exact_sum_total"] == pytest.approx(
+        grew["decode_time_ms_exact_sum_total"], rel=1e-6
+    )
+    # on the API port as vLLM's, in seconds, the sum the exact one
+    theirs = _series(page.text, "disagg")
+
+    def total(name: str) -> float:
+        return sum(v for k, v in theirs.items() if k[0] == name)
+
+    ours = totals(steady)
+    assert total("vllm:inter_token_latency_seconds_count") == ours["inter_token_latency_ms_count"]
+    assert total("vllm:inter_token_latency_seconds_sum") == pytest.approx(
+        ours["inter_token_latency_ms_exact_sum_total"] / 1000, rel=1e-6
+    )
+
+
+def _steady_page(server, app: str, done) -> tuple[dict, dict, httpx.Response]:
+    """The application's GET /metrics page, read between two reads of the node's endpoint,
+    once `done(own, steady)`: own, each splitserve series that both reads hold (some of Serve's
+    come and go); steady, those of them with the value of both (an export between the reads
+    changes some: the loop-lag histogram grows every 100 ms)."""
+    deadline = time.monotonic() + 60
+    while True:
+        before = _series(httpx.get(server.metrics_url, timeout=10).text, app)
+        page = httpx.get(f"{server}/{app}/metrics", timeout=30)
+        after = _series(httpx.get(server.metrics_url, timeout=10).text, app)
+        assert page.status_code == 200, page.text
+        own = {k: v for k, v in after.items() if k[0].startswith("ray_splitserve_")}
+        own = {k: v for k, v in own.items() if k in before}
+        steady = {k: v for k, v in own.items() if before[k] == v}
+        if done(own, steady):
+            return own, steady, page
+        assert time.monotonic() < deadline, sorted({k[0] for k in steady})
+        time.sleep(1)
 
 
 def _series(text: str, app: str | None = None) -> dict[tuple, float]:

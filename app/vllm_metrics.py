@@ -68,7 +68,7 @@ ALIASES = (
     Alias("splitserve_step_tokens", "vllm:iteration_tokens_total"),
     Alias("splitserve_kv_cache_config", "vllm:cache_config_info"),
     Alias("splitserve_running_requests", "vllm:num_requests_running"),
-    Alias("splitserve_waiting_requests", "vllm:num_requests_waiting"),
+    Alias("splitserve_queued_requests", "vllm:num_requests_waiting"),
     Alias("splitserve_kv_block_usage", "vllm:kv_cache_usage_perc"),
     Alias("splitserve_preemptions", "vllm:num_preemptions"),
     Alias("splitserve_prefix_cache_queried_tokens", "vllm:prefix_cache_queries"),

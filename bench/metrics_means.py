@@ -1,8 +1,8 @@
 """What the /metrics page says of a run of requests against what their client measured: the
-mean TTFT and prompt length from the page's exact histogram sums (what a dashboard's
-`rate(_sum) / rate(_count)` reads), from the sums Ray's metrics agent would have exported
-(each observation at its bucket's midpoint, the rule of Ray 2.60's agent, applied to the
-page's bucket counts), and the client's own; then what a scrape of the page costs.
+mean TTFT, inter-token latency and prompt length from the page's exact histogram sums (what a
+dashboard's `rate(_sum) / rate(_count)` reads), from the sums Ray's metrics agent would have
+exported (each observation at its bucket's midpoint, the rule of Ray 2.60's agent, applied to
+the page's bucket counts), and the client's own; then what a scrape of the page costs.
 
 After `make serve`, in another shell:
 
@@ -25,6 +25,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 TTFT = "vllm:time_to_first_token_seconds"
+ITL = "vllm:inter_token_latency_seconds"
 PROMPT_LEN = "vllm:request_prompt_tokens"
 EXPORT_WAIT_S = 60.0
 EXPORT_INTERVAL_S = 10.0  # Ray's default: a request's series reach the page this much later
@@ -35,7 +36,7 @@ def _histograms(url: str, model: str) -> dict[str, dict]:
     page = httpx.get(f"{url}/metrics", timeout=30).text
     out: dict[str, dict] = {}
     for family in text_string_to_metric_families(page):
-        if family.name not in (TTFT, PROMPT_LEN):
+        if family.name not in (TTFT, ITL, PROMPT_LEN):
             continue
         got = out.setdefault(family.name, {"count": 0.0, "sum": 0.0, "buckets": {}})
         for s in family.samples:
@@ -82,8 +83,11 @@ def _delta(after: dict, before: dict) -> dict:
     }
 
 
-def _request(client: httpx.Client, url: str, model: str, words: int) -> tuple[float, int]:
-    """One streamed completion -> (the client's TTFT in s, its prompt tokens)."""
+def _request(
+    client: httpx.Client, url: str, model: str, words: int
+) -> tuple[float, list[float], int]:
+    """One streamed completion -> (the client's TTFT in s, the intervals between its chunks
+    after the first, in s, its prompt tokens)."""
     body = {
         "model": model,
         "prompt": "word " * words,
@@ -93,18 +97,24 @@ def _request(client: httpx.Client, url: str, model: str, words: int) -> tuple[fl
         "stream_options": {"include_usage": True},
     }
     start, ttft, prompt_tokens = time.perf_counter(), None, 0
+    last, intervals = 0.0, []
     with client.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line.removeprefix("data: "))
-            if ttft is None and chunk["choices"]:
-                ttft = time.perf_counter() - start
+            now = time.perf_counter() - start
+            if chunk["choices"]:
+                if ttft is None:
+                    ttft = now
+                else:
+                    intervals.append(now - last)
+                last = now
             if chunk.get("usage"):
                 prompt_tokens = chunk["usage"]["prompt_tokens"]
     assert ttft is not None
-    return ttft, prompt_tokens
+    return ttft, intervals, prompt_tokens
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,13 +138,18 @@ def main(argv: list[str] | None = None) -> None:
             break
         assert time.monotonic() < deadline, f"the page counts {counts} of {args.requests}"
         time.sleep(1)
-    client = {TTFT: [t for t, _ in measured], PROMPT_LEN: [n for _, n in measured]}
-    for name, scale, unit in ((TTFT, 1000, "ms"), (PROMPT_LEN, 1, "tokens")):
+    client = {
+        TTFT: [t for t, _, _ in measured],
+        ITL: [i for _, intervals, _ in measured for i in intervals],
+        PROMPT_LEN: [n for _, _, n in measured],
+    }
+    for name, scale, unit in ((TTFT, 1000, "ms"), (ITL, 1000, "ms"), (PROMPT_LEN, 1, "tokens")):
         d = _delta(after[name], before.get(name, {}))
         exact, approx = d["sum"] / d["count"], midpoint_sum(d["buckets"]) / d["count"]
         print(
-            f"{name} mean: client {statistics.mean(client[name]) * scale:.1f} {unit}, page "
-            f"(exact sum) {exact * scale:.1f}, Ray's midpoint sum {approx * scale:.1f}"
+            f"{name} mean of {len(client[name])} / {d['count']:.0f}: client "
+            f"{statistics.mean(client[name]) * scale:.1f} {unit}, page (exact sum) "
+            f"{exact * scale:.1f}, Ray's midpoint sum {approx * scale:.1f}"
         )
     seconds, size = [], 0
     for _ in range(args.scrapes):

@@ -155,6 +155,13 @@ class EngineMetrics:
         self.pending_imports = metrics.Gauge(
             "splitserve_pending_kv_imports", "handed-off requests waiting for decode blocks", keys
         )
+        # vLLM's num_requests_waiting: its decode instances queue a hand-off that waits for
+        # its KV or for blocks with the rest, so an autoscaler written for it sees both
+        self.queued = metrics.Gauge(
+            "splitserve_queued_requests",
+            "requests waiting to run: queued for prefill, or handed off and waiting for blocks",
+            keys,
+        )
         self.queue_time = Histogram(
             "splitserve_queue_time_ms",
             "arrival at the engine -> first scheduled",
@@ -264,6 +271,7 @@ class EngineMetrics:
         held.set(self.waiting_tokens, stats.num_waiting_tokens, self.tags)
         held.set(self.kv_usage, stats.kv_usage, self.tags)
         held.set(self.pending_imports, pending, self.tags)
+        held.set(self.queued, stats.num_waiting + pending, self.tags)
         held.set(self.loras, stats.num_loras, self.tags)
 
     def on_transfer(self, ms: float, nbytes: int) -> None:

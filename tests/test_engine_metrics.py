@@ -65,3 +65,26 @@ def test_the_thread_ends_on_close_and_when_its_gauges_are_garbage():
     del held, dropped  # the last references
     threads[1].join(timeout=5)
     assert not threads[1].is_alive()
+
+
+def test_vllms_waiting_requests_count_the_hand_offs_that_wait_for_blocks():
+    """A decode replica's hand-offs waiting for free blocks are queued requests to vLLM (its
+    decode instances keep them in the waiting queue): splitserve_queued_requests, which
+    /metrics serves as vllm:num_requests_waiting, adds them to the engine's own queue."""
+    from types import SimpleNamespace
+
+    from deployments.metrics import EngineMetrics
+
+    metrics = EngineMetrics("decode")
+    metrics.gauges.refresh_s = 60.0  # no refresh within the test: each set is a new value
+    metrics.waiting, metrics.pending_imports, metrics.queued = _Gauge(), _Gauge(), _Gauge()
+    stats = SimpleNamespace(
+        num_running=4, num_waiting=2, num_waiting_tokens=30, kv_usage=0.9, num_loras=0
+    )
+    metrics.on_load(stats, pending=3)
+    metrics.on_load(SimpleNamespace(**{**vars(stats), "num_waiting": 0}), pending=0)
+    decode = {"phase": "decode"}
+    assert metrics.waiting.sets == [(2, decode), (0, decode)]
+    assert metrics.pending_imports.sets == [(3, decode), (0, decode)]
+    assert metrics.queued.sets == [(5, decode), (0, decode)]
+    metrics.close()

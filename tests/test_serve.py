@@ -1919,6 +1919,7 @@ def test_metrics_reach_the_prometheus_endpoint(server):
         "splitserve_kv_transfer_bytes",
         "splitserve_running_requests",
         "splitserve_waiting_requests",
+        "splitserve_queued_requests",
         "splitserve_kv_block_usage",
         "splitserve_prefix_cache_hit_tokens",
         "splitserve_prefix_cache_queried_tokens",
@@ -1981,6 +1982,8 @@ def test_the_api_port_serves_the_applications_metrics(server):
         "ray_splitserve_prefill_time_ms_count",
         "ray_splitserve_decode_time_ms_count",
         "ray_splitserve_step_tokens_count",
+        "ray_splitserve_waiting_requests",
+        "ray_splitserve_pending_kv_imports",
     }
     own, steady, page = _steady_page(server, "disagg", lambda _, s: counted <= {k[0] for k in s})
     assert page.headers["content-type"].startswith("text/plain")
@@ -2059,6 +2062,21 @@ def test_the_api_port_serves_the_applications_metrics(server):
     assert caches == {
         "prefill": {"block_size": "16", "num_gpu_blocks": "182", "caching": "True", "value": 1},
         "decode": {"block_size": "16", "num_gpu_blocks": "182", "caching": "False", "value": 1},
+    }
+
+    # vLLM's waiting requests: each replica's queue and hand-offs waiting for its blocks
+    def by_replica(name: str, series: dict) -> dict:
+        return {
+            (dict(k[1])["phase"], dict(k[1])["replica"]): v
+            for k, v in series.items()
+            if k[0] == name
+        }
+
+    waiting = by_replica("ray_splitserve_waiting_requests", steady)
+    pending = by_replica("ray_splitserve_pending_kv_imports", steady)
+    assert {phase for phase, _ in waiting} == {"prefill", "decode"}
+    assert by_replica("vllm:num_requests_waiting", theirs) == {
+        r: waiting[r] + pending[r] for r in waiting
     }
 
 

@@ -554,6 +554,7 @@ class AppArgs(_Strict):
         return EngineConfig(
             model=self.model,
             revision=self.revision,
+            served_model_name=self.served_name,
             tokenizer=self.tokenizer,
             tokenizer_revision=self.tokenizer_revision,
             dtype=self.dtype,
@@ -641,9 +642,3 @@ class MultiModelArgs(_Strict):
     def deployment_suffixes(self) -> list[str]:
         """Each model's suffix of its deployments' names (":" and its served name)."""
         return [":" + re.sub(r"[^A-Za-z0-9._-]", "--", m.served_name) for m in self.models]
-
-
-def deployment_suffix(deployment: str) -> str:
-    """The suffix of a deployment's name that says its model in a multi-model application
-    (MultiModelArgs.deployment_suffixes); "" in a single model's."""
-    return deployment[deployment.find(":") :] if ":" in deployment else ""

@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from app import metrics_page
 from app.beam_search import Beam, BeamSearch, BeamSearchParams, Candidates
 from app.beam_search import run as run_beam_search
-from app.config import AppArgs, deployment_suffix
+from app.config import AppArgs
 from app.cors import Cors
 from app.formats import ChatFormat, CompletionFormat, Prompt
 from app.lora_admin import (
@@ -63,7 +63,6 @@ from app.responses import (
     responses_request,
 )
 from app.responses import sse as responses_sse
-from app.vllm_metrics import by_deployment
 from deployments.cancel_noise import quiet_cancelled_calls
 from engine import (
     InvalidRequestError,
@@ -123,9 +122,6 @@ class Ingress:
         self.prefill, self.decode, self.colocated, store = handles
         called = [h for h in handles if h is not None]
         self.app_name = called[0].app_name if called else ""
-        # the model of each of the application's series, for vLLM's names on /metrics
-        suffix = deployment_suffix(called[0].deployment_name) if called else ""
-        self.model_of = by_deployment({suffix: self.args.served_name})
         self.readiness = Readiness(self.app_name, [h.deployment_name for h in called])
         self.num_in_flight = 0
         self._kv_capacity: int | None = None  # smallest replica KV cache, fetched once
@@ -138,7 +134,9 @@ class Ingress:
         self.caller = Caller.current()
 
         slo = self.args.slo
-        self.metrics = RequestMetrics(None if slo is None else (slo.ttft_ms, slo.tpot_ms))
+        self.metrics = RequestMetrics(
+            None if slo is None else (slo.ttft_ms, slo.tpot_ms), self.args.served_name
+        )
         self.loop_lag = LoopLag(self.metrics.on_loop_lag)  # started by the first request
         self.api_key = _api_key(self.args.ingress.api_key_env)
         self.cors = Cors(self.args.ingress)
@@ -181,7 +179,7 @@ class Ingress:
         if path == "/version" and method == "GET":
             return JSONResponse({"version": _VERSION})
         if path == "/metrics" and method == "GET":  # vLLM's, open as its is (and Ray's)
-            return await metrics_page.answer(self.app_name, self.model_of)
+            return await metrics_page.answer(self.app_name)
         self._authorize(request)
         if path == "/v1/models" and method == "GET":
             return JSONResponse({"object": "list", "data": self._model_cards()})

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.responses import Response
 
 from app.protocol import APIError
-from app.vllm_metrics import ModelOf, vllm_families
+from app.vllm_metrics import vllm_named
 from deployments.metrics import EXACT_SUM
 
 logger = logging.getLogger(__name__)
@@ -32,20 +32,18 @@ class NoMetricsError(RuntimeError):
     """No node's metrics endpoint answered."""
 
 
-async def answer(app_name: str, model_of: ModelOf) -> Response:
+async def answer(app_name: str) -> Response:
     """GET /metrics: `app_name`'s series, ours and under vLLM's names; a 503 when no node's
     metrics endpoint answers."""
     try:
-        page = await scrape(app_name, model_of)
+        page = await scrape(app_name)
     except NoMetricsError as e:
         raise APIError(503, str(e), kind="server_error") from None
     return Response(page, media_type=CONTENT_TYPE_LATEST)
 
 
-async def scrape(app_name: str, model_of: ModelOf | None = None) -> str:
-    """The Prometheus text of `app_name`'s series on every live node of this cluster; with
-    `model_of` (a sample's labels -> its model's served name), also under vLLM's names
-    (app/vllm_metrics.py)."""
+async def scrape(app_name: str) -> str:
+    """The Prometheus text of `app_name`'s series on every live node of this cluster."""
     urls = await asyncio.to_thread(node_endpoints)
     if not urls:
         raise NoMetricsError("no live node exports metrics (Ray's metrics export port)")
@@ -53,7 +51,7 @@ async def scrape(app_name: str, model_of: ModelOf | None = None) -> str:
     if not texts:
         raise NoMetricsError(f"no node's metrics endpoint answered ({', '.join(urls)})")
     # parsing takes ~0.1 ms a sample: off the event loop that streams tokens
-    return await asyncio.to_thread(merge, texts, app_name, model_of)
+    return await asyncio.to_thread(merge, texts, app_name)
 
 
 def node_endpoints() -> list[str]:
@@ -91,10 +89,10 @@ async def _fetch_all(urls: list[str]) -> list[str]:
     return texts
 
 
-def merge(texts: Iterable[str], app_name: str, model_of: ModelOf | None = None) -> str:
+def merge(texts: Iterable[str], app_name: str) -> str:
     """The families of several Prometheus pages, each holding only `app_name`'s samples, as
-    one page (a family found on several pages: its samples of every page, one HELP and TYPE);
-    with `model_of`, vLLM's families of them follow (app/vllm_metrics.py)."""
+    one page (a family found on several pages: its samples of every page, one HELP and TYPE),
+    those recorded under vLLM's names named as vLLM names them (app/vllm_metrics.py)."""
     # first the lines that may be the application's, as text (most of a node's page is Ray's
     # own, and parsing costs ~0.1 ms a sample): each of its samples holds this label as
     # written; so may a label named, say, sub_application, so the parsed labels decide
@@ -114,9 +112,7 @@ def merge(texts: Iterable[str], app_name: str, model_of: ModelOf | None = None) 
             elif samples:
                 family.samples = samples
                 families[family.name] = family
-    merged = _with_exact_sums(families)
-    if model_of is not None:
-        merged += vllm_families(merged, model_of)
+    merged = vllm_named(_with_exact_sums(families))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Families(merged))
     return generate_latest(registry).decode()

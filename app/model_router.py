@@ -24,11 +24,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from app import metrics_page
-from app.config import AppArgs, RouterArgs, deployment_suffix
+from app.config import AppArgs, RouterArgs
 from app.cors import Cors
 from app.protocol import APIError
 from app.replica_calls import this_process_transport
-from app.vllm_metrics import by_deployment
 from deployments.cancel_noise import quiet_cancelled_calls
 from engine.config import lora_path
 
@@ -115,15 +114,8 @@ class ModelRouter:
         self.args = [AppArgs.model_validate(m) for m in models]
         self.cors = Cors(RouterArgs.model_validate(router or {}))
         self.ingresses = [this_process_transport(h).options(stream=True) for h in ingresses]
-        # /metrics: the whole application's series, each model's under vLLM's names with its
-        # own model_name (a model's Ingress knows its own deployments only)
+        # /metrics: the whole application's series (each model's with its own model_name)
         self.app_name = self.ingresses[0].app_name
-        self.model_of = by_deployment(
-            {
-                deployment_suffix(h.deployment_name): a.served_name
-                for h, a in zip(self.ingresses, self.args, strict=True)
-            }
-        )
         self.by_name = {}  # a served name or a configured LoRA adapter's -> its model's index
         for i, args in enumerate(self.args):
             for name in (*args.served_names, *args.lora_modules):
@@ -141,7 +133,7 @@ class ModelRouter:
         fwd = await forward_request(request, path)
         try:
             if path.rstrip("/") == "/metrics" and request.method == "GET":
-                return await metrics_page.answer(self.app_name, self.model_of)
+                return await metrics_page.answer(self.app_name)
             if path.rstrip("/") in (*_OPEN_PATHS, "/v1/models") and request.method == "GET":
                 return await self._every_model(fwd)
             return await self._one_model(self._model_of(fwd), fwd)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from dataclasses import dataclass
 
 from ray.serve import metrics
 
@@ -44,23 +45,111 @@ def one_two_five(limit: int) -> list[float]:
 _LENGTHS = one_two_five(1_000_000)
 
 
+@dataclass(frozen=True)
+class Twin:
+    """vLLM's name for one of our series, which is then recorded under it too, for the model
+    `model` (vLLM's `model_name` label): so what reads vLLM's series reads ours, Ray Serve
+    LLM's Grafana dashboard on Ray's Prometheus (it charts `ray_vllm_*`) as well as the API
+    port's /metrics (app/vllm_metrics.py). Ray drops a metric whose name holds vLLM's ':'
+    (seen with Ray 2.60), so `vllm:x` is recorded as `vllm_x`, as Ray Serve LLM's engines do."""
+
+    name: str  # vLLM's, without its "vllm:"
+    model: str
+    ms: bool = False  # ours in milliseconds, vLLM's in seconds
+    labels: tuple[tuple[str, str], ...] = ()  # (ours, vLLM's) tag names
+
+    @property
+    def ray_name(self) -> str:
+        return VLLM_RAY_PREFIX + self.name
+
+    def keys(self, keys: tuple) -> tuple:
+        return (*(dict(self.labels).get(k, k) for k in keys), "model_name")
+
+    def value(self, value: float) -> float:
+        return value / 1000 if self.ms else value
+
+    def tags(self, tags: dict[str, str] | None) -> dict[str, str]:
+        renamed = {dict(self.labels).get(k, k): v for k, v in (tags or {}).items()}
+        return renamed | {"model_name": self.model}
+
+
+VLLM_RAY_PREFIX = "vllm_"  # what a Twin's name is recorded under
+
+
 class Histogram:
     """A Ray histogram and a counter of its observations' exact sum: Ray (2.60) exports a
     histogram's sum as if each observation were its bucket's midpoint (a prompt of 40 tokens
     counts 35; one past the last bound, twice that bound), so a mean from it, such as a
     dashboard's mean TTFT, is off by up to half a bucket. The API port's /metrics page
-    (app/metrics_page.py) shows the counter's sum as the histogram's."""
+    (app/metrics_page.py) shows the counter's sum as the histogram's. With `vllm`, the same
+    under vLLM's name (its bounds in its unit)."""
 
     def __init__(
-        self, name: str, description: str, boundaries: list[float], tag_keys: tuple = ()
+        self,
+        name: str,
+        description: str,
+        boundaries: list[float],
+        tag_keys: tuple = (),
+        vllm: Twin | None = None,
     ) -> None:
         self.histogram = metrics.Histogram(name, description, boundaries, tag_keys)
         self.sum = metrics.Counter(name + EXACT_SUM, f"exact sum of {name}", tag_keys)
+        self.vllm, self.twin = vllm, None
+        if vllm is not None:
+            bounds = [vllm.value(b) for b in boundaries]
+            self.twin = Histogram(
+                vllm.ray_name, f"{description} ({name})", bounds, vllm.keys(tag_keys)
+            )
 
     def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
         self.histogram.observe(value, tags)
         if value > 0:  # a Ray counter only goes up, by more than 0
             self.sum.inc(value, tags)
+        if self.twin is not None:
+            self.twin.observe(self.vllm.value(value), self.vllm.tags(tags))
+
+
+class _Recorded:
+    """A Ray counter or gauge (`kind`); with `vllm`, the same under vLLM's name."""
+
+    def __init__(
+        self, kind, name: str, description: str, tag_keys: tuple = (), vllm: Twin | None = None
+    ) -> None:
+        self.metric = kind(name, description, tag_keys)
+        self.vllm, self.twin = vllm, None
+        if vllm is not None:
+            self.twin = kind(vllm.ray_name, f"{description} ({name})", vllm.keys(tag_keys))
+
+    def _record(self, how: str, value: float, tags: dict[str, str] | None) -> None:
+        getattr(self.metric, how)(value, tags)
+        if self.twin is not None:
+            getattr(self.twin, how)(self.vllm.value(value), self.vllm.tags(tags))
+
+
+class Counter(_Recorded):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(metrics.Counter, *args, **kwargs)
+
+    def inc(self, value: float, tags: dict[str, str] | None = None) -> None:
+        self._record("inc", value, tags)
+
+
+class Gauge(_Recorded):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(metrics.Gauge, *args, **kwargs)
+
+    def set(self, value: float, tags: dict[str, str] | None = None) -> None:
+        self._record("set", value, tags)
+
+
+def _twin(model: str | None):
+    """A Twin maker for `model`'s series; for no model (an engine outside an application,
+    a unit test's), None for every name: nothing recorded under vLLM's names."""
+
+    def twin(name: str, ms: bool = False, labels: tuple = ()) -> Twin | None:
+        return None if model is None else Twin(name, model, ms, labels)
+
+    return twin
 
 
 class HeldGauges:
@@ -131,17 +220,26 @@ class EngineMetrics:
     """Per engine replica (prefill, decode or colocated); with `cache` (a setting's label ->
     its value), the replica's KV cache as an info series (vLLM's cache_config_info)."""
 
-    def __init__(self, phase: str, cache: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, phase: str, cache: dict[str, str] | None = None, model: str | None = None
+    ) -> None:
         self.tags = {"phase": phase}
         self.gauges = HeldGauges()
         keys = ("phase",)
+        vllm = _twin(model)  # the served name: vLLM's model_name
         if cache is not None:  # 1, its labels saying what the replica's cache is
-            info = metrics.Gauge(
-                "splitserve_kv_cache_config", "the KV cache's settings", (*keys, *cache)
+            info = Gauge(
+                "splitserve_kv_cache_config",
+                "the KV cache's settings",
+                (*keys, *cache),
+                vllm("cache_config_info"),
             )
             self.gauges.set(info, 1, {**self.tags, **cache})
-        self.running = metrics.Gauge(
-            "splitserve_running_requests", "requests in the running batch", keys
+        self.running = Gauge(
+            "splitserve_running_requests",
+            "requests in the running batch",
+            keys,
+            vllm("num_requests_running"),
         )
         self.waiting = metrics.Gauge(
             "splitserve_waiting_requests", "requests queued for prefill", keys
@@ -149,33 +247,43 @@ class EngineMetrics:
         self.waiting_tokens = metrics.Gauge(
             "splitserve_waiting_prompt_tokens", "prompt tokens queued for prefill", keys
         )
-        self.kv_usage = metrics.Gauge(
-            "splitserve_kv_block_usage", "share of KV blocks in use", keys
+        self.kv_usage = Gauge(
+            "splitserve_kv_block_usage",
+            "share of KV blocks in use",
+            keys,
+            vllm("kv_cache_usage_perc"),
         )
         self.pending_imports = metrics.Gauge(
             "splitserve_pending_kv_imports", "handed-off requests waiting for decode blocks", keys
         )
         # vLLM's num_requests_waiting: its decode instances queue a hand-off that waits for
         # its KV or for blocks with the rest, so an autoscaler written for it sees both
-        self.queued = metrics.Gauge(
+        self.queued = Gauge(
             "splitserve_queued_requests",
             "requests waiting to run: queued for prefill, or handed off and waiting for blocks",
             keys,
+            vllm("num_requests_waiting"),
         )
         self.queue_time = Histogram(
             "splitserve_queue_time_ms",
             "arrival at the engine -> first scheduled",
             _LATENCY_MS,
             keys,
+            vllm("request_queue_time_seconds", ms=True),
         )
         self.prefill_time = Histogram(
             "splitserve_prefill_time_ms",
             "first scheduled -> first token, on the replica that computed the prompt",
             _LATENCY_MS,
             keys,
+            vllm("request_prefill_time_seconds", ms=True),
         )
-        self.step_tokens = Histogram(  # vLLM's iteration_tokens_total: how full each step is
-            "splitserve_step_tokens", "tokens an engine step computed", _LENGTHS, keys
+        self.step_tokens = Histogram(  # how full each step is
+            "splitserve_step_tokens",
+            "tokens an engine step computed",
+            _LENGTHS,
+            keys,
+            vllm("iteration_tokens_total"),
         )
         self.kv_transfer_ms = Histogram(
             "splitserve_kv_transfer_ms",
@@ -186,18 +294,23 @@ class EngineMetrics:
         self.kv_transfer_bytes = metrics.Counter(
             "splitserve_kv_transfer_bytes", "KV bytes moved through the channel", keys
         )
-        cached = metrics.Counter(
-            "splitserve_prefix_cache_hit_tokens", "prompt tokens taken from the prefix cache", keys
+        cached = Counter(
+            "splitserve_prefix_cache_hit_tokens",
+            "prompt tokens taken from the prefix cache",
+            keys,
+            vllm("prefix_cache_hits"),
         )
-        queried = metrics.Counter(  # vLLM's prefix_cache_queries: hits / this is the hit rate
+        queried = Counter(  # hits / this is the hit rate
             "splitserve_prefix_cache_queried_tokens",
             "tokens of requests that looked the prefix cache up at their start",
             keys,
+            vllm("prefix_cache_queries"),
         )
-        preempted = metrics.Counter(  # vLLM's num_preemptions: each one costs a recompute
+        preempted = Counter(  # each one costs a recompute
             "splitserve_preemptions",
             "running requests preempted for KV blocks (recomputed later)",
             keys,
+            vllm("num_preemptions"),
         )
         self.loras = metrics.Gauge(
             "splitserve_lora_adapters", "LoRA adapters loaded in the replica", keys
@@ -207,23 +320,31 @@ class EngineMetrics:
         )
         # vLLM's spec_decode_num_draft_tokens / _accepted_tokens: their ratio is the
         # acceptance rate, what speculative decoding gains
-        drafts = metrics.Counter(
-            "splitserve_spec_decode_draft_tokens", "speculative draft tokens verified", keys
+        drafts = Counter(
+            "splitserve_spec_decode_draft_tokens",
+            "speculative draft tokens verified",
+            keys,
+            vllm("spec_decode_num_draft_tokens"),
         )
-        accepted = metrics.Counter(
-            "splitserve_spec_decode_accepted_tokens", "speculative draft tokens kept", keys
+        accepted = Counter(
+            "splitserve_spec_decode_accepted_tokens",
+            "speculative draft tokens kept",
+            keys,
+            vllm("spec_decode_num_accepted_tokens"),
         )
         # vLLM's spec_decode_num_drafts and _num_accepted_tokens_per_pos: the acceptance at
         # each draft position (kept at it / drafts), which tells what num_speculative_tokens pays
-        drafted = metrics.Counter(
+        drafted = Counter(
             "splitserve_spec_decode_drafts",
             "requests' drafts verified (one a request a step)",
             keys,
+            vllm("spec_decode_num_drafts"),
         )
-        self._per_pos = metrics.Counter(
+        self._per_pos = Counter(
             "splitserve_spec_decode_accepted_tokens_per_pos",
             "speculative draft tokens kept, by their position in the draft (1 = first)",
             (*keys, "position"),
+            vllm("spec_decode_num_accepted_tokens_per_pos"),
         )
         self.accepted_per_pos: list[Increase] = []
         self.orphaned_calls = metrics.Counter(  # each one an ingress replica's death cost
@@ -306,41 +427,85 @@ class RequestMetrics:
     each finished request is also counted by which targets it met: the share with
     met="both" is goodput's attainment, live."""
 
-    def __init__(self, slo: tuple[float, float] | None = None) -> None:
+    def __init__(self, slo: tuple[float, float] | None = None, model: str | None = None) -> None:
         keys = ("mode",)
         self.slo = slo
+        vllm = _twin(model)  # the served name: vLLM's model_name
         # the workload's lengths, as vLLM's request_prompt_tokens and _generation_tokens:
         # what the placement optimizer plans for, seen live
         self.prompt_lens = Histogram(
-            "splitserve_request_prompt_tokens", "prompt tokens per request", _LENGTHS, keys
+            "splitserve_request_prompt_tokens",
+            "prompt tokens per request",
+            _LENGTHS,
+            keys,
+            vllm("request_prompt_tokens"),
         )
         self.output_lens = Histogram(
-            "splitserve_request_generation_tokens", "tokens generated per request", _LENGTHS, keys
+            "splitserve_request_generation_tokens",
+            "tokens generated per request",
+            _LENGTHS,
+            keys,
+            vllm("request_generation_tokens"),
         )
-        self.ttft = Histogram("splitserve_ttft_ms", "time to first token", _LATENCY_MS, keys)
-        self.tpot = Histogram(
-            "splitserve_tpot_ms", "time per output token after the first", _LATENCY_MS, keys
+        self.ttft = Histogram(
+            "splitserve_ttft_ms",
+            "time to first token",
+            _LATENCY_MS,
+            keys,
+            vllm("time_to_first_token_seconds", ms=True),
+        )
+        self.tpot = Histogram(  # each request's mean
+            "splitserve_tpot_ms",
+            "time per output token after the first",
+            _LATENCY_MS,
+            keys,
+            vllm("request_time_per_output_token_seconds", ms=True),
         )
         # as the client sees them, as they come (not at the request's end: a long stream's
-        # intervals would all be observed at once then, stalling the event loop)
-        self.itl = Histogram(
-            "splitserve_inter_token_latency_ms",
-            "time between two outputs relayed for a request (each streamed chunk after the first)",
-            _ITL_MS,
+        # intervals would all be observed at once then, stalling the event loop); under
+        # vLLM's name only, in seconds: observed per streamed chunk, where each Ray metric
+        # call (~4 us) is the front end's, a twin in our name would double them
+        self._itl = vllm("inter_token_latency_seconds", ms=True)
+        self._itl_tags: dict[str, dict[str, str]] = {}  # a mode's, made once
+        self.itl = None
+        if self._itl is not None:
+            self.itl = Histogram(
+                self._itl.ray_name,
+                "time between two outputs relayed for a request (each chunk after the first)",
+                [self._itl.value(b) for b in _ITL_MS],
+                self._itl.keys(keys),
+            )
+        self.e2e = Histogram(
+            "splitserve_e2e_latency_ms",
+            "request latency",
+            _LATENCY_MS,
             keys,
+            vllm("e2e_request_latency_seconds", ms=True),
         )
-        self.e2e = Histogram("splitserve_e2e_latency_ms", "request latency", _LATENCY_MS, keys)
         self.decode_time = Histogram(
-            "splitserve_decode_time_ms", "first token -> last token", _LATENCY_MS, keys
+            "splitserve_decode_time_ms",
+            "first token -> last token",
+            _LATENCY_MS,
+            keys,
+            vllm("request_decode_time_seconds", ms=True),
         )
-        self.requests = metrics.Counter(
-            "splitserve_requests", "finished requests", ("mode", "finish")
+        self.requests = Counter(
+            "splitserve_requests",
+            "finished requests",
+            ("mode", "finish"),
+            vllm("request_success", labels=(("finish", "finished_reason"),)),
         )
-        self.prompt_tokens = metrics.Counter(
-            "splitserve_prompt_tokens", "prompt tokens of finished requests", keys
+        self.prompt_tokens = Counter(
+            "splitserve_prompt_tokens",
+            "prompt tokens of finished requests",
+            keys,
+            vllm("prompt_tokens"),
         )
-        self.generation_tokens = metrics.Counter(
-            "splitserve_generation_tokens", "tokens generated for finished requests", keys
+        self.generation_tokens = Counter(
+            "splitserve_generation_tokens",
+            "tokens generated for finished requests",
+            keys,
+            vllm("generation_tokens"),
         )
         self.slo_requests = metrics.Counter(
             "splitserve_slo_requests",
@@ -361,7 +526,12 @@ class RequestMetrics:
 
     def on_interval(self, mode: str, seconds: float) -> None:
         """A request's output came `seconds` after its previous one."""
-        self.itl.observe(seconds * 1e3, {"mode": mode})
+        if self.itl is None:
+            return
+        tags = self._itl_tags.get(mode)
+        if tags is None:
+            tags = self._itl_tags[mode] = self._itl.tags({"mode": mode})
+        self.itl.observe(seconds, tags)
 
     def on_loop_lag(self, ms: float) -> None:
         self.loop_lag.observe(ms)

@@ -89,7 +89,11 @@ class _EngineServer:
         from deployments.metrics import EngineMetrics
 
         self.engine = LLMEngine(engine_config, kv_transport=kv_transport)
-        self.metrics = EngineMetrics(self.phase, _cache_config(self.engine, engine_config))
+        self.metrics = EngineMetrics(
+            self.phase,
+            _cache_config(self.engine, engine_config),
+            engine_config.served_model_name,
+        )
         self._signals = load_signals(self.engine.stats, 0, self.engine.blocks.block_size)
         self._trace = _step_trace(self.phase)  # before the loop thread can step
         self.loop = EngineLoop(

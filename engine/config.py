@@ -28,6 +28,9 @@ class EngineConfig:
     # local HF directory or Hugging Face Hub repository id; None = the embedded default model
     model: str | None = None
     revision: str | None = None  # a Hub model's branch, tag or commit; None: main
+    # vLLM's --served-model-name (its first): the model_name label of the replica's metrics
+    # under vLLM's names (deployments/metrics.py); None: none recorded under them
+    served_model_name: str | None = None
     # vLLM's --tokenizer / --tokenizer-revision: a directory or Hub id; None: the model's
     tokenizer: str | None = None
     tokenizer_revision: str | None = None

@@ -1930,7 +1930,7 @@ def test_metrics_reach_the_prometheus_endpoint(server):
         "splitserve_step_tokens_bucket",
         "splitserve_kv_cache_config",
         "splitserve_decode_time_ms_bucket",
-        "splitserve_inter_token_latency_ms_bucket",
+        "vllm_inter_token_latency_seconds_bucket",  # under vLLM's name only
         "splitserve_prompt_tokens",
         "splitserve_generation_tokens",
         "splitserve_lora_adapters",
@@ -2085,64 +2085,111 @@ def test_the_inter_token_latency_is_each_relayed_outputs_interval(server):
     after a request's first, as it comes. Over finished requests, then, the count is the
     outputs relayed less one a request (not the tokens: the decode replica's n-gram drafts put
     several in an output), and the exact sum each request's first token -> last."""
-    names = ("requests_total", "relayed_outputs_total", "generation_tokens_total")
-    names += ("inter_token_latency_ms_count", "inter_token_latency_ms_exact_sum_total")
-    names += ("decode_time_ms_exact_sum_total",)
-    wanted = {f"ray_splitserve_{n}" for n in names}
+    itl = "ray_vllm_inter_token_latency_seconds"  # recorded under vLLM's name only
+    ours = ("requests_total", "relayed_outputs_total", "generation_tokens_total")
+    ours += ("decode_time_ms_exact_sum_total",)
+    names = (f"{itl}_count", f"{itl}_exact_sum_total", *(f"ray_splitserve_{n}" for n in ours))
 
     def totals(series: dict) -> dict[str, float]:
-        return {
-            n: sum(v for k, v in series.items() if k[0] == f"ray_splitserve_{n}") for n in names
-        }
+        return {n: sum(v for k, v in series.items() if k[0] == n) for n in names}
 
     def held(own: dict, steady: dict) -> bool:  # every sample of those series
-        return all(k in steady for k in own if k[0] in wanted)
+        return all(k in steady for k in own if k[0] in names)
 
-    before = totals(_steady_page(server, "disagg", held)[1])
+    twins = ("ray_splitserve_", "ray_vllm_")
+    before = totals(_steady_page(server, "disagg", held, twins)[1])
     drafted = {"prompt": "1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,", "max_tokens": 24, "ignore_eos": True}
     assert _complete(server, "disagg", **drafted).status_code == 200
     assert _complete(server, "disagg", prompt=PROMPT, max_tokens=6).status_code == 200
     with _stream(server, "disagg", prompt=PROMPT, max_tokens=8, ignore_eos=True) as r:
         assert r.status_code == 200 and r.read().endswith(b"data: [DONE]\n\n")
+    requests = "ray_splitserve_requests_total"
 
     def counted(own: dict, steady: dict) -> bool:
-        return (
-            held(own, steady) and totals(steady)["requests_total"] >= before["requests_total"] + 3
-        )
+        return held(own, steady) and totals(steady)[requests] >= before[requests] + 3
 
-    _, steady, page = _steady_page(server, "disagg", counted)
+    _, steady, page = _steady_page(server, "disagg", counted, twins)
     grew = {n: v - before[n] for n, v in totals(steady).items()}
-    requests, outputs = grew["requests_total"], grew["relayed_outputs_total"]
-    assert grew["inter_token_latency_ms_count"] == outputs - requests > 0
-    assert outputs - requests <= grew["generation_tokens_total"] - requests
-    assert grew["inter_token_latency_ms_exact_sum_total"] == pytest.approx(
-        grew["decode_time_ms_exact_sum_total"], rel=1e-6
+    outputs = grew["ray_splitserve_relayed_outputs_total"]
+    assert grew[f"{itl}_count"] == outputs - grew[requests] > 0
+    assert outputs <= grew["ray_splitserve_generation_tokens_total"]
+    assert grew[f"{itl}_exact_sum_total"] * 1000 == pytest.approx(
+        grew["ray_splitserve_decode_time_ms_exact_sum_total"], rel=1e-6
     )
-    # on the API port as vLLM's, in seconds, the sum the exact one
+    # on the API port under vLLM's own name, the sum the exact one
     theirs = _series(page.text, "disagg")
 
     def total(name: str) -> float:
         return sum(v for k, v in theirs.items() if k[0] == name)
 
-    ours = totals(steady)
-    assert total("vllm:inter_token_latency_seconds_count") == ours["inter_token_latency_ms_count"]
+    assert total("vllm:inter_token_latency_seconds_count") == totals(steady)[f"{itl}_count"]
     assert total("vllm:inter_token_latency_seconds_sum") == pytest.approx(
-        ours["inter_token_latency_ms_exact_sum_total"] / 1000, rel=1e-6
+        totals(steady)[f"{itl}_exact_sum_total"], rel=1e-9
     )
 
 
-def _steady_page(server, app: str, done) -> tuple[dict, dict, httpx.Response]:
+def test_ray_serve_llms_dashboard_finds_our_series(server):
+    """Ray's own Grafana dashboard for Ray Serve LLM charts its engines' vLLM series as
+    Ray's Prometheus names them (ray_vllm_*), per replica through their WorkerId: each that we
+    record is on the node's endpoint, labelled with the model, from a replica of ours."""
+    import inspect
+
+    from ray.dashboard.modules.metrics.dashboards import serve_llm_dashboard_panels
+
+    from tests.test_vllm_metrics import VLLM_NAMES
+
+    source = inspect.getsource(serve_llm_dashboard_panels)
+    charted = set(re.findall(r"ray_vllm_[a-z0-9_]+", source))
+
+    def ours(name: str) -> bool:
+        base = name.removeprefix("ray_vllm_")
+        return any(base.removesuffix(end) in VLLM_NAMES for end in ("", *HISTOGRAM_ENDS))
+
+    # a histogram's panels name its base (their code adds _bucket, _sum, _count)
+    wanted = {name for name in charted if ours(name)}
+    assert len(wanted) >= 16, sorted(charted)  # TTFT, TPOT, e2e, queue, prefill, decode, ...
+    wanted = {n if n.endswith(HISTOGRAM_ENDS) or n in GAUGES else f"{n}_count" for n in wanted}
+    for _ in range(2):  # the prefill replica looks its prefix cache up, and hits
+        assert _complete(server, "disagg", prompt=PROMPT * 8, max_tokens=2).status_code == 200
+    deadline = time.monotonic() + 60
+    while True:
+        samples = _series(httpx.get(server.metrics_url, timeout=10).text, "disagg")
+        found = {name for name, _ in samples}
+        if wanted <= found:
+            break
+        assert time.monotonic() < deadline, sorted(wanted - found)
+        time.sleep(1)
+    replicas = {
+        dict(labels)["WorkerId"]
+        for name, labels in samples
+        if name == "ray_serve_deployment_request_counter_total"
+    }
+    for name, labels in samples:
+        if name in wanted:
+            assert dict(labels)["model_name"] == MODEL, name
+            assert dict(labels)["WorkerId"] in replicas, name  # the dashboard's join
+
+
+HISTOGRAM_ENDS = ("_bucket", "_sum", "_count", "_total")
+GAUGES = {f"ray_vllm_{n}" for n in ("num_requests_running", "num_requests_waiting")}
+GAUGES |= {"ray_vllm_kv_cache_usage_perc"}
+
+
+def _steady_page(
+    server, app: str, done, prefixes: tuple[str, ...] = ("ray_splitserve_",)
+) -> tuple[dict, dict, httpx.Response]:
     """The application's GET /metrics page, read between two reads of the node's endpoint,
-    once `done(own, steady)`: own, each splitserve series that both reads hold (some of Serve's
-    come and go); steady, those of them with the value of both (an export between the reads
-    changes some: the loop-lag histogram grows every 100 ms)."""
+    once `done(own, steady)`: own, each series named with one of `prefixes` (ours by default)
+    that both reads hold (some of Serve's come and go); steady, those of them with the value
+    of both (an export between the reads changes some: the loop-lag histogram grows every
+    100 ms)."""
     deadline = time.monotonic() + 60
     while True:
         before = _series(httpx.get(server.metrics_url, timeout=10).text, app)
         page = httpx.get(f"{server}/{app}/metrics", timeout=30)
         after = _series(httpx.get(server.metrics_url, timeout=10).text, app)
         assert page.status_code == 200, page.text
-        own = {k: v for k, v in after.items() if k[0].startswith("ray_splitserve_")}
+        own = {k: v for k, v in after.items() if k[0].startswith(prefixes)}
         own = {k: v for k, v in own.items() if k in before}
         steady = {k: v for k, v in own.items() if before[k] == v}
         if done(own, steady):

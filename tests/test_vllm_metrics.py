@@ -1,137 +1,180 @@
-"""app/vllm_metrics.py: our series under vLLM's names on the /metrics page (the live page of a
-running application: tests/test_serve.py and tests/test_multi_model.py)."""
+"""Our series under vLLM's names: recorded so by the replicas (deployments/metrics.py's
+Twin, for Ray Serve LLM's dashboard on Ray's Prometheus) and named as vLLM names them on the
+/metrics page (app/vllm_metrics.py). The live page of a running application:
+tests/test_serve.py and tests/test_multi_model.py."""
 
 from __future__ import annotations
 
 import math
-import re
-from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.config import deployment_suffix
+import deployments.metrics
 from app.metrics_page import merge
-from app.vllm_metrics import ALIASES, by_deployment
-from deployments.metrics import one_two_five
+from deployments.metrics import EngineMetrics, RequestMetrics, one_two_five
 
 pytestmark = pytest.mark.unit
 
+# every vLLM series we have (vLLM's names, without "vllm:")
+VLLM_NAMES = {
+    "time_to_first_token_seconds",
+    "request_time_per_output_token_seconds",
+    "inter_token_latency_seconds",
+    "e2e_request_latency_seconds",
+    "request_decode_time_seconds",
+    "request_success",
+    "prompt_tokens",
+    "generation_tokens",
+    "request_prompt_tokens",
+    "request_generation_tokens",
+    "request_queue_time_seconds",
+    "request_prefill_time_seconds",
+    "iteration_tokens_total",
+    "cache_config_info",
+    "num_requests_running",
+    "num_requests_waiting",
+    "kv_cache_usage_perc",
+    "num_preemptions",
+    "prefix_cache_queries",
+    "prefix_cache_hits",
+    "spec_decode_num_drafts",
+    "spec_decode_num_draft_tokens",
+    "spec_decode_num_accepted_tokens",
+    "spec_decode_num_accepted_tokens_per_pos",
+}
+
+
+@pytest.fixture
+def made(monkeypatch) -> dict:
+    """Ray's metric classes replaced by recorders: name -> the metric made under it."""
+    made: dict[str, _Metric] = {}
+
+    def kind(name: str, description: str, *rest) -> _Metric:
+        made[name] = _Metric(name, rest[0] if len(rest) == 2 else None, rest[-1])
+        return made[name]
+
+    fake = SimpleNamespace(Histogram=kind, Counter=kind, Gauge=kind)
+    monkeypatch.setattr(deployments.metrics, "metrics", fake)
+    return made
+
+
+class _Metric:
+    def __init__(self, name: str, bounds: list[float] | None, keys: tuple) -> None:
+        self.name, self.bounds, self.keys = name, bounds, keys
+        self.records: list[tuple[float, dict]] = []
+
+    def observe(self, value: float, tags: dict | None = None) -> None:
+        assert set(tags or {}) == set(self.keys), (self.name, tags)  # as Ray requires
+        self.records.append((value, tags))
+
+    inc = set = observe
+
+
+def _both(model: str | None) -> tuple[RequestMetrics, EngineMetrics]:
+    engine = EngineMetrics("decode", {"block_size": "16"}, model)
+    engine.close()
+    return RequestMetrics((400.0, 40.0), model), engine
+
+
+def test_each_series_vllm_has_is_recorded_under_its_name_in_its_units(made):
+    request, _ = _both("smol")
+    request.on_finish("disaggregated", 0.25, 1.25, 5, "stop", num_prompt_tokens=7)
+    request.on_interval("disaggregated", 0.012)
+    ttft, twin = made["splitserve_ttft_ms"], made["vllm_time_to_first_token_seconds"]
+    assert ttft.records == [(250.0, {"mode": "disaggregated"})]
+    assert twin.records == [(0.25, {"mode": "disaggregated", "model_name": "smol"})]
+    assert twin.bounds == [b / 1000 for b in ttft.bounds]
+    # its exact sum too (the page's sum), in seconds
+    assert made["vllm_time_to_first_token_seconds_exact_sum"].records == twin.records
+    assert made["vllm_inter_token_latency_seconds"].records[0][0] == pytest.approx(0.012)
+    assert made["vllm_request_time_per_output_token_seconds"].records[0][0] == 0.25
+    # vLLM's label name for the finish reason; token counts as they are
+    success = made["vllm_request_success"]
+    assert success.keys == ("mode", "finished_reason", "model_name")
+    assert success.records == [
+        (1, {"mode": "disaggregated", "finished_reason": "stop", "model_name": "smol"})
+    ]
+    assert made["vllm_prompt_tokens"].records[0][0] == 7
+    assert made["splitserve_prompt_tokens"].records[0][0] == 7
+
+
+def test_an_engines_gauges_under_vllms_names_keep_their_phase(made):
+    _, engine = _both("smol")
+    stats = SimpleNamespace(
+        num_running=4, num_waiting=2, num_waiting_tokens=30, kv_usage=0.5, num_loras=0
+    )
+    engine.on_load(stats, pending=1)
+    engine.close()
+    tags = {"phase": "decode", "model_name": "smol"}
+    assert made["vllm_num_requests_running"].records == [(4, tags)]
+    assert made["vllm_num_requests_waiting"].records == [(3, tags)]  # with the hand-off
+    assert made["vllm_kv_cache_usage_perc"].records == [(0.5, tags)]
+    assert made["vllm_cache_config_info"].records[0] == (1, {**tags, "block_size": "16"})
+
+
+def test_every_vllm_name_once_and_none_without_a_model(made):
+    """A typo in a name would leave its vLLM series where nothing looks for it."""
+    _both("smol")
+    twins = {n.removeprefix("vllm_") for n in made if n.startswith("vllm_")}
+    assert {n.removesuffix("_exact_sum") for n in twins} == VLLM_NAMES
+    # a latency in seconds is one of ours in milliseconds
+    for name in VLLM_NAMES & {n for n in twins if n.endswith("_seconds")}:
+        assert made[f"vllm_{name}"].bounds[0] < 0.1, name
+    made.clear()
+    _both(None)  # an engine outside an application, or a unit test's
+    assert made and not any(n.startswith("vllm_") for n in made)
+
 
 def _node_page() -> str:
-    """A node's page as Ray's metrics agent writes it: two models' Ingresses (a multi-model
-    application's deployments), a ms histogram, a counter with a renamed label, a gauge per
-    phase, a family vLLM has no name for, and another application's sample."""
+    """A node's page as Ray's metrics agent writes it: a histogram recorded under vLLM's
+    name with its exact sum, a counter, one of ours, and another application's sample."""
 
-    def labels(deployment: str, app: str = "chat", **more: str) -> str:
-        tags = {"application": app, "deployment": deployment, "replica": "r1", **more}
+    def labels(app: str = "chat", **more: str) -> str:
+        tags = {"application": app, "deployment": "Ingress", "model_name": "smol", **more}
         return ",".join(f'{k}="{v}"' for k, v in tags.items())
 
-    lines = ["# HELP ray_splitserve_ttft_ms time to first token"]
-    lines += ["# TYPE ray_splitserve_ttft_ms histogram"]
-    for deployment, count, total in (("Ingress:a", 3, 140.0), ("Ingress:b", 1, 90.0)):
-        for le, below in (("5.0", 1), ("75.0", 2), ("300.0", count), ("+Inf", count)):
-            lines += [f"ray_splitserve_ttft_ms_bucket{{{labels(deployment, le=le)}}} {below}"]
-        lines += [f"ray_splitserve_ttft_ms_count{{{labels(deployment)}}} {count}"]
-        lines += [f"ray_splitserve_ttft_ms_sum{{{labels(deployment)}}} {total}"]
-    lines += ["# HELP ray_splitserve_requests_total finished requests"]
-    lines += ["# TYPE ray_splitserve_requests_total counter"]
-    for finish, count in (("stop", 2), ("length", 1)):
-        lines += [f"ray_splitserve_requests_total{{{labels('Ingress:a', finish=finish)}}} {count}"]
-    lines += [f"ray_splitserve_requests_total{{{labels('Ingress:a', 'x', finish='stop')}}} 9"]
-    lines += ["# HELP ray_splitserve_running_requests requests in the running batch"]
-    lines += ["# TYPE ray_splitserve_running_requests gauge"]
-    for deployment, phase, count in (
-        ("PrefillServer:a", "prefill", 0),
-        ("DecodeServer:a", "decode", 4),
-    ):
-        lines += [f"ray_splitserve_running_requests{{{labels(deployment, phase=phase)}}} {count}"]
-    lines += ["# HELP ray_splitserve_relayed_outputs engine outputs relayed"]
+    ttft = "ray_vllm_time_to_first_token_seconds"
+    lines = [f"# HELP {ttft} time to first token", f"# TYPE {ttft} histogram"]
+    for le, below in (("0.005", 1), ("0.075", 2), ("+Inf", 3)):
+        lines += [f"{ttft}_bucket{{{labels(le=le)}}} {below}"]
+    lines += [f"{ttft}_count{{{labels()}}} 3", f"{ttft}_sum{{{labels()}}} 0.2"]
+    lines += [f"# HELP {ttft}_exact_sum_total exact sum", f"# TYPE {ttft}_exact_sum_total counter"]
+    lines += [f"{ttft}_exact_sum_total{{{labels()}}} 0.14"]
+    success = "ray_vllm_request_success_total"
+    lines += [f"# HELP {success} finished requests", f"# TYPE {success} counter"]
+    lines += [f"{success}{{{labels(finished_reason='stop')}}} 2"]
+    lines += [f"{success}{{{labels('other', finished_reason='stop')}}} 9"]
+    lines += ["# HELP ray_splitserve_relayed_outputs_total engine outputs relayed"]
     lines += ["# TYPE ray_splitserve_relayed_outputs_total counter"]
-    lines += [f"ray_splitserve_relayed_outputs_total{{{labels('Ingress:a')}}} 40"]
+    lines += [f"ray_splitserve_relayed_outputs_total{{{labels()}}} 40"]
     return "\n".join(lines) + "\n"
 
 
-def _samples(page: str, prefix: str) -> dict[tuple, float]:
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
+def test_the_page_names_them_as_vllm_does():
+    page = merge([_node_page()], "chat")
+    samples = {
+        (s.name, s.labels.get("le", s.labels.get("finished_reason"))): s.value
         for f in text_string_to_metric_families(page)
         for s in f.samples
-        if s.name.startswith(prefix)
     }
-
-
-def test_each_series_of_a_known_model_is_also_under_vllms_name_in_vllms_units():
-    page = merge([_node_page()], "chat", by_deployment({":a": "model-a"}))
-    theirs = _samples(page, "vllm:")
-    common = {"application": "chat", "replica": "r1", "model_name": "model-a"}
-
-    def key(name: str, **labels: str) -> tuple:
-        return name, tuple(sorted({**common, **labels}.items()))
-
     ttft = "vllm:time_to_first_token_seconds"
-    ingress = {"deployment": "Ingress:a"}
-    assert theirs == {
-        # bucket bounds and the sum in seconds; counts as they were
-        key(f"{ttft}_bucket", le="0.005", **ingress): 1,
-        key(f"{ttft}_bucket", le="0.075", **ingress): 2,
-        key(f"{ttft}_bucket", le="0.3", **ingress): 3,
-        key(f"{ttft}_bucket", le="+Inf", **ingress): 3,
-        key(f"{ttft}_count", **ingress): 3,
-        key(f"{ttft}_sum", **ingress): 0.14,
-        # vLLM's label name for the finish reason
-        key("vllm:request_success_total", finished_reason="stop", **ingress): 2,
-        key("vllm:request_success_total", finished_reason="length", **ingress): 1,
-        # each phase's replicas, the phase kept
-        key("vllm:num_requests_running", deployment="PrefillServer:a", phase="prefill"): 0,
-        key("vllm:num_requests_running", deployment="DecodeServer:a", phase="decode"): 4,
+    assert samples == {
+        (f"{ttft}_bucket", "0.005"): 1,
+        (f"{ttft}_bucket", "0.075"): 2,
+        (f"{ttft}_bucket", "+Inf"): 3,
+        (f"{ttft}_count", None): 3,
+        (f"{ttft}_sum", None): 0.14,  # the exact sum, not Ray's midpoints'
+        ("vllm:request_success_total", "stop"): 2,  # this application's only
+        ("ray_splitserve_relayed_outputs_total", None): 40,  # ours as it was
     }
-    # ours unchanged beside them (model b's, the relayed outputs'), one HELP and TYPE each
-    ours = _samples(page, "ray_")
-    assert ours == _samples(merge([_node_page()], "chat"), "ray_") and len(ours) == 17
-    types = sorted(line for line in page.splitlines() if line.startswith("# TYPE vllm:"))
+    types = sorted(line for line in page.splitlines() if line.startswith("# TYPE"))
     assert types == [
-        "# TYPE vllm:num_requests_running gauge",
+        "# TYPE ray_splitserve_relayed_outputs_total counter",
         "# TYPE vllm:request_success_total counter",
         f"# TYPE {ttft} histogram",
     ]
-
-
-def test_each_model_of_a_multi_model_application_has_its_own_series():
-    page = merge([_node_page()], "chat", by_deployment({":a": "model-a", ":b": "model-b"}))
-    counts = {
-        dict(labels)["model_name"]: value
-        for (name, labels), value in _samples(page, "vllm:time_to_first_token").items()
-        if name.endswith("_count")
-    }
-    assert counts == {"model-a": 3, "model-b": 1}
-    b_sum = [v for (n, lb), v in _samples(page, "vllm:").items() if n.endswith("_sum")]
-    assert sorted(b_sum) == [0.09, 0.14]
-
-
-def test_no_model_no_vllm_series():
-    """A page merged without a model map, or whose deployments are no model's, is ours alone."""
-    assert "vllm:" not in merge([_node_page()], "chat")
-    assert "vllm:" not in merge([_node_page()], "chat", by_deployment({"": "single"}))
-
-
-def test_a_single_models_deployments_have_no_suffix():
-    assert deployment_suffix("PrefillServer") == deployment_suffix("Ingress") == ""
-    assert deployment_suffix("DecodeServer:smol-pd") == ":smol-pd"
-    model_of = by_deployment({"": "smol"})
-    assert model_of({"deployment": "ColocatedServer"}) == "smol"
-    assert model_of({"deployment": "Ingress:x"}) is None
-
-
-def test_every_alias_names_a_series_we_export_and_a_distinct_vllm_name():
-    """A typo in an alias would leave its vLLM family silently empty."""
-    source = Path(__file__).parents[1].joinpath("deployments/metrics.py").read_text()
-    exported = set(re.findall(r'"(splitserve_[a-z0-9_]+)"', source))
-    assert {a.ours for a in ALIASES} <= exported
-    names = [a.name for a in ALIASES]
-    assert len(set(names)) == len(names) and all(n.startswith("vllm:") for n in names)
-    # a family in milliseconds is a latency histogram in seconds, as each of vLLM's is
-    assert all(a.name.endswith("_seconds") == a.ms == a.ours.endswith("_ms") for a in ALIASES)
 
 
 def test_the_length_buckets_are_vllms_one_two_five():

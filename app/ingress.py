@@ -715,6 +715,7 @@ class _Clock:
         self.first: float | None = None
         self.last = 0.0  # when the previous output came, from the start
         self.num_outputs = 0  # relayed from the engine replicas
+        self.prefill_s: float | None = None  # as the engine that computed the prompt says
 
     def seen(self, out: RequestOutput) -> RequestOutput:
         now = time.perf_counter() - self.start
@@ -724,6 +725,8 @@ class _Clock:
             self.metrics.on_interval(self.mode, now - self.last)
         self.last = now
         self.num_outputs += 1
+        if out.prefill_time_s is not None:
+            self.prefill_s = out.prefill_time_s
         if out.finished:
             self.metrics.on_finish(
                 self.mode,
@@ -733,6 +736,7 @@ class _Clock:
                 out.finish_reason,
                 self.num_prompt_tokens,
                 self.num_outputs,
+                self.prefill_s,
             )
         return out
 

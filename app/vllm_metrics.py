@@ -6,11 +6,12 @@ The replicas record each of our series that vLLM has under vLLM's name too, in i
 with its `model_name` label (deployments/metrics.py, `Twin`), which Ray exports as
 `ray_vllm_<name>`: Ray drops a name that holds vLLM's ':'. There Ray Serve LLM's Grafana
 dashboard reads them (it charts its engines' `ray_vllm_*`); this page gives them vLLM's own
-names. Only series whose meaning is vLLM's are named so: vLLM's
-`request_inference_time_seconds` (scheduled -> last token: two replicas' clocks in a
-disaggregated application) has no counterpart here. Our inter-token latency is timed at the
-ingress, one observation per output it relays after a request's first, as vLLM's is one per
-engine step (however many tokens the step gave); with stream batching, one per batch of steps.
+names. Only series whose meaning is vLLM's are named so. vLLM's inference time (scheduled ->
+last token) spans two replicas' clocks in a disaggregated application: ours is the prefill
+replica's prefill time, then first token -> last at the ingress. Our inter-token latency is
+timed at the ingress, one observation per output it relays after a request's first, as
+vLLM's is one per engine step (however many tokens it gave); with stream batching, one per
+batch of steps.
 Our histograms keep their own buckets, which `histogram_quantile` reads as it reads vLLM's.
 """
 

@@ -489,6 +489,13 @@ class RequestMetrics:
             keys,
             vllm("request_decode_time_seconds", ms=True),
         )
+        self.inference_time = Histogram(
+            "splitserve_inference_time_ms",
+            "first scheduled -> last token: the prefill time, then first token -> last",
+            _LATENCY_MS,
+            keys,
+            vllm("request_inference_time_seconds", ms=True),
+        )
         self.requests = Counter(
             "splitserve_requests",
             "finished requests",
@@ -545,12 +552,17 @@ class RequestMetrics:
         reason: str,
         num_prompt_tokens: int = 0,
         num_outputs: int = 0,
+        prefill_s: float | None = None,
     ) -> None:
+        """`prefill_s`: first scheduled -> first token, as the engine that computed the prompt
+        timed it (RequestOutput.prefill_time_s), if it said."""
         tags = {"mode": mode}
         tpot_s = (last_s - ttft_s) / (num_tokens - 1) if num_tokens > 1 else 0.0
         self.ttft.observe(ttft_s * 1e3, tags)
         self.e2e.observe(last_s * 1e3, tags)
         self.decode_time.observe((last_s - ttft_s) * 1e3, tags)
+        if prefill_s is not None:  # each part on one clock: the engine's, then this one's
+            self.inference_time.observe((prefill_s + last_s - ttft_s) * 1e3, tags)
         if num_tokens > 1:
             self.tpot.observe(tpot_s * 1e3, tags)
         self.requests.inc(1, {"mode": mode, "finish": reason})

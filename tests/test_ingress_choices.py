@@ -250,11 +250,12 @@ def test_the_clock_reports_every_relayed_output_with_the_finished_request(monkey
     now = iter([10.25, 10.5, 11.0])  # when each output comes (perf_counter)
     monkeypatch.setattr(app.ingress, "time", SimpleNamespace(perf_counter=lambda: next(now)))
     clock = _Clock(Metrics(), "disaggregated", num_prompt_tokens=5, arrival=10.0)
-    # 3 outputs, 7 tokens in all
+    # 3 outputs, 7 tokens in all; the first says how long the engine took to its token
     for tokens, total, reason in (([6, 7], 2, None), ([1, 2, 3], 5, None), ([4, 5], 7, "length")):
-        clock.seen(RequestOutput("r", tokens, "x", 5, total, reason))
-    [(mode, ttft, last, num_tokens, reason, prompt, outputs)] = finished
+        prefill = 0.125 if total == 2 else None
+        clock.seen(RequestOutput("r", tokens, "x", 5, total, reason, prefill_time_s=prefill))
+    [(mode, ttft, last, num_tokens, reason, prompt, outputs, prefill)] = finished
     assert (mode, num_tokens, reason, prompt, outputs) == ("disaggregated", 7, "length", 5, 3)
-    assert (ttft, last) == (0.25, 1.0)
+    assert (ttft, last, prefill) == (0.25, 1.0, 0.125)
     # one an output after the first, however many tokens it holds, each before the finish
     assert intervals == [("disaggregated", 0.25, 0), ("disaggregated", 0.5, 0)]

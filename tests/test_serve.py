@@ -2080,14 +2080,17 @@ def test_the_api_port_serves_the_applications_metrics(server):
     }
 
 
-def test_the_inter_token_latency_is_each_relayed_outputs_interval(server):
+def test_inter_token_and_inference_times_add_up(server):
     """vLLM's inter-token latency, timed at the ingress: one observation per output it relays
     after a request's first, as it comes. Over finished requests, then, the count is the
     outputs relayed less one a request (not the tokens: the decode replica's n-gram drafts put
-    several in an output), and the exact sum each request's first token -> last."""
+    several in an output), and the exact sum each request's first token -> last. vLLM's
+    inference time, one a request: the prefill replica's prefill time, then that."""
     itl = "ray_vllm_inter_token_latency_seconds"  # recorded under vLLM's name only
     ours = ("requests_total", "relayed_outputs_total", "generation_tokens_total")
-    ours += ("decode_time_ms_exact_sum_total",)
+    ours += ("decode_time_ms_exact_sum_total", "inference_time_ms_count")
+    ours += ("inference_time_ms_exact_sum_total", "prefill_time_ms_count")
+    ours += ("prefill_time_ms_exact_sum_total",)
     names = (f"{itl}_count", f"{itl}_exact_sum_total", *(f"ray_splitserve_{n}" for n in ours))
 
     def totals(series: dict) -> dict[str, float]:
@@ -2097,7 +2100,12 @@ def test_the_inter_token_latency_is_each_relayed_outputs_interval(server):
         return all(k in steady for k in own if k[0] in names)
 
     twins = ("ray_splitserve_", "ray_vllm_")
-    before = totals(_steady_page(server, "disagg", held, twins)[1])
+    before = {}
+    while True:  # the earlier tests' requests all exported: two reads an export apart agree
+        last, before = before, totals(_steady_page(server, "disagg", held, twins)[1])
+        if before == last:
+            break
+        time.sleep(2 * METRICS_INTERVAL_MS / 1000)
     drafted = {"prompt": "1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,", "max_tokens": 24, "ignore_eos": True}
     assert _complete(server, "disagg", **drafted).status_code == 200
     assert _complete(server, "disagg", prompt=PROMPT, max_tokens=6).status_code == 200
@@ -2105,16 +2113,23 @@ def test_the_inter_token_latency_is_each_relayed_outputs_interval(server):
         assert r.status_code == 200 and r.read().endswith(b"data: [DONE]\n\n")
     requests = "ray_splitserve_requests_total"
 
+    prefills = "ray_splitserve_prefill_time_ms_count"  # the prefill replica's, exported apart
+
     def counted(own: dict, steady: dict) -> bool:
-        return held(own, steady) and totals(steady)[requests] >= before[requests] + 3
+        now = totals(steady)
+        grew = [now[n] - before[n] for n in (requests, prefills)]
+        return held(own, steady) and min(grew) >= 3
 
     _, steady, page = _steady_page(server, "disagg", counted, twins)
     grew = {n: v - before[n] for n, v in totals(steady).items()}
     outputs = grew["ray_splitserve_relayed_outputs_total"]
     assert grew[f"{itl}_count"] == outputs - grew[requests] > 0
     assert outputs <= grew["ray_splitserve_generation_tokens_total"]
-    assert grew[f"{itl}_exact_sum_total"] * 1000 == pytest.approx(
-        grew["ray_splitserve_decode_time_ms_exact_sum_total"], rel=1e-6
+    decode_ms = grew["ray_splitserve_decode_time_ms_exact_sum_total"]
+    assert grew[f"{itl}_exact_sum_total"] * 1000 == pytest.approx(decode_ms, rel=1e-6)
+    assert grew["ray_splitserve_inference_time_ms_count"] == grew[requests] == grew[prefills]
+    assert grew["ray_splitserve_inference_time_ms_exact_sum_total"] == pytest.approx(
+        grew["ray_splitserve_prefill_time_ms_exact_sum_total"] + decode_ms, rel=1e-6
     )
     # on the API port under vLLM's own name, the sum the exact one
     theirs = _series(page.text, "disagg")

@@ -24,6 +24,7 @@ VLLM_NAMES = {
     "inter_token_latency_seconds",
     "e2e_request_latency_seconds",
     "request_decode_time_seconds",
+    "request_inference_time_seconds",
     "request_success",
     "prompt_tokens",
     "generation_tokens",
@@ -80,11 +81,15 @@ def _both(model: str | None) -> tuple[RequestMetrics, EngineMetrics]:
 
 def test_each_series_vllm_has_is_recorded_under_its_name_in_its_units(made):
     request, _ = _both("smol")
-    request.on_finish("disaggregated", 0.25, 1.25, 5, "stop", num_prompt_tokens=7)
+    request.on_finish("disaggregated", 0.25, 1.25, 5, "stop", num_prompt_tokens=7, prefill_s=0.125)
+    request.on_finish("disaggregated", 0.5, 0.5, 1, "stop", num_prompt_tokens=7)  # no prefill time
     request.on_interval("disaggregated", 0.012)
     ttft, twin = made["splitserve_ttft_ms"], made["vllm_time_to_first_token_seconds"]
-    assert ttft.records == [(250.0, {"mode": "disaggregated"})]
-    assert twin.records == [(0.25, {"mode": "disaggregated", "model_name": "smol"})]
+    tags = {"mode": "disaggregated", "model_name": "smol"}
+    assert ttft.records == [(250.0, {"mode": "disaggregated"}), (500.0, {"mode": "disaggregated"})]
+    assert twin.records == [(0.25, tags), (0.5, tags)]
+    # the engine's prefill time, then first token -> last: a request that says its prefill
+    assert made["vllm_request_inference_time_seconds"].records == [(1.125, tags)]
     assert twin.bounds == [b / 1000 for b in ttft.bounds]
     # its exact sum too (the page's sum), in seconds
     assert made["vllm_time_to_first_token_seconds_exact_sum"].records == twin.records
@@ -93,9 +98,7 @@ def test_each_series_vllm_has_is_recorded_under_its_name_in_its_units(made):
     # vLLM's label name for the finish reason; token counts as they are
     success = made["vllm_request_success"]
     assert success.keys == ("mode", "finished_reason", "model_name")
-    assert success.records == [
-        (1, {"mode": "disaggregated", "finished_reason": "stop", "model_name": "smol"})
-    ]
+    assert success.records[0] == (1, {**tags, "finished_reason": "stop"})
     assert made["vllm_prompt_tokens"].records[0][0] == 7
     assert made["splitserve_prompt_tokens"].records[0][0] == 7
 

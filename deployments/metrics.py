@@ -1,12 +1,16 @@
 """Serving metrics through Ray's metrics API: they appear in the Ray dashboard and on each
 node's Prometheus endpoint, tagged by Serve with application, deployment and replica.
 
-Latencies are in milliseconds. Engine gauges are set after every engine step and when the
-engine goes idle, and set again with the same values every GAUGE_REFRESH_S: Ray's metrics agent
-drops a gauge series that its process has not exported for two export intervals (2 x 10 s), and
-a process exports a gauge only when it was set since its last export (both seen with Ray 2.60).
-Without that, an idle replica's running requests, queue and KV usage vanished from Prometheus
-10-20 s after its last step (a dashboard showed a gap, not 0).
+Latencies are in milliseconds. Each series that vLLM has is also recorded under vLLM's name,
+in its units, labelled with the model (Twin): what reads vLLM's series reads ours (Ray Serve
+LLM's Grafana dashboard, the API port's /metrics).
+
+Engine gauges are set after every engine step and when the engine goes idle, and set again
+with the same values every GAUGE_REFRESH_S: Ray's metrics agent drops a gauge series that its
+process has not exported for two export intervals (2 x 10 s), and a process exports a gauge
+only when it was set since its last export (both seen with Ray 2.60). Without that, an idle
+replica's running requests, queue and KV usage vanished from Prometheus 10-20 s after its last
+step (a dashboard showed a gap, not 0).
 """
 
 from __future__ import annotations

@@ -73,8 +73,15 @@ class Twin:
         return value / 1000 if self.ms else value
 
     def tags(self, tags: dict[str, str] | None) -> dict[str, str]:
-        renamed = {dict(self.labels).get(k, k): v for k, v in (tags or {}).items()}
-        return renamed | {"model_name": self.model}
+        if not self.labels:  # most: ours as they are (this runs with every observation)
+            return {**(tags or {}), "model_name": self.model}
+        names = dict(self.labels)
+        return {names.get(k, k): v for k, v in (tags or {}).items()} | {"model_name": self.model}
+
+    def histogram(self, description: str, boundaries: list[float], tag_keys: tuple) -> Histogram:
+        """A histogram under this name, its bounds in vLLM's unit."""
+        bounds = [self.value(b) for b in boundaries]
+        return Histogram(self.ray_name, description, bounds, self.keys(tag_keys))
 
 
 VLLM_RAY_PREFIX = "vllm_"  # what a Twin's name is recorded under
@@ -100,10 +107,7 @@ class Histogram:
         self.sum = metrics.Counter(name + EXACT_SUM, f"exact sum of {name}", tag_keys)
         self.vllm, self.twin = vllm, None
         if vllm is not None:
-            bounds = [vllm.value(b) for b in boundaries]
-            self.twin = Histogram(
-                vllm.ray_name, f"{description} ({name})", bounds, vllm.keys(tag_keys)
-            )
+            self.twin = vllm.histogram(f"{description} ({name})", boundaries, tag_keys)
 
     def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
         self.histogram.observe(value, tags)
@@ -470,14 +474,12 @@ class RequestMetrics:
         # vLLM's name only, in seconds: observed per streamed chunk, where each Ray metric
         # call (~4 us) is the front end's, a twin in our name would double them
         self._itl = vllm("inter_token_latency_seconds", ms=True)
-        self._itl_tags: dict[str, dict[str, str]] = {}  # a mode's, made once
         self.itl = None
         if self._itl is not None:
-            self.itl = Histogram(
-                self._itl.ray_name,
+            self.itl = self._itl.histogram(
                 "time between two outputs relayed for a request (each chunk after the first)",
-                [self._itl.value(b) for b in _ITL_MS],
-                self._itl.keys(keys),
+                _ITL_MS,
+                keys,
             )
         self.e2e = Histogram(
             "splitserve_e2e_latency_ms",
@@ -537,12 +539,8 @@ class RequestMetrics:
 
     def on_interval(self, mode: str, seconds: float) -> None:
         """A request's output came `seconds` after its previous one."""
-        if self.itl is None:
-            return
-        tags = self._itl_tags.get(mode)
-        if tags is None:
-            tags = self._itl_tags[mode] = self._itl.tags({"mode": mode})
-        self.itl.observe(seconds, tags)
+        if self.itl is not None:
+            self.itl.observe(seconds, self._itl.tags({"mode": mode}))
 
     def on_loop_lag(self, ms: float) -> None:
         self.loop_lag.observe(ms)

@@ -50,21 +50,55 @@ def test_read_cpu_times_reads_the_first_line_or_none(tmp_path):
         assert host.steal_share(first, host.read_cpu_times()) is not None
 
 
+def test_probe_divides_the_bytes_and_flops_by_the_median_time_on_its_threads(monkeypatch):
+    threads = torch.get_num_threads()
+    seen = []
+
+    def timed(fn, repeats):  # a fixed time, and the threads the probe runs on
+        seen.append((torch.get_num_threads(), repeats))
+        return 0.004
+
+    monkeypatch.setattr(host, "median_time", timed)
+    result = host.probe(threads=1, mb=8)
+    assert torch.get_num_threads() == threads
+    assert seen == [(1, 5), (1, 5)]
+    assert result["copy_gbs"] == pytest.approx(2 * 8 * 2**20 / 0.004 / 1e9)  # read + write
+    assert result["matmul_gflops"] == pytest.approx(2 * 1024**3 / 0.004 / 1e9)
+    assert host.median_time(lambda: None, 3) < 0.01
+
+
+def _direct_copy_gbs(src: torch.Tensor, dst: torch.Tensor, repeats: int) -> float:
+    """Best of `repeats` single timed copies on one thread, as the probe runs."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best = min(host.median_time(lambda: dst.copy_(src), 1) for _ in range(repeats))
+    finally:
+        torch.set_num_threads(saved)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
 def test_probe_figures_agree_with_a_direct_measurement_and_restore_threads():
     threads = torch.get_num_threads()
-    # second path: time one copy of the same size directly, before and after the probe (a
-    # shared host's bandwidth changes from second to second: CI once saw the probe at 2.2x a
-    # direct figure timed only after it)
+    # second path: time one copy of the same size directly on the probe's one thread, before and
+    # after it. A shared host's bandwidth changes from second to second (CI saw the probe at 2.2x
+    # a direct figure timed only after it, and at 2.6x the best of ten around it while the
+    # foreground half of the suite ran beside), so up to three rounds, each judged on its own
     src = torch.ones(64 * 2**20 // 4)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    before = [host.median_time(lambda: dst.copy_(src), 1) for _ in range(5)]
-    result = host.probe(threads=1, mb=64)
-    assert torch.get_num_threads() == threads
-    after = [host.median_time(lambda: dst.copy_(src), 1) for _ in range(5)]
-    direct = 2 * src.numel() * 4 / min(before + after) / 1e9
-    # the probe reports a median, the direct figure the best of ten: same order of magnitude
-    assert 0.2 * direct < result["copy_gbs"] <= 1.5 * direct
+    rounds = []
+    for _ in range(3):
+        before = _direct_copy_gbs(src, dst, 5)
+        result = host.probe(threads=1, mb=64)
+        assert torch.get_num_threads() == threads
+        direct = max(before, _direct_copy_gbs(src, dst, 5))
+        rounds.append((result["copy_gbs"], direct))
+        # the probe reports a median, the direct figure the best of ten: same order of magnitude
+        if 0.2 * direct < result["copy_gbs"] <= 1.5 * direct:
+            break
+    else:
+        pytest.fail(f"probe vs direct copy GB/s, three rounds: {rounds}")
     assert result["matmul_gflops"] > 0.5  # any CPU of this century: a sanity floor
 
 

@@ -283,9 +283,10 @@ class Ingress:
             card |= {"root": self.model_root, "parent": None}
         return card
 
-    def _lora(self, name: str) -> str | None:
-        """The LoRA adapter a request's `model` names; None: the base model; else a 404."""
-        if name in self.args.served_names:
+    def _lora(self, name: str | None) -> str | None:
+        """The LoRA adapter a request's `model` names; None: the base model (also where the
+        request names none, as vLLM answers it); else a 404."""
+        if not name or name in self.args.served_names:
             return None
         if name in self.args.lora_modules or lora_path(self.args.lora_dir, name) is not None:
             return name
@@ -347,14 +348,12 @@ class Ingress:
         req = validated(data, TokenizeChatRequest if "messages" in data else TokenizeRequest)
         if isinstance(req, TokenizeChatRequest):  # the ids a chat would prefill
             req.use_template_defaults(self.args.default_chat_template_kwargs)
-        if req.model is not None:
-            self._lora(req.model)
+        self._lora(req.model)
         return self.prompts.tokenize(req)
 
     def _detokenize(self, body: bytes) -> dict:
         req = parse(body, DetokenizeRequest)
-        if req.model is not None:
-            self._lora(req.model)
+        self._lora(req.model)
         return self.prompts.detokenize(req)
 
     async def _generate(

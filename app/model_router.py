@@ -142,7 +142,9 @@ class ModelRouter:
 
     def _model_of(self, fwd: ForwardedRequest) -> int:
         """The index of the model `fwd` names: its body's `model`, or the card asked for; else
-        the first model's, which answers what names none (a malformed body: its 400)."""
+        the first model's, which answers what names none (a malformed body: its 400). A body
+        that leaves `model` out is the only model's, and a 400 where there are several (Ray
+        Serve LLM's router)."""
         name = None
         if fwd.path.rstrip("/") in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
             return self._runtime_lora_model()  # vLLM's routes name no base model
@@ -154,18 +156,23 @@ class ModelRouter:
             except ValueError:
                 return 0
             name = data.get("model") if isinstance(data, dict) else None
-        if not isinstance(name, str):
+            if isinstance(data, dict) and name in (None, "") and len(self.args) > 1:
+                served = self._served()
+                raise APIError(400, f"model is required: this server serves {served}", "model")
+        if not isinstance(name, str) or name == "":
             return 0
         if name in self.by_name:
             return self.by_name[name]
         for i, args in enumerate(self.args):  # an adapter of a model's lora_dir
             if lora_path(args.lora_dir, name) is not None:
                 return i
-        served = ", ".join(repr(a.served_name) for a in self.args)
         raise APIError(
-            404, f"model {name!r} does not exist; this server serves {served}", "model",
+            404, f"model {name!r} does not exist; this server serves {self._served()}", "model",
             "not_found_error",
         )  # fmt: skip
+
+    def _served(self) -> str:
+        return ", ".join(repr(a.served_name) for a in self.args)
 
     def _runtime_lora_model(self) -> int:
         """The model that loads adapters at runtime (app.builder allows one)."""

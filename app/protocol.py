@@ -139,7 +139,8 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str
+    # vLLM's and Ray Serve LLM's: left out (or empty), the base model
+    model: str | None = None
     max_tokens: int | None = Field(None)
     # None (left out or null): the model's generation-config default, else SAMPLING_DEFAULTS
     temperature: float | None = None

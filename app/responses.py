@@ -52,7 +52,7 @@ class ResponsesRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str
+    model: str | None = None  # left out: the base model, as in a chat completion
     input: str | list[dict] = Field(min_length=1)
     instructions: str | None = None
     max_output_tokens: int | None = None

@@ -97,8 +97,7 @@ def _call(router: ModelRouter, method: str, path: str, body: bytes = b""):
     [
         ("/v1/completions", {"model": "b", "prompt": "x"}, "b"),
         ("/v1/chat/completions", {"model": "a", "messages": []}, "a"),
-        ("/v1/completions", {"prompt": "x"}, "a"),  # no model: the first's (its own 4xx)
-        ("/v1/completions", {"model": 7}, "a"),
+        ("/v1/completions", {"model": 7}, "a"),  # not a name: the first's (its own 400)
         ("/tokenize", {"model": "b", "prompt": "x"}, "b"),
         ("/v1/completions", {"model": "poet", "prompt": "x"}, "b"),  # in b's lora_dir
         ("/v1/models/b", None, "b"),
@@ -146,6 +145,22 @@ def test_an_unknown_model_is_a_404_naming_the_served_ones(models):
     assert error["message"] == "model 'c' does not exist; this server serves 'a', 'b'"
     assert (error["type"], error["param"]) == ("not_found_error", "model")
     assert not any(f.asked for f in fakes)
+
+
+@pytest.mark.parametrize("body", [{"prompt": "x"}, {"model": None}, {"model": ""}])
+def test_a_body_naming_no_model_is_the_only_models_and_a_400_among_several(models, body):
+    """Ray Serve LLM's router: the one model answers what names none; with several, which
+    one is the client's to say."""
+    router, fakes = _router(models)
+    response = _call(router, "POST", "/v1/chat/completions", json.dumps(body).encode())
+    assert response.status_code == 400
+    error = json.loads(response.body)["error"]
+    assert error["message"] == "model is required: this server serves 'a', 'b'"
+    assert error["param"] == "model"
+    assert not any(f.asked for f in fakes)
+    alone, [fake] = _router(models[1:], [_card_answer("b")])
+    response = _call(alone, "POST", "/v1/chat/completions", json.dumps(body).encode())
+    assert json.loads(response.body)["served_by"] == "b" and len(fake.asked) == 1
 
 
 def test_models_and_health_ask_every_model(models):

@@ -143,6 +143,9 @@ def test_a_browser_page_may_call_the_router(url):
 def test_errors_are_the_models_own(url, client):
     with pytest.raises(NotFoundError, match="model 'nope' does not exist"):
         client.completions.create(model="nope", prompt="x", max_tokens=2)
+    unnamed = httpx.post(f"{url}/v1/completions", json={"prompt": "x"}, timeout=30)
+    assert unnamed.status_code == 400  # Ray Serve LLM's: which model is the client's to say
+    assert unnamed.json()["error"]["message"].startswith("model is required: this server serves")
     malformed = httpx.post(f"{url}/v1/completions", content=b"{bad", timeout=30)
     assert malformed.status_code == 400
     assert malformed.json()["error"]["message"].startswith("request body is not valid JSON")

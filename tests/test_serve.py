@@ -216,6 +216,28 @@ def test_a_second_served_name_is_the_same_model_answered_by_the_first(server, en
     assert f"serves {MODEL!r}, 'tiny-alias'" in other.json()["error"]["message"]
 
 
+def test_a_request_naming_no_model_is_the_base_models(server, engine_alone):
+    """vLLM's and Ray Serve LLM's: `model` left out, null or empty is the base model, named in
+    the response by its first served name (curl users and SageMaker's /invocations send
+    none)."""
+    url = f"{server}/chunked"
+    greedy = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+    for route, body in (("/v1/completions", greedy), ("/invocations", {**greedy, "model": None})):
+        r = httpx.post(f"{url}{route}", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert (r.json()["model"], r.json()["choices"][0]["text"]) == (MODEL, engine_alone.text)
+    chat = {"model": "", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**chat, "stream": True},
+                      timeout=120) as r:  # fmt: skip
+        events = [line.removeprefix("data: ") for line in r.iter_lines() if line]
+    assert r.status_code == 200 and events[-1] == "[DONE]"
+    assert {json.loads(e)["model"] for e in events[:-1]} == {MODEL}
+    made = httpx.post(f"{url}/v1/responses", json={"input": "Hi", "max_output_tokens": 3},
+                      timeout=120)  # fmt: skip
+    assert made.status_code == 200 and made.json()["model"] == MODEL, made.text
+    assert httpx.post(f"{url}/tokenize", json={"prompt": PROMPT}, timeout=30).json()["count"] == 5
+
+
 def test_stream_batching_sends_the_engines_tokens_in_fewer_chunks(server, local_engine):
     """disagg_os's decode replica joins a request's tokens per 300 ms: the stream carries the
     engine's text and token ids, in fewer chunks than tokens, and its usage counts them all."""

@@ -25,13 +25,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from app import metrics_page
 from app.beam_search import Beam, BeamSearch, BeamSearchParams, Candidates
 from app.beam_search import run as run_beam_search
 from app.config import AppArgs
 from app.cors import Cors
+from app.event_stream import EventStream
 from app.formats import ChatFormat, CompletionFormat, Prompt
 from app.lora_admin import (
     LoadLoRAAdapterRequest,
@@ -363,10 +364,7 @@ class Ingress:
         Serve's proxy returns the header itself)."""
         view, outputs = await self._start(req, chat, client_id)
         if req.stream:
-            return StreamingResponse(
-                self._sse(view, outputs, req.include_usage, req.continuous_usage),
-                media_type="text/event-stream",
-            )
+            return EventStream(self._sse(view, outputs, req.include_usage, req.continuous_usage))
         return JSONResponse(await _whole(view, outputs))
 
     async def _respond(self, body: bytes, client_id: str | None = None) -> Response:
@@ -394,9 +392,7 @@ class Ingress:
 
         on_done = save if keep else None
         if chat.stream:
-            return StreamingResponse(
-                responses_sse(response, outputs, on_done), media_type="text/event-stream"
-            )
+            return EventStream(responses_sse(response, outputs, on_done))
         ended = await _whole(response, outputs)
         if on_done is not None:
             await on_done(ended)

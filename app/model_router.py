@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from app import metrics_page
 from app.config import AppArgs, RouterArgs
 from app.cors import Cors
+from app.event_stream import EventStream
 from app.protocol import APIError
 from app.replica_calls import this_process_transport
 from deployments.cancel_noise import quiet_cancelled_calls
@@ -192,7 +193,7 @@ class ModelRouter:
         if not start.streaming:
             body = await chunks.__anext__()
             return Response(body, start.status, _headers(start.headers))
-        return StreamingResponse(_rest(chunks), start.status, _headers(start.headers))
+        return EventStream(_rest(chunks), start.status, _headers(start.headers))
 
     def _deployment(self, index: int) -> str:
         return self.ingresses[index].deployment_name

@@ -156,11 +156,13 @@ class ModelRouter:
                 data = json.loads(fwd.body)
             except ValueError:
                 return 0
-            name = data.get("model") if isinstance(data, dict) else None
-            if isinstance(data, dict) and name in (None, "") and len(self.args) > 1:
+            if not isinstance(data, dict):
+                return 0
+            name = data.get("model")
+            if name in (None, "") and len(self.args) > 1:
                 served = self._served()
                 raise APIError(400, f"model is required: this server serves {served}", "model")
-        if not isinstance(name, str) or name == "":
+        if not name or not isinstance(name, str):
             return 0
         if name in self.by_name:
             return self.by_name[name]

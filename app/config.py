@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from app.reasoning_parsers import REASONING_PARSERS
 from app.tool_parsers import PARSERS
-from engine.config import DEFAULT_STEP_TIMEOUT_S, EngineConfig, check_device, check_draft_model
+from engine.config import DEFAULT_STEP_TIMEOUT_S, EngineConfig, check_device
 from engine.model_store import (
     DEFAULT_MODEL_NAME,
     GENERATION_DEFAULTS,
@@ -68,12 +68,6 @@ class EngineArgs(_Strict):
     @property
     def parallel(self) -> ParallelLayout:
         return ParallelLayout(self.tensor_parallel_size, self.pipeline_parallel_size)
-
-    @model_validator(mode="after")
-    def _draft_model_servable(self) -> EngineArgs:
-        spec = self.speculative_config and self.speculative_config.config()
-        check_draft_model(spec, self.parallel)
-        return self
 
 
 class SpeculativeArgs(_Strict):

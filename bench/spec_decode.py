@@ -5,6 +5,10 @@ costs here, without a draft model's saving).
 
     python -m bench.spec_decode [--threads 2] [--batches 1,8] [--requests 8] [--max-tokens 128]
                                 [--rounds 2] [--spec '{"num_speculative_tokens": 4, ...}']
+                                [--tp 1] [--pp 1]
+
+With `--tp` or `--pp` above 1 both engines share one tensor- or pipeline-parallel runner on a
+private local Ray cluster (each worker `--threads` threads), a draft model on its first worker.
 
 For each workload (ShareGPT chat, HumanEval code, docsum summarization: bench/datasets.py)
 the same `--requests` prompts are decoded greedily to at most `--max-tokens` tokens (EOS
@@ -67,18 +71,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--spec", type=json.loads, default=DEFAULT_SPEC)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    spec = SpeculativeConfig(**args.spec)
-    plain = LLMEngine(EngineConfig(num_threads=args.threads, kv_cache_memory_mb=1024))
-    engines = {
-        "plain": plain,
-        "spec": LLMEngine(
-            EngineConfig(num_threads=args.threads, speculative=spec),
-            runner=plain.runner,  # one copy of the weights; one run at a time
-            tokenizer=plain.tokenizer,
-        ),
-    }
+    engines = _engines(args)
+    plain = engines["plain"]
     lengths = LengthFilter(max_input=768)
     tokenize = plain.tokenizer.encode
     prompts = {
@@ -104,9 +102,41 @@ def main(argv: list[str] | None = None) -> None:
                     counts[workload, batch, name] = [a + b for a, b in zip(total, run, strict=True)]
                 if outputs["plain"] != outputs["spec"]:
                     print(f"note: {workload} batch {batch}: the greedy tokens differ")
+    _report(args, batches, tpots, counts)
+    if not plain.config.parallel.is_single:
+        import ray
+
+        plain.runner.shutdown()
+        ray.shutdown()
+
+
+def _engines(args) -> dict[str, LLMEngine]:
+    """The plain and the speculating engine over one copy of the target's weights (one runs
+    at a time); a parallel runner is started with the draft's config, its draft on a worker."""
+    spec = SpeculativeConfig(**args.spec)
+    layout = {"tensor_parallel_size": args.tp, "pipeline_parallel_size": args.pp}
+    common = {"num_threads": args.threads, "kv_cache_memory_mb": 1024, **layout}
+    spec_config = EngineConfig(**common, speculative=spec, worker_num_cpus=0.5)
+    runner = None
+    if not spec_config.parallel.is_single:
+        import ray
+
+        from engine.model_store import resolve_model
+        from engine.workers import WorkerGroupRunner
+
+        ray.init(address="local", num_cpus=2, include_dashboard=False)  # private, ours to end
+        path = str(resolve_model(None))
+        runner = WorkerGroupRunner(path, spec_config, spec_config.parallel)
+    plain = LLMEngine(EngineConfig(**common, worker_num_cpus=0.5), runner=runner)
+    spec = LLMEngine(spec_config, runner=plain.runner, tokenizer=plain.tokenizer)
+    return {"plain": plain, "spec": spec}
+
+
+def _report(args, batches: list[int], tpots: dict, counts: dict) -> None:
     print(
         f"TPOT, greedy, up to {args.max_tokens} tokens, {args.requests} requests per workload, "
-        f"{args.threads} threads, medians over requests x {args.rounds} rounds; spec: {args.spec}"
+        f"{args.threads} threads, tp={args.tp} pp={args.pp}, medians over requests x "
+        f"{args.rounds} rounds; spec: {args.spec}"
     )
     print("| workload | batch | plain ms | spec ms | ratio | acceptance | tokens/step |")
     print("|---|---|---|---|---|---|---|")

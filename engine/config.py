@@ -85,7 +85,6 @@ class EngineConfig:
         if self.kv_cache_memory_mb < 1:
             raise ValueError("kv_cache_memory_mb must be >= 1")
         self._check_memory_share()
-        check_draft_model(self.speculative, self.parallel)
         if self.worker_num_cpus <= 0:
             raise ValueError("worker_num_cpus must be > 0")
         if self.worker_num_gpus < 0:
@@ -135,15 +134,6 @@ class EngineConfig:
         """The largest decode batch that replays a CUDA graph; 0: none does."""
         gpu = self.device.startswith("cuda") and self.parallel.is_single
         return self.scheduler.max_num_seqs if gpu and not self.enforce_eager else 0
-
-
-def check_draft_model(spec: SpeculativeConfig | None, layout: ParallelLayout) -> None:
-    """ValueError for a draft model where the engine cannot run one yet."""
-    if spec is not None and spec.method == "draft_model" and not layout.is_single:
-        raise ValueError(
-            "speculative_config.model: a draft model is not yet for tensor- or "
-            "pipeline-parallel replicas; use method ngram"
-        )
 
 
 def check_device(device: str) -> str:

@@ -13,16 +13,23 @@ prefilled on another replica) is caught up in the same forward, its prompt's ful
 from the draft's own prefix cache where an earlier request computed them; the tokens a step
 catches up are bounded by the target's batch token budget, a longer catch-up taking several
 steps before the request drafts.
+
+The forwards themselves (`run_drafts`) run where the draft's weights and cache are: in this
+process for a single-worker replica, on the first model worker of a tensor- or
+pipeline-parallel one (engine/workers.py; the draft whole on that worker's device, as vLLM's
+`draft_tensor_parallel_size: 1`), one call a step carrying the step's `DraftSteps`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from engine.block_manager import BlockManager, chain_root
-from engine.model_runner import ModelInput, ModelRunner, SeqInput
+from engine.config import EngineConfig
+from engine.model_runner import ModelInput, ModelRunner, SeqInput, load_model
+from engine.model_store import resolve_model
 from engine.request import Request
 from engine.spec_decode import SpeculativeConfig
 
@@ -80,14 +87,11 @@ class DraftModelProposer:
             if row is not None:
                 rows.append(row)
                 budget -= row.end - row.start
-        live = rows
-        while live:
-            logits = self.runner.execute(ModelInput([self._input(row) for row in live]))
-            drafting = [row for row in live if row.limit]
-            tokens = torch.argmax(logits[:, : self.vocab_size], dim=-1).tolist()
-            for row, token in zip(drafting, tokens, strict=True):
-                row.drafts.append(token)
-            live = [row for row in drafting if len(row.drafts) < row.limit]
+        if rows:
+            first, limits = [self._input(row) for row in rows], [row.limit for row in rows]
+            steps = DraftSteps(first, limits, self.vocab_size)
+            for row, drafts in zip(rows, self._run(steps), strict=True):
+                row.drafts = drafts
         for row in rows:
             self._drafted[row.request.request_id] = _Drafted(row.end, row.drafts)
         by_id = {row.request.request_id: row.drafts for row in rows}
@@ -136,10 +140,78 @@ class DraftModelProposer:
         self.blocks.publish(rid, held, request.token_ids, root)
         return held
 
+    def _run(self, steps: DraftSteps) -> list[list[int]]:
+        # a parallel replica's draft runs on a worker (engine/workers.py WorkerDraft)
+        remote = getattr(self.runner, "draft", None)
+        return remote(steps) if remote else run_drafts(self.runner, steps)
+
     def _input(self, row: _Row) -> SeqInput:
+        """The row's first forward: what the cache lacks, up to the request's last token (or
+        a part of it, where it only catches up)."""
         table = self.blocks.block_table(row.request.request_id)
-        if not row.drafts:  # what the cache lacks, up to the request's last token or a part
-            tokens = row.request.token_ids(row.start, row.end)
-            return SeqInput(tokens, row.start, table, row.limit > 0)
-        at = row.request.num_tokens + len(row.drafts) - 1  # the last draft's position
-        return SeqInput([row.drafts[-1]], at, table, True)
+        tokens = row.request.token_ids(row.start, row.end)
+        return SeqInput(tokens, row.start, table, row.limit > 0)
+
+
+def load_draft(config: EngineConfig) -> torch.nn.Module | None:
+    """The configured draft model, loaded (None: none is); on the device already where
+    gpu_memory_utilization sizes the caches, so that its weights count in the share."""
+    spec = config.speculative
+    if spec is None or spec.method != "draft_model":
+        return None
+    model = load_model(resolve_model(spec.model, spec.revision), config.dtype)
+    return model.to(config.device) if config.memory_share else model
+
+
+def draft_model_runner(
+    model: torch.nn.Module, config: EngineConfig, num_kv_blocks: int
+) -> ModelRunner:
+    """The draft's runner: the target's device, block size and KV dtype, and as many blocks
+    as the target's cache (on top of it)."""
+    return ModelRunner.from_model(
+        model,
+        device=config.device,
+        block_size=config.block_size,
+        num_kv_blocks=num_kv_blocks,
+        kv_cache_memory_mb=0,
+        kv_dtype=config.kv_dtype,
+        graph_batch=config.graph_batch,
+    )
+
+
+def check_vocabulary(config: SpeculativeConfig, draft_vocab: int, target_vocab: int) -> None:
+    """ValueError unless the draft proposes tokens the target has: the same vocabulary."""
+    if draft_vocab != target_vocab:
+        raise ValueError(
+            f"speculative model {config.model}: its vocabulary has {draft_vocab} tokens, the "
+            f"target's {target_vocab}; a draft model shares the target's tokenizer"
+        )
+
+
+@dataclass(frozen=True)
+class DraftSteps:
+    """A step's draft forwards, for where the draft runs: each row's first input (what the
+    draft's cache lacks of it) and how many drafts it takes (0: it only catches up). Each
+    forward after the first feeds every row still drafting its last draft, at the next
+    position, in the same blocks; the drafts are the argmax over the target's vocabulary."""
+
+    first: list[SeqInput]
+    limits: list[int]
+    vocab_size: int
+
+
+def run_drafts(runner: ModelRunner, steps: DraftSteps) -> list[list[int]]:
+    """Each row's drafts: one batched forward per draft position, greedy."""
+    drafts: list[list[int]] = [[] for _ in steps.first]
+    inputs = list(steps.first)
+    live = list(range(len(inputs)))
+    while live:
+        logits = runner.execute(ModelInput([inputs[i] for i in live]))
+        drafting = [i for i in live if steps.limits[i]]
+        tokens = torch.argmax(logits[:, : steps.vocab_size], dim=-1).tolist()
+        for i, token in zip(drafting, tokens, strict=True):
+            drafts[i].append(token)
+            fed = inputs[i]  # the next forward: this draft, after what was fed
+            inputs[i] = replace(fed, token_ids=[token], start=fed.start + len(fed.token_ids))
+        live = [i for i in drafting if len(drafts[i]) < steps.limits[i]]
+    return drafts

@@ -24,6 +24,12 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import DetokenizerState, IncrementalDetokenizer
+from engine.draft_model import (
+    DraftModelProposer,
+    check_vocabulary,
+    draft_model_runner,
+    load_draft,
+)
 from engine.grammar import Grammars, advance
 from engine.limits import chat_token_ids, check_lengths, check_token_ids
 from engine.lora import AdapterCache
@@ -33,7 +39,6 @@ from engine.model_runner import (
     ModelRunner,
     ModelShape,
     SeqInput,
-    load_model,
 )
 from engine.model_store import generation_stop_ids, resolve_model, resolve_tokenizer
 from engine.outputs import (
@@ -99,7 +104,7 @@ class LLMEngine:
             runner = WorkerGroupRunner(str(path), config, config.parallel, kv_transport)
         draft = None
         if runner is None:
-            draft = self._draft_model() if draft_runner is None else None
+            draft = load_draft(config) if draft_runner is None else None
             runner = ModelRunner.from_pretrained(
                 path,
                 dtype=config.dtype,
@@ -143,15 +148,6 @@ class LLMEngine:
         self.num_accepted_per_pos = [0] * k
         self.last_step: StepRecord | None = None
 
-    def _draft_model(self) -> torch.nn.Module | None:
-        """The configured draft model, loaded (None: none is); on the device already where
-        gpu_memory_utilization sizes the caches, so that its weights count in the share."""
-        spec = self.config.speculative
-        if spec is None or spec.method != "draft_model":
-            return None
-        model = load_model(resolve_model(spec.model, spec.revision), self.config.dtype)
-        return model.to(self.config.device) if self.config.memory_share else model
-
     def _memory_share(self, draft: torch.nn.Module | None) -> MemoryShare | None:
         """gpu_memory_utilization's sizing; with a draft model, its cache (as many blocks, in
         its own bytes per block) taken from the same share."""
@@ -171,26 +167,13 @@ class LLMEngine:
             return None
         if spec.method == "ngram":
             return NgramProposer(spec)
-        from engine.draft_model import DraftModelProposer
-
+        if draft_runner is None:  # a parallel replica's: on its first worker (engine/workers.py)
+            draft_runner = getattr(self.runner, "draft_runner", None)
         if draft_runner is None:
-            config = self.config
-            draft_runner = ModelRunner.from_model(
-                draft if draft is not None else self._draft_model(),
-                device=config.device,
-                block_size=self.runner.block_size,
-                num_kv_blocks=self.runner.num_kv_blocks,
-                kv_cache_memory_mb=0,
-                kv_dtype=config.kv_dtype,
-                graph_batch=config.graph_batch,
-            )
+            model = draft if draft is not None else load_draft(self.config)
+            draft_runner = draft_model_runner(model, self.config, self.runner.num_kv_blocks)
         vocab = self.runner.shape.vocab_size
-        if draft_runner.shape.vocab_size != vocab:
-            raise ValueError(
-                f"speculative model {spec.model}: its vocabulary has "
-                f"{draft_runner.shape.vocab_size} tokens, the target's {vocab}; a draft model "
-                "shares the target's tokenizer"
-            )
+        check_vocabulary(spec, draft_runner.shape.vocab_size, vocab)
         budget = self.config.scheduler.max_num_batched_tokens
         return DraftModelProposer(spec, draft_runner, vocab, budget)
 

@@ -25,6 +25,13 @@ from pathlib import Path
 import torch
 
 from engine.config import EngineConfig
+from engine.draft_model import (
+    DraftSteps,
+    check_vocabulary,
+    draft_model_runner,
+    load_draft,
+    run_drafts,
+)
 from engine.kv_handoff import KVPiece, finish_all, open_all
 from engine.lora import LoRAError
 from engine.model_runner import MemoryShare, ModelInput, ModelRunner, ModelShape
@@ -199,6 +206,7 @@ class ModelWorker:
         self.kv_transport = kv_transport
         self.runner: ShardRunner | None = None
         self.channel: KVChannel | None = None
+        self.draft_runner: ModelRunner | None = None  # rank 0's, with a draft model
 
     def _model_dir(self) -> str:
         """The replica's model directory, or, on another node (a pipeline stage placed
@@ -240,6 +248,8 @@ class ModelWorker:
         tp_group = groups[shard.pp_rank]
         shard_model(model, shard, self.layout.tp, tp_group)
         self._shard = (model, {"shard": shard, "layout": self.layout, "tp_group": tp_group})
+        # the draft model, whole, on the first rank's device (before a share is measured)
+        self._draft = load_draft(self.config) if self.rank == 0 else None
         if self.num_kv_blocks is not None:  # else gpu_memory_utilization sizes it next
             self.allocate(self.num_kv_blocks)
         node_id = ray.get_runtime_context().get_node_id()
@@ -263,9 +273,14 @@ class ModelWorker:
             model, num_kv_blocks, c.block_size, c.device, max_model_len=c.max_model_len,
             kv_dtype=getattr(torch, c.kv_dtype), **shard,
         )  # fmt: skip
+        if self._draft is not None:
+            self.draft_runner = draft_model_runner(self._draft, c, num_kv_blocks)
 
     def execute(self, batch: ModelInput) -> torch.Tensor | None:
         return self.runner.execute(batch)
+
+    def draft(self, steps: DraftSteps) -> list[list[int]]:
+        return run_drafts(self.draft_runner, steps)
 
     def pid(self) -> int:
         return os.getpid()
@@ -302,6 +317,22 @@ class ModelWorker:
             dist.destroy_process_group()
 
 
+class WorkerDraft:
+    """A parallel replica's draft model as its proposer sees it (engine/draft_model.py): the
+    draft whole on the first worker's device, as vLLM's `draft_tensor_parallel_size: 1`
+    (a draft is small; split, each of its forwards would wait on the workers' collectives),
+    with as many KV blocks as the replica's cache; a step's forwards are one call there."""
+
+    def __init__(self, group: WorkerGroupRunner) -> None:
+        self.group = group
+        self.shape = group.draft_shape
+        self.block_size = group.block_size
+        self.num_kv_blocks = group.num_kv_blocks
+
+    def draft(self, steps: DraftSteps) -> list[list[int]]:
+        return self.group.draft(steps)
+
+
 class WorkerGroupFailed(RuntimeError):
     """A worker of this replica died; the replica must be replaced."""
 
@@ -336,17 +367,31 @@ class WorkerGroupRunner:
         self.num_kv_blocks: int | None = config.num_kv_blocks
         if self.num_kv_blocks is None and self.share is None:
             self.num_kv_blocks = max(1, config.kv_cache_memory_mb * 2**20 // per_block)
+        self.draft_shape = self._draft_shape(config)
         self.failure: str | None = None
         self.lora_slots: dict[str, int] = {}  # the LoRA adapters every worker holds
         self.num_lora_loads = 0
         self._next_lora_slot = 1  # a slot is never reused (engine/lora.py)
         self.workers = self._start(path, config, kv_transport)
+        self.draft_runner = WorkerDraft(self) if self.draft_shape else None
         for name, where in config.lora_modules:
             self.load_lora(name, where)
         logger.info(
             "model %s on %d workers (tp=%d, pp=%d): %d KV blocks of %d tokens",
             path, layout.world_size, layout.tp, layout.pp, self.num_kv_blocks, self.block_size,
         )  # fmt: skip
+
+    def _draft_shape(self, config: EngineConfig) -> ModelShape | None:
+        """The draft model's shape (None: no draft), its vocabulary checked before any
+        worker starts."""
+        from transformers import AutoConfig
+
+        spec = config.speculative
+        if spec is None or spec.method != "draft_model":
+            return None
+        shape = ModelShape.of(AutoConfig.from_pretrained(resolve_model(spec.model, spec.revision)))
+        check_vocabulary(spec, shape.vocab_size, self.shape.vocab_size)
+        return shape
 
     def _start(self, path: str, config: EngineConfig, kv_transport: str) -> list:
         import ray
@@ -386,15 +431,23 @@ class WorkerGroupRunner:
         (each rank on its own GPU, each measured there), every rank's cache then allocated."""
         refs = [w.kv_bytes_for_share.remote(self.share) for w in workers]
         budgets = self._get(refs, timeout=_START_TIMEOUT_S)
-        num_kv_blocks = min(budgets) // self.per_block
+        # the first rank's cache holds the draft's blocks too (as many, in its bytes)
+        per_block = [self.per_block + (self._draft_block_bytes() if r == 0 else 0)
+                     for r in range(len(workers))]  # fmt: skip
+        num_kv_blocks = min(b // n for b, n in zip(budgets, per_block, strict=True))
         if num_kv_blocks < 1:
             raise ValueError(
                 f"gpu_memory_utilization {self.share.share}: a worker's share leaves "
                 f"{min(budgets)} bytes for its KV cache, less than one block "
-                f"({self.per_block} bytes); raise it, or lower max_num_batched_tokens"
+                f"({max(per_block)} bytes); raise it, or lower max_num_batched_tokens"
             )
         self._get([w.allocate.remote(num_kv_blocks) for w in workers], timeout=_START_TIMEOUT_S)
         return num_kv_blocks
+
+    def _draft_block_bytes(self) -> int:
+        if self.draft_shape is None:
+            return 0
+        return self.draft_shape.kv_bytes_per_token(self.kv_dtype) * self.block_size
 
     # ---- the runner interface (engine/model_runner.py) ----------------------------------------
 
@@ -408,6 +461,10 @@ class WorkerGroupRunner:
         ref = ray.put(batch)  # serialized once for all workers
         results = self._get([w.execute.remote(ref) for w in self.workers])
         return results[self.layout.stage_ranks(self.layout.pp - 1)[0]]
+
+    def draft(self, steps: DraftSteps) -> list[list[int]]:
+        """A step's draft forwards, on the first worker (where the draft model is)."""
+        return self._get([self.workers[0].draft.remote(steps)])[0]
 
     def send_kv(self, block_ids: list[int], dst: ParallelLayout, _channel=None) -> list[KVPiece]:
         """Each worker publishes its pieces itself (the replica's channel is not used)."""

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from engine.config import EngineConfig
-from engine.draft_model import DraftModelProposer
+from engine.draft_model import DraftModelProposer, DraftSteps, run_drafts
 from engine.engine import LLMEngine
 from engine.model_runner import ModelRunner, ModelShape
 from engine.request import Request
@@ -84,6 +84,38 @@ def test_requests_draft_in_one_forward_per_draft():
     assert proposer.propose_all([(a, 3), (b, 1), (c, 2)]) == [[4, 5, 6], [42], [9, 10]]
     assert [len(step) for step in runner.steps] == [3, 2, 1]
     assert runner.steps[0] == [([1, 2, 3], 0), ([40, 41], 0), ([7, 8], 0)]
+
+
+class RemoteRunner(CountingRunner):
+    """A draft run elsewhere (a parallel replica's first worker, engine/workers.py): the
+    proposer sends it each step's DraftSteps; it runs them as a local draft would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[DraftSteps] = []
+
+    def draft(self, steps: DraftSteps) -> list[list[int]]:
+        self.calls.append(steps)
+        return run_drafts(self, steps)
+
+
+@pytest.mark.unit
+def test_a_draft_run_elsewhere_gets_one_call_a_step_and_drafts_the_same():
+    """A catch-up row (limit 0) beside a drafting one: one call with both rows' first inputs,
+    and the same forwards and drafts as the draft in this process."""
+    local, remote = CountingRunner(), RemoteRunner()
+    budget = 21 + 4  # the first request's 21 tokens and 4 of the second's 30
+    for runner in (local, remote):
+        proposer = DraftModelProposer(DRAFT, runner, VOCAB, budget)
+        a, b = _request("a", list(range(1, 21)), [21]), _request("b", list(range(100, 130)), [1])
+        assert proposer.propose_all([(a, 3), (b, 3)]) == [[22, 23, 24], []]
+    assert remote.steps == local.steps
+    [call] = remote.calls
+    assert [(s.token_ids, s.start, s.sample) for s in call.first] == [
+        (list(range(1, 22)), 0, True),
+        ([100, 101, 102, 103], 0, False),
+    ]
+    assert call.limits == [3, 0] and call.vocab_size == VOCAB
 
 
 @pytest.mark.unit
@@ -172,13 +204,12 @@ def test_vllms_speculative_config_with_a_model():
     colocated = AppArgs(mode="colocated", decode={"engine": {"speculative_config": draft}})
     assert colocated.draft_models() == []  # no decode deployment in that mode
     gpu = {"device": "cuda", "kv_transport": "cuda_ipc"}
-    message = "a draft model is not yet for tensor- or pipeline-parallel"
+    # tensor- and pipeline-parallel replicas too: the draft on their first worker
     engine = {"speculative_config": draft, "tensor_parallel_size": 2}
-    with pytest.raises(ValidationError, match=message):
-        AppArgs(**gpu, decode={"engine": engine})
-    spec = SpeculativeConfig(4, model="/some/draft")
-    with pytest.raises(ValueError, match=message):
-        EngineConfig(device="cuda", tensor_parallel_size=2, speculative=spec)
+    parallel = AppArgs(**gpu, decode={"engine": engine}).engine_config("decode")
+    assert parallel.speculative.model == "/some/draft" and parallel.parallel.tp == 2
+    with pytest.raises(ValidationError, match="num_speculative_tokens"):
+        AppArgs(decode={"engine": {"speculative_config": {"model": "/some/draft"}}})
     shared = AppArgs(
         **gpu, decode={"engine": {"speculative_config": draft, "gpu_memory_utilization": 0.9}}
     )  # the draft's cache from the same share

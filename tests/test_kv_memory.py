@@ -91,15 +91,15 @@ def test_a_draft_models_cache_comes_from_the_same_share(monkeypatch):
     """With a draft model (the default model drafting for itself): the draft is loaded (and on
     the device) before the target's step is measured, so the peak counts its weights, and the
     two caches, as many blocks each, split what the share leaves."""
-    import engine.engine
+    import engine.draft_model
 
     probe = FakeProbe(total_bytes=4 * GIB, free_bytes=4 * GIB, peak_bytes=GIB)
     monkeypatch.setattr(
         EngineConfig, "memory_share", property(lambda _: MemoryShare(0.5, 64, 2, probe))
     )
-    load = engine.engine.load_model  # the engine's own use of it: the draft's
+    load = engine.draft_model.load_model  # the draft's loading alone
     monkeypatch.setattr(
-        engine.engine, "load_model", lambda *a: probe.calls.append("draft") or load(*a)
+        engine.draft_model, "load_model", lambda *a: probe.calls.append("draft") or load(*a)
     )
     llm = LLMEngine(EngineConfig(speculative=SpeculativeConfig(3, model="default")))
     assert probe.calls == ["draft", "reset", "peak"]

@@ -16,6 +16,7 @@ from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.kv_handoff import finish_all, open_all, total_bytes
 from engine.lora import LoRAError
 from engine.model_runner import ModelInput, SeqInput
+from engine.spec_decode import SpeculativeConfig
 from engine.workers import WorkerGroupFailed
 from kvkernels.kv_channel import KVChannel
 from tests.conftest import FakeProbe, drain
@@ -35,7 +36,7 @@ def make(path: str, tp: int = 1, pp: int = 1) -> LLMEngine:
     return LLMEngine(_config(path, tp, pp, num_kv_blocks=64))
 
 
-def _config(path: str, tp: int = 1, pp: int = 1, num_kv_blocks: int | None = None):
+def _config(path: str, tp: int = 1, pp: int = 1, num_kv_blocks: int | None = None, **more):
     return EngineConfig(
         model=path,
         tensor_parallel_size=tp,
@@ -43,6 +44,7 @@ def _config(path: str, tp: int = 1, pp: int = 1, num_kv_blocks: int | None = Non
         worker_num_cpus=0.5,
         num_threads=1,
         num_kv_blocks=num_kv_blocks,
+        **more,
     )
 
 
@@ -274,6 +276,90 @@ def test_gpu_memory_utilization_sizes_a_parallel_replica(pp2):
     want = (2 * GIB - measured - NON_TORCH_BYTES) // per_block
     assert runner.num_kv_blocks == want > 64
     assert pp2.blocks.num_blocks == want
+
+
+# ---- a draft model (engine/draft_model.py), whole on the replica's first worker ----------------
+
+DRAFTED = SamplingParams(max_tokens=25, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def drafted_reference(single) -> list[list[int]]:
+    return [c.token_ids for c in single.generate(PROMPTS, DRAFTED)]
+
+
+def test_a_draft_of_the_targets_weights_on_a_tp2_replica_has_every_draft_kept(
+    cluster, tiny_llama_path, single, reference, drafted_reference
+):
+    """The draft runs on the first worker (the replica holds no draft), one call a step, with
+    as many blocks as the replica's cache; the target's own weights as the draft: each greedy
+    draft is the token the target draws there, so every one is kept; a request prefilled by
+    another replica too, the draft catching its prompt up first."""
+    from engine.workers import WorkerDraft
+
+    spec = SpeculativeConfig(3, model=tiny_llama_path)
+    engine = LLMEngine(_config(tiny_llama_path, tp=2, num_kv_blocks=64, speculative=spec))
+    try:
+        assert isinstance(engine.proposer.runner, WorkerDraft)
+        assert engine.proposer.blocks.num_blocks == 64
+        assert [c.token_ids for c in engine.generate(PROMPTS, DRAFTED)] == drafted_reference
+        # 24 tokens after the first, 4 a step: 6 steps of 3 drafts for each prompt
+        assert engine.num_draft_tokens == engine.num_accepted_tokens == 3 * 6 * 3
+        tokens, _ = _handoff(single, engine, PROMPTS[1], KVChannel("shm", cluster))
+        assert tokens == reference[1]
+        assert engine.num_draft_tokens == engine.num_accepted_tokens > 3 * 6 * 3
+        assert engine.proposer.blocks.num_free_blocks == 64
+        assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    finally:
+        close(engine)
+
+
+def test_a_draft_on_a_pp2_replica_sized_by_gpu_memory_utilization(
+    cluster, tiny_llama_path, drafted_reference, tmp_path
+):
+    """A draft of the target's first layers (it agrees on some tokens) on a pipeline-parallel
+    replica whose cache fills each worker's share: the first worker's share holds the draft's
+    blocks too (its weights on the device before the step is profiled), so the replica takes
+    what that worker holds of both caches; the tokens are the target's alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from engine.kv_memory import GIB, NON_TORCH_BYTES, sampler_bytes
+    from engine.model_runner import MemoryShare, ModelShape
+    from engine.workers import WorkerGroupRunner
+
+    draft = tmp_path / "draft"  # the target's first 3 of 4 layers: a fifth of its drafts kept
+    first_layers = AutoModelForCausalLM.from_pretrained(tiny_llama_path, num_hidden_layers=3)
+    first_layers.save_pretrained(draft)
+    spec = SpeculativeConfig(3, model=str(draft))
+    config = _config(tiny_llama_path, pp=2, speculative=spec)
+    device = FakeProbe(total_bytes=4 * 2**30, free_bytes=4 * 2**30, peak_bytes=PP2_PEAK)
+    share = MemoryShare(0.5, tokens=64, seqs=2, probe=device)
+    runner = WorkerGroupRunner(tiny_llama_path, config, config.parallel, memory_share=share)
+    engine = LLMEngine(config, runner=runner)
+    try:
+        measured = PP2_PEAK - 4 * runner.per_block + sampler_bytes(2, runner.shape.vocab_size)
+        draft_shape = ModelShape.of(AutoConfig.from_pretrained(draft))
+        draft_block = draft_shape.kv_bytes_per_token(torch.float32) * 16
+        want = (2 * GIB - measured - NON_TORCH_BYTES) // (runner.per_block + draft_block)
+        assert runner.num_kv_blocks == engine.proposer.blocks.num_blocks == want > 64
+        assert [c.token_ids for c in engine.generate(PROMPTS, DRAFTED)] == drafted_reference
+        assert 0 < engine.num_accepted_tokens < engine.num_draft_tokens
+        assert engine.proposer.blocks.num_free_blocks == want
+    finally:
+        close(engine)
+
+
+def test_a_draft_of_another_vocabulary_is_refused_before_a_worker_starts(
+    cluster, tiny_llama_path, tmp_path
+):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=32, num_attention_heads=2, vocab_size=1000).save_pretrained(tmp_path)
+    spec = SpeculativeConfig(3, model=str(tmp_path))
+    free = _settled_cpus()
+    with pytest.raises(ValueError, match="its vocabulary has 1000 tokens, the target's 49152"):
+        LLMEngine(_config(tiny_llama_path, tp=2, speculative=spec))
+    assert _settled_cpus() == free
 
 
 def test_a_dead_worker_fails_requests_and_the_replica(cluster, tiny_llama_path):

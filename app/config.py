@@ -82,6 +82,8 @@ class SpeculativeArgs(_Strict):
     disable_by_batch_size: int | None = Field(None, ge=2)
     model: str | None = None  # the draft: a directory or a Hub id, of the target's vocabulary
     revision: str | None = None  # the draft's Hub revision
+    # vLLM's: a parallel replica's draft runs whole on its first worker (engine/workers.py)
+    draft_tensor_parallel_size: Literal[1] | None = None
 
     @model_validator(mode="after")
     def _bounds(self) -> SpeculativeArgs:
@@ -89,7 +91,7 @@ class SpeculativeArgs(_Strict):
         return self
 
     def config(self) -> SpeculativeConfig:
-        return SpeculativeConfig(**self.model_dump())
+        return SpeculativeConfig(**self.model_dump(exclude={"draft_tensor_parallel_size"}))
 
 
 class LatencyArgs(_Strict):

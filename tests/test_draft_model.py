@@ -208,6 +208,12 @@ def test_vllms_speculative_config_with_a_model():
     engine = {"speculative_config": draft, "tensor_parallel_size": 2}
     parallel = AppArgs(**gpu, decode={"engine": engine}).engine_config("decode")
     assert parallel.speculative.model == "/some/draft" and parallel.parallel.tp == 2
+    one = {**draft, "draft_tensor_parallel_size": 1}  # vLLM's name for where it runs
+    kept = AppArgs(**gpu, decode={"engine": {**engine, "speculative_config": one}})
+    assert kept.engine_config("decode") == parallel
+    split = {**draft, "draft_tensor_parallel_size": 2}
+    with pytest.raises(ValidationError, match="draft_tensor_parallel_size\n  Input should be 1"):
+        AppArgs(**gpu, decode={"engine": {**engine, "speculative_config": split}})
     with pytest.raises(ValidationError, match="num_speculative_tokens"):
         AppArgs(decode={"engine": {"speculative_config": {"model": "/some/draft"}}})
     shared = AppArgs(

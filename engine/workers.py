@@ -206,7 +206,8 @@ class ModelWorker:
         self.kv_transport = kv_transport
         self.runner: ShardRunner | None = None
         self.channel: KVChannel | None = None
-        self.draft_runner: ModelRunner | None = None  # rank 0's, with a draft model
+        self._draft: torch.nn.Module | None = None  # rank 0's draft model, loaded at start
+        self.draft_runner: ModelRunner | None = None  # and its runner, once blocks are known
 
     def _model_dir(self) -> str:
         """The replica's model directory, or, on another node (a pipeline stage placed

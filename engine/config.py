@@ -132,7 +132,14 @@ class EngineConfig:
     @property
     def graph_batch(self) -> int:
         """The largest decode batch that replays a CUDA graph; 0: none does."""
-        gpu = self.device.startswith("cuda") and self.parallel.is_single
+        return self.draft_graph_batch if self.parallel.is_single else 0
+
+    @property
+    def draft_graph_batch(self) -> int:
+        """The same for a draft model's forwards: the draft is whole on one device (a
+        parallel replica's first worker's), so it replays graphs where the target's
+        workers, whose steps span devices, run eagerly."""
+        gpu = self.device.startswith("cuda")
         return self.scheduler.max_num_seqs if gpu and not self.enforce_eager else 0
 
 

@@ -175,7 +175,7 @@ def draft_model_runner(
         num_kv_blocks=num_kv_blocks,
         kv_cache_memory_mb=0,
         kv_dtype=config.kv_dtype,
-        graph_batch=config.graph_batch,
+        graph_batch=config.draft_graph_batch,
     )
 
 

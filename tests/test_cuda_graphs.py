@@ -24,6 +24,13 @@ def test_buckets_and_when_a_config_uses_graphs():
     assert EngineConfig(device="cuda", enforce_eager=True).graph_batch == 0
     assert EngineConfig(device="cuda", tensor_parallel_size=2).graph_batch == 0
     assert EngineConfig().graph_batch == 0  # CPUs run eagerly
+    # a draft model is whole on one device, a parallel replica's first worker's: graphs there
+    assert EngineConfig(device="cuda", tensor_parallel_size=2).draft_graph_batch == 64
+    assert (
+        EngineConfig(device="cuda", pipeline_parallel_size=2, enforce_eager=True).draft_graph_batch
+        == 0
+    )
+    assert gpu.draft_graph_batch == 48 and EngineConfig().draft_graph_batch == 0
 
 
 @pytest.fixture

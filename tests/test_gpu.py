@@ -347,6 +347,34 @@ def test_a_draft_model_on_cuda_keeps_the_targets_tokens():
 
 
 @pytest.mark.gpu
+@needs_two_gpus
+def test_a_draft_model_on_a_tp2_replica_of_two_gpus_keeps_the_targets_tokens(
+    gpu_cluster, tiny_llama_path
+):
+    """A tensor-parallel replica over two GPUs (NCCL between its workers), its draft (the
+    target's own weights) whole on the first worker's GPU replaying its own CUDA graphs: the
+    CPU engine's greedy tokens, nearly every draft kept."""
+    from engine import EngineConfig, LLMEngine, SamplingParams
+    from engine.spec_decode import SpeculativeConfig
+
+    prompts = ["The capital of France is", "def add(a, b):", "Once upon a time"]
+    greedy = SamplingParams(max_tokens=25, temperature=0.0, ignore_eos=True)
+    model = str(tiny_llama_path)
+    want = [o.token_ids for o in LLMEngine(EngineConfig(model=model)).generate(prompts, greedy)]
+    spec = SpeculativeConfig(3, model=model)
+    config = EngineConfig(
+        model=model, device="cuda", tensor_parallel_size=2, worker_num_cpus=0.5,
+        kv_cache_memory_mb=64, speculative=spec,
+    )  # fmt: skip
+    engine = LLMEngine(config)
+    try:
+        assert [o.token_ids for o in engine.generate(prompts, greedy)] == want
+        assert engine.num_accepted_tokens >= 0.9 * engine.num_draft_tokens > 0
+    finally:
+        engine.runner.shutdown()
+
+
+@pytest.mark.gpu
 @needs_cuda
 def test_draws_on_cuda_follow_the_probabilities_and_a_seed_repeats_its_stream():
     """A batch's draws run on the GPU, all rows at once: 5,000 draws over a 49k vocabulary fall

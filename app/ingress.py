@@ -318,12 +318,12 @@ class Ingress:
         if chat:
             max_tokens = req.max_completion_tokens or req.max_tokens
         else:
-            max_tokens = req.max_tokens if req.max_tokens is not None else 16
+            max_tokens = req.completion_max_tokens
             # echo with max_tokens 0 (vLLM's): one token is computed, and not shown
             max_tokens = 1 if req.echo_only else max_tokens
-        if max_tokens is None:  # chat without a limit: up to the window or the KV cache,
-            room = min(self.max_model_len, kv_capacity)  # or the generation config's
-            max_tokens = max(1, room - len(prompts[0].ids))
+        if max_tokens is None:  # no limit: up to the window or the KV cache (a batch's
+            room = min(self.max_model_len, kv_capacity)  # longest prompt's), or the
+            max_tokens = max(1, room - max(len(p.ids) for p in prompts))  # generation config's
             max_tokens = min(max_tokens, int(self.sampling_defaults.get("max_tokens", max_tokens)))
         for i, prompt in enumerate(prompts):
             self._check_lengths(

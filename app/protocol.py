@@ -376,6 +376,14 @@ class CompletionRequest(_Sampling):
         """echo with max_tokens 0: the prompt (and its scores) alone, nothing generated."""
         return self.echo and self.max_tokens == 0
 
+    @property
+    def completion_max_tokens(self) -> int | None:
+        """OpenAI's default of 16 where max_tokens is left out; sent as null, no limit (None:
+        up to the context window), as vLLM reads it."""
+        if self.max_tokens is None and "max_tokens" not in self.model_fields_set:
+            return 16
+        return self.max_tokens
+
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]

@@ -166,6 +166,20 @@ def test_chat_without_max_tokens_runs_to_the_window_or_the_cache(ingress):
     assert params.skip_special_tokens is False
 
 
+def test_a_completion_with_max_tokens_null_runs_to_the_window_or_the_cache(ingress):
+    """OpenAI's 16 where max_tokens is left out; null sent, no limit, as vLLM reads it (a
+    batch: as far as its longest prompt can go)."""
+    body = {"prompt": "Once upon a time"}
+    assert _prepare(ingress, body, False)[1].max_tokens == 16
+    [prompt], params = _prepare(ingress, {**body, "max_tokens": None}, False, kv_capacity=1000)
+    assert params.max_tokens == 1000 - len(prompt.ids)
+    batch = {"prompt": ["Hi", "Once upon a time, in a land far away"], "max_tokens": None}
+    prompts, params = _prepare(ingress, batch, False, kv_capacity=10**6)
+    assert params.max_tokens == ingress.max_model_len - max(len(p.ids) for p in prompts)
+    assert len(prompts[1].ids) > len(prompts[0].ids)
+    assert _prepare(ingress, {**body, "max_tokens": 5}, False)[1].max_tokens == 5
+
+
 def test_tokenize_text_and_chat_and_detokenize(ingress, tokenizer):
     def tokenize(body: dict) -> dict:
         return ingress._tokenize(json.dumps(body).encode())

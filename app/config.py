@@ -576,17 +576,24 @@ class AppArgs(_Strict):
             lora_modules=tuple(self.lora_modules.items()),
             lora_dir=self.lora_dir,
             max_loras=self.max_loras,
-            speculative=e.speculative_config and e.speculative_config.config(),
+            speculative=self._speculative(phase),
             # a prefill replica runs no decode step: it captures no decode graph
             enforce_eager=e.enforce_eager or phase == "prefill",
             step_timeout_s=getattr(self, phase).step_timeout_s,
         )
 
+    def _speculative(self, phase: str) -> SpeculativeConfig | None:
+        """The phase's speculative config; none for prefill, whose replicas decode no token
+        past the first: a config giving both phases the same engine settings (as Ray Serve
+        LLM's often do) loads no draft model there, nor sizes a cache for one."""
+        spec = getattr(self, phase).engine.speculative_config
+        return None if spec is None or phase == "prefill" else spec.config()
+
     def draft_models(self) -> list[SpeculativeConfig]:
         """The speculative configs with a draft model of the phases this mode serves."""
-        phases = ("colocated",) if self.mode == "colocated" else ("prefill", "decode")
-        specs = [getattr(self, p).engine.speculative_config for p in phases]
-        return [s.config() for s in specs if s is not None and s.model is not None]
+        phases = ("colocated",) if self.mode == "colocated" else ("decode",)
+        specs = [self._speculative(p) for p in phases]
+        return [s for s in specs if s is not None and s.model is not None]
 
     def check_parallel(self, num_layers: int, num_heads: int, num_kv_heads: int) -> None:
         """Raise ValueError, naming the field, for a layout the model cannot be split into."""

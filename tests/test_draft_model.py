@@ -203,6 +203,11 @@ def test_vllms_speculative_config_with_a_model():
     assert [s.model for s in args.draft_models()] == ["/some/draft"]
     colocated = AppArgs(mode="colocated", decode={"engine": {"speculative_config": draft}})
     assert colocated.draft_models() == []  # no decode deployment in that mode
+    # a prefill replica decodes no token past the first: no draft loaded or checked there
+    both = {"engine": {"speculative_config": {**draft, "model": "/prefill/draft"}}}
+    same = AppArgs(prefill=both, decode={"engine": {"speculative_config": draft}})
+    assert same.engine_config("prefill").speculative is None
+    assert [s.model for s in same.draft_models()] == ["/some/draft"]
     gpu = {"device": "cuda", "kv_transport": "cuda_ipc"}
     # tensor- and pipeline-parallel replicas too: the draft on their first worker
     engine = {"speculative_config": draft, "tensor_parallel_size": 2}

@@ -77,6 +77,7 @@ def test_engine_kwargs_by_their_vllm_names():
     assert (engine.scheduler.max_num_seqs, engine.scheduler.max_num_batched_tokens) == (5, 999)
     assert engine.scheduler.policy == "priority" and engine.enforce_eager
     assert engine.speculative.num_speculative_tokens == 3
+    assert cfg.engine_config("prefill").speculative is None  # it decodes no token past the first
     assert (engine.dtype, engine.kv_cache_dtype) == ("bfloat16", "fp8")
     assert cfg.tool_call_parser == "hermes"
     assert cfg.override_generation_config == {"temperature": 0.5}

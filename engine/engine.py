@@ -536,6 +536,7 @@ class LLMEngine:
 
     @property
     def stats(self) -> EngineStats:
+        drafts = getattr(self.proposer, "blocks", None)  # a draft model's own pool
         return EngineStats(
             num_waiting=len(self.scheduler.waiting),
             num_running=len(self.scheduler.running),
@@ -554,6 +555,8 @@ class LLMEngine:
             num_accepted_tokens=self.num_accepted_tokens,
             num_drafts=self.num_drafts,
             num_accepted_per_pos=tuple(self.num_accepted_per_pos),
+            num_draft_kv_blocks=drafts.num_blocks if drafts is not None else 0,
+            num_draft_free_blocks=drafts.num_free_blocks if drafts is not None else 0,
         )
 
     # ---- disaggregation ----------------------------------------------------------------------

@@ -147,6 +147,9 @@ class EngineStats:
     num_accepted_tokens: int = 0
     num_drafts: int = 0
     num_accepted_per_pos: tuple[int, ...] = ()
+    # a draft model's own KV pool (engine/draft_model.py; 0 and 0 without one)
+    num_draft_kv_blocks: int = 0
+    num_draft_free_blocks: int = 0
 
     @property
     def num_used_blocks(self) -> int:

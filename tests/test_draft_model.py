@@ -323,6 +323,30 @@ def test_a_draft_under_block_pressure_and_after_a_handoff(
 
 
 @pytest.mark.model
+def test_an_aborted_request_gives_the_drafts_blocks_back_and_stats_show_the_pool(
+    tiny_paged_model, tokenizer
+):
+    """The engine's stats carry the draft's own pool (the replicas' idle checks read it): in
+    use while requests draft, all free again once they are aborted mid-decode."""
+    spec = _with_draft(tokenizer, tiny_paged_model, tiny_paged_model, blocks=64)
+    params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+    for i, prompt in enumerate(PROMPTS[:2]):
+        spec.add_request(f"r{i}", prompt, params)
+    while spec.num_draft_tokens < 12:  # both decoding, each step's drafts verified
+        spec.step()
+    stats = spec.stats
+    assert stats.num_draft_kv_blocks == 64 and stats.num_draft_free_blocks < 64
+    assert stats.num_free_blocks < stats.num_kv_blocks
+    assert spec.abort("r0") and spec.abort("r1")
+    stats = spec.stats
+    assert stats.num_draft_free_blocks == 64 and stats.num_free_blocks == stats.num_kv_blocks
+    spec.proposer.blocks.check_integrity()
+    plain = LLMEngine(EngineConfig(), runner=ModelRunner(tiny_paged_model, 16, 16),
+                      tokenizer=tokenizer)  # fmt: skip
+    assert (plain.stats.num_draft_kv_blocks, plain.stats.num_draft_free_blocks) == (0, 0)
+
+
+@pytest.mark.model
 def test_a_draft_of_another_vocabulary_is_refused(paged_model, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -1710,7 +1710,11 @@ def _until_idle(app: str, timeout_s: float) -> list[dict]:
 
 def _not_idle(stats: dict) -> dict:
     """What one replica still holds or runs, by its stats' names (empty when idle)."""
-    held = {"num_used_blocks": stats["num_kv_blocks"] - stats["num_free_blocks"]}
+    held = {
+        "num_used_blocks": stats["num_kv_blocks"] - stats["num_free_blocks"],
+        # a draft model's own pool (the chunked app's colocated replica has one)
+        "num_used_draft_blocks": stats["num_draft_kv_blocks"] - stats["num_draft_free_blocks"],
+    }
     for name in ("num_kept_kv_transfers", "num_running", "num_waiting", "num_pending_imports"):
         held[name] = stats[name]
     return {name: n for name, n in held.items() if n}
@@ -1851,8 +1855,10 @@ def test_adapters_load_and_unload_at_runtime(server, serve_loras, tokenizer):
 
 def test_client_disconnect_mid_stream_frees_all_blocks(server):
     # 1400 tokens take over a minute here: blocks freed within seconds can only come from the
-    # abort (1400: within disagg_os's smaller decode cache); n=3: every choice's request
-    for mode, n in (("disagg", 3), ("disagg_os", 1), ("disagg_gloo", 1), ("coloc", 1)):
+    # abort (1400: within disagg_os's smaller decode cache); n=3: every choice's request;
+    # chunked: the draft model's blocks too (_until_idle)
+    modes = (("disagg", 3), ("disagg_os", 1), ("disagg_gloo", 1), ("coloc", 1), ("chunked", 1))
+    for mode, n in modes:
         with _stream(
             server, mode, prompt="Count to one thousand:", max_tokens=1400, ignore_eos=True, n=n
         ) as r:
@@ -1865,6 +1871,8 @@ def test_client_disconnect_mid_stream_frees_all_blocks(server):
                     busy = _replica_stats(mode)  # still reading: the requests are live
                     break  # leaving the iterator closes the stream: the client is gone
         assert sum(s["num_running"] for s in busy) == n, busy
+        if mode == "chunked":  # its decode steps' drafts hold blocks of the draft's pool
+            assert any(_not_idle(s).get("num_used_draft_blocks") for s in busy), busy
         stats = _until_idle(mode, 15)
         assert all(s["num_running"] == 0 and s["num_waiting"] == 0 for s in stats)
 

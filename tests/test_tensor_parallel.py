@@ -430,9 +430,11 @@ def test_a_model_a_worker_cannot_split_is_refused_with_its_reason_and_no_worker_
 
 def test_planned_tp_pp_placement_starts_with_serve_and_serves(ray_serve, tiny_llama_path, single):
     """The optimizer, given only multi-worker layouts, emits TP/PP replicas; Serve's own
-    schema accepts the file, and the application serves the single engine's greedy output."""
+    schema accepts the file, and the application serves the single engine's greedy output,
+    its decode replica verifying a draft model's drafts (on its first worker)."""
     import httpx
     import yaml
+    from ray import serve
     from ray.serve.schema import ServeDeploySchema
 
     from app.builder import build_app
@@ -473,6 +475,9 @@ def test_planned_tp_pp_placement_starts_with_serve_and_serves(ray_serve, tiny_ll
     # a hung one once the engine has spent 3 s in a step (the tiny model's take milliseconds)
     app["args"]["decode"]["health_check_period_s"] = 1.0
     app["args"]["decode"]["step_timeout_s"] = 3.0
+    # and it speculates: a draft model (the target's weights) on its first worker
+    draft = {"model": str(tiny_llama_path), "num_speculative_tokens": 3}
+    app["args"]["decode"]["engine"]["speculative_config"] = draft
     url = f"{ray_serve.url}/v1/completions"
     deploy({"planned": ("/", build_app(app["args"]))})
     try:
@@ -486,6 +491,9 @@ def test_planned_tp_pp_placement_starts_with_serve_and_serves(ray_serve, tiny_ll
         assert r.json()["usage"]["completion_tokens"] == 12
         [want] = single.generate([PROMPTS[1]], GREEDY)
         assert r.json()["choices"][0]["text"] == want.text
+        stats = serve.get_deployment_handle("DecodeServer", "planned").stats.remote().result()
+        assert stats["num_draft_tokens"] == stats["num_accepted_tokens"] > 0  # every one kept
+        assert stats["num_draft_free_blocks"] == stats["num_draft_kv_blocks"] > 0
         _kill_a_worker_then_recover(ray_serve.url, body)
         _hang_a_worker_then_recover(ray_serve.url, body)
     finally:

@@ -23,6 +23,7 @@ pipeline-parallel one (engine/workers.py; the draft whole on that worker's devic
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 
@@ -60,7 +61,6 @@ class _Row:
     limit: int  # drafts it takes this step (0: it only catches up, part of what it lacks)
     start: int  # its first position this step: what the cache holds of it
     end: int  # the position after the last of its tokens fed this step
-    drafts: list[int]
 
 
 class DraftModelProposer:
@@ -76,6 +76,9 @@ class DraftModelProposer:
         self.blocks = BlockManager(runner.num_kv_blocks, runner.block_size, enable_caching=True)
         self._drafted: dict[str, _Drafted] = {}
         self.window = runner.shape.max_position_embeddings  # the draft's own context window
+        # where the forwards run: a parallel replica's worker (engine/workers.py WorkerDraft)
+        # or this process
+        self._run = getattr(runner, "draft", None) or partial(run_drafts, runner)
 
     def propose_all(self, items: list[tuple[Request, int]]) -> list[list[int]]:
         """Each (request, limit)'s drafts: at most `limit` of them; a request that is not among
@@ -87,14 +90,12 @@ class DraftModelProposer:
             if row is not None:
                 rows.append(row)
                 budget -= row.end - row.start
-        if rows:
-            first, limits = [self._input(row) for row in rows], [row.limit for row in rows]
-            steps = DraftSteps(first, limits, self.vocab_size)
-            for row, drafts in zip(rows, self._run(steps), strict=True):
-                row.drafts = drafts
-        for row in rows:
-            self._drafted[row.request.request_id] = _Drafted(row.end, row.drafts)
-        by_id = {row.request.request_id: row.drafts for row in rows}
+        first, limits = [self._input(row) for row in rows], [row.limit for row in rows]
+        proposed = self._run(DraftSteps(first, limits, self.vocab_size)) if rows else []
+        by_id = {}
+        for row, drafts in zip(rows, proposed, strict=True):
+            self._drafted[row.request.request_id] = _Drafted(row.end, drafts)
+            by_id[row.request.request_id] = drafts
         return [by_id.get(r.request_id, []) for r, _ in items]
 
     def forget(self, request_id: str) -> None:
@@ -122,7 +123,7 @@ class DraftModelProposer:
             self.forget(rid)  # its blocks go back for the others; it starts over later
             return None
         self.blocks.allocate(rid, need)
-        return _Row(request, limit, start, end, [])
+        return _Row(request, limit, start, end)
 
     def _cached(self, request: Request) -> int:
         """How many of the request's tokens the draft's cache holds (at most all but the last:
@@ -139,11 +140,6 @@ class DraftModelProposer:
         held = min(held, request.num_tokens - 1)
         self.blocks.publish(rid, held, request.token_ids, root)
         return held
-
-    def _run(self, steps: DraftSteps) -> list[list[int]]:
-        # a parallel replica's draft runs on a worker (engine/workers.py WorkerDraft)
-        remote = getattr(self.runner, "draft", None)
-        return remote(steps) if remote else run_drafts(self.runner, steps)
 
     def _input(self, row: _Row) -> SeqInput:
         """The row's first forward: what the cache lacks, up to the request's last token (or

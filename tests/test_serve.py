@@ -2248,6 +2248,11 @@ def _series(text: str, app: str | None = None) -> dict[tuple, float]:
     labels) -> value."""
     from prometheus_client.parser import text_string_to_metric_families
 
+    if app is not None:  # the node's page is megabytes, mostly Ray's own: parse only what
+        # may be the app's (each of its samples holds the label as written; the parsed
+        # labels still decide)
+        needle = f'application="{app}"'
+        text = "\n".join(line for line in text.splitlines() if needle in line) + "\n"
     samples = (s for f in text_string_to_metric_families(text) for s in f.samples)
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value

@@ -200,8 +200,8 @@ class _Node:
         work.fn(t, *work.args)
 
 
-def _decode_ms(entry: Entry, running: list[_Track]) -> float:
-    context, batch = sum(r.context for r in running), len(running)
+def _decode_ms(entry: Entry, batch: int, context: int) -> float:
+    """A decode step of `batch` requests holding `context` tokens in all."""
     fixed = entry.pp * entry.decode_fixed_ms(batch)
     return fixed + entry.decode.b * context + entry.decode_batch_extra_ms(batch)
 
@@ -314,6 +314,9 @@ class _Decoder:
         self.node, self.spec = node, spec
         self.queue: deque[_Track] = deque()
         self.running: list[_Track] = []
+        # their contexts' sum, kept as they join, decode and leave: every decode step's time
+        # reads it (summed each step, it was a third of a plan's time)
+        self.context = 0
         self.used = 0  # KV tokens held
         self.active = False  # a step is scheduled
         self.cache = _PrefixCache(spec)  # colocated only: a decode instance imports whole KV
@@ -341,8 +344,13 @@ class _Decoder:
         )
 
     def admit(self, track: _Track) -> None:
-        self.running.append(track)
+        self.join(track)
         self.charge(track, 0)
+
+    def join(self, track: _Track) -> None:
+        """`track` decodes from the next step on (its KV charged already or by the caller)."""
+        self.running.append(track)
+        self.context += track.context
 
     def reserves(self, track: _Track, cached: int) -> bool:
         """Whether the KV of `track` (starting from `cached` cache tokens) fits; if so it is
@@ -371,7 +379,8 @@ class _Decoder:
             self.used -= track.shares if not self.cache.holders[pid] else 0
 
     def decode_step(self, t: float) -> None:
-        self.node.run(self, t, _decode_ms(self.spec.entry, self.running), self._after_decode)
+        ms = _decode_ms(self.spec.entry, len(self.running), self.context)
+        self.node.run(self, t, ms, self._after_decode)
 
     def _after_decode(self, t: float) -> None:
         self._count_decodes(t)
@@ -379,13 +388,18 @@ class _Decoder:
 
     def _count_decodes(self, t: float) -> None:
         """Every running request got a token at t; finished ones leave and free their KV."""
+        self.context += len(self.running)
+        finished = []
         for track in self.running:
             track.generated += 1
             if track.generated >= track.req.output_len:
                 track.last_ms = t
-        for track in self.running:
-            if track.generated >= track.req.output_len:
-                self.release(track)
+                finished.append(track)
+        if not finished:
+            return
+        for track in finished:
+            self.release(track)
+            self.context -= track.context
         self.running = [r for r in self.running if r.generated < r.req.output_len]
 
 
@@ -474,7 +488,7 @@ class _ColocatedInstance(_Decoder):
         for track in batch:
             self.cache.done(track.req, t)
             if _first_token(track, t):
-                self.running.append(track)  # its KV was reserved when the batch started
+                self.join(track)  # its KV was reserved when the batch started
             else:
                 self.release(track)
         self._step(t)
@@ -519,7 +533,7 @@ class _ChunkedInstance(_Decoder):
         # their batch is routed to
         decode_a = entry.decode_fixed_ms(len(self.running)) if self.running else 0.0
         ms = entry.pp * max(p.a if chunks else 0.0, decode_a)
-        ms += d.b * sum(r.context for r in self.running)
+        ms += d.b * self.context
         ms += entry.decode_batch_extra_ms(len(self.running)) if self.running else 0.0
         for track, n in chunks:
             o = track.prefilled
@@ -535,7 +549,7 @@ class _ChunkedInstance(_Decoder):
         for track in finished:
             self.cache.done(track.req, t)
             if _first_token(track, t):
-                self.running.append(track)
+                self.join(track)
             else:
                 self.release(track)
         self._step(t)

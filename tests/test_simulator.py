@@ -73,6 +73,28 @@ def test_a_mixtures_decode_steps_read_the_experts_their_batch_is_routed_to():
     assert deep.tpot_ms == pytest.approx(2 * (20 - 8 * 0.75) + 0.01 * (L + 1) + 2)
 
 
+def test_decode_steps_cost_the_contexts_of_the_requests_still_running():
+    """A step costs 20 + 0.01 x its batch's contexts + 2 a request, as requests join the batch
+    and leave it. Two prompts arriving together prefill one after the other (0-20, 20-40 ms);
+    the first leaves after its third token."""
+
+    def step(*contexts: int) -> float:
+        return 20 + 0.01 * sum(contexts) + 2 * len(contexts)
+
+    reqs = [SimRequest(0.0, 100, 3), SimRequest(0.0, 100, 5)]
+    # disaggregated: the first decodes alone from 20 ms, the second joins its next step
+    first, second = simulate(disagg(), reqs)
+    joined = 20 + step(101)
+    assert first.tpot_ms == pytest.approx((step(101) + step(102, 101)) / 2)
+    end = joined + step(102, 101) + step(102) + step(103) + step(104)
+    assert second.tpot_ms == pytest.approx((end - 40) / 4)
+    # colocated: the second's prefill first, then both decode from 40 ms
+    first, second = simulate(Placement(colocated=InstanceSpec(ENTRY, 1)), reqs)
+    left = 40 + step(101, 101) + step(102, 102)
+    assert first.tpot_ms == pytest.approx((left - 20) / 2)
+    assert second.tpot_ms == pytest.approx((left + step(103) + step(104) - 40) / 4)
+
+
 def test_decode_steps_follow_a_measured_batch_curve():
     curve = ((1, 20.0), (2, 22.0), (3, 40.0), (4, 60.0))  # not a line: a CPU's kernel paths
     entry = Entry(1, 1, ENTRY.prefill, Coefficients(20.0, 0.0, 1.0), 100_000, curve)

@@ -1,15 +1,22 @@
 """The compiled CPU decode-attention kernel (csrc/paged_decode_cpu.cpp), built once per machine.
 
-Built with torch's own extension builder into the splitserve cache (outside git); the set-up
-step builds it ahead of time (`python -m kvkernels.cpu_ops`). Where no compiler is available the
-engine uses the torch reference path in paged_attention.py, and says so once in the log.
+Built with torch's own extension builder into the splitserve cache (outside git), in a directory
+of this source's and environment's own; the set-up step builds it ahead of time (`python -m
+kvkernels.cpu_ops`), and every process after that imports the built module directly. Where no
+compiler is available the engine uses the torch reference path in paged_attention.py, and says
+so once in the log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import importlib.util
 import logging
 import os
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -18,9 +25,26 @@ logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).parent / "csrc" / "paged_decode_cpu.cpp"
 
 
-def _build_dir() -> Path:
+_NAME = "splitserve_paged_decode_cpu"
+# -fopenmp: ATen's header-inline parallel_for is serial without it
+_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math")
+_LDFLAGS = ("-fopenmp",)
+_DONE = "built"  # written into a build directory once its module has loaded
+STALE_LOCK_S = 600.0  # a build takes ~30 s: a lock this old was left by a killed builder
+
+
+def build_dir() -> Path:
+    """The kernel's build directory for this source, these flags and this torch and Python:
+    each checkout and environment sharing the cache gets its own (in one directory, torch's
+    ninja build, whose commands name both, rebuilt the kernel each time the other ran, over a
+    library that running processes had loaded)."""
     root = os.environ.get("SPLITSERVE_CACHE", Path.home() / ".cache" / "splitserve")
-    path = Path(root) / "torch_extensions" / f"torch{torch.__version__}"
+    key = hashlib.sha256(
+        "\n".join(
+            (str(_SOURCE), _SOURCE.read_text(), *_CFLAGS, *_LDFLAGS, torch.__file__, sys.version)
+        ).encode()
+    ).hexdigest()[:16]
+    path = Path(root) / "torch_extensions" / f"torch{torch.__version__}" / key
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -31,20 +55,43 @@ def load():
     if os.environ.get("SPLITSERVE_DISABLE_CPU_KERNEL") == "1":
         return None
     try:
-        from torch.utils.cpp_extension import load as load_extension
-
-        return load_extension(
-            name="splitserve_paged_decode_cpu",
-            sources=[str(_SOURCE)],
-            build_directory=str(_build_dir()),
-            # -fopenmp: ATen's header-inline parallel_for is serial without it
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        path = build_dir()
+        if (path / _DONE).exists():
+            return _import(path)
+        return _build(path)
     except Exception as e:  # no compiler, no ninja, ...: fall back, never fail serving
         logger.warning("CPU decode kernel unavailable (%s); using the torch reference path", e)
         return None
+
+
+def _import(path: Path):
+    """The built module, imported without torch's build step: that step holds a lock file
+    while it runs ninja, which a process killed meanwhile leaves behind, and every later
+    process waits on for good."""
+    spec = importlib.util.spec_from_file_location(_NAME, path / f"{_NAME}.so")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _build(path: Path):
+    from torch.utils.cpp_extension import load as load_extension
+
+    lock = path / "lock"
+    with contextlib.suppress(FileNotFoundError):
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            logger.warning("CPU decode kernel: removing %s, left by a build that was killed", lock)
+            lock.unlink()
+    module = load_extension(
+        name=_NAME,
+        sources=[str(_SOURCE)],
+        build_directory=str(path),
+        extra_cflags=list(_CFLAGS),
+        extra_ldflags=list(_LDFLAGS),
+        verbose=False,
+    )
+    (path / _DONE).touch()
+    return module
 
 
 def paged_decode(

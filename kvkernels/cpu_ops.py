@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -34,19 +35,25 @@ STALE_LOCK_S = 600.0  # a build takes ~30 s: a lock this old was left by a kille
 
 
 def build_dir() -> Path:
-    """The kernel's build directory for this source, these flags and this torch and Python:
-    each checkout and environment sharing the cache gets its own (in one directory, torch's
-    ninja build, whose commands name both, rebuilt the kernel each time the other ran, over a
-    library that running processes had loaded)."""
+    """The kernel's build directory for this source, these flags, this torch and Python and
+    this CPU: each checkout and environment sharing the cache gets its own (in one directory,
+    torch's ninja build, whose commands name both, rebuilt the kernel each time the other ran,
+    over a library that running processes had loaded), and so does each kind of CPU of nodes
+    sharing a home directory (-march=native)."""
     root = os.environ.get("SPLITSERVE_CACHE", Path.home() / ".cache" / "splitserve")
-    key = hashlib.sha256(
-        "\n".join(
-            (str(_SOURCE), _SOURCE.read_text(), *_CFLAGS, *_LDFLAGS, torch.__file__, sys.version)
-        ).encode()
-    ).hexdigest()[:16]
+    inputs = (str(_SOURCE), _SOURCE.read_text(), *_CFLAGS, *_LDFLAGS, torch.__file__)
+    inputs += (sys.version, _cpu_flags())
+    key = hashlib.sha256("\n".join(inputs).encode()).hexdigest()[:16]
     path = Path(root) / "torch_extensions" / f"torch{torch.__version__}" / key
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _cpu_flags() -> str:
+    """The instruction sets -march=native compiles for (Linux's list; elsewhere the machine)."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        return next((line for line in info if line.startswith("flags")), "")
+    return platform.machine()
 
 
 @functools.cache

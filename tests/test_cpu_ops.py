@@ -18,7 +18,8 @@ pytestmark = pytest.mark.unit
 
 def test_each_checkout_of_the_source_builds_in_a_directory_of_its_own(tmp_path, monkeypatch):
     """torch's ninja build names the source's path in its commands: two checkouts sharing the
-    cache rebuilt the kernel in one directory each time the other ran."""
+    cache rebuilt the kernel in one directory each time the other ran. A CPU of other
+    instruction sets gets its own too."""
     monkeypatch.setenv("SPLITSERVE_CACHE", str(tmp_path))
     here = cpu_ops.build_dir()
     assert here == cpu_ops.build_dir() and here.parents[1] == tmp_path / "torch_extensions"
@@ -29,7 +30,11 @@ def test_each_checkout_of_the_source_builds_in_a_directory_of_its_own(tmp_path, 
     there = cpu_ops.build_dir()
     assert there != here
     copy.write_text(copy.read_text() + "\n// changed\n")
-    assert cpu_ops.build_dir() not in (here, there)
+    changed = cpu_ops.build_dir()
+    assert changed not in (here, there)
+    # nodes of another CPU sharing the home directory: -march=native builds for this one
+    monkeypatch.setattr(cpu_ops, "_cpu_flags", lambda: "flags\t\t: fpu")
+    assert cpu_ops.build_dir() not in (here, there, changed)
 
 
 def _built_copy(cache: Path) -> Path:

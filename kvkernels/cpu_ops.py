@@ -50,9 +50,10 @@ def build_dir() -> Path:
 
 
 def _cpu_flags() -> str:
-    """The instruction sets -march=native compiles for (Linux's list; elsewhere the machine)."""
+    """The instruction sets -march=native compiles for (Linux's list: x86's flags, Arm's
+    features; elsewhere the machine)."""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
-        return next((line for line in info if line.startswith("flags")), "")
+        return next((line for line in info if line.startswith(("flags", "Features"))), "")
     return platform.machine()
 
 
@@ -82,6 +83,7 @@ def _import(path: Path):
 
 
 def _build(path: Path):
+    """torch's build into `path` (one process at a time, by its lock), then marked built."""
     from torch.utils.cpp_extension import load as load_extension
 
     lock = path / "lock"

@@ -65,7 +65,12 @@ def load():
     try:
         path = build_dir()
         if (path / _DONE).exists():
-            return _import(path)
+            try:
+                return _import(path)
+            except (ImportError, OSError) as e:  # damaged, or deleted, since it was built
+                logger.warning("CPU decode kernel: %s did not load (%s); rebuilding", path, e)
+                (path / _DONE).unlink(missing_ok=True)
+                (path / f"{_NAME}.so").unlink(missing_ok=True)  # else ninja finds it current
         return _build(path)
     except Exception as e:  # no compiler, no ninja, ...: fall back, never fail serving
         logger.warning("CPU decode kernel unavailable (%s); using the torch reference path", e)

@@ -72,3 +72,14 @@ def test_a_build_removes_a_lock_left_long_ago_and_marks_the_directory_built(tmp_
     assert done.stdout.strip() == "True", done.stderr
     assert "left by a build that was killed" in done.stderr
     assert (copy / "built").exists() and not lock.exists()
+
+
+def test_a_built_kernel_that_no_longer_loads_is_built_again(tmp_path):
+    """Damaged since it was built: relinked from its object file (ninja would find the library
+    itself current), not left to the torch path for good."""
+    library = _built_copy(tmp_path) / "splitserve_paged_decode_cpu.so"
+    library.write_bytes(b"not a library")
+    done = _load_in_a_new_process(tmp_path)
+    assert done.stdout.strip() == "True", done.stderr
+    assert "did not load" in done.stderr and "rebuilding" in done.stderr
+    assert library.read_bytes()[:4] == b"\x7fELF"

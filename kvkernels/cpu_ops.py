@@ -27,6 +27,7 @@ _SOURCE = Path(__file__).parent / "csrc" / "paged_decode_cpu.cpp"
 
 
 _NAME = "splitserve_paged_decode_cpu"
+_LIBRARY = f"{_NAME}.so"  # what torch's build links in the build directory
 # -fopenmp: ATen's header-inline parallel_for is serial without it
 _CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math")
 _LDFLAGS = ("-fopenmp",)
@@ -40,6 +41,7 @@ def build_dir() -> Path:
     torch's ninja build, whose commands name both, rebuilt the kernel each time the other ran,
     over a library that running processes had loaded), and so does each kind of CPU of nodes
     sharing a home directory (-march=native)."""
+    # engine.model_store.cache_root's, which kvkernels (below engine) does not import
     root = os.environ.get("SPLITSERVE_CACHE", Path.home() / ".cache" / "splitserve")
     inputs = (str(_SOURCE), _SOURCE.read_text(), *_CFLAGS, *_LDFLAGS, torch.__file__)
     inputs += (sys.version, _cpu_flags())
@@ -70,7 +72,7 @@ def load():
             except (ImportError, OSError) as e:  # damaged, or deleted, since it was built
                 logger.warning("CPU decode kernel: %s did not load (%s); rebuilding", path, e)
                 (path / _DONE).unlink(missing_ok=True)
-                (path / f"{_NAME}.so").unlink(missing_ok=True)  # else ninja finds it current
+                (path / _LIBRARY).unlink(missing_ok=True)  # else ninja finds it current
         return _build(path)
     except Exception as e:  # no compiler, no ninja, ...: fall back, never fail serving
         logger.warning("CPU decode kernel unavailable (%s); using the torch reference path", e)
@@ -81,7 +83,7 @@ def _import(path: Path):
     """The built module, imported without torch's build step: that step holds a lock file
     while it runs ninja, which a process killed meanwhile leaves behind, and every later
     process waits on for good."""
-    spec = importlib.util.spec_from_file_location(_NAME, path / f"{_NAME}.so")
+    spec = importlib.util.spec_from_file_location(_NAME, path / _LIBRARY)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

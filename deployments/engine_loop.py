@@ -101,7 +101,7 @@ class EngineLoop:
 
         Validation errors are raised here; closing the iterator early aborts the request.
         """
-        self.engine.validate(prompt_ids, params)
+        await self._validate(prompt_ids, params)
         stream = self._stream(request_id)
 
         def add() -> None:
@@ -129,7 +129,7 @@ class EngineLoop:
         raise to fail the request); on_dropped runs if the request never gets imported.
         """
         try:  # one that can never fit here must fail now, not wait for blocks forever
-            self.engine.validate(handoff.prompt_token_ids, handoff.sampling_params)
+            await self._validate(handoff.prompt_token_ids, handoff.sampling_params)
         except Exception:
             if on_dropped is not None:
                 on_dropped()
@@ -140,6 +140,15 @@ class EngineLoop:
         async with contextlib.aclosing(self._drain(handoff.request_id, stream)) as outputs:
             async for out in outputs:
                 yield out
+
+    async def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """engine.validate, on a thread of its own where it compiles a structured output: the
+        largest take seconds (engine/grammar.py), and on the event loop every stream of the
+        replica would wait that long (the rest takes microseconds there)."""
+        if params.structured_output is None:
+            self.engine.validate(prompt_ids, params)
+        else:
+            await asyncio.to_thread(self.engine.validate, prompt_ids, params)
 
     async def _drain(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
         done = False

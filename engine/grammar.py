@@ -12,10 +12,13 @@ from __future__ import annotations
 import functools
 import json
 import re
+import threading
 
 import torch
 
 from engine.sampling_params import InvalidRequestError, StructuredOutput
+
+COMPILED = 64  # constraints kept compiled per engine (up to tens of MB each for the largest)
 
 
 def grammar_text(structure: StructuredOutput) -> str:
@@ -128,10 +131,18 @@ class Grammars:
         self.vocab_size = vocab_size  # the logits' width, which may exceed the tokenizer's
         self._tokenizer = None
         self._executor = None  # llguidance's thread pool for the masks, made on first use
-        # a request's n choices, and a replica's validation before the engine's, check one
-        # constraint several times: each is compiled once (thread-safe; the replica's event
-        # loop validates while the engine thread adds)
-        self._error_of = functools.lru_cache(maxsize=256)(self._compile_error)
+        # Each constraint is compiled once, by its first check (a replica's, off its event
+        # loop and its engine thread: deployments/engine_loop.py), and each request's matcher
+        # is a copy of that one, which shares its compiled grammar (microseconds). Compiling
+        # takes seconds for the largest constraints (30k choices ~1 s, 60k ~7 s, in native
+        # code with the GIL released), once on the engine thread: every request of the
+        # replica waited that long. Also spares a request's n choices, and requests sharing
+        # a schema, compiling it again. Kept: the last COMPILED of them (thread-safe).
+        self._compiled = functools.lru_cache(maxsize=COMPILED)(self._compile)
+        # one compile per constraint at a time: a request's n choices are validated at once,
+        # each on its own thread, and would otherwise each compile it (n x the CPU)
+        self._compiling: dict[StructuredOutput, threading.Lock] = {}
+        self._compiling_guard = threading.Lock()
 
     @property
     def tokenizer(self):
@@ -145,35 +156,46 @@ class Grammars:
 
     def check(self, structure: StructuredOutput) -> None:
         """Raise InvalidRequestError (naming the request's field) for a constraint that does
-        not compile: a malformed schema, regex or grammar."""
-        error = self._error_of(structure)
+        not compile: a malformed schema, regex or grammar, or one past llguidance's limits."""
+        self._template(structure)
+
+    def matcher(self, structure: StructuredOutput, output_ids: list[int]):
+        """A matcher for the constraint, advanced past the output so far (a request imported
+        after its prefill, or restarted)."""
+        matcher = self._template(structure).deep_copy()
+        for token in output_ids:
+            matcher.consume_token(token)
+        return matcher
+
+    def _template(self, structure: StructuredOutput):
+        """The constraint's compiled matcher, at the start of the output: copied, never
+        advanced."""
+        with self._compiling_guard:
+            lock = self._compiling.setdefault(structure, threading.Lock())
+        try:
+            with lock:  # the later callers find it compiled
+                matcher, error = self._compiled(structure)
+        finally:
+            with self._compiling_guard:
+                self._compiling.pop(structure, None)
         if error:
             raise InvalidRequestError(error, structure.param)
+        return matcher
 
-    def _compile_error(self, structure: StructuredOutput) -> str:
-        """Empty when the constraint compiles, else what is wrong with it."""
+    def _compile(self, structure: StructuredOutput) -> tuple[object | None, str]:
+        """(the constraint's matcher, "") or (None, what is wrong with it)."""
         import llguidance
 
         try:
             text = grammar_text(structure)
         except InvalidRequestError as e:
-            return str(e)
-        error = llguidance.LLMatcher.validate_grammar(text, self.tokenizer)
-        return error and f"invalid {structure.kind}: {error}"
-
-    def matcher(self, structure: StructuredOutput, output_ids: list[int]):
-        """A matcher for the constraint, advanced past the output so far (a request imported
-        after its prefill, or restarted)."""
-        import llguidance
-
-        matcher = llguidance.LLMatcher(self.tokenizer, grammar_text(structure), log_level=0)
+            return None, str(e)
+        matcher = llguidance.LLMatcher(self.tokenizer, text, log_level=0)
         if matcher.is_error():
-            raise InvalidRequestError(
-                f"invalid {structure.kind}: {matcher.get_error()}", structure.param
-            )
-        for token in output_ids:
-            matcher.consume_token(token)
-        return matcher
+            # a limit's assertion comes with a native backtrace: of no use to a client
+            error = matcher.get_error().split("\n<backtrace>")[0]
+            return None, f"invalid {structure.kind}: {error}"
+        return matcher, ""
 
     def masks(self, matchers: list) -> torch.Tensor:
         """(n, W) int32, bit k of word j set where token 32 j + k can continue matcher i's

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
 from deployments.engine_loop import EngineLoop, _Stream
-from engine import InvalidRequestError, RequestOutput, SamplingParams
+from engine import InvalidRequestError, RequestOutput, SamplingParams, StructuredOutput, grammar
 
 pytestmark = pytest.mark.model
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0)
@@ -389,3 +390,42 @@ def test_going_idle_reports_the_engines_load_once(make_engine):
         assert idle == [(0, True, 0), (0, True, 0)]
     finally:
         loop.shutdown()
+
+
+def test_a_constraint_compiles_off_the_event_loop_and_the_engine_thread(make_engine, monkeypatch):
+    """The largest constraints compile for seconds (engine/grammar.py): on the replica's event
+    loop every stream stalls that long, on the engine thread every step. A constrained
+    request's stream, prefilled here and continued on a decode loop, compiles its constraint
+    once per engine on neither thread, and streams what the engine alone does."""
+    digits = SamplingParams(
+        max_tokens=6, temperature=0.0, structured_output=StructuredOutput("regex", "[0-9]{4}")
+    )
+    prompt = "The year is"
+    expected = make_engine().generate([prompt], digits)[0].token_ids
+    prefill = EngineLoop(make_engine())
+    decode = EngineLoop(make_engine())
+    threads = []
+
+    def recording(structure, grammar_text=grammar.grammar_text):  # what each compile calls
+        threads.append(threading.current_thread())
+        return grammar_text(structure)
+
+    monkeypatch.setattr(grammar, "grammar_text", recording)
+
+    async def both() -> tuple[list, list]:
+        loop_thread = threading.current_thread()
+        prefilled = await collect(
+            prefill.generate("a", prefill.engine.encode(prompt), digits, prefill_only=True)
+        )
+        handoff, buffer = await prefill.call(lambda e: e.export_kv("a"))
+        decoded = await collect(decode.continue_request(handoff, buffer))
+        return prefilled + decoded, [loop_thread, prefill._thread, decode._thread]
+
+    try:
+        outs, busy = run(both())
+        assert [t for o in outs for t in o.new_token_ids] == expected
+        assert len(threads) == 2  # once on each engine, the engine's own check a cache hit
+        assert not set(threads) & set(busy)
+    finally:
+        prefill.shutdown()
+        decode.shutdown()

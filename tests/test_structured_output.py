@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 
-from engine import InvalidRequestError, SamplingParams
+from engine import InvalidRequestError, SamplingParams, grammar
 from engine.grammar import Grammars, grammar_text
 from engine.limits import chat_token_ids
 from engine.sampler import TokenHistory, TokenMasks, sample, unpack_masks
@@ -203,6 +205,43 @@ def test_a_constraint_that_does_not_compile_is_refused(make_tiny_engine, structu
         engine.add_request("bad", "hi", params)
     assert e.value.param == structure.param
     assert not engine.has_unfinished
+
+
+def test_a_grammar_past_llguidances_limits_is_refused_without_its_backtrace(make_tiny_engine):
+    """llguidance asserts its limits in native code: the error it keeps is the assertion and a
+    backtrace of its frames, of no use to a client; the request is refused with the first."""
+    rules = range(66_000)  # more symbols than llguidance's grammars hold (65525)
+    lark = "start: " + " | ".join(f"r{i}" for i in rules) + "\n"
+    lark += "\n".join(f'r{i}: "a"' for i in rules)
+    structure = StructuredOutput("grammar", lark, param="guided_grammar")
+    engine = make_tiny_engine()
+    with pytest.raises(InvalidRequestError, match="invalid grammar: .*symbols") as e:
+        engine.add_request("big", "hi", SamplingParams(max_tokens=4, structured_output=structure))
+    assert "\n" not in str(e.value) and e.value.param == "guided_grammar"
+    assert not engine.has_unfinished
+
+
+def test_requests_copy_one_compile_of_their_constraint(tokenizer, monkeypatch):
+    """A constraint compiles once however many requests check it, also at once (a request's n
+    choices, each validated on a thread of its own); each request's matcher is a copy that
+    moves alone: the first one's mask stays the start's after a second consumed tokens."""
+    grammars = Grammars(tokenizer, len(tokenizer))
+    digits = StructuredOutput("regex", "[0-9]{2,5}")
+    compiles = []
+
+    def slow(structure, grammar_text=grammar.grammar_text):  # what each compile calls
+        compiles.append(structure)
+        time.sleep(0.2)  # the four checks overlap
+        return grammar_text(structure)
+
+    monkeypatch.setattr(grammar, "grammar_text", slow)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(grammars.check, [digits] * 4))
+    first = grammars.matcher(digits, [])
+    start = first.compute_bitmask()
+    second = grammars.matcher(digits, tokenizer.encode("12"))
+    assert second.compute_bitmask() != start  # after two digits it may also end
+    assert first.compute_bitmask() == start and len(compiles) == 1
 
 
 def test_structured_output_kinds_and_empty_specs_are_checked():

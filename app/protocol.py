@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterator, Mapping
 from functools import cached_property
 from types import MappingProxyType
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -31,6 +31,9 @@ from engine.limits import chat_token_ids
 from engine.sampling_params import MAX_LOGPROBS, StructuredOutput
 
 MAX_CHOICES = 128  # OpenAI's limit on n
+# a request's bad_words: at most 1024, of 256 characters each (at most ~0.3 s to tokenize)
+MAX_BAD_WORDS = 1024
+BadWord = Annotated[str, Field(max_length=256)]
 
 
 class APIError(Exception):
@@ -167,7 +170,10 @@ class _Sampling(BaseModel):
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
     skip_special_tokens: bool = True  # vLLM's: False writes special tokens into the text
     allowed_token_ids: list[int] | None = Field(None, min_length=1)  # vLLM's: only these
-    bad_words: list[str] | None = None  # vLLM's: words the output may not contain
+    # vLLM's: words the output may not contain, bounded (vLLM's are not): the ingress's one
+    # tokenizer thread encodes each twice (~50 us a word; 300k words held every request
+    # behind them 13 s), and each decode step matches every one against the output
+    bad_words: list[BadWord] | None = Field(None, max_length=MAX_BAD_WORDS)
     return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:N"
     # vLLM's: the body carries the prompt's and the output's token ids (streamed: the prompt's
     # in a choice's first chunk, each chunk's new ones)

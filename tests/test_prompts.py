@@ -12,7 +12,13 @@ import threading
 
 import pytest
 
-from app.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
+from app.protocol import (
+    MAX_BAD_WORDS,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    parse,
+)
 from engine import InvalidRequestError
 from engine.limits import bad_words_token_ids, chat_token_ids
 
@@ -320,6 +326,36 @@ def test_bad_words_are_tokenized_bare_and_after_a_space(ingress, tokenizer):
     for word in ("", "   "):
         error = _refused(_prepare, ingress, {"prompt": "Hi", "bad_words": [word]})
         assert error.param == "bad_words"
+
+
+def test_bad_words_are_bounded_before_the_tokenizer_sees_them(ingress, monkeypatch):
+    """Each bad word costs the ingress's one tokenizer thread two encodes, which every request
+    behind it waits for: at most MAX_BAD_WORDS words of 256 characters are taken; more is a
+    400 naming the field (or the word) and no encode at all."""
+    encoded = []
+    real = ingress.prompts.tokenizer
+
+    class Spy:
+        def encode(self, text, **kwargs):
+            encoded.append(text)
+            return real.encode(text, **kwargs)
+
+        def __call__(self, text, **kwargs):  # the prompt's
+            return real(text, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(ingress.prompts, "tokenizer", Spy())
+    most = [f"w{i}" for i in range(MAX_BAD_WORDS - 1)] + ["x" * 256]
+    _, params = _prepare(ingress, {"prompt": "Hi", "bad_words": most})
+    assert len(encoded) == 2 * MAX_BAD_WORDS and params.bad_words_token_ids
+    encoded.clear()
+    error = _refused(_prepare, ingress, {"prompt": "Hi", "bad_words": [*most, "one more"]})
+    assert error.param == "bad_words" and f"at most {MAX_BAD_WORDS} items" in error.message
+    error = _refused(_prepare, ingress, {"prompt": "Hi", "bad_words": ["ok", "x" * 257]})
+    assert error.param == "bad_words.1" and "at most 256 characters" in error.message
+    assert encoded == []
 
 
 def test_return_tokens_as_token_ids_names_tokens_by_id(ingress):

@@ -239,6 +239,10 @@ class HTTPEntryArgs(HealthCheckArgs):
     allowed_methods: list[str] = ["*"]
     allowed_headers: list[str] = ["*"]
     allow_credentials: bool = False
+    # the largest request body taken, in MiB (app/request_body.py); a larger one is a 413
+    # before it is read whole (a context window's text, or a batch of 128 prompts of 8k
+    # token ids, is a few MB; a body of hundreds of MB took the replica's memory)
+    max_request_body_mb: float = Field(32.0, gt=0)
 
 
 class IngressArgs(HTTPEntryArgs):

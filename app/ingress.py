@@ -55,6 +55,7 @@ from app.protocol import (
 )
 from app.readiness import Readiness
 from app.replica_calls import ReplicaCalls, this_process_transport, uncancelled
+from app.request_body import read_body
 from app.responses import (
     ResponseFormat,
     StoreClient,
@@ -188,25 +189,28 @@ class Ingress:
             return JSONResponse(self._model_card(path.removeprefix("/v1/models/")))
         if path in ("/v1/completions", "/v1/chat/completions") and method == "POST":
             chat = path == "/v1/chat/completions"
-            req = parse(await request.body(), _request_class(chat))
+            req = parse(await self._body(request), _request_class(chat))
             return await self._generate(req, chat, _client_id(request))
         if path == "/invocations" and method == "POST":  # SageMaker's, as vLLM serves it
-            data = parse_object(await request.body())
+            data = parse_object(await self._body(request))
             chat = _invocation_is_chat(data)
             req = validated(data, _request_class(chat))
             return await self._generate(req, chat, _client_id(request))
         if path == "/v1/responses" and method == "POST":
-            return await self._respond(await request.body(), _client_id(request))
+            return await self._respond(await self._body(request), _client_id(request))
         if path.startswith("/v1/responses/"):
             rest = path.removeprefix("/v1/responses/")
             return JSONResponse(await self._stored_response(rest, method))
         if path == "/tokenize" and method == "POST":  # vLLM's
-            return JSONResponse(await self._off_loop(self._tokenize, await request.body()))
+            return JSONResponse(await self._off_loop(self._tokenize, await self._body(request)))
         if path == "/detokenize" and method == "POST":
-            return JSONResponse(await self._off_loop(self._detokenize, await request.body()))
+            return JSONResponse(await self._off_loop(self._detokenize, await self._body(request)))
         if path in _LORA_ADMIN and method == "POST" and self.args.allow_runtime_lora_updating:
-            return PlainTextResponse(self._lora_admin(path, await request.body()))
+            return PlainTextResponse(self._lora_admin(path, await self._body(request)))
         raise APIError(404, f"no route {method} {path}", kind="not_found_error")
+
+    async def _body(self, request: Request) -> bytes:
+        return await read_body(request, self.args.ingress.max_request_body_mb)
 
     async def _health(self) -> JSONResponse:
         """200 once every deployment this ingress calls has a running replica, else 503 naming

@@ -29,6 +29,7 @@ from app.cors import Cors
 from app.event_stream import EventStream
 from app.protocol import APIError
 from app.replica_calls import this_process_transport
+from app.request_body import read_body
 from deployments.cancel_noise import quiet_cancelled_calls
 from engine.config import lora_path
 
@@ -59,14 +60,14 @@ class ForwardedStart:
     streaming: bool
 
 
-async def forward_request(request: Request, path: str) -> ForwardedRequest:
+async def forward_request(request: Request, path: str, max_body_mb: float) -> ForwardedRequest:
     client = request.client
     return ForwardedRequest(
         request.method,
         path,
         request.scope.get("query_string", b""),
         list(request.scope.get("headers", [])),
-        await request.body(),
+        await read_body(request, max_body_mb),
         (client.host, client.port) if client else None,
     )
 
@@ -113,7 +114,9 @@ async def relay(response: Response) -> AsyncIterator[ForwardedStart | bytes]:
 class ModelRouter:
     def __init__(self, models: list[dict], ingresses: list, router: dict | None = None) -> None:
         self.args = [AppArgs.model_validate(m) for m in models]
-        self.cors = Cors(RouterArgs.model_validate(router or {}))
+        router_args = RouterArgs.model_validate(router or {})
+        self.cors = Cors(router_args)
+        self.max_body_mb = router_args.max_request_body_mb
         self.ingresses = [this_process_transport(h).options(stream=True) for h in ingresses]
         # /metrics: the whole application's series (each model's with its own model_name)
         self.app_name = self.ingresses[0].app_name
@@ -131,8 +134,8 @@ class ModelRouter:
         root = request.scope.get("root_path", "")  # the application's route_prefix
         if root and path.startswith(root):
             path = path[len(root) :]
-        fwd = await forward_request(request, path)
         try:
+            fwd = await forward_request(request, path, self.max_body_mb)
             if path.rstrip("/") == "/metrics" and request.method == "GET":
                 return await metrics_page.answer(self.app_name)
             if path.rstrip("/") in (*_OPEN_PATHS, "/v1/models") and request.method == "GET":

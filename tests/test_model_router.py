@@ -78,13 +78,15 @@ def _card_answer(name: str):
     return answer
 
 
-def _router(models: list[dict], answers=None) -> tuple[ModelRouter, list[FakeIngress]]:
+def _router(
+    models: list[dict], answers=None, args: dict | None = None
+) -> tuple[ModelRouter, list[FakeIngress]]:
     answers = answers or [_card_answer("a"), _card_answer("b")]
     fakes = [
         FakeIngress(f"Ingress:{m['served_model_name']}", a)
         for m, a in zip(models, answers, strict=True)
     ]
-    return ModelRouter(models, fakes), fakes
+    return ModelRouter(models, fakes, args), fakes
 
 
 def _call(router: ModelRouter, method: str, path: str, body: bytes = b""):
@@ -135,6 +137,16 @@ def test_a_body_that_is_not_json_goes_to_the_first_model(models):
     router, fakes = _router(models)
     _call(router, "POST", "/v1/completions", b"{bad")
     assert [len(f.asked) for f in fakes] == [1, 0]
+
+
+def test_a_body_past_the_routers_bound_is_a_413_forwarded_nowhere(models):
+    router, fakes = _router(models, args={"max_request_body_mb": 0.001})  # 1048 bytes
+    body = json.dumps({"model": "b", "prompt": "x" * 1100}).encode()
+    response = _call(router, "POST", "/v1/completions", body)
+    assert response.status_code == 413 and not any(f.asked for f in fakes)
+    assert "max_request_body_mb" in json.loads(response.body)["error"]["message"]
+    response = _call(router, "POST", "/v1/completions", body[:1000] + b'"}')
+    assert response.status_code == 200 and [len(f.asked) for f in fakes] == [0, 1]
 
 
 def test_an_unknown_model_is_a_404_naming_the_served_ones(models):

@@ -45,7 +45,7 @@ MODES = {
         "mode": "disaggregated",
         "prefill": CACHING,
         "decode": {**SMALL, "engine": {**SMALL["engine"], "speculative_config": NGRAM}},
-        "ingress": {"responses_store_size": 8},
+        "ingress": {"responses_store_size": 8, "max_request_body_mb": 1},
         "slo": {"ttft_ms": 600_000, "tpot_ms": 600_000},
     },
     # and a decode cache smaller than the prefill cache (1456 vs 2912 tokens)
@@ -1461,6 +1461,13 @@ def test_malformed_json_and_unknown_route(server):
         assert r.status_code == status, r.text
         assert status == 200 or r.json()["error"]["param"] == "messages[0].content"
     assert httpx.get(f"{server}/disagg/v1/nothing", timeout=30).status_code == 404
+    # a body past the application's bound (max_request_body_mb: 1) is a 413, sent whole with
+    # its length or in chunks without one (read only up to the bound)
+    over = f'{{"model": "{MODEL}", "prompt": "'.encode() + b"a" * (1 << 20) + b'"}'
+    chunked = (over[i : i + 65536] for i in range(0, len(over), 65536))
+    for content in (over, chunked):
+        r = httpx.post(f"{server}/disagg/v1/completions", content=content, timeout=60)
+        assert r.status_code == 413 and "max_request_body_mb" in r.json()["error"]["message"]
     assert httpx.get(f"{server}/disagg/health", timeout=30).json() == {"status": "ok"}
 
 

@@ -18,8 +18,8 @@ import torch
 
 from engine.sampling_params import InvalidRequestError, StructuredOutput
 
-# constraints kept compiled per engine: a JSON schema of 20 properties holds ~50 KB, 10k
-# choices ~10 MB (16 of those 167 MB), what the largest that llguidance runs hold
+# constraints kept compiled per engine: a JSON schema of 20 properties holds ~50 KB, a
+# choice of 10k strings ~10 MB (16 of those: 167 MB)
 COMPILED = 16
 
 

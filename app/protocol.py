@@ -33,6 +33,7 @@ from engine.sampling_params import MAX_LOGPROBS, StructuredOutput
 MAX_CHOICES = 128  # OpenAI's limit on n
 # a request's bad_words: at most 1024, of 256 characters each (at most ~0.3 s to tokenize)
 MAX_BAD_WORDS = 1024
+MAX_STOPS = 1024  # stop strings, and stop_token_ids: 0.1-0.2 ms of a step at most
 BadWord = Annotated[str, Field(max_length=256)]
 
 
@@ -153,8 +154,10 @@ class _Sampling(BaseModel):
     min_tokens: int | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices, each its own request to the replicas
     seed: int | None = None
+    # bounded (vLLM's are not): each decode step looks for every stop string in the new text
+    # and every stop id (1M stop strings made every step of the replica's batch 2.2x longer)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOPS)
     include_stop_str_in_output: bool = False  # vLLM's: the text keeps the stop string
     ignore_eos: bool = False
     stream: bool = False
@@ -210,6 +213,13 @@ class _Sampling(BaseModel):
     def _prompt_logprobs_whole(cls, value, info):
         if value is not None and info.data.get("stream"):
             raise ValueError("is not supported with stream (as in vLLM)")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, value):
+        if isinstance(value, list) and len(value) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(value)}")
         return value
 
     @field_validator("truncate_prompt_tokens")

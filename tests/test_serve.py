@@ -1286,6 +1286,10 @@ def test_the_endpoint_check_passes_and_keeps_the_greedy_texts(server, tmp_path):
         ({"prompt": "hi", "allowed_token_ids": []}, 400, "allowed_token_ids"),
         ({"prompt": "hi", "allowed_token_ids": [5, 999999]}, 400, "[0, 49152)"),  # replicas
         ({"prompt": "hi", "bad_words": [" "]}, 400, "has no tokens"),
+        # bounded, unlike vLLM's: each costs the tokenizer thread or every step
+        ({"prompt": "hi", "bad_words": ["a"] * 1025}, 400, "bad_words: List should have at most"),
+        ({"prompt": "hi", "stop": ["."] * 1025}, 400, "at most 1024 stop strings, got 1025"),
+        ({"prompt": "hi", "stop_token_ids": [5] * 1025}, 400, "stop_token_ids: List should"),
         ({"prompt": "hi", "use_beam_search": True, "n": 11}, 400, "beam width) is at most 10"),
         ({"prompt": "hi", "use_beam_search": True, "top_p": 0.5}, 400, "top_p is not supported"),
         ({"prompt": "hi", "use_beam_search": True, "stop": ["."]}, 400, "stop is not supported"),

@@ -51,7 +51,7 @@ from engine.outputs import (
     TokenLogprob,
 )
 from engine.request import Request, RequestStatus
-from engine.sampler import TokenHistory, TokenMasks, sample, token_logprobs
+from engine.sampler import FixedAdjustments, TokenHistory, TokenMasks, sample, token_logprobs
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from engine.spec_decode import NgramProposer
@@ -74,6 +74,7 @@ class _Tracked:
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
     matcher: object | None = None  # the structured output's llguidance matcher
+    fixed: FixedAdjustments | None = None  # made at its first adjusted row (_fixed)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # gathered chunk by chunk
 
 
@@ -326,7 +327,9 @@ class LLMEngine:
             matchers = [tracked[i].matcher for i in masked]
             allowed = TokenMasks(masked, self.grammars.masks(matchers))
         history = [
-            _history(s.request, s.draft[:j]) if p.adjusts_logits or t.matcher is not None else None
+            _history(s.request, s.draft[:j], self._fixed(t, logits))
+            if p.adjusts_logits or t.matcher is not None
+            else None
             for (s, j), p, t in zip(rows, params, tracked, strict=True)
         ]
         tokens = sample(logits, params, [t.generator for t in tracked], history, allowed)
@@ -341,6 +344,14 @@ class LLMEngine:
                 scores[rid] = logprobs[row : row + n]
             row += 1 + len(s.draft)
         return sampled, scores
+
+    @staticmethod
+    def _fixed(tracked: _Tracked, logits: torch.Tensor) -> FixedAdjustments | None:
+        """The request's allowed ids and logit bias as tensors, made once and kept."""
+        p = tracked.request.sampling_params
+        if tracked.fixed is None and (p.allowed_token_ids or p.logit_bias):
+            tracked.fixed = FixedAdjustments.of(p, logits.device, logits.dtype)
+        return tracked.fixed
 
     def _verify(self, item: ScheduledRequest, drawn: list[int | None]) -> int | None:
         """How many of the drawn tokens the request takes: its drafts while each equals the
@@ -693,11 +704,13 @@ def _step_tokens(item: ScheduledRequest) -> list[int]:
     return tokens + list(item.draft) if item.draft else tokens
 
 
-def _history(request: Request, drafts: tuple[int, ...]) -> TokenHistory:
+def _history(
+    request: Request, drafts: tuple[int, ...], fixed: FixedAdjustments | None
+) -> TokenHistory:
     """What a row's penalties see: the output so far and, for a draft's row, the drafts before
     it (the output is copied only then: this runs every step for every penalized request)."""
     output = request.output_token_ids + list(drafts) if drafts else request.output_token_ids
-    return TokenHistory(request.prompt_token_ids, output, request.eos_token_id)
+    return TokenHistory(request.prompt_token_ids, output, request.eos_token_id, fixed)
 
 
 def _joined(outputs: list[RequestOutput]) -> RequestOutput:

@@ -21,12 +21,35 @@ from engine.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
+class FixedAdjustments:
+    """A request's logit adjustments that stay the same from step to step (allowed_token_ids,
+    logit_bias) as tensors on the logits' device, which its engine makes once and keeps: made
+    from the request's tuples every step, a list of the whole vocabulary (49k ids) cost each
+    step of the batch 10-15 ms on this CPU."""
+
+    allowed: torch.Tensor | None = None
+    bias_ids: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, p: SamplingParams, device: torch.device, dtype: torch.dtype) -> FixedAdjustments:
+        allowed = torch.tensor(p.allowed_token_ids, device=device) if p.allowed_token_ids else None
+        if not p.logit_bias:
+            return cls(allowed)
+        ids = torch.tensor([t for t, _ in p.logit_bias], device=device)
+        bias = torch.tensor([b for _, b in p.logit_bias], device=device, dtype=dtype)
+        return cls(allowed, ids, bias)
+
+
+@dataclass(frozen=True)
 class TokenHistory:
-    """A request's tokens so far, which its penalties and min_tokens look at."""
+    """A request's tokens so far, which its penalties and min_tokens look at; `fixed`: its
+    FixedAdjustments where its engine keeps them (else made for the step)."""
 
     prompt_ids: list[int]
     output_ids: list[int]
     eos_token_id: int | None = None
+    fixed: FixedAdjustments | None = None
 
 
 def top_k_top_p(rows: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
@@ -121,20 +144,18 @@ def apply_penalties(logits: torch.Tensor, p: SamplingParams, history: TokenHisto
     """Adjust one row of logits (V,) in place for `p`'s min_tokens, logit bias and penalties."""
     dev = logits.device
     prompt_ids, output_ids = history.prompt_ids, history.output_ids
-    if p.allowed_token_ids:
-        allowed = torch.tensor(p.allowed_token_ids, device=dev)
-        kept = logits[allowed]
+    fixed = history.fixed or FixedAdjustments.of(p, dev, logits.dtype)
+    if fixed.allowed is not None:
+        kept = logits[fixed.allowed]
         logits.fill_(float("-inf"))
-        logits[allowed] = kept
+        logits[fixed.allowed] = kept
     if p.bad_words_token_ids:
         logits[banned_words(p.bad_words_token_ids, output_ids)] = float("-inf")
     if len(output_ids) < p.min_tokens:
         eos = [] if p.ignore_eos or history.eos_token_id is None else [history.eos_token_id]
         logits[list(p.stop_token_ids) + eos] = float("-inf")
-    if p.logit_bias:
-        ids = torch.tensor([t for t, _ in p.logit_bias], device=dev)
-        bias = torch.tensor([b for _, b in p.logit_bias], device=dev, dtype=logits.dtype)
-        logits.index_add_(0, ids, bias)
+    if fixed.bias is not None:
+        logits.index_add_(0, fixed.bias_ids, fixed.bias)
     if p.repetition_penalty != 1.0:
         # repeated ids gather and write back the same value: no set to build every step
         seen = torch.tensor(prompt_ids + output_ids, device=dev, dtype=torch.long)

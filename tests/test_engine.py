@@ -10,6 +10,7 @@ import torch
 
 from engine import EngineConfig, InvalidRequestError, RequestFailedError, SamplingParams
 from engine.limits import bad_words_token_ids
+from engine.sampler import FixedAdjustments
 from tests.conftest import drain, hf_greedy
 
 pytestmark = pytest.mark.model
@@ -356,6 +357,24 @@ def test_penalties_and_logit_bias_equal_transformers_generate(
         first = drain(prefill)["p"][0].new_token_ids
         assert decode.import_request(*prefill.export_kv("p"))
         assert first + [t for o in drain(decode)["p"] for t in o.new_token_ids] == expected
+
+
+def test_a_requests_allowed_ids_and_bias_become_tensors_once(make_engine, monkeypatch):
+    """Made from the request's tuples every step, allowed ids or a bias over the whole
+    vocabulary cost each step of the batch 10-15 ms: the engine makes them once per request
+    and keeps them (what they do is checked against transformers above)."""
+    made = []
+    real = FixedAdjustments.of
+
+    def counting(p, device, dtype):
+        made.append(p)
+        return real(p, device, dtype)
+
+    monkeypatch.setattr(FixedAdjustments, "of", counting)
+    ours = {"logit_bias": ((5, 1.0),), "allowed_token_ids": tuple(range(1000))}
+    params = SamplingParams(max_tokens=N, temperature=0.0, **ours)
+    [out] = make_engine().generate([PROMPTS[2]], params)
+    assert len(out.token_ids) == N > 1 and len(made) == 1
 
 
 def test_min_tokens_equals_transformers_min_new_tokens(make_engine, hf_model, tokenizer):

@@ -221,6 +221,39 @@ def test_a_grammar_past_llguidances_limits_is_refused_without_its_backtrace(make
     assert not engine.has_unfinished
 
 
+CHOICES = ["yes", "yes sir", "é", "日本", "a\nb", "back\\slash", 'quote"', "(paren)", "/x/", ""]
+
+
+def test_a_choice_masks_as_llguidances_own_choice_grammar(tokenizer):
+    """A choice compiles to one Lark terminal (engine/grammar.py), not to llguidance's own
+    choice grammar (a rule of alternatives, the second path here): token by token along
+    each choice (escapes, other scripts, a prefix of another, the empty string), both allow
+    the same tokens and both accept at its end."""
+    import llguidance
+
+    grammars = Grammars(tokenizer, len(tokenizer))
+    theirs = llguidance.grammar_from("choice", json.dumps(CHOICES))
+    ours = StructuredOutput("choice", json.dumps(CHOICES))
+    for choice in CHOICES:
+        matchers = [grammars.matcher(ours, []), llguidance.LLMatcher(grammars.tokenizer, theirs)]
+        for token in [*tokenizer.encode(choice), None]:
+            mine, own = (m.compute_bitmask() for m in matchers)
+            assert mine == own, (choice, token)
+            if token is not None:
+                assert all(m.consume_token(token) for m in matchers)
+        assert all(m.is_accepting() for m in matchers), choice
+
+
+def test_thousands_of_choices_are_served(make_tiny_engine):
+    """A parser row of llguidance's holds 2000 items: as a rule of alternatives, 2000 choices
+    or more failed at their first token; as one terminal, 5000 labels are served."""
+    labels = [f"label {i}" for i in range(5000)]
+    structure = StructuredOutput("choice", json.dumps(labels), param="guided_choice")
+    params = SamplingParams(max_tokens=8, temperature=0.0, structured_output=structure)
+    [out] = make_tiny_engine().generate(["Pick one:"], params)
+    assert out.text in labels and out.finish_reason == "stop"
+
+
 def test_requests_copy_one_compile_of_their_constraint(tokenizer, monkeypatch):
     """A constraint compiles once however many requests check it, also at once (a request's n
     choices, each validated on a thread of its own); each request's matcher is a copy that

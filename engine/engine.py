@@ -346,10 +346,10 @@ class LLMEngine:
         return sampled, scores
 
     @staticmethod
-    def _fixed(tracked: _Tracked, logits: torch.Tensor) -> FixedAdjustments | None:
+    def _fixed(tracked: _Tracked, logits: torch.Tensor) -> FixedAdjustments:
         """The request's allowed ids and logit bias as tensors, made once and kept."""
-        p = tracked.request.sampling_params
-        if tracked.fixed is None and (p.allowed_token_ids or p.logit_bias):
+        if tracked.fixed is None:
+            p = tracked.request.sampling_params
             tracked.fixed = FixedAdjustments.of(p, logits.device, logits.dtype)
         return tracked.fixed
 
@@ -704,9 +704,7 @@ def _step_tokens(item: ScheduledRequest) -> list[int]:
     return tokens + list(item.draft) if item.draft else tokens
 
 
-def _history(
-    request: Request, drafts: tuple[int, ...], fixed: FixedAdjustments | None
-) -> TokenHistory:
+def _history(request: Request, drafts: tuple[int, ...], fixed: FixedAdjustments) -> TokenHistory:
     """What a row's penalties see: the output so far and, for a draft's row, the drafts before
     it (the output is copied only then: this runs every step for every penalized request)."""
     output = request.output_token_ids + list(drafts) if drafts else request.output_token_ids

@@ -209,14 +209,17 @@ class Grammars:
         output (EOS once it may end): llguidance's packed bitmask, one row per matcher,
         computed by its thread pool with the GIL released (the rows in parallel, where the
         engine used to ask one matcher after another)."""
-        import llguidance.torch
+        # not llguidance.torch: importing it compiles a kernel with torch.compile, which
+        # loads torch's inductor: 1.5 s on the engine thread at a replica's first
+        # constrained request, every request of the replica held up that long
+        import llguidance.numpy
 
         if self._executor is None:
             self._executor = llguidance.LLExecutor()
-        bits = llguidance.torch.allocate_token_bitmask(len(matchers), self.vocab_size)
+        bits = llguidance.numpy.allocate_token_bitmask(len(matchers), self.vocab_size)
         rows = [(m, i) for i, m in enumerate(matchers)]
-        llguidance.torch.fill_next_token_bitmask_par(self._executor, rows, bits)
-        return bits
+        llguidance.numpy.fill_next_token_bitmask_par(self._executor, rows, bits)
+        return torch.from_numpy(bits)
 
 
 def advance(matcher, token: int, eos_token_id: int | None) -> tuple[bool, str | None]:

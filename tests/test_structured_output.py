@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -434,6 +436,24 @@ def test_the_batched_masks_equal_each_matchers_own(tokenizer):
     assert sorted(tokenizer.decode([t]) for t in digits) == [str(d) for d in range(10)]
     after_two = unpacked[3].nonzero().view(-1).tolist()  # two digits in: more, or the end
     assert after_two == sorted([*digits, tokenizer.eos_token_id])
+
+
+def test_the_masks_load_no_compiler(default_model_path):
+    """A replica's first constrained request imported llguidance.torch for its masks, whose
+    torch.compile kernel loads torch's inductor: 1.5 s on the engine thread (every request of
+    the replica held up), in the prefill and again in the decode replica. In a process of
+    its own: what the engine imports is the point."""
+    code = (
+        "import sys; from transformers import AutoTokenizer; from engine.grammar import "
+        "Grammars; from engine.sampling_params import StructuredOutput as S; "
+        f"t = AutoTokenizer.from_pretrained({str(default_model_path)!r}); "
+        "g = Grammars(t, len(t)); bits = g.masks([g.matcher(S('regex', '[0-9]+'), [])]); "
+        "print(int(bits.ne(0).sum()), 'torch._inductor' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    allowed_words, inductor = done.stdout.split()
+    assert int(allowed_words) > 0 and inductor == "False"
 
 
 def _follows(grammars, structure, text: str) -> tuple[bool, bool]:

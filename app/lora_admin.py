@@ -19,6 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from app.protocol import APIError
+from engine.config import NAME_MAX, is_folder_name
 from engine.lora import LoRAError, read_config
 
 
@@ -82,8 +83,9 @@ def unload_adapter(lora_dir: str, configured: set[str], req: UnloadLoRAAdapterRe
 def _runtime_link(lora_dir: str, name: str, configured: set[str], verb: str) -> Path:
     """Where adapter `name`'s link lives; a 400 for a name that is not one plain folder's, or
     for an adapter of the configuration (lora_modules, a real folder of lora_dir)."""
-    if not name or Path(name).name != name or name.startswith("."):
-        raise APIError(400, f"lora_name {name!r} must name one folder (no '/', not hidden)")
+    if not is_folder_name(name) or name.startswith("."):
+        message = f"lora_name {name!r} must name one folder (no '/' or NUL, not hidden, at most "
+        raise APIError(400, message + f"{NAME_MAX} bytes)", "lora_name")
     link = Path(lora_dir) / name
     if name in configured or (link.exists() and not link.is_symlink()):
         message = f"The lora adapter {name!r} is part of the configuration; it cannot be {verb}"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,10 +151,29 @@ def check_device(device: str) -> str:
     return device
 
 
+NAME_MAX = 255  # the bytes of one file name on Linux's file systems
+
+
+def is_folder_name(name: str) -> bool:
+    """Whether `name` can name one folder: not empty, "." or "..", no "/" or NUL, at most
+    NAME_MAX bytes. A client's adapter name past these reached the file system, whose error
+    (a name too long, an embedded NUL) was a 500 where no such adapter is a 404."""
+    try:
+        encoded = os.fsencode(name)
+    except UnicodeEncodeError:  # a lone surrogate, which JSON can carry
+        return False
+    return (
+        0 < len(encoded) <= NAME_MAX
+        and name not in (".", "..")
+        and b"/" not in encoded
+        and b"\0" not in encoded
+    )
+
+
 def lora_path(lora_dir: str | Path | None, name: str) -> Path | None:
     """The directory of adapter `name` in `lora_dir` (a subdirectory holding PEFT's
     adapter_config.json), or None: no such adapter, or a name that is not one folder's."""
-    if lora_dir is None or not name or Path(name).name != name or name in (".", ".."):
+    if lora_dir is None or not is_folder_name(name):
         return None
     path = Path(lora_dir) / name
     return path if (path / "adapter_config.json").is_file() else None

@@ -63,8 +63,14 @@ def test_adapters_are_linked_into_lora_dir_and_unlinked(lora_adapters, tmp_path)
         assert "configuration" in _refused(
             400, "lora_name", _unload, root, name, configured={"base"}
         )
-    for name in ("", "a/b", "..", ".hidden"):
-        _refused(400, None, _load, root, name, sql)
+    # not one folder's name: before, the file system's own error (a 500) for the last four
+    for name in ("", "a/b", "..", ".hidden", "a\0b", "x" * 256, "\u00e9" * 128, "\ud800"):
+        assert "must name one folder" in _refused(400, "lora_name", _load, root, name, sql)
+        assert "must name one folder" in _refused(400, "lora_name", _unload, root, name)
+        assert lora_path(root, name) is None  # a request's model naming it: a 404, not a 500
+    longest = "x" * 255  # NAME_MAX bytes
+    _load(root, longest, sql)
+    assert lora_path(root, longest) == root / longest and _unload(root, longest).startswith("Succ")
     assert "adapter_config.json" in _refused(400, "lora_path", _load, root, "y", tmp_path)
     dora = tmp_path / "dora"
     shutil.copytree(sql, dora)

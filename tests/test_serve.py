@@ -1857,6 +1857,11 @@ def test_adapters_load_and_unload_at_runtime(server, serve_loras, tokenizer):
     )
     r = _complete(server, "disagg_gloo", prompt=PROMPT, model="runtime")
     assert r.status_code == 404 and "does not exist" in r.json()["error"]["message"]
+    # a name no folder can have: the file system's error before (ENAMETOOLONG, a 500)
+    r = _complete(server, "disagg_gloo", prompt=PROMPT, model="x" * 300)
+    assert r.status_code == 404 and "does not exist" in r.json()["error"]["message"]
+    r = httpx.post(f"{base}/load_lora_adapter", json={**load, "lora_name": "x" * 300})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora_name"
     r = httpx.post(f"{base}/unload_lora_adapter", json={"lora_name": "runtime"})
     assert r.status_code == 404 and "cannot be found" in r.json()["error"]["message"]
     r = httpx.post(f"{base}/unload_lora_adapter", json={"lora_name": "sql"})  # lora_dir's own

@@ -49,6 +49,7 @@ from app.protocol import (
     DetokenizeRequest,
     TokenizeChatRequest,
     TokenizeRequest,
+    answered,
     parse,
     parse_object,
     validated,
@@ -158,10 +159,7 @@ class Ingress:
         return await self.cors.around(request, self._answer)  # a preflight before the key
 
     async def _answer(self, request: Request) -> Response:
-        try:
-            return await self._route(request)
-        except APIError as e:
-            return e.response()
+        return await answered(request, self._route)
 
     async def forwarded(self, fwd: ForwardedRequest) -> AsyncIterator[ForwardedStart | bytes]:
         """A request a multi-model application's ModelRouter forwards (app/model_router.py),

@@ -27,7 +27,7 @@ from app import metrics_page
 from app.config import AppArgs, RouterArgs
 from app.cors import Cors
 from app.event_stream import EventStream
-from app.protocol import APIError
+from app.protocol import APIError, answered
 from app.replica_calls import this_process_transport
 from app.request_body import read_body
 from deployments.cancel_noise import quiet_cancelled_calls
@@ -130,19 +130,19 @@ class ModelRouter:
         return await self.cors.around(request, self._answer)  # as the Ingress answers
 
     async def _answer(self, request: Request) -> Response:
+        return await answered(request, self._route)
+
+    async def _route(self, request: Request) -> Response:
         path = request.url.path
         root = request.scope.get("root_path", "")  # the application's route_prefix
         if root and path.startswith(root):
             path = path[len(root) :]
-        try:
-            fwd = await forward_request(request, path, self.max_body_mb)
-            if path.rstrip("/") == "/metrics" and request.method == "GET":
-                return await metrics_page.answer(self.app_name)
-            if path.rstrip("/") in (*_OPEN_PATHS, "/v1/models") and request.method == "GET":
-                return await self._every_model(fwd)
-            return await self._one_model(self._model_of(fwd), fwd)
-        except APIError as e:
-            return e.response()
+        fwd = await forward_request(request, path, self.max_body_mb)
+        if path.rstrip("/") == "/metrics" and request.method == "GET":
+            return await metrics_page.answer(self.app_name)
+        if path.rstrip("/") in (*_OPEN_PATHS, "/v1/models") and request.method == "GET":
+            return await self._every_model(fwd)
+        return await self._one_model(self._model_of(fwd), fwd)
 
     def _model_of(self, fwd: ForwardedRequest) -> int:
         """The index of the model `fwd` names: its body's `model`, or the card asked for; else

@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from functools import cached_property
 from types import MappingProxyType
 from typing import Annotated, Literal
@@ -20,7 +21,8 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
-from starlette.responses import JSONResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from app.formats import Shown
 from app.reasoning_parsers import REASONING_PARSERS
@@ -35,6 +37,9 @@ MAX_CHOICES = 128  # OpenAI's limit on n
 MAX_BAD_WORDS = 1024
 MAX_STOPS = 1024  # stop strings, and stop_token_ids: 0.1-0.2 ms of a step at most
 BadWord = Annotated[str, Field(max_length=256)]
+
+
+logger = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -55,6 +60,21 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body, status_code=self.status)
+
+
+async def answered(request: Request, route: Callable[[Request], Awaitable[Response]]) -> Response:
+    """route(request), its APIError as OpenAI's error body, and any other exception (a bug) as
+    a 500 with that body too (Starlette's is plain text, which the openai client reports
+    without a message), logged with its traceback and its text kept out of the answer (a
+    server path, say)."""
+    try:
+        return await route(request)
+    except APIError as e:
+        return e.response()
+    except Exception:
+        logger.exception("%s %s failed", request.method, request.url.path)
+        message = "internal server error; its traceback is in the server's log"
+        return APIError(500, message, kind="server_error").response()
 
 
 @contextlib.contextmanager

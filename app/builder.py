@@ -9,7 +9,7 @@ from __future__ import annotations
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from app.config import AppArgs, MultiModelArgs, PhaseArgs
+from app.config import AppArgs, IngressArgs, MultiModelArgs, PhaseArgs, RouterArgs
 from app.ingress import Ingress
 from app.model_router import ModelRouter
 from app.prefix_router import PrefixAffinityRouter
@@ -32,9 +32,7 @@ def deployment_options(phase: PhaseArgs, name: str, key: str, gpus: float = 0.0)
         "name": name,
         "ray_actor_options": actor,
         "max_ongoing_requests": phase.max_ongoing_requests,
-        **phase.health_check_options,
-        "graceful_shutdown_timeout_s": phase.graceful_shutdown_timeout_s,
-        "graceful_shutdown_wait_loop_s": 1.0,
+        **phase.replica_options,
     }
     layout = phase.engine.parallel
     if not layout.is_single:  # the replica in bundle 0, one bundle per model worker
@@ -69,6 +67,21 @@ def deployment_options(phase: PhaseArgs, name: str, key: str, gpus: float = 0.0)
     return options
 
 
+def entry_options(
+    entry: IngressArgs | RouterArgs, name: str, runtime_env: dict | None = None
+) -> dict:
+    """Serve options of a deployment that answers HTTP: an Ingress (`runtime_env`: its own,
+    as it loads the tokenizer), or a multi-model application's router."""
+    actor = {"num_cpus": entry.num_cpus} | ({"runtime_env": runtime_env} if runtime_env else {})
+    return {
+        "name": name,
+        "num_replicas": entry.num_replicas,
+        "ray_actor_options": actor,
+        "max_ongoing_requests": entry.max_ongoing_requests,
+        **entry.replica_options,
+    }
+
+
 def build_app(args: dict) -> serve.Application:
     cfg = AppArgs.model_validate(args or {})
     size = cfg.ingress.responses_store_size
@@ -85,14 +98,7 @@ def build_multi_model_app(args: dict) -> serve.Application:
     ingresses = [
         _model_app(m, suffix, store) for m, suffix in zip(cfg.models, suffixes, strict=True)
     ]
-    router = serve.deployment(
-        ModelRouter,
-        name="ModelRouter",
-        num_replicas=cfg.router.num_replicas,
-        ray_actor_options={"num_cpus": cfg.router.num_cpus},
-        max_ongoing_requests=cfg.router.max_ongoing_requests,
-        **cfg.router.health_check_options,
-    )
+    router = serve.deployment(ModelRouter, **entry_options(cfg.router, "ModelRouter"))
     models = [m.model_dump(mode="json") for m in cfg.models]
     return router.bind(models, ingresses, cfg.router.model_dump(mode="json"))
 
@@ -105,15 +111,8 @@ def _model_app(cfg: AppArgs, suffix: str, store) -> serve.Application:
         for spec in cfg.draft_models():
             check_model(spec.model, spec.revision)
         _check_parallel(cfg)
-    environment = {"runtime_env": cfg.ingress.runtime_env} if cfg.ingress.runtime_env else {}
-    ingress = serve.deployment(
-        Ingress,
-        name=f"Ingress{suffix}",
-        num_replicas=cfg.ingress.num_replicas,
-        ray_actor_options={"num_cpus": cfg.ingress.num_cpus} | environment,
-        max_ongoing_requests=cfg.ingress.max_ongoing_requests,
-        **cfg.ingress.health_check_options,
-    )
+    options = entry_options(cfg.ingress, f"Ingress{suffix}", cfg.ingress.runtime_env)
+    ingress = serve.deployment(Ingress, **options)
     plain = cfg.model_dump(mode="json")
     store = {"store": store} if store is not None else {}  # the Responses API's stored responses
     if cfg.mode == "colocated":

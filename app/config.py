@@ -161,7 +161,8 @@ class AutoscalingArgs(_Strict):
 
 
 class HealthCheckArgs(_Strict):
-    """Serve's replica health check: every period, each call allowed the timeout; three
+    """Serve's replica health check, and the drain of a replica being removed. The check:
+    every period, each call allowed the timeout; three
     failures in a row replace the replica (killed at once: the configs' controller_options).
     The timeout is Ray Serve LLM's (10 s, Serve's own is 30 s): a check answers in
     milliseconds, 152 ms at most under a saturating load on 2 cores (README), and a frozen
@@ -169,12 +170,20 @@ class HealthCheckArgs(_Strict):
 
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(HEALTH_CHECK_TIMEOUT_S, gt=0)
+    # a replica being removed (scaled down, or replaced by a `serve deploy` of changed args)
+    # finishes what it holds first, Serve routing nothing more to it: an engine replica its
+    # requests, an HTTP entry its clients' (with Serve's default, 20 s, a longer stream was
+    # cut mid-answer when the ingress was replaced)
+    graceful_shutdown_timeout_s: float = Field(300.0, ge=0)
 
     @property
-    def health_check_options(self) -> dict:
+    def replica_options(self) -> dict:
+        """Serve's options of the deployment's replicas' lives: health checks and the drain."""
         return {
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "graceful_shutdown_wait_loop_s": 1.0,
         }
 
 
@@ -194,8 +203,6 @@ class PhaseArgs(HealthCheckArgs):
     # replica, or each of its model workers, runs on a node with that accelerator
     accelerator_type: str | None = Field(None, min_length=1)
     max_ongoing_requests: int = Field(64, ge=1)
-    # a replica being removed finishes what it holds first (Serve stops routing to it)
-    graceful_shutdown_timeout_s: float = Field(300.0, ge=0)
     # (HealthCheckArgs: a dead engine thread or model worker, a stuck step, fails the check)
     # an engine loop that has spent longer in one step (or a hand-off's import) is stuck: the
     # health check fails, and so do the replica's requests (503), so Serve replaces it at once

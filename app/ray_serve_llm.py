@@ -99,6 +99,7 @@ INGRESS_FIELDS = (
     "max_ongoing_requests",
     "health_check_period_s",
     "health_check_timeout_s",
+    "graceful_shutdown_timeout_s",
 )
 _REMOTE = ("s3://", "gs://", "abfss://", "azure://")
 # AppArgs fields that the LLMConfigs set, so not `splitserve`'s

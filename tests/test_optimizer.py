@@ -143,6 +143,35 @@ def test_health_check_options_reach_serve_and_are_checked():
         AppArgs.model_validate({"decode": {"step_timeout_s": 0}})
 
 
+def test_every_deployment_drains_what_it_holds_before_it_is_removed():
+    """Serve's graceful shutdown, 300 s by default for the engine replicas and the HTTP entries
+    (an Ingress, a multi-model router) alike. The entries had Serve's 20 s: a `serve deploy`
+    of changed args replaces every replica, and a stream longer than that was cut mid-answer
+    (measured against `ray start` + `serve deploy`, a 600-token stream)."""
+    from pydantic import ValidationError
+
+    from app.builder import deployment_options, entry_options
+    from app.config import AppArgs, MultiModelArgs
+
+    args = AppArgs()
+    options = [
+        deployment_options(args.decode, "DecodeServer", "decode"),
+        entry_options(args.ingress, "Ingress", args.ingress.runtime_env),
+        entry_options(MultiModelArgs.model_validate({"models": [{}]}).router, "ModelRouter"),
+    ]
+    assert [o["graceful_shutdown_timeout_s"] for o in options] == [300, 300, 300]
+    env = {"env_vars": {"HF_TOKEN": "x"}}
+    args = AppArgs.model_validate(
+        {"ingress": {"graceful_shutdown_timeout_s": 30, "num_replicas": 2, "runtime_env": env}}
+    )
+    ingress = entry_options(args.ingress, "Ingress", args.ingress.runtime_env)
+    assert (ingress["graceful_shutdown_timeout_s"], ingress["num_replicas"]) == (30, 2)
+    assert ingress["ray_actor_options"] == {"num_cpus": 0.1, "runtime_env": env}
+    assert ingress["health_check_timeout_s"] == 10  # the checks' options beside it
+    with pytest.raises(ValidationError, match="ingress.graceful_shutdown_timeout_s"):
+        AppArgs.model_validate({"ingress": {"graceful_shutdown_timeout_s": -1}})
+
+
 def test_the_apps_slo_is_checked_with_errors_that_name_the_field():
     from app.config import AppArgs
 

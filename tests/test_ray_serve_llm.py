@@ -101,7 +101,8 @@ def test_each_phase_gets_its_own_deployment_and_engine():
         accelerator_type="H100",  # ray_actor_options' own wins
         experimental_configs={"stream_batching_interval_ms": 50, "num_ingress_replicas": 2},
     )
-    cfg = _pd(prefill, decode, ingress_deployment_config={"ray_actor_options": {"num_cpus": 0.2}})
+    ingress = {"ray_actor_options": {"num_cpus": 0.2}, "graceful_shutdown_timeout_s": 40}
+    cfg = _pd(prefill, decode, ingress_deployment_config=ingress)
     served = _served(cfg)
     assert served["prefill"]["num_replicas"] == 3 and served["prefill"]["max_ongoing_requests"] == 7
     assert served["prefill_engine"].tensor_parallel_size == 2
@@ -117,6 +118,7 @@ def test_each_phase_gets_its_own_deployment_and_engine():
     assert served["decode_engine"].scheduler.max_num_seqs == 128
     assert served["decode_stream"] == 50 and served["prefill_stream"] == 0
     assert (cfg.ingress.num_replicas, cfg.ingress.num_cpus) == (2, 0.2)
+    assert cfg.ingress.graceful_shutdown_timeout_s == 40
 
 
 def test_one_model_config_is_served_colocated():

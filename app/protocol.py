@@ -21,7 +21,7 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from app.formats import Shown
@@ -40,6 +40,7 @@ BadWord = Annotated[str, Field(max_length=256)]
 
 
 logger = logging.getLogger(__name__)
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before its answer
 
 
 class APIError(Exception):
@@ -71,6 +72,8 @@ async def answered(request: Request, route: Callable[[Request], Awaitable[Respon
         return await route(request)
     except APIError as e:
         return e.response()
+    except ClientDisconnect:  # left while sending its body: no one to answer, nothing failed
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     except Exception:
         logger.exception("%s %s failed", request.method, request.url.path)
         message = "internal server error; its traceback is in the server's log"

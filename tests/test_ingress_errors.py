@@ -33,3 +33,25 @@ def test_an_unexpected_error_is_a_500_with_openais_error_body(monkeypatch, caplo
     with pytest.raises(openai.InternalServerError, match="internal server error"):
         _openai(http, "any").post("/../tokenize", body={"prompt": "Hi"}, cast_to=object)
     assert [m.id for m in _openai(http, "any").models.list()]  # still serving
+
+
+def test_a_client_that_leaves_while_sending_its_body_is_no_error(monkeypatch, caplog):
+    """Starlette's ClientDisconnect, raised by the body's read, is a 499 (nobody reads it)
+    with nothing logged as a failure; the ingress's own read, through its ASGI entry."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from app.ingress import Ingress
+
+    ingress = Ingress({})
+    sent = [{"type": "http.request", "body": b'{"model": "x", "pro', "more_body": True}]
+
+    async def receive() -> dict:
+        return sent.pop(0) if sent else {"type": "http.disconnect"}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}
+    with caplog.at_level(logging.INFO):
+        response = asyncio.run(ingress(Request(scope, receive)))
+    assert response.status_code == 499 and not sent
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text

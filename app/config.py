@@ -32,7 +32,7 @@ from engine.spec_decode import SpeculativeConfig
 SAME_NODE_WAIT_S = 1.0  # seconds; see app/router.py
 MAX_SPECULATIVE_TOKENS = 16  # drafts per request and step: the verify forward grows with them
 MAX_IMBALANCE = 4  # prefix affinity: requests in flight beyond the least loaded replica
-HEALTH_CHECK_TIMEOUT_S = 10.0  # seconds; see HealthCheckArgs
+HEALTH_CHECK_TIMEOUT_S = 10.0  # seconds; see ReplicaLifeArgs
 
 
 class _Strict(BaseModel):
@@ -160,10 +160,10 @@ class AutoscalingArgs(_Strict):
         }
 
 
-class HealthCheckArgs(_Strict):
-    """Serve's replica health check, and the drain of a replica being removed. The check:
-    every period, each call allowed the timeout; three
-    failures in a row replace the replica (killed at once: the configs' controller_options).
+class ReplicaLifeArgs(_Strict):
+    """Serve's health check of a deployment's replicas, and the drain of one being removed.
+    The check: every period, each call allowed the timeout; three failures in a row replace
+    the replica (killed at once: the configs' controller_options).
     The timeout is Ray Serve LLM's (10 s, Serve's own is 30 s): a check answers in
     milliseconds, 152 ms at most under a saturating load on 2 cores (README), and a frozen
     replica's clients wait for three of them."""
@@ -187,7 +187,7 @@ class HealthCheckArgs(_Strict):
         }
 
 
-class PhaseArgs(HealthCheckArgs):
+class PhaseArgs(ReplicaLifeArgs):
     num_replicas: int = Field(1, ge=1)
     autoscaling: AutoscalingArgs | None = None  # splitserve's latency-target policy
     autoscaling_config: dict | None = None  # or Serve's own, passed through as written
@@ -203,7 +203,7 @@ class PhaseArgs(HealthCheckArgs):
     # replica, or each of its model workers, runs on a node with that accelerator
     accelerator_type: str | None = Field(None, min_length=1)
     max_ongoing_requests: int = Field(64, ge=1)
-    # (HealthCheckArgs: a dead engine thread or model worker, a stuck step, fails the check)
+    # (ReplicaLifeArgs: a dead engine thread or model worker, a stuck step, fails the check)
     # an engine loop that has spent longer in one step (or a hand-off's import) is stuck: the
     # health check fails, and so do the replica's requests (503), so Serve replaces it at once
     # (vLLM's VLLM_ENGINE_ITERATION_TIMEOUT_S); raise it for a model whose longest step on
@@ -237,7 +237,7 @@ class PhaseArgs(HealthCheckArgs):
         return self
 
 
-class HTTPEntryArgs(HealthCheckArgs):
+class HTTPEntryArgs(ReplicaLifeArgs):
     """A deployment that answers HTTP (the ingress, a multi-model application's router): its
     health checks, and which browser pages may call it (app/cors.py: vLLM's CORS settings and
     defaults, any origin, method and header, no credentials)."""
@@ -253,7 +253,7 @@ class HTTPEntryArgs(HealthCheckArgs):
 
 
 class IngressArgs(HTTPEntryArgs):
-    """(HealthCheckArgs: a frozen ingress replica is killed once it fails them, and the engine
+    """(ReplicaLifeArgs: a frozen ingress replica is killed once it fails them, and the engine
     replicas then end its calls)"""
 
     num_replicas: int = Field(1, ge=1)

@@ -6,6 +6,8 @@ app.config.AppArgs (errors name the field).
 
 from __future__ import annotations
 
+import logging
+
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
@@ -18,6 +20,8 @@ from app.router import SameNodeRouter
 from deployments.serve_env import process_env
 from deployments.servers import ColocatedServer, DecodeServer, PrefillServer
 from engine.model_store import check_model, check_tokenizer
+
+logger = logging.getLogger(__name__)
 
 
 def deployment_options(phase: PhaseArgs, name: str, key: str, gpus: float = 0.0) -> dict:
@@ -34,6 +38,13 @@ def deployment_options(phase: PhaseArgs, name: str, key: str, gpus: float = 0.0)
         "max_ongoing_requests": phase.max_ongoing_requests,
         **phase.replica_options,
     }
+    if phase.max_ongoing_requests < phase.engine.max_num_seqs:
+        logger.warning(
+            "%s: max_ongoing_requests %d is below engine.max_num_seqs %d: Serve sends a replica "
+            "at most %d requests, so its batch never holds more",
+            name, phase.max_ongoing_requests, phase.engine.max_num_seqs,
+            phase.max_ongoing_requests,
+        )  # fmt: skip
     layout = phase.engine.parallel
     if not layout.is_single:  # the replica in bundle 0, one bundle per model worker
         # the workers hold the model (and the GPUs); the replica only schedules

@@ -202,6 +202,11 @@ class PhaseArgs(ReplicaLifeArgs):
     # Ray's accelerator type (e.g. H100, A10G; Ray Serve LLM's `accelerator_type`): the
     # replica, or each of its model workers, runs on a node with that accelerator
     accelerator_type: str | None = Field(None, min_length=1)
+    # the requests Serve sends a replica at once, the rest waiting in its callers' routers
+    # (first come, first served, each polling): unset, twice the engine's max_num_seqs (64 for
+    # the default 32), so that a full batch has the next ones waiting in the engine's own
+    # queue, ordered by priority; a fixed 64 capped the batch of a larger max_num_seqs (a Ray
+    # Serve LLM config's max_num_seqs 256, whose own default here is unbounded) at 64
     max_ongoing_requests: int = Field(64, ge=1)
     # (ReplicaLifeArgs: a dead engine thread or model worker, a stuck step, fails the check)
     # an engine loop that has spent longer in one step (or a hand-off's import) is stuck: the
@@ -229,6 +234,21 @@ class PhaseArgs(ReplicaLifeArgs):
     @property
     def routes_by_prefix(self) -> bool:
         return self.prefix_affinity and self.engine.enable_prefix_caching
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ongoing_from_batch(cls, data):
+        if not isinstance(data, dict) or "max_ongoing_requests" in data:
+            return data
+        engine = data.get("engine")
+        seqs = engine.get("max_num_seqs") if isinstance(engine, dict) else None
+        if isinstance(engine, EngineArgs):
+            seqs = engine.max_num_seqs
+        if seqs is None:
+            seqs = EngineArgs.model_fields["max_num_seqs"].default
+        if type(seqs) is not int or seqs < 1:  # the engine's own check names the field
+            return data
+        return {**data, "max_ongoing_requests": 2 * seqs}
 
     @model_validator(mode="after")
     def _one_scaling_rule(self) -> PhaseArgs:

@@ -172,6 +172,31 @@ def test_every_deployment_drains_what_it_holds_before_it_is_removed():
         AppArgs.model_validate({"ingress": {"graceful_shutdown_timeout_s": -1}})
 
 
+def test_serve_sends_a_replica_twice_its_batch_unless_told(caplog):
+    """max_ongoing_requests follows the engine's max_num_seqs (a fixed 64 capped the batch of a
+    replica with max_num_seqs 256 at 64); a value below the batch is taken, with a warning."""
+    import logging
+
+    from app.builder import deployment_options
+    from app.config import AppArgs
+
+    assert AppArgs().decode.max_ongoing_requests == 64  # the default engine's 32
+    args = AppArgs.model_validate(
+        {
+            "decode": {"engine": {"max_num_seqs": 256}},
+            "prefill": {"engine": {"max_num_seqs": 8}, "max_ongoing_requests": 4},
+        }
+    )
+    assert args.decode.max_ongoing_requests == 512 and args.prefill.max_ongoing_requests == 4
+    with caplog.at_level(logging.WARNING, logger="app.builder"):
+        assert (
+            deployment_options(args.decode, "DecodeServer", "decode")["max_ongoing_requests"] == 512
+            and not caplog.records
+        )
+        deployment_options(args.prefill, "PrefillServer", "prefill")
+    assert "PrefillServer: max_ongoing_requests 4 is below engine.max_num_seqs 8" in caplog.text
+
+
 def test_the_apps_slo_is_checked_with_errors_that_name_the_field():
     from app.config import AppArgs
 

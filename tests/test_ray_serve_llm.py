@@ -119,6 +119,10 @@ def test_each_phase_gets_its_own_deployment_and_engine():
     assert served["decode_stream"] == 50 and served["prefill_stream"] == 0
     assert (cfg.ingress.num_replicas, cfg.ingress.num_cpus) == (2, 0.2)
     assert cfg.ingress.graceful_shutdown_timeout_s == 40
+    # Ray Serve LLM sends an engine every request (its default is unbounded); here twice the
+    # batch, unless the deployment_config says
+    batch = _pd(decode=_llm(engine_kwargs={"max_num_seqs": 256}))
+    assert batch.decode.max_ongoing_requests == 512
 
 
 def test_one_model_config_is_served_colocated():

@@ -41,9 +41,8 @@ def deployment_options(phase: PhaseArgs, name: str, key: str, gpus: float = 0.0)
     if phase.max_ongoing_requests < phase.engine.max_num_seqs:
         logger.warning(
             "%s: max_ongoing_requests %d is below engine.max_num_seqs %d: Serve sends a replica "
-            "at most %d requests, so its batch never holds more",
+            "no more requests than that, so its batch never fills",
             name, phase.max_ongoing_requests, phase.engine.max_num_seqs,
-            phase.max_ongoing_requests,
         )  # fmt: skip
     layout = phase.engine.parallel
     if not layout.is_single:  # the replica in bundle 0, one bundle per model worker

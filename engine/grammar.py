@@ -137,6 +137,9 @@ class Grammars:
         self.hf_tokenizer = tokenizer
         self.vocab_size = vocab_size  # the logits' width, which may exceed the tokenizer's
         self._tokenizer = None
+        # the first checks of different constraints run at once, each on its own thread, and
+        # would each build the vocabulary's view (~0.45 s of CPU)
+        self._tokenizer_lock = threading.Lock()
         self._executor = None  # llguidance's thread pool for the masks, made on first use
         # Each constraint is compiled once, by its first check (a replica's, off its event
         # loop and its engine thread: deployments/engine_loop.py), and each request's matcher
@@ -153,12 +156,13 @@ class Grammars:
 
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            import llguidance.hf
+        with self._tokenizer_lock:
+            if self._tokenizer is None:
+                import llguidance.hf
 
-            self._tokenizer = llguidance.hf.from_tokenizer(
-                self.hf_tokenizer, n_vocab=self.vocab_size
-            )
+                self._tokenizer = llguidance.hf.from_tokenizer(
+                    self.hf_tokenizer, n_vocab=self.vocab_size
+                )
         return self._tokenizer
 
     def check(self, structure: StructuredOutput) -> None:

@@ -279,6 +279,26 @@ def test_requests_copy_one_compile_of_their_constraint(tokenizer, monkeypatch):
     assert first.compute_bitmask() == start and len(compiles) == 1
 
 
+def test_first_checks_of_different_constraints_build_the_vocabulary_once(tokenizer, monkeypatch):
+    """Checks of two constraints at once, each on its own thread (requests arriving together
+    at a fresh replica), build llguidance's view of the vocabulary once, not once each."""
+    import llguidance.hf
+
+    built = []
+
+    def slow(*args, build=llguidance.hf.from_tokenizer, **kwargs):
+        built.append(1)
+        time.sleep(0.2)  # the two checks overlap
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(llguidance.hf, "from_tokenizer", slow)
+    grammars = Grammars(tokenizer, len(tokenizer))
+    pair = [StructuredOutput("regex", "[0-9]+"), StructuredOutput("regex", "[a-z]+")]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(grammars.check, pair))
+    assert len(built) == 1
+
+
 def test_structured_output_kinds_and_empty_specs_are_checked():
     with pytest.raises(InvalidRequestError, match="kind must be one of"):
         StructuredOutput("xml", "<a/>")
